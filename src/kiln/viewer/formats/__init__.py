@@ -1,0 +1,81 @@
+"""The format table: every model format the viewer opens, in one place.
+
+Each reader is a module in this package defining
+``sniff(path: pathlib.Path, head: bytes) -> bool`` (content check; ``head`` is
+the file's first 4 KiB, empty for a directory) and
+``read(path: pathlib.Path) -> kiln.viewer.graph.ViewModel``.
+Readers are imported only when their line is tried, so opening an ONNX file
+never imports TensorFlow-sized dependencies.
+"""
+from __future__ import annotations
+
+import importlib
+import pathlib
+from dataclasses import dataclass
+
+from kiln.errors import ViewerError
+
+
+@dataclass(frozen=True)
+class Format:
+    module: str                      # reader module in kiln.viewer.formats
+    name: str                        # shown to the user
+    extensions: tuple[str, ...]      # lower-case suffixes (or full names) that hint at it
+
+
+# One line per format. Order matters only among readers that sniff the same bytes.
+FORMATS: list[Format] = [
+    Format("kiln_engine", "Kiln engine", (".kiln",)),
+    Format("onnx", "ONNX", (".onnx", ".pb", ".onnxtxt")),
+    Format("keras", "Keras", (".h5", ".hdf5", ".keras")),
+    Format("coreml", "Core ML", (".mlmodel",)),
+    Format("tflite", "TensorFlow Lite", (".tflite", ".lite")),
+    Format("caffe", "Caffe", (".caffemodel", ".prototxt", ".pbtxt")),
+    Format("caffe2", "Caffe2", (".pb", "predict_net.pb", "init_net.pb", "predict_net.pbtxt")),
+    Format("mxnet", "MXNet", (".json", ".params", ".mar")),
+    Format("tfjs", "TensorFlow.js", (".json", "model.json")),
+    Format("tf", "TensorFlow", (".pb", ".pbtxt", ".meta", "saved_model.pb", "saved_model.pbtxt")),
+    Format("pt2", "PyTorch export", (".pt2",)),
+    Format("safetensors", "safetensors", (".safetensors",)),
+    Format("gguf", "GGUF", (".gguf",)),
+]
+
+
+def _reader(fmt: Format):
+    return importlib.import_module(f"{__name__}.{fmt.module}")
+
+
+def detect(path: str | pathlib.Path) -> Format:
+    """Pick the format from the file's content; the extension only breaks ties."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ViewerError(f"{str(p)!r} does not exist; check the path.")
+    head = b""
+    if p.is_file():
+        with open(p, "rb") as f:
+            head = f.read(4096)
+    suffix = p.suffix.lower()
+    ordered = sorted(FORMATS, key=lambda f: (suffix not in f.extensions and p.name.lower() not in f.extensions))
+    for fmt in ordered:
+        try:
+            reader = _reader(fmt)
+        except ImportError:
+            continue
+        try:
+            if reader.sniff(p, head):
+                return fmt
+        except Exception:
+            continue
+    names = ", ".join(f"{f.name} ({' '.join(f.extensions)})" for f in FORMATS)
+    raise ViewerError(f"{p.name!r} is not a model format Kiln can open; supported formats: {names}.")
+
+
+def open_model(path: str | pathlib.Path):
+    """Detect the format and read the file into a ViewModel."""
+    fmt = detect(path)
+    try:
+        return _reader(fmt).read(pathlib.Path(path))
+    except ViewerError:
+        raise
+    except Exception as exc:  # a reader's parse failure becomes one clear line
+        raise ViewerError(f"{pathlib.Path(path).name!r} looks like {fmt.name} but cannot be read: {exc}") from None

@@ -1,0 +1,248 @@
+"""A minimal protobuf reader shared by the protobuf-based model formats.
+
+Readers describe only the messages they need, by field number, from each
+format's published ``.proto`` schema; nothing here depends on generated
+``_pb2`` modules or on the frameworks themselves.  Every length is checked
+against the bytes that remain, every loop advances, and nesting is bounded,
+so a damaged file fails with one :class:`ViewerError` instead of a crash.
+
+Decoded messages are :class:`Message` objects mapping field *name* to a list of
+values (protobuf's "last one wins" for singular fields is :meth:`Message.one`).
+Bytes fields and raw numeric arrays stay zero-copy ``memoryview`` slices.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any, Iterable
+
+import numpy as np
+
+from kiln.errors import ViewerError
+
+# A schema is {field_number: (name, type)}; type is a scalar kind below, a
+# message name in the registry, "map:<keytype>:<valuetype>", or "raw:<dtype>"
+# (a packed numeric array kept as raw little-endian bytes, read with np.frombuffer).
+Schema = dict[int, tuple[str, str]]
+
+_VARINT = {"int", "uint", "sint", "bool", "enum", "int32", "uint32", "sint32"}
+_FIXED32 = {"float": "<f", "fixed32": "<I", "sfixed32": "<i"}
+_FIXED64 = {"double": "<d", "fixed64": "<Q", "sfixed64": "<q"}
+_MAX_DEPTH = 100
+
+
+class Message(dict):
+    """Field name -> list of values, as decoded from the wire or from text."""
+
+    def one(self, name: str, default: Any = None) -> Any:
+        values = self.get(name)
+        return values[-1] if values else default
+
+    def all(self, name: str) -> list:
+        return self.get(name) or []
+
+
+class ProtoError(ValueError):
+    """The bytes do not follow the protobuf wire format."""
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise ProtoError(f"varint runs past the end at byte {pos}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ProtoError(f"varint longer than 10 bytes at byte {pos}")
+
+
+def _signed(v: int) -> int:
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def iter_fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterable[tuple[int, int, Any, int]]:
+    """Yield (field, wire_type, value, value_start) for each field; LEN values as memoryview slices."""
+    end = len(buf) if end is None else end
+    pos = start
+    while pos < end:
+        tag, pos = _varint(buf, pos, end)
+        field, wt = tag >> 3, tag & 7
+        if field == 0:
+            raise ProtoError(f"field number 0 at byte {pos}")
+        at = pos
+        if wt == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wt == 1:
+            if pos + 8 > end:
+                raise ProtoError(f"8-byte field {field} runs past the end")
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wt == 2:
+            n, pos = _varint(buf, pos, end)
+            if n > end - pos:
+                raise ProtoError(f"field {field} claims {n} bytes but only {end - pos} remain")
+            at = pos
+            value, pos = buf[pos:pos + n], pos + n
+        elif wt == 5:
+            if pos + 4 > end:
+                raise ProtoError(f"4-byte field {field} runs past the end")
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ProtoError(f"unsupported wire type {wt} for field {field}")
+        yield field, wt, value, at
+
+
+def _scalar(kind: str, wt: int, value: Any) -> list:
+    """Convert one wire value of a scalar field; packed LEN values give several."""
+    if kind in _VARINT:
+        if wt == 0:
+            vals = [value]
+        elif wt == 2:
+            vals, pos, mv = [], 0, value
+            while pos < len(mv):
+                v, pos = _varint(mv, pos, len(mv))
+                vals.append(v)
+        else:
+            raise ProtoError(f"wire type {wt} for a varint field")
+        if kind == "bool":
+            return [bool(v) for v in vals]
+        if kind in ("sint", "sint32"):
+            return [(v >> 1) ^ -(v & 1) for v in vals]
+        if kind in ("int", "enum", "int32"):
+            return [_signed(v) for v in vals]
+        return vals
+    if kind in _FIXED32 or kind in _FIXED64:
+        fmt = _FIXED32.get(kind) or _FIXED64[kind]
+        size = struct.calcsize(fmt)
+        if (wt == 5 and size == 4) or (wt == 1 and size == 8):
+            return [struct.unpack(fmt, value)[0]]
+        if wt == 2 and len(value) % size == 0:
+            return list(struct.unpack(f"<{len(value) // size}{fmt[1]}", value))
+        raise ProtoError(f"wire type {wt} for a {kind} field")
+    if kind == "string":
+        if wt != 2:
+            raise ProtoError(f"wire type {wt} for a string field")
+        return [bytes(value).decode("utf-8", "replace")]
+    if kind == "bytes":
+        if wt != 2:
+            raise ProtoError(f"wire type {wt} for a bytes field")
+        return [value]
+    raise ProtoError(f"unknown field kind {kind!r} in schema")
+
+
+def decode(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema], _depth: int = 0) -> Message:
+    """Decode ``buf`` as message ``type_name``; unknown fields are skipped."""
+    if _depth > _MAX_DEPTH:
+        raise ProtoError("messages nested too deeply")
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    schema = registry[type_name]
+    msg = Message()
+    for field, wt, value, _ in iter_fields(mv):
+        spec = schema.get(field)
+        if spec is None:
+            continue
+        name, kind = spec
+        if kind in registry:
+            if wt != 2:
+                raise ProtoError(f"wire type {wt} for message field {type_name}.{name}")
+            msg.setdefault(name, []).append(decode(value, kind, registry, _depth + 1))
+        elif kind.startswith("map:"):
+            if wt != 2:
+                raise ProtoError(f"wire type {wt} for map field {type_name}.{name}")
+            _, ktype, vtype = kind.split(":")
+            key, val = _map_entry(value, ktype, vtype, registry, _depth)
+            msg.setdefault(name, {})[key] = val
+        elif kind.startswith("raw:"):
+            msg.setdefault(name, []).append(value)   # keep bytes; see raw_array()
+        else:
+            msg.setdefault(name, []).extend(_scalar(kind, wt, value))
+    return msg
+
+
+def _map_entry(buf: memoryview, ktype: str, vtype: str, registry: dict[str, Schema], depth: int) -> tuple[Any, Any]:
+    key: Any = "" if ktype == "string" else 0
+    val: Any = None
+    for field, wt, value, _ in iter_fields(buf):
+        if field == 1:
+            key = _scalar(ktype, wt, value)[0]
+        elif field == 2:
+            val = decode(value, vtype, registry, depth + 1) if vtype in registry else _scalar(vtype, wt, value)[0]
+    if val is None and vtype in registry:
+        val = Message()
+    return key, val
+
+
+def raw_array(chunks: list, kind: str, dtype: str) -> np.ndarray:
+    """Join a ``raw:`` field's chunks into one numpy array (packed or not on the wire)."""
+    if not chunks:
+        return np.zeros(0, dtype=dtype)
+    if kind in ("float", "double", "fixed32", "fixed64", "sfixed32", "sfixed64"):
+        return np.frombuffer(b"".join(bytes(c) for c in chunks) if len(chunks) > 1 else chunks[0], dtype=dtype).copy()
+    vals: list[int] = []
+    for c in chunks:
+        vals.extend(_scalar("int", 2, c))
+    return np.asarray(vals, dtype=dtype)
+
+
+def wire_types(kind: str, registry: dict[str, Schema]) -> set[int]:
+    """The wire types a field of this kind may legally use."""
+    if kind in registry or kind.startswith("map:") or kind in ("string", "bytes"):
+        return {2}
+    base = kind[4:].split(":")[0] if kind.startswith("raw:") else kind
+    if base in _VARINT:
+        return {0, 2}
+    if base in _FIXED32:
+        return {5, 2}
+    if base in _FIXED64:
+        return {1, 2}
+    return {0, 1, 2, 5}
+
+
+def conforms(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema], depth: int = 2) -> bool:
+    """Whether ``buf`` (possibly cut short, as a file's head is) reads as ``type_name``.
+
+    Used for sniffing: every field must be known with a legal wire type, and
+    nested messages must conform too, down to ``depth`` levels.
+    """
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    schema = registry[type_name]
+    seen = 0
+    pos, end = 0, len(mv)
+    try:
+        while pos < end:
+            tag, pos = _varint(mv, pos, end)
+            field, wt = tag >> 3, tag & 7
+            spec = schema.get(field)
+            if spec is None or wt not in wire_types(spec[1], registry):
+                return False
+            kind = spec[1]
+            if wt == 0:
+                _, pos = _varint(mv, pos, end)
+            elif wt in (1, 5):
+                pos += 8 if wt == 1 else 4
+            else:
+                n, pos = _varint(mv, pos, end)
+                chunk = mv[pos:min(end, pos + n)]
+                truncated = pos + n > end
+                if kind == "string" and not truncated:
+                    try:
+                        bytes(chunk).decode("utf-8")
+                    except UnicodeDecodeError:
+                        return False
+                if depth > 0 and kind in registry and len(chunk) and not conforms(chunk, kind, registry, depth - 1):
+                    return False
+                pos += n
+            seen += 1
+    except ProtoError:
+        pass   # a cut-off head ends mid-field; what came before still counts
+    return seen > 0
+
+
+def fail(fmt: str, path_name: str, err: Exception) -> ViewerError:
+    """One-line error for a file whose bytes stop following the schema."""
+    return ViewerError(f"{path_name!r} is not a readable {fmt} file: {err}.")
