@@ -1,0 +1,203 @@
+"""The builder: Network + BuildConfig → Engine, in four stages (parse is before us).
+
+passes (shape inference, folding, fusion) → precision and placement → tactic
+choice per layer → the plan, a JSON-able description plus a weight table, which
+``kiln.engine`` serializes and ``kiln.runtime`` executes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from kiln.builder.config import BuildConfig, Profile
+from kiln.builder.placement import host_layers, is_host_constant
+from kiln.builder.precision import assign_precision
+from kiln.builder.shapes import infer_shapes
+from kiln.errors import BuildError
+from kiln.ir.network import Network, outer_reads
+from kiln.ir.verify import verify
+from kiln.kernels import KernelContext, tactics_for
+from kiln.passes import default_passes
+from kiln.passes.base import PassManager
+
+Progress = Callable[[str, float], None]
+
+
+def build(network: Network, config: BuildConfig | None = None, progress: Progress | None = None):
+    """Optimize ``network`` for the configured device and return a runnable Engine."""
+    from kiln.engine.device import fingerprint
+    from kiln.runtime.engine import Engine
+
+    config = config or BuildConfig()
+    device = config.resolved_device()
+    t0 = time.perf_counter()
+    say = progress or (lambda stage, frac: None)
+    say("passes", 0.0)
+    net = copy.deepcopy(network)
+    profiles = config.profile_list()
+    _apply_profiles(net, profiles)
+    verify(net)
+    infer_shapes(net)
+    PassManager(default_passes(), on_pass=lambda name: say("passes", 0.5))(net)
+    net.toposort()
+    infer_shapes(net)
+    say("tactics", 0.0)
+    assign_precision(net, config.precision)
+    net.toposort()
+    infer_shapes(net)
+    _keep_declared_dtypes(network, net)
+    weights: dict[str, np.ndarray] = {}
+    plan = _plan(net, device, config, weights, counter=[0])
+    say("tactics", 1.0)
+    header = {
+        "name": network.name,
+        "precision": config.precision,
+        "device": fingerprint(device),
+        "profiles": [p.to_json() for p in profiles],
+        "build": {"seconds": round(time.perf_counter() - t0, 3), "optimization_level": config.optimization_level,
+                  "source": network.metadata.get("source")},
+        "plan": plan,
+    }
+    return Engine(header, weights)
+
+
+def _apply_profiles(net: Network, profiles: list[Profile]) -> None:
+    """Make dims static where every profile fixes them; check dynamic inputs are covered."""
+    for t in net.inputs:
+        dims = list(t.shape or ())
+        ranges = [p.shapes[t.name] for p in profiles if t.name in p.shapes]
+        dynamic = [i for i, d in enumerate(dims) if not isinstance(d, int)]
+        if ranges:
+            for r in ranges:
+                if len(r[0]) != len(dims):
+                    raise BuildError(f"Profile for input {t.name!r} has rank {len(r[0])} but the input has rank "
+                                     f"{len(dims)} ({_fmt(dims)}).")
+                for i, d in enumerate(dims):
+                    if isinstance(d, int) and not (r[0][i] == r[2][i] == d):
+                        raise BuildError(f"Profile for input {t.name!r} sets dim {i} to {r[0][i]}..{r[2][i]} but the "
+                                         f"model fixes it at {d}.")
+            for i in dynamic:
+                lo = {r[0][i] for r in ranges} | {r[2][i] for r in ranges}
+                if len(lo) == 1:
+                    dims[i] = lo.pop()
+            t.shape = tuple(dims)
+        elif dynamic:
+            raise BuildError(
+                f"Input {t.name!r} has dynamic dims {_fmt(dims)} and no optimization profile covers it; pass "
+                f"profiles={{{t.name!r}: (min, opt, max)}} to BuildConfig or --shapes {t.name}:"
+                f"{'x'.join(str(d) if isinstance(d, int) else '1' for d in dims)} to kiln build.")
+    for p in profiles:
+        for name in p.shapes:
+            if not any(t.name == name for t in net.inputs):
+                raise BuildError(f"Profile names input {name!r}, which the network does not have; inputs are "
+                                 f"{[t.name for t in net.inputs]}.")
+
+
+def _fmt(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _keep_declared_dtypes(orig: Network, net: Network) -> None:
+    for t in net.inputs:
+        o = orig.tensors.get(t.name)
+        if o is not None:
+            t.dtype = o.dtype
+
+
+def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.ndarray], counter: list[int],
+          outer: list[str] | None = None) -> dict[str, Any]:
+    hosts = host_layers(net) if device != "cpu" else set()
+    layers = []
+    plan_weights: dict[str, str] = {}
+    tensors: dict[str, Any] = {}
+
+    def weight(t) -> None:
+        if t.name in plan_weights:
+            return
+        key = f"w{counter[0]}"
+        counter[0] += 1
+        weights[key] = np.ascontiguousarray(t.value)
+        plan_weights[t.name] = key
+
+    for layer in net.layers:
+        ins = [t.name if t is not None else None for t in layer.inputs]
+        for t in layer.inputs:
+            if t is not None and t.is_constant and t.network is net:
+                weight(t)
+        attrs = {}
+        extra_ins: list[str] = []
+        for k, v in layer.attrs.items():
+            if isinstance(v, Network):
+                reads = [r.name for r in outer_reads(v)]
+                for r in outer_reads(v):
+                    if r.is_constant and r.network is net:
+                        weight(r)
+                extra_ins += [r for r in reads if r not in extra_ins]
+                attrs[k] = {"__graph__": _plan(v, device, config, weights, counter, outer=reads)}
+            else:
+                attrs[k] = encode_attr(v)
+        if extra_ins:
+            attrs["outer"] = extra_ins
+            attrs["num_inputs"] = len(ins)
+        elif layer.kind in ("Loop", "Scan"):
+            attrs["outer"] = []
+            attrs["num_inputs"] = len(ins)
+        on_host = id(layer) in hosts
+        ctx = KernelContext(device="cpu" if on_host else device, precision=layer.precision or config.precision,
+                            layer_name=layer.name)
+        candidates = tactics_for(layer.kind, layer.attrs, ctx)
+        if not candidates:
+            raise BuildError(f"Layer {layer.name!r} ({layer.kind}) has no implementation on {device}; "
+                             f"build for another device or replace the layer with a plugin.")
+        layer.tactic = candidates[0].name
+        layers.append({"name": layer.name, "kind": layer.kind, "inputs": ins + extra_ins,
+                       "outputs": [t.name for t in layer.outputs], "attrs": attrs, "origin": layer.origin,
+                       "precision": layer.precision, "tactic": layer.tactic, "host": on_host})
+        for t in layer.outputs:
+            tensors[t.name] = {"shape": _jdims(t.shape), "dtype": t.dtype, "host": on_host}
+    for t in net.outputs:
+        if t.is_constant:
+            weight(t)
+    for t in net.tensors.values():
+        if t.is_constant and t.name in plan_weights:
+            tensors[t.name] = {"shape": list(t.value.shape), "dtype": t.dtype, "host": is_host_constant(t)}
+    for t in net.inputs:
+        tensors[t.name] = {"shape": _jdims(t.shape), "dtype": t.dtype, "host": False}
+    return {
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": _jdims(t.shape)} for t in net.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": _jdims(t.shape)} for t in net.outputs],
+        "layers": layers, "tensors": tensors, "weights": plan_weights, "outer": outer or [],
+    }
+
+
+def _jdims(shape) -> list | None:
+    return None if shape is None else [d if isinstance(d, (int, str)) or d is None else int(d) for d in shape]
+
+
+def encode_attr(v: Any) -> Any:
+    """Plan attrs are JSON: arrays become tagged dicts, plugins become their records."""
+    from kiln.plugins.base import Plugin
+    if isinstance(v, Plugin):
+        return {"__plugin__": v.record()}
+    if isinstance(v, np.ndarray) or isinstance(v, np.generic):
+        a = np.asarray(v)
+        if a.dtype == object:
+            return {"__array__": {"dtype": "object", "shape": list(a.shape), "data": [str(x) for x in a.reshape(-1)]}}
+        data = a.astype(np.float64 if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a.dtype).reshape(-1)
+        return {"__array__": {"dtype": a.dtype.name, "shape": list(a.shape), "data": data.tolist()}}
+    if isinstance(v, (list, tuple)):
+        return [encode_attr(x) for x in v]
+    if isinstance(v, dict):
+        return {k: encode_attr(x) for k, x in v.items()}
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v
+
+

@@ -1,0 +1,84 @@
+"""BuildConfig and optimization profiles."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from kiln.errors import BuildError
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+DimRange = tuple[Sequence[int], Sequence[int], Sequence[int]]
+
+
+@dataclass
+class Profile:
+    """min/opt/max shape per dynamic input, as in TensorRT's optimization profiles."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, spec: "Profile | dict[str, Any]") -> "Profile":
+        if isinstance(spec, Profile):
+            return spec
+        shapes = {}
+        for name, value in spec.items():
+            if isinstance(value, dict):
+                value = (value["min"], value["opt"], value["max"])
+            if len(value) == 3 and all(isinstance(v, (list, tuple)) for v in value):
+                mn, opt, mx = (tuple(int(d) for d in v) for v in value)
+            else:                       # one static shape
+                mn = opt = mx = tuple(int(d) for d in value)
+            if not (len(mn) == len(opt) == len(mx)):
+                raise BuildError(f"Profile for input {name!r} has min/opt/max of different ranks: {mn}, {opt}, {mx}.")
+            if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
+                raise BuildError(f"Profile for input {name!r} needs min <= opt <= max in every dim; got min {list(mn)}, "
+                                 f"opt {list(opt)}, max {list(mx)}.")
+            shapes[name] = (mn, opt, mx)
+        return cls(shapes)
+
+    def to_json(self) -> dict[str, dict[str, list[int]]]:
+        return {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in self.shapes.items()}
+
+
+@dataclass
+class BuildConfig:
+    """How to build: precision, target device, shapes, effort.
+
+    ``profiles`` is one mapping ``{input: (min, opt, max)}`` (or a static shape per
+    input) or a list of them. ``optimization_level`` 0 takes the first valid tactic
+    per layer; higher levels time more candidates on the device (timing cache).
+    """
+
+    precision: str = "fp32"
+    device: str | None = None          # "cpu", "cuda", or None for cuda when available
+    profiles: Any = None
+    workspace: int | None = None       # bytes the build may use for activations and scratch
+    optimization_level: int = 3
+    timing_cache: str | None = None
+    cuda_graph: bool = True
+
+    def __post_init__(self) -> None:
+        p = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}.get(self.precision,
+                                                                                            self.precision)
+        if p not in PRECISIONS:
+            raise BuildError(f"Precision {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
+        self.precision = p
+        if self.device not in (None, "cpu", "cuda"):
+            raise BuildError(f"Device {self.device!r} is not supported; use 'cpu' or 'cuda'.")
+        if not 0 <= int(self.optimization_level) <= 5:
+            raise BuildError(f"optimization_level must be 0..5, got {self.optimization_level}.")
+
+    def resolved_device(self) -> str:
+        import torch
+        if self.device is None:
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BuildError("This machine has no CUDA GPU that torch can use; build with device='cpu' "
+                             "(--device cpu) or build on the GPU machine the engine is for.")
+        return self.device
+
+    def profile_list(self) -> list[Profile]:
+        if self.profiles is None:
+            return []
+        items = self.profiles if isinstance(self.profiles, (list, tuple)) else [self.profiles]
+        return [Profile.make(p) for p in items]

@@ -1,0 +1,101 @@
+"""Precision assignment: run float work in FP16/BF16, keep interfaces and statistics in FP32.
+
+Network inputs and outputs keep their declared dtype (a Cast sits at each edge);
+float constants read by device layers are stored in the low precision; kernels for
+SoftMax, normalization and reductions accumulate in FP32 whatever the layer precision.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.builder.placement import host_layers
+from kiln.ir.dtypes import np_dtype
+from kiln.ir.layers import LAYER_KINDS
+from kiln.ir.network import Network
+from kiln.plugins.base import TensorDesc
+
+FP32_INTERNAL = {"SoftMax", "Normalization", "Reduce", "LRN"}
+
+
+def assign_precision(net: Network, precision: str) -> None:
+    low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
+    hosts = host_layers(net)
+    for layer in net.layers:
+        if id(layer) in hosts:
+            layer.precision = "fp32"
+        elif low and layer.kind in FP32_INTERNAL:
+            layer.precision = f"{precision} (fp32 accum)"
+        else:
+            layer.precision = precision if precision != "tf32" else "tf32"
+    if low is None:
+        return
+    low_np = np_dtype(low)
+    cast_cache: dict[int, object] = {}
+    for layer in list(net.layers):
+        if id(layer) in hosts:
+            continue
+        host_pos = set(LAYER_KINDS[layer.kind].host_inputs)
+        for i, t in enumerate(list(layer.inputs)):
+            if t is None or i in host_pos or not t.is_constant or t.dtype != "float32":
+                continue
+            c = cast_cache.get(id(t))
+            if c is None:
+                c = cast_cache[id(t)] = net.add_constant(t.value.astype(low_np), name=net.unique_name(t.name + "_" + low))
+            layer.set_input(i, c)
+        if layer.kind == "Cast" and layer.attrs.get("to") == "float32" and layer.outputs[0] not in net.outputs:
+            layer.attrs["to"] = low
+            layer.outputs[0].dtype = low
+        if layer.kind == "ConstantOfShape":
+            v = np.asarray(layer.attrs.get("value", np.zeros(1, np.float32)))
+            if v.dtype == np.float32:
+                layer.attrs["value"] = v.astype(low_np)
+                layer.outputs[0].dtype = low
+    # inputs: cast right after each float32 input
+    for t in net.inputs:
+        if t.dtype != "float32" or not t.uses:
+            continue
+        uses = list(t.uses)
+        cast = net.add_layer("Cast", [t], {"to": low}, name=net.unique_name(f"{t.name}/to_{low}"),
+                             output_dtypes=[low])
+        net.layers.remove(cast)
+        net.layers.insert(0, cast)
+        cast.precision = precision
+        for layer, i in uses:
+            if id(layer) not in hosts:
+                layer.set_input(i, cast.outputs[0])
+    # outputs: back to the declared float32
+    for k, t in enumerate(list(net.outputs)):
+        if t.dtype == "float32" and not (t.producer is not None and t.producer.kind == "Cast"):
+            name = t.name
+            net.rename(t, net.unique_name(name + f"_{low}"))
+            cast = net.add_layer("Cast", [t], {"to": "float32"}, name=net.unique_name(f"{name}/to_float32"),
+                                 output_names=[name], output_dtypes=["float32"])
+            cast.precision = "fp32"
+            net.outputs[k] = cast.outputs[0]
+    # plugins that cannot take the low precision run in FP32 between casts
+    for layer in list(net.layers):
+        if layer.kind != "Plugin":
+            continue
+        plugin = layer.attrs["plugin"]
+        n_in = len(layer.inputs)
+        ok = all(t is None or t.dtype != low or plugin.supports(i, TensorDesc(tuple(t.shape or ()), low), n_in)
+                 for i, t in enumerate(layer.inputs))
+        if ok:
+            continue
+        layer.precision = "fp32"
+        for i, t in enumerate(list(layer.inputs)):
+            if t is not None and t.dtype == low:
+                c = net.add_layer("Cast", [t], {"to": "float32"}, name=net.unique_name(f"{layer.name}/in{i}_fp32"),
+                                  output_dtypes=["float32"])
+                net.layers.remove(c)
+                net.layers.insert(net.layers.index(layer), c)
+                layer.set_input(i, c.outputs[0])
+        for o in list(layer.outputs):
+            if o.dtype == "float32" and o.uses:
+                uses = list(o.uses)
+                c = net.add_layer("Cast", [o], {"to": low}, name=net.unique_name(f"{layer.name}/out_{low}"),
+                                  output_dtypes=[low])
+                net.layers.remove(c)
+                net.layers.insert(net.layers.index(layer) + 1, c)
+                for ul, ui in uses:
+                    ul.set_input(ui, c.outputs[0])

@@ -1,0 +1,69 @@
+"""The engine file: save, load, and refuse foreign or damaged files."""
+from __future__ import annotations
+
+import os
+import shlex
+import warnings
+from typing import Any
+
+import numpy as np
+
+from kiln.engine.device import check_compatible, fingerprint
+from kiln.engine.format import FORMAT_VERSION, MAGIC, read_engine, read_prelude, write_engine
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "fingerprint", "load", "read_header", "read_weight", "save", "write_engine"]
+
+
+def rebuild_command(header: dict[str, Any], path: str) -> str:
+    b = header.get("build", {})
+    cmd = b.get("command")
+    if cmd:
+        return cmd
+    src = b.get("source") or "model.onnx"
+    parts = ["kiln", "build", src, "-o", os.path.basename(path)]
+    if header.get("precision") in ("fp16", "bf16"):
+        parts.append(f"--{header['precision']}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def load(path: str | os.PathLike):
+    """Load an engine file for this device; refuses foreign, damaged or plugin-less files."""
+    from kiln.runtime.engine import Engine
+    path = os.fspath(path)
+    header, weights = read_engine(path)
+    for w in check_compatible(header["device"], path, rebuild_command(header, path)):
+        warnings.warn(w, stacklevel=2)
+    engine = Engine(header, weights, path=path)
+    engine.check_plugins()
+    return engine
+
+
+def save(engine, path: str | os.PathLike) -> None:
+    engine.save(os.fspath(path))
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated header with the plan's tables at top level (for inspect and the viewer)."""
+    path = os.fspath(path)
+    header, _, _, _ = read_prelude(path)
+    plan = header["plan"]
+    by_key = header.get("weights", {})
+    out = dict(header)
+    out["format_version"] = FORMAT_VERSION
+    out["kiln_version"] = header["device"].get("kiln")
+    out["inputs"], out["outputs"] = plan["inputs"], plan["outputs"]
+    out["layers"], out["tensors"] = plan["layers"], plan.get("tensors", {})
+    out["weights"] = {name: by_key.get(key, {}) for name, key in plan.get("weights", {}).items()}
+    from kiln.runtime.engine import _iter_plugin_records
+    out["plugins"] = _iter_plugin_records(plan)
+    return out
+
+
+def read_weight(path: str | os.PathLike, name: str) -> np.ndarray:
+    """One weight (by tensor name) as a numpy array."""
+    header, weights = read_engine(os.fspath(path), verify_weights=False)
+    key = header["plan"].get("weights", {}).get(name, name)
+    if key not in weights:
+        from kiln.errors import EngineFormatError
+        raise EngineFormatError(f"The engine has no weight named {name!r}.")
+    return np.array(weights[key])

@@ -1,0 +1,44 @@
+"""Data types by their numpy names; the one vocabulary shared by every part."""
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.errors import NetworkError
+
+FLOAT_TYPES = ("float32", "float16", "bfloat16", "float64")
+INT_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
+ALL_TYPES = FLOAT_TYPES + INT_TYPES + ("bool", "complex64", "complex128", "string")
+
+
+def np_dtype(name: str) -> np.dtype:
+    """numpy dtype for a Kiln dtype name (bfloat16 through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    if name == "string":
+        return np.dtype(object)
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise NetworkError(f"Unknown data type {name!r}; use one of {', '.join(ALL_TYPES)}.") from None
+
+
+def dtype_name(dt) -> str:
+    """Kiln dtype name for a numpy dtype, torch dtype or name."""
+    if isinstance(dt, str):
+        if dt in ALL_TYPES:
+            return dt
+    s = str(dt)
+    if s.startswith("torch."):
+        s = s[6:]
+        return {"bool": "bool", "float": "float32", "half": "float16", "double": "float64",
+                "long": "int64", "int": "int32", "short": "int16"}.get(s, s)
+    if s == "bfloat16":
+        return "bfloat16"
+    if s == "object" or s.startswith("<U") or s.startswith("|S") or s.startswith("<S"):
+        return "string"
+    return np.dtype(dt).name
+
+
+def is_float(name: str) -> bool:
+    return name in FLOAT_TYPES

@@ -1,0 +1,117 @@
+"""The layer vocabulary: every kind a Network may hold, with its input arity and meaning.
+
+TensorRT's classic layers first, then what modern ONNX models need. Attribute
+conventions are documented per kind; kernels in ``kiln.kernels`` implement them.
+Inputs marked *host* are read as values (shapes, indices) and live on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln.errors import NetworkError
+
+VARIADIC = 1 << 30
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    name: str
+    min_inputs: int
+    max_inputs: int
+    doc: str
+    host_inputs: tuple[int, ...] = ()    # input positions read as host values (shape tensors)
+
+
+LAYER_KINDS: dict[str, LayerKind] = {}
+
+
+def define_layer(name: str, min_inputs: int, max_inputs: int, doc: str, host_inputs: tuple[int, ...] = ()) -> None:
+    """Add a kind to the vocabulary; defining one twice is an error."""
+    if name in LAYER_KINDS:
+        raise NetworkError(f"Layer kind {name!r} is defined twice; pick another name.")
+    LAYER_KINDS[name] = LayerKind(name, min_inputs, max_inputs, doc, host_inputs)
+
+
+def check_layer(layer, num_inputs: int) -> None:
+    spec = LAYER_KINDS.get(layer.kind)
+    if spec is None:
+        raise NetworkError(f"Layer {layer.name!r} has unknown kind {layer.kind!r}; known kinds: "
+                           f"{', '.join(sorted(LAYER_KINDS))}. Use a Plugin layer for custom operations.")
+    if not spec.min_inputs <= num_inputs <= spec.max_inputs:
+        hi = "any number of" if spec.max_inputs >= VARIADIC else f"at most {spec.max_inputs}"
+        raise NetworkError(f"Layer {layer.name!r} ({layer.kind}) takes at least {spec.min_inputs} and {hi} inputs, "
+                           f"got {num_inputs}.")
+
+
+# ---- TensorRT's classic layers ---------------------------------------------------------------
+define_layer("Activation", 1, 1, "y = f(x); attrs type (relu, sigmoid, tanh, leaky_relu, elu, selu, softplus, softsign, "
+             "clip, hard_sigmoid, gelu, gelu_tanh, silu, mish, hard_swish, thresholded_relu, celu, scaled_tanh), alpha, beta")
+define_layer("Concatenation", 1, VARIADIC, "join along attrs axis")
+define_layer("Convolution", 2, 3, "N-d convolution (1/2/3-D): x, weight, bias?; attrs stride, pads (begins then ends), "
+             "dilation, groups; optional fused epilogue attrs activation/alpha/beta")
+define_layer("Deconvolution", 2, 3, "transposed convolution: x, weight [Cin, Cout/g, k...], bias?; attrs stride, pads, "
+             "dilation, groups, output_padding")
+define_layer("FullyConnected", 2, 3, "y = x @ weight.T + bias over the last axis; weight [N, K]")
+define_layer("ElementWise", 1, VARIADIC, "broadcasting binary (or n-ary) op; attrs op (sum, sub, prod, div, max, min, pow, "
+             "mod, fmod, floor_div, and, or, xor, equal, greater, less, greater_equal, less_equal, bitshift_left, "
+             "bitshift_right, bitwise_and, bitwise_or, bitwise_xor, prelu)")
+define_layer("Pooling", 1, 1, "attrs type (max, average, lp), kernel (None = global), stride, pads, dilation, ceil_mode, "
+             "count_include_pad, p")
+define_layer("Padding", 1, 4, "x, pads?, value?, axes?; attrs pads (begins then ends), mode (constant, reflect, edge, wrap), "
+             "value", host_inputs=(1, 3))
+define_layer("Flatten", 1, 1, "2-D view: dims before attrs axis, dims after")
+define_layer("LRN", 1, 1, "local response normalization across channels; attrs size, alpha, beta, bias")
+define_layer("SoftMax", 1, 1, "attrs axis, log (log-softmax); computed in FP32")
+define_layer("RNN", 3, 8, "ONNX-style RNN/GRU/LSTM: X, W, R, B?, sequence_lens?, initial_h?, initial_c?, P?; attrs cell "
+             "(rnn, gru, lstm), direction, hidden_size, activations, clip, linear_before_reset, layout")
+define_layer("Scale", 1, 4, "y = (x * scale + shift) ** power; x, scale?, shift?, power?; attrs mode (uniform, channel, "
+             "elementwise), channel_axis")
+define_layer("Shuffle", 1, 2, "transpose → reshape → transpose; x, shape?; attrs first_transpose, reshape, "
+             "second_transpose, allowzero", host_inputs=(1,))
+define_layer("Squeeze", 1, 2, "remove size-1 axes: x, axes?; attrs axes", host_inputs=(1,))
+define_layer("Unsqueeze", 1, 2, "insert size-1 axes: x, axes?; attrs axes", host_inputs=(1,))
+define_layer("Unary", 1, 1, "y = op(x); attrs op (exp, log, sqrt, recip, abs, neg, sin, cos, tan, sinh, cosh, asin, acos, "
+             "atan, asinh, acosh, atanh, ceil, floor, round, erf, not, sign, isnan, isinf, bitwise_not, identity)")
+define_layer("Plugin", 0, VARIADIC, "a custom layer; attrs plugin (a kiln.Plugin instance)")
+define_layer("Constant", 0, 0, "attrs value; produced by folding or by hand")
+define_layer("Identity", 1, 1, "y = x (kept only where a copy is needed)")
+
+# ---- what modern ONNX models need ------------------------------------------------------------
+define_layer("MatMul", 2, 2, "batched matrix product with numpy broadcasting; attrs transpose_a, transpose_b")
+define_layer("Gemm", 2, 3, "y = alpha * op(A) @ op(B) + beta * C; attrs alpha, beta, trans_a, trans_b")
+define_layer("Reduce", 1, 2, "x, axes?; attrs op (sum, mean, max, min, prod, l1, l2, log_sum, log_sum_exp, sum_square), "
+             "axes, keepdims, noop_with_empty_axes; accumulates in FP32", host_inputs=(1,))
+define_layer("ArgReduce", 1, 1, "index of max/min; attrs op (max, min), axis, keepdims, select_last_index")
+define_layer("Gather", 2, 2, "take along attrs axis with an index tensor (negative indices wrap)")
+define_layer("GatherElements", 2, 2, "take_along_axis; attrs axis")
+define_layer("GatherND", 2, 2, "attrs batch_dims")
+define_layer("ScatterND", 3, 3, "data, indices, updates; attrs reduction (none, add, mul, max, min)")
+define_layer("ScatterElements", 3, 3, "data, indices, updates; attrs axis, reduction")
+define_layer("Slice", 3, 5, "x, starts, ends, axes?, steps?", host_inputs=(1, 2, 3, 4))
+define_layer("Resize", 1, 4, "x, roi?, scales?, sizes?; attrs mode, coordinate_transformation_mode, nearest_mode, "
+             "cubic_coeff_a, exclude_outside, extrapolation_value, antialias, axes, keep_aspect_ratio_policy",
+             host_inputs=(1, 2, 3))
+define_layer("Normalization", 1, 5, "x, scale?, bias?, (mean, var for batch); attrs type (layer, instance, group, batch, "
+             "rms), axis, epsilon, num_groups; statistics in FP32")
+define_layer("Cast", 1, 1, "attrs to (dtype name), saturate")
+define_layer("Shape", 1, 1, "the input's shape as int64 (host); attrs start, end")
+define_layer("Size", 1, 1, "element count as int64 scalar (host)")
+define_layer("TopK", 2, 2, "x, k; attrs axis, largest, sorted; outputs values, indices", host_inputs=(1,))
+define_layer("If", 1, 1, "cond; attrs then_branch, else_branch (Networks); a constant cond is folded at build")
+define_layer("Loop", 2, VARIADIC, "ONNX Loop: max_trip_count?, cond?, carried...; attrs body (Network)")
+define_layer("Scan", 1, VARIADIC, "ONNX Scan; attrs body, num_scan_inputs, directions and axes")
+define_layer("Where", 3, 3, "select: cond ? a : b with broadcasting")
+define_layer("Expand", 2, 2, "broadcast x to shape (host)", host_inputs=(1,))
+define_layer("Tile", 2, 2, "repeat x by repeats (host)", host_inputs=(1,))
+define_layer("ConstantOfShape", 1, 1, "filled tensor of the shape (host); attrs value (array of one element)",
+             host_inputs=(0,))
+define_layer("Range", 3, 3, "start, limit, delta", host_inputs=(0, 1, 2))
+define_layer("Split", 1, 2, "x, split?; attrs axis, split (sizes) or equal parts over the outputs", host_inputs=(1,))
+define_layer("Einsum", 1, VARIADIC, "attrs equation")
+define_layer("CumSum", 2, 2, "x, axis; attrs exclusive, reverse", host_inputs=(1,))
+define_layer("NonZero", 1, 1, "indices of non-zero elements, [rank, n] int64 (data-dependent shape)")
+define_layer("OneHot", 3, 3, "indices, depth, values; attrs axis", host_inputs=(1,))
+define_layer("Trilu", 1, 2, "x, k?; attrs upper", host_inputs=(1,))
+define_layer("DepthToSpace", 1, 1, "attrs blocksize, mode (DCR, CRD)")
+define_layer("SpaceToDepth", 1, 1, "attrs blocksize")
+define_layer("Attention", 3, 4, "fused scaled-dot-product attention: q, k, v, mask?; attrs scale, causal")

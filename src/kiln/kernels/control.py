@@ -1,0 +1,104 @@
+"""If, Loop and Scan: run compiled subgraph programs (ONNX semantics).
+
+The builder appends the outer tensors a body reads to the layer's inputs, so a
+maker receives ``attrs["outer"]`` (their names) and the run gets their values
+after the regular inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.errors import ShapeError
+from kiln.kernels.registry import tactic
+
+
+@tactic("If", dynamic=True)
+def make_if(attrs, ctx):
+    then_p, else_p = attrs["then_branch"], attrs["else_branch"]
+    outer = attrs.get("outer", [])
+
+    def run(cond, *outer_vals):
+        env = dict(zip(outer, outer_vals))
+        branch = then_p if bool(cond.reshape(-1)[0].item()) else else_p
+        return tuple(branch.run_env(env, []))
+    return run
+
+
+@tactic("Loop", dynamic=True)
+def make_loop(attrs, ctx):
+    body = attrs["body"]
+    outer = attrs.get("outer", [])
+    n_in = attrs["num_inputs"]
+
+    def run(*args):
+        ins, outer_vals = args[:n_in], args[n_in:]
+        env = dict(zip(outer, outer_vals))
+        max_trip, cond = ins[0], ins[1]
+        carried = list(ins[2:])
+        trip_max = int(max_trip.reshape(-1)[0].item()) if max_trip is not None else None
+        keep = bool(cond.reshape(-1)[0].item()) if cond is not None else True
+        n_carried = len(carried)
+        scans: list[list[torch.Tensor]] = []
+        i = 0
+        while keep and (trip_max is None or i < trip_max):
+            iter_t = torch.tensor(i, dtype=torch.int64)
+            cond_t = torch.tensor(keep)
+            outs = body.run_env(env, [iter_t, cond_t] + carried)
+            keep = bool(outs[0].reshape(-1)[0].item())
+            carried = list(outs[1:1 + n_carried])
+            sc = outs[1 + n_carried:]
+            if not scans:
+                scans = [[] for _ in sc]
+            for lst, v in zip(scans, sc):
+                lst.append(v)
+            i += 1
+            if i > 10_000_000:
+                raise ShapeError("Loop ran over 10,000,000 iterations; check its trip count and condition.")
+        n_scan = len(body.outputs) - 1 - n_carried
+        results = carried
+        for k in range(n_scan):
+            vals = scans[k] if scans else []
+            if vals:
+                results.append(torch.stack(vals))
+            else:
+                dt = body.output_dtype(1 + n_carried + k)
+                results.append(torch.zeros((0,), dtype=dt))
+        return tuple(results)
+    return run
+
+
+@tactic("Scan", dynamic=True)
+def make_scan(attrs, ctx):
+    body = attrs["body"]
+    outer = attrs.get("outer", [])
+    n_in = attrs["num_inputs"]
+    n_scan_in = attrs["num_scan_inputs"]
+
+    def run(*args):
+        ins, outer_vals = args[:n_in], args[n_in:]
+        env = dict(zip(outer, outer_vals))
+        n_state = n_in - n_scan_in
+        state = list(ins[:n_state])
+        scans_in = list(ins[n_state:])
+        in_axes = attrs.get("scan_input_axes") or [0] * n_scan_in
+        in_dirs = attrs.get("scan_input_directions") or [0] * n_scan_in
+        scans_in = [s.movedim(a if a >= 0 else a + s.dim(), 0) for s, a in zip(scans_in, in_axes)]
+        T = scans_in[0].shape[0] if scans_in else 0
+        n_scan_out = len(body.outputs) - n_state
+        outs_acc: list[list[torch.Tensor]] = [[] for _ in range(n_scan_out)]
+        for t in range(T):
+            xs = [s[T - 1 - t] if d else s[t] for s, d in zip(scans_in, in_dirs)]
+            outs = body.run_env(env, state + xs)
+            state = list(outs[:n_state])
+            for lst, v in zip(outs_acc, outs[n_state:]):
+                lst.append(v)
+        out_axes = attrs.get("scan_output_axes") or [0] * n_scan_out
+        out_dirs = attrs.get("scan_output_directions") or [0] * n_scan_out
+        results = list(state)
+        for lst, a, d in zip(outs_acc, out_axes, out_dirs):
+            if d:
+                lst = lst[::-1]
+            y = torch.stack(lst) if lst else torch.zeros(0)
+            results.append(y.movedim(0, a if a >= 0 else a + y.dim()))
+        return tuple(results)
+    return run

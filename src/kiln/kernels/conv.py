@@ -1,0 +1,296 @@
+"""Convolution, Deconvolution, Pooling, Padding and LRN on torch (cuDNN on the GPU)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import BuildError
+from kiln.kernels._util import ints
+from kiln.kernels.pointwise import activation_fn
+from kiln.kernels.registry import tactic
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DECONV = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _split_pads(pads: list[int], nd: int) -> tuple[list[int], list[int]]:
+    return list(pads[:nd]), list(pads[nd:2 * nd])
+
+
+def _torch_pad(begins: list[int], ends: list[int]) -> list[int]:
+    """F.pad wants (last-dim begin, last-dim end, ...) order."""
+    out: list[int] = []
+    for b, e in zip(reversed(begins), reversed(ends)):
+        out += [b, e]
+    return out
+
+
+def _epilogue(attrs):
+    act = attrs.get("activation")
+    fn = activation_fn(act, attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) if act else None
+    return fn
+
+
+@tactic("Convolution")
+def make_convolution(attrs, ctx):
+    stride, dil, groups = attrs["stride"], attrs["dilation"], attrs.get("groups", 1)
+    nd = len(stride)
+    if nd not in _CONV:
+        raise BuildError(f"Convolution {ctx.layer_name!r} is {nd}-D; Kiln supports 1-, 2- and 3-D convolution.")
+    conv = _CONV[nd]
+    begins, ends = _split_pads(attrs["pads"], nd)
+    symmetric = begins == ends
+    act = _epilogue(attrs)
+    has_residual = attrs.get("residual", False)
+
+    def run(x, w, b=None, residual=None):
+        if symmetric:
+            y = conv(x, w, b, stride, begins, dil, groups)
+        else:
+            y = conv(F.pad(x, _torch_pad(begins, ends)), w, b, stride, 0, dil, groups)
+        if has_residual and residual is not None:
+            y = y + residual
+        if act is not None:
+            y = act(y)
+        return (y,)
+    return run
+
+
+@tactic("Deconvolution")
+def make_deconvolution(attrs, ctx):
+    stride, dil, groups = attrs["stride"], attrs["dilation"], attrs.get("groups", 1)
+    nd = len(stride)
+    if nd not in _DECONV:
+        raise BuildError(f"Deconvolution {ctx.layer_name!r} is {nd}-D; Kiln supports 1-, 2- and 3-D.")
+    deconv = _DECONV[nd]
+    begins, ends = _split_pads(attrs["pads"], nd)
+    out_pad = list(attrs.get("output_padding") or [0] * nd)
+
+    def run(x, w, b=None):
+        # Transposed conv with asymmetric pads: compute with zero padding, then crop.
+        y = deconv(x, w, None, stride, 0, out_pad, groups, dil)
+        slices = [slice(None), slice(None)]
+        for i in range(nd):
+            size = y.shape[2 + i]
+            slices.append(slice(begins[i], size - ends[i]))
+        y = y[tuple(slices)]
+        if b is not None:
+            y = y + b.reshape([1, -1] + [1] * nd)
+        return (y,)
+    return run
+
+
+def _pool_out(size, k, s, pb, pe, d, ceil):
+    eff = d * (k - 1) + 1
+    num = size + pb + pe - eff
+    out = (-(-num // s) if ceil else num // s) + 1
+    if ceil and (out - 1) * s >= size + pb:
+        out -= 1
+    return out
+
+
+@tactic("Pooling")
+def make_pooling(attrs, ctx):
+    ptype = attrs["type"]
+    kernel = attrs.get("kernel")
+    if kernel is None:   # global
+        if ptype == "max":
+            return lambda x: (torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True),)
+        if ptype == "average":
+            return lambda x: (torch.mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
+                                         dim=tuple(range(2, x.dim())), keepdim=True).to(x.dtype),)
+        p = attrs.get("p", 2)
+        return lambda x: (torch.sum(x.abs() ** p, dim=tuple(range(2, x.dim())), keepdim=True) ** (1.0 / p),)
+    nd = len(kernel)
+    stride = attrs.get("stride") or [1] * nd
+    dil = attrs.get("dilation") or [1] * nd
+    begins, ends = _split_pads(attrs.get("pads") or [0] * 2 * nd, nd)
+    ceil = bool(attrs.get("ceil_mode", False))
+    include_pad = bool(attrs.get("count_include_pad", False))
+
+    if ptype == "max":
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+        want_idx = attrs.get("return_indices", False)
+        storage_order = attrs.get("storage_order", 0)
+
+        def run_max(x):
+            pb, pe = list(begins), list(ends)
+            xs = x
+            sym = pb == pe and all(pb[i] <= kernel[i] // 2 for i in range(nd))
+            if not sym:
+                fill = float("-inf") if x.dtype.is_floating_point else int(torch.iinfo(x.dtype).min)
+                xs = F.pad(x, _torch_pad(pb, pe), value=fill)
+                pb = [0] * nd
+                pe = [0] * nd
+                # ceil mode must not create windows starting in the end padding only
+                outs = [_pool_out(x.shape[2 + i], kernel[i], stride[i], begins[i], ends[i], dil[i], ceil)
+                        for i in range(nd)]
+                need = [(outs[i] - 1) * stride[i] + dil[i] * (kernel[i] - 1) + 1 for i in range(nd)]
+                extra = [max(0, need[i] - xs.shape[2 + i]) for i in range(nd)]
+                if any(extra):
+                    xs = F.pad(xs, _torch_pad([0] * nd, extra), value=fill)
+                res = fn(xs, kernel, stride, 0, dil, False, return_indices=want_idx)
+            else:
+                res = fn(xs, kernel, stride, pb, dil, ceil, return_indices=want_idx)
+            if want_idx:
+                y, idx = res
+                if not sym:
+                    raise BuildError("MaxPool indices with asymmetric padding are not supported.")
+                if storage_order == 1 and nd == 2:
+                    h, w = x.shape[2], x.shape[3]
+                    r, c = idx // w, idx % w
+                    idx = c * h + r
+                base = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1],
+                                                                                      *([1] * nd))
+                spatial = 1
+                for d in x.shape[2:]:
+                    spatial *= d
+                return (y, (idx + base * spatial).to(torch.int64))
+            return (res,)
+        return run_max
+
+    if ptype == "average":
+        fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+        if any(d != 1 for d in dil):
+            return _avg_dilated(kernel, stride, dil, begins, ends, ceil, include_pad)
+
+        def run_avg(x):
+            xin = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            sym = begins == ends and all(begins[i] <= kernel[i] // 2 for i in range(nd))
+            if sym:
+                y = fn(xin, kernel, stride, begins, ceil, include_pad)
+            else:
+                y = _avg_general(xin, kernel, stride, begins, ends, ceil, include_pad, fn)
+            return (y.to(x.dtype),)
+        return run_avg
+
+    if ptype == "lp":
+        p = attrs.get("p", 2)
+
+        def run_lp(x):
+            xp = F.pad(x, _torch_pad(begins, ends))
+            fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+            area = 1
+            for k in kernel:
+                area *= k
+            y = fn(xp.abs() ** p, kernel, stride, 0, ceil) * area
+            return (y ** (1.0 / p),)
+        return run_lp
+    raise BuildError(f"Unknown pooling type {ptype!r}; use max, average or lp.")
+
+
+def _avg_general(x, kernel, stride, begins, ends, ceil, include_pad, fn):
+    nd = len(kernel)
+    xp = F.pad(x, _torch_pad(begins, ends))
+    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(begins, ends))
+    outs = [_pool_out(x.shape[2 + i], kernel[i], stride[i], begins[i], ends[i], 1, ceil) for i in range(nd)]
+    need = [(outs[i] - 1) * stride[i] + kernel[i] for i in range(nd)]
+    extra = [max(0, need[i] - xp.shape[2 + i]) for i in range(nd)]
+    if any(extra):
+        xp = F.pad(xp, _torch_pad([0] * nd, extra))
+        ones_ext = F.pad(ones, _torch_pad([0] * nd, extra))
+    else:
+        ones_ext = ones
+    s = fn(xp, kernel, stride, 0, False, True)
+    if include_pad:
+        # padded positions count, positions beyond the padding (ceil overhang) do not
+        valid = F.pad(torch.ones_like(ones), _torch_pad([0] * nd, extra)) if any(extra) else torch.ones_like(ones)
+        cnt = fn(valid, kernel, stride, 0, False, True)
+    else:
+        cnt = fn(ones_ext, kernel, stride, 0, False, True)
+    return s / cnt
+
+
+def _avg_dilated(kernel, stride, dil, begins, ends, ceil, include_pad):
+    nd = len(kernel)
+
+    def run(x):
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        outs = [_pool_out(x.shape[2 + i], kernel[i], stride[i], begins[i], ends[i], dil[i], ceil) for i in range(nd)]
+        need = [(outs[i] - 1) * stride[i] + dil[i] * (kernel[i] - 1) + 1 for i in range(nd)]
+        xp = F.pad(xf, _torch_pad(begins, ends))
+        extra = [max(0, need[i] - xp.shape[2 + i]) for i in range(nd)]
+        xp = F.pad(xp, _torch_pad([0] * nd, extra))
+        mask = F.pad(F.pad(torch.ones_like(xf[:1, :1]), _torch_pad(begins, ends), value=1.0 if include_pad else 0.0)
+                     if include_pad else F.pad(torch.ones_like(xf[:1, :1]), _torch_pad(begins, ends)),
+                     _torch_pad([0] * nd, extra))
+        c = x.shape[1]
+        w = torch.ones([c, 1] + list(kernel), dtype=xf.dtype, device=x.device)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+        s = conv(xp, w, None, stride, 0, dil, c)
+        cnt = conv(mask, w[:1], None, stride, 0, dil, 1)
+        return ((s / cnt).to(x.dtype),)
+    return run
+
+
+@tactic("Padding")
+def make_padding(attrs, ctx):
+    mode = attrs.get("mode", "constant")
+    tmode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
+    if tmode is None:
+        raise BuildError(f"Unknown padding mode {mode!r}; use constant, reflect, edge or wrap.")
+    static = attrs.get("pads")
+
+    def run(x, pads=None, value=None, axes=None):
+        p = ints(pads) if pads is not None else list(static)
+        r = x.dim()
+        ax = [a + r if a < 0 else a for a in ints(axes)] if axes is not None else list(range(r))
+        n = len(ax)
+        begins = [0] * r
+        ends = [0] * r
+        for i, a in enumerate(ax):
+            begins[a], ends[a] = p[i], p[i + n]
+        val = attrs.get("value", 0.0)
+        if value is not None and value.numel():
+            val = value.reshape(-1)[0].item()
+        # torch pads only trailing dims for non-constant modes; crop negatives ourselves
+        crop = [slice(max(0, -b), x.shape[i] - max(0, -e)) for i, (b, e) in enumerate(zip(begins, ends))]
+        x = x[tuple(crop)]
+        begins = [max(0, b) for b in begins]
+        ends = [max(0, e) for e in ends]
+        first = next((i for i in range(r) if begins[i] or ends[i]), r)
+        if first == r:
+            return (x.clone() if not x.is_meta else x,)
+        if tmode == "constant":
+            return (F.pad(x, _torch_pad(begins, ends), value=val),)
+        if tmode == "circular":
+            return (_wrap_pad(x, begins, ends),)
+        # reflect/replicate: torch handles up to 3 trailing dims on batched input
+        lead = first
+        pads_t = _torch_pad(begins[lead:], ends[lead:])
+        moved = x.reshape((1,) * max(0, 2 - lead) + tuple(x.shape)) if lead < 2 else x
+        extra = max(0, 2 - lead)
+        y = F.pad(moved, pads_t, mode=tmode)
+        if extra:
+            y = y.reshape(y.shape[extra:])
+        return (y,)
+    return run
+
+
+def _wrap_pad(x, begins, ends):
+    for d in range(x.dim()):
+        b, e = begins[d], ends[d]
+        if b or e:
+            parts = []
+            n = x.shape[d]
+            if b:
+                parts.append(x.narrow(d, n - b, b))
+            parts.append(x)
+            if e:
+                parts.append(x.narrow(d, 0, e))
+            x = torch.cat(parts, d)
+    return x
+
+
+@tactic("LRN")
+def make_lrn(attrs, ctx):
+    size, alpha, beta, bias = attrs["size"], attrs.get("alpha", 1e-4), attrs.get("beta", 0.75), attrs.get("bias", 1.0)
+
+    def run(x):
+        sq = (x.float() ** 2).unsqueeze(1)
+        lo, hi = (size - 1) // 2, size - 1 - (size - 1) // 2
+        pad = [0, 0] * (x.dim() - 2) + [lo, hi]
+        sq = F.pad(sq, pad)
+        s = sq.unfold(2, size, 1).sum(-1).squeeze(1)
+        return ((x.float() / (bias + alpha / size * s) ** beta).to(x.dtype),)
+    return run

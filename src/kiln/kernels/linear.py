@@ -1,0 +1,81 @@
+"""MatMul, Gemm, FullyConnected and Einsum (cuBLAS on the GPU, accumulation in FP32)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.pointwise import activation_fn
+from kiln.kernels.registry import tactic
+
+
+def _mm(a, b):
+    if not a.dtype.is_floating_point and a.dtype != torch.bool:
+        # integer matmul: torch has no CUDA kernel; go through int64 on the same device
+        if a.is_cuda:
+            return torch.matmul(a.double(), b.double()).to(torch.promote_types(a.dtype, b.dtype))
+        return torch.matmul(a.to(torch.int64), b.to(torch.int64)).to(torch.promote_types(a.dtype, b.dtype))
+    return torch.matmul(a, b)
+
+
+@tactic("MatMul")
+def make_matmul(attrs, ctx):
+    ta, tb = attrs.get("transpose_a", False), attrs.get("transpose_b", False)
+    act = activation_fn(attrs["activation"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) \
+        if attrs.get("activation") else None
+
+    def run(a, b, bias=None):
+        if ta:
+            a = a.transpose(-1, -2)
+        if tb:
+            b = b.transpose(-1, -2)
+        y = _mm(a, b)
+        if bias is not None:
+            y = y + bias
+        if act is not None:
+            y = act(y)
+        return (y,)
+    return run
+
+
+@tactic("Gemm")
+def make_gemm(attrs, ctx):
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    ta, tb = attrs.get("trans_a", 0), attrs.get("trans_b", 0)
+
+    def run(a, b, c=None):
+        if ta:
+            a = a.t()
+        if tb:
+            b = b.t()
+        y = _mm(a, b)
+        if alpha != 1.0:
+            y = y * alpha
+        if c is not None:
+            y = y + (c * beta if beta != 1.0 else c)
+        return (y.to(a.dtype) if y.dtype != a.dtype else y,)
+    return run
+
+
+@tactic("FullyConnected")
+def make_fc(attrs, ctx):
+    act = activation_fn(attrs["activation"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) \
+        if attrs.get("activation") else None
+
+    def run(x, w, b=None):
+        y = F.linear(x, w, b)
+        if act is not None:
+            y = act(y)
+        return (y,)
+    return run
+
+
+@tactic("Einsum")
+def make_einsum(attrs, ctx):
+    eq = attrs["equation"].replace(" ", "")
+
+    def run(*xs):
+        if xs and not xs[0].dtype.is_floating_point:
+            return (torch.einsum(eq, *[x.to(torch.int64) if not x.is_cuda else x.double() for x in xs])
+                    .to(xs[0].dtype),)
+        return (torch.einsum(eq, *xs),)
+    return run

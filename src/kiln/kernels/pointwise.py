@@ -1,0 +1,163 @@
+"""Activation, Unary and ElementWise layers on torch (CPU and CUDA)."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import BuildError
+from kiln.kernels.registry import tactic
+
+
+def activation_fn(kind: str, alpha: float = 0.0, beta: float = 0.0):
+    """The activation as a torch function; shared with fused epilogues."""
+    a, b = alpha, beta
+    table = {
+        "relu": torch.relu,
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "leaky_relu": lambda x: F.leaky_relu(x, a),
+        "elu": lambda x: F.elu(x, a),
+        "selu": lambda x: b * torch.where(x > 0, x, a * torch.expm1(x)),
+        "softplus": lambda x: F.softplus(x.float()).to(x.dtype) if x.dtype != torch.float64 else F.softplus(x),
+        "softsign": lambda x: x / (1 + x.abs()),
+        "clip": lambda x: _clip(x, a, b),
+        "hard_sigmoid": lambda x: torch.clamp(a * x + b, 0, 1),
+        "gelu": lambda x: F.gelu(x),
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "mish": lambda x: x * torch.tanh(F.softplus(x)),
+        "hard_swish": lambda x: x * torch.clamp(x / 6 + 0.5, 0, 1),
+        "thresholded_relu": lambda x: torch.where(x > a, x, torch.zeros_like(x)),
+        "celu": lambda x: torch.clamp(x, min=0) + torch.clamp(a * torch.expm1(x / a), max=0),
+        "scaled_tanh": lambda x: a * torch.tanh(b * x),
+        "shrink": lambda x: torch.where(x < -a, x + b, torch.where(x > a, x - b, torch.zeros_like(x))),
+    }
+    fn = table.get(kind)
+    if fn is None:
+        raise BuildError(f"Unknown activation type {kind!r}; known: {', '.join(sorted(table))}.")
+    return fn
+
+
+def _clip(x, lo, hi):
+    if lo is None and hi is None:
+        return x
+    return torch.clamp(x, lo, hi)
+
+
+@tactic("Activation")
+def make_activation(attrs, ctx):
+    fn = activation_fn(attrs["type"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0))
+    return lambda x: (fn(x),)
+
+
+_UNARY = {
+    "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "recip": torch.reciprocal, "abs": torch.abs,
+    "neg": torch.neg, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "sinh": torch.sinh, "cosh": torch.cosh,
+    "asin": torch.asin, "acos": torch.acos, "atan": torch.atan, "asinh": torch.asinh, "acosh": torch.acosh,
+    "atanh": torch.atanh, "ceil": torch.ceil, "floor": torch.floor, "round": torch.round, "erf": torch.erf,
+    "not": torch.logical_not, "sign": torch.sign, "isnan": torch.isnan, "bitwise_not": torch.bitwise_not,
+    "identity": lambda x: x,
+}
+
+
+@tactic("Unary")
+def make_unary(attrs, ctx):
+    op = attrs["op"]
+    if op == "isinf":
+        pos, neg = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
+        return lambda x: (torch.isinf(x) & ((x > 0) if pos else (x < 0)) if pos != neg
+                          else (torch.isinf(x) if pos else torch.zeros_like(x, dtype=torch.bool)),)
+    fn = _UNARY.get(op)
+    if fn is None:
+        raise BuildError(f"Unknown unary op {op!r}; known: {', '.join(sorted(_UNARY))}, isinf.")
+    if op in ("ceil", "floor", "round", "sign", "abs", "neg") :
+        return lambda x: (fn(x),)
+    return lambda x: (fn(x),)
+
+
+def _pow(a, b):
+    if a.dtype.is_floating_point:
+        return torch.pow(a, b.to(a.dtype) if b.dtype.is_floating_point else b)
+    return torch.pow(a, b).to(a.dtype) if not b.dtype.is_floating_point else torch.pow(a.double(), b.double()).to(a.dtype)
+
+
+def _div(a, b):
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def _mod(a, b):
+    if a.dtype.is_floating_point:
+        return torch.remainder(a, b)
+    return torch.remainder(a, b)
+
+
+def _shift(left: bool):
+    def f(a, b):
+        if a.dtype == torch.uint8 or a.dtype in (getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                                                 getattr(torch, "uint64", None)):
+            wide = a.to(torch.int64)
+            r = (wide << b.to(torch.int64)) if left else (wide >> b.to(torch.int64))
+            bits = a.element_size() * 8
+            return (r & ((1 << bits) - 1) if bits < 64 else r).to(a.dtype)
+        return (a << b) if left else (a >> b)
+    return f
+
+
+_BINARY = {
+    "sum": torch.add, "sub": torch.sub, "prod": torch.mul, "div": _div, "max": torch.maximum,
+    "min": torch.minimum, "pow": _pow, "mod": _mod, "fmod": torch.fmod,
+    "floor_div": lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    "and": torch.logical_and, "or": torch.logical_or, "xor": torch.logical_xor,
+    "equal": torch.eq, "greater": torch.gt, "less": torch.lt, "greater_equal": torch.ge, "less_equal": torch.le,
+    "bitshift_left": _shift(True), "bitshift_right": _shift(False),
+    "bitwise_and": torch.bitwise_and, "bitwise_or": torch.bitwise_or, "bitwise_xor": torch.bitwise_xor,
+    "prelu": lambda x, slope: torch.where(x >= 0, x, x * slope),
+}
+
+
+@tactic("ElementWise")
+def make_elementwise(attrs, ctx):
+    op = attrs["op"]
+    fn = _BINARY.get(op)
+    if fn is None:
+        raise BuildError(f"Unknown element-wise op {op!r}; known: {', '.join(sorted(_BINARY))}.")
+    if op == "mean":
+        pass
+
+    def run(*xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        if len(xs) == 1 and op in ("sum", "max", "min"):
+            out = out.clone() if not out.is_meta else out
+        return (out,)
+    return run
+
+
+
+
+@tactic("Scale")
+def make_scale(attrs, ctx):
+    mode = attrs.get("mode", "channel")
+    axis = attrs.get("channel_axis", 1)
+
+    def shaped(p, x):
+        if p is None or mode != "channel":
+            return p
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return p.reshape(shape)
+
+    def run(x, scale=None, shift=None, power=None):
+        y = x
+        if scale is not None:
+            y = y * shaped(scale, x)
+        if shift is not None:
+            y = y + shaped(shift, x)
+        if power is not None:
+            y = y ** shaped(power, x)
+        return (y,)
+    return run

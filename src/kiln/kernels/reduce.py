@@ -1,0 +1,174 @@
+"""Reductions, SoftMax, normalizations and TopK. Statistics are computed in FP32."""
+from __future__ import annotations
+
+import torch
+
+from kiln.errors import BuildError
+from kiln.kernels._util import ints, norm_axis
+from kiln.kernels.registry import tactic
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _acc(x):
+    return x.float() if x.dtype in _LOW else x
+
+
+@tactic("Reduce")
+def make_reduce(attrs, ctx):
+    op = attrs["op"]
+    keep = bool(attrs.get("keepdims", True))
+    noop = bool(attrs.get("noop_with_empty_axes", False))
+    static = attrs.get("axes")
+
+    def run(x, axes=None):
+        ax = ints(axes) if axes is not None else static
+        if not ax:
+            if noop:
+                return (x,)
+            ax = list(range(x.dim()))
+        dims = tuple(sorted(norm_axis(a, x.dim()) for a in ax))
+        if x.dim() == 0:
+            dims = ()
+        xf = _acc(x)
+        if x.numel() == 0 and op in ("max", "min"):
+            shape = [1 if i in dims else s for i, s in enumerate(x.shape)] if keep else \
+                [s for i, s in enumerate(x.shape) if i not in dims]
+            fill = float("-inf") if op == "max" else float("inf")
+            if not x.dtype.is_floating_point:
+                info = torch.iinfo(x.dtype)
+                fill = info.min if op == "max" else info.max
+            return (torch.full(shape, fill, dtype=x.dtype, device=x.device),)
+        if not dims:
+            y = {"sum": xf, "mean": xf, "max": xf, "min": xf, "prod": xf, "l1": xf.abs(), "l2": xf.abs(),
+                 "log_sum": torch.log(xf), "log_sum_exp": xf, "sum_square": xf * xf}[op]
+            return (y.to(x.dtype),)
+        if op == "sum":
+            y = torch.sum(xf, dims, keepdim=keep)
+        elif op == "mean":
+            y = torch.mean(xf if xf.dtype.is_floating_point else xf.double(), dims, keepdim=keep)
+        elif op == "max":
+            y = torch.amax(x, dims, keepdim=keep)
+        elif op == "min":
+            y = torch.amin(x, dims, keepdim=keep)
+        elif op == "prod":
+            y = xf
+            for d in sorted(dims, reverse=True):
+                y = torch.prod(y, d, keepdim=keep)
+        elif op == "l1":
+            y = torch.sum(xf.abs(), dims, keepdim=keep)
+        elif op == "l2":
+            y = torch.sqrt(torch.sum(xf.double() * xf.double() if not xf.dtype.is_floating_point else xf * xf,
+                                     dims, keepdim=keep))
+        elif op == "log_sum":
+            y = torch.log(torch.sum(xf, dims, keepdim=keep))
+        elif op == "log_sum_exp":
+            y = torch.logsumexp(xf if xf.dtype.is_floating_point else xf.double(), dims, keepdim=keep)
+        elif op == "sum_square":
+            y = torch.sum(xf * xf, dims, keepdim=keep)
+        else:
+            raise BuildError(f"Unknown reduce op {op!r}.")
+        return (y.to(x.dtype),)
+    return run
+
+
+@tactic("ArgReduce")
+def make_argreduce(attrs, ctx):
+    op, axis = attrs["op"], attrs.get("axis", 0)
+    keep, last = bool(attrs.get("keepdims", True)), bool(attrs.get("select_last_index", False))
+
+    def run(x):
+        a = norm_axis(axis, x.dim())
+        xs = torch.flip(x, [a]) if last else x
+        fn = torch.argmax if op == "max" else torch.argmin
+        i = fn(xs, dim=a, keepdim=keep)
+        if last:
+            i = x.shape[a] - 1 - i
+        return (i.to(torch.int64),)
+    return run
+
+
+@tactic("SoftMax")
+def make_softmax(attrs, ctx):
+    axis, log = attrs.get("axis", -1), bool(attrs.get("log", False))
+
+    def run(x):
+        fn = torch.log_softmax if log else torch.softmax
+        return (fn(_acc(x), norm_axis(axis, x.dim())).to(x.dtype),)
+    return run
+
+
+@tactic("Normalization")
+def make_normalization(attrs, ctx):
+    kind = attrs.get("type", "layer")
+    eps = float(attrs.get("epsilon", 1e-5))
+    axis = attrs.get("axis", -1)
+    groups = attrs.get("num_groups", 1)
+
+    def affine(y, scale, bias, shape):
+        if scale is not None:
+            y = y * _acc(scale).reshape(shape)
+        if bias is not None:
+            y = y + _acc(bias).reshape(shape)
+        return y
+
+    def run(x, scale=None, bias=None, mean=None, var=None):
+        xf = _acc(x)
+        r = x.dim()
+        if kind in ("layer", "rms"):
+            a = norm_axis(axis, r)
+            dims = tuple(range(a, r))
+            if kind == "layer":
+                mu = xf.mean(dims, keepdim=True)
+                var_ = ((xf - mu) ** 2).mean(dims, keepdim=True)
+                y = (xf - mu) * torch.rsqrt(var_ + eps)
+            else:
+                y = xf * torch.rsqrt((xf * xf).mean(dims, keepdim=True) + eps)
+            pshape = list(x.shape[a:])
+            if scale is not None and scale.dim() != len(pshape):
+                pshape = list(scale.shape) if scale.dim() <= len(pshape) else pshape
+            y = affine(y, scale, bias, [-1] if scale is not None and scale.dim() == 1 and len(pshape) == 1
+                       else (list(scale.shape) if scale is not None else pshape))
+            return (y.to(x.dtype),)
+        cshape = [1, -1] + [1] * (r - 2)
+        if kind == "batch":
+            y = (xf - _acc(mean).reshape(cshape)) * torch.rsqrt(_acc(var).reshape(cshape) + eps)
+            return (affine(y, scale, bias, cshape).to(x.dtype),)
+        if kind == "instance":
+            dims = tuple(range(2, r))
+            mu = xf.mean(dims, keepdim=True)
+            v = ((xf - mu) ** 2).mean(dims, keepdim=True)
+            y = (xf - mu) * torch.rsqrt(v + eps)
+            return (affine(y, scale, bias, cshape).to(x.dtype),)
+        if kind == "group":
+            n, c = x.shape[0], x.shape[1]
+            g = xf.reshape(n, groups, -1)
+            mu = g.mean(-1, keepdim=True)
+            v = ((g - mu) ** 2).mean(-1, keepdim=True)
+            y = ((g - mu) * torch.rsqrt(v + eps)).reshape(x.shape)
+            if scale is not None and scale.numel() == groups and c != groups:
+                scale = scale.repeat_interleave(c // groups)
+                bias = bias.repeat_interleave(c // groups) if bias is not None else None
+            return (affine(y, scale, bias, cshape).to(x.dtype),)
+        raise BuildError(f"Unknown normalization type {kind!r}; use layer, rms, instance, group or batch.")
+    return run
+
+
+@tactic("TopK")
+def make_topk(attrs, ctx):
+    axis, largest = attrs.get("axis", -1), bool(attrs.get("largest", True))
+
+    def run(x, k):
+        kk = ints(k)[0]
+        a = norm_axis(axis, x.dim())
+        if x.is_meta:
+            shape = list(x.shape)
+            shape[a] = kk
+            return (torch.empty(shape, dtype=x.dtype, device="meta"), torch.empty(shape, dtype=torch.int64,
+                                                                                  device="meta"))
+        # a stable sort keeps ties in index order, as ONNX requires
+        key = _acc(x) if x.is_floating_point() else x.to(torch.int64)
+        order = torch.sort(key, dim=a, descending=largest, stable=True).indices
+        idx = order.narrow(a, 0, kk)
+        return (torch.gather(x, a, idx), idx)
+    return run

@@ -1,0 +1,90 @@
+"""Tactics: the implementations of each layer kind, several per kind where they differ.
+
+A tactic is registered with ``@tactic("Convolution", "cudnn", devices=("cuda",))``
+on a *maker*: ``make(attrs, ctx) -> run`` where ``run(*inputs) -> tuple[outputs]``
+takes and returns torch tensors. Makers do per-layer work once (attribute
+parsing, weight re-layout); ``run`` is what executes per inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kiln.errors import BuildError
+
+Run = Callable[..., tuple]
+Maker = Callable[[dict[str, Any], "KernelContext"], Run]
+
+
+@dataclass
+class KernelContext:
+    """What a maker may know beyond the layer's attrs."""
+
+    device: str = "cpu"                 # "cpu" or "cuda"
+    precision: str = "fp32"             # the layer's precision: fp32, tf32, fp16, bf16
+    layer_name: str = ""
+    input_dtypes: tuple[str | None, ...] = ()
+    output_dtypes: tuple[str, ...] = ()
+    # Runs a subgraph (If/Loop/Scan bodies): (network, {outer tensor name: value}, [inputs]) -> outputs
+    run_subgraph: Callable[..., Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tactic:
+    kind: str
+    name: str
+    make: Maker
+    devices: tuple[str, ...]
+    supports: Callable[[dict[str, Any], KernelContext], bool] | None = None
+    # Data-dependent output shapes (NonZero, NMS): not capturable in a CUDA graph.
+    dynamic: bool = False
+
+
+TACTICS: dict[str, list[Tactic]] = {}
+
+
+def tactic(kind: str, name: str = "torch", devices: tuple[str, ...] = ("cpu", "cuda"),
+           supports: Callable[[dict[str, Any], KernelContext], bool] | None = None,
+           dynamic: bool = False) -> Callable[[Maker], Maker]:
+    """Register ``make`` as tactic ``name`` of layer ``kind``; a duplicate is an error."""
+    def deco(make: Maker) -> Maker:
+        entries = TACTICS.setdefault(kind, [])
+        if any(t.name == name for t in entries):
+            raise BuildError(f"Tactic {name!r} for layer kind {kind!r} is registered twice.")
+        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic))
+        return make
+    return deco
+
+
+def tactics_for(kind: str, attrs: dict[str, Any], ctx: KernelContext) -> list[Tactic]:
+    """Valid tactics for this layer on this device, in preference order."""
+    _load_all()
+    found = [t for t in TACTICS.get(kind, []) if ctx.device in t.devices and (t.supports is None or t.supports(attrs, ctx))]
+    return found
+
+
+def get_tactic(kind: str, name: str) -> Tactic:
+    _load_all()
+    for t in TACTICS.get(kind, []):
+        if t.name == name:
+            return t
+    raise BuildError(f"Layer kind {kind!r} has no tactic {name!r}; this engine needs a newer Kiln.")
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    """Import every kernel module once (each registers its tactics)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    import kiln.kernels as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("registry",) and not info.name.startswith("_"):
+            importlib.import_module(f"kiln.kernels.{info.name}")

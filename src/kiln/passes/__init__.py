@@ -1,0 +1,16 @@
+"""Graph rewrites. One pass per file; each docstring lists the cases it rewrites."""
+from __future__ import annotations
+
+from kiln.passes.base import Pass, PassManager, PassResult
+
+
+def default_passes() -> list[Pass]:
+    """The passes every build runs, in order (repeated until nothing changes)."""
+    from kiln.passes.bn_fold import FoldBatchNorm
+    from kiln.passes.constant_fold import ConstantFold
+    from kiln.passes.dead_layers import RemoveDeadLayers
+    from kiln.passes.identity import RemoveIdentities
+    return [ConstantFold(), RemoveIdentities(), FoldBatchNorm(), RemoveDeadLayers()]
+
+
+__all__ = ["Pass", "PassManager", "PassResult", "default_passes"]

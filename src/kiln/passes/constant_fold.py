@@ -1,0 +1,149 @@
+"""Constant folding.
+
+Cases:
+- a layer whose every input is a constant (and that reads no outer tensor) →
+  evaluated once on the CPU, its outputs become constants;
+- ``Shape``/``Size`` of a tensor whose shape is fully static → constant;
+- ``If`` with a constant condition → the chosen branch is inlined.
+Outputs larger than ``max_elements`` stay as layers (folding would bloat the engine).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kiln.ir.network import Network, subgraphs
+from kiln.kernels import KernelContext, tactics_for
+from kiln.passes.base import Pass, PassResult
+
+NO_FOLD = {"Plugin", "Loop", "Scan", "If"}
+
+
+class ConstantFold(Pass):
+    name = "constant folding"
+
+    def __init__(self, max_elements: int = 1 << 24) -> None:
+        self.max_elements = max_elements
+
+    def call(self, net: Network) -> PassResult:
+        modified = False
+        for layer in list(net.layers):
+            if layer.network is not net or layer not in net.layers:
+                continue
+            if layer.kind == "If":
+                cond = layer.inputs[0]
+                if cond is not None and cond.is_constant:
+                    _inline_if(net, layer, bool(np.asarray(cond.value).reshape(-1)[0]))
+                    modified = True
+                continue
+            if layer.kind in ("Shape", "Size"):
+                x = layer.inputs[0]
+                if x is not None and x.shape is not None and all(isinstance(d, int) for d in x.shape):
+                    dims = list(x.shape)
+                    if layer.kind == "Size":
+                        val = np.asarray(int(np.prod(dims, dtype=np.int64)), np.int64)
+                    else:
+                        r = len(dims)
+                        s, e = layer.attrs.get("start", 0), layer.attrs.get("end")
+                        s = max(0, min(r, s + r if s < 0 else s))
+                        e = r if e is None else max(0, min(r, e + r if e < 0 else e))
+                        val = np.asarray(dims[s:e], np.int64)
+                    _replace_with_constants(net, layer, [val])
+                    modified = True
+                continue
+            if layer.kind in NO_FOLD or subgraphs(layer):
+                continue
+            ins = layer.inputs
+            if not any(t is not None for t in ins) or not all(t is None or t.is_constant for t in ins):
+                continue
+            if any(t is not None and t.dtype == "string" for t in ins):
+                continue
+            ctx = KernelContext(device="cpu", layer_name=layer.name,
+                                input_dtypes=tuple(t.dtype if t is not None else None for t in ins),
+                                output_dtypes=tuple(o.dtype for o in layer.outputs))
+            tac = tactics_for(layer.kind, layer.attrs, ctx)
+            if not tac or tac[0].dynamic and layer.kind not in ("NonZero",):
+                continue
+            try:
+                args = [torch.from_numpy(np.ascontiguousarray(t.value)) if t is not None else None for t in ins]
+                outs = tac[0].make(layer.attrs, ctx)(*args)
+            except Exception:
+                continue      # leave it for run time, where the error will name the layer
+            if any(o.numel() > self.max_elements for o in outs):
+                continue
+            _replace_with_constants(net, layer, [_to_numpy(o) for o in outs])
+            modified = True
+        return PassResult(net, modified)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.contiguous().numpy().copy()
+
+
+def _replace_with_constants(net: Network, layer, values: list[np.ndarray]) -> None:
+    for out, val in zip(layer.outputs, values):
+        const = net.add_constant(val, name=net.unique_name(out.name + "_folded"))
+        is_output = out in net.outputs
+        net.replace_all_uses(out, const)
+        if is_output:
+            # an output that became constant keeps its name
+            pass
+    outs = list(layer.outputs)
+    net.layers.remove(layer)
+    for i, t in enumerate(layer.inputs):
+        if t is not None:
+            layer.set_input(i, None)
+    for out in outs:
+        net.tensors.pop(out.name, None)
+    for out, val in zip(outs, values):
+        for t in list(net.outputs):
+            if t.name.startswith(out.name + "_folded"):
+                net.rename(t, out.name)
+
+
+def _inline_if(net: Network, layer, cond: bool) -> None:
+    branch: Network = layer.attrs["then_branch" if cond else "else_branch"]
+    mapping = {}
+    idx = net.layers.index(layer)
+    new_layers = []
+    for t in branch.tensors.values():
+        if t.is_constant:
+            c = net.add_constant(t.value, name=net.unique_name(t.name))
+            mapping[id(t)] = c
+    for bl in branch.layers:
+        ins = [mapping.get(id(t), t) if t is not None else None for t in bl.inputs]
+        nl = net.add_layer(bl.kind, ins, dict(bl.attrs), num_outputs=len(bl.outputs),
+                           name=net.unique_name(f"{layer.name}/{bl.name}"), origin=bl.origin or layer.origin,
+                           output_names=[net.unique_name(o.name) for o in bl.outputs],
+                           output_dtypes=[o.dtype for o in bl.outputs])
+        net.layers.pop()
+        new_layers.append(nl)
+        for o_old, o_new in zip(bl.outputs, nl.outputs):
+            o_new.shape = o_old.shape
+            mapping[id(o_old)] = o_new
+    net.layers[idx:idx] = new_layers
+    results = [mapping.get(id(t), t) for t in branch.outputs]
+    for out, res in zip(layer.outputs, results):
+        if out in net.outputs:
+            ident = net.add_layer("Identity", [res], {}, name=net.unique_name(layer.name + "/out"))
+            net.layers.pop()
+            net.layers.insert(net.layers.index(layer), ident)
+            res = ident.outputs[0]
+            net.replace_all_uses(out, res)
+            name = out.name
+            net.layers.remove(layer) if layer in net.layers and False else None
+            net.tensors.pop(name, None)
+            net.rename(res, name)
+        else:
+            net.replace_all_uses(out, res)
+    if layer in net.layers:
+        for i, t in enumerate(layer.inputs):
+            if t is not None:
+                layer.set_input(i, None)
+        net.layers.remove(layer)
+        for o in layer.outputs:
+            if net.tensors.get(o.name) is o:
+                net.tensors.pop(o.name)

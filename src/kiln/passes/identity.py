@@ -1,0 +1,60 @@
+"""Identity and no-op removal.
+
+Cases:
+- Identity layer → its input used directly (`x -> x`);
+- Cast to the dtype the input already has → removed;
+- Shuffle whose transposes are identities and whose reshape keeps the (known) shape → removed;
+- Squeeze/Unsqueeze/Flatten whose output shape equals the (static) input shape → removed.
+A layer whose output is a network output is kept when its input is also a network
+input or another output (outputs must stay distinct tensors).
+"""
+from __future__ import annotations
+
+from kiln.ir.network import Layer, Network
+from kiln.passes.base import Pass, PassResult
+
+
+def _is_noop(layer: Layer) -> bool:
+    x = layer.inputs[0] if layer.inputs else None
+    if x is None:
+        return False
+    out = layer.outputs[0]
+    if layer.kind == "Identity":
+        return True
+    if layer.kind == "Cast":
+        return layer.attrs.get("to") == x.dtype
+    static = x.shape is not None and out.shape is not None and all(isinstance(d, int) for d in x.shape) \
+        and tuple(x.shape) == tuple(out.shape)
+    if layer.kind == "Shuffle":
+        p1, p2 = layer.attrs.get("first_transpose"), layer.attrs.get("second_transpose")
+        ident = all(p is None or list(p) == list(range(len(p))) for p in (p1, p2))
+        return ident and static
+    if layer.kind in ("Squeeze", "Unsqueeze", "Flatten"):
+        return static
+    return False
+
+
+class RemoveIdentities(Pass):
+    name = "identity removal"
+
+    def call(self, net: Network) -> PassResult:
+        modified = False
+        for layer in list(net.layers):
+            if len(layer.outputs) != 1 or not _is_noop(layer):
+                continue
+            x, y = layer.inputs[0], layer.outputs[0]
+            if y in net.outputs and (x in net.inputs or x in net.outputs or x.is_constant):
+                continue
+            if y in net.outputs:
+                # keep the output's public name: the producer of x now writes y's name
+                if x.producer is None or len(x.uses) != 1:
+                    continue
+                net.replace_all_uses(y, x)
+                net.remove_layer(layer)
+                net.rename(x, y.name)
+                modified = True
+                continue
+            net.replace_all_uses(y, x)
+            net.remove_layer(layer)
+            modified = True
+        return PassResult(net, modified)

@@ -1,0 +1,226 @@
+"""Engine and ExecutionContext: run a built plan, safely, from many threads."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from kiln.errors import KilnError, PluginError, ShapeError
+from kiln.kernels._util import torch_dtype
+
+
+def _iter_plugin_records(plan: dict) -> list[dict]:
+    out = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            if "__plugin__" in v:
+                out.append(v["__plugin__"])
+            elif "__graph__" in v:
+                for layer in v["__graph__"]["layers"]:
+                    walk(layer.get("attrs", {}))
+            else:
+                for x in v.values():
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    for layer in plan["layers"]:
+        walk(layer.get("attrs", {}))
+    return out
+
+
+class Engine:
+    """A built engine: the plan, its weights, the device it is for. Make contexts to run it."""
+
+    def __init__(self, header: dict[str, Any], weights: dict[str, np.ndarray], path: str | None = None) -> None:
+        self.header = header
+        self.plan = header["plan"]
+        self.path = path
+        self._host_weights = weights
+        self._device_weights: dict[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+        self.header["plugins"] = _iter_plugin_records(self.plan)
+
+    # ---- facts -------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return self.header["device"]["kind"]
+
+    @property
+    def precision(self) -> str:
+        return self.header["precision"]
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return self.plan["inputs"]
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        return self.plan["outputs"]
+
+    @property
+    def layers(self) -> list[dict[str, Any]]:
+        return self.plan["layers"]
+
+    @property
+    def profiles(self) -> list[dict[str, Any]]:
+        return self.header.get("profiles", [])
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.header.get('name')!r}, {self.device}, {self.precision}, {len(self.layers)} layers, "
+                f"inputs={[t['name'] for t in self.inputs]})")
+
+    # ---- persistence --------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        from kiln.engine.format import write_engine
+        header = {k: v for k, v in self.header.items() if k != "weights"}
+        write_engine(str(path), header, self._host_weights)
+
+    def serialize(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return self.header, self._host_weights
+
+    # ---- execution ----------------------------------------------------------------------
+    def _weights_on_device(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if self._device_weights is None:
+                dev = self.device
+                out = {}
+                for key, arr in self._host_weights.items():
+                    t = _np_to_torch(arr)
+                    out[key] = t.to(dev) if dev != "cpu" else t
+                self._device_weights = out
+            return self._device_weights
+
+    def context(self) -> "ExecutionContext":
+        """A new execution context (its own activations); use one per thread."""
+        return ExecutionContext(self)
+
+    def check_plugins(self) -> None:
+        from kiln.plugins import load_builtins, registry
+        load_builtins()
+        for rec in self.header["plugins"]:
+            if registry.find(rec["name"], rec.get("namespace", ""), str(rec.get("version", "1"))) is None:
+                ns = f"{rec.get('namespace')}::" if rec.get("namespace") else ""
+                raise PluginError(
+                    f"This engine needs plugin {ns}{rec['name']} v{rec.get('version', '1')}, which is not registered; "
+                    f"import the module that defines it (or kiln.plugins.load('file.py'), --plugins file.py) "
+                    f"before loading the engine.")
+
+
+def _np_to_torch(arr: np.ndarray) -> torch.Tensor:
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def _torch_to_np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+class ExecutionContext:
+    """Runs the engine: ``ctx.run({"input": array})`` → ``{"output": array}``.
+
+    numpy in → numpy out; torch in → torch out (on the inputs' device); anything
+    with ``__dlpack__`` is taken through DLPack. Input shapes may change between
+    runs within the engine's optimization profiles.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        from kiln.plugins import registry
+        from kiln.runtime.program import Program
+        engine.check_plugins()
+        self.engine = engine
+        self._lock = threading.Lock()
+        weights = engine._weights_on_device()
+        self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
+        self._inputs = {t["name"]: t for t in engine.inputs}
+
+    def _check(self, name: str, t: torch.Tensor) -> None:
+        spec = self._inputs[name]
+        if t.dtype != torch_dtype(spec["dtype"]):
+            raise ShapeError(f"Input {name!r} must be {spec['dtype']}, got {str(t.dtype).replace('torch.', '')}; "
+                             f"convert it first (e.g. x.astype(np.{spec['dtype']})).")
+        dims = spec["shape"]
+        if dims is not None and len(dims) != t.dim():
+            raise ShapeError(f"Input {name!r} must have rank {len(dims)} ({dims}), got shape {tuple(t.shape)}.")
+        if dims is not None:
+            for i, d in enumerate(dims):
+                if isinstance(d, int) and t.shape[i] != d:
+                    raise ShapeError(f"Input {name!r} must have {d} at dim {i} (shape {dims}), got {tuple(t.shape)}.")
+        profiles = [p for p in self.engine.profiles if name in p]
+        if profiles and not any(all(lo <= s <= hi for lo, s, hi in zip(p[name]["min"], t.shape, p[name]["max"]))
+                                for p in profiles):
+            ranges = "; ".join(f"profile {i}: min {tuple(p[name]['min'])} max {tuple(p[name]['max'])}"
+                               for i, p in enumerate(profiles))
+            raise ShapeError(f"Input {name!r} shape {tuple(t.shape)} is outside every optimization profile ({ranges}); "
+                             f"rebuild with a wider range (--min-shapes/--max-shapes).")
+
+    def run(self, feeds: Mapping[str, Any] | Sequence[Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
+        names = [t["name"] for t in self.engine.inputs]
+        if not isinstance(feeds, Mapping):
+            feeds = dict(zip(names, feeds))
+        unknown = [k for k in feeds if k not in self._inputs]
+        if unknown:
+            raise KilnError(f"{unknown[0]!r} is not an input of this engine; its inputs are {names}.")
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise KilnError(f"Input {missing[0]!r} is missing; this engine needs {names}.")
+        as_numpy = True
+        device = torch.device(self.engine.device if self.engine.device != "cuda" else "cuda")
+        out_device = None
+        tensors = []
+        for n in names:
+            v = feeds[n]
+            if isinstance(v, torch.Tensor):
+                as_numpy = False
+                out_device = out_device or v.device
+                t = v
+            elif isinstance(v, np.ndarray) or np.isscalar(v) or isinstance(v, (list, tuple)):
+                arr = np.asarray(v)
+                if arr.dtype == object or arr.dtype.kind in "US":
+                    raise ShapeError(f"Input {n!r} holds strings; Kiln engines take numeric tensors only.")
+                t = _np_to_torch(np.ascontiguousarray(arr))
+            elif hasattr(v, "__dlpack__"):
+                as_numpy = False
+                t = torch.from_dlpack(v)
+                out_device = out_device or t.device
+            else:
+                raise KilnError(f"Input {n!r} is a {type(v).__name__}; pass a numpy array, a torch tensor or a "
+                                f"DLPack-capable array.")
+            self._check(n, t)
+            if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"):
+                t = t.to(device, non_blocking=False)
+            tensors.append(t)
+        with self._lock:
+            prec = self.engine.precision
+            if self.engine.device == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+                torch.backends.cudnn.allow_tf32 = prec == "tf32"
+            with torch.inference_mode():
+                results = self.program.run_env({}, tensors)
+        out_names = [t["name"] for t in self.engine.outputs]
+        want = list(outputs) if outputs is not None else out_names
+        res = {}
+        for n, v in zip(out_names, results):
+            if n not in want:
+                continue
+            if as_numpy:
+                res[n] = _torch_to_np(v)
+            else:
+                res[n] = v.to(out_device) if out_device is not None and v.device != out_device else v
+        return res
+
+    __call__ = run
+
+

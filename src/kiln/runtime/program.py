@@ -1,0 +1,152 @@
+"""A compiled plan: a flat list of steps over named values, run with no graph logic.
+
+``Program`` is what the runtime executes. It is built from the plan an engine
+stores (layers with their chosen tactic) by calling each tactic's maker once.
+Values that die after a step are dropped at once, so peak memory follows
+liveness even without an arena.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.errors import EngineFormatError, ShapeError
+from kiln.ir.dtypes import np_dtype
+from kiln.ir.layers import LAYER_KINDS
+from kiln.kernels import KernelContext, get_tactic
+from kiln.kernels._util import torch_dtype
+
+
+class Step:
+    __slots__ = ("name", "kind", "fn", "ins", "outs", "targets", "frees", "dynamic", "tactic", "precision", "fixed")
+
+    def __init__(self, name, kind, fn, ins, outs, targets, dynamic, tactic, precision):
+        self.name, self.kind, self.fn, self.ins, self.outs = name, kind, fn, ins, outs
+        self.targets = targets          # per input: required device type ("cpu"/"cuda") or None
+        self.frees: list[str] = []
+        self.dynamic = dynamic
+        self.tactic = tactic
+        self.precision = precision
+        self.fixed: dict[int, torch.Tensor] = {}    # constant inputs, already on the device they are read on
+
+
+def decode_attr(value: Any, weights: dict[str, torch.Tensor], device: str, plugin_factory) -> Any:
+    """Turn a plan attr back into what makers take (subplans → Programs, plugin records → plugins)."""
+    if isinstance(value, dict):
+        if "__graph__" in value:
+            return Program(value["__graph__"], weights, device, plugin_factory)
+        if "__array__" in value:
+            a = value["__array__"]
+            return np.asarray(a["data"]).astype(np_dtype(a["dtype"]) if a["dtype"] != "object" else object) \
+                .reshape(a["shape"])
+        if "__plugin__" in value:
+            plugin = plugin_factory(value["__plugin__"])
+            return plugin
+        return {k: decode_attr(v, weights, device, plugin_factory) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_attr(v, weights, device, plugin_factory) for v in value]
+    return value
+
+
+class Program:
+    """Executable form of a plan (the top-level network or a subgraph body)."""
+
+    def __init__(self, plan: dict, weights: dict[str, torch.Tensor], device: str, plugin_factory=None) -> None:
+        self.device = device
+        self.inputs: list[str] = [t["name"] for t in plan["inputs"]]
+        self.outputs: list[str] = [t["name"] for t in plan["outputs"]]
+        self._out_dtypes = [t["dtype"] for t in plan["outputs"]]
+        tensors = plan.get("tensors", {})
+        self.constants: dict[str, torch.Tensor] = {}
+        for name, key in plan.get("weights", {}).items():
+            if key not in weights:
+                raise EngineFormatError(f"The engine's plan names weight {key!r} that the file does not hold; "
+                                        f"the file is damaged. Rebuild it with kiln build.")
+            self.constants[name] = weights[key]
+        moved: dict[tuple[str, str], torch.Tensor] = {}
+        self.steps: list[Step] = []
+        for layer in plan["layers"]:
+            kind = layer["kind"]
+            if kind not in LAYER_KINDS:
+                raise EngineFormatError(f"The engine's layer {layer['name']!r} has unknown kind {kind!r}; "
+                                        f"the file is damaged or needs a newer Kiln.")
+            tac = get_tactic(kind, layer.get("tactic") or "torch")
+            attrs = {k: decode_attr(v, weights, device, plugin_factory) for k, v in layer.get("attrs", {}).items()}
+            out_dtypes = tuple(tensors.get(n, {}).get("dtype", "float32") for n in layer["outputs"])
+            in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
+            run_on = "cpu" if layer.get("host") or device == "cpu" else device
+            ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
+                                input_dtypes=in_dtypes, output_dtypes=out_dtypes)
+            fn = tac.make(attrs, ctx)
+            host_pos = set(LAYER_KINDS[kind].host_inputs)
+            targets = []
+            for i, n in enumerate(layer["inputs"]):
+                if n is None or device == "cpu":
+                    targets.append(None)
+                elif layer.get("host") or i in host_pos:
+                    targets.append("cpu")
+                elif kind in ("If", "Loop", "Scan"):
+                    targets.append(None)
+                else:
+                    targets.append(device)
+            step = Step(layer["name"], kind, fn, list(layer["inputs"]), list(layer["outputs"]), targets,
+                        tac.dynamic, tac.name, layer.get("precision"))
+            for i, n in enumerate(step.ins):
+                if n in self.constants:
+                    want = targets[i] or ("cpu" if run_on == "cpu" else device)
+                    if (n, want) not in moved:
+                        moved[(n, want)] = self.constants[n].to(want)
+                    step.fixed[i] = moved[(n, want)]
+            self.steps.append(step)
+        self._plan_liveness()
+
+    def _plan_liveness(self) -> None:
+        keep = set(self.outputs)
+        last: dict[str, int] = {}
+        for i, step in enumerate(self.steps):
+            for n in step.ins:
+                if n is not None:
+                    last[n] = i
+        for n, i in last.items():
+            if n not in keep:
+                self.steps[i].frees.append(n)
+
+    def output_dtype(self, index: int) -> torch.dtype:
+        return torch_dtype(self._out_dtypes[index])
+
+    def run_env(self, env: dict[str, torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        values = dict(env)
+        for name, value in zip(self.inputs, inputs):
+            values[name] = value
+        for n in self.outputs:
+            if n in self.constants and n not in values:
+                values[n] = self.constants[n]
+        for step in self.steps:
+            args = []
+            fixed = step.fixed
+            for i, (n, target) in enumerate(zip(step.ins, step.targets)):
+                if n is None:
+                    args.append(None)
+                    continue
+                if i in fixed:
+                    args.append(fixed[i])
+                    continue
+                v = values[n]
+                if target is not None and v.device.type != target:
+                    v = v.to(target)
+                args.append(v)
+            try:
+                outs = step.fn(*args)
+            except (ShapeError, RuntimeError, IndexError, ValueError) as exc:
+                if isinstance(exc, ShapeError):
+                    raise
+                raise ShapeError(f"Layer {step.name!r} ({step.kind}) failed on inputs "
+                                 f"{[tuple(a.shape) if a is not None else None for a in args]}: "
+                                 f"{str(exc).splitlines()[0]}") from exc
+            for n, v in zip(step.outs, outs):
+                values[n] = v
+            for n in step.frees:
+                values.pop(n, None)
+        return [values[n] for n in self.outputs]
