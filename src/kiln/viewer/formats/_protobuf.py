@@ -203,15 +203,17 @@ def wire_types(kind: str, registry: dict[str, Schema]) -> set[int]:
     return {0, 1, 2, 5}
 
 
-def conforms(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema], depth: int = 2) -> bool:
-    """Whether ``buf`` (possibly cut short, as a file's head is) reads as ``type_name``.
+def conforming_fields(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema],
+                      depth: int = 2) -> set[int] | None:
+    """The top-level field numbers of ``buf`` if it reads as ``type_name``, else None.
 
-    Used for sniffing: every field must be known with a legal wire type, and
-    nested messages must conform too, down to ``depth`` levels.
+    ``buf`` may be cut short (a file's head).  Used for sniffing: every field
+    must be known with a legal wire type, and nested messages must conform too,
+    down to ``depth`` levels.
     """
     mv = buf if isinstance(buf, memoryview) else memoryview(buf)
     schema = registry[type_name]
-    seen = 0
+    seen: set[int] = set()
     pos, end = 0, len(mv)
     try:
         while pos < end:
@@ -219,7 +221,7 @@ def conforms(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema
             field, wt = tag >> 3, tag & 7
             spec = schema.get(field)
             if spec is None or wt not in wire_types(spec[1], registry):
-                return False
+                return None
             kind = spec[1]
             if wt == 0:
                 _, pos = _varint(mv, pos, end)
@@ -233,14 +235,21 @@ def conforms(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema
                     try:
                         bytes(chunk).decode("utf-8")
                     except UnicodeDecodeError:
-                        return False
-                if depth > 0 and kind in registry and len(chunk) and not conforms(chunk, kind, registry, depth - 1):
-                    return False
+                        return None
+                if depth > 0 and len(chunk) and (kind in registry or kind.startswith("map:")):
+                    sub = kind if kind in registry else None
+                    if sub and conforming_fields(chunk, sub, registry, depth - 1) is None:
+                        return None
                 pos += n
-            seen += 1
+            seen.add(field)
     except ProtoError:
         pass   # a cut-off head ends mid-field; what came before still counts
-    return seen > 0
+    return seen or None
+
+
+def conforms(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema], depth: int = 2) -> bool:
+    """Whether ``buf`` (possibly cut short) reads as ``type_name``; see conforming_fields."""
+    return conforming_fields(buf, type_name, registry, depth) is not None
 
 
 def fail(fmt: str, path_name: str, err: Exception) -> ViewerError:

@@ -1,0 +1,143 @@
+"""TensorFlow GraphDef / MetaGraphDef / SavedModel files written by field number from TF's .proto files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.viewer.formats import detect, open_model
+
+from ._pbwrite import f, msg
+from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
+
+
+def shape(*dims):
+    return msg(*[f(2, msg(f(1, d))) for d in dims])
+
+
+def attr(key, value):
+    return f(5, msg(f(1, key), f(2, value)))
+
+
+def tensor(dtype, dims, content=None, floats=None, ints=None):
+    body = [f(1, dtype), f(2, shape(*dims))]
+    if content is not None:
+        body.append(f(4, content))
+    if floats is not None:
+        body.append(f(5, floats, "packed_f"))
+    if ints is not None:
+        body.append(f(7, ints, "packed_i"))
+    return msg(*body)
+
+
+def nodedef(name, op, inputs=(), *attrs):
+    return msg(f(1, name), f(2, op), *[f(3, i) for i in inputs], *attrs)
+
+
+def graph_def(with_library=False):
+    filt = np.arange(54, dtype=np.float32).reshape(3, 3, 3, 2)
+    nodes = [
+        nodedef("x", "Placeholder", (), attr("dtype", f(6, 1)), attr("shape", f(7, shape(-1, 4, 4, 3)))),
+        nodedef("block/conv/filter", "Const", (), attr("dtype", f(6, 1)),
+                attr("value", f(8, tensor(1, [3, 3, 3, 2], content=filt.tobytes())))),
+        nodedef("block/conv/Conv2D", "Conv2D", ("x", "block/conv/filter"), attr("T", f(6, 1)),
+                attr("strides", f(1, f(3, [1, 2, 2, 1], "packed_i"))), attr("padding", f(2, "SAME"))),
+        nodedef("block/conv/bias", "Const", (), attr("value", f(8, tensor(1, [2], floats=[0.5])))),
+        nodedef("block/conv/BiasAdd", "BiasAdd", ("block/conv/Conv2D", "block/conv/bias:0"), attr("T", f(6, 1))),
+        nodedef("block/relu", "Relu", ("block/conv/BiasAdd",)),
+        nodedef("split/dim", "Const", (), attr("value", f(8, tensor(3, [], ints=[3])))),
+        nodedef("split", "Split", ("split/dim", "block/relu"), attr("num_split", f(3, 2))),
+        nodedef("out", "AddV2", ("split", "split:1", "^block/relu")),
+    ]
+    body = [f(1, n) for n in nodes]
+    if with_library:
+        sig = msg(f(1, "my_fn"), f(2, msg(f(1, "a"), f(3, 1))), f(3, msg(f(1, "y"))))
+        fn = msg(f(1, sig), f(3, nodedef("r", "Relu", ("a",))), f(4, msg(f(1, "y"), f(2, "r:activations:0"))))
+        body.append(f(2, msg(f(1, fn))))
+    body.append(f(4, msg(f(1, 1087))))
+    return msg(*body)
+
+
+def meta_graph(with_library=False):
+    info = msg(f(4, "serve"), f(5, "2.15.0"))
+    tinfo = msg(f(1, "x:0"), f(2, 1), f(3, shape(-1, 4, 4, 3)))
+    sig = msg(f(1, msg(f(1, "x"), f(2, tinfo))), f(2, msg(f(1, "y"), f(2, msg(f(1, "out:0"))))),
+              f(3, "tensorflow/serving/predict"))
+    return msg(f(1, info), f(2, graph_def(with_library)), f(5, msg(f(1, "serving_default"), f(2, sig))))
+
+
+def _check_main(g):
+    assert [n.op_type for n in g.nodes] == ["Conv2D", "BiasAdd", "Relu", "Split", "AddV2"]
+    assert edges(g) == {("block/conv/Conv2D", "block/conv/BiasAdd"), ("block/conv/BiasAdd", "block/relu"),
+                        ("block/relu", "split"), ("split", "out"), ("block/relu", "out")}
+    conv = node(g, "block/conv/Conv2D")
+    assert conv.group == ("block", "conv") and conv.category == "conv"
+    assert conv.attributes["strides"] == [1, 2, 2, 1] and conv.attributes["padding"] == "SAME"
+    w = input_weight(g, conv, "filter")
+    assert w.shape == [3, 3, 3, 2] and w.dtype == "float32" and w.load()[2, 2, 2, 1] == 53
+    assert input_weight(g, node(g, "block/conv/BiasAdd"), "bias").load().tolist() == [0.5, 0.5]
+    assert [a.values for a in node(g, "split").outputs] == [["split"], ["split:1"]]
+    assert g.inputs[0].name == "x" and g.inputs[0].shape == [None, 4, 4, 3] and g.inputs[0].dtype == "float32"
+    assert node(g, "split/dim") if False else "split/dim" in g.weights
+
+
+@pytest.fixture
+def frozen(tmp_path):
+    p = tmp_path / "frozen.pb"
+    p.write_bytes(graph_def())
+    return p
+
+
+def test_frozen_graph(frozen):
+    model = open_model(frozen)
+    assert model.format == "TensorFlow" and model.properties["content"] == "GraphDef"
+    _check_main(model.graph)
+
+
+def test_meta_graph(tmp_path):
+    p = tmp_path / "model.ckpt.meta"
+    p.write_bytes(meta_graph())
+    model = open_model(p)
+    assert model.properties["content"] == "MetaGraphDef" and model.properties["tags"] == ["serve"]
+    assert model.version == "2.15.0"
+    _check_main(model.graph)
+
+
+def test_saved_model_dir(tmp_path):
+    d = tmp_path / "export"
+    (d / "variables").mkdir(parents=True)
+    (d / "saved_model.pb").write_bytes(msg(f(1, 1), f(2, meta_graph(with_library=True))))
+    assert detect(d).name == "TensorFlow"
+    model = open_model(d)
+    assert model.properties["content"] == "SavedModel"
+    assert model.properties["signatures"]["serving_default"]["inputs"] == ["x"]
+    _check_main(model.graph)
+    fn = model.graphs[1]
+    assert fn.name == "my_fn" and [n.op_type for n in fn.nodes] == ["Relu"]
+    assert [t.name for t in fn.inputs] == ["a"] and [t.name for t in fn.outputs] == ["r:activations:0"]
+
+
+def test_text_graph(tmp_path):
+    p = tmp_path / "graph.pbtxt"
+    p.write_text('''
+node { name: "x" op: "Placeholder" attr { key: "dtype" value { type: DT_FLOAT } }
+       attr { key: "shape" value { shape { dim { size: -1 } dim { size: 3 } } } } }
+node { name: "w" op: "Const" attr { key: "value" value { tensor { dtype: DT_FLOAT
+       tensor_shape { dim { size: 3 } dim { size: 2 } } float_val: 1.5 } } } }
+node { name: "mm" op: "MatMul" input: "x" input: "w" attr { key: "transpose_a" value { b: false } } }
+''')
+    g = open_model(p).graph
+    assert [n.op_type for n in g.nodes] == ["MatMul"]
+    mm = node(g, "mm")
+    assert mm.attributes["transpose_a"] is False and mm.category == "matmul"
+    assert input_weight(g, mm, "b").load().tolist() == [[1.5, 1.5]] * 3
+    assert g.inputs[0].shape == [None, 3] and g.inputs[0].dtype == "float32"
+
+
+def test_detect_damage_export(frozen, tmp_path):
+    check_detect(frozen, tmp_path, "TensorFlow", ".tflite")
+    meta = tmp_path / "m.meta"
+    meta.write_bytes(meta_graph())
+    check_detect(meta, tmp_path, "TensorFlow", ".h5")
+    check_damaged(frozen, tmp_path, magic_len=2)
+    check_damaged(meta, tmp_path, magic_len=2)
+    check_export(open_model(frozen), tmp_path)
