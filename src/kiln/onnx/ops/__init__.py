@@ -1,0 +1,1 @@
+"""One module per ONNX op family; each function converts one op at one version range."""
