@@ -54,12 +54,13 @@ def bounded_open(path: Path) -> ViewModel | ViewerError:
 
 
 def check_damaged(good: Path, tmp_path: Path, magic_len: int, *, strict_random: bool = True,
-                  cuts: tuple[float, ...] = (0.5, 0.9), seeds: int = 3) -> None:
+                  cuts: tuple[float | int, ...] = (0.5, 0.9), seeds: int = 3) -> None:
     """Truncated copies and random bytes after the magic: a ViewerError, never a crash or hang."""
     data = good.read_bytes()
-    for frac in cuts:
-        bad = tmp_path / f"trunc{int(frac * 100)}_{good.name}"
-        bad.write_bytes(data[: int(len(data) * frac)])
+    for cut in cuts:   # a fraction of the file, or (int) a byte count to drop from the end
+        keep = len(data) - cut if isinstance(cut, int) else int(len(data) * cut)
+        bad = tmp_path / f"trunc{keep}_{good.name}"
+        bad.write_bytes(data[:keep])
         result = bounded_open(bad)
         assert isinstance(result, ViewerError), f"truncated {bad.name} opened without an error"
         assert "\n" not in str(result)

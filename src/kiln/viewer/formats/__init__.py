@@ -26,15 +26,16 @@ class Format:
 # One line per format. Order matters only among readers that sniff the same bytes.
 FORMATS: list[Format] = [
     Format("kiln_engine", "Kiln engine", (".kiln",)),
+    # Core ML and SavedModel heads can also pass ONNX's ModelProto sniff, so they are tried first.
+    Format("coreml", "Core ML", (".mlmodel",)),
+    Format("tf", "TensorFlow", (".pb", ".pbtxt", ".meta", "saved_model.pb", "saved_model.pbtxt")),
     Format("onnx", "ONNX", (".onnx", ".pb", ".onnxtxt")),
     Format("keras", "Keras", (".h5", ".hdf5", ".keras")),
-    Format("coreml", "Core ML", (".mlmodel",)),
     Format("tflite", "TensorFlow Lite", (".tflite", ".lite")),
     Format("caffe", "Caffe", (".caffemodel", ".prototxt", ".pbtxt")),
     Format("caffe2", "Caffe2", (".pb", "predict_net.pb", "init_net.pb", "predict_net.pbtxt")),
     Format("mxnet", "MXNet", (".json", ".params", ".mar")),
     Format("tfjs", "TensorFlow.js", (".json", "model.json")),
-    Format("tf", "TensorFlow", (".pb", ".pbtxt", ".meta", "saved_model.pb", "saved_model.pbtxt")),
     Format("pt2", "PyTorch export", (".pt2",)),
     Format("safetensors", "safetensors", (".safetensors",)),
     Format("gguf", "GGUF", (".gguf",)),

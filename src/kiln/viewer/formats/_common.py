@@ -253,3 +253,28 @@ NUMPY_DTYPES = {
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen bfloat16 stored as uint16 to float32 (exact), so numpy can show it."""
     return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+class BlobVersions:
+    """Names for blobs that layers overwrite in place (Caffe ReLU, Caffe2 in-place ops).
+
+    Writing a blob that already exists makes a new version ``name:1``, ``name:2``…
+    so an in-place layer sits *between* its producer and later consumers
+    instead of beside them.
+    """
+
+    def __init__(self) -> None:
+        self.current: dict[str, str] = {}
+        self.count: dict[str, int] = {}
+
+    def read(self, name: str) -> str:
+        return self.current.get(name, name)
+
+    def write(self, name: str) -> str:
+        if name not in self.current:
+            self.current[name] = name
+            self.count[name] = 0
+            return name
+        self.count[name] += 1
+        self.current[name] = f"{name}:{self.count[name]}"
+        return self.current[name]

@@ -184,8 +184,8 @@ def raw_array(chunks: list, kind: str, dtype: str) -> np.ndarray:
     if kind in ("float", "double", "fixed32", "fixed64", "sfixed32", "sfixed64"):
         return np.frombuffer(b"".join(bytes(c) for c in chunks) if len(chunks) > 1 else chunks[0], dtype=dtype).copy()
     vals: list[int] = []
-    for c in chunks:
-        vals.extend(_scalar("int", 2, c))
+    for c in chunks:   # a packed chunk, or one unpacked varint
+        vals.extend([_signed(c)] if isinstance(c, int) else _scalar("int", 2, c))
     return np.asarray(vals, dtype=dtype)
 
 
