@@ -4,27 +4,39 @@
     engine = kiln.build(network, kiln.BuildConfig(precision="fp16", device="cuda"))
     engine.save("model.kiln")
     outputs = kiln.load("model.kiln").context().run({"input": batch})
+
+Names are imported on first use, so ``import kiln`` (and ``kiln --help``) stays
+instant; torch loads only when something needs it.
 """
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from kiln import errors
-from kiln.builder import BuildConfig, Profile, build
-from kiln.engine import load
-from kiln.errors import KilnError
-from kiln.ir import Layer, Network, Tensor
-from kiln.plugins import Plugin, TensorDesc, field, register
+_LAZY = {
+    "BuildConfig": ("kiln.builder", "BuildConfig"), "Profile": ("kiln.builder", "Profile"),
+    "build": ("kiln.builder", "build"), "load": ("kiln.engine", "load"),
+    "Engine": ("kiln.runtime", "Engine"), "ExecutionContext": ("kiln.runtime", "ExecutionContext"),
+    "Network": ("kiln.ir", "Network"), "Layer": ("kiln.ir", "Layer"), "Tensor": ("kiln.ir", "Tensor"),
+    "Plugin": ("kiln.plugins", "Plugin"), "TensorDesc": ("kiln.plugins", "TensorDesc"),
+    "field": ("kiln.plugins", "field"), "register": ("kiln.plugins", "register"),
+    "KilnError": ("kiln.errors", "KilnError"), "errors": ("kiln.errors", None),
+    "onnx": ("kiln.onnx", None), "view": ("kiln.viewer", "view"),
+}
 
-__all__ = ["BuildConfig", "KilnError", "Layer", "Network", "Plugin", "Profile", "Tensor", "TensorDesc", "build",
-           "errors", "field", "load", "onnx", "register", "view", "__version__"]
+__all__ = sorted(_LAZY) + ["__version__"]
 
 
 def __getattr__(name: str):
-    if name == "onnx":
-        import importlib
-        return importlib.import_module("kiln.onnx")
-    if name == "view":
-        from kiln.viewer import view
-        return view
-    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+    spec = _LAZY.get(name)
+    if spec is None:
+        raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+    module = importlib.import_module(spec[0])
+    value = module if spec[1] is None else getattr(module, spec[1])
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Everything the test suite needs beyond `pip install -e .`: Python test packages,
+# Triton (its interpreter runs the GPU kernels on the CPU), and Debian's Chromium
+# for the viewer's real-browser tests (Playwright drives it; no browser download).
+set -euo pipefail
+BIN="${1:-.venv/bin}"
+"$BIN/pip" install -q -e '.[test]' triton==3.6.0 pytest playwright h5py flatbuffers safetensors
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+  else
+    echo "warning: chromium not found and apt-get unavailable; browser tests will be skipped" >&2
+  fi
+fi

@@ -1,0 +1,422 @@
+"""The `kiln` command: thin wrappers over the Python API.
+
+Heavy modules are imported inside each command, so `kiln --help` is instant and
+a missing optional dependency breaks only the command that needs it. A user
+error (any KilnError) prints one line and exits 2; anything else is a bug and
+shows its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from kiln.errors import KilnError
+
+
+# ---- small helpers ------------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on stderr (plain lines when not a terminal)."""
+
+    STAGES = ("parse", "passes", "tactics", "serialize")
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last = None
+
+    def __call__(self, stage: str, frac: float = 0.0) -> None:
+        if not self.enabled:
+            return
+        i = self.STAGES.index(stage) if stage in self.STAGES else 0
+        done = (i + min(max(frac, 0.0), 1.0)) / len(self.STAGES)
+        width = 24
+        bar = "#" * int(done * width) + "-" * (width - int(done * width))
+        line = f"[{bar}] {stage:<9} {time.perf_counter() - self.t0:6.1f}s"
+        if self.tty:
+            sys.stderr.write("\r" + line)
+            sys.stderr.flush()
+        elif stage != self.last:
+            sys.stderr.write(line + "\n")
+        self.last = stage
+
+    def done(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def parse_shapes(spec: str | None, flag: str) -> dict[str, tuple[int, ...]]:
+    """'input:1x3x224x224,mask:1x128' → {'input': (1, 3, 224, 224), 'mask': (1, 128)}."""
+    out: dict[str, tuple[int, ...]] = {}
+    if not spec:
+        return out
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, dims = part.rpartition(":")
+        if not sep or not name:
+            raise KilnError(f"{flag} takes name:DIMS, like input:1x3x224x224; got {part!r}.")
+        try:
+            out[name] = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+        except ValueError:
+            raise KilnError(f"{flag} dims must be integers joined by 'x' (1x3x224x224); got {dims!r} for {name!r}.") \
+                from None
+    return out
+
+
+def profiles_from_args(args) -> dict[str, Any] | None:
+    static = parse_shapes(args.shapes, "--shapes")
+    mins, opts, maxs = (parse_shapes(getattr(args, k), f"--{k.replace('_', '-')}")
+                        for k in ("min_shapes", "opt_shapes", "max_shapes"))
+    names = set(static) | set(mins) | set(opts) | set(maxs)
+    if not names:
+        return None
+    prof: dict[str, Any] = {}
+    for n in names:
+        if n in static:
+            prof[n] = static[n]
+            continue
+        if n not in mins or n not in maxs:
+            raise KilnError(f"Input {n!r} needs both --min-shapes and --max-shapes (and optionally --opt-shapes), "
+                            f"or one --shapes.")
+        prof[n] = (mins[n], opts.get(n, maxs[n]), maxs[n])
+    return prof
+
+
+def _load_plugins(paths: Sequence[str] | None) -> None:
+    if paths:
+        from kiln.plugins import load
+        for p in paths:
+            load(p)
+
+
+def _summary(name: str, arr) -> str:
+    import numpy as np
+    a = np.asarray(arr)
+    head = f"{name}: {a.dtype} {list(a.shape)}"
+    if a.size == 0:
+        return head + " (empty)"
+    if a.dtype.kind in "fc" or a.dtype.name == "bfloat16":
+        f = a.astype(np.float64)
+        fin = f[np.isfinite(f)]
+        stats = (f" min {fin.min():.6g} max {fin.max():.6g} mean {fin.mean():.6g} std {fin.std():.6g}"
+                 if fin.size else "")
+        bad = int(f.size - fin.size)
+        return head + stats + (f" non-finite {bad}" if bad else "")
+    if a.dtype.kind in "iub":
+        return head + f" min {a.min()} max {a.max()}"
+    return head
+
+
+# ---- commands ---------------------------------------------------------------------------
+def cmd_build(args) -> int:
+    import kiln
+    _load_plugins(args.plugins)
+    progress = Progress(not args.quiet)
+    progress("parse", 0.0)
+    network = kiln.onnx.parse(args.model)
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "tf32" if args.tf32 else "fp32"
+    config = kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles_from_args(args),
+                              workspace=int(args.workspace * (1 << 20)) if args.workspace else None,
+                              optimization_level=args.opt_level, timing_cache=args.timing_cache)
+    engine = kiln.build(network, config, progress=progress)
+    progress("serialize", 0.0)
+    engine.header.setdefault("build", {})["command"] = "kiln " + " ".join(
+        _quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["build"] else None
+    engine.save(args.output)
+    progress("serialize", 1.0)
+    progress.done()
+    size = os.path.getsize(args.output)
+    print(f"Built {args.output} ({size / 1e6:.1f} MB): {len(engine.layers)} layers, {precision}, "
+          f"{engine.header['device']['name']} ({engine.device}), {time.perf_counter() - progress.t0:.1f} s")
+    return 0
+
+
+def _quote(s: str) -> str:
+    import shlex
+    return shlex.quote(s)
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    import kiln
+    _load_plugins(args.plugins)
+    engine = kiln.load(args.engine)
+    feeds = {}
+    for item in args.input or []:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise KilnError(f"--input takes name=file.npy; got {item!r}.")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise KilnError(f"Cannot read {path!r} for input {name!r}: {exc}; save it with numpy.save.") from None
+    shapes = parse_shapes(args.shapes, "--shapes")
+    rng = np.random.default_rng(args.seed)
+    for spec in engine.inputs:
+        if spec["name"] in feeds:
+            continue
+        shape = shapes.get(spec["name"]) or _default_shape(engine, spec)
+        feeds[spec["name"]] = _random(rng, spec["dtype"], shape)
+        print(f"random input {_summary(spec['name'], feeds[spec['name']])}")
+    ctx = engine.context()
+    t0 = time.perf_counter()
+    outputs = ctx.run(feeds)
+    ms = (time.perf_counter() - t0) * 1e3
+    for name, value in outputs.items():
+        print(_summary(name, value))
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for name, value in outputs.items():
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+            np.save(os.path.join(args.output_dir, f"{safe}.npy"), np.asarray(value))
+        print(f"wrote {len(outputs)} outputs to {args.output_dir}")
+    print(f"first run {ms:.2f} ms on {engine.header['device']['name']}")
+    return 0
+
+
+def _default_shape(engine, spec) -> tuple[int, ...]:
+    for p in engine.profiles:
+        if spec["name"] in p:
+            return tuple(p[spec["name"]]["opt"])
+    dims = spec["shape"] or []
+    if any(not isinstance(d, int) for d in dims):
+        raise KilnError(f"Input {spec['name']!r} has dynamic shape {dims}; give --shapes {spec['name']}:DIMS.")
+    return tuple(dims)
+
+
+def _random(rng, dtype: str, shape):
+    import numpy as np
+    from kiln.ir.dtypes import np_dtype
+    if dtype == "bool":
+        return rng.random(shape) > 0.5
+    if dtype.startswith(("int", "uint")):
+        return rng.integers(0, 16, size=shape).astype(np_dtype(dtype))
+    return rng.standard_normal(shape).astype(np_dtype(dtype))
+
+
+def cmd_inspect(args) -> int:
+    from kiln.engine import read_header
+    header = read_header(args.engine)
+    if args.json:
+        slim = {k: v for k, v in header.items() if k != "plan"}
+        print(json.dumps(slim, indent=1, default=str))
+        return 0
+    dev = header["device"]
+    print(f"Engine {args.engine}: {header.get('name')}  precision {header.get('precision')}  "
+          f"format v{header['format_version']}  kiln {dev.get('kiln')}")
+    cc = f" (compute capability {dev['compute_capability']})" if dev.get("compute_capability") else ""
+    print(f"Device: {dev['kind']} {dev['name']}{cc}, {dev['arch']}, torch {dev.get('torch')}, "
+          f"CUDA {dev.get('cuda') or '-'}, cuDNN {dev.get('cudnn') or '-'}")
+    mem = header.get("memory")
+    if mem:
+        print(f"Memory: weights {mem.get('weights_bytes', 0) / 1e6:.1f} MB, peak activations "
+              f"{mem.get('peak_activation_bytes', 0) / 1e6:.1f} MB at the largest profile shape")
+    for i, p in enumerate(header.get("profiles", [])):
+        for n, r in p.items():
+            print(f"Profile {i}: {n} min {r['min']} opt {r['opt']} max {r['max']}")
+    tensors = header.get("tensors", {})
+
+    def desc(names):
+        out = []
+        for n in names:
+            if n is None:
+                continue
+            t = tensors.get(n, {})
+            shape = "x".join("?" if d is None else str(d) for d in (t.get("shape") or []))
+            out.append(f"{n}:{t.get('dtype', '?')}[{shape}]")
+        return ", ".join(out)
+    print("Inputs:  " + ", ".join(f"{t['name']}:{t['dtype']}{t['shape']}" for t in header["inputs"]))
+    print("Outputs: " + ", ".join(f"{t['name']}:{t['dtype']}{t['shape']}" for t in header["outputs"]))
+    print(f"Layers ({len(header['layers'])}):")
+    for i, layer in enumerate(header["layers"]):
+        origin = ", ".join(layer.get("origin") or []) or "-"
+        print(f"  {i:4d} {layer['name']}  [{layer['kind']}]  {layer.get('precision') or '-'}  "
+              f"tactic {layer.get('tactic') or '-'}{'  (host)' if layer.get('host') else ''}")
+        print(f"       in:  {desc(layer['inputs'])}")
+        print(f"       out: {desc(layer['outputs'])}")
+        print(f"       from: {origin}")
+    if header.get("plugins"):
+        print("Plugins: " + ", ".join(f"{p.get('namespace') + '::' if p.get('namespace') else ''}{p['name']} "
+                                       f"v{p['version']}" for p in header["plugins"]))
+    return 0
+
+
+def cmd_check(args) -> int:
+    import kiln
+    _load_plugins(args.plugins)
+    problems = kiln.onnx.check(args.model)
+    if args.json:
+        print(json.dumps(problems, indent=1))
+        return 1 if problems else 0
+    if not problems:
+        print(f"{args.model}: every node is supported.")
+        return 0
+    print(f"{args.model}: {len(problems)} unsupported node(s):")
+    for p in problems:
+        print(f"  {p['name']}  op {p['op_type']}  domain {p.get('domain') or 'ai.onnx'}  opset {p['opset']}"
+              + (f"  ({p['reason']})" if p.get("reason") else ""))
+    print("Supply a plugin for each (kiln.Plugin subclass, registered) and pass --plugins file.py.")
+    return 1
+
+
+def cmd_plugins(args) -> int:
+    from kiln.plugins import describe_fields, load_builtins, registry
+    load_builtins()
+    _load_plugins(args.plugins)
+    items = registry.list()
+    if args.json:
+        print(json.dumps([{"name": c.name, "namespace": c.namespace, "version": c.version, "source": src,
+                           "fields": describe_fields(c), "tactics": c.tactics} for c, src in items], indent=1))
+        return 0
+    if not items:
+        print("No plugins registered.")
+        return 0
+    for cls, src in items:
+        ns = f"{cls.namespace}::" if cls.namespace else ""
+        print(f"{ns}{cls.name} v{cls.version}   from {src}")
+        tac = ", ".join(f"{d}: {'/'.join(t)}" for d, t in cls.tactics.items())
+        print(f"    tactics: {tac}")
+        for f in describe_fields(cls):
+            default = "required" if f["required"] else f"default {f['default']!r}"
+            choices = f" one of {f['choices']}" if f["choices"] else ""
+            print(f"    {f['name']}: {f['type']} ({default}){choices}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kiln.demo import run_demo
+    return run_demo(device=args.device, precision="fp16" if args.fp16 else "fp32", out_dir=args.output_dir)
+
+
+def cmd_compare(args) -> int:
+    from kiln.compare import compare
+    _load_plugins(args.plugins)
+    return compare(args.model, engine_path=args.engine, device=args.device, shapes=parse_shapes(args.shapes, "--shapes"),
+                   rtol=args.rtol, atol=args.atol, fp16=args.fp16)
+
+
+# ---- parser -----------------------------------------------------------------------------
+def _shape_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="static input shapes, e.g. input:1x3x224x224")
+    p.add_argument("--min-shapes", metavar="NAME:DIMS[,..]", help="smallest shapes of the optimization profile")
+    p.add_argument("--opt-shapes", metavar="NAME:DIMS[,..]", help="shapes to optimize for (default: max)")
+    p.add_argument("--max-shapes", metavar="NAME:DIMS[,..]", help="largest shapes of the optimization profile")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln", description="Build fast, device-specific inference engines from ONNX models, run them, "
+                                 "benchmark them and look inside them.")
+    from kiln import __version__
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("build", help="parse an ONNX model and build an engine file for this device",
+                       description="Parse MODEL, optimize it for the target device and write an engine file.")
+    p.add_argument("model", help="the .onnx model (external data files beside it are read too)")
+    p.add_argument("-o", "--output", required=True, help="engine file to write (.kiln)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fp16", action="store_true", help="FP16 compute (accumulation, softmax and norms in FP32)")
+    g.add_argument("--bf16", action="store_true", help="BF16 compute (accumulation, softmax and norms in FP32)")
+    g.add_argument("--tf32", action="store_true", help="FP32 tensors with TF32 matrix math on the GPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="target device (default: cuda when available)")
+    _shape_flags(p)
+    p.add_argument("--workspace", type=float, metavar="MB", help="memory limit for activations and scratch, in MB")
+    p.add_argument("--opt-level", type=int, default=3, metavar="0-5",
+                   help="0: first valid tactic per layer; 3 (default): time likely candidates; 5: time everything")
+    p.add_argument("--timing-cache", metavar="FILE", help="read and update tactic timings in FILE")
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("run", help="run an engine once on given or random inputs and summarize each output",
+                       description="Run ENGINE once. Inputs come from .npy files or are random (seeded).")
+    p.add_argument("engine", help="the .kiln engine file")
+    p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)")
+    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="shapes for random inputs (default: profile opt)")
+    p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/<name>.npy")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="show an engine's device, profiles and layers",
+                       description="Show ENGINE's device fingerprint, profiles, memory and every layer: kind, shapes, "
+                                   "dtypes, precision, tactic and the ONNX nodes it came from.")
+    p.add_argument("engine", help="the .kiln engine file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("check", help="list every ONNX node Kiln cannot build, before building",
+                       description="Check MODEL for unsupported nodes (name, op, domain, opset). Exit 1 if any.")
+    p.add_argument("model", help="the .onnx model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plugins", help="list registered plugins with their fields and origin",
+                       description="List every registered plugin: name, namespace, version, fields, tactics and "
+                                   "where it came from (built-in, file, entry point).")
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("compare", help="run a model with Kiln and ONNX Runtime on the same inputs and diff outputs",
+                       description="Build (or load --engine) and run MODEL with Kiln and with ONNX Runtime (CPU) on the "
+                                   "same random inputs; report max/relative error per output. Exit 1 on mismatch.")
+    p.add_argument("model", help="the .onnx model")
+    p.add_argument("--engine", help="use this built engine instead of building")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="device to build for (default: cuda when available)")
+    p.add_argument("--fp16", action="store_true", help="build in FP16 (looser default tolerance)")
+    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="input shapes for dynamic inputs")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e-4, fp16 1e-2)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-5, fp16 1e-2)")
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("demo", help="build and run a small built-in example model end to end",
+                       description="Create a small ONNX model, build it, save and reload the engine, run it, check it "
+                                   "against ONNX Runtime when installed, and print timing and the engine's layers.")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--fp16", action="store_true", help="build in FP16")
+    p.add_argument("--output-dir", default=".", help="where to write demo.onnx and demo.kiln (default: .)")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from kiln.bench import add_parser as add_bench
+        add_bench(sub)
+    except ImportError:
+        pass
+    try:
+        from kiln.viewer.command import add_parser as add_view
+        add_view(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KilnError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"kiln: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
