@@ -241,8 +241,11 @@ def _attr(v: pb.Message, depth: int = 0) -> Any:
     if "tensor" in v:
         t = v.one("tensor")
         shape = _shape(t.one("tensor_shape"))
-        arr = _tensor_array(t) if count(shape or []) is not None and (count(shape or []) or 0) <= 16 else None
-        return arr.tolist() if arr is not None else f"tensor<{_dtype(t.one('dtype', 1))}>{shape}"
+        small = count(shape or []) is not None and (count(shape or []) or 0) <= 16
+        try:
+            return _tensor_array(t).tolist() if small else f"tensor<{_dtype(t.one('dtype', 1))}>{shape}"
+        except ValueError:   # no values stored here (TF.js keeps them in shards)
+            return f"tensor<{_dtype(t.one('dtype', 1))}>{shape}"
     if "func" in v:
         return v.one("func").one("name")
     for key in ("i", "f", "b", "placeholder"):

@@ -1,0 +1,191 @@
+"""MXNet: ``<prefix>-symbol.json`` (the graph) with ``<prefix>-<epoch>.params`` (an NDArray list).
+
+``null`` nodes are graph inputs or, when the params file holds ``arg:<name>`` /
+``aux:<name>``, weights.  The params file is indexed (names, shapes, offsets)
+without reading tensor bytes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import ViewerError
+from kiln.viewer.formats._common import GraphBuilder, file_array
+from kiln.viewer.graph import ViewModel
+
+_FMT = "MXNet"
+_LIST_MAGIC = 0x112
+_V1, _V2, _V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
+_DTYPES = {0: "float32", 1: "float64", 2: "float16", 3: "uint8", 4: "int32", 5: "int8", 6: "int64", 7: "bool",
+           8: "int16", 9: "uint16", 10: "uint32", 11: "uint64", 12: "bfloat16"}
+_NUMPY = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "uint8": "u1", "int32": "<i4", "int8": "i1",
+          "int64": "<i8", "bool": "?", "int16": "<i2", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8",
+          "bfloat16": "<u2"}
+
+
+def sniff(path: Path, head: bytes) -> bool:
+    if len(head) >= 16 and struct.unpack("<Q", head[:8])[0] == _LIST_MAGIC:
+        return True
+    text = head.decode("utf-8", "ignore")
+    return bool(re.match(r'\s*\{\s*"nodes"\s*:\s*\[', text)) and '"op"' in text
+
+
+def _err(path: Path, what: Any) -> ViewerError:
+    return ViewerError(f"{path.name!r} is not a readable {_FMT} file: {what}.")
+
+
+def _siblings(path: Path) -> tuple[Path | None, Path | None]:
+    """(symbol file, params file) for whichever of the pair was opened."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 8 and struct.unpack("<Q", head[:8])[0] == _LIST_MAGIC:
+        prefix = re.sub(r"-\d+$", "", path.stem)
+        symbol = path.with_name(f"{prefix}-symbol.json")
+        return (symbol if symbol.is_file() else None), path
+    prefix = path.name.removesuffix(".json").removesuffix("-symbol")
+    params = sorted(path.parent.glob(f"{glob_escape(prefix)}-*.params"))
+    return path, (params[-1] if params else None)
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def read_params(path: Path) -> dict[str, tuple[list[int], str, int]]:
+    """Name -> (shape, dtype, byte offset) for every NDArray in a ``.params`` file."""
+    size = path.stat().st_size
+    out: list[tuple[list[int], str, int]] = []
+    with open(path, "rb") as f:
+        def take(fmt: str) -> Any:
+            n = struct.calcsize(fmt)
+            b = f.read(n)
+            if len(b) < n:
+                raise _err(path, f"it ends at byte {f.tell()} inside its header; it is truncated")
+            return struct.unpack(fmt, b)[0]
+
+        if take("<Q") != _LIST_MAGIC:
+            raise _err(path, "it lacks the NDArray-list magic")
+        take("<Q")
+        n = take("<Q")
+        if n > size // 8:
+            raise _err(path, f"it claims {n} arrays, more than the file can hold")
+        for _ in range(n):
+            magic = take("<I")
+            if magic in (_V2, _V3):
+                if take("<i") != 0:
+                    raise _err(path, "sparse NDArrays are not supported")
+            if magic in (_V1, _V2, _V3):
+                ndim = take("<I")
+                if ndim > 32:
+                    raise _err(path, f"an array claims {ndim} dimensions")
+                shape = [take("<q") for _ in range(ndim)]
+            else:   # legacy: the magic word was the rank, dims are uint32
+                ndim = magic
+                if ndim > 32:
+                    raise _err(path, f"an array claims {ndim} dimensions")
+                shape = [take("<I") for _ in range(ndim)]
+            if not shape:
+                out.append(([], "float32", f.tell()))
+                continue
+            take("<i"), take("<i")   # context: device type and id
+            dtype = _DTYPES.get(take("<i"))
+            if dtype is None:
+                raise _err(path, "an array has an unknown type flag")
+            count = int(np.prod(shape)) if all(d >= 0 for d in shape) else -1
+            nbytes = count * np.dtype(_NUMPY[dtype]).itemsize
+            if count < 0 or f.tell() + nbytes > size:
+                raise _err(path, "an array's data runs past the end of the file; it is truncated")
+            out.append((shape, dtype, f.tell()))
+            f.seek(nbytes, 1)
+        k = take("<Q")
+        names = []
+        if k > size // 8:
+            raise _err(path, f"it claims {k} names, more than the file can hold")
+        for _ in range(k):
+            ln = take("<Q")
+            if ln > size - f.tell():
+                raise _err(path, "a name runs past the end of the file")
+            names.append(f.read(ln).decode("utf-8", "replace"))
+    if names and len(names) != len(out):
+        raise _err(path, f"it has {len(out)} arrays but {len(names)} names")
+    names = names or [f"array{i}" for i in range(len(out))]
+    return {name.split(":", 1)[-1]: entry for name, entry in zip(names, out)}
+
+
+def read(path: Path) -> ViewModel:
+    symbol, params_path = _siblings(path)
+    params = read_params(params_path) if params_path else {}
+    if symbol is None:
+        from kiln.viewer.formats._common import weights_graph
+        entries = [(n, s, d, file_array(params_path, o, _NUMPY[d], s, _FMT), None) for n, (s, d, o) in params.items()]
+        return ViewModel(format=_FMT, path=str(path), properties={"content": "parameters only"},
+                         graphs=[weights_graph(path.stem, entries, sep="_")], file_size=path.stat().st_size)
+    try:
+        sym = json.loads(symbol.read_text(encoding="utf-8"))
+        nodes = sym["nodes"]
+        if not isinstance(nodes, list):
+            raise TypeError("'nodes' is not a list")
+        graph = _graph(sym, nodes, params, params_path, symbol.name.removesuffix("-symbol.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise _err(symbol, f"{type(exc).__name__}: {exc}") from None
+    attrs = sym.get("attrs", {}) if isinstance(sym, dict) else {}
+    version = attrs.get("mxnet_version", [None, None])
+    props: dict[str, Any] = {"nodes": len(nodes)}
+    if params_path:
+        props["params"] = params_path.name
+    return ViewModel(format=_FMT, path=str(symbol), producer="MXNet",
+                     version=f"MXNet {version[1]}" if isinstance(version, list) and len(version) > 1 else None,
+                     properties=props, graphs=[graph], file_size=symbol.stat().st_size)
+
+
+def _graph(sym: dict, nodes: list, params: dict, params_path: Path | None, name: str) -> Any:
+    b = GraphBuilder(name)
+
+    def out_name(i: int, k: int) -> str:
+        n = nodes[i]["name"]
+        return n if k == 0 else f"{n}:{k}"
+
+    inputs = []
+    for i, node in enumerate(nodes):
+        op, nname = node.get("op", "null"), str(node.get("name", f"node{i}"))
+        if op == "null":
+            if nname in params and params_path is not None:
+                shape, dtype, offset = params[nname]
+                b.weight(nname, shape, dtype, file_array(params_path, offset, _NUMPY[dtype], shape, _FMT))
+            else:
+                inputs.append(b.tensor(nname))
+            continue
+        ins = []
+        for k, entry in enumerate(node.get("inputs", [])):
+            src, idx = int(entry[0]), int(entry[1])
+            if not 0 <= src < len(nodes):
+                raise ValueError(f"node {nname!r} refers to node {src} of {len(nodes)}")
+            tname = out_name(src, idx)
+            label = tname.removeprefix(nname + "_") if nodes[src].get("op") == "null" and tname in params else \
+                ("input" if k == 0 else f"input{k}")
+            ins.append((label, [tname]))
+        attrs = node.get("attrs") or node.get("attr") or node.get("param") or {}
+        n_out = int(attrs.get("num_outputs", 1)) if str(attrs.get("num_outputs", "1")).isdigit() else 1
+        outs = [("output" if k == 0 else f"output{k}", [out_name(i, k)]) for k in range(max(1, n_out))]
+        b.node(nname, str(op), ins, outs, {k: _value(v) for k, v in attrs.items()})
+    heads = [out_name(int(h[0]), int(h[1])) for h in sym.get("heads", []) if 0 <= int(h[0]) < len(nodes)]
+    return b.finish(inputs=inputs, outputs=heads or None)
+
+
+def _value(v: Any) -> Any:
+    """MXNet stores every attribute as a string: '(3, 3)', 'True', '64'."""
+    if not isinstance(v, str):
+        return v
+    s = v.strip()
+    if re.fullmatch(r"-?\d+", s):
+        return int(s)
+    if re.fullmatch(r"\(\s*-?\d+(\s*,\s*-?\d+)*\s*,?\s*\)", s):
+        return [int(x) for x in re.findall(r"-?\d+", s)]
+    if s in ("True", "False"):
+        return s == "True"
+    return s
