@@ -119,7 +119,7 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
             return
         key = f"w{counter[0]}"
         counter[0] += 1
-        weights[key] = np.ascontiguousarray(t.value)
+        weights[key] = np.require(t.value, requirements="C")   # keeps 0-d weights 0-d
         plan_weights[t.name] = key
 
     for layer in net.layers:

@@ -65,7 +65,7 @@ class ConstantFold(Pass):
             if not tac or tac[0].dynamic and layer.kind not in ("NonZero",):
                 continue
             try:
-                args = [torch.from_numpy(np.ascontiguousarray(t.value)) if t is not None else None for t in ins]
+                args = [torch.from_numpy(np.require(t.value, requirements="C").copy()) if t is not None else None for t in ins]
                 outs = tac[0].make(layer.attrs, ctx)(*args)
             except Exception:
                 continue      # leave it for run time, where the error will name the layer
