@@ -1,0 +1,153 @@
+"""Core ML .mlmodel files built with coremltools' protobuf spec (an independent writer of the schema)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.viewer.formats import open_model
+
+from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
+
+proto = pytest.importorskip("coremltools.proto.Model_pb2", reason="coremltools is not installed")
+from coremltools.proto import MIL_pb2  # noqa: E402
+
+
+def _array(feature, name, shape):
+    feature.name = name
+    feature.type.multiArrayType.shape.extend(shape)
+    feature.type.multiArrayType.dataType = 65568   # FLOAT32
+
+
+def classifier_spec():
+    m = proto.Model()
+    m.specificationVersion = 4
+    _array(m.description.input.add(), "image", [3, 8, 8])
+    out = m.description.output.add()
+    out.name = "classLabel"
+    out.type.stringType.SetInParent()
+    _array(m.description.output.add(), "probs", [4])
+    m.description.metadata.author = "kiln tests"
+    nn = m.neuralNetworkClassifier
+    conv = nn.layers.add()
+    conv.name, conv.input[:], conv.output[:] = "conv", ["image"], ["conv_out"]
+    c = conv.convolution
+    c.outputChannels, c.kernelChannels, c.hasBias = 2, 3, True
+    c.kernelSize.extend([3, 3]); c.stride.extend([1, 1]); c.valid.SetInParent()
+    c.weights.floatValue.extend(np.arange(54, dtype=np.float32).tolist())
+    c.bias.floatValue.extend([0.5, -0.5])
+    relu = nn.layers.add()
+    relu.name, relu.input[:], relu.output[:] = "relu", ["conv_out"], ["relu_out"]
+    relu.activation.leakyReLU.alpha = 0.25
+    flat = nn.layers.add()
+    flat.name, flat.input[:], flat.output[:] = "flatten", ["relu_out"], ["flat_out"]
+    flat.flatten.mode = 0
+    fc = nn.layers.add()
+    fc.name, fc.input[:], fc.output[:] = "fc", ["flat_out"], ["logits"]
+    fc.innerProduct.inputChannels, fc.innerProduct.outputChannels = 72, 4
+    fc.innerProduct.weights.float16Value = np.ones((4, 72), np.float16).tobytes()
+    sm = nn.layers.add()
+    sm.name, sm.input[:], sm.output[:] = "softmax", ["logits"], ["probs"]
+    sm.softmax.SetInParent()
+    nn.stringClassLabels.vector.extend(["a", "b", "c", "d"])
+    return m
+
+
+def pipeline_spec():
+    m = proto.Model()
+    m.specificationVersion = 4
+    _array(m.description.input.add(), "x", [4])
+    _array(m.description.output.add(), "z", [4])
+    for i, (src, dst) in enumerate((("x", "y"), ("y", "z"))):
+        sub = m.pipeline.models.add()
+        sub.specificationVersion = 4
+        _array(sub.description.input.add(), src, [4])
+        _array(sub.description.output.add(), dst, [4])
+        layer = sub.neuralNetwork.layers.add()
+        layer.name, layer.input[:], layer.output[:] = f"act{i}", [src], [dst]
+        layer.activation.ReLU.SetInParent() if i == 0 else layer.activation.sigmoid.SetInParent()
+    m.pipeline.names.extend(["first", "second"])
+    return m
+
+
+def program_spec():
+    m = proto.Model()
+    m.specificationVersion = 7
+    _array(m.description.input.add(), "x", [1, 4])
+    _array(m.description.output.add(), "y", [1, 4])
+    fn = m.mlProgram.functions["main"]
+    fn.opset = "CoreML7"
+    inp = fn.inputs.add()
+    inp.name = "x"
+    inp.type.tensorType.dataType = MIL_pb2.FLOAT32
+    for d in (1, 4):
+        inp.type.tensorType.dimensions.add().constant.size = d
+    block = fn.block_specializations["CoreML7"]
+    block.outputs.append("y")
+    const = block.operations.add()
+    const.type = "const"
+    out = const.outputs.add()
+    out.name = "w"
+    out.type.tensorType.dataType = MIL_pb2.FLOAT32
+    out.type.tensorType.dimensions.add().constant.size = 4
+    const.attributes["val"].immediateValue.tensor.floats.values.extend([1, 2, 3, 4])
+    add = block.operations.add()
+    add.type = "add"
+    add.inputs["x"].arguments.add().name = "x"
+    add.inputs["y"].arguments.add().name = "w"
+    add.outputs.add().name = "s"
+    relu = block.operations.add()
+    relu.type = "relu"
+    relu.inputs["x"].arguments.add().name = "s"
+    relu.outputs.add().name = "y"
+    return m
+
+
+@pytest.fixture
+def classifier(tmp_path):
+    p = tmp_path / "classifier.mlmodel"
+    p.write_bytes(classifier_spec().SerializeToString())
+    return p
+
+
+def test_neural_network_classifier(classifier):
+    model = open_model(classifier)
+    g = model.graph
+    assert model.format == "Core ML" and model.properties["model_type"] == "neuralNetworkClassifier"
+    assert model.properties["class_labels"] == ["a", "b", "c", "d"] and model.producer == "kiln tests"
+    assert [n.op_type for n in g.nodes] == ["Convolution", "Activation", "Flatten", "InnerProduct", "Softmax"]
+    assert edges(g) == {("conv", "relu"), ("relu", "flatten"), ("flatten", "fc"), ("fc", "softmax")}
+    conv = node(g, "conv")
+    assert conv.category == "conv" and conv.attributes["padding"] == "valid" and conv.attributes["kernelSize"] == [3, 3]
+    w = input_weight(g, conv, "weights")
+    assert w.shape == [2, 3, 3, 3] and w.load()[1, 2, 2, 2] == 53
+    assert node(g, "relu").attributes == {"type": "leakyReLU", "alpha": 0.25}
+    fcw = input_weight(g, node(g, "fc"), "weights")
+    assert fcw.dtype == "float16" and fcw.shape == [4, 72] and fcw.load()[3, 71] == 1
+    assert g.inputs[0].name == "image" and g.inputs[0].shape == [3, 8, 8] and g.inputs[0].dtype == "float32"
+    assert [t.name for t in g.outputs] == ["classLabel", "probs"]
+
+
+def test_pipeline_groups(tmp_path):
+    p = tmp_path / "pipe.mlmodel"
+    p.write_bytes(pipeline_spec().SerializeToString())
+    g = open_model(p).graph
+    assert [(n.name, n.group) for n in g.nodes] == [("act0", ("first",)), ("act1", ("second",))]
+    assert edges(g) == {("act0", "act1")}
+    assert node(g, "act1").attributes["type"] == "sigmoid"
+
+
+def test_ml_program(tmp_path):
+    p = tmp_path / "prog.mlmodel"
+    p.write_bytes(program_spec().SerializeToString())
+    model = open_model(p)
+    g = model.graph
+    assert model.properties["model_type"] == "mlProgram"
+    assert [n.op_type for n in g.nodes] == ["add", "relu"] and edges(g) == {("s", "y")}
+    assert g.weights["w"].load().tolist() == [1, 2, 3, 4]
+    assert g.tensors["x"].shape == [1, 4]
+
+
+def test_detect_damage_export(classifier, tmp_path):
+    check_detect(classifier, tmp_path, "Core ML", ".onnx")
+    check_damaged(classifier, tmp_path, magic_len=2, cuts=(0.5, 7))
+    check_export(open_model(classifier), tmp_path)
