@@ -235,6 +235,47 @@ class Network(LayerAPI):
         return f"Network({self.name!r}, {len(self.layers)} layers, inputs={[t.name for t in self.inputs]}, " \
                f"outputs={[t.name for t in self.outputs]})"
 
+    def __deepcopy__(self, memo: dict) -> "Network":
+        """Copy layer by layer: the default deepcopy recurses along producer/uses links and
+        overflows the stack on networks a few hundred layers deep."""
+        import copy
+        new = Network.__new__(Network)
+        memo[id(self)] = new
+
+        def tensor(t: Tensor) -> Tensor:
+            c = memo.get(id(t))
+            if c is None:
+                c = memo[id(t)] = Tensor(t.name, t.dtype, t.shape,
+                                         None if t.value is None else copy.deepcopy(t.value, memo))
+                c.network = memo.get(id(t.network), t.network)
+            return c
+
+        new.tensors = {}
+        for name, t in self.tensors.items():
+            new.tensors[name] = tensor(t)
+            new.tensors[name].network = new
+        new.inputs = [tensor(t) for t in self.inputs]
+        new.layers = []
+        for layer in self.layers:
+            nl = Layer(layer.name, layer.kind, None, layer.origin)
+            memo[id(layer)] = nl
+            nl.precision, nl.tactic = layer.precision, layer.tactic
+            nl.network = memo.get(id(layer.network), new)
+            nl.attrs = copy.deepcopy(layer.attrs, memo)
+            for i, t in enumerate(layer.inputs):
+                nl.inputs.append(None)
+                nl.set_input(i, None if t is None else tensor(t))
+            for t in layer.outputs:
+                o = tensor(t)
+                o.producer = nl
+                nl.outputs.append(o)
+            new.layers.append(nl)
+        new.outputs = [tensor(t) for t in self.outputs]
+        for key, value in self.__dict__.items():
+            if key not in ("tensors", "inputs", "layers", "outputs"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
     def summary(self) -> str:
         lines = [repr(self)]
         for layer in self.layers:
