@@ -60,7 +60,7 @@ _SUBSTRINGS: list[tuple[str, tuple[str, ...]]] = [
 
 def category(op_type: str) -> str:
     """Guess a node category from its op type, the same way for every format."""
-    key = re.sub(r"[_\-\s]", "", op_type.lower())
+    key = re.sub(r"[_\-\s]", "", op_type.lower().rsplit("::", 1)[-1])   # aten::conv2d -> conv2d
     key = re.sub(r"(\d+d)$", "", key) if key.endswith(("1d", "2d", "3d")) else key
     if key in _EXACT:
         return _EXACT[key]
