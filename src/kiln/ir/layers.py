@@ -115,3 +115,12 @@ define_layer("Trilu", 1, 2, "x, k?; attrs upper", host_inputs=(1,))
 define_layer("DepthToSpace", 1, 1, "attrs blocksize, mode (DCR, CRD)")
 define_layer("SpaceToDepth", 1, 1, "attrs blocksize")
 define_layer("Attention", 3, 4, "fused scaled-dot-product attention: q, k, v, mask?; attrs scale, causal")
+
+# ---- ONNX conformance additions (issue 3, helper A) --------------------------------------------
+define_layer("MultiHeadAttention", 3, 7, "ONNX Attention (opset 23+): q, k, v, mask?, past_key?, past_value?, "
+             "nonpad_kv_seqlen?; outputs y, present_key, present_value, qk_matmul_output; attrs scale, is_causal, "
+             "q_num_heads, kv_num_heads, softcap, qk_matmul_output_mode, left/right_window_size")
+define_layer("RotaryEmbedding", 3, 4, "x, cos_cache, sin_cache, position_ids?; attrs interleaved, num_heads, "
+             "rotary_embedding_dim")
+define_layer("NLLLoss", 2, 3, "negative log-likelihood: log-probs [N, C, ...], target [N, ...], weight? [C]; attrs "
+             "reduction (none, sum, mean), ignore_index")

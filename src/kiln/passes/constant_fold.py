@@ -65,7 +65,7 @@ class ConstantFold(Pass):
             if not tac or tac[0].dynamic and layer.kind not in ("NonZero",):
                 continue
             try:
-                args = [torch.from_numpy(np.require(t.value, requirements="C").copy()) if t is not None else None for t in ins]
+                args = [_to_torch(t.value) if t is not None else None for t in ins]
                 outs = tac[0].make(layer.attrs, ctx)(*args)
             except Exception:
                 continue      # leave it for run time, where the error will name the layer
@@ -74,6 +74,14 @@ class ConstantFold(Pass):
             _replace_with_constants(net, layer, [_to_numpy(o) for o in outs])
             modified = True
         return PassResult(net, modified)
+
+
+def _to_torch(a: np.ndarray) -> torch.Tensor:
+    """A writable torch copy; 0-d stays 0-d, bfloat16 goes through its bits (torch cannot read ml_dtypes)."""
+    a = np.require(a, requirements="C").copy()
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
