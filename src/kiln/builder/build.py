@@ -16,11 +16,12 @@ from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.builder.precision import assign_precision
 from kiln.builder.shapes import infer_shapes
+from kiln.builder.tactics import TimingCache, activation_memory, select_tactics
 from kiln.errors import BuildError
 from kiln.ir.network import Network, outer_reads
 from kiln.ir.verify import verify
 from kiln.kernels import KernelContext, tactics_for
-from kiln.passes import default_passes
+from kiln.passes import default_passes, fusion_passes
 from kiln.passes.base import PassManager
 
 Progress = Callable[[str, float], None]
@@ -41,24 +42,42 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     _apply_profiles(net, profiles)
     verify(net)
     infer_shapes(net)
-    PassManager(default_passes(), on_pass=lambda name: say("passes", 0.5))(net)
+    PassManager(default_passes(), on_pass=lambda name: say("passes", 0.3))(net)
     net.toposort()
     infer_shapes(net)
+    if config.optimization_level > 0:
+        PassManager(fusion_passes(), on_pass=lambda name: say("passes", 0.7))(net)
+        net.toposort()
+        infer_shapes(net)
     say("tactics", 0.0)
     assign_precision(net, config.precision)
     net.toposort()
     infer_shapes(net)
     _keep_declared_dtypes(network, net)
+    fp = fingerprint(device)
+    opt = {t.name: _profile_shape(t, profiles, 1) for t in net.inputs}
+    biggest = {t.name: _profile_shape(t, profiles, 2) for t in net.inputs}
+    peak = activation_memory(net, biggest)
+    if config.workspace is not None and peak > config.workspace:
+        raise BuildError(f"The network needs {peak / 2**20:.1f} MB of activations at the largest profile shapes "
+                         f"({_fmt_shapes(biggest)}) but the workspace limit is {config.workspace / 2**20:.1f} MB; "
+                         f"raise --workspace or lower --max-shapes.")
+    cache = TimingCache(config.timing_cache)
+    chosen = select_tactics(net, device, config.optimization_level, opt, cache,
+                            f"{fp['name']}/{fp.get('compute_capability')}", host_layers(net))
+    cache.save()
     weights: dict[str, np.ndarray] = {}
-    plan = _plan(net, device, config, weights, counter=[0])
+    plan = _plan(net, device, config, weights, counter=[0], chosen=chosen)
     say("tactics", 1.0)
     header = {
         "name": network.name,
         "precision": config.precision,
-        "device": fingerprint(device),
+        "device": fp,
+        "memory": {"weights_bytes": int(sum(w.nbytes for w in weights.values())), "peak_activation_bytes": peak},
         "profiles": [p.to_json() for p in profiles],
         "build": {"seconds": round(time.perf_counter() - t0, 3), "optimization_level": config.optimization_level,
-                  "source": network.metadata.get("source")},
+                  "source": network.metadata.get("source"), "cuda_graph": config.cuda_graph,
+                  "timing_cache": {"hits": cache.hits, "misses": cache.misses}},
         "plan": plan,
     }
     return Engine(header, weights)
@@ -107,8 +126,20 @@ def _keep_declared_dtypes(orig: Network, net: Network) -> None:
             t.dtype = o.dtype
 
 
+def _profile_shape(t, profiles: list[Profile], which: int) -> tuple[int, ...]:
+    """The input's opt (1) or max (2) shape over the profiles; static dims as they are."""
+    for p in profiles:
+        if t.name in p.shapes:
+            return tuple(p.shapes[t.name][which])
+    return tuple(d if isinstance(d, int) else 1 for d in (t.shape or ()))
+
+
+def _fmt_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in shapes.items())
+
+
 def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.ndarray], counter: list[int],
-          outer: list[str] | None = None) -> dict[str, Any]:
+          outer: list[str] | None = None, chosen: dict[int, str] | None = None) -> dict[str, Any]:
     hosts = host_layers(net) if device != "cpu" else set()
     layers = []
     plan_weights: dict[str, str] = {}
@@ -136,7 +167,7 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
                     if r.is_constant and r.network is net:
                         weight(r)
                 extra_ins += [r for r in reads if r not in extra_ins]
-                attrs[k] = {"__graph__": _plan(v, device, config, weights, counter, outer=reads)}
+                attrs[k] = {"__graph__": _plan(v, device, config, weights, counter, outer=reads, chosen=chosen)}
             else:
                 attrs[k] = encode_attr(v)
         if extra_ins:
@@ -152,7 +183,7 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
         if not candidates:
             raise BuildError(f"Layer {layer.name!r} ({layer.kind}) has no implementation on {device}; "
                              f"build for another device or replace the layer with a plugin.")
-        layer.tactic = candidates[0].name
+        layer.tactic = (chosen or {}).get(id(layer), candidates[0].name)
         layers.append({"name": layer.name, "kind": layer.kind, "inputs": ins + extra_ins,
                        "outputs": [t.name for t in layer.outputs], "attrs": attrs, "origin": layer.origin,
                        "precision": layer.precision, "tactic": layer.tactic, "host": on_host})

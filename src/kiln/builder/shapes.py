@@ -14,7 +14,7 @@ import torch
 
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.errors import ShapeError
-from kiln.ir.dtypes import dtype_name
+from kiln.ir.dtypes import dtype_name, is_container
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network, outer_reads, subgraphs
 from kiln.kernels import KernelContext, tactics_for
@@ -47,7 +47,7 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
         shape = input_shapes.get(t.name)
         if shape is None:
             shape = tuple(d if isinstance(d, int) else 1 for d in (t.shape or ()))
-        if t.dtype == "string":
+        if t.dtype == "string" or is_container(t.dtype):     # sequences/optionals: contents unknown here
             vals[t.name] = UNKNOWN
             continue
         vals[t.name] = torch.empty(shape, dtype=torch_dtype(t.dtype), device="meta")
@@ -95,6 +95,8 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
 
 
 def _to_meta(a: torch.Tensor) -> torch.Tensor:
+    if not isinstance(a, torch.Tensor):      # a sequence (list of tensors) or an empty optional
+        return a
     return a if a.is_meta else torch.empty(a.shape, dtype=a.dtype, device="meta")
 
 

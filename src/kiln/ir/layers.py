@@ -47,8 +47,8 @@ def check_layer(layer, num_inputs: int) -> None:
 define_layer("Activation", 1, 1, "y = f(x); attrs type (relu, sigmoid, tanh, leaky_relu, elu, selu, softplus, softsign, "
              "clip, hard_sigmoid, gelu, gelu_tanh, silu, mish, hard_swish, thresholded_relu, celu, scaled_tanh), alpha, beta")
 define_layer("Concatenation", 1, VARIADIC, "join along attrs axis")
-define_layer("Convolution", 2, 3, "N-d convolution (1/2/3-D): x, weight, bias?; attrs stride, pads (begins then ends), "
-             "dilation, groups; optional fused epilogue attrs activation/alpha/beta")
+define_layer("Convolution", 2, 4, "N-d convolution (1/2/3-D): x, weight, bias?, residual?; attrs stride, pads (begins "
+             "then ends), dilation, groups; fused epilogue attrs activation/alpha/beta and residual (y = act(conv + r))")
 define_layer("Deconvolution", 2, 3, "transposed convolution: x, weight [Cin, Cout/g, k...], bias?; attrs stride, pads, "
              "dilation, groups, output_padding")
 define_layer("FullyConnected", 2, 3, "y = x @ weight.T + bias over the last axis; weight [N, K]")
@@ -115,6 +115,49 @@ define_layer("Trilu", 1, 2, "x, k?; attrs upper", host_inputs=(1,))
 define_layer("DepthToSpace", 1, 1, "attrs blocksize, mode (DCR, CRD)")
 define_layer("SpaceToDepth", 1, 1, "attrs blocksize")
 define_layer("Attention", 3, 4, "fused scaled-dot-product attention: q, k, v, mask?; attrs scale, causal")
+
+# ---- sequences and optionals (values are Python lists of tensors / None at run time) ---------
+define_layer("SequenceEmpty", 0, 0, "an empty sequence; attrs dtype (element type)")
+define_layer("SequenceConstruct", 1, VARIADIC, "a sequence of the inputs, in order")
+define_layer("SequenceAt", 2, 2, "seq, position (negative counts from the end) → that element", host_inputs=(1,))
+define_layer("SequenceInsert", 2, 3, "seq, tensor, position? → a new sequence with tensor inserted (default: at the end)",
+             host_inputs=(2,))
+define_layer("SequenceErase", 1, 2, "seq, position? → a new sequence without that element (default: the last)",
+             host_inputs=(1,))
+define_layer("SequenceLength", 1, 1, "number of elements as an int64 scalar")
+define_layer("SplitToSequence", 1, 2, "x, split? → sequence of chunks along attrs axis; attrs keepdims (for split-by-1)",
+             host_inputs=(1,))
+define_layer("ConcatFromSequence", 1, 1, "join a sequence's tensors along attrs axis; attrs new_axis (stack instead)")
+define_layer("SequenceMap", 1, VARIADIC, "run attrs body (Network) once per element of the first input (a sequence); "
+             "further sequence inputs are walked in step, tensor inputs are passed whole; outputs are sequences")
+define_layer("Optional", 0, 1, "wrap a tensor or sequence as an optional; no input → an empty optional (None)")
+define_layer("OptionalHasElement", 0, 1, "bool scalar: the optional (or tensor/sequence) input is present")
+define_layer("OptionalGetElement", 1, 1, "the value inside an optional (a tensor or a sequence)")
+
+# ---- quantization (TensorRT's IQuantizeLayer / IDequantizeLayer) ------------------------------
+define_layer("QuantizeLinear", 2, 3, "y = saturate(round(x / scale) + zero_point); x, scale, zero_point?; attrs axis, "
+             "block_size (0 = per-tensor or per-axis), to (output dtype), saturate")
+define_layer("DequantizeLinear", 2, 3, "y = (x - zero_point) * scale; x, scale, zero_point?; attrs axis, block_size, "
+             "to (output dtype)")
+define_layer("DynamicQuantizeLinear", 1, 1, "uint8 quantization with scale/zero point from the data's range; "
+             "outputs y, scale, zero_point")
+
+# ---- signal processing ------------------------------------------------------------------------
+define_layer("DFT", 1, 3, "x [..., n, 1 or 2], dft_length?, axis? → complex as a trailing 2; attrs axis, inverse, onesided",
+             host_inputs=(1, 2))
+define_layer("STFT", 2, 4, "signal, frame_step, window?, frame_length?; attrs onesided", host_inputs=(1, 3))
+define_layer("Window", 1, 1, "size (host) → window; attrs type (hann, hamming, blackman), periodic, to (dtype)",
+             host_inputs=(0,))
+define_layer("MelWeightMatrix", 5, 5, "num_mel_bins, dft_length, sample_rate, lower_edge_hertz, upper_edge_hertz (host); "
+             "attrs to (dtype)", host_inputs=(0, 1, 2, 3, 4))
+
+# ---- normalization with statistics outputs, unpooling -------------------------------------
+define_layer("LayerNormStats", 1, 3, "layer normalization that also returns Mean and InvStdDev: x, scale?, bias? → "
+             "y, mean, inv_std_dev; attrs axis, epsilon, stash_type (float32 statistics when 1)")
+define_layer("BatchNormTraining", 5, 5, "batch normalization with batch statistics: x, scale, bias, running_mean, "
+             "running_var → y, new running_mean, new running_var; attrs epsilon, momentum")
+define_layer("MaxUnpool", 2, 3, "x, indices, output_shape? → scatter x to the indices; attrs kernel, stride, pads",
+             host_inputs=(2,))
 
 # ---- ONNX conformance additions (issue 3, helper A) --------------------------------------------
 define_layer("MultiHeadAttention", 3, 7, "ONNX Attention (opset 23+): q, k, v, mask?, past_key?, past_value?, "

@@ -31,6 +31,22 @@ def _epilogue(attrs):
     return fn
 
 
+def _channels_last(t, cache):
+    """4-D fp16/bf16 convs on the GPU run NHWC (tensor-core kernels); weights convert once."""
+    if t.dim() != 4 or not t.is_cuda or t.dtype not in (torch.float16, torch.bfloat16):
+        return t
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    if cache is not None:
+        hit = cache.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        out = t.contiguous(memory_format=torch.channels_last)
+        cache[id(t)] = (t, out)
+        return out
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 @tactic("Convolution")
 def make_convolution(attrs, ctx):
     stride, dil, groups = attrs["stride"], attrs["dilation"], attrs.get("groups", 1)
@@ -40,19 +56,69 @@ def make_convolution(attrs, ctx):
     conv = _CONV[nd]
     begins, ends = _split_pads(attrs["pads"], nd)
     symmetric = begins == ends
+    act_name = attrs.get("activation")
     act = _epilogue(attrs)
-    has_residual = attrs.get("residual", False)
+    inplace = act_name in ("relu", "sigmoid", "tanh", "silu", "hard_swish", "hard_sigmoid", "leaky_relu")
+    wcache: dict = {}
 
     def run(x, w, b=None, residual=None):
+        if x.is_cuda:
+            x = _channels_last(x, None)
+            w = _channels_last(w, wcache)
         if symmetric:
             y = conv(x, w, b, stride, begins, dil, groups)
         else:
             y = conv(F.pad(x, _torch_pad(begins, ends)), w, b, stride, 0, dil, groups)
-        if has_residual and residual is not None:
-            y = y + residual
+        if residual is not None:
+            y = y.add_(residual) if not y.is_meta else y + residual
         if act is not None:
-            y = act(y)
+            if inplace and not y.is_meta and y.is_cuda:
+                y = _inplace_act(y, act_name, attrs)
+            else:
+                y = act(y)
         return (y,)
+    return run
+
+
+def _inplace_act(y, name, attrs):
+    if name == "relu":
+        return y.relu_()
+    if name == "sigmoid":
+        return y.sigmoid_()
+    if name == "tanh":
+        return y.tanh_()
+    if name == "silu":
+        return F.silu(y, inplace=True)
+    if name == "hard_swish":
+        return F.hardswish(y, inplace=True)
+    if name == "hard_sigmoid":
+        return y.mul_(attrs.get("alpha", 0.2)).add_(attrs.get("beta", 0.5)).clamp_(0, 1)
+    if name == "leaky_relu":
+        return F.leaky_relu(y, attrs.get("alpha", 0.01), inplace=True)
+    return _epilogue(attrs)(y)
+
+
+def _cudnn_fused_ok(attrs, ctx):
+    return (len(attrs["stride"]) == 2 and attrs.get("activation") == "relu"
+            and attrs["pads"][:2] == attrs["pads"][2:])
+
+
+@tactic("Convolution", "cudnn_fused", devices=("cuda",), supports=_cudnn_fused_ok)
+def make_convolution_cudnn_fused(attrs, ctx):
+    """conv + bias (+ residual) + ReLU as one cuDNN kernel."""
+    stride, dil, groups = list(attrs["stride"]), list(attrs["dilation"]), attrs.get("groups", 1)
+    pads = list(attrs["pads"][:2])
+    wcache: dict = {}
+
+    def run(x, w, b=None, residual=None):
+        x = _channels_last(x, None)
+        w = _channels_last(w, wcache)
+        if x.is_meta:
+            return (F.conv2d(x, w, b, stride, pads, dil, groups),)
+        if residual is not None:
+            r = _channels_last(residual, None)
+            return (torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, stride, pads, dil, groups),)
+        return (torch.cudnn_convolution_relu(x, w, b, stride, pads, dil, groups),)
     return run
 
 

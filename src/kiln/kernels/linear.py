@@ -61,7 +61,11 @@ def make_fc(attrs, ctx):
     act = activation_fn(attrs["activation"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) \
         if attrs.get("activation") else None
 
+    name = attrs.get("activation")
+
     def run(x, w, b=None):
+        if name == "relu" and b is not None and x.is_cuda and x.dim() == 2:
+            return (torch._addmm_activation(b, x, w.t()),)     # cuBLASLt bias+ReLU epilogue
         y = F.linear(x, w, b)
         if act is not None:
             y = act(y)

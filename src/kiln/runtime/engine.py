@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError, PluginError, ShapeError
+from kiln.ir.dtypes import is_container
 from kiln.kernels._util import torch_dtype
 
 
@@ -94,9 +95,10 @@ class Engine:
                 self._device_weights = out
             return self._device_weights
 
-    def context(self) -> "ExecutionContext":
-        """A new execution context (its own activations); use one per thread."""
-        return ExecutionContext(self)
+    def context(self, cuda_graph: bool | None = None) -> "ExecutionContext":
+        """A new execution context (its own activations). Contexts are thread-safe; one per thread
+        runs in parallel. ``cuda_graph=False`` runs eagerly, layer by layer (for debugging)."""
+        return ExecutionContext(self, cuda_graph=cuda_graph)
 
     def check_plugins(self) -> None:
         from kiln.plugins import load_builtins, registry
@@ -136,7 +138,7 @@ class ExecutionContext:
     runs within the engine's optimization profiles.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, cuda_graph: bool | None = None) -> None:
         from kiln.plugins import registry
         from kiln.runtime.program import Program
         engine.check_plugins()
@@ -145,6 +147,13 @@ class ExecutionContext:
         weights = engine._weights_on_device()
         self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
         self._inputs = {t["name"]: t for t in engine.inputs}
+        if cuda_graph is None:
+            cuda_graph = engine.header.get("build", {}).get("cuda_graph", True)
+        self.graphs = None
+        if cuda_graph and engine.device == "cuda":
+            from kiln.runtime.graphs import GraphRunner
+            runner = GraphRunner(self.program)
+            self.graphs = runner if runner.capturable else None
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         spec = self._inputs[name]
@@ -182,6 +191,10 @@ class ExecutionContext:
         tensors = []
         for n in names:
             v = feeds[n]
+            if is_container(self._inputs[n]["dtype"]):
+                tensors.append(_container_in(n, v, self._inputs[n]["dtype"], device))
+                as_numpy = as_numpy and not _holds_torch(v)
+                continue
             if isinstance(v, torch.Tensor):
                 as_numpy = False
                 out_device = out_device or v.device
@@ -190,7 +203,7 @@ class ExecutionContext:
                 arr = np.asarray(v)
                 if arr.dtype == object or arr.dtype.kind in "US":
                     raise ShapeError(f"Input {n!r} holds strings; Kiln engines take numeric tensors only.")
-                t = _np_to_torch(np.ascontiguousarray(arr))
+                t = _np_to_torch(np.require(arr, requirements="C"))   # keeps 0-d arrays 0-d
             elif hasattr(v, "__dlpack__"):
                 as_numpy = False
                 t = torch.from_dlpack(v)
@@ -208,14 +221,29 @@ class ExecutionContext:
                 torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
                 torch.backends.cudnn.allow_tf32 = prec == "tf32"
             with torch.inference_mode():
-                results = self.program.run_env({}, tensors)
+                results = None
+                if self.graphs is not None:
+                    from kiln.runtime.graphs import CaptureError
+                    try:
+                        results = self.graphs.run(tensors)
+                    except CaptureError:
+                        # a layer that cannot be captured (host sync): this context runs eagerly from now on
+                        self.graphs = None
+                        torch.cuda.synchronize()
+                    else:
+                        if not as_numpy:
+                            results = [r.clone() for r in results]
+                if results is None:
+                    results = self.program.run_env({}, tensors)
         out_names = [t["name"] for t in self.engine.outputs]
         want = list(outputs) if outputs is not None else out_names
         res = {}
         for n, v in zip(out_names, results):
             if n not in want:
                 continue
-            if as_numpy:
+            if not isinstance(v, torch.Tensor):      # a sequence (list) or an empty optional (None)
+                res[n] = _container_out(v, as_numpy, out_device)
+            elif as_numpy:
                 res[n] = _torch_to_np(v)
             else:
                 res[n] = v.to(out_device) if out_device is not None and v.device != out_device else v
@@ -224,3 +252,35 @@ class ExecutionContext:
     __call__ = run
 
 
+
+
+def _holds_torch(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(_holds_torch(x) for x in v)
+    return isinstance(v, torch.Tensor)
+
+
+def _container_in(name: str, v: Any, kind: str, device: torch.device) -> Any:
+    """A sequence input becomes a list of tensors on ``device``; an empty optional is None."""
+    from kiln.ir.dtypes import element_type
+    if v is None:
+        if not kind.startswith("optional("):
+            raise KilnError(f"Input {name!r} is a {kind} and cannot be None; pass a list of arrays.")
+        return None
+    inner = element_type(kind) if kind.startswith("optional(") else kind
+    if inner.startswith("sequence("):
+        if not isinstance(v, (list, tuple)):
+            raise KilnError(f"Input {name!r} is a {inner}; pass a list of arrays, got {type(v).__name__}.")
+        return [_container_in(f"{name}[{i}]", x, element_type(inner), device) for i, x in enumerate(v)]
+    t = v if isinstance(v, torch.Tensor) else _np_to_torch(np.require(np.asarray(v), requirements="C"))
+    return t.to(device) if t.device != device else t
+
+
+def _container_out(v: Any, as_numpy: bool, out_device) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_container_out(x, as_numpy, out_device) for x in v]
+    if as_numpy:
+        return _torch_to_np(v)
+    return v.to(out_device) if out_device is not None and v.device != out_device else v

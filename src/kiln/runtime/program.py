@@ -113,6 +113,17 @@ class Program:
             if n not in keep:
                 self.steps[i].frees.append(n)
 
+    capture_keepalive: list | None = None
+
+    def _move(self, v: torch.Tensor, target: str) -> torch.Tensor:
+        """Move a (small, shape-derived) value; under graph capture go through pinned memory."""
+        keep = self.capture_keepalive
+        if keep is not None and target != "cpu" and v.device.type == "cpu":
+            pinned = v.pin_memory()
+            keep.append(pinned)
+            return pinned.to(target, non_blocking=True)
+        return v.to(target)
+
     def output_dtype(self, index: int) -> torch.dtype:
         return torch_dtype(self._out_dtypes[index])
 
@@ -134,8 +145,8 @@ class Program:
                     args.append(fixed[i])
                     continue
                 v = values[n]
-                if target is not None and v.device.type != target:
-                    v = v.to(target)
+                if target is not None and isinstance(v, torch.Tensor) and v.device.type != target:
+                    v = self._move(v, target)
                 args.append(v)
             try:
                 outs = step.fn(*args)
@@ -143,7 +154,7 @@ class Program:
                 if isinstance(exc, ShapeError):
                     raise
                 raise ShapeError(f"Layer {step.name!r} ({step.kind}) failed on inputs "
-                                 f"{[tuple(a.shape) if a is not None else None for a in args]}: "
+                                 f"{[tuple(a.shape) if isinstance(a, torch.Tensor) else a if a is None else type(a).__name__ for a in args]}: "
                                  f"{str(exc).splitlines()[0]}") from exc
             for n, v in zip(step.outs, outs):
                 values[n] = v

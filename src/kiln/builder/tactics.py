@@ -1,0 +1,174 @@
+"""Tactic selection: time each candidate implementation on this device, keep the fastest.
+
+Only layers with more than one valid tactic are timed, on their real shapes (the
+profile's opt shapes), their real weights and random activations. Results go to a
+timing cache keyed by device, layer signature, shapes and dtypes, so a rebuild
+skips every layer it has already measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.builder.shapes import UNKNOWN, evaluate
+from kiln.ir.network import Network
+from kiln.kernels import KernelContext, tactics_for
+
+_LOCK = threading.Lock()
+
+
+class TimingCache:
+    """A JSON file of measured tactic times: {key: {tactic: milliseconds}}."""
+
+    VERSION = 1
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, float]] = {}
+        self.hits = self.misses = 0
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("version") == self.VERSION:
+                    self.entries = data.get("entries", {})
+            except (OSError, ValueError):
+                self.entries = {}     # a damaged cache is only a slower build
+
+    def get(self, key: str) -> dict[str, float] | None:
+        hit = self.entries.get(key)
+        if hit is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return hit
+
+    def put(self, key: str, times: dict[str, float]) -> None:
+        self.entries[key] = times
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with _LOCK, open(tmp, "w") as f:
+            json.dump({"version": self.VERSION, "entries": self.entries}, f)
+        os.replace(tmp, self.path)
+
+
+def _sig(attrs: dict[str, Any]) -> str:
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in sorted(v.items())}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            return v
+        return type(v).__name__
+    return json.dumps(clean(attrs), sort_keys=True)
+
+
+def _time(fn, args, reps: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn(*args)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, tuple[int, ...]],
+                   cache: TimingCache, device_name: str, hosts: set[int]) -> dict[int, str]:
+    """Choose a tactic per layer; returns id(layer) → tactic name for the timed layers."""
+    chosen: dict[int, str] = {}
+    if device != "cuda" or level == 0:
+        return chosen
+    timed = []
+    for layer in net.layers:
+        if id(layer) in hosts:
+            continue
+        ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name)
+        cands = tactics_for(layer.kind, layer.attrs, ctx)
+        if len(cands) > 1:
+            timed.append((layer, cands))
+    if not timed:
+        return chosen
+    vals = evaluate(net, opt_shapes)
+    reps = 10 if level <= 3 else 30
+    for layer, cands in timed:
+        ins = []
+        ok = True
+        for t in layer.inputs:
+            if t is None:
+                ins.append(None)
+                continue
+            if t.is_constant:
+                arr = t.value
+                tt = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16) \
+                    if arr.dtype.name == "bfloat16" else torch.from_numpy(np.ascontiguousarray(arr))
+                ins.append(tt.to(device))
+                continue
+            v = vals.get(t.name, UNKNOWN)
+            if v is UNKNOWN or not v.dtype.is_floating_point:
+                ok = False
+                break
+            ins.append(torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype))
+        if not ok:
+            continue
+        key = "|".join([device_name, layer.kind, _sig(layer.attrs),
+                        ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" for a in ins)])
+        times = cache.get(key)
+        if times is None or not all(c.name in times for c in cands):
+            times = dict(times or {})
+            for cand in cands:
+                if cand.name in times:
+                    continue
+                ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
+                                    output_dtypes=tuple(o.dtype for o in layer.outputs))
+                try:
+                    with torch.inference_mode():
+                        times[cand.name] = _time(cand.make(layer.attrs, ctx), ins, reps)
+                except Exception:
+                    times[cand.name] = float("inf")      # not valid on these shapes
+            cache.put(key, times)
+        best = min(cands, key=lambda c: times.get(c.name, float("inf")))
+        if times.get(best.name, float("inf")) < float("inf"):
+            chosen[id(layer)] = best.name
+    return chosen
+
+
+def activation_memory(net: Network, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Peak bytes of live activations when layers run in order and die after their last use."""
+    vals = evaluate(net, shapes)
+    last: dict[str, int] = {}
+    for i, layer in enumerate(net.layers):
+        for t in layer.inputs:
+            if t is not None and not t.is_constant:
+                last[t.name] = i
+    outs = {t.name for t in net.outputs}
+
+    def nbytes(name: str) -> int:
+        v = vals.get(name, UNKNOWN)
+        if v is UNKNOWN or not isinstance(v, torch.Tensor):
+            return 0
+        return int(v.numel()) * v.element_size()
+    live = sum(nbytes(t.name) for t in net.inputs)
+    peak = live
+    for i, layer in enumerate(net.layers):
+        live += sum(nbytes(o.name) for o in layer.outputs)
+        peak = max(peak, live)
+        for t in layer.inputs:
+            if t is not None and not t.is_constant and last.get(t.name) == i and t.name not in outs:
+                live -= nbytes(t.name)
+    return peak
+
+

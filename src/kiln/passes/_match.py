@@ -1,0 +1,72 @@
+"""Tiny helpers for pattern matching on the value graph."""
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.ir.network import Layer, Network, Tensor
+
+
+def producer(t: Tensor | None, kind: str | None = None, **attrs) -> Layer | None:
+    """The layer producing ``t`` if it is of ``kind`` with matching attrs."""
+    if t is None or t.producer is None:
+        return None
+    p = t.producer
+    if kind is not None and p.kind != kind:
+        return None
+    for k, v in attrs.items():
+        if p.attrs.get(k) != v:
+            return None
+    return p
+
+
+def scalar(t: Tensor | None) -> float | None:
+    """The value of a constant holding one element (any shape), else None."""
+    if t is None or not t.is_constant or t.value.size != 1:
+        return None
+    return float(np.asarray(t.value).reshape(-1)[0])
+
+
+def single_use(t: Tensor, net: Network) -> bool:
+    return len(t.uses) == 1 and t not in net.outputs
+
+
+def only_consumer(t: Tensor, net: Network, kind: str | None = None) -> Layer | None:
+    if not single_use(t, net):
+        return None
+    layer = t.uses[0][0]
+    return layer if kind is None or layer.kind == kind else None
+
+
+def other_input(layer: Layer, t: Tensor) -> Tensor | None:
+    ins = [x for x in layer.inputs if x is not None]
+    if len(ins) != 2:
+        return None
+    if ins[0] is t:
+        return ins[1]
+    if ins[1] is t:
+        return ins[0]
+    return None
+
+
+def replace_output(net: Network, old: Tensor, new: Tensor) -> None:
+    """Make ``new`` stand for ``old`` everywhere, keeping a network output's public name."""
+    was_output = old in net.outputs
+    name = old.name
+    net.replace_all_uses(old, new)
+    if was_output:
+        net.tensors.pop(name, None)
+        old.name = name + "#dead"
+        net.rename(new, name)
+
+
+def remove_dead(net: Network, layers: list[Layer]) -> None:
+    """Remove those of ``layers`` whose outputs nothing reads any more, until none is left to remove."""
+    pending = list(layers)
+    changed = True
+    while changed:
+        changed = False
+        for layer in list(pending):
+            if layer in net.layers and all(not o.uses and o not in net.outputs for o in layer.outputs):
+                net.remove_layer(layer)
+                pending.remove(layer)
+                changed = True

@@ -1,0 +1,68 @@
+"""Whole-engine CUDA graphs: record the engine's launches once per input shape, replay after.
+
+Inputs are copied into static buffers, the plan runs once eagerly (warm-up:
+cuDNN/cuBLAS handles, lazy module loads), then once under capture into a private
+memory pool — torch's graph pool reuses activation blocks by liveness, so the pool
+is the engine's planned activation arena for that shape. Replays copy new inputs
+in and return the static outputs. Engines with data-dependent layers (If/Loop,
+NonZero, NMS with dynamic outputs) stay eager.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class CaptureError(RuntimeError):
+    """The plan could not be recorded (a layer synchronizes with the host); run eagerly."""
+
+
+class GraphRunner:
+    """One captured graph per input-shape signature."""
+
+    def __init__(self, program, max_graphs: int = 16) -> None:
+        self.program = program
+        self.graphs: dict[tuple, dict[str, Any]] = {}
+        self.max_graphs = max_graphs
+        self.capturable = not any(s.dynamic for s in program.steps)
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.pop(next(iter(self.graphs)))
+            entry = self._capture(tensors)
+            self.graphs[key] = entry
+        for buf, t in zip(entry["inputs"], tensors):
+            buf.copy_(t, non_blocking=True)
+        entry["graph"].replay()
+        return entry["outputs"]
+
+    def _capture(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
+        try:
+            return self._record(tensors)
+        except Exception as exc:
+            raise CaptureError(str(exc)) from exc
+
+    def _record(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
+        static_in = [t.clone() for t in tensors]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):                       # warm-up outside the capture
+                self.program.run_env({}, static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pinned_keepalive: list[torch.Tensor] = []
+        self.program.capture_keepalive = pinned_keepalive
+        try:
+            with torch.cuda.graph(graph):
+                static_out = self.program.run_env({}, static_in)
+        finally:
+            self.program.capture_keepalive = None
+        return {"graph": graph, "inputs": static_in, "outputs": static_out, "keepalive": pinned_keepalive}
+
+    def nbytes(self) -> int:
+        return 0
