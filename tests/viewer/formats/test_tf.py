@@ -141,3 +141,23 @@ def test_detect_damage_export(frozen, tmp_path):
     check_damaged(frozen, tmp_path, magic_len=2)
     check_damaged(meta, tmp_path, magic_len=2)
     check_export(open_model(frozen), tmp_path)
+
+
+def test_large_constant_is_not_copied(tmp_path):
+    """An 80 MiB Const opens through a memory map: listing it allocates almost nothing."""
+    import tracemalloc
+
+    n = 20 << 20
+    p = tmp_path / "big.pb"
+    with open(p, "wb") as fh:
+        fh.write(graph_def())
+        fh.write(f(1, nodedef("big", "Const", (), attr("value", f(8, tensor(1, [n], content=bytes(4 * n)))))))
+    tracemalloc.start()
+    try:
+        model = open_model(p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert model.graph.weights["big"].shape == [n]
+    assert peak < (16 << 20)
+    assert model.graph.weights["big"].load()[-1] == 0
