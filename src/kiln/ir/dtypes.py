@@ -26,7 +26,7 @@ def np_dtype(name: str) -> np.dtype:
 def dtype_name(dt) -> str:
     """Kiln dtype name for a numpy dtype, torch dtype or name."""
     if isinstance(dt, str):
-        if dt in ALL_TYPES:
+        if dt in ALL_TYPES or is_container(dt):
             return dt
     s = str(dt)
     if s.startswith("torch."):
@@ -42,3 +42,16 @@ def dtype_name(dt) -> str:
 
 def is_float(name: str) -> bool:
     return name in FLOAT_TYPES
+
+
+def is_container(name: str) -> bool:
+    """True for ONNX sequence/optional value types, written ``sequence(float32)``, ``optional(sequence(int64))``.
+
+    They flow through the runtime as Python lists of tensors (sequences) or None (empty optionals).
+    """
+    return isinstance(name, str) and name.startswith(("sequence(", "optional(")) and name.endswith(")")
+
+
+def element_type(name: str) -> str:
+    """The type inside one level of ``sequence(...)``/``optional(...)``; a tensor type is its own element."""
+    return name[name.index("(") + 1:-1] if is_container(name) else name

@@ -67,38 +67,53 @@ def make_loop(attrs, ctx):
     return run
 
 
+def _scan_once(body, env, n_state, state, scans_in, attrs):
+    """One ONNX Scan (v9 semantics) over ``scans_in``; returns final states then scan outputs."""
+    n_scan_in = len(scans_in)
+    in_axes = attrs.get("scan_input_axes") or [0] * n_scan_in
+    in_dirs = attrs.get("scan_input_directions") or [0] * n_scan_in
+    scans_in = [s.movedim(a if a >= 0 else a + s.dim(), 0) for s, a in zip(scans_in, in_axes)]
+    steps = scans_in[0].shape[0] if scans_in else 0
+    n_scan_out = len(body.outputs) - n_state
+    outs_acc: list[list[torch.Tensor]] = [[] for _ in range(n_scan_out)]
+    for t in range(steps):
+        xs = [s[steps - 1 - t] if d else s[t] for s, d in zip(scans_in, in_dirs)]
+        outs = body.run_env(env, list(state) + xs)
+        state = list(outs[:n_state])
+        for lst, v in zip(outs_acc, outs[n_state:]):
+            lst.append(v)
+    out_axes = attrs.get("scan_output_axes") or [0] * n_scan_out
+    out_dirs = attrs.get("scan_output_directions") or [0] * n_scan_out
+    results = list(state)
+    for k, (lst, a, d) in enumerate(zip(outs_acc, out_axes, out_dirs)):
+        if d:
+            lst = lst[::-1]
+        y = torch.stack(lst) if lst else torch.zeros(0, dtype=body.output_dtype(n_state + k))
+        results.append(y.movedim(0, a if a >= 0 else a + y.dim()))
+    return results
+
+
 @tactic("Scan", dynamic=True)
 def make_scan(attrs, ctx):
     body = attrs["body"]
     outer = attrs.get("outer", [])
     n_in = attrs["num_inputs"]
     n_scan_in = attrs["num_scan_inputs"]
+    batched = attrs.get("batched", False)     # Scan v8: leading batch axis, sequence_lens input
 
     def run(*args):
         ins, outer_vals = args[:n_in], args[n_in:]
         env = dict(zip(outer, outer_vals))
-        n_state = n_in - n_scan_in
-        state = list(ins[:n_state])
-        scans_in = list(ins[n_state:])
-        in_axes = attrs.get("scan_input_axes") or [0] * n_scan_in
-        in_dirs = attrs.get("scan_input_directions") or [0] * n_scan_in
-        scans_in = [s.movedim(a if a >= 0 else a + s.dim(), 0) for s, a in zip(scans_in, in_axes)]
-        T = scans_in[0].shape[0] if scans_in else 0
-        n_scan_out = len(body.outputs) - n_state
-        outs_acc: list[list[torch.Tensor]] = [[] for _ in range(n_scan_out)]
-        for t in range(T):
-            xs = [s[T - 1 - t] if d else s[t] for s, d in zip(scans_in, in_dirs)]
-            outs = body.run_env(env, state + xs)
-            state = list(outs[:n_state])
-            for lst, v in zip(outs_acc, outs[n_state:]):
-                lst.append(v)
-        out_axes = attrs.get("scan_output_axes") or [0] * n_scan_out
-        out_dirs = attrs.get("scan_output_directions") or [0] * n_scan_out
-        results = list(state)
-        for lst, a, d in zip(outs_acc, out_axes, out_dirs):
-            if d:
-                lst = lst[::-1]
-            y = torch.stack(lst) if lst else torch.zeros(0)
-            results.append(y.movedim(0, a if a >= 0 else a + y.dim()))
-        return tuple(results)
+        if not batched:
+            n_state = n_in - n_scan_in
+            return tuple(_scan_once(body, env, n_state, ins[:n_state], list(ins[n_state:]), attrs))
+        lens, ins = ins[0], ins[1:]
+        n_state = len(ins) - n_scan_in
+        per_batch = []
+        for b in range(ins[0].shape[0]):
+            scans = [s[b] for s in ins[n_state:]]
+            if lens is not None:
+                scans = [s[:int(lens.reshape(-1)[b].item())] for s in scans]
+            per_batch.append(_scan_once(body, env, n_state, [s[b] for s in ins[:n_state]], scans, attrs))
+        return tuple(torch.stack([r[k] for r in per_batch]) for k in range(len(per_batch[0])))
     return run

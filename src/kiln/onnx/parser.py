@@ -152,11 +152,15 @@ class ConvertContext:
             names = self.net._kiln_layer_names = {l.name for l in self.net.layers}
         return names
 
-    def subgraph(self, graph, name: str) -> Network:
-        """Convert an If/Loop/Scan body; it may read this scope's values."""
+    def subgraph(self, graph, name: str, input_types: Sequence[str | None] | None = None) -> Network:
+        """Convert an If/Loop/Scan body; it may read this scope's values.
+
+        ``input_types`` gives the types of body inputs that the model leaves untyped (function
+        expansions do), known to the caller from the values it feeds the body.
+        """
         sub = Network(name)
         sub.outer = self.net
-        _convert_graph(graph, sub, self.opsets, parent=self)
+        _convert_graph(graph, sub, self.opsets, parent=self, input_types=input_types)
         return sub
 
 
@@ -205,11 +209,24 @@ def _first_line(exc: Exception) -> str:
     return s[0] if s else type(exc).__name__
 
 
+def _type_name(tp, where: str) -> str:
+    """Kiln's name for an ONNX TypeProto: a dtype, or ``sequence(...)``/``optional(...)`` around one."""
+    field = tp.WhichOneof("value")
+    if field == "tensor_type":
+        return onnx_dtype(tp.tensor_type.elem_type, where)
+    if field == "sequence_type":
+        return f"sequence({_type_name(tp.sequence_type.elem_type, where)})"
+    if field == "optional_type":
+        return f"optional({_type_name(tp.optional_type.elem_type, where)})"
+    raise ParseError(f"{where}is a {field or 'untyped value'}; Kiln takes tensors, sequences of tensors and "
+                     f"optionals as graph values, not maps or sparse tensors.")
+
+
 def _value_info_shape(vi) -> tuple[str, tuple | None]:
     tt = vi.type.tensor_type
     where = f"Graph value {vi.name!r} "
     if not vi.type.HasField("tensor_type"):
-        raise ParseError(f"{where}is not a tensor (sequence/map/optional values are not supported as graph inputs).")
+        return _type_name(vi.type, where), None      # sequences/optionals: lists of tensors or None at run time
     dtype = onnx_dtype(tt.elem_type, where)
     if not tt.HasField("shape"):
         return dtype, None
@@ -224,7 +241,8 @@ def _value_info_shape(vi) -> tuple[str, tuple | None]:
     return dtype, tuple(dims)
 
 
-def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertContext | None) -> None:
+def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertContext | None,
+                   input_types: Sequence[str | None] | None = None) -> None:
     from onnx import numpy_helper
     values: dict[str, Tensor] = {}
     ctx = ConvertContext(net, opsets, values, parent)
@@ -244,11 +262,12 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
         else:
             dense[tuple(idx.T)] = vals
         values[sp.values.name] = net.add_constant(dense, name=sp.values.name)
-    for vi in graph.input:
+    for k, vi in enumerate(graph.input):
         if vi.name in values:
             continue       # an initializer with a default value: treat as a constant (TensorRT does)
-        dtype, shape = _value_info_shape(vi)
-        if shape is None and parent is None:
+        hint = input_types[k] if input_types is not None and k < len(input_types) else None
+        dtype, shape = (hint, None) if hint and vi.type.WhichOneof("value") is None else _value_info_shape(vi)
+        if shape is None and parent is None and vi.type.HasField("tensor_type"):
             raise ParseError(f"Graph input {vi.name!r} has no shape; export the model with input shapes or set them "
                              f"with onnx.tools.update_model_dims.")
         values[vi.name] = net.add_input(vi.name, dtype, shape if shape is not None else ())
@@ -296,6 +315,8 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
             declared = onnx_dtype(vi.type.tensor_type.elem_type, f"Graph output {vi.name!r} ")
             if t.producer is not None and t.dtype == "float32" and declared != "float32":
                 t.dtype = declared
+        elif vi.type.WhichOneof("value") in ("sequence_type", "optional_type") and t.producer is not None:
+            t.dtype = _type_name(vi.type, f"Graph output {vi.name!r} ")
         net.mark_output(t)
 
 
