@@ -175,6 +175,62 @@ class ExecutionContext:
             raise ShapeError(f"Input {name!r} shape {tuple(t.shape)} is outside every optimization profile ({ranges}); "
                              f"rebuild with a wider range (--min-shapes/--max-shapes).")
 
+    def execute(self, tensors: list[torch.Tensor], copy: bool = False) -> list[torch.Tensor]:
+        """Run on tensors already on the engine's device, in input order; outputs stay on the device
+        (and, under CUDA-graph replay, are the context's static buffers: copy them before the next run)."""
+        with self._lock, torch.inference_mode():
+            if self.engine.device == "cuda":
+                prec = self.engine.precision
+                torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+                torch.backends.cudnn.allow_tf32 = prec == "tf32"
+            if self.graphs is not None:
+                from kiln.runtime.graphs import CaptureError
+                try:
+                    outs = self.graphs.run(tensors)
+                    return [o.clone() for o in outs] if copy else outs
+                except CaptureError:
+                    self.graphs = None
+                    torch.cuda.synchronize()
+            return self.program.run_env({}, tensors)
+
+    def profile(self, tensors: list[torch.Tensor], runs: int = 10) -> list[dict[str, Any]]:
+        """Per-layer times (median over ``runs`` eager passes): name, kind, tactic, precision, ms, percent."""
+        import time as _time
+        cuda = self.engine.device == "cuda"
+        samples: dict[str, list[float]] = {}
+        meta = {}
+
+        def timer(step, thunk):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = thunk()
+                b.record()
+                pending.append((step.name, a, b))
+            else:
+                t0 = _time.perf_counter()
+                out = thunk()
+                samples.setdefault(step.name, []).append((_time.perf_counter() - t0) * 1e3)
+            meta[step.name] = step
+            return out
+        with self._lock, torch.inference_mode():
+            for _ in range(runs + 1):
+                pending: list = []
+                self.program.run_env({}, tensors, timer=timer)
+                if cuda:
+                    torch.cuda.synchronize()
+                    for name, a, b in pending:
+                        samples.setdefault(name, []).append(a.elapsed_time(b))
+        rows = []
+        for name, ts in samples.items():
+            step = meta[name]
+            rows.append({"name": name, "kind": step.kind, "tactic": step.tactic, "precision": step.precision,
+                         "ms": float(np.median(ts[1:] if len(ts) > 1 else ts))})
+        total = sum(r["ms"] for r in rows) or 1.0
+        for r in rows:
+            r["percent"] = 100.0 * r["ms"] / total
+        return rows
+
     def run(self, feeds: Mapping[str, Any] | Sequence[Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
         names = [t["name"] for t in self.engine.inputs]
         if not isinstance(feeds, Mapping):

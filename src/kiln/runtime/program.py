@@ -127,7 +127,8 @@ class Program:
     def output_dtype(self, index: int) -> torch.dtype:
         return torch_dtype(self._out_dtypes[index])
 
-    def run_env(self, env: dict[str, torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_env(self, env: dict[str, torch.Tensor], inputs: list[torch.Tensor], timer=None) -> list[torch.Tensor]:
+        """Run every step; ``timer`` (optional) wraps each step: timer(step, thunk) -> outputs."""
         values = dict(env)
         for name, value in zip(self.inputs, inputs):
             values[name] = value
@@ -149,7 +150,7 @@ class Program:
                     v = self._move(v, target)
                 args.append(v)
             try:
-                outs = step.fn(*args)
+                outs = step.fn(*args) if timer is None else timer(step, lambda: step.fn(*args))
             except (ShapeError, RuntimeError, IndexError, ValueError) as exc:
                 if isinstance(exc, ShapeError):
                     raise
