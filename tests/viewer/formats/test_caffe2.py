@@ -52,7 +52,7 @@ def test_predict_with_init_weights(nets):
     assert [t.name for t in g.inputs] == ["data"] and [t.name for t in g.outputs] == ["prob"]
     conv = g.nodes[0]
     assert conv.attributes == {"kernel": 3, "order": "NCHW"} and conv.category == "conv"
-    w = input_weight(g, conv, "input1")
+    w = input_weight(g, conv, "filter")
     assert w.shape == [2, 3, 3, 3] and w.load()[1, 2, 2, 2] == 53
     assert g.weights["conv_b"].load().tolist() == [1, 2]
     assert open_model(nets / "init_net.pb").graph.nodes[0].op_type == "Conv"   # init net opens its predict net

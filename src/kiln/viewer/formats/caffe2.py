@@ -40,6 +40,11 @@ _FILLS = {"GivenTensorFill": "float32", "GivenTensorDoubleFill": "float64", "Giv
           "ConstantFill": "float32", "XavierFill": "float32", "GaussianFill": "float32", "MSRAFill": "float32",
           "UniformFill": "float32", "Int8GivenTensorFill": "uint8", "Int8GivenIntTensorFill": "int32"}
 
+# Input names from the Caffe2 operator schemas, so weights read "filter"/"bias" rather than input1/input2.
+_ARGS = {"Conv": ["X", "filter", "bias"], "ConvTranspose": ["X", "filter", "bias"], "FC": ["X", "W", "b"],
+         "SpatialBN": ["X", "scale", "bias", "mean", "var"], "PRelu": ["X", "Slope"], "Mul": ["A", "B"],
+         "Add": ["A", "B"], "Sum": ["X", "Y"], "LayerNorm": ["input", "gamma", "beta"]}
+
 
 def sniff(path: Path, head: bytes) -> bool:
     if not head:
@@ -158,7 +163,9 @@ def _graph(net: pb.Message, weights: dict, name: str) -> Any:
             inputs.append(b.tensor(versions.write(x)))
     for i, op in enumerate(net.all("op")):
         op_type = str(op.one("type", "Unknown"))
-        ins = [("input" if k == 0 else f"input{k}", [versions.read(str(x))]) for k, x in enumerate(op.all("input"))]
+        argn = _ARGS.get(op_type, [])
+        ins = [(argn[k] if k < len(argn) else ("input" if k == 0 else f"input{k}"), [versions.read(str(x))])
+               for k, x in enumerate(op.all("input"))]
         for k, (_, vals) in enumerate(ins):
             if vals[0] in weights and vals[0] not in b.graph.weights:
                 shape, dtype, load = weights[vals[0]]
