@@ -6,6 +6,9 @@ import pytest
 
 from kiln.viewer.formats import detect, open_model
 
+import struct
+
+from . import _pbwrite as _pb
 from ._pbwrite import f, msg
 from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
 
@@ -161,3 +164,52 @@ def test_large_constant_is_not_copied(tmp_path):
     assert model.graph.weights["big"].shape == [n]
     assert peak < (16 << 20)
     assert model.graph.weights["big"].load()[-1] == 0
+
+
+def _sstable_block(entries):
+    body = b"".join(_pb.varint(0) + _pb.varint(len(k)) + _pb.varint(len(v)) + k + v for k, v in entries)
+    return body + struct.pack("<II", 0, 1)
+
+
+def write_bundle(d, tensors):
+    """A TensorBundle checkpoint: data shard plus a LevelDB-style index table (uncompressed)."""
+    data, entries = b"", [(b"", msg(f(1, 1)))]
+    for name, arr in tensors.items():
+        entry = msg(f(1, 1), f(2, shape(*arr.shape)), f(4, len(data)), f(5, arr.nbytes))
+        entries.append((name.encode(), entry))
+        data += arr.tobytes()
+    (d / "variables.data-00000-of-00001").write_bytes(data)
+    out = b""
+    block = _sstable_block(sorted(entries))
+    data_handle = _pb.varint(0) + _pb.varint(len(block))
+    out += block + b"\0" * 5
+    meta = _sstable_block([])
+    meta_handle = _pb.varint(len(out)) + _pb.varint(len(meta))
+    out += meta + b"\0" * 5
+    index = _sstable_block([(sorted(entries)[-1][0], data_handle)])
+    index_handle = _pb.varint(len(out)) + _pb.varint(len(index))
+    out += index + b"\0" * 5
+    footer = (meta_handle + index_handle).ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
+    (d / "variables.index").write_bytes(out + footer)
+
+
+def test_saved_model_variables(tmp_path):
+    d = tmp_path / "tf1_export"
+    (d / "variables").mkdir(parents=True)
+    nodes = [nodedef("x", "Placeholder", (), attr("dtype", f(6, 1))),
+             nodedef("dense/kernel", "VariableV2", (), attr("dtype", f(6, 1)), attr("shape", f(7, shape(3, 2)))),
+             nodedef("dense/MatMul", "MatMul", ("x", "dense/kernel"))]
+    meta = msg(f(1, msg(f(4, "serve"))), f(2, msg(*[f(1, n) for n in nodes])))
+    (d / "saved_model.pb").write_bytes(msg(f(1, 1), f(2, meta)))
+    kernel = np.arange(6, dtype=np.float32).reshape(3, 2)
+    write_bundle(d / "variables", {"dense/kernel": kernel, "global_step": np.array(7, dtype=np.float32)})
+    model = open_model(d)
+    assert model.properties["variables"] == 2
+    var = node(model.graph, "dense/kernel")
+    w = input_weight(model.graph, var, "value")
+    assert w.shape == [3, 2] and w.load()[2, 1] == 5
+    listing = model.graphs[-1]
+    assert listing.name == "variables" and listing.weights["global_step"].load() == 7
+    (d / "variables" / "variables.index").write_bytes(b"\0" * 60)   # damaged index: graph still opens
+    model = open_model(d)
+    assert "not a readable TensorFlow checkpoint index" in model.properties["variables"]

@@ -1,5 +1,8 @@
 """TensorFlow: frozen GraphDef (``.pb``/``.pbtxt``), MetaGraphDef (``.meta``) and SavedModel directories.
 
+A SavedModel's ``variables/`` checkpoint is indexed (``_tensorbundle``) and its
+variables shown as weights, read on demand.
+
 Messages are described by field number from TensorFlow's ``graph.proto``,
 ``node_def.proto``, ``attr_value.proto``, ``tensor.proto``, ``function.proto``,
 ``meta_graph.proto`` and ``saved_model.proto``.  ``Const`` nodes become lazy
@@ -16,9 +19,9 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._common import GraphBuilder, count, file_bytes
+from kiln.viewer.formats._common import GraphBuilder, count, file_bytes, weights_graph
 from kiln.viewer.formats._prototext import TextFormatError, parse as parse_text
-from kiln.viewer.graph import ViewGraph, ViewModel
+from kiln.viewer.graph import ViewArgument, ViewGraph, ViewModel, ViewTensor, ViewWeight
 
 _FMT = "TensorFlow"
 
@@ -169,6 +172,12 @@ def read(path: Path) -> ViewModel:
     if not graphs[0].nodes and len(graphs) == 1 and not graph_def:
         raise _err(target, "it holds no graph nodes")
     _signature_shapes(graphs[0], signatures)
+    index = path / "variables" / "variables.index" if path.is_dir() else None
+    if index is not None and index.is_file():
+        try:
+            _attach_variables(graphs, index, props)
+        except ViewerError as exc:   # the graph is still worth showing
+            props["variables"] = str(exc)
     if lib.all("function"):
         props["functions"] = len(lib.all("function"))
     versions = graph_def.one("versions", pb.Message())
@@ -388,3 +397,20 @@ def _signature_shapes(g: ViewGraph, signatures: dict) -> None:
             if t is not None:
                 t.shape = t.shape or _shape(info.one("tensor_shape"))
                 t.dtype = t.dtype or (_dtype(info.one("dtype")) if info.one("dtype") is not None else None)
+
+
+def _attach_variables(graphs: list[ViewGraph], index: Path, props: dict[str, Any]) -> None:
+    """Checkpoint variables: fed into their variable nodes (TF1) and listed as a graph of their own."""
+    from kiln.viewer.formats._tensorbundle import variables
+
+    found = variables(index, DTYPES, _NUMPY)
+    props["variables"] = len(found)
+    main = graphs[0]
+    for n in main.nodes:
+        if n.op_type in ("VariableV2", "Variable", "VarHandleOp") and n.name in found:
+            shape, dtype, load, nbytes = found[n.name]
+            main.weights[n.name + "/value"] = ViewWeight(n.name, shape, dtype, load, nbytes)
+            main.tensors[n.name + "/value"] = ViewTensor(n.name + "/value", list(shape), dtype)
+            n.inputs.append(ViewArgument("value", [n.name + "/value"]))
+    if found:
+        graphs.append(weights_graph("variables", [(k, v[0], v[1], v[2], v[3]) for k, v in found.items()], sep="/"))
