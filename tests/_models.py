@@ -8,6 +8,7 @@ randomised too, so folding BN is checked on non-trivial values.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -90,7 +91,8 @@ def export(model: nn.Module, args: tuple, path: Path, input_names: list[str], ou
     """
     model.eval()
     training = torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # tracer chatter about Python-side shape checks
         torch.onnx.export(model, args, str(path), input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
                           training=training)

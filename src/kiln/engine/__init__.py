@@ -21,8 +21,19 @@ def rebuild_command(header: dict[str, Any], path: str) -> str:
         return cmd
     src = b.get("source") or "model.onnx"
     parts = ["kiln", "build", src, "-o", os.path.basename(path)]
-    if header.get("precision") in ("fp16", "bf16"):
+    if header.get("precision") in ("fp16", "bf16", "tf32"):
         parts.append(f"--{header['precision']}")
+    kind = header.get("device", {}).get("kind") if isinstance(header.get("device"), dict) else None
+    if kind in ("cpu", "cuda"):
+        parts += ["--device", kind]          # the CLI's default is cuda when available, so say which
+    profiles = header.get("profiles") or []
+    if profiles and isinstance(profiles[0], dict):
+        try:
+            for flag, key in (("--min-shapes", "min"), ("--opt-shapes", "opt"), ("--max-shapes", "max")):
+                parts += [flag, ",".join(f"{n}:{'x'.join(str(int(d)) for d in r[key])}"
+                                         for n, r in profiles[0].items())]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            parts = parts[:parts.index("--min-shapes")] if "--min-shapes" in parts else parts
     return " ".join(shlex.quote(p) for p in parts)
 
 
