@@ -76,3 +76,13 @@ def test_detect_damage_export(files, tmp_path):
     check_damaged(files / "func.keras", tmp_path, magic_len=4)
     check_damaged(files / "func.h5", tmp_path, magic_len=8)
     check_export(open_model(files / "func.keras"), tmp_path)
+
+
+def test_weights_only_file(files, tmp_path):
+    model = keras.models.load_model(files / "seq.keras")
+    p = tmp_path / "seq.weights.h5"
+    model.save_weights(p)
+    m = open_model(p)
+    assert m.properties["content"] == "weights only"
+    shapes = sorted(w.shape for w in m.graph.weights.values())
+    assert [3, 3, 3, 2] in shapes and [32, 3] in shapes

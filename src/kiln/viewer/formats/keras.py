@@ -79,7 +79,7 @@ def _read_h5(path: Path, h5py: Any, size: int) -> ViewModel:
                 raise _err(path, "it is an HDF5 file without a Keras model_config or layer weights")
     version = attrs.get("keras_version")
     if "model_config" not in attrs:
-        entries = [("/".join(k[0]) + "/" + k[1], w[0], w[1], w[2], None) for k, w in weights.items()]
+        entries = [("/".join(k[0]) + "/" + str(k[1]), w[0], w[1], w[2], None) for k, w in weights.items()]
         return ViewModel(format=_FMT, path=str(path), version=version, producer=attrs.get("backend"),
                          graphs=[weights_graph(path.stem, entries, sep="/")], file_size=size,
                          properties={"content": "weights only"})
