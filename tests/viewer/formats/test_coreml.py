@@ -8,8 +8,11 @@ from kiln.viewer.formats import open_model
 
 from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
 
-proto = pytest.importorskip("coremltools.proto.Model_pb2", reason="coremltools is not installed")
-from coremltools.proto import MIL_pb2  # noqa: E402
+try:   # coremltools' generated classes: an independent writer of Apple's schema
+    from coremltools.proto import MIL_pb2
+    from coremltools.proto import Model_pb2 as proto
+except Exception as exc:   # not installed, or built against an incompatible protobuf runtime
+    pytest.skip(f"coremltools' protobuf classes are unavailable ({exc})", allow_module_level=True)
 
 
 def _array(feature, name, shape):
