@@ -133,8 +133,11 @@ def make_deconvolution(attrs, ctx):
     out_pad = list(attrs.get("output_padding") or [0] * nd)
 
     def run(x, w, b=None):
-        # Transposed conv with asymmetric pads: compute with zero padding, then crop.
-        y = deconv(x, w, None, stride, 0, out_pad, groups, dil)
+        # Transposed conv with asymmetric pads: compute with zero padding, then crop. The output_padding
+        # rows get no contribution from any input, so they are appended as zeros (any size works).
+        y = deconv(x, w, None, stride, 0, 0, groups, dil)
+        if any(out_pad):
+            y = F.pad(y, _torch_pad([0] * nd, out_pad))
         slices = [slice(None), slice(None)]
         for i in range(nd):
             size = y.shape[2 + i]
@@ -234,12 +237,16 @@ def make_pooling(attrs, ctx):
         p = attrs.get("p", 2)
 
         def run_lp(x):
-            xp = F.pad(x, _torch_pad(begins, ends))
-            fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
-            area = 1
-            for k in kernel:
-                area *= k
-            y = fn(xp.abs() ** p, kernel, stride, 0, ceil) * area
+            # a sum over each (dilated) window of |x|^p: a depthwise convolution with ones
+            outs = [_pool_out(x.shape[2 + i], kernel[i], stride[i], begins[i], ends[i], dil[i], ceil) for i in range(nd)]
+            xp = F.pad(x.abs() ** p, _torch_pad(begins, ends))
+            need = [(outs[i] - 1) * stride[i] + dil[i] * (kernel[i] - 1) + 1 for i in range(nd)]
+            extra = [max(0, need[i] - xp.shape[2 + i]) for i in range(nd)]
+            if any(extra):
+                xp = F.pad(xp, _torch_pad([0] * nd, extra))
+            c = x.shape[1]
+            w = torch.ones([c, 1] + list(kernel), dtype=xp.dtype, device=x.device)
+            y = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd](xp, w, None, stride, 0, dil, c)
             return (y ** (1.0 / p),)
         return run_lp
     raise BuildError(f"Unknown pooling type {ptype!r}; use max, average or lp.")
@@ -359,4 +366,27 @@ def make_lrn(attrs, ctx):
         sq = F.pad(sq, pad)
         s = sq.unfold(2, size, 1).sum(-1).squeeze(1)
         return ((x.float() / (bias + alpha / size * s) ** beta).to(x.dtype),)
+    return run
+
+
+@tactic("MaxUnpool")
+def make_max_unpool(attrs, ctx):
+    kernel, stride = attrs["kernel"], attrs.get("stride") or [1] * len(attrs["kernel"])
+    nd = len(kernel)
+    pads = attrs.get("pads") or [0] * (2 * nd)
+
+    def run(x, indices, output_shape=None):
+        shape = list(x.shape[:2]) + [(x.shape[2 + i] - 1) * stride[i] + kernel[i] - pads[i] - pads[nd + i]
+                                     for i in range(nd)]
+        # MaxPool's indices are flat over the whole (N, C, spatial) tensor of the natural unpooled shape
+        numel = 1
+        for d in shape:
+            numel *= d
+        y = torch.zeros(numel, dtype=x.dtype, device=x.device)
+        y[indices.reshape(-1).to(torch.int64)] = x.reshape(-1)
+        y = y.reshape(shape)
+        if output_shape is not None:      # a larger requested shape grows at the end of each spatial axis
+            want = ints(output_shape)[-nd:]
+            y = F.pad(y, _torch_pad([0] * nd, [want[i] - shape[2 + i] for i in range(nd)]))
+        return (y,)
     return run

@@ -51,7 +51,9 @@ def conv_transpose(ctx, node):
         begins, ends = [], []
         for i in range(nd):
             total = strides[i] * (ins[i] - 1) + out_pad[i] + ((k[i] - 1) * dil[i] + 1) - target[i]
-            total = max(total, 0)
+            if total < 0:       # output_shape beyond the natural size: the extra rows are output padding
+                out_pad[i] -= total
+                total = 0
             if auto == "SAME_UPPER" or (out_shape and auto != "SAME_LOWER"):
                 begins.append(total // 2)
                 ends.append(total - total // 2)
@@ -104,8 +106,12 @@ converter("GlobalLpPool", since=1)(_global("lp"))
 @converter("BatchNormalization", since=1)
 def batch_norm(ctx, node):
     x, scale, bias, mean, var = (node.inputs + [None] * 5)[:5]
-    if node.num_outputs > 1 and any(node.output_names[1:]) and node.attr("training_mode", 0):
-        raise ParseError(f"Node {node.name!r} (BatchNormalization) is in training mode; export the model in eval mode.")
+    if node.attr("training_mode", 0):     # batch statistics; also the updated running mean and variance
+        n = max(1, min(3, node.num_outputs))
+        layer = ctx.add("BatchNormTraining", [x, scale, bias, mean, var],
+                        {"epsilon": node.attr("epsilon", 1e-5), "momentum": node.attr("momentum", 0.9)},
+                        num_outputs=3, output_dtypes=[x.dtype, mean.dtype, var.dtype])
+        return layer.outputs[:n]
     return ctx.add1("Normalization", [x, scale, bias, mean, var], {"type": "batch",
                                                                     "epsilon": node.attr("epsilon", 1e-5)})
 
@@ -119,8 +125,13 @@ def instance_norm(ctx, node):
 @converter("LayerNormalization", since=17)
 def layer_norm(ctx, node):
     if node.num_outputs > 1 and any(node.output_names[1:]):
-        raise ParseError(f"Node {node.name!r} (LayerNormalization) asks for Mean/InvStdDev outputs, which Kiln does "
-                         f"not produce; export for inference.")
+        stash = node.attr("stash_type", 1)
+        x = node.input(0)
+        stat = ("float64" if x.dtype == "float64" else "float32") if stash == 1 else x.dtype
+        layer = ctx.add("LayerNormStats", [x, node.input(1), node.input(2)],
+                        {"axis": node.attr("axis", -1), "epsilon": node.attr("epsilon", 1e-5), "stash_type": stash},
+                        num_outputs=3, output_dtypes=[x.dtype, stat, stat])
+        return layer.outputs[:node.num_outputs]
     return ctx.add1("Normalization", [node.input(0), node.input(1), node.input(2)],
                     {"type": "layer", "axis": node.attr("axis", -1), "epsilon": node.attr("epsilon", 1e-5)})
 
@@ -159,3 +170,11 @@ def pad_v11(ctx, node):
         attrs["value"] = np.asarray(v).reshape(-1)[0].item()
         value = None
     return ctx.add1("Padding", [x, pads, value, axes], attrs)
+
+
+@converter("MaxUnpool", since=9)
+def max_unpool(ctx, node):
+    k = list(node.attr("kernel_shape"))
+    return ctx.add1("MaxUnpool", [node.input(0), node.input(1), node.input(2)],
+                    {"kernel": k, "stride": list(node.attr("strides") or [1] * len(k)),
+                     "pads": list(node.attr("pads") or [0] * (2 * len(k)))}, dtype=node.input(0).dtype)
