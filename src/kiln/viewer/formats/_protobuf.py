@@ -158,6 +158,8 @@ def decode(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema],
             key, val = _map_entry(value, ktype, vtype, registry, _depth)
             msg.setdefault(name, {})[key] = val
         elif kind.startswith("raw:"):
+            if wt not in wire_types(kind, registry):
+                raise ProtoError(f"wire type {wt} for numeric field {type_name}.{name}")
             msg.setdefault(name, []).append(value)   # keep bytes; see raw_array()
         else:
             msg.setdefault(name, []).extend(_scalar(kind, wt, value))

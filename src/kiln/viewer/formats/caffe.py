@@ -178,7 +178,10 @@ def _blob_shape(blob: pb.Message) -> list[int]:
     if isinstance(shape, pb.Message):
         return [int(d) for d in shape.all("dim")]
     legacy = [int(blob.one(k, 0) or 0) for k in ("num", "channels", "height", "width")]
-    return legacy if any(legacy) else [len(blob.all("data"))]
+    if any(legacy):
+        return legacy
+    data = blob.all("data")
+    return [sum(len(c) // 4 for c in data) if data and not isinstance(data[0], (int, float)) else len(data)]
 
 
 def _blob_loader(blob: pb.Message, shape: list[int]):

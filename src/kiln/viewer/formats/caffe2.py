@@ -126,6 +126,8 @@ def _fill_loader(op_type: str, args: dict[str, pb.Message], shape: list[int]):
         values = args.get("values")
         n = count(shape)
         if values is None:
+            if n is None or n > 1 << 26:
+                raise ValueError(f"a {op_type} of shape {shape} is too large to show")
             v = _arg_value(args["value"]) if "value" in args else 0
             return np.full(shape, v, dtype=dtype if dtype != "object" else "float32")
         if op_type == "GivenTensorByteStringToUInt8Fill" or (op_type.startswith("Int8") and "s" in values):

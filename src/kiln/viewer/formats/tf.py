@@ -84,6 +84,7 @@ _NUMPY = {"float32": "<f4", "float64": "<f8", "int32": "<i4", "uint8": "u1", "in
 _VALS = {"float32": "float_val", "float64": "double_val", "int64": "int64_val", "bool": "bool_val",
          "float16": "half_val", "bfloat16": "half_val", "uint32": "uint32_val", "uint64": "uint64_val",
          "complex64": "scomplex_val", "complex128": "dcomplex_val"}
+_MAX_FILL = 1 << 26   # elements; TF stores large constant fills as one value
 _ARGS = {"Conv2D": ["input", "filter"], "Conv3D": ["input", "filter"], "DepthwiseConv2dNative": ["input", "filter"],
          "MatMul": ["a", "b"], "BatchMatMulV2": ["x", "y"], "BiasAdd": ["value", "bias"],
          "FusedBatchNorm": ["x", "scale", "offset", "mean", "variance"],
@@ -295,6 +296,8 @@ def _tensor_array(t: pb.Message) -> np.ndarray:
         else:
             arr = arr.astype(npdt)
         if n is not None and arr.size == 1 and n != 1:
+            if n > _MAX_FILL:
+                raise ValueError(f"a tensor of {n} copies of one value is too large to show")
             arr = np.full(n, arr[0], dtype=arr.dtype)
     if dtype == "bfloat16" and content is not None:
         arr = (arr.astype(np.uint32) << 16).view(np.float32)
