@@ -167,3 +167,23 @@ define_layer("RotaryEmbedding", 3, 4, "x, cos_cache, sin_cache, position_ids?; a
              "rotary_embedding_dim")
 define_layer("NLLLoss", 2, 3, "negative log-likelihood: log-probs [N, C, ...], target [N, ...], weight? [C]; attrs "
              "reduction (none, sum, mean), ignore_index")
+define_layer("Unique", 1, 1, "unique values (or slices along attrs axis); outputs y, first indices, inverse indices, "
+             "counts; attrs axis, sorted (else order of first occurrence); data-dependent shape")
+define_layer("Compress", 2, 2, "x, condition (1-D bool) → the slices along attrs axis (flattened when None) where it holds")
+define_layer("ReverseSequence", 2, 2, "x, sequence_lens → each batch's first lens[b] steps reversed; attrs batch_axis, "
+             "time_axis")
+define_layer("TensorScatter", 2, 3, "cache, update, write_indices? → cache with update written per batch at the index "
+             "along attrs axis; attrs mode (linear, circular)")
+define_layer("EyeLike", 1, 1, "a 2-D identity-like tensor shaped like x (output dtype from the layer); attrs k")
+define_layer("CenterCropPad", 2, 2, "x, shape (host) → centered crop or zero pad to shape on attrs axes",
+             host_inputs=(1,))
+define_layer("BitCast", 1, 1, "reinterpret the bits as attrs to (same element size)")
+define_layer("Col2Im", 3, 3, "columns [N, C*prod(block), L], image_shape, block_shape (host) → image, summing overlaps; "
+             "attrs dilations, pads, strides", host_inputs=(1, 2))
+define_layer("Hardmax", 1, 1, "one-hot of the (first) maximum along attrs axis")
+define_layer("Det", 1, 1, "determinant of the trailing square matrices")
+define_layer("QLinearOp", 8, 9, "quantized matmul/conv with requantization: a, a_scale, a_zero_point, b, b_scale, "
+             "b_zero_point, y_scale, y_zero_point, bias? (int32, conv); attrs op (matmul, conv) and for conv stride, "
+             "pads, dilation, groups; integer arithmetic, round half to even, saturate")
+define_layer("IntegerOp", 2, 4, "integer matmul/conv: a, b, a_zero_point?, b_zero_point? → int32; attrs op (matmul, "
+             "conv) and for conv stride, pads, dilation, groups")

@@ -26,6 +26,7 @@ def activation_fn(kind: str, alpha: float = 0.0, beta: float = 0.0):
         "gelu": lambda x: F.gelu(x),
         "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "silu": F.silu,
+        "swish": lambda x: x * torch.sigmoid(a * x),
         "mish": lambda x: x * torch.tanh(F.softplus(x)),
         "hard_swish": lambda x: x * torch.clamp(x / 6 + 0.5, 0, 1),
         "thresholded_relu": lambda x: torch.where(x > a, x, torch.zeros_like(x)),
@@ -71,9 +72,22 @@ def make_unary(attrs, ctx):
     fn = _UNARY.get(op)
     if fn is None:
         raise BuildError(f"Unknown unary op {op!r}; known: {', '.join(sorted(_UNARY))}, isinf.")
-    if op in ("ceil", "floor", "round", "sign", "abs", "neg") :
-        return lambda x: (fn(x),)
-    return lambda x: (fn(x),)
+    if op in ("ceil", "floor", "round") :
+        return lambda x: (fn(x) if x.dtype.is_floating_point else x.clone(),)
+    return lambda x: (_widened(fn, x),)
+
+
+_WIDE_UNSIGNED = tuple(d for d in (getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                                   getattr(torch, "uint64", None)) if d is not None)
+
+
+def _widened(fn, *xs):
+    """torch has almost no kernels for uint16/32/64: compute in int64 (same bits, wraps the same) and cast back."""
+    if not any(x.dtype in _WIDE_UNSIGNED for x in xs):
+        return fn(*xs)
+    dtype = next(x.dtype for x in xs if x.dtype in _WIDE_UNSIGNED)
+    y = fn(*[x.to(torch.int64) if x.dtype in _WIDE_UNSIGNED else x for x in xs])
+    return y if y.dtype == torch.bool or y.dtype.is_floating_point else y.to(dtype)
 
 
 def _pow(a, b):
@@ -130,7 +144,7 @@ def make_elementwise(attrs, ctx):
     def run(*xs):
         out = xs[0]
         for x in xs[1:]:
-            out = fn(out, x)
+            out = _widened(fn, out, x)
         if len(xs) == 1 and op in ("sum", "max", "min"):
             out = out.clone() if not out.is_meta else out
         return (out,)

@@ -157,7 +157,8 @@ def make_gather(attrs, ctx):
         if i.device != x.device:
             i = i.to(x.device)
         if i.dim() == 0:
-            return (x.select(a, int(i)) if not i.is_meta else torch.index_select(x, a, i.reshape(1)).squeeze(a),)
+            # index_select keeps the index on the device: no host sync, so CUDA-graph capture works
+            return (torch.index_select(x, a, i.reshape(1)).squeeze(a),)
         out = torch.index_select(x, a, i.reshape(-1))
         return (out.reshape(list(x.shape[:a]) + list(i.shape) + list(x.shape[a + 1:])),)
     return run
@@ -383,12 +384,14 @@ def make_nonzero(attrs, ctx):
 @tactic("CumSum")
 def make_cumsum(attrs, ctx):
     excl, rev = attrs.get("exclusive", 0), attrs.get("reverse", 0)
+    prod = attrs.get("op", "sum") == "prod"       # CumProd shares the layer
 
     def run(x, axis):
         a = norm_axis(ints(axis)[0], x.dim())
         y = torch.flip(x, [a]) if rev else x
-        c = torch.cumsum(y, a, dtype=x.dtype)
-        if excl:
-            c = c - y
+        if excl:                 # shift by one along the axis, seeding with the identity (0 or 1)
+            seed = torch.ones_like(y.narrow(a, 0, 1)) if prod else torch.zeros_like(y.narrow(a, 0, 1))
+            y = torch.cat([seed, y.narrow(a, 0, y.shape[a] - 1)], a)
+        c = torch.cumprod(y, a, dtype=x.dtype) if prod else torch.cumsum(y, a, dtype=x.dtype)
         return (torch.flip(c, [a]) if rev else c,)
     return run

@@ -44,6 +44,17 @@ def _graph_inputs(model) -> list:
     return [vi for vi in model.graph.input if vi.name not in inits]
 
 
+def _is_tensor(vi) -> bool:
+    return vi.type.HasField("tensor_type")
+
+
+def _feed(v: Any) -> Any:
+    """Arrays pass as they are; sequences (lists) and empty optionals (None) stay Python values."""
+    if isinstance(v, (np.ndarray, list)) or v is None:
+        return v
+    return np.asarray(v)
+
+
 def _static_dims(vi) -> list[int] | None:
     """The input's dims when all are known numbers, else None."""
     tt = vi.type.tensor_type
@@ -67,12 +78,16 @@ class KilnRep(BackendRep):
         self.inputs = _graph_inputs(model)
         self.output_names = [vi.name for vi in model.graph.output]
         self._contexts: dict[tuple, Any] = {}
-        self._static = all(_static_dims(vi) is not None for vi in self.inputs)
+        self._static = all(_static_dims(vi) is not None for vi in self.inputs if _is_tensor(vi))
         self._network = None
         if self._static:
-            self._context_for(tuple(tuple(_static_dims(vi)) for vi in self.inputs))
+            self._context_for(self._static_key())
         else:
-            self._network = self._parse(model) if all(self._has_rank(vi) for vi in self.inputs) else None
+            self._network = self._parse(model) if all(self._has_rank(vi) for vi in self.inputs
+                                                      if _is_tensor(vi)) else None
+
+    def _static_key(self) -> tuple:
+        return tuple(tuple(_static_dims(vi)) if _is_tensor(vi) else None for vi in self.inputs)
 
     @staticmethod
     def _has_rank(vi) -> bool:
@@ -100,13 +115,13 @@ class KilnRep(BackendRep):
                 by_name = {vi.name: vi for vi in model.graph.input}
                 for vi, shape in zip(self.inputs, shapes):
                     target = by_name[vi.name]
-                    if not self._has_rank(target) and target.type.HasField("tensor_type"):
+                    if shape is not None and not self._has_rank(target) and _is_tensor(target):
                         for d in shape:
                             target.type.tensor_type.shape.dim.add().dim_value = int(d)
                 network = self._parse(model)
         if not self._static:
             profile = {vi.name: tuple(s) for vi, s in zip(self.inputs, shapes)
-                       if any(not isinstance(d, int) for d in (network.tensors[vi.name].shape or ()))}
+                       if _is_tensor(vi) and any(not isinstance(d, int) for d in (network.tensors[vi.name].shape or ()))}
         config = BuildConfig(device=self.device, profiles=profile or None,
                              optimization_level=int(self.build_options.get("optimization_level", 0)),
                              precision=self.build_options.get("precision", "fp32"))
@@ -118,18 +133,19 @@ class KilnRep(BackendRep):
     def run(self, inputs: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Run on ``inputs`` (a list in graph-input order, a dict by name, or one array)."""
         if isinstance(inputs, dict):
-            feeds = {k: np.asarray(v) for k, v in inputs.items()}
+            feeds = {k: _feed(v) for k, v in inputs.items()}
         else:
             if isinstance(inputs, np.ndarray) or not isinstance(inputs, (list, tuple)):
                 inputs = [inputs]
             if len(inputs) != len(self.inputs):
                 raise KilnError(f"The model takes {len(self.inputs)} inputs "
                                 f"({', '.join(vi.name for vi in self.inputs)}); got {len(inputs)}.")
-            feeds = {vi.name: np.asarray(v) if not isinstance(v, np.ndarray) else v
-                     for vi, v in zip(self.inputs, inputs)}
-        shapes = tuple(tuple(int(d) for d in feeds[vi.name].shape) if vi.name in feeds else () for vi in self.inputs)
-        ctx = self._context_for(shapes if not self._static else
-                                tuple(tuple(_static_dims(vi)) for vi in self.inputs))
+            feeds = {vi.name: _feed(v) for vi, v in zip(self.inputs, inputs)}
+        if self._static:
+            ctx = self._context_for(self._static_key())
+        else:
+            ctx = self._context_for(tuple(tuple(int(d) for d in feeds[vi.name].shape)
+                                          if _is_tensor(vi) and vi.name in feeds else None for vi in self.inputs))
         results = ctx.run(feeds)
         return tuple(results[n] for n in self.output_names)
 

@@ -84,10 +84,36 @@ def clip_v11(ctx, node):
     return y
 
 
-@converter("PRelu", since=1)
-def prelu(ctx, node):
+def _prelu(ctx, node, channel_slope: bool):
+    """Before opset 7 a 1-D slope of C values applies along the channel axis (dim 1), not the last."""
     x, slope = node.input(0), node.input(1)
-    return ctx.add1("ElementWise", [x, slope], {"op": "prelu"})
+    if (channel_slope and slope.is_constant and slope.value.ndim == 1 and slope.value.size > 1
+            and x.rank is not None and x.rank > 2):
+        slope = ctx.const(slope.value.reshape([-1] + [1] * (x.rank - 2)))
+    return ctx.add1("ElementWise", [x, slope], {"op": "prelu"}, dtype=x.dtype)
+
+
+@converter("PRelu", since=1)
+def prelu_v1(ctx, node):
+    return _prelu(ctx, node, channel_slope=True)
+
+
+@converter("PRelu", since=7)
+def prelu_v7(ctx, node):
+    return _prelu(ctx, node, channel_slope=False)
+
+
+@converter("Swish", since=24)
+def swish(ctx, node):
+    return ctx.add1("Activation", [node.input(0)], {"type": "swish", "alpha": node.attr("alpha", 1.0)},
+                    dtype=node.input(0).dtype)
+
+
+@converter("SwiGLU", since=28)
+def swiglu(ctx, node):
+    a, b = node.input(0), node.input(1)
+    gate = ctx.add1("Activation", [a], {"type": "swish", "alpha": node.attr("alpha", 1.0)}, dtype=a.dtype)
+    return ctx.add1("ElementWise", [gate, b], {"op": "prod"}, dtype=a.dtype)
 
 
 def _softmax(log: bool):

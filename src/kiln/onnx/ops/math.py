@@ -122,3 +122,71 @@ def cumsum(ctx, node):
 @converter("Where", since=9)
 def where(ctx, node):
     return ctx.add1("Where", [node.input(0), node.input(1), node.input(2)])
+
+
+@converter("CumProd", since=26)
+def cumprod(ctx, node):
+    x = node.input(0)
+    return ctx.add1("CumSum", [x, node.input(1)], {"exclusive": node.attr("exclusive", 0),
+                                                   "reverse": node.attr("reverse", 0), "op": "prod"}, dtype=x.dtype)
+
+
+@converter("Det", since=11)
+def det(ctx, node):
+    x = node.input(0)
+    return ctx.add1("Det", [x], {}, dtype=x.dtype)
+
+
+def _hardmax(ctx, node, coerce_2d: bool):
+    """Opsets < 13 flatten to 2-D at axis and take the max over the whole tail, as Softmax did."""
+    x = node.input(0)
+    axis = node.attr("axis", 1 if coerce_2d else -1)
+    if not coerce_2d or (x.rank is not None and axis in (-1, x.rank - 1)):
+        return ctx.add1("Hardmax", [x], {"axis": axis}, dtype=x.dtype)
+    shape = ctx.add1("Shape", [x], {"start": 0, "end": None}, dtype="int64")
+    flat = ctx.add1("Flatten", [x], {"axis": axis}, dtype=x.dtype)
+    hm = ctx.add1("Hardmax", [flat], {"axis": -1}, dtype=x.dtype)
+    return ctx.add1("Shuffle", [hm, shape], {"first_transpose": None, "reshape": None, "second_transpose": None,
+                                             "allowzero": False}, dtype=x.dtype)
+
+
+@converter("Hardmax", since=1)
+def hardmax_v1(ctx, node):
+    return _hardmax(ctx, node, coerce_2d=True)
+
+
+@converter("Hardmax", since=13)
+def hardmax_v13(ctx, node):
+    return _hardmax(ctx, node, coerce_2d=False)
+
+
+@converter("LpNormalization", since=1)
+def lp_normalization(ctx, node):
+    """x / ||x||_p along axis (p = 1 or 2); an all-zero slice stays zero."""
+    x = node.input(0)
+    p = node.attr("p", 2)
+    norm = ctx.add1("Reduce", [x], {"op": "l1" if p == 1 else "l2", "axes": [node.attr("axis", -1)], "keepdims": True,
+                                    "noop_with_empty_axes": False}, dtype=x.dtype)
+    y = ctx.add1("ElementWise", [x, norm], {"op": "div"}, dtype=x.dtype)
+    zero = ctx.const(0, x.dtype)
+    is_zero = ctx.add1("ElementWise", [norm, zero], {"op": "equal"}, dtype="bool")
+    return ctx.add1("Where", [is_zero, zero, y], dtype=x.dtype)
+
+
+@converter("MeanVarianceNormalization", since=9)
+def mean_variance_normalization(ctx, node):
+    """(x - E[x]) / (sqrt(E[x²] - E[x]²) + 1e-9) over axes, as the op's function body computes it."""
+    x = node.input(0)
+    axes = list(node.attr("axes", [0, 2, 3]))
+
+    def mean(t):
+        return ctx.add1("Reduce", [t], {"op": "mean", "axes": axes, "keepdims": True, "noop_with_empty_axes": False},
+                        dtype=x.dtype)
+
+    def ew(op, a, b):
+        return ctx.add1("ElementWise", [a, b], {"op": op}, dtype=x.dtype)
+
+    mu = mean(x)
+    var = ew("sub", mean(ew("prod", x, x)), ew("prod", mu, mu))
+    std = ctx.add1("Unary", [var], {"op": "sqrt"}, dtype=x.dtype)
+    return ew("div", ew("sub", x, mu), ew("sum", std, ctx.const(1e-9, x.dtype)))
