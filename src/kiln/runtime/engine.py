@@ -120,6 +120,19 @@ def _np_to_torch(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _typed_array(v: Any, dtype: str) -> np.ndarray:
+    """Python lists and scalars carry no dtype: take the input's (numpy would pick float64/int64)."""
+    from kiln.ir.dtypes import np_dtype
+    arr = np.asarray(v)
+    try:
+        want = np_dtype(dtype)
+    except KilnError:
+        return arr
+    if arr.dtype.kind in "biuf" and np.can_cast(arr.dtype, want, casting="same_kind"):
+        return arr.astype(want)
+    return arr        # strings, or floats for an integer input: the checks below name the problem
+
+
 def _torch_to_np(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.device.type != "cpu":
@@ -256,7 +269,7 @@ class ExecutionContext:
                 out_device = out_device or v.device
                 t = v
             elif isinstance(v, np.ndarray) or np.isscalar(v) or isinstance(v, (list, tuple)):
-                arr = np.asarray(v)
+                arr = np.asarray(v) if isinstance(v, np.ndarray) else _typed_array(v, self._inputs[n]["dtype"])
                 if arr.dtype == object or arr.dtype.kind in "US":
                     raise ShapeError(f"Input {n!r} holds strings; Kiln engines take numeric tensors only.")
                 t = _np_to_torch(np.require(arr, requirements="C"))   # keeps 0-d arrays 0-d
