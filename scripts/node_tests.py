@@ -32,10 +32,20 @@ def collect(pattern: str) -> list[Any]:
     return [c for c in cases if rx.search(c.name)]
 
 
+def _array(v: Any) -> Any:
+    """Cases give some values as TensorProto (types numpy lacks a literal for); make them arrays."""
+    from onnx import TensorProto, numpy_helper
+    if isinstance(v, TensorProto):
+        return numpy_helper.to_array(v)
+    if isinstance(v, (list, tuple)):
+        return [_array(x) for x in v]
+    return v
+
+
 def _feeds(model, inputs: list[Any]) -> dict[str, Any]:
     init = {t.name for t in model.graph.initializer}
     names = [vi.name for vi in model.graph.input if vi.name not in init]
-    return dict(zip(names, inputs))
+    return dict(zip(names, [_array(v) for v in inputs]))
 
 
 def _profiles(net, feeds: list[dict[str, Any]]) -> dict[str, tuple]:
@@ -54,6 +64,7 @@ def _profiles(net, feeds: list[dict[str, Any]]) -> dict[str, tuple]:
 
 def compare(ref: Any, out: Any, rtol: float, atol: float, where: str = "output") -> None:
     """Raise AssertionError unless ``out`` matches ``ref`` as onnx's backend test requires."""
+    ref = _array(ref)
     if isinstance(ref, (list, tuple)):
         if not isinstance(out, (list, tuple)):
             raise AssertionError(f"{where}: expected a sequence of {len(ref)}, got {type(out).__name__}")

@@ -1,0 +1,147 @@
+"""Quantize/dequantize and the integer ops (QLinearMatMul/QLinearConv, MatMulInteger/ConvInteger).
+
+Integer products are computed in float64: exact for every int8/uint8/int16 product sum a
+model can hold (< 2**53), and float64 matmul/convolution exist on CPU and CUDA where
+integer ones do not. Rounding is half to even (torch.round), as ONNX specifies.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import BuildError
+from kiln.kernels._util import norm_axis, torch_dtype
+from kiln.kernels.registry import tactic
+
+RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767),
+          "int32": (-2 ** 31, 2 ** 31 - 1)}
+
+
+def _broadcast(v: torch.Tensor | None, x: torch.Tensor, axis: int, block: int) -> torch.Tensor | None:
+    """Scale/zero point as per-tensor (scalar), per-axis (1-D along ``axis``) or blocked (same rank)."""
+    if v is None or v.dim() == 0 or v.numel() == 1 and not block:
+        return v.reshape(()) if v is not None else None
+    axis = norm_axis(axis, x.dim())
+    if not block:
+        shape = [1] * x.dim()
+        shape[axis] = v.numel()
+        return v.reshape(shape)
+    v = v.repeat_interleave(block, dim=axis)
+    return v.narrow(axis, 0, x.shape[axis])
+
+
+@tactic("QuantizeLinear")
+def make_quantize(attrs, ctx):
+    out = attrs["to"]
+    if out not in RANGES:
+        raise BuildError(f"QuantizeLinear {ctx.layer_name!r} to {out} is not supported; Kiln quantizes to "
+                         f"{', '.join(RANGES)}.")
+    lo, hi = RANGES[out]
+    axis, block = attrs.get("axis", 1), attrs.get("block_size", 0) or 0
+    dt = torch_dtype(out)
+
+    def run(x, scale, zero_point=None):
+        s = _broadcast(scale, x, axis, block)
+        q = torch.round(x / s).to(torch.int64)
+        if zero_point is not None:
+            q = q + _broadcast(zero_point, x, axis, block).to(torch.int64)
+        return (q.clamp(lo, hi).to(dt),)
+    return run
+
+
+@tactic("DequantizeLinear")
+def make_dequantize(attrs, ctx):
+    axis, block = attrs.get("axis", 1), attrs.get("block_size", 0) or 0
+    out = attrs.get("to")
+
+    def run(x, scale, zero_point=None):
+        dx = x.to(torch.float32)
+        if zero_point is not None:
+            dx = dx - _broadcast(zero_point, x, axis, block).to(torch.float32)
+        y = dx * _broadcast(scale, x, axis, block)
+        return (y.to(torch_dtype(out) if out else scale.dtype),)
+    return run
+
+
+@tactic("DynamicQuantizeLinear")
+def make_dynamic_quantize(attrs, ctx):
+    def run(x):
+        xf = x.to(torch.float32)
+        hi = torch.clamp(xf.max(), min=0.0) if xf.numel() else torch.tensor(0.0)
+        lo = torch.clamp(xf.min(), max=0.0) if xf.numel() else torch.tensor(0.0)
+        scale = torch.where(hi == lo, torch.ones_like(hi), hi - lo) / 255.0
+        zp = torch.round(torch.clamp(0.0 - lo / scale, 0.0, 255.0))
+        y = torch.clamp(torch.round(xf / scale) + zp, 0, 255)
+        return (y.to(torch.uint8), scale.to(x.dtype), zp.to(torch.uint8))
+    return run
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _product(attrs):
+    """The float64 matmul or convolution of two zero-point-corrected integer tensors."""
+    if attrs["op"] == "matmul":
+        return lambda a, b: torch.matmul(a, b)
+    stride, dil, groups = attrs["stride"], attrs["dilation"], attrs.get("groups", 1)
+    nd = len(stride)
+    begins, ends = list(attrs["pads"][:nd]), list(attrs["pads"][nd:])
+
+    def conv(a, b):
+        if begins != ends:
+            pad: list[int] = []
+            for bg, en in zip(reversed(begins), reversed(ends)):
+                pad += [bg, en]
+            return _CONV[nd](F.pad(a, pad), b, None, stride, 0, dil, groups)
+        return _CONV[nd](a, b, None, stride, begins, dil, groups)
+    return conv
+
+
+def _centered(v: torch.Tensor, zp: torch.Tensor | None, axis_len_dim: int | None) -> torch.Tensor:
+    """``v - zp`` in float64; a 1-D zero point lies along ``axis_len_dim`` (rows of A, output channels of W)."""
+    out = v.to(torch.float64)
+    if zp is None:
+        return out
+    z = zp.to(torch.float64)
+    if z.dim() == 1 and z.numel() > 1 and axis_len_dim is not None:
+        shape = [1] * v.dim()
+        shape[axis_len_dim] = z.numel()
+        z = z.reshape(shape)
+    elif z.numel() == 1:
+        z = z.reshape(())
+    return out - z
+
+
+@tactic("IntegerOp")
+def make_integer_op(attrs, ctx):
+    prod = _product(attrs)
+    is_conv = attrs["op"] == "conv"
+
+    def run(a, b, a_zp=None, b_zp=None):
+        # per-row zero point of A [.., M, K] (dim -2); per-column of B [.., K, N] (dim -1); per-channel of W (dim 0)
+        ac = _centered(a, a_zp, None if is_conv else a.dim() - 2)
+        bc = _centered(b, b_zp, 0 if is_conv else b.dim() - 1)
+        return (prod(ac, bc).to(torch.int32),)
+    return run
+
+
+@tactic("QLinearOp")
+def make_qlinear_op(attrs, ctx):
+    prod = _product(attrs)
+    is_conv = attrs["op"] == "conv"
+
+    def run(a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp, bias=None):
+        acc = prod(_centered(a, a_zp, None), _centered(b, b_zp, 0 if is_conv else None))
+        if bias is not None:
+            acc = acc + bias.to(torch.float64).reshape([1, -1] + [1] * (acc.dim() - 2))
+        ws = b_scale
+        if is_conv and ws.numel() > 1:
+            ws = ws.reshape([1, -1] + [1] * (acc.dim() - 2))
+        mult = (a_scale * ws / y_scale).to(torch.float64)     # in the scales' precision, as the reference does
+        r = acc * mult
+        out_dt = y_zp.dtype if y_zp is not None else a.dtype
+        if y_zp is not None:
+            r = r + y_zp.to(torch.float64)
+        lo, hi = RANGES[str(out_dt).replace("torch.", "")]
+        return (torch.round(r).clamp(lo, hi).to(out_dt),)
+    return run
