@@ -9,5 +9,5 @@ __all__ = ["parse", "converter", "lookup", "supported_ops", "check"]
 
 def check(model, plugins=()):
     """List every node Kiln cannot map (name, op, domain, opset), without building."""
-    from kiln.onnx.check import check as _check
+    from kiln.onnx.support import check as _check   # not kiln.onnx.check: that name is this function
     return _check(model, plugins=plugins)
