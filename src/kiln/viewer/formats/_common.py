@@ -122,7 +122,8 @@ class GraphBuilder:
     def weight(self, name: str, shape: Any, dtype: str | None, load: Callable[[], Any] | None = None,
                nbytes: int | None = None) -> str:
         shp = [int(d) for d in shape] if shape is not None else None
-        self.graph.weights[name] = ViewWeight(name=name, shape=shp, dtype=dtype, load=load, nbytes=nbytes)
+        self.graph.weights[name] = ViewWeight(name=name, shape=shp, dtype=dtype, load=guarded(load, name),
+                                              nbytes=nbytes)
         self.tensor(name, shp, dtype)
         return name
 
@@ -161,6 +162,21 @@ class GraphBuilder:
         for t in g.inputs + g.outputs:
             g.tensors.setdefault(t.name, t)
         return g
+
+
+def guarded(load: Callable[[], Any] | None, name: str) -> Callable[[], Any] | None:
+    """A loader whose failures (damaged bytes, odd dtypes) surface as one ViewerError line."""
+    if load is None:
+        return None
+
+    def run() -> Any:
+        try:
+            return load()
+        except ViewerError:
+            raise
+        except Exception as exc:   # noqa: BLE001 - any reader bug or bad byte becomes a clear message
+            raise ViewerError(f"The values of weight {name!r} cannot be read: {exc}.") from None
+    return run
 
 
 def _ordered(arg_lists: Iterable[list[ViewArgument]]) -> list[str]:

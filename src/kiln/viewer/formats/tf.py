@@ -19,7 +19,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._common import GraphBuilder, count, file_bytes, weights_graph
+from kiln.viewer.formats._common import GraphBuilder, count, file_bytes, guarded, weights_graph
 from kiln.viewer.formats._prototext import TextFormatError, parse as parse_text
 from kiln.viewer.graph import ViewArgument, ViewGraph, ViewModel, ViewTensor, ViewWeight
 
@@ -412,7 +412,7 @@ def _attach_variables(graphs: list[ViewGraph], index: Path, props: dict[str, Any
     for n in main.nodes:
         if n.op_type in ("VariableV2", "Variable", "VarHandleOp") and n.name in found:
             shape, dtype, load, nbytes = found[n.name]
-            main.weights[n.name + "/value"] = ViewWeight(n.name, shape, dtype, load, nbytes)
+            main.weights[n.name + "/value"] = ViewWeight(n.name, shape, dtype, guarded(load, n.name), nbytes)
             main.tensors[n.name + "/value"] = ViewTensor(n.name + "/value", list(shape), dtype)
             n.inputs.append(ViewArgument("value", [n.name + "/value"]))
     if found:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kiln.errors import ViewerError
+from kiln.viewer.formats._common import guarded
 from kiln.viewer.formats._protobuf import Message
 from kiln.viewer.graph import ViewModel
 
@@ -153,7 +154,7 @@ def _graph_model(path: Path, topology: dict, weights: dict) -> ViewModel:
     for name, (shape, dtype, load) in weights.items():
         if name in g.weights:
             w = g.weights[name]
-            w.shape, w.dtype, w.load = shape, dtype, load
+            w.shape, w.dtype, w.load = shape, dtype, guarded(load, name)
     return ViewModel(format=_FMT, graphs=graphs, properties={"content": "graph model"})
 
 
