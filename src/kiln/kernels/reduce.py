@@ -8,6 +8,7 @@ from kiln.kernels._util import ints, norm_axis
 from kiln.kernels.registry import tactic
 
 _LOW = (torch.float16, torch.bfloat16)
+_GATHERABLE = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 
 
 def _acc(x):
@@ -35,7 +36,9 @@ def make_reduce(attrs, ctx):
             shape = [1 if i in dims else s for i, s in enumerate(x.shape)] if keep else \
                 [s for i, s in enumerate(x.shape) if i not in dims]
             fill = float("-inf") if op == "max" else float("inf")
-            if not x.dtype.is_floating_point:
+            if x.dtype == torch.bool:
+                fill = op == "min"
+            elif not x.dtype.is_floating_point:
                 info = torch.iinfo(x.dtype)
                 fill = info.min if op == "max" else info.max
             return (torch.full(shape, fill, dtype=x.dtype, device=x.device),)
@@ -170,5 +173,7 @@ def make_topk(attrs, ctx):
         key = _acc(x) if x.is_floating_point() else x.to(torch.int64)
         order = torch.sort(key, dim=a, descending=largest, stable=True).indices
         idx = order.narrow(a, 0, kk)
-        return (torch.gather(x, a, idx), idx)
+        if x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or x.dtype in _GATHERABLE:
+            return (torch.gather(x, a, idx), idx)
+        return (torch.gather(key, a, idx).to(x.dtype), idx)      # uint16/32/64: no gather kernel
     return run

@@ -341,10 +341,12 @@ def make_d2s(attrs, ctx):
 @tactic("SpaceToDepth")
 def make_s2d(attrs, ctx):
     bs = attrs["blocksize"]
+    crd = attrs.get("mode", "DCR") == "CRD"       # opset 28: channel-major block order
 
     def run(x):
         n, c, h, w = x.shape
-        y = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+        y = x.reshape(n, c, h // bs, bs, w // bs, bs)
+        y = y.permute(0, 1, 3, 5, 2, 4) if crd else y.permute(0, 3, 5, 1, 2, 4)
         return (y.reshape(n, c * bs * bs, h // bs, w // bs),)
     return run
 

@@ -130,6 +130,12 @@ class ConvertContext:
             k += 1
             name = f"{base}/{kind}_{k}"
         existing.add(name)
+        if output_dtypes is None:
+            # until shape inference knows better, outputs take the first input's type (not float32): a Cast
+            # after an op whose shapes are only known at run time must not look like a no-op
+            first = next((t.dtype for t in inputs if t is not None), None)
+            if first is not None and first != "float32" and "(" not in first:
+                output_dtypes = [first] * num_outputs
         layer = self.net.add_layer(kind, list(inputs), attrs or {}, num_outputs=num_outputs, name=name,
                                    origin=[self.node.name] if self.node is not None else [],
                                    output_names=[self.net.unique_name(f"{name}:{i}") for i in range(num_outputs)],

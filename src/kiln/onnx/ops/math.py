@@ -121,7 +121,7 @@ def cumsum(ctx, node):
 
 @converter("Where", since=9)
 def where(ctx, node):
-    return ctx.add1("Where", [node.input(0), node.input(1), node.input(2)])
+    return ctx.add1("Where", [node.input(0), node.input(1), node.input(2)], dtype=node.input(1).dtype)
 
 
 @converter("CumProd", since=26)

@@ -235,7 +235,8 @@ def depth_to_space(ctx, node):
 
 @converter("SpaceToDepth", since=1)
 def space_to_depth(ctx, node):
-    return ctx.add1("SpaceToDepth", [node.input(0)], {"blocksize": node.attr("blocksize")})
+    return ctx.add1("SpaceToDepth", [node.input(0)], {"blocksize": node.attr("blocksize"),
+                                                      "mode": node.attr("mode", "DCR")})
 
 
 @converter("Trilu", since=14)
