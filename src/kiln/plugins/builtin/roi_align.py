@@ -1,0 +1,298 @@
+"""RoiAlign (ONNX opset 10/16): pool a fixed-size feature patch for each region of interest.
+
+Two-stage detectors (Faster/Mask R-CNN) run it on every FPN level. Semantics follow
+ONNX Runtime exactly, including its ``max`` mode (the max of the bilinear-*weighted*
+corner values, not of the interpolated samples) and the legacy ``output_half_pixel``
+mode that forces malformed ROIs to at least 1x1.
+
+GPU: one Triton program per (ROI, block of channels) computes the sample coordinates
+and weights once for all bins and reuses them for every channel in its block.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from types import SimpleNamespace
+from typing import Any
+
+from kiln.errors import PluginError
+from kiln.plugins.base import Plugin, TensorDesc, field
+from kiln.plugins.builtin import _util
+from kiln.plugins.registry import register
+
+_FLOATS = ("float32", "float16", "bfloat16")
+
+
+def roi_align_fields(attrs: dict, opset: int) -> dict:
+    """Field values for an ONNX RoiAlign node; opset 16 changed only the default transformation mode."""
+    default_ctm = "output_half_pixel" if opset < 16 else "half_pixel"
+    return {
+        "mode": _util.attr_str(attrs.get("mode", "avg")),
+        "output_height": int(attrs.get("output_height", 1)),
+        "output_width": int(attrs.get("output_width", 1)),
+        "sampling_ratio": int(attrs.get("sampling_ratio", 0)),
+        "spatial_scale": float(attrs.get("spatial_scale", 1.0)),
+        "coordinate_transformation_mode": _util.attr_str(attrs.get("coordinate_transformation_mode", default_ctm)),
+    }
+
+
+@register
+class RoiAlign(Plugin):
+    """ONNX RoiAlign: inputs X [N,C,H,W], rois [R,4] (x1,y1,x2,y2), batch_indices [R] -> [R,C,oh,ow]."""
+
+    name = "RoiAlign"
+    namespace = "kiln"
+    version = "1"
+    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch", "triton")}
+
+    mode = field(str, "avg", "avg or max pooling inside each bin", choices=("avg", "max"))
+    output_height = field(int, 1, "pooled output height")
+    output_width = field(int, 1, "pooled output width")
+    sampling_ratio = field(int, 0, "samples per bin side; 0 = adaptive ceil(roi_size / output_size)")
+    spatial_scale = field(float, 1.0, "multiplies ROI coordinates into feature-map pixels")
+    coordinate_transformation_mode = field(str, "half_pixel", "half_pixel shifts by -0.5 (opset 16 default)",
+                                           choices=("half_pixel", "output_half_pixel"))
+
+    @classmethod
+    def onnx_fields(cls, attrs: dict, opset: int) -> dict:
+        return roi_align_fields(attrs, opset)
+
+    def output_descs(self, inputs: list[TensorDesc]) -> list[TensorDesc]:
+        if len(inputs) != 3:
+            raise PluginError(f"Plugin RoiAlign takes 3 inputs (X, rois, batch_indices), got {len(inputs)}.")
+        x, rois = inputs[0], inputs[1]
+        if x.rank != 4 or rois.rank != 2:
+            raise PluginError(f"Plugin RoiAlign needs X of rank 4 and rois of rank 2, got {x.shape} and {rois.shape}.")
+        return [TensorDesc((rois.shape[0], x.shape[1], self.output_height, self.output_width), x.dtype)]
+
+    def supports(self, index: int, desc: TensorDesc, num_inputs: int) -> bool:
+        if desc.layout != "linear":
+            return False
+        return desc.dtype in (("int64", "int32") if index == 2 else _FLOATS)
+
+    def forward(self, inputs: list[Any], outputs: list[Any], workspace: Any, tactic: str) -> None:
+        x, rois, bidx = inputs
+        out = outputs[0]
+        if tactic == "triton":
+            _roi_align_triton(self, x, rois, bidx, out)
+        elif tactic == "torch":
+            out.copy_(roi_align_torch(x, rois, bidx, self.output_height, self.output_width, self.sampling_ratio,
+                                      self.spatial_scale, self.coordinate_transformation_mode == "half_pixel",
+                                      self.mode))
+        else:
+            raise PluginError(f"Plugin RoiAlign has no tactic {tactic!r}; use 'triton' or 'torch'.")
+
+
+# ---- CPU: torch ------------------------------------------------------------------------------
+
+def _axis(start: Any, bins: Any, grid: Any, pooled: int, gmax: int, size: int) -> tuple:
+    """Sample positions along one axis for a chunk of ROIs: [r, pooled, gmax] indices/weights."""
+    import torch
+
+    p = torch.arange(pooled, dtype=torch.float32, device=start.device)
+    i = torch.arange(gmax, dtype=torch.float32, device=start.device)
+    # Same float32 evaluation order as ONNX Runtime: (start + p*bin) + (i+0.5)*bin/grid.
+    pos = (start[:, None, None] + p[None, :, None] * bins[:, None, None]) \
+        + (i[None, None, :] + 0.5) * bins[:, None, None] / grid.clamp(min=1).float()[:, None, None]
+    inside = i[None, None, :] < grid[:, None, None]
+    oob = (pos < -1.0) | (pos > size)
+    v = pos.clamp(min=0.0)
+    low = v.long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    high = torch.where(edge, low, low + 1)
+    v = torch.where(edge, low.float(), v)
+    frac = v - low.float()
+    return low, high, frac, oob, inside
+
+
+def roi_align_torch(x: Any, rois: Any, bidx: Any, ph: int, pw: int, sampling_ratio: int, spatial_scale: float,
+                    half_pixel: bool, mode: str) -> Any:
+    """Vectorized over ROIs (in chunks, to bound memory); computes in float32."""
+    import torch
+
+    n, c, h, w = x.shape
+    r = rois.shape[0]
+    out = torch.zeros((r, c, ph, pw), dtype=torch.float32, device=x.device)
+    if r == 0 or c == 0:
+        return out.to(x.dtype)
+    xf = x.float().reshape(n, c, h * w)
+    roi = rois.float() * spatial_scale - (0.5 if half_pixel else 0.0)
+    x1, y1, x2, y2 = roi.unbind(1)
+    rw, rh = x2 - x1, y2 - y1
+    if not half_pixel:
+        rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
+    bin_h, bin_w = rh / ph, rw / pw
+    if sampling_ratio > 0:
+        gh = torch.full((r,), sampling_ratio, dtype=torch.long, device=x.device)
+        gw = gh
+    else:
+        gh = torch.ceil(rh / ph).long().clamp(min=0)
+        gw = torch.ceil(rw / pw).long().clamp(min=0)
+    count = (gh * gw).clamp(min=1).float()
+    b_all = bidx.long()
+    per_roi = max(1, c * ph * pw * int(gh.max()) * int(gw.max()) * 4)
+    step = max(1, (1 << 24) // per_roi)
+    for s in range(0, r, step):
+        e = min(r, s + step)
+        gy, gx = int(gh[s:e].max()), int(gw[s:e].max())
+        if gy == 0 or gx == 0:
+            continue
+        yl, yh, ly, yoob, yin = _axis(y1[s:e], bin_h[s:e], gh[s:e], ph, gy, h)
+        xl, xh, lx, xoob, xin = _axis(x1[s:e], bin_w[s:e], gw[s:e], pw, gx, w)
+        # Broadcast to [r, ph, gy, pw, gx].
+        Y = (slice(None), slice(None), slice(None), None, None)
+        X = (slice(None), None, None, slice(None), slice(None))
+        valid = ~(yoob[Y] | xoob[X])
+        inside = yin[Y] & xin[X]
+        hy, hx = 1.0 - ly, 1.0 - lx
+        corners = [(yl, xl, hy[Y] * hx[X]), (yl, xh, hy[Y] * lx[X]), (yh, xl, ly[Y] * hx[X]), (yh, xh, ly[Y] * lx[X])]
+        feats = xf[b_all[s:e]]                                       # [r, c, h*w]
+        shape5 = (e - s, ph, gy, pw, gx)
+        vals = []
+        for yy, xx, wt in corners:
+            idx = (yy[Y] * w + xx[X]).expand(shape5)
+            idx = torch.where(valid, idx, torch.zeros_like(idx)).reshape(e - s, 1, -1).expand(-1, c, -1)
+            v = torch.gather(feats, 2, idx).reshape(e - s, c, *shape5[1:])
+            wt = torch.where(valid, wt, torch.zeros_like(wt))[:, None]
+            vals.append(wt * v)
+        if mode == "avg":
+            tot = (vals[0] + vals[1] + vals[2] + vals[3]) * inside[:, None]
+            out[s:e] = tot.sum(dim=(3, 5)) / count[s:e, None, None, None]
+        else:
+            m = torch.maximum(torch.maximum(vals[0], vals[1]), torch.maximum(vals[2], vals[3]))
+            m = torch.where(inside[:, None], m, torch.full_like(m, -math.inf))
+            m = m.amax(dim=(3, 5))
+            out[s:e] = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    return out.to(x.dtype)
+
+
+# ---- GPU: Triton -----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool) -> Any:
+    """Compile lazily (and per interpreter mode), so importing this module never needs Triton."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def roi_align_kernel(x_ptr, rois_ptr, bidx_ptr, out_ptr, C, H, W, sxn, sxc, sxh, sxw, srr, src, sbi,
+                         spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SR: tl.constexpr,
+                         HALF_PIXEL: tl.constexpr, MAX_MODE: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        r = tl.program_id(0)
+        cb = tl.program_id(1)
+        rp = rois_ptr + r.to(tl.int64) * srr
+        off = 0.5 if HALF_PIXEL else 0.0
+        x1 = tl.load(rp).to(tl.float32) * spatial_scale - off
+        y1 = tl.load(rp + src).to(tl.float32) * spatial_scale - off
+        x2 = tl.load(rp + 2 * src).to(tl.float32) * spatial_scale - off
+        y2 = tl.load(rp + 3 * src).to(tl.float32) * spatial_scale - off
+        b = tl.load(bidx_ptr + r.to(tl.int64) * sbi).to(tl.int64)
+        roi_w = x2 - x1
+        roi_h = y2 - y1
+        if not HALF_PIXEL:
+            roi_w = tl.maximum(roi_w, 1.0)
+            roi_h = tl.maximum(roi_h, 1.0)
+        bin_h = roi_h / PH
+        bin_w = roi_w / PW
+        if SR > 0:
+            gh = tl.full([], SR, tl.int32)
+            gw = tl.full([], SR, tl.int32)
+        else:
+            gh = tl.maximum(tl.ceil(roi_h / PH), 0.0).to(tl.int32)
+            gw = tl.maximum(tl.ceil(roi_w / PW), 0.0).to(tl.int32)
+        gh_f = tl.maximum(gh, 1).to(tl.float32)
+        gw_f = tl.maximum(gw, 1).to(tl.float32)
+
+        p = tl.arange(0, BLOCK_P)
+        pmask = p < PH * PW
+        ph = (p // PW).to(tl.float32)
+        pw = (p % PW).to(tl.float32)
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        base = x_ptr + b * sxn + (c * sxc)[:, None]
+        m2 = cmask[:, None] & pmask[None, :]
+        if MAX_MODE:
+            acc = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+        Hf = H * 1.0
+        Wf = W * 1.0
+
+        iy = tl.full([], 0, tl.int32)
+        while iy < gh:
+            yy = (y1 + ph * bin_h) + (iy.to(tl.float32) + 0.5) * bin_h / gh_f
+            y_oob = (yy < -1.0) | (yy > Hf)
+            yv = tl.maximum(yy, 0.0)
+            y_lo = yv.to(tl.int32)
+            y_edge = y_lo >= H - 1
+            y_lo = tl.where(y_edge, H - 1, y_lo)
+            y_hi = tl.where(y_edge, H - 1, y_lo + 1)
+            yv = tl.where(y_edge, y_lo.to(tl.float32), yv)
+            ly = yv - y_lo.to(tl.float32)
+            hy = 1.0 - ly
+            row_lo = y_lo * sxh
+            row_hi = y_hi * sxh
+            ix = tl.full([], 0, tl.int32)
+            while ix < gw:
+                xx = (x1 + pw * bin_w) + (ix.to(tl.float32) + 0.5) * bin_w / gw_f
+                oob = y_oob | (xx < -1.0) | (xx > Wf)
+                xv = tl.maximum(xx, 0.0)
+                x_lo = xv.to(tl.int32)
+                x_edge = x_lo >= W - 1
+                x_lo = tl.where(x_edge, W - 1, x_lo)
+                x_hi = tl.where(x_edge, W - 1, x_lo + 1)
+                xv = tl.where(x_edge, x_lo.to(tl.float32), xv)
+                lx = xv - x_lo.to(tl.float32)
+                hx = 1.0 - lx
+                w1 = tl.where(oob, 0.0, hy * hx)[None, :]
+                w2 = tl.where(oob, 0.0, hy * lx)[None, :]
+                w3 = tl.where(oob, 0.0, ly * hx)[None, :]
+                w4 = tl.where(oob, 0.0, ly * lx)[None, :]
+                lm = m2 & (~oob)[None, :]
+                col_lo = x_lo * sxw
+                col_hi = x_hi * sxw
+                v1 = tl.load(base + (row_lo + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
+                v2 = tl.load(base + (row_lo + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
+                v3 = tl.load(base + (row_hi + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
+                v4 = tl.load(base + (row_hi + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
+                if MAX_MODE:
+                    val = tl.maximum(tl.maximum(tl.maximum(w1 * v1, w2 * v2), w3 * v3), w4 * v4)
+                    acc = tl.maximum(acc, val)
+                else:
+                    acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
+                ix += 1
+            iy += 1
+        if MAX_MODE:
+            res = tl.where(gh * gw > 0, acc, 0.0)
+        else:
+            res = acc / tl.maximum(gh * gw, 1).to(tl.float32)
+        o = out_ptr + r.to(tl.int64) * C * PH * PW + (c * (PH * PW))[:, None] + p[None, :]
+        tl.store(o, res.to(out_ptr.dtype.element_ty), mask=m2)
+
+    return SimpleNamespace(roi_align=roi_align_kernel)
+
+
+def roi_align_launch_config(c: int, ph: int, pw: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps): all bins of a ROI in one tile, ~1K elements per program (about 100 registers, so 4+ programs share an SM)."""
+    block_p = _util.next_pow2(ph * pw)
+    block_c = max(1, min(_util.next_pow2(c), 1024 // block_p))
+    return block_c, block_p, 4
+
+
+def _roi_align_triton(p: RoiAlign, x: Any, rois: Any, bidx: Any, out: Any) -> None:
+    _util.require_triton("RoiAlign")
+    if not out.is_contiguous():
+        raise PluginError("Plugin RoiAlign writes a contiguous [R,C,oh,ow] output; the runtime gave a strided one.")
+    n, c, h, w = x.shape
+    r = rois.shape[0]
+    if r == 0 or c == 0:
+        return
+    kernel = _kernels(_util.interpreting()).roi_align
+    block_c, block_p, warps = roi_align_launch_config(c, p.output_height, p.output_width)
+    grid = (r, _util.cdiv(c, block_c))
+    kernel[grid](x, rois, bidx, out, c, h, w, *x.stride(), *rois.stride(), bidx.stride(0), float(p.spatial_scale),
+                 PH=p.output_height, PW=p.output_width, SR=max(0, p.sampling_ratio),
+                 HALF_PIXEL=p.coordinate_transformation_mode == "half_pixel", MAX_MODE=p.mode == "max",
+                 BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)

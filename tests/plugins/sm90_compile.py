@@ -1,0 +1,137 @@
+"""Compile built-in plugin kernels for Hopper (sm_90) on a machine without a GPU.
+
+Run as ``python tests/plugins/sm90_compile.py roi_align [-v]`` in a process where
+TRITON_INTERPRET is *unset* (Triton fixes interpreted-vs-compiled for its standard
+library at first import, so this cannot share a process with interpreter tests).
+Each plugin's launch code runs on small CPU tensors with its kernels replaced by
+recorders; every recorded launch is then compiled to a cubin with the signature and
+specialization Triton's own launcher would use. ``-v`` prints registers and spills.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+
+class Recorder:
+    """Stands in for a JITFunction: records launches instead of running them."""
+
+    def __init__(self, fn: Any, log: list) -> None:
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.log.append((self.fn, grid, args, kwargs))
+
+
+def compile_sm90(fn: Any, args: tuple, kwargs: dict) -> Any:
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    names = [p.name for p in fn.params]
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        v = bound[p.name] if p.name in bound else p.default
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = v
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, v, False, True, True)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = v
+        elif isinstance(spec, str) and "D" in spec:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def ptxas_usage(ptx: str) -> str:
+    """Registers and spills reported by the ptxas bundled with Triton."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True).stderr
+    regs = re.findall(r"Used (\d+) registers", out)
+    spills = re.findall(r"(\d+) bytes spill stores", out)
+    return f"regs={regs[-1] if regs else '?'} spill_stores={spills[-1] if spills else '?'}"
+
+
+def record(module: str, run: Callable[[], None]) -> list:
+    mod = importlib.import_module(f"kiln.plugins.builtin.{module}")
+    real = mod._kernels(False)
+    log: list = []
+    original = mod._kernels
+    mod._kernels = lambda interpret: SimpleNamespace(**{k: Recorder(v, log) for k, v in vars(real).items()})
+    try:
+        run()
+    finally:
+        mod._kernels = original
+    return log
+
+
+def forward(plugin: Any, inputs: list, tactic: str = "triton") -> None:
+    from kiln.plugins import TensorDesc
+
+    descs = [None if t is None else TensorDesc(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in inputs]
+    if plugin.data_dependent_shapes:
+        plugin.forward(inputs, None, None, tactic)
+        return
+    outs = [torch.zeros(d.shape, dtype=getattr(torch, d.dtype)) for d in plugin.output_descs(descs)]
+    n = plugin.workspace_size(descs)
+    plugin.forward(inputs, outs, torch.zeros(n, dtype=torch.uint8) if n else None, tactic)
+
+
+def cases_roi_align() -> list[Callable[[], None]]:
+    from kiln.plugins.builtin.roi_align import RoiAlign
+
+    out = []
+    for dtype in (torch.float32, torch.float16):
+        for mode, sr, ctm in (("avg", 2, "half_pixel"), ("max", 0, "output_half_pixel")):
+            p = RoiAlign(mode=mode, output_height=7, output_width=7, sampling_ratio=sr, spatial_scale=0.25,
+                         coordinate_transformation_mode=ctm)
+            out.append(lambda p=p, dtype=dtype: forward(
+                p, [torch.randn(2, 32, 20, 24, dtype=dtype), torch.rand(10, 4, dtype=dtype) * 40,
+                    torch.zeros(10, dtype=torch.int64)]))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET to compile for sm_90", file=sys.stderr)
+        return 2
+    verbose = "-v" in argv
+    modules = [a for a in argv if not a.startswith("-")]
+    n = 0
+    for module in modules:
+        for case in globals()[f"cases_{module}"]():
+            for fn, grid, args, kwargs in record(module, case):
+                compiled = compile_sm90(fn, args, kwargs)
+                assert "cubin" in compiled.asm
+                n += 1
+                if verbose:
+                    consts = {k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"}
+                    print(f"{module}:{fn.__name__} grid={grid} {consts} {ptxas_usage(compiled.asm['ptx'])}")
+    print(f"compiled {n} kernel launches for sm_90")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
