@@ -12,10 +12,11 @@ import gc
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from kiln.viewer import grouping, layout
-from kiln.viewer.graph import ViewModel
+from kiln.viewer.graph import ViewModel, ViewWeight
 from kiln.viewer.placement import METRICS
 
 FORMAT_VERSION = 1
@@ -80,13 +81,22 @@ def no_gc():
             gc.enable()
 
 
-def build_pane(model: ViewModel, *, title: str | None = None) -> dict:
+@dataclass
+class Pane:
+    """One model on the page: its JSON, plus the lazy weights the server reads on request."""
+
+    data: dict
+    weights: list[ViewWeight]
+    model: ViewModel
+
+
+def build_pane(model: ViewModel, *, title: str | None = None) -> Pane:
     """All the page needs to draw ``model``; structures are computed for every cluster."""
     with no_gc():
         return _build_pane(model, title)
 
 
-def _build_pane(model: ViewModel, title: str | None) -> dict:
+def _build_pane(model: ViewModel, title: str | None) -> Pane:
     h = grouping.build(model.graph)
     tensors: list[list] = []
     tindex: dict[tuple[int, str], int] = {}
@@ -100,10 +110,12 @@ def _build_pane(model: ViewModel, title: str | None) -> dict:
         return tindex[key]
 
     weights: list[dict] = []
+    wobjs: list[ViewWeight] = []
     windex: dict[tuple[int, str], int] = {}
     for gi, g in enumerate(h.graphs):
         for name, w in g.weights.items():
             windex[(gi, name)] = len(weights)
+            wobjs.append(w)
             weights.append({"name": name, "shape": shape_text(w.shape), "dtype": w.dtype or "",
                             "nbytes": w.nbytes, "g": gi, "count": math.prod(w.shape) if w.shape is not None else None})
     docs: list[str] = []
@@ -150,6 +162,11 @@ def _build_pane(model: ViewModel, title: str | None) -> dict:
             entry["sub"] = h.bodies[i]
         if n.overlay:
             entry["ov"] = _json_safe(n.overlay)
+            facts = [str(n.overlay[k]) for k in ("precision", "tactic") if n.overlay.get(k)]
+            if facts:
+                entry["erow"] = [_clip(" · ".join(facts))]
+            if n.overlay.get("time_ms") is not None:
+                entry["trow"] = f"{n.overlay['time_ms']:.3f} ms · {n.overlay.get('percent', 0.0):.1f}%"
         nodes.append(entry)
     for w in h.graphs[0].weights.values():
         if w.shape is not None:
@@ -172,7 +189,7 @@ def _build_pane(model: ViewModel, title: str | None) -> dict:
             "nodes": nodes, "tensors": tensors, "weights": weights, "docs": docs, "clusters": clusters,
             "graphs": graphs}
     pane["expanded"] = sorted(default_expanded(pane))
-    return pane
+    return Pane(pane, wobjs, model)
 
 
 def _weight_row(slot: str, w) -> str:
@@ -219,10 +236,10 @@ def default_expanded(pane: dict) -> set[int]:
     return out
 
 
-def page_json(panes: list[dict], *, rankdir: str = "TB", links: dict | None = None,
+def page_json(panes: list[Pane], *, rankdir: str = "TB", links: list | None = None,
               profile: dict | None = None, server: bool = False) -> dict:
     """The whole document: one pane, or an engine pane beside its ONNX model."""
-    return {"kiln": FORMAT_VERSION, "metrics": METRICS, "rankdir": rankdir, "panes": panes,
+    return {"kiln": FORMAT_VERSION, "metrics": METRICS, "rankdir": rankdir, "panes": [p.data for p in panes],
             "links": links, "profile": profile, "server": server}
 
 

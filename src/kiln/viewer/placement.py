@@ -13,6 +13,7 @@ dummy-to-dummy segments weigh most, so long edges come out straight.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +40,9 @@ def text_width(text: str, kind: str = "head") -> float:
             w += 0.34
         elif ch in _WIDE:
             w += 0.9
-        elif ch.isupper():
+        elif "A" <= ch <= "Z":
             w += 0.74
-        elif ch.isdigit():
+        elif "0" <= ch <= "9":
             w += 0.64
         else:
             w += 0.62
@@ -54,11 +55,15 @@ def box_content(node: dict, toggles: dict) -> tuple[str, list[list[str]]]:
         return node["name"], ([["shape", node["shape"]]] if node.get("shape") else [])
     rows = []
     if toggles.get("names") and node.get("name"):
-        rows.append(["name", node["name"]])
+        name = node["name"]
+        rows.append(["name", name if len(name) <= 34 else name[:33] + "…"])
     if toggles.get("weights", True):
         rows += [["weight", r] for r in node.get("wrow", [])]
     if toggles.get("attributes", True):
         rows += [["attr", r] for r in node.get("arow", [])]
+    rows += [["engine", r] for r in node.get("erow", [])]
+    if node.get("trow"):
+        rows.append(["time", node["trow"]])
     return node["op"], rows
 
 
@@ -69,14 +74,14 @@ def node_size(node: dict, toggles: dict) -> tuple[float, float]:
     for _, text in rows:
         w = max(w, text_width(text, "row") + 2 * m["padX"])
     h = m["headH"] + (len(rows) * m["rowH"] + m["rowPad"] if rows else 0)
-    return round(w), h
+    return math.ceil(w), h
 
 
 def group_size(cluster: dict) -> tuple[float, float]:
     m = METRICS
     w = max(text_width(cluster["name"]) + 2 * m["padX"] + 16, text_width(f"{cluster['size']} nodes", "row")
             + 2 * m["padX"] + 16, 80)
-    return round(w), m["headH"] + m["rowH"] + m["rowPad"]
+    return math.ceil(w), m["headH"] + m["rowH"] + m["rowPad"]
 
 
 def assign(struct: dict, br: list[float], th: list[float], up: list, down: list,
@@ -216,7 +221,7 @@ class Placer:
     def frame_size(self, c: dict, lay: ClusterLayout) -> tuple[float, float]:
         m = METRICS
         w = max(lay.width + 2 * m["groupPad"], text_width(c["name"]) + 2 * m["padX"] + 16)
-        return round(w), m["groupHead"] + lay.height + m["groupPad"]
+        return math.ceil(w), m["groupHead"] + lay.height + m["groupPad"]
 
     def bodies_size(self, node: dict) -> tuple[float, float]:
         m = METRICS
@@ -422,10 +427,10 @@ class Placer:
             else:
                 lx, ly, anchor = x + 5, y - 9 - k * h, "start"
                 box = (lx, ly - h / 2, lx + w, ly + h / 2)
-            cells = [(i, j) for i in range(int(box[0] // 64), int(box[2] // 64) + 1)
-                     for j in range(int(box[1] // 64), int(box[3] // 64) + 1)]
+            cells = [(i, j) for i in range(math.floor(box[0] / 64), math.floor(box[2] / 64) + 1)
+                     for j in range(math.floor(box[1] / 64), math.floor(box[3] / 64) + 1)]
             if not any(_overlap(box, o) for cell in cells for o in grid.get(cell, ())):
                 for cell in cells:
                     grid.setdefault(cell, []).append(box)
-                e["label"] = [round(lx, 1), round(ly, 1), anchor]
+                e["label"] = [lx, ly, anchor]
                 return

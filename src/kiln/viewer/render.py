@@ -50,7 +50,13 @@ def _row(kind: str, text: str) -> str:
     return escape(text)
 
 
-def node_svg(pane: dict, idx: int, b: dict, toggles: dict, cls: str = "") -> str:
+def heat_color(frac: float) -> str:
+    """Light yellow (fast) to red (slow), as heatColor in view.js."""
+    t = max(0.0, min(1.0, frac))
+    return f"hsl({_f(48 - 48 * t)},{_f(90)}%,{_f(72 - 32 * t)}%)"
+
+
+def node_svg(pane: dict, idx: int, b: dict, toggles: dict, cls: str = "", profile_max: float = 0.0) -> str:
     node = pane["nodes"][idx]
     head, rows = box_content(node, toggles)
     m = METRICS
@@ -66,8 +72,10 @@ def node_svg(pane: dict, idx: int, b: dict, toggles: dict, cls: str = "") -> str
     for i, (rk, text) in enumerate(rows):
         y = m["headH"] + m["rowPad"] / 2 + i * m["rowH"] + m["rowH"] / 2
         out.append(f'<text class="row {rk}" x="{m["padX"]}" y="{_f(y)}">{_row(rk, text)}</text>')
-    if "time" in b:
-        out.append(b["time"])
+    ov = node.get("ov") or {}
+    if ov.get("time_ms") is not None and profile_max:
+        out.append(f'<rect class="heat" x="1" y="{_f(h - 5)}" width="{_f(w - 2)}" height="4" rx="2" '
+                   f'fill="{heat_color(ov["time_ms"] / profile_max)}"/>')
     out.append("</g>")
     return "".join(out)
 
@@ -113,7 +121,7 @@ def stylesheet() -> str:
 
 
 def svg(pane: dict, scene: dict, toggles: dict, rankdir: str = "TB", margin: float = 24,
-        decorate=None) -> str:
+        decorate=None, profile_max: float = 0.0) -> str:
     """A standalone SVG document of the scene (``decorate(box) -> css class suffix`` adds overlays)."""
     lr = rankdir == "LR"
     w, h = scene["width"] + 2 * margin, scene["height"] + 2 * margin
@@ -133,7 +141,7 @@ def svg(pane: dict, scene: dict, toggles: dict, rankdir: str = "TB", margin: flo
     for b in scene["boxes"]:
         cls = decorate(b) if decorate else ""
         if b["kind"] == "node":
-            parts.append(node_svg(pane, b["id"], b, toggles, cls))
+            parts.append(node_svg(pane, b["id"], b, toggles, cls, profile_max))
         elif b["kind"] == "group":
             parts.append(group_svg(pane, b, cls))
     parts.append("</svg>")

@@ -1,0 +1,106 @@
+"""What a `kiln view` call shows: the model, an optional profile overlay and an optional engine beside it."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+from kiln.errors import ViewerError
+from kiln.viewer.graph import ViewModel
+from kiln.viewer.page import Pane, build_pane, page_json
+from kiln.viewer.server import Document
+
+
+def open_view_model(model: Any) -> ViewModel:
+    """A path (any supported format), an ``onnx.ModelProto`` or a ViewModel."""
+    if isinstance(model, ViewModel):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        from kiln.viewer.formats import open_model
+        return open_model(model)
+    if type(model).__name__ == "ModelProto":
+        from kiln.viewer.formats.onnx import read_proto
+        return read_proto(model)
+    raise ViewerError(f"kiln.view() takes a file path or an onnx.ModelProto, not {type(model).__name__}.")
+
+
+def read_profile(path: str | os.PathLike) -> dict:
+    """A profile written by ``kiln bench --export-profile``: {"device", "total_ms", "layers": [...]}."""
+    name = os.path.basename(os.fspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            prof = json.load(f)
+    except FileNotFoundError:
+        raise ViewerError(f"profile {name!r} does not exist; write one with kiln bench --export-profile.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ViewerError(f"profile {name!r} is not valid JSON ({exc}); write it with "
+                          f"kiln bench --export-profile.") from None
+    layers = prof.get("layers") if isinstance(prof, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                               and isinstance(r.get("ms"), (int, float)) for r in layers):
+        raise ViewerError(f"profile {name!r} has no list of layers with names and times; write it with "
+                          f"kiln bench --export-profile.")
+    return prof
+
+
+def apply_profile(model: ViewModel, prof: dict, label: str) -> dict:
+    """Put each layer's time on the node of the same name; returns the summary the page shows."""
+    by_name = {n.name: n for n in model.graph.nodes}
+    total = float(prof.get("total_ms") or sum(r["ms"] for r in prof["layers"])) or 1.0
+    matched = 0
+    for r in prof["layers"]:
+        node = by_name.get(r["name"])
+        if node is None:
+            continue
+        matched += 1
+        node.overlay["time_ms"] = float(r["ms"])
+        node.overlay["percent"] = float(r.get("percent", 100.0 * r["ms"] / total))
+        for k in ("tactic", "precision"):
+            if r.get(k) and not node.overlay.get(k):
+                node.overlay[k] = r[k]
+    if prof["layers"] and not matched:
+        raise ViewerError(f"none of the {len(prof['layers'])} layers in profile {label!r} matches a node of "
+                          f"{model.path and os.path.basename(model.path)!r}; a profile belongs to the engine it "
+                          f"was measured on (kiln view model.kiln --profile prof.json).")
+    return {"device": prof.get("device"), "total_ms": total, "layers": len(prof["layers"]), "matched": matched}
+
+
+def engine_links(engine_pane: Pane, model_pane: Pane) -> list:
+    """[engine node index, [model node indices]] from each layer's origin names."""
+    index: dict[str, int] = {}
+    for i, n in enumerate(model_pane.data["nodes"]):
+        if n.get("name") and not n.get("pseudo"):
+            index.setdefault(n["name"], i)
+    links = []
+    for i, n in enumerate(engine_pane.data["nodes"]):
+        ids = [index[o] for o in (n.get("ov") or {}).get("origin", []) if o in index]
+        if ids:
+            links.append([i, ids])
+    return links
+
+
+def build_document(model: Any, *, engine: str | os.PathLike | None = None,
+                   profile: str | os.PathLike | None = None, rankdir: str = "TB", server: bool = False) -> Document:
+    """Read everything and lay it out; raises ViewerError with one clear line when something cannot be read."""
+    if rankdir not in ("TB", "LR"):
+        raise ViewerError(f"rankdir must be TB or LR, not {rankdir!r}.")
+    vm = open_view_model(model)
+    prof = read_profile(profile) if profile else None
+    summary = None
+    if engine is not None:
+        ev = open_view_model(engine)
+        if ev.format != "Kiln engine":
+            raise ViewerError(f"--engine expects a Kiln engine (.kiln), but {pathlib.Path(engine).name!r} is "
+                              f"{ev.format}.")
+        if prof:
+            summary = apply_profile(ev, prof, os.path.basename(os.fspath(profile)))
+        panes = [build_pane(ev, title=f"Engine · {pathlib.Path(engine).name}"),
+                 build_pane(vm, title=f"{vm.format} · {os.path.basename(vm.path) if vm.path else vm.graph.name}")]
+        page = page_json(panes, rankdir=rankdir, links=engine_links(panes[0], panes[1]), profile=summary,
+                         server=server)
+        return Document(page=page, panes=panes)
+    if prof:
+        summary = apply_profile(vm, prof, os.path.basename(os.fspath(profile)))
+    panes = [build_pane(vm)]
+    return Document(page=page_json(panes, rankdir=rankdir, profile=summary, server=server), panes=panes)

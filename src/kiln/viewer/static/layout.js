@@ -1,0 +1,374 @@
+/* Kiln viewer — coordinates from the layout structure computed in Python.
+ * A line-by-line mirror of kiln/viewer/placement.py: box sizes, per-rank
+ * coordinate assignment (weighted isotonic regression towards neighbour
+ * medians), cluster composition, edge anchors and label placement.
+ * Keep the two in step; tests/viewer/test_browser.py compares them. */
+"use strict";
+var Kiln = window.Kiln || (window.Kiln = {});
+
+(function () {
+  const NARROW = new Set("iljtfrI.,:;|!'` ()[]");
+  const WIDE = new Set("MWmw@%");
+  let M = null;
+
+  function len(text) { let n = 0; for (const _ of text) n++; return n; }   // code points, as Python
+
+  function textWidth(text, kind) {
+    if (kind === "row") return len(text) * M.rowFont * 0.602;
+    const size = kind === "label" ? M.labelFont : M.headFont;
+    let w = 0;
+    for (const ch of text) {
+      if (NARROW.has(ch)) w += 0.34;
+      else if (WIDE.has(ch)) w += 0.9;
+      else if (ch >= "A" && ch <= "Z") w += 0.74;
+      else if (ch >= "0" && ch <= "9") w += 0.64;
+      else w += 0.62;
+    }
+    return w * size;
+  }
+
+  function clip(text, n) {
+    const chars = Array.from(text);
+    return chars.length <= n ? text : chars.slice(0, n - 1).join("") + "…";
+  }
+
+  function boxContent(node, toggles) {
+    if (node.pseudo) return [node.name, node.shape ? [["shape", node.shape]] : []];
+    const rows = [];
+    if (toggles.names && node.name) rows.push(["name", clip(node.name, 34)]);
+    if (toggles.weights !== false) for (const r of node.wrow || []) rows.push(["weight", r]);
+    if (toggles.attributes !== false) for (const r of node.arow || []) rows.push(["attr", r]);
+    for (const r of node.erow || []) rows.push(["engine", r]);
+    if (node.trow) rows.push(["time", node.trow]);
+    return [node.op, rows];
+  }
+
+  function nodeSize(node, toggles) {
+    const [head, rows] = boxContent(node, toggles);
+    let w = Math.max(M.minW, textWidth(head, "head") + 2 * M.padX);
+    for (const [, text] of rows) w = Math.max(w, textWidth(text, "row") + 2 * M.padX);
+    const h = M.headH + (rows.length ? rows.length * M.rowH + M.rowPad : 0);
+    return [Math.ceil(w), h];
+  }
+
+  function groupSize(c) {
+    const w = Math.max(textWidth(c.name, "head") + 2 * M.padX + 16,
+      textWidth(c.size + " nodes", "row") + 2 * M.padX + 16, 80);
+    return [Math.ceil(w), M.headH + M.rowH + M.rowPad];
+  }
+
+  function sep(a, b, br) { return br[a] > 0 && br[b] > 0 ? M.nodeSep : M.edgeSep; }
+
+  function place(layer, ref, x, br) {
+    const count = layer.length;
+    if (!count) return;
+    const off = new Float64Array(count);
+    for (let i = 1; i < count; i++)
+      off[i] = off[i - 1] + (br[layer[i - 1]] + br[layer[i]]) / 2 + sep(layer[i - 1], layer[i], br);
+    const bw = [], bs = [], bn = [];
+    for (let i = 0; i < count; i++) {
+      const e = layer[i], nb = ref[e];
+      let want, w;
+      if (nb.length) {
+        const wants = nb.map(([a, d]) => x[a] + d).sort((p, q) => p - q);
+        const k = wants.length >> 1;
+        want = wants.length % 2 ? wants[k] : (wants[k - 1] + wants[k]) / 2;
+        w = 0;
+        for (const s of nb) w += s[2];
+      } else { want = x[e]; w = 0.01; }
+      bw.push(w); bs.push(w * (want - off[i])); bn.push(1);
+      while (bw.length > 1 && bs[bs.length - 2] / bw[bw.length - 2] > bs[bs.length - 1] / bw[bw.length - 1]) {
+        const w2 = bw.pop(), s2 = bs.pop(), n2 = bn.pop();
+        bw[bw.length - 1] += w2; bs[bs.length - 1] += s2; bn[bn.length - 1] += n2;
+      }
+    }
+    let i = 0;
+    for (let b = 0; b < bw.length; b++) {
+      const mean = bs[b] / bw[b];
+      for (let k = 0; k < bn[b]; k++, i++) x[layer[i]] = mean + off[i];
+    }
+  }
+
+  function assign(struct, br, th, up, down, iterations) {
+    const layers = struct.layers;
+    const x = new Float64Array(br.length);
+    for (const layer of layers) {
+      let cur = 0;
+      for (let i = 0; i < layer.length; i++) {
+        if (i) cur += (br[layer[i - 1]] + br[layer[i]]) / 2 + sep(layer[i - 1], layer[i], br);
+        x[layer[i]] = cur;
+      }
+      for (const e of layer) x[e] -= cur / 2;
+    }
+    for (let it = 0; it < iterations; it++) {
+      for (let r = 1; r < layers.length; r++) place(layers[r], up, x, br);
+      for (let r = layers.length - 2; r >= 0; r--) place(layers[r], down, x, br);
+    }
+    for (let r = 1; r < layers.length; r++) place(layers[r], up, x, br);
+    let left = Infinity, right = -Infinity;
+    for (const layer of layers) for (const e of layer) {
+      left = Math.min(left, x[e] - br[e] / 2); right = Math.max(right, x[e] + br[e] / 2);
+    }
+    if (left === Infinity) { left = 0; right = 0; }
+    for (let i = 0; i < x.length; i++) x[i] -= left;
+    const starts = [], thick = [];
+    let depth = 0;
+    layers.forEach((layer, r) => {
+      let t = 0;
+      for (const e of layer) t = Math.max(t, th[e]);
+      if (r) depth += t > 0 && thick[thick.length - 1] > 0 ? M.rankSep : M.rankSep / 2;
+      starts.push(depth); thick.push(t); depth += t;
+    });
+    return [x, starts, thick, right - left, depth];
+  }
+
+  function spread(k, breadth) {
+    if (k <= 1) return k ? [0] : [];
+    const step = Math.min(12, Math.max(0, breadth - 16) / (k - 1));
+    const out = [];
+    for (let i = 0; i < k; i++) out.push((i - (k - 1) / 2) * step);
+    return out;
+  }
+
+  function overlap(a, b) { return a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]; }
+
+  class Placer {
+    constructor(pane, metrics, expanded, opened, toggles, rankdir) {
+      M = metrics;
+      this.pane = pane; this.expanded = expanded; this.opened = opened;
+      this.toggles = toggles; this.lr = rankdir === "LR"; this.cache = new Map();
+    }
+
+    itemSize(item) {
+      const [kind, idx] = item;
+      if (kind === "n") {
+        const node = this.pane.nodes[idx];
+        const [w, h] = nodeSize(node, this.toggles);
+        if (node.sub && this.opened.has(idx)) {
+          const [bw, bh] = this.bodiesSize(node);
+          return [Math.max(w, bw), h + bh];
+        }
+        return [w, h];
+      }
+      if (kind === "c") {
+        const c = this.pane.clusters[idx];
+        return this.expanded.has(idx) ? this.frameSize(c, this.cluster(idx)) : groupSize(c);
+      }
+      return [0, 0];
+    }
+
+    frameSize(c, lay) {
+      const w = Math.max(lay.width + 2 * M.groupPad, textWidth(c.name, "head") + 2 * M.padX + 16);
+      return [Math.ceil(w), M.groupHead + lay.height + M.groupPad];
+    }
+
+    bodiesSize(node) {
+      let w = 0, h = 0;
+      for (const cid of node.sub) {
+        const [fw, fh] = this.frameSize(this.pane.clusters[cid], this.cluster(cid));
+        w += fw + (w ? M.groupPad : 0); h = Math.max(h, fh);
+      }
+      return [w + 2 * M.groupPad, h + M.groupPad];
+    }
+
+    cluster(cid) {
+      const hit = this.cache.get(cid);
+      if (hit) return hit;
+      const c = this.pane.clusters[cid], s = c.s, n = s.n;
+      let total = n;
+      for (const h of s.edges) total += h[2].length;
+      const size = new Array(total).fill(null).map(() => [0, 0]);
+      c.items.forEach((item, i) => { size[i] = this.itemSize(item); });
+      const br = size.map(([w, h]) => (this.lr ? h : w)), th = size.map(([w, h]) => (this.lr ? w : h));
+      const segs = [];
+      for (const [src, tensor, trunk, dsts] of s.edges) {
+        let prev = src;
+        for (const d of trunk) { segs.push([prev, d, tensor]); prev = d; }
+        for (const [dst, at] of dsts) segs.push([at < 0 ? src : trunk[at], dst, tensor]);
+      }
+      const [outOff, inOff] = this.offsets(c, n, s.layers, segs, br);
+      const up = [], down = [];
+      for (let i = 0; i < total; i++) { up.push([]); down.push([]); }
+      for (const [a, b, t] of segs) {
+        const oa = outOff.get(a + "|" + t) || 0, ob = inOff.get(b + "|" + a + "|" + t) || 0;
+        const w = a >= n && b >= n ? 8 : a >= n || b >= n ? 2 : 1;
+        up[b].push([a, oa - ob, w]); down[a].push([b, ob - oa, w]);
+      }
+      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, M.iterations);
+      const pos = new Array(total), band = new Array(total);
+      s.layers.forEach((layer, r) => {
+        const mid = starts[r] + thick[r] / 2;
+        for (const e of layer) {
+          pos[e] = this.lr ? [mid, x[e]] : [x[e], mid];
+          band[e] = [starts[r], starts[r] + thick[r]];
+        }
+      });
+      const lay = { width: this.lr ? depth : width, height: this.lr ? width : depth, pos, size, band,
+        portIn: new Map(), portOut: new Map(), outOff, inOff };
+      c.items.forEach(([kind, k], i) => {
+        if (kind === "i") lay.portIn.set(c.pin[k], x[i]);
+        else if (kind === "o") lay.portOut.set(c.pout[k], x[i]);
+      });
+      this.cache.set(cid, lay);
+      return lay;
+    }
+
+    offsets(c, n, layers, segs, br) {
+      const order = new Map();
+      for (const layer of layers) layer.forEach((e, i) => order.set(e, i));
+      const outs = new Map(), ins = new Map();
+      for (const [a, b, t] of segs) {
+        if (a < n) {
+          if (!outs.has(a)) outs.set(a, new Map());
+          const m = outs.get(a);
+          if (!m.has(t)) m.set(t, []);
+          m.get(t).push(order.get(b));
+        }
+        if (b < n) {
+          if (!ins.has(b)) ins.set(b, []);
+          ins.get(b).push([order.get(a), t, a]);
+        }
+      }
+      const outOff = new Map(), inOff = new Map();
+      for (const [a, byTensor] of outs) {
+        const [kind, idx] = c.items[a];
+        if (kind === "c" && this.expanded.has(idx)) {
+          for (const t of byTensor.keys()) outOff.set(a + "|" + t, this.portOffset(idx, t, true));
+        } else if ((kind === "n" || kind === "c") && byTensor.size > 1) {
+          const keys = [];
+          for (const [t, v] of byTensor) keys.push([v.reduce((p, q) => p + q, 0) / v.length, t]);
+          keys.sort((p, q) => p[0] - q[0] || p[1] - q[1]);
+          const offs = spread(keys.length, br[a]);
+          keys.forEach(([, t], i) => outOff.set(a + "|" + t, offs[i]));
+        }
+      }
+      for (const [b, lst] of ins) {
+        const [kind, idx] = c.items[b];
+        if (kind === "c" && this.expanded.has(idx)) {
+          for (const [, t, a] of lst) inOff.set(b + "|" + a + "|" + t, this.portOffset(idx, t, false));
+        } else if ((kind === "n" || kind === "c") && lst.length > 1) {
+          lst.sort((p, q) => p[0] - q[0] || p[1] - q[1] || p[2] - q[2]);
+          const offs = spread(lst.length, br[b]);
+          lst.forEach(([, t, a], i) => inOff.set(b + "|" + a + "|" + t, offs[i]));
+        }
+      }
+      return [outOff, inOff];
+    }
+
+    portOffset(cid, tensor, out) {
+      const lay = this.cluster(cid);
+      const ports = out ? lay.portOut : lay.portIn;
+      if (!ports.has(tensor)) return 0;
+      const [w, h] = this.frameSize(this.pane.clusters[cid], lay);
+      return this.lr ? M.groupHead + ports.get(tensor) - h / 2 : M.groupPad + ports.get(tensor) - w / 2;
+    }
+
+    scene(root) {
+      const out = { boxes: [], edges: [], grid: new Map() };
+      const lay = this.cluster(root || 0);
+      this.emit(root || 0, 0, 0, out);
+      delete out.grid;
+      out.width = lay.width; out.height = lay.height;
+      return out;
+    }
+
+    emit(cid, ox, oy, out) {
+      const c = this.pane.clusters[cid], lay = this.cluster(cid);
+      c.items.forEach(([kind, idx], i) => {
+        if (kind === "i" || kind === "o") return;
+        const [cx, cy] = lay.pos[i], [w, h] = lay.size[i];
+        const x0 = ox + cx - w / 2, y0 = oy + cy - h / 2;
+        if (kind === "n") {
+          const node = this.pane.nodes[idx];
+          const [nw, nh] = nodeSize(node, this.toggles);
+          const open = !!node.sub && this.opened.has(idx);
+          out.boxes.push({ kind: "node", id: idx, x: open ? x0 + (w - nw) / 2 : x0, y: y0, w: open ? nw : w, h: nh, open });
+          if (open) {
+            out.boxes.push({ kind: "bodies", id: idx, x: x0, y: y0 + nh, w, h: h - nh });
+            let bx = x0 + M.groupPad + (w - this.bodiesSize(node)[0]) / 2;
+            for (const sub of node.sub) {
+              const [fw, fh] = this.frameSize(this.pane.clusters[sub], this.cluster(sub));
+              out.boxes.push({ kind: "frame", id: sub, x: bx, y: y0 + nh, w: fw, h: fh, body: true });
+              this.emit(sub, bx + M.groupPad, y0 + nh + M.groupHead, out);
+              bx += fw + M.groupPad;
+            }
+          }
+        } else if (this.expanded.has(idx)) {
+          out.boxes.push({ kind: "frame", id: idx, x: x0, y: y0, w, h });
+          this.emit(idx, x0 + M.groupPad, y0 + M.groupHead, out);
+        } else {
+          out.boxes.push({ kind: "group", id: idx, x: x0, y: y0, w, h });
+        }
+      });
+      this.edges(c, lay, ox, oy, out, cid);
+    }
+
+    anchor(c, lay, e, tensor, out, ox, oy, other) {
+      const n = c.items.length, [cx, cy] = lay.pos[e];
+      if (e >= n) {
+        const d = out ? lay.band[e][1] : lay.band[e][0];
+        return this.lr ? [ox + d, oy + cy] : [ox + cx, oy + d];
+      }
+      const kind = c.items[e][0];
+      if (kind === "i") return this.lr ? [ox - M.groupPad, oy + cy] : [ox + cx, oy - M.groupHead];
+      if (kind === "o") return this.lr ? [ox + lay.width + M.groupPad, oy + cy] : [ox + cx, oy + lay.height + M.groupPad];
+      const [w, h] = lay.size[e];
+      const off = (out ? lay.outOff.get(e + "|" + tensor) : lay.inOff.get(e + "|" + other + "|" + tensor)) || 0;
+      if (this.lr) return [ox + cx + (out ? w / 2 : -w / 2), oy + cy + off];
+      return [ox + cx + off, oy + cy + (out ? h / 2 : -h / 2)];
+    }
+
+    edges(c, lay, ox, oy, out, cid) {
+      for (const [src, tensor, trunk, dsts, flip] of c.s.edges) {
+        const start = this.anchor(c, lay, src, tensor, true, ox, oy, -1);
+        if (trunk.length) {
+          const pts = [start];
+          for (const d of trunk) {
+            pts.push(this.anchor(c, lay, d, tensor, false, ox, oy, -1));
+            pts.push(this.anchor(c, lay, d, tensor, true, ox, oy, -1));
+          }
+          out.edges.push({ pts, t: tensor, arrow: flip ? "start" : "", c: cid });
+        }
+        for (const [dst, at] of dsts) {
+          const frm = at < 0 ? src : trunk[at];
+          const a = at < 0 ? start : this.anchor(c, lay, frm, tensor, true, ox, oy, -1);
+          const b = this.anchor(c, lay, dst, tensor, false, ox, oy, frm);
+          const [kind, idx] = c.items[dst];
+          const final = kind === "n" || (kind === "c" && !this.expanded.has(idx));
+          const arrow = flip ? (trunk.length ? "" : "start") : (final ? "end" : "");
+          const e = { pts: [a, b], t: tensor, arrow, c: cid, dst: kind === "n" ? idx : -1, src: -1 };
+          if (final) this.label(e, out);
+          out.edges.push(e);
+        }
+      }
+    }
+
+    label(e, out) {
+      const text = this.pane.tensors[e.t][1];
+      if (!text) return;
+      const grid = out.grid, w = textWidth(text, "label"), h = 11;
+      const [x, y] = e.pts[e.pts.length - 1];
+      for (let k = 0; k < 3; k++) {
+        let lx, ly, anchor, box;
+        if (this.lr) { lx = x - 5 - k * (w + 6); ly = y - 8; anchor = "end"; box = [lx - w, ly - h / 2, lx, ly + h / 2]; }
+        else { lx = x + 5; ly = y - 9 - k * h; anchor = "start"; box = [lx, ly - h / 2, lx + w, ly + h / 2]; }
+        const cells = [];
+        for (let i = Math.floor(box[0] / 64); i <= Math.floor(box[2] / 64); i++)
+          for (let j = Math.floor(box[1] / 64); j <= Math.floor(box[3] / 64); j++) cells.push(i + "," + j);
+        let clash = false;
+        for (const cell of cells) {
+          for (const o of grid.get(cell) || []) if (overlap(box, o)) { clash = true; break; }
+          if (clash) break;
+        }
+        if (!clash) {
+          for (const cell of cells) { if (!grid.has(cell)) grid.set(cell, []); grid.get(cell).push(box); }
+          e.label = [lx, ly, anchor];
+          return;
+        }
+      }
+    }
+  }
+
+  Kiln.Placer = Placer;
+  Kiln.layout = { textWidth, boxContent, nodeSize, groupSize, clip };
+})();

@@ -1,0 +1,340 @@
+/* Kiln viewer — one graph pane: SVG drawing (same markup as kiln/viewer/render.py),
+ * pan and zoom, and virtualised rendering: only what is near the viewport is in
+ * the DOM; far zoomed out, the whole graph is a handful of overview paths. */
+"use strict";
+var Kiln = window.Kiln || (window.Kiln = {});
+
+(function () {
+  const NS = "http://www.w3.org/2000/svg";
+  const CELL = 512, LOD_SCALE = 0.28, R = 5;
+  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+  const f = (v) => { const s = v.toFixed(1); return s.endsWith(".0") ? s.slice(0, -2) : s; };
+
+  function pathD(pts, lr) {
+    let d = "M" + f(pts[0][0]) + "," + f(pts[0][1]);
+    for (let i = 1; i < pts.length; i++) {
+      const [px, py] = pts[i - 1], [qx, qy] = pts[i];
+      if ((lr && py === qy) || (!lr && px === qx)) d += "L" + f(qx) + "," + f(qy);
+      else if (lr) { const mx = (px + qx) / 2; d += "C" + f(mx) + "," + f(py) + " " + f(mx) + "," + f(qy) + " " + f(qx) + "," + f(qy); }
+      else { const my = (py + qy) / 2; d += "C" + f(px) + "," + f(my) + " " + f(qx) + "," + f(my) + " " + f(qx) + "," + f(qy); }
+    }
+    return d;
+  }
+
+  function headPath(w, h, full) {
+    if (full) return `M0,${R}a${R},${R} 0 0 1 ${R},-${R}h${f(w - 2 * R)}a${R},${R} 0 0 1 ${R},${R}v${f(h - 2 * R)}a${R},${R} 0 0 1 -${R},${R}h-${f(w - 2 * R)}a${R},${R} 0 0 1 -${R},-${R}z`;
+    return `M0,${R}a${R},${R} 0 0 1 ${R},-${R}h${f(w - 2 * R)}a${R},${R} 0 0 1 ${R},${R}v${f(h - R)}h-${f(w)}z`;
+  }
+
+  function rowText(kind, text) {
+    if (kind === "weight" || kind === "attr") {
+      for (const sep of [" = ", " ⟨"]) {
+        const k = text.indexOf(sep);
+        if (k > 0) return `<tspan class="k">${esc(text.slice(0, k))}</tspan>${esc(text.slice(k))}`;
+      }
+    }
+    return esc(text);
+  }
+
+  function heatColor(frac) {      // light yellow → red, as render.heat_color
+    const t = Math.max(0, Math.min(1, frac));
+    return `hsl(${f(48 - 48 * t)},${f(90)}%,${f(72 - 32 * t)}%)`;
+  }
+
+  function overlaySvg(node, w, h, profileMax) {
+    const ov = node.ov;
+    if (!ov || ov.time_ms == null || !profileMax) return "";
+    return `<rect class="heat" x="1" y="${f(h - 5)}" width="${f(w - 2)}" height="4" rx="2" fill="${heatColor(ov.time_ms / profileMax)}"/>`;
+  }
+
+  function nodeSvg(pane, b, toggles, cls, profileMax) {
+    const node = pane.nodes[b.id], M = Kiln.metrics;
+    const [head, rows] = Kiln.layout.boxContent(node, toggles);
+    const w = b.w, h = b.h;
+    let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+      `<rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
+      `<path class="head" d="${headPath(w, M.headH, !rows.length)}"/>` +
+      `<text class="op" x="${f(w / 2)}" y="${f(M.headH / 2)}">${esc(head)}</text>`;
+    if (node.sub) s += `<text class="more" x="${f(w - 6)}" y="${f(M.headH / 2)}">${b.open ? "−" : "+"}</text>`;
+    rows.forEach(([rk, text], i) => {
+      const y = M.headH + M.rowPad / 2 + i * M.rowH + M.rowH / 2;
+      s += `<text class="row ${rk}" x="${M.padX}" y="${f(y)}">${rowText(rk, text)}</text>`;
+    });
+    return s + overlaySvg(node, w, h, profileMax) + "</g>";
+  }
+
+  function groupSvg(pane, b, cls) {
+    const c = pane.clusters[b.id], M = Kiln.metrics;
+    return `<g class="group${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+      `<rect class="stack" x="4" y="4" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
+      `<rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
+      `<text class="title" x="${M.padX}" y="${f(M.headH / 2 + 1)}">${esc(c.name)}</text>` +
+      `<text class="count" x="${M.padX}" y="${f(M.headH + M.rowH / 2)}">${c.size} nodes</text>` +
+      `<text class="toggle" x="${f(b.w - 7)}" y="${f(M.headH / 2 + 1)}">+</text></g>`;
+  }
+
+  function frameSvg(pane, b, cls) {
+    const c = pane.clusters[b.id], M = Kiln.metrics;
+    const toggle = b.body ? "" : `<text class="toggle" x="${f(b.w - 7)}" y="${f(M.groupHead / 2)}">−</text>`;
+    return `<g class="frame${b.body ? " body" : ""}${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+      `<rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="8"/>` +
+      `<text class="title" x="10" y="${f(M.groupHead / 2)}">${esc(c.name)}</text>${toggle}</g>`;
+  }
+
+  function bodiesSvg(b) {
+    return `<g class="bodies" transform="translate(${f(b.x)},${f(b.y)})"><rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="4"/></g>`;
+  }
+
+  function edgeSvg(pane, e, lr, cls) {
+    const marker = e.arrow === "end" ? ' marker-end="url(#kg-arrow)"' : e.arrow === "start" ? ' marker-start="url(#kg-arrow)"' : "";
+    let s = `<g class="edge${cls || ""}"><path d="${pathD(e.pts, lr)}"${marker}/>`;
+    if (e.label) s += `<text x="${f(e.label[0])}" y="${f(e.label[1])}" text-anchor="${e.label[2]}">${esc(pane.tensors[e.t][1])}</text>`;
+    return s + "</g>";
+  }
+
+  const ARROW = '<defs><marker id="kg-arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path class="arrowhead" d="M0,0L10,5L0,10z"/></marker></defs>';
+
+  /** The whole scene as one standalone SVG document (the page's "Export SVG"). */
+  function sceneSvg(pane, scene, toggles, lr, css, profileMax) {
+    const m = 24, w = scene.width + 2 * m, h = scene.height + 2 * m;
+    const parts = [`<svg xmlns="${NS}" class="kg" width="${f(w)}" height="${f(h)}" viewBox="${f(-m)} ${f(-m)} ${f(w)} ${f(h)}">`,
+      `<style>${css}</style>`, ARROW, `<rect x="${f(-m)}" y="${f(-m)}" width="${f(w)}" height="${f(h)}" fill="#ffffff"/>`];
+    for (const b of scene.boxes) if (b.kind === "frame") parts.push(frameSvg(pane, b, "")); else if (b.kind === "bodies") parts.push(bodiesSvg(b));
+    for (const e of scene.edges) parts.push(edgeSvg(pane, e, lr));
+    for (const b of scene.boxes) if (b.kind === "node") parts.push(nodeSvg(pane, b, toggles, "", profileMax)); else if (b.kind === "group") parts.push(groupSvg(pane, b, ""));
+    parts.push("</svg>");
+    return parts.join("\n");
+  }
+
+  class GraphView {
+    constructor(host, pane, options) {
+      this.host = host; this.pane = pane; this.opts = options || {};
+      this.tx = 0; this.ty = 0; this.k = 1;
+      this.marks = { sel: new Set(), hit: new Set(), linked: new Set(), selCluster: -1 };
+      host.innerHTML = `<svg xmlns="${NS}" class="kg"><rect class="bg" width="100%" height="100%" fill="transparent"/>${ARROW}<g class="viewport"><g class="lod"></g><g class="frames"></g><g class="edges"></g><g class="nodes"></g></g></svg>`;
+      this.svg = host.firstChild;
+      this.vp = this.svg.querySelector(".viewport");
+      this.layers = { lod: this.vp.children[0], frames: this.vp.children[1], edges: this.vp.children[2], nodes: this.vp.children[3] };
+      this.tmp = document.createElementNS(NS, "g");
+      this.bindInput();
+      new ResizeObserver(() => this.schedule()).observe(host);
+    }
+
+    setScene(scene, lr, toggles, profileMax) {
+      this.scene = scene; this.lr = lr; this.toggles = toggles; this.profileMax = profileMax;
+      for (const l of Object.values(this.layers)) l.textContent = "";
+      this.shown = { box: new Map(), edge: new Map(), frames: [] };
+      this.lodBuilt = false;
+      this.nodeBox = new Map(); this.clusterBox = new Map();
+      const grid = new Map(), add = (key, x0, y0, x1, y1) => {
+        for (let i = Math.floor(x0 / CELL); i <= Math.floor(x1 / CELL); i++)
+          for (let j = Math.floor(y0 / CELL); j <= Math.floor(y1 / CELL); j++) {
+            const c = i + "," + j; let a = grid.get(c); if (!a) grid.set(c, (a = [])); a.push(key);
+          }
+      };
+      scene.boxes.forEach((b, i) => {
+        add(i, b.x, b.y - 16, b.x + b.w + 8, b.y + b.h + 8);
+        if (b.kind === "node") this.nodeBox.set(b.id, i);
+        else if (b.kind !== "bodies") this.clusterBox.set(b.id, i);
+      });
+      scene.edges.forEach((e, i) => {
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        for (const [x, y] of e.pts) { x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x); y1 = Math.max(y1, y); }
+        if (e.label) { x0 = Math.min(x0, e.label[0] - 120); x1 = Math.max(x1, e.label[0] + 120); y0 = Math.min(y0, e.label[1] - 8); }
+        e.bbox = [x0, y0, x1, y1];
+        add(-1 - i, x0, y0, x1, y1);
+      });
+      this.grid = grid;
+      this.schedule();
+    }
+
+    /* ---- transform ---- */
+    size() { return [this.host.clientWidth || 800, this.host.clientHeight || 600]; }
+    apply() { this.vp.setAttribute("transform", `translate(${this.tx},${this.ty}) scale(${this.k})`); this.schedule(); }
+    zoomAt(factor, cx, cy) {
+      const k = Math.max(0.02, Math.min(4, this.k * factor));
+      this.tx = cx - (cx - this.tx) * (k / this.k); this.ty = cy - (cy - this.ty) * (k / this.k); this.k = k; this.apply();
+    }
+    zoom(factor) { const [w, h] = this.size(); this.zoomAt(factor, w / 2, h / 2); }
+    fit() {
+      const [w, h] = this.size(), s = this.scene, m = 24;
+      this.k = Math.max(0.02, Math.min(1.5, (w - 2 * m) / Math.max(1, s.width), (h - 2 * m) / Math.max(1, s.height)));
+      this.tx = (w - s.width * this.k) / 2; this.ty = (h - s.height * this.k) / 2; this.apply();
+    }
+    home() {   // readable zoom at the top (left, when LR) of the graph
+      const [w, h] = this.size(), s = this.scene;
+      const fitK = Math.min((w - 48) / Math.max(1, s.width), (h - 48) / Math.max(1, s.height));
+      if (fitK >= 0.55) return this.fit();
+      this.k = Math.max(0.55, Math.min(1, this.lr ? (h - 48) / Math.max(1, s.height) : (w - 48) / Math.max(1, s.width)));
+      if (this.lr) { this.tx = 24; this.ty = (h - s.height * this.k) / 2; if (s.height * this.k > h) this.ty = 24; }
+      else { this.ty = 24; this.tx = (w - s.width * this.k) / 2; if (s.width * this.k > w) this.tx = 24; }
+      this.apply();
+    }
+    centerOn(x, y, animate, k) {
+      const [w, h] = this.size(), k1 = k || Math.max(this.k, 0.8);
+      const tx1 = w / 2 - x * k1, ty1 = h / 2 - y * k1;
+      if (!animate || this.opts.instant) { this.tx = tx1; this.ty = ty1; this.k = k1; return this.apply(); }
+      const t0 = performance.now(), a = [this.tx, this.ty, this.k];
+      const step = (now) => {
+        const t = Math.min(1, (now - t0) / 260), e = t < 0.5 ? 2 * t * t : 1 - Math.pow(-2 * t + 2, 2) / 2;
+        this.tx = a[0] + (tx1 - a[0]) * e; this.ty = a[1] + (ty1 - a[1]) * e; this.k = a[2] + (k1 - a[2]) * e; this.apply();
+        if (t < 1) requestAnimationFrame(step);
+      };
+      requestAnimationFrame(step);
+    }
+    reveal(kind, id, animate) {
+      const i = kind === "node" ? this.nodeBox.get(id) : this.clusterBox.get(id);
+      if (i === undefined) return false;
+      const b = this.scene.boxes[i];
+      this.centerOn(b.x + b.w / 2, b.y + b.h / 2, animate);
+      return true;
+    }
+
+    /* ---- rendering ---- */
+    schedule() { if (!this.pending && this.scene) { this.pending = true; requestAnimationFrame(() => { this.pending = false; this.render(); }); } }
+    renderNow() { this.pending = false; this.render(); }
+
+    classes(kind, id) {
+      const m = this.marks;
+      if (kind === "node") return (m.sel.has(id) ? " sel" : "") + (m.hit.has(id) ? " hit" : "") + (m.linked.has(id) ? " linked" : "");
+      return (m.selCluster === id ? " sel" : "") + (m.hit.has(-1 - id) ? " hit" : "");
+    }
+
+    render() {
+      const s = this.scene;
+      if (!s) return;
+      const [w, h] = this.size();
+      const lod = this.k < LOD_SCALE && s.boxes.length > 600;
+      this.svg.classList.toggle("lod-mode", lod);
+      if (lod) { this.buildLod(); return; }
+      const mx = w * 0.5 / this.k, my = h * 0.5 / this.k;
+      const x0 = -this.tx / this.k - mx, y0 = -this.ty / this.k - my, x1 = x0 + w / this.k + 2 * mx, y1 = y0 + h / this.k + 2 * my;
+      const boxes = new Set(), edges = new Set();
+      for (let i = Math.floor(x0 / CELL); i <= Math.floor(x1 / CELL); i++)
+        for (let j = Math.floor(y0 / CELL); j <= Math.floor(y1 / CELL); j++) {
+          const a = this.grid.get(i + "," + j);
+          if (a) for (const key of a) {
+            if (key >= 0) { const b = s.boxes[key]; if (b.x < x1 && b.x + b.w > x0 && b.y - 16 < y1 && b.y + b.h > y0) boxes.add(key); }
+            else { const e = s.edges[-1 - key], bb = e.bbox; if (bb[0] < x1 && bb[2] > x0 && bb[1] < y1 && bb[3] > y0) edges.add(-1 - key); }
+          }
+        }
+      const shown = this.shown;
+      for (const [key, el] of shown.box) if (!boxes.has(key)) { el.remove(); shown.box.delete(key); }
+      for (const [key, el] of shown.edge) if (!edges.has(key)) { el.remove(); shown.edge.delete(key); }
+      let nodesHtml = "", edgesHtml = "";
+      const newNodes = [], newEdges = [], newFrames = [];
+      for (const key of boxes) {
+        if (shown.box.has(key)) continue;
+        const b = s.boxes[key];
+        if (b.kind === "node") { nodesHtml += nodeSvg(this.pane, b, this.toggles, this.classes("node", b.id), this.profileMax); newNodes.push(key); }
+        else if (b.kind === "group") { nodesHtml += groupSvg(this.pane, b, this.classes("cluster", b.id)); newNodes.push(key); }
+        else newFrames.push(key);
+      }
+      for (const key of edges) if (!shown.edge.has(key)) { edgesHtml += edgeSvg(this.pane, s.edges[key], this.lr); newEdges.push(key); }
+      this.append(this.layers.nodes, nodesHtml, newNodes, shown.box);
+      this.append(this.layers.edges, edgesHtml, newEdges, shown.edge);
+      if (newFrames.length) {
+        newFrames.sort((a, b) => a - b);
+        for (const key of newFrames) {
+          const b = s.boxes[key];
+          this.tmp.innerHTML = b.kind === "bodies" ? bodiesSvg(b) : frameSvg(this.pane, b, this.classes("cluster", b.id));
+          const el = this.tmp.firstChild;
+          let next = null;
+          for (const [k2, e2] of shown.box) if (k2 > key && e2.parentNode === this.layers.frames && (!next || k2 < next[0])) next = [k2, e2];
+          this.layers.frames.insertBefore(el, next ? next[1] : null);
+          shown.box.set(key, el);
+        }
+      }
+      if (this.opts.onRender) this.opts.onRender(this);
+    }
+
+    append(layer, html, keys, map) {
+      if (!keys.length) return;
+      this.tmp.innerHTML = html;
+      const els = Array.from(this.tmp.children);
+      els.forEach((el, i) => { map.set(keys[i], el); });
+      layer.append(...els);
+    }
+
+    buildLod() {
+      if (this.lodBuilt) return;
+      this.lodBuilt = true;
+      const s = this.scene, byCat = new Map();
+      let frames = "", groups = "", edges = "";
+      for (const b of s.boxes) {
+        const r = `M${f(b.x)},${f(b.y)}h${f(b.w)}v${f(b.h)}h${f(-b.w)}z`;
+        if (b.kind === "node") { const cat = this.pane.nodes[b.id].cat; byCat.set(cat, (byCat.get(cat) || "") + r); }
+        else if (b.kind === "group") groups += r;
+        else frames += r;
+      }
+      for (const e of s.edges) edges += "M" + e.pts.map(([x, y]) => f(x) + "," + f(y)).join("L");
+      let html = `<path class="lod-frames" d="${frames}"/><path class="lod-edges" d="${edges}"/><path class="lod-groups" d="${groups}"/>`;
+      for (const [cat, d] of byCat) html += `<g class="cat-${esc(cat)}"><path class="head" d="${d}"/></g>`;
+      this.layers.lod.innerHTML = html;
+    }
+
+    refreshMarks() {
+      for (const [key, el] of this.shown.box) {
+        const b = this.scene.boxes[key];
+        if (b.kind === "bodies") continue;
+        const base = b.kind === "node" ? el.getAttribute("class").replace(/ (sel|hit|linked)/g, "") : el.getAttribute("class").replace(/ (sel|hit)/g, "");
+        el.setAttribute("class", base + this.classes(b.kind === "node" ? "node" : "cluster", b.id));
+      }
+    }
+
+    /* ---- input ---- */
+    bindInput() {
+      const svg = this.svg;
+      let drag = null;
+      svg.addEventListener("pointerdown", (ev) => {
+        if (ev.button !== 0) return;
+        drag = { x: ev.clientX, y: ev.clientY, tx: this.tx, ty: this.ty, moved: false, id: ev.pointerId };
+      });
+      svg.addEventListener("pointermove", (ev) => {
+        if (!drag) return;
+        const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+        if (!drag.moved && Math.abs(dx) + Math.abs(dy) > 3) { drag.moved = true; svg.setPointerCapture(drag.id); svg.classList.add("panning"); }
+        if (drag.moved) { this.tx = drag.tx + dx; this.ty = drag.ty + dy; this.apply(); }
+      });
+      const end = (ev) => {
+        if (!drag) return;
+        const moved = drag.moved;
+        drag = null; svg.classList.remove("panning");
+        if (!moved && ev.type === "pointerup") this.click(ev);
+      };
+      svg.addEventListener("pointerup", end);
+      svg.addEventListener("pointercancel", end);
+      svg.addEventListener("dblclick", (ev) => {
+        const g = ev.target.closest("[data-cluster]");
+        if (g && this.opts.onToggle) this.opts.onToggle(+g.dataset.cluster);
+        const n = ev.target.closest("[data-node]");
+        if (n && this.pane.nodes[+n.dataset.node].sub && this.opts.onOpen) this.opts.onOpen(+n.dataset.node);
+      });
+      svg.addEventListener("wheel", (ev) => {
+        ev.preventDefault();
+        const r = svg.getBoundingClientRect();
+        if (ev.ctrlKey || ev.metaKey) this.zoomAt(Math.exp(-ev.deltaY * (ev.deltaMode ? 0.05 : 0.0022)), ev.clientX - r.left, ev.clientY - r.top);
+        else { const u = ev.deltaMode ? 20 : 1; this.tx -= (ev.shiftKey ? ev.deltaY : ev.deltaX) * u; this.ty -= (ev.shiftKey ? 0 : ev.deltaY) * u; this.apply(); }
+      }, { passive: false });
+    }
+
+    click(ev) {
+      const t = ev.target;
+      const n = t.closest("[data-node]"), g = t.closest("[data-cluster]");
+      if (n) {
+        const id = +n.dataset.node;
+        if (t.classList.contains("more") && this.opts.onOpen) return this.opts.onOpen(id);
+        return this.opts.onSelect && this.opts.onSelect({ kind: "node", id });
+      }
+      if (g) {
+        const id = +g.dataset.cluster;
+        if (t.classList.contains("toggle") && this.opts.onToggle) return this.opts.onToggle(id);
+        return this.opts.onSelect && this.opts.onSelect({ kind: "cluster", id });
+      }
+      if (this.opts.onSelect) this.opts.onSelect(null);
+    }
+  }
+
+  Kiln.GraphView = GraphView;
+  Kiln.draw = { sceneSvg, nodeSvg, heatColor, pathD };
+})();
