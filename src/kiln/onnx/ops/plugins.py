@@ -1,0 +1,50 @@
+"""Standard ONNX ops that Kiln implements as built-in plugins (kiln.plugins.builtin).
+
+RoiAlign, GridSample, AffineGrid, NonMaxSuppression and DeformConv have their own
+GPU kernels, so they are Plugin layers rather than vocabulary kinds. Each converter
+builds the plugin from the node's attributes through the plugin's ``onnx_fields``
+(which owns the version differences, e.g. RoiAlign's default mode at opset 16).
+A converter is registered only for plugins whose module ships with this Kiln, so
+``kiln check`` never promises an op it cannot build.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from kiln.errors import UnsupportedOperatorError
+from kiln.onnx.registry import converter
+
+# ONNX op → (built-in module, first opset, plugin name in the "kiln" namespace)
+_PLUGIN_OPS = {
+    "RoiAlign": ("roi_align", 10, "RoiAlign"),
+    "GridSample": ("grid_sample", 16, "GridSample"),
+    "AffineGrid": ("grid_sample", 20, "AffineGrid"),
+    "NonMaxSuppression": ("nms", 10, "NonMaxSuppression"),
+    "DeformConv": ("deform_conv", 19, "DeformConv"),
+}
+
+
+def _plugin_converter(op: str, plugin_name: str):
+    def convert(ctx, node):
+        from kiln.onnx.parser import plugin_outputs
+        from kiln.plugins import load_builtins, registry
+        load_builtins()
+        cls = registry.find(plugin_name, "kiln")
+        if cls is None:
+            raise UnsupportedOperatorError(
+                f"Node {node.name!r} ({op}, opset {ctx.opset}) needs Kiln's built-in plugin kiln::{plugin_name}, "
+                f"which is not registered; reinstall Kiln or supply a plugin named {plugin_name!r}.")
+        attrs = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in node.attrs.items()}
+        plugin = cls(**cls.onnx_fields(attrs, ctx.opset))
+        return plugin_outputs(ctx, plugin, list(node.inputs), node.num_outputs)
+    convert.__name__ = f"{op.lower()}_plugin"
+    return convert
+
+
+def _ships(module: str) -> bool:
+    return importlib.util.find_spec(f"kiln.plugins.builtin.{module}") is not None
+
+
+for _op, (_module, _since, _name) in _PLUGIN_OPS.items():
+    if _ships(_module):
+        converter(_op, since=_since)(_plugin_converter(_op, _name))
