@@ -4,7 +4,7 @@
 # for the viewer's real-browser tests (Playwright drives it; no browser download).
 set -euo pipefail
 BIN="${1:-.venv/bin}"
-"$BIN/pip" install -q -e '.[test]' triton==3.6.0 pytest playwright h5py flatbuffers safetensors
+"$BIN/pip" install -q -e '.[test]' triton==3.6.0 pytest playwright h5py flatbuffers safetensors keras gguf coremltools
 if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -41,7 +41,7 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
                 vals[t.name] = UNKNOWN
                 continue
             arr = t.value
-            vals[t.name] = torch.from_numpy(arr.copy()) if is_host_constant(t) else \
+            vals[t.name] = _host_tensor(arr) if is_host_constant(t) else \
                 torch.empty(arr.shape, dtype=torch_dtype(t.dtype), device="meta")
     for t in net.inputs:
         shape = input_shapes.get(t.name)
@@ -67,7 +67,9 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
             for o in layer.outputs:
                 vals[o.name] = UNKNOWN
             continue
-        on_host = id(layer) in hosts
+        real = [a for a in args if isinstance(a, torch.Tensor)]
+        on_host = id(layer) in hosts or (bool(real) and all(not a.is_meta for a in real)
+                                        and sum(a.numel() for a in real) <= 4096)
         host_pos = set(LAYER_KINDS[layer.kind].host_inputs)
         if not on_host:
             args = [_to_meta(a) if a is not None and i not in host_pos else a for i, a in enumerate(args)]
@@ -92,6 +94,12 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
         for o, v in zip(layer.outputs, outs):
             vals[o.name] = v
     return vals
+
+
+def _host_tensor(arr) -> torch.Tensor:
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view("int16").copy()).view(torch.bfloat16)
+    return torch.from_numpy(arr.copy())
 
 
 def _to_meta(a: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,7 @@ class ExecutionContext:
         if cuda_graph is None:
             cuda_graph = engine.header.get("build", {}).get("cuda_graph", True)
         self.graphs = None
+        self.graph_error: str | None = None
         if cuda_graph and engine.device == "cuda":
             from kiln.runtime.graphs import GraphRunner
             runner = GraphRunner(self.program)
@@ -201,8 +202,9 @@ class ExecutionContext:
                 try:
                     outs = self.graphs.run(tensors)
                     return [o.clone() for o in outs] if copy else outs
-                except CaptureError:
+                except CaptureError as exc:
                     self.graphs = None
+                    self.graph_error = str(exc).splitlines()[0] if str(exc) else "capture failed"
                     torch.cuda.synchronize()
             return self.program.run_env({}, tensors)
 
