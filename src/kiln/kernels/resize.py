@@ -29,7 +29,9 @@ def _src_coords(mode: str, out_len: int, in_len: int, scale: float, roi: tuple[f
     if mode == "pytorch_half_pixel":
         return (x + 0.5) / scale - 0.5 if out_len > 1 else torch.zeros_like(x)
     if mode == "align_corners":
-        return x * (in_len - 1) / (out_len - 1) if out_len > 1 else torch.zeros_like(x)
+        # ONNX divides by the unrounded resized length (in_len * scale), not by out_len
+        denom = in_len * scale - 1
+        return x * (in_len - 1) / denom if out_len > 1 and denom != 0 else torch.zeros_like(x)
     if mode == "asymmetric":
         return x / scale
     if mode == "tf_crop_and_resize":
