@@ -178,3 +178,36 @@ def max_unpool(ctx, node):
     return ctx.add1("MaxUnpool", [node.input(0), node.input(1), node.input(2)],
                     {"kernel": k, "stride": list(node.attr("strides") or [1] * len(k)),
                      "pads": list(node.attr("pads") or [0] * (2 * len(k)))}, dtype=node.input(0).dtype)
+
+
+@converter("CausalConvWithState", since=27)
+def causal_conv_with_state(ctx, node):
+    """Stateful causal depthwise 1-D convolution, as the Concat → Conv → Slice it replaces.
+
+    The past state (zeros when absent) is prepended along the length axis, a depthwise
+    convolution without padding gives the output, and the last k-1 positions of the
+    padded sequence are the present state. SiLU runs in FP32, as the reference does.
+    """
+    x, w, b, past = node.input(0), node.input(1), node.input(2), node.input(3)
+    if w.shape is None or not all(isinstance(d, int) for d in w.shape):
+        raise ParseError(f"Node {node.name!r} (CausalConvWithState) needs a weight of known shape (channels, 1, k).")
+    channels, k = w.shape[0], w.shape[2]
+    if past is None:
+        padded = ctx.add1("Padding", [x], {"pads": [0, 0, k - 1, 0, 0, 0], "mode": "constant", "value": 0.0},
+                          dtype=x.dtype)
+    else:
+        padded = ctx.add1("Concatenation", [past, x], {"axis": 2}, dtype=x.dtype)
+    y = ctx.add1("Convolution", [padded, w] + ([b] if b is not None else []),
+                 {"stride": [1], "pads": [0, 0], "dilation": [1], "groups": channels}, dtype=x.dtype)
+    if node.attr("activation", "none") in ("silu", "swish"):
+        wide = x.dtype in ("float16", "bfloat16")
+        if wide:
+            y = ctx.add1("Cast", [y], {"to": "float32"}, dtype="float32")
+        y = ctx.add1("Activation", [y], {"type": "silu"}, dtype=y.dtype)
+        if wide:
+            y = ctx.add1("Cast", [y], {"to": x.dtype}, dtype=x.dtype)
+    big = np.iinfo(np.int64).max
+    start = -(k - 1) if k > 1 else big        # k == 1 keeps no state: an empty slice
+    state = ctx.add1("Slice", [padded, ctx.const([start], np.int64), ctx.const([big], np.int64),
+                               ctx.const([2], np.int64)], {}, dtype=x.dtype)
+    return [y, state]
