@@ -35,8 +35,13 @@ def _plugin_converter(op: str, plugin_name: str):
                 f"Node {node.name!r} ({op}, opset {ctx.opset}) needs Kiln's built-in plugin kiln::{plugin_name}, "
                 f"which is not registered; reinstall Kiln or supply a plugin named {plugin_name!r}.")
         attrs = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in node.attrs.items()}
+        inputs = list(node.inputs)
+        if op == "AffineGrid" and len(inputs) > 1 and inputs[1] is not None and inputs[1].is_constant:
+            # the output shape follows the values of 'size': a constant one becomes a plugin field
+            attrs["size"] = [int(v) for v in inputs[1].value.reshape(-1)]
+            inputs = inputs[:1]
         plugin = cls(**cls.onnx_fields(attrs, ctx.opset))
-        return plugin_outputs(ctx, plugin, list(node.inputs), node.num_outputs)
+        return plugin_outputs(ctx, plugin, inputs, node.num_outputs)
     convert.__name__ = f"{op.lower()}_plugin"
     return convert
 
