@@ -7,14 +7,18 @@ from kiln.errors import NetworkError
 
 FLOAT_TYPES = ("float32", "float16", "bfloat16", "float64")
 INT_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
-ALL_TYPES = FLOAT_TYPES + INT_TYPES + ("bool", "complex64", "complex128", "string")
+# Narrow ONNX types (ml_dtypes names). Inside engines float8 types are torch's own; the sub-byte integer
+# types travel as int8/uint8 holding their values and float4_e2m1fn as float32 holding its values.
+NARROW_TYPES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+                "int4", "uint4", "int2", "uint2", "float4_e2m1fn")
+ALL_TYPES = FLOAT_TYPES + INT_TYPES + ("bool", "complex64", "complex128", "string") + NARROW_TYPES
 
 
 def np_dtype(name: str) -> np.dtype:
     """numpy dtype for a Kiln dtype name (bfloat16 through ml_dtypes)."""
-    if name == "bfloat16":
+    if name == "bfloat16" or name in NARROW_TYPES:
         import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, name))
     if name == "string":
         return np.dtype(object)
     try:

@@ -9,6 +9,11 @@ TORCH_DTYPES = {
     "bool": torch.bool, "complex64": torch.complex64, "complex128": torch.complex128,
     "uint16": getattr(torch, "uint16", None), "uint32": getattr(torch, "uint32", None),
     "uint64": getattr(torch, "uint64", None),
+    # narrow ONNX types: float8 natively; sub-byte types by value in the smallest torch type that holds them
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2": torch.float8_e5m2, "float8_e5m2fnuz": torch.float8_e5m2fnuz,
+    "float8_e8m0fnu": getattr(torch, "float8_e8m0fnu", None),
+    "int4": torch.int8, "int2": torch.int8, "uint4": torch.uint8, "uint2": torch.uint8, "float4_e2m1fn": torch.float32,
 }
 
 

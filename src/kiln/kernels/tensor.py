@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from kiln.errors import BuildError, ShapeError
+from kiln.ir.dtypes import NARROW_TYPES
 from kiln.kernels._util import ints, norm_axis, torch_dtype
 from kiln.kernels.registry import tactic
 
@@ -98,12 +99,66 @@ def make_constant(attrs, ctx):
 def make_cast(attrs, ctx):
     to = torch_dtype(attrs["to"])
     saturate = attrs.get("saturate", 1)
-    _ = saturate
+    if attrs["to"] == "float8_e8m0fnu":
+        return _e8m0_cast(attrs.get("round_mode", "up"), bool(saturate))
+    if attrs["to"] in NARROW_TYPES:
+        return _narrow_cast(attrs["to"], to, bool(saturate))
 
     def run(x):
         if x.dtype.is_floating_point and not to.is_floating_point and to != torch.bool:
             x = torch.trunc(x)
         return (x.to(to),)
+    return run
+
+
+def _e8m0_cast(round_mode: str, saturate: bool):
+    """E8M0 holds only a (float32-biased) exponent: keep x's exponent, rounding the dropped mantissa
+    by ``round_mode``; inf and NaN become the NaN code 0xFF; the sign is dropped."""
+    def run(x):
+        if x.is_meta:
+            return (torch.empty(x.shape, dtype=torch.float8_e8m0fnu, device="meta"),)
+        bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+        exp, man = bits >> 23, bits & 0x7FFFFF
+        if round_mode == "up":
+            inc = man > 0
+        elif round_mode == "nearest":
+            inc = (man > 0x400000) | ((man == 0x400000) & (exp > 0))
+        else:
+            inc = torch.zeros_like(man, dtype=torch.bool)
+        special = exp == 0xFF
+        if saturate:
+            inc = inc & (exp < 0xFE)
+        code = torch.where(special, torch.full_like(exp, 0xFF), exp + inc.to(torch.int64))
+        return (code.to(torch.uint8).view(torch.float8_e8m0fnu),)
+    return run
+
+
+def _narrow_cast(name: str, storage: torch.dtype, saturate: bool):
+    """Cast into a narrow ONNX type with ml_dtypes' rounding (what ONNX specifies), on the host.
+
+    Float8 with ``saturate`` clamps out-of-range values and infinities to the largest finite value
+    first; without it they become NaN (or inf for e5m2). Sub-byte integers wrap; float4 saturates.
+    """
+    import ml_dtypes
+    import numpy as np
+    target = np.dtype(getattr(ml_dtypes, name))
+    is_f8 = name.startswith("float8")
+    top = float(ml_dtypes.finfo(target).max) if is_f8 else None
+
+    def run(x):
+        if x.is_meta:
+            return (torch.empty(x.shape, dtype=storage, device="meta"),)
+        a = x.detach().cpu()
+        a = (a.double() if a.dtype == torch.float64 else a.float()).numpy()
+        if is_f8 and saturate:
+            a = np.where(np.isnan(a), a, np.clip(a, -top, top))
+        y = a.astype(target)
+        if is_f8:
+            t = torch.from_numpy(np.ascontiguousarray(y).view(np.uint8)).view(storage)
+        else:
+            t = torch.from_numpy(y.astype(np.float32 if name == "float4_e2m1fn" else
+                                          (np.int8 if name in ("int4", "int2") else np.uint8)))
+        return (t.to(x.device),)
     return run
 
 

@@ -55,6 +55,61 @@ def _feed(v: Any) -> Any:
     return np.asarray(v)
 
 
+def _declared_dtype(vi) -> str | None:
+    if not _is_tensor(vi) or not vi.type.tensor_type.elem_type:
+        return None
+    from kiln.onnx.parser import _ONNX_DTYPES
+    return _ONNX_DTYPES.get(int(vi.type.tensor_type.elem_type))
+
+
+def _is_narrow(v: Any) -> bool:
+    from kiln.ir.dtypes import NARROW_TYPES
+    return isinstance(v, np.ndarray) and v.dtype.name in NARROW_TYPES
+
+
+def _to_torch(a: Any):
+    """An array as the engine holds it: float8 natively, sub-byte types by value, bfloat16 by its bits."""
+    if not isinstance(a, np.ndarray) or a.dtype == object or a.dtype.kind in "US":
+        return a                     # sequences, empty optionals, strings: the engine's own checks apply
+    import torch
+
+    from kiln.kernels._util import torch_dtype
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+    if not _is_narrow(a):
+        return torch.from_numpy(np.array(a, copy=True, order="C"))
+    storage = torch_dtype(a.dtype.name)
+    if a.dtype.name.startswith("float8"):
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()).view(storage)
+    return torch.from_numpy(a.astype(np.float32).astype(str(storage).replace("torch.", "")))
+
+
+def _to_numpy(v: Any, declared: str | None) -> Any:
+    """Engine results back to numpy, narrow ONNX types restored from their engine representation."""
+    if isinstance(v, list):
+        return [_to_numpy(x, None) for x in v]
+    if v is None:
+        return None
+    try:
+        import torch
+    except ImportError:      # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(v, torch.Tensor):
+        t = v.detach().cpu()
+        if str(t.dtype).startswith("torch.float8"):
+            import ml_dtypes
+            v = t.contiguous().view(torch.uint8).numpy().view(getattr(ml_dtypes, str(t.dtype)[6:]))
+        elif t.dtype == torch.bfloat16:
+            import ml_dtypes
+            v = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            v = t.numpy()
+    from kiln.ir.dtypes import NARROW_TYPES, np_dtype
+    if declared in NARROW_TYPES and isinstance(v, np.ndarray) and v.dtype.name != declared:
+        v = v.astype(np_dtype(declared))
+    return v
+
+
 def _static_dims(vi) -> list[int] | None:
     """The input's dims when all are known numbers, else None."""
     tt = vi.type.tensor_type
@@ -77,6 +132,7 @@ class KilnRep(BackendRep):
         self.build_options = build_options
         self.inputs = _graph_inputs(model)
         self.output_names = [vi.name for vi in model.graph.output]
+        self.output_types = {vi.name: _declared_dtype(vi) for vi in model.graph.output}
         self._contexts: dict[tuple, Any] = {}
         self._static = all(_static_dims(vi) is not None for vi in self.inputs if _is_tensor(vi))
         self._network = None
@@ -146,8 +202,10 @@ class KilnRep(BackendRep):
         else:
             ctx = self._context_for(tuple(tuple(int(d) for d in feeds[vi.name].shape)
                                           if _is_tensor(vi) and vi.name in feeds else None for vi in self.inputs))
+        # torch in, torch out: the backend does the numpy conversions itself (narrow types included)
+        feeds = {k: _to_torch(v) for k, v in feeds.items()}
         results = ctx.run(feeds)
-        return tuple(results[n] for n in self.output_names)
+        return tuple(_to_numpy(results[n], self.output_types.get(n)) for n in self.output_names)
 
 
 class KilnBackend(Backend):

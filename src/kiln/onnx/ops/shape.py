@@ -202,13 +202,15 @@ def cast(ctx, node):
     to = onnx_dtype(to, f"Node {node.name!r} (Cast) ") if isinstance(to, int) else {
         "FLOAT": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "INT64": "int64", "INT32": "int32",
         "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}.get(str(to).upper(), str(to).lower())
-    return ctx.add1("Cast", [node.input(0)], {"to": to, "saturate": node.attr("saturate", 1)}, dtype=to)
+    return ctx.add1("Cast", [node.input(0)], {"to": to, "saturate": node.attr("saturate", 1),
+                                              "round_mode": node.attr("round_mode", "up")}, dtype=to)
 
 
 @converter("CastLike", since=15)
 def cast_like(ctx, node):
     to = node.input(1).dtype
-    return ctx.add1("Cast", [node.input(0)], {"to": to, "saturate": node.attr("saturate", 1)}, dtype=to)
+    return ctx.add1("Cast", [node.input(0)], {"to": to, "saturate": node.attr("saturate", 1),
+                                              "round_mode": node.attr("round_mode", "up")}, dtype=to)
 
 
 @converter("Identity", since=1)
