@@ -4,7 +4,8 @@ Cases:
 - a layer whose every input is a constant (and that reads no outer tensor) →
   evaluated once on the CPU, its outputs become constants;
 - ``Shape``/``Size`` of a tensor whose shape is fully static → constant;
-- ``If`` with a constant condition → the chosen branch is inlined.
+- ``If`` with a constant condition → the chosen branch is inlined;
+- a Shuffle whose reshape target is a constant input → the target becomes an attribute.
 Outputs larger than ``max_elements`` stay as layers (folding would bloat the engine).
 """
 from __future__ import annotations
@@ -50,6 +51,14 @@ class ConstantFold(Pass):
                         val = np.asarray(dims[s:e], np.int64)
                     _replace_with_constants(net, layer, [val])
                     modified = True
+                continue
+            if layer.kind == "Shuffle" and len(layer.inputs) > 1 and layer.inputs[1] is not None \
+                    and layer.inputs[1].is_constant and layer.attrs.get("reshape") is None:
+                # a constant reshape target becomes an attribute (the pattern passes then see it)
+                layer.attrs["reshape"] = [int(d) for d in np.asarray(layer.inputs[1].value).reshape(-1)]
+                layer.set_input(1, None)
+                layer.inputs.pop()
+                modified = True
                 continue
             if layer.kind in NO_FOLD or subgraphs(layer):
                 continue

@@ -6,7 +6,10 @@ Cases (Q, K, V of shape [..., S, D]):
 - with an additive mask: ``Softmax(... + M) @ V`` (M broadcastable to the scores);
 - Kᵀ is a Shuffle swapping the last two axes of K (its input becomes K), or any tensor
   (then K is its transpose, a view);
-- no scale found → scale 1.
+- no scale found → scale 1;
+- Kᵀ = any pure permutation of a tensor Z (K is then Z permuted with the last two axes swapped);
+- the softmax followed by ``Where(IsNaN(p), 0, p)`` (a guard for fully masked rows, which an
+  additive finite mask never produces) before the second MatMul.
 The fused layer runs ``scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
 kernels on the GPU), never materializing the S×S scores in memory.
 """
@@ -40,6 +43,19 @@ def _strip_scale(t, net, chain):
         chain.append(p)
 
 
+def _nan_guard(net, probs):
+    """``Where(IsNaN(p), 0, p)`` after the softmax (exporters guard fully masked rows) → [isnan, where]."""
+    if len(probs.uses) != 2 or probs in net.outputs:
+        return None
+    kinds = {layer.kind: layer for layer, _ in probs.uses}
+    isnan, where = kinds.get("Unary"), kinds.get("Where")
+    if isnan is None or where is None or isnan.attrs.get("op") != "isnan":
+        return None
+    if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or scalar(where.inputs[1]) != 0.0:
+        return None
+    return [isnan, where]
+
+
 class FuseAttention(Pass):
     name = "attention fusion"
 
@@ -54,11 +70,16 @@ class FuseAttention(Pass):
         x = sm.inputs[0]
         if x.rank is None or x.rank < 3 or sm.attrs.get("axis", -1) % x.rank != x.rank - 1:
             return False
-        pv = only_consumer(sm.outputs[0], net, "MatMul")
-        if pv is None or pv.inputs[0] is not sm.outputs[0] or pv.attrs.get("transpose_a") or pv.attrs.get("transpose_b"):
+        probs = sm.outputs[0]
+        chain = [sm]
+        guard = _nan_guard(net, probs)
+        if guard is not None:
+            chain += guard
+            probs = guard[-1].outputs[0]
+        pv = only_consumer(probs, net, "MatMul")
+        if pv is None or pv.inputs[0] is not probs or pv.attrs.get("transpose_a") or pv.attrs.get("transpose_b"):
             return False
         v = pv.inputs[1]
-        chain = [sm]
         mask = None
         t = x
         add = producer(t, "ElementWise", op="sum")
@@ -84,10 +105,26 @@ class FuseAttention(Pass):
             tr = producer(kt, "Shuffle")
             r = kt.rank
             perm = tr.attrs.get("first_transpose") if tr is not None else None
-            if (tr is not None and r is not None and perm is not None and tr.attrs.get("reshape") is None
-                    and tr.attrs.get("second_transpose") is None and len(tr.inputs) == 1
-                    and list(perm) == list(range(r - 2)) + [r - 1, r - 2]):
+            pure = (tr is not None and r is not None and perm is not None and tr.attrs.get("reshape") is None
+                    and tr.attrs.get("second_transpose") is None and len(tr.inputs) == 1)
+            if pure and list(perm) == list(range(r - 2)) + [r - 1, r - 2]:
                 k, k_view = tr.inputs[0], None
+                if single_use(kt, net):
+                    chain.append(tr)
+            elif pure:
+                # Kᵀ = permute(Z, P): K = permute(Z, P with its last two entries swapped), a view
+                k_perm = list(perm[:-2]) + [perm[-1], perm[-2]]
+                z = tr.inputs[0]
+                kl = net.add_layer("Shuffle", [z], {"first_transpose": k_perm, "reshape": None,
+                                                    "second_transpose": None, "allowzero": False},
+                                   name=net.unique_name(tr.name + "/k"), origin=tr.origin)
+                net.layers.remove(kl)
+                net.layers.insert(net.layers.index(tr) + 1, kl)
+                k = kl.outputs[0]
+                k.dtype = z.dtype
+                if z.shape is not None:
+                    k.shape = tuple(z.shape[i] for i in k_perm)
+                k_view = None
                 if single_use(kt, net):
                     chain.append(tr)
             else:

@@ -44,25 +44,30 @@ class GraphRunner:
         try:
             return self._record(tensors)
         except Exception as exc:
-            raise CaptureError(str(exc)) from exc
+            raise CaptureError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") \
+                from exc
 
     def _record(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
         static_in = [t.clone() for t in tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):                       # warm-up outside the capture
-                self.program.run_env({}, static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        pinned_keepalive: list[torch.Tensor] = []
-        self.program.capture_keepalive = pinned_keepalive
+        cache: dict = {}
+        self.program.move_cache = cache
         try:
+            with torch.cuda.stream(stream):
+                self.program.run_env({}, static_in)      # warm-up outside the capture
+                self.program.move_mode = "collect"
+                self.program.run_env({}, static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            self.program.move_mode = "replay"
             with torch.cuda.graph(graph):
                 static_out = self.program.run_env({}, static_in)
         finally:
-            self.program.capture_keepalive = None
-        return {"graph": graph, "inputs": static_in, "outputs": static_out, "keepalive": pinned_keepalive}
+            self.program.move_mode = None
+            self.program.move_cache = None
+        return {"graph": graph, "inputs": static_in, "outputs": static_out, "keepalive": cache}
 
     def nbytes(self) -> int:
         return 0

@@ -113,16 +113,25 @@ class Program:
             if n not in keep:
                 self.steps[i].frees.append(n)
 
-    capture_keepalive: list | None = None
+    # CUDA-graph support: host values moved to the device are remembered during the warm-up
+    # runs ("collect") and served from that cache while capturing ("replay"): values that
+    # depend only on shapes are the same, and no host-to-device copy is recorded.
+    move_mode: str | None = None
+    move_cache: dict | None = None
 
     def _move(self, v: torch.Tensor, target: str) -> torch.Tensor:
-        """Move a (small, shape-derived) value; under graph capture go through pinned memory."""
-        keep = self.capture_keepalive
-        if keep is not None and target != "cpu" and v.device.type == "cpu":
-            pinned = v.pin_memory()
-            keep.append(pinned)
-            return pinned.to(target, non_blocking=True)
-        return v.to(target)
+        mode = self.move_mode
+        if mode is None or target == "cpu" or v.device.type != "cpu":
+            return v.to(target)
+        key = (tuple(v.shape), v.dtype)
+        if mode == "collect":
+            out = v.to(target)
+            self.move_cache.setdefault(key, []).append((v.clone(), out))
+            return out
+        for host, dev in self.move_cache.get(key, []):
+            if host.shape == v.shape and torch.equal(host, v):
+                return dev
+        raise RuntimeError(f"a host value of shape {tuple(v.shape)} changed between warm-up and capture")
 
     def output_dtype(self, index: int) -> torch.dtype:
         return torch_dtype(self._out_dtypes[index])

@@ -1,0 +1,74 @@
+"""LSTM and GRU through cuDNN's fused RNN kernels (one call per layer instead of a loop per step).
+
+ONNX gate order (LSTM i,o,f,c; GRU z,r,h) is re-ordered to cuDNN's (LSTM i,f,g,o; GRU r,z,n)
+once per weight tensor. Valid only for the default activations, no clip, no peepholes, no
+sequence lengths, layout 0; GRU additionally needs linear_before_reset=1 (cuDNN's form).
+"""
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels.registry import tactic
+
+
+def _ok(attrs, ctx, cell):
+    return (attrs.get("cell") == cell and not attrs.get("activations") and not attrs.get("clip")
+            and not attrs.get("layout", 0) and not attrs.get("input_forget", 0)
+            and (cell != "gru" or attrs.get("linear_before_reset", 0) == 1))
+
+
+def _reorder(t, order, H):
+    parts = t.split(H, dim=0)
+    return torch.cat([parts[i] for i in order], 0)
+
+
+def _make(attrs, ctx, cell):
+    H = attrs["hidden_size"]
+    bidir = attrs.get("direction", "forward") == "bidirectional"
+    reverse = attrs.get("direction", "forward") == "reverse"
+    order = (0, 2, 3, 1) if cell == "lstm" else (1, 0, 2)
+    gates = 4 if cell == "lstm" else 3
+    cache: dict = {}
+
+    def weights(W, R, B):
+        key = (id(W), id(R), id(B))
+        hit = cache.get(key)
+        if hit is not None and hit[0] is W:
+            return hit[1]
+        dirs = W.shape[0]
+        flat = []
+        for d in range(dirs):
+            b = B[d] if B is not None else torch.zeros(2 * gates * H, dtype=W.dtype, device=W.device)
+            flat += [_reorder(W[d], order, H).contiguous(), _reorder(R[d], order, H).contiguous(),
+                     _reorder(b[:gates * H], order, H).contiguous(), _reorder(b[gates * H:], order, H).contiguous()]
+        cache[key] = (W, flat)
+        return flat
+
+    def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
+        if X.is_meta or seq_lens is not None or P is not None:
+            raise RuntimeError("cudnn RNN tactic: unsupported inputs")
+        T, N, _ = X.shape
+        dirs = 2 if bidir else 1
+        x = torch.flip(X, [0]) if reverse else X
+        h = h0 if h0 is not None else torch.zeros(dirs, N, H, dtype=X.dtype, device=X.device)
+        flat = weights(W, R, B)
+        if cell == "lstm":
+            c = c0 if c0 is not None else torch.zeros(dirs, N, H, dtype=X.dtype, device=X.device)
+            y, hn, cn = torch.lstm(x, (h.contiguous(), c.contiguous()), flat, True, 1, 0.0, False, bidir, False)
+        else:
+            y, hn = torch.gru(x, h.contiguous(), flat, True, 1, 0.0, False, bidir, False)
+        if reverse:
+            y = torch.flip(y, [0])
+        Y = y.view(T, N, dirs, H).permute(0, 2, 1, 3)
+        return (Y, hn, cn) if cell == "lstm" else (Y, hn)
+    return run
+
+
+@tactic("RNN", "cudnn_lstm", devices=("cuda",), supports=lambda a, c: _ok(a, c, "lstm"))
+def make_cudnn_lstm(attrs, ctx):
+    return _make(attrs, ctx, "lstm")
+
+
+@tactic("RNN", "cudnn_gru", devices=("cuda",), supports=lambda a, c: _ok(a, c, "gru"))
+def make_cudnn_gru(attrs, ctx):
+    return _make(attrs, ctx, "gru")
