@@ -89,6 +89,7 @@ def make_window(attrs, ctx):
     kind = attrs["type"]
     periodic = bool(attrs.get("periodic", 1))
     out = torch_dtype(attrs.get("to", "float32"))
+    dev = ctx.device      # inputs are host values; the window is made where its readers run
 
     def run(size):
         n = ints(size)[0]
@@ -104,7 +105,7 @@ def make_window(attrs, ctx):
             w = 0.42 - 0.5 * torch.cos(phase) + 0.08 * torch.cos(2 * phase)
         else:
             raise ShapeError(f"Unknown window type {kind!r}; use hann, hamming or blackman.")
-        return (w.to(out),)
+        return (w.to(out).to(dev),)
     return run
 
 
@@ -119,6 +120,7 @@ def _mel_to_hz(mel: float) -> float:
 @tactic("MelWeightMatrix")
 def make_mel_weight_matrix(attrs, ctx):
     out = torch_dtype(attrs.get("to", "float32"))
+    dev = ctx.device
 
     def run(num_mel_bins, dft_length, sample_rate, lower_edge_hertz, upper_edge_hertz):
         bins, n_fft, rate = ints(num_mel_bins)[0], ints(dft_length)[0], ints(sample_rate)[0]
@@ -138,5 +140,5 @@ def make_mel_weight_matrix(attrs, ctx):
                     w[j, i] = (j - left) / (center - left)
             for j in range(center, right):
                 w[j, i] = (right - j) / (right - center)
-        return (w.to(out),)
+        return (w.to(out).to(dev),)
     return run

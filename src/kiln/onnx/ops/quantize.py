@@ -26,7 +26,7 @@ def quantize_linear(ctx, node):
         out = "uint8"
     if out not in _QUANT_TYPES:
         raise ParseError(f"Node {node.name!r} (QuantizeLinear) quantizes to {out}; Kiln supports "
-                         f"{', '.join(_QUANT_TYPES)}.")
+                         f"{', '.join(_QUANT_TYPES)} (float8 and 4/2-bit types are not supported yet).")
     return ctx.add1("QuantizeLinear", [x, scale, zp], {"axis": node.attr("axis", 1), "to": out,
                                                        "block_size": node.attr("block_size", 0),
                                                        "saturate": node.attr("saturate", 1)}, dtype=out)
@@ -35,6 +35,9 @@ def quantize_linear(ctx, node):
 @converter("DequantizeLinear", since=10)
 def dequantize_linear(ctx, node):
     x, scale, zp = node.input(0), node.input(1), node.input(2)
+    if x.dtype not in _QUANT_TYPES + ("int32",):
+        raise ParseError(f"Node {node.name!r} (DequantizeLinear) reads {x.dtype}; Kiln dequantizes "
+                         f"{', '.join(_QUANT_TYPES + ('int32',))} (float8 and 4/2-bit types are not supported yet).")
     out = onnx_dtype(node.attr("output_dtype"), f"Node {node.name!r} ") if node.attr("output_dtype") else scale.dtype
     return ctx.add1("DequantizeLinear", [x, scale, zp], {"axis": node.attr("axis", 1), "to": out,
                                                          "block_size": node.attr("block_size", 0)}, dtype=out)
