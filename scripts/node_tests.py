@@ -22,14 +22,73 @@ from typing import Any
 import numpy as np
 
 
-def collect(pattern: str) -> list[Any]:
-    """Node test cases whose name matches ``pattern`` (a regex searched in the name)."""
-    from onnx.backend.test.case import node
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cases = node.collect_testcases(None)
+class DiskCase:
+    """A case stored as files (model.onnx, test_data_set_*/input_*.pb, output_*.pb), as onnx ships them."""
+
+    def __init__(self, path: str, rtol: float = 1e-3, atol: float = 1e-7) -> None:
+        import glob
+        import os
+
+        import onnx
+        self.name = os.path.basename(path)
+        self.model = onnx.load(os.path.join(path, "model.onnx"))
+        self.rtol, self.atol = rtol, atol
+        self.data_sets = []
+        for d in sorted(glob.glob(os.path.join(path, "test_data_set_*"))):
+            ins = [_load_pb(f) for f in sorted(glob.glob(os.path.join(d, "input_*.pb")), key=_pb_index)]
+            outs = [_load_pb(f) for f in sorted(glob.glob(os.path.join(d, "output_*.pb")), key=_pb_index)]
+            self.data_sets.append((ins, outs))
+
+
+def _pb_index(path: str) -> int:
+    return int(re.search(r"_(\d+)\.pb$", path).group(1))
+
+
+def _load_pb(path: str) -> Any:
+    """A TensorProto, SequenceProto or OptionalProto file as an array, a list or None."""
+    import onnx
+    from onnx import numpy_helper
+    data = open(path, "rb").read()
+    for proto_type, convert in ((onnx.TensorProto, numpy_helper.to_array), (onnx.SequenceProto, numpy_helper.to_list),
+                                (onnx.OptionalProto, numpy_helper.to_optional)):
+        proto = proto_type()
+        try:
+            proto.ParseFromString(data)
+        except Exception:       # not this kind of proto
+            continue
+        if proto_type is onnx.TensorProto and not proto.dims and not proto.raw_data and proto.data_type == 0:
+            continue
+        if proto_type is onnx.SequenceProto and proto.elem_type == 0:
+            continue
+        return convert(proto)
+    raise ValueError(f"{path} holds no tensor, sequence or optional.")
+
+
+def collect(pattern: str, kinds: tuple[str, ...] = ("node",)) -> list[Any]:
+    """Cases whose name matches ``pattern`` (a regex searched in the name).
+
+    ``node`` cases are generated in memory; ``simple``, ``pytorch-converted`` and ``pytorch-operator``
+    are read from the files onnx ships.
+    """
+    import glob
+    import os
+
+    import onnx
     rx = re.compile(pattern)
-    return [c for c in cases if rx.search(c.name)]
+    out: list[Any] = []
+    if "node" in kinds:
+        from onnx.backend.test.case import node
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out += [c for c in node.collect_testcases(None) if rx.search(c.name)]
+    data = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
+    for kind in kinds:
+        if kind == "node":
+            continue
+        for d in sorted(glob.glob(os.path.join(data, kind, "test_*"))):
+            if rx.search(os.path.basename(d)) and os.path.exists(os.path.join(d, "model.onnx")):
+                out.append(DiskCase(d))
+    return out
 
 
 def _array(v: Any) -> Any:
@@ -116,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pattern", nargs="?", default=".", help="regex searched in case names")
     ap.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     ap.add_argument("-q", "--quiet", action="store_true", help="print failures and the summary only")
+    ap.add_argument("-k", "--kinds", default="node",
+                    help="comma-separated: node, simple, pytorch-converted, pytorch-operator (default node)")
     args = ap.parse_args(argv)
-    cases = collect(args.pattern)
+    cases = collect(args.pattern, tuple(args.kinds.split(",")))
     passed, failed = 0, []
     t0 = time.perf_counter()
     for case in cases:

@@ -74,7 +74,7 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
         if not on_host:
             args = [_to_meta(a) if a is not None and i not in host_pos else a for i, a in enumerate(args)]
         else:
-            args = [a if a is None or not a.is_meta else a for a in args]
+            args = [a if not isinstance(a, torch.Tensor) or not a.is_meta else a for a in args]
         ctx = KernelContext(device="cpu", layer_name=layer.name,
                             input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs),
                             output_dtypes=tuple(o.dtype for o in layer.outputs))
