@@ -1,9 +1,11 @@
 """Plugin tests: both tactics against independent references (ONNX Runtime, torch, numpy).
 
 Without a GPU the Triton tactic runs on CPU tensors through Triton's interpreter. Triton
-fixes interpreted-vs-compiled for its own standard library (tl.max, tl.sigmoid, ...) when
-``triton.language`` is first imported, so TRITON_INTERPRET is set here, before anything
-imports Triton. With a GPU the same tests run the compiled kernels on CUDA tensors.
+fixes interpreted-vs-compiled when a kernel is defined (the plugin modules define theirs
+at import) and, for its own standard library (tl.max, tl.sigmoid, ...), when
+``triton.language`` is first imported; so TRITON_INTERPRET is set here, before anything
+imports Triton or the built-in plugins. With a GPU the same tests run the compiled
+kernels on CUDA tensors.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import sys
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-_TRITON_PREIMPORTED = "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+_TRITON_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 

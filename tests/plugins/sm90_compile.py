@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import tempfile
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -75,15 +74,19 @@ def ptxas_usage(ptx: str) -> str:
 
 
 def record(module: str, run: Callable[[], None]) -> list:
+    """Swap the module's ``_*_kernel`` globals for recorders while ``run`` launches them."""
+    from triton.runtime.jit import JITFunction
+
     mod = importlib.import_module(f"kiln.plugins.builtin.{module}")
-    real = mod._kernels(False)
+    kernels = {k: v for k, v in vars(mod).items() if k.endswith("_kernel") and isinstance(v, JITFunction)}
     log: list = []
-    original = mod._kernels
-    mod._kernels = lambda interpret: SimpleNamespace(**{k: Recorder(v, log) for k, v in vars(real).items()})
     try:
+        for k, v in kernels.items():
+            setattr(mod, k, Recorder(v, log))
         run()
     finally:
-        mod._kernels = original
+        for k, v in kernels.items():
+            setattr(mod, k, v)
     return log
 
 
@@ -110,6 +113,22 @@ def cases_roi_align() -> list[Callable[[], None]]:
             out.append(lambda p=p, dtype=dtype: forward(
                 p, [torch.randn(2, 32, 20, 24, dtype=dtype), torch.rand(10, 4, dtype=dtype) * 40,
                     torch.zeros(10, dtype=torch.int64)]))
+    return out
+
+
+def cases_grid_sample() -> list[Callable[[], None]]:
+    from kiln.plugins.builtin.grid_sample import AffineGrid, GridSample
+
+    out = []
+    for i, (mode, pad) in enumerate((m, p) for m in ("bilinear", "nearest", "bicubic")
+                                    for p in ("zeros", "border", "reflection")):
+        g = GridSample(mode=mode, padding_mode=pad, align_corners=i % 2)
+        out.append(lambda g=g: forward(g, [torch.randn(2, 16, 9, 10), torch.rand(2, 5, 6, 2) * 2 - 1]))
+    g = GridSample()
+    out.append(lambda g=g: forward(g, [torch.randn(2, 16, 9, 10).half(), torch.rand(2, 5, 6, 2).half()]))
+    for align in (0, 1):
+        a = AffineGrid(size=[2, 3, 7, 9], align_corners=align)
+        out.append(lambda a=a: forward(a, [torch.randn(2, 2, 3)]))
     return out
 
 

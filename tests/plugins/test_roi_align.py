@@ -47,12 +47,9 @@ def test_matches_onnxruntime(ref, tactic, mode, ctm, sr, opset):
 
 
 def test_triton_tactic_really_runs_triton(ref, monkeypatch):
-    from types import SimpleNamespace
-
-    from kiln.plugins.builtin import _util
     from kiln.plugins.builtin import roi_align as mod
 
-    kernel = mod._kernels(_util.interpreting()).roi_align
+    kernel = mod._roi_align_kernel
     if ref.device == "cpu":
         assert type(kernel).__name__ == "InterpretedFunction"   # CPU tensors run only through the interpreter
     grids = []
@@ -61,7 +58,7 @@ def test_triton_tactic_really_runs_triton(ref, monkeypatch):
         def __getitem__(self, grid):
             grids.append(grid)
             return kernel[grid]
-    monkeypatch.setattr(mod, "_kernels", lambda interpret: SimpleNamespace(roi_align=Spy()))
+    monkeypatch.setattr(mod, "_roi_align_kernel", Spy())
     x, rois, bidx = _inputs(1)
     plugin = RoiAlign(output_height=2, output_width=2, sampling_ratio=1)
     (got,) = ref.run(plugin, ref.dev(x, rois, bidx), "triton")

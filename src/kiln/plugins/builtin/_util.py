@@ -1,7 +1,11 @@
-"""Helpers the built-in plugins share: workspace carving, Triton loading, ONNX attribute decoding.
+"""Helpers the built-in plugins share: optional Triton, workspace carving, ONNX attribute decoding.
 
 Not a plugin module (the leading underscore keeps ``load_builtins`` from importing it as one).
-Nothing here imports Triton at module level, so ``import kiln`` works without it.
+Plugin modules import ``triton``/``tl`` from here and define their kernels at module level:
+with Triton missing they get stand-ins whose ``jit`` leaves the function alone, so the
+module still imports and only the 'triton' tactic fails, with a sentence. Triton decides
+interpreted (TRITON_INTERPRET=1) versus compiled when a kernel is defined, i.e. when the
+plugin module is imported.
 """
 from __future__ import annotations
 
@@ -10,6 +14,22 @@ import os
 from typing import Any, Sequence
 
 from kiln.errors import PluginError
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # Triton is optional: without it only the torch tactics exist.
+    HAS_TRITON = False
+
+    class _Stub:
+        constexpr = None
+
+        @staticmethod
+        def jit(fn: Any = None, **kwargs: Any) -> Any:
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _Stub()  # type: ignore[assignment]
 
 ALIGN = 256  # bytes; every workspace slice starts on this boundary (cuBLAS/TMA friendly)
 
@@ -20,12 +40,10 @@ def interpreting() -> bool:
 
 
 def require_triton(plugin: str) -> None:
-    """Fail with a sentence, not an ImportError, when the Triton tactic is asked for without Triton."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        raise PluginError(f"Plugin {plugin!r} tactic 'triton' needs the triton package ({exc}); "
-                          f"install it (pip install 'kiln[triton]') or use the 'torch' tactic.") from exc
+    """Fail with a sentence, not an AttributeError deep in a launch, when Triton is missing."""
+    if not HAS_TRITON:
+        raise PluginError(f"Plugin {plugin!r} tactic 'triton' needs the triton package, which is not installed; "
+                          f"install it (pip install 'kiln[triton]') or use the 'torch' tactic.")
 
 
 def next_pow2(n: int) -> int:

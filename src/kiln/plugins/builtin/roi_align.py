@@ -10,14 +10,13 @@ and weights once for all bins and reuses them for every channel in its block.
 """
 from __future__ import annotations
 
-import functools
 import math
-from types import SimpleNamespace
 from typing import Any
 
 from kiln.errors import PluginError
 from kiln.plugins.base import Plugin, TensorDesc, field
 from kiln.plugins.builtin import _util
+from kiln.plugins.builtin._util import tl, triton
 from kiln.plugins.registry import register
 
 _FLOATS = ("float32", "float16", "bfloat16")
@@ -169,109 +168,102 @@ def roi_align_torch(x: Any, rois: Any, bidx: Any, ph: int, pw: int, sampling_rat
 
 # ---- GPU: Triton -----------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _kernels(interpret: bool) -> Any:
-    """Compile lazily (and per interpreter mode), so importing this module never needs Triton."""
-    import triton
-    import triton.language as tl
+@triton.jit
+def _roi_align_kernel(x_ptr, rois_ptr, bidx_ptr, out_ptr, C, H, W, sxn, sxc, sxh, sxw, srr, src, sbi,
+                     spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SR: tl.constexpr,
+                     HALF_PIXEL: tl.constexpr, MAX_MODE: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    r = tl.program_id(0)
+    cb = tl.program_id(1)
+    rp = rois_ptr + r.to(tl.int64) * srr
+    off = 0.5 if HALF_PIXEL else 0.0
+    x1 = tl.load(rp).to(tl.float32) * spatial_scale - off
+    y1 = tl.load(rp + src).to(tl.float32) * spatial_scale - off
+    x2 = tl.load(rp + 2 * src).to(tl.float32) * spatial_scale - off
+    y2 = tl.load(rp + 3 * src).to(tl.float32) * spatial_scale - off
+    b = tl.load(bidx_ptr + r.to(tl.int64) * sbi).to(tl.int64)
+    roi_w = x2 - x1
+    roi_h = y2 - y1
+    if not HALF_PIXEL:
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    if SR > 0:
+        gh = tl.full([], SR, tl.int32)
+        gw = tl.full([], SR, tl.int32)
+    else:
+        gh = tl.maximum(tl.ceil(roi_h / PH), 0.0).to(tl.int32)
+        gw = tl.maximum(tl.ceil(roi_w / PW), 0.0).to(tl.int32)
+    gh_f = tl.maximum(gh, 1).to(tl.float32)
+    gw_f = tl.maximum(gw, 1).to(tl.float32)
 
-    @triton.jit
-    def roi_align_kernel(x_ptr, rois_ptr, bidx_ptr, out_ptr, C, H, W, sxn, sxc, sxh, sxw, srr, src, sbi,
-                         spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SR: tl.constexpr,
-                         HALF_PIXEL: tl.constexpr, MAX_MODE: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        r = tl.program_id(0)
-        cb = tl.program_id(1)
-        rp = rois_ptr + r.to(tl.int64) * srr
-        off = 0.5 if HALF_PIXEL else 0.0
-        x1 = tl.load(rp).to(tl.float32) * spatial_scale - off
-        y1 = tl.load(rp + src).to(tl.float32) * spatial_scale - off
-        x2 = tl.load(rp + 2 * src).to(tl.float32) * spatial_scale - off
-        y2 = tl.load(rp + 3 * src).to(tl.float32) * spatial_scale - off
-        b = tl.load(bidx_ptr + r.to(tl.int64) * sbi).to(tl.int64)
-        roi_w = x2 - x1
-        roi_h = y2 - y1
-        if not HALF_PIXEL:
-            roi_w = tl.maximum(roi_w, 1.0)
-            roi_h = tl.maximum(roi_h, 1.0)
-        bin_h = roi_h / PH
-        bin_w = roi_w / PW
-        if SR > 0:
-            gh = tl.full([], SR, tl.int32)
-            gw = tl.full([], SR, tl.int32)
-        else:
-            gh = tl.maximum(tl.ceil(roi_h / PH), 0.0).to(tl.int32)
-            gw = tl.maximum(tl.ceil(roi_w / PW), 0.0).to(tl.int32)
-        gh_f = tl.maximum(gh, 1).to(tl.float32)
-        gw_f = tl.maximum(gw, 1).to(tl.float32)
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < PH * PW
+    ph = (p // PW).to(tl.float32)
+    pw = (p % PW).to(tl.float32)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    base = x_ptr + b * sxn + (c * sxc)[:, None]
+    m2 = cmask[:, None] & pmask[None, :]
+    if MAX_MODE:
+        acc = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    Hf = H * 1.0
+    Wf = W * 1.0
 
-        p = tl.arange(0, BLOCK_P)
-        pmask = p < PH * PW
-        ph = (p // PW).to(tl.float32)
-        pw = (p % PW).to(tl.float32)
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        base = x_ptr + b * sxn + (c * sxc)[:, None]
-        m2 = cmask[:, None] & pmask[None, :]
-        if MAX_MODE:
-            acc = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-        Hf = H * 1.0
-        Wf = W * 1.0
+    iy = tl.full([], 0, tl.int32)
+    while iy < gh:
+        yy = (y1 + ph * bin_h) + (iy.to(tl.float32) + 0.5) * bin_h / gh_f
+        y_oob = (yy < -1.0) | (yy > Hf)
+        yv = tl.maximum(yy, 0.0)
+        y_lo = yv.to(tl.int32)
+        y_edge = y_lo >= H - 1
+        y_lo = tl.where(y_edge, H - 1, y_lo)
+        y_hi = tl.where(y_edge, H - 1, y_lo + 1)
+        yv = tl.where(y_edge, y_lo.to(tl.float32), yv)
+        ly = yv - y_lo.to(tl.float32)
+        hy = 1.0 - ly
+        row_lo = y_lo * sxh
+        row_hi = y_hi * sxh
+        ix = tl.full([], 0, tl.int32)
+        while ix < gw:
+            xx = (x1 + pw * bin_w) + (ix.to(tl.float32) + 0.5) * bin_w / gw_f
+            oob = y_oob | (xx < -1.0) | (xx > Wf)
+            xv = tl.maximum(xx, 0.0)
+            x_lo = xv.to(tl.int32)
+            x_edge = x_lo >= W - 1
+            x_lo = tl.where(x_edge, W - 1, x_lo)
+            x_hi = tl.where(x_edge, W - 1, x_lo + 1)
+            xv = tl.where(x_edge, x_lo.to(tl.float32), xv)
+            lx = xv - x_lo.to(tl.float32)
+            hx = 1.0 - lx
+            w1 = tl.where(oob, 0.0, hy * hx)[None, :]
+            w2 = tl.where(oob, 0.0, hy * lx)[None, :]
+            w3 = tl.where(oob, 0.0, ly * hx)[None, :]
+            w4 = tl.where(oob, 0.0, ly * lx)[None, :]
+            lm = m2 & (~oob)[None, :]
+            col_lo = x_lo * sxw
+            col_hi = x_hi * sxw
+            v1 = tl.load(base + (row_lo + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
+            v2 = tl.load(base + (row_lo + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
+            v3 = tl.load(base + (row_hi + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
+            v4 = tl.load(base + (row_hi + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
+            if MAX_MODE:
+                val = tl.maximum(tl.maximum(tl.maximum(w1 * v1, w2 * v2), w3 * v3), w4 * v4)
+                acc = tl.maximum(acc, val)
+            else:
+                acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
+            ix += 1
+        iy += 1
+    if MAX_MODE:
+        res = tl.where(gh * gw > 0, acc, 0.0)
+    else:
+        res = acc / tl.maximum(gh * gw, 1).to(tl.float32)
+    o = out_ptr + r.to(tl.int64) * C * PH * PW + (c * (PH * PW))[:, None] + p[None, :]
+    tl.store(o, res.to(out_ptr.dtype.element_ty), mask=m2)
 
-        iy = tl.full([], 0, tl.int32)
-        while iy < gh:
-            yy = (y1 + ph * bin_h) + (iy.to(tl.float32) + 0.5) * bin_h / gh_f
-            y_oob = (yy < -1.0) | (yy > Hf)
-            yv = tl.maximum(yy, 0.0)
-            y_lo = yv.to(tl.int32)
-            y_edge = y_lo >= H - 1
-            y_lo = tl.where(y_edge, H - 1, y_lo)
-            y_hi = tl.where(y_edge, H - 1, y_lo + 1)
-            yv = tl.where(y_edge, y_lo.to(tl.float32), yv)
-            ly = yv - y_lo.to(tl.float32)
-            hy = 1.0 - ly
-            row_lo = y_lo * sxh
-            row_hi = y_hi * sxh
-            ix = tl.full([], 0, tl.int32)
-            while ix < gw:
-                xx = (x1 + pw * bin_w) + (ix.to(tl.float32) + 0.5) * bin_w / gw_f
-                oob = y_oob | (xx < -1.0) | (xx > Wf)
-                xv = tl.maximum(xx, 0.0)
-                x_lo = xv.to(tl.int32)
-                x_edge = x_lo >= W - 1
-                x_lo = tl.where(x_edge, W - 1, x_lo)
-                x_hi = tl.where(x_edge, W - 1, x_lo + 1)
-                xv = tl.where(x_edge, x_lo.to(tl.float32), xv)
-                lx = xv - x_lo.to(tl.float32)
-                hx = 1.0 - lx
-                w1 = tl.where(oob, 0.0, hy * hx)[None, :]
-                w2 = tl.where(oob, 0.0, hy * lx)[None, :]
-                w3 = tl.where(oob, 0.0, ly * hx)[None, :]
-                w4 = tl.where(oob, 0.0, ly * lx)[None, :]
-                lm = m2 & (~oob)[None, :]
-                col_lo = x_lo * sxw
-                col_hi = x_hi * sxw
-                v1 = tl.load(base + (row_lo + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
-                v2 = tl.load(base + (row_lo + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
-                v3 = tl.load(base + (row_hi + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
-                v4 = tl.load(base + (row_hi + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
-                if MAX_MODE:
-                    val = tl.maximum(tl.maximum(tl.maximum(w1 * v1, w2 * v2), w3 * v3), w4 * v4)
-                    acc = tl.maximum(acc, val)
-                else:
-                    acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
-                ix += 1
-            iy += 1
-        if MAX_MODE:
-            res = tl.where(gh * gw > 0, acc, 0.0)
-        else:
-            res = acc / tl.maximum(gh * gw, 1).to(tl.float32)
-        o = out_ptr + r.to(tl.int64) * C * PH * PW + (c * (PH * PW))[:, None] + p[None, :]
-        tl.store(o, res.to(out_ptr.dtype.element_ty), mask=m2)
-
-    return SimpleNamespace(roi_align=roi_align_kernel)
 
 
 def roi_align_launch_config(c: int, ph: int, pw: int) -> tuple[int, int, int]:
@@ -289,10 +281,9 @@ def _roi_align_triton(p: RoiAlign, x: Any, rois: Any, bidx: Any, out: Any) -> No
     r = rois.shape[0]
     if r == 0 or c == 0:
         return
-    kernel = _kernels(_util.interpreting()).roi_align
     block_c, block_p, warps = roi_align_launch_config(c, p.output_height, p.output_width)
     grid = (r, _util.cdiv(c, block_c))
-    kernel[grid](x, rois, bidx, out, c, h, w, *x.stride(), *rois.stride(), bidx.stride(0), float(p.spatial_scale),
+    _roi_align_kernel[grid](x, rois, bidx, out, c, h, w, *x.stride(), *rois.stride(), bidx.stride(0), float(p.spatial_scale),
                  PH=p.output_height, PW=p.output_width, SR=max(0, p.sampling_ratio),
                  HALF_PIXEL=p.coordinate_transformation_mode == "half_pixel", MAX_MODE=p.mode == "max",
                  BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
