@@ -142,6 +142,11 @@ def _inline_if(net: Network, layer, cond: bool) -> None:
             o_new.shape = o_old.shape
             mapping[id(o_old)] = o_new
     net.layers[idx:idx] = new_layers
+    for nl in new_layers:       # bodies nested in the branch read its values: point them at the inlined copies
+        for g in subgraphs(nl):
+            if g.outer is branch:
+                g.outer = net
+            _remap_reads(g, mapping)
     results = [mapping.get(id(t), t) for t in branch.outputs]
     for out, res in zip(layer.outputs, results):
         if out in net.outputs:
@@ -164,3 +169,14 @@ def _inline_if(net: Network, layer, cond: bool) -> None:
         for o in layer.outputs:
             if net.tensors.get(o.name) is o:
                 net.tensors.pop(o.name)
+
+
+def _remap_reads(g: Network, mapping: dict) -> None:
+    """Replace reads of inlined tensors (by id) in ``g`` and the subgraphs nested in it."""
+    for layer in g.layers:
+        for i, t in enumerate(layer.inputs):
+            if t is not None and id(t) in mapping:
+                layer.set_input(i, mapping[id(t)])
+        for sg in subgraphs(layer):
+            _remap_reads(sg, mapping)
+    g.outputs = [mapping.get(id(t), t) for t in g.outputs]
