@@ -86,6 +86,17 @@ def _time(fn, args, reps: int) -> float:
     return float(np.median(times))
 
 
+def _agree(outs, ref, precision: str) -> bool:
+    tol = 1e-5 if precision == "fp32" else 3e-2
+    for a, b in zip(outs, ref):
+        if a.shape != b.shape:
+            return False
+        den = float(b.norm()) or 1.0
+        if not float((a - b).norm()) <= tol * den + 1e-6:
+            return False
+    return True
+
+
 def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, tuple[int, ...]],
                    cache: TimingCache, device_name: str, hosts: set[int]) -> dict[int, str]:
     """Choose a tactic per layer; returns id(layer) → tactic name for the timed layers."""
@@ -129,6 +140,7 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
         times = cache.get(key)
         if times is None or not all(c.name in times for c in cands):
             times = dict(times or {})
+            reference = None
             for cand in cands:
                 if cand.name in times:
                     continue
@@ -136,7 +148,14 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
                                     output_dtypes=tuple(o.dtype for o in layer.outputs))
                 try:
                     with torch.inference_mode():
-                        times[cand.name] = _time(cand.make(layer.attrs, ctx), ins, reps)
+                        fn = cand.make(layer.attrs, ctx)
+                        outs = [o.float() for o in fn(*[a.clone() if a is not None else None for a in ins])]
+                        if reference is None:
+                            reference = outs
+                        elif not _agree(outs, reference, layer.precision or "fp32"):
+                            times[cand.name] = float("inf")      # a fast wrong kernel is no tactic
+                            continue
+                        times[cand.name] = _time(fn, ins, reps)
                 except Exception:
                     times[cand.name] = float("inf")      # not valid on these shapes
             cache.put(key, times)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kiln.errors import BuildError
 from kiln.kernels._util import ints, norm_axis
@@ -97,6 +98,9 @@ def make_softmax(attrs, ctx):
 
     def run(x):
         fn = torch.log_softmax if log else torch.softmax
+        if x.is_cuda and x.dtype in _LOW:
+            # CUDA's softmax keeps its max/sum statistics in FP32 for half inputs: one kernel
+            return (fn(x, norm_axis(axis, x.dim())),)
         return (fn(_acc(x), norm_axis(axis, x.dim())).to(x.dtype),)
     return run
 
@@ -121,6 +125,16 @@ def make_normalization(attrs, ctx):
         if kind in ("layer", "rms"):
             a = norm_axis(axis, r)
             dims = tuple(range(a, r))
+            shape = tuple(x.shape[a:])
+            fits = all(p is None or tuple(p.shape) == shape for p in (scale, bias))
+            if fits and x.dtype.is_floating_point and x.dtype != torch.float64 and not x.is_meta:
+                # one fused kernel; for FP16/BF16 inputs it accumulates mean and variance in FP32
+                w = scale.to(x.dtype) if scale is not None else None
+                b = bias.to(x.dtype) if bias is not None else None
+                if kind == "layer":
+                    return (F.layer_norm(x, shape, w, b, eps),)
+                if hasattr(F, "rms_norm"):
+                    return (F.rms_norm(x, shape, w, eps),)
             if kind == "layer":
                 mu = xf.mean(dims, keepdim=True)
                 var_ = ((xf - mu) ** 2).mean(dims, keepdim=True)
