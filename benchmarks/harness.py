@@ -50,6 +50,7 @@ def build_model(name: str):
         return torchvision.models.mobilenet_v3_large(), _image(224), ["input"], ["logits"], True
     if name == "vit_b_16":
         import torchvision
+        torch.backends.mha.set_fastpath_enabled(False)     # the fused fast path has no ONNX export
         return torchvision.models.vit_b_16(), _image(224), ["input"], ["logits"], False
     if name == "bert_base":
         from transformers import BertConfig, BertModel
