@@ -20,7 +20,7 @@ _PLUGIN_OPS = {
     "GridSample": ("grid_sample", 16, "GridSample"),
     "AffineGrid": ("grid_sample", 20, "AffineGrid"),
     "NonMaxSuppression": ("nms", 10, "NonMaxSuppression"),
-    "DeformConv": ("deform_conv", 19, "DeformConv"),
+    "DeformConv": ("deform_conv", 19, "ModulatedDeformConv2d"),
 }
 
 
