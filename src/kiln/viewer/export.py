@@ -19,7 +19,7 @@ from kiln.viewer import render, weights
 from kiln.viewer.placement import Placer
 
 STATIC = {"index.html": "text/html; charset=utf-8", "graph.css": "text/css; charset=utf-8",
-          "app.css": "text/css; charset=utf-8", "layout.js": "text/javascript; charset=utf-8",
+          "app.css": "text/css; charset=utf-8", "coords.js": "text/javascript; charset=utf-8", "layout.js": "text/javascript; charset=utf-8",
           "view.js": "text/javascript; charset=utf-8", "panels.js": "text/javascript; charset=utf-8",
           "app.js": "text/javascript; charset=utf-8"}
 FORMATS = (".svg", ".png", ".html", ".htm")
@@ -144,3 +144,16 @@ def export(page: dict, panes: list[pagemod.Pane], out: str | os.PathLike, *, tog
     else:
         rasterize(svg_text(page, 0, toggles), out, scale=2.0 if len(page["panes"][0]["nodes"]) < 400 else 1.0)
     return out
+
+
+def export_model(model, out: str | os.PathLike, *, rankdir: str = "TB") -> pathlib.Path:
+    """Export a ViewModel (any reader's output) straight to .svg, .png or .html."""
+    pane = pagemod.build_pane(model)
+    return export(pagemod.page_json([pane], rankdir=rankdir), [pane], out)
+
+
+def export_svg(model, out: str | os.PathLike) -> pathlib.Path:
+    """A ViewModel as an SVG picture."""
+    if pathlib.Path(out).suffix.lower() != ".svg":
+        raise ViewerError(f"export_svg writes .svg files, not {pathlib.Path(out).name!r}.")
+    return export_model(model, out)

@@ -4,12 +4,9 @@ This module and ``static/layout.js`` implement the same algorithm on the same
 page data, so the browser and the headless export draw the same picture; a
 browser test compares the two. Keep them in step.
 
-Coordinate assignment per rank (``assign``): each entry wants to sit at the
-median of its neighbours in the rank before (x of the neighbour plus the
-offset between the two anchors, e.g. a port of an expanded group); a weighted
-isotonic regression (pool adjacent violators) finds the positions closest to
-those wishes that keep the order and the minimum gaps. Sweeps go down and up;
-dummy-to-dummy segments weigh most, so long edges come out straight.
+Breadth coordinates come from Brandes–Köpf (:mod:`kiln.viewer.coords`), with
+segment offsets where an edge meets a port of an expanded group or one of
+several anchors spread along a box side.
 """
 from __future__ import annotations
 
@@ -17,10 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiln.viewer import coords
+
 METRICS: dict[str, float] = {
     "nodeSep": 22, "edgeSep": 12, "rankSep": 34, "headH": 22, "rowH": 15, "rowPad": 5, "padX": 9,
     "minW": 48, "groupPad": 12, "groupHead": 22, "headFont": 12, "rowFont": 10.5, "labelFont": 9,
-    "iterations": 4,
 }
 
 DEFAULT_TOGGLES = {"attributes": False, "weights": True, "names": False}
@@ -59,11 +57,11 @@ def box_content(node: dict, toggles: dict) -> tuple[str, list[list[str]]]:
         rows.append(["name", name if len(name) <= 34 else name[:33] + "…"])
     if toggles.get("weights", True):
         rows += [["weight", r] for r in node.get("wrow", [])]
-    if toggles.get("attributes", True):
+    if toggles.get("attributes", False):
         rows += [["attr", r] for r in node.get("arow", [])]
     rows += [["engine", r] for r in node.get("erow", [])]
     if node.get("trow"):
-        rows.append(["time", node["trow"]])
+        rows.append(["ms", node["trow"]])
     return node["op"], rows
 
 
@@ -84,28 +82,11 @@ def group_size(cluster: dict) -> tuple[float, float]:
     return math.ceil(w), m["headH"] + m["rowH"] + m["rowPad"]
 
 
-def assign(struct: dict, br: list[float], th: list[float], up: list, down: list,
-           iterations: int) -> tuple[list[float], list[float], list[float], float, float]:
+def assign(struct: dict, br: list[float], th: list[float], up: list, down: list) -> tuple:
     """Breadth centre of every entry, start and thickness of every rank, total breadth and depth."""
     m = METRICS
-    n = struct["n"]
     layers = struct["layers"]
-    x = [0.0] * len(br)
-    for layer in layers:
-        cur = 0.0
-        for i, e in enumerate(layer):
-            if i:
-                cur += (br[layer[i - 1]] + br[e]) / 2 + _sep(layer[i - 1], e, n, br)
-            x[e] = cur
-        for e in layer:
-            x[e] -= cur / 2
-    for _ in range(iterations):
-        for r in range(1, len(layers)):
-            _place(layers[r], up, x, br, n)
-        for r in range(len(layers) - 2, -1, -1):
-            _place(layers[r], down, x, br, n)
-    for r in range(1, len(layers)):
-        _place(layers[r], up, x, br, n)
+    x = coords.assign(layers, struct["n"], br, up, down, m["nodeSep"], m["edgeSep"])
     left = min((x[e] - br[e] / 2 for layer in layers for e in layer), default=0.0)
     right = max((x[e] + br[e] / 2 for layer in layers for e in layer), default=0.0)
     for i in range(len(x)):
@@ -131,48 +112,6 @@ def _spread(k: int, breadth: float) -> list[float]:
         return [0.0] * k
     step = min(12.0, max(0.0, breadth - 16) / (k - 1))
     return [(i - (k - 1) / 2) * step for i in range(k)]
-
-
-def _sep(a: int, b: int, n: int, br: list[float]) -> float:
-    return METRICS["nodeSep"] if br[a] > 0 and br[b] > 0 else METRICS["edgeSep"]
-
-
-def _place(layer: list[int], ref: list, x: list[float], br: list[float], n: int) -> None:
-    """Move one rank towards its neighbours' medians, keeping order and gaps (weighted PAV)."""
-    count = len(layer)
-    if count == 0:
-        return
-    off = [0.0] * count
-    for i in range(1, count):
-        off[i] = off[i - 1] + (br[layer[i - 1]] + br[layer[i]]) / 2 + _sep(layer[i - 1], layer[i], n, br)
-    bw: list[float] = []
-    bs: list[float] = []
-    bn: list[int] = []
-    for i, e in enumerate(layer):
-        nb = ref[e]
-        if nb:
-            wants = sorted(x[a] + d for a, d, _ in nb)
-            k = len(wants) // 2
-            want = wants[k] if len(wants) % 2 else (wants[k - 1] + wants[k]) / 2
-            w = 0.0
-            for _, _, ew in nb:
-                w += ew
-        else:
-            want, w = x[e], 0.01
-        bw.append(w)
-        bs.append(w * (want - off[i]))
-        bn.append(1)
-        while len(bw) > 1 and bs[-2] / bw[-2] > bs[-1] / bw[-1]:
-            w2, s2, n2 = bw.pop(), bs.pop(), bn.pop()
-            bw[-1] += w2
-            bs[-1] += s2
-            bn[-1] += n2
-    i = 0
-    for b in range(len(bw)):
-        mean = bs[b] / bw[b]
-        for _ in range(bn[b]):
-            x[layer[i]] = mean + off[i]
-            i += 1
 
 
 @dataclass
@@ -253,15 +192,16 @@ class Placer:
                 prev = d
             for dst, at in dsts:
                 segs.append((src if at < 0 else trunk[at], dst, tensor))
-        out_off, in_off = self._offsets(c, n, s["layers"], segs, br)
+        out_off, in_off, ports = self._offsets(c, n, s["layers"], segs, br)
         up: list[list] = [[] for _ in range(total)]
         down: list[list] = [[] for _ in range(total)]
-        for a, b, t in segs:
-            oa, ob = out_off.get((a, t), 0.0), in_off.get((b, a, t), 0.0)
+        for a, b, t in segs:        # only port offsets steer alignment; spread anchors would make chains drift
+            oa = out_off.get((a, t), 0.0) if a in ports else 0.0
+            ob = in_off.get((b, a, t), 0.0) if b in ports else 0.0
             w = 8.0 if a >= n and b >= n else 2.0 if a >= n or b >= n else 1.0
             up[b].append((a, oa - ob, w))
             down[a].append((b, ob - oa, w))
-        x, starts, thick, width, depth = assign(s, br, th, up, down, int(METRICS["iterations"]))
+        x, starts, thick, width, depth = assign(s, br, th, up, down)
         pos = [(0.0, 0.0)] * total
         band = [(0.0, 0.0)] * total
         for r, layer in enumerate(s["layers"]):
@@ -279,8 +219,9 @@ class Placer:
         self.cache[cid] = lay
         return lay
 
-    def _offsets(self, c: dict, n: int, layers: list, segs: list, br: list) -> tuple[dict, dict]:
-        """Anchor offsets along the breadth axis: ports of expanded groups, else spread over the box side."""
+    def _offsets(self, c: dict, n: int, layers: list, segs: list, br: list) -> tuple[dict, dict, set]:
+        """Anchor offsets along the breadth axis: ports of expanded groups, else spread over the box side;
+        also the entries whose offsets are ports."""
         order: dict[int, int] = {}
         for layer in layers:
             for i, e in enumerate(layer):
@@ -294,9 +235,11 @@ class Placer:
                 ins.setdefault(b, []).append((order[a], t, a))
         out_off: dict = {}
         in_off: dict = {}
+        ports: set[int] = set()
         for a, by_tensor in outs.items():
             kind, idx = c["items"][a]
             if kind == "c" and idx in self.expanded:
+                ports.add(a)
                 for t in by_tensor:
                     out_off[(a, t)] = self.port_offset(idx, t, True)
             elif kind in ("n", "c") and len(by_tensor) > 1:
@@ -306,13 +249,14 @@ class Placer:
         for b, lst in ins.items():
             kind, idx = c["items"][b]
             if kind == "c" and idx in self.expanded:
+                ports.add(b)
                 for _, t, a in lst:
                     in_off[(b, a, t)] = self.port_offset(idx, t, False)
             elif kind in ("n", "c") and len(lst) > 1:
                 lst.sort()
                 for (_, t, a), o in zip(lst, _spread(len(lst), br[b])):
                     in_off[(b, a, t)] = o
-        return out_off, in_off
+        return out_off, in_off, ports
 
     def port_offset(self, cid: int, tensor: int, out: bool) -> float:
         """Breadth offset of an expanded group's port from the group's centre."""
@@ -423,13 +367,16 @@ class Placer:
         for k in range(3):
             if self.lr:
                 lx, ly, anchor = x - 5 - k * (w + 6), y - 8, "end"
-                box = (lx - w, ly - h / 2, lx, ly + h / 2)
+                box = (lx - w, ly - h / 2, lx, ly + h / 2, text)
             else:
                 lx, ly, anchor = x + 5, y - 9 - k * h, "start"
-                box = (lx, ly - h / 2, lx + w, ly + h / 2)
+                box = (lx, ly - h / 2, lx + w, ly + h / 2, text)
             cells = [(i, j) for i in range(math.floor(box[0] / 64), math.floor(box[2] / 64) + 1)
                      for j in range(math.floor(box[1] / 64), math.floor(box[3] / 64) + 1)]
-            if not any(_overlap(box, o) for cell in cells for o in grid.get(cell, ())):
+            clash = [o for cell in cells for o in grid.get(cell, ()) if _overlap(box, o)]
+            if any(o[4] == text for o in clash):        # the same shape is already written right there
+                return
+            if not clash:
                 for cell in cells:
                     grid.setdefault(cell, []).append(box)
                 e["label"] = [lx, ly, anchor]

@@ -83,6 +83,15 @@ def from_header(header: dict[str, Any], path: pathlib.Path | None, read_weight) 
                      file_size=path.stat().st_size if path else None)
 
 
+def _slot(tensor: str, j: int, weights: dict) -> str:
+    """A weight input is named by its last dotted part (``…conv.weight`` → weight), others by position."""
+    if tensor in weights:
+        tail = tensor.rsplit(".", 1)[-1]
+        if tail.isidentifier() and len(tail) <= 16:
+            return tail
+    return f"input {j}"
+
+
 def _shape(v) -> list | None:
     return list(v) if isinstance(v, (list, tuple)) else None
 
@@ -114,7 +123,7 @@ def _graph(header, name, layers, tensors, weights, inputs, outputs, read_weight)
         kind = str(layer.get("kind", "?"))
         node = ViewNode(id=f"l{i}", name=str(layer.get("name", "")), op_type=kind, category=category(kind),
                         attributes=attrs, group=group_path(str(layer.get("name", ""))), subgraphs=subgraphs)
-        node.inputs = [ViewArgument(f"input {j}", [t]) for j, t in enumerate(layer.get("inputs") or []) if t]
+        node.inputs = [ViewArgument(_slot(t, j, weights), [t]) for j, t in enumerate(layer.get("inputs") or []) if t]
         node.outputs = [ViewArgument(f"output {j}", [t]) for j, t in enumerate(layer.get("outputs") or []) if t]
         for arg in node.inputs + node.outputs:
             for t in arg.values:

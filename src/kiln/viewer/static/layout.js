@@ -1,7 +1,7 @@
 /* Kiln viewer — coordinates from the layout structure computed in Python.
- * A line-by-line mirror of kiln/viewer/placement.py: box sizes, per-rank
- * coordinate assignment (weighted isotonic regression towards neighbour
- * medians), cluster composition, edge anchors and label placement.
+ * A line-by-line mirror of kiln/viewer/placement.py: box sizes, breadth
+ * coordinates (Brandes–Köpf, coords.js), cluster composition, edge anchors
+ * and label placement.
  * Keep the two in step; tests/viewer/test_browser.py compares them. */
 "use strict";
 var Kiln = window.Kiln || (window.Kiln = {});
@@ -37,9 +37,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const rows = [];
     if (toggles.names && node.name) rows.push(["name", clip(node.name, 34)]);
     if (toggles.weights !== false) for (const r of node.wrow || []) rows.push(["weight", r]);
-    if (toggles.attributes !== false) for (const r of node.arow || []) rows.push(["attr", r]);
+    if (toggles.attributes) for (const r of node.arow || []) rows.push(["attr", r]);
     for (const r of node.erow || []) rows.push(["engine", r]);
-    if (node.trow) rows.push(["time", node.trow]);
+    if (node.trow) rows.push(["ms", node.trow]);
     return [node.op, rows];
   }
 
@@ -57,54 +57,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return [Math.ceil(w), M.headH + M.rowH + M.rowPad];
   }
 
-  function sep(a, b, br) { return br[a] > 0 && br[b] > 0 ? M.nodeSep : M.edgeSep; }
-
-  function place(layer, ref, x, br) {
-    const count = layer.length;
-    if (!count) return;
-    const off = new Float64Array(count);
-    for (let i = 1; i < count; i++)
-      off[i] = off[i - 1] + (br[layer[i - 1]] + br[layer[i]]) / 2 + sep(layer[i - 1], layer[i], br);
-    const bw = [], bs = [], bn = [];
-    for (let i = 0; i < count; i++) {
-      const e = layer[i], nb = ref[e];
-      let want, w;
-      if (nb.length) {
-        const wants = nb.map(([a, d]) => x[a] + d).sort((p, q) => p - q);
-        const k = wants.length >> 1;
-        want = wants.length % 2 ? wants[k] : (wants[k - 1] + wants[k]) / 2;
-        w = 0;
-        for (const s of nb) w += s[2];
-      } else { want = x[e]; w = 0.01; }
-      bw.push(w); bs.push(w * (want - off[i])); bn.push(1);
-      while (bw.length > 1 && bs[bs.length - 2] / bw[bw.length - 2] > bs[bs.length - 1] / bw[bw.length - 1]) {
-        const w2 = bw.pop(), s2 = bs.pop(), n2 = bn.pop();
-        bw[bw.length - 1] += w2; bs[bs.length - 1] += s2; bn[bn.length - 1] += n2;
-      }
-    }
-    let i = 0;
-    for (let b = 0; b < bw.length; b++) {
-      const mean = bs[b] / bw[b];
-      for (let k = 0; k < bn[b]; k++, i++) x[layer[i]] = mean + off[i];
-    }
-  }
-
-  function assign(struct, br, th, up, down, iterations) {
+  function assign(struct, br, th, up, down) {
     const layers = struct.layers;
-    const x = new Float64Array(br.length);
-    for (const layer of layers) {
-      let cur = 0;
-      for (let i = 0; i < layer.length; i++) {
-        if (i) cur += (br[layer[i - 1]] + br[layer[i]]) / 2 + sep(layer[i - 1], layer[i], br);
-        x[layer[i]] = cur;
-      }
-      for (const e of layer) x[e] -= cur / 2;
-    }
-    for (let it = 0; it < iterations; it++) {
-      for (let r = 1; r < layers.length; r++) place(layers[r], up, x, br);
-      for (let r = layers.length - 2; r >= 0; r--) place(layers[r], down, x, br);
-    }
-    for (let r = 1; r < layers.length; r++) place(layers[r], up, x, br);
+    const x = Kiln.coords.assign(layers, struct.n, br, up, down, M.nodeSep, M.edgeSep);
     let left = Infinity, right = -Infinity;
     for (const layer of layers) for (const e of layer) {
       left = Math.min(left, x[e] - br[e] / 2); right = Math.max(right, x[e] + br[e] / 2);
@@ -186,15 +141,15 @@ var Kiln = window.Kiln || (window.Kiln = {});
         for (const d of trunk) { segs.push([prev, d, tensor]); prev = d; }
         for (const [dst, at] of dsts) segs.push([at < 0 ? src : trunk[at], dst, tensor]);
       }
-      const [outOff, inOff] = this.offsets(c, n, s.layers, segs, br);
+      const [outOff, inOff, ports] = this.offsets(c, n, s.layers, segs, br);
       const up = [], down = [];
       for (let i = 0; i < total; i++) { up.push([]); down.push([]); }
       for (const [a, b, t] of segs) {
-        const oa = outOff.get(a + "|" + t) || 0, ob = inOff.get(b + "|" + a + "|" + t) || 0;
+        const oa = ports.has(a) ? outOff.get(a + "|" + t) || 0 : 0, ob = ports.has(b) ? inOff.get(b + "|" + a + "|" + t) || 0 : 0;
         const w = a >= n && b >= n ? 8 : a >= n || b >= n ? 2 : 1;
         up[b].push([a, oa - ob, w]); down[a].push([b, ob - oa, w]);
       }
-      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, M.iterations);
+      const [x, starts, thick, width, depth] = assign(s, br, th, up, down);
       const pos = new Array(total), band = new Array(total);
       s.layers.forEach((layer, r) => {
         const mid = starts[r] + thick[r] / 2;
@@ -229,10 +184,11 @@ var Kiln = window.Kiln || (window.Kiln = {});
           ins.get(b).push([order.get(a), t, a]);
         }
       }
-      const outOff = new Map(), inOff = new Map();
+      const outOff = new Map(), inOff = new Map(), ports = new Set();
       for (const [a, byTensor] of outs) {
         const [kind, idx] = c.items[a];
         if (kind === "c" && this.expanded.has(idx)) {
+          ports.add(a);
           for (const t of byTensor.keys()) outOff.set(a + "|" + t, this.portOffset(idx, t, true));
         } else if ((kind === "n" || kind === "c") && byTensor.size > 1) {
           const keys = [];
@@ -245,6 +201,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       for (const [b, lst] of ins) {
         const [kind, idx] = c.items[b];
         if (kind === "c" && this.expanded.has(idx)) {
+          ports.add(b);
           for (const [, t, a] of lst) inOff.set(b + "|" + a + "|" + t, this.portOffset(idx, t, false));
         } else if ((kind === "n" || kind === "c") && lst.length > 1) {
           lst.sort((p, q) => p[0] - q[0] || p[1] - q[1] || p[2] - q[2]);
@@ -252,7 +209,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
           lst.forEach(([, t, a], i) => inOff.set(b + "|" + a + "|" + t, offs[i]));
         }
       }
-      return [outOff, inOff];
+      return [outOff, inOff, ports];
     }
 
     portOffset(cid, tensor, out) {
@@ -350,17 +307,15 @@ var Kiln = window.Kiln || (window.Kiln = {});
       const [x, y] = e.pts[e.pts.length - 1];
       for (let k = 0; k < 3; k++) {
         let lx, ly, anchor, box;
-        if (this.lr) { lx = x - 5 - k * (w + 6); ly = y - 8; anchor = "end"; box = [lx - w, ly - h / 2, lx, ly + h / 2]; }
-        else { lx = x + 5; ly = y - 9 - k * h; anchor = "start"; box = [lx, ly - h / 2, lx + w, ly + h / 2]; }
+        if (this.lr) { lx = x - 5 - k * (w + 6); ly = y - 8; anchor = "end"; box = [lx - w, ly - h / 2, lx, ly + h / 2, text]; }
+        else { lx = x + 5; ly = y - 9 - k * h; anchor = "start"; box = [lx, ly - h / 2, lx + w, ly + h / 2, text]; }
         const cells = [];
         for (let i = Math.floor(box[0] / 64); i <= Math.floor(box[2] / 64); i++)
           for (let j = Math.floor(box[1] / 64); j <= Math.floor(box[3] / 64); j++) cells.push(i + "," + j);
-        let clash = false;
-        for (const cell of cells) {
-          for (const o of grid.get(cell) || []) if (overlap(box, o)) { clash = true; break; }
-          if (clash) break;
-        }
-        if (!clash) {
+        const clash = [];
+        for (const cell of cells) for (const o of grid.get(cell) || []) if (overlap(box, o)) clash.push(o);
+        if (clash.some((o) => o[4] === text)) return;
+        if (!clash.length) {
           for (const cell of cells) { if (!grid.has(cell)) grid.set(cell, []); grid.get(cell).push(box); }
           e.label = [lx, ly, anchor];
           return;

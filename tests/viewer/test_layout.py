@@ -1,0 +1,182 @@
+"""The layered layout: structure (ranks, dummies, order) and coordinates (no overlaps, forward edges, straight
+long edges, deterministic)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from viewer_testing import overlaps, scene
+
+from kiln.viewer import layout
+from kiln.viewer.placement import Placer
+
+
+def test_chain_with_skip_edge_gets_one_dummy_per_rank():
+    # 0 → 1 → 2 → 3 and 0 → 3: the long edge gets two dummies in ranks 1 and 2
+    s = layout.build(4, [(0, 1, "a"), (1, 2, "b"), (2, 3, "c"), (0, 3, "a")])
+    assert s.rank[:4] == [0, 1, 2, 3]
+    trunks = [h.trunk for h in s.edges if h.trunk]
+    assert len(trunks) == 1 and [s.rank[d] for d in trunks[0]] == [1, 2]
+    assert all(len(layer) <= 2 for layer in s.layers)
+
+
+def test_value_read_by_many_consumers_shares_one_trunk():
+    # a mask read by 20 layers of a chain: one trunk, not 20 parallel dummy chains
+    n = 22
+    edges = [(i, i + 1, f"x{i}") for i in range(1, n - 1)] + [(0, i, "mask") for i in range(2, n)]
+    s = layout.build(n, edges)
+    mask = [h for h in s.edges if h.tensor == "mask"]
+    assert len(mask) == 1
+    assert len(s.rank) - n == len(mask[0].trunk) <= n
+
+
+def test_sources_sink_next_to_their_consumer():
+    # input 0 feeds only node 5, far down a chain 1..5: it should sit just above 5, not at the top
+    s = layout.build(6, [(1, 2, "a"), (2, 3, "b"), (3, 4, "c"), (4, 5, "d"), (0, 5, "in")])
+    assert s.rank[0] == s.rank[5] - 1
+
+
+def test_cycles_are_broken_and_flagged():
+    s = layout.build(3, [(0, 1, "a"), (1, 2, "b"), (2, 0, "c")])
+    assert sorted(s.rank[:3]) == [0, 1, 2]
+    assert sum(h.flip for h in s.edges) == 1
+
+
+def test_ports_take_the_first_and_last_rank():
+    edges = [(3, 0, "in"), (0, 1, "a"), (1, 2, "b"), (2, 4, "out"), (3, 2, "in")]
+    s = layout.build(5, edges, top={3}, bottom={4})
+    assert s.rank[3] == 0 and s.rank[4] == max(s.rank[:5])
+    assert all(s.rank[i] > 0 for i in (0, 1, 2))
+
+
+def test_tree_is_drawn_without_crossings():
+    # a binary tree whose children are listed in scrambled order
+    edges = [(0, 2, "t"), (0, 1, "t"), (1, 4, "u"), (2, 5, "v"), (1, 3, "u"), (2, 6, "v")]
+    s = layout.build(7, edges)
+    _, down = s.neighbours()
+    assert layout.crossings(s.layers, down) == 0
+
+
+@pytest.mark.parametrize("expanded", ["all", "none", "default"])
+@pytest.mark.parametrize("rankdir", ["TB", "LR"])
+def test_no_boxes_overlap(yolo_path, expanded, rankdir):
+    pane, sc = scene(yolo_path, expanded, rankdir)
+    solid = [b for b in sc["boxes"] if b["kind"] in ("node", "group")]
+    assert solid and overlaps(solid) == []
+    for b in sc["boxes"]:                  # everything inside the drawing
+        assert b["x"] >= -1e-6 and b["y"] >= -1e-6
+        assert b["x"] + b["w"] <= sc["width"] + 1e-6 and b["y"] + b["h"] <= sc["height"] + 1e-6
+
+
+def test_frames_contain_their_members(yolo_path):
+    pane, sc = scene(yolo_path, "all")
+    frames = {b["id"]: b for b in sc["boxes"] if b["kind"] == "frame"}
+    for b in sc["boxes"]:
+        if b["kind"] != "node":
+            continue
+        c = pane["nodes"][b["id"]]["c"]
+        while c in frames:
+            f = frames[c]
+            assert f["x"] <= b["x"] and b["x"] + b["w"] <= f["x"] + f["w"]
+            assert f["y"] <= b["y"] and b["y"] + b["h"] <= f["y"] + f["h"]
+            c = pane["clusters"][c]["parent"]
+
+
+@pytest.mark.parametrize("rankdir", ["TB", "LR"])
+def test_edges_point_forward(yolo_path, rankdir):
+    """Every producer → consumer pair of the DAG: the consumer starts after the producer ends."""
+    pane, sc = scene(yolo_path, "all", rankdir)
+    box = {b["id"]: b for b in sc["boxes"] if b["kind"] == "node"}
+    producer = {}
+    for i, n in enumerate(pane["nodes"]):
+        for _, ids in n["out"]:
+            for t in ids:
+                producer[t] = i
+    checked = 0
+    for i, n in enumerate(pane["nodes"]):
+        for _, ids in n["in"]:
+            for t in ids:
+                if t in producer:
+                    a, b = box[producer[t]], box[i]
+                    if rankdir == "TB":
+                        assert a["y"] + a["h"] <= b["y"], (pane["nodes"][producer[t]]["name"], n["name"])
+                    else:
+                        assert a["x"] + a["w"] <= b["x"], (pane["nodes"][producer[t]]["name"], n["name"])
+                    checked += 1
+    assert checked > 200
+    for e in sc["edges"]:                   # and every drawn segment runs down (right)
+        if e["arrow"] != "start":
+            (x0, y0), (x1, y1) = e["pts"][0], e["pts"][-1]
+            assert (y1 >= y0) if rankdir == "TB" else (x1 >= x0)
+
+
+def test_long_edges_are_straight(big_path):
+    """With name scopes removed the 10k-node encoder is one layer graph; the mask's trunk, which spans
+    thousands of ranks, and the residual skips stay on one vertical line almost everywhere."""
+    from kiln.viewer.formats.onnx import read
+    from kiln.viewer.page import build_pane
+    model = read(big_path)
+    for n in model.graph.nodes:
+        n.group = ()
+    pane = build_pane(model).data
+    sc = Placer(pane, set()).scene()
+    trunks = [e for e in sc["edges"] if len(e["pts"]) > 4]
+    assert trunks
+    bends = total = 0
+    for e in trunks:
+        xs = [round(x, 3) for x, _ in e["pts"][1:]]
+        total += len(xs) - 1
+        bends += sum(1 for a, b in zip(xs, xs[1:]) if a != b)
+    assert bends / total < 0.05, (bends, total)
+    longest = max(trunks, key=lambda e: len(e["pts"]))
+    assert len(longest["pts"]) > 1000
+    xs = [x for x, _ in longest["pts"][1:]]
+    assert max(xs) - min(xs) < 1e-6          # the mask's trunk is one straight line
+
+
+def test_layout_is_deterministic_across_processes(yolo_path):
+    """Same file, different hash seeds → the same page data and the same picture."""
+    code = ("import hashlib,json,sys;from kiln.viewer import documents, export;"
+            "d=documents.build_document(sys.argv[1]);"
+            "print(hashlib.sha256((json.dumps(d.page,sort_keys=True)+export.svg_text(d.page)).encode()).hexdigest())")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", code, str(yolo_path)], env=env, capture_output=True, text=True,
+                             check=True)
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+
+
+def test_toggles_change_sizes_not_structure(yolo_path):
+    pane, plain = scene(yolo_path, "all")
+    _, rich = scene(yolo_path, "all", toggles={"attributes": True, "weights": True, "names": True})
+    assert len(plain["boxes"]) == len(rich["boxes"])
+    assert rich["height"] > plain["height"]
+    assert overlaps([b for b in rich["boxes"] if b["kind"] in ("node", "group")]) == []
+
+
+def test_control_flow_bodies_open_in_place(control_flow_path):
+    from kiln.viewer import documents
+    doc = documents.build_document(control_flow_path)
+    pane = doc.page["panes"][0]
+    owners = {i for i, n in enumerate(pane["nodes"]) if n.get("sub")}
+    assert {pane["nodes"][i]["op"] for i in owners} == {"If", "Loop"}
+    closed = Placer(pane, set(pane["expanded"])).scene()
+    opened = Placer(pane, set(pane["expanded"]), opened=owners).scene()
+    bodies = [b for b in opened["boxes"] if b.get("body")]
+    assert len(bodies) == 3                        # then, else, loop body
+    assert opened["height"] > closed["height"]
+    assert overlaps([b for b in opened["boxes"] if b["kind"] in ("node", "group")]) == []
+    inner = [b for b in opened["boxes"] if b["kind"] == "node" and pane["nodes"][b["id"]]["g"] > 0]
+    assert {pane["nodes"][b["id"]]["op"] for b in inner} >= {"Relu", "Neg", "Sigmoid", "Add"}
+
+
+def test_structure_json_round_trips(yolo_path):
+    from kiln.viewer import documents
+    doc = documents.build_document(yolo_path)
+    text = json.dumps(doc.page)
+    assert json.loads(text)["panes"][0]["clusters"][0]["s"]["layers"]
