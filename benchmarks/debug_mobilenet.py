@@ -1,17 +1,24 @@
-"""Localize a wrong FP16 result: build MobileNetV3 at opt level 0/3, with and without CUDA graphs,
-and compare each against the FP32 torch output; then per layer, eager FP16 vs FP32 engine."""
-import sys, os, numpy as np, torch, torchvision, kiln
+"""Localize a wrong FP16 result: torch fp16 vs fp32, then per layer Kiln FP16 vs Kiln FP32 (eager)."""
+import numpy as np, torch, torchvision, kiln
 torch.manual_seed(0)
 m = torchvision.models.mobilenet_v3_large().eval()
 x = torch.randn(1, 3, 224, 224)
 torch.onnx.export(m, (x,), "/tmp/mnv3.onnx", input_names=["input"], opset_version=17, dynamo=False)
 ref = m(x).detach().numpy()
-rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
-for lvl in (0, 3):
-    for prec in ("fp32", "fp16"):
-        e = kiln.build(kiln.onnx.parse("/tmp/mnv3.onnx"), kiln.BuildConfig(device="cuda", precision=prec,
-                                                                             profiles={"input": (1, 3, 224, 224)}, optimization_level=lvl))
-        for g in (False, True):
-            out = list(e.context(cuda_graph=g).run({"input": x.numpy()}).values())[0]
-            print(f"level {lvl} {prec} graph {g}: relL2 {rel(out, ref):.2e}  tactics "
-                  f"{sorted(set(l['kind'] + ':' + l['tactic'] for l in e.layers))}", flush=True)
+rel = lambda a, b: float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), 1e-30))
+mh = m.cuda().half()
+print("torch fp16 vs fp32:", rel(mh(x.cuda().half()).float().cpu().detach().numpy(), ref), "ref norm", np.linalg.norm(ref))
+e32 = kiln.build(kiln.onnx.parse("/tmp/mnv3.onnx"), kiln.BuildConfig(device="cuda", profiles={"input": (1, 3, 224, 224)}, optimization_level=0))
+e16 = kiln.build(kiln.onnx.parse("/tmp/mnv3.onnx"), kiln.BuildConfig(device="cuda", precision="fp16", profiles={"input": (1, 3, 224, 224)}, optimization_level=0))
+a = e32.context(cuda_graph=False).run_all({"input": x.numpy()})
+b = e16.context(cuda_graph=False).run_all({"input": x.numpy()})
+kinds = {l["outputs"][0]: (l["name"], l["kind"], l["attrs"].get("activation")) for l in e16.layers}
+n = 0
+for name, v in b.items():
+    if name in a and a[name].shape == v.shape:
+        r = rel(v.astype(np.float32), a[name])
+        if r > 1e-2 or n < 3:
+            print(f"{name:<50} {kinds.get(name)} relL2 {r:.2e} maxabs32 {np.abs(a[name]).max():.3g} maxabs16 {np.abs(v.astype(np.float32)).max():.3g} nonfinite {int((~np.isfinite(v.astype(np.float32))).sum())}")
+            n += 1
+            if n > 12:
+                break

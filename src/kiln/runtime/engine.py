@@ -208,6 +208,25 @@ class ExecutionContext:
                     torch.cuda.synchronize()
             return self.program.run_env({}, tensors)
 
+    def run_all(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Every layer's outputs by tensor name (eager), as numpy: Polygraphy's "mark all" for debugging."""
+        seen: dict[str, np.ndarray] = {}
+        tensors = []
+        for spec in self.engine.inputs:
+            v = feeds[spec["name"]]
+            t = v if isinstance(v, torch.Tensor) else _np_to_torch(np.ascontiguousarray(np.asarray(v)))
+            tensors.append(t.to(self.engine.device))
+
+        def timer(step, thunk):
+            outs = thunk()
+            for n, o in zip(step.outs, outs):
+                if isinstance(o, torch.Tensor):
+                    seen[n] = _torch_to_np(o.float() if o.dtype == torch.bfloat16 else o).copy()
+            return outs
+        with self._lock, torch.inference_mode():
+            self.program.run_env({}, tensors, timer=timer)
+        return seen
+
     def profile(self, tensors: list[torch.Tensor], runs: int = 10) -> list[dict[str, Any]]:
         """Per-layer times (median over ``runs`` eager passes): name, kind, tactic, precision, ms, percent."""
         import time as _time
