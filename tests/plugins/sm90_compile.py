@@ -132,6 +132,21 @@ def cases_grid_sample() -> list[Callable[[], None]]:
     return out
 
 
+def cases_deform_conv() -> list[Callable[[], None]]:
+    from kiln.plugins.builtin.deform_conv import ModulatedDeformConv2d
+
+    out = []
+    for dtype in (torch.float32, torch.float16):
+        for tactic in ("triton", "triton_fused"):
+            for masked in (True, False):
+                p = ModulatedDeformConv2d(pads=[1, 1, 1, 1], offset_group=2)
+                ins = [torch.randn(2, 64, 12, 10, dtype=dtype), torch.randn(64, 64, 3, 3, dtype=dtype),
+                       torch.randn(2, 36, 12, 10, dtype=dtype), torch.randn(64, dtype=dtype),
+                       torch.rand(2, 18, 12, 10, dtype=dtype) if masked else None]
+                out.append(lambda p=p, ins=ins, tactic=tactic: forward(p, ins, tactic))
+    return out
+
+
 def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile for sm_90", file=sys.stderr)

@@ -1,0 +1,392 @@
+"""ModulatedDeformConv2d (DCNv2) with ONNX DeformConv (opset 19) semantics.
+
+Each kernel tap reads the input at its regular position plus a learned (dy, dx) offset,
+bilinearly interpolated (zero outside the image), scaled by a learned mask; then a
+convolution's weights mix the taps. Matches ``torchvision.ops.deform_conv2d`` (offset
+channels ordered (offset_group, kh, kw, [dy, dx]); mask channels (offset_group, kh, kw)).
+
+GPU tactics:
+- ``triton``: a Triton kernel writes the modulated deformable im2col columns into the
+  workspace, then cuBLAS (torch.bmm/mm with ``out=``) multiplies by the weights.
+- ``triton_fused``: one Triton implicit-GEMM kernel samples the columns tile by tile in
+  registers and feeds ``tl.dot`` directly, never writing them to memory.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from kiln.errors import PluginError
+from kiln.plugins.base import Plugin, TensorDesc, field
+from kiln.plugins.builtin import _util
+from kiln.plugins.builtin._util import tl, triton
+from kiln.plugins.registry import register
+
+_FLOATS = ("float32", "float16", "bfloat16")
+_WS_CAP = 512 << 20  # columns for as many images as fit; more images per GEMM only helps up to here
+
+
+def deform_conv_fields(attrs: dict, opset: int) -> dict:
+    """ONNX DeformConv attributes with their defaults (kernel_shape empty = taken from W)."""
+    return {"dilations": [int(v) for v in attrs.get("dilations", [1, 1])],
+            "group": int(attrs.get("group", 1)),
+            "kernel_shape": [int(v) for v in attrs.get("kernel_shape", [])],
+            "offset_group": int(attrs.get("offset_group", 1)),
+            "pads": [int(v) for v in attrs.get("pads", [0, 0, 0, 0])],
+            "strides": [int(v) for v in attrs.get("strides", [1, 1])]}
+
+
+@register
+class ModulatedDeformConv2d(Plugin):
+    """Inputs X [N,C,H,W], W [oC,C/group,kH,kW], offset [N,og*kH*kW*2,oH,oW], optional B [oC],
+    optional mask [N,og*kH*kW,oH,oW] -> Y [N,oC,oH,oW]. Omitted inputs may be None."""
+
+    name = "ModulatedDeformConv2d"
+    namespace = "kiln"
+    version = "1"
+    tactics = {"cuda": ("triton", "triton_fused", "torch"), "cpu": ("torch", "triton", "triton_fused")}
+
+    dilations = field(list, [1, 1], "kernel dilation (h, w)")
+    group = field(int, 1, "convolution groups")
+    kernel_shape = field(list, [], "(kH, kW); empty = from W")
+    offset_group = field(int, 1, "channel groups that share one set of offsets/masks")
+    pads = field(list, [0, 0, 0, 0], "(top, left, bottom, right)")
+    strides = field(list, [1, 1], "stride (h, w)")
+
+    @classmethod
+    def onnx_fields(cls, attrs: dict, opset: int) -> dict:
+        return deform_conv_fields(attrs, opset)
+
+    def _geometry(self, x: tuple, w: tuple) -> tuple:
+        if len(self.pads) != 4 or len(self.strides) != 2 or len(self.dilations) != 2:
+            raise PluginError(f"Plugin ModulatedDeformConv2d is 2-D: pads needs 4 values, strides and dilations 2; "
+                              f"got pads={self.pads}, strides={self.strides}, dilations={self.dilations}.")
+        kh, kw = (self.kernel_shape or list(w[2:4]))[:2]
+        return kh, kw
+
+    def output_descs(self, inputs: list[TensorDesc]) -> list[TensorDesc]:
+        x, w, off = inputs[0], inputs[1], inputs[2]
+        if x.rank != 4 or w.rank != 4 or off.rank != 4:
+            raise PluginError(f"Plugin ModulatedDeformConv2d supports 2-D convolution only (rank-4 X, W, offset); "
+                              f"got X {x.shape}, W {w.shape}, offset {off.shape}.")
+        kh, kw = self._geometry(x.shape, w.shape)
+        spatial = []
+        for axis in (0, 1):
+            size, k = x.shape[2 + axis], (kh, kw)[axis]
+            if off.shape[2 + axis] is not None:
+                spatial.append(off.shape[2 + axis])           # the offset map has the output's size
+            elif isinstance(size, int) and isinstance(k, int):
+                pad = self.pads[axis] + self.pads[axis + 2]
+                spatial.append((size + pad - self.dilations[axis] * (k - 1) - 1) // self.strides[axis] + 1)
+            else:
+                spatial.append(None)
+        return [TensorDesc((x.shape[0], w.shape[0], *spatial), x.dtype)]
+
+    def supports(self, index: int, desc: TensorDesc, num_inputs: int) -> bool:
+        return desc.layout == "linear" and desc.dtype in _FLOATS
+
+    def workspace_size(self, inputs: list[TensorDesc]) -> int:
+        """Room for the im2col columns of as many images as fit under 512 MB (at least one)."""
+        x, w = inputs[0], inputs[1]
+        (out,) = self.output_descs(inputs)
+        c, kh, kw = _util.concrete(self.name, (x.shape[1], w.shape[2], w.shape[3]), "channel/kernel")
+        oh, ow = _util.concrete(self.name, out.shape[2:], "output spatial")
+        per_image = c * kh * kw * oh * ow * _util.itemsize(x.dtype)
+        n = x.shape[0] if isinstance(x.shape[0], int) else 1
+        return _util.aligned(per_image * max(1, min(n, _WS_CAP // max(per_image, 1))))
+
+    def forward(self, inputs: list[Any], outputs: list[Any], workspace: Any, tactic: str) -> None:
+        x, w, off = inputs[0], inputs[1], inputs[2]
+        bias, mask = _util.opt(inputs, 3), _util.opt(inputs, 4)
+        out = outputs[0]
+        kh, kw = self._geometry(tuple(x.shape), tuple(w.shape))
+        geo = _Geo(self, x, w, off, mask, kh, kw)
+        if tactic == "torch":
+            out.copy_(_deform_conv_torch(x, w, off, bias, mask, geo))
+        elif tactic == "triton_fused" and _fused_block_k(geo) and out.is_contiguous():
+            _util.require_triton(self.name)
+            _launch_fused(x, w, off, bias, mask, out, geo)
+        elif tactic in ("triton", "triton_fused"):    # fused needs channel groups of 16: else im2col + GEMM
+            _util.require_triton(self.name)
+            _im2col_gemm(self, x, w, off, bias, mask, out, workspace, geo)
+        else:
+            raise PluginError(f"Plugin ModulatedDeformConv2d has no tactic {tactic!r}; "
+                              f"use 'triton', 'triton_fused' or 'torch'.")
+
+
+class _Geo:
+    """Shapes and hyper-parameters of one call, checked once."""
+
+    def __init__(self, p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, mask: Any, kh: int, kw: int) -> None:
+        self.n, self.c, self.h, self.w = x.shape
+        self.oc = w.shape[0]
+        self.kh, self.kw, self.kk = kh, kw, kh * kw
+        self.g, self.og = p.group, p.offset_group
+        self.oh, self.ow = off.shape[2], off.shape[3]
+        self.l = self.oh * self.ow
+        self.sh, self.sw = p.strides
+        self.dh, self.dw = p.dilations
+        self.ph, self.pw = p.pads[0], p.pads[1]
+        if self.c % self.g or self.oc % self.g or self.c % self.og or w.shape[1] * self.g != self.c:
+            raise PluginError(f"Plugin ModulatedDeformConv2d: channels C={self.c}, oC={self.oc} must divide into "
+                              f"group={self.g} (W has {w.shape[1]} input channels per group) and "
+                              f"offset_group={self.og}.")
+        if off.shape[1] != self.og * self.kk * 2 or (mask is not None and mask.shape[1] != self.og * self.kk):
+            raise PluginError(f"Plugin ModulatedDeformConv2d: offset needs {self.og * self.kk * 2} channels and mask "
+                              f"{self.og * self.kk} for offset_group={self.og} and a {kh}x{kw} kernel; got "
+                              f"{off.shape[1]} and {None if mask is None else mask.shape[1]}.")
+        self.cg, self.ocg, self.cpo = self.c // self.g, self.oc // self.g, self.c // self.og
+        for axis, (size, k, o) in enumerate(((self.h, kh, self.oh), (self.w, kw, self.ow))):
+            want = (size + p.pads[axis] + p.pads[axis + 2] - p.dilations[axis] * (k - 1) - 1) // p.strides[axis] + 1
+            if o != want:
+                raise PluginError(f"Plugin ModulatedDeformConv2d: the offset map is {self.oh}x{self.ow} but the "
+                                  f"convolution's output is {want} along axis {axis + 2}; check pads/strides/dilations.")
+
+
+# ---- CPU: torch ------------------------------------------------------------------------------
+
+def _deform_columns_torch(x: Any, off: Any, mask: Any, geo: _Geo) -> Any:
+    """Modulated deformable im2col: [N, C*kH*kW, oH*oW], rows ordered (c, kh, kw)."""
+    import torch
+
+    n, og, kk, l = geo.n, geo.og, geo.kk, geo.l
+    dev = x.device
+    xf = x.float().reshape(n, og, geo.cpo, geo.h * geo.w)
+    o = off.float().reshape(n, og, kk, 2, l)
+    m = mask.float().reshape(n, og, kk, l) if mask is not None else None
+    i = torch.arange(geo.kh, device=dev).repeat_interleave(geo.kw) * geo.dh
+    j = torch.arange(geo.kw, device=dev).repeat(geo.kh) * geo.dw
+    oy = (torch.arange(geo.oh, device=dev) * geo.sh - geo.ph).repeat_interleave(geo.ow)
+    ox = (torch.arange(geo.ow, device=dev) * geo.sw - geo.pw).repeat(geo.oh)
+    py = (oy[None, :] + i[:, None]).float() + o[:, :, :, 0]          # [n, og, kk, l]
+    px = (ox[None, :] + j[:, None]).float() + o[:, :, :, 1]
+    inside = (py > -1) & (py < geo.h) & (px > -1) & (px < geo.w)
+    y0, x0 = torch.floor(py), torch.floor(px)
+    ly, lx = py - y0, px - x0
+    y0, x0 = y0.long(), x0.long()
+    cols = torch.zeros(n, og, geo.cpo, kk, l, dtype=torch.float32, device=dev)
+    for dy, dx, wt in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
+        yy, xx = y0 + dy, x0 + dx
+        ok = inside & (yy >= 0) & (yy < geo.h) & (xx >= 0) & (xx < geo.w)
+        idx = torch.where(ok, yy * geo.w + xx, torch.zeros_like(yy)).reshape(n, og, 1, kk * l)
+        v = torch.gather(xf, 3, idx.expand(n, og, geo.cpo, kk * l)).reshape(n, og, geo.cpo, kk, l)
+        cols += v * torch.where(ok, wt, torch.zeros_like(wt))[:, :, None]
+    if m is not None:
+        cols *= m[:, :, None]
+    return cols.reshape(n, geo.c * kk, l)
+
+
+def _deform_conv_torch(x: Any, w: Any, off: Any, bias: Any, mask: Any, geo: _Geo) -> Any:
+    cols = _deform_columns_torch(x, off, mask, geo).reshape(geo.n, geo.g, geo.cg * geo.kk, geo.l)
+    y = w.float().reshape(geo.g, geo.ocg, geo.cg * geo.kk) @ cols                  # [n, g, ocg, l]
+    y = y.reshape(geo.n, geo.oc, geo.oh, geo.ow)
+    if bias is not None:
+        y = y + bias.float().reshape(1, -1, 1, 1)
+    return y
+
+
+# ---- GPU: Triton -----------------------------------------------------------------------------
+
+@triton.jit
+def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sxn, sxc, sxh, sxw,
+                       son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW, CPO, CCH, CHUNKS,
+                       KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pb = tl.program_id(0)
+    nk = tl.program_id(1)
+    cb = tl.program_id(2)
+    KK: tl.constexpr = KH * KW
+    nl = nk // KK
+    k = nk % KK
+    n = (n0 + nl).to(tl.int64)
+    og = cb // CHUNKS
+    c_lo = og * CPO + (cb % CHUNKS) * CCH
+    c_hi = tl.minimum(c_lo + CCH, (og + 1) * CPO)
+    l = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    lm = l < L
+    oh = l // OW
+    ow = l % OW
+    op = off_ptr + n * son + (og * 2 * KK + 2 * k) * soc + oh * soh + ow * sow
+    dy = tl.load(op, mask=lm, other=0.0).to(tl.float32)
+    dx = tl.load(op + soc, mask=lm, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        mv = tl.load(mask_ptr + n * smn + (og * KK + k) * smc + oh * smh + ow * smw, mask=lm, other=0.0)
+        mv = mv.to(tl.float32)
+    else:
+        mv = tl.full([BLOCK_P], 1.0, tl.float32)
+    py = (oh * SH - PH + (k // KW) * DH).to(tl.float32) + dy
+    px = (ow * SW - PW + (k % KW) * DW).to(tl.float32) + dx
+    inside = (py > -1.0) & (py < H * 1.0) & (px > -1.0) & (px < W * 1.0) & lm
+    y0f = tl.floor(py)
+    x0f = tl.floor(px)
+    ly = py - y0f
+    lx = px - x0f
+    y0 = y0f.to(tl.int32)
+    x0 = x0f.to(tl.int32)
+    okt = inside & (y0 >= 0)
+    okb = inside & (y0 + 1 < H)
+    okl = x0 >= 0
+    okr = x0 + 1 < W
+    m00 = (okt & okl)[None, :]
+    m01 = (okt & okr)[None, :]
+    m10 = (okb & okl)[None, :]
+    m11 = (okb & okr)[None, :]
+    w00 = ((1.0 - ly) * (1.0 - lx) * mv)[None, :]
+    w01 = ((1.0 - ly) * lx * mv)[None, :]
+    w10 = (ly * (1.0 - lx) * mv)[None, :]
+    w11 = (ly * lx * mv)[None, :]
+    o00 = (y0 * sxh + x0 * sxw)[None, :]
+    o01 = o00 + sxw
+    o10 = o00 + sxh
+    o11 = o10 + sxw
+    xb = x_ptr + n * sxn
+    cb_ptr = col_ptr + nl.to(tl.int64) * C * KK * L + k * L + l[None, :]
+    c0 = c_lo
+    while c0 < c_hi:
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = (c < c_hi)[:, None]
+        base = xb + (c * sxc)[:, None]
+        v = w00 * tl.load(base + o00, mask=cm & m00, other=0.0).to(tl.float32)
+        v += w01 * tl.load(base + o01, mask=cm & m01, other=0.0).to(tl.float32)
+        v += w10 * tl.load(base + o10, mask=cm & m10, other=0.0).to(tl.float32)
+        v += w11 * tl.load(base + o11, mask=cm & m11, other=0.0).to(tl.float32)
+        tl.store(cb_ptr + (c.to(tl.int64) * KK * L)[:, None], v.to(col_ptr.dtype.element_ty), mask=cm & lm[None, :])
+        c0 += BLOCK_C
+
+
+@triton.jit
+def _dcn_fused_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, H, W, OW, L, NL, OC, CG, OCG, CPO,
+                      sxn, sxc, sxh, sxw, son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW,
+                      KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pn = tl.program_id(0)
+    pm = tl.program_id(1)
+    g = tl.program_id(2)
+    KK: tl.constexpr = KH * KW
+    q = pn * BLOCK_N + tl.arange(0, BLOCK_N)            # pixel over the whole batch: n * L + l
+    qm = q < NL
+    n = (q // L).to(tl.int64)
+    l = q % L
+    oh = l // OW
+    ow = l % OW
+    ocl = pm * BLOCK_M + tl.arange(0, BLOCK_M)           # output channel within the group
+    om = ocl < OCG
+    oc = g * OCG + ocl
+    kr = tl.arange(0, BLOCK_K)
+    xb = x_ptr + n * sxn                                 # [BLOCK_N] pointers
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k in range(KK):
+        py = (oh * SH - PH + (k // KW) * DH).to(tl.float32)
+        px = (ow * SW - PW + (k % KW) * DW).to(tl.float32)
+        c0 = g * CG
+        c_end = c0 + CG
+        while c0 < c_end:
+            og = c0 // CPO                                 # BLOCK_K divides CPO: one offset group
+            op = off_ptr + n * son + (og * 2 * KK + 2 * k) * soc + oh * soh + ow * sow
+            yy = py + tl.load(op, mask=qm, other=0.0).to(tl.float32)
+            xx = px + tl.load(op + soc, mask=qm, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                mv = tl.load(mask_ptr + n * smn + (og * KK + k) * smc + oh * smh + ow * smw, mask=qm, other=0.0)
+                mv = mv.to(tl.float32)
+            else:
+                mv = tl.full([BLOCK_N], 1.0, tl.float32)
+            inside = (yy > -1.0) & (yy < H * 1.0) & (xx > -1.0) & (xx < W * 1.0) & qm
+            y0f = tl.floor(yy)
+            x0f = tl.floor(xx)
+            ly = yy - y0f
+            lx = xx - x0f
+            y0 = y0f.to(tl.int32)
+            x0 = x0f.to(tl.int32)
+            okt = inside & (y0 >= 0)
+            okb = inside & (y0 + 1 < H)
+            okl = x0 >= 0
+            okr = x0 + 1 < W
+            o00 = y0 * sxh + x0 * sxw
+            base = xb[None, :] + ((c0 + kr) * sxc)[:, None]
+            v = ((1.0 - ly) * (1.0 - lx) * mv)[None, :] * tl.load(base + o00[None, :], mask=(okt & okl)[None, :],
+                                                                   other=0.0).to(tl.float32)
+            v += ((1.0 - ly) * lx * mv)[None, :] * tl.load(base + (o00 + sxw)[None, :], mask=(okt & okr)[None, :],
+                                                           other=0.0).to(tl.float32)
+            v += (ly * (1.0 - lx) * mv)[None, :] * tl.load(base + (o00 + sxh)[None, :], mask=(okb & okl)[None, :],
+                                                           other=0.0).to(tl.float32)
+            v += (ly * lx * mv)[None, :] * tl.load(base + (o00 + sxh + sxw)[None, :], mask=(okb & okr)[None, :],
+                                                   other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + (oc * (CG * KK))[:, None] + ((c0 - g * CG + kr) * KK + k)[None, :],
+                         mask=om[:, None], other=0.0)
+            if IEEE:
+                acc += tl.dot(wt.to(tl.float32), v, input_precision="ieee")
+            else:
+                acc += tl.dot(wt, v.to(wt.dtype))
+            c0 += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=om, other=0.0).to(tl.float32)[:, None]
+    o = out_ptr + (n * OC * L + l)[None, :] + (oc * L)[:, None]
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=om[:, None] & qm[None, :])
+
+
+def im2col_launch_config(geo: _Geo) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_P, channels per program, num_warps): pixels across threads (coalesced
+    offset loads and column stores), a channel loop reusing each tap's weights."""
+    block_p = min(128, _util.next_pow2(geo.l))
+    block_c = min(4, _util.next_pow2(geo.cpo))      # ~90 registers on sm_90: 5 programs per SM
+    cch = min(geo.cpo, 64)
+    return block_c, block_p, cch, 4
+
+
+def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, mask: Any, out: Any,
+                 workspace: Any, geo: _Geo) -> None:
+    import torch
+
+    if out.numel() == 0:
+        return
+    per_image = geo.c * geo.kk * geo.l
+    have = 0 if workspace is None else workspace.numel() // x.element_size()
+    if have >= per_image:
+        chunk = min(geo.n, have // per_image)
+    else:      # no (big enough) workspace: eager use only, carve() allocates
+        chunk = max(1, min(geo.n, _WS_CAP // (per_image * x.element_size())))
+    (cols,) = _util.carve(workspace, [((chunk, geo.c * geo.kk, geo.l), x.dtype)], x.device, p.name)
+    block_c, block_p, cch, warps = im2col_launch_config(geo)
+    chunks = _util.cdiv(geo.cpo, cch)
+    wm = w.reshape(geo.g, geo.ocg, geo.cg * geo.kk)
+    mk = mask if mask is not None else off
+    for n0 in range(0, geo.n, chunk):
+        nc = min(chunk, geo.n - n0)
+        grid = (_util.cdiv(geo.l, block_p), nc * geo.kk, geo.og * chunks)
+        _dcn_im2col_kernel[grid](x, off, mk, cols, n0, geo.c, geo.h, geo.w, geo.ow, geo.l, *x.stride(),
+                                 *off.stride(), *mk.stride(), geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
+                                 geo.cpo, cch, chunks, KH=geo.kh, KW=geo.kw, HAS_MASK=mask is not None,
+                                 BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+        y = out[n0:n0 + nc].view(nc, geo.oc, geo.l)
+        if geo.g == 1:
+            torch.bmm(wm[0].expand(nc, geo.ocg, geo.c * geo.kk), cols[:nc], out=y)
+        else:
+            for i in range(nc):
+                for g in range(geo.g):
+                    rows = slice(g * geo.cg * geo.kk, (g + 1) * geo.cg * geo.kk)
+                    torch.mm(wm[g], cols[i, rows], out=y[i, g * geo.ocg:(g + 1) * geo.ocg])
+    if bias is not None:
+        out.add_(bias.view(1, -1, 1, 1))
+
+
+def _fused_block_k(geo: _Geo) -> int:
+    """Channel step of the fused kernel: it must split both the conv and the offset groups.
+    16 (not 32) keeps the gathered tile's pointers in registers on sm_90 (no spills)."""
+    return 16 if geo.cg % 16 == 0 and geo.cpo % 16 == 0 else 0
+
+
+def _launch_fused(x: Any, w: Any, off: Any, bias: Any, mask: Any, out: Any, geo: _Geo) -> None:
+    import torch
+
+    if out.numel() == 0:
+        return
+    block_k = _fused_block_k(geo)
+    block_m = max(16, min(64, _util.next_pow2(geo.ocg)))
+    block_n = 64
+    ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    mk = mask if mask is not None else off
+    grid = (_util.cdiv(geo.n * geo.l, block_n), _util.cdiv(geo.ocg, block_m), geo.g)
+    _dcn_fused_kernel[grid](x, w, off, mk, bias if bias is not None else w, out, geo.h, geo.w, geo.ow, geo.l,
+                            geo.n * geo.l, geo.oc, geo.cg, geo.ocg, geo.cpo, *x.stride(), *off.stride(), *mk.stride(),
+                            geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw, KH=geo.kh, KW=geo.kw,
+                            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, IEEE=ieee,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
