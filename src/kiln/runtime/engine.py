@@ -305,26 +305,7 @@ class ExecutionContext:
             if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"):
                 t = t.to(device, non_blocking=False)
             tensors.append(t)
-        with self._lock:
-            prec = self.engine.precision
-            if self.engine.device == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
-                torch.backends.cudnn.allow_tf32 = prec == "tf32"
-            with torch.inference_mode():
-                results = None
-                if self.graphs is not None:
-                    from kiln.runtime.graphs import CaptureError
-                    try:
-                        results = self.graphs.run(tensors)
-                    except CaptureError:
-                        # a layer that cannot be captured (host sync): this context runs eagerly from now on
-                        self.graphs = None
-                        torch.cuda.synchronize()
-                    else:
-                        if not as_numpy:
-                            results = [r.clone() for r in results]
-                if results is None:
-                    results = self.program.run_env({}, tensors)
+        results = self.execute(tensors, copy=True)
         out_names = [t["name"] for t in self.engine.outputs]
         want = list(outputs) if outputs is not None else out_names
         res = {}
