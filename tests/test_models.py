@@ -47,6 +47,21 @@ def test_cpu_fp32_matches_onnxruntime(name: str, model_case) -> None:
             assert_close_fp32(got[out], ref[out], f"{name} output {out!r} at batch {batch} {sizes}")
 
 
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_low_precision_within_tolerance(name: str, precision: str, model_case) -> None:
+    """The FP16/BF16 rewrite (edge casts, narrowed weights, FP32 statistics) checked on the CPU, same limits as CUDA."""
+    case = model_case(name)
+    ctx = _engine(case, "cpu", precision).context()
+    feeds = case.feeds(BATCHES[-1], seed=11)
+    ref = ort_run(case.path, feeds)
+    got = ctx.run(feeds)
+    for out in ref:
+        assert got[out].dtype == ref[out].dtype, f"{name} {precision} {out}: outputs keep their declared dtype"
+        err = rel_l2(got[out], ref[out])
+        assert err <= GPU_TOLERANCE[precision], f"{name} {precision} {out!r}: relative L2 {err:.3g}"
+
+
 @pytest.mark.parametrize("name", BN_MODELS)
 def test_batchnorm_is_folded_in_engine(name: str, model_case) -> None:
     """The exported graphs keep BatchNormalization nodes; the engine must not run any."""

@@ -17,6 +17,15 @@ from kiln.plugins.base import TensorDesc
 FP32_INTERNAL = {"SoftMax", "Normalization", "Reduce", "LRN"}
 
 
+def saturate(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast a float32 constant down, clamping finite values to the type's range (as TensorRT does):
+    a mask constant like -3.4e38 must stay finite, or ``0 * -inf`` makes the whole softmax NaN."""
+    import ml_dtypes
+    info = ml_dtypes.finfo(dtype)
+    finite = np.isfinite(value)
+    return np.where(finite, np.clip(value, float(info.min), float(info.max)), value).astype(dtype)
+
+
 def assign_precision(net: Network, precision: str) -> None:
     low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
     hosts = host_layers(net)
@@ -40,7 +49,8 @@ def assign_precision(net: Network, precision: str) -> None:
                 continue
             c = cast_cache.get(id(t))
             if c is None:
-                c = cast_cache[id(t)] = net.add_constant(t.value.astype(low_np), name=net.unique_name(t.name + "_" + low))
+                c = cast_cache[id(t)] = net.add_constant(saturate(t.value, low_np),
+                                                         name=net.unique_name(t.name + "_" + low))
             layer.set_input(i, c)
         if layer.kind == "Cast" and layer.attrs.get("to") == "float32" and layer.outputs[0] not in net.outputs:
             layer.attrs["to"] = low
@@ -48,7 +58,7 @@ def assign_precision(net: Network, precision: str) -> None:
         if layer.kind == "ConstantOfShape":
             v = np.asarray(layer.attrs.get("value", np.zeros(1, np.float32)))
             if v.dtype == np.float32:
-                layer.attrs["value"] = v.astype(low_np)
+                layer.attrs["value"] = saturate(v, low_np)
                 layer.outputs[0].dtype = low
     # inputs: cast right after each float32 input
     for t in net.inputs:
