@@ -51,7 +51,9 @@ def build_model(name: str):
     if name == "vit_b_16":
         import torchvision
         torch.backends.mha.set_fastpath_enabled(False)     # the fused fast path has no ONNX export
-        return torchvision.models.vit_b_16(), _image(224), ["input"], ["logits"], False
+        vit = torchvision.models.vit_b_16()
+        torch.nn.init.normal_(vit.heads.head.weight, std=0.02)   # torchvision zero-initializes the head
+        return vit, _image(224), ["input"], ["logits"], False
     if name == "bert_base":
         from transformers import BertConfig, BertModel
         cfg = BertConfig()     # bert-base-uncased geometry, random weights, no download
@@ -88,6 +90,24 @@ def build_model(name: str):
             return (torch.randn(64, b, 256),)
         return LSTMNet(), inputs, ["x"], ["y"], False
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(TABLE)}")
+
+
+def calibrate(model: torch.nn.Module, make_inputs: Callable[[int], tuple], steps: int = 3) -> None:
+    """Give random weights realistic BatchNorm statistics (as training would), so activations keep a
+    trained network's scale instead of vanishing through dozens of layers, which no real FP16 model does."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(*[t.to(dev) for t in make_inputs(8)])
+    model.eval().cpu()
 
 
 def _image(size: int) -> Callable[[int], tuple]:
@@ -144,6 +164,7 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
     import kiln
     torch.manual_seed(0)
     model, make_inputs, in_names, out_names, channels_last = build_model(name)
+    calibrate(model, make_inputs)
     model = model.eval()
     ax = batch_axis(name)
     res: dict[str, Any] = {"model": name, "rows": []}
