@@ -27,7 +27,9 @@ def make_shuffle(attrs, ctx):
     allowzero = bool(attrs.get("allowzero", False))
 
     def run(x, shape=None):
-        if p1 is not None:
+        if p1 == "reverse":             # Transpose without perm on an input of unknown rank
+            x = x.permute(list(reversed(range(x.dim()))))
+        elif p1 is not None:
             x = x.permute(p1)
         dims = ints(shape) if shape is not None else static
         if dims is not None:

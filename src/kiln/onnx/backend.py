@@ -75,12 +75,12 @@ def _to_torch(a: Any):
 
     from kiln.kernels._util import torch_dtype
     if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(np.require(a, requirements="C").view(np.int16).copy()).view(torch.bfloat16)
     if not _is_narrow(a):
         return torch.from_numpy(np.array(a, copy=True, order="C"))
     storage = torch_dtype(a.dtype.name)
     if a.dtype.name.startswith("float8"):
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8).copy()).view(storage)
+        return torch.from_numpy(np.require(a, requirements="C").view(np.uint8).copy()).view(storage)
     return torch.from_numpy(a.astype(np.float32).astype(str(storage).replace("torch.", "")))
 
 
@@ -247,6 +247,14 @@ class KilnBackend(Backend):
         graph = helper.make_graph([node], "run_node", ins, outs)
         opset = kwargs.pop("opset_version", None)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] if opset else None)
+        if outputs_info is None:        # output types from ONNX's own inference (the checker wants them)
+            import onnx
+            inferred = onnx.shape_inference.infer_shapes(model)
+            types = {vi.name: vi.type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)
+                     if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+            for vi in model.graph.output:
+                if vi.name in types:
+                    vi.type.CopyFrom(types[vi.name])
         return cls.run_model(model, arrays, device, **kwargs)
 
     @classmethod

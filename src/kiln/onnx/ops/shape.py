@@ -31,8 +31,8 @@ def transpose(ctx, node):
     x = node.input(0)
     perm = node.attr("perm")
     if perm is None:
-        if x.rank is None:
-            raise ParseError(f"Node {node.name!r} (Transpose) without perm needs an input of known rank.")
+        if x.rank is None:       # rank known only at run time: the kernel reverses whatever it gets
+            return ctx.add1("Shuffle", [x], dict(_SHUFFLE, first_transpose="reverse"), dtype=x.dtype)
         perm = list(reversed(range(x.rank)))
     return ctx.add1("Shuffle", [x], dict(_SHUFFLE, first_transpose=list(perm)))
 
