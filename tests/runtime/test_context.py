@@ -318,3 +318,43 @@ def test_threads_on_a_conv_net(model_case) -> None:
     assert _hammer(engine.context, cases) == []
     shared = engine.context()
     assert _hammer(lambda: shared, cases) == []
+
+
+# ---- outputs own their memory ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aliasing_engine():
+    """Outputs that are a view of the input (Flatten) and a folded constant (sqrt of a weight)."""
+    net = kiln.Network("alias")
+    x = net.add_input("x", "float32", (2, 3))
+    net.mark_output(net.add_flatten(x, 0).output, "flat")
+    net.mark_output(net.add_unary(net.add_constant(np.array([1.0, 4.0], np.float32)), "sqrt").output, "k")
+    return kiln.build(net, kiln.BuildConfig(device="cpu"))
+
+
+def test_writing_an_output_leaves_the_input_alone(aliasing_engine) -> None:
+    ctx = aliasing_engine.context()
+    xv = np.ones((2, 3), np.float32)
+    ctx.run({"x": xv})["flat"][:] = 7
+    assert (xv == 1).all()
+    xt = torch.ones(2, 3)
+    ctx.run({"x": xt})["flat"].fill_(7)
+    assert (xt == 1).all()
+
+
+def test_writing_a_constant_output_does_not_change_later_runs(aliasing_engine, tmp_path: Path) -> None:
+    xv = np.ones((2, 3), np.float32)
+    aliasing_engine.context().run({"x": xv})["k"][:] = 99
+    np.testing.assert_array_equal(aliasing_engine.context().run({"x": xv})["k"], [1.0, 2.0])
+    aliasing_engine.save(tmp_path / "alias.kiln")
+    loaded = kiln.load(tmp_path / "alias.kiln").context()
+    loaded.run({"x": xv})["k"][:] = 5
+    np.testing.assert_array_equal(loaded.run({"x": xv})["k"], [1.0, 2.0])
+
+
+def test_unknown_output_name(engine) -> None:
+    x, ids = _inputs(2)
+    with pytest.raises(KilnError) as info:
+        engine.context().run({"x": x, "ids": ids}, outputs=["y", "logits"])
+    msg = str(info.value)
+    assert "'logits'" in msg and "not an output" in msg and "'y'" in msg and "'s'" in msg, msg

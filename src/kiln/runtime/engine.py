@@ -160,6 +160,7 @@ class ExecutionContext:
         weights = engine._weights_on_device()
         self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
         self._inputs = {t["name"]: t for t in engine.inputs}
+        self._weight_ptrs = {t.untyped_storage().data_ptr() for t in self.program.constants.values()}
         if cuda_graph is None:
             cuda_graph = engine.header.get("build", {}).get("cuda_graph", True)
         self.graphs = None
@@ -307,6 +308,13 @@ class ExecutionContext:
             tensors.append(t)
         results = self.execute(tensors, copy=True)
         out_names = [t["name"] for t in self.engine.outputs]
+        wrong = [n for n in want if n not in out_names]
+        if wrong:
+            raise KilnError(f"{wrong[0]!r} is not an output of this engine; its outputs are {out_names}.")
+        results = self.execute(tensors, copy=True)
+        # an output that is an input or a weight (pass-through, view, folded constant) is returned as a copy:
+        # writing to it must not change the caller's input or the engine's later results
+        shared = self._weight_ptrs | {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
         want = list(outputs) if outputs is not None else out_names
         res = {}
         for n, v in zip(out_names, results):
