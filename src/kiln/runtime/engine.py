@@ -306,8 +306,8 @@ class ExecutionContext:
             if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"):
                 t = t.to(device, non_blocking=False)
             tensors.append(t)
-        results = self.execute(tensors, copy=True)
         out_names = [t["name"] for t in self.engine.outputs]
+        want = list(outputs) if outputs is not None else out_names
         wrong = [n for n in want if n not in out_names]
         if wrong:
             raise KilnError(f"{wrong[0]!r} is not an output of this engine; its outputs are {out_names}.")
@@ -315,11 +315,12 @@ class ExecutionContext:
         # an output that is an input or a weight (pass-through, view, folded constant) is returned as a copy:
         # writing to it must not change the caller's input or the engine's later results
         shared = self._weight_ptrs | {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
-        want = list(outputs) if outputs is not None else out_names
         res = {}
         for n, v in zip(out_names, results):
             if n not in want:
                 continue
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in shared:
+                v = v.clone()
             if not isinstance(v, torch.Tensor):      # a sequence (list) or an empty optional (None)
                 res[n] = _container_out(v, as_numpy, out_device)
             elif as_numpy:
