@@ -187,3 +187,4 @@ define_layer("QLinearOp", 8, 9, "quantized matmul/conv with requantization: a, a
              "pads, dilation, groups; integer arithmetic, round half to even, saturate")
 define_layer("IntegerOp", 2, 4, "integer matmul/conv: a, b, a_zero_point?, b_zero_point? → int32; attrs op (matmul, "
              "conv) and for conv stride, pads, dilation, groups")
+define_layer("Select", 1, 1, "x indexed at one constant position along attrs axis (attrs index); a view, no copy")

@@ -454,3 +454,13 @@ def make_cumsum(attrs, ctx):
         c = torch.cumprod(y, a, dtype=x.dtype) if prod else torch.cumsum(y, a, dtype=x.dtype)
         return (torch.flip(c, [a]) if rev else c,)
     return run
+
+
+@tactic("Select")
+def make_select(attrs, ctx):
+    axis, index = attrs.get("axis", 0), int(attrs["index"])
+
+    def run(x):
+        a = norm_axis(axis, x.dim())
+        return (x.select(a, index + x.shape[a] if index < 0 else index),)
+    return run

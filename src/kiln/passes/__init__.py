@@ -17,8 +17,9 @@ def fusion_passes() -> list[Pass]:
     """Rewrites that merge layers; run after the cleanup passes have settled."""
     from kiln.passes.fuse_attention import FuseAttention
     from kiln.passes.fuse_epilogue import FuseEpilogues
+    from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_patterns import FusePatterns
-    return [FusePatterns(), FuseAttention(), FuseEpilogues()]
+    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]
