@@ -22,3 +22,5 @@ for _name, _case in _suite.test_cases.items():
         if _attr.startswith("test_") and _attr.endswith("_cuda"):
             setattr(_case, _attr, pytest.mark.gpu(getattr(_case, _attr)))
     globals()[_name] = _case
+
+del _name, _case, _attr      # a leftover class reference would be collected twice
