@@ -1,0 +1,102 @@
+"""A generated Triton epilogue for convolutions: y = act(conv(x) + bias [+ residual]) in one pass.
+
+cuDNN fuses bias+ReLU (see conv.py's ``cudnn_fused``) but not SiLU, HardSwish or GELU; eager
+PyTorch then spends two more passes over the output (bias add, activation). Here the
+convolution runs without bias and one Triton kernel adds the bias (and the residual) and applies
+the activation in place, on channels-last memory where the channel is the fastest axis.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.registry import tactic
+
+ACTS = ("none", "relu", "silu", "sigmoid", "hard_swish", "hard_sigmoid", "gelu", "leaky_relu", "tanh", "clip")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def epilogue(y_ptr, b_ptr, r_ptr, n, C, alpha, beta, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v += tl.load(b_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            v = tl.maximum(v, 0.0)
+        elif ACT == 2:
+            v = v / (1.0 + tl.exp(-v))
+        elif ACT == 3:
+            v = 1.0 / (1.0 + tl.exp(-v))
+        elif ACT == 4:
+            v = v * tl.minimum(tl.maximum(v / 6.0 + 0.5, 0.0), 1.0)
+        elif ACT == 5:
+            v = tl.minimum(tl.maximum(alpha * v + beta, 0.0), 1.0)
+        elif ACT == 6:
+            v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        elif ACT == 7:
+            v = tl.where(v >= 0, v, v * alpha)
+        elif ACT == 8:
+            e = tl.exp(-2.0 * tl.abs(v))
+            t = (1.0 - e) / (1.0 + e)
+            v = tl.where(v >= 0, t, -t)
+        elif ACT == 9:
+            v = tl.minimum(tl.maximum(v, alpha), beta)
+        tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
+    return epilogue
+
+
+def apply_epilogue(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, act: str,
+                   alpha: float = 0.0, beta: float = 0.0, block: int = 1024) -> torch.Tensor:
+    """In place on ``y`` (channels-last 4-D, or any tensor whose last axis is the channel)."""
+    C = bias.numel()
+    n = y.numel()
+    grid = ((n + block - 1) // block,)
+    r = residual if residual is not None else y
+    _kernel()[grid](y, bias, r, n, C, float(alpha), float(beta), ACT=ACTS.index(act), HAS_RES=residual is not None,
+                    BLOCK=block, num_warps=4)
+    return y
+
+
+def _ok(attrs, ctx):
+    act = attrs.get("activation") or "none"
+    return len(attrs["stride"]) == 2 and act in ACTS and attrs["pads"][:2] == attrs["pads"][2:] \
+        and ctx.precision.split()[0] in ("fp16", "bf16")
+
+
+@tactic("Convolution", "triton_epilogue", devices=("cuda",), supports=_ok)
+def make_conv_triton_epilogue(attrs, ctx):
+    from kiln.kernels.conv import _channels_last
+    stride, dil, groups = list(attrs["stride"]), list(attrs["dilation"]), attrs.get("groups", 1)
+    pads = list(attrs["pads"][:2])
+    act = attrs.get("activation") or "none"
+    alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
+    if act == "clip" and (alpha is None or beta is None):
+        alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
+    wcache: dict = {}
+
+    def run(x, w, b=None, residual=None):
+        x = _channels_last(x, None)
+        w = _channels_last(w, wcache)
+        y = F.conv2d(x, w, None, stride, pads, dil, groups)
+        if y.is_meta:
+            return (y,)
+        if b is None:
+            b = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
+        if not y.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous(memory_format=torch.channels_last)
+        r = None
+        if residual is not None:
+            r = residual.contiguous(memory_format=torch.channels_last)
+        return (apply_epilogue(y, b, r, act, alpha, beta),)
+    return run
