@@ -83,7 +83,11 @@ def record(module: str, run: Callable[[], None]) -> list:
     try:
         for k, v in kernels.items():
             setattr(mod, k, Recorder(v, log))
-        run()
+        try:
+            run()
+        except Exception:       # code after a launch reads outputs the recorder never wrote
+            if not log:
+                raise
     finally:
         for k, v in kernels.items():
             setattr(mod, k, v)
@@ -144,6 +148,22 @@ def cases_deform_conv() -> list[Callable[[], None]]:
                        torch.randn(2, 36, 12, 10, dtype=dtype), torch.randn(64, dtype=dtype),
                        torch.rand(2, 18, 12, 10, dtype=dtype) if masked else None]
                 out.append(lambda p=p, ins=ins, tactic=tactic: forward(p, ins, tactic))
+    return out
+
+
+def cases_nms() -> list[Callable[[], None]]:
+    from kiln.plugins.builtin.nms import EfficientNMS, NonMaxSuppression
+
+    out = []
+    configs = [dict(), dict(background_class=0, score_activation=True), dict(class_agnostic=True, box_coding=1)]
+    for dtype in (torch.float32, torch.float16):
+        for i, cfg in enumerate(configs):
+            p = EfficientNMS(score_threshold=0.25, iou_threshold=0.45, max_output_boxes=300, **cfg)
+            boxes = torch.rand(2, 1200, 4, 4, dtype=dtype) if i == 1 else torch.rand(2, 1200, 4, dtype=dtype)
+            out.append(lambda p=p, ins=[boxes, torch.rand(2, 1200, 4, dtype=dtype)]: forward(p, ins))
+    for n in (300, 5000):
+        out.append(lambda n=n: forward(NonMaxSuppression(), [torch.rand(1, n, 4), torch.rand(1, 2, n),
+                                                             torch.tensor([5]), torch.tensor([0.5])]))
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 
 
-@pytest.mark.parametrize("module", ["roi_align", "grid_sample", "deform_conv"])
+@pytest.mark.parametrize("module", ["roi_align", "grid_sample", "deform_conv", "nms"])
 def test_kernels_compile_for_sm90(module):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
