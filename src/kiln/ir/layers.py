@@ -188,3 +188,5 @@ define_layer("QLinearOp", 8, 9, "quantized matmul/conv with requantization: a, a
 define_layer("IntegerOp", 2, 4, "integer matmul/conv: a, b, a_zero_point?, b_zero_point? → int32; attrs op (matmul, "
              "conv) and for conv stride, pads, dilation, groups")
 define_layer("Select", 1, 1, "x indexed at one constant position along attrs axis (attrs index); a view, no copy")
+define_layer("LinearAttention", 3, 6, "ONNX LinearAttention (opset 27): query, key, value, past_state?, decay?, beta?; "
+             "outputs output, present_state; attrs update_rule, q_num_heads, kv_num_heads, scale")

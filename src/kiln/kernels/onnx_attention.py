@@ -140,3 +140,38 @@ def make_rotary(attrs, ctx):
             return (y.reshape(x.shape),)
         return (y.transpose(1, 2),)
     return run
+
+
+@tactic("LinearAttention")
+def make_linear_attention(attrs, ctx):
+    """The recurrence token by token in FP32 (prefill is a loop over T; chunked forms are a later tactic)."""
+    rule = attrs.get("update_rule", "gated_delta")
+    qh, kvh = int(attrs["q_num_heads"]), int(attrs["kv_num_heads"])
+    scale_attr = float(attrs.get("scale", 0.0) or 0.0)
+    gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
+
+    def run(q, k, v, past=None, decay=None, beta=None):
+        b, t, _ = q.shape
+        dk, dv = q.shape[-1] // qh, v.shape[-1] // kvh
+        q4, k4, v4 = (_heads(x.float(), n) for x, n in ((q, qh), (k, kvh), (v, kvh)))     # [B, H, T, D]
+        if gating:
+            g4 = (decay.float().reshape(b, t, kvh, 1) if decay.shape[-1] == kvh
+                  else decay.float().reshape(b, t, kvh, dk)).transpose(1, 2)
+        if delta:
+            beta4 = beta.float().reshape(b, t, beta.shape[-1], 1).transpose(1, 2)
+        state = past.float().clone() if past is not None else q.new_zeros((b, kvh, dk, dv), dtype=torch.float32)
+        scale = scale_attr or 1.0 / math.sqrt(dk)
+        group = qh // kvh
+        outs = []
+        for i in range(t):
+            kt, vt = k4[:, :, i], v4[:, :, i]
+            if gating:
+                state = state * torch.exp(g4[:, :, i]).unsqueeze(-1)
+            if delta:
+                vt = beta4[:, :, i] * (vt - torch.einsum("bhdm,bhd->bhm", state, kt))
+            state = state + kt.unsqueeze(-1) * vt.unsqueeze(-2)
+            read = state.repeat_interleave(group, 1) if group > 1 else state
+            outs.append(scale * torch.einsum("bhd,bhdm->bhm", q4[:, :, i], read))
+        y = torch.stack(outs, 2).transpose(1, 2).reshape(b, t, qh * dv)
+        return (y.to(q.dtype), state.to(past.dtype if past is not None else q.dtype))
+    return run

@@ -1,4 +1,4 @@
-"""Attention-family ops of recent opsets: Attention (23, 24, 25) and RotaryEmbedding (23)."""
+"""Attention-family ops of recent opsets: Attention (23, 24, 25), RotaryEmbedding (23), LinearAttention (27)."""
 from __future__ import annotations
 
 from kiln.onnx.registry import converter
@@ -42,3 +42,16 @@ def rotary_embedding(ctx, node):
                                              "num_heads": node.attr("num_heads", 0),
                                              "rotary_embedding_dim": node.attr("rotary_embedding_dim", 0)},
                     dtype=x.dtype)
+
+
+@converter("LinearAttention", since=27)
+def linear_attention(ctx, node):
+    q = node.input(0)
+    past = node.input(3)
+    ins = list(node.inputs[:6]) + [None] * (6 - len(node.inputs[:6]))
+    while ins and ins[-1] is None:
+        ins.pop()
+    attrs = {"update_rule": node.attr("update_rule", "gated_delta"), "q_num_heads": node.attr("q_num_heads"),
+             "kv_num_heads": node.attr("kv_num_heads"), "scale": node.attr("scale", 0.0)}
+    return ctx.add("LinearAttention", ins, attrs, num_outputs=2,
+                   output_dtypes=[q.dtype, past.dtype if past is not None else q.dtype]).outputs
