@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import threading
 from importlib import resources
 
 from kiln.errors import ViewerError
@@ -99,32 +100,47 @@ def find_chromium() -> str | None:
 
 
 def rasterize(svg: str, out: pathlib.Path, scale: float = 1.0) -> None:
-    """SVG → PNG in headless Chromium (Playwright with the system browser, never a download)."""
+    """SVG → PNG in headless Chromium (Playwright with the system browser, never a download).
+
+    Runs in a worker thread: Playwright's sync API refuses to start where an event loop is running
+    (Jupyter, or a caller already driving a browser)."""
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         raise ViewerError("PNG export needs Playwright and Chromium: `pip install playwright` and "
                           "`apt-get install chromium` (or export .svg/.html instead).") from None
-    browser_path = find_chromium()
+    result: list[BaseException] = []
+    worker = threading.Thread(target=lambda: _screenshot(svg, out, scale, result), name="kiln-png")
+    worker.start()
+    worker.join()
+    if result:
+        raise result[0]
+
+
+def _screenshot(svg: str, out: pathlib.Path, scale: float, result: list) -> None:
+    from playwright.sync_api import sync_playwright
     m = re.search(r'width="([\d.]+)" height="([\d.]+)"', svg)
     w, h = (float(m.group(1)), float(m.group(2))) if m else (800.0, 600.0)
     scale = min(scale, 16000 / max(w, h, 1))
-    with sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
-        except Exception as exc:
-            raise ViewerError(f"PNG export could not start Chromium ({str(exc).splitlines()[0]}); install it with "
-                              f"`apt-get install chromium` or set KILN_CHROMIUM to its path.") from None
-        try:
-            ctx = browser.new_context(viewport={"width": max(1, int(w * scale)), "height": max(1, int(h * scale))},
-                                      device_scale_factor=1, offline=True)
-            page = ctx.new_page()
-            page.set_content(f'<html><body style="margin:0;background:#fff">'
-                             f'<div style="transform:scale({scale});transform-origin:0 0">{svg}</div></body></html>')
-            page.screenshot(path=str(out), clip={"x": 0, "y": 0, "width": max(1, int(w * scale)),
-                                                 "height": max(1, int(h * scale))})
-        finally:
-            browser.close()
+    width, height = max(1, int(w * scale)), max(1, int(h * scale))
+    try:
+        with sync_playwright() as p:
+            try:
+                browser = p.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
+            except Exception as exc:
+                raise ViewerError(f"PNG export could not start Chromium ({str(exc).splitlines()[0]}); install it "
+                                  f"with `apt-get install chromium` or set KILN_CHROMIUM to its path.") from None
+            try:
+                ctx = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
+                                          offline=True)
+                page = ctx.new_page()
+                page.set_content(f'<html><body style="margin:0;background:#fff">'
+                                 f'<div style="transform:scale({scale});transform-origin:0 0">{svg}</div></body></html>')
+                page.screenshot(path=str(out), clip={"x": 0, "y": 0, "width": width, "height": height})
+            finally:
+                browser.close()
+    except BaseException as exc:        # handed to the calling thread
+        result.append(exc)
 
 
 def export(page: dict, panes: list[pagemod.Pane], out: str | os.PathLike, *, toggles: dict | None = None) -> pathlib.Path:

@@ -343,7 +343,7 @@ class Placer:
                 for d in trunk:
                     pts.append(self._anchor(c, lay, d, tensor, False, ox, oy, -1))
                     pts.append(self._anchor(c, lay, d, tensor, True, ox, oy))
-                out["edges"].append({"pts": pts, "t": tensor, "arrow": "start" if flip else "", "label": False})
+                out["edges"].append({"pts": pts, "t": tensor, "arrow": "start" if flip else ""})
             for dst, at in dsts:
                 frm = src if at < 0 else trunk[at]
                 a = start if at < 0 else self._anchor(c, lay, frm, tensor, True, ox, oy)

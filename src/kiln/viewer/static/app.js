@@ -88,6 +88,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
         ps.view.tx = before[0] - b.x * ps.view.k; ps.view.ty = before[1] - b.y * ps.view.k; ps.view.apply();
       }
     }
+    ps.view.renderNow();
     status();
   }
 

@@ -1,0 +1,263 @@
+"""The page in headless Chromium (Debian's chromium, driven by Playwright): drawing, sidebar, search, groups,
+subgraphs, keyboard, export, the offline HTML file, the error page, and the JS layout matching Python's."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from viewer_testing import wait_ready
+
+from kiln.viewer import documents, serve, view
+from kiln.viewer.placement import Placer
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def yolo_server(yolo_path):
+    s = serve(yolo_path, open_browser=False)
+    yield s
+    s.stop()
+
+
+def open_page(page, url):
+    page.goto(url)
+    wait_ready(page)
+    assert page.errors == []
+
+
+def drawn_nodes(page) -> int:
+    return page.locator(".kg .nodes .node").count()
+
+
+def test_opens_model_and_draws_every_node(page, yolo_server, tmp_path):
+    open_page(page, yolo_server.url)
+    assert page.title().startswith("yolo.onnx")
+    page.evaluate("kilnApp.panes[0].view.fit(); kilnApp.panes[0].view.renderNow()")
+    assert drawn_nodes(page) == 217                     # 215 nodes + the input and output
+    assert page.locator(".kg .frames .frame").count() > 50
+    page.screenshot(path=str(tmp_path / "yolo.png"))
+    assert (tmp_path / "yolo.png").stat().st_size > 10_000
+
+
+def test_click_node_shows_sidebar(page, yolo_server):
+    open_page(page, yolo_server.url)
+    idx = page.evaluate("kilnApp.panes[0].pane.nodes.findIndex(n => n.name === '/model.24/m.0/Conv')")
+    page.evaluate(f"kilnApp.goToNode(0, {idx})")
+    page.wait_for_timeout(400)
+    page.click(f".kg .node[data-node='{idx}']")
+    side = page.inner_text("#side-body")
+    assert "Conv" in side and "/model.24/m.0/Conv" in side and "model.24.m.0.weight" in side
+    assert "kernel_shape" in side and "DOCUMENTATION" in side.upper()
+    assert "1×255×80×80" in side                         # output shape
+    page.click("#side-body [data-weight]")
+    page.wait_for_selector("#side-body .stats")
+    side = page.inner_text("#side-body")
+    assert "MIN" in side.upper() and "STD" in side.upper() and "255×64×1×1" in side
+    href = page.get_attribute("#side-body a.button", "href")
+    assert href.startswith("api/weight.npy?pane=0&index=")
+
+
+def test_search_by_op_name_and_tensor(page, yolo_server):
+    open_page(page, yolo_server.url)
+    page.fill("#find", "MaxPool")
+    page.wait_for_selector("#results .r")
+    assert page.locator("#results .r").count() == 3
+    page.press("#find", "Enter")
+    page.wait_for_timeout(300)
+    sel = page.evaluate("kilnApp.selection")
+    assert page.evaluate(f"kilnApp.panes[0].pane.nodes[{sel['id']}].op") == "MaxPool"
+    assert page.locator(".kg .node.sel").count() == 1
+    page.fill("#find", "output0")
+    page.wait_for_selector("#results .r")
+    page.press("#find", "Enter")
+    page.wait_for_timeout(300)
+    sel = page.evaluate("kilnApp.selection")
+    assert page.evaluate(f"kilnApp.panes[0].pane.nodes[{sel['id']}].name") in ("/model.24/Concat_3", "output0")
+
+
+def test_keyboard_follows_edges(page, yolo_server):
+    open_page(page, yolo_server.url)
+    page.evaluate("kilnApp.goToNode(0, 1)")                 # /model.0/conv/Conv
+    page.keyboard.press("ArrowDown")
+    page.wait_for_timeout(200)
+    op = page.evaluate("kilnApp.panes[0].pane.nodes[kilnApp.selection.id].op")
+    assert op in ("Sigmoid", "Mul")
+    page.keyboard.press("ArrowUp")
+    page.wait_for_timeout(200)
+    assert page.evaluate("kilnApp.selection.id") == 1
+    page.keyboard.press("Escape")
+    assert page.evaluate("kilnApp.selection") is None
+
+
+def test_toggles_and_direction_relayout(page, yolo_server):
+    open_page(page, yolo_server.url)
+    h0 = page.evaluate("kilnApp.panes[0].scene.height")
+    page.check("#t-attributes")
+    h1 = page.evaluate("kilnApp.panes[0].scene.height")
+    assert h1 > h0
+    page.select_option("#rankdir", "LR")
+    w, h = page.evaluate("[kilnApp.panes[0].scene.width, kilnApp.panes[0].scene.height]")
+    assert w > h
+
+
+def test_export_svg_from_page(page, yolo_server):
+    open_page(page, yolo_server.url)
+    page.click("#b-export")
+    with page.expect_download() as dl:
+        page.click("#export-menu [data-fmt='svg']")
+    text = open(dl.value.path()).read()
+    assert text.startswith("<svg") and text.count('class="node ') == 217
+
+
+def test_expand_and_collapse_group_in_place(page, big_path):
+    s = serve(big_path, open_browser=False)
+    try:
+        open_page(page, s.url)
+        app = "kilnApp.panes[0]"
+        collapsed = page.evaluate(f"{app}.pane.clusters.findIndex((c, i) => c.kind === 'group' && !{app}.expanded.has(i))")
+        assert collapsed > 0
+        boxes = page.evaluate(f"{app}.scene.boxes.length")
+        page.evaluate(f"{app}.view.reveal('cluster', {collapsed})")
+        page.evaluate(f"{app}.view.renderNow()")
+        page.click(f".kg .group[data-cluster='{collapsed}'] .toggle")
+        assert page.evaluate(f"{app}.expanded.has({collapsed})")
+        assert page.evaluate(f"{app}.scene.boxes.length") > boxes
+        assert page.locator(f".kg .frame[data-cluster='{collapsed}']").count() == 1
+        page.click(f".kg .frame[data-cluster='{collapsed}'] .toggle")
+        assert page.evaluate(f"{app}.scene.boxes.length") == boxes
+        assert page.errors == []
+    finally:
+        s.stop()
+
+
+def test_large_graph_is_virtualised_and_pans_quickly(page, big_path):
+    s = serve(big_path, open_browser=False)
+    try:
+        open_page(page, s.url)
+        page.click("#b-expand")                              # every one of the ~10,000 nodes laid out
+        stats = page.evaluate("""() => {
+            const ps = kilnApp.panes[0], v = ps.view;
+            v.k = 0.8; v.apply(); v.renderNow();
+            const t0 = performance.now();
+            for (let i = 0; i < 40; i++) { v.ty -= 300; v.apply(); v.renderNow(); }
+            const pan = (performance.now() - t0) / 40;
+            return {pan, layout: ps.layoutMs, drawn: document.querySelectorAll('.kg .nodes .node').length,
+                    boxes: ps.scene.boxes.length};
+        }""")
+        assert stats["boxes"] > 10_000 and stats["drawn"] < 600
+        assert stats["pan"] < 60, stats
+        assert stats["layout"] < 3000, stats
+    finally:
+        s.stop()
+
+
+def test_subgraphs_open_in_place(page, control_flow_path):
+    s = serve(control_flow_path, open_browser=False)
+    try:
+        open_page(page, s.url)
+        idx = page.evaluate("kilnApp.panes[0].pane.nodes.findIndex(n => n.op === 'If')")
+        page.click(f".kg .node[data-node='{idx}'] .more")
+        assert page.locator(".kg .frame.body").count() == 2
+        assert {"Relu", "Neg", "Sigmoid"} <= set(page.eval_on_selector_all(".kg .node .op", "els => els.map(e => e.textContent)"))
+    finally:
+        s.stop()
+
+
+def test_exported_html_works_offline_from_disk(browser, yolo_path, tmp_path):
+    out = view(yolo_path, export=tmp_path / "yolo.html")
+    ctx = browser.new_context(offline=True, viewport={"width": 1200, "height": 800})
+    requests = []
+    ctx.route("**/*", lambda route: (requests.append(route.request.url),
+                                     route.continue_() if route.request.url.startswith("file:") else route.abort()))
+    pg = ctx.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(out.as_uri())
+    wait_ready(pg)
+    assert errors == [] and all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests
+    pg.evaluate("kilnApp.panes[0].view.fit(); kilnApp.panes[0].view.renderNow()")
+    assert pg.locator(".kg .nodes .node").count() == 217
+    pg.evaluate("kilnApp.goToNode(0, 1)")
+    pg.click("#side-body [data-weight]")
+    assert "MAX" in pg.inner_text("#side-body").upper()
+    ctx.close()
+
+
+def test_error_page_for_a_file_that_broke(page, yolo_path, tmp_path):
+    path = tmp_path / "model.onnx"
+    shutil.copy(yolo_path, path)
+    s = serve(path, open_browser=False)
+    try:
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+        page.goto(s.url)
+        wait_ready(page)
+        assert page.is_visible("#error")
+        text = page.inner_text("#error")
+        assert "model.onnx" in text and "Traceback" not in text and page.errors == []
+    finally:
+        s.stop()
+
+
+def test_engine_and_model_side_by_side(page, yolo_path, tmp_path):
+    import kiln
+    try:
+        engine = kiln.build(kiln.onnx.parse(str(yolo_path)), kiln.BuildConfig(device="cpu"))
+        engine.save(str(tmp_path / "yolo.kiln"))
+    except Exception as exc:
+        pytest.skip(f"kiln.build is not usable here: {exc}")
+    prof = {"device": "cpu", "total_ms": 10.0, "layers": [{"name": "/model.0/conv/Conv", "kind": "Convolution",
+                                                          "tactic": "torch", "precision": "fp32", "ms": 4.0}]}
+    (tmp_path / "prof.json").write_text(json.dumps(prof))
+    s = serve(yolo_path, open_browser=False, engine=tmp_path / "yolo.kiln", profile=tmp_path / "prof.json")
+    try:
+        open_page(page, s.url)
+        assert page.locator(".pane").count() == 2
+        idx = page.evaluate("kilnApp.panes[0].pane.nodes.findIndex(n => n.name === '/model.0/conv/Conv')")
+        page.evaluate(f"kilnApp.goToNode(0, {idx})")
+        page.wait_for_timeout(500)
+        linked = page.evaluate("Array.from(kilnApp.panes[1].view.marks.linked).map(i => kilnApp.panes[1].pane.nodes[i].name)")
+        assert sorted(linked) == ["/model.0/act/Mul", "/model.0/act/Sigmoid", "/model.0/conv/Conv"]
+        assert page.locator(".pane:nth-child(2) .kg .node.linked").count() == 3
+        page.click("#b-profile")
+        assert page.locator("#side-body .rank tr").count() == 1
+        assert page.locator(".kg .node .heat").count() >= 1
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("state", [
+    {"expanded": "default", "rankdir": "TB", "toggles": {"attributes": False, "weights": True, "names": False}},
+    {"expanded": "all", "rankdir": "LR", "toggles": {"attributes": True, "weights": True, "names": True}},
+    {"expanded": "none", "rankdir": "TB", "toggles": {"attributes": False, "weights": False, "names": False}},
+])
+def test_page_layout_matches_python(page, yolo_server, yolo_path, state):
+    """The browser recomputes coordinates from the Python structure: both must give the same picture."""
+    open_page(page, yolo_server.url)
+    pane = documents.build_document(yolo_path).page["panes"][0]
+    groups = [i for i, c in enumerate(pane["clusters"]) if c["kind"] == "group"]
+    exp = {"default": pane["expanded"], "all": groups, "none": []}[state["expanded"]]
+    js = page.evaluate("""([exp, toggles, rankdir]) => {
+        const ps = kilnApp.panes[0];
+        const p = new Kiln.Placer(ps.pane, kilnApp.data.metrics, new Set(exp), new Set(), toggles, rankdir);
+        const s = p.scene(0);
+        return {boxes: s.boxes, edges: s.edges.map(e => ({pts: e.pts, label: e.label || null})), w: s.width, h: s.height};
+    }""", [exp, state["toggles"], state["rankdir"]])
+    py = Placer(pane, set(exp), toggles=state["toggles"], rankdir=state["rankdir"]).scene()
+    assert abs(js["w"] - py["width"]) < 1e-6 and abs(js["h"] - py["height"]) < 1e-6
+    assert len(js["boxes"]) == len(py["boxes"]) and len(js["edges"]) == len(py["edges"])
+    for a, b in zip(js["boxes"], py["boxes"]):
+        assert (a["kind"], a["id"]) == (b["kind"], b["id"])
+        for k in ("x", "y", "w", "h"):
+            assert abs(a[k] - b[k]) < 1e-6, (a, b)
+    for a, b in zip(js["edges"], py["edges"]):
+        assert np.allclose(a["pts"], b["pts"], atol=1e-6)
+        assert (a["label"] is None) == (b.get("label") is None)
+
+
+def test_png_export(yolo_path, tmp_path, browser):
+    out = view(yolo_path, export=tmp_path / "yolo.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
