@@ -4,8 +4,8 @@ The models the core issue names: torchvision ResNet-50 and MobileNetV3-Large,
 ViT-B/16 (torchvision and timm), BERT-base (transformers; TorchScript exports at
 opsets 14 and 17, the dynamo exporter at opset 18), YOLOv5l (v6 architecture with
 its anchor-head decode, defined here), a YOLOv8-like detector (defined here), a
-2-layer bidirectional LSTM and a UNet. Nothing is downloaded: weights are random
-(BatchNorm statistics too, mildly, so folding them is not a no-op).
+2-layer bidirectional LSTM and a UNet. Nothing is downloaded: weights are random and
+BatchNorm statistics are calibrated on random data, then scaled and shifted (folding them is no no-op).
 
     python benchmarks/zoo.py --list
     python benchmarks/zoo.py --export /tmp/zoo resnet50 yolov5l
@@ -73,6 +73,7 @@ class ZooModel:
     sizes: dict[str, int] = field(default_factory=lambda: {"B": 2})         # the sizes tests run at
     ranges: dict[str, tuple[int, int, int]] = field(default_factory=lambda: {"B": (1, 2, 8)})
     note: str = ""
+    module: nn.Module | None = field(default=None, repr=False)     # set by export()
 
     def feeds(self, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -83,13 +84,28 @@ class ZooModel:
         lo, opt, hi = ({k: v[i] for k, v in self.ranges.items()} for i in range(3))
         return {n: (s.resolve(lo), s.resolve(opt), s.resolve(hi)) for n, s in self.inputs.items()}
 
+    def run_torch(self, feeds: dict[str, np.ndarray], dtype: torch.dtype = torch.float64,
+                  device: str = "cpu") -> dict[str, np.ndarray]:
+        """The exported module itself in ``dtype`` on ``device`` (after export()): a reference or a peer."""
+        import copy
+        model = copy.deepcopy(self.module).to(device=device, dtype=dtype)
+        args = [torch.from_numpy(a).to(device=device, dtype=dtype if a.dtype.kind == "f" else None)
+                for a in feeds.values()]
+        with torch.no_grad():
+            out = model(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.detach().to("cpu", torch.float64).numpy() for n, o in zip(self.outputs, outs)}
+
     def export(self, out_dir: Path) -> Path:
         """Write ``out_dir/<name>.onnx`` (external data beside it if the exporter wants that)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{self.name}.onnx"
         torch.manual_seed(0)
-        model = self.make().eval()
+        model = self.make()
+        calibrate(model, [torch.from_numpy(a) for a in self.feeds(seed=7, sizes={**self.sizes, "B": 4}).values()])
+        model.eval()
+        self.module = model                   # the exported module, for torch references (FP64 truth, FP16 peer)
         example = tuple(torch.from_numpy(a) for a in self.feeds(seed=123).values())
         names = list(self.inputs)
         symbols = {"B": "batch", "S": "sequence"}
@@ -109,19 +125,33 @@ class ZooModel:
         return path
 
 
-def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Mildly random BatchNorm statistics and affine terms (deep nets stay numerically sane)."""
+def calibrate(model: nn.Module, inputs: list[torch.Tensor], steps: int = 2) -> None:
+    """Give random weights realistic BatchNorm statistics, as training would: a few train-mode passes on
+    random data. Without it activations drift in scale through dozens of layers (no trained network's do),
+    and FP16 comparisons measure underflow instead of Kiln. On the GPU when there is one (it is faster)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                      # cumulative average over the passes
+    model.to(dev).train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(*[t.to(dev) for t in inputs])
+    model.cpu()
+    randomize_affine(model)
+
+
+def randomize_affine(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm scale and shift (fresh layers have 1 and 0), so folding them changes weights."""
     g = torch.Generator().manual_seed(seed)
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            n = m.num_features
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             with torch.no_grad():
-                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-                m.running_var.copy_(0.75 + 0.5 * torch.rand(n, generator=g))
-                if m.affine:
-                    m.weight.copy_(0.75 + 0.5 * torch.rand(n, generator=g))
-                    m.bias.copy_(0.1 * torch.randn(n, generator=g))
-    return module
+                m.weight.mul_(0.75 + 0.5 * torch.rand(m.num_features, generator=g))
+                m.bias.add_(0.1 * torch.randn(m.num_features, generator=g))
 
 
 # ---- YOLOv5 (v6.x architecture) -------------------------------------------------------------
@@ -379,7 +409,11 @@ class UNet(nn.Module):
 def _torchvision(name: str) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         import torchvision
-        return randomize_bn(getattr(torchvision.models, name)(weights=None))
+        torch.backends.mha.set_fastpath_enabled(False)      # ViT's fused MHA fast path has no ONNX export
+        model = getattr(torchvision.models, name)(weights=None)
+        if name.startswith("vit"):
+            nn.init.normal_(model.heads.head.weight, std=0.02)     # torchvision zero-initializes the head
+        return model
     return make
 
 
@@ -429,18 +463,16 @@ def zoo(small: bool = False) -> dict[str, ZooModel]:
         ZooModel("vit_b_16_torchvision", _torchvision("vit_b_16"), image(224), ["logits"]),
         ZooModel("vit_base_patch16_224_timm", _timm("vit_base_patch16_224"), image(224), ["logits"]),
         _bert(14, False, small), _bert(17, False, small), _bert(18, True, small),
-        ZooModel("yolov5l", lambda: randomize_bn(YOLOv5(0.33 if small else 1.0, 0.25 if small else 1.0,
-                                                        image=det)),
+        ZooModel("yolov5l", lambda: YOLOv5(0.33 if small else 1.0, 0.25 if small else 1.0, image=det),
                  {"images": Input("float32", ("B", 3, det, det), "uniform")}, ["output0"], opset=12,
                  note="YOLOv5 v6 architecture, anchor decode in the graph (ultralytics export at opset 12)"),
-        ZooModel("yolov8l_like", lambda: randomize_bn(YOLOv8(0.33 if small else 1.0, 0.25 if small else 1.0,
-                                                             image=det)),
+        ZooModel("yolov8l_like", lambda: YOLOv8(0.33 if small else 1.0, 0.25 if small else 1.0, image=det),
                  {"images": Input("float32", ("B", 3, det, det), "uniform")}, ["output0"], opset=17,
                  note="YOLOv8 architecture at scale l, DFL box decode in the graph"),
         ZooModel("lstm_2x_bidirectional", lambda: BiLSTM(32, 48, 8) if small else BiLSTM(),
                  {"features": Input("float32", ("B", 16 if small else 100, 32 if small else 256))}, ["logits"],
                  sizes={"B": 4}),
-        ZooModel("unet", lambda: randomize_bn(UNet(base=8 if small else 64)),
+        ZooModel("unet", lambda: UNet(base=8 if small else 64),
                  {"image": Input("float32", ("B", 3, 64 if small else 256, 64 if small else 256))}, ["mask"]),
     ]
     return {m.name: m for m in models}
