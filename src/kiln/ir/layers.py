@@ -190,3 +190,5 @@ define_layer("IntegerOp", 2, 4, "integer matmul/conv: a, b, a_zero_point?, b_zer
 define_layer("Select", 1, 1, "x indexed at one constant position along attrs axis (attrs index); a view, no copy")
 define_layer("LinearAttention", 3, 6, "ONNX LinearAttention (opset 27): query, key, value, past_state?, decay?, beta?; "
              "outputs output, present_state; attrs update_rule, q_num_heads, kv_num_heads, scale")
+define_layer("TfIdfVectorizer", 1, 1, "n-gram counts of integer token rows → float32 [N, columns]; attrs pool_int64s, "
+             "ngram_counts, ngram_indexes, min/max_gram_length, max_skip_count, mode (TF, IDF, TFIDF), weights")

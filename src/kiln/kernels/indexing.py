@@ -1,5 +1,5 @@
 """Data-dependent selection and small tensor utilities: Unique, Compress, ReverseSequence,
-TensorScatter, EyeLike, CenterCropPad, BitCast, Col2Im, Hardmax, Det.
+TensorScatter, EyeLike, CenterCropPad, BitCast, Col2Im, Hardmax, Det, TfIdfVectorizer.
 
 These are rare in vision/transformer graphs but part of the ONNX vocabulary; they
 run on torch (Unique goes through numpy, whose ordering ONNX specifies).
@@ -180,4 +180,48 @@ def make_det(attrs, ctx):
         if x.dtype in (torch.float16, torch.bfloat16):
             return (torch.linalg.det(x.float()).to(x.dtype),)
         return (torch.linalg.det(x),)
+    return run
+
+
+@tactic("TfIdfVectorizer")
+def make_tfidf(attrs, ctx):
+    """N-gram counts over integer token rows (host loop; these are short text rows).
+
+    The pool lists all 1-grams, then all 2-grams, ...; ``ngram_counts[i]`` is where the (i+1)-grams
+    start and ``ngram_indexes`` maps each pool entry to an output column. An n-gram (n ≥ 2) may
+    skip up to ``max_skip_count`` tokens between its items, the same skip throughout.
+    """
+    pool = list(attrs["pool_int64s"])
+    starts = list(attrs["ngram_counts"]) + [len(pool)]
+    cols = list(attrs["ngram_indexes"])
+    lo, hi, max_skip = attrs["min_gram_length"], attrs["max_gram_length"], attrs["max_skip_count"]
+    mode = attrs.get("mode", "TF")
+    weights = attrs.get("weights")
+    table: dict[tuple[int, ...], int] = {}
+    entry = 0
+    for n in range(1, len(starts)):
+        for j in range(starts[n - 1], starts[n], n):
+            table[tuple(pool[j:j + n])] = cols[entry]
+            entry += 1
+    width = max(cols) + 1 if cols else 0
+
+    def counts(row: list[int]) -> list[float]:
+        out = [0.0] * width
+        for n in range(lo, hi + 1):
+            for skip in range(0, (max_skip if n > 1 else 0) + 1):
+                step = skip + 1
+                for i in range(len(row) - (n - 1) * step):
+                    col = table.get(tuple(row[i + m * step] for m in range(n)))
+                    if col is not None:
+                        out[col] += 1
+        return out
+
+    def run(x):
+        rows = [x.tolist()] if x.dim() == 1 else x.reshape(x.shape[0], -1).tolist()
+        y = torch.tensor([counts(r) for r in rows], dtype=torch.float32).reshape(len(rows), width)
+        if mode in ("IDF", "TFIDF"):
+            w = torch.tensor(weights if weights is not None else [1.0] * width, dtype=torch.float32)
+            w = torch.zeros(width).index_copy_(0, torch.tensor(cols), w) if weights is not None else w
+            y = (y > 0).float() * w if mode == "IDF" else y * w
+        return ((y[0] if x.dim() == 1 else y).to(x.device),)
     return run

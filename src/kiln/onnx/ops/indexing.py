@@ -1,5 +1,5 @@
 """Selection and small tensor utilities: Unique, Compress, ReverseSequence, TensorScatter,
-EyeLike, CenterCropPad, BitCast, Col2Im."""
+EyeLike, CenterCropPad, BitCast, Col2Im, TfIdfVectorizer (integer tokens)."""
 from __future__ import annotations
 
 from kiln.onnx.parser import onnx_dtype
@@ -61,3 +61,15 @@ def col2im(ctx, node):
     return ctx.add1("Col2Im", [x, node.input(1), node.input(2)],
                     {"dilations": node.attr("dilations"), "pads": node.attr("pads"), "strides": node.attr("strides")},
                     dtype=x.dtype)
+
+
+@converter("TfIdfVectorizer", since=9)
+def tfidf_vectorizer(ctx, node):
+    if node.attr("pool_strings") is not None:
+        from kiln.errors import ParseError
+        raise ParseError(f"Node {node.name!r} (TfIdfVectorizer) uses a string pool; Kiln engines take numeric "
+                         f"tensors only, so map tokens to ids before the model.")
+    attrs = {k: node.attr(k) for k in ("pool_int64s", "ngram_counts", "ngram_indexes", "min_gram_length",
+                                       "max_gram_length", "max_skip_count", "weights")}
+    attrs["mode"] = node.attr("mode", "TF")
+    return ctx.add1("TfIdfVectorizer", [node.input(0)], attrs, dtype="float32")
