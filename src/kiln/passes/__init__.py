@@ -19,7 +19,8 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_epilogue import FuseEpilogues
     from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_patterns import FusePatterns
-    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues()]
+    from kiln.passes.fuse_shuffles import FuseShuffles
+    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]

@@ -144,7 +144,7 @@ class FusePatterns(Pass):
                         beta, out = b, add.outputs[0]
                         chain.append(add)
         # d (x − mean) must feed only the square and the division
-        if len(d.uses) != 2:
+        if {id(layer) for layer, _ in d.uses} != {id(sq), id(div)} or d in net.outputs:
             return False
         last = chain[-1]
         ln = net.add_layer("Normalization", [x, gamma, beta],
