@@ -30,6 +30,14 @@ class Document:
     page: dict | None = None
     panes: list[pagemod.Pane] = field(default_factory=list)
     error: str | None = None
+    _body: bytes | None = field(default=None, repr=False)
+
+    def body(self) -> bytes:
+        """The page data as JSON, serialised once."""
+        if self._body is None:
+            data = {"error": self.error} if self.error is not None else self.page
+            self._body = pagemod.dumps(data).encode("utf-8")
+        return self._body
 
 
 class Source:
@@ -120,10 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
                 name = route[len("/static/"):]
                 return self._send(200, static_bytes(name), STATIC[name])
             if route == "/api/model":
-                doc = self.server.source.get()
-                if doc.error is not None:
-                    return self._json({"error": doc.error})
-                return self._send(200, pagemod.dumps(doc.page).encode("utf-8"), "application/json")
+                return self._send(200, self.server.source.get().body(), "application/json")
             if route in ("/api/weight", "/api/weight.npy"):
                 return self._weight(route.endswith(".npy"), query)
             return self._send(404, _NOT_FOUND.encode("utf-8"), "text/html; charset=utf-8")

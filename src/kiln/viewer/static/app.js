@@ -25,6 +25,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
   async function load() {
     const embedded = $("kiln-data").textContent.trim();
     if (embedded) return JSON.parse(embedded);
+    const early = window.kilnModel && (await window.kilnModel);
+    if (early) return early;
     const r = await fetch("api/model", { cache: "no-store" });
     return r.json();
   }
