@@ -262,6 +262,44 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
     return res
 
 
+def run_cpu(name: str, args) -> dict[str, Any]:
+    """Kiln FP32 on the CPU against ONNX Runtime's CPU provider, batch 1, same inputs."""
+    import onnxruntime as ort
+
+    import kiln
+    torch.manual_seed(0)
+    model, make_inputs, in_names, out_names, _ = build_model(name)
+    calibrate(model, make_inputs)
+    model = model.eval().cpu()
+    ex = make_inputs(1)
+    path = os.path.join(args.workdir, f"{name}_cpu.onnx")
+    with torch.no_grad():
+        torch.onnx.export(model, ex, path, input_names=in_names, output_names=out_names[:1], opset_version=17,
+                          dynamo=False)
+    feeds = {n: t.numpy() for n, t in zip(in_names, ex)}
+    engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(device="cpu",
+                                                                profiles={n: v.shape for n, v in feeds.items()}))
+    ctx = engine.context()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def med(fn, n=20):
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(ts))
+    got = list(ctx.run(feeds).values())[0]
+    ref = sess.run(None, feeds)[0]
+    res = {"model": name, "kiln_ms": med(lambda: ctx.run(feeds)), "ort_ms": med(lambda: sess.run(None, feeds)),
+           "max_abs": float(np.abs(got - ref).max()), "threads": torch.get_num_threads()}
+    print(f"cpu {name:<20} kiln {res['kiln_ms']:8.2f} ms  onnxruntime {res['ort_ms']:8.2f} ms  "
+          f"max abs diff {res['max_abs']:.1e}", flush=True)
+    return res
+
+
 def write_report(paths: list[str], out_md: str) -> None:
     rows = []
     meta = {}
@@ -305,6 +343,13 @@ def write_report(paths: list[str], out_md: str) -> None:
         lines.append(f"| {m['model']} | {m.get('export_s', 0):.1f} | {m['rows'][0]['build_s']:.1f} | "
                      f"{m['rows'][0].get('build_warm_cache_s', float('nan')):.1f} | {acc_s} | "
                      f"{len(m.get('unsupported', []))} |")
+    cpu = [r for p in paths for r in json.load(open(p)).get("cpu", []) if "kiln_ms" in r]
+    if cpu:
+        lines += ["", "## CPU, batch 1, FP32: Kiln vs ONNX Runtime (no target yet)", "",
+                  "| model | Kiln ms | ONNX Runtime ms | Kiln ÷ ORT speed | max abs diff |", "|---|---|---|---|---|"]
+        for r in cpu:
+            lines.append(f"| {r['model']} | {r['kiln_ms']:.2f} | {r['ort_ms']:.2f} | {r['ort_ms'] / r['kiln_ms']:.2f}× | "
+                         f"{r['max_abs']:.1e} |")
     with open(out_md, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -318,14 +363,15 @@ def main() -> int:
                     help="stop measuring torch.compile once the harness has run this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     ap.add_argument("--report", nargs="*", help="only write BENCHMARKS.md from these result JSON files")
+    ap.add_argument("--cpu", action="store_true", help="Kiln vs ONNX Runtime on the CPU at batch 1 instead")
     args = ap.parse_args()
     if args.report is not None:
         write_report(args.report, os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
         return 0
     import kiln
     args.workdir = tempfile.mkdtemp(prefix="kiln-bench-")
-    props = torch.cuda.get_device_properties(0)
-    meta = {"device": props.name, "torch": torch.__version__, "cuda": torch.version.cuda,
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    meta = {"device": props.name if props else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(), "kiln": kiln.__version__,
             "date": datetime.date.today().isoformat()}
     print(json.dumps(meta))
@@ -333,6 +379,17 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"bench-{stamp}.json")
+    if args.cpu:
+        results["cpu"] = []
+        for name in args.models.split(","):
+            try:
+                results["cpu"].append(run_cpu(name, args))
+            except Exception as exc:
+                results["cpu"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        print(f"wrote {path}")
+        return 0
     for name in args.models.split(","):
         batches = [int(b) for b in args.batches.split(",")] if args.batches else TABLE[name]
         try:

@@ -39,6 +39,8 @@ class Tactic:
     supports: Callable[[dict[str, Any], KernelContext], bool] | None = None
     # Data-dependent output shapes (NonZero, NMS): not capturable in a CUDA graph.
     dynamic: bool = False
+    # Lower runs first where nothing is timed (CPU builds, optimization level 0).
+    priority: int = 0
 
 
 TACTICS: dict[str, list[Tactic]] = {}
@@ -46,13 +48,13 @@ TACTICS: dict[str, list[Tactic]] = {}
 
 def tactic(kind: str, name: str = "torch", devices: tuple[str, ...] = ("cpu", "cuda"),
            supports: Callable[[dict[str, Any], KernelContext], bool] | None = None,
-           dynamic: bool = False) -> Callable[[Maker], Maker]:
+           dynamic: bool = False, priority: int = 0) -> Callable[[Maker], Maker]:
     """Register ``make`` as tactic ``name`` of layer ``kind``; a duplicate is an error."""
     def deco(make: Maker) -> Maker:
         entries = TACTICS.setdefault(kind, [])
         if any(t.name == name for t in entries):
             raise BuildError(f"Tactic {name!r} for layer kind {kind!r} is registered twice.")
-        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic))
+        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic, priority))
         return make
     return deco
 
@@ -61,7 +63,7 @@ def tactics_for(kind: str, attrs: dict[str, Any], ctx: KernelContext) -> list[Ta
     """Valid tactics for this layer on this device, in preference order."""
     _load_all()
     found = [t for t in TACTICS.get(kind, []) if ctx.device in t.devices and (t.supports is None or t.supports(attrs, ctx))]
-    return found
+    return sorted(found, key=lambda t: t.priority)
 
 
 def get_tactic(kind: str, name: str) -> Tactic:

@@ -1,4 +1,5 @@
-"""LSTM and GRU through cuDNN's fused RNN kernels (one call per layer instead of a loop per step).
+"""LSTM and GRU through torch's fused RNN kernels — cuDNN on the GPU, oneDNN/MKL on the CPU — one
+call per layer instead of a Python loop per time step.
 
 ONNX gate order (LSTM i,o,f,c; GRU z,r,h) is re-ordered to cuDNN's (LSTM i,f,g,o; GRU r,z,n)
 once per weight tensor. Valid only for the default activations, no clip, no peepholes, no
@@ -45,10 +46,14 @@ def _make(attrs, ctx, cell):
         return flat
 
     def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
-        if X.is_meta or seq_lens is not None or P is not None:
-            raise RuntimeError("cudnn RNN tactic: unsupported inputs")
+        if seq_lens is not None or P is not None:
+            raise RuntimeError("fused RNN tactic: sequence lengths and peepholes need the loop tactic")
         T, N, _ = X.shape
         dirs = 2 if bidir else 1
+        if X.is_meta:
+            e = lambda *shape: torch.empty(shape, dtype=X.dtype, device="meta")      # noqa: E731
+            return (e(T, dirs, N, H), e(dirs, N, H), e(dirs, N, H)) if cell == "lstm" else (e(T, dirs, N, H),
+                                                                                          e(dirs, N, H))
         x = torch.flip(X, [0]) if reverse else X
         h = h0 if h0 is not None else torch.zeros(dirs, N, H, dtype=X.dtype, device=X.device)
         flat = weights(W, R, B)
@@ -64,11 +69,11 @@ def _make(attrs, ctx, cell):
     return run
 
 
-@tactic("RNN", "cudnn_lstm", devices=("cuda",), supports=lambda a, c: _ok(a, c, "lstm"))
+@tactic("RNN", "fused_lstm", supports=lambda a, c: _ok(a, c, "lstm"), priority=-1)
 def make_cudnn_lstm(attrs, ctx):
     return _make(attrs, ctx, "lstm")
 
 
-@tactic("RNN", "cudnn_gru", devices=("cuda",), supports=lambda a, c: _ok(a, c, "gru"))
+@tactic("RNN", "fused_gru", supports=lambda a, c: _ok(a, c, "gru"), priority=-1)
 def make_cudnn_gru(attrs, ctx):
     return _make(attrs, ctx, "gru")
