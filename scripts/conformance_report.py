@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--results-only", action="store_true", help="write the results JSON, not the docs")
     ap.add_argument("--pattern", help="only cases matching this regex (for debugging; no docs written)")
+    ap.add_argument("--prune", action="store_true",
+                    help="delete exclusions whose cases all pass now (edits the exclusion file)")
     args = ap.parse_args(argv)
 
     from kiln.onnx.conformance import load_exclusions, run_suite
@@ -63,8 +65,30 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / "docs" / "operators.md").write_text(_markdown(table, runs, exclusions))
     stale = [k for k, v in results.items() if v["outcome"] == "pass" and v.get("excluded")]
     if stale:
-        print("These excluded cases now pass; remove their exclusions:", ", ".join(sorted(stale)))
+        print("These excluded cases now pass:", ", ".join(sorted(stale)))
+        if args.prune:
+            _prune(results, exclusions, args.device)
     return 0
+
+
+def _prune(results: dict, exclusions, device: str) -> None:
+    """Drop each exclusion none of whose cases still fails; name the ones that only partly pass."""
+    from kiln.onnx.conformance import split_device
+    text = EXCLUSIONS.read_text()
+    for e in exclusions:
+        hits = [r["outcome"] for name, r in results.items() if e.matches(split_device(name)[0], device)]
+        if hits and all(o == "pass" for o in hits):
+            block = f'[[exclude]]\npattern = "{e.pattern}"\n'
+            start = text.find(block)
+            if start < 0:
+                print(f"  could not find {e.pattern!r} in {EXCLUSIONS.name}; remove it by hand")
+                continue
+            end = text.find("\n\n", start)
+            text = text[:start] + (text[end + 2:] if end >= 0 else "")
+            print(f"  removed exclusion {e.pattern!r} ({len(hits)} cases pass)")
+        elif any(o == "pass" for o in hits):
+            print(f"  {e.pattern!r}: {hits.count('pass')} of {len(hits)} cases pass; narrow the pattern")
+    EXCLUSIONS.write_text(text)
 
 
 def _dump_results(payload: dict) -> str:
