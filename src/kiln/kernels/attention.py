@@ -14,7 +14,7 @@ from kiln.kernels.registry import tactic
 
 
 @tactic("Attention", "sdpa")
-def make_attention(attrs, ctx):
+def make_sdpa(attrs, ctx):
     scale = attrs.get("scale")
     causal = bool(attrs.get("causal", False))
 
