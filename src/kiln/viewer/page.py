@@ -21,7 +21,7 @@ from kiln.viewer.placement import METRICS
 
 FORMAT_VERSION = 1
 EXPAND_ALL = 1500        # graphs up to this many nodes open fully expanded
-VISIBLE_BUDGET = 400     # otherwise groups open breadth-first while this many items stay visible
+VISIBLE_BUDGET = 400     # otherwise levels of groups open while about this many boxes stay visible
 _ROW_CHARS = 34
 
 
@@ -216,23 +216,22 @@ def _model_info(model: ViewModel, node_count: int, params: int) -> dict:
 
 
 def default_expanded(pane: dict) -> set[int]:
-    """Every group when the graph is small; otherwise breadth-first within a budget of visible items."""
+    """Every group when the graph is small; otherwise whole levels of the group tree, outermost first, as long
+    as about VISIBLE_BUDGET boxes stay on screen (a level opens completely or not at all)."""
     clusters = pane["clusters"]
     groups = [i for i, c in enumerate(clusters) if c["kind"] == "group"]
     if clusters[0]["size"] <= EXPAND_ALL:
         return set(groups)
     visible = len(clusters[0]["items"])
     out: set[int] = set()
-    queue = [idx for kind, idx in clusters[0]["items"] if kind == "c"]
-    while queue:
-        nxt = []
-        for cid in queue:
-            cost = sum(1 for k, _ in clusters[cid]["items"] if k in ("n", "c")) - 1
-            if visible + cost <= VISIBLE_BUDGET:
-                visible += cost
-                out.add(cid)
-                nxt += [idx for kind, idx in clusters[cid]["items"] if kind == "c"]
-        queue = nxt
+    level = [idx for kind, idx in clusters[0]["items"] if kind == "c"]
+    while level:
+        cost = sum(sum(1 for k, _ in clusters[cid]["items"] if k in ("n", "c")) - 1 for cid in level)
+        if visible + cost > VISIBLE_BUDGET:
+            break
+        visible += cost
+        out.update(level)
+        level = [idx for cid in level for kind, idx in clusters[cid]["items"] if kind == "c"]
     return out
 
 

@@ -4,9 +4,9 @@ This module and ``static/layout.js`` implement the same algorithm on the same
 page data, so the browser and the headless export draw the same picture; a
 browser test compares the two. Keep them in step.
 
-Breadth coordinates come from Brandes–Köpf (:mod:`kiln.viewer.coords`), with
-segment offsets where an edge meets a port of an expanded group or one of
-several anchors spread along a box side.
+Breadth coordinates come from Brandes–Köpf (:mod:`kiln.viewer.coords`); edges
+then meet expanded groups at their ports and spread along the sides of boxes
+with several edges.
 """
 from __future__ import annotations
 
@@ -192,15 +192,15 @@ class Placer:
                 prev = d
             for dst, at in dsts:
                 segs.append((src if at < 0 else trunk[at], dst, tensor))
-        out_off, in_off, ports = self._offsets(c, n, s["layers"], segs, br)
+        out_off, in_off = self._offsets(c, n, s["layers"], segs, br)
+        # Alignment ignores anchor offsets: following ports exactly would shift every group in a chain by the
+        # distance between its entry and exit ports (a 10k-node encoder came out 32,000 px wide).
         up: list[list] = [[] for _ in range(total)]
         down: list[list] = [[] for _ in range(total)]
-        for a, b, t in segs:        # only port offsets steer alignment; spread anchors would make chains drift
-            oa = out_off.get((a, t), 0.0) if a in ports else 0.0
-            ob = in_off.get((b, a, t), 0.0) if b in ports else 0.0
+        for a, b, t in segs:
             w = 8.0 if a >= n and b >= n else 2.0 if a >= n or b >= n else 1.0
-            up[b].append((a, oa - ob, w))
-            down[a].append((b, ob - oa, w))
+            up[b].append((a, 0.0, w))
+            down[a].append((b, 0.0, w))
         x, starts, thick, width, depth = assign(s, br, th, up, down)
         pos = [(0.0, 0.0)] * total
         band = [(0.0, 0.0)] * total
@@ -219,9 +219,8 @@ class Placer:
         self.cache[cid] = lay
         return lay
 
-    def _offsets(self, c: dict, n: int, layers: list, segs: list, br: list) -> tuple[dict, dict, set]:
-        """Anchor offsets along the breadth axis: ports of expanded groups, else spread over the box side;
-        also the entries whose offsets are ports."""
+    def _offsets(self, c: dict, n: int, layers: list, segs: list, br: list) -> tuple[dict, dict]:
+        """Anchor offsets along the breadth axis: ports of expanded groups, else spread over the box side."""
         order: dict[int, int] = {}
         for layer in layers:
             for i, e in enumerate(layer):
@@ -235,11 +234,9 @@ class Placer:
                 ins.setdefault(b, []).append((order[a], t, a))
         out_off: dict = {}
         in_off: dict = {}
-        ports: set[int] = set()
         for a, by_tensor in outs.items():
             kind, idx = c["items"][a]
             if kind == "c" and idx in self.expanded:
-                ports.add(a)
                 for t in by_tensor:
                     out_off[(a, t)] = self.port_offset(idx, t, True)
             elif kind in ("n", "c") and len(by_tensor) > 1:
@@ -249,14 +246,13 @@ class Placer:
         for b, lst in ins.items():
             kind, idx = c["items"][b]
             if kind == "c" and idx in self.expanded:
-                ports.add(b)
                 for _, t, a in lst:
                     in_off[(b, a, t)] = self.port_offset(idx, t, False)
             elif kind in ("n", "c") and len(lst) > 1:
                 lst.sort()
                 for (_, t, a), o in zip(lst, _spread(len(lst), br[b])):
                     in_off[(b, a, t)] = o
-        return out_off, in_off, ports
+        return out_off, in_off
 
     def port_offset(self, cid: int, tensor: int, out: bool) -> float:
         """Breadth offset of an expanded group's port from the group's centre."""

@@ -102,7 +102,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const nodes = ps.pane.nodes.filter((n) => !n.pseudo).length;
     const drawn = Array.from(ps.view.shown.box.values()).filter((el) => el.classList.contains("node")).length;
     $("status").innerHTML = `<span>${nodes.toLocaleString("en-US")} nodes</span><span>${ps.scene.boxes.length.toLocaleString("en-US")} boxes laid out in ${ps.layoutMs.toFixed(0)} ms</span>` +
-      `<span id="st-drawn">${drawn} drawn</span><span>${Math.round(ps.view.k * 100)}%</span>` + (app.server ? "<span>served from 127.0.0.1</span>" : "<span>offline file</span>");
+      `<span id="st-drawn">${ps.view.lod ? "overview" : drawn + " drawn"}</span><span>${Math.round(ps.view.k * 100)}%</span>` + (app.server ? "<span>served from 127.0.0.1</span>" : "<span>offline file</span>");
   }
 
   /* ---- selection and sidebar ---- */

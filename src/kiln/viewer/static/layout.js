@@ -141,13 +141,12 @@ var Kiln = window.Kiln || (window.Kiln = {});
         for (const d of trunk) { segs.push([prev, d, tensor]); prev = d; }
         for (const [dst, at] of dsts) segs.push([at < 0 ? src : trunk[at], dst, tensor]);
       }
-      const [outOff, inOff, ports] = this.offsets(c, n, s.layers, segs, br);
-      const up = [], down = [];
+      const [outOff, inOff] = this.offsets(c, n, s.layers, segs, br);
+      const up = [], down = [];      // alignment ignores anchor offsets, as in placement.py
       for (let i = 0; i < total; i++) { up.push([]); down.push([]); }
-      for (const [a, b, t] of segs) {
-        const oa = ports.has(a) ? outOff.get(a + "|" + t) || 0 : 0, ob = ports.has(b) ? inOff.get(b + "|" + a + "|" + t) || 0 : 0;
+      for (const [a, b] of segs) {
         const w = a >= n && b >= n ? 8 : a >= n || b >= n ? 2 : 1;
-        up[b].push([a, oa - ob, w]); down[a].push([b, ob - oa, w]);
+        up[b].push([a, 0, w]); down[a].push([b, 0, w]);
       }
       const [x, starts, thick, width, depth] = assign(s, br, th, up, down);
       const pos = new Array(total), band = new Array(total);
@@ -184,11 +183,10 @@ var Kiln = window.Kiln || (window.Kiln = {});
           ins.get(b).push([order.get(a), t, a]);
         }
       }
-      const outOff = new Map(), inOff = new Map(), ports = new Set();
+      const outOff = new Map(), inOff = new Map();
       for (const [a, byTensor] of outs) {
         const [kind, idx] = c.items[a];
         if (kind === "c" && this.expanded.has(idx)) {
-          ports.add(a);
           for (const t of byTensor.keys()) outOff.set(a + "|" + t, this.portOffset(idx, t, true));
         } else if ((kind === "n" || kind === "c") && byTensor.size > 1) {
           const keys = [];
@@ -201,7 +199,6 @@ var Kiln = window.Kiln || (window.Kiln = {});
       for (const [b, lst] of ins) {
         const [kind, idx] = c.items[b];
         if (kind === "c" && this.expanded.has(idx)) {
-          ports.add(b);
           for (const [, t, a] of lst) inOff.set(b + "|" + a + "|" + t, this.portOffset(idx, t, false));
         } else if ((kind === "n" || kind === "c") && lst.length > 1) {
           lst.sort((p, q) => p[0] - q[0] || p[1] - q[1] || p[2] - q[2]);
@@ -209,7 +206,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
           lst.forEach(([, t, a], i) => inOff.set(b + "|" + a + "|" + t, offs[i]));
         }
       }
-      return [outOff, inOff, ports];
+      return [outOff, inOff];
     }
 
     portOffset(cid, tensor, out) {

@@ -206,7 +206,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
       const [w, h] = this.size();
       const lod = this.k < LOD_SCALE && s.boxes.length > 600;
       this.svg.classList.toggle("lod-mode", lod);
-      if (lod) { this.buildLod(); return; }
+      this.lod = lod;
+      if (lod) { this.buildLod(); if (this.opts.onRender) this.opts.onRender(this); return; }
       const mx = w * 0.5 / this.k, my = h * 0.5 / this.k;
       const x0 = -this.tx / this.k - mx, y0 = -this.ty / this.k - my, x1 = x0 + w / this.k + 2 * mx, y1 = y0 + h / this.k + 2 * my;
       const boxes = new Set(), edges = new Set();
