@@ -73,7 +73,7 @@ def make_reverse_sequence(attrs, ctx):
     return run
 
 
-@tactic("TensorScatter")
+@tactic("TensorScatter", dynamic=True)     # reads write_indices on the host: not graph-capturable
 def make_tensor_scatter(attrs, ctx):
     axis, circular = attrs.get("axis", -2), attrs.get("mode", "linear") == "circular"
 
@@ -183,7 +183,7 @@ def make_det(attrs, ctx):
     return run
 
 
-@tactic("TfIdfVectorizer")
+@tactic("TfIdfVectorizer", dynamic=True)   # counts on the host: not graph-capturable
 def make_tfidf(attrs, ctx):
     """N-gram counts over integer token rows (host loop; these are short text rows).
 

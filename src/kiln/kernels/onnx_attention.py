@@ -96,7 +96,6 @@ def make_mha(attrs, ctx):
         probs = torch.softmax(with_bias, -1)
         dead = torch.isneginf(bias.amax(-1, keepdim=True))
         probs = torch.where(dead, zero, probs)
-        probs = torch.nan_to_num(probs, nan=0.0) if probs.isnan().any() else probs
         y = torch.matmul(probs.to(out_dtype).to(work), vf)
         if three_d:
             y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)

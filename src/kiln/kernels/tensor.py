@@ -97,14 +97,16 @@ def make_constant(attrs, ctx):
     raise BuildError("Constant layers are folded into weights at build time.")
 
 
-@tactic("Cast")
+def _host_cast(attrs, ctx) -> bool:
+    return attrs["to"] in NARROW_TYPES and attrs["to"] != "float8_e8m0fnu"
+
+
+@tactic("Cast", supports=lambda attrs, ctx: not _host_cast(attrs, ctx))
 def make_cast(attrs, ctx):
     to = torch_dtype(attrs["to"])
     saturate = attrs.get("saturate", 1)
     if attrs["to"] == "float8_e8m0fnu":
         return _e8m0_cast(attrs.get("round_mode", "up"), bool(saturate))
-    if attrs["to"] in NARROW_TYPES:
-        return _narrow_cast(attrs["to"], to, bool(saturate))
 
     def run(x):
         if x.dtype.is_floating_point and not to.is_floating_point and to != torch.bool:
@@ -133,6 +135,11 @@ def _e8m0_cast(round_mode: str, saturate: bool):
         code = torch.where(special, torch.full_like(exp, 0xFF), exp + inc.to(torch.int64))
         return (code.to(torch.uint8).view(torch.float8_e8m0fnu),)
     return run
+
+
+@tactic("Cast", "host_narrow", supports=_host_cast, dynamic=True)     # round trip through the host
+def make_narrow_cast(attrs, ctx):
+    return _narrow_cast(attrs["to"], torch_dtype(attrs["to"]), bool(attrs.get("saturate", 1)))
 
 
 def _narrow_cast(name: str, storage: torch.dtype, saturate: bool):
