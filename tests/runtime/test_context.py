@@ -358,3 +358,16 @@ def test_unknown_output_name(engine) -> None:
         engine.context().run({"x": x, "ids": ids}, outputs=["y", "logits"])
     msg = str(info.value)
     assert "'logits'" in msg and "not an output" in msg and "'y'" in msg and "'s'" in msg, msg
+
+
+def test_inputs_must_share_one_profile(onnx_path: Path) -> None:
+    """x from the small profile and ids from the large one: each fits a profile, together none."""
+    small = {"x": ((1, 8), (2, 8), (4, 8)), "ids": ((1,), (2,), (4,))}
+    large = {"x": ((16, 8), (24, 8), (32, 8)), "ids": ((16,), (24,), (32,))}
+    engine = kiln.build(kiln.onnx.parse(onnx_path), kiln.BuildConfig(device="cpu", profiles=[small, large]))
+    x, _ = _inputs(2)
+    _, ids = _inputs(20)
+    with pytest.raises(ShapeError) as info:
+        engine.context().run({"x": x, "ids": ids})
+    msg = str(info.value)
+    assert "no single profile" in msg and "(2, 8)" in msg and "(20,)" in msg, msg

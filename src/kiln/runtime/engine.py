@@ -266,6 +266,22 @@ class ExecutionContext:
             r["percent"] = 100.0 * r["ms"] / total
         return rows
 
+    def _check_one_profile(self, tensors: dict[str, Any]) -> None:
+        """Each input fits some profile (checked above); together they must fit the same one, as in TensorRT."""
+        profiles = self.engine.profiles
+        if len(profiles) < 2:
+            return
+        shapes = {n: tuple(t.shape) for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+
+        def fits(p: dict) -> bool:
+            return all(len(p[n]["min"]) == len(s) and all(lo <= d <= hi for lo, d, hi in zip(p[n]["min"], s, p[n]["max"]))
+                       for n, s in shapes.items() if n in p)
+        if not any(fits(p) for p in profiles):
+            given = ", ".join(f"{n} {s}" for n, s in shapes.items())
+            raise ShapeError(f"The input shapes ({given}) each fit an optimization profile, but no single profile "
+                             f"holds them all; give shapes from one profile (profiles: "
+                             f"{[{n: (tuple(r['min']), tuple(r['max'])) for n, r in p.items()} for p in profiles]}).")
+
     def run(self, feeds: Mapping[str, Any] | Sequence[Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
         names = [t["name"] for t in self.engine.inputs]
         if not isinstance(feeds, Mapping):
@@ -306,6 +322,7 @@ class ExecutionContext:
             if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"):
                 t = t.to(device, non_blocking=False)
             tensors.append(t)
+        self._check_one_profile(dict(zip(names, tensors)))
         out_names = [t["name"] for t in self.engine.outputs]
         want = list(outputs) if outputs is not None else out_names
         wrong = [n for n in want if n not in out_names]
