@@ -94,3 +94,17 @@ def test_cli_registers_view():
     command.add_parser(sub)
     args = parser.parse_args(["view", "m.onnx", "--port", "8123", "--no-browser", "--rankdir", "LR"])
     assert args.func is command.run and args.port == 8123 and args.no_browser and args.rankdir == "LR"
+
+
+def test_notebook_gets_an_inline_page(monkeypatch, yolo_path):
+    import sys
+    import types
+    shell = types.SimpleNamespace(kernel=object())
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: shell
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    monkeypatch.setitem(sys.modules, "IPython.display", None)      # no display module: our own object
+    shown = view(yolo_path)
+    html = shown._repr_html_()
+    assert html.startswith("<iframe srcdoc=") and "kiln-data" in html and "&lt;script" in html
+    assert "/model.24/m.0/Conv" in html

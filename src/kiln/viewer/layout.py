@@ -192,13 +192,18 @@ def _order(s: Structure, sweeps: int | None) -> None:
         layer.sort(key=disc.__getitem__)
         for i, e in enumerate(layer):
             pos[e] = i
+    if all(len(layer) < 2 for layer in s.layers):        # a chain: nothing to order
+        return
     small = total <= SMALL
     iterations = sweeps if sweeps is not None else (8 if small else 3)
     best = [list(layer) for layer in s.layers] if small else None
     best_cross = crossings(s.layers, down, pos) if small else 0
     for it in range(iterations):
+        before = [list(layer) for layer in s.layers]
         _sweep(s.layers, up, pos, range(1, len(s.layers)))
         _sweep(s.layers, down, pos, range(len(s.layers) - 2, -1, -1))
+        if s.layers == before:                               # converged
+            break
         if small:
             c = crossings(s.layers, down, pos)
             if c < best_cross:
