@@ -118,6 +118,52 @@ def test_round_trip_other_models(name: str, model_case, tmp_path: Path) -> None:
         assert_close_fp32(got[out], ref[out], f"{name} {out}")
 
 
+def _control_flow_model(path: Path) -> Path:
+    """If on a computed condition, a Loop carrying a tensor, and RoiAlign (a built-in plugin)."""
+    import onnx
+    from onnx import TensorProto as T, helper, numpy_helper
+    vi = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["t"])], "then", [], [vi("t", T.FLOAT, ["n", 3])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", T.FLOAT, ["n", 3])])
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["fi"], to=T.FLOAT), helper.make_node("Add", ["acc", "fi"], ["acc2"]),
+         helper.make_node("Identity", ["c"], ["c2"])], "body",
+        [vi("i", T.INT64, []), vi("c", T.BOOL, []), vi("acc", T.FLOAT, ["n", 3])],
+        [vi("c2", T.BOOL, []), vi("acc2", T.FLOAT, ["n", 3])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("Loop", ["trip", "true", "y"], ["z"], body=body),
+             helper.make_node("RoiAlign", ["img", "rois", "bidx"], ["ra"], output_height=2, output_width=2,
+                              sampling_ratio=2, spatial_scale=1.0)]
+    g = helper.make_graph(
+        nodes, "control", [vi("x", T.FLOAT, ["n", 3]), vi("img", T.FLOAT, [1, 2, 8, 8]), vi("rois", T.FLOAT, [2, 4])],
+        [vi("z", T.FLOAT, ["n", 3]), vi("ra", T.FLOAT, [2, 2, 2, 2])],
+        [numpy_helper.from_array(np.float32(0), "zero"), numpy_helper.from_array(np.float32(2), "two"),
+         numpy_helper.from_array(np.int64(3), "trip"), numpy_helper.from_array(np.bool_(True), "true"),
+         numpy_helper.from_array(np.zeros(2, np.int64), "bidx")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_round_trip_control_flow_and_plugin(tmp_path: Path) -> None:
+    """Subgraph plans and plugin records survive the file and the structure checks on load."""
+    path = _control_flow_model(tmp_path / "control.onnx")
+    engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(device="cpu", profiles={"x": ((1, 3), (2, 3), (4, 3))}))
+    assert {"If", "Loop", "Plugin"} <= {l["kind"] for l in engine.layers}
+    engine.save(tmp_path / "control.kiln")
+    rng = np.random.default_rng(0)
+    for sign in (1, -1):                      # both branches of the If
+        feeds = {"x": sign * np.abs(rng.standard_normal((2, 3))).astype(np.float32),
+                 "img": rng.standard_normal((1, 2, 8, 8)).astype(np.float32),
+                 "rois": np.array([[0, 0, 4, 4], [1, 2, 7, 6]], np.float32)}
+        got = _run_fresh_process(tmp_path / "control.kiln", feeds, tmp_path / f"run{sign}")
+        ref = ort_run(path, feeds)
+        for k in ref:
+            assert_close_fp32(got[k], ref[k], k)
+
+
 def test_round_trip_bf16_weights(tmp_path: Path) -> None:
     """BF16 weights (no numpy dtype of their own) survive the file; values checked against numpy."""
     rng = np.random.default_rng(0)
