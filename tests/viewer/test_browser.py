@@ -261,3 +261,32 @@ def test_png_export(yolo_path, tmp_path, browser):
     out = view(yolo_path, export=tmp_path / "yolo.png")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_names_are_text_never_markup(page, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    evil = '<img src=x onerror="window.pwned=1">'
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["</script><script>window.pwned=2</script>"], name=evil),
+         helper.make_node("Neg", ["</script><script>window.pwned=2</script>"], ["y"], name="n2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(g), tmp_path / "evil.onnx")
+    out = view(tmp_path / "evil.onnx", export=tmp_path / "evil.html")
+    page.goto(out.as_uri())
+    wait_ready(page)
+    page.evaluate("kilnApp.goToNode(0, 1)")
+    page.click("#b-model")
+    page.evaluate("kilnApp.select(0, {kind: 'node', id: 1})")
+    assert evil in page.inner_text("#side-body")
+    assert page.evaluate("window.pwned") is None and page.errors == []
+
+
+def test_model_properties_panel(page, yolo_server):
+    open_page(page, yolo_server.url)
+    page.click("#b-model")
+    text = page.inner_text("#side-body")
+    for fact in ("ONNX", "pytorch 2.4.0", "opset 17", "images", "output0", "1×3×640×640", "215"):
+        assert fact in text, fact
+    assert "parameters" in text and (" M" in text or " K" in text)

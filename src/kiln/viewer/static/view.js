@@ -158,7 +158,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     zoom(factor) { const [w, h] = this.size(); this.zoomAt(factor, w / 2, h / 2); }
     fit() {
       const [w, h] = this.size(), s = this.scene, m = 24;
-      this.k = Math.max(0.02, Math.min(1.5, (w - 2 * m) / Math.max(1, s.width), (h - 2 * m) / Math.max(1, s.height)));
+      this.k = Math.max(0.02, Math.min(1.2, (w - 2 * m) / Math.max(1, s.width), (h - 2 * m) / Math.max(1, s.height)));
       this.tx = (w - s.width * this.k) / 2; this.ty = (h - s.height * this.k) / 2; this.apply();
     }
     home() {   // readable zoom at the top (left, when LR) of the graph
