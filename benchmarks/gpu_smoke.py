@@ -59,7 +59,7 @@ def case(name, onnx_bytes, feeds, profiles, precision):
     out3 = list(ctx.run(tfeeds).values())[0].cpu().numpy()
     kinds = sorted({l["kind"] + ":" + str(l["tactic"]) for l in eng.layers})
     print(f"{name:<10} {precision:<5} relL2 {rel(out, ref):.2e} max {np.abs(out - ref).max():.2e} "
-          f"replay-same {np.array_equal(out, out2)} torch-io {rel(out3, ref):.1e} graph {ctx.graphs is not None} {ctx.graph_error or ''} "
+          f"replay-same {np.array_equal(out, out2)} torch-io {rel(out3, ref):.1e} graph {ctx.graphs is not None} {ctx.graph_error or ''} {[st.kind for st in ctx.program.steps if st.dynamic]} "
           f"layers {len(eng.layers)} build {bt:.1f}s", flush=True)
 
 

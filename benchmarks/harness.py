@@ -223,6 +223,19 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
         row["kiln_rel_l2_vs_fp32"] = rel_l2(out.float().cpu().numpy(), ref32.cpu().numpy())
         row["layers"] = len(engine.layers)
         row["cuda_graph"] = ctx.graphs is not None
+        with torch.no_grad():
+            row["eager_fp16_rel_l2_vs_fp32"] = rel_l2(half(*hin).float().cpu().numpy(), ref32.cpu().numpy())
+        if args.profile:
+            rows = ctx.profile(kin, runs=5)
+            tot = sum(r["ms"] for r in rows)
+            for r in sorted(rows, key=lambda r: -r["ms"])[:12]:
+                print(f"   {r['name'][:60]:<60} {r['kind']:<14} {r['tactic']:<16} {r['ms']:.4f} ms "
+                      f"{100 * r['ms'] / tot:5.1f}%")
+            kinds: dict[str, float] = {}
+            for r in rows:
+                kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["ms"]
+            print("   by kind:", ", ".join(f"{k} {v:.3f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])),
+                  f"(sum {tot:.3f} ms over {len(rows)} layers)")
         runs = 60 if b <= 32 else 50
         with torch.no_grad():
             row["kiln"] = twice(lambda: ctx.execute(kin), runs)
@@ -254,7 +267,8 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
         print(f"{name:<20} b={b:<4} kiln {row['kiln']['median_ms']:8.3f} ms  eager {row['eager']['median_ms']:8.3f}  "
               f"graph {row['eager_cuda_graph'].get('median_ms', float('nan')):8.3f}  "
               f"compile {row.get('torch_compile', {}).get('median_ms', float('nan')):8.3f}  "
-              f"x{row['speedup_vs_best_peer'] or 0:.2f}  relL2 {row['kiln_rel_l2_vs_fp32']:.2e}  "
+              f"x{row['speedup_vs_best_peer'] or 0:.2f}  relL2 {row['kiln_rel_l2_vs_fp32']:.2e} "
+              f"(eager fp16 {row['eager_fp16_rel_l2_vs_fp32']:.2e})  "
               f"build {row['build_s']:.1f}s", flush=True)
         del ctx, engine
         torch.cuda.empty_cache()
@@ -364,6 +378,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     ap.add_argument("--report", nargs="*", help="only write BENCHMARKS.md from these result JSON files")
     ap.add_argument("--cpu", action="store_true", help="Kiln vs ONNX Runtime on the CPU at batch 1 instead")
+    ap.add_argument("--profile", action="store_true", help="print each engine's slowest layers")
     args = ap.parse_args()
     if args.report is not None:
         write_report(args.report, os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))

@@ -113,11 +113,8 @@ class Engine:
 
 
 def _np_to_torch(arr: np.ndarray) -> torch.Tensor:
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    return torch.from_numpy(arr)
+    from kiln.kernels._util import from_numpy     # bfloat16, float8 and sub-byte types too
+    return from_numpy(arr)
 
 
 def _typed_array(v: Any, dtype: str) -> np.ndarray:
@@ -198,6 +195,9 @@ class ExecutionContext:
                 prec = self.engine.precision
                 torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
                 torch.backends.cudnn.allow_tf32 = prec == "tf32"
+                # FP16/BF16 GEMMs accumulate in FP32 (the engine's numerics contract)
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
             if self.graphs is not None:
                 from kiln.runtime.graphs import CaptureError
                 try:
