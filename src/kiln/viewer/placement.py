@@ -17,7 +17,7 @@ from typing import Any
 from kiln.viewer import coords
 
 METRICS: dict[str, float] = {
-    "nodeSep": 22, "edgeSep": 12, "rankSep": 34, "headH": 22, "rowH": 15, "rowPad": 5, "padX": 9,
+    "nodeSep": 22, "edgeSep": 12, "rankSep": 34, "rankSepLR": 72, "headH": 22, "rowH": 15, "rowPad": 5, "padX": 9,
     "minW": 48, "groupPad": 12, "groupHead": 22, "headFont": 12, "rowFont": 10.5, "labelFont": 9,
 }
 
@@ -82,7 +82,7 @@ def group_size(cluster: dict) -> tuple[float, float]:
     return math.ceil(w), m["headH"] + m["rowH"] + m["rowPad"]
 
 
-def assign(struct: dict, br: list[float], th: list[float], up: list, down: list) -> tuple:
+def assign(struct: dict, br: list[float], th: list[float], up: list, down: list, rank_sep: float) -> tuple:
     """Breadth centre of every entry, start and thickness of every rank, total breadth and depth."""
     m = METRICS
     layers = struct["layers"]
@@ -96,7 +96,7 @@ def assign(struct: dict, br: list[float], th: list[float], up: list, down: list)
     for r, layer in enumerate(layers):
         t = max((th[e] for e in layer), default=0.0)
         if r:
-            depth += m["rankSep"] if t > 0 and thick[-1] > 0 else m["rankSep"] / 2
+            depth += rank_sep if t > 0 and thick[-1] > 0 else rank_sep / 2
         starts.append(depth)
         thick.append(t)
         depth += t
@@ -201,7 +201,8 @@ class Placer:
             w = 8.0 if a >= n and b >= n else 2.0 if a >= n or b >= n else 1.0
             up[b].append((a, 0.0, w))
             down[a].append((b, 0.0, w))
-        x, starts, thick, width, depth = assign(s, br, th, up, down)
+        x, starts, thick, width, depth = assign(s, br, th, up, down,
+                                                METRICS["rankSepLR"] if self.lr else METRICS["rankSep"])
         pos = [(0.0, 0.0)] * total
         band = [(0.0, 0.0)] * total
         for r, layer in enumerate(s["layers"]):

@@ -64,6 +64,7 @@ def node_svg(pane: dict, idx: int, b: dict, toggles: dict, cls: str = "", profil
     kind = " pseudo" if node.get("pseudo") else ""
     out = [f'<g class="node cat-{escape(node["cat"])}{kind}{cls}" data-node="{idx}" '
            f'transform="translate({_f(b["x"])},{_f(b["y"])})">',
+           f'<title>{escape(node["name"] or node["op"])}</title>',
            f'<rect class="box" width="{_f(w)}" height="{_f(h)}" rx="{_R}"/>',
            f'<path class="head" d="{head_path(w, m["headH"], not rows)}"/>',
            f'<text class="op" x="{_f(w / 2)}" y="{_f(m["headH"] / 2)}">{escape(head)}</text>']
@@ -85,7 +86,7 @@ def group_svg(pane: dict, b: dict, cls: str = "") -> str:
     m = METRICS
     w, h = b["w"], b["h"]
     return (f'<g class="group{cls}" data-cluster="{b["id"]}" transform="translate({_f(b["x"])},{_f(b["y"])})">'
-            f'<rect class="stack" x="4" y="4" width="{_f(w)}" height="{_f(h)}" rx="6"/>'
+            f'<title>{escape(c["path"] or c["name"])}</title><rect class="stack" x="4" y="4" width="{_f(w)}" height="{_f(h)}" rx="6"/>'
             f'<rect class="box" width="{_f(w)}" height="{_f(h)}" rx="6"/>'
             f'<text class="title" x="{m["padX"]}" y="{_f(m["headH"] / 2 + 1)}">{escape(c["name"])}</text>'
             f'<text class="count" x="{m["padX"]}" y="{_f(m["headH"] + m["rowH"] / 2)}">{c["size"]} nodes</text>'

@@ -57,7 +57,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return [Math.ceil(w), M.headH + M.rowH + M.rowPad];
   }
 
-  function assign(struct, br, th, up, down) {
+  function assign(struct, br, th, up, down, rankSep) {
     const layers = struct.layers;
     const x = Kiln.coords.assign(layers, struct.n, br, up, down, M.nodeSep, M.edgeSep);
     let left = Infinity, right = -Infinity;
@@ -71,7 +71,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     layers.forEach((layer, r) => {
       let t = 0;
       for (const e of layer) t = Math.max(t, th[e]);
-      if (r) depth += t > 0 && thick[thick.length - 1] > 0 ? M.rankSep : M.rankSep / 2;
+      if (r) depth += t > 0 && thick[thick.length - 1] > 0 ? rankSep : rankSep / 2;
       starts.push(depth); thick.push(t); depth += t;
     });
     return [x, starts, thick, right - left, depth];
@@ -148,7 +148,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
         const w = a >= n && b >= n ? 8 : a >= n || b >= n ? 2 : 1;
         up[b].push([a, 0, w]); down[a].push([b, 0, w]);
       }
-      const [x, starts, thick, width, depth] = assign(s, br, th, up, down);
+      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, this.lr ? M.rankSepLR : M.rankSep);
       const pos = new Array(total), band = new Array(total);
       s.layers.forEach((layer, r) => {
         const mid = starts[r] + thick[r] / 2;

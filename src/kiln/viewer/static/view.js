@@ -52,7 +52,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const [head, rows] = Kiln.layout.boxContent(node, toggles);
     const w = b.w, h = b.h;
     let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
-      `<rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
+      `<title>${esc(node.name || node.op)}</title><rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
       `<path class="head" d="${headPath(w, M.headH, !rows.length)}"/>` +
       `<text class="op" x="${f(w / 2)}" y="${f(M.headH / 2)}">${esc(head)}</text>`;
     if (node.sub) s += `<text class="more" x="${f(w - 6)}" y="${f(M.headH / 2)}">${b.open ? "−" : "+"}</text>`;
@@ -66,7 +66,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
   function groupSvg(pane, b, cls) {
     const c = pane.clusters[b.id], M = Kiln.metrics;
     return `<g class="group${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
-      `<rect class="stack" x="4" y="4" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
+      `<title>${esc(c.path || c.name)}</title><rect class="stack" x="4" y="4" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
       `<rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
       `<text class="title" x="${M.padX}" y="${f(M.headH / 2 + 1)}">${esc(c.name)}</text>` +
       `<text class="count" x="${M.padX}" y="${f(M.headH + M.rowH / 2)}">${c.size} nodes</text>` +
