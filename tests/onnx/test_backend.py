@@ -181,3 +181,26 @@ def test_check_gives_reasons():
     assert check_module.check.__module__ == "kiln.onnx.check"
     import kiln.onnx
     assert [f["name"] for f in kiln.onnx.check(m)] == ["sn", "fb"]
+
+
+def test_float8_weights_fold_and_survive_save_load(tmp_path):
+    """Narrow-typed initializers and folded casts into them go through build, the engine file and run."""
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    import kiln
+    w = numpy_helper.from_array(np.array([0.5, 2.0, -3.0], np.float32).astype(ml_dtypes.float8_e4m3fn), "w")
+    c = numpy_helper.from_array(np.array([1.3, 500.0, -2.0], np.float32))
+    nodes = [helper.make_node("Constant", [], ["c"], value=c),
+             helper.make_node("Cast", ["c"], ["c8"], to=TensorProto.FLOAT8E4M3FN),
+             helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["c8"], ["cf"], to=TensorProto.FLOAT),
+             helper.make_node("Sum", ["wf", "x", "cf"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [_vi("x", [3])], [_vi("y", [3]), _vi("c8", [3], TensorProto.FLOAT8E4M3FN)],
+                              initializer=[w])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    engine = kiln.build(kiln.onnx.parse(m), kiln.BuildConfig(device="cpu"))
+    engine.save(str(tmp_path / "f8.kiln"))
+    out = kiln.load(str(tmp_path / "f8.kiln")).context().run({"x": np.zeros(3, np.float32)})
+    np.testing.assert_array_equal(out["y"], [1.75, 450.0, -5.0])       # 1.3 → 1.25, 500 saturates at 448
+    assert out["c8"].dtype == ml_dtypes.float8_e4m3fn

@@ -97,9 +97,8 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
 
 
 def _host_tensor(arr) -> torch.Tensor:
-    if arr.dtype.name == "bfloat16":
-        return torch.from_numpy(arr.view("int16").copy()).view(torch.bfloat16)
-    return torch.from_numpy(arr.copy())
+    from kiln.kernels._util import from_numpy      # bfloat16, float8 and sub-byte types too
+    return from_numpy(arr.copy())
 
 
 def _to_meta(a: torch.Tensor) -> torch.Tensor:

@@ -40,3 +40,28 @@ def norm_axis(axis: int, rank: int) -> int:
 
 def is_float(t: torch.Tensor) -> bool:
     return t.dtype.is_floating_point
+
+
+def from_numpy(arr) -> torch.Tensor:
+    """A numpy array as the torch tensor Kiln computes with: bfloat16 and float8 through their bits,
+    sub-byte integer and float4 types by value (see kiln.ir.dtypes.NARROW_TYPES); 0-d stays 0-d."""
+    import numpy as np
+    name = arr.dtype.name
+    if name == "bfloat16" or name.startswith("float8"):
+        bits = np.require(arr, requirements="C").view(np.int16 if name == "bfloat16" else np.uint8)
+        return torch.from_numpy(bits.copy()).view(torch_dtype(name))
+    if name in ("int4", "int2", "uint4", "uint2", "float4_e2m1fn"):
+        return torch.from_numpy(arr.astype(str(torch_dtype(name)).replace("torch.", "")))
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def to_numpy(t: torch.Tensor):
+    """The inverse of ``from_numpy`` for torch dtypes numpy lacks (bfloat16, float8)."""
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).replace("torch.", "")
+    if name == "bfloat16" or name.startswith("float8"):
+        import ml_dtypes
+        return t.view(torch.int16 if name == "bfloat16" else torch.uint8).numpy().view(getattr(ml_dtypes, name))
+    return t.numpy()

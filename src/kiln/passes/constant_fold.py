@@ -86,18 +86,14 @@ class ConstantFold(Pass):
 
 
 def _to_torch(a: np.ndarray) -> torch.Tensor:
-    """A writable torch copy; 0-d stays 0-d, bfloat16 goes through its bits (torch cannot read ml_dtypes)."""
-    a = np.require(a, requirements="C").copy()
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+    """A writable torch copy; 0-d stays 0-d; bfloat16/float8/sub-byte types as Kiln holds them."""
+    from kiln.kernels._util import from_numpy
+    return from_numpy(np.require(a, requirements="C").copy())
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return t.contiguous().numpy().copy()
+    from kiln.kernels._util import to_numpy      # bfloat16 and float8 through their bits
+    return to_numpy(t).copy()
 
 
 def _replace_with_constants(net: Network, layer, values: list[np.ndarray]) -> None:

@@ -134,10 +134,8 @@ def _torch_to_np(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
+    from kiln.kernels._util import to_numpy      # bfloat16 and float8 through their bits
+    return to_numpy(t)
 
 
 class ExecutionContext:
