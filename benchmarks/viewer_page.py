@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             grouped, server, page = open_timed(browser, path)
             t0 = time.perf_counter()
             page.click("#b-expand")
+            while not page.evaluate("kilnApp.busy === 0"):
+                page.wait_for_timeout(20)
             page.evaluate("kilnApp.panes[0].view.renderNow()")
             expanded = grouped + time.perf_counter() - t0
             pan = page.evaluate(PAN)

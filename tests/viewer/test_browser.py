@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from viewer_testing import wait_ready
+from viewer_testing import settle, wait_ready
 
 from kiln.viewer import documents, serve, view
 from kiln.viewer.placement import Placer
@@ -122,7 +122,9 @@ def test_expand_and_collapse_group_in_place(page, big_path):
         boxes = page.evaluate(f"{app}.scene.boxes.length")
         page.evaluate(f"{app}.view.reveal('cluster', {collapsed})")
         page.evaluate(f"{app}.view.renderNow()")
+        assert page.evaluate(f"{app}.pane.clusters[{collapsed}].s") is None      # laid out when it opens
         page.click(f".kg .group[data-cluster='{collapsed}'] .toggle")
+        settle(page)
         assert page.evaluate(f"{app}.expanded.has({collapsed})")
         assert page.evaluate(f"{app}.scene.boxes.length") > boxes
         assert page.locator(f".kg .frame[data-cluster='{collapsed}']").count() == 1
@@ -138,6 +140,7 @@ def test_large_graph_is_virtualised_and_pans_quickly(page, big_path):
     try:
         open_page(page, s.url)
         page.click("#b-expand")                              # every one of the ~10,000 nodes laid out
+        settle(page)
         stats = page.evaluate("""() => {
             const ps = kilnApp.panes[0], v = ps.view;
             v.k = 0.8; v.apply(); v.renderNow();

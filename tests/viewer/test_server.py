@@ -106,3 +106,19 @@ def test_model_that_breaks_on_disk_gives_an_error_page_not_a_traceback(tmp_path,
         assert get(s, "/")[0] == 200                     # the page loads and shows the error
     finally:
         s.stop()
+
+
+def test_clusters_are_laid_out_on_request(big_path):
+    s = serve(big_path, open_browser=False)
+    try:
+        page = json.loads(get(s, "/api/model")[2])
+        clusters = page["panes"][0]["clusters"]
+        missing = [i for i, c in enumerate(clusters) if c["s"] is None]
+        assert clusters[0]["s"] is not None and missing                  # only the first view is laid out
+        status, _, body = get(s, f"/api/clusters?pane=0&ids={missing[0]},{missing[1]}")
+        got = json.loads(body)
+        assert status == 200 and set(got) == {str(missing[0]), str(missing[1])} and got[str(missing[0])]["layers"]
+        for bad in ("ids=", f"ids={len(clusters)}", "ids=x", "pane=3&ids=1"):
+            assert get(s, f"/api/clusters?{bad}")[0] == 404
+    finally:
+        s.stop()

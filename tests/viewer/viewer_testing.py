@@ -12,6 +12,15 @@ def wait_ready(pg, timeout: float = 30_000) -> None:
     pg.wait_for_selector("body[data-ready='1'], #error:not([hidden])", state="attached", timeout=timeout)
 
 
+def settle(pg) -> None:
+    """Until the page has fetched what it asked the server for and drawn it."""
+    for _ in range(1200):             # polled from here: the page's CSP forbids wait_for_function's eval
+        if pg.evaluate("window.kilnApp && kilnApp.busy === 0"):
+            return
+        pg.wait_for_timeout(50)
+    raise TimeoutError("the page stayed busy for 60 s")
+
+
 def scene(path, expanded: str = "default", rankdir: str = "TB", toggles: dict | None = None):
     doc = documents.build_document(path, rankdir=rankdir)
     pane = doc.page["panes"][0]

@@ -82,7 +82,8 @@ def engine_links(engine_pane: Pane, model_pane: Pane) -> list:
 
 def build_document(model: Any, *, engine: str | os.PathLike | None = None,
                    profile: str | os.PathLike | None = None, rankdir: str = "TB", server: bool = False) -> Document:
-    """Read everything and lay it out; raises ViewerError with one clear line when something cannot be read."""
+    """Read everything and lay it out; raises ViewerError with one clear line when something cannot be read.
+    For the server (``server=True``) clusters hidden in the first view are laid out when they open."""
     if rankdir not in ("TB", "LR"):
         raise ViewerError(f"rankdir must be TB or LR, not {rankdir!r}.")
     vm = open_view_model(model)
@@ -95,12 +96,13 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
                               f"{ev.format}.")
         if prof:
             summary = apply_profile(ev, prof, os.path.basename(os.fspath(profile)))
-        panes = [build_pane(ev, title=f"Engine · {pathlib.Path(engine).name}"),
-                 build_pane(vm, title=f"{vm.format} · {os.path.basename(vm.path) if vm.path else vm.graph.name}")]
+        panes = [build_pane(ev, title=f"Engine · {pathlib.Path(engine).name}", lazy=server),
+                 build_pane(vm, title=f"{vm.format} · {os.path.basename(vm.path) if vm.path else vm.graph.name}",
+                            lazy=server)]
         page = page_json(panes, rankdir=rankdir, links=engine_links(panes[0], panes[1]), profile=summary,
                          server=server)
         return Document(page=page, panes=panes)
     if prof:
         summary = apply_profile(vm, prof, os.path.basename(os.fspath(profile)))
-    panes = [build_pane(vm)]
+    panes = [build_pane(vm, lazy=server)]
     return Document(page=page_json(panes, rankdir=rankdir, profile=summary, server=server), panes=panes)

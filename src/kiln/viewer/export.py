@@ -147,6 +147,8 @@ def export(page: dict, panes: list[pagemod.Pane], out: str | os.PathLike, *, tog
     """Write ``out`` as .svg, .png or .html (by its suffix)."""
     out = pathlib.Path(out)
     suffix = out.suffix.lower()
+    for p in panes:
+        p.complete()
     if suffix not in FORMATS:
         raise ViewerError(f"cannot export to {out.name!r}: the file name must end in .svg, .png or .html.")
     if not out.parent.exists():

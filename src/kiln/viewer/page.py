@@ -12,7 +12,7 @@ import gc
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kiln.viewer import grouping, layout
@@ -83,17 +83,40 @@ def no_gc():
 
 @dataclass
 class Pane:
-    """One model on the page: its JSON, plus the lazy weights the server reads on request."""
+    """One model on the page: its JSON, plus what the server computes on request (weights; the layout
+    structure of clusters not yet drawn)."""
 
     data: dict
     weights: list[ViewWeight]
     model: ViewModel
+    pending: dict[int, tuple] = field(default_factory=dict)    # cluster → (items, edges, top, bottom)
+
+    def structure(self, cid: int) -> dict:
+        """The layout structure of one cluster, computed on first use."""
+        c = self.data["clusters"][cid]
+        if c["s"] is None:
+            with no_gc():
+                n, edges, top, bottom = self.pending.pop(cid)
+                c["s"] = layout.build(n, edges, top, bottom).to_json()
+        return c["s"]
+
+    def complete(self) -> "Pane":
+        """Every cluster's structure (for exports, which have no server to ask)."""
+        for cid in list(self.pending):
+            self.structure(cid)
+        return self
 
 
-def build_pane(model: ViewModel, *, title: str | None = None) -> Pane:
-    """All the page needs to draw ``model``; structures are computed for every cluster."""
+def build_pane(model: ViewModel, *, title: str | None = None, lazy: bool = False) -> Pane:
+    """All the page needs to draw ``model``. With ``lazy`` only the clusters of the first view get their
+    layout structure now; the others when :meth:`Pane.structure` asks (the server does, when a group opens)."""
     with no_gc():
-        return _build_pane(model, title)
+        pane = _build_pane(model, title)
+    needed = {0} | set(pane.data["expanded"])
+    for cid in list(pane.pending):
+        if not lazy or cid in needed:
+            pane.structure(cid)
+    return pane
 
 
 def _build_pane(model: ViewModel, title: str | None) -> Pane:
@@ -172,16 +195,16 @@ def _build_pane(model: ViewModel, title: str | None) -> Pane:
         if w.shape is not None:
             params += math.prod(w.shape)
     clusters = []
+    pending = {}
     for c in h.clusters:
         pos_in = {i for i, it in enumerate(c.items) if it[0] == grouping.PORT_IN}
         pos_out = {i for i, it in enumerate(c.items) if it[0] == grouping.PORT_OUT}
         gi = c.graph
-        edges = [(a, b, tensor(gi, t)) for a, b, t in c.edges]
-        s = layout.build(len(c.items), edges, pos_in, pos_out)
+        pending[c.id] = (len(c.items), [(a, b, tensor(gi, t)) for a, b, t in c.edges], pos_in, pos_out)
         clusters.append({"kind": c.kind, "name": c.name, "parent": c.parent, "owner": c.owner,
                          "items": [list(it) for it in c.items], "pin": [tensor(gi, t) for t in c.ports_in],
                          "pout": [tensor(gi, t) for t in c.ports_out], "size": c.size, "path": "/".join(c.path),
-                         "s": s.to_json()})
+                         "s": None})
     graphs = [{"name": g.name, "inputs": [tensor(gi, t.name) for t in g.inputs],
                "outputs": [tensor(gi, t.name) for t in g.outputs]} for gi, g in enumerate(h.graphs)]
     pane = {"title": title or (os.path.basename(model.path) if model.path else model.graph.name),
@@ -189,7 +212,7 @@ def _build_pane(model: ViewModel, title: str | None) -> Pane:
             "nodes": nodes, "tensors": tensors, "weights": weights, "docs": docs, "clusters": clusters,
             "graphs": graphs}
     pane["expanded"] = sorted(default_expanded(pane))
-    return Pane(pane, wobjs, model)
+    return Pane(pane, wobjs, model, pending)
 
 
 def _weight_row(slot: str, w) -> str:

@@ -131,6 +131,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, self.server.source.get().body(), "application/json")
             if route in ("/api/weight", "/api/weight.npy"):
                 return self._weight(route.endswith(".npy"), query)
+            if route == "/api/clusters":
+                return self._clusters(query)
             return self._send(404, _NOT_FOUND.encode("utf-8"), "text/html; charset=utf-8")
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -145,6 +147,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(405, b"Method not allowed.", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"})
 
     do_PUT = do_DELETE = do_PATCH = do_POST
+
+    def _clusters(self, query: dict) -> None:
+        """Layout structures of clusters that were not part of the first view: {"id": structure}."""
+        doc = self.server.source.get()
+        try:
+            pane = doc.panes[int(query.get("pane", ["0"])[0])]
+            ids = [int(i) for i in query.get("ids", [""])[0].split(",") if i]
+            if not ids or any(not 0 <= i < len(pane.data["clusters"]) for i in ids):
+                raise IndexError
+        except (ValueError, IndexError):
+            return self._send(404, _NOT_FOUND.encode("utf-8"), "text/html; charset=utf-8")
+        with self.server.source.lock:
+            out = {str(i): pane.structure(i) for i in ids}
+        return self._send(200, pagemod.dumps(out).encode("utf-8"), "application/json")
 
     def _weight(self, npy: bool, query: dict) -> None:
         doc = self.server.source.get()

@@ -7,7 +7,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
   const esc = (s) => Kiln.panels.esc(s);
 
   const app = {
-    data: null, panes: [], active: 0, server: false, selection: null,
+    data: null, panes: [], active: 0, server: false, selection: null, busy: 0,
     toggles: { attributes: false, weights: true, names: false }, rankdir: "TB",
   };
   window.kilnApp = app;
@@ -71,8 +71,38 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return max;
   }
 
+  /** Clusters the current state draws: the root, open groups inside open groups, bodies of opened nodes. */
+  function visibleClusters(ps) {
+    const out = [], stack = [0], clusters = ps.pane.clusters, nodes = ps.pane.nodes;
+    while (stack.length) {
+      const cid = stack.pop();
+      out.push(cid);
+      for (const [kind, idx] of clusters[cid].items) {
+        if (kind === "c" && ps.expanded.has(idx)) stack.push(idx);
+        else if (kind === "n" && nodes[idx].sub && ps.opened.has(idx)) stack.push(...nodes[idx].sub);
+      }
+    }
+    return out;
+  }
+
+  /** The server lays out clusters hidden in the first view when they open; files carry them all. */
+  async function ensureStructures(ps) {
+    const missing = visibleClusters(ps).filter((cid) => !ps.pane.clusters[cid].s);
+    if (!missing.length) return;
+    app.busy++;
+    try {
+      for (let i = 0; i < missing.length; i += 2000) {
+        const ids = missing.slice(i, i + 2000).join(",");
+        const r = await fetch(`api/clusters?pane=${ps.index}&ids=${ids}`, { cache: "no-store" });
+        const got = await r.json();
+        for (const [cid, s] of Object.entries(got)) ps.pane.clusters[+cid].s = s;
+      }
+    } finally { app.busy--; }
+  }
+
   /** Recompute coordinates; keep the box `anchor` ({kind,id}) where it was on screen. */
-  function relayout(ps, anchor) {
+  async function relayout(ps, anchor) {
+    await ensureStructures(ps);
     let before = null;
     if (anchor && ps.view.scene) {
       const i = anchor.kind === "node" ? ps.view.nodeBox.get(anchor.id) : ps.view.clusterBox.get(anchor.id);
@@ -94,7 +124,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     status();
   }
 
-  function relayoutAll() { for (const ps of app.panes) relayout(ps); }
+  async function relayoutAll() { for (const ps of app.panes) await relayout(ps); }
 
   function status() {
     const ps = app.panes[app.active];
@@ -132,13 +162,13 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   /** Engine layer ↔ ONNX nodes: mark and reveal the other pane's counterparts. */
-  function link(pi, id) {
+  async function link(pi, id) {
     if (!app.links || app.panes.length < 2) return;
     const other = 1 - pi, ids = (pi === 0 ? app.links.fwd : app.links.back).get(id) || [];
     const ps = app.panes[other];
     for (const i of ids) ps.view.marks.linked.add(i);
     if (ids.length) {
-      if (ensureVisible(ps, ids[0])) relayout(ps);
+      if (ensureVisible(ps, ids[0])) await relayout(ps);
       ps.view.refreshMarks();
       ps.view.reveal("node", ids[0], true);
     }
@@ -157,14 +187,14 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return changed;
   }
 
-  function goToNode(pi, id) {
+  async function goToNode(pi, id) {
     const ps = app.panes[pi];
-    if (ensureVisible(ps, id)) relayout(ps);
+    if (ensureVisible(ps, id)) await relayout(ps);
     select(pi, { kind: "node", id });
     ps.view.reveal("node", id, true);
   }
 
-  function toggleCluster(pi, cid) {
+  async function toggleCluster(pi, cid) {
     const ps = app.panes[pi], c = ps.pane.clusters[cid];
     if (c.kind !== "group") return;
     if (ps.expanded.has(cid)) {
@@ -174,14 +204,14 @@ var Kiln = window.Kiln || (window.Kiln = {});
         while (p != null) { if (p === cid) { ps.expanded.delete(i); break; } p = ps.pane.clusters[p].parent; }
       }
     } else ps.expanded.add(cid);
-    relayout(ps, { kind: "cluster", id: cid });
+    await relayout(ps, { kind: "cluster", id: cid });
     if (app.selection && app.selection.kind === "cluster" && app.selection.id === cid) select(pi, app.selection);
   }
 
-  function openNode(pi, nid) {
+  async function openNode(pi, nid) {
     const ps = app.panes[pi];
     if (ps.opened.has(nid)) ps.opened.delete(nid); else ps.opened.add(nid);
-    relayout(ps, { kind: "node", id: nid });
+    await relayout(ps, { kind: "node", id: nid });
   }
 
   async function showWeight(pi, wi) {
@@ -340,9 +370,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
       el.addEventListener("change", () => { app.toggles[k] = el.checked; relayoutAll(); });
     }
     $("rankdir").value = app.rankdir;
-    $("rankdir").addEventListener("change", () => { app.rankdir = $("rankdir").value; relayoutAll(); for (const ps of app.panes) ps.view.home(); });
+    $("rankdir").addEventListener("change", async () => { app.rankdir = $("rankdir").value; await relayoutAll(); for (const ps of app.panes) ps.view.home(); });
     $("b-expand").addEventListener("click", () => { const ps = app.panes[app.active]; ps.pane.clusters.forEach((c, i) => { if (c.kind === "group") ps.expanded.add(i); }); relayout(ps); });
-    $("b-collapse").addEventListener("click", () => { const ps = app.panes[app.active]; ps.expanded.clear(); relayout(ps); ps.view.home(); });
+    $("b-collapse").addEventListener("click", async () => { const ps = app.panes[app.active]; ps.expanded.clear(); await relayout(ps); ps.view.home(); });
     $("b-fit").addEventListener("click", () => app.panes[app.active].view.fit());
     $("b-zoomin").addEventListener("click", () => app.panes[app.active].view.zoom(1.25));
     $("b-zoomout").addEventListener("click", () => app.panes[app.active].view.zoom(0.8));
@@ -367,7 +397,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     document.addEventListener("keydown", onKey);
   }
 
-  function onSideClick(ev) {
+  async function onSideClick(ev) {
     const t = ev.target.closest("[data-node],[data-weight],[data-tensor],[data-cluster],[data-toggle],[data-open],[data-origin]");
     if (!t) return;
     const pi = t.dataset.pane != null ? +t.dataset.pane : app.active;
@@ -382,7 +412,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       const ps = app.panes[pi], cid = +t.dataset.cluster;
       let c = cid, changed = false;
       while (c != null) { if (ps.pane.clusters[c].kind === "group" && !ps.expanded.has(c) && c !== cid) { ps.expanded.add(c); changed = true; } c = ps.pane.clusters[c].parent; }
-      if (changed) relayout(ps);
+      if (changed) await relayout(ps);
       select(pi, { kind: "cluster", id: cid });
       ps.view.reveal("cluster", cid, true);
     } else if (t.dataset.node != null) goToNode(pi, +t.dataset.node);
@@ -406,7 +436,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     document.title = data.panes[0].title + " — Kiln viewer";
     createPanes();
     bind();
-    relayoutAll();
+    await relayoutAll();
     $("loading").hidden = true;
     for (const ps of app.panes) { ps.view.home(); ps.view.renderNow(); }
     status();
