@@ -62,26 +62,12 @@ def _declared_dtype(vi) -> str | None:
     return _ONNX_DTYPES.get(int(vi.type.tensor_type.elem_type))
 
 
-def _is_narrow(v: Any) -> bool:
-    from kiln.ir.dtypes import NARROW_TYPES
-    return isinstance(v, np.ndarray) and v.dtype.name in NARROW_TYPES
-
-
 def _to_torch(a: Any):
     """An array as the engine holds it: float8 natively, sub-byte types by value, bfloat16 by its bits."""
     if not isinstance(a, np.ndarray) or a.dtype == object or a.dtype.kind in "US":
         return a                     # sequences, empty optionals, strings: the engine's own checks apply
-    import torch
-
-    from kiln.kernels._util import torch_dtype
-    if a.dtype.name == "bfloat16":
-        return torch.from_numpy(np.require(a, requirements="C").view(np.int16).copy()).view(torch.bfloat16)
-    if not _is_narrow(a):
-        return torch.from_numpy(np.array(a, copy=True, order="C"))
-    storage = torch_dtype(a.dtype.name)
-    if a.dtype.name.startswith("float8"):
-        return torch.from_numpy(np.require(a, requirements="C").view(np.uint8).copy()).view(storage)
-    return torch.from_numpy(a.astype(np.float32).astype(str(storage).replace("torch.", "")))
+    from kiln.kernels._util import from_numpy
+    return from_numpy(np.array(a, copy=True, order="C"))
 
 
 def _to_numpy(v: Any, declared: str | None) -> Any:
@@ -90,21 +76,12 @@ def _to_numpy(v: Any, declared: str | None) -> Any:
         return [_to_numpy(x, None) for x in v]
     if v is None:
         return None
-    try:
-        import torch
-    except ImportError:      # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(v, torch.Tensor):
-        t = v.detach().cpu()
-        if str(t.dtype).startswith("torch.float8"):
-            import ml_dtypes
-            v = t.contiguous().view(torch.uint8).numpy().view(getattr(ml_dtypes, str(t.dtype)[6:]))
-        elif t.dtype == torch.bfloat16:
-            import ml_dtypes
-            v = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            v = t.numpy()
+    import torch
+
     from kiln.ir.dtypes import NARROW_TYPES, np_dtype
+    from kiln.kernels._util import to_numpy
+    if isinstance(v, torch.Tensor):
+        v = to_numpy(v)
     if declared in NARROW_TYPES and isinstance(v, np.ndarray) and v.dtype.name != declared:
         v = v.astype(np_dtype(declared))
     return v
