@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln.viewer.server import ViewerServer
 
 __all__ = ["view"]
 
@@ -43,7 +46,7 @@ class InlineView:
 
 def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, port: int | None = None,
          open_browser: bool = True, profile: str | os.PathLike | None = None,
-         engine: str | os.PathLike | None = None, rankdir: str = "TB", host: str = "127.0.0.1"):
+         engine: str | os.PathLike | None = None, rankdir: str = "TB", host: str = "127.0.0.1") -> Any:
     """Show a model (path or ``onnx.ModelProto``) or a Kiln engine.
 
     With ``export`` writes an .svg, .png or .html file and returns its path. In a
@@ -71,8 +74,9 @@ def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, po
                  rankdir=rankdir, host=host)
 
 
-def serve(model: Any, *, port: int | None = None, open_browser: bool = True, profile=None, engine=None,
-          rankdir: str = "TB", host: str = "127.0.0.1"):
+def serve(model: Any, *, port: int | None = None, open_browser: bool = True,
+          profile: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
+          rankdir: str = "TB", host: str = "127.0.0.1") -> "ViewerServer":
     """Start the local server (in a background thread) on a readable model; returns it."""
     from kiln.viewer import documents
     from kiln.viewer.server import Source, ViewerServer
