@@ -138,13 +138,19 @@ class Placer:
         self.toggles = toggles or dict(DEFAULT_TOGGLES)
         self.lr = rankdir == "LR"
         self.cache: dict[int, ClusterLayout] = {}
+        self.sizes: dict[int, tuple[float, float]] = {}
+
+    def node_size(self, idx: int) -> tuple[float, float]:
+        if idx not in self.sizes:
+            self.sizes[idx] = node_size(self.pane["nodes"][idx], self.toggles)
+        return self.sizes[idx]
 
     # sizes -----------------------------------------------------------------
     def item_size(self, cluster: dict, item: list) -> tuple[float, float]:
         kind, idx = item
         if kind == "n":
             node = self.pane["nodes"][idx]
-            w, h = node_size(node, self.toggles)
+            w, h = self.node_size(idx)
             if node.get("sub") and idx in self.opened:
                 bw, bh = self.bodies_size(node)
                 return max(w, bw), h + bh
@@ -290,7 +296,7 @@ class Placer:
             x0, y0 = ox + cx - w / 2, oy + cy - h / 2
             if kind == "n":
                 node = self.pane["nodes"][idx]
-                nw, nh = node_size(node, self.toggles)
+                nw, nh = self.node_size(idx)
                 open_ = bool(node.get("sub")) and idx in self.opened
                 out["boxes"].append({"kind": "node", "id": idx, "x": x0 + (w - nw) / 2 if open_ else x0, "y": y0,
                                      "w": nw if open_ else w, "h": nh, "open": open_})
