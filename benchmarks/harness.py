@@ -201,7 +201,9 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
             ref32 = model(*inputs).float()
         half = model.half()
         if channels_last:
-            half = half.to(memory_format=torch.channels_last)
+            for mod in half.modules():          # conv weights only: detection heads hold rank-5 buffers
+                if isinstance(mod, torch.nn.Conv2d):
+                    mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last)
         hin = [t.half() if t.is_floating_point() else t for t in inputs]
         if channels_last:
             hin = [t.contiguous(memory_format=torch.channels_last) for t in hin]
