@@ -166,6 +166,9 @@ def test_cases_map_to_ops():
     assert op_of_case("test_castlike_FLOAT_to_FLOAT16_expanded") == "CastLike"
     assert op_of_case("test_sce_mean_3d") == "SoftmaxCrossEntropyLoss"
     assert op_of_case("test_PReLU_1d", "PyTorchConverted") == "(models)"
+    assert op_of_case("test_loop11") == "Loop" and op_of_case("test_scan9_sum") == "Scan"
+    assert op_of_case("test_less_equal_uint16_expanded") == "LessOrEqual"
+    assert op_of_case("test_expand_dim_changed") == "Expand" and op_of_case("test_exp") == "Exp"
 
 
 def test_check_gives_reasons():
