@@ -228,6 +228,9 @@ def _markdown(table: dict, runs: dict, exclusions) -> str:
         where = f" ({p['environment'].get('gpu')})" if p["environment"].get("gpu") else ""
         lines.append(f"| {dev}{where} | {s['pass']} | {s['fail']} | {s['error']} | {s['skip']} | {s['total']} | "
                      f"{p['wall_seconds']} s |")
+    if cuda is None:
+        lines += ["", "To fill the CUDA column: on a GPU machine run `python scripts/conformance_report.py --device cuda "
+                      "--results-only`, commit `docs/conformance/cuda.json`, then rerun the script on CPU."]
     lines += ["", "By suite (CPU):", "", "| suite | pass | total |", "| --- | ---: | ---: |"]
     for cat, c in cpu["summary"]["by_category"].items():
         lines.append(f"| {cat} | {c.get('pass', 0)} | {c['total']} |")
