@@ -1,0 +1,145 @@
+"""Plugins the way a user meets them: inside engine files, loaded in fresh processes.
+
+Every built-in plugin (and the example's user plugin) is built into an engine from an ONNX node,
+saved, loaded in a new Python process and run; outputs must match the building process. Loading
+with the plugin unregistered must fail with an error naming it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import kiln
+from kiln.errors import PluginError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "custom_plugin"
+
+
+def _model(nodes, inputs, outputs, opset=20, extra_opsets=()):
+    g = helper.make_graph(nodes, "m", inputs, outputs)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+
+
+def _vi(name, dtype, shape):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)       # noqa: E731
+    boxes = np.sort(rng.uniform(0, 14, (5, 4)).astype(np.float32).reshape(5, 2, 2), axis=1).reshape(5, 4)
+    boxes = boxes[:, [0, 2, 1, 3]]
+    yield "RoiAlign", _model(
+        [helper.make_node("RoiAlign", ["x", "rois", "idx"], ["y"], output_height=3, output_width=3,
+                          sampling_ratio=2, spatial_scale=1.0)],
+        [_vi("x", TensorProto.FLOAT, [2, 4, 16, 16]), _vi("rois", TensorProto.FLOAT, [5, 4]),
+         _vi("idx", TensorProto.INT64, [5])], [_vi("y", TensorProto.FLOAT, [5, 4, 3, 3])], opset=16), \
+        {"x": f32(2, 4, 16, 16), "rois": boxes, "idx": np.array([0, 1, 0, 1, 1], np.int64)}
+    yield "GridSample", _model(
+        [helper.make_node("GridSample", ["x", "grid"], ["y"], mode="linear", padding_mode="border",
+                          align_corners=0)],
+        [_vi("x", TensorProto.FLOAT, [2, 3, 8, 8]), _vi("grid", TensorProto.FLOAT, [2, 5, 6, 2])],
+        [_vi("y", TensorProto.FLOAT, [2, 3, 5, 6])]), \
+        {"x": f32(2, 3, 8, 8), "grid": rng.uniform(-1.1, 1.1, (2, 5, 6, 2)).astype(np.float32)}
+    yield "NonMaxSuppression", _model(
+        [helper.make_node("NonMaxSuppression", ["b", "s", "m", "iou", "thr"], ["y"])],
+        [_vi("b", TensorProto.FLOAT, [1, 6, 4]), _vi("s", TensorProto.FLOAT, [1, 2, 6]),
+         _vi("m", TensorProto.INT64, [1]), _vi("iou", TensorProto.FLOAT, [1]), _vi("thr", TensorProto.FLOAT, [1])],
+        [_vi("y", TensorProto.INT64, ["n", 3])], opset=11), \
+        {"b": np.concatenate([boxes[None, :5], boxes[None, :1] + 0.1], 1), "s": rng.random((1, 2, 6)).astype(np.float32),
+         "m": np.array([3], np.int64), "iou": np.array([0.5], np.float32), "thr": np.array([0.1], np.float32)}
+    yield "DeformConv", _model(
+        [helper.make_node("DeformConv", ["x", "w", "off"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+        [_vi("x", TensorProto.FLOAT, [1, 4, 6, 6]), _vi("w", TensorProto.FLOAT, [5, 4, 3, 3]),
+         _vi("off", TensorProto.FLOAT, [1, 18, 6, 6])], [_vi("y", TensorProto.FLOAT, [1, 5, 6, 6])], opset=19), \
+        {"x": f32(1, 4, 6, 6), "w": f32(5, 4, 3, 3), "off": f32(1, 18, 6, 6)}
+
+
+CASES = list(_cases())
+
+
+def _child(engine: Path, feeds: dict, out: Path, unregister: tuple | None = None, plugin_module: str | None = None):
+    np.savez(out.with_suffix(".in.npz"), **feeds)
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(EXAMPLE)!r})
+        {f'import {plugin_module}' if plugin_module else ''}
+        import kiln, kiln.plugins as P
+        P.load_builtins()
+        {f'P.registry.unregister(*{unregister!r})' if unregister else ''}
+        feeds = dict(np.load({str(out.with_suffix('.in.npz'))!r}))
+        try:
+            y = kiln.load({str(engine)!r}).context().run(feeds)
+        except kiln.KilnError as e:
+            print("KILNERROR", type(e).__name__, e)
+            sys.exit(3)
+        np.savez({str(out)!r}, **y)
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
+
+
+@pytest.mark.parametrize("op,model,feeds", CASES, ids=[c[0] for c in CASES])
+def test_builtin_plugin_engine_round_trip(tmp_path, op, model, feeds):
+    onnx.checker.check_model(model)
+    net = kiln.onnx.parse(model)
+    assert any(layer.kind == "Plugin" for layer in net.layers)
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={n: v.shape for n, v in feeds.items()
+                                                                      if op != "NonMaxSuppression"} or None))
+    here = engine.context().run(feeds)
+    path = tmp_path / "e.kiln"
+    engine.save(str(path))
+    r = _child(path, feeds, tmp_path / "out.npz")
+    assert r.returncode == 0, r.stdout + r.stderr
+    there = dict(np.load(tmp_path / "out.npz"))
+    for k, v in here.items():
+        np.testing.assert_array_equal(there[k], v)
+    rec = [p for p in engine.header["plugins"]][0]
+    r = _child(path, feeds, tmp_path / "out2.npz", unregister=(rec["name"], rec["namespace"], rec["version"]))
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "PluginError" in r.stdout and f"{rec['namespace']}::{rec['name']} v{rec['version']}" in r.stdout
+    assert "register" in r.stdout
+
+
+def test_user_plugin_example_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(EXAMPLE / "run_example.py"), "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "max abs error vs numpy" in r.stdout
+    # without importing the plugin, the engine is refused with a message naming it
+    feeds = {"x": np.zeros((2, 3, 16, 16), np.float32)}
+    r = _child(tmp_path / "swish.kiln", feeds, tmp_path / "o.npz")
+    assert r.returncode == 3 and "example::SwishBeta v1" in r.stdout and "register" in r.stdout
+    r = _child(tmp_path / "swish.kiln", feeds, tmp_path / "o.npz", plugin_module="swish_plugin")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_user_plugin_triton_tactic_matches_torch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import torch
+    sys.path.insert(0, str(EXAMPLE))
+    import swish_plugin
+    p = swish_plugin.SwishBeta(beta=0.7)
+    x = torch.randn(3, 70)
+    a, b = torch.empty_like(x), torch.empty_like(x)
+    p.forward([x], [a], None, "triton")
+    p.forward([x], [b], None, "torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_field_and_wrong_type_are_named():
+    sys.path.insert(0, str(EXAMPLE))
+    import swish_plugin
+    with pytest.raises(PluginError, match="'beta'"):
+        swish_plugin.SwishBeta(beta="fast")
