@@ -51,3 +51,22 @@ def _backend_tactic(name: str, backend_attr: str, needs_no_mask: bool = False):
 for _name, _attr, _nomask in (("sdpa_flash", "FLASH_ATTENTION", True), ("sdpa_efficient", "EFFICIENT_ATTENTION", False),
                               ("sdpa_cudnn", "CUDNN_ATTENTION", False)):
     _backend_tactic(_name, _attr, _nomask)
+
+
+@tactic("Attention", "matmul_softmax", devices=("cuda",))
+def make_attention_unfused(attrs, ctx):
+    """The exported form on cuBLAS: two GEMMs around a softmax (whose statistics CUDA keeps in FP32).
+    Short sequences with a mask can beat the fused kernels; the builder times both."""
+    scale = float(attrs.get("scale", 1.0))
+    causal = bool(attrs.get("causal", False))
+
+    def run(q, k, v, mask=None):
+        if q.is_meta or causal:
+            return make_sdpa(attrs, ctx)(q, k, v, mask)
+        s = torch.matmul(q, k.transpose(-1, -2))
+        if scale != 1.0:
+            s = s * scale
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+        return (torch.matmul(torch.softmax(s, -1), v),)
+    return run
