@@ -9,5 +9,7 @@ __all__ = ["parse", "converter", "lookup", "supported_ops", "check"]
 
 def check(model, plugins=()):
     """List every node Kiln cannot map (name, op, domain, opset), without building."""
-    from kiln.onnx.support import check as _check   # not kiln.onnx.check: that name is this function
+    # kiln.onnx.check (the module, callable like this function) adds a reason to each of
+    # kiln.onnx.support's findings; importing it rebinds this name to the module, which is fine
+    from kiln.onnx.check import check as _check
     return _check(model, plugins=plugins)
