@@ -102,8 +102,9 @@ class Pane:
 
     def complete(self) -> "Pane":
         """Every cluster's structure (for exports, which have no server to ask)."""
-        for cid in list(self.pending):
-            self.structure(cid)
+        with no_gc():
+            for cid in list(self.pending):
+                self.structure(cid)
         return self
 
 
@@ -112,10 +113,10 @@ def build_pane(model: ViewModel, *, title: str | None = None, lazy: bool = False
     layout structure now; the others when :meth:`Pane.structure` asks (the server does, when a group opens)."""
     with no_gc():
         pane = _build_pane(model, title)
-    needed = {0} | set(pane.data["expanded"])
-    for cid in list(pane.pending):
-        if not lazy or cid in needed:
-            pane.structure(cid)
+        needed = {0} | set(pane.data["expanded"])
+        for cid in list(pane.pending):
+            if not lazy or cid in needed:
+                pane.structure(cid)
     return pane
 
 

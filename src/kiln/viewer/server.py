@@ -158,7 +158,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise IndexError
         except (ValueError, IndexError):
             return self._send(404, _NOT_FOUND.encode("utf-8"), "text/html; charset=utf-8")
-        with self.server.source.lock:
+        with self.server.source.lock, pagemod.no_gc():
             out = {str(i): pane.structure(i) for i in ids}
         return self._send(200, pagemod.dumps(out).encode("utf-8"), "application/json")
 
