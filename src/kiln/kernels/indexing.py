@@ -135,7 +135,7 @@ def make_bitcast(attrs, ctx):
     return lambda x: (x.contiguous().view(to),)
 
 
-@tactic("Col2Im")
+@tactic("Col2Im", dynamic=True)     # builds its index map on the host per call: not graph-capturable
 def make_col2im(attrs, ctx):
     dil_attr, pads_attr, strides_attr = attrs.get("dilations"), attrs.get("pads"), attrs.get("strides")
 

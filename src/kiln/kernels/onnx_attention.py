@@ -69,12 +69,10 @@ def make_mha(attrs, ctx):
                 pad = torch.full(list(mb.shape[:-1]) + [skv - mb.shape[-1]], float("-inf"), dtype=work, device=dev)
                 mb = torch.cat([mb, pad], -1)
             bias = bias + mb
-        if past_k is not None:
-            offset = torch.tensor(past_k.shape[2], device=dev)
-        elif nonpad is not None:
+        if past_k is None and nonpad is not None:       # per batch: [B, 1, 1, 1]
             offset = nonpad.to(dev).reshape(-1, 1, 1, 1) - sq
-        else:
-            offset = torch.tensor(0, device=dev)
+        else:                                           # a Python int: no host-to-device copy
+            offset = past_k.shape[2] if past_k is not None else 0
         i = torch.arange(sq, device=dev).reshape(sq, 1)
         j = torch.arange(skv, device=dev).reshape(1, skv)
         ninf = torch.full((), float("-inf"), dtype=work, device=dev)
