@@ -105,9 +105,47 @@ def _axis(start: Any, bins: Any, grid: Any, pooled: int, gmax: int, size: int) -
     return low, high, frac, oob, inside
 
 
+def _axis_matrix(start: Any, bins: Any, grid: Any, pooled: int, size: int) -> tuple:
+    """Per ROI, the [pooled, size] matrix of summed bilinear weights along one axis, and the
+    row/column window it touches. Bilinear weights and out-of-range rules are separable."""
+    import torch
+
+    r = start.shape[0]
+    gmax = max(1, int(grid.max()))
+    low, high, frac, oob, inside = _axis(start, bins, grid, pooled, gmax, size)
+    ok = (~oob & inside).float()
+    mat = torch.zeros(r, pooled, size, dtype=torch.float32, device=start.device)
+    mat.scatter_add_(2, low, (1.0 - frac) * ok)
+    mat.scatter_add_(2, high, frac * ok)
+    used = ok > 0
+    lo = torch.where(used, low, torch.full_like(low, size)).amin(dim=(1, 2))
+    hi = torch.where(used, high, torch.full_like(high, -1)).amax(dim=(1, 2)) + 1
+    return mat, lo.tolist(), hi.tolist()
+
+
+def _roi_align_avg_separable(x: Any, bidx: Any, x1: Any, y1: Any, bin_h: Any, bin_w: Any, gh: Any, gw: Any,
+                             count: Any, ph: int, pw: int, out: Any) -> Any:
+    """avg mode as Ay @ X[window] @ Ax^T per ROI: two small GEMMs instead of C*bins*samples gathers."""
+    import torch
+
+    n, c, h, w = x.shape
+    ay, ylo, yhi = _axis_matrix(y1, bin_h, gh, ph, h)
+    ax, xlo, xhi = _axis_matrix(x1, bin_w, gw, pw, w)
+    xf = x.float()
+    for i, b in enumerate(bidx.long().tolist()):
+        if ylo[i] >= yhi[i] or xlo[i] >= xhi[i]:
+            continue
+        window = xf[b, :, ylo[i]:yhi[i], xlo[i]:xhi[i]]                              # [C, hy, wx]
+        wx = xhi[i] - xlo[i]
+        cols = (window.reshape(-1, wx) @ ax[i, :, xlo[i]:xhi[i]].T).view(c, -1, pw)     # [C, hy, pw]
+        out[i] = torch.einsum("py,cyq->cpq", ay[i, :, ylo[i]:yhi[i]], cols) / count[i]
+    return out.to(x.dtype)
+
+
 def roi_align_torch(x: Any, rois: Any, bidx: Any, ph: int, pw: int, sampling_ratio: int, spatial_scale: float,
                     half_pixel: bool, mode: str) -> Any:
-    """Vectorized over ROIs (in chunks, to bound memory); computes in float32."""
+    """avg: separable GEMMs per ROI; max (not separable): gathers vectorized over chunks of ROIs.
+    Computes in float32."""
     import torch
 
     n, c, h, w = x.shape
@@ -115,7 +153,7 @@ def roi_align_torch(x: Any, rois: Any, bidx: Any, ph: int, pw: int, sampling_rat
     out = torch.zeros((r, c, ph, pw), dtype=torch.float32, device=x.device)
     if r == 0 or c == 0:
         return out.to(x.dtype)
-    xf = x.float().reshape(n, c, h * w)
+    xt = x.float().permute(1, 0, 2, 3).reshape(c, n * h * w)     # channels first: one gather serves all
     roi = rois.float() * spatial_scale - (0.5 if half_pixel else 0.0)
     x1, y1, x2, y2 = roi.unbind(1)
     rw, rh = x2 - x1, y2 - y1
@@ -129,40 +167,48 @@ def roi_align_torch(x: Any, rois: Any, bidx: Any, ph: int, pw: int, sampling_rat
         gh = torch.ceil(rh / ph).long().clamp(min=0)
         gw = torch.ceil(rw / pw).long().clamp(min=0)
     count = (gh * gw).clamp(min=1).float()
-    b_all = bidx.long()
-    per_roi = max(1, c * ph * pw * int(gh.max()) * int(gw.max()) * 4)
-    step = max(1, (1 << 24) // per_roi)
-    for s in range(0, r, step):
-        e = min(r, s + step)
+    if mode == "avg":
+        return _roi_align_avg_separable(x, bidx, x1, y1, bin_h, bin_w, gh, gw, count, ph, pw, out)
+    # Visit ROIs by sample-grid size: a chunk pads every ROI to its largest grid.
+    order = torch.argsort(gh * gw)
+    x1, y1, bin_h, bin_w, gh, gw, count = (t[order] for t in (x1, y1, bin_h, bin_w, gh, gw, count))
+    b_all = bidx.long()[order]
+    out_sorted = torch.zeros_like(out)
+    size = [c * ph * pw * 4 * max(g, 1) for g in (gh * gw).tolist()]     # floats per ROI in a chunk
+    s = 0
+    while s < r:
+        e = s + 1
+        while e < r and (e - s + 1) * size[e] <= 1 << 23:
+            e += 1
         gy, gx = int(gh[s:e].max()), int(gw[s:e].max())
         if gy == 0 or gx == 0:
+            s = e
             continue
         yl, yh, ly, yoob, yin = _axis(y1[s:e], bin_h[s:e], gh[s:e], ph, gy, h)
         xl, xh, lx, xoob, xin = _axis(x1[s:e], bin_w[s:e], gw[s:e], pw, gx, w)
-        # Broadcast to [r, ph, gy, pw, gx].
-        Y = (slice(None), slice(None), slice(None), None, None)
-        X = (slice(None), None, None, slice(None), slice(None))
+        # Samples ordered [r, ph, pw, gy, gx, corner] so each bin reduces over one contiguous run.
+        Y = (slice(None), slice(None), None, slice(None), None)
+        X = (slice(None), None, slice(None), None, slice(None))
         valid = ~(yoob[Y] | xoob[X])
-        inside = yin[Y] & xin[X]
+        inside = (yin[Y] & xin[X])[..., None]
         hy, hx = 1.0 - ly, 1.0 - lx
-        corners = [(yl, xl, hy[Y] * hx[X]), (yl, xh, hy[Y] * lx[X]), (yh, xl, ly[Y] * hx[X]), (yh, xh, ly[Y] * lx[X])]
-        feats = xf[b_all[s:e]]                                       # [r, c, h*w]
-        shape5 = (e - s, ph, gy, pw, gx)
-        vals = []
-        for yy, xx, wt in corners:
-            idx = (yy[Y] * w + xx[X]).expand(shape5)
-            idx = torch.where(valid, idx, torch.zeros_like(idx)).reshape(e - s, 1, -1).expand(-1, c, -1)
-            v = torch.gather(feats, 2, idx).reshape(e - s, c, *shape5[1:])
-            wt = torch.where(valid, wt, torch.zeros_like(wt))[:, None]
-            vals.append(wt * v)
+        idx = torch.stack([yl[Y] * w + xl[X], yl[Y] * w + xh[X], yh[Y] * w + xl[X], yh[Y] * w + xh[X]], -1)
+        wts = torch.stack([hy[Y] * hx[X], hy[Y] * lx[X], ly[Y] * hx[X], ly[Y] * lx[X]], -1)
+        idx = torch.where(valid[..., None], idx, torch.zeros_like(idx))
+        wts = torch.where(valid[..., None], wts, torch.zeros_like(wts))
+        n_r = e - s
+        idx = idx + (b_all[s:e] * (h * w)).view(n_r, 1, 1, 1, 1, 1)
+        vals = torch.index_select(xt, 1, idx.reshape(-1))                       # [c, r * samples]
+        prod = (vals.view(c, n_r, -1) * wts.reshape(1, n_r, -1)).view(c, n_r, ph * pw, -1)
+        keep = inside.expand_as(wts).reshape(1, n_r, ph * pw, -1)
         if mode == "avg":
-            tot = (vals[0] + vals[1] + vals[2] + vals[3]) * inside[:, None]
-            out[s:e] = tot.sum(dim=(3, 5)) / count[s:e, None, None, None]
+            res = (prod * keep).sum(-1) / count[s:e].view(1, n_r, 1)
         else:
-            m = torch.maximum(torch.maximum(vals[0], vals[1]), torch.maximum(vals[2], vals[3]))
-            m = torch.where(inside[:, None], m, torch.full_like(m, -math.inf))
-            m = m.amax(dim=(3, 5))
-            out[s:e] = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+            m = torch.where(keep, prod, torch.full_like(prod, -math.inf)).amax(-1)
+            res = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+        out_sorted[s:e] = res.permute(1, 0, 2).reshape(n_r, c, ph, pw)
+        s = e
+    out[order] = out_sorted
     return out.to(x.dtype)
 
 
