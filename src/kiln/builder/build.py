@@ -178,7 +178,8 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
             attrs["num_inputs"] = len(ins)
         on_host = id(layer) in hosts
         ctx = KernelContext(device="cpu" if on_host else device, precision=layer.precision or config.precision,
-                            layer_name=layer.name)
+                            layer_name=layer.name,
+                            input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs))
         candidates = tactics_for(layer.kind, layer.attrs, ctx)
         if not candidates:
             raise BuildError(f"Layer {layer.name!r} ({layer.kind}) has no implementation on {device}; "

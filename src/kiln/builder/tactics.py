@@ -107,7 +107,8 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
     for layer in net.layers:
         if id(layer) in hosts:
             continue
-        ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name)
+        ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
+                            input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs))
         cands = tactics_for(layer.kind, layer.attrs, ctx)
         if len(cands) > 1:
             timed.append((layer, cands))

@@ -13,6 +13,9 @@ from kiln.kernels.registry import tactic
 
 
 def _ok(attrs, ctx, cell):
+    ins = tuple(ctx.input_dtypes) + (None,) * 8
+    if ins[4] is not None or ins[7] is not None:      # sequence lengths or peepholes: the loop tactic
+        return False
     return (attrs.get("cell") == cell and not attrs.get("activations") and not attrs.get("clip")
             and not attrs.get("layout", 0) and not attrs.get("input_forget", 0)
             and (cell != "gru" or attrs.get("linear_before_reset", 0) == 1))
