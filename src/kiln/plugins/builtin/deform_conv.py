@@ -43,7 +43,9 @@ class ModulatedDeformConv2d(Plugin):
     name = "ModulatedDeformConv2d"
     namespace = "kiln"
     version = "1"
-    tactics = {"cuda": ("triton", "triton_fused", "torch"), "cpu": ("torch", "triton", "triton_fused")}
+    # GPU tactics are CUDA-graph safe; "torch" (and Triton on CPU tensors under TRITON_INTERPRET=1)
+    # also run when asked by name, eagerly.
+    tactics = {"cuda": ("triton", "triton_fused"), "cpu": ("torch",)}
 
     dilations = field(list, [1, 1], "kernel dilation (h, w)")
     group = field(int, 1, "convolution groups")

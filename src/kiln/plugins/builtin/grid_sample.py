@@ -41,7 +41,7 @@ class GridSample(Plugin):
     name = "GridSample"
     namespace = "kiln"
     version = "1"
-    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch", "triton")}
+    tactics = {"cuda": ("triton",), "cpu": ("torch",)}   # "torch" also runs on CUDA, eagerly
 
     mode = field(str, "bilinear", "interpolation", choices=tuple(_MODES))
     padding_mode = field(str, "zeros", "values read outside the input", choices=tuple(_PADS))
@@ -95,7 +95,7 @@ class AffineGrid(Plugin):
     name = "AffineGrid"
     namespace = "kiln"
     version = "1"
-    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch", "triton")}
+    tactics = {"cuda": ("triton",), "cpu": ("torch",)}   # "torch" also runs on CUDA, eagerly
 
     align_corners = field(int, 0, "same convention as GridSample", choices=(0, 1))
     size = field(list, [], "output size [N, C, H, W] (the constant 'size' input)")

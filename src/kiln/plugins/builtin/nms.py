@@ -47,7 +47,8 @@ class EfficientNMS(Plugin):
     name = "EfficientNMS"
     namespace = "kiln"
     version = "1"
-    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch", "triton")}
+    # "torch" also runs on CUDA tensors, but syncs with the host: eager use only, not a GPU tactic.
+    tactics = {"cuda": ("triton",), "cpu": ("torch",)}
 
     score_threshold = field(float, 0.5, "keep (box, class) pairs scoring at least this")
     iou_threshold = field(float, 0.5, "suppress boxes overlapping a kept one at least this much")
@@ -123,7 +124,7 @@ class NonMaxSuppression(Plugin):
     name = "NonMaxSuppression"
     namespace = "kiln"
     version = "1"
-    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch", "triton")}
+    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
     data_dependent_shapes = True
 
     center_point_box = field(int, 0, "0: [y1, x1, y2, x2] corners; 1: [x_center, y_center, w, h]", choices=(0, 1))

@@ -42,7 +42,8 @@ class RoiAlign(Plugin):
     name = "RoiAlign"
     namespace = "kiln"
     version = "1"
-    tactics = {"cuda": ("triton", "torch"), "cpu": ("torch", "triton")}
+    # "torch" also runs on CUDA tensors, but syncs with the host: eager use only, not a GPU tactic.
+    tactics = {"cuda": ("triton",), "cpu": ("torch",)}
 
     mode = field(str, "avg", "avg or max pooling inside each bin", choices=("avg", "max"))
     output_height = field(int, 1, "pooled output height")
@@ -215,10 +216,44 @@ def roi_align_torch(x: Any, rois: Any, bidx: Any, ph: int, pw: int, sampling_rat
 # ---- GPU: Triton -----------------------------------------------------------------------------
 
 @triton.jit
+def _roi_axis(v, size, stride):
+    """ONNX Runtime's per-axis sample prep: out-of-range flag, low/high offsets, weights."""
+    oob = (v < -1.0) | (v > size * 1.0)
+    v = tl.maximum(v, 0.0)
+    lo = v.to(tl.int32)
+    edge = lo >= size - 1
+    lo = tl.where(edge, size - 1, lo)
+    hi = tl.where(edge, size - 1, lo + 1)
+    v = tl.where(edge, lo.to(tl.float32), v)
+    frac = v - lo.to(tl.float32)
+    return oob, lo * stride, hi * stride, frac, 1.0 - frac
+
+
+@triton.jit
+def _roi_sample(acc, base, m2, y_oob, row_lo, row_hi, ly, hy, xx, W, sxw, MAX_MODE: tl.constexpr):
+    """Add (or max in) one bilinear sample per bin, for every channel of the tile."""
+    x_oob, col_lo, col_hi, lx, hx = _roi_axis(xx, W, sxw)
+    oob = y_oob | x_oob
+    w1 = tl.where(oob, 0.0, hy * hx)[None, :]
+    w2 = tl.where(oob, 0.0, hy * lx)[None, :]
+    w3 = tl.where(oob, 0.0, ly * hx)[None, :]
+    w4 = tl.where(oob, 0.0, ly * lx)[None, :]
+    lm = m2 & (~oob)[None, :]
+    v1 = tl.load(base + (row_lo + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
+    v2 = tl.load(base + (row_lo + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
+    v3 = tl.load(base + (row_hi + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
+    v4 = tl.load(base + (row_hi + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
+    if MAX_MODE:
+        return tl.maximum(acc, tl.maximum(tl.maximum(tl.maximum(w1 * v1, w2 * v2), w3 * v3), w4 * v4))
+    else:
+        return acc + (w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4)
+
+
+@triton.jit
 def _roi_align_kernel(x_ptr, rois_ptr, bidx_ptr, out_ptr, C, H, W, sxn, sxc, sxh, sxw, srr, src, sbi,
-                     spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SR: tl.constexpr,
-                     HALF_PIXEL: tl.constexpr, MAX_MODE: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                      spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SR: tl.constexpr,
+                      HALF_PIXEL: tl.constexpr, MAX_MODE: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     r = tl.program_id(0)
     cb = tl.program_id(1)
     rp = rois_ptr + r.to(tl.int64) * srr
@@ -235,19 +270,11 @@ def _roi_align_kernel(x_ptr, rois_ptr, bidx_ptr, out_ptr, C, H, W, sxn, sxc, sxh
         roi_h = tl.maximum(roi_h, 1.0)
     bin_h = roi_h / PH
     bin_w = roi_w / PW
-    if SR > 0:
-        gh = tl.full([], SR, tl.int32)
-        gw = tl.full([], SR, tl.int32)
-    else:
-        gh = tl.maximum(tl.ceil(roi_h / PH), 0.0).to(tl.int32)
-        gw = tl.maximum(tl.ceil(roi_w / PW), 0.0).to(tl.int32)
-    gh_f = tl.maximum(gh, 1).to(tl.float32)
-    gw_f = tl.maximum(gw, 1).to(tl.float32)
 
     p = tl.arange(0, BLOCK_P)
     pmask = p < PH * PW
-    ph = (p // PW).to(tl.float32)
-    pw = (p % PW).to(tl.float32)
+    y0 = y1 + (p // PW).to(tl.float32) * bin_h           # bin origins; ORT's order of float operations
+    x0 = x1 + (p % PW).to(tl.float32) * bin_w
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     base = x_ptr + b * sxn + (c * sxc)[:, None]
@@ -256,66 +283,44 @@ def _roi_align_kernel(x_ptr, rois_ptr, bidx_ptr, out_ptr, C, H, W, sxn, sxc, sxh
         acc = tl.full([BLOCK_C, BLOCK_P], float("-inf"), tl.float32)
     else:
         acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-    Hf = H * 1.0
-    Wf = W * 1.0
-
-    iy = tl.full([], 0, tl.int32)
-    while iy < gh:
-        yy = (y1 + ph * bin_h) + (iy.to(tl.float32) + 0.5) * bin_h / gh_f
-        y_oob = (yy < -1.0) | (yy > Hf)
-        yv = tl.maximum(yy, 0.0)
-        y_lo = yv.to(tl.int32)
-        y_edge = y_lo >= H - 1
-        y_lo = tl.where(y_edge, H - 1, y_lo)
-        y_hi = tl.where(y_edge, H - 1, y_lo + 1)
-        yv = tl.where(y_edge, y_lo.to(tl.float32), yv)
-        ly = yv - y_lo.to(tl.float32)
-        hy = 1.0 - ly
-        row_lo = y_lo * sxh
-        row_hi = y_hi * sxh
-        ix = tl.full([], 0, tl.int32)
-        while ix < gw:
-            xx = (x1 + pw * bin_w) + (ix.to(tl.float32) + 0.5) * bin_w / gw_f
-            oob = y_oob | (xx < -1.0) | (xx > Wf)
-            xv = tl.maximum(xx, 0.0)
-            x_lo = xv.to(tl.int32)
-            x_edge = x_lo >= W - 1
-            x_lo = tl.where(x_edge, W - 1, x_lo)
-            x_hi = tl.where(x_edge, W - 1, x_lo + 1)
-            xv = tl.where(x_edge, x_lo.to(tl.float32), xv)
-            lx = xv - x_lo.to(tl.float32)
-            hx = 1.0 - lx
-            w1 = tl.where(oob, 0.0, hy * hx)[None, :]
-            w2 = tl.where(oob, 0.0, hy * lx)[None, :]
-            w3 = tl.where(oob, 0.0, ly * hx)[None, :]
-            w4 = tl.where(oob, 0.0, ly * lx)[None, :]
-            lm = m2 & (~oob)[None, :]
-            col_lo = x_lo * sxw
-            col_hi = x_hi * sxw
-            v1 = tl.load(base + (row_lo + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
-            v2 = tl.load(base + (row_lo + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
-            v3 = tl.load(base + (row_hi + col_lo)[None, :], mask=lm, other=0.0).to(tl.float32)
-            v4 = tl.load(base + (row_hi + col_hi)[None, :], mask=lm, other=0.0).to(tl.float32)
-            if MAX_MODE:
-                val = tl.maximum(tl.maximum(tl.maximum(w1 * v1, w2 * v2), w3 * v3), w4 * v4)
-                acc = tl.maximum(acc, val)
-            else:
-                acc += w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4
-            ix += 1
-        iy += 1
-    if MAX_MODE:
-        res = tl.where(gh * gw > 0, acc, 0.0)
+    if SR > 0:
+        # A fixed grid unrolls, so all of a bin's loads are in flight together.
+        for iy in tl.static_range(SR):
+            y_oob, row_lo, row_hi, ly, hy = _roi_axis(y0 + (iy + 0.5) * bin_h / SR, H, sxh)
+            for ix in tl.static_range(SR):
+                acc = _roi_sample(acc, base, m2, y_oob, row_lo, row_hi, ly, hy, x0 + (ix + 0.5) * bin_w / SR,
+                                  W, sxw, MAX_MODE)
+        count = SR * SR
     else:
-        res = acc / tl.maximum(gh * gw, 1).to(tl.float32)
+        gh = tl.maximum(tl.ceil(roi_h / PH), 0.0).to(tl.int32)
+        gw = tl.maximum(tl.ceil(roi_w / PW), 0.0).to(tl.int32)
+        gh_f = tl.maximum(gh, 1).to(tl.float32)
+        gw_f = tl.maximum(gw, 1).to(tl.float32)
+        iy = tl.full([], 0, tl.int32)
+        while iy < gh:
+            y_oob, row_lo, row_hi, ly, hy = _roi_axis(y0 + (iy.to(tl.float32) + 0.5) * bin_h / gh_f, H, sxh)
+            ix = tl.full([], 0, tl.int32)
+            while ix < gw:
+                acc = _roi_sample(acc, base, m2, y_oob, row_lo, row_hi, ly, hy,
+                                  x0 + (ix.to(tl.float32) + 0.5) * bin_w / gw_f, W, sxw, MAX_MODE)
+                ix += 1
+            iy += 1
+        count = gh * gw
+    if MAX_MODE:
+        res = tl.where(count > 0, acc, 0.0)
+    else:
+        res = acc / tl.maximum(count, 1).to(tl.float32)
     o = out_ptr + r.to(tl.int64) * C * PH * PW + (c * (PH * PW))[:, None] + p[None, :]
     tl.store(o, res.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-
-def roi_align_launch_config(c: int, ph: int, pw: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_P, num_warps): all bins of a ROI in one tile, ~1K elements per program (about 100 registers, so 4+ programs share an SM)."""
+def roi_align_launch_config(c: int, ph: int, pw: int, sampling_ratio: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps): all bins of a ROI in one tile, channels filling it to ~1K
+    elements (~110 registers on sm_90, 4 programs per SM); half that when a fixed sampling
+    grid is unrolled, which keeps 4x more loads in flight per thread."""
     block_p = _util.next_pow2(ph * pw)
-    block_c = max(1, min(_util.next_pow2(c), 1024 // block_p))
+    elems = 512 if sampling_ratio > 1 else 1024
+    block_c = max(1, min(_util.next_pow2(c), elems // block_p))
     return block_c, block_p, 4
 
 
@@ -327,7 +332,7 @@ def _roi_align_triton(p: RoiAlign, x: Any, rois: Any, bidx: Any, out: Any) -> No
     r = rois.shape[0]
     if r == 0 or c == 0:
         return
-    block_c, block_p, warps = roi_align_launch_config(c, p.output_height, p.output_width)
+    block_c, block_p, warps = roi_align_launch_config(c, p.output_height, p.output_width, p.sampling_ratio)
     grid = (r, _util.cdiv(c, block_c))
     _roi_align_kernel[grid](x, rois, bidx, out, c, h, w, *x.stride(), *rois.stride(), bidx.stride(0), float(p.spatial_scale),
                  PH=p.output_height, PW=p.output_width, SR=max(0, p.sampling_ratio),
