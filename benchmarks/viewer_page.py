@@ -21,6 +21,7 @@ import time
 
 import onnx
 
+from kiln.viewer import page as pagemod
 from kiln.viewer import samples, serve
 from kiln.viewer.export import CHROMIUM_ARGS, find_chromium
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000,5000,10000,50000")
     args = ap.parse_args(argv)
+    pagemod.FREEZE_AFTER_BUILD = True        # as `kiln view` does
     print(f"{'nodes':>7} {'grouped s':>9} {'expanded s':>10} {'flat s':>7} {'pan ms':>7}")
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)

@@ -26,7 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; user errors raise ViewerError (the CLI prints one line and exits 2)."""
-    from kiln.viewer import serve, view
+    from kiln.viewer import page, serve, view
+    page.FREEZE_AFTER_BUILD = True          # this process lives for one model
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ViewerError(f"--port must be between 0 and 65535, not {args.port}.")
     if args.export:

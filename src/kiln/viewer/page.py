@@ -68,6 +68,12 @@ def _json_safe(v: Any) -> Any:
     return str(v)
 
 
+# Set by `kiln view`, whose process holds one model until it exits: what a build allocated is frozen out of
+# later collections instead of being walked by the first one (50k nodes: 0.8 s saved). Library callers keep
+# the default, so nothing of theirs is frozen.
+FREEZE_AFTER_BUILD = False
+
+
 @contextlib.contextmanager
 def no_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector: building a page allocates millions of small, long-lived objects
@@ -78,6 +84,8 @@ def no_gc() -> Iterator[None]:
         yield
     finally:
         if was:
+            if FREEZE_AFTER_BUILD:
+                gc.freeze()
             gc.enable()
 
 

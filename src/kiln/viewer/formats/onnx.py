@@ -115,14 +115,9 @@ def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
 
 def read(path: pathlib.Path) -> ViewModel:
     """Read an ONNX file without loading external weights."""
-    import gc
-    was = gc.isenabled()
-    gc.disable()             # many small long-lived objects: collections would cost more than the parse
-    try:
+    from kiln.viewer.page import no_gc
+    with no_gc():            # many small long-lived objects: collections would cost more than the parse
         return _read(pathlib.Path(path))
-    finally:
-        if was:
-            gc.enable()
 
 
 def _read(path: pathlib.Path) -> ViewModel:

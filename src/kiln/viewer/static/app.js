@@ -420,7 +420,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   async function start() {
     let data;
-    try { data = await load(); } catch (err) { return showError("The page could not load the model data: " + err); }
+    performance.mark("start");
+    try { data = await load(); performance.mark("loaded"); } catch (err) { return showError("The page could not load the model data: " + err); }
     if (data.error) return showError(data.error);
     app.data = data; app.server = !!data.server; app.rankdir = data.rankdir || "TB";
     if (data.toggles) Object.assign(app.toggles, data.toggles);
@@ -435,8 +436,10 @@ var Kiln = window.Kiln || (window.Kiln = {});
     $("title").textContent = data.panes.map((p) => p.title).join("  ·  ");
     document.title = data.panes[0].title + " — Kiln viewer";
     createPanes();
+    performance.mark("panes");
     bind();
     await relayoutAll();
+    performance.mark("laid out");
     $("loading").hidden = true;
     for (const ps of app.panes) { ps.view.home(); ps.view.renderNow(); }
     status();
