@@ -27,15 +27,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run the command; user errors raise ViewerError (the CLI prints one line and exits 2)."""
     from kiln.viewer import page, serve, view
-    page.FREEZE_AFTER_BUILD = True          # this process lives for one model
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ViewerError(f"--port must be between 0 and 65535, not {args.port}.")
     if args.export:
         out = view(args.file, export=args.export, profile=args.profile, engine=args.engine, rankdir=args.rankdir)
         print(f"wrote {out}")
         return 0
-    server = serve(args.file, port=args.port, open_browser=not args.no_browser, profile=args.profile,
-                   engine=args.engine, rankdir=args.rankdir)
+    page.FREEZE_AFTER_BUILD = True          # from here on this process lives for one model
+    try:
+        server = serve(args.file, port=args.port, open_browser=not args.no_browser, profile=args.profile,
+                       engine=args.engine, rankdir=args.rankdir)
+    except BaseException:
+        page.FREEZE_AFTER_BUILD = False
+        raise
     print(f"Serving {args.file} at {server.url}  (Ctrl+C to stop)", flush=True)
     server.wait()
     return 0
