@@ -163,6 +163,7 @@ def test_subgraphs_open_in_place(page, control_flow_path):
         open_page(page, s.url)
         idx = page.evaluate("kilnApp.panes[0].pane.nodes.findIndex(n => n.op === 'If')")
         page.click(f".kg .node[data-node='{idx}'] .more")
+        settle(page)                                         # the server lays the bodies out when they open
         assert page.locator(".kg .frame.body").count() == 2
         assert {"Relu", "Neg", "Sigmoid"} <= set(page.eval_on_selector_all(".kg .node .op", "els => els.map(e => e.textContent)"))
     finally:
@@ -220,6 +221,7 @@ def test_engine_and_model_side_by_side(page, yolo_path, tmp_path):
         assert page.locator(".pane").count() == 2
         idx = page.evaluate("kilnApp.panes[0].pane.nodes.findIndex(n => n.name === '/model.0/conv/Conv')")
         page.evaluate(f"kilnApp.goToNode(0, {idx})")
+        settle(page)
         page.wait_for_timeout(500)
         linked = page.evaluate("Array.from(kilnApp.panes[1].view.marks.linked).map(i => kilnApp.panes[1].pane.nodes[i].name)")
         assert sorted(linked) == ["/model.0/act/Mul", "/model.0/act/Sigmoid", "/model.0/conv/Conv"]
