@@ -238,7 +238,7 @@ def cmd_inspect(args) -> int:
     for i, layer in enumerate(header["layers"]):
         origin = ", ".join(layer.get("origin") or []) or "-"
         print(f"  {i:4d} {layer['name']}  [{layer['kind']}]  {layer.get('precision') or '-'}  "
-              f"tactic {layer.get('tactic') or '-'}{'  (host)' if layer.get('host') else ''}")
+              f"tactic {_tactic_name(layer)}{'  (host)' if layer.get('host') else ''}")
         print(f"       in:  {desc(layer['inputs'])}")
         print(f"       out: {desc(layer['outputs'])}")
         print(f"       from: {origin}")
@@ -246,6 +246,14 @@ def cmd_inspect(args) -> int:
         print("Plugins: " + ", ".join(f"{p.get('namespace') + '::' if p.get('namespace') else ''}{p['name']} "
                                        f"v{p['version']}" for p in header["plugins"]))
     return 0
+
+
+def _tactic_name(layer: dict) -> str:
+    if layer["kind"] == "Plugin":
+        rec = (layer.get("attrs") or {}).get("plugin", {}).get("__plugin__", {})
+        chosen = (layer.get("attrs") or {}).get("plugin_tactic")
+        return f"{rec.get('name', 'plugin')}:{chosen or 'default'}"
+    return layer.get("tactic") or "-"
 
 
 def cmd_check(args) -> int:

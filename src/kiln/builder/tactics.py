@@ -97,6 +97,24 @@ def _agree(outs, ref, precision: str) -> bool:
     return True
 
 
+class _PluginTactic:
+    """One of a plugin's implementations, shaped like a registry Tactic for timing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def make(self, attrs, ctx):
+        from kiln.kernels.plugin import make_plugin
+        return make_plugin({**attrs, "plugin_tactic": self.name}, ctx)
+
+
+def _plugin_candidates(layer, device: str) -> list:
+    plugin = layer.attrs.get("plugin")
+    if plugin is None or getattr(plugin, "data_dependent_shapes", False):
+        return []
+    return [_PluginTactic(n) for n in plugin.tactics.get(device, ())]
+
+
 def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, tuple[int, ...]],
                    cache: TimingCache, device_name: str, hosts: set[int]) -> dict[int, str]:
     """Choose a tactic per layer; returns id(layer) → tactic name for the timed layers."""
@@ -110,6 +128,8 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
         ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
                             input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs))
         cands = tactics_for(layer.kind, layer.attrs, ctx)
+        if layer.kind == "Plugin":
+            cands = _plugin_candidates(layer, device)
         if len(cands) > 1:
             timed.append((layer, cands))
     if not timed:
@@ -162,7 +182,10 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
             cache.put(key, times)
         best = min(cands, key=lambda c: times.get(c.name, float("inf")))
         if times.get(best.name, float("inf")) < float("inf"):
-            chosen[id(layer)] = best.name
+            if layer.kind == "Plugin":
+                layer.attrs["plugin_tactic"] = best.name      # the plugin's own implementation choice
+            else:
+                chosen[id(layer)] = best.name
     return chosen
 
 
