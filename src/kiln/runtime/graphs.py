@@ -28,6 +28,8 @@ class GraphRunner:
         self.capturable = not any(s.dynamic for s in program.steps)
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise CaptureError("sequence or optional inputs are not captured")
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         entry = self.graphs.get(key)
         if entry is None:
@@ -54,7 +56,9 @@ class GraphRunner:
         cache: dict = {}
         self.program.move_cache = cache
         try:
-            with torch.cuda.stream(stream):
+            if not all(isinstance(t, torch.Tensor) for t in self.program.run_env({}, static_in)):
+            raise CaptureError("sequence or optional outputs are not captured")
+        with torch.cuda.stream(stream):
                 self.program.run_env({}, static_in)      # warm-up outside the capture
                 self.program.move_mode = "collect"
                 self.program.run_env({}, static_in)
