@@ -57,8 +57,8 @@ class GraphRunner:
         self.program.move_cache = cache
         try:
             if not all(isinstance(t, torch.Tensor) for t in self.program.run_env({}, static_in)):
-            raise CaptureError("sequence or optional outputs are not captured")
-        with torch.cuda.stream(stream):
+                raise CaptureError("sequence or optional outputs are not captured")
+            with torch.cuda.stream(stream):
                 self.program.run_env({}, static_in)      # warm-up outside the capture
                 self.program.move_mode = "collect"
                 self.program.run_env({}, static_in)

@@ -1,0 +1,39 @@
+"""CUDA-graph runner: importable everywhere, and it declines what cannot be captured."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.runtime.graphs import CaptureError, GraphRunner
+
+
+def _engine():
+    net = kiln.Network("g")
+    x = net.add_input("x", "float32", (2, 3))
+    net.mark_output(net.add_activation(x, "relu").output, "y")
+    return kiln.build(net, kiln.BuildConfig(device="cpu"))
+
+
+def test_runner_declines_sequence_inputs():
+    runner = GraphRunner(_engine().context().program)
+    assert runner.capturable
+    with pytest.raises(CaptureError):
+        runner.run([[torch.zeros(2, 3)]])
+
+
+@pytest.mark.gpu
+def test_replay_matches_eager_and_outputs_are_copied():
+    net = kiln.Network("g")
+    x = net.add_input("x", "float32", ("b", 8))
+    h = net.add_fully_connected(x, np.random.randn(16, 8).astype(np.float32), np.zeros(16, np.float32))
+    net.mark_output(net.add_activation(h.output, "relu").output, "y")
+    eng = kiln.build(net, kiln.BuildConfig(device="cuda", profiles={"x": ((1, 8), (4, 8), (8, 8))}))
+    ctx, eager = eng.context(), eng.context(cuda_graph=False)
+    a = torch.randn(4, 8, device="cuda")
+    y1 = ctx.run({"x": a})["y"]
+    assert ctx.graphs is not None and ctx.graph_error is None
+    y2 = ctx.run({"x": a * 2})["y"]
+    torch.testing.assert_close(y1, eager.run({"x": a})["y"])
+    torch.testing.assert_close(y2, eager.run({"x": a * 2})["y"])
