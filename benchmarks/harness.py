@@ -317,15 +317,18 @@ def run_cpu(name: str, args) -> dict[str, Any]:
 
 
 def write_report(paths: list[str], out_md: str) -> None:
-    rows = []
+    by_key: dict[tuple, tuple] = {}
     meta = {}
-    for p in paths:
+    for p in paths:                      # a later file's row replaces an earlier one for the same model and batch
         with open(p) as f:
             data = json.load(f)
-        meta = data.get("meta", meta)
-        for m in data["models"]:
+        meta = data.get("meta", meta) if data.get("models") else meta
+        for m in data.get("models", []):
             for r in m["rows"]:
-                rows.append((m, r))
+                by_key[(m["model"], r["batch"])] = (m, r)
+    order = list(TABLE)
+    rows = sorted(by_key.values(), key=lambda mr: (order.index(mr[0]["model"]) if mr[0]["model"] in order else 99,
+                                                    mr[1]["batch"]))
     lines = ["# Benchmarks", "",
              f"Card: {meta.get('device')}; torch {meta.get('torch')}, CUDA {meta.get('cuda')}, "
              f"cuDNN {meta.get('cudnn')}, Kiln {meta.get('kiln')}; {meta.get('date')}.",
