@@ -74,19 +74,7 @@ def get_tactic(kind: str, name: str) -> Tactic:
     raise BuildError(f"Layer kind {kind!r} has no tactic {name!r}; this engine needs a newer Kiln.")
 
 
-_loaded = False
-
-
 def _load_all() -> None:
     """Import every kernel module once (each registers its tactics)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import importlib
-    import pkgutil
-
-    import kiln.kernels as pkg
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in ("registry",) and not info.name.startswith("_"):
-            importlib.import_module(f"kiln.kernels.{info.name}")
+    from kiln._discovery import import_submodules
+    import_submodules("kiln.kernels", skip=("registry",))

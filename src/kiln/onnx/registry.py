@@ -44,18 +44,6 @@ def supported_ops() -> dict[tuple[str, str], list[int]]:
     return {k: sorted(v) for k, v in sorted(CONVERTERS.items())}
 
 
-_loaded = False
-
-
 def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import importlib
-    import pkgutil
-
-    from kiln.onnx import ops
-    for info in pkgutil.iter_modules(ops.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{ops.__name__}.{info.name}")
+    from kiln._discovery import import_submodules
+    import_submodules("kiln.onnx.ops")
