@@ -22,6 +22,7 @@ class Progress:
     """A one-line progress bar on stderr (plain lines when not a terminal)."""
 
     STAGES = ("parse", "passes", "tactics", "serialize")
+    open_line = False          # a bar is drawn without its newline (an error message must start below it)
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -40,6 +41,7 @@ class Progress:
         if self.tty:
             sys.stderr.write("\r" + line)
             sys.stderr.flush()
+            Progress.open_line = True
         elif stage != self.last:
             sys.stderr.write(line + "\n")
         self.last = stage
@@ -47,6 +49,7 @@ class Progress:
     def done(self) -> None:
         if self.enabled and self.tty:
             sys.stderr.write("\n")
+            Progress.open_line = False
 
 
 def parse_shapes(spec: str | None, flag: str) -> dict[str, tuple[int, ...]]:
@@ -418,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KilnError as exc:
+        if Progress.open_line:
+            sys.stderr.write("\n")
         msg = " ".join(str(exc).split())
         print(f"kiln: error: {msg}", file=sys.stderr)
         return 2
