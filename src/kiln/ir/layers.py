@@ -192,3 +192,6 @@ define_layer("LinearAttention", 3, 6, "ONNX LinearAttention (opset 27): query, k
              "outputs output, present_state; attrs update_rule, q_num_heads, kv_num_heads, scale")
 define_layer("TfIdfVectorizer", 1, 1, "n-gram counts of integer token rows → float32 [N, columns]; attrs pool_int64s, "
              "ngram_counts, ngram_indexes, min/max_gram_length, max_skip_count, mode (TF, IDF, TFIDF), weights")
+define_layer("Pointwise", 1, VARIADIC, "a fused chain of element-wise ops over broadcast inputs; attrs program: "
+             "[[op, arg, ...], ...] in SSA order, args 'iN' (input N), 'vN' (step N) or a float constant; "
+             "the last step is the output")

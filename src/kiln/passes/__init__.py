@@ -19,8 +19,10 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_epilogue import FuseEpilogues
     from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_patterns import FusePatterns
+    from kiln.passes.fuse_pointwise import FusePointwise
     from kiln.passes.fuse_shuffles import FuseShuffles
-    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles()]
+    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles(),
+            FusePointwise()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]
