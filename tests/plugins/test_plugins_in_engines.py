@@ -57,6 +57,16 @@ def _cases():
         [_vi("y", TensorProto.INT64, ["n", 3])], opset=11), \
         {"b": np.concatenate([boxes[None, :5], boxes[None, :1] + 0.1], 1), "s": rng.random((1, 2, 6)).astype(np.float32),
          "m": np.array([3], np.int64), "iou": np.array([0.5], np.float32), "thr": np.array([0.1], np.float32)}
+    dets = np.concatenate([boxes, boxes + 0.5, boxes[::-1] * 0.9], 0)[None].repeat(2, 0).astype(np.float32)
+    yield "EfficientNMS", _model(
+        [helper.make_node("EfficientNMS", ["boxes", "scores"], ["num", "det_boxes", "det_scores", "det_classes"],
+                          domain="kiln", plugin_namespace="kiln", plugin_version="1", score_threshold=0.2, iou_threshold=0.5,
+                          max_output_boxes=6)],
+        [_vi("boxes", TensorProto.FLOAT, [2, 15, 4]), _vi("scores", TensorProto.FLOAT, [2, 15, 3])],
+        [_vi("num", TensorProto.INT32, [2, 1]), _vi("det_boxes", TensorProto.FLOAT, [2, 6, 4]),
+         _vi("det_scores", TensorProto.FLOAT, [2, 6]), _vi("det_classes", TensorProto.INT32, [2, 6])], opset=17,
+        extra_opsets=[helper.make_opsetid("kiln", 1)]), \
+        {"boxes": dets, "scores": rng.random((2, 15, 3)).astype(np.float32)}
     yield "DeformConv", _model(
         [helper.make_node("DeformConv", ["x", "w", "off"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
         [_vi("x", TensorProto.FLOAT, [1, 4, 6, 6]), _vi("w", TensorProto.FLOAT, [5, 4, 3, 3]),

@@ -13,23 +13,32 @@ from kiln.kernels.registry import tactic
 def make_plugin(attrs, ctx):
     plugin = attrs["plugin"]
     chosen = attrs.get("plugin_tactic") or plugin.tactics.get(ctx.device, ("torch",))[0]
-    ws_bytes = int(attrs.get("workspace", 0) or 0)
-    workspace = {}
+    plans: dict[tuple, tuple] = {}         # input signature → (output shapes, dtypes, workspace bytes)
+    workspace: dict = {}                   # device → scratch buffer, grown when a shape needs more
+
+    def plan(xs):
+        key = tuple((tuple(x.shape), x.dtype) if x is not None else None for x in xs)
+        hit = plans.get(key)
+        if hit is None:
+            descs_in = [TensorDesc(tuple(x.shape), dtype_name(x.dtype)) if x is not None else None for x in xs]
+            descs = plugin.output_descs(descs_in)
+            hit = ([tuple(int(d) for d in dsc.shape) for dsc in descs], [torch_dtype(d.dtype) for d in descs],
+                   int(plugin.workspace_size([d for d in descs_in if d is not None]) or 0))
+            plans[key] = hit
+        return hit
 
     def run(*xs):
         if plugin.data_dependent_shapes:
             return tuple(plugin.forward(list(xs), None, None, chosen))
         dev = next((x.device for x in xs if x is not None), torch.device("cpu"))
-        descs = plugin.output_descs([TensorDesc(tuple(x.shape), dtype_name(x.dtype)) if x is not None else None
-                                     for x in xs])
-        shapes = [tuple(int(d) for d in dsc.shape) for dsc in descs]
-        outs = [torch.empty(s, dtype=torch_dtype(d.dtype), device=dev) for s, d in zip(shapes, descs)]
+        shapes, dtypes, ws_bytes = plan(xs)
+        outs = [torch.empty(s, dtype=dt, device=dev) for s, dt in zip(shapes, dtypes)]
         if dev.type == "meta":
             return tuple(outs)
         ws = None
         if ws_bytes:
             ws = workspace.get(dev)
-            if ws is None:
+            if ws is None or ws.numel() < ws_bytes:
                 ws = workspace[dev] = torch.empty(ws_bytes, dtype=torch.uint8, device=dev)
         plugin.forward(list(xs), outs, ws, chosen)
         return tuple(outs)
