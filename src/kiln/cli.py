@@ -195,7 +195,6 @@ def _default_shape(engine, spec) -> tuple[int, ...]:
 
 
 def _random(rng, dtype: str, shape):
-    import numpy as np
     from kiln.ir.dtypes import np_dtype
     if dtype == "bool":
         return rng.random(shape) > 0.5

@@ -7,7 +7,7 @@ import pytest
 from kiln.viewer.formats import open_model
 
 from ._pbwrite import f, msg, rep
-from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
+from .conftest import check_damaged, check_detect, check_export, edges, input_weight
 
 
 def arg(name, *fields):

@@ -1,12 +1,11 @@
 """PyTorch .pt2 archives written by torch.export.save."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from kiln.viewer.formats import open_model
 
-from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
+from .conftest import check_damaged, check_detect, check_export, edges, input_weight
 
 torch = pytest.importorskip("torch")
 

@@ -47,7 +47,6 @@ def test_big_file_opens_without_reading_weights(tmp_path):
     import json
     import struct
 
-    from .conftest import bounded_open
 
     n = 1 << 28
     header = json.dumps({"big": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()

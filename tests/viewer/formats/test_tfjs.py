@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from kiln.viewer.formats import open_model
 
-from .conftest import check_damaged, check_detect, check_export, edges, input_weight, node
+from .conftest import check_detect, check_export, edges, input_weight, node
 
 
 def graph_model(d):

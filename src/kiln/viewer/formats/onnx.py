@@ -195,7 +195,6 @@ def _infer(model):
 
 
 def _dims(type_proto) -> tuple[list[int | str | None] | None, str | None]:
-    import onnx
     which = type_proto.WhichOneof("value")
     if which == "tensor_type":
         t = type_proto.tensor_type
