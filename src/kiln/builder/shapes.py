@@ -18,7 +18,7 @@ from kiln.ir.dtypes import dtype_name, is_container
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network, outer_reads, subgraphs
 from kiln.kernels import KernelContext, tactics_for
-from kiln.kernels._util import torch_dtype
+from kiln.kernels._util import from_numpy, torch_dtype
 
 Binding = dict[str, int]
 
@@ -41,7 +41,7 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
                 vals[t.name] = UNKNOWN
                 continue
             arr = t.value
-            vals[t.name] = _host_tensor(arr) if is_host_constant(t) else \
+            vals[t.name] = from_numpy(arr.copy()) if is_host_constant(t) else \
                 torch.empty(arr.shape, dtype=torch_dtype(t.dtype), device="meta")
     for t in net.inputs:
         shape = input_shapes.get(t.name)
@@ -94,11 +94,6 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
         for o, v in zip(layer.outputs, outs):
             vals[o.name] = v
     return vals
-
-
-def _host_tensor(arr) -> torch.Tensor:
-    from kiln.kernels._util import from_numpy      # bfloat16, float8 and sub-byte types too
-    return from_numpy(arr.copy())
 
 
 def _to_meta(a: torch.Tensor) -> torch.Tensor:

@@ -84,17 +84,21 @@ def _attr_value(a) -> Any:
     if t == AttributeProto.GRAPHS:
         return list(a.graphs)
     if t == AttributeProto.SPARSE_TENSOR:
-        from onnx import numpy_helper as nh
-        vals = nh.to_array(a.sparse_tensor.values)
-        idx = nh.to_array(a.sparse_tensor.indices)
-        dense = np.zeros(list(a.sparse_tensor.dims), vals.dtype)
-        flat = dense.reshape(-1)
-        if idx.ndim == 1:
-            flat[idx] = vals
-        else:
-            dense[tuple(idx.T)] = vals
-        return dense
+        return _dense(a.sparse_tensor)
     return None
+
+
+def _dense(sp) -> np.ndarray:
+    """A SparseTensorProto as a dense array (indices flat, or one row of coordinates per value)."""
+    from onnx import numpy_helper
+    vals = numpy_helper.to_array(sp.values)
+    idx = numpy_helper.to_array(sp.indices)
+    dense = np.zeros(list(sp.dims), vals.dtype)
+    if idx.ndim == 1:
+        dense.reshape(-1)[idx] = vals
+    else:
+        dense[tuple(idx.T)] = vals
+    return dense
 
 
 class ConvertContext:
@@ -262,14 +266,7 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
                              f"data, keep the data files beside the .onnx file.") from None
         values[init.name] = net.add_constant(arr, name=init.name)
     for sp in graph.sparse_initializer:
-        vals = numpy_helper.to_array(sp.values)
-        idx = numpy_helper.to_array(sp.indices)
-        dense = np.zeros(list(sp.dims), vals.dtype)
-        if idx.ndim == 1:
-            dense.reshape(-1)[idx] = vals
-        else:
-            dense[tuple(idx.T)] = vals
-        values[sp.values.name] = net.add_constant(dense, name=sp.values.name)
+        values[sp.values.name] = net.add_constant(_dense(sp), name=sp.values.name)
     for k, vi in enumerate(graph.input):
         if vi.name in values:
             continue       # an initializer with a default value: treat as a constant (TensorRT does)

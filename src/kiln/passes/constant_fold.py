@@ -15,6 +15,7 @@ import torch
 
 from kiln.ir.network import Network, subgraphs
 from kiln.kernels import KernelContext, tactics_for
+from kiln.kernels._util import from_numpy, to_numpy
 from kiln.passes.base import Pass, PassResult
 
 NO_FOLD = {"Plugin", "Loop", "Scan", "If"}
@@ -80,20 +81,14 @@ class ConstantFold(Pass):
                 continue      # leave it for run time, where the error will name the layer
             if any(o.numel() > self.max_elements for o in outs):
                 continue
-            _replace_with_constants(net, layer, [_to_numpy(o) for o in outs])
+            _replace_with_constants(net, layer, [to_numpy(o).copy() for o in outs])
             modified = True
         return PassResult(net, modified)
 
 
 def _to_torch(a: np.ndarray) -> torch.Tensor:
     """A writable torch copy; 0-d stays 0-d; bfloat16/float8/sub-byte types as Kiln holds them."""
-    from kiln.kernels._util import from_numpy
     return from_numpy(np.require(a, requirements="C").copy())
-
-
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    from kiln.kernels._util import to_numpy      # bfloat16 and float8 through their bits
-    return to_numpy(t).copy()
 
 
 def _replace_with_constants(net: Network, layer, values: list[np.ndarray]) -> None:

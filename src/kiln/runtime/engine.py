@@ -9,6 +9,8 @@ import torch
 
 from kiln.errors import KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import is_container
+from kiln.kernels._util import from_numpy as _np_to_torch  # bfloat16, float8, sub-byte types
+from kiln.kernels._util import to_numpy as _torch_to_np
 from kiln.kernels._util import torch_dtype
 
 
@@ -112,11 +114,6 @@ class Engine:
                     f"before loading the engine.")
 
 
-def _np_to_torch(arr: np.ndarray) -> torch.Tensor:
-    from kiln.kernels._util import from_numpy     # bfloat16, float8 and sub-byte types too
-    return from_numpy(arr)
-
-
 def _typed_array(v: Any, dtype: str) -> np.ndarray:
     """Python lists and scalars carry no dtype: take the input's (numpy would pick float64/int64)."""
     from kiln.ir.dtypes import np_dtype
@@ -128,14 +125,6 @@ def _typed_array(v: Any, dtype: str) -> np.ndarray:
     if arr.dtype.kind in "biuf" and np.can_cast(arr.dtype, want, casting="same_kind"):
         return arr.astype(want)
     return arr        # strings, or floats for an integer input: the checks below name the problem
-
-
-def _torch_to_np(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    from kiln.kernels._util import to_numpy      # bfloat16 and float8 through their bits
-    return to_numpy(t)
 
 
 class ExecutionContext:

@@ -56,10 +56,10 @@ class GraphRunner:
         cache: dict = {}
         self.program.move_cache = cache
         try:
-            if not all(isinstance(t, torch.Tensor) for t in self.program.run_env({}, static_in)):
-                raise CaptureError("sequence or optional outputs are not captured")
             with torch.cuda.stream(stream):
-                self.program.run_env({}, static_in)      # warm-up outside the capture
+                warm = self.program.run_env({}, static_in)      # warm-up outside the capture
+                if not all(isinstance(t, torch.Tensor) for t in warm):
+                    raise CaptureError("sequence or optional outputs are not captured")
                 self.program.move_mode = "collect"
                 self.program.run_env({}, static_in)
             torch.cuda.current_stream().wait_stream(stream)

@@ -293,6 +293,22 @@ def _nms_gather_kernel(topv_ptr, topi_ptr, boxes_ptr, cand_ptr, cls_ptr, K, C, t
 
 
 @triton.jit
+def _suppressed(lo0, lo1, hi0, hi1, area, l0, l1, h0, h1, iou_thr, ONNX_RULE: tl.constexpr, BLOCK: tl.constexpr):
+    """Which candidates (lo*, hi*, area) the kept box (l*, h*) suppresses: IoU >= threshold
+    (TensorRT), or > threshold with empty boxes never suppressed (ONNX)."""
+    ai = (h0 - l0) * (h1 - l1)
+    iw = tl.minimum(hi0, h0) - tl.maximum(lo0, l0)
+    ih = tl.minimum(hi1, h1) - tl.maximum(lo1, l1)
+    inter = iw * ih
+    ok = (iw > 0.0) & (ih > 0.0)
+    union = area + ai - inter
+    iou = tl.where(ok & (union > 0.0), inter / tl.where(union > 0.0, union, 1.0), 0.0)
+    if ONNX_RULE:
+        return ok & (area > 0.0) & (tl.broadcast_to(ai, [BLOCK]) > 0.0) & (union > 0.0) & (iou > iou_thr)
+    return iou >= iou_thr
+
+
+@triton.jit
 def _nms_greedy_kernel(cand_ptr, cls_ptr, alive_ptr, keep_ptr, nkeep_ptr, K, MAX_OUT, iou_thr,
                        ONNX_RULE: tl.constexpr, AGNOSTIC: tl.constexpr, CHUNKED: tl.constexpr,
                        BLOCK: tl.constexpr):
@@ -326,17 +342,7 @@ def _nms_greedy_kernel(cand_ptr, cls_ptr, alive_ptr, keep_ptr, nkeep_ptr, K, MAX
             h0 = tl.load(cb + 2 * K + i)
             h1 = tl.load(cb + 3 * K + i)
             ci = tl.load(cls_ptr + row * K + i)
-            ai = (h0 - l0) * (h1 - l1)
-            iw = tl.minimum(hi0, h0) - tl.maximum(lo0, l0)
-            ih = tl.minimum(hi1, h1) - tl.maximum(lo1, l1)
-            inter = iw * ih
-            ok = (iw > 0.0) & (ih > 0.0)
-            union = area + ai - inter
-            iou = tl.where(ok & (union > 0.0), inter / tl.where(union > 0.0, union, 1.0), 0.0)
-            if ONNX_RULE:
-                sup = ok & (area > 0.0) & (tl.broadcast_to(ai, [BLOCK]) > 0.0) & (union > 0.0) & (iou > iou_thr)
-            else:
-                sup = iou >= iou_thr
+            sup = _suppressed(lo0, lo1, hi0, hi1, area, l0, l1, h0, h1, iou_thr, ONNX_RULE, BLOCK)
             if not AGNOSTIC:
                 sup = sup & (cls == ci)
             alive = alive & (~sup) & (lanes != i)
@@ -360,7 +366,6 @@ def _nms_greedy_kernel(cand_ptr, cls_ptr, alive_ptr, keep_ptr, nkeep_ptr, K, MAX
             h0 = tl.load(cb + 2 * K + i)
             h1 = tl.load(cb + 3 * K + i)
             ci = tl.load(cls_ptr + row * K + i)
-            ai = (h0 - l0) * (h1 - l1)
             nxt = tl.full([], K, tl.int32)
             c0 = (i + 1) // BLOCK * BLOCK
             while c0 < K:
@@ -373,16 +378,7 @@ def _nms_greedy_kernel(cand_ptr, cls_ptr, alive_ptr, keep_ptr, nkeep_ptr, K, MAX
                 hi0 = tl.load(cb + 2 * K + o, mask=lm, other=0.0)
                 hi1 = tl.load(cb + 3 * K + o, mask=lm, other=0.0)
                 area = (hi0 - lo0) * (hi1 - lo1)
-                iw = tl.minimum(hi0, h0) - tl.maximum(lo0, l0)
-                ih = tl.minimum(hi1, h1) - tl.maximum(lo1, l1)
-                inter = iw * ih
-                ok = (iw > 0.0) & (ih > 0.0)
-                union = area + ai - inter
-                iou = tl.where(ok & (union > 0.0), inter / tl.where(union > 0.0, union, 1.0), 0.0)
-                if ONNX_RULE:
-                    sup = ok & (area > 0.0) & (tl.broadcast_to(ai, [BLOCK]) > 0.0) & (union > 0.0) & (iou > iou_thr)
-                else:
-                    sup = iou >= iou_thr
+                sup = _suppressed(lo0, lo1, hi0, hi1, area, l0, l1, h0, h1, iou_thr, ONNX_RULE, BLOCK)
                 if not AGNOSTIC:
                     sup = sup & (tl.load(cls_ptr + row * K + o, mask=lm, other=-1) == ci)
                 a = lm & (~sup)
