@@ -46,23 +46,27 @@ class InlineView:
 
 def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, port: int | None = None,
          open_browser: bool = True, profile: str | os.PathLike | None = None,
-         engine: str | os.PathLike | None = None, rankdir: str = "TB", host: str = "127.0.0.1") -> Any:
+         engine: str | os.PathLike | None = None, errors: str | os.PathLike | None = None, rankdir: str = "TB",
+         host: str = "127.0.0.1") -> Any:
     """Show a model (path or ``onnx.ModelProto``) or a Kiln engine.
 
     With ``export`` writes an .svg, .png or .html file and returns its path. In a
     Jupyter kernel (and without ``port``) returns an inline view. Otherwise starts
     a local server in a background thread, opens the browser and returns the
     server (``.url``, ``.stop()``, ``.wait()``). ``profile`` overlays per-layer
-    times from ``kiln bench --export-profile``; ``engine`` shows a .kiln engine
-    beside the ONNX model, its layers linked to the nodes they came from.
+    times from ``kiln bench --export-profile``; ``errors`` colours nodes by their
+    accuracy error from ``kiln compare --per-layer``; ``engine`` shows a .kiln
+    engine beside the ONNX model, its layers linked to the nodes they came from.
     """
     from kiln.viewer import documents
     from kiln.viewer import export as exporter
     if export is not None:
-        doc = documents.build_document(path_or_onnx_model, engine=engine, profile=profile, rankdir=rankdir)
+        doc = documents.build_document(path_or_onnx_model, engine=engine, profile=profile, errors=errors,
+                                       rankdir=rankdir)
         return exporter.export(doc.page, doc.panes, export)
     if port is None and _in_notebook():
-        doc = documents.build_document(path_or_onnx_model, engine=engine, profile=profile, rankdir=rankdir)
+        doc = documents.build_document(path_or_onnx_model, engine=engine, profile=profile, errors=errors,
+                                       rankdir=rankdir)
         exporter.add_weight_stats(doc.panes)
         inline = InlineView(exporter.html_document(dict(doc.page, panes=[p.data for p in doc.panes])))
         try:
@@ -71,20 +75,21 @@ def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, po
         except ImportError:
             return inline
     return serve(path_or_onnx_model, port=port, open_browser=open_browser, profile=profile, engine=engine,
-                 rankdir=rankdir, host=host)
+                 errors=errors, rankdir=rankdir, host=host)
 
 
 def serve(model: Any, *, port: int | None = None, open_browser: bool = True,
           profile: str | os.PathLike | None = None, engine: str | os.PathLike | None = None,
-          rankdir: str = "TB", host: str = "127.0.0.1") -> "ViewerServer":
+          errors: str | os.PathLike | None = None, rankdir: str = "TB", host: str = "127.0.0.1") -> "ViewerServer":
     """Start the local server (in a background thread) on a readable model; returns it."""
     from kiln.viewer import documents
     from kiln.viewer.server import Source, ViewerServer
 
     def build():
-        return documents.build_document(model, engine=engine, profile=profile, rankdir=rankdir, server=True)
+        return documents.build_document(model, engine=engine, profile=profile, errors=errors, rankdir=rankdir,
+                                        server=True)
 
-    paths = [os.fspath(p) for p in (model, engine, profile) if isinstance(p, (str, os.PathLike))]
+    paths = [os.fspath(p) for p in (model, engine, profile, errors) if isinstance(p, (str, os.PathLike))]
     source = Source(build, paths)
     first = source.get()                 # read now: an unreadable file is an error here, not a blank page
     if first.error is not None:

@@ -18,6 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-browser", action="store_true", help="do not open a browser; print the URL")
     p.add_argument("--export", metavar="OUT", help="write OUT (.svg, .png or .html) instead of serving")
     p.add_argument("--profile", metavar="PROF.json", help="per-layer times from kiln bench --export-profile")
+    p.add_argument("--errors", metavar="ERRORS.json",
+                   help="colour nodes by accuracy error, from kiln compare --per-layer")
     p.add_argument("--engine", metavar="MODEL.kiln", help="show this engine beside the model, linked to its nodes")
     p.add_argument("--rankdir", choices=("TB", "LR"), default="TB", help="top-to-bottom (default) or left-to-right")
     p.set_defaults(func=run)
@@ -30,13 +32,14 @@ def run(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ViewerError(f"--port must be between 0 and 65535, not {args.port}.")
     if args.export:
-        out = view(args.file, export=args.export, profile=args.profile, engine=args.engine, rankdir=args.rankdir)
+        out = view(args.file, export=args.export, profile=args.profile, engine=args.engine, errors=args.errors,
+                   rankdir=args.rankdir)
         print(f"wrote {out}")
         return 0
     page.FREEZE_AFTER_BUILD = True          # from here on this process lives for one model
     try:
         server = serve(args.file, port=args.port, open_browser=not args.no_browser, profile=args.profile,
-                       engine=args.engine, rankdir=args.rankdir)
+                       engine=args.engine, errors=args.errors, rankdir=args.rankdir)
     except BaseException:
         page.FREEZE_AFTER_BUILD = False
         raise

@@ -1,4 +1,4 @@
-"""What a `kiln view` call shows: the model, an optional profile overlay and an optional engine beside it."""
+"""What a `kiln view` call shows: the model, optional profile and accuracy overlays, an optional engine beside it."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 from kiln.errors import ViewerError
+from kiln.viewer import accuracy
 from kiln.viewer.graph import ViewModel
 from kiln.viewer.page import Pane, build_pane, page_json
 from kiln.viewer.server import Document
@@ -80,14 +81,26 @@ def engine_links(engine_pane: Pane, model_pane: Pane) -> list:
     return links
 
 
+def overlay_errors(pane: Pane, report: dict | None, path: str | os.PathLike | None, index: int) -> dict | None:
+    """Colour ``pane`` from a per-layer error report; the summary the page shows (or None without one)."""
+    if report is None:
+        return None
+    summary = accuracy.apply_errors(pane.data, report, os.path.basename(os.fspath(path)))
+    summary["pane"] = index
+    return summary
+
+
 def build_document(model: Any, *, engine: str | os.PathLike | None = None,
-                   profile: str | os.PathLike | None = None, rankdir: str = "TB", server: bool = False) -> Document:
+                   profile: str | os.PathLike | None = None, errors: str | os.PathLike | None = None,
+                   rankdir: str = "TB", server: bool = False) -> Document:
     """Read everything and lay it out; raises ViewerError with one clear line when something cannot be read.
-    For the server (``server=True``) clusters hidden in the first view are laid out when they open."""
+    For the server (``server=True``) clusters hidden in the first view are laid out when they open.
+    ``errors`` (from ``kiln compare --per-layer``) colours the ONNX model's nodes by their accuracy error."""
     if rankdir not in ("TB", "LR"):
         raise ViewerError(f"rankdir must be TB or LR, not {rankdir!r}.")
     vm = open_view_model(model)
     prof = read_profile(profile) if profile else None
+    report = accuracy.read_errors(errors) if errors else None
     summary = None
     if engine is not None:
         ev = open_view_model(engine)
@@ -100,9 +113,10 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
                  build_pane(vm, title=f"{vm.format} · {os.path.basename(vm.path) if vm.path else vm.graph.name}",
                             lazy=server)]
         page = page_json(panes, rankdir=rankdir, links=engine_links(panes[0], panes[1]), profile=summary,
-                         server=server)
+                         errors=overlay_errors(panes[1], report, errors, 1), server=server)
         return Document(page=page, panes=panes)
     if prof:
         summary = apply_profile(vm, prof, os.path.basename(os.fspath(profile)))
     panes = [build_pane(vm, lazy=server)]
-    return Document(page=page_json(panes, rankdir=rankdir, profile=summary, server=server), panes=panes)
+    return Document(page=page_json(panes, rankdir=rankdir, profile=summary,
+                                   errors=overlay_errors(panes[0], report, errors, 0), server=server), panes=panes)

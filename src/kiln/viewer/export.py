@@ -69,7 +69,10 @@ def svg_text(page: dict, pane_index: int = 0, toggles: dict | None = None) -> st
     pane = page["panes"][pane_index]
     scene, toggles = scene_for(pane, page, toggles)
     pmax = max((n["ov"]["time_ms"] for n in pane["nodes"] if n.get("ov", {}).get("time_ms") is not None), default=0.0)
-    return render.svg(pane, scene, toggles, page.get("rankdir", "TB"), profile_max=pmax)
+    errors = page.get("errors")
+    if errors and errors.get("pane") != pane_index:
+        errors = None
+    return render.svg(pane, scene, toggles, page.get("rankdir", "TB"), profile_max=pmax, errors=errors)
 
 
 def add_weight_stats(panes: list[pagemod.Pane], budget: int = 256 << 20) -> None:

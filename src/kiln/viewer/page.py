@@ -268,10 +268,10 @@ def default_expanded(pane: dict) -> set[int]:
 
 
 def page_json(panes: list[Pane], *, rankdir: str = "TB", links: list | None = None,
-              profile: dict | None = None, server: bool = False) -> dict:
+              profile: dict | None = None, errors: dict | None = None, server: bool = False) -> dict:
     """The whole document: one pane, or an engine pane beside its ONNX model."""
     return {"kiln": FORMAT_VERSION, "metrics": METRICS, "rankdir": rankdir, "panes": [p.data for p in panes],
-            "links": links, "profile": profile, "server": server}
+            "links": links, "profile": profile, "errors": errors, "server": server}
 
 
 def dumps(page: dict) -> str:

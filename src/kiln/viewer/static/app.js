@@ -45,7 +45,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     app.data.panes.forEach((pane, pi) => {
       const el = document.createElement("div");
       el.className = "pane";
-      el.innerHTML = (app.data.panes.length > 1 ? `<div class="pane-title">${esc(pane.title)}</div>` : "") + '<div class="canvas"></div>';
+      el.innerHTML = (app.data.panes.length > 1 ? `<div class="pane-title">${esc(pane.title)}</div>` : "") + '<div class="canvas"></div>' + legendHtml(pi);
       host.appendChild(el);
       const ps = Object.assign({ pane, el, index: pi, expanded: new Set(pane.expanded), opened: new Set() }, indexPane(pane));
       ps.view = new Kiln.GraphView(el.querySelector(".canvas"), pane, {
@@ -58,6 +58,15 @@ var Kiln = window.Kiln || (window.Kiln = {});
       app.panes.push(ps);
     });
     setActive(0);
+  }
+
+  /** The accuracy legend over the pane the error report colours (click: the report panel). */
+  function legendHtml(pi) {
+    const e = app.data.errors;
+    if (!e || e.pane !== pi) return "";
+    const D = Kiln.draw;
+    return `<div class="err-legend-box" title="Accuracy errors: click for the report"><svg class="kg" width="${D.LEGEND_W}" height="${D.LEGEND_H - 4}" ` +
+      `viewBox="-4 -6 ${D.LEGEND_W} ${D.LEGEND_H - 4}">${D.legendSvg(e, 0, 0)}</svg></div>`;
   }
 
   function setActive(pi) {
@@ -348,7 +357,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
   async function exportPicture(fmt) {
     const ps = app.panes[app.active];
-    const svg = Kiln.draw.sceneSvg(ps.pane, ps.scene, app.toggles, app.rankdir === "LR", await graphCss(), profileMax(ps));
+    const svg = Kiln.draw.sceneSvg(ps.pane, ps.scene, app.toggles, app.rankdir === "LR", await graphCss(), profileMax(ps), app.data.errors);
     const base = (ps.pane.title || "graph").replace(/\.[^.]+$/, "");
     if (fmt === "svg") return download(new Blob([svg], { type: "image/svg+xml" }), base + ".svg");
     const img = new Image();
@@ -381,6 +390,12 @@ var Kiln = window.Kiln || (window.Kiln = {});
     $("export-menu").addEventListener("click", (ev) => { const f = ev.target.dataset.fmt; if (f) { $("export-menu").hidden = true; exportPicture(f); } });
     document.addEventListener("click", () => { $("export-menu").hidden = true; });
     if (app.data.profile) { $("b-profile").hidden = false; $("b-profile").addEventListener("click", () => openSide("Profile", Kiln.panels.profilePanel(app))); }
+    if (app.data.errors) {
+      const showErrors = () => openSide("Accuracy", Kiln.panels.errorsPanel(app));
+      $("b-errors").hidden = false;
+      $("b-errors").addEventListener("click", showErrors);
+      for (const el of document.querySelectorAll(".err-legend-box")) el.addEventListener("click", showErrors);
+    }
     $("side-close").addEventListener("click", closeSide);
     const find = $("find");
     let timer = 0;
@@ -442,6 +457,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
     performance.mark("laid out");
     $("loading").hidden = true;
     for (const ps of app.panes) { ps.view.home(); ps.view.renderNow(); }
+    const first = data.errors && data.errors.first;
+    if (first && first.node != null) await goToNode(data.errors.pane, first.node);     // open on the first failing node
     status();
     app.ready = true;
     document.body.dataset.ready = "1";

@@ -1,4 +1,4 @@
-/* Kiln viewer — sidebar contents: node, group, tensor, weight, model and profile panels. */
+/* Kiln viewer — sidebar contents: node, group, tensor, weight, model, profile and accuracy panels. */
 "use strict";
 var Kiln = window.Kiln || (window.Kiln = {});
 
@@ -36,6 +36,33 @@ var Kiln = window.Kiln || (window.Kiln = {});
   function table(rows) {
     return '<table class="kv">' + rows.filter((r) => r && r[1] !== undefined && r[1] !== null && r[1] !== "")
       .map(([k, v]) => `<tr><td>${esc(k)}</td><td>${v}</td></tr>`).join("") + "</table>";
+  }
+
+  /** An error number: "inf"/"nan" arrive as strings (JSON has no such numbers). */
+  function fmtErr(v) {
+    if (v == null) return "—";
+    if (typeof v === "string") return esc(v);
+    if (v === 0) return "0";
+    return Math.abs(v) >= 1e4 || Math.abs(v) < 1e-3 ? v.toExponential(3) : String(+v.toPrecision(4));
+  }
+  const fmtRange = (r) => (r ? `[${fmtErr(r[0])}, ${fmtErr(r[1])}]` : "—");
+  const verdict = (passed) => (passed === false ? '<span class="verdict fail">FAIL</span>' : passed === true ? '<span class="verdict pass">pass</span>' : "—");
+
+  /** One tensor's record from kiln compare --per-layer. */
+  function errorRecord(rec, metric) {
+    const rows = [["tensor", `<span class="mono">${esc(rec.tensor || "")}</span>`], ["result", verdict(rec.passed)],
+      ["max abs", fmtErr(rec.max_abs)], ["mean abs", fmtErr(rec.mean_abs)], ["max rel", fmtErr(rec.max_rel)],
+      ["rel L2", fmtErr(rec.rel_l2)], ["growth", rec.growth != null ? fmtErr(rec.growth) + "×" : "—"],
+      ["reference range", `<span class="mono">${fmtRange(rec.ref_range)}</span>`],
+      ["Kiln range", `<span class="mono">${fmtRange(rec.kiln_range)}</span>`]];
+    return `<div class="err-rec"><span class="chip-i" style="background:${rec.color}"></span>` +
+      `<b>${esc(metric)}</b> <span class="mono">${fmtErr(rec.value)}</span></div>` + table(rows);
+  }
+
+  function accuracySection(app, node) {
+    const errors = app.data.errors, metric = errors ? errors.metric : "error";
+    let html = `<h3>Accuracy${node.err.first ? ' · <span class="verdict fail">first failing</span>' : ""}</h3>`;
+    return html + node.err.recs.map((r) => errorRecord(r, metric)).join("");
   }
 
   /** Light Markdown (### headings, - lists, **bold**, `code`, _italic_) → HTML. */
@@ -83,6 +110,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
       ["category", esc(node.cat)], ["group", cl && cl.path ? `<a class="link" data-pane="${pi}" data-cluster="${node.c}">${esc(cl.path)}</a>` : ""]];
     for (const [k, v] of Object.entries(props)) if (k !== "domain" && k !== "since opset") rows.push([k, fmtValue(v)]);
     html += "<h3>Node</h3>" + table(rows);
+    if (node.err) html += accuracySection(app, node);
+    else if (pane.errors && !node.pseudo) html += '<h3>Accuracy</h3><p class="note">Not in the error report (not compared).</p>';
     const ov = node.ov;
     if (ov) {
       const orow = [["precision", esc(ov.precision)], ["tactic", ov.tactic ? `<code>${esc(ov.tactic)}</code>` : ""],
@@ -114,6 +143,12 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const open = ps.expanded.has(cid);
     let html = `<div class="s-head"><span class="chip" style="background:#5b6574"></span><span class="big">${esc(c.name)}</span><span class="sub">${c.kind === "body" ? "subgraph" : "group"}</span></div>`;
     html += table([["path", `<span class="mono">${esc(c.path || c.name)}</span>`], ["nodes", String(c.size)], ["ports", `${c.pin.length} in · ${c.pout.length} out`]]);
+    if (pane.errors && c.err) {
+      const worst = pane.nodes[c.err.node];
+      html += "<h3>Accuracy</h3>" + table([["worst", `<span class="chip-i" style="background:${c.err.color}"></span><a class="link" data-pane="${pi}" data-node="${c.err.node}">${esc(worst.name || worst.op)}</a> <span class="mono">${fmtErr(worst.err.value)}</span>`],
+        ["compared", `${c.err.matched} nodes`], ["failed", c.err.failed ? `<span class="verdict fail">${c.err.failed}</span>` : "0"],
+        ["first failing", c.err.first ? "inside this group" : ""]]);
+    }
     if (c.kind === "group") html += `<div class="btn-row"><button data-pane="${pi}" data-toggle="${cid}">${open ? "Collapse" : "Expand"}</button></div>`;
     html += "<h3>Operators</h3><div class=\"hist\">" + ops.map(([op, n]) => `<span>${esc(op)}</span><span class="mono">${n}</span>`).join("") + "</div>";
     return html;
@@ -177,5 +212,23 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return html;
   }
 
-  Kiln.panels = { nodePanel, clusterPanel, tensorPanel, weightPanel, modelPanel, profilePanel, markdown, esc, fmtBytes };
+  /** The error report: what was compared, the first failing tensor, and nodes ranked by error. */
+  function errorsPanel(app) {
+    const e = app.data.errors, pi = e.pane, pane = app.panes[pi].pane;
+    const rows = [];
+    pane.nodes.forEach((n, i) => { if (n.err) rows.push([i, n]); });
+    rows.sort((a, b) => (b[1].err.failed - a[1].err.failed) || (b[1].err.t - a[1].err.t));
+    let html = `<div class="s-head"><span class="chip" style="background:${e.scale.colors[e.scale.colors.length - 1]}"></span><span class="big">Accuracy</span><span class="sub">${esc(e.file)}</span></div>`;
+    const first = e.first;
+    html += table([["model", e.model ? `<span class="mono">${esc(e.model)}</span>` : ""], ["metric", `<b>${esc(e.metric)}</b> (colour, log scale)`],
+      ["tolerance", e.atol != null || e.rtol != null ? `atol ${fmtErr(e.atol)} · rtol ${fmtErr(e.rtol)}` : ""],
+      ["tensors", `${e.matched} of ${e.tensors} found in the model`], ["failed", e.failed ? `<span class="verdict fail">${e.failed}</span>` : "0"],
+      ["first failing", first ? (first.node != null ? `<a class="link" data-pane="${pi}" data-node="${first.node}">${esc(first.name || first.tensor)}</a>` : `${esc(first.name || first.tensor)} <span class="note">(not in this model)</span>`) : "none"]]);
+    html += '<h3>Nodes by error</h3><table class="rank">' + rows.map(([i, n], k) =>
+      `<tr data-pane="${pi}" data-node="${i}"><td class="note">${k + 1}</td><td class="nm" title="${esc(n.name)}">${esc(n.name || n.op)}</td>` +
+      `<td class="mono">${fmtErr(n.err.value)}</td><td style="width:70px"><div class="bar" style="width:${Math.max(4, 70 * n.err.t)}px;background:${n.err.color}"></div></td></tr>`).join("") + "</table>";
+    return html;
+  }
+
+  Kiln.panels = { nodePanel, clusterPanel, tensorPanel, weightPanel, modelPanel, profilePanel, errorsPanel, markdown, esc, fmtBytes };
 })();

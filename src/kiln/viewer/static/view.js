@@ -47,30 +47,77 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return `<rect class="heat" x="1" y="${f(h - 5)}" width="${f(w - 2)}" height="4" rx="2" fill="${heatColor(ov.time_ms / profileMax)}"/>`;
   }
 
+  const NO_RECORD = "#9ca3af";        // as accuracy.NO_RECORD
+
+  function errTitle(err) {             // the error line of a box's tooltip, as render._err_title
+    if (!err) return "";
+    const v = err.value, shown = typeof v === "number" ? String(Number(v.toPrecision(3))) : String(v);
+    return `\nerror ${shown}${err.failed ? " · failed" : ""}${err.first ? " · first failing" : ""}`;
+  }
+
+  function firstRing(w, h, r) {
+    return `<rect class="err-ring" x="-4" y="-4" width="${f(w + 8)}" height="${f(h + 8)}" rx="${r + 3}"/>`;
+  }
+
   function nodeSvg(pane, b, toggles, cls, profileMax) {
     const node = pane.nodes[b.id], M = Kiln.metrics;
     const [head, rows] = Kiln.layout.boxContent(node, toggles);
-    const w = b.w, h = b.h;
-    let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
-      `<title>${esc(node.name || node.op)}</title><rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
-      `<path class="head" d="${headPath(w, M.headH, !rows.length)}"/>` +
+    const w = b.w, h = b.h, err = node.err;
+    const paint = pane.errors && !node.pseudo ? ` style="fill:${err ? err.color : NO_RECORD}"` : "";
+    const first = err && err.first ? " err-first" : "";
+    let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${first}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+      `<title>${esc((node.name || node.op) + errTitle(err))}</title><rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
+      `<path class="head" d="${headPath(w, M.headH, !rows.length)}"${paint}/>` +
       `<text class="op" x="${f(w / 2)}" y="${f(M.headH / 2)}">${esc(head)}</text>`;
     if (node.sub) s += `<text class="more" x="${f(w - 6)}" y="${f(M.headH / 2)}">${b.open ? "−" : "+"}</text>`;
     rows.forEach(([rk, text], i) => {
       const y = M.headH + M.rowPad / 2 + i * M.rowH + M.rowH / 2;
       s += `<text class="row ${rk}" x="${M.padX}" y="${f(y)}">${rowText(rk, text)}</text>`;
     });
-    return s + overlaySvg(node, w, h, profileMax) + "</g>";
+    return s + overlaySvg(node, w, h, profileMax) + (first ? firstRing(w, h, R) : "") + "</g>";
   }
 
   function groupSvg(pane, b, cls) {
-    const c = pane.clusters[b.id], M = Kiln.metrics;
-    return `<g class="group${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
-      `<title>${esc(c.path || c.name)}</title><rect class="stack" x="4" y="4" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
+    const c = pane.clusters[b.id], M = Kiln.metrics, err = pane.errors ? c.err : null;
+    const stack = err ? ` style="fill:${err.color};stroke:${err.color}"` : "";
+    const first = err && err.first ? " err-first" : "";
+    let title = c.path || c.name;
+    if (err) {
+      const worst = pane.nodes[err.node];
+      title += `\nworst: ${worst.name || worst.op}${errTitle(worst.err)}\n${err.failed} of ${err.matched} compared nodes failed`;
+    }
+    let s = `<g class="group${first}${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+      `<title>${esc(title)}</title><rect class="stack" x="4" y="4" width="${f(b.w)}" height="${f(b.h)}" rx="6"${stack}/>` +
       `<rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
       `<text class="title" x="${M.padX}" y="${f(M.headH / 2 + 1)}">${esc(c.name)}</text>` +
       `<text class="count" x="${M.padX}" y="${f(M.headH + M.rowH / 2)}">${c.size} nodes</text>` +
-      `<text class="toggle" x="${f(b.w - 7)}" y="${f(M.headH / 2 + 1)}">+</text></g>`;
+      `<text class="toggle" x="${f(b.w - 7)}" y="${f(M.headH / 2 + 1)}">+</text>`;
+    if (err) s += `<rect class="err-bar" x="1" y="${f(b.h - 6)}" width="${f(b.w - 2)}" height="5" rx="2" fill="${err.color}"/>`;
+    if (first) s += firstRing(b.w, b.h, 6);
+    return s + "</g>";
+  }
+
+  const LEGEND_W = 640, LEGEND_H = 58;      // as render.LEGEND_W, LEGEND_H
+
+  /** The accuracy scale, as render.legend_svg: one block per decade, then failed, not compared, first failing. */
+  function legendSvg(errors, x, y) {
+    const sc = errors.scale, bw = 44, n = sc.ticks.length;
+    let s = `<g class="err-legend" transform="translate(${f(x)},${f(y)})">` +
+      `<text class="title" x="0" y="6">Accuracy error · ${esc(String(errors.metric))} per tensor, log scale · ${esc(String(errors.file))}</text>`;
+    sc.colors.forEach((c, i) => { s += `<rect class="block" x="${i * bw}" y="16" width="${bw}" height="10" fill="${c}"/>`; });
+    sc.ticks.forEach((t, i) => {
+      const anchor = i === 0 ? "start" : i === n - 1 ? "end" : "middle";
+      s += `<text x="${i * bw}" y="34" text-anchor="${anchor}">${(i === 0 ? "≤" : i === n - 1 ? "≥" : "") + t}</text>`;
+    });
+    const sx = sc.colors.length * bw + 16;
+    s += `<rect class="block" x="${sx}" y="16" width="14" height="10" fill="${sc.failed}"/><text x="${sx + 18}" y="21">failed (orange or worse)</text>`;
+    s += `<rect class="block" x="${sx}" y="32" width="14" height="10" fill="${sc.none}"/><text x="${sx + 18}" y="37">not compared</text>`;
+    const first = errors.first || {};
+    let name = String(first.name || first.tensor || "");
+    if (Array.from(name).length > 34) name = "…" + Array.from(name).slice(-33).join("");   // as render.legend_svg
+    if (name) s += `<rect class="err-ring" x="${sx + 170}" y="16" width="14" height="10" rx="2"/><text x="${sx + 188}" y="21">first failing: ${esc(name)}</text>`;
+    s += `<text class="note" x="${sx + 170}" y="37">${errors.matched} of ${errors.tensors} tensors found in the model · ${errors.failed} failed</text>`;
+    return s + "</g>";
   }
 
   function frameSvg(pane, b, cls) {
@@ -94,14 +141,18 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   const ARROW = '<defs><marker id="kg-arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path class="arrowhead" d="M0,0L10,5L0,10z"/></marker></defs>';
 
-  /** The whole scene as one standalone SVG document (the page's "Export SVG"). */
-  function sceneSvg(pane, scene, toggles, lr, css, profileMax) {
-    const m = 24, w = scene.width + 2 * m, h = scene.height + 2 * m;
+  /** The whole scene as one standalone SVG document (the page's "Export SVG"); with `errors` (the page's
+   * accuracy summary) the legend sits under the graph. */
+  function sceneSvg(pane, scene, toggles, lr, css, profileMax, errors) {
+    const m = 24, legend = errors && pane.errors;
+    let w = scene.width + 2 * m, h = scene.height + 2 * m;
+    if (legend) { w = Math.max(w, LEGEND_W + 2 * m); h += LEGEND_H; }
     const parts = [`<svg xmlns="${NS}" class="kg" width="${f(w)}" height="${f(h)}" viewBox="${f(-m)} ${f(-m)} ${f(w)} ${f(h)}">`,
       `<style>${css}</style>`, ARROW, `<rect x="${f(-m)}" y="${f(-m)}" width="${f(w)}" height="${f(h)}" fill="#ffffff"/>`];
     for (const b of scene.boxes) if (b.kind === "frame") parts.push(frameSvg(pane, b, "")); else if (b.kind === "bodies") parts.push(bodiesSvg(b));
     for (const e of scene.edges) parts.push(edgeSvg(pane, e, lr));
     for (const b of scene.boxes) if (b.kind === "node") parts.push(nodeSvg(pane, b, toggles, "", profileMax)); else if (b.kind === "group") parts.push(groupSvg(pane, b, ""));
+    if (legend) parts.push(legendSvg(errors, 0, scene.height + m));
     parts.push("</svg>");
     return parts.join("\n");
   }
@@ -264,13 +315,19 @@ var Kiln = window.Kiln || (window.Kiln = {});
       let frames = "", groups = "", edges = "";
       for (const b of s.boxes) {
         const r = `M${f(b.x)},${f(b.y)}h${f(b.w)}v${f(b.h)}h${f(-b.w)}z`;
-        if (b.kind === "node") { const cat = this.pane.nodes[b.id].cat; byCat.set(cat, (byCat.get(cat) || "") + r); }
+        if (b.kind === "node") {         // by category, or by error colour under the accuracy overlay
+          const n = this.pane.nodes[b.id], key = this.pane.errors && !n.pseudo ? "err:" + (n.err ? n.err.color : NO_RECORD) : n.cat;
+          byCat.set(key, (byCat.get(key) || "") + r);
+        }
         else if (b.kind === "group") groups += r;
         else frames += r;
       }
       for (const e of s.edges) edges += "M" + e.pts.map(([x, y]) => f(x) + "," + f(y)).join("L");
       let html = `<path class="lod-frames" d="${frames}"/><path class="lod-edges" d="${edges}"/><path class="lod-groups" d="${groups}"/>`;
-      for (const [cat, d] of byCat) html += `<g class="cat-${esc(cat)}"><path class="head" d="${d}"/></g>`;
+      for (const [key, d] of byCat) {
+        if (key.startsWith("err:")) html += `<path class="head" style="fill:${esc(key.slice(4))}" d="${d}"/>`;
+        else html += `<g class="cat-${esc(key)}"><path class="head" d="${d}"/></g>`;
+      }
       this.layers.lod.innerHTML = html;
     }
 
@@ -337,5 +394,5 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   Kiln.GraphView = GraphView;
-  Kiln.draw = { sceneSvg, nodeSvg, heatColor, pathD };
+  Kiln.draw = { sceneSvg, nodeSvg, heatColor, pathD, legendSvg, LEGEND_W, LEGEND_H };
 })();
