@@ -49,11 +49,18 @@ def other_input(layer: Layer, t: Tensor) -> Tensor | None:
 
 
 def replace_output(net: Network, old: Tensor, new: Tensor) -> None:
-    """Make ``new`` stand for ``old`` everywhere, keeping a network output's public name."""
+    """Make ``new`` stand for ``old`` everywhere, keeping a network output's public name.
+
+    When ``new`` now carries ``old``'s values under a name nobody else reads (a fused layer's fresh
+    output, or a layer's output whose only reader is being fused into it), it takes over ``old``'s
+    name, so engine tensors keep the names of the ONNX tensors they compute (``kiln compare
+    --per-layer`` matches intermediate values by name)."""
     was_output = old in net.outputs
+    fresh = new.producer is not None and not new.is_constant and new not in net.outputs \
+        and all(layer is old.producer for layer, _ in new.uses)
     name = old.name
     net.replace_all_uses(old, new)
-    if was_output:
+    if was_output or fresh:
         net.tensors.pop(name, None)
         old.name = name + "#dead"
         net.rename(new, name)
