@@ -23,6 +23,7 @@ _LAZY = {
     "field": ("kiln.plugins", "field"), "register": ("kiln.plugins", "register"),
     "KilnError": ("kiln.errors", "KilnError"), "errors": ("kiln.errors", None),
     "onnx": ("kiln.onnx", None), "view": ("kiln.viewer", "view"),
+    "compare": ("kiln.comparison", "compare"), "CompareResult": ("kiln.comparison", "CompareResult"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -306,10 +306,34 @@ def cmd_demo(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from kiln.compare import compare
+    from kiln.comparison import compare
     _load_plugins(args.plugins)
-    return compare(args.model, engine_path=args.engine, device=args.device, shapes=parse_shapes(args.shapes, "--shapes"),
-                   rtol=args.rtol, atol=args.atol, fp16=args.fp16)
+    inputs = {}
+    for item in args.input or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise KilnError(f"--input takes NAME=FILE.npy; got {item!r}.")
+        inputs[name] = path
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    per_layer = args.per_layer or bool(args.save_errors)
+    progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
+    result = compare(args.model, precision=precision, device=args.device, engine=args.engine, inputs=inputs,
+                     data=args.data, shapes=parse_shapes(args.shapes, "--shapes"), atol=args.atol, rtol=args.rtol,
+                     check_error_stat=args.check_error_stat, per_layer=per_layer, growth=args.growth,
+                     reduce=args.reduce, reduce_output=args.reduce_output, seed=args.seed,
+                     log=progress)
+    print(result.report(histogram=not args.no_histogram))
+    if per_layer:
+        import os
+        out = args.save_errors or os.path.splitext(os.path.basename(args.model))[0] + ".errors.json"
+        result.save_errors(out)
+        print(f"wrote per-layer errors to {out}; see them on the graph: kiln view {args.model} --errors {out}")
+    if result.reduced is not None:
+        import os
+        data = os.path.splitext(result.reduced_path)[0] + "-data"
+        print(f"reproduce: kiln compare {result.reduced_path} --data {data}"
+              + (" --fp16" if args.fp16 else " --bf16" if args.bf16 else ""))
+    return 0 if result.passed else 1
 
 
 # ---- parser -----------------------------------------------------------------------------
@@ -377,16 +401,37 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("compare", help="run a model with Kiln and ONNX Runtime on the same inputs and diff outputs",
-                       description="Build (or load --engine) and run MODEL with Kiln and with ONNX Runtime (CPU) on the "
-                                   "same random inputs; report max/relative error per output. Exit 1 on mismatch.")
+    p = sub.add_parser("compare", help="run a model with Kiln and ONNX Runtime on the same inputs; find where they differ",
+                       description="Build (or load --engine) and run MODEL with Kiln and with ONNX Runtime (CPU, the "
+                                   "reference) on the same inputs. Per output: shape, max/mean absolute and relative "
+                                   "error, pass/fail and an error histogram. A tensor passes when "
+                                   "STAT(|kiln-ref|) <= atol + rtol*STAT(|ref|). Exit 0 when all pass, 1 when any "
+                                   "fails, 2 on a usage error.")
     p.add_argument("model", help="the .onnx model")
-    p.add_argument("--engine", help="use this built engine instead of building")
+    p.add_argument("--engine", help="use this built engine instead of building one")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device to build for (default: cuda when available)")
-    p.add_argument("--fp16", action="store_true", help="build in FP16 (looser default tolerance)")
-    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="input shapes for dynamic inputs")
-    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e-4, fp16 1e-2)")
-    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default 1e-5, fp16 1e-2)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fp16", action="store_true", help="build in FP16")
+    g.add_argument("--bf16", action="store_true", help="build in BF16")
+    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="shapes of random inputs with dynamic dims")
+    p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)")
+    p.add_argument("--data", metavar="DIR|FILE.npz", help="inputs from a folder of NAME.npy (or input_N.pb) files")
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--check-error-stat", choices=("max", "mean", "median"), default="max",
+                   help="the error statistic checked against the tolerances (default max)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="compare every intermediate tensor too and name the first layer whose error jumps")
+    p.add_argument("--growth", type=float, default=10.0, metavar="X",
+                   help="a layer 'jumps' when its error is X times its inputs' (default 10)")
+    p.add_argument("--save-errors", metavar="FILE.json",
+                   help="where --per-layer writes the errors for kiln view --errors (default MODEL.errors.json)")
+    p.add_argument("--reduce", action="store_true",
+                   help="shrink a failing model to the smallest subgraph that still fails and save it")
+    p.add_argument("--reduce-output", metavar="FILE.onnx", help="where --reduce saves (default MODEL.reduced.onnx)")
+    p.add_argument("--no-histogram", action="store_true", help="leave out the error histograms")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each --reduce step")
     p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
     p.set_defaults(func=cmd_compare)
 
