@@ -335,7 +335,7 @@ def im2col_launch_config(geo: _Geo) -> tuple[int, int, int, int]:
 
 
 def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, mask: Any, out: Any,
-                 workspace: Any, geo: _Geo) -> None:
+                 workspace: Any, geo: _Geo, config: tuple | None = None) -> None:
     import torch
 
     if out.numel() == 0:
@@ -347,7 +347,7 @@ def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, 
     else:      # no (big enough) workspace: eager use only, carve() allocates
         chunk = max(1, min(geo.n, _WS_CAP // (per_image * x.element_size())))
     (cols,) = _util.carve(workspace, [((chunk, geo.c * geo.kk, geo.l), x.dtype)], x.device, p.name)
-    block_c, block_p, cch, warps = im2col_launch_config(geo)
+    block_c, block_p, cch, warps = config or im2col_launch_config(geo)
     chunks = _util.cdiv(geo.cpo, cch)
     wm = w.reshape(geo.g, geo.ocg, geo.cg * geo.kk)
     mk = mask if mask is not None else off

@@ -356,7 +356,7 @@ def grid_sample_launch_config(n: int, c: int, hw_out: int, mode: str) -> tuple[i
     return block_c, block_p, c_chunk, 4
 
 
-def _grid_sample_triton(p: GridSample, x: Any, grid: Any, out: Any) -> None:
+def _grid_sample_triton(p: GridSample, x: Any, grid: Any, out: Any, config: tuple | None = None) -> None:
     _util.require_triton("GridSample")
     if not out.is_contiguous():
         raise PluginError("Plugin GridSample writes a contiguous [N,C,Ho,Wo] output; the runtime gave a strided one.")
@@ -367,7 +367,7 @@ def _grid_sample_triton(p: GridSample, x: Any, grid: Any, out: Any) -> None:
     if h == 0 or w == 0:
         out.zero_()
         return
-    block_c, block_p, c_chunk, warps = grid_sample_launch_config(n, c, ho * wo, p.mode)
+    block_c, block_p, c_chunk, warps = config or grid_sample_launch_config(n, c, ho * wo, p.mode)
     launch = (_util.cdiv(ho * wo, block_p), n, _util.cdiv(c, c_chunk))
     _grid_sample_kernel[launch](x, grid, out, c, h, w, ho * wo, wo, *x.stride(), grid.stride(0), grid.stride(1), grid.stride(2),
                  grid.stride(3), c_chunk, MODE=_MODES[p.mode], PAD=_PADS[p.padding_mode], ALIGN=bool(p.align_corners),

@@ -1,0 +1,123 @@
+"""Launch-configuration sweep for the GridSample and DCNv2 im2col Triton kernels (GPU machine).
+
+    python benchmarks/sweep_plugins.py [--only grid_sample,deform_conv]
+
+For each realistic shape: every (BLOCK_C, BLOCK_P, channel chunk, num_warps) candidate is
+checked against the peer's output, then timed from a CUDA graph (kernel time, no launch
+overhead) with CUDA events; prints the current configuration's time, the best five, and the
+peer's time eager and from a CUDA graph. The winners inform the *_launch_config functions.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plugins_bench import time_ms  # noqa: E402
+
+from kiln.plugins.builtin import deform_conv as dcn  # noqa: E402
+from kiln.plugins.builtin import grid_sample as gs  # noqa: E402
+
+DEV = "cuda"
+
+
+def graphed(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def sweep(title, configs, make_call, check, current, peer):
+    rows = []
+    for cfg in configs:
+        try:
+            call = make_call(cfg)
+            call()
+            if not check():
+                rows.append((float("inf"), cfg, "WRONG"))
+                continue
+            rows.append((time_ms(graphed(call), 50)["median"], cfg, ""))
+        except Exception as exc:       # a config may not compile (registers, shared memory)
+            rows.append((float("inf"), cfg, type(exc).__name__))
+    rows.sort(key=lambda r: r[0])
+    cur = next((r for r in rows if r[1] == current), None)
+    pe, pg = time_ms(peer, 50)["median"], time_ms(graphed(peer), 50)["median"]
+    print(f"== {title}: peer eager {pe:.4f} ms, peer graph {pg:.4f} ms; current {current} "
+          f"{cur[0] if cur else float('nan'):.4f} ms")
+    for t, cfg, note in rows[:6]:
+        print(f"   {t:.4f} ms  (BLOCK_C, BLOCK_P, chunk, warps) = {cfg} {note}")
+    bad = [r for r in rows if r[2] == "WRONG"]
+    if bad:
+        print(f"   {len(bad)} configs gave wrong results, e.g. {bad[0][1]}")
+
+
+def grid_sample_cases():
+    for dtype, (n, c, h, w) in itertools.product((torch.float32, torch.float16),
+                                                  ((8, 64, 128, 128), (32, 32, 64, 64), (4, 256, 32, 100))):
+        g = torch.Generator(DEV).manual_seed(3)
+        x = torch.randn(n, c, h, w, device=DEV, generator=g).to(dtype)
+        theta = torch.eye(2, 3, device=DEV)[None] + 0.1 * torch.randn(n, 2, 3, device=DEV, generator=g)
+        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False).to(dtype)
+        p = gs.GridSample(mode="bilinear", padding_mode="zeros", align_corners=0)
+        out = torch.empty(n, c, h, w, device=DEV, dtype=dtype)
+        want = F.grid_sample(x.float(), grid.float(), align_corners=False)
+        configs = [(bc, bp, ch, wp) for bc in (1, 2, 4, 8, 16) for bp in (64, 128, 256, 512) for wp in (2, 4, 8)
+                   for ch in (c, max(bc, c // 2), max(bc, c // 4)) if bc * bp <= 4096]
+        current = gs.grid_sample_launch_config(n, c, h * w, "bilinear")
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        sweep(f"GridSample {str(dtype)[6:]} [{n},{c},{h},{w}]", configs,
+              lambda cfg: (lambda: gs._grid_sample_triton(p, x, grid, out, cfg)),
+              lambda: bool(torch.allclose(out.float(), want, rtol=tol, atol=tol)), current,
+              lambda: F.grid_sample(x, grid, align_corners=False))
+
+
+def deform_conv_cases():
+    import torchvision
+    for dtype, batch in ((torch.float32, 1), (torch.float32, 8), (torch.float16, 8)):
+        g = torch.Generator(DEV).manual_seed(2)
+        x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
+        w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
+        bias = torch.randn(256, device=DEV, generator=g).to(dtype)
+        off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
+        mask = torch.rand(batch, 9, 64, 64, device=DEV, generator=g).to(dtype)
+        p = dcn.ModulatedDeformConv2d(pads=[1, 1, 1, 1])
+        geo = dcn._Geo(p, x, w, off, mask, 3, 3)
+        ws = torch.empty(p.workspace_size([dcn.TensorDesc(tuple(t.shape), str(t.dtype)[6:])
+                                           for t in (x, w, off, bias, mask)]), dtype=torch.uint8, device=DEV)
+        out = torch.empty(batch, 256, 64, 64, device=DEV, dtype=dtype)
+        want = torchvision.ops.deform_conv2d(x.float(), off.float(), w.float(), bias.float(), padding=(1, 1),
+                                             mask=mask.float())
+        tol = 5e-3 if dtype == torch.float32 else 5e-2
+        configs = [(bc, bp, ch, wp) for bc in (1, 2, 4, 8) for bp in (64, 128, 256) for wp in (4, 8)
+                   for ch in (16, 64, 256) if bc <= ch]
+        sweep(f"DCNv2 im2col+GEMM {str(dtype)[6:]} b{batch}", configs,
+              lambda cfg: (lambda: dcn._im2col_gemm(p, x, w, off, bias, mask, out, ws, geo, cfg)),
+              lambda: bool(torch.allclose(out.float(), want, rtol=tol, atol=tol * float(want.abs().max()))),
+              dcn.im2col_launch_config(geo),
+              lambda: torchvision.ops.deform_conv2d(x, off, w, bias, padding=(1, 1), mask=mask))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="grid_sample,deform_conv")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name())
+    if "grid_sample" in args.only:
+        grid_sample_cases()
+    if "deform_conv" in args.only:
+        deform_conv_cases()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
