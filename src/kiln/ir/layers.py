@@ -91,8 +91,9 @@ define_layer("Slice", 3, 5, "x, starts, ends, axes?, steps?", host_inputs=(1, 2,
 define_layer("Resize", 1, 4, "x, roi?, scales?, sizes?; attrs mode, coordinate_transformation_mode, nearest_mode, "
              "cubic_coeff_a, exclude_outside, extrapolation_value, antialias, axes, keep_aspect_ratio_policy",
              host_inputs=(1, 2, 3))
-define_layer("Normalization", 1, 5, "x, scale?, bias?, (mean, var for batch); attrs type (layer, instance, group, batch, "
-             "rms), axis, epsilon, num_groups; statistics in FP32")
+define_layer("Normalization", 1, 6, "x, scale?, bias?, (mean, var for batch), residual?; attrs type (layer, instance, "
+             "group, batch, rms), axis, epsilon, num_groups; statistics in FP32. With a residual (layer/rms only) the "
+             "layer normalizes x + residual; attrs sum_output adds a second output, the sum itself")
 define_layer("Cast", 1, 1, "attrs to (dtype name), saturate")
 define_layer("Shape", 1, 1, "the input's shape as int64 (host); attrs start, end")
 define_layer("Size", 1, 1, "element count as int64 scalar (host)")

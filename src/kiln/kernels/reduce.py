@@ -1,6 +1,8 @@
 """Reductions, SoftMax, normalizations and TopK. Statistics are computed in FP32."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -105,12 +107,36 @@ def make_softmax(attrs, ctx):
     return run
 
 
+def cached_cast():
+    """``cast(slot, p, dtype)``: ``p`` in ``dtype``, cast once per weight tensor and slot.
+
+    FP16/BF16 engines store normalization weights in the compute dtype already (the cast is then a
+    no-op); where they differ, a constant weight (the same tensor object on every call) is cast
+    once, so no cast kernel runs per inference or is recorded into a CUDA graph.
+    """
+    memo: dict = {}
+
+    def cast(slot: int, p, dtype):
+        if p is None or p.dtype == dtype:
+            return p
+        hit = memo.get(slot)
+        if hit is not None and hit[0]() is p and hit[1] == dtype:
+            return hit[2]
+        out = p.to(dtype)
+        if not p.is_meta:
+            memo[slot] = (weakref.ref(p), dtype, out)
+        return out
+    return cast
+
+
 @tactic("Normalization")
 def make_normalization(attrs, ctx):
     kind = attrs.get("type", "layer")
     eps = float(attrs.get("epsilon", 1e-5))
     axis = attrs.get("axis", -1)
     groups = attrs.get("num_groups", 1)
+    sum_output = bool(attrs.get("sum_output", False))
+    cast = cached_cast()
 
     def affine(y, scale, bias, shape):
         if scale is not None:
@@ -119,8 +145,7 @@ def make_normalization(attrs, ctx):
             y = y + _acc(bias).reshape(shape)
         return y
 
-    def run(x, scale=None, bias=None, mean=None, var=None):
-        xf = _acc(x)
+    def normalize(x, scale, bias, mean, var):
         r = x.dim()
         if kind in ("layer", "rms"):
             a = norm_axis(axis, r)
@@ -129,12 +154,12 @@ def make_normalization(attrs, ctx):
             fits = all(p is None or tuple(p.shape) == shape for p in (scale, bias))
             if fits and x.dtype.is_floating_point and x.dtype != torch.float64 and not x.is_meta:
                 # one fused kernel; for FP16/BF16 inputs it accumulates mean and variance in FP32
-                w = scale.to(x.dtype) if scale is not None else None
-                b = bias.to(x.dtype) if bias is not None else None
+                w, b = cast(0, scale, x.dtype), cast(1, bias, x.dtype)
                 if kind == "layer":
-                    return (F.layer_norm(x, shape, w, b, eps),)
+                    return F.layer_norm(x, shape, w, b, eps)
                 if hasattr(F, "rms_norm"):
-                    return (F.rms_norm(x, shape, w, eps),)
+                    return F.rms_norm(x, shape, w, eps)
+            xf = _acc(x)
             if kind == "layer":
                 mu = xf.mean(dims, keepdim=True)
                 var_ = ((xf - mu) ** 2).mean(dims, keepdim=True)
@@ -146,17 +171,18 @@ def make_normalization(attrs, ctx):
                 pshape = list(scale.shape) if scale.dim() <= len(pshape) else pshape
             y = affine(y, scale, bias, [-1] if scale is not None and scale.dim() == 1 and len(pshape) == 1
                        else (list(scale.shape) if scale is not None else pshape))
-            return (y.to(x.dtype),)
+            return y.to(x.dtype)
+        xf = _acc(x)
         cshape = [1, -1] + [1] * (r - 2)
         if kind == "batch":
             y = (xf - _acc(mean).reshape(cshape)) * torch.rsqrt(_acc(var).reshape(cshape) + eps)
-            return (affine(y, scale, bias, cshape).to(x.dtype),)
+            return affine(y, scale, bias, cshape).to(x.dtype)
         if kind == "instance":
             dims = tuple(range(2, r))
             mu = xf.mean(dims, keepdim=True)
             v = ((xf - mu) ** 2).mean(dims, keepdim=True)
             y = (xf - mu) * torch.rsqrt(v + eps)
-            return (affine(y, scale, bias, cshape).to(x.dtype),)
+            return affine(y, scale, bias, cshape).to(x.dtype)
         if kind == "group":
             n, c = x.shape[0], x.shape[1]
             g = xf.reshape(n, groups, -1)
@@ -166,8 +192,14 @@ def make_normalization(attrs, ctx):
             if scale is not None and scale.numel() == groups and c != groups:
                 scale = scale.repeat_interleave(c // groups)
                 bias = bias.repeat_interleave(c // groups) if bias is not None else None
-            return (affine(y, scale, bias, cshape).to(x.dtype),)
+            return affine(y, scale, bias, cshape).to(x.dtype)
         raise BuildError(f"Unknown normalization type {kind!r}; use layer, rms, instance, group or batch.")
+
+    def run(x, scale=None, bias=None, mean=None, var=None, residual=None):
+        if residual is not None:        # fused residual add (passes/fuse_add_norm.py): normalize x + residual
+            x = x + residual
+        y = normalize(x, scale, bias, mean, var)
+        return (y, x) if sum_output else (y,)
     return run
 
 

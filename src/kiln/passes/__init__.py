@@ -15,14 +15,15 @@ def default_passes() -> list[Pass]:
 
 def fusion_passes() -> list[Pass]:
     """Rewrites that merge layers; run after the cleanup passes have settled."""
+    from kiln.passes.cse import EliminateCommonSubexpressions
+    from kiln.passes.fuse_add_norm import FuseAddNorm
     from kiln.passes.fuse_attention import FuseAttention
     from kiln.passes.fuse_epilogue import FuseEpilogues
-    from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_patterns import FusePatterns
     from kiln.passes.fuse_pointwise import FusePointwise
     from kiln.passes.fuse_shuffles import FuseShuffles
     return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles(),
-            FusePointwise()]
+            FuseAddNorm(), FusePointwise()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]

@@ -1,0 +1,74 @@
+"""Residual add + normalization fusion: a transformer block's ``x + f(x)`` folds into the norm after it.
+
+Cases:
+- ElementWise(sum) of two non-constant tensors of the same shape and float dtype, read by a
+  Normalization (type layer or rms, over the last axis, no residual yet) → one Normalization with
+  the second operand as its residual input (post-LN blocks, e.g. BERT: ``LN(x + attn(x))``);
+- the same where other layers also read the sum (pre-LN blocks, e.g. ViT: the sum is the residual
+  stream carried to the next block) → the fused layer also outputs the sum (attrs sum_output) and
+  those readers read that second output;
+- the sum is a network output → it becomes the fused layer's second output, keeping its name.
+Not fused: broadcasting sums (a bias, a position embedding), norms over more than the last axis,
+a norm whose scale or bias is computed after the add.
+On the GPU the fused layer runs as one Triton kernel (kernels/norm_triton.py) that reads both
+operands once and writes the sum only when it is read again; elsewhere it adds, then normalizes.
+"""
+from __future__ import annotations
+
+from kiln.ir.network import Network
+from kiln.passes._match import producer, remove_dead, replace_output
+from kiln.passes.base import Pass, PassResult
+
+FLOATS = ("float32", "float16", "bfloat16")
+
+
+def _static_equal(*shapes) -> bool:
+    first = shapes[0]
+    return first is not None and None not in first and all(s == first for s in shapes)
+
+
+class FuseAddNorm(Pass):
+    name = "residual add + norm fusion"
+
+    def call(self, net: Network) -> PassResult:
+        modified = False
+        for norm in list(net.layers):
+            if norm in net.layers and norm.kind == "Normalization":
+                modified |= self._try(net, norm)
+        return PassResult(net, modified)
+
+    def _try(self, net: Network, norm) -> bool:
+        attrs = norm.attrs
+        x = norm.inputs[0]
+        if attrs.get("type", "layer") not in ("layer", "rms") or len(norm.outputs) != 1 or len(norm.inputs) > 3:
+            return False
+        if x.rank is None or x.rank == 0 or attrs.get("axis", -1) % x.rank != x.rank - 1:
+            return False
+        add = producer(x, "ElementWise", op="sum")
+        if add is None or len(add.inputs) != 2:
+            return False
+        a, b = add.inputs
+        if a is None or b is None or a.is_constant or b.is_constant:
+            return False
+        if not _static_equal(a.shape, b.shape, x.shape) or not (a.dtype == b.dtype == x.dtype) or x.dtype not in FLOATS:
+            return False
+        params = list(norm.inputs[1:3]) + [None] * (3 - len(norm.inputs))
+        where = net.layers.index(add)
+        if any(p is not None and p.producer is not None and net.layers.index(p.producer) > where for p in params):
+            return False
+        readers = [layer for layer, _ in x.uses if layer is not norm]
+        keep_sum = bool(readers) or x in net.outputs
+        fused_attrs = dict(attrs, sum_output=keep_sum)
+        fused = net.add_layer("Normalization", [a, params[0], params[1], None, None, b], fused_attrs,
+                              num_outputs=2 if keep_sum else 1, name=net.unique_name(norm.name + "/add"),
+                              origin=list(dict.fromkeys(add.origin + norm.origin)))
+        net.layers.remove(fused)
+        net.layers.insert(where, fused)
+        y = norm.outputs[0]
+        fused.outputs[0].shape, fused.outputs[0].dtype = y.shape, y.dtype
+        replace_output(net, y, fused.outputs[0])
+        if keep_sum:
+            fused.outputs[1].shape, fused.outputs[1].dtype = x.shape, x.dtype
+            replace_output(net, x, fused.outputs[1])
+        remove_dead(net, [norm, add])
+        return True
