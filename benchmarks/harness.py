@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import math
 import os
@@ -272,7 +271,7 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
               f"x{row['speedup_vs_best_peer'] or 0:.2f}  relL2 {row['kiln_rel_l2_vs_fp32']:.2e} "
               f"(eager fp16 {row['eager_fp16_rel_l2_vs_fp32']:.2e})  "
               f"build {row['build_s']:.1f}s", flush=True)
-        del ctx, engine
+        ctx = engine = None
         torch.cuda.empty_cache()
         model = model.float()
     return res

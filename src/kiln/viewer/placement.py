@@ -338,7 +338,6 @@ class Placer:
         return (ox + cx + off, oy + cy + (h / 2 if out else -h / 2))
 
     def _edges(self, c: dict, lay: ClusterLayout, ox: float, oy: float, out: dict) -> None:
-        n = len(c["items"])
         for src, tensor, trunk, dsts, flip in c["s"]["edges"]:
             start = self._anchor(c, lay, src, tensor, True, ox, oy)
             if trunk:

@@ -150,7 +150,7 @@ def mini_yolo(width: int = 16, depth: tuple[int, int, int, int] = (1, 1, 1, 1), 
     x = b.op("Concat", "/model.22", [x, h10], axis=1)
     o23 = _c3(b, x, 2 * c[3], c[4], depth[0], "/model.23", shortcut=False)
     s = size
-    y = _detect(b, [(o17, c[2], s // 8), (o20, c[3], s // 16), (o23, c[4], s // 32)], nc, "/model.24")
+    _detect(b, [(o17, c[2], s // 8), (o20, c[3], s // 16), (o23, c[4], s // 32)], nc, "/model.24")
     b.nodes[-1].output[0] = "output0"
     n_boxes = 3 * ((s // 8) ** 2 + (s // 16) ** 2 + (s // 32) ** 2)
     inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, s, s])]

@@ -35,7 +35,9 @@ def classifier_spec():
     conv.name, conv.input[:], conv.output[:] = "conv", ["image"], ["conv_out"]
     c = conv.convolution
     c.outputChannels, c.kernelChannels, c.hasBias = 2, 3, True
-    c.kernelSize.extend([3, 3]); c.stride.extend([1, 1]); c.valid.SetInParent()
+    c.kernelSize.extend([3, 3])
+    c.stride.extend([1, 1])
+    c.valid.SetInParent()
     c.weights.floatValue.extend(np.arange(54, dtype=np.float32).tolist())
     c.bias.floatValue.extend([0.5, -0.5])
     relu = nn.layers.add()

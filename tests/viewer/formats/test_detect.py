@@ -38,7 +38,7 @@ def test_every_reader_is_in_the_table():
 
 
 def test_onnx_files_stay_onnx(tmp_path):
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",

@@ -50,7 +50,10 @@ def test_quantized_tensor_listed(tmp_path):
     w = gguf.GGUFWriter(str(path), "llama")
     raw = np.zeros((2, 34), dtype=np.uint8)   # two Q8_0 blocks = 64 values
     w.add_tensor("q.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     wt = open_model(path).graph.weights["q.weight"]
     assert wt.dtype == "Q8_0" and wt.shape == [2, 32] and wt.nbytes == 68
 
