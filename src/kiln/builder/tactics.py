@@ -124,6 +124,13 @@ def _agree(outs, ref, precision: str) -> bool:
     return True
 
 
+def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
+    """Whether the engine will hand this input over in channels-last memory: 4-D FP16/BF16 outputs of
+    convolutions and poolings on the GPU are (kernels/conv.py), so tactics are timed on that layout."""
+    return (a.is_cuda and a.dim() == 4 and a.dtype in (torch.float16, torch.bfloat16)
+            and t.producer is not None and t.producer.kind in ("Convolution", "Pooling"))
+
+
 class _PluginTactic:
     """One of a plugin's implementations, shaped like a registry Tactic for timing."""
 
@@ -180,11 +187,15 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
             if v is UNKNOWN or not v.dtype.is_floating_point:
                 ok = False
                 break
-            ins.append(torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype))
+            a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
+            if _channels_last_at_runtime(t, a):
+                a = a.contiguous(memory_format=torch.channels_last)
+            ins.append(a)
         if not ok:
             continue
         key = "|".join([device_name, layer.kind, _sig(layer.attrs),
-                        ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" for a in ins)])
+                        ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + (":cl" if a.dim() == 4 and
+                                 not a.is_contiguous() else "") for a in ins)])
         times = cache.get(key)
         if times is None or not all(c.name in times for c in cands):
             times = dict(times or {})
