@@ -1,6 +1,6 @@
-"""Launch-configuration sweep for the GridSample and DCNv2 im2col Triton kernels (GPU machine).
+"""Launch-configuration sweep for Triton kernels: GridSample, DCNv2 im2col, NHWC pooling (GPU machine).
 
-    python benchmarks/sweep_plugins.py [--only grid_sample,deform_conv]
+    python benchmarks/sweep_plugins.py [--only grid_sample,deform_conv,pool]
 
 For each realistic shape: every (BLOCK_C, BLOCK_P, channel chunk, num_warps) candidate is
 checked against the peer's output, then timed from a CUDA graph (kernel time, no launch
@@ -107,15 +107,48 @@ def deform_conv_cases():
               lambda: torchvision.ops.deform_conv2d(x, off, w, bias, padding=(1, 1), mask=mask))
 
 
+def pool_cases():
+    from kiln.kernels import pool_triton as pt
+    cases = [("max 3x3 s2 p1", (256, 64, 112, 112), (3, 3), (2, 2), (1, 1, 1, 1)),
+             ("max 3x3 s2 p1", (32, 64, 112, 112), (3, 3), (2, 2), (1, 1, 1, 1)),
+             ("max 3x3 s2 p1", (1, 64, 112, 112), (3, 3), (2, 2), (1, 1, 1, 1)),
+             ("max 5x5 s1 p2", (1, 512, 20, 20), (5, 5), (1, 1), (2, 2, 2, 2)),
+             ("max 5x5 s1 p2", (16, 512, 20, 20), (5, 5), (1, 1), (2, 2, 2, 2))]
+    for title, shape, k, st, pads in cases:
+        x = torch.randn(shape, device=DEV).half().contiguous(memory_format=torch.channels_last)
+        want = F.max_pool2d(x, k, st, pads[:2])
+        holder = {}
+        configs = [(bp, bc, wp) for bc in (16, 32, 64, 128) for bp in (8, 16, 32, 64, 128) for wp in (1, 2, 4, 8)
+                   if bc * bp <= 8192]
+        n, c, h, w = shape
+        ho, wo = want.shape[2], want.shape[3]
+        sweep(f"MaxPool fp16 NHWC {title} {list(shape)}", configs,
+              lambda cfg: (lambda: holder.__setitem__("y", pt.pool2d(x, k, st, pads, config=cfg))),
+              lambda: bool(torch.equal(holder["y"], want)), pt.pool_launch_config(n, c, ho * wo, True),
+              lambda: F.max_pool2d(x, k, st, pads[:2]))
+    for shape in ((256, 2048, 7, 7), (1, 2048, 7, 7), (32, 960, 7, 7)):
+        x = torch.randn(shape, device=DEV).half().contiguous(memory_format=torch.channels_last)
+        want = F.adaptive_avg_pool2d(x, 1)
+        holder = {}
+        configs = [(bh, bc, wp) for bc in (16, 32, 64, 128) for bh in (8, 16, 32, 64) for wp in (1, 2, 4)]
+        sweep(f"GlobalAvgPool fp16 NHWC {list(shape)}", configs,
+              lambda cfg: (lambda: holder.__setitem__("y", pt.global_pool(x, "average", config=cfg))),
+              lambda: bool(torch.allclose(holder["y"].float(), want.float(), atol=2e-3, rtol=2e-3)),
+              pt.global_pool_launch_config(shape[0], shape[1], shape[2] * shape[3], True),
+              lambda: F.adaptive_avg_pool2d(x, 1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="grid_sample,deform_conv")
+    ap.add_argument("--only", default="grid_sample,deform_conv,pool")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     if "grid_sample" in args.only:
         grid_sample_cases()
     if "deform_conv" in args.only:
         deform_conv_cases()
+    if "pool" in args.only:
+        pool_cases()
     return 0
 
 
