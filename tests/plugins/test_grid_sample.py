@@ -113,7 +113,7 @@ def test_fields_and_descs():
     (d,) = p.output_descs([TensorDesc(("N", 3, "H", "W"), "float16"), TensorDesc(("N", 8, None, 2), "float16")])
     assert d.shape == ("N", 3, 8, None) and d.dtype == "float16"
     with pytest.raises(PluginError, match="4-D"):
-        p.output_descs([TensorDesc((1, 1, 2, 2, 2), "float32"), TensorDesc((1, 2, 2, 2, 3), "float32")])
+        p.output_descs([TensorDesc((1, 1, 2, 2, 2), "float32"), TensorDesc((1, 2, 2, 2), "float32")])  # ranks differ
     a = AffineGrid(size=[1, 3, 16, 20])
     assert a.output_descs([TensorDesc(("N", 2, 3), "float32")])[0].shape == ("N", 16, 20, 2)
     assert registry.get("GridSample", "kiln", "1") is GridSample and registry.get("AffineGrid", "kiln") is AffineGrid

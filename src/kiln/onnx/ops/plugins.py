@@ -36,14 +36,31 @@ def _plugin_converter(op: str, plugin_name: str):
                 f"which is not registered; reinstall Kiln or supply a plugin named {plugin_name!r}.")
         attrs = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in node.attrs.items()}
         inputs = list(node.inputs)
-        if op == "AffineGrid" and len(inputs) > 1 and inputs[1] is not None and inputs[1].is_constant:
-            # the output shape follows the values of 'size': a constant one becomes a plugin field
-            attrs["size"] = [int(v) for v in inputs[1].value.reshape(-1)]
-            inputs = inputs[:1]
+        if op == "AffineGrid" and len(inputs) > 1 and inputs[1] is not None:
+            # the output shape follows the values of 'size': a known one becomes a plugin field
+            size = _known_size(inputs[1])
+            if size is not None:
+                attrs["size"] = size
+                inputs = inputs[:1]
         plugin = cls(**cls.onnx_fields(attrs, ctx.opset))
         return plugin_outputs(ctx, plugin, inputs, node.num_outputs)
     convert.__name__ = f"{op.lower()}_plugin"
     return convert
+
+
+def _known_size(t) -> list[int] | None:
+    """AffineGrid's 'size' (4 or 5 elements) when known at parse time: a constant, or the Shape
+    of a tensor whose spatial dims are static (an exported ``affine_grid(theta, x.size())``).
+    Only the spatial entries matter (the batch comes from theta): unknown N or C become -1."""
+    if t.is_constant:
+        return [int(v) for v in t.value.reshape(-1)]
+    layer = t.producer
+    if layer is None or layer.kind != "Shape" or layer.attrs.get("start", 0) != 0 or layer.attrs.get("end") is not None:
+        return None
+    shape = layer.inputs[0].shape
+    if shape is None or len(shape) not in (4, 5) or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    return [d if isinstance(d, int) else -1 for d in shape]
 
 
 def _ships(module: str) -> bool:
