@@ -15,6 +15,7 @@ def default_passes() -> list[Pass]:
 
 def fusion_passes() -> list[Pass]:
     """Rewrites that merge layers; run after the cleanup passes have settled."""
+    from kiln.passes.collapse_views import CollapseViews
     from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_add_norm import FuseAddNorm
     from kiln.passes.fuse_attention import FuseAttention
@@ -22,8 +23,9 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_patterns import FusePatterns
     from kiln.passes.fuse_pointwise import FusePointwise
     from kiln.passes.fuse_shuffles import FuseShuffles
+    from kiln.passes.sink_shuffles import SinkShuffles
     return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles(),
-            FuseAddNorm(), FusePointwise()]
+            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]
