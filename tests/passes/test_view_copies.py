@@ -73,3 +73,13 @@ def test_layer_norm_casts_neither_input_nor_weights_per_call():
         (y2,) = run(x, w32, b32)
     assert mode.ops == []
     torch.testing.assert_close(y2, y)
+
+
+def test_kernel_attribution_runs_step_by_step():
+    """``kernels=True`` profiles one run and gives each step the CUDA kernels it launched (none on a CPU)."""
+    model, feeds = mt.mha(blocks=1)
+    engine = mt.build(model, feeds)
+    rows = count_copies(engine, feeds, kernels=True)
+    assert [r.name for r in rows] == [layer["name"] for layer in engine.layers]
+    if not torch.cuda.is_available():
+        assert all(r.kernels == [] for r in rows)

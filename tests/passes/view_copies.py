@@ -9,6 +9,7 @@ kernel calls internally (inside cuDNN attention, say) stay invisible — for tho
 lists the CUDA kernels each step launched.
 
     python tests/passes/view_copies.py model.onnx --shapes x:2x10x64 [--precision fp16] [--device cuda]
+    python tests/passes/view_copies.py --zoo bert_base:32 --precision fp16 --device cuda --kernels
 """
 from __future__ import annotations
 
@@ -100,12 +101,16 @@ def count_copies(engine, feeds: dict[str, np.ndarray], kernels: bool = False) ->
 def _attribute_kernels(program, tensors, rows: list[StepCopies]) -> None:
     """Run once under torch.profiler and give each step the CUDA kernels launched inside it."""
     from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
     program.run_env({}, tensors)                 # warm-up (lazy loads, cuDNN plans)
     rows.clear()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        program.run_env({}, tensors)
+    if cuda:
         torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        program.run_env({}, tensors)
+        if cuda:
+            torch.cuda.synchronize()
+
     def launched(event) -> list[str]:
         names = [k.name for k in getattr(event, "kernels", [])]
         for child in event.cpu_children:
@@ -116,32 +121,65 @@ def _attribute_kernels(program, tensors, rows: list[StepCopies]) -> None:
         row.kernels = by_step.get(row.name, [])
 
 
+def _zoo(spec: str, folder: str) -> tuple[str, dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+    """Export a model of benchmarks/harness.py ("bert_base:32") as the benchmarks do: ONNX path, shapes, feeds."""
+    import os
+    import sys
+    name, batch = spec.split(":")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    import harness
+    torch.manual_seed(0)
+    model, make_inputs, in_names, out_names, _ = harness.build_model(name)
+    harness.calibrate(model, make_inputs)
+    path = os.path.join(folder, f"{name}.onnx")
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), make_inputs(1), path, input_names=in_names, output_names=out_names[:1],
+                          dynamic_axes={n: {harness.batch_axis(name): "b"} for n in in_names}, opset_version=17,
+                          dynamo=False)
+    inputs = make_inputs(int(batch))
+    return path, {n: tuple(t.shape) for n, t in zip(in_names, inputs)}, \
+        {n: t.numpy() for n, t in zip(in_names, inputs)}
+
+
 def main() -> int:
+    import tempfile
+
     import kiln
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--shapes", required=True, help="name:AxBxC[,name:...] (also the profile)")
+    ap.add_argument("model", nargs="?", help="an ONNX file (or --zoo)")
+    ap.add_argument("--shapes", help="name:AxBxC[,name:...] (also the profile)")
+    ap.add_argument("--zoo", help="a benchmarks/harness.py model and batch, e.g. bert_base:32")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--kernels", action="store_true", help="CUDA kernels per step (GPU only)")
+    ap.add_argument("--kernels", action="store_true", help="the CUDA kernels each step launched (on a GPU)")
     ap.add_argument("--all", action="store_true", help="every step, not only those that copy")
     args = ap.parse_args()
-    shapes = {n: tuple(int(d) for d in s.split("x")) for n, s in (p.split(":") for p in args.shapes.split(","))}
-    engine = kiln.build(kiln.onnx.parse(args.model), kiln.BuildConfig(device=args.device, precision=args.precision,
-                                                                       profiles=shapes))
+    feeds: dict[str, np.ndarray] = {}
+    if args.zoo:
+        path, shapes, feeds = _zoo(args.zoo, tempfile.mkdtemp())
+    elif args.model and args.shapes:
+        path = args.model
+        shapes = {n: tuple(int(d) for d in s.split("x")) for n, s in (p.split(":") for p in args.shapes.split(","))}
+    else:
+        ap.error("give an ONNX file with --shapes, or --zoo")
+    engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(device=args.device, precision=args.precision,
+                                                                 profiles=shapes))
     rng = np.random.default_rng(0)
-    feeds = {}
     for spec in engine.inputs:
         shape = shapes[spec["name"]]
-        feeds[spec["name"]] = rng.integers(0, 2, shape) if spec["dtype"].startswith("int") else \
-            rng.standard_normal(shape).astype(spec["dtype"])
+        if spec["name"] not in feeds:
+            feeds[spec["name"]] = rng.integers(0, 2, shape) if spec["dtype"].startswith("int") else \
+                rng.standard_normal(shape).astype(spec["dtype"])
     rows = count_copies(engine, feeds, kernels=args.kernels)
     for r in rows:
         copy_kernels = [k for k in r.kernels if "copy" in k.lower()]
         if args.all or r.copies or copy_kernels:
+            kernels = f"{len(r.kernels)} kernels ({len(copy_kernels)} copies)  " if args.kernels else ""
             print(f"{r.kind:14s} {r.tactic:12s} {'COPY ' if r.copies else '     '}{','.join(r.copy_ops):20s} "
-                  f"{len(copy_kernels)} copy kernels  {r.name}")
-    print(f"{sum(r.copies for r in rows)} of {len(rows)} steps copy")
+                  f"{kernels}{r.name}")
+    print(f"{sum(r.copies for r in rows)} of {len(rows)} steps copy"
+          + (f"; {sum(any('copy' in k.lower() for k in r.kernels) for r in rows)} launch a copy kernel"
+             if args.kernels else ""))
     return 0
 
 

@@ -1,9 +1,16 @@
 """The fused ``Attention`` layer (made by passes/fuse_attention.py) on torch's SDPA.
 
-NOTE: reconstructed by helper A after an accidental overwrite of this file's
-first version (see the issue-3 report); the owner may replace it wholesale.
 ``scaled_dot_product_attention`` picks flash / cuDNN / memory-efficient kernels
 on the GPU and never materializes the S×S scores; on the CPU it is the math path.
+
+q, k and v arrive as strided views (passes/collapse_views.py makes them selects of a permuted
+packed projection, e.g. [B, H, S, hd] with strides of a [B, S, 3, H, hd] tensor): every SDPA
+backend reads them in place as long as the last dim is contiguous, so no tactic here calls
+``.contiguous()``. The output's memory order follows q's on cuDNN, the CPU and (for a dense q)
+flash attention, and is [B, S, H, hd] otherwise; with q in [B, S] order it is [B, S, H, hd] everywhere,
+so the merge of heads after it (Transpose → Reshape[B, S, D]) stays a view. ``matmul_softmax``
+folds [B, H] into one batch dim for cuBLAS, which copies such views; the builder times it
+against the fused kernels.
 """
 from __future__ import annotations
 
