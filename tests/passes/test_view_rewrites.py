@@ -121,3 +121,20 @@ def test_transpose_before_a_projection_moves_after_it():
     kinds = [layer["kind"] for layer in layers]
     assert kinds == ["Activation", "FullyConnected", "Shuffle", "Activation"]
     assert layers[1]["inputs"][0] == layers[0]["outputs"][0]
+
+
+def test_a_transpose_stays_before_the_projection_where_moving_it_would_copy():
+    """``Transpose[1,0,2] → MatMul → Reshape[S·B, N]``: after the projection the transpose would meet a
+    Reshape merging S and B of a [B, S]-ordered tensor, a copy; before it, both are views."""
+    b, s, k, n = 2, 3, 4, 6
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Transpose", ["a"], ["t1"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["t1", "w"], ["p"]),
+             helper.make_node("Reshape", ["p", "s1"], ["r1"]),
+             helper.make_node("Sigmoid", ["r1"], ["y"])]
+    model = _model(nodes, [("x", [b, s, k])], [s * b, n], [("w", w), _shape("s1", [s * b, n])])
+    layers = _run(model, {"x": RNG.standard_normal((b, s, k)).astype(np.float32)})
+    kinds = [layer["kind"] for layer in layers]
+    assert kinds == ["Activation", "Shuffle", "MatMul", "Shuffle", "Activation"]
+    assert layers[1]["attrs"]["first_transpose"] == [1, 0, 2]

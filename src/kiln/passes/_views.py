@@ -166,6 +166,52 @@ def local_readers(t: Tensor, net: Network) -> bool:
     return all(layer.network is net for layer, _ in t.uses)
 
 
+def layer_steps(layers: list[Layer]) -> list[tuple]:
+    return [step for layer in layers for step in view_steps(layer) or ()]
+
+
+def form_steps(form: dict[str, Any], shape: tuple[int, ...]) -> list[tuple]:
+    """The canonical form as view steps from a source of ``shape`` (what ``emit`` builds)."""
+    steps: list[tuple] = []
+    if list(form["split"]) != list(shape):
+        steps.append(("reshape", tuple(form["split"])))
+    if form["perm"] != list(range(len(form["perm"]))):
+        steps.append(("perm", tuple(form["perm"])))
+    steps += [("select", 0, i) for i in form["selects"]]
+    if form["merge"] is not None:
+        steps.append(("reshape", tuple(form["merge"])))
+    return steps
+
+
+def predicted_copies(shape: tuple[int, ...], steps: list[tuple]) -> int:
+    """How many reshapes among ``steps`` copy when the source is contiguous (run on the meta device).
+    A Shuffle holds one reshape at most, so this counts copying layers."""
+    import torch
+    x = torch.empty(shape, device="meta")
+    copies = 0
+    for step in steps:
+        if step[0] == "perm":
+            x = x.permute(step[1])
+        elif step[0] == "select":
+            x = x.select(step[1], step[2])
+        else:
+            y = x.reshape(step[1])
+            copies += not y._is_view() and y.numel() > 1
+            x = y
+    return copies
+
+
+def collapsed_copies(shape: tuple[int, ...], steps: list[tuple], out_shape: tuple[int, ...]) -> int:
+    """Copies left once ``steps`` from a source of ``shape`` are collapsed to their canonical form."""
+    try:
+        m = ViewMap(shape)
+        for step in steps:
+            m.apply(step)
+        return predicted_copies(shape, form_steps(m.canonical(out_shape), shape))
+    except NotAView:
+        return predicted_copies(shape, steps)
+
+
 def chain_to(t: Tensor) -> tuple[Tensor, list[Layer]]:
     """The longest chain of static view layers producing ``t``: (its source, the layers in order)."""
     chain: list[Layer] = []

@@ -16,8 +16,6 @@ elements across dims of unrelated sizes) are left alone.
 """
 from __future__ import annotations
 
-import torch
-
 from kiln.ir.network import Layer, Network
 from kiln.passes._match import remove_dead, replace_output
 from kiln.passes._views import (
@@ -26,30 +24,12 @@ from kiln.passes._views import (
     chain_to,
     emit,
     is_view,
+    layer_steps,
     local_readers,
+    predicted_copies,
     static_shape,
-    view_steps,
 )
 from kiln.passes.base import Pass, PassResult
-
-
-def predicted_copies(shape: tuple[int, ...], layers: list[Layer]) -> int:
-    """How many of ``layers`` (a chain) copy when their source is contiguous, run on the meta device."""
-    x = torch.empty(shape, device="meta")
-    copies = 0
-    for layer in layers:
-        copied = False
-        for step in view_steps(layer) or ():
-            if step[0] == "perm":
-                x = x.permute(step[1])
-            elif step[0] == "select":
-                x = x.select(step[1], step[2])
-            else:
-                y = x.reshape(step[1])
-                copied |= not y._is_view() and y.numel() > 1
-                x = y
-        copies += copied
-    return copies
 
 
 class CollapseViews(Pass):
@@ -85,7 +65,8 @@ class CollapseViews(Pass):
         except NotAView:
             return False
         steps = _chain_layers(new, src)
-        if (predicted_copies(shape, steps), len(steps)) >= (predicted_copies(shape, chain), len(chain)) \
+        if (predicted_copies(shape, layer_steps(steps)), len(steps)) >= \
+                (predicted_copies(shape, layer_steps(chain)), len(chain)) \
                 or (new is src and t in net.outputs):
             for layer in reversed(made):
                 if not layer.outputs[0].uses:

@@ -22,7 +22,19 @@ import numpy as np
 
 from kiln.ir.network import Layer, Network, Tensor
 from kiln.passes._match import remove_dead, replace_output
-from kiln.passes._views import NotAView, ViewMap, chain_to, emit, is_view, local_readers, static_shape
+from kiln.passes._views import (
+    NotAView,
+    ViewMap,
+    chain_to,
+    collapsed_copies,
+    emit,
+    form_steps,
+    is_view,
+    layer_steps,
+    local_readers,
+    predicted_copies,
+    static_shape,
+)
 from kiln.passes.base import Pass, PassResult
 
 LINEAR = ("FullyConnected", "Gemm", "MatMul")
@@ -76,6 +88,23 @@ def _fc(net: Network, layer: Layer, x: Tensor, make, shape: tuple[int, ...], dty
     return fc
 
 
+def _view_ends(y: Tensor, net: Network) -> list[Tensor]:
+    """Outputs of view layers below ``y`` (through views only) that a non-view layer or the network reads."""
+    ends: list[Tensor] = []
+    stack, seen = [y], {id(y)}
+    while stack:
+        t = stack.pop()
+        for user, _ in t.uses:
+            o = user.outputs[0]
+            if not is_view(user) or id(o) in seen:
+                continue
+            seen.add(id(o))
+            if o in net.outputs or not o.uses or any(not is_view(u) for u, _ in o.uses):
+                ends.append(o)
+            stack.append(o)
+    return ends
+
+
 class SinkShuffles(Pass):
     name = "shuffles through linear layers"
 
@@ -101,11 +130,20 @@ class SinkShuffles(Pass):
         make = _weights(net, layer) if atom is not None else None
         if make is None:
             return False
+        # only where the views after the projection, joined with the moved ones, copy no more
+        fshape = sshape[:-1] + (yshape[-1],)
+        form = vm.canonical(yshape, {atom: yshape[-1]})
+        ends = [(e, layer_steps(chain_to(e)[1])) for e in _view_ends(y, net)]
+        if any(static_shape(e) is None for e, _ in ends):
+            return False
+        before = predicted_copies(sshape, layer_steps(chain)) + sum(predicted_copies(yshape, st) for _, st in ends)
+        after = sum(collapsed_copies(fshape, form_steps(form, fshape) + st, static_shape(e)) for e, st in ends)
+        if after > before:
+            return False
         origin = list(dict.fromkeys([o for v in chain for o in v.origin] + layer.origin))
-        fc = _fc(net, layer, src, make, sshape[:-1] + (yshape[-1],), y.dtype, origin, net.layers.index(layer))
+        fc = _fc(net, layer, src, make, fshape, y.dtype, origin, net.layers.index(layer))
         try:
-            new, _ = emit(net, fc.outputs[0], vm.canonical(yshape, {atom: yshape[-1]}), yshape, layer.name, origin,
-                          layer)
+            new, _ = emit(net, fc.outputs[0], form, yshape, layer.name, origin, layer)
         except NotAView:
             net.remove_layer(fc)
             return False
@@ -136,10 +174,17 @@ class SinkShuffles(Pass):
         if make is None:
             return False
         k = xshape[-1]
-        origin = list(dict.fromkeys(layer.origin + [o for v in chain for o in v.origin]))
         moved = tshape[:-1] + (k,)
+        form = vm.canonical(moved, {atom: k})
+        # only where the views before the projection, joined with the moved ones, copy no more
+        src, xchain = chain_to(x)
+        sshape = static_shape(src)
+        before = predicted_copies(sshape, layer_steps(xchain)) + predicted_copies(yshape, layer_steps(chain))
+        if collapsed_copies(sshape, layer_steps(xchain) + form_steps(form, xshape), moved) > before:
+            return False
+        origin = list(dict.fromkeys(layer.origin + [o for v in chain for o in v.origin]))
         try:
-            new_x, _ = emit(net, x, vm.canonical(moved, {atom: k}), moved, layer.name, origin, layer)
+            new_x, _ = emit(net, x, form, moved, layer.name, origin, layer)
         except NotAView:
             return False
         fc = _fc(net, layer, new_x, make, tshape, t.dtype, origin, net.layers.index(layer))
