@@ -138,3 +138,20 @@ def test_a_transpose_stays_before_the_projection_where_moving_it_would_copy():
     kinds = [layer["kind"] for layer in layers]
     assert kinds == ["Activation", "Shuffle", "MatMul", "Shuffle", "Activation"]
     assert layers[1]["attrs"]["first_transpose"] == [1, 0, 2]
+
+
+def test_transpose_projection_transpose_is_the_projection():
+    """Transpose → projection → the inverse transpose: the transposes meet below the projection and cancel."""
+    b, s, k, n = 2, 3, 4, 6
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    c = RNG.standard_normal((n,)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Transpose", ["a"], ["t1"], perm=[1, 0, 2]),
+             helper.make_node("MatMul", ["t1", "wt"], ["p"]),
+             helper.make_node("Add", ["p", "c"], ["q"]),
+             helper.make_node("Transpose", ["q"], ["t2"], perm=[1, 0, 2]),
+             helper.make_node("Sigmoid", ["t2"], ["y"])]
+    model = _model(nodes, [("x", [b, s, k])], [b, s, n], [("wt", w.T.copy()), ("c", c)])
+    layers = _run(model, {"x": RNG.standard_normal((b, s, k)).astype(np.float32)})
+    assert [layer["kind"] for layer in layers] == ["Activation", "FullyConnected"]     # sigmoid as its epilogue
+    assert layers[1]["inputs"][0] == layers[0]["outputs"][0] and layers[1]["attrs"]["activation"] == "sigmoid"
