@@ -12,7 +12,8 @@ Cases (shapes static; the chain ends where a non-view layer or a network output 
 A chain is replaced when its canonical form has fewer copying steps (each layer run on a
 contiguous source of the chain's shape, on torch's meta device) or, at equal copies, fewer layers.
 Chains whose index map is not a split/permute/select/merge of the source (a reshape that regroups
-elements across dims of unrelated sizes) are left alone.
+elements across dims of unrelated sizes), chains over integer tensors (shape arithmetic, placed on
+the host) and chains with dynamic dims are left alone.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from kiln.passes._views import (
     static_shape,
 )
 from kiln.passes.base import Pass, PassResult
+
+FLOATS = ("float32", "float16", "bfloat16", "float64")
 
 
 class CollapseViews(Pass):
@@ -56,8 +59,8 @@ class CollapseViews(Pass):
     def _collapse(self, net: Network, t, cache: dict) -> bool:
         src, chain = chain_to(t)
         shape, out_shape = static_shape(src), static_shape(t)
-        if len(chain) < 2 or shape is None or out_shape is None:
-            return False
+        if len(chain) < 2 or shape is None or out_shape is None or src.dtype not in FLOATS:
+            return False              # integer chains are shape arithmetic, on the host
         try:
             form = ViewMap.of(shape, chain).canonical(out_shape)
             origin = list(dict.fromkeys(o for layer in chain for o in layer.origin))
