@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything the test suite needs beyond `pip install -e .`: Python test packages,
-# Triton (its interpreter runs the GPU kernels on the CPU), and Debian's Chromium
+# Triton (its interpreter runs the GPU kernels on the CPU), transformers (BERT exports in the
+# pass tests), and Debian's Chromium
 # for the viewer's real-browser tests (Playwright drives it; no browser download).
 set -euo pipefail
 BIN="${1:-.venv/bin}"
-"$BIN/pip" install -q -e '.[test]' triton==3.6.0 pytest playwright h5py flatbuffers safetensors keras gguf coremltools
+"$BIN/pip" install -q -e '.[test]' triton==3.6.0 pytest playwright h5py flatbuffers safetensors keras gguf coremltools "transformers==5.24.0"
 if ! command -v chromium >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
