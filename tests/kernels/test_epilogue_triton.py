@@ -36,3 +36,14 @@ def test_epilogue_matches_torch(act, residual):
     alpha, beta = PARAMS.get(act, (0.0, 0.0))
     out = apply_epilogue(y.clone(memory_format=torch.channels_last), b, r, act, alpha, beta, block=64)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ["silu", "relu", "hard_swish"])
+def test_epilogue_residual_after_activation(act):
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(2, 12, 5, 3, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(12, generator=g).to(DEV)
+    r = torch.randn(2, 12, 5, 3, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    ref = REF[act](y + b.view(1, -1, 1, 1)) + r                 # the shortcut after the activation
+    out = apply_epilogue(y.clone(memory_format=torch.channels_last), b, r, act, block=64, residual_after=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

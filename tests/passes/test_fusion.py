@@ -121,3 +121,27 @@ def test_transpose_pairs_cancel_and_repeats_merge():
     assert [layer["kind"] for layer in engine.layers] == ["ElementWise"] or \
         sum(layer["kind"] == "Shuffle" for layer in engine.layers) == 0
     _check(b, engine, {"x": x.numpy(), "y": y.numpy()})
+
+
+class _Bottleneck(torch.nn.Module):
+    """YOLO's C3 bottleneck: x + SiLU(conv(SiLU(conv(x)))), the shortcut after the activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(8, 8, 1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.nn.functional.silu(self.c2(torch.nn.functional.silu(self.c1(x))))
+
+
+def test_residual_after_activation_fuses_and_matches():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    b = _export(_Bottleneck(), (x,), ["x"])
+    engine = _build(b, {"x": (2, 8, 9, 9)})
+    convs = [layer for layer in engine.layers if layer["kind"] == "Convolution"]
+    assert len(engine.layers) == 2 and [c["attrs"].get("activation") for c in convs] == ["silu", "silu"]
+    assert convs[1]["attrs"].get("residual_after_activation") is True and len(convs[1]["inputs"]) == 4
+    assert not convs[0]["attrs"].get("residual")
+    _check(b, engine, {"x": x.numpy()})

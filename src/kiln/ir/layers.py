@@ -48,7 +48,8 @@ define_layer("Activation", 1, 1, "y = f(x); attrs type (relu, sigmoid, tanh, lea
              "clip, hard_sigmoid, gelu, gelu_tanh, silu, mish, hard_swish, thresholded_relu, celu, scaled_tanh), alpha, beta")
 define_layer("Concatenation", 1, VARIADIC, "join along attrs axis")
 define_layer("Convolution", 2, 4, "N-d convolution (1/2/3-D): x, weight, bias?, residual?; attrs stride, pads (begins "
-             "then ends), dilation, groups; fused epilogue attrs activation/alpha/beta and residual (y = act(conv + r))")
+             "then ends), dilation, groups; fused epilogue attrs activation/alpha/beta and residual (y = act(conv + r), or act(conv) + r with "
+             "residual_after_activation)")
 define_layer("Deconvolution", 2, 3, "transposed convolution: x, weight [Cin, Cout/g, k...], bias?; attrs stride, pads, "
              "dilation, groups, output_padding")
 define_layer("FullyConnected", 2, 3, "y = x @ weight.T + bias over the last axis; weight [N, K]")

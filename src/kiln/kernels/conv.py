@@ -65,6 +65,7 @@ def make_convolution(attrs, ctx):
     act_name = attrs.get("activation")
     act = _epilogue(attrs)
     inplace = act_name in ("relu", "sigmoid", "tanh", "silu", "hard_swish", "hard_sigmoid", "leaky_relu")
+    after = bool(attrs.get("residual_after_activation"))
     wcache: dict = {}
 
     def run(x, w, b=None, residual=None):
@@ -75,13 +76,15 @@ def make_convolution(attrs, ctx):
             y = conv(x, w, b, stride, begins, dil, groups)
         else:
             y = conv(F.pad(x, _torch_pad(begins, ends)), w, b, stride, 0, dil, groups)
-        if residual is not None:
+        if residual is not None and not after:
             y = y.add_(residual) if not y.is_meta else y + residual
         if act is not None:
             if inplace and not y.is_meta:
                 y = _inplace_act(y, act_name, attrs)
             else:
                 y = act(y)
+        if residual is not None and after:
+            y = y.add_(residual) if not y.is_meta else y + residual
         return (y,)
     return run
 
@@ -106,6 +109,7 @@ def _inplace_act(y, name, attrs):
 
 def _cudnn_fused_ok(attrs, ctx):
     return (len(attrs["stride"]) == 2 and attrs.get("activation") == "relu"
+            and not attrs.get("residual_after_activation")
             and attrs["pads"][:2] == attrs["pads"][2:])
 
 

@@ -1,4 +1,5 @@
-"""A generated Triton epilogue for convolutions: y = act(conv(x) + bias [+ residual]) in one pass.
+"""A generated Triton epilogue for convolutions: y = act(conv(x) + bias [+ residual]) in one pass
+(or act(conv(x) + bias) + residual, the shortcut after the activation).
 
 cuDNN fuses bias+ReLU (see conv.py's ``cudnn_fused``) but not SiLU, HardSwish or GELU; eager
 PyTorch then spends two more passes over the output (bias add, activation). Here the
@@ -24,13 +25,13 @@ def _kernel():
 
     @triton.jit
     def epilogue(y_ptr, b_ptr, r_ptr, n, C, alpha, beta, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 RES_AFTER: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v += tl.load(b_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
+        if HAS_RES and not RES_AFTER:
             v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if ACT == 1:
             v = tl.maximum(v, 0.0)
@@ -52,18 +53,23 @@ def _kernel():
             v = tl.where(v >= 0, t, -t)
         elif ACT == 9:
             v = tl.minimum(tl.maximum(v, alpha), beta)
+        if HAS_RES and RES_AFTER:
+            v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
     return epilogue
 
 
 def apply_epilogue(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, act: str,
-                   alpha: float = 0.0, beta: float = 0.0, block: int = 1024) -> torch.Tensor:
-    """In place on ``y`` (channels-last 4-D, or any tensor whose last axis is the channel)."""
+                   alpha: float = 0.0, beta: float = 0.0, block: int = 1024,
+                   residual_after: bool = False) -> torch.Tensor:
+    """In place on ``y`` (channels-last 4-D, or any tensor whose last axis is the channel):
+    act(y + bias + residual), or act(y + bias) + residual with ``residual_after``."""
     C = bias.numel()
     n = y.numel()
     grid = ((n + block - 1) // block,)
     r = residual if residual is not None else y
     _kernel()[grid](y, bias, r, n, C, float(alpha), float(beta), ACT=ACTS.index(act), HAS_RES=residual is not None,
+                    RES_AFTER=bool(residual_after),
                     BLOCK=block, num_warps=4)
     return y
 
@@ -83,6 +89,7 @@ def make_conv_triton_epilogue(attrs, ctx):
     alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
     if act == "clip" and (alpha is None or beta is None):
         alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
+    after = bool(attrs.get("residual_after_activation"))
     wcache: dict = {}
 
     def run(x, w, b=None, residual=None):
@@ -98,5 +105,5 @@ def make_conv_triton_epilogue(attrs, ctx):
         r = None
         if residual is not None:
             r = residual.contiguous(memory_format=torch.channels_last)
-        return (apply_epilogue(y, b, r, act, alpha, beta),)
+        return (apply_epilogue(y, b, r, act, alpha, beta, residual_after=after),)
     return run

@@ -5,6 +5,9 @@ Cases:
   hard_sigmoid), the conv output read only there → Convolution with attrs activation;
 - Convolution → ElementWise sum with a tensor of the same shape (a residual) → [Activation]
   → Convolution with the residual as 4th input: y = act(conv(x) + b + r);
+- Convolution with a fused activation → ElementWise sum with a same-shape tensor (YOLO's C3
+  bottleneck: x + SiLU(conv(...))) → Convolution with ``residual_after_activation``:
+  y = act(conv(x) + b) + r;
 - MatMul(x, W) with a constant 2-D W, then ElementWise sum with a constant bias of W's
   column count → FullyConnected(x, Wᵀ, b): the bias rides in the GEMM;
 - FullyConnected / MatMul → Activation → the GEMM with attrs activation.
@@ -33,6 +36,8 @@ class FuseEpilogues(Pass):
                 if not layer.attrs.get("residual"):
                     modified |= self._residual(net, layer)
                 modified |= self._activation(net, layer)
+            elif layer.kind == "Convolution" and not layer.attrs.get("residual"):
+                modified |= self._residual(net, layer, after_activation=True)
             elif layer.kind in ("FullyConnected", "MatMul") and not layer.attrs.get("activation"):
                 if layer.kind == "MatMul":
                     fc = self._linear(net, layer)
@@ -84,7 +89,7 @@ class FuseEpilogues(Pass):
         remove_dead(net, [add, mm])
         return fc
 
-    def _residual(self, net, conv) -> bool:
+    def _residual(self, net, conv, after_activation: bool = False) -> bool:
         if len(conv.inputs[1].shape or ()) != 4:
             return False
         y = conv.outputs[0]
@@ -103,6 +108,8 @@ class FuseEpilogues(Pass):
         conv.inputs.append(None)
         conv.set_input(3, r)
         conv.attrs["residual"] = True
+        if after_activation:                # y = act(conv + b) + r: the bottleneck's shortcut after its SiLU
+            conv.attrs["residual_after_activation"] = True
         conv.origin = list(dict.fromkeys(conv.origin + add.origin))
         replace_output(net, add.outputs[0], y)
         remove_dead(net, [add])
