@@ -81,11 +81,13 @@ def grid_sample_cases():
               lambda: F.grid_sample(x, grid, align_corners=False))
 
 
-def deform_conv_cases():
+def deform_conv_cases(channels_last: bool = False):
     import torchvision
     for dtype, batch in ((torch.float32, 1), (torch.float32, 8), (torch.float16, 8)):
         g = torch.Generator(DEV).manual_seed(2)
         x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
+        if channels_last:            # as a conv before it leaves it in an FP16 engine
+            x = x.contiguous(memory_format=torch.channels_last)
         w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
         bias = torch.randn(256, device=DEV, generator=g).to(dtype)
         off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
@@ -100,10 +102,13 @@ def deform_conv_cases():
         tol = 5e-3 if dtype == torch.float32 else 5e-2
         configs = [(bc, bp, ch, wp) for bc in (1, 2, 4, 8) for bp in (64, 128, 256) for wp in (4, 8)
                    for ch in (16, 64, 256) if bc <= ch]
-        sweep(f"DCNv2 im2col+GEMM {str(dtype)[6:]} b{batch}", configs,
+        if channels_last:
+            configs = [(bc, bp, ch, wp) for bc in (4, 8, 16, 32) for bp in (16, 32, 64, 128) for wp in (2, 4, 8)
+                       for ch in (32, 64, 256) if bc <= ch and bc * bp <= 4096]
+        sweep(f"DCNv2 im2col+GEMM {str(dtype)[6:]} b{batch}{' X channels-last' if channels_last else ''}", configs,
               lambda cfg: (lambda: dcn._im2col_gemm(p, x, w, off, bias, mask, out, ws, geo, cfg)),
               lambda: bool(torch.allclose(out.float(), want, rtol=tol, atol=tol * float(want.abs().max()))),
-              dcn.im2col_launch_config(geo),
+              dcn.im2col_launch_config(geo, x.element_size()),
               lambda: torchvision.ops.deform_conv2d(x, off, w, bias, padding=(1, 1), mask=mask))
 
 
@@ -147,6 +152,8 @@ def main() -> int:
         grid_sample_cases()
     if "deform_conv" in args.only:
         deform_conv_cases()
+    if "dcn_nhwc" in args.only:
+        deform_conv_cases(channels_last=True)
     if "pool" in args.only:
         pool_cases()
     return 0

@@ -93,7 +93,9 @@ def test_small_workspace_processes_images_in_chunks(ref):
     one_image = 4 * 9 * 6 * 7 * 4
     assert full >= 2 * one_image
     out = torch.empty(2, 6, 6, 7, device=ins[0].device)
-    plugin.forward(ins, [out], torch.empty(one_image, dtype=torch.uint8, device=ins[0].device), "triton")
+    from kiln.plugins.builtin._util import aligned
+    x_copy = aligned(ins[0].numel() * 4)           # the channels-last copy of X comes first
+    plugin.forward(ins, [out], torch.empty(x_copy + one_image, dtype=torch.uint8, device=ins[0].device), "triton")
     (want,) = ref.run(plugin, ins, "torch")
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 

@@ -87,14 +87,17 @@ class ModulatedDeformConv2d(Plugin):
         return desc.layout == "linear" and desc.dtype in _FLOATS
 
     def workspace_size(self, inputs: list[TensorDesc]) -> int:
-        """Room for the im2col columns of as many images as fit under 512 MB (at least one)."""
+        """Room for a channels-last copy of X (the im2col kernel gathers channels-contiguous taps) and
+        the im2col columns of as many images as fit under 512 MB (at least one)."""
         x, w = inputs[0], inputs[1]
         (out,) = self.output_descs(inputs)
         c, kh, kw = _util.concrete(self.name, (x.shape[1], w.shape[2], w.shape[3]), "channel/kernel")
         oh, ow = _util.concrete(self.name, out.shape[2:], "output spatial")
         per_image = c * kh * kw * oh * ow * _util.itemsize(x.dtype)
         n = x.shape[0] if isinstance(x.shape[0], int) else 1
-        return _util.aligned(per_image * max(1, min(n, _WS_CAP // max(per_image, 1))))
+        h, wd = (d if isinstance(d, int) else 0 for d in x.shape[2:4])
+        x_copy = _util.aligned(n * c * h * wd * _util.itemsize(x.dtype))
+        return x_copy + _util.aligned(per_image * max(1, min(n, _WS_CAP // max(per_image, 1))))
 
     def forward(self, inputs: list[Any], outputs: list[Any], workspace: Any, tactic: str) -> None:
         x, w, off = inputs[0], inputs[1], inputs[2]
@@ -325,14 +328,15 @@ def _dcn_fused_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, H, W, OW,
     tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=om[:, None] & qm[None, :])
 
 
-def im2col_launch_config(geo: _Geo) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_P, channels per program, num_warps): pixels across threads (coalesced
-    offset loads and column stores), one channel per step, 16 channels per program. Swept on an
-    H200 (benchmarks/sweep_plugins.py, 256->256 3x3 at 64x64): 25-54% faster than 4 channels per
-    step with 64 per program."""
-    block_p = min(128, _util.next_pow2(geo.l))
-    cch = min(geo.cpo, 16)
-    return 1, block_p, cch, 4
+def im2col_launch_config(geo: _Geo, itemsize: int = 4) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_P, channels per program, num_warps) for channels-last X: each tap's
+    channels are contiguous, so a program gathers BLOCK_C channels × BLOCK_P pixels per step
+    (about 2-4 KB), all of an offset group's channels per program. Swept on an H100
+    (benchmarks/sweep_plugins.py --only dcn_nhwc, 256->256 3x3 at 64x64): fp16 b8 0.178 ms with
+    (32, 64) against 0.30 ms for the best NCHW configuration; fp32 (32, 16)."""
+    block_c = min(32, _util.next_pow2(geo.cpo))
+    block_p = min(64 if itemsize <= 2 else 16, _util.next_pow2(geo.l))
+    return block_c, block_p, min(geo.cpo, 256), 4
 
 
 def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, mask: Any, out: Any,
@@ -341,14 +345,21 @@ def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, 
 
     if out.numel() == 0:
         return
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)     # as FP16 conv stacks hand it over
+    x_bytes = 0 if nhwc else _util.aligned(x.numel() * x.element_size())
     per_image = geo.c * geo.kk * geo.l
-    have = 0 if workspace is None else workspace.numel() // x.element_size()
+    have = 0 if workspace is None else max(0, workspace.numel() - x_bytes) // x.element_size()
     if have >= per_image:
         chunk = min(geo.n, have // per_image)
     else:      # no (big enough) workspace: eager use only, carve() allocates
         chunk = max(1, min(geo.n, _WS_CAP // (per_image * x.element_size())))
-    (cols,) = _util.carve(workspace, [((chunk, geo.c * geo.kk, geo.l), x.dtype)], x.device, p.name)
-    block_c, block_p, cch, warps = config or im2col_launch_config(geo)
+    parts = [] if nhwc else [((geo.n, geo.h, geo.w, geo.c), x.dtype)]
+    views = _util.carve(workspace, parts + [((chunk, geo.c * geo.kk, geo.l), x.dtype)], x.device, p.name)
+    if not nhwc:          # one pass to channels-last makes every bilinear tap a contiguous channel run
+        views[0].copy_(x.permute(0, 2, 3, 1))
+        x = views[0].permute(0, 3, 1, 2)
+    cols = views[-1]
+    block_c, block_p, cch, warps = config or im2col_launch_config(geo, x.element_size())
     chunks = _util.cdiv(geo.cpo, cch)
     wm = w.reshape(geo.g, geo.ocg, geo.cg * geo.kk)
     mk = mask if mask is not None else off
