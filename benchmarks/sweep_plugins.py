@@ -20,21 +20,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plugins_bench import time_ms  # noqa: E402
+from plugins_bench import graphed, time_ms  # noqa: E402
 
 from kiln.plugins.builtin import deform_conv as dcn  # noqa: E402
 from kiln.plugins.builtin import grid_sample as gs  # noqa: E402
 
 DEV = "cuda"
-
-
-def graphed(fn):
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def sweep(title, configs, make_call, check, current, peer):
