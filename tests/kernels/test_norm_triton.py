@@ -14,7 +14,7 @@ if DEV == "cpu":                      # Triton's interpreter runs the kernel on 
 
 pytest.importorskip("triton")
 
-from kiln.kernels.norm_triton import add_norm
+from kiln.kernels.norm_triton import add_norm  # noqa: E402
 
 
 def _reference(x, r, w, b, eps, rms=False):
