@@ -234,3 +234,14 @@ def test_cli_exit_codes_and_files(tmp_path, capsys, monkeypatch, wrong_softsign)
     assert main(["compare", str(bad), "--device", "cpu", "--input", "x=missing.npy"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kiln: error:") and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_per_layer(wrong_softsign) -> None:
+    """On the GPU: an FP16 engine per layer against ONNX Runtime; the planted layer is still named."""
+    m = _chain(9, "Softsign", 9)
+    r = kiln.compare(m, precision="fp16", device="cuda", per_layer=True)
+    assert r.device == "cuda" and not r.passed
+    assert r.first_bad is not None and r.first_bad.op == "Softsign"
+    before = [x for x in r.layers if x.index < r.first_bad.index]
+    assert before and all(x.passed for x in before)
