@@ -245,3 +245,22 @@ def test_cuda_fp16_per_layer(wrong_softsign) -> None:
     assert r.first_bad is not None and r.first_bad.op == "Softsign"
     before = [x for x in r.layers if x.index < r.first_bad.index]
     assert before and all(x.passed for x in before)
+
+
+def test_reference_reads_a_newer_ir_version(monkeypatch) -> None:
+    """An onnx package newer than ONNX Runtime stamps an IR version ORT refuses; the reference then
+    runs a copy stamped with the version it reads."""
+    import onnxruntime as ort
+    real = ort.InferenceSession
+    m = _chain(2, "Softsign", 2)
+    limit = m.ir_version - 1
+
+    def picky(model_bytes, *args, **kw):
+        proto = onnx.ModelProto()
+        proto.ParseFromString(model_bytes)
+        if proto.ir_version > limit:
+            raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : Unsupported model IR version: {proto.ir_version}, "
+                               f"max supported IR version: {limit}")
+        return real(model_bytes, *args, **kw)
+    monkeypatch.setattr(ort, "InferenceSession", picky)
+    assert kiln.compare(m, device="cpu").passed

@@ -368,12 +368,26 @@ def _ort_session(model):
     except ImportError:
         raise KilnError("kiln compare needs ONNX Runtime as its reference; install it: pip install onnxruntime.") \
             from None
+    import re
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:     # ORT's own errors: the reference cannot load the model
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        older = re.search(r"max supported IR version: (\d+)", msg)
+        if older and model.ir_version > int(older.group(1)):
+            # a newer onnx package stamps a newer IR version than this ONNX Runtime reads; the graph
+            # itself usually needs nothing new, so the reference runs a copy stamped with the older one
+            import onnx
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            copy.ir_version = int(older.group(1))
+            try:
+                return ort.InferenceSession(copy.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            except Exception:
+                pass
+            msg += f"; upgrade onnxruntime, or save the model with ir_version={older.group(1)}"
         raise KilnError(f"ONNX Runtime (the reference) cannot load this model: {msg}") from None
 
 
