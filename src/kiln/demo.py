@@ -95,5 +95,6 @@ def run_demo(device: str | None = None, precision: str = "fp32", out_dir: str = 
     for layer in engine.layers:
         print(f"   {layer['name']:<28} {layer['kind']:<15} {layer['precision'] or '-':<6} "
               f"from {', '.join(layer['origin']) or '-'}")
-    print(f"Next: kiln inspect {engine_path} · kiln run {engine_path} · kiln view {onnx_path}")
+    print(f"Next: kiln inspect {engine_path} · kiln run {engine_path} · kiln view {onnx_path} · "
+          f"kiln compare {onnx_path} --per-layer")
     return 0
