@@ -264,3 +264,23 @@ def test_reference_reads_a_newer_ir_version(monkeypatch) -> None:
         return real(model_bytes, *args, **kw)
     monkeypatch.setattr(ort, "InferenceSession", picky)
     assert kiln.compare(m, device="cpu").passed
+
+
+def test_passing_model_names_no_culprit() -> None:
+    """FP16 turns an additive attention mask's -3.4e38 into -inf: an intermediate jump, but the outputs
+    pass, so no layer is blamed; the report mentions it."""
+    big = numpy_helper.from_array(np.array(-3.4e38, np.float32), "neg")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    nodes = [helper.make_node("Where", ["m", "zero", "neg"], ["bias"], name="mask_bias"),
+             helper.make_node("Add", ["x", "bias"], ["s"], name="add"),
+             helper.make_node("Softmax", ["s"], ["y"], name="softmax", axis=-1)]
+    g = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+                                            helper.make_tensor_value_info("m", TensorProto.BOOL, [2, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])], [big, zero])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mask = np.array([[True] * 4 + [False] * 2] * 2)
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    r = kiln.compare(m, precision="fp16", device="cpu", inputs={"x": x, "m": mask}, per_layer=True)
+    assert r.passed and r.first_bad is None
+    assert r.first_jump is not None and r.first_jump.node == "mask_bias"
+    assert "every output passes" in r.report()

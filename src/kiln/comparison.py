@@ -105,6 +105,7 @@ class CompareResult:
     outputs: list[OutputRecord]
     layers: list[LayerRecord] = field(default_factory=list)
     first_bad: LayerRecord | None = None
+    first_jump: LayerRecord | None = None     # the first jump even when every output passes
     reduced: Any = None             # kiln.reduce.ReduceResult when reduce=True
     reduced_path: str | None = None
 
@@ -168,7 +169,12 @@ class CompareResult:
                     lines.append(f"    {r.stats.nonfinite} values are finite in the reference but not in Kiln "
                                  f"(overflow: {self.precision} holds at most "
                                  f"{_MAX_FINITE.get(self.precision, math.inf):.6g})")
-            elif bad:
+            elif bad and self.passed and self.first_jump is not None:
+                r = self.first_jump
+                lines.append(f"  every output passes; the first intermediate jump is at node {r.node!r} ({r.op}), "
+                             f"Kiln range [{r.kiln_range[0]:.4g}, {r.kiln_range[1]:.4g}] vs reference "
+                             f"[{r.ref_range[0]:.4g}, {r.ref_range[1]:.4g}]")
+            elif bad and not self.passed:
                 lines.append("  no single layer jumps: the error grows gradually (accumulated rounding)")
         if self.reduced is not None:
             lines.append(f"  reduced to {self.reduced.nodes} of {self.reduced.original_nodes} nodes "
@@ -543,8 +549,12 @@ def compare(model, *, precision: str = "fp32", device: str | None = None, engine
     result = CompareResult(path, precision, engine.device, atol, rtol, check_error_stat, growth, outputs)
     if per_layer:
         every = ctx.run_all(feeds)
-        result.layers, result.first_bad = _per_layer(proto, every, ref_all, feeds, atol, rtol, check_error_stat,
-                                                      precision, growth)
+        result.layers, first = _per_layer(proto, every, ref_all, feeds, atol, rtol, check_error_stat, precision,
+                                          growth)
+        # a culprit is named only when an output fails; otherwise a jump is a remark (e.g. an attention
+        # mask's -3.4e38 that FP16 holds as -inf, harmless after the softmax)
+        result.first_bad = None if result.passed else first
+        result.first_jump = first
     if reduce:
         if result.passed:
             raise KilnError("Every output passes the comparison; there is nothing to reduce.")
