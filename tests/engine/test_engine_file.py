@@ -433,3 +433,19 @@ def test_engine_file_holds_no_pickle(built) -> None:
     assert data[:8] == b"KILNENG\x00" and fields[1] == kiln.engine.FORMAT_VERSION
     assert isinstance(header, dict) and {"device", "plan", "weights"} <= set(header)
     assert b"\x80\x04\x95" not in data and b"\x80\x05\x95" not in data     # pickle protocol 4/5 frames
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["plan"]["layers"][0]["attrs"].clear(),
+    lambda h: h["plan"]["layers"][0]["attrs"].update(stride="wide", pads=None),
+    lambda h: h["plan"]["layers"][0].update(tactic="torch", kind="Pooling"),
+], ids=["attrs-gone", "attrs-junk", "kind-swapped"])
+def test_well_signed_plans_with_bad_attrs_fail_at_context_in_one_line(built, tmp_path: Path, edit) -> None:
+    """A forged layer whose attributes no tactic can take: the context refuses it as a damaged file
+    (one line naming the layer), never a traceback."""
+    _, path, _, _ = built
+    bad = forge(path, tmp_path / "m.kiln", edit)
+    with pytest.raises(EngineFormatError) as info:
+        kiln.load(bad).context()
+    msg = str(info.value)
+    assert "\n" not in msg and "damaged" in msg and "layer" in msg, msg

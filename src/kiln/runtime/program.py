@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.errors import EngineFormatError, ShapeError
+from kiln.errors import EngineFormatError, PluginError, ShapeError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, get_tactic
@@ -68,39 +68,50 @@ class Program:
         moved: dict[tuple[str, str], torch.Tensor] = {}
         self.steps: list[Step] = []
         for layer in plan["layers"]:
-            kind = layer["kind"]
-            if kind not in LAYER_KINDS:
-                raise EngineFormatError(f"The engine's layer {layer['name']!r} has unknown kind {kind!r}; "
-                                        f"the file is damaged or needs a newer Kiln.")
-            tac = get_tactic(kind, layer.get("tactic") or "torch")
-            attrs = {k: decode_attr(v, weights, device, plugin_factory) for k, v in layer.get("attrs", {}).items()}
-            out_dtypes = tuple(tensors.get(n, {}).get("dtype", "float32") for n in layer["outputs"])
-            in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
-            run_on = "cpu" if layer.get("host") or device == "cpu" else device
-            ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
-                                input_dtypes=in_dtypes, output_dtypes=out_dtypes)
-            fn = tac.make(attrs, ctx)
-            host_pos = set(LAYER_KINDS[kind].host_inputs)
-            targets = []
-            for i, n in enumerate(layer["inputs"]):
-                if n is None or device == "cpu":
-                    targets.append(None)
-                elif layer.get("host") or i in host_pos:
-                    targets.append("cpu")
-                elif kind in ("If", "Loop", "Scan"):
-                    targets.append(None)
-                else:
-                    targets.append(device)
-            step = Step(layer["name"], kind, fn, list(layer["inputs"]), list(layer["outputs"]), targets,
-                        tac.dynamic, tac.name, layer.get("precision"))
-            for i, n in enumerate(step.ins):
-                if n in self.constants:
-                    want = targets[i] or ("cpu" if run_on == "cpu" else device)
-                    if (n, want) not in moved:
-                        moved[(n, want)] = self.constants[n].to(want)
-                    step.fixed[i] = moved[(n, want)]
-            self.steps.append(step)
+            try:
+                self.steps.append(self._step(layer, weights, device, plugin_factory, tensors, moved))
+            except (EngineFormatError, PluginError, ShapeError):
+                raise
+            except Exception as exc:        # a forged or foreign plan: never a traceback
+                name = layer.get("name", "?") if isinstance(layer, dict) else "?"
+                raise EngineFormatError(f"The engine's layer {name!r} cannot be set up ({type(exc).__name__}: "
+                                        f"{exc}); the plan is damaged or from another Kiln. Rebuild it with "
+                                        f"kiln build.") from None
         self._plan_liveness()
+
+    def _step(self, layer: dict, weights, device: str, plugin_factory, tensors: dict, moved: dict) -> Step:
+        kind = layer["kind"]
+        if kind not in LAYER_KINDS:
+            raise EngineFormatError(f"The engine's layer {layer['name']!r} has unknown kind {kind!r}; "
+                                    f"the file is damaged or needs a newer Kiln.")
+        tac = get_tactic(kind, layer.get("tactic") or "torch")
+        attrs = {k: decode_attr(v, weights, device, plugin_factory) for k, v in layer.get("attrs", {}).items()}
+        out_dtypes = tuple(tensors.get(n, {}).get("dtype", "float32") for n in layer["outputs"])
+        in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
+        run_on = "cpu" if layer.get("host") or device == "cpu" else device
+        ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
+                            input_dtypes=in_dtypes, output_dtypes=out_dtypes)
+        fn = tac.make(attrs, ctx)
+        host_pos = set(LAYER_KINDS[kind].host_inputs)
+        targets = []
+        for i, n in enumerate(layer["inputs"]):
+            if n is None or device == "cpu":
+                targets.append(None)
+            elif layer.get("host") or i in host_pos:
+                targets.append("cpu")
+            elif kind in ("If", "Loop", "Scan"):
+                targets.append(None)
+            else:
+                targets.append(device)
+        step = Step(layer["name"], kind, fn, list(layer["inputs"]), list(layer["outputs"]), targets,
+                    tac.dynamic, tac.name, layer.get("precision"))
+        for i, n in enumerate(step.ins):
+            if n in self.constants:
+                want = targets[i] or ("cpu" if run_on == "cpu" else device)
+                if (n, want) not in moved:
+                    moved[(n, want)] = self.constants[n].to(want)
+                step.fixed[i] = moved[(n, want)]
+        return step
 
     def _plan_liveness(self) -> None:
         keep = set(self.outputs)
