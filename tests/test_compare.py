@@ -284,3 +284,20 @@ def test_passing_model_names_no_culprit() -> None:
     assert r.passed and r.first_bad is None
     assert r.first_jump is not None and r.first_jump.node == "mask_bias"
     assert "every output passes" in r.report()
+
+
+def test_errors_colour_the_engine_too(tmp_path, wrong_softsign) -> None:
+    """Engine layers keep the ONNX names of the tensors they compute, so a per-layer report made on
+    the model colours the built engine's fused layers as well, and outlines the plugin that is wrong."""
+    from kiln.viewer import documents
+    m = _chain(6, "Softsign", 5)
+    r = kiln.compare(m, device="cpu", per_layer=True)
+    errs = r.save_errors(str(tmp_path / "e.json"))
+    engine = kiln.build(kiln.onnx.parse(m), kiln.BuildConfig(device="cpu", profiles={"x": (4, 8)}))
+    engine.save(tmp_path / "m.kiln")
+    pane = documents.build_document(tmp_path / "m.kiln", errors=errs).page["panes"][0]
+    coloured = {n["name"]: n["err"] for n in pane["nodes"] if "err" in n}
+    bad = [name for name, e in coloured.items() if e["first"]]
+    assert len(bad) == 1 and coloured[bad[0]]["failed"]
+    assert [layer["kind"] for layer in engine.layers if layer["name"] == bad[0]] == ["Plugin"]
+    assert sum(not e["failed"] for e in coloured.values()) >= 2          # the fused layers before it pass
