@@ -301,3 +301,13 @@ def test_errors_colour_the_engine_too(tmp_path, wrong_softsign) -> None:
     assert len(bad) == 1 and coloured[bad[0]]["failed"]
     assert [layer["kind"] for layer in engine.layers if layer["name"] == bad[0]] == ["Plugin"]
     assert sum(not e["failed"] for e in coloured.values()) >= 2          # the fused layers before it pass
+
+
+def test_sequence_outputs_compare_element_by_element() -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("SequenceConstruct", ["r", "s"], ["seq"], name="seq")]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)])
+    r = kiln.compare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), device="cpu")
+    assert r.passed and r.outputs[0].shape == [7] and r.outputs[0].stats.max_abs < 1e-6

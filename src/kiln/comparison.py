@@ -251,6 +251,20 @@ def _as_f64(v: Any) -> np.ndarray:
     raise KilnError(f"Cannot compare values of type {a.dtype}.")
 
 
+def _pair(got: Any, want: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Kiln's and the reference's value as two same-shaped arrays; a sequence output pairs element by
+    element (flattened and joined); None when lengths or element shapes differ."""
+    if isinstance(got, (list, tuple)) or isinstance(want, (list, tuple)):
+        g = [np.asarray(x) for x in (got if isinstance(got, (list, tuple)) else [got])]
+        w = [np.asarray(x) for x in (want if isinstance(want, (list, tuple)) else [want])]
+        if len(g) != len(w) or any(a.shape != b.shape for a, b in zip(g, w)):
+            return None
+        if not g:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate([a.ravel() for a in g]), np.concatenate([b.ravel() for b in w])
+    return np.asarray(got), np.asarray(want)
+
+
 def _range(v: Any) -> tuple[float, float]:
     a = np.asarray(v)
     if a.size == 0 or a.dtype.kind not in "fiub" and a.dtype.name != "bfloat16":
@@ -533,7 +547,13 @@ def compare(model, *, precision: str = "fp32", device: str | None = None, engine
         name = o.name
         if name not in ours:
             raise KilnError(f"The engine has no output {name!r}; was it built from another model?")
-        got, want = np.asarray(ours[name]), np.asarray(ref_all[name])
+        pair = _pair(ours[name], ref_all[name])
+        if pair is None:                         # sequences of different lengths or element shapes
+            n_got = len(ours[name]) if isinstance(ours[name], (list, tuple)) else 1
+            n_want = len(ref_all[name]) if isinstance(ref_all[name], (list, tuple)) else 1
+            outputs.append(OutputRecord(name, [n_got], [n_want], "sequence", None, False))
+            continue
+        got, want = pair
         if got.shape != want.shape:
             outputs.append(OutputRecord(name, list(got.shape), list(want.shape), str(got.dtype), None, False))
             continue
