@@ -311,3 +311,17 @@ def test_sequence_outputs_compare_element_by_element() -> None:
                           [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None)])
     r = kiln.compare(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), device="cpu")
     assert r.passed and r.outputs[0].shape == [7] and r.outputs[0].stats.max_abs < 1e-6
+
+
+def test_errors_colour_both_panes_of_engine_and_model(tmp_path, wrong_softsign) -> None:
+    from kiln.viewer import documents
+    m = _chain(4, "Softsign", 4)
+    onnx.save(m, tmp_path / "m.onnx")
+    r = kiln.compare(str(tmp_path / "m.onnx"), device="cpu", per_layer=True)
+    errs = r.save_errors(str(tmp_path / "e.json"))
+    kiln.build(kiln.onnx.parse(m), kiln.BuildConfig(device="cpu", profiles={"x": (4, 8)})).save(tmp_path / "m.kiln")
+    page = documents.build_document(tmp_path / "m.onnx", engine=tmp_path / "m.kiln", errors=errs).page
+    engine_pane, model_pane = page["panes"]
+    assert any(n.get("err", {}).get("failed") for n in model_pane["nodes"])
+    assert any(n.get("err", {}).get("failed") for n in engine_pane["nodes"])
+    assert page["errors"]["pane"] == 1

@@ -95,7 +95,8 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
                    rankdir: str = "TB", server: bool = False) -> Document:
     """Read everything and lay it out; raises ViewerError with one clear line when something cannot be read.
     For the server (``server=True``) clusters hidden in the first view are laid out when they open.
-    ``errors`` (from ``kiln compare --per-layer``) colours the ONNX model's nodes by their accuracy error."""
+    ``errors`` (from ``kiln compare --per-layer``) colours the ONNX model's nodes by their accuracy error,
+    and an engine pane's layers where they compute the same named tensors."""
     if rankdir not in ("TB", "LR"):
         raise ViewerError(f"rankdir must be TB or LR, not {rankdir!r}.")
     vm = open_view_model(model)
@@ -112,8 +113,14 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
         panes = [build_pane(ev, title=f"Engine · {pathlib.Path(engine).name}", lazy=server),
                  build_pane(vm, title=f"{vm.format} · {os.path.basename(vm.path) if vm.path else vm.graph.name}",
                             lazy=server)]
+        err_summary = overlay_errors(panes[1], report, errors, 1)
+        if report is not None:
+            try:           # engine layers keep the ONNX names of the tensors they compute: colour them too
+                accuracy.apply_errors(panes[0].data, report, os.path.basename(os.fspath(errors)))
+            except ViewerError:
+                pass       # an engine none of whose tensors the report names stays uncoloured
         page = page_json(panes, rankdir=rankdir, links=engine_links(panes[0], panes[1]), profile=summary,
-                         errors=overlay_errors(panes[1], report, errors, 1), server=server)
+                         errors=err_summary, server=server)
         return Document(page=page, panes=panes)
     if prof:
         summary = apply_profile(vm, prof, os.path.basename(os.fspath(profile)))

@@ -70,8 +70,8 @@ def svg_text(page: dict, pane_index: int = 0, toggles: dict | None = None) -> st
     scene, toggles = scene_for(pane, page, toggles)
     pmax = max((n["ov"]["time_ms"] for n in pane["nodes"] if n.get("ov", {}).get("time_ms") is not None), default=0.0)
     errors = page.get("errors")
-    if errors and errors.get("pane") != pane_index:
-        errors = None
+    if errors and errors.get("pane") != pane_index and not pane.get("errors"):
+        errors = None          # the legend goes with a coloured pane (an engine is coloured by tensor names)
     return render.svg(pane, scene, toggles, page.get("rankdir", "TB"), profile_max=pmax, errors=errors)
 
 
