@@ -21,6 +21,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("batch", type=int)
     ap.add_argument("--kind", default="")
+    ap.add_argument("--summary", action="store_true", help="only the chosen counts and per-tactic totals")
     args = ap.parse_args()
     import kiln
     torch.manual_seed(0)
@@ -44,13 +45,23 @@ def main() -> int:
     with open(cache) as f:
         entries = json.load(f)
     entries = entries.get("entries", entries)
+    totals: dict = {}
+    best_total = 0.0
     for key, times in list(entries.items()):
         parts = key.split("|")
         if args.kind and parts[1] != args.kind:
             continue
         attrs = json.loads(parts[2])
         brief = {k: attrs[k] for k in ("activation", "residual", "stride", "groups") if k in attrs}
-        print(parts[1], brief, parts[3][:70], {k: round(v, 4) for k, v in times.items()})
+        if not args.summary:
+            print(parts[1], brief, parts[3][:70], {k: round(v, 4) for k, v in times.items()})
+        for k, v in times.items():
+            totals[k] = totals.get(k, 0.0) + (v if v < float("inf") else min(times.values()))
+        best_total += min(times.values())
+    # Per tactic: the sum over the timed layers if it had been chosen everywhere (its own time where it ran,
+    # the best time where it could not), against the sum of the winners.
+    print("totals ms:", {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: kv[1])},
+          "best:", round(best_total, 3))
     return 0
 
 
