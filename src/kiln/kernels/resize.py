@@ -145,32 +145,41 @@ def _antialias_axis(x, axis, out_len, scale, c, in_len, mode, attrs):
     return y.movedim(-1, axis)
 
 
+def resize_plan(attrs, x, scales, sizes) -> tuple[list[int], list[float]]:
+    """The output shape and the per-axis scale of every axis of ``x`` (1.0 where it is not resized)."""
+    r = x.dim()
+    axes = [norm_axis(a, r) for a in attrs["axes"]] if attrs.get("axes") else list(range(r))
+    in_shape = list(x.shape)
+    sc = [float(v) for v in scales.reshape(-1).tolist()] if scales is not None and scales.numel() else None
+    sz = ints(sizes) if sizes is not None and sizes.numel() else None
+    full_scales = [1.0] * r
+    out = list(in_shape)
+    if sz is not None:
+        policy = attrs.get("keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            ratios = [sz[i] / in_shape[a] for i, a in enumerate(axes)]
+            s = min(ratios) if policy == "not_larger" else max(ratios)
+            for a in axes:
+                full_scales[a] = s
+                out[a] = int(math.floor(s * in_shape[a] + 0.5))
+        else:
+            for i, a in enumerate(axes):
+                out[a] = sz[i]
+                full_scales[a] = sz[i] / in_shape[a] if in_shape[a] else 1.0
+    elif sc is not None:
+        for i, a in enumerate(axes):
+            full_scales[a] = sc[i]
+            out[a] = int(math.floor(in_shape[a] * sc[i]))
+    return out, full_scales
+
+
 @tactic("Resize")
 def make_resize(attrs, ctx):
     def run(x, roi=None, scales=None, sizes=None):
         r = x.dim()
         axes = [norm_axis(a, r) for a in attrs["axes"]] if attrs.get("axes") else list(range(r))
         in_shape = list(x.shape)
-        sc = [float(v) for v in scales.reshape(-1).tolist()] if scales is not None and scales.numel() else None
-        sz = ints(sizes) if sizes is not None and sizes.numel() else None
-        full_scales = [1.0] * r
-        out = list(in_shape)
-        if sz is not None:
-            policy = attrs.get("keep_aspect_ratio_policy", "stretch")
-            if policy != "stretch":
-                ratios = [sz[i] / in_shape[a] for i, a in enumerate(axes)]
-                s = min(ratios) if policy == "not_larger" else max(ratios)
-                for a in axes:
-                    full_scales[a] = s
-                    out[a] = int(math.floor(s * in_shape[a] + 0.5))
-            else:
-                for i, a in enumerate(axes):
-                    out[a] = sz[i]
-                    full_scales[a] = sz[i] / in_shape[a] if in_shape[a] else 1.0
-        elif sc is not None:
-            for i, a in enumerate(axes):
-                full_scales[a] = sc[i]
-                out[a] = int(math.floor(in_shape[a] * sc[i]))
+        out, full_scales = resize_plan(attrs, x, scales, sizes)
         roi_l = [float(v) for v in roi.reshape(-1).tolist()] if roi is not None and roi.numel() else None
         if x.is_meta:
             return (torch.empty(out, dtype=x.dtype, device="meta"),)
