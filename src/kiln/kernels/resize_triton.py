@@ -28,9 +28,10 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["P", "OH", "OW"])
-    def upsample_nearest_nhwc(x_ptr, y_ptr, P, C, OH, OW, SH: tl.constexpr, SW: tl.constexpr,
+    def upsample_nearest_nhwc(x_ptr, y_ptr, P, C, OH, OW, YS, SH: tl.constexpr, SW: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        # P = N·OH·OW output pixels; x is [N, OH/SH, OW/SW, C] and y [N, OH, OW, C], both dense.
+        # P = N·OH·OW output pixels; x is [N, OH/SH, OW/SW, C] dense and y [N, OH, OW, ≥C] with YS
+        # elements from one pixel to the next (C, or a concatenation's total channels).
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ox = p % OW
@@ -40,20 +41,24 @@ def _kernel():
         src = ((n.to(tl.int64) * (OH // SH) + oy // SH) * (OW // SW) + ox // SW) * C
         m = (p < P)[:, None] & (c < C)[None, :]
         v = tl.load(x_ptr + src[:, None] + c[None, :], mask=m)
-        tl.store(y_ptr + (p.to(tl.int64) * C)[:, None] + c[None, :], v, mask=m)
+        tl.store(y_ptr + (p.to(tl.int64) * YS)[:, None] + c[None, :], v, mask=m)
     return upsample_nearest_nhwc
 
 
-def upsample_nearest_nhwc(x: torch.Tensor, sh: int, sw: int, block_p: int = 32) -> torch.Tensor:
-    """x: 4-D channels-last → [N, C, H·sh, W·sw] channels-last, each pixel repeated sh×sw times."""
+def upsample_nearest_nhwc(x: torch.Tensor, sh: int, sw: int, block_p: int = 32, out=None) -> torch.Tensor:
+    """x: 4-D channels-last → [N, C, H·sh, W·sw] channels-last, each pixel repeated sh×sw times;
+    written into ``out(shape, dtype, device)`` (a concatenation's channel slice) when given."""
     n, c, h, w = x.shape
-    y = torch.empty((n, h * sh, w * sw, c), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    shape = (n, c, h * sh, w * sw)
+    y = out(shape, x.dtype, x.device) if out is not None else None
+    if y is None or y.stride(1) != 1 or y.stride(2) != y.shape[3] * y.stride(3):
+        y = torch.empty((n, h * sh, w * sw, c), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
     p = n * h * sh * w * sw
     if p == 0 or c == 0:
         return y
     block_c = min(128 if x.element_size() <= 2 else 64, 1 << max(0, c - 1).bit_length())
     grid = (-(-p // block_p), -(-c // block_c))
-    _kernel()[grid](x, y, p, c, h * sh, w * sw, SH=sh, SW=sw, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+    _kernel()[grid](x, y, p, c, h * sh, w * sw, y.stride(3), SH=sh, SW=sw, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return y
 
 
@@ -63,15 +68,15 @@ def _ok(attrs, ctx) -> bool:
             and attrs.get("nearest_mode", "round_prefer_floor") == "floor")
 
 
-@tactic("Resize", "triton_nearest_nhwc", devices=("cuda",), supports=_ok)
+@tactic("Resize", "triton_nearest_nhwc", devices=("cuda",), supports=_ok, writes_into=True)
 def make_resize_nearest_nhwc(attrs, ctx):
     general = make_resize(attrs, ctx)
 
-    def run(x, roi=None, scales=None, sizes=None):
+    def run(x, roi=None, scales=None, sizes=None, out=None):
         if x.dim() == 4 and x.dtype in _DTYPES and not x.is_meta and x.is_contiguous(memory_format=torch.channels_last):
-            out, full = resize_plan(attrs, x, scales, sizes)
-            if out[:2] == list(x.shape[:2]) and all(float(full[a]).is_integer() and full[a] >= 1
-                                                     and out[a] == x.shape[a] * int(full[a]) for a in (2, 3)):
-                return (upsample_nearest_nhwc(x, int(full[2]), int(full[3])),)
+            shape, full = resize_plan(attrs, x, scales, sizes)
+            if shape[:2] == list(x.shape[:2]) and all(float(full[a]).is_integer() and full[a] >= 1
+                                                       and shape[a] == x.shape[a] * int(full[a]) for a in (2, 3)):
+                return (upsample_nearest_nhwc(x, int(full[2]), int(full[3]), out=out),)
         return general(x, roi, scales, sizes)
     return run

@@ -16,6 +16,7 @@ from kiln.errors import EngineFormatError, PluginError, ShapeError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, get_tactic
+from kiln.runtime.concat_elision import elide_concats
 from kiln.kernels._util import torch_dtype
 
 
@@ -78,6 +79,7 @@ class Program:
                                         f"{exc}); the plan is damaged or from another Kiln. Rebuild it with "
                                         f"kiln build.") from None
         self._plan_liveness()
+        self._concat_buffers = elide_concats(self, plan, device)
 
     def _step(self, layer: dict, weights, device: str, plugin_factory, tensors: dict, moved: dict) -> Step:
         kind = layer["kind"]
@@ -150,6 +152,8 @@ class Program:
     def run_env(self, env: dict[str, torch.Tensor], inputs: list[torch.Tensor], timer=None) -> list[torch.Tensor]:
         """Run every step; ``timer`` (optional) wraps each step: timer(step, thunk) -> outputs."""
         values = dict(env)
+        for buf in self._concat_buffers:
+            buf.current = None
         for name, value in zip(self.inputs, inputs):
             values[name] = value
         for n in self.outputs:
