@@ -47,3 +47,14 @@ def test_epilogue_residual_after_activation(act):
     ref = REF[act](y + b.view(1, -1, 1, 1)) + r                 # the shortcut after the activation
     out = apply_epilogue(y.clone(memory_format=torch.channels_last), b, r, act, block=64, residual_after=True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_epilogue_into_a_concatenation_slice():
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(2, 6, 4, 3, generator=g).to(DEV).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(6, generator=g).to(DEV)
+    buf = torch.full((2, 4, 3, 10), 5.0, device=DEV).permute(0, 3, 1, 2)
+    out = apply_epilogue(y.clone(memory_format=torch.channels_last), b, None, "silu", block=64, out=buf[:, 4:])
+    assert out.data_ptr() == buf[:, 4:].data_ptr()
+    torch.testing.assert_close(buf[:, 4:], F.silu(y + b.view(1, -1, 1, 1)), rtol=1e-5, atol=1e-6)
+    assert bool((buf[:, :4] == 5).all())

@@ -67,7 +67,7 @@ def s2d_input(x: torch.Tensor, s: int, kh: int, kw: int, pads: list[int]) -> tor
     return buf.permute(0, 3, 1, 2)
 
 
-@tactic("Convolution", "space_to_depth", devices=("cuda",), supports=_ok, priority=10)
+@tactic("Convolution", "space_to_depth", devices=("cuda",), supports=_ok, priority=10, writes_into=True)
 def make_conv_space_to_depth(attrs, ctx):
     s = attrs["stride"][0]
     pads = list(attrs["pads"])
@@ -94,7 +94,7 @@ def make_conv_space_to_depth(attrs, ctx):
             hit = wcache["bias"] = torch.zeros(y_channels, dtype=like.dtype, device=like.device)
         return hit
 
-    def run(x, w, b=None, residual=None):
+    def run(x, w, b=None, residual=None, out=None):
         w2 = weight(w)
         kh, kw = w.shape[2], w.shape[3]
         if x.is_meta:
@@ -107,11 +107,14 @@ def make_conv_space_to_depth(attrs, ctx):
             b = zero_bias(y_channels=w.shape[0], like=x)
         y = F.conv2d(xs, w2, None if fused else b)
         if fused:
-            from kiln.kernels.epilogue_triton import apply_epilogue
+            from kiln.kernels.epilogue_triton import apply_epilogue, nhwc_rows
             if not y.is_contiguous(memory_format=torch.channels_last):
                 y = y.contiguous(memory_format=torch.channels_last)
             r = residual.contiguous(memory_format=torch.channels_last) if residual is not None else None
-            return (apply_epilogue(y, b, r, act_name or "none", alpha, beta, residual_after=after),)
+            dest = out(tuple(y.shape), y.dtype, y.device) if out is not None else None
+            if dest is not None and not nhwc_rows(dest):
+                dest = None
+            return (apply_epilogue(y, b, r, act_name or "none", alpha, beta, residual_after=after, out=dest),)
         if residual is not None and not after:
             y = y + residual
         if act is not None:

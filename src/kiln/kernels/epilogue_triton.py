@@ -5,82 +5,102 @@ cuDNN fuses bias+ReLU (see conv.py's ``cudnn_fused``) but not SiLU, HardSwish or
 PyTorch then spends two more passes over the output (bias add, activation). Here the
 convolution runs without bias and one Triton kernel adds the bias (and the residual) and applies
 the activation in place, on channels-last memory where the channel is the fastest axis.
+
+The kernels are defined at import, as the built-in plugins' are (Triton stays optional, see
+plugins/builtin/_util.py), so that conv_triton.py's kernel can call ``apply_act``: Triton's
+interpreter looks a kernel's callees up in module globals, never in a closure. Interpreted or
+compiled (TRITON_INTERPRET=1) is therefore fixed when this module is imported.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from kiln.kernels.registry import tactic
+from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
 ACTS = ("none", "relu", "silu", "sigmoid", "hard_swish", "hard_sigmoid", "gelu", "leaky_relu", "tanh", "clip")
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
+@triton.jit
+def apply_act(v, alpha, beta, ACT: tl.constexpr):
+    """The activation ACTS[ACT] on FP32 values: one definition for every kernel that fuses an
+    epilogue (this one, the implicit-GEMM convolution in conv_triton.py)."""
+    if ACT == 1:
+        v = tl.maximum(v, 0.0)
+    elif ACT == 2:
+        v = v / (1.0 + tl.exp(-v))
+    elif ACT == 3:
+        v = 1.0 / (1.0 + tl.exp(-v))
+    elif ACT == 4:
+        v = v * tl.minimum(tl.maximum(v / 6.0 + 0.5, 0.0), 1.0)
+    elif ACT == 5:
+        v = tl.minimum(tl.maximum(alpha * v + beta, 0.0), 1.0)
+    elif ACT == 6:
+        v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACT == 7:
+        v = tl.where(v >= 0, v, v * alpha)
+    elif ACT == 8:
+        e = tl.exp(-2.0 * tl.abs(v))
+        t = (1.0 - e) / (1.0 + e)
+        v = tl.where(v >= 0, t, -t)
+    elif ACT == 9:
+        v = tl.minimum(tl.maximum(v, alpha), beta)
+    return v
 
-    @triton.jit
-    def epilogue(y_ptr, b_ptr, r_ptr, n, C, alpha, beta, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-                 RES_AFTER: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v += tl.load(b_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES and not RES_AFTER:
-            v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ACT == 1:
-            v = tl.maximum(v, 0.0)
-        elif ACT == 2:
-            v = v / (1.0 + tl.exp(-v))
-        elif ACT == 3:
-            v = 1.0 / (1.0 + tl.exp(-v))
-        elif ACT == 4:
-            v = v * tl.minimum(tl.maximum(v / 6.0 + 0.5, 0.0), 1.0)
-        elif ACT == 5:
-            v = tl.minimum(tl.maximum(alpha * v + beta, 0.0), 1.0)
-        elif ACT == 6:
-            v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-        elif ACT == 7:
-            v = tl.where(v >= 0, v, v * alpha)
-        elif ACT == 8:
-            e = tl.exp(-2.0 * tl.abs(v))
-            t = (1.0 - e) / (1.0 + e)
-            v = tl.where(v >= 0, t, -t)
-        elif ACT == 9:
-            v = tl.minimum(tl.maximum(v, alpha), beta)
-        if HAS_RES and RES_AFTER:
-            v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=mask)
-    return epilogue
+
+@triton.jit
+def _epilogue_kernel(y_ptr, b_ptr, r_ptr, o_ptr, n, C, OS, alpha, beta, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                     RES_AFTER: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v += tl.load(b_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES and not RES_AFTER:
+        v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = apply_act(v, alpha, beta, ACT)
+    if HAS_RES and RES_AFTER:
+        v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if STRIDED:     # into a concatenation's channel slice: OS elements from one pixel to the next
+        tl.store(o_ptr + (offs // C) * OS + offs % C, v.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(o_ptr + offs, v.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def nhwc_rows(y: torch.Tensor) -> bool:
+    """Whether ``y`` [N, C, H, W] is channels-last with dense pixels (C contiguous, each pixel
+    ``y.stride(3)`` elements after the previous, images back to back)."""
+    n, c, h, w = y.shape
+    ps = y.stride(3)
+    return y.stride(1) == 1 and y.stride(2) == w * ps and (n <= 1 or y.stride(0) == h * w * ps) and ps >= c
+
 
 
 def apply_epilogue(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, act: str,
                    alpha: float = 0.0, beta: float = 0.0, block: int = 1024,
-                   residual_after: bool = False) -> torch.Tensor:
-    """In place on ``y`` (channels-last 4-D, or any tensor whose last axis is the channel):
-    act(y + bias + residual), or act(y + bias) + residual with ``residual_after``."""
+                   residual_after: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(y + bias + residual), or act(y + bias) + residual with ``residual_after``, in place on
+    ``y`` (channels-last 4-D, or any tensor whose last axis is the channel) — or into ``out``, a
+    4-D view with ``nhwc_rows`` (a concatenation's channel slice), which is returned."""
     C = bias.numel()
     n = y.numel()
     grid = ((n + block - 1) // block,)
     r = residual if residual is not None else y
-    _kernel()[grid](y, bias, r, n, C, float(alpha), float(beta), ACT=ACTS.index(act), HAS_RES=residual is not None,
-                    RES_AFTER=bool(residual_after),
-                    BLOCK=block, num_warps=4)
-    return y
+    dest = y if out is None else out
+    _epilogue_kernel[grid](y, bias, r, dest, n, C, dest.stride(3) if out is not None else C, float(alpha),
+                           float(beta), ACT=ACTS.index(act), HAS_RES=residual is not None,
+                           RES_AFTER=bool(residual_after), STRIDED=out is not None, BLOCK=block, num_warps=4)
+    return dest
 
 
 def _ok(attrs, ctx):
     act = attrs.get("activation") or "none"
-    return len(attrs["stride"]) == 2 and act in ACTS and attrs["pads"][:2] == attrs["pads"][2:] \
+    return HAS_TRITON and len(attrs["stride"]) == 2 and act in ACTS and attrs["pads"][:2] == attrs["pads"][2:] \
         and ctx.precision.split()[0] in ("fp16", "bf16")
 
 
-@tactic("Convolution", "triton_epilogue", devices=("cuda",), supports=_ok)
+@tactic("Convolution", "triton_epilogue", devices=("cuda",), supports=_ok, writes_into=True)
 def make_conv_triton_epilogue(attrs, ctx):
     from kiln.kernels.conv import _channels_last
     stride, dil, groups = list(attrs["stride"]), list(attrs["dilation"]), attrs.get("groups", 1)
@@ -92,7 +112,7 @@ def make_conv_triton_epilogue(attrs, ctx):
     after = bool(attrs.get("residual_after_activation"))
     wcache: dict = {}
 
-    def run(x, w, b=None, residual=None):
+    def run(x, w, b=None, residual=None, out=None):
         x = _channels_last(x, None)
         w = _channels_last(w, wcache)
         y = F.conv2d(x, w, None, stride, pads, dil, groups)
@@ -105,5 +125,8 @@ def make_conv_triton_epilogue(attrs, ctx):
         r = None
         if residual is not None:
             r = residual.contiguous(memory_format=torch.channels_last)
-        return (apply_epilogue(y, b, r, act, alpha, beta, residual_after=after),)
+        dest = out(tuple(y.shape), y.dtype, y.device) if out is not None else None
+        if dest is not None and not nhwc_rows(dest):
+            dest = None
+        return (apply_epilogue(y, b, r, act, alpha, beta, residual_after=after, out=dest),)
     return run
