@@ -1,6 +1,7 @@
 """Launch-configuration sweep for Triton kernels: GridSample, DCNv2 im2col, NHWC pooling (GPU machine).
 
     python benchmarks/sweep_plugins.py [--only grid_sample,deform_conv,pool]
+    python benchmarks/sweep_plugins.py --only dcn_fused      # DCNv2 implicit GEMM + transpose (~3 min)
 
 For each realistic shape: every (BLOCK_C, BLOCK_P, channel chunk, num_warps) candidate is
 checked against the peer's output, then timed from a CUDA graph (kernel time, no launch
@@ -103,6 +104,85 @@ def deform_conv_cases(channels_last: bool = False):
               lambda: torchvision.ops.deform_conv2d(x, off, w, bias, padding=(1, 1), mask=mask))
 
 
+def _time_dcn_configs(configs, make_call, out, check):
+    """[(ms, config, note)] fastest first: each configuration's output is checked (``out`` is
+    poisoned first), then timed from a CUDA graph; failures to compile or launch (registers,
+    shared memory) become rows with the error, not a crash."""
+    rows = []
+    for cfg in configs:
+        try:
+            call = make_call(cfg)
+            out.fill_(float("nan"))
+            call()
+            if not check():
+                rows.append((float("inf"), cfg, "WRONG"))
+                continue
+            rows.append((time_ms(graphed(call), 50)["median"], cfg, ""))
+        except Exception as exc:
+            rows.append((float("inf"), cfg, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:100]}"))
+    return sorted(rows, key=lambda r: r[0])
+
+
+def _print_dcn_rows(rows, label, best):
+    for t, cfg, note in rows[:best]:
+        print(f"   {t:.4f} ms  {label} = {cfg} {note}")
+    for t, cfg, note in rows[best:]:
+        if note:
+            print(f"   failed {cfg}: {note}")
+
+
+def dcn_fused_cases():
+    """The implicit-GEMM tactic's fused_configs per (dtype, batch) at 256->256 3x3 @64x64 (X NCHW, so
+    each call includes the transposes into the workspace); next to them torchvision, the
+    im2col+cuBLAS tactic and the default configuration. Then the NCHW -> NHWC transpose's tiles
+    against torch's permute-copy."""
+    import torchvision
+    for dtype, batch in ((torch.float16, 1), (torch.float16, 8), (torch.float32, 1), (torch.float32, 8)):
+        g = torch.Generator(DEV).manual_seed(2)
+        x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
+        w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
+        bias = torch.randn(256, device=DEV, generator=g).to(dtype)
+        off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
+        mask = torch.rand(batch, 9, 64, 64, device=DEV, generator=g).to(dtype)
+        p = dcn.ModulatedDeformConv2d(pads=[1, 1, 1, 1])
+        geo = dcn._Geo(p, x, w, off, mask, 3, 3)
+        ws = torch.empty(p.workspace_size([dcn.TensorDesc(tuple(t.shape), str(t.dtype)[6:])
+                                           for t in (x, w, off, bias, mask)]), dtype=torch.uint8, device=DEV)
+        out = torch.empty(batch, 256, 64, 64, device=DEV, dtype=dtype)
+        want = torchvision.ops.deform_conv2d(x.float(), off.float(), w.float(), bias.float(), padding=(1, 1),
+                                             mask=mask.float())
+        tol = 5e-3 if dtype == torch.float32 else 5e-2
+        ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+        current = dcn.fused_launch_config(geo, x.element_size(), ieee)
+        configs = dcn.fused_configs(x.element_size(), ieee)
+        rows = _time_dcn_configs(
+            ([current] if current not in configs else []) + configs,
+            lambda cfg: (lambda: dcn._implicit_gemm(p, x, w, off, bias, mask, out, ws, geo, cfg)), out,
+            lambda: bool(torch.allclose(out.float(), want, rtol=tol, atol=tol * float(want.abs().max()))))
+        peer = lambda: torchvision.ops.deform_conv2d(x, off, w, bias, padding=(1, 1), mask=mask)  # noqa: E731
+        pe, pg = time_ms(peer, 50)["median"], time_ms(graphed(peer), 50)["median"]
+        im2col = time_ms(graphed(lambda: dcn._im2col_gemm(p, x, w, off, bias, mask, out, ws, geo)), 50)["median"]
+        title = f"DCNv2 implicit GEMM {str(dtype)[6:]}{' ieee' if ieee else ''} b{batch}"
+        print(f"== {title}: torchvision eager {pe:.4f} ms, graph {pg:.4f} ms; im2col+cuBLAS graph {im2col:.4f} ms; "
+              f"default {current} {next(r[0] for r in rows if r[1] == current):.4f} ms")
+        _print_dcn_rows(rows, "(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)", 8)
+        print(f"   BEST {title}: {rows[0][1]} {rows[0][0]:.4f} ms vs torchvision graph {pg:.4f} ms "
+              f"({pg / rows[0][0]:.2f}x)")
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(8, 256, 64, 64, device=DEV).to(dtype)
+        buf = torch.empty(8, 64, 64, 256, device=DEV, dtype=dtype)
+        want = x.permute(0, 2, 3, 1).contiguous()
+        configs = [(64, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 4), (128, 32, 4), (64, 128, 4), (128, 64, 8),
+                   (64, 64, 8), (128, 128, 8)]
+        rows = _time_dcn_configs(configs, lambda cfg: (lambda: dcn._to_nhwc(x, buf, cfg)), buf,
+                                 lambda: bool(torch.equal(buf, want)))
+        torch_ms = time_ms(graphed(lambda: buf.copy_(x.permute(0, 2, 3, 1))), 50)["median"]
+        cur = next(r[0] for r in rows if r[1] == dcn.TRANSPOSE_CONFIG)
+        print(f"== NCHW->NHWC {str(dtype)[6:]} [8,256,64,64]: torch permute-copy graph {torch_ms:.4f} ms; "
+              f"current {dcn.TRANSPOSE_CONFIG} {cur:.4f} ms")
+        _print_dcn_rows(rows, "(BLOCK_R, BLOCK_S, warps)", 4)
+
+
 def pool_cases():
     from kiln.kernels import pool_triton as pt
     cases = [("max 3x3 s2 p1", (256, 64, 112, 112), (3, 3), (2, 2), (1, 1, 1, 1)),
@@ -145,6 +225,8 @@ def main() -> int:
         deform_conv_cases()
     if "dcn_nhwc" in args.only:
         deform_conv_cases(channels_last=True)
+    if "dcn_fused" in args.only:
+        dcn_fused_cases()
     if "pool" in args.only:
         pool_cases()
     return 0

@@ -137,17 +137,66 @@ def cases_grid_sample() -> list[Callable[[], None]]:
 
 
 def cases_deform_conv() -> list[Callable[[], None]]:
+    """Both tactics in FP32 (IEEE FMA dot) and FP16 with and without mask; the implicit GEMM also
+    at the benchmark shape (its default tiles for batch 1 and 8), with TF32, BF16, channels-last
+    X (no transpose) and channel groups that do not split evenly (masked chunks)."""
     from kiln.plugins.builtin.deform_conv import ModulatedDeformConv2d
+
+    def dcn(n, c, oc, hw, dtype, group=1, og=1, masked=True, bias=True, tactic="triton_fused", tf32=False,
+            channels_last=False):
+        def run():
+            p = ModulatedDeformConv2d(pads=[1, 1, 1, 1], group=group, offset_group=og)
+            x = torch.randn(n, c, hw, hw, dtype=dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            ins = [x, torch.randn(oc, c // group, 3, 3, dtype=dtype), torch.randn(n, 18 * og, hw, hw, dtype=dtype),
+                   torch.randn(oc, dtype=dtype) if bias else None,
+                   torch.rand(n, 9 * og, hw, hw, dtype=dtype) if masked else None]
+            old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                forward(p, ins, tactic)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = old
+        return run
 
     out = []
     for dtype in (torch.float32, torch.float16):
         for tactic in ("triton", "triton_fused"):
             for masked in (True, False):
-                p = ModulatedDeformConv2d(pads=[1, 1, 1, 1], offset_group=2)
-                ins = [torch.randn(2, 64, 12, 10, dtype=dtype), torch.randn(64, 64, 3, 3, dtype=dtype),
-                       torch.randn(2, 36, 12, 10, dtype=dtype), torch.randn(64, dtype=dtype),
-                       torch.rand(2, 18, 12, 10, dtype=dtype) if masked else None]
-                out.append(lambda p=p, ins=ins, tactic=tactic: forward(p, ins, tactic))
+                out.append(dcn(2, 64, 64, 12, dtype, og=2, masked=masked, tactic=tactic))
+        for n in (1, 8):
+            out.append(dcn(n, 256, 256, 64, dtype))
+        out.append(dcn(2, 48, 40, 10, dtype, group=2, og=3, bias=False))
+    out.append(dcn(8, 256, 256, 64, torch.float32, tf32=True))
+    out.append(dcn(2, 64, 64, 12, torch.bfloat16))
+    out.append(dcn(2, 64, 64, 12, torch.float16, channels_last=True))
+    if os.environ.get("DCN_ALL_CONFIGS"):
+        out += _deform_conv_configs()
+    return out
+
+
+def _deform_conv_configs() -> list[Callable[[], None]]:
+    """Every implicit-GEMM configuration the sweep may time, at the benchmark shape. Not in the
+    tests; ``DCN_ALL_CONFIGS=1 python tests/plugins/sm90_compile.py deform_conv -v`` lists their
+    registers and spills, to prune fused_configs with."""
+    from kiln.plugins.builtin import deform_conv as dcn
+
+    out = []
+    for dtype, ieee in ((torch.float16, False), (torch.float32, False), (torch.float32, True)):
+        for cfg in dcn.fused_configs(dtype.itemsize, ieee):
+            def run(dtype=dtype, ieee=ieee, cfg=cfg):
+                p = dcn.ModulatedDeformConv2d(pads=[1, 1, 1, 1])
+                x, w = torch.randn(8, 256, 64, 64, dtype=dtype), torch.randn(256, 256, 3, 3, dtype=dtype)
+                off, m = torch.randn(8, 18, 64, 64, dtype=dtype), torch.rand(8, 9, 64, 64, dtype=dtype)
+                geo = dcn._Geo(p, x, w, off, m, 3, 3)
+                old = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = not ieee
+                try:
+                    dcn._implicit_gemm(p, x, w, off, None, m, torch.empty(8, 256, 64, 64, dtype=dtype), None, geo, cfg)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = old
+            out.append(run)
     return out
 
 

@@ -40,6 +40,9 @@ CASES = {
     "2x3-kernel-stride-1x2": dict(seed=3, n=1, c=2, h=6, w=8, oc=3, k=(2, 3), stride=(1, 2), pads=(0, 1, 1, 0)),
     "fusable-32ch": dict(seed=4, n=2, c=32, h=5, w=4, oc=16, k=(3, 3)),
     "fusable-32ch-2-offset-groups": dict(seed=5, n=1, c=32, h=4, w=5, oc=20, k=(3, 3), og=2, scale=3.0),
+    # conv groups of 2 channels against offset groups of 3: group 1 straddles two offset groups
+    "groups-straddle-offset-groups-dil2": dict(seed=7, n=1, c=6, h=5, w=6, oc=6, k=(3, 3), group=3, og=2,
+                                               dil=(2, 1), pads=(2, 1, 2, 1)),
 }
 
 
@@ -82,6 +85,80 @@ def test_float16(ref, tactic):
     (got,) = ref.run(plugin, [t.half() for t in ins], tactic)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+
+
+# The implicit GEMM with explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): several pixel and
+# channel tiles (partial ones, a partial GROUP_M band), offset-group segments aligned or not with the
+# conv groups and BLOCK_K, chunks masked where channels do not fill BLOCK_K.
+FUSED_CONFIG_CASES = {
+    "2-offset-groups-even-chunks": (dict(seed=8, n=2, c=32, h=5, w=6, oc=24, k=(3, 3), og=2, scale=3.0),
+                                    (16, 16, 16, 4, 1)),
+    "groups-straddle-offset-groups": (dict(seed=9, n=1, c=24, h=6, w=5, oc=12, k=(3, 3), group=2, og=3, bias=False),
+                                      (32, 16, 16, 4, 1)),
+    "4-groups-stride2-dil2-plain": (dict(seed=10, n=2, c=32, h=9, w=8, oc=16, k=(3, 3), group=4, og=2, stride=(2, 2),
+                                         dil=(2, 2), pads=(2, 2, 2, 2), bias=False, mask=False), (16, 16, 16, 4, 2)),
+    "12-pixel-tiles-3-channel-tiles": (dict(seed=11, n=3, c=16, h=7, w=9, oc=40, k=(3, 3), mask=False),
+                                       (16, 16, 16, 4, 1)),
+    "2-chunks-of-32": (dict(seed=12, n=1, c=64, h=6, w=6, oc=32, k=(3, 3), dil=(2, 2), pads=(2, 2, 2, 2)),
+                       (32, 32, 32, 4, 3)),
+}
+
+
+def _fused(plugin, ins, config):
+    from kiln.plugins.builtin import deform_conv as dcn
+
+    x, w, off, b, m = ins
+    geo = dcn._Geo(plugin, x, w, off, m, w.shape[2], w.shape[3])
+    out = torch.full((geo.n, geo.oc, geo.oh, geo.ow), 7.0, dtype=x.dtype, device=x.device)
+    dcn._implicit_gemm(plugin, x, w, off, b, m, out, None, geo, config)
+    return out
+
+
+@pytest.mark.parametrize("case", list(FUSED_CONFIG_CASES))
+def test_fused_configs_against_torch(ref, case):
+    kwargs, config = FUSED_CONFIG_CASES[case]
+    arrays, attrs = _case(**kwargs)
+    ins = ref.dev(arrays["X"], arrays["W"], arrays["offset"], arrays["B"], arrays["mask"])
+    plugin = ModulatedDeformConv2d(**deform_conv_fields(attrs, 19))
+    (want,) = ref.run(plugin, ins, "torch")
+    torch.testing.assert_close(_fused(plugin, ins, config), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_float16_config(ref):
+    kwargs, config = FUSED_CONFIG_CASES["2-offset-groups-even-chunks"]
+    arrays, attrs = _case(**kwargs)
+    ins = ref.dev(arrays["X"], arrays["W"], arrays["offset"], arrays["B"], arrays["mask"])
+    plugin = ModulatedDeformConv2d(**deform_conv_fields(attrs, 19))
+    (want,) = ref.run(plugin, ins, "torch")
+    got = _fused(plugin, [t.half() for t in ins], config)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("tactic", ("triton", "triton_fused"))
+def test_x_and_w_layouts(ref, tactic):
+    """X channels-last (used in place), X whose H and W strides do not merge (a crop: torch copies it
+    to channels-last), W not contiguous (torch rearranges it)."""
+    arrays, attrs = _case(**CASES["fusable-32ch"])
+    x, w, off, b, m = ref.dev(arrays["X"], arrays["W"], arrays["offset"], arrays["B"], arrays["mask"])
+    plugin = ModulatedDeformConv2d(**deform_conv_fields(attrs, 19))
+    (want,) = ref.run(plugin, [x, w, off, b, m], "torch")
+    wide = torch.zeros(*x.shape[:3], x.shape[3] + 3, device=x.device)
+    wide[..., :x.shape[3]] = x
+    w_strided = w.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    for xs, ws in ((x.contiguous(memory_format=torch.channels_last), w), (wide[..., :x.shape[3]], w_strided)):
+        (got,) = ref.run(plugin, [xs, ws, off, b, m], tactic)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_workspace_holds_x_copy_and_tap_major_weights(ref):
+    """With a 1x1 output the im2col columns are smaller than the rearranged weights, which must still fit."""
+    from kiln.plugins.builtin._util import aligned
+
+    plugin = ModulatedDeformConv2d()
+    descs = [TensorDesc((1, 16, 3, 3), "float32"), TensorDesc((64, 16, 3, 3), "float32"),
+             TensorDesc((1, 18, 1, 1), "float32")]
+    assert plugin.workspace_size(descs) >= aligned(16 * 9 * 4) + aligned(64 * 16 * 9 * 4)
 
 
 def test_small_workspace_processes_images_in_chunks(ref):

@@ -9,7 +9,10 @@ GPU tactics:
 - ``triton``: a Triton kernel writes the modulated deformable im2col columns into the
   workspace, then cuBLAS (torch.bmm/mm with ``out=``) multiplies by the weights.
 - ``triton_fused``: one Triton implicit-GEMM kernel samples the columns tile by tile in
-  registers and feeds ``tl.dot`` directly, never writing them to memory.
+  registers and feeds ``tl.dot`` directly, never writing them to memory; the weights are
+  first rearranged tap-major into the workspace.
+Both read X channels-last (each bilinear corner is then a contiguous run of channels): an
+NCHW X is first transposed into the workspace.
 """
 from __future__ import annotations
 
@@ -87,17 +90,20 @@ class ModulatedDeformConv2d(Plugin):
         return desc.layout == "linear" and desc.dtype in _FLOATS
 
     def workspace_size(self, inputs: list[TensorDesc]) -> int:
-        """Room for a channels-last copy of X (the im2col kernel gathers channels-contiguous taps) and
-        the im2col columns of as many images as fit under 512 MB (at least one)."""
+        """Room for a channels-last copy of X (both kernels gather channels-contiguous taps), then
+        for 'triton' the im2col columns of as many images as fit under 512 MB (at least one), for
+        'triton_fused' the weights rearranged tap-major; the larger of the two."""
         x, w = inputs[0], inputs[1]
         (out,) = self.output_descs(inputs)
-        c, kh, kw = _util.concrete(self.name, (x.shape[1], w.shape[2], w.shape[3]), "channel/kernel")
+        c, oc, cg, kh, kw = _util.concrete(self.name, (x.shape[1], *w.shape), "channel/kernel")
         oh, ow = _util.concrete(self.name, out.shape[2:], "output spatial")
-        per_image = c * kh * kw * oh * ow * _util.itemsize(x.dtype)
+        size = _util.itemsize(x.dtype)
+        per_image = c * kh * kw * oh * ow * size
         n = x.shape[0] if isinstance(x.shape[0], int) else 1
         h, wd = (d if isinstance(d, int) else 0 for d in x.shape[2:4])
-        x_copy = _util.aligned(n * c * h * wd * _util.itemsize(x.dtype))
-        return x_copy + _util.aligned(per_image * max(1, min(n, _WS_CAP // max(per_image, 1))))
+        x_copy = _util.aligned(n * c * h * wd * size)
+        cols = _util.aligned(per_image * max(1, min(n, _WS_CAP // max(per_image, 1))))
+        return x_copy + max(cols, _util.aligned(oc * cg * kh * kw * size))
 
     def forward(self, inputs: list[Any], outputs: list[Any], workspace: Any, tactic: str) -> None:
         x, w, off = inputs[0], inputs[1], inputs[2]
@@ -107,10 +113,10 @@ class ModulatedDeformConv2d(Plugin):
         geo = _Geo(self, x, w, off, mask, kh, kw)
         if tactic == "torch":
             out.copy_(_deform_conv_torch(x, w, off, bias, mask, geo))
-        elif tactic == "triton_fused" and _fused_block_k(geo) and out.is_contiguous():
+        elif tactic == "triton_fused":
             _util.require_triton(self.name)
-            _launch_fused(x, w, off, bias, mask, out, geo)
-        elif tactic in ("triton", "triton_fused"):    # fused needs channel groups of 16: else im2col + GEMM
+            _implicit_gemm(self, x, w, off, bias, mask, out, workspace, geo)
+        elif tactic == "triton":
             _util.require_triton(self.name)
             _im2col_gemm(self, x, w, off, bias, mask, out, workspace, geo)
         else:
@@ -259,73 +265,140 @@ def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sx
 
 
 @triton.jit
-def _dcn_fused_kernel(x_ptr, w_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, H, W, OW, L, NL, OC, CG, OCG, CPO,
-                      sxn, sxc, sxh, sxw, son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW,
-                      KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pn = tl.program_id(0)
-    pm = tl.program_id(1)
-    g = tl.program_id(2)
+def _transpose_kernel(src_ptr, dst_ptr, R, S, s_b, s_r, s_s, d_b, d_s, S_MOD, S_MUL,
+                      BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """dst[b, (s % S_MOD) * S_MUL + s // S_MOD, r] = src[b, r, s], dst contiguous along r.
+
+    A tile is read along s and written along r (Triton moves it through shared memory), so
+    both sides coalesce. NCHW X -> NHWC is (b, r, s) = (n, c, pixel) with S_MOD = 1; the
+    weights [oC, Cg, kH, kW] -> [g, kH*kW, Cg, oCg] are (g, oc, c*kH*kW + k) with S_MOD = kH*kW,
+    S_MUL = Cg, which puts tap-major rows under each output channel."""
+    ps = tl.program_id(0)
+    pr = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = ps * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = (r < R)[:, None] & (s < S)[None, :]
+    v = tl.load(src_ptr + b * s_b + (r * s_r)[:, None] + (s * s_s)[None, :], mask=ok)
+    t = (s % S_MOD) * S_MUL + s // S_MOD
+    tl.store(dst_ptr + b * d_b + (t * d_s)[None, :] + r[:, None], v.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, H, W, OW, L, NL, OC, CG, OCG, CPO,
+                              sxn, sxh, sxw, son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW,
+                              KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              IEEE: tl.constexpr, SEGMENTS: tl.constexpr, CHUNKS: tl.constexpr,
+                              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Y tile [BLOCK_M pixels (n*L + l), BLOCK_N output channels of group g] = sampled X @ Wt.
+
+    X is channels-last (unit channel stride), so each bilinear corner of a pixel is a
+    contiguous run of channels and the A tile gathers whole 64-128 byte rows. The bilinear
+    data of a pixel (4 corner pointers, weights x mask, validity) depends on the tap and the
+    offset group only: it is computed once per (tap, offset-group segment of the conv
+    group) and reused by every BLOCK_K channel chunk in it. Wt is [g, kH*kW*Cg, oCg] (tap
+    major), so B tiles are plain row-major loads the pipeliner can prefetch.
+
+    Trip counts are constexpr upper bounds (SEGMENTS per group, CHUNKS per segment): loops
+    with constant bounds pipeline, and Triton's interpreter cannot take a tensor bound.
+    Without EVEN_K a chunk or a whole segment may run past its channels and is masked."""
     KK: tl.constexpr = KH * KW
-    q = pn * BLOCK_N + tl.arange(0, BLOCK_N)            # pixel over the whole batch: n * L + l
-    qm = q < NL
-    n = (q // L).to(tl.int64)
-    l = q % L
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_m = tl.cdiv(NL, BLOCK_M)
+    num_n = tl.cdiv(OCG, BLOCK_N)
+    per_band = GROUP_M * num_n                      # GROUP_M pixel tiles x all channel tiles share X in L2
+    first_m = (pid // per_band) * GROUP_M
+    band_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < NL
+    n = (m // L).to(tl.int64)
+    l = m % L
     oh = l // OW
     ow = l % OW
-    ocl = pm * BLOCK_M + tl.arange(0, BLOCK_M)           # output channel within the group
-    om = ocl < OCG
-    oc = g * OCG + ocl
-    kr = tl.arange(0, BLOCK_K)
-    xb = x_ptr + n * sxn                                 # [BLOCK_N] pointers
+    x_row = x_ptr + n * sxn
+    off_row = off_ptr + n * son + oh * soh + ow * sow
+    mask_row = mask_ptr + n * smn + oh * smh + ow * smw
+    y_at = oh * SH - PH
+    x_at = ow * SW - PW
+    ocn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc_ok = ocn < OCG
+    rk = tl.arange(0, BLOCK_K)
+    c_first = g * CG
+    og_first = c_first // CPO
+    og_last = (c_first + CG - 1) // CPO              # loads stay in bounds in an empty segment
+    w_tile = wt_ptr + g * (KK * CG * OCG) + ocn[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(KK):
-        py = (oh * SH - PH + (k // KW) * DH).to(tl.float32)
-        px = (ow * SW - PW + (k % KW) * DW).to(tl.float32)
-        c0 = g * CG
-        c_end = c0 + CG
-        while c0 < c_end:
-            og = c0 // CPO                                 # BLOCK_K divides CPO: one offset group
-            op = off_ptr + n * son + (og * 2 * KK + 2 * k) * soc + oh * soh + ow * sow
-            yy = py + tl.load(op, mask=qm, other=0.0).to(tl.float32)
-            xx = px + tl.load(op + soc, mask=qm, other=0.0).to(tl.float32)
+        py0 = (y_at + (k // KW) * DH).to(tl.float32)
+        px0 = (x_at + (k % KW) * DW).to(tl.float32)
+        for sg in range(SEGMENTS):
+            c_lo = tl.maximum(c_first, (og_first + sg) * CPO)
+            c_hi = tl.minimum(c_first + CG, (og_first + sg + 1) * CPO)
+            og = tl.minimum(og_first + sg, og_last)
+            dy = tl.load(off_row + (og * 2 * KK + 2 * k) * soc, mask=m_ok, other=0.0).to(tl.float32)
+            dx = tl.load(off_row + (og * 2 * KK + 2 * k + 1) * soc, mask=m_ok, other=0.0).to(tl.float32)
+            py = py0 + dy
+            px = px0 + dx
+            inside = (py > -1.0) & (py < H * 1.0) & (px > -1.0) & (px < W * 1.0) & m_ok
+            y0f = tl.floor(py)
+            x0f = tl.floor(px)
+            ly = py - y0f
+            lx = px - x0f
+            hy = 1.0 - ly
+            hx = 1.0 - lx
             if HAS_MASK:
-                mv = tl.load(mask_ptr + n * smn + (og * KK + k) * smc + oh * smh + ow * smw, mask=qm, other=0.0)
-                mv = mv.to(tl.float32)
-            else:
-                mv = tl.full([BLOCK_N], 1.0, tl.float32)
-            inside = (yy > -1.0) & (yy < H * 1.0) & (xx > -1.0) & (xx < W * 1.0) & qm
-            y0f = tl.floor(yy)
-            x0f = tl.floor(xx)
-            ly = yy - y0f
-            lx = xx - x0f
+                mv = tl.load(mask_row + (og * KK + k) * smc, mask=m_ok, other=0.0).to(tl.float32)
+                hy *= mv
+                ly *= mv
             y0 = y0f.to(tl.int32)
             x0 = x0f.to(tl.int32)
             okt = inside & (y0 >= 0)
             okb = inside & (y0 + 1 < H)
             okl = x0 >= 0
             okr = x0 + 1 < W
-            o00 = y0 * sxh + x0 * sxw
-            base = xb[None, :] + ((c0 + kr) * sxc)[:, None]
-            v = ((1.0 - ly) * (1.0 - lx) * mv)[None, :] * tl.load(base + o00[None, :], mask=(okt & okl)[None, :],
-                                                                   other=0.0).to(tl.float32)
-            v += ((1.0 - ly) * lx * mv)[None, :] * tl.load(base + (o00 + sxw)[None, :], mask=(okt & okr)[None, :],
-                                                           other=0.0).to(tl.float32)
-            v += (ly * (1.0 - lx) * mv)[None, :] * tl.load(base + (o00 + sxh)[None, :], mask=(okb & okl)[None, :],
-                                                           other=0.0).to(tl.float32)
-            v += (ly * lx * mv)[None, :] * tl.load(base + (o00 + sxh + sxw)[None, :], mask=(okb & okr)[None, :],
-                                                   other=0.0).to(tl.float32)
-            wt = tl.load(w_ptr + (oc * (CG * KK))[:, None] + ((c0 - g * CG + kr) * KK + k)[None, :],
-                         mask=om[:, None], other=0.0)
-            if IEEE:
-                acc += tl.dot(wt.to(tl.float32), v, input_precision="ieee")
-            else:
-                acc += tl.dot(wt, v.to(wt.dtype))
-            c0 += BLOCK_K
+            m00 = (okt & okl)[:, None]
+            m01 = (okt & okr)[:, None]
+            m10 = (okb & okl)[:, None]
+            m11 = (okb & okr)[:, None]
+            w00 = (hy * hx)[:, None]
+            w01 = (hy * lx)[:, None]
+            w10 = (ly * hx)[:, None]
+            w11 = (ly * lx)[:, None]
+            p00 = (x_row + y0 * sxh + x0 * sxw)[:, None]
+            p01 = p00 + sxw
+            p10 = p00 + sxh
+            p11 = p10 + sxw
+            for i in range(CHUNKS):
+                c0 = c_lo + i * BLOCK_K
+                cc = (c0 + rk)[None, :]
+                if EVEN_K:           # chunks never cross a group or offset-group boundary
+                    a = w00 * tl.load(p00 + cc, mask=m00, other=0.0).to(tl.float32)
+                    a += w01 * tl.load(p01 + cc, mask=m01, other=0.0).to(tl.float32)
+                    a += w10 * tl.load(p10 + cc, mask=m10, other=0.0).to(tl.float32)
+                    a += w11 * tl.load(p11 + cc, mask=m11, other=0.0).to(tl.float32)
+                    b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG, mask=oc_ok[None, :],
+                                other=0.0)
+                else:
+                    c_ok = cc < c_hi
+                    a = w00 * tl.load(p00 + cc, mask=m00 & c_ok, other=0.0).to(tl.float32)
+                    a += w01 * tl.load(p01 + cc, mask=m01 & c_ok, other=0.0).to(tl.float32)
+                    a += w10 * tl.load(p10 + cc, mask=m10 & c_ok, other=0.0).to(tl.float32)
+                    a += w11 * tl.load(p11 + cc, mask=m11 & c_ok, other=0.0).to(tl.float32)
+                    b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG,
+                                mask=(c0 + rk < c_hi)[:, None] & oc_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a.to(b.dtype), b, acc)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=om, other=0.0).to(tl.float32)[:, None]
-    o = out_ptr + (n * OC * L + l)[None, :] + (oc * L)[:, None]
-    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=om[:, None] & qm[None, :])
+        acc += tl.load(b_ptr + g * OCG + ocn, mask=oc_ok, other=0.0).to(tl.float32)[None, :]
+    y = out_ptr + (n * OC * L + l)[:, None] + ((g * OCG + ocn) * L)[None, :]
+    tl.store(y, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & oc_ok[None, :])
 
 
 def im2col_launch_config(geo: _Geo, itemsize: int = 4) -> tuple[int, int, int, int]:
@@ -356,8 +429,7 @@ def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, 
     parts = [] if nhwc else [((geo.n, geo.h, geo.w, geo.c), x.dtype)]
     views = _util.carve(workspace, parts + [((chunk, geo.c * geo.kk, geo.l), x.dtype)], x.device, p.name)
     if not nhwc:          # one pass to channels-last makes every bilinear tap a contiguous channel run
-        views[0].copy_(x.permute(0, 2, 3, 1))
-        x = views[0].permute(0, 3, 1, 2)
+        x = _to_nhwc(x, views[0])
     cols = views[-1]
     block_c, block_p, cch, warps = config or im2col_launch_config(geo, x.element_size())
     chunks = _util.cdiv(geo.cpo, cch)
@@ -382,25 +454,117 @@ def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, 
         out.add_(bias.view(1, -1, 1, 1))
 
 
-def _fused_block_k(geo: _Geo) -> int:
-    """Channel step of the fused kernel: it must split both the conv and the offset groups.
-    16 (not 32) keeps the gathered tile's pointers in registers on sm_90 (no spills)."""
-    return 16 if geo.cg % 16 == 0 and geo.cpo % 16 == 0 else 0
+# (BLOCK_R, BLOCK_S, num_warps) of the layout transposes: 64x64 tiles (8-16 KB through shared
+# memory) read and write 128-256 bytes per row; benchmarks/sweep_plugins.py --only dcn_fused times others.
+TRANSPOSE_CONFIG = (64, 64, 4)
 
 
-def _launch_fused(x: Any, w: Any, off: Any, bias: Any, mask: Any, out: Any, geo: _Geo) -> None:
+def _transpose(src: Any, dst: Any, batch: int, r: int, s: int, src_strides: tuple, d_b: int, d_s: int,
+               s_mod: int = 1, s_mul: int = 1, config: tuple | None = None) -> None:
+    block_r, block_s, warps = config or TRANSPOSE_CONFIG
+    grid = (_util.cdiv(s, block_s), _util.cdiv(r, block_r), batch)
+    _transpose_kernel[grid](src, dst, r, s, *src_strides, d_b, d_s, s_mod, s_mul, BLOCK_R=block_r, BLOCK_S=block_s,
+                            num_warps=warps)
+
+
+def _to_nhwc(x: Any, buf: Any, config: tuple | None = None) -> Any:
+    """NCHW X copied into ``buf`` [N, H, W, C], returned as an NCHW-shaped channels-last view.
+    The tiled transpose reads pixel rows and writes channel rows, both coalesced (torch's
+    permute-copy took 0.05 ms for 8x256x64x64 FP16 on an H100, about a third of the bandwidth);
+    X whose H and W do not merge into one stride takes torch's copy."""
+    n, c, h, w = x.shape
+    if h == 1 or x.stride(2) == w * x.stride(3):
+        _transpose(x, buf, n, c, h * w, (x.stride(0), x.stride(1), x.stride(3)), h * w * c, c, config=config)
+    else:
+        buf.copy_(x.permute(0, 2, 3, 1))
+    return buf.permute(0, 3, 1, 2)
+
+
+def _tap_major_weights(w: Any, buf: Any, geo: _Geo) -> None:
+    """W [oC, Cg, kH, kW] into ``buf`` as [g, kH*kW*Cg, oCg]: the implicit GEMM's B, rows ordered
+    (tap, channel) like its K loop, output channels contiguous."""
+    if w.is_contiguous():
+        _transpose(w, buf, geo.g, geo.ocg, geo.cg * geo.kk, (geo.ocg * w.stride(0), w.stride(0), 1),
+                   geo.kk * geo.cg * geo.ocg, geo.ocg, geo.kk, geo.cg)
+    else:
+        buf.view(geo.g, geo.kh, geo.kw, geo.cg, geo.ocg).copy_(w.unflatten(0, (geo.g, geo.ocg)).permute(0, 3, 4, 2, 1))
+
+
+_SMS = 132    # streaming multiprocessors of an H100 SXM: tiles shrink until the grid about fills them
+
+
+def fused_configs(itemsize: int, ieee: bool) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the sweep times
+    (benchmarks/sweep_plugins.py --only dcn_fused), less those that spill more than 8 bytes of
+    registers on sm_90 at the benchmark shape (listed by
+    ``DCN_ALL_CONFIGS=1 python tests/plugins/sm90_compile.py deform_conv -v``).
+
+    Tensor-core dots: BLOCK_N 256 gathers each pixel's samples once for 256 output channels,
+    64-128 suit small batches. num_stages 1 keeps the gathers plain L1-cached loads; 2-3 let
+    Triton stream them into shared memory with cp.async, which bypasses L1 but hides latency:
+    which wins depends on how much neighbouring pixels' samples overlap, so both are timed.
+    IEEE FP32 multiplies on FMA units from registers, so its tiles are smaller."""
+    if ieee:
+        return [(bm, bn, bk, wp, st) for bm, bn, wp in ((32, 64, 4), (32, 128, 4), (32, 128, 8), (64, 64, 4),
+                                                        (64, 64, 8), (64, 128, 8), (128, 64, 8), (128, 128, 8))
+                for bk in (16, 32) for st in (1, 2) if bm * bn * bk <= 128 * 128 * 16]
+    out = [(bm, bn, bk, 8, st) for bm in (64, 128) for bn in (64, 128, 256) for bk in (32, 64) for st in (1, 2, 3)
+           if bm * bn * bk < 128 * 256 * 64]
+    out += [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (64, 128, 32, 4, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 2)]
+    # TF32: 32 channels a step and no 128x256 tile (their stages overflow shared memory or spill)
+    return [c for c in out if c[2] * itemsize <= 128 and c[0] * c[1] * itemsize <= 128 * 256 * 2]
+
+
+def fused_launch_config(geo: _Geo, itemsize: int, ieee: bool) -> tuple[int, int, int, int, int]:
+    """The implicit GEMM's configuration: the default tile, made smaller (pixels first, down to
+    64, then channels) while the grid would leave a quarter of the SMs idle, then clamped to
+    small channel and pixel counts (tl.dot needs 16 or more per side)."""
+    if ieee:
+        block_m, block_n, block_k, warps, stages = 128, 128, 16, 8, 2
+    else:
+        block_m, block_n, block_k, warps, stages = 128, 256 if itemsize <= 2 else 128, 32, 8, 3
+    nl = geo.n * geo.l
+    while _util.cdiv(nl, block_m) * _util.cdiv(geo.ocg, block_n) * geo.g < _SMS * 3 // 4:
+        if block_m > 64:
+            block_m //= 2
+        elif block_n > 64:
+            block_n //= 2
+        else:
+            break
+    block_m = max(16, min(block_m, _util.next_pow2(nl)))
+    block_n = max(16, min(block_n, _util.next_pow2(geo.ocg)))
+    block_k = max(16, min(block_k, _util.next_pow2(min(geo.cg, geo.cpo))))
+    return block_m, block_n, block_k, warps, stages
+
+
+def _implicit_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, mask: Any, out: Any,
+                   workspace: Any, geo: _Geo, config: tuple | None = None) -> None:
     import torch
 
     if out.numel() == 0:
         return
-    block_k = _fused_block_k(geo)
-    block_m = max(16, min(64, _util.next_pow2(geo.ocg)))
-    block_n = 64
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)
+    parts = [] if nhwc else [((geo.n, geo.h, geo.w, geo.c), x.dtype)]
+    views = _util.carve(workspace, parts + [((geo.g, geo.kk * geo.cg, geo.ocg), x.dtype)], x.device, p.name)
+    if not nhwc:
+        x = _to_nhwc(x, views[0])
+    wt = views[-1]
+    _tap_major_weights(w, wt, geo)
     ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    block_m, block_n, block_k, warps, stages = config or fused_launch_config(geo, x.element_size(), ieee)
+    if geo.cpo % geo.cg == 0:            # the group lies in one offset group
+        segments = 1
+    elif geo.cg % geo.cpo == 0:
+        segments = geo.cg // geo.cpo
+    else:                                # unaligned: some groups straddle one more boundary
+        segments = _util.cdiv(geo.cg, geo.cpo) + 1
+    even_k = geo.cg % block_k == 0 and geo.cpo % block_k == 0 and segments * min(geo.cg, geo.cpo) == geo.cg
     mk = mask if mask is not None else off
-    grid = (_util.cdiv(geo.n * geo.l, block_n), _util.cdiv(geo.ocg, block_m), geo.g)
-    _dcn_fused_kernel[grid](x, w, off, mk, bias if bias is not None else w, out, geo.h, geo.w, geo.ow, geo.l,
-                            geo.n * geo.l, geo.oc, geo.cg, geo.ocg, geo.cpo, *x.stride(), *off.stride(), *mk.stride(),
-                            geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw, KH=geo.kh, KW=geo.kw,
-                            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, IEEE=ieee,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+    nl = geo.n * geo.l
+    grid = (_util.cdiv(nl, block_m) * _util.cdiv(geo.ocg, block_n), geo.g)
+    _dcn_implicit_gemm_kernel[grid](
+        x, wt, off, mk, bias if bias is not None else wt, out, geo.h, geo.w, geo.ow, geo.l, nl, geo.oc, geo.cg,
+        geo.ocg, geo.cpo, x.stride(0), x.stride(2), x.stride(3), *off.stride(), *mk.stride(), geo.sh, geo.sw,
+        geo.ph, geo.pw, geo.dh, geo.dw, KH=geo.kh, KW=geo.kw, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+        IEEE=ieee, SEGMENTS=segments, CHUNKS=_util.cdiv(min(geo.cg, geo.cpo), block_k), EVEN_K=even_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
