@@ -2,12 +2,17 @@
 (torch's F.conv2d is the reference), for the stems of YOLOv5, ResNet and odd sizes and pads."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+if not torch.cuda.is_available():                 # the regrouping kernel runs in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from kiln.errors import BuildError
-from kiln.kernels.conv_s2d import make_conv_space_to_depth
+from kiln.kernels.conv_s2d import make_conv_space_to_depth, s2d_input
 from kiln.kernels.registry import KernelContext, tactics_for
 
 CASES = [  # (C, O, k, s, pads (t, l, b, r), H, W)
@@ -16,6 +21,7 @@ CASES = [  # (C, O, k, s, pads (t, l, b, r), H, W)
     (3, 8, 3, 2, (1, 1, 1, 1), 9, 12),       # kernel not a multiple of the stride
     (4, 8, 4, 4, (0, 0, 1, 1), 13, 11),      # patchify stride 4, asymmetric pads
     (2, 8, 5, 3, (0, 2, 1, 0), 16, 10),      # stride 3
+    (3, 8, 8, 8, (0, 0, 0, 0), 16, 24),      # patchify (ViT's 16x16/16 at a smaller size): 192 channels, a GEMM
 ]
 
 
@@ -84,3 +90,18 @@ def test_gpu_epilogue_path(dtype) -> None:
     want = F.silu(F.conv2d(x.float(), w.float(), b.float(), 2, 2))
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     assert float((y.float() - want).norm() / want.norm()) < (3e-3 if dtype == torch.float16 else 1e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"c{c[0]}k{c[2]}s{c[3]}" for c in CASES])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_regrouping_matches_torch(case, layout) -> None:
+    pytest.importorskip("triton")
+    c, _, k, s, pads, h, w_ = case
+    x = torch.randn(2, c, h, w_, generator=torch.Generator().manual_seed(s))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = s2d_input(x.to(dev), s, k, k, list(pads), use_triton=True).cpu()
+    want = s2d_input(x, s, k, k, list(pads), use_triton=False)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)
