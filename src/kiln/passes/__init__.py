@@ -20,12 +20,13 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_add_norm import FuseAddNorm
     from kiln.passes.fuse_attention import FuseAttention
     from kiln.passes.fuse_epilogue import FuseEpilogues
+    from kiln.passes.fuse_parallel_linear import FuseParallelLinear
     from kiln.passes.fuse_patterns import FusePatterns
     from kiln.passes.fuse_pointwise import FusePointwise
     from kiln.passes.fuse_shuffles import FuseShuffles
     from kiln.passes.sink_shuffles import SinkShuffles
     return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles(),
-            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise()]
+            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]
