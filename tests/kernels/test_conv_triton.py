@@ -255,3 +255,13 @@ def test_writes_into_a_concatenation_slice(k, stride, pads) -> None:
     want = _ref(x, w, b, None, stride, pads, (1, 1), "silu", False)
     torch.testing.assert_close(buf[:, 3:11], want, rtol=FP32_TOL, atol=FP32_TOL)
     assert bool((buf[:, :3] == 7).all()) and bool((buf[:, 11:] == 7).all())
+
+
+def test_alternative_tile_tables_are_timed_only_at_high_levels():
+    from kiln.builder.tactics import at_level
+    attrs = {"stride": [1, 1], "pads": [0, 0, 0, 0], "dilation": [1, 1], "groups": 1, "activation": "silu"}
+    cands = tactics_for("Convolution", attrs, KernelContext(device="cuda", precision="fp16"))
+    names3 = [t.name for t in at_level(cands, 3)]
+    names5 = [t.name for t in at_level(cands, 5)]
+    assert "triton_igemm" in names3 and "triton_igemm_wide" not in names3 and "triton_igemm_small" not in names3
+    assert {"triton_igemm", "triton_igemm_wide", "triton_igemm_small"} <= set(names5)

@@ -149,6 +149,11 @@ def _plugin_candidates(layer, device: str) -> list:
     return [_PluginTactic(n) for n in plugin.tactics.get(device, ())]
 
 
+def at_level(cands: list, level: int) -> list:
+    """The candidates an optimization level times (levels 4-5 add the alternative tile tables)."""
+    return [c for c in cands if c.min_level <= level]
+
+
 def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, tuple[int, ...]],
                    cache: TimingCache, device_name: str, hosts: set[int]) -> dict[int, str]:
     """Choose a tactic per layer; returns id(layer) → tactic name for the timed layers."""
@@ -164,6 +169,8 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
         cands = tactics_for(layer.kind, layer.attrs, ctx)
         if layer.kind == "Plugin":
             cands = _plugin_candidates(layer, device)
+        else:
+            cands = at_level(cands, level)
         if len(cands) > 1:
             timed.append((layer, cands))
     if not timed:

@@ -246,10 +246,11 @@ def _make(choose):
     return make
 
 
-# three tile tables: the builder times each against cuDNN and keeps the fastest
+# three tile tables: the builder times each against cuDNN and keeps the fastest (the wide and small
+# tables only at optimization levels 4-5: each is one more compile per layer shape)
 tactic("Convolution", "triton_igemm", devices=("cuda",), supports=_ok, priority=1,
        writes_into=True)(_make(default_config))
 tactic("Convolution", "triton_igemm_wide", devices=("cuda",), supports=_ok, priority=1,
-       writes_into=True)(_make(wide_config))
+       writes_into=True, min_level=4)(_make(wide_config))
 tactic("Convolution", "triton_igemm_small", devices=("cuda",), supports=_ok, priority=1,
-       writes_into=True)(_make(small_config))
+       writes_into=True, min_level=4)(_make(small_config))

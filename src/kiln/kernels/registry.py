@@ -44,6 +44,9 @@ class Tactic:
     # run(..., out=alloc) may write its output into alloc(shape, dtype, device), a channel slice of a
     # concatenation's buffer (runtime/concat_elision.py), and return that view.
     writes_into: bool = False
+    # Timed only at optimization levels ≥ this (alternative tile tables of a generated kernel: each
+    # costs a compile per layer shape, so the default level times the main table only).
+    min_level: int = 0
 
 
 TACTICS: dict[str, list[Tactic]] = {}
@@ -51,13 +54,14 @@ TACTICS: dict[str, list[Tactic]] = {}
 
 def tactic(kind: str, name: str = "torch", devices: tuple[str, ...] = ("cpu", "cuda"),
            supports: Callable[[dict[str, Any], KernelContext], bool] | None = None,
-           dynamic: bool = False, priority: int = 0, writes_into: bool = False) -> Callable[[Maker], Maker]:
+           dynamic: bool = False, priority: int = 0, writes_into: bool = False,
+           min_level: int = 0) -> Callable[[Maker], Maker]:
     """Register ``make`` as tactic ``name`` of layer ``kind``; a duplicate is an error."""
     def deco(make: Maker) -> Maker:
         entries = TACTICS.setdefault(kind, [])
         if any(t.name == name for t in entries):
             raise BuildError(f"Tactic {name!r} for layer kind {kind!r} is registered twice.")
-        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic, priority, writes_into))
+        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic, priority, writes_into, min_level))
         return make
     return deco
 
