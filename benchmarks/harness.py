@@ -12,6 +12,7 @@ measured twice). Writes results JSON (one file per run) and, with --report, BENC
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -153,6 +154,19 @@ def cuda_graph_of(fn: Callable[[], Any]) -> Callable[[], Any]:
     return g.replay
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """FP32 as written. torch runs cuDNN convolutions in TF32 by default (a 10-bit mantissa, the same
+    as FP16's), which made the "FP32" reference of the convolution models about as inexact as the
+    FP16 engines measured against it."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 def rel_l2(a, b) -> float:
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
@@ -196,7 +210,7 @@ def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
     for b in batches:
         row: dict[str, Any] = {"batch": b}
         inputs = [t.cuda() for t in make_inputs(b)]
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             ref32 = model(*inputs).float()
         half = model.half()
         if channels_last:
@@ -332,7 +346,9 @@ def write_report(paths: list[str], out_md: str) -> None:
              f"Card: {meta.get('device')}; torch {meta.get('torch')}, CUDA {meta.get('cuda')}, "
              f"cuDNN {meta.get('cudnn')}, Kiln {meta.get('kiln')}; {meta.get('date')}.",
              "FP16, random weights and inputs; median ms of ≥50 CUDA-event-timed runs, measured twice "
-             "(the mean of the two medians). Produced by `python benchmarks/harness.py --report` on the GPU machine.",
+             "(the mean of the two medians). Produced by `python benchmarks/harness.py --report` on the GPU machine. "
+             "The accuracy column compares with PyTorch in FP32 with TF32 off (results from 2026-11-26 04:00 on; "
+             "earlier ones kept torch's default TF32 convolutions in the reference).",
              "", "| model | batch | Kiln | eager | eager + CUDA graph | torch.compile | best peer | Kiln ÷ best peer "
              "| Kiln items/s | rel. L2 vs FP32: Kiln / eager FP16 |", "|---|---|---|---|---|---|---|---|---|---|"]
     speedups = []
