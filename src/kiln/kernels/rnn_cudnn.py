@@ -45,6 +45,14 @@ def _make(attrs, ctx, cell):
             b = B[d] if B is not None else torch.zeros(2 * gates * H, dtype=W.dtype, device=W.device)
             flat += [_reorder(W[d], order, H).contiguous(), _reorder(R[d], order, H).contiguous(),
                      _reorder(b[:gates * H], order, H).contiguous(), _reorder(b[gates * H:], order, H).contiguous()]
+        if W.is_cuda and not W.is_meta:
+            # One contiguous buffer in cuDNN's layout, the list's tensors becoming views into it (what
+            # nn.LSTM.flatten_parameters does): torch.lstm otherwise copies every weight into such a
+            # buffer on every call.
+            from torch.backends.cudnn import rnn as cudnn_rnn
+            with torch.no_grad():
+                torch._cudnn_rnn_flatten_weight(flat, 4, W.shape[2], cudnn_rnn.get_cudnn_mode(cell.upper()), H, 0, 1,
+                                                False, bidir)
         cache[key] = (W, flat)
         return flat
 
