@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))        # plugins_bench's graph capture
+
 CALLS, REPS, TOL = 20, 7, 2e-3
 
 
@@ -97,26 +99,18 @@ def sweep(conv_triton: Any, case: Case, m: int, smoke: bool) -> list:
 def time_ms(fn: Callable[[], Any]) -> float:
     """Kernel milliseconds per call: CALLS calls captured in one CUDA graph, replayed REPS times."""
     import torch
+    from plugins_bench import graphed
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
+    replay = graphed(lambda: [fn() for _ in range(CALLS)])
+    replay()
     times = []
     for _ in range(REPS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / CALLS)
-    del graph
     return statistics.median(times)
 
 

@@ -175,21 +175,32 @@ def case_nms() -> dict:
             "note": f"{cand} candidates over {b} images; kept {int(num.sum())}; {differ} differ"}
 
 
+def dcn_problem(batch: int, dtype: torch.dtype, channels_last: bool = False) -> tuple:
+    """The DCNv2 benchmark shape, 256->256 3x3 pad 1 at 64x64: (x, w, bias, offset, mask, torchvision's
+    FP32 answer, tolerance); ``channels_last`` hands X over as a convolution before it leaves it in an
+    FP16 engine."""
+    import torchvision
+
+    g = torch.Generator(DEV).manual_seed(2)
+    x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
+    bias = torch.randn(256, device=DEV, generator=g).to(dtype)
+    off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
+    mask = torch.rand(batch, 9, 64, 64, device=DEV, generator=g).to(dtype)
+    want = torchvision.ops.deform_conv2d(x.float(), off.float(), w.float(), bias.float(), padding=(1, 1),
+                                         mask=mask.float())
+    return x, w, bias, off, mask, want, (5e-3 if dtype == torch.float32 else 5e-2)
+
+
 def case_deform_conv(batch: int, tactic: str, dtype: torch.dtype = torch.float32) -> dict:
     """One DCNv2 tactic, or with tactic "pick" the one the builder would keep: every CUDA tactic
     is checked and timed (CUDA-graph replay) and the fastest one is the row's Kiln column."""
     import torchvision
 
-    g = torch.Generator(DEV).manual_seed(2)
-    x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
-    w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
-    bias = torch.randn(256, device=DEV, generator=g).to(dtype)
-    off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
-    mask = torch.rand(batch, 9, 64, 64, device=DEV, generator=g).to(dtype)
+    x, w, bias, off, mask, want, tol = dcn_problem(batch, dtype)
     peer = lambda: torchvision.ops.deform_conv2d(x, off, w, bias, padding=(1, 1), mask=mask)  # noqa: E731
-    want = torchvision.ops.deform_conv2d(x.float(), off.float(), w.float(), bias.float(), padding=(1, 1),
-                                         mask=mask.float())
-    tol = 5e-3 if dtype == torch.float32 else 5e-2
     calls = {}
     for name in (ModulatedDeformConv2d.tactics["cuda"] if tactic == "pick" else (tactic,)):
         calls[name] = KilnCall(ModulatedDeformConv2d(pads=[1, 1, 1, 1]), [x, w, off, bias, mask], name)

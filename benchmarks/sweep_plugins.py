@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plugins_bench import graphed, time_ms  # noqa: E402
+from plugins_bench import dcn_problem, graphed, time_ms  # noqa: E402
 
 from kiln.plugins.builtin import deform_conv as dcn  # noqa: E402
 from kiln.plugins.builtin import grid_sample as gs  # noqa: E402
@@ -76,22 +76,12 @@ def grid_sample_cases():
 def deform_conv_cases(channels_last: bool = False):
     import torchvision
     for dtype, batch in ((torch.float32, 1), (torch.float32, 8), (torch.float16, 8)):
-        g = torch.Generator(DEV).manual_seed(2)
-        x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
-        if channels_last:            # as a conv before it leaves it in an FP16 engine
-            x = x.contiguous(memory_format=torch.channels_last)
-        w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
-        bias = torch.randn(256, device=DEV, generator=g).to(dtype)
-        off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
-        mask = torch.rand(batch, 9, 64, 64, device=DEV, generator=g).to(dtype)
+        x, w, bias, off, mask, want, tol = dcn_problem(batch, dtype, channels_last)
         p = dcn.ModulatedDeformConv2d(pads=[1, 1, 1, 1])
         geo = dcn._Geo(p, x, w, off, mask, 3, 3)
         ws = torch.empty(p.workspace_size([dcn.TensorDesc(tuple(t.shape), str(t.dtype)[6:])
                                            for t in (x, w, off, bias, mask)]), dtype=torch.uint8, device=DEV)
         out = torch.empty(batch, 256, 64, 64, device=DEV, dtype=dtype)
-        want = torchvision.ops.deform_conv2d(x.float(), off.float(), w.float(), bias.float(), padding=(1, 1),
-                                             mask=mask.float())
-        tol = 5e-3 if dtype == torch.float32 else 5e-2
         configs = [(bc, bp, ch, wp) for bc in (1, 2, 4, 8) for bp in (64, 128, 256) for wp in (4, 8)
                    for ch in (16, 64, 256) if bc <= ch]
         if channels_last:
@@ -138,20 +128,12 @@ def dcn_fused_cases():
     against torch's permute-copy."""
     import torchvision
     for dtype, batch in ((torch.float16, 1), (torch.float16, 8), (torch.float32, 1), (torch.float32, 8)):
-        g = torch.Generator(DEV).manual_seed(2)
-        x = torch.randn(batch, 256, 64, 64, device=DEV, generator=g).to(dtype)
-        w = (torch.randn(256, 256, 3, 3, device=DEV, generator=g) * 0.02).to(dtype)
-        bias = torch.randn(256, device=DEV, generator=g).to(dtype)
-        off = (torch.randn(batch, 18, 64, 64, device=DEV, generator=g) * 2).to(dtype)
-        mask = torch.rand(batch, 9, 64, 64, device=DEV, generator=g).to(dtype)
+        x, w, bias, off, mask, want, tol = dcn_problem(batch, dtype)
         p = dcn.ModulatedDeformConv2d(pads=[1, 1, 1, 1])
         geo = dcn._Geo(p, x, w, off, mask, 3, 3)
         ws = torch.empty(p.workspace_size([dcn.TensorDesc(tuple(t.shape), str(t.dtype)[6:])
                                            for t in (x, w, off, bias, mask)]), dtype=torch.uint8, device=DEV)
         out = torch.empty(batch, 256, 64, 64, device=DEV, dtype=dtype)
-        want = torchvision.ops.deform_conv2d(x.float(), off.float(), w.float(), bias.float(), padding=(1, 1),
-                                             mask=mask.float())
-        tol = 5e-3 if dtype == torch.float32 else 5e-2
         ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         current = dcn.fused_launch_config(geo, x.element_size(), ieee)
         configs = dcn.fused_configs(x.element_size(), ieee)
