@@ -66,6 +66,52 @@ def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
     return g.replay
 
 
+def _tensors(out: Any) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def replays_correctly(fn: Callable[[], Any]) -> bool:
+    """Whether ``fn`` captured in a CUDA graph computes, on replay, what it computes eagerly. A library
+    that launches a kernel outside the capturing stream replays a graph without it: torchvision's
+    deform_conv2d loses its im2col kernel this way (replays return stale columns times the
+    weights), so such a peer's replay time measures only part of its work."""
+    want = [t.clone() for t in _tensors(fn())]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = _tensors(fn())
+    for t in got:
+        t.zero_()
+    g.replay()
+    torch.cuda.synchronize()
+    return len(got) == len(want) and all(
+        a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3,
+                                                   atol=1e-3 * float(b.float().abs().max()) + 1e-6))
+        for a, b in zip(got, want))
+
+
+def kernel_ms(fn: Callable[[], Any], reps: int = 20) -> float:
+    """GPU time of the kernels (and copies) one eager call launches, summed from the profiler: the
+    work itself, free of launch overhead, for sides that cannot be replayed from a graph."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / reps / 1e3
+
+
 class KilnCall:
     """A plugin with outputs and workspace allocated once, as the runtime does."""
 
@@ -276,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         env["torchvision"] = None
     print(f"# {env['gpu']} | torch {env['torch']} | triton {env['triton']} | torchvision {env['torchvision']}")
     head = (f"{'op':30} {'shape':48} {'kiln ms':>9} {'peer ms':>9} {'ratio':>6} {'graph ms':>9} {'peer gr':>9} "
-            f"{'ratio':>6}  peer")
+            f"{'ratio':>6} {'kern ms':>9} {'peer kn':>9} {'ratio':>6}  peer")
     print(head)
     print("-" * len(head))
     rows = []
@@ -292,15 +338,21 @@ def main(argv: list[str] | None = None) -> int:
             peer_t = time_ms(case["peer"], runs)
             try:                                             # the peer's kernels without launch overhead
                 peer_graph = time_ms(graphed(case["peer"]), runs)["median"]
+                if not replays_correctly(case["peer"]):
+                    row["peer_graph_invalid"] = "the peer's replay skips a kernel (wrong output)"
+                    peer_graph = float("nan")
             except Exception:
                 peer_graph = float("nan")
+            kk, pk = kernel_ms(case["kiln"]), kernel_ms(case["peer"])
+            row.update(kiln_kernels_ms=kk, peer_kernels_ms=pk, kernels_ratio=pk / kk)
             row.update(kiln_ms=kiln_t["median"], kiln_ms_repeat=kiln_t2["median"], kiln_graph_ms=graph_t["median"],
                        peer_ms=peer_t["median"], peer_graph_ms=peer_graph, peer=case["peer_name"],
                        ratio=peer_t["median"] / kiln_t["median"], graph_ratio=peer_graph / graph_t["median"],
                        kiln_p10_p90=[kiln_t["p10"], kiln_t["p90"]], peer_p10_p90=[peer_t["p10"], peer_t["p90"]],
                        note=case.get("note", ""))
             print(f"{op:30} {shape:48} {row['kiln_ms']:9.3f} {row['peer_ms']:9.3f} {row['ratio']:6.2f} "
-                  f"{row['kiln_graph_ms']:9.3f} {peer_graph:9.3f} {row['graph_ratio']:6.2f}  {row['peer']}"
+                  f"{row['kiln_graph_ms']:9.3f} {peer_graph:9.3f} {row['graph_ratio']:6.2f} "
+                  f"{kk:9.3f} {pk:9.3f} {pk / kk:6.2f}  {row['peer']}"
                   + (f"  [{row['note']}]" if row["note"] else ""))
         except Exception as exc:                                     # keep going: one bad case is one row
             row["error"] = f"{type(exc).__name__}: {exc}"

@@ -200,7 +200,7 @@ def _deform_conv_torch(x: Any, w: Any, off: Any, bias: Any, mask: Any, geo: _Geo
 @triton.jit
 def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sxn, sxc, sxh, sxw,
                        son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW, CPO, CCH, CHUNKS,
-                       KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr,
+                       KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HALF: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pb = tl.program_id(0)
     nk = tl.program_id(1)
@@ -245,6 +245,11 @@ def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sx
     w01 = ((1.0 - ly) * lx * mv)[None, :]
     w10 = (ly * (1.0 - lx) * mv)[None, :]
     w11 = (ly * lx * mv)[None, :]
+    if HALF:        # FP16: blend in FP16 as torchvision does (no per-element conversions)
+        w00 = w00.to(tl.float16)
+        w01 = w01.to(tl.float16)
+        w10 = w10.to(tl.float16)
+        w11 = w11.to(tl.float16)
     o00 = (y0 * sxh + x0 * sxw)[None, :]
     o01 = o00 + sxw
     o10 = o00 + sxh
@@ -256,10 +261,16 @@ def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sx
         c = c0 + tl.arange(0, BLOCK_C)
         cm = (c < c_hi)[:, None]
         base = xb + (c * sxc)[:, None]
-        v = w00 * tl.load(base + o00, mask=cm & m00, other=0.0).to(tl.float32)
-        v += w01 * tl.load(base + o01, mask=cm & m01, other=0.0).to(tl.float32)
-        v += w10 * tl.load(base + o10, mask=cm & m10, other=0.0).to(tl.float32)
-        v += w11 * tl.load(base + o11, mask=cm & m11, other=0.0).to(tl.float32)
+        if HALF:
+            v = w00 * tl.load(base + o00, mask=cm & m00, other=0.0)
+            v += w01 * tl.load(base + o01, mask=cm & m01, other=0.0)
+            v += w10 * tl.load(base + o10, mask=cm & m10, other=0.0)
+            v += w11 * tl.load(base + o11, mask=cm & m11, other=0.0)
+        else:
+            v = w00 * tl.load(base + o00, mask=cm & m00, other=0.0).to(tl.float32)
+            v += w01 * tl.load(base + o01, mask=cm & m01, other=0.0).to(tl.float32)
+            v += w10 * tl.load(base + o10, mask=cm & m10, other=0.0).to(tl.float32)
+            v += w11 * tl.load(base + o11, mask=cm & m11, other=0.0).to(tl.float32)
         tl.store(cb_ptr + (c.to(tl.int64) * KK * L)[:, None], v.to(col_ptr.dtype.element_ty), mask=cm & lm[None, :])
         c0 += BLOCK_C
 
@@ -288,7 +299,7 @@ def _transpose_kernel(src_ptr, dst_ptr, R, S, s_b, s_r, s_s, d_b, d_s, S_MOD, S_
 def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, H, W, OW, L, NL, OC, CG, OCG, CPO,
                               sxn, sxh, sxw, son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW,
                               KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              IEEE: tl.constexpr, SEGMENTS: tl.constexpr, CHUNKS: tl.constexpr,
+                              IEEE: tl.constexpr, HALF: tl.constexpr, SEGMENTS: tl.constexpr, CHUNKS: tl.constexpr,
                               EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Y tile [BLOCK_M pixels (n*L + l), BLOCK_N output channels of group g] = sampled X @ Wt.
@@ -369,6 +380,11 @@ def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, 
             w01 = (hy * lx)[:, None]
             w10 = (ly * hx)[:, None]
             w11 = (ly * lx)[:, None]
+            if HALF:    # FP16: blend in FP16 as torchvision does (no per-element conversions)
+                w00 = w00.to(tl.float16)
+                w01 = w01.to(tl.float16)
+                w10 = w10.to(tl.float16)
+                w11 = w11.to(tl.float16)
             p00 = (x_row + y0 * sxh + x0 * sxw)[:, None]
             p01 = p00 + sxw
             p10 = p00 + sxh
@@ -376,7 +392,14 @@ def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, 
             for i in range(CHUNKS):
                 c0 = c_lo + i * BLOCK_K
                 cc = (c0 + rk)[None, :]
-                if EVEN_K:           # chunks never cross a group or offset-group boundary
+                if EVEN_K and HALF:
+                    a = w00 * tl.load(p00 + cc, mask=m00, other=0.0)
+                    a += w01 * tl.load(p01 + cc, mask=m01, other=0.0)
+                    a += w10 * tl.load(p10 + cc, mask=m10, other=0.0)
+                    a += w11 * tl.load(p11 + cc, mask=m11, other=0.0)
+                    b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG, mask=oc_ok[None, :],
+                                other=0.0)
+                elif EVEN_K:           # chunks never cross a group or offset-group boundary
                     a = w00 * tl.load(p00 + cc, mask=m00, other=0.0).to(tl.float32)
                     a += w01 * tl.load(p01 + cc, mask=m01, other=0.0).to(tl.float32)
                     a += w10 * tl.load(p10 + cc, mask=m10, other=0.0).to(tl.float32)
@@ -385,10 +408,16 @@ def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, 
                                 other=0.0)
                 else:
                     c_ok = cc < c_hi
-                    a = w00 * tl.load(p00 + cc, mask=m00 & c_ok, other=0.0).to(tl.float32)
-                    a += w01 * tl.load(p01 + cc, mask=m01 & c_ok, other=0.0).to(tl.float32)
-                    a += w10 * tl.load(p10 + cc, mask=m10 & c_ok, other=0.0).to(tl.float32)
-                    a += w11 * tl.load(p11 + cc, mask=m11 & c_ok, other=0.0).to(tl.float32)
+                    if HALF:
+                        a = w00 * tl.load(p00 + cc, mask=m00 & c_ok, other=0.0)
+                        a += w01 * tl.load(p01 + cc, mask=m01 & c_ok, other=0.0)
+                        a += w10 * tl.load(p10 + cc, mask=m10 & c_ok, other=0.0)
+                        a += w11 * tl.load(p11 + cc, mask=m11 & c_ok, other=0.0)
+                    else:
+                        a = w00 * tl.load(p00 + cc, mask=m00 & c_ok, other=0.0).to(tl.float32)
+                        a += w01 * tl.load(p01 + cc, mask=m01 & c_ok, other=0.0).to(tl.float32)
+                        a += w10 * tl.load(p10 + cc, mask=m10 & c_ok, other=0.0).to(tl.float32)
+                        a += w11 * tl.load(p11 + cc, mask=m11 & c_ok, other=0.0).to(tl.float32)
                     b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG,
                                 mask=(c0 + rk < c_hi)[:, None] & oc_ok[None, :], other=0.0)
                 if IEEE:
@@ -441,6 +470,7 @@ def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, 
         _dcn_im2col_kernel[grid](x, off, mk, cols, n0, geo.c, geo.h, geo.w, geo.ow, geo.l, *x.stride(),
                                  *off.stride(), *mk.stride(), geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
                                  geo.cpo, cch, chunks, KH=geo.kh, KW=geo.kw, HAS_MASK=mask is not None,
+                                 HALF=x.dtype == torch.float16,
                                  BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
         y = out[n0:n0 + nc].view(nc, geo.oc, geo.l)
         if geo.g == 1:
@@ -566,5 +596,5 @@ def _implicit_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any
         x, wt, off, mk, bias if bias is not None else wt, out, geo.h, geo.w, geo.ow, geo.l, nl, geo.oc, geo.cg,
         geo.ocg, geo.cpo, x.stride(0), x.stride(2), x.stride(3), *off.stride(), *mk.stride(), geo.sh, geo.sw,
         geo.ph, geo.pw, geo.dh, geo.dw, KH=geo.kh, KW=geo.kw, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        IEEE=ieee, SEGMENTS=segments, CHUNKS=_util.cdiv(min(geo.cg, geo.cpo), block_k), EVEN_K=even_k,
+        IEEE=ieee, HALF=x.dtype == torch.float16, SEGMENTS=segments, CHUNKS=_util.cdiv(min(geo.cg, geo.cpo), block_k), EVEN_K=even_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
