@@ -97,3 +97,19 @@ def test_a_producer_that_did_not_write_in_place_is_copied() -> None:
     want = torch.cat([torch.nn.functional.interpolate(feeds["x"], scale_factor=2.0, mode="nearest"),
                       torch.nn.functional.conv2d(feeds["y"], feeds["w"])], 1)
     torch.testing.assert_close(values["cat"], want)
+
+
+def test_every_writes_into_tactic_takes_out() -> None:
+    """The runtime calls such producers with out=alloc: each must accept it (the contract in registry.py)."""
+    import inspect
+
+    from kiln.kernels.registry import TACTICS, _load_all
+    _load_all()
+    attrs = {"Convolution": {"stride": [2, 2], "pads": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1,
+                             "activation": "silu"},
+             "Resize": UP}
+    found = [(kind, t) for kind, ts in TACTICS.items() for t in ts if t.writes_into]
+    assert {t.name for _, t in found} >= {"triton_epilogue", "triton_igemm", "space_to_depth", "triton_nearest_nhwc"}
+    for kind, t in found:
+        run = t.make(attrs[kind], KernelContext(device="cuda", precision="fp16"))
+        assert "out" in inspect.signature(run).parameters, (kind, t.name)
