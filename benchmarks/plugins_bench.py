@@ -53,8 +53,8 @@ def time_ms(fn: Callable[[], Any], runs: int, warmup: int = 10) -> dict:
     return {"median": statistics.median(times), "p10": times[len(times) // 10], "p90": times[(9 * len(times)) // 10]}
 
 
-def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
-    """``fn`` captured once in a CUDA graph (after a warm-up on a side stream); returns replay."""
+def _capture(fn: Callable[[], Any]) -> tuple:
+    """``fn`` captured once in a CUDA graph (after a warm-up on a side stream): (graph, its outputs)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -62,8 +62,13 @@ def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(stream)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return g.replay
+        out = fn()
+    return g, out
+
+
+def graphed(fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph; returns replay."""
+    return _capture(fn)[0].replay
 
 
 def _tensors(out: Any) -> list:
@@ -74,25 +79,19 @@ def _tensors(out: Any) -> list:
     return []
 
 
-def replays_correctly(fn: Callable[[], Any]) -> bool:
-    """Whether ``fn`` captured in a CUDA graph computes, on replay, what it computes eagerly. A library
-    that launches a kernel outside the capturing stream replays a graph without it: torchvision's
-    deform_conv2d loses its im2col kernel this way (replays return stale columns times the
-    weights), so such a peer's replay time measures only part of its work."""
+def checked_replay(fn: Callable[[], Any]) -> tuple[Callable[[], None], bool]:
+    """``fn`` captured in a CUDA graph: (replay, whether replaying computes what ``fn`` computes
+    eagerly). A library that launches a kernel outside the capturing stream replays a graph without
+    it: torchvision's deform_conv2d loses its im2col kernel this way (replays return stale columns
+    times the weights), so such a peer's replay time measures only part of its work."""
     want = [t.clone() for t in _tensors(fn())]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        got = _tensors(fn())
+    g, out = _capture(fn)
+    got = _tensors(out)
     for t in got:
         t.zero_()
     g.replay()
     torch.cuda.synchronize()
-    return len(got) == len(want) and all(
+    return g.replay, len(got) == len(want) and all(
         a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=1e-3,
                                                    atol=1e-3 * float(b.float().abs().max()) + 1e-6))
         for a, b in zip(got, want))
@@ -101,15 +100,9 @@ def replays_correctly(fn: Callable[[], Any]) -> bool:
 def kernel_ms(fn: Callable[[], Any], reps: int = 20) -> float:
     """GPU time of the kernels (and copies) one eager call launches, summed from the profiler: the
     work itself, free of launch overhead, for sides that cannot be replayed from a graph."""
-    from torch.profiler import ProfilerActivity, profile
+    from kernel_profile import kernels
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / reps / 1e3
+    return kernels(fn, reps)[1]
 
 
 class KilnCall:
@@ -337,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             graph_t = time_ms(case["kiln"].graph(), runs)
             peer_t = time_ms(case["peer"], runs)
             try:                                             # the peer's kernels without launch overhead
-                peer_graph = time_ms(graphed(case["peer"]), runs)["median"]
-                if not replays_correctly(case["peer"]):
+                replay, ok = checked_replay(case["peer"])
+                peer_graph = time_ms(replay, runs)["median"]
+                if not ok:
                     row["peer_graph_invalid"] = "the peer's replay skips a kernel (wrong output)"
                     peer_graph = float("nan")
             except Exception:

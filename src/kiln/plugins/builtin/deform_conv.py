@@ -198,6 +198,23 @@ def _deform_conv_torch(x: Any, w: Any, off: Any, bias: Any, mask: Any, geo: _Geo
 # ---- GPU: Triton -----------------------------------------------------------------------------
 
 @triton.jit
+def _blend(p00, p01, p10, p11, m00, m01, m10, m11, w00, w01, w10, w11, HALF: tl.constexpr):
+    """The bilinear sample at four corner pointers (masked corners read 0) times their weights: in the
+    input's FP16 when HALF (as torchvision blends; the weights arrive FP16), else in FP32."""
+    if HALF:
+        v = w00 * tl.load(p00, mask=m00, other=0.0)
+        v += w01 * tl.load(p01, mask=m01, other=0.0)
+        v += w10 * tl.load(p10, mask=m10, other=0.0)
+        v += w11 * tl.load(p11, mask=m11, other=0.0)
+    else:
+        v = w00 * tl.load(p00, mask=m00, other=0.0).to(tl.float32)
+        v += w01 * tl.load(p01, mask=m01, other=0.0).to(tl.float32)
+        v += w10 * tl.load(p10, mask=m10, other=0.0).to(tl.float32)
+        v += w11 * tl.load(p11, mask=m11, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sxn, sxc, sxh, sxw,
                        son, soc, soh, sow, smn, smc, smh, smw, SH, SW, PH, PW, DH, DW, CPO, CCH, CHUNKS,
                        KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HALF: tl.constexpr,
@@ -261,16 +278,8 @@ def _dcn_im2col_kernel(x_ptr, off_ptr, mask_ptr, col_ptr, n0, C, H, W, OW, L, sx
         c = c0 + tl.arange(0, BLOCK_C)
         cm = (c < c_hi)[:, None]
         base = xb + (c * sxc)[:, None]
-        if HALF:
-            v = w00 * tl.load(base + o00, mask=cm & m00, other=0.0)
-            v += w01 * tl.load(base + o01, mask=cm & m01, other=0.0)
-            v += w10 * tl.load(base + o10, mask=cm & m10, other=0.0)
-            v += w11 * tl.load(base + o11, mask=cm & m11, other=0.0)
-        else:
-            v = w00 * tl.load(base + o00, mask=cm & m00, other=0.0).to(tl.float32)
-            v += w01 * tl.load(base + o01, mask=cm & m01, other=0.0).to(tl.float32)
-            v += w10 * tl.load(base + o10, mask=cm & m10, other=0.0).to(tl.float32)
-            v += w11 * tl.load(base + o11, mask=cm & m11, other=0.0).to(tl.float32)
+        v = _blend(base + o00, base + o01, base + o10, base + o11, cm & m00, cm & m01, cm & m10, cm & m11,
+                   w00, w01, w10, w11, HALF)
         tl.store(cb_ptr + (c.to(tl.int64) * KK * L)[:, None], v.to(col_ptr.dtype.element_ty), mask=cm & lm[None, :])
         c0 += BLOCK_C
 
@@ -392,32 +401,14 @@ def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, 
             for i in range(CHUNKS):
                 c0 = c_lo + i * BLOCK_K
                 cc = (c0 + rk)[None, :]
-                if EVEN_K and HALF:
-                    a = w00 * tl.load(p00 + cc, mask=m00, other=0.0)
-                    a += w01 * tl.load(p01 + cc, mask=m01, other=0.0)
-                    a += w10 * tl.load(p10 + cc, mask=m10, other=0.0)
-                    a += w11 * tl.load(p11 + cc, mask=m11, other=0.0)
-                    b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG, mask=oc_ok[None, :],
-                                other=0.0)
-                elif EVEN_K:           # chunks never cross a group or offset-group boundary
-                    a = w00 * tl.load(p00 + cc, mask=m00, other=0.0).to(tl.float32)
-                    a += w01 * tl.load(p01 + cc, mask=m01, other=0.0).to(tl.float32)
-                    a += w10 * tl.load(p10 + cc, mask=m10, other=0.0).to(tl.float32)
-                    a += w11 * tl.load(p11 + cc, mask=m11, other=0.0).to(tl.float32)
+                if EVEN_K:           # chunks never cross a group or offset-group boundary
+                    a = _blend(p00 + cc, p01 + cc, p10 + cc, p11 + cc, m00, m01, m10, m11, w00, w01, w10, w11, HALF)
                     b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG, mask=oc_ok[None, :],
                                 other=0.0)
                 else:
                     c_ok = cc < c_hi
-                    if HALF:
-                        a = w00 * tl.load(p00 + cc, mask=m00 & c_ok, other=0.0)
-                        a += w01 * tl.load(p01 + cc, mask=m01 & c_ok, other=0.0)
-                        a += w10 * tl.load(p10 + cc, mask=m10 & c_ok, other=0.0)
-                        a += w11 * tl.load(p11 + cc, mask=m11 & c_ok, other=0.0)
-                    else:
-                        a = w00 * tl.load(p00 + cc, mask=m00 & c_ok, other=0.0).to(tl.float32)
-                        a += w01 * tl.load(p01 + cc, mask=m01 & c_ok, other=0.0).to(tl.float32)
-                        a += w10 * tl.load(p10 + cc, mask=m10 & c_ok, other=0.0).to(tl.float32)
-                        a += w11 * tl.load(p11 + cc, mask=m11 & c_ok, other=0.0).to(tl.float32)
+                    a = _blend(p00 + cc, p01 + cc, p10 + cc, p11 + cc, m00 & c_ok, m01 & c_ok, m10 & c_ok,
+                               m11 & c_ok, w00, w01, w10, w11, HALF)
                     b = tl.load(w_tile + (k * CG + c0 - c_first + rk)[:, None] * OCG,
                                 mask=(c0 + rk < c_hi)[:, None] & oc_ok[None, :], other=0.0)
                 if IEEE:
