@@ -17,6 +17,15 @@ TORCH_DTYPES = {
 }
 
 
+def per_tensor(cache: dict, key: torch.Tensor, make):
+    """``make()`` once per tensor object (a layer's constant weight, passed again on every call):
+    cached by id, with the tensor kept and checked by identity so a recycled id cannot hit."""
+    hit = cache.get(id(key))
+    if hit is None or hit[0] is not key:
+        hit = cache[id(key)] = (key, make())
+    return hit[1]
+
+
 def torch_dtype(name: str) -> torch.dtype:
     dt = TORCH_DTYPES.get(name)
     if dt is None:

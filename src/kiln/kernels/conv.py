@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import BuildError
-from kiln.kernels._util import ints
+from kiln.kernels._util import ints, per_tensor
 from kiln.kernels.pointwise import activation_fn
 from kiln.kernels.registry import tactic
 
@@ -44,12 +44,7 @@ def _channels_last(t, cache):
     if t.is_contiguous(memory_format=torch.channels_last):
         return t
     if cache is not None:
-        hit = cache.get(id(t))
-        if hit is not None and hit[0] is t:
-            return hit[1]
-        out = t.contiguous(memory_format=torch.channels_last)
-        cache[id(t)] = (t, out)
-        return out
+        return per_tensor(cache, t, lambda: t.contiguous(memory_format=torch.channels_last))
     return t.contiguous(memory_format=torch.channels_last)
 
 

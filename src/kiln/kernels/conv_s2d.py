@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import BuildError
+from kiln.kernels._util import per_tensor
 from kiln.kernels.conv import _epilogue
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
@@ -115,28 +116,19 @@ def make_conv_space_to_depth(attrs, ctx):
     act = _epilogue(attrs)
     alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
     after = bool(attrs.get("residual_after_activation"))
-    wcache: dict = {}
+    wcache: dict = {}       # id(weight) → (weight, its regrouped copy)
+    zcache: dict = {}       # id(weight) → (weight, a zero bias), for layers without one
 
-    def weight(w):
-        hit = wcache.get(id(w))
-        if hit is None or hit[0] is not w:
-            c, kh, kw = w.shape[1:]
-            if c * s * s > MAX_CHANNELS and not kh == kw == s:
-                raise BuildError(f"Convolution {ctx.layer_name!r}: space-to-depth is for stems of at most "
-                                 f"{MAX_CHANNELS} regrouped channels or patchify convs (kernel = stride); this "
-                                 f"one has {c * s * s} channels and a {kh}x{kw} kernel at stride {s}.")
-            hit = (w, s2d_weight(w, s))
-            wcache[id(w)] = hit
-        return hit[1]
-
-    def zero_bias(y_channels, like):
-        hit = wcache.get("bias")
-        if hit is None or hit.shape[0] != y_channels or hit.dtype != like.dtype or hit.device != like.device:
-            hit = wcache["bias"] = torch.zeros(y_channels, dtype=like.dtype, device=like.device)
-        return hit
+    def regroup(w):
+        c, kh, kw = w.shape[1:]
+        if c * s * s > MAX_CHANNELS and not kh == kw == s:
+            raise BuildError(f"Convolution {ctx.layer_name!r}: space-to-depth is for stems of at most "
+                             f"{MAX_CHANNELS} regrouped channels or patchify convs (kernel = stride); this "
+                             f"one has {c * s * s} channels and a {kh}x{kw} kernel at stride {s}.")
+        return s2d_weight(w, s)
 
     def run(x, w, b=None, residual=None, out=None):
-        w2 = weight(w)
+        w2 = per_tensor(wcache, w, lambda: regroup(w))
         kh, kw = w.shape[2], w.shape[3]
         if x.is_meta:
             oh = (x.shape[2] + pads[0] + pads[2] - kh) // s + 1
@@ -146,7 +138,7 @@ def make_conv_space_to_depth(attrs, ctx):
         fused = (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and act_name in _TRITON_ACTS
                  and (act_name is not None or residual is not None or out is not None))
         if fused and b is None:
-            b = zero_bias(y_channels=w.shape[0], like=x)
+            b = per_tensor(zcache, w, lambda: torch.zeros(w.shape[0], dtype=x.dtype, device=x.device))
         y = F.conv2d(xs, w2, None if fused else b)
         if fused:
             from kiln.kernels.epilogue_triton import apply_epilogue, nhwc_rows

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from kiln.errors import BuildError
+from kiln.kernels._util import per_tensor
 from kiln.kernels.epilogue_triton import ACTS, apply_act, nhwc_rows
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
@@ -231,16 +232,10 @@ def _make(choose):
         wcache: dict = {}       # id(weight) → (weight, its rearranged copy)
         zcache: dict = {}       # id(weight) → (weight, a zero bias), for layers without one
 
-        def cached(cache, key, fn):
-            hit = cache.get(id(key))
-            if hit is None or hit[0] is not key:
-                hit = cache[id(key)] = (key, fn())
-            return hit[1]
-
         def run(x, w, b=None, residual=None, out=None):
-            wt = cached(wcache, w, lambda: arrange_weight(w))
+            wt = per_tensor(wcache, w, lambda: arrange_weight(w))
             if b is None:
-                b = cached(zcache, w, lambda: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+                b = per_tensor(zcache, w, lambda: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
             return (conv2d_nhwc(x, wt, b, residual, stride, pads, dil, act, alpha, beta, after, choose, out),)
         return run
     return make
