@@ -37,3 +37,34 @@ def test_replay_matches_eager_and_outputs_are_copied():
     y2 = ctx.run({"x": a * 2})["y"]
     torch.testing.assert_close(y1, eager.run({"x": a})["y"])
     torch.testing.assert_close(y2, eager.run({"x": a * 2})["y"])
+
+
+@pytest.mark.gpu
+def test_same_input_buffers_are_bound_without_a_copy():
+    """A caller that refills one input tensor gets a graph reading it in place (no copy kernel);
+    other tensors still go through the copying graph, and every result is the eager one."""
+    net = kiln.Network("g")
+    x = net.add_input("x", "float32", ("b", 8))
+    h = net.add_fully_connected(x, np.random.randn(16, 8).astype(np.float32), np.zeros(16, np.float32))
+    net.mark_output(net.add_activation(h.output, "relu").output, "y")
+    eng = kiln.build(net, kiln.BuildConfig(device="cuda", profiles={"x": ((1, 8), (4, 8), (8, 8))}))
+    ctx, eager = eng.context(), eng.context(cuda_graph=False)
+    buf = torch.randn(4, 8, device="cuda")
+
+    def want(t):
+        return eager.execute([t], copy=True)[0]
+
+    for step in range(4):
+        buf.copy_(torch.randn(4, 8, device="cuda"))          # the serving loop refills its buffer
+        got = ctx.execute([buf], copy=True)[0]
+        torch.testing.assert_close(got, want(buf))
+    (entry,) = ctx.graphs.graphs.values()
+    assert entry["bound"]["where"][0][0] == buf.data_ptr()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ctx.execute([buf])
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not any("Memcpy" in n or "copy" in n.lower() for n in names), names
+    other = torch.randn(4, 8, device="cuda")
+    torch.testing.assert_close(ctx.execute([other], copy=True)[0], want(other))
+    torch.testing.assert_close(ctx.execute([buf], copy=True)[0], want(buf))

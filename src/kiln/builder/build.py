@@ -14,7 +14,7 @@ import numpy as np
 
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.placement import host_layers, is_host_constant
-from kiln.builder.precision import assign_precision
+from kiln.builder.precision import absorb_input_casts, assign_precision
 from kiln.builder.shapes import infer_shapes
 from kiln.builder.tactics import TimingCache, activation_memory, select_tactics
 from kiln.errors import BuildError
@@ -51,6 +51,8 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
         infer_shapes(net)
     say("tactics", 0.0)
     assign_precision(net, config.precision)
+    if device == "cuda" and config.precision in ("fp16", "bf16"):
+        absorb_input_casts(net)
     net.toposort()
     infer_shapes(net)
     _keep_declared_dtypes(network, net)

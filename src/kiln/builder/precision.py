@@ -109,3 +109,21 @@ def assign_precision(net: Network, precision: str) -> None:
                 net.layers.insert(net.layers.index(layer) + 1, c)
                 for ul, ui in uses:
                     ul.set_input(ui, c.outputs[0])
+
+
+def absorb_input_casts(net: Network) -> None:
+    """On the GPU, a stem convolution reads the FP32 network input itself and converts as it loads
+    (kernels/conv_stem.py): the separate cast would write and re-read the whole input. Applies to an
+    input's cast whose every reader is such a convolution (other tactics convert first)."""
+    from kiln.passes._match import remove_dead
+    from kiln.passes.fuse_stem_pool import is_stem
+    for cast in list(net.layers):
+        if cast.kind != "Cast" or cast.inputs[0] not in net.inputs or cast.inputs[0].dtype != "float32":
+            continue
+        y = cast.outputs[0]
+        if y in net.outputs or not y.uses or not all(
+                layer.kind == "Convolution" and i == 0 and is_stem(layer) for layer, i in y.uses):
+            continue
+        for layer, i in list(y.uses):
+            layer.set_input(i, cast.inputs[0])
+        remove_dead(net, [cast])

@@ -64,6 +64,7 @@ def make_convolution(attrs, ctx):
     wcache: dict = {}
 
     def run(x, w, b=None, residual=None):
+        x = match_weight(x, w)
         if x.dim() == 4 and (x.is_cuda or groups == 1):
             x = _channels_last(x, None)
             w = _channels_last(w, wcache)
@@ -80,8 +81,25 @@ def make_convolution(attrs, ctx):
                 y = act(y)
         if residual is not None and after:
             y = y.add_(residual) if not y.is_meta else y + residual
-        return (y,)
+        return (pool_after(y, attrs),)
     return run
+
+
+def match_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A stem convolution may read the engine's FP32 input directly (builder/precision.py moves the
+    input's cast into it); tactics without a fused cast convert first."""
+    if x.dtype != w.dtype and x.dtype.is_floating_point and w.dtype.is_floating_point:
+        return x.to(w.dtype)
+    return x
+
+
+def pool_after(y: torch.Tensor, attrs) -> torch.Tensor:
+    """The max pool fused into a stem convolution (passes/fuse_stem_pool.py), for tactics that run it
+    as a second step."""
+    p = attrs.get("pool")
+    if not p:
+        return y
+    return F.max_pool2d(y, p["kernel"], p["stride"], p["pads"][:2])
 
 
 def _inplace_act(y, name, attrs):
@@ -116,14 +134,14 @@ def make_convolution_cudnn_fused(attrs, ctx):
     wcache: dict = {}
 
     def run(x, w, b=None, residual=None):
-        x = _channels_last(x, None)
+        x = _channels_last(match_weight(x, w), None)
         w = _channels_last(w, wcache)
         if x.is_meta:
-            return (F.conv2d(x, w, b, stride, pads, dil, groups),)
+            return (pool_after(F.conv2d(x, w, b, stride, pads, dil, groups), attrs),)
         if residual is not None:
             r = _channels_last(residual, None)
-            return (torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, stride, pads, dil, groups),)
-        return (torch.cudnn_convolution_relu(x, w, b, stride, pads, dil, groups),)
+            return (pool_after(torch.cudnn_convolution_add_relu(x, w, r, 1.0, b, stride, pads, dil, groups), attrs),)
+        return (pool_after(torch.cudnn_convolution_relu(x, w, b, stride, pads, dil, groups), attrs),)
     return run
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor
-from kiln.kernels.conv import _epilogue
+from kiln.kernels.conv import _epilogue, pool_after
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
@@ -63,13 +63,15 @@ def s2d_geometry(x_shape, s: int, kh: int, kw: int, pads: list[int]) -> tuple[in
     return oh + _ceil(kh, s) - 1, ow + _ceil(kw, s) - 1, cs, _ceil(cs, 8) * 8
 
 
-def s2d_input(x: torch.Tensor, s: int, kh: int, kw: int, pads: list[int], use_triton: bool | None = None) -> torch.Tensor:
+def s2d_input(x: torch.Tensor, s: int, kh: int, kw: int, pads: list[int], use_triton: bool | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [N, C, H, W] (pads top, left, bottom, right) → xs [N, Cp, Hs, Ws] in channels-last memory:
     xs[n, (c, p, q), i, j] = xpad[n, c, s·i + p, s·j + q], zero in the padding and the extra channels.
-    One Triton pass on the GPU (``use_triton`` None); torch's pad, permute and copy elsewhere."""
+    One Triton pass on the GPU (``use_triton`` None); torch's pad, permute and copy elsewhere.
+    ``dtype``: the result's (an FP32 engine input regrouped straight into FP16), x's by default."""
     n, c, h, w = x.shape
     hs, ws, cs, cp = s2d_geometry(x.shape, s, kh, kw, pads)
-    buf = torch.empty(n, hs, ws, cp, dtype=x.dtype, device=x.device)
+    buf = torch.empty(n, hs, ws, cp, dtype=dtype or x.dtype, device=x.device)
     if (x.is_cuda and HAS_TRITON if use_triton is None else use_triton) and buf.numel():
         p = n * hs * ws
         block_c = max(8, 1 << (cp - 1).bit_length())
@@ -116,6 +118,7 @@ def make_conv_space_to_depth(attrs, ctx):
     act = _epilogue(attrs)
     alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
     after = bool(attrs.get("residual_after_activation"))
+    pool = bool(attrs.get("pool"))
     wcache: dict = {}       # id(weight) → (weight, its regrouped copy)
     zcache: dict = {}       # id(weight) → (weight, a zero bias), for layers without one
 
@@ -133,8 +136,11 @@ def make_conv_space_to_depth(attrs, ctx):
         if x.is_meta:
             oh = (x.shape[2] + pads[0] + pads[2] - kh) // s + 1
             ow = (x.shape[3] + pads[1] + pads[3] - kw) // s + 1
-            return (x.new_empty(x.shape[0], w.shape[0], oh, ow),)
-        xs = s2d_input(x, s, kh, kw, pads)
+            return (pool_after(w.new_empty(x.shape[0], w.shape[0], oh, ow), attrs),)
+        xs = s2d_input(x, s, kh, kw, pads, dtype=w.dtype)
+        x = xs
+        if pool:
+            out = None
         fused = (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and act_name in _TRITON_ACTS
                  and (act_name is not None or residual is not None or out is not None))
         if fused and b is None:
@@ -148,14 +154,15 @@ def make_conv_space_to_depth(attrs, ctx):
             dest = out(tuple(y.shape), y.dtype, y.device) if out is not None else None
             if dest is not None and not nhwc_rows(dest):
                 dest = None
-            return (apply_epilogue(y, b, r, act_name or "none", alpha, beta, residual_after=after, out=dest),)
+            return (pool_after(apply_epilogue(y, b, r, act_name or "none", alpha, beta, residual_after=after,
+                                              out=dest), attrs),)
         if residual is not None and not after:
             y = y + residual
         if act is not None:
             y = act(y)
         if residual is not None and after:
             y = y + residual
-        return (y,)
+        return (pool_after(y, attrs),)
     return run
 
 

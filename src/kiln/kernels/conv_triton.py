@@ -30,6 +30,7 @@ import torch
 
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor
+from kiln.kernels.conv import match_weight, pool_after
 from kiln.kernels.epilogue_triton import ACTS, apply_act, nhwc_rows
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
@@ -229,6 +230,7 @@ def _make(choose):
         if act == "clip" and (alpha is None or beta is None):
             alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
         after = bool(attrs.get("residual_after_activation"))
+        pool = bool(attrs.get("pool"))
         wcache: dict = {}       # id(weight) → (weight, its rearranged copy)
         zcache: dict = {}       # id(weight) → (weight, a zero bias), for layers without one
 
@@ -236,7 +238,11 @@ def _make(choose):
             wt = per_tensor(wcache, w, lambda: arrange_weight(w))
             if b is None:
                 b = per_tensor(zcache, w, lambda: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-            return (conv2d_nhwc(x, wt, b, residual, stride, pads, dil, act, alpha, beta, after, choose, out),)
+            if pool:
+                return (pool_after(conv2d_nhwc(match_weight(x, w), wt, b, residual, stride, pads, dil, act, alpha,
+                                               beta, after, choose), attrs),)
+            return (conv2d_nhwc(match_weight(x, w), wt, b, residual, stride, pads, dil, act, alpha, beta, after,
+                                choose, out),)
         return run
     return make
 

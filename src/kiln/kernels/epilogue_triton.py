@@ -102,7 +102,7 @@ def _ok(attrs, ctx):
 
 @tactic("Convolution", "triton_epilogue", devices=("cuda",), supports=_ok, writes_into=True)
 def make_conv_triton_epilogue(attrs, ctx):
-    from kiln.kernels.conv import _channels_last
+    from kiln.kernels.conv import _channels_last, match_weight, pool_after
     stride, dil, groups = list(attrs["stride"]), list(attrs["dilation"]), attrs.get("groups", 1)
     pads = list(attrs["pads"][:2])
     act = attrs.get("activation") or "none"
@@ -110,14 +110,17 @@ def make_conv_triton_epilogue(attrs, ctx):
     if act == "clip" and (alpha is None or beta is None):
         alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
     after = bool(attrs.get("residual_after_activation"))
+    pool = bool(attrs.get("pool"))
     wcache: dict = {}
 
     def run(x, w, b=None, residual=None, out=None):
-        x = _channels_last(x, None)
+        x = _channels_last(match_weight(x, w), None)
         w = _channels_last(w, wcache)
         y = F.conv2d(x, w, None, stride, pads, dil, groups)
         if y.is_meta:
-            return (y,)
+            return (pool_after(y, attrs),)
+        if pool:
+            out = None
         if b is None:
             b = torch.zeros(y.shape[1], dtype=y.dtype, device=y.device)
         if not y.is_contiguous(memory_format=torch.channels_last):
@@ -128,5 +131,5 @@ def make_conv_triton_epilogue(attrs, ctx):
         dest = out(tuple(y.shape), y.dtype, y.device) if out is not None else None
         if dest is not None and not nhwc_rows(dest):
             dest = None
-        return (apply_epilogue(y, b, r, act, alpha, beta, residual_after=after, out=dest),)
+        return (pool_after(apply_epilogue(y, b, r, act, alpha, beta, residual_after=after, out=dest), attrs),)
     return run

@@ -24,8 +24,9 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_patterns import FusePatterns
     from kiln.passes.fuse_pointwise import FusePointwise
     from kiln.passes.fuse_shuffles import FuseShuffles
+    from kiln.passes.fuse_stem_pool import FuseStemPool
     from kiln.passes.sink_shuffles import SinkShuffles
-    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseShuffles(),
+    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
             SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear()]
 
 

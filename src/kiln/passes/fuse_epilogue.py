@@ -30,8 +30,8 @@ class FuseEpilogues(Pass):
     def call(self, net: Network) -> PassResult:
         modified = False
         for layer in list(net.layers):
-            if layer not in net.layers:
-                continue
+            if layer not in net.layers or layer.attrs.get("pool"):
+                continue        # a pooled stem convolution's output is the pool's (fuse_stem_pool.py)
             if layer.kind == "Convolution" and not layer.attrs.get("activation"):
                 if not layer.attrs.get("residual"):
                     modified |= self._residual(net, layer)

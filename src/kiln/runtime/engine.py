@@ -176,7 +176,9 @@ class ExecutionContext:
 
     def execute(self, tensors: list[torch.Tensor], copy: bool = False) -> list[torch.Tensor]:
         """Run on tensors already on the engine's device, in input order; outputs stay on the device
-        (and, under CUDA-graph replay, are the context's static buffers: copy them before the next run)."""
+        (and, under CUDA-graph replay, are the context's static buffers: copy them before the next run).
+        Passing the same input tensors again (refilled in place) binds them: the graph then reads them
+        where they are instead of copying them in (runtime/graphs.py)."""
         with self._lock, torch.inference_mode():
             if self.engine.device == "cuda":
                 prec = self.engine.precision

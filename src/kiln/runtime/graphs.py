@@ -6,6 +6,13 @@ memory pool — torch's graph pool reuses activation blocks by liveness, so the 
 is the engine's planned activation arena for that shape. Replays copy new inputs
 in and return the static outputs. Engines with data-dependent layers (If/Loop,
 NonZero, NMS with dynamic outputs) stay eager.
+
+Input binding: a caller that passes the same device buffers on consecutive runs (a serving
+loop that refills its input tensor, as TensorRT users bind addresses once) gets a second graph,
+recorded to read those buffers in place, and no copy: ResNet-50's FP32 input at batch 256 is
+154 MB, a 0.1 ms copy on an H100. The bound graph shares the first one's memory pool (the two
+never run at once: runs hold the context's lock and share one stream), so binding costs no
+second activation arena. Other buffers take the copying graph again.
 """
 from __future__ import annotations
 
@@ -35,22 +42,33 @@ class GraphRunner:
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
-            entry = self._capture(tensors)
+            entry = self._capture(tensors, torch.cuda.graph_pool_handle())
             self.graphs[key] = entry
+        where = tuple((t.data_ptr(), t.stride(), t.device) for t in tensors)
+        bound = entry.get("bound")
+        if bound is not None and bound["where"] == where:
+            bound["graph"].replay()
+            return bound["outputs"]
+        if entry.get("last") == where:
+            # the same input buffers twice in a row: record a graph that reads them where they are
+            entry["bound"] = {**self._capture(tensors, entry["pool"], bind=True), "where": where}
+            entry["bound"]["graph"].replay()
+            return entry["bound"]["outputs"]
+        entry["last"] = where
         for buf, t in zip(entry["inputs"], tensors):
             buf.copy_(t, non_blocking=True)
         entry["graph"].replay()
         return entry["outputs"]
 
-    def _capture(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
+    def _capture(self, tensors: list[torch.Tensor], pool, bind: bool = False) -> dict[str, Any]:
         try:
-            return self._record(tensors)
+            return self._record(tensors, pool, bind)
         except Exception as exc:
             raise CaptureError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") \
                 from exc
 
-    def _record(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
-        static_in = [t.clone() for t in tensors]
+    def _record(self, tensors: list[torch.Tensor], pool, bind: bool) -> dict[str, Any]:
+        static_in = list(tensors) if bind else [t.clone() for t in tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         cache: dict = {}
@@ -66,12 +84,13 @@ class GraphRunner:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             self.program.move_mode = "replay"
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=pool):
                 static_out = self.program.run_env({}, static_in)
         finally:
             self.program.move_mode = None
             self.program.move_cache = None
-        return {"graph": graph, "inputs": static_in, "outputs": static_out, "keepalive": cache}
+        return {"graph": graph, "inputs": [] if bind else static_in, "outputs": static_out, "keepalive": cache,
+                "pool": pool}
 
     def nbytes(self) -> int:
         return 0
