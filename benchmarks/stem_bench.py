@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from kiln.kernels.conv_s2d import s2d_input, s2d_weight  # noqa: E402
-from kiln.kernels.conv_stem import StemConfig, arrange_stem_weight, conv_stem, stem_block_k  # noqa: E402
+from kiln.kernels.conv_stem import StemConfig, arrange_stem_weight, conv_stem  # noqa: E402
 from kiln.kernels.epilogue_triton import apply_epilogue  # noqa: E402
 
 CALLS, REPS = 20, 7
@@ -83,9 +83,9 @@ def case(name, n, hw, cout, k, s, p, act, pool):
         return F.max_pool2d(y, 3, 2, 1) if pool else y
 
     rows.append({"path": "before", "ms": timed(before), "rel_l2": rel(before(), ref)})
-    wt = arrange_stem_weight(w, stem_block_k(3 * k * k))
-    configs = [StemConfig(bm, warps, pw, st) for bm, warps in ((128, 4), (64, 4), (128, 8), (256, 8))
-               for pw in (8,) for st in (1, 2)]
+    wt = arrange_stem_weight(w)
+    configs = [StemConfig(bm, warps, 4, st) for bm, warps in ((128, 4), (64, 4), (128, 8), (256, 8))
+               for st in (1, 3)]
     if pool:
         configs = [StemConfig(128, 4, pw, st) for pw in (4, 8) for st in (1, 2, 3)]
     for cfg in configs:
@@ -94,7 +94,7 @@ def case(name, n, hw, cout, k, s, p, act, pool):
         rows.append({"path": f"stem{'+pool' if pool else ''} {tuple(cfg)}", "ms": timed(stem),
                      "rel_l2": rel(stem(), ref)})
     if pool:
-        for cfg in [StemConfig(bm, w_, 8, st) for bm, w_ in ((128, 4), (256, 8)) for st in (1, 2)]:
+        for cfg in [StemConfig(bm, w_, 4, st) for bm, w_ in ((128, 4), (256, 8)) for st in (1, 3)]:
             def unpooled(cfg=cfg):
                 return F.max_pool2d(conv_stem(x, wt, b, (k, k), (s, s), (p,) * 4, act, config=cfg), 3, 2, 1)
             rows.append({"path": f"stem, torch pool {tuple(cfg)}", "ms": timed(unpooled),

@@ -20,7 +20,7 @@ if DEV == "cpu":
 pytest.importorskip("triton")
 
 from kiln.errors import BuildError  # noqa: E402
-from kiln.kernels.conv_stem import arrange_stem_weight, conv_stem, stem_block_k  # noqa: E402
+from kiln.kernels.conv_stem import arrange_stem_weight, conv_stem  # noqa: E402
 from kiln.kernels.registry import KernelContext, get_tactic, tactics_for  # noqa: E402
 
 CL = torch.channels_last
@@ -61,7 +61,7 @@ def test_matches_torch(case, in_dtype, layout):
     x, wt, b = _case(n, c, h, w, cout, k, seed=len(case), dtype=in_dtype)
     if layout == "nhwc":
         x = x.contiguous(memory_format=CL)
-    y = conv_stem(x, arrange_stem_weight(wt, stem_block_k(c * k * k)), b, (k, k), (s, s), pads, act, pool=pool)
+    y = conv_stem(x, arrange_stem_weight(wt), b, (k, k), (s, s), pads, act, pool=pool)
     ref = _ref(x, wt, b, (s, s), pads, act, pool)
     assert y.shape == ref.shape and y.dtype == torch.float16 and y.is_contiguous(memory_format=CL)
     err = float((y.float() - ref).norm() / ref.norm())
@@ -71,7 +71,7 @@ def test_matches_torch(case, in_dtype, layout):
 def test_writes_pooled_map_into_a_concatenation_slice():
     x, w, b = _case(1, 3, 30, 26, 8, 7)
     buf = torch.full((1, 8, 7, 13), 5.0, device=DEV, dtype=torch.float16).permute(0, 3, 1, 2)
-    y = conv_stem(x, arrange_stem_weight(w, 32), b, (7, 7), (2, 2), (3, 3, 3, 3), "relu", pool=True,
+    y = conv_stem(x, arrange_stem_weight(w), b, (7, 7), (2, 2), (3, 3, 3, 3), "relu", pool=True,
                   out=lambda shape, dtype, device: buf[:, 2:2 + shape[1]])
     assert y.data_ptr() == buf[:, 2:].data_ptr()
     ref = _ref(x, w, b, (2, 2), (3, 3, 3, 3), "relu", True)
@@ -93,7 +93,7 @@ def test_tactic_fp32_input_pool_bias_free_and_meta():
     run = get_tactic("Convolution", "triton_stem").make(_attrs(pool=pool), KernelContext(device=DEV, precision="fp16"))
     x, w, _ = _case(2, 3, 33, 35, 16, 7, seed=4)
     (y,) = run(x, w)
-    ref = _ref(x, w, torch.zeros(16), (2, 2), (3, 3, 3, 3), "relu", True)
+    ref = _ref(x, w, torch.zeros(16, device=DEV), (2, 2), (3, 3, 3, 3), "relu", True)
     torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-3)
     (m,) = run(x.to("meta"), w.to("meta"))
     assert m.is_meta and m.shape == ref.shape and m.dtype == torch.float16
@@ -135,19 +135,18 @@ _SM90_PROBE = textwrap.dedent("""
     from sm90_compile import Recorder, compile_sm90
     import kiln.kernels.conv_stem as cs
     log = []
-    real = {"_stem_kernel": cs._stem_kernel, "_stem_pool_kernel": cs._stem_pool_kernel}
-    for name, fn in real.items():
-        setattr(cs, name, Recorder(fn, log))
+    for name in ("_stem_kernel", "_stem_pool_kernel", "_stem_pad_kernel"):
+        setattr(cs, name, Recorder(getattr(cs, name), log))
     for dtype in (torch.float32, torch.float16):
         for pool in (True, False):
             x = torch.zeros(2, 3, 224, 224, dtype=dtype)
             w = torch.zeros(64, 3, 7, 7, dtype=torch.float16)
-            cs.conv_stem(x, cs.arrange_stem_weight(w, 32), torch.zeros(64, dtype=torch.float16), (7, 7), (2, 2),
+            cs.conv_stem(x, cs.arrange_stem_weight(w), torch.zeros(64, dtype=torch.float16), (7, 7), (2, 2),
                          (3, 3, 3, 3), "relu", pool=pool)
     out = []
     for fn, grid, args, kwargs in log:
         ptx = compile_sm90(fn, args, kwargs).asm["ptx"]
-        out.append({"wgmma": "wgmma.mma_async" in ptx, "st": "st.global" in ptx})
+        out.append({"wgmma": "wgmma.mma_async" in ptx, "st": "st.global" in ptx, "v16": "ld.global.v4" in ptx or "cp.async.cg" in ptx})
     print(json.dumps(out))
 """)
 
@@ -162,14 +161,16 @@ def test_kernels_compile_for_sm90_with_wgmma():
         pytest.skip("Triton's bundled ptxas is unavailable here")
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(out) == 4 and all(o["wgmma"] and o["st"] for o in out), out
+    # the padded input's kernel-row runs load as 16-byte vectors (the point of the padded copy)
+    assert len(out) == 8 and all(o["st"] for o in out), out
+    assert [o["wgmma"] for o in out] == [False, True] * 4 and all(o["v16"] for o in out[1::2]), out
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pool", [True, False])
 def test_gpu_resnet_stem_full_size(pool):
     x, w, b = _case(8, 3, 224, 224, 64, 7, seed=9)
-    y = conv_stem(x, arrange_stem_weight(w, 32), b, (7, 7), (2, 2), (3, 3, 3, 3), "relu", pool=pool)
+    y = conv_stem(x, arrange_stem_weight(w), b, (7, 7), (2, 2), (3, 3, 3, 3), "relu", pool=pool)
     ref = _ref(x, w, b, (2, 2), (3, 3, 3, 3), "relu", pool)
     err = float((y.float() - ref).norm() / ref.norm())
     assert y.shape == ref.shape and err < 2e-3, err

@@ -1,16 +1,21 @@
-"""Network stems in one Triton kernel: the first convolution over a few input channels, read
-straight from the engine's NCHW input (FP32 included: the input cast happens in the load), with
-bias and activation fused and, where the graph has one (ResNet's), the 3×3/2 max pool too.
+"""Network stems in two Triton kernels: the first convolution over a few input channels, from the
+engine's NCHW input as it comes (FP32 included: the cast happens in the copy below), with bias and
+activation fused and, where the graph has one (ResNet's), the 3×3/2 max pool too.
 
 On an H100, ResNet-50's stem at batch 256 took 0.73 ms of a 7.2 ms forward before this kernel:
 FP32→FP16 cast of the input, NCHW→NHWC copy, cuDNN's channel padding 3→8, cuDNN's first-layer
 kernel, then a 0.19 ms max pool that reads the 112² stem output back. The traffic that has to
 happen is one read of the input and one write of the pooled 56² map.
 
-The convolution is an implicit GEMM whose reduction runs over K = C·KH·KW (147 for a 7×7 over
-3 channels, zero-padded to a multiple of BLOCK_K): row m of the A tile is one output pixel,
-column k one (channel, tap) pair, gathered from the NCHW input with the padding masked to 0.
-The weight is rearranged once to a [K, Cout] matrix with zero rows past K.
+The input is first copied once into FP16 with its channels padded to 4 and its spatial padding
+written out as zeros ([N, Hp, Wp, 4], one pass over a map of the input's size). On that layout the
+taps of one kernel row are one contiguous, 16-byte-aligned run per output pixel (KWP taps × 4
+channels, KWP = the kernel width rounded up to a power of two): the convolution is an implicit
+GEMM with one K step per kernel row, [BLOCK_M, KWP·4] vector loads with no masks along K, and a
+weight rearranged once to [KH, KWP, 4, Cout] with zeros in the padding. (Gathering (channel, ky,
+kx) elements one by one from the NCHW input, the first version, ran the unpooled convolution at
+about 55 TFLOP/s at batch 256: the loads could not be vectorized, being neither contiguous nor
+aligned.)
 
 With the pool fused, a program computes a TILE×TILE patch of convolution outputs whose origin is
 one row and column before its pooled outputs' first window (the pool's padding), so the patch
@@ -34,15 +39,16 @@ from kiln.passes.fuse_stem_pool import POOL
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
 MAX_CHANNELS = 4        # a stem: RGB(A) or a few maps; wider inputs fill an MMA's K by themselves
-MAX_K = 512             # C·KH·KW; beyond it the gather-per-element A tile costs more than a reformat
+MAX_KW = 8              # kernel width: one K step of a kernel row holds at most 8 taps × 4 channels
 TILE = 16               # convolution patch side per program when the pool is fused (7×7 pooled outputs)
 
 
 class StemConfig(NamedTuple):
     block_m: int = 128          # output pixels per program without the pool
     num_warps: int = 4
-    pool_warps: int = 8         # with the pool: TILE² = 256 pixels per program
-    num_stages: int = 1
+    pool_warps: int = 4         # with the pool: TILE² = 256 pixels per program
+    num_stages: int = 2
+    pad_block: int = 512        # padded pixels per program of the input copy
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -53,36 +59,46 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@triton.jit(do_not_specialize=["P", "H", "W", "HP", "WP"])
+def _stem_pad_kernel(x_ptr, xp_ptr, P, H, W, HP, WP, sxn, sxc, sxh, sxw, PH: tl.constexpr, PW: tl.constexpr,
+                     C: tl.constexpr, CP: tl.constexpr, IDX64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """xp[n, i, j, c] = x[n, c, i - PH, j - PW] in xp's dtype; 0 in the padding and channels ≥ C."""
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    if IDX64:
+        pix = pix.to(tl.int64)
+    ch = tl.arange(0, CP)
+    j = pix % WP
+    t = pix // WP
+    iy = t % HP - PH
+    ix = j - PW
+    n = t // HP
+    ok = ((pix < P) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W))[:, None] & (ch < C)[None, :]
+    v = tl.load(x_ptr + (n * sxn + iy * sxh + ix * sxw)[:, None] + (ch * sxc)[None, :], mask=ok, other=0.0)
+    tl.store(xp_ptr + pix[:, None] * CP + ch[None, :], v.to(xp_ptr.dtype.element_ty), mask=(pix < P)[:, None])
+
+
 @triton.jit
-def _stem_tile(x_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, H, W, sxn, sxc, sxh, sxw,
-               C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-               PH: tl.constexpr, PW: tl.constexpr, COUT: tl.constexpr, KPAD: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The FP32 [BLOCK_M, BLOCK_N] convolution tile for output pixels (img, oh, ow)."""
-    ih0 = oh * SH - PH
-    iw0 = ow * SW - PW
-    base = img * sxn + ih0 * sxh + iw0 * sxw
+def _stem_acc(xp_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, HP, RS, KH: tl.constexpr, SH: tl.constexpr,
+              SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr, COUT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The FP32 [BLOCK_M, BLOCK_N] convolution tile for output pixels (img, oh, ow) of the padded
+    input (RS elements per padded row): one K step of KWP·CP contiguous elements per kernel row."""
+    SEG: tl.constexpr = KWP * CP
+    kk = tl.arange(0, SEG)
+    base = (img * HP + oh * SH) * RS + ow * (SW * CP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.static_range(0, KPAD, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        c = k // (KH * KW)
-        tap = k - c * (KH * KW)
-        ky = tap // KW
-        kx = tap - ky * KW
-        ih = ih0[:, None] + ky[None, :]
-        iw = iw0[:, None] + kx[None, :]
-        ok = (m_ok[:, None] & (k < C * KH * KW)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-        a = tl.load(x_ptr + base[:, None] + (c * sxc + ky * sxh + kx * sxw)[None, :], mask=ok, other=0.0)
-        b = tl.load(w_ptr + k[:, None] * COUT + offs_n[None, :], mask=n_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(w_ptr.dtype.element_ty), b, acc)
+    for ky in range(KH):            # pipelined over the kernel rows (num_stages)
+        a = tl.load(xp_ptr + (base + ky * RS)[:, None] + kk[None, :], mask=m_ok[:, None], other=0.0)
+        b = tl.load(w_ptr + (ky * SEG + kk)[:, None] * COUT + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
     return acc
 
 
-@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
-def _stem_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, H, W, OH, OW, sxn, sxc, sxh, sxw, YS, alpha, beta,
-                 C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                 PH: tl.constexpr, PW: tl.constexpr, COUT: tl.constexpr, KPAD: tl.constexpr, ACT: tl.constexpr,
-                 IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "OH", "OW", "HP"])
+def _stem_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, M, OH, OW, HP, RS, YS, alpha, beta,
+                 KH: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr,
+                 COUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         offs_m = offs_m.to(tl.int64)
@@ -92,8 +108,8 @@ def _stem_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, H, W, OH, OW, sxn, sxc, sxh, sxw
     ow = offs_m % OW
     oh = (offs_m // OW) % OH
     img = offs_m // (OW * OH)
-    acc = _stem_tile(x_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, H, W, sxn, sxc, sxh, sxw, C, KH, KW, SH, SW,
-                     PH, PW, COUT, KPAD, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _stem_acc(xp_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, HP, RS, KH, SH, SW, CP, KWP, COUT,
+                    BLOCK_M, BLOCK_N)
     v = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     v = apply_act(v, alpha, beta, ACT)
     tl.store(y_ptr + offs_m[:, None] * YS + offs_n[None, :], v.to(y_ptr.dtype.element_ty),
@@ -117,12 +133,11 @@ def _pool_rows(v, HALF: tl.constexpr):
     return tl.maximum(tl.maximum(ev, od), tl.gather(ev, tl.broadcast_to(nxt[:, None, None], ev.shape), 0))
 
 
-@triton.jit(do_not_specialize=["H", "W", "OH", "OW", "PH_OUT", "PW_OUT", "TILES_X", "TILES"])
-def _stem_pool_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, OH, OW, PH_OUT, PW_OUT, TILES_X, TILES,
-                      sxn, sxc, sxh, sxw, YS, alpha, beta,
-                      C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                      PH: tl.constexpr, PW: tl.constexpr, COUT: tl.constexpr, KPAD: tl.constexpr, ACT: tl.constexpr,
-                      IDX64: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["OH", "OW", "HP", "PH_OUT", "PW_OUT", "TILES_X", "TILES"])
+def _stem_pool_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, OH, OW, HP, RS, PH_OUT, PW_OUT, TILES_X, TILES, YS, alpha, beta,
+                      KH: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr,
+                      COUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, TILE: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     BLOCK_M: tl.constexpr = TILE * TILE
     HALF: tl.constexpr = TILE // 2
     pid = tl.program_id(0)
@@ -138,8 +153,8 @@ def _stem_pool_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, OH, OW, PH_OUT, PW_OUT, 
     inside = (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < COUT
-    acc = _stem_tile(x_ptr, w_ptr, img, oh, ow, inside, offs_n, n_ok, H, W, sxn, sxc, sxh, sxw,
-                     C, KH, KW, SH, SW, PH, PW, COUT, KPAD, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc = _stem_acc(xp_ptr, w_ptr, img, oh, ow, inside, offs_n, n_ok, HP, RS, KH, SH, SW, CP, KWP, COUT,
+                    BLOCK_M, BLOCK_N)
     v = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     v = apply_act(v, alpha, beta, ACT)
     v = tl.where(inside[:, None], v, float("-inf"))
@@ -155,62 +170,83 @@ def _stem_pool_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, OH, OW, PH_OUT, PW_OUT, 
     tl.store(ptrs, v, mask=ok_y[:, None, None] & ok_x[None, :, None] & n_ok[None, None, :])
 
 
-def arrange_stem_weight(w: torch.Tensor, block_k: int) -> torch.Tensor:
-    """[Cout, C, KH, KW] → [KPAD, Cout], rows ordered (c, ky, kx), zero rows up to a multiple of block_k."""
-    cout = w.shape[0]
-    k = w[0].numel()
-    wt = w.new_zeros(_cdiv(k, block_k) * block_k, cout)
-    wt[:k] = w.reshape(cout, k).t()
-    return wt
+CP = 4                  # channels per padded input pixel (8 bytes in FP16)
 
 
-def stem_block_k(k: int) -> int:
-    return 32 if k > 16 else 16
+def stem_taps(kw: int) -> int:
+    """KWP: kernel-row taps per K step, a power of two ≥ kw with KWP·CP ≥ 16 (tl.dot's least K)."""
+    return max(_pow2(kw), 16 // CP)
+
+
+def arrange_stem_weight(w: torch.Tensor) -> torch.Tensor:
+    """[Cout, C, KH, KW] → [KH·KWP·CP, Cout]: rows ordered (ky, kx, c), zeros for kx ≥ KW and c ≥ C."""
+    cout, c, kh, kw = w.shape
+    wt = w.new_zeros(kh, stem_taps(kw), CP, cout)
+    wt[:, :kw, :c] = w.permute(2, 3, 1, 0)
+    return wt.reshape(-1, cout)
 
 
 def stem_out_size(size: int, k: int, s: int, pb: int, pe: int) -> int:
     return (size + pb + pe - k) // s + 1
 
 
+def stem_pad(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+             dtype: torch.dtype, config: StemConfig = StemConfig()) -> torch.Tensor:
+    """x [N, C ≤ 4, H, W] (any layout, any float dtype) → [N, Hp, Wp, 4] in ``dtype``: pads[0] zero rows
+    and pads[1] zero columns first, zeros to the right and below up to every row and column a K step
+    reads (Wp a multiple of 4, so padded rows stay 32-byte multiples), channels zero-padded to 4."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw) = kernel, stride
+    oh = stem_out_size(h, kh, sh, pads[0], pads[2])
+    ow = stem_out_size(w, kw, sw, pads[1], pads[3])
+    hp = max(pads[0] + h, (oh - 1) * sh + kh)
+    wp = _cdiv(max(pads[1] + w, (ow - 1) * sw + stem_taps(kw)), 4) * 4
+    xp = torch.empty((n, hp, wp, CP), dtype=dtype, device=x.device)
+    p = xp.numel() // CP
+    if p:
+        _stem_pad_kernel[(_cdiv(p, config.pad_block),)](
+            x, xp, p, h, w, hp, wp, *x.stride(), PH=pads[0], PW=pads[1], C=c, CP=CP,
+            IDX64=max(x.numel(), xp.numel()) >= 2 ** 31, BLOCK_P=config.pad_block, num_warps=4)
+    return xp
+
+
 def conv_stem(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
               pads: tuple[int, int, int, int], act: str = "none", alpha: float = 0.0, beta: float = 0.0,
-              pool: bool = False, out=None, dtype: torch.dtype | None = None,
-              config: StemConfig = StemConfig()) -> torch.Tensor:
+              pool: bool = False, out=None, config: StemConfig = StemConfig()) -> torch.Tensor:
     """act(conv2d(x, w) + bias), then the 3×3/2 pad-1 max pool with ``pool``; channels-last output
-    of ``wt``'s dtype. ``x``: [N, C, H, W] in any memory layout and any float dtype; ``wt``:
-    ``arrange_stem_weight(w, stem_block_k(C·KH·KW))``; ``pads`` in ONNX order (top, left, bottom,
-    right); ``out``: see conv_triton.conv2d_nhwc."""
+    of ``wt``'s dtype. ``x``: [N, C ≤ 4, H, W] in any memory layout and any float dtype; ``wt``:
+    ``arrange_stem_weight(w)``; ``pads`` in ONNX order (top, left, bottom, right); ``out``: see
+    conv_triton.conv2d_nhwc."""
     n, c, h, w = x.shape
     kh, kw = kernel
     cout = wt.shape[1]
-    dtype = dtype or wt.dtype
+    if c > CP or wt.shape[0] != kh * stem_taps(kw) * CP:
+        raise BuildError(f"The stem kernel takes at most {CP} input channels and a weight from arrange_stem_weight; "
+                         f"got {c} channels and a [{wt.shape[0]}, {cout}] weight for a {kh}x{kw} kernel.")
     oh = stem_out_size(h, kh, stride[0], pads[0], pads[2])
     ow = stem_out_size(w, kw, stride[1], pads[1], pads[3])
     fh, fw = (stem_out_size(oh, 3, 2, 1, 1), stem_out_size(ow, 3, 2, 1, 1)) if pool else (oh, ow)
-    y = None if out is None or x.is_meta else out((n, cout, fh, fw), dtype, x.device)
+    y = None if out is None or x.is_meta else out((n, cout, fh, fw), wt.dtype, x.device)
     if y is None or not nhwc_rows(y):
-        y = torch.empty((n, fh, fw, cout), dtype=dtype, device=x.device).permute(0, 3, 1, 2)
+        y = torch.empty((n, fh, fw, cout), dtype=wt.dtype, device=x.device).permute(0, 3, 1, 2)
     if x.is_meta or y.numel() == 0:
         return y
-    k = c * kh * kw
-    bk = stem_block_k(k)
-    if wt.shape[0] != _cdiv(k, bk) * bk:
-        raise BuildError(f"Stem weight has {wt.shape[0]} rows; {c}x{kh}x{kw} needs {_cdiv(k, bk) * bk}.")
+    xp = stem_pad(x, kernel, stride, pads, wt.dtype, config)
+    hp, rs = xp.shape[1], xp.shape[2] * CP
     bn = min(128, max(16, _pow2(cout)))
-    big = max(x.numel(), y.shape[0] * y.stride(0)) >= 2 ** 31
-    common = dict(C=c, KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=pads[0], PW=pads[1], COUT=cout,
-                  KPAD=wt.shape[0], ACT=ACTS.index(act), IDX64=big, BLOCK_N=bn, BLOCK_K=bk)
+    big = max(xp.numel(), y.shape[0] * y.stride(0)) >= 2 ** 31
+    common = dict(KH=kh, SH=stride[0], SW=stride[1], CP=CP, KWP=stem_taps(kw), COUT=cout, ACT=ACTS.index(act),
+                  IDX64=big, BLOCK_N=bn, num_stages=config.num_stages)
     if pool:
         tiles_y, tiles_x = _cdiv(fh, TILE // 2 - 1), _cdiv(fw, TILE // 2 - 1)
         grid = (n * tiles_y * tiles_x, _cdiv(cout, bn))
-        _stem_pool_kernel[grid](x, wt, bias, y, h, w, oh, ow, fh, fw, tiles_x, tiles_y * tiles_x, *x.stride(),
-                                y.stride(3), float(alpha), float(beta), TILE=TILE, num_warps=config.pool_warps,
-                                num_stages=config.num_stages, **common)
+        _stem_pool_kernel[grid](xp, wt, bias, y, oh, ow, hp, rs, fh, fw, tiles_x, tiles_y * tiles_x, y.stride(3),
+                                float(alpha), float(beta), TILE=TILE, num_warps=config.pool_warps, **common)
     else:
         m = n * oh * ow
         grid = (_cdiv(m, config.block_m), _cdiv(cout, bn))
-        _stem_kernel[grid](x, wt, bias, y, m, h, w, oh, ow, *x.stride(), y.stride(3), float(alpha), float(beta),
-                           BLOCK_M=config.block_m, num_warps=config.num_warps, num_stages=config.num_stages, **common)
+        _stem_kernel[grid](xp, wt, bias, y, m, oh, ow, hp, rs, y.stride(3), float(alpha), float(beta),
+                           BLOCK_M=config.block_m, num_warps=config.num_warps, **common)
     return y
 
 
@@ -234,10 +270,10 @@ def make_conv_stem(attrs, ctx):
 
     def arrange(w):
         c, kh, kw = w.shape[1:]
-        if c > MAX_CHANNELS or c * kh * kw > MAX_K:
+        if c > MAX_CHANNELS or kw > MAX_KW:
             raise BuildError(f"Convolution {ctx.layer_name!r}: the stem kernel takes at most {MAX_CHANNELS} input "
-                             f"channels and {MAX_K} weights per output channel; this one has {c}x{kh}x{kw}.")
-        return arrange_stem_weight(w, stem_block_k(c * kh * kw))
+                             f"channels and kernels at most {MAX_KW} wide; this one has {c} channels, {kh}x{kw}.")
+        return arrange_stem_weight(w)
 
     def run(x, w, b=None, residual=None, out=None):
         if residual is not None:
