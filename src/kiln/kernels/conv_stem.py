@@ -47,7 +47,7 @@ class StemConfig(NamedTuple):
     block_m: int = 128          # output pixels per program without the pool
     num_warps: int = 4
     pool_warps: int = 4         # with the pool: TILE² = 256 pixels per program
-    num_stages: int = 2
+    num_stages: int = 3
     pad_block: int = 512        # padded pixels per program of the input copy
 
 
