@@ -50,6 +50,8 @@ define_layer("Concatenation", 1, VARIADIC, "join along attrs axis")
 define_layer("Convolution", 2, 4, "N-d convolution (1/2/3-D): x, weight, bias?, residual?; attrs stride, pads (begins "
              "then ends), dilation, groups; fused epilogue attrs activation/alpha/beta and residual (y = act(conv + r), or act(conv) + r with "
              "residual_after_activation)")
+define_layer("Conv1x1Chain", 6, 6, "two 1x1 convolutions back to back: x, W3, b3, residual, W1, b1 → y = act(conv(x, W3) + b3 "
+             "+ residual), z = act2(conv(y, W1) + b1); attrs activation, activation2 (passes/fuse_conv_chain.py)")
 define_layer("Deconvolution", 2, 3, "transposed convolution: x, weight [Cin, Cout/g, k...], bias?; attrs stride, pads, "
              "dilation, groups, output_padding")
 define_layer("FullyConnected", 2, 3, "y = x @ weight.T + bias over the last axis; weight [N, K]")

@@ -19,6 +19,7 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_add_norm import FuseAddNorm
     from kiln.passes.fuse_attention import FuseAttention
+    from kiln.passes.fuse_conv_chain import FuseConvChains
     from kiln.passes.fuse_epilogue import FuseEpilogues
     from kiln.passes.fuse_parallel_linear import FuseParallelLinear
     from kiln.passes.fuse_patterns import FusePatterns
@@ -27,7 +28,7 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_stem_pool import FuseStemPool
     from kiln.passes.sink_shuffles import SinkShuffles
     return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
-            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear()]
+            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear(), FuseConvChains()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]

@@ -1,0 +1,66 @@
+"""1×1 chains: a ResNet block's last 1×1 convolution and the next block's first run as one layer.
+
+Case: Convolution A (1×1, stride 1, no padding, one group, constant weight and bias, a fused
+residual before its ReLU or no activation) whose output y is read by a Convolution B (1×1,
+stride 1, no padding, one group, constant weight and bias, no residual, ReLU or no activation)
+over y's channels, with B's output channels at most 256 and every channel count a power of two
+≥ 16 → one Conv1x1Chain layer (x, W_A, b_A, r, W_B, b_B) → (y, z) whose fused kernel
+(kernels/conv_chain.py) writes y once and never reads it back. y's other readers (the next
+block's residual) still read it. Stage 4 of ResNet-50 (512 output channels in B) stays apart.
+"""
+from __future__ import annotations
+
+from kiln.ir.network import Network
+from kiln.passes._match import remove_dead, replace_output
+from kiln.passes.base import Pass, PassResult
+
+MAX_CN = 256
+ACTS = (None, "relu")
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _pointwise(conv, residual: bool) -> bool:
+    if conv.kind != "Convolution" or len(conv.inputs) < 3:
+        return False
+    a = conv.attrs
+    ins = conv.inputs
+    w = ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    r = ins[3] if len(ins) > 3 else None
+    return (w is not None and w.is_constant and w.value.ndim == 4
+            and w.value.shape[2:] == (1, 1) and list(a.get("stride", ())) == [1, 1] and not any(a.get("pads", ()))
+            and list(a.get("dilation", [1, 1])) == [1, 1] and a.get("groups", 1) == 1 and not a.get("pool")
+            and b is not None and b.is_constant and (r is not None) == residual
+            and not a.get("residual_after_activation") and a.get("activation") in ACTS
+            and _pow2(w.value.shape[0]) and _pow2(w.value.shape[1]))
+
+
+class FuseConvChains(Pass):
+    name = "1x1 chain fusion"
+
+    def call(self, net: Network) -> PassResult:
+        modified = False
+        for a in list(net.layers):
+            if a not in net.layers or not _pointwise(a, residual=True):
+                continue
+            y = a.outputs[0]
+            b = next((layer for layer, i in y.uses if i == 0 and _pointwise(layer, residual=False)
+                      and layer.inputs[1].value.shape[0] <= MAX_CN), None)
+            if b is None:
+                continue
+            x, wa, ba, r = a.inputs[:4]
+            chain = net.add_layer("Conv1x1Chain", [x, wa, ba, r, b.inputs[1], b.inputs[2]],
+                                  {"activation": a.attrs.get("activation"), "activation2": b.attrs.get("activation")},
+                                  num_outputs=2, name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
+                                  origin=list(dict.fromkeys(a.origin + b.origin)))
+            net.layers.remove(chain)
+            net.layers.insert(net.layers.index(a), chain)
+            for new, old in zip(chain.outputs, (y, b.outputs[0])):
+                new.shape, new.dtype = old.shape, old.dtype
+                replace_output(net, old, new)
+            remove_dead(net, [b, a])
+            modified = True
+        return PassResult(net, modified)
