@@ -34,40 +34,40 @@ from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 class ChainConfig(NamedTuple):
     block_m: int
     block_n: int
-    block_k: int
     num_warps: int
     num_stages: int
 
 
 def default_chain_config(c4: int, c: int, cn: int) -> ChainConfig:
-    bm = 128 if cn <= 128 else 64
-    return ChainConfig(bm, min(128, c), min(64, c4), 8, 3)
+    """64-channel chunks of y; 128 pixels per program where the second accumulator is at most 128
+    wide, 64 for 256 (ResNet-50's stage 3), so registers and the pipelined chunks' shared memory fit."""
+    return ChainConfig(128, min(64, c), 8, 2) if cn <= 128 else ChainConfig(64, min(32, c), 4, 3)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _chain_kernel(x_ptr, w3_ptr, b3_ptr, r_ptr, y_ptr, w1_ptr, b1_ptr, z_ptr, M,
                   C4: tl.constexpr, C: tl.constexpr, CN: tl.constexpr, ACT1: tl.constexpr, ACT2: tl.constexpr,
-                  IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The program's x rows (all C4 channels) are loaded once; the loop over y's channel chunks is
+    # software-pipelined (num_stages), so the next chunk's W3 columns, residual and W1 rows load
+    # while this chunk multiplies.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         offs_m = offs_m.to(tl.int64)
     m_ok = offs_m < M
+    offs_c4 = tl.arange(0, C4)
     offs_cn = tl.arange(0, CN)
+    x = tl.load(x_ptr + offs_m[:, None] * C4 + offs_c4[None, :], mask=m_ok[:, None], other=0.0)
     acc2 = tl.zeros((BLOCK_M, CN), dtype=tl.float32)
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, C4, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + offs_m[:, None] * C4 + offs_k[None, :], mask=m_ok[:, None], other=0.0)
-            b = tl.load(w3_ptr + offs_k[:, None] * C + offs_n[None, :])
-            acc1 = tl.dot(a, b, acc1)
-        v = acc1 + tl.load(b3_ptr + offs_n).to(tl.float32)[None, :]
+        w3 = tl.load(w3_ptr + offs_c4[:, None] * C + offs_n[None, :])
         rows = offs_m[:, None] * C + offs_n[None, :]
-        v += tl.load(r_ptr + rows, mask=m_ok[:, None], other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows, mask=m_ok[:, None], other=0.0)
+        w1 = tl.load(w1_ptr + offs_n[:, None] * CN + offs_cn[None, :])
+        v = tl.dot(x, w3) + tl.load(b3_ptr + offs_n).to(tl.float32)[None, :] + r.to(tl.float32)
         v = apply_act(v, 0.0, 0.0, ACT1).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rows, v, mask=m_ok[:, None])
-        w1 = tl.load(w1_ptr + offs_n[:, None] * CN + offs_cn[None, :])
         acc2 = tl.dot(v, w1, acc2)
     z = apply_act(acc2 + tl.load(b1_ptr + offs_cn).to(tl.float32)[None, :], 0.0, 0.0, ACT2)
     tl.store(z_ptr + offs_m[:, None] * CN + offs_cn[None, :], z.to(z_ptr.dtype.element_ty), mask=m_ok[:, None])
@@ -97,11 +97,11 @@ def conv_chain(x: torch.Tensor, w3t: torch.Tensor, b3: torch.Tensor, r: torch.Te
         return y, z
     x = x.contiguous(memory_format=torch.channels_last)
     r = r.contiguous(memory_format=torch.channels_last)
-    bm, bn, bk, warps, stages = config or default_chain_config(c4, c, cn)
+    bm, bn, warps, stages = config or default_chain_config(c4, c, cn)
     m = n * h * w
     big = max(r.numel(), x.numel()) >= 2 ** 31
     _chain_kernel[(-(-m // bm),)](x, w3t, b3, r, y, w1t, b1, z, m, C4=c4, C=c, CN=cn, ACT1=ACTS.index(act1),
-                                  ACT2=ACTS.index(act2), IDX64=big, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                  ACT2=ACTS.index(act2), IDX64=big, BLOCK_M=bm, BLOCK_N=bn,
                                   num_warps=warps, num_stages=stages)
     return y, z
 
