@@ -27,7 +27,7 @@ from kiln.kernels.conv_chain import ChainConfig, conv_chain, default_chain_confi
 from kiln.kernels.conv_triton import arrange_weight, conv2d_nhwc  # noqa: E402
 
 CL = torch.channels_last
-STAGES = {"stage1": (56, 64, 256, 64), "stage2": (28, 128, 512, 128), "stage3": (14, 256, 1024, 256)}
+STAGES = {"stage1": (56, 64, 256, 64), "stage2": (28, 128, 512, 128)}
 SWEEP = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 2),
          (64, 32, 4, 2), (128, 128, 8, 2)]
 

@@ -55,15 +55,21 @@ def test_kernel_matches_torch(shape, config):
     assert float((z.float() - zr).norm() / zr.norm()) < 2e-3
 
 
-@pytest.mark.parametrize("name", ["torch", "triton_chain"])
-def test_tactics_agree(name):
-    if DEV == "cpu" and name == "torch":
-        pytest.skip("FP16 convolutions on the CPU: the torch tactic is checked in FP32 below")
+@pytest.mark.parametrize("act2", ["relu", None])
+@pytest.mark.parametrize("name", ["torch", "triton_chain", "split_igemm", "split_igemm_cudnn"])
+def test_tactics_agree(name, act2):
+    if DEV == "cpu" and name in ("torch", "split_igemm_cudnn"):
+        pytest.skip("FP16 and cuDNN convolutions: the torch tactic is checked in FP32 on the CPU below")
     x, w3, b3, r, w1, b1 = _tensors(2, 4, 4, 16, 32, 16, seed=2)
-    attrs = {"activation": "relu", "activation2": None}
+    attrs = {"activation": "relu", "activation2": act2}
+    if name == "split_igemm_cudnn" and act2 is None:
+        with pytest.raises(BuildError, match="ReLU only"):
+            get_tactic("Conv1x1Chain", name).make(attrs, KernelContext(device=DEV, precision="fp16"))(
+                x, w3, b3, r, w1, b1)
+        return
     y, z = get_tactic("Conv1x1Chain", name).make(attrs, KernelContext(device=DEV, precision="fp16"))(
         x, w3, b3, r, w1, b1)
-    yr, zr = _ref(x, w3, b3, r, w1, b1, act2=False)
+    yr, zr = _ref(x, w3, b3, r, w1, b1, act2=act2 is not None)
     torch.testing.assert_close(y.float(), yr, rtol=3e-3, atol=3e-3)
     torch.testing.assert_close(z.float(), zr, rtol=3e-3, atol=3e-3)
 
@@ -71,7 +77,7 @@ def test_tactics_agree(name):
 def test_refuses_what_it_cannot_hold():
     x, w3, b3, r, w1, b1 = _tensors(1, 2, 2, 16, 32, 16)
     big = torch.zeros(32, 512, dtype=torch.float16, device=DEV)
-    with pytest.raises(BuildError, match="at most 256"):
+    with pytest.raises(BuildError, match="at most 128"):
         conv_chain(x, w3[:, :, 0, 0].t().contiguous(), b3, r, big, torch.zeros(512, dtype=torch.float16, device=DEV))
 
 
@@ -128,14 +134,14 @@ def test_pass_leaves_wide_second_convs_apart():
         return [layer["kind"] for layer in engine.layers].count("Conv1x1Chain")
 
     assert chains(_Stage(c=512, c4=128, blocks=2), (1, 512, 3, 3)) == 1     # 128 reduce channels: fused
+    assert chains(_Stage(c=1024, c4=256, blocks=2), (1, 1024, 2, 2)) == 0   # 256: the fused kernel loses
     # the head has 512 output channels: only block1→block2 fuses
     assert chains(_Stage(c=64, c4=16, blocks=2, last=512), (1, 64, 3, 3)) == 1
     assert chains(_Stage(c=64, c4=16, blocks=2, last=48), (1, 64, 3, 3)) == 1   # 48: not a power of two
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(8, 56, 56, 64, 256, 64), (8, 28, 28, 128, 512, 128), (8, 14, 14, 256, 1024, 256)],
-                         ids=["stage1", "stage2", "stage3"])
+@pytest.mark.parametrize("shape", [(8, 56, 56, 64, 256, 64), (8, 28, 28, 128, 512, 128)], ids=["stage1", "stage2"])
 def test_gpu_resnet_stages(shape):
     x, w3, b3, r, w1, b1 = _tensors(*shape)
     y, z = conv_chain(x, w3[:, :, 0, 0].t().contiguous(), b3, r, w1[:, :, 0, 0].t().contiguous(), b1)

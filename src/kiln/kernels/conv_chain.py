@@ -12,8 +12,12 @@ convolution's accumulator (chunk @ W1[chunk, :]), so y is written once and never
     z = act2(y @ W1 + b1)              [M, CN]  (the next block's reduction)
 
 The second product takes y rounded to the layer precision, as the unfused engine's would read it.
-The whole second accumulator lives in registers, so CN is at most 256 (ResNet-50's stages 1-3;
-stage 4's 512 takes the unfused tactic). Tensors are channels-last: rows of pixels.
+The whole second accumulator lives in registers, so CN is at most 128 (ResNet-50's stages 1-2).
+Tensors are channels-last: rows of pixels. On an H100 at batch 256 the fused kernel takes 0.38 ms
+for a stage-1 pair against 0.50 ms for the two convolutions, 0.28 against 0.36 in stage 2, and
+loses in stage 3 (0.22 against 0.19: the 256-wide second accumulator leaves no room to pipeline);
+``benchmarks/chain_bench.py``. The "split" tactics run the two convolutions with the engine's
+usual kernels (the builder times all of them).
 """
 from __future__ import annotations
 
@@ -39,9 +43,9 @@ class ChainConfig(NamedTuple):
 
 
 def default_chain_config(c4: int, c: int, cn: int) -> ChainConfig:
-    """64-channel chunks of y; 128 pixels per program where the second accumulator is at most 128
-    wide, 64 for 256 (ResNet-50's stage 3), so registers and the pipelined chunks' shared memory fit."""
-    return ChainConfig(128, min(64, c), 8, 2) if cn <= 128 else ChainConfig(64, min(32, c), 4, 3)
+    """64-channel chunks of y, 128 pixels per program, 3 stages: the fastest of the sweep in
+    benchmarks/chain_bench.py for ResNet-50's stages 1-2 on an H100."""
+    return ChainConfig(128, min(64, c), 8, 3)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -142,3 +146,27 @@ def make_chain_triton(attrs, ctx):
         w1t = per_tensor(cache, w1, lambda: w1.reshape(w1.shape[0], -1).t().contiguous())
         return conv_chain(match_weight(x, w3), w3t, b3, r, w1t, b1, act1, act2)
     return run
+
+
+def _split(second_cudnn: bool):
+    def make(attrs, ctx):
+        from kiln.kernels.conv_triton import arrange_weight, conv2d_nhwc
+        act1, act2 = attrs.get("activation") or "none", attrs.get("activation2") or "none"
+        cache: dict = {}
+
+        def run(x, w3, b3, r, w1, b1):
+            y = conv2d_nhwc(match_weight(x, w3), per_tensor(cache, w3, lambda: arrange_weight(w3)), b3, r, act=act1)
+            if second_cudnn and act2 == "relu" and not y.is_meta:
+                w1c = per_tensor(cache, w1, lambda: w1.contiguous(memory_format=torch.channels_last))
+                return y, torch.cudnn_convolution_relu(y, w1c, b1, (1, 1), (0, 0), (1, 1), 1)
+            if second_cudnn:
+                raise BuildError("The cuDNN split tactic fuses ReLU only.")
+            return y, conv2d_nhwc(y, per_tensor(cache, w1, lambda: arrange_weight(w1)), b1, act=act2)
+        return run
+    return make
+
+
+# the two convolutions one after the other with the engine's usual kernels (small batches, where
+# re-reading y is cheap and the fused kernel's long per-program loop is not)
+tactic("Conv1x1Chain", "split_igemm", devices=("cuda",), supports=_ok, priority=2)(_split(False))
+tactic("Conv1x1Chain", "split_igemm_cudnn", devices=("cuda",), supports=_ok, priority=2)(_split(True))
