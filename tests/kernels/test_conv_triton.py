@@ -265,3 +265,16 @@ def test_alternative_tile_tables_are_timed_only_at_high_levels():
     names5 = [t.name for t in at_level(cands, 5)]
     assert "triton_igemm" in names3 and "triton_igemm_wide" not in names3 and "triton_igemm_small" not in names3
     assert {"triton_igemm", "triton_igemm_wide", "triton_igemm_small"} <= set(names5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ["relu", None])
+def test_cublaslt_1x1_matches_torch(act):
+    """The 1×1-as-GEMM tactic: channels-last in and out, bias + ReLU in the GEMM's epilogue."""
+    x, w, b, _ = _inputs(4, 64, 14, 14, 128, (1, 1), dtype=torch.float16)
+    attrs = _attrs(pads=[0, 0, 0, 0], activation=act)
+    (y,) = get_tactic("Convolution", "cublaslt_1x1").make(attrs, KernelContext(device="cuda", precision="fp16"))(x, w, b)
+    ref = F.conv2d(x.float(), w.float(), b.float())
+    ref = F.relu(ref) if act else ref
+    assert y.is_contiguous(memory_format=CL) and y.shape == ref.shape
+    assert float((y.float() - ref).norm() / ref.norm()) < 2e-3

@@ -145,6 +145,40 @@ def make_convolution_cudnn_fused(attrs, ctx):
     return run
 
 
+def _gemm_1x1_ok(attrs, ctx):
+    return (len(attrs["stride"]) == 2 and list(attrs["stride"]) == [1, 1] and not any(attrs["pads"])
+            and list(attrs["dilation"]) == [1, 1] and attrs.get("groups", 1) == 1 and not attrs.get("residual")
+            and not attrs.get("pool") and attrs.get("activation") in (None, "relu")
+            and ctx.precision.split()[0] in ("fp16", "bf16"))
+
+
+@tactic("Convolution", "cublaslt_1x1", devices=("cuda",), supports=_gemm_1x1_ok, priority=1)
+def make_convolution_gemm(attrs, ctx):
+    """A 1×1 stride-1 convolution on channels-last memory is the GEMM [N·H·W, Cin] @ [Cin, Cout]:
+    one cuBLASLt call with its bias(+ReLU) epilogue, without cuDNN's runtime-fusion engine (which
+    picks the same cuBLAS kernels but adds a memset node per call inside a CUDA graph)."""
+    relu = attrs.get("activation") == "relu"
+    wcache: dict = {}
+
+    def run(x, w, b=None, residual=None):
+        if w.shape[2:] != (1, 1):
+            raise BuildError("cublaslt_1x1 runs 1x1 convolutions only.")
+        x = _channels_last(match_weight(x, w), None)
+        n, cin, h, wd = x.shape
+        cout = w.shape[0]
+        if x.is_meta:
+            return (x.new_empty((n, h, wd, cout)).permute(0, 3, 1, 2),)
+        a = x.permute(0, 2, 3, 1).reshape(n * h * wd, cin)
+        wt = per_tensor(wcache, w, lambda: w.reshape(cout, cin).t())
+        if b is None:
+            y = torch.mm(a, wt)
+            y = y.relu_() if relu else y
+        else:
+            y = torch._addmm_activation(b, a, wt) if relu else torch.addmm(b, a, wt)
+        return (y.view(n, h, wd, cout).permute(0, 3, 1, 2),)
+    return run
+
+
 @tactic("Deconvolution")
 def make_deconvolution(attrs, ctx):
     stride, dil, groups = attrs["stride"], attrs["dilation"], attrs.get("groups", 1)
