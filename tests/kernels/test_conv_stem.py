@@ -174,3 +174,13 @@ def test_gpu_resnet_stem_full_size(pool):
     ref = _ref(x, w, b, (2, 2), (3, 3, 3, 3), "relu", pool)
     err = float((y.float() - ref).norm() / ref.norm())
     assert y.shape == ref.shape and err < 2e-3, err
+
+
+def test_wide_pool_tiles_match_torch():
+    """16×32 convolution patches per program (7×15 pooled outputs, less halo recomputed)."""
+    from kiln.kernels.conv_stem import StemConfig
+    x, w, b = _case(1, 3, 70, 90, 16, 7, seed=11)
+    y = conv_stem(x, arrange_stem_weight(w), b, (7, 7), (2, 2), (3, 3, 3, 3), "relu", pool=True,
+                  config=StemConfig(tile_w=32))
+    ref = _ref(x, w, b, (2, 2), (3, 3, 3, 3), "relu", True)
+    assert y.shape == ref.shape and float((y.float() - ref).norm() / ref.norm()) < 2e-3

@@ -40,7 +40,7 @@ from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
 MAX_CHANNELS = 4        # a stem: RGB(A) or a few maps; wider inputs fill an MMA's K by themselves
 MAX_KW = 8              # kernel width: one K step of a kernel row holds at most 8 taps × 4 channels
-TILE = 16               # convolution patch side per program when the pool is fused (7×7 pooled outputs)
+TILE = 16               # convolution patch rows per program when the pool is fused (7 pooled rows)
 
 
 class StemConfig(NamedTuple):
@@ -49,6 +49,7 @@ class StemConfig(NamedTuple):
     pool_warps: int = 4         # with the pool: TILE² = 256 pixels per program
     num_stages: int = 3
     pad_block: int = 512        # padded pixels per program of the input copy
+    tile_w: int = 16            # with the pool: conv-output columns per program (TILE rows)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -136,10 +137,12 @@ def _pool_rows(v, HALF: tl.constexpr):
 @triton.jit(do_not_specialize=["OH", "OW", "HP", "PH_OUT", "PW_OUT", "TILES_X", "TILES"])
 def _stem_pool_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, OH, OW, HP, RS, PH_OUT, PW_OUT, TILES_X, TILES, YS, alpha, beta,
                       KH: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr,
-                      COUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, TILE: tl.constexpr,
+                      COUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, TILE_H: tl.constexpr,
+                      TILE_W: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-    BLOCK_M: tl.constexpr = TILE * TILE
-    HALF: tl.constexpr = TILE // 2
+    BLOCK_M: tl.constexpr = TILE_H * TILE_W
+    HALF_H: tl.constexpr = TILE_H // 2
+    HALF_W: tl.constexpr = TILE_W // 2
     pid = tl.program_id(0)
     img = pid // TILES
     t = pid - img * TILES
@@ -148,8 +151,8 @@ def _stem_pool_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, OH, OW, HP, RS, PH_OUT, PW_OU
     if IDX64:
         img = img.to(tl.int64)
     loc = tl.arange(0, BLOCK_M)
-    oh = ty * (2 * (HALF - 1)) - 1 + loc // TILE       # the pool's one-row padding comes first
-    ow = tx * (2 * (HALF - 1)) - 1 + loc % TILE
+    oh = ty * (2 * (HALF_H - 1)) - 1 + loc // TILE_W       # the pool's one-row padding comes first
+    ow = tx * (2 * (HALF_W - 1)) - 1 + loc % TILE_W
     inside = (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < COUT
@@ -158,13 +161,13 @@ def _stem_pool_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, OH, OW, HP, RS, PH_OUT, PW_OU
     v = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     v = apply_act(v, alpha, beta, ACT)
     v = tl.where(inside[:, None], v, float("-inf"))
-    v = tl.reshape(v.to(y_ptr.dtype.element_ty), (TILE, TILE, BLOCK_N))    # max commutes with rounding
-    v = _pool_cols(v, HALF)
-    v = _pool_rows(v, HALF)                                                 # [HALF, HALF, BLOCK_N]
-    py = ty * (HALF - 1) + tl.arange(0, HALF)
-    px = tx * (HALF - 1) + tl.arange(0, HALF)
-    ok_y = (tl.arange(0, HALF) < HALF - 1) & (py < PH_OUT)
-    ok_x = (tl.arange(0, HALF) < HALF - 1) & (px < PW_OUT)
+    v = tl.reshape(v.to(y_ptr.dtype.element_ty), (TILE_H, TILE_W, BLOCK_N))    # max commutes with rounding
+    v = _pool_cols(v, HALF_W)
+    v = _pool_rows(v, HALF_H)                                                   # [HALF_H, HALF_W, BLOCK_N]
+    py = ty * (HALF_H - 1) + tl.arange(0, HALF_H)
+    px = tx * (HALF_W - 1) + tl.arange(0, HALF_W)
+    ok_y = (tl.arange(0, HALF_H) < HALF_H - 1) & (py < PH_OUT)
+    ok_x = (tl.arange(0, HALF_W) < HALF_W - 1) & (px < PW_OUT)
     row = (img * PH_OUT + py)[:, None] * PW_OUT + px[None, :]
     ptrs = y_ptr + row[:, :, None] * YS + offs_n[None, None, :]
     tl.store(ptrs, v, mask=ok_y[:, None, None] & ok_x[None, :, None] & n_ok[None, None, :])
@@ -238,10 +241,12 @@ def conv_stem(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, kernel: tup
     common = dict(KH=kh, SH=stride[0], SW=stride[1], CP=CP, KWP=stem_taps(kw), COUT=cout, ACT=ACTS.index(act),
                   IDX64=big, BLOCK_N=bn, num_stages=config.num_stages)
     if pool:
-        tiles_y, tiles_x = _cdiv(fh, TILE // 2 - 1), _cdiv(fw, TILE // 2 - 1)
+        th, tw = TILE, config.tile_w
+        tiles_y, tiles_x = _cdiv(fh, th // 2 - 1), _cdiv(fw, tw // 2 - 1)
         grid = (n * tiles_y * tiles_x, _cdiv(cout, bn))
         _stem_pool_kernel[grid](xp, wt, bias, y, oh, ow, hp, rs, fh, fw, tiles_x, tiles_y * tiles_x, y.stride(3),
-                                float(alpha), float(beta), TILE=TILE, num_warps=config.pool_warps, **common)
+                                float(alpha), float(beta), TILE_H=th, TILE_W=tw, num_warps=config.pool_warps,
+                                **common)
     else:
         m = n * oh * ow
         grid = (_cdiv(m, config.block_m), _cdiv(cout, bn))
