@@ -103,6 +103,26 @@ class _Stage(torch.nn.Module):
         return self.last(x) if self.last is not None else x
 
 
+class _Projection(torch.nn.Module):
+    """ResNet's first block of a stage (3×3 stride 2, strided 1×1 projection shortcut, torchvision's
+    order: the projection after the expansion), then one more block."""
+
+    def __init__(self, c_in=32, c=64, c4=16):
+        super().__init__()
+
+        def cbn(i, o, k, s=1):
+            return torch.nn.Sequential(torch.nn.Conv2d(i, o, k, s, padding=k // 2, bias=False),
+                                       torch.nn.BatchNorm2d(o))
+        self.a, self.b, self.c = cbn(c_in, c4, 1), cbn(c4, c4, 3, 2), cbn(c4, c, 1)
+        self.proj = cbn(c_in, c, 1, 2)
+        self.d, self.e, self.f = cbn(c, c4, 1), cbn(c4, c4, 3), cbn(c4, c, 1)
+
+    def forward(self, x):
+        out = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        y = torch.relu(out + self.proj(x))
+        return torch.relu(y + self.f(torch.relu(self.e(torch.relu(self.d(y))))))
+
+
 def _onnx(model, shape):
     x = torch.randn(*shape)
     f = io.BytesIO()
@@ -148,3 +168,18 @@ def test_gpu_resnet_stages(shape):
     yr, zr = _ref(x, w3, b3, r, w1, b1)
     assert float((y.float() - yr).norm() / yr.norm()) < 2e-3
     assert float((z.float() - zr).norm() / zr.norm()) < 2e-3
+
+
+def test_projection_shortcut_moves_to_the_expansion_and_chains():
+    torch.manual_seed(3)
+    data, x = _onnx(_Projection(), (2, 32, 10, 10))
+    engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu"))
+    kinds = [layer["kind"] for layer in engine.layers]
+    assert kinds.count("Conv1x1Chain") == 1
+    chain = next(layer for layer in engine.layers if layer["kind"] == "Conv1x1Chain")
+    proj = next(layer for layer in engine.layers if layer["kind"] == "Convolution" and layer["attrs"]["stride"] == [2, 2]
+                and not layer["attrs"].get("pads", [0])[0] and "proj" in layer["name"])
+    assert not proj["attrs"].get("residual") and proj["outputs"][0] == chain["inputs"][3]
+    got = list(engine.context().run({"x": x}).values())[0]
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=3e-5, atol=3e-5)
