@@ -183,3 +183,35 @@ def test_projection_shortcut_moves_to_the_expansion_and_chains():
     got = list(engine.context().run({"x": x}).values())[0]
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=3e-5, atol=3e-5)
+
+
+def test_engine_file_round_trip_and_inspect(tmp_path):
+    """A pooled stem and chains survive save → load (the new layer kind and its attributes), and
+    ``kiln inspect`` lists them."""
+    import subprocess
+    import sys
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7, 2, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
+            self.stage = _Stage(last=32)
+
+        def forward(self, x):
+            return self.stage(self.stem(x))
+
+    torch.manual_seed(4)
+    data, x = _onnx(Net(), (1, 3, 40, 40))
+    engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu"))
+    path = tmp_path / "net.kiln"
+    engine.save(path)
+    loaded = kiln.load(path)
+    kinds = [layer["kind"] for layer in loaded.layers]
+    assert kinds.count("Conv1x1Chain") == 3 and any(layer["attrs"].get("pool") for layer in loaded.layers)
+    got = list(loaded.context().run({"x": x}).values())[0]
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=3e-5, atol=3e-5)
+    out = subprocess.run([sys.executable, "-c", "import sys, kiln.cli; sys.exit(kiln.cli.main(sys.argv[1:]))",
+                          "inspect", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Conv1x1Chain" in out.stdout
