@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import cuda_graph_of, time_fn  # noqa: E402
 
 from kiln.kernels.conv_s2d import s2d_input, s2d_weight  # noqa: E402
 from kiln.kernels.conv_stem import StemConfig, arrange_stem_weight, conv_stem  # noqa: E402
@@ -32,27 +35,9 @@ ACT = {"relu": F.relu, "silu": F.silu, "hard_swish": F.hardswish}
 
 
 def timed(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(REPS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / CALLS)
-    return statistics.median(out)
+    """Median ms per call of ``fn``, CALLS calls replayed from one CUDA graph, REPS replays."""
+    replay = cuda_graph_of(lambda: [fn() for _ in range(CALLS)])
+    return statistics.median(t / CALLS for t in time_fn(replay, runs=REPS, warmup=1))
 
 
 def rel(y, ref) -> float:

@@ -23,14 +23,19 @@ def test_runner_declines_sequence_inputs():
         runner.run([[torch.zeros(2, 3)]])
 
 
-@pytest.mark.gpu
-def test_replay_matches_eager_and_outputs_are_copied():
+def _fc_relu_on_gpu():
+    """y = relu(x @ W.T) with a dynamic batch, built for CUDA: (graph context, eager context)."""
     net = kiln.Network("g")
     x = net.add_input("x", "float32", ("b", 8))
     h = net.add_fully_connected(x, np.random.randn(16, 8).astype(np.float32), np.zeros(16, np.float32))
     net.mark_output(net.add_activation(h.output, "relu").output, "y")
     eng = kiln.build(net, kiln.BuildConfig(device="cuda", profiles={"x": ((1, 8), (4, 8), (8, 8))}))
-    ctx, eager = eng.context(), eng.context(cuda_graph=False)
+    return eng.context(), eng.context(cuda_graph=False)
+
+
+@pytest.mark.gpu
+def test_replay_matches_eager_and_outputs_are_copied():
+    ctx, eager = _fc_relu_on_gpu()
     a = torch.randn(4, 8, device="cuda")
     y1 = ctx.run({"x": a})["y"]
     assert ctx.graphs is not None and ctx.graph_error is None
@@ -43,12 +48,7 @@ def test_replay_matches_eager_and_outputs_are_copied():
 def test_same_input_buffers_are_bound_without_a_copy():
     """A caller that refills one input tensor gets a graph reading it in place (no copy kernel);
     other tensors still go through the copying graph, and every result is the eager one."""
-    net = kiln.Network("g")
-    x = net.add_input("x", "float32", ("b", 8))
-    h = net.add_fully_connected(x, np.random.randn(16, 8).astype(np.float32), np.zeros(16, np.float32))
-    net.mark_output(net.add_activation(h.output, "relu").output, "y")
-    eng = kiln.build(net, kiln.BuildConfig(device="cuda", profiles={"x": ((1, 8), (4, 8), (8, 8))}))
-    ctx, eager = eng.context(), eng.context(cuda_graph=False)
+    ctx, eager = _fc_relu_on_gpu()
     buf = torch.randn(4, 8, device="cuda")
 
     def want(t):
