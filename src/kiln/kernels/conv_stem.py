@@ -47,7 +47,7 @@ class StemConfig(NamedTuple):
     block_m: int = 128          # output pixels per program without the pool
     num_warps: int = 4
     pool_warps: int = 4         # with the pool: TILE² = 256 pixels per program
-    num_stages: int = 3
+    num_stages: int | None = None   # software-pipeline depth; None: 3, or 1 for kernels of 3 rows or fewer
     pad_block: int = 512        # padded pixels per program of the input copy
     tile_w: int = 16            # with the pool: conv-output columns per program (TILE rows)
 
@@ -239,8 +239,8 @@ def conv_stem(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, kernel: tup
     bn = min(128, max(16, _pow2(cout)))
     big = max(xp.numel(), y.shape[0] * y.stride(0)) >= 2 ** 31
     # a 3-row kernel is 3 K steps: a deep pipeline only costs shared memory (MobileNetV3's stem at b64
-    # on an H100: 0.047 ms with 1 stage, 0.058 with 3; the 6- and 7-row stems prefer 3)
-    stages = config.num_stages if kh > 3 else 1
+    # on an H100: 0.047 ms with 1 stage, 0.058 with 3; the 6- and 7-row stems are fastest with 3)
+    stages = config.num_stages or (3 if kh > 3 else 1)
     common = dict(KH=kh, SH=stride[0], SW=stride[1], CP=CP, KWP=stem_taps(kw), COUT=cout, ACT=ACTS.index(act),
                   IDX64=big, BLOCK_N=bn, num_stages=stages)
     if pool:
