@@ -4,10 +4,9 @@ In a ResNet bottleneck stage, block i ends with a 1×1 expansion + residual + Re
 (C channels) is read twice: as the next block's residual and by the next block's 1×1 reduction.
 At batch 256 these 1×1 layers are memory-bound, and re-reading y costs a full pass over the
 stage's widest tensor (411 MB per block in stage 1 of ResNet-50: 0.14 ms at the H100's 3.0 TB/s
-copy rate). Here a
-program owns BLOCK_M pixels and walks y's channels in BLOCK_N chunks: each chunk is computed
-(x @ W3 + b3 + r, activation), stored, and straight away multiplied into the second
-convolution's accumulator (chunk @ W1[chunk, :]), so y is written once and never read back:
+copy rate). Here a program owns BLOCK_M pixels and walks y's channels in BLOCK_N chunks: each
+chunk is computed (x @ W3 + b3 + r, activation), stored, and straight away multiplied into the
+second convolution's accumulator (chunk @ W1[chunk, :]), so y is written once, never read back:
 
     y = act1(x @ W3 + b3 + r)          [M, C]   (stored: the next residual)
     z = act2(y @ W1 + b1)              [M, CN]  (the next block's reduction)
@@ -17,9 +16,8 @@ The whole second accumulator lives in registers, so CN is at most 128 (ResNet-50
 Tensors are channels-last: rows of pixels. On an H100 at batch 256 the fused kernel takes 0.38 ms
 for a stage-1 pair against 0.50 ms for the two convolutions, 0.28 against 0.36 in stage 2, and
 loses in stage 3 (0.22 against 0.19; with a 256-wide second accumulator only small tiles fit the
-registers and shared memory);
-``benchmarks/chain_bench.py``. The "split" tactics run the two convolutions with the engine's
-usual kernels (the builder times all of them).
+registers and shared memory), see ``benchmarks/chain_bench.py``. The "split" tactics run the two
+convolutions with the engine's usual kernels (the builder times all of them).
 """
 from __future__ import annotations
 
