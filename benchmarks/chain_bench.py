@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stem_bench import rel, timed  # noqa: E402
+from conv_triton_bench import rel_l2 as rel, time_ms as timed  # noqa: E402
 
 from kiln.kernels.conv_chain import ChainConfig, conv_chain, default_chain_config  # noqa: E402
 from kiln.kernels.conv_triton import arrange_weight, conv2d_nhwc  # noqa: E402

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,24 +23,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import cuda_graph_of, time_fn  # noqa: E402
+from conv_triton_bench import rel_l2 as rel, time_ms as timed  # noqa: E402
 
 from kiln.kernels.conv_s2d import s2d_input, s2d_weight  # noqa: E402
 from kiln.kernels.conv_stem import StemConfig, arrange_stem_weight, conv_stem  # noqa: E402
 from kiln.kernels.epilogue_triton import apply_epilogue  # noqa: E402
 
-CALLS, REPS = 20, 7
 ACT = {"relu": F.relu, "silu": F.silu, "hard_swish": F.hardswish}
-
-
-def timed(fn) -> float:
-    """Median ms per call of ``fn``, CALLS calls replayed from one CUDA graph, REPS replays."""
-    replay = cuda_graph_of(lambda: [fn() for _ in range(CALLS)])
-    return statistics.median(t / CALLS for t in time_fn(replay, runs=REPS, warmup=1))
-
-
-def rel(y, ref) -> float:
-    return float((y.float() - ref).norm() / ref.norm())
 
 
 def case(name, n, hw, cout, k, s, p, act, pool):

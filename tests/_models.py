@@ -7,6 +7,7 @@ randomised too, so folding BN is checked on non-trivial values.
 """
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -97,6 +98,16 @@ def export(model: nn.Module, args: tuple, path: Path, input_names: list[str], ou
                           dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True,
                           training=training)
     return path
+
+
+def onnx_bytes(model: nn.Module, x: torch.Tensor, opset: int = 17) -> bytes:
+    """One-input model (input "x") exported in memory with the exporter's defaults (eval-mode
+    BatchNorm folded), for pass tests that build straight from bytes."""
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), f, input_names=["x"], opset_version=opset, dynamo=False)
+    return f.getvalue()
 
 
 def _batch_axes(names: list[str]) -> dict[str, dict[int, str]]:

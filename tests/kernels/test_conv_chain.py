@@ -2,9 +2,7 @@
 Triton's interpreter (compiled on a GPU), the pass on ResNet-style blocks against ONNX Runtime."""
 from __future__ import annotations
 
-import io
 import os
-import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +20,8 @@ import kiln  # noqa: E402
 from kiln.errors import BuildError  # noqa: E402
 from kiln.kernels.conv_chain import ChainConfig, conv_chain  # noqa: E402
 from kiln.kernels.registry import KernelContext, get_tactic  # noqa: E402
+
+from _models import onnx_bytes  # noqa: E402
 
 CL = torch.channels_last
 
@@ -125,11 +125,7 @@ class _Projection(torch.nn.Module):
 
 def _onnx(model, shape):
     x = torch.randn(*shape)
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), f, input_names=["x"], opset_version=17, dynamo=False)
-    return f.getvalue(), x.numpy()
+    return onnx_bytes(model, x), x.numpy()
 
 
 def test_pass_fuses_resnet_blocks_and_matches_onnxruntime():

@@ -3,9 +3,6 @@
 engine computes what ONNX Runtime computes on the original model."""
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -14,6 +11,8 @@ import torch
 import kiln
 from kiln.builder.precision import absorb_input_casts, assign_precision
 from kiln.passes import PassManager, default_passes, fusion_passes
+
+from _models import onnx_bytes
 
 
 class _Stem(torch.nn.Module):
@@ -39,11 +38,7 @@ class _Stem(torch.nn.Module):
 def _onnx(model, shape=(2, 3, 41, 37)) -> tuple[bytes, np.ndarray]:
     torch.manual_seed(0)
     x = torch.randn(*shape)
-    f = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x,), f, input_names=["x"], opset_version=17, dynamo=False)
-    return f.getvalue(), x.numpy()
+    return onnx_bytes(model, x), x.numpy()
 
 
 def _fused(net) -> list:

@@ -26,6 +26,12 @@ def per_tensor(cache: dict, key: torch.Tensor, make):
     return hit[1]
 
 
+def zero_bias(cache: dict, w: torch.Tensor) -> torch.Tensor:
+    """A zero bias of ``w``'s output channels, dtype and device, made once per weight: for the
+    convolution kernels that always add one, on layers that have none."""
+    return per_tensor(cache, w, lambda: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     dt = TORCH_DTYPES.get(name)
     if dt is None:

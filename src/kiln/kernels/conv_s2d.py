@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import BuildError
-from kiln.kernels._util import per_tensor
+from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.conv import _epilogue, pool_after
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
@@ -120,7 +120,7 @@ def make_conv_space_to_depth(attrs, ctx):
     after = bool(attrs.get("residual_after_activation"))
     pool = bool(attrs.get("pool"))
     wcache: dict = {}       # id(weight) → (weight, its regrouped copy)
-    zcache: dict = {}       # id(weight) → (weight, a zero bias), for layers without one
+    zcache: dict = {}
 
     def regroup(w):
         c, kh, kw = w.shape[1:]
@@ -144,7 +144,7 @@ def make_conv_space_to_depth(attrs, ctx):
         fused = (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and act_name in _TRITON_ACTS
                  and (act_name is not None or residual is not None or out is not None))
         if fused and b is None:
-            b = per_tensor(zcache, w, lambda: torch.zeros(w.shape[0], dtype=x.dtype, device=x.device))
+            b = zero_bias(zcache, w)
         y = F.conv2d(xs, w2, None if fused else b)
         if fused:
             from kiln.kernels.epilogue_triton import apply_epilogue, nhwc_rows

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 
 from kiln.errors import BuildError
-from kiln.kernels._util import per_tensor
-from kiln.kernels.epilogue_triton import ACTS, apply_act, nhwc_rows
+from kiln.kernels._util import per_tensor, zero_bias
+from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_rows
 from kiln.kernels.registry import tactic
 from kiln.passes.fuse_stem_pool import POOL
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
@@ -269,10 +269,7 @@ def _ok(attrs, ctx) -> bool:
 @tactic("Convolution", "triton_stem", devices=("cuda",), supports=_ok, priority=2, writes_into=True)
 def make_conv_stem(attrs, ctx):
     stride, pads = tuple(attrs["stride"]), tuple(attrs["pads"])
-    act = attrs.get("activation") or "none"
-    alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
-    if act == "clip" and (alpha is None or beta is None):
-        alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
+    act, alpha, beta = epilogue_params(attrs)
     pool = bool(attrs.get("pool"))
     wcache: dict = {}
     zcache: dict = {}
@@ -289,6 +286,6 @@ def make_conv_stem(attrs, ctx):
             raise BuildError(f"Convolution {ctx.layer_name!r}: the stem kernel fuses no residual.")
         wt = per_tensor(wcache, w, lambda: arrange(w))
         if b is None:
-            b = per_tensor(zcache, w, lambda: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+            b = zero_bias(zcache, w)
         return (conv_stem(x, wt, b, tuple(w.shape[2:]), stride, pads, act, alpha, beta, pool, out),)
     return run

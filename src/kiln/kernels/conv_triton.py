@@ -29,9 +29,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from kiln.errors import BuildError
-from kiln.kernels._util import per_tensor
+from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.conv import match_weight, pool_after
-from kiln.kernels.epilogue_triton import ACTS, apply_act, nhwc_rows
+from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_rows
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
@@ -225,19 +225,16 @@ def _make(choose):
     def make(attrs, ctx):
         stride, dil = tuple(attrs["stride"]), tuple(attrs["dilation"])
         pads = tuple(attrs["pads"])
-        act = attrs.get("activation") or "none"
-        alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
-        if act == "clip" and (alpha is None or beta is None):
-            alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
+        act, alpha, beta = epilogue_params(attrs)
         after = bool(attrs.get("residual_after_activation"))
         pool = bool(attrs.get("pool"))
         wcache: dict = {}       # id(weight) → (weight, its rearranged copy)
-        zcache: dict = {}       # id(weight) → (weight, a zero bias), for layers without one
+        zcache: dict = {}
 
         def run(x, w, b=None, residual=None, out=None):
             wt = per_tensor(wcache, w, lambda: arrange_weight(w))
             if b is None:
-                b = per_tensor(zcache, w, lambda: torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+                b = zero_bias(zcache, w)
             if pool:
                 return (pool_after(conv2d_nhwc(match_weight(x, w), wt, b, residual, stride, pads, dil, act, alpha,
                                                beta, after, choose), attrs),)

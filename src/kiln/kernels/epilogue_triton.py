@@ -68,6 +68,16 @@ def _epilogue_kernel(y_ptr, b_ptr, r_ptr, o_ptr, n, C, OS, alpha, beta, ACT: tl.
         tl.store(o_ptr + offs, v.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+def epilogue_params(attrs) -> tuple[str, float, float]:
+    """(activation name, alpha, beta) of a conv layer's fused epilogue for the Triton kernels: "none"
+    without one, and a clip's missing bound made ±3e38 (no bound)."""
+    act = attrs.get("activation") or "none"
+    alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
+    if act == "clip" and (alpha is None or beta is None):
+        alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
+    return act, alpha, beta
+
+
 def nhwc_rows(y: torch.Tensor) -> bool:
     """Whether ``y`` [N, C, H, W] is channels-last with dense pixels (C contiguous, each pixel
     ``y.stride(3)`` elements after the previous, images back to back)."""
@@ -105,10 +115,7 @@ def make_conv_triton_epilogue(attrs, ctx):
     from kiln.kernels.conv import _channels_last, match_weight, pool_after
     stride, dil, groups = list(attrs["stride"]), list(attrs["dilation"]), attrs.get("groups", 1)
     pads = list(attrs["pads"][:2])
-    act = attrs.get("activation") or "none"
-    alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
-    if act == "clip" and (alpha is None or beta is None):
-        alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
+    act, alpha, beta = epilogue_params(attrs)
     after = bool(attrs.get("residual_after_activation"))
     pool = bool(attrs.get("pool"))
     wcache: dict = {}
