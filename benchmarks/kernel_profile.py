@@ -36,6 +36,30 @@ def kernels(fn, reps: int = 5) -> tuple[dict[str, tuple[float, int]], float]:
     return {k: (v[0], round(v[1])) for k, v in agg.items()}, total
 
 
+def timeline(fn) -> None:
+    """Every GPU activity of one call in order, with the idle time before it (replayed graphs included)."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not evs:
+        print("no GPU activity recorded")
+        return
+    end, busy, idle = evs[0].time_range.start, 0.0, 0.0
+    for i, e in enumerate(evs):
+        gap = max(0.0, e.time_range.start - end) if i else 0.0
+        dur = e.time_range.end - e.time_range.start
+        busy, idle = busy + dur, idle + gap
+        end = max(end, e.time_range.end)
+        print(f"  {i:4d} gap {gap:6.2f} us  {dur:8.2f} us  {e.name[:100]}")
+    print(f"== timeline: {len(evs)} activities, {busy / 1e3:.3f} ms busy, {idle / 1e3:.3f} ms idle between, "
+          f"span {(end - evs[0].time_range.start) / 1e3:.3f} ms")
+
+
 def show(title: str, agg: dict[str, tuple[float, int]], total: float, top: int) -> None:
     print(f"== {title}: {total:.3f} ms GPU time over {sum(n for _, n in agg.values())} kernels")
     for name, (ms, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]:
@@ -48,6 +72,7 @@ def main() -> int:
     ap.add_argument("batch", type=int)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--timeline", action="store_true", help="also list one graph replay's kernels in order, with gaps")
     args = ap.parse_args()
     import kiln
     torch.manual_seed(0)
@@ -67,6 +92,8 @@ def main() -> int:
     agg, tot = kernels(lambda: ctx.execute(inputs))
     show(f"Kiln {args.model} b{args.batch}", agg, tot, args.top)
     ctx.graphs = graphs
+    if args.timeline:
+        timeline(lambda: ctx.execute(inputs))
     if not args.no_compile:
         half = model.cuda().half()
         if channels_last:
