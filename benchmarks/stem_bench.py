@@ -57,15 +57,11 @@ def case(name, n, hw, cout, k, s, p, act, pool):
 
     rows.append({"path": "before", "ms": timed(before), "rel_l2": rel(before(), ref)})
     wt = arrange_stem_weight(w)
-    # (the cache modifier and the unrolled loop: whether the input's ~10x re-reads come from L1 or L2)
-    configs = [StemConfig(bm, warps, 4, st, cache=ca, unroll=un) for bm, warps in ((128, 4), (128, 8), (256, 8))
-               for st, ca, un in ((1, "", False), (3, "", False), (3, ".ca", False), (1, "", True),
-                                  (1, ".ca", True))]
+    configs = [StemConfig(bm, warps, 4, st) for bm, warps in ((128, 4), (64, 4), (128, 8), (256, 8))
+               for st in (1, 3)]
     if pool:
-        configs = [StemConfig(128, 4, pw, st, 512, tw, ca, un) for pw, st, tw, ca, un in
-                   ((4, 3, 16, "", False), (4, 3, 16, ".ca", False), (4, 2, 16, ".ca", False),
-                    (4, 1, 16, "", True), (4, 1, 16, ".ca", True), (8, 1, 16, "", True), (8, 1, 32, "", True),
-                    (8, 3, 32, ".ca", False))]
+        configs = [StemConfig(128, 4, pw, st, 512, tw) for pw, st, tw in
+                   ((4, 3, 16), (4, 4, 16), (8, 3, 32), (8, 4, 32), (4, 3, 32), (8, 3, 16))]
     for cfg in configs:
         def stem(cfg=cfg):
             return conv_stem(x, wt, b, (k, k), (s, s), (p,) * 4, act, pool=pool, config=cfg)

@@ -128,7 +128,7 @@ def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
     """Whether the engine will hand this input over in channels-last memory: 4-D FP16/BF16 outputs of
     convolutions and poolings on the GPU are (kernels/conv.py), so tactics are timed on that layout."""
     return (a.is_cuda and a.dim() == 4 and a.dtype in (torch.float16, torch.bfloat16)
-            and t.producer is not None and t.producer.kind in ("Convolution", "Pooling", "Conv1x1Chain"))
+            and t.producer is not None and t.producer.kind in ("Convolution", "Pooling", "Conv1x1Chain", "Conv1x1Sum"))
 
 
 class _PluginTactic:

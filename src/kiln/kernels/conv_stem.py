@@ -51,8 +51,6 @@ class StemConfig(NamedTuple):
     num_stages: int | None = None   # software-pipeline depth; None: 3, or 1 for kernels of 3 rows or fewer
     pad_block: int = 512        # padded pixels per program of the input copy
     tile_w: int = 16            # with the pool: conv-output columns per program (TILE rows)
-    cache: str = ""             # cache modifier of the input loads
-    unroll: bool = False        # unroll the kernel-row loop (no software pipeline)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -84,25 +82,17 @@ def _stem_pad_kernel(x_ptr, xp_ptr, P, H, W, HP, WP, sxn, sxc, sxh, sxw, PH: tl.
 @triton.jit
 def _stem_acc(xp_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, HP, RS, KH: tl.constexpr, SH: tl.constexpr,
               SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr, COUT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CACHE: tl.constexpr = "", UNROLL: tl.constexpr = False):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The FP32 [BLOCK_M, BLOCK_N] convolution tile for output pixels (img, oh, ow) of the padded
     input (RS elements per padded row): one K step of KWP·CP contiguous elements per kernel row."""
     SEG: tl.constexpr = KWP * CP
     kk = tl.arange(0, SEG)
     base = (img * HP + oh * SH) * RS + ow * (SW * CP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if UNROLL:
-        for ky in tl.static_range(KH):
-            a = tl.load(xp_ptr + (base + ky * RS)[:, None] + kk[None, :], mask=m_ok[:, None], other=0.0,
-                        cache_modifier=CACHE)
-            b = tl.load(w_ptr + (ky * SEG + kk)[:, None] * COUT + offs_n[None, :], mask=n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
-    else:
-        for ky in range(KH):            # pipelined over the kernel rows (num_stages)
-            a = tl.load(xp_ptr + (base + ky * RS)[:, None] + kk[None, :], mask=m_ok[:, None], other=0.0,
-                        cache_modifier=CACHE)
-            b = tl.load(w_ptr + (ky * SEG + kk)[:, None] * COUT + offs_n[None, :], mask=n_ok[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+    for ky in range(KH):            # pipelined over the kernel rows (num_stages)
+        a = tl.load(xp_ptr + (base + ky * RS)[:, None] + kk[None, :], mask=m_ok[:, None], other=0.0)
+        b = tl.load(w_ptr + (ky * SEG + kk)[:, None] * COUT + offs_n[None, :], mask=n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -110,7 +100,7 @@ def _stem_acc(xp_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, HP, RS, KH: tl.con
 def _stem_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, M, OH, OW, HP, RS, YS, alpha, beta,
                  KH: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr,
                  COUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CACHE: tl.constexpr = "", UNROLL: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         offs_m = offs_m.to(tl.int64)
@@ -121,7 +111,7 @@ def _stem_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, M, OH, OW, HP, RS, YS, alpha, beta
     oh = (offs_m // OW) % OH
     img = offs_m // (OW * OH)
     acc = _stem_acc(xp_ptr, w_ptr, img, oh, ow, m_ok, offs_n, n_ok, HP, RS, KH, SH, SW, CP, KWP, COUT,
-                    BLOCK_M, BLOCK_N, CACHE, UNROLL)
+                    BLOCK_M, BLOCK_N)
     v = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     v = apply_act(v, alpha, beta, ACT)
     tl.store(y_ptr + offs_m[:, None] * YS + offs_n[None, :], v.to(y_ptr.dtype.element_ty),
@@ -150,7 +140,7 @@ def _stem_pool_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, OH, OW, HP, RS, PH_OUT, PW_OU
                       KH: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, CP: tl.constexpr, KWP: tl.constexpr,
                       COUT: tl.constexpr, ACT: tl.constexpr, IDX64: tl.constexpr, TILE_H: tl.constexpr,
                       TILE_W: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CACHE: tl.constexpr = "", UNROLL: tl.constexpr = False):
+                      BLOCK_N: tl.constexpr):
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
     HALF_H: tl.constexpr = TILE_H // 2
     HALF_W: tl.constexpr = TILE_W // 2
@@ -168,7 +158,7 @@ def _stem_pool_kernel(xp_ptr, w_ptr, b_ptr, y_ptr, OH, OW, HP, RS, PH_OUT, PW_OU
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < COUT
     acc = _stem_acc(xp_ptr, w_ptr, img, oh, ow, inside, offs_n, n_ok, HP, RS, KH, SH, SW, CP, KWP, COUT,
-                    BLOCK_M, BLOCK_N, CACHE, UNROLL)
+                    BLOCK_M, BLOCK_N)
     v = acc + tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     v = apply_act(v, alpha, beta, ACT)
     v = tl.where(inside[:, None], v, float("-inf"))
@@ -253,7 +243,7 @@ def conv_stem(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, kernel: tup
     # on an H100: 0.047 ms with 1 stage, 0.058 with 3; the 6- and 7-row stems are fastest with 3)
     stages = config.num_stages or (3 if kh > 3 else 1)
     common = dict(KH=kh, SH=stride[0], SW=stride[1], CP=CP, KWP=stem_taps(kw), COUT=cout, ACT=ACTS.index(act),
-                  IDX64=big, BLOCK_N=bn, num_stages=stages, CACHE=config.cache, UNROLL=config.unroll)
+                  IDX64=big, BLOCK_N=bn, num_stages=stages)
     if pool:
         th, tw = TILE, config.tile_w
         tiles_y, tiles_x = _cdiv(fh, th // 2 - 1), _cdiv(fw, tw // 2 - 1)

@@ -24,11 +24,13 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_parallel_linear import FuseParallelLinear
     from kiln.passes.fuse_patterns import FusePatterns
     from kiln.passes.fuse_pointwise import FusePointwise
+    from kiln.passes.fuse_projection import FuseProjectionShortcuts
     from kiln.passes.fuse_shuffles import FuseShuffles
     from kiln.passes.fuse_stem_pool import FuseStemPool
     from kiln.passes.sink_shuffles import SinkShuffles
     return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
-            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear(), FuseConvChains()]
+            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear(),
+            FuseProjectionShortcuts(), FuseConvChains()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]
