@@ -166,16 +166,19 @@ def test_gpu_resnet_stages(shape):
     assert float((z.float() - zr).norm() / zr.norm()) < 2e-3
 
 
-def test_projection_shortcut_moves_to_the_expansion_and_chains():
+def test_projection_block_chains_with_its_shortcut_inside():
+    """The first block of a stage: expansion + strided projection become one Conv1x1Sum
+    (passes/fuse_projection.py), which then leads a chain into the next block's reduction with the
+    projection's input as the chain's second operand; no convolution writes the projection."""
     torch.manual_seed(3)
     data, x = _onnx(_Projection(), (2, 32, 10, 10))
     engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu"))
     kinds = [layer["kind"] for layer in engine.layers]
-    assert kinds.count("Conv1x1Chain") == 1
+    assert kinds.count("Conv1x1Chain") == 1 and "Conv1x1Sum" not in kinds
     chain = next(layer for layer in engine.layers if layer["kind"] == "Conv1x1Chain")
-    proj = next(layer for layer in engine.layers if layer["kind"] == "Convolution" and layer["attrs"]["stride"] == [2, 2]
-                and not layer["attrs"].get("pads", [0])[0] and "proj" in layer["name"])
-    assert not proj["attrs"].get("residual") and proj["outputs"][0] == chain["inputs"][3]
+    assert len(chain["inputs"]) == 8 and chain["inputs"][3] is None and chain["inputs"][6] == "x"
+    assert chain["attrs"]["stride2"] == [2, 2]
+    assert not any(layer["kind"] == "Convolution" and "proj" in layer["name"] for layer in engine.layers)
     got = list(engine.context().run({"x": x}).values())[0]
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=3e-5, atol=3e-5)

@@ -107,9 +107,10 @@ def test_every_writes_into_tactic_takes_out() -> None:
     _load_all()
     attrs = {"Convolution": {"stride": [2, 2], "pads": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1,
                              "activation": "silu"},
-             "Resize": UP}
+             "Resize": UP, "Conv1x1Sum": {"stride1": [1, 1], "stride2": [2, 2], "activation": "relu"}}
     found = [(kind, t) for kind, ts in TACTICS.items() for t in ts if t.writes_into]
-    assert {t.name for _, t in found} >= {"triton_epilogue", "triton_igemm", "space_to_depth", "triton_nearest_nhwc"}
+    assert {t.name for _, t in found} >= {"triton_epilogue", "triton_igemm", "space_to_depth", "triton_nearest_nhwc",
+                                          "triton_sum"}
     for kind, t in found:
         run = t.make(attrs[kind], KernelContext(device="cuda", precision="fp16"))
         assert "out" in inspect.signature(run).parameters, (kind, t.name)

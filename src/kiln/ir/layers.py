@@ -50,8 +50,9 @@ define_layer("Concatenation", 1, VARIADIC, "join along attrs axis")
 define_layer("Convolution", 2, 4, "N-d convolution (1/2/3-D): x, weight, bias?, residual?; attrs stride, pads (begins "
              "then ends), dilation, groups; fused epilogue attrs activation/alpha/beta and residual (y = act(conv + r), or act(conv) + r with "
              "residual_after_activation)")
-define_layer("Conv1x1Chain", 6, 6, "two 1x1 convolutions back to back: x, W3, b3, residual, W1, b1 → y = act(conv(x, W3) + b3 "
-             "+ residual), z = act2(conv(y, W1) + b1); attrs activation, activation2 (passes/fuse_conv_chain.py)")
+define_layer("Conv1x1Chain", 6, 8, "two 1x1 convolutions back to back: x, W3, b3, residual?, W1, b1, x2?, W2? → y = act(conv(x, W3) + b3 "
+             "+ residual + conv(x2, W2, stride2)), z = act2(conv(y, W1) + b1); attrs activation, activation2, stride2 "
+             "(passes/fuse_conv_chain.py)")
 define_layer("Conv1x1Sum", 5, 5, "two 1x1 convolutions added: x1, W1, x2, W2, b → y = act(conv(x1, W1, stride1) + "
              "conv(x2, W2, stride2) + b); attrs stride1, stride2, activation/alpha/beta (passes/fuse_projection.py)")
 define_layer("Deconvolution", 2, 3, "transposed convolution: x, weight [Cin, Cout/g, k...], bias?; attrs stride, pads, "

@@ -164,5 +164,7 @@ def _make(choose):
 
 
 tactic("Conv1x1Sum", "triton_sum", devices=("cuda",), supports=_ok, priority=1, writes_into=True)(_make(default_config))
-tactic("Conv1x1Sum", "triton_sum_wide", devices=("cuda",), supports=_ok, priority=1, writes_into=True,
-       min_level=4)(_make(wide_config))
+# both tile tables at every level (wide won stages 3-4 of ResNet-50 at b256 on an H100, 128×128 stages 1-2;
+# benchmarks/sum_bench.py): a network has a handful of these layers
+tactic("Conv1x1Sum", "triton_sum_wide", devices=("cuda",), supports=_ok, priority=1,
+       writes_into=True)(_make(wide_config))

@@ -6,8 +6,11 @@ stride 1, no padding, one group, constant weight and bias, no residual, ReLU or 
 over y's channels, with B's output channels at most 128 and every channel count a power of two
 ≥ 16 → one Conv1x1Chain layer (x, W_A, b_A, r, W_B, b_B) → (y, z) whose fused kernel
 (kernels/conv_chain.py) writes y once and never reads it back. y's other readers (the next
-block's residual) still read it. Where a block's add was fused into its strided projection
-shortcut instead (the projection comes later in the graph), the add moves to the expansion first.
+block's residual) still read it. A Conv1x1Sum (a stage's first block: expansion + projection
+shortcut, passes/fuse_projection.py) leads a chain too: the projection's input x2 becomes a second
+operand of the first product, y = act(x @ W_A + x2 @ W_P + b), where the two inputs have at most
+128 channels together (ResNet-50's stage 1 at batch 256 on an H100: 0.32 ms fused against 0.49 for
+the sum and the reduction apart; stage 2, 128 + 256 channels, 0.37 against 0.32).
 ResNet-50's stages 1-2 fuse; in stage 3 (256 channels in B) the
 fused kernel was slower than the two convolutions on an H100 (benchmarks/chain_bench.py), so
 stages 3-4 stay apart. The layer also has tactics that run the two convolutions one after the
@@ -20,6 +23,7 @@ from kiln.passes._match import remove_dead, replace_output
 from kiln.passes.base import Pass, PassResult
 
 MAX_CN = 128      # wider second convolutions (ResNet-50's stages 3-4) ran slower fused on an H100
+MAX_SUM_IN = 128  # a projection-led chain holds both inputs' rows: stage 2's 128 + 256 ran slower fused
 ACTS = (None, "relu")
 
 
@@ -48,44 +52,13 @@ def _second(y):
                  and layer.inputs[1].value.shape[0] <= MAX_CN), None)
 
 
-def _move_shortcut(net: Network, a) -> bool:
-    """A block whose shortcut is a strided 1×1 projection (ResNet's first block of stages 2-4) had
-    its residual add fused into the projection, which comes later in the graph than the 1×1
-    expansion: y = act(proj(x) + expand(h)). Move the add and activation into the expansion,
-    y = act(expand(h) + proj(x)), so that the expansion can lead a chain."""
-    if a.kind != "Convolution" or len(a.inputs) < 4 or a.inputs[3] is None or a.attrs.get("pool") \
-            or a.attrs.get("residual_after_activation") or a.attrs.get("activation") not in ACTS:
+def _sum_lead(a) -> bool:
+    """A projection-shortcut sum (passes/fuse_projection.py) whose first operand is unstrided."""
+    if a.kind != "Conv1x1Sum" or list(a.attrs.get("stride1", ())) != [1, 1] or a.attrs.get("activation") not in ACTS:
         return False
-    r = a.inputs[3]
-    p = r.producer
-    if p is None or len(r.uses) != 1 or r in net.outputs or not _pointwise(p, residual=False) \
-            or p.attrs.get("activation") is not None:
-        return False
-    y = a.outputs[0]
-    if _second(y) is None:
-        return False
-    act = a.attrs.get("activation")
-    a.set_input(3, None)
-    del a.inputs[3:]
-    a.attrs.pop("residual", None)
-    for k in ("activation", "alpha", "beta"):
-        a.attrs.pop(k, None)
-    name = y.name
-    net.rename(y, net.unique_name(name + "/projection"))
-    net.rename(r, name)
-    for layer, i in list(y.uses):
-        layer.set_input(i, r)
-    net.outputs[:] = [r if t is y else t for t in net.outputs]
-    while len(p.inputs) < 3:
-        p.inputs.append(None)
-    p.inputs.append(None)
-    p.set_input(3, y)
-    p.attrs.update({"residual": True, "activation": act, "alpha": 0.0, "beta": 0.0})
-    p.origin = list(dict.fromkeys(p.origin + a.origin[1:]))
-    a.origin = a.origin[:1]
-    net.layers.remove(p)
-    net.layers.insert(net.layers.index(a) + 1, p)
-    return True
+    w1, w2 = a.inputs[1].value, a.inputs[3].value
+    return (_pow2(w1.shape[0]) and _pow2(w1.shape[1]) and _pow2(w2.shape[1])
+            and w1.shape[1] + w2.shape[1] <= MAX_SUM_IN)
 
 
 class FuseConvChains(Pass):
@@ -94,18 +67,20 @@ class FuseConvChains(Pass):
     def call(self, net: Network) -> PassResult:
         modified = False
         for a in list(net.layers):
-            if a in net.layers and not _pointwise(a, residual=True):
-                modified |= _move_shortcut(net, a)
-        for a in list(net.layers):
-            if a not in net.layers or not _pointwise(a, residual=True):
+            if a not in net.layers or not (_pointwise(a, residual=True) or _sum_lead(a)):
                 continue
             y = a.outputs[0]
             b = _second(y)
             if b is None:
                 continue
-            x, wa, ba, r = a.inputs[:4]
-            chain = net.add_layer("Conv1x1Chain", [x, wa, ba, r, b.inputs[1], b.inputs[2]],
-                                  {"activation": a.attrs.get("activation"), "activation2": b.attrs.get("activation")},
+            attrs = {"activation": a.attrs.get("activation"), "activation2": b.attrs.get("activation")}
+            if a.kind == "Conv1x1Sum":
+                x, wa, x2, w2, ba = a.inputs
+                ins = [x, wa, ba, None, b.inputs[1], b.inputs[2], x2, w2]
+                attrs["stride2"] = list(a.attrs["stride2"])
+            else:
+                ins = [*a.inputs[:4], b.inputs[1], b.inputs[2]]
+            chain = net.add_layer("Conv1x1Chain", ins, attrs,
                                   num_outputs=2, name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
                                   origin=list(dict.fromkeys(a.origin + b.origin)))
             net.layers.remove(chain)

@@ -11,8 +11,9 @@ it back as its residual. The sum is one GEMM whose K runs over h's channels, the
 Case: Convolution A (2-D, 1×1, no padding, one group, constant weight and bias or none, a fused
 residual added before its activation, no fused pool) whose residual r is the output of Convolution
 B (the same, without residual, activation or pool), r read by A only and not a network output, r
-of A's output shape. Either one may be strided. A's activation carries over; the two biases are
-summed into one constant.
+of A's output shape. Either one may be strided (the unstrided one becomes the first operand, so
+that a chain can follow, passes/fuse_conv_chain.py). A's activation carries over; the two biases
+are summed into one constant.
 """
 from __future__ import annotations
 
@@ -70,18 +71,20 @@ class FuseProjectionShortcuts(Pass):
             b = _projection(net, a)
             if b is None:
                 continue
-            wa, wb = a.inputs[1], b.inputs[1]
+            wa = a.inputs[1]
             dtype = (_bias(a) if _bias(a) is not None else wa.value).dtype
             total = np.zeros(wa.value.shape[0], np.float32)
             for v in (_bias(a), _bias(b)):
                 if v is not None:
                     total += v.astype(np.float32)
             bias = net.add_constant(total.astype(dtype), name=net.unique_name(a.name + "_bias_sum"))
-            attrs = {"stride1": list(a.attrs["stride"]), "stride2": list(b.attrs["stride"])}
+            first, second = (a, b) if list(a.attrs["stride"]) == [1, 1] else (b, a)    # the unstrided operand first
+            attrs = {"stride1": list(first.attrs["stride"]), "stride2": list(second.attrs["stride"])}
             for k in ("activation", "alpha", "beta"):
                 if a.attrs.get(k) is not None:
                     attrs[k] = a.attrs[k]
-            fused = net.add_layer("Conv1x1Sum", [a.inputs[0], wa, b.inputs[0], wb, bias], attrs,
+            fused = net.add_layer("Conv1x1Sum", [first.inputs[0], first.inputs[1], second.inputs[0], second.inputs[1],
+                                                 bias], attrs,
                                   name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
                                   origin=list(dict.fromkeys(a.origin + b.origin)))
             net.layers.remove(fused)
