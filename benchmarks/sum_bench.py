@@ -3,9 +3,9 @@
     PYTHONPATH=src python benchmarks/sum_bench.py
 
 ResNet-50's first block of each stage at batch 256 (BATCH to change), FP16 channels-last:
-y = relu(expand(h) + project(x)), the projection strided in stages 2-4. "separate" runs it as the
-engine did before: the projection (cuDNN, bias, no activation), then the implicit-GEMM expansion
-with the projection's output as its fused residual. "sum" is the fused kernel over a few tile
+y = relu(expand(h) + project(x)), the projection strided in stages 2-4. "separate" runs it as two
+implicit-GEMM convolutions (kernels/conv_triton.py, the engine's usual 1×1 kernel): the projection
+with its bias, then the expansion with the projection's output as its fused residual. "sum" is the fused kernel over a few tile
 configs. Each path is checked against FP32 torch, then timed as 20 calls replayed from one CUDA
 graph (median of 7 replays ÷ 20). JSON to $OUT/sum_bench.json if set.
 """
@@ -48,11 +48,11 @@ def main() -> int:
         be = torch.randn(c, device="cuda", generator=g).half()
         bp = torch.randn(c, device="cuda", generator=g).half()
         ref = F.relu(F.conv2d(h.float(), we.float(), be.float()) + F.conv2d(x.float(), wp.float(), bp.float(), s))
-        wea, wpcl = arrange_weight(we), wp.contiguous(memory_format=CL)
+        wea, wpa = arrange_weight(we), arrange_weight(wp)
         b = (be.float() + bp.float()).half()
 
         def separate():
-            r = F.conv2d(x, wpcl, bp, s)
+            r = conv2d_nhwc(x, wpa, bp, stride=(s, s))
             return conv2d_nhwc(h, wea, be, r, act="relu")
 
         rows = [{"path": "separate", "ms": timed(separate), "rel_l2": rel(separate(), ref)}]

@@ -1,0 +1,60 @@
+"""Kiln's FP16 engine, eager FP16 PyTorch, and the FP32 model on the FP16-rounded input or with
+FP16-rounded weights, each against
+exact FP32 PyTorch (TF32 off) on eight random inputs at batch 1: how much the harness's one-input
+accuracy figure depends on the input drawn.
+
+    python benchmarks/accuracy_inputs.py yolov5l
+"""
+import copy
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+
+import kiln  # noqa: E402
+
+def main(name: str) -> int:
+    torch.manual_seed(0)
+    model, make_inputs, in_names, out_names, cl = harness.build_model(name)
+    harness.calibrate(model, make_inputs)
+    model = model.eval()
+    ex = make_inputs(1)
+    path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    with torch.no_grad():
+        torch.onnx.export(model, ex, path, input_names=in_names, output_names=out_names[:1],
+                          dynamic_axes={n: {0: "b"} for n in in_names}, opset_version=17, dynamo=False)
+    model = model.cuda()
+    engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(precision="fp16", device="cuda",
+                        profiles={in_names[0]: tuple(ex[0].shape)}))
+    ctx = engine.context()
+    half = copy.deepcopy(model).half()
+    rounded = copy.deepcopy(model)           # FP32 arithmetic, FP16-rounded weights
+    for t in list(rounded.parameters()) + list(rounded.buffers()):
+        if t.dtype.is_floating_point:
+            t.data = t.data.half().float()
+    res = []
+    for seed in range(8):
+        g = torch.Generator().manual_seed(1000 + seed)
+        x = torch.randn(*ex[0].shape, generator=g).cuda()
+        with torch.no_grad(), harness.exact_fp32():
+            ref = model(x).float()
+            refr = model(x.half().float()).float()
+            refw = rounded(x).float()
+        out = ctx.execute([x])[0].float()
+        with torch.no_grad():
+            eag = half(x.half()).float()
+        res.append(tuple(harness.rel_l2(a.cpu().numpy(), ref.cpu().numpy()) for a in (out, eag, refr, refw)))
+        print(f"{name} seed {1000 + seed}: kiln {res[-1][0]:.2e}  eager fp16 {res[-1][1]:.2e}  fp32 on rounded "
+              f"input {res[-1][2]:.2e}  fp32 with rounded weights {res[-1][3]:.2e}", flush=True)
+    a = np.array(res)
+    print(f"{name} over {len(res)} inputs: kiln median {np.median(a[:,0]):.2e} max {a[:,0].max():.2e}; eager fp16 median {np.median(a[:,1]):.2e} max {a[:,1].max():.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
