@@ -126,7 +126,8 @@ def cmd_build(args) -> int:
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "tf32" if args.tf32 else "fp32"
     config = kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles_from_args(args),
                               workspace=int(args.workspace * (1 << 20)) if args.workspace else None,
-                              optimization_level=args.opt_level, timing_cache=args.timing_cache)
+                              optimization_level=args.opt_level, timing_cache=args.timing_cache,
+                              fp32_layers=args.fp32_layers or ())
     engine = kiln.build(network, config, progress=progress)
     progress("serialize", 0.0)
     engine.header.setdefault("build", {})["command"] = "kiln " + " ".join(
@@ -321,7 +322,7 @@ def cmd_compare(args) -> int:
                      data=args.data, shapes=parse_shapes(args.shapes, "--shapes"), atol=args.atol, rtol=args.rtol,
                      check_error_stat=args.check_error_stat, per_layer=per_layer, growth=args.growth,
                      reduce=args.reduce, reduce_output=args.reduce_output, seed=args.seed,
-                     log=progress)
+                     log=progress, fp32_layers=args.fp32_layers or ())
     print(result.report(histogram=not args.no_histogram))
     if per_layer:
         import os
@@ -366,6 +367,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-level", type=int, default=3, metavar="0-5",
                    help="0: first valid tactic per layer; 3 (default): time likely candidates; 5: time everything")
     p.add_argument("--timing-cache", metavar="FILE", help="read and update tactic timings in FILE")
+    p.add_argument("--fp32-layers", metavar="PATTERN[,..]",
+                   help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch patterns in "
+                        "FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
     p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
@@ -413,6 +417,9 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--fp16", action="store_true", help="build in FP16")
     g.add_argument("--bf16", action="store_true", help="build in BF16")
+    p.add_argument("--fp32-layers", metavar="PATTERN[,..]",
+                   help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch patterns in "
+                        "FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
     p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="shapes of random inputs with dynamic dims")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)")
     p.add_argument("--data", metavar="DIR|FILE.npz", help="inputs from a folder of NAME.npy (or input_N.pb) files")

@@ -450,11 +450,11 @@ def _load_model(model):
         raise KilnError(f"{path!r} is not a readable ONNX model ({type(exc).__name__}); export it again.") from None
 
 
-def _build(model, feeds, precision: str, device: str | None):
+def _build(model, feeds, precision: str, device: str | None, fp32_layers=()):
     import kiln
     profiles = {n: tuple(np.shape(v)) for n, v in feeds.items()}
     return kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(precision=precision, device=device,
-                                                               profiles=profiles or None))
+                                                               profiles=profiles or None, fp32_layers=fp32_layers))
 
 
 # ---- per layer ----------------------------------------------------------------------------
@@ -515,7 +515,8 @@ def compare(model, *, precision: str = "fp32", device: str | None = None, engine
             inputs: Mapping[str, Any] | None = None, data: str | None = None,
             shapes: Mapping[str, Sequence[int]] | None = None, atol: float | None = None, rtol: float | None = None,
             check_error_stat: str = "max", per_layer: bool = False, growth: float = 10.0,
-            reduce: bool = False, reduce_output: str | None = None, seed: int = 0, log=None) -> CompareResult:
+            reduce: bool = False, reduce_output: str | None = None, seed: int = 0, log=None,
+            fp32_layers=()) -> CompareResult:
     """Build (or take ``engine``) and run ``model`` with Kiln and ONNX Runtime on the same inputs.
 
     ``model``: an .onnx path or ModelProto. ``inputs``: name → array or .npy path; ``data``: a
@@ -523,6 +524,7 @@ def compare(model, *, precision: str = "fp32", device: str | None = None, engine
     ``shapes`` for dynamic dims. ``per_layer`` compares every intermediate tensor and names the
     first layer whose error jumps ``growth``-fold; ``reduce`` shrinks a failing model to the
     smallest failing subgraph and saves it (``reduce_output``, default MODEL.reduced.onnx).
+    ``fp32_layers``: layer-name patterns kept in FP32 in an FP16/BF16 build (BuildConfig.fp32_layers).
     """
     if check_error_stat not in STATS:
         raise KilnError(f"--check-error-stat takes {', '.join(STATS)}; got {check_error_stat!r}.")
@@ -535,7 +537,7 @@ def compare(model, *, precision: str = "fp32", device: str | None = None, engine
         engine = kiln.load(engine)
     ref_all = _run_reference(proto, feeds, all_tensors=per_layer or reduce)
     if engine is None:
-        engine = _build(proto, feeds, precision, device)
+        engine = _build(proto, feeds, precision, device, fp32_layers)
     precision = engine.precision
     d_atol, d_rtol = DEFAULT_TOL.get(precision, DEFAULT_TOL["fp32"])
     atol = d_atol if atol is None else float(atol)

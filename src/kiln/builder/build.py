@@ -50,7 +50,7 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
         net.toposort()
         infer_shapes(net)
     say("tactics", 0.0)
-    assign_precision(net, config.precision)
+    assign_precision(net, config.precision, config.fp32_layers)
     if device == "cuda" and config.precision in ("fp16", "bf16"):
         absorb_input_casts(net)
     net.toposort()
@@ -79,7 +79,8 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
         "profiles": [p.to_json() for p in profiles],
         "build": {"seconds": round(time.perf_counter() - t0, 3), "optimization_level": config.optimization_level,
                   "source": network.metadata.get("source"), "cuda_graph": config.cuda_graph,
-                  "timing_cache": {"hits": cache.hits, "misses": cache.misses}},
+                  "timing_cache": {"hits": cache.hits, "misses": cache.misses},
+                  "fp32_layers": list(config.fp32_layers)},
         "plan": plan,
     }
     return Engine(header, weights)

@@ -47,6 +47,9 @@ class BuildConfig:
     ``profiles`` is one mapping ``{input: (min, opt, max)}`` (or a static shape per
     input) or a list of them. ``optimization_level`` 0 takes the first valid tactic
     per layer; higher levels time more candidates on the device (timing cache).
+    ``fp32_layers``: in an FP16/BF16 build, layers whose name or ONNX node name matches one of these
+    fnmatch patterns run in FP32 with FP32 weights (TensorRT's per-layer precision constraint), for
+    layers whose FP16 rounding costs too much accuracy; ``kiln compare --per-layer`` finds them.
     """
 
     precision: str = "fp32"
@@ -56,6 +59,8 @@ class BuildConfig:
     optimization_level: int = 3
     timing_cache: str | None = None
     cuda_graph: bool = True
+    fp32_layers: tuple[str, ...] = ()  # fnmatch patterns of layers kept in FP32 in an FP16/BF16 build
+
 
     def __post_init__(self) -> None:
         p = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}.get(self.precision,
@@ -67,6 +72,12 @@ class BuildConfig:
             raise BuildError(f"Device {self.device!r} is not supported; use 'cpu' or 'cuda'.")
         if not 0 <= int(self.optimization_level) <= 5:
             raise BuildError(f"optimization_level must be 0..5, got {self.optimization_level}.")
+        if isinstance(self.fp32_layers, str):
+            self.fp32_layers = tuple(p for p in self.fp32_layers.split(",") if p)
+        self.fp32_layers = tuple(self.fp32_layers)
+        if self.fp32_layers and self.precision not in ("fp16", "bf16"):
+            raise BuildError(f"fp32_layers keeps layers of an FP16 or BF16 build in FP32; this build is already "
+                             f"{self.precision}. Add --fp16 or --bf16, or drop --fp32-layers.")
 
     def resolved_device(self) -> str:
         import torch

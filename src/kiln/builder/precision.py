@@ -3,12 +3,18 @@
 Network inputs and outputs keep their declared dtype (a Cast sits at each edge);
 float constants read by device layers are stored in the low precision; kernels for
 SoftMax, normalization and reductions accumulate in FP32 whatever the layer precision.
+Layers the user names (``BuildConfig.fp32_layers``) and plugins without a low-precision
+implementation run in FP32 between casts: their weights stay FP32, an FP32 network input reaches
+them unrounded, and neighbouring FP32 layers pass FP32 tensors to each other.
 """
 from __future__ import annotations
+
+import fnmatch
 
 import numpy as np
 
 from kiln.builder.placement import host_layers
+from kiln.errors import BuildError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network
@@ -26,11 +32,29 @@ def saturate(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.where(finite, np.clip(value, float(info.min), float(info.max)), value).astype(dtype)
 
 
-def assign_precision(net: Network, precision: str) -> None:
+FLOATS = ("float32", "float16", "bfloat16")
+
+
+def fp32_matches(net: Network, patterns) -> set[int]:
+    """ids of the layers whose name or any ONNX node fused into them matches one of ``patterns``;
+    a pattern that matches nothing is an error (a typo would otherwise change nothing, silently)."""
+    keep: set[int] = set()
+    for pat in patterns:
+        hits = [layer for layer in net.layers
+                if any(fnmatch.fnmatchcase(n, pat) for n in [layer.name, *layer.origin])]
+        if not hits:
+            raise BuildError(f"--fp32-layers pattern {pat!r} matches no layer; patterns are fnmatch patterns over the "
+                             f"ONNX node names (`kiln inspect MODEL.onnx` lists them), e.g. '/layer1/*'.")
+        keep.update(id(layer) for layer in hits)
+    return keep
+
+
+def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
     low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
     hosts = host_layers(net)
+    keep = fp32_matches(net, fp32_layers) if low else set()
     for layer in net.layers:
-        if id(layer) in hosts:
+        if id(layer) in hosts or id(layer) in keep:
             layer.precision = "fp32"
         elif low and layer.kind in FP32_INTERNAL:
             layer.precision = f"{precision} (fp32 accum)"
@@ -41,7 +65,7 @@ def assign_precision(net: Network, precision: str) -> None:
     low_np = np_dtype(low)
     cast_cache: dict[int, object] = {}
     for layer in list(net.layers):
-        if id(layer) in hosts:
+        if id(layer) in hosts or id(layer) in keep:
             continue
         host_pos = set(LAYER_KINDS[layer.kind].host_inputs)
         for i, t in enumerate(list(layer.inputs)):
@@ -62,26 +86,27 @@ def assign_precision(net: Network, precision: str) -> None:
                 layer.outputs[0].dtype = low
     # inputs: cast right after each float32 input
     for t in net.inputs:
-        if t.dtype != "float32" or not t.uses:
+        uses = [(layer, i) for layer, i in t.uses if id(layer) not in hosts and id(layer) not in keep]
+        if t.dtype != "float32" or not uses:
             continue
-        uses = list(t.uses)
         cast = net.add_layer("Cast", [t], {"to": low}, name=net.unique_name(f"{t.name}/to_{low}"),
                              output_dtypes=[low])
         net.layers.remove(cast)
         net.layers.insert(0, cast)
         cast.precision = precision
         for layer, i in uses:
-            if id(layer) not in hosts:
-                layer.set_input(i, cast.outputs[0])
+            layer.set_input(i, cast.outputs[0])
     # outputs: back to the declared float32
     for k, t in enumerate(list(net.outputs)):
-        if t.dtype == "float32" and not (t.producer is not None and t.producer.kind == "Cast"):
+        if t.dtype == "float32" and not (t.producer is not None and (t.producer.kind == "Cast"
+                                                                      or id(t.producer) in keep)):
             name = t.name
             net.rename(t, net.unique_name(name + f"_{low}"))
             cast = net.add_layer("Cast", [t], {"to": "float32"}, name=net.unique_name(f"{name}/to_float32"),
                                  output_names=[name], output_dtypes=["float32"])
             cast.precision = "fp32"
             net.outputs[k] = cast.outputs[0]
+    _run_in_fp32(net, [layer for layer in net.layers if id(layer) in keep], low, precision, hosts | keep)
     # plugins that cannot take the low precision run in FP32 between casts
     for layer in list(net.layers):
         if layer.kind != "Plugin":
@@ -109,6 +134,37 @@ def assign_precision(net: Network, precision: str) -> None:
                 net.layers.insert(net.layers.index(layer) + 1, c)
                 for ul, ui in uses:
                     ul.set_input(ui, c.outputs[0])
+
+
+def _run_in_fp32(net: Network, layers, low: str, precision: str, fp32: set[int]) -> None:
+    """Casts around user-constrained FP32 layers: a float input made by a low-precision layer is cast
+    up once per tensor; each float output read by low-precision layers is cast down once."""
+    up: dict[int, object] = {}
+    for layer in layers:
+        for i, t in enumerate(list(layer.inputs)):
+            if t is None or t.is_constant or t.dtype not in FLOATS or t in net.inputs \
+                    or (t.producer is not None and id(t.producer) in fp32):
+                continue
+            c = up.get(id(t))
+            if c is None:
+                c = net.add_layer("Cast", [t], {"to": "float32"}, name=net.unique_name(f"{t.name}/to_float32"),
+                                  output_dtypes=["float32"])
+                c.precision = "fp32"
+                net.layers.remove(c)
+                net.layers.insert(net.layers.index(layer), c)
+                up[id(t)] = c
+            layer.set_input(i, c.outputs[0])
+        for o in list(layer.outputs):
+            uses = [(u, i) for u, i in o.uses if id(u) not in fp32 and u.kind != "Cast"]
+            if o.dtype not in FLOATS or not uses:
+                continue
+            c = net.add_layer("Cast", [o], {"to": low}, name=net.unique_name(f"{o.name}/to_{low}"),
+                              output_dtypes=[low])
+            c.precision = precision
+            net.layers.remove(c)
+            net.layers.insert(net.layers.index(layer) + 1, c)
+            for u, i in uses:
+                u.set_input(i, c.outputs[0])
 
 
 def absorb_input_casts(net: Network) -> None:
