@@ -18,16 +18,9 @@ import harness  # noqa: E402
 
 import kiln  # noqa: E402
 
+
 def main(name: str) -> int:
-    torch.manual_seed(0)
-    model, make_inputs, in_names, out_names, cl = harness.build_model(name)
-    harness.calibrate(model, make_inputs)
-    model = model.eval()
-    ex = make_inputs(1)
-    path = os.path.join(tempfile.mkdtemp(), "m.onnx")
-    with torch.no_grad():
-        torch.onnx.export(model, ex, path, input_names=in_names, output_names=out_names[:1],
-                          dynamic_axes={n: {0: "b"} for n in in_names}, opset_version=17, dynamo=False)
+    model, _, in_names, _, _, ex, path, _ = harness.export_model(name, tempfile.mkdtemp())
     model = model.cuda()
     engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(precision="fp16", device="cuda",
                         profiles={in_names[0]: tuple(ex[0].shape)}))

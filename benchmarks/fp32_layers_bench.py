@@ -46,15 +46,7 @@ def main() -> int:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model, make_inputs, in_names, out_names, _ = harness.build_model(args.model)
-    harness.calibrate(model, make_inputs)
-    model = model.eval()
-    ex = make_inputs(1)
-    path = os.path.join(tempfile.mkdtemp(), "m.onnx")
-    with torch.no_grad():
-        torch.onnx.export(model, ex, path, input_names=in_names, output_names=out_names[:1],
-                          dynamic_axes={n: {0: "b"} for n in in_names}, opset_version=17, dynamo=False)
+    model, _, in_names, _, _, ex, path, _ = harness.export_model(args.model, tempfile.mkdtemp())
     model = model.cuda()
     xs = [torch.randn(*ex[0].shape, generator=torch.Generator().manual_seed(2000 + i)).cuda() for i in range(4)]
     with torch.no_grad(), harness.exact_fp32():

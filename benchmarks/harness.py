@@ -174,22 +174,28 @@ def rel_l2(a, b) -> float:
 
 
 # ---- one model ------------------------------------------------------------------------------
-def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
-    import kiln
+def export_model(name: str, out_dir: str):
+    """The zoo model with its seeded random weights and calibrated BatchNorm, exported to
+    ``out_dir/<name>.onnx`` with a dynamic batch: (module in eval mode, make_inputs, input names,
+    output names, channels_last, the batch-1 example it was exported with, path, export seconds)."""
     torch.manual_seed(0)
     model, make_inputs, in_names, out_names, channels_last = build_model(name)
     calibrate(model, make_inputs)
     model = model.eval()
-    ax = batch_axis(name)
-    res: dict[str, Any] = {"model": name, "rows": []}
     ex = make_inputs(1)
-    onnx_path = os.path.join(args.workdir, f"{name}.onnx")
+    path = os.path.join(out_dir, f"{name}.onnx")
     t0 = time.perf_counter()
-    dyn = {n: {ax: "batch"} for n in in_names}
     with torch.no_grad():
-        torch.onnx.export(model, ex, onnx_path, input_names=in_names, output_names=out_names[:1],
-                          dynamic_axes=dyn, opset_version=17, dynamo=False)
-    res["export_s"] = time.perf_counter() - t0
+        torch.onnx.export(model, ex, path, input_names=in_names, output_names=out_names[:1],
+                          dynamic_axes={n: {batch_axis(name): "batch"} for n in in_names}, opset_version=17,
+                          dynamo=False)
+    return model, make_inputs, in_names, out_names, channels_last, ex, path, time.perf_counter() - t0
+
+
+def run_model(name: str, batches: list[int], args) -> dict[str, Any]:
+    import kiln
+    model, make_inputs, in_names, out_names, channels_last, ex, onnx_path, export_s = export_model(name, args.workdir)
+    res: dict[str, Any] = {"model": name, "rows": [], "export_s": export_s}
     try:
         res["unsupported"] = kiln.onnx.check(onnx_path)
     except ImportError:

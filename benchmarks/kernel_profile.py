@@ -75,15 +75,7 @@ def main() -> int:
     ap.add_argument("--timeline", action="store_true", help="also list one graph replay's kernels in order, with gaps")
     args = ap.parse_args()
     import kiln
-    torch.manual_seed(0)
-    model, make_inputs, in_names, out_names, channels_last = harness.build_model(args.model)
-    harness.calibrate(model, make_inputs)
-    model = model.eval()
-    path = os.path.join(tempfile.mkdtemp(), "m.onnx")
-    with torch.no_grad():
-        torch.onnx.export(model, make_inputs(1), path, input_names=in_names, output_names=out_names[:1],
-                          dynamic_axes={n: {harness.batch_axis(args.model): "b"} for n in in_names},
-                          opset_version=17, dynamo=False)
+    model, make_inputs, in_names, _, channels_last, _, path, _ = harness.export_model(args.model, tempfile.mkdtemp())
     inputs = [t.cuda() for t in make_inputs(args.batch)]
     engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(
         precision="fp16", device="cuda", profiles={n: tuple(t.shape) for n, t in zip(in_names, inputs)}))

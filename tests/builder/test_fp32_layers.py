@@ -119,3 +119,16 @@ def test_cli_build_and_round_trip(model, tmp_path):
                           "--fp32-layers", "/nope/*", "-q"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "matches no layer" in bad.stderr
     assert not (tmp_path / "b.kiln").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_layers_are_exact_fp32(model):
+    """On CUDA an FP16 engine runs its FP32 layers without TF32: with every layer constrained it
+    matches ONNX Runtime's FP32 to FP32 rounding; with the first one only, the rest stays FP16."""
+    data, x, ref = model
+    every = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cuda", precision="fp16", fp32_layers=("*",)))
+    assert _rel(next(iter(every.context().run({"x": x}).values())), ref) < 1e-5
+    first = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cuda", precision="fp16",
+                                                               fp32_layers=("/conv1/*",)))
+    assert _layer(first, "/conv1/")["precision"] == "fp32" and _layer(first, "/conv2/")["precision"] == "fp16"
+    assert _rel(next(iter(first.context().run({"x": x}).values())), ref) < 2e-2

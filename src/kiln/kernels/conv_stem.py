@@ -34,7 +34,7 @@ import torch
 
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor, zero_bias
-from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_rows
+from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.registry import tactic
 from kiln.passes.fuse_stem_pool import POOL
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
@@ -230,9 +230,7 @@ def conv_stem(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, kernel: tup
     oh = stem_out_size(h, kh, stride[0], pads[0], pads[2])
     ow = stem_out_size(w, kw, stride[1], pads[1], pads[3])
     fh, fw = (stem_out_size(oh, 3, 2, 1, 1), stem_out_size(ow, 3, 2, 1, 1)) if pool else (oh, ow)
-    y = None if out is None or x.is_meta else out((n, cout, fh, fw), wt.dtype, x.device)
-    if y is None or not nhwc_rows(y):
-        y = torch.empty((n, fh, fw, cout), dtype=wt.dtype, device=x.device).permute(0, 3, 1, 2)
+    y = nhwc_output(out, (n, cout, fh, fw), wt.dtype, x.device, x.is_meta)
     if x.is_meta or y.numel() == 0:
         return y
     xp = stem_pad(x, kernel, stride, pads, wt.dtype, config)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor
 from kiln.kernels.conv import _channels_last, _epilogue, match_weight
-from kiln.kernels.conv_triton import ConvConfig, _cdiv, _sm_count, default_config, wide_config
-from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_rows
+from kiln.kernels.conv_triton import ConvConfig, _cdiv, _sm_count, default_config, tile_offsets, wide_config
+from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
@@ -44,18 +44,7 @@ def _conv_sum_kernel(x1_ptr, w1_ptr, x2_ptr, w2_ptr, b_ptr, y_ptr, M, OH, OW, H1
                      C1: tl.constexpr, C2: tl.constexpr, S1H: tl.constexpr, S1W: tl.constexpr, S2H: tl.constexpr,
                      S2W: tl.constexpr, IDX64: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    in_group = GROUP_M * tl.cdiv(Cout, BLOCK_N)
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, Cout, IDX64, BLOCK_M, BLOCK_N, GROUP_M)
     m_ok = offs_m < M
     n_ok = offs_n < Cout
     ow = offs_m % OW
@@ -108,9 +97,7 @@ def conv_sum(x1: torch.Tensor, w1t: torch.Tensor, x2: torch.Tensor, w2t: torch.T
     if x1.dtype != w1t.dtype or x2.dtype != w1t.dtype or w2t.dtype != w1t.dtype:
         raise BuildError(f"The fused 1x1 sum takes inputs and weights of one type, got {x1.dtype}, {x2.dtype}, "
                          f"{w1t.dtype} and {w2t.dtype}.")
-    y = None if out is None or x1.is_meta else out((n, cout, oh, ow), x1.dtype, x1.device)
-    if y is None or not nhwc_rows(y):
-        y = torch.empty((n, oh, ow, cout), dtype=x1.dtype, device=x1.device).permute(0, 3, 1, 2)
+    y = nhwc_output(out, (n, cout, oh, ow), x1.dtype, x1.device, x1.is_meta)
     if x1.is_meta or y.numel() == 0:
         return y
     x1 = x1.contiguous(memory_format=torch.channels_last)

@@ -31,7 +31,7 @@ import torch
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.conv import match_weight, pool_after
-from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_rows
+from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.registry import tactic
 from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
 
@@ -79,6 +79,23 @@ def small_config(m: int, cout: int, cin: int, sms: int = 132) -> ConvConfig:
     return ConvConfig(64, 64, _block_k(cin, 64), 4, 4)
 
 
+@triton.jit
+def tile_offsets(M, N, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output rows and columns of an [M, N] GEMM, programs ordered GROUP_M row-tiles at
+    a time (neighbours share their B columns and A rows in L2); rows in int64 with IDX64."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // in_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % rows
+    pid_n = (pid % in_group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+    return offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
 # Sizes that change with the batch or the image stay unspecialized (one compile serves them
 # all). CIN is a compile-time constant: the K loop then has a fixed trip count (Triton's
 # interpreter cannot loop over a runtime count) and the compiler knows how far rows are aligned.
@@ -88,18 +105,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, YS, a
                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, POINTWISE: tl.constexpr,
                  IDX64: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, RES_AFTER: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    in_group = GROUP_M * tl.cdiv(Cout, BLOCK_N)
-    first_m = (pid // in_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = tile_offsets(M, Cout, IDX64, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < Cout
@@ -193,9 +199,7 @@ def conv2d_nhwc(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, residual:
                          f"same type, got {x.dtype} and {wt.dtype}.")
     oh = out_size(h, kh, stride[0], pads[0], pads[2], dilation[0])
     ow = out_size(w, kw, stride[1], pads[1], pads[3], dilation[1])
-    y = None if out is None or x.is_meta else out((n, cout, oh, ow), x.dtype, x.device)
-    if y is None or not nhwc_rows(y):
-        y = torch.empty((n, oh, ow, cout), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    y = nhwc_output(out, (n, cout, oh, ow), x.dtype, x.device, x.is_meta)
     if x.is_meta or y.numel() == 0:
         return y
     x = x.contiguous(memory_format=torch.channels_last)

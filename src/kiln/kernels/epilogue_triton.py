@@ -86,6 +86,16 @@ def nhwc_rows(y: torch.Tensor) -> bool:
     return y.stride(1) == 1 and y.stride(2) == w * ps and (n <= 1 or y.stride(0) == h * w * ps) and ps >= c
 
 
+def nhwc_output(out, shape: tuple[int, int, int, int], dtype: torch.dtype, device, meta: bool) -> torch.Tensor:
+    """Where a kernel writes its channels-last [N, C, H, W] result: ``out(shape, dtype, device)`` (a
+    concatenation's channel slice, runtime/concat_elision.py) when it is given and has dense pixel
+    rows, else a fresh channels-last tensor."""
+    y = None if out is None or meta else out(shape, dtype, device)
+    if y is None or not nhwc_rows(y):
+        n, c, h, w = shape
+        y = torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return y
+
 
 def apply_epilogue(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None, act: str,
                    alpha: float = 0.0, beta: float = 0.0, block: int = 1024,

@@ -66,6 +66,18 @@ def replace_output(net: Network, old: Tensor, new: Tensor) -> None:
         net.rename(new, name)
 
 
+def substitute(net: Network, new: Layer, before: Layer, olds: list[Tensor], dead: list[Layer] = ()) -> None:
+    """Put the just-added layer ``new`` right before ``before`` in the layer order, make its outputs
+    stand for ``olds`` (their shapes, dtypes and names; see replace_output), then remove those of
+    ``dead`` nothing reads any more."""
+    net.layers.remove(new)
+    net.layers.insert(net.layers.index(before), new)
+    for out, old in zip(new.outputs, olds):
+        out.shape, out.dtype = old.shape, old.dtype
+        replace_output(net, old, out)
+    remove_dead(net, list(dead))
+
+
 def remove_dead(net: Network, layers: list[Layer]) -> None:
     """Remove those of ``layers`` whose outputs nothing reads any more, until none is left to remove."""
     pending = list(layers)

@@ -16,7 +16,7 @@ kernels on the GPU), never materializing the S×S scores in memory.
 from __future__ import annotations
 
 from kiln.ir.network import Network
-from kiln.passes._match import only_consumer, producer, remove_dead, replace_output, scalar, single_use
+from kiln.passes._match import only_consumer, producer, scalar, single_use, substitute
 from kiln.passes.base import Pass, PassResult
 
 
@@ -147,10 +147,5 @@ class FuseAttention(Pass):
         att = net.add_layer("Attention", ins, {"scale": scale, "causal": False},
                             name=net.unique_name(pv.name + "/attention"),
                             origin=[o for layer in chain + [pv] for o in layer.origin])
-        net.layers.remove(att)
-        net.layers.insert(net.layers.index(pv), att)
-        out = pv.outputs[0]
-        att.outputs[0].shape, att.outputs[0].dtype = out.shape, out.dtype
-        replace_output(net, out, att.outputs[0])
-        remove_dead(net, [pv] + chain)
+        substitute(net, att, pv, pv.outputs, [pv] + chain)
         return True

@@ -19,7 +19,7 @@ other with the engine's usual kernels, and the builder times them against the fu
 from __future__ import annotations
 
 from kiln.ir.network import Network
-from kiln.passes._match import remove_dead, replace_output
+from kiln.passes._match import substitute
 from kiln.passes.base import Pass, PassResult
 
 MAX_CN = 128      # wider second convolutions (ResNet-50's stages 3-4) ran slower fused on an H100
@@ -83,11 +83,6 @@ class FuseConvChains(Pass):
             chain = net.add_layer("Conv1x1Chain", ins, attrs,
                                   num_outputs=2, name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
                                   origin=list(dict.fromkeys(a.origin + b.origin)))
-            net.layers.remove(chain)
-            net.layers.insert(net.layers.index(a), chain)
-            for new, old in zip(chain.outputs, (y, b.outputs[0])):
-                new.shape, new.dtype = old.shape, old.dtype
-                replace_output(net, old, new)
-            remove_dead(net, [b, a])
+            substitute(net, chain, a, [y, b.outputs[0]], [b, a])
             modified = True
         return PassResult(net, modified)

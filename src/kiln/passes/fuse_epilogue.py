@@ -17,7 +17,7 @@ On the GPU a ReLU conv (with or without residual) runs as one cuDNN kernel
 from __future__ import annotations
 
 from kiln.ir.network import Network
-from kiln.passes._match import only_consumer, other_input, remove_dead, replace_output
+from kiln.passes._match import only_consumer, other_input, remove_dead, replace_output, substitute
 from kiln.passes.base import Pass, PassResult
 
 FUSABLE = {"relu", "silu", "sigmoid", "tanh", "clip", "gelu", "gelu_tanh", "leaky_relu", "hard_swish",
@@ -81,12 +81,7 @@ class FuseEpilogues(Pass):
         bt = net.add_constant(b.value.reshape(-1), name=net.unique_name(b.name + "_fc"))
         fc = net.add_layer("FullyConnected", [x, wt, bt], {}, name=net.unique_name(mm.name + "/fc"),
                            origin=list(dict.fromkeys(mm.origin + add.origin)))
-        net.layers.remove(fc)
-        net.layers.insert(net.layers.index(mm), fc)
-        out = add.outputs[0]
-        fc.outputs[0].shape, fc.outputs[0].dtype = out.shape, out.dtype
-        replace_output(net, out, fc.outputs[0])
-        remove_dead(net, [add, mm])
+        substitute(net, fc, mm, add.outputs, [add, mm])
         return fc
 
     def _residual(self, net, conv, after_activation: bool = False) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from kiln.ir.network import Network
-from kiln.passes._match import only_consumer, other_input, producer, remove_dead, replace_output, scalar, single_use
+from kiln.passes._match import only_consumer, other_input, producer, scalar, single_use, substitute
 from kiln.passes.base import Pass, PassResult
 
 
@@ -44,10 +44,7 @@ class FusePatterns(Pass):
             return False
         act = net.add_layer("Activation", [x], {"type": "silu", "alpha": 0.0, "beta": 0.0},
                             name=net.unique_name(mul.name + "/silu"), origin=sig.origin + mul.origin)
-        _place(net, act, mul)
-        act.outputs[0].shape, act.outputs[0].dtype = mul.outputs[0].shape, mul.outputs[0].dtype
-        replace_output(net, mul.outputs[0], act.outputs[0])
-        remove_dead(net, [sig, mul])
+        substitute(net, act, mul, mul.outputs, [sig, mul])
         return True
 
     def _gelu(self, net, erf) -> bool:
@@ -89,10 +86,7 @@ class FusePatterns(Pass):
         act = net.add_layer("Activation", [x], {"type": "gelu", "alpha": 0.0, "beta": 0.0},
                             name=net.unique_name(last.name + "/gelu"),
                             origin=[o for layer in chain for o in layer.origin])
-        _place(net, act, last)
-        act.outputs[0].shape, act.outputs[0].dtype = last.outputs[0].shape, last.outputs[0].dtype
-        replace_output(net, last.outputs[0], act.outputs[0])
-        remove_dead(net, chain)
+        substitute(net, act, last, last.outputs, chain)
         return True
 
     def _layernorm(self, net, sqrt) -> bool:
@@ -151,14 +145,5 @@ class FusePatterns(Pass):
                            {"type": "layer", "axis": norm_axes[0] - r, "epsilon": eps},
                            name=net.unique_name(last.name + "/layernorm"),
                            origin=[o for layer in chain for o in layer.origin])
-        _place(net, ln, last)
-        ln.outputs[0].shape, ln.outputs[0].dtype = out.shape, out.dtype
-        replace_output(net, out, ln.outputs[0])
-        remove_dead(net, chain)
+        substitute(net, ln, last, [out], chain)
         return True
-
-
-def _place(net: Network, new, before) -> None:
-    """Move the just-appended layer ``new`` to sit right before ``before`` (keeps a valid order)."""
-    net.layers.remove(new)
-    net.layers.insert(net.layers.index(before), new)

@@ -14,7 +14,7 @@ generated Triton kernel (kernels/pointwise_fused.py); elsewhere it runs step by 
 from __future__ import annotations
 
 from kiln.ir.network import Layer, Network
-from kiln.passes._match import remove_dead, replace_output, scalar
+from kiln.passes._match import scalar, substitute
 from kiln.passes.base import Pass, PassResult
 
 BINARY = {"sum", "sub", "prod", "div", "max", "min", "pow"}
@@ -111,11 +111,7 @@ class FusePointwise(Pass):
             fused = net.add_layer("Pointwise", inputs, {"program": program},
                                   name=net.unique_name(tail.name + "/fused"),
                                   origin=[o for layer in order for o in layer.origin])
-            net.layers.remove(fused)
-            net.layers.insert(net.layers.index(tail), fused)
-            fused.outputs[0].shape, fused.outputs[0].dtype = out.shape, out.dtype
-            replace_output(net, out, fused.outputs[0])
-            remove_dead(net, order)
+            substitute(net, fused, tail, [out], order)
             modified = True
         return PassResult(net, modified)
 

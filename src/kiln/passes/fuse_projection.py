@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.ir.network import Network
-from kiln.passes._match import remove_dead, replace_output
+from kiln.passes._match import substitute
 from kiln.passes.base import Pass, PassResult
 
 
@@ -87,11 +87,6 @@ class FuseProjectionShortcuts(Pass):
                                                  bias], attrs,
                                   name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
                                   origin=list(dict.fromkeys(a.origin + b.origin)))
-            net.layers.remove(fused)
-            net.layers.insert(net.layers.index(a), fused)
-            y = a.outputs[0]
-            fused.outputs[0].shape, fused.outputs[0].dtype = y.shape, y.dtype
-            replace_output(net, y, fused.outputs[0])
-            remove_dead(net, [a, b])
+            substitute(net, fused, a, a.outputs, [a, b])
             modified = True
         return PassResult(net, modified)
