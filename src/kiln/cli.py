@@ -224,6 +224,9 @@ def cmd_inspect(args) -> int:
     for i, p in enumerate(header.get("profiles", [])):
         for n, r in p.items():
             print(f"Profile {i}: {n} min {r['min']} opt {r['opt']} max {r['max']}")
+    fp32 = header.get("build", {}).get("fp32_layers")
+    if fp32:
+        print(f"FP32 layers (--fp32-layers): {', '.join(fp32)}")
     tensors = header.get("tensors", {})
 
     def desc(names):

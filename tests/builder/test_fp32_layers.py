@@ -114,6 +114,9 @@ def test_cli_build_and_round_trip(model, tmp_path):
     assert engine.header["build"]["fp32_layers"] == ["/conv1/*", "/fc/*"]
     assert _layer(engine, "/conv1/")["precision"] == "fp32" and _layer(engine, "/fc/")["precision"] == "fp32"
     assert _rel(next(iter(engine.context().run({"x": x}).values())), ref) < 2e-2
+    shown = subprocess.run([sys.executable, "-c", "import sys, kiln.cli; sys.exit(kiln.cli.main(sys.argv[1:]))",
+                            "inspect", str(out)], capture_output=True, text=True, timeout=120)
+    assert "FP32 layers (--fp32-layers): /conv1/*, /fc/*" in shown.stdout
     bad = subprocess.run([sys.executable, "-c", "import sys, kiln.cli; sys.exit(kiln.cli.main(sys.argv[1:]))",
                           "build", str(src), "-o", str(tmp_path / "b.kiln"), "--device", "cpu", "--fp16",
                           "--fp32-layers", "/nope/*", "-q"], capture_output=True, text=True, timeout=300)
