@@ -135,3 +135,15 @@ def test_gpu_fp32_layers_are_exact_fp32(model):
                                                                fp32_layers=("/conv1/*",)))
     assert _layer(first, "/conv1/")["precision"] == "fp32" and _layer(first, "/conv2/")["precision"] == "fp16"
     assert _rel(next(iter(first.context().run({"x": x}).values())), ref) < 2e-2
+
+
+def test_compare_takes_the_constraint(model, tmp_path):
+    """kiln.compare builds with the patterns: with every layer in FP32 the FP16 build meets FP32's tolerance."""
+    data, x, _ = model
+    src = tmp_path / "net.onnx"
+    src.write_bytes(data)
+    result = kiln.compare(str(src), precision="fp16", device="cpu", inputs={"x": x}, atol=1e-5, rtol=1e-5,
+                          fp32_layers=("*",))
+    assert result.passed
+    loose = kiln.compare(str(src), precision="fp16", device="cpu", inputs={"x": x}, atol=1e-5, rtol=1e-5)
+    assert not loose.passed          # the same tolerance fails the plain FP16 build
