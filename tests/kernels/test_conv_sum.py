@@ -117,7 +117,7 @@ class _FirstBlock(torch.nn.Module):
     1×1 projection shortcut of the block input (stride s), BN everywhere; ``proj_first`` adds the
     shortcut first (the other operand order of the exported Add)."""
 
-    def __init__(self, c_in=32, c=64, c4=16, s=2, proj_first=False, proj_act=False, tap=False):
+    def __init__(self, c_in=32, c=64, c4=16, s=2, proj_first=False, proj_act=False, tap=False, clip=False):
         super().__init__()
 
         def cbn(i, o, k, st=1):
@@ -126,7 +126,7 @@ class _FirstBlock(torch.nn.Module):
         self.a, self.b, self.c = cbn(c_in, c4, 1), cbn(c4, c4, 3, s), cbn(c4, c, 1)
         self.proj = cbn(c_in, c, 1, s)
         self.d, self.e, self.f = cbn(c, c4, 1), cbn(c4, c4, 3), cbn(c4, c, 1)
-        self.proj_first, self.proj_act, self.tap = proj_first, proj_act, tap
+        self.proj_first, self.proj_act, self.tap, self.clip = proj_first, proj_act, tap, clip
         for m in self.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
@@ -138,7 +138,8 @@ class _FirstBlock(torch.nn.Module):
         p = self.proj(x)
         if self.proj_act:
             p = torch.relu(p)
-        y = torch.relu(p + out if self.proj_first else out + p)
+        y = p + out if self.proj_first else out + p
+        y = torch.clamp(y, -0.25, 0.5) if self.clip else torch.relu(y)
         z = torch.relu(y + self.f(torch.relu(self.e(torch.relu(self.d(y))))))
         return (z, p) if self.tap else z
 
@@ -172,6 +173,16 @@ def test_pass_fuses_the_projection_and_matches_onnxruntime(s, c_in, proj_first):
     assert lead["inputs"][3] is None and "x" in (lead["inputs"][0], lead["inputs"][6])
     assert lead["attrs"]["stride2"] == [s, s] and (s == 1 or lead["inputs"][6] == "x")   # the strided one second
     assert kinds.count("Convolution") == 4      # a, b, e, f: the projection and d are in the chain
+    _matches_onnxruntime(engine, data, x)
+
+
+def test_activation_parameters_carry_over():
+    """The holder's fused activation moves to the sum with its parameters (a Clip's bounds)."""
+    torch.manual_seed(9)
+    engine, data, x = _build(_FirstBlock(clip=True), (1, 32, 8, 8))
+    (fused,) = [layer for layer in engine.layers if layer["kind"] == "Conv1x1Sum"]
+    assert (fused["attrs"]["activation"], fused["attrs"]["alpha"], fused["attrs"]["beta"]) == ("clip", -0.25, 0.5)
+    assert not any(layer["kind"] == "Activation" for layer in engine.layers)
     _matches_onnxruntime(engine, data, x)
 
 

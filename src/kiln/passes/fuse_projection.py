@@ -80,8 +80,8 @@ class FuseProjectionShortcuts(Pass):
             bias = net.add_constant(total.astype(dtype), name=net.unique_name(a.name + "_bias_sum"))
             first, second = (a, b) if list(a.attrs["stride"]) == [1, 1] else (b, a)    # the unstrided operand first
             attrs = {"stride1": list(first.attrs["stride"]), "stride2": list(second.attrs["stride"])}
-            for k in ("activation", "alpha", "beta"):
-                if a.attrs.get(k) is not None:
+            for k in ("activation", "alpha", "beta"):       # a clip's missing bound stays None (no bound)
+                if k in a.attrs:
                     attrs[k] = a.attrs[k]
             fused = net.add_layer("Conv1x1Sum", [first.inputs[0], first.inputs[1], second.inputs[0], second.inputs[1],
                                                  bias], attrs,
