@@ -204,8 +204,53 @@ def _random(rng, dtype: str, shape):
     return rng.standard_normal(shape).astype(np_dtype(dtype))
 
 
+def _inspect_onnx(path: str, as_json: bool) -> int:
+    """An ONNX model's inputs, outputs and every node (name, op, inputs → outputs): the names that
+    ``--fp32-layers`` patterns and ``kiln compare --per-layer`` refer to."""
+    import onnx
+
+    from kiln.errors import ParseError
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:
+        raise ParseError(f"{path!r} is neither a Kiln engine nor a readable ONNX model "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from None
+
+    def value_desc(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+                if t.elem_type else "?", "shape": dims}
+    inits = {i.name for i in proto.graph.initializer}
+    info = {"opsets": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
+            "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+            "inputs": [value_desc(v) for v in proto.graph.input if v.name not in inits],
+            "outputs": [value_desc(v) for v in proto.graph.output],
+            "initializers": len(inits),
+            "nodes": [{"name": n.name, "op": n.op_type, "domain": n.domain or "ai.onnx", "inputs": list(n.input),
+                       "outputs": list(n.output)} for n in proto.graph.node]}
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return 0
+    ops = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    print(f"Model {path}: opsets {ops}; producer {info['producer'] or '-'}; {len(info['nodes'])} nodes, "
+          f"{info['initializers']} initializers")
+    for title, key in (("Inputs: ", "inputs"), ("Outputs:", "outputs")):
+        print(title, ", ".join(f"{v['name']}:{v['dtype']}{v['shape']}" for v in info[key]))
+    print(f"Nodes ({len(info['nodes'])}):")
+    for i, n in enumerate(info["nodes"]):
+        ins = ", ".join(x for x in n["inputs"] if x and x not in inits)
+        print(f"  {i:4d} {n['name'] or '(unnamed)'}  [{n['op']}]  {ins or '-'} -> {', '.join(n['outputs'])}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from kiln.engine import read_header
+    from kiln.engine.format import MAGIC
+    if os.path.isfile(args.engine) and not args.engine.endswith(".kiln"):
+        with open(args.engine, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                return _inspect_onnx(args.engine, args.json)
     header = read_header(args.engine)
     if args.json:
         slim = {k: v for k, v in header.items() if k != "plan"}
@@ -387,10 +432,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("inspect", help="show an engine's device, profiles and layers",
+    p = sub.add_parser("inspect", help="show an engine's device, profiles and layers (or an ONNX model's nodes)",
                        description="Show ENGINE's device fingerprint, profiles, memory and every layer: kind, shapes, "
-                                   "dtypes, precision, tactic and the ONNX nodes it came from.")
-    p.add_argument("engine", help="the .kiln engine file")
+                                   "dtypes, precision, tactic and the ONNX nodes it came from. Given an .onnx "
+                                   "model instead: its inputs, outputs and every node's name and op (the names "
+                                   "--fp32-layers patterns match).")
+    p.add_argument("engine", help="the .kiln engine file, or an .onnx model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 

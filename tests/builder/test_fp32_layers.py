@@ -147,3 +147,21 @@ def test_compare_takes_the_constraint(model, tmp_path):
     assert result.passed
     loose = kiln.compare(str(src), precision="fp16", device="cpu", inputs={"x": x}, atol=1e-5, rtol=1e-5)
     assert not loose.passed          # the same tolerance fails the plain FP16 build
+
+
+def test_inspect_lists_an_onnx_models_node_names(model, tmp_path, capsys):
+    """The names --fp32-layers patterns match: `kiln inspect MODEL.onnx` lists every node."""
+    import json
+
+    import kiln.cli
+    src = tmp_path / "net.onnx"
+    src.write_bytes(model[0])
+    assert kiln.cli.main(["inspect", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "Inputs:  x:float32[2, 3, 12, 12]" in text and "/conv1/Conv  [Conv]  x -> " in text
+    assert kiln.cli.main(["inspect", str(src), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [n["op"] for n in info["nodes"]][:2] == ["Conv", "Relu"] and info["outputs"][0]["shape"] == [2, 5]
+    (tmp_path / "junk.bin").write_bytes(b"\x08\x01garbage\xff\xff")
+    assert kiln.cli.main(["inspect", str(tmp_path / "junk.bin")]) == 2
+    assert "neither a Kiln engine nor" in capsys.readouterr().err
