@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
+from fp16_floor import fp16_rounded  # noqa: E402
 
 import kiln  # noqa: E402
 
@@ -26,10 +27,7 @@ def main(name: str) -> int:
                         profiles={in_names[0]: tuple(ex[0].shape)}))
     ctx = engine.context()
     half = copy.deepcopy(model).half()
-    rounded = copy.deepcopy(model)           # FP32 arithmetic, FP16-rounded weights
-    for t in list(rounded.parameters()) + list(rounded.buffers()):
-        if t.dtype.is_floating_point:
-            t.data = t.data.half().float()
+    rounded = fp16_rounded(model)
     res = []
     for seed in range(8):
         g = torch.Generator().manual_seed(1000 + seed)

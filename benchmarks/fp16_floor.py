@@ -35,10 +35,7 @@ def main() -> int:
         harness.calibrate(model, make_inputs)
         model = model.eval().to(dev)
         x = [t.to(dev) for t in make_inputs(args.batch)]
-        rounded = copy.deepcopy(model)
-        for p in list(rounded.parameters()) + list(rounded.buffers()):
-            if p.dtype.is_floating_point:
-                p.data = p.data.half().float()
+        rounded = fp16_rounded(model)
         xr = [t.half().float() if t.is_floating_point() else t for t in x]
 
         def run(m, inp):
@@ -52,6 +49,16 @@ def main() -> int:
         if args.per_layer:
             per_layer(model, x, ref, run)
     return 0
+
+
+def fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose float weights and buffers are rounded to FP16, kept in FP32 (the
+    arithmetic stays exact FP32)."""
+    rounded = copy.deepcopy(model)
+    for p in list(rounded.parameters()) + list(rounded.buffers()):
+        if p.dtype.is_floating_point:
+            p.data = p.data.half().float()
+    return rounded
 
 
 def per_layer(model, x, ref, run) -> None:

@@ -120,20 +120,23 @@ def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
         layer.precision = "fp32"
         for i, t in enumerate(list(layer.inputs)):
             if t is not None and t.dtype == low:
-                c = net.add_layer("Cast", [t], {"to": "float32"}, name=net.unique_name(f"{layer.name}/in{i}_fp32"),
-                                  output_dtypes=["float32"])
-                net.layers.remove(c)
-                net.layers.insert(net.layers.index(layer), c)
-                layer.set_input(i, c.outputs[0])
+                layer.set_input(i, _cast_at(net, t, "float32", f"{layer.name}/in{i}_fp32", layer).outputs[0])
         for o in list(layer.outputs):
             if o.dtype == "float32" and o.uses:
                 uses = list(o.uses)
-                c = net.add_layer("Cast", [o], {"to": low}, name=net.unique_name(f"{layer.name}/out_{low}"),
-                                  output_dtypes=[low])
-                net.layers.remove(c)
-                net.layers.insert(net.layers.index(layer) + 1, c)
+                c = _cast_at(net, o, low, f"{layer.name}/out_{low}", layer, after=True)
                 for ul, ui in uses:
                     ul.set_input(ui, c.outputs[0])
+
+
+def _cast_at(net: Network, t, to: str, name: str, layer, after: bool = False, precision: str | None = None):
+    """A Cast of ``t`` to ``to``, placed right before (or after) ``layer`` in the layer order."""
+    c = net.add_layer("Cast", [t], {"to": to}, name=net.unique_name(name), output_dtypes=[to])
+    if precision is not None:
+        c.precision = precision
+    net.layers.remove(c)
+    net.layers.insert(net.layers.index(layer) + int(after), c)
+    return c
 
 
 def _run_in_fp32(net: Network, layers, low: str, precision: str, fp32: set[int]) -> None:
@@ -147,22 +150,13 @@ def _run_in_fp32(net: Network, layers, low: str, precision: str, fp32: set[int])
                 continue
             c = up.get(id(t))
             if c is None:
-                c = net.add_layer("Cast", [t], {"to": "float32"}, name=net.unique_name(f"{t.name}/to_float32"),
-                                  output_dtypes=["float32"])
-                c.precision = "fp32"
-                net.layers.remove(c)
-                net.layers.insert(net.layers.index(layer), c)
-                up[id(t)] = c
+                c = up[id(t)] = _cast_at(net, t, "float32", f"{t.name}/to_float32", layer, precision="fp32")
             layer.set_input(i, c.outputs[0])
         for o in list(layer.outputs):
             uses = [(u, i) for u, i in o.uses if id(u) not in fp32 and u.kind != "Cast"]
             if o.dtype not in FLOATS or not uses:
                 continue
-            c = net.add_layer("Cast", [o], {"to": low}, name=net.unique_name(f"{o.name}/to_{low}"),
-                              output_dtypes=[low])
-            c.precision = precision
-            net.layers.remove(c)
-            net.layers.insert(net.layers.index(layer) + 1, c)
+            c = _cast_at(net, o, low, f"{o.name}/to_{low}", layer, after=True, precision=precision)
             for u, i in uses:
                 u.set_input(i, c.outputs[0])
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor
 from kiln.kernels.conv import match_weight
+from kiln.kernels.conv_sum import arrange, conv_sum
 from kiln.kernels.epilogue_triton import ACTS, apply_act
 from kiln.kernels.registry import tactic
 from kiln.passes.fuse_conv_chain import MAX_CN
@@ -175,7 +176,7 @@ def _ok(attrs, ctx) -> bool:
 
 
 def _transposed(cache: dict, w: torch.Tensor) -> torch.Tensor:
-    return per_tensor(cache, w, lambda: w.reshape(w.shape[0], -1).t().contiguous())
+    return per_tensor(cache, w, lambda: arrange(w))
 
 
 @tactic("Conv1x1Chain", "triton_chain", devices=("cuda",), supports=_ok, priority=1)
@@ -193,7 +194,6 @@ def make_chain_triton(attrs, ctx):
 
 def _split(second_cudnn: bool):
     def make(attrs, ctx):
-        from kiln.kernels.conv_sum import conv_sum
         from kiln.kernels.conv_triton import arrange_weight, conv2d_nhwc
         act1, act2 = attrs.get("activation") or "none", attrs.get("activation2") or "none"
         s2 = tuple(attrs.get("stride2", (1, 1)))
