@@ -96,17 +96,27 @@ class ZooModel:
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return {n: o.detach().to("cpu", torch.float64).numpy() for n, o in zip(self.outputs, outs)}
 
-    def export(self, out_dir: Path) -> Path:
-        """Write ``out_dir/<name>.onnx`` (external data beside it if the exporter wants that)."""
+    def export(self, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``out_dir/<name>.onnx`` (external data beside it if the exporter wants that).
+
+        With ``dtype`` (after a first export), the same module is written again with its floating-point
+        weights, inputs and arithmetic in that type, as ``<name>.<dtype>.onnx``: an FP64 copy of the model
+        checks Kiln's semantics without FP32 rounding in the way."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{self.name}.onnx"
-        torch.manual_seed(0)
-        model = self.make()
-        calibrate(model, [torch.from_numpy(a) for a in self.feeds(seed=7, sizes={**self.sizes, "B": 4}).values()])
-        model.eval()
-        self.module = model                   # the exported module, for torch references (FP64 truth, FP16 peer)
-        example = tuple(torch.from_numpy(a) for a in self.feeds(seed=123).values())
+        if dtype is None:
+            path = out_dir / f"{self.name}.onnx"
+            torch.manual_seed(0)
+            model = self.make()
+            calibrate(model, [torch.from_numpy(a) for a in self.feeds(seed=7, sizes={**self.sizes, "B": 4}).values()])
+            model.eval()
+            self.module = model               # the exported module, for torch references (FP64 truth, FP16 peer)
+        else:
+            import copy
+            path = out_dir / f"{self.name}.{str(dtype).replace('torch.', '')}.onnx"
+            model = copy.deepcopy(self.module).to(dtype)
+        example = tuple(torch.from_numpy(a.astype(np.float64) if dtype == torch.float64 and a.dtype.kind == "f" else a)
+                        for a in self.feeds(seed=123).values())
         names = list(self.inputs)
         symbols = {"B": "batch", "S": "sequence"}
         with torch.no_grad(), warnings.catch_warnings():

@@ -146,21 +146,39 @@ SELF_DEFINED = [n for n in SMALL if n not in zoo.LIBRARY_MODELS]
 
 @pytest.mark.parametrize("name", SELF_DEFINED + ["bert_base_opset17"])
 def test_zoo_small_on_cpu(name: str, tmp_path: Path) -> None:
-    """The zoo's own model code at small size: exports, checks clean, and is as accurate as ORT on the Kiln
-    CPU path (compared with ORT, or where the random network is ill-conditioned, with torch in FP64)."""
+    """The zoo's own model code at small size, on the Kiln CPU path, in two parts.
+
+    Semantics, free of rounding: the same module exported in FP64 builds and runs in Kiln and matches torch
+    in FP64 to 1e-10 relative L2 (FP64 rounding leaves about 1e-14 here, on any x86-64 CPU).
+    Precision: the FP32 engine is within 1e-5 of ONNX Runtime, or, where the random network is ill-conditioned
+    and FP32 results spread with the CPU's kernels, its error against FP64 is at most 8 times the larger error of
+    two independent FP32 peers on the same machine (ONNX Runtime, torch eager). Semantics being exact, what this
+    guards is precision: a lost FP32 (a TF32, FP16 or BF16 step) costs 100x or more, not a small factor."""
     import torch
     _needs(name)
     model = SMALL[name]
     path = model.export(tmp_path)
     assert kiln.onnx.check(path) == []
     engine = kiln.build(kiln.onnx.parse(path), kiln.BuildConfig(device="cpu", profiles=model.profiles()))
+    engine64 = None
+    if name != "bert_base_opset17":           # the transformers export keeps FP32 masks and casts
+        path64 = model.export(tmp_path, torch.float64)
+        engine64 = kiln.build(kiln.onnx.parse(path64), kiln.BuildConfig(device="cpu", profiles=model.profiles()))
     for seed, sizes in enumerate([model.sizes, {k: v[0] for k, v in model.ranges.items()}]):
         feeds = model.feeds(seed=seed, sizes=sizes)
         ref = ort_run(path, feeds)
         truth = model.run_torch(feeds, torch.float64)
+        peer32 = model.run_torch(feeds, torch.float32)
         got = engine.context().run(feeds)
+        got64 = engine64.context().run({k: v.astype(np.float64) if v.dtype.kind == "f" else v
+                                        for k, v in feeds.items()}) if engine64 is not None else None
         for out in ref:
             assert got[out].shape == ref[out].shape and got[out].dtype == ref[out].dtype
-            ort_err, err = rel_l2(ref[out], truth[out]), rel_l2(got[out], truth[out])
-            assert _acceptable(rel_l2(got[out], ref[out]), err, ort_err, 1e-5), \
-                f"{name} {out} at {sizes}: Kiln vs FP64 {err:.3g}, ORT vs FP64 {ort_err:.3g}"
+            if got64 is not None:
+                assert got64[out].dtype == np.float64
+                sem = rel_l2(got64[out], truth[out])
+                assert sem <= 1e-10, f"{name} {out} at {sizes}: FP64 engine vs torch FP64 {sem:.3g}"
+            err = rel_l2(got[out], truth[out])
+            peer = max(rel_l2(ref[out], truth[out]), rel_l2(peer32[out], truth[out]))
+            assert rel_l2(got[out], ref[out]) <= 1e-5 or err <= 8 * peer + 1e-7, \
+                f"{name} {out} at {sizes}: Kiln FP32 vs FP64 {err:.3g}, worst FP32 peer vs FP64 {peer:.3g}"
