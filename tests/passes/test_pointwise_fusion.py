@@ -3,7 +3,6 @@ generated Triton kernel (through Triton's interpreter on the CPU) computes what 
 from __future__ import annotations
 
 import io
-import os
 import warnings
 
 import numpy as np
@@ -66,4 +65,5 @@ def test_generated_triton_kernel_matches_torch(program, monkeypatch):
     ref = make_pointwise_torch({"program": program}, KernelContext())(a, b)[0]
     got = run_triton(program, [a, b], block=64)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert os.path.isdir(os.path.join(__import__("tempfile").gettempdir(), "kiln-triton"))
+    from kiln.codecache import cache_dir
+    assert any(p.suffix == ".py" for p in cache_dir("kernels").iterdir())        # the per-user kernel cache

@@ -1,97 +1,194 @@
 """The Pointwise layer: a fused element-wise program, step by step in torch or as one generated
 Triton kernel on the GPU.
 
-The Triton source is generated from the program (one line per step, FP32 arithmetic, inputs read
-through broadcast strides), written to a cache directory and imported, so Triton's JIT sees real
-source. Kernels are cached by program and rank.
+A program is data (it comes from the pointwise-fusion pass or from an engine file), so both tactics
+first check it against a closed grammar (``validate_program``): each step is
+``{"op": OP, "args": [ARG, ...], "alpha"?: number, "beta"?: number}`` with OP from ``OPS`` and its
+arity, and each ARG either ``"i<k>"`` (layer input k), ``"v<k>"`` (the value of an earlier step k)
+or a real number. The Triton source is generated from the checked steps only (op templates from the
+table, integer indices, float literals), cached in the per-user folder (kiln/codecache.py) and
+imported, so Triton's JIT sees real source.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import math
+import numbers
 import os
-import tempfile
+import re
 import threading
+from typing import Any, NamedTuple
 
 import torch
 
+from kiln import codecache
 from kiln.errors import BuildError
 from kiln.kernels.pointwise import activation_fn
 from kiln.kernels.registry import tactic
 
 MAX_RANK = 6
+MAX_STEPS = 1024
+
+# The Triton form of each op; the keys are the closed op table (binary ops read {0} and {1}).
+_TRITON = {
+    "sum": "{0} + {1}", "sub": "{0} - {1}", "prod": "{0} * {1}", "div": "{0} / {1}",
+    "max": "tl.maximum({0}, {1})", "min": "tl.minimum({0}, {1})", "pow": "tl.exp({1} * tl.log({0}))",
+    "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})", "recip": "1.0 / {0}",
+    "abs": "tl.abs({0})", "neg": "-{0}", "erf": "tl.math.erf({0})", "sin": "tl.sin({0})", "cos": "tl.cos({0})",
+    "relu": "tl.maximum({0}, 0.0)", "sigmoid": "1.0 / (1.0 + tl.exp(-{0}))", "tanh": "_tanh({0})",
+    "silu": "{0} / (1.0 + tl.exp(-{0}))", "gelu": "0.5 * {0} * (1.0 + tl.math.erf({0} * 0.7071067811865476))",
+    "gelu_tanh": "0.5 * {0} * (1.0 + _tanh(0.7978845608028654 * ({0} + 0.044715 * {0} * {0} * {0})))",
+    "leaky_relu": "tl.where({0} >= 0, {0}, {0} * {alpha})",
+    "hard_sigmoid": "tl.minimum(tl.maximum({alpha} * {0} + {beta}, 0.0), 1.0)",
+    "hard_swish": "{0} * tl.minimum(tl.maximum({0} / 6.0 + 0.5, 0.0), 1.0)",
+    "softplus": "tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp({0})))",
+    "clip": "tl.minimum(tl.maximum({0}, {alpha}), {beta})",
+}
+_BINARY = {"sum": torch.add, "sub": torch.sub, "prod": torch.mul, "div": torch.div, "max": torch.maximum,
+           "min": torch.minimum, "pow": torch.pow}
+_UNARY = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "recip": torch.reciprocal, "abs": torch.abs,
+          "neg": torch.neg, "erf": torch.erf, "sin": torch.sin, "cos": torch.cos}
+OPS: dict[str, int] = {op: 2 if op in _BINARY else 1 for op in _TRITON}     # op -> arity
+_KEYS = {"op", "args", "alpha", "beta"}
+_REF = re.compile(r"([iv])(0|[1-9][0-9]{0,5})")
+
+
+class Ref(NamedTuple):
+    kind: str       # "i": a layer input, "v": an earlier step's value
+    index: int
+
+
+class ProgramStep(NamedTuple):
+    op: str
+    args: tuple[Ref | float, ...]
+    alpha: float
+    beta: float
+
+
+def _bad(where: str, problem: str) -> BuildError:
+    return BuildError(f"Pointwise program {where}: {problem} (a step is {{op, args, alpha?, beta?}} with an op "
+                      f"from Kiln's table and args 'iK' for input K, 'vK' for step K, or numbers).")
+
+
+def _show(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:               # an int past Python's digit limit, nesting past the recursion limit
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(where, f"{_show(value)} is not a number")
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        raise _bad(where, f"{_show(value)} is out of range for a float") from None
+
+
+def validate_program(program: Any, n_inputs: int | None) -> tuple[ProgramStep, ...]:
+    """The checked steps of ``program`` over ``n_inputs`` layer inputs (None: not known here);
+    anything outside the grammar raises one BuildError naming the step."""
+    if not isinstance(program, (list, tuple)) or not program:
+        raise _bad("attribute", f"expected a non-empty list of steps, got {_show(program)}")
+    if len(program) > MAX_STEPS:
+        raise _bad("attribute", f"{len(program)} steps is more than the {MAX_STEPS} allowed")
+    steps = []
+    for k, step in enumerate(program):
+        where = f"step {k}"
+        if not isinstance(step, dict):
+            raise _bad(where, f"expected an object, got {_show(step)}")
+        extra = [key for key in step if key not in _KEYS]
+        if extra:
+            raise _bad(where, f"unknown key {_show(extra[0])}")
+        op = step.get("op")
+        if not isinstance(op, str) or op not in OPS:
+            raise _bad(where, f"unknown op {_show(op)}")
+        args = step.get("args")
+        if not isinstance(args, (list, tuple)) or len(args) != OPS[op]:
+            raise _bad(where, f"{op} takes {OPS[op]} argument(s), got {_show(args)}")
+        checked: list[Ref | float] = []
+        for a in args:
+            if isinstance(a, str):
+                m = _REF.fullmatch(a)
+                if m is None:
+                    raise _bad(where, f"argument {_show(a)} is neither 'iK', 'vK' nor a number")
+                ref = Ref(m.group(1), int(m.group(2)))
+                if ref.kind == "i" and n_inputs is not None and ref.index >= n_inputs:
+                    raise _bad(where, f"argument {a!r} names input {ref.index} of a layer with {n_inputs}")
+                if ref.kind == "v" and ref.index >= k:
+                    raise _bad(where, f"argument {a!r} names a step that does not come before it")
+                checked.append(ref)
+            else:
+                checked.append(_number(a, where))
+        if not any(isinstance(a, Ref) for a in checked):
+            raise _bad(where, f"{op} reads no input or earlier step")
+        steps.append(ProgramStep(op, tuple(checked), _number(step.get("alpha", 0.0), where),
+                                 _number(step.get("beta", 0.0), where)))
+    return tuple(steps)
+
+
+def _n_inputs(ctx) -> int | None:
+    return len(ctx.input_dtypes) or None
 
 
 def _torch_step(op: str, args: list, alpha: float, beta: float):
-    if op in ("sum", "sub", "prod", "div", "max", "min", "pow"):
+    if op in _BINARY:
         a, b = args
         if not isinstance(a, torch.Tensor):          # a literal on the left: fill on the device, no copy
             a = torch.full_like(b, a)
         if not isinstance(b, torch.Tensor) and op in ("max", "min"):
             return torch.clamp(a, min=b) if op == "max" else torch.clamp(a, max=b)
-        return {"sum": torch.add, "sub": torch.sub, "prod": torch.mul, "div": torch.div, "max": torch.maximum,
-                "min": torch.minimum, "pow": torch.pow}[op](a, b)
+        return _BINARY[op](a, b)
     (a,) = args
-    unary = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "recip": torch.reciprocal, "abs": torch.abs,
-             "neg": torch.neg, "erf": torch.erf, "sin": torch.sin, "cos": torch.cos}
-    if op in unary:
-        return unary[op](a)
+    if op in _UNARY:
+        return _UNARY[op](a)
     return activation_fn(op, alpha, beta)(a)
 
 
 @tactic("Pointwise")
 def make_pointwise_torch(attrs, ctx):
-    program = attrs["program"]
+    steps = validate_program(attrs.get("program"), _n_inputs(ctx))
 
     def run(*xs):
         vals = []
-        for step in program:
-            args = [xs[int(a[1:])] if isinstance(a, str) and a[0] == "i" else
-                    vals[int(a[1:])] if isinstance(a, str) else float(a)
-                    for a in step["args"]]
-            vals.append(_torch_step(step["op"], args, step.get("alpha", 0.0), step.get("beta", 0.0)))
+        for s in steps:
+            args = [(xs if a.kind == "i" else vals)[a.index] if isinstance(a, Ref) else a for a in s.args]
+            vals.append(_torch_step(s.op, args, s.alpha, s.beta))
         return (vals[-1],)
     return run
 
 
-# ---- code generation ------------------------------------------------------------------------
+# ---- code generation (from checked steps only) ----------------------------------------------
 def _lit(v: float) -> str:
-    return repr(float(v)) if v == v and abs(v) != float("inf") else ("float('nan')" if v != v else
-                                                                          f"float('{'-' if v < 0 else ''}inf')")
+    v = float(v)
+    if math.isnan(v):
+        return "float('nan')"
+    if math.isinf(v):
+        return "float('inf')" if v > 0 else "float('-inf')"
+    return repr(v)
 
 
-def _expr(step: dict, ref) -> str:
-    op = step["op"]
-    a = [ref(x) for x in step["args"]]
-    al, be = _lit(step.get("alpha", 0.0)), _lit(step.get("beta", 0.0))
-    if op == "pow":
-        e = step["args"][1]
-        if isinstance(e, (int, float)) and float(e).is_integer() and 0 <= e <= 4:
+def _operand(a: Ref | float) -> str:
+    if isinstance(a, Ref):
+        return f"{'x' if a.kind == 'i' else 'v'}{int(a.index)}"
+    return _lit(a)
+
+
+def _expr(step: ProgramStep) -> str:
+    a = [_operand(x) for x in step.args]
+    if step.op == "pow" and not isinstance(step.args[1], Ref):
+        e = float(step.args[1])
+        if e.is_integer() and 0 <= e <= 4:
             return " * ".join([a[0]] * int(e)) if e else "tl.full(" + a[0] + ".shape, 1.0, tl.float32)"
-        if isinstance(e, (int, float)) and e == 0.5:
+        if e == 0.5:
             return f"tl.sqrt({a[0]})"
-        return f"tl.exp({a[1]} * tl.log({a[0]}))"
-    table = {
-        "sum": "{0} + {1}", "sub": "{0} - {1}", "prod": "{0} * {1}", "div": "{0} / {1}",
-        "max": "tl.maximum({0}, {1})", "min": "tl.minimum({0}, {1})",
-        "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})", "recip": "1.0 / {0}",
-        "abs": "tl.abs({0})", "neg": "-{0}", "erf": "tl.math.erf({0})", "sin": "tl.sin({0})", "cos": "tl.cos({0})",
-        "relu": "tl.maximum({0}, 0.0)", "sigmoid": "1.0 / (1.0 + tl.exp(-{0}))", "tanh": "_tanh({0})",
-        "silu": "{0} / (1.0 + tl.exp(-{0}))", "gelu": "0.5 * {0} * (1.0 + tl.math.erf({0} * 0.7071067811865476))",
-        "gelu_tanh": "0.5 * {0} * (1.0 + _tanh(0.7978845608028654 * ({0} + 0.044715 * {0} * {0} * {0})))",
-        "leaky_relu": "tl.where({0} >= 0, {0}, {0} * " + al + ")",
-        "hard_sigmoid": "tl.minimum(tl.maximum(" + al + " * {0} + " + be + ", 0.0), 1.0)",
-        "hard_swish": "{0} * tl.minimum(tl.maximum({0} / 6.0 + 0.5, 0.0), 1.0)",
-        "softplus": "tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp({0})))",
-        "clip": "tl.minimum(tl.maximum({0}, " + al + "), " + be + ")",
-    }
-    if op not in table:
-        raise BuildError(f"Pointwise op {op!r} has no Triton form.")
-    return table[op].format(*a)
+    return _TRITON[step.op].format(*a, alpha=_lit(step.alpha), beta=_lit(step.beta))
 
 
-def source(program: list[dict], n_in: int, rank: int) -> str:
-    """The Triton module for ``program`` over ``n_in`` inputs of the given (padded) rank."""
+def _source(steps: tuple[ProgramStep, ...], n_in: int, rank: int) -> str:
+    n_in, rank = int(n_in), int(rank)
     sizes = ", ".join(f"D{d}" for d in range(rank))
     strides = ", ".join(f"S{i}_{d}" for i in range(n_in) for d in range(rank))
     ins = ", ".join(f"in{i}" for i in range(n_in))
@@ -108,44 +205,44 @@ def source(program: list[dict], n_in: int, rank: int) -> str:
     for i in range(n_in):
         off = " + ".join(f"j{d} * S{i}_{d}" for d in range(rank))
         lines.append(f"    x{i} = tl.load(in{i} + ({off}), mask=mask, other=0.0).to(tl.float32)")
-
-    def ref(a):
-        if isinstance(a, str):
-            return ("x" if a[0] == "i" else "v") + a[1:]
-        return _lit(a)
-    for k, step in enumerate(program):
-        lines.append(f"    v{k} = {_expr(step, ref)}")
-    lines.append(f"    tl.store(out_ptr + offs, v{len(program) - 1}.to(out_ptr.dtype.element_ty), mask=mask)")
+    for k, step in enumerate(steps):
+        lines.append(f"    v{k} = {_expr(step)}")
+    lines.append(f"    tl.store(out_ptr + offs, v{len(steps) - 1}.to(out_ptr.dtype.element_ty), mask=mask)")
     return "\n".join(lines) + "\n"
 
 
-_KERNELS: dict[str, object] = {}
+def source(program: Any, n_in: int, rank: int) -> str:
+    """The Triton module for ``program`` over ``n_in`` inputs of the given (padded) rank."""
+    return _source(validate_program(program, n_in), n_in, rank)
+
+
+_KERNELS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 
-def compiled(program: list[dict], n_in: int, rank: int):
-    src = source(program, n_in, rank)
-    key = hashlib.sha1((src + os.environ.get("TRITON_INTERPRET", "")).encode()).hexdigest()[:20]
+def _compiled(steps: tuple[ProgramStep, ...], n_in: int, rank: int):
+    key = (repr(steps), n_in, rank, os.environ.get("TRITON_INTERPRET", ""))    # repr: NaN literals match
+    hit = _KERNELS.get(key)
+    if hit is not None:
+        return hit
+    for k, step in enumerate(steps):
+        if any(isinstance(a, Ref) and a.kind == "i" and a.index >= n_in for a in step.args):
+            raise _bad(f"step {k}", f"reads an input past the {n_in} given to it")
+    src = _source(steps, n_in, rank)
     with _LOCK:
         hit = _KERNELS.get(key)
-        if hit is not None:
-            return hit
-        folder = os.path.join(tempfile.gettempdir(), "kiln-triton")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"pointwise_{key}.py")
-        if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(src)
-            os.replace(tmp, path)
-        spec = importlib.util.spec_from_file_location(f"kiln_pointwise_{key}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _KERNELS[key] = module.kernel
-        return module.kernel
+        if hit is None:
+            digest = hashlib.sha256(src.encode()).hexdigest()
+            hit = _KERNELS[key] = codecache.import_source(src, "kernels", f"kiln_pointwise_{digest[:20]}").kernel
+        return hit
 
 
-def run_triton(program: list[dict], xs: list[torch.Tensor], block: int = 1024) -> torch.Tensor:
+def compiled(program: Any, n_in: int, rank: int):
+    """The Triton kernel for ``program`` (checked first), imported through the per-user cache."""
+    return _compiled(validate_program(program, n_in), n_in, rank)
+
+
+def _run_triton(steps: tuple[ProgramStep, ...], xs: list[torch.Tensor], block: int = 1024) -> torch.Tensor:
     shape = torch.broadcast_shapes(*[x.shape for x in xs])
     rank = max(1, len(shape))
     if rank > MAX_RANK:
@@ -159,9 +256,14 @@ def run_triton(program: list[dict], xs: list[torch.Tensor], block: int = 1024) -
     for x in xs:
         e = x.reshape((1,) * (rank - x.dim()) + tuple(x.shape)).expand(full)
         strides += [s if full[d] > 1 else 0 for d, s in enumerate(e.stride())]
-    kernel = compiled(program, len(xs), rank)
+    kernel = _compiled(steps, len(xs), rank)
     kernel[((n + block - 1) // block,)](out, *xs, n, *full, *strides, BLOCK=block, num_warps=4)
     return out
+
+
+def run_triton(program: Any, xs: list[torch.Tensor], block: int = 1024) -> torch.Tensor:
+    """``program`` (checked first) over broadcast ``xs`` as one generated Triton kernel."""
+    return _run_triton(validate_program(program, len(xs)), xs, block)
 
 
 def _triton_ok(attrs, ctx):
@@ -174,13 +276,13 @@ def _triton_ok(attrs, ctx):
 
 @tactic("Pointwise", "triton", devices=("cuda",), supports=_triton_ok)
 def make_pointwise_triton(attrs, ctx):
-    program = attrs["program"]
+    steps = validate_program(attrs.get("program"), _n_inputs(ctx))
     ref = make_pointwise_torch(attrs, ctx)
 
     def run(*xs):
         if xs[0].is_meta:
             return ref(*xs)
-        return (run_triton(program, list(xs)),)
+        return (_run_triton(steps, list(xs)),)
     return run
 
 

@@ -87,10 +87,14 @@ class Program:
             raise EngineFormatError(f"The engine's layer {layer['name']!r} has unknown kind {kind!r}; "
                                     f"the file is damaged or needs a newer Kiln.")
         tac = get_tactic(kind, layer.get("tactic") or "torch")
+        run_on = "cpu" if layer.get("host") or device == "cpu" else device
+        if run_on not in tac.devices:
+            raise EngineFormatError(f"The engine's layer {layer['name']!r} ({kind}) names tactic {tac.name!r}, "
+                                    f"which runs only on {', '.join(tac.devices)}, but the layer runs on {run_on}; "
+                                    f"the file is damaged or forged. Rebuild it with kiln build.")
         attrs = {k: decode_attr(v, weights, device, plugin_factory) for k, v in layer.get("attrs", {}).items()}
         out_dtypes = tuple(tensors.get(n, {}).get("dtype", "float32") for n in layer["outputs"])
         in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
-        run_on = "cpu" if layer.get("host") or device == "cpu" else device
         ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
                             input_dtypes=in_dtypes, output_dtypes=out_dtypes)
         fn = tac.make(attrs, ctx)
