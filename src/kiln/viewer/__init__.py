@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kiln.viewer.server import ViewerServer
 
-__all__ = ["view"]
+__all__ = ["ViewerWarning", "view"]
+
+
+class ViewerWarning(UserWarning):
+    """The model opens, but part of it is not shown as stored (damaged weights, a file outside its folder)."""
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(message, ViewerWarning, stacklevel=3)
 
 
 def _in_notebook() -> bool:
@@ -53,7 +63,9 @@ def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, po
     With ``export`` writes an .svg, .png or .html file and returns its path. In a
     Jupyter kernel (and without ``port``) returns an inline view. Otherwise starts
     a local server in a background thread, opens the browser and returns the
-    server (``.url``, ``.stop()``, ``.wait()``). ``profile`` overlays per-layer
+    server (``.url``, ``.stop()``, ``.wait()``). What the page shows as a warning
+    banner (damaged engine weights, weight files outside the model's folder) is
+    also issued as a :class:`ViewerWarning`. ``profile`` overlays per-layer
     times from ``kiln bench --export-profile``; ``errors`` colours nodes by their
     accuracy error from ``kiln compare --per-layer``; ``engine`` shows a .kiln
     engine beside the ONNX model, its layers linked to the nodes they came from.
@@ -63,10 +75,12 @@ def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, po
     if export is not None:
         doc = documents.build_document(path_or_onnx_model, engine=engine, profile=profile, errors=errors,
                                        rankdir=rankdir)
+        _warn(doc.warnings)
         return exporter.export(doc.page, doc.panes, export)
     if port is None and _in_notebook():
         doc = documents.build_document(path_or_onnx_model, engine=engine, profile=profile, errors=errors,
                                        rankdir=rankdir)
+        _warn(doc.warnings)
         exporter.add_weight_stats(doc.panes)
         inline = InlineView(exporter.html_document(dict(doc.page, panes=[p.data for p in doc.panes])))
         try:
@@ -95,6 +109,7 @@ def serve(model: Any, *, port: int | None = None, open_browser: bool = True,
     if first.error is not None:
         from kiln.errors import ViewerError
         raise ViewerError(first.error)
+    _warn(first.warnings)
     server = ViewerServer(source, host=host, port=port or 0).start()
     if open_browser:
         import webbrowser

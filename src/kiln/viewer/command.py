@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from kiln.errors import ViewerError
 
@@ -28,24 +29,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; user errors raise ViewerError (the CLI prints one line and exits 2)."""
-    from kiln.viewer import page, serve, view
+    from kiln.viewer import ViewerWarning, page, serve, view
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ViewerError(f"--port must be between 0 and 65535, not {args.port}.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ViewerWarning)
+        if args.export:
+            out = view(args.file, export=args.export, profile=args.profile, engine=args.engine, errors=args.errors,
+                       rankdir=args.rankdir)
+        else:
+            page.FREEZE_AFTER_BUILD = True          # from here on this process lives for one model
+            try:
+                server = serve(args.file, port=args.port, open_browser=not args.no_browser, profile=args.profile,
+                               engine=args.engine, errors=args.errors, rankdir=args.rankdir)
+            except BaseException:
+                page.FREEZE_AFTER_BUILD = False
+                raise
+    _report(caught)
     if args.export:
-        out = view(args.file, export=args.export, profile=args.profile, engine=args.engine, errors=args.errors,
-                   rankdir=args.rankdir)
         print(f"wrote {out}")
         return 0
-    page.FREEZE_AFTER_BUILD = True          # from here on this process lives for one model
-    try:
-        server = serve(args.file, port=args.port, open_browser=not args.no_browser, profile=args.profile,
-                       engine=args.engine, errors=args.errors, rankdir=args.rankdir)
-    except BaseException:
-        page.FREEZE_AFTER_BUILD = False
-        raise
     print(f"Serving {args.file} at {server.url}  (Ctrl+C to stop)", flush=True)
     server.wait()
     return 0
+
+
+def _report(caught: list[warnings.WarningMessage]) -> None:
+    """Viewer warnings as one stderr line each; any other warning as Python would show it."""
+    from kiln.viewer import ViewerWarning
+    for w in caught:
+        if issubclass(w.category, ViewerWarning):
+            print(f"kiln: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def main(argv: list[str] | None = None) -> int:

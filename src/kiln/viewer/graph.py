@@ -82,6 +82,7 @@ class ViewModel:
     properties: dict[str, Any] = field(default_factory=dict)
     graphs: list[ViewGraph] = field(default_factory=list)   # first is the main graph
     file_size: int | None = None
+    warnings: list[str] = field(default_factory=list)   # one line each: what the page and `kiln view` warn of
 
     @property
     def graph(self) -> ViewGraph:

@@ -243,7 +243,7 @@ def _model_info(model: ViewModel, node_count: int, params: int) -> dict:
             "path": os.path.basename(model.path) if model.path else None,
             "inputs": [[t.name, shape_text(t.shape), t.dtype or ""] for t in g.inputs],
             "outputs": [[t.name, shape_text(t.shape), t.dtype or ""] for t in g.outputs],
-            "properties": _json_safe(model.properties)}
+            "properties": _json_safe(model.properties), "warnings": [str(w) for w in model.warnings]}
     return info
 
 
@@ -274,7 +274,21 @@ def page_json(panes: list[Pane], *, rankdir: str = "TB", links: list | None = No
             "links": links, "profile": profile, "errors": errors, "server": server}
 
 
+# Characters that could end or re-mode an inline <script> (``</script>``, ``<!--``, ``-->``), plus the two line
+# separators old JavaScript parsers reject: all become \uXXXX escapes, which JSON.parse reads back unchanged.
+_SCRIPT_SAFE = [(c, f"\\u{ord(c):04x}") for c in "<>&\u2028\u2029"]
+
+
+def _undumpable(v: Any) -> str:
+    """Bytes that slipped through a reader become text (invalid UTF-8 kept visible as \\x escapes)."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "backslashreplace")
+    return str(v)
+
+
 def dumps(page: dict) -> str:
-    """JSON safe to embed inside a <script> element."""
-    text = json.dumps(page, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    """JSON that no string inside it can break out of when embedded in a <script> element."""
+    text = json.dumps(page, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_undumpable)
+    for char, escape in _SCRIPT_SAFE:     # str.replace: far faster than str.translate on a page of megabytes
+        text = text.replace(char, escape)
+    return text

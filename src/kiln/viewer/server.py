@@ -31,6 +31,11 @@ class Document:
     error: str | None = None
     _body: bytes | None = field(default=None, repr=False)
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the readers warned of (values left unread, damaged weights), each once."""
+        return list(dict.fromkeys(w for p in self.panes for w in p.model.warnings))
+
     def body(self) -> bytes:
         """The page data as JSON, serialised once."""
         if self._body is None:

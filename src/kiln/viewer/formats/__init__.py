@@ -27,7 +27,7 @@ class Format:
 FORMATS: list[Format] = [
     Format("kiln_engine", "Kiln engine", (".kiln",)),
     # Core ML and SavedModel heads can also pass ONNX's ModelProto sniff, so they are tried first.
-    Format("coreml", "Core ML", (".mlmodel",)),
+    Format("coreml", "Core ML", (".mlmodel", ".mlpackage", "manifest.json")),
     Format("tf", "TensorFlow", (".pb", ".pbtxt", ".meta", "saved_model.pb", "saved_model.pbtxt")),
     Format("onnx", "ONNX", (".onnx", ".pb", ".onnxtxt")),
     Format("keras", "Keras", (".h5", ".hdf5", ".keras")),

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from kiln.errors import ViewerError
+from kiln.paths import PathEscapeError, resolve_inside
 from kiln.viewer.graph import ViewArgument, ViewGraph, ViewNode, ViewTensor, ViewWeight
 
 # Exact op names first (normalised: lower case, no '_' or '-'), then substrings in order.
@@ -177,6 +178,27 @@ def guarded(load: Callable[[], Any] | None, name: str) -> Callable[[], Any] | No
         except Exception as exc:   # noqa: BLE001 - any reader bug or bad byte becomes a clear message
             raise ViewerError(f"The values of weight {name!r} cannot be read: {exc}.") from None
     return run
+
+
+def refused(reason: str) -> Callable[[], Any]:
+    """A loader for a weight whose values are not read (its file lies outside the model's folder)."""
+    def load() -> Any:
+        raise ViewerError(reason)
+    return load
+
+
+def inside(folder: Path, name: str, what: str, warnings: list[str]) -> Path | None:
+    """``folder / name`` with links resolved, when it is a file inside ``folder``; else None.
+
+    A link that leads out of the folder is not followed: the reason goes to ``warnings``
+    (shown by the page and ``kiln view``) and the caller carries on without that file.
+    """
+    try:
+        p = resolve_inside(folder, name, what)
+    except PathEscapeError as exc:
+        warnings.append(f"{exc} It is not read.")
+        return None
+    return p if p.is_file() else None
 
 
 def _ordered(arg_lists: Iterable[list[ViewArgument]]) -> list[str]:

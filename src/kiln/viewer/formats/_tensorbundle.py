@@ -15,7 +15,8 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._common import count
+from kiln.paths import PathEscapeError, resolve_inside
+from kiln.viewer.formats._common import count, refused
 
 _MAGIC = 0xDB4775248B80FB57
 SCHEMA: dict[str, pb.Schema] = {
@@ -87,23 +88,42 @@ def read_index(path: Path) -> tuple[dict[str, pb.Message], int]:
     return entries, shards
 
 
-def variables(index: Path, dtypes: dict[int, str], numpy: dict[str, str]
+def variables(index: Path, dtypes: dict[int, str], numpy: dict[str, str], warnings: list[str]
               ) -> dict[str, tuple[list[int], str, Callable[[], Any] | None, int]]:
-    """Name -> (shape, dtype, lazy loader, nbytes) for every variable in a checkpoint."""
+    """Name -> (shape, dtype, lazy loader, nbytes) for every variable in a checkpoint.
+
+    Shards are looked up inside the index's folder; one whose link leads elsewhere is not read
+    (its variables show no values, and ``warnings`` says why)."""
     entries, shards = read_index(index)
     prefix = index.name.removesuffix(".index")
     out = {}
+    files: dict[int, Path | str] = {}
     for name, e in entries.items():
         if name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH") or e.all("slices"):
             continue
         dtype = dtypes.get(int(e.one("dtype", 0)), "unknown")
         shape_msg = e.one("shape", pb.Message())
         shape = [int(d.one("size", 0)) for d in shape_msg.all("dim")]
-        shard = index.with_name(f"{prefix}.data-{int(e.one('shard_id', 0)):05d}-of-{shards:05d}")
+        shard_id = int(e.one("shard_id", 0))
+        if shard_id not in files:
+            files[shard_id] = _shard(index, f"{prefix}.data-{shard_id:05d}-of-{shards:05d}", warnings)
+        shard = files[shard_id]
         off, size = int(e.one("offset", 0)), int(e.one("size", 0))
-        load = _loader(shard, off, size, numpy.get(dtype), shape) if dtype in numpy else None
+        if isinstance(shard, str):
+            load = refused(shard)
+        else:
+            load = _loader(shard, off, size, numpy.get(dtype), shape) if dtype in numpy else None
         out[name] = (shape, dtype, load, size)
     return out
+
+
+def _shard(index: Path, name: str, warnings: list[str]) -> Path | str:
+    """The shard file inside the index's folder, or the reason it is not read."""
+    try:
+        return resolve_inside(index.parent, name, "checkpoint shard")
+    except PathEscapeError as exc:
+        warnings.append(f"{exc} The variables stored there are shown without values.")
+        return f"Values not read: {exc}"
 
 
 def _loader(shard: Path, off: int, size: int, npdt: str | None, shape: list[int]) -> Callable[[], Any]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._common import BlobVersions, GraphBuilder, count, file_bytes
+from kiln.viewer.formats._common import BlobVersions, GraphBuilder, count, file_bytes, inside
 from kiln.viewer.formats._prototext import TextFormatError, parse as parse_text
 from kiln.viewer.graph import ViewModel
 
@@ -142,9 +142,10 @@ def _load_net(path: Path) -> tuple[pb.Message, bool, int]:
 def read(path: Path) -> ViewModel:
     net, is_text, size = _load_net(path)
     blobs: dict[str, list] = {}
+    warnings: list[str] = []
     if is_text:
-        weights_file = path.with_suffix(".caffemodel")
-        if weights_file.is_file():
+        weights_file = inside(path.parent, path.with_suffix(".caffemodel").name, "the weights file", warnings)
+        if weights_file is not None:
             wnet, _, _ = _load_net(weights_file)
             for layer in wnet.all("layer") + wnet.all("layers"):
                 blobs[str(layer.one("name", ""))] = layer.all("blobs")
@@ -158,7 +159,7 @@ def read(path: Path) -> ViewModel:
     version = "V1 layers" if net.all("layers") and not net.all("layer") else "V2 layers"
     return ViewModel(format=_FMT, path=str(path), producer="Caffe", version=version,
                      properties={"content": "prototxt" if is_text else "caffemodel", "layers": len(layers)},
-                     graphs=[graph], file_size=size)
+                     graphs=[graph], file_size=size, warnings=warnings)
 
 
 def _type(layer: pb.Message) -> str:

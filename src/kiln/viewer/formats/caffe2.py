@@ -14,7 +14,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._common import BlobVersions, GraphBuilder, count, file_bytes
+from kiln.viewer.formats._common import BlobVersions, GraphBuilder, count, file_bytes, inside
 from kiln.viewer.formats._prototext import TextFormatError, parse as parse_text
 from kiln.viewer.graph import ViewModel
 
@@ -74,10 +74,12 @@ def _load(path: Path) -> pb.Message:
 def read(path: Path) -> ViewModel:
     name = path.name.lower()
     predict_path, init_path = path, None
+    warnings: list[str] = []
     for a, b_ in (("predict_net", "init_net"), ("init_net", "predict_net")):
         if a in name:
-            sibling = path.with_name(path.name.replace(a, b_).replace(a.upper(), b_.upper()))
-            if sibling.is_file():
+            sibling = inside(path.parent, path.name.replace(a, b_).replace(a.upper(), b_.upper()),
+                             f"the {b_} beside {path.name!r}", warnings)
+            if sibling is not None:
                 predict_path, init_path = (path, sibling) if a == "predict_net" else (sibling, path)
             break
     net = _load(predict_path)
@@ -94,7 +96,7 @@ def read(path: Path) -> ViewModel:
     if net.one("type"):
         props["net_type"] = net.one("type")
     return ViewModel(format=_FMT, path=str(predict_path), producer="Caffe2", properties=props, graphs=[graph],
-                     file_size=predict_path.stat().st_size)
+                     file_size=predict_path.stat().st_size, warnings=warnings)
 
 
 def _arg_value(a: pb.Message) -> Any:

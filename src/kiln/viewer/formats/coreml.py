@@ -1,10 +1,10 @@
-"""Core ML ``.mlmodel``: neural networks (plain, classifier, regressor), pipelines and ML Programs.
+"""Core ML ``.mlmodel`` and ``.mlpackage``: neural networks (plain, classifier, regressor), pipelines, ML Programs.
 
 Field numbers come from Apple's Core ML ``Model.proto``, ``NeuralNetwork.proto``,
 ``FeatureTypes.proto`` and ``MIL.proto``.  Pipelines draw each stage as a group,
 joined by feature names; other model kinds appear as one node each.  An ML
-Program's weights live in a separate ``weights.bin`` of an ``.mlpackage``, so
-in a bare ``.mlmodel`` only immediate constants have values.
+Program's large constants live in a blob file beside the model
+(``weights/weight.bin`` in a package), read on demand by ``_mlpackage``.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
+from kiln.viewer.formats._mlpackage import Blobs, is_package, root_model
 from kiln.viewer.formats._common import GraphBuilder, count, file_bytes
 from kiln.viewer.graph import ViewModel
 
@@ -163,6 +164,8 @@ _POOLS = ["MAX", "AVERAGE", "L2"]
 
 
 def sniff(path: Path, head: bytes) -> bool:
+    if is_package(path):
+        return True
     if head[:1] != b"\x08":
         return False
     seen = pb.conforming_fields(head, "Model", SCHEMA, 1)
@@ -170,6 +173,9 @@ def sniff(path: Path, head: bytes) -> bool:
 
 
 def read(path: Path) -> ViewModel:
+    shown = path
+    if is_package(path):
+        shown, path = root_model(path)
     data = file_bytes(path)
     try:
         model = pb.decode(data, "Model", SCHEMA)
@@ -178,10 +184,11 @@ def read(path: Path) -> ViewModel:
     kind = _kind(model)
     if kind is None and not model.one("description"):
         raise ViewerError(f"{path.name!r} is not a readable {_FMT} file: it describes no model.")
-    b = GraphBuilder(path.stem)
-    graphs = []
+    b = GraphBuilder(shown.stem)
+    graphs: list = []
+    blobs = Blobs(path.parent)
     try:
-        _model(b, model, (), graphs)
+        _model(b, model, (), graphs, blobs)
     except (pb.ProtoError, ValueError, TypeError) as exc:
         raise ViewerError(f"{path.name!r} is not a readable {_FMT} file: {exc}.") from None
     desc = model.one("description", pb.Message())
@@ -196,9 +203,9 @@ def read(path: Path) -> ViewModel:
     nn = model.one(kind) if kind in ("neuralNetworkClassifier",) else None
     if nn is not None and nn.one("stringClassLabels"):
         props["class_labels"] = nn.one("stringClassLabels").all("vector")[:32]
-    return ViewModel(format=_FMT, path=str(path), producer=props.get("author"),
+    return ViewModel(format=_FMT, path=str(shown), producer=props.get("author"),
                      version=f"specification {model.one('specificationVersion', 0)}", properties=props,
-                     graphs=[main, *graphs], file_size=len(data))
+                     graphs=[main, *graphs], file_size=len(data), warnings=blobs.warnings)
 
 
 def _kind(model: pb.Message) -> str | None:
@@ -229,19 +236,19 @@ def _feature(b: GraphBuilder, f: pb.Message) -> str:
     return b.tensor(name, shape, dtype, doc=f.one("shortDescription") or None)
 
 
-def _model(b: GraphBuilder, model: pb.Message, group: tuple[str, ...], graphs: list) -> None:
+def _model(b: GraphBuilder, model: pb.Message, group: tuple[str, ...], graphs: list, blobs: Blobs) -> None:
     kind = _kind(model)
     if kind in ("pipeline", "pipelineClassifier", "pipelineRegressor"):
         pipe = model.one(kind)
         pipe = pipe.one("pipeline", pipe) if kind != "pipeline" else pipe
         names = pipe.all("names")
         for i, sub in enumerate(pipe.all("models")):
-            _model(b, sub, (*group, names[i] if i < len(names) else f"model{i}"), graphs)
+            _model(b, sub, (*group, names[i] if i < len(names) else f"model{i}"), graphs, blobs)
     elif kind in ("neuralNetwork", "neuralNetworkClassifier", "neuralNetworkRegressor"):
         for layer in model.one(kind).all("layers"):
             _layer(b, layer, group)
     elif kind == "mlProgram":
-        _program(b, model.one(kind), group, graphs)
+        _program(b, model.one(kind), group, blobs)
     else:
         desc = model.one("description", pb.Message())
         b.node(group[-1] if group else (kind or "model"), kind or "model",
@@ -342,7 +349,7 @@ def _tensor_type(v: pb.Message | None) -> tuple[list | None, str | None]:
     return dims, _MIL_TYPES.get(t.one("dataType", 0), f"type{t.one('dataType', 0)}")
 
 
-def _program(b: GraphBuilder, prog: pb.Message, group: tuple[str, ...], graphs: list) -> None:
+def _program(b: GraphBuilder, prog: pb.Message, group: tuple[str, ...], blobs: Blobs) -> None:
     functions = prog.get("functions") if isinstance(prog.get("functions"), dict) else {}
     for fname, fn in functions.items():
         for inp in fn.all("inputs"):
@@ -353,10 +360,10 @@ def _program(b: GraphBuilder, prog: pb.Message, group: tuple[str, ...], graphs: 
         if block is None:
             continue
         fgroup = group if fname == "main" else (*group, fname)
-        _block(b, block, fgroup, 0)
+        _block(b, block, fgroup, 0, blobs)
 
 
-def _block(b: GraphBuilder, block: pb.Message, group: tuple[str, ...], depth: int) -> None:
+def _block(b: GraphBuilder, block: pb.Message, group: tuple[str, ...], depth: int, blobs: Blobs) -> None:
     if depth > 16:
         raise ValueError("ML Program blocks nest too deeply")
     for i, op in enumerate(block.all("operations")):
@@ -369,7 +376,8 @@ def _block(b: GraphBuilder, block: pb.Message, group: tuple[str, ...], depth: in
         if op_type == "const" and outs:
             val = attrs_v.get("val")
             shape, dtype = _tensor_type(outs and op.all("outputs")[0].one("type"))
-            b.weight(outs[0], [d or 0 for d in shape or []], dtype, _value_loader(val, shape) if val else None)
+            b.weight(outs[0], [d or 0 for d in shape or []], dtype,
+                     _value_loader(outs[0], val, shape, blobs) if isinstance(val, pb.Message) else None)
             continue
         ins: list[tuple[str, list[str]]] = []
         attrs: dict[str, Any] = {}
@@ -387,7 +395,7 @@ def _block(b: GraphBuilder, block: pb.Message, group: tuple[str, ...], depth: in
                                                      for k, o in enumerate(outs)], attrs, group=group)
         for k, sub in enumerate(op.all("blocks")):
             inner = GraphBuilder(f"{node.name}/block{k}")
-            _block(inner, sub, (), depth + 1)
+            _block(inner, sub, (), depth + 1, blobs)
             node.subgraphs[f"block{k}"] = inner.finish(outputs=list(sub.all("outputs")))
 
 
@@ -419,10 +427,14 @@ def _small_value(v: Any) -> Any:
     return arr.tolist()[0] if arr.size == 1 else (arr.tolist() if arr.size <= 16 else f"{arr.size} values")
 
 
-def _value_loader(v: pb.Message, shape: list | None):
+def _value_loader(name: str, v: pb.Message, shape: list | None, blobs: Blobs):
+    blob = v.one("blobFileValue")
+    if isinstance(blob, pb.Message) and v.one("immediateValue") is None:
+        return blobs.loader(name, blob, shape)
+
     def load() -> np.ndarray:
         arr = _immediate(v)
         if arr is None:
-            raise ViewerError("This ML Program constant lives in the .mlpackage's weights file, not in the .mlmodel.")
+            raise ViewerError("This ML Program constant has no value stored in the model.")
         return arr.reshape(shape) if shape and count(shape) == arr.size else arr
     return load

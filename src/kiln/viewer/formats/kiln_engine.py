@@ -1,16 +1,20 @@
 """Kiln engine reader: the built plan's layers (after fusion) with precision, tactic and origin.
 
-Only the validated header is read (``kiln.engine.read_header``); weights are read
-one at a time when the page asks (``kiln.engine.read_weight``). Each layer keeps
+Only the validated header is read (``kiln.engine.read_header``) and the weights
+section's checksum verified; weights are read one at a time when the page asks
+(``kiln.engine.read_weight``). Each layer keeps
 the ONNX node names it was built from in ``overlay["origin"]``, which links it
 to the original model in the two-pane view.
 """
 from __future__ import annotations
 
+import mmap
 import pathlib
+import zlib
 from typing import Any
 
 from kiln.errors import KilnError, ViewerError
+from kiln.viewer.formats._common import refused
 from kiln.viewer.graph import ViewArgument, ViewGraph, ViewModel, ViewNode, ViewTensor, ViewWeight
 
 MAGIC = b"KILNENG\x00"
@@ -43,14 +47,36 @@ def sniff(path: pathlib.Path, head: bytes) -> bool:
 
 
 def read(path: pathlib.Path) -> ViewModel:
-    """The engine's layers as a view graph; refuses damaged files with the engine module's own message."""
+    """The engine's layers as a view graph; refuses a damaged header with the engine module's own message.
+
+    Damaged weights (their checksum fails) still show the plan, with a warning and no weight values."""
     from kiln import engine
     path = pathlib.Path(path)
     try:
         header = engine.read_header(str(path))
+        damaged = weights_damage(path)
     except KilnError as exc:
         raise ViewerError(str(exc)) from None
+    if damaged:
+        no_values = refused(damaged)
+        model = from_header(header, path, lambda name: no_values())
+        model.warnings.append(damaged)
+        return model
     return from_header(header, path, lambda name: engine.read_weight(str(path), name))
+
+
+def weights_damage(path: pathlib.Path) -> str | None:
+    """Why the engine's weights section cannot be trusted (its CRC-32 does not match the header's), or None."""
+    from kiln.engine.format import read_prelude
+    _, offset, length, crc = read_prelude(str(path))
+    if length == 0:
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as view:
+        actual = zlib.crc32(view[offset:offset + length])
+    if actual == crc:
+        return None
+    return (f"The weights of {path.name!r} fail their checksum (CRC-32 {actual:08x}, the header says {crc:08x}): "
+            f"the file is damaged, so weight values are not shown. Rebuild the engine with kiln build.")
 
 
 def from_header(header: dict[str, Any], path: pathlib.Path | None, read_weight) -> ViewModel:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ViewerError
-from kiln.viewer.formats._common import GraphBuilder, file_array
+from kiln.viewer.formats._common import GraphBuilder, file_array, inside
 from kiln.viewer.graph import ViewModel
 
 _FMT = "MXNet"
@@ -39,17 +39,16 @@ def _err(path: Path, what: Any) -> ViewerError:
     return ViewerError(f"{path.name!r} is not a readable {_FMT} file: {what}.")
 
 
-def _siblings(path: Path) -> tuple[Path | None, Path | None]:
-    """(symbol file, params file) for whichever of the pair was opened."""
+def _siblings(path: Path, warnings: list[str]) -> tuple[Path | None, Path | None]:
+    """(symbol file, params file) for whichever of the pair was opened; its partner only from inside the folder."""
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) >= 8 and struct.unpack("<Q", head[:8])[0] == _LIST_MAGIC:
         prefix = re.sub(r"-\d+$", "", path.stem)
-        symbol = path.with_name(f"{prefix}-symbol.json")
-        return (symbol if symbol.is_file() else None), path
+        return inside(path.parent, f"{prefix}-symbol.json", "the symbol file", warnings), path
     prefix = path.name.removesuffix(".json").removesuffix("-symbol")
     params = sorted(path.parent.glob(f"{glob_escape(prefix)}-*.params"))
-    return path, (params[-1] if params else None)
+    return path, (inside(path.parent, params[-1].name, "the parameters file", warnings) if params else None)
 
 
 def glob_escape(s: str) -> str:
@@ -118,13 +117,15 @@ def read_params(path: Path) -> dict[str, tuple[list[int], str, int]]:
 
 
 def read(path: Path) -> ViewModel:
-    symbol, params_path = _siblings(path)
+    warnings: list[str] = []
+    symbol, params_path = _siblings(path, warnings)
     params = read_params(params_path) if params_path else {}
     if symbol is None:
         from kiln.viewer.formats._common import weights_graph
         entries = [(n, s, d, file_array(params_path, o, _NUMPY[d], s, _FMT), None) for n, (s, d, o) in params.items()]
         return ViewModel(format=_FMT, path=str(path), properties={"content": "parameters only"},
-                         graphs=[weights_graph(path.stem, entries, sep="_")], file_size=path.stat().st_size)
+                         graphs=[weights_graph(path.stem, entries, sep="_")], file_size=path.stat().st_size,
+                         warnings=warnings)
     try:
         sym = json.loads(symbol.read_text(encoding="utf-8"))
         nodes = sym["nodes"]
@@ -140,7 +141,7 @@ def read(path: Path) -> ViewModel:
         props["params"] = params_path.name
     return ViewModel(format=_FMT, path=str(symbol), producer="MXNet",
                      version=f"MXNet {version[1]}" if isinstance(version, list) and len(version) > 1 else None,
-                     properties=props, graphs=[graph], file_size=symbol.stat().st_size)
+                     properties=props, graphs=[graph], file_size=symbol.stat().st_size, warnings=warnings)
 
 
 def _graph(sym: dict, nodes: list, params: dict, params_path: Path | None, name: str) -> Any:

@@ -1,8 +1,12 @@
 """ONNX reader: ModelProto (binary ``.onnx``/``.pb`` or text ``.onnxtxt``) → ViewModel.
 
 Weights stay in the file: initializers become lazy ViewWeights and external
-data is read only when a weight is opened. Shapes of intermediate values come
+data is read only when a weight is opened, from a file inside the model's
+folder (``kiln.paths.resolve_inside``). Shapes of intermediate values come
 from ONNX shape inference run on a copy without the large initializers.
+Protobuf hands string fields holding invalid UTF-8 over as ``bytes``; every
+string read here goes through :func:`_text`, which keeps such bytes visible as
+``\\x`` escapes.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ViewerError
+from kiln.paths import PathEscapeError, resolve_inside
+from kiln.viewer.formats._common import refused
 from kiln.viewer.graph import ViewArgument, ViewGraph, ViewModel, ViewNode, ViewTensor, ViewWeight
 
 # op type → category; anything else in the default domains is "other", foreign domains are "plugin".
@@ -47,6 +53,15 @@ _CATEGORY_TABLE = {
 CATEGORY = {op: cat for cat, ops in _CATEGORY_TABLE.items() for op in ops.split()}
 _KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
 _MAX_INLINE_BYTES = 1024          # initializers up to this size stay in the shape-inference copy
+
+
+def _text(value: str | bytes) -> str:
+    """A protobuf string field as text (invalid UTF-8 arrives as bytes)."""
+    return value if type(value) is str else bytes(value).decode("utf-8", "backslashreplace")
+
+
+def _texts(values) -> list[str]:
+    return [_text(v) for v in values]
 
 
 def category(op_type: str, domain: str = "") -> str:
@@ -142,52 +157,58 @@ def read_proto(model: Any, path: pathlib.Path | None = None) -> ViewModel:
         raise ViewerError(f"expected an onnx.ModelProto, got {type(model).__name__}.")
     if not model.HasField("graph"):
         raise ViewerError("the ONNX model has no graph; re-export it.")
-    opsets = {o.domain or "": o.version for o in model.opset_import}
+    opsets = {_text(o.domain) or "": o.version for o in model.opset_import}
     base = path.parent if path else None
     inferred = _infer(model)
-    reader = _GraphReader(opsets, base, {(f.domain, f.name): f for f in model.functions})
+    reader = _GraphReader(opsets, base, {(_text(f.domain), _text(f.name)): f for f in model.functions})
     graph = reader.graph(inferred.graph, _initializers(model.graph))
-    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p) or None
+    producer = " ".join(_text(p) for p in (model.producer_name, model.producer_version) if p) or None
     props: dict[str, Any] = {"IR version": model.ir_version}
     props["Imports"] = ", ".join(f"{d or 'ai.onnx'} v{v}" for d, v in opsets.items())
     if model.domain:
-        props["Domain"] = model.domain
+        props["Domain"] = _text(model.domain)
     if model.model_version:
         props["Model version"] = model.model_version
     if model.doc_string:
-        props["Description"] = model.doc_string
+        props["Description"] = _text(model.doc_string)
     for kv in model.metadata_props:
-        props[kv.key] = kv.value
+        props[_text(kv.key)] = _text(kv.value)
     return ViewModel(format="ONNX", path=str(path) if path else None, producer=producer,
                      version=f"opset {opsets.get('', opsets.get('ai.onnx', '?'))}", properties=props,
-                     graphs=[graph], file_size=path.stat().st_size if path else model.ByteSize())
+                     graphs=[graph], file_size=path.stat().st_size if path else model.ByteSize(),
+                     warnings=reader.warnings)
 
 
 def _initializers(graph) -> dict[str, Any]:
-    return {t.name: t for t in graph.initializer}
+    return {_text(t.name): t for t in graph.initializer}
 
 
 def _infer(model):
-    """Shape-infer a light copy: large initializers become typed graph inputs instead of data."""
+    """Shape-infer a light copy: large initializers become typed graph inputs instead of data.
+
+    Returns the model itself when no copy can be made (protobuf refuses to set names that are not UTF-8)."""
     import onnx
     from onnx import helper
     light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    g = light.graph
-    g.name = model.graph.name
-    g.node.extend(model.graph.node)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    names = {t.name for t in model.graph.initializer}
-    g.input.extend(i for i in model.graph.input if i.name not in names)
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) + 8 * len(t.int64_data) \
-                + 4 * len(t.float_data) + 4 * len(t.int32_data) <= _MAX_INLINE_BYTES:
-            g.initializer.append(t)
-        else:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        light.ir_version = model.ir_version
+        light.opset_import.extend(model.opset_import)
+        light.functions.extend(model.functions)
+        g = light.graph
+        g.name = model.graph.name
+        g.node.extend(model.graph.node)
+        g.output.extend(model.graph.output)
+        g.value_info.extend(model.graph.value_info)
+        names = {t.name for t in model.graph.initializer}
+        g.input.extend(i for i in model.graph.input if i.name not in names)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) + 8 * len(t.int64_data) \
+                    + 4 * len(t.float_data) + 4 * len(t.int32_data) <= _MAX_INLINE_BYTES:
+                g.initializer.append(t)
+            else:
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    except (UnicodeDecodeError, ValueError, TypeError):
+        return model
     try:
         return onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:
@@ -201,7 +222,7 @@ def _dims(type_proto) -> tuple[list[int | str | None] | None, str | None]:
         dtype = _dtype_name(t.elem_type) if t.elem_type else None
         if not t.HasField("shape"):
             return None, dtype
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim], dtype
+        return [d.dim_value if d.HasField("dim_value") else (_text(d.dim_param) or None) for d in t.shape.dim], dtype
     if which == "sequence_type":
         shape, dtype = _dims(type_proto.sequence_type.elem_type)
         return shape, f"sequence<{dtype}>"
@@ -220,21 +241,23 @@ class _GraphReader:
         self.functions = functions
         self.count = 0
         self.docs: dict[tuple[str, str], str | None] = {}
+        self.warnings: list[str] = []
 
     def graph(self, g, inits: dict[str, Any], name: str | None = None,
               outer: dict[str, ViewTensor] | None = None) -> ViewGraph:
-        view = ViewGraph(name=name or g.name or "graph")
+        view = ViewGraph(name=name or _text(g.name) or "graph")
         outer = outer or {}
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             shape, dtype = _dims(vi.type)
-            view.tensors[vi.name] = ViewTensor(vi.name, shape, dtype, doc=vi.doc_string or None)
+            vname = _text(vi.name)
+            view.tensors[vname] = ViewTensor(vname, shape, dtype, doc=_text(vi.doc_string) or None)
         local = dict(inits)
         local.update(_initializers(g))
         for tname, t in local.items():
-            view.weights[tname] = self.weight(t)
+            view.weights[tname] = self.weight(tname, t)
             view.tensors[tname] = ViewTensor(tname, list(t.dims), _dtype_name(t.data_type))
-        view.inputs = [view.tensors[i.name] for i in g.input if i.name not in local]
-        view.outputs = [view.tensors[o.name] for o in g.output]
+        view.inputs = [view.tensors[n] for n in _texts(i.name for i in g.input) if n not in local]
+        view.outputs = [view.tensors[n] for n in _texts(o.name for o in g.output)]
         for node in g.node:
             view.nodes.append(self.node(node, view, outer))
         return view
@@ -242,34 +265,34 @@ class _GraphReader:
     def node(self, node, view: ViewGraph, outer: dict[str, ViewTensor]) -> ViewNode:
         import onnx
         self.count += 1
-        domain = node.domain or ""
-        schema = self.schema(node.op_type, domain)
-        vn = ViewNode(id=f"n{self.count}", name=node.name, op_type=node.op_type,
-                      category=category(node.op_type, domain), group=group_path(node.name),
-                      doc=self.doc(node.op_type, domain, schema))
+        domain, op_type, name = _text(node.domain) or "", _text(node.op_type), _text(node.name)
+        schema = self.schema(op_type, domain)
+        vn = ViewNode(id=f"n{self.count}", name=name, op_type=op_type, category=category(op_type, domain),
+                      group=group_path(name), doc=self.doc(op_type, domain, schema))
         if domain:
             vn.properties["domain"] = domain
         if schema is not None:
             vn.properties["since opset"] = schema.since_version
         if node.doc_string:
-            vn.properties["description"] = node.doc_string
-        vn.inputs = _arguments(list(node.input), schema.inputs if schema else [], "input")
-        vn.outputs = _arguments(list(node.output), schema.outputs if schema else [], "output")
-        for t in list(node.input) + list(node.output):
+            vn.properties["description"] = _text(node.doc_string)
+        inputs, outputs = _texts(node.input), _texts(node.output)
+        vn.inputs = _arguments(inputs, schema.inputs if schema else [], "input")
+        vn.outputs = _arguments(outputs, schema.outputs if schema else [], "output")
+        for t in inputs + outputs:
             if t and t not in view.tensors:
                 view.tensors[t] = outer.get(t) or ViewTensor(t)
         for attr in node.attribute:
+            aname = _text(attr.name)
             if attr.type == onnx.AttributeProto.GRAPH:
-                vn.subgraphs[attr.name] = self.graph(attr.g, {}, attr.name, {**outer, **view.tensors})
-                vn.attributes[attr.name] = f"graph {attr.g.name or attr.name}"
+                vn.subgraphs[aname] = self.graph(attr.g, {}, aname, {**outer, **view.tensors})
+                vn.attributes[aname] = f"graph {_text(attr.g.name) or aname}"
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for i, sub in enumerate(attr.graphs):
-                    vn.subgraphs[f"{attr.name}[{i}]"] = self.graph(sub, {}, f"{attr.name}[{i}]",
-                                                                   {**outer, **view.tensors})
-                vn.attributes[attr.name] = f"{len(attr.graphs)} graphs"
+                    vn.subgraphs[f"{aname}[{i}]"] = self.graph(sub, {}, f"{aname}[{i}]", {**outer, **view.tensors})
+                vn.attributes[aname] = f"{len(attr.graphs)} graphs"
             else:
-                vn.attributes[attr.name] = _attribute(attr)
-        fn = self.functions.get((domain, node.op_type))
+                vn.attributes[aname] = _attribute(attr)
+        fn = self.functions.get((domain, op_type))
         if fn is not None:
             vn.subgraphs["function"] = self.function(fn)
             vn.category = "custom"
@@ -277,11 +300,12 @@ class _GraphReader:
         return vn
 
     def function(self, fn) -> ViewGraph:
-        view = ViewGraph(name=f"{fn.domain}.{fn.name}" if fn.domain else fn.name)
-        for n in list(fn.input) + list(fn.output):
+        domain, name, inputs, outputs = _text(fn.domain), _text(fn.name), _texts(fn.input), _texts(fn.output)
+        view = ViewGraph(name=f"{domain}.{name}" if domain else name)
+        for n in inputs + outputs:
             view.tensors[n] = ViewTensor(n)
-        view.inputs = [view.tensors[n] for n in fn.input]
-        view.outputs = [view.tensors[n] for n in fn.output]
+        view.inputs = [view.tensors[n] for n in inputs]
+        view.outputs = [view.tensors[n] for n in outputs]
         for node in fn.node:
             view.nodes.append(self.node(node, view, {}))
         return view
@@ -299,34 +323,52 @@ class _GraphReader:
             self.docs[key] = _schema_doc(schema) if schema is not None else None
         return self.docs[key]
 
-    def weight(self, t) -> ViewWeight:
+    def weight(self, name: str, t) -> ViewWeight:
+        import onnx
         itemsize = _itemsize(t.data_type)
-        return ViewWeight(t.name, list(t.dims), _dtype_name(t.data_type), load=lambda t=t: self.load(t),
+        load = lambda t=t: self.load(t)      # noqa: E731
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            load = self.external(name, t)
+        return ViewWeight(name, list(t.dims), _dtype_name(t.data_type), load=load,
                           nbytes=math.prod(t.dims) * itemsize if itemsize else None)
 
-    def load(self, t) -> np.ndarray:
-        """Read one initializer, from the protobuf or from its external file."""
+    def external(self, name: str, t):
+        """The loader of a weight kept in an external file; a location outside the folder is refused now."""
+        info = {_text(kv.key): _text(kv.value) for kv in t.external_data}
+        location = info.get("location", "")
+        if self.base is None:
+            return refused(f"weight {name!r} is stored in an external file but the model was given without a "
+                            f"path; open the .onnx file instead.")
+        try:
+            file = resolve_inside(self.base, location, f"the external data location of weight {name!r}")
+        except PathEscapeError as exc:
+            self.warnings.append(f"{exc} Its values are not shown.")
+            return refused(f"Values not read: {exc}")
+        return lambda: self.load(t, file, info)
+
+    def load(self, t, file: pathlib.Path | None = None, info: dict[str, str] | None = None) -> np.ndarray:
+        """Read one initializer, from the protobuf or from its external ``file``."""
         import onnx
         from onnx import numpy_helper
-        if t.data_location != onnx.TensorProto.EXTERNAL:
+        if file is None:
             return numpy_helper.to_array(t)
-        info = {kv.key: kv.value for kv in t.external_data}
-        if self.base is None:
-            raise ViewerError(f"weight {t.name!r} is stored in an external file but the model was given "
-                              f"without a path; open the .onnx file instead.")
-        base = self.base.resolve()
-        file = (base / info.get("location", "")).resolve()
-        if base not in file.parents:
-            raise ViewerError(f"weight {t.name!r} points outside the model's folder ({info.get('location')!r}); "
-                              f"refusing to read it.")
+        name = _text(t.name)
         if not file.is_file():
-            raise ViewerError(f"weight {t.name!r} is stored in {info.get('location')!r}, which is missing next to "
+            raise ViewerError(f"weight {name!r} is stored in {info.get('location')!r}, which is missing next to "
                               f"the model.")
-        offset = int(info.get("offset", 0))
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ViewerError(f"weight {name!r} has a malformed external data offset or length; the model file is "
+                              f"damaged.") from None
+        size = file.stat().st_size
+        if offset < 0 or (length is not None and (length < 0 or offset + length > size)) or offset > size:
+            raise ViewerError(f"weight {name!r} lies outside its external file {info.get('location')!r} "
+                              f"({size} bytes); the file is truncated or the model damaged.")
         with open(file, "rb") as f:
             f.seek(offset)
-            length = int(info["length"]) if "length" in info else -1
-            data = f.read(length)
+            data = f.read(-1 if length is None else length)
         copy = onnx.TensorProto()
         copy.CopyFrom(t)
         del copy.external_data[:]

@@ -19,7 +19,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._common import GraphBuilder, count, file_bytes, guarded, weights_graph
+from kiln.viewer.formats._common import GraphBuilder, count, file_bytes, guarded, inside, weights_graph
 from kiln.viewer.formats._prototext import TextFormatError, parse as parse_text
 from kiln.viewer.graph import ViewArgument, ViewGraph, ViewModel, ViewTensor, ViewWeight
 
@@ -132,10 +132,13 @@ def _err(path: Path, what: Any) -> ViewerError:
 
 def read(path: Path) -> ViewModel:
     target = path
+    warnings: list[str] = []
     if path.is_dir():
-        target = path / "saved_model.pb"
-        if not target.is_file():
-            target = path / "saved_model.pbtxt"
+        found = inside(path, "saved_model.pb", "the SavedModel graph", warnings) or \
+            inside(path, "saved_model.pbtxt", "the SavedModel graph", warnings)
+        if found is None:
+            raise ViewerError(warnings[0] if warnings else f"{path.name!r} holds no saved_model.pb.")
+        target = found
     data = file_bytes(target)
     try:
         kind, msg = _decode(target, data)
@@ -173,10 +176,10 @@ def read(path: Path) -> ViewModel:
     if not graphs[0].nodes and len(graphs) == 1 and not graph_def:
         raise _err(target, "it holds no graph nodes")
     _signature_shapes(graphs[0], signatures)
-    index = path / "variables" / "variables.index" if path.is_dir() else None
-    if index is not None and index.is_file():
+    index = inside(path, "variables/variables.index", "the variables index", warnings) if path.is_dir() else None
+    if index is not None:
         try:
-            _attach_variables(graphs, index, props)
+            _attach_variables(graphs, index, props, warnings)
         except ViewerError as exc:   # the graph is still worth showing
             props["variables"] = str(exc)
     if lib.all("function"):
@@ -185,7 +188,7 @@ def read(path: Path) -> ViewModel:
     producer = versions.one("producer")
     return ViewModel(format=_FMT, path=str(path), producer=f"TensorFlow (graph producer {producer})" if producer else
                      "TensorFlow", version=props.get("tensorflow_version"), properties=props, graphs=graphs,
-                     file_size=len(data))
+                     file_size=len(data), warnings=warnings)
 
 
 def _decode(path: Path, data: Any) -> tuple[str, pb.Message]:
@@ -402,11 +405,11 @@ def _signature_shapes(g: ViewGraph, signatures: dict) -> None:
                 t.dtype = t.dtype or (_dtype(info.one("dtype")) if info.one("dtype") is not None else None)
 
 
-def _attach_variables(graphs: list[ViewGraph], index: Path, props: dict[str, Any]) -> None:
+def _attach_variables(graphs: list[ViewGraph], index: Path, props: dict[str, Any], warnings: list[str]) -> None:
     """Checkpoint variables: fed into their variable nodes (TF1) and listed as a graph of their own."""
     from kiln.viewer.formats._tensorbundle import variables
 
-    found = variables(index, DTYPES, _NUMPY)
+    found = variables(index, DTYPES, _NUMPY, warnings)
     props["variables"] = len(found)
     main = graphs[0]
     for n in main.nodes:

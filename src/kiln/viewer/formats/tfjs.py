@@ -8,6 +8,7 @@ a Keras config and is drawn by the Keras reader.  Weights come from the
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,8 @@ from typing import Any, Callable
 import numpy as np
 
 from kiln.errors import ViewerError
-from kiln.viewer.formats._common import guarded
+from kiln.paths import PathEscapeError, resolve_inside
+from kiln.viewer.formats._common import guarded, refused
 from kiln.viewer.formats._protobuf import Message
 from kiln.viewer.graph import ViewModel
 
@@ -90,30 +92,51 @@ def _loader(stream: _Stream, offset: int, n: int, spec: dict, shape: list[int]) 
         else:
             arr = np.frombuffer(raw, dtype={"float32": "<f4", "int32": "<i4", "bool": "?", "uint8": "u1",
                                             "complex64": "<c8"}.get(spec.get("dtype", "float32"), "<f4"))
-        return arr.reshape(shape) if arr.size == int(np.prod(shape)) else arr
+        return arr.reshape(shape) if arr.size == math.prod(shape) else arr
     return load
 
 
-def _weights(path: Path, manifest: list) -> dict[str, tuple[list[int], str, Callable[[], np.ndarray]]]:
+def _shards(path: Path, group: dict, warnings: list[str]) -> tuple[_Stream | None, str | None]:
+    """The group's shards as one stream, or None and the reason its values cannot be shown."""
+    paths = group.get("paths", [])
+    if not isinstance(paths, list):
+        raise TypeError("a weightsManifest group's paths is not a list")
+    try:
+        files = [resolve_inside(path.parent, p, "weight shard") for p in paths]
+    except PathEscapeError as exc:
+        warnings.append(f"{path.name!r}: {exc} The weights stored there are shown without values.")
+        return None, f"Values not read: {exc}"
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise _err(path, f"weight shard {missing[0]!r} is missing beside it")
+    return _Stream(files), None
+
+
+def _weights(path: Path, manifest: list, warnings: list[str]) -> dict[str, tuple[list[int], str, Callable]]:
     out = {}
+    if not isinstance(manifest, list):
+        raise TypeError("weightsManifest is not a list")
     for group in manifest:
-        files = [path.parent / p for p in group.get("paths", [])]
-        missing = [p.name for p in files if not p.is_file()]
-        if missing:
-            raise _err(path, f"weight shard {missing[0]!r} is missing beside it")
-        stream = _Stream(files)
+        if not isinstance(group, dict):
+            raise TypeError("a weightsManifest group is not an object")
+        stream, reason = _shards(path, group, warnings)
         offset = 0
         for spec in group.get("weights", []):
             shape = [int(d) for d in spec.get("shape", [])]
+            if any(d < 0 for d in shape):
+                raise _err(path, f"weight {spec.get('name')!r} has a negative dimension in {shape}")
             dtype = spec.get("dtype", "float32")
             q = spec.get("quantization") or {}
             size = _SIZES.get(q.get("dtype") or dtype)
             if size is None:
                 break   # variable-length (string) weights: later offsets are unknown
-            n = int(np.prod(shape)) * size
-            if offset + n > stream.size:
+            n = math.prod(shape) * size
+            if reason is not None:
+                out[str(spec.get("name"))] = (shape, dtype, refused(reason))
+            elif offset + n > stream.size:
                 raise _err(path, f"weight {spec.get('name')!r} lies past the end of its shards; they are truncated")
-            out[str(spec.get("name"))] = (shape, dtype, _loader(stream, offset, n, spec, shape))
+            else:
+                out[str(spec.get("name"))] = (shape, dtype, _loader(stream, offset, n, spec, shape))
             offset += n
     return out
 
@@ -124,7 +147,8 @@ def read(path: Path) -> ViewModel:
         if not isinstance(doc, dict):
             raise TypeError("the top level is not an object")
         topology = doc.get("modelTopology") or {}
-        weights = _weights(path, doc.get("weightsManifest") or [])
+        warnings: list[str] = []
+        weights = _weights(path, doc.get("weightsManifest") or [], warnings)
         fmt = doc.get("format") or ("graph-model" if "node" in topology else "layers-model")
         if "node" in topology or fmt == "graph-model":
             model = _graph_model(path, topology, weights)
@@ -140,6 +164,7 @@ def read(path: Path) -> ViewModel:
     model.file_size = path.stat().st_size
     model.producer = " ".join(str(doc[k]) for k in ("generatedBy", "convertedBy") if doc.get(k)) or model.producer
     model.properties["model_format"] = fmt
+    model.warnings += warnings
     return model
 
 

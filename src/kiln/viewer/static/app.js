@@ -22,6 +22,19 @@ var Kiln = window.Kiln || (window.Kiln = {});
     app.error = message;
   }
 
+  /** Readers' warnings (damaged weights, files outside the model's folder) in a banner over the graph. */
+  function showWarnings(data) {
+    const lines = [];
+    data.panes.forEach((p) => {
+      for (const w of (p.model && p.model.warnings) || []) lines.push(data.panes.length > 1 ? `${p.title}: ${w}` : w);
+    });
+    if (!lines.length) return;
+    const e = $("warnings");
+    e.innerHTML = '<button title="Dismiss">×</button>' + lines.map((w) => `<p>⚠ ${esc(w)}</p>`).join("");
+    e.querySelector("button").addEventListener("click", () => { e.hidden = true; });
+    e.hidden = false;
+  }
+
   async function load() {
     const embedded = $("kiln-data").textContent.trim();
     if (embedded) return JSON.parse(embedded);
@@ -451,6 +464,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     $("title").textContent = data.panes.map((p) => p.title).join("  ·  ");
     document.title = data.panes[0].title + " — Kiln viewer";
     createPanes();
+    showWarnings(data);
     performance.mark("panes");
     bind();
     await relayoutAll();

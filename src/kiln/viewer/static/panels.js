@@ -190,6 +190,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       ["nodes", String(m.nodes)], ["parameters", m.parameters != null ? fmtCount(m.parameters) + ` <span class="note">(${m.parameters.toLocaleString("en-US")})</span>` : ""],
       ["file size", m.file_size != null ? fmtBytes(m.file_size) : ""]]);
     const io = (lst) => lst.map(([n, s, d]) => `<div class="tensor"><span class="tn mono">${esc(n)}</span><span class="ts mono">${esc(d)}${s ? " ⟨" + esc(s) + "⟩" : ""}</span></div>`).join("");
+    if ((m.warnings || []).length) html += "<h3>Warnings</h3>" + m.warnings.map((w) => `<p class="warn">⚠ ${esc(w)}</p>`).join("");
     if (m.inputs.length) html += "<h3>Inputs</h3>" + io(m.inputs);
     if (m.outputs.length) html += "<h3>Outputs</h3>" + io(m.outputs);
     const props = Object.entries(m.properties || {});
