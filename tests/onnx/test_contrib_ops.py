@@ -207,3 +207,168 @@ def test_embed_layer_norm(with_segment, with_pos_ids) -> None:
         ins.append("pids")
     check([node("EmbedLayerNormalization", ins, ["y", "mask_index", "emb_sum"], epsilon=1e-12)], feeds, inits,
           outputs=("y", "mask_index", "emb_sum"))
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+def _lengths_mask(b: int, t: int, lengths) -> np.ndarray:
+    m = np.zeros((b, t), np.int32)
+    for i, n in enumerate(lengths):
+        m[i, :n] = 1
+    return m
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "raw2d", "raw3d", "lengths", "ends_starts", "all_masked_row"])
+@pytest.mark.parametrize("unidirectional", [0, 1])
+def test_attention_masks(mask_kind, unidirectional) -> None:
+    b, s, hin, heads = 2, 5, 12, 3
+    feeds = {"x": rand(b, s, hin)}
+    inits = {"w": rand(hin, 3 * 12, scale=0.5), "bias": rand(3 * 12)}
+    ins = ["x", "w", "bias"]
+    if mask_kind != "none":
+        feeds["mask"] = {"raw2d": _lengths_mask(b, s, [5, 3]),
+                         "raw3d": (RNG.random((b, s, s)) > 0.3).astype(np.int32),
+                         "lengths": np.asarray([4, 2], np.int32),
+                         "ends_starts": np.asarray([5, 4, 1, 0], np.int32),
+                         "all_masked_row": _lengths_mask(b, s, [5, 0])}[mask_kind]
+        ins.append("mask")
+    check([node("Attention", ins, num_heads=heads, unidirectional=unidirectional)], feeds, inits)
+
+
+@pytest.mark.parametrize("with_past", [True, False])
+def test_attention_past_or_bias_and_sizes(with_past) -> None:
+    """A custom scale and mask value; past → present, or an attention bias and a different V width
+    (qkv_hidden_sizes): ONNX Runtime takes past only without either."""
+    b, s, p, hin, heads = 2, 3, 4, 8, 2
+    t = p + s if with_past else s
+    feeds = {"x": rand(b, s, hin), "mask": _lengths_mask(b, t, [t, t - 2])}
+    ins, outs = ["x", "w", "bias", "mask"], ["y"]
+    if with_past:
+        feeds["past"] = rand(2, b, heads, p, 2)
+        ins.append("past")
+        outs.append("present")
+    else:
+        feeds["ab"] = rand(b, heads, s, t)
+        ins += ["", "ab"]
+    sizes = [4, 4, 4] if with_past else [4, 4, 6]
+    inits = {"w": rand(hin, sum(sizes), scale=0.5), "bias": rand(sum(sizes))}
+    check([node("Attention", ins, outs, num_heads=heads, qkv_hidden_sizes=sizes, scale=0.3,
+                mask_filter_value=-500.0, unidirectional=1)], feeds, inits, outputs=outs)
+
+
+@pytest.mark.parametrize("layout", ["separate", "bias", "bnsh_kv"])
+def test_multi_head_attention(layout) -> None:
+    b, s, t, heads, hd = 2, 3, 5, 2, 4
+    d = heads * hd
+    feeds = {"q": rand(b, s, d)}
+    inits = {}
+    if layout == "bnsh_kv":
+        feeds["k"], feeds["v"] = rand(b, heads, t, hd), rand(b, heads, t, hd)
+    else:
+        feeds["k"], feeds["v"] = rand(b, t, d), rand(b, t, d)
+    ins = ["q", "k", "v"]
+    if layout == "bias":
+        inits["pb"] = rand(3 * d)
+        ins.append("pb")
+    check([node("MultiHeadAttention", ins, num_heads=heads)], feeds, inits)
+
+
+@pytest.mark.parametrize("packed", ["qkv", "kv"])
+def test_multi_head_attention_packed(packed) -> None:
+    """ONNX Runtime runs packed layouts on CUDA only: the reference is its CPU kernel on the unpacked tensors."""
+    b, s, heads, hd = 2, 4, 2, 4
+    q5 = rand(b, s, heads, 3, hd)
+    q, k, v = (q5[:, :, :, i].reshape(b, s, heads * hd) for i in range(3))
+    ref = ort(_model([node("MultiHeadAttention", ["q", "k", "v"], num_heads=heads)], {"q": q, "k": k, "v": v}, {},
+                     ["y"]), {"q": q, "k": k, "v": v})["y"]
+    if packed == "qkv":
+        feeds, ins = {"q": q5}, ["q"]
+    else:
+        feeds, ins = {"q": q, "kv": np.ascontiguousarray(q5[:, :, :, 1:])}, ["q", "kv"]
+    got = kiln_run(_model([node("MultiHeadAttention", ins, num_heads=heads)], feeds, {}, ["y"]), feeds)["y"]
+    assert_fp32(got, ref, "y")
+
+
+@pytest.mark.parametrize("mask", ["lengths", "raw2d", "raw3d"])
+def test_multi_head_attention_mask_bias_past(mask) -> None:
+    b, s, p, heads, hd = 2, 3, 2, 2, 4
+    d = heads * hd
+    t = p + s
+    masks = {"lengths": np.asarray([5, 3], np.int32), "raw2d": _lengths_mask(b, t, [4, 5]),
+             "raw3d": (RNG.random((b, s, t)) > 0.3).astype(np.int32)}
+    feeds = {"q": rand(b, s, d), "k": rand(b, s, d), "v": rand(b, s, d), "mask": masks[mask],
+             "ab": rand(1, heads, s, t), "pk": rand(b, heads, p, hd), "pv": rand(b, heads, p, hd)}
+    check([node("MultiHeadAttention", ["q", "k", "v", "", "mask", "ab", "pk", "pv"], ["y", "present_k", "present_v"],
+                num_heads=heads, unidirectional=1, scale=0.4)],
+          feeds, outputs=("y", "present_k", "present_v"))
+
+
+def _caches(max_len: int, half: int):
+    inv = 1.0 / (10000 ** (np.arange(half) / half))
+    ang = np.arange(max_len)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@pytest.mark.parametrize("layout,interleaved,rot_dim,pos_kind", [
+    ("bsd", 0, 0, "2d"), ("bsd", 1, 0, "start"), ("bnsh", 0, 0, "2d"), ("bnsh", 1, 0, "start"),
+    ("bsd", 0, 4, "2d"), ("bsd_infer_heads", 0, 0, "2d")])
+def test_rotary_embedding(layout, interleaved, rot_dim, pos_kind) -> None:
+    b, s, heads, hd = 2, 5, 3, 8
+    x = rand(b, heads, s, hd) if layout == "bnsh" else rand(b, s, heads * hd)
+    cos, sin = _caches(16, (rot_dim or hd) // 2)
+    pos = RNG.integers(0, 16, (b, s)).astype(np.int64) if pos_kind == "2d" else np.asarray([3], np.int64)
+    attrs = {"interleaved": interleaved}
+    if layout != "bsd_infer_heads":
+        attrs["num_heads"] = heads
+    if rot_dim:
+        attrs["rotary_embedding_dim"] = rot_dim
+    check([node("RotaryEmbedding", ["x", "pos", "cos", "sin"], **attrs)], {"x": x, "pos": pos},
+          {"cos": cos, "sin": sin})
+
+
+@pytest.mark.parametrize("case", ["plain", "packed", "rotary", "rotary_interleaved", "window", "softcap", "padded"])
+def test_group_query_attention_prefill(case) -> None:
+    b, s, heads, kv_heads = 2, 6, 4, 2
+    hd = 16 if case.startswith("rotary") else 8      # ONNX Runtime rotates heads of a multiple of 16
+    q, k, v = rand(b, s, heads * hd), rand(b, s, kv_heads * hd), rand(b, s, kv_heads * hd)
+    seqlens = np.full((b,), s - 1, np.int32)
+    if case == "padded":
+        seqlens[1] = 3                   # the second prompt has 4 tokens; its rows past them are unspecified
+    feeds = {"seqlens_k": seqlens, "total": np.asarray(s, np.int32)}
+    inits = {}
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
+    if case == "packed":
+        feeds["q"] = np.concatenate([q, k, v], -1)
+        ins = ["q", "", ""]
+    else:
+        feeds.update(q=q, k=k, v=v)
+        ins = ["q", "k", "v"]
+    ins += ["", "", "seqlens_k", "total"]
+    if case.startswith("rotary"):
+        inits["cos"], inits["sin"] = _caches(16, hd // 2)
+        ins += ["cos", "sin"]
+        attrs.update(do_rotary=1, rotary_interleaved=int(case == "rotary_interleaved"))
+    if case == "window":
+        attrs["local_window_size"] = 2
+    if case == "softcap":
+        attrs["softcap"] = 1.5
+    nodes = [node("GroupQueryAttention", ins, ["y", "present_k", "present_v"], **attrs)]
+    m = _model(nodes, feeds, inits, ["y", "present_k", "present_v"])
+    ref, got = ort(m, feeds), kiln_run(m, feeds)
+    rows = [slice(None), slice(None)] if case != "padded" else [slice(None), slice(0, 4)]
+    for name in ("present_k", "present_v"):
+        assert_fp32(got[name], ref[name], name)
+    assert_fp32(got["y"][0], ref["y"][0], "y[0]")
+    assert_fp32(got["y"][1, rows[1]], ref["y"][1, rows[1]], "y[1]")
+
+
+def test_group_query_attention_decode_with_past() -> None:
+    """One new token after a past of 5 (no shared buffer): keys concatenate, rotary positions continue."""
+    b, p, heads, kv_heads, hd = 2, 5, 4, 2, 16
+    feeds = {"q": rand(b, 1, heads * hd), "k": rand(b, 1, kv_heads * hd), "v": rand(b, 1, kv_heads * hd),
+             "pk": rand(b, kv_heads, p, hd), "pv": rand(b, kv_heads, p, hd),
+             "seqlens_k": np.full((b,), p, np.int32), "total": np.asarray(p + 1, np.int32)}
+    cos, sin = _caches(16, hd // 2)
+    check([node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total", "cos", "sin"],
+                ["y", "present_k", "present_v"], num_heads=heads, kv_num_heads=kv_heads, do_rotary=1)],
+          feeds, {"cos": cos, "sin": sin}, outputs=("y", "present_k", "present_v"))
