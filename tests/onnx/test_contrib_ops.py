@@ -372,3 +372,79 @@ def test_group_query_attention_decode_with_past() -> None:
     check([node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens_k", "total", "cos", "sin"],
                 ["y", "present_k", "present_v"], num_heads=heads, kv_num_heads=kv_heads, do_rotary=1)],
           feeds, {"cos": cos, "sin": sin}, outputs=("y", "present_k", "present_v"))
+
+
+# ---- quantized -----------------------------------------------------------------------------------
+
+def _q(dtype, *shape) -> np.ndarray:
+    info = np.iinfo(dtype)
+    return RNG.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+def _qparams(dtype, scale: float, zp: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(scale, np.float32), np.asarray(zp, dtype)
+
+
+@pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_binary(op, dtype) -> None:
+    """Within one step of ONNX Runtime (its vectorized kernel may round a scaled sum differently)."""
+    zp = 128 if dtype == np.uint8 else 0
+    a_s, a_zp = _qparams(dtype, 0.05, zp + 3)
+    b_s, b_zp = _qparams(dtype, 0.02, zp - 7)
+    c_s, c_zp = _qparams(dtype, 0.07 if op == "QLinearAdd" else 0.4, zp + 1)
+    inits = {"as": a_s, "az": a_zp, "bs": b_s, "bz": b_zp, "cs": c_s, "cz": c_zp}
+    check([node(op, ["a", "as", "az", "b", "bs", "bz", "cs", "cz"])], {"a": _q(dtype, 2, 3, 64), "b": _q(dtype, 3, 64)},
+          inits, lsb=1)
+
+
+@pytest.mark.parametrize("op,attrs", [("QLinearSigmoid", {}), ("QLinearLeakyRelu", {"alpha": 0.15})])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_lookup_ops_every_value(op, attrs, dtype) -> None:
+    """All 256 inputs; within one step (ONNX Runtime's table comes from its own sigmoid approximation)."""
+    x = np.arange(256, dtype=np.int64).astype(np.uint8).view(dtype).reshape(4, 64)
+    zp = 128 if dtype == np.uint8 else -5
+    x_s, x_zp = _qparams(dtype, 0.06, zp)
+    y_s, y_zp = _qparams(dtype, 1 / 250 if op == "QLinearSigmoid" else 0.04, 0 if dtype == np.uint8 else -128)
+    check([node(op, ["x", "xs", "xz", "ys", "yz"], **attrs)], {"x": x},
+          {"xs": x_s, "xz": x_zp, "ys": y_s, "yz": y_zp}, lsb=1)
+
+
+@pytest.mark.parametrize("channels_last", [0, 1])
+def test_qlinear_conv_contrib(channels_last) -> None:
+    """Weights within ±60: ONNX Runtime's AVX2 u8·s8 kernel saturates int16 pair sums for full-range weights
+    (its quantizer's reduce_range avoids them), so full-range weights have no exact reference on such CPUs."""
+    x = _q(np.uint8, 1, 6, 7, 3) if channels_last else _q(np.uint8, 1, 3, 6, 7)
+    inits = {"xs": np.float32(0.02), "xz": np.uint8(120),
+             "w": RNG.integers(-60, 61, (4, 3, 3, 3)).astype(np.int8), "ws": np.asarray([0.01, 0.02, 0.015, 0.03], np.float32), "wz": np.zeros(4, np.int8),
+             "ys": np.float32(0.1), "yz": np.uint8(100), "b": RNG.integers(-500, 500, 4).astype(np.int32)}
+    check([node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], pads=[1, 1, 1, 1],
+                channels_last=channels_last)], {"x": x}, inits, lsb=1)
+
+
+def _nbits_weights(n: int, k: int, bits: int, block: int, zp_kind: str):
+    blocks = -(-k // block)
+    packed = RNG.integers(0, 256, (n, blocks, block * bits // 8)).astype(np.uint8)
+    scales = (RNG.random((n, blocks)) * 0.1 + 0.01).astype(np.float32)
+    zps = None
+    if zp_kind == "packed":
+        zps = RNG.integers(0, 256, (n, -(-blocks * bits // 8))).astype(np.uint8)
+    elif zp_kind == "float":
+        zps = (RNG.random((n, blocks)) * (1 << bits)).astype(np.float32)
+    return packed, scales, zps
+
+
+@pytest.mark.parametrize("bits,k,zp_kind,with_bias", [(4, 64, "none", False), (4, 80, "packed", True),
+                                                      (4, 48, "float", False), (8, 40, "packed", False),
+                                                      (2, 64, "packed", True)])
+def test_matmul_nbits(bits, k, zp_kind, with_bias) -> None:
+    n, block = 24, 16
+    packed, scales, zps = _nbits_weights(n, k, bits, block, zp_kind)
+    inits = {"b": packed, "s": scales}
+    ins = ["a", "b", "s", "z" if zps is not None else ""]
+    if zps is not None:
+        inits["z"] = zps
+    if with_bias:
+        inits["bias"] = rand(n)
+        ins += ["", "bias"]
+    check([node("MatMulNBits", ins, K=k, N=n, bits=bits, block_size=block)], {"a": rand(2, 3, k)}, inits)

@@ -1,0 +1,173 @@
+"""ONNX Runtime's quantized contrib ops (com.microsoft): QLinearConv (channels-last too), QLinearAdd,
+QLinearMul, QLinearSigmoid, QLinearLeakyRelu and MatMulNBits.
+
+Element-wise ops are computed as ONNX Runtime's CPU kernels define them: zero-point-corrected
+inputs scaled by float32 scale ratios, then rounded half to even and saturated (within one
+quantization step of ONNX Runtime, whose vectorized kernels may round a product differently).
+MatMulNBits unpacks its block-quantized weights at parse time into a float FullyConnected weight.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kiln.errors import ParseError
+from kiln.onnx.ops._common import const_value
+from kiln.onnx.ops.contrib import MS, ew, refuse
+from kiln.onnx.registry import converter
+
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def _qtype(node, t) -> str:
+    if t.dtype not in _RANGES:
+        raise refuse(node, f"{t.dtype} data", "quantize to uint8 or int8")
+    return t.dtype
+
+
+def _centered(ctx, x, zp):
+    """float32(x - zero_point)."""
+    xf = ctx.add1("Cast", [x], {"to": "float32"}, dtype="float32")
+    if zp is None:
+        return xf
+    return ew(ctx, "sub", xf, ctx.add1("Cast", [zp], {"to": "float32"}, dtype="float32"))
+
+
+def _ratio(ctx, num, den):
+    """num / den in float32: folded now when both scales are constants."""
+    a, b = const_value(num), const_value(den)
+    if a is not None and b is not None:
+        return ctx.const(np.float32(np.float32(np.asarray(a).reshape(-1)[0]) / np.float32(np.asarray(b).reshape(-1)[0])))
+    return ew(ctx, "div", num, den)
+
+
+def _requantize(ctx, value, zp, out: str):
+    """saturate(round_half_even(value + zero_point)) as ``out``."""
+    if zp is not None:
+        value = ew(ctx, "sum", value, ctx.add1("Cast", [zp], {"to": "float32"}, dtype="float32"))
+    return ctx.add1("QuantizeLinear", [value, ctx.const(np.float32(1.0))], {"axis": 1, "to": out, "block_size": 0,
+                                                                           "saturate": True}, dtype=out)
+
+
+@converter("QLinearAdd", since=1, domain=MS)
+def qlinear_add(ctx, node):
+    """C = (A_scale/C_scale)·(A - A_zp) + (B_scale/C_scale)·(B - B_zp) + C_zp."""
+    a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp = (node.input(i) for i in range(8))
+    out = _qtype(node, a)
+    va = ew(ctx, "prod", _centered(ctx, a, a_zp), _ratio(ctx, a_s, c_s))
+    vb = ew(ctx, "prod", _centered(ctx, b, b_zp), _ratio(ctx, b_s, c_s))
+    return _requantize(ctx, ew(ctx, "sum", va, vb), c_zp, out)
+
+
+@converter("QLinearMul", since=1, domain=MS)
+def qlinear_mul(ctx, node):
+    """C = (A_scale·B_scale/C_scale)·(A - A_zp)·(B - B_zp) + C_zp."""
+    a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp = (node.input(i) for i in range(8))
+    out = _qtype(node, a)
+    prod = ew(ctx, "prod", _centered(ctx, a, a_zp), _centered(ctx, b, b_zp))
+    sa, sb, sc = const_value(a_s), const_value(b_s), const_value(c_s)
+    if sa is not None and sb is not None and sc is not None:
+        mult = ctx.const(np.float32(np.float32(np.float32(sa.reshape(-1)[0]) * np.float32(sb.reshape(-1)[0]))
+                                    / np.float32(sc.reshape(-1)[0])))
+    else:
+        mult = ew(ctx, "div", ew(ctx, "prod", a_s, b_s), c_s)
+    return _requantize(ctx, ew(ctx, "prod", prod, mult), c_zp, out)
+
+
+def _lookup_op(ctx, node, act: dict):
+    """quantize(f(dequantize(x))) for a float activation f, as ONNX Runtime's table-driven kernels do."""
+    x, x_s, x_zp, y_s, y_zp = (node.input(i) for i in range(5))
+    out = _qtype(node, x)
+    xf = ctx.add1("DequantizeLinear", [x, x_s, x_zp], {"axis": 1, "block_size": 0, "to": "float32"}, dtype="float32")
+    yf = ctx.add1("Activation", [xf], act, dtype="float32")
+    zp = y_zp if y_zp is not None else ctx.const(np.zeros((), out))
+    return ctx.add1("QuantizeLinear", [yf, y_s, zp], {"axis": 1, "to": out, "block_size": 0, "saturate": True},
+                    dtype=out)
+
+
+@converter("QLinearSigmoid", since=1, domain=MS)
+def qlinear_sigmoid(ctx, node):
+    return _lookup_op(ctx, node, {"type": "sigmoid"})
+
+
+@converter("QLinearLeakyRelu", since=1, domain=MS)
+def qlinear_leaky_relu(ctx, node):
+    return _lookup_op(ctx, node, {"type": "leaky_relu", "alpha": float(node.attr("alpha", 0.01))})
+
+
+@converter("QLinearConv", since=1, domain=MS)
+def qlinear_conv_ms(ctx, node):
+    """The standard QLinearConv; with channels_last the input and output are [N, spatial..., C]."""
+    from kiln.onnx.ops.quantize import _conv_attrs, qlinear_conv
+    if not node.attr("channels_last", 0):
+        return qlinear_conv(ctx, node)
+    w = node.input(3)
+    if w.shape is None:
+        raise refuse(node, "channels_last with a weight of unknown rank", "give the weight as an initializer")
+    rank = len(w.shape)
+    to_first = [0, rank - 1] + list(range(1, rank - 1))
+    to_last = [0] + list(range(2, rank)) + [1]
+    x = node.input(0)
+    nchw = ctx.add1("Shuffle", [x], {"first_transpose": to_first}, dtype=x.dtype)
+    ins = [nchw] + [node.input(i) for i in range(1, 9)]
+    out = ins[7].dtype if ins[7] is not None else x.dtype
+    y = ctx.add1("QLinearOp", ins if ins[8] is not None else ins[:8], _conv_attrs(node, nchw, w), dtype=out)
+    return ctx.add1("Shuffle", [y], {"first_transpose": to_last}, dtype=out)
+
+
+# ---- MatMulNBits -------------------------------------------------------------------------------
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Little-end-first bit fields of ``packed`` (uint8) along its last axis, the first ``count`` of them."""
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    fields = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], -1)[..., :count]
+
+
+def dequantize_nbits(node, b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, n: int, k: int, bits: int,
+                     block: int) -> np.ndarray:
+    """The float weight [N, K] that MatMulNBits' packed blocks, scales and zero points encode."""
+    blocks = -(-k // block)
+    if b.size == 0:
+        return np.zeros((n, k), np.float32)
+    blob = block * bits // 8
+    if b.dtype != np.uint8 or b.size != n * blocks * blob:
+        raise ParseError(f"Node {node.name!r} (MatMulNBits) has packed weights of shape {b.shape} ({b.dtype}); "
+                         f"N={n}, K={k}, bits={bits}, block_size={block} need uint8 [{n}, {blocks}, {blob}].")
+    q = _unpack(b.reshape(n, blocks, blob), bits, block).astype(np.float32)          # [N, blocks, block]
+    s = np.asarray(scales, np.float32)
+    if s.size != n * blocks:
+        raise ParseError(f"Node {node.name!r} (MatMulNBits) has {s.size} scales; N×blocks is {n * blocks}.")
+    s = s.reshape(n, blocks, 1)
+    if zp is None:
+        z = np.float32(1 << (bits - 1))
+    elif zp.dtype == np.uint8:
+        z = _unpack(zp.reshape(n, -1), bits, blocks).astype(np.float32).reshape(n, blocks, 1)
+    else:
+        z = np.asarray(zp, np.float32).reshape(n, blocks, 1)
+    return ((q - z) * s).reshape(n, blocks * block)[:, :k]
+
+
+@converter("MatMulNBits", since=1, domain=MS)
+def matmul_nbits(ctx, node):
+    """A @ dequantize(B)ᵀ + bias with B block-quantized along K (2, 4 or 8 bits); B, scales and zero
+    points must be initializers. Computed at float accuracy whatever accuracy_level asks."""
+    a, b, scales, zp, g_idx, bias = (node.input(i) for i in range(6))
+    if g_idx is not None:
+        raise refuse(node, "the g_idx input", "export without act-order group indices")
+    if node.attr("weight_prepacked", 0):
+        raise refuse(node, "prepacked weights", "export with weight_prepacked=0")
+    bits, block = int(node.attr("bits", 4)), int(node.attr("block_size"))
+    n, k = int(node.attr("N")), int(node.attr("K"))
+    if bits not in (2, 4, 8) or block < 16 or block & (block - 1):
+        raise refuse(node, f"bits={bits}, block_size={block}", "use 2, 4 or 8 bits and a power-of-two block of 16 or more")
+    values = [const_value(t) for t in (b, scales, zp)]
+    if values[0] is None or values[1] is None or (zp is not None and values[2] is None):
+        raise refuse(node, "packed weights, scales or zero points computed at run time", "store them as initializers")
+    w = dequantize_nbits(node, values[0], values[1], values[2], n, k, bits, block)
+    if a.dtype not in ("float32", "float16", "float64"):
+        raise refuse(node, f"a {a.dtype} input", "run it in float32 or float16")
+    ins = [a, ctx.const(w.astype(a.dtype))]
+    if bias is not None:
+        ins.append(bias)
+    return ctx.add1("FullyConnected", ins, {}, dtype=a.dtype)
