@@ -10,11 +10,21 @@ ONNX Runtime on the CPU is the reference. Pass/fail per tensor, for the error st
 
     STAT(|kiln − ref|) ≤ atol + rtol · STAT(|ref|)
 
-and any value that is finite in the reference but not in Kiln's output fails. Per layer, every
-tensor that exists in both (engine layers keep the names of the ONNX tensors they compute; a
-fused layer is compared at its output) is compared in topological order, and the first layer
-whose relative error jumps by more than ``growth`` times its inputs' error, while failing the
-tolerance, is named as the culprit, with its op, attributes and the value ranges around it.
+and any value that is finite in the reference but not in Kiln's output fails. Relative errors
+are measured against the reference, floored at atol where it is (near) zero::
+
+    rel = |kiln − ref| / max(|ref|, atol)        rel L2 = ‖kiln − ref‖ / max(‖ref‖, atol·√n)
+
+(Polygraphy divides by |ref| plus 2e-16 where ref is 0, and warns that the result may be huge.)
+
+Per layer, every tensor that means the same on both sides is compared in topological order: an
+engine tensor carries the name of the ONNX value it holds (a fused layer the name of the last
+value it computes), and a name is skipped where the engine's record of which ONNX nodes each
+layer runs says otherwise (see same_meaning: the writer does not run the producing node, or runs
+past the value, or the node goes on in another layer). The first layer whose relative error
+jumps by more than ``growth`` times its inputs' error, while failing the tolerance, is named as
+the culprit, with its op, attributes, the ONNX nodes fused into the engine layer that computed it
+and the value ranges around it.
 """
 from __future__ import annotations
 
@@ -85,6 +95,7 @@ class LayerRecord:
     stats: ErrorStats
     input_error: float              # the largest relative error among the node's inputs
     growth: float                   # this tensor's error over max(input_error, rounding floor)
+    fused: list[str] = field(default_factory=list)   # ONNX nodes run by the engine layer that computed it
 
     @property
     def passed(self) -> bool:
@@ -139,7 +150,7 @@ class CompareResult:
     def report(self, histogram: bool = True) -> str:
         lines = [f"kiln compare {self.model}: Kiln {self.precision} on {self.device} vs ONNX Runtime (CPU); "
                  f"pass when {self.check_error_stat}|diff| <= {self.atol:g} + {self.rtol:g}·"
-                 f"{self.check_error_stat}|ref|"]
+                 f"{self.check_error_stat}|ref|; rel = |diff| / max(|ref|, {self.atol:g})"]
         for o in self.outputs:
             if o.stats is None:
                 lines.append(f"  {o.name}: shape {o.shape} but ONNX Runtime gives {o.ref_shape}  FAIL")
@@ -159,6 +170,8 @@ class CompareResult:
                 attrs = ", ".join(f"{k}={_short(v)}" for k, v in r.attrs.items())
                 lines.append(f"  first bad layer: node {r.node!r} ({r.op}{', ' + attrs if attrs else ''}) "
                              f"output {r.tensor!r}")
+                if len(r.fused) > 1:
+                    lines.append(f"    computed by one engine layer fusing {', '.join(map(repr, r.fused))}")
                 lines.append(f"    rel L2 {_fmt(r.stats.metric)} (inputs {_fmt(r.input_error)}, "
                              f"growth {_fmt(r.growth)}×)  max abs {r.stats.max_abs:.3e}")
                 for name, lo, hi in r.input_ranges:
@@ -222,10 +235,8 @@ def error_stats(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float, stat
     r = np.abs(b[keep])
     if d.size:
         max_abs, mean_abs, median_abs = float(d.max()), float(d.mean()), float(np.median(d))
-        rel = d / np.maximum(r, np.finfo(np.float64).tiny)
-        rel = np.where(d == 0, 0.0, rel)
-        max_rel, mean_rel = float(rel.max()), float(rel.mean())
-        rel_l2 = float(np.linalg.norm(d) / max(float(np.linalg.norm(r)), 1e-30))
+        max_rel, mean_rel = _rel(d, np.maximum(r, atol))
+        rel_l2 = _rel(np.linalg.norm(d), max(float(np.linalg.norm(r)), atol * math.sqrt(d.size)))[0]
         agg = {"max": np.max, "mean": np.mean, "median": np.median}[stat]
         passed = bool(agg(d) <= atol + rtol * agg(r)) and nonfinite == 0
     else:
@@ -240,6 +251,14 @@ def error_stats(got: np.ndarray, ref: np.ndarray, atol: float, rtol: float, stat
     if nonfinite:
         hist.append(("non-finite", nonfinite))
     return ErrorStats(max_abs, mean_abs, median_abs, max_rel, mean_rel, rel_l2, nonfinite, hist, passed)
+
+
+def _rel(diff: Any, scale: Any) -> tuple[float, float]:
+    """max and mean of diff/scale: 0 where diff is 0, ∞ where only the scale is 0 (atol 0, ref 0)."""
+    diff, scale = np.atleast_1d(np.asarray(diff, np.float64)), np.atleast_1d(np.asarray(scale, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / scale)
+    return float(rel.max()), float(rel.mean())
 
 
 def _as_f64(v: Any) -> np.ndarray:
@@ -458,13 +477,62 @@ def _build(model, feeds, precision: str, device: str | None, fp32_layers=()):
 
 
 # ---- per layer ----------------------------------------------------------------------------
+def _parsed_node_name(node, index: int) -> str:
+    """The name kiln.onnx.parse gives a main-graph node (engine layers' origin lists these)."""
+    return node.name or f"{node.op_type}_{index + 1}"
+
+
+def same_meaning(producer: str, single_output: bool, onnx_readers: set[str], origin: Sequence[str],
+                 n_outputs: int, engine_readers: Sequence[Sequence[str]] = ()) -> bool:
+    """Whether an engine tensor holds the ONNX value of its name, as far as the engine's record of the
+    ONNX nodes each layer runs (``origin``, of the layer writing the tensor) tells. Not when
+    - the writer does not run ``producer``, the node computing the value (a name taken by another value);
+    - the writer has one output and runs one of the value's ``onnx_readers`` (it computes past the
+      value; a layer with several outputs may hand out an inner value as well);
+    - ``producer`` has one output and another engine layer reading the tensor runs it too (the tensor is
+      an intermediate of a node converted to several layers).
+    A layer running no ONNX node (a cast the builder adds) passes values on unchanged."""
+    if not origin:
+        return True
+    if producer not in origin:
+        return False
+    if n_outputs == 1 and onnx_readers.intersection(origin):
+        return False
+    return not (single_output and any(producer in o for o in engine_readers))
+
+
+def comparable(model, layers: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The main-graph ONNX values that an engine (its plan's ``layers``) holds under their names with
+    their meaning (see same_meaning), each with the ONNX nodes run by the layer that writes it."""
+    written: dict[str, tuple[list[str], int]] = {}
+    read_by: dict[str, list[list[str]]] = {}
+    for layer in layers:
+        origin = list(layer.get("origin") or ())
+        outs = [o for o in layer.get("outputs") or () if o]
+        for o in outs:
+            written[o] = (origin, len(outs))
+        for i in layer.get("inputs") or ():
+            if i:
+                read_by.setdefault(i, []).append(origin)
+    names = [_parsed_node_name(n, k) for k, n in enumerate(model.graph.node)]
+    onnx_readers: dict[str, set[str]] = {}
+    for node, name in zip(model.graph.node, names):
+        for i in node.input:
+            onnx_readers.setdefault(i, set()).add(name)
+    keep: dict[str, list[str]] = {}
+    for node, name in zip(model.graph.node, names):
+        outs = [o for o in node.output if o]
+        for o in outs:
+            if o in written and same_meaning(name, len(outs) == 1, onnx_readers.get(o, set()), *written[o],
+                                             read_by.get(o, [])):
+                keep[o] = written[o][0]
+    return keep
+
+
 def _per_layer(model, ours: dict[str, np.ndarray], ref: dict[str, Any], feeds, atol, rtol, stat, precision,
-               growth_factor) -> tuple[list[LayerRecord], LayerRecord | None]:
+               growth_factor, same: Mapping[str, list[str]]) -> tuple[list[LayerRecord], LayerRecord | None]:
+    """Records for the values in ``same`` (comparable's result) and the first culprit."""
     from onnx import helper
-    producer: dict[str, Any] = {}
-    for node in model.graph.node:
-        for o in node.output:
-            producer[o] = node
     err: dict[str, float] = {}           # tensor → relative error (compared, or inferred through fused ones)
     for name in feeds:
         err[name] = 0.0
@@ -487,7 +555,7 @@ def _per_layer(model, ours: dict[str, np.ndarray], ref: dict[str, Any], feeds, a
             if not o:
                 continue
             err[o] = e_in                 # not compared (fused away): carries its inputs' error
-            if o not in ours or o not in ref or not _numeric(ref[o]) or not _numeric(ours[o]):
+            if o not in same or o not in ours or o not in ref or not _numeric(ref[o]) or not _numeric(ours[o]):
                 continue
             a, b = np.asarray(ours[o]), np.asarray(ref[o])
             if a.shape != b.shape:        # only unit axes may differ (a squeeze); a layout change is no match
@@ -505,7 +573,7 @@ def _per_layer(model, ours: dict[str, np.ndarray], ref: dict[str, Any], feeds, a
             in_ranges += [(i, *_range(feeds[i])) for i in node.input if i in feeds and i not in ref]
             records.append(LayerRecord(idx, o, node.name or f"{node.op_type}_{idx}", node.op_type, attrs,
                                        [i for i in node.input if i], in_ranges, _range(b), _range(a), s, e_in,
-                                       growth))
+                                       growth, same[o]))
     first = next((r for r in records if not r.passed and r.growth >= growth_factor), None)
     return records, first
 
@@ -572,7 +640,7 @@ def compare(model, *, precision: str = "fp32", device: str | None = None, engine
     if per_layer:
         every = ctx.run_all(feeds)
         result.layers, first = _per_layer(proto, every, ref_all, feeds, atol, rtol, check_error_stat, precision,
-                                          growth)
+                                          growth, comparable(proto, engine.layers))
         # a culprit is named only when an output fails; otherwise a jump is a remark (e.g. an attention
         # mask's -3.4e38 that FP16 holds as -inf, harmless after the softmax)
         result.first_bad = None if result.passed else first

@@ -3,7 +3,8 @@
 Cases:
 - Convolution (constant weight, optional constant bias) → batch Normalization with
   constant statistics, the conv output used nowhere else →
-  one Convolution with w' = w·γ/√(σ²+ε) per output channel and b' = (b−μ)·γ/√(σ²+ε)+β;
+  one Convolution with w' = w·γ/√(σ²+ε) per output channel and b' = (b−μ)·γ/√(σ²+ε)+β, whose
+  output takes the BN output's name (it now holds the BN's values);
 - the same after Deconvolution (per output channel on axis 1 of w, grouped);
 - a batch Normalization left alone with constant statistics → Scale (y = x·s + t), one
   pass over memory instead of four.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.ir.network import Network
+from kiln.passes._match import remove_dead, replace_output
 from kiln.passes.base import Pass, PassResult
 
 
@@ -66,13 +68,8 @@ class FoldBatchNorm(Pass):
                     conv.inputs.append(None)
                     conv.set_input(2, bt)
                 conv.origin = list(dict.fromkeys(conv.origin + bn.origin))
-                y = bn.outputs[0]
-                was_output = y in net.outputs
-                name = y.name
-                net.replace_all_uses(y, x)
-                net.remove_layer(bn)
-                if was_output:
-                    net.rename(x, name)
+                replace_output(net, bn.outputs[0], x)   # x now holds the BN's values: it takes the BN's name
+                remove_dead(net, [bn])
                 modified = True
                 continue
             # standalone BN → Scale with per-channel scale and shift
