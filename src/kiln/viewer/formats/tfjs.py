@@ -86,7 +86,8 @@ def _loader(stream: _Stream, offset: int, n: int, spec: dict, shape: list[int]) 
         raw = stream.read(offset, n)
         if qdtype in ("uint8", "uint16"):
             arr = np.frombuffer(raw, dtype=qdtype).astype(np.float32)
-            arr = arr * float(q.get("scale", 1.0)) + float(q.get("min", 0.0))
+            with np.errstate(over="ignore", invalid="ignore"):      # a huge scale gives inf, which stats count
+                arr = arr * float(q.get("scale", 1.0)) + float(q.get("min", 0.0))
         elif qdtype == "float16":
             arr = np.frombuffer(raw, dtype="<f2").astype(np.float32)
         else:
