@@ -49,12 +49,12 @@ def _private_dir(path: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise KilnError(f"The kernel cache path {str(path)!r} is not a folder; {_FIX}.")
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise KilnError(f"The kernel cache folder {str(path)!r} belongs to another user (uid {st.st_uid}); "
-                        f"Kiln runs no code from it. {_FIX[0].upper()}{_FIX[1:]}.")
+        raise KilnError(f"The kernel cache folder {str(path)!r} belongs to another user (uid {st.st_uid}), so "
+                        f"Kiln runs no code from it; {_FIX}.")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise KilnError(f"The kernel cache folder {str(path)!r} is writable by other users "
-                        f"(mode {stat.S_IMODE(st.st_mode):o}); Kiln runs no code from it. "
-                        f"Run chmod 700 on it, or set KILN_CACHE_DIR to a folder only you can write.")
+                        f"(mode {stat.S_IMODE(st.st_mode):o}), so Kiln runs no code from it; run chmod 700 on it, "
+                        f"or set KILN_CACHE_DIR to a folder only you can write.")
 
 
 def cache_dir(sub: str) -> Path:
