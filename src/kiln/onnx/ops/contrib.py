@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.errors import ParseError
-from kiln.onnx.ops._common import const_value
 from kiln.onnx.registry import converter
 
 MS = "com.microsoft"
@@ -218,7 +217,7 @@ converter("LayerNormalization", since=1)(_contrib_layer_norm)
 @converter("EmbedLayerNormalization", since=1, domain=MS)
 def embed_layer_norm(ctx, node):
     """LayerNorm(word[ids] + position[pos] + segment[seg]); mask_index is the count of non-zero mask
-    entries per row (int32); embedding_sum is the sum before normalization."""
+    entries per row (int32; zeros without a mask); embedding_sum is the sum before normalization."""
     ids, seg, word, pos_table, seg_table, gamma, beta, mask, pos_ids = (node.input(i) for i in range(9))
     emb = ctx.add1("Gather", [word, ids], {"axis": 0}, dtype=word.dtype)
     if pos_ids is None:                     # positions 0..S-1, the first S rows of the table
@@ -232,23 +231,13 @@ def embed_layer_norm(ctx, node):
     y = ctx.add1("Normalization", [emb, gamma, beta],
                  {"type": "layer", "axis": -1, "epsilon": float(node.attr("epsilon", 1e-12))})
     outs = [y, None, emb]
-    if node.num_outputs > 1 and node.output_names[1]:
-        if mask is None:
-            raise refuse(node, "the mask_index output without a mask input", "give the mask input")
+    if node.num_outputs > 1 and node.output_names[1] and mask is None:       # zeros, as ONNX Runtime gives
+        outs[1] = ctx.add1("ConstantOfShape", [dim_of(ctx, ids, 0)], {"value": np.zeros(1, np.int32)}, dtype="int32")
+    elif node.num_outputs > 1 and node.output_names[1]:
         is_zero = ew(ctx, "equal", mask, ctx.const(np.zeros((), np.dtype(mask.dtype))), "bool")
         nonzero = ctx.add1("Cast", [ctx.add1("Unary", [is_zero], {"op": "not"}, dtype="bool")], {"to": "int32"},
                            dtype="int32")
         outs[1] = ctx.add1("Reduce", [nonzero], {"op": "sum", "axes": [1], "keepdims": False,
                                                  "noop_with_empty_axes": False}, dtype="int32")
-        if ids.shape is not None and ids.shape:
-            outs[1].shape = (ids.shape[0],)         # a 1-D mask index: the attention converter reads its rank
     return outs[:node.num_outputs]
 
-
-def const_scalar(t, what: str, node) -> float:
-    """A constant one-element input as a Python number."""
-    v = const_value(t)
-    if v is None or np.asarray(v).size != 1:
-        raise ParseError(f"Node {node.name!r} ({node.op_type}) needs {what} to be a constant scalar; Kiln reads it at "
-                         f"build time.")
-    return np.asarray(v).reshape(-1)[0].item()

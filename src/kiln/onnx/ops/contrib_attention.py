@@ -18,23 +18,23 @@ _FILTER = -10000.0
 
 
 def _rank(t) -> int | None:
-    """The rank of ``t`` from its shape, or through producers that keep it (casts, unary ops) or drop
-    a known number of axes (reductions without keepdims)."""
-    for _ in range(16):
-        if t is None:
-            return None
-        if t.shape is not None:
-            return len(t.shape)
-        p = t.producer
-        if p is None:
-            return None
-        if p.kind in ("Cast", "Identity", "Unary", "Activation"):
-            t = p.inputs[0]
-            continue
-        if p.kind == "Reduce" and not p.attrs.get("keepdims", True) and p.attrs.get("axes") and len(p.inputs) == 1:
-            r = _rank(p.inputs[0])
-            return None if r is None else r - len(p.attrs["axes"])
+    """The rank of ``t`` from its shape, or through producers that keep it (casts, unary ops), broadcast
+    it (element-wise ops) or drop a known number of axes (reductions without keepdims)."""
+    if t is None:
         return None
+    if t.shape is not None:
+        return len(t.shape)
+    p = t.producer
+    if p is None:
+        return None
+    if p.kind in ("Cast", "Identity", "Unary", "Activation"):
+        return _rank(p.inputs[0])
+    if p.kind == "ElementWise":
+        ranks = [_rank(i) for i in p.inputs]
+        return None if None in ranks else max(ranks)
+    if p.kind == "Reduce" and not p.attrs.get("keepdims", True) and p.attrs.get("axes") and len(p.inputs) == 1:
+        r = _rank(p.inputs[0])
+        return None if r is None else r - len(p.attrs["axes"])
     return None
 
 

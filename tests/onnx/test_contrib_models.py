@@ -1,0 +1,186 @@
+"""Files that ONNX Runtime's own tools write, run end to end by Kiln and compared with ONNX Runtime.
+
+- ``onnxruntime.transformers.optimizer`` on a tiny BERT-structured encoder (exported by torch) writes
+  EmbedLayerNormalization, Attention or MultiHeadAttention, SkipLayerNormalization, BiasGelu/FastGelu;
+- ``quantize_dynamic`` writes DynamicQuantizeLinear + MatMulInteger;
+- ``quantize_static`` in QOperator format writes QLinearConv, QLinearAdd, QLinearSigmoid, QLinearMatMul;
+- ``MatMulNBitsQuantizer`` writes MatMulNBits.
+
+ONNX Runtime runs the saved files with graph optimizations off, so it executes these ops itself.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from test_contrib_ops import assert_fp32, kiln_run, ort
+
+RNG = np.random.default_rng(1)
+VOCAB, HIDDEN, HEADS = 40, 32, 4
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _bert_module(gelu: str):
+    """An encoder with BERT's structure (embeddings + LN, post-LN blocks, additive -10000 mask)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
+            self.ln1, self.ln2 = nn.LayerNorm(HIDDEN, eps=1e-12), nn.LayerNorm(HIDDEN, eps=1e-12)
+            self.up, self.down = nn.Linear(HIDDEN, 2 * HIDDEN), nn.Linear(2 * HIDDEN, HIDDEN)
+
+        def heads(self, x):
+            return x.view(x.shape[0], x.shape[1], HEADS, HIDDEN // HEADS).permute(0, 2, 1, 3)
+
+        def forward(self, x, bias):
+            q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(HIDDEN // HEADS) + bias
+            ctx = torch.matmul(scores.softmax(-1), v).permute(0, 2, 1, 3).contiguous()
+            x = self.ln1(self.o(ctx.view(ctx.shape[0], ctx.shape[1], HIDDEN)) + x)
+            return self.ln2(self.down(nn.functional.gelu(self.up(x), approximate=gelu)) + x)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.word, self.pos, self.tok = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(16, HIDDEN), nn.Embedding(2, HIDDEN)
+            self.ln = nn.LayerNorm(HIDDEN, eps=1e-12)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.register_buffer("position_ids", torch.arange(16).unsqueeze(0))
+
+        def forward(self, ids, mask, types):
+            x = self.ln(self.word(ids) + self.tok(types) + self.pos(self.position_ids[:, :ids.shape[1]]))
+            bias = (1.0 - mask[:, None, None, :].to(torch.float32)) * -10000.0
+            for block in self.blocks:
+                x = block(x, bias)
+            return x
+    torch.manual_seed(0)
+    return Encoder().eval()
+
+
+@pytest.fixture(scope="module")
+def bert_exports(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    out = {}
+    root = tmp_path_factory.mktemp("bert")
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    for gelu in ("none", "tanh"):
+        path = root / f"bert_{gelu}.onnx"
+        dyn = {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids")}
+        torch.onnx.export(_bert_module(gelu), (ids, ids, ids), str(path), opset_version=17, dynamo=False,
+                          input_names=list(dyn), output_names=["hidden"], dynamic_axes=dyn)
+        out[gelu] = path
+    return out
+
+
+@pytest.mark.parametrize("case,gelu,expected", [
+    ("mask_index", "none", {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"}),
+    ("raw_mask_fast_gelu", "none", {"Attention", "SkipLayerNormalization", "FastGelu"}),
+    ("multi_head", "none", {"MultiHeadAttention", "SkipLayerNormalization", "BiasGelu"}),
+    ("tanh_gelu", "tanh", {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "FastGelu"})])
+def test_ort_optimized_bert(bert_exports, tmp_path, case, gelu, expected) -> None:
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+    options = FusionOptions("bert")
+    if case == "raw_mask_fast_gelu":
+        options.attention_mask_format = AttentionMaskFormat.AttentionMask
+        options.enable_gelu_approximation = True
+    if case == "multi_head":
+        options.use_multi_head_attention = True
+        options.enable_embed_layer_norm = False
+    opt = optimize_model(str(bert_exports[gelu]), model_type="bert", num_heads=HEADS, hidden_size=HIDDEN,
+                         optimization_options=options, opt_level=0)
+    path = tmp_path / "optimized.onnx"
+    opt.save_model_to_file(str(path))
+    model = onnx.load(path)
+    assert expected <= set(_ops(model)), f"ORT's optimizer wrote {dict(_ops(model))}"
+    mask = np.ones((2, 8), np.int64)
+    mask[1, 5:] = 0
+    feeds = {"input_ids": RNG.integers(0, VOCAB, (2, 8)).astype(np.int64), "attention_mask": mask,
+             "token_type_ids": (RNG.random((2, 8)) > 0.5).astype(np.int64)}
+    assert_fp32(kiln_run(model, feeds)["hidden"], ort(model, feeds)["hidden"], "hidden")
+
+
+# ---- quantizer outputs ---------------------------------------------------------------------------
+
+def _float_model(nodes, inputs, inits: dict, out: str, path: Path) -> Path:
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, path)
+    return path
+
+
+def _w(*shape, scale=0.3) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _mlp(path: Path) -> Path:
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    return _float_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+                        {"w1": _w(16, 32), "b1": _w(32), "w2": _w(32, 8)}, "y", path)
+
+
+def test_quantize_dynamic_matmul_integer(tmp_path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(str(_mlp(tmp_path / "f.onnx")), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8)
+    model = onnx.load(tmp_path / "q.onnx")
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= set(_ops(model)), dict(_ops(model))
+    feeds = {"x": _w(3, 16, scale=1.0)}
+    assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
+
+
+def _conv_net(path: Path) -> Path:
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["s"]), helper.make_node("Sigmoid", ["s"], ["g"]),
+             helper.make_node("Reshape", ["g", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w3"], ["y"])]
+    inits = {"w1": _w(8, 3, 3, 3), "b1": _w(8), "w2": _w(8, 8, 3, 3, scale=0.1), "b2": _w(8),
+             "shape": np.asarray([2, 8 * 6 * 6], np.int64), "w3": _w(8 * 6 * 6, 10, scale=0.05)}
+    return _float_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])], inits, "y", path)
+
+
+def test_quantize_static_qoperator(tmp_path) -> None:
+    """QOperator format; each quantized op runs bit-exactly as in ONNX Runtime, so the dequantized output
+    matches within float rounding."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": _w(2, 3, 6, 6, scale=1.0)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(_conv_net(tmp_path / "f.onnx")), str(tmp_path / "q.onnx"), Reader(),
+                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, reduce_range=True)
+    model = onnx.load(tmp_path / "q.onnx")
+    assert {"QLinearConv", "QLinearAdd", "QLinearSigmoid", "QLinearMatMul"} <= set(_ops(model)), dict(_ops(model))
+    feeds = {"x": _w(2, 3, 6, 6, scale=1.0)}
+    assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
+
+
+def test_matmul_nbits_quantizer(tmp_path) -> None:
+    pytest.importorskip("onnx_ir", reason="ONNX Runtime's MatMulNBitsQuantizer needs the onnx-ir package")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    float_model = onnx.load(_mlp(tmp_path / "f.onnx"))
+    quant = MatMulNBitsQuantizer(float_model, block_size=16, is_symmetric=False)
+    quant.process()
+    model = quant.model.model
+    assert _ops(model)["MatMulNBits"] == 2, dict(_ops(model))
+    feeds = {"x": _w(3, 16, scale=1.0)}
+    assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
