@@ -4,7 +4,9 @@
   EmbedLayerNormalization, Attention or MultiHeadAttention, SkipLayerNormalization, BiasGelu/FastGelu;
 - ``quantize_dynamic`` writes DynamicQuantizeLinear + MatMulInteger;
 - ``quantize_static`` in QOperator format writes QLinearConv, QLinearAdd, QLinearSigmoid, QLinearMatMul;
-- ``MatMulNBitsQuantizer`` writes MatMulNBits.
+- ``MatMulNBitsQuantizer`` writes MatMulNBits;
+- an ONNX Runtime session at ORT_ENABLE_EXTENDED saves FusedConv, FusedMatMul, FusedGemm, QuickGelu, Gelu and
+  SkipLayerNormalization into its optimized model file.
 
 ONNX Runtime runs the saved files with graph optimizations off, so it executes these ops itself.
 """
@@ -183,4 +185,34 @@ def test_matmul_nbits_quantizer(tmp_path) -> None:
     model = quant.model.model
     assert _ops(model)["MatMulNBits"] == 2, dict(_ops(model))
     feeds = {"x": _w(3, 16, scale=1.0)}
+    assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
+
+
+def test_ort_session_optimized_file(tmp_path) -> None:
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), n("Relu", ["c1"], ["r1"]),
+             n("Reshape", ["r1", "shape"], ["f"]),                                               # [2, 8, 36]
+             n("Transpose", ["w2"], ["w2t"], perm=[1, 0]), n("MatMul", ["f", "w2t"], ["m"]),
+             n("Mul", ["m", "half"], ["ms"]),                                                    # → FusedMatMul
+             n("Mul", ["ms", "k"], ["a"]), n("Sigmoid", ["a"], ["sg"]), n("Mul", ["ms", "sg"], ["qg"]),  # → QuickGelu
+             n("Div", ["qg", "sqrt2"], ["d"]), n("Erf", ["d"], ["e"]), n("Add", ["e", "one"], ["e1"]),
+             n("Mul", ["qg", "e1"], ["g0"]), n("Mul", ["g0", "half"], ["g"]),                      # → Gelu
+             n("Add", ["g", "skip"], ["sk"]), n("LayerNormalization", ["sk", "gamma", "beta"], ["ln"]),  # → SkipLayerNorm
+             n("Reshape", ["ln", "shape2"], ["ln2"]), n("Gemm", ["ln2", "w3", "b3"], ["gm"], transB=1),
+             n("LeakyRelu", ["gm"], ["y"], alpha=0.2)]                                           # → FusedGemm
+    inits = {"w1": _w(8, 3, 3, 3), "b1": _w(8), "shape": np.asarray([2, 8, 36], np.int64), "w2": _w(16, 36),
+             "half": np.float32(0.5), "k": np.float32(1.702), "sqrt2": np.float32(np.sqrt(2)), "one": np.float32(1),
+             "skip": _w(2, 8, 16), "gamma": _w(16), "beta": _w(16), "shape2": np.asarray([2, 128], np.int64),
+             "w3": _w(10, 128, scale=0.1), "b3": _w(10)}
+    src = _float_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])], inits, "y",
+                       tmp_path / "f.onnx")
+    import onnxruntime as rt
+    so = rt.SessionOptions()
+    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "o.onnx")
+    rt.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    model = onnx.load(tmp_path / "o.onnx")
+    expected = {"FusedConv", "FusedMatMul", "QuickGelu", "Gelu", "SkipLayerNormalization", "FusedGemm"}
+    assert expected <= set(_ops(model)), dict(_ops(model))
+    feeds = {"x": _w(2, 3, 6, 6, scale=1.0)}
     assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 
 import kiln
 import kiln.onnx
+from kiln.errors import ParseError
 
 MS = "com.microsoft"
 RNG = np.random.default_rng(0)
@@ -454,3 +455,40 @@ def test_matmul_nbits(bits, k, zp_kind, with_bias) -> None:
         inits["bias"] = rand(n)
         ins += ["", "bias"]
     check([node("MatMulNBits", ins, K=k, N=n, bits=bits, block_size=block)], {"a": rand(2, 3, k)}, inits)
+
+
+# ---- what Kiln refuses, in one line ---------------------------------------------------------------
+
+_REFUSED = {
+    "fused_conv_gelu": ([node("FusedConv", ["x", "w"], activation="Gelu")], {"x": rand(1, 2, 4, 4)},
+                       {"w": rand(3, 2, 1, 1)}, "activation 'Gelu'"),
+    "attention_rotary": ([node("Attention", ["x", "w"], num_heads=2, do_rotary=1)], {"x": rand(1, 3, 4)},
+                         {"w": rand(4, 12)}, "do_rotary"),
+    "attention_4d_mask": ([node("Attention", ["x", "w", "", "m"], num_heads=2)],
+                          {"x": rand(1, 3, 4), "m": np.ones((1, 1, 3, 3), np.int32)}, {"w": rand(4, 12)}, "rank 4"),
+    "mha_packed_bias": ([node("MultiHeadAttention", ["q", "", "", "b"], num_heads=2)], {"q": rand(1, 3, 2, 3, 2)},
+                        {"b": rand(12)}, "packed QKV"),
+    "gqa_quantized_cache": ([node("GroupQueryAttention", ["q", "k", "v", "", "", "sl", "t"], num_heads=2,
+                                  kv_num_heads=1, k_quant_type="PER_TENSOR")],
+                            {"q": rand(1, 3, 8), "k": rand(1, 3, 4), "v": rand(1, 3, 4),
+                             "sl": np.asarray([2], np.int32), "t": np.asarray(3, np.int32)}, {}, "quantized KV cache"),
+    "rotary_packed_batching": ([node("RotaryEmbedding", ["x", "p", "c", "s"], is_packed_batching=1)],
+                               {"x": rand(1, 3, 8), "p": np.zeros((1, 3), np.int64)},
+                               {"c": rand(8, 4), "s": rand(8, 4)}, "is_packed_batching"),
+    "nbits_runtime_weights": ([node("MatMulNBits", ["a", "b", "s"], K=16, N=2, bits=4, block_size=16)],
+                              {"a": rand(1, 16), "b": np.zeros((2, 1, 8), np.uint8)}, {"s": rand(2, 1)},
+                              "run time"),
+    "qlinear_add_uint16": ([node("QLinearAdd", ["a", "s", "", "b", "s", "", "s"])],
+                           {"a": np.zeros((2,), np.uint16), "b": np.zeros((2,), np.uint16)},
+                           {"s": np.float32(1.0)}, "uint16"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED))
+def test_unsupported_features_are_one_line_errors(case) -> None:
+    nodes, feeds, inits, phrase = _REFUSED[case]
+    op = nodes[0].op_type
+    with pytest.raises(ParseError) as info:
+        kiln.onnx.parse(_model(nodes, feeds, inits, ["y"]))
+    msg = str(info.value)
+    assert "\n" not in msg and op in msg and MS in msg and phrase in msg, msg

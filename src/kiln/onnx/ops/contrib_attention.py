@@ -216,7 +216,8 @@ def _positions(ctx, start, length):
 
 @converter("RotaryEmbedding", since=1, domain=MS)
 def rotary_embedding(ctx, node):
-    """ONNX Runtime's RoPE: input, position_ids ([1]: the first position; or [B, S]), cos and sin caches."""
+    """ONNX Runtime's RoPE: input, position_ids ([1]: the first position; or [B, S]), cos and sin caches.
+    The scale attribute is ignored, as ONNX Runtime's CPU kernel ignores it."""
     x, pos, cos, sin = (node.input(i) for i in range(4))
     if node.attr("is_packed_batching", 0):
         raise refuse(node, "is_packed_batching=1", "run unpacked batches")
