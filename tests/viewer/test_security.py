@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from viewer_testing import get
@@ -278,6 +277,16 @@ def test_coreml_manifest_root_outside(tmp_path, secret, watch):
     assert "\n" not in str(err.value)
 
 
+def test_coreml_manifest_link(tmp_path, secret, watch):
+    pytest.importorskip("coremltools.proto.MIL_pb2")
+    pkg = _mlpackage(_model_dir(tmp_path), "@model_path/weights/weight.bin")
+    (pkg / "Manifest.json").replace(secret)               # the real manifest, moved out and linked back
+    os.symlink(secret, pkg / "Manifest.json")
+    with pytest.raises(ViewerError, match="manifest .* points outside") as err:
+        open_model(pkg)
+    assert "\n" not in str(err.value)
+
+
 def test_coreml_package_blob_inside_is_read(tmp_path):
     pytest.importorskip("coremltools.proto.MIL_pb2")
     d = _model_dir(tmp_path)
@@ -303,7 +312,8 @@ def test_saved_model_variables_shard_link(tmp_path, secret, watch):
     nodes = [nodedef("x", "Placeholder", (), attr("dtype", f(6, 1))),
              nodedef("k", "VariableV2", (), attr("dtype", f(6, 1)), attr("shape", f(7, shape(12)))),
              nodedef("mm", "Mul", ("x", "k"))]
-    (d / "saved_model.pb").write_bytes(msg(f(1, 1), f(2, msg(f(1, msg(f(4, "serve"))), f(2, msg(*[f(1, n) for n in nodes]))))))
+    meta = msg(f(1, msg(f(4, "serve"))), f(2, msg(*[f(1, n) for n in nodes])))
+    (d / "saved_model.pb").write_bytes(msg(f(1, 1), f(2, meta)))
     write_bundle(d / "variables", {"k": SECRET})
     shard = d / "variables" / "variables.data-00000-of-00001"
     shard.unlink()

@@ -156,3 +156,43 @@ def test_detect_damage_export(classifier, tmp_path):
     check_detect(classifier, tmp_path, "Core ML", ".onnx")
     check_damaged(classifier, tmp_path, magic_len=2, cuts=(0.5, 7))
     check_export(open_model(classifier), tmp_path)
+
+
+def test_ml_package_with_blob_weights(tmp_path):
+    """An .mlpackage laid out by coremltools' own ModelPackage, weights written by its MIL blob writer."""
+    storage = pytest.importorskip("coremltools.libmilstoragepython")
+    package = pytest.importorskip("coremltools.libmodelpackage")
+    w32 = np.linspace(-2, 2, 12, dtype=np.float32)
+    w16 = np.arange(4, dtype=np.float16)
+    (tmp_path / "weights").mkdir()
+    writer = storage._BlobStorageWriter(str(tmp_path / "weights" / "weight.bin"))
+    offsets = [writer.write_float_data(w32), writer.write_fp16_data(w16.view(np.uint16))]
+    del writer                                                      # flushes the file
+    spec = program_spec()
+    block = spec.mlProgram.functions["main"].block_specializations["CoreML7"]
+    for (name, arr, dtype), offset in zip((("w", w32, MIL_pb2.FLOAT32), ("h", w16, MIL_pb2.FLOAT16)), offsets):
+        const = block.operations[0] if name == "w" else block.operations.add()
+        if name == "h":
+            const.type = "const"
+            const.outputs.add().name = "h"
+        out = const.outputs[0].type.tensorType
+        out.dataType = dtype
+        del out.dimensions[:]
+        out.dimensions.add().constant.size = arr.size
+        val = const.attributes["val"]
+        val.ClearField("immediateValue")
+        val.blobFileValue.fileName = "@model_path/weights/weight.bin"
+        val.blobFileValue.offset = offset
+    (tmp_path / "model.mlmodel").write_bytes(spec.SerializeToString())
+    pkg = package.ModelPackage(str(tmp_path / "net.mlpackage"))
+    pkg.setRootModel(str(tmp_path / "model.mlmodel"), "model.mlmodel", "com.apple.CoreML", "CoreML Model Specification")
+    pkg.addItem(str(tmp_path / "weights"), "weights", "com.apple.CoreML", "CoreML Model Weights")
+    del pkg
+    for opened in ("net.mlpackage", "net.mlpackage/Manifest.json"):
+        model = open_model(tmp_path / opened)
+        assert model.format == "Core ML" and model.warnings == [] and model.properties["model_type"] == "mlProgram"
+        assert [n.op_type for n in model.graph.nodes] == ["add", "relu"]
+        np.testing.assert_array_equal(model.graph.weights["w"].load(), w32)
+        h = model.graph.weights["h"].load()
+        assert h.dtype == np.float16 and h.tolist() == w16.tolist()
+    check_export(open_model(tmp_path / "net.mlpackage"), tmp_path)

@@ -35,28 +35,33 @@ _PACKED = {8, 9, 10, 11, 12, 13}              # int4, uint1..uint6: shown as the
 
 def is_package(path: Path) -> bool:
     """A package folder, or the Manifest.json inside one."""
+    if not (path.is_dir() or path.name == "Manifest.json"):
+        return False
     folder = path if path.is_dir() else path.parent
-    manifest = folder / "Manifest.json"
-    if (path.is_dir() or path.name == "Manifest.json") and manifest.is_file():
-        with open(manifest, "rb") as f:
-            return b"rootModelIdentifier" in f.read(1 << 16)
-    return False
+    try:
+        manifest = resolve_inside(folder, "Manifest.json", "the package manifest")
+    except PathEscapeError:
+        return path.suffix.lower() == ".mlpackage" or path.name == "Manifest.json"   # root_model says why not
+    if not manifest.is_file():
+        return False
+    with open(manifest, "rb") as f:
+        return b"rootModelIdentifier" in f.read(1 << 16)
 
 
 def root_model(path: Path) -> tuple[Path, Path]:
     """(package folder, root .mlmodel inside it) from the package's Manifest.json."""
     folder = path if path.is_dir() else path.parent
     try:
-        manifest = json.loads((folder / "Manifest.json").read_text(encoding="utf-8"))
+        manifest_file = resolve_inside(folder, "Manifest.json", "the package manifest")
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         items = manifest["itemInfoEntries"]
         rel = items[manifest["rootModelIdentifier"]]["path"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ViewerError(f"{folder.name!r} is not a readable {_FMT} package: its Manifest.json lacks the root "
-                          f"model's path ({type(exc).__name__}: {exc}).") from None
-    try:
         model = resolve_inside(folder / "Data", rel, "the package's root model")
     except PathEscapeError as exc:
         raise ViewerError(f"{folder.name!r}: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ViewerError(f"{folder.name!r} is not a readable {_FMT} package: its Manifest.json lacks the root "
+                          f"model's path ({type(exc).__name__}: {exc}).") from None
     if not model.is_file():
         raise ViewerError(f"{folder.name!r} is not a readable {_FMT} package: its root model {rel!r} is missing.")
     return folder, model
