@@ -13,54 +13,62 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 from kiln.errors import KilnError
 
 
 def add_parser(sub) -> None:
+    from kiln.cli import number, plugin_flag, shape_flags
     p = sub.add_parser("bench", help="measure an engine's latency and throughput (trtexec-style)",
                        description="Benchmark ENGINE: warm-up, then timed iterations; latency min/mean/median/p90/"
                                    "p95/p99, throughput, and host-to-device / compute / device-to-host split.")
     p.add_argument("engine", help="the .kiln engine file")
-    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="input shapes (default: each profile's opt shape)")
-    p.add_argument("--warmup", type=int, default=20, metavar="N", help="untimed runs first (default 20)")
-    p.add_argument("--iterations", type=int, default=200, metavar="N", help="timed runs (default 200)")
-    p.add_argument("--duration", type=float, metavar="S", help="run for S seconds instead of --iterations")
+    shape_flags(p, help="input shapes (default: each profile's opt shape)")
+    p.add_argument("--warmup", type=number(int, 0), default=20, metavar="N", help="untimed runs first (default 20)")
+    p.add_argument("--iterations", type=number(int, 1), default=200, metavar="N", help="timed runs (default 200)")
+    p.add_argument("--duration", type=number(float, 0, above=True), metavar="S",
+                   help="run for S seconds instead of --iterations")
     p.add_argument("--no-data-transfers", action="store_true", help="time GPU compute only (inputs stay on device)")
     p.add_argument("--no-cuda-graph", action="store_true", help="run layer by layer instead of replaying a CUDA graph")
     p.add_argument("--profile", action="store_true", help="print per-layer times")
     p.add_argument("--export-profile", metavar="FILE.json", help="write per-layer times as JSON (for kiln view)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    plugin_flag(p)
     p.set_defaults(func=cmd_bench)
 
 
-def _pct(a: np.ndarray, q: float) -> float:
+def _pct(a, q: float) -> float:
+    import numpy as np
     return float(np.percentile(a, q)) if a.size else float("nan")
 
 
 def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int = 20, iterations: int = 200,
           duration: float | None = None, transfers: bool = True, cuda_graph: bool = True,
           progress: bool = False) -> dict[str, Any]:
+    import numpy as np
     import torch
 
     from kiln.cli import _default_shape, _random
+    from kiln.kernels._util import from_numpy
+    if duration is not None and not duration > 0:
+        raise KilnError(f"duration must be a positive number of seconds, got {duration!r}.")
+    if iterations < 1 or warmup < 0:
+        raise KilnError(f"iterations must be at least 1 and warmup at least 0; got {iterations}, {warmup}.")
     shapes = shapes or {}
     rng = np.random.default_rng(0)
     host = []
     for spec in engine.inputs:
-        host.append(_random(rng, spec["dtype"], shapes.get(spec["name"]) or _default_shape(engine, spec)))
+        shape = shapes[spec["name"]] if spec["name"] in shapes else _default_shape(engine, spec)
+        host.append(from_numpy(_random(rng, spec["dtype"], shape)))         # 0-d stays 0-d
     ctx = engine.context(cuda_graph=cuda_graph)
     for spec, a in zip(engine.inputs, host):
-        ctx._check(spec["name"], torch.from_numpy(np.ascontiguousarray(a)))
+        ctx._check(spec["name"], a)
     cuda = engine.device == "cuda"
-    batch = host[0].shape[0] if host and host[0].ndim else 1
+    batch = host[0].shape[0] if host and host[0].dim() else 1
     if cuda:
-        pinned = [torch.from_numpy(np.ascontiguousarray(a)).pin_memory() for a in host]
+        pinned = [a.pin_memory() for a in host]
         dev = [p.to("cuda") for p in pinned]
     else:
-        dev = [torch.from_numpy(np.ascontiguousarray(a)) for a in host]
+        dev = host
     out_host = None
     for _ in range(max(1, warmup)):
         outs = ctx.execute(dev)
@@ -135,12 +143,13 @@ class _Bar:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import kiln
-    from kiln.cli import _load_plugins, parse_shapes
+    from kiln.cli import _load_plugins, check_output_file, parse_shapes
+    shapes = parse_shapes(args.shapes, "--shapes")
+    if args.export_profile:
+        check_output_file(args.export_profile, "--export-profile", keep=[args.engine])
     _load_plugins(args.plugins)
     engine = kiln.load(args.engine)
-    if args.iterations < 1:
-        raise KilnError("--iterations must be at least 1.")
-    res = bench(engine, parse_shapes(args.shapes, "--shapes"), args.warmup, args.iterations, args.duration,
+    res = bench(engine, shapes, args.warmup, args.iterations, args.duration,
                 not args.no_data_transfers, not args.no_cuda_graph, progress=True)
     ctx, inputs = res.pop("_ctx"), res.pop("_inputs")
     rows = None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from kiln.errors import KilnError
 
@@ -52,23 +53,52 @@ class Progress:
             Progress.open_line = False
 
 
-def parse_shapes(spec: str | None, flag: str) -> dict[str, tuple[int, ...]]:
-    """'input:1x3x224x224,mask:1x128' → {'input': (1, 3, 224, 224), 'mask': (1, 128)}."""
+def parse_shapes(specs: str | Sequence[str] | None, flag: str) -> dict[str, tuple[int, ...]]:
+    """``['input:1x3x224x224,mask:1x128', 'ids:1x16']`` → {'input': (1, 3, 224, 224), 'mask': (1, 128), 'ids': (1, 16)}.
+
+    Repeated flags accumulate; one name given two different shapes is refused. ``name:`` is a scalar.
+    """
     out: dict[str, tuple[int, ...]] = {}
-    if not spec:
-        return out
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, sep, dims = part.rpartition(":")
-        if not sep or not name:
-            raise KilnError(f"{flag} takes name:DIMS, like input:1x3x224x224; got {part!r}.")
-        try:
-            out[name] = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
-        except ValueError:
-            raise KilnError(f"{flag} dims must be integers joined by 'x' (1x3x224x224); got {dims!r} for {name!r}.") \
-                from None
+    for spec in [specs] if isinstance(specs, str) else specs or ():
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, dims = part.rpartition(":")
+            if not sep or not name:
+                raise KilnError(f"{flag} takes NAME:DIMS, like input:1x3x224x224; got {part!r}.")
+            try:
+                shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
+            except ValueError:
+                raise KilnError(f"{flag} dims must be integers joined by 'x' (1x3x224x224); got {dims!r} for "
+                                f"{name!r}.") from None
+            if any(d < 0 for d in shape):
+                fixed = "x".join(str(max(d, 1)) for d in shape)
+                raise KilnError(f"{flag} {name}:{dims} has a negative dim; shapes given on the command line are "
+                                f"sizes (0 or more; -1 marks a dynamic dim only inside a model): write the size, "
+                                f"e.g. {flag} {name}:{fixed}.")
+            if name in out and out[name] != shape:
+                raise KilnError(f"{flag} gives input {name!r} two shapes, {_dims(out[name])} and {_dims(shape)}; "
+                                f"give each input once.")
+            out[name] = shape
+    return out
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "(scalar)"
+
+
+def parse_inputs(items: Sequence[str] | None) -> dict[str, str]:
+    """``['x=x.npy', 'sr=sr.npy']`` → {'x': 'x.npy', 'sr': 'sr.npy'}; one name given two files is refused."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise KilnError(f"--input takes NAME=FILE.npy; got {item!r}.")
+        if name in out and out[name] != path:
+            raise KilnError(f"--input gives input {name!r} two files, {out[name]!r} and {path!r}; give each input "
+                            f"once.")
+        out[name] = path
     return out
 
 
@@ -80,8 +110,11 @@ def profiles_from_args(args) -> dict[str, Any] | None:
     if not names:
         return None
     prof: dict[str, Any] = {}
-    for n in names:
+    for n in sorted(names):
         if n in static:
+            if n in mins or n in opts or n in maxs:
+                raise KilnError(f"Input {n!r} is given both --shapes and --min/--opt/--max-shapes; give one or the "
+                                f"other.")
             prof[n] = static[n]
             continue
         if n not in mins or n not in maxs:
@@ -89,6 +122,43 @@ def profiles_from_args(args) -> dict[str, Any] | None:
                             f"or one --shapes.")
         prof[n] = (mins[n], opts.get(n, maxs[n]), maxs[n])
     return prof
+
+
+def check_output_file(path: str, flag: str, keep: Sequence[str] = ()) -> None:
+    """Refuse an output path that cannot become a file, before any work: a folder, a missing parent
+    folder, an unwritable place, or one of the files in ``keep`` (the inputs of the command)."""
+    if not path:
+        raise KilnError(f"{flag} needs a file name.")
+    if os.path.isdir(path):
+        raise KilnError(f"{flag} {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'out.kiln')!r}.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise KilnError(f"{flag} {path!r}: the folder {parent!r} does not exist; create it first "
+                        f"(mkdir -p {_quote(parent)}).")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise KilnError(f"{flag} {path!r} cannot be written (permission denied); give another path.")
+    for other in keep:
+        if other and os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            raise KilnError(f"{flag} {path!r} is the command's input file; writing it would destroy the input. "
+                            f"Give another file name.")
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """Make folder ``path`` (and its parents) for outputs, or refuse in one line."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise KilnError(f"{flag} {path!r} is an existing file, not a folder; give a folder name.")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise KilnError(f"{flag} {path!r} cannot be created ({exc.strerror or exc}); give another folder.") \
+            from None
+    if not os.access(path, os.W_OK):
+        raise KilnError(f"{flag} {path!r} is not writable; give another folder.")
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"kiln: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def _load_plugins(paths: Sequence[str] | None) -> None:
@@ -118,23 +188,32 @@ def _summary(name: str, arr) -> str:
 
 # ---- commands ---------------------------------------------------------------------------
 def cmd_build(args) -> int:
+    check_output_file(args.output, "-o", keep=[args.model, args.timing_cache or ""])
+    profiles = profiles_from_args(args)
+    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "tf32" if args.tf32 else "fp32"
+    workspace = max(1, int(args.workspace * (1 << 20))) if args.workspace is not None else None
     import kiln
+    config = kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles, workspace=workspace,
+                              optimization_level=args.opt_level, timing_cache=args.timing_cache,
+                              fp32_layers=args.fp32_layers or ())
+    note = config.precision_note(config.resolved_device())
     _load_plugins(args.plugins)
     progress = Progress(not args.quiet)
     progress("parse", 0.0)
     network = kiln.onnx.parse(args.model)
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "tf32" if args.tf32 else "fp32"
-    config = kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles_from_args(args),
-                              workspace=int(args.workspace * (1 << 20)) if args.workspace else None,
-                              optimization_level=args.opt_level, timing_cache=args.timing_cache,
-                              fp32_layers=args.fp32_layers or ())
     engine = kiln.build(network, config, progress=progress)
     progress("serialize", 0.0)
     engine.header.setdefault("build", {})["command"] = "kiln " + " ".join(
         _quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["build"] else None
-    engine.save(args.output)
+    try:
+        engine.save(args.output)
+    except OSError as exc:
+        raise KilnError(f"Cannot write the engine to {args.output!r} ({exc.strerror or exc}); check the disk and "
+                        f"the path.") from None
     progress("serialize", 1.0)
     progress.done()
+    if note:
+        warn(f"--{precision}: {note}")
     size = os.path.getsize(args.output)
     print(f"Built {args.output} ({size / 1e6:.1f} MB): {len(engine.layers)} layers, {precision}, "
           f"{engine.header['device']['name']} ({engine.device}), {time.perf_counter() - progress.t0:.1f} s")
@@ -150,23 +229,23 @@ def cmd_run(args) -> int:
     import numpy as np
 
     import kiln
+    inputs = parse_inputs(args.input)
+    shapes = parse_shapes(args.shapes, "--shapes")
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output-dir")
     _load_plugins(args.plugins)
     engine = kiln.load(args.engine)
     feeds = {}
-    for item in args.input or []:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise KilnError(f"--input takes name=file.npy; got {item!r}.")
+    for name, path in inputs.items():
         try:
             feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise KilnError(f"Cannot read {path!r} for input {name!r}: {exc}; save it with numpy.save.") from None
-    shapes = parse_shapes(args.shapes, "--shapes")
     rng = np.random.default_rng(args.seed)
     for spec in engine.inputs:
         if spec["name"] in feeds:
             continue
-        shape = shapes.get(spec["name"]) or _default_shape(engine, spec)
+        shape = shapes[spec["name"]] if spec["name"] in shapes else _default_shape(engine, spec)
         feeds[spec["name"]] = _random(rng, spec["dtype"], shape)
         print(f"random input {_summary(spec['name'], feeds[spec['name']])}")
     ctx = engine.context()
@@ -176,10 +255,13 @@ def cmd_run(args) -> int:
     for name, value in outputs.items():
         print(_summary(name, value))
     if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
         for name, value in outputs.items():
             safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-            np.save(os.path.join(args.output_dir, f"{safe}.npy"), np.asarray(value))
+            try:
+                np.save(os.path.join(args.output_dir, f"{safe}.npy"), np.asarray(value))
+            except OSError as exc:
+                raise KilnError(f"Cannot write output {name!r} to {args.output_dir!r} ({exc.strerror or exc}).") \
+                    from None
         print(f"wrote {len(outputs)} outputs to {args.output_dir}")
     print(f"first run {ms:.2f} ms on {engine.header['device']['name']}")
     return 0
@@ -196,12 +278,15 @@ def _default_shape(engine, spec) -> tuple[int, ...]:
 
 
 def _random(rng, dtype: str, shape):
+    """A seeded random array of ``dtype`` and ``shape`` (an ndarray also for shape ())."""
+    import numpy as np
+
     from kiln.ir.dtypes import np_dtype
     if dtype == "bool":
-        return rng.random(shape) > 0.5
+        return np.asarray(rng.random(shape) > 0.5)
     if dtype.startswith(("int", "uint")):
-        return rng.integers(0, 16, size=shape).astype(np_dtype(dtype))
-    return rng.standard_normal(shape).astype(np_dtype(dtype))
+        return np.asarray(rng.integers(0, 16, size=shape)).astype(np_dtype(dtype))
+    return np.asarray(rng.standard_normal(shape)).astype(np_dtype(dtype))
 
 
 def _inspect_onnx(path: str, as_json: bool) -> int:
@@ -351,50 +436,103 @@ def cmd_plugins(args) -> int:
 
 def cmd_demo(args) -> int:
     from kiln.demo import run_demo
+    check_output_dir(args.output_dir, "--output-dir")
     return run_demo(device=args.device, precision="fp16" if args.fp16 else "fp32", out_dir=args.output_dir)
 
 
 def cmd_compare(args) -> int:
     from kiln.comparison import compare
-    _load_plugins(args.plugins)
-    inputs = {}
-    for item in args.input or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise KilnError(f"--input takes NAME=FILE.npy; got {item!r}.")
-        inputs[name] = path
+    inputs = parse_inputs(args.input)
+    shapes = parse_shapes(args.shapes, "--shapes")
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     per_layer = args.per_layer or bool(args.save_errors)
+    errors_out = args.save_errors or os.path.splitext(os.path.basename(args.model))[0] + ".errors.json"
+    if per_layer:
+        check_output_file(errors_out, "--save-errors", keep=[args.model])
+    if args.reduce and args.reduce_output:
+        check_output_file(args.reduce_output, "--reduce-output", keep=[args.model])
+    _load_plugins(args.plugins)
     progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
     result = compare(args.model, precision=precision, device=args.device, engine=args.engine, inputs=inputs,
-                     data=args.data, shapes=parse_shapes(args.shapes, "--shapes"), atol=args.atol, rtol=args.rtol,
+                     data=args.data, shapes=shapes, atol=args.atol, rtol=args.rtol,
                      check_error_stat=args.check_error_stat, per_layer=per_layer, growth=args.growth,
                      reduce=args.reduce, reduce_output=args.reduce_output, seed=args.seed,
                      log=progress, fp32_layers=args.fp32_layers or ())
+    if args.engine is None:
+        import kiln
+        note = kiln.BuildConfig(precision=precision).precision_note(result.device)
+        if note:
+            warn(f"--{precision}: {note}")
     print(result.report(histogram=not args.no_histogram))
     if per_layer:
-        import os
-        out = args.save_errors or os.path.splitext(os.path.basename(args.model))[0] + ".errors.json"
-        result.save_errors(out)
-        print(f"wrote per-layer errors to {out}; see them on the graph: kiln view {args.model} --errors {out}")
+        result.save_errors(errors_out)
+        print(f"wrote per-layer errors to {errors_out}; see them on the graph: kiln view {_quote(args.model)} "
+              f"--errors {_quote(errors_out)}")
     if result.reduced is not None:
-        import os
-        data = os.path.splitext(result.reduced_path)[0] + "-data"
-        print(f"reproduce: kiln compare {result.reduced_path} --data {data}"
-              + (" --fp16" if args.fp16 else " --bf16" if args.bf16 else ""))
+        print("reproduce: " + reproduce_command(args, result))
     return 0 if result.passed else 1
 
 
+def reproduce_command(args, result) -> str:
+    """The `kiln compare` command that checks the reduced model as this run checked the full one:
+    its saved inputs, the same precision, device, tolerances, error statistic, FP32 layers and plugins."""
+    data = os.path.splitext(result.reduced_path)[0] + "-data"
+    parts = ["kiln", "compare", result.reduced_path, "--data", data, "--device", result.device]
+    if result.precision in ("fp16", "bf16"):
+        parts.append(f"--{result.precision}")
+    parts += ["--atol", repr(float(result.atol)), "--rtol", repr(float(result.rtol)),
+              "--check-error-stat", result.check_error_stat]
+    if args.fp32_layers:
+        parts += ["--fp32-layers", args.fp32_layers]
+    for plugin in args.plugins or ():
+        parts += ["--plugins", plugin]
+    return " ".join(_quote(p) for p in parts)
+
+
 # ---- parser -----------------------------------------------------------------------------
-def _shape_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="static input shapes, e.g. input:1x3x224x224")
-    p.add_argument("--min-shapes", metavar="NAME:DIMS[,..]", help="smallest shapes of the optimization profile")
-    p.add_argument("--opt-shapes", metavar="NAME:DIMS[,..]", help="shapes to optimize for (default: max)")
-    p.add_argument("--max-shapes", metavar="NAME:DIMS[,..]", help="largest shapes of the optimization profile")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other user error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help.\n")
+
+
+def number(kind: type, low: float, high: float | None = None, above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: an int or finite float in [low, high] (``above``: strictly greater than low)."""
+    what = "an integer" if kind is int else "a number"
+    bound = (f"from {low:g} to {high:g}" if high is not None else f"above {low:g}" if above
+             else f"{low:g} or more")
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; give {what} {bound}") from None
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {what} {bound}")
+        return value
+    return parse
+
+
+def shape_flags(p: argparse.ArgumentParser, profile: bool = False, help: str = "input shapes") -> None:
+    """--shapes (and with ``profile`` --min/--opt/--max-shapes); each repeatable, accumulating."""
+    p.add_argument("--shapes", action="append", metavar="NAME:DIMS[,..]",
+                   help=f"{help}, e.g. input:1x3x224x224 (repeatable; 'name:' is a scalar)")
+    if profile:
+        p.add_argument("--min-shapes", action="append", metavar="NAME:DIMS[,..]",
+                       help="smallest shapes of the optimization profile (repeatable)")
+        p.add_argument("--opt-shapes", action="append", metavar="NAME:DIMS[,..]",
+                       help="shapes to optimize for (default: max; repeatable)")
+        p.add_argument("--max-shapes", action="append", metavar="NAME:DIMS[,..]",
+                       help="largest shapes of the optimization profile (repeatable)")
+
+
+def plugin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kiln", description="Build fast, device-specific inference engines from ONNX models, run them, "
                                  "benchmark them and look inside them.")
     from kiln import __version__
@@ -410,15 +548,16 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="BF16 compute (accumulation, softmax and norms in FP32)")
     g.add_argument("--tf32", action="store_true", help="FP32 tensors with TF32 matrix math on the GPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="target device (default: cuda when available)")
-    _shape_flags(p)
-    p.add_argument("--workspace", type=float, metavar="MB", help="memory limit for activations and scratch, in MB")
-    p.add_argument("--opt-level", type=int, default=3, metavar="0-5",
+    shape_flags(p, profile=True, help="static input shapes")
+    p.add_argument("--workspace", type=number(float, 0, above=True), metavar="MB",
+                   help="memory limit for activations and scratch, in MB")
+    p.add_argument("--opt-level", type=number(int, 0, 5), default=3, metavar="0-5",
                    help="0: first valid tactic per layer; 3 (default): time likely candidates; 5: time everything")
     p.add_argument("--timing-cache", metavar="FILE", help="read and update tactic timings in FILE")
     p.add_argument("--fp32-layers", metavar="PATTERN[,..]",
                    help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch patterns in "
                         "FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    plugin_flag(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
 
@@ -426,10 +565,10 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Run ENGINE once. Inputs come from .npy files or are random (seeded).")
     p.add_argument("engine", help="the .kiln engine file")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)")
-    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="shapes for random inputs (default: profile opt)")
+    shape_flags(p, help="shapes for random inputs (default: profile opt)")
     p.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/<name>.npy")
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for random inputs")
+    plugin_flag(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="show an engine's device, profiles and layers (or an ONNX model's nodes)",
@@ -445,13 +584,13 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Check MODEL for unsupported nodes (name, op, domain, opset). Exit 1 if any.")
     p.add_argument("model", help="the .onnx model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    plugin_flag(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plugins", help="list registered plugins with their fields and origin",
                        description="List every registered plugin: name, namespace, version, fields, tactics and "
                                    "where it came from (built-in, file, entry point).")
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    plugin_flag(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
@@ -470,17 +609,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32-layers", metavar="PATTERN[,..]",
                    help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch patterns in "
                         "FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
-    p.add_argument("--shapes", metavar="NAME:DIMS[,..]", help="shapes of random inputs with dynamic dims")
+    shape_flags(p, help="shapes of random inputs with dynamic dims")
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)")
     p.add_argument("--data", metavar="DIR|FILE.npz", help="inputs from a folder of NAME.npy (or input_N.pb) files")
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs (default 0)")
-    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 5e-2)")
-    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed for random inputs (default 0)")
+    p.add_argument("--atol", type=number(float, 0), default=None, help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--rtol", type=number(float, 0), default=None, help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 5e-2)")
     p.add_argument("--check-error-stat", choices=("max", "mean", "median"), default="max",
                    help="the error statistic checked against the tolerances (default max)")
     p.add_argument("--per-layer", action="store_true",
                    help="compare every intermediate tensor too and name the first layer whose error jumps")
-    p.add_argument("--growth", type=float, default=10.0, metavar="X",
+    p.add_argument("--growth", type=number(float, 0, above=True), default=10.0, metavar="X",
                    help="a layer 'jumps' when its error is X times its inputs' (default 10)")
     p.add_argument("--save-errors", metavar="FILE.json",
                    help="where --per-layer writes the errors for kiln view --errors (default MODEL.errors.json)")
@@ -489,7 +628,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-output", metavar="FILE.onnx", help="where --reduce saves (default MODEL.reduced.onnx)")
     p.add_argument("--no-histogram", action="store_true", help="leave out the error histograms")
     p.add_argument("-v", "--verbose", action="store_true", help="log each --reduce step")
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
+    plugin_flag(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="build and run a small built-in example model end to end",
@@ -514,22 +653,44 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
     try:
-        return int(args.func(args) or 0)
-    except KilnError as exc:
-        if Progress.open_line:
-            sys.stderr.write("\n")
-        msg = " ".join(str(exc).split())
-        print(f"kiln: error: {msg}", file=sys.stderr)
-        return 2
+        parser = make_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        try:
+            code = int(args.func(args) or 0)
+        except KilnError as exc:
+            if Progress.open_line:
+                sys.stderr.write("\n")
+            msg = " ".join(str(exc).split())
+            print(f"kiln: error: {msg}", file=sys.stderr)
+            return 2
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except SystemExit:                   # --help, --version and usage errors exit through argparse
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_to_devnull()
+        raise
+    except BrokenPipeError:              # the reader went away (`kiln plugins | head -1`): stop quietly
+        _stdout_to_devnull()
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """Output still buffered would fail again at exit, so stdout now points at devnull (the Python docs'
+    recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, ValueError, OSError):      # stdout replaced by an object without a descriptor
+        sys.stdout = os.fdopen(devnull, "w")
 
 
 if __name__ == "__main__":

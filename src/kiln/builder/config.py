@@ -1,12 +1,24 @@
 """BuildConfig and optimization profiles."""
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from kiln.errors import BuildError
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+# What a CPU build does with each reduced precision (torch's CPU kernels; no tensor cores).
+CPU_PRECISION_NOTES = {
+    "tf32": "TF32 is a GPU matrix-math mode; a CPU build computes in plain FP32, so it has no effect there.",
+    "fp16": "a CPU build stores weights and activations in FP16 and computes them with torch's FP16 CPU kernels: "
+            "the results carry FP16 rounding, and most CPUs run them many times slower than FP32. Use it on CPU "
+            "to check FP16 accuracy; build for cuda for speed.",
+    "bf16": "a CPU build stores weights and activations in BF16 and computes them with torch's BF16 CPU kernels: "
+            "the results carry BF16 rounding, and CPUs without BF16 matrix instructions (AMX) run them many "
+            "times slower than FP32. Use it on CPU to check BF16 accuracy; build for cuda for speed.",
+}
 DimRange = tuple[Sequence[int], Sequence[int], Sequence[int]]
 
 
@@ -28,6 +40,12 @@ class Profile:
                 mn, opt, mx = (tuple(int(d) for d in v) for v in value)
             else:                       # one static shape
                 mn = opt = mx = tuple(int(d) for d in value)
+            for which, dims in (("min", mn), ("opt", opt), ("max", mx)):
+                if any(d < 0 for d in dims):
+                    raise BuildError(
+                        f"Profile for input {name!r} has {which} shape {list(dims)}; a profile gives every dim a "
+                        f"size (0 or more; -1 marks a dynamic dim in a model, not in a profile), e.g. "
+                        f"{list(max(d, 1) for d in dims)}.")
             if not (len(mn) == len(opt) == len(mx)):
                 raise BuildError(f"Profile for input {name!r} has min/opt/max of different ranks: {mn}, {opt}, {mx}.")
             if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
@@ -70,14 +88,27 @@ class BuildConfig:
         self.precision = p
         if self.device not in (None, "cpu", "cuda"):
             raise BuildError(f"Device {self.device!r} is not supported; use 'cpu' or 'cuda'.")
-        if not 0 <= int(self.optimization_level) <= 5:
-            raise BuildError(f"optimization_level must be 0..5, got {self.optimization_level}.")
+        if not _is_int(self.optimization_level) or not 0 <= self.optimization_level <= 5:
+            raise BuildError(f"optimization_level must be an integer 0..5, got {self.optimization_level!r}.")
+        if self.workspace is not None and (not _is_int(self.workspace) or self.workspace <= 0):
+            raise BuildError(f"workspace is a memory limit in bytes and must be a positive integer, got "
+                             f"{self.workspace!r}; leave it None for no limit.")
+        if self.timing_cache is not None:
+            from kiln.builder.timing_cache import check_cache_path
+            self.timing_cache = os.fspath(self.timing_cache)
+            check_cache_path(self.timing_cache)
         if isinstance(self.fp32_layers, str):
             self.fp32_layers = tuple(p for p in self.fp32_layers.split(",") if p)
         self.fp32_layers = tuple(self.fp32_layers)
         if self.fp32_layers and self.precision not in ("fp16", "bf16"):
             raise BuildError(f"fp32_layers keeps layers of an FP16 or BF16 build in FP32; this build is already "
                              f"{self.precision}. Add --fp16 or --bf16, or drop --fp32-layers.")
+
+    def precision_note(self, device: str) -> str | None:
+        """What this precision means on ``device`` when that is not what the flag promises, else None."""
+        if device == "cpu":
+            return CPU_PRECISION_NOTES.get(self.precision)
+        return None
 
     def resolved_device(self) -> str:
         import torch
@@ -93,3 +124,7 @@ class BuildConfig:
             return []
         items = self.profiles if isinstance(self.profiles, (list, tuple)) else [self.profiles]
         return [Profile.make(p) for p in items]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -8,57 +8,16 @@ skips every layer it has already measured.
 from __future__ import annotations
 
 import json
-import os
-import threading
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
 from kiln.builder.shapes import UNKNOWN, evaluate
+from kiln.builder.timing_cache import TimingCache
 from kiln.ir.network import Network
 from kiln.kernels import KernelContext, tactics_for
-
-_LOCK = threading.Lock()
-
-
-class TimingCache:
-    """A JSON file of measured tactic times: {key: {tactic: milliseconds}}."""
-
-    VERSION = 1
-
-    def __init__(self, path: str | None = None) -> None:
-        self.path = path
-        self.entries: dict[str, dict[str, float]] = {}
-        self.hits = self.misses = 0
-        if path and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("version") == self.VERSION:
-                    self.entries = data.get("entries", {})
-            except (OSError, ValueError):
-                self.entries = {}     # a damaged cache is only a slower build
-
-    def get(self, key: str) -> dict[str, float] | None:
-        hit = self.entries.get(key)
-        if hit is None:
-            self.misses += 1
-        else:
-            self.hits += 1
-        return hit
-
-    def put(self, key: str, times: dict[str, float]) -> None:
-        self.entries[key] = times
-
-    def save(self) -> None:
-        if not self.path:
-            return
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with _LOCK, open(tmp, "w") as f:
-            json.dump({"version": self.VERSION, "entries": self.entries}, f)
-        os.replace(tmp, self.path)
-
 
 def _sig(attrs: dict[str, Any]) -> str:
     def clean(v):
@@ -70,6 +29,18 @@ def _sig(attrs: dict[str, Any]) -> str:
             return v
         return type(v).__name__
     return json.dumps(clean(attrs), sort_keys=True)
+
+
+def _time_cpu(fn, args, reps: int) -> float:
+    """Median wall-clock milliseconds of one call of ``fn`` on the CPU, after two warm-up calls."""
+    for _ in range(2):
+        fn(*args)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def _time(fn, args, reps: int) -> float:
@@ -158,7 +129,7 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
                    cache: TimingCache, device_name: str, hosts: set[int]) -> dict[int, str]:
     """Choose a tactic per layer; returns id(layer) → tactic name for the timed layers."""
     chosen: dict[int, str] = {}
-    if device != "cuda" or level == 0:
+    if level == 0:
         return chosen
     timed = []
     for layer in net.layers:
@@ -221,7 +192,7 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
                         elif not _agree(outs, reference, layer.precision or "fp32"):
                             times[cand.name] = float("inf")      # a fast wrong kernel is no tactic
                             continue
-                        times[cand.name] = _time(fn, ins, reps)
+                        times[cand.name] = (_time if device == "cuda" else _time_cpu)(fn, ins, reps)
                 except Exception:
                     times[cand.name] = float("inf")      # not valid on these shapes
             cache.put(key, times)

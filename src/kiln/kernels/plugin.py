@@ -12,23 +12,25 @@ from kiln.kernels.registry import tactic
 @tactic("Plugin")
 def make_plugin(attrs, ctx):
     plugin = attrs["plugin"]
+    plugin.ensure_initialized()
     chosen = attrs.get("plugin_tactic") or plugin.tactics.get(ctx.device, ("torch",))[0]
     plans: dict[tuple, tuple] = {}         # input signature → (output shapes, dtypes, workspace bytes)
     workspace: dict = {}                   # device → scratch buffer, grown when a shape needs more
 
     def plan(xs):
         key = tuple((tuple(x.shape), x.dtype) if x is not None else None for x in xs)
-        hit = plans.get(key)
-        if hit is None:
+        if key not in plans:
             descs_in = [TensorDesc(tuple(x.shape), dtype_name(x.dtype)) if x is not None else None for x in xs]
             descs = plugin.output_descs(descs_in)
-            hit = ([tuple(int(d) for d in dsc.shape) for dsc in descs], [torch_dtype(d.dtype) for d in descs],
-                   int(plugin.workspace_size([d for d in descs_in if d is not None]) or 0))
-            plans[key] = hit
-        return hit
+            plugin.configure(descs_in, descs)          # new input shapes: the plugin sees them first
+            plans[key] = None if plugin.data_dependent_shapes else (
+                [tuple(int(d) for d in dsc.shape) for dsc in descs], [torch_dtype(d.dtype) for d in descs],
+                int(plugin.workspace_size([d for d in descs_in if d is not None]) or 0))
+        return plans[key]
 
     def run(*xs):
         if plugin.data_dependent_shapes:
+            plan(xs)
             return tuple(plugin.forward(list(xs), None, None, chosen))
         dev = next((x.device for x in xs if x is not None), torch.device("cpu"))
         shapes, dtypes, ws_bytes = plan(xs)

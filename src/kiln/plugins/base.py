@@ -8,12 +8,14 @@ through the registry, never by importing code the file names.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from kiln.errors import PluginError
 
 _REQUIRED = object()
+_INIT_LOCK = threading.RLock()
 _FIELD_TYPES = (bool, int, float, str, list)
 
 
@@ -139,10 +141,23 @@ class Plugin:
         return 0
 
     def configure(self, inputs: list[TensorDesc], outputs: list[TensorDesc]) -> None:
-        """Called once per build with the resolved descriptions (check or precompute here)."""
+        """Called with resolved input and output descriptions (concrete shapes) each time the layer
+        meets new input shapes: while the engine is built and when a context first runs a shape.
+        Check or precompute per-shape state here; raise PluginError to refuse the shapes."""
 
     def initialize(self) -> None:
-        """Called once when an engine holding this plugin is loaded (allocate constants here)."""
+        """Called once per plugin instance before it first runs: when an execution context is
+        created (each context has its own instances) and before the builder runs it. Allocate
+        constants here."""
+
+    def ensure_initialized(self) -> None:
+        """Run :meth:`initialize` if this instance has not run it yet (thread-safe; the runtime calls this)."""
+        if self.__dict__.get("_initialized"):
+            return
+        with _INIT_LOCK:
+            if not self.__dict__.get("_initialized"):
+                self.initialize()
+                self.__dict__["_initialized"] = True
 
     def forward(self, inputs: list[Any], outputs: list[Any], workspace: Any, tactic: str) -> list[Any] | None:
         """Compute the layer. Write into ``outputs`` (pre-allocated torch tensors on the

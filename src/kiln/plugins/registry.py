@@ -7,9 +7,11 @@ version); the registry re-creates them from their recorded fields.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import pathlib
 import sys
 import threading
@@ -33,10 +35,13 @@ class PluginRegistry:
             raise PluginError(f"{cls!r} is not a Plugin subclass with a name; subclass kiln.Plugin and set name.")
         key = cls.key()
         with self._lock:
-            if key in self._plugins and self._plugins[key] is not cls:
-                raise PluginError(
-                    f"Plugin {cls.key_str()} is already registered (from {self._sources[key]}); "
-                    f"give the new one another version or namespace, or unregister the old one first.")
+            old = self._plugins.get(key)
+            if old is not None and old is not cls:
+                if _definition(old) != _definition(cls):
+                    raise PluginError(
+                        f"Plugin {cls.key_str()} is already registered (from {self._sources[key]}); "
+                        f"give the new one another version or namespace, or unregister the old one first.")
+                return cls           # the same class statement run again (its file imported twice): one plugin
             self._plugins[key] = cls
             self._sources[key] = source or _source_of(cls)
         return cls
@@ -81,17 +86,21 @@ class PluginRegistry:
         if target.endswith(".py") or path.exists():
             if not path.is_file():
                 raise PluginError(f"Plugin file {target!r} does not exist; check the path given to --plugins.")
-            mod_name = f"kiln_user_plugins_{abs(hash(str(path.resolve())))}"
-            spec = importlib.util.spec_from_file_location(mod_name, path)
+            resolved = path.resolve()
+            if _imported_module(resolved) is not None:      # already imported (by name or an earlier load)
+                return []
+            mod_name = f"kiln_user_plugins_{hashlib.sha256(str(resolved).encode()).hexdigest()[:16]}"
+            spec = importlib.util.spec_from_file_location(mod_name, resolved)
             if spec is None or spec.loader is None:
                 raise PluginError(f"Cannot import {target!r} as Python; --plugins takes a .py file or a module name.")
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
             try:
                 spec.loader.exec_module(module)
-            except PluginError:
-                raise
-            except Exception as exc:
+            except BaseException as exc:
+                sys.modules.pop(mod_name, None)             # not cached: a fixed file loads on the next try
+                if isinstance(exc, PluginError) or not isinstance(exc, Exception):
+                    raise
                 raise PluginError(f"Importing plugin file {target!r} failed: {type(exc).__name__}: {exc}") from exc
         else:
             try:
@@ -116,6 +125,61 @@ class PluginRegistry:
                 if isinstance(item, type) and issubclass(item, Plugin):
                     if item.key() not in self._plugins:
                         self.register(item, source=f"entry point {ep.name} ({ep.value})")
+
+
+def plugin_records(plan: dict) -> list[dict]:
+    """The plugin records (``{"name", "namespace", "version", "fields"}``) an engine plan holds, subgraphs
+    included, in layer order."""
+    out: list[dict] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            if "__plugin__" in v:
+                out.append(v["__plugin__"])
+            elif "__graph__" in v:
+                for layer in v["__graph__"]["layers"]:
+                    walk(layer.get("attrs", {}))
+            else:
+                for x in v.values():
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+    for layer in plan["layers"]:
+        walk(layer.get("attrs", {}))
+    return out
+
+
+def _imported_module(path: pathlib.Path) -> Any:
+    """The module already imported from file ``path``, if any."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and os.path.basename(file) == path.name:
+            try:
+                if pathlib.Path(file).resolve() == path:
+                    return module
+            except OSError:
+                continue
+    return None
+
+
+def _definition(cls: type) -> tuple:
+    """What identifies a plugin class statement across imports of its file: its qualified name, where
+    its own functions are written (file and line) and its own data attributes. A file imported twice
+    gives equal definitions; two different classes give different ones."""
+    code, data = [], []
+    for key, value in sorted(vars(cls).items()):
+        fn = value.fget if isinstance(value, property) else getattr(value, "__func__", getattr(value, "func", value))
+        co = getattr(fn, "__code__", None)
+        if co is not None:
+            code.append((key, _real(co.co_filename), co.co_firstlineno, co.co_code))
+        elif not key.startswith("__"):
+            data.append((key, repr(value)))
+    return cls.__qualname__, _real(_source_of(cls)), tuple(code), tuple(data)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(path) if os.path.isabs(path) or os.path.exists(path) else path
 
 
 def _source_of(cls: type) -> str:
