@@ -2,8 +2,10 @@
 
 - ``onnxruntime.transformers.optimizer`` on a tiny BERT-structured encoder (exported by torch) writes
   EmbedLayerNormalization, Attention or MultiHeadAttention, SkipLayerNormalization, BiasGelu/FastGelu;
-- ``quantize_dynamic`` writes DynamicQuantizeLinear + MatMulInteger;
-- ``quantize_static`` in QOperator format writes QLinearConv, QLinearAdd, QLinearSigmoid, QLinearMatMul;
+- ``quantize_dynamic`` writes DynamicQuantizeLinear + MatMulInteger (DynamicQuantizeMatMul once an ONNX Runtime
+  session has optimized and saved it);
+- ``quantize_static`` in QOperator format writes QLinearConv, QLinearAdd, QLinearSigmoid, QLinearMatMul,
+  QLinearGlobalAveragePool, QGemm and QLinearConcat;
 - ``MatMulNBitsQuantizer`` writes MatMulNBits;
 - an ONNX Runtime session at ORT_ENABLE_EXTENDED saves FusedConv, FusedMatMul, FusedGemm, QuickGelu, Gelu and
   SkipLayerNormalization into its optimized model file.
@@ -135,23 +137,37 @@ def _mlp(path: Path) -> Path:
                         {"w1": _w(16, 32), "b1": _w(32), "w2": _w(32, 8)}, "y", path)
 
 
-def test_quantize_dynamic_matmul_integer(tmp_path) -> None:
+@pytest.mark.parametrize("session_optimized", [False, True])
+def test_quantize_dynamic(tmp_path, session_optimized) -> None:
+    """As quantize_dynamic writes it (DynamicQuantizeLinear + MatMulInteger), and as an ONNX Runtime session
+    saves it after its own fusions (DynamicQuantizeMatMul)."""
+    import onnxruntime as rt
     from onnxruntime.quantization import QuantType, quantize_dynamic
     quantize_dynamic(str(_mlp(tmp_path / "f.onnx")), str(tmp_path / "q.onnx"), weight_type=QuantType.QUInt8)
-    model = onnx.load(tmp_path / "q.onnx")
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= set(_ops(model)), dict(_ops(model))
+    path, expected = tmp_path / "q.onnx", {"DynamicQuantizeLinear", "MatMulInteger"}
+    if session_optimized:
+        so = rt.SessionOptions()
+        so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(tmp_path / "o.onnx")
+        rt.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        path, expected = tmp_path / "o.onnx", {"DynamicQuantizeMatMul"}
+    model = onnx.load(path)
+    assert expected <= set(_ops(model)), dict(_ops(model))
     feeds = {"x": _w(3, 16, scale=1.0)}
     assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
 
 
 def _conv_net(path: Path) -> Path:
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
-             helper.make_node("Add", ["c2", "r1"], ["s"]), helper.make_node("Sigmoid", ["s"], ["g"]),
-             helper.make_node("Reshape", ["g", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w3"], ["y"])]
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), n("Relu", ["c1"], ["r1"]),
+             n("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             n("Add", ["c2", "r1"], ["s"]), n("Sigmoid", ["s"], ["g"]),
+             n("Reshape", ["g", "shape"], ["flat"]), n("MatMul", ["flat", "w3"], ["m"]),
+             n("GlobalAveragePool", ["g"], ["gap"]), n("Flatten", ["gap"], ["gf"]),
+             n("Gemm", ["gf", "w4", "b4"], ["gm"], transB=1), n("Concat", ["m", "gm"], ["y"], axis=1)]
     inits = {"w1": _w(8, 3, 3, 3), "b1": _w(8), "w2": _w(8, 8, 3, 3, scale=0.1), "b2": _w(8),
-             "shape": np.asarray([2, 8 * 6 * 6], np.int64), "w3": _w(8 * 6 * 6, 10, scale=0.05)}
+             "shape": np.asarray([2, 8 * 6 * 6], np.int64), "w3": _w(8 * 6 * 6, 10, scale=0.05),
+             "w4": _w(6, 8), "b4": _w(6)}
     return _float_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])], inits, "y", path)
 
 
@@ -171,7 +187,9 @@ def test_quantize_static_qoperator(tmp_path) -> None:
                     quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, reduce_range=True)
     model = onnx.load(tmp_path / "q.onnx")
-    assert {"QLinearConv", "QLinearAdd", "QLinearSigmoid", "QLinearMatMul"} <= set(_ops(model)), dict(_ops(model))
+    expected = {"QLinearConv", "QLinearAdd", "QLinearSigmoid", "QLinearMatMul", "QLinearGlobalAveragePool", "QGemm",
+                "QLinearConcat"}
+    assert expected <= set(_ops(model)), dict(_ops(model))
     feeds = {"x": _w(2, 3, 6, 6, scale=1.0)}
     assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
 

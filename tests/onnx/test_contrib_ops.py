@@ -429,6 +429,54 @@ def test_qlinear_conv_contrib(channels_last) -> None:
                 channels_last=channels_last)], {"x": x}, inits, lsb=1)
 
 
+def test_qlinear_binary_ties() -> None:
+    """Scale ratios of 1/2 and 1/4 with odd zero points put many results exactly halfway between steps."""
+    a, b = _q(np.uint8, 4, 64), _q(np.uint8, 4, 64)
+    inits = {"as": np.float32(0.5), "az": np.uint8(129), "bs": np.float32(0.25), "bz": np.uint8(129),
+             "cs": np.float32(1.0), "cz": np.uint8(127)}
+    check([node("QLinearAdd", ["a", "as", "az", "b", "bs", "bz", "cs", "cz"], ["add"]),
+           node("QLinearMul", ["a", "as", "az", "b", "bs", "bz", "cs", "cz"], ["mul"])], {"a": a, "b": b}, inits,
+          outputs=("add", "mul"), lsb=1)
+
+
+@pytest.mark.parametrize("channels_last", [0, 1])
+def test_qlinear_global_average_pool(channels_last) -> None:
+    x = _q(np.uint8, 2, 5, 4, 3) if channels_last else _q(np.uint8, 2, 3, 5, 4)
+    check([node("QLinearGlobalAveragePool", ["x", "xs", "xz", "ys", "yz"], channels_last=channels_last)], {"x": x},
+          {"xs": np.float32(0.05), "xz": np.uint8(131), "ys": np.float32(0.02), "yz": np.uint8(125)}, lsb=1)
+
+
+def test_qlinear_concat() -> None:
+    """The second input shares the output's quantization (copied); the others are requantized."""
+    feeds = {"a": _q(np.uint8, 2, 3, 4), "b": _q(np.uint8, 2, 2, 4), "c": _q(np.uint8, 2, 1, 4)}
+    inits = {"ys": np.float32(0.1), "yz": np.uint8(128), "as": np.float32(0.05), "az": np.uint8(120),
+             "cs": np.float32(0.3), "cz": np.uint8(100)}
+    check([node("QLinearConcat", ["ys", "yz", "a", "as", "az", "b", "ys", "yz", "c", "cs", "cz"], axis=1)], feeds,
+          inits, lsb=1)
+
+
+@pytest.mark.parametrize("quantized_out,trans", [(False, 0), (True, 0), (True, 1)])
+def test_qgemm(quantized_out, trans) -> None:
+    a = _q(np.uint8, 3, 16) if not trans else _q(np.uint8, 16, 3)
+    b = RNG.integers(-60, 61, (16, 5) if not trans else (5, 16)).astype(np.int8)
+    inits = {"as": np.float32(0.02), "az": np.uint8(128), "b": b, "bs": (RNG.random(5) * 0.02 + 0.01).astype(np.float32),
+             "bz": np.zeros(5, np.int8), "c": RNG.integers(-2000, 2000, 5).astype(np.int32)}
+    ins = ["a", "as", "az", "b", "bs", "bz", "c"]
+    if quantized_out:
+        inits.update(ys=np.float32(0.05), yz=np.uint8(130))
+        ins += ["ys", "yz"]
+    check([node("QGemm", ins, alpha=0.75, transA=trans, transB=trans)], {"a": a}, inits, lsb=1)
+
+
+def test_matmul_integer_to_float_and_dynamic_quantize_matmul() -> None:
+    a, x = _q(np.uint8, 2, 3, 16), rand(2, 3, 16)
+    inits = {"b": RNG.integers(-60, 61, (16, 5)).astype(np.int8), "as": np.float32(0.03), "az": np.uint8(127),
+             "bs": (RNG.random(5) * 0.02 + 0.01).astype(np.float32), "bz": np.zeros(5, np.int8), "bias": rand(5)}
+    check([node("MatMulIntegerToFloat", ["a", "b", "as", "bs", "az", "bz", "bias"], ["y1"]),
+           node("DynamicQuantizeMatMul", ["x", "b", "bs", "bz", "bias"], ["y2"])], {"a": a, "x": x}, inits,
+          outputs=("y1", "y2"))
+
+
 def _nbits_weights(n: int, k: int, bits: int, block: int, zp_kind: str):
     blocks = -(-k // block)
     packed = RNG.integers(0, 256, (n, blocks, block * bits // 8)).astype(np.uint8)

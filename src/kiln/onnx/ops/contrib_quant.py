@@ -1,5 +1,6 @@
 """ONNX Runtime's quantized contrib ops (com.microsoft): QLinearConv (channels-last too), QLinearAdd,
-QLinearMul, QLinearSigmoid, QLinearLeakyRelu and MatMulNBits.
+QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearConcat, QGemm,
+MatMulIntegerToFloat, DynamicQuantizeMatMul and MatMulNBits.
 
 Element-wise ops are computed as ONNX Runtime's CPU kernels define them: zero-point-corrected
 inputs scaled by float32 scale ratios, then rounded half to even and saturated (within one
@@ -112,6 +113,97 @@ def qlinear_conv_ms(ctx, node):
     out = ins[7].dtype if ins[7] is not None else x.dtype
     y = ctx.add1("QLinearOp", ins if ins[8] is not None else ins[:8], _conv_attrs(node, nchw, w), dtype=out)
     return ctx.add1("Shuffle", [y], {"first_transpose": to_last}, dtype=out)
+
+
+def _transposed_rank(node, x) -> int:
+    rank = x.rank
+    if rank is None:
+        raise refuse(node, "channels_last with an input of unknown rank", "give the input a static shape")
+    return rank
+
+
+@converter("QLinearGlobalAveragePool", since=1, domain=MS)
+def qlinear_global_average_pool(ctx, node):
+    """quantize(mean over the spatial axes of (x - x_zp) · x_scale / y_scale) with y_zp; [N, C, 1, ...]
+    (channels_last: [N, 1, ..., C])."""
+    x, x_s, x_zp, y_s, y_zp = (node.input(i) for i in range(5))
+    out = _qtype(node, x)
+    xf = _centered(ctx, x, x_zp)
+    last = bool(node.attr("channels_last", 0))
+    if last:
+        rank = _transposed_rank(node, x)
+        xf = ctx.add1("Shuffle", [xf], {"first_transpose": [0, rank - 1] + list(range(1, rank - 1))}, dtype="float32")
+    mean = ctx.add1("Pooling", [xf], {"type": "average", "kernel": None}, dtype="float32")
+    if last:
+        mean = ctx.add1("Shuffle", [mean], {"first_transpose": [0] + list(range(2, rank)) + [1]}, dtype="float32")
+    return _requantize(ctx, ew(ctx, "prod", mean, _ratio(ctx, x_s, y_s)), y_zp, out)
+
+
+@converter("QLinearConcat", since=1, domain=MS)
+def qlinear_concat(ctx, node):
+    """Each (x, scale, zero point) requantized to (Y_scale, Y_zero_point) unless they already match, then joined."""
+    y_s, y_zp = node.input(0), node.input(1)
+    out = y_zp.dtype
+    parts = []
+    for i in range(2, len(node.inputs), 3):
+        x, x_s, x_zp = node.input(i), node.input(i + 1), node.input(i + 2)
+        same = all(a is not None and b is not None and np.array_equal(a, b) for a, b in
+                   ((const_value(x_s), const_value(y_s)), (const_value(x_zp), const_value(y_zp))))
+        if not same:
+            xf = ctx.add1("DequantizeLinear", [x, x_s, x_zp], {"axis": 1, "block_size": 0, "to": "float32"},
+                          dtype="float32")
+            x = ctx.add1("QuantizeLinear", [xf, y_s, y_zp], {"axis": 1, "to": out, "block_size": 0, "saturate": True},
+                         dtype=out)
+        parts.append(x)
+    return ctx.add1("Concatenation", parts, {"axis": int(node.attr("axis"))}, dtype=out)
+
+
+def _integer_matmul(ctx, a, b, a_zp, b_zp):
+    return ctx.add1("IntegerOp", [a, b, a_zp, b_zp], {"op": "matmul"}, dtype="int32")
+
+
+def _scaled(ctx, acc, scale, bias=None):
+    """float32(acc) · scale (+ bias)."""
+    y = ew(ctx, "prod", ctx.add1("Cast", [acc], {"to": "float32"}, dtype="float32"), scale)
+    return ew(ctx, "sum", y, bias) if bias is not None else y
+
+
+@converter("MatMulIntegerToFloat", since=1, domain=MS)
+def matmul_integer_to_float(ctx, node):
+    """(A - a_zp) @ (B - b_zp) · a_scale · b_scale + bias, in float32."""
+    a, b, a_s, b_s, a_zp, b_zp, bias = (node.input(i) for i in range(7))
+    return _scaled(ctx, _integer_matmul(ctx, a, b, a_zp, b_zp), ew(ctx, "prod", a_s, b_s), bias)
+
+
+@converter("DynamicQuantizeMatMul", since=1, domain=MS)
+def dynamic_quantize_matmul(ctx, node):
+    """A quantized to uint8 from its own range (DynamicQuantizeLinear), then MatMulIntegerToFloat."""
+    a, b, b_s, b_zp, bias = (node.input(i) for i in range(5))
+    q, a_s, a_zp = ctx.add("DynamicQuantizeLinear", [a], {}, num_outputs=3,
+                           output_dtypes=["uint8", a.dtype, "uint8"]).outputs
+    return _scaled(ctx, _integer_matmul(ctx, q, b, a_zp, b_zp), ew(ctx, "prod", a_s, b_s), bias)
+
+
+@converter("QGemm", since=1, domain=MS)
+def qgemm(ctx, node):
+    """alpha · a_scale · b_scale · ((A - a_zp) @ (B - b_zp) + C), C int32; float32 out, or quantized to
+    (y_scale, y_zero_point) when they are given."""
+    a, a_s, a_zp, b, b_s, b_zp, c, y_s, y_zp = (node.input(i) for i in range(9))
+    if node.attr("transA", 0):
+        a = ctx.add1("Shuffle", [a], {"first_transpose": [1, 0]}, dtype=a.dtype)
+    if node.attr("transB", 0):
+        b = ctx.add1("Shuffle", [b], {"first_transpose": [1, 0]}, dtype=b.dtype)
+    acc = _integer_matmul(ctx, a, b, a_zp, b_zp)
+    if c is not None:
+        acc = ew(ctx, "sum", acc, c)
+    scale = ew(ctx, "prod", a_s, b_s)
+    alpha = float(node.attr("alpha", 1.0))
+    if alpha != 1.0:
+        scale = ew(ctx, "prod", scale, ctx.const(np.float32(alpha)))
+    if y_s is None:
+        return _scaled(ctx, acc, scale)
+    out = y_zp.dtype if y_zp is not None else "uint8"
+    return _requantize(ctx, _scaled(ctx, acc, ew(ctx, "div", scale, y_s)), y_zp, out)
 
 
 # ---- MatMulNBits -------------------------------------------------------------------------------
