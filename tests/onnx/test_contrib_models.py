@@ -58,7 +58,8 @@ def _bert_module(gelu: str):
     class Encoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.word, self.pos, self.tok = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(16, HIDDEN), nn.Embedding(2, HIDDEN)
+            self.word, self.pos = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(16, HIDDEN)
+            self.tok = nn.Embedding(2, HIDDEN)
             self.ln = nn.LayerNorm(HIDDEN, eps=1e-12)
             self.blocks = nn.ModuleList([Block(), Block()])
             self.register_buffer("position_ids", torch.arange(16).unsqueeze(0))
@@ -215,7 +216,8 @@ def test_ort_session_optimized_file(tmp_path) -> None:
              n("Mul", ["ms", "k"], ["a"]), n("Sigmoid", ["a"], ["sg"]), n("Mul", ["ms", "sg"], ["qg"]),  # → QuickGelu
              n("Div", ["qg", "sqrt2"], ["d"]), n("Erf", ["d"], ["e"]), n("Add", ["e", "one"], ["e1"]),
              n("Mul", ["qg", "e1"], ["g0"]), n("Mul", ["g0", "half"], ["g"]),                      # → Gelu
-             n("Add", ["g", "skip"], ["sk"]), n("LayerNormalization", ["sk", "gamma", "beta"], ["ln"]),  # → SkipLayerNorm
+             n("Add", ["g", "skip"], ["sk"]),
+             n("LayerNormalization", ["sk", "gamma", "beta"], ["ln"]),                           # → SkipLayerNorm
              n("Reshape", ["ln", "shape2"], ["ln2"]), n("Gemm", ["ln2", "w3", "b3"], ["gm"], transB=1),
              n("LeakyRelu", ["gm"], ["y"], alpha=0.2)]                                           # → FusedGemm
     inits = {"w1": _w(8, 3, 3, 3), "b1": _w(8), "shape": np.asarray([2, 8, 36], np.int64), "w2": _w(16, 36),

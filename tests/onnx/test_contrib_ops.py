@@ -20,7 +20,8 @@ RNG = np.random.default_rng(0)
 
 
 def _model(nodes, feeds: dict, inits: dict, outputs) -> onnx.ModelProto:
-    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()]
+    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+           for k, v in feeds.items()]
     outs = [onnx.ValueInfoProto(name=o) for o in outputs]
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()]
     graph = helper.make_graph(nodes, "g", ins, outs, inits)
@@ -57,7 +58,8 @@ def assert_fp32(got: np.ndarray, ref: np.ndarray, what: str) -> None:
 
 def assert_quant(got: np.ndarray, ref: np.ndarray, what: str, lsb: int = 0) -> None:
     got, ref = np.asarray(got), np.asarray(ref)
-    assert got.shape == ref.shape and got.dtype == ref.dtype, f"{what}: {got.dtype}{got.shape} vs {ref.dtype}{ref.shape}"
+    assert got.shape == ref.shape and got.dtype == ref.dtype, \
+        f"{what}: {got.dtype}{got.shape} vs ORT {ref.dtype}{ref.shape}"
     diff = int(np.abs(got.astype(np.int64) - ref.astype(np.int64)).max()) if ref.size else 0
     assert diff <= lsb, f"{what}: differs from ORT by {diff} steps (allowed {lsb})"
 
@@ -423,7 +425,8 @@ def test_qlinear_conv_contrib(channels_last) -> None:
     (its quantizer's reduce_range avoids them), so full-range weights have no exact reference on such CPUs."""
     x = _q(np.uint8, 1, 6, 7, 3) if channels_last else _q(np.uint8, 1, 3, 6, 7)
     inits = {"xs": np.float32(0.02), "xz": np.uint8(120),
-             "w": RNG.integers(-60, 61, (4, 3, 3, 3)).astype(np.int8), "ws": np.asarray([0.01, 0.02, 0.015, 0.03], np.float32), "wz": np.zeros(4, np.int8),
+             "w": RNG.integers(-60, 61, (4, 3, 3, 3)).astype(np.int8),
+             "ws": np.asarray([0.01, 0.02, 0.015, 0.03], np.float32), "wz": np.zeros(4, np.int8),
              "ys": np.float32(0.1), "yz": np.uint8(100), "b": RNG.integers(-500, 500, 4).astype(np.int32)}
     check([node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], pads=[1, 1, 1, 1],
                 channels_last=channels_last)], {"x": x}, inits, lsb=1)
@@ -459,7 +462,8 @@ def test_qlinear_concat() -> None:
 def test_qgemm(quantized_out, trans) -> None:
     a = _q(np.uint8, 3, 16) if not trans else _q(np.uint8, 16, 3)
     b = RNG.integers(-60, 61, (16, 5) if not trans else (5, 16)).astype(np.int8)
-    inits = {"as": np.float32(0.02), "az": np.uint8(128), "b": b, "bs": (RNG.random(5) * 0.02 + 0.01).astype(np.float32),
+    inits = {"as": np.float32(0.02), "az": np.uint8(128), "b": b,
+             "bs": (RNG.random(5) * 0.02 + 0.01).astype(np.float32),
              "bz": np.zeros(5, np.int8), "c": RNG.integers(-2000, 2000, 5).astype(np.int32)}
     ins = ["a", "as", "az", "b", "bs", "bz", "c"]
     if quantized_out:

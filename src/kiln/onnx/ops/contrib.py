@@ -48,7 +48,8 @@ def last_dim(t) -> int | None:
 _ACTIVATIONS = {
     "Relu": ("relu", ()), "Tanh": ("tanh", ()), "Sigmoid": ("sigmoid", ()), "Softsign": ("softsign", ()),
     "Softplus": ("softplus", ()), "LeakyRelu": ("leaky_relu", (0.01,)), "Clip": ("clip", (None, None)),
-    "HardSigmoid": ("hard_sigmoid", (0.2, 0.5)), "Elu": ("elu", (1.0,)), "ThresholdedRelu": ("thresholded_relu", (1.0,)),
+    "HardSigmoid": ("hard_sigmoid", (0.2, 0.5)), "Elu": ("elu", (1.0,)),
+    "ThresholdedRelu": ("thresholded_relu", (1.0,)),
     "Selu": ("selu", (1.67326319217681884765625, 1.05070102214813232421875)),
     "ScaledTanh": ("scaled_tanh", (1.0, 1.0)),
 }
@@ -63,7 +64,8 @@ def fused_activation(ctx, node, y, name: str, params: list[float]):
         z = ctx.add1("Activation", [ew(ctx, "prod", y, ctx.const(np.float32(beta)))], {"type": "softplus"})
         return ew(ctx, "prod", z, ctx.const(np.float32(alpha)))
     if name not in _ACTIVATIONS:
-        raise refuse(node, f"activation {name!r}", f"use one of {', '.join(sorted(_ACTIVATIONS))} or ParametricSoftplus")
+        raise refuse(node, f"activation {name!r}",
+                     f"use one of {', '.join(sorted(_ACTIVATIONS))} or ParametricSoftplus")
     kind, defaults = _ACTIVATIONS[name]
     vals = list(params[:len(defaults)]) + list(defaults[len(params):])
     attrs = {"type": kind}

@@ -48,9 +48,12 @@ def _reshape(ctx, t, dims: list[int], first=None, second=None):
 
 
 def _total(ctx, kv, kv_axis: int, past, past_axis: int = 2):
-    """Keys after the past: kv's length along kv_axis plus the past's, as a one-element int64 tensor."""
-    n = dim_of(ctx, kv, kv_axis)
-    return n if past is None else ew(ctx, "sum", n, dim_of(ctx, past, past_axis))
+    """Keys after the past: kv's length along kv_axis plus the past's, as a one-element int64 tensor
+    (a function, called only where a mask needs it)."""
+    def total():
+        n = dim_of(ctx, kv, kv_axis)
+        return n if past is None else ew(ctx, "sum", n, dim_of(ctx, past, past_axis))
+    return total
 
 
 def _where_bias(ctx, masked, filter_value: float, dtype: str):
@@ -61,7 +64,7 @@ def _where_bias(ctx, masked, filter_value: float, dtype: str):
 def _mask_bias(ctx, node, mask, batch, total, filter_value: float, dtype: str):
     """An additive bias [B, 1, 1 or S, T] from ONNX Runtime's mask formats: a raw 0/1 mask [B, T] or
     [B, S, T], or per-batch key lengths [B] (right padding) or ends then starts [2B] (left padding).
-    ``total`` computes T at run time; ``batch`` is the static batch size when known."""
+    ``total()`` adds the layers that compute T; ``batch`` is the static batch size when known."""
     if mask is None:
         return None
     rank = _rank(mask)
@@ -71,7 +74,7 @@ def _mask_bias(ctx, node, mask, batch, total, filter_value: float, dtype: str):
     if rank != 1:
         raise refuse(node, f"a mask_index of rank {rank if rank is not None else 'unknown'}",
                      "give a raw mask [batch, total] or [batch, seq, total], or key lengths [batch]")
-    pos = ctx.add1("Range", [ctx.const(np.int64(0)), total, ctx.const(np.int64(1))], {}, dtype="int64")
+    pos = ctx.add1("Range", [ctx.const(np.int64(0)), total(), ctx.const(np.int64(1))], {}, dtype="int64")
     idx = ctx.add1("Cast", [mask], {"to": "int64"}, dtype="int64")
     n = mask.shape[0] if mask.shape else None
     if isinstance(n, int) and isinstance(batch, int) and n == 2 * batch:      # ends, then starts
@@ -249,7 +252,8 @@ def group_query_attention(ctx, node):
     for i, what in _GQA_UNSUPPORTED.items():
         if node.input(i) is not None:
             raise refuse(node, f"the {what} input", "export without it")
-    if int(node.attr("smooth_softmax", -1) or 0) > 0 or node.attr("qk_output", 0) or node.attr("sliding_window_cache", 0):
+    if (int(node.attr("smooth_softmax", -1) or 0) > 0 or node.attr("qk_output", 0)
+            or node.attr("sliding_window_cache", 0)):
         raise refuse(node, "smooth_softmax, qk_output or sliding_window_cache", "export without them")
     if node.attr("k_quant_type", "NONE") != "NONE" or node.attr("v_quant_type", "NONE") != "NONE":
         raise refuse(node, "a quantized KV cache", "keep the cache in floating point")
@@ -268,11 +272,12 @@ def group_query_attention(ctx, node):
         inter = node.attr("rotary_interleaved", 0)
         q = _rotary(ctx, q, cos, sin, pos, heads=heads, interleaved=inter)
         k = _rotary(ctx, k, cos, sin, pos, heads=kv_heads, interleaved=inter)
-    total = _total(ctx, k, 1, past_k)
-    pos_k = ctx.add1("Range", [ctx.const(np.int64(0)), total, ctx.const(np.int64(1))], {}, dtype="int64")
+    pos_k = ctx.add1("Range", [ctx.const(np.int64(0)), _total(ctx, k, 1, past_k)(), ctx.const(np.int64(1))], {},
+                     dtype="int64")
     valid = _unsqueeze(ctx, ctx.add1("Cast", [seqlens], {"to": "int64"}, dtype="int64"), [1])
     bias = _unsqueeze(ctx, _where_bias(ctx, ew(ctx, "greater", pos_k, valid, "bool"), float("-inf"), q.dtype), [1, 2])
+    window = int(node.attr("local_window_size", -1))       # counts the query's own position
     y, pk, pv = _core(ctx, q, k, v, _add_bias(ctx, bias, extra), past_k, past_v, heads=heads, kv_heads=kv_heads,
-                      scale=node.attr("scale"), causal=bool(node.attr("causal", 1)), softcap=float(node.attr("softcap", 0.0) or 0.0),
-                      window=max(-1, int(node.attr("local_window_size", -1)) - 1))
+                      scale=node.attr("scale"), causal=bool(node.attr("causal", 1)),
+                      softcap=float(node.attr("softcap", 0.0) or 0.0), window=window - 1 if window > 0 else -1)
     return [y, pk, pv][:node.num_outputs]

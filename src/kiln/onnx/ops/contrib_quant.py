@@ -37,7 +37,7 @@ def _ratio(ctx, num, den):
     """num / den in float32: folded now when both scales are constants."""
     a, b = const_value(num), const_value(den)
     if a is not None and b is not None:
-        return ctx.const(np.float32(np.float32(np.asarray(a).reshape(-1)[0]) / np.float32(np.asarray(b).reshape(-1)[0])))
+        return ctx.const(np.asarray(a, np.float32).reshape(-1)[0] / np.asarray(b, np.float32).reshape(-1)[0])
     return ew(ctx, "div", num, den)
 
 
@@ -252,7 +252,8 @@ def matmul_nbits(ctx, node):
     bits, block = int(node.attr("bits", 4)), int(node.attr("block_size"))
     n, k = int(node.attr("N")), int(node.attr("K"))
     if bits not in (2, 4, 8) or block < 16 or block & (block - 1):
-        raise refuse(node, f"bits={bits}, block_size={block}", "use 2, 4 or 8 bits and a power-of-two block of 16 or more")
+        raise refuse(node, f"bits={bits}, block_size={block}",
+                     "use 2, 4 or 8 bits and a power-of-two block of 16 or more")
     values = [const_value(t) for t in (b, scales, zp)]
     if values[0] is None or values[1] is None or (zp is not None and values[2] is None):
         raise refuse(node, "packed weights, scales or zero points computed at run time", "store them as initializers")
