@@ -78,6 +78,7 @@ class BuildConfig:
     timing_cache: str | None = None
     cuda_graph: bool = True
     fp32_layers: tuple[str, ...] = ()  # fnmatch patterns of layers kept in FP32 in an FP16/BF16 build
+    fallback: str | None = None        # "onnxruntime": build the network's ONNX Runtime islands (kiln.onnx.fallback)
 
 
     def __post_init__(self) -> None:
@@ -100,6 +101,8 @@ class BuildConfig:
         if isinstance(self.fp32_layers, str):
             self.fp32_layers = tuple(p for p in self.fp32_layers.split(",") if p)
         self.fp32_layers = tuple(self.fp32_layers)
+        if self.fallback not in (None, "onnxruntime"):
+            raise BuildError(f"fallback {self.fallback!r} is not supported; use 'onnxruntime' (or None for no fallback).")
         if self.fp32_layers and self.precision not in ("fp16", "bf16"):
             raise BuildError(f"fp32_layers keeps layers of an FP16 or BF16 build in FP32; this build is already "
                              f"{self.precision}. Add --fp16 or --bf16, or drop --fp32-layers.")
