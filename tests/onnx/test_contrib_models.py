@@ -236,3 +236,46 @@ def test_ort_session_optimized_file(tmp_path) -> None:
     assert expected <= set(_ops(model)), dict(_ops(model))
     feeds = {"x": _w(2, 3, 6, 6, scale=1.0)}
     assert_fp32(kiln_run(model, feeds)["y"], ort(model, feeds)["y"], "y")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,expected", [("bert", {"Attention", "SkipLayerNormalization", "BiasGelu"}),
+                                           ("gpt2", {"SkipLayerNormalization", "FastGelu"})])
+def test_ort_optimized_transformers_model(tmp_path, arch, expected) -> None:
+    """Hugging Face BERT and GPT-2 (tiny random configs, eager attention) through ONNX Runtime's optimizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from onnxruntime.transformers.optimizer import optimize_model
+    if arch == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                                      num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
+                                      max_position_embeddings=16)
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+    else:
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=HEADS, n_positions=16,
+                                      use_cache=False)
+        names = ["input_ids", "attention_mask"]
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    inner = (transformers.BertModel if arch == "bert" else transformers.GPT2Model)(cfg).eval()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(**dict(zip(names, args))).last_hidden_state
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    torch.onnx.export(Wrapper(), tuple(ids for _ in names), str(tmp_path / "m.onnx"), opset_version=17, dynamo=False,
+                      input_names=names, output_names=["hidden"])
+    opt = optimize_model(str(tmp_path / "m.onnx"), model_type=arch, num_heads=HEADS, hidden_size=HIDDEN, opt_level=0)
+    opt.save_model_to_file(str(tmp_path / "o.onnx"))
+    model = onnx.load(tmp_path / "o.onnx")
+    assert expected <= set(_ops(model)), dict(_ops(model))
+    mask = np.ones((2, 8), np.int64)
+    mask[1, 5:] = 0
+    feeds = {"input_ids": RNG.integers(0, VOCAB, (2, 8)).astype(np.int64), "attention_mask": mask,
+             "token_type_ids": np.zeros((2, 8), np.int64)}
+    feeds = {k: feeds[k] for k in names}
+    assert_fp32(kiln_run(model, feeds)["hidden"], ort(model, feeds)["hidden"], "hidden")
