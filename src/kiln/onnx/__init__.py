@@ -7,9 +7,10 @@ from kiln.onnx.registry import converter, lookup, supported_ops
 __all__ = ["parse", "converter", "lookup", "supported_ops", "check"]
 
 
-def check(model, plugins=()):
-    """List every node Kiln cannot map (name, op, domain, opset), without building."""
+def check(model, plugins=(), fallback=None):
+    """List every node Kiln cannot map (name, op, domain, opset), without building; with
+    ``fallback="onnxruntime"``, whether each would run in ONNX Runtime instead."""
     # kiln.onnx.check (the module, callable like this function) adds a reason to each of
     # kiln.onnx.support's findings; importing it rebinds this name to the module, which is fine
     from kiln.onnx.check import check as _check
-    return _check(model, plugins=plugins)
+    return _check(model, plugins=plugins, fallback=fallback)

@@ -25,12 +25,15 @@ def support_data() -> dict[tuple[str, str], dict]:
     return {("" if r["domain"] in ("", "ai.onnx") else r["domain"], r["op"]): r for r in data.get("ops", [])}
 
 
-def check(model: Any, plugins: Sequence[str] = (), limits: bool = False) -> list[dict[str, Any]]:
+def check(model: Any, plugins: Sequence[str] = (), limits: bool = False,
+          fallback: str | None = None) -> list[dict[str, Any]]:
     """Every node Kiln cannot map, as ``{name, op_type, domain, opset, graph, reason}``; empty means all map.
 
     ``model`` is a path, bytes or ModelProto; ``plugins`` are plugin files/modules to load first
     (as ``kiln build --plugins``). The search itself is ``kiln.onnx.support.check``; this adds
-    the reasons (and, with ``limits``, the supported-but-partial warnings).
+    the reasons (and, with ``limits``, the supported-but-partial warnings). With
+    ``fallback="onnxruntime"`` each finding also says whether it would run in ONNX Runtime
+    (``kiln.onnx.fallback.annotate``).
     """
     from kiln.onnx.registry import supported_ops
     from kiln.onnx.support import _load
@@ -41,6 +44,10 @@ def check(model: Any, plugins: Sequence[str] = (), limits: bool = False) -> list
     findings = find_unsupported(proto, plugins=plugins)
     for f in findings:
         f["reason"] = _reason(f["op_type"], f["domain"], f["opset"], known, support)
+    if fallback is not None:
+        from kiln.onnx.fallback import annotate, check_mode
+        check_mode(fallback)
+        annotate(findings, proto)
     if limits:
         findings += _partial(proto, known, support)
     return findings
@@ -83,8 +90,9 @@ class _CallableModule(__import__("types").ModuleType):
     """``kiln.onnx.check(model)`` and ``kiln.onnx.check.check(model)`` both work: the package
     exports this module under the name of its main function."""
 
-    def __call__(self, model: Any, plugins: Sequence[str] = (), limits: bool = False) -> list[dict[str, Any]]:
-        return check(model, plugins=plugins, limits=limits)
+    def __call__(self, model: Any, plugins: Sequence[str] = (), limits: bool = False,
+                 fallback: str | None = None) -> list[dict[str, Any]]:
+        return check(model, plugins=plugins, limits=limits, fallback=fallback)
 
 
 __import__("sys").modules[__name__].__class__ = _CallableModule
