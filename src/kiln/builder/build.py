@@ -21,6 +21,7 @@ from kiln.errors import BuildError
 from kiln.ir.network import Network, outer_reads
 from kiln.ir.verify import verify
 from kiln.kernels import KernelContext, tactics_for
+from kiln.kernels.ort_island import require_fallback
 from kiln.passes import default_passes, fusion_passes
 from kiln.passes.base import PassManager
 
@@ -33,6 +34,7 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     from kiln.runtime.engine import Engine
 
     config = config or BuildConfig()
+    require_fallback(network, config.fallback)
     device = config.resolved_device()
     t0 = time.perf_counter()
     say = progress or (lambda stage, frac: None)

@@ -297,3 +297,21 @@ def _meta_outputs(attrs: dict[str, Any], xs) -> tuple:
         t = torch_dtype(dt)
         outs.append(torch.empty(shape, dtype=low if low is not None and t == torch.float32 else t, device="meta"))
     return tuple(outs)
+
+
+def require_fallback(net, fallback: str | None) -> None:
+    """Refuse to build a network that holds islands unless the build allows ONNX Runtime fallback."""
+    from kiln.ir.network import subgraphs
+    found: list[str] = []
+
+    def walk(n) -> None:
+        for layer in n.layers:
+            if layer.kind == KIND:
+                found.append(layer.name)
+            for g in subgraphs(layer):
+                walk(g)
+    walk(net)
+    if found and fallback != "onnxruntime":
+        raise BuildError(f"The network runs {len(found)} island(s) of ONNX nodes through ONNX Runtime "
+                         f"({', '.join(repr(n) for n in found[:3])}{', ...' if len(found) > 3 else ''}); allow it "
+                         f"with BuildConfig(fallback='onnxruntime') (kiln build --fallback onnxruntime).")
