@@ -195,7 +195,7 @@ def cmd_build(args) -> int:
     import kiln
     config = kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles, workspace=workspace,
                               optimization_level=args.opt_level, timing_cache=args.timing_cache,
-                              fp32_layers=args.fp32_layers or ())
+                              fp32_layers=args.fp32_layers or (), fallback=args.fallback)
     note = config.precision_note(config.resolved_device())
     _load_plugins(args.plugins)
     progress = Progress(not args.quiet)
@@ -389,24 +389,34 @@ def _tactic_name(layer: dict) -> str:
         rec = (layer.get("attrs") or {}).get("plugin", {}).get("__plugin__", {})
         chosen = (layer.get("attrs") or {}).get("plugin_tactic")
         return f"{rec.get('name', 'plugin')}:{chosen or 'default'}"
+    if layer["kind"] == "OrtIsland":      # nodes that fall back to ONNX Runtime (--fallback onnxruntime)
+        return f"onnxruntime ({', '.join(dict.fromkeys(layer['attrs']['ops']))})"
     return layer.get("tactic") or "-"
 
 
 def cmd_check(args) -> int:
     import kiln
     _load_plugins(args.plugins)
-    problems = kiln.onnx.check(args.model)
+    problems = kiln.onnx.check(args.model, fallback=args.fallback)
+    blocking = [p for p in problems if not p.get("fallback")]
     if args.json:
         print(json.dumps(problems, indent=1))
-        return 1 if problems else 0
+        return 1 if blocking else 0
     if not problems:
         print(f"{args.model}: every node is supported.")
         return 0
     print(f"{args.model}: {len(problems)} unsupported node(s):")
     for p in problems:
+        why = "falls back to ONNX Runtime" if p.get("fallback") else "; ".join(
+            r.rstrip(".") for r in (p.get("reason"), p.get("fallback_reason") and
+                                    f"cannot fall back to ONNX Runtime: {p['fallback_reason']}") if r)
         print(f"  {p['name']}  op {p['op_type']}  domain {p.get('domain') or 'ai.onnx'}  opset {p['opset']}"
-              + (f"  ({p['reason']})" if p.get("reason") else ""))
-    print("Supply a plugin for each (kiln.Plugin subclass, registered) and pass --plugins file.py.")
+              + (f"  ({why})" if why else ""))
+    if not blocking:
+        print(f"All {len(problems)} run as ONNX Runtime islands (on the CPU) with kiln build --fallback onnxruntime.")
+        return 0
+    print("Supply a plugin for each (kiln.Plugin subclass, registered) and pass --plugins file.py"
+          + (", or build with --fallback onnxruntime to run them in ONNX Runtime." if not args.fallback else "."))
     return 1
 
 
@@ -527,6 +537,11 @@ def shape_flags(p: argparse.ArgumentParser, profile: bool = False, help: str = "
                        help="largest shapes of the optimization profile (repeatable)")
 
 
+def fallback_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fallback", choices=("onnxruntime",),
+                   help="run nodes Kiln has no converter or plugin for in ONNX Runtime (CPU) islands")
+
+
 def plugin_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
 
@@ -558,6 +573,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch patterns in "
                         "FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
     plugin_flag(p)
+    fallback_flag(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build)
 
@@ -581,10 +597,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("check", help="list every ONNX node Kiln cannot build, before building",
-                       description="Check MODEL for unsupported nodes (name, op, domain, opset). Exit 1 if any.")
+                       description="Check MODEL for unsupported nodes (name, op, domain, opset). Exit 1 if any "
+                                   "(with --fallback onnxruntime: any that ONNX Runtime cannot run either).")
     p.add_argument("model", help="the .onnx model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     plugin_flag(p)
+    fallback_flag(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("plugins", help="list registered plugins with their fields and origin",
