@@ -37,7 +37,7 @@ class Result:
 @dataclass
 class Report:
     results: list[Result] = field(default_factory=list)
-    seeds: dict = field(default_factory=dict)          # manifest["view"] entries starting with "!": no seed
+    seeds: dict = field(default_factory=dict)          # manifest["view"]: what to open per format, or why none
     seed_failures: dict = field(default_factory=dict)  # failures of the unmutated seeds
     seconds: float = 0.0
 
@@ -66,7 +66,7 @@ class Report:
                     accepted]
             rows.append(f"{t:<18}" + "".join(f"{v:>11}" for v in vals))
         for fmt, why in sorted(self.seeds.items()):
-            if why.startswith("!"):
+            if isinstance(why, str):
                 rows.append(f"view:{fmt:<13} no cases: {why[1:]}")
         rows.append("(failing cases per kind. escape: a file opened outside the case folder or the secret leaked; "
                     "other: exit status, not one stderr line, HTML data escaping its script, generator errors; "
@@ -238,9 +238,9 @@ def _jobs(targets: dict[str, int], manifest: dict) -> list[tuple[str, int]]:
     counts: dict[str, int] = {}
     for name, n in targets.items():
         if name == "view":
-            counts.update({f"view:{f}": n for f, m in manifest["view"].items() if not m.startswith("!")})
+            counts.update({f"view:{f}": n for f, m in manifest["view"].items() if isinstance(m, list)})
         elif name.startswith("view:"):
-            if not manifest["view"].get(name[5:], "!").startswith("!"):
+            if isinstance(manifest["view"].get(name[5:]), list):
                 counts[name] = n
         else:
             counts[name] = n
@@ -296,8 +296,9 @@ def dispatch(jobs: list[tuple[str, int]], procs: list[_Proc], report: Report, ne
             if failed_warms[0] > 3:
                 raise RuntimeError(f"fuzz workers keep failing to start ({kind}): {p.stderr_tail()}")
         else:
-            add(Result(*p.job, _label_of(p.run_dir, *p.job), [{"kind": kind, "command": "(worker)", "where": "",
-                                                              "detail": detail.format(code=code)}]))
+            label, command = _last_words(p.run_dir, *p.job)
+            add(Result(*p.job, label, [{"kind": kind, "command": command, "where": "",
+                                       "detail": detail.format(code=code)}]))
         q = new()
         procs[procs.index(p)] = q
         sel.register(q.proc.stdout, selectors.EVENT_READ, q)
@@ -337,10 +338,17 @@ def _readable(p: _Proc) -> bool:
     return bool(select.select([p.proc.stdout], [], [], 0)[0])
 
 
-def _label_of(run_dir: Path, target: str, index: int) -> str:
-    """The mutation label of a case whose worker died, from the ``case.json`` the worker wrote first."""
+def _last_words(run_dir: Path, target: str, index: int) -> tuple[str, str]:
+    """(mutation label, command running) of a case whose worker hung or died, from what the worker wrote
+    into the case folder before each step."""
     from fuzz.worker import case_name
+    folder = run_dir / "cases" / case_name(target, index)
     try:
-        return json.loads((run_dir / "cases" / case_name(target, index) / "case.json").read_text())["label"]
+        label = json.loads((folder / "case.json").read_text())["label"]
     except (OSError, ValueError, KeyError):
-        return "?"
+        label = "?"
+    try:
+        command = (folder / "running.txt").read_text()
+    except OSError:
+        command = "(generating the case)"
+    return label, command

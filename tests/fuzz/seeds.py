@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
+import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -98,16 +101,22 @@ def write_onnx(seed_dir: Path) -> dict[str, Path]:
 
 
 def write_engines(seed_dir: Path, models: dict[str, Path]) -> dict[str, Path]:
-    """CPU engines of the ONNX seeds (the MLP one holds a fused Pointwise layer), built through the CLI."""
+    """CPU engines of the ONNX seeds (the MLP one holds a fused Pointwise layer), built through the CLI at
+    optimization level 1 (fusions, no timing), with the build time and source path taken out of the
+    header so every run writes the same bytes."""
+    from fuzz import engine_cases, mutate
     from kiln.cli import main
     out = {}
     for name, path in models.items():
         eng = seed_dir / "engines" / f"{name}.kiln"
         eng.parent.mkdir(parents=True, exist_ok=True)
-        argv = ["build", str(path), "-o", str(eng), "--device", "cpu", "-q"]
+        argv = ["build", str(path), "-o", str(eng), "--device", "cpu", "-q", "--opt-level", "1"]
         if name == "mlp":
             argv += ["--shapes", "x:2x8"]
         if main(argv) == 0:
+            fields, header, weights = engine_cases.split(eng.read_bytes())
+            header.get("build", {}).update(seconds=0.0, source=path.name)
+            eng.write_bytes(engine_cases.forge(fields, mutate.dumps(header).encode(), weights))
             out[name] = eng
     return out
 
@@ -140,9 +149,37 @@ def _caffe2(d: Path) -> Path:
     return d / "predict_net.pb"
 
 
-def _coreml(d: Path) -> Path:
-    (d / "model.mlmodel").write_bytes(_test_module("test_coreml").classifier_spec().SerializeToString())
-    return d / "model.mlmodel"
+def _coreml(d: Path) -> list[Path]:
+    """A NeuralNetwork classifier .mlmodel, and an .mlpackage (coremltools' own package and blob writers)
+    whose ML Program reads its weight from ``@model_path/weights/weight.bin``."""
+    t = _test_module("test_coreml")
+    (d / "model.mlmodel").write_bytes(t.classifier_spec().SerializeToString(deterministic=True))
+    from coremltools import libmilstoragepython as storage
+    from coremltools import libmodelpackage as package
+    parts = d / "parts"
+    (parts / "weights").mkdir(parents=True)
+    writer = storage._BlobStorageWriter(str(parts / "weights" / "weight.bin"))
+    offset = writer.write_float_data(np.linspace(-2, 2, 4, dtype=np.float32))
+    del writer                                                  # flushes the blob file
+    spec = t.program_spec()
+    val = spec.mlProgram.functions["main"].block_specializations["CoreML7"].operations[0].attributes["val"]
+    val.ClearField("immediateValue")
+    val.blobFileValue.fileName, val.blobFileValue.offset = "@model_path/weights/weight.bin", offset
+    (parts / "model.mlmodel").write_bytes(spec.SerializeToString(deterministic=True))
+    pkg = package.ModelPackage(str(d / "net.mlpackage"))
+    pkg.setRootModel(str(parts / "model.mlmodel"), "model.mlmodel", "com.apple.CoreML", "CoreML Model Specification")
+    pkg.addItem(str(parts / "weights"), "weights", "com.apple.CoreML", "CoreML Model Weights")
+    del pkg
+    shutil.rmtree(parts)
+    manifest = d / "net.mlpackage" / "Manifest.json"          # fixed item ids instead of random UUIDs
+    doc = json.loads(manifest.read_text())
+    entries = doc["itemInfoEntries"]
+    by_path = sorted(entries, key=lambda k: entries[k]["path"])
+    ids = {old: f"00000000-0000-4000-8000-{i:012d}" for i, old in enumerate(by_path)}
+    doc["itemInfoEntries"] = {ids[k]: entries[k] for k in sorted(entries, key=ids.get)}
+    doc["rootModelIdentifier"] = ids[doc["rootModelIdentifier"]]
+    manifest.write_text(json.dumps(doc, indent=4))
+    return [d / "model.mlmodel", d / "net.mlpackage"]
 
 
 def _gguf(d: Path) -> Path:
@@ -159,9 +196,34 @@ def _gguf(d: Path) -> Path:
     return d / "tiny.gguf"
 
 
+def _steady(name: str, body: bytes) -> bytes:
+    """A zip member without what changes from run to run: save dates, object ids, random serialization ids."""
+    if name.endswith("serialization_id"):
+        return b"0" * len(body)
+    if name == "metadata.json":
+        return re.sub(rb'"date_saved": "[^"]*"', b'"date_saved": "2000-01-01@00:00:00"', body)
+    if name == "config.json":
+        ids: dict[bytes, bytes] = {}
+        return re.sub(rb'"shared_object_id": (\d+)',
+                      lambda m: b'"shared_object_id": ' + ids.setdefault(m.group(1), str(len(ids)).encode()), body)
+    return body
+
+
+def _fixed_zip(path: Path) -> Path:
+    """Rewrite a zip archive with fixed member times and steady members, so every run writes the same bytes."""
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, body in members:
+            z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), _steady(name, body))
+    return path
+
+
 def _keras(d: Path) -> Path:
+    import keras
+    keras.utils.set_random_seed(0)
     _test_module("test_keras")._functional().save(d / "model.keras")
-    return d / "model.keras"
+    return _fixed_zip(d / "model.keras")
 
 
 def _mxnet(d: Path) -> Path:
@@ -175,9 +237,10 @@ def _mxnet(d: Path) -> Path:
 
 def _pt2(d: Path) -> Path:
     import torch
+    torch.manual_seed(0)
     net = _test_module("test_pt2").Net().eval()
     torch.export.save(torch.export.export(net, (torch.randn(1, 3, 8, 8),)), str(d / "net.pt2"))
-    return d / "net.pt2"
+    return _fixed_zip(d / "net.pt2")
 
 
 def _safetensors(d: Path) -> Path:
@@ -187,12 +250,13 @@ def _safetensors(d: Path) -> Path:
     return d / "model.safetensors"
 
 
-def _tf(d: Path) -> Path:
+def _tf(d: Path) -> list[Path]:
+    """A SavedModel with a checkpoint, opened as its folder and as its saved_model.pb."""
     t = _test_module("test_tf")
     (d / "variables").mkdir()
     (d / "saved_model.pb").write_bytes(t.msg(t.f(1, 1), t.f(2, t.meta_graph(with_library=True))))
     t.write_bundle(d / "variables", {"block/conv/filter": np.arange(54, dtype=np.float32).reshape(3, 3, 3, 2)})
-    return d / "saved_model.pb"
+    return [d, d / "saved_model.pb"]
 
 
 def _tfjs(d: Path) -> Path:
@@ -204,8 +268,9 @@ def _tflite(d: Path) -> Path:
     return d / "model.tflite"
 
 
-# format module in kiln.viewer.formats -> writer of one small valid file (plus companions) into a folder
-VIEWER_WRITERS: dict[str, Callable[[Path], Path]] = {
+# format module in kiln.viewer.formats -> writer of small valid files (plus companions) into a folder,
+# returning what to open (a path or a list of paths inside the folder, or the folder itself)
+VIEWER_WRITERS: dict[str, Callable[[Path], Path | list[Path]]] = {
     "caffe": _caffe, "caffe2": _caffe2, "coreml": _coreml, "gguf": _gguf, "keras": _keras, "mxnet": _mxnet,
     "pt2": _pt2, "safetensors": _safetensors, "tf": _tf, "tfjs": _tfjs, "tflite": _tflite,
 }
@@ -219,9 +284,9 @@ def viewer_formats() -> list[str]:
     return [f.module for f in FORMATS if f.module not in OWN_TARGETS]
 
 
-def write_viewer(seed_dir: Path, formats: list[str]) -> dict[str, str]:
-    """Seed folders per format; the value is the main file's name inside ``seed_dir/view/<format>``,
-    or the reason there is no seed."""
+def write_viewer(seed_dir: Path, formats: list[str]) -> dict[str, str | list[str]]:
+    """Seed folders per format; the value lists what to open, relative to ``seed_dir/view/<format>``
+    ("." for the folder), or is the reason there is no seed (a string starting with "!")."""
     out = {}
     for fmt in formats:
         d = seed_dir / "view" / fmt
@@ -231,7 +296,8 @@ def write_viewer(seed_dir: Path, formats: list[str]) -> dict[str, str]:
             out[fmt] = "!no seed writer in tests/fuzz/seeds.py"
             continue
         try:
-            out[fmt] = writer(d).name
+            written = writer(d)
+            out[fmt] = [str(p.relative_to(d)) for p in (written if isinstance(written, list) else [written])]
         except Exception as exc:
             out[fmt] = f"!seed writer failed: {type(exc).__name__}: {str(exc)[:120]}"
     return out

@@ -171,15 +171,18 @@ def mutate_bytes(data: bytes, rng: random.Random, canary: str, names: set[str],
 
 def make(seed_dir: Path, main: str, case_dir: Path, rng: random.Random, canary: str,
          secrets: list[str]) -> tuple[Path, str]:
-    """Copy the seed folder into ``case_dir``, damage one file; return (path to open, label)."""
+    """Copy the seed folder into ``case_dir``, damage one file (mostly the one opened, or one inside the
+    folder opened); return (path to open, label)."""
     shutil.copytree(seed_dir, case_dir, dirs_exist_ok=True)
+    target = case_dir / main
     files = sorted(p for p in case_dir.rglob("*") if p.is_file())
-    victim = case_dir / main if rng.random() < 0.7 else rng.choice(files)
-    names = {p.name for p in files}
+    mains = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+    victim = rng.choice(mains if rng.random() < 0.7 else files)
+    parts = [p.relative_to(case_dir).parts for p in files]
+    names = {"/".join(ps[i:]) for ps in parts for i in range(len(ps))}      # every tail: "weights/weight.bin"
     body, label = mutate_bytes(victim.read_bytes(), rng, canary, names, secrets)
     victim.write_bytes(body)
-    target = case_dir if main == "saved_model.pb" and rng.random() < 0.5 else case_dir / main
-    return target, f"{victim.name}:{label}"
+    return target, f"{victim.relative_to(case_dir)}:{label}"
 
 
 def calls(target: Path, case_dir: Path) -> list[list[str]]:

@@ -58,7 +58,8 @@ def build_case(run_dir: Path, manifest: dict, seed: int, target: str, index: int
         return case_dir, f"{name}:{label}", engine_cases.calls(path)
     fmt = target.split(":", 1)[1]
     seed_dir = run_dir / "seeds" / "view" / fmt
-    target_path, label = viewer_cases.make(seed_dir, manifest["view"][fmt], case_dir, rng, canary, secrets)
+    main = rng.choice(manifest["view"][fmt])
+    target_path, label = viewer_cases.make(seed_dir, main, case_dir, rng, canary, secrets)
     return case_dir, label, viewer_cases.calls(target_path, case_dir)
 
 
@@ -85,6 +86,7 @@ class Worker:
             if argv[0] == "run" and not Path(argv[1]).exists():
                 continue                       # the build before it refused the model
             os.chdir(case_dir)
+            (case_dir / "running.txt").write_text(" ".join(argv))       # names the command if this one hangs
             code, found = oracle.run_call(argv, case_dir, self.watch, self.secret, strict)
             failures += found
             if codes is not None:
@@ -93,6 +95,7 @@ class Worker:
                 failures.append(oracle.Failure("code-exec", " ".join(argv), f"the payload created {canary.name}"))
                 canary.unlink()
         os.chdir(self.run_dir)
+        (case_dir / "running.txt").unlink(missing_ok=True)
         for name in oracle.leaked_secret(case_dir, self.secret):
             failures.append(oracle.Failure("secret", "(files written)", f"{name} contains the secret file's content"))
         return [f.as_dict() for f in failures]
@@ -126,12 +129,13 @@ class Worker:
         out = {}
         seeds = [(f"onnx:{n}", Path(f), lambda p, n=n: onnx_cases.calls(p, [], n)) for n, f in manifest["onnx"].items()]
         seeds += [(f"engine:{n}", Path(f), engine_cases.calls) for n, f in manifest["engine"].items()]
-        seeds += [(f"view:{fmt}", self.run_dir / "seeds" / "view" / fmt / main, None)
-                  for fmt, main in manifest["view"].items() if not main.startswith("!")]
-        for name, seed_file, calls_of in seeds:
-            case_dir = self.run_dir / "cases" / f"seed-{name.replace(':', '-')}-{os.getpid()}"
-            shutil.copytree(seed_file.parent, case_dir, dirs_exist_ok=True)
-            path = case_dir / seed_file.name
+        seeds += [(f"view:{fmt}:{main}", self.run_dir / "seeds" / "view" / fmt / main, None)
+                  for fmt, mains in manifest["view"].items() if isinstance(mains, list) for main in mains]
+        for k, (name, seed_file, calls_of) in enumerate(seeds):
+            case_dir = self.run_dir / "cases" / f"seed-{k}-{os.getpid()}"
+            folder = seed_file.parent if calls_of else self.run_dir / "seeds" / "view" / name.split(":")[1]
+            shutil.copytree(folder, case_dir, dirs_exist_ok=True)
+            path = case_dir / seed_file.relative_to(folder)
             if name.startswith("engine:"):
                 fields, header, weights = engine_cases.split(path.read_bytes())
                 path.write_bytes(engine_cases.forge(fields, mutate.dumps(header).encode(), weights))
