@@ -116,7 +116,7 @@ def _infer(data: bytes, in_shapes: list[tuple | None]) -> list[tuple[tuple | Non
     try:
         sess = session(model.SerializeToString(), optimize=False)
     except Exception as exc:
-        raise BuildError(f"ONNX Runtime cannot take the island's input shapes {list(in_shapes)}: "
+        raise BuildError(f"ONNX Runtime refuses the island at input shapes {list(in_shapes)}: "
                          f"{_first_line(exc)}") from None
     types: list[list] = []
     for o in sess.get_outputs():

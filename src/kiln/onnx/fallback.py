@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiln.errors import ParseError, UnsupportedOperatorError
+from kiln.errors import KilnError, ParseError, UnsupportedOperatorError
 from kiln.ir.dtypes import is_container
 from kiln.ir.network import Layer, Network, Tensor, subgraphs
 
@@ -75,7 +75,13 @@ def island(ctx, node, opset: int) -> list[Tensor]:
     _import(model, domain, ctx.opsets)
     out_names = [n for n in node.proto.output if n]
     g.output.extend(_output_value(n) for n in out_names)
-    data, types = _typed(model, reads)
+    try:
+        data, types = _typed(model, reads)
+    except KilnError as exc:
+        raise UnsupportedOperatorError(
+            f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by "
+            f"Kiln and ONNX Runtime cannot run it either ({exc}); supply a plugin (kiln.Plugin with "
+            f"name={node.op_type!r}) and pass --plugins your_plugins.py.") from None
     const = net.add_constant(_ort().island_bytes(data), name=net.unique_name(f"{node.name}/onnx"))
     if layer is None:
         layer = ctx.add(KIND, [const, *reads], _attrs(model, data), num_outputs=len(out_names))
