@@ -20,12 +20,12 @@ from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from kiln.errors import BuildError, EngineFormatError
 from kiln.ir.dtypes import np_dtype
-from kiln.kernels._util import from_numpy, to_numpy, torch_dtype
 from kiln.kernels.registry import tactic
+
+# NOTE: torch is imported where a tactic runs: `kiln check --fallback` reads this module's tables without it.
 
 KIND = "OrtIsland"
 # ONNX domains an island may use: the standard ones ONNX Runtime implements itself, and its contrib ops.
@@ -233,7 +233,7 @@ def _plan_islands(plan: dict[str, Any], weights: dict[str, Any]) -> Iterator[tup
 
 
 def _as_bytes(arr: Any) -> bytes:
-    if isinstance(arr, torch.Tensor):
+    if hasattr(arr, "detach"):          # a torch tensor (the weight as the runtime holds it)
         arr = arr.detach().cpu().numpy()
     return np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
 
@@ -242,6 +242,9 @@ def _as_bytes(arr: Any) -> bytes:
 
 @tactic(KIND, "onnxruntime", dynamic=True)
 def make_island(attrs, ctx):
+    import torch
+
+    from kiln.kernels._util import from_numpy, to_numpy, torch_dtype
     state: dict[str, Any] = {}
 
     def setup(model: torch.Tensor) -> dict[str, Any]:
@@ -281,10 +284,14 @@ def make_island(attrs, ctx):
 
 def _low_float(xs) -> torch.dtype | None:
     """FP16/BF16 when the island is fed in it (a low-precision build): its FP32 outputs are handed on so."""
+    import torch
     return next((x.dtype for x in xs if x is not None and x.dtype in (torch.float16, torch.bfloat16)), None)
 
 
 def _meta_outputs(attrs: dict[str, Any], xs) -> tuple:
+    import torch
+
+    from kiln.kernels._util import torch_dtype
     arr = _LIVE.get(attrs.get("sha256", ""))
     if arr is None:
         raise RuntimeError("the island's model is not in memory here")
