@@ -395,10 +395,9 @@ def test_loading_imports_and_runs_nothing_from_the_file(built, tmp_path: Path, m
     record = {"name": "kiln_evil_payload", "namespace": "kiln_evil_payload", "version": "1",
               "fields": {"module": "kiln_evil_payload", "__reduce__": ["os.system", ["true"]]}}
 
-    def edit(h: dict[str, Any]) -> None:
+    def edit(h: dict[str, Any]) -> None:      # a plugin record is schema-valid only on a Plugin layer
         h["build"]["payload"] = payload
-        h["plan"]["layers"][0]["attrs"]["payload"] = payload
-        h["plan"]["layers"][0]["attrs"]["plugin"] = {"__plugin__": record}
+        h["plan"]["layers"][0].update(kind="Plugin", tactic="torch", attrs={"plugin": {"__plugin__": record}})
     bad = forge(path, tmp_path / "evil.kiln", edit)
     kiln.load(path).context()             # first load pulls in Kiln's own lazy imports; not counted below
     before = set(sys.modules)

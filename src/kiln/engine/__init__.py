@@ -8,42 +8,36 @@ from typing import Any
 
 import numpy as np
 
-from kiln.engine.device import check_compatible, fingerprint
+from kiln.engine.device import DEVICE_KINDS, check_compatible, fingerprint
 from kiln.engine.format import FORMAT_VERSION, MAGIC, read_engine, read_prelude, write_engine
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "fingerprint", "load", "read_header", "read_weight", "save", "write_engine"]
 
 
 def rebuild_command(header: dict[str, Any], path: str) -> str:
+    """The command that rebuilds this engine here, from a header that passed the engine schema."""
     b = header.get("build", {})
-    cmd = b.get("command")
-    if cmd:
-        return cmd
-    src = b.get("source") or "model.onnx"
-    parts = ["kiln", "build", src, "-o", os.path.basename(path)]
-    if header.get("precision") in ("fp16", "bf16", "tf32"):
+    if b.get("command"):
+        return b["command"]
+    parts = ["kiln", "build", b.get("source") or "model.onnx", "-o", os.path.basename(path)]
+    if header["precision"] != "fp32":
         parts.append(f"--{header['precision']}")
-    kind = header.get("device", {}).get("kind") if isinstance(header.get("device"), dict) else None
-    if kind in ("cpu", "cuda"):
-        parts += ["--device", kind]          # the CLI's default is cuda when available, so say which
+    if header["device"]["kind"] in DEVICE_KINDS:
+        parts += ["--device", header["device"]["kind"]]     # the CLI's default is cuda when available, so say which
     profiles = header.get("profiles") or []
-    if profiles and isinstance(profiles[0], dict):
-        try:
-            for flag, key in (("--min-shapes", "min"), ("--opt-shapes", "opt"), ("--max-shapes", "max")):
-                parts += [flag, ",".join(f"{n}:{'x'.join(str(int(d)) for d in r[key])}"
-                                         for n, r in profiles[0].items())]
-        except (KeyError, TypeError, ValueError, AttributeError):
-            parts = parts[:parts.index("--min-shapes")] if "--min-shapes" in parts else parts
+    if profiles and profiles[0]:
+        for flag, key in (("--min-shapes", "min"), ("--opt-shapes", "opt"), ("--max-shapes", "max")):
+            parts += [flag, ",".join(f"{n}:{'x'.join(str(d) for d in r[key])}" for n, r in profiles[0].items())]
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def load(path: str | os.PathLike):
     """Load an engine file for this device; refuses foreign, damaged or plugin-less files."""
-    from kiln.runtime.engine import Engine
     path = os.fspath(path)
     header, weights = read_engine(path)
     for w in check_compatible(header["device"], path, rebuild_command(header, path)):
         warnings.warn(w, stacklevel=2)
+    from kiln.runtime.engine import Engine          # torch loads only for a file that passed the checks
     engine = Engine(header, weights, path=path)
     engine.check_plugins()
     return engine

@@ -6,6 +6,8 @@ from typing import Any
 
 from kiln.errors import IncompatibleEngineError
 
+DEVICE_KINDS = ("cpu", "cuda")      # what an engine can be built for and run on
+
 
 def _cpu_name() -> str:
     try:

@@ -15,13 +15,14 @@ Layout (little-endian)::
     W   L  weights, each 64-byte aligned, raw little-endian
 
 Every length is checked against the file size before anything is allocated,
-and both CRCs before anything is used, so a damaged file is refused in one line.
-JSON is the only thing decoded: loading never runs code from the file.
+and both CRCs before anything is used; the header is then validated against
+the engine schema (``kiln.engine.schema``), so a damaged or forged file is
+refused in one line. JSON is the only thing decoded: loading never runs code
+from the file.
 """
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.engine.schema import MAX_DEPTH, header_problem
 from kiln.errors import EngineFormatError, IncompatibleEngineError
 from kiln.ir.dtypes import np_dtype
 
@@ -124,90 +126,12 @@ def read_prelude(path: str) -> tuple[dict[str, Any], int, int, int]:
         header = json.loads(head.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _damaged(path, f"header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict) or "plan" not in header or "device" not in header:
-        raise _damaged(path, "header lacks the plan or the device fingerprint")
-    table = header.get("weights", {})
-    if not isinstance(table, dict):
-        raise _damaged(path, "weight table is malformed")
-    for key, info in table.items():
-        try:
-            dt = np_dtype(info["dtype"])
-            shape = info["shape"]
-            if dt.hasobject or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-                raise ValueError(shape)
-            n = math.prod(shape) * dt.itemsize      # Python ints: no int64 wrap-around to a "valid" size
-            off, nb = int(info["offset"]), int(info["nbytes"])
-        except Exception:
-            raise _damaged(path, f"weight {key!r} has a malformed entry") from None
-        if n != nb or off < 0 or nb < 0 or off + nb > w_len:
-            raise _damaged(path, f"weight {key!r} lies outside the weights section")
-    why = _structure_problem(header)
+    except RecursionError:
+        raise _damaged(path, f"header nests deeper than {MAX_DEPTH} levels") from None
+    why = header_problem(header, w_len=w_len)
     if why:
         raise _damaged(path, why)
     return header, w_off, w_len, crc_w
-
-
-def _structure_problem(header: dict[str, Any]) -> str | None:
-    """What the runtime would trip over in a header that decodes but is not a plan (None if fine).
-
-    The checksum only proves the bytes are the ones written; this proves they have the
-    shape the runtime indexes blindly, so a bad file is one EngineFormatError, not a KeyError.
-    """
-    dev = header["device"]
-    if not isinstance(dev, dict) or not isinstance(dev.get("kind"), str):
-        return "device fingerprint is malformed"
-    if not isinstance(header.get("precision", "fp32"), str):
-        return "precision is malformed"
-    profiles = header.get("profiles", [])
-    if not isinstance(profiles, list) or not all(
-            isinstance(p, dict) and all(isinstance(r, dict) and _int_list(r.get("min")) and _int_list(r.get("max"))
-                                        for r in p.values()) for p in profiles):
-        return "optimization profiles are malformed"
-    return _plan_problem(header["plan"], set())
-
-
-def _int_list(v: Any) -> bool:
-    return isinstance(v, list) and all(type(d) is int for d in v)
-
-
-def _plan_problem(plan: Any, outer: set[str]) -> str | None:
-    if not isinstance(plan, dict):
-        return "plan is not a table"
-    io = [plan.get("inputs"), plan.get("outputs")]
-    if not all(isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                           and isinstance(t.get("dtype"), str) for t in v) for v in io):
-        return "plan inputs/outputs are malformed"
-    weights, tensors = plan.get("weights", {}), plan.get("tensors", {})
-    if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()) \
-            or not isinstance(tensors, dict) or not isinstance(plan.get("outer", []), list):
-        return "plan weight or tensor table is malformed"
-    defined = outer | set(weights) | {t["name"] for t in io[0]} | {n for n in plan.get("outer", []) if isinstance(n, str)}
-    layers = plan.get("layers")
-    if not isinstance(layers, list):
-        return "plan has no layer list"
-    for layer in layers:
-        if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("kind"), str)
-                and isinstance(layer.get("inputs"), list) and isinstance(layer.get("outputs"), list)
-                and isinstance(layer.get("attrs", {}), dict)
-                and all(n is None or isinstance(n, str) for n in layer["inputs"])
-                and all(isinstance(n, str) for n in layer["outputs"])):
-            return f"layer entry {str(layer)[:60]!r} is malformed"
-        missing = [n for n in layer["inputs"] if n is not None and n not in defined]
-        if missing:
-            return f"layer {layer['name']!r} reads {missing[0]!r}, which nothing before it produces"
-        for value in layer.get("attrs", {}).values():
-            sub = value.get("__graph__") if isinstance(value, dict) else None
-            if sub is not None and (why := _plan_problem(sub, defined)):
-                return why
-            rec = value.get("__plugin__") if isinstance(value, dict) else None
-            if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("name"), str)
-                                        and isinstance(rec.get("fields", {}), dict)):
-                return f"layer {layer['name']!r} has a malformed plugin record"
-        defined.update(layer["outputs"])
-    for t in io[1]:
-        if t["name"] not in defined:
-            return f"plan output {t['name']!r} is produced by no layer"
-    return None
 
 
 def read_engine(path: str, verify_weights: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

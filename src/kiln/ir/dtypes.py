@@ -12,6 +12,10 @@ INT_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "ui
 NARROW_TYPES = ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
                 "int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 ALL_TYPES = FLOAT_TYPES + INT_TYPES + ("bool", "complex64", "complex128", "string") + NARROW_TYPES
+# What an engine computes in: a build's precision, and a layer's (``fp16 (fp32 accum)`` for layers whose
+# statistics stay in FP32 in a low-precision build).
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+LAYER_PRECISIONS = PRECISIONS + tuple(f"{p} (fp32 accum)" for p in PRECISIONS if p != "fp32")
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -54,6 +58,16 @@ def is_container(name: str) -> bool:
     They flow through the runtime as Python lists of tensors (sequences) or None (empty optionals).
     """
     return isinstance(name, str) and name.startswith(("sequence(", "optional(")) and name.endswith(")")
+
+
+def is_type_name(name: object, strings: bool = True) -> bool:
+    """True for a name of the closed type table: one of ALL_TYPES, or sequences/optionals of one.
+
+    ``strings=False`` also refuses string tensors (engines take and return numeric tensors only).
+    """
+    while is_container(name):
+        name = element_type(name)
+    return isinstance(name, str) and name in ALL_TYPES and (strings or name != "string")
 
 
 def element_type(name: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from kiln.errors import KilnError, PluginError, ShapeError
+from kiln.errors import BuildError, KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import is_container
 from kiln.kernels._util import from_numpy as _np_to_torch  # bfloat16, float8, sub-byte types
 from kiln.kernels._util import to_numpy as _torch_to_np
@@ -39,6 +39,14 @@ class Engine:
     """A built engine: the plan, its weights, the device it is for. Make contexts to run it."""
 
     def __init__(self, header: dict[str, Any], weights: dict[str, np.ndarray], path: str | None = None) -> None:
+        """``path``: the file a loaded header came from (already validated there); a header built in
+        memory is checked against the same engine schema here."""
+        if path is None:
+            from kiln.engine.schema import header_problem
+            why = header_problem(header, weights)
+            if why:
+                raise BuildError(f"The built engine does not fit the engine schema ({why}); this is a Kiln bug, "
+                                 f"please report it with the model.")
         self.header = header
         self.plan = header["plan"]
         self.path = path
