@@ -389,8 +389,8 @@ define_layer("Unary", 1, 1, "y = op(x)", attrs={"op": attr("str", choices=UNARY_
              host="capable")
 define_layer("Plugin", 0, VARIADIC, "a custom layer (a kiln.Plugin instance)", attrs={
     "plugin": attr("plugin"), "plugin_tactic": attr("str", None, doc="the plugin's own implementation choice")})
-define_layer("OrtIsland", 1, VARIADIC, "ONNX nodes Kiln cannot map, run by ONNX Runtime on the CPU (kiln.onnx.fallback): "
-             "the island's ONNX model (uint8 bytes), then its inputs", attrs={
+define_layer("OrtIsland", 1, VARIADIC, "ONNX nodes Kiln cannot map, run by ONNX Runtime on the CPU "
+             "(kiln.onnx.fallback): the island's ONNX model (uint8 bytes), then its inputs", attrs={
                  "opset": attr("int", lo=1, doc="the ai.onnx opset the model imports"),
                  "ops": attr("strs", doc="the model's node ops in order, 'domain::op' outside ai.onnx"),
                  "sha256": attr("str", doc="SHA-256 of the model bytes")})
