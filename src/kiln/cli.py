@@ -54,7 +54,7 @@ class Progress:
 
 
 def parse_shapes(specs: str | Sequence[str] | None, flag: str) -> dict[str, tuple[int, ...]]:
-    """``['input:1x3x224x224,mask:1x128', 'ids:1x16']`` → {'input': (1, 3, 224, 224), 'mask': (1, 128), 'ids': (1, 16)}.
+    """``['input:1x3x224x224,mask:1x128', 'ids:16']`` → {'input': (1, 3, 224, 224), 'mask': (1, 128), 'ids': (16,)}.
 
     Repeated flags accumulate; one name given two different shapes is refused. ``name:`` is a scalar.
     """
@@ -612,7 +612,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("compare", help="run a model with Kiln and ONNX Runtime on the same inputs; find where they differ",
+    p = sub.add_parser("compare",
+                       help="run a model with Kiln and ONNX Runtime on the same inputs; find where they differ",
                        description="Build (or load --engine) and run MODEL with Kiln and with ONNX Runtime (CPU, the "
                                    "reference) on the same inputs. Per output: shape, max/mean absolute and relative "
                                    "error, pass/fail and an error histogram. A tensor passes when "
@@ -631,8 +632,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input from a .npy file (repeatable)")
     p.add_argument("--data", metavar="DIR|FILE.npz", help="inputs from a folder of NAME.npy (or input_N.pb) files")
     p.add_argument("--seed", type=number(int, 0), default=0, help="seed for random inputs (default 0)")
-    p.add_argument("--atol", type=number(float, 0), default=None, help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 5e-2)")
-    p.add_argument("--rtol", type=number(float, 0), default=None, help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--atol", type=number(float, 0), default=None,
+                   help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--rtol", type=number(float, 0), default=None,
+                   help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 5e-2)")
     p.add_argument("--check-error-stat", choices=("max", "mean", "median"), default="max",
                    help="the error statistic checked against the tolerances (default max)")
     p.add_argument("--per-layer", action="store_true",

@@ -48,7 +48,8 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 def two_inputs_model(path: Path) -> Path:
     """a[N,8] → Relu → ya and b[M,1,4] → Relu → yb: two inputs with dynamic dims."""
     g = helper.make_graph(
-        [helper.make_node("Relu", ["a"], ["ya"], name="relu_a"), helper.make_node("Relu", ["b"], ["yb"], name="relu_b")],
+        [helper.make_node("Relu", ["a"], ["ya"], name="relu_a"),
+         helper.make_node("Relu", ["b"], ["yb"], name="relu_b")],
         "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 8]),
                 helper.make_tensor_value_info("b", TensorProto.FLOAT, ["M", 1, 4])],
         [helper.make_tensor_value_info("ya", TensorProto.FLOAT, ["N", 8]),

@@ -74,9 +74,9 @@ def test_negative_dims_are_one_line(models, tmp_path, dims, suggested):
 
 
 def test_profile_dims_are_sizes():
-    with pytest.raises(BuildError, match=r"'x' has min shape \[-1, 3\].*e.g. \[1, 3\]"):
+    with pytest.raises(BuildError, match=r"'x' .*-1, 3\]"):
         Profile.make({"x": (-1, 3)})
-    with pytest.raises(BuildError, match="'x' has max shape"):
+    with pytest.raises(BuildError, match=r"'x' .*-4, 3\]"):
         Profile.make({"x": ((1, 3), (1, 3), (-4, 3))})
 
 

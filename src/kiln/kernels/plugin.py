@@ -12,17 +12,19 @@ from kiln.kernels.registry import tactic
 @tactic("Plugin")
 def make_plugin(attrs, ctx):
     plugin = attrs["plugin"]
-    plugin.ensure_initialized()
     chosen = attrs.get("plugin_tactic") or plugin.tactics.get(ctx.device, ("torch",))[0]
     plans: dict[tuple, tuple] = {}         # input signature → (output shapes, dtypes, workspace bytes)
     workspace: dict = {}                   # device → scratch buffer, grown when a shape needs more
 
     def plan(xs):
-        key = tuple((tuple(x.shape), x.dtype) if x is not None else None for x in xs)
+        meta = any(x is not None and x.is_meta for x in xs)        # shape inference, not a run
+        key = (meta, *((tuple(x.shape), x.dtype) if x is not None else None for x in xs))
         if key not in plans:
             descs_in = [TensorDesc(tuple(x.shape), dtype_name(x.dtype)) if x is not None else None for x in xs]
             descs = plugin.output_descs(descs_in)
-            plugin.configure(descs_in, descs)          # new input shapes: the plugin sees them first
+            if not meta:                               # a new input shape is about to run: the plugin sees it first
+                plugin.ensure_initialized()
+                plugin.configure(descs_in, descs)
             plans[key] = None if plugin.data_dependent_shapes else (
                 [tuple(int(d) for d in dsc.shape) for dsc in descs], [torch_dtype(d.dtype) for d in descs],
                 int(plugin.workspace_size([d for d in descs_in if d is not None]) or 0))

@@ -141,14 +141,13 @@ class Plugin:
         return 0
 
     def configure(self, inputs: list[TensorDesc], outputs: list[TensorDesc]) -> None:
-        """Called with resolved input and output descriptions (concrete shapes) each time the layer
-        meets new input shapes: while the engine is built and when a context first runs a shape.
-        Check or precompute per-shape state here; raise PluginError to refuse the shapes."""
+        """Called with the concrete input and output descriptions before the layer first runs a new
+        input shape (in an execution context, or when the builder times the layer), after
+        :meth:`initialize`. Check or precompute per-shape state here; raise PluginError to refuse."""
 
     def initialize(self) -> None:
-        """Called once per plugin instance before it first runs: when an execution context is
-        created (each context has its own instances) and before the builder runs it. Allocate
-        constants here."""
+        """Called once per plugin instance before it first runs (each execution context has its own
+        instances; the builder's instance is initialized before it is timed). Allocate constants here."""
 
     def ensure_initialized(self) -> None:
         """Run :meth:`initialize` if this instance has not run it yet (thread-safe; the runtime calls this)."""

@@ -1,0 +1,57 @@
+"""Output paths: a missing folder, a folder where a file should go, an existing file where a folder
+should go, the command's own input. One line on stderr, exit 2, nothing created or lost."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from _cli import assert_user_error, kiln, snapshot
+
+SHAPES = ("--shapes", "a:1x8,b:2x1x4")
+
+
+def test_engine_into_missing_folder(models, tmp_path):
+    r = kiln("build", models("two"), "-o", "nodir/sub/o.kiln", "--device", "cpu", *SHAPES, cwd=tmp_path)
+    assert_user_error(r, "-o", "does not exist", "mkdir -p")
+    assert snapshot(tmp_path) == {}
+
+
+def test_engine_or_cache_onto_a_folder_leaves_no_temp_file(models, tmp_path):
+    (tmp_path / "somedir").mkdir()
+    (tmp_path / "somedir" / "keep.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    r = kiln("build", models("two"), "-o", "somedir", "--device", "cpu", *SHAPES, cwd=tmp_path)
+    assert_user_error(r, "-o 'somedir' is a folder")
+    r = kiln("build", models("two"), "-o", "o.kiln", "--timing-cache", "somedir", "--device", "cpu", *SHAPES,
+             cwd=tmp_path)
+    assert_user_error(r, "'somedir' is a folder")
+    assert snapshot(tmp_path) == before                     # no somedir.tmpNNNN, no o.kiln
+
+
+def test_engine_onto_its_own_model(models, tmp_path):
+    model = shutil.copy(models("two"), tmp_path / "m.onnx")
+    before = snapshot(tmp_path)
+    r = kiln("build", "m.onnx", "-o", "./m.onnx", "--device", "cpu", *SHAPES, cwd=tmp_path)
+    assert_user_error(r, "input file", "destroy")
+    assert snapshot(tmp_path) == before and model
+
+
+def test_run_outputs_into_an_existing_file(engine, tmp_path):
+    (tmp_path / "existing_file").write_text("mine")
+    before = snapshot(tmp_path)
+    r = kiln("run", engine, "--output-dir", "existing_file", cwd=tmp_path)
+    assert_user_error(r, "--output-dir 'existing_file' is an existing file")
+    assert snapshot(tmp_path) == before
+
+
+def test_run_outputs_into_a_new_folder(engine, tmp_path):
+    r = kiln("run", engine, "--output-dir", "out/a", "--shapes", "a:3x8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ya = np.load(tmp_path / "out" / "a" / "ya.npy")
+    assert ya.shape == (3, 8) and (ya >= 0).all()
+
+
+def test_bench_profile_into_missing_folder(engine, tmp_path):
+    r = kiln("bench", engine, "--iterations", "1", "--export-profile", "nodir/p.json", cwd=tmp_path)
+    assert_user_error(r, "--export-profile", "does not exist")
+    assert snapshot(tmp_path) == {}
