@@ -73,6 +73,7 @@ def dims(model, rng: random.Random) -> str:
 
 
 def attributes(model, rng: random.Random) -> str:
+    import onnx
     from onnx import helper
     nodes = [n for n in _nodes(model) if n.attribute] or _nodes(model)
     n = rng.choice(nodes)
@@ -95,7 +96,7 @@ def attributes(model, rng: random.Random) -> str:
     else:
         value = [rng.randrange(-3, 9) for _ in range(rng.choice([0, 1, 3, 5, 17]))]
     n.attribute.remove(a)
-    n.attribute.append(helper.make_attribute(name, value))
+    n.attribute.append(helper.make_attribute(name, value, attr_type=None if value != [] else onnx.AttributeProto.INTS))
     return f"attr-{kind}@{n.op_type}.{name}"
 
 

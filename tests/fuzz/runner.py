@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 TESTS = Path(__file__).resolve().parents[1]
-KINDS = ("traceback", "hang", "crash", "escape", "secret", "code-exec", "exit", "stderr", "html", "generator")
 WARM_TIMEOUT = 600.0
 
 
@@ -166,7 +165,8 @@ def _env(run_dir: Path) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cache = run_dir / "cache"
-    env.update({"XDG_CACHE_HOME": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"),
+    env.update({"XDG_CACHE_HOME": str(cache), "KILN_CACHE_DIR": str(cache / "kiln"), "TORCH_HOME": str(cache / "torch"),
+                "TRITON_CACHE_DIR": str(cache / "triton"),
                 "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "KERAS_HOME": str(cache / "keras"),
                 "MPLCONFIGDIR": str(cache / "mpl"), "TMPDIR": str(run_dir / "tmp"), "KERAS_BACKEND": "torch",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
