@@ -17,7 +17,7 @@ from kiln.errors import KilnError
 
 
 def add_parser(sub) -> None:
-    from kiln.cli import number, plugin_flag, shape_flags
+    from kiln.cli_args import number, plugin_flag, shape_flags
     p = sub.add_parser("bench", help="measure an engine's latency and throughput (trtexec-style)",
                        description="Benchmark ENGINE: warm-up, then timed iterations; latency min/mean/median/p90/"
                                    "p95/p99, throughput, and host-to-device / compute / device-to-host split.")
@@ -143,7 +143,8 @@ class _Bar:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import kiln
-    from kiln.cli import _load_plugins, check_output_file, parse_shapes
+    from kiln.cli import _load_plugins
+    from kiln.cli_args import check_output_file, parse_shapes
     shapes = parse_shapes(args.shapes, "--shapes")
     if args.export_profile:
         check_output_file(args.export_profile, "--export-profile", keep=[args.engine])
@@ -161,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         lat = res["latency_ms"]
         print(f"Engine: {args.engine} on {res['device']} ({res['precision']}), shapes "
-              + ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in res["shapes"].items()))
+              + ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in res["shapes"].items()))
         mode = "CUDA graph replay" if res["cuda_graph"] else "eager"
         print(f"Mode: {mode}, {res['iterations']} iterations, "
               f"{'with' if res['transfers'] else 'without'} host/device transfers")
