@@ -102,3 +102,32 @@ def test_script_breaking_names_still_draw_in_the_browser(page, tmp_path):
     assert page.evaluate("kilnApp.panes[0].pane.nodes.filter(n => !n.pseudo).map(n => n.name)") == HOSTILE
     page.click("#b-model")
     assert "</script><!--<script>" in page.inner_text("#side-body")
+
+
+def test_page_json_holds_non_finite_numbers_and_lone_surrogates():
+    """NaN/Infinity (JSON has none) and lone surrogates (a file's invalid \\u escape) still make a page."""
+    text = pagemod.dumps({"a": float("nan"), "b": [float("inf"), -float("inf")], "c": "x\udcffy</script>", "d": 1.5})
+    text.encode("utf-8")
+    assert json.loads(text) == {"a": "NaN", "b": ["Infinity", "-Infinity"], "c": "x\udcffy</script>", "d": 1.5}
+
+
+def test_engine_with_lone_surrogate_and_nan_exports(tmp_path, capsys):
+    """A Kiln engine header is JSON: a name with a lone surrogate and a NaN value export as HTML."""
+    import numpy as np
+
+    import kiln
+    from kiln.engine.format import read_engine, write_engine
+    net = kiln.Network("s")
+    x = net.add_input("x", "float32", (1, 4))
+    net.mark_output(net.add_activation(x, "relu").output, "y")
+    path = tmp_path / "e.kiln"
+    kiln.build(net, kiln.BuildConfig(device="cpu")).save(str(path))
+    header, weights = read_engine(str(path))
+    header["name"] = "bad\udcffname"
+    header.setdefault("build", {})["note"] = float("nan")
+    write_engine(str(path), {k: v for k, v in header.items() if k != "weights"},
+                 {k: np.array(v) for k, v in weights.items()})
+    out = tmp_path / "e.html"
+    assert command.main(["view", str(path), "--export", str(out)]) == 0, capsys.readouterr().err
+    html = out.read_text(encoding="utf-8")
+    assert "bad\\udcffname" in html

@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -286,9 +287,32 @@ def _undumpable(v: Any) -> str:
     return str(v)
 
 
+def _finite(v: Any) -> Any:
+    """A copy of ``v`` with non-finite floats as the strings JavaScript prints for them (JSON has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def dumps(page: dict) -> str:
-    """JSON that no string inside it can break out of when embedded in a <script> element."""
-    text = json.dumps(page, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_undumpable)
+    """JSON that no string inside it can break out of when embedded in a <script> element.
+
+    A NaN or infinity read from a file is written as a string; a lone surrogate (a file's invalid
+    Unicode escape) as its \\u escape, so the text always encodes as UTF-8."""
+    try:
+        text = json.dumps(page, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_undumpable)
+    except ValueError:
+        text = json.dumps(_finite(page), separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                          default=_undumpable)
     for char, escape in _SCRIPT_SAFE:     # str.replace: far faster than str.translate on a page of megabytes
         text = text.replace(char, escape)
+    if _SURROGATE.search(text):
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text

@@ -8,7 +8,6 @@ page load reads it again; a file that no longer reads shows the error page.
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -108,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, obj, status: int = 200) -> None:
-        self._send(status, json.dumps(obj, allow_nan=False, default=str).encode("utf-8"), "application/json")
+        self._send(status, pagemod.dumps(obj).encode("utf-8"), "application/json")
 
     def _host_ok(self) -> bool:
         host = (self.headers.get("Host") or "").strip().lower()
