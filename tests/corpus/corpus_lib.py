@@ -338,8 +338,9 @@ def reference(path: Path, feeds: dict[str, np.ndarray], context) -> tuple[dict[s
     return ort_run(path, feeds), []
 
 
-def ort_run(path: Path, feeds: dict[str, np.ndarray], providers: list[str] | None = None) -> dict[str, np.ndarray]:
-    sess = ort_session(path, providers)
+def ort_run(model: Path | bytes, feeds: dict[str, np.ndarray], providers: list[str] | None = None
+            ) -> dict[str, np.ndarray]:
+    sess = ort_session(model, providers)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

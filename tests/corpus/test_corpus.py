@@ -37,7 +37,7 @@ def _path_or_skip(model: cl.Model):
     return cl.model_path(ROOT, model)
 
 
-@pytest.mark.parametrize("model", _params())
+@pytest.mark.parametrize("model", list(_params()))
 def test_real_model_matches_onnxruntime_on_cpu(model: cl.Model) -> None:
     path = _path_or_skip(model)
     feeds = cl.make_feeds(model)
