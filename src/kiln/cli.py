@@ -415,7 +415,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="memory limit for activations and scratch, in MB")
     p.add_argument("--opt-level", type=number(int, 0, 5), default=3, metavar="0-5",
                    help="0: first valid tactic per layer; 3 (default): time likely candidates; 5: time everything")
-    p.add_argument("--timing-cache", metavar="FILE", help="read and update tactic timings in FILE")
+    p.add_argument("--timing-cache", metavar="FILE",
+                   help="read and update measured tactic timings in FILE (created when missing; a file that is not "
+                        "a Kiln timing cache is refused, never overwritten)")
     p.add_argument("--fp32-layers", metavar="PATTERN[,..]",
                    help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch patterns in "
                         "FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
