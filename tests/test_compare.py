@@ -325,3 +325,21 @@ def test_errors_colour_both_panes_of_engine_and_model(tmp_path, wrong_softsign) 
     assert any(n.get("err", {}).get("failed") for n in model_pane["nodes"])
     assert any(n.get("err", {}).get("failed") for n in engine_pane["nodes"])
     assert page["errors"]["pane"] == 1
+
+
+def test_compare_keeps_a_scalar_input_scalar(tmp_path):
+    """A rank-0 input (an audio model's sample rate) given as a 0-d array stays 0-d for both runtimes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import kiln
+    g = helper.make_graph([helper.make_node("Cast", ["sr"], ["f"], to=TensorProto.FLOAT),
+                           helper.make_node("Mul", ["x", "f"], ["y"])], "scalar",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                           helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    path = tmp_path / "scalar.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.save(tmp_path / "sr.npy", np.array(16000, np.int64))
+    result = kiln.compare(str(path), device="cpu", inputs={"sr": str(tmp_path / "sr.npy")}, per_layer=True)
+    assert result.passed and result.first_jump is None

@@ -384,7 +384,7 @@ def make_feeds(model, inputs: Mapping[str, Any] | None = None, data: str | None 
                 want = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in dims)
                 raise KilnError(f"Input {name!r} has shape {list(a.shape)} but the model expects {want}; give an "
                                 f"array of that shape.")
-            feeds[name] = np.ascontiguousarray(a)
+            feeds[name] = np.require(a, requirements="C")     # ascontiguousarray makes a 0-d array 1-d
             continue
         shape = tuple((shapes or {}).get(name) or ())
         if not shape:
@@ -410,8 +410,17 @@ def _ort_session(model):
     import re
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    exact = ort.SessionOptions()
+    exact.log_severity_level = 3
+    # exact integer GEMMs: on x86 CPUs without VNNI the default u8s8 kernel saturates full-range int8 weights.
+    # ORT's optimizer refuses some Q/DQ graphs with every tensor marked as an output under this setting; those
+    # run with the default kernels.
+    exact.add_session_config_entry("session.x64quantprecision", "1")
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(model.SerializeToString(), exact, providers=["CPUExecutionProvider"])
+        except Exception:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:     # ORT's own errors: the reference cannot load the model
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         older = re.search(r"max supported IR version: (\d+)", msg)

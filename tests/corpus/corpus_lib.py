@@ -316,7 +316,7 @@ def make_feeds(model: Model, seed: int = 0) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- reference and acceptance
 
 def ort_session(model: Path | bytes, providers: list[str] | None = None):
-    """ONNX Runtime with value-preserving optimizations only and exact integer matmuls.
+    """ONNX Runtime (default optimizations, which the exact-integer setting needs) with exact integer matmuls.
 
     ``session.x64quantprecision`` makes ORT's x86 u8s8 GEMM avoid the 16-bit saturating
     multiply-add (on AVX2 without VNNI the default kernel saturates for full-range int8 weights and

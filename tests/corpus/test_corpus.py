@@ -85,3 +85,18 @@ def test_make_feeds_is_seeded_and_in_range() -> None:
                 assert lo - 1e-6 <= x.min() and x.max() <= hi + 1e-6 and x.std() > 0.05
     m = MANIFEST.model("ppocrv4_det")
     assert not np.array_equal(cl.make_feeds(m, seed=0)["x"], cl.make_feeds(m, seed=1)["x"])
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.id) for m in MANIFEST.models if not m.known_failure])
+def test_per_layer_compare_names_no_layer_when_outputs_pass(model: cl.Model) -> None:
+    """`kiln compare --per-layer` on a real model: where every output passes, no layer is named (no false blame
+    from fused layers compared under another tensor's name)."""
+    import kiln
+    path = _path_or_skip(model)
+    feeds = cl.make_feeds(model)
+    engine = cl.build_engine(path, model)
+    result = kiln.compare(str(path), engine=engine, inputs=feeds, per_layer=True)
+    if not cl.quantizes_activations(path):       # float models pass; quantizing ones may flip a rounding tie
+        assert result.passed, f"{model.id}: {[o.name for o in result.outputs if not o.passed]}"
+    if result.passed:
+        assert result.first_jump is None and result.first_bad is None, f"{model.id}: {result.first_jump}"

@@ -157,8 +157,8 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
                 continue
             if t.is_constant:
                 arr = t.value
-                tt = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16) \
-                    if arr.dtype.name == "bfloat16" else torch.from_numpy(np.ascontiguousarray(arr))
+                tt = torch.from_numpy(np.require(arr, requirements="C").view(np.int16)).view(torch.bfloat16) \
+                    if arr.dtype.name == "bfloat16" else torch.from_numpy(np.require(arr, requirements="C"))
                 ins.append(tt.to(device))
                 continue
             v = vals.get(t.name, UNKNOWN)

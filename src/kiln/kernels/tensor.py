@@ -163,7 +163,7 @@ def _narrow_cast(name: str, storage: torch.dtype, saturate: bool):
             a = np.where(np.isnan(a), a, np.clip(a, -top, top))
         y = a.astype(target)
         if is_f8:
-            t = torch.from_numpy(np.ascontiguousarray(y).view(np.uint8)).view(storage)
+            t = torch.from_numpy(np.require(y, requirements="C").view(np.uint8)).view(storage)
         else:
             t = torch.from_numpy(y.astype(np.float32 if name == "float4_e2m1fn" else
                                           (np.int8 if name in ("int4", "int2") else np.uint8)))
