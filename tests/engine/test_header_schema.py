@@ -111,6 +111,8 @@ CASES = [
     ("attr-missing", _set(["plan", CONV, "attrs", "stride"], _DELETE), ["lacks", "'stride'"]),
     ("kind-unknown", _set(["plan", CONV, "kind"], "Evil"), ["unknown kind 'Evil'"]),
     ("layer-key", _set(["plan", CONV, "eval"], "x"), ["unknown key 'eval'"]),
+    ("input-empty", _set(["plan", CONV, "inputs", 1], None), ["input 1 is empty"]),
+    ("input-extra", lambda h: layer(h, "Flatten")["inputs"].append("input"), ["inputs"]),
     ("layer-precision", _set(["plan", CONV, "precision"], "fp8"), ["precision"]),
     ("layer-tactic", _set(["plan", CONV, "tactic"], 7), ["'tactic'"]),
     ("device-no-name", _set(["device", "name"], _DELETE), ["device", "'name'"]),

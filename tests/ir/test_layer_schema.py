@@ -41,6 +41,13 @@ def test_every_declared_attribute_is_well_formed() -> None:
                     assert a.default in a.choices, (kind.name, name)
 
 
+def test_optional_inputs_lie_below_the_minimum() -> None:
+    """Positions at or above min_inputs are optional anyway; an exception below it must be a real position."""
+    for kind in LAYER_KINDS.values():
+        assert all(0 <= i < kind.min_inputs for i in kind.optional_inputs), kind.name
+        assert all(0 <= i < kind.max_inputs for i in kind.host_inputs), kind.name
+
+
 def test_a_default_outside_its_declaration_is_refused() -> None:
     _refused(lambda: attr("int", "one"), "default")
     _refused(lambda: attr("str", "median", choices=("max", "average")), "default", "median")

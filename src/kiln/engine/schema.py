@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 from kiln.ir.dtypes import ALL_TYPES, LAYER_PRECISIONS, PRECISIONS, is_type_name, np_dtype
 from kiln.ir.layers import INT64, LAYER_KINDS, attrs_problem, plugin_record_problem
 
-MAX_DEPTH = 64      # JSON nesting levels; a nested-control-flow plan needs about five per subgraph level
+MAX_DEPTH = 100     # JSON nesting levels: five per subgraph level, so ~19 levels of nested control flow
 _PLAN_KEYS = {"inputs", "outputs", "layers", "tensors", "weights", "outer"}
 _LAYER_KEYS = {"name", "kind", "inputs", "outputs", "attrs", "origin", "precision", "tactic", "host"}
 
@@ -267,6 +267,9 @@ def _layer(layer: Any, defined: set[str], weight_keys: set[str]) -> None:
         raise _Bad(f"{what} has {own} inputs of {len(ins)}; its kind takes {spec.min_inputs} to {spec.max_inputs}")
     if ("outer" in attrs or "num_inputs" in attrs) and ins[own:] != list(attrs.get("outer") or []):
         raise _Bad(f"{what} inputs do not end with its outer names")
+    empty = [i for i in range(spec.min_inputs) if ins[i] is None and i not in spec.optional_inputs]
+    if empty:
+        raise _Bad(f"{what} input {empty[0]} is empty, but its kind needs it")
     missing = [n for n in ins if n is not None and n not in defined]
     if missing:
         raise _Bad(f"layer {name!r} reads {missing[0][:40]!r}, which nothing before it produces")

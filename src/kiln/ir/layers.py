@@ -75,6 +75,7 @@ class LayerKind:
     doc: str
     host_inputs: tuple[int, ...] = ()    # input positions read as host values (shape tensors)
     attrs: Mapping[str, Attr] = field(default_factory=dict)
+    optional_inputs: tuple[int, ...] = ()   # positions below min_inputs that may still be empty (None)
     control_flow: bool = False           # runs subgraphs (If, Loop, Scan); inputs stay where they are
     host: str = "device"                 # "device"; "capable": may run on the host; "always": runs there
     channels_last: bool = False          # may produce a channels-last (NHWC) output
@@ -344,7 +345,7 @@ define_layer("Conv1x1Chain", 6, 8, "two 1x1 convolutions back to back: x, W3, b3
              "act(conv(x, W3) + b3 + residual + conv(x2, W2, stride2)), z = act2(conv(y, W1) + b1) "
              "(passes/fuse_conv_chain.py)",
              attrs={"activation": _EPILOGUE["activation"], "activation2": _EPILOGUE["activation"],
-                    "stride2": attr("ints", None, lo=1)}, channels_last=True)
+                    "stride2": attr("ints", None, lo=1)}, optional_inputs=(3,), channels_last=True)
 define_layer("Conv1x1Sum", 5, 5, "two 1x1 convolutions added: x1, W1, x2, W2, b → y = act(conv(x1, W1, stride1) + "
              "conv(x2, W2, stride2) + b) (passes/fuse_projection.py)",
              attrs={"stride1": attr("ints", lo=1), "stride2": attr("ints", lo=1), **_EPILOGUE}, channels_last=True)
@@ -442,11 +443,12 @@ define_layer("TopK", 2, 2, "x, k; outputs values, indices", host_inputs=(1,), at
 define_layer("If", 1, 1, "cond; then_branch, else_branch (Networks); a constant cond is folded at build", attrs={
     "then_branch": attr("graph"), "else_branch": attr("graph"), **_SUBGRAPH}, control_flow=True)
 define_layer("Loop", 2, VARIADIC, "ONNX Loop: max_trip_count?, cond?, carried...; body (Network)",
-             attrs={"body": attr("graph"), **_SUBGRAPH}, control_flow=True)
+             attrs={"body": attr("graph"), **_SUBGRAPH}, optional_inputs=(0, 1), control_flow=True)
 define_layer("Scan", 1, VARIADIC, "ONNX Scan (batched: v8, a leading batch axis and sequence_lens)", attrs={
     "body": attr("graph"), "num_scan_inputs": attr("int", lo=0), "scan_input_axes": attr("ints", None),
     "scan_input_directions": attr("ints", None), "scan_output_axes": attr("ints", None),
-    "scan_output_directions": attr("ints", None), **_flags("batched"), **_SUBGRAPH}, control_flow=True)
+    "scan_output_directions": attr("ints", None), **_flags("batched"), **_SUBGRAPH}, optional_inputs=(0,),
+    control_flow=True)
 define_layer("Where", 3, 3, "select: cond ? a : b with broadcasting", host="capable")
 define_layer("Expand", 2, 2, "broadcast x to shape (host)", host_inputs=(1,))
 define_layer("Tile", 2, 2, "repeat x by repeats (host)", host_inputs=(1,))
@@ -549,9 +551,9 @@ define_layer("Col2Im", 3, 3, "columns [N, C*prod(block), L], image_shape, block_
 define_layer("Hardmax", 1, 1, "one-hot of the (first) maximum along axis", attrs={"axis": attr("int", -1)})
 define_layer("Det", 1, 1, "determinant of the trailing square matrices")
 _INTEGER = {"op": attr("str", choices=("matmul", "conv")), **_WINDOW, "groups": _CONV["groups"]}
-define_layer("QLinearOp", 8, 9, "quantized matmul/conv with requantization: a, a_scale, a_zero_point, b, b_scale, "
-             "b_zero_point, y_scale, y_zero_point, bias? (int32, conv); integer arithmetic, round half to even, "
-             "saturate", attrs=_INTEGER)
+define_layer("QLinearOp", 8, 9, "quantized matmul/conv with requantization: a, a_scale, a_zero_point?, b, b_scale, "
+             "b_zero_point?, y_scale, y_zero_point?, bias? (int32, conv); integer arithmetic, round half to even, "
+             "saturate", attrs=_INTEGER, optional_inputs=(2, 5, 7))
 define_layer("IntegerOp", 2, 4, "integer matmul/conv: a, b, a_zero_point?, b_zero_point? → int32", attrs=_INTEGER)
 define_layer("Select", 1, 1, "x indexed at one constant position along axis; a view, no copy",
              attrs={**_AXIS, "index": attr("int")})
