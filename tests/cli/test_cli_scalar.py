@@ -28,8 +28,6 @@ def test_run_and_bench_feed_a_scalar(scalar_engine, tmp_path):
     assert res["shapes"] == {"x": [2, 8], "sr": []} and res["iterations"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="kiln.comparison.make_feeds turns a 0-d array into shape (1,) "
-                                       "(np.ascontiguousarray); the fix belongs to comparison.py")
 def test_compare_takes_a_0d_npy(models, tmp_path):
     np.save(tmp_path / "sr.npy", np.array(16000.0, np.float32))
     r = kiln("compare", models("scalar"), "--device", "cpu", "--input", "sr=sr.npy", cwd=tmp_path)
