@@ -59,8 +59,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     out["inputs"], out["outputs"] = plan["inputs"], plan["outputs"]
     out["layers"], out["tensors"] = plan["layers"], plan.get("tensors", {})
     out["weights"] = {name: by_key.get(key, {}) for name, key in plan.get("weights", {}).items()}
-    from kiln.runtime.engine import _iter_plugin_records
-    out["plugins"] = _iter_plugin_records(plan)
+    from kiln.plugins.registry import plugin_records
+    out["plugins"] = plugin_records(plan)
     return out
 
 
