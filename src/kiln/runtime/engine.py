@@ -47,6 +47,8 @@ class Engine:
             if why:
                 raise BuildError(f"The built engine does not fit the engine schema ({why}); this is a Kiln bug, "
                                  f"please report it with the model.")
+        from kiln.kernels.ort_island import check_plan_islands
+        check_plan_islands(header["plan"], weights)      # ONNX Runtime islands are data: checked before any use
         self.header = header
         self.plan = header["plan"]
         self.path = path
