@@ -52,10 +52,7 @@ def island(ctx, node, opset: int) -> list[Tensor]:
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     why = why_not(node.proto, domain, node.inputs)
     if why:
-        raise UnsupportedOperatorError(
-            f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by "
-            f"Kiln and cannot fall back to ONNX Runtime ({why}); supply a plugin (kiln.Plugin with "
-            f"name={node.op_type!r}) and pass --plugins your_plugins.py.")
+        raise _refused(node, domain, opset, f"cannot fall back to ONNX Runtime ({why})")
     net = ctx.net
     layer = _growable(net, node.inputs)
     model = _load(layer) if layer is not None else _empty(ctx)
@@ -78,10 +75,7 @@ def island(ctx, node, opset: int) -> list[Tensor]:
     try:
         data, types = _typed(model, reads)
     except KilnError as exc:
-        raise UnsupportedOperatorError(
-            f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by "
-            f"Kiln and ONNX Runtime cannot run it either ({exc}); supply a plugin (kiln.Plugin with "
-            f"name={node.op_type!r}) and pass --plugins your_plugins.py.") from None
+        raise _refused(node, domain, opset, f"ONNX Runtime cannot run it either ({exc})") from None
     const = net.add_constant(_ort().island_bytes(data), name=net.unique_name(f"{node.name}/onnx"))
     if layer is None:
         layer = ctx.add(KIND, [const, *reads], _attrs(model, data), num_outputs=len(out_names))
@@ -109,6 +103,12 @@ def island(ctx, node, opset: int) -> list[Tensor]:
     return [by_name.get(n) for n in node.proto.output]
 
 
+def _refused(node, domain: str, opset: int, why: str) -> UnsupportedOperatorError:
+    return UnsupportedOperatorError(
+        f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by Kiln "
+        f"and {why}; supply a plugin (kiln.Plugin with name={node.op_type!r}) and pass --plugins your_plugins.py.")
+
+
 def _growable(net: Network, inputs: list[Tensor | None]) -> Layer | None:
     """The island that made one of ``inputs``, if nothing reads any of its outputs yet."""
     for t in reversed(inputs):
@@ -120,9 +120,8 @@ def _growable(net: Network, inputs: list[Tensor | None]) -> Layer | None:
 
 def _empty(ctx):
     from onnx import helper
-    model = helper.make_model(helper.make_graph([], "island", [], []),
-                              opset_imports=[helper.make_opsetid("", ctx.opset)], producer_name="kiln")
-    return model
+    return helper.make_model(helper.make_graph([], "island", [], []),
+                             opset_imports=[helper.make_opsetid("", ctx.opset)], producer_name="kiln")
 
 
 def _import(model, domain: str, opsets: dict[str, int]) -> None:
