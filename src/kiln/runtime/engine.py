@@ -9,30 +9,10 @@ import torch
 
 from kiln.errors import BuildError, KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import is_container
+from kiln.plugins.registry import plugin_records
 from kiln.kernels._util import from_numpy as _np_to_torch  # bfloat16, float8, sub-byte types
 from kiln.kernels._util import to_numpy as _torch_to_np
 from kiln.kernels._util import torch_dtype
-
-
-def _iter_plugin_records(plan: dict) -> list[dict]:
-    out = []
-
-    def walk(v):
-        if isinstance(v, dict):
-            if "__plugin__" in v:
-                out.append(v["__plugin__"])
-            elif "__graph__" in v:
-                for layer in v["__graph__"]["layers"]:
-                    walk(layer.get("attrs", {}))
-            else:
-                for x in v.values():
-                    walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-    for layer in plan["layers"]:
-        walk(layer.get("attrs", {}))
-    return out
 
 
 class Engine:
@@ -55,7 +35,7 @@ class Engine:
         self._host_weights = weights
         self._device_weights: dict[str, torch.Tensor] | None = None
         self._lock = threading.Lock()
-        self.header["plugins"] = _iter_plugin_records(self.plan)
+        self.header["plugins"] = plugin_records(self.plan)
 
     # ---- facts -------------------------------------------------------------------------
     @property
