@@ -326,3 +326,20 @@ def test_any_attribute_value_that_passes_runs_or_fails_in_one_line(conv) -> None
                 except KilnError as exc:
                     assert "\n" not in str(exc), str(exc)
     assert passed > 50, passed
+
+
+def test_pointwise_program_is_checked_by_the_schema(tmp_path: Path) -> None:
+    """A Pointwise program is validated against its grammar at load, so even the torch-free readers
+    (kiln inspect) never walk a forged step (a ``{"__graph__": null}`` op once crashed the plugin scan)."""
+    net = kiln.Network("p")
+    x = net.add_input("x", "float32", (2, 3))
+    pw = net.add_layer("Pointwise", [x], {"program": [{"op": "neg", "args": ["i0"]}, {"op": "exp", "args": ["v0"]}]})
+    net.mark_output(pw.output, "y")
+    src = tmp_path / "pw.kiln"
+    kiln.build(net, kiln.BuildConfig(device="cpu", optimization_level=0)).save(str(src))
+    bad = forge(src, tmp_path / "bad.kiln", lambda h: layer(h, "Pointwise")["attrs"]["program"][1].update(
+        op={"__graph__": None}))
+    assert "program" in refused(bad)
+    proc = _cli("inspect", str(bad))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "program" in lines[0], proc.stderr

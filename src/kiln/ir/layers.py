@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from kiln.errors import NetworkError
+from kiln.errors import KilnError, NetworkError
 from kiln.ir.dtypes import ALL_TYPES, is_type_name
 
 VARIADIC = 1 << 30
@@ -292,8 +292,12 @@ def _plugin(a: Attr, v: Any, encoded: bool, subplan=None) -> str | None:
 
 
 def _program(a: Attr, v: Any, encoded: bool, subplan=None) -> str | None:
-    # the steps' grammar is the Pointwise kernel's to check (kiln.kernels.pointwise_fused)
-    return None if isinstance(v, list) else f"must be a list of steps, got {_show(v)}"
+    from kiln.ir.pointwise import validate_program
+    try:
+        validate_program(v, None)        # the layer's input count is checked against the refs when it is made
+    except KilnError as exc:
+        return "is not a valid program: " + str(exc).split(" (a step is")[0].removeprefix("Pointwise program ")
+    return None
 
 
 def _int_lists(a: Attr, v: Any, encoded: bool, subplan=None) -> str | None:
@@ -322,6 +326,9 @@ _EPILOGUE = {"activation": attr("str", None, choices=ACTIVATIONS, doc="None: no 
 _CONV = {"stride": attr("ints", lo=1), "pads": attr("ints", doc="begins then ends"), "dilation": attr("ints", lo=1),
          "groups": attr("int", 1, lo=1)}
 _WINDOW = {"stride": attr("ints", None, lo=1), "pads": attr("ints", None), "dilation": attr("ints", None, lo=1)}
+# ONNX's auto_pad SAME: pads from the input's size, which the builder resolves once shapes are known
+_AUTO_PAD = {"auto_pad": attr("str", None, choices=("SAME_UPPER", "SAME_LOWER"), doc="pads follow from the input size "
+                              "(builder/autopad.py writes them into pads)")}
 # the builder adds these to layers that run subgraphs: the outer tensors they read (appended to the inputs)
 _SUBGRAPH = {"outer": attr("strs", None, doc="outer tensors the subgraphs read, appended to the inputs"),
              "num_inputs": attr("int", None, lo=0, doc="the layer's own inputs, before the outer ones")}
@@ -339,7 +346,7 @@ define_layer("Activation", 1, 1, "y = f(x)", attrs={
 define_layer("Concatenation", 1, VARIADIC, "join along attrs axis", attrs={"axis": attr("int")}, host="capable")
 define_layer("Convolution", 2, 4, "N-d convolution (1/2/3-D): x, weight, bias?, residual?; fused epilogue "
              "y = act(conv + r), or act(conv) + r with residual_after_activation; pool: a fused max pool after it",
-             attrs={**_CONV, **_EPILOGUE, **_flags("residual", "residual_after_activation"),
+             attrs={**_CONV, **_AUTO_PAD, **_EPILOGUE, **_flags("residual", "residual_after_activation"),
                     "pool": attr("int_lists", None, doc="fused max pool {kernel, stride, pads}")}, channels_last=True)
 define_layer("Conv1x1Chain", 6, 8, "two 1x1 convolutions back to back: x, W3, b3, residual?, W1, b1, x2?, W2? → y = "
              "act(conv(x, W3) + b3 + residual + conv(x2, W2, stride2)), z = act2(conv(y, W1) + b1) "
@@ -356,7 +363,7 @@ define_layer("ElementWise", 1, VARIADIC, "broadcasting binary (or n-ary) op",
              attrs={"op": attr("str", choices=ELEMENTWISE_OPS)}, host="capable")
 define_layer("Pooling", 1, 1, "max/average/Lp pooling; kernel None pools globally; return_indices adds the argmax "
              "output", attrs={"type": attr("str", choices=("max", "average", "lp")), "kernel": attr("ints", None, lo=1),
-                              **_WINDOW, **_flags("ceil_mode", "count_include_pad", "return_indices"),
+                              **_WINDOW, **_AUTO_PAD, **_flags("ceil_mode", "count_include_pad", "return_indices"),
                               "p": attr("int", 2, lo=1), "storage_order": attr("int", 0)}, channels_last=True)
 define_layer("Padding", 1, 4, "x, pads?, value?, axes?", host_inputs=(1, 3), attrs={
     "pads": attr("ints", None, doc="begins then ends; None: the pads input"),

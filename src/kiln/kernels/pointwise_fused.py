@@ -2,32 +2,28 @@
 Triton kernel on the GPU.
 
 A program is data (it comes from the pointwise-fusion pass or from an engine file), so both tactics
-first check it against a closed grammar (``validate_program``): each step is
-``{"op": OP, "args": [ARG, ...], "alpha"?: number, "beta"?: number}`` with OP from ``OPS`` and its
-arity, and each ARG either ``"i<k>"`` (layer input k), ``"v<k>"`` (the value of an earlier step k)
-or a real number. The Triton source is generated from the checked steps only (op templates from the
-table, integer indices, float literals), cached in the per-user folder (kiln/codecache.py) and
-imported, so Triton's JIT sees real source.
+first check it against the closed grammar of ``kiln.ir.pointwise`` (``validate_program``). The
+Triton source is generated from the checked steps only (op templates from the table, integer
+indices, float literals), cached in the per-user folder (kiln/codecache.py) and imported, so
+Triton's JIT sees real source.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 import os
-import re
 import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from kiln import codecache
 from kiln.errors import BuildError
+from kiln.ir.pointwise import BINARY, OPS, ProgramStep, Ref, program_error, validate_program
 from kiln.kernels.pointwise import activation_fn
 from kiln.kernels.registry import tactic
 
 MAX_RANK = 6
-MAX_STEPS = 1024
 
 # The Triton form of each op; the keys are the closed op table (binary ops read {0} and {1}).
 _TRITON = {
@@ -48,85 +44,7 @@ _BINARY = {"sum": torch.add, "sub": torch.sub, "prod": torch.mul, "div": torch.d
            "min": torch.minimum, "pow": torch.pow}
 _UNARY = {"exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "recip": torch.reciprocal, "abs": torch.abs,
           "neg": torch.neg, "erf": torch.erf, "sin": torch.sin, "cos": torch.cos}
-OPS: dict[str, int] = {op: 2 if op in _BINARY else 1 for op in _TRITON}     # op -> arity
-_KEYS = {"op", "args", "alpha", "beta"}
-_REF = re.compile(r"([iv])(0|[1-9][0-9]{0,5})")
-
-
-class Ref(NamedTuple):
-    kind: str       # "i": a layer input, "v": an earlier step's value
-    index: int
-
-
-class ProgramStep(NamedTuple):
-    op: str
-    args: tuple[Ref | float, ...]
-    alpha: float
-    beta: float
-
-
-def _bad(where: str, problem: str) -> BuildError:
-    return BuildError(f"Pointwise program {where}: {problem} (a step is {{op, args, alpha?, beta?}} with an op "
-                      f"from Kiln's table and args 'iK' for input K, 'vK' for step K, or numbers).")
-
-
-def _show(value: Any) -> str:
-    try:
-        text = repr(value)
-    except Exception:               # an int past Python's digit limit, nesting past the recursion limit
-        text = f"a {type(value).__name__}"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _bad(where, f"{_show(value)} is not a number")
-    try:
-        return float(value)
-    except (OverflowError, TypeError, ValueError):
-        raise _bad(where, f"{_show(value)} is out of range for a float") from None
-
-
-def validate_program(program: Any, n_inputs: int | None) -> tuple[ProgramStep, ...]:
-    """The checked steps of ``program`` over ``n_inputs`` layer inputs (None: not known here);
-    anything outside the grammar raises one BuildError naming the step."""
-    if not isinstance(program, (list, tuple)) or not program:
-        raise _bad("attribute", f"expected a non-empty list of steps, got {_show(program)}")
-    if len(program) > MAX_STEPS:
-        raise _bad("attribute", f"{len(program)} steps is more than the {MAX_STEPS} allowed")
-    steps = []
-    for k, step in enumerate(program):
-        where = f"step {k}"
-        if not isinstance(step, dict):
-            raise _bad(where, f"expected an object, got {_show(step)}")
-        extra = [key for key in step if key not in _KEYS]
-        if extra:
-            raise _bad(where, f"unknown key {_show(extra[0])}")
-        op = step.get("op")
-        if not isinstance(op, str) or op not in OPS:
-            raise _bad(where, f"unknown op {_show(op)}")
-        args = step.get("args")
-        if not isinstance(args, (list, tuple)) or len(args) != OPS[op]:
-            raise _bad(where, f"{op} takes {OPS[op]} argument(s), got {_show(args)}")
-        checked: list[Ref | float] = []
-        for a in args:
-            if isinstance(a, str):
-                m = _REF.fullmatch(a)
-                if m is None:
-                    raise _bad(where, f"argument {_show(a)} is neither 'iK', 'vK' nor a number")
-                ref = Ref(m.group(1), int(m.group(2)))
-                if ref.kind == "i" and n_inputs is not None and ref.index >= n_inputs:
-                    raise _bad(where, f"argument {a!r} names input {ref.index} of a layer with {n_inputs}")
-                if ref.kind == "v" and ref.index >= k:
-                    raise _bad(where, f"argument {a!r} names a step that does not come before it")
-                checked.append(ref)
-            else:
-                checked.append(_number(a, where))
-        if not any(isinstance(a, Ref) for a in checked):
-            raise _bad(where, f"{op} reads no input or earlier step")
-        steps.append(ProgramStep(op, tuple(checked), _number(step.get("alpha", 0.0), where),
-                                 _number(step.get("beta", 0.0), where)))
-    return tuple(steps)
+assert set(_TRITON) == set(OPS) and set(_BINARY) == set(BINARY), "the kernels cover exactly the grammar's ops"
 
 
 def _n_inputs(ctx) -> int | None:
@@ -227,7 +145,7 @@ def _compiled(steps: tuple[ProgramStep, ...], n_in: int, rank: int):
         return hit
     for k, step in enumerate(steps):
         if any(isinstance(a, Ref) and a.kind == "i" and a.index >= n_in for a in step.args):
-            raise _bad(f"step {k}", f"reads an input past the {n_in} given to it")
+            raise program_error(f"step {k}", f"reads an input past the {n_in} given to it")
     src = _source(steps, n_in, rank)
     with _LOCK:
         hit = _KERNELS.get(key)
