@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -169,7 +170,16 @@ def _random(rng, dtype: str, shape):
     """A seeded random array of ``dtype`` and ``shape`` (an ndarray also for shape ())."""
     import numpy as np
 
+    from kiln.errors import KilnError
     from kiln.ir.dtypes import np_dtype
+    need = math.prod(shape) * 8                 # the generator's float64/int64 draw
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        free = None
+    if free is not None and need > free:
+        raise KilnError(f"A random input of shape {tuple(shape)} needs {need / 2**30:.1f} GiB, more than the "
+                        f"{free / 2**30:.1f} GiB of free memory; give smaller --shapes or the data with --input.")
     if dtype == "bool":
         return np.asarray(rng.random(shape) > 0.5)
     if dtype.startswith(("int", "uint")):

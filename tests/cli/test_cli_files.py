@@ -55,3 +55,21 @@ def test_bench_profile_into_missing_folder(engine, tmp_path):
     r = kiln("bench", engine, "--iterations", "1", "--export-profile", "nodir/p.json", cwd=tmp_path)
     assert_user_error(r, "--export-profile", "does not exist")
     assert snapshot(tmp_path) == {}
+
+
+def test_run_refuses_a_random_input_larger_than_memory(tmp_path):
+    """An engine whose input is fixed at 2**40 elements (a forged header passes the schema: the size is a
+    valid int64): kiln run says the random input does not fit, instead of a MemoryError traceback."""
+    import kiln as api
+    from kiln.engine.format import read_engine, write_engine
+    net = api.Network("big")
+    x = net.add_input("x", "float32", (4,))
+    net.mark_output(net.add_activation(x, "relu").output, "y")
+    api.build(net, api.BuildConfig(device="cpu")).save(str(tmp_path / "small.kiln"))
+    header, weights = read_engine(str(tmp_path / "small.kiln"))
+    header = {k: v for k, v in header.items() if k != "weights"}
+    header["plan"]["inputs"][0]["shape"] = [2 ** 40]
+    header["profiles"] = []
+    write_engine(str(tmp_path / "big.kiln"), header, dict(weights))
+    r = kiln("run", tmp_path / "big.kiln", cwd=tmp_path)
+    assert_user_error(r, "GiB of free memory")
