@@ -13,10 +13,11 @@ from typing import Any, Callable
 import numpy as np
 
 from kiln.builder.config import BuildConfig, Profile
+from kiln.builder.memory import check_fits, check_inputs
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.builder.precision import absorb_input_casts, assign_precision
 from kiln.builder.shapes import infer_shapes
-from kiln.builder.tactics import TimingCache, activation_memory, select_tactics
+from kiln.builder.tactics import TimingCache, select_tactics
 from kiln.errors import BuildError
 from kiln.ir.network import Network, outer_reads
 from kiln.ir.verify import verify
@@ -42,6 +43,8 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     net = copy.deepcopy(network)
     profiles = config.profile_list()
     _apply_profiles(net, profiles)
+    biggest = {t.name: _profile_shape(t, profiles, 2) for t in net.inputs}
+    check_inputs(net, biggest, device)
     verify(net)
     infer_shapes(net)
     PassManager(default_passes(), on_pass=lambda name: say("passes", 0.3))(net)
@@ -60,8 +63,7 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     _keep_declared_dtypes(network, net)
     fp = fingerprint(device)
     opt = {t.name: _profile_shape(t, profiles, 1) for t in net.inputs}
-    biggest = {t.name: _profile_shape(t, profiles, 2) for t in net.inputs}
-    peak = activation_memory(net, biggest)
+    peak = check_fits(net, biggest, device, sum(t.value.nbytes for t in net.constants()))
     if config.workspace is not None and peak > config.workspace:
         raise BuildError(f"The network needs {peak / 2**20:.1f} MB of activations at the largest profile shapes "
                          f"({_fmt_shapes(biggest)}) but the workspace limit is {config.workspace / 2**20:.1f} MB; "
@@ -112,7 +114,7 @@ def _apply_profiles(net: Network, profiles: list[Profile]) -> None:
             raise BuildError(
                 f"Input {t.name!r} has dynamic dims {_fmt(dims)} and no optimization profile covers it; pass "
                 f"profiles={{{t.name!r}: (min, opt, max)}} to BuildConfig or --shapes {t.name}:"
-                f"{'x'.join(str(d) if isinstance(d, int) else '1' for d in dims)} to kiln build.")
+                f"{'x'.join(str(d) if isinstance(d, int) and d > 0 else '1' for d in dims)} to kiln build.")
     for p in profiles:
         for name in p.shapes:
             if not any(t.name == name for t in net.inputs):
@@ -216,6 +218,8 @@ def _jdims(shape) -> list | None:
 
 def encode_attr(v: Any) -> Any:
     """Plan attrs are JSON: arrays become tagged dicts, plugins become their records."""
+    if v is None or isinstance(v, (str, bool, int, float)) and not isinstance(v, np.generic):
+        return v
     from kiln.plugins.base import Plugin
     if isinstance(v, Plugin):
         return {"__plugin__": v.record()}

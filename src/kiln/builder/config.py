@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from kiln.errors import BuildError
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -32,14 +34,24 @@ class Profile:
     def make(cls, spec: "Profile | dict[str, Any]") -> "Profile":
         if isinstance(spec, Profile):
             return spec
+        if not isinstance(spec, dict):
+            raise BuildError(f"A profile is a mapping {{input name: shape or (min, opt, max)}}, not "
+                             f"{type(spec).__name__}.")
         shapes = {}
         for name, value in spec.items():
             if isinstance(value, dict):
+                if not {"min", "opt", "max"} <= set(value):
+                    raise BuildError(f"Profile for input {name!r} is a mapping without min, opt and max shapes.")
                 value = (value["min"], value["opt"], value["max"])
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            if not isinstance(value, (list, tuple)):
+                raise BuildError(f"Profile for input {name!r} is {type(value).__name__}; give a shape (a list of "
+                                 f"ints) or (min, opt, max) shapes.")
             if len(value) == 3 and all(isinstance(v, (list, tuple)) for v in value):
-                mn, opt, mx = (tuple(int(d) for d in v) for v in value)
+                mn, opt, mx = (_dims(name, v) for v in value)
             else:                       # one static shape
-                mn = opt = mx = tuple(int(d) for d in value)
+                mn = opt = mx = _dims(name, value)
             for which, dims in (("min", mn), ("opt", opt), ("max", mx)):
                 if any(d < 0 for d in dims):
                     raise BuildError(
@@ -56,6 +68,21 @@ class Profile:
 
     def to_json(self) -> dict[str, dict[str, list[int]]]:
         return {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in self.shapes.items()}
+
+
+def _dims(name: str, shape: Any) -> tuple[int, ...]:
+    """A profile shape as ints; refuses dims that are not whole numbers (Profile.make refuses negative ones)."""
+    if isinstance(shape, np.ndarray):
+        shape = shape.tolist()
+    if not isinstance(shape, (list, tuple)):
+        raise BuildError(f"Profile for input {name!r} has shape {shape!r}; a shape is a list of ints.")
+    dims = []
+    for d in shape:
+        if not _is_int(d):
+            raise BuildError(f"Profile for input {name!r} has dim {d!r} in shape {list(shape)!r}; dims are whole "
+                             f"numbers.")
+        dims.append(int(d))
+    return tuple(dims)
 
 
 @dataclass

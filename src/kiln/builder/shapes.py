@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from kiln.builder.memory import check_host_output
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.errors import ShapeError
 from kiln.ir.dtypes import dtype_name, is_container
@@ -35,6 +37,7 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
     """Abstractly run ``net``; returns tensor name → meta/host torch tensor, or UNKNOWN."""
     hosts = host_layers(net)
     vals: dict[str, Any] = dict(env or {})
+    metas: dict[str, torch.Tensor] = {}          # meta copies of host values that device layers read
     for t in net.tensors.values():
         if t.is_constant:
             if t.dtype == "string":
@@ -51,30 +54,39 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
             vals[t.name] = UNKNOWN
             continue
         vals[t.name] = torch.empty(shape, dtype=torch_dtype(t.dtype), device="meta")
+    host_positions = {name: frozenset(k.host_inputs) for name, k in LAYER_KINDS.items()}
     for layer in net.layers:
         args = []
-        unknown = False
-        for i, t in enumerate(layer.inputs):
-            if t is None:
-                args.append(None)
-                continue
-            v = vals.get(t.name, UNKNOWN)
+        for t in layer.inputs:
+            v = None if t is None else vals.get(t.name, UNKNOWN)
             if v is UNKNOWN:
-                unknown = True
                 break
             args.append(v)
-        if unknown or any(subgraphs(layer)) or layer.kind in ("If", "Loop", "Scan"):
+        if len(args) < len(layer.inputs) or layer.kind in ("If", "Loop", "Scan") or any(subgraphs(layer)):
             for o in layer.outputs:
                 vals[o.name] = UNKNOWN
             continue
-        real = [a for a in args if isinstance(a, torch.Tensor)]
-        on_host = id(layer) in hosts or (bool(real) and all(not a.is_meta for a in real)
-                                        and sum(a.numel() for a in real) <= 4096)
-        host_pos = set(LAYER_KINDS[layer.kind].host_inputs)
+        host_pos = host_positions[layer.kind]
+        on_host = id(layer) in hosts
         if not on_host:
-            args = [_to_meta(a) if a is not None and i not in host_pos else a for i, a in enumerate(args)]
+            real = [a for a in args if isinstance(a, torch.Tensor)]
+            on_host = bool(real) and not any(a.is_meta for a in real) and sum(a.numel() for a in real) <= 4096
+        if not on_host:
+            for i, a in enumerate(args):
+                if i not in host_pos and isinstance(a, torch.Tensor) and not a.is_meta:
+                    name = layer.inputs[i].name
+                    m = metas.get(name)
+                    if m is None:
+                        m = metas[name] = _to_meta(a)
+                    args[i] = m
         else:
-            args = [a if not isinstance(a, torch.Tensor) or not a.is_meta else a for a in args]
+            check_host_output(layer, args)
+        key = _meta_key(layer, args)
+        hit = _MEMO.get(key) if key is not None else None
+        if hit is not None and (hit is not _FAILED or not strict):
+            for o, v in zip(layer.outputs, hit if hit is not _FAILED else [UNKNOWN] * len(layer.outputs)):
+                vals[o.name] = v if v is UNKNOWN else torch.empty_strided(v[0], v[1], dtype=v[2], device="meta")
+            continue
         ctx = KernelContext(device="cpu", layer_name=layer.name,
                             input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs),
                             output_dtypes=tuple(o.dtype for o in layer.outputs))
@@ -91,9 +103,74 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
                                  f"{[tuple(a.shape) if a is not None else None for a in args]}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
             outs = [UNKNOWN] * len(layer.outputs)
+            if key is not None:
+                _remember(key, _FAILED)
+        else:
+            if key is not None and all(isinstance(v, torch.Tensor) and v.is_meta for v in outs):
+                _remember(key, [(tuple(v.shape), v.stride(), v.dtype) for v in outs])
         for o, v in zip(layer.outputs, outs):
             vals[o.name] = v
     return vals
+
+
+# Output shapes of device layers, keyed by kind, attributes and input shapes: on meta tensors a layer's
+# outputs depend on nothing else, and networks repeat the same layer on the same shapes many times.
+_MEMO: dict[tuple, Any] = {}
+_MEMO_SIZE = 1 << 16
+_FAILED = object()
+
+
+def _remember(key: tuple, value: Any) -> None:
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.clear()
+    _MEMO[key] = value
+
+
+def _meta_key(layer, args: list) -> tuple | None:
+    """The memo key of a layer whose inputs are all meta tensors, or None when it may not be memoized
+    (host values among the inputs, plugins, attributes that are not plain data)."""
+    if layer.kind == "Plugin":
+        return None
+    ins = []
+    for a in args:
+        if a is None:
+            ins.append(None)
+        elif isinstance(a, torch.Tensor) and a.is_meta:
+            ins.append((tuple(a.shape), a.stride(), a.dtype))
+        else:
+            return None
+    attrs = _frozen(layer.attrs)
+    if attrs is None:
+        return None
+    return (layer.kind, attrs, tuple(ins), tuple(t.dtype if t is not None else None for t in layer.inputs),
+            tuple(o.dtype for o in layer.outputs))
+
+
+def _frozen(v: Any) -> Any:
+    """A hashable copy of a plain attribute value, or None when it holds something else."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return (type(v).__name__, v)
+    if isinstance(v, dict):
+        items = []
+        for k, x in v.items():          # insertion order: another order is only a miss
+            f = _frozen(x)
+            if f is None:
+                return None
+            items.append((k, f))
+        return ("dict", tuple(items))
+    if isinstance(v, (list, tuple)):
+        items = []
+        for x in v:
+            f = _frozen(x)
+            if f is None:
+                return None
+            items.append(f)
+        return (type(v).__name__, tuple(items))
+    if isinstance(v, np.ndarray) and v.dtype != object:
+        return ("ndarray", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, np.generic):
+        return ("npscalar", v.dtype.str, v.tobytes())
+    return None
 
 
 def _to_meta(a: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,27 @@ import numpy as np
 
 from kiln.errors import NetworkError
 from kiln.ir.dtypes import dtype_name
+from kiln.ir.layers import check_layer   # the vocabulary check lives beside the vocabulary
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """dtype_name, remembered per distinct dtype (every tensor asks)."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except (KeyError, TypeError):
+        name = dtype_name(dtype)
+        try:
+            if len(_DTYPE_NAMES) < 256:
+                _DTYPE_NAMES[dtype] = name
+        except TypeError:
+            pass
+        return name
 
 
 class Tensor:
@@ -27,10 +45,10 @@ class Tensor:
     def __init__(self, name: str, dtype: str, shape: Sequence[Dim] | None = None,
                  value: np.ndarray | None = None) -> None:
         self.name = name
-        self.dtype = dtype_name(dtype)
+        self.dtype = _dtype_name(dtype)
         self.shape: Shape | None = tuple(shape) if shape is not None else None
         self.producer: Layer | None = None
-        self.uses: list[tuple[Layer, int]] = []
+        self.uses: list[tuple[Layer, int]] = UseList()
         self.value = value
         self.network: Network | None = None
 
@@ -72,7 +90,11 @@ class Layer:
     def set_input(self, index: int, tensor: Tensor | None) -> None:
         old = self.inputs[index]
         if old is not None:
-            old.uses = [(layer, i) for (layer, i) in old.uses if not (layer is self and i == index)]
+            if isinstance(old.uses, UseList):
+                if (self, index) in old.uses:
+                    old.uses.remove((self, index))
+            else:
+                old.uses = [(layer, i) for (layer, i) in old.uses if not (layer is self and i == index)]
         self.inputs[index] = tensor
         if tensor is not None:
             tensor.uses.append((self, index))
@@ -81,6 +103,171 @@ class Layer:
         ins = ", ".join("-" if t is None else t.name for t in self.inputs)
         outs = ", ".join(t.name for t in self.outputs)
         return f"Layer({self.name!r}, {self.kind}, ({ins}) -> ({outs}))"
+
+
+class _IndexedList(list):
+    """A list whose membership test is O(1) and whose ``index`` (hence ``remove``) is amortized O(1)
+    for the edits passes make, walking forward or backward. Items are told apart by ``_key``.
+
+    The index is made on the first lookup in a list longer than ``SMALL`` (shorter lists are searched
+    directly). Positions are remembered per item; the items below position ``_valid`` have theirs
+    right, and an edit only lowers ``_valid`` to where it happened, so a lookup rescans from there up
+    to the item it looks for.
+    """
+
+    __slots__ = ("_count", "_pos", "_valid")
+    SMALL = 16
+    # _count (the index) is left unset until needed: a list is made for every tensor
+
+    def __reduce__(self):
+        return (type(self), (list(self),))
+
+    @staticmethod
+    def _key(x: Any) -> Any:
+        return id(x)
+
+    def _indexed(self) -> bool:
+        """Whether the index is kept (made now if the list has grown past SMALL)."""
+        if getattr(self, "_count", None) is not None:
+            return True
+        if len(self) <= self.SMALL:
+            return False
+        self._reindex()
+        return True
+
+    def _reindex(self) -> None:
+        self._count = {}
+        for x in self:
+            self._gain(x)
+        self._pos: dict[Any, int] = {}
+        self._valid = 0
+
+    def _gain(self, x: Any) -> None:
+        k = self._key(x)
+        self._count[k] = self._count.get(k, 0) + 1
+
+    def _lose(self, x: Any) -> None:
+        k = self._key(x)
+        n = self._count.get(k, 0) - 1
+        if n > 0:
+            self._count[k] = n
+        else:
+            self._count.pop(k, None)
+            self._pos.pop(k, None)
+
+    def __contains__(self, x: object) -> bool:
+        k = self._key(x)
+        if not self._indexed():
+            return any(self._key(y) == k for y in list.__iter__(self))
+        # an item in the list is alive, so no other live object shares its id
+        return k in self._count
+
+    def index(self, x: Any, *args: int) -> int:  # type: ignore[override]
+        k = self._key(x)
+        if args or not self._indexed():
+            lo, hi = (args + (0, len(self)))[:2] if args else (0, len(self))
+            for i in range(max(0, lo), min(len(self), hi)):
+                if self._key(list.__getitem__(self, i)) == k:
+                    return i
+            raise ValueError(f"{x!r} is not in the list")
+        if k not in self._count:
+            raise ValueError(f"{x!r} is not in the list")
+        p = self._pos.get(k)
+        if p is not None and p < self._valid and self._key(list.__getitem__(self, p)) == k:
+            return p
+        for i in range(self._valid, len(self)):
+            ki = self._key(list.__getitem__(self, i))
+            self._pos[ki] = i
+            self._valid = i + 1
+            if ki == k:
+                return i
+        raise ValueError(f"{x!r} is not in the list")     # unreachable while the index is kept
+
+    def _edited(self, at: int) -> None:
+        self._valid = min(self._valid, max(0, at))
+
+    def append(self, x: Any) -> None:
+        n = len(self)
+        list.append(self, x)
+        if getattr(self, "_count", None) is not None:
+            self._gain(x)
+            if self._valid == n:
+                self._pos[self._key(x)] = n
+                self._valid = n + 1
+
+    def extend(self, xs: Iterable[Any]) -> None:
+        for x in list(xs):
+            self.append(x)
+
+    def __iadd__(self, xs):
+        self.extend(xs)
+        return self
+
+    def insert(self, i: int, x: Any) -> None:
+        n = len(self)
+        at = max(0, min(n, i + n if i < 0 else i))
+        list.insert(self, at, x)
+        if getattr(self, "_count", None) is not None:
+            self._gain(x)
+            self._edited(at)
+
+    def remove(self, x: Any) -> None:
+        i = self.index(x)
+        x = list.__getitem__(self, i)
+        list.__delitem__(self, i)
+        if getattr(self, "_count", None) is not None:
+            self._lose(x)
+            self._edited(i)
+
+    def pop(self, i: int = -1) -> Any:
+        n = len(self)
+        x = list.pop(self, i)
+        if getattr(self, "_count", None) is not None:
+            self._lose(x)
+            self._edited(i + n if i < 0 else i)
+        return x
+
+    def clear(self) -> None:
+        list.clear(self)
+        self._count = None
+
+    def __setitem__(self, i, v) -> None:
+        list.__setitem__(self, i, v)
+        self._count = None
+
+    def __delitem__(self, i) -> None:
+        list.__delitem__(self, i)
+        self._count = None
+
+    def __imul__(self, k: int):
+        list.__imul__(self, k)
+        self._count = None
+        return self
+
+    def sort(self, *args, **kwargs) -> None:
+        list.sort(self, *args, **kwargs)
+        self._count = None
+
+    def reverse(self) -> None:
+        list.reverse(self)
+        self._count = None
+
+
+class LayerList(_IndexedList):
+    """The network's layers in execution order (see _IndexedList: O(1) ``in``, cheap ``remove``)."""
+
+    __slots__ = ()
+
+
+class UseList(_IndexedList):
+    """A tensor's readers as (layer, input position) pairs, in the order they were added; removing
+    one stays cheap however many readers the tensor has."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _key(x: Any) -> Any:
+        return (id(x[0]), x[1])
 
 
 from kiln.ir.api import LayerAPI  # noqa: E402
@@ -98,11 +285,20 @@ class Network(LayerAPI):
         self.name = name
         self.inputs: list[Tensor] = []
         self.outputs: list[Tensor] = []
-        self.layers: list[Layer] = []
+        self.layers = LayerList()
         self.tensors: dict[str, Tensor] = {}
         self.metadata: dict[str, Any] = {}
         self._names = itertools.count()
         self.outer: Network | None = None     # enclosing network, for subgraphs
+
+    @property
+    def layers(self) -> LayerList:
+        """The layers in execution order (assigning any list keeps it a LayerList)."""
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: Iterable[Layer]) -> None:
+        self._layers = value if isinstance(value, LayerList) else LayerList(value)
 
     # ---- naming ------------------------------------------------------------------------
     def unique_name(self, base: str) -> str:
@@ -120,7 +316,10 @@ class Network(LayerAPI):
 
     # ---- building ----------------------------------------------------------------------
     def add_input(self, name: str, dtype: str, shape: Sequence[Dim]) -> Tensor:
-        """Declare a network input; use str dims (``"batch"``) for dynamic sizes."""
+        """Declare a network input; str dims (``"batch"``), -1 or None are dynamic sizes (the build's
+        profile fixes them)."""
+        if shape is not None:
+            shape = [f"{name}_dim{i}" if d is None or isinstance(d, int) and d < 0 else d for i, d in enumerate(shape)]
         t = self._add_tensor(Tensor(name, dtype, shape))
         self.inputs.append(t)
         return t
@@ -129,13 +328,12 @@ class Network(LayerAPI):
         """Weights or any constant; ``value`` is anything numpy can hold."""
         arr = np.asarray(value)
         name = name or self.unique_name("const")
-        return self._add_tensor(Tensor(name, dtype_name(arr.dtype), arr.shape, value=arr))
+        return self._add_tensor(Tensor(name, arr.dtype, arr.shape, value=arr))
 
     def add_layer(self, kind: str, inputs: Sequence[Tensor | None], attrs: dict[str, Any] | None = None,
                   num_outputs: int = 1, name: str | None = None, origin: Iterable[str] = (),
                   output_names: Sequence[str] | None = None, output_dtypes: Sequence[str] | None = None) -> Layer:
         """Add a layer of any vocabulary kind; the typed helpers below call this."""
-        from kiln.ir.layers import check_layer   # vocabulary check lives beside the vocabulary
         layer = Layer(name or self.unique_layer_name(kind), kind, attrs, origin)
         check_layer(layer, len(inputs))
         for t in inputs:
@@ -190,6 +388,19 @@ class Network(LayerAPI):
         self.outputs = [new if t is old else t for t in self.outputs]
 
     def remove_layer(self, layer: Layer) -> None:
+        self._unlink(layer)
+        self.layers.remove(layer)
+
+    def remove_layers(self, layers: Iterable[Layer]) -> None:
+        """Remove several layers at once (one pass over the layer list); readers go before what they read."""
+        gone = set()
+        for layer in layers:
+            self._unlink(layer)
+            gone.add(id(layer))
+        if gone:
+            self.layers = [l for l in self.layers if id(l) not in gone]
+
+    def _unlink(self, layer: Layer) -> None:
         for i, t in enumerate(layer.inputs):
             if t is not None:
                 layer.set_input(i, None)
@@ -197,7 +408,6 @@ class Network(LayerAPI):
             if t.uses or t in self.outputs:
                 raise NetworkError(f"Cannot remove layer {layer.name!r}: its output {t.name!r} is still used.")
             self.tensors.pop(t.name, None)
-        self.layers.remove(layer)
 
     def remove_unused_constants(self) -> None:
         for name, t in list(self.tensors.items()):
@@ -208,28 +418,38 @@ class Network(LayerAPI):
         return [t for t in self.tensors.values() if t.is_constant]
 
     def toposort(self) -> None:
-        """Reorder layers so each comes after its inputs' producers (stable)."""
-        placed: set[int] = set()
+        """Reorder layers so each comes after its inputs' producers; an order that already is one
+        stays as it is, otherwise each layer goes as early as the order allows (Kahn's algorithm,
+        ties broken by the current position)."""
+        import heapq
+        pos = {id(l): i for i, l in enumerate(self.layers)}
+        if all(pos.get(id(t.producer), -1) < i for i, layer in enumerate(self.layers)
+               for t in _all_inputs(layer) if t is not None and t.producer is not None):
+            return
+        waits = [0] * len(self.layers)
+        readers: list[list[int]] = [[] for _ in self.layers]
+        for i, layer in enumerate(self.layers):
+            deps = {pos[id(t.producer)] for t in _all_inputs(layer)
+                    if t is not None and t.producer is not None and id(t.producer) in pos}
+            waits[i] = len(deps)
+            for d in deps:
+                readers[d].append(i)
+        ready = [i for i, w in enumerate(waits) if w == 0]
+        heapq.heapify(ready)
         order: list[Layer] = []
-        pending = list(self.layers)
-        ids = {id(l) for l in self.layers}
-        while pending:
-            progressed = False
-            rest = []
-            for layer in pending:
-                deps = [t.producer for t in _all_inputs(layer) if t is not None and t.producer is not None
-                        and id(t.producer) in ids]
-                if all(id(d) in placed for d in deps):
-                    order.append(layer)
-                    placed.add(id(layer))
-                    progressed = True
-                else:
-                    rest.append(layer)
-            if not progressed:
-                raise NetworkError(f"Network {self.name!r} has a cycle through layer {rest[0].name!r}; "
-                                   f"a network must be acyclic.")
-            pending = rest
-        self.layers = order
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(self.layers[i])
+            for r in readers[i]:
+                waits[r] -= 1
+                if waits[r] == 0:
+                    heapq.heappush(ready, r)
+        if len(order) < len(self.layers):
+            stuck = next(l for i, l in enumerate(self.layers) if waits[i] > 0)
+            raise NetworkError(f"Network {self.name!r} has a cycle through layer {stuck.name!r}; "
+                               f"a network must be acyclic.")
+        if any(a is not b for a, b in zip(order, self.layers)):
+            self.layers = order
 
     def __repr__(self) -> str:
         return f"Network({self.name!r}, {len(self.layers)} layers, inputs={[t.name for t in self.inputs]}, " \
@@ -261,7 +481,7 @@ class Network(LayerAPI):
             memo[id(layer)] = nl
             nl.precision, nl.tactic = layer.precision, layer.tactic
             nl.network = memo.get(id(layer.network), new)
-            nl.attrs = copy.deepcopy(layer.attrs, memo)
+            nl.attrs = _copy_attrs(layer.attrs, memo)
             for i, t in enumerate(layer.inputs):
                 nl.inputs.append(None)
                 nl.set_input(i, None if t is None else tensor(t))
@@ -272,7 +492,7 @@ class Network(LayerAPI):
             new.layers.append(nl)
         new.outputs = [tensor(t) for t in self.outputs]
         for key, value in self.__dict__.items():
-            if key not in ("tensors", "inputs", "layers", "outputs"):
+            if key not in ("tensors", "inputs", "_layers", "outputs"):
                 setattr(new, key, copy.deepcopy(value, memo))
         return new
 
@@ -282,6 +502,21 @@ class Network(LayerAPI):
             lines.append(f"  {layer.name}: {layer.kind} {layer.attrs_brief()}" if hasattr(layer, "attrs_brief")
                          else "  " + repr(layer))
         return "\n".join(lines)
+
+
+def _copy_attrs(attrs: dict[str, Any], memo: dict) -> dict[str, Any]:
+    """A deep copy of a layer's attrs; plain values are copied directly (deepcopy is slow on many small ones)."""
+    import copy
+
+    def c(v: Any) -> Any:
+        if v is None or isinstance(v, (str, int, float, bool)):
+            return v
+        if type(v) is list:
+            return [c(x) for x in v]
+        if type(v) is dict:
+            return {k: c(x) for k, x in v.items()}
+        return copy.deepcopy(v, memo)
+    return {k: c(v) for k, v in attrs.items()}
 
 
 def _all_inputs(layer: Layer) -> list[Tensor | None]:

@@ -1,5 +1,9 @@
-"""Structural verification of a Network, before any build work."""
+"""Structural verification of a Network, before any build work; the memory a tensor needs and the
+memory this machine has free."""
 from __future__ import annotations
+
+import os
+from typing import Sequence
 
 from kiln.errors import NetworkError
 from kiln.ir.layers import LAYER_KINDS
@@ -39,3 +43,52 @@ def _verify_sub(g: Network) -> None:
             if sg.outer is None:
                 sg.outer = g
             _verify_sub(sg)
+
+
+def host_memory() -> int:
+    """Bytes of memory this process can still get: the kernel's MemAvailable (or free pages), lowered
+    to what is left under a cgroup (container) limit."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            try:
+                free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return 1 << 62          # unknown: do not refuse on memory grounds
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            free = min(free, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def nbytes(dims: Sequence[int], itemsize: int) -> int:
+    """Bytes of a dense tensor of these dims (Python integers: no overflow)."""
+    n = itemsize
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def fmt_bytes(n: int) -> str:
+    """``n`` bytes in words: 3.2 GB, 1.5 TB, 2.0e+12 TB."""
+    for unit, size in (("TB", 1 << 40), ("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            v = n / size
+            return f"{v:.1f} {unit}" if v < 1e6 else f"{v:.1e} {unit}"
+    return f"{n} bytes"

@@ -88,13 +88,13 @@ def _to_numpy(v: Any, declared: str | None) -> Any:
 
 
 def _static_dims(vi) -> list[int] | None:
-    """The input's dims when all are known numbers, else None."""
+    """The input's dims when all are known numbers, else None (the parser takes -1 and 0 as dynamic)."""
     tt = vi.type.tensor_type
     if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
         return None
     dims = []
     for d in tt.shape.dim:
-        if not d.HasField("dim_value"):
+        if not d.HasField("dim_value") or d.dim_value <= 0:
             return None
         dims.append(int(d.dim_value))
     return dims

@@ -34,17 +34,28 @@ def onnx_dtype(code: int, where: str = "") -> str:
     return name
 
 
+def text(value: Any) -> str:
+    """A string field of the model as text: protobuf hands string fields holding invalid UTF-8 over
+    as bytes, which become text with the bad bytes written as backslash escapes."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value
+
+
 class Node:
     """A node as converters see it: inputs as Tensors, attributes as Python values."""
 
     def __init__(self, proto, inputs: list[Tensor | None], ctx: "ConvertContext") -> None:
         self.proto = proto
-        self.op_type = proto.op_type
-        self.domain = proto.domain
-        self.name = proto.name or f"{proto.op_type}_{ctx.counter}"
+        self.op_type = text(proto.op_type)
+        self.domain = text(proto.domain)
+        self.name = text(proto.name) or f"{self.op_type}_{ctx.counter}"
         self.inputs = inputs
-        self.output_names = list(proto.output)
-        self.attrs = {a.name: _attr_value(a) for a in proto.attribute}
+        self.output_names = [text(o) for o in proto.output]
+        self.attrs = {}
+        for a in proto.attribute:
+            name = text(a.name)
+            self.attrs[name] = _attr_value(a, f"Node {self.name!r} ({self.op_type}) attribute {name!r}")
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
@@ -60,8 +71,8 @@ class Node:
         return f"{self.name!r} ({self.op_type})"
 
 
-def _attr_value(a) -> Any:
-    from onnx import AttributeProto, numpy_helper
+def _attr_value(a, where: str) -> Any:
+    from onnx import AttributeProto
     t = a.type
     if t == AttributeProto.FLOAT:
         return float(a.f)
@@ -70,7 +81,7 @@ def _attr_value(a) -> Any:
     if t == AttributeProto.STRING:
         return a.s.decode("utf-8", "replace")
     if t == AttributeProto.TENSOR:
-        return numpy_helper.to_array(a.t)
+        return tensor_value(a.t, where)
     if t == AttributeProto.GRAPH:
         return a.g
     if t == AttributeProto.FLOATS:
@@ -80,25 +91,82 @@ def _attr_value(a) -> Any:
     if t == AttributeProto.STRINGS:
         return [s.decode("utf-8", "replace") for s in a.strings]
     if t == AttributeProto.TENSORS:
-        return [numpy_helper.to_array(x) for x in a.tensors]
+        return [tensor_value(x, where) for x in a.tensors]
     if t == AttributeProto.GRAPHS:
         return list(a.graphs)
     if t == AttributeProto.SPARSE_TENSOR:
-        return _dense(a.sparse_tensor)
+        return _dense(a.sparse_tensor, where)
     return None
 
 
-def _dense(sp) -> np.ndarray:
-    """A SparseTensorProto as a dense array (indices flat, or one row of coordinates per value)."""
-    from onnx import numpy_helper
-    vals = numpy_helper.to_array(sp.values)
-    idx = numpy_helper.to_array(sp.indices)
-    dense = np.zeros(list(sp.dims), vals.dtype)
-    if idx.ndim == 1:
+def _check_dims(dims: Sequence[int], itemsize: int, where: str) -> None:
+    """Refuse dims no tensor can have: negative ones, or more bytes than this machine has free."""
+    from kiln.ir.verify import fmt_bytes, host_memory, nbytes
+    if any(d < 0 for d in dims):
+        raise ParseError(f"{where} has dims {list(dims)}; a dim is a size (0 or more), so the file is damaged or "
+                         f"was written wrong.")
+    size = nbytes(dims, itemsize)
+    if size > (1 << 30) and size > (free := host_memory()):
+        raise ParseError(f"{where} has dims {list(dims)}, {fmt_bytes(size)} as a dense tensor, more than the "
+                         f"{fmt_bytes(free)} this machine has free; the file is damaged or the tensor too large.")
+
+
+def tensor_value(tp, where: str) -> np.ndarray:
+    """A TensorProto's value, its dims checked first (a negative dim is not read as a size)."""
+    from onnx import helper, numpy_helper
+    onnx_dtype(tp.data_type, f"{where} ")
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tp.data_type)).itemsize
+    except Exception:
+        itemsize = 1
+    _check_dims(tp.dims, itemsize, where)
+    try:
+        arr = numpy_helper.to_array(tp)
+    except Exception as exc:
+        raise ParseError(f"{where} cannot be read ({_first_line(exc)}); if the model uses external data, keep the "
+                         f"data files beside the .onnx file.") from None
+    if list(arr.shape) != list(tp.dims):
+        raise ParseError(f"{where} has dims {list(tp.dims)} but holds {arr.size} values; the file is damaged.")
+    return arr
+
+
+def _dense(sp, where: str) -> np.ndarray:
+    """A SparseTensorProto as a dense array (indices flat, or one row of coordinates per value), its
+    dims and indices checked before anything is written."""
+    dims = [int(d) for d in sp.dims]
+    vals = tensor_value(sp.values, f"{where} (values)").reshape(-1)
+    _check_dims(dims, vals.dtype.itemsize, where)
+    idx = tensor_value(sp.indices, f"{where} (indices)")
+    if idx.dtype.kind not in "iu":
+        raise ParseError(f"{where} has {idx.dtype} indices; sparse indices are int64.")
+    n = len(vals)
+    total = int(np.prod(dims, dtype=object)) if dims else 1
+    if idx.ndim == 1 and idx.shape[0] == n:
+        if n and (idx.min() < 0 or idx.max() >= total):
+            raise ParseError(f"{where} has an index outside its {total} elements (dims {dims}); the file is damaged.")
+        dense = np.zeros(dims, vals.dtype)
         dense.reshape(-1)[idx] = vals
-    else:
+        return dense
+    if idx.ndim == 2 and idx.shape == (n, len(dims)):
+        if n and ((idx < 0).any() or (idx >= np.asarray(dims, np.int64)).any()):
+            raise ParseError(f"{where} has a coordinate outside its dims {dims}; the file is damaged.")
+        dense = np.zeros(dims, vals.dtype)
         dense[tuple(idx.T)] = vals
-    return dense
+        return dense
+    raise ParseError(f"{where} has {n} values but indices of shape {list(idx.shape)}; they must be [{n}] (flat) or "
+                     f"[{n}, {len(dims)}] (coordinates).")
+
+
+def _node(proto, ins: list[Tensor | None], ctx: "ConvertContext") -> "Node":
+    """The converter's view of a node; an attribute that cannot be read is a one-line ParseError."""
+    try:
+        return Node(proto, ins, ctx)
+    except ParseError:
+        raise
+    except Exception as exc:
+        name = text(proto.name) or text(proto.op_type)
+        raise ParseError(f"Node {name!r} ({text(proto.op_type)}) has an attribute that cannot be read "
+                         f"({_first_line(exc)}); the file is damaged.") from None
 
 
 class ConvertContext:
@@ -112,6 +180,8 @@ class ConvertContext:
         self.parent = parent
         self.node: Node | None = None
         self.counter = 0
+        # (op, domain, opset, plugin attrs) → (plugin class, converter), shared with the subgraphs
+        self.resolved: dict[tuple, tuple] = parent.resolved if parent is not None else {}
 
     @property
     def opset(self) -> int:
@@ -206,11 +276,12 @@ def parse(model: Any, *, plugins: Sequence[str] = ()) -> Network:
         raise ParseError(f"{source or 'The model'} has an empty graph; nothing to build.")
     opsets = {}
     for imp in proto.opset_import:
-        opsets["" if imp.domain in ("", "ai.onnx") else imp.domain] = int(imp.version)
+        domain = text(imp.domain)
+        opsets["" if domain in ("", "ai.onnx") else domain] = int(imp.version)
     if "" not in opsets:
         opsets[""] = 1 if not proto.opset_import else min(opsets.values())
-    net = Network(proto.graph.name or "network")
-    net.metadata.update({"source": source, "producer": proto.producer_name, "opset": opsets.get(""),
+    net = Network(text(proto.graph.name) or "network")
+    net.metadata.update({"source": source, "producer": text(proto.producer_name), "opset": opsets.get(""),
                          "ir_version": proto.ir_version})
     _convert_graph(proto.graph, net, opsets, parent=None)
     return net
@@ -235,21 +306,25 @@ def _type_name(tp, where: str) -> str:
 
 
 def _value_info_shape(vi) -> tuple[str, tuple | None]:
+    """A graph input's dtype and shape. A dim is dynamic (a symbol, fixed later by the build's
+    profile) when it is named, or written as exporters write unknown dims: -1, 0, an empty name or
+    nothing at all."""
     tt = vi.type.tensor_type
-    where = f"Graph value {vi.name!r} "
+    name = text(vi.name)
+    where = f"Graph value {name!r} "
     if not vi.type.HasField("tensor_type"):
         return _type_name(vi.type, where), None      # sequences/optionals: lists of tensors or None at run time
     dtype = onnx_dtype(tt.elem_type, where)
     if not tt.HasField("shape"):
         return dtype, None
-    dims = []
+    dims: list = []
     for i, d in enumerate(tt.shape.dim):
-        if d.HasField("dim_value"):
+        if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(int(d.dim_value))
-        elif d.dim_param:
-            dims.append(d.dim_param)
+        elif d.HasField("dim_param") and text(d.dim_param):
+            dims.append(text(d.dim_param))
         else:
-            dims.append(f"{vi.name}_dim{i}")
+            dims.append(f"{name}_dim{i}")
     return dtype, tuple(dims)
 
 
@@ -257,27 +332,27 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
                    input_types: Sequence[str | None] | None = None) -> None:
     from onnx import numpy_helper
     values: dict[str, Tensor] = {}
+    named: set[int] = set()          # ids of the tensors some ONNX name already stands for
     ctx = ConvertContext(net, opsets, values, parent)
     for init in graph.initializer:
-        try:
-            arr = numpy_helper.to_array(init)
-        except Exception as exc:
-            raise ParseError(f"Initializer {init.name!r} cannot be read ({_first_line(exc)}); if the model uses external "
-                             f"data, keep the data files beside the .onnx file.") from None
-        values[init.name] = net.add_constant(arr, name=init.name)
+        name = text(init.name)
+        values[name] = net.add_constant(tensor_value(init, f"Initializer {name!r}"), name=name)
     for sp in graph.sparse_initializer:
-        values[sp.values.name] = net.add_constant(_dense(sp), name=sp.values.name)
+        name = text(sp.values.name)
+        values[name] = net.add_constant(_dense(sp, f"Sparse initializer {name!r}"), name=name)
     for k, vi in enumerate(graph.input):
-        if vi.name in values:
+        name = text(vi.name)
+        if name in values:
             continue       # an initializer with a default value: treat as a constant (TensorRT does)
         hint = input_types[k] if input_types is not None and k < len(input_types) else None
-        dtype, shape = (hint, None) if hint and vi.type.WhichOneof("value") is None else _value_info_shape(vi)
+        dtype, shape = (hint, None) if hint and vi.type.WhichOneof("value") is None else \
+            _value_info_shape(vi)
         if shape is None and parent is None and vi.type.HasField("tensor_type"):
-            raise ParseError(f"Graph input {vi.name!r} has no shape; export the model with input shapes or set them "
+            raise ParseError(f"Graph input {name!r} has no shape; export the model with input shapes or set them "
                              f"with onnx.tools.update_model_dims.")
-        values[vi.name] = net.add_input(vi.name, dtype, shape if shape is not None else ())
+        values[name] = net.add_input(name, dtype, shape if shape is not None else ())
         if shape is None:
-            values[vi.name].shape = None
+            values[name].shape = None
     for node_proto in graph.node:
         ctx.counter += 1
         ins = []
@@ -285,13 +360,14 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
             if name == "":
                 ins.append(None)
                 continue
-            t = ctx.lookup_value(name)
+            t = ctx.lookup_value(text(name))
             if t is None:
-                raise ParseError(f"Node {node_proto.name or node_proto.op_type!r} ({node_proto.op_type}) reads "
-                                 f"{name!r}, which no earlier node, input or initializer provides; the graph is not "
-                                 f"topologically sorted or is incomplete.")
+                op = text(node_proto.op_type)
+                raise ParseError(f"Node {text(node_proto.name) or op!r} ({op}) reads {text(name)!r}, which no earlier "
+                                 f"node, input or initializer provides; the graph is not topologically sorted or is "
+                                 f"incomplete.")
             ins.append(t)
-        node = Node(node_proto, ins, ctx)
+        node = _node(node_proto, ins, ctx)
         ctx.node = node
         outs = _convert_node(ctx, node)
         if len(outs) < len([o for o in node.output_names if o]):
@@ -301,40 +377,44 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
             if not name or t is None:
                 continue
             if t.producer is not None and t.network is net and t.name not in values and name not in net.tensors \
-                    and t.producer.origin == [node.name] and not _is_named(t, values):
+                    and t.producer.origin == [node.name] and id(t) not in named:
                 net.rename(t, name)
             values[name] = t
+            named.add(id(t))
         ctx.node = None
     for vi in graph.output:
-        t = values.get(vi.name) or ctx.lookup_value(vi.name)
+        name = text(vi.name)
+        t = values.get(name) or ctx.lookup_value(name)
         if t is None:
-            raise ParseError(f"Graph output {vi.name!r} is produced by no node.")
-        if t.name != vi.name or t in net.outputs or t in net.inputs or t.network is not net:
-            if t.name == vi.name and t.is_constant and t.network is net:
+            raise ParseError(f"Graph output {name!r} is produced by no node.")
+        if t.name != name or t in net.outputs or t in net.inputs or t.network is not net:
+            if t.name == name and t.is_constant and t.network is net:
                 pass
             else:
-                ident = net.add_layer("Identity", [t], {}, name=f"{vi.name}/output", output_names=[
-                    vi.name if vi.name not in net.tensors else net.unique_name(vi.name)], origin=[])
+                ident = net.add_layer("Identity", [t], {}, name=f"{name}/output", output_names=[
+                    name if name not in net.tensors else net.unique_name(name)], origin=[])
                 t = ident.outputs[0]
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            declared = onnx_dtype(vi.type.tensor_type.elem_type, f"Graph output {vi.name!r} ")
+            declared = onnx_dtype(vi.type.tensor_type.elem_type, f"Graph output {name!r} ")
             if t.producer is not None and t.dtype == "float32" and declared != "float32":
                 t.dtype = declared
         elif vi.type.WhichOneof("value") in ("sequence_type", "optional_type") and t.producer is not None:
-            t.dtype = _type_name(vi.type, f"Graph output {vi.name!r} ")
+            t.dtype = _type_name(vi.type, f"Graph output {name!r} ")
         net.mark_output(t)
-
-
-def _is_named(t: Tensor, values: dict[str, Tensor]) -> bool:
-    return any(v is t for v in values.values())
 
 
 def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
     from kiln.plugins import registry
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     opset = ctx.opsets.get(domain, ctx.opset if domain == "" else 1)
-    plugin_cls = _find_plugin(node, registry)
-    fn = lookup(node.op_type, opset, domain)
+    key = (node.op_type, domain, opset)
+    if "plugin_name" in node.attrs or "plugin_namespace" in node.attrs or "plugin_version" in node.attrs:
+        key += tuple(repr(node.attrs.get(k)) for k in ("plugin_name", "plugin_namespace", "plugin_version"))
+    found = ctx.resolved.get(key)
+    if found is None:
+        found = ctx.resolved[key] = (_find_plugin(node, registry), lookup(node.op_type, opset, domain),
+                                     _schema(node.op_type, opset, domain))
+    plugin_cls, fn, schema = found
     if plugin_cls is not None and (fn is None or plugin_cls.overrides_builtin or "plugin_name" in node.attrs):
         return _plugin_layer(ctx, node, plugin_cls, opset)
     if fn is None:
@@ -342,6 +422,8 @@ def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
             f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by "
             f"Kiln; supply a plugin: subclass kiln.Plugin with name={node.op_type!r}, register it, and pass "
             f"--plugins your_plugins.py (kiln check lists every unsupported node).")
+    if schema is not None:
+        _check_against_schema(node, schema, opset)
     try:
         outs = fn(ctx, node)
     except (ParseError, PluginError):
@@ -355,6 +437,53 @@ def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
     if isinstance(outs, Tensor):
         outs = [outs]
     return list(outs)
+
+
+def _schema(op_type: str, opset: int, domain: str):
+    """ONNX's schema of the op at the model's opset, or None (contrib and custom ops have none here)."""
+    import onnx.defs
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain)
+    except Exception:
+        return None
+
+
+def _check_against_schema(node: Node, schema, opset: int) -> None:
+    """Refuse a node whose inputs or graph/tensor attributes break the op's ONNX schema, naming what is
+    wrong (before a converter trips over it)."""
+    from onnx.defs import OpSchema
+    where = f"Node {node.name!r} ({node.op_type}, opset {opset})"
+    n = len(node.proto.input)
+    if not schema.min_input <= n <= schema.max_input:
+        want = str(schema.min_input) if schema.min_input == schema.max_input else \
+            f"{schema.min_input} to {schema.max_input}" if schema.max_input < 1 << 20 else f"at least {schema.min_input}"
+        raise ParseError(f"{where} has {n} inputs; {node.op_type} takes {want}. The file is damaged or was written "
+                         f"wrong.")
+    single = OpSchema.FormalParameterOption.Single
+    for i, p in enumerate(schema.inputs):
+        if p.option == single and i < n and node.inputs[i] is None:
+            raise ParseError(f"{where} leaves its required input {i} ({p.name}) empty; the file is damaged or was "
+                             f"written wrong.")
+    structural = {OpSchema.AttrType.GRAPH, OpSchema.AttrType.GRAPHS, OpSchema.AttrType.TENSOR,
+                  OpSchema.AttrType.SPARSE_TENSOR}
+    given = {text(a.name): a for a in node.proto.attribute}
+    for name, spec in schema.attributes.items():
+        a = given.get(name)
+        if a is None:
+            if spec.required:
+                raise ParseError(f"{where} lacks its required attribute {name!r}; the file is damaged or was "
+                                 f"written wrong.")
+        elif spec.type in structural and int(a.type) != int(spec.type):
+            raise ParseError(f"{where} has attribute {name!r} of type {_attr_type(a.type)}, not "
+                             f"{_attr_type(spec.type)}; the file is damaged or was written wrong.")
+
+
+def _attr_type(t) -> str:
+    from onnx import AttributeProto
+    try:
+        return AttributeProto.AttributeType.Name(int(t))
+    except ValueError:
+        return str(int(t))
 
 
 def _find_plugin(node: Node, registry):

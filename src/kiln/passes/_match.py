@@ -70,7 +70,10 @@ def substitute(net: Network, new: Layer, before: Layer, olds: list[Tensor], dead
     """Put the just-added layer ``new`` right before ``before`` in the layer order, make its outputs
     stand for ``olds`` (their shapes, dtypes and names; see replace_output), then remove those of
     ``dead`` nothing reads any more."""
-    net.layers.remove(new)
+    if net.layers[-1] is new:
+        net.layers.pop()
+    else:
+        net.layers.remove(new)
     net.layers.insert(net.layers.index(before), new)
     for out, old in zip(new.outputs, olds):
         out.shape, out.dtype = old.shape, old.dtype
@@ -80,12 +83,16 @@ def substitute(net: Network, new: Layer, before: Layer, olds: list[Tensor], dead
 
 def remove_dead(net: Network, layers: list[Layer]) -> None:
     """Remove those of ``layers`` whose outputs nothing reads any more, until none is left to remove."""
-    pending = list(layers)
-    changed = True
-    while changed:
-        changed = False
-        for layer in list(pending):
-            if layer in net.layers and all(not o.uses and o not in net.outputs for o in layer.outputs):
-                net.remove_layer(layer)
-                pending.remove(layer)
-                changed = True
+    pending = {id(layer): layer for layer in layers}
+    outputs = {id(t) for t in net.outputs}
+    work = list(layers)
+    while work:
+        layer = work.pop()
+        if id(layer) not in pending or layer not in net.layers:
+            continue
+        if any(o.uses or id(o) in outputs for o in layer.outputs):
+            continue
+        del pending[id(layer)]
+        feeds = [t.producer for t in layer.inputs if t is not None and t.producer is not None]
+        net.remove_layer(layer)
+        work.extend(p for p in feeds if id(p) in pending)

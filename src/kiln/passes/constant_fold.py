@@ -6,9 +6,13 @@ Cases:
 - ``Shape``/``Size`` of a tensor whose shape is fully static → constant;
 - ``If`` with a constant condition → the chosen branch is inlined;
 - a Shuffle whose reshape target is a constant input → the target becomes an attribute.
-Outputs larger than ``max_elements`` stay as layers (folding would bloat the engine).
+Outputs larger than ``max_elements`` stay as layers (folding would bloat the engine); a layer whose
+inferred output shape, or whose size predicted from its input values, is larger is not even run.
 """
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,8 +78,12 @@ class ConstantFold(Pass):
             tac = tactics_for(layer.kind, layer.attrs, ctx)
             if not tac or tac[0].dynamic and layer.kind not in ("NonZero",):
                 continue
+            if any(_static_elements(o.shape) > self.max_elements for o in layer.outputs):
+                continue      # too big to hold as a constant: computed at run time
             try:
                 args = [_to_torch(t.value) if t is not None else None for t in ins]
+                if (predicted_elements(layer.kind, args) or 0) > self.max_elements:
+                    continue
                 outs = tac[0].make(layer.attrs, ctx)(*args)
             except Exception:
                 continue      # leave it for run time, where the error will name the layer
@@ -84,6 +92,62 @@ class ConstantFold(Pass):
             _replace_with_constants(net, layer, [to_numpy(o).copy() for o in outs])
             modified = True
         return PassResult(net, modified)
+
+
+def _ints(v: Any) -> list[int]:
+    return [int(x) for x in v.reshape(-1).tolist()] if isinstance(v, torch.Tensor) else [int(x) for x in v]
+
+
+def _shape(v: Any) -> list[int]:
+    return list(v.shape) if isinstance(v, torch.Tensor) else []
+
+
+def predicted_elements(kind: str, args: list) -> int | None:
+    """Elements of the output of a layer whose size comes from its host inputs' values, before it
+    runs (folding and shape inference check it); None for kinds whose output is no larger than their
+    inputs allow, or when it cannot say."""
+    try:
+        if kind == "ConstantOfShape":
+            return math.prod(_ints(args[0]))
+        if kind == "Range":
+            start, limit, delta = (_first(a) for a in args[:3])
+            return max(0, math.ceil((limit - start) / delta)) if delta else None
+        if kind == "Expand":
+            x, target = _shape(args[0]), _ints(args[1])
+            r = max(len(x), len(target))
+            x, target = [1] * (r - len(x)) + x, [1] * (r - len(target)) + target
+            return math.prod(b if a == 1 else a for a, b in zip(x, target))
+        if kind == "Tile":
+            return math.prod(d * max(0, r) for d, r in zip(_shape(args[0]), _ints(args[1])))
+        if kind == "Padding" and len(args) > 1 and args[1] is not None:
+            x, pads = _shape(args[0]), _ints(args[1])
+            n = len(pads) // 2
+            axes = _ints(args[3]) if len(args) > 3 and args[3] is not None else range(len(x) - n, len(x))
+            for a, lo, hi in zip(axes, pads[:n], pads[n:]):
+                x[a] += lo + hi
+            return math.prod(max(0, d) for d in x)
+        if kind == "OneHot":
+            return math.prod(_shape(args[0])) * max(0, _ints(args[1])[0])
+        if kind == "Window":
+            return max(0, _ints(args[0])[0])
+        if kind == "Resize" and len(args) > 3 and args[3] is not None:
+            return math.prod(_ints(args[3]))
+        if kind == "CenterCropPad":
+            return math.prod(_ints(args[1]))
+    except Exception:           # values the kernel itself will refuse (it names the problem)
+        return None
+    return None
+
+
+def _first(v: Any) -> float:
+    return float(v.reshape(-1)[0].item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _static_elements(shape) -> int:
+    """Elements of a tensor of this shape when every dim is known, else 0."""
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return 0
+    return math.prod(shape)
 
 
 def _to_torch(a: np.ndarray) -> torch.Tensor:

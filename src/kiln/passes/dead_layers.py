@@ -14,12 +14,12 @@ class RemoveDeadLayers(Pass):
     name = "dead-layer removal"
 
     def call(self, net: Network) -> PassResult:
-        modified = False
         outputs = {id(t) for t in net.outputs}
-        for layer in reversed(list(net.layers)):
-            if all(not t.uses and id(t) not in outputs for t in layer.outputs):
-                net.remove_layer(layer)
-                modified = True
+        dead: dict[int, object] = {}
+        for layer in reversed(net.layers):     # readers come later: seen first
+            if all(id(t) not in outputs and all(id(u) in dead for u, _ in t.uses) for t in layer.outputs):
+                dead[id(layer)] = layer
+        net.remove_layers(dead.values())
         before = len(net.tensors)
         net.remove_unused_constants()
-        return PassResult(net, modified or len(net.tensors) != before)
+        return PassResult(net, bool(dead) or len(net.tensors) != before)

@@ -8,7 +8,8 @@ Cases:
   ``(sigmoid(x)·2 + grid)·stride``);
 - scalar constants become literals of the program; other inputs (tensors of the output's shape
   or broadcastable to it) become the layer's inputs.
-Only chains of two or more steps with one output are fused. On the GPU the program becomes a
+Only chains of two or more steps with one output are fused, at most MAX_LAYERS steps with
+MAX_INPUTS tensor inputs each (a longer chain becomes several fused layers). On the GPU the program becomes a
 generated Triton kernel (kernels/pointwise_fused.py); elsewhere it runs step by step.
 """
 from __future__ import annotations
@@ -48,66 +49,28 @@ def _step(layer: Layer) -> dict:
             "beta": float(layer.attrs.get("beta") or 0.0)}
 
 
+MAX_LAYERS = 64       # steps of one fused program (a kernel stays small to generate and compile)
+MAX_INPUTS = 16       # tensor inputs of one fused layer (kernel arguments)
+
+
 class FusePointwise(Pass):
     name = "pointwise fusion"
 
     def call(self, net: Network) -> PassResult:
         modified = False
+        outputs = {id(t) for t in net.outputs}
         for tail in reversed(list(net.layers)):
             if tail not in net.layers or not _fusable(tail):
                 continue
             out = tail.outputs[0]
-            # grow the region backwards through producers read only by the region
-            region = [tail]
-            members = {id(tail)}
-            frontier = [tail]
-            while frontier:
-                layer = frontier.pop()
-                for t in layer.inputs:
-                    p = t.producer if t is not None else None
-                    if p is None or id(p) in members or not _fusable(p) or t in net.outputs:
-                        continue
-                    if not all(id(u) in members for u, _ in t.uses):
-                        continue
-                    if t.shape is None or out.shape is None or len(t.shape) > len(out.shape):
-                        continue
-                    region.append(p)
-                    members.add(id(p))
-                    frontier.append(p)
-            if len(region) < 2:
+            order = self._region(net, tail, out, outputs)
+            made = _program(order, out)
+            while made is not None and len(made[0]) > MAX_INPUTS and len(order) > 2:
+                order = order[1:]           # the earliest steps stay separate layers, read as inputs
+                made = _program(order, out)
+            if len(order) < 2 or made is None or not made[0] or len(made[0]) > MAX_INPUTS:
                 continue
-            order = [layer for layer in net.layers if id(layer) in members]
-            inputs: list = []
-            names: dict[int, str] = {}
-            program: list[dict] = []
-            ok = True
-            for k, layer in enumerate(order):
-                step = _step(layer)
-                args = []
-                for t in layer.inputs:
-                    if t is None:
-                        ok = False
-                        break
-                    if t.producer is not None and id(t.producer) in members:
-                        args.append(names[id(t)])
-                        continue
-                    c = scalar(t)
-                    if c is not None and t.dtype in FLOATS + ("int64", "int32"):
-                        args.append(c)
-                        continue
-                    if t.dtype not in FLOATS or t.shape is None or len(t.shape) > len(out.shape):
-                        ok = False
-                        break
-                    if t not in inputs:
-                        inputs.append(t)
-                    args.append(f"i{inputs.index(t)}")
-                if not ok:
-                    break
-                names[id(layer.outputs[0])] = f"v{k}"
-                step["args"] = args
-                program.append(step)
-            if not ok or not inputs:
-                continue
+            inputs, program = made
             fused = net.add_layer("Pointwise", inputs, {"program": program},
                                   name=net.unique_name(tail.name + "/fused"),
                                   origin=[o for layer in order for o in layer.origin])
@@ -115,3 +78,59 @@ class FusePointwise(Pass):
             modified = True
         return PassResult(net, modified)
 
+    @staticmethod
+    def _region(net: Network, tail: Layer, out, outputs: set[int]) -> list[Layer]:
+        """The layers to fuse into ``tail``, in network order: grown backwards through producers
+        read only by the region, at most MAX_LAYERS of them."""
+        region = [tail]
+        members = {id(tail)}
+        frontier = [tail]
+        while frontier and len(region) < MAX_LAYERS:
+            layer = frontier.pop()
+            for t in layer.inputs:
+                p = t.producer if t is not None else None
+                if p is None or id(p) in members or not _fusable(p) or id(t) in outputs:
+                    continue
+                if not all(id(u) in members for u, _ in t.uses):
+                    continue
+                if t.shape is None or out.shape is None or len(t.shape) > len(out.shape):
+                    continue
+                if len(region) >= MAX_LAYERS:
+                    break
+                region.append(p)
+                members.add(id(p))
+                frontier.append(p)
+        return sorted(region, key=net.layers.index)
+
+
+def _program(order: list[Layer], out) -> tuple[list, list[dict]] | None:
+    """The fused layer's inputs and program for the layers ``order`` (topological), or None when a
+    step reads something a program cannot take."""
+    members = {id(layer) for layer in order}
+    inputs: list = []
+    slot: dict[int, int] = {}
+    names: dict[int, str] = {}
+    program: list[dict] = []
+    for k, layer in enumerate(order):
+        step = _step(layer)
+        args = []
+        for t in layer.inputs:
+            if t is None:
+                return None
+            if t.producer is not None and id(t.producer) in members:
+                args.append(names[id(t)])
+                continue
+            c = scalar(t)
+            if c is not None and t.dtype in FLOATS + ("int64", "int32"):
+                args.append(c)
+                continue
+            if t.dtype not in FLOATS or t.shape is None or len(t.shape) > len(out.shape):
+                return None
+            if id(t) not in slot:
+                slot[id(t)] = len(inputs)
+                inputs.append(t)
+            args.append(f"i{slot[id(t)]}")
+        names[id(layer.outputs[0])] = f"v{k}"
+        step["args"] = args
+        program.append(step)
+    return inputs, program
