@@ -246,12 +246,15 @@ class ConvertContext:
         return sub
 
 
-def parse(model: Any, *, plugins: Sequence[str] = ()) -> Network:
-    """Parse an ONNX model (path, bytes or ModelProto) into a Network."""
+def parse(model: Any, *, plugins: Sequence[str] = (), fallback: str | None = None) -> Network:
+    """Parse an ONNX model (path, bytes or ModelProto) into a Network. ``fallback="onnxruntime"``: nodes
+    with no converter or plugin become ONNX Runtime islands (kiln.onnx.fallback) instead of an error."""
     import onnx
 
+    from kiln.onnx import fallback as islands
     from kiln.plugins import load as load_plugins
     from kiln.plugins import load_builtins
+    islands.check_mode(fallback)
     load_builtins()
     for p in plugins:
         load_plugins(p)
@@ -282,8 +285,10 @@ def parse(model: Any, *, plugins: Sequence[str] = ()) -> Network:
         opsets[""] = 1 if not proto.opset_import else min(opsets.values())
     net = Network(text(proto.graph.name) or "network")
     net.metadata.update({"source": source, "producer": text(proto.producer_name), "opset": opsets.get(""),
-                         "ir_version": proto.ir_version})
+                         "ir_version": proto.ir_version, "fallback": fallback})
     _convert_graph(proto.graph, net, opsets, parent=None)
+    if fallback:
+        islands.prune(net)
     return net
 
 
@@ -418,10 +423,14 @@ def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
     if plugin_cls is not None and (fn is None or plugin_cls.overrides_builtin or "plugin_name" in node.attrs):
         return _plugin_layer(ctx, node, plugin_cls, opset)
     if fn is None:
+        from kiln.onnx import fallback as islands
+        if islands.enabled(ctx):
+            return islands.island(ctx, node, opset)
         raise UnsupportedOperatorError(
             f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by "
             f"Kiln; supply a plugin: subclass kiln.Plugin with name={node.op_type!r}, register it, and pass "
-            f"--plugins your_plugins.py (kiln check lists every unsupported node).")
+            f"--plugins your_plugins.py, or build with --fallback onnxruntime to run it in ONNX Runtime "
+            f"(kiln check lists every unsupported node).")
     if schema is not None:
         _check_against_schema(node, schema, opset)
     try:
