@@ -94,7 +94,7 @@ def cmd_build(args) -> int:
     _load_plugins(args.plugins)
     progress = Progress(not args.quiet)
     progress("parse", 0.0)
-    network = kiln.onnx.parse(args.model)
+    network = kiln.onnx.parse(args.model, fallback=args.fallback)
     engine = kiln.build(network, config, progress=progress)
     progress("serialize", 0.0)
     engine.header.setdefault("build", {})["command"] = "kiln " + " ".join(
