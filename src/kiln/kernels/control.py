@@ -3,8 +3,14 @@
 The builder appends the outer tensors a body reads to the layer's inputs, so a
 maker receives ``attrs["outer"]`` (their names) and the run gets their values
 after the regular inputs.
+
+A Loop runs at most ``max_loop_iterations()`` iterations (``KILN_MAX_LOOP_ITERATIONS``, default
+100,000): a trip count or a condition that asks for more (a forged or mistaken model) is one error,
+not a run that never ends.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,6 +30,22 @@ def make_if(attrs, ctx):
     return run
 
 
+DEFAULT_MAX_LOOP_ITERATIONS = 100_000
+
+
+def max_loop_iterations() -> int:
+    """The iteration limit of one Loop run: ``$KILN_MAX_LOOP_ITERATIONS`` if it is a positive integer."""
+    raw = os.environ.get("KILN_MAX_LOOP_ITERATIONS", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_LOOP_ITERATIONS
+
+
+def _too_many(name: str, limit: int, trip_max: int | None) -> ShapeError:
+    asked = f"its trip count is {trip_max:,}" if trip_max is not None and trip_max > limit else \
+        "its condition stayed true"
+    return ShapeError(f"Loop {name!r} would run past {limit:,} iterations ({asked}); if the model really needs "
+                      f"more, set KILN_MAX_LOOP_ITERATIONS.")
+
+
 @tactic("Loop", dynamic=True)
 def make_loop(attrs, ctx):
     body = attrs["body"]
@@ -38,9 +60,14 @@ def make_loop(attrs, ctx):
         trip_max = int(max_trip.reshape(-1)[0].item()) if max_trip is not None else None
         keep = bool(cond.reshape(-1)[0].item()) if cond is not None else True
         n_carried = len(carried)
+        limit = max_loop_iterations()
+        if keep and cond is None and trip_max is not None and trip_max > limit:
+            raise _too_many(ctx.layer_name, limit, trip_max)
         scans: list[list[torch.Tensor]] = []
         i = 0
         while keep and (trip_max is None or i < trip_max):
+            if i >= limit:
+                raise _too_many(ctx.layer_name, limit, trip_max)
             iter_t = torch.tensor(i, dtype=torch.int64)
             cond_t = torch.tensor(keep)
             outs = body.run_env(env, [iter_t, cond_t] + carried)
@@ -52,8 +79,6 @@ def make_loop(attrs, ctx):
             for lst, v in zip(scans, sc):
                 lst.append(v)
             i += 1
-            if i > 10_000_000:
-                raise ShapeError("Loop ran over 10,000,000 iterations; check its trip count and condition.")
         n_scan = len(body.outputs) - 1 - n_carried
         results = carried
         for k in range(n_scan):
