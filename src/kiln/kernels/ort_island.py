@@ -274,7 +274,7 @@ def make_island(attrs, ctx):
         low = _low_float(xs)
         res = []
         for o in outs:
-            t = from_numpy(np.ascontiguousarray(o))
+            t = from_numpy(np.require(o, requirements="C"))      # 0-d outputs stay 0-d
             if low is not None and t.dtype == torch.float32:
                 t = t.to(low)
             res.append(t.to(dev) if dev.type != "cpu" else t)
