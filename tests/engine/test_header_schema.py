@@ -343,3 +343,26 @@ def test_pointwise_program_is_checked_by_the_schema(tmp_path: Path) -> None:
     proc = _cli("inspect", str(bad))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "program" in lines[0], proc.stderr
+
+
+def _loop_layer(header: dict[str, Any]) -> dict[str, Any]:
+    return next(l for l in _layers(header["plan"]) if l["kind"] == "Loop")
+
+
+def test_a_body_sees_only_the_outer_values_passed_to_it(engines) -> None:
+    """A Loop body that reads an outer tensor its layer does not pass in (a forged swap) is refused at load,
+    not a KeyError at run (fuzz finding)."""
+    header, weights = copy.deepcopy(engines["control_flow"][0].serialize()[0]), engines["control_flow"][0].serialize()[1]
+    loop = _loop_layer(header)
+    body = loop["attrs"]["body"]["__graph__"]
+    hidden = next(n for n in ("s", "c", "c2") if n not in (loop["attrs"].get("outer") or []))
+    body["layers"][0]["inputs"][0] = hidden
+    why = header_problem(header, weights)
+    assert why is not None and f"reads {hidden!r}" in why, why
+
+
+def test_a_body_whose_outputs_do_not_match_its_layer_is_refused(engines) -> None:
+    header, weights = copy.deepcopy(engines["control_flow"][0].serialize()[0]), engines["control_flow"][0].serialize()[1]
+    del _loop_layer(header)["attrs"]["body"]["__graph__"]["outputs"][0]
+    why = header_problem(header, weights)
+    assert why is not None and "body takes" in why, why

@@ -201,8 +201,30 @@ def _io(entries: Any, what: str) -> dict[str, Any]:
     return out
 
 
-def _plan(plan: Any, outer: set[str], weight_keys: set[str], where: str) -> dict[str, Any]:
-    """Check a plan (the top level or a subgraph body); returns its inputs' shapes by name."""
+def _body_arity(kind: str, attrs: dict, layer: dict) -> str | None:
+    """How a control-flow layer's bodies disagree with its own inputs and outputs (a phrase), or None."""
+    def io(name: str) -> tuple[int, int]:
+        plan = attrs[name]["__graph__"]
+        return len(plan["inputs"]), len(plan["outputs"])
+    n_out = len(layer["outputs"])
+    if kind == "If":
+        for branch in ("then_branch", "else_branch"):
+            if branch in attrs and io(branch) != (0, n_out):
+                return f"{branch} takes {io(branch)[0]} inputs and gives {io(branch)[1]} outputs; the layer needs 0 and {n_out}"
+    elif kind == "Loop" and "body" in attrs:
+        n_in = attrs.get("num_inputs", len(layer["inputs"]))
+        carried = n_in - 2
+        b_in, b_out = io("body")
+        if carried < 0 or b_in != 2 + carried or b_out != 1 + n_out or n_out < carried:
+            return (f"body takes {b_in} inputs and gives {b_out} outputs, which does not match {carried} carried values "
+                    f"and {n_out} layer outputs")
+    elif kind == "Scan" and "body" in attrs and io("body")[1] != n_out:
+        return f"body gives {io('body')[1]} outputs; the layer has {n_out}"
+    return None
+
+
+def _plan(plan: Any, outer: set[str], weight_keys: set[str], where: str, body: bool = False) -> dict[str, Any]:
+    """Check a plan (the top level or a subgraph body, which sees only ``outer``); returns its inputs' shapes."""
     _need(isinstance(plan, dict), f"{where} is not a table")
     _table(plan, where, _PLAN_KEYS, ("inputs", "outputs", "layers"))
     inputs, outputs = _io(plan["inputs"], "inputs"), _io(plan["outputs"], "outputs")
@@ -221,7 +243,8 @@ def _plan(plan: Any, outer: set[str], weight_keys: set[str], where: str) -> dict
         if "dtype" in t and not is_type_name(t["dtype"]):
             raise _Bad(f"{what} has unknown data type {str(t['dtype'])[:40]!r}")
         _opt(t, "host", (bool,), what)
-    defined = outer | set(plan_weights) | set(inputs) | set(_strs(plan.get("outer", []), "plan outer names"))
+    names = set(_strs(plan.get("outer", []), "plan outer names"))
+    defined = outer | set(plan_weights) | set(inputs) | (names & outer if body else names)
     _need(isinstance(plan["layers"], list), "plan has no layer list")
     for layer in plan["layers"]:
         _layer(layer, defined, weight_keys)
@@ -251,13 +274,22 @@ def _layer(layer: Any, defined: set[str], weight_keys: set[str]) -> None:
         _strs(layer["origin"], f"{what} origin")
     attrs = layer.get("attrs", {})
 
+    # a body sees only the outer values its layer passes in (attrs "outer"), as the runtime runs it
+    passed = attrs.get("outer", []) if isinstance(attrs, dict) else []
+    if not (isinstance(passed, list) and all(isinstance(n, str) for n in passed)):
+        raise _Bad(f"{what} attribute 'outer' must be a list of tensor names, got {str(passed)[:40]}")
+    visible = set(passed)
+
     def subplan(sub: Any) -> str | None:
         try:
-            _plan(sub, set(defined), weight_keys, "subgraph plan")
+            _plan(sub, visible, weight_keys, "subgraph plan", body=True)
         except _Bad as exc:
             return f"holds a subgraph whose {exc}"
         return None
     why = attrs_problem(kind, attrs, encoded=True, subplan=subplan)
+    if why is not None:
+        raise _Bad(f"{what} {why}")
+    why = _body_arity(kind, attrs, layer)
     if why is not None:
         raise _Bad(f"{what} {why}")
     ins = layer["inputs"]
