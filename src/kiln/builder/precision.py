@@ -1,7 +1,9 @@
 """Precision assignment: run float work in FP16/BF16, keep interfaces and statistics in FP32.
 
 Network inputs and outputs keep their declared dtype (a Cast sits at each edge);
-float constants read by device layers are stored in the low precision; kernels for
+float constants read by device layers are stored in the low precision, inside If branches and
+Loop/Scan bodies too, and layers whose float output type is an attribute (Cast, DequantizeLinear,
+Window, MelWeightMatrix) produce the low precision; kernels for
 SoftMax, normalization and reductions accumulate in FP32 whatever the layer precision.
 Layers the user names (``BuildConfig.fp32_layers``) and plugins without a low-precision
 implementation run in FP32 between casts: their weights stay FP32, an FP32 network input reaches
@@ -17,7 +19,7 @@ from kiln.builder.placement import host_layers
 from kiln.errors import BuildError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.layers import LAYER_KINDS
-from kiln.ir.network import Network
+from kiln.ir.network import Network, subgraphs
 from kiln.plugins.base import TensorDesc
 
 FP32_INTERNAL = {"SoftMax", "Normalization", "Reduce", "LRN"}
@@ -50,41 +52,25 @@ def fp32_matches(net: Network, patterns) -> set[int]:
 
 
 def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
+    """Label every layer (subgraph layers included) with its precision; for FP16/BF16, narrow what
+    low-precision layers read and make, and place the casts at the network's edges."""
     low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
-    hosts = host_layers(net)
+    nets = _networks(net)
+    hosts = set().union(*(host_layers(g) for g in nets))
     keep = fp32_matches(net, fp32_layers) if low else set()
-    for layer in net.layers:
-        if id(layer) in hosts or id(layer) in keep:
-            layer.precision = "fp32"
-        elif low and layer.kind in FP32_INTERNAL:
-            layer.precision = f"{precision} (fp32 accum)"
-        else:
-            layer.precision = precision if precision != "tf32" else "tf32"
+    for g in nets:
+        for layer in g.layers:
+            if id(layer) in hosts or id(layer) in keep:
+                layer.precision = "fp32"
+            elif low and layer.kind in FP32_INTERNAL:
+                layer.precision = f"{precision} (fp32 accum)"
+            else:
+                layer.precision = precision if precision != "tf32" else "tf32"
     if low is None:
         return
-    low_np = np_dtype(low)
-    cast_cache: dict[int, object] = {}
-    for layer in list(net.layers):
-        if id(layer) in hosts or id(layer) in keep:
-            continue
-        host_pos = set(LAYER_KINDS[layer.kind].host_inputs)
-        for i, t in enumerate(list(layer.inputs)):
-            if t is None or i in host_pos or not t.is_constant or t.dtype != "float32":
-                continue
-            c = cast_cache.get(id(t))
-            if c is None:
-                c = cast_cache[id(t)] = net.add_constant(saturate(t.value, low_np),
-                                                         name=net.unique_name(t.name + "_" + low))
-            layer.set_input(i, c)
-        if layer.kind == "Cast" and layer.attrs.get("to") == "float32" and layer.outputs[0] not in net.outputs:
-            layer.attrs["to"] = low
-            layer.outputs[0].dtype = low
-        if layer.kind == "ConstantOfShape":
-            v = np.asarray(layer.attrs.get("value", np.zeros(1, np.float32)))
-            if v.dtype == np.float32:
-                layer.attrs["value"] = saturate(v, low_np)
-                layer.outputs[0].dtype = low
-    # inputs: cast right after each float32 input
+    for g in nets:
+        _narrow(g, low, hosts | keep, top=g is net)
+    # inputs: cast right after each float32 input (readers inside subgraphs included)
     for t in net.inputs:
         uses = [(layer, i) for layer, i in t.uses if id(layer) not in hosts and id(layer) not in keep]
         if t.dtype != "float32" or not uses:
@@ -108,25 +94,69 @@ def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
             net.outputs[k] = cast.outputs[0]
     _run_in_fp32(net, [layer for layer in net.layers if id(layer) in keep], low, precision, hosts | keep)
     # plugins that cannot take the low precision run in FP32 between casts
-    for layer in list(net.layers):
-        if layer.kind != "Plugin":
+    for g in nets:
+        for layer in [layer for layer in g.layers if layer.kind == "Plugin"]:
+            _plugin_in_fp32(g, layer, low)
+
+
+def _networks(net: Network) -> list[Network]:
+    """``net`` and every subgraph (If branches, Loop/Scan bodies) nested in it, outermost first."""
+    found = [net]
+    for g in found:
+        found.extend(sub for layer in g.layers for sub in subgraphs(layer))
+    return found
+
+
+# layers whose float output type is an attribute ("to"), and the attribute's default
+TYPED_OUTPUT = {"Cast": None, "DequantizeLinear": None, "Window": "float32", "MelWeightMatrix": "float32"}
+
+
+def _narrow(g: Network, low: str, fp32: set[int], top: bool) -> None:
+    """In one network ``g``, for its low-precision layers: float32 constants they read become ``low``
+    constants (one per constant), and a float32 output type set by an attribute becomes ``low`` (not for
+    the top network's outputs, which keep their declared type)."""
+    low_np = np_dtype(low)
+    narrowed: dict[int, object] = {}
+    for layer in list(g.layers):
+        if id(layer) in fp32:
             continue
-        plugin = layer.attrs["plugin"]
-        n_in = len(layer.inputs)
-        ok = all(t is None or t.dtype != low or plugin.supports(i, TensorDesc(tuple(t.shape or ()), low), n_in)
-                 for i, t in enumerate(layer.inputs))
-        if ok:
-            continue
-        layer.precision = "fp32"
+        host_pos = set(LAYER_KINDS[layer.kind].host_inputs)
         for i, t in enumerate(list(layer.inputs)):
-            if t is not None and t.dtype == low:
-                layer.set_input(i, _cast_at(net, t, "float32", f"{layer.name}/in{i}_fp32", layer).outputs[0])
-        for o in list(layer.outputs):
-            if o.dtype == "float32" and o.uses:
-                uses = list(o.uses)
-                c = _cast_at(net, o, low, f"{layer.name}/out_{low}", layer, after=True)
-                for ul, ui in uses:
-                    ul.set_input(ui, c.outputs[0])
+            if t is None or i in host_pos or not t.is_constant or t.dtype != "float32":
+                continue
+            c = narrowed.get(id(t))
+            if c is None:
+                c = narrowed[id(t)] = g.add_constant(saturate(t.value, low_np),
+                                                     name=g.unique_name(t.name + "_" + low))
+            layer.set_input(i, c)
+        if layer.kind in TYPED_OUTPUT and layer.attrs.get("to", TYPED_OUTPUT[layer.kind]) == "float32" \
+                and not (top and layer.outputs[0] in g.outputs):
+            layer.attrs["to"] = low
+            layer.outputs[0].dtype = low
+        if layer.kind == "ConstantOfShape":
+            v = np.asarray(layer.attrs.get("value", np.zeros(1, np.float32)))
+            if v.dtype == np.float32:
+                layer.attrs["value"] = saturate(v, low_np)
+                layer.outputs[0].dtype = low
+
+
+def _plugin_in_fp32(net: Network, layer, low: str) -> None:
+    """A plugin that cannot take ``low`` on some input runs in FP32 between casts."""
+    plugin = layer.attrs["plugin"]
+    n_in = len(layer.inputs)
+    if all(t is None or t.dtype != low or plugin.supports(i, TensorDesc(tuple(t.shape or ()), low), n_in)
+           for i, t in enumerate(layer.inputs)):
+        return
+    layer.precision = "fp32"
+    for i, t in enumerate(list(layer.inputs)):
+        if t is not None and t.dtype == low:
+            layer.set_input(i, _cast_at(net, t, "float32", f"{layer.name}/in{i}_fp32", layer).outputs[0])
+    for o in list(layer.outputs):
+        if o.dtype == "float32" and o.uses:
+            uses = list(o.uses)
+            c = _cast_at(net, o, low, f"{layer.name}/out_{low}", layer, after=True)
+            for ul, ui in uses:
+                ul.set_input(ui, c.outputs[0])
 
 
 def _cast_at(net: Network, t, to: str, name: str, layer, after: bool = False, precision: str | None = None):
