@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from kiln.builder.autopad import resolve as resolve_auto_pads
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.memory import check_fits, check_inputs
 from kiln.builder.placement import host_layers, is_host_constant
@@ -29,15 +30,22 @@ from kiln.passes.base import PassManager
 Progress = Callable[[str, float], None]
 
 
-def build(network: Network, config: BuildConfig | None = None, progress: Progress | None = None):
-    """Optimize ``network`` for the configured device and return a runnable Engine."""
-    from kiln.engine.device import fingerprint
-    from kiln.runtime.engine import Engine
+class Prepared(NamedTuple):
+    """A network made ready for tactic selection, and what the build learned on the way."""
 
-    config = config or BuildConfig()
+    net: Network
+    device: str
+    profiles: list[Profile]
+    biggest: dict[str, tuple[int, ...]]     # each input at its largest profile shape
+    peak: int                               # bytes of live activations at those shapes
+
+
+def prepare(network: Network, config: BuildConfig, progress: Progress | None = None) -> Prepared:
+    """Every step of a build before tactics are timed, on a copy of ``network``: profiles applied and
+    checked, shapes inferred, auto_pad resolved, the passes, precision assignment, and the memory the
+    engine needs checked against the device. ``kiln check`` runs it to find what a build would refuse."""
     require_fallback(network, config.fallback)
     device = config.resolved_device()
-    t0 = time.perf_counter()
     say = progress or (lambda stage, frac: None)
     say("passes", 0.0)
     net = copy.deepcopy(network)
@@ -47,6 +55,7 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     check_inputs(net, biggest, device)
     verify(net)
     infer_shapes(net)
+    resolve_auto_pads(net)
     PassManager(default_passes(), on_pass=lambda name: say("passes", 0.3))(net)
     net.toposort()
     infer_shapes(net)
@@ -61,13 +70,25 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     net.toposort()
     infer_shapes(net)
     _keep_declared_dtypes(network, net)
-    fp = fingerprint(device)
-    opt = {t.name: _profile_shape(t, profiles, 1) for t in net.inputs}
     peak = check_fits(net, biggest, device, sum(t.value.nbytes for t in net.constants()))
     if config.workspace is not None and peak > config.workspace:
         raise BuildError(f"The network needs {peak / 2**20:.1f} MB of activations at the largest profile shapes "
                          f"({_fmt_shapes(biggest)}) but the workspace limit is {config.workspace / 2**20:.1f} MB; "
                          f"raise --workspace or lower --max-shapes.")
+    return Prepared(net, device, profiles, biggest, peak)
+
+
+def build(network: Network, config: BuildConfig | None = None, progress: Progress | None = None):
+    """Optimize ``network`` for the configured device and return a runnable Engine."""
+    from kiln.engine.device import fingerprint
+    from kiln.runtime.engine import Engine
+
+    config = config or BuildConfig()
+    t0 = time.perf_counter()
+    say = progress or (lambda stage, frac: None)
+    net, device, profiles, biggest, peak = prepare(network, config, say)
+    fp = fingerprint(device)
+    opt = {t.name: _profile_shape(t, profiles, 1) for t in net.inputs}
     cache = TimingCache(config.timing_cache)
     chosen = select_tactics(net, device, config.optimization_level, opt, cache,
                             f"{fp['name']}/{fp.get('compute_capability')}", host_layers(net))

@@ -40,6 +40,13 @@ def who(layer: Layer) -> str:
     return f"{layer.name!r} ({layer.kind}{node})"
 
 
+def layer_error(layer: Layer, message: str) -> BuildError:
+    """A BuildError about ``layer``; ``.node`` holds the ONNX node it came from (kiln check reports it)."""
+    err = BuildError(message)
+    err.node = layer.origin[0] if layer.origin else layer.name
+    return err
+
+
 def check_inputs(net: Network, shapes: dict[str, tuple[int, ...]], device: str) -> None:
     """Refuse an input whose largest profile shape (or static shape) cannot fit on ``device``."""
     free = None
@@ -108,10 +115,14 @@ def check_fits(net: Network, shapes: dict[str, tuple[int, ...]], device: str, we
         if act.tensor is not None and act.tensor.producer is not None:
             big = f"; the largest is {act.tensor.name!r} ({fmt_bytes(act.largest)}) from layer {who(act.tensor.producer)}"
         what = "activations and weights" if device == "cuda" else "activations"
-        raise BuildError(f"The network needs {fmt_bytes(need)} of {what} at the largest profile shapes but {device} has "
+        raise _at(act.tensor, f"The network needs {fmt_bytes(need)} of {what} at the largest profile shapes but {device} has "
                          f"{fmt_bytes(free)} free{big}; lower the profile's max shapes or check the shapes the "
                          f"model computes.")
     return act.peak
+
+
+def _at(t: Tensor | None, message: str) -> BuildError:
+    return layer_error(t.producer, message) if t is not None and t.producer is not None else BuildError(message)
 
 
 def check_host_output(layer: Layer, args: list) -> None:
@@ -124,6 +135,6 @@ def check_host_output(layer: Layer, args: list) -> None:
         return
     free = host_memory()
     if size > free:
-        raise BuildError(f"Layer {who(layer)} would make a tensor of {n} elements ({fmt_bytes(size)}) from the shape "
+        raise layer_error(layer, f"Layer {who(layer)} would make a tensor of {n} elements ({fmt_bytes(size)}) from the shape "
                          f"values it reads, more than the {fmt_bytes(free)} this machine has free; check the sizes "
                          f"the model computes (or the profile's shapes).")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.builder.autopad import padded_attrs
 from kiln.builder.memory import check_host_output
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.errors import ShapeError
@@ -81,7 +82,8 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
                     args[i] = m
         else:
             check_host_output(layer, args)
-        key = _meta_key(layer, args)
+        attrs = padded_attrs(layer, args) if "auto_pad" in layer.attrs else layer.attrs
+        key = _meta_key(layer, attrs, args)
         hit = _MEMO.get(key) if key is not None else None
         if hit is not None and (hit is not _FAILED or not strict):
             for o, v in zip(layer.outputs, hit if hit is not _FAILED else [UNKNOWN] * len(layer.outputs)):
@@ -93,10 +95,10 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
         try:
             if any(a is not None and a.is_meta for i, a in enumerate(args) if i in host_pos):
                 raise RuntimeError("host value unknown")
-            tac = tactics_for(layer.kind, layer.attrs, ctx)
+            tac = tactics_for(layer.kind, attrs, ctx)
             if not tac:
                 raise RuntimeError(f"no tactic for {layer.kind}")
-            outs = tac[0].make(layer.attrs, ctx)(*args)
+            outs = tac[0].make(attrs, ctx)(*args)
         except Exception as exc:   # data-dependent or not meta-capable: shape unknown here
             if strict:
                 raise ShapeError(f"Layer {layer.name!r} ({layer.kind}) cannot take its inputs "
@@ -126,7 +128,7 @@ def _remember(key: tuple, value: Any) -> None:
     _MEMO[key] = value
 
 
-def _meta_key(layer, args: list) -> tuple | None:
+def _meta_key(layer, attrs: dict[str, Any], args: list) -> tuple | None:
     """The memo key of a layer whose inputs are all meta tensors, or None when it may not be memoized
     (host values among the inputs, plugins, attributes that are not plain data)."""
     if layer.kind == "Plugin":
@@ -139,10 +141,10 @@ def _meta_key(layer, args: list) -> tuple | None:
             ins.append((tuple(a.shape), a.stride(), a.dtype))
         else:
             return None
-    attrs = _frozen(layer.attrs)
-    if attrs is None:
+    frozen = _frozen(attrs)
+    if frozen is None:
         return None
-    return (layer.kind, attrs, tuple(ins), tuple(t.dtype if t is not None else None for t in layer.inputs),
+    return (layer.kind, frozen, tuple(ins), tuple(t.dtype if t is not None else None for t in layer.inputs),
             tuple(o.dtype for o in layer.outputs))
 
 

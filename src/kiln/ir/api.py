@@ -21,6 +21,25 @@ def _t(net: "Network", v: Any) -> "Tensor | None":
     return net.add_constant(np.asarray(v))
 
 
+def _auto(mode: str | None) -> dict[str, str]:
+    return {"auto_pad": mode} if mode else {}
+
+
+def same_pads(mode: str, sizes: Sequence[int | None], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int]) -> list[int]:
+    """Explicit pads (begins then ends) for auto_pad SAME_UPPER / SAME_LOWER, as ONNX Runtime computes
+    them: an output of ceil(size / stride) per axis, the odd pixel at the end (UPPER) or the start
+    (LOWER). A size may be None on an axis of stride 1, whose padding does not depend on it."""
+    begins, ends = [], []
+    for size, k, s, d in zip(sizes, kernel, strides, dilations):
+        span = (k - 1) * d + 1
+        total = span - 1 if s == 1 else max(0, (-(-size // s) - 1) * s + span - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if mode == "SAME_UPPER" else big)
+        ends.append(big if mode == "SAME_UPPER" else small)
+    return begins + ends
+
+
 class LayerAPI:
     """Mixed into Network; every method adds one layer and returns it."""
 
@@ -30,14 +49,16 @@ class LayerAPI:
 
     def add_convolution(self: "Network", x: "Tensor", weight: Any, bias: Any = None, *, stride: Sequence[int] | None = None,
                         pads: Sequence[int] | None = None, dilation: Sequence[int] | None = None, groups: int = 1,
-                        name: str | None = None) -> "Layer":
-        """N-d convolution (1-, 2- or 3-D by the weight's rank); weight [Cout, Cin/groups, k...]."""
+                        auto_pad: str | None = None, name: str | None = None) -> "Layer":
+        """N-d convolution (1-, 2- or 3-D by the weight's rank); weight [Cout, Cin/groups, k...].
+        ``auto_pad`` "SAME_UPPER"/"SAME_LOWER" pads for an output of ceil(size / stride) (TensorRT's
+        padding mode), worked out by the builder once the input's size is known."""
         w = _t(self, weight)
         nd = len(w.shape) - 2
         ins = [x, w] + ([_t(self, bias)] if bias is not None else [])
         return self.add_layer("Convolution", ins, {
             "stride": list(stride or [1] * nd), "pads": list(pads or [0] * (2 * nd)),
-            "dilation": list(dilation or [1] * nd), "groups": groups}, name=name)
+            "dilation": list(dilation or [1] * nd), "groups": groups, **_auto(auto_pad)}, name=name)
 
     def add_deconvolution(self: "Network", x: "Tensor", weight: Any, bias: Any = None, *,
                           stride: Sequence[int] | None = None, pads: Sequence[int] | None = None,
@@ -65,13 +86,13 @@ class LayerAPI:
 
     def add_pooling(self: "Network", x: "Tensor", type: str, kernel: Sequence[int] | None, *,
                     stride: Sequence[int] | None = None, pads: Sequence[int] | None = None, ceil_mode: bool = False,
-                    count_include_pad: bool = False, name: str | None = None) -> "Layer":
-        """Max/average pooling; ``kernel=None`` pools globally."""
+                    count_include_pad: bool = False, auto_pad: str | None = None, name: str | None = None) -> "Layer":
+        """Max/average pooling; ``kernel=None`` pools globally; ``auto_pad`` as in add_convolution."""
         nd = len(kernel) if kernel else 0
         return self.add_layer("Pooling", [x], {
             "type": type, "kernel": list(kernel) if kernel else None, "stride": list(stride or kernel or []),
             "pads": list(pads or [0] * (2 * nd)), "dilation": [1] * nd, "ceil_mode": ceil_mode,
-            "count_include_pad": count_include_pad, "p": 2}, name=name)
+            "count_include_pad": count_include_pad, "p": 2, **_auto(auto_pad)}, name=name)
 
     def add_padding(self: "Network", x: "Tensor", pads: Sequence[int], mode: str = "constant", value: float = 0.0,
                     name: str | None = None) -> "Layer":

@@ -7,10 +7,11 @@ from kiln.onnx.registry import converter, lookup, supported_ops
 __all__ = ["parse", "converter", "lookup", "supported_ops", "check"]
 
 
-def check(model, plugins=(), fallback=None):
+def check(model, plugins=(), fallback=None, shapes=None, device="cpu"):
     """List every node Kiln cannot map (name, op, domain, opset), without building; with
-    ``fallback="onnxruntime"``, whether each would run in ONNX Runtime instead."""
+    ``fallback="onnxruntime"``, whether each would run in ONNX Runtime instead; with ``shapes`` (a
+    build profile) or static inputs, also what a build at those shapes would refuse."""
     # kiln.onnx.check (the module, callable like this function) adds a reason to each of
     # kiln.onnx.support's findings; importing it rebinds this name to the module, which is fine
     from kiln.onnx.check import check as _check
-    return _check(model, plugins=plugins, fallback=fallback)
+    return _check(model, plugins=plugins, fallback=fallback, shapes=shapes, device=device)

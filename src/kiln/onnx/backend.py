@@ -58,7 +58,7 @@ def _feed(v: Any) -> Any:
 def _declared_dtype(vi) -> str | None:
     if not _is_tensor(vi) or not vi.type.tensor_type.elem_type:
         return None
-    from kiln.onnx.parser import _ONNX_DTYPES
+    from kiln.onnx.validate import _ONNX_DTYPES
     return _ONNX_DTYPES.get(int(vi.type.tensor_type.elem_type))
 
 

@@ -25,8 +25,8 @@ def support_data() -> dict[tuple[str, str], dict]:
     return {("" if r["domain"] in ("", "ai.onnx") else r["domain"], r["op"]): r for r in data.get("ops", [])}
 
 
-def check(model: Any, plugins: Sequence[str] = (), limits: bool = False,
-          fallback: str | None = None) -> list[dict[str, Any]]:
+def check(model: Any, plugins: Sequence[str] = (), limits: bool = False, fallback: str | None = None,
+          shapes: Any = None, device: str | None = "cpu") -> list[dict[str, Any]]:
     """Every node Kiln cannot map, as ``{name, op_type, domain, opset, graph, reason}``; empty means all map.
 
     ``model`` is a path, bytes or ModelProto; ``plugins`` are plugin files/modules to load first
@@ -34,6 +34,13 @@ def check(model: Any, plugins: Sequence[str] = (), limits: bool = False,
     the reasons (and, with ``limits``, the supported-but-partial warnings). With
     ``fallback="onnxruntime"`` each finding also says whether it would run in ONNX Runtime
     (``kiln.onnx.fallback.annotate``).
+
+    When every node maps and the shapes are known (``shapes``, a build profile: ``{input: shape}`` or
+    ``{input: (min, opt, max)}``, or a model whose inputs are all static), the model is also parsed and
+    run through the build's steps before tactic timing (``kiln.builder.build.prepare``) for
+    ``device``, so what a build at those shapes would refuse (auto_pad that the shapes leave open,
+    tensors larger than the device, a profile that does not fit the inputs) is a finding too, with
+    ``stage: "build"``.
     """
     from kiln.onnx.registry import supported_ops
     from kiln.onnx.support import _load
@@ -48,9 +55,64 @@ def check(model: Any, plugins: Sequence[str] = (), limits: bool = False,
         from kiln.onnx.fallback import annotate, check_mode
         check_mode(fallback)
         annotate(findings, proto)
+    if shapes is not None or _static_inputs(proto):
+        if not any(not f.get("fallback") for f in findings):
+            findings += build_problems(proto, plugins, shapes, fallback, device)
     if limits:
         findings += _partial(proto, known, support)
     return findings
+
+
+def build_problems(proto, plugins: Sequence[str] = (), shapes: Any = None, fallback: str | None = None,
+                   device: str | None = "cpu") -> list[dict[str, Any]]:
+    """What ``kiln build`` would refuse on this model at ``shapes``, found by running the build up to
+    tactic timing: one finding naming the node where the refusal names one."""
+    from kiln.builder.build import prepare
+    from kiln.builder.config import BuildConfig
+    from kiln.errors import KilnError
+    from kiln.onnx.parser import parse
+    try:
+        prepare(parse(proto, plugins=plugins), BuildConfig(device=device, profiles=shapes, fallback=fallback))
+    except KilnError as exc:
+        return [_build_finding(proto, exc)]
+    return []
+
+
+def _build_finding(proto, exc: Exception) -> dict[str, Any]:
+    from kiln.onnx.parser import text
+    opsets = {"" if i.domain in ("", "ai.onnx") else i.domain: int(i.version) for i in proto.opset_import}
+    name = getattr(exc, "node", None)
+    found = {"name": name or "(model)", "op_type": "", "domain": "", "opset": opsets.get("", 1),
+             "graph": proto.graph.name or "main", "reason": str(exc), "stage": "build"}
+
+    def walk(graph, where: str) -> bool:
+        for i, node in enumerate(graph.node):
+            op = text(node.op_type)
+            if (text(node.name) or f"{op}_{i + 1}") == name:
+                domain = text(node.domain)
+                domain = "" if domain in ("", "ai.onnx") else domain
+                found.update(op_type=op, domain=domain, opset=opsets.get(domain, 1), graph=where)
+                return True
+            for a in node.attribute:
+                if any(walk(g, f"{where}/{text(node.name) or op}.{text(a.name)}")
+                       for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)):
+                    return True
+        return False
+    if name is not None:
+        walk(proto.graph, proto.graph.name or "main")
+    return found
+
+
+def _static_inputs(proto) -> bool:
+    """Whether every graph input (that no initializer gives) has a shape of known positive dims."""
+    given = {i.name for i in proto.graph.initializer}
+    for vi in proto.graph.input:
+        if vi.name in given or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in tt.shape.dim):
+            return False
+    return True
 
 
 def _partial(proto, known: dict, support: dict) -> list[dict[str, Any]]:
@@ -90,9 +152,9 @@ class _CallableModule(__import__("types").ModuleType):
     """``kiln.onnx.check(model)`` and ``kiln.onnx.check.check(model)`` both work: the package
     exports this module under the name of its main function."""
 
-    def __call__(self, model: Any, plugins: Sequence[str] = (), limits: bool = False,
-                 fallback: str | None = None) -> list[dict[str, Any]]:
-        return check(model, plugins=plugins, limits=limits, fallback=fallback)
+    def __call__(self, model: Any, plugins: Sequence[str] = (), limits: bool = False, fallback: str | None = None,
+                 shapes: Any = None, device: str | None = "cpu") -> list[dict[str, Any]]:
+        return check(model, plugins=plugins, limits=limits, fallback=fallback, shapes=shapes, device=device)
 
 
 __import__("sys").modules[__name__].__class__ = _CallableModule

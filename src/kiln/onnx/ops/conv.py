@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.errors import ParseError
-from kiln.onnx.ops._common import const_value, spatial_pads
+from kiln.onnx.ops._common import const_value, window_pads
 from kiln.onnx.registry import converter
 
 
@@ -24,9 +24,9 @@ def conv(ctx, node):
     nd = len(k)
     strides = node.attr("strides") or [1] * nd
     dil = node.attr("dilations") or [1] * nd
-    pads = spatial_pads(node, x, k, strides, dil)
     return ctx.add1("Convolution", [x, w] + ([b] if b is not None else []),
-                    {"stride": list(strides), "pads": list(pads), "dilation": list(dil), "groups": node.attr("group", 1)})
+                    {"stride": list(strides), **window_pads(node, x, k, strides, dil), "dilation": list(dil),
+                     "groups": node.attr("group", 1)})
 
 
 @converter("ConvTranspose", since=1)
@@ -41,16 +41,17 @@ def conv_transpose(ctx, node):
     out_shape = node.attr("output_shape")
     auto = node.attr("auto_pad", "NOTSET")
     if out_shape or auto in ("SAME_UPPER", "SAME_LOWER"):
-        if x.shape is None or not all(isinstance(d, int) for d in x.shape[2:]):
-            raise ParseError(f"Node {node.name!r} (ConvTranspose) with output_shape/auto_pad needs static spatial dims.")
-        ins = x.shape[2:]
-        if out_shape:
-            target = list(out_shape)[-nd:]
-        else:
-            target = [ins[i] * strides[i] for i in range(nd)]
+        if out_shape and (x.shape is None or not all(isinstance(d, int) for d in x.shape[2:])):
+            raise ParseError(f"Node {node.name!r} (ConvTranspose) with output_shape needs static spatial dims; its "
+                             f"input has {list(x.shape[2:]) if x.shape is not None else 'unknown'}.")
         begins, ends = [], []
         for i in range(nd):
-            total = strides[i] * (ins[i] - 1) + out_pad[i] + ((k[i] - 1) * dil[i] + 1) - target[i]
+            span = (k[i] - 1) * dil[i] + 1
+            if out_shape:
+                total = strides[i] * (x.shape[2 + i] - 1) + out_pad[i] + span - list(out_shape)[-nd:][i]
+            else:       # SAME: size * stride, whatever the size; a kernel shorter than the stride gives
+                # (size - 1) * stride + span, no padding (ONNX Runtime does not grow the output)
+                total = max(0, out_pad[i] + span - strides[i])
             if total < 0:       # output_shape beyond the natural size: the extra rows are output padding
                 out_pad[i] -= total
                 total = 0
@@ -75,8 +76,8 @@ def _pool(ptype):
         nd = len(k)
         strides = node.attr("strides") or [1] * nd
         dil = node.attr("dilations") or [1] * nd
-        pads = spatial_pads(node, x, k, strides, dil)
-        attrs = {"type": ptype, "kernel": k, "stride": list(strides), "pads": pads, "dilation": list(dil),
+        attrs = {"type": ptype, "kernel": k, "stride": list(strides), **window_pads(node, x, k, strides, dil),
+                 "dilation": list(dil),
                  "ceil_mode": bool(node.attr("ceil_mode", 0)), "count_include_pad": bool(node.attr("count_include_pad", 0)),
                  "p": node.attr("p", 2)}
         if ptype == "max" and node.num_outputs > 1 and node.output_names[1]:
