@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "real-models.md"), help="markdown output (JSON beside it)")
     ap.add_argument("--only", help="comma-separated model ids")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU columns even where CUDA is present")
+    ap.add_argument("--gpu-results", nargs="*", default=[], metavar="JSON",
+                    help="take the GPU columns from these JSON files of a run on a GPU machine (rows it measured)")
     args = ap.parse_args(argv)
     import torch
     manifest = cl.load_manifest()
@@ -303,7 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m.id:28s} cpu {'ok' if row.get('cpu_ok') else 'NO'}  {row.get('cpu_note', '')}"
               + (f"  gpu {row.get('gpu_fp32_ok')} fp16 {_cell_fp16(row)}" if gpu else ""), flush=True)
         out.with_suffix(".json").write_text(json.dumps({"env": _environment(gpu), "rows": rows}, indent=1))
-    out.write_text(markdown(rows, _environment(gpu)))
+    env = _environment(gpu)
+    for path in args.gpu_results:
+        other = json.loads(Path(path).read_text())
+        measured = {r["id"]: r for r in other["rows"] if "gpu_fp32_ok" in r}
+        for row in rows:
+            row.update({k: v for k, v in measured.get(row["id"], {}).items()
+                        if k.startswith(("gpu_", "fp16_", "peer_"))})
+        env["gpu"] = f"{other['env'].get('gpu')} (torch {other['env'].get('torch')}, GPU columns)"
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    out.write_text(markdown(rows, env))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 
