@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
+import kiln.engine
 import kiln.onnx
 
 ort = pytest.importorskip("onnxruntime")
@@ -38,12 +39,16 @@ def _branch(name: str, nodes, outputs, inits=()) -> onnx.GraphProto:
     return helper.make_graph(nodes, name, [], outputs, initializer=list(inits))
 
 
-def _check(model: bytes, feeds: dict[str, np.ndarray]) -> None:
-    """Build in FP16 on the CPU, run, and compare every output with ONNX Runtime in FP32."""
+def _check(model: bytes, feeds: dict[str, np.ndarray], saved_to=None) -> None:
+    """Build in FP16 on the CPU (saved to and loaded from ``saved_to`` when given), run, and compare every
+    output with ONNX Runtime in FP32."""
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     profiles = {k: v.shape for k, v in feeds.items() if v.dtype != np.bool_}
     engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", precision="fp16", profiles=profiles))
+    if saved_to is not None:
+        engine.save(str(saved_to))
+        engine = kiln.engine.load(saved_to)
     got = engine.context().run(feeds)
     for name, r in ref.items():
         g = np.asarray(got[name], np.float64)
@@ -119,8 +124,9 @@ def _lstm_nodes(prefix: str, x: str, out: str, hidden: int, inp: int) -> tuple[l
 
 
 @pytest.mark.parametrize("cond", [True, False])
-def test_lstm_inside_if_branch(cond: bool) -> None:
-    """An LSTM whose weights live in an If branch (silero_vad): the branch's recurrent weights are narrowed."""
+def test_lstm_inside_if_branch(cond: bool, tmp_path) -> None:
+    """An LSTM whose weights live in an If branch (silero_vad): the branch's recurrent weights are narrowed,
+    and the engine file keeps them so."""
     hidden, inp = 8, 6
     t_nodes, t_inits = _lstm_nodes("t", "x", "t_out", hidden, inp)
     e_nodes, e_inits = _lstm_nodes("e", "x", "e_out", hidden, inp)
@@ -131,7 +137,7 @@ def test_lstm_inside_if_branch(cond: bool) -> None:
     model = _model(nodes, [helper.make_tensor_value_info("x", F, [5, 1, inp]),
                            helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                    [helper.make_tensor_value_info("z", F, [5, 1, hidden])])
-    _check(model, {"x": _w(5, 1, inp, scale=1.0), "c": np.array(cond)})
+    _check(model, {"x": _w(5, 1, inp, scale=1.0), "c": np.array(cond)}, saved_to=tmp_path / "lstm_if.kiln")
 
 
 def test_loop_body_weights() -> None:
