@@ -180,11 +180,15 @@ def _random(rng, dtype: str, shape):
     if free is not None and need > free:
         raise KilnError(f"A random input of shape {tuple(shape)} needs {need / 2**30:.1f} GiB, more than the "
                         f"{free / 2**30:.1f} GiB of free memory; give smaller --shapes or the data with --input.")
-    if dtype == "bool":
-        return np.asarray(rng.random(shape) > 0.5)
-    if dtype.startswith(("int", "uint")):
-        return np.asarray(rng.integers(0, 16, size=shape)).astype(np_dtype(dtype))
-    return np.asarray(rng.standard_normal(shape)).astype(np_dtype(dtype))
+    try:
+        if dtype == "bool":
+            return np.asarray(rng.random(shape) > 0.5)
+        if dtype.startswith(("int", "uint")):
+            return np.asarray(rng.integers(0, 16, size=shape)).astype(np_dtype(dtype))
+        return np.asarray(rng.standard_normal(shape)).astype(np_dtype(dtype))
+    except MemoryError:
+        raise KilnError(f"A random input of shape {tuple(shape)} ({need / 2**30:.1f} GiB) could not be allocated; "
+                        f"give smaller --shapes or the data with --input.") from None
 
 
 def _inspect_onnx(path: str, as_json: bool) -> int:
@@ -202,8 +206,11 @@ def _inspect_onnx(path: str, as_json: bool) -> int:
     def value_desc(v):
         t = v.type.tensor_type
         dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
-        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-                if t.elem_type else "?", "shape": dims}
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        except (KeyError, ValueError):      # a type number ONNX does not define: shown, not trusted
+            dtype = f"unknown type {t.elem_type}"
+        return {"name": v.name, "dtype": dtype, "shape": dims}
     inits = {i.name for i in proto.graph.initializer}
     info = {"opsets": {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import},
             "producer": f"{proto.producer_name} {proto.producer_version}".strip(),

@@ -73,3 +73,17 @@ def test_run_refuses_a_random_input_larger_than_memory(tmp_path):
     write_engine(str(tmp_path / "big.kiln"), header, dict(weights))
     r = kiln("run", tmp_path / "big.kiln", cwd=tmp_path)
     assert_user_error(r, "GiB of free memory")
+
+
+def test_inspect_shows_an_undefined_element_type(tmp_path):
+    """An ONNX value typed with a number ONNX does not define (fuzz finding: KeyError 99) is shown, not a crash."""
+    import onnx
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.graph.input[0].type.tensor_type.elem_type = 99
+    onnx.save(m, tmp_path / "m.onnx")
+    r = kiln("inspect", tmp_path / "m.onnx", cwd=tmp_path)
+    assert r.returncode == 0 and "unknown type 99" in r.stdout and "Traceback" not in r.stderr, r.stderr
