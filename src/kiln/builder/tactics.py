@@ -203,31 +203,3 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
             else:
                 chosen[id(layer)] = best.name
     return chosen
-
-
-def activation_memory(net: Network, shapes: dict[str, tuple[int, ...]]) -> int:
-    """Peak bytes of live activations when layers run in order and die after their last use."""
-    vals = evaluate(net, shapes)
-    last: dict[str, int] = {}
-    for i, layer in enumerate(net.layers):
-        for t in layer.inputs:
-            if t is not None and not t.is_constant:
-                last[t.name] = i
-    outs = {t.name for t in net.outputs}
-
-    def nbytes(name: str) -> int:
-        v = vals.get(name, UNKNOWN)
-        if v is UNKNOWN or not isinstance(v, torch.Tensor):
-            return 0
-        return int(v.numel()) * v.element_size()
-    live = sum(nbytes(t.name) for t in net.inputs)
-    peak = live
-    for i, layer in enumerate(net.layers):
-        live += sum(nbytes(o.name) for o in layer.outputs)
-        peak = max(peak, live)
-        for t in layer.inputs:
-            if t is not None and not t.is_constant and last.get(t.name) == i and t.name not in outs:
-                live -= nbytes(t.name)
-    return peak
-
-

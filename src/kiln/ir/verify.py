@@ -46,8 +46,9 @@ def _verify_sub(g: Network) -> None:
 
 
 def host_memory() -> int:
-    """Bytes of memory this process can still get: the kernel's MemAvailable (or free pages), lowered
-    to what is left under a cgroup (container) limit."""
+    """Bytes of memory this process can still get: the kernel's MemAvailable (or free pages), or what
+    is left under a cgroup (container) limit where that is more (a VM whose memory grows as it is used
+    reports little available at first)."""
     free = None
     try:
         with open("/proc/meminfo") as f:
@@ -71,7 +72,7 @@ def host_memory() -> int:
         with open("/sys/fs/cgroup/memory.current") as f:
             used = int(f.read().strip())
         if limit != "max":
-            free = min(free, max(0, int(limit) - used))
+            free = max(free, int(limit) - used)
     except (OSError, ValueError):
         pass
     return free

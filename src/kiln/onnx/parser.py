@@ -326,7 +326,6 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
 
 
 def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
-    from kiln.plugins import registry
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     opset = ctx.opsets.get(domain, ctx.opset if domain == "" else 1)
     key = (node.op_type, domain, opset)
@@ -334,9 +333,10 @@ def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
         key += tuple(repr(node.attrs.get(k)) for k in ("plugin_name", "plugin_namespace", "plugin_version"))
     found = ctx.resolved.get(key)
     if found is None:
+        from kiln.plugins import registry
         found = ctx.resolved[key] = (_find_plugin(node, registry), lookup(node.op_type, opset, domain),
                                      schema_of(node.op_type, opset, domain))
-    plugin_cls, fn, schema = found
+    plugin_cls, fn, rules = found
     if plugin_cls is not None and (fn is None or plugin_cls.overrides_builtin or "plugin_name" in node.attrs):
         return _plugin_layer(ctx, node, plugin_cls, opset)
     if fn is None:
@@ -348,8 +348,8 @@ def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
             f"Kiln; supply a plugin: subclass kiln.Plugin with name={node.op_type!r}, register it, and pass "
             f"--plugins your_plugins.py, or build with --fallback onnxruntime to run it in ONNX Runtime "
             f"(kiln check lists every unsupported node).")
-    if schema is not None:
-        check_node(node, schema, opset)
+    if rules is not None:
+        check_node(node, rules, opset)
     try:
         outs = fn(ctx, node)
     except (ParseError, PluginError):

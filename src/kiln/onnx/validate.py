@@ -4,11 +4,13 @@ attributes of the right type). Each refusal is one ParseError naming the tensor 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
 from kiln.errors import ParseError
+from kiln.ir.verify import fmt_bytes, host_memory, nbytes
 
 if TYPE_CHECKING:
     from kiln.onnx.parser import Node
@@ -47,7 +49,6 @@ def first_line(exc: Exception) -> str:
 
 def _check_dims(dims: Sequence[int], itemsize: int, where: str) -> None:
     """Refuse dims no tensor can have: negative ones, or more bytes than this machine has free."""
-    from kiln.ir.verify import fmt_bytes, host_memory, nbytes
     if any(d < 0 for d in dims):
         raise ParseError(f"{where} has dims {list(dims)}; a dim is a size (0 or more), so the file is damaged or "
                          f"was written wrong.")
@@ -57,15 +58,25 @@ def _check_dims(dims: Sequence[int], itemsize: int, where: str) -> None:
                          f"{fmt_bytes(free)} this machine has free; the file is damaged or the tensor too large.")
 
 
+@lru_cache(maxsize=64)
+def _itemsize_of(code: int) -> int:
+    from onnx import helper
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(code)).itemsize
+    except Exception:
+        return 1
+
+
+def _itemsize(code: int, where: str) -> int:
+    """Bytes per element of an ONNX data type Kiln supports (refused in one line otherwise)."""
+    onnx_dtype(code, f"{where} ")
+    return _itemsize_of(int(code))
+
+
 def tensor_value(tp, where: str) -> np.ndarray:
     """A TensorProto's value, its dims checked first (a negative dim is not read as a size)."""
-    from onnx import helper, numpy_helper
-    onnx_dtype(tp.data_type, f"{where} ")
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tp.data_type)).itemsize
-    except Exception:
-        itemsize = 1
-    _check_dims(tp.dims, itemsize, where)
+    from onnx import numpy_helper
+    _check_dims(tp.dims, _itemsize(tp.data_type, where), where)
     try:
         arr = numpy_helper.to_array(tp)
     except Exception as exc:
@@ -103,43 +114,62 @@ def dense(sp, where: str) -> np.ndarray:
                      f"[{n}, {len(dims)}] (coordinates).")
 
 
-def schema_of(op_type: str, opset: int, domain: str):
-    """ONNX's schema of the op at the model's opset, or None (contrib and custom ops have none here)."""
+class Rules(NamedTuple):
+    """What check_node needs of an op's ONNX schema, read out once per op and opset."""
+
+    min_inputs: int
+    max_inputs: int
+    required: tuple[tuple[int, str], ...]        # (position, name) of single (not optional) inputs
+    required_attrs: tuple[str, ...]
+    typed_attrs: dict[str, int]                  # graph/tensor attributes: their AttributeProto type
+
+
+def schema_of(op_type: str, opset: int, domain: str) -> Rules | None:
+    """The rules of the op's ONNX schema at the model's opset, or None (contrib and custom ops have none here)."""
     import onnx.defs
+    from onnx.defs import OpSchema
     try:
-        return onnx.defs.get_schema(op_type, opset, domain)
+        schema = onnx.defs.get_schema(op_type, opset, domain)
     except Exception:
         return None
-
-
-def check_node(node: Node, schema, opset: int) -> None:
-    """Refuse a node whose inputs or graph/tensor attributes break the op's ONNX schema, naming what is
-    wrong (before a converter trips over it)."""
-    from onnx.defs import OpSchema
-    where = f"Node {node.name!r} ({node.op_type}, opset {opset})"
-    n = len(node.proto.input)
-    if not schema.min_input <= n <= schema.max_input:
-        want = str(schema.min_input) if schema.min_input == schema.max_input else \
-            f"{schema.min_input} to {schema.max_input}" if schema.max_input < 1 << 20 else f"at least {schema.min_input}"
-        raise ParseError(f"{where} has {n} inputs; {node.op_type} takes {want}. The file is damaged or was written "
-                         f"wrong.")
     single = OpSchema.FormalParameterOption.Single
-    for i, p in enumerate(schema.inputs):
-        if p.option == single and i < n and node.inputs[i] is None:
-            raise ParseError(f"{where} leaves its required input {i} ({p.name}) empty; the file is damaged or was "
-                             f"written wrong.")
     structural = {OpSchema.AttrType.GRAPH, OpSchema.AttrType.GRAPHS, OpSchema.AttrType.TENSOR,
                   OpSchema.AttrType.SPARSE_TENSOR}
-    given = {text(a.name): a for a in node.proto.attribute}
-    for name, spec in schema.attributes.items():
-        a = given.get(name)
-        if a is None:
-            if spec.required:
-                raise ParseError(f"{where} lacks its required attribute {name!r}; the file is damaged or was "
-                                 f"written wrong.")
-        elif spec.type in structural and int(a.type) != int(spec.type):
-            raise ParseError(f"{where} has attribute {name!r} of type {_attr_type(a.type)}, not "
-                             f"{_attr_type(spec.type)}; the file is damaged or was written wrong.")
+    attrs = schema.attributes
+    return Rules(schema.min_input, schema.max_input,
+                 tuple((i, p.name) for i, p in enumerate(schema.inputs) if p.option == single),
+                 tuple(n for n, a in attrs.items() if a.required),
+                 {n: int(a.type) for n, a in attrs.items() if a.type in structural})
+
+
+def check_node(node: Node, rules: Rules, opset: int) -> None:
+    """Refuse a node whose inputs or graph/tensor attributes break the op's ONNX schema, naming what is
+    wrong (before a converter trips over it)."""
+    n = len(node.proto.input)
+    if not rules.min_inputs <= n <= rules.max_inputs:
+        lo, hi = rules.min_inputs, rules.max_inputs
+        want = str(lo) if lo == hi else f"{lo} to {hi}" if hi < 1 << 20 else f"at least {lo}"
+        raise ParseError(f"{_where(node, opset)} has {n} inputs; {node.op_type} takes {want}. The file is damaged "
+                         f"or was written wrong.")
+    for i, name in rules.required:
+        if i < n and node.inputs[i] is None:
+            raise ParseError(f"{_where(node, opset)} leaves its required input {i} ({name}) empty; the file is "
+                             f"damaged or was written wrong.")
+    if not rules.required_attrs and not rules.typed_attrs:
+        return
+    given = {text(a.name): int(a.type) for a in node.proto.attribute}
+    for name in rules.required_attrs:
+        if name not in given:
+            raise ParseError(f"{_where(node, opset)} lacks its required attribute {name!r}; the file is damaged or "
+                             f"was written wrong.")
+    for name, want in rules.typed_attrs.items():
+        if name in given and given[name] != want:
+            raise ParseError(f"{_where(node, opset)} has attribute {name!r} of type {_attr_type(given[name])}, not "
+                             f"{_attr_type(want)}; the file is damaged or was written wrong.")
+
+
+def _where(node: Node, opset: int) -> str:
+    return f"Node {node.name!r} ({node.op_type}, opset {opset})"
 
 
 def _attr_type(t) -> str:
