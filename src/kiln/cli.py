@@ -68,7 +68,10 @@ def _summary(name: str, arr) -> str:
     head = f"{name}: {a.dtype} {list(a.shape)}"
     if a.size == 0:
         return head + " (empty)"
-    if a.dtype.kind in "fc" or a.dtype.name == "bfloat16":
+    if a.dtype.kind == "c":                    # complex outputs (DFT/STFT): summarize the magnitudes
+        a = np.abs(a)
+        head += " |z|"
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
         f = a.astype(np.float64)
         fin = f[np.isfinite(f)]
         stats = (f" min {fin.min():.6g} max {fin.max():.6g} mean {fin.mean():.6g} std {fin.std():.6g}"
@@ -191,6 +194,17 @@ def _random(rng, dtype: str, shape):
                         f"give smaller --shapes or the data with --input.") from None
 
 
+def _as_text(v):
+    """``v`` with every bytes value (a name that is not UTF-8) as text with \\x escapes."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "backslashreplace")
+    if isinstance(v, dict):
+        return {_as_text(k): _as_text(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return type(v)(_as_text(x) for x in v)
+    return v
+
+
 def _inspect_onnx(path: str, as_json: bool) -> int:
     """An ONNX model's inputs, outputs and every node (name, op, inputs → outputs): the names that
     ``--fp32-layers`` patterns and ``kiln compare --per-layer`` refer to."""
@@ -219,6 +233,7 @@ def _inspect_onnx(path: str, as_json: bool) -> int:
             "initializers": len(inits),
             "nodes": [{"name": n.name, "op": n.op_type, "domain": n.domain or "ai.onnx", "inputs": list(n.input),
                        "outputs": list(n.output)} for n in proto.graph.node]}
+    info, inits = _as_text(info), _as_text(inits)     # protobuf hands invalid UTF-8 over as bytes
     if as_json:
         print(json.dumps(info, indent=1))
         return 0

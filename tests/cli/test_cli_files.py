@@ -87,3 +87,28 @@ def test_inspect_shows_an_undefined_element_type(tmp_path):
     onnx.save(m, tmp_path / "m.onnx")
     r = kiln("inspect", tmp_path / "m.onnx", cwd=tmp_path)
     assert r.returncode == 0 and "unknown type 99" in r.stdout and "Traceback" not in r.stderr, r.stderr
+
+
+def test_inspect_shows_names_that_are_not_utf8(tmp_path):
+    """protobuf hands a name that is not UTF-8 over as bytes; kiln inspect shows it with \\x escapes (fuzz finding)."""
+    import onnx
+    from onnx import TensorProto, helper
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["OUTxx"], name="n")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("OUTxx", TensorProto.FLOAT, [2])])
+    data = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    (tmp_path / "m.onnx").write_bytes(data.replace(b"OUTxx", b"OUT\xff\xfe"))
+    for args in (("inspect",), ("inspect", "--json")):
+        r = kiln(*args, tmp_path / "m.onnx", cwd=tmp_path)
+        assert r.returncode == 0 and "OUT\\xff\\xfe" in r.stdout.replace("\\\\", "\\"), r.stderr
+
+
+def test_run_summarizes_complex_outputs_without_warnings():
+    """A complex output (DFT) is summarized by magnitude: no ComplexWarning lines on stderr (fuzz finding)."""
+    import warnings
+
+    from kiln.cli import _summary
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        line = _summary("y", np.array([3 + 4j, 0j], np.complex64))
+    assert "|z|" in line and "max 5" in line
