@@ -20,7 +20,7 @@ from kiln.builder.precision import absorb_input_casts, assign_precision
 from kiln.builder.shapes import infer_shapes
 from kiln.builder.tactics import TimingCache, select_tactics
 from kiln.errors import BuildError
-from kiln.ir.network import Network, outer_reads
+from kiln.ir.network import Network, gc_paused, outer_reads
 from kiln.ir.verify import verify
 from kiln.kernels import KernelContext, tactics_for
 from kiln.kernels.ort_island import require_fallback
@@ -80,12 +80,17 @@ def prepare(network: Network, config: BuildConfig, progress: Progress | None = N
 
 def build(network: Network, config: BuildConfig | None = None, progress: Progress | None = None):
     """Optimize ``network`` for the configured device and return a runnable Engine."""
-    from kiln.engine.device import fingerprint
-    from kiln.runtime.engine import Engine
-
     config = config or BuildConfig()
     t0 = time.perf_counter()
     say = progress or (lambda stage, frac: None)
+    with gc_paused():
+        return _build(network, config, say, t0)
+
+
+def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
+    from kiln.engine.device import fingerprint
+    from kiln.runtime.engine import Engine
+
     net, device, profiles, biggest, peak = prepare(network, config, say)
     fp = fingerprint(device)
     opt = {t.name: _profile_shape(t, profiles, 1) for t in net.inputs}

@@ -7,8 +7,10 @@ freely. NOTE: kiln.ir must not import torch or onnx.
 """
 from __future__ import annotations
 
+import gc
 import itertools
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +20,20 @@ from kiln.ir.layers import check_layer   # the vocabulary check lives beside the
 
 Dim = int | str | None
 Shape = tuple[Dim, ...]
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a large network is made or rewritten: each of
+    its runs walks every live object, and a 100k-layer network is millions of them. It resumes
+    (if it was on) when the block ends."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -91,8 +107,10 @@ class Layer:
         old = self.inputs[index]
         if old is not None:
             if isinstance(old.uses, UseList):
-                if (self, index) in old.uses:
+                try:
                     old.uses.remove((self, index))
+                except ValueError:
+                    pass
             else:
                 old.uses = [(layer, i) for (layer, i) in old.uses if not (layer is self and i == index)]
         self.inputs[index] = tensor
@@ -175,12 +193,14 @@ class _IndexedList(list):
         p = self._pos.get(k)
         if p is not None and p < self._valid and self._key(list.__getitem__(self, p)) == k:
             return p
-        for i in range(self._valid, len(self)):
-            ki = self._key(list.__getitem__(self, i))
-            self._pos[ki] = i
-            self._valid = i + 1
-            if ki == k:
-                return i
+        n, step = len(self), 64
+        while self._valid < n:          # rescan forward in growing chunks (map/zip/update run in C)
+            lo, hi = self._valid, min(n, self._valid + step)
+            self._pos.update(zip(map(self._key, list.__getitem__(self, slice(lo, hi))), range(lo, hi)))
+            self._valid, step = hi, step * 2
+            p = self._pos.get(k)
+            if p is not None and lo <= p < hi:
+                return p
         raise ValueError(f"{x!r} is not in the list")     # unreachable while the index is kept
 
     def _edited(self, at: int) -> None:
@@ -388,19 +408,21 @@ class Network(LayerAPI):
         self.outputs = [new if t is old else t for t in self.outputs]
 
     def remove_layer(self, layer: Layer) -> None:
-        self._unlink(layer)
+        self.detach_layer(layer)
         self.layers.remove(layer)
 
     def remove_layers(self, layers: Iterable[Layer]) -> None:
         """Remove several layers at once (one pass over the layer list); readers go before what they read."""
         gone = set()
         for layer in layers:
-            self._unlink(layer)
+            self.detach_layer(layer)
             gone.add(id(layer))
         if gone:
             self.layers = [l for l in self.layers if id(l) not in gone]
 
-    def _unlink(self, layer: Layer) -> None:
+    def detach_layer(self, layer: Layer) -> None:
+        """remove_layer without the edit of the layer list: the layer stops reading its inputs and its
+        outputs leave the name table (refused while something still reads them)."""
         for i, t in enumerate(layer.inputs):
             if t is not None:
                 layer.set_input(i, None)

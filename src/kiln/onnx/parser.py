@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from kiln.errors import KilnError, ParseError, PluginError, UnsupportedOperatorError
-from kiln.ir.network import Layer, Network, Tensor
+from kiln.ir.network import Layer, Network, Tensor, gc_paused
 from kiln.onnx.registry import lookup
 from kiln.onnx.validate import check_node, dense, first_line, onnx_dtype, schema_of, tensor_value, text
 
@@ -204,7 +204,8 @@ def parse(model: Any, *, plugins: Sequence[str] = (), fallback: str | None = Non
     net = Network(text(proto.graph.name) or "network")
     net.metadata.update({"source": source, "producer": text(proto.producer_name), "opset": opsets.get(""),
                          "ir_version": proto.ir_version, "fallback": fallback})
-    _convert_graph(proto.graph, net, opsets, parent=None)
+    with gc_paused():
+        _convert_graph(proto.graph, net, opsets, parent=None)
     if fallback:
         islands.prune(net)
     return net

@@ -66,33 +66,75 @@ def replace_output(net: Network, old: Tensor, new: Tensor) -> None:
         net.rename(new, name)
 
 
-def substitute(net: Network, new: Layer, before: Layer, olds: list[Tensor], dead: list[Layer] = ()) -> None:
+class LayerEdits:
+    """Layer-order edits a pass collects while it rewrites and applies at once (``apply``): layers
+    placed before others and layers gone. Removed layers are disconnected at once (their inputs'
+    uses drop), so the rest of the pass sees the graph as it will be; only the list waits, which
+    keeps passes linear when their edits are far apart."""
+
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self.placed: dict[int, list[Layer]] = {}       # id(anchor) -> layers to put right before it
+        self.moved: set[int] = set()
+        self.gone: set[int] = set()
+
+    def alive(self, layer: Layer) -> bool:
+        return id(layer) not in self.gone and layer in self.net.layers
+
+    def place(self, new: Layer, before: Layer) -> None:
+        self.placed.setdefault(id(before), []).append(new)
+        self.moved.add(id(new))
+
+    def remove(self, layer: Layer) -> None:
+        self.net.detach_layer(layer)
+        self.gone.add(id(layer))
+
+    def apply(self) -> None:
+        if not self.placed and not self.gone:
+            return
+        order: list[Layer] = []
+        for layer in self.net.layers:
+            order.extend(self.placed.get(id(layer), ()))
+            if id(layer) not in self.gone and id(layer) not in self.moved:
+                order.append(layer)
+        self.net.layers = order
+        self.placed, self.moved, self.gone = {}, set(), set()
+
+
+def substitute(net: Network, new: Layer, before: Layer, olds: list[Tensor], dead: list[Layer] = (),
+               edits: LayerEdits | None = None) -> None:
     """Put the just-added layer ``new`` right before ``before`` in the layer order, make its outputs
     stand for ``olds`` (their shapes, dtypes and names; see replace_output), then remove those of
-    ``dead`` nothing reads any more."""
-    if net.layers[-1] is new:
-        net.layers.pop()
+    ``dead`` nothing reads any more. With ``edits``, the layer list changes when they are applied."""
+    if edits is not None:
+        edits.place(new, before)
     else:
-        net.layers.remove(new)
-    net.layers.insert(net.layers.index(before), new)
+        if net.layers[-1] is new:
+            net.layers.pop()
+        else:
+            net.layers.remove(new)
+        net.layers.insert(net.layers.index(before), new)
     for out, old in zip(new.outputs, olds):
         out.shape, out.dtype = old.shape, old.dtype
         replace_output(net, old, out)
-    remove_dead(net, list(dead))
+    remove_dead(net, list(dead), edits)
 
 
-def remove_dead(net: Network, layers: list[Layer]) -> None:
+def remove_dead(net: Network, layers: list[Layer], edits: LayerEdits | None = None) -> None:
     """Remove those of ``layers`` whose outputs nothing reads any more, until none is left to remove."""
     pending = {id(layer): layer for layer in layers}
     outputs = {id(t) for t in net.outputs}
     work = list(layers)
     while work:
         layer = work.pop()
-        if id(layer) not in pending or layer not in net.layers:
+        if id(layer) not in pending or not (edits.alive(layer) if edits is not None else layer in net.layers):
             continue
         if any(o.uses or id(o) in outputs for o in layer.outputs):
             continue
         del pending[id(layer)]
         feeds = [t.producer for t in layer.inputs if t is not None and t.producer is not None]
-        net.remove_layer(layer)
+        if edits is not None:
+            edits.remove(layer)
+        else:
+            net.remove_layer(layer)
         work.extend(p for p in feeds if id(p) in pending)

@@ -15,7 +15,7 @@ generated Triton kernel (kernels/pointwise_fused.py); elsewhere it runs step by 
 from __future__ import annotations
 
 from kiln.ir.network import Layer, Network
-from kiln.passes._match import scalar, substitute
+from kiln.passes._match import LayerEdits, scalar, substitute
 from kiln.passes.base import Pass, PassResult
 
 BINARY = {"sum", "sub", "prod", "div", "max", "min", "pow"}
@@ -59,29 +59,29 @@ class FusePointwise(Pass):
     def call(self, net: Network) -> PassResult:
         modified = False
         outputs = {id(t) for t in net.outputs}
+        position = {id(layer): i for i, layer in enumerate(net.layers)}     # fusing keeps the order of the rest
+        edits = LayerEdits(net)
         for tail in reversed(list(net.layers)):
-            if tail not in net.layers or not _fusable(tail):
+            if not edits.alive(tail) or not _fusable(tail):
                 continue
             out = tail.outputs[0]
-            order = self._region(net, tail, out, outputs)
-            made = _program(order, out)
-            while made is not None and len(made[0]) > MAX_INPUTS and len(order) > 2:
-                order = order[1:]           # the earliest steps stay separate layers, read as inputs
-                made = _program(order, out)
-            if len(order) < 2 or made is None or not made[0] or len(made[0]) > MAX_INPUTS:
+            order = _within_inputs(sorted(self._region(tail, out, outputs), key=lambda layer: position[id(layer)]))
+            made = _program(order, out) if len(order) >= 2 else None
+            if made is None or not made[0]:
                 continue
             inputs, program = made
             fused = net.add_layer("Pointwise", inputs, {"program": program},
                                   name=net.unique_name(tail.name + "/fused"),
                                   origin=[o for layer in order for o in layer.origin])
-            substitute(net, fused, tail, [out], order)
+            substitute(net, fused, tail, [out], order, edits)
             modified = True
+        edits.apply()
         return PassResult(net, modified)
 
     @staticmethod
-    def _region(net: Network, tail: Layer, out, outputs: set[int]) -> list[Layer]:
-        """The layers to fuse into ``tail``, in network order: grown backwards through producers
-        read only by the region, at most MAX_LAYERS of them."""
+    def _region(tail: Layer, out, outputs: set[int]) -> list[Layer]:
+        """The layers to fuse into ``tail``: grown backwards through producers read only by the region,
+        at most MAX_LAYERS of them."""
         region = [tail]
         members = {id(tail)}
         frontier = [tail]
@@ -100,7 +100,25 @@ class FusePointwise(Pass):
                 region.append(p)
                 members.add(id(p))
                 frontier.append(p)
-        return sorted(region, key=net.layers.index)
+        return region
+
+
+def _literal(t) -> bool:
+    """Whether a program takes this input as a number rather than as a tensor input."""
+    return scalar(t) is not None and t.dtype in FLOATS + ("int64", "int32")
+
+
+def _within_inputs(order: list[Layer]) -> list[Layer]:
+    """The longest tail of ``order`` whose program reads at most MAX_INPUTS tensors (the earlier steps
+    stay separate layers, read as inputs)."""
+    outside: set[int] = set()
+    for k in range(len(order) - 1, -1, -1):
+        layer = order[k]
+        outside.discard(id(layer.outputs[0]))       # made inside from here on
+        outside.update(id(t) for t in layer.inputs if t is not None and not _literal(t))
+        if len(outside) > MAX_INPUTS:
+            return order[k + 1:]
+    return order
 
 
 def _program(order: list[Layer], out) -> tuple[list, list[dict]] | None:
@@ -120,9 +138,8 @@ def _program(order: list[Layer], out) -> tuple[list, list[dict]] | None:
             if t.producer is not None and id(t.producer) in members:
                 args.append(names[id(t)])
                 continue
-            c = scalar(t)
-            if c is not None and t.dtype in FLOATS + ("int64", "int32"):
-                args.append(c)
+            if _literal(t):
+                args.append(scalar(t))
                 continue
             if t.dtype not in FLOATS or t.shape is None or len(t.shape) > len(out.shape):
                 return None
