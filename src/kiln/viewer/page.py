@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from kiln.ir.network import gc_paused
 from kiln.viewer import grouping, layout
 from kiln.viewer.graph import ViewModel, ViewWeight
 from kiln.viewer.placement import METRICS
@@ -80,14 +81,12 @@ def no_gc() -> Iterator[None]:
     """Pause the cyclic garbage collector: building a page allocates millions of small, long-lived objects
     and full collections over them cost more than the work itself (10k nodes: 0.7 s → 0.3 s)."""
     was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            if FREEZE_AFTER_BUILD:
+    with gc_paused():
+        try:
+            yield
+        finally:
+            if was and FREEZE_AFTER_BUILD:
                 gc.freeze()
-            gc.enable()
 
 
 @dataclass
