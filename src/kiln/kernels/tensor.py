@@ -1,6 +1,8 @@
 """Shape and data-movement layers: Shuffle, Concatenation, Slice, Gather, Scatter, Cast, ..."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kiln.errors import BuildError, ShapeError
@@ -357,9 +359,13 @@ def make_constant_of_shape(attrs, ctx):
 
 @tactic("Range")
 def make_range(attrs, ctx):
+    name = ctx.layer_name
+
     def run(start, limit, delta):
         s, l, d = start.reshape(-1)[0].item(), limit.reshape(-1)[0].item(), delta.reshape(-1)[0].item()
-        import math
+        if d == 0 or not all(math.isfinite(v) for v in (s, l, d)):
+            raise ShapeError(f"Range {name!r} got start={s}, limit={l}, delta={d}: the delta must be non-zero and "
+                             f"all three finite (ONNX Range); check the values the model computes for them.")
         n = max(0, math.ceil((l - s) / d))
         return (torch.arange(n, dtype=start.dtype, device=start.device) * d + s if start.dtype.is_floating_point
                 else (torch.arange(n, dtype=torch.int64, device=start.device) * int(d) + int(s)).to(start.dtype),)
