@@ -1,0 +1,212 @@
+"""The dynamic batcher: one bounded queue per model, merged batches, one worker per execution context.
+
+Requests wait in arrival order. A free worker takes the oldest request and every later one with
+the same merge key (the same shape past the batch axis) while the rows fit one profile and the
+merge limit; it runs at once when the batch reaches the limit or a preferred size, else waits up
+to the queue delay (counted from the oldest request's arrival) for more. Outputs are split back
+by rows. A merged batch that fails is re-run one request at a time, so a request's error is its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from kiln.errors import KilnError
+from kiln.serve.errors import BadRequest, DeadlineExceeded, InternalError, ServeError, Unavailable
+from kiln.serve.metrics import ModelStats
+from kiln.serve.model import ServedModel
+
+log = logging.getLogger("kiln.serve")
+
+
+
+class Instance(Protocol):
+    """One execution context of the model (with its CUDA stream on a GPU)."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(eq=False)
+class _Pending:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    key: tuple
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Queues requests for one model and runs them, merged, on the model's execution contexts."""
+
+    def __init__(self, model: ServedModel, instances: list[Instance], stats: ModelStats) -> None:
+        self.model = model
+        self.stats = stats
+        opts = model.options
+        self._merge = model.batch_axis and opts.batching and model.max_batch > 1
+        self._delay = opts.max_queue_delay_us / 1e6
+        self._preferred = sorted({p for p in opts.preferred_batch_sizes if p <= model.max_batch})
+        self._queue: list[_Pending] = []
+        self._arrived = asyncio.Event()
+        self._form_lock = asyncio.Lock()
+        self._closed = False
+        self._executor = ThreadPoolExecutor(len(instances), thread_name_prefix=f"kiln-serve-{model.name}")
+        self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in instances]
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # ---- the caller's side -------------------------------------------------------------------
+    async def infer(self, feeds: dict[str, np.ndarray], rows: int, key: tuple,
+                    timeout_s: float | None) -> dict[str, np.ndarray]:
+        """The outputs for one checked request; raises Unavailable when the queue is full or closed."""
+        name = self.model.name
+        if self._closed:
+            raise Unavailable(f"Model {name!r} is unloading or the server is shutting down; retry on another "
+                              f"server or after it is loaded again.")
+        if len(self._queue) >= self.model.options.max_queue:
+            raise Unavailable(f"Model {name!r} has {len(self._queue)} requests queued, its limit (--max-queue); "
+                              f"retry later, or serve it with more --instances or a larger --max-queue.")
+        pending = _Pending(feeds, rows, key, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self.stats.queue_depth = len(self._queue)
+        self._arrived.set()
+        try:
+            return await asyncio.wait_for(pending.future, timeout_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"The request to model {name!r} did not finish within {timeout_s * 1e3:.0f} ms; "
+                                   f"give it a longer timeout or lower the load.") from None
+        finally:
+            if not pending.future.done():
+                pending.future.cancel()
+            if pending in self._queue:          # timed out or the client went away while queued
+                self._queue.remove(pending)
+                self.stats.queue_depth = len(self._queue)
+
+    async def close(self) -> None:
+        """Stops taking requests, finishes every queued one, then stops the workers."""
+        self._closed = True
+        self._arrived.set()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ---- the workers' side -------------------------------------------------------------------
+    async def _worker(self, instance: Instance) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self._form_lock:
+                batch = await self._next_batch()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            self.stats.queue_depth = len(self._queue)
+            started = time.monotonic()
+            for p in batch:
+                self.stats.queue_seconds.observe(started - p.arrived)
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, instance, batch)
+            except Exception as exc:           # noqa: BLE001 - never leave a request waiting
+                log.exception("model %s: batch failed", self.model.name)
+                results = [InternalError(f"Model {self.model.name!r} failed on a batch ({type(exc).__name__}); "
+                                         f"please report it.")] * len(batch)
+            self.stats.compute_seconds.observe(time.monotonic() - started)
+            self.stats.batch_size.observe(sum(max(p.rows, 1) for p in batch))
+            for p, r in zip(batch, results):
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    p.future.set_result(r)
+
+    async def _next_batch(self) -> list[_Pending] | None:
+        while True:
+            self._queue = [p for p in self._queue if not p.future.done()]
+            if not self._queue:
+                if self._closed:
+                    return None
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            head = self._queue[0]
+            if not self._merge:
+                return self._take([head])
+            while not head.future.done():
+                group, ready = self._group(head)
+                wait = head.arrived + self._delay - time.monotonic()
+                if ready or wait <= 0 or self._closed:
+                    return self._take(group)
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _group(self, head: _Pending) -> tuple[list[_Pending], bool]:
+        """Compatible queued requests from ``head`` on, and whether they should run now (the merge limit
+        or a preferred size reached)."""
+        group, rows, sizes = [head], head.rows, [head.rows]
+        if rows >= self.model.max_batch:
+            return group, True
+        for p in self._queue[1:]:
+            if p.key == head.key and not p.future.done() and self.model.merged_fits(rows + p.rows, head.key):
+                group.append(p)
+                rows += p.rows
+                sizes.append(rows)
+                if rows >= self.model.max_batch:
+                    return group, True
+        for size in reversed(self._preferred):
+            if size in sizes:
+                return group[:sizes.index(size) + 1], True
+        return group, False
+
+    def _take(self, group: list[_Pending]) -> list[_Pending]:
+        ids = {id(p) for p in group}
+        self._queue = [p for p in self._queue if id(p) not in ids]
+        live = [p for p in group if not p.future.done()]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("model %s: batch of %d requests, %d rows, %d queued", self.model.name, len(live),
+                      sum(p.rows for p in live), len(self._queue))
+        return live
+
+    def _compute(self, instance: Instance, batch: list[_Pending]) -> list[Any]:
+        """Runs on a worker thread: one merged run, split by rows; one run per request if that fails."""
+        if not batch:
+            return []
+        if len(batch) > 1:
+            names = list(batch[0].feeds)
+            merged = {n: np.concatenate([p.feeds[n] for p in batch]) for n in names}
+            try:
+                outs = instance.run(merged)
+                total = sum(p.rows for p in batch)
+                if all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == total for v in outs.values()):
+                    results, start = [], 0
+                    for p in batch:
+                        results.append({n: v[start:start + p.rows] for n, v in outs.items()})
+                        start += p.rows
+                    return results
+                log.warning("model %s: an output's first dimension is not the batch; running requests one by one",
+                            self.model.name)
+            except Exception as exc:           # noqa: BLE001 - isolate the request that caused it below
+                log.debug("model %s: merged batch failed (%s); running its requests one by one",
+                          self.model.name, exc)
+        return [self._one(instance, p) for p in batch]
+
+    def _one(self, instance: Instance, p: _Pending) -> Any:
+        try:
+            return instance.run(p.feeds)
+        except ServeError as exc:
+            return exc
+        except KilnError as exc:
+            return BadRequest(str(exc))
+        except Exception as exc:               # noqa: BLE001 - a bug: the request fails, the server stays up
+            log.exception("model %s: inference failed", self.model.name)
+            return InternalError(f"Model {self.model.name!r} failed on this request ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); please report it.")

@@ -1,0 +1,112 @@
+"""Run the server: load the repository, listen (HTTP and gRPC), and drain on shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kiln.errors import KilnError
+from kiln.serve.core import ServerCore
+from kiln.serve.metrics import Metrics
+from kiln.serve.model import ModelOptions
+from kiln.serve.repository import ModelRepository
+
+log = logging.getLogger("kiln.serve")
+
+
+@dataclass
+class ServeConfig:
+    """Where to listen and what to serve; port 0 picks a free port, None turns that protocol off."""
+
+    path: str
+    host: str = "127.0.0.1"
+    http_port: int | None = 8000
+    grpc_port: int | None = 8001
+    max_request_mb: float = 64.0
+    drain_seconds: float = 30.0
+    model: ModelOptions = field(default_factory=ModelOptions)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return max(1, int(self.max_request_mb * (1 << 20)))
+
+
+@dataclass
+class Listening:
+    """Where the server listens, once it does."""
+
+    http: str | None
+    grpc: str | None
+    models: list[str]
+
+    def line(self) -> str:
+        parts = [f"HTTP on http://{self.http}" if self.http else "", f"gRPC on {self.grpc}" if self.grpc else ""]
+        return (f"kiln serve: {', '.join(p for p in parts if p)}; models: {', '.join(self.models)}")
+
+
+async def serve(config: ServeConfig, stop: asyncio.Event,
+                on_listening: Callable[[Listening], None] | None = None) -> None:
+    """Serves until ``stop`` is set, then stops listening and finishes every request already taken."""
+    if config.http_port is None and config.grpc_port is None:
+        raise KilnError("Both HTTP and gRPC are turned off; serve at least one of them.")
+    repo = ModelRepository(config.path, config.model, Metrics())
+    names = sorted(repo.available())
+    if not names:
+        raise KilnError(f"No engines in {repo.folder!r}: serve a folder of MODEL.kiln files (kiln build -o) or "
+                        f"one engine file.")
+    for name in names:
+        try:
+            await repo.load(name)
+        except KilnError as exc:
+            await repo.close()
+            raise KilnError(str(exc)) from None
+    core = ServerCore(repo, repo.metrics)
+    runner = grpc_server = None
+    http_at = grpc_at = None
+    try:
+        if config.http_port is not None:
+            from aiohttp import web
+
+            from kiln.serve.http import make_app
+            runner = web.AppRunner(make_app(core, config.max_request_bytes), access_log=None,
+                                   handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, config.host, config.http_port, shutdown_timeout=config.drain_seconds)
+            await _bind(site.start(), "HTTP", config.host, config.http_port)
+            host, port = runner.addresses[0][:2]
+            http_at = f"{_host(host)}:{port}"
+        if config.grpc_port is not None:
+            from kiln.serve.grpc_service import make_server
+            grpc_server = make_server(core, config.max_request_bytes)
+            port = grpc_server.add_insecure_port(f"{_host(config.host)}:{config.grpc_port}")
+            if not port:
+                raise KilnError(f"Cannot listen for gRPC on {config.host}:{config.grpc_port} (in use or not an "
+                                f"address of this machine); pick another --grpc-port or --host.")
+            await grpc_server.start()
+            grpc_at = f"{_host(config.host)}:{port}"
+        if on_listening is not None:
+            on_listening(Listening(http_at, grpc_at, sorted(repo.loaded)))
+        await stop.wait()
+        log.info("draining: no new requests; finishing those in flight")
+    finally:
+        core.draining = True
+        pending = []
+        if grpc_server is not None:
+            pending.append(grpc_server.stop(config.drain_seconds))
+        if runner is not None:
+            pending.append(runner.cleanup())
+        await asyncio.gather(*pending, return_exceptions=True)
+        await repo.close()
+
+
+async def _bind(start, what: str, host: str, port: int) -> None:
+    try:
+        await start
+    except OSError as exc:
+        raise KilnError(f"Cannot listen for {what} on {host}:{port} ({exc.strerror or exc}); pick another port "
+                        f"or --host.") from None
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
