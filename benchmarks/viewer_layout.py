@@ -1,13 +1,11 @@
-"""Viewer layout timing on BERT-like encoders of 1k/5k/10k/50k nodes (kiln.viewer.samples.transformer).
+"""Viewer layout timing in Python on BERT-like encoders of 1k/5k/10k/50k nodes (kiln.viewer.samples.transformer).
 
 For each size it reports, in seconds on this machine:
   read      ONNX file → view graph (protobuf parse, shape inference)
-  first     what `kiln view` lays out before the page opens: clusters of the first view only, and their coordinates
+  first     what `kiln view` lays out before the page opens: the structure of the first view's clusters only
   structure name-scope clusters + Sugiyama structure of every cluster (ranks, dummies, order) + page data
-  grouped   coordinates of the view that opens first (groups collapsed when large)
-  expanded  coordinates with every group expanded
-  flat      structure + coordinates of the same graph with its name scopes removed (one 10k-node layer graph)
-"layout" = structure + grouped is the number the issue's "under 2 s for 10,000 nodes" refers to.
+  flat      structure of the same graph with its name scopes removed (one 10k-node layer graph)
+Coordinates are computed by the page (static/layout.js): benchmarks/viewer_page.py measures them in Chromium.
 
     python benchmarks/viewer_layout.py [--sizes 1000,5000,10000,50000] [--no-flat] [--repeat N]
 """
@@ -24,7 +22,6 @@ import onnx
 from kiln.viewer import samples
 from kiln.viewer.formats.onnx import read
 from kiln.viewer.page import build_pane
-from kiln.viewer.placement import Placer
 
 
 def _t(fn):
@@ -38,21 +35,14 @@ def measure(nodes: int, flat: bool) -> dict:
         path = os.path.join(tmp, "model.onnx")
         onnx.save(samples.transformer(nodes), path)
         model, t_read = _t(lambda: read(path))
-    lazy, t_lazy = _t(lambda: build_pane(model, lazy=True))
-    _, t_lazy_scene = _t(lambda: Placer(lazy.data, set(lazy.data["expanded"])).scene())
+    _, t_lazy = _t(lambda: build_pane(model, lazy=True))
     pane, t_struct = _t(lambda: build_pane(model))
-    data = pane.data
-    _, t_grouped = _t(lambda: Placer(data, set(data["expanded"])).scene())
-    every = {i for i, c in enumerate(data["clusters"]) if c["kind"] == "group"}
-    scene, t_expanded = _t(lambda: Placer(data, every).scene())
-    row = {"nodes": len(model.graph.nodes), "clusters": len(data["clusters"]), "read": t_read, "first": t_lazy + t_lazy_scene,
-           "structure": t_struct, "grouped": t_grouped, "expanded": t_expanded, "boxes": len(scene["boxes"])}
+    row = {"nodes": len(model.graph.nodes), "clusters": len(pane.data["clusters"]), "read": t_read, "first": t_lazy,
+           "structure": t_struct}
     if flat:
         for n in model.graph.nodes:
             n.group = ()
-        flat_pane, t_fs = _t(lambda: build_pane(model))
-        _, t_fc = _t(lambda: Placer(flat_pane.data, set()).scene())
-        row["flat"] = t_fs + t_fc
+        _, row["flat"] = _t(lambda: build_pane(model))
     return row
 
 
@@ -63,14 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per size; the fastest of each column is shown "
                                                           "(a shared machine only ever adds time)")
     args = ap.parse_args(argv)
-    print(f"{'nodes':>7} {'clusters':>8} {'read':>7} {'first':>7} {'structure':>9} {'grouped':>8} {'layout':>7} "
-          f"{'expanded':>8} {'struct+exp':>10} {'flat':>7}")
+    print(f"{'nodes':>7} {'clusters':>8} {'read':>7} {'first':>7} {'structure':>9} {'flat':>7}")
     for n in (int(s) for s in args.sizes.split(",")):
         runs = [measure(n, not args.no_flat) for _ in range(args.repeat)]
         r = {k: min(run[k] for run in runs) for k in runs[0]}
         print(f"{r['nodes']:>7} {r['clusters']:>8} {r['read']:>7.2f} {r['first']:>7.2f} {r['structure']:>9.2f} "
-              f"{r['grouped']:>8.2f} "
-              f"{r['structure'] + r['grouped']:>7.2f} {r['expanded']:>8.2f} {r['structure'] + r['expanded']:>10.2f} "
               f"{r.get('flat', float('nan')):>7.2f}", flush=True)
     return 0
 

@@ -1,5 +1,6 @@
 """The page in headless Chromium (Debian's chromium, driven by Playwright): drawing, sidebar, search, groups,
-subgraphs, keyboard, export, the offline HTML file, the error page, and the JS layout matching Python's."""
+subgraphs, keyboard, export (the page's own and headless, which must be the same picture), the offline HTML file
+and the error page."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 from viewer_testing import settle, wait_ready
 
-from kiln.viewer import documents, serve, view
-from kiln.viewer.placement import Placer
+from kiln.viewer import serve, view
 
 pytestmark = pytest.mark.browser
 
@@ -103,13 +103,16 @@ def test_toggles_and_direction_relayout(page, yolo_server):
     assert w > h
 
 
-def test_export_svg_from_page(page, yolo_server):
+def test_export_svg_from_page_is_the_headless_export(page, yolo_server, yolo_path, tmp_path):
+    """The page's Export menu and `kiln view --export x.svg` draw the same picture, byte for byte."""
     open_page(page, yolo_server.url)
     page.click("#b-export")
     with page.expect_download() as dl:
         page.click("#export-menu [data-fmt='svg']")
-    text = open(dl.value.path()).read()
+    text = open(dl.value.path(), encoding="utf-8").read()
     assert text.startswith("<svg") and text.count('class="node ') == 217
+    headless = view(yolo_path, export=tmp_path / "yolo.svg").read_text(encoding="utf-8")
+    assert headless == text
 
 
 def test_expand_and_collapse_group_in_place(page, big_path):
@@ -231,35 +234,6 @@ def test_engine_and_model_side_by_side(page, yolo_path, tmp_path):
         assert page.locator(".kg .node .heat").count() >= 1
     finally:
         s.stop()
-
-
-@pytest.mark.parametrize("state", [
-    {"expanded": "default", "rankdir": "TB", "toggles": {"attributes": False, "weights": True, "names": False}},
-    {"expanded": "all", "rankdir": "LR", "toggles": {"attributes": True, "weights": True, "names": True}},
-    {"expanded": "none", "rankdir": "TB", "toggles": {"attributes": False, "weights": False, "names": False}},
-])
-def test_page_layout_matches_python(page, yolo_server, yolo_path, state):
-    """The browser recomputes coordinates from the Python structure: both must give the same picture."""
-    open_page(page, yolo_server.url)
-    pane = documents.build_document(yolo_path).page["panes"][0]
-    groups = [i for i, c in enumerate(pane["clusters"]) if c["kind"] == "group"]
-    exp = {"default": pane["expanded"], "all": groups, "none": []}[state["expanded"]]
-    js = page.evaluate("""([exp, toggles, rankdir]) => {
-        const ps = kilnApp.panes[0];
-        const p = new Kiln.Placer(ps.pane, kilnApp.data.metrics, new Set(exp), new Set(), toggles, rankdir);
-        const s = p.scene(0);
-        return {boxes: s.boxes, edges: s.edges.map(e => ({pts: e.pts, label: e.label || null})), w: s.width, h: s.height};
-    }""", [exp, state["toggles"], state["rankdir"]])
-    py = Placer(pane, set(exp), toggles=state["toggles"], rankdir=state["rankdir"]).scene()
-    assert abs(js["w"] - py["width"]) < 1e-6 and abs(js["h"] - py["height"]) < 1e-6
-    assert len(js["boxes"]) == len(py["boxes"]) and len(js["edges"]) == len(py["edges"])
-    for a, b in zip(js["boxes"], py["boxes"]):
-        assert (a["kind"], a["id"]) == (b["kind"], b["id"])
-        for k in ("x", "y", "w", "h"):
-            assert abs(a[k] - b[k]) < 1e-6, (a, b)
-    for a, b in zip(js["edges"], py["edges"]):
-        assert np.allclose(a["pts"], b["pts"], atol=1e-6)
-        assert (a["label"] is None) == (b.get("label") is None)
 
 
 def test_png_export(yolo_path, tmp_path, browser):

@@ -108,3 +108,30 @@ def test_notebook_gets_an_inline_page(monkeypatch, yolo_path):
     html = shown._repr_html_()
     assert html.startswith("<iframe srcdoc=") and "kiln-data" in html and "&lt;script" in html
     assert "/model.24/m.0/Conv" in html
+
+
+def test_picture_export_without_playwright_is_one_line(capsys, monkeypatch, yolo_path, tmp_path):
+    """SVG and PNG are drawn by the page in headless Chromium: without Playwright, one line says what to install;
+    the .html export needs neither."""
+    import sys
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)          # `import playwright.sync_api` fails
+    for name in ("x.svg", "x.png"):
+        code, out, err = run(capsys, yolo_path, "--export", tmp_path / name)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert "pip install kiln[viewer]" in err and "chromium" in err and not (tmp_path / name).exists()
+    assert run(capsys, yolo_path, "--export", tmp_path / "x.html")[0] == 0
+
+
+def test_picture_export_without_chromium_is_one_line(capsys, monkeypatch, yolo_path, tmp_path):
+    from kiln.viewer import export
+    pytest.importorskip("playwright.sync_api")
+    fresh = export._Chromium()                            # the process's browser may already be running
+    monkeypatch.setattr(export, "CHROMIUM", fresh)
+    monkeypatch.setattr(export, "find_chromium", lambda: str(tmp_path / "no-such-chromium"))
+    try:
+        code, out, err = run(capsys, yolo_path, "--export", tmp_path / "x.svg")
+    finally:
+        fresh.close()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "could not start headless Chromium" in err and "apt-get install chromium" in err
+    assert not (tmp_path / "x.svg").exists()

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from viewer_testing import wait_ready
 
-from kiln.viewer import accuracy, command, documents, render, serve
-from kiln.viewer.export import scene_for, svg_text
+from kiln.viewer import accuracy, command, documents, serve
+from kiln.viewer.export import picture, svg_text
 
 RED_END, GREEN_END = "#af1d1d", "#189518"          # accuracy.color(1) and color(0)
 
@@ -212,8 +212,7 @@ def test_export_collapsed_group_shows_its_worst_member(files):
     model, errs = files
     page = documents.build_document(model, errors=errs).page
     pane = page["panes"][0]
-    scene, toggles = scene_for(pane, page, expanded=set())
-    svg = render.svg(pane, scene, toggles, errors=page["errors"])
+    svg = picture(page, "svg", expanded=set())
     enc = next(i for i, c in enumerate(pane["clusters"]) if c["name"] == "enc")
     group = re.search(rf'<g class="group[^"]*" data-cluster="{enc}".*?</g>', svg, re.DOTALL).group(0)
     relu = accuracy.color(0.6)

@@ -1,5 +1,5 @@
-"""The layered layout: structure (ranks, dummies, order) and coordinates (no overlaps, forward edges, straight
-long edges, deterministic)."""
+"""The layered layout: structure (ranks, dummies, order) in Python, and the coordinates the page computes from it
+(no overlaps, forward edges, straight long edges, deterministic), measured in headless Chromium."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,20 @@ import subprocess
 import sys
 
 import pytest
-from viewer_testing import overlaps, scene
+from viewer_testing import open_offline, overlaps, placed
 
-from kiln.viewer import layout
-from kiln.viewer.placement import Placer
+from kiln.viewer import documents, layout
+
+
+@pytest.fixture(scope="module")
+def yolo_page(browser, yolo_path):
+    """The mini YOLO's page, loaded once for the coordinate tests; (page data of pane 0, Playwright page)."""
+    ctx = browser.new_context(viewport={"width": 1200, "height": 800}, offline=True)
+    pg = ctx.new_page()
+    doc = documents.build_document(yolo_path)
+    open_offline(pg, doc.page)
+    yield doc.page["panes"][0], pg
+    ctx.close()
 
 
 def test_chain_with_skip_edge_gets_one_dummy_per_rank():
@@ -60,10 +70,12 @@ def test_tree_is_drawn_without_crossings():
     assert layout.crossings(s.layers, down) == 0
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("expanded", ["all", "none", "default"])
 @pytest.mark.parametrize("rankdir", ["TB", "LR"])
-def test_no_boxes_overlap(yolo_path, expanded, rankdir):
-    pane, sc = scene(yolo_path, expanded, rankdir)
+def test_no_boxes_overlap(yolo_page, expanded, rankdir):
+    pane, pg = yolo_page
+    sc = placed(pg, expanded=expanded, rankdir=rankdir)
     solid = [b for b in sc["boxes"] if b["kind"] in ("node", "group")]
     assert solid and overlaps(solid) == []
     for b in sc["boxes"]:                  # everything inside the drawing
@@ -71,8 +83,10 @@ def test_no_boxes_overlap(yolo_path, expanded, rankdir):
         assert b["x"] + b["w"] <= sc["width"] + 1e-6 and b["y"] + b["h"] <= sc["height"] + 1e-6
 
 
-def test_frames_contain_their_members(yolo_path):
-    pane, sc = scene(yolo_path, "all")
+@pytest.mark.browser
+def test_frames_contain_their_members(yolo_page):
+    pane, pg = yolo_page
+    sc = placed(pg, expanded="all")
     frames = {b["id"]: b for b in sc["boxes"] if b["kind"] == "frame"}
     for b in sc["boxes"]:
         if b["kind"] != "node":
@@ -85,10 +99,12 @@ def test_frames_contain_their_members(yolo_path):
             c = pane["clusters"][c]["parent"]
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("rankdir", ["TB", "LR"])
-def test_edges_point_forward(yolo_path, rankdir):
+def test_edges_point_forward(yolo_page, rankdir):
     """Every producer → consumer pair of the DAG: the consumer starts after the producer ends."""
-    pane, sc = scene(yolo_path, "all", rankdir)
+    pane, pg = yolo_page
+    sc = placed(pg, expanded="all", rankdir=rankdir)
     box = {b["id"]: b for b in sc["boxes"] if b["kind"] == "node"}
     producer = {}
     for i, n in enumerate(pane["nodes"]):
@@ -113,16 +129,17 @@ def test_edges_point_forward(yolo_path, rankdir):
             assert (y1 >= y0) if rankdir == "TB" else (x1 >= x0)
 
 
-def test_long_edges_are_straight(big_path):
+@pytest.mark.browser
+def test_long_edges_are_straight(page, big_path):
     """With name scopes removed the 10k-node encoder is one layer graph; the mask's trunk, which spans
     thousands of ranks, and the residual skips stay on one vertical line almost everywhere."""
     from kiln.viewer.formats.onnx import read
-    from kiln.viewer.page import build_pane
+    from kiln.viewer.page import build_pane, page_json
     model = read(big_path)
     for n in model.graph.nodes:
         n.group = ()
-    pane = build_pane(model).data
-    sc = Placer(pane, set()).scene()
+    open_offline(page, page_json([build_pane(model)]))
+    sc = placed(page, expanded="none")
     trunks = [e for e in sc["edges"] if len(e["pts"]) > 4]
     assert trunks
     bends = total = 0
@@ -138,10 +155,10 @@ def test_long_edges_are_straight(big_path):
 
 
 def test_layout_is_deterministic_across_processes(yolo_path):
-    """Same file, different hash seeds → the same page data and the same picture."""
-    code = ("import hashlib,json,sys;from kiln.viewer import documents, export;"
+    """Same file, different hash seeds → the same page data (the page computes the picture from it alone)."""
+    code = ("import hashlib,json,sys;from kiln.viewer import documents;"
             "d=documents.build_document(sys.argv[1]);"
-            "print(hashlib.sha256((json.dumps(d.page,sort_keys=True)+export.svg_text(d.page)).encode()).hexdigest())")
+            "print(hashlib.sha256(json.dumps(d.page,sort_keys=True).encode()).hexdigest())")
     digests = set()
     for seed in ("1", "2", "3"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
@@ -151,22 +168,25 @@ def test_layout_is_deterministic_across_processes(yolo_path):
     assert len(digests) == 1
 
 
-def test_toggles_change_sizes_not_structure(yolo_path):
-    pane, plain = scene(yolo_path, "all")
-    _, rich = scene(yolo_path, "all", toggles={"attributes": True, "weights": True, "names": True})
+@pytest.mark.browser
+def test_toggles_change_sizes_not_structure(yolo_page):
+    _, pg = yolo_page
+    plain = placed(pg, expanded="all")
+    rich = placed(pg, expanded="all", toggles={"attributes": True, "weights": True, "names": True})
     assert len(plain["boxes"]) == len(rich["boxes"])
     assert rich["height"] > plain["height"]
     assert overlaps([b for b in rich["boxes"] if b["kind"] in ("node", "group")]) == []
 
 
-def test_control_flow_bodies_open_in_place(control_flow_path):
-    from kiln.viewer import documents
+@pytest.mark.browser
+def test_control_flow_bodies_open_in_place(page, control_flow_path):
     doc = documents.build_document(control_flow_path)
     pane = doc.page["panes"][0]
-    owners = {i for i, n in enumerate(pane["nodes"]) if n.get("sub")}
+    owners = sorted(i for i, n in enumerate(pane["nodes"]) if n.get("sub"))
     assert {pane["nodes"][i]["op"] for i in owners} == {"If", "Loop"}
-    closed = Placer(pane, set(pane["expanded"])).scene()
-    opened = Placer(pane, set(pane["expanded"]), opened=owners).scene()
+    open_offline(page, doc.page)
+    closed = placed(page)
+    opened = placed(page, opened=owners)
     bodies = [b for b in opened["boxes"] if b.get("body")]
     assert len(bodies) == 3                        # then, else, loop body
     assert opened["height"] > closed["height"]
@@ -176,7 +196,6 @@ def test_control_flow_bodies_open_in_place(control_flow_path):
 
 
 def test_structure_json_round_trips(yolo_path):
-    from kiln.viewer import documents
     doc = documents.build_document(yolo_path)
     text = json.dumps(doc.page)
     assert json.loads(text)["panes"][0]["clusters"][0]["s"]["layers"]

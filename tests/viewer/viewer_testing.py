@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import http.client
+import tempfile
+from pathlib import Path
 
-from kiln.viewer import documents
-from kiln.viewer.placement import Placer
+from kiln.viewer import export
 
 
 def wait_ready(pg, timeout: float = 30_000) -> None:
@@ -21,16 +22,29 @@ def settle(pg) -> None:
     raise TimeoutError("the page stayed busy for 60 s")
 
 
-def scene(path, expanded: str = "default", rankdir: str = "TB", toggles: dict | None = None):
-    doc = documents.build_document(path, rankdir=rankdir)
-    pane = doc.page["panes"][0]
-    if expanded == "default":
-        exp = set(pane["expanded"])
-    elif expanded == "all":
-        exp = {i for i, c in enumerate(pane["clusters"]) if c["kind"] == "group"}
-    else:
-        exp = set()
-    return pane, Placer(pane, exp, toggles=toggles, rankdir=rankdir).scene()
+def open_offline(pg, page: dict) -> None:
+    """Load the self-contained page of ``page`` (a page_json document) from a file, as an exported one opens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "page.html")
+        path.write_text(export.html_document(dict(page, server=False)), encoding="utf-8")
+        pg.goto(path.as_uri())
+        wait_ready(pg)
+    assert pg.evaluate("document.body.dataset.ready") == "1"
+
+
+def placed(pg, pane: int = 0, expanded: str | list = "default", rankdir: str = "TB", toggles: dict | None = None,
+           opened: list | None = None) -> dict:
+    """The page's own layout (``Kiln.Placer``) of a loaded pane in the given state: boxes, edges, size.
+    ``expanded``: "default" (the pane's first view), "all", "none" or a list of cluster ids."""
+    return pg.evaluate("""([pi, exp, opened, toggles, rankdir]) => {
+        const ps = kilnApp.panes[pi], clusters = ps.pane.clusters;
+        const e = exp === "default" ? ps.pane.expanded : exp === "none" ? []
+          : exp === "all" ? clusters.map((c, i) => c.kind === "group" ? i : -1).filter((i) => i >= 0) : exp;
+        const t = Object.assign({attributes: false, weights: true, names: false}, toggles || {});
+        const s = new Kiln.Placer(ps.pane, new Set(e), new Set(opened), t, rankdir).scene(0);
+        return {boxes: s.boxes, width: s.width, height: s.height,
+                edges: s.edges.map((g) => ({pts: g.pts, t: g.t, arrow: g.arrow, label: g.label || null}))};
+    }""", [pane, expanded, opened or [], toggles, rankdir])
 
 
 def overlaps(boxes: list[dict]) -> list[tuple[int, int]]:

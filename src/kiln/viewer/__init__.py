@@ -4,8 +4,10 @@
     kiln.viewer.view("model.onnx", export="model.svg")   # or .png / .html, no server
     kiln.viewer.view(onnx_model)                         # in Jupyter: shown inline
 
-Readers (``kiln.viewer.formats``) turn files into one view graph; layout is
-computed in Python so the page and the exports draw the same picture.
+Readers (``kiln.viewer.formats``) turn files into one view graph; Python gives
+each cluster its layered structure, and the page computes coordinates and draws
+them; SVG and PNG export drive that same page in headless Chromium, so the page
+and the exports draw the same picture.
 Nothing heavy is imported until a function runs.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each tensor record names a node (``node``) and/or one of its outputs (``tensor``); a node takes the worst of
 its records and a group the worst of its members. Colours are decided here, once, and travel in the page
-data: ``render.py`` and ``static/view.js`` only paint them.
+data: ``static/view.js`` only paints them.
 """
 from __future__ import annotations
 

@@ -1,23 +1,28 @@
-"""Headless export: SVG and PNG pictures, and one self-contained interactive HTML file.
+"""Headless export: one self-contained interactive HTML file, and SVG and PNG pictures drawn by that page.
 
 The HTML file inlines the page's CSS and scripts and embeds the page data, so it
-opens from disk with the network off. PNG rasterizes the SVG in headless
-Chromium through Playwright (``pip install playwright`` and a Chromium, e.g.
-Debian's ``chromium`` package); nothing else is needed for SVG and HTML.
+opens from disk with the network off. Layout and drawing have one implementation,
+the page's (``static/layout.js``, ``static/view.js``): SVG and PNG export open the
+HTML file in headless Chromium through Playwright and ask the page for its
+picture (``kilnApp.picture``), so an export is exactly what the page draws.
 """
 from __future__ import annotations
 
+import atexit
+import base64
 import os
 import pathlib
+import queue
 import re
 import shutil
+import tempfile
 import threading
 from importlib import resources
+from typing import Any, Callable
 
 from kiln.errors import ViewerError
 from kiln.viewer import page as pagemod
-from kiln.viewer import render, weights
-from kiln.viewer.placement import Placer
+from kiln.viewer import weights
 
 STATIC = {"index.html": "text/html; charset=utf-8", "graph.css": "text/css; charset=utf-8",
           "app.css": "text/css; charset=utf-8", "coords.js": "text/javascript; charset=utf-8", "layout.js": "text/javascript; charset=utf-8",
@@ -26,6 +31,9 @@ STATIC = {"index.html": "text/html; charset=utf-8", "graph.css": "text/css; char
 FORMATS = (".svg", ".png", ".html", ".htm")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+PAGE_TIMEOUT_S = 300          # the page of a 50,000-node model draws in well under a minute
+INSTALL = ("SVG and PNG export draw the graph in headless Chromium: `pip install kiln[viewer]` (Playwright) and "
+           "`apt-get install chromium` (or `playwright install chromium`), or export .html instead.")
 
 
 def static_bytes(name: str) -> bytes:
@@ -58,23 +66,6 @@ def html_document(page: dict | None = None, *, error: str | None = None, inline:
     return html
 
 
-def scene_for(pane: dict, page: dict, toggles: dict | None = None, expanded: set[int] | None = None) -> tuple:
-    placer = Placer(pane, set(pane["expanded"]) if expanded is None else expanded,
-                    toggles=toggles, rankdir=page.get("rankdir", "TB"))
-    return placer.scene(), placer.toggles
-
-
-def svg_text(page: dict, pane_index: int = 0, toggles: dict | None = None) -> str:
-    """The picture the page shows first, as an SVG document."""
-    pane = page["panes"][pane_index]
-    scene, toggles = scene_for(pane, page, toggles)
-    pmax = max((n["ov"]["time_ms"] for n in pane["nodes"] if n.get("ov", {}).get("time_ms") is not None), default=0.0)
-    errors = page.get("errors")
-    if errors and errors.get("pane") != pane_index and not pane.get("errors"):
-        errors = None          # the legend goes with a coloured pane (an engine is coloured by tensor names)
-    return render.svg(pane, scene, toggles, page.get("rankdir", "TB"), profile_max=pmax, errors=errors)
-
-
 def add_weight_stats(panes: list[pagemod.Pane], budget: int = 256 << 20) -> None:
     """Statistics and previews for the HTML file, which has no server to ask (up to ``budget`` bytes read)."""
     spent = 0
@@ -102,68 +93,154 @@ def find_chromium() -> str | None:
     return None
 
 
-def rasterize(svg: str, out: pathlib.Path, scale: float = 1.0) -> None:
-    """SVG → PNG in headless Chromium (Playwright with the system browser, never a download).
+class _Chromium:
+    """One headless Chromium per process, driven by one worker thread: Playwright's sync API belongs to the
+    thread that started it and refuses to start where an event loop runs (Jupyter). Started on first use,
+    closed at exit."""
 
-    Runs in a worker thread: Playwright's sync API refuses to start where an event loop is running
-    (Jupyter, or a caller already driving a browser)."""
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.failure = ""                 # why the worker stopped, when it did
+
+    def call(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(browser)`` on the worker thread; its result, or its exception raised here."""
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            raise ViewerError(INSTALL) from None
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._work, name="kiln-chromium", daemon=True)
+                self.thread.start()
+                atexit.register(self.close)
+            thread = self.thread
+        box: dict = {}
+        done = threading.Event()
+        self.jobs.put((fn, box, done))
+        while not done.wait(0.2):
+            if not thread.is_alive():
+                raise ViewerError(f"headless Chromium stopped{self.failure}. {INSTALL}")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _work(self) -> None:
+        from playwright.sync_api import sync_playwright
+        job = None
+        try:
+            with sync_playwright() as p:
+                browser = None
+                try:
+                    while (job := self.jobs.get()) is not None:
+                        fn, box, done = job
+                        try:
+                            if browser is None or not browser.is_connected():
+                                browser = _launch(p)
+                            box["value"] = fn(browser)
+                        except BaseException as exc:        # handed to the calling thread
+                            box["error"] = exc
+                        done.set()
+                        job = None
+                finally:
+                    if browser is not None:
+                        browser.close()
+        except BaseException as exc:
+            self.failure = f" ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+            if job is not None:
+                job[1]["error"] = ViewerError(f"headless Chromium failed{self.failure}. {INSTALL}")
+                job[2].set()
+
+    def close(self) -> None:
+        thread = self.thread
+        if thread is not None and thread.is_alive():
+            self.jobs.put(None)
+            thread.join(timeout=10)
+
+
+def _launch(p):
     try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        raise ViewerError("PNG export needs Playwright and Chromium: `pip install playwright` and "
-                          "`apt-get install chromium` (or export .svg/.html instead).") from None
-    result: list[BaseException] = []
-    worker = threading.Thread(target=lambda: _screenshot(svg, out, scale, result), name="kiln-png")
-    worker.start()
-    worker.join()
-    if result:
-        raise result[0]
+        return p.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
+    except Exception as exc:
+        raise ViewerError(f"could not start headless Chromium ({str(exc).splitlines()[0]}). {INSTALL}") from None
 
 
-def _screenshot(svg: str, out: pathlib.Path, scale: float, result: list) -> None:
-    from playwright.sync_api import sync_playwright
-    m = re.search(r'width="([\d.]+)" height="([\d.]+)"', svg)
-    w, h = (float(m.group(1)), float(m.group(2))) if m else (800.0, 600.0)
-    scale = min(scale, 16000 / max(w, h, 1))
-    width, height = max(1, int(w * scale)), max(1, int(h * scale))
-    try:
-        with sync_playwright() as p:
+CHROMIUM = _Chromium()
+
+
+def _draw(html_path: pathlib.Path, fmt: str, pane_index: int) -> Any:
+    def job(browser):
+        ctx = browser.new_context(viewport={"width": 1400, "height": 900}, offline=True)
+        try:
+            pg = ctx.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda e: errors.append(str(e)))
+            pg.goto(html_path.as_uri())
             try:
-                browser = p.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
-            except Exception as exc:
-                raise ViewerError(f"PNG export could not start Chromium ({str(exc).splitlines()[0]}); install it "
-                                  f"with `apt-get install chromium` or set KILN_CHROMIUM to its path.") from None
-            try:
-                ctx = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1,
-                                          offline=True)
-                page = ctx.new_page()
-                page.set_content(f'<html><body style="margin:0;background:#fff">'
-                                 f'<div style="transform:scale({scale});transform-origin:0 0">{svg}</div></body></html>')
-                page.screenshot(path=str(out), clip={"x": 0, "y": 0, "width": width, "height": height})
-            finally:
-                browser.close()
-    except BaseException as exc:        # handed to the calling thread
-        result.append(exc)
+                pg.wait_for_selector("body[data-ready='1'], #error:not([hidden])", state="attached",
+                                     timeout=PAGE_TIMEOUT_S * 1000)
+            except Exception:
+                raise ViewerError(f"the page did not finish drawing within {PAGE_TIMEOUT_S} s; export .html "
+                                  f"instead.") from None
+            if errors:
+                raise ViewerError(f"the page failed while drawing ({errors[0].splitlines()[0]}).")
+            if pg.evaluate("document.body.dataset.ready") != "1":
+                raise ViewerError(pg.evaluate("kilnApp.error || 'the page could not draw the model.'"))
+            return pg.evaluate("([fmt, pi]) => kilnApp.picture(fmt, pi)", [fmt, pane_index])
+        finally:
+            ctx.close()
+    return CHROMIUM.call(job)
+
+
+def picture(page: dict, fmt: str = "svg", *, pane: int = 0, toggles: dict | None = None,
+            expanded: set[int] | None = None) -> str | bytes:
+    """What the page draws first for pane ``pane`` (every cluster's structure must be in the page data):
+    SVG text, or PNG bytes. ``expanded`` (cluster ids) and ``toggles`` replace the page's first view."""
+    if fmt not in ("svg", "png"):
+        raise ValueError(f"fmt must be 'svg' or 'png', not {fmt!r}")
+    panes = list(page["panes"])
+    if expanded is not None:
+        panes[pane] = dict(panes[pane], expanded=sorted(expanded))
+    data = dict(page, panes=panes, server=False, headless=True)
+    if toggles is not None:
+        data["toggles"] = dict(toggles)
+    with tempfile.TemporaryDirectory(prefix="kiln-export-") as tmp:
+        path = pathlib.Path(tmp, "page.html")
+        path.write_text(html_document(data), encoding="utf-8")
+        out = _draw(path, fmt, pane)
+    if fmt == "svg":
+        return out
+    head, _, b64 = out.partition(",")
+    if head != "data:image/png;base64":
+        raise ViewerError("the page could not rasterise the graph (the picture may be too large); export .svg "
+                          "instead.")
+    return base64.b64decode(b64)
+
+
+def svg_text(page: dict, pane_index: int = 0, toggles: dict | None = None) -> str:
+    """The picture the page shows first, as an SVG document."""
+    return picture(page, "svg", pane=pane_index, toggles=toggles)
 
 
 def export(page: dict, panes: list[pagemod.Pane], out: str | os.PathLike, *, toggles: dict | None = None) -> pathlib.Path:
     """Write ``out`` as .svg, .png or .html (by its suffix)."""
     out = pathlib.Path(out)
     suffix = out.suffix.lower()
-    for p in panes:
-        p.complete()
     if suffix not in FORMATS:
         raise ViewerError(f"cannot export to {out.name!r}: the file name must end in .svg, .png or .html.")
     if not out.parent.exists():
         raise ViewerError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} does not exist.")
+    for p in panes:
+        p.complete()
+    page = dict(page, panes=[p.data for p in panes], server=False)
     if suffix in (".html", ".htm"):
         add_weight_stats(panes)
-        page = dict(page, panes=[p.data for p in panes], server=False)
         out.write_text(html_document(page), encoding="utf-8")
     elif suffix == ".svg":
-        out.write_text(svg_text(page, 0, toggles), encoding="utf-8")
+        out.write_text(picture(page, "svg", toggles=toggles), encoding="utf-8")
     else:
-        rasterize(svg_text(page, 0, toggles), out, scale=2.0 if len(page["panes"][0]["nodes"]) < 400 else 1.0)
+        out.write_bytes(picture(page, "png", toggles=toggles))
     return out
 
 

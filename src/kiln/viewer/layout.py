@@ -13,8 +13,7 @@ The steps, each deterministic:
    (on small clusters the order with the fewest crossings is kept).
 
 Coordinates depend on box sizes (toggles, expanded groups) and are computed
-from this structure by :mod:`kiln.viewer.placement` here and by the same
-algorithm in ``static/layout.js`` in the page.
+from this structure in the page, by ``static/layout.js``.
 """
 from __future__ import annotations
 

@@ -2,8 +2,23 @@
 
 One pane holds one model: its nodes (with the text of their boxes), tensors,
 weights, documentation, clusters and each cluster's layout structure. Sizes
-and coordinates are not stored: they follow from the view state and are
-computed by :mod:`kiln.viewer.placement` (Python) or ``layout.js`` (browser).
+and coordinates are not stored: they follow from the view state (expanded
+groups, opened subgraphs, toggles, direction) and are computed in the page by
+``static/layout.js``, the one implementation (headless export drives the page).
+
+The document (``page_json``)::
+
+    {"kiln": 1, "rankdir": "TB"|"LR", "panes": [pane, ...], "links": [[engine node, [model nodes]]] | None,
+     "profile": {...} | None, "errors": {...} | None, "server": bool,
+     "toggles": {"attributes", "weights", "names"} (optional), "headless": bool (optional: export)}
+
+A pane: ``title``, ``model`` (facts for the Model panel), ``nodes`` (``op``, ``name``, ``cat``, ``c``: its
+cluster, ``g``: its graph, ``in``/``out``: [slot, [tensor ids]], optional ``w``/``wrow``/``attrs``/``arow``/
+``doc``/``props``/``sub``: body clusters/``ov``/``erow``/``trow``/``pseudo``/``shape``), ``tensors``
+([name, shape text, dtype]), ``weights``, ``docs``, ``graphs`` and ``clusters`` (``kind``: root, group or
+body; ``name``, ``parent``, ``owner``, ``items``: [kind, index] with kinds n(ode), c(luster), i(n port),
+o(ut port); ``pin``/``pout``: port tensors; ``size``; ``path``; ``s``: the layout structure of
+:mod:`kiln.viewer.layout` or None until the server computes it), and ``expanded``: the groups open at first.
 """
 from __future__ import annotations
 
@@ -19,7 +34,6 @@ from typing import Any, Iterator
 from kiln.ir.network import gc_paused
 from kiln.viewer import grouping, layout
 from kiln.viewer.graph import ViewModel, ViewWeight
-from kiln.viewer.placement import METRICS
 
 FORMAT_VERSION = 1
 EXPAND_ALL = 1500        # graphs up to this many nodes open fully expanded
@@ -270,7 +284,7 @@ def default_expanded(pane: dict) -> set[int]:
 def page_json(panes: list[Pane], *, rankdir: str = "TB", links: list | None = None,
               profile: dict | None = None, errors: dict | None = None, server: bool = False) -> dict:
     """The whole document: one pane, or an engine pane beside its ONNX model."""
-    return {"kiln": FORMAT_VERSION, "metrics": METRICS, "rankdir": rankdir, "panes": [p.data for p in panes],
+    return {"kiln": FORMAT_VERSION, "rankdir": rankdir, "panes": [p.data for p in panes],
             "links": links, "profile": profile, "errors": errors, "server": server}
 
 

@@ -131,7 +131,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       if (i !== undefined) { const b = ps.view.scene.boxes[i]; before = [b.x * ps.view.k + ps.view.tx, b.y * ps.view.k + ps.view.ty]; }
     }
     const t0 = performance.now();
-    const placer = new Kiln.Placer(ps.pane, app.data.metrics, ps.expanded, ps.opened, app.toggles, app.rankdir);
+    const placer = new Kiln.Placer(ps.pane, ps.expanded, ps.opened, app.toggles, app.rankdir);
     ps.scene = placer.scene(0);
     ps.layoutMs = performance.now() - t0;
     ps.view.setScene(ps.scene, app.rankdir === "LR", app.toggles, profileMax(ps));
@@ -356,7 +356,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     }
   }
 
-  /* ---- export from the page ---- */
+  /* ---- pictures: the Export menu, and headless export (kiln/viewer/export.py calls app.picture) ---- */
   async function graphCss() {
     const el = $("kg-css");
     if (el.tagName === "STYLE") return el.textContent;
@@ -368,20 +368,44 @@ var Kiln = window.Kiln || (window.Kiln = {});
     document.body.appendChild(a); a.click(); a.remove();
     setTimeout(() => URL.revokeObjectURL(a.href), 5000);
   }
+  /** The whole drawing of pane `pi` in its current state as a standalone SVG document. */
+  async function svgPicture(pi) {
+    const ps = app.panes[pi];
+    return Kiln.draw.sceneSvg(ps.pane, ps.scene, app.toggles, app.rankdir === "LR", await graphCss(), profileMax(ps), app.data.errors);
+  }
+
+  /** The same drawing rasterised: a PNG Blob. */
+  async function pngPicture(pi) {
+    const url = URL.createObjectURL(new Blob([await svgPicture(pi)], { type: "image/svg+xml" }));
+    try {
+      const img = new Image();
+      img.src = url;
+      await img.decode();
+      const w = img.naturalWidth, h = img.naturalHeight, scale = Math.min(2, 16000 / Math.max(w, h));
+      const canvas = document.createElement("canvas");
+      canvas.width = Math.ceil(w * scale); canvas.height = Math.ceil(h * scale);
+      canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
+      return await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    } finally { URL.revokeObjectURL(url); }
+  }
+
+  /** "svg": the SVG text; "png": the PNG as a data: URL (what headless export writes to its file). */
+  async function picture(fmt, pi) {
+    pi = pi == null ? app.active : pi;
+    if (fmt === "svg") return svgPicture(pi);
+    const blob = await pngPicture(pi);
+    return new Promise((resolve, reject) => {
+      const r = new FileReader();
+      r.onload = () => resolve(r.result); r.onerror = () => reject(r.error);
+      r.readAsDataURL(blob);
+    });
+  }
+
   async function exportPicture(fmt) {
     const ps = app.panes[app.active];
-    const svg = Kiln.draw.sceneSvg(ps.pane, ps.scene, app.toggles, app.rankdir === "LR", await graphCss(), profileMax(ps), app.data.errors);
     const base = (ps.pane.title || "graph").replace(/\.[^.]+$/, "");
-    if (fmt === "svg") return download(new Blob([svg], { type: "image/svg+xml" }), base + ".svg");
-    const img = new Image();
-    img.src = URL.createObjectURL(new Blob([svg], { type: "image/svg+xml" }));
-    await img.decode();
-    const w = ps.scene.width + 48, h = ps.scene.height + 48, scale = Math.min(2, 16000 / Math.max(w, h));
-    const canvas = document.createElement("canvas");
-    canvas.width = Math.ceil(w * scale); canvas.height = Math.ceil(h * scale);
-    const ctx = canvas.getContext("2d");
-    ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
-    canvas.toBlob((b) => download(b, base + ".png"), "image/png");
+    if (fmt === "svg") return download(new Blob([await svgPicture(app.active)], { type: "image/svg+xml" }), base + ".svg");
+    download(await pngPicture(app.active), base + ".png");
   }
 
   /* ---- wiring ---- */
@@ -453,7 +477,6 @@ var Kiln = window.Kiln || (window.Kiln = {});
     if (data.error) return showError(data.error);
     app.data = data; app.server = !!data.server; app.rankdir = data.rankdir || "TB";
     if (data.toggles) Object.assign(app.toggles, data.toggles);
-    Kiln.metrics = data.metrics;
     if (data.links) {
       app.links = { fwd: new Map(), back: new Map() };
       for (const [e, ids] of data.links) {
@@ -472,13 +495,13 @@ var Kiln = window.Kiln || (window.Kiln = {});
     $("loading").hidden = true;
     for (const ps of app.panes) { ps.view.home(); ps.view.renderNow(); }
     const first = data.errors && data.errors.first;
-    if (first && first.node != null) await goToNode(data.errors.pane, first.node);     // open on the first failing node
+    if (first && first.node != null && !data.headless) await goToNode(data.errors.pane, first.node);   // open on the first failing node
     status();
     app.ready = true;
     document.body.dataset.ready = "1";
   }
 
   app.select = select; app.goToNode = goToNode; app.toggleCluster = toggleCluster; app.openNode = openNode;
-  app.relayout = relayout; app.search = search;
+  app.relayout = relayout; app.search = search; app.picture = picture;
   window.addEventListener("DOMContentLoaded", start);
 })();

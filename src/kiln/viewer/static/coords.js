@@ -1,4 +1,10 @@
-/* Kiln viewer — Brandes–Köpf breadth coordinates; a line-by-line mirror of kiln/viewer/coords.py. */
+/* Kiln viewer — breadth coordinates of a layered drawing: Brandes–Köpf.
+ * Four alignments (from the top or the bottom, from the left or the right) each join every entry with its
+ * median neighbour into vertical blocks, giving way to segments between two dummies (type-1 conflicts) so
+ * that long edges stay straight; each alignment is compacted (longest path over the block graph, then
+ * blocks pulled towards their right neighbours), and the four results are balanced: aligned to the
+ * narrowest and averaged over their two middle values. Segments may ask for an offset (x_v = x_u + d);
+ * blocks then carry inner shifts. */
 "use strict";
 var Kiln = window.Kiln || (window.Kiln = {});
 

@@ -1,17 +1,20 @@
-/* Kiln viewer — coordinates from the layout structure computed in Python.
- * A line-by-line mirror of kiln/viewer/placement.py: box sizes, breadth
- * coordinates (Brandes–Köpf, coords.js), cluster composition, edge anchors
- * and label placement.
- * Keep the two in step; tests/viewer/test_browser.py compares them. */
+/* Kiln viewer — coordinates: box sizes, breadth coordinates (Brandes–Köpf, coords.js), cluster
+ * composition, edge anchors and label placement, from the layout structure the page data carries
+ * (kiln/viewer/layout.py: ranks, dummies, order). The one implementation: the served page, the offline
+ * HTML file and headless SVG/PNG export (kiln/viewer/export.py drives this page in Chromium) all use it. */
 "use strict";
 var Kiln = window.Kiln || (window.Kiln = {});
 
 (function () {
   const NARROW = new Set("iljtfrI.,:;|!'` ()[]");
   const WIDE = new Set("MWmw@%");
-  let M = null;
+  /** Sizes in px of everything drawn; the drawing (view.js) reads them as Kiln.metrics. */
+  const M = Object.freeze({
+    nodeSep: 22, edgeSep: 12, rankSep: 34, rankSepLR: 72, headH: 22, rowH: 15, rowPad: 5, padX: 9,
+    minW: 48, groupPad: 12, groupHead: 22, headFont: 12, rowFont: 10.5, labelFont: 9,
+  });
 
-  function len(text) { let n = 0; for (const _ of text) n++; return n; }   // code points, as Python
+  function len(text) { let n = 0; for (const _ of text) n++; return n; }   // code points
 
   function textWidth(text, kind) {
     if (kind === "row") return len(text) * M.rowFont * 0.602;
@@ -88,8 +91,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
   function overlap(a, b) { return a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]; }
 
   class Placer {
-    constructor(pane, metrics, expanded, opened, toggles, rankdir) {
-      M = metrics;
+    /** `expanded`: group clusters drawn open; `opened`: nodes whose subgraphs are drawn in place. */
+    constructor(pane, expanded, opened, toggles, rankdir) {
       this.pane = pane; this.expanded = expanded; this.opened = opened;
       this.toggles = toggles; this.lr = rankdir === "LR"; this.cache = new Map();
     }
@@ -142,7 +145,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
         for (const [dst, at] of dsts) segs.push([at < 0 ? src : trunk[at], dst, tensor]);
       }
       const [outOff, inOff] = this.offsets(c, n, s.layers, segs, br);
-      const up = [], down = [];      // alignment ignores anchor offsets, as in placement.py
+      // Alignment ignores anchor offsets: following ports exactly would shift every group in a chain by the
+      // distance between its entry and exit ports (a 10k-node encoder came out 32,000 px wide).
+      const up = [], down = [];
       for (let i = 0; i < total; i++) { up.push([]); down.push([]); }
       for (const [a, b] of segs) {
         const w = a >= n && b >= n ? 8 : a >= n || b >= n ? 2 : 1;
@@ -322,5 +327,6 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   Kiln.Placer = Placer;
+  Kiln.metrics = M;
   Kiln.layout = { textWidth, boxContent, nodeSize, groupSize, clip };
 })();

@@ -1,4 +1,4 @@
-/* Kiln viewer — one graph pane: SVG drawing (same markup as kiln/viewer/render.py),
+/* Kiln viewer — one graph pane: SVG drawing (the page's and the exported pictures'),
  * pan and zoom, and virtualised rendering: only what is near the viewport is in
  * the DOM; far zoomed out, the whole graph is a handful of overview paths. */
 "use strict";
@@ -36,7 +36,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return esc(text);
   }
 
-  function heatColor(frac) {      // light yellow → red, as render.heat_color
+  function heatColor(frac) {      // light yellow (fast) → red (slow)
     const t = Math.max(0, Math.min(1, frac));
     return `hsl(${f(48 - 48 * t)},${f(90)}%,${f(72 - 32 * t)}%)`;
   }
@@ -49,7 +49,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   const NO_RECORD = "#9ca3af";        // as accuracy.NO_RECORD
 
-  function errTitle(err) {             // the error line of a box's tooltip, as render._err_title
+  function errTitle(err) {             // the error line of a box's tooltip
     if (!err) return "";
     const v = err.value, shown = typeof v === "number" ? String(Number(v.toPrecision(3))) : String(v);
     return `\nerror ${shown}${err.failed ? " · failed" : ""}${err.first ? " · first failing" : ""}`;
@@ -97,9 +97,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return s + "</g>";
   }
 
-  const LEGEND_W = 640, LEGEND_H = 58;      // as render.LEGEND_W, LEGEND_H
+  const LEGEND_W = 640, LEGEND_H = 58;      // the legend under an exported graph
 
-  /** The accuracy scale, as render.legend_svg: one block per decade, then failed, not compared, first failing. */
+  /** The accuracy scale: one block per decade, then failed, not compared, first failing. */
   function legendSvg(errors, x, y) {
     const sc = errors.scale, bw = 44, n = sc.ticks.length;
     let s = `<g class="err-legend" transform="translate(${f(x)},${f(y)})">` +
@@ -114,7 +114,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     s += `<rect class="block" x="${sx}" y="32" width="14" height="10" fill="${sc.none}"/><text x="${sx + 18}" y="37">not compared</text>`;
     const first = errors.first || {};
     let name = String(first.name || first.tensor || "");
-    if (Array.from(name).length > 34) name = "…" + Array.from(name).slice(-33).join("");   // as render.legend_svg
+    if (Array.from(name).length > 34) name = "…" + Array.from(name).slice(-33).join("");   // the end says the most
     if (name) s += `<rect class="err-ring" x="${sx + 170}" y="16" width="14" height="10" rx="2"/><text x="${sx + 188}" y="21">first failing: ${esc(name)}</text>`;
     s += `<text class="note" x="${sx + 170}" y="37">${errors.matched} of ${errors.tensors} tensors found in the model · ${errors.failed} failed</text>`;
     return s + "</g>";
