@@ -35,6 +35,8 @@ def value(v: Any) -> str:
     if v is None:
         return "(none)"
     if isinstance(v, dict) and set(v) == {"shape", "dtype"}:
+        if v["shape"] is None and v["dtype"] is None:
+            return "unknown"
         return show(f"{v['dtype'] or '?'} {shape_text(v['shape']) or '?'}")
     if isinstance(v, (list, tuple)):
         return show("[" + value_text(list(v), _VALUE_CHARS) + "]")
@@ -96,7 +98,8 @@ def _build_lines(d: BuildDiff) -> list[str]:
     nodes, layers = c["nodes"], c["layers"]
     lines.append(f"{sum(nodes.values())} nodes: {nodes['kept']} kept, {nodes['fused']} fused, "
                  f"{nodes['plugin']} run as plugins, {nodes['folded']} folded away; {sum(layers.values())} layers: "
-                 f"{layers['fused']} fused, {layers['plugin']} plugins, {layers['inserted']} inserted by the build")
+                 f"{layers['kept']} kept, {layers['fused']} fused, {layers['plugin']} plugins, "
+                 f"{layers['inserted']} inserted by the build")
     missing = d.missing()
     if missing:
         lines.append(f"the engine was not built from this model: {len(missing)} layer origins are not among its "
