@@ -88,6 +88,7 @@ class Batcher:
             if pending in self._queue:          # timed out or the client went away while queued
                 self._queue.remove(pending)
                 self.stats.queue_depth = len(self._queue)
+                self._arrived.set()              # a batch being formed around it looks again
 
     async def close(self) -> None:
         """Stops taking requests, finishes every queued one, then stops the workers."""
