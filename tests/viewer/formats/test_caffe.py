@@ -118,3 +118,28 @@ def test_detect_damage_export(tmp_path):
     check_damaged(v1, tmp_path, magic_len=2)
     check_damaged(t, tmp_path, magic_len=10, cuts=(0.5,), strict_random=True)
     check_export(open_model(p), tmp_path)
+
+
+def test_fields_outside_the_schema(tmp_path):
+    """Unknown fields are legal protobuf: a CaffeOnSpark-style first layer (field 10001) and SSD-style
+    parameters (field 206) in V2, an unknown field in a V1 layer with unpacked blob floats, all open."""
+    fork = f(10001, msg(f(1, "com.yahoo.ml.caffe.ImageDataSource")))
+    first = v2_layer("data", "MemoryData", [], ["data", "label"], f(8, f(1, 0)), f(10, 0),
+                     f(119, msg(f(1, 32), f(2, 3), f(3, 8), f(4, 8))), fork)
+    v2 = caffemodel_v2().replace(f(1, "TinyNet"), f(1, "TinyNet") + first, 1)
+    v2 += v2_layer("norm", "Normalize", ["prob"], ["norm"], f(206, msg(f(2, 1), f(3, 1e-10))))
+    p = tmp_path / "fork.caffemodel"
+    p.write_bytes(v2)
+    g = open_model(p).graph
+    assert [n.op_type for n in g.nodes][:2] == ["MemoryData", "Convolution"] and node(g, "norm").op_type == "Normalize"
+    assert input_weight(g, node(g, "conv1"), "weights").load()[1, 2, 2, 2] == 53
+
+    unpacked = msg(f(1, 1), f(2, 1), f(3, 1), f(4, 3), *[f(5, float(x)) for x in (1.5, 2.5, 3.5)])
+    v1 = msg(f(1, "OldNet"), f(3, "data"), *[f(4, d) for d in (1, 1, 1, 3)],
+             f(2, msg(f(2, "data"), f(3, "ip"), f(4, "ip"), f(5, 14), f(6, unpacked), f(17, f(1, 1)), f(60, 7))),
+             f(2, msg(f(2, "ip"), f(3, "prob"), f(4, "prob"), f(5, 20))))
+    p1 = tmp_path / "old.caffemodel"
+    p1.write_bytes(v1)
+    m = open_model(p1)
+    assert m.version == "V1 layers" and [n.op_type for n in m.graph.nodes] == ["InnerProduct", "Softmax"]
+    assert input_weight(m.graph, node(m.graph, "ip"), "weights").load().ravel().tolist() == [1.5, 2.5, 3.5]

@@ -196,3 +196,37 @@ def test_ml_package_with_blob_weights(tmp_path):
         h = model.graph.weights["h"].load()
         assert h.dtype == np.float16 and h.tolist() == w16.tolist()
     check_export(open_model(tmp_path / "net.mlpackage"), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def converted_fp16(tmp_path_factory):
+    """An .mlpackage made by coremltools' own converter with FP16 compute precision (its default for ML Programs)."""
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, 4, 4))])
+    def prog(x):
+        x = mb.relu(x=x, name="pre")
+        x = mb.batch_norm(x=x, mean=np.array([0.5, -1, 2], np.float32), variance=np.ones(3, np.float32),
+                          gamma=np.full(3, 2.0, np.float32), beta=np.full(3, 0.25, np.float32), epsilon=0.001,
+                          name="bn")
+        return mb.relu(x=x, name="out")
+    out = tmp_path_factory.mktemp("ct") / "bn.mlpackage"
+    ct.convert(prog, convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+               minimum_deployment_target=ct.target.iOS16).save(str(out))
+    return out
+
+
+def test_fp16_constants_of_a_converted_package(converted_fp16):
+    """FP16 constants are stored as raw bytes; epsilon 0.001 must read as 0.001, not as its first byte (25)."""
+    model = open_model(converted_fp16)
+    g = model.graph
+    assert model.format == "Core ML" and model.properties["model_type"] == "mlProgram" and model.warnings == []
+    bn = next(n for n in g.nodes if n.op_type == "batch_norm")
+    eps = input_weight(g, bn, "epsilon")
+    value = eps.load()
+    assert eps.dtype == "float16" and value.dtype == np.float16 and value.size == 1
+    assert float(value.ravel()[0]) == float(np.float16(0.001))
+    assert input_weight(g, bn, "mean").load().tolist() == [0.5, -1, 2]
+    assert [n.op_type for n in g.nodes].count("relu") == 2
+    assert open_model(converted_fp16 / "Manifest.json").graph.nodes[0].op_type == g.nodes[0].op_type

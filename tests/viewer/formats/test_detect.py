@@ -1,14 +1,17 @@
 """Format detection across all readers, and lazy imports of heavy libraries."""
 from __future__ import annotations
 
+import json
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from kiln.errors import ViewerError
-from kiln.viewer.formats import FORMATS, detect
+from kiln.viewer.formats import FORMATS, detect, open_model
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, this is no model at all\n" * 10, b"{\"a\": 1}",
@@ -64,3 +67,34 @@ def test_readers_import_no_heavy_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name, fmt", [("model.onnx", "ONNX"), ("net.tflite", "TensorFlow Lite"),
+                                       ("weights.caffemodel", "Caffe"), ("m.gguf", "GGUF")])
+def test_random_bytes_under_a_format_name(tmp_path, name, fmt):
+    """A name that claims one format gets that format's own refusal, not the list of every format."""
+    p = tmp_path / name
+    p.write_bytes(bytes(random.Random(7).randbytes(2048)))
+    with pytest.raises(ViewerError) as err:
+        detect(p)
+    msg = str(err.value)
+    assert f"this {p.suffix} file is not a valid {fmt} model" in msg and "\n" not in msg
+    assert "supported formats" not in msg
+
+
+def test_sniff_handle_is_passed_to_read(tmp_path, monkeypatch):
+    """open_model hands read() the very handle its sniff returned (Netron's match/open), then closes it."""
+    import kiln.viewer.formats.tfjs as tfjs
+
+    p = tmp_path / "m-weights_manifest.json"
+    (tmp_path / "s1").write_bytes(np.zeros(2, np.float32).tobytes())
+    p.write_text(json.dumps([{"weights": [{"name": "a/w", "shape": [2], "dtype": "float32"}], "paths": ["s1"]}]))
+    handles, parsed = [], []
+    real_sniff, real_loads = tfjs.sniff, tfjs.json.loads
+    monkeypatch.setattr(tfjs, "sniff", lambda path, head: handles.append(real_sniff(path, head)) or handles[-1])
+    monkeypatch.setattr(tfjs.json, "loads", lambda *a, **k: parsed.append(1) or real_loads(*a, **k))
+    seen = []
+    real_read = tfjs.read
+    monkeypatch.setattr(tfjs, "read", lambda path, handle=None: seen.append(handle) or real_read(path, handle))
+    assert open_model(p).graph.weights["a/w"].shape == [2]
+    assert len(handles) == 1 and seen == handles and len(parsed) == 1   # the JSON is parsed once

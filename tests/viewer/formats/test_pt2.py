@@ -51,3 +51,18 @@ def test_detect_damage_export(pt2, tmp_path):
     check_detect(pt2, tmp_path, "PyTorch export", ".keras")
     check_damaged(pt2, tmp_path, magic_len=4)
     check_export(open_model(pt2), tmp_path)
+
+
+def test_archive_is_opened_once(pt2, monkeypatch):
+    """The zip that sniff opened is the one read() uses: the central directory is parsed once."""
+    import zipfile
+
+    opened = []
+    real = zipfile.ZipFile.__init__
+
+    def counting(self, *a, **k):
+        opened.append(a[0] if a else k.get("file"))
+        real(self, *a, **k)
+    monkeypatch.setattr(zipfile.ZipFile, "__init__", counting)
+    model = open_model(pt2)
+    assert len(opened) == 1 and [n.op_type for n in model.graph.nodes][0] == "aten::conv2d"

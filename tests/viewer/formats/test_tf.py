@@ -213,3 +213,53 @@ def test_saved_model_variables(tmp_path):
     (d / "variables" / "variables.index").write_bytes(b"\0" * 60)   # damaged index: graph still opens
     model = open_model(d)
     assert "not a readable TensorFlow checkpoint index" in model.properties["variables"]
+
+
+def _call(name, fn, inputs):
+    """A StatefulPartitionedCall node whose ``f`` attribute names library function ``fn``."""
+    return nodedef(name, "StatefulPartitionedCall", inputs, attr("f", f(10, msg(f(1, fn)))))
+
+
+def _fn(name, args, nodes, ret):
+    sig = msg(f(1, name), *[f(2, msg(f(1, a), f(3, 1))) for a in args], f(3, msg(f(1, "out"))))
+    return msg(f(1, sig), *[f(3, n) for n in nodes], f(4, msg(f(1, "out"), f(2, ret))))
+
+
+def test_saved_model_functions_open_under_their_calls(tmp_path):
+    """TF2 keeps the layers in library functions; each call node opens its function as a subgraph."""
+    model_fn = _fn("__inference_model_call_7", ["images"], [
+        nodedef("conv/Conv2D", "Conv2D", ("images",), attr("T", f(6, 1))),
+        nodedef("relu", "Relu", ("conv/Conv2D:output:0",)),
+        _call("again", "__inference_signature_wrapper_9", ("relu:activations:0",)),   # calls back up: not nested
+    ], "relu:activations:0")
+    wrapper = _fn("__inference_signature_wrapper_9", ["x"], [_call("model", "__inference_model_call_7", ("x",))],
+                  "model:output:0")
+    graph = msg(f(1, nodedef("x", "Placeholder", (), attr("dtype", f(6, 1)))),
+                f(1, _call("StatefulPartitionedCall", "__inference_signature_wrapper_9", ("x",))),
+                f(2, msg(f(1, model_fn), f(1, wrapper))), f(4, msg(f(1, 1087))))
+    d = tmp_path / "export"
+    d.mkdir()
+    (d / "saved_model.pb").write_bytes(msg(f(1, 1), f(2, msg(f(1, msg(f(4, "serve"))), f(2, graph)))))
+    g = open_model(d).graph
+    call = node(g, "StatefulPartitionedCall")
+    wrapped = call.subgraphs["f"]
+    assert wrapped.name == "__inference_signature_wrapper_9" and [t.name for t in wrapped.inputs] == ["x"]
+    inner = node(wrapped, "model").subgraphs["f"]
+    assert [n.op_type for n in inner.nodes] == ["Conv2D", "Relu", "StatefulPartitionedCall"]
+    assert edges(inner) >= {("conv/Conv2D", "relu")} and node(inner, "conv/Conv2D").group == ("conv",)
+    assert node(inner, "again").subgraphs == {}          # a cycle back to the wrapper stays closed
+
+
+def test_function_nesting_is_bounded(tmp_path):
+    """A chain of 200 functions each calling the next opens at most 32 levels deep (layout stays bounded)."""
+    fns = [_fn(f"fn{i}", ["a"], [_call("c", f"fn{i + 1}", ("a",))], "c:output:0") for i in range(200)]
+    graph = msg(f(1, nodedef("x", "Placeholder")), f(1, _call("top", "fn0", ("x",))),
+                f(2, msg(*[f(1, fn) for fn in fns])))
+    p = tmp_path / "chain.pb"
+    p.write_bytes(graph)
+    g = open_model(p).graph
+    depth, n = 0, node(g, "top")
+    while "f" in n.subgraphs:
+        depth += 1
+        n = n.subgraphs["f"].nodes[0]
+    assert 1 <= depth <= 32

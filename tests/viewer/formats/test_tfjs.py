@@ -89,3 +89,25 @@ def test_detect_damage_export(tmp_path):
     (tmp_path / "group1-shard2of2.bin").write_bytes(b"\0")   # truncated shard
     assert isinstance(bounded_open(p), ViewerError)
     check_export(open_model(layers_model(tmp_path)), tmp_path)
+
+
+def test_weights_manifest_without_topology(tmp_path):
+    """face-api.js ships ``*-weights_manifest.json``: a bare manifest list, its tensors shown by layer."""
+    filters = np.arange(27, dtype=np.float32).reshape(3, 3, 3, 1)
+    (tmp_path / "tiny_face_detector_model-shard1").write_bytes(
+        filters.tobytes() + np.array([0, 2, 4], np.uint8).tobytes())
+    manifest = [{"weights": [
+        {"name": "conv0/filters", "shape": [3, 3, 3, 1], "dtype": "float32"},
+        {"name": "conv0/bias", "shape": [3], "dtype": "float32",
+         "quantization": {"dtype": "uint8", "scale": 0.5, "min": -1.0}}],
+        "paths": ["tiny_face_detector_model-shard1"]}]
+    p = tmp_path / "tiny_face_detector_model-weights_manifest.json"
+    p.write_text(json.dumps(manifest))
+    model = open_model(p)
+    g = model.graph
+    assert model.format == "TensorFlow.js" and model.properties["model_format"] == "weights manifest"
+    np.testing.assert_array_equal(g.weights["conv0/filters"].load(), filters)
+    assert g.weights["conv0/bias"].load().tolist() == [-1.0, 0.0, 1.0]
+    layer = node(g, "conv0")
+    assert {a.name for a in layer.inputs} == {"filters", "bias"}
+    check_detect(p, tmp_path, "TensorFlow.js", ".bin")

@@ -1,9 +1,13 @@
 """The format table: every model format the viewer opens, in one place.
 
 Each reader is a module in this package defining
-``sniff(path: pathlib.Path, head: bytes) -> bool`` (content check; ``head`` is
-the file's first 4 KiB, empty for a directory) and
-``read(path: pathlib.Path) -> kiln.viewer.graph.ViewModel``.
+``sniff(path: pathlib.Path, head: bytes) -> handle | None`` (content check;
+``head`` is the file's first 4 KiB, empty for a directory) and
+``read(path: pathlib.Path, handle=None) -> kiln.viewer.graph.ViewModel``.
+A match returns a handle (any true value: what the check already parsed, such
+as an open archive or a decoded document) that ``read`` reuses, so a file is not
+parsed twice (Netron's ``match``/``open``); ``read`` called without one sniffs
+for itself. A handle with a ``close`` method is closed once read is done.
 Readers are imported only when their line is tried, so opening an ONNX file
 never imports TensorFlow-sized dependencies.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 from dataclasses import dataclass
+from typing import Any
 
 from kiln.errors import ViewerError
 
@@ -46,8 +51,8 @@ def _reader(fmt: Format):
     return importlib.import_module(f"{__name__}.{fmt.module}")
 
 
-def detect(path: str | pathlib.Path) -> Format:
-    """Pick the format from the file's content; the extension only breaks ties."""
+def match(path: str | pathlib.Path) -> tuple[Format, Any]:
+    """The format of the file (from its content; the extension only breaks ties) and its reader's handle."""
     p = pathlib.Path(path)
     if not p.exists():
         raise ViewerError(f"{str(p)!r} does not exist; check the path.")
@@ -56,27 +61,49 @@ def detect(path: str | pathlib.Path) -> Format:
         with open(p, "rb") as f:
             head = f.read(4096)
     suffix = p.suffix.lower()
-    ordered = sorted(FORMATS, key=lambda f: (suffix not in f.extensions and p.name.lower() not in f.extensions))
+    named = [f for f in FORMATS if suffix in f.extensions or p.name.lower() in f.extensions]
+    ordered = named + [f for f in FORMATS if f not in named]
     for fmt in ordered:
         try:
             reader = _reader(fmt)
         except ImportError:
             continue
         try:
-            if reader.sniff(p, head):
-                return fmt
+            handle = reader.sniff(p, head)
         except Exception:
             continue
+        if handle:
+            return fmt, handle
+    if len(named) == 1 and (p.is_file() or suffix):   # the name claims one format, the content says otherwise
+        fmt, kind = named[0], "file" if p.is_file() else "folder"
+        raise ViewerError(f"{p.name!r}: this {suffix or p.name} {kind} is not a valid {fmt.name} model (its "
+                          f"content does not follow the {fmt.name} format); check that it is complete and was "
+                          f"saved as {fmt.name}.")
     names = ", ".join(f"{f.name} ({' '.join(f.extensions)})" for f in FORMATS)
     raise ViewerError(f"{p.name!r} is not a model format Kiln can open; supported formats: {names}.")
 
 
+def detect(path: str | pathlib.Path) -> Format:
+    """Pick the format from the file's content; the extension only breaks ties."""
+    fmt, handle = match(path)
+    _close(handle)
+    return fmt
+
+
+def _close(handle: Any) -> None:
+    close = getattr(handle, "close", None)
+    if callable(close):
+        close()
+
+
 def open_model(path: str | pathlib.Path):
-    """Detect the format and read the file into a ViewModel."""
-    fmt = detect(path)
+    """Detect the format and read the file into a ViewModel, reusing what detection parsed."""
+    fmt, handle = match(path)
     try:
-        return _reader(fmt).read(pathlib.Path(path))
+        return _reader(fmt).read(pathlib.Path(path), handle)
     except ViewerError:
         raise
     except Exception as exc:  # a reader's parse failure becomes one clear line
         raise ViewerError(f"{pathlib.Path(path).name!r} looks like {fmt.name} but cannot be read: {exc}") from None
+    finally:
+        _close(handle)

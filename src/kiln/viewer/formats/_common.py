@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -208,6 +209,25 @@ def _ordered(arg_lists: Iterable[list[ViewArgument]]) -> list[str]:
             for v in a.values:
                 seen.setdefault(v, None)
     return list(seen)
+
+
+def open_zip(path: Path, head: bytes, wanted: Callable[[list[str]], bool]) -> zipfile.ZipFile | None:
+    """The archive, left open as a sniff handle, when it is a zip whose member names ``wanted`` accepts."""
+    if not head.startswith(b"PK\x03\x04"):
+        return None
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if wanted(z.namelist()):
+        return z
+    z.close()
+    return None
+
+
+def reuse_zip(path: Path, handle: Any) -> zipfile.ZipFile:
+    """The archive a sniff left open, or the file opened now (a reader called without a handle)."""
+    return handle if isinstance(handle, zipfile.ZipFile) else zipfile.ZipFile(path)
 
 
 def file_bytes(path: Path) -> bytes | mmap.mmap:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,44 +28,54 @@ _FMT = "Core ML"
 _SENTINEL = 0xDEADBEEF
 _METADATA = struct.Struct("<IIQQ")            # sentinel, data type, size in bytes, data offset
 _MODEL_PATH = "@model_path/"
+_MAX_MANIFEST = 16 << 20
 # BlobDataType -> numpy dtype; bfloat16 and float8 load as raw integers, sub-byte types as packed bytes.
 _BLOB_DTYPES = {1: "<f2", 2: "<f4", 3: "u1", 4: "i1", 5: "<u2", 6: "<i2", 7: "<u2", 8: "u1", 9: "u1", 10: "u1",
                 11: "u1", 12: "u1", 13: "u1", 14: "<i4", 15: "<u4", 16: "u1", 17: "u1"}
 _PACKED = {8, 9, 10, 11, 12, 13}              # int4, uint1..uint6: shown as their packed bytes
 
 
-def is_package(path: Path) -> bool:
-    """A package folder, or the Manifest.json inside one."""
+@dataclass(frozen=True)
+class Package:
+    """A package folder and its root model, or the reason the manifest does not name one."""
+    folder: Path
+    model: Path | None
+    error: str | None = None
+
+
+def package(path: Path) -> Package | None:
+    """The package at ``path`` (a package folder, or the Manifest.json inside one), its manifest read once."""
     if not (path.is_dir() or path.name == "Manifest.json"):
-        return False
-    folder = path if path.is_dir() else path.parent
-    try:
-        manifest = resolve_inside(folder, "Manifest.json", "the package manifest")
-    except PathEscapeError:
-        return path.suffix.lower() == ".mlpackage" or path.name == "Manifest.json"   # root_model says why not
-    if not manifest.is_file():
-        return False
-    with open(manifest, "rb") as f:
-        return b"rootModelIdentifier" in f.read(1 << 16)
-
-
-def root_model(path: Path) -> tuple[Path, Path]:
-    """(package folder, root .mlmodel inside it) from the package's Manifest.json."""
+        return None
     folder = path if path.is_dir() else path.parent
     try:
         manifest_file = resolve_inside(folder, "Manifest.json", "the package manifest")
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except PathEscapeError as exc:
+        if path.suffix.lower() == ".mlpackage" or path.name == "Manifest.json":
+            return Package(folder, None, f"{folder.name!r}: {exc}")
+        return None
+    if not manifest_file.is_file():
+        return None
+    if manifest_file.stat().st_size > _MAX_MANIFEST:
+        return Package(folder, None, f"{folder.name!r} is not a readable {_FMT} package: its Manifest.json is "
+                       f"larger than {_MAX_MANIFEST >> 20} MiB.")
+    raw = manifest_file.read_bytes()
+    if b"rootModelIdentifier" not in raw:
+        return None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
         items = manifest["itemInfoEntries"]
         rel = items[manifest["rootModelIdentifier"]]["path"]
         model = resolve_inside(folder / "Data", rel, "the package's root model")
     except PathEscapeError as exc:
-        raise ViewerError(f"{folder.name!r}: {exc}") from None
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ViewerError(f"{folder.name!r} is not a readable {_FMT} package: its Manifest.json lacks the root "
-                          f"model's path ({type(exc).__name__}: {exc}).") from None
+        return Package(folder, None, f"{folder.name!r}: {exc}")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        return Package(folder, None, f"{folder.name!r} is not a readable {_FMT} package: its Manifest.json lacks "
+                       f"the root model's path ({type(exc).__name__}: {exc}).")
     if not model.is_file():
-        raise ViewerError(f"{folder.name!r} is not a readable {_FMT} package: its root model {rel!r} is missing.")
-    return folder, model
+        return Package(folder, None, f"{folder.name!r} is not a readable {_FMT} package: its root model {rel!r} "
+                       f"is missing.")
+    return Package(folder, model)
 
 
 class Blobs:

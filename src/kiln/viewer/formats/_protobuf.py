@@ -206,12 +206,14 @@ def wire_types(kind: str, registry: dict[str, Schema]) -> set[int]:
 
 
 def conforming_fields(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema],
-                      depth: int = 2) -> set[int] | None:
+                      depth: int = 2, nested_unknown: bool = False, _top: bool = True) -> set[int] | None:
     """The top-level field numbers of ``buf`` if it reads as ``type_name``, else None.
 
     ``buf`` may be cut short (a file's head).  Used for sniffing: every field
     must be known with a legal wire type, and nested messages must conform too,
-    down to ``depth`` levels.
+    down to ``depth`` levels.  With ``nested_unknown``, nested messages may also
+    carry fields the schema lacks (legal protobuf, written by forks and newer
+    versions of a format) as long as their wire format is sound.
     """
     mv = buf if isinstance(buf, memoryview) else memoryview(buf)
     schema = registry[type_name]
@@ -222,6 +224,8 @@ def conforming_fields(buf: bytes | memoryview, type_name: str, registry: dict[st
             tag, pos = _varint(mv, pos, end)
             field, wt = tag >> 3, tag & 7
             spec = schema.get(field)
+            if spec is None and nested_unknown and not _top and wt in (0, 1, 2, 5):
+                spec = (f"field{field}", "bytes" if wt == 2 else "any")
             if spec is None or wt not in wire_types(spec[1], registry):
                 return None
             kind = spec[1]
@@ -240,7 +244,7 @@ def conforming_fields(buf: bytes | memoryview, type_name: str, registry: dict[st
                         return None
                 if depth > 0 and len(chunk) and (kind in registry or kind.startswith("map:")):
                     sub = kind if kind in registry else None
-                    if sub and conforming_fields(chunk, sub, registry, depth - 1) is None:
+                    if sub and conforming_fields(chunk, sub, registry, depth - 1, nested_unknown, False) is None:
                         return None
                 pos += n
             seen.add(field)

@@ -95,16 +95,17 @@ _BLOBS = {"Convolution": ["weights", "bias"], "Deconvolution": ["weights", "bias
           "PReLU": ["slope"], "Embed": ["weights", "bias"], "Bias": ["bias"]}
 
 
-def sniff(path: Path, head: bytes) -> bool:
+def sniff(path: Path, head: bytes) -> str | None:
+    """"binary" or "text" for a NetParameter; layers may carry fields outside Kiln's schema (forks, newer Caffe)."""
     if not head:
-        return False
+        return None
+    seen = pb.conforming_fields(head, "NetParameter", SCHEMA, 1, nested_unknown=True)
+    if seen and seen & {2, 100} and (100 in seen or _v1_layer_has_enum_type(head)):
+        return "binary"
     text = head.decode("utf-8", "ignore")
     if re.search(r"^\s*layers?\s*\{", text, re.M) and re.search(r"\b(type|name|bottom|top)\s*:", text):
-        return True
-    seen = pb.conforming_fields(head, "NetParameter", SCHEMA, 1)
-    if not seen or not seen & {2, 100}:
-        return False
-    return 100 in seen or _v1_layer_has_enum_type(head)
+        return "text"
+    return None
 
 
 def _v1_layer_has_enum_type(head: bytes) -> bool:
@@ -125,12 +126,9 @@ def _err(path: Path, what: Any) -> ViewerError:
     return ViewerError(f"{path.name!r} is not a readable {_FMT} file: {what}.")
 
 
-def _load_net(path: Path) -> tuple[pb.Message, bool, int]:
+def _load_net(path: Path, kind: str | None = None) -> tuple[pb.Message, bool, int]:
     data = file_bytes(path)
-    head = bytes(data[:4096])
-    text = head.decode("utf-8", "ignore")
-    is_text = bool(re.search(r"^\s*(layers?|name|input|input_shape|input_dim)\s*[{:]", text, re.M)) and \
-        pb.conforming_fields(head, "NetParameter", SCHEMA, 1) is None
+    is_text = (kind or sniff(path, bytes(data[:4096]))) == "text"
     try:
         if is_text:
             return parse_text(bytes(data).decode("utf-8", "replace")), True, len(data)
@@ -139,14 +137,14 @@ def _load_net(path: Path) -> tuple[pb.Message, bool, int]:
         raise _err(path, f"{exc}; it is truncated or damaged") from None
 
 
-def read(path: Path) -> ViewModel:
-    net, is_text, size = _load_net(path)
+def read(path: Path, handle: Any = None) -> ViewModel:
+    net, is_text, size = _load_net(path, handle if handle in ("binary", "text") else None)
     blobs: dict[str, list] = {}
     warnings: list[str] = []
     if is_text:
         weights_file = inside(path.parent, path.with_suffix(".caffemodel").name, "the weights file", warnings)
         if weights_file is not None:
-            wnet, _, _ = _load_net(weights_file)
+            wnet, _, _ = _load_net(weights_file, "binary")
             for layer in wnet.all("layer") + wnet.all("layers"):
                 blobs[str(layer.one("name", ""))] = layer.all("blobs")
     layers = net.all("layer") or net.all("layers")

@@ -71,7 +71,7 @@ def _load(path: Path) -> pb.Message:
         raise _err(path, f"{exc}; it is truncated or damaged") from None
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     name = path.name.lower()
     predict_path, init_path = path, None
     warnings: list[str] = []

@@ -15,8 +15,8 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats import _protobuf as pb
-from kiln.viewer.formats._mlpackage import Blobs, is_package, root_model
-from kiln.viewer.formats._common import GraphBuilder, count, file_bytes
+from kiln.viewer.formats._mlpackage import Blobs, Package, package
+from kiln.viewer.formats._common import GraphBuilder, bf16_to_f32, count, file_bytes
 from kiln.viewer.graph import ViewModel
 
 _FMT = "Core ML"
@@ -159,23 +159,29 @@ _ARRAY_TYPES = {65568: "float32", 65600: "float64", 131104: "int32", 131080: "in
 _MIL_TYPES = {1: "bool", 2: "string", 10: "float16", 11: "float32", 12: "float64", 13: "bfloat16", 21: "int8",
               22: "int16", 23: "int32", 24: "int64", 25: "int4", 31: "uint8", 32: "uint16", 33: "uint32",
               34: "uint64", 40: "float8e4m3fn", 41: "float8e5m2"}
+# MIL types whose immediate values are raw bytes -> numpy dtype (sub-byte types stay packed bytes).
+_BYTES_DTYPES = {"float16": "<f2", "bfloat16": "<u2", "int8": "i1", "uint8": "u1", "int16": "<i2", "uint16": "<u2"}
 _COLORS = {10: "GRAYSCALE", 20: "RGB", 30: "BGR", 40: "GRAYSCALE_FLOAT16"}
 _POOLS = ["MAX", "AVERAGE", "L2"]
 
 
-def sniff(path: Path, head: bytes) -> bool:
-    if is_package(path):
-        return True
+def sniff(path: Path, head: bytes) -> Package | bool:
+    pkg = package(path)
+    if pkg is not None:
+        return pkg
     if head[:1] != b"\x08":
         return False
     seen = pb.conforming_fields(head, "Model", SCHEMA, 1)
     return bool(seen and 1 in seen and (seen & set(_MODEL_TYPES) or 2 in seen))
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     shown = path
-    if is_package(path):
-        shown, path = root_model(path)
+    pkg = handle if isinstance(handle, Package) else package(path)
+    if pkg is not None:
+        if pkg.model is None:
+            raise ViewerError(pkg.error or f"{path.name!r} is not a readable {_FMT} package.")
+        shown, path = pkg.folder, pkg.model
     data = file_bytes(path)
     try:
         model = pb.decode(data, "Model", SCHEMA)
@@ -411,9 +417,11 @@ def _immediate(v: pb.Message) -> np.ndarray | None:
             return arr.astype(bool) if key == "bools" else arr
     if "strings" in t:
         return np.array(t.one("strings").all("values"), dtype=object)
-    if "bytes" in t:
+    if "bytes" in t:   # fp16, 8-bit and sub-byte values are stored as raw bytes; the value type says which
         vals = t.one("bytes").all("values")
-        return np.frombuffer(bytes(vals[0]), dtype=np.uint8) if vals else np.zeros(0, np.uint8)
+        _, dtype = _tensor_type(v.one("type"))
+        raw = np.frombuffer(bytes(vals[0]) if vals else b"", dtype=_BYTES_DTYPES.get(dtype or "", "u1"))
+        return bf16_to_f32(raw) if dtype == "bfloat16" else raw
     return None
 
 

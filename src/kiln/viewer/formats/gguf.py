@@ -99,7 +99,7 @@ def _loader(path: Path, offset: int, nbytes: int, npdtype: str | None, shape: li
     return load
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     size = path.stat().st_size
     if size < 16:
         raise ViewerError(f"{path.name!r} is not a readable {_FMT} file: it is only {size} bytes long.")

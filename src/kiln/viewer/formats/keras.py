@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kiln.errors import ViewerError
-from kiln.viewer.formats._common import GraphBuilder, weights_graph
+from kiln.viewer.formats._common import GraphBuilder, open_zip, reuse_zip, weights_graph
 from kiln.viewer.graph import ViewModel
 
 _FMT = "Keras"
@@ -29,24 +29,18 @@ _VARS = {
 }
 
 
-def sniff(path: Path, head: bytes) -> bool:
+def sniff(path: Path, head: bytes) -> Any:
     if head.startswith(_HDF5):
         return True
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = set(z.namelist())
-        except (zipfile.BadZipFile, OSError):
-            return False
-        return "config.json" in names and ("model.weights.h5" in names or "metadata.json" in names)
-    return False
+    return open_zip(path, head, lambda names: "config.json" in names and (
+        "model.weights.h5" in names or "metadata.json" in names))
 
 
 def _err(path: Path, what: str) -> ViewerError:
     return ViewerError(f"{path.name!r} is not a readable {_FMT} file: {what}.")
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     try:
         import h5py
     except ImportError:
@@ -57,7 +51,7 @@ def read(path: Path) -> ViewModel:
     try:
         if head.startswith(_HDF5):
             return _read_h5(path, h5py, size)
-        return _read_zip(path, h5py, size)
+        return _read_zip(path, h5py, size, handle)
     except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, TypeError,
             ValueError, AttributeError, IndexError) as exc:
         if isinstance(exc, ViewerError):
@@ -87,8 +81,8 @@ def _read_h5(path: Path, h5py: Any, size: int) -> ViewModel:
     return _model(path, config, weights, size, version, attrs.get("backend"))
 
 
-def _read_zip(path: Path, h5py: Any, size: int) -> ViewModel:
-    with zipfile.ZipFile(path) as z:
+def _read_zip(path: Path, h5py: Any, size: int, handle: Any) -> ViewModel:
+    with reuse_zip(path, handle) as z:
         config = json.loads(z.read("config.json"))
         meta = json.loads(z.read("metadata.json")) if "metadata.json" in z.namelist() else {}
         weights: dict = {}

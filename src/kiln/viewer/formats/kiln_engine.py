@@ -46,7 +46,7 @@ def sniff(path: pathlib.Path, head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
-def read(path: pathlib.Path) -> ViewModel:
+def read(path: pathlib.Path, handle: Any = None) -> ViewModel:
     """The engine's layers as a view graph; refuses a damaged header with the engine module's own message.
 
     Damaged weights (their checksum fails) still show the plan, with a warning and no weight values."""

@@ -116,7 +116,7 @@ def read_params(path: Path) -> dict[str, tuple[list[int], str, int]]:
     return {name.split(":", 1)[-1]: entry for name, entry in zip(names, out)}
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     warnings: list[str] = []
     symbol, params_path = _siblings(path, warnings)
     params = read_params(params_path) if params_path else {}

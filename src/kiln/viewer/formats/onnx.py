@@ -128,7 +128,7 @@ def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
     return None, pos
 
 
-def read(path: pathlib.Path) -> ViewModel:
+def read(path: pathlib.Path, handle: Any = None) -> ViewModel:
     """Read an ONNX file without loading external weights."""
     from kiln.viewer.page import no_gc
     with no_gc():            # many small long-lived objects: collections would cost more than the parse

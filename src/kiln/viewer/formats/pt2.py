@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ViewerError
-from kiln.viewer.formats._common import GraphBuilder, count
+from kiln.viewer.formats._common import GraphBuilder, count, open_zip, reuse_zip
 from kiln.viewer.graph import ViewModel
 
 _FMT = "PyTorch export"
@@ -35,15 +35,9 @@ def _members(z: zipfile.ZipFile) -> list[str]:
             or ("/models/" in n and n.endswith(".json"))]
 
 
-def sniff(path: Path, head: bytes) -> bool:
-    if not head.startswith(b"PK\x03\x04"):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith(("/archive_format", "models/model.json", "serialized_exported_program.json")) for n in names)
+def sniff(path: Path, head: bytes) -> zipfile.ZipFile | None:
+    return open_zip(path, head, lambda names: any(
+        n.endswith(("/archive_format", "models/model.json", "serialized_exported_program.json")) for n in names))
 
 
 def _err(path: Path, what: Any) -> ViewerError:
@@ -57,9 +51,9 @@ def _json(z: zipfile.ZipFile, name: str) -> Any:
     return json.loads(z.read(name).decode("utf-8"))
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     try:
-        with zipfile.ZipFile(path) as z:
+        with reuse_zip(path, handle) as z:
             members = _members(z)
             if not members:
                 raise _err(path, "it holds no serialized ExportedProgram (models/*.json)")

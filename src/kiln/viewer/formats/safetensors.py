@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ def _loader(path: Path, start: int, end: int, dtype: str, shape: list[int]):
     return load
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     size = path.stat().st_size
     with open(path, "rb") as f:
         first = f.read(8)

@@ -84,6 +84,7 @@ _NUMPY = {"float32": "<f4", "float64": "<f8", "int32": "<i4", "uint8": "u1", "in
 _VALS = {"float32": "float_val", "float64": "double_val", "int64": "int64_val", "bool": "bool_val",
          "float16": "half_val", "bfloat16": "half_val", "uint32": "uint32_val", "uint64": "uint64_val",
          "complex64": "scomplex_val", "complex128": "dcomplex_val"}
+_MAX_NESTING = 32     # library functions opened inside one another at most this deep
 _MAX_FILL = 1 << 26   # elements; TF stores large constant fills as one value
 _ARGS = {"Conv2D": ["input", "filter"], "Conv3D": ["input", "filter"], "DepthwiseConv2dNative": ["input", "filter"],
          "MatMul": ["a", "b"], "BatchMatMulV2": ["x", "y"], "BiasAdd": ["value", "bias"],
@@ -91,6 +92,11 @@ _ARGS = {"Conv2D": ["input", "filter"], "Conv3D": ["input", "filter"], "Depthwis
          "FusedBatchNormV3": ["x", "scale", "offset", "mean", "variance"], "Reshape": ["tensor", "shape"]}
 
 
+# Ops whose attributes name library functions, and those attributes.
+_FUNC_ATTRS = {op: ("f",) for op in ("PartitionedCall", "StatefulPartitionedCall", "TPUPartitionedCall",
+                                     "RemoteCall", "MapDataset", "FlatMapDataset")}
+_FUNC_ATTRS.update({"While": ("cond", "body"), "StatelessWhile": ("cond", "body"), "If": ("then_branch", "else_branch"),
+                    "StatelessIf": ("then_branch", "else_branch")})
 _TEXT_DTYPES = {"DT_" + n.upper(): k for k, n in DTYPES.items()}
 _TEXT_DTYPES.update({"DT_FLOAT": 1, "DT_DOUBLE": 2, "DT_HALF": 19})
 
@@ -109,28 +115,30 @@ def _text_sniff(head: bytes) -> bool:
         "op:" in text or "meta_info_def" in text or "graph_def" in text)
 
 
-def sniff(path: Path, head: bytes) -> bool:
+def sniff(path: Path, head: bytes) -> str | None:
+    """What the content is: "SavedModel folder", "text", "GraphDef", "MetaGraphDef" or "SavedModel"."""
     if path.is_dir():
-        return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+        found = (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+        return "SavedModel folder" if found else None
     if not head:
-        return False
+        return None
     if _text_sniff(head):
-        return True
+        return "text"
     seen = pb.conforming_fields(head, "GraphDef", SCHEMA, 2)
     if seen and 1 in seen and seen <= {1, 2, 3, 4, 5}:
-        return head[0] == 0x0A
+        return "GraphDef" if head[0] == 0x0A else None
     seen = pb.conforming_fields(head, "MetaGraphDef", SCHEMA, 2)
     if seen and seen & {1, 2} and head[0] in (0x0A, 0x12):
-        return True
+        return "MetaGraphDef"
     seen = pb.conforming_fields(head, "SavedModel", SCHEMA, 3)
-    return bool(seen and 2 in seen and head[0] == 0x08)
+    return "SavedModel" if seen and 2 in seen and head[0] == 0x08 else None
 
 
 def _err(path: Path, what: Any) -> ViewerError:
     return ViewerError(f"{path.name!r} is not a readable {_FMT} file: {what}.")
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     target = path
     warnings: list[str] = []
     if path.is_dir():
@@ -140,8 +148,9 @@ def read(path: Path) -> ViewModel:
             raise ViewerError(warnings[0] if warnings else f"{path.name!r} holds no saved_model.pb.")
         target = found
     data = file_bytes(target)
+    sniffed = handle if isinstance(handle, str) and not path.is_dir() else None
     try:
-        kind, msg = _decode(target, data)
+        kind, msg = _decode(target, data, sniffed)
     except (pb.ProtoError, TextFormatError) as exc:
         raise _err(target, f"{exc}; it is truncated or damaged") from None
     props: dict[str, Any] = {"content": kind}
@@ -167,10 +176,9 @@ def read(path: Path) -> ViewModel:
             props["signatures"] = {k: {"inputs": sorted(_entries(s.get("inputs"))),
                                        "outputs": sorted(_entries(s.get("outputs")))} for k, s in signatures.items()}
     try:
-        graphs = [_graph(path.stem if not path.is_dir() else path.name, graph_def.all("node"), None, None)]
         lib = graph_def.one("library", pb.Message())
-        for fn in lib.all("function"):
-            graphs.append(_function(fn))
+        graphs = with_functions(_graph(path.stem if not path.is_dir() else path.name, graph_def.all("node"), None,
+                                       None), lib.all("function"))
     except (pb.ProtoError, TextFormatError, ValueError, TypeError, KeyError) as exc:
         raise _err(target, f"{exc}; it is damaged") from None
     if not graphs[0].nodes and len(graphs) == 1 and not graph_def:
@@ -191,16 +199,17 @@ def read(path: Path) -> ViewModel:
                      file_size=len(data), warnings=warnings)
 
 
-def _decode(path: Path, data: Any) -> tuple[str, pb.Message]:
+def _decode(path: Path, data: Any, sniffed: str | None = None) -> tuple[str, pb.Message]:
     head = bytes(data[:4096])
-    if _text_sniff(head) or path.suffix.lower() == ".pbtxt":
+    sniffed = sniffed or sniff(path, head)
+    if sniffed == "text" or path.suffix.lower() == ".pbtxt":
         msg = parse_text(bytes(data).decode("utf-8", "replace"))
         if "meta_graphs" in msg:
             return "SavedModel", msg
         if "graph_def" in msg or "meta_info_def" in msg:
             return "MetaGraphDef", msg
         return "GraphDef", msg
-    if head[:1] == b"\x08" and pb.conforming_fields(head, "SavedModel", SCHEMA, 3):
+    if sniffed == "SavedModel":
         return "SavedModel", pb.decode(data, "SavedModel", SCHEMA)
     graph = None
     if head[:1] == b"\x0a" and path.suffix.lower() != ".meta":
@@ -381,6 +390,39 @@ def _ref(name: str) -> str:
     if name.endswith(":0") and name.count(":") == 1:
         return name[:-2]
     return name
+
+
+def with_functions(main: ViewGraph, functions: list) -> list[ViewGraph]:
+    """The main graph and one graph per library function, each function also opened under the nodes calling it.
+
+    A node whose attribute names a library function (``StatefulPartitionedCall``'s ``f``, ``While``'s
+    ``cond``/``body``, ``If``'s branches) gets that function as an expandable subgraph, so the layers a
+    TF2 export keeps in functions are seen in place.  A function calling back into one already open
+    above it is not nested again, and nesting stops at ``_MAX_NESTING`` levels.
+    """
+    graphs = [_function(fn) for fn in functions]
+    by_name = {g.name: g for g in graphs}
+    height: dict[int, int | None] = {}   # id(graph) -> None while its callees are linked, then its nesting height
+
+    def link(g: ViewGraph, depth: int) -> int:   # depth-first; no edge back to an open graph, so no cycle
+        height[id(g)] = None
+        tallest = 0
+        for n in g.nodes:
+            for key, value in n.attributes.items():
+                sub = by_name.get(value) if isinstance(value, str) and key in _FUNC_ATTRS.get(n.op_type, ()) else None
+                if sub is None or (id(sub) in height and height[id(sub)] is None):
+                    continue
+                h = height[id(sub)] if id(sub) in height else (link(sub, depth + 1) if depth < _MAX_NESTING else None)
+                if h is not None and depth + 1 + h <= _MAX_NESTING:
+                    n.subgraphs[key] = sub
+                    tallest = max(tallest, h + 1)
+        height[id(g)] = tallest
+        return tallest
+
+    for g in [main, *graphs]:
+        if id(g) not in height:
+            link(g, 0)
+    return [main, *graphs]
 
 
 def _function(fn: pb.Message) -> ViewGraph:

@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.paths import PathEscapeError, resolve_inside
-from kiln.viewer.formats._common import guarded, refused
+from kiln.viewer.formats._common import guarded, refused, weights_graph
 from kiln.viewer.formats._protobuf import Message
 from kiln.viewer.graph import ViewModel
 
@@ -26,9 +26,26 @@ _SIZES = {"float32": 4, "int32": 4, "bool": 1, "uint8": 1, "uint16": 2, "float16
           "int16": 2}
 
 
-def sniff(path: Path, head: bytes) -> bool:
+_MANIFEST_HEAD = re.compile(r'\s*\[\s*\{\s*"(weights|paths)"\s*:')
+
+
+def sniff(path: Path, head: bytes) -> Any:
+    """The parsed document of a model.json, or of a bare weights manifest (``*-weights_manifest.json``)."""
     text = head.decode("utf-8", "ignore")
-    return text.lstrip().startswith("{") and ('"modelTopology"' in text or '"weightsManifest"' in text)
+    model = text.lstrip().startswith("{") and ('"modelTopology"' in text or '"weightsManifest"' in text)
+    if not model and not _MANIFEST_HEAD.match(text):
+        return None
+    try:
+        return _Document(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        return _Document(None, f"{type(exc).__name__}: {exc}")   # read reports it in the format's words
+
+
+class _Document:
+    """A sniffed file's JSON (or why it does not parse)."""
+
+    def __init__(self, doc: Any, error: str | None = None) -> None:
+        self.doc, self.error = doc, error
 
 
 def _err(path: Path, what: Any) -> ViewerError:
@@ -142,13 +159,18 @@ def _weights(path: Path, manifest: list, warnings: list[str]) -> dict[str, tuple
     return out
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
+    sniffed = handle if isinstance(handle, _Document) else sniff(path, path.read_bytes()[:4096])
+    if sniffed is None or sniffed.error is not None:
+        raise _err(path, sniffed.error if sniffed is not None else "it is neither a model.json nor a weights manifest")
+    doc = sniffed.doc
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        warnings: list[str] = []
+        if isinstance(doc, list):
+            return _manifest_only(path, doc, warnings)
         if not isinstance(doc, dict):
             raise TypeError("the top level is not an object")
         topology = doc.get("modelTopology") or {}
-        warnings: list[str] = []
         weights = _weights(path, doc.get("weightsManifest") or [], warnings)
         fmt = doc.get("format") or ("graph-model" if "node" in topology else "layers-model")
         if "node" in topology or fmt == "graph-model":
@@ -157,8 +179,7 @@ def read(path: Path) -> ViewModel:
             model = _layers_model(path, topology, weights)
     except ViewerError:
         raise
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError,
-            IndexError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise _err(path, f"{type(exc).__name__}: {exc}") from None
     model.format = _FMT
     model.path = str(path)
@@ -169,13 +190,25 @@ def read(path: Path) -> ViewModel:
     return model
 
 
+def _manifest_only(path: Path, manifest: list, warnings: list[str]) -> ViewModel:
+    """A weights manifest without a topology (face-api.js ships these): its tensors, grouped by layer."""
+    weights = _weights(path, manifest, warnings)
+    if not weights:
+        raise _err(path, "the weights manifest lists no weights")
+    graph = weights_graph(path.name.removesuffix(".json").removesuffix("-weights_manifest"),
+                          [(name, shape, dtype, load, None) for name, (shape, dtype, load) in weights.items()],
+                          sep="/")
+    return ViewModel(format=_FMT, path=str(path), graphs=[graph], file_size=path.stat().st_size, warnings=warnings,
+                     properties={"model_format": "weights manifest", "content": "weights only",
+                                 "weights": len(weights)})
+
+
 def _graph_model(path: Path, topology: dict, weights: dict) -> ViewModel:
     from kiln.viewer.formats import tf
 
     gd = to_message(topology)
-    graphs = [tf._graph(path.parent.name or path.stem, gd.all("node"), None, None)]
-    for fn in gd.one("library", Message()).all("function"):
-        graphs.append(tf._function(fn))
+    graphs = tf.with_functions(tf._graph(path.parent.name or path.stem, gd.all("node"), None, None),
+                               gd.one("library", Message()).all("function"))
     g = graphs[0]
     for name, (shape, dtype, load) in weights.items():
         if name in g.weights:

@@ -94,7 +94,7 @@ def _options(op: Table) -> dict[str, Any]:
     return out
 
 
-def read(path: Path) -> ViewModel:
+def read(path: Path, handle: Any = None) -> ViewModel:
     buf = file_bytes(path)
     try:
         return _read(path, buf)
