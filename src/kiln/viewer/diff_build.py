@@ -6,8 +6,10 @@ counting nodes depth-first from 1 as the parser does). From that, a model node
 was ``kept`` (a layer of its own), ``fused`` (one layer for several nodes), run
 as a ``plugin``, or ``folded`` away (constant-folded, dead, or absorbed without
 a layer of its own); a layer with no origin was ``inserted`` by the build (a
-precision cast, a reformat). A layer naming a node the model lacks means the
-engine was built from another model.
+precision cast, a reformat). A layer naming a node the model lacks, or a tensor
+of one name with another static shape in the model than in the engine, means the
+engine was built from another model (one that differs only in weights or in
+attributes that keep every shape is not told apart: diff the two models for that).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class BuildDiff:
     engine: ViewModel
     layers: list[LayerOrigin]
     nodes: list[NodeFate]
+    shapes: list[tuple[str, list, list]] = field(default_factory=list)   # (tensor, model shape, engine shape)
 
     def counts(self) -> dict[str, dict[str, int]]:
         nodes = dict.fromkeys(NODE_STATUSES, 0)
@@ -55,8 +58,8 @@ class BuildDiff:
 
     @property
     def differs(self) -> bool:
-        """True when a layer names a node the model does not have: the engine was built from another model."""
-        return any(lo.missing for lo in self.layers)
+        """True when the engine was not built from this model (see the module docstring)."""
+        return bool(self.shapes) or any(lo.missing for lo in self.layers)
 
     def missing(self) -> list[str]:
         return [name for lo in self.layers for name in lo.missing]
@@ -103,4 +106,18 @@ def explain_build(model: ViewModel, engine: ViewModel) -> BuildDiff:
     for n, scope in walk(model.graph):
         lo = fate.get(id(n))
         nodes.append(NodeFate(n, lo.status if lo is not None else "folded", lo, scope))
-    return BuildDiff(model, engine, layers, nodes)
+    return BuildDiff(model, engine, layers, nodes, _shape_mismatches(model.graph, engine.graph))
+
+
+def _static(shape) -> bool:
+    return shape is not None and all(type(d) is int for d in shape)
+
+
+def _shape_mismatches(mg: ViewGraph, eg: ViewGraph) -> list[tuple[str, list, list]]:
+    """Tensors of the main graphs with one name and two different static shapes."""
+    out = []
+    for name, t in eg.tensors.items():
+        m = mg.tensors.get(name)
+        if m is not None and _static(m.shape) and _static(t.shape) and list(m.shape) != list(t.shape):
+            out.append((name, list(m.shape), list(t.shape)))
+    return out

@@ -104,6 +104,11 @@ def _build_lines(d: BuildDiff) -> list[str]:
     if missing:
         lines.append(f"the engine was not built from this model: {len(missing)} layer origins are not among its "
                      f"nodes ({', '.join(show(m) for m in missing[:5])}{', …' if len(missing) > 5 else ''})")
+    if d.shapes:
+        from kiln.viewer.page import shape_text
+        some = ", ".join(f"{show(n)} {shape_text(ms)} → {shape_text(es)}" for n, ms, es in d.shapes[:3])
+        lines.append(f"the engine was not built from this model: {len(d.shapes)} tensors have another shape in the "
+                     f"engine than in the model ({some}{', …' if len(d.shapes) > 3 else ''})")
     for lo in d.layers:
         facts = ", ".join(show(lo.layer.overlay[k]) for k in ("precision", "tactic") if lo.layer.overlay.get(k))
         head = f"{lo.status} {_where(lo.scope)}{_node(lo.layer)}" + (f" [{facts}]" if facts else "")
@@ -140,6 +145,7 @@ def as_json(d: ModelDiff | BuildDiff) -> dict:
     if isinstance(d, BuildDiff):
         return {"kind": "build", "model": _model_json(d.model), "engine": _model_json(d.engine),
                 "counts": d.counts(), "differs": d.differs, "missing": d.missing(),
+                "shapes": [{"tensor": n, "model": ms, "engine": es} for n, ms, es in d.shapes],
                 "layers": [{"status": lo.status, "scope": list(lo.scope), "name": lo.layer.name,
                             "kind": lo.layer.op_type, "precision": lo.layer.overlay.get("precision"),
                             "tactic": lo.layer.overlay.get("tactic"),
