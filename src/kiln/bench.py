@@ -1,39 +1,16 @@
-"""`kiln bench`: trtexec's measurements for a Kiln engine.
+"""trtexec's measurements for a Kiln engine (the `kiln bench` command is kiln/cli/bench.py).
 
 Warm-up, then iterations (or a duration) of: host→device copy, GPU compute, device→host
-copy, each timed with CUDA events (wall clock on the CPU). Prints latency percentiles,
-throughput and the transfer/compute split; ``--profile`` times every layer (eager, one
-event pair per layer) and ``--export-profile`` writes them as JSON for ``kiln view``.
+copy, each timed with CUDA events (wall clock on the CPU): latency percentiles, throughput
+and the transfer/compute split.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from typing import Any
 
 from kiln.errors import KilnError
-
-
-def add_parser(sub) -> None:
-    from kiln.cli_args import number, plugin_flag, shape_flags
-    p = sub.add_parser("bench", help="measure an engine's latency and throughput (trtexec-style)",
-                       description="Benchmark ENGINE: warm-up, then timed iterations; latency min/mean/median/p90/"
-                                   "p95/p99, throughput, and host-to-device / compute / device-to-host split.")
-    p.add_argument("engine", help="the .kiln engine file")
-    shape_flags(p, help="input shapes (default: each profile's opt shape)")
-    p.add_argument("--warmup", type=number(int, 0), default=20, metavar="N", help="untimed runs first (default 20)")
-    p.add_argument("--iterations", type=number(int, 1), default=200, metavar="N", help="timed runs (default 200)")
-    p.add_argument("--duration", type=number(float, 0, above=True), metavar="S",
-                   help="run for S seconds instead of --iterations")
-    p.add_argument("--no-data-transfers", action="store_true", help="time GPU compute only (inputs stay on device)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="run layer by layer instead of replaying a CUDA graph")
-    p.add_argument("--profile", action="store_true", help="print per-layer times")
-    p.add_argument("--export-profile", metavar="FILE.json", help="write per-layer times as JSON (for kiln view)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    plugin_flag(p)
-    p.set_defaults(func=cmd_bench)
 
 
 def _pct(a, q: float) -> float:
@@ -47,8 +24,8 @@ def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int 
     import numpy as np
     import torch
 
-    from kiln.cli import _default_shape, _random
-    from kiln.kernels._util import from_numpy
+    from kiln.cli.base.inputs import default_shape, random_input
+    from kiln.ir.dtypes import from_numpy
     if duration is not None and not duration > 0:
         raise KilnError(f"duration must be a positive number of seconds, got {duration!r}.")
     if iterations < 1 or warmup < 0:
@@ -57,8 +34,8 @@ def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int 
     rng = np.random.default_rng(0)
     host = []
     for spec in engine.inputs:
-        shape = shapes[spec["name"]] if spec["name"] in shapes else _default_shape(engine, spec)
-        host.append(from_numpy(_random(rng, spec["dtype"], shape)))         # 0-d stays 0-d
+        shape = shapes[spec["name"]] if spec["name"] in shapes else default_shape(engine, spec)
+        host.append(from_numpy(random_input(rng, spec["dtype"], shape)))         # 0-d stays 0-d
     ctx = engine.context(cuda_graph=cuda_graph)
     for spec, a in zip(engine.inputs, host):
         ctx._check(spec["name"], a)
@@ -140,48 +117,3 @@ class _Bar:
         if self.enabled:
             sys.stderr.write("\n")
 
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import kiln
-    from kiln.cli import _load_plugins
-    from kiln.cli_args import check_output_file, parse_shapes
-    shapes = parse_shapes(args.shapes, "--shapes")
-    if args.export_profile:
-        check_output_file(args.export_profile, "--export-profile", keep=[args.engine])
-    _load_plugins(args.plugins)
-    engine = kiln.load(args.engine)
-    res = bench(engine, shapes, args.warmup, args.iterations, args.duration,
-                not args.no_data_transfers, not args.no_cuda_graph, progress=True)
-    ctx, inputs = res.pop("_ctx"), res.pop("_inputs")
-    rows = None
-    if args.profile or args.export_profile:
-        rows = ctx.profile(inputs)
-        res["profile_total_ms"] = sum(r["ms"] for r in rows)
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        lat = res["latency_ms"]
-        print(f"Engine: {args.engine} on {res['device']} ({res['precision']}), shapes "
-              + ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in res["shapes"].items()))
-        mode = "CUDA graph replay" if res["cuda_graph"] else "eager"
-        print(f"Mode: {mode}, {res['iterations']} iterations, "
-              f"{'with' if res['transfers'] else 'without'} host/device transfers")
-        print(f"Latency (ms): min {lat['min']:.4f}  mean {lat['mean']:.4f}  median {lat['median']:.4f}  "
-              f"p90 {lat['p90']:.4f}  p95 {lat['p95']:.4f}  p99 {lat['p99']:.4f}  max {lat['max']:.4f}")
-        print(f"Throughput: {res['throughput_qps']:.1f} qps, {res['throughput_items_per_s']:.1f} items/s")
-        if "split_ms_median" in res:
-            sp = res["split_ms_median"]
-            print(f"Split (median ms): host-to-device {sp['h2d']:.4f}  GPU compute {sp['compute']:.4f}  "
-                  f"device-to-host {sp['d2h']:.4f}")
-    if rows is not None and args.profile and not args.json:
-        print(f"\nPer-layer times (eager, one event pair per layer; total {res['profile_total_ms']:.3f} ms):")
-        print(f"  {'layer':<40} {'kind':<15} {'tactic':<14} {'precision':<18} {'ms':>9} {'%':>6}")
-        for r in sorted(rows, key=lambda r: -r["ms"]):
-            print(f"  {r['name'][:40]:<40} {r['kind']:<15} {str(r['tactic']):<14} {str(r['precision']):<18} "
-                  f"{r['ms']:9.4f} {r['percent']:6.2f}")
-    if args.export_profile:
-        with open(args.export_profile, "w") as f:
-            json.dump({"device": res["device"], "engine": args.engine, "total_ms": res["profile_total_ms"],
-                       "latency_ms": res["latency_ms"], "layers": rows}, f, indent=1)
-        print(f"wrote {args.export_profile}")
-    return 0

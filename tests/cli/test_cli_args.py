@@ -11,7 +11,7 @@ from _cli import assert_user_error, kiln, snapshot
 import kiln as kiln_api
 from kiln.builder import Profile
 from kiln.cli import make_parser
-from kiln.cli_args import parse_shapes, profiles_from_args
+from kiln.cli.base.args import parse_shapes, profiles_from_args
 from kiln.errors import BuildError, KilnError
 
 _POSITIONAL = {"build": ["m.onnx", "-o", "m.kiln"], "run": ["m.kiln"], "compare": ["m.onnx"], "bench": ["m.kiln"]}

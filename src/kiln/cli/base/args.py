@@ -1,4 +1,4 @@
-"""The CLI's shared argument handling: one-line usage errors, checked numbers, repeatable shape and
+"""Argument handling every command shares: one-line usage errors, checked numbers, repeatable shape and
 input flags, output paths checked before any work."""
 from __future__ import annotations
 
@@ -33,23 +33,6 @@ def number(kind: type, low: float, high: float | None = None, above: bool = Fals
             raise argparse.ArgumentTypeError(f"{text} is out of range; give {what} {bound}")
         return value
     return parse
-
-
-def shape_flags(p: argparse.ArgumentParser, profile: bool = False, help: str = "input shapes") -> None:
-    """--shapes (and with ``profile`` --min/--opt/--max-shapes); each repeatable, accumulating."""
-    p.add_argument("--shapes", action="append", metavar="NAME:DIMS[,..]",
-                   help=f"{help}, e.g. input:1x3x224x224 (repeatable; 'name:' is a scalar)")
-    if profile:
-        p.add_argument("--min-shapes", action="append", metavar="NAME:DIMS[,..]",
-                       help="smallest shapes of the optimization profile (repeatable)")
-        p.add_argument("--opt-shapes", action="append", metavar="NAME:DIMS[,..]",
-                       help="shapes to optimize for (default: max; repeatable)")
-        p.add_argument("--max-shapes", action="append", metavar="NAME:DIMS[,..]",
-                       help="largest shapes of the optimization profile (repeatable)")
-
-
-def plugin_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugins", action="append", metavar="FILE.py|MODULE", help="load plugins first (repeatable)")
 
 
 def parse_shapes(specs: str | Sequence[str] | None, flag: str) -> dict[str, tuple[int, ...]]:
@@ -101,7 +84,9 @@ def parse_inputs(items: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def profiles_from_args(args) -> dict[str, Any] | None:
+def profiles_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The build profile that --shapes and --min/--opt/--max-shapes give: ``{input: shape}`` or
+    ``{input: (min, opt, max)}``, or None when no shape flag is given."""
     static = parse_shapes(args.shapes, "--shapes")
     mins, opts, maxs = (parse_shapes(getattr(args, k), f"--{k.replace('_', '-')}")
                         for k in ("min_shapes", "opt_shapes", "max_shapes"))
@@ -161,5 +146,6 @@ def warn(message: str) -> None:
 
 
 def quote(s: str) -> str:
+    """``s`` quoted for a shell command line."""
     import shlex
     return shlex.quote(s)

@@ -1,0 +1,77 @@
+"""The `kiln` command: thin wrappers over the Python API, one module per command (``kiln/cli/<name>.py``,
+a Tool registered with ``@register``; see docs/contributing.md).
+
+Heavy modules are imported inside each command's ``run``, so `kiln --help` is instant and a missing
+optional dependency breaks only the command that needs it; a command whose module fails to import is
+still listed, with the reason. A user error (any KilnError) prints one line and exits 2; anything else
+is a bug and shows its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from kiln.cli.base.args import Parser
+from kiln.cli.base.progress import Progress
+from kiln.cli.base.tool import MissingTool
+from kiln.errors import KilnError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The `kiln` parser with every command's subparser (missing commands included)."""
+    from kiln import __version__
+    from kiln.cli.base.registry import tools
+    parser = Parser(
+        prog="kiln", description="Build fast, device-specific inference engines from ONNX models, run them, "
+                                 "benchmark them and look inside them.")
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for tool in tools():
+        tool.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `kiln ARGV`; the exit code."""
+    try:
+        parser = make_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and not isinstance(getattr(args, "tool", None), MissingTool):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        try:
+            code = int(args.func(args) or 0)
+        except KilnError as exc:
+            if Progress.open_line:
+                sys.stderr.write("\n")
+            msg = " ".join(str(exc).split())
+            print(f"kiln: error: {msg}", file=sys.stderr)
+            return 2
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:                   # --help, --version and usage errors exit through argparse
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_to_devnull()
+        raise
+    except BrokenPipeError:              # the reader went away (`kiln plugins | head -1`): stop quietly
+        _stdout_to_devnull()
+        return 1
+
+
+def _stdout_to_devnull() -> None:
+    """Output still buffered would fail again at exit, so stdout now points at devnull (the Python docs'
+    recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, ValueError, OSError):      # stdout replaced by an object without a descriptor
+        sys.stdout = os.fdopen(devnull, "w")

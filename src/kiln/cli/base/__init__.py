@@ -1,0 +1,10 @@
+"""What every `kiln` command is built from: the Tool base and registry, the shared argument groups and
+argument checks, engine-input helpers and the progress bar."""
+from __future__ import annotations
+
+from kiln.cli.base.groups import (ArgGroup, Device, Fallback, Fp32Layers, Inputs, Json, Plugins, Precision,
+                                  Shapes)
+from kiln.cli.base.tool import MissingTool, Tool, register
+
+__all__ = ["ArgGroup", "Device", "Fallback", "Fp32Layers", "Inputs", "Json", "MissingTool", "Plugins", "Precision",
+           "Shapes", "Tool", "register"]

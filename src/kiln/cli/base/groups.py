@@ -1,0 +1,135 @@
+"""Flags that several commands take, each declared once as an argument group.
+
+A Tool lists the groups it takes (``groups = (Precision("fp16", "bf16"), Device(), Plugins())``); a group
+adds its flags to the command's parser and reads them back from the parsed arguments.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kiln.cli.base.args import number, parse_inputs, parse_shapes, profiles_from_args
+
+
+class ArgGroup:
+    """A set of flags shared by several commands."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this group's flags to ``parser``."""
+        raise NotImplementedError
+
+
+class Precision(ArgGroup):
+    """Mutually exclusive --fp16/--bf16/--tf32 flags (those named); none given means FP32."""
+
+    HELP = {"fp16": "FP16 compute (accumulation, softmax and norms in FP32)",
+            "bf16": "BF16 compute (accumulation, softmax and norms in FP32)",
+            "tf32": "FP32 tensors with TF32 matrix math on the GPU"}
+
+    def __init__(self, *choices: str) -> None:
+        unknown = set(choices) - set(self.HELP)
+        if unknown:
+            raise ValueError(f"unknown precision flags {sorted(unknown)}; known: {sorted(self.HELP)}")
+        self.choices = choices
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group()
+        for c in self.choices:
+            group.add_argument(f"--{c}", action="store_true", help=self.HELP[c])
+
+    @staticmethod
+    def of(args: argparse.Namespace) -> str:
+        """The precision the flags chose: 'fp16', 'bf16', 'tf32' or 'fp32'."""
+        return next((c for c in Precision.HELP if getattr(args, c, False)), "fp32")
+
+
+class Device(ArgGroup):
+    """--device cpu|cuda."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--device", choices=("cpu", "cuda"), help="target device (default: cuda when available)")
+
+
+class Shapes(ArgGroup):
+    """--shapes, and with ``profile`` --min/--opt/--max-shapes; each repeatable, accumulating."""
+
+    def __init__(self, help: str = "input shapes", profile: bool = False) -> None:
+        self.help, self.profile = help, profile
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--shapes", action="append", metavar="NAME:DIMS[,..]",
+                            help=f"{self.help}, e.g. input:1x3x224x224 (repeatable; 'name:' is a scalar)")
+        if self.profile:
+            parser.add_argument("--min-shapes", action="append", metavar="NAME:DIMS[,..]",
+                                help="smallest shapes of the optimization profile (repeatable)")
+            parser.add_argument("--opt-shapes", action="append", metavar="NAME:DIMS[,..]",
+                                help="shapes to optimize for (default: max; repeatable)")
+            parser.add_argument("--max-shapes", action="append", metavar="NAME:DIMS[,..]",
+                                help="largest shapes of the optimization profile (repeatable)")
+
+    @staticmethod
+    def static(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+        """The --shapes given, by input name."""
+        return parse_shapes(args.shapes, "--shapes")
+
+    @staticmethod
+    def profile_of(args: argparse.Namespace) -> dict[str, Any] | None:
+        """The build profile the shape flags give (see ``profiles_from_args``)."""
+        return profiles_from_args(args)
+
+
+class Inputs(ArgGroup):
+    """--input NAME=FILE.npy (repeatable) and --seed for the inputs not given."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--input", action="append", metavar="NAME=FILE.npy",
+                            help="an input from a .npy file (repeatable)")
+        parser.add_argument("--seed", type=number(int, 0), default=0, help="seed for random inputs (default 0)")
+
+    @staticmethod
+    def files(args: argparse.Namespace) -> dict[str, str]:
+        """The --input files, by input name."""
+        return parse_inputs(args.input)
+
+
+class Fp32Layers(ArgGroup):
+    """--fp32-layers PATTERN[,..]: layers kept in FP32 in a reduced-precision build."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--fp32-layers", metavar="PATTERN[,..]",
+                            help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch "
+                                 "patterns in FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
+
+
+class Plugins(ArgGroup):
+    """--plugins FILE.py|MODULE (repeatable): plugins loaded before the command's work."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--plugins", action="append", metavar="FILE.py|MODULE",
+                            help="load plugins first (repeatable)")
+
+    @staticmethod
+    def load(args: argparse.Namespace) -> None:
+        """Load every plugin file or module given with --plugins."""
+        if args.plugins:
+            from kiln.plugins import load
+            for p in args.plugins:
+                load(p)
+
+
+class Fallback(ArgGroup):
+    """--fallback onnxruntime: nodes Kiln cannot run become ONNX Runtime islands."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--fallback", choices=("onnxruntime",),
+                            help="run nodes Kiln has no converter or plugin for in ONNX Runtime (CPU) islands")
+
+
+class Json(ArgGroup):
+    """--json: machine-readable output."""
+
+    def __init__(self, help: str = "machine-readable output") -> None:
+        self.help = help
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--json", action="store_true", help=self.help)
