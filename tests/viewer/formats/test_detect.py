@@ -36,7 +36,7 @@ def test_plain_directory_is_not_a_saved_model(tmp_path):
 
 def test_every_reader_is_in_the_table():
     modules = {f.module for f in FORMATS}
-    assert {"keras", "coreml", "tflite", "caffe", "caffe2", "mxnet", "tfjs", "tf", "pt2", "safetensors",
+    assert {"keras", "coreml", "tflite", "caffe", "caffe2", "mxnet", "tfjs", "tf", "pt2", "torchscript", "safetensors",
             "gguf"} <= modules
 
 
@@ -58,7 +58,8 @@ def test_readers_import_no_heavy_libraries():
     """Importing every reader (and opening a GGUF-free safetensors file) pulls in no framework."""
     code = textwrap.dedent("""
         import importlib, sys
-        for m in ("keras", "coreml", "tflite", "caffe", "caffe2", "mxnet", "tfjs", "tf", "pt2", "safetensors", "gguf"):
+        for m in ("keras", "coreml", "tflite", "caffe", "caffe2", "mxnet", "tfjs", "tf", "pt2", "torchscript",
+                  "safetensors", "gguf"):
             importlib.import_module("kiln.viewer.formats." + m)
         heavy = [m for m in ("h5py", "keras", "coremltools", "tensorflow", "torch", "flatbuffers", "gguf",
                              "safetensors.numpy", "onnx", "mxnet", "caffe") if m in sys.modules]

@@ -42,6 +42,7 @@ FORMATS: list[Format] = [
     Format("mxnet", "MXNet", (".json", ".params", ".mar")),
     Format("tfjs", "TensorFlow.js", (".json", "model.json")),
     Format("pt2", "PyTorch export", (".pt2",)),
+    Format("torchscript", "TorchScript", (".pt", ".pth", ".jit", ".ptl", ".torchscript")),
     Format("safetensors", "safetensors", (".safetensors",)),
     Format("gguf", "GGUF", (".gguf",)),
 ]

@@ -258,6 +258,26 @@ def file_array(path: Path, offset: int, dtype: Any, shape: Sequence[int], fmt: s
     return load
 
 
+def strided(flat: np.ndarray, shape: Sequence[int], strides: Sequence[int] | None, offset: int,
+            what: str) -> np.ndarray:
+    """A tensor viewed out of its flat storage (element strides and offset), copied; bounds checked first."""
+    shape = [int(d) for d in shape]
+    n = count(shape)
+    if n is None:
+        return flat
+    if n == 0:
+        return flat[:0].reshape(shape)
+    strides = [int(s) for s in strides] if strides is not None and len(strides) == len(shape) else None
+    top = offset + (sum((d - 1) * s for d, s in zip(shape, strides)) if strides else n - 1)
+    if offset < 0 or min(strides or [0]) < 0 or top >= flat.size:
+        raise ViewerError(f"{what} holds {flat.size} values, too few for shape {shape}.")
+    if strides is None:
+        return flat[offset:offset + n].reshape(shape)
+    item = flat.itemsize
+    return np.lib.stride_tricks.as_strided(flat[offset:], shape=shape, strides=[s * item for s in strides],
+                                           writeable=False).copy()
+
+
 def buffer_array(buf: Any, dtype: Any, shape: Sequence[int] | None, fmt: str) -> Callable[[], np.ndarray]:
     """A lazy loader over bytes already in memory (or a memoryview/mmap slice)."""
     dt = np.dtype(dtype)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import ViewerError
-from kiln.viewer.formats._common import GraphBuilder, count, open_zip, reuse_zip
+from kiln.viewer.formats._common import GraphBuilder, open_zip, reuse_zip, strided
 from kiln.viewer.graph import ViewModel
 
 _FMT = "PyTorch export"
@@ -103,19 +103,9 @@ def _loader(path: Path, member: str, dtype: str, meta: dict):
         flat = np.frombuffer(raw, dtype=_NUMPY[dtype])
         if dtype == "bfloat16":
             flat = (flat.astype(np.uint32) << 16).view(np.float32)
-        n = count(shape)
-        if n is None:
+        if any(not isinstance(d, int) for d in shape):
             return flat
-        if n == 0:
-            return flat[:0].reshape(shape)
-        top = offset + sum((d - 1) * s for d, s in zip(shape, strides)) if len(strides) == len(shape) else offset + n - 1
-        if min(strides, default=0) < 0 or top >= flat.size:
-            raise ViewerError(f"{_FMT}: weight {member!r} holds {flat.size} values, too few for shape {shape}.")
-        if len(strides) != len(shape):
-            return flat[offset:offset + n].reshape(shape)
-        item = flat.itemsize
-        return np.lib.stride_tricks.as_strided(flat[offset:], shape=shape, strides=[s * item for s in strides],
-                                               writeable=False).copy()
+        return strided(flat, shape, strides, offset, f"{_FMT}: weight {member!r}")
     return load
 
 
