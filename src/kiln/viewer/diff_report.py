@@ -53,21 +53,29 @@ def _where(scope: tuple[str, ...]) -> str:
     return "".join(f"{show(s)} › " for s in scope)
 
 
-def _detail(d: Detail) -> str:
-    what = {"op": "op", "attribute": "attribute", "output": "output", "weight": "weight", "input": "input",
-            "property": "", "overlay": "", "subgraph": "body", "format": "", "version": "", "producer": ""}
-    head = f"{what.get(d.kind, d.kind)} {show(d.name)}".strip()
-    text = f"{head}: {value(d.a)} → {value(d.b)}"
-    if d.kind == "weight" and d.a == d.b:
-        text = f"{head}: {value(d.a)}"
+_LABEL = {"op": "op", "attribute": "attribute", "output": "output", "weight": "weight", "input": "input",
+          "subgraph": "body"}
+
+
+def detail_parts(d: Detail) -> tuple[str, str, str | None, str]:
+    """(label, before, after, note) of one difference; ``after`` is None when only values differ."""
+    label = f"{_LABEL.get(d.kind, '')} {show(d.name)}".strip()
+    after = None if d.kind == "weight" and d.a == d.b else value(d.b)
+    note = ""
     if d.stats:
         if "unreadable" in d.stats:
-            text += f"; values not compared: {show(d.stats['unreadable'])}"
+            note = f"values not compared: {show(d.stats['unreadable'])}"
         elif "max_abs" in d.stats:
-            text += f"; max |a-b| {d.stats['max_abs']:.6g}, mean {d.stats['mean_abs']:.6g}"
+            note = f"max |a-b| {d.stats['max_abs']:.6g}, mean {d.stats['mean_abs']:.6g}"
         else:
-            text += "; " + ", ".join(f"{v} {k}" for k, v in d.stats.items() if v)
-    return text
+            note = ", ".join(f"{v} {k}" for k, v in d.stats.items() if v)
+    return label, value(d.a), after, note
+
+
+def _detail(d: Detail) -> str:
+    label, before, after, note = detail_parts(d)
+    text = f"{label}: {before}" + (f" → {after}" if after is not None else "")
+    return text + (f"; {note}" if note else "")
 
 
 def _model_line(m: ViewModel, what: str) -> str:
