@@ -15,9 +15,8 @@ operands once and writes the sum only when it is read again; elsewhere it adds, 
 """
 from __future__ import annotations
 
-from kiln.ir.network import Network
-from kiln.passes._match import producer, remove_dead, replace_output
-from kiln.passes.base import Pass, PassResult
+from kiln.passes._match import remove_dead, replace_output
+from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
 
 FLOATS = ("float32", "float16", "bfloat16")
 
@@ -27,48 +26,49 @@ def _static_equal(*shapes) -> bool:
     return first is not None and None not in first and all(s == first for s in shapes)
 
 
-class FuseAddNorm(Pass):
+def _fits(m: Match) -> str | None:
+    net, norm, add, a, b = m.net, m.root, m["add"], m["a"], m["b"]
+    attrs = norm.attrs
+    x = norm.inputs[0]
+    if attrs.get("type", "layer") not in ("layer", "rms") or len(norm.outputs) != 1 or len(norm.inputs) > 3:
+        return "not a layer or RMS norm with one output, or it already has a residual"
+    if x.rank is None or x.rank == 0 or attrs.get("axis", -1) % x.rank != x.rank - 1:
+        return "the norm is not over the last axis"
+    if a.is_constant or b.is_constant:
+        return "an operand of the sum is a constant (a bias)"
+    if not _static_equal(a.shape, b.shape, x.shape) or not (a.dtype == b.dtype == x.dtype) or x.dtype not in FLOATS:
+        return "the operands' shapes differ (a broadcast) or are not static, or they are not floating point"
+    where = net.layers.index(add)
+    params = list(norm.inputs[1:3])
+    if any(p is not None and p.producer is not None and net.layers.index(p.producer) > where for p in params):
+        return "the norm's scale or bias is computed after the sum"
+    return None
+
+
+def _fuse(m: Match) -> None:
+    net, norm, add, a, b = m.net, m.root, m["add"], m["a"], m["b"]
+    x = norm.inputs[0]
+    params = list(norm.inputs[1:3]) + [None] * (3 - len(norm.inputs))
+    where = net.layers.index(add)
+    readers = [layer for layer, _ in x.uses if layer is not norm]
+    keep_sum = bool(readers) or x in net.outputs
+    fused_attrs = dict(norm.attrs, sum_output=keep_sum)
+    fused = net.add_layer("Normalization", [a, params[0], params[1], None, None, b], fused_attrs,
+                          num_outputs=2 if keep_sum else 1, name=net.unique_name(norm.name + "/add"),
+                          origin=list(dict.fromkeys(add.origin + norm.origin)))
+    net.layers.remove(fused)
+    net.layers.insert(where, fused)
+    y = norm.outputs[0]
+    fused.outputs[0].shape, fused.outputs[0].dtype = y.shape, y.dtype
+    replace_output(net, y, fused.outputs[0])
+    if keep_sum:
+        fused.outputs[1].shape, fused.outputs[1].dtype = x.shape, x.dtype
+        replace_output(net, x, fused.outputs[1])
+    remove_dead(net, [norm, add])
+
+
+class FuseAddNorm(RulePass):
     name = "residual add + norm fusion"
-
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for norm in list(net.layers):
-            if norm in net.layers and norm.kind == "Normalization":
-                modified |= self._try(net, norm)
-        return PassResult(net, modified)
-
-    def _try(self, net: Network, norm) -> bool:
-        attrs = norm.attrs
-        x = norm.inputs[0]
-        if attrs.get("type", "layer") not in ("layer", "rms") or len(norm.outputs) != 1 or len(norm.inputs) > 3:
-            return False
-        if x.rank is None or x.rank == 0 or attrs.get("axis", -1) % x.rank != x.rank - 1:
-            return False
-        add = producer(x, "ElementWise", op="sum")
-        if add is None or len(add.inputs) != 2:
-            return False
-        a, b = add.inputs
-        if a is None or b is None or a.is_constant or b.is_constant:
-            return False
-        if not _static_equal(a.shape, b.shape, x.shape) or not (a.dtype == b.dtype == x.dtype) or x.dtype not in FLOATS:
-            return False
-        params = list(norm.inputs[1:3]) + [None] * (3 - len(norm.inputs))
-        where = net.layers.index(add)
-        if any(p is not None and p.producer is not None and net.layers.index(p.producer) > where for p in params):
-            return False
-        readers = [layer for layer, _ in x.uses if layer is not norm]
-        keep_sum = bool(readers) or x in net.outputs
-        fused_attrs = dict(attrs, sum_output=keep_sum)
-        fused = net.add_layer("Normalization", [a, params[0], params[1], None, None, b], fused_attrs,
-                              num_outputs=2 if keep_sum else 1, name=net.unique_name(norm.name + "/add"),
-                              origin=list(dict.fromkeys(add.origin + norm.origin)))
-        net.layers.remove(fused)
-        net.layers.insert(where, fused)
-        y = norm.outputs[0]
-        fused.outputs[0].shape, fused.outputs[0].dtype = y.shape, y.dtype
-        replace_output(net, y, fused.outputs[0])
-        if keep_sum:
-            fused.outputs[1].shape, fused.outputs[1].dtype = x.shape, x.dtype
-            replace_output(net, x, fused.outputs[1])
-        remove_dead(net, [norm, add])
-        return True
+    rules = [Rule("norm(a + b) -> norm with residual b",
+                  Op("Normalization", Op("ElementWise", Var("a"), Var("b"), op="sum", name="add", shared=True), ...),
+                  _fits, _fuse)]

@@ -15,9 +15,8 @@ kernels on the GPU), never materializing the S×S scores in memory.
 """
 from __future__ import annotations
 
-from kiln.ir.network import Network
-from kiln.passes._match import only_consumer, producer, scalar, single_use, substitute
-from kiln.passes.base import Pass, PassResult
+from kiln.passes._match import producer, scalar, single_use, substitute
+from kiln.passes.rewrite import Const, Match, Op, Rule, RulePass, Var
 
 
 def _strip_scale(t, net, chain):
@@ -43,109 +42,98 @@ def _strip_scale(t, net, chain):
         chain.append(p)
 
 
-def _nan_guard(net, probs):
-    """``Where(IsNaN(p), 0, p)`` after the softmax (exporters guard fully masked rows) → [isnan, where]."""
-    if len(probs.uses) != 2 or probs in net.outputs:
-        return None
-    kinds = {layer.kind: layer for layer, _ in probs.uses}
-    isnan, where = kinds.get("Unary"), kinds.get("Where")
-    if isnan is None or where is None or isnan.attrs.get("op") != "isnan":
-        return None
-    if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or scalar(where.inputs[1]) != 0.0:
-        return None
-    return [isnan, where]
+def _plan(m: Match) -> str | None:
+    """Follow the scores back from the softmax to Q·Kᵀ (through a mask and scales); store what the
+    fused layer reads in ``m``."""
+    net, sm, pv, v = m.net, m["sm"], m.root, m["v"]
+    x = sm.inputs[0]
+    if x.rank is None or x.rank < 3 or sm.attrs.get("axis", -1) % x.rank != x.rank - 1:
+        return "the softmax is not over the last axis of a tensor of rank 3 or more"
+    if pv.attrs.get("transpose_a") or pv.attrs.get("transpose_b"):
+        return "the second MatMul transposes an operand"
+    chain = [sm] + [m[k] for k in ("isnan", "where") if k in m]
+    mask = None
+    t = x
+    add = producer(t, "ElementWise", op="sum")
+    if add is not None and single_use(t, net):
+        # the scores side is the one that leads to a MatMul (possibly through a scale)
+        for i in (0, 1):
+            base, _ = _strip_scale(add.inputs[i], net, [])
+            if producer(base, "MatMul") is not None:
+                mask = add.inputs[1 - i]
+                t = add.inputs[i]
+                chain.append(add)
+                break
+    t, s_scores = _strip_scale(t, net, chain)
+    qk = producer(t, "MatMul")
+    if qk is None or not single_use(t, net) or qk.attrs.get("transpose_a"):
+        return "the scores are not Q·Kᵀ read only by the softmax"
+    chain.append(qk)
+    q, s_q = _strip_scale(qk.inputs[0], net, chain)
+    kt, s_k = _strip_scale(qk.inputs[1], net, chain)
+    k = tr = None
+    if not qk.attrs.get("transpose_b"):
+        tr = producer(kt, "Shuffle")
+        r = kt.rank
+        perm = tr.attrs.get("first_transpose") if tr is not None else None
+        pure = (tr is not None and r is not None and perm is not None and tr.attrs.get("reshape") is None
+                and tr.attrs.get("second_transpose") is None and len(tr.inputs) == 1)
+        if not pure:
+            tr = None
+        elif single_use(kt, net):
+            chain.append(tr)
+        if pure and list(perm) == list(range(r - 2)) + [r - 1, r - 2]:
+            k, tr = tr.inputs[0], None
+    else:
+        k = kt
+    if q.rank is None or v.rank is None or q.rank != v.rank:
+        return "Q and V differ in rank"
+    m.update(chain=chain, mask=mask, q=q, k=k, kt=kt, tr=tr, qk=qk, scale=s_scores * s_q * s_k)
+    return None
 
 
-class FuseAttention(Pass):
+def _shuffle_after(net, src, perm, name: str, origin, where: int):
+    """A transpose of ``src`` placed at ``where`` in the layer order; its output."""
+    kl = net.add_layer("Shuffle", [src], {"first_transpose": perm, "reshape": None, "second_transpose": None,
+                                          "allowzero": False}, name=net.unique_name(name), origin=origin)
+    net.layers.remove(kl)
+    net.layers.insert(where, kl)
+    k = kl.outputs[0]
+    k.dtype = src.dtype
+    if src.shape is not None:
+        k.shape = tuple(src.shape[i] for i in perm)
+    return k
+
+
+def _fuse(m: Match) -> None:
+    net, pv, k, tr = m.net, m.root, m["k"], m["tr"]
+    if k is None and tr is not None:
+        # Kᵀ = permute(Z, P): K = permute(Z, P with its last two entries swapped), a view
+        perm = tr.attrs["first_transpose"]
+        k = _shuffle_after(net, tr.inputs[0], list(perm[:-2]) + [perm[-1], perm[-2]], tr.name + "/k", tr.origin,
+                           net.layers.index(tr) + 1)
+    elif k is None:
+        r = m["kt"].rank
+        k = _shuffle_after(net, m["kt"], list(range(r - 2)) + [r - 1, r - 2], m["qk"].name + "/k", m["qk"].origin,
+                           net.layers.index(pv))
+    chain = m["chain"]
+    ins = [m["q"], k, m["v"]] + ([m["mask"]] if m["mask"] is not None else [])
+    att = net.add_layer("Attention", ins, {"scale": m["scale"], "causal": False},
+                        name=net.unique_name(pv.name + "/attention"),
+                        origin=[o for layer in chain + [pv] for o in layer.origin])
+    substitute(net, att, pv, pv.outputs, [pv] + chain)
+
+
+_SOFTMAX = Op("SoftMax", Var("s"), name="sm", log=lambda v: not v)
+# exporters guard fully masked rows: Where(IsNaN(p), 0, p), which an additive finite mask never needs
+_GUARDED = Op("Where", Op("Unary", _SOFTMAX, op="isnan", name="isnan", shared=True), Const(0.0, tol=0.0), _SOFTMAX,
+              name="where")
+
+
+class FuseAttention(RulePass):
     name = "attention fusion"
-
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for sm in list(net.layers):
-            if sm in net.layers and sm.kind == "SoftMax" and not sm.attrs.get("log"):
-                modified |= self._try(net, sm)
-        return PassResult(net, modified)
-
-    def _try(self, net: Network, sm) -> bool:
-        x = sm.inputs[0]
-        if x.rank is None or x.rank < 3 or sm.attrs.get("axis", -1) % x.rank != x.rank - 1:
-            return False
-        probs = sm.outputs[0]
-        chain = [sm]
-        guard = _nan_guard(net, probs)
-        if guard is not None:
-            chain += guard
-            probs = guard[-1].outputs[0]
-        pv = only_consumer(probs, net, "MatMul")
-        if pv is None or pv.inputs[0] is not probs or pv.attrs.get("transpose_a") or pv.attrs.get("transpose_b"):
-            return False
-        v = pv.inputs[1]
-        mask = None
-        t = x
-        add = producer(t, "ElementWise", op="sum")
-        if add is not None and single_use(t, net):
-            # the scores side is the one that leads to a MatMul (possibly through a scale)
-            for i in (0, 1):
-                base, _ = _strip_scale(add.inputs[i], net, [])
-                if producer(base, "MatMul") is not None:
-                    mask = add.inputs[1 - i]
-                    t = add.inputs[i]
-                    chain.append(add)
-                    break
-        t, s_scores = _strip_scale(t, net, chain)
-        qk = producer(t, "MatMul")
-        if qk is None or not single_use(t, net) or qk.attrs.get("transpose_a"):
-            return False
-        chain.append(qk)
-        q, s_q = _strip_scale(qk.inputs[0], net, chain)
-        kt, s_k = _strip_scale(qk.inputs[1], net, chain)
-        if qk.attrs.get("transpose_b"):
-            k, k_view = kt, None
-        else:
-            tr = producer(kt, "Shuffle")
-            r = kt.rank
-            perm = tr.attrs.get("first_transpose") if tr is not None else None
-            pure = (tr is not None and r is not None and perm is not None and tr.attrs.get("reshape") is None
-                    and tr.attrs.get("second_transpose") is None and len(tr.inputs) == 1)
-            if pure and list(perm) == list(range(r - 2)) + [r - 1, r - 2]:
-                k, k_view = tr.inputs[0], None
-                if single_use(kt, net):
-                    chain.append(tr)
-            elif pure:
-                # Kᵀ = permute(Z, P): K = permute(Z, P with its last two entries swapped), a view
-                k_perm = list(perm[:-2]) + [perm[-1], perm[-2]]
-                z = tr.inputs[0]
-                kl = net.add_layer("Shuffle", [z], {"first_transpose": k_perm, "reshape": None,
-                                                    "second_transpose": None, "allowzero": False},
-                                   name=net.unique_name(tr.name + "/k"), origin=tr.origin)
-                net.layers.remove(kl)
-                net.layers.insert(net.layers.index(tr) + 1, kl)
-                k = kl.outputs[0]
-                k.dtype = z.dtype
-                if z.shape is not None:
-                    k.shape = tuple(z.shape[i] for i in k_perm)
-                k_view = None
-                if single_use(kt, net):
-                    chain.append(tr)
-            else:
-                k, k_view = None, kt
-        if q.rank is None or v.rank is None or q.rank != v.rank:
-            return False
-        if k_view is not None:
-            r = k_view.rank
-            kl = net.add_layer("Shuffle", [k_view], {"first_transpose": list(range(r - 2)) + [r - 1, r - 2],
-                                                     "reshape": None, "second_transpose": None, "allowzero": False},
-                               name=net.unique_name(qk.name + "/k"), origin=qk.origin)
-            net.layers.remove(kl)
-            net.layers.insert(net.layers.index(pv), kl)
-            k = kl.outputs[0]
-            k.dtype = k_view.dtype
-            if k_view.shape is not None:
-                k.shape = tuple(k_view.shape[:-2]) + (k_view.shape[-1], k_view.shape[-2])
-        scale = s_scores * s_q * s_k
-        ins = [q, k, v] + ([mask] if mask is not None else [])
-        att = net.add_layer("Attention", ins, {"scale": scale, "causal": False},
-                            name=net.unique_name(pv.name + "/attention"),
-                            origin=[o for layer in chain + [pv] for o in layer.origin])
-        substitute(net, att, pv, pv.outputs, [pv] + chain)
-        return True
+    rules = [
+        Rule("softmax(Q·Kᵀ·s + M) @ V -> Attention", Op("MatMul", _SOFTMAX, Var("v")), _plan, _fuse),
+        Rule("where(isnan(p), 0, p) @ V, p = softmax(Q·Kᵀ·s + M) -> Attention", Op("MatMul", _GUARDED, Var("v")),
+             _plan, _fuse),
+    ]

@@ -18,9 +18,8 @@ other with the engine's usual kernels, and the builder times them against the fu
 """
 from __future__ import annotations
 
-from kiln.ir.network import Network
 from kiln.passes._match import substitute
-from kiln.passes.base import Pass, PassResult
+from kiln.passes.rewrite import Match, Op, Rule, RulePass
 
 MAX_CN = 128      # wider second convolutions (ResNet-50's stages 3-4) ran slower fused on an H100
 MAX_SUM_IN = 128  # a projection-led chain holds both inputs' rows: stage 2's 128 + 256 ran slower fused
@@ -61,28 +60,32 @@ def _sum_lead(a) -> bool:
             and w1.shape[1] + w2.shape[1] <= MAX_SUM_IN)
 
 
-class FuseConvChains(Pass):
-    name = "1x1 chain fusion"
+def _fits(m: Match) -> str | None:
+    a, b = m["a"], m.root
+    if not (_pointwise(a, residual=True) or _sum_lead(a)):
+        return "A is not a 1x1 convolution with a fused residual, nor an unstrided projection sum"
+    if _second(a.outputs[0]) is not b:
+        return f"B is not a plain 1x1 convolution over at most {MAX_CN} channels, or another one reads A first"
+    return None
 
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for a in list(net.layers):
-            if a not in net.layers or not (_pointwise(a, residual=True) or _sum_lead(a)):
-                continue
-            y = a.outputs[0]
-            b = _second(y)
-            if b is None:
-                continue
-            attrs = {"activation": a.attrs.get("activation"), "activation2": b.attrs.get("activation")}
-            if a.kind == "Conv1x1Sum":
-                x, wa, x2, w2, ba = a.inputs
-                ins = [x, wa, ba, None, b.inputs[1], b.inputs[2], x2, w2]
-                attrs["stride2"] = list(a.attrs["stride2"])
-            else:
-                ins = [*a.inputs[:4], b.inputs[1], b.inputs[2]]
-            chain = net.add_layer("Conv1x1Chain", ins, attrs,
-                                  num_outputs=2, name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
-                                  origin=list(dict.fromkeys(a.origin + b.origin)))
-            substitute(net, chain, a, [y, b.outputs[0]], [b, a])
-            modified = True
-        return PassResult(net, modified)
+
+def _fuse(m: Match) -> None:
+    net, a, b = m.net, m["a"], m.root
+    y = a.outputs[0]
+    attrs = {"activation": a.attrs.get("activation"), "activation2": b.attrs.get("activation")}
+    if a.kind == "Conv1x1Sum":
+        x, wa, x2, w2, ba = a.inputs
+        ins = [x, wa, ba, None, b.inputs[1], b.inputs[2], x2, w2]
+        attrs["stride2"] = list(a.attrs["stride2"])
+    else:
+        ins = [*a.inputs[:4], b.inputs[1], b.inputs[2]]
+    chain = net.add_layer("Conv1x1Chain", ins, attrs,
+                          num_outputs=2, name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
+                          origin=list(dict.fromkeys(a.origin + b.origin)))
+    substitute(net, chain, a, [y, b.outputs[0]], [b, a])
+
+
+class FuseConvChains(RulePass):
+    name = "1x1 chain fusion"
+    rules = [Rule("conv1x1(conv1x1(x) + r) -> Conv1x1Chain",      # y = A's output, still read by others
+                  Op("Convolution", Op(("Convolution", "Conv1x1Sum"), ..., name="a", shared=True), ...), _fits, _fuse)]

@@ -16,96 +16,101 @@ On the GPU a ReLU conv (with or without residual) runs as one cuDNN kernel
 """
 from __future__ import annotations
 
-from kiln.ir.network import Network
-from kiln.passes._match import only_consumer, other_input, remove_dead, replace_output, substitute
-from kiln.passes.base import Pass, PassResult
+import numpy as np
+
+from kiln.passes._match import remove_dead, replace_output, substitute
+from kiln.passes.rewrite import ConstTensor, Match, Op, Rule, RulePass, Var
 
 FUSABLE = {"relu", "silu", "sigmoid", "tanh", "clip", "gelu", "gelu_tanh", "leaky_relu", "hard_swish",
            "hard_sigmoid"}
+GEMMS = ("Convolution", "FullyConnected", "MatMul")
 
 
-class FuseEpilogues(Pass):
-    name = "epilogue fusion"
+def _activation_fits(m: Match) -> str | None:
+    layer, act = m["gemm"], m.root
+    if layer.attrs.get("pool"):
+        return "a pooled stem convolution's output is the pool's (fuse_stem_pool.py)"
+    if layer.attrs.get("activation"):
+        return f"{layer.name!r} already has a fused activation"
+    if act.attrs.get("type") not in FUSABLE:
+        return f"activation {act.attrs.get('type')!r} has no fused epilogue"
+    if act.attrs["type"] == "clip" and (act.attrs.get("alpha") is None or act.attrs.get("beta") is None):
+        return "a clip without both bounds"
+    return None
 
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for layer in list(net.layers):
-            if layer not in net.layers or layer.attrs.get("pool"):
-                continue        # a pooled stem convolution's output is the pool's (fuse_stem_pool.py)
-            if layer.kind == "Convolution" and not layer.attrs.get("activation"):
-                if not layer.attrs.get("residual"):
-                    modified |= self._residual(net, layer)
-                modified |= self._activation(net, layer)
-            elif layer.kind == "Convolution" and not layer.attrs.get("residual"):
-                modified |= self._residual(net, layer, after_activation=True)
-            elif layer.kind in ("FullyConnected", "MatMul") and not layer.attrs.get("activation"):
-                if layer.kind == "MatMul":
-                    fc = self._linear(net, layer)
-                    if fc is not None:
-                        modified = True
-                        layer = fc
-                modified |= self._activation(net, layer)
-        return PassResult(net, modified)
 
-    def _activation(self, net, layer) -> bool:
-        y = layer.outputs[0]
-        act = only_consumer(y, net, "Activation")
-        if act is None or act.attrs.get("type") not in FUSABLE:
-            return False
-        if act.attrs["type"] == "clip" and (act.attrs.get("alpha") is None or act.attrs.get("beta") is None):
-            return False
-        layer.attrs["activation"] = act.attrs["type"]
-        layer.attrs["alpha"] = act.attrs.get("alpha", 0.0)
-        layer.attrs["beta"] = act.attrs.get("beta", 0.0)
-        layer.origin = list(dict.fromkeys(layer.origin + act.origin))
-        replace_output(net, act.outputs[0], y)
-        remove_dead(net, [act])
-        return True
+def _fuse_activation(m: Match) -> None:
+    net, layer, act = m.net, m["gemm"], m.root
+    y = layer.outputs[0]
+    layer.attrs["activation"] = act.attrs["type"]
+    layer.attrs["alpha"] = act.attrs.get("alpha", 0.0)
+    layer.attrs["beta"] = act.attrs.get("beta", 0.0)
+    layer.origin = list(dict.fromkeys(layer.origin + act.origin))
+    replace_output(net, act.outputs[0], y)
+    remove_dead(net, [act])
 
-    def _linear(self, net, mm):
-        x, w = mm.inputs
-        if mm.attrs.get("transpose_a") or mm.attrs.get("transpose_b") or not w.is_constant or w.value.ndim != 2:
-            return None
-        if not w.dtype.startswith("float") and w.dtype != "bfloat16":
-            return None
-        y = mm.outputs[0]
-        add = only_consumer(y, net, "ElementWise")
-        if add is None or add.attrs.get("op") != "sum":
-            return None
-        b = other_input(add, y)
-        if b is None or not b.is_constant or b.value.size != w.value.shape[1] or b.value.ndim > 1 \
-                or b.dtype != w.dtype:
-            return None
-        import numpy as np
-        wt = net.add_constant(np.ascontiguousarray(w.value.T), name=net.unique_name(w.name + "_t"))
-        bt = net.add_constant(b.value.reshape(-1), name=net.unique_name(b.name + "_fc"))
-        fc = net.add_layer("FullyConnected", [x, wt, bt], {}, name=net.unique_name(mm.name + "/fc"),
-                           origin=list(dict.fromkeys(mm.origin + add.origin)))
-        substitute(net, fc, mm, add.outputs, [add, mm])
-        return fc
 
-    def _residual(self, net, conv, after_activation: bool = False) -> bool:
-        if len(conv.inputs[1].shape or ()) != 4:
-            return False
-        y = conv.outputs[0]
-        add = only_consumer(y, net, "ElementWise")
-        if add is None or add.attrs.get("op") != "sum" or len(add.inputs) != 2:
-            return False
-        r = other_input(add, y)
-        if r is None or r.shape is None or y.shape is None or tuple(r.shape) != tuple(y.shape) or None in y.shape:
-            return False
-        if r.producer is not None and net.layers.index(r.producer) > net.layers.index(conv):
-            return False
-        if r.dtype != y.dtype:
-            return False
-        while len(conv.inputs) < 3:
-            conv.inputs.append(None)
+def _bias_fits(m: Match) -> str | None:
+    mm, w, b = m["mm"], m["w"], m["b"]
+    if mm.attrs.get("activation"):
+        return f"{mm.name!r} already has a fused activation"
+    if mm.attrs.get("transpose_a") or mm.attrs.get("transpose_b") or w.value.ndim != 2:
+        return "the weight is transposed or not 2-D"
+    if not w.dtype.startswith("float") and w.dtype != "bfloat16":
+        return f"the weight is {w.dtype}, not floating point"
+    if b.value.size != w.value.shape[1] or b.value.ndim > 1 or b.dtype != w.dtype:
+        return "the bias is not one value per output column of the weight's dtype"
+    return None
+
+
+def _to_fully_connected(m: Match) -> None:
+    net, mm, add, w, b = m.net, m["mm"], m.root, m["w"], m["b"]
+    wt = net.add_constant(np.ascontiguousarray(w.value.T), name=net.unique_name(w.name + "_t"))
+    bt = net.add_constant(b.value.reshape(-1), name=net.unique_name(b.name + "_fc"))
+    fc = net.add_layer("FullyConnected", [m["x"], wt, bt], {}, name=net.unique_name(mm.name + "/fc"),
+                       origin=list(dict.fromkeys(mm.origin + add.origin)))
+    substitute(net, fc, mm, add.outputs, [add, mm])
+
+
+def _residual_fits(m: Match) -> str | None:
+    net, conv, r = m.net, m["conv"], m["r"]
+    y = conv.outputs[0]
+    if conv.attrs.get("pool") or conv.attrs.get("residual"):
+        return f"{conv.name!r} is pooled or already has a residual"
+    if len(conv.inputs[1].shape or ()) != 4:
+        return "not a 2-D convolution"
+    if r.shape is None or y.shape is None or tuple(r.shape) != tuple(y.shape) or None in y.shape:
+        return "the residual's shape is not the convolution's (broadcast or unknown)"
+    if r.producer is not None and net.layers.index(r.producer) > net.layers.index(conv):
+        return "the residual is computed after the convolution"
+    if r.dtype != y.dtype:
+        return "the residual's dtype is not the convolution's"
+    return None
+
+
+def _fuse_residual(m: Match) -> None:
+    net, conv, add, r = m.net, m["conv"], m.root, m["r"]
+    y = conv.outputs[0]
+    while len(conv.inputs) < 3:
         conv.inputs.append(None)
-        conv.set_input(3, r)
-        conv.attrs["residual"] = True
-        if after_activation:                # y = act(conv + b) + r: the bottleneck's shortcut after its SiLU
-            conv.attrs["residual_after_activation"] = True
-        conv.origin = list(dict.fromkeys(conv.origin + add.origin))
-        replace_output(net, add.outputs[0], y)
-        remove_dead(net, [add])
-        return True
+    conv.inputs.append(None)
+    conv.set_input(3, r)
+    conv.attrs["residual"] = True
+    if conv.attrs.get("activation"):    # y = act(conv + b) + r: the bottleneck's shortcut after its SiLU
+        conv.attrs["residual_after_activation"] = True
+    conv.origin = list(dict.fromkeys(conv.origin + add.origin))
+    replace_output(net, add.outputs[0], y)
+    remove_dead(net, [add])
+
+
+class FuseEpilogues(RulePass):
+    name = "epilogue fusion"
+    rules = [
+        Rule("conv(x) + r -> conv with residual", Op("ElementWise", Op("Convolution", ..., name="conv"), Var("r"), op="sum"),
+             _residual_fits, _fuse_residual),
+        Rule("x @ W + b -> FullyConnected",
+             Op("ElementWise", Op("MatMul", Var("x"), ConstTensor("w"), name="mm"), ConstTensor("b"), op="sum"),
+             _bias_fits, _to_fully_connected),
+        Rule("act(gemm(x)) -> gemm with activation", Op("Activation", Op(GEMMS, ..., name="gemm"), ...),
+             _activation_fits, _fuse_activation),
+    ]

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.ir.network import Network
 from kiln.passes._match import remove_dead, replace_output
-from kiln.passes.base import Pass, PassResult
+from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
 
 
 def _weight(layer):
@@ -45,62 +44,55 @@ def _qualifies(layer, x) -> bool:
                          and b.dtype == w.dtype)
 
 
-class FuseParallelLinear(Pass):
+def _groups(m: Match) -> str | None:
+    """The readers of x that can merge, by equal attributes, weight dtype and width (stored in ``m``)."""
+    x = m["x"]
+    readers = list(dict.fromkeys(l for l, _ in x.uses if _qualifies(l, x)))
+    groups: dict = {}
+    for fc in readers:
+        w = fc.inputs[1]
+        attrs = {} if fc.kind == "MatMul" else fc.attrs
+        key = (repr(sorted(attrs.items())), w.dtype, _weight(fc).shape[1])
+        groups.setdefault(key, []).append(fc)
+    m["groups"] = [fcs for fcs in groups.values() if len(fcs) >= 2]
+    return None if m["groups"] else "no other linear layer with a constant weight of that dtype and width reads x"
+
+
+def _merge(m: Match) -> None:
+    net, x = m.net, m["x"]
+    for fcs in m["groups"]:
+        fcs.sort(key=net.layers.index)
+        ws = [_weight(fc) for fc in fcs]
+        biases = [fc.inputs[2] if fc.kind == "FullyConnected" and len(fc.inputs) > 2 else None for fc in fcs]
+        w_all = net.add_constant(np.ascontiguousarray(np.concatenate(ws, 0)),
+                                 name=net.unique_name(fcs[0].inputs[1].name + "/merged"))
+        ins = [x, w_all]
+        if any(b is not None for b in biases):
+            parts = [b.value if b is not None else np.zeros(w.shape[0], w.dtype) for b, w in zip(biases, ws)]
+            ins.append(net.add_constant(np.concatenate(parts, 0), name=net.unique_name(fcs[0].name + "/bias")))
+        origin = list(dict.fromkeys(o for fc in fcs for o in fc.origin))
+        attrs = next((dict(fc.attrs) for fc in fcs if fc.kind == "FullyConnected"), {})
+        merged = net.add_layer("FullyConnected", ins, attrs,
+                               name=net.unique_name(fcs[0].name + "/merged"), origin=origin)
+        sizes = [int(w.shape[0]) for w in ws]
+        split = net.add_layer("Split", [merged.outputs[0]], {"axis": -1, "split": sizes},
+                              num_outputs=len(fcs), name=net.unique_name(fcs[0].name + "/split"), origin=origin)
+        first = net.layers.index(fcs[0])
+        for layer in (split, merged):
+            net.layers.remove(layer)
+            net.layers.insert(first, layer)
+        y0 = fcs[0].outputs[0]
+        merged.outputs[0].dtype = y0.dtype
+        if y0.shape is not None:
+            merged.outputs[0].shape = (*y0.shape[:-1], sum(sizes))
+        for fc, out in zip(fcs, split.outputs):
+            y = fc.outputs[0]
+            out.shape, out.dtype = y.shape, y.dtype
+            replace_output(net, y, out)
+        remove_dead(net, fcs)
+
+
+class FuseParallelLinear(RulePass):
     name = "parallel linear fusion"
-
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        seen: set[int] = set()
-        for layer in list(net.layers):
-            if layer not in net.layers or layer.kind not in ("FullyConnected", "MatMul") or not layer.inputs:
-                continue
-            x = layer.inputs[0]
-            if x is None or id(x) in seen:
-                continue
-            seen.add(id(x))
-            modified |= self._merge(net, x)
-        return PassResult(net, modified)
-
-    def _merge(self, net: Network, x) -> bool:
-        readers = list(dict.fromkeys(l for l, _ in x.uses if _qualifies(l, x)))
-        groups: dict = {}
-        for fc in readers:
-            w = fc.inputs[1]
-            attrs = {} if fc.kind == "MatMul" else fc.attrs
-            key = (repr(sorted(attrs.items())), w.dtype, _weight(fc).shape[1])
-            groups.setdefault(key, []).append(fc)
-        done = False
-        for fcs in groups.values():
-            if len(fcs) < 2:
-                continue
-            fcs.sort(key=net.layers.index)
-            ws = [_weight(fc) for fc in fcs]
-            biases = [fc.inputs[2] if fc.kind == "FullyConnected" and len(fc.inputs) > 2 else None for fc in fcs]
-            w_all = net.add_constant(np.ascontiguousarray(np.concatenate(ws, 0)),
-                                     name=net.unique_name(fcs[0].inputs[1].name + "/merged"))
-            ins = [x, w_all]
-            if any(b is not None for b in biases):
-                parts = [b.value if b is not None else np.zeros(w.shape[0], w.dtype) for b, w in zip(biases, ws)]
-                ins.append(net.add_constant(np.concatenate(parts, 0), name=net.unique_name(fcs[0].name + "/bias")))
-            origin = list(dict.fromkeys(o for fc in fcs for o in fc.origin))
-            attrs = next((dict(fc.attrs) for fc in fcs if fc.kind == "FullyConnected"), {})
-            merged = net.add_layer("FullyConnected", ins, attrs,
-                                   name=net.unique_name(fcs[0].name + "/merged"), origin=origin)
-            sizes = [int(w.shape[0]) for w in ws]
-            split = net.add_layer("Split", [merged.outputs[0]], {"axis": -1, "split": sizes},
-                                  num_outputs=len(fcs), name=net.unique_name(fcs[0].name + "/split"), origin=origin)
-            first = net.layers.index(fcs[0])
-            for layer in (split, merged):
-                net.layers.remove(layer)
-                net.layers.insert(first, layer)
-            y0 = fcs[0].outputs[0]
-            merged.outputs[0].dtype = y0.dtype
-            if y0.shape is not None:
-                merged.outputs[0].shape = (*y0.shape[:-1], sum(sizes))
-            for fc, out in zip(fcs, split.outputs):
-                y = fc.outputs[0]
-                out.shape, out.dtype = y.shape, y.dtype
-                replace_output(net, y, out)
-            remove_dead(net, fcs)
-            done = True
-        return done
+    rules = [Rule("[x @ W1, x @ W2, ...] -> split(x @ [W1 W2 ...])", Op(("FullyConnected", "MatMul"), Var("x"), ...),
+                  _groups, _merge)]

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.ir.network import Network
 from kiln.passes._match import substitute
-from kiln.passes.base import Pass, PassResult
+from kiln.passes.rewrite import ANY, Match, Op, Rule, RulePass
 
 
 def _pointwise(conv) -> bool:
@@ -36,23 +35,18 @@ def _pointwise(conv) -> bool:
             and (b is None or b.is_constant))
 
 
-def _residual(conv):
-    return conv.inputs[3] if len(conv.inputs) > 3 else None
-
-
-def _projection(net: Network, a):
-    """B, the 1×1 convolution producing A's residual, where the two can fuse; else None."""
-    r = _residual(a)
-    if r is None or a.attrs.get("residual_after_activation") or not _pointwise(a):
-        return None
-    b = r.producer
-    if (b is None or not _pointwise(b) or _residual(b) is not None or b.attrs.get("activation")
-            or len(r.uses) != 1 or r in net.outputs):
-        return None
+def _fits(m: Match) -> str | None:
+    """Whether A (the root) and B (its residual's producer) can fuse."""
+    a, b = m.root, m["b"]
+    r = a.inputs[3]
+    if a.attrs.get("residual_after_activation") or not _pointwise(a):
+        return "A is not a 1x1 convolution adding its residual before the activation"
+    if not _pointwise(b) or (len(b.inputs) > 3 and b.inputs[3] is not None) or b.attrs.get("activation"):
+        return "B is not a plain 1x1 convolution"
     if b.inputs[1].value.shape[0] != a.inputs[1].value.shape[0] or r.shape is None \
             or list(r.shape) != list(a.outputs[0].shape or []):
-        return None
-    return b
+        return "B's output is not of A's shape"
+    return None
 
 
 def _bias(conv):
@@ -60,33 +54,27 @@ def _bias(conv):
     return None if b is None else b.value
 
 
-class FuseProjectionShortcuts(Pass):
-    name = "projection shortcut fusion"
+def _fuse(m: Match) -> None:
+    net, a, b = m.net, m.root, m["b"]
+    wa = a.inputs[1]
+    dtype = (_bias(a) if _bias(a) is not None else wa.value).dtype
+    total = np.zeros(wa.value.shape[0], np.float32)
+    for v in (_bias(a), _bias(b)):
+        if v is not None:
+            total += v.astype(np.float32)
+    bias = net.add_constant(total.astype(dtype), name=net.unique_name(a.name + "_bias_sum"))
+    first, second = (a, b) if list(a.attrs["stride"]) == [1, 1] else (b, a)    # the unstrided operand first
+    attrs = {"stride1": list(first.attrs["stride"]), "stride2": list(second.attrs["stride"])}
+    for k in ("activation", "alpha", "beta"):       # a clip's missing bound stays None (no bound)
+        if k in a.attrs:
+            attrs[k] = a.attrs[k]
+    fused = net.add_layer("Conv1x1Sum", [first.inputs[0], first.inputs[1], second.inputs[0], second.inputs[1], bias],
+                          attrs, name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
+                          origin=list(dict.fromkeys(a.origin + b.origin)))
+    substitute(net, fused, a, a.outputs, [a, b])
 
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for a in list(net.layers):
-            if a not in net.layers:
-                continue
-            b = _projection(net, a)
-            if b is None:
-                continue
-            wa = a.inputs[1]
-            dtype = (_bias(a) if _bias(a) is not None else wa.value).dtype
-            total = np.zeros(wa.value.shape[0], np.float32)
-            for v in (_bias(a), _bias(b)):
-                if v is not None:
-                    total += v.astype(np.float32)
-            bias = net.add_constant(total.astype(dtype), name=net.unique_name(a.name + "_bias_sum"))
-            first, second = (a, b) if list(a.attrs["stride"]) == [1, 1] else (b, a)    # the unstrided operand first
-            attrs = {"stride1": list(first.attrs["stride"]), "stride2": list(second.attrs["stride"])}
-            for k in ("activation", "alpha", "beta"):       # a clip's missing bound stays None (no bound)
-                if k in a.attrs:
-                    attrs[k] = a.attrs[k]
-            fused = net.add_layer("Conv1x1Sum", [first.inputs[0], first.inputs[1], second.inputs[0], second.inputs[1],
-                                                 bias], attrs,
-                                  name=net.unique_name(a.name + "+" + b.name.rsplit("/", 1)[-1]),
-                                  origin=list(dict.fromkeys(a.origin + b.origin)))
-            substitute(net, fused, a, a.outputs, [a, b])
-            modified = True
-        return PassResult(net, modified)
+
+class FuseProjectionShortcuts(RulePass):
+    name = "projection shortcut fusion"
+    rules = [Rule("conv1x1(x1) + conv1x1(x2) -> Conv1x1Sum",
+                  Op("Convolution", ANY, ANY, ANY, Op("Convolution", ..., name="b"), ...), _fits, _fuse)]

@@ -11,9 +11,8 @@ after the activation, as in the graph); epilogue fusion leaves a pooled convolut
 """
 from __future__ import annotations
 
-from kiln.ir.network import Network
-from kiln.passes._match import only_consumer, remove_dead, replace_output
-from kiln.passes.base import Pass, PassResult
+from kiln.passes._match import remove_dead, replace_output
+from kiln.passes.rewrite import Match, Op, Rule, RulePass
 
 STEM_CHANNELS = 4
 POOL = {"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1]}
@@ -34,21 +33,25 @@ def _is_pool(layer) -> bool:
             and not a.get("return_indices") and len(layer.outputs) == 1)
 
 
-class FuseStemPool(Pass):
-    name = "stem pooling"
+def _fits(m: Match) -> str | None:
+    conv = m["conv"]
+    if conv.attrs.get("pool"):
+        return f"{conv.name!r} already has a pool"
+    if not is_stem(conv):
+        return f"{conv.name!r} is not a stem convolution (2-D, one group, at most {STEM_CHANNELS} input channels)"
+    if not _is_pool(m.root):
+        return "not a 3x3 stride-2 pad-1 max pool"
+    return None
 
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for conv in list(net.layers):
-            if conv not in net.layers or conv.kind != "Convolution" or conv.attrs.get("pool") or not is_stem(conv):
-                continue
-            y = conv.outputs[0]
-            pool = only_consumer(y, net, "Pooling")
-            if pool is None or not _is_pool(pool):
-                continue
-            conv.attrs["pool"] = {k: list(v) for k, v in POOL.items()}
-            conv.origin = list(dict.fromkeys(conv.origin + pool.origin))
-            replace_output(net, pool.outputs[0], y)
-            remove_dead(net, [pool])
-            modified = True
-        return PassResult(net, modified)
+
+def _fuse(m: Match) -> None:
+    net, conv, pool = m.net, m["conv"], m.root
+    conv.attrs["pool"] = {k: list(v) for k, v in POOL.items()}
+    conv.origin = list(dict.fromkeys(conv.origin + pool.origin))
+    replace_output(net, pool.outputs[0], conv.outputs[0])
+    remove_dead(net, [pool])
+
+
+class FuseStemPool(RulePass):
+    name = "stem pooling"
+    rules = [Rule("maxpool(stem conv(x)) -> conv with pool", Op("Pooling", Op("Convolution", ..., name="conv")), _fits, _fuse)]

@@ -10,8 +10,10 @@ input or another output (outputs must stay distinct tensors).
 """
 from __future__ import annotations
 
-from kiln.ir.network import Layer, Network
-from kiln.passes.base import Pass, PassResult
+from kiln.ir.network import Layer
+from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
+
+KINDS = ("Identity", "Cast", "Shuffle", "Squeeze", "Unsqueeze", "Flatten")
 
 
 def _is_noop(layer: Layer) -> bool:
@@ -34,27 +36,28 @@ def _is_noop(layer: Layer) -> bool:
     return False
 
 
-class RemoveIdentities(Pass):
-    name = "identity removal"
+def _removable(m: Match) -> str | None:
+    net, layer, x = m.net, m.root, m["x"]
+    if len(layer.outputs) != 1 or not _is_noop(layer):
+        return "not a no-op"
+    y = layer.outputs[0]
+    if y in net.outputs and (x in net.inputs or x in net.outputs or x.is_constant):
+        return "its output is a network output and its input another (outputs stay distinct tensors)"
+    if y in net.outputs and (x.producer is None or len(x.uses) != 1):
+        return "its output is a network output and its input is read elsewhere"
+    return None
 
-    def call(self, net: Network) -> PassResult:
-        modified = False
-        for layer in list(net.layers):
-            if len(layer.outputs) != 1 or not _is_noop(layer):
-                continue
-            x, y = layer.inputs[0], layer.outputs[0]
-            if y in net.outputs and (x in net.inputs or x in net.outputs or x.is_constant):
-                continue
-            if y in net.outputs:
-                # keep the output's public name: the producer of x now writes y's name
-                if x.producer is None or len(x.uses) != 1:
-                    continue
-                net.replace_all_uses(y, x)
-                net.remove_layer(layer)
-                net.rename(x, y.name)
-                modified = True
-                continue
-            net.replace_all_uses(y, x)
-            net.remove_layer(layer)
-            modified = True
-        return PassResult(net, modified)
+
+def _remove(m: Match) -> None:
+    net, layer, x = m.net, m.root, m["x"]
+    y = layer.outputs[0]
+    was_output = y in net.outputs
+    net.replace_all_uses(y, x)
+    net.remove_layer(layer)
+    if was_output:      # keep the output's public name: the producer of x now writes y's name
+        net.rename(x, y.name)
+
+
+class RemoveIdentities(RulePass):
+    name = "identity removal"
+    rules = [Rule("no-op(x) -> x", Op(KINDS, Var("x"), ...), _removable, _remove)]
