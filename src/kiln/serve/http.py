@@ -107,21 +107,24 @@ async def repository_index(request: web.Request) -> web.Response:
     return _json([r for r in rows if not ready_only or r["state"] == "READY"])
 
 
-async def _no_overrides(request: web.Request) -> None:
+async def _repository_params(request: web.Request, allowed: tuple[str, ...]) -> None:
+    """Load and unload take no config or file overrides (Triton's ``config`` and ``file:`` parameters)."""
     body = await _body(request)
-    if body.strip() and parse_json(body).get("parameters"):
-        raise BadRequest("Load and unload take no parameters here (no config or file overrides); put the engine "
-                         "file in the repository folder and load it by name.")
+    params = parse_json(body).get("parameters", {}) if body.strip() else {}
+    extra = sorted(k for k in (params if isinstance(params, dict) else {"parameters": 1}) if k not in allowed)
+    if extra:
+        raise BadRequest(f"Load and unload take no {extra[0]!r} parameter here (no config or file overrides); put "
+                         f"the engine file in the repository folder and load it by name.")
 
 
 async def repository_load(request: web.Request) -> web.Response:
-    await _no_overrides(request)
+    await _repository_params(request, ())
     await request.app[CORE].repository.load(request.match_info["model"])
     return web.Response(status=200)
 
 
 async def repository_unload(request: web.Request) -> web.Response:
-    await _no_overrides(request)
+    await _repository_params(request, ("unload_dependents",))
     await request.app[CORE].repository.unload(request.match_info["model"])
     return web.Response(status=200)
 

@@ -120,8 +120,9 @@ class ModelRepository:
             try:
                 model, instances = await asyncio.to_thread(self._open, name, path)
             except KilnError as exc:
-                self.reasons[name] = str(exc)
-                raise BadRequest(f"Model {name!r} failed to load: {exc}") from None
+                why = str(exc).replace(path, os.path.basename(path))     # clients see no server paths
+                self.reasons[name] = why
+                raise BadRequest(f"Model {name!r} failed to load: {why}") from None
             old = self.loaded.get(name)
             self.loaded[name] = Loaded(model, Batcher(model, instances, self.metrics.model(name)))
             self.reasons.pop(name, None)

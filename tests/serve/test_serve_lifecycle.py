@@ -1,0 +1,159 @@
+"""Repository load/unload, back-pressure, timeouts, draining on Ctrl-C, and refusals at start-up."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from _serve import ServerProcess
+
+httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+def http_input(x: np.ndarray):
+    i = httpclient.InferInput("x", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+def grpc_input(x: np.ndarray):
+    i = grpcclient.InferInput("x", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+def test_repository_index_load_and_unload(repo, tmp_path):
+    root, mlp = repo
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(root / "mlp.kiln", folder / "mlp.kiln")
+    server = ServerProcess(folder, "--grpc-port", "off")
+    try:
+        c = httpclient.InferenceServerClient(server.http)
+        assert c.get_model_repository_index() == [{"name": "mlp", "version": "1", "state": "READY"}]
+        shutil.copy(root / "mlp.kiln", folder / "second.kiln")
+        (folder / "broken.kiln").write_bytes(b"KILN" + bytes(100))
+        index = {r["name"]: r for r in c.get_model_repository_index()}
+        assert index["second"]["state"] == "UNAVAILABLE" and index["mlp"]["state"] == "READY"
+        c.load_model("second")
+        x = np.random.default_rng(21).standard_normal((2, 8)).astype(np.float32)
+        mlp.check(x, c.infer("second", [http_input(x)]).as_numpy("y"))
+        c.unload_model("mlp")
+        assert not c.is_model_ready("mlp")
+        with pytest.raises(InferenceServerException, match="'mlp' is not loaded"):
+            c.infer("mlp", [http_input(x)])
+        with pytest.raises(InferenceServerException, match="'broken' failed to load"):
+            c.load_model("broken")
+        broken = {r["name"]: r for r in c.get_model_repository_index()}["broken"]
+        assert broken["state"] == "UNAVAILABLE" and "'broken.kiln' is not a Kiln engine" in broken["reason"], broken
+        assert str(folder) not in broken["reason"]
+        for name in ("../mlp", "..%2Fmlp", "nope", "mlp.kiln"):
+            with pytest.raises(InferenceServerException) as info:
+                c.load_model(name)
+            assert info.value.status() == "404", info.value.message()
+        with pytest.raises(InferenceServerException, match="no config or file overrides"):
+            c.load_model("mlp", config='{"max_batch_size": 4}')
+        c.load_model("mlp")
+        mlp.check(x, c.infer("mlp", [http_input(x)]).as_numpy("y"))
+        assert c.is_server_ready()
+        c.close()
+    finally:
+        assert server.stop() == 0, server.stderr()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def slow_server(repo):
+    """A server whose queued requests wait 1.5 s for company: at most 2 queued per model."""
+    proc = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-queue", "2", "--max-batch", "8")
+    yield proc
+    proc.stop()
+
+
+def test_full_queue_answers_503_and_unavailable(slow_server, repo):
+    h = httpclient.InferenceServerClient(slow_server.http, concurrency=4)
+    g = grpcclient.InferenceServerClient(slow_server.grpc)
+    x = np.ones((1, 8), np.float32)
+    queued = [h.async_infer("mlp", [http_input(x)]) for _ in range(2)]
+    time.sleep(0.4)
+    with pytest.raises(InferenceServerException) as info:
+        h.infer("mlp", [http_input(x)])
+    assert info.value.status() == "503" and "--max-queue" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        g.infer("mlp", [grpc_input(x)])
+    assert info.value.status() == "StatusCode.UNAVAILABLE"
+    for q in queued:                                   # the queued ones are answered after the delay
+        repo[1].check(x, q.get_result(timeout=30).as_numpy("y"))
+    h.close()
+    g.close()
+
+
+def test_per_request_timeouts(slow_server):
+    h = httpclient.InferenceServerClient(slow_server.http)
+    g = grpcclient.InferenceServerClient(slow_server.grpc)
+    x = np.ones((1, 8), np.float32)
+    t0 = time.monotonic()
+    with pytest.raises(InferenceServerException) as info:
+        h.infer("mlp", [http_input(x)], timeout=200_000)            # microseconds, as the protocol's parameter
+    assert info.value.status() == "504" and "200 ms" in info.value.message()
+    assert time.monotonic() - t0 < 1.4
+    with pytest.raises(InferenceServerException) as info:
+        g.infer("mlp", [grpc_input(x)], client_timeout=0.3)        # a gRPC deadline
+    assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert h.is_server_ready()
+    h.close()
+    g.close()
+
+
+def test_ctrl_c_drains_requests_in_flight(repo):
+    server = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-batch", "8")
+    h = httpclient.InferenceServerClient(server.http, concurrency=4)
+    xs = [np.full((1, 8), i / 3, np.float32) for i in range(3)]
+    queued = [h.async_infer("mlp", [http_input(x)]) for x in xs]
+    time.sleep(0.4)                                    # all three wait in the queue
+    server.interrupt()
+    for x, q in zip(xs, queued):
+        repo[1].check(x, q.get_result(timeout=30).as_numpy("y"))
+    assert server.proc.wait(30) == 0
+    assert b"stopped" in server.proc.stdout.read()
+    server.stop()
+    h.close()
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln.serve", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "does not exist"),
+    ("empty", "No engines"),
+    ("damaged", "failed to load"),
+    ("both_off", "turned off"),
+    ("port_in_use", "Cannot listen"),
+])
+def test_start_up_refusals_are_one_line(repo, tmp_path, case, words):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    args = [str(folder), "--http-port", "0", "--grpc-port", "0"]
+    if case == "missing":
+        args[0] = str(tmp_path / "nowhere")
+    elif case == "damaged":
+        (folder / "bad.kiln").write_bytes(b"not an engine")
+    elif case == "both_off":
+        shutil.copy(repo[0] / "mlp.kiln", folder)
+        args[1:] = ["--http-port", "off", "--grpc-port", "off"]
+    elif case == "port_in_use":
+        import socket
+        shutil.copy(repo[0] / "mlp.kiln", folder)
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        args[1:] = ["--http-port", str(s.getsockname()[1]), "--grpc-port", "off"]
+    r = _serve(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines and words in lines[-1] and lines[-1].startswith("kiln: error:"), r.stderr[-2000:]
