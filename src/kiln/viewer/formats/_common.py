@@ -219,7 +219,8 @@ def open_zip(path: Path, head: bytes, wanted: Callable[[list[str]], bool]) -> zi
         z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
-    if wanted(z.namelist()):
+    infos = z.infolist()   # a cut-off archive can show a zip stored inside it: its members do not start at byte 0
+    if infos and min(i.header_offset for i in infos) == 0 and wanted(z.namelist()):
         return z
     z.close()
     return None
