@@ -99,3 +99,21 @@ def test_sniff_handle_is_passed_to_read(tmp_path, monkeypatch):
     monkeypatch.setattr(tfjs, "read", lambda path, handle=None: seen.append(handle) or real_read(path, handle))
     assert open_model(p).graph.weights["a/w"].shape == [2]
     assert len(handles) == 1 and seen == handles and len(parsed) == 1   # the JSON is parsed once
+
+
+def test_viewer_extra_brings_every_optional_piece(tmp_path, monkeypatch):
+    """`pip install kiln[viewer]` lists what the readers and PNG export import lazily; a missing one is named."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    viewer = " ".join(project["project"]["optional-dependencies"]["viewer"])
+    for needed in ("h5py", "playwright"):
+        assert needed in viewer
+    p = tmp_path / "m.h5"
+    p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    monkeypatch.setitem(sys.modules, "h5py", None)          # as if not installed
+    with pytest.raises(ViewerError) as err:
+        open_model(p)
+    msg = str(err.value)
+    assert "\n" not in msg and "h5py" in msg and "kiln[viewer]" in msg

@@ -44,7 +44,8 @@ def read(path: Path, handle: Any = None) -> ViewModel:
     try:
         import h5py
     except ImportError:
-        raise ViewerError("Opening Keras files needs h5py; install it with 'pip install h5py'.") from None
+        raise ViewerError("Opening Keras files needs h5py, which is not installed; install it with "
+                          "'pip install kiln[viewer]' (or 'pip install h5py').") from None
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
