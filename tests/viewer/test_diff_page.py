@@ -22,37 +22,41 @@ def _changed_yolo():
     return a, b
 
 
-def test_pane_statuses_groups_links_and_changes():
+def test_merged_pane_statuses_groups_and_changes():
     a, b = _changed_yolo()
     doc = build_diff_document(read_proto(a), read_proto(b))
-    pa, pb = doc.page["panes"]
-    by_name = [{n["name"]: n for n in p["nodes"] if not n.get("pseudo")} for p in (pa, pb)]
-    assert by_name[0]["/model.2/cv1/conv/Conv"]["df"] == "changed" == by_name[1]["/model.2/cv1/conv/Conv"]["df"]
-    assert by_name[0]["/model.24/Sigmoid"]["df"] == "removed" and by_name[1]["/model.24/HardSigmoid"]["df"] == "added"
-    assert by_name[1]["/model.0/conv/Conv"]["df"] == "unchanged"
-    groups = {c["path"]: c["df"] for c in pb["clusters"] if c["kind"] == "group"}
-    assert groups["model.2/cv1"] == "changed" and groups["model.0"] == "unchanged"
-    assert pb["clusters"][0]["df"] == "changed"
-    # every matched pair is linked, pane a → pane b, by the same name here
-    links = doc.page["links"]
-    assert len(links) == len(a.graph.node) - 1
-    assert all(pa["nodes"][i]["name"] == pb["nodes"][j]["name"] for i, (j,) in links)
-    info = doc.page["diff"]
-    # the replaced node's consumer now reads another node's output: changed too
+    (pane,) = doc.page["panes"]
+    nodes = pane["nodes"]
+    real = [n for n in nodes if not n.get("pseudo")]
+    assert len(real) == len(b.graph.node) + 1                      # b's nodes and the removed Sigmoid
+    by_name = {n["name"]: n for n in real}
+    assert by_name["/model.2/cv1/conv/Conv"]["df"] == "changed"
+    assert by_name["/model.24/Sigmoid"]["df"] == "removed" and by_name["/model.24/HardSigmoid"]["df"] == "added"
+    assert by_name["/model.0/conv/Conv"]["df"] == "unchanged"
+    # the removed node reads what the added one reads, and feeds its old consumer through a "(removed)" input
+    tensor = lambda ids: [pane["tensors"][t][0] for t in ids]      # noqa: E731
+    assert tensor(by_name["/model.24/Sigmoid"]["in"][0][1]) == tensor(by_name["/model.24/HardSigmoid"]["in"][0][1])
     sig_out = next(n for n in a.graph.node if n.name == "/model.24/Sigmoid").output[0]
     consumer = next(n.name for n in a.graph.node if sig_out in n.input)
+    extra = [ids for slot, ids in by_name[consumer]["in"] if slot == "(removed)"]
+    assert extra and tensor(extra[0]) == tensor(by_name["/model.24/Sigmoid"]["out"][0][1])
+    groups = {c["path"]: c["df"] for c in pane["clusters"] if c["kind"] == "group"}
+    assert groups["model.2/cv1"] == "changed" and groups["model.0"] == "unchanged"
+    assert pane["clusters"][0]["df"] == "changed"
+    info = doc.page["diff"]
+    # the replaced node's consumer now reads another node's output: changed too
     assert info["counts"] == {"added": 1, "removed": 1, "changed": 2, "unchanged": len(a.graph.node) - 3}
     titles = [(c["s"], c["title"]) for c in info["changes"]]
-    wiring = next(c for c in info["changes"] if c["title"].startswith(consumer + " "))
-    assert wiring["s"] == "changed" and wiring["rows"][0][0].startswith("input ")
     assert ("changed", "/model.2/cv1/conv/Conv (Conv)") == titles[0]
     assert {("removed", "/model.24/Sigmoid (Sigmoid)"), ("added", "/model.24/HardSigmoid (HardSigmoid)")} <= set(titles)
+    wiring = next(c for c in info["changes"] if c["title"].startswith(consumer + " "))
+    assert wiring["s"] == "changed" and wiring["rows"][0][0].startswith("input ")
     row = info["changes"][0]["rows"][0]
     assert row[0] == "weight W" and row[2] is None and row[3].startswith("max |a-b| ")
+    assert [c["at"][0][1] for c in info["changes"]] == sorted(c["at"][0][1] for c in info["changes"])
     for c in info["changes"]:
-        for side, pane in (("a", pa), ("b", pb)):
-            if c[side] is not None:
-                assert pane["nodes"][c[side]]["df"] == c["s"]
+        (pi, ni), = c["at"]
+        assert pi == 0 and nodes[ni]["df"] == c["s"] and c["title"].startswith(nodes[ni]["name"])
 
 
 def test_body_changes_roll_up_to_the_owner_and_its_body_cluster():
@@ -62,10 +66,13 @@ def test_body_changes_roll_up_to_the_owner_and_its_body_cluster():
     body = next(at for at in loop.attribute if at.name == "body").g
     body.node[0].op_type = "Sub"
     doc = build_diff_document(read_proto(a), read_proto(b))
-    pb = doc.page["panes"][1]
-    bodies = {c["name"]: c["df"] for c in pb["clusters"] if c["kind"] == "body"}
-    assert bodies == {"then_branch": "unchanged", "else_branch": "unchanged", "body": "changed"}
-    assert {n["name"]: n["df"] for n in pb["nodes"] if not n.get("pseudo")}["Loop"] == "changed"
+    (pane,) = doc.page["panes"]
+    bodies = {c["name"]: c for c in pane["clusters"] if c["kind"] == "body"}
+    assert {k: c["df"] for k, c in bodies.items()} == {"then_branch": "unchanged", "else_branch": "unchanged",
+                                                      "body": "changed"}
+    inside = sorted((n["op"], n["df"]) for n in pane["nodes"] if n["name"].startswith("body/"))
+    assert inside == [("Add", "removed"), ("Identity", "unchanged"), ("Sub", "added")]
+    assert {n["name"]: n["df"] for n in pane["nodes"] if not n.get("pseudo")}["Loop"] == "changed"
 
 
 def test_pane_order_is_grouping_order_with_bodies():
@@ -84,6 +91,68 @@ def test_model_level_input_change_marks_the_input_node(tmp_path):
     onnx.save(a, tmp_path / "a.onnx")
     onnx.save(b, tmp_path / "b.onnx")
     doc = build_diff_document(tmp_path / "a.onnx", tmp_path / "b.onnx")
-    inputs = [n for n in doc.page["panes"][1]["nodes"] if n.get("pseudo") == "input"]
+    inputs = [n for n in doc.page["panes"][0]["nodes"] if n.get("pseudo") == "input"]
     assert [n["df"] for n in inputs] == ["changed"]
     assert doc.page["diff"]["model"][0][:3] == ["input images", "float 1×3×640×640", "float 1×3×320×640"]
+
+
+def test_merged_graph_is_topological_with_removed_chains():
+    """Three removed nodes in a row between kept ones: each node comes after the producers of its inputs."""
+    def chain(ops):
+        nodes, prev = [], "x"
+        for i, op in enumerate(ops):
+            out = "y" if i == len(ops) - 1 else f"t{i}"
+            nodes.append(onnx.helper.make_node(op, [prev], [out]))
+            prev = out
+        g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [2])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, [2])])
+        return onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    a = read_proto(chain(["Relu", "Abs", "Neg", "Sigmoid", "Tanh", "Exp"]))
+    b = read_proto(chain(["Relu", "Tanh", "Exp"]))
+    from kiln.viewer.diff import diff_models
+    from kiln.viewer.diff_merge import merge
+    merged = merge(diff_models(a, b))
+    g = merged.model.graph
+    seen = {t.name for t in g.inputs} | set(g.weights)
+    for n in g.nodes:
+        assert all(v in seen for arg in n.inputs for v in arg.values), n
+        seen.update(v for arg in n.outputs for v in arg.values)
+    assert [(n.op_type, merged.status[id(n)]) for n in g.nodes] == [
+        ("Relu", "unchanged"), ("Abs", "removed"), ("Neg", "removed"), ("Sigmoid", "removed"), ("Tanh", "changed"),
+        ("Exp", "unchanged")]
+    tanh = g.nodes[4]
+    assert [a.name for a in tanh.inputs][-1] == "(removed)"
+
+
+def test_model_beside_its_engine_page(tmp_path):
+    import numpy as np
+    import kiln
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="/blk/conv/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="/blk/act/Relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="/blk/Shape"),
+             helper.make_node("Reshape", ["r", "s"], ["q"], name="/blk/Reshape"),
+             helper.make_node("Add", ["q", "x"], ["y"], name="/blk/Add")]
+    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(np.full((4, 4, 3, 3), 0.1, np.float32), "w"),
+                           numpy_helper.from_array(np.ones(4, np.float32), "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    engine = kiln.build(kiln.onnx.parse(str(tmp_path / "m.onnx")), kiln.BuildConfig(device="cpu", precision="fp16"))
+    engine.save(str(tmp_path / "m.kiln"))
+    header = kiln.engine.read_header(str(tmp_path / "m.kiln"))
+    doc = build_diff_document(tmp_path / "m.onnx", tmp_path / "m.kiln")
+    pe, pm = doc.page["panes"]
+    layers = [n for n in pe["nodes"] if not n.get("pseudo")]
+    expect = ["inserted" if not l["origin"] else "kept" if len(l["origin"]) == 1 else "fused" for l in header["layers"]]
+    assert [n["df"] for n in layers] == expect
+    built = {o for l in header["layers"] for o in l["origin"]}
+    fused = {o for l in header["layers"] if len(l["origin"]) > 1 for o in l["origin"]}
+    for n in pm["nodes"]:
+        if not n.get("pseudo"):
+            assert n["df"] == ("fused" if n["name"] in fused else "kept" if n["name"] in built else "folded")
+    assert {"/blk/Shape"} <= {n["name"] for n in pm["nodes"] if n.get("df") == "folded"}
+    assert doc.page["links"] and doc.page["diff"]["mode"] == "build" and not doc.page["diff"]["differs"]
+    for c in doc.page["diff"]["changes"]:
+        pi, ni = c["at"][0]
+        assert doc.page["panes"][pi]["nodes"][ni]["df"] == c["s"]

@@ -1,12 +1,14 @@
-"""The diff page: two models side by side, each node and group marked with its diff status.
+"""The diff page: two models as one merged graph, or a model beside its engine, each node and group marked
+with its diff status.
 
 Every pane node gets ``df`` (its status: added, removed, changed, unchanged; for
-a model beside its engine: kept, fused, plugin, folded, inserted) and every
-cluster the roll-up of its members (``mixed`` when they differ in a build view).
-``page["diff"]`` holds the counts, the model-level differences and the list of
-changes in graph order, each with the pane node on either side and its
-before/after rows, as text made by :mod:`kiln.viewer.diff_report` (the page
-formats nothing itself). Matched nodes are linked across the panes.
+a model beside its engine: kept, fused, plugin, folded, inserted; ``io`` for an
+unchanged graph input or output) and every cluster the roll-up of its members
+(``mixed`` when they differ in a build view). ``page["diff"]`` holds the counts,
+the model-level differences and the list of changes in graph order, each with
+the pane nodes it is drawn at (``at``: [pane, node] pairs) and its before/after
+rows as text made by :mod:`kiln.viewer.diff_report` (the page formats nothing
+itself).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 from kiln.viewer import grouping
 from kiln.viewer.diff import ModelDiff, rollup
 from kiln.viewer.diff_build import BuildDiff
+from kiln.viewer.diff_merge import merge
 from kiln.viewer.diff_report import compare, detail_parts, show
 from kiln.viewer.graph import ViewModel, ViewNode
 from kiln.viewer.page import Pane, build_pane, page_json
@@ -24,57 +27,56 @@ from kiln.viewer.server import Document
 
 def build_diff_document(a: Any, b: Any, *, rankdir: str = "TB", server: bool = False,
                         weights: bool = True) -> Document:
-    """Read both models (paths, ModelProtos or ViewModels), diff them and lay both out for the page."""
+    """Read both models (paths, ModelProtos or ViewModels), diff them and lay them out for the page: two models
+    as one merged graph; a model and its engine side by side, the engine first and linked to the model."""
     from kiln.viewer.documents import engine_links, open_view_model
     va, vb = open_view_model(a), open_view_model(b)
     d = compare(va, vb, weights=weights)
-    if isinstance(d, BuildDiff):           # the engine first, linked to the model, as kiln view --engine shows it
+    if isinstance(d, BuildDiff):
         models = [d.engine, d.model]
         status = [{id(lo.layer): lo.status for lo in d.layers}, {id(f.node): f.status for f in d.nodes}]
-    else:
-        models = [va, vb]
-        status = [{id(n.a): n.status for n in d.nodes if n.a is not None},
-                  {id(n.b): n.status for n in d.nodes if n.b is not None}]
-    panes = [build_pane(m, title=_title(m), lazy=server) for m in models]
-    index = [_mark(p, m, s, d) for p, m, s in zip(panes, models, status)]
-    if isinstance(d, BuildDiff):
-        links = engine_links(panes[0], panes[1])
-        info = _build_info(d, index)
-    else:
-        links = [[index[0][id(n.a)], [index[1][id(n.b)]]] for n in d.nodes if n.a is not None and n.b is not None]
-        info = _models_info(d, index)
-    page = page_json(panes, rankdir=rankdir, links=links, server=server)
-    page["diff"] = info
-    return Document(page=page, panes=panes)
+        panes = [build_pane(m, title=_title(m), lazy=server) for m in models]
+        index = [_mark(p, m, s, {}, "kept") for p, m, s in zip(panes, models, status)]
+        page = page_json(panes, rankdir=rankdir, links=engine_links(panes[0], panes[1]), server=server)
+        page["diff"] = _build_info(d, index)
+        return Document(page=page, panes=panes)
+    merged = merge(d)
+    title = f"{_title(va)} → {os.path.basename(vb.path) if vb.path else vb.graph.name}"
+    pane = build_pane(merged.model, title=title, lazy=server)
+    index = _mark(pane, merged.model, merged.status, _io_status(d), "unchanged")
+    where = {}
+    for key, (x, y) in merged.origin.items():
+        if key in index:
+            where[id(y) if y is not None else id(x)] = index[key]
+    page = page_json([pane], rankdir=rankdir, server=server)
+    page["diff"] = _models_info(d, where)
+    return Document(page=page, panes=[pane])
 
 
 def _title(m: ViewModel) -> str:
     return f"{m.format} · {os.path.basename(m.path) if m.path else m.graph.name}"
 
 
-def _io_status(d: ModelDiff | BuildDiff, side: int) -> dict[tuple[str, str], str]:
-    """Graph input and output pseudo-nodes: added, removed or changed from the model-level details."""
+def _io_status(d: ModelDiff) -> dict[tuple[str, str], str]:
+    """Graph inputs and outputs added, removed or changed, from the model-level details."""
     out: dict[tuple[str, str], str] = {}
-    if isinstance(d, ModelDiff):
-        for x in d.model:
-            if x.kind in ("input", "output"):
-                mine, other = (x.a, x.b) if side == 0 else (x.b, x.a)
-                if mine is not None:
-                    out[(x.kind, x.name)] = "changed" if other is not None else ("removed" if side == 0 else "added")
+    for x in d.model:
+        if x.kind in ("input", "output"):
+            out[(x.kind, x.name)] = "changed" if x.a is not None and x.b is not None else \
+                "added" if x.a is None else "removed"
     return out
 
 
-def _mark(pane: Pane, model: ViewModel, status: dict[int, str], d: ModelDiff | BuildDiff) -> dict[int, int]:
+def _mark(pane: Pane, model: ViewModel, status: dict[int, str], io: dict[tuple[str, str], str],
+          quiet: str) -> dict[int, int]:
     """Set ``df`` on the pane's nodes and clusters; returns the pane index of each view node (by id())."""
     nodes, clusters = pane.data["nodes"], pane.data["clusters"]
     order = _pane_order(model, nodes)
-    io = _io_status(d, 0 if pane.model is (d.a if isinstance(d, ModelDiff) else d.engine) else 1)
-    quiet = "unchanged" if isinstance(d, ModelDiff) else "kept"
     index: dict[int, int] = {}
     members: list[set[str]] = [set() for _ in clusters]
     for i, (vn, entry) in enumerate(zip(order, nodes)):
         if entry.get("pseudo"):
-            entry["df"] = io.get((entry["pseudo"], entry["name"]), quiet if isinstance(d, ModelDiff) else "io")
+            entry["df"] = io.get((entry["pseudo"], entry["name"]), "io")
             continue
         index[id(vn)] = i
         entry["df"] = st = status.get(id(vn), quiet)
@@ -84,7 +86,7 @@ def _mark(pane: Pane, model: ViewModel, status: dict[int, str], d: ModelDiff | B
             cl = clusters[c]
             c = nodes[cl["owner"]]["c"] if cl["kind"] == "body" else cl["parent"]
     for c, s in zip(clusters, members):
-        c["df"] = rollup(s) if isinstance(d, ModelDiff) else (next(iter(s)) if len(s) == 1 else "mixed" if s else quiet)
+        c["df"] = (rollup(s) if quiet == "unchanged" else next(iter(s)) if len(s) == 1 else "mixed") if s else quiet
     return index
 
 
@@ -114,23 +116,15 @@ def _node_title(n: ViewNode | None) -> str:
     return f"{show(n.name)} ({show(n.op_type)})" if n.name else show(n.op_type)
 
 
-def _models_info(d: ModelDiff, index: list[dict[int, int]]) -> dict:
+def _models_info(d: ModelDiff, where: dict[int, int]) -> dict:
     changes = []
-    last_b = -1.0
-    for n in d.nodes:                     # a's order, removed nodes after the matched node before them
-        ia = index[0].get(id(n.a)) if n.a is not None else None
-        ib = index[1].get(id(n.b)) if n.b is not None else None
-        if ib is not None:
-            last_b = ib
-        if n.status == "unchanged":
-            continue
-        rows = [list(detail_parts(x)) for x in n.details]
-        changes.append((ib if ib is not None else last_b + 0.5, {"s": n.status, "a": ia, "b": ib,
-                                                                  "scope": [show(s) for s in n.scope],
-                                                                  "title": _node_title(n.node), "rows": rows}))
-    changes.sort(key=lambda kv: kv[0])
+    for n in d.changes():
+        at = where.get(id(n.b) if n.b is not None else id(n.a))
+        changes.append({"s": n.status, "at": [[0, at]] if at is not None else [], "scope": [show(s) for s in n.scope],
+                        "title": _node_title(n.node), "rows": [list(detail_parts(x)) for x in n.details]})
+    changes.sort(key=lambda c: c["at"][0][1] if c["at"] else -1)
     return {"mode": "models", "counts": d.counts(), "differs": d.differs,
-            "model": [list(detail_parts(x)) for x in d.model], "changes": [c for _, c in changes]}
+            "model": [list(detail_parts(x)) for x in d.model], "changes": changes}
 
 
 def _build_info(d: BuildDiff, index: list[dict[int, int]]) -> dict:
@@ -143,13 +137,15 @@ def _build_info(d: BuildDiff, index: list[dict[int, int]]) -> dict:
                  None, "; ".join(facts)]]
         if lo.missing:
             rows.append(["not in the model", ", ".join(show(m) for m in lo.missing), None, ""])
-        changes.append({"s": lo.status, "a": index[0].get(id(lo.layer)),
-                        "b": index[1].get(id(lo.nodes[0])) if lo.nodes else None,
+        at = [[0, index[0].get(id(lo.layer))]] + [[1, index[1].get(id(n))] for n in lo.nodes[:1]]
+        changes.append({"s": lo.status, "at": [p for p in at if p[1] is not None],
                         "scope": [show(s) for s in lo.scope], "title": _node_title(lo.layer), "rows": rows})
     for f in d.nodes:
         if f.status == "folded":
-            changes.append({"s": "folded", "a": None, "b": index[1].get(id(f.node)), "scope": [show(s) for s in f.scope],
-                            "title": _node_title(f.node), "rows": [["no layer", "folded away by the build", None, ""]]})
+            at = index[1].get(id(f.node))
+            changes.append({"s": "folded", "at": [[1, at]] if at is not None else [],
+                            "scope": [show(s) for s in f.scope], "title": _node_title(f.node),
+                            "rows": [["no layer", "folded away by the build", None, ""]]})
     model = [[f"tensor {show(n)}", "×".join(map(str, ms)), "×".join(map(str, es)), "model → engine"]
              for n, ms, es in d.shapes]
     return {"mode": "build", "counts": d.counts(), "differs": d.differs, "model": model, "changes": changes}
