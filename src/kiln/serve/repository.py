@@ -24,7 +24,7 @@ SUFFIX = ".kiln"
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
 
-class _Instance:
+class EngineInstance:
     """One execution context; on a GPU it runs on its own CUDA stream."""
 
     def __init__(self, engine: Any) -> None:
@@ -131,11 +131,11 @@ class ModelRepository:
             log.info("loaded model %s from %s (%s, max batch %d, %d instance(s))", name, path,
                      model.engine.device, model.max_batch, len(instances))
 
-    def _open(self, name: str, path: str) -> tuple[ServedModel, list[_Instance]]:
+    def _open(self, name: str, path: str) -> tuple[ServedModel, list[EngineInstance]]:
         import kiln
         engine = kiln.load(path)
         model = ServedModel(name, engine, self.options)
-        return model, [_Instance(engine) for _ in range(self.options.instances)]
+        return model, [EngineInstance(engine) for _ in range(self.options.instances)]
 
     async def unload(self, name: str) -> None:
         """Stops model ``name`` taking requests, finishes its queued ones, and frees it."""
