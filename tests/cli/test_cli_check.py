@@ -90,3 +90,14 @@ def test_bad_shape_flags_are_one_line(same_upper, capsys, flags, words):
     assert main(["check", str(same_upper), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+def test_check_for_a_device_this_machine_lacks(same_upper, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert main(["check", str(same_upper), "--shapes", "x:1x2x11x10", "--device", "cuda"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"{same_upper}: a build at the given shapes would fail:", lines
+    assert "has no CUDA GPU" in lines[1] and "--device cpu" in lines[1], lines
+    assert main(["check", str(same_upper), "--shapes", "x:1x2x11x10", "--device", "cpu"]) == 0

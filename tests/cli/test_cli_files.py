@@ -91,7 +91,6 @@ def test_inspect_shows_an_undefined_element_type(tmp_path):
 
 def test_inspect_shows_names_that_are_not_utf8(tmp_path):
     """protobuf hands a name that is not UTF-8 over as bytes; kiln inspect shows it with \\x escapes (fuzz finding)."""
-    import onnx
     from onnx import TensorProto, helper
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["OUTxx"], name="n")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],

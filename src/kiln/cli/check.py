@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Any
 
-from kiln.cli.base import Fallback, Json, Plugins, Shapes, Tool, register
+from kiln.cli.base import Device, Fallback, Json, Plugins, Shapes, Tool, register
 
 
 @register
@@ -14,9 +14,10 @@ class Check(Tool):
     help = "list every ONNX node Kiln cannot build, before building"
     description = ("Check MODEL for unsupported nodes (name, op, domain, opset) and, when the input shapes are "
                    "known (the model's own, or given as kiln build takes them), for what a build at those shapes "
-                   "would refuse. Exit 1 if anything would fail (with --fallback onnxruntime: unsupported nodes "
-                   "count only when ONNX Runtime cannot run them either).")
-    groups = (Json(), Shapes("shapes to check at (as kiln build takes them)", profile=True), Plugins(), Fallback())
+                   "for the target device would refuse. Exit 1 if anything would fail (with --fallback onnxruntime: "
+                   "unsupported nodes count only when ONNX Runtime cannot run them either).")
+    groups = (Json(), Shapes("shapes to check at (as kiln build takes them)", profile=True), Device(), Plugins(),
+              Fallback())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", help="the .onnx model")
@@ -25,7 +26,7 @@ class Check(Tool):
         profile = Shapes.profile_of(args)
         import kiln
         Plugins.load(args)
-        problems = kiln.onnx.check(args.model, fallback=args.fallback, shapes=profile)
+        problems = kiln.onnx.check(args.model, fallback=args.fallback, shapes=profile, device=args.device)
         blocking = [p for p in problems if not p.get("fallback")]
         if args.json:
             print(json.dumps(problems, indent=1))
