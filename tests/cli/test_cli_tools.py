@@ -83,6 +83,7 @@ def test_precision_flags_a_command_does_not_take_are_usage_errors(argv, capsys):
 
 
 def test_a_second_command_of_one_name_is_refused():
+    make_parser()                                               # registers the built-in commands
     with pytest.raises(TypeError, match="'build' is defined twice"):
         @register
         class Build(Tool):
