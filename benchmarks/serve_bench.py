@@ -1,0 +1,371 @@
+"""Load benchmark and soak for `kiln serve`, with NVIDIA's tritonclient as the client.
+
+    python benchmarks/serve_bench.py sweep [--repo DIR --model NAME] [--protocols http,grpc]
+        [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--batching on,off] [--shape NAME:DIMS ...]
+        [--server-flag=--instances=2 ...] [--json out.json]
+    python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
+        [--rss-limit-mb 50] [--json out.json]
+
+sweep: starts `python -m kiln.serve` on the repository (default: a CPU MLP built here, x [N,256] ->
+256 -> 64, N 1..64), once with dynamic batching and once with --no-batching, and for each protocol and
+concurrency C runs C closed-loop clients (threads spread over processes) sending one-row requests
+with binary tensors (HTTP binary extension, gRPC raw contents) for --seconds after a warm-up. Prints
+throughput (inferences/s), p50/p90/p99 latency and the mean batch the server formed (from /metrics).
+Inputs are random, shaped from the model's metadata: -1 dims are 1 unless --shape gives them.
+
+soak: builds y = relu(x @ W + b) (x [N,8]), serves it, and sends --requests requests of which
+--bad-fraction are malformed (bad JSON, truncated binary, wrong shape/dtype/name, outside the profile,
+unknown model, oversize). Every good answer is checked against numpy (float64, float32 rounding
+bound), every bad one must be a 4xx with an error message; the server's RSS growth after the first
+10% of requests must stay under --rss-limit-mb and the server must still be ready, then drain on
+SIGINT and exit 0. Prints a JSON verdict; exits 1 if any check failed.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+EPS32 = float(np.finfo(np.float32).eps)
+LINE = re.compile(r"kiln serve: (?:HTTP on http://(?P<http>[^,;]+))?(?:, )?(?:gRPC on (?P<grpc>[^;]+))?; models")
+V2_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+            "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+            "FP32": np.float32, "FP64": np.float64}
+
+
+# ---- models and the server ---------------------------------------------------------------------
+def build_mlp(folder: Path, name: str, widths: tuple[int, ...], max_batch: int, seed: int = 0) -> list:
+    """relu(x @ W1 + b1) -> ... as ONNX, built for the CPU into folder/name.kiln; returns [(W, b), ...]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import kiln
+    rng = np.random.default_rng(seed)
+    nodes, inits, layers, src = [], [], [], "x"
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        W = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        bias = rng.standard_normal(b).astype(np.float32)
+        inits += [numpy_helper.from_array(W, f"W{i}"), numpy_helper.from_array(bias, f"b{i}")]
+        out = "y" if i == len(widths) - 2 else f"h{i}"
+        nodes += [helper.make_node("MatMul", [src, f"W{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]), helper.make_node("Relu", [f"a{i}"], [out])]
+        layers.append((W.astype(np.float64), bias.astype(np.float64)))
+        src = out
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", widths[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", widths[-1]])], initializer=inits)
+    onnx_path = folder / f"{name}.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(onnx_path))
+    profile = {"x": ((1, widths[0]), (max(1, max_batch // 2), widths[0]), (max_batch, widths[0]))}
+    kiln.build(kiln.onnx.parse(str(onnx_path)), kiln.BuildConfig(device="cpu", profiles=profile)).save(
+        str(folder / f"{name}.kiln"))
+    onnx_path.unlink()
+    return layers
+
+
+class Server:
+    """`python -m kiln.serve REPO --http-port 0 --grpc-port 0 FLAGS` until stop()."""
+
+    def __init__(self, repo: Path, *flags: str) -> None:
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.serve", str(repo), "--http-port", "0",
+                                      "--grpc-port", "0", *flags], stdout=subprocess.PIPE, stderr=self.err,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = self.proc.stdout.readline().decode()
+        m = LINE.search(line)
+        if not m:
+            self.err.seek(0)
+            raise SystemExit(f"kiln serve did not start: {line!r} {self.err.read()[-2000:]!r}")
+        self.http, self.grpc = m.group("http"), m.group("grpc")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def metrics(self) -> str:
+        return _get(self.http, "/metrics")[1].decode()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def _get(at: str, path: str) -> tuple[int, bytes]:
+    host, port = at.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    out = r.status, r.read()
+    conn.close()
+    return out
+
+
+def _metric(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+# ---- sweep ----------------------------------------------------------------------------------
+def _inputs(meta: dict, shapes: dict[str, list[int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = {}
+    for t in meta["inputs"]:
+        dims = shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
+        dt = V2_NUMPY[t["datatype"]]
+        out[t["name"]] = (rng.integers(0, 100, dims).astype(dt) if np.issubdtype(dt, np.integer)
+                          else rng.standard_normal(dims).astype(dt))
+    return out
+
+
+def _client_process(protocol: str, at: str, model: str, threads: int, seconds: float, warmup: float,
+                    shapes: dict, queue) -> None:
+    """Closed-loop clients on threads; puts the latencies (s) of requests that finished after the warm-up."""
+    if protocol == "http":
+        import tritonclient.http as tc
+    else:
+        import tritonclient.grpc as tc
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    start = time.perf_counter()
+    t_measure, t_end = start + warmup, start + warmup + seconds
+
+    def worker(k: int) -> None:
+        client = tc.InferenceServerClient(at) if protocol == "grpc" else tc.InferenceServerClient(at, concurrency=1)
+        meta = client.get_model_metadata(model) if protocol == "http" else client.get_model_metadata(model, as_json=True)
+        feeds = _inputs(meta, shapes, np.random.default_rng(k))
+        inputs = []
+        for t in meta["inputs"]:
+            i = tc.InferInput(t["name"], list(feeds[t["name"]].shape), t["datatype"])
+            if protocol == "http":
+                i.set_data_from_numpy(feeds[t["name"]], binary_data=True)
+            else:
+                i.set_data_from_numpy(feeds[t["name"]])
+            inputs.append(i)
+        outputs = ([tc.InferRequestedOutput(t["name"], binary_data=True) for t in meta["outputs"]]
+                   if protocol == "http" else None)
+        mine = []
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_end:
+                break
+            try:
+                client.infer(model, inputs, outputs=outputs)
+            except Exception:                   # noqa: BLE001 - counted; the sweep reports errors
+                with lock:
+                    errors[0] += 1
+                continue
+            t1 = time.perf_counter()
+            if t0 >= t_measure and t1 <= t_end:
+                mine.append(t1 - t0)
+        with lock:
+            lat.extend(mine)
+        client.close()
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    queue.put((lat, errors[0]))
+
+
+def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: float, shapes: dict,
+             processes: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = min(processes, concurrency)
+    split = [concurrency // procs + (1 if k < concurrency % procs else 0) for k in range(procs)]
+    ps = [ctx.Process(target=_client_process, args=(protocol, at, model, n, seconds, 1.0, shapes, q))
+          for n in split]
+    for p in ps:
+        p.start()
+    lat, errors = [], 0
+    for _ in ps:
+        got, err = q.get(timeout=seconds + 300)
+        lat += got
+        errors += err
+    for p in ps:
+        p.join()
+    a = np.asarray(lat) * 1e3
+    rows = 1                                    # one row per request; --shape may ask for more
+    return {"protocol": protocol, "concurrency": concurrency, "requests": len(lat), "errors": errors,
+            "infer_per_s": len(lat) * rows / seconds,
+            **({f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)} if len(a) else {})}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    shapes = {}
+    for s in args.shape or []:
+        name, dims = s.split(":")
+        shapes[name] = [int(d) for d in dims.split("x")]
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(args.repo) if args.repo else Path(tmp)
+        model = args.model or "mlp256"
+        if not args.repo:
+            build_mlp(repo, model, (256, 256, 64), 64)
+        rows = []
+        for batching in args.batching.split(","):
+            flags = list(args.server_flag or []) + ([] if batching == "on" else ["--no-batching"])
+            server = Server(repo, *flags)
+            try:
+                for protocol in args.protocols.split(","):
+                    for c in (int(x) for x in args.concurrency.split(",")):
+                        before = server.metrics()
+                        r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,
+                                     args.seconds, shapes, args.processes)
+                        after = server.metrics()
+                        m = f'kiln_batch_size_{{}}{{{{model="{model}"'
+                        n = _metric(after, m.format("count")) - _metric(before, m.format("count"))
+                        rs = _metric(after, m.format("sum")) - _metric(before, m.format("sum"))
+                        r.update(batching=batching, mean_batch=rs / n if n else float("nan"))
+                        rows.append(r)
+                        print(f"{protocol:4} batching {batching:3} c={c:3}  {r['infer_per_s']:9.1f} infer/s  "
+                              f"p50 {r.get('p50_ms', float('nan')):7.2f}  p90 {r.get('p90_ms', float('nan')):7.2f}  "
+                              f"p99 {r.get('p99_ms', float('nan')):7.2f} ms  mean batch {r['mean_batch']:5.1f}  "
+                              f"errors {r['errors']}", flush=True)
+            finally:
+                server.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model, "rows": rows}, indent=1))
+    return 0
+
+
+# ---- soak -----------------------------------------------------------------------------------
+def _bad_bodies(x: np.ndarray) -> list[tuple[str, str, dict, bytes]]:
+    """(what, path, headers, body) of each malformed request kind."""
+    good = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.reshape(-1).tolist()}
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape),
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    j = lambda obj: json.dumps(obj).encode()
+    return [
+        ("bad json", "/v2/models/mlp/infer", {}, b'{"inputs": [{"name": "x", '),
+        ("truncated binary", "/v2/models/mlp/infer", {"Inference-Header-Content-Length": str(len(head))},
+         head + x.tobytes()[:-4]),
+        ("wrong shape", "/v2/models/mlp/infer", {}, j({"inputs": [{**good, "shape": [x.shape[0], 9]}]})),
+        ("wrong dtype", "/v2/models/mlp/infer", {}, j({"inputs": [{**good, "datatype": "INT32"}]})),
+        ("wrong name", "/v2/models/mlp/infer", {}, j({"inputs": [{**good, "name": "q"}]})),
+        ("outside profile", "/v2/models/mlp/infer", {}, j({"inputs": [{**good, "shape": [99, 8],
+                                                                       "data": [0.0] * 792}]})),
+        ("unknown model", "/v2/models/nope/infer", {}, j({"inputs": [good]})),
+        ("oversize", "/v2/models/mlp/infer", {}, b"{" + b" " * (1 << 20) + b"}"),
+    ]
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    import tritonclient.http as tc
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        (W, b), = build_mlp(Path(tmp), "mlp", (8, 4), 16)
+        server = Server(Path(tmp), "--max-request-mb", "1", "--grpc-port", "off", *(args.server_flag or []))
+        stats = {"good": 0, "good_ok": 0, "bad": 0, "bad_ok": 0}
+        failures: list[str] = []
+        lock = threading.Lock()
+        counter = iter(range(args.requests))
+        rss: dict[str, float] = {}
+        warm_at = max(1, args.requests // 10)
+        every = max(1, int(round(1 / args.bad_fraction))) if args.bad_fraction > 0 else 0
+
+        def note(kind: str, ok: bool, why: str) -> None:
+            with lock:
+                stats[kind] += 1
+                stats[kind + "_ok"] += ok
+                if not ok and len(failures) < 10:
+                    failures.append(why)
+
+        def worker(k: int) -> None:
+            rng = np.random.default_rng(1000 + k)
+            client = tc.InferenceServerClient(server.http, concurrency=1)
+            host, port = server.http.rsplit(":", 1)
+            for i in counter:
+                if i == warm_at:
+                    rss["warm"] = server.rss_mb()
+                x = rng.standard_normal((1 + i % 4, 8)).astype(np.float32)
+                if every and i % every == every - 1:
+                    what, path, headers, body = _bad_bodies(x)[(i // every) % 8]
+                    try:
+                        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                        conn.request("POST", path, body=body, headers=headers)
+                        r = conn.getresponse()
+                        payload = r.read()
+                        conn.close()
+                        msg = json.loads(payload).get("error", "") if payload else ""
+                        note("bad", 400 <= r.status < 500 and bool(msg), f"{what}: {r.status} {payload[:200]!r}")
+                    except Exception as exc:    # noqa: BLE001 - a failure of the soak, reported
+                        note("bad", False, f"{what}: {type(exc).__name__}: {exc}")
+                    continue
+                try:
+                    inp = tc.InferInput("x", list(x.shape), "FP32")
+                    inp.set_data_from_numpy(x, binary_data=bool(i % 2))
+                    y = client.infer("mlp", [inp]).as_numpy("y")
+                    x64 = x.astype(np.float64)
+                    ref = np.maximum(x64 @ W + b, 0)
+                    bound = 4 * (W.shape[0] + 2) * EPS32 * (np.abs(x64) @ np.abs(W) + np.abs(b)) + 1e-30
+                    note("good", y.shape == ref.shape and bool(np.all(np.abs(y - ref) <= bound)), f"request {i}: wrong")
+                except Exception as exc:        # noqa: BLE001 - a failure of the soak, reported
+                    note("good", False, f"request {i}: {type(exc).__name__}: {exc}")
+            client.close()
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rss["end"] = server.rss_mb()
+        ready = _get(server.http, "/v2/health/ready")[0] == 200
+        code = server.stop()
+    growth = rss["end"] - rss.get("warm", rss["end"])
+    verdict = {"requests": args.requests, **stats, "failures": failures, "rss_warm_mb": round(rss.get("warm", 0), 1),
+               "rss_end_mb": round(rss["end"], 1), "rss_growth_mb": round(growth, 1), "ready_after": ready,
+               "exit_code": code, "seconds": round(time.perf_counter() - t_start, 1)}
+    verdict["passed"] = (stats["good_ok"] == stats["good"] and stats["bad_ok"] == stats["bad"] and ready and code == 0
+                         and growth < args.rss_limit_mb and stats["good"] + stats["bad"] == args.requests)
+    print(json.dumps(verdict, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(verdict, indent=1))
+    return 0 if verdict["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep")
+    s.add_argument("--repo")
+    s.add_argument("--model")
+    s.add_argument("--protocols", default="http,grpc")
+    s.add_argument("--concurrency", default="1,2,4,8,16,32,64")
+    s.add_argument("--seconds", type=float, default=5.0)
+    s.add_argument("--batching", default="on,off")
+    s.add_argument("--shape", action="append", help="NAME:DIMS (e.g. input_ids:1x128) for an input's -1 dims")
+    s.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    s.add_argument("--server-flag", action="append", help="extra kiln serve flag, e.g. --server-flag=--instances=2")
+    s.add_argument("--json")
+    k = sub.add_parser("soak")
+    k.add_argument("--requests", type=int, default=50_000)
+    k.add_argument("--bad-fraction", type=float, default=0.1)
+    k.add_argument("--concurrency", type=int, default=8)
+    k.add_argument("--rss-limit-mb", type=float, default=50.0)
+    k.add_argument("--server-flag", action="append")
+    k.add_argument("--json")
+    args = p.parse_args(argv)
+    return cmd_sweep(args) if args.cmd == "sweep" else cmd_soak(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
