@@ -15,7 +15,7 @@ The document (``page_json``)::
 A pane: ``title``, ``model`` (facts for the Model panel), ``nodes`` (``op``, ``name``, ``cat``, ``c``: its
 cluster, ``g``: its graph, ``in``/``out``: [slot, [tensor ids]], optional ``w``/``wrow``/``attrs``/``arow``/
 ``doc``/``props``/``sub``: body clusters/``ov``/``erow``/``trow``/``pseudo``/``shape``), ``tensors``
-([name, shape text, dtype]), ``weights``, ``docs``, ``graphs`` and ``clusters`` (``kind``: root, group or
+([name, shape text, dtype, optional shorter edge label]), ``weights``, ``docs``, ``graphs`` and ``clusters`` (``kind``: root, group or
 body; ``name``, ``parent``, ``owner``, ``items``: [kind, index] with kinds n(ode), c(luster), i(n port),
 o(ut port); ``pin``/``pout``: port tensors; ``size``; ``path``; ``s``: the layout structure of
 :mod:`kiln.viewer.layout` or None until the server computes it), and ``expanded``: the groups open at first.
@@ -41,12 +41,95 @@ VISIBLE_BUDGET = 400     # otherwise levels of groups open while about this many
 _ROW_CHARS = 34
 
 
+LABEL_CHARS = 24         # shape labels on edges longer than this are shortened (the full text on hover)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BRACKETS = {"floor": ("⌊", "⌋"), "ceil": ("⌈", "⌉")}
+
+
+def _closing(text: str, i: int) -> int:
+    """Index of the parenthesis closing the one at ``text[i]``, or -1."""
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "(":
+            depth += 1
+        elif text[j] == ")":
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
+
+
+def _atomic(dim: str) -> bool:
+    """A dim that reads as one factor of a product: a name or number, ``f(…)``, ``(…)``, ``⌊…⌋`` or ``⌈…⌉``."""
+    if re.fullmatch(r"-?[\w.?]+", dim):
+        return True
+    m = re.match(r"[\w.]*\(", dim)
+    if m:
+        return _closing(dim, m.end() - 1) == len(dim) - 1
+    return len(dim) > 1 and dim[0] + dim[-1] in ("⌊⌋", "⌈⌉") and dim.count(dim[0]) == 1
+
+
+def _factor(dim: Any) -> str:
+    """One dim as a factor of the ``×`` product: expressions in parentheses (``(floor(h/2 - 1/2) + 1)``)."""
+    text = "?" if dim is None else str(dim).strip()
+    return text if _atomic(text) else f"({text})"
+
+
 def shape_text(shape: list | None) -> str:
+    """The full shape: dims joined by ``×``, symbolic expressions parenthesised where they hold an operator."""
     if shape is None:
         return ""
     if not shape:
         return "scalar"
-    return "×".join("?" if d is None else str(d) for d in shape)
+    return "×".join(_factor(d) for d in shape)
+
+
+def _compact(expr: str) -> str:
+    """``floor(x)``/``ceil(x)`` as ``⌊x⌋``/``⌈x⌉``, without spaces."""
+    out, i = [], 0
+    while i < len(expr):
+        m = _IDENT.match(expr, i)
+        if m and m.group() in _BRACKETS and m.end() < len(expr) and expr[m.end()] == "(":
+            j = _closing(expr, m.end())
+            if j > 0:
+                left, right = _BRACKETS[m.group()]
+                out.append(left + _compact(expr[m.end() + 1:j]) + right)
+                i = j + 1
+                continue
+        if m:
+            out.append(m.group())
+            i = m.end()
+            continue
+        if not expr[i].isspace():
+            out.append(expr[i])
+        i += 1
+    return "".join(out)
+
+
+def shape_label(shape: list | None) -> str:
+    """The shape as an edge label: like :func:`shape_text`, shortened when long (``floor`` as ``⌊⌋``, names inside
+    expressions cut to their shortest unambiguous prefix, ``batch×16×(⌊h/2-1/2⌋+1)×(⌊w/2-1/2⌋+1)``)."""
+    text = shape_text(shape)
+    if len(text) <= LABEL_CHARS or not shape:
+        return text
+    if len(text) > 16 * LABEL_CHARS:           # no file's text gets more than linear work
+        return text[:2 * LABEL_CHARS - 1] + "…"
+    dims = ["?" if d is None else _compact(str(d)) for d in shape]
+    label = "×".join(d if _atomic(d) else f"({d})" for d in dims)
+    if len(label) > LABEL_CHARS:
+        names = sorted({m.group() for d in dims for m in _IDENT.finditer(d)})
+        short = {n: _prefix(n, names) for n in names}
+        dims = [d if _IDENT.fullmatch(d) else _IDENT.sub(lambda m: short[m.group()], d) for d in dims]
+        label = "×".join(d if _atomic(d) else f"({d})" for d in dims)
+    return label if len(label) <= 2 * LABEL_CHARS else label[:2 * LABEL_CHARS - 1] + "…"
+
+
+def _prefix(name: str, names: list[str]) -> str:
+    """The shortest prefix of ``name`` that no other of ``names`` starts with (the whole name if none is)."""
+    for k in range(1, len(name)):
+        if not any(o != name and o.startswith(name[:k]) for o in names):
+            return name[:k]
+    return name
 
 
 def value_text(v: Any, limit: int = 24) -> str:
@@ -152,7 +235,10 @@ def _build_pane(model: ViewModel, title: str | None) -> Pane:
         if key not in tindex:
             t = h.graphs[gi].tensors.get(name)
             tindex[key] = len(tensors)
-            tensors.append([name, shape_text(t.shape) if t else "", (t.dtype or "") if t else ""])
+            entry = [name, shape_text(t.shape) if t else "", (t.dtype or "") if t else ""]
+            if t is not None and (label := shape_label(t.shape)) != entry[1]:
+                entry.append(label)
+            tensors.append(entry)
         return tindex[key]
 
     weights: list[dict] = []

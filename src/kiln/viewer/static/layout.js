@@ -30,6 +30,27 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return w * size;
   }
 
+  const labelWidths = new Map();
+  let measure = null;               // a 2D context with the drawing's label font, or false without a page
+
+  /** Width in px of an edge label as the page draws it (measured in the label font; estimated without a page). */
+  function labelWidth(text) {
+    let w = labelWidths.get(text);
+    if (w !== undefined) return w;
+    if (measure === null) {
+      const probe = typeof document !== "undefined" && document.querySelector(".kg");
+      const ctx = probe && document.createElement("canvas").getContext("2d");
+      if (ctx) ctx.font = `${M.labelFont}px ${getComputedStyle(probe).fontFamily}`;
+      measure = ctx || false;
+    }
+    w = measure ? Math.ceil(measure.measureText(text).width) + 1 : textWidth(text, "label");
+    labelWidths.set(text, w);
+    return w;
+  }
+
+  /** The text on an edge: the tensor's shape, or its shorter label (the full shape shows on hover). */
+  function labelText(pane, t) { const e = pane.tensors[t]; return e[3] || e[1]; }
+
   function clip(text, n) {
     const chars = Array.from(text);
     return chars.length <= n ? text : chars.slice(0, n - 1).join("") + "…";
@@ -60,7 +81,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return [Math.ceil(w), M.headH + M.rowH + M.rowPad];
   }
 
-  function assign(struct, br, th, up, down, rankSep) {
+  /** `need[r]`: room the labels of edges entering rank r ask for before it (left → right only). */
+  function assign(struct, br, th, up, down, rankSep, need) {
     const layers = struct.layers;
     const x = Kiln.coords.assign(layers, struct.n, br, up, down, M.nodeSep, M.edgeSep);
     let left = Infinity, right = -Infinity;
@@ -74,7 +96,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     layers.forEach((layer, r) => {
       let t = 0;
       for (const e of layer) t = Math.max(t, th[e]);
-      if (r) depth += t > 0 && thick[thick.length - 1] > 0 ? rankSep : rankSep / 2;
+      if (r) depth += Math.max(t > 0 && thick[thick.length - 1] > 0 ? rankSep : rankSep / 2, need ? need[r] || 0 : 0);
       starts.push(depth); thick.push(t); depth += t;
     });
     return [x, starts, thick, right - left, depth];
@@ -153,7 +175,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
         const w = a >= n && b >= n ? 8 : a >= n || b >= n ? 2 : 1;
         up[b].push([a, 0, w]); down[a].push([b, 0, w]);
       }
-      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, this.lr ? M.rankSepLR : M.rankSep);
+      const need = this.lr ? this.labelRoom(c, s, segs, n) : null;
+      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, this.lr ? M.rankSepLR : M.rankSep, need);
       const pos = new Array(total), band = new Array(total);
       s.layers.forEach((layer, r) => {
         const mid = starts[r] + thick[r] / 2;
@@ -170,6 +193,19 @@ var Kiln = window.Kiln || (window.Kiln = {});
       });
       this.cache.set(cid, lay);
       return lay;
+    }
+
+    /** Left → right, the gap before each rank holds the widest label of the edges that end in it. */
+    labelRoom(c, s, segs, n) {
+      const rank = new Map(), need = [];
+      s.layers.forEach((layer, r) => { for (const e of layer) rank.set(e, r); });
+      for (const [, b, t] of segs) {
+        if (b >= n) continue;
+        const [kind, idx] = c.items[b];
+        const text = (kind === "n" || (kind === "c" && !this.expanded.has(idx))) && labelText(this.pane, t);
+        if (text) { const r = rank.get(b); need[r] = Math.max(need[r] || 0, labelWidth(text) + 12); }
+      }
+      return need;
     }
 
     offsets(c, n, layers, segs, br) {
@@ -223,11 +259,12 @@ var Kiln = window.Kiln || (window.Kiln = {});
     }
 
     scene(root) {
-      const out = { boxes: [], edges: [], grid: new Map() };
+      const out = { boxes: [], edges: [], labelled: [] };
       const lay = this.cluster(root || 0);
       this.emit(root || 0, 0, 0, out);
-      delete out.grid;
       out.width = lay.width; out.height = lay.height;
+      this.labels(out);
+      delete out.labelled;
       return out;
     }
 
@@ -296,31 +333,47 @@ var Kiln = window.Kiln || (window.Kiln = {});
           const final = kind === "n" || (kind === "c" && !this.expanded.has(idx));
           const arrow = flip ? (trunk.length ? "" : "start") : (final ? "end" : "");
           const e = { pts: [a, b], t: tensor, arrow, c: cid, dst: kind === "n" ? idx : -1, src: -1 };
-          if (final) this.label(e, out);
+          if (final) out.labelled.push(e);
           out.edges.push(e);
         }
       }
     }
 
-    label(e, out) {
-      const text = this.pane.tensors[e.t][1];
-      if (!text) return;
-      const grid = out.grid, w = textWidth(text, "label"), h = 11;
-      const [x, y] = e.pts[e.pts.length - 1];
-      for (let k = 0; k < 3; k++) {
-        let lx, ly, anchor, box;
-        if (this.lr) { lx = x - 5 - k * (w + 6); ly = y - 8; anchor = "end"; box = [lx - w, ly - h / 2, lx, ly + h / 2, text]; }
-        else { lx = x + 5; ly = y - 9 - k * h; anchor = "start"; box = [lx, ly - h / 2, lx + w, ly + h / 2, text]; }
-        const cells = [];
-        for (let i = Math.floor(box[0] / 64); i <= Math.floor(box[2] / 64); i++)
-          for (let j = Math.floor(box[1] / 64); j <= Math.floor(box[3] / 64); j++) cells.push(i + "," + j);
-        const clash = [];
-        for (const cell of cells) for (const o of grid.get(cell) || []) if (overlap(box, o)) clash.push(o);
-        if (clash.some((o) => o[4] === text)) return;
-        if (!clash.length) {
-          for (const cell of cells) { if (!grid.has(cell)) grid.set(cell, []); grid.get(cell).push(box); }
+    /** Shape labels beside the edges, in edge order: each takes the first of its candidate places that
+     * overlaps no box and no other label and is not above or left of the drawing (which grows to hold it);
+     * a label with no free place, or whose text is already written right there, is left out. */
+    labels(out) {
+      const grid = new Map(), CELL = 64;
+      const cells = (b) => {
+        const keys = [];
+        for (let i = Math.floor(b[0] / CELL); i <= Math.floor(b[2] / CELL); i++)
+          for (let j = Math.floor(b[1] / CELL); j <= Math.floor(b[3] / CELL); j++) keys.push(i * 4194304 + j);
+        return keys;
+      };
+      const put = (b) => { for (const k of cells(b)) { let a = grid.get(k); if (!a) grid.set(k, (a = [])); a.push(b); } };
+      for (const b of out.boxes) if (b.kind === "node" || b.kind === "group") put([b.x, b.y, b.x + b.w, b.y + b.h, null]);
+      const h = 11;
+      for (const e of out.labelled) {
+        const text = labelText(this.pane, e.t);
+        if (!text) continue;
+        const w = labelWidth(text), [x, y] = e.pts[e.pts.length - 1], [sx, sy] = e.pts[0];
+        // [x, y, anchor]: by the arrow's end, then by the edge's start (fan-ins), each on both sides of the edge
+        const spots = this.lr
+          ? [[x - 5, y - 8, "end"], [x - 5, y + 8, "end"], [sx + 5, sy - 8, "start"], [sx + 5, sy + 8, "start"],
+            [x - 11 - w, y - 8, "end"], [x - 11 - w, y + 8, "end"]]
+          : [[x + 5, y - 9, "start"], [x - 5, y - 9, "end"], [sx + 5, sy + 9, "start"], [sx - 5, sy + 9, "end"],
+            [x + 5, y - 9 - h, "start"], [x - 5, y - 9 - h, "end"]];
+        for (const [lx, ly, anchor] of spots) {
+          const box = anchor === "end" ? [lx - w, ly - h / 2, lx, ly + h / 2, text] : [lx, ly - h / 2, lx + w, ly + h / 2, text];
+          if (box[0] < 0 || box[1] < 0) continue;
+          let clash = false, same = false;
+          for (const key of cells(box)) for (const o of grid.get(key) || []) if (overlap(box, o)) { clash = true; if (o[4] === text) same = true; }
+          if (same) break;
+          if (clash) continue;
+          put(box);
           e.label = [lx, ly, anchor];
-          return;
+          out.width = Math.max(out.width, box[2]); out.height = Math.max(out.height, box[3]);
+          break;
         }
       }
     }
@@ -328,5 +381,5 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   Kiln.Placer = Placer;
   Kiln.metrics = M;
-  Kiln.layout = { textWidth, boxContent, nodeSize, groupSize, clip };
+  Kiln.layout = { textWidth, labelWidth, labelText, boxContent, nodeSize, groupSize, clip };
 })();

@@ -135,7 +135,10 @@ var Kiln = window.Kiln || (window.Kiln = {});
   function edgeSvg(pane, e, lr, cls) {
     const marker = e.arrow === "end" ? ' marker-end="url(#kg-arrow)"' : e.arrow === "start" ? ' marker-start="url(#kg-arrow)"' : "";
     let s = `<g class="edge${cls || ""}"><path d="${pathD(e.pts, lr)}"${marker}/>`;
-    if (e.label) s += `<text x="${f(e.label[0])}" y="${f(e.label[1])}" text-anchor="${e.label[2]}">${esc(pane.tensors[e.t][1])}</text>`;
+    if (e.label) {
+      const t = pane.tensors[e.t], title = t[3] ? `<title>${esc(t[1])}</title>` : "";
+      s += `<text x="${f(e.label[0])}" y="${f(e.label[1])}" text-anchor="${e.label[2]}">${title}${esc(t[3] || t[1])}</text>`;
+    }
     return s + "</g>";
   }
 
@@ -191,7 +194,10 @@ var Kiln = window.Kiln || (window.Kiln = {});
       scene.edges.forEach((e, i) => {
         let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
         for (const [x, y] of e.pts) { x0 = Math.min(x0, x); y0 = Math.min(y0, y); x1 = Math.max(x1, x); y1 = Math.max(y1, y); }
-        if (e.label) { x0 = Math.min(x0, e.label[0] - 120); x1 = Math.max(x1, e.label[0] + 120); y0 = Math.min(y0, e.label[1] - 8); }
+        if (e.label) {
+          const lw = Kiln.layout.labelWidth(Kiln.layout.labelText(this.pane, e.t));
+          x0 = Math.min(x0, e.label[0] - lw); x1 = Math.max(x1, e.label[0] + lw); y0 = Math.min(y0, e.label[1] - 8); y1 = Math.max(y1, e.label[1] + 8);
+        }
         e.bbox = [x0, y0, x1, y1];
         add(-1 - i, x0, y0, x1, y1);
       });
