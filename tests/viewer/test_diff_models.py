@@ -31,7 +31,7 @@ class Net(torch.nn.Module):
         return self.fc(x.mean((2, 3), keepdim=True).squeeze(3).squeeze(2))
 
 
-def _export(net: torch.nn.Module, path, opset: int = 17) -> None:
+def export_net(net: torch.nn.Module, path, opset: int = 17) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net.eval(), torch.zeros(1, 3, 8, 8), str(path), dynamo=False, opset_version=opset,
@@ -51,7 +51,7 @@ def exports(tmp_path_factory):
     with torch.no_grad():
         b.c2.bias.copy_(a.c2.bias + torch.linspace(-0.5, 0.25, 8))
     for name, net in (("a", a), ("b", b), ("c", c)):
-        _export(net, d / f"{name}.onnx")
+        export_net(net, d / f"{name}.onnx")
     return d, a, b
 
 
@@ -124,7 +124,7 @@ def test_names_from_files_are_escaped_in_text(tmp_path, capsys):
 
 def test_opset_versions_of_one_model(exports, tmp_path, capsys):
     _, a, _ = exports
-    _export(a, tmp_path / "o11.onnx", opset=11)
+    export_net(a, tmp_path / "o11.onnx", opset=11)
     old = onnx.load(tmp_path / "o11.onnx")
     new = version_converter.convert_version(old, 18)
     onnx.save(new, tmp_path / "o18.onnx")

@@ -177,14 +177,15 @@ class _GraphDiff:
         self.out = out
         self.match: tuple[list[int], list[int]] = ([-1] * len(ga.nodes), [-1] * len(gb.nodes))
         self.queue: deque[tuple[int, int]] = deque()
-        # pools[direction][side]: strict key → nodes offered and not yet matched
-        self.pools = [[defaultdict(list), defaultdict(list)] for _ in range(2)]
-        self.keys: list[list[dict[int, tuple]]] = [[{}, {}] for _ in range(2)]
+        # pools[direction][side]: strict key (op, wiring, attributes) → nodes offered and not yet matched;
+        # loose[direction][side]: the same by (op, wiring); fresh: offers no loose pass has looked at yet
+        self.pools = [[defaultdict(deque), defaultdict(deque)] for _ in range(2)]
+        self.loose = [[defaultdict(deque), defaultdict(deque)] for _ in range(2)]
+        self.fresh: list[tuple[int, int, int, tuple]] = []
         self.inputs = _input_ids(ga, gb)
 
     # -- matching ---------------------------------------------------------------------------------------
     def run(self) -> None:
-        sa, sb = self.sides
         wait = [[[len(s.producers[i]) for i in range(len(s.nodes))],
                  [len({c for c, _ in s.consumers[i]}) for i in range(len(s.nodes))]] for s in self.sides]
         self.wait = wait                       # wait[side][direction][node]: unmatched neighbours left
@@ -246,14 +247,21 @@ class _GraphDiff:
         if self.match[side][i] >= 0:
             return
         key = self._key(side, d, i)
-        self.keys[d][side][i] = key
-        other = self.pools[d][1 - side].get(key)
-        while other:
-            k = other.pop(0)
-            if self.match[1 - side][k] < 0:
-                self._pair(*((i, k) if side == 0 else (k, i)))
-                return
+        k = self._take(self.pools[d][1 - side].get(key), 1 - side)
+        if k is not None:
+            self._pair(*((i, k) if side == 0 else (k, i)))
+            return
         self.pools[d][side][key].append(i)
+        self.loose[d][side][key[:2]].append(i)
+        self.fresh.append((side, d, i, key[:2]))
+
+    def _take(self, cands: deque[int] | None, side: int) -> int | None:
+        """The first node of ``cands`` (on ``side``) still unmatched, removed from it."""
+        while cands:
+            k = cands.popleft()
+            if self.match[side][k] < 0:
+                return k
+        return None
 
     def _drain(self) -> None:
         while self.queue:
@@ -270,22 +278,17 @@ class _GraphDiff:
                         self._offer(side, 1, p)
 
     def _loose(self) -> bool:
-        """Pair offered nodes of the same op and wiring whose attributes differ; True when any paired."""
+        """Pair each node offered since the last pass with an unmatched one of the same op and wiring whose
+        attributes differ; True when any paired. Runs only once no exact key is left to match."""
         found = False
-        for d in (0, 1):
-            index: dict[tuple, deque[int]] = defaultdict(deque)
-            for i, key in self.keys[d][0].items():
-                if self.match[0][i] < 0:
-                    index[key[:2]].append(i)
-            for j, key in self.keys[d][1].items():
-                if self.match[1][j] >= 0:
-                    continue
-                cands = index.get(key[:2])
-                while cands and self.match[0][cands[0]] >= 0:
-                    cands.popleft()
-                if cands:
-                    self._pair(cands.popleft(), j)
-                    found = True
+        fresh, self.fresh = self.fresh, []
+        for side, d, i, key in fresh:
+            if self.match[side][i] >= 0:
+                continue
+            k = self._take(self.loose[d][1 - side].get(key), 1 - side)
+            if k is not None:
+                self._pair(*((i, k) if side == 0 else (k, i)))
+                found = True
         return found
 
     # -- comparison -------------------------------------------------------------------------------------

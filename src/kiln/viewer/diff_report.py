@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from kiln.viewer.diff import Detail, ModelDiff, NodeDiff, diff_models
@@ -97,6 +98,8 @@ def text_lines(d: ModelDiff | BuildDiff) -> list[str]:
         if n.status == "changed" and n.a is not None and n.a.name != n.b.name:
             lines.append(f"    matched {_node(n.a)}")
         lines += [f"    {_detail(x)}" for x in n.details]
+        if n.status in ("added", "removed") and n.node.attributes:
+            lines.append("    " + ", ".join(f"{show(k)} = {value(v)}" for k, v in n.node.attributes.items()))
     return lines
 
 
@@ -172,14 +175,19 @@ def _change_json(n: NodeDiff) -> dict:
             "details": [_detail_json(x) for x in n.details]}
 
 
-def run(a: str, b: str, *, json_out: bool = False, weights: bool = True) -> int:
-    """Open both files, compare and print; the exit status (0 equal, 1 different). A file that cannot be
-    opened raises a KilnError (one line, exit 2)."""
+def run(a: str, b: str, *, json_out: bool = False, weights: bool = True, export: str | None = None) -> int:
+    """Open both files, compare and print (and with ``export`` write the diff page's picture or HTML file
+    too); the exit status (0 equal, 1 different). A file that cannot be opened raises a KilnError (one line,
+    exit 2)."""
     from kiln.viewer.formats import open_model
-    d = compare(open_model(a), open_model(b), weights=weights)
+    va, vb = open_model(a), open_model(b)
+    d = compare(va, vb, weights=weights)
     if json_out:
         from kiln.viewer.page import dumps
         print(dumps(as_json(d)))
     else:
         print("\n".join(text_lines(d)))
+    if export:
+        from kiln.viewer import view
+        print(f"wrote {view((va, vb), export=export)}", file=sys.stderr if json_out else sys.stdout)
     return 1 if d.differs else 0
