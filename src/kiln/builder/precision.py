@@ -22,8 +22,6 @@ from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network, subgraphs
 from kiln.plugins.base import TensorDesc
 
-FP32_INTERNAL = {"SoftMax", "Normalization", "Reduce", "LRN"}
-
 
 def saturate(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Cast a float32 constant down, clamping finite values to the type's range (as TensorRT does):
@@ -38,16 +36,42 @@ FLOATS = ("float32", "float16", "bfloat16")
 
 
 def fp32_matches(net: Network, patterns) -> set[int]:
-    """ids of the layers whose name or any ONNX node fused into them matches one of ``patterns``;
-    a pattern that matches nothing is an error (a typo would otherwise change nothing, silently)."""
+    """ids of the layers (subgraph layers included) whose name or any ONNX node fused into them matches one
+    of ``patterns``; a pattern that matches nothing is an error (a typo would otherwise change nothing,
+    silently)."""
     keep: set[int] = set()
+    layers = [layer for g in _networks(net) for layer in g.layers]
     for pat in patterns:
-        hits = [layer for layer in net.layers
+        hits = [layer for layer in layers
                 if any(fnmatch.fnmatchcase(n, pat) for n in [layer.name, *layer.origin])]
         if not hits:
             raise BuildError(f"--fp32-layers pattern {pat!r} matches no layer; patterns are fnmatch patterns over the "
                              f"ONNX node names (`kiln inspect MODEL.onnx` lists them), e.g. '/layer1/*'.")
         keep.update(id(layer) for layer in hits)
+    return keep
+
+
+QUANTIZERS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "IntegerOp")
+
+
+def quantized_layers(g: Network) -> set[int]:
+    """ids of the layers of ``g`` that a low-precision build keeps in FP32 because they belong to the model's
+    quantization: the quantizers themselves; an integer op's int32 result cast to float and what combines
+    that cast with its scales (int32 sums overflow FP16); and a layer between DequantizeLinear and
+    QuantizeLinear (its FP16 rounding would move values across quantization steps). Until Kiln has 8-bit
+    kernels these layers compute what ONNX Runtime computes for them, in FP32."""
+    keep = {id(layer) for layer in g.layers if layer.kind in QUANTIZERS}
+
+    def made_by(t, kinds) -> bool:
+        return t is not None and t.producer is not None and t.producer.kind in kinds
+    for layer in g.layers:
+        if layer.kind == "Cast" and made_by(layer.inputs[0], ("IntegerOp",)):
+            keep.add(id(layer))
+            keep.update(id(u) for u, _ in layer.outputs[0].uses)
+        elif layer.kind not in QUANTIZERS and any(u.kind == "QuantizeLinear" for o in layer.outputs for u, _ in o.uses):
+            acts = [t for t in layer.inputs if t is not None and not t.is_constant and t.dtype in FLOATS]
+            if acts and all(made_by(t, ("DequantizeLinear",)) for t in acts):
+                keep.add(id(layer))
     return keep
 
 
@@ -57,12 +81,12 @@ def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
     low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
     nets = _networks(net)
     hosts = set().union(*(host_layers(g) for g in nets))
-    keep = fp32_matches(net, fp32_layers) if low else set()
+    keep = (fp32_matches(net, fp32_layers) | set().union(*(quantized_layers(g) for g in nets))) if low else set()
     for g in nets:
         for layer in g.layers:
             if id(layer) in hosts or id(layer) in keep:
                 layer.precision = "fp32"
-            elif low and layer.kind in FP32_INTERNAL:
+            elif low and LAYER_KINDS[layer.kind].fp32_internal:
                 layer.precision = f"{precision} (fp32 accum)"
             else:
                 layer.precision = precision if precision != "tf32" else "tf32"
@@ -92,7 +116,8 @@ def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
                                  output_names=[name], output_dtypes=["float32"])
             cast.precision = "fp32"
             net.outputs[k] = cast.outputs[0]
-    _run_in_fp32(net, [layer for layer in net.layers if id(layer) in keep], low, precision, hosts | keep)
+    for g in nets:
+        _run_in_fp32(g, [layer for layer in g.layers if id(layer) in keep], low, precision, hosts | keep)
     # plugins that cannot take the low precision run in FP32 between casts
     for g in nets:
         for layer in [layer for layer in g.layers if layer.kind == "Plugin"]:
@@ -175,7 +200,7 @@ def _run_in_fp32(net: Network, layers, low: str, precision: str, fp32: set[int])
     up: dict[int, object] = {}
     for layer in layers:
         for i, t in enumerate(list(layer.inputs)):
-            if t is None or t.is_constant or t.dtype not in FLOATS or t in net.inputs \
+            if t is None or t.is_constant or t.dtype not in FLOATS or (t in net.inputs and t.dtype == "float32") \
                     or (t.producer is not None and id(t.producer) in fp32):
                 continue
             c = up.get(id(t))
@@ -195,7 +220,6 @@ def absorb_input_casts(net: Network) -> None:
     """On the GPU, a stem convolution reads the FP32 network input itself and converts as it loads
     (kernels/conv_stem.py): the separate cast would write and re-read the whole input. Applies to an
     input's cast whose every reader is such a convolution (other tactics convert first)."""
-    from kiln.passes._match import remove_dead
     from kiln.passes.fuse_stem_pool import is_stem
     for cast in list(net.layers):
         if cast.kind != "Cast" or cast.inputs[0] not in net.inputs or cast.inputs[0].dtype != "float32":
@@ -206,4 +230,4 @@ def absorb_input_casts(net: Network) -> None:
             continue
         for layer, i in list(y.uses):
             layer.set_input(i, cast.inputs[0])
-        remove_dead(net, [cast])
+        net.remove_layer(cast)          # nothing reads it now, and it reads a network input

@@ -39,8 +39,11 @@ def dequantize_linear(ctx, node):
         raise ParseError(f"Node {node.name!r} (DequantizeLinear) reads {x.dtype}; Kiln dequantizes "
                          f"{', '.join(_QUANT_TYPES + ('int32',))} (float8 and 4/2-bit types are not supported yet).")
     out = onnx_dtype(node.attr("output_dtype"), f"Node {node.name!r} ") if node.attr("output_dtype") else scale.dtype
-    return ctx.add1("DequantizeLinear", [x, scale, zp], {"axis": node.attr("axis", 1), "to": out,
-                                                         "block_size": node.attr("block_size", 0)}, dtype=out)
+    y = ctx.add1("DequantizeLinear", [x, scale, zp], {"axis": node.attr("axis", 1), "to": out,
+                                                      "block_size": node.attr("block_size", 0)}, dtype=out)
+    if x.shape is not None:
+        y.shape = x.shape          # a dequantized weight's shape is what a Conv/Gemm converter reads
+    return y
 
 
 @converter("DynamicQuantizeLinear", since=11)
