@@ -123,6 +123,17 @@ def test_a_command_whose_dependency_is_missing_is_listed_and_says_why(extra_comm
     assert "Layers (" in capsys.readouterr().out
 
 
+def test_a_command_whose_flags_fail_to_load_is_listed(extra_commands, listed, capsys):
+    (extra_commands / "late.py").write_text(
+        "from kiln.cli.base import Tool, register\n\n\n@register\nclass Late(Tool):\n    name = 'late'\n\n"
+        "    def add_arguments(self, parser):\n        import kiln_test_missing_flags_module\n")
+    commands = listed()
+    assert commands["late"] == "(unavailable: No module named 'kiln_test_missing_flags_module')", commands
+    assert COMMANDS <= set(commands)
+    assert main(["late", "x"]) == 2
+    assert "kiln.cli.late failed to import" in capsys.readouterr().err
+
+
 def test_a_module_with_a_bug_is_listed_and_raises_when_run(extra_commands, listed):
     (extra_commands / "broken.py").write_text("def broken(:\n    pass\n")
     (extra_commands / "empty.py").write_text("VALUE = 1\n")

@@ -21,16 +21,27 @@ from kiln.errors import KilnError
 
 def make_parser() -> argparse.ArgumentParser:
     """The `kiln` parser with every command's subparser (missing commands included)."""
-    from kiln import __version__
     from kiln.cli.base.registry import tools
+    commands = tools()
+    while True:
+        parser, sub = _root_parser()
+        for i, tool in enumerate(commands):
+            try:
+                tool.add_parser(sub)
+            except Exception as exc:     # its flags could not be declared (an import failed): listed as missing
+                commands[i] = MissingTool(tool.name, type(tool).__module__, exc)
+                break                    # start again without the half-made subparser
+        else:
+            return parser
+
+
+def _root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    from kiln import __version__
     parser = Parser(
         prog="kiln", description="Build fast, device-specific inference engines from ONNX models, run them, "
                                  "benchmark them and look inside them.")
     parser.add_argument("--version", action="version", version=f"kiln {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for tool in tools():
-        tool.add_parser(sub)
-    return parser
+    return parser, parser.add_subparsers(dest="command", metavar="COMMAND")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
