@@ -202,3 +202,22 @@ def test_fp32_and_fp16_engines_differ_in_precision(exports, fp16_engine):
     assert prec == [("fp32", "fp16")]
     assert any(c.status == "added" and c.node.op_type == "Cast" for c in diff.nodes)
     assert np.isfinite([x.stats["max_abs"] for x in conv.details if x.kind == "weight" and x.stats]).all()
+
+
+def test_nodes_run_as_plugins(tmp_path, capsys):
+    """GridSample runs as Kiln's built-in plugin: the build explanation says so for the node and its layer."""
+    nodes = [helper.make_node("GridSample", ["x", "grid"], ["g"], name="/sample/GridSample", align_corners=0),
+             helper.make_node("Relu", ["g"], ["y"], name="/act/Relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4]),
+                                       helper.make_tensor_value_info("grid", onnx.TensorProto.FLOAT, [1, 3, 3, 2])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 3, 3])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 16)]), tmp_path / "gs.onnx")
+    kiln.build(kiln.onnx.parse(str(tmp_path / "gs.onnx")), kiln.BuildConfig(device="cpu")).save(str(tmp_path / "gs.kiln"))
+    kinds = {l["name"]: l["kind"] for l in kiln.engine.read_header(str(tmp_path / "gs.kiln"))["layers"]}
+    assert kinds["/sample/GridSample"] == "Plugin"
+    build = explain_build(open_model(tmp_path / "gs.onnx"), open_model(tmp_path / "gs.kiln"))
+    assert {f.node.name: f.status for f in build.nodes} == {"/sample/GridSample": "plugin", "/act/Relu": "kept"}
+    assert build.counts()["layers"]["plugin"] == 1
+    assert kiln_main(["diff", str(tmp_path / "gs.onnx"), str(tmp_path / "gs.kiln")]) == 0
+    assert "plugin /sample/GridSample (Plugin) [fp32, torch] ← /sample/GridSample (GridSample)" in \
+        capsys.readouterr().out.splitlines()
