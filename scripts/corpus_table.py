@@ -42,14 +42,16 @@ def _op_types(path: Path) -> tuple[int, int]:
     return len(kinds), sum(kinds.values())
 
 
-def _run(model: cl.Model, path: Path, feeds: dict, precision: str, device: str, fallback: bool = False):
+def _run(model: cl.Model, path: Path, feeds: dict, precision: str, device: str, fallback: bool = False,
+         fp32_layers: tuple[str, ...] = ()):
     """Parse, build and run one engine: (its context, its outputs, build seconds)."""
     import kiln
     import kiln.onnx
     t0 = time.perf_counter()
     network = kiln.onnx.parse(str(path), **({"fallback": "onnxruntime"} if fallback else {}))
     config = kiln.BuildConfig(precision=precision, device=device, profiles=model.shapes(),
-                              **({"fallback": "onnxruntime"} if fallback else {}))
+                              **({"fallback": "onnxruntime"} if fallback else {}),
+                              **({"fp32_layers": list(fp32_layers)} if fp32_layers else {}))
     engine = kiln.build(network, config)
     build_s = time.perf_counter() - t0
     context = engine.context()
@@ -132,9 +134,20 @@ def _gpu_row(model: cl.Model, path: Path, feeds: dict) -> dict[str, Any]:
     except Exception as e:
         row["gpu_fp32_ok"], row["gpu_fp32_note"] = False, _error(e)
         return row
+    row.update(fp16_row(model, path, feeds, ref, "cuda"))
+    return row
+
+
+def fp16_row(model: cl.Model, path: Path, feeds: dict, ref: dict, device: str) -> dict[str, Any]:
+    """Kiln FP16 against the FP32 reference, the peer's FP16 error, and -- for a model whose manifest entry
+    names layers FP16 cannot hold (fp16_fp32_layers, with the reason) -- Kiln FP16 with those layers FP32."""
+    row: dict[str, Any] = {}
     try:
-        _, got16, _ = _run(model, path, feeds, "fp16", "cuda")
+        _, got16, _ = _run(model, path, feeds, "fp16", device)
         row["fp16_rel_l2"] = max(cl.rel_l2(np.asarray(got16[k]), r) for k, r in ref.items())
+        if model.fp16_fp32_layers:
+            _, kept, _ = _run(model, path, feeds, "fp16", device, fp32_layers=model.fp16_fp32_layers)
+            row["fp16_kept_rel_l2"] = max(cl.rel_l2(np.asarray(kept[k]), r) for k, r in ref.items())
     except Exception as e:
         row["fp16_note"] = "Kiln FP16: " + _error(e)
         return row
@@ -144,6 +157,8 @@ def _gpu_row(model: cl.Model, path: Path, feeds: dict) -> dict[str, Any]:
     else:
         row["peer_fp16_rel_l2"] = peer
         row["fp16_ok"] = row["fp16_rel_l2"] <= FP16_FACTOR * peer + 1e-7
+        if "fp16_kept_rel_l2" in row:
+            row["fp16_kept_ok"] = row["fp16_kept_rel_l2"] <= FP16_FACTOR * peer + 1e-7
     return row
 
 
@@ -167,16 +182,21 @@ def measure(model: cl.Model, manifest: cl.Manifest, root: Path, gpu: bool) -> di
     return row
 
 
-def _cell_fp16(r: dict) -> str:
+def _cell_fp16(r: dict, model: cl.Model | None = None) -> str:
+    kept = ""
+    if "fp16_kept_rel_l2" in r and model is not None:
+        pats = " ".join(f"'{p}'" for p in model.fp16_fp32_layers)
+        mark = {True: "ok: ", False: "**no**: "}.get(r.get("fp16_kept_ok"), "")
+        kept = f"; with --fp32-layers {pats}: {mark}{r['fp16_kept_rel_l2']:.2g} ({model.fp16_why})"
     if "fp16_rel_l2" in r and "peer_fp16_rel_l2" in r:
         mark = "ok" if r["fp16_ok"] else "**no**"
-        return f"{mark}: {r['fp16_rel_l2']:.2g} vs {r['peer_fp16_rel_l2']:.2g}"
+        return f"{mark}: {r['fp16_rel_l2']:.2g} vs {r['peer_fp16_rel_l2']:.2g}" + kept
     if "fp16_rel_l2" in r:
-        return f"{r['fp16_rel_l2']:.2g}; peer: {r.get('fp16_note', 'none')}"
+        return f"{r['fp16_rel_l2']:.2g}; peer: {r.get('fp16_note', 'none')}" + kept
     return r.get("fp16_note", "not measured")
 
 
-def markdown(rows: list[dict], env: dict) -> str:
+def markdown(rows: list[dict], env: dict, models: dict[str, cl.Model] | None = None) -> str:
     lines = [
         "# Real trained models",
         "",
@@ -220,7 +240,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         if "gpu_build_s" in r:
             build += f" ({r['gpu_build_s']:.1f})"
         cells = [f"`{r['id']}`", pkg, r["exporter"], r["task"], ops, cpu.replace("|", "\\|"), gpu.replace("|", "\\|"),
-                 _cell_fp16(r).replace("|", "\\|"), build]
+                 _cell_fp16(r, (models or {}).get(r["id"])).replace("|", "\\|"), build]
         lines.append("| " + " | ".join(cells) + " |")
     n_ok = sum(1 for r in rows if r.get("cpu_ok"))
     lines += ["", f"{n_ok} of {len(rows)} models build on the CPU and match ONNX Runtime.", "",
@@ -303,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(m, manifest, root, gpu)
         rows.append(row)
         print(f"{m.id:28s} cpu {'ok' if row.get('cpu_ok') else 'NO'}  {row.get('cpu_note', '')}"
-              + (f"  gpu {row.get('gpu_fp32_ok')} fp16 {_cell_fp16(row)}" if gpu else ""), flush=True)
+              + (f"  gpu {row.get('gpu_fp32_ok')} fp16 {_cell_fp16(row, m)}" if gpu else ""), flush=True)
         out.with_suffix(".json").write_text(json.dumps({"env": _environment(gpu), "rows": rows}, indent=1))
     env = _environment(gpu)
     for path in args.gpu_results:
@@ -314,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                         if k.startswith(("gpu_", "fp16_", "peer_"))})
         env["gpu"] = f"{other['env'].get('gpu')} (torch {other['env'].get('torch')}, GPU columns)"
     out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    out.write_text(markdown(rows, env))
+    out.write_text(markdown(rows, env, {m.id: m for m in manifest.models}))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -76,6 +76,8 @@ class Model:
     derive: dict[str, Any] | None = None
     derived_with: str | None = None
     known_failure: str | None = None
+    fp16_fp32_layers: tuple[str, ...] = ()
+    fp16_why: str | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {i.name: i.shape for i in self.inputs}
@@ -143,7 +145,7 @@ def _input(name: str, t: dict, where: str) -> InputSpec:
 def _model(t: dict, packages: dict[str, Package]) -> Model:
     where = f"model {t.get('id', '?')!r}"
     _only(t, {"id", "package", "member", "sha256", "extras", "task", "category", "exporter", "inputs", "derive",
-              "derived_with", "known_failure"}, where)
+              "derived_with", "known_failure", "fp16_fp32_layers", "fp16_why"}, where)
     mid = _need(t, "id", str, where, _ID)
     common = dict(id=mid, task=_need(t, "task", str, where), category=_need(t, "category", str, where),
                   exporter=_need(t, "exporter", str, where), sha256=_need(t, "sha256", str, where, _SHA))
@@ -153,6 +155,13 @@ def _model(t: dict, packages: dict[str, Package]) -> Model:
     if failure is not None and (not isinstance(failure, str) or "\n" in failure):
         raise ManifestError(f"{where}: known_failure must be one line of text.")
     common["known_failure"] = failure
+    keep = t.get("fp16_fp32_layers", [])
+    why = t.get("fp16_why")
+    if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+        raise ManifestError(f"{where}: fp16_fp32_layers must be a list of --fp32-layers patterns.")
+    if bool(keep) != isinstance(why, str) or (why is not None and "\n" in why):
+        raise ManifestError(f"{where}: fp16_fp32_layers and fp16_why (one line: why FP16 needs them) go together.")
+    common["fp16_fp32_layers"], common["fp16_why"] = tuple(keep), why
     if "derive" in t:
         d = _need(t, "derive", dict, where)
         _only(d, {"from", "tool", "model_type", "num_heads", "hidden_size", "calibration_seeds"}, where + " derive")

@@ -104,3 +104,23 @@ def test_per_layer_compare_names_no_layer_when_outputs_pass(model: cl.Model) -> 
         assert result.passed, f"{model.id}: {[o.name for o in result.outputs if not o.passed]}"
     if result.passed:
         assert result.first_jump is None and result.first_bad is None, f"{model.id}: {result.first_jump}"
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.id) for m in MANIFEST.models if m.fp16_fp32_layers])
+def test_fp16_with_the_manifests_fp32_layers_is_finite_and_close(model: cl.Model) -> None:
+    """Models whose activations leave FP16's range (manifest: fp16_fp32_layers, fp16_why): an FP16 engine built
+    on the CPU with those layers FP32 has finite outputs within 1e-2 relative L2 of ONNX Runtime's FP32 ones
+    (and every pattern still matches a layer: a stale one is a build error)."""
+    import kiln
+    import kiln.onnx
+    path = _path_or_skip(model)
+    feeds = cl.make_feeds(model)
+    engine = kiln.build(kiln.onnx.parse(str(path)),
+                        kiln.BuildConfig(precision="fp16", device="cpu", profiles=model.shapes(),
+                                         fp32_layers=list(model.fp16_fp32_layers)))
+    got = engine.context().run(feeds)
+    ref = cl.ort_run(path, feeds)
+    for name, r in ref.items():
+        g = np.asarray(got[name])
+        assert np.isfinite(g).all(), name
+        assert cl.rel_l2(g, r) <= 1e-2, (name, cl.rel_l2(g, r))

