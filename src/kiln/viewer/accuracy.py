@@ -193,7 +193,7 @@ def apply_errors(pane: dict, report: dict, label: str) -> dict:
                 best[c] = (e["failed"], e["t"])
                 ce.update(t=e["t"], color=e["color"], node=i)
             c = nodes[cl["owner"]]["c"] if cl["kind"] == "body" else cl["parent"]
-    pane["errors"] = True
+    pane["errors"] = {"none": NO_RECORD}            # the pane is coloured; nodes without a record get this
     failed = sum(1 for recs in per_node.values() for r in recs if r["passed"] is False)
     return {"file": label, "model": written_for, "metric": metric,
             "atol": _plain(_num(report.get("atol"))), "rtol": _plain(_num(report.get("rtol"))),

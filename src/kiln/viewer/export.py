@@ -112,9 +112,10 @@ class _Chromium:
             raise ViewerError(INSTALL) from None
         with self.lock:
             if self.thread is None or not self.thread.is_alive():
+                if self.thread is None:
+                    atexit.register(self.close)
                 self.thread = threading.Thread(target=self._work, name="kiln-chromium", daemon=True)
                 self.thread.start()
-                atexit.register(self.close)
             thread = self.thread
         box: dict = {}
         done = threading.Event()
@@ -187,7 +188,12 @@ def _draw(html_path: pathlib.Path, fmt: str, pane_index: int) -> Any:
                 raise ViewerError(f"the page failed while drawing ({errors[0].splitlines()[0]}).")
             if pg.evaluate("document.body.dataset.ready") != "1":
                 raise ViewerError(pg.evaluate("kilnApp.error || 'the page could not draw the model.'"))
-            return pg.evaluate("([fmt, pi]) => kilnApp.picture(fmt, pi)", [fmt, pane_index])
+            try:
+                return pg.evaluate("([fmt, pi]) => kilnApp.picture(fmt, pi)", [fmt, pane_index])
+            except Exception as exc:
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ViewerError(f"the page could not make the {fmt.upper()} picture ({reason}); export .html "
+                                  f"instead.") from None
         finally:
             ctx.close()
     return CHROMIUM.call(job)

@@ -374,18 +374,18 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return Kiln.draw.sceneSvg(ps.pane, ps.scene, app.toggles, app.rankdir === "LR", await graphCss(), profileMax(ps), app.data.errors);
   }
 
-  /** The same drawing rasterised: a PNG Blob. */
+  /** The same drawing rasterised at a readable size (Kiln.draw.pngPlan): a PNG Blob. */
   async function pngPicture(pi) {
     const url = URL.createObjectURL(new Blob([await svgPicture(pi)], { type: "image/svg+xml" }));
     try {
       const img = new Image();
       img.src = url;
       await img.decode();
-      const w = img.naturalWidth, h = img.naturalHeight, scale = Math.min(2, 16000 / Math.max(w, h));
-      const canvas = document.createElement("canvas");
-      canvas.width = Math.ceil(w * scale); canvas.height = Math.ceil(h * scale);
-      canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
-      return await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+      const lr = app.rankdir === "LR", plan = Kiln.draw.pngPlan(app.panes[pi].scene, img.naturalWidth, img.naturalHeight, lr);
+      const canvas = Kiln.draw.pngCanvas(img, plan, lr);
+      const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+      if (!blob) throw new Error(`the browser could not encode a ${plan.width}×${plan.height} PNG`);
+      return blob;
     } finally { URL.revokeObjectURL(url); }
   }
 

@@ -47,8 +47,6 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return `<rect class="heat" x="1" y="${f(h - 5)}" width="${f(w - 2)}" height="4" rx="2" fill="${heatColor(ov.time_ms / profileMax)}"/>`;
   }
 
-  const NO_RECORD = "#9ca3af";        // as accuracy.NO_RECORD
-
   function errTitle(err) {             // the error line of a box's tooltip
     if (!err) return "";
     const v = err.value, shown = typeof v === "number" ? String(Number(v.toPrecision(3))) : String(v);
@@ -63,7 +61,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const node = pane.nodes[b.id], M = Kiln.metrics;
     const [head, rows] = Kiln.layout.boxContent(node, toggles);
     const w = b.w, h = b.h, err = node.err;
-    const paint = pane.errors && !node.pseudo ? ` style="fill:${err ? err.color : NO_RECORD}"` : "";
+    const paint = pane.errors && !node.pseudo ? ` style="fill:${err ? err.color : pane.errors.none}"` : "";
     const first = err && err.first ? " err-first" : "";
     let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${first}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
       `<title>${esc((node.name || node.op) + errTitle(err))}</title><rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
@@ -150,6 +148,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const m = 24, legend = errors && pane.errors;
     let w = scene.width + 2 * m, h = scene.height + 2 * m;
     if (legend) { w = Math.max(w, LEGEND_W + 2 * m); h += LEGEND_H; }
+    w = Math.ceil(w); h = Math.ceil(h);           // whole pixels: the size a decoded picture of it has
     const parts = [`<svg xmlns="${NS}" class="kg" width="${f(w)}" height="${f(h)}" viewBox="${f(-m)} ${f(-m)} ${f(w)} ${f(h)}">`,
       `<style>${css}</style>`, ARROW, `<rect x="${f(-m)}" y="${f(-m)}" width="${f(w)}" height="${f(h)}" fill="#ffffff"/>`];
     for (const b of scene.boxes) if (b.kind === "frame") parts.push(frameSvg(pane, b, "")); else if (b.kind === "bodies") parts.push(bodiesSvg(b));
@@ -158,6 +157,80 @@ var Kiln = window.Kiln || (window.Kiln = {});
     if (legend) parts.push(legendSvg(errors, 0, scene.height + m));
     parts.push("</svg>");
     return parts.join("\n");
+  }
+
+  const PNG_MAX_SIDE = 16000, PNG_MAX_AREA = 64e6, STRIP_GAP = 32;
+
+  /** How a picture of `w`×`h` px (as sceneSvg draws `scene`, margin included) becomes a PNG that reads: at
+   * 2× or 1.5× or 1× where it fits, and when one side is over three times the other, cut across the rank
+   * direction into strips laid side by side (columns top → bottom, rows left → right), each cut between boxes
+   * where possible. Only when even that does not fit the size limits is it scaled below 1×.
+   * Returns {scale, strips: [[from, to]] along the rank axis in picture px, width, height} (PNG px). */
+  function pngPlan(scene, w, h, lr) {
+    const m = 24, along = lr ? w : h, across = lr ? h : w;
+    const spans = [];
+    for (const b of scene.boxes) if (b.kind === "node" || b.kind === "group") spans.push(lr ? [b.x + m, b.x + b.w + m] : [b.y + m, b.y + b.h + m]);
+    if (!lr && h > scene.height + 2 * m) spans.push([scene.height + 2 * m - 4, h]);     // the legend under the graph
+    spans.sort((a, b) => a[0] - b[0]);
+    const merged = [];
+    for (const sp of spans) {
+      const last = merged[merged.length - 1];
+      if (last && sp[0] < last[1]) last[1] = Math.max(last[1], sp[1]); else merged.push(sp.slice());
+    }
+    const free = (t) => {           // the nearest position to t that cuts no box
+      for (const [a, b] of merged) if (t > a && t < b) return t - a < b - t ? a : b;
+      return t;
+    };
+    const strips = (k) => {
+      const cuts = [0];
+      for (let i = 1; i < k; i++) { const c = free((along * i) / k); if (c > cuts[cuts.length - 1] && c < along) cuts.push(c); }
+      cuts.push(along);
+      const out = [];
+      for (let i = 1; i < cuts.length; i++) out.push([cuts[i - 1], cuts[i]]);
+      return out;
+    };
+    const size = (st, scale) => {
+      const len = Math.max(...st.map(([a, b]) => b - a)), wide = st.length * across + (st.length - 1) * STRIP_GAP;
+      const [pw, ph] = lr ? [len, wide] : [wide, len];
+      return [Math.ceil(pw * scale), Math.ceil(ph * scale)];
+    };
+    const fits = ([pw, ph]) => pw <= PNG_MAX_SIDE && ph <= PNG_MAX_SIDE && pw * ph <= PNG_MAX_AREA;
+    const ratio = ([pw, ph]) => Math.max(pw, ph) / Math.max(1, Math.min(pw, ph));
+    let best = strips(1);
+    if (along > 3 * across) {       // the strip count that makes the picture squarest
+      const k0 = Math.max(1, Math.round(Math.sqrt(along / across)));
+      for (let k = Math.max(1, k0 - 2); k <= k0 + 2; k++) { const st = strips(k); if (ratio(size(st, 1)) < ratio(size(best, 1))) best = st; }
+    }
+    for (const scale of [2, 1.5, 1]) {
+      const [pw, ph] = size(best, scale);
+      if (fits([pw, ph])) return { scale, strips: best, width: pw, height: ph };
+    }
+    const [pw, ph] = size(best, 1);
+    const scale = Math.min(PNG_MAX_SIDE / pw, PNG_MAX_SIDE / ph, Math.sqrt(PNG_MAX_AREA / (pw * ph)));
+    const [sw, sh] = size(best, scale);
+    return { scale, strips: best, width: sw, height: sh };
+  }
+
+  /** Draw the decoded picture `img` on a canvas by the plan: strips side by side, a dashed line between them. */
+  function pngCanvas(img, plan, lr) {
+    const canvas = document.createElement("canvas"), s = plan.scale;
+    canvas.width = plan.width; canvas.height = plan.height;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#ffffff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+    const across = lr ? img.naturalHeight : img.naturalWidth;
+    plan.strips.forEach(([a, b], i) => {
+      const off = i * (across + STRIP_GAP) * s;
+      if (lr) ctx.drawImage(img, a, 0, b - a, across, 0, off, (b - a) * s, across * s);
+      else ctx.drawImage(img, 0, a, across, b - a, off, 0, across * s, (b - a) * s);
+      if (i) {
+        const mid = off - (STRIP_GAP / 2) * s;
+        ctx.strokeStyle = "#c7ccd4"; ctx.setLineDash([6 * s, 4 * s]); ctx.lineWidth = s;
+        ctx.beginPath();
+        if (lr) { ctx.moveTo(0, mid); ctx.lineTo(canvas.width, mid); } else { ctx.moveTo(mid, 0); ctx.lineTo(mid, canvas.height); }
+        ctx.stroke();
+      }
+    });
+    return canvas;
   }
 
   class GraphView {
@@ -322,7 +395,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       for (const b of s.boxes) {
         const r = `M${f(b.x)},${f(b.y)}h${f(b.w)}v${f(b.h)}h${f(-b.w)}z`;
         if (b.kind === "node") {         // by category, or by error colour under the accuracy overlay
-          const n = this.pane.nodes[b.id], key = this.pane.errors && !n.pseudo ? "err:" + (n.err ? n.err.color : NO_RECORD) : n.cat;
+          const n = this.pane.nodes[b.id], key = this.pane.errors && !n.pseudo ? "err:" + (n.err ? n.err.color : this.pane.errors.none) : n.cat;
           byCat.set(key, (byCat.get(key) || "") + r);
         }
         else if (b.kind === "group") groups += r;
@@ -400,5 +473,5 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   Kiln.GraphView = GraphView;
-  Kiln.draw = { sceneSvg, nodeSvg, heatColor, pathD, legendSvg, LEGEND_W, LEGEND_H };
+  Kiln.draw = { sceneSvg, nodeSvg, heatColor, pathD, legendSvg, pngPlan, pngCanvas, LEGEND_W, LEGEND_H };
 })();
