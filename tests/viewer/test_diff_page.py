@@ -156,3 +156,27 @@ def test_model_beside_its_engine_page(tmp_path):
     for c in doc.page["diff"]["changes"]:
         pi, ni = c["at"][0]
         assert doc.page["panes"][pi]["nodes"][ni]["df"] == c["s"]
+
+
+def test_removed_node_keeps_its_own_weights_under_a_free_name():
+    """a: x → MatMul(w) → Relu; b: x → Gemm(w) → Relu with another w: the removed MatMul shows a's w."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    def model(op, scale):
+        w = numpy_helper.from_array(np.full((3, 3), scale, np.float32), "w")
+        g = helper.make_graph([helper.make_node(op, ["x", "w"], ["m"], name=f"/fc/{op}"),
+                               helper.make_node("Relu", ["m"], ["y"], name="/act/Relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [w])
+        return read_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    from kiln.viewer.diff import diff_models
+    from kiln.viewer.diff_merge import merge
+    a, b = model("MatMul", 1.0), model("Gemm", 2.0)
+    merged = merge(diff_models(a, b)).model.graph
+    removed = next(n for n in merged.nodes if n.op_type == "MatMul")
+    assert [v for arg in removed.inputs for v in arg.values] == ["x", "w (removed)"]
+    assert merged.weights["w (removed)"].load()[0, 0] == 1.0 and merged.weights["w"].load()[0, 0] == 2.0
+    assert [v for arg in removed.outputs for v in arg.values] == ["m (removed)"]
+    relu = next(n for n in merged.nodes if n.op_type == "Relu")
+    assert relu.inputs[-1].name == "(removed)" and relu.inputs[-1].values == ["m (removed)"]
