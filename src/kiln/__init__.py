@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "BuildConfig": ("kiln.builder", "BuildConfig"), "Profile": ("kiln.builder", "Profile"),
-    "build": ("kiln.builder", "build"), "load": ("kiln.engine", "load"),
+    "build": ("kiln.builder", "build"), "load": ("kiln.runtime", "load"),
     "Engine": ("kiln.runtime", "Engine"), "ExecutionContext": ("kiln.runtime", "ExecutionContext"),
     "Network": ("kiln.ir", "Network"), "Layer": ("kiln.ir", "Layer"), "Tensor": ("kiln.ir", "Tensor"),
     "Plugin": ("kiln.plugins", "Plugin"), "TensorDesc": ("kiln.plugins", "TensorDesc"),

@@ -48,7 +48,7 @@ def _check(model: bytes, feeds: dict[str, np.ndarray], saved_to=None) -> None:
     engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", precision="fp16", profiles=profiles))
     if saved_to is not None:
         engine.save(str(saved_to))
-        engine = kiln.engine.load(saved_to)
+        engine = kiln.load(saved_to)
     got = engine.context().run(feeds)
     for name, r in ref.items():
         g = np.asarray(got[name], np.float64)

@@ -55,18 +55,6 @@ def test_a_default_outside_its_declaration_is_refused() -> None:
     _refused(lambda: attr("complex"), "complex")
 
 
-def test_kind_flags_agree_with_the_builder() -> None:
-    """The builder still keeps its own sets of these facts; until it reads the flags, they must agree."""
-    from kiln.builder.placement import ALWAYS_HOST, HOST_CAPABLE
-    from kiln.builder.precision import FP32_INTERNAL
-    assert {k for k, s in LAYER_KINDS.items() if s.control_flow} == {"If", "Loop", "Scan"}
-    assert {k for k, s in LAYER_KINDS.items() if s.host == "always"} == set(ALWAYS_HOST)
-    assert {k for k, s in LAYER_KINDS.items() if s.host == "capable"} == set(HOST_CAPABLE)
-    assert {k for k, s in LAYER_KINDS.items() if s.channels_last} == {"Convolution", "Pooling", "Conv1x1Chain",
-                                                                      "Conv1x1Sum"}
-    assert {k for k, s in LAYER_KINDS.items() if s.fp32_internal} == set(FP32_INTERNAL)
-
-
 # ---- the enums against the kernels' tables ----------------------------------------------------------
 
 def test_elementwise_and_unary_enums_match_the_kernels() -> None:

@@ -20,6 +20,7 @@ from kiln.builder.precision import absorb_input_casts, assign_precision
 from kiln.builder.shapes import infer_shapes
 from kiln.builder.tactics import TimingCache, select_tactics
 from kiln.errors import BuildError
+from kiln.ir.layers import LAYER_KINDS, VARIADIC
 from kiln.ir.network import Network, gc_paused, outer_reads
 from kiln.ir.verify import verify
 from kiln.kernels import KernelContext, tactics_for
@@ -206,7 +207,7 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
         if extra_ins:
             attrs["outer"] = extra_ins
             attrs["num_inputs"] = len(ins)
-        elif layer.kind in ("Loop", "Scan"):
+        elif _splits_outer(layer.kind):
             attrs["outer"] = []
             attrs["num_inputs"] = len(ins)
         on_host = id(layer) in hosts
@@ -236,6 +237,13 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": _jdims(t.shape)} for t in net.outputs],
         "layers": layers, "tensors": tensors, "weights": plan_weights, "outer": outer or [],
     }
+
+
+def _splits_outer(kind: str) -> bool:
+    """A control-flow kind with any number of inputs: its kernel finds its own inputs among the outer
+    ones by ``num_inputs``, so the plan states it even when the body reads nothing outside."""
+    spec = LAYER_KINDS[kind]
+    return spec.control_flow and spec.max_inputs >= VARIADIC
 
 
 def _jdims(shape) -> list | None:

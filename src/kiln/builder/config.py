@@ -9,8 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from kiln.errors import BuildError
+from kiln.ir.dtypes import PRECISIONS
 
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 # What a CPU build does with each reduced precision (torch's CPU kernels; no tensor cores).
 CPU_PRECISION_NOTES = {
     "tf32": "TF32 is a GPU matrix-math mode; a CPU build computes in plain FP32, so it has no effect there.",

@@ -1,17 +1,16 @@
 """Which tensors live on the host: shape arithmetic stays on the CPU, as in TensorRT.
 
-A layer runs on the host when it is Shape/Size, or when it is a small
-shape-arithmetic kind whose every input is already a host value. Its outputs
+A layer runs on the host when its kind always does (Shape, Size: ``host="always"`` in
+kiln.ir.layers), or when its kind may (``host="capable"``: small shape arithmetic) and every
+input is already a host value. Its outputs
 are then host values too; device layers read them only at their host-input
 positions (or get a small copy).
 """
 from __future__ import annotations
 
+from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Layer, Network, Tensor
 
-ALWAYS_HOST = {"Shape", "Size"}
-HOST_CAPABLE = {"ElementWise", "Unary", "Gather", "Concatenation", "Slice", "Squeeze", "Unsqueeze", "Shuffle",
-                "Cast", "Reduce", "Identity", "Where", "Range", "Flatten", "ArgReduce"}
 SMALL = 64   # constants up to this many elements may serve as host values
 
 
@@ -25,8 +24,9 @@ def host_layers(net: Network) -> set[int]:
     hosts: set[int] = set()
     for layer in net.layers:
         ins = [t for t in layer.inputs if t is not None]
-        on_host = layer.kind in ALWAYS_HOST or (
-            layer.kind in HOST_CAPABLE and ins and any(not t.is_constant for t in ins)
+        where = LAYER_KINDS[layer.kind].host
+        on_host = where == "always" or (
+            where == "capable" and ins and any(not t.is_constant for t in ins)
             and all(id(t) in host_tensors or is_host_constant(t) for t in ins))
         if on_host:
             hosts.add(id(layer))

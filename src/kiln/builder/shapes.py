@@ -17,11 +17,10 @@ from kiln.builder.autopad import padded_attrs
 from kiln.builder.memory import check_host_output
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.errors import ShapeError
-from kiln.ir.dtypes import dtype_name, is_container
+from kiln.ir.dtypes import dtype_name, from_numpy, is_container, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network, outer_reads, subgraphs
 from kiln.kernels import KernelContext, tactics_for
-from kiln.kernels._util import from_numpy, torch_dtype
 
 Binding = dict[str, int]
 
@@ -63,7 +62,7 @@ def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: boo
             if v is UNKNOWN:
                 break
             args.append(v)
-        if len(args) < len(layer.inputs) or layer.kind in ("If", "Loop", "Scan") or any(subgraphs(layer)):
+        if len(args) < len(layer.inputs) or LAYER_KINDS[layer.kind].control_flow or any(subgraphs(layer)):
             for o in layer.outputs:
                 vals[o.name] = UNKNOWN
             continue

@@ -16,6 +16,7 @@ import torch
 
 from kiln.builder.shapes import UNKNOWN, evaluate
 from kiln.builder.timing_cache import TimingCache
+from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network
 from kiln.kernels import KernelContext, tactics_for
 
@@ -97,9 +98,9 @@ def _agree(outs, ref, precision: str) -> bool:
 
 def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
     """Whether the engine will hand this input over in channels-last memory: 4-D FP16/BF16 outputs of
-    convolutions and poolings on the GPU are (kernels/conv.py), so tactics are timed on that layout."""
+    the kinds flagged ``channels_last`` in kiln.ir.layers make on the GPU are, so tactics are timed on that layout."""
     return (a.is_cuda and a.dim() == 4 and a.dtype in (torch.float16, torch.bfloat16)
-            and t.producer is not None and t.producer.kind in ("Convolution", "Pooling", "Conv1x1Chain", "Conv1x1Sum"))
+            and t.producer is not None and LAYER_KINDS[t.producer.kind].channels_last)
 
 
 class _PluginTactic:

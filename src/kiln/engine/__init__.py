@@ -1,9 +1,12 @@
-"""The engine file: save, load, and refuse foreign or damaged files."""
+"""The engine file: write it, read it back, and refuse foreign or damaged files.
+
+``kiln.load`` (kiln.runtime) turns a file read here into a runnable Engine; this package never
+imports the runtime.
+"""
 from __future__ import annotations
 
 import os
 import shlex
-import warnings
 from typing import Any
 
 import numpy as np
@@ -11,7 +14,8 @@ import numpy as np
 from kiln.engine.device import DEVICE_KINDS, check_compatible, fingerprint
 from kiln.engine.format import FORMAT_VERSION, MAGIC, read_engine, read_prelude, write_engine
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "fingerprint", "load", "read_header", "read_weight", "save", "write_engine"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "check_compatible", "fingerprint", "read_engine", "read_header", "read_weight",
+           "rebuild_command", "write_engine"]
 
 
 def rebuild_command(header: dict[str, Any], path: str) -> str:
@@ -29,22 +33,6 @@ def rebuild_command(header: dict[str, Any], path: str) -> str:
         for flag, key in (("--min-shapes", "min"), ("--opt-shapes", "opt"), ("--max-shapes", "max")):
             parts += [flag, ",".join(f"{n}:{'x'.join(str(d) for d in r[key])}" for n, r in profiles[0].items())]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def load(path: str | os.PathLike):
-    """Load an engine file for this device; refuses foreign, damaged or plugin-less files."""
-    path = os.fspath(path)
-    header, weights = read_engine(path)
-    for w in check_compatible(header["device"], path, rebuild_command(header, path)):
-        warnings.warn(w, stacklevel=2)
-    from kiln.runtime.engine import Engine          # torch loads only for a file that passed the checks
-    engine = Engine(header, weights, path=path)
-    engine.check_plugins()
-    return engine
-
-
-def save(engine, path: str | os.PathLike) -> None:
-    engine.save(os.fspath(path))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,9 +1,15 @@
-"""Data types by their numpy names; the one vocabulary shared by every part."""
+"""Data types by their numpy names; the one vocabulary shared by every part.
+
+The torch conversions (``torch_dtype``, ``from_numpy``, ``to_numpy``) import torch when first
+called: NOTE kiln.ir must not import torch when it is imported.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
-from kiln.errors import NetworkError
+from kiln.errors import BuildError, NetworkError
 
 FLOAT_TYPES = ("float32", "float16", "bfloat16", "float64")
 INT_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
@@ -73,3 +79,52 @@ def is_type_name(name: object, strings: bool = True) -> bool:
 def element_type(name: str) -> str:
     """The type inside one level of ``sequence(...)``/``optional(...)``; a tensor type is its own element."""
     return name[name.index("(") + 1:-1] if is_container(name) else name
+
+
+# Sub-byte integer types and float4 travel by value in the smallest torch type that holds them.
+_BY_VALUE = {"int4": "int8", "int2": "int8", "uint4": "uint8", "uint2": "uint8", "float4_e2m1fn": "float32"}
+_TORCH: dict[str, Any] = {}
+
+
+def _torch_types() -> dict[str, Any]:
+    """Kiln type name → torch dtype (None where this torch lacks it), made on first use."""
+    if not _TORCH:
+        import torch
+        for name in ALL_TYPES:
+            if name != "string":
+                _TORCH[name] = getattr(torch, _BY_VALUE.get(name, name), None)
+    return _TORCH
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype Kiln computes ``name`` in (float8 natively, sub-byte types by value)."""
+    dt = (_TORCH or _torch_types()).get(name)
+    if dt is None:
+        raise BuildError(f"Data type {name!r} has no torch equivalent on this build.")
+    return dt
+
+
+def from_numpy(arr: np.ndarray) -> Any:
+    """A numpy array as the torch tensor Kiln computes with: bfloat16 and float8 through their bits,
+    sub-byte integer and float4 types by value (see NARROW_TYPES); 0-d stays 0-d."""
+    import torch
+    name = arr.dtype.name
+    if name == "bfloat16" or name.startswith("float8"):
+        bits = np.require(arr, requirements="C").view(np.int16 if name == "bfloat16" else np.uint8)
+        return torch.from_numpy(bits.copy()).view(torch_dtype(name))
+    if name in _BY_VALUE:
+        return torch.from_numpy(arr.astype(_BY_VALUE[name]))
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """The inverse of ``from_numpy`` for torch dtypes numpy lacks (bfloat16, float8)."""
+    import torch
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).replace("torch.", "")
+    if name == "bfloat16" or name.startswith("float8"):
+        import ml_dtypes
+        return t.view(torch.int16 if name == "bfloat16" else torch.uint8).numpy().view(getattr(ml_dtypes, name))
+    return t.numpy()

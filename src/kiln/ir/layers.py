@@ -93,6 +93,15 @@ def define_layer(name: str, min_inputs: int, max_inputs: int, doc: str, host_inp
     LAYER_KINDS[name] = LayerKind(name, min_inputs, max_inputs, doc, host_inputs, dict(attrs or {}), **flags)
 
 
+def attr_default(kind: str, name: str) -> Any:
+    """The declared default of ``kind``'s attribute ``name``: the one value every kernel assumes when a
+    layer leaves the attribute out."""
+    a = LAYER_KINDS[kind].attrs[name]
+    if a.required:
+        raise NetworkError(f"Attribute {name!r} of {kind} layers is required; it has no default.")
+    return a.default
+
+
 def check_layer(layer, num_inputs: int) -> None:
     """Refuse an unknown kind, a wrong input count, or attributes outside the kind's schema."""
     spec = LAYER_KINDS.get(layer.kind)

@@ -309,6 +309,7 @@ class Network(LayerAPI):
         self.tensors: dict[str, Tensor] = {}
         self.metadata: dict[str, Any] = {}
         self._names = itertools.count()
+        self._layer_names: set[str] | None = None   # every layer name given out or added (made on first use)
         self.outer: Network | None = None     # enclosing network, for subgraphs
 
     @property
@@ -320,11 +321,32 @@ class Network(LayerAPI):
     def layers(self, value: Iterable[Layer]) -> None:
         self._layers = value if isinstance(value, LayerList) else LayerList(value)
 
-    # ---- naming ------------------------------------------------------------------------
+    # ---- naming: the one service for tensor and layer names ------------------------------
     def unique_name(self, base: str) -> str:
+        """A tensor name: ``base``, or ``base_N`` (N from this network's counter) while it is taken."""
         name = base
-        while name in self.tensors or any(l.name == name for l in ()):
+        while name in self.tensors:
             name = f"{base}_{next(self._names)}"
+        return name
+
+    def unique_layer_name(self, kind: str, base: str | None = None) -> str:
+        """A layer name no layer of this network has had, reserved now: ``base``, else ``base/kind_1``,
+        ``base/kind_2``, ... (a node's layers, in the parser); without ``base``, ``kind_<position>``."""
+        taken = self._layer_names
+        if taken is None:
+            taken = self._layer_names = {layer.name for layer in self.layers}
+        if base is not None:
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}/{kind}_{k}"
+        else:
+            i = len(self.layers)
+            name = f"{kind}_{i}"
+            while name in taken:
+                i += 1
+                name = f"{kind}_{i}"
+        taken.add(name)
         return name
 
     def _add_tensor(self, tensor: Tensor) -> Tensor:
@@ -354,7 +376,11 @@ class Network(LayerAPI):
                   num_outputs: int = 1, name: str | None = None, origin: Iterable[str] = (),
                   output_names: Sequence[str] | None = None, output_dtypes: Sequence[str] | None = None) -> Layer:
         """Add a layer of any vocabulary kind; the typed helpers below call this."""
-        layer = Layer(name or self.unique_layer_name(kind), kind, attrs, origin)
+        if name is None:
+            name = self.unique_layer_name(kind)
+        elif self._layer_names is not None:
+            self._layer_names.add(name)
+        layer = Layer(name, kind, attrs, origin)
         check_layer(layer, len(inputs))
         for t in inputs:
             if t is not None and not isinstance(t, Tensor):
@@ -374,18 +400,6 @@ class Network(LayerAPI):
             layer.outputs.append(t)
         self.layers.append(layer)
         return layer
-
-    def unique_layer_name(self, kind: str) -> str:
-        existing = getattr(self, "_layer_names", None)
-        if existing is None:
-            existing = self._layer_names = set()
-        i = len(self.layers)
-        name = f"{kind}_{i}"
-        while name in existing:
-            i += 1
-            name = f"{kind}_{i}"
-        existing.add(name)
-        return name
 
     def mark_output(self, tensor: Tensor, name: str | None = None) -> None:
         if name is not None and name != tensor.name:
@@ -519,11 +533,7 @@ class Network(LayerAPI):
         return new
 
     def summary(self) -> str:
-        lines = [repr(self)]
-        for layer in self.layers:
-            lines.append(f"  {layer.name}: {layer.kind} {layer.attrs_brief()}" if hasattr(layer, "attrs_brief")
-                         else "  " + repr(layer))
-        return "\n".join(lines)
+        return "\n".join([repr(self)] + ["  " + repr(layer) for layer in self.layers])
 
 
 def _copy_attrs(attrs: dict[str, Any], memo: dict) -> dict[str, Any]:

@@ -17,12 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.ir.layers import attr_default
 from kiln.kernels.registry import tactic
+
+
+_SCALE = attr_default("Attention", "scale")      # None: 1/sqrt(head size), as SDPA's own default
 
 
 @tactic("Attention", "sdpa")
 def make_sdpa(attrs, ctx):
-    scale = attrs.get("scale")
+    scale = attrs.get("scale", _SCALE)
     causal = bool(attrs.get("causal", False))
 
     def run(q, k, v, mask=None):
@@ -64,15 +68,16 @@ for _name, _attr, _nomask in (("sdpa_flash", "FLASH_ATTENTION", True), ("sdpa_ef
 def make_attention_unfused(attrs, ctx):
     """The exported form on cuBLAS: two GEMMs around a softmax (whose statistics CUDA keeps in FP32).
     Short sequences with a mask can beat the fused kernels; the builder times both."""
-    scale = float(attrs.get("scale", 1.0))
+    scale = attrs.get("scale", _SCALE)
     causal = bool(attrs.get("causal", False))
 
     def run(q, k, v, mask=None):
         if q.is_meta or causal:
             return make_sdpa(attrs, ctx)(q, k, v, mask)
         s = torch.matmul(q, k.transpose(-1, -2))
-        if scale != 1.0:
-            s = s * scale
+        factor = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        if factor != 1.0:
+            s = s * factor
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
         return (torch.matmul(torch.softmax(s, -1), v),)

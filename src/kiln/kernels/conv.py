@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from kiln.errors import BuildError
 from kiln.kernels._util import ints, per_tensor
-from kiln.kernels.pointwise import activation_fn
+from kiln.kernels.pointwise import act_params, activation_fn
 from kiln.kernels.registry import tactic
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -28,7 +28,7 @@ def _torch_pad(begins: list[int], ends: list[int]) -> list[int]:
 
 def _epilogue(attrs):
     act = attrs.get("activation")
-    fn = activation_fn(act, attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) if act else None
+    fn = activation_fn(act, *act_params(attrs)) if act else None
     return fn
 
 
@@ -114,9 +114,10 @@ def _inplace_act(y, name, attrs):
     if name == "hard_swish":
         return F.hardswish(y, inplace=True)
     if name == "hard_sigmoid":
-        return y.mul_(attrs.get("alpha", 0.2)).add_(attrs.get("beta", 0.5)).clamp_(0, 1)
+        alpha, beta = act_params(attrs)
+        return y.mul_(alpha).add_(beta).clamp_(0, 1)
     if name == "leaky_relu":
-        return F.leaky_relu(y, attrs.get("alpha", 0.01), inplace=True)
+        return F.leaky_relu(y, act_params(attrs)[0], inplace=True)
     return _epilogue(attrs)(y)
 
 
@@ -156,8 +157,7 @@ def _gemm_1x1_ok(attrs, ctx):
 def make_convolution_gemm(attrs, ctx):
     """A 1×1 stride-1 convolution on channels-last memory is the GEMM [N·H·W, Cin] @ [Cin, Cout]:
     one cuBLASLt call with its bias(+ReLU) epilogue, no cuDNN plan around it. cuDNN often picks the
-    same cuBLAS kernels; the builder times both (on an H100 it took this one for 7 of ResNet-50's
-    1×1 layers at batch 256). torch's cuBLASLt path adds a small memset before each GEMM (a graph
+    same cuBLAS kernels; the builder times both. torch's cuBLASLt path adds a small memset before each GEMM (a graph
     node of its own), which the per-layer timing includes."""
     relu = attrs.get("activation") == "relu"
     wcache: dict = {}

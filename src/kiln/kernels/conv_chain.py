@@ -2,9 +2,8 @@
 
 In a ResNet bottleneck stage, block i ends with a 1×1 expansion + residual + ReLU whose output y
 (C channels) is read twice: as the next block's residual and by the next block's 1×1 reduction.
-At batch 256 these 1×1 layers are memory-bound, and re-reading y costs a full pass over the
-stage's widest tensor (411 MB per block in stage 1 of ResNet-50: 0.14 ms at the H100's 3.0 TB/s
-copy rate). Here a program owns BLOCK_M pixels and walks y's channels in BLOCK_N chunks: each
+At large batch these 1×1 layers are memory-bound, and re-reading y costs a full pass over the
+stage's widest tensor. Here a program owns BLOCK_M pixels and walks y's channels in BLOCK_N chunks: each
 chunk is computed (x @ W3 + b3 + r, activation), stored, and straight away multiplied into the
 second convolution's accumulator (chunk @ W1[chunk, :]), so y is written once, never read back:
 
@@ -16,12 +15,11 @@ A stage's first block leads its chain with a projection shortcut instead of a re
 projection's stride, its rows loaded once beside x's.
 
 The second product takes y rounded to the layer precision, as the unfused engine's would read it.
-The whole second accumulator lives in registers, so CN is at most 128 (ResNet-50's stages 1-2).
-Tensors are channels-last: rows of pixels. On an H100 at batch 256 the fused kernel takes 0.38 ms
-for a stage-1 pair against 0.50 ms for the two convolutions, 0.28 against 0.36 in stage 2, and
-loses in stage 3 (0.22 against 0.19; with a 256-wide second accumulator only small tiles fit the
-registers and shared memory), see ``benchmarks/chain_bench.py``. The "split" tactics run the two
-convolutions with the engine's usual kernels (the builder times all of them).
+The whole second accumulator lives in registers, so CN is at most MAX_CN (ResNet-50's stages 1-2;
+with a wider one only small tiles fit the registers and shared memory).
+Tensors are channels-last: rows of pixels. The "split" tactics run the two convolutions with the
+engine's usual kernels, and the builder times all of them (``benchmarks/chain_bench.py`` compares
+them per stage).
 """
 from __future__ import annotations
 
@@ -36,8 +34,10 @@ from kiln.kernels.conv import match_weight
 from kiln.kernels.conv_sum import arrange, conv_sum
 from kiln.kernels.epilogue_triton import ACTS, apply_act
 from kiln.kernels.registry import tactic
-from kiln.passes.fuse_conv_chain import MAX_CN
-from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
+from kiln.triton_support import HAS_TRITON, cdiv, tl, triton
+
+MAX_CN = 128      # widest second convolution the fused kernel takes; wider ones run faster apart
+MAX_SUM_IN = 128  # a projection-led chain holds both inputs' rows: at most this many channels together
 
 
 class ChainConfig(NamedTuple):
@@ -48,10 +48,8 @@ class ChainConfig(NamedTuple):
 
 
 def default_chain_config(c4: int, c: int, cn: int, c2: int = 0) -> ChainConfig:
-    """64-channel chunks of y, 128 pixels per program, 3 stages: the fastest of the sweep in
-    benchmarks/chain_bench.py for ResNet-50's stages 1-2 on an H100. With a projection operand
-    (stage 1's first block), 64 pixels, 32-channel chunks and 2 stages (0.32 ms against 0.42 with
-    the plain chain's tiles, results/chain_bench_proj.json)."""
+    """64-channel chunks of y, 128 pixels per program, 3 stages; with a projection operand (a stage's
+    first block), 64 pixels, 32-channel chunks and 2 stages (the sweep: benchmarks/chain_bench.py)."""
     if c2:
         return ChainConfig(64, min(32, c), 4, 2)
     return ChainConfig(128, min(64, c), 8, 3)
@@ -136,7 +134,7 @@ def conv_chain(x: torch.Tensor, w3t: torch.Tensor, b3: torch.Tensor, r: torch.Te
     bm, bn, warps, stages = config or default_chain_config(c4, c, cn, c2)
     m = n * h * w
     big = max(y.numel(), x.numel(), 0 if x2 is None else x2.numel()) >= 2 ** 31
-    _chain_kernel[(-(-m // bm),)](x, w3t, b3, y if r is None else r, y, w1t, b1, z, x if x2 is None else x2,
+    _chain_kernel[(cdiv(m, bm),)](x, w3t, b3, y if r is None else r, y, w1t, b1, z, x if x2 is None else x2,
                                   w3t if w2t is None else w2t, m, h, w, 1 if x2 is None else x2.shape[2],
                                   1 if x2 is None else x2.shape[3], C4=c4, C=c, CN=cn, C2=max(c2, 16),
                                   S2H=stride2[0], S2W=stride2[1], HAS_RES=r is not None, HAS_X2=x2 is not None,

@@ -1,8 +1,7 @@
 """Strided convolutions over few input channels (network stems) as space-to-depth + a stride-1 conv.
 
 A stem such as YOLOv5's 6×6 stride-2 conv over 3 channels, or ResNet's 7×7 stride-2, gets no
-tensor-core kernel from cuDNN: 3 channels cannot fill an MMA's K, and on an H100 YOLOv5l's stem
-alone took 1.19 ms of an 8.3 ms batch-16 forward (a generic ``convolve_common_engine`` kernel).
+tensor-core kernel from cuDNN (3 channels cannot fill an MMA's K), only a generic direct kernel.
 Regrouping each s×s block of pixels into channels makes the same convolution a stride-1 one
 over C·s² channels with a ⌈k/s⌉ kernel (YOLOv5's old "Focus" layer, done exactly):
 
@@ -22,16 +21,13 @@ import torch.nn.functional as F
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.conv import _epilogue, pool_after
+from kiln.kernels.pointwise import act_params
 from kiln.kernels.registry import tactic
-from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
+from kiln.triton_support import HAS_TRITON, cdiv, tl, triton
 
 MAX_CHANNELS = 64     # C·s² beyond this is an ordinary convolution that cuDNN handles well ...
 # ... except a patchify conv (kernel = stride, ViT's 16×16/16 embedding): regrouped, it is one GEMM
-# over C·s² channels with no zero weights (cuDNN's direct kernel took 0.23 ms of ViT-B/16's 2.7 at b32).
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b)
+# over C·s² channels with no zero weights, where cuDNN runs a slow direct kernel.
 
 
 def _ok(attrs, ctx) -> bool:
@@ -43,11 +39,11 @@ def _ok(attrs, ctx) -> bool:
 def s2d_weight(w: torch.Tensor, s: int) -> torch.Tensor:
     """[O, C, kh, kw] → [O, Cp, ⌈kh/s⌉, ⌈kw/s⌉], channels ordered (c, p, q), zero-padded to Cp = 8·⌈C·s²/8⌉."""
     o, c, kh, kw = w.shape
-    ah, aw = _ceil(kh, s), _ceil(kw, s)
+    ah, aw = cdiv(kh, s), cdiv(kw, s)
     wp = w.new_zeros(o, c, ah * s, aw * s)
     wp[:, :, :kh, :kw] = w
     w2 = wp.view(o, c, ah, s, aw, s).permute(0, 1, 3, 5, 2, 4).reshape(o, c * s * s, ah, aw)
-    cp = _ceil(c * s * s, 8) * 8
+    cp = cdiv(c * s * s, 8) * 8
     if cp != c * s * s:
         w2 = torch.cat([w2, w2.new_zeros(o, cp - c * s * s, ah, aw)], 1)
     return w2.contiguous(memory_format=torch.channels_last)
@@ -60,7 +56,7 @@ def s2d_geometry(x_shape, s: int, kh: int, kw: int, pads: list[int]) -> tuple[in
     oh = (h + pads[0] + pads[2] - kh) // s + 1
     ow = (w + pads[1] + pads[3] - kw) // s + 1
     cs = c * s * s
-    return oh + _ceil(kh, s) - 1, ow + _ceil(kw, s) - 1, cs, _ceil(cs, 8) * 8
+    return oh + cdiv(kh, s) - 1, ow + cdiv(kw, s) - 1, cs, cdiv(cs, 8) * 8
 
 
 def s2d_input(x: torch.Tensor, s: int, kh: int, kw: int, pads: list[int], use_triton: bool | None = None,
@@ -76,7 +72,7 @@ def s2d_input(x: torch.Tensor, s: int, kh: int, kw: int, pads: list[int], use_tr
         p = n * hs * ws
         block_c = max(8, 1 << (cp - 1).bit_length())
         block_p = max(1, 4096 // block_c)
-        _s2d_kernel[(_ceil(p, block_p),)](x, buf, p, h, w, hs, ws, *x.stride(), pads[0], pads[1], CS=cs, CP=cp,
+        _s2d_kernel[(cdiv(p, block_p),)](x, buf, p, h, w, hs, ws, *x.stride(), pads[0], pads[1], CS=cs, CP=cp,
                                             S=s, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
         return buf.permute(0, 3, 1, 2)
     # Rows past the original bottom padding only ever meet the weight's zero padding: pad or crop to s·Hs.
@@ -116,7 +112,7 @@ def make_conv_space_to_depth(attrs, ctx):
     pads = list(attrs["pads"])
     act_name = attrs.get("activation")
     act = _epilogue(attrs)
-    alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
+    alpha, beta = act_params(attrs)
     after = bool(attrs.get("residual_after_activation"))
     pool = bool(attrs.get("pool"))
     wcache: dict = {}       # id(weight) → (weight, its regrouped copy)

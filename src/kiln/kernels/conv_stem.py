@@ -2,21 +2,18 @@
 engine's NCHW input as it comes (FP32 included: the cast happens in the copy below), with bias and
 activation fused and, where the graph has one (ResNet's), the 3×3/2 max pool too.
 
-On an H100, ResNet-50's stem at batch 256 took 0.73 ms of a 7.2 ms forward before this kernel:
-FP32→FP16 cast of the input, NCHW→NHWC copy, cuDNN's channel padding 3→8, cuDNN's first-layer
-kernel, then a 0.19 ms max pool that reads the 112² stem output back. The traffic that has to
-happen is one read of the input and one write of the pooled 56² map. Now: 0.08 ms for the copy
-below and 0.47 ms for the pooled convolution (``benchmarks/stem_bench.py`` has the sweep).
+Unfused, a stem is an FP32→FP16 cast of the input, an NCHW→NHWC copy, cuDNN's channel padding,
+its first-layer kernel, then a max pool that reads the stem's output back; the traffic that has to
+happen is one read of the input and one write of the pooled map (``benchmarks/stem_bench.py``
+times both).
 
 The input is first copied once into FP16 with its channels padded to 4 and its spatial padding
 written out as zeros ([N, Hp, Wp, 4], one pass over a map of the input's size). On that layout the
 taps of one kernel row are one contiguous, 16-byte-aligned run per output pixel (KWP taps × 4
 channels, KWP = the kernel width rounded up to a power of two): the convolution is an implicit
 GEMM with one K step per kernel row, [BLOCK_M, KWP·4] vector loads with no masks along K, and a
-weight rearranged once to [KH, KWP, 4, Cout] with zeros in the padding. (The first version gathered
-(channel, ky, kx) elements one by one from the NCHW input: 0.80 ms for the pooled stem at batch
-256 against 0.56 ms now with the copy, because those loads could be neither vectorized nor
-aligned.)
+weight rearranged once to [KH, KWP, 4, Cout] with zeros in the padding. Gathering (channel, ky, kx)
+elements straight from the NCHW input would need loads that are neither vectorized nor aligned.
 
 With the pool fused, a program computes a TILE×TILE patch of convolution outputs whose origin is
 one row and column before its pooled outputs' first window (the pool's padding), so the patch
@@ -36,10 +33,10 @@ from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.registry import tactic
-from kiln.passes.fuse_stem_pool import POOL
-from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
+from kiln.triton_support import HAS_TRITON, cdiv, next_pow2, tl, triton
 
 MAX_CHANNELS = 4        # a stem: RGB(A) or a few maps; wider inputs fill an MMA's K by themselves
+POOL = {"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1]}   # the one max pool the kernel fuses
 MAX_KW = 8              # kernel width: one K step of a kernel row holds at most 8 taps × 4 channels
 TILE = 16               # convolution patch rows per program when the pool is fused (7 pooled rows)
 
@@ -51,14 +48,6 @@ class StemConfig(NamedTuple):
     num_stages: int | None = None   # software-pipeline depth; None: 3, or 1 for kernels of 3 rows or fewer
     pad_block: int = 512        # padded pixels per program of the input copy
     tile_w: int = 16            # with the pool: conv-output columns per program (TILE rows)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 @triton.jit(do_not_specialize=["P", "H", "W", "HP", "WP"])
@@ -179,7 +168,7 @@ CP = 4                  # channels per padded input pixel (8 bytes in FP16)
 
 def stem_taps(kw: int) -> int:
     """KWP: kernel-row taps per K step, a power of two ≥ kw with KWP·CP ≥ 16 (tl.dot's least K)."""
-    return max(_pow2(kw), 16 // CP)
+    return max(next_pow2(kw), 16 // CP)
 
 
 def arrange_stem_weight(w: torch.Tensor) -> torch.Tensor:
@@ -204,11 +193,11 @@ def stem_pad(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], 
     oh = stem_out_size(h, kh, sh, pads[0], pads[2])
     ow = stem_out_size(w, kw, sw, pads[1], pads[3])
     hp = max(pads[0] + h, (oh - 1) * sh + kh)
-    wp = _cdiv(max(pads[1] + w, (ow - 1) * sw + stem_taps(kw)), 4) * 4
+    wp = cdiv(max(pads[1] + w, (ow - 1) * sw + stem_taps(kw)), 4) * 4
     xp = torch.empty((n, hp, wp, CP), dtype=dtype, device=x.device)
     p = xp.numel() // CP
     if p:
-        _stem_pad_kernel[(_cdiv(p, config.pad_block),)](
+        _stem_pad_kernel[(cdiv(p, config.pad_block),)](
             x, xp, p, h, w, hp, wp, *x.stride(), PH=pads[0], PW=pads[1], C=c, CP=CP,
             IDX64=max(x.numel(), xp.numel()) >= 2 ** 31, BLOCK_P=config.pad_block, num_warps=4)
     return xp
@@ -235,23 +224,22 @@ def conv_stem(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, kernel: tup
         return y
     xp = stem_pad(x, kernel, stride, pads, wt.dtype, config)
     hp, rs = xp.shape[1], xp.shape[2] * CP
-    bn = min(128, max(16, _pow2(cout)))
+    bn = min(128, max(16, next_pow2(cout)))
     big = max(xp.numel(), y.shape[0] * y.stride(0)) >= 2 ** 31
-    # a 3-row kernel is 3 K steps: a deep pipeline only costs shared memory (MobileNetV3's stem at b64
-    # on an H100: 0.047 ms with 1 stage, 0.058 with 3; the 6- and 7-row stems are fastest with 3)
+    # a kernel of 3 rows or fewer is as many K steps: a deep pipeline would only cost shared memory
     stages = config.num_stages or (3 if kh > 3 else 1)
     common = dict(KH=kh, SH=stride[0], SW=stride[1], CP=CP, KWP=stem_taps(kw), COUT=cout, ACT=ACTS.index(act),
                   IDX64=big, BLOCK_N=bn, num_stages=stages)
     if pool:
         th, tw = TILE, config.tile_w
-        tiles_y, tiles_x = _cdiv(fh, th // 2 - 1), _cdiv(fw, tw // 2 - 1)
-        grid = (n * tiles_y * tiles_x, _cdiv(cout, bn))
+        tiles_y, tiles_x = cdiv(fh, th // 2 - 1), cdiv(fw, tw // 2 - 1)
+        grid = (n * tiles_y * tiles_x, cdiv(cout, bn))
         _stem_pool_kernel[grid](xp, wt, bias, y, oh, ow, hp, rs, fh, fw, tiles_x, tiles_y * tiles_x, y.stride(3),
                                 float(alpha), float(beta), TILE_H=th, TILE_W=tw, num_warps=config.pool_warps,
                                 **common)
     else:
         m = n * oh * ow
-        grid = (_cdiv(m, config.block_m), _cdiv(cout, bn))
+        grid = (cdiv(m, config.block_m), cdiv(cout, bn))
         _stem_kernel[grid](xp, wt, bias, y, m, oh, ow, hp, rs, y.stride(3), float(alpha), float(beta),
                            BLOCK_M=config.block_m, num_warps=config.num_warps, **common)
     return y

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor
 from kiln.kernels.conv import _channels_last, _epilogue, match_weight
-from kiln.kernels.conv_triton import ConvConfig, _cdiv, _sm_count, default_config, tile_offsets, wide_config
+from kiln.kernels.conv_triton import ConvConfig, _sm_count, default_config, tile_offsets, wide_config
 from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.registry import tactic
-from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
+from kiln.triton_support import HAS_TRITON, cdiv, tl, triton
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def conv_sum(x1: torch.Tensor, w1t: torch.Tensor, x2: torch.Tensor, w2t: torch.T
         config = config(m, cout, c1 + c2, _sm_count(x1.device))
     bm, bn, bk, warps, stages, group_m = config
     big = max(x1.numel(), x2.numel(), y.shape[0] * y.stride(0)) >= 2 ** 31
-    _conv_sum_kernel[(_cdiv(m, bm) * _cdiv(cout, bn),)](
+    _conv_sum_kernel[(cdiv(m, bm) * cdiv(cout, bn),)](
         x1, w1t, x2, w2t, bias, y, m, oh, ow, h1, wd1, h2, wd2, cout, y.stride(3), float(alpha), float(beta),
         C1=c1, C2=c2, S1H=stride1[0], S1W=stride1[1], S2H=stride2[0], S2W=stride2[1], IDX64=big,
         ACT=ACTS.index(act), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K1=_slice(c1, bk), BLOCK_K2=_slice(c2, bk),
@@ -151,7 +151,7 @@ def _make(choose):
 
 
 tactic("Conv1x1Sum", "triton_sum", devices=("cuda",), supports=_ok, priority=1, writes_into=True)(_make(default_config))
-# both tile tables at every level (wide won stages 3-4 of ResNet-50 at b256 on an H100, 128×128 stages 1-2;
-# benchmarks/sum_bench.py): a network has a handful of these layers
+# both tile tables at every level, timed by the builder (each wins some layers; benchmarks/sum_bench.py):
+# a network has a handful of these layers
 tactic("Conv1x1Sum", "triton_sum_wide", devices=("cuda",), supports=_ok, priority=1,
        writes_into=True)(_make(wide_config))

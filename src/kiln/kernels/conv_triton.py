@@ -33,7 +33,7 @@ from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.conv import match_weight, pool_after
 from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.registry import tactic
-from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
+from kiln.triton_support import HAS_TRITON, cdiv, tl, triton
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -47,10 +47,6 @@ class ConvConfig(NamedTuple):
     group_m: int = 8
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _block_k(cin: int, cap: int) -> int:
     """A K slice no wider than Cin rounded up to a power of two (tl.dot needs at least 16), so a
     narrow layer does not multiply mostly-masked zeros."""
@@ -59,9 +55,9 @@ def _block_k(cin: int, cap: int) -> int:
 
 def default_config(m: int, cout: int, cin: int, sms: int = 132) -> ConvConfig:
     """128×128 tiles (×64 where Cout ≤ 64), 64-wide K slices (32 where Cin < 64); 64-row tiles
-    where 128-row ones would leave SMs idle. Starting points for an H100, not yet swept."""
+    where 128-row ones would leave SMs idle."""
     bn = 64 if cout <= 64 else 128
-    bm = 128 if _cdiv(m, 128) * _cdiv(cout, bn) >= sms else 64
+    bm = 128 if cdiv(m, 128) * cdiv(cout, bn) >= sms else 64
     return ConvConfig(bm, bn, _block_k(cin, 64 if cin >= 64 else 32), 8 if bm * bn >= 128 * 128 else 4, 3)
 
 
@@ -211,7 +207,7 @@ def conv2d_nhwc(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor, residual:
     bm, bn, bk, warps, stages, group_m = config
     pointwise = (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and not any(pads)
     big = max(x.numel(), y.shape[0] * y.stride(0)) >= 2 ** 31
-    grid = (_cdiv(m, bm) * _cdiv(cout, bn),)
+    grid = (cdiv(m, bm) * cdiv(cout, bn),)
     _conv_kernel[grid](x, wt, bias, residual if residual is not None else y, y, m, h, w, oh, ow, cout, y.stride(3),
                        float(alpha), float(beta), CIN=cin, KH=kh, KW=kw, SH=stride[0], SW=stride[1],
                        PH=pads[0], PW=pads[1], DH=dilation[0], DW=dilation[1], POINTWISE=pointwise, IDX64=big,

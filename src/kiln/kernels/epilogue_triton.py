@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.pointwise import act_params
 from kiln.kernels.registry import tactic
-from kiln.plugins.builtin._util import HAS_TRITON, tl, triton
+from kiln.triton_support import HAS_TRITON, tl, triton
 
 ACTS = ("none", "relu", "silu", "sigmoid", "hard_swish", "hard_sigmoid", "gelu", "leaky_relu", "tanh", "clip")
 
@@ -72,7 +73,7 @@ def epilogue_params(attrs) -> tuple[str, float, float]:
     """(activation name, alpha, beta) of a conv layer's fused epilogue for the Triton kernels: "none"
     without one, and a clip's missing bound made ±3e38 (no bound)."""
     act = attrs.get("activation") or "none"
-    alpha, beta = attrs.get("alpha", 0.0), attrs.get("beta", 0.0)
+    alpha, beta = act_params(attrs)
     if act == "clip" and (alpha is None or beta is None):
         alpha, beta = -3.0e38 if alpha is None else alpha, 3.0e38 if beta is None else beta
     return act, alpha, beta

@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kiln.kernels._util import ints, norm_axis, torch_dtype
+from kiln.ir.dtypes import torch_dtype
+
+from kiln.kernels._util import ints, norm_axis
 from kiln.kernels.registry import tactic
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.pointwise import activation_fn
+from kiln.kernels.pointwise import act_params, activation_fn
 from kiln.kernels.registry import tactic
 
 
@@ -20,8 +20,7 @@ def _mm(a, b):
 @tactic("MatMul")
 def make_matmul(attrs, ctx):
     ta, tb = attrs.get("transpose_a", False), attrs.get("transpose_b", False)
-    act = activation_fn(attrs["activation"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) \
-        if attrs.get("activation") else None
+    act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
 
     def run(a, b, bias=None):
         if ta:
@@ -61,8 +60,7 @@ def make_gemm(attrs, ctx):
 
 @tactic("FullyConnected")
 def make_fc(attrs, ctx):
-    act = activation_fn(attrs["activation"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0)) \
-        if attrs.get("activation") else None
+    act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
 
     name = attrs.get("activation")
 

@@ -18,6 +18,7 @@ import torch
 from kiln.kernels._util import norm_axis
 from kiln.kernels.reduce import make_normalization
 from kiln.kernels.registry import tactic
+from kiln.triton_support import next_pow2
 
 MAX_HIDDEN = 8192
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,10 +86,6 @@ def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return t, dims[1][0], dims[0][1], dims[1][1]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
              bias: torch.Tensor | None, eps: float, write_sum: bool = False, rms: bool = False,
              rows_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -103,7 +100,7 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
         return y, s
     x, x_inner, x_s0, x_s1 = _rows(x)
     r, r_inner, r_s0, r_s1 = _rows(residual) if residual is not None else (x, 1, 0, 0)
-    block = max(16, _next_pow2(n))
+    block = max(16, next_pow2(n))
     per = rows_per_program or max(1, min(16, 2048 // block))
     warps = min(16, max(4, per * block // 512))
     grid = ((rows + per - 1) // per,)

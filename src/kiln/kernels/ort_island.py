@@ -244,7 +244,7 @@ def _as_bytes(arr: Any) -> bytes:
 def make_island(attrs, ctx):
     import torch
 
-    from kiln.kernels._util import from_numpy, to_numpy, torch_dtype
+    from kiln.ir.dtypes import from_numpy, to_numpy, torch_dtype
     state: dict[str, Any] = {}
 
     def setup(model: torch.Tensor) -> dict[str, Any]:
@@ -291,7 +291,7 @@ def _low_float(xs) -> torch.dtype | None:
 def _meta_outputs(attrs: dict[str, Any], xs) -> tuple:
     import torch
 
-    from kiln.kernels._util import torch_dtype
+    from kiln.ir.dtypes import torch_dtype
     arr = _LIVE.get(attrs.get("sha256", ""))
     if arr is None:
         raise RuntimeError("the island's model is not in memory here")

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir.dtypes import dtype_name
-from kiln.kernels._util import torch_dtype
+from kiln.ir.dtypes import dtype_name, torch_dtype
 from kiln.plugins.base import TensorDesc
 from kiln.kernels.registry import tactic
 

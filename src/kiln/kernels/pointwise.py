@@ -1,12 +1,16 @@
 """Activation, Unary and ElementWise layers on torch (CPU and CUDA)."""
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kiln.errors import BuildError
+from kiln.ir.layers import attr_default
 from kiln.kernels.registry import tactic
+
+_ALPHA, _BETA = attr_default("Activation", "alpha"), attr_default("Activation", "beta")
 
 
 def activation_fn(kind: str, alpha: float = 0.0, beta: float = 0.0):
@@ -46,9 +50,14 @@ def _clip(x, lo, hi):
     return torch.clamp(x, lo, hi)
 
 
+def act_params(attrs) -> tuple[Any, Any]:
+    """(alpha, beta) of an Activation layer or a fused epilogue, with the schema's defaults."""
+    return attrs.get("alpha", _ALPHA), attrs.get("beta", _BETA)
+
+
 @tactic("Activation")
 def make_activation(attrs, ctx):
-    fn = activation_fn(attrs["type"], attrs.get("alpha", 0.0), attrs.get("beta", 0.0))
+    fn = activation_fn(attrs["type"], *act_params(attrs))
     return lambda x: (fn(x),)
 
 
@@ -138,8 +147,6 @@ def make_elementwise(attrs, ctx):
     fn = _BINARY.get(op)
     if fn is None:
         raise BuildError(f"Unknown element-wise op {op!r}; known: {', '.join(sorted(_BINARY))}.")
-    if op == "mean":
-        pass
 
     def run(*xs):
         out = xs[0]

@@ -1,7 +1,6 @@
 """2-D max and average pooling as Triton kernels, for the Pooling layer on the GPU.
 
-Convolution stacks run channels-last, and torch's NHWC max pool is far off the bandwidth floor
-(ResNet-50's 3×3/2 pool over [256,64,112,112] fp16: 0.82 ms against ~0.17 ms on an H100). Here a
+Convolution stacks run channels-last, and torch's NHWC max pool is far off the bandwidth floor. Here a
 program owns a block of output pixels × a block of channels. For a channels-last input the channel
 axis is the fast one of the tile, so neighbouring threads read neighbouring channels of one pixel
 (coalesced, vectorized loads); for an NCHW input the pixel axis is the fast one. Each window tap
@@ -16,24 +15,16 @@ points take a ``config`` override so they can be swept on a GPU.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
 from kiln.kernels.conv import _pool_out, _split_pads, make_pooling
 from kiln.kernels.registry import tactic
+from kiln.triton_support import cdiv, interpreting, next_pow2
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = ("float16", "bfloat16", "float32")
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,10 +116,9 @@ def _kernels():
     return pool2d, global_pool
 
 
-MIN_PROGRAMS = 264          # two per SM on an H100 (132 SMs): below that, blocks shrink
+MIN_PROGRAMS = 264          # two per SM of a 132-SM GPU: below that, blocks shrink
 TILE = 2048                 # elements per program (per loop step for the global kernel)
-CL_TILE = 512               # channels-last windowed kernel: swept on an H200 (ResNet stem pool, b256:
-#                             8 pixels x 64 channels 0.184 ms vs 32 x 64 0.276 ms; torch 0.82 ms)
+CL_TILE = 512               # channels-last windowed kernel: 8 pixels x 64 channels (the sweep's best)
 
 
 def _warps(elements: int) -> int:
@@ -143,12 +133,12 @@ def pool_launch_config(n: int, c: int, hw_out: int, channels_last: bool) -> tupl
     (down to 8) while there are fewer than MIN_PROGRAMS programs."""
     pixels = n * hw_out
     if channels_last:
-        block_c = min(64, _next_pow2(c))
-        block_p = max(1, min(_next_pow2(pixels), CL_TILE // block_c))
+        block_c = min(64, next_pow2(c))
+        block_p = max(1, min(next_pow2(pixels), CL_TILE // block_c))
     else:
-        block_p = min(256, _next_pow2(pixels))
-        block_c = max(1, min(_next_pow2(c), TILE // block_p))
-    while block_p > 8 and _cdiv(pixels, block_p) * _cdiv(c, block_c) < MIN_PROGRAMS:
+        block_p = min(256, next_pow2(pixels))
+        block_c = max(1, min(next_pow2(c), TILE // block_p))
+    while block_p > 8 and cdiv(pixels, block_p) * cdiv(c, block_c) < MIN_PROGRAMS:
         block_p //= 2
     return block_p, block_c, 4 if channels_last else _warps(block_p * block_c)
 
@@ -159,13 +149,13 @@ def global_pool_launch_config(n: int, c: int, hw: int, channels_last: bool) -> t
     axis, halved (down to 16, a 32-byte sector of fp16) while there are fewer than MIN_PROGRAMS
     programs; NCHW: H·W on the fast axis. Not yet swept on a GPU."""
     if channels_last:
-        block_c = min(64, _next_pow2(c))
-        while block_c > 16 and n * _cdiv(c, block_c) < MIN_PROGRAMS:
+        block_c = min(64, next_pow2(c))
+        while block_c > 16 and n * cdiv(c, block_c) < MIN_PROGRAMS:
             block_c //= 2
-        block_hw = max(1, min(_next_pow2(hw), TILE // block_c))
+        block_hw = max(1, min(next_pow2(hw), TILE // block_c))
     else:
-        block_hw = min(1024, _next_pow2(hw))
-        block_c = max(1, min(_next_pow2(c), TILE // block_hw))
+        block_hw = min(1024, next_pow2(hw))
+        block_c = max(1, min(next_pow2(c), TILE // block_hw))
     return block_hw, block_c, _warps(block_hw * block_c)
 
 
@@ -202,7 +192,7 @@ def pool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     if y.numel() == 0:
         return y
     block_p, block_c, warps = config or pool_launch_config(n, c, ho * wo, cl)
-    grid = (_cdiv(n * ho * wo, block_p), _cdiv(c, block_c))
+    grid = (cdiv(n * ho * wo, block_p), cdiv(c, block_c))
     _kernels()[0][grid](x, y, n * ho * wo, c, h, w, ho, wo, *x.stride(), *y.stride(),
                         KH=kh, KW=kw, SH=sh, SW=sw, PT=pt, PL=pl, PB=pb, PR=pr, DH=dh, DW=dw,
                         MAX=ptype == "max", INCLUDE_PAD=bool(count_include_pad),
@@ -224,7 +214,7 @@ def global_pool(x: torch.Tensor, ptype: str = "average", config: tuple[int, int,
     if h > 1 and x.stride(2) != w * x.stride(3):       # H and W must merge into one axis
         x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     block_hw, block_c, warps = config or global_pool_launch_config(n, c, h * w, cl)
-    _kernels()[1][(n, _cdiv(c, block_c))](x, y, c, h * w, x.stride(0), x.stride(1), x.stride(3), y.stride(0),
+    _kernels()[1][(n, cdiv(c, block_c))](x, y, c, h * w, x.stride(0), x.stride(1), x.stride(3), y.stride(0),
                                           y.stride(1), MAX=ptype == "max", VEC=_vec(c, x.stride(0), x.stride(3)),
                                           BLOCK_HW=block_hw, BLOCK_C=block_c,
                                           num_warps=warps)
@@ -234,7 +224,7 @@ def global_pool(x: torch.Tensor, ptype: str = "average", config: tuple[int, int,
 def _runs_triton(x: torch.Tensor) -> bool:
     if x.is_meta or x.dim() != 4 or x.dtype not in _DTYPES:
         return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or interpreting()
 
 
 def _supports(attrs: dict[str, Any], ctx: Any) -> bool:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import BuildError
-from kiln.kernels._util import norm_axis, torch_dtype
+from kiln.ir.dtypes import torch_dtype
+from kiln.kernels._util import norm_axis
 from kiln.kernels.registry import tactic
 
 RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767),

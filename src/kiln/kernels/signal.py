@@ -11,7 +11,8 @@ import math
 import torch
 
 from kiln.errors import ShapeError
-from kiln.kernels._util import ints, norm_axis, torch_dtype
+from kiln.ir.dtypes import torch_dtype
+from kiln.kernels._util import ints, norm_axis
 from kiln.kernels.registry import tactic
 
 

@@ -6,8 +6,8 @@ import math
 import torch
 
 from kiln.errors import BuildError, ShapeError
-from kiln.ir.dtypes import NARROW_TYPES
-from kiln.kernels._util import ints, norm_axis, torch_dtype
+from kiln.ir.dtypes import NARROW_TYPES, torch_dtype
+from kiln.kernels._util import ints, norm_axis
 from kiln.kernels.registry import tactic
 
 

@@ -66,7 +66,7 @@ def _to_torch(a: Any):
     """An array as the engine holds it: float8 natively, sub-byte types by value, bfloat16 by its bits."""
     if not isinstance(a, np.ndarray) or a.dtype == object or a.dtype.kind in "US":
         return a                     # sequences, empty optionals, strings: the engine's own checks apply
-    from kiln.kernels._util import from_numpy
+    from kiln.ir.dtypes import from_numpy
     return from_numpy(np.array(a, copy=True, order="C"))
 
 
@@ -79,7 +79,7 @@ def _to_numpy(v: Any, declared: str | None) -> Any:
     import torch
 
     from kiln.ir.dtypes import NARROW_TYPES, np_dtype
-    from kiln.kernels._util import to_numpy
+    from kiln.ir.dtypes import to_numpy
     if isinstance(v, torch.Tensor):
         v = to_numpy(v)
     if declared in NARROW_TYPES and isinstance(v, np.ndarray) and v.dtype.name != declared:

@@ -13,10 +13,10 @@ import numpy as np
 
 from kiln.errors import KilnError, ParseError, PluginError, UnsupportedOperatorError
 from kiln.ir.network import Layer, Network, Tensor, gc_paused
-from kiln.onnx.registry import lookup
+from kiln.onnx.registry import lookup, stale_reason
 from kiln.onnx.validate import check_node, dense, first_line, onnx_dtype, schema_of, tensor_value, text
 
-__all__ = ["parse", "onnx_dtype", "text", "Node", "ConvertContext", "plugin_outputs"]
+__all__ = ["parse", "onnx_dtype", "text", "Node", "ConvertContext", "plugin_layer", "plugin_outputs"]
 
 class Node:
     """A node as converters see it: inputs as Tensors, attributes as Python values."""
@@ -116,14 +116,7 @@ class ConvertContext:
     def add(self, kind: str, inputs: Sequence[Tensor | None], attrs: dict[str, Any] | None = None,
             num_outputs: int = 1, output_dtypes: Sequence[str] | None = None) -> Layer:
         """Add a layer that belongs to the current node (named after it, origin set)."""
-        base = self.node.name if self.node is not None else kind
-        name = base
-        existing = self._layer_names()
-        k = 0
-        while name in existing:
-            k += 1
-            name = f"{base}/{kind}_{k}"
-        existing.add(name)
+        name = self.net.unique_layer_name(kind, self.node.name if self.node is not None else kind)
         if output_dtypes is None:
             # until shape inference knows better, outputs take the first input's type (not float32): a Cast
             # after an op whose shapes are only known at run time must not look like a no-op
@@ -145,12 +138,6 @@ class ConvertContext:
         arr = np.asarray(value, dtype=dtype) if dtype is not None else np.asarray(value)
         base = f"{self.node.name}/const" if self.node is not None else "const"
         return self.net.add_constant(arr, name=self.net.unique_name(base))
-
-    def _layer_names(self) -> set[str]:
-        names = getattr(self.net, "_kiln_layer_names", None)
-        if names is None:
-            names = self.net._kiln_layer_names = {l.name for l in self.net.layers}
-        return names
 
     def subgraph(self, graph, name: str, input_types: Sequence[str | None] | None = None) -> Network:
         """Convert an If/Loop/Scan body; it may read this scope's values.
@@ -339,14 +326,16 @@ def _convert_node(ctx: ConvertContext, node: Node) -> list[Tensor | None]:
                                      schema_of(node.op_type, opset, domain))
     plugin_cls, fn, rules = found
     if plugin_cls is not None and (fn is None or plugin_cls.overrides_builtin or "plugin_name" in node.attrs):
-        return _plugin_layer(ctx, node, plugin_cls, opset)
+        return plugin_layer(ctx, node, plugin_cls, opset)
     if fn is None:
         from kiln.onnx import fallback as islands
         if islands.enabled(ctx):
             return islands.island(ctx, node, opset)
+        why = stale_reason(node.op_type, opset, domain)
         raise UnsupportedOperatorError(
             f"Node {node.name!r} ({node.op_type}, domain {domain or 'ai.onnx'}, opset {opset}) is not supported by "
-            f"Kiln; supply a plugin: subclass kiln.Plugin with name={node.op_type!r}, register it, and pass "
+            f"Kiln{f' ({why})' if why else ''}; supply a plugin: subclass kiln.Plugin with name={node.op_type!r}, "
+            f"register it, and pass "
             f"--plugins your_plugins.py, or build with --fallback onnxruntime to run it in ONNX Runtime "
             f"(kiln check lists every unsupported node).")
     if rules is not None:
@@ -379,18 +368,21 @@ def _find_plugin(node: Node, registry):
     return None
 
 
-def _plugin_layer(ctx: ConvertContext, node: Node, cls, opset: int) -> list[Tensor]:
-    attrs = {k: v for k, v in node.attrs.items() if k not in ("plugin_name", "plugin_namespace", "plugin_version")}
-    for k, v in list(attrs.items()):
-        if isinstance(v, np.ndarray):
-            attrs[k] = v.tolist()
-    if hasattr(cls, "onnx_fields"):
-        attrs = cls.onnx_fields(attrs, opset)
+_PLUGIN_KEYS = ("plugin_name", "plugin_namespace", "plugin_version")
+
+
+def plugin_layer(ctx: ConvertContext, node: Node, cls, opset: int, attrs: dict[str, Any] | None = None,
+                 inputs: list[Tensor | None] | None = None) -> list[Tensor]:
+    """The one way from an ONNX node to a Plugin layer: the plugin's ``onnx_fields`` reads the node's
+    attributes at ``opset``. A converter that adjusts them first passes ``attrs``/``inputs``."""
+    if attrs is None:
+        attrs = {k: v for k, v in node.attrs.items() if k not in _PLUGIN_KEYS}
+    attrs = {k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for k, v in attrs.items()}
     try:
-        plugin = cls(**attrs)
+        plugin = cls(**cls.onnx_fields(attrs, opset))
     except PluginError as exc:
         raise PluginError(f"Node {node.name!r} ({node.op_type}): {exc}") from None
-    return plugin_outputs(ctx, plugin, node.inputs, node.num_outputs)
+    return plugin_outputs(ctx, plugin, list(node.inputs) if inputs is None else inputs, node.num_outputs)
 
 
 def plugin_outputs(ctx: ConvertContext, plugin, inputs: list[Tensor | None], num_outputs: int | None = None) -> list:

@@ -19,7 +19,7 @@ import torch
 
 from kiln.ir.network import Network, subgraphs
 from kiln.kernels import KernelContext, tactics_for
-from kiln.kernels._util import from_numpy, to_numpy
+from kiln.ir.dtypes import from_numpy, to_numpy
 from kiln.passes.base import Pass, PassResult
 
 NO_FOLD = {"Plugin", "Loop", "Scan", "If"}

@@ -109,6 +109,13 @@ class Plugin:
             else:
                 setattr(self, key, list(spec.default) if isinstance(spec.default, list) else spec.default)
 
+    @classmethod
+    def onnx_fields(cls, attrs: dict[str, Any], opset: int) -> dict[str, Any]:
+        """Field values from an ONNX node's attributes (arrays as lists, ``plugin_*`` keys removed) at
+        ``opset``. The attributes are the fields by default; a plugin whose names, defaults or
+        versions differ from ONNX's overrides this."""
+        return attrs
+
     # ---- identity and serialization -------------------------------------------------
     @classmethod
     def key(cls) -> tuple[str, str, str]:

@@ -1,8 +1,7 @@
 """Concatenation without the copy: producers write straight into the concatenated buffer.
 
 A channel concatenation of channels-last maps (YOLOv5's C3 blocks, SPPF, every FPN/PAN neck)
-otherwise costs a full read and write of its output: on an H100, YOLOv5l at batch 16 spent
-0.62 ms in 13 concatenation copies. As TensorRT does, the engine instead gives each producer a
+otherwise costs a full read and write of its output. As TensorRT does, the engine instead gives each producer a
 channel slice of the concatenation's buffer to write its output into, and the concatenation only
 copies the inputs whose producers could not (several consumers, a graph output, a tactic that
 cannot write into a strided slice).

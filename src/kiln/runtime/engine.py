@@ -9,10 +9,10 @@ import torch
 
 from kiln.errors import BuildError, KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import is_container
+from kiln.ir.dtypes import from_numpy as _np_to_torch  # bfloat16, float8, sub-byte types
+from kiln.ir.dtypes import to_numpy as _torch_to_np
+from kiln.ir.dtypes import torch_dtype
 from kiln.plugins.registry import plugin_records
-from kiln.kernels._util import from_numpy as _np_to_torch  # bfloat16, float8, sub-byte types
-from kiln.kernels._util import to_numpy as _torch_to_np
-from kiln.kernels._util import torch_dtype
 
 
 class Engine:

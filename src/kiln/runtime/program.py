@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from kiln.errors import EngineFormatError, PluginError, ShapeError
-from kiln.ir.dtypes import np_dtype
+from kiln.ir.dtypes import np_dtype, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, get_tactic
 from kiln.runtime.concat_elision import elide_concats
-from kiln.kernels._util import torch_dtype
 
 
 class Step:
@@ -105,7 +104,7 @@ class Program:
                 targets.append(None)
             elif layer.get("host") or i in host_pos:
                 targets.append("cpu")
-            elif kind in ("If", "Loop", "Scan"):
+            elif LAYER_KINDS[kind].control_flow:      # subgraph inputs stay where they are
                 targets.append(None)
             else:
                 targets.append(device)

@@ -2,8 +2,8 @@
 
 RoiAlign, GridSample, AffineGrid, NonMaxSuppression and DeformConv have their own
 GPU kernels, so they are Plugin layers rather than vocabulary kinds. Each converter
-builds the plugin from the node's attributes through the plugin's ``onnx_fields``
-(which owns the version differences, e.g. RoiAlign's default mode at opset 16).
+makes the plugin layer through the parser's one plugin path (``plugin_layer``: the plugin's
+``onnx_fields`` owns the version differences, e.g. RoiAlign's default mode at opset 16).
 A converter is registered only for plugins whose module ships with this Kiln, so
 ``kiln check`` never promises an op it cannot build.
 """
@@ -26,7 +26,7 @@ _PLUGIN_OPS = {
 
 def _plugin_converter(op: str, plugin_name: str):
     def convert(ctx, node):
-        from kiln.onnx.parser import plugin_outputs
+        from kiln.onnx.parser import plugin_layer
         from kiln.plugins import load_builtins, registry
         load_builtins()
         cls = registry.find(plugin_name, "kiln")
@@ -34,16 +34,14 @@ def _plugin_converter(op: str, plugin_name: str):
             raise UnsupportedOperatorError(
                 f"Node {node.name!r} ({op}, opset {ctx.opset}) needs Kiln's built-in plugin kiln::{plugin_name}, "
                 f"which is not registered; reinstall Kiln or supply a plugin named {plugin_name!r}.")
-        attrs = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in node.attrs.items()}
-        inputs = list(node.inputs)
+        attrs, inputs = dict(node.attrs), list(node.inputs)
         if op == "AffineGrid" and len(inputs) > 1 and inputs[1] is not None:
             # the output shape follows the values of 'size': a known one becomes a plugin field
             size = _known_size(inputs[1])
             if size is not None:
                 attrs["size"] = size
                 inputs = inputs[:1]
-        plugin = cls(**cls.onnx_fields(attrs, ctx.opset))
-        return plugin_outputs(ctx, plugin, inputs, node.num_outputs)
+        return plugin_layer(ctx, node, cls, ctx.opset, attrs, inputs)
     convert.__name__ = f"{op.lower()}_plugin"
     return convert
 

@@ -1,42 +1,17 @@
-"""Helpers the built-in plugins share: optional Triton, workspace carving, ONNX attribute decoding.
+"""Helpers the built-in plugins share: workspace carving, ONNX attribute decoding, Triton checks.
 
 Not a plugin module (the leading underscore keeps ``load_builtins`` from importing it as one).
-Plugin modules import ``triton``/``tl`` from here and define their kernels at module level:
-with Triton missing they get stand-ins whose ``jit`` leaves the function alone, so the
-module still imports and only the 'triton' tactic fails, with a sentence. Triton decides
-interpreted (TRITON_INTERPRET=1) versus compiled when a kernel is defined, i.e. when the
-plugin module is imported.
+Plugin modules take ``triton``/``tl`` and the launch helpers from ``kiln.triton_support``.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 from kiln.errors import PluginError
-
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # Triton is optional: without it only the torch tactics exist.
-    HAS_TRITON = False
-
-    class _Stub:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn: Any = None, **kwargs: Any) -> Any:
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _Stub()  # type: ignore[assignment]
+from kiln.triton_support import HAS_TRITON, cdiv
 
 ALIGN = 256  # bytes; every workspace slice starts on this boundary (cuBLAS/TMA friendly)
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1), read at call time."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def require_triton(plugin: str) -> None:
@@ -44,14 +19,6 @@ def require_triton(plugin: str) -> None:
     if not HAS_TRITON:
         raise PluginError(f"Plugin {plugin!r} tactic 'triton' needs the triton package, which is not installed; "
                           f"install it (pip install 'kiln[triton]') or use the 'torch' tactic.")
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def aligned(nbytes: int) -> int:

@@ -21,8 +21,8 @@ from typing import Any
 from kiln.errors import PluginError
 from kiln.plugins.base import Plugin, TensorDesc, field
 from kiln.plugins.builtin import _util
-from kiln.plugins.builtin._util import tl, triton
 from kiln.plugins.registry import register
+from kiln.triton_support import cdiv, next_pow2, tl, triton
 
 _FLOATS = ("float32", "float16", "bfloat16")
 _WS_CAP = 512 << 20  # columns for as many images as fit; more images per GEMM only helps up to here
@@ -424,11 +424,10 @@ def _dcn_implicit_gemm_kernel(x_ptr, wt_ptr, off_ptr, mask_ptr, b_ptr, out_ptr, 
 def im2col_launch_config(geo: _Geo, itemsize: int = 4) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_P, channels per program, num_warps) for channels-last X: each tap's
     channels are contiguous, so a program gathers BLOCK_C channels × BLOCK_P pixels per step
-    (about 2-4 KB), all of an offset group's channels per program. Swept on an H100
-    (benchmarks/sweep_plugins.py --only dcn_nhwc, 256->256 3x3 at 64x64): fp16 b8 0.178 ms with
-    (32, 64) against 0.30 ms for the best NCHW configuration; fp32 (32, 16)."""
-    block_c = min(32, _util.next_pow2(geo.cpo))
-    block_p = min(64 if itemsize <= 2 else 16, _util.next_pow2(geo.l))
+    (about 2-4 KB), all of an offset group's channels per program: (32, 64) for FP16, (32, 16) for
+    FP32 (benchmarks/sweep_plugins.py --only dcn_nhwc sweeps them)."""
+    block_c = min(32, next_pow2(geo.cpo))
+    block_p = min(64 if itemsize <= 2 else 16, next_pow2(geo.l))
     return block_c, block_p, min(geo.cpo, 256), 4
 
 
@@ -452,12 +451,12 @@ def _im2col_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any, 
         x = _to_nhwc(x, views[0])
     cols = views[-1]
     block_c, block_p, cch, warps = config or im2col_launch_config(geo, x.element_size())
-    chunks = _util.cdiv(geo.cpo, cch)
+    chunks = cdiv(geo.cpo, cch)
     wm = w.reshape(geo.g, geo.ocg, geo.cg * geo.kk)
     mk = mask if mask is not None else off
     for n0 in range(0, geo.n, chunk):
         nc = min(chunk, geo.n - n0)
-        grid = (_util.cdiv(geo.l, block_p), nc * geo.kk, geo.og * chunks)
+        grid = (cdiv(geo.l, block_p), nc * geo.kk, geo.og * chunks)
         _dcn_im2col_kernel[grid](x, off, mk, cols, n0, geo.c, geo.h, geo.w, geo.ow, geo.l, *x.stride(),
                                  *off.stride(), *mk.stride(), geo.sh, geo.sw, geo.ph, geo.pw, geo.dh, geo.dw,
                                  geo.cpo, cch, chunks, KH=geo.kh, KW=geo.kw, HAS_MASK=mask is not None,
@@ -483,7 +482,7 @@ TRANSPOSE_CONFIG = (64, 64, 4)
 def _transpose(src: Any, dst: Any, batch: int, r: int, s: int, src_strides: tuple, d_b: int, d_s: int,
                s_mod: int = 1, s_mul: int = 1, config: tuple | None = None) -> None:
     block_r, block_s, warps = config or TRANSPOSE_CONFIG
-    grid = (_util.cdiv(s, block_s), _util.cdiv(r, block_r), batch)
+    grid = (cdiv(s, block_s), cdiv(r, block_r), batch)
     _transpose_kernel[grid](src, dst, r, s, *src_strides, d_b, d_s, s_mod, s_mul, BLOCK_R=block_r, BLOCK_S=block_s,
                             num_warps=warps)
 
@@ -491,8 +490,7 @@ def _transpose(src: Any, dst: Any, batch: int, r: int, s: int, src_strides: tupl
 def _to_nhwc(x: Any, buf: Any, config: tuple | None = None) -> Any:
     """NCHW X copied into ``buf`` [N, H, W, C], returned as an NCHW-shaped channels-last view.
     The tiled transpose reads pixel rows and writes channel rows, both coalesced (torch's
-    permute-copy took 0.05 ms for 8x256x64x64 FP16 on an H100, about a third of the bandwidth);
-    X whose H and W do not merge into one stride takes torch's copy."""
+    permute-copy does not); X whose H and W do not merge into one stride takes torch's copy."""
     n, c, h, w = x.shape
     if h == 1 or x.stride(2) == w * x.stride(3):
         _transpose(x, buf, n, c, h * w, (x.stride(0), x.stride(1), x.stride(3)), h * w * c, c, config=config)
@@ -545,16 +543,16 @@ def fused_launch_config(geo: _Geo, itemsize: int, ieee: bool) -> tuple[int, int,
     else:
         block_m, block_n, block_k, warps, stages = 128, 256 if itemsize <= 2 else 128, 32, 8, 3
     nl = geo.n * geo.l
-    while _util.cdiv(nl, block_m) * _util.cdiv(geo.ocg, block_n) * geo.g < _SMS * 3 // 4:
+    while cdiv(nl, block_m) * cdiv(geo.ocg, block_n) * geo.g < _SMS * 3 // 4:
         if block_m > 64:
             block_m //= 2
         elif block_n > 64:
             block_n //= 2
         else:
             break
-    block_m = max(16, min(block_m, _util.next_pow2(nl)))
-    block_n = max(16, min(block_n, _util.next_pow2(geo.ocg)))
-    block_k = max(16, min(block_k, _util.next_pow2(min(geo.cg, geo.cpo))))
+    block_m = max(16, min(block_m, next_pow2(nl)))
+    block_n = max(16, min(block_n, next_pow2(geo.ocg)))
+    block_k = max(16, min(block_k, next_pow2(min(geo.cg, geo.cpo))))
     return block_m, block_n, block_k, warps, stages
 
 
@@ -578,14 +576,14 @@ def _implicit_gemm(p: ModulatedDeformConv2d, x: Any, w: Any, off: Any, bias: Any
     elif geo.cg % geo.cpo == 0:
         segments = geo.cg // geo.cpo
     else:                                # unaligned: some groups straddle one more boundary
-        segments = _util.cdiv(geo.cg, geo.cpo) + 1
+        segments = cdiv(geo.cg, geo.cpo) + 1
     even_k = geo.cg % block_k == 0 and geo.cpo % block_k == 0 and segments * min(geo.cg, geo.cpo) == geo.cg
     mk = mask if mask is not None else off
     nl = geo.n * geo.l
-    grid = (_util.cdiv(nl, block_m) * _util.cdiv(geo.ocg, block_n), geo.g)
+    grid = (cdiv(nl, block_m) * cdiv(geo.ocg, block_n), geo.g)
     _dcn_implicit_gemm_kernel[grid](
         x, wt, off, mk, bias if bias is not None else wt, out, geo.h, geo.w, geo.ow, geo.l, nl, geo.oc, geo.cg,
         geo.ocg, geo.cpo, x.stride(0), x.stride(2), x.stride(3), *off.stride(), *mk.stride(), geo.sh, geo.sw,
         geo.ph, geo.pw, geo.dh, geo.dw, KH=geo.kh, KW=geo.kw, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        IEEE=ieee, HALF=x.dtype == torch.float16, SEGMENTS=segments, CHUNKS=_util.cdiv(min(geo.cg, geo.cpo), block_k), EVEN_K=even_k,
+        IEEE=ieee, HALF=x.dtype == torch.float16, SEGMENTS=segments, CHUNKS=cdiv(min(geo.cg, geo.cpo), block_k), EVEN_K=even_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)

@@ -19,8 +19,8 @@ from typing import Any
 from kiln.errors import PluginError
 from kiln.plugins.base import Plugin, TensorDesc, field
 from kiln.plugins.builtin import _util
-from kiln.plugins.builtin._util import tl, triton
 from kiln.plugins.registry import register
+from kiln.triton_support import cdiv, next_pow2, tl, triton
 
 _FLOATS = ("float32", "float16", "bfloat16")
 _MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
@@ -259,6 +259,19 @@ def _cubic_near(t):   # |d| <= 1, A = -0.75
 def _cubic_far(t):    # 1 < |d| < 2
     return ((-0.75 * t + 3.75) * t - 6.0) * t + 3.0
 
+@triton.jit
+def _cubic_tap(t, TAP: tl.constexpr):
+    """Weight of tap TAP (0-3, at offsets -1..2 from floor) for fractional position t."""
+    if TAP == 0:
+        w = _cubic_far(t + 1.0)
+    elif TAP == 1:
+        w = _cubic_near(t)
+    elif TAP == 2:
+        w = _cubic_near(1.0 - t)
+    else:
+        w = _cubic_far(2.0 - t)
+    return w
+
 @triton.jit(do_not_specialize=["H", "W"])
 def _grid_sample_kernel(x_ptr, g_ptr, out_ptr, C, H, W, HWo, Wo, sxn, sxc, sxh, sxw, sgn, sgh, sgw, sgc,
                        C_CHUNK, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
@@ -352,25 +365,11 @@ def _grid_sample_kernel(x_ptr, g_ptr, out_ptr, C, H, W, HWo, Wo, sxn, sxc, sxh, 
             base = xb + (c * sxc)[:, None]
             acc = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
             for i in tl.static_range(4):
-                if i == 0:
-                    wy = _cubic_far(ty + 1.0)
-                elif i == 1:
-                    wy = _cubic_near(ty)
-                elif i == 2:
-                    wy = _cubic_near(1.0 - ty)
-                else:
-                    wy = _cubic_far(2.0 - ty)
+                wy = _cubic_tap(ty, i)
                 yy = _pad_coord(y0f + (i - 1), H, PAD, ALIGN).to(tl.int32)
                 row = acc * 0.0
                 for j in tl.static_range(4):
-                    if j == 0:
-                        wx = _cubic_far(tx + 1.0)
-                    elif j == 1:
-                        wx = _cubic_near(tx)
-                    elif j == 2:
-                        wx = _cubic_near(1.0 - tx)
-                    else:
-                        wx = _cubic_far(2.0 - tx)
+                    wx = _cubic_tap(tx, j)
                     xx = _pad_coord(x0f + (j - 1), W, PAD, ALIGN).to(tl.int32)
                     ok = ((xx >= 0) & (xx < W) & (yy >= 0) & (yy < H) & pm)[None, :]
                     v = tl.load(base + (yy * sxh + xx * sxw)[None, :], mask=cm & ok, other=0.0).to(tl.float32)
@@ -529,14 +528,13 @@ def _affine_grid_3d_kernel(theta_ptr, out_ptr, D, H, W, HW, DHW, stn, str_, stc,
 def grid_sample_launch_config(n: int, c: int, hw_out: int, mode: str) -> tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_P, C_CHUNK, num_warps). Pixels across threads, one channel at a time per
     program (each step one coalesced row of taps); channels split across programs until about
-    2048 programs keep the GPU busy. Swept on an H200 (benchmarks/sweep_plugins.py): one channel
-    per step ran 1.7-2.5x faster than 8, e.g. [8,64,128,128] fp16 0.020 ms vs 0.052 ms."""
+    2048 programs keep the GPU busy (benchmarks/sweep_plugins.py sweeps the alternatives)."""
     block_p = 128 if n * hw_out >= 131072 else 64
-    block_p = min(block_p, _util.next_pow2(hw_out))
+    block_p = min(block_p, next_pow2(hw_out))
     block_c = 2 if mode == "bicubic" else 1
-    programs = n * _util.cdiv(hw_out, block_p)
-    chunks = max(1, min(_util.cdiv(c, block_c), _util.cdiv(2048, programs)))
-    c_chunk = _util.cdiv(_util.cdiv(c, chunks), block_c) * block_c
+    programs = n * cdiv(hw_out, block_p)
+    chunks = max(1, min(cdiv(c, block_c), cdiv(2048, programs)))
+    c_chunk = cdiv(cdiv(c, chunks), block_c) * block_c
     return block_c, block_p, c_chunk, 4 if block_p >= 128 else 2
 
 
@@ -555,7 +553,7 @@ def _grid_sample_triton(p: GridSample, x: Any, grid: Any, out: Any, config: tupl
         out.zero_()
         return
     block_c, block_p, c_chunk, warps = config or grid_sample_launch_config(n, c, ho * wo, p.mode)
-    launch = (_util.cdiv(ho * wo, block_p), n, _util.cdiv(c, c_chunk))
+    launch = (cdiv(ho * wo, block_p), n, cdiv(c, c_chunk))
     _grid_sample_kernel[launch](x, grid, out, c, h, w, ho * wo, wo, *x.stride(), grid.stride(0), grid.stride(1), grid.stride(2),
                  grid.stride(3), c_chunk, MODE=_MODES[p.mode], PAD=_PADS[p.padding_mode], ALIGN=bool(p.align_corners),
                  BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
@@ -574,7 +572,7 @@ def _grid_sample_3d_triton(p: GridSample, x: Any, grid: Any, out: Any, config: t
         return
     pixels = do * ho * wo
     block_c, block_p, c_chunk, warps = config or grid_sample_launch_config(n, c, pixels, p.mode)
-    launch = (_util.cdiv(pixels, block_p), n, _util.cdiv(c, c_chunk))
+    launch = (cdiv(pixels, block_p), n, cdiv(c, c_chunk))
     _grid_sample_3d_kernel[launch](x, grid, out, c, d, h, w, pixels, ho * wo, wo, *x.stride(), *grid.stride()[:4],
                                    grid.stride(4), c_chunk, MODE=_MODES[p.mode], PAD=_PADS[p.padding_mode],
                                    ALIGN=bool(p.align_corners), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
@@ -590,12 +588,12 @@ def _affine_grid_triton(p: AffineGrid, theta: Any, spatial: tuple[int, ...], out
         return
     if len(spatial) == 3:
         d, h, w = spatial
-        block_p = min(256, _util.next_pow2(d * h * w))
-        _affine_grid_3d_kernel[(_util.cdiv(d * h * w, block_p), n)](
+        block_p = min(256, next_pow2(d * h * w))
+        _affine_grid_3d_kernel[(cdiv(d * h * w, block_p), n)](
             theta, out, d, h, w, h * w, d * h * w, *theta.stride(), ALIGN=bool(p.align_corners), BLOCK_P=block_p,
             num_warps=4)
         return
     h, w = spatial
-    block_p = min(256, _util.next_pow2(h * w))
-    _affine_grid_kernel[(_util.cdiv(h * w, block_p), n)](theta, out, h, w, h * w, *theta.stride(),
+    block_p = min(256, next_pow2(h * w))
+    _affine_grid_kernel[(cdiv(h * w, block_p), n)](theta, out, h, w, h * w, *theta.stride(),
                                                          ALIGN=bool(p.align_corners), BLOCK_P=block_p, num_warps=4)

@@ -20,8 +20,8 @@ from typing import Any
 from kiln.errors import PluginError
 from kiln.plugins.base import Plugin, TensorDesc, field
 from kiln.plugins.builtin import _util
-from kiln.plugins.builtin._util import tl, triton
 from kiln.plugins.registry import register
+from kiln.triton_support import cdiv, next_pow2, tl, triton
 
 _FLOATS = ("float32", "float16", "bfloat16")
 TOPK_LIMIT = 4096          # candidates per image that enter NMS, as TensorRT
@@ -429,7 +429,7 @@ def _nms_output_kernel(keep_ptr, nkeep_ptr, topv_ptr, topi_ptr, boxes_ptr, num_p
 def greedy_launch_config(k: int) -> tuple[int, bool, int]:
     """(BLOCK, CHUNKED, num_warps): all candidates in registers up to 4096 (8 per thread)."""
     if k <= _MAX_REGISTER_BLOCK:
-        block = max(16, _util.next_pow2(k))
+        block = max(16, next_pow2(k))
         return block, False, max(1, min(16, block // 256))
     return 1024, True, 8
 
@@ -457,22 +457,22 @@ def _efficient_nms_triton(p: EfficientNMS, boxes: Any, scores: Any, outputs: lis
                                                              scores.device, p.name)
     if 0 <= p.background_class < c or not scores.is_contiguous():
         total = b * n * c
-        _nms_mask_kernel[(_util.cdiv(total, 1024),)](scores, masked, total, n * c, c, *scores.stride(),
+        _nms_mask_kernel[(cdiv(total, 1024),)](scores, masked, total, n * c, c, *scores.stride(),
                                                      p.background_class, BLOCK=1024, num_warps=4)
         flat = masked
     else:
         flat = scores.view(b, n * c)
     torch.topk(flat, k, dim=1, largest=True, sorted=True, out=(topv, topi))
     sb = _box_strides(boxes)
-    gblock = min(1024, _util.next_pow2(k))
-    _nms_gather_kernel[(b, _util.cdiv(k, gblock))](topv, topi, boxes, cand, cls, k, c, float(p._raw_threshold()),
+    gblock = min(1024, next_pow2(k))
+    _nms_gather_kernel[(b, cdiv(k, gblock))](topv, topi, boxes, cand, cls, k, c, float(p._raw_threshold()),
                                                    p.background_class, *sb, CLASS_BOXES=boxes.dim() == 4,
                                                    CENTER=p.box_coding == 1, BLOCK=gblock, num_warps=4)
     block, chunked, warps = greedy_launch_config(k)
     _nms_greedy_kernel[(b,)](cand, cls, cls, keep, nkeep, k, m, float(p.iou_threshold), ONNX_RULE=False,
                              AGNOSTIC=p.class_agnostic, CHUNKED=chunked, BLOCK=block, num_warps=warps)
-    oblock = min(1024, _util.next_pow2(m))
-    _nms_output_kernel[(b, _util.cdiv(m, oblock))](keep, nkeep, topv, topi, boxes, num, obox, oscore, ocls, k, c, m,
+    oblock = min(1024, next_pow2(m))
+    _nms_output_kernel[(b, cdiv(m, oblock))](keep, nkeep, topv, topi, boxes, num, obox, oscore, ocls, k, c, m,
                                                    *sb, CLASS_BOXES=boxes.dim() == 4, CENTER=p.box_coding == 1,
                                                    SIGMOID=p.score_activation, BLOCK=oblock, num_warps=4)
 

@@ -16,8 +16,8 @@ from typing import Any
 from kiln.errors import PluginError
 from kiln.plugins.base import Plugin, TensorDesc, field
 from kiln.plugins.builtin import _util
-from kiln.plugins.builtin._util import tl, triton
 from kiln.plugins.registry import register
+from kiln.triton_support import cdiv, next_pow2, tl, triton
 
 _FLOATS = ("float32", "float16", "bfloat16")
 
@@ -318,9 +318,9 @@ def roi_align_launch_config(c: int, ph: int, pw: int, sampling_ratio: int) -> tu
     """(BLOCK_C, BLOCK_P, num_warps): all bins of a ROI in one tile, channels filling it to ~1K
     elements (~110 registers on sm_90, 4 programs per SM); half that when a fixed sampling
     grid is unrolled, which keeps 4x more loads in flight per thread."""
-    block_p = _util.next_pow2(ph * pw)
+    block_p = next_pow2(ph * pw)
     elems = 512 if sampling_ratio > 1 else 1024
-    block_c = max(1, min(_util.next_pow2(c), elems // block_p))
+    block_c = max(1, min(next_pow2(c), elems // block_p))
     return block_c, block_p, 4
 
 
@@ -333,7 +333,7 @@ def _roi_align_triton(p: RoiAlign, x: Any, rois: Any, bidx: Any, out: Any) -> No
     if r == 0 or c == 0:
         return
     block_c, block_p, warps = roi_align_launch_config(c, p.output_height, p.output_width, p.sampling_ratio)
-    grid = (r, _util.cdiv(c, block_c))
+    grid = (r, cdiv(c, block_c))
     _roi_align_kernel[grid](x, rois, bidx, out, c, h, w, *x.stride(), *rois.stride(), bidx.stride(0), float(p.spatial_scale),
                  PH=p.output_height, PW=p.output_width, SR=max(0, p.sampling_ratio),
                  HALF_PIXEL=p.coordinate_transformation_mode == "half_pixel", MAX_MODE=p.mode == "max",
