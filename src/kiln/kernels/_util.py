@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir.dtypes import from_numpy, to_numpy, torch_dtype  # noqa: F401  (until kiln.bench imports them from there)
-
 
 def per_tensor(cache: dict, key: torch.Tensor, make):
     """``make()`` once per tensor object (a layer's constant weight, passed again on every call):
