@@ -101,6 +101,27 @@ SOURCES: dict[str, Source] = {
              "5b349c17c7836da506e03422cd6461c74085d8bb2713ad4114647dc5d28174c8"),
             (_FA + "face_expression_model.bin", "face_expression_model.bin",
              "9a9840f2cf1f4c7eab95f197512569345c00d2426754d4608b92af30e0300f3d"))),
+    "musicnn": Source(       # TF1 checkpoints' MetaGraphDefs (the files are named just ".meta")
+        "musicnn", "0.1.0", "musicnn-0.1.0-py3-none-any.whl",
+        "f38a4890c648c1ddbb141c5d96d2b0a8cfcd36746002d896989f7b88beb65cfa", 29292476, members=(
+            ("musicnn/MSD_musicnn/.meta", "MSD_musicnn.meta",
+             "046dc0f4f95374c3fc435a1c6619f6d1b9c82794ea2d2ef0a362a59630b5b1ec"),
+            ("musicnn/MSD_vgg/.meta", "MSD_vgg.meta",
+             "f2f4718d0e2d9ea54d97bac053ca2dc3fa237b6521913b3ebe01164300ad201b"))),
+    "facenet-pytorch": Source(   # MTCNN weights as torch.save wrote them before its zip format
+        "facenet-pytorch", "2.6.0", "facenet_pytorch-2.6.0-py3-none-any.whl",
+        "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca", 1881930, members=(
+            ("facenet_pytorch/data/pnet.pt", "pnet.pt",
+             "a2a71925e0b9996a42f63e47efc1ca19043e69558b5c523b978d611dfae49c8f"),
+            ("facenet_pytorch/data/rnet.pt", "rnet.pt",
+             "bbb937de72efc9ef83b186c49f5f558467a1d7e3453a8ece0d71a886633f6a86"))),
+    "lpips": Source(         # LPIPS linear-layer weights (legacy torch.save .pth)
+        "lpips", "0.1.4", "lpips-0.1.4-py3-none-any.whl",
+        "fd537af5828b69d2e6ffc0a397bd506dbc28ca183543617690844c08e102ec5e", 53763, members=(
+            ("lpips/weights/v0.1/alex.pth", "alex.pth",
+             "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"),
+            ("lpips/weights/v0.1/vgg.pth", "vgg.pth",
+             "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"))),
 }
 
 

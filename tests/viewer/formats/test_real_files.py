@@ -62,7 +62,10 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("open-nsfw", "resnet_50_1by2_nsfw.caffemodel", "Caffe"), ("open-nsfw", "resnet_50_1by2_nsfw.prototxt", "Caffe"),
          ("face-api", "tiny_face_detector_model-weights_manifest.json", "TensorFlow.js"),
          ("face-api", "face_landmark_68_tiny_model-weights_manifest.json", "TensorFlow.js"),
-         ("face-api", "face_expression_model-weights_manifest.json", "TensorFlow.js")]
+         ("face-api", "face_expression_model-weights_manifest.json", "TensorFlow.js"),
+         ("musicnn", "MSD_musicnn.meta", "TensorFlow"), ("musicnn", "MSD_vgg.meta", "TensorFlow"),
+         ("facenet-pytorch", "pnet.pt", "TorchScript"), ("facenet-pytorch", "rnet.pt", "TorchScript"),
+         ("lpips", "alex.pth", "TorchScript"), ("lpips", "vgg.pth", "TorchScript")]
 
 
 @pytest.mark.parametrize("source, name, fmt", OPENS, ids=[f"{s}/{n}" for s, n, _ in OPENS])
@@ -178,3 +181,23 @@ def test_face_api_manifest_against_its_bytes(name):
         want = (raw * np.float32(q["scale"]) + np.float32(q["min"])) if q else raw
         np.testing.assert_allclose(g.weights[spec["name"]].load().ravel(), want, rtol=1e-6, atol=0)
     assert offset == len(data)
+
+
+@pytest.mark.parametrize("source, name", [("facenet-pytorch", "pnet.pt"), ("facenet-pytorch", "rnet.pt"),
+                                          ("lpips", "alex.pth"), ("lpips", "vgg.pth")])
+def test_legacy_torch_checkpoints_against_torch(source, name):
+    torch = pytest.importorskip("torch")
+    path = real(source, name)
+    ref = torch.load(str(path), map_location="cpu", weights_only=True)
+    model = open_model(path)
+    assert model.version == "legacy torch.save" and set(model.graph.weights) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(model.graph.weights[k].load(), v.numpy(), err_msg=k)
+
+
+def test_tf1_meta_graphs():
+    """musicnn's checkpoints: every variable of the graph is a VariableV2 node with its shape."""
+    for name, variables in (("MSD_musicnn.meta", 150), ("MSD_vgg.meta", 86)):
+        model = open_model(real("musicnn", name))
+        assert model.properties["content"] == "MetaGraphDef" and _ops(model.graph)["VariableV2"] == variables
+        assert _ops(model.graph)["Conv2D"] >= 5

@@ -126,3 +126,19 @@ def test_detect_damage_export(files, tmp_path):
     assert detect(d / "ckpt.pt").name == "TorchScript"
     check_damaged(d / "traced.jit", tmp_path, magic_len=4)
     check_export(open_model(d / "traced.jit"), tmp_path)
+
+
+def test_legacy_checkpoint(tmp_path):
+    """torch.save before the zip format: pickles, then raw storages; read as data and equal to torch.load."""
+    state = {"conv.weight": torch.arange(24.0).reshape(2, 3, 4).transpose(1, 2), "bn.num": torch.tensor(7),
+             "h": torch.full((3,), 0.5, dtype=torch.float16)}
+    p = tmp_path / "old.pth"
+    torch.save(state, str(p), _use_new_zipfile_serialization=False)
+    model = open_model(p)
+    g = model.graph
+    assert model.version == "legacy torch.save" and set(g.weights) == set(state)
+    ref = torch.load(str(p), weights_only=True)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(g.weights[k].load(), v.numpy())
+    assert g.weights["conv.weight"].shape == [2, 4, 3]
+    check_damaged(p, tmp_path, magic_len=14, cuts=(0.5, 8))

@@ -11,6 +11,7 @@ extension registry) are refused.
 """
 from __future__ import annotations
 
+import io
 import pickletools
 from typing import Any
 
@@ -59,6 +60,11 @@ _PUSH_CONST = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 
 def loads(data: bytes) -> Any:
     """The object a pickle describes, built from inert stand-ins."""
+    return load(io.BytesIO(data))
+
+
+def load(stream: Any) -> Any:
+    """The object of the pickle at ``stream``'s position (a file-like object); the stream is left after it."""
     stack: list[Any] = []
     marks: list[int] = []
     memo: dict[int, Any] = {}
@@ -77,7 +83,7 @@ def loads(data: bytes) -> Any:
         return stack.pop()
 
     try:
-        for n, (op, arg, _) in enumerate(pickletools.genops(data)):
+        for n, (op, arg, _) in enumerate(pickletools.genops(stream)):
             if n > _MAX_OPS:
                 raise PickleError("the pickle has too many opcodes")
             name = op.name
@@ -140,8 +146,8 @@ def loads(data: bytes) -> Any:
             elif name == "REDUCE":
                 args = pop()
                 func = pop()
-                ordered = isinstance(func, Global) and func.qualname == "collections.OrderedDict" and args == ()
-                stack.append({} if ordered else Call(func, args))   # an empty OrderedDict is a dict to fill
+                stack.append(_ordered_dict(args) if isinstance(func, Global) and
+                             func.qualname == "collections.OrderedDict" else Call(func, args))
             elif name == "NEWOBJ":
                 args = pop()
                 stack.append(Call(pop(), args))
@@ -153,9 +159,7 @@ def loads(data: bytes) -> Any:
                 state = pop()
                 target = stack[-1] if stack else None
                 if isinstance(target, Call):
-                    target.state = state
-                elif isinstance(target, dict) and isinstance(state, dict):
-                    target.update(state)
+                    target.state = state          # a dict's BUILD state holds attributes, not items: dropped
             elif name in ("BINPERSID", "PERSID"):
                 stack.append(Persistent(pop() if name == "BINPERSID" else arg))
             else:
@@ -166,3 +170,13 @@ def loads(data: bytes) -> Any:
             RecursionError) as exc:
         raise PickleError(f"the pickle is damaged ({type(exc).__name__}: {exc})") from None
     raise PickleError("the pickle ends without a STOP opcode")
+
+
+def _ordered_dict(args: Any) -> dict | Call:
+    """``OrderedDict()`` or ``OrderedDict([[key, value], ...])`` as the dict it builds (data, no call)."""
+    if args == ():
+        return {}
+    if isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], list) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in args[0]):
+        return dict((k, v) for k, v in args[0])
+    return Call(Global("collections", "OrderedDict"), args)

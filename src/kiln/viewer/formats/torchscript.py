@@ -1,4 +1,4 @@
-"""TorchScript archives (``torch.jit.save``: ``.pt``, ``.jit``) and zip checkpoints (``torch.save``), read as data.
+"""TorchScript archives (``torch.jit.save``: ``.pt``, ``.jit``) and ``torch.save`` checkpoints, read as data.
 
 Nothing in the archive is executed.  ``data.pkl`` and ``constants.pkl`` are
 replayed by ``_pickle`` into inert objects: modules are the classes they name,
@@ -8,7 +8,8 @@ serialized TorchScript source under ``code/``, parsed with :mod:`ast` (parsing
 only) and walked: each call becomes a node, each submodule's ``forward`` is
 inlined under its module path as a group, and ``self.<param>`` reads become the
 module's weights.  Branches and loop bodies are walked once, in order.  A
-checkpoint without code shows its tensors grouped by key.
+checkpoint without code (a zip, or the older sequence of pickles followed by
+raw storages) shows its tensors grouped by key.
 """
 from __future__ import annotations
 
@@ -32,13 +33,18 @@ _STORAGES = {"FloatStorage": ("float32", "f4"), "DoubleStorage": ("float64", "f8
              "ComplexDoubleStorage": ("complex128", "c16")}
 _REBUILD = ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor")
 _PARAMETER = ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state")
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C      # torch.serialization's magic number, the first pickle of the file
+_LEGACY_HEAD = b"\x80\x02\x8a\x0a"            # protocol 2, then that number as a 10-byte LONG1
 _MAX_PICKLE = 256 << 20
 _MAX_SOURCE = 16 << 20
 _MAX_INLINE = 48            # submodule forwards inlined inside one another at most this deep
 _MAX_NODES = 200_000
 
 
-def sniff(path: Path, head: bytes) -> zipfile.ZipFile | None:
+def sniff(path: Path, head: bytes) -> zipfile.ZipFile | str | None:
+    """The open archive (TorchScript or a zip checkpoint), or "legacy" for a pre-zip ``torch.save`` file."""
+    if head.startswith(_LEGACY_HEAD) and int.from_bytes(head[4:14], "little") == _LEGACY_MAGIC:
+        return "legacy"
     return open_zip(path, head, lambda names: any(n == "data.pkl" or n.endswith("/data.pkl") for n in names)
                     and not any(n.endswith(("/archive_format", "serialized_exported_program.json")) for n in names))
 
@@ -48,6 +54,11 @@ def _err(path: Path, what: Any) -> ViewerError:
 
 
 def read(path: Path, handle: Any = None) -> ViewModel:
+    if handle is None:
+        with open(path, "rb") as f:
+            handle = sniff(path, f.read(64))
+    if handle == "legacy":
+        return _read_legacy(path)
     try:
         with reuse_zip(path, handle) as z:
             archive = _Archive(path, z)
@@ -75,8 +86,81 @@ def read(path: Path, handle: Any = None) -> ViewModel:
                      properties=props, graphs=[graph], file_size=path.stat().st_size)
 
 
-class _Archive:
-    """Members of the archive under its one top folder; storages as lazy tensors."""
+def _read_legacy(path: Path) -> ViewModel:
+    try:
+        legacy = _Legacy(path)
+        graph = weights_graph(path.stem, legacy.tensors(legacy.root), sep=".")
+    except _pickle.PickleError as exc:
+        raise _err(path, exc) from None
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, EOFError, RecursionError,
+            MemoryError) as exc:
+        raise _err(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged'}") from None
+    if not graph.weights:
+        raise _err(path, "it holds no tensors")
+    return ViewModel(format=_FMT, path=str(path), producer="torch", version="legacy torch.save",
+                     properties={"content": "checkpoint (tensors only)"}, graphs=[graph],
+                     file_size=path.stat().st_size)
+
+
+class _Storages:
+    """Tensors rebuilt from ``_rebuild_tensor_v2`` records; subclasses say where storages' bytes are."""
+
+    path: Path
+    endian = "<"
+
+    def tensor(self, obj: Any, folder: str) -> tuple[list[int], str, Any] | None:
+        """(shape, dtype, loader) of a rebuilt tensor record, or None when ``obj`` is not one."""
+        if isinstance(obj, _pickle.Call) and obj.named(*_PARAMETER) and isinstance(obj.args, tuple) and obj.args:
+            obj = obj.args[0]
+        if not (isinstance(obj, _pickle.Call) and obj.named(*_REBUILD) and isinstance(obj.args, tuple)
+                and len(obj.args) >= 4 and isinstance(obj.args[0], _pickle.Persistent)):
+            return None
+        pid, offset, size, stride = obj.args[0].pid, obj.args[1], obj.args[2], obj.args[3]
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and isinstance(pid[1], _pickle.Global)):
+            return None
+        dtype, np_dtype = _STORAGES.get(pid[1].name, (None, None))
+        shape = [int(d) for d in size] if isinstance(size, (tuple, list)) else []
+        if dtype is None:
+            return shape, pid[1].name, None
+        raw = self.storage(folder, str(pid[2]))
+        strides = [int(s) for s in stride] if isinstance(stride, (tuple, list)) else None
+        what = f"{_FMT}: tensor storage {folder}/{pid[2]!s}"
+        np_dtype = self.endian + np_dtype
+
+        def load() -> np.ndarray:
+            arr = strided(np.frombuffer(raw(), dtype=np_dtype), shape, strides, int(offset), what)
+            return (arr.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else arr
+        return shape, dtype, load
+
+    def tensors(self, root: Any) -> list[tuple[str, list[int], str, Any, None]]:
+        """Every tensor reachable from ``root`` (dicts, lists, module states), named by its key path."""
+        out: list[tuple[str, list[int], str, Any, None]] = []
+        seen: set[int] = set()
+
+        def walk(obj: Any, key: str, depth: int) -> None:
+            if depth > 64 or id(obj) in seen:
+                return
+            seen.add(id(obj))
+            t = self.tensor(obj, "data")
+            if t is not None:
+                out.append((key or "tensor", t[0], t[1], t[2], None))
+            elif isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(v, f"{key}.{k}" if key else str(k), depth + 1)
+            elif isinstance(obj, (list, tuple)):
+                for i, v in enumerate(obj):
+                    walk(v, f"{key}.{i}" if key else str(i), depth + 1)
+            elif isinstance(obj, _pickle.Call):
+                walk(obj.state if obj.state is not None else obj.args, key, depth + 1)
+        walk(root, "", 0)
+        return out
+
+    def storage(self, folder: str, key: str) -> Any:
+        raise NotImplementedError
+
+
+class _Archive(_Storages):
+    """Members of a zip archive (TorchScript or ``torch.save``) under its one top folder."""
 
     def __init__(self, path: Path, z: zipfile.ZipFile) -> None:
         self.path, self.z = path, z
@@ -87,7 +171,6 @@ class _Archive:
         self.has_code = any(n.startswith(self.prefix + "code/") and n.endswith(".py") for n in names)
         order = self.text("byteorder")
         self.endian = ">" if order == "big" else "<"
-        self.tensor_count = 0
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.names
@@ -112,60 +195,83 @@ class _Archive:
         name = "code/" + "/".join(parts) + ".py"
         return self.read(name, _MAX_SOURCE).decode("utf-8", "replace") if self.has(name) else None
 
-    def tensor(self, obj: Any, folder: str) -> tuple[list[int], str, Any] | None:
-        """(shape, dtype, loader) of a rebuilt tensor record, or None when ``obj`` is not one."""
-        if isinstance(obj, _pickle.Call) and obj.named(*_PARAMETER) and isinstance(obj.args, tuple) and obj.args:
-            obj = obj.args[0]
-        if not (isinstance(obj, _pickle.Call) and obj.named(*_REBUILD) and isinstance(obj.args, tuple)
-                and len(obj.args) >= 4 and isinstance(obj.args[0], _pickle.Persistent)):
-            return None
-        pid, offset, size, stride = obj.args[0].pid, obj.args[1], obj.args[2], obj.args[3]
-        if not (isinstance(pid, tuple) and len(pid) >= 3 and isinstance(pid[1], _pickle.Global)):
-            return None
-        dtype, np_dtype = _STORAGES.get(pid[1].name, (None, None))
-        shape = [int(d) for d in size] if isinstance(size, (tuple, list)) else []
-        if dtype is None:
-            return shape, pid[1].name, None
-        member = f"{folder}/{pid[2]}"
-        if not self.has(member) or not str(pid[2]).isalnum():
-            raise ValueError(f"the storage {folder}/{pid[2]!s} of a tensor is missing")
-        strides = [int(s) for s in stride] if isinstance(stride, (tuple, list)) else None
-        self.tensor_count += 1
-        return shape, dtype, self._loader(member, self.endian + np_dtype, dtype, shape, strides, int(offset))
-
-    def _loader(self, member: str, np_dtype: str, dtype: str, shape: list[int], strides: list[int] | None,
-                offset: int) -> Any:
+    def storage(self, folder: str, key: str) -> Any:
+        """A reader of one storage's bytes (the member ``folder/key``), checked to exist now."""
+        member = f"{folder}/{key}"
+        if not key.isalnum() or not self.has(member):
+            raise ValueError(f"the storage {member} of a tensor is missing")
         path, name = self.path, self.prefix + member
 
-        def load() -> np.ndarray:
+        def raw() -> bytes:
             with zipfile.ZipFile(path) as z:
-                flat = np.frombuffer(z.read(name), dtype=np_dtype)
-            arr = strided(flat, shape, strides, offset, f"{_FMT}: tensor {member!r}")
-            return (arr.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else arr
-        return load
+                return z.read(name)
+        return raw
 
-    def tensors(self, root: Any) -> list[tuple[str, list[int], str, Any, None]]:
-        """Every tensor reachable from ``root`` (dicts, lists, module states), named by its key path."""
-        out: list[tuple[str, list[int], str, Any, None]] = []
-        seen: set[int] = set()
 
-        def walk(obj: Any, key: str, depth: int) -> None:
-            if depth > 64 or id(obj) in seen:
-                return
-            seen.add(id(obj))
-            t = self.tensor(obj, "data")
-            if t is not None:
-                out.append((key or "tensor", t[0], t[1], t[2], None))
-            elif isinstance(obj, dict):
-                for k, v in obj.items():
-                    walk(v, f"{key}.{k}" if key else str(k), depth + 1)
-            elif isinstance(obj, (list, tuple)):
-                for i, v in enumerate(obj):
-                    walk(v, f"{key}.{i}" if key else str(i), depth + 1)
-            elif isinstance(obj, _pickle.Call):
-                walk(obj.state if obj.state is not None else obj.args, key, depth + 1)
-        walk(root, "", 0)
-        return out
+class _Legacy(_Storages):
+    """A ``torch.save`` file from before the zip format: pickles for the magic number, protocol, system
+    info, the object and its storage keys, then each storage as an 8-byte element count and its bytes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            magic, protocol = _pickle.load(f), _pickle.load(f)
+            if magic != _LEGACY_MAGIC or not isinstance(protocol, int):
+                raise ValueError("its header is not a torch.save header")
+            info = _pickle.load(f)
+            if isinstance(info, dict) and info.get("little_endian") is False:
+                self.endian = ">"
+            self.root = _pickle.load(f)
+            keys = _pickle.load(f)
+            if not isinstance(keys, list):
+                raise ValueError("its storage list is damaged")
+            itemsize = {str(p[2]): np.dtype(_STORAGES[p[1].name][1]).itemsize for p in _persistent_ids(self.root)
+                        if len(p) >= 3 and isinstance(p[1], _pickle.Global) and p[1].name in _STORAGES}
+            self.offsets: dict[str, tuple[int, int]] = {}
+            pos = f.tell()
+            for key in map(str, keys):
+                if key not in itemsize or pos + 8 > size:
+                    break                       # later storages' places are unknown: their tensors show no values
+                f.seek(pos)
+                nbytes = int.from_bytes(f.read(8), "little" if self.endian == "<" else "big") * itemsize[key]
+                if pos + 8 + nbytes > size:
+                    raise ValueError(f"storage {key} runs past the end of the file; it is truncated")
+                self.offsets[key] = (pos + 8, nbytes)
+                pos += 8 + nbytes
+
+    def storage(self, folder: str, key: str) -> Any:
+        if key not in self.offsets:
+            raise ValueError(f"the storage {key} of a tensor is missing")
+        start, nbytes = self.offsets[key]
+        path = self.path
+
+        def raw() -> bytes:
+            with open(path, "rb") as f:
+                f.seek(start)
+                return f.read(nbytes)
+        return raw
+
+
+def _persistent_ids(root: Any) -> list[tuple]:
+    """Every persistent id (storage reference) reachable from ``root``."""
+    out: list[tuple] = []
+    seen: set[int] = set()
+    todo = [(root, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        if id(obj) in seen or depth > 64:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, _pickle.Persistent) and isinstance(obj.pid, tuple):
+            out.append(obj.pid)
+        elif isinstance(obj, dict):
+            todo.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend((v, depth + 1) for v in obj)
+        elif isinstance(obj, _pickle.Call):
+            todo.extend([(obj.args, depth + 1), (obj.state, depth + 1)])
+    return out
 
 
 class _Value:
