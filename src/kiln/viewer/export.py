@@ -93,6 +93,10 @@ def find_chromium() -> str | None:
     return None
 
 
+def _first_line(exc: BaseException | str) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class _Chromium:
     """One headless Chromium per process, driven by one worker thread: Playwright's sync API belongs to the
     thread that started it and refuses to start where an event loop runs (Jupyter). Started on first use,
@@ -148,7 +152,7 @@ class _Chromium:
                     if browser is not None:
                         browser.close()
         except BaseException as exc:
-            self.failure = f" ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
+            self.failure = f" ({_first_line(exc)})"
             if job is not None:
                 job[1]["error"] = ViewerError(f"headless Chromium failed{self.failure}. {INSTALL}")
                 job[2].set()
@@ -164,7 +168,7 @@ def _launch(p):
     try:
         return p.chromium.launch(executable_path=find_chromium(), args=CHROMIUM_ARGS)
     except Exception as exc:
-        raise ViewerError(f"could not start headless Chromium ({str(exc).splitlines()[0]}). {INSTALL}") from None
+        raise ViewerError(f"could not start headless Chromium ({_first_line(exc)}). {INSTALL}") from None
 
 
 CHROMIUM = _Chromium()
@@ -185,15 +189,14 @@ def _draw(html_path: pathlib.Path, fmt: str, pane_index: int) -> Any:
                 raise ViewerError(f"the page did not finish drawing within {PAGE_TIMEOUT_S} s; export .html "
                                   f"instead.") from None
             if errors:
-                raise ViewerError(f"the page failed while drawing ({errors[0].splitlines()[0]}).")
+                raise ViewerError(f"the page failed while drawing ({_first_line(errors[0])}).")
             if pg.evaluate("document.body.dataset.ready") != "1":
                 raise ViewerError(pg.evaluate("kilnApp.error || 'the page could not draw the model.'"))
             try:
                 return pg.evaluate("([fmt, pi]) => kilnApp.picture(fmt, pi)", [fmt, pane_index])
             except Exception as exc:
-                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise ViewerError(f"the page could not make the {fmt.upper()} picture ({reason}); export .html "
-                                  f"instead.") from None
+                raise ViewerError(f"the page could not make the {fmt.upper()} picture ({_first_line(exc)}); export "
+                                  f".html instead.") from None
         finally:
             ctx.close()
     return CHROMIUM.call(job)
