@@ -501,6 +501,10 @@ var Kiln = window.Kiln || (window.Kiln = {});
     document.body.dataset.ready = "1";
   }
 
+  // window.kilnApp: the page's state (data, panes: {pane, expanded, opened, scene, view}, toggles, rankdir,
+  // selection) and what tests, headless export and other views call. relayout(ps) recomputes a pane's
+  // coordinates with Kiln.Placer (static/layout.js) and redraws it; picture(fmt, pane) is the Export menu's
+  // drawing ("svg" text, "png" data: URL), the one kiln/viewer/export.py saves.
   app.select = select; app.goToNode = goToNode; app.toggleCluster = toggleCluster; app.openNode = openNode;
   app.relayout = relayout; app.search = search; app.picture = picture;
   window.addEventListener("DOMContentLoaded", start);
