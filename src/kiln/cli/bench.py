@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Any
 
-from kiln.cli.base import Json, Plugins, Shapes, Tool, register
+from kiln.cli.base import Json, Plugins, Shapes, Threads, Tool, register
 from kiln.cli.base.args import check_output_file, number
 
 
@@ -15,7 +15,8 @@ class Bench(Tool):
     help = "measure an engine's latency and throughput (trtexec-style)"
     description = ("Benchmark ENGINE: warm-up, then timed iterations; latency min/mean/median/p90/p95/p99, "
                    "throughput, and host-to-device / compute / device-to-host split.")
-    groups = (Shapes("input shapes (default: each profile's opt shape)"), Json("print the summary as JSON"), Plugins())
+    groups = (Shapes("input shapes (default: each profile's opt shape)"), Json("print the summary as JSON"), Plugins(),
+              Threads())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         p = parser
@@ -35,12 +36,16 @@ class Bench(Tool):
         if args.export_profile:
             check_output_file(args.export_profile, "--export-profile", keep=[args.engine])
         Plugins.load(args)
+        Threads.apply(args)
         import kiln
         from kiln.bench import bench
         engine = kiln.load(args.engine)
         res = bench(engine, shapes, args.warmup, args.iterations, args.duration,
                     not args.no_data_transfers, not args.no_cuda_graph, progress=True)
         ctx, inputs = res.pop("_ctx"), res.pop("_inputs")
+        if engine.device == "cpu":
+            from kiln.kernels.cpu_threads import default_threads
+            res["threads"] = ctx.threads or default_threads()
         rows = None
         if args.profile or args.export_profile:
             rows = ctx.profile(inputs)
@@ -63,6 +68,8 @@ def _print_summary(engine: str, res: dict[str, Any], rows: list[dict[str, Any]] 
     print(f"Engine: {engine} on {res['device']} ({res['precision']}), shapes "
           + ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in res["shapes"].items()))
     mode = "CUDA graph replay" if res["cuda_graph"] else "eager"
+    if "threads" in res:
+        mode += f" on {res['threads']} CPU threads"
     print(f"Mode: {mode}, {res['iterations']} iterations, "
           f"{'with' if res['transfers'] else 'without'} host/device transfers")
     print(f"Latency (ms): min {lat['min']:.4f}  mean {lat['mean']:.4f}  median {lat['median']:.4f}  "

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from kiln.cli.base import Device, Fp32Layers, Inputs, Plugins, Precision, Shapes, Tool, register
+from kiln.cli.base import Device, Fp32Layers, Inputs, Plugins, Precision, Shapes, Threads, Tool, register
 from kiln.cli.base.args import check_output_file, number, quote, warn
 
 
@@ -19,7 +19,7 @@ class Compare(Tool):
                    "histogram. A tensor passes when STAT(|kiln-ref|) <= atol + rtol*STAT(|ref|). Exit 0 when all "
                    "pass, 1 when any fails, 2 on a usage error.")
     groups = (Device(), Precision("fp16", "bf16"), Fp32Layers(), Shapes("shapes of random inputs with dynamic dims"),
-              Inputs(), Plugins())
+              Inputs(), Plugins(), Threads())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         p = parser
@@ -56,6 +56,7 @@ class Compare(Tool):
         if args.reduce and args.reduce_output:
             check_output_file(args.reduce_output, "--reduce-output", keep=[args.model])
         Plugins.load(args)
+        Threads.apply(args)
         progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
         result = compare(args.model, precision=precision, device=args.device, engine=args.engine, inputs=inputs,
                          data=args.data, shapes=shapes, atol=args.atol, rtol=args.rtol,

@@ -5,7 +5,7 @@ import argparse
 import os
 import time
 
-from kiln.cli.base import Inputs, Plugins, Shapes, Tool, register
+from kiln.cli.base import Inputs, Plugins, Shapes, Threads, Tool, register
 from kiln.cli.base.args import check_output_dir
 from kiln.cli.base.inputs import default_shape, random_input, summary
 from kiln.errors import KilnError
@@ -16,7 +16,7 @@ class Run(Tool):
     name = "run"
     help = "run an engine once on given or random inputs and summarize each output"
     description = "Run ENGINE once. Inputs come from .npy files or are random (seeded)."
-    groups = (Inputs(), Shapes("shapes for random inputs (default: profile opt)"), Plugins())
+    groups = (Inputs(), Shapes("shapes for random inputs (default: profile opt)"), Plugins(), Threads())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("engine", help="the .kiln engine file")
@@ -31,6 +31,7 @@ class Run(Tool):
         if args.output_dir:
             check_output_dir(args.output_dir, "--output-dir")
         Plugins.load(args)
+        Threads.apply(args)
         engine = kiln.load(args.engine)
         feeds = {}
         for name, path in inputs.items():

@@ -87,10 +87,11 @@ class Engine:
                 self._device_weights = out
             return self._device_weights
 
-    def context(self, cuda_graph: bool | None = None) -> "ExecutionContext":
+    def context(self, cuda_graph: bool | None = None, threads: int | None = None) -> "ExecutionContext":
         """A new execution context (its own activations). Contexts are thread-safe; one per thread
-        runs in parallel. ``cuda_graph=False`` runs eagerly, layer by layer (for debugging)."""
-        return ExecutionContext(self, cuda_graph=cuda_graph)
+        runs in parallel. ``cuda_graph=False`` runs eagerly, layer by layer (for debugging).
+        ``threads``: CPU threads its runs use (default: kiln.kernels.cpu_threads.default_threads())."""
+        return ExecutionContext(self, cuda_graph=cuda_graph, threads=threads)
 
     def check_plugins(self) -> None:
         from kiln.plugins import load_builtins, registry
@@ -125,9 +126,11 @@ class ExecutionContext:
     runs within the engine's optimization profiles.
     """
 
-    def __init__(self, engine: Engine, cuda_graph: bool | None = None) -> None:
+    def __init__(self, engine: Engine, cuda_graph: bool | None = None, threads: int | None = None) -> None:
+        from kiln.kernels.cpu_threads import check_threads
         from kiln.plugins import registry
         from kiln.runtime.program import Program
+        self.threads = None if threads is None else check_threads(threads)
         engine.check_plugins()
         self.engine = engine
         self._lock = threading.Lock()
@@ -143,6 +146,12 @@ class ExecutionContext:
             from kiln.runtime.graphs import GraphRunner
             runner = GraphRunner(self.program)
             self.graphs = runner if runner.capturable else None
+
+    def _use_threads(self) -> None:
+        """CPU engines (and any context given ``threads``) run on their thread count."""
+        if self.engine.device == "cpu" or self.threads is not None:
+            from kiln.kernels.cpu_threads import default_threads, use_threads
+            use_threads(self.threads or default_threads())
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         spec = self._inputs[name]
@@ -170,6 +179,7 @@ class ExecutionContext:
         Passing the same input tensors again (refilled in place) binds them: the graph then reads them
         where they are instead of copying them in (runtime/graphs.py)."""
         with self._lock, torch.inference_mode():
+            self._use_threads()
             if self.engine.device == "cuda":
                 prec = self.engine.precision
                 torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
@@ -204,6 +214,7 @@ class ExecutionContext:
                     seen[n] = _torch_to_np(o.float() if o.dtype == torch.bfloat16 else o).copy()
             return outs
         with self._lock, torch.inference_mode():
+            self._use_threads()
             self.program.run_env({}, tensors, timer=timer)
         return seen
 
@@ -228,6 +239,7 @@ class ExecutionContext:
             meta[step.name] = step
             return out
         with self._lock, torch.inference_mode():
+            self._use_threads()
             for _ in range(runs + 1):
                 pending: list = []
                 self.program.run_env({}, tensors, timer=timer)

@@ -101,6 +101,21 @@ class Fp32Layers(ArgGroup):
                                  "patterns in FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
 
 
+class Threads(ArgGroup):
+    """--threads N: CPU threads for the engine's runs (and a build that comes first)."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--threads", type=number(int, 1), metavar="N",
+                            help="CPU threads (default: the physical cores this process may use)")
+
+    @staticmethod
+    def apply(args: argparse.Namespace) -> None:
+        """Make --threads the process's default for CPU engines, when given."""
+        if getattr(args, "threads", None) is not None:
+            from kiln.kernels.cpu_threads import set_default_threads
+            set_default_threads(args.threads)
+
+
 class Plugins(ArgGroup):
     """--plugins FILE.py|MODULE (repeatable): plugins loaded before the command's work."""
 

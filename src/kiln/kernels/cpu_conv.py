@@ -1,0 +1,151 @@
+"""Convolution on the CPU through oneDNN, with the layer's epilogue fused as post-ops.
+
+Tactic ``onednn`` runs a 2-D FP32 Convolution layer as one call of torch's mkldnn pointwise-fused
+convolution (``torch.ops.mkldnn._convolution_pointwise``): bias, the activation where oneDNN has it
+as an eltwise post-op, and the residual add as a binary post-op (followed by ReLU where the
+layer's epilogue is ``relu(conv + r)``). The weight is reordered once into oneDNN's blocked
+layout for the input shape it meets (a few shapes are kept per layer) and activations run
+channels-last, so consecutive convolutions pass NHWC tensors without reorders.
+
+Epilogue parts oneDNN cannot fuse (other activations, an activation after a residual add other
+than ReLU, a residual added after the activation) run as in-place torch ops on the fresh output.
+Where torch lacks the ops (a build without mkldnn) the tactic is not offered and the ``torch``
+tactic runs the layer.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.conv import match_weight, pool_after
+from kiln.kernels.pointwise import act_params, activation_fn
+from kiln.kernels.registry import KernelContext, tactic
+
+# Packed weights kept per layer, one per input shape met (dynamic shapes): the oldest goes first.
+MAX_PACKED_SHAPES = 4
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN and the fused convolution and weight-reorder ops."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    return hasattr(ops, "_convolution_pointwise") and hasattr(ops, "_reorder_convolution_weight")
+
+
+def unary_post_op(attrs: dict[str, Any]) -> tuple[str, list, str | None] | None:
+    """The oneDNN eltwise post-op (attr, scalars, algorithm) for the layer's activation; ("none", ...)
+    for no activation; None when oneDNN has no exact equivalent."""
+    act = attrs.get("activation")
+    alpha, beta = act_params(attrs)
+    if act is None:
+        return "none", [], None
+    simple = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "silu": "swish", "hard_swish": "hardswish"}
+    if act in simple:
+        return simple[act], [], None
+    if act == "leaky_relu":
+        return "leaky_relu", [float(alpha)], None
+    if act == "clip":
+        lo = float("-inf") if alpha is None else float(alpha)
+        hi = float("inf") if beta is None else float(beta)
+        return "hardtanh", [lo, hi], None
+    if act == "gelu":
+        return "gelu", [], "none"
+    if act == "gelu_tanh":
+        return "gelu", [], "tanh"
+    if act == "hard_sigmoid" and alpha is not None and abs(float(alpha) - 1 / 6) < 1e-7 and beta == 0.5:
+        return "hardsigmoid", [], None
+    return None
+
+
+def _onednn_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
+    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in
+            and len(attrs["stride"]) == 2 and onednn_available())
+
+
+def _out_hw(x: torch.Tensor, w: torch.Tensor, pads: list[int], stride: list[int], dil: list[int]) -> tuple[int, int]:
+    return tuple((x.shape[2 + i] + 2 * pads[i] - dil[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+                 for i in range(2))  # type: ignore[return-value]
+
+
+class PackedWeight:
+    """A layer's weight in oneDNN's blocked layout, one copy per input shape (at most
+    MAX_PACKED_SHAPES); a different weight tensor (a weight computed at run time) starts afresh."""
+
+    def __init__(self, pads: list[int], stride: list[int], dil: list[int], groups: int) -> None:
+        self.args = (pads, stride, dil, groups)
+        self.weight: torch.Tensor | None = None
+        self.packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def get(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if w is not self.weight:
+            self.weight, self.packed = w, OrderedDict()
+        shape = tuple(x.shape)
+        hit = self.packed.get(shape)
+        if hit is None:
+            pads, stride, dil, groups = self.args
+            hit = torch.ops.mkldnn._reorder_convolution_weight(w.contiguous(), pads, stride, dil, groups, list(shape))
+            self.packed[shape] = hit
+            if len(self.packed) > MAX_PACKED_SHAPES:
+                self.packed.popitem(last=False)
+        else:
+            self.packed.move_to_end(shape)
+        return hit
+
+
+def _act_after(attrs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    act = attrs.get("activation")
+    return activation_fn(act, *act_params(attrs)) if act else None
+
+
+@tactic("Convolution", "onednn", devices=("cpu",), supports=_onednn_ok, priority=1)
+def make_convolution_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """conv + bias (+ residual) + activation as one oneDNN primitive on prepacked weights, NHWC."""
+    stride, dil, groups = list(attrs["stride"]), list(attrs["dilation"]), attrs.get("groups", 1)
+    begins, ends = list(attrs["pads"][:2]), list(attrs["pads"][2:4])
+    symmetric = begins == ends
+    pads = begins if symmetric else [0, 0]
+    pre_pad = [begins[1], ends[1], begins[0], ends[0]]
+    after = bool(attrs.get("residual_after_activation"))
+    unary = unary_post_op(attrs)
+    act = _act_after(attrs)
+    packs = PackedWeight(pads, stride, dil, groups)
+    conv = torch.ops.mkldnn._convolution_pointwise
+
+    def reference(x, w, b, residual):
+        y = F.conv2d(x if symmetric else F.pad(x, pre_pad), w, b, stride, pads, dil, groups)
+        if residual is not None and not after:
+            y = y + residual
+        y = act(y) if act is not None else y
+        return y + residual if residual is not None and after else y
+
+    def run(x, w, b=None, residual=None):
+        x = match_weight(x, w)
+        if x.is_meta:
+            return (pool_after(reference(x, w, b, residual), attrs),)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not symmetric:
+            x = F.pad(x, pre_pad).contiguous(memory_format=torch.channels_last)
+        wp = packs.get(w, x)
+        fuse_add = (residual is not None and not after and residual.dim() == 4
+                    and tuple(residual.shape) == (x.shape[0], w.shape[0], *_out_hw(x, w, pads, stride, dil)))
+        if fuse_add:
+            relu = attrs.get("activation") == "relu"
+            y = conv(x, residual, wp, b, pads, stride, dil, groups, "add", 1.0, "relu" if relu else None, [], None)
+            if act is not None and not relu:
+                y = act(y)
+        elif residual is not None and not after:
+            y = conv(x, wp, b, pads, stride, dil, groups, "none", [], None).add_(residual)
+            y = act(y) if act is not None else y
+        elif unary is not None:
+            y = conv(x, wp, b, pads, stride, dil, groups, *unary)
+        else:
+            y = act(conv(x, wp, b, pads, stride, dil, groups, "none", [], None))
+        if residual is not None and after:
+            y = y.add_(residual)
+        return (pool_after(y, attrs),)
+    return run

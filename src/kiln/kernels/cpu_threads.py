@@ -1,0 +1,107 @@
+"""How many threads CPU engines run on: by default the physical cores this process may use.
+
+Hyper-threads share one core's vector units, and threads beyond the cores a process may use (its
+CPU affinity, a container's CPU quota) make every parallel region wait for descheduled threads.
+The default counts distinct physical cores among the CPUs in the affinity mask, capped by a
+cgroup CPU quota.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+_SYS_CPU = Path("/sys/devices/system/cpu")
+_CGROUP = Path("/sys/fs/cgroup")
+_override: int | None = None
+
+
+def check_threads(n: object, what: str = "threads") -> int:
+    """``n`` as a thread count (an integer of at least 1), or a one-line KilnError."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise KilnError(f"{what} must be a whole number of at least 1, got {n!r}; leave it unset for the "
+                        f"physical cores this process may use ({default_threads()}).")
+    return n
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _physical_cores(cpus: set[int], sys_cpu: Path) -> int | None:
+    """Distinct (package, core) pairs among ``cpus`` from sysfs topology; None where it is unreadable."""
+    cores = set()
+    for cpu in cpus:
+        topo = sys_cpu / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return None
+    return len(cores) or None
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs allowed by a cgroup v2 (cpu.max) or v1 (cpu.cfs_quota_us) quota; None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores(cpus: set[int] | None = None, sys_cpu: Path = _SYS_CPU, cgroup: Path = _CGROUP) -> int:
+    """Physical cores among the CPUs this process may run on, capped by its CPU quota (at least 1).
+
+    Without sysfs topology: psutil's physical/logical ratio applied to the affinity mask, else half
+    the logical CPUs (two hyper-threads per core)."""
+    cpus = _affinity() if cpus is None else cpus
+    cores = _physical_cores(cpus, sys_cpu)
+    if cores is None:
+        try:
+            import psutil
+            physical, logical = psutil.cpu_count(logical=False), psutil.cpu_count(logical=True)
+            per_core = max(1, round(logical / physical)) if physical and logical else 2
+        except ImportError:
+            per_core = 2
+        cores = max(1, len(cpus) // per_core)
+    quota = _cgroup_quota(cgroup)
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return max(1, cores)
+
+
+@functools.lru_cache(maxsize=1)
+def _detected() -> int:
+    return usable_cores()
+
+
+def default_threads() -> int:
+    """The thread count CPU engines use when none is given: set_default_threads's, else usable_cores()."""
+    return _override if _override is not None else _detected()
+
+
+def set_default_threads(n: int | None) -> None:
+    """Make ``n`` threads the process-wide default for CPU engines (None: back to usable_cores()),
+    and use it now, so a build that follows times its tactics on the same thread count."""
+    global _override
+    _override = None if n is None else check_threads(n)
+    use_threads(default_threads())
+
+
+def use_threads(n: int) -> None:
+    """Run torch's CPU kernels (oneDNN, MKL, ATen) on ``n`` threads from now on."""
+    import torch
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -1,0 +1,209 @@
+"""The oneDNN CPU convolution tactic (kernels/cpu_conv.py): each fused epilogue against an FP64
+torch reference, and whole models built with it against ONNX Runtime."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kiln
+import kiln.onnx
+from kiln.kernels.cpu_conv import make_convolution_onednn, onednn_available
+from kiln.kernels.registry import TACTICS, KernelContext, tactics_for
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN fused convolution")
+
+CPU = KernelContext(device="cpu", precision="fp32", layer_name="conv")
+
+# FP64 references of the activations, written out (not kiln's activation table)
+REF_ACT = {
+    None: lambda t: t,
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "silu": lambda t: t * torch.sigmoid(t),
+    "hard_swish": lambda t: t * (t + 3).clamp(0, 6) / 6,
+    "leaky_relu": lambda t: torch.where(t > 0, t, 0.1 * t),
+    "clip": lambda t: t.clamp(-1.0, 2.5),
+    "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5)),
+    "gelu_tanh": lambda t: 0.5 * t * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (t + 0.044715 * t ** 3))),
+    "hard_sigmoid": lambda t: (t / 6 + 0.5).clamp(0, 1),
+    "elu": lambda t: torch.where(t > 0, t, 0.7 * torch.expm1(t)),
+    "mish": lambda t: t * torch.tanh(torch.log1p(torch.exp(t))),
+}
+ACT_PARAMS = {"leaky_relu": (0.1, None), "clip": (-1.0, 2.5), "hard_sigmoid": (1 / 6, 0.5), "elu": (0.7, None)}
+
+
+def _attrs(act=None, stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1), groups=1, **extra):
+    attrs = {"stride": list(stride), "pads": list(pads), "dilation": list(dilation), "groups": groups,
+             "activation": act, **extra}
+    if act in ACT_PARAMS:
+        attrs["alpha"], attrs["beta"] = ACT_PARAMS[act]
+    return attrs
+
+
+def _operands(n=2, cin=8, cout=16, size=9, k=3, groups=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, size, size, generator=g)
+    w = torch.randn(cout, cin // groups, k, k, generator=g) / (cin // groups * k * k) ** 0.5
+    b = torch.randn(cout, generator=g)
+    return x, w, b
+
+
+def _reference(x, w, b, attrs, residual=None):
+    begins, ends = attrs["pads"][:2], attrs["pads"][2:]
+    xp = F.pad(x.double(), [begins[1], ends[1], begins[0], ends[0]])
+    y = F.conv2d(xp, w.double(), None if b is None else b.double(), attrs["stride"], 0, attrs["dilation"],
+                 attrs["groups"])
+    act = REF_ACT[attrs.get("activation")]
+    if residual is None:
+        return act(y)
+    if attrs.get("residual_after_activation"):
+        return act(y) + residual.double()
+    return act(y + residual.double())
+
+
+def _check(got, ref):
+    """FP32 agreement: max abs error <= 1e-5 + 1e-4 * max|ref| (the tolerance every FP32 row must meet)."""
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    err = float((got.double() - ref).abs().max())
+    bound = 1e-5 + 1e-4 * float(ref.abs().max())
+    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("act", list(REF_ACT))
+def test_activation_epilogue_matches_fp64(act):
+    x, w, b = _operands()
+    attrs = _attrs(act)
+    y, = make_convolution_onednn(attrs, CPU)(x, w, b)
+    _check(y, _reference(x, w, b, attrs))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("act", [None, "relu", "sigmoid", "silu"])
+@pytest.mark.parametrize("after", [False, True])
+def test_residual_epilogue_matches_fp64(act, after):
+    x, w, b = _operands()
+    r = torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(5))
+    attrs = _attrs(act, residual=True, residual_after_activation=after)
+    r_before = r.clone()
+    y, = make_convolution_onednn(attrs, CPU)(x, w, b, r)
+    _check(y, _reference(x, w, b, attrs, r))
+    assert torch.equal(r, r_before), "the residual input must not be written"
+
+
+@pytest.mark.parametrize("case", [
+    dict(stride=(2, 2)),
+    dict(pads=(0, 0, 1, 1)),                      # asymmetric (SAME_UPPER-style) padding
+    dict(pads=(2, 2, 2, 2), dilation=(2, 2)),
+    dict(groups=8),                               # depthwise
+    dict(groups=2, stride=(2, 1), pads=(1, 0, 1, 0)),
+])
+def test_geometry_matches_fp64(case):
+    groups = case.get("groups", 1)
+    x, w, b = _operands(cin=8, cout=8 if groups == 8 else 16, groups=groups)
+    attrs = _attrs("relu", **case)
+    y, = make_convolution_onednn(attrs, CPU)(x, w, b)
+    _check(y, _reference(x, w, b, attrs))
+
+
+def test_no_bias_and_fused_max_pool():
+    x, w, _ = _operands()
+    attrs = _attrs("relu", pool={"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1]})
+    y, = make_convolution_onednn(attrs, CPU)(x, w)
+    ref = F.max_pool2d(_reference(x, w, None, attrs), 3, 2, 1)
+    _check(y, ref)
+
+
+def test_packed_weight_follows_shape_and_weight_changes():
+    """One layer meets several input shapes (a dynamic profile) and, for a weight computed at run
+    time, a new weight tensor each call: every result is that call's convolution."""
+    x, w, b = _operands(n=1, size=7)
+    attrs = _attrs("silu")
+    run = make_convolution_onednn(attrs, CPU)
+    for n, size in [(1, 7), (3, 11), (1, 7), (2, 5)]:
+        xi = torch.randn(n, 8, size, size)
+        _check(run(xi, w, b)[0], _reference(xi, w, b, attrs))
+    w2 = torch.randn_like(w)
+    _check(run(x, w2, b)[0], _reference(x, w2, b, attrs))
+    _check(run(x, w, b)[0], _reference(x, w, b, attrs))
+
+
+def test_meta_tensors_give_the_output_shape():
+    x, w, b = _operands()
+    y, = make_convolution_onednn(_attrs("relu", stride=(2, 2)), CPU)(x.to("meta"), w, b)
+    assert y.is_meta and tuple(y.shape) == (2, 16, 5, 5)
+
+
+def test_offered_only_for_fp32_2d_cpu(monkeypatch):
+    names = lambda attrs, ctx: [t.name for t in tactics_for("Convolution", attrs, ctx)]  # noqa: E731
+    assert names(_attrs(), CPU)[0] == "torch" and "onednn" in names(_attrs(), CPU)
+    assert "onednn" not in names(_attrs(), KernelContext(device="cpu", precision="fp16"))
+    assert "onednn" not in names({**_attrs(), "stride": [1], "pads": [0, 0], "dilation": [1]}, CPU)
+    monkeypatch.setattr("kiln.kernels.cpu_conv.onednn_available", lambda: False)
+    assert names(_attrs(), CPU) == ["torch"]
+
+
+class _Block(nn.Module):
+    """Convolutions with each epilogue the passes fuse: BN+ReLU, a residual add, hardswish, SiLU,
+    a depthwise convolution, a strided asymmetric padding, then a pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c1 = nn.Conv2d(16, 16, 3, 1, 1)
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.down = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(24, 24, 3, 2))
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = F.relu(self.c1(s) + s)
+        y = F.hardswish(self.dw(y))
+        y = F.silu(self.pw(y))
+        y = self.down(y)
+        return self.head(y.mean((2, 3)))
+
+
+def _only_onednn(monkeypatch):
+    monkeypatch.setitem(TACTICS, "Convolution", [t for t in TACTICS["Convolution"] if t.name == "onednn"])
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_model_matches_onnxruntime(monkeypatch, forced):
+    """A small CNN built for the CPU, with every convolution on oneDNN (forced) or as the build's
+    timing chose, against ONNX Runtime; batch 1 and 3 on a dynamic-batch engine."""
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    model = _Block().eval()
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+    f = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), f, input_names=["x"], opset_version=17,
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    data = f.getvalue()
+    tactics_for("Convolution", _attrs(), CPU)       # load every kernel module before narrowing the table
+    if forced:
+        _only_onednn(monkeypatch)
+    net = kiln.onnx.parse(data)
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": ((1, 3, 16, 16), (2, 3, 16, 16),
+                                                                             (3, 3, 16, 16))}))
+    if forced:
+        convs = [layer for layer in engine.layers if layer["kind"] == "Convolution"]
+        assert convs and all(layer["tactic"] == "onednn" for layer in convs)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    ctx = engine.context()
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
+        ref = sess.run(None, {"x": x})[0]
+        got = next(iter(ctx.run({"x": x}).values()))
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
