@@ -57,22 +57,8 @@ def read(path: Path, handle: Any = None) -> ViewModel:
     if handle is None:
         with open(path, "rb") as f:
             handle = sniff(path, f.read(64))
-    if handle == "legacy":
-        return _read_legacy(path)
     try:
-        with reuse_zip(path, handle) as z:
-            archive = _Archive(path, z)
-            root = archive.pickle("data.pkl")
-            if archive.has_code:
-                constants = archive.pickle("constants.pkl") if archive.has("constants.pkl") else ()
-                graph = _Walker(archive, constants if isinstance(constants, tuple) else ()).graph(root)
-                content = "TorchScript module"
-            else:
-                graph = weights_graph(path.stem, archive.tensors(root), sep=".")
-                content = "checkpoint (tensors only)"
-                if not graph.weights:
-                    raise _err(path, "it holds neither TorchScript code nor tensors")
-            version = archive.text("version")
+        return _read_legacy(path) if handle == "legacy" else _read_archive(path, handle)
     except ViewerError:
         raise
     except _pickle.PickleError as exc:
@@ -80,6 +66,20 @@ def read(path: Path, handle: Any = None) -> ViewModel:
     except (zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, EOFError,
             RecursionError, MemoryError, SyntaxError) as exc:
         raise _err(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged'}") from None
+
+
+def _read_archive(path: Path, handle: Any) -> ViewModel:
+    with reuse_zip(path, handle) as z:
+        archive = _Archive(path, z)
+        root = archive.pickle("data.pkl")
+        if archive.has_code:
+            constants = archive.pickle("constants.pkl") if archive.has("constants.pkl") else ()
+            graph = _Walker(archive, constants if isinstance(constants, tuple) else ()).graph(root)
+            content = "TorchScript module"
+        else:
+            graph = _checkpoint(path, archive, root)
+            content = "checkpoint (tensors only)"
+        version = archive.text("version")
     cls = root.func.qualname if isinstance(root, _pickle.Call) and isinstance(root.func, _pickle.Global) else None
     props = {"content": content, **({"module": cls.removeprefix("__torch__.")} if cls and archive.has_code else {})}
     return ViewModel(format=_FMT, path=str(path), producer="torch", version=f"archive {version}" if version else None,
@@ -87,19 +87,17 @@ def read(path: Path, handle: Any = None) -> ViewModel:
 
 
 def _read_legacy(path: Path) -> ViewModel:
-    try:
-        legacy = _Legacy(path)
-        graph = weights_graph(path.stem, legacy.tensors(legacy.root), sep=".")
-    except _pickle.PickleError as exc:
-        raise _err(path, exc) from None
-    except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, EOFError, RecursionError,
-            MemoryError) as exc:
-        raise _err(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged'}") from None
-    if not graph.weights:
-        raise _err(path, "it holds no tensors")
+    legacy = _Legacy(path)
     return ViewModel(format=_FMT, path=str(path), producer="torch", version="legacy torch.save",
-                     properties={"content": "checkpoint (tensors only)"}, graphs=[graph],
-                     file_size=path.stat().st_size)
+                     properties={"content": "checkpoint (tensors only)"},
+                     graphs=[_checkpoint(path, legacy, legacy.root)], file_size=path.stat().st_size)
+
+
+def _checkpoint(path: Path, storages: "_Storages", root: Any) -> Any:
+    graph = weights_graph(path.stem, storages.tensors(root), sep=".")
+    if not graph.weights:
+        raise _err(path, "it holds neither TorchScript code nor tensors")
+    return graph
 
 
 class _Storages:
@@ -462,12 +460,10 @@ class _Walker:
             if len(outs) == 1:
                 return outs[0]
             return _Value("items", outs)
-        cls = self._class(module.data)
         name = module.data.func.name if isinstance(module.data.func, _pickle.Global) else "Module"
         op = name if method == "forward" else f"{name}.{method}"
-        weights = [(k, self._attribute(module, k)) for k, v in (module.data.state or {}).items()
-                   if isinstance(module.data.state, dict) and self.archive.tensor(v, "data") is not None] \
-            if cls is None or depth >= _MAX_INLINE else []
+        state = module.data.state if isinstance(module.data.state, dict) else {}   # not inlined: its own tensors
+        weights = [(k, self._attribute(module, k)) for k, v in state.items() if self.archive.tensor(v, "data")]
         return self._node(op, module.path, [(f"input{i}" if i else "input", a) for i, a in enumerate(args)]
                           + weights, names)
 
