@@ -193,6 +193,33 @@ def test_exported_html_works_offline_from_disk(browser, yolo_path, tmp_path):
     ctx.close()
 
 
+def test_exported_html_expands_collapses_and_toggles_offline(browser, yolo_path, tmp_path):
+    """The layout runs in the page, so the file from disk relays out with no server and no network."""
+    out = view(yolo_path, export=tmp_path / "yolo.html")
+    ctx = browser.new_context(offline=True, viewport={"width": 1200, "height": 800})
+    ctx.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+    pg = ctx.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(out.as_uri())
+    wait_ready(pg)
+    app = "kilnApp.panes[0]"
+    group = pg.evaluate(f"{app}.pane.clusters.findIndex((c) => c.kind === 'group' && c.size === 3)")   # a conv block
+    boxes, height = pg.evaluate(f"[{app}.scene.boxes.length, {app}.scene.height]")
+    pg.evaluate(f"{app}.view.reveal('cluster', {group}); {app}.view.renderNow()")
+    pg.click(f".kg .frame[data-cluster='{group}'] .toggle")                   # collapse
+    assert pg.locator(f".kg .group[data-cluster='{group}']").count() == 1
+    assert pg.evaluate(f"{app}.scene.boxes.length") < boxes
+    pg.click(f".kg .group[data-cluster='{group}'] .toggle")                   # and open again
+    assert pg.evaluate(f"[{app}.scene.boxes.length, {app}.scene.height]") == [boxes, height]
+    pg.check("#t-attributes")
+    assert pg.evaluate(f"{app}.scene.height") > height
+    pg.select_option("#rankdir", "LR")
+    w, h = pg.evaluate(f"[{app}.scene.width, {app}.scene.height]")
+    assert w > h and errors == []
+    ctx.close()
+
+
 def test_error_page_for_a_file_that_broke(page, yolo_path, tmp_path):
     path = tmp_path / "model.onnx"
     shutil.copy(yolo_path, path)
