@@ -124,3 +124,26 @@ def test_fp16_with_the_manifests_fp32_layers_is_finite_and_close(model: cl.Model
         g = np.asarray(got[name])
         assert np.isfinite(g).all(), name
         assert cl.rel_l2(g, r) <= 1e-2, (name, cl.rel_l2(g, r))
+
+
+# FP16 on the CPU runs torch's FP16 CPU kernels (slow): the big models run with -m slow
+_FP16_QUICK = {"mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "silero_vad_spox", "silero_vad_16k_op15", "silero_vad_v6",
+               "akiki_vad", "oww_melspectrogram", "oww_embedding", "oww_hey_jarvis", "khmersm", "khmersm_ortopt",
+               "khmersm_int8", "slovorez", "magika"}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.id, marks=() if m.id in _FP16_QUICK else pytest.mark.slow)
+                                   for m in MANIFEST.models if not m.known_failure])
+def test_fp16_per_layer_compare_names_no_layer_when_outputs_pass(model: cl.Model) -> None:
+    """The same for FP16 engines (built on the CPU, with the manifest's FP32 layers where FP16 overflows): every
+    output passes compare's FP16 tolerance and no layer is blamed."""
+    import kiln
+    import kiln.onnx
+    path = _path_or_skip(model)
+    feeds = cl.make_feeds(model)
+    engine = kiln.build(kiln.onnx.parse(str(path)),
+                        kiln.BuildConfig(precision="fp16", device="cpu", profiles=model.shapes(),
+                                         fp32_layers=list(model.fp16_fp32_layers)))
+    result = kiln.compare(str(path), engine=engine, inputs=feeds, per_layer=True)
+    assert result.passed, f"{model.id}: {[o.name for o in result.outputs if not o.passed]}"
+    assert result.first_jump is None and result.first_bad is None, f"{model.id}: {result.first_jump}"
