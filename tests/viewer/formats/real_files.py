@@ -122,6 +122,13 @@ SOURCES: dict[str, Source] = {
              "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"),
             ("lpips/weights/v0.1/vgg.pth", "vgg.pth",
              "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"))),
+    "llama-cpp": Source(     # llama.cpp's vocabulary-only GGUF files, vendored in the sdist
+        "llama-cpp-python", "0.3.9", "llama_cpp_python-0.3.9.tar.gz",
+        "a3a985f558385e2f5de5b663f4e9b0817506d6af98122450142cd98e79216370", 67858575, members=tuple(
+            (f"llama_cpp_python-0.3.9/vendor/llama.cpp/models/ggml-vocab-{v}.gguf", f"ggml-vocab-{v}.gguf", sha)
+            for v, sha in (("bert-bge", "fbcbe22278fb302694d5f4a41bfe48c5f90e8e3554eab1c0435387dff654a854"),
+                           ("baichuan", "4f5b955697f3bd3108070b1d5936c7eb9fc542b81c6932e59abddec75bca1963"),
+                           ("deepseek-coder", "91cb1379f2e33af1c4866b194622b7a0e12e8f0c9dba7ba2f10d55978730bec1")))),
 }
 
 

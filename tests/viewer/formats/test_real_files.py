@@ -66,6 +66,7 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("musicnn", "MSD_musicnn.meta", "TensorFlow"), ("musicnn", "MSD_vgg.meta", "TensorFlow"),
          ("facenet-pytorch", "pnet.pt", "TorchScript"), ("facenet-pytorch", "rnet.pt", "TorchScript"),
          ("lpips", "alex.pth", "TorchScript"), ("lpips", "vgg.pth", "TorchScript")]
+GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
 @pytest.mark.parametrize("source, name, fmt", OPENS, ids=[f"{s}/{n}" for s, n, _ in OPENS])
@@ -200,3 +201,27 @@ def test_tf1_meta_graphs():
         model = open_model(real("musicnn", name))
         assert model.properties["content"] == "MetaGraphDef" and _ops(model.graph)["VariableV2"] == variables
         assert _ops(model.graph)["Conv2D"] >= 5
+
+
+@pytest.mark.parametrize("name", GGUF_FILES)
+def test_gguf_vocabularies(name):
+    """Vocabulary-only GGUF files (no tensors): every metadata key in the header is shown."""
+    import struct
+    path = real("llama-cpp", name)
+    assert detect(path).name == "GGUF"
+    model = open_model(path)
+    _, version, tensors, keys = struct.unpack("<4sIQQ", path.read_bytes()[:24])
+    assert version == 3 and tensors == model.properties["tensors"] == 0
+    assert len([k for k in model.properties if "." in k]) == keys
+    assert model.properties["general.architecture"] in name or model.properties["general.architecture"] == "llama"
+
+
+def test_gguf_metadata_against_the_gguf_library():
+    gguf = pytest.importorskip("gguf")
+    path = real("llama-cpp", "ggml-vocab-bert-bge.gguf")     # the smallest: the library's reader takes seconds
+    ref = gguf.GGUFReader(str(path))
+    props = open_model(path).properties
+    for key in ("general.architecture", "general.name", "tokenizer.ggml.model"):
+        field = ref.fields[key]
+        assert props[key] == bytes(field.parts[field.data[0]]).decode()
+    assert props["bert.block_count"] == int(ref.fields["bert.block_count"].parts[-1][0])
