@@ -122,6 +122,13 @@ SOURCES: dict[str, Source] = {
              "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"),
             ("lpips/weights/v0.1/vgg.pth", "vgg.pth",
              "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868"))),
+    "openwakeword": Source(  # wake-word models: the same embedding network as TFLite and ONNX, a mel front end
+        "openwakeword", "0.5.1", "openwakeword-0.5.1-py3-none-any.whl",
+        "015467e49f08b0ef8efa433690ce70566abb72f7c36501a6fa893762b4ddc559", 16669337, members=tuple(
+            (f"openwakeword/resources/models/{n}", n, sha) for n, sha in (
+                ("embedding_model.tflite", "c0aea21eb84a4ce90a08c870da41b7a7173b45269e6a3207c71d67c40f3a59d8"),
+                ("embedding_model.onnx", "70d164290c1d095d1d4ee149bc5e00543250a7316b59f31d056cff7bd3075c1f"),
+                ("melspectrogram.tflite", "96fa0adccb6e8cf95cb14465409a1a2898ee4a96a85bb9ed3c7eb0e68bf163e8")))),
     "llama-cpp": Source(     # llama.cpp's vocabulary-only GGUF files, vendored in the sdist
         "llama-cpp-python", "0.3.9", "llama_cpp_python-0.3.9.tar.gz",
         "a3a985f558385e2f5de5b663f4e9b0817506d6af98122450142cd98e79216370", 67858575, members=tuple(

@@ -65,7 +65,9 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("face-api", "face_expression_model-weights_manifest.json", "TensorFlow.js"),
          ("musicnn", "MSD_musicnn.meta", "TensorFlow"), ("musicnn", "MSD_vgg.meta", "TensorFlow"),
          ("facenet-pytorch", "pnet.pt", "TorchScript"), ("facenet-pytorch", "rnet.pt", "TorchScript"),
-         ("lpips", "alex.pth", "TorchScript"), ("lpips", "vgg.pth", "TorchScript")]
+         ("lpips", "alex.pth", "TorchScript"), ("lpips", "vgg.pth", "TorchScript"),
+         ("openwakeword", "embedding_model.tflite", "TensorFlow Lite"),
+         ("openwakeword", "melspectrogram.tflite", "TensorFlow Lite"), ("openwakeword", "embedding_model.onnx", "ONNX")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -90,6 +92,19 @@ def test_one_network_in_four_formats():
     assert _ops(open_model(real("basic-pitch", "nmp.tflite")).graph)["CONV_2D"] == 32
     assert _ops(open_model(real("basic-pitch", "nmp.onnx")).graph)["Conv"] == 32
     assert _ops(open_model(real("basic-pitch", "nmp.mlpackage")).graph)["conv"] == 32
+
+
+def test_tflite_against_the_same_network_in_onnx():
+    """openwakeword ships its embedding network as TFLite and ONNX: the same layers, the same weights."""
+    tfl = open_model(real("openwakeword", "embedding_model.tflite")).graph
+    onx = open_model(real("openwakeword", "embedding_model.onnx")).graph
+    assert _ops(tfl)["CONV_2D"] == _ops(onx)["Conv"] == 20
+    assert _ops(tfl)["LEAKY_RELU"] == _ops(onx)["LeakyRelu"] == 19
+
+    def filters(g, op):   # element counts of the convolutions' 4-D weights
+        return sorted(math.prod(g.weights[v].shape) for n in g.nodes if n.op_type == op for a in n.inputs
+                      for v in a.values if v in g.weights and len(g.weights[v].shape) == 4)
+    assert filters(tfl, "CONV_2D") == filters(onx, "Conv") and len(filters(onx, "Conv")) == 20
 
 
 def test_onnx_against_the_onnx_library():
