@@ -164,26 +164,32 @@ def randomize_affine(module: nn.Module, seed: int = 0) -> None:
                 m.bias.add_(0.1 * torch.randn(m.num_features, generator=g))
 
 
-# ---- YOLOv5 (v6.x architecture) -------------------------------------------------------------
+# ---- YOLO blocks (also the test models' in tests/_models.py) ----------------------------------
+# ``bn`` is a block's BatchNorm settings, passed down to every Conv in it: YOLOv5's by default.
+
+YOLO_BN = {"eps": 1e-3, "momentum": 0.03}
+
 
 class Conv(nn.Module):
-    """Conv2d + BatchNorm + SiLU, 'same' padding unless given."""
+    """Conv2d + BatchNorm + activation (SiLU unless given), 'same' padding unless given."""
 
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1):
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p: int | None = None, g: int = 1,
+                 act: nn.Module | None = None, bn: dict[str, float] = YOLO_BN):
         super().__init__()
         self.conv = nn.Conv2d(c1, c2, k, s, k // 2 if p is None else p, groups=g, bias=False)
-        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
-        self.act = nn.SiLU()
+        self.bn = nn.BatchNorm2d(c2, **bn)
+        self.act = act if act is not None else nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, c1: int, c2: int, shortcut: bool = True, e: float = 0.5, k: tuple[int, int] = (1, 3)):
+    def __init__(self, c1: int, c2: int, shortcut: bool = True, e: float = 0.5, k: tuple[int, int] = (1, 3),
+                 bn: dict[str, float] = YOLO_BN):
         super().__init__()
         c_ = int(c2 * e)
-        self.cv1, self.cv2 = Conv(c1, c_, k[0]), Conv(c_, c2, k[1])
+        self.cv1, self.cv2 = Conv(c1, c_, k[0], bn=bn), Conv(c_, c2, k[1], bn=bn)
         self.add = shortcut and c1 == c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,21 +198,39 @@ class Bottleneck(nn.Module):
 
 
 class C3(nn.Module):
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True):
+    """YOLOv5's CSP block: two 1x1 paths, bottlenecks on one, Concat, 1x1."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, bn: dict[str, float] = YOLO_BN):
         super().__init__()
         c_ = c2 // 2
-        self.cv1, self.cv2, self.cv3 = Conv(c1, c_), Conv(c1, c_), Conv(2 * c_, c2)
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, e=1.0) for _ in range(n)))
+        self.cv1, self.cv2, self.cv3 = Conv(c1, c_, bn=bn), Conv(c1, c_, bn=bn), Conv(2 * c_, c2, bn=bn)
+        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, e=1.0, bn=bn) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
 
+class C2f(nn.Module):
+    """YOLOv8's block: 1x1, chunk in two (Split), bottlenecks appended, Concat, 1x1."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False, k: tuple[int, int] = (3, 3),
+                 bn: dict[str, float] = YOLO_BN):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1, self.cv2 = Conv(c1, 2 * self.c, bn=bn), Conv((2 + n) * self.c, c2, bn=bn)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, e=1.0, k=k, bn=bn) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
 class SPPF(nn.Module):
-    def __init__(self, c1: int, c2: int, k: int = 5):
+    def __init__(self, c1: int, c2: int, k: int = 5, bn: dict[str, float] = YOLO_BN):
         super().__init__()
         c_ = c1 // 2
-        self.cv1, self.cv2 = Conv(c1, c_), Conv(c_ * 4, c2)
+        self.cv1, self.cv2 = Conv(c1, c_, bn=bn), Conv(c_ * 4, c2, bn=bn)
         self.m = nn.MaxPool2d(k, 1, k // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -216,15 +240,18 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
 
 
+# ---- YOLOv5 (v6.x architecture) -------------------------------------------------------------
+
 ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 198, 373, 326))
 
 
 class AnchorDetect(nn.Module):
     """YOLOv5 v6 Detect in export mode: sigmoid, split, xy=(2s+grid-0.5)·stride, wh=(2s)²·anchor, → [B, N, 5+nc]."""
 
-    def __init__(self, nc: int, ch: tuple[int, ...], strides: tuple[int, ...], image: int):
+    def __init__(self, nc: int, ch: tuple[int, ...], strides: tuple[int, ...], image: int,
+                 anchors: tuple[tuple[int, ...], ...] = ANCHORS):
         super().__init__()
-        self.nc, self.no, self.na = nc, nc + 5, 3
+        self.nc, self.no, self.na = nc, nc + 5, len(anchors[0]) // 2
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
         self.stride = strides
         for i, s in enumerate(strides):
@@ -232,7 +259,7 @@ class AnchorDetect(nn.Module):
             yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32),
                                     indexing="ij")
             grid = torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2) - 0.5
-            anchor = torch.tensor(ANCHORS[i], dtype=torch.float32).view(1, self.na, 1, 1, 2).expand(
+            anchor = torch.tensor(anchors[i], dtype=torch.float32).view(1, self.na, 1, 1, 2).expand(
                 1, self.na, ny, nx, 2)
             self.register_buffer(f"grid{i}", grid.contiguous())
             self.register_buffer(f"anchor_grid{i}", anchor.contiguous())
@@ -291,19 +318,6 @@ class YOLOv5(nn.Module):
 
 
 # ---- YOLOv8-like (anchor-free, DFL) ---------------------------------------------------------
-
-class C2f(nn.Module):
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False):
-        super().__init__()
-        self.c = c2 // 2
-        self.cv1, self.cv2 = Conv(c1, 2 * self.c), Conv((2 + n) * self.c, c2)
-        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, e=1.0, k=(3, 3)) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
-        y.extend(m(y[-1]) for m in self.m)
-        return self.cv2(torch.cat(y, 1))
-
 
 class DFLDetect(nn.Module):
     """YOLOv8 Detect in export mode: box distributions → DFL (softmax · arange) → xywh · stride; sigmoid classes."""

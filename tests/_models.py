@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from zoo import ANCHORS, C2f, C3, SPPF, AnchorDetect, Conv  # noqa: E402  (the YOLO blocks live there)
+
 OPSET = 17
+TORCH_BN = {"eps": 1e-5, "momentum": 0.1}     # BatchNorm2d's defaults (zoo's blocks take YOLOv5's)
 BATCHES = (1, 3)              # the two batch sizes every model is checked at
 PROFILE_BATCH = (1, 2, 4)     # min, opt, max of the dynamic batch axis
 
@@ -114,15 +119,11 @@ def _batch_axes(names: list[str]) -> dict[str, dict[int, str]]:
     return {n: {0: "batch"} for n in names}
 
 
-class ConvBNAct(nn.Module):
-    def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1, act: nn.Module | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.act = act if act is not None else nn.SiLU()
+class ConvBNAct(Conv):
+    """Conv2d + BatchNorm (torch's defaults) + activation (SiLU unless given): benchmarks/zoo.py's Conv."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+    def __init__(self, cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1, act: nn.Module | None = None):
+        super().__init__(cin, cout, k, s, g=groups, act=act, bn=TORCH_BN)
 
 
 # ---- (a) conv net with BatchNorm ------------------------------------------------------------
@@ -156,96 +157,6 @@ def conv_bn(tmp: Path) -> ModelCase:
 
 # ---- (b) mini-YOLO-style detector -----------------------------------------------------------
 
-class Bottleneck(nn.Module):
-    def __init__(self, c: int, shortcut: bool = True):
-        super().__init__()
-        self.cv1 = ConvBNAct(c, c, 1)
-        self.cv2 = ConvBNAct(c, c, 3)
-        self.add = shortcut
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
-
-
-class C3(nn.Module):
-    """YOLOv5's CSP block: two 1x1 paths, bottlenecks on one, Concat, 1x1."""
-
-    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = True):
-        super().__init__()
-        h = cout // 2
-        self.cv1, self.cv2 = ConvBNAct(cin, h), ConvBNAct(cin, h)
-        self.m = nn.Sequential(*(Bottleneck(h, shortcut) for _ in range(n)))
-        self.cv3 = ConvBNAct(2 * h, cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat([self.m(self.cv1(x)), self.cv2(x)], 1))
-
-
-class C2f(nn.Module):
-    """YOLOv8's block: 1x1, chunk in two (Split), bottlenecks appended, Concat, 1x1."""
-
-    def __init__(self, cin: int, cout: int, n: int = 1):
-        super().__init__()
-        self.c = cout // 2
-        self.cv1 = ConvBNAct(cin, 2 * self.c)
-        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
-        self.cv2 = ConvBNAct((2 + n) * self.c, cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ys = list(self.cv1(x).chunk(2, 1))
-        for m in self.m:
-            ys.append(m(ys[-1]))
-        return self.cv2(torch.cat(ys, 1))
-
-
-class SPPF(nn.Module):
-    def __init__(self, cin: int, cout: int, k: int = 5):
-        super().__init__()
-        h = cin // 2
-        self.cv1, self.cv2 = ConvBNAct(cin, h), ConvBNAct(4 * h, cout)
-        self.m = nn.MaxPool2d(k, 1, k // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.cv1(x)
-        y1 = self.m(x)
-        y2 = self.m(y1)
-        return self.cv2(torch.cat([x, y1, y2, self.m(y2)], 1))
-
-
-class AnchorDetect(nn.Module):
-    """YOLOv5 v6 head with decode: sigmoid, xy=(2s-0.5+grid)*stride, wh=(2s)^2*anchor, → [B, N, 5+nc]."""
-
-    def __init__(self, nc: int, anchors: list[list[float]], ch: list[int], strides: list[int], shapes: list[int]):
-        super().__init__()
-        self.nc, self.no, self.na = nc, nc + 5, len(anchors[0]) // 2
-        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
-        self.strides = strides
-        grids, agrids = [], []
-        for i, (s, ny) in enumerate(zip(strides, shapes)):
-            nx = ny
-            yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32),
-                                    indexing="ij")
-            grids.append(torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2) - 0.5)
-            a = torch.tensor(anchors[i], dtype=torch.float32).view(1, self.na, 1, 1, 2)
-            agrids.append(a.expand(1, self.na, ny, nx, 2).clone())
-        for i, (g, a) in enumerate(zip(grids, agrids)):
-            self.register_buffer(f"grid{i}", g.contiguous())
-            self.register_buffer(f"anchor_grid{i}", a.contiguous())
-
-    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        z = []
-        for i, x in enumerate(xs):
-            x = self.m[i](x)
-            bs, _, ny, nx = x.shape
-            x = x.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
-            xy, wh, conf = x.sigmoid().split((2, 2, self.nc + 1), 4)
-            xy = (xy * 2 + getattr(self, f"grid{i}")) * self.strides[i]
-            wh = (wh * 2) ** 2 * getattr(self, f"anchor_grid{i}")
-            z.append(torch.cat((xy, wh, conf), 4).view(bs, self.na * nx * ny, self.no))
-        return torch.cat(z, 1)
-
-
 class MiniYOLO(nn.Module):
     """Backbone (Conv/C3/C2f/SPPF) → FPN (Upsample nearest, Concat) → anchor head with decode."""
 
@@ -253,18 +164,17 @@ class MiniYOLO(nn.Module):
         super().__init__()
         self.b0 = ConvBNAct(3, w, 3, 2)                       # /2
         self.b1 = ConvBNAct(w, 2 * w, 3, 2)                   # /4
-        self.b2 = C3(2 * w, 2 * w, 1)
+        self.b2 = C3(2 * w, 2 * w, 1, bn=TORCH_BN)
         self.b3 = ConvBNAct(2 * w, 4 * w, 3, 2)               # /8
-        self.b4 = C2f(4 * w, 4 * w, 1)
+        self.b4 = C2f(4 * w, 4 * w, 1, shortcut=True, k=(1, 3), bn=TORCH_BN)
         self.b5 = ConvBNAct(4 * w, 8 * w, 3, 2)               # /16
-        self.sppf = SPPF(8 * w, 8 * w)
+        self.sppf = SPPF(8 * w, 8 * w, bn=TORCH_BN)
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.lat = ConvBNAct(8 * w, 4 * w)
-        self.f1 = C3(8 * w, 4 * w, 1, shortcut=False)         # /8
+        self.f1 = C3(8 * w, 4 * w, 1, shortcut=False, bn=TORCH_BN)         # /8
         self.down = ConvBNAct(4 * w, 4 * w, 3, 2)
-        self.f2 = C3(8 * w, 8 * w, 1, shortcut=False)         # /16
-        anchors = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119]]
-        self.detect = AnchorDetect(nc, anchors, [4 * w, 8 * w], [8, 16], [size // 8, size // 16])
+        self.f2 = C3(8 * w, 8 * w, 1, shortcut=False, bn=TORCH_BN)         # /16
+        self.detect = AnchorDetect(nc, (4 * w, 8 * w), (8, 16), size, ANCHORS[:2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p3 = self.b4(self.b3(self.b2(self.b1(self.b0(x)))))

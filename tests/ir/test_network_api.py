@@ -563,3 +563,19 @@ def test_two_symbols_stay_apart_and_products_are_unknown() -> None:
     assert y.shape == ("batch", "seq", 4)
     assert tt.shape == ("seq", "batch", 4)
     assert z.shape == (None, 4)            # batch*seq is no single symbol
+
+
+def test_one_registry_names_every_layer() -> None:
+    """Generated layer names never repeat a name the network already has, whoever chose it: a name given
+    by hand, one made for a kind (``Kind_<position>``) or one made for an ONNX node (``node/Kind_k``)."""
+    net = kiln.Network("names")
+    x = net.add_input("x", "float32", (2,))
+    net.add_identity(x, name="Identity_1")              # taken by hand where the next generated one would go
+    auto = net.add_identity(x)
+    assert auto.name == "Identity_2"
+    assert net.unique_layer_name("Relu", "conv1") == "conv1"
+    assert net.unique_layer_name("Relu", "conv1") == "conv1/Relu_1"
+    net.add_identity(x, name="conv2")
+    assert net.unique_layer_name("Cast", "conv2") == "conv2/Cast_1"
+    names = [layer.name for layer in net.layers]
+    assert len(names) == len(set(names))
