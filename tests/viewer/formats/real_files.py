@@ -129,6 +129,11 @@ SOURCES: dict[str, Source] = {
                 ("embedding_model.tflite", "c0aea21eb84a4ce90a08c870da41b7a7173b45269e6a3207c71d67c40f3a59d8"),
                 ("embedding_model.onnx", "70d164290c1d095d1d4ee149bc5e00543250a7316b59f31d056cff7bd3075c1f"),
                 ("melspectrogram.tflite", "96fa0adccb6e8cf95cb14465409a1a2898ee4a96a85bb9ed3c7eb0e68bf163e8")))),
+    "textgenrnn": Source(    # a Keras 2 weights-only HDF5 (layer_names, no model_config)
+        "textgenrnn", "2.0.0", "textgenrnn-2.0.0.tar.gz",
+        "c2b6f1c201c76d5a6021079e95a8db499bbe15d9f3448d33cb51c0cd496c86f8", 1739569, members=(
+            ("textgenrnn-2.0.0/textgenrnn/textgenrnn_weights.hdf5", "textgenrnn_weights.hdf5",
+             "6a89ca4235ed9f00be7b2acd65d5fe4a099967d676bfe20afb696106286ffbca"),)),
     "llama-cpp": Source(     # llama.cpp's vocabulary-only GGUF files, vendored in the sdist
         "llama-cpp-python", "0.3.9", "llama_cpp_python-0.3.9.tar.gz",
         "a3a985f558385e2f5de5b663f4e9b0817506d6af98122450142cd98e79216370", 67858575, members=tuple(

@@ -67,7 +67,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("facenet-pytorch", "pnet.pt", "TorchScript"), ("facenet-pytorch", "rnet.pt", "TorchScript"),
          ("lpips", "alex.pth", "TorchScript"), ("lpips", "vgg.pth", "TorchScript"),
          ("openwakeword", "embedding_model.tflite", "TensorFlow Lite"),
-         ("openwakeword", "melspectrogram.tflite", "TensorFlow Lite"), ("openwakeword", "embedding_model.onnx", "ONNX")]
+         ("openwakeword", "melspectrogram.tflite", "TensorFlow Lite"), ("openwakeword", "embedding_model.onnx", "ONNX"),
+         ("textgenrnn", "textgenrnn_weights.hdf5", "Keras")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -140,6 +141,25 @@ def test_keras2_hdf5_weights_against_h5py():
     np.testing.assert_array_equal(input_weight(g, node(g, "conv2d_1"), "kernel").load(), kernel)
     assert [n.name for n in g.nodes] == [n for n in names if n != "input_1"]
     assert len(g.weights) == 80
+
+
+def test_keras_weights_only_hdf5_against_h5py():
+    h5py = pytest.importorskip("h5py")
+    path = real("textgenrnn", "textgenrnn_weights.hdf5")
+    model = open_model(path)
+    assert model.properties["content"] == "weights only"
+    shown = model.graph.weights
+    with h5py.File(path, "r") as f:
+        stored: dict = {}
+
+        def take(name, obj):                                   # returns None, so h5py visits every item
+            if hasattr(obj, "shape"):
+                stored[name] = obj[()]
+        f.visititems(take)
+    assert len(shown) == len(stored) == 10
+    for name, values in stored.items():                    # "rnn_1/rnn_1/kernel:0" is shown as "rnn_1/kernel"
+        layer, _, var = name.split(":")[0].rpartition("/")
+        np.testing.assert_array_equal(shown[f"{layer.split('/')[0]}/{var}"].load(), values)
 
 
 def test_torchscript_against_torch():
