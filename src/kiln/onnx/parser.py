@@ -98,6 +98,9 @@ class ConvertContext:
         self.parent = parent
         self.node: Node | None = None
         self.counter = 0
+        # the graph's ONNX value names: a converter's intermediate tensors never take one (tf2onnx names a
+        # node's output "NODE:0", the name a first intermediate of node NODE would otherwise get)
+        self.onnx_names: set[str] = set()
         # (op, domain, opset, plugin attrs) → (plugin class, converter), shared with the subgraphs
         self.resolved: dict[tuple, tuple] = parent.resolved if parent is not None else {}
 
@@ -125,9 +128,17 @@ class ConvertContext:
                 output_dtypes = [first] * num_outputs
         layer = self.net.add_layer(kind, list(inputs), attrs or {}, num_outputs=num_outputs, name=name,
                                    origin=[self.node.name] if self.node is not None else [],
-                                   output_names=[self.net.unique_name(f"{name}:{i}") for i in range(num_outputs)],
+                                   output_names=[self.fresh_name(f"{name}:{i}") for i in range(num_outputs)],
                                    output_dtypes=output_dtypes)
         return layer
+
+    def fresh_name(self, base: str) -> str:
+        """A tensor name for a converter's own tensor: taken by no tensor and no ONNX value of the graph."""
+        name, k = base, 0
+        while name in self.net.tensors or name in self.onnx_names:
+            k += 1
+            name = f"{base}_{k}"
+        return name
 
     def add1(self, kind: str, inputs: Sequence[Tensor | None], attrs: dict[str, Any] | None = None,
              dtype: str | None = None) -> Tensor:
@@ -137,7 +148,7 @@ class ConvertContext:
     def const(self, value: Any, dtype: Any = None) -> Tensor:
         arr = np.asarray(value, dtype=dtype) if dtype is not None else np.asarray(value)
         base = f"{self.node.name}/const" if self.node is not None else "const"
-        return self.net.add_constant(arr, name=self.net.unique_name(base))
+        return self.net.add_constant(arr, name=self.fresh_name(base))
 
     def subgraph(self, graph, name: str, input_types: Sequence[str | None] | None = None) -> Network:
         """Convert an If/Loop/Scan body; it may read this scope's values.
@@ -239,6 +250,7 @@ def _convert_graph(graph, net: Network, opsets: dict[str, int], parent: ConvertC
     values: dict[str, Tensor] = {}
     named: set[int] = set()          # ids of the tensors some ONNX name already stands for
     ctx = ConvertContext(net, opsets, values, parent)
+    ctx.onnx_names.update(text(o) for n in graph.node for o in n.output)
     for init in graph.initializer:
         name = text(init.name)
         values[name] = net.add_constant(tensor_value(init, f"Initializer {name!r}"), name=name)
