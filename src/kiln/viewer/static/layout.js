@@ -110,8 +110,6 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return out;
   }
 
-  function overlap(a, b) { return a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]; }
-
   class Placer {
     /** `expanded`: group clusters drawn open; `opened`: nodes whose subgraphs are drawn in place. */
     constructor(pane, expanded, opened, toggles, rankdir) {
@@ -343,36 +341,45 @@ var Kiln = window.Kiln || (window.Kiln = {});
      * overlaps no box and no other label and is not above or left of the drawing (which grows to hold it);
      * a label with no free place, or whose text is already written right there, is left out. */
     labels(out) {
-      const grid = new Map(), CELL = 64;
-      const cells = (b) => {
-        const keys = [];
-        for (let i = Math.floor(b[0] / CELL); i <= Math.floor(b[2] / CELL); i++)
-          for (let j = Math.floor(b[1] / CELL); j <= Math.floor(b[3] / CELL); j++) keys.push(i * 4194304 + j);
-        return keys;
+      const grid = new Map(), CELL = 64, h = 11;
+      const put = (b) => {
+        for (let i = Math.floor(b[0] / CELL), i1 = Math.floor(b[2] / CELL); i <= i1; i++)
+          for (let j = Math.floor(b[1] / CELL), j1 = Math.floor(b[3] / CELL); j <= j1; j++) {
+            const k = i * 4194304 + j, a = grid.get(k);
+            if (a) a.push(b); else grid.set(k, [b]);
+          }
       };
-      const put = (b) => { for (const k of cells(b)) { let a = grid.get(k); if (!a) grid.set(k, (a = [])); a.push(b); } };
+      const test = (x0, y0, x1, y1, text) => {       // 0: free, 1: taken, 2: the same text is already there
+        let r = 0;
+        for (let i = Math.floor(x0 / CELL), i1 = Math.floor(x1 / CELL); i <= i1; i++)
+          for (let j = Math.floor(y0 / CELL), j1 = Math.floor(y1 / CELL); j <= j1; j++) {
+            const a = grid.get(i * 4194304 + j);
+            if (a) for (const o of a) if (x0 < o[2] && o[0] < x1 && y0 < o[3] && o[1] < y1) { if (o[4] === text) return 2; r = 1; }
+          }
+        return r;
+      };
       for (const b of out.boxes) if (b.kind === "node" || b.kind === "group") put([b.x, b.y, b.x + b.w, b.y + b.h, null]);
-      const h = 11;
+      // places by the arrow's end, then by the edge's start (fan-ins), each on both sides of the edge:
+      // [from the end (0) or the start (1), dx, dy, anchor "end" (1) or "start" (0)]; LR shifts the last two back
+      const spots = this.lr
+        ? [[0, -5, -8, 1], [0, -5, 8, 1], [1, 5, -8, 0], [1, 5, 8, 0], [0, -11, -8, 1], [0, -11, 8, 1]]
+        : [[0, 5, -9, 0], [0, -5, -9, 1], [1, 5, 9, 0], [1, -5, 9, 1], [0, 5, -9 - h, 0], [0, -5, -9 - h, 1]];
       for (const e of out.labelled) {
         const text = labelText(this.pane, e.t);
         if (!text) continue;
-        const w = labelWidth(text), [x, y] = e.pts[e.pts.length - 1], [sx, sy] = e.pts[0];
-        // [x, y, anchor]: by the arrow's end, then by the edge's start (fan-ins), each on both sides of the edge
-        const spots = this.lr
-          ? [[x - 5, y - 8, "end"], [x - 5, y + 8, "end"], [sx + 5, sy - 8, "start"], [sx + 5, sy + 8, "start"],
-            [x - 11 - w, y - 8, "end"], [x - 11 - w, y + 8, "end"]]
-          : [[x + 5, y - 9, "start"], [x - 5, y - 9, "end"], [sx + 5, sy + 9, "start"], [sx - 5, sy + 9, "end"],
-            [x + 5, y - 9 - h, "start"], [x - 5, y - 9 - h, "end"]];
-        for (const [lx, ly, anchor] of spots) {
-          const box = anchor === "end" ? [lx - w, ly - h / 2, lx, ly + h / 2, text] : [lx, ly - h / 2, lx + w, ly + h / 2, text];
-          if (box[0] < 0 || box[1] < 0) continue;
-          let clash = false, same = false;
-          for (const key of cells(box)) for (const o of grid.get(key) || []) if (overlap(box, o)) { clash = true; if (o[4] === text) same = true; }
-          if (same) break;
-          if (clash) continue;
-          put(box);
-          e.label = [lx, ly, anchor];
-          out.width = Math.max(out.width, box[2]); out.height = Math.max(out.height, box[3]);
+        const w = labelWidth(text), end = e.pts[e.pts.length - 1], start = e.pts[0];
+        for (let k = 0; k < 6; k++) {
+          const [from, dx, dy, right] = spots[k], p = from ? start : end;
+          const lx = p[0] + dx - (this.lr && k >= 4 ? w : 0), ly = p[1] + dy;
+          const x0 = right ? lx - w : lx, y0 = ly - h / 2, x1 = x0 + w, y1 = y0 + h;
+          if (x0 < 0 || y0 < 0) continue;
+          const r = test(x0, y0, x1, y1, text);
+          if (r === 2) break;
+          if (r === 1) continue;
+          put([x0, y0, x1, y1, text]);
+          e.label = [lx, ly, right ? "end" : "start"];
+          if (x1 > out.width) out.width = x1;
+          if (y1 > out.height) out.height = y1;
           break;
         }
       }
