@@ -70,6 +70,13 @@ def test_infer_json_and_binary(client, repo, binary):
     assert ("parameters" in r.get_response()["outputs"][0]) == binary
 
 
+def test_compressed_request_body(client, repo):
+    x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
+    for algorithm in ("gzip", "deflate"):
+        r = client.infer("mlp", [mlp_input(x)], request_compression_algorithm=algorithm)
+        repo[1].check(x, r.as_numpy("y"))
+
+
 def test_two_inputs_with_an_integer_one(client):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 5)).astype(np.float32)
@@ -191,3 +198,10 @@ def test_metrics_are_prometheus_text_per_model(server, client):
         if line and not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
     assert raw(server, "GET", "/v2/nothing")[0] == 404
+
+
+def test_server_log_has_no_tracebacks(server, client):
+    """Everything above (bad input, disconnects) was a user's doing: nothing is logged as a server failure."""
+    assert client.is_server_live()
+    log = server.stderr()
+    assert "Traceback" not in log and "failed" not in log, log[-3000:]

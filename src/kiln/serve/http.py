@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 
 from kiln.serve.core import ServerCore, log_access
 from kiln.serve.errors import BadRequest, InternalError, NotFound, ServeError, TooLarge
@@ -42,6 +42,8 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
         response, error = _error(exc), str(exc)
     except web.HTTPException as exc:
         response, error = _json({"error": exc.reason}, exc.status), exc.reason
+    except (ConnectionError, ClientPayloadError):  # the client left mid-request: nobody to answer
+        response, error = web.Response(status=499), "client disconnected"
     except Exception as exc:                    # noqa: BLE001 - a bug: this request fails, the server stays up
         log.exception("HTTP %s %s failed", request.method, request.path)
         err = InternalError(f"The server failed on this request ({type(exc).__name__}); please report it.")
