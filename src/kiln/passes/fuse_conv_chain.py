@@ -18,11 +18,10 @@ other with the engine's usual kernels, and the builder times them against the fu
 """
 from __future__ import annotations
 
+from kiln.kernels.conv_chain import MAX_CN, MAX_SUM_IN
 from kiln.passes._match import substitute
 from kiln.passes.rewrite import Match, Op, Rule, RulePass
 
-MAX_CN = 128      # wider second convolutions (ResNet-50's stages 3-4) ran slower fused on an H100
-MAX_SUM_IN = 128  # a projection-led chain holds both inputs' rows: stage 2's 128 + 256 ran slower fused
 ACTS = (None, "relu")
 
 

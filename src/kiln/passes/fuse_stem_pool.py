@@ -11,11 +11,10 @@ after the activation, as in the graph); epilogue fusion leaves a pooled convolut
 """
 from __future__ import annotations
 
+from kiln.kernels.conv_stem import MAX_CHANNELS as STEM_CHANNELS
+from kiln.kernels.conv_stem import POOL
 from kiln.passes._match import remove_dead, replace_output
 from kiln.passes.rewrite import Match, Op, Rule, RulePass
-
-STEM_CHANNELS = 4
-POOL = {"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1]}
 
 
 def is_stem(conv) -> bool:
