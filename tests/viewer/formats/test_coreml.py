@@ -230,3 +230,23 @@ def test_fp16_constants_of_a_converted_package(converted_fp16):
     assert input_weight(g, bn, "mean").load().tolist() == [0.5, -1, 2]
     assert [n.op_type for n in g.nodes].count("relu") == 2
     assert open_model(converted_fp16 / "Manifest.json").graph.nodes[0].op_type == g.nodes[0].op_type
+
+
+def test_converted_neural_network(tmp_path):
+    """A NeuralNetwork .mlmodel written by coremltools' converter (not by hand): layers and weights."""
+    ct = pytest.importorskip("coremltools")
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, 8, 8))])
+    def prog(x):
+        x = mb.conv(x=x, weight=np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3), name="conv")
+        return mb.reduce_mean(x=mb.relu(x=x, name="relu"), axes=[2, 3], name="out")
+    p = tmp_path / "nn.mlmodel"
+    ct.convert(prog, convert_to="neuralnetwork").save(str(p))
+    model = open_model(p)
+    g = model.graph
+    assert model.properties["model_type"] == "neuralNetwork"
+    assert [n.op_type for n in g.nodes] == ["Convolution", "Activation", "ReduceMean"]
+    assert edges(g) == {("conv", "relu"), ("relu", "out")}
+    np.testing.assert_array_equal(input_weight(g, node(g, "conv"), "weights").load(),
+                                  np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3))
