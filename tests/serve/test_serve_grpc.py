@@ -106,3 +106,8 @@ def test_raw_contents_count_must_match_inputs(server):
     with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as info:
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2 entries for 1 inputs" in info.value.details()
+    del req.raw_input_contents[:]
+    req.raw_input_contents.append(bytes(20))                  # a truncated tensor
+    with grpc.insecure_channel(server.grpc) as channel, pytest.raises(grpc.RpcError) as info:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 32 bytes" in info.value.details()

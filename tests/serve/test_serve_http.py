@@ -42,6 +42,7 @@ def metric(text: str, line_start: str) -> float:
 
 
 def test_health_and_metadata(client, server):
+    assert server.http.startswith("127.0.0.1:") and server.grpc.startswith("127.0.0.1:")     # the default bind
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta["name"] == "kiln" and {"binary_tensor_data", "model_repository"} <= set(meta["extensions"])

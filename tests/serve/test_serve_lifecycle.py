@@ -1,6 +1,7 @@
 """Repository load/unload, back-pressure, timeouts, draining on Ctrl-C, and refusals at start-up."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def test_repository_index_load_and_unload(repo, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
     shutil.copy(root / "mlp.kiln", folder / "mlp.kiln")
-    server = ServerProcess(folder, "--grpc-port", "off")
+    access = tmp_path / "access.log"
+    server = ServerProcess(folder, "--grpc-port", "off", "--access-log", str(access))
     try:
         c = httpclient.InferenceServerClient(server.http)
         assert c.get_model_repository_index() == [{"name": "mlp", "version": "1", "state": "READY"}]
@@ -64,6 +66,11 @@ def test_repository_index_load_and_unload(repo, tmp_path):
         c.close()
     finally:
         assert server.stop() == 0, server.stderr()[-2000:]
+    lines = [json.loads(line) for line in access.read_text().splitlines()]      # one JSON object per request
+    infers = [r for r in lines if r["path"] == "/v2/models/second/infer"]
+    assert infers and infers[0]["status"] == 200 and infers[0]["protocol"] == "http" and infers[0]["ms"] > 0
+    refused = [r for r in lines if r["path"] == "/v2/models/mlp/infer" and r["status"] == 404]
+    assert refused and "'mlp' is not loaded" in refused[0]["error"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +97,30 @@ def test_full_queue_answers_503_and_unavailable(slow_server, repo):
         repo[1].check(x, q.get_result(timeout=30).as_numpy("y"))
     h.close()
     g.close()
+
+
+def test_a_cancelled_grpc_call_leaves_the_queue(slow_server):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    req = service_pb2.ModelInferRequest(model_name="mlp")
+    req.inputs.add(name="x", datatype="FP32", shape=[1, 8])
+    req.raw_input_contents.append(np.ones((1, 8), np.float32).tobytes())
+    h = httpclient.InferenceServerClient(slow_server.http)
+    with grpc.insecure_channel(slow_server.grpc) as channel:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(req)
+        time.sleep(0.3)
+        assert 'kiln_queue_depth{model="mlp"} 1' in _metrics(slow_server)
+        call.cancel()
+        time.sleep(0.3)
+    assert 'kiln_queue_depth{model="mlp"} 0' in _metrics(slow_server)
+    assert h.is_server_ready()
+    h.close()
+
+
+def _metrics(server) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://{server.http}/metrics", timeout=30) as r:
+        return r.read().decode()
 
 
 def test_per_request_timeouts(slow_server):
