@@ -1,7 +1,7 @@
 """Load benchmark and soak for `kiln serve`, with NVIDIA's tritonclient as the client.
 
     python benchmarks/serve_bench.py sweep [--repo DIR --model NAME] [--protocols http,grpc]
-        [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--batching on,off] [--shape NAME:DIMS ...]
+        [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--warmup 1] [--batching on,off] [--shape NAME:DIMS ...]
         [--server-flag=--instances=2 ...] [--json out.json]
     python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
         [--rss-limit-mb 50] [--json out.json]
@@ -188,18 +188,18 @@ def _client_process(protocol: str, at: str, model: str, threads: int, seconds: f
 
 
 def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: float, shapes: dict,
-             processes: int) -> dict:
+             processes: int, warmup: float = 1.0) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = min(processes, concurrency)
     split = [concurrency // procs + (1 if k < concurrency % procs else 0) for k in range(procs)]
-    ps = [ctx.Process(target=_client_process, args=(protocol, at, model, n, seconds, 1.0, shapes, q))
+    ps = [ctx.Process(target=_client_process, args=(protocol, at, model, n, seconds, warmup, shapes, q))
           for n in split]
     for p in ps:
         p.start()
     lat, errors = [], 0
     for _ in ps:
-        got, err = q.get(timeout=seconds + 300)
+        got, err = q.get(timeout=seconds + warmup + 300)
         lat += got
         errors += err
     for p in ps:
@@ -230,7 +230,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                     for c in (int(x) for x in args.concurrency.split(",")):
                         before = server.metrics()
                         r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,
-                                     args.seconds, shapes, args.processes)
+                                     args.seconds, shapes, args.processes, args.warmup)
                         after = server.metrics()
                         m = f'kiln_batch_size_{{}}{{{{model="{model}"'
                         n = _metric(after, m.format("count")) - _metric(before, m.format("count"))
@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--protocols", default="http,grpc")
     s.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     s.add_argument("--seconds", type=float, default=5.0)
+    s.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring, per point")
     s.add_argument("--batching", default="on,off")
     s.add_argument("--shape", action="append", help="NAME:DIMS (e.g. input_ids:1x128) for an input's -1 dims")
     s.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))

@@ -178,3 +178,14 @@ def test_stats_count_queue_compute_and_batch_sizes():
     stats = run(go())
     assert stats.batch_size.count == 1 and stats.batch_size.total == 6
     assert stats.queue_seconds.count == 3 and stats.compute_seconds.count == 1
+
+
+def test_warmup_feeds_cover_every_batch_size_inside_the_profile():
+    model = ServedModel("fake", FakeEngine(), ModelOptions(max_batch=5, warmup=True))
+    feeds = model.warmup_feeds()
+    assert [f["x"].shape for f in feeds] == [(b, 4) for b in range(1, 6)]       # L: the profile's opt
+    assert all(f["x"].dtype == np.float32 and not f["x"].any() for f in feeds)
+
+    class NoProfile(FakeEngine):
+        profiles = []
+    assert ServedModel("free", NoProfile(), ModelOptions()).warmup_feeds() == []    # dynamic dims, no sizes known

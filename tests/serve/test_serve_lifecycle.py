@@ -75,8 +75,8 @@ def test_repository_index_load_and_unload(repo, tmp_path):
 
 @pytest.fixture(scope="module")
 def slow_server(repo):
-    """A server whose queued requests wait 1.5 s for company: at most 2 queued per model."""
-    proc = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-queue", "2", "--max-batch", "8")
+    """A server whose queued requests wait 1.5 s for company: at most 2 queued per model (warmed up at load)."""
+    proc = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-queue", "2", "--max-batch", "8", "--warmup")
     yield proc
     proc.stop()
 

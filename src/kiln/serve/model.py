@@ -30,6 +30,7 @@ class ModelOptions:
     instances: int = 1                    # execution contexts, each with its own worker (and CUDA stream)
     max_queue: int = 512                  # queued requests per model before new ones get 503 / UNAVAILABLE
     timeout_ms: float | None = 60_000.0   # per request, queue plus compute; a request may ask for less
+    warmup: bool = False                  # run every batch size once per instance at load (CUDA graphs)
 
     def __post_init__(self) -> None:
         for name in ("instances", "max_queue"):
@@ -170,6 +171,17 @@ class ServedModel:
             raise BadRequest(f"The inputs of model {self.name!r} share their first (batch) dimension, got "
                              f"{', '.join(f'{n} {s}' for n, s in shapes.items())}.")
         return rows.pop(), tuple(s[1:] for s in shapes.values())
+
+    def warmup_feeds(self) -> list[dict[str, np.ndarray]]:
+        """Zero inputs at each batch size 1..max_batch (other dims: the first profile's opt), for warm-up."""
+        p = self._profiles[0] if self._profiles else {}
+        dims = {t.name: list(p[t.name]["opt"]) if t.name in p else list(t.shape) for t in self.inputs}
+        if any(d < 0 for ds in dims.values() for d in ds):
+            return []
+        sizes = range(1, self.max_batch + 1) if self.batch_axis else [None]
+        feeds = [{t.name: np.zeros([b, *dims[t.name][1:]] if b else dims[t.name], t.np_dtype) for t in self.inputs}
+                 for b in sizes]
+        return [f for f in feeds if self.fits({n: a.shape for n, a in f.items()})]
 
     def merged_fits(self, rows: int, key: tuple) -> bool:
         """Whether ``rows`` rows of requests with merge key ``key`` still make one valid batch."""

@@ -135,7 +135,12 @@ class ModelRepository:
         import kiln
         engine = kiln.load(path)
         model = ServedModel(name, engine, self.options)
-        return model, [EngineInstance(engine) for _ in range(self.options.instances)]
+        instances = [EngineInstance(engine) for _ in range(self.options.instances)]
+        if self.options.warmup:
+            for feeds in model.warmup_feeds():
+                for inst in instances:
+                    inst.run(feeds)
+        return model, instances
 
     async def unload(self, name: str) -> None:
         """Stops model ``name`` taking requests, finishes its queued ones, and frees it."""
