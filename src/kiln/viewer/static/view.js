@@ -162,15 +162,16 @@ var Kiln = window.Kiln || (window.Kiln = {});
   const PNG_MAX_SIDE = 16000, PNG_MAX_AREA = 64e6, STRIP_GAP = 32;
 
   /** How a picture of `w`×`h` px (as sceneSvg draws `scene`, margin included) becomes a PNG that reads: at
-   * 2× or 1.5× or 1× where it fits, and when one side is over three times the other, cut across the rank
-   * direction into strips laid side by side (columns top → bottom, rows left → right), each cut between boxes
-   * where possible. Only when even that does not fit the size limits is it scaled below 1×.
-   * Returns {scale, strips: [[from, to]] along the rank axis in picture px, width, height} (PNG px). */
-  function pngPlan(scene, w, h, lr) {
-    const m = 24, along = lr ? w : h, across = lr ? h : w;
-    const spans = [];
-    for (const b of scene.boxes) if (b.kind === "node" || b.kind === "group") spans.push(lr ? [b.x + m, b.x + b.w + m] : [b.y + m, b.y + b.h + m]);
-    if (!lr && h > scene.height + 2 * m) spans.push([scene.height + 2 * m - 4, h]);     // the legend under the graph
+   * 2× or 1.5× or 1× where it fits, and when one side is over three times the other, cut across its long
+   * side into strips laid side by side (a tall picture into columns, a wide one — left to right, or a broad
+   * graph — into rows), each cut between boxes where possible. Only when even that does not fit the size
+   * limits is it scaled below 1×. Returns {scale, rows, strips: [[from, to]] along the long side in picture
+   * px, width, height} (PNG px; `rows`: the strips are stacked top to bottom). */
+  function pngPlan(scene, w, h) {
+    const m = 24, rows = w > h, along = rows ? w : h, across = rows ? h : w;
+    const spans = [], legend = h > scene.height + 2 * m + 1;
+    for (const b of scene.boxes) if (b.kind === "node" || b.kind === "group") spans.push(rows ? [b.x + m, b.x + b.w + m] : [b.y + m, b.y + b.h + m]);
+    if (legend) spans.push(rows ? [0, LEGEND_W + 2 * m] : [scene.height + 2 * m - 4, h]);     // the legend under the graph
     spans.sort((a, b) => a[0] - b[0]);
     const merged = [];
     for (const sp of spans) {
@@ -183,7 +184,8 @@ var Kiln = window.Kiln || (window.Kiln = {});
     };
     const strips = (k) => {
       const cuts = [0];
-      for (let i = 1; i < k; i++) { const c = free((along * i) / k); if (c > cuts[cuts.length - 1] && c < along) cuts.push(c); }
+      const half = along / k / 2;     // a cut moved to a box's edge still leaves strips of at least half the length
+      for (let i = 1; i < k; i++) { const c = free((along * i) / k); if (c - cuts[cuts.length - 1] >= half && along - c >= half) cuts.push(c); }
       cuts.push(along);
       const out = [];
       for (let i = 1; i < cuts.length; i++) out.push([cuts[i - 1], cuts[i]]);
@@ -191,7 +193,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     };
     const size = (st, scale) => {
       const len = Math.max(...st.map(([a, b]) => b - a)), wide = st.length * across + (st.length - 1) * STRIP_GAP;
-      const [pw, ph] = lr ? [len, wide] : [wide, len];
+      const [pw, ph] = rows ? [len, wide] : [wide, len];
       return [Math.ceil(pw * scale), Math.ceil(ph * scale)];
     };
     const fits = ([pw, ph]) => pw <= PNG_MAX_SIDE && ph <= PNG_MAX_SIDE && pw * ph <= PNG_MAX_AREA;
@@ -203,21 +205,21 @@ var Kiln = window.Kiln || (window.Kiln = {});
     }
     for (const scale of [2, 1.5, 1]) {
       const [pw, ph] = size(best, scale);
-      if (fits([pw, ph])) return { scale, strips: best, width: pw, height: ph };
+      if (fits([pw, ph])) return { scale, rows, strips: best, width: pw, height: ph };
     }
     const [pw, ph] = size(best, 1);
     const scale = Math.min(PNG_MAX_SIDE / pw, PNG_MAX_SIDE / ph, Math.sqrt(PNG_MAX_AREA / (pw * ph)));
     const [sw, sh] = size(best, scale);
-    return { scale, strips: best, width: sw, height: sh };
+    return { scale, rows, strips: best, width: sw, height: sh };
   }
 
   /** Draw the decoded picture `img` on a canvas by the plan: strips side by side, a dashed line between them. */
-  function pngCanvas(img, plan, lr) {
+  function pngCanvas(img, plan) {
     const canvas = document.createElement("canvas"), s = plan.scale;
     canvas.width = plan.width; canvas.height = plan.height;
     const ctx = canvas.getContext("2d");
     ctx.fillStyle = "#ffffff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
-    const across = lr ? img.naturalHeight : img.naturalWidth;
+    const lr = plan.rows, across = lr ? img.naturalHeight : img.naturalWidth;
     plan.strips.forEach(([a, b], i) => {
       const off = i * (across + STRIP_GAP) * s;
       if (lr) ctx.drawImage(img, a, 0, b - a, across, 0, off, (b - a) * s, across * s);
