@@ -77,14 +77,14 @@ def group_path(name: str) -> tuple[str, ...]:
     return tuple(parts[:-1])
 
 
-def sniff(path: pathlib.Path, head: bytes) -> bool:
-    """True for a serialized ModelProto or the ONNX text format."""
+def sniff(path: pathlib.Path, head: bytes) -> str | None:
+    """"text" for the ONNX text format, "binary" for a serialized ModelProto, else None."""
     if not head:
-        return False
+        return None
     text = head.lstrip()
     if text.startswith(b"<") and b"ir_version" in text[:400]:
-        return True
-    return _looks_like_model_proto(head)
+        return "text"
+    return "binary" if _looks_like_model_proto(head) else None
 
 
 # ModelProto field number → protobuf wire type
@@ -132,13 +132,15 @@ def read(path: pathlib.Path, handle: Any = None) -> ViewModel:
     """Read an ONNX file without loading external weights."""
     from kiln.viewer.page import no_gc
     with no_gc():            # many small long-lived objects: collections would cost more than the parse
-        return _read(pathlib.Path(path))
+        return _read(pathlib.Path(path), handle)
 
 
-def _read(path: pathlib.Path) -> ViewModel:
+def _read(path: pathlib.Path, kind: Any) -> ViewModel:
     import onnx
-    head = path.read_bytes()[:64].lstrip()
-    if head.startswith(b"<"):
+    if kind not in ("text", "binary"):
+        with open(path, "rb") as f:
+            kind = "text" if f.read(64).lstrip().startswith(b"<") else "binary"
+    if kind == "text":
         import onnx.parser
         model = onnx.parser.parse_model(path.read_text())
     else:
