@@ -1,7 +1,9 @@
-"""The oneDNN CPU convolution tactic (kernels/cpu_conv.py): each fused epilogue against an FP64
-torch reference, and whole models built with it against ONNX Runtime."""
+"""The CPU convolution tactics of kernels/cpu_conv.py (oneDNN with fused post-ops, and one GEMM on
+channels-last memory): each epilogue and geometry against an FP64 torch reference, and whole
+models built with them against ONNX Runtime."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -12,12 +14,14 @@ import torch.nn.functional as F
 
 import kiln
 import kiln.onnx
-from kiln.kernels.cpu_conv import make_convolution_onednn, onednn_available
+from kiln.kernels import cpu_conv
+from kiln.kernels.cpu_conv import make_convolution_gemm_cpu, make_convolution_onednn, onednn_available
 from kiln.kernels.registry import TACTICS, KernelContext, tactics_for
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN fused convolution")
 
 CPU = KernelContext(device="cpu", precision="fp32", layer_name="conv")
+MAKERS = {"onednn": make_convolution_onednn, "gemm": make_convolution_gemm_cpu}
 
 # FP64 references of the activations, written out (not kiln's activation table)
 REF_ACT = {
@@ -75,27 +79,30 @@ def _check(got, ref):
     assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
 
 
+@pytest.mark.parametrize("tactic", list(MAKERS))
 @pytest.mark.parametrize("act", list(REF_ACT))
-def test_activation_epilogue_matches_fp64(act):
+def test_activation_epilogue_matches_fp64(act, tactic):
     x, w, b = _operands()
     attrs = _attrs(act)
-    y, = make_convolution_onednn(attrs, CPU)(x, w, b)
+    y, = MAKERS[tactic](attrs, CPU)(x, w, b)
     _check(y, _reference(x, w, b, attrs))
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("tactic", list(MAKERS))
 @pytest.mark.parametrize("act", [None, "relu", "sigmoid", "silu"])
 @pytest.mark.parametrize("after", [False, True])
-def test_residual_epilogue_matches_fp64(act, after):
+def test_residual_epilogue_matches_fp64(act, after, tactic):
     x, w, b = _operands()
     r = torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(5))
     attrs = _attrs(act, residual=True, residual_after_activation=after)
     r_before = r.clone()
-    y, = make_convolution_onednn(attrs, CPU)(x, w, b, r)
+    y, = MAKERS[tactic](attrs, CPU)(x, w, b, r)
     _check(y, _reference(x, w, b, attrs, r))
     assert torch.equal(r, r_before), "the residual input must not be written"
 
 
+@pytest.mark.parametrize("tactic", list(MAKERS))
 @pytest.mark.parametrize("case", [
     dict(stride=(2, 2)),
     dict(pads=(0, 0, 1, 1)),                      # asymmetric (SAME_UPPER-style) padding
@@ -103,28 +110,51 @@ def test_residual_epilogue_matches_fp64(act, after):
     dict(groups=8),                               # depthwise
     dict(groups=2, stride=(2, 1), pads=(1, 0, 1, 0)),
 ])
-def test_geometry_matches_fp64(case):
+def test_geometry_matches_fp64(case, tactic):
     groups = case.get("groups", 1)
+    if groups > 1 and tactic == "gemm":
+        pytest.skip("the GEMM tactic runs ungrouped convolutions only")
     x, w, b = _operands(cin=8, cout=8 if groups == 8 else 16, groups=groups)
     attrs = _attrs("relu", **case)
-    y, = make_convolution_onednn(attrs, CPU)(x, w, b)
+    y, = MAKERS[tactic](attrs, CPU)(x, w, b)
     _check(y, _reference(x, w, b, attrs))
 
 
-def test_no_bias_and_fused_max_pool():
+@pytest.mark.parametrize("case", [dict(), dict(stride=(2, 2), pads=(0, 1, 1, 0))])
+def test_one_by_one_gemm(case):
+    x, w, b = _operands(k=1)
+    attrs = _attrs("hard_swish", **{"pads": (0, 0, 0, 0), **case})
+    y, = make_convolution_gemm_cpu(attrs, CPU)(x, w, b)
+    _check(y, _reference(x, w, b, attrs))
+
+
+def test_gemm_in_slices_matches_one_gemm(monkeypatch):
+    """Past IM2COL_BYTES the patches are made a few output rows at a time: the same result."""
+    x, w, b = _operands(n=3, size=13)
+    attrs = _attrs("relu", stride=(2, 1), pads=(1, 0, 2, 1))
+    whole, = make_convolution_gemm_cpu(attrs, CPU)(x, w, b)
+    monkeypatch.setattr(cpu_conv, "IM2COL_BYTES", 3 * 12 * 8 * 9 * 4)     # ~3 of 7 output rows per slice
+    sliced, = make_convolution_gemm_cpu(attrs, CPU)(x, w, b)
+    _check(sliced, _reference(x, w, b, attrs))
+    assert torch.equal(whole, sliced)
+
+
+@pytest.mark.parametrize("tactic", list(MAKERS))
+def test_no_bias_and_fused_max_pool(tactic):
     x, w, _ = _operands()
     attrs = _attrs("relu", pool={"kernel": [3, 3], "stride": [2, 2], "pads": [1, 1, 1, 1]})
-    y, = make_convolution_onednn(attrs, CPU)(x, w)
+    y, = MAKERS[tactic](attrs, CPU)(x, w)
     ref = F.max_pool2d(_reference(x, w, None, attrs), 3, 2, 1)
     _check(y, ref)
 
 
-def test_packed_weight_follows_shape_and_weight_changes():
+@pytest.mark.parametrize("tactic", list(MAKERS))
+def test_packed_weight_follows_shape_and_weight_changes(tactic):
     """One layer meets several input shapes (a dynamic profile) and, for a weight computed at run
     time, a new weight tensor each call: every result is that call's convolution."""
     x, w, b = _operands(n=1, size=7)
     attrs = _attrs("silu")
-    run = make_convolution_onednn(attrs, CPU)
+    run = MAKERS[tactic](attrs, CPU)
     for n, size in [(1, 7), (3, 11), (1, 7), (2, 5)]:
         xi = torch.randn(n, 8, size, size)
         _check(run(xi, w, b)[0], _reference(xi, w, b, attrs))
@@ -133,19 +163,22 @@ def test_packed_weight_follows_shape_and_weight_changes():
     _check(run(x, w, b)[0], _reference(x, w, b, attrs))
 
 
-def test_meta_tensors_give_the_output_shape():
+@pytest.mark.parametrize("tactic", list(MAKERS))
+def test_meta_tensors_give_the_output_shape(tactic):
     x, w, b = _operands()
-    y, = make_convolution_onednn(_attrs("relu", stride=(2, 2)), CPU)(x.to("meta"), w, b)
-    assert y.is_meta and tuple(y.shape) == (2, 16, 5, 5)
+    y, = MAKERS[tactic](_attrs("relu", stride=(2, 2), pads=(1, 1, 0, 0)), CPU)(x.to("meta"), w, b)
+    assert y.is_meta and tuple(y.shape) == (2, 16, 4, 4)
 
 
 def test_offered_only_for_fp32_2d_cpu(monkeypatch):
     names = lambda attrs, ctx: [t.name for t in tactics_for("Convolution", attrs, ctx)]  # noqa: E731
-    assert names(_attrs(), CPU)[0] == "torch" and "onednn" in names(_attrs(), CPU)
-    assert "onednn" not in names(_attrs(), KernelContext(device="cpu", precision="fp16"))
-    assert "onednn" not in names({**_attrs(), "stride": [1], "pads": [0, 0], "dilation": [1]}, CPU)
+    assert names(_attrs(), CPU) == ["torch", "onednn", "gemm"]
+    assert names(_attrs(groups=2), CPU) == ["torch", "onednn"]
+    assert names(_attrs(), KernelContext(device="cpu", precision="fp16")) == ["torch"]
+    assert names(_attrs(), KernelContext(device="cpu", input_dtypes=("float64",))) == ["torch"]
+    assert names({**_attrs(), "stride": [1], "pads": [0, 0], "dilation": [1]}, CPU) == ["torch"]
     monkeypatch.setattr("kiln.kernels.cpu_conv.onednn_available", lambda: False)
-    assert names(_attrs(), CPU) == ["torch"]
+    assert names(_attrs(), CPU) == ["torch", "gemm"]
 
 
 class _Block(nn.Module):
@@ -170,13 +203,17 @@ class _Block(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def _only_onednn(monkeypatch):
-    monkeypatch.setitem(TACTICS, "Convolution", [t for t in TACTICS["Convolution"] if t.name == "onednn"])
+def _force(monkeypatch, name):
+    """Only tactic ``name`` for the convolutions it supports; torch for the others."""
+    mine = next(t for t in TACTICS["Convolution"] if t.name == name)
+    torch_t = next(t for t in TACTICS["Convolution"] if t.name == "torch")
+    rest = dataclasses.replace(torch_t, supports=lambda attrs, ctx: not mine.supports(attrs, ctx))
+    monkeypatch.setitem(TACTICS, "Convolution", [mine, rest])
 
 
-@pytest.mark.parametrize("forced", [True, False])
+@pytest.mark.parametrize("forced", ["onednn", "gemm", None])
 def test_model_matches_onnxruntime(monkeypatch, forced):
-    """A small CNN built for the CPU, with every convolution on oneDNN (forced) or as the build's
+    """A small CNN built for the CPU, with every convolution on one tactic (forced) or as the build's
     timing chose, against ONNX Runtime; batch 1 and 3 on a dynamic-batch engine."""
     import onnxruntime as ort
     torch.manual_seed(0)
@@ -192,13 +229,14 @@ def test_model_matches_onnxruntime(monkeypatch, forced):
     data = f.getvalue()
     tactics_for("Convolution", _attrs(), CPU)       # load every kernel module before narrowing the table
     if forced:
-        _only_onednn(monkeypatch)
+        _force(monkeypatch, forced)
     net = kiln.onnx.parse(data)
     engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": ((1, 3, 16, 16), (2, 3, 16, 16),
                                                                              (3, 3, 16, 16))}))
     if forced:
         convs = [layer for layer in engine.layers if layer["kind"] == "Convolution"]
-        assert convs and all(layer["tactic"] == "onednn" for layer in convs)
+        assert len(convs) == 5      # the depthwise one runs on torch where GEMM is forced
+        assert sum(layer["tactic"] == forced for layer in convs) == (5 if forced == "onednn" else 4)
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     ctx = engine.context()
     for n in (1, 3):

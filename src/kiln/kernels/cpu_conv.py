@@ -97,9 +97,16 @@ class PackedWeight:
         return hit
 
 
+_IN_PLACE = {"relu": torch.relu_, "sigmoid": torch.sigmoid_, "tanh": torch.tanh_,
+             "silu": lambda y: F.silu(y, inplace=True), "hard_swish": lambda y: F.hardswish(y, inplace=True)}
+
+
 def _act_after(attrs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The layer's activation for a fresh output tensor: in place where torch has it so."""
     act = attrs.get("activation")
-    return activation_fn(act, *act_params(attrs)) if act else None
+    if not act:
+        return None
+    return _IN_PLACE.get(act) or activation_fn(act, *act_params(attrs))
 
 
 @tactic("Convolution", "onednn", devices=("cpu",), supports=_onednn_ok, priority=1)
@@ -149,3 +156,75 @@ def make_convolution_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callab
             y = y.add_(residual)
         return (pool_after(y, attrs),)
     return run
+
+
+# Largest im2col matrix made at once; bigger convolutions are done in slices of output rows.
+IM2COL_BYTES = 64 << 20
+
+
+def _gemm_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
+    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in
+            and len(attrs["stride"]) == 2 and attrs.get("groups", 1) == 1)
+
+
+@tactic("Convolution", "gemm", devices=("cpu",), supports=_gemm_ok, priority=2)
+def make_convolution_gemm_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """conv as one GEMM on channels-last memory: [N·Ho·Wo, kh·kw·Cin] patches (the input itself for
+    a 1x1 stride-1 convolution) times the weight prepared once as [kh·kw·Cin, Cout], bias in the
+    GEMM, the rest of the epilogue in place on its output (NHWC)."""
+    stride, dil = list(attrs["stride"]), list(attrs["dilation"])
+    begins, ends = list(attrs["pads"][:2]), list(attrs["pads"][2:4])
+    nhwc_pad = [0, 0, begins[1], ends[1], begins[0], ends[0]]
+    after = bool(attrs.get("residual_after_activation"))
+    act = _act_after(attrs)
+    cache: dict[str, Any] = {"w": None}
+
+    def weight(w: torch.Tensor) -> torch.Tensor:
+        if cache["w"] is not w:
+            cache["w"], cache["wt"] = w, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).t().contiguous()
+        return cache["wt"]
+
+    def run(x, w, b=None, residual=None):
+        x = match_weight(x, w)
+        cout, cin, kh, kw = w.shape
+        if x.is_meta:
+            y = F.conv2d(F.pad(x, nhwc_pad[2:]), w, b, stride, 0, dil)
+        else:
+            xh = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            if any(nhwc_pad):
+                xh = F.pad(xh, nhwc_pad)
+            n, h, wd, c = xh.shape
+            ho = (h - dil[0] * (kh - 1) - 1) // stride[0] + 1
+            wo = (wd - dil[1] * (kw - 1) - 1) // stride[1] + 1
+            patches = xh.as_strided((n, ho, wo, kh, kw, c), (h * wd * c, stride[0] * wd * c, stride[1] * c,
+                                                            dil[0] * wd * c, dil[1] * c, 1))
+            out = torch.empty((n, ho, wo, cout), dtype=x.dtype)
+            _gemm(patches, weight(w), b, out)
+            y = out.permute(0, 3, 1, 2)
+        if residual is not None and not after:
+            y = y.add_(residual)
+        y = act(y) if act is not None else y
+        if residual is not None and after:
+            y = y.add_(residual)
+        return (pool_after(y, attrs),)
+    return run
+
+
+def _gemm(patches: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out[n, i, j, :] = patches[n, i, j].flatten() @ wt + b, in slices of at most IM2COL_BYTES of patches."""
+    n, ho, wo = patches.shape[:3]
+    k = wt.shape[0]
+    row_bytes = wo * k * patches.element_size()
+    rows = max(1, IM2COL_BYTES // max(1, row_bytes))
+    if rows >= n * ho:
+        spans = [(slice(None), slice(None))]
+    else:
+        spans = [(i, slice(r, min(ho, r + rows))) for i in range(n) for r in range(0, ho, rows)]
+    for ni, hi in spans:
+        cols = patches[ni, hi].reshape(-1, k)
+        dest = out[ni, hi].view(-1, out.shape[-1])
+        if b is None:
+            torch.mm(cols, wt, out=dest)
+        else:
+            torch.addmm(b, cols, wt, out=dest)
