@@ -142,3 +142,26 @@ def test_legacy_checkpoint(tmp_path):
         np.testing.assert_array_equal(g.weights[k].load(), v.numpy())
     assert g.weights["conv.weight"].shape == [2, 4, 3]
     check_damaged(p, tmp_path, magic_len=14, cuts=(0.5, 8))
+
+
+def test_reading_imports_no_torch(files):
+    """Opening an archive and loading its weights needs neither torch nor pickle's unpickler."""
+    import subprocess
+    import sys
+    import textwrap
+
+    d, _ = files
+    code = textwrap.dedent(f"""
+        import pickle, sys
+        def refuse(*a, **k):
+            raise SystemExit("unpickled")
+        pickle.Unpickler = pickle.loads = pickle.load = refuse
+        from kiln.viewer.formats import open_model
+        for name in ("traced.jit", "scripted.pt", "ckpt.pt"):
+            g = open_model({str(d)!r} + "/" + name).graph
+            [w.load() for w in g.weights.values() if w.load is not None]
+        print("torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr or out.stdout
+    assert out.stdout.strip() == "False"
