@@ -165,6 +165,7 @@ def _serve(*args: str) -> subprocess.CompletedProcess:
     ("damaged", "failed to load"),
     ("both_off", "turned off"),
     ("port_in_use", "Cannot listen"),
+    ("grpc_port_in_use", "Cannot listen for gRPC"),
 ])
 def test_start_up_refusals_are_one_line(repo, tmp_path, case, words):
     folder = tmp_path / "m"
@@ -177,14 +178,16 @@ def test_start_up_refusals_are_one_line(repo, tmp_path, case, words):
     elif case == "both_off":
         shutil.copy(repo[0] / "mlp.kiln", folder)
         args[1:] = ["--http-port", "off", "--grpc-port", "off"]
-    elif case == "port_in_use":
+    elif case in ("port_in_use", "grpc_port_in_use"):
         import socket
         shutil.copy(repo[0] / "mlp.kiln", folder)
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         s.listen()
-        args[1:] = ["--http-port", str(s.getsockname()[1]), "--grpc-port", "off"]
+        taken = str(s.getsockname()[1])
+        args[1:] = (["--http-port", taken, "--grpc-port", "off"] if case == "port_in_use" else
+                    ["--http-port", "off", "--grpc-port", taken])
     r = _serve(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert lines and words in lines[-1] and lines[-1].startswith("kiln: error:"), r.stderr[-2000:]
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("kiln: error:"), r.stderr[-2000:]

@@ -125,6 +125,7 @@ async def _abort(context: Any, exc: ServeError, call: str, model: str, t0: float
 def make_server(core: ServerCore, max_request_bytes: int) -> Any:
     """A grpc.aio server with the inference service added (ports are bound by the caller)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes),
-                                      ("grpc.max_send_message_length", -1)])
+                                      ("grpc.max_send_message_length", -1),
+                                      ("grpc.so_reuseport", 0)])      # a port in use is refused, not shared
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(core), server)
     return server

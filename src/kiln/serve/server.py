@@ -50,6 +50,9 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
     """Serves until ``stop`` is set, then stops listening and finishes every request already taken."""
     if config.http_port is None and config.grpc_port is None:
         raise KilnError("Both HTTP and gRPC are turned off; serve at least one of them.")
+    for port, what in ((config.http_port, "HTTP"), (config.grpc_port, "gRPC")):
+        if port is not None:
+            _check_free(config.host, port, what)        # before the (slow) loads
     repo = ModelRepository(config.path, config.model, Metrics())
     names = sorted(repo.available())
     if not names:
@@ -78,8 +81,12 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
             http_at = f"{_host(host)}:{port}"
         if config.grpc_port is not None:
             from kiln.serve.grpc_service import make_server
+            _check_free(config.host, config.grpc_port, "gRPC")   # grpc's own bind failure also logs from C
             grpc_server = make_server(core, config.max_request_bytes)
-            port = grpc_server.add_insecure_port(f"{_host(config.host)}:{config.grpc_port}")
+            try:
+                port = grpc_server.add_insecure_port(f"{_host(config.host)}:{config.grpc_port}")
+            except RuntimeError:
+                port = 0
             if not port:
                 raise KilnError(f"Cannot listen for gRPC on {config.host}:{config.grpc_port} (in use or not an "
                                 f"address of this machine); pick another --grpc-port or --host.")
@@ -106,6 +113,25 @@ async def _bind(start, what: str, host: str, port: int) -> None:
     except OSError as exc:
         raise KilnError(f"Cannot listen for {what} on {host}:{port} ({exc.strerror or exc}); pick another port "
                         f"or --host.") from None
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """Refuses a port another process listens on (port 0 is always free)."""
+    import socket
+    if not port:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise KilnError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); check --host.") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise KilnError(f"Cannot listen for {what} on {host}:{port} ({exc.strerror or exc}); pick another "
+                            f"--{what.lower()}-port or --host.") from None
 
 
 def _host(host: str) -> str:
