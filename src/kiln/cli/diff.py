@@ -22,7 +22,9 @@ class Diff(Tool):
         parser.add_argument("b", help="second model or engine file")
         parser.add_argument("--no-weights", action="store_true",
                             help="compare weights by shape and dtype only, without reading their values")
+        parser.add_argument("--export", metavar="OUT",
+                            help="also write the diff page as OUT (.html, or a .svg/.png picture drawn headless)")
 
     def run(self, args: argparse.Namespace) -> int:
         from kiln.viewer import diff_report
-        return diff_report.run(args.a, args.b, json_out=args.json, weights=not args.no_weights)
+        return diff_report.run(args.a, args.b, json_out=args.json, weights=not args.no_weights, export=args.export)

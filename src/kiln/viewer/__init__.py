@@ -60,7 +60,8 @@ def view(path_or_onnx_model: Any, *, export: str | os.PathLike | None = None, po
          open_browser: bool = True, profile: str | os.PathLike | None = None,
          engine: str | os.PathLike | None = None, errors: str | os.PathLike | None = None, rankdir: str = "TB",
          host: str = "127.0.0.1") -> Any:
-    """Show a model (path or ``onnx.ModelProto``) or a Kiln engine.
+    """Show a model (path or ``onnx.ModelProto``) or a Kiln engine; a pair ``(a, b)`` shows two models (or a
+    model and its engine) with their differences.
 
     With ``export`` writes an .svg, .png or .html file and returns its path. In a
     Jupyter kernel (and without ``port``) returns an inline view. Otherwise starts
@@ -105,7 +106,8 @@ def serve(model: Any, *, port: int | None = None, open_browser: bool = True,
         return documents.build_document(model, engine=engine, profile=profile, errors=errors, rankdir=rankdir,
                                         server=True)
 
-    paths = [os.fspath(p) for p in (model, engine, profile, errors) if isinstance(p, (str, os.PathLike))]
+    models = model if isinstance(model, tuple) else (model,)
+    paths = [os.fspath(p) for p in (*models, engine, profile, errors) if isinstance(p, (str, os.PathLike))]
     source = Source(build, paths)
     first = source.get()                 # read now: an unreadable file is an error here, not a blank page
     if first.error is not None:

@@ -15,6 +15,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Show a model (ONNX and the other formats Kiln reads) or a Kiln engine: a local server on "
                     "127.0.0.1 and the browser, or a headless export with --export.")
     p.add_argument("file", help="model or engine file (.onnx, .kiln, ...)")
+    p.add_argument("other", nargs="?", metavar="OTHER",
+                   help="a second model or engine: show both with their differences (kiln diff prints them)")
     p.add_argument("--port", type=int, help="port to listen on (default: a free one)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser; print the URL")
     p.add_argument("--export", metavar="OUT", help="write OUT (.svg, .png or .html) instead of serving")
@@ -32,15 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from kiln.viewer import ViewerWarning, page, serve, view
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ViewerError(f"--port must be between 0 and 65535, not {args.port}.")
+    target = (args.file, args.other) if args.other else args.file
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ViewerWarning)
         if args.export:
-            out = view(args.file, export=args.export, profile=args.profile, engine=args.engine, errors=args.errors,
+            out = view(target, export=args.export, profile=args.profile, engine=args.engine, errors=args.errors,
                        rankdir=args.rankdir)
         else:
             page.FREEZE_AFTER_BUILD = True          # from here on this process lives for one model
             try:
-                server = serve(args.file, port=args.port, open_browser=not args.no_browser, profile=args.profile,
+                server = serve(target, port=args.port, open_browser=not args.no_browser, profile=args.profile,
                                engine=args.engine, errors=args.errors, rankdir=args.rankdir)
             except BaseException:
                 page.FREEZE_AFTER_BUILD = False

@@ -99,6 +99,12 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
     and an engine pane's layers where they compute the same named tensors."""
     if rankdir not in ("TB", "LR"):
         raise ViewerError(f"rankdir must be TB or LR, not {rankdir!r}.")
+    if isinstance(model, tuple):                 # two models: the diff page (kiln.viewer.diff_page)
+        if engine or profile or errors:
+            raise ViewerError("two models are shown with their differences only; --engine, --profile and "
+                              "--errors go with one model.")
+        from kiln.viewer.diff_page import build_diff_document
+        return build_diff_document(*model, rankdir=rankdir, server=server)
     vm = open_view_model(model)
     prof = read_profile(profile) if profile else None
     report = accuracy.read_errors(errors) if errors else None

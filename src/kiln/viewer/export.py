@@ -27,7 +27,8 @@ from kiln.viewer import weights
 STATIC = {"index.html": "text/html; charset=utf-8", "graph.css": "text/css; charset=utf-8",
           "app.css": "text/css; charset=utf-8", "coords.js": "text/javascript; charset=utf-8", "layout.js": "text/javascript; charset=utf-8",
           "view.js": "text/javascript; charset=utf-8", "panels.js": "text/javascript; charset=utf-8",
-          "app.js": "text/javascript; charset=utf-8"}
+          "app.js": "text/javascript; charset=utf-8", "diff.css": "text/css; charset=utf-8",
+          "diff.js": "text/javascript; charset=utf-8"}
 FORMATS = (".svg", ".png", ".html", ".htm")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]

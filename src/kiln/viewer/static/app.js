@@ -507,5 +507,6 @@ var Kiln = window.Kiln || (window.Kiln = {});
   // drawing ("svg" text, "png" data: URL), the one kiln/viewer/export.py saves.
   app.select = select; app.goToNode = goToNode; app.toggleCluster = toggleCluster; app.openNode = openNode;
   app.relayout = relayout; app.search = search; app.picture = picture;
+  app.openSide = openSide;                 // a panel in the sidebar (static/diff.js shows the change list)
   window.addEventListener("DOMContentLoaded", start);
 })();

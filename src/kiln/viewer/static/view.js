@@ -63,7 +63,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const w = b.w, h = b.h, err = node.err;
     const paint = pane.errors && !node.pseudo ? ` style="fill:${err ? err.color : pane.errors.none}"` : "";
     const first = err && err.first ? " err-first" : "";
-    let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${first}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+    let s = `<g class="node cat-${esc(node.cat)}${node.pseudo ? " pseudo" : ""}${node.df ? " df-" + esc(node.df) : ""}${first}${cls}" data-node="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
       `<title>${esc((node.name || node.op) + errTitle(err))}</title><rect class="box" width="${f(w)}" height="${f(h)}" rx="${R}"/>` +
       `<path class="head" d="${headPath(w, M.headH, !rows.length)}"${paint}/>` +
       `<text class="op" x="${f(w / 2)}" y="${f(M.headH / 2)}">${esc(head)}</text>`;
@@ -84,7 +84,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       const worst = pane.nodes[err.node];
       title += `\nworst: ${worst.name || worst.op}${errTitle(worst.err)}\n${err.failed} of ${err.matched} compared nodes failed`;
     }
-    let s = `<g class="group${first}${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+    let s = `<g class="group${c.df ? " df-" + esc(c.df) : ""}${first}${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
       `<title>${esc(title)}</title><rect class="stack" x="4" y="4" width="${f(b.w)}" height="${f(b.h)}" rx="6"${stack}/>` +
       `<rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="6"/>` +
       `<text class="title" x="${M.padX}" y="${f(M.headH / 2 + 1)}">${esc(c.name)}</text>` +
@@ -121,7 +121,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
   function frameSvg(pane, b, cls) {
     const c = pane.clusters[b.id], M = Kiln.metrics;
     const toggle = b.body ? "" : `<text class="toggle" x="${f(b.w - 7)}" y="${f(M.groupHead / 2)}">−</text>`;
-    return `<g class="frame${b.body ? " body" : ""}${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
+    return `<g class="frame${b.body ? " body" : ""}${c.df ? " df-" + esc(c.df) : ""}${cls}" data-cluster="${b.id}" transform="translate(${f(b.x)},${f(b.y)})">` +
       `<rect class="box" width="${f(b.w)}" height="${f(b.h)}" rx="8"/>` +
       `<text class="title" x="10" y="${f(M.groupHead / 2)}">${esc(c.name)}</text>${toggle}</g>`;
   }
@@ -397,7 +397,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       for (const b of s.boxes) {
         const r = `M${f(b.x)},${f(b.y)}h${f(b.w)}v${f(b.h)}h${f(-b.w)}z`;
         if (b.kind === "node") {         // by category, or by error colour under the accuracy overlay
-          const n = this.pane.nodes[b.id], key = this.pane.errors && !n.pseudo ? "err:" + (n.err ? n.err.color : this.pane.errors.none) : n.cat;
+          const n = this.pane.nodes[b.id], key = this.pane.errors && !n.pseudo ? "err:" + (n.err ? n.err.color : this.pane.errors.none) : n.df ? "df-" + n.df : n.cat;
           byCat.set(key, (byCat.get(key) || "") + r);
         }
         else if (b.kind === "group") groups += r;
