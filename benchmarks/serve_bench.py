@@ -7,7 +7,7 @@
         [--rss-limit-mb 50] [--json out.json]
 
 sweep: starts `python -m kiln.serve` on the repository (default: a CPU MLP built here, x [N,256] ->
-256 -> 64, N 1..64), once with dynamic batching and once with --no-batching, and for each protocol and
+256 -> 64, N 1..64; --widths 8,4 measures the server's own overhead), once with dynamic batching and once with --no-batching, and for each protocol and
 concurrency C runs C closed-loop clients (threads spread over processes) sending one-row requests
 with binary tensors (HTTP binary extension, gRPC raw contents) for --seconds after a warm-up. Prints
 throughput (inferences/s), p50/p90/p99 latency and the mean batch the server formed (from /metrics).
@@ -218,9 +218,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         shapes[name] = [int(d) for d in dims.split("x")]
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(args.repo) if args.repo else Path(tmp)
-        model = args.model or "mlp256"
+        widths = tuple(int(w) for w in args.widths.split(","))
+        model = args.model or f"mlp{widths[0]}"
         if not args.repo:
-            build_mlp(repo, model, (256, 256, 64), 64)
+            build_mlp(repo, model, widths, 64)
         rows = []
         for batching in args.batching.split(","):
             flags = list(args.server_flag or []) + ([] if batching == "on" else ["--no-batching"])
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sweep")
     s.add_argument("--repo")
     s.add_argument("--model")
+    s.add_argument("--widths", default="256,256,64", help="layer widths of the CPU MLP built when no --repo")
     s.add_argument("--protocols", default="http,grpc")
     s.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     s.add_argument("--seconds", type=float, default=5.0)

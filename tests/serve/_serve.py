@@ -96,7 +96,8 @@ class ServerProcess:
         self.grpc = m.group("grpc")
 
     def stderr(self) -> str:
-        self._err.flush()
+        if not self._err.closed:
+            self._err.flush()
         return self.stderr_path.read_text(errors="replace")
 
     def rss_mb(self) -> float:

@@ -141,7 +141,7 @@ def test_per_request_timeouts(slow_server):
 
 
 def test_ctrl_c_drains_requests_in_flight(repo):
-    server = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-batch", "8")
+    server = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-batch", "8", "--verbose")
     h = httpclient.InferenceServerClient(server.http, concurrency=4)
     xs = [np.full((1, 8), i / 3, np.float32) for i in range(3)]
     queued = [h.async_infer("mlp", [http_input(x)]) for x in xs]
@@ -153,6 +153,9 @@ def test_ctrl_c_drains_requests_in_flight(repo):
     assert b"stopped" in server.proc.stdout.read()
     server.stop()
     h.close()
+    log = server.stderr()                        # --verbose: the batch formed, and the access log on stderr
+    assert "model mlp: batch of 3 requests, 3 rows" in log, log[-2000:]
+    assert '"path":"/v2/models/mlp/infer","model":"mlp","status":200' in log
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
