@@ -221,3 +221,17 @@ def test_nodes_run_as_plugins(tmp_path, capsys):
     assert kiln_main(["diff", str(tmp_path / "gs.onnx"), str(tmp_path / "gs.kiln")]) == 0
     assert "plugin /sample/GridSample (Plugin) [fp32, torch] ← /sample/GridSample (GridSample)" in \
         capsys.readouterr().out.splitlines()
+
+
+def test_kiln_view_two_models(exports, tmp_path, capsys):
+    from kiln.viewer import command
+    d, _, _ = exports
+    out = tmp_path / "ab.html"
+    assert command.main(["view", str(d / "a.onnx"), str(d / "b.onnx"), "--export", str(out)]) == 0
+    html = out.read_text()
+    assert '"diff":{"mode":"models"' in html and 'src="static/diff.js"' not in html and "Kiln.diff" in html
+    assert command.main(["view", str(d / "a.onnx"), str(d / "b.onnx"), "--profile", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--profile" in err and "two models" in err
+    assert command.main(["view", str(d / "a.onnx"), str(tmp_path / "missing.onnx"), "--export", str(out)]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
