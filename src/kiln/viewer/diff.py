@@ -37,7 +37,7 @@ class Detail:
     name: str
     a: Any = None
     b: Any = None
-    stats: dict[str, float] | None = None          # weights of one shape: max_abs, mean_abs
+    stats: dict[str, Any] | None = None            # weights: max_abs, mean_abs (or unreadable); bodies: counts
 
 
 @dataclass

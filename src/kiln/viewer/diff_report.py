@@ -1,7 +1,6 @@
 """What ``kiln diff a b`` prints: two models (or a model and its engine) compared, as text or JSON."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
