@@ -2,7 +2,7 @@
 
     python benchmarks/serve_bench.py sweep [--repo DIR --model NAME] [--protocols http,grpc]
         [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--warmup 1] [--batching on,off] [--shape NAME:DIMS ...]
-        [--server-flag=--instances=2 ...] [--json out.json]
+        [--server-flag=--instances=2 ...] [--engine-bench] [--json out.json]
     python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
         [--rss-limit-mb 50] [--json out.json]
 
@@ -12,6 +12,8 @@ concurrency C runs C closed-loop clients (threads spread over processes) sending
 with binary tensors (HTTP binary extension, gRPC raw contents) for --seconds after a warm-up. Prints
 throughput (inferences/s), p50/p90/p99 latency and the mean batch the server formed (from /metrics).
 Inputs are random, shaped from the model's metadata: -1 dims are 1 unless --shape gives them.
+--engine-bench then times the engine itself (kiln.bench, as `kiln bench`) at the batch each point formed,
+and prints the server's throughput as a share of it, beside that batch's median engine latency.
 
 soak: builds y = relu(x @ W + b) (x [N,8]), serves it, and sends --requests requests of which
 --bad-fraction are malformed (bad JSON, truncated binary, wrong shape/dtype/name, outside the profile,
@@ -188,7 +190,7 @@ def _client_process(protocol: str, at: str, model: str, threads: int, seconds: f
 
 
 def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: float, shapes: dict,
-             processes: int, warmup: float = 1.0) -> dict:
+             processes: int, warmup: float = 1.0, rows: int = 1) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = min(processes, concurrency)
@@ -205,7 +207,6 @@ def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: floa
     for p in ps:
         p.join()
     a = np.asarray(lat) * 1e3
-    rows = 1                                    # one row per request; --shape may ask for more
     return {"protocol": protocol, "concurrency": concurrency, "requests": len(lat), "errors": errors,
             "infer_per_s": len(lat) * rows / seconds,
             **({f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)} if len(a) else {})}
@@ -222,16 +223,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         model = args.model or f"mlp{widths[0]}"
         if not args.repo:
             build_mlp(repo, model, widths, 64)
-        rows = []
+        rows, dims = [], {}
         for batching in args.batching.split(","):
             flags = list(args.server_flag or []) + ([] if batching == "on" else ["--no-batching"])
             server = Server(repo, *flags)
             try:
+                meta = json.loads(_get(server.http, f"/v2/models/{model}")[1])
+                dims = {t["name"]: shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
+                        for t in meta["inputs"]}
+                per_request = next(iter(dims.values()))[0] if next(iter(dims.values())) else 1
                 for protocol in args.protocols.split(","):
                     for c in (int(x) for x in args.concurrency.split(",")):
                         before = server.metrics()
                         r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,
-                                     args.seconds, shapes, args.processes, args.warmup)
+                                     args.seconds, shapes, args.processes, args.warmup, per_request)
                         after = server.metrics()
                         m = f'kiln_batch_size_{{}}{{{{model="{model}"'
                         n = _metric(after, m.format("count")) - _metric(before, m.format("count"))
@@ -244,9 +249,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                               f"errors {r['errors']}", flush=True)
             finally:
                 server.stop()
+        if args.engine_bench:
+            engine_bench(repo / f"{model}.kiln", rows, dims, args.seconds)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "rows": rows}, indent=1))
     return 0
+
+
+def engine_bench(path: Path, rows: list[dict], dims: dict[str, list[int]], seconds: float) -> None:
+    """`kiln bench` of the served engine at the batch each point formed (rounded mean), beside the point."""
+    import kiln
+    from kiln.bench import bench
+    engine = kiln.load(str(path))
+    done: dict[int, dict] = {}
+    for r in rows:
+        b = max(1, round(r["mean_batch"])) if r["mean_batch"] == r["mean_batch"] else 1
+        if b not in done:
+            shapes = {n: (b, *d[1:]) if d else () for n, d in dims.items()}
+            done[b] = bench(engine, shapes=shapes, duration=seconds)
+        res = done[b]
+        r.update(engine_batch=b, engine_items_per_s=res["throughput_items_per_s"],
+                 engine_median_ms=res["latency_ms"]["median"], vs_engine=r["infer_per_s"] / res["throughput_items_per_s"])
+        print(f"{r['protocol']:4} batching {r['batching']:3} c={r['concurrency']:3}  {r['infer_per_s']:9.1f} infer/s = "
+              f"{100 * r['vs_engine']:5.1f}% of the engine at batch {b} ({res['throughput_items_per_s']:.1f}/s, "
+              f"median {res['latency_ms']['median']:.3f} ms); p99 {r.get('p99_ms', float('nan')):.2f} ms", flush=True)
 
 
 # ---- soak -----------------------------------------------------------------------------------
@@ -358,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--shape", action="append", help="NAME:DIMS (e.g. input_ids:1x128) for an input's -1 dims")
     s.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     s.add_argument("--server-flag", action="append", help="extra kiln serve flag, e.g. --server-flag=--instances=2")
+    s.add_argument("--engine-bench", action="store_true",
+                   help="also time the served engine (kiln bench) at the batch each point formed, for comparison")
     s.add_argument("--json")
     k = sub.add_parser("soak")
     k.add_argument("--requests", type=int, default=50_000)
