@@ -11,8 +11,16 @@ instant; torch loads only when something needs it.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
+
+# CPU engines share the machine: torch's OpenMP worker threads sleep between parallel regions
+# instead of spinning, which on a loaded machine stalls every region behind spinning threads (see
+# docs/cpu.md). OpenMP reads this once, when torch loads; a value the user set is kept.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
     "BuildConfig": ("kiln.builder", "BuildConfig"), "Profile": ("kiln.builder", "Profile"),

@@ -143,3 +143,15 @@ def test_cli_threads(tmp_path):
     assert r.returncode == 0, r.stderr
     r = kiln_cli("compare", tmp_path / "mm.onnx", "--device", "cpu", "--threads", "1")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("preset, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_kiln_first_makes_openmp_threads_sleep(preset, want):
+    """OpenMP threads that spin between parallel regions stall every region on a loaded machine;
+    kiln, imported before torch, asks for passive waiting unless the user chose a policy."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os, kiln, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == want, out.stderr

@@ -1,0 +1,282 @@
+"""CPU benchmark: Kiln FP32 engines against ONNX Runtime (CPU provider, all graph optimizations) and
+OpenVINO (CPU plugin, FP32 inference precision), the same thread count for all, on the same inputs.
+
+    python benchmarks/cpu_bench.py                                  # zoo rows + the three corpus models
+    python benchmarks/cpu_bench.py --zoo lstm_2x_bidirectional --corpus magika --threads 1 --small
+    python benchmarks/cpu_bench.py --baseline --out cpu.json        # also Kiln without the oneDNN tactic
+
+Each model runs in a process of its own (no allocator, thread-pool or cache state carried over).
+For each batch and thread count the contenders run in alternating rounds (one call each per round,
+the order rotating), so load from elsewhere on the machine hits them alike; each gets a median and a
+p90 over the rounds. The ratio is peer median / Kiln median (above 1: Kiln is faster). Outputs are
+checked against ONNX Runtime: max abs error <= 1e-5 + 1e-4 * max|ref|.
+
+Zoo models come from benchmarks/zoo.py (random weights, calibrated BatchNorm, dynamic batch; --small
+for CPU smoke sizes); corpus models from tests/corpus (scripts/fetch_corpus.py downloads them), at
+their manifest shapes. OpenVINO is optional (pip install openvino); without it its columns are empty.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import kiln  # noqa: F401  (before torch: kiln sets OpenMP's wait policy, as in a user's process)
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests" / "corpus"))
+
+ZOO_ROWS = ["resnet50", "mobilenet_v3_large", "vit_b_16_torchvision", "bert_base_opset17", "yolov5l",
+            "lstm_2x_bidirectional"]
+CORPUS_ROWS = ["nudenet_320n", "silero_vad_v6", "magika"]       # a detector, an audio LSTM, a small CNN
+
+
+# ---- one model (child process) ---------------------------------------------------------------
+def _zoo_case(name: str, small: bool, workdir: Path, batches: list[int]):
+    """(onnx path, {batch: feeds})."""
+    import zoo
+    model = zoo.zoo(small)[name]
+    path = model.export(workdir)
+    return path, {b: model.feeds(seed=1, sizes={**model.sizes, "B": b}) for b in batches}
+
+
+def _corpus_case(name: str):
+    import corpus_lib as cl
+    model = cl.load_manifest().model(name)
+    path = cl.model_path(cl.corpus_dir(), model)
+    if not path.exists():
+        raise SystemExit(f"corpus model {name!r} is not at {path}; run scripts/fetch_corpus.py first")
+    feeds = cl.make_feeds(model)
+    return path, {"manifest": feeds}
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    """Builds inside see only the torch convolution tactics (the baseline before kernels/cpu_conv.py)."""
+    from kiln.kernels.registry import TACTICS, get_tactic
+    get_tactic("Convolution", "torch")          # every kernel module loaded
+    saved = TACTICS["Convolution"]
+    TACTICS["Convolution"] = [t for t in saved if t.name != "onednn"]
+    try:
+        yield
+    finally:
+        TACTICS["Convolution"] = saved
+
+
+def _kiln(path: Path, feeds: dict[str, np.ndarray], threads: int, baseline: bool):
+    import kiln
+    import kiln.onnx
+    config = kiln.BuildConfig(device="cpu", profiles={n: a.shape for n, a in feeds.items()})
+    t0 = time.perf_counter()
+    with _without_onednn() if baseline else contextlib.nullcontext():
+        engine = kiln.build(kiln.onnx.parse(str(path)), config)
+    build_s = time.perf_counter() - t0
+    ctx = engine.context(threads=threads)
+    tactics: dict[str, int] = {}
+    for layer in engine.layers:
+        if layer["kind"] == "Convolution":
+            tactics[layer["tactic"]] = tactics.get(layer["tactic"], 0) + 1
+    names = [o["name"] for o in engine.outputs]
+    return (lambda: ctx.run(feeds)), (lambda out: [out[n] for n in names]), \
+        {"build_s": round(build_s, 2), "layers": len(engine.layers), "conv_tactics": tactics}
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray], threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return (lambda: sess.run(None, feeds)), list, {"version": ort.__version__}
+
+
+def _openvino(path: Path, feeds: dict[str, np.ndarray], threads: int):
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({n: list(a.shape) for n, a in feeds.items()})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+    req = compiled.create_infer_request()
+
+    def outs(_):
+        return [np.asarray(req.get_output_tensor(i).data) for i in range(len(compiled.outputs))]
+    return (lambda: req.infer(feeds)), outs, {"version": ov.__version__}
+
+
+def _alternate(runs: dict[str, Callable[[], Any]], rounds: int, budget_s: float, warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call, contenders alternating call by call in rotating order; stops after
+    ``rounds`` rounds or ``budget_s`` seconds (at least 5 rounds)."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runs[n]()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+        if r >= 4 and time.perf_counter() - t_start > budget_s:
+            break
+    return times
+
+
+def _max_err(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, bool]:
+    worst, ok = 0.0, len(got) == len(ref)
+    for g, r in zip(got, ref):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        if g.shape != r.shape:
+            return float("inf"), False
+        err = float(np.abs(g - r).max()) if r.size else 0.0
+        worst = max(worst, err)
+        ok = ok and err <= 1e-5 + 1e-4 * (float(np.abs(r).max()) if r.size else 0.0)
+    return worst, ok
+
+
+def run_one(kind: str, name: str, args) -> list[dict[str, Any]]:
+    """Every (batch, threads) row of one model, in this process."""
+    from kiln.kernels.cpu_threads import usable_cores
+    threads = sorted({usable_cores() if t == 0 else t for t in args.threads})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cases = (_zoo_case(name, args.small, Path(tmp), args.batches) if kind == "zoo"
+                       else _corpus_case(name))
+        for batch, feeds in cases.items():
+            for t in threads:
+                makers = {"kiln": lambda: _kiln(path, feeds, t, False), "onnxruntime": lambda: _ort(path, feeds, t)}
+                if args.baseline:
+                    makers["kiln_torch_conv"] = lambda: _kiln(path, feeds, t, True)
+                if not args.no_openvino:
+                    makers["openvino"] = lambda: _openvino(path, feeds, t)
+                made = {n: m() for n, m in makers.items()}
+                made = {n: m for n, m in made.items() if m is not None}
+                ref = made["onnxruntime"][1](made["onnxruntime"][0]())
+                row: dict[str, Any] = {"model": name, "source": kind, "batch": batch, "threads": t,
+                                       "shapes": {n: list(a.shape) for n, a in feeds.items()}, "contenders": {}}
+                for n, (fn, outs, info) in made.items():
+                    err, ok = _max_err(outs(fn()), ref)
+                    row["contenders"][n] = {**info, "max_abs_vs_ort": err, "within_fp32_tol": ok}
+                times = _alternate({n: m[0] for n, m in made.items()}, args.rounds, args.budget, args.warmup)
+                for n, ts in times.items():
+                    row["contenders"][n].update(median_ms=float(np.median(ts)), p90_ms=float(np.percentile(ts, 90)),
+                                                runs=len(ts))
+                rows.append(row)
+                print(_line(row), file=sys.stderr, flush=True)
+    return rows
+
+
+# ---- report -----------------------------------------------------------------------------------
+def _ratio(row: dict[str, Any], peer: str) -> float | None:
+    c = row["contenders"]
+    if peer not in c or "kiln" not in c:
+        return None
+    return c[peer]["median_ms"] / c["kiln"]["median_ms"]
+
+
+def _line(row: dict[str, Any]) -> str:
+    c = row["contenders"]
+    parts = [f"{row['model'][:24]:<24} b{row['batch']!s:<8} t{row['threads']:<3}"]
+    for n in ("kiln", "kiln_torch_conv", "onnxruntime", "openvino"):
+        if n in c:
+            parts.append(f"{n} {c[n]['median_ms']:9.3f} ms (p90 {c[n]['p90_ms'] / c[n]['median_ms']:.2f}x)")
+    for peer in ("onnxruntime", "openvino"):
+        r = _ratio(row, peer)
+        if r is not None:
+            parts.append(f"vs {peer} {r:.2f}x")
+    k = c.get("kiln", {})
+    parts.append(f"err {k.get('max_abs_vs_ort', float('nan')):.1e}{'' if k.get('within_fp32_tol') else ' FAIL'}")
+    return "  ".join(parts)
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    lines = [_line(r) for r in rows]
+    for peer in ("onnxruntime", "openvino"):
+        ratios = [x for x in (_ratio(r, peer) for r in rows) if x]
+        if ratios:
+            gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            lines.append(f"geometric mean Kiln speed-up over {peer}: {gm:.2f}x over {len(ratios)} rows "
+                         f"(min {min(ratios):.2f}x)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", default=",".join(ZOO_ROWS), help="zoo models (comma-separated; '' for none)")
+    ap.add_argument("--corpus", default=",".join(CORPUS_ROWS), help="corpus models (comma-separated; '' for none)")
+    ap.add_argument("--batches", default="1,8", help="zoo batch sizes (corpus models run at their manifest shapes)")
+    ap.add_argument("--threads", default="1,0", help="thread counts; 0 = the physical cores this process may use")
+    ap.add_argument("--small", action="store_true", help="the zoo's small sizes (smoke runs)")
+    ap.add_argument("--rounds", type=int, default=50, help="alternating rounds per row (default 50)")
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds per row before stopping early (default 60)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
+    ap.add_argument("--baseline", action="store_true", help="also time Kiln built without the oneDNN conv tactic")
+    ap.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out")
+    ap.add_argument("--out", help="write all rows as JSON here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)          # KIND:NAME, run in this process (the child)
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.threads = [int(t) for t in args.threads.split(",") if t]
+    if args.one:
+        kind, name = args.one.split(":", 1)
+        print(json.dumps(run_one(kind, name, args)))
+        return 0
+    todo = [("zoo", n) for n in args.zoo.split(",") if n] + [("corpus", n) for n in args.corpus.split(",") if n]
+    rows: list[dict[str, Any]] = []
+    child_args = _without_out(sys.argv[1:])
+    for kind, name in todo:
+        proc = subprocess.run([sys.executable, __file__, *child_args, "--one", f"{kind}:{name}"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            print(f"{name}: failed (exit {proc.returncode}); see its output above", file=sys.stderr)
+            continue
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    print(report(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "cpu": _cpu_name(), "time": time.strftime("%F %T")},
+                                             indent=1))
+    return 0
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    """The command line minus --out (the parent writes the results)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
