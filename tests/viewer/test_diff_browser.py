@@ -211,3 +211,28 @@ def test_names_in_the_diff_are_text_never_markup(page, tmp_path):
         assert page.evaluate("window.pwned") is None and page.locator("#side-body img").count() == 0
     finally:
         s.stop()
+
+
+def test_next_change_opens_the_body_it_is_in(page, tmp_path):
+    a = samples.control_flow()
+    b = copy.deepcopy(a)
+    if_node = next(n for n in b.graph.node if n.op_type == "If")
+    then_g = next(at for at in if_node.attribute if at.name == "then_branch").g
+    then_g.node[0].op_type, then_g.node[0].name = "Sigmoid", "then/Sigmoid"
+    onnx.save(a, tmp_path / "a.onnx")
+    onnx.save(b, tmp_path / "b.onnx")
+    s = open_diff(page, tmp_path / "a.onnx", tmp_path / "b.onnx")
+    try:
+        seen = []
+        for _ in range(3):
+            page.keyboard.press("n")
+            settle(page)
+            seen.append((selected(page)["name"], selected(page)["df"]))
+        assert seen == [("If", "changed"), ("then/Relu", "removed"), ("then/Sigmoid", "added")]
+        assert "then_branch" in page.inner_text("#side-body")        # where the change sits
+        owner = page.evaluate("kilnApp.panes[0].pane.nodes.findIndex(n => n.op === 'If')")
+        assert page.evaluate(f"kilnApp.panes[0].opened.has({owner})") is True
+        assert page.locator(".kg .frame.body.df-changed").count() == 1
+        assert page.locator(".kg .node.df-removed").count() == 1 and page.locator(".kg .node.df-added").count() == 1
+    finally:
+        s.stop()
