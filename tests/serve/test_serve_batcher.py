@@ -189,3 +189,22 @@ def test_warmup_feeds_cover_every_batch_size_inside_the_profile():
     class NoProfile(FakeEngine):
         profiles = []
     assert ServedModel("free", NoProfile(), ModelOptions()).warmup_feeds() == []    # dynamic dims, no sizes known
+
+
+def test_buckets_take_power_of_two_prefixes():
+    async def go():
+        model, insts, stats = make(ModelOptions(max_queue_delay_us=100_000, buckets="on"))
+        b = Batcher(model, insts, stats)
+        xs = [np.full((1, 2), i, np.float32) for i in range(7)]
+        outs = await asyncio.gather(*(submit(b, model, x) for x in xs))
+        await b.close()
+        return model, xs, outs, insts[0].batches
+    model, xs, outs, batches = run(go())
+    assert model.buckets == (1, 2, 4, 8)
+    assert batches == [4, 2, 1]                               # 7 queued rows: the largest bucket first
+    for x, out in zip(xs, outs):
+        np.testing.assert_array_equal(out["y"], expected(x))
+    assert ServedModel("fake", FakeEngine(), ModelOptions()).buckets == ()          # auto: off on the CPU
+    gpu = type("GpuEngine", (FakeEngine,), {"device": "cuda"})()
+    assert ServedModel("gpu", gpu, ModelOptions(max_batch=6)).buckets == (1, 2, 4, 6)
+    assert [f["x"].shape[0] for f in ServedModel("gpu", gpu, ModelOptions(max_batch=6)).warmup_feeds()] == [1, 2, 4, 6]

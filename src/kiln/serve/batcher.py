@@ -143,7 +143,7 @@ class Batcher:
                 group, ready = self._group(head)
                 wait = head.arrived + self._delay - time.monotonic()
                 if ready or wait <= 0 or self._closed:
-                    return self._take(group)
+                    return self._take(group if ready else self._bucket(group))
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)
@@ -167,6 +167,17 @@ class Batcher:
             if size in sizes:
                 return group[:sizes.index(size) + 1], True
         return group, False
+
+    def _bucket(self, group: list[_Pending]) -> list[_Pending]:
+        """The longest prefix whose rows are one of the model's bucket sizes (the head alone if none is)."""
+        if not self.model.buckets:
+            return group
+        rows, best = 0, 1
+        for i, p in enumerate(group):
+            rows += p.rows
+            if rows in self.model.buckets:
+                best = i + 1
+        return group[:best]
 
     def _take(self, group: list[_Pending]) -> list[_Pending]:
         ids = {id(p) for p in group}

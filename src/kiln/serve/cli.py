@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="execution contexts per model, each with its own worker and CUDA stream (default 1)")
     b.add_argument("--max-queue", type=_positive_int, default=512, metavar="N",
                    help="queued requests per model before new ones get 503 / UNAVAILABLE (default 512)")
+    b.add_argument("--batch-buckets", choices=("auto", "on", "off"), default="auto",
+                   help="merge into batches of power-of-two rows (and --max-batch) only, so a GPU engine replays a "
+                        "few CUDA graphs instead of recording one per size (auto: on for GPU engines)")
     b.add_argument("--warmup", action="store_true",
                    help="run every batch size once per instance before serving (captures the CUDA graphs up front)")
     b.add_argument("--timeout-ms", type=_positive_int, default=60000, metavar="MS",
@@ -119,7 +122,7 @@ def config_from_args(args: argparse.Namespace):
                            max_queue_delay_us=args.max_queue_delay_us,
                            preferred_batch_sizes=tuple(args.preferred_batch_sizes), instances=args.instances,
                            max_queue=args.max_queue, timeout_ms=float(args.timeout_ms),
-                           warmup=args.warmup)
+                           warmup=args.warmup, buckets=args.batch_buckets)
     return ServeConfig(path=args.path, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                        max_request_mb=args.max_request_mb, model=options)
 

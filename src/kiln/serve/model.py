@@ -31,6 +31,7 @@ class ModelOptions:
     max_queue: int = 512                  # queued requests per model before new ones get 503 / UNAVAILABLE
     timeout_ms: float | None = 60_000.0   # per request, queue plus compute; a request may ask for less
     warmup: bool = False                  # run every batch size once per instance at load (CUDA graphs)
+    buckets: str = "auto"                 # "on": merged batches of power-of-two rows; "auto": on for GPU engines
 
     def __post_init__(self) -> None:
         for name in ("instances", "max_queue"):
@@ -42,6 +43,8 @@ class ModelOptions:
             raise KilnError(f"max_queue_delay_us must be an integer >= 0, got {self.max_queue_delay_us!r}.")
         if any(not isinstance(p, int) or p < 1 for p in self.preferred_batch_sizes):
             raise KilnError(f"preferred batch sizes must be positive integers, got {self.preferred_batch_sizes!r}.")
+        if self.buckets not in ("auto", "on", "off"):
+            raise KilnError(f"buckets is 'auto', 'on' or 'off', got {self.buckets!r}.")
         if self.timeout_ms is not None and not (self.timeout_ms > 0 and math.isfinite(self.timeout_ms)):
             raise KilnError(f"timeout_ms must be a positive number of milliseconds, got {self.timeout_ms!r}.")
 
@@ -95,6 +98,11 @@ class ServedModel:
         self.batch_axis = len(firsts) == 1 and isinstance(next(iter(firsts)), str) and all(
             s["shape"] for s in engine.inputs)
         self.max_batch = self._max_batch() if self.batch_axis and options.batching else 1
+        on = options.buckets == "on" or (options.buckets == "auto" and getattr(engine, "device", "cpu") == "cuda")
+        # merged batches of these row counts only: a GPU engine then replays a few CUDA graphs instead of
+        # recording one per batch size
+        self.buckets = tuple(sorted({1 << k for k in range(self.max_batch.bit_length())} | {self.max_batch})) \
+            if on and self.max_batch > 1 else ()
 
     def _max_batch(self) -> int:
         """The merge limit: --max-batch, capped by the largest batch any profile takes."""
@@ -173,12 +181,12 @@ class ServedModel:
         return rows.pop(), tuple(s[1:] for s in shapes.values())
 
     def warmup_feeds(self) -> list[dict[str, np.ndarray]]:
-        """Zero inputs at each batch size 1..max_batch (other dims: the first profile's opt), for warm-up."""
+        """Zero inputs at each batch size a merged batch can have (other dims: the first profile's opt)."""
         p = self._profiles[0] if self._profiles else {}
         dims = {t.name: list(p[t.name]["opt"]) if t.name in p else list(t.shape) for t in self.inputs}
         if any(d < 0 for ds in dims.values() for d in ds):
             return []
-        sizes = range(1, self.max_batch + 1) if self.batch_axis else [None]
+        sizes = (self.buckets or range(1, self.max_batch + 1)) if self.batch_axis else [None]
         feeds = [{t.name: np.zeros([b, *dims[t.name][1:]] if b else dims[t.name], t.np_dtype) for t in self.inputs}
                  for b in sizes]
         return [f for f in feeds if self.fits({n: a.shape for n, a in f.items()})]
