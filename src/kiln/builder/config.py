@@ -106,6 +106,12 @@ class BuildConfig:
     cuda_graph: bool = True
     fp32_layers: tuple[str, ...] = ()  # fnmatch patterns of layers kept in FP32 in an FP16/BF16 build
     fallback: str | None = None        # "onnxruntime": build the network's ONNX Runtime islands (kiln.onnx.fallback)
+    quantize: str | None = None        # "int8" / "fp8": post-training quantization (kiln.quant)
+    calibration: Any = None            # .npy/.npz file, folder of them, or a list of {input: array} batches
+    calibrator: str = "entropy"        # "max", "percentile" or "entropy" (kiln.quant.calibrators)
+    percentile: float = 99.99          # the percentile calibrator's percent
+    calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
+    fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized
 
 
     def __post_init__(self) -> None:
@@ -130,9 +136,35 @@ class BuildConfig:
         self.fp32_layers = tuple(self.fp32_layers)
         if self.fallback not in (None, "onnxruntime"):
             raise BuildError(f"fallback {self.fallback!r} is not supported; use 'onnxruntime' (or None for no fallback).")
-        if self.fp32_layers and self.precision not in ("fp16", "bf16"):
+        self._check_quantize()
+        if self.fp32_layers and self.precision not in ("fp16", "bf16") and not self.quantize:
             raise BuildError(f"fp32_layers keeps layers of an FP16 or BF16 build in FP32; this build is already "
                              f"{self.precision}. Add --fp16 or --bf16, or drop --fp32-layers.")
+
+    def _check_quantize(self) -> None:
+        if isinstance(self.fp16_layers, str):
+            self.fp16_layers = tuple(p for p in self.fp16_layers.split(",") if p)
+        self.fp16_layers = tuple(self.fp16_layers)
+        if self.quantize is None:
+            if self.fp16_layers or self.calibration is not None or self.calib_cache:
+                raise BuildError("fp16_layers, calibration data and a calibration cache belong to a quantized build; "
+                                 "add --int8 (or --fp8), or drop them.")
+            return
+        from kiln.quant import MODES
+        from kiln.quant.calibrators import check_calibrator
+        if self.quantize not in MODES:
+            raise BuildError(f"quantize {self.quantize!r} is not one of {', '.join(MODES)}.")
+        check_calibrator(self.calibrator, self.percentile)
+        if self.calib_cache is not None:
+            self.calib_cache = os.fspath(self.calib_cache)
+
+    def quantize_note(self, device: str) -> str | None:
+        """What a quantized build's engine computes on ``device``, else None."""
+        if not self.quantize:
+            return None
+        return (f"the engine runs the {self.quantize.upper()}-quantized network dequantized (float arithmetic on "
+                f"8-bit-rounded values): 8-bit kernels are GPU-only" + (", and not in Kiln yet." if device == "cuda"
+                                                                        else "."))
 
     def precision_note(self, device: str) -> str | None:
         """What this precision means on ``device`` when that is not what the flag promises, else None."""

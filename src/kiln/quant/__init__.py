@@ -1,0 +1,81 @@
+"""Post-training quantization: calibrate a float network on the user's data and make it an explicitly
+quantized one (Q/DQ layers around convolutions and GEMMs), which the builder then builds like any other.
+
+``quantize(network, config)`` is the builder's hook for ``BuildConfig(quantize="int8", calibration=...)``;
+calibrators.py holds the range algorithms, calibrate.py the data and the FP32 runs, insert.py the rewrite,
+cache.py the calibration cache.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+from kiln.errors import BuildError
+from kiln.ir.network import Network
+from kiln.quant.calibrators import CALIBRATORS, check_calibrator
+
+MODES = ("int8", "fp8")
+__all__ = ["CALIBRATORS", "MODES", "quantize", "check_device"]
+
+
+def check_device(mode: str, device: str, capability: tuple[int, int] | None = None) -> None:
+    """Refuse a quantization mode the device cannot run: FP8 needs FP8 tensor cores (compute capability 8.9
+    or later), and Kiln has no FP8 Q/DQ layers yet."""
+    if mode not in MODES:
+        raise BuildError(f"Quantization {mode!r} is not one of {', '.join(MODES)}.")
+    if mode != "fp8":
+        return
+    if device != "cuda":
+        raise BuildError("--fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 or later, e.g. L4, "
+                         "H100); a CPU build cannot use it. Use --int8, or build on such a GPU.")
+    if capability is None:
+        import torch
+        capability = torch.cuda.get_device_capability()
+    if tuple(capability) < (8, 9):
+        raise BuildError(f"--fp8 needs FP8 tensor cores (compute capability 8.9 or later); this GPU is "
+                         f"{capability[0]}.{capability[1]}. Use --int8.")
+    raise BuildError("--fp8: Kiln has no FP8 (E4M3) Q/DQ layers yet; build with --int8.")
+
+
+def quantize(network: Network, config: Any, progress: Callable[[str, float], None] | None = None) -> Network:
+    """A copy of ``network`` with Q/DQ layers around the layers ``config`` quantizes, the activation ranges
+    read from ``config.calib_cache`` or found by calibrating on ``config.calibration``."""
+    from kiln.builder.precision import fp32_matches
+    from kiln.quant import cache
+    from kiln.quant.calibrate import calibrate, load_batches
+    from kiln.quant.insert import insert, refuse_quantized, targets
+    mode = config.quantize
+    device = config.resolved_device()
+    check_device(mode, device)
+    check_calibrator(config.calibrator, config.percentile)
+    refuse_quantized(network)
+    net = copy.deepcopy(network)
+    exclude = fp32_matches(net, config.fp32_layers) | _matches(net, config.fp16_layers, "--fp16-layers")
+    chosen = targets(net, exclude)
+    if not chosen:
+        raise BuildError(f"--{mode} found no convolution, fully-connected layer or GEMM/matmul with a constant "
+                         f"weight to quantize in {network.name!r}; build it without --{mode}.")
+    names = list(dict.fromkeys(t.layer.inputs[i].name for t in chosen for i in t.acts))
+    model = cache.fingerprint(network)
+    how = cache.settings(config.calibrator, config.percentile)
+    amax = cache.load(config.calib_cache, model, how, names) if config.calib_cache else None
+    if amax is None:
+        if config.calibration is None:
+            raise BuildError(f"--{mode} needs calibration data: give --calib DIR|FILE.npz|FILE.npy (or an existing "
+                             f"--calib-cache).")
+        (progress or (lambda stage, frac: None))("calibrate", 0.0)
+        batches = load_batches(config.calibration, network)
+        amax = calibrate(network, names, batches, device, config.calibrator, config.percentile)
+        if config.calib_cache:
+            cache.save(config.calib_cache, model, how, amax)
+    insert(net, chosen, amax, mode)
+    return net
+
+
+def _matches(net: Network, patterns, flag: str) -> set[int]:
+    """fp32_matches for another flag's patterns (its error names that flag)."""
+    try:
+        from kiln.builder.precision import fp32_matches
+        return fp32_matches(net, patterns)
+    except BuildError as exc:
+        raise BuildError(str(exc).replace("--fp32-layers", flag)) from None

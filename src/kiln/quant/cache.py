@@ -1,0 +1,94 @@
+"""The calibration cache: a JSON file holding the model's fingerprint, the calibrator and the amax of each
+calibrated tensor, so a rebuild skips calibration. A cache is data: it is validated before use, and one made
+for another model, another calibrator or another set of tensors is refused in one line, never overwritten."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from kiln.errors import BuildError
+from kiln.ir.network import Network
+
+FORMAT = "kiln-calibration-cache"
+VERSION = 1
+
+
+def fingerprint(net: Network) -> str:
+    """SHA-256 over the network's inputs, its layers (name, kind, tensors read and written) and its constants'
+    bytes: two networks with one fingerprint compute the same function."""
+    h = hashlib.sha256()
+    head = {"inputs": [[t.name, t.dtype, [str(d) for d in (t.shape or [])]] for t in net.inputs],
+            "outputs": [t.name for t in net.outputs],
+            "layers": [[layer.name, layer.kind, [t.name if t is not None else None for t in layer.inputs],
+                        [t.name for t in layer.outputs]] for layer in net.layers]}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for t in sorted(net.constants(), key=lambda t: t.name):
+        v = np.ascontiguousarray(t.value)
+        h.update(f"{t.name}\0{v.dtype.str}\0{v.shape}\0".encode())
+        if v.dtype != object:
+            h.update(v.view(np.uint8).reshape(-1).data if v.size else b"")
+    return h.hexdigest()
+
+
+def settings(calibrator: str, percentile: float) -> dict[str, Any]:
+    """What a cache records about how its ranges were found."""
+    return {"calibrator": calibrator, **({"percentile": float(percentile)} if calibrator == "percentile" else {})}
+
+
+def load(path: str, model: str, how: dict[str, Any], names: list[str]) -> dict[str, float] | None:
+    """The amax table cached in ``path`` for this model (``model``: its fingerprint) and calibration ``how``;
+    None when the file does not exist yet."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(1 << 26).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise BuildError(f"Calibration cache {path!r} is not a readable JSON file ({type(exc).__name__}); give "
+                         f"another --calib-cache path (this one is left as it is).") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise BuildError(f"{path!r} is not a Kiln calibration cache (version {VERSION}); give another --calib-cache "
+                         f"path (this file is left as it is).")
+    if doc.get("model") != model:
+        raise BuildError(f"Calibration cache {path!r} was made for another model (fingerprint "
+                         f"{str(doc.get('model'))[:12]}..., this model {model[:12]}...); give a new --calib-cache "
+                         f"path or delete that file to calibrate again.")
+    made = {k: doc.get(k) for k in how}
+    if made != how:
+        raise BuildError(f"Calibration cache {path!r} was made with {_fmt(made)}, not {_fmt(how)}; pass those "
+                         f"settings, or a new --calib-cache path to calibrate again.")
+    amax = doc.get("amax")
+    if not isinstance(amax, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in amax.values()):
+        raise BuildError(f"Calibration cache {path!r} is damaged: 'amax' must map tensor names to finite numbers "
+                         f">= 0; delete it to calibrate again.")
+    missing = [n for n in names if n not in amax]
+    if missing:
+        raise BuildError(f"Calibration cache {path!r} has no range for tensor {missing[0]!r} (it was made with other "
+                         f"layers quantized); give a new --calib-cache path to calibrate again.")
+    return {n: float(amax[n]) for n in names}
+
+
+def save(path: str, model: str, how: dict[str, Any], amax: dict[str, float]) -> None:
+    """Write the cache (to a temporary file first, so a failed write leaves no half file)."""
+    doc = {"format": FORMAT, "version": VERSION, "model": model, **how, "amax": dict(sorted(amax.items()))}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise BuildError(f"Cannot write the calibration cache {path!r} ({exc.strerror or exc}); check the path.") \
+            from None
+
+
+def _fmt(how: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in how.items())

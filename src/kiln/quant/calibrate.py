@@ -1,0 +1,161 @@
+"""Calibration data and activation ranges: read the user's tensors, run the FP32 network on them with Kiln's
+own engine (the tensors to observe marked as extra outputs), and reduce what each tensor took to one amax
+with a calibrator.
+
+Calibration data is a ``.npy`` file (single-input models), an ``.npz`` file (one array per input name), a
+folder of such files (sorted by name), or, from Python, a list of ``{input: array}`` batches. Arrays hold
+samples along their first axis; a model whose batch dim is fixed at B is fed B samples at a time, one whose
+batch dim is dynamic at most ``CALIB_BATCH``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from kiln.errors import BuildError
+from kiln.ir.dtypes import np_dtype
+from kiln.ir.network import Network
+from kiln.quant.calibrators import Histogram, entropy_amax, percentile_amax
+
+CALIB_BATCH = 32
+Batch = dict[str, np.ndarray]
+
+
+def load_batches(source: Any, net: Network) -> list[Batch]:
+    """The calibration batches ``source`` gives for ``net``'s inputs, each checked against the input's
+    dtype and static dims."""
+    if isinstance(source, (str, os.PathLike)):
+        arrays = [_read(p, net) for p in _files(os.fspath(source))]
+    elif isinstance(source, Mapping):
+        arrays = [dict(source)]
+    elif isinstance(source, Sequence) and all(isinstance(b, Mapping) for b in source):
+        arrays = [dict(b) for b in source]
+    else:
+        raise BuildError(f"Calibration data is a path (.npy, .npz or a folder of them) or a list of "
+                         f"{{input: array}} batches, not {type(source).__name__}.")
+    batches = [b for a in arrays for b in _split(_checked(a, net), net)]
+    if not batches:
+        raise BuildError("The calibration data holds no samples; give at least one batch of inputs.")
+    return batches
+
+
+def _files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise BuildError(f"Calibration data {path!r} does not exist; give a .npy or .npz file or a folder of them.")
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise BuildError(f"Calibration folder {path!r} cannot be read ({exc.strerror or exc}); check its "
+                         f"permissions.") from None
+    files = [os.path.join(path, n) for n in names if n.endswith((".npy", ".npz"))
+             and os.path.isfile(os.path.join(path, n))]
+    if not files:
+        raise BuildError(f"Calibration folder {path!r} holds no .npy or .npz files; save the preprocessed inputs "
+                         f"with numpy.save (images are not read yet).")
+    return files
+
+
+def _read(path: str, net: Network) -> dict[str, np.ndarray]:
+    names = [t.name for t in net.inputs]
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BuildError(f"Calibration file {path!r} is not a readable numpy file "
+                         f"({' '.join(str(exc).split()) or type(exc).__name__}); save it with numpy.save/savez.") \
+            from None
+    if not isinstance(arr, np.ndarray):
+        raise BuildError(f"Calibration file {path!r} is not a numpy array; save it with numpy.save.")
+    if len(names) != 1:
+        raise BuildError(f"Calibration file {path!r} is one array but the model has inputs {names}; give an .npz "
+                         f"with one array per input name (numpy.savez(path, **arrays)).")
+    return {names[0]: arr}
+
+
+def _checked(arrays: dict[str, Any], net: Network) -> Batch:
+    names = [t.name for t in net.inputs]
+    unknown = [k for k in arrays if k not in names]
+    missing = [n for n in names if n not in arrays]
+    if unknown or missing:
+        raise BuildError(f"Calibration data names inputs {sorted(arrays)} but the model's inputs are {names}; give "
+                         f"one array per input, keyed by its name.")
+    out = {}
+    for t in net.inputs:
+        a = np.asarray(arrays[t.name])
+        want = np_dtype(t.dtype)
+        if a.dtype != want:
+            if not (a.dtype.kind == "f" and want.kind == "f"):
+                raise BuildError(f"Calibration data for input {t.name!r} is {a.dtype} but the model expects "
+                                 f"{want}; convert it (a.astype({want.name!r})).")
+            a = a.astype(want)
+        dims = list(t.shape or [])
+        if t.shape is not None and (a.ndim != len(dims) or any(
+                isinstance(d, int) and i > 0 and d != s for i, (d, s) in enumerate(zip(dims, a.shape)))):
+            want_s = "x".join(str(d) if isinstance(d, int) else "?" for d in dims)
+            raise BuildError(f"Calibration data for input {t.name!r} has shape {list(a.shape)} but the model "
+                             f"expects {want_s} (samples along the first axis); preprocess it to that shape.")
+        out[t.name] = a
+    sizes = {len(a) if a.ndim else 1 for a in out.values()}
+    if len(sizes) != 1:
+        raise BuildError(f"Calibration arrays hold different numbers of samples ({sorted(sizes)}); give each input "
+                         f"the same number.")
+    return out
+
+
+def _split(arrays: Batch, net: Network) -> list[Batch]:
+    first = net.inputs[0].shape[0] if net.inputs and net.inputs[0].shape else None
+    n = len(next(iter(arrays.values())))
+    step = first if isinstance(first, int) and first > 0 else CALIB_BATCH
+    if isinstance(first, int) and n % first:
+        raise BuildError(f"Calibration data holds {n} samples but the model's batch dim is fixed at {first}; give a "
+                         f"multiple of {first}.")
+    return [{k: np.ascontiguousarray(a[i:i + step]) for k, a in arrays.items()} for i in range(0, n, step)]
+
+
+def observe(net: Network, names: Iterable[str], batches: list[Batch], device: str,
+            each: Callable[[dict[str, np.ndarray]], None]) -> None:
+    """Run ``net`` in FP32 on every batch and call ``each`` with the values of tensors ``names`` (network
+    inputs, or intermediates marked as extra outputs of a copy)."""
+    from kiln.builder.build import build
+    from kiln.builder.config import BuildConfig
+    names = list(names)
+    g = copy.deepcopy(net)
+    for n in names:
+        if g.tensors[n] not in g.inputs:
+            g.mark_output(g.tensors[n])
+    shapes = {t.name: [b[t.name].shape for b in batches] for t in g.inputs}
+    profiles = {k: (tuple(np.min(s, axis=0)), tuple(s[-1]), tuple(np.max(s, axis=0))) for k, s in shapes.items()}
+    engine = build(g, BuildConfig(device=device, profiles=profiles, optimization_level=0, cuda_graph=False))
+    ctx = engine.context()
+    for b in batches:
+        outs = ctx.run(b, outputs=[n for n in names if n not in b])
+        each({n: b[n] if n in b else outs[n] for n in names})
+
+
+def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: str, calibrator: str,
+              percentile: float, levels: int = 128) -> dict[str, float]:
+    """amax per tensor of ``names`` over the calibration batches, by ``calibrator`` (see calibrators.py);
+    ``levels`` is the number of magnitude steps of the 8-bit type (entropy)."""
+    amax = {n: 0.0 for n in names}
+
+    def take_max(values: dict[str, np.ndarray]) -> None:
+        for n, v in values.items():
+            v = np.abs(np.asarray(v, np.float64))
+            v = v[np.isfinite(v)]
+            if v.size:
+                amax[n] = max(amax[n], float(v.max()))
+    observe(net, names, batches, device, take_max)
+    if calibrator == "max":
+        return amax
+    hists = {n: Histogram(amax[n]) for n in names}
+    observe(net, names, batches, device, lambda values: [hists[n].add(v) for n, v in values.items()])
+    if calibrator == "percentile":
+        return {n: percentile_amax(h, percentile) for n, h in hists.items()}
+    return {n: entropy_amax(h, levels) for n, h in hists.items()}

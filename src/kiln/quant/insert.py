@@ -1,0 +1,124 @@
+"""Which layers a post-training quantization quantizes, and the Q/DQ layers put around them.
+
+As TensorRT does by default: convolutions, fully-connected layers, and GEMMs/matmuls whose second operand is
+a constant weight. Each such layer reads its weight as an 8-bit constant with per-output-channel symmetric
+scales through DequantizeLinear, and its float activation through a QuantizeLinear/DequantizeLinear pair with
+one per-tensor scale (shared by every quantized reader of that tensor). The result is an explicitly quantized
+network, which any build runs (dequantized where no 8-bit kernel exists).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from kiln.errors import BuildError
+from kiln.ir.network import Layer, Network
+
+# the 8-bit types: (Kiln dtype, largest magnitude a symmetric scale maps amax to)
+TYPES = {"int8": ("int8", 127.0), "fp8": ("float8_e4m3fn", 448.0)}
+QDQ = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "IntegerOp")
+
+
+class Target(NamedTuple):
+    """A layer to quantize: its activation input positions, its weight input position and the weight's
+    output-channel axis."""
+
+    layer: Layer
+    acts: tuple[int, ...]
+    weight: int
+    axis: int
+
+
+def _target(layer: Layer) -> Target | None:
+    ins = layer.inputs
+
+    def const_float(i: int) -> bool:
+        return len(ins) > i and ins[i] is not None and ins[i].is_constant and ins[i].dtype == "float32"
+
+    def act(i: int) -> bool:
+        return len(ins) > i and ins[i] is not None and not ins[i].is_constant and ins[i].dtype == "float32"
+    if not (act(0) and const_float(1)):
+        return None
+    k, a = layer.kind, layer.attrs
+    if k in ("Convolution", "FullyConnected") and len(ins) <= 3:      # no fused residual input
+        return Target(layer, (0,), 1, 0)
+    if k == "MatMul" and ins[1].value.ndim >= 2:
+        return Target(layer, (0,), 1, ins[1].value.ndim - (2 if a.get("transpose_b") else 1))
+    if k == "Gemm" and ins[1].value.ndim == 2 and not a.get("trans_a"):
+        return Target(layer, (0,), 1, 0 if a.get("trans_b") else 1)
+    return None
+
+
+def targets(net: Network, exclude: set[int]) -> list[Target]:
+    """The layers of ``net`` (top level) to quantize, leaving out the ids in ``exclude``."""
+    return [t for layer in net.layers if id(layer) not in exclude and (t := _target(layer)) is not None]
+
+
+def refuse_quantized(net: Network) -> None:
+    """A model that already carries quantization takes its scales as given, not a calibration."""
+    found = next((layer for layer in net.layers if layer.kind in QDQ), None)
+    if found is not None:
+        raise BuildError(f"The model is already quantized (layer {found.name!r} is {found.kind}); build it without "
+                         f"--int8/--fp8 and Kiln takes its scales as given.")
+
+
+def weight_scales(w: np.ndarray, axis: int, qmax: float) -> np.ndarray:
+    """Per-channel symmetric scales along ``axis``: max |w| over the other axes / qmax (1 for an all-zero
+    channel), float32."""
+    other = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w.astype(np.float64)).max(axis=other) if other else np.abs(w.astype(np.float64))
+    return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+
+
+def act_scale(amax: float, qmax: float) -> np.float32:
+    """The per-tensor symmetric scale for range ``amax`` (1 for a tensor that was always zero)."""
+    return np.float32(amax / qmax if amax > 0 and np.isfinite(amax) else 1.0)
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int, qmax: float) -> np.ndarray:
+    """round-half-even(w / scale) clamped to ±qmax, as int8 (ONNX QuantizeLinear in float32)."""
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.rint(w.astype(np.float32) / scale.reshape(shape))
+    return np.clip(q, -qmax, qmax).astype(np.int8)
+
+
+def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8") -> None:
+    """Rewrite ``net`` in place: each target reads its weight dequantized from int8 and its activations
+    through a shared Q/DQ pair with the scale ``amax[name] / 127``."""
+    dtype, qmax = TYPES[mode]
+    pairs: dict[str, object] = {}
+    for t in chosen:
+        layer = t.layer
+        for i in t.acts:
+            x = layer.inputs[i]
+            if x.name not in pairs:
+                pairs[x.name] = _qdq(net, x, act_scale(amax[x.name], qmax), dtype)
+            layer.set_input(i, pairs[x.name])
+        w = layer.inputs[t.weight]
+        s = weight_scales(w.value, t.axis, qmax)
+        q = net.add_constant(quantize_weight(w.value, s, t.axis, qmax), name=net.unique_name(f"{w.name}_{dtype}"))
+        dq = net.add_layer("DequantizeLinear", [q, net.add_constant(s, name=net.unique_name(f"{w.name}_scale")),
+                                                net.add_constant(np.zeros(s.shape, np.int8),
+                                                                 name=net.unique_name(f"{w.name}_zero_point"))],
+                           {"axis": t.axis, "to": "float32", "block_size": 0},
+                           name=net.unique_layer_name("DequantizeLinear", f"{layer.name}/weight_dequantize"),
+                           output_dtypes=["float32"])
+        dq.outputs[0].shape = w.shape
+        layer.set_input(t.weight, dq.outputs[0])
+    net.remove_unused_constants()
+    net.toposort()
+
+
+def _qdq(net: Network, x, scale: np.float32, dtype: str):
+    """QuantizeLinear → DequantizeLinear of activation ``x`` with one scale and a zero zero point."""
+    s = net.add_constant(np.asarray(scale, np.float32), name=net.unique_name(f"{x.name}_scale"))
+    zp = net.add_constant(np.zeros((), np.int8), name=net.unique_name(f"{x.name}_zero_point"))
+    q = net.add_layer("QuantizeLinear", [x, s, zp], {"axis": 1, "to": dtype, "block_size": 0, "saturate": 1},
+                      name=net.unique_layer_name("QuantizeLinear", f"{x.name}/quantize"), output_dtypes=[dtype])
+    dq = net.add_layer("DequantizeLinear", [q.outputs[0], s, zp], {"axis": 1, "to": "float32", "block_size": 0},
+                       name=net.unique_layer_name("DequantizeLinear", f"{x.name}/dequantize"),
+                       output_dtypes=["float32"])
+    q.outputs[0].shape = dq.outputs[0].shape = x.shape
+    return dq.outputs[0]
