@@ -28,7 +28,7 @@ class KilnReplica:
 
     def __init__(self, path: str, name: str, options: ModelOptions, max_request_bytes: int) -> None:
         import kiln
-        from kiln.serve.repository import EngineInstance
+        from kiln.serve.instance import EngineInstance
         engine = kiln.load(path)
         self.model = ServedModel(name, engine, options)
         self._instances = [EngineInstance(engine) for _ in range(options.instances)]

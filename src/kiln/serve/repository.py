@@ -11,35 +11,16 @@ import os
 import re
 from typing import Any
 
-import numpy as np
-
 from kiln.errors import KilnError
 from kiln.serve.batcher import Batcher
 from kiln.serve.errors import BadRequest, NotFound, Unavailable
+from kiln.serve.instance import EngineInstance
 from kiln.serve.metrics import Metrics
 from kiln.serve.model import VERSION, ModelOptions, ServedModel
 
 log = logging.getLogger("kiln.serve")
 SUFFIX = ".kiln"
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
-
-
-class EngineInstance:
-    """One execution context; on a GPU it runs on its own CUDA stream."""
-
-    def __init__(self, engine: Any) -> None:
-        self.ctx = engine.context()
-        self.stream = None
-        if engine.device == "cuda":
-            import torch
-            self.stream = torch.cuda.Stream()
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.stream is None:
-            return self.ctx.run(feeds)
-        import torch
-        with torch.cuda.stream(self.stream):
-            return self.ctx.run(feeds)
 
 
 class Loaded:
@@ -139,7 +120,8 @@ class ModelRepository:
         if self.options.warmup:
             for feeds in model.warmup_feeds():
                 for inst in instances:
-                    inst.run(feeds)
+                    for _ in range(2):           # the second run records the input-bound CUDA graph
+                        inst.run(feeds)
         return model, instances
 
     async def unload(self, name: str) -> None:
