@@ -65,7 +65,7 @@ def _silu_net(order: str, extra_reader: bool = False) -> kiln.Network:
     net = kiln.Network()
     a = net.add_input("x", "float32", (5,))
     s = net.add_activation(a, "sigmoid", name="sig").output
-    y = net.add_elementwise(a, s, "prod", name="mul") if order == "x*s" else net.add_elementwise(s, a, "prod", name="mul")
+    y = net.add_elementwise(*((a, s) if order == "x*s" else (s, a)), "prod", name="mul")
     net.mark_output(y.output, "y")
     if extra_reader:
         net.mark_output(net.add_unary(s, "neg", name="other").output, "z")

@@ -1,7 +1,9 @@
-"""Graph rewrites. One pass per file; each docstring lists the cases it rewrites."""
+"""Graph rewrites. One pass per file; each docstring lists the cases it rewrites. Local rewrites are
+rules (kiln/passes/rewrite.py) that one driver applies to a fixpoint."""
 from __future__ import annotations
 
-from kiln.passes.base import Pass, PassManager, PassResult
+from kiln.passes.base import Pass, PassManager, PassResult, RewriteError
+from kiln.passes.rewrite import Rule, RulePass, rewrite
 
 
 def default_passes() -> list[Pass]:
@@ -33,4 +35,5 @@ def fusion_passes() -> list[Pass]:
             FuseProjectionShortcuts(), FuseConvChains()]
 
 
-__all__ = ["Pass", "PassManager", "PassResult", "default_passes", "fusion_passes"]
+__all__ = ["Pass", "PassManager", "PassResult", "RewriteError", "Rule", "RulePass", "default_passes", "fusion_passes",
+           "rewrite"]

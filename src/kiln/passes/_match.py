@@ -1,4 +1,4 @@
-"""Tiny helpers for pattern matching on the value graph."""
+"""Helpers for rewrites on the value graph: producers and constants, and edits that keep tensor names."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,24 +28,6 @@ def scalar(t: Tensor | None) -> float | None:
 
 def single_use(t: Tensor, net: Network) -> bool:
     return len(t.uses) == 1 and t not in net.outputs
-
-
-def only_consumer(t: Tensor, net: Network, kind: str | None = None) -> Layer | None:
-    if not single_use(t, net):
-        return None
-    layer = t.uses[0][0]
-    return layer if kind is None or layer.kind == kind else None
-
-
-def other_input(layer: Layer, t: Tensor) -> Tensor | None:
-    ins = [x for x in layer.inputs if x is not None]
-    if len(ins) != 2:
-        return None
-    if ins[0] is t:
-        return ins[1]
-    if ins[1] is t:
-        return ins[0]
-    return None
 
 
 def replace_output(net: Network, old: Tensor, new: Tensor) -> None:

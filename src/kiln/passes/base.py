@@ -7,12 +7,10 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, NoReturn
 
 from kiln.errors import KilnError
 from kiln.ir.network import Network
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -71,18 +69,15 @@ def history(stats: Stats) -> str:
     return f"passes run before it: {passes}; rules fired before it: {fired}"
 
 
-def guarded(what: str, stats: Stats, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``; if it raises, the error names ``what`` and what ran before it: a KilnError (bad
-    input) keeps its one-line message and gets a note, anything else (a bug) becomes a RewriteError."""
-    try:
-        return fn(*args)
-    except RewriteError:
-        raise
-    except KilnError as exc:
+def reraise(exc: Exception, what: str, stats: Stats) -> NoReturn:
+    """Raise ``exc`` again naming ``what`` and what ran before it: a KilnError (bad input) keeps its
+    one-line message and gets a note, anything else (a bug) becomes a RewriteError."""
+    if isinstance(exc, RewriteError):
+        raise exc
+    if isinstance(exc, KilnError):
         exc.add_note(f"raised in {what}; {history(stats)}")
-        raise
-    except Exception as exc:
-        raise RewriteError(f"{what} failed ({type(exc).__name__}: {exc}); {history(stats)}") from exc
+        raise exc
+    raise RewriteError(f"{what} failed ({type(exc).__name__}: {exc}); {history(stats)}") from exc
 
 
 class Pass:
@@ -116,7 +111,10 @@ class PassManager:
             for p in self.passes:
                 if self.on_pass:
                     self.on_pass(p.name)
-                r = guarded(f"Pass {p.name!r}", stats, p, net, stats)
+                try:
+                    r = p(net, stats)
+                except Exception as exc:
+                    reraise(exc, f"Pass {p.name!r}", stats)
                 stats.ran.append((p.name, r.modified))
                 changed |= r.modified
             any_change |= changed

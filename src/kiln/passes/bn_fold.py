@@ -19,8 +19,8 @@ from kiln.passes.rewrite import ANY, ConstTensor, Match, Op, Rule, RulePass
 
 def _bn(x) -> Op:
     """Batch normalization of ``x`` with constant statistics."""
-    return Op("Normalization", x, ConstTensor("gamma"), ConstTensor("beta"), ConstTensor("mean"), ConstTensor("var"), ...,
-              type="batch")
+    return Op("Normalization", x, ConstTensor("gamma"), ConstTensor("beta"), ConstTensor("mean"), ConstTensor("var"),
+              ..., type="batch")
 
 
 def _scale_shift(m: Match):

@@ -106,8 +106,8 @@ def _fuse_residual(m: Match) -> None:
 class FuseEpilogues(RulePass):
     name = "epilogue fusion"
     rules = [
-        Rule("conv(x) + r -> conv with residual", Op("ElementWise", Op("Convolution", ..., name="conv"), Var("r"), op="sum"),
-             _residual_fits, _fuse_residual),
+        Rule("conv(x) + r -> conv with residual", Op("ElementWise", Op("Convolution", ..., name="conv"), Var("r"),
+                                                       op="sum"), _residual_fits, _fuse_residual),
         Rule("x @ W + b -> FullyConnected",
              Op("ElementWise", Op("MatMul", Var("x"), ConstTensor("w"), name="mm"), ConstTensor("b"), op="sum"),
              _bias_fits, _to_fully_connected),

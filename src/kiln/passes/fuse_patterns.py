@@ -71,8 +71,10 @@ GELU = [
 
 
 # ---- LayerNorm -----------------------------------------------------------------------------------
-_D = Sub(x, Op("Reduce", x, ..., op="mean", name="mean", shared=True), name="sub")     # read by the square and the division
-_SQUARE = OneOf(Op("ElementWise", _D, Const(2.0), op="pow", name="sq", shared=True), Mul(_D, _D, name="sq", shared=True))
+# x − mean(x): read by the square and the division
+_D = Sub(x, Op("Reduce", x, ..., op="mean", name="mean", shared=True), name="sub")
+_SQUARE = OneOf(Op("ElementWise", _D, Const(2.0), op="pow", name="sq", shared=True),
+                Mul(_D, _D, name="sq", shared=True))
 _STD = Unary("sqrt", Add(Op("Reduce", _SQUARE, ..., op="mean", name="var", shared=True), Scalar("eps"),
                          name="eps_add", shared=True), name="sqrt")
 _NORMALIZED = Div(_D, _STD, name="div")
@@ -105,12 +107,14 @@ def _layernorm(m: Match) -> None:
     last = chain[-1]
     ln = net.add_layer("Normalization", [m["x"], m.get("gamma"), m.get("beta")],
                        {"type": "layer", "axis": m["axis"], "epsilon": scalar(m["eps"])},
-                       name=net.unique_name(last.name + "/layernorm"), origin=[o for layer in chain for o in layer.origin])
+                       name=net.unique_name(last.name + "/layernorm"),
+                       origin=[o for layer in chain for o in layer.origin])
     substitute(net, ln, last, [last.outputs[0]], chain)
 
 
 LAYERNORM = [
-    Rule("layernorm: (x−μ)/√(σ²+ε)·γ+β", Add(_SCALED, ConstTensor("beta"), name="add"), _layernorm_axes, _layernorm),
+    Rule("layernorm: (x−μ)/√(σ²+ε)·γ+β", Add(_SCALED, ConstTensor("beta"), name="add"), _layernorm_axes,
+         _layernorm),
     Rule("layernorm: (x−μ)/√(σ²+ε)·γ", _SCALED, _layernorm_axes, _layernorm),
     Rule("layernorm: (x−μ)/√(σ²+ε)", _NORMALIZED, _layernorm_axes, _layernorm),
 ]

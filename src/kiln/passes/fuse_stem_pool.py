@@ -53,4 +53,5 @@ def _fuse(m: Match) -> None:
 
 class FuseStemPool(RulePass):
     name = "stem pooling"
-    rules = [Rule("maxpool(stem conv(x)) -> conv with pool", Op("Pooling", Op("Convolution", ..., name="conv")), _fits, _fuse)]
+    rules = [Rule("maxpool(stem conv(x)) -> conv with pool", Op("Pooling", Op("Convolution", ..., name="conv")),
+                  _fits, _fuse)]

@@ -24,9 +24,9 @@ root's must be read only inside the match and not be a network output, unless it
 
 ``rewrite(net, rules)`` sweeps the layers in order (or in reverse) trying the rules whose root
 kind fits, in the order given, until a sweep changes nothing. It counts how often each rule fired
-and, in that last sweep, the matches declined and why (``KILN_LOG=passes`` prints both); an exception inside a rule
-is raised again as ``RewriteError`` naming the rule and what ran before it, and so are rules still
-firing after MAX_SWEEPS sweeps.
+and, in that last sweep, the matches declined and why (``KILN_LOG=passes`` prints both). An
+exception inside a rule is raised again as ``RewriteError`` naming the rule and what ran before it,
+and so are rules still firing after MAX_SWEEPS sweeps.
 """
 from __future__ import annotations
 
@@ -34,10 +34,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from kiln.ir.network import Layer, Network, Tensor
-from kiln.passes.base import Pass, PassResult, RewriteError, Stats, guarded, history, log_enabled
+from kiln.passes._match import scalar
+from kiln.passes.base import Pass, PassResult, RewriteError, Stats, history, log_enabled, reraise
 
 COMMUTATIVE = {("ElementWise", "sum"), ("ElementWise", "prod"), ("ElementWise", "max"), ("ElementWise", "min")}
 MAX_SWEEPS = 64
@@ -96,6 +95,8 @@ class Op(Pattern):
     def __init__(self, kind: str | tuple[str, ...], *inputs: Any, name: str | None = None, shared: bool = False,
                  **attrs: Any) -> None:
         self.kind, self.inputs, self.attrs, self.name, self.shared = kind, inputs, attrs, name, shared
+        self.fixed = [(k, v) for k, v in attrs.items() if not callable(v)]
+        self.tests = [(k, v) for k, v in attrs.items() if callable(v)]
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -148,26 +149,54 @@ class Rule:
     check: Callable[[Match], str | None] | None
     rewrite: Callable[[Match], None]
     kinds: tuple[str, ...] = field(init=False)
+    could_match: Callable[[Layer], bool] = field(init=False, repr=False)
+    key: tuple[str, Any] | None = field(init=False, repr=False)       # one attr the root must have
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, Op):
             raise TypeError(f"Rule {self.name!r}: the pattern's root must be an Op")
         self.kinds = self.pattern.kinds
+        self.could_match = _first_level(self.pattern)
+        self.key = self.pattern.fixed[0] if self.pattern.fixed else None
 
 
 # ---- matching ------------------------------------------------------------------------------------
-def _scalar(t: Tensor | None) -> float | None:
-    if t is None or not t.is_constant or t.value.size != 1:
-        return None
-    return float(np.asarray(t.value).reshape(-1)[0])
-
-
 def _attrs_fit(p: Op, layer: Layer) -> bool:
-    for k, want in p.attrs.items():
-        got = layer.attrs.get(k)
-        if not (want(got) if callable(want) else got == want):
+    a = layer.attrs
+    for k, v in p.fixed:
+        if a.get(k) != v:
+            return False
+    for k, fn in p.tests:
+        if not fn(a.get(k)):
             return False
     return True
+
+
+def _first_level(p: Op) -> Callable[[Layer], bool]:
+    """A quick test that a layer of one of ``p``'s kinds can be the root of a match: its attrs, and
+    the producers' kinds and constness of its inputs (in either order where the op commutes)."""
+    pats = p.inputs[:-1] if p.inputs and p.inputs[-1] is Ellipsis else p.inputs
+    need = [frozenset(q.kinds) if isinstance(q, Op) else "const" if isinstance(q, (Const, Scalar, ConstTensor))
+            else None for q in pats]
+    if all(n is None for n in need):
+        return lambda layer: _attrs_fit(p, layer)
+
+    def fits(ins) -> bool:
+        for n, t in zip(need, ins):
+            if n is None:
+                continue
+            if t is None or (not t.is_constant if n == "const" else t.producer is None or t.producer.kind not in n):
+                return False
+        return True
+
+    def quick(layer: Layer) -> bool:
+        ins = layer.inputs
+        if len(ins) < len(need) or not _attrs_fit(p, layer):
+            return False
+        if fits(ins):
+            return True
+        return len(need) == 2 and (layer.kind, layer.attrs.get("op")) in COMMUTATIVE and fits((ins[1], ins[0]))
+    return quick
 
 
 def _match(p: Any, t: Tensor | None, env: dict) -> Iterator[dict]:
@@ -187,11 +216,11 @@ def _match(p: Any, t: Tensor | None, env: dict) -> Iterator[dict]:
         elif bound is t:
             yield env
     elif isinstance(p, Const):
-        v = _scalar(t)
+        v = scalar(t)
         if v is not None and abs(v - p.value) <= p.tol * max(1.0, abs(p.value)):
             yield {**env, p.name: t} if p.name else env
     elif isinstance(p, Scalar):
-        if _scalar(t) is not None:
+        if scalar(t) is not None:
             yield {**env, p.name: t} if p.name else env
     elif isinstance(p, ConstTensor):
         if t is not None and t.is_constant:
@@ -284,11 +313,22 @@ def rewrite(net: Network, rules: list[Rule], reverse: bool = False, stats: Stats
         layers = list(net.layers)
         for layer in reversed(layers) if reverse else layers:
             here = by_kind.get(layer.kind)
-            if here is None or layer not in net.layers:
+            if here is None:
                 continue
+            alive = None
             for rule in here:
-                if guarded(f"Rewrite rule {rule.name!r} at layer {layer.name!r}", stats, _try, rule, net, layer, stats,
-                           declines):
+                key = rule.key
+                if key is not None and layer.attrs.get(key[0]) != key[1] or not rule.could_match(layer):
+                    continue
+                if alive is None:
+                    alive = layer in net.layers
+                if not alive:
+                    break
+                try:
+                    hit = _try(rule, net, layer, stats, declines)
+                except Exception as exc:
+                    reraise(exc, f"Rewrite rule {rule.name!r} at layer {layer.name!r}", stats)
+                if hit:
                     fired.append(rule.name)
                     break
         if not fired:
