@@ -220,3 +220,49 @@ def test_every_attribute_changed_along_a_long_unnamed_chain():
     assert d.counts() == {"added": 0, "removed": 0, "changed": n, "unchanged": 0}
     assert all(x.details[0].name == "alpha" for x in d.nodes)
     assert seconds < 10, f"{seconds:.1f} s"
+
+
+def _random_graph(rng: np.random.Generator, n: int) -> "onnx.ModelProto":
+    """Nodes reading random earlier values (and now and then a later one, a missing one or their own output),
+    some outputs written twice, names often missing or repeated: what a damaged or odd file can hold."""
+    ops = ["Relu", "Add", "Mul", "Sigmoid", "Concat"]
+    values, nodes = ["x"], []
+    for i in range(n):
+        op = ops[rng.integers(len(ops))]
+        k = 2 if op in ("Add", "Mul", "Concat") else 1
+        ins = [values[rng.integers(len(values))] for _ in range(k)]
+        if rng.random() < 0.05:
+            ins[0] = f"v{i + rng.integers(1, 4)}"            # a value produced later (a cycle or a dangling read)
+        out = f"v{i}" if rng.random() > 0.05 else values[-1]  # sometimes a value written twice
+        name = "" if rng.random() < 0.4 else f"/blk{rng.integers(3)}/{op}_{rng.integers(5)}"
+        attrs = {"axis": int(rng.integers(2))} if op == "Concat" else {}
+        nodes.append(helper.make_node(op, ins, [out], name=name, **attrs))
+        values.append(out)
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info(values[-1], TensorProto.FLOAT, None)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_odd_graphs_diff_without_errors_and_every_node_once():
+    from kiln.viewer.diff_merge import merge
+    from kiln.viewer.diff_report import as_json, text_lines
+    rng = np.random.default_rng(7)
+    for trial in range(30):
+        a = _random_graph(rng, int(rng.integers(1, 40)))
+        b = copy.deepcopy(a) if trial % 3 == 0 else _random_graph(rng, int(rng.integers(1, 40)))
+        if trial % 3 == 0 and len(b.graph.node) > 2:                  # a few edits of a copy
+            del b.graph.node[int(rng.integers(len(b.graph.node)))]
+            b.graph.node[0].op_type = "Neg"
+        va, vb = read_proto(a), read_proto(b)
+        d = diff_models(va, vb)
+        seen_a = [id(n.a) for n in d.nodes if n.a is not None]
+        seen_b = [id(n.b) for n in d.nodes if n.b is not None]
+        assert sorted(seen_a) == sorted(map(id, va.graph.nodes)) and sorted(seen_b) == sorted(map(id, vb.graph.nodes))
+        merged = merge(d)
+        removed = sum(n.status == "removed" for n in d.nodes)
+        assert len(merged.model.graph.nodes) == len(vb.graph.nodes) + removed
+        assert text_lines(d) and as_json(d)["counts"] == d.counts()
+        if trial % 5 == 0:
+            from kiln.viewer.diff_page import build_diff_document
+            page = build_diff_document(va, vb).page
+            assert sum(n["df"] == "removed" for n in page["panes"][0]["nodes"]) == removed
