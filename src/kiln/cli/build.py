@@ -6,7 +6,7 @@ import os
 import sys
 import time
 
-from kiln.cli.base import Device, Fallback, Fp32Layers, Plugins, Precision, Shapes, Tool, register
+from kiln.cli.base import Device, Fallback, Fp32Layers, Plugins, Precision, Quantize, Shapes, Tool, register
 from kiln.cli.base.args import check_output_file, number, quote, warn
 from kiln.cli.base.progress import Progress
 from kiln.errors import KilnError
@@ -18,7 +18,7 @@ class Build(Tool):
     help = "parse an ONNX model and build an engine file for this device"
     description = "Parse MODEL, optimize it for the target device and write an engine file."
     groups = (Precision("fp16", "bf16", "tf32"), Device(), Shapes("static input shapes", profile=True), Fp32Layers(),
-              Plugins(), Fallback())
+              Plugins(), Fallback(), Quantize())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("model", help="the .onnx model (external data files beside it are read too)")
@@ -34,15 +34,17 @@ class Build(Tool):
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
-        check_output_file(args.output, "-o", keep=[args.model, args.timing_cache or ""])
+        check_output_file(args.output, "-o", keep=[args.model, args.timing_cache or "", args.calib_cache or ""])
         profiles = Shapes.profile_of(args)
         precision = Precision.of(args)
         workspace = max(1, int(args.workspace * (1 << 20))) if args.workspace is not None else None
         import kiln
         config = kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles, workspace=workspace,
                                   optimization_level=args.opt_level, timing_cache=args.timing_cache,
-                                  fp32_layers=args.fp32_layers or (), fallback=args.fallback)
+                                  fp32_layers=args.fp32_layers or (), fallback=args.fallback,
+                                  **Quantize.config(args))
         note = config.precision_note(config.resolved_device())
+        qnote = config.quantize_note(config.resolved_device())
         Plugins.load(args)
         progress = Progress(not args.quiet)
         progress("parse", 0.0)
@@ -60,7 +62,10 @@ class Build(Tool):
         progress.done()
         if note:
             warn(f"--{precision}: {note}")
+        if qnote:
+            warn(f"--{config.quantize}: {qnote}")
         size = os.path.getsize(args.output)
-        print(f"Built {args.output} ({size / 1e6:.1f} MB): {len(engine.layers)} layers, {precision}, "
+        print(f"Built {args.output} ({size / 1e6:.1f} MB): {len(engine.layers)} layers, {precision}"
+              f"{' + ' + config.quantize + ' Q/DQ' if config.quantize else ''}, "
               f"{engine.header['device']['name']} ({engine.device}), {time.perf_counter() - progress.t0:.1f} s")
         return 0

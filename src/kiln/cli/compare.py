@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from kiln.cli.base import Device, Fp32Layers, Inputs, Plugins, Precision, Shapes, Threads, Tool, register
+from kiln.cli.base import Device, Fp32Layers, Inputs, Plugins, Precision, Quantize, Shapes, Threads, Tool, register
 from kiln.cli.base.args import check_output_file, number, quote, warn
 
 
@@ -19,7 +19,7 @@ class Compare(Tool):
                    "histogram. A tensor passes when STAT(|kiln-ref|) <= atol + rtol*STAT(|ref|). Exit 0 when all "
                    "pass, 1 when any fails, 2 on a usage error.")
     groups = (Device(), Precision("fp16", "bf16"), Fp32Layers(), Shapes("shapes of random inputs with dynamic dims"),
-              Inputs(), Plugins(), Threads())
+              Inputs(), Plugins(), Threads(), Quantize())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         p = parser
@@ -27,9 +27,9 @@ class Compare(Tool):
         p.add_argument("--engine", help="use this built engine instead of building one")
         p.add_argument("--data", metavar="DIR|FILE.npz", help="inputs from a folder of NAME.npy (or input_N.pb) files")
         p.add_argument("--atol", type=number(float, 0), default=None,
-                       help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 5e-2)")
+                       help="absolute tolerance (default: fp32 1e-5, fp16 1e-2, bf16 and --int8/--fp8 5e-2)")
         p.add_argument("--rtol", type=number(float, 0), default=None,
-                       help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 5e-2)")
+                       help="relative tolerance (default: fp32 1e-4, fp16 1e-2, bf16 and --int8/--fp8 5e-2)")
         p.add_argument("--check-error-stat", choices=("max", "mean", "median"), default="max",
                        help="the error statistic checked against the tolerances (default max)")
         p.add_argument("--per-layer", action="store_true",
@@ -58,7 +58,13 @@ class Compare(Tool):
         Plugins.load(args)
         Threads.apply(args)
         progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
-        result = compare(args.model, precision=precision, device=args.device, engine=args.engine, inputs=inputs,
+        engine = args.engine
+        quant = Quantize.config(args)
+        if quant:
+            engine, inputs = quantized_engine(args, precision, inputs, shapes, quant)
+            args.atol = QUANT_TOL if args.atol is None else args.atol
+            args.rtol = QUANT_TOL if args.rtol is None else args.rtol
+        result = compare(args.model, precision=precision, device=args.device, engine=engine, inputs=inputs,
                          data=args.data, shapes=shapes, atol=args.atol, rtol=args.rtol,
                          check_error_stat=args.check_error_stat, per_layer=per_layer, growth=args.growth,
                          reduce=args.reduce, reduce_output=args.reduce_output, seed=args.seed,
@@ -68,6 +74,8 @@ class Compare(Tool):
             note = kiln.BuildConfig(precision=precision).precision_note(result.device)
             if note:
                 warn(f"--{precision}: {note}")
+            if quant:
+                warn(f"--{quant['quantize']}: " + kiln.BuildConfig(**quant).quantize_note(result.device))
         print(result.report(histogram=not args.no_histogram))
         if per_layer:
             result.save_errors(errors_out)
@@ -76,6 +84,30 @@ class Compare(Tool):
         if result.reduced is not None:
             print("reproduce: " + reproduce_command(args, result))
         return 0 if result.passed else 1
+
+
+QUANT_TOL = 5e-2     # default atol and rtol against the FP32 reference for --int8/--fp8
+
+
+def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, shapes: dict,
+                     quant: dict) -> tuple[Any, dict]:
+    """The --int8/--fp8 engine of args.model, built for the inputs the comparison feeds (returned with it)."""
+    from kiln.errors import KilnError
+    if args.engine:
+        raise KilnError("--engine is compared as it was built; drop --int8/--fp8 (or --engine to build one here).")
+    import onnx
+
+    import kiln
+    from kiln.comparison import make_feeds
+    try:
+        proto = onnx.load(args.model)
+    except Exception as exc:
+        raise KilnError(f"{args.model!r} is not a readable ONNX model ({type(exc).__name__}); give an .onnx file.") \
+            from None
+    feeds = make_feeds(proto, inputs, args.data, shapes, args.seed)
+    config = kiln.BuildConfig(precision=precision, device=args.device, fp32_layers=args.fp32_layers or (),
+                              profiles={n: tuple(v.shape) for n, v in feeds.items()} or None, **quant)
+    return kiln.build(kiln.onnx.parse(proto), config), feeds
 
 
 def reproduce_command(args: argparse.Namespace, result: Any) -> str:

@@ -3,8 +3,8 @@ argument checks, engine-input helpers and the progress bar."""
 from __future__ import annotations
 
 from kiln.cli.base.groups import (ArgGroup, Device, Fallback, Fp32Layers, Inputs, Json, Plugins, Precision,
-                                  Shapes, Threads)
+                                  Quantize, Shapes, Threads)
 from kiln.cli.base.tool import MissingTool, Tool, register
 
 __all__ = ["ArgGroup", "Device", "Fallback", "Fp32Layers", "Inputs", "Json", "MissingTool", "Plugins", "Precision",
-           "Shapes", "Threads", "Tool", "register"]
+           "Quantize", "Shapes", "Threads", "Tool", "register"]

@@ -98,7 +98,45 @@ class Fp32Layers(ArgGroup):
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--fp32-layers", metavar="PATTERN[,..]",
                             help="with --fp16/--bf16: keep the layers whose ONNX node names match these fnmatch "
-                                 "patterns in FP32 (weights too), e.g. '/conv1/*,/layer1/*'")
+                                 "patterns in FP32 (weights too), e.g. '/conv1/*,/layer1/*'; with --int8/--fp8 "
+                                 "they are also left unquantized")
+
+
+class Quantize(ArgGroup):
+    """--int8/--fp8 post-training quantization, its calibration data, calibrator and cache."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--int8", action="store_true",
+                           help="post-training INT8 quantization of convolutions and GEMMs, calibrated with --calib")
+        group.add_argument("--fp8", action="store_true", help="post-training FP8 (E4M3) quantization (GPUs of compute "
+                                                              "capability 8.9+)")
+        parser.add_argument("--calib", metavar="DIR|FILE.npz|FILE.npy",
+                            help="calibration inputs: a .npy (one input), an .npz (one array per input name) or a "
+                                 "folder of them; samples along the first axis, preprocessed as the model expects")
+        parser.add_argument("--calibrator", choices=("max", "percentile", "entropy"), default="entropy",
+                            help="how activation ranges are found (default entropy, TensorRT's KL calibrator)")
+        parser.add_argument("--percentile", type=number(float, 0, 100, above=True), default=99.99, metavar="P",
+                            help="the percentile calibrator's percent (default 99.99)")
+        parser.add_argument("--calib-cache", metavar="FILE",
+                            help="calibration cache (JSON): read when it exists (no calibration), else written")
+        parser.add_argument("--fp16-layers", metavar="PATTERN[,..]",
+                            help="with --int8/--fp8: leave the layers whose ONNX node names match these fnmatch "
+                                 "patterns unquantized (in the build's float precision)")
+
+    @staticmethod
+    def config(args: argparse.Namespace) -> dict[str, Any]:
+        """The BuildConfig fields the flags give (none without --int8/--fp8; those flags alone are refused)."""
+        from kiln.errors import KilnError
+        mode = "int8" if args.int8 else "fp8" if args.fp8 else None
+        if mode is None:
+            given = [f for f, v in (("--calib", args.calib), ("--calib-cache", args.calib_cache),
+                                    ("--fp16-layers", args.fp16_layers)) if v]
+            if given:
+                raise KilnError(f"{given[0]} belongs to a quantized build; add --int8 (or --fp8), or drop it.")
+            return {}
+        return {"quantize": mode, "calibration": args.calib, "calibrator": args.calibrator,
+                "percentile": args.percentile, "calib_cache": args.calib_cache, "fp16_layers": args.fp16_layers or ()}
 
 
 class Threads(ArgGroup):
