@@ -3,6 +3,7 @@
     python benchmarks/serve_bench.py sweep [--repo DIR --model NAME] [--protocols http,grpc]
         [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--warmup 1] [--batching on,off] [--shape NAME:DIMS ...]
         [--server-flag=--instances=2 ...] [--engine-bench] [--json out.json]
+    python benchmarks/serve_bench.py models --out DIR [--names resnet50,bert_base] [--precision fp16] [--max-batch 64]
     python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
         [--rss-limit-mb 50] [--json out.json]
 
@@ -14,6 +15,9 @@ throughput (inferences/s), p50/p90/p99 latency and the mean batch the server for
 Inputs are random, shaped from the model's metadata: -1 dims are 1 unless --shape gives them.
 --engine-bench then times the engine itself (kiln.bench, as `kiln bench`) at the batch each point formed,
 and prints the server's throughput as a share of it, beside that batch's median engine latency.
+
+models: exports the harness's ResNet-50 and BERT-base (seeded random weights) and builds GPU engines with
+a dynamic batch 1..--max-batch into DIR (served as resnet50 and bert_base).
 
 soak: builds y = relu(x @ W + b) (x [N,8]), serves it, and sends --requests requests of which
 --bad-fraction are malformed (bad JSON, truncated binary, wrong shape/dtype/name, outside the profile,
@@ -369,6 +373,27 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if verdict["passed"] else 1
 
 
+# ---- GPU models ------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    """The zoo's ResNet-50 / BERT-base (benchmarks/harness.py: seeded random weights) as engines with a
+    dynamic batch 1..--max-batch, into --out, ready for `sweep --repo`."""
+    import kiln
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.names.split(","):
+        _, _, in_names, _, _, example, onnx_path, _ = harness.export_model(name, str(out))
+        profiles = {n: ((1, *t.shape[1:]), (max(1, args.max_batch // 2), *t.shape[1:]), (args.max_batch, *t.shape[1:]))
+                    for n, t in zip(in_names, example)}
+        config = kiln.BuildConfig(precision=args.precision, device=args.device, profiles=profiles)
+        kiln.build(kiln.onnx.parse(onnx_path), config).save(str(out / f"{name}.kiln"))
+        os.remove(onnx_path)
+        print(f"{out / name}.kiln: {args.precision}, inputs " +
+              ", ".join(f"{n} {list(t.shape[1:])}" for n, t in zip(in_names, example)), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -394,8 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--rss-limit-mb", type=float, default=50.0)
     k.add_argument("--server-flag", action="append")
     k.add_argument("--json")
+    g = sub.add_parser("models")
+    g.add_argument("--out", required=True)
+    g.add_argument("--names", default="resnet50,bert_base")
+    g.add_argument("--precision", default="fp16")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
-    return cmd_sweep(args) if args.cmd == "sweep" else cmd_soak(args)
+    return {"sweep": cmd_sweep, "soak": cmd_soak, "models": cmd_models}[args.cmd](args)
 
 
 if __name__ == "__main__":
