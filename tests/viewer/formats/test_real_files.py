@@ -74,7 +74,7 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("hyperlpr", "mininet_ssd_v1.caffemodel", "Caffe"), ("hyperlpr", "refinenet.caffemodel", "Caffe"),
          ("hyperlpr", "SegmenationFree-Inception.prototxt", "Caffe"),
          ("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel", "Caffe"),
-         ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe")]
+         ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -209,7 +209,7 @@ def test_caffe_resnet50_with_fields_outside_the_schema():
 
 TFJS = [("face-api", f"{n}-weights_manifest.json") for n in ("tiny_face_detector_model", "face_landmark_68_tiny_model",
                                                               "face_expression_model")] + \
-    [("human", f"{n}.json") for n in ("blazeface", "emotion", "antispoof")]
+    [("human", f"{n}.json") for n in ("blazeface", "emotion", "antispoof")] + [("handtrack", "model.json")]
 
 
 @pytest.mark.parametrize("source, name", TFJS, ids=[n for _, n in TFJS])
