@@ -62,12 +62,12 @@ def _corpus_case(name: str):
 
 
 @contextlib.contextmanager
-def _without_onednn():
-    """Builds inside see only the torch convolution tactics (the baseline before kernels/cpu_conv.py)."""
+def _torch_conv_only():
+    """Builds inside see only the torch convolution tactic (the baseline before kernels/cpu_conv.py)."""
     from kiln.kernels.registry import TACTICS, get_tactic
     get_tactic("Convolution", "torch")          # every kernel module loaded
     saved = TACTICS["Convolution"]
-    TACTICS["Convolution"] = [t for t in saved if t.name != "onednn"]
+    TACTICS["Convolution"] = [t for t in saved if t.name not in ("onednn", "gemm")]
     try:
         yield
     finally:
@@ -75,11 +75,12 @@ def _without_onednn():
 
 
 def _kiln(path: Path, feeds: dict[str, np.ndarray], threads: int, baseline: bool):
-    import kiln
     import kiln.onnx
+    from kiln.kernels.cpu_threads import use_threads
+    use_threads(threads)            # the build times its tactics on the thread count the row runs on
     config = kiln.BuildConfig(device="cpu", profiles={n: a.shape for n, a in feeds.items()})
     t0 = time.perf_counter()
-    with _without_onednn() if baseline else contextlib.nullcontext():
+    with _torch_conv_only() if baseline else contextlib.nullcontext():
         engine = kiln.build(kiln.onnx.parse(str(path)), config)
     build_s = time.perf_counter() - t0
     ctx = engine.context(threads=threads)
@@ -227,7 +228,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=50, help="alternating rounds per row (default 50)")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per row before stopping early (default 60)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
-    ap.add_argument("--baseline", action="store_true", help="also time Kiln built without the oneDNN conv tactic")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also time Kiln built with the torch convolution tactic only (kiln_torch_conv)")
     ap.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out")
     ap.add_argument("--out", help="write all rows as JSON here")
     ap.add_argument("--one", help=argparse.SUPPRESS)          # KIND:NAME, run in this process (the child)

@@ -73,11 +73,11 @@ def _out_hw(x: torch.Tensor, w: torch.Tensor, pads: list[int], stride: list[int]
 
 
 class PackedWeight:
-    """A layer's weight in oneDNN's blocked layout, one copy per input shape (at most
-    MAX_PACKED_SHAPES); a different weight tensor (a weight computed at run time) starts afresh."""
+    """A layer's weight in oneDNN's blocked layout, ``pack(w, input_shape)``, one copy per input shape
+    (at most MAX_PACKED_SHAPES); a different weight tensor (a weight computed at run time) starts afresh."""
 
-    def __init__(self, pads: list[int], stride: list[int], dil: list[int], groups: int) -> None:
-        self.args = (pads, stride, dil, groups)
+    def __init__(self, pack: Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]) -> None:
+        self.pack = pack
         self.weight: torch.Tensor | None = None
         self.packed: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
 
@@ -87,9 +87,7 @@ class PackedWeight:
         shape = tuple(x.shape)
         hit = self.packed.get(shape)
         if hit is None:
-            pads, stride, dil, groups = self.args
-            hit = torch.ops.mkldnn._reorder_convolution_weight(w.contiguous(), pads, stride, dil, groups, list(shape))
-            self.packed[shape] = hit
+            hit = self.packed[shape] = self.pack(w.contiguous(), shape)
             if len(self.packed) > MAX_PACKED_SHAPES:
                 self.packed.popitem(last=False)
         else:
@@ -120,7 +118,8 @@ def make_convolution_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callab
     after = bool(attrs.get("residual_after_activation"))
     unary = unary_post_op(attrs)
     act = _act_after(attrs)
-    packs = PackedWeight(pads, stride, dil, groups)
+    packs = PackedWeight(lambda w, shape: torch.ops.mkldnn._reorder_convolution_weight(
+        w, pads, stride, dil, groups, list(shape)))
     conv = torch.ops.mkldnn._convolution_pointwise
 
     def reference(x, w, b, residual):

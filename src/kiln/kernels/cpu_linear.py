@@ -1,0 +1,53 @@
+"""FullyConnected on the CPU through oneDNN: prepacked weight, bias and activation fused.
+
+Tactic ``onednn`` runs ``y = act(x @ W.T + b)`` as one call of torch's mkldnn pointwise-fused
+linear (``torch.ops.mkldnn._linear_pointwise``) on the weight reordered once into oneDNN's layout
+for the row count it meets; activations without a oneDNN post-op run after it on its fresh output.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.cpu_conv import PackedWeight, unary_post_op
+from kiln.kernels.pointwise import act_params, activation_fn
+from kiln.kernels.registry import KernelContext, tactic
+
+
+def onednn_linear_available() -> bool:
+    """Whether this torch has oneDNN and the fused linear and weight-reorder ops."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight"))
+
+
+def _ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
+    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and onednn_linear_available()
+
+
+@tactic("FullyConnected", "onednn", devices=("cpu",), supports=_ok, priority=1)
+def make_fc_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """x @ W.T + b with the activation as a oneDNN post-op, on a prepacked weight."""
+    unary = unary_post_op(attrs)
+    act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
+    packs = PackedWeight(lambda w, shape: torch.ops.mkldnn._reorder_linear_weight(w, shape[0]))
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def run(x, w, b=None):
+        if x.is_meta or x.dim() == 0:
+            y = F.linear(x, w, b)
+            return (act(y) if act is not None else y,)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        wp = packs.get(w, x2)
+        if unary is not None:
+            y = linear(x2, wp, b, *unary)
+        else:
+            y = act(linear(x2, wp, b, "none", [], None))
+        return (y.reshape(*lead, w.shape[0]),)
+    return run
