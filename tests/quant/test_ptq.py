@@ -1,0 +1,102 @@
+"""INT8 post-training quantization end to end on CPU: Kiln's engine of the quantized network against ONNX
+Runtime running the same Q/DQ model (Kiln's scales exported into ONNX QuantizeLinear/DequantizeLinear nodes,
+weights quantized by ONNX Runtime itself), and a trained classifier's top-1 agreement with FP32."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import kiln
+import kiln.onnx
+from kiln.quant import quantize
+
+from _models import blobs, cnn, qdq_export, trained_mlp
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _ort(model: onnx.ModelProto, feeds: dict) -> dict:
+    """ONNX Runtime with graph optimizations off: the Q/DQ nodes run as written, in FP32."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray, calibrator: str) -> None:
+    """Kiln's INT8 engine vs ONNX Runtime on the exported Q/DQ model. The 8-bit codes of every quantized
+    activation agree within one step (a value within float rounding of a rounding boundary may go either way
+    after the two runtimes' differently ordered float sums); a sample whose codes all agree has the same
+    output to float32 rounding."""
+    net = kiln.onnx.parse(model)
+    config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator=calibrator,
+                              profiles={"x": x.shape})
+    qnet = quantize(net, config)
+    codes = [layer.outputs[0] for layer in qnet.layers if layer.kind == "QuantizeLinear"]
+    assert len(codes) >= 2
+    for t in codes:
+        qnet.mark_output(t)
+    ours = kiln.build(qnet, kiln.BuildConfig(device="cpu", profiles={"x": x.shape})).context().run({"x": x})
+    ref = _ort(qdq_export(model, qnet), {"x": x})
+    same = np.ones(len(x), bool)
+    for t in codes:
+        a, b = ours[t.name].astype(np.int32), ref[t.name].astype(np.int32)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.abs(a - b).max() <= 1, t.name
+        assert np.mean(a == b) > 0.995, t.name
+        assert np.abs(b).max() > 60, t.name           # the scale uses the int8 range, not a sliver of it
+        same &= (a == b).reshape(len(x), -1).all(axis=1)
+    assert same.sum() >= len(x) // 2
+    y, y_ref = ours["y"][same].astype(np.float64), ref["y"][same].astype(np.float64)
+    assert np.abs(y - y_ref).max() <= 1e-5 * np.abs(y_ref).max() + 1e-6
+
+
+@pytest.mark.parametrize("calibrator", ["max", "entropy"])
+def test_cnn_int8_matches_onnxruntime_qdq(calibrator):
+    rng = np.random.default_rng(3)
+    calib = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    _check_against_ort(cnn(seed=1), calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), calibrator)
+
+
+def test_mlp_int8_matches_onnxruntime_qdq():
+    calib, _ = blobs(64, seed=1)
+    x, _ = blobs(32, seed=2)
+    _check_against_ort(trained_mlp(steps=50), calib, x, "percentile")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return trained_mlp()
+
+
+@pytest.mark.parametrize("calibrator", ["entropy", "max"])
+def test_trained_classifier_top1_agreement(classifier, calibrator):
+    """PTQ keeps the FP32 model's top-1 answer on held-out samples (a model with margins: it is trained, and
+    the FP32 model itself is accurate). The max calibrator clips nothing, so its only error is rounding to
+    one of 255 levels: a few percent of the signal at most. The entropy calibrator clips the long tail."""
+    x, labels = blobs(400, seed=7)
+    calib, _ = blobs(128, seed=5)
+    ref = _ort(classifier, {"x": x})["y"]
+    assert np.mean(ref.argmax(1) == labels) > 0.9
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape}, quantize="int8", calibration=[{"x": calib}],
+                              calibrator=calibrator)
+    int8 = kiln.build(kiln.onnx.parse(classifier), config).context().run({"x": x})["y"]
+    assert np.mean(int8.argmax(1) == ref.argmax(1)) >= 0.98
+    rel = np.linalg.norm(int8 - ref) / np.linalg.norm(ref)
+    assert 1e-4 < rel < (0.02 if calibrator == "max" else 0.2)      # quantized, and close
+
+
+def test_excluded_layers_stay_float(classifier):
+    net = kiln.onnx.parse(classifier)
+    calib, _ = blobs(32, seed=5)
+    qnet = quantize(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
+                                          calibrator="max", fp16_layers=("mm2",)))
+    quantized = {u.name for layer in qnet.layers if layer.kind == "DequantizeLinear"
+                 for u, _ in layer.outputs[0].uses}
+    assert quantized == {"mm1"}
+    qnet = quantize(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
+                                          calibrator="max"))
+    quantized = {u.name for layer in qnet.layers if layer.kind == "DequantizeLinear"
+                 for u, _ in layer.outputs[0].uses}
+    assert quantized == {"mm1", "mm2"}
