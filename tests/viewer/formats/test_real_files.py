@@ -74,7 +74,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("hyperlpr", "mininet_ssd_v1.caffemodel", "Caffe"), ("hyperlpr", "refinenet.caffemodel", "Caffe"),
          ("hyperlpr", "SegmenationFree-Inception.prototxt", "Caffe"),
          ("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel", "Caffe"),
-         ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js")]
+         ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js"),
+         ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -184,14 +185,21 @@ def test_torchscript_against_torch():
     assert ("_model", "encoder", "0", "reparam_conv") in {n.group for n in g.nodes}
 
 
-def test_safetensors_against_the_library():
+SAFETENSORS = [("silero-vad", "silero_vad_16k.safetensors"), ("wordllama", "l2_supercat_256.safetensors"),
+               ("chess-cv", "pieces.safetensors"), ("chess-cv", "arrows.safetensors")]
+
+
+@pytest.mark.parametrize("source, name", SAFETENSORS, ids=[n for _, n in SAFETENSORS])
+def test_safetensors_against_the_library(source, name):
     st = pytest.importorskip("safetensors.numpy")
-    path = real("silero-vad", "silero_vad_16k.safetensors")
+    path = real(source, name)
     ref = st.load_file(str(path))
     g = open_model(path).graph
     assert set(g.weights) == set(ref)
     for k, v in ref.items():
-        np.testing.assert_array_equal(g.weights[k].load(), v)
+        got = g.weights[k].load()
+        assert got.dtype == v.dtype and got.shape == v.shape, k
+        np.testing.assert_array_equal(got, v)
 
 
 def test_caffe_resnet50_with_fields_outside_the_schema():
