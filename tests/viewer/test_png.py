@@ -46,13 +46,18 @@ def test_long_picture_is_cut_into_readable_strips(page, yolo_path, tmp_path, ran
     plan, boxes = page.evaluate("""async () => {
         const svg = await kilnApp.picture("svg", 0), m = svg.match(/width="([\\d.]+)" height="([\\d.]+)"/);
         const scene = kilnApp.panes[0].scene;
-        return [Kiln.draw.pngPlan(scene, +m[1], +m[2]), scene.boxes.filter((b) => b.kind === "node")];
+        const pane = kilnApp.panes[0].pane, L = Kiln.layout;
+        const labels = scene.edges.filter((e) => e.label).map((e) => {
+            const w = L.labelWidth(L.labelText(pane, e.t)), [x, y, anchor] = e.label;
+            return {x: anchor === "end" ? x - w : x, y: y - 6, w, h: 12};
+        });
+        return [Kiln.draw.pngPlan(scene, +m[1], +m[2], pane), scene.boxes.filter((b) => b.kind === "node").concat(labels)];
     }""")
     assert png_size(data) == (plan["width"], plan["height"])
     assert plan["scale"] >= 1 and len(plan["strips"]) >= 3 and plan["rows"] == lr
     assert max(plan["width"], plan["height"]) <= 16000
     assert max(plan["width"], plan["height"]) / min(plan["width"], plan["height"]) <= 3
-    for a, b in plan["strips"][1:]:                       # no node is cut in two
+    for a, b in plan["strips"][1:]:                       # no node and no label is cut in two
         for box in boxes:
             lo, hi = (box["x"], box["x"] + box["w"]) if lr else (box["y"], box["y"] + box["h"])
             assert not lo + 24 < a < hi + 24, (a, box)
@@ -68,10 +73,13 @@ def test_plan_scales_below_1x_only_when_nothing_else_fits(page, yolo_path):
         const broad = {boxes: Array.from({length: 400}, (_, i) => ({kind: "node", x: i * 120, y: 0, w: 100, h: 30})),
                        width: 47980, height: 30};          // one rank of 400 branches, top to bottom
         const small = {boxes: [{kind: "node", x: 0, y: 0, w: 300, h: 200}], width: 300, height: 200};
+        const strip = {boxes: Array.from({length: 12}, (_, i) => ({kind: "node", x: i * 150, y: 0, w: 100, h: 30})),
+                       width: 1750, height: 30};          // small, if long: left whole
         return [Kiln.draw.pngPlan(column, 148, 120048), Kiln.draw.pngPlan(wide, 40048, 548),
-                Kiln.draw.pngPlan(small, 348, 248), Kiln.draw.pngPlan(broad, 48028, 78)];
+                Kiln.draw.pngPlan(small, 348, 248), Kiln.draw.pngPlan(broad, 48028, 78),
+                Kiln.draw.pngPlan(strip, 1798, 78)];
     }""")
-    column, wide, small, broad = plans
+    column, wide, small, broad, strip = plans
     assert not column["rows"] and column["scale"] >= 1 and 20 <= len(column["strips"]) <= 40  # ~sqrt(120048 / 148)
     assert max(column["width"], column["height"]) / min(column["width"], column["height"]) < 1.5
     assert all((a - 24) % 60 >= 30 or (a - 24) % 60 == 0 for a, _ in column["strips"][1:])  # cuts between boxes
@@ -79,6 +87,7 @@ def test_plan_scales_below_1x_only_when_nothing_else_fits(page, yolo_path):
     assert small == {"scale": 2, "rows": True, "strips": [[0, 348]], "width": 696, "height": 496}
     assert broad["rows"] and broad["scale"] >= 1 and len(broad["strips"]) >= 10
     assert all((a - 24) % 120 >= 100 or (a - 24) % 120 == 0 for a, _ in broad["strips"][1:])
+    assert strip == {"scale": 2, "rows": True, "strips": [[0, 1798]], "width": 3596, "height": 156}
 
 
 def test_page_png_is_the_headless_png(page, yolo_path, tmp_path):

@@ -381,7 +381,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       const img = new Image();
       img.src = url;
       await img.decode();
-      const plan = Kiln.draw.pngPlan(app.panes[pi].scene, img.naturalWidth, img.naturalHeight);
+      const ps = app.panes[pi], plan = Kiln.draw.pngPlan(ps.scene, img.naturalWidth, img.naturalHeight, ps.pane);
       const canvas = Kiln.draw.pngCanvas(img, plan);
       const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
       if (!blob) throw new Error(`the browser could not encode a ${plan.width}×${plan.height} PNG`);

@@ -159,18 +159,24 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return parts.join("\n");
   }
 
-  const PNG_MAX_SIDE = 16000, PNG_MAX_AREA = 64e6, STRIP_GAP = 32;
+  const PNG_MAX_SIDE = 16000, PNG_MAX_AREA = 64e6, STRIP_GAP = 32, STRIP_MIN = 4000;
 
   /** How a picture of `w`×`h` px (as sceneSvg draws `scene`, margin included) becomes a PNG that reads: at
-   * 2× or 1.5× or 1× where it fits, and when one side is over three times the other, cut across its long
-   * side into strips laid side by side (a tall picture into columns, a wide one — left to right, or a broad
-   * graph — into rows), each cut between boxes where possible. Only when even that does not fit the size
-   * limits is it scaled below 1×. Returns {scale, rows, strips: [[from, to]] along the long side in picture
-   * px, width, height} (PNG px; `rows`: the strips are stacked top to bottom). */
-  function pngPlan(scene, w, h) {
+   * 2× or 1.5× or 1× where it fits, and when it is long (over STRIP_MIN px and three times as long as
+   * it is broad), cut across its long side into strips laid side by side (a tall picture into columns, a
+   * wide one — left to right, or a broad graph — into rows), each cut between boxes and labels where
+   * possible. Only when even that does not fit the size limits is it scaled below 1×. `pane` (optional)
+   * gives the labels' text. Returns {scale, rows, strips: [[from, to]] along the long side in picture px,
+   * width, height} (PNG px; `rows`: the strips are stacked top to bottom). */
+  function pngPlan(scene, w, h, pane) {
     const m = 24, rows = w > h, along = rows ? w : h, across = rows ? h : w;
     const spans = [], legend = h > scene.height + 2 * m + 1;
     for (const b of scene.boxes) if (b.kind === "node" || b.kind === "group") spans.push(rows ? [b.x + m, b.x + b.w + m] : [b.y + m, b.y + b.h + m]);
+    if (pane) for (const e of scene.edges) {
+      if (!e.label) continue;
+      const [x, y, anchor] = e.label, lw = Kiln.layout.labelWidth(Kiln.layout.labelText(pane, e.t));
+      spans.push(rows ? (anchor === "end" ? [x - lw + m, x + m] : [x + m, x + lw + m]) : [y - 6 + m, y + 6 + m]);
+    }
     if (legend) spans.push(rows ? [0, LEGEND_W + 2 * m] : [scene.height + 2 * m - 4, h]);     // the legend under the graph
     spans.sort((a, b) => a[0] - b[0]);
     const merged = [];
@@ -199,7 +205,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const fits = ([pw, ph]) => pw <= PNG_MAX_SIDE && ph <= PNG_MAX_SIDE && pw * ph <= PNG_MAX_AREA;
     const ratio = ([pw, ph]) => Math.max(pw, ph) / Math.max(1, Math.min(pw, ph));
     let best = strips(1);
-    if (along > 3 * across) {       // the strip count that makes the picture squarest
+    if (along > 3 * across && along > STRIP_MIN) {       // the strip count that makes the picture squarest
       const k0 = Math.max(1, Math.round(Math.sqrt(along / across)));
       for (let k = Math.max(1, k0 - 2); k <= k0 + 2; k++) { const st = strips(k); if (ratio(size(st, 1)) < ratio(size(best, 1))) best = st; }
     }
