@@ -197,6 +197,14 @@ SOURCES: dict[str, Source] = {
             (f"chess_cv/weights/{n}", n, sha) for n, sha in (
                 ("pieces.safetensors", "b6cb9ef01f11b9ed8a2ba400605521f8da32341387e95b626552c40790d16feb"),
                 ("arrows.safetensors", "564de4b07d167aa492a2ca4137a2dc221cef56d81a1becc537f9cd9fa9e589ef")))),
+    "res10-fp16": Source(    # the same detector as cv.dnn.shrinkCaffeModel writes it (FP16 raw_data), from facemosaic
+        "facemosaic", "1.0.0", "facemosaic-1.0.0-py3-none-any.whl",
+        "fa44194978585b04da645fd54535fa9495812c060629c998e863ef1d7dcefbad", 5072049, members=(
+            ("facemosaic/model/Caffe/res10_300x300_ssd_iter_140000_fp16.caffemodel",
+             "res10_300x300_ssd_iter_140000_fp16.caffemodel",
+             "510ffd2471bd81e3fcc88a5beb4eae4fb445ccf8333ebc54e7302b83f4158a76"),
+            ("facemosaic/model/Caffe/deploy.prototxt", "res10_300x300_ssd_iter_140000_fp16.prototxt",
+             "63917f2a05ffa466bae57f320cf84d275fc7bbd10b2128228d940e758370ba48"))),
     "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
         "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(

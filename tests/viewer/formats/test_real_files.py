@@ -75,7 +75,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("hyperlpr", "SegmenationFree-Inception.prototxt", "Caffe"),
          ("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel", "Caffe"),
          ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js"),
-         ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors")]
+         ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors"),
+         ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 

@@ -37,7 +37,8 @@ _DT_FLOAT = 1
 _OPENCV_RAW = {1: "<f4", 2: "<f2"}      # caffe.proto as OpenCV extends it: Type FLOAT = 1, FLOAT16 = 2
 
 CAFFE = [("open-nsfw", "resnet_50_1by2_nsfw"), ("hyperlpr", "mininet_ssd_v1"), ("hyperlpr", "refinenet"),
-         ("hyperlpr", "SegmenationFree-Inception"), ("res10-ssd", "res10_300x300_ssd_iter_140000")]
+         ("hyperlpr", "SegmenationFree-Inception"), ("res10-ssd", "res10_300x300_ssd_iter_140000"),
+         ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16")]
 
 
 def _layer_weights(graph, node) -> list:
@@ -73,6 +74,20 @@ def test_caffe_blobs_against_protobuf(source, stem):
             if other:
                 np.testing.assert_array_equal(other[k].load().ravel(), want, err_msg=layer.name)
     assert deployed >= len(layers) // 2        # training-only layers aside, the deploy net has the weights
+
+
+def test_caffe_fp16_shrunk_model_against_its_fp32_original():
+    """cv.dnn.shrinkCaffeModel's copy of OpenCV's face detector: convolution weights are the FP32 original's rounded
+    to FP16, the batch-norm and scale blobs it keeps in FP32 are the original's exactly."""
+    half = open_model(real("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel")).graph
+    full = open_model(real("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel")).graph
+    assert set(half.weights) == set(full.weights)
+    kinds = Counter(w.dtype for w in half.weights.values())
+    assert kinds["float16"] >= 40 and kinds["float32"] >= 40
+    for name, w in half.weights.items():
+        original = full.weights[name].load()
+        want = original.astype(np.float16) if w.dtype == "float16" else original
+        np.testing.assert_array_equal(w.load(), want, err_msg=name)
 
 
 def test_tf_frozen_graph_against_protobuf():
