@@ -8,7 +8,8 @@ the pass machinery that changes any built network fails there.
     TRITON_INTERPRET=1 .venv/bin/python tests/passes/fingerprints.py --record   # rewrite the JSON
     TRITON_INTERPRET=1 .venv/bin/python tests/passes/fingerprints.py --dump DIR # one text file per model
 
-Re-record only for a change meant to alter what the passes build, and say so in its commit.
+Re-record for a change meant to alter what the passes build, or one that renames what the parser
+makes (tensor and layer names are part of the fingerprint), and say which in its commit.
 """
 from __future__ import annotations
 
