@@ -399,8 +399,13 @@ def plugin_layer(ctx: ConvertContext, node: Node, cls, opset: int, attrs: dict[s
 
 def plugin_outputs(ctx: ConvertContext, plugin, inputs: list[Tensor | None], num_outputs: int | None = None) -> list:
     from kiln.plugins.base import TensorDesc
-    descs = plugin.output_descs([TensorDesc(tuple(t.shape) if t.shape is not None else (), t.dtype)
-                                 if t is not None else None for t in inputs])
+    if any(t is not None and t.shape is None for t in inputs):
+        # an input another layer computes: its shape is known only once the build infers shapes, which asks
+        # the plugin then (its output shapes and dtypes come from that)
+        first = next((t.dtype for t in inputs if t is not None), "float32")
+        n = num_outputs or 1
+        return ctx.add("Plugin", inputs, {"plugin": plugin}, num_outputs=n, output_dtypes=[first] * n).outputs
+    descs = plugin.output_descs([TensorDesc(tuple(t.shape), t.dtype) if t is not None else None for t in inputs])
     layer = ctx.add("Plugin", inputs, {"plugin": plugin}, num_outputs=len(descs),
                     output_dtypes=[d.dtype for d in descs])
     for o, d in zip(layer.outputs, descs):
