@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -75,18 +76,33 @@ def test_repository_index_load_and_unload(repo, tmp_path):
 
 @pytest.fixture(scope="module")
 def slow_server(repo):
-    """A server whose queued requests wait 1.5 s for company: at most 2 queued per model (warmed up at load)."""
-    proc = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-queue", "2", "--max-batch", "8", "--warmup")
+    """A server whose queued requests wait 10 s for company: at most 2 queued per model (warmed up at load)."""
+    proc = ServerProcess(repo[0], "--max-queue-delay-us", "10000000", "--max-queue", "2", "--max-batch", "8", "--warmup")
     yield proc
     proc.stop()
 
 
+def _in_background(server, xs: list[np.ndarray]) -> list[Future]:
+    """Each request sent at once from its own thread and client (tritonclient.http's async_infer only
+    sends when the caller next blocks in gevent)."""
+    def one(x: np.ndarray):
+        c = httpclient.InferenceServerClient(server.http, network_timeout=120)
+        try:
+            return c.infer("mlp", [http_input(x)]).as_numpy("y")
+        finally:
+            c.close()
+    pool = ThreadPoolExecutor(len(xs))
+    futures = [pool.submit(one, x) for x in xs]
+    pool.shutdown(wait=False)
+    return futures
+
+
 def test_full_queue_answers_503_and_unavailable(slow_server, repo):
-    h = httpclient.InferenceServerClient(slow_server.http, concurrency=4)
+    h = httpclient.InferenceServerClient(slow_server.http)
     g = grpcclient.InferenceServerClient(slow_server.grpc)
     x = np.ones((1, 8), np.float32)
-    queued = [h.async_infer("mlp", [http_input(x)]) for _ in range(2)]
-    time.sleep(0.4)
+    queued = _in_background(slow_server, [x, x])
+    _wait_for(slow_server, 'kiln_queue_depth{model="mlp"} 2')
     with pytest.raises(InferenceServerException) as info:
         h.infer("mlp", [http_input(x)])
     assert info.value.status() == "503" and "--max-queue" in info.value.message()
@@ -94,7 +110,7 @@ def test_full_queue_answers_503_and_unavailable(slow_server, repo):
         g.infer("mlp", [grpc_input(x)])
     assert info.value.status() == "StatusCode.UNAVAILABLE"
     for q in queued:                                   # the queued ones are answered after the delay
-        repo[1].check(x, q.get_result(timeout=30).as_numpy("y"))
+        repo[1].check(x, q.result(timeout=60))
     h.close()
     g.close()
 
@@ -107,12 +123,12 @@ def test_a_cancelled_grpc_call_leaves_the_queue(slow_server):
     req.raw_input_contents.append(np.ones((1, 8), np.float32).tobytes())
     h = httpclient.InferenceServerClient(slow_server.http)
     with grpc.insecure_channel(slow_server.grpc) as channel:
+        t0 = time.monotonic()
         call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(req)
-        time.sleep(0.3)
-        assert 'kiln_queue_depth{model="mlp"} 1' in _metrics(slow_server)
+        _wait_for(slow_server, 'kiln_queue_depth{model="mlp"} 1')
         call.cancel()
-        time.sleep(0.3)
-    assert 'kiln_queue_depth{model="mlp"} 0' in _metrics(slow_server)
+        _wait_for(slow_server, 'kiln_queue_depth{model="mlp"} 0')
+        assert time.monotonic() - t0 < 8                   # removed on cancel, not run after the 10 s delay
     assert h.is_server_ready()
     h.close()
 
@@ -123,6 +139,14 @@ def _metrics(server) -> str:
         return r.read().decode()
 
 
+def _wait_for(server, line: str, timeout: float = 8.0) -> None:
+    """Polls /metrics until it has ``line``."""
+    deadline = time.monotonic() + timeout
+    while line not in _metrics(server):
+        assert time.monotonic() < deadline, (line, [m for m in _metrics(server).splitlines() if "depth" in m])
+        time.sleep(0.05)
+
+
 def test_per_request_timeouts(slow_server):
     h = httpclient.InferenceServerClient(slow_server.http)
     g = grpcclient.InferenceServerClient(slow_server.grpc)
@@ -131,7 +155,7 @@ def test_per_request_timeouts(slow_server):
     with pytest.raises(InferenceServerException) as info:
         h.infer("mlp", [http_input(x)], timeout=200_000)            # microseconds, as the protocol's parameter
     assert info.value.status() == "504" and "200 ms" in info.value.message()
-    assert time.monotonic() - t0 < 1.4
+    assert time.monotonic() - t0 < 8                   # answered at its timeout, not after the 10 s delay
     with pytest.raises(InferenceServerException) as info:
         g.infer("mlp", [grpc_input(x)], client_timeout=0.3)        # a gRPC deadline
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
@@ -141,18 +165,17 @@ def test_per_request_timeouts(slow_server):
 
 
 def test_ctrl_c_drains_requests_in_flight(repo):
-    server = ServerProcess(repo[0], "--max-queue-delay-us", "1500000", "--max-batch", "8", "--verbose")
-    h = httpclient.InferenceServerClient(server.http, concurrency=4)
+    server = ServerProcess(repo[0], "--max-queue-delay-us", "60000000", "--max-batch", "8", "--verbose")
     xs = [np.full((1, 8), i / 3, np.float32) for i in range(3)]
-    queued = [h.async_infer("mlp", [http_input(x)]) for x in xs]
-    time.sleep(0.4)                                    # all three wait in the queue
-    server.interrupt()
+    queued = _in_background(server, xs)
+    _wait_for(server, 'kiln_queue_depth{model="mlp"} 3')      # all three wait in the queue
+    t0 = time.monotonic()
+    server.interrupt()                                 # drains: the queued batch runs now, not after 60 s
     for x, q in zip(xs, queued):
-        repo[1].check(x, q.get_result(timeout=30).as_numpy("y"))
-    assert server.proc.wait(30) == 0
+        repo[1].check(x, q.result(timeout=30))
+    assert server.proc.wait(30) == 0 and time.monotonic() - t0 < 30
     assert b"stopped" in server.proc.stdout.read()
     server.stop()
-    h.close()
     log = server.stderr()                        # --verbose: the batch formed, and the access log on stderr
     assert "model mlp: batch of 3 requests, 3 rows" in log, log[-2000:]
     assert '"path":"/v2/models/mlp/infer","model":"mlp","status":200' in log

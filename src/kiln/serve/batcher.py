@@ -90,6 +90,11 @@ class Batcher:
                 self.stats.queue_depth = len(self._queue)
                 self._arrived.set()              # a batch being formed around it looks again
 
+    def hurry(self) -> None:
+        """Queued requests stop waiting for company: each runs with what is queued now (shutdown)."""
+        self._delay = 0.0
+        self._arrived.set()
+
     async def close(self) -> None:
         """Stops taking requests, finishes every queued one, then stops the workers."""
         self._closed = True

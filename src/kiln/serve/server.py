@@ -98,6 +98,8 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
         log.info("draining: no new requests; finishing those in flight")
     finally:
         core.draining = True
+        for entry in repo.loaded.values():
+            entry.batcher.hurry()
         pending = []
         if grpc_server is not None:
             pending.append(grpc_server.stop(config.drain_seconds))
