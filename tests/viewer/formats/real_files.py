@@ -205,6 +205,10 @@ SOURCES: dict[str, Source] = {
              "510ffd2471bd81e3fcc88a5beb4eae4fb445ccf8333ebc54e7302b83f4158a76"),
             ("facemosaic/model/Caffe/deploy.prototxt", "res10_300x300_ssd_iter_140000_fp16.prototxt",
              "63917f2a05ffa466bae57f320cf84d275fc7bbd10b2128228d940e758370ba48"))),
+    "kraken": Source(        # kraken's baseline segmenter: a Core ML NeuralNetwork with custom layers and BiLSTMs
+        "kraken", "5.2.9", "kraken-5.2.9-py3-none-any.whl",
+        "3f1d7c801e7a7c985e9fe1bff5abd4b621769e2cd70668909255af856c0f86d0", 4974316, members=(
+            ("kraken/blla.mlmodel", "blla.mlmodel", "77a638a83c9e535620827a09e410ed36391e9e8e8126d5796a0f15b978186056"),)),
     "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
         "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(

@@ -250,3 +250,41 @@ def test_converted_neural_network(tmp_path):
     assert edges(g) == {("conv", "relu"), ("relu", "out")}
     np.testing.assert_array_equal(input_weight(g, node(g, "conv"), "weights").load(),
                                   np.arange(54, dtype=np.float32).reshape(2, 3, 3, 3))
+
+
+def test_recurrent_and_custom_layer_weights(tmp_path):
+    """Weights nested in recurrent layers (one LSTMWeightParams per direction) and a custom layer's list of
+    weights are shown, each with its shape and values (kraken's segmentation model has both)."""
+    m = proto.Model()
+    m.specificationVersion = 4
+    _array(m.description.input.add(), "x", [5, 1, 3, 1, 1])
+    nn = m.neuralNetwork
+    gn = nn.layers.add()
+    gn.name, gn.input[:], gn.output[:] = "gn", ["x"], ["gn_out"]
+    gn.custom.className = "groupnorm"
+    for k in range(2):
+        gn.custom.weights.add().floatValue.extend([k + 0.5, k - 0.5, 2.0])
+    lstm = nn.layers.add()
+    lstm.name, lstm.input[:], lstm.output[:] = "lstm", ["gn_out"], ["y"]
+    p = lstm.biDirectionalLSTM
+    p.inputVectorSize, p.outputVectorSize = 3, 2
+    values = {}
+    for d, direction in enumerate(("forward", "backward")):
+        w = p.weightParams.add()
+        for g, gate in enumerate(("inputGate", "forgetGate", "blockInput", "outputGate")):
+            matrix = np.arange(6, dtype=np.float32) + 10 * g + 100 * d
+            getattr(w, f"{gate}WeightMatrix").floatValue.extend(matrix.tolist())
+            getattr(w, f"{gate}RecursionMatrix").floatValue.extend((matrix[:4] - 1).tolist())
+            getattr(w, f"{gate}BiasVector").floatValue.extend([g, d])
+            values[f"{direction}/{gate}WeightMatrix"] = matrix.reshape(2, 3)
+            values[f"{direction}/{gate}RecursionMatrix"] = (matrix[:4] - 1).reshape(2, 2)
+    path = tmp_path / "rnn.mlmodel"
+    path.write_bytes(m.SerializeToString())
+    g = open_model(path).graph
+    assert node(g, "gn").attributes["className"] == "groupnorm"
+    assert input_weight(g, node(g, "gn"), "weights1").load().tolist() == [1.5, 0.5, 2.0]
+    rnn = node(g, "lstm")
+    assert len([a for a in rnn.inputs if a.values[0] in g.weights]) == 2 * 12
+    for arg, want in values.items():
+        np.testing.assert_array_equal(input_weight(g, rnn, arg).load(), want)
+    assert input_weight(g, rnn, "backward/outputGateBiasVector").load().tolist() == [3, 1]

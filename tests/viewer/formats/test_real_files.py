@@ -76,7 +76,7 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel", "Caffe"),
          ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js"),
          ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors"),
-         ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe")]
+         ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe"), ("kraken", "blla.mlmodel", "Core ML")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -138,6 +138,37 @@ def test_core_ml_package_against_coremltools(source, name):
     assert len(g.nodes) + len(g.weights) - len(spec.description.input) >= len(ops) - 1
     assert Counter(op.type for op in ops if op.type != "const") == _ops(g)
     assert [t.name for t in g.inputs] == [i.name for i in spec.description.input]
+
+
+def test_core_ml_neural_network_against_coremltools():
+    """kraken's segmenter: every layer with its type and every WeightParams (convolutions, custom group norms, both
+    directions of each BiLSTM) shown with the values coremltools' protobuf classes read."""
+    proto = pytest.importorskip("coremltools.proto.Model_pb2")
+    path = real("kraken", "blla.mlmodel")
+    spec = proto.Model()
+    spec.ParseFromString(path.read_bytes())
+    layers = spec.neuralNetwork.layers
+    g = open_model(path).graph
+    kinds = [layer.WhichOneof("layer") for layer in layers]
+    assert [n.op_type for n in g.nodes] == [k[:1].upper() + k[1:] for k in kinds]
+    assert kinds.count("custom") >= 6 and kinds.count("biDirectionalLSTM") == 4
+
+    def weights(msg) -> list[bytes]:                          # every WeightParams below a layer's parameters
+        found = []
+        for field, value in msg.ListFields():
+            if field.message_type is None or field.message_type.GetOptions().map_entry:   # scalars, parameter maps
+                continue
+            for item in (value if field.is_repeated else [value]):
+                if field.message_type.name == "WeightParams":
+                    found.append(np.array(item.floatValue, np.float32).tobytes())
+                else:
+                    found.extend(weights(item))
+        return found
+    for layer, n in zip(layers, g.nodes):
+        want = weights(getattr(layer, layer.WhichOneof("layer")))
+        got = [g.weights[a.values[0]].load().astype(np.float32).tobytes() for a in n.inputs if a.values[0] in g.weights]
+        assert sorted(got) == sorted(want), layer.name
+    assert len(g.weights) == 7 * 2 + 6 * 2 + 4 * 2 * 12
 
 
 def test_keras2_hdf5_weights_against_h5py():

@@ -62,7 +62,8 @@ _LAYERS = dict(
     1466:globalPooling3d 1470:sliceBySize 1471:convolution3d""".split()))
 _PARAM_TYPES = {100: "Convolution", 120: "Pooling", 130: "Activation", 140: "InnerProduct", 150: "Embedding",
                 160: "Batchnorm", 245: "Scale", 250: "Bias", 290: "LoadConstant", 300: "Reshape", 301: "Flatten",
-                320: "Concat"}
+                320: "Concat", 400: "SimpleRecurrent", 410: "GRU", 420: "UniDirectionalLSTM", 430: "BiDirectionalLSTM",
+                500: "Custom"}
 _W = "WeightParams"
 SCHEMA: dict[str, pb.Schema] = {
     "Model": {1: ("specificationVersion", "int"), 2: ("description", "ModelDescription"), 10: ("isUpdatable", "bool"),
@@ -123,6 +124,27 @@ SCHEMA: dict[str, pb.Schema] = {
     "Reshape": {1: ("targetShape", "int"), 2: ("mode", "enum")},
     "Flatten": {1: ("mode", "enum")},
     "Concat": {100: ("sequenceConcat", "bool")},
+    "SimpleRecurrent": {1: ("inputVectorSize", "uint"), 2: ("outputVectorSize", "uint"), 15: ("sequenceOutput", "bool"),
+                        30: ("weightMatrix", _W), 31: ("recursionMatrix", _W), 32: ("biasVector", _W),
+                        100: ("reverseInput", "bool")},
+    "GRU": {1: ("inputVectorSize", "uint"), 2: ("outputVectorSize", "uint"), 15: ("sequenceOutput", "bool"),
+            30: ("updateGateWeightMatrix", _W), 31: ("resetGateWeightMatrix", _W), 32: ("outputGateWeightMatrix", _W),
+            50: ("updateGateRecursionMatrix", _W), 51: ("resetGateRecursionMatrix", _W),
+            52: ("outputGateRecursionMatrix", _W), 70: ("updateGateBiasVector", _W), 71: ("resetGateBiasVector", _W),
+            72: ("outputGateBiasVector", _W), 100: ("reverseInput", "bool")},
+    "UniDirectionalLSTM": {1: ("inputVectorSize", "uint"), 2: ("outputVectorSize", "uint"),
+                           20: ("weightParams", "LSTMWeightParams"), 100: ("reverseInput", "bool")},
+    "BiDirectionalLSTM": {1: ("inputVectorSize", "uint"), 2: ("outputVectorSize", "uint"),
+                          20: ("weightParams", "LSTMWeightParams")},       # forward, then backward
+    "LSTMWeightParams": {1: ("inputGateWeightMatrix", _W), 2: ("forgetGateWeightMatrix", _W),
+                         3: ("blockInputWeightMatrix", _W), 4: ("outputGateWeightMatrix", _W),
+                         20: ("inputGateRecursionMatrix", _W), 21: ("forgetGateRecursionMatrix", _W),
+                         22: ("blockInputRecursionMatrix", _W), 23: ("outputGateRecursionMatrix", _W),
+                         40: ("inputGateBiasVector", _W), 41: ("forgetGateBiasVector", _W),
+                         42: ("blockInputBiasVector", _W), 43: ("outputGateBiasVector", _W),
+                         60: ("inputGatePeepholeVector", _W), 61: ("forgetGatePeepholeVector", _W),
+                         62: ("outputGatePeepholeVector", _W)},
+    "Custom": {10: ("className", "string"), 20: ("weights", _W), 40: ("description", "string")},
     # ML Program (MIL.proto)
     "Program": {1: ("version", "int"), 2: ("functions", "map:string:Function"), 3: ("docString", "string"),
                 4: ("attributes", "bytes")},
@@ -275,14 +297,17 @@ def _layer(b: GraphBuilder, layer: pb.Message, group: tuple[str, ...]) -> None:
     ins: list[tuple[str, list[str]]] = [("input" if k == 0 else f"input{k}", [x]) for k, x in enumerate(layer.all("input"))]
     for key, values in params.items():
         v = values[-1] if isinstance(values, list) and values else values
-        if isinstance(v, pb.Message) and ("floatValue" in v or "float16Value" in v or "rawValue" in v or not v):
+        if isinstance(v, pb.Message) and _is_weight(v):
             if op == "activation":
                 continue
-            shape = _weight_shape(op, key, params, v)
-            wname = f"{name}/{key}"
-            dtype, load = _weight_loader(v, shape)
-            b.weight(wname, shape, dtype, load)
-            ins.append((key, [wname]))
+            many = values if isinstance(values, list) else [v]          # a custom layer lists several
+            for k, w in enumerate(many):
+                _add_weight(b, ins, name, f"{key}{k}" if len(many) > 1 else key, key, op, params, w)
+        elif key == "weightParams" and isinstance(values, list):          # LSTM: forward (and backward) gates
+            for d, gates in zip(("forward", "backward") if len(values) == 2 else ("",), values):
+                for gkey, gvalues in gates.items():
+                    if gvalues and isinstance(gvalues[-1], pb.Message):
+                        _add_weight(b, ins, name, f"{d}/{gkey}" if d else gkey, gkey, op, params, gvalues[-1])
         elif key in ("valid", "same", "includeLastPixel"):
             attrs["padding"] = key
         elif isinstance(v, pb.Message):
@@ -301,6 +326,20 @@ def _layer(b: GraphBuilder, layer: pb.Message, group: tuple[str, ...]) -> None:
            attrs, group=group)
 
 
+def _is_weight(v: pb.Message) -> bool:
+    return "floatValue" in v or "float16Value" in v or "rawValue" in v or "int8RawValue" in v or not v
+
+
+def _add_weight(b: GraphBuilder, ins: list, layer: str, arg: str, key: str, op: str, params: pb.Message,
+                w: pb.Message) -> None:
+    """One WeightParams of a layer as the weight ``layer/arg`` feeding its input ``arg``."""
+    shape = _weight_shape(op, key, params, w)
+    wname = f"{layer}/{arg}"
+    dtype, load = _weight_loader(w, shape)
+    b.weight(wname, shape, dtype, load)
+    ins.append((arg, [wname]))
+
+
 def _weight_shape(op: str, key: str, p: pb.Message, w: pb.Message) -> list[int]:
     n = _weight_count(w)
     ks = [int(x) for x in p.all("kernelSize")] or [3, 3]
@@ -311,6 +350,11 @@ def _weight_shape(op: str, key: str, p: pb.Message, w: pb.Message) -> list[int]:
         ("scale", "scale"): [int(x) for x in p.all("shapeScale")], ("scale", "bias"): [int(x) for x in p.all("shapeBias")],
         ("bias", "bias"): [int(x) for x in p.all("shape")], ("loadConstant", "data"): [int(x) for x in p.all("shape")],
     }
+    out, inp = p.one("outputVectorSize", 0), p.one("inputVectorSize", 0)     # recurrent layers' gate matrices
+    if key.lower().endswith("weightmatrix"):
+        shapes[(op, key)] = [out, inp]
+    elif key.lower().endswith("recursionmatrix"):
+        shapes[(op, key)] = [out, out]
     if op == "convolution" and p.one("isDeconvolution") and key == "weights":
         shapes[(op, key)] = [p.one("kernelChannels", 0), p.one("outputChannels", 0) // max(1, p.one("nGroups", 1)), *ks]
     shape = shapes.get((op, key), [n])
