@@ -89,7 +89,7 @@ def test_bad_calibration_data(mlp_net, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
-    cases.append((str(empty), ["holds no .npy or .npz"]))
+    cases.append((str(empty), ["holds no .npy, .npz or image files"]))
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"\x93NUMPY garbage")
     cases.append((str(bad), ["not a readable numpy file"]))
@@ -161,3 +161,26 @@ def test_cli_build_int8_and_foreign_cache(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "another model" in lines[0], r.stderr[-2000:]
     assert (tmp_path / "c.json").read_bytes() == before and not (tmp_path / "other.kiln").exists()
+
+
+def test_calibration_images(tmp_path):
+    """A folder of images, preprocessed by the flags' Preprocess, gives the arrays numpy computes from the same
+    pixels; an image of another size is refused in one line naming the resize flag."""
+    Image = pytest.importorskip("PIL.Image")
+    from kiln.quant.calibrate import load_batches
+    from kiln.quant.images import Preprocess
+    net = kiln.onnx.parse(cnn(seed=1))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+    prep = Preprocess(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    got = np.concatenate([b["x"] for b in load_batches(str(tmp_path), net, prep)])
+    want = ((pixels / 255.0 - np.array(prep.mean)) / np.array(prep.std)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(BuildError) as e:
+        load_batches(str(tmp_path), net, prep)
+    _one_line(e, "big.png", "10x12", "--calib-resize 8x8")
+    resized = load_batches(str(tmp_path), net, Preprocess(size=(8, 8)))
+    assert sum(len(b["x"]) for b in resized) == 4

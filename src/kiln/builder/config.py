@@ -112,6 +112,7 @@ class BuildConfig:
     percentile: float = 99.99          # the percentile calibrator's percent
     calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
     fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized
+    calib_preprocess: Any = None       # kiln.quant.images.Preprocess for calibration images
 
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
             raise BuildError(f"--{mode} needs calibration data: give --calib DIR|FILE.npz|FILE.npy (or an existing "
                              f"--calib-cache).")
         (progress or (lambda stage, frac: None))("calibrate", 0.0)
-        batches = load_batches(config.calibration, network)
+        batches = load_batches(config.calibration, network, config.calib_preprocess)
         amax = calibrate(network, names, batches, device, config.calibrator, config.percentile)
         if config.calib_cache:
             cache.save(config.calib_cache, model, how, amax)

@@ -3,7 +3,8 @@ own engine (the tensors to observe marked as extra outputs), and reduce what eac
 with a calibrator.
 
 Calibration data is a ``.npy`` file (single-input models), an ``.npz`` file (one array per input name), a
-folder of such files (sorted by name), or, from Python, a list of ``{input: array}`` batches. Arrays hold
+folder of such files (sorted by name) or of images (images.py, single image input), or, from Python, a list
+of ``{input: array}`` batches. Arrays hold
 samples along their first axis; a model whose batch dim is fixed at B is fed B samples at a time, one whose
 batch dim is dynamic at most ``CALIB_BATCH``.
 """
@@ -19,16 +20,25 @@ from kiln.errors import BuildError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.network import Network
 from kiln.quant.calibrators import Histogram, entropy_amax, percentile_amax
+from kiln.quant.images import IMAGE_EXTENSIONS, Preprocess, read_images
 
 CALIB_BATCH = 32
 Batch = dict[str, np.ndarray]
 
 
-def load_batches(source: Any, net: Network) -> list[Batch]:
+def load_batches(source: Any, net: Network, prep: Preprocess | None = None) -> list[Batch]:
     """The calibration batches ``source`` gives for ``net``'s inputs, each checked against the input's
-    dtype and static dims."""
+    dtype and static dims; images are preprocessed by ``prep``."""
     if isinstance(source, (str, os.PathLike)):
-        arrays = [_read(p, net) for p in _files(os.fspath(source))]
+        files = _files(os.fspath(source))
+        images = [p for p in files if p.lower().endswith(IMAGE_EXTENSIONS)]
+        arrays = [_read(p, net) for p in files if p not in images]
+        if images:
+            if len(net.inputs) != 1:
+                raise BuildError(f"Calibration images feed a model with one input; this one has "
+                                 f"{[t.name for t in net.inputs]}: give an .npz per batch instead.")
+            arrays.append({net.inputs[0].name: read_images(images, list(net.inputs[0].shape or []),
+                                                           prep or Preprocess())})
     elif isinstance(source, Mapping):
         arrays = [dict(source)]
     elif isinstance(source, Sequence) and all(isinstance(b, Mapping) for b in source):
@@ -52,18 +62,18 @@ def _files(path: str) -> list[str]:
     except OSError as exc:
         raise BuildError(f"Calibration folder {path!r} cannot be read ({exc.strerror or exc}); check its "
                          f"permissions.") from None
-    files = [os.path.join(path, n) for n in names if n.endswith((".npy", ".npz"))
+    files = [os.path.join(path, n) for n in names if n.lower().endswith((".npy", ".npz") + IMAGE_EXTENSIONS)
              and os.path.isfile(os.path.join(path, n))]
     if not files:
-        raise BuildError(f"Calibration folder {path!r} holds no .npy or .npz files; save the preprocessed inputs "
-                         f"with numpy.save (images are not read yet).")
+        raise BuildError(f"Calibration folder {path!r} holds no .npy, .npz or image files; give the inputs as "
+                         f"numpy files (numpy.save) or images ({', '.join(IMAGE_EXTENSIONS)}).")
     return files
 
 
 def _read(path: str, net: Network) -> dict[str, np.ndarray]:
     names = [t.name for t in net.inputs]
     try:
-        if path.endswith(".npz"):
+        if path.lower().endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         arr = np.load(path, allow_pickle=False)

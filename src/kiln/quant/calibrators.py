@@ -81,6 +81,8 @@ def entropy_amax(hist: Histogram, levels: int = 128) -> float:
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
     """KL(P || Q) of two unnormalized histograms; a bin where P has mass and Q none costs infinity."""
+    if q.sum() <= 0:
+        return float("inf")
     p = p / p.sum()
     q = q / q.sum()
     mask = p > 0

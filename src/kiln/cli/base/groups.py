@@ -123,6 +123,15 @@ class Quantize(ArgGroup):
         parser.add_argument("--fp16-layers", metavar="PATTERN[,..]",
                             help="with --int8/--fp8: leave the layers whose ONNX node names match these fnmatch "
                                  "patterns unquantized (in the build's float precision)")
+        parser.add_argument("--calib-resize", metavar="HxW", help="calibration images: resize to HxW (bilinear)")
+        parser.add_argument("--calib-mean", metavar="R,G,B", default="0,0,0",
+                            help="calibration images: mean subtracted after scaling (default 0,0,0)")
+        parser.add_argument("--calib-std", metavar="R,G,B", default="1,1,1",
+                            help="calibration images: std divided by after the mean (default 1,1,1)")
+        parser.add_argument("--calib-scale", type=number(float, 0, above=True), default=1 / 255, metavar="X",
+                            help="calibration images: pixel values (0-255) times X first (default 1/255)")
+        parser.add_argument("--calib-layout", choices=("nchw", "nhwc"), default="nchw",
+                            help="calibration images: the input's layout (default nchw)")
 
     @staticmethod
     def config(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,8 +144,27 @@ class Quantize(ArgGroup):
             if given:
                 raise KilnError(f"{given[0]} belongs to a quantized build; add --int8 (or --fp8), or drop it.")
             return {}
+        from kiln.quant.images import Preprocess
+        size = None
+        if args.calib_resize:
+            dims = parse_shapes(f"x:{args.calib_resize}", "--calib-resize")["x"]
+            if len(dims) != 2:
+                raise KilnError(f"--calib-resize takes HxW, like 224x224; got {args.calib_resize!r}.")
+            size = (dims[0], dims[1])
+        prep = Preprocess(size=size, mean=_floats(args.calib_mean, "--calib-mean"),
+                          std=_floats(args.calib_std, "--calib-std"), scale=args.calib_scale, layout=args.calib_layout)
         return {"quantize": mode, "calibration": args.calib, "calibrator": args.calibrator,
-                "percentile": args.percentile, "calib_cache": args.calib_cache, "fp16_layers": args.fp16_layers or ()}
+                "percentile": args.percentile, "calib_cache": args.calib_cache, "fp16_layers": args.fp16_layers or (),
+                "calib_preprocess": prep}
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    """'0.485,0.456,0.406' → (0.485, 0.456, 0.406); one line naming the flag otherwise."""
+    from kiln.errors import KilnError
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise KilnError(f"{flag} takes numbers joined by commas, like 0.485,0.456,0.406; got {text!r}.") from None
 
 
 class Threads(ArgGroup):
