@@ -34,8 +34,6 @@ import numpy as np
 import kiln  # noqa: F401  (before torch: kiln sets OpenMP's wait policy, as in a user's process)
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests" / "corpus"))
 
 ZOO_ROWS = ["resnet50", "mobilenet_v3_large", "vit_b_16_torchvision", "bert_base_opset17", "yolov5l",
             "lstm_2x_bidirectional"]
@@ -45,6 +43,7 @@ CORPUS_ROWS = ["nudenet_320n", "silero_vad_v6", "magika"]       # a detector, an
 # ---- one model (child process) ---------------------------------------------------------------
 def _zoo_case(name: str, small: bool, workdir: Path, batches: list[int]):
     """(onnx path, {batch: feeds})."""
+    sys.path.insert(0, str(HERE))
     import zoo
     model = zoo.zoo(small)[name]
     path = model.export(workdir)
@@ -52,6 +51,7 @@ def _zoo_case(name: str, small: bool, workdir: Path, batches: list[int]):
 
 
 def _corpus_case(name: str):
+    sys.path.insert(0, str(HERE.parent / "tests" / "corpus"))
     import corpus_lib as cl
     model = cl.load_manifest().model(name)
     path = cl.model_path(cl.corpus_dir(), model)
