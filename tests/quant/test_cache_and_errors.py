@@ -17,7 +17,7 @@ import kiln.onnx
 from kiln.errors import BuildError, KilnError
 from kiln.quant import check_device, quantize
 
-from _models import blobs, cnn, trained_mlp
+from _quant_models import blobs, cnn, trained_mlp
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from kiln.quant.calibrate import calibrate, load_batches
 from kiln.quant.calibrators import Histogram, check_calibrator, entropy_amax, percentile_amax
 from kiln.quant.insert import act_scale, quantize_weight, weight_scales
 
-from _models import blobs, trained_mlp
+from _quant_models import blobs, trained_mlp
 
 RNG = np.random.default_rng(0)
 DISTRIBUTIONS = {"normal": lambda n: RNG.standard_normal(n), "uniform": lambda n: RNG.uniform(-3, 1, n),

@@ -11,7 +11,7 @@ import kiln
 import kiln.onnx
 from kiln.quant import quantize
 
-from _models import blobs, cnn, qdq_export, trained_mlp
+from _quant_models import blobs, cnn, qdq_export, trained_mlp
 
 ort = pytest.importorskip("onnxruntime")
 
