@@ -166,16 +166,18 @@ def test_per_request_timeouts(slow_server):
 
 def test_ctrl_c_drains_requests_in_flight(repo):
     server = ServerProcess(repo[0], "--max-queue-delay-us", "60000000", "--max-batch", "8", "--verbose")
-    xs = [np.full((1, 8), i / 3, np.float32) for i in range(3)]
-    queued = _in_background(server, xs)
-    _wait_for(server, 'kiln_queue_depth{model="mlp"} 3')      # all three wait in the queue
-    t0 = time.monotonic()
-    server.interrupt()                                 # drains: the queued batch runs now, not after 60 s
-    for x, q in zip(xs, queued):
-        repo[1].check(x, q.result(timeout=30))
-    assert server.proc.wait(30) == 0 and time.monotonic() - t0 < 30
-    assert b"stopped" in server.proc.stdout.read()
-    server.stop()
+    try:
+        xs = [np.full((1, 8), i / 3, np.float32) for i in range(3)]
+        queued = _in_background(server, xs)
+        _wait_for(server, 'kiln_queue_depth{model="mlp"} 3')      # all three wait in the queue
+        t0 = time.monotonic()
+        server.interrupt()                             # drains: the queued batch runs now, not after 60 s
+        for x, q in zip(xs, queued):
+            repo[1].check(x, q.result(timeout=30))
+        assert server.proc.wait(30) == 0 and time.monotonic() - t0 < 30
+        assert b"stopped" in server.proc.stdout.read()
+    finally:
+        server.stop()
     log = server.stderr()                        # --verbose: the batch formed, and the access log on stderr
     assert "model mlp: batch of 3 requests, 3 rows" in log, log[-2000:]
     assert '"path":"/v2/models/mlp/infer","model":"mlp","status":200' in log
