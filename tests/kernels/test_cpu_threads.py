@@ -155,3 +155,28 @@ def test_importing_kiln_first_makes_openmp_threads_sleep(preset, want):
     code = "import os, kiln, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == want, out.stderr
+
+
+def test_cpu_tactics_are_timed_and_cached_per_thread_count(tmp_path, restore_threads):
+    """A CPU build times its convolutions on the thread count the engine will run on, and a timing
+    cache keeps those times apart from another thread count's."""
+    from kiln.builder.timing_cache import TimingCache
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    cache = tmp_path / "cpu.timing"
+    seen = []
+    for n in (1, 2):
+        set_default_threads(n)
+        torch.set_num_threads(3)
+        kiln.build(kiln.onnx.parse(model.SerializeToString()), kiln.BuildConfig(device="cpu",
+                                                                                 timing_cache=str(cache)))
+        assert torch.get_num_threads() == n
+        seen.append(set(TimingCache(str(cache)).entries))
+    assert len(seen[0]) == 1 and len(seen[1]) == 2
+    assert [k for k in seen[0]][0].split("|")[0].endswith("/1 threads")
+    assert [k for k in seen[1] - seen[0]][0].split("|")[0].endswith("/2 threads")

@@ -148,6 +148,10 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
     if not timed:
         return chosen
     vals = evaluate(net, opt_shapes)
+    if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count engines run on
+        from kiln.kernels.cpu_threads import default_threads, use_threads
+        use_threads(default_threads())
+        device_name = f"{device_name}/{default_threads()} threads"
     reps = 10 if level <= 3 else 30
     for layer, cands in timed:
         ins = []
