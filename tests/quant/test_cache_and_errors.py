@@ -184,3 +184,20 @@ def test_calibration_images(tmp_path):
     _one_line(e, "big.png", "10x12", "--calib-resize 8x8")
     resized = load_batches(str(tmp_path), net, Preprocess(size=(8, 8)))
     assert sum(len(b["x"]) for b in resized) == 4
+
+
+def test_cli_compare_int8(tmp_path):
+    """kiln compare --int8 builds the quantized engine and checks it against FP32 ONNX Runtime (the per-output
+    line and its verdict); --engine with --int8 is refused in one line."""
+    onnx.save(cnn(seed=1), tmp_path / "cnn.onnx")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    r = _kiln("compare", "cnn.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--device", "cpu",
+              "--shapes", "x:4x3x8x8", "--no-histogram", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "y: float32 [4, 10]" in r.stdout and "PASSED" in r.stdout
+    r = _kiln("compare", "cnn.onnx", "--int8", "--calib", "calib.npy", "--device", "cpu", "--shapes", "x:4x3x8x8",
+              "--atol", "1e-7", "--rtol", "1e-7", "--no-histogram", cwd=tmp_path)
+    assert r.returncode == 1 and "FAIL" in r.stdout                  # quantized: not equal to FP32
+    r = _kiln("compare", "cnn.onnx", "--int8", "--calib", "calib.npy", "--engine", "x.kiln", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--engine" in lines[0], r.stderr[-2000:]
