@@ -180,3 +180,15 @@ def test_cpu_tactics_are_timed_and_cached_per_thread_count(tmp_path, restore_thr
     assert len(seen[0]) == 1 and len(seen[1]) == 2
     assert [k for k in seen[0]][0].split("|")[0].endswith("/1 threads")
     assert [k for k in seen[1] - seen[0]][0].split("|")[0].endswith("/2 threads")
+
+
+def test_onnxruntime_islands_use_the_default_thread_count(restore_threads):
+    from kiln.kernels.ort_island import session
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_default_threads(1)
+    opts = session(model.SerializeToString()).get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)

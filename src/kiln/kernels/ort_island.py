@@ -76,6 +76,9 @@ def session(data: bytes, optimize: bool = True):
     ort = onnxruntime()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    from kiln.kernels.cpu_threads import default_threads
+    opts.intra_op_num_threads = default_threads()      # the CPU engine's threads, never more than the cores
+    opts.inter_op_num_threads = 1
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
