@@ -15,7 +15,7 @@ from kiln.cli.base import Precision, Tool, register
 from kiln.cli.base.tool import optional_extra
 
 SRC = Path(kiln.cli.__file__).parents[1]
-COMMANDS = {"bench", "build", "check", "compare", "demo", "inspect", "plugins", "run", "view"}
+COMMANDS = {"bench", "build", "check", "compare", "demo", "diff", "inspect", "plugins", "run", "serve", "view"}
 
 
 @pytest.fixture
