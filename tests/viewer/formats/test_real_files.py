@@ -16,7 +16,7 @@ import pytest
 
 from kiln.viewer.formats import detect, open_model
 
-from .conftest import input_weight, node
+from .conftest import edges, input_weight, node
 from .real_files import FETCH, SOURCES, formats_dir, problem
 
 ROOT = formats_dir()
@@ -77,7 +77,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("res10-ssd", "res10_300x300_ssd_iter_140000.prototxt", "Caffe"), ("handtrack", "model.json", "TensorFlow.js"),
          ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors"),
          ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe"), ("kraken", "blla.mlmodel", "Core ML"),
-         ("inaspeech", "keras_speech_music_noise_cnn.hdf5", "Keras"), ("inaspeech", "keras_male_female_cnn.hdf5", "Keras")]
+         ("inaspeech", "keras_speech_music_noise_cnn.hdf5", "Keras"), ("inaspeech", "keras_male_female_cnn.hdf5", "Keras"),
+         ("emopy", "conv_model_012.json", "Keras"), ("emopy", "conv_model_012.hdf5", "Keras")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -206,6 +207,20 @@ def test_keras_whole_model_hdf5_against_h5py(name):
     for key, values in stored.items():
         layer, var = key.split("/")[0], key.split("/")[-1].split(":")[0]
         np.testing.assert_array_equal(input_weight(g, node(g, layer), var).load(), values, err_msg=key)
+
+
+def test_keras_json_config_against_its_document_and_hdf5():
+    """EmoPy's model.to_json() file shows the layers its JSON lists, in order, wired as the HDF5 model of the
+    same network that EmoPy ships beside it."""
+    path = real("emopy", "conv_model_012.json")
+    doc = json.loads(path.read_text())
+    g = open_model(path).graph
+    assert [(n.name, n.op_type) for n in g.nodes] == [(layer["config"]["name"], layer["class_name"])
+                                                      for layer in doc["config"]]
+    whole = open_model(real("emopy", "conv_model_012.hdf5")).graph
+    assert [(n.name, n.op_type) for n in g.nodes] == [(n.name, n.op_type) for n in whole.nodes]
+    assert edges(g) == edges(whole) and len(edges(g)) == len(g.nodes) - 1        # a chain
+    assert g.weights == {} and len(whole.weights) == 10
 
 
 def test_keras_weights_only_hdf5_against_h5py():

@@ -35,7 +35,7 @@ FORMATS: list[Format] = [
     Format("coreml", "Core ML", (".mlmodel", ".mlpackage", "manifest.json")),
     Format("tf", "TensorFlow", (".pb", ".pbtxt", ".meta", "saved_model.pb", "saved_model.pbtxt")),
     Format("onnx", "ONNX", (".onnx", ".pb", ".onnxtxt")),
-    Format("keras", "Keras", (".h5", ".hdf5", ".keras")),
+    Format("keras", "Keras", (".h5", ".hdf5", ".keras", ".json")),
     Format("tflite", "TensorFlow Lite", (".tflite", ".lite")),
     Format("caffe", "Caffe", (".caffemodel", ".prototxt", ".pbtxt")),
     Format("caffe2", "Caffe2", (".pb", "predict_net.pb", "init_net.pb", "predict_net.pbtxt")),

@@ -1,8 +1,9 @@
-"""Keras: legacy HDF5 ``.h5`` (``model_config`` attribute) and Keras 3 ``.keras`` zips.
+"""Keras: legacy HDF5 ``.h5`` (``model_config`` attribute), Keras 3 ``.keras`` zips, ``model.to_json()`` files.
 
-Both hold the model as a JSON config (Sequential or functional, Keras 2 or 3
+All hold the model as a JSON config (Sequential or functional, Keras 2 or 3
 spelling); nested models become groups named after the inner model.  Weights
-come from HDF5 (``h5py``, imported only here) and are read when opened.
+come from HDF5 (``h5py``, imported only here) and are read when opened; a JSON
+config alone has none.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kiln.viewer.graph import ViewModel
 _FMT = "Keras"
 _HDF5 = b"\x89HDF\r\n\x1a\n"
 _MODELS = {"Sequential", "Functional", "Model"}
+_MAX_JSON = 64 << 20
 # Variable names in the order Keras stores them, for files that keep only indices (.keras).
 _VARS = {
     "Dense": ["kernel", "bias"], "EinsumDense": ["kernel", "bias"], "Embedding": ["embeddings"],
@@ -32,8 +34,23 @@ _VARS = {
 def sniff(path: Path, head: bytes) -> Any:
     if head.startswith(_HDF5):
         return True
+    if head.lstrip()[:1] == b"{":
+        return _json_config(path, head)
     return open_zip(path, head, lambda names: "config.json" in names and (
         "model.weights.h5" in names or "metadata.json" in names))
+
+
+def _json_config(path: Path, head: bytes) -> dict | None:
+    """The config of a ``model.to_json()`` file (a model's class_name and config at the top), or None."""
+    if b'"class_name"' not in head or path.stat().st_size > _MAX_JSON:
+        return None
+    try:
+        doc = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(doc, dict) and doc.get("class_name") in _MODELS and isinstance(doc.get("config"), (dict, list)):
+        return doc
+    return None
 
 
 def _err(path: Path, what: str) -> ViewerError:
@@ -41,12 +58,22 @@ def _err(path: Path, what: str) -> ViewerError:
 
 
 def read(path: Path, handle: Any = None) -> ViewModel:
+    size = path.stat().st_size
+    if not isinstance(handle, dict):
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        handle = _json_config(path, head) if head.lstrip()[:1] == b"{" else handle
+    if isinstance(handle, dict):                 # architecture only: the JSON names no weights file
+        version = handle.get("keras_version")
+        try:
+            return _model(path, handle, {}, size, str(version) if version else None, None)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise _err(path, f"{type(exc).__name__} in its model config") from None
     try:
         import h5py
     except ImportError:
         raise ViewerError("Opening Keras files needs h5py, which is not installed; install it with "
                           "'pip install kiln[viewer]' (or 'pip install h5py').") from None
-    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
     try:
