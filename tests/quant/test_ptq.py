@@ -9,7 +9,7 @@ import pytest
 
 import kiln
 import kiln.onnx
-from kiln.quant import quantize
+from kiln.quant import dequantized_note, quantize
 
 from _quant_models import blobs, cnn, qdq_export, trained_mlp
 
@@ -37,7 +37,11 @@ def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray,
     assert len(codes) >= 2
     for t in codes:
         qnet.mark_output(t)
-    ours = kiln.build(qnet, kiln.BuildConfig(device="cpu", profiles={"x": x.shape})).context().run({"x": x})
+    engine = kiln.build(qnet, kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    assert "8-bit kernels are GPU-only." in dequantized_note(engine.layers, "cpu")
+    assert dequantized_note(kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": x.shape})).layers,
+                            "cpu") is None
+    ours = engine.context().run({"x": x})
     ref = _ort(qdq_export(model, qnet), {"x": x})
     same = np.ones(len(x), bool)
     for t in codes:

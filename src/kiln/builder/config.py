@@ -159,14 +159,6 @@ class BuildConfig:
         if self.calib_cache is not None:
             self.calib_cache = os.fspath(self.calib_cache)
 
-    def quantize_note(self, device: str) -> str | None:
-        """What a quantized build's engine computes on ``device``, else None."""
-        if not self.quantize:
-            return None
-        return (f"the engine runs the {self.quantize.upper()}-quantized network dequantized (float arithmetic on "
-                f"8-bit-rounded values): 8-bit kernels are GPU-only" + (", and not in Kiln yet." if device == "cuda"
-                                                                        else "."))
-
     def precision_note(self, device: str) -> str | None:
         """What this precision means on ``device`` when that is not what the flag promises, else None."""
         if device == "cpu":

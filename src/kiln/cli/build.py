@@ -44,7 +44,6 @@ class Build(Tool):
                                   fp32_layers=args.fp32_layers or (), fallback=args.fallback,
                                   **Quantize.config(args))
         note = config.precision_note(config.resolved_device())
-        qnote = config.quantize_note(config.resolved_device())
         Plugins.load(args)
         progress = Progress(not args.quiet)
         progress("parse", 0.0)
@@ -62,8 +61,10 @@ class Build(Tool):
         progress.done()
         if note:
             warn(f"--{precision}: {note}")
+        from kiln.quant import dequantized_note
+        qnote = dequantized_note(engine.layers, engine.device)
         if qnote:
-            warn(f"--{config.quantize}: {qnote}")
+            warn(qnote)
         size = os.path.getsize(args.output)
         print(f"Built {args.output} ({size / 1e6:.1f} MB): {len(engine.layers)} layers, {precision}"
               f"{' + ' + config.quantize + ' Q/DQ' if config.quantize else ''}, "

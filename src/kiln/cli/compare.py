@@ -75,7 +75,8 @@ class Compare(Tool):
             if note:
                 warn(f"--{precision}: {note}")
             if quant:
-                warn(f"--{quant['quantize']}: " + kiln.BuildConfig(**quant).quantize_note(result.device))
+                from kiln.quant import dequantized_note
+                warn(f"--{quant['quantize']}: {dequantized_note(engine.layers, result.device)}")
         print(result.report(histogram=not args.no_histogram))
         if per_layer:
             result.save_errors(errors_out)

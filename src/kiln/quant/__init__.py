@@ -15,7 +15,16 @@ from kiln.ir.network import Network
 from kiln.quant.calibrators import CALIBRATORS, check_calibrator
 
 MODES = ("int8", "fp8")
-__all__ = ["CALIBRATORS", "MODES", "quantize", "check_device"]
+__all__ = ["CALIBRATORS", "MODES", "quantize", "check_device", "dequantized_note"]
+
+
+def dequantized_note(layers: list[dict[str, Any]], device: str) -> str | None:
+    """One line saying what an engine with Q/DQ layers (its plan ``layers``) computes on ``device``; None for
+    an engine without them."""
+    if not any(layer.get("kind") in ("QuantizeLinear", "DequantizeLinear") for layer in layers):
+        return None
+    return ("the engine's Q/DQ layers run dequantized (float arithmetic on 8-bit-rounded values): 8-bit kernels "
+            "are GPU-only" + (", and not in Kiln yet." if device == "cuda" else "."))
 
 
 def check_device(mode: str, device: str, capability: tuple[int, int] | None = None) -> None:
