@@ -114,7 +114,9 @@ def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
         "build": {"seconds": round(time.perf_counter() - t0, 3), "optimization_level": config.optimization_level,
                   "source": network.metadata.get("source"), "cuda_graph": config.cuda_graph,
                   "timing_cache": {"hits": cache.hits, "misses": cache.misses},
-                  "fp32_layers": list(config.fp32_layers)},
+                  "fp32_layers": list(config.fp32_layers),
+                  **({"quantization": {"mode": config.quantize, "calibrator": config.calibrator,
+                                       "fp16_layers": list(config.fp16_layers)}} if config.quantize else {})},
         "plan": plan,
     }
     return Engine(header, weights)
