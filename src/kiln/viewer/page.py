@@ -300,6 +300,7 @@ def _build_pane(model: ViewModel, title: str | None) -> Pane:
             if n.overlay.get("time_ms") is not None:
                 entry["trow"] = f"{n.overlay['time_ms']:.3f} ms · {n.overlay.get('percent', 0.0):.1f}%"
         nodes.append(entry)
+    _fold_constants(h, nodes, tensors, tensor)
     for w in h.graphs[0].weights.values():
         if w.shape is not None:
             params += math.prod(w.shape)
@@ -322,6 +323,57 @@ def _build_pane(model: ViewModel, title: str | None) -> Pane:
             "graphs": graphs}
     pane["expanded"] = sorted(default_expanded(pane))
     return Pane(pane, wobjs, model, pending)
+
+
+def _uses(g) -> dict[str, int]:
+    """How many node inputs, graph outputs and (recursively) body nodes read each value of ``g``."""
+    count: dict[str, int] = {}
+    for n in g.nodes:
+        for arg in n.inputs:
+            for v in arg.values:
+                count[v] = count.get(v, 0) + 1
+        for sub in n.subgraphs.values():
+            for v, k in _uses(sub).items():
+                count[v] = count.get(v, 0) + k
+    for t in g.outputs:
+        count[t.name] = count.get(t.name, 0) + 1
+    return count
+
+
+def _fold_constants(h: grouping.Hierarchy, nodes: list[dict], tensors: list[list], tensor) -> None:
+    """Mark each constant read once, by a node of its own cluster, as folded into that reader (``fold``) and
+    give the reader one row per such constant (``krow``; ``kin``: the folded nodes). A constant is a node
+    with no inputs, no bodies and one output value; the page hides it while the Compact toggle is on."""
+    uses = [_uses(g) for g in h.graphs]
+    reader: dict[tuple[int, str], tuple[int, str]] = {}
+    for i, n in enumerate(h.nodes):
+        for arg in n.inputs:
+            for v in arg.values:
+                reader[(h.node_graph[i], v)] = (i, arg.name)
+    for i, n in enumerate(h.nodes):
+        if n.subgraphs or "pseudo" in n.properties or any(a.values for a in n.inputs):
+            continue
+        outs = [v for a in n.outputs for v in a.values]
+        gi = h.node_graph[i]
+        if len(outs) != 1 or uses[gi].get(outs[0]) != 1 or (gi, outs[0]) not in reader:
+            continue
+        j, slot = reader[(gi, outs[0])]
+        if h.node_cluster[j] != h.node_cluster[i] or j == i:
+            continue
+        nodes[i]["fold"] = j
+        nodes[j].setdefault("kin", []).append(i)
+        nodes[j].setdefault("krow", []).append(_clip(_constant_row(slot, n, tensors[tensor(gi, outs[0])])))
+
+
+def _constant_row(slot: str, node, t: list) -> str:
+    """``slot = value`` for a short scalar or vector constant, else ``slot ⟨shape⟩ dtype``."""
+    value = next((v for v in node.attributes.values() if isinstance(v, dict) and "tensor" in v), {})
+    if value.get("value") is not None and not value.get("truncated") and len(value.get("shape", [0, 0])) <= 1:
+        text = value_text(value["value"], 20)
+        if not text.endswith("…"):
+            return f"{slot} = {text}" if not value["shape"] else f"{slot} = [{text}]"
+    shape = t[1] or (shape_text(value["shape"]) if "shape" in value else "?")
+    return f"{slot} ⟨{shape}⟩ {t[2] or value.get('tensor', '')}".rstrip()
 
 
 def _weight_row(slot: str, w) -> str:

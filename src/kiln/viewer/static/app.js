@@ -8,7 +8,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   const app = {
     data: null, panes: [], active: 0, server: false, selection: null, busy: 0,
-    toggles: { attributes: false, weights: true, names: false }, rankdir: "TB",
+    toggles: { attributes: false, weights: true, names: false, compact: true }, rankdir: "TB",
   };
   window.kilnApp = app;
 
@@ -58,16 +58,22 @@ var Kiln = window.Kiln || (window.Kiln = {});
     app.data.panes.forEach((pane, pi) => {
       const el = document.createElement("div");
       el.className = "pane";
-      el.innerHTML = (app.data.panes.length > 1 ? `<div class="pane-title">${esc(pane.title)}</div>` : "") + '<div class="canvas"></div>' + legendHtml(pi);
+      el.innerHTML = (app.data.panes.length > 1 ? `<div class="pane-title">${esc(pane.title)}</div>` : "") + '<div class="canvas"></div>' +
+        '<nav class="crumbs" hidden></nav>' + legendHtml(pi);
       host.appendChild(el);
-      const ps = Object.assign({ pane, el, index: pi, expanded: new Set(pane.expanded), opened: new Set() }, indexPane(pane));
+      const ps = Object.assign({ pane, el, index: pi, expanded: new Set(pane.expanded), opened: new Set(), root: 0 }, indexPane(pane));
       ps.view = new Kiln.GraphView(el.querySelector(".canvas"), pane, {
         onSelect: (t) => select(pi, t),
         onToggle: (cid) => toggleCluster(pi, cid),
         onOpen: (nid) => openNode(pi, nid),
+        onEnter: (nid) => enter(pi, pane.nodes[nid].sub[0]),
         onRender: () => status(),
       });
       el.addEventListener("pointerdown", () => setActive(pi));
+      el.querySelector(".crumbs").addEventListener("click", (ev) => {
+        const a = ev.target.closest("[data-level]");
+        if (a) enter(pi, +a.dataset.level, a.dataset.focus != null ? +a.dataset.focus : null);
+      });
       app.panes.push(ps);
     });
     setActive(0);
@@ -95,7 +101,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   /** Clusters the current state draws: the root, open groups inside open groups, bodies of opened nodes. */
   function visibleClusters(ps) {
-    const out = [], stack = [0], clusters = ps.pane.clusters, nodes = ps.pane.nodes;
+    const out = [], stack = [ps.root], clusters = ps.pane.clusters, nodes = ps.pane.nodes;
     while (stack.length) {
       const cid = stack.pop();
       out.push(cid);
@@ -132,7 +138,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     }
     const t0 = performance.now();
     const placer = new Kiln.Placer(ps.pane, ps.expanded, ps.opened, app.toggles, app.rankdir);
-    ps.scene = placer.scene(0);
+    ps.scene = placer.scene(ps.root);
     ps.layoutMs = performance.now() - t0;
     ps.view.setScene(ps.scene, app.rankdir === "LR", app.toggles, profileMax(ps));
     if (before) {
@@ -196,9 +202,59 @@ var Kiln = window.Kiln || (window.Kiln = {});
     }
   }
 
+  /** The graph level a cluster is drawn in: the model's root or the body it lies in (groups are not levels). */
+  function levelOf(ps, cid) {
+    const clusters = ps.pane.clusters;
+    while (clusters[cid].kind === "group") cid = clusters[cid].parent;
+    return cid;
+  }
+
+  /** The bodies entered on the way from the model down to `level`, outermost first. */
+  function levels(ps, level) {
+    const out = [], clusters = ps.pane.clusters;
+    for (let c = level; clusters[c].kind === "body"; c = levelOf(ps, ps.pane.nodes[clusters[c].owner].c)) out.unshift(c);
+    return out;
+  }
+
+  /** Draw `level` (0: the model; else a body cluster) as the whole picture, under its breadcrumb
+   * (model › If_3 › then_branch); `focus`: a node to select there. */
+  async function enter(pi, level, focus) {
+    const ps = app.panes[pi], clusters = ps.pane.clusters;
+    ps.root = level;
+    await relayout(ps);
+    const chain = levels(ps, level), el = ps.el.querySelector(".crumbs");
+    let html = `<a data-level="0">${esc(ps.pane.title)}</a>`;
+    for (const cid of chain) {
+      const owner = ps.pane.nodes[clusters[cid].owner];
+      html += ` › <a data-level="${levelOf(ps, owner.c)}" data-focus="${clusters[cid].owner}">${esc(owner.name || owner.op)}</a>` +
+        ` › <a data-level="${cid}">${esc(clusters[cid].name)}</a>`;
+    }
+    el.innerHTML = html;
+    el.hidden = !chain.length;
+    ps.view.home();
+    if (focus != null) { select(pi, { kind: "node", id: focus }); ps.view.reveal("node", focus, true); }
+    else select(pi, null);
+  }
+
+  /** Back up one level: to the graph holding the node whose body is drawn, that node selected. */
+  function leave(pi) {
+    const ps = app.panes[pi];
+    if (!ps.root) return false;
+    const owner = ps.pane.clusters[ps.root].owner;
+    enter(pi, levelOf(ps, ps.pane.nodes[owner].c), owner);
+    return true;
+  }
+
+  /** Open what hides the node: groups and bodies around it, up to the drawn level (or from the model's root,
+   * leaving an entered body, when the node lies outside it). */
   function ensureVisible(ps, nodeIdx) {
     let changed = false, c = ps.pane.nodes[nodeIdx].c;
-    while (c != null && c >= 0) {
+    if (ps.root) {
+      let k = c;
+      while (k != null && k >= 0 && k !== ps.root) k = ps.pane.clusters[k].kind === "body" ? ps.pane.nodes[ps.pane.clusters[k].owner].c : ps.pane.clusters[k].parent;
+      if (k !== ps.root) { ps.root = 0; ps.el.querySelector(".crumbs").hidden = true; changed = true; }
+    }
+    while (c != null && c >= 0 && !(ps.root && c === ps.root)) {
       const cl = ps.pane.clusters[c];
       if (cl.kind === "group" && !ps.expanded.has(c)) { ps.expanded.add(c); changed = true; }
       if (cl.kind === "body") {
@@ -211,6 +267,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   async function goToNode(pi, id) {
     const ps = app.panes[pi];
+    if (!Kiln.layout.shown(ps.pane.nodes[id], app.toggles)) id = ps.pane.nodes[id].fold;   // drawn in its reader
     if (ensureVisible(ps, id)) await relayout(ps);
     select(pi, { kind: "node", id });
     ps.view.reveal("node", id, true);
@@ -337,6 +394,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     if (ev.key === "-" || ev.key === "_") return view.zoom(0.8);
     if (ev.key === "0") return view.fit();
     if (ev.key === "Home") return view.home();
+    if (ev.key === "Backspace" && leave(app.active)) return ev.preventDefault();
     if (ev.key === "Enter" && sel) {
       if (sel.kind === "cluster") toggleCluster(sel.pane, sel.id);
       else if (ps.pane.nodes[sel.id].sub) openNode(sel.pane, sel.id);
@@ -410,7 +468,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   /* ---- wiring ---- */
   function bind() {
-    for (const k of ["attributes", "weights", "names"]) {
+    for (const k of ["attributes", "weights", "names", "compact"]) {
       const el = $("t-" + k);
       el.checked = !!app.toggles[k];
       el.addEventListener("change", () => { app.toggles[k] = el.checked; relayoutAll(); });
@@ -450,12 +508,13 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   async function onSideClick(ev) {
-    const t = ev.target.closest("[data-node],[data-weight],[data-tensor],[data-cluster],[data-toggle],[data-open],[data-origin]");
+    const t = ev.target.closest("[data-node],[data-weight],[data-tensor],[data-cluster],[data-toggle],[data-open],[data-enter],[data-origin]");
     if (!t) return;
     const pi = t.dataset.pane != null ? +t.dataset.pane : app.active;
     if (t.dataset.weight != null) showWeight(pi, +t.dataset.weight);
     else if (t.dataset.tensor != null) openSide("Tensor", Kiln.panels.tensorPanel(app, pi, +t.dataset.tensor));
     else if (t.dataset.toggle != null) toggleCluster(pi, +t.dataset.toggle);
+    else if (t.dataset.enter != null) enter(pi, +t.dataset.enter);
     else if (t.dataset.open != null) { const ps = app.panes[pi]; if (!ps.opened.has(+t.dataset.open)) openNode(pi, +t.dataset.open); }
     else if (t.dataset.origin != null && app.panes.length > 1) {
       const i = app.panes[1].pane.nodes.findIndex((n) => n.name === t.dataset.origin);
@@ -476,6 +535,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     try { data = await load(); performance.mark("loaded"); } catch (err) { return showError("The page could not load the model data: " + err); }
     if (data.error) return showError(data.error);
     app.data = data; app.server = !!data.server; app.rankdir = data.rankdir || "TB";
+    if (data.diff) app.toggles.compact = false;     // a model diff draws every node, each with its status
     if (data.toggles) Object.assign(app.toggles, data.toggles);
     if (data.links) {
       app.links = { fwd: new Map(), back: new Map() };
@@ -506,7 +566,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
   // coordinates with Kiln.Placer (static/layout.js) and redraws it; picture(fmt, pane) is the Export menu's
   // drawing ("svg" text, "png" data: URL), the one kiln/viewer/export.py saves.
   app.select = select; app.goToNode = goToNode; app.toggleCluster = toggleCluster; app.openNode = openNode;
-  app.relayout = relayout; app.search = search; app.picture = picture;
+  app.relayout = relayout; app.search = search; app.picture = picture; app.enter = enter; app.leave = leave;
   app.openSide = openSide;                 // a panel in the sidebar (static/diff.js shows the change list)
   window.addEventListener("DOMContentLoaded", start);
 })();

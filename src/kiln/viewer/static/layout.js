@@ -61,6 +61,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const rows = [];
     if (toggles.names && node.name) rows.push(["name", clip(node.name, 34)]);
     if (toggles.weights !== false) for (const r of node.wrow || []) rows.push(["weight", r]);
+    if (toggles.compact) for (const r of node.krow || []) rows.push(["weight", r]);
     if (toggles.attributes) for (const r of node.arow || []) rows.push(["attr", r]);
     for (const r of node.erow || []) rows.push(["engine", r]);
     if (node.trow) rows.push(["ms", node.trow]);
@@ -110,6 +111,28 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return out;
   }
 
+  /** Whether a node is drawn: with the Compact toggle on, constants folded into their reader are not, unless a
+   * model diff marks them (static/diff.js: node.df). */
+  function shown(node, toggles) {
+    return !(toggles.compact && node.fold != null && (node.df == null || node.df === "unchanged" || node.df === "kept"));
+  }
+
+  /** The cluster's layout structure without the entries of folded constants (their item, the dummies of
+   * their edge and ranks left empty); entry numbers stay those of `s`. */
+  function visibleStructure(pane, c, s, toggles) {
+    if (!toggles.compact) return s;
+    const hidden = new Set();
+    c.items.forEach(([kind, idx], i) => { if (kind === "n" && !shown(pane.nodes[idx], toggles)) hidden.add(i); });
+    if (!hidden.size) return s;
+    const edges = [];
+    for (const h of s.edges) {
+      if (hidden.has(h[0])) { for (const d of h[2]) hidden.add(d); continue; }
+      edges.push(h);
+    }
+    const layers = s.layers.map((l) => l.filter((e) => !hidden.has(e))).filter((l) => l.length);
+    return { n: s.n, layers, edges };
+  }
+
   class Placer {
     /** `expanded`: group clusters drawn open; `opened`: nodes whose subgraphs are drawn in place. */
     constructor(pane, expanded, opened, toggles, rankdir) {
@@ -152,9 +175,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
     cluster(cid) {
       const hit = this.cache.get(cid);
       if (hit) return hit;
-      const c = this.pane.clusters[cid], s = c.s, n = s.n;
+      const c = this.pane.clusters[cid], s = visibleStructure(this.pane, c, c.s, this.toggles), n = s.n;
       let total = n;
-      for (const h of s.edges) total += h[2].length;
+      for (const h of c.s.edges) total += h[2].length;         // dummies keep their numbers
       const size = new Array(total).fill(null).map(() => [0, 0]);
       c.items.forEach((item, i) => { size[i] = this.itemSize(item); });
       const br = size.map(([w, h]) => (this.lr ? h : w)), th = size.map(([w, h]) => (this.lr ? w : h));
@@ -184,7 +207,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
         }
       });
       const lay = { width: this.lr ? depth : width, height: this.lr ? width : depth, pos, size, band,
-        portIn: new Map(), portOut: new Map(), outOff, inOff };
+        portIn: new Map(), portOut: new Map(), outOff, inOff, s };
       c.items.forEach(([kind, k], i) => {
         if (kind === "i") lay.portIn.set(c.pin[k], x[i]);
         else if (kind === "o") lay.portOut.set(c.pout[k], x[i]);
@@ -256,11 +279,13 @@ var Kiln = window.Kiln || (window.Kiln = {});
       return this.lr ? M.groupHead + ports.get(tensor) - h / 2 : M.groupPad + ports.get(tensor) - w / 2;
     }
 
+    /** The drawing of cluster `root` (0: the model; a body: its inside, with room for its entry and exit ports). */
     scene(root) {
       const out = { boxes: [], edges: [], labelled: [] };
       const lay = this.cluster(root || 0);
-      this.emit(root || 0, 0, 0, out);
-      out.width = lay.width; out.height = lay.height;
+      const [ox, oy] = root ? [M.groupPad, M.groupHead] : [0, 0];
+      this.emit(root || 0, ox, oy, out);
+      out.width = lay.width + 2 * ox; out.height = lay.height + (root ? M.groupHead + M.groupPad : 0);
       this.labels(out);
       delete out.labelled;
       return out;
@@ -269,7 +294,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     emit(cid, ox, oy, out) {
       const c = this.pane.clusters[cid], lay = this.cluster(cid);
       c.items.forEach(([kind, idx], i) => {
-        if (kind === "i" || kind === "o") return;
+        if (kind === "i" || kind === "o" || (kind === "n" && !shown(this.pane.nodes[idx], this.toggles))) return;
         const [cx, cy] = lay.pos[i], [w, h] = lay.size[i];
         const x0 = ox + cx - w / 2, y0 = oy + cy - h / 2;
         if (kind === "n") {
@@ -313,7 +338,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     }
 
     edges(c, lay, ox, oy, out, cid) {
-      for (const [src, tensor, trunk, dsts, flip] of c.s.edges) {
+      for (const [src, tensor, trunk, dsts, flip] of lay.s.edges) {
         const start = this.anchor(c, lay, src, tensor, true, ox, oy, -1);
         if (trunk.length) {
           const pts = [start];
@@ -388,5 +413,5 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   Kiln.Placer = Placer;
   Kiln.metrics = M;
-  Kiln.layout = { textWidth, labelWidth, labelText, boxContent, nodeSize, groupSize, clip };
+  Kiln.layout = { shown, textWidth, labelWidth, labelText, boxContent, nodeSize, groupSize, clip };
 })();

@@ -122,7 +122,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       }
     }
     if (node.attrs && node.attrs.length) html += "<h3>Attributes</h3>" + table(node.attrs.map(([k, v]) => [k, fmtValue(v)]));
-    if (node.sub) html += "<h3>Subgraphs</h3>" + node.sub.map((c) => `<div class="arg"><a class="link" data-pane="${pi}" data-open="${idx}">${esc(pane.clusters[c].name)}</a> <span class="note">${pane.clusters[c].size} nodes</span></div>`).join("");
+    if (node.sub) html += "<h3>Subgraphs</h3>" + node.sub.map((c) => `<div class="arg"><a class="link" data-pane="${pi}" data-open="${idx}">${esc(pane.clusters[c].name)}</a> <span class="note">${pane.clusters[c].size} nodes</span> <a class="link" data-pane="${pi}" data-enter="${c}" title="Draw this body alone (Backspace: back)">enter ›</a></div>`).join("");
     if (node.in.length) html += "<h3>Inputs</h3>" + argList(pane, node.in, node, pi);
     if (node.out.length) html += "<h3>Outputs</h3>" + argList(pane, node.out, node, pi);
     if (node.doc != null) html += `<details class="docs" open><summary>Documentation</summary><div class="doc">${markdown(pane.docs[node.doc])}</div></details>`;

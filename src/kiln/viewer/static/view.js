@@ -453,7 +453,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
         const g = ev.target.closest("[data-cluster]");
         if (g && this.opts.onToggle) this.opts.onToggle(+g.dataset.cluster);
         const n = ev.target.closest("[data-node]");
-        if (n && this.pane.nodes[+n.dataset.node].sub && this.opts.onOpen) this.opts.onOpen(+n.dataset.node);
+        if (n && this.pane.nodes[+n.dataset.node].sub) {                // into the first body (in place: its ▸)
+          if (this.opts.onEnter) this.opts.onEnter(+n.dataset.node); else if (this.opts.onOpen) this.opts.onOpen(+n.dataset.node);
+        }
       });
       svg.addEventListener("wheel", (ev) => {
         ev.preventDefault();
