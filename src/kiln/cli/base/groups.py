@@ -140,7 +140,7 @@ class Quantize(ArgGroup):
         mode = "int8" if args.int8 else "fp8" if args.fp8 else None
         if mode is None:
             given = [f for f, v in (("--calib", args.calib), ("--calib-cache", args.calib_cache),
-                                    ("--fp16-layers", args.fp16_layers)) if v]
+                                    ("--fp16-layers", args.fp16_layers), ("--calib-resize", args.calib_resize)) if v]
             if given:
                 raise KilnError(f"{given[0]} belongs to a quantized build; add --int8 (or --fp8), or drop it.")
             return {}
