@@ -93,6 +93,8 @@ def test_compact_toggle_hides_folded_constants(page, compact_page):
     assert drawn_off - drawn_on == {idx["two"], idx["scale"], idx["cond_v"]}
     assert drawn_on < drawn_off
     assert overlaps(on["boxes"]) == [] and overlaps(off["boxes"]) == []
+    lr = placed(page, toggles={"compact": True}, rankdir="LR")
+    assert {b["id"] for b in lr["boxes"] if b["kind"] == "node"} == drawn_on and overlaps(lr["boxes"]) == []
     names = {pane["tensors"][e["t"]][0] for e in on["edges"]}
     assert not names & {"two", "scale", "cond_v"} and {"shape", "exported", "a", "m"} <= names
     assert {"two", "scale", "cond_v"} <= {pane["tensors"][e["t"]][0] for e in off["edges"]}

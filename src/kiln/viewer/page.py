@@ -29,11 +29,11 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from kiln.ir.network import gc_paused
 from kiln.viewer import grouping, layout
-from kiln.viewer.graph import ViewModel, ViewWeight
+from kiln.viewer.graph import ViewGraph, ViewModel, ViewNode, ViewWeight
 
 FORMAT_VERSION = 1
 EXPAND_ALL = 1500        # graphs up to this many nodes open fully expanded
@@ -325,7 +325,7 @@ def _build_pane(model: ViewModel, title: str | None) -> Pane:
     return Pane(pane, wobjs, model, pending)
 
 
-def _uses(g) -> dict[str, int]:
+def _uses(g: ViewGraph) -> dict[str, int]:
     """How many node inputs, graph outputs and (recursively) body nodes read each value of ``g``."""
     count: dict[str, int] = {}
     for n in g.nodes:
@@ -340,7 +340,8 @@ def _uses(g) -> dict[str, int]:
     return count
 
 
-def _fold_constants(h: grouping.Hierarchy, nodes: list[dict], tensors: list[list], tensor) -> None:
+def _fold_constants(h: grouping.Hierarchy, nodes: list[dict], tensors: list[list],
+                    tensor: Callable[[int, str], int]) -> None:
     """Mark each constant read once, by a node of its own cluster, as folded into that reader (``fold``) and
     give the reader one row per such constant (``krow``; ``kin``: the folded nodes). A constant is a node
     with no inputs, no bodies and one output value; the page hides it while the Compact toggle is on."""
@@ -365,7 +366,7 @@ def _fold_constants(h: grouping.Hierarchy, nodes: list[dict], tensors: list[list
         nodes[j].setdefault("krow", []).append(_clip(_constant_row(slot, n, tensors[tensor(gi, outs[0])])))
 
 
-def _constant_row(slot: str, node, t: list) -> str:
+def _constant_row(slot: str, node: ViewNode, t: list) -> str:
     """``slot = value`` for a short scalar or vector constant, else ``slot ⟨shape⟩ dtype``."""
     value = next((v for v in node.attributes.values() if isinstance(v, dict) and "tensor" in v), {})
     if value.get("value") is not None and not value.get("truncated") and len(value.get("shape", [0, 0])) <= 1:
