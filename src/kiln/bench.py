@@ -24,7 +24,7 @@ def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int 
     import numpy as np
     import torch
 
-    from kiln.cli.base.inputs import default_shape, random_input
+    from kiln.runtime.inputs import default_shape, random_input
     from kiln.ir.dtypes import from_numpy
     if duration is not None and not duration > 0:
         raise KilnError(f"duration must be a positive number of seconds, got {duration!r}.")

@@ -106,7 +106,7 @@ def test_run_summarizes_complex_outputs_without_warnings():
     """A complex output (DFT) is summarized by magnitude: no ComplexWarning lines on stderr (fuzz finding)."""
     import warnings
 
-    from kiln.cli.base.inputs import summary as _summary
+    from kiln.runtime.inputs import summary as _summary
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         line = _summary("y", np.array([3 + 4j, 0j], np.complex64))

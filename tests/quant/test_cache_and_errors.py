@@ -15,7 +15,7 @@ import pytest
 import kiln
 import kiln.onnx
 from kiln.errors import BuildError, KilnError
-from kiln.quant import check_device, quantize
+from kiln.builder.quant import check_device, quantize
 
 from _quant_models import blobs, cnn, trained_mlp
 
@@ -108,7 +108,7 @@ def test_folder_and_npz_sources(mlp_net, tmp_path):
     b, _ = blobs(20, seed=2)
     np.save(tmp_path / "a.npy", a)
     np.savez(tmp_path / "b.npz", x=b)
-    from kiln.quant.calibrate import load_batches
+    from kiln.builder.quant.calibrate import load_batches
     batches = load_batches(str(tmp_path), mlp_net)
     np.testing.assert_array_equal(np.concatenate([bt["x"] for bt in batches]), np.concatenate([a, b]))
     want = _scales(quantize(mlp_net, _config(calibration=[{"x": a}, {"x": b}])))
@@ -168,8 +168,8 @@ def test_calibration_images(tmp_path):
     """A folder of images, preprocessed by the flags' Preprocess, gives the arrays numpy computes from the same
     pixels; an image of another size is refused in one line naming the resize flag."""
     Image = pytest.importorskip("PIL.Image")
-    from kiln.quant.calibrate import load_batches
-    from kiln.quant.images import Preprocess
+    from kiln.builder.quant.calibrate import load_batches
+    from kiln.builder.quant.images import Preprocess
     net = kiln.onnx.parse(cnn(seed=1))
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)

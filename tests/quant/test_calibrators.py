@@ -9,9 +9,9 @@ from onnx import numpy_helper
 
 import kiln.onnx
 from kiln.errors import BuildError
-from kiln.quant.calibrate import calibrate, load_batches
-from kiln.quant.calibrators import Histogram, check_calibrator, entropy_amax, percentile_amax
-from kiln.quant.insert import act_scale, quantize_weight, weight_scales
+from kiln.builder.quant.calibrate import calibrate, load_batches
+from kiln.builder.quant.calibrators import Histogram, check_calibrator, entropy_amax, percentile_amax
+from kiln.builder.quant.insert import act_scale, quantize_weight, weight_scales
 
 from _quant_models import blobs, trained_mlp
 

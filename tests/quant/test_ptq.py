@@ -9,7 +9,7 @@ import pytest
 
 import kiln
 import kiln.onnx
-from kiln.quant import dequantized_note, quantize
+from kiln.builder.quant import dequantized_note, quantize
 
 from _quant_models import blobs, cnn, qdq_export, trained_mlp
 

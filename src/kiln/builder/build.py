@@ -85,7 +85,7 @@ def build(network: Network, config: BuildConfig | None = None, progress: Progres
     t0 = time.perf_counter()
     say = progress or (lambda stage, frac: None)
     if config.quantize:
-        from kiln.quant import quantize
+        from kiln.builder.quant import quantize
         network = quantize(network, config, say)
     with gc_paused():
         return _build(network, config, say, t0)

@@ -106,13 +106,13 @@ class BuildConfig:
     cuda_graph: bool = True
     fp32_layers: tuple[str, ...] = ()  # fnmatch patterns of layers kept in FP32 in an FP16/BF16 build
     fallback: str | None = None        # "onnxruntime": build the network's ONNX Runtime islands (kiln.onnx.fallback)
-    quantize: str | None = None        # "int8" / "fp8": post-training quantization (kiln.quant)
+    quantize: str | None = None        # "int8" / "fp8": post-training quantization (kiln.builder.quant)
     calibration: Any = None            # .npy/.npz file, folder of them, or a list of {input: array} batches
-    calibrator: str = "entropy"        # "max", "percentile" or "entropy" (kiln.quant.calibrators)
+    calibrator: str = "entropy"        # "max", "percentile" or "entropy" (kiln.builder.quant.calibrators)
     percentile: float = 99.99          # the percentile calibrator's percent
     calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
     fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized
-    calib_preprocess: Any = None       # kiln.quant.images.Preprocess for calibration images
+    calib_preprocess: Any = None       # kiln.builder.quant.images.Preprocess for calibration images
 
 
     def __post_init__(self) -> None:
@@ -151,8 +151,8 @@ class BuildConfig:
                 raise BuildError("fp16_layers, calibration data and a calibration cache belong to a quantized build; "
                                  "add --int8 (or --fp8), or drop them.")
             return
-        from kiln.quant import MODES
-        from kiln.quant.calibrators import check_calibrator
+        from kiln.builder.quant import MODES
+        from kiln.builder.quant.calibrators import check_calibrator
         if self.quantize not in MODES:
             raise BuildError(f"quantize {self.quantize!r} is not one of {', '.join(MODES)}.")
         check_calibrator(self.calibrator, self.percentile)

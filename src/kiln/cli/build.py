@@ -61,7 +61,7 @@ class Build(Tool):
         progress.done()
         if note:
             warn(f"--{precision}: {note}")
-        from kiln.quant import dequantized_note
+        from kiln.builder.quant import dequantized_note
         qnote = dequantized_note(engine.layers, engine.device)
         if qnote:
             warn(qnote)

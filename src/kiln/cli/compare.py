@@ -75,7 +75,7 @@ class Compare(Tool):
             if note:
                 warn(f"--{precision}: {note}")
             if quant:
-                from kiln.quant import dequantized_note
+                from kiln.builder.quant import dequantized_note
                 warn(f"--{quant['quantize']}: {dequantized_note(engine.layers, result.device)}")
         print(result.report(histogram=not args.no_histogram))
         if per_layer:

@@ -7,7 +7,6 @@ import time
 
 from kiln.cli.base import Inputs, Plugins, Shapes, Threads, Tool, register
 from kiln.cli.base.args import check_output_dir
-from kiln.cli.base.inputs import default_shape, random_input, summary
 from kiln.errors import KilnError
 
 
@@ -23,6 +22,7 @@ class Run(Tool):
         parser.add_argument("--output-dir", metavar="DIR", help="save each output as DIR/<name>.npy")
 
     def run(self, args: argparse.Namespace) -> int:
+        from kiln.runtime.inputs import default_shape, random_input, summary
         import numpy as np
 
         import kiln

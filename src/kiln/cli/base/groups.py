@@ -144,7 +144,7 @@ class Quantize(ArgGroup):
             if given:
                 raise KilnError(f"{given[0]} belongs to a quantized build; add --int8 (or --fp8), or drop it.")
             return {}
-        from kiln.quant.images import Preprocess
+        from kiln.builder.quant.images import Preprocess
         size = None
         if args.calib_resize:
             dims = parse_shapes(f"x:{args.calib_resize}", "--calib-resize")["x"]

@@ -1,4 +1,5 @@
-"""Engine inputs for `kiln run` and `kiln bench`: default shapes, seeded random data, output summaries."""
+"""Engine inputs for running and timing engines (`kiln run`, `kiln bench`, kiln.bench): default shapes, seeded random
+data, output summaries."""
 from __future__ import annotations
 
 import math

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from kiln.errors import BuildError
 from kiln.ir.network import Network
-from kiln.quant.calibrators import CALIBRATORS, check_calibrator
+from kiln.builder.quant.calibrators import CALIBRATORS, check_calibrator
 
 MODES = ("int8", "fp8")
 __all__ = ["CALIBRATORS", "MODES", "quantize", "check_device", "dequantized_note"]
@@ -50,9 +50,9 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
     """A copy of ``network`` with Q/DQ layers around the layers ``config`` quantizes, the activation ranges
     read from ``config.calib_cache`` or found by calibrating on ``config.calibration``."""
     from kiln.builder.precision import fp32_matches
-    from kiln.quant import cache
-    from kiln.quant.calibrate import calibrate, load_batches
-    from kiln.quant.insert import insert, refuse_quantized, targets
+    from kiln.builder.quant import cache
+    from kiln.builder.quant.calibrate import calibrate, load_batches
+    from kiln.builder.quant.insert import insert, refuse_quantized, targets
     mode = config.quantize
     device = config.resolved_device()
     check_device(mode, device)

@@ -19,8 +19,8 @@ import numpy as np
 from kiln.errors import BuildError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.network import Network
-from kiln.quant.calibrators import Histogram, entropy_amax, percentile_amax
-from kiln.quant.images import IMAGE_EXTENSIONS, Preprocess, read_images
+from kiln.builder.quant.calibrators import Histogram, entropy_amax, percentile_amax
+from kiln.builder.quant.images import IMAGE_EXTENSIONS, Preprocess, read_images
 
 CALIB_BATCH = 32
 Batch = dict[str, np.ndarray]
