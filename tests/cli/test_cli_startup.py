@@ -1,13 +1,19 @@
 """Start-up: commands that only read files or list things do not import torch (seconds of start-up);
 `kiln inspect` reads an engine header with the standard library and numpy; `kiln plugins` imports the
-built-in plugins' Triton kernels, and Triton's interpreter (TRITON_INTERPRET=1, as on CI) imports numpy."""
+built-in plugins' Triton kernels, and Triton's interpreter (TRITON_INTERPRET=1, as on CI) imports numpy.
+Shape inference on meta tensors does not import torch._dynamo (seconds of CPU), in `kiln check` of a model
+with static shapes (which runs the build's steps) or in a small CPU build."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 _PROBE = ("import sys, io, json, contextlib, kiln.cli\n"
           "with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -35,3 +41,37 @@ def test_parser_imports_nothing_heavy():
                         "print(sorted(m for m in ('torch', 'onnx', 'numpy') if m in sys.modules))"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+_CHECK_THEN_BUILD = ("import sys, io, contextlib, kiln.cli\n"
+                     "model, out = sys.argv[1:]\n"
+                     "for args in (['check', model], ['build', model, '-o', out, '--device', 'cpu', '-q']):\n"
+                     "    with contextlib.redirect_stdout(io.StringIO()):\n"
+                     "        code = kiln.cli.main(args)\n"
+                     "    print(args[0], code, 'torch._dynamo' in sys.modules)\n")
+
+
+def _small_cnn(path: Path) -> Path:
+    """x[1,3,8,8] → Conv → Add → Relu → MaxPool → Sigmoid·Mul → GlobalAveragePool → Flatten → Gemm → Softmax."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+            (("w", (4, 3, 3, 3)), ("b", (1, 4, 1, 1)), ("fw", (5, 4)), ("fb", (5,)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "b"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Sigmoid", ["p"], ["s"]), helper.make_node("Mul", ["p", "s"], ["m"]),
+             helper.make_node("GlobalAveragePool", ["m"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["l"], transB=1), helper.make_node("Softmax", ["l"], ["y"])]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], init)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_shape_inference_does_not_import_dynamo(tmp_path: Path) -> None:
+    model = _small_cnn(tmp_path / "cnn.onnx")
+    r = subprocess.run([sys.executable, "-c", _CHECK_THEN_BUILD, str(model), str(tmp_path / "cnn.kiln")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[:2] == ["check 0 False", "build 0 False"], r.stdout
+    assert (tmp_path / "cnn.kiln").stat().st_size > 0

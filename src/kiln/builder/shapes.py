@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kiln.builder.autopad import padded_attrs
+from kiln.builder.lazy_dynamo import dynamo_deferred
 from kiln.builder.memory import check_host_output
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.errors import ShapeError
@@ -35,6 +36,12 @@ UNKNOWN = _Unknown()
 def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bool = False,
              env: dict[str, Any] | None = None) -> dict[str, Any]:
     """Abstractly run ``net``; returns tensor name → meta/host torch tensor, or UNKNOWN."""
+    with dynamo_deferred():
+        return _evaluate(net, input_shapes, strict, env)
+
+
+def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bool,
+              env: dict[str, Any] | None) -> dict[str, Any]:
     hosts = host_layers(net)
     vals: dict[str, Any] = dict(env or {})
     metas: dict[str, torch.Tensor] = {}          # meta copies of host values that device layers read
