@@ -40,6 +40,9 @@ def child(args) -> None:
         runs = 60 if b <= 32 else 50
         t = harness.twice(lambda: ctx.execute(inputs), runs)
         layers = [(layer["kind"], layer.get("tactic")) for layer in engine.layers]
+        if args.dump:
+            with open(os.path.join(args.dump, f"{args.model}_b{b}_{args.tree}.json"), "w") as f:
+                json.dump(engine.layers, f, indent=1, default=str)
         rows.append({"batch": b, "median_ms": t["median_ms"], "layers": layers})
         ctx = engine = None
         torch.cuda.empty_cache()
@@ -53,7 +56,9 @@ def main() -> int:
     ap.add_argument("--models", default="resnet50,mobilenet_v3_large,vit_b_16,bert_base,yolov5l,lstm")
     ap.add_argument("--batches", help="override every model's batch sizes, e.g. 1,32")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dump", help="write each engine's layer list (JSON) into this folder")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--onnx", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -73,7 +78,8 @@ def main() -> int:
         for rnd in range(args.rounds):
             for tree in (("base", "new") if rnd % 2 == 0 else ("new", "base")):
                 r = subprocess.run([sys.executable, __file__, "--base", trees["base"], "--child", "--src", trees[tree],
-                                    "--onnx", path, "--model", name, "--batches", batches],
+                                    "--onnx", path, "--model", name, "--batches", batches, "--tree", tree]
+                                   + (["--dump", args.dump] if args.dump else []),
                                    capture_output=True, text=True)
                 line = next((x for x in r.stdout.splitlines() if x.startswith("AB ")), None)
                 if line is None:
@@ -87,9 +93,14 @@ def main() -> int:
             if m != name or not slot["base"] or not slot["new"]:
                 continue
             base, new = sorted(slot["base"])[len(slot["base"]) // 2], sorted(slot["new"])[len(slot["new"]) // 2]
-            same = slot["layers"].get("base") == slot["layers"].get("new")
+            lb, ln = slot["layers"].get("base") or [], slot["layers"].get("new") or []
+            same = lb == ln
+            kinds_same = [k for k, _ in lb] == [k for k, _ in ln]
             print(f"{m:<20} b={b:<4} base {base:8.3f} ms  new {new:8.3f} ms  new/base {new / base:6.3f}  "
-                  f"runs {slot['base']} / {slot['new']}  same layers+tactics: {same}", flush=True)
+                  f"runs {slot['base']} / {slot['new']}  same layers: {kinds_same}, same tactics: {same}", flush=True)
+            if not same:
+                diffs = [(i, x, y) for i, (x, y) in enumerate(zip(lb, ln)) if x != y]
+                print(f"    {len(lb)} / {len(ln)} layers; first differences: {diffs[:8]}", flush=True)
     return 0
 
 
