@@ -513,6 +513,19 @@ define_layer("QuantizeLinear", 2, 3, "y = saturate(round(x / scale) + zero_point
 define_layer("DequantizeLinear", 2, 3, "y = (x - zero_point) * scale; x, scale, zero_point?", attrs=_QUANT)
 define_layer("DynamicQuantizeLinear", 1, 1, "uint8 quantization with scale/zero point from the data's range; "
              "outputs y, scale, zero_point")
+# 8-bit layers folded from DequantizeLinear -> conv/GEMM -> QuantizeLinear (passes/fold_qdq.py): the product runs on
+# the 8-bit codes (int32 or FP32 accumulation); the epilogue dequantizes, adds the bias, the residual and the
+# activation, and requantizes to ``to`` with out_scale (an 8-bit ``to``) or stores a float ``to``.
+_QUANTIZED = {"x_scale": attr("float", lo=0.0, doc="scale of the input codes"),
+              "x_zero_point": attr("int", 0, doc="zero point of the input codes"),
+              "w_scale": attr("array", doc="float32 weight scale per output channel"),
+              "out_scale": attr("float", None, lo=0.0, doc="scale of 8-bit output codes (None: float output)"),
+              "out_zero_point": attr("int", 0), **_TO, **_EPILOGUE, **_flags("residual_after_activation")}
+define_layer("QConvolution", 3, 4, "8-bit 2-D convolution: x codes [N, Cin, H, W], weight codes [Cout, Cin/g, kh, kw], "
+             "bias int32 [Cout] in units of x_scale * w_scale, residual? (float, like the output)",
+             attrs={**_CONV, **_QUANTIZED}, channels_last=True)
+define_layer("QFullyConnected", 3, 3, "8-bit y = x @ weight.T + bias over the last axis: x codes [..., K], weight "
+             "codes [N, K], bias int32 [N] in units of x_scale * w_scale", attrs=_QUANTIZED)
 
 # ---- signal processing ------------------------------------------------------------------------
 define_layer("DFT", 1, 3, "x [..., n, 1 or 2], dft_length?, axis? → complex as a trailing 2", host_inputs=(1, 2),

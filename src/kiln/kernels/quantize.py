@@ -2,7 +2,12 @@
 
 Integer products are computed in float64: exact for every int8/uint8/int16 product sum a
 model can hold (< 2**53), and float64 matmul/convolution exist on CPU and CUDA where
-integer ones do not. Rounding is half to even (torch.round), as ONNX specifies.
+integer ones do not. Rounding is half to even (torch.round), as ONNX specifies; FP8 E4M3
+codes round half to even too (torch's conversion), clamped to +-448 when saturating.
+
+The 8-bit layers QConvolution and QFullyConnected (passes/fold_qdq.py) have a reference tactic here
+on every device: dequantize, the float32 torch op, requantize — what the Q/DQ graph they replace
+computes. Their 8-bit kernels are in int8_gemm.py.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch.nn.functional as F
 from kiln.errors import BuildError
 from kiln.ir.dtypes import torch_dtype
 from kiln.kernels._util import norm_axis
+from kiln.kernels.pointwise import act_params, activation_fn
 from kiln.kernels.registry import tactic
 
 RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767),
@@ -31,22 +37,36 @@ def _broadcast(v: torch.Tensor | None, x: torch.Tensor, axis: int, block: int) -
     return v.narrow(axis, 0, x.shape[axis])
 
 
+FP8_MAX = {"float8_e4m3fn": 448.0}
+
+
+def quantize_values(v: torch.Tensor, scale, zero_point, out: str, saturate: bool = True) -> torch.Tensor:
+    """ONNX QuantizeLinear of float ``v``: round(v / scale) + zero_point, saturated to ``out`` (an integer type,
+    or FP8 E4M3 whose zero point is 0); ``scale``/``zero_point`` are numbers or tensors broadcast to ``v``."""
+    if out in FP8_MAX:
+        q = v / scale
+        if saturate:
+            q = q.clamp(-FP8_MAX[out], FP8_MAX[out])
+        return q.to(torch_dtype(out))
+    lo, hi = RANGES[out]
+    q = torch.round(v / scale).to(torch.int64)
+    if zero_point is not None:
+        q = q + (zero_point.to(torch.int64) if isinstance(zero_point, torch.Tensor) else int(zero_point))
+    return q.clamp(lo, hi).to(torch_dtype(out))
+
+
 @tactic("QuantizeLinear")
 def make_quantize(attrs, ctx):
     out = attrs["to"]
-    if out not in RANGES:
+    if out not in RANGES and out not in FP8_MAX:
         raise BuildError(f"QuantizeLinear {ctx.layer_name!r} to {out} is not supported; Kiln quantizes to "
-                         f"{', '.join(RANGES)}.")
-    lo, hi = RANGES[out]
+                         f"{', '.join([*RANGES, *FP8_MAX])}.")
     axis, block = attrs.get("axis", 1), attrs.get("block_size", 0) or 0
-    dt = torch_dtype(out)
+    saturate = bool(attrs.get("saturate", True))
 
     def run(x, scale, zero_point=None):
-        s = _broadcast(scale, x, axis, block)
-        q = torch.round(x / s).to(torch.int64)
-        if zero_point is not None:
-            q = q + _broadcast(zero_point, x, axis, block).to(torch.int64)
-        return (q.clamp(lo, hi).to(dt),)
+        zp = _broadcast(zero_point, x, axis, block) if zero_point is not None and out not in FP8_MAX else None
+        return (quantize_values(x, _broadcast(scale, x, axis, block), zp, out, saturate),)
     return run
 
 
@@ -146,3 +166,45 @@ def make_qlinear_op(attrs, ctx):
         lo, hi = RANGES[str(out_dt).replace("torch.", "")]
         return (torch.round(r).clamp(lo, hi).to(out_dt),)
     return run
+
+
+def _channel_scales(attrs, device: torch.device, cache: dict) -> torch.Tensor:
+    """The layer's per-output-channel weight scales as a float32 tensor on ``device`` (made once per device)."""
+    key = str(device)
+    if key not in cache:
+        import numpy as np
+        cache[key] = torch.as_tensor(np.asarray(attrs["w_scale"], np.float32).reshape(-1)).to(device)
+    return cache[key]
+
+
+def _make_quantized_reference(attrs, ctx):
+    """Dequantize the codes, run the float32 torch op with the dequantized bias, add the residual, apply the
+    activation, and requantize (or cast to the float ``to``)."""
+    conv = "stride" in attrs
+    prod = _product({**attrs, "op": "conv"}) if conv else None
+    act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
+    after = bool(attrs.get("residual_after_activation"))
+    x_scale, x_zp = float(attrs["x_scale"]), int(attrs.get("x_zero_point", 0))
+    out, out_scale, out_zp = attrs["to"], attrs.get("out_scale"), int(attrs.get("out_zero_point", 0))
+    scales: dict = {}
+
+    def run(x, w, bias, residual=None):
+        ws = _channel_scales(attrs, x.device, scales)
+        xf = (x.to(torch.float32) - x_zp) * x_scale
+        wf = w.to(torch.float32) * ws.reshape([-1] + [1] * (w.dim() - 1))
+        bf = bias.to(torch.float32) * (x_scale * ws)
+        y = prod(xf, wf) + bf.reshape(1, -1, 1, 1) if conv else F.linear(xf, wf, bf)
+        if residual is not None and not after:
+            y = y + residual.to(torch.float32)
+        if act is not None:
+            y = act(y)
+        if residual is not None and after:
+            y = y + residual.to(torch.float32)
+        if out_scale is None:
+            return (y.to(torch_dtype(out)),)
+        return (quantize_values(y, out_scale, out_zp, out),)
+    return run
+
+
+tactic("QConvolution", "reference")(_make_quantized_reference)
+tactic("QFullyConnected", "reference")(_make_quantized_reference)

@@ -1,0 +1,297 @@
+"""8-bit convolution and GEMM in Triton, dequantize/bias/residual/activation/requantize fused in the epilogue.
+
+One kernel serves QConvolution (2-D, groups 1, as an implicit GEMM on channels-last codes, conv_triton.py's
+scheme) and QFullyConnected (a plain GEMM: a 1x1 convolution over [M, K] rows). The product runs on the codes:
+int8 x int8 -> int32 (``tl.dot`` with int32 accumulation; uint8 inputs are shifted by -128 as they load) or
+FP8 E4M3 x E4M3 -> FP32. Zero points never enter the inner loop: padding taps load the input's zero point, and
+the sum ``zp * sum(w)`` each output channel then carries is taken out of the bias once (``epilogue_terms``). The
+epilogue computes
+
+    v = (acc + ibias[n]) * mult[n]            mult = x_scale * w_scale[n]  (the dequantized product plus bias)
+    v = act(v + r)   or   act(v) + r          (residual r, float)
+    y = saturate(round_half_even(v / out_scale) + out_zero_point)   or   v as float
+
+so a quantized network keeps its activations as 8-bit codes between such layers. The weight is stored K-major
+([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kiln.errors import BuildError
+from kiln.ir.dtypes import torch_dtype
+from kiln.kernels._util import per_tensor
+from kiln.kernels.conv_triton import out_size, tile_offsets
+from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
+from kiln.kernels.quantize import RANGES
+from kiln.kernels.registry import tactic
+from kiln.triton_support import HAS_TRITON, cdiv, next_pow2, tl, triton
+
+# input code type -> the kernel's MODE; output type -> OUT (0: float, 1: integer codes, 2: FP8 codes)
+MODES = {torch.int8: 0, torch.uint8: 1, torch.float8_e4m3fn: 2}
+FLOAT_OUT = (torch.float32, torch.float16, torch.bfloat16)
+FP8_MAX = 448.0
+
+
+class QGemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def default_config(m: int, n: int, cin: int) -> QGemmConfig:
+    """128x128 tiles (x64 where N <= 64, 64 rows where M is small), K slices of 64-128 codes (at least 32:
+    the 8-bit MMA's depth), narrowed to Cin rounded up to a power of two."""
+    bn = 64 if n <= 64 else 128
+    bm = 64 if m <= 64 else 128
+    bk = min(128, max(32, next_pow2(cin)))
+    return QGemmConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 4 if bk <= 64 else 3)
+
+
+@triton.jit
+def _round_half_even(v):
+    """v rounded to the nearest integer, ties to even (ONNX QuantizeLinear), on FP32 values."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _to_e4m3_grid(v):
+    """v (already within +-448) rounded half to even onto the FP8 E4M3 grid, still FP32: the conversion that
+    follows is then exact on every backend. The grid step is 2**(e - 3) for exponent e >= -6, 2**-9 below."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
+    e = tl.maximum(e, -6)
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(v / step) * step
+
+
+@triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
+def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, x_zp, out_scale, out_zp,
+                  alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                  SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  POINTWISE: tl.constexpr, IDX64: tl.constexpr, MODE: tl.constexpr, OUT: tl.constexpr,
+                  LO: tl.constexpr, HI: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  RES_AFTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    offs_m, offs_n = tile_offsets(M, Cout, IDX64, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+    KTOT: tl.constexpr = KH * KW * CIN
+    chunks: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+    if POINTWISE:
+        steps: tl.constexpr = chunks
+        a_row = offs_m * CIN
+    else:
+        steps: tl.constexpr = KH * KW * chunks
+        ow = offs_m % OW
+        oh = (offs_m // OW) % OH
+        img = offs_m // (OW * OH)
+        ih0 = oh * SH - PH
+        iw0 = ow * SW - PW
+    if MODE == 2:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for i in range(steps):
+        if POINTWISE:
+            tap = 0
+            c = i * BLOCK_K + offs_k
+            a_ok = m_ok
+        else:
+            tap = i // chunks
+            c = (i - tap * chunks) * BLOCK_K + offs_k
+            kh = tap // KW
+            ih = ih0 + kh * DH
+            iw = iw0 + (tap - kh * KW) * DW
+            a_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_row = ((img * H + ih) * W + iw) * CIN
+        k_ok = c < CIN
+        # a tap in the padding reads the zero point (its code for 0.0); the bias takes zp * sum(w) out again
+        a_ptrs = x_ptr + a_row[:, None] + c[None, :]
+        a_mask = a_ok[:, None] & k_ok[None, :]
+        b_ptrs = w_ptr + offs_n[None, :] * KTOT + (tap * CIN + c)[:, None]
+        b_mask = k_ok[:, None] & n_ok[None, :]
+        if MODE == 2:
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=a_mask, other=x_zp)
+            b = tl.load(b_ptrs, mask=b_mask, other=0)
+        if MODE == 1:
+            a = (a.to(tl.int16) - 128).to(tl.int8)
+        if MODE == 2:
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+
+    ib = tl.load(ib_ptr + offs_n, mask=n_ok, other=0)
+    if MODE == 2:
+        v = (acc + ib.to(tl.float32)[None, :])
+    else:
+        v = (acc + ib[None, :]).to(tl.float32)
+    v = v * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    offs = offs_m[:, None] * Cout + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES and not RES_AFTER:
+        v += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    v = apply_act(v, alpha, beta, ACT)
+    if HAS_RES and RES_AFTER:
+        v += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if OUT == 1:
+        q = _round_half_even(tl.math.div_rn(v, out_scale)) + out_zp
+        v = tl.minimum(tl.maximum(q, LO), HI)
+    elif OUT == 2:
+        v = _to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(v, out_scale), -448.0), 448.0))
+    tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+class Epilogue(NamedTuple):
+    """What the kernel's epilogue needs besides the accumulator, on the layer's device."""
+
+    ibias: torch.Tensor          # int32 [N]: bias codes - zp * sum(w) per output channel
+    mult: torch.Tensor           # float32 [N]: x_scale * w_scale
+    x_zp: int                    # the zero point padding taps load (a uint8 code for uint8 inputs)
+
+
+def epilogue_terms(attrs, w: torch.Tensor, bias: torch.Tensor, x_dtype: torch.dtype) -> Epilogue:
+    """The per-output-channel epilogue terms of a QConvolution/QFullyConnected layer with weight codes ``w``
+    ([N, ...]) and int32 bias codes ``bias``; refuses a layer whose sums could overflow int32."""
+    zp = int(attrs.get("x_zero_point", 0))
+    shift = zp - 128 if x_dtype == torch.uint8 else zp        # the zero point once uint8 codes are shifted
+    wc = w.reshape(w.shape[0], -1)
+    b64 = bias.to(torch.int64).cpu()
+    if x_dtype == torch.float8_e4m3fn:
+        ib = b64
+    else:
+        ib = b64 - shift * wc.to(torch.int64).sum(1).cpu()
+        worst = ib.abs().max().item() + 128 * 128 * wc.shape[1] if ib.numel() else 0
+        if worst >= 2 ** 31:
+            raise BuildError(f"The int8 kernel's int32 sums could overflow for a {tuple(w.shape)} weight; the "
+                             f"reference tactic runs this layer.")
+    ws = torch.as_tensor(np.asarray(attrs["w_scale"], np.float32).reshape(-1))
+    mult = (torch.tensor(float(np.float32(attrs["x_scale"])), dtype=torch.float32) * ws).to(w.device)
+    return Epilogue(ib.to(torch.int32).to(w.device), mult, zp)
+
+
+def _out_type(dtype: torch.dtype) -> tuple[int, int, int]:
+    """The kernel's (OUT, LO, HI) for output type ``dtype``."""
+    if dtype in FLOAT_OUT:
+        return 0, 0, 0
+    if dtype == torch.float8_e4m3fn:
+        return 2, 0, 0
+    name = str(dtype).removeprefix("torch.")
+    if name not in ("int8", "uint8"):
+        raise BuildError(f"The 8-bit GEMM writes float32/16, bfloat16, int8, uint8 or FP8 E4M3, not {name}.")
+    lo, hi = RANGES[name]
+    return 1, lo, hi
+
+
+class Geometry(NamedTuple):
+    """A 2-D convolution's window; a GEMM is ``Geometry()`` over rows of length Cin."""
+
+    kh: int = 1
+    kw: int = 1
+    stride: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+
+def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out_dtype: torch.dtype, out_scale: float = 1.0,
+          out_zp: int = 0, residual: torch.Tensor | None = None, act: str = "none", alpha: float = 0.0,
+          beta: float = 0.0, residual_after: bool = False, geometry: Geometry | None = None,
+          config: QGemmConfig | None = None) -> torch.Tensor:
+    """The fused 8-bit layer. With ``geometry``: ``x`` is [N, Cin, H, W] codes (made channels-last), ``wk`` the
+    K-major weight [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without:
+    ``x`` is [..., K] codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result."""
+    mode = MODES.get(x.dtype)
+    if mode is None or (wk.dtype == torch.float8_e4m3fn) != (mode == 2):
+        raise BuildError(f"The 8-bit GEMM takes int8/uint8 codes with int8 weights or FP8 E4M3 codes with FP8 "
+                         f"weights, got {x.dtype} and {wk.dtype}.")
+    out, lo, hi = _out_type(out_dtype)
+    cout = wk.shape[0]
+    if geometry is None:
+        cin = x.shape[-1]
+        lead = tuple(x.shape[:-1])
+        m = int(np.prod(lead, dtype=np.int64))
+        y = torch.empty((*lead, cout), dtype=out_dtype, device=x.device)
+        h = w = oh = ow = 1
+        g = Geometry()
+        rows = x.reshape(m, cin)
+        if residual is not None:
+            residual = residual.reshape(m, cout).contiguous()
+    else:
+        n, cin, h, w = x.shape
+        g = geometry
+        oh = out_size(h, g.kh, g.stride[0], g.pads[0], g.pads[2], g.dilation[0])
+        ow = out_size(w, g.kw, g.stride[1], g.pads[1], g.pads[3], g.dilation[1])
+        y = nhwc_output(None, (n, cout, oh, ow), out_dtype, x.device, x.is_meta)
+        m = n * oh * ow
+        rows = x.contiguous(memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+    if wk.shape[1] != g.kh * g.kw * cin:
+        raise BuildError(f"The 8-bit GEMM's input has {cin} channels but its weight expects "
+                         f"{wk.shape[1] // (g.kh * g.kw)}.")
+    if x.is_meta or y.numel() == 0:
+        return y
+    rows = rows.contiguous() if geometry is None else rows
+    bm, bn, bk, warps, stages, group_m = config or default_config(m, cout, cin)
+    pointwise = (g.kh, g.kw) == (1, 1) and g.stride == (1, 1) and not any(g.pads)
+    big = max(x.numel(), y.numel()) >= 2 ** 31
+    grid = (cdiv(m, bm) * cdiv(cout, bn),)
+    _qgemm_kernel[grid](rows, wk, ep.ibias, ep.mult, residual if residual is not None else y, y, m, h, w, oh, ow,
+                        cout, ep.x_zp, float(out_scale), float(out_zp), float(alpha), float(beta), CIN=cin, KH=g.kh,
+                        KW=g.kw, SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0],
+                        DW=g.dilation[1], POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=out, LO=lo, HI=hi,
+                        ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after),
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    return y
+
+
+def k_major(w: torch.Tensor) -> torch.Tensor:
+    """Weight codes [Cout, Cin, KH, KW] (or [N, K]) as the contiguous K-major [Cout, KH·KW·Cin] matrix."""
+    if w.dim() == 4:
+        w = w.permute(0, 2, 3, 1)
+    return w.reshape(w.shape[0], -1).contiguous()
+
+
+def _supports(fp8: bool):
+    def ok(attrs, ctx) -> bool:
+        codes = ctx.input_dtypes[0] if ctx.input_dtypes else None
+        conv2d = "stride" not in attrs or (len(attrs["stride"]) == 2 and attrs.get("groups", 1) == 1)
+        return (HAS_TRITON and conv2d and (attrs.get("activation") or "none") in ACTS
+                and (codes == "float8_e4m3fn") == fp8 and (codes in ("int8", "uint8", "float8_e4m3fn") or not codes))
+    return ok
+
+
+def _make(attrs, ctx):
+    act, alpha, beta = epilogue_params(attrs)
+    after = bool(attrs.get("residual_after_activation"))
+    out_scale = attrs.get("out_scale")
+    out_zp = int(attrs.get("out_zero_point", 0))
+    to = torch_dtype(attrs["to"])
+    conv = "stride" in attrs
+    cache: dict = {}
+
+    def run(x, w, bias, residual=None):
+        wk, ep = per_tensor(cache, w, lambda: (k_major(w), epilogue_terms(attrs, w, bias, x.dtype)))
+        g = Geometry(w.shape[2], w.shape[3], tuple(attrs["stride"]), tuple(attrs["pads"]),
+                     tuple(attrs["dilation"])) if conv else None
+        return (qgemm(x, wk, ep, to, out_scale if out_scale is not None else 1.0, out_zp, residual, act, alpha, beta,
+                      after, g),)
+    return run
+
+
+for _kind in ("QConvolution", "QFullyConnected"):
+    tactic(_kind, "triton_int8", devices=("cuda",), supports=_supports(False), priority=-1)(_make)
+    tactic(_kind, "triton_fp8", devices=("cuda",), supports=_supports(True), priority=-1)(_make)

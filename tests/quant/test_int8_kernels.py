@@ -1,0 +1,150 @@
+"""The Triton 8-bit GEMM/implicit-GEMM kernels (kiln/kernels/int8_gemm.py) under TRITON_INTERPRET, and the
+reference tactic of the 8-bit layers, against an independent float64 evaluation of the Q/DQ arithmetic they
+replace: dequantize, float op, bias, residual, activation, quantize (round half to even, saturate)."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels import KernelContext, get_tactic
+from kiln.triton_support import HAS_TRITON, interpreting
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON or not interpreting(),
+                                  reason="runs the Triton kernels in TRITON_INTERPRET mode")
+TINY = None     # set below once Triton is known to import
+
+
+def _ref64(x, xs, xz, w, ws, bias, conv, act=None, residual=None, after=False):
+    """float64 y of the dequantized layer (before requantization)."""
+    xf = (x.astype(np.float64) - xz) * xs
+    wf = w.astype(np.float64) * ws.reshape([-1] + [1] * (w.ndim - 1))
+    bf = bias.astype(np.float64) * (np.float64(np.float32(xs)) * ws.astype(np.float64))
+    if conv is not None:
+        y = F.conv2d(torch.from_numpy(xf), torch.from_numpy(wf), torch.from_numpy(bf), **conv).numpy()
+    else:
+        y = xf @ wf.T + bf
+    r = 0.0 if residual is None else residual.astype(np.float64)
+    y = y if after else y + r
+    if act == "relu":
+        y = np.maximum(y, 0)
+    elif act == "silu":
+        y = y / (1 + np.exp(-y))
+    return y + r if after else y
+
+
+def _codes(y, scale, zp, lo, hi):
+    return np.clip(np.rint(y / scale) + zp, lo, hi)
+
+
+def _run(tactic, attrs, device_inputs, input_dtypes):
+    ctx = KernelContext(device="cpu", input_dtypes=input_dtypes)
+    return get_tactic(attrs.get("_kind", "QConvolution"), tactic).make(
+        {k: v for k, v in attrs.items() if k != "_kind"}, ctx)(*device_inputs)[0]
+
+
+def _attrs(ws, **kw):
+    base = {"x_scale": 0.05, "x_zero_point": 0, "w_scale": ws, "out_scale": None, "out_zero_point": 0,
+            "to": "float32", "activation": None, "alpha": 0.0, "beta": 0.0, "residual_after_activation": False}
+    return {**base, **kw}
+
+
+def _check_codes(got, y64, scale, zp, lo, hi):
+    """8-bit outputs: every code within one step of the float64 answer's, and equal wherever the float64 value
+    is not within 1e-3 of a step of a rounding boundary (float32 sums legitimately differ there)."""
+    want = _codes(y64, scale, zp, lo, hi)
+    got = got.astype(np.float64)
+    assert np.abs(got - want).max() <= 1
+    frac = np.abs(y64 / scale - np.floor(y64 / scale) - 0.5)
+    clear = frac > 1e-3
+    assert np.array_equal(got[clear], want[clear])
+    assert clear.mean() > 0.9 and np.unique(got).size > 20       # a real spread of codes was compared
+
+
+CONV_CASES = [  # (x dtype, x zero point, stride, pads, activation, out)
+    ("uint8", 131, (1, 1), (1, 1, 1, 1), "relu", "uint8"),
+    ("int8", -5, (2, 2), (1, 0, 2, 1), None, "int8"),
+    ("int8", 0, (1, 1), (0, 0, 0, 0), "silu", "float32"),
+]
+
+
+@pytest.mark.parametrize("tactic", ["reference", pytest.param("triton_int8", marks=needs_triton)])
+@pytest.mark.parametrize("xdt,xz,stride,pads,act,out", CONV_CASES)
+def test_int8_conv_matches_float64(tactic, xdt, xz, stride, pads, act, out):
+    rng = np.random.default_rng(0)
+    cin, cout = 8, 24
+    k = 1 if pads == (0, 0, 0, 0) else 3
+    lo, hi = (0, 255) if xdt == "uint8" else (-128, 127)
+    x = rng.integers(lo, hi + 1, (2, cin, 7, 6)).astype(xdt)
+    w = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+    ws = (rng.uniform(0.5, 2.0, cout) * 1e-3).astype(np.float32)
+    bias = rng.integers(-20000, 20000, cout).astype(np.int32)
+    geo = {"stride": list(stride), "pads": list(pads), "dilation": [1, 1], "groups": 1}
+    conv = {"stride": stride, "padding": 0}
+    xp = x.astype(np.float64)
+    padded = np.pad(xp, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=xz)
+    y64 = _ref64(padded, 0.05, xz, w, ws, bias, conv, act)
+    residual = None
+    if out == "float32":       # a float output with a residual added after the activation
+        residual = rng.standard_normal(y64.shape).astype(np.float32)
+        y64 = _ref64(padded, 0.05, xz, w, ws, bias, conv, act, residual, after=True)
+    scale = float(np.float32(np.abs(y64).max() / 100))
+    attrs = _attrs(ws, x_zero_point=xz, to=out, activation=act, residual_after_activation=residual is not None,
+                   **geo, **({} if out == "float32" else {"out_scale": scale, "out_zero_point": 3}))
+    ins = [torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias)]
+    ins += [torch.from_numpy(residual)] if residual is not None else []
+    got = _run(tactic, attrs, ins, (xdt, "int8", "int32")).numpy()
+    assert got.shape == y64.shape and got.dtype == np.dtype(out)
+    if out == "float32":
+        np.testing.assert_allclose(got, y64, rtol=1e-5, atol=1e-5 * np.abs(y64).max())
+    else:
+        _check_codes(got, y64, scale, 3, lo if out == xdt else -128, hi if out == xdt else 127)
+
+
+@pytest.mark.parametrize("tactic", ["reference", pytest.param("triton_int8", marks=needs_triton)])
+def test_int8_fully_connected_matches_float64(tactic):
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (3, 5, 40)).astype(np.int8)       # K = 40: a partial K slice
+    w = rng.integers(-127, 128, (19, 40)).astype(np.int8)         # N = 19: a partial N tile
+    ws = (rng.uniform(0.5, 2.0, 19) * 1e-2).astype(np.float32)
+    bias = rng.integers(-3000, 3000, 19).astype(np.int32)
+    y64 = _ref64(x, 0.02, -7, w, ws, bias, None, "relu")
+    scale = float(np.float32(y64.max() / 300))
+    attrs = _attrs(ws, _kind="QFullyConnected", x_scale=0.02, x_zero_point=-7, to="int8", activation="relu",
+                   out_scale=scale, out_zero_point=-100)
+    got = _run(tactic, attrs, [torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias)],
+               ("int8", "int8", "int32")).numpy()
+    assert got.shape == (3, 5, 19)
+    _check_codes(got, y64, scale, -100, -128, 127)
+    assert (got == 127).any() and (got == -100).any()      # saturation and the ReLU floor were exercised
+
+
+@pytest.mark.parametrize("tactic", ["reference", pytest.param("triton_fp8", marks=needs_triton)])
+@pytest.mark.parametrize("out", ["float8_e4m3fn", "float16"])
+def test_fp8_fully_connected_matches_float64(tactic, out):
+    rng = np.random.default_rng(2)
+    e4m3 = ml_dtypes.float8_e4m3fn
+    x = (rng.standard_normal((6, 48)) * 60).astype(e4m3)
+    w = (rng.standard_normal((20, 48)) * 100).astype(e4m3)
+    ws = (rng.uniform(0.5, 2.0, 20) * 1e-3).astype(np.float32)
+    bias = rng.integers(-50000, 50000, 20).astype(np.int32)
+    y64 = _ref64(x.astype(np.float64), 0.01, 0, w.astype(np.float64), ws, bias, None)
+    scale = float(np.float32(np.abs(y64).max() / 300))
+    attrs = _attrs(ws, _kind="QFullyConnected", x_scale=0.01, to=out,
+                   **({"out_scale": scale} if out.startswith("float8") else {}))
+    ins = [torch.from_numpy(x.view(np.uint8)).view(torch.float8_e4m3fn),
+           torch.from_numpy(w.view(np.uint8)).view(torch.float8_e4m3fn), torch.from_numpy(bias)]
+    got = _run(tactic, attrs, ins, ("float8_e4m3fn", "float8_e4m3fn", "int32")).float().numpy()
+    if out == "float16":
+        np.testing.assert_allclose(got, y64, rtol=1e-3, atol=1e-3 * np.abs(y64).max())
+        return
+    want = (y64 / scale).clip(-448, 448).astype(np.float32).astype(e4m3).astype(np.float64)   # RNE, saturated
+    # the float32 accumulation may move a value across a rounding boundary: then the neighbouring FP8 code
+    grid = np.sort(np.unique(np.arange(256, dtype=np.uint8).view(e4m3).astype(np.float64)))
+    grid = grid[np.isfinite(grid)]
+    pos = np.searchsorted(grid, want)
+    got_pos = np.searchsorted(grid, got.astype(np.float64))
+    assert np.isin(got.astype(np.float64), grid).all()
+    assert np.abs(got_pos - pos).max() <= 1 and np.mean(got_pos == pos) > 0.95
