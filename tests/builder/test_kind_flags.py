@@ -29,7 +29,7 @@ def test_the_flagged_kinds() -> None:
     assert having(lambda s: s.host == "capable") == {
         "ElementWise", "Unary", "Gather", "Concatenation", "Slice", "Squeeze", "Unsqueeze", "Shuffle", "Cast",
         "Reduce", "Identity", "Where", "Range", "Flatten", "ArgReduce"}
-    assert having(lambda s: s.channels_last) == {"Convolution", "Pooling", "Conv1x1Chain", "Conv1x1Sum"}
+    assert having(lambda s: s.channels_last) == {"Convolution", "Pooling", "Conv1x1Chain", "Conv1x1Sum", "QConvolution"}
     assert having(lambda s: s.fp32_internal) == {"SoftMax", "Normalization", "Reduce", "LRN"}
     assert {k for k, s in LAYER_KINDS.items() if s.host not in ("device", "capable", "always")} == set()
 
