@@ -154,7 +154,10 @@ def test_cli_build_int8_and_foreign_cache(tmp_path):
     assert len(lines) == 1 and "8-bit kernels are GPU-only" in lines[0]
     assert "int8" in r.stdout and (tmp_path / "c.json").exists()
     engine = kiln.load(str(tmp_path / "cnn.kiln"))
-    assert engine.header["build"]["quantization"] == {"mode": "int8", "calibrator": "entropy", "fp16_layers": []}
+    q = engine.header["build"]["quantization"]
+    assert {k: q[k] for k in ("mode", "calibrator", "fp16_layers")} == {"mode": "int8", "calibrator": "entropy",
+                                                                         "fp16_layers": []}
+    assert sorted(q["layers"]) == ["conv1", "conv2", "fc"] and "accuracy" not in q
     assert sum(layer["kind"] == "QuantizeLinear" for layer in engine.layers) == 3
     before = (tmp_path / "c.json").read_bytes()
     r = _kiln("build", "other.onnx", "--int8", "--calib-cache", "c.json", "--device", "cpu", "--shapes",

@@ -116,7 +116,8 @@ def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
                   "timing_cache": {"hits": cache.hits, "misses": cache.misses},
                   "fp32_layers": list(config.fp32_layers),
                   **({"quantization": {"mode": config.quantize, "calibrator": config.calibrator,
-                                       "fp16_layers": list(config.fp16_layers)}} if config.quantize else {})},
+                                       "fp16_layers": list(config.fp16_layers),
+                                       **network.metadata.get("quantization", {})}} if config.quantize else {})},
         "plan": plan,
     }
     return Engine(header, weights)

@@ -113,6 +113,7 @@ class BuildConfig:
     calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
     fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized
     calib_preprocess: Any = None       # kiln.builder.quant.images.Preprocess for calibration images
+    accuracy: str | None = None        # "rel_l2<=X", "max_abs<=X", "top1_agree>=X": kiln.builder.quant.accuracy
 
 
     def __post_init__(self) -> None:
@@ -147,10 +148,13 @@ class BuildConfig:
             self.fp16_layers = tuple(p for p in self.fp16_layers.split(",") if p)
         self.fp16_layers = tuple(self.fp16_layers)
         if self.quantize is None:
-            if self.fp16_layers or self.calibration is not None or self.calib_cache:
-                raise BuildError("fp16_layers, calibration data and a calibration cache belong to a quantized build; "
-                                 "add --int8 (or --fp8), or drop them.")
+            if self.fp16_layers or self.calibration is not None or self.calib_cache or self.accuracy:
+                raise BuildError("fp16_layers, calibration data, a calibration cache and an accuracy target belong to "
+                                 "a quantized build; add --int8 (or --fp8), or drop them.")
             return
+        if self.accuracy is not None:
+            from kiln.builder.quant.accuracy import parse_target
+            parse_target(self.accuracy)
         from kiln.builder.quant import MODES
         from kiln.builder.quant.calibrators import check_calibrator
         if self.quantize not in MODES:

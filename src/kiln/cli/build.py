@@ -69,4 +69,8 @@ class Build(Tool):
         print(f"Built {args.output} ({size / 1e6:.1f} MB): {len(engine.layers)} layers, {precision}"
               f"{' + ' + config.quantize + ' Q/DQ' if config.quantize else ''}, "
               f"{engine.header['device']['name']} ({engine.device}), {time.perf_counter() - progress.t0:.1f} s")
+        accuracy = engine.header["build"].get("quantization", {}).get("accuracy")
+        if accuracy:
+            from kiln.builder.quant.record import accuracy_text
+            print(accuracy_text(accuracy, precision))
         return 0

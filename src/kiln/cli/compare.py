@@ -60,8 +60,9 @@ class Compare(Tool):
         progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
         engine = args.engine
         quant = Quantize.config(args)
+        sensitivity = None
         if quant:
-            engine, inputs = quantized_engine(args, precision, inputs, shapes, quant)
+            engine, inputs, sensitivity = quantized_engine(args, precision, inputs, shapes, quant, per_layer)
             args.atol = QUANT_TOL if args.atol is None else args.atol
             args.rtol = QUANT_TOL if args.rtol is None else args.rtol
         result = compare(args.model, precision=precision, device=args.device, engine=engine, inputs=inputs,
@@ -78,6 +79,8 @@ class Compare(Tool):
                 from kiln.builder.quant import dequantized_note
                 warn(f"--{quant['quantize']}: {dequantized_note(engine.layers, result.device)}")
         print(result.report(histogram=not args.no_histogram))
+        if sensitivity:
+            print(sensitivity)
         if per_layer:
             result.save_errors(errors_out)
             print(f"wrote per-layer errors to {errors_out}; see them on the graph: kiln view {quote(args.model)} "
@@ -90,9 +93,10 @@ class Compare(Tool):
 QUANT_TOL = 5e-2     # default atol and rtol against the FP32 reference for --int8/--fp8
 
 
-def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, shapes: dict,
-                     quant: dict) -> tuple[Any, dict]:
-    """The --int8/--fp8 engine of args.model, built for the inputs the comparison feeds (returned with it)."""
+def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, shapes: dict, quant: dict,
+                     per_layer: bool = False) -> tuple[Any, dict, str | None]:
+    """The --int8/--fp8 engine of args.model, built for the inputs the comparison feeds (returned with it), and
+    with ``per_layer`` each quantized layer's error on the calibration data (the text of the report)."""
     from kiln.errors import KilnError
     if args.engine:
         raise KilnError("--engine is compared as it was built; drop --int8/--fp8 (or --engine to build one here).")
@@ -106,9 +110,23 @@ def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, sha
         raise KilnError(f"{args.model!r} is not a readable ONNX model ({type(exc).__name__}); give an .onnx file.") \
             from None
     feeds = make_feeds(proto, inputs, args.data, shapes, args.seed)
+    profiles = {n: tuple(v.shape) for n, v in feeds.items()} or None
     config = kiln.BuildConfig(precision=precision, device=args.device, fp32_layers=args.fp32_layers or (),
-                              profiles={n: tuple(v.shape) for n, v in feeds.items()} or None, **quant)
-    return kiln.build(kiln.onnx.parse(proto), config), feeds
+                              profiles=profiles, **quant)
+    network = kiln.onnx.parse(proto)
+    if not per_layer:
+        return kiln.build(network, config), feeds, None
+    from kiln.builder.quant import evaluator, plan, quantize
+    from kiln.builder.quant.accuracy import parse_target, samples, sensitivity, sensitivity_report
+    planned = plan(network, config, need_batches=True)
+    metric = parse_target(config.accuracy).metric if config.accuracy else "rel_l2"
+    report = sensitivity_report(sensitivity(evaluator(network, planned, config), planned.layers, metric, alone=True),
+                                metric, config.quantize, samples(planned.batches))
+    low = precision in ("fp16", "bf16")
+    engine = kiln.build(quantize(network, config, planned=planned),
+                        kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles,
+                                         fp32_layers=(args.fp32_layers or ()) if low else ()))
+    return engine, feeds, report
 
 
 def reproduce_command(args: argparse.Namespace, result: Any) -> str:

@@ -29,16 +29,29 @@ class Inspect(Tool):
                 if f.read(len(MAGIC)) != MAGIC:
                     return inspect_onnx(args.engine, args.json)
         header = read_header(args.engine)
+        notes, summary = _quant_notes(args.engine, header)
         if args.json:
             slim = {k: v for k, v in header.items() if k != "plan"}
+            slim["layers"] = [dict(layer, scales=n) if n else layer for layer, n in zip(header["layers"], notes)]
             print(json.dumps(slim, indent=1, default=str))
             return 0
-        _print_engine(args.engine, header)
+        _print_engine(args.engine, header, notes, summary)
         return 0
 
 
-def _print_engine(path: str, header: dict[str, Any]) -> None:
-    """The engine header as text: device, memory, profiles, then each layer."""
+def _quant_notes(path: str, header: dict[str, Any]) -> tuple[list[str | None], str | None]:
+    """Each layer's 8-bit scales (kiln.builder.quant.record); the engine's weights are read only when it has
+    Q/DQ layers."""
+    from kiln.builder.quant.record import engine_notes
+    weights = {}
+    if any(layer["kind"] in ("QuantizeLinear", "DequantizeLinear") for layer in header["layers"]):
+        from kiln.engine import read_engine
+        _, weights = read_engine(path, verify_weights=False)
+    return engine_notes(header, weights)
+
+
+def _print_engine(path: str, header: dict[str, Any], notes: list[str | None], summary: str | None) -> None:
+    """The engine header as text: device, memory, profiles, then each layer (with its 8-bit scales, ``notes``)."""
     dev = header["device"]
     print(f"Engine {path}: {header.get('name')}  precision {header.get('precision')}  "
           f"format v{header['format_version']}  kiln {dev.get('kiln')}")
@@ -55,6 +68,8 @@ def _print_engine(path: str, header: dict[str, Any]) -> None:
     fp32 = header.get("build", {}).get("fp32_layers")
     if fp32:
         print(f"FP32 layers (--fp32-layers): {', '.join(fp32)}")
+    if summary:
+        print(summary)
     tensors = header.get("tensors", {})
 
     def desc(names):
@@ -76,6 +91,8 @@ def _print_engine(path: str, header: dict[str, Any]) -> None:
         print(f"       in:  {desc(layer['inputs'])}")
         print(f"       out: {desc(layer['outputs'])}")
         print(f"       from: {origin}")
+        if notes[i]:
+            print(f"       {notes[i]}")
     if header.get("plugins"):
         print("Plugins: " + ", ".join(f"{p.get('namespace') + '::' if p.get('namespace') else ''}{p['name']} "
                                        f"v{p['version']}" for p in header["plugins"]))

@@ -8,14 +8,15 @@ cache.py the calibration cache.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, NamedTuple
 
 from kiln.errors import BuildError
 from kiln.ir.network import Network
 from kiln.builder.quant.calibrators import CALIBRATORS, check_calibrator
 
 MODES = ("int8", "fp8")
-__all__ = ["CALIBRATORS", "MODES", "quantize", "check_device", "dequantized_note"]
+__all__ = ["CALIBRATORS", "MODES", "QuantPlan", "check_device", "dequantized_note", "evaluator", "plan", "quantize",
+           "quantized"]
 
 
 def dequantized_note(layers: list[dict[str, Any]], device: str) -> str | None:
@@ -46,21 +47,31 @@ def check_device(mode: str, device: str, capability: tuple[int, int] | None = No
     raise BuildError("--fp8: Kiln has no FP8 (E4M3) Q/DQ layers yet; build with --int8.")
 
 
-def quantize(network: Network, config: Any, progress: Callable[[str, float], None] | None = None) -> Network:
-    """A copy of ``network`` with Q/DQ layers around the layers ``config`` quantizes, the activation ranges
-    read from ``config.calib_cache`` or found by calibrating on ``config.calibration``."""
+class QuantPlan(NamedTuple):
+    """What a post-training quantization of a network quantizes: the layers (by name, in network order), the
+    amax of every activation they read, and the calibration batches (None when the ranges came from a cache)."""
+
+    layers: list[str]
+    amax: dict[str, float]
+    batches: list | None
+
+
+def plan(network: Network, config: Any, progress: Callable[[str, float], None] | None = None,
+         need_batches: bool = False) -> QuantPlan:
+    """The layers ``config`` quantizes in ``network`` and their activation ranges, read from
+    ``config.calib_cache`` or found by calibrating on ``config.calibration`` (read even with a cache when
+    ``need_batches``)."""
     from kiln.builder.precision import fp32_matches
     from kiln.builder.quant import cache
     from kiln.builder.quant.calibrate import calibrate, load_batches
-    from kiln.builder.quant.insert import insert, refuse_quantized, targets
+    from kiln.builder.quant.insert import refuse_quantized, targets
     mode = config.quantize
     device = config.resolved_device()
     check_device(mode, device)
     check_calibrator(config.calibrator, config.percentile)
     refuse_quantized(network)
-    net = copy.deepcopy(network)
-    exclude = fp32_matches(net, config.fp32_layers) | _matches(net, config.fp16_layers, "--fp16-layers")
-    chosen = targets(net, exclude)
+    exclude = fp32_matches(network, config.fp32_layers) | _matches(network, config.fp16_layers, "--fp16-layers")
+    chosen = targets(network, exclude)
     if not chosen:
         raise BuildError(f"--{mode} found no convolution, fully-connected layer or GEMM/matmul with a constant "
                          f"weight to quantize in {network.name!r}; build it without --{mode}.")
@@ -68,16 +79,64 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
     model = cache.fingerprint(network)
     how = cache.settings(config.calibrator, config.percentile)
     amax = cache.load(config.calib_cache, model, how, names) if config.calib_cache else None
-    if amax is None:
+    batches = None
+    if amax is None or need_batches:
         if config.calibration is None:
-            raise BuildError(f"--{mode} needs calibration data: give --calib DIR|FILE.npz|FILE.npy (or an existing "
-                             f"--calib-cache).")
-        (progress or (lambda stage, frac: None))("calibrate", 0.0)
+            why = "calibration data" if amax is None else "calibration data to measure --accuracy on"
+            raise BuildError(f"--{mode} needs {why}: give --calib DIR|FILE.npz|FILE.npy"
+                             f"{' (or an existing --calib-cache)' if amax is None else ''}.")
         batches = load_batches(config.calibration, network, config.calib_preprocess)
+    if amax is None:
+        (progress or (lambda stage, frac: None))("calibrate", 0.0)
         amax = calibrate(network, names, batches, device, config.calibrator, config.percentile)
         if config.calib_cache:
             cache.save(config.calib_cache, model, how, amax)
-    insert(net, chosen, amax, mode)
+    return QuantPlan([t.layer.name for t in chosen], amax, batches)
+
+
+def quantized(network: Network, layers: Iterable[str], amax: dict[str, float], mode: str) -> Network:
+    """A copy of ``network`` with Q/DQ layers around the ``layers`` named (scales from ``amax``); its
+    ``metadata["quantization"]["layers"]`` records each quantized layer's scales."""
+    from kiln.builder.quant.insert import insert, targets
+    names = set(layers)
+    net = copy.deepcopy(network)
+    chosen = [t for t in targets(net, set()) if t.layer.name in names]
+    net.metadata["quantization"] = {"layers": insert(net, chosen, amax, mode)}
+    return net
+
+
+def evaluator(network: Network, p: QuantPlan, config: Any):
+    """An accuracy.Evaluator of ``network`` quantized as ``p`` says, on its calibration batches, built as
+    ``config`` builds (device, float precision, FP32 layers)."""
+    from kiln.builder.quant.accuracy import Evaluator
+    return Evaluator(network, lambda names: quantized(network, names, p.amax, config.quantize), p.batches,
+                     config.resolved_device(), config.precision, config.fp32_layers)
+
+
+def quantize(network: Network, config: Any, progress: Callable[[str, float], None] | None = None,
+             planned: QuantPlan | None = None) -> Network:
+    """A copy of ``network`` with Q/DQ layers around the layers ``config`` quantizes (``planned``, or see
+    ``plan``); with ``config.accuracy``, the fewest layers the target needs stay unquantized (accuracy.search),
+    and ``metadata["quantization"]["accuracy"]`` says which and what was measured."""
+    from kiln.builder.quant.accuracy import parse_target, samples, search
+    from kiln.builder.quant.record import finite_or_none
+    say = progress or (lambda stage, frac: None)
+    accuracy = config.accuracy
+    p = planned or plan(network, config, say, need_batches=bool(accuracy))
+    layers = p.layers
+    record = None
+    if accuracy:
+        target = parse_target(accuracy)
+        say("accuracy", 0.0)
+        found = search(evaluator(network, p, config), layers, target, config.precision,
+                       progress=lambda frac: say("accuracy", frac))
+        layers = [n for n in layers if n not in found.kept]
+        record = {"target": str(target), "metric": target.metric, "achieved": finite_or_none(found.achieved),
+                  "all_quantized": finite_or_none(found.quantized_metric), "kept": found.kept, "quantized": len(layers),
+                  "samples": samples(p.batches)}
+    net = quantized(network, layers, p.amax, config.quantize)
+    if record is not None:
+        net.metadata["quantization"]["accuracy"] = record
     return net
 
 

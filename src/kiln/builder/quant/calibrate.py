@@ -133,20 +133,28 @@ def observe(net: Network, names: Iterable[str], batches: list[Batch], device: st
             each: Callable[[dict[str, np.ndarray]], None]) -> None:
     """Run ``net`` in FP32 on every batch and call ``each`` with the values of tensors ``names`` (network
     inputs, or intermediates marked as extra outputs of a copy)."""
-    from kiln.builder.build import build
-    from kiln.builder.config import BuildConfig
     names = list(names)
     g = copy.deepcopy(net)
     for n in names:
         if g.tensors[n] not in g.inputs:
             g.mark_output(g.tensors[n])
-    shapes = {t.name: [b[t.name].shape for b in batches] for t in g.inputs}
-    profiles = {k: (tuple(np.min(s, axis=0)), tuple(s[-1]), tuple(np.max(s, axis=0))) for k, s in shapes.items()}
-    engine = build(g, BuildConfig(device=device, profiles=profiles, optimization_level=0, cuda_graph=False))
-    ctx = engine.context()
+    ctx = engine_for(g, batches, device).context()
     for b in batches:
         outs = ctx.run(b, outputs=[n for n in names if n not in b])
         each({n: b[n] if n in b else outs[n] for n in names})
+
+
+def engine_for(net: Network, batches: list[Batch], device: str, precision: str = "fp32",
+               fp32_layers: Sequence[str] = ()):
+    """An engine of ``net`` for the batches' shapes on ``device``, in ``precision`` (``fp32_layers`` kept in FP32
+    in FP16/BF16), with untimed tactics and no CUDA graph: built to be run a few times."""
+    from kiln.builder.build import build
+    from kiln.builder.config import BuildConfig
+    shapes = {t.name: [b[t.name].shape for b in batches] for t in net.inputs}
+    profiles = {k: (tuple(np.min(s, axis=0)), tuple(s[-1]), tuple(np.max(s, axis=0))) for k, s in shapes.items()}
+    low = precision in ("fp16", "bf16")
+    return build(net, BuildConfig(device=device, precision=precision, profiles=profiles, optimization_level=0,
+                                  cuda_graph=False, fp32_layers=tuple(fp32_layers) if low else ()))
 
 
 def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: str, calibrator: str,

@@ -84,20 +84,27 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int, qmax: float) ->
     return np.clip(q, -qmax, qmax).astype(np.int8)
 
 
-def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8") -> None:
+def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8") -> dict[str, dict]:
     """Rewrite ``net`` in place: each target reads its weight dequantized from int8 and its activations
-    through a shared Q/DQ pair with the scale ``amax[name] / 127``."""
+    through a shared Q/DQ pair with the scale ``amax[name] / 127``. Returns each target's scales by layer name
+    (record.py's layer record)."""
     dtype, qmax = TYPES[mode]
     pairs: dict[str, object] = {}
+    scales: dict[str, dict] = {}
     for t in chosen:
         layer = t.layer
+        acts = {}
         for i in t.acts:
             x = layer.inputs[i]
+            acts[x.name] = float(act_scale(amax[x.name], qmax))
             if x.name not in pairs:
                 pairs[x.name] = _qdq(net, x, act_scale(amax[x.name], qmax), dtype)
             layer.set_input(i, pairs[x.name])
         w = layer.inputs[t.weight]
         s = weight_scales(w.value, t.axis, qmax)
+        scales[layer.name] = {"type": dtype, "inputs": acts, "weight": {"tensor": w.name, "axis": t.axis,
+                                                                          "count": int(s.size), "min": float(s.min()),
+                                                                          "max": float(s.max())}}
         q = net.add_constant(quantize_weight(w.value, s, t.axis, qmax), name=net.unique_name(f"{w.name}_{dtype}"))
         dq = net.add_layer("DequantizeLinear", [q, net.add_constant(s, name=net.unique_name(f"{w.name}_scale")),
                                                 net.add_constant(np.zeros(s.shape, np.int8),
@@ -109,6 +116,7 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
         layer.set_input(t.weight, dq.outputs[0])
     net.remove_unused_constants()
     net.toposort()
+    return scales
 
 
 def _qdq(net: Network, x, scale: np.float32, dtype: str):

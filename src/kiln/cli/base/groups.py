@@ -123,6 +123,9 @@ class Quantize(ArgGroup):
         parser.add_argument("--fp16-layers", metavar="PATTERN[,..]",
                             help="with --int8/--fp8: leave the layers whose ONNX node names match these fnmatch "
                                  "patterns unquantized (in the build's float precision)")
+        parser.add_argument("--accuracy", metavar="TARGET",
+                            help="with --int8/--fp8: keep the fewest, most sensitive layers unquantized until TARGET "
+                                 "holds on the calibration data against FP32: rel_l2<=X, max_abs<=X or top1_agree>=X")
         parser.add_argument("--calib-resize", metavar="HxW", help="calibration images: resize to HxW (bilinear)")
         parser.add_argument("--calib-mean", metavar="R,G,B", default="0,0,0",
                             help="calibration images: mean subtracted after scaling (default 0,0,0)")
@@ -140,7 +143,8 @@ class Quantize(ArgGroup):
         mode = "int8" if args.int8 else "fp8" if args.fp8 else None
         if mode is None:
             given = [f for f, v in (("--calib", args.calib), ("--calib-cache", args.calib_cache),
-                                    ("--fp16-layers", args.fp16_layers), ("--calib-resize", args.calib_resize)) if v]
+                                    ("--fp16-layers", args.fp16_layers), ("--calib-resize", args.calib_resize),
+                                    ("--accuracy", args.accuracy)) if v]
             if given:
                 raise KilnError(f"{given[0]} belongs to a quantized build; add --int8 (or --fp8), or drop it.")
             return {}
@@ -155,7 +159,7 @@ class Quantize(ArgGroup):
                           std=_floats(args.calib_std, "--calib-std"), scale=args.calib_scale, layout=args.calib_layout)
         return {"quantize": mode, "calibration": args.calib, "calibrator": args.calibrator,
                 "percentile": args.percentile, "calib_cache": args.calib_cache, "fp16_layers": args.fp16_layers or (),
-                "calib_preprocess": prep}
+                "calib_preprocess": prep, "accuracy": args.accuracy}
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
