@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from kiln.builder.autopad import resolve as resolve_auto_pads
+from kiln.builder.buckets import timing_points
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.memory import check_fits, check_inputs
 from kiln.builder.placement import host_layers, is_host_constant
@@ -25,8 +26,9 @@ from kiln.ir.network import Network, gc_paused, outer_reads
 from kiln.ir.verify import verify
 from kiln.kernels import KernelContext, tactics_for
 from kiln.kernels.ort_island import require_fallback
-from kiln.passes import default_passes, fusion_passes
+from kiln.passes import default_passes, fusion_passes, quantization_passes
 from kiln.passes.base import PassManager
+from kiln.passes.fold_qdq import RecordQuantizedConstants, label_quantized
 
 Progress = Callable[[str, float], None]
 
@@ -57,6 +59,9 @@ def prepare(network: Network, config: BuildConfig, progress: Progress | None = N
     verify(net)
     infer_shapes(net)
     resolve_auto_pads(net)
+    fold = folds_quantization(device, config)
+    if fold:
+        RecordQuantizedConstants()(net)
     PassManager(default_passes(), on_pass=lambda name: say("passes", 0.3))(net)
     net.toposort()
     infer_shapes(net)
@@ -64,8 +69,14 @@ def prepare(network: Network, config: BuildConfig, progress: Progress | None = N
         PassManager(fusion_passes(), on_pass=lambda name: say("passes", 0.7))(net)
         net.toposort()
         infer_shapes(net)
+    if fold:
+        PassManager(quantization_passes(), on_pass=lambda name: say("passes", 0.9))(net)
+        net.toposort()
+        infer_shapes(net)
     say("tactics", 0.0)
     assign_precision(net, config.precision, config.fp32_layers)
+    if fold:
+        label_quantized(net, config.precision)
     if device == "cuda" and config.precision in ("fp16", "bf16"):
         absorb_input_casts(net)
     net.toposort()
@@ -77,6 +88,12 @@ def prepare(network: Network, config: BuildConfig, progress: Progress | None = N
                          f"({_fmt_shapes(biggest)}) but the workspace limit is {config.workspace / 2**20:.1f} MB; "
                          f"raise --workspace or lower --max-shapes.")
     return Prepared(net, device, profiles, biggest, peak)
+
+
+def folds_quantization(device: str, config: BuildConfig) -> bool:
+    """Whether the build folds Q/DQ patterns into 8-bit layers (passes/fold_qdq.py): on the GPU, where their
+    8-bit kernels run, at optimization levels above 0. CPU engines run Q/DQ layers dequantized."""
+    return device == "cuda" and config.optimization_level > 0
 
 
 def build(network: Network, config: BuildConfig | None = None, progress: Progress | None = None):
@@ -99,11 +116,12 @@ def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
     fp = fingerprint(device)
     opt = {t.name: _profile_shape(t, profiles, 1) for t in net.inputs}
     cache = TimingCache(config.timing_cache)
-    chosen = select_tactics(net, device, config.optimization_level, opt, cache,
-                            f"{fp['name']}/{fp.get('compute_capability')}", host_layers(net))
+    points, default, buckets = timing_points(profiles, opt)
+    sel = select_tactics(net, device, config.optimization_level, points, cache,
+                         f"{fp['name']}/{fp.get('compute_capability')}", host_layers(net), default)
     cache.save()
     weights: dict[str, np.ndarray] = {}
-    plan = _plan(net, device, config, weights, counter=[0], chosen=chosen)
+    plan = _plan(net, device, config, weights, counter=[0], chosen=sel.chosen, by_point=sel.by_point)
     say("tactics", 1.0)
     header = {
         "name": network.name,
@@ -111,6 +129,7 @@ def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
         "device": fp,
         "memory": {"weights_bytes": int(sum(w.nbytes for w in weights.values())), "peak_activation_bytes": peak},
         "profiles": [p.to_json() for p in profiles],
+        **({"buckets": buckets} if sel.by_point else {}),
         "build": {"seconds": round(time.perf_counter() - t0, 3), "optimization_level": config.optimization_level,
                   "source": network.metadata.get("source"), "cuda_graph": config.cuda_graph,
                   "timing_cache": {"hits": cache.hits, "misses": cache.misses},
@@ -179,7 +198,8 @@ def _fmt_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
 
 
 def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.ndarray], counter: list[int],
-          outer: list[str] | None = None, chosen: dict[int, str] | None = None) -> dict[str, Any]:
+          outer: list[str] | None = None, chosen: dict[int, str] | None = None,
+          by_point: dict[int, list[str]] | None = None) -> dict[str, Any]:
     hosts = host_layers(net) if device != "cpu" else set()
     layers = []
     plan_weights: dict[str, str] = {}
@@ -227,7 +247,8 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
         layer.tactic = (chosen or {}).get(id(layer), candidates[0].name)
         layers.append({"name": layer.name, "kind": layer.kind, "inputs": ins + extra_ins,
                        "outputs": [t.name for t in layer.outputs], "attrs": attrs, "origin": layer.origin,
-                       "precision": layer.precision, "tactic": layer.tactic, "host": on_host})
+                       "precision": layer.precision, "tactic": layer.tactic, "host": on_host,
+                       **({"bucket_tactics": by_point[id(layer)]} if id(layer) in (by_point or {}) else {})})
         for t in layer.outputs:
             tensors[t.name] = {"shape": _jdims(t.shape), "dtype": t.dtype, "host": on_host}
     for t in net.outputs:

@@ -1,15 +1,16 @@
 """Tactic selection: time each candidate implementation on this device, keep the fastest.
 
-Only layers with more than one valid tactic are timed, on their real shapes (the
-profile's opt shapes), their real weights and random activations. Results go to a
-timing cache keyed by device, layer signature, shapes and dtypes, so a rebuild
-skips every layer it has already measured.
+Only layers with more than one valid tactic are timed, on their real shapes (each point of
+each profile: kiln.builder.buckets), their real weights and random activations. A layer
+whose fastest tactic differs between points keeps one per point (its bucket tactics).
+Results go to a timing cache keyed by device, layer signature, shapes and dtypes, so a
+rebuild skips every layer and shape it has already measured.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -126,12 +127,27 @@ def at_level(cands: list, level: int) -> list:
     return [c for c in cands if c.min_level <= level]
 
 
-def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, tuple[int, ...]],
-                   cache: TimingCache, device_name: str, hosts: set[int]) -> dict[int, str]:
-    """Choose a tactic per layer; returns id(layer) → tactic name for the timed layers."""
+# A point of a range profile runs another tactic than the layer's own (the default point's) only when
+# that one is at least this much faster there.
+SWITCH_MARGIN = 1.05
+
+
+class Selection(NamedTuple):
+    """The timed choices: a tactic per layer at the default point, and per point where they differ."""
+
+    chosen: dict[int, str]                  # id(layer) -> tactic at the default point
+    by_point: dict[int, list[str]]          # id(layer) -> tactic per point, for layers whose choice differs
+
+
+def select_tactics(net: Network, device: str, level: int, points: list[dict[str, tuple[int, ...]]],
+                   cache: TimingCache, device_name: str, hosts: set[int], default: int = 0) -> Selection:
+    """Choose a tactic per layer by timing its candidates at each of ``points`` (input shapes; see
+    kiln.builder.buckets); ``points[default]`` gives the layer's own tactic. A plugin's implementation
+    is chosen at the default point only."""
     chosen: dict[int, str] = {}
+    by_point: dict[int, list[str]] = {}
     if level == 0:
-        return chosen
+        return Selection(chosen, by_point)
     timed = []
     for layer in net.layers:
         if id(layer) in hosts:
@@ -146,65 +162,85 @@ def select_tactics(net: Network, device: str, level: int, opt_shapes: dict[str, 
         if len(cands) > 1:
             timed.append((layer, cands))
     if not timed:
-        return chosen
-    vals = evaluate(net, opt_shapes)
+        return Selection(chosen, by_point)
     if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count engines run on
         from kiln.kernels.cpu_threads import default_threads, use_threads
         use_threads(default_threads())
         device_name = f"{device_name}/{default_threads()} threads"
     reps = 10 if level <= 3 else 30
+    measured: dict[int, list[dict[str, float]]] = {id(layer): [] for layer, _ in timed}
+    for i, shapes in enumerate(points):
+        vals = evaluate(net, shapes)
+        for layer, cands in timed:
+            skip = layer.kind == "Plugin" and i != default
+            measured[id(layer)].append({} if skip else _layer_times(layer, cands, vals, device, device_name,
+                                                                     cache, reps) or {})
+    inf = float("inf")
     for layer, cands in timed:
-        ins = []
-        ok = True
-        for t in layer.inputs:
-            if t is None:
-                ins.append(None)
-                continue
-            if t.is_constant:
-                arr = t.value
-                tt = torch.from_numpy(np.require(arr, requirements="C").view(np.int16)).view(torch.bfloat16) \
-                    if arr.dtype.name == "bfloat16" else torch.from_numpy(np.require(arr, requirements="C"))
-                ins.append(tt.to(device))
-                continue
-            v = vals.get(t.name, UNKNOWN)
-            if v is UNKNOWN or not v.dtype.is_floating_point:
-                ok = False
-                break
-            a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
-            if _channels_last_at_runtime(t, a):
-                a = a.contiguous(memory_format=torch.channels_last)
-            ins.append(a)
-        if not ok:
+        per_point = measured[id(layer)]
+        names = [min(cands, key=lambda c: t.get(c.name, inf)).name if min(t.values(), default=inf) < inf else None
+                 for t in per_point]
+        if layer.kind == "Plugin":
+            if names[default] is not None:
+                layer.attrs["plugin_tactic"] = names[default]      # the plugin's own implementation choice
             continue
-        key = "|".join([device_name, layer.kind, _sig(layer.attrs),
-                        ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + (":cl" if a.dim() == 4 and
-                                 not a.is_contiguous() else "") for a in ins)])
-        times = cache.get(key)
-        if times is None or not all(c.name in times for c in cands):
-            times = dict(times or {})
-            reference = None
-            for cand in cands:
-                if cand.name in times:
+        own = names[default] or cands[0].name
+        if names[default] is not None:
+            chosen[id(layer)] = own
+        # a point keeps the layer's own tactic unless another is clearly faster there (noise splits nothing)
+        names = [own if n is None or t.get(own, inf) <= SWITCH_MARGIN * t[n] else n for n, t in zip(names, per_point)]
+        if len(set(names)) > 1:
+            chosen[id(layer)] = own
+            by_point[id(layer)] = names
+    return Selection(chosen, by_point)
+
+
+def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, cache: TimingCache,
+                 reps: int) -> dict[str, float] | None:
+    """Milliseconds per candidate on the layer's input shapes in ``vals`` (from the cache where it has
+    them); None where the shapes are not known."""
+    ins = []
+    for t in layer.inputs:
+        if t is None:
+            ins.append(None)
+            continue
+        if t.is_constant:
+            arr = t.value
+            tt = torch.from_numpy(np.require(arr, requirements="C").view(np.int16)).view(torch.bfloat16) \
+                if arr.dtype.name == "bfloat16" else torch.from_numpy(np.require(arr, requirements="C"))
+            ins.append(tt.to(device))
+            continue
+        v = vals.get(t.name, UNKNOWN)
+        if v is UNKNOWN or not v.dtype.is_floating_point:
+            return None
+        a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
+        if _channels_last_at_runtime(t, a):
+            a = a.contiguous(memory_format=torch.channels_last)
+        ins.append(a)
+    key = "|".join([device_name, layer.kind, _sig(layer.attrs),
+                    ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + (":cl" if a.dim() == 4 and
+                             not a.is_contiguous() else "") for a in ins)])
+    times = cache.get(key)
+    if times is not None and all(c.name in times for c in cands):
+        return times
+    times = dict(times or {})
+    reference = None
+    for cand in cands:
+        if cand.name in times:
+            continue
+        ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
+                            output_dtypes=tuple(o.dtype for o in layer.outputs))
+        try:
+            with torch.inference_mode():
+                fn = cand.make(layer.attrs, ctx)
+                outs = [o.float() for o in fn(*[a.clone() if a is not None else None for a in ins])]
+                if reference is None:
+                    reference = outs
+                elif not _agree(outs, reference, layer.precision or "fp32"):
+                    times[cand.name] = float("inf")      # a fast wrong kernel is no tactic
                     continue
-                ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
-                                    output_dtypes=tuple(o.dtype for o in layer.outputs))
-                try:
-                    with torch.inference_mode():
-                        fn = cand.make(layer.attrs, ctx)
-                        outs = [o.float() for o in fn(*[a.clone() if a is not None else None for a in ins])]
-                        if reference is None:
-                            reference = outs
-                        elif not _agree(outs, reference, layer.precision or "fp32"):
-                            times[cand.name] = float("inf")      # a fast wrong kernel is no tactic
-                            continue
-                        times[cand.name] = (_time if device == "cuda" else _time_cpu)(fn, ins, reps)
-                except Exception:
-                    times[cand.name] = float("inf")      # not valid on these shapes
-            cache.put(key, times)
-        best = min(cands, key=lambda c: times.get(c.name, float("inf")))
-        if times.get(best.name, float("inf")) < float("inf"):
-            if layer.kind == "Plugin":
-                layer.attrs["plugin_tactic"] = best.name      # the plugin's own implementation choice
-            else:
-                chosen[id(layer)] = best.name
-    return chosen
+                times[cand.name] = (_time if device == "cuda" else _time_cpu)(fn, ins, reps)
+        except Exception:
+            times[cand.name] = float("inf")      # not valid on these shapes
+    cache.put(key, times)
+    return times

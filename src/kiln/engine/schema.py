@@ -5,8 +5,14 @@ A header that passes can run; one that does not is refused as damaged, in one li
 field. The descriptive sections (the top level, ``device``, ``memory``, ``build``) type the keys Kiln
 reads and ignore others (a newer Kiln may record more facts; nothing acts on them). Everything the
 runtime executes from (the plan, its inputs/outputs, tensors, weights, layers and their attributes,
-the optimization profiles and the weight table) is closed: an unknown key there is refused. Layer
-attributes follow their kind's schema in ``kiln.ir.layers``, in subgraph plans too.
+the optimization profiles, the shape-bucket table and the weight table) is closed: an unknown key there is
+refused. Layer attributes follow their kind's schema in ``kiln.ir.layers``, in subgraph plans too.
+
+A range engine may carry a bucket table, ``buckets: [{"profile": i, "shapes": {input: dims}}]``: points of
+its profiles (ints within the profile, every profile's max among them), and top-level layers whose tactic
+differs between buckets name one per bucket in ``bucket_tactics``. Tactic names here are checked for form
+(lower-case names); the runtime checks each against the tactic registry of the layer's kind when it loads
+the engine (``kiln.runtime.engine``), before anything runs.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from kiln.ir.layers import INT64, LAYER_KINDS, attrs_problem, plugin_record_prob
 
 MAX_DEPTH = 100     # JSON nesting levels: five per subgraph level, so ~19 levels of nested control flow
 _PLAN_KEYS = {"inputs", "outputs", "layers", "tensors", "weights", "outer"}
-_LAYER_KEYS = {"name", "kind", "inputs", "outputs", "attrs", "origin", "precision", "tactic", "host"}
+_LAYER_KEYS = {"name", "kind", "inputs", "outputs", "attrs", "origin", "precision", "tactic", "host",
+               "bucket_tactics"}
+MAX_BUCKETS = 16    # points per profile in a bucket table
 
 
 class _Bad(Exception):
@@ -121,8 +129,11 @@ def _header(h: Any, weights: Mapping[str, Any] | None, w_len: int | None) -> Non
         keys = set(_weight_table(h.get("weights", {}), w_len))
     else:
         keys = set(weights or {})
-    inputs = _plan(h["plan"], set(), keys, "plan")
+    table = h.get("buckets")
+    inputs = _plan(h["plan"], set(), keys, "plan", buckets=len(table) if isinstance(table, list) else 0)
     _profiles(h.get("profiles", []), inputs)
+    if "buckets" in h:
+        _buckets(table, h.get("profiles", []))
 
 
 def _device(dev: Any) -> None:
@@ -186,6 +197,37 @@ def _profiles(profiles: Any, inputs: dict[str, Any]) -> None:
                       f"{what} does not hold the input's static dims {shape}")
 
 
+def _buckets(table: Any, profiles: list) -> None:
+    """Check the bucket table against the (checked) profiles."""
+    _need(isinstance(table, list) and 0 < len(table) <= MAX_BUCKETS * len(profiles),
+          f"bucket table must be a list of 1 to {MAX_BUCKETS} points per optimization profile")
+    maxed = set()
+    for j, b in enumerate(table):
+        what = f"bucket {j}"
+        _table(b, what, {"profile", "shapes"}, ("profile", "shapes"))
+        i = b["profile"]
+        _need(_is_int(i, 0) and i < len(profiles), f"{what} names no optimization profile")
+        prof, shapes = profiles[i], b["shapes"]
+        _need(isinstance(shapes, dict) and set(shapes) == set(prof),
+              f"{what} must give a shape for each input of profile {i}, and only those")
+        for name, dims in shapes.items():
+            lo, hi = prof[name]["min"], prof[name]["max"]
+            _need(isinstance(dims, list) and len(dims) == len(lo) and all(_is_int(d, 0) for d in dims),
+                  f"{what} shape for {str(name)[:40]!r} must be a list of ints >= 0 of the profile's rank")
+            _need(all(a <= d <= c for a, d, c in zip(lo, dims, hi)),
+                  f"{what} shape {dims} for {str(name)[:40]!r} lies outside profile {i}")
+        if all(dims == prof[name]["max"] for name, dims in shapes.items()):
+            maxed.add(i)
+    _need(maxed == set(range(len(profiles))), "bucket table lacks some profile's max shapes")
+
+
+def _tactic_names(v: Any, n: int, what: str) -> None:
+    _need(n > 0, f"{what} has bucket tactics, but the engine has no bucket table for them")
+    _need(isinstance(v, list) and len(v) == n and all(isinstance(t, str) and 0 < len(t) <= 64 and t.isascii()
+                                                     and (t.replace("_", "").isalnum() and t == t.lower()) for t in v),
+          f"{what} bucket tactics must be {n} tactic names, one per bucket")
+
+
 # ---- plans, layers ------------------------------------------------------------------------------------
 
 def _io(entries: Any, what: str) -> dict[str, Any]:
@@ -223,8 +265,10 @@ def _body_arity(kind: str, attrs: dict, layer: dict) -> str | None:
     return None
 
 
-def _plan(plan: Any, outer: set[str], weight_keys: set[str], where: str, body: bool = False) -> dict[str, Any]:
-    """Check a plan (the top level or a subgraph body, which sees only ``outer``); returns its inputs' shapes."""
+def _plan(plan: Any, outer: set[str], weight_keys: set[str], where: str, body: bool = False,
+          buckets: int = 0) -> dict[str, Any]:
+    """Check a plan (the top level or a subgraph body, which sees only ``outer``); returns its inputs' shapes.
+    ``buckets``: the length of the engine's bucket table (a body's layers have no bucket tactics)."""
     _need(isinstance(plan, dict), f"{where} is not a table")
     _table(plan, where, _PLAN_KEYS, ("inputs", "outputs", "layers"))
     inputs, outputs = _io(plan["inputs"], "inputs"), _io(plan["outputs"], "outputs")
@@ -247,14 +291,14 @@ def _plan(plan: Any, outer: set[str], weight_keys: set[str], where: str, body: b
     defined = outer | set(plan_weights) | set(inputs) | (names & outer if body else names)
     _need(isinstance(plan["layers"], list), "plan has no layer list")
     for layer in plan["layers"]:
-        _layer(layer, defined, weight_keys)
+        _layer(layer, defined, weight_keys, buckets)
     ghost = [n for n in outputs if n not in defined]
     if ghost:
         raise _Bad(f"plan output {ghost[0][:40]!r} is produced by no layer")
     return inputs
 
 
-def _layer(layer: Any, defined: set[str], weight_keys: set[str]) -> None:
+def _layer(layer: Any, defined: set[str], weight_keys: set[str], buckets: int) -> None:
     if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("kind"), str)
             and isinstance(layer.get("inputs"), list) and isinstance(layer.get("outputs"), list)
             and all(n is None or isinstance(n, str) for n in layer["inputs"])
@@ -270,6 +314,8 @@ def _layer(layer: Any, defined: set[str], weight_keys: set[str]) -> None:
         raise _Bad(f"{what} precision must be one of {', '.join(LAYER_PRECISIONS)}")
     _opt(layer, "tactic", (str, type(None)), what)
     _opt(layer, "host", (bool,), what)
+    if "bucket_tactics" in layer:
+        _tactic_names(layer["bucket_tactics"], buckets, what)
     if "origin" in layer:
         _strs(layer["origin"], f"{what} origin")
     attrs = layer.get("attrs", {})

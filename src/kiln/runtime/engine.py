@@ -1,4 +1,16 @@
-"""Engine and ExecutionContext: run a built plan, safely, from many threads."""
+"""Engine and ExecutionContext: run a built plan, safely, from many threads.
+
+Shapes. An engine runs any input shapes within its optimization profiles. A range engine may
+carry a tactic per shape bucket (kiln.builder.buckets): each run's bucket is picked from the
+input shapes alone (host-side ints, no device sync; kiln.runtime.buckets) and its layers run
+that bucket's tactics, all of which were made when the context was created.
+
+CUDA graphs. On a GPU a context records one graph per input-shape signature at the first run of
+that shape and replays it after (kiln.runtime.graphs). It keeps at most ``graph_cache`` graphs
+(the context option, else the ``KILN_GRAPH_CACHE`` environment variable, else 16): when a new
+shape would exceed that, the least recently run shape's graph and its memory are released, and
+that shape is recorded again if it comes back.
+"""
 from __future__ import annotations
 
 import threading
@@ -36,6 +48,12 @@ class Engine:
         self._device_weights: dict[str, torch.Tensor] | None = None
         self._lock = threading.Lock()
         self.header["plugins"] = plugin_records(self.plan)
+        if "buckets" in header:
+            from kiln.runtime.program import check_tactic
+            self.check_plugins()            # a missing plugin is named first, as for any engine
+            for layer in self.plan["layers"]:
+                for name in dict.fromkeys(layer.get("bucket_tactics") or ()):
+                    check_tactic(layer, name, self.device)     # a closed table: the tactic registry
 
     # ---- facts -------------------------------------------------------------------------
     @property
@@ -87,11 +105,13 @@ class Engine:
                 self._device_weights = out
             return self._device_weights
 
-    def context(self, cuda_graph: bool | None = None, threads: int | None = None) -> "ExecutionContext":
+    def context(self, cuda_graph: bool | None = None, threads: int | None = None,
+                graph_cache: int | None = None) -> "ExecutionContext":
         """A new execution context (its own activations). Contexts are thread-safe; one per thread
         runs in parallel. ``cuda_graph=False`` runs eagerly, layer by layer (for debugging).
-        ``threads``: CPU threads its runs use (default: kiln.kernels.cpu_threads.default_threads())."""
-        return ExecutionContext(self, cuda_graph=cuda_graph, threads=threads)
+        ``threads``: CPU threads its runs use (default: kiln.kernels.cpu_threads.default_threads()).
+        ``graph_cache``: how many input shapes keep a recorded CUDA graph (see the module docstring)."""
+        return ExecutionContext(self, cuda_graph=cuda_graph, threads=threads, graph_cache=graph_cache)
 
     def check_plugins(self) -> None:
         from kiln.plugins import load_builtins, registry
@@ -126,17 +146,22 @@ class ExecutionContext:
     runs within the engine's optimization profiles.
     """
 
-    def __init__(self, engine: Engine, cuda_graph: bool | None = None, threads: int | None = None) -> None:
+    def __init__(self, engine: Engine, cuda_graph: bool | None = None, threads: int | None = None,
+                 graph_cache: int | None = None) -> None:
         from kiln.kernels.cpu_threads import check_threads
         from kiln.plugins import registry
+        from kiln.runtime.buckets import BucketTable
+        from kiln.runtime.graphs import graph_cache_size
         from kiln.runtime.program import Program
         self.threads = None if threads is None else check_threads(threads)
+        self.graph_cache = graph_cache_size(graph_cache)
         engine.check_plugins()
         self.engine = engine
         self._lock = threading.Lock()
         weights = engine._weights_on_device()
         self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
         self._inputs = {t["name"]: t for t in engine.inputs}
+        self.buckets = BucketTable(engine.header, list(self._inputs)) if "buckets" in engine.header else None
         self._weight_ptrs = {t.untyped_storage().data_ptr() for t in self.program.constants.values()}
         if cuda_graph is None:
             cuda_graph = engine.header.get("build", {}).get("cuda_graph", True)
@@ -144,8 +169,15 @@ class ExecutionContext:
         self.graph_error: str | None = None
         if cuda_graph and engine.device == "cuda":
             from kiln.runtime.graphs import GraphRunner
-            runner = GraphRunner(self.program)
+            runner = GraphRunner(self.program, self.graph_cache)
             self.graphs = runner if runner.capturable else None
+
+    def _prepare(self, tensors: Sequence[Any]) -> None:
+        """Before a run: the thread count, and the shape bucket's tactics."""
+        if self.buckets is not None:
+            self.program.select(self.buckets.pick([tuple(t.shape) if isinstance(t, torch.Tensor) else None
+                                                   for t in tensors]))
+        self._use_threads()
 
     def _use_threads(self) -> None:
         """CPU engines (and any context given ``threads``) run on their thread count."""
@@ -179,7 +211,7 @@ class ExecutionContext:
         Passing the same input tensors again (refilled in place) binds them: the graph then reads them
         where they are instead of copying them in (runtime/graphs.py)."""
         with self._lock, torch.inference_mode():
-            self._use_threads()
+            self._prepare(tensors)
             if self.engine.device == "cuda":
                 prec = self.engine.precision
                 torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
@@ -214,7 +246,7 @@ class ExecutionContext:
                     seen[n] = _torch_to_np(o.float() if o.dtype == torch.bfloat16 else o).copy()
             return outs
         with self._lock, torch.inference_mode():
-            self._use_threads()
+            self._prepare(tensors)
             self.program.run_env({}, tensors, timer=timer)
         return seen
 
@@ -239,7 +271,7 @@ class ExecutionContext:
             meta[step.name] = step
             return out
         with self._lock, torch.inference_mode():
-            self._use_threads()
+            self._prepare(tensors)
             for _ in range(runs + 1):
                 pending: list = []
                 self.program.run_env({}, tensors, timer=timer)

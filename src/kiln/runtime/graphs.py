@@ -12,12 +12,38 @@ loop that refills its input tensor, as TensorRT users bind addresses once) gets 
 recorded to read those buffers in place, and no copy of a large input. The bound graph shares the first one's memory pool (the two
 never run at once: runs hold the context's lock and share one stream), so binding costs no
 second activation arena. Other buffers take the copying graph again.
+
+The cache is bounded: at most ``max_graphs`` input-shape signatures keep their graphs (default 16, or
+the ``KILN_GRAPH_CACHE`` environment variable, or the context's ``graph_cache`` option). A run at a
+new shape beyond that releases the least recently run shape's graphs (and, once the caller drops
+its outputs, their memory pool); that shape is recorded again if it returns.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+
+from kiln.errors import KilnError
+
+DEFAULT_GRAPHS = 16
+GRAPH_CACHE_ENV = "KILN_GRAPH_CACHE"
+
+
+def graph_cache_size(value: int | None = None) -> int:
+    """How many input shapes keep a recorded graph: ``value``, else $KILN_GRAPH_CACHE, else 16."""
+    where = "graph_cache"
+    if value is None:
+        text = os.environ.get(GRAPH_CACHE_ENV, "").strip()
+        if not text:
+            return DEFAULT_GRAPHS
+        where = GRAPH_CACHE_ENV
+        value = int(text) if text.isdigit() else text        # type: ignore[assignment]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise KilnError(f"{where} is the number of input shapes that keep a CUDA graph, a whole number >= 1; got "
+                        f"{value!r}. Give e.g. {DEFAULT_GRAPHS}.")
+    return value
 
 
 class CaptureError(RuntimeError):
@@ -25,24 +51,26 @@ class CaptureError(RuntimeError):
 
 
 class GraphRunner:
-    """One captured graph per input-shape signature."""
+    """One captured graph per input-shape signature, least recently run first in ``graphs``."""
 
-    def __init__(self, program, max_graphs: int = 16) -> None:
+    def __init__(self, program, max_graphs: int = DEFAULT_GRAPHS) -> None:
         self.program = program
         self.graphs: dict[tuple, dict[str, Any]] = {}
-        self.max_graphs = max_graphs
+        self.max_graphs = graph_cache_size(max_graphs)
+        self.evictions = 0
         self.capturable = not any(s.dynamic for s in program.steps)
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise CaptureError("sequence or optional inputs are not captured")
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
-        entry = self.graphs.get(key)
+        entry = self.graphs.pop(key, None)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
+            while len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
-            entry = self._capture(tensors, torch.cuda.graph_pool_handle())
-            self.graphs[key] = entry
+                self.evictions += 1
+            entry = self._capture(tensors, None)
+        self.graphs[key] = entry                # now the most recently run
         where = tuple((t.data_ptr(), t.stride(), t.device) for t in tensors)
         bound = entry.get("bound")
         if bound is not None and bound["where"] == where:
@@ -67,6 +95,8 @@ class GraphRunner:
                 from exc
 
     def _record(self, tensors: list[torch.Tensor], pool, bind: bool) -> dict[str, Any]:
+        """Warm up and record the plan on ``tensors``, into ``pool`` (None: a new memory pool)."""
+        pool = torch.cuda.graph_pool_handle() if pool is None else pool
         static_in = list(tensors) if bind else [t.clone() for t in tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -4,6 +4,11 @@
 stores (layers with their chosen tactic) by calling each tactic's maker once.
 Values that die after a step are dropped at once, so peak memory follows
 liveness even without an arena.
+
+A range engine's layers may name a tactic per shape bucket (``bucket_tactics``).
+Every bucket's tactics are made when the program is built, so a run at a new
+shape makes no kernel; ``select(bucket)`` swaps in the bucket's functions (only
+those that differ from the layers' own tactics) before a run.
 """
 from __future__ import annotations
 
@@ -12,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.errors import EngineFormatError, PluginError, ShapeError
+from kiln.errors import EngineFormatError, KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import np_dtype, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
-from kiln.kernels import KernelContext, get_tactic
+from kiln.kernels import KernelContext, Tactic, get_tactic
 from kiln.runtime.concat_elision import elide_concats
 
 
@@ -50,6 +55,36 @@ def decode_attr(value: Any, weights: dict[str, torch.Tensor], device: str, plugi
     return value
 
 
+def check_tactic(layer: dict, name: str, device: str) -> Tactic:
+    """The registered tactic ``name`` of the plan layer's kind, which must run where the layer runs."""
+    kind = layer["kind"]
+    try:
+        tac = get_tactic(kind, name)
+    except KilnError:
+        raise EngineFormatError(f"The engine's layer {layer['name'][:60]!r} ({kind}) names tactic {name[:40]!r}, "
+                                f"which is not a {kind} tactic of this Kiln; the file is damaged or needs a newer "
+                                f"Kiln. Rebuild it with kiln build.") from None
+    run_on = "cpu" if layer.get("host") or device == "cpu" else device
+    if run_on not in tac.devices:
+        raise EngineFormatError(f"The engine's layer {layer['name'][:60]!r} ({kind}) names tactic {tac.name!r}, "
+                                f"which runs only on {', '.join(tac.devices)}, but the layer runs on {run_on}; "
+                                f"the file is damaged or forged. Rebuild it with kiln build.")
+    return tac
+
+
+def _set_up(make, layer: Any) -> Step:
+    """``make(layer)``, with any failure but Kiln's own refusals as one line naming the layer."""
+    try:
+        return make(layer)
+    except (EngineFormatError, PluginError, ShapeError):
+        raise
+    except Exception as exc:        # a forged or foreign plan: never a traceback
+        name = layer.get("name", "?") if isinstance(layer, dict) else "?"
+        raise EngineFormatError(f"The engine's layer {name!r} cannot be set up ({type(exc).__name__}: "
+                                f"{exc}); the plan is damaged or from another Kiln. Rebuild it with "
+                                f"kiln build.") from None
+
+
 class Program:
     """Executable form of a plan (the top-level network or a subgraph body)."""
 
@@ -66,31 +101,66 @@ class Program:
                                         f"the file is damaged. Rebuild it with kiln build.")
             self.constants[name] = weights[key]
         moved: dict[tuple[str, str], torch.Tensor] = {}
-        self.steps: list[Step] = []
-        for layer in plan["layers"]:
-            try:
-                self.steps.append(self._step(layer, weights, device, plugin_factory, tensors, moved))
-            except (EngineFormatError, PluginError, ShapeError):
-                raise
-            except Exception as exc:        # a forged or foreign plan: never a traceback
-                name = layer.get("name", "?") if isinstance(layer, dict) else "?"
-                raise EngineFormatError(f"The engine's layer {name!r} cannot be set up ({type(exc).__name__}: "
-                                        f"{exc}); the plan is damaged or from another Kiln. Rebuild it with "
-                                        f"kiln build.") from None
+        make = (lambda layer: self._step(layer, weights, device, plugin_factory, tensors, moved))
+        self.steps: list[Step] = [_set_up(make, layer) for layer in plan["layers"]]
         self._plan_liveness()
+        raw = [(s.fn, s.tactic) for s in self.steps]
         self._concat_buffers = elide_concats(self, plan, device)
+        self._variants: list[tuple[list[tuple[int, Any, str]], list]] = [([], self._concat_buffers)]
+        self._variant = 0
+        self._bucket_variant: list[int] = []
+        if any(layer.get("bucket_tactics") for layer in plan["layers"]):
+            self._bucket_variants(plan, make, raw)
+
+    def _bucket_variants(self, plan: dict, make, raw: list) -> None:
+        """Make every bucket's tactics; each distinct choice of them is a variant: the steps whose function
+        differs from the layers' own tactics, and the concatenation buffers of that choice."""
+        layers = plan["layers"]
+        multi = [i for i, layer in enumerate(layers) if layer.get("bucket_tactics")]
+        made: dict[tuple[int, str], Step] = {(i, self.steps[i].tactic): None for i in multi}
+        self._base = base = [(s.fn, s.tactic) for s in self.steps]
+        own = tuple(base[i][1] for i in multi)
+        keys: dict[tuple, int] = {own: 0}
+        for b in range(len(layers[multi[0]]["bucket_tactics"])):
+            key = tuple(layers[i]["bucket_tactics"][b] for i in multi)
+            if key not in keys:
+                for i, name in zip(multi, key):
+                    if (i, name) not in made:
+                        made[(i, name)] = _set_up(make, {**layers[i], "tactic": name})
+                        self.steps[i].dynamic = self.steps[i].dynamic or made[(i, name)].dynamic
+                for j, step in enumerate(self.steps):
+                    step.fn, step.tactic = raw[j]
+                for i, name in zip(multi, key):
+                    if made[(i, name)] is not None:
+                        self.steps[i].fn, self.steps[i].tactic = made[(i, name)].fn, name
+                buffers = elide_concats(self, plan, self.device)
+                diffs = [(j, s.fn, s.tactic) for j, s in enumerate(self.steps) if s.fn is not base[j][0]]
+                keys[key] = len(self._variants)
+                self._variants.append((diffs, buffers))
+            self._bucket_variant.append(keys[key])
+        for step, (fn, tac) in zip(self.steps, base):
+            step.fn, step.tactic = fn, tac
+
+    def select(self, bucket: int | None) -> None:
+        """Run the tactics of ``bucket`` (an index into the engine's bucket table; None: the layers' own)."""
+        v = self._bucket_variant[bucket] if bucket is not None and self._bucket_variant else 0
+        if v == self._variant:
+            return
+        steps = self.steps
+        for j, _, _ in self._variants[self._variant][0]:
+            steps[j].fn, steps[j].tactic = self._base[j]
+        for j, fn, tac in self._variants[v][0]:
+            steps[j].fn, steps[j].tactic = fn, tac
+        self._concat_buffers = self._variants[v][1]
+        self._variant = v
 
     def _step(self, layer: dict, weights, device: str, plugin_factory, tensors: dict, moved: dict) -> Step:
         kind = layer["kind"]
         if kind not in LAYER_KINDS:
             raise EngineFormatError(f"The engine's layer {layer['name']!r} has unknown kind {kind!r}; "
                                     f"the file is damaged or needs a newer Kiln.")
-        tac = get_tactic(kind, layer.get("tactic") or "torch")
+        tac = check_tactic(layer, layer.get("tactic") or "torch", device)
         run_on = "cpu" if layer.get("host") or device == "cpu" else device
-        if run_on not in tac.devices:
-            raise EngineFormatError(f"The engine's layer {layer['name']!r} ({kind}) names tactic {tac.name!r}, "
-                                    f"which runs only on {', '.join(tac.devices)}, but the layer runs on {run_on}; "
-                                    f"the file is damaged or forged. Rebuild it with kiln build.")
         attrs = {k: decode_attr(v, weights, device, plugin_factory) for k, v in layer.get("attrs", {}).items()}
         out_dtypes = tuple(tensors.get(n, {}).get("dtype", "float32") for n in layer["outputs"])
         in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])

@@ -1,0 +1,215 @@
+"""Range engines: a tactic per shape bucket, timed at build, stored in the engine file, picked at run time.
+
+The fastest FullyConnected tactic is forced to differ by batch (a timer that calls ``onednn`` fastest
+up to batch 8 and ``torch`` above), so the engine must hold both and run each in its bucket; outputs
+are checked against ONNX Runtime.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import kiln
+from kiln.builder import tactics as tactics_mod
+from kiln.builder.buckets import MAX_POINTS, profile_points, timing_points
+from kiln.builder.config import Profile
+from kiln.engine import read_engine, write_engine
+from kiln.errors import EngineFormatError
+from kiln.kernels.registry import TACTICS, tactics_for, KernelContext
+from kiln.runtime.buckets import BucketTable
+from _models import assert_close_fp32, ort_run
+
+PROFILE = {"x": ((1, 16), (4, 16), (64, 16))}
+POINTS = [1, 2, 4, 8, 32, 64]       # min 1, opt 4, max 64 and three of the doublings 2, 8, 16, 32
+SMALL_UP_TO = 8                     # the forced timer's onednn/torch boundary
+
+
+def _model(path: Path) -> Path:
+    r = np.random.default_rng(0)
+    w, b = r.standard_normal((16, 8)).astype(np.float32), r.standard_normal(8).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "B"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                          "fc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def forced(monkeypatch) -> list[tuple[str, int]]:
+    """FullyConnected's CPU tactics, each call recorded as (tactic, batch); the build's timer finds
+    ``onednn`` fastest up to batch SMALL_UP_TO and ``torch`` above."""
+    tactics_for("FullyConnected", {}, KernelContext())          # loads the registry
+    ran: list[tuple[str, int]] = []
+
+    def tagged(t):
+        def make(attrs, ctx):
+            fn = t.make(attrs, ctx)
+
+            def run(*args, **kw):
+                ran.append((t.name, args[0].shape[0]))
+                return fn(*args, **kw)
+            run.tactic = t.name
+            return run
+        return dataclasses.replace(t, make=make)
+
+    def timer(fn, args, reps):
+        small = args[0].shape[0] <= SMALL_UP_TO
+        return 1.0 if (fn.tactic == "onednn") == small else 2.0
+
+    assert {"onednn", "torch"} <= {t.name for t in TACTICS["FullyConnected"] if "cpu" in t.devices}
+    monkeypatch.setitem(TACTICS, "FullyConnected", [tagged(t) for t in TACTICS["FullyConnected"]])
+    monkeypatch.setattr(tactics_mod, "_time_cpu", timer)
+    return ran
+
+
+@pytest.fixture
+def saved(forced, tmp_path: Path) -> tuple[Path, Path]:
+    onnx_path = _model(tmp_path / "fc.onnx")
+    engine = kiln.build(kiln.onnx.parse(onnx_path), kiln.BuildConfig(device="cpu", profiles=PROFILE))
+    engine.save(tmp_path / "fc.kiln")
+    return onnx_path, tmp_path / "fc.kiln"
+
+
+def test_engine_holds_a_tactic_per_bucket_and_runs_each(forced, saved) -> None:
+    onnx_path, path = saved
+    header, _ = read_engine(str(path))
+    assert [b["shapes"]["x"] for b in header["buckets"]] == [[n, 16] for n in POINTS]
+    assert all(b["profile"] == 0 for b in header["buckets"])
+    (fc,) = [layer for layer in header["plan"]["layers"] if layer["kind"] == "FullyConnected"]
+    assert fc["tactic"] == "onednn"                                  # the opt point, batch 4
+    assert fc["bucket_tactics"] == ["onednn" if n <= SMALL_UP_TO else "torch" for n in POINTS]
+    assert all("bucket_tactics" not in layer for layer in header["plan"]["layers"] if layer is not fc)
+
+    ctx = kiln.load(path).context()
+    rng = np.random.default_rng(1)
+    for batch, want in ((3, "onednn"), (40, "torch"), (8, "onednn"), (9, "torch"), (1, "onednn"), (64, "torch")):
+        forced.clear()
+        x = rng.standard_normal((batch, 16)).astype(np.float32)
+        got = ctx.run({"x": x})["y"]
+        assert forced == [(want, batch)], (batch, forced)
+        assert_close_fp32(got, ort_run(onnx_path, {"x": x})["y"], f"batch {batch}")
+
+
+def test_profile_and_run_all_use_the_bucket_too(forced, saved) -> None:
+    _, path = saved
+    ctx = kiln.load(path).context()
+    x = np.ones((20, 16), np.float32)
+    rows = ctx.profile([__import__("torch").from_numpy(x)], runs=1)
+    assert [r["tactic"] for r in rows if r["kind"] == "FullyConnected"] == ["torch"]
+    forced.clear()
+    ctx.run_all({"x": np.ones((2, 16), np.float32)})
+    assert forced == [("onednn", 2)]
+
+
+def test_a_static_build_has_no_bucket_table(forced, tmp_path: Path) -> None:
+    engine = kiln.build(kiln.onnx.parse(_model(tmp_path / "fc.onnx")),
+                        kiln.BuildConfig(device="cpu", profiles={"x": (32, 16)}))
+    assert "buckets" not in engine.header
+    assert all("bucket_tactics" not in layer for layer in engine.layers)
+    assert [layer["tactic"] for layer in engine.layers if layer["kind"] == "FullyConnected"] == ["torch"]
+
+
+def test_a_warm_timing_cache_times_nothing(forced, tmp_path: Path, monkeypatch) -> None:
+    """Every point's times are cached: a second build with the cache measures no tactic."""
+    net = kiln.onnx.parse(_model(tmp_path / "fc.onnx"))
+    config = kiln.BuildConfig(device="cpu", profiles=PROFILE, timing_cache=str(tmp_path / "t.cache"))
+    first = kiln.build(net, config)
+    timed: list = []
+    monkeypatch.setattr(tactics_mod, "_time_cpu", lambda fn, args, reps: timed.append(1) or 1.0)
+    second = kiln.build(net, kiln.BuildConfig(device="cpu", profiles=PROFILE, timing_cache=str(tmp_path / "t.cache")))
+    assert timed == [] and second.header["build"]["timing_cache"]["misses"] == 0
+    assert second.header["buckets"] == first.header["buckets"]
+
+
+# ---- forged bucket tables ----------------------------------------------------------------------
+
+def _forge(src: Path, dst: Path, edit) -> Path:
+    header, weights = read_engine(str(src))
+    edit(header)
+    write_engine(str(dst), {k: v for k, v in header.items() if k != "weights"}, dict(weights))
+    return dst
+
+
+def _fc(h: dict) -> dict:
+    return next(layer for layer in h["plan"]["layers"] if layer["kind"] == "FullyConnected")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda h: _fc(h)["bucket_tactics"].__setitem__(0, "fastest_ever"), ["'fastest_ever'", "not a FullyConnected"]),
+    (lambda h: _fc(h)["bucket_tactics"].__setitem__(0, "os.system('x')"), ["bucket tactics"]),
+    (lambda h: _fc(h)["bucket_tactics"].__setitem__(0, "cublaslt_gelu"), ["runs only on cuda"]),
+    (lambda h: _fc(h)["bucket_tactics"].pop(), ["bucket tactics"]),
+    (lambda h: h["buckets"][1]["shapes"]["x"].__setitem__(0, 2.5), ["bucket 1"]),
+    (lambda h: h["buckets"][1]["shapes"]["x"].__setitem__(0, "2"), ["bucket 1"]),
+    (lambda h: h["buckets"][1]["shapes"]["x"].__setitem__(0, True), ["bucket 1"]),
+    (lambda h: h["buckets"][1]["shapes"]["x"].__setitem__(0, 65), ["bucket 1", "outside profile 0"]),
+    (lambda h: h["buckets"][1]["shapes"]["x"].__setitem__(1, 8), ["bucket 1", "outside profile 0"]),
+    (lambda h: h["buckets"][1].update(profile=3), ["bucket 1", "no optimization profile"]),
+    (lambda h: h["buckets"][1].update(code="import os"), ["bucket 1", "unknown key"]),
+    (lambda h: h["buckets"][1]["shapes"].update(z=[1]), ["bucket 1"]),
+    (lambda h: (h["buckets"].pop(), _fc(h)["bucket_tactics"].pop()), ["max shapes"]),
+    (lambda h: h["buckets"].pop(), ["bucket tactics must be 5"]),
+    (lambda h: h.update(buckets=[]), ["bucket table"]),
+    (lambda h: h.pop("buckets"), ["no bucket table"]),
+])
+def test_forged_bucket_tables_are_refused_in_one_line(saved, tmp_path: Path, edit, words) -> None:
+    _, path = saved
+    with pytest.raises(EngineFormatError) as info:
+        kiln.load(_forge(path, tmp_path / "forged.kiln", edit))
+    msg = str(info.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+# ---- the points and the bucket rule --------------------------------------------------------------
+
+def test_points_of_a_two_dim_profile() -> None:
+    """BERT-like batch 1..64 x sequence 16..512, opt (8, 128): min, opt, max and three doublings."""
+    p = Profile.make({"ids": ((1, 16), (8, 128), (64, 512))})
+    got = [pt["ids"] for pt in profile_points(p)]
+    assert len(got) == MAX_POINTS
+    # doublings from the min: (2,32) (4,64) (8,128)=opt (16,256) (32,512); of the four besides opt, the
+    # 1st, 2nd and 4th are kept (positions round(k * 5/4) for k = 1, 2, 3)
+    assert got == [(1, 16), (2, 32), (4, 64), (8, 128), (32, 512), (64, 512)]
+
+
+def test_points_of_static_and_small_profiles() -> None:
+    assert [pt["x"] for pt in profile_points(Profile.make({"x": (3, 7)}))] == [(3, 7)]
+    assert [pt["x"] for pt in profile_points(Profile.make({"x": ((3, 7), (3, 7), (5, 7))}))] == [(3, 7), (4, 7), (5, 7)]
+    assert [pt["x"] for pt in profile_points(Profile.make({"x": ((0, 2), (1, 2), (2, 2))}))] == [(0, 2), (1, 2), (2, 2)]
+
+
+def test_timing_points_fill_other_inputs_and_find_the_opt_point() -> None:
+    profiles = [Profile.make({"x": ((1, 4), (2, 4), (4, 4))}), Profile.make({"x": ((8, 4), (8, 4), (16, 4))})]
+    opt = {"x": (2, 4), "s": (3,)}
+    points, default, table = timing_points(profiles, opt)
+    assert [p["x"] for p in points] == [(1, 4), (2, 4), (4, 4), (8, 4), (16, 4)]
+    assert all(p["s"] == (3,) for p in points) and default == 1
+    assert [b["profile"] for b in table] == [0, 0, 0, 1, 1]
+
+
+def test_bucket_rule_against_brute_force() -> None:
+    """The first point of a profile holding the shape that is >= it in every dim, for every shape."""
+    header = {"profiles": [{"a": {"min": [1, 2], "opt": [2, 4], "max": [8, 8]}},
+                           {"a": {"min": [9, 2], "opt": [9, 2], "max": [12, 8]}}],
+              "buckets": [{"profile": 0, "shapes": {"a": [2, 2]}}, {"profile": 0, "shapes": {"a": [2, 8]}},
+                          {"profile": 0, "shapes": {"a": [4, 4]}}, {"profile": 0, "shapes": {"a": [8, 8]}},
+                          {"profile": 1, "shapes": {"a": [12, 8]}}]}
+    table = BucketTable(header, ["a"])
+    for n in range(0, 14):
+        for s in range(0, 10):
+            want = None
+            for j, b in enumerate(header["buckets"]):
+                prof = header["profiles"][b["profile"]]["a"]
+                inside = prof["min"][0] <= n <= prof["max"][0] and prof["min"][1] <= s <= prof["max"][1]
+                if inside and n <= b["shapes"]["a"][0] and s <= b["shapes"]["a"][1]:
+                    want = j
+                    break
+            assert table.pick([(n, s)]) == want, (n, s)
+    assert table.pick([(3, 3)]) == 2 and table.pick([(1, 5)]) == 1 and table.pick([(10, 3)]) == 4
