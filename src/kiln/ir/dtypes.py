@@ -21,7 +21,8 @@ ALL_TYPES = FLOAT_TYPES + INT_TYPES + ("bool", "complex64", "complex128", "strin
 # What an engine computes in: a build's precision, and a layer's (``fp16 (fp32 accum)`` for layers whose
 # statistics stay in FP32 in a low-precision build).
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-LAYER_PRECISIONS = PRECISIONS + tuple(f"{p} (fp32 accum)" for p in PRECISIONS if p != "fp32")
+# the 8-bit layers of passes/fold_qdq.py run at int8 or fp8
+LAYER_PRECISIONS = PRECISIONS + tuple(f"{p} (fp32 accum)" for p in PRECISIONS if p != "fp32") + ("int8", "fp8")
 
 
 def np_dtype(name: str) -> np.dtype:

@@ -11,8 +11,9 @@ def default_passes() -> list[Pass]:
     from kiln.passes.bn_fold import FoldBatchNorm
     from kiln.passes.constant_fold import ConstantFold
     from kiln.passes.dead_layers import RemoveDeadLayers
+    from kiln.passes.fold_shapes import FoldShapeValues
     from kiln.passes.identity import RemoveIdentities
-    return [ConstantFold(), RemoveIdentities(), FoldBatchNorm(), RemoveDeadLayers()]
+    return [ConstantFold(), FoldShapeValues(), RemoveIdentities(), FoldBatchNorm(), RemoveDeadLayers()]
 
 
 def fusion_passes() -> list[Pass]:
@@ -35,5 +36,13 @@ def fusion_passes() -> list[Pass]:
             FuseProjectionShortcuts(), FuseConvChains()]
 
 
+def quantization_passes() -> list[Pass]:
+    """Explicit quantization folded into 8-bit layers; run after the fusion passes, in CUDA builds only (their
+    8-bit kernels are GPU kernels). RecordQuantizedConstants (passes/fold_qdq.py) must run before the default
+    passes."""
+    from kiln.passes.fold_qdq import FoldQDQ
+    return [FoldQDQ()]
+
+
 __all__ = ["Pass", "PassManager", "PassResult", "RewriteError", "Rule", "RulePass", "default_passes", "fusion_passes",
-           "rewrite"]
+           "quantization_passes", "rewrite"]

@@ -1,0 +1,191 @@
+"""Q/DQ folding into 8-bit layers (kiln/passes/fold_qdq.py) on models quantized by ONNX Runtime's own
+quantize_static (QDQ format, per-channel int8 weights), checked against ONNX Runtime running the same model.
+
+The fold is a CUDA-build step; these tests turn it on for CPU builds (``folds_quantization``), where the 8-bit
+layers run their reference tactic, and run the Triton kernels of the same layers in TRITON_INTERPRET mode on
+ONNX Runtime's own input codes."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import kiln
+import kiln.onnx
+from kiln.ir.dtypes import torch_dtype
+from kiln.kernels import KernelContext, get_tactic
+from kiln.passes.fold_qdq import QuantizationWarning
+from kiln.triton_support import HAS_TRITON, interpreting
+
+from _quant_models import blobs, cnn, trained_mlp
+
+ort = pytest.importorskip("onnxruntime")
+quantization = pytest.importorskip("onnxruntime.quantization")
+build_module = importlib.import_module("kiln.builder.build")
+
+
+@pytest.fixture
+def fold_on_cpu(monkeypatch):
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: config.optimization_level > 0)
+
+
+class _Reader(quantization.CalibrationDataReader):
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _quantize(model: onnx.ModelProto, calib: list[np.ndarray], tmp_path, activations) -> onnx.ModelProto:
+    src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
+    onnx.save(model, src)
+    logging.disable(logging.WARNING)        # quantize_static's advice to pre-process the model
+    try:
+        quantization.quantize_static(str(src), str(dst), _Reader([{"x": c} for c in calib]),
+                                     quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                     activation_type=activations, weight_type=quantization.QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    return onnx.load(dst)
+
+
+def _ort_codes(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    """ONNX Runtime's outputs, every QuantizeLinear's codes among them, graph optimizations off (the Q/DQ
+    nodes run as written, in FP32)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    types = {i.name: i.data_type for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear":
+            m.graph.output.append(helper.make_tensor_value_info(n.output[0], types[n.input[2]], None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+
+
+def _assert_codes_match(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
+    """8-bit codes of one tensor: within one step everywhere (a value within float rounding of a rounding
+    boundary may go either way after differently ordered float sums), and nearly all equal."""
+    a, b = ours.astype(np.int32), ref.astype(np.int32)
+    assert a.shape == b.shape, name
+    assert np.abs(a - b).max() <= 1, name
+    assert np.mean(a == b) > 0.99, name
+    assert np.unique(b).size > min(10, b.size // 3), name      # a real spread of codes was compared
+
+
+MODELS = {
+    "cnn-uint8": (lambda: cnn(seed=1), (3, 8, 8), "QUInt8",
+                  {"QConvolution": 2, "QFullyConnected": 1}),
+    "cnn-int8": (lambda: cnn(seed=2), (3, 8, 8), "QInt8", {"QConvolution": 2, "QFullyConnected": 1}),
+    "mlp-int8": (lambda: trained_mlp(steps=30), (16,), "QInt8", {"QFullyConnected": 2}),
+}
+
+
+def _case(name: str, tmp_path):
+    make, shape, acts, kinds = MODELS[name]
+    rng = np.random.default_rng(7)
+    if name.startswith("mlp"):
+        calib = [blobs(16, seed=s)[0] for s in range(4)]
+        x = blobs(32, seed=9)[0]
+    else:
+        calib = [rng.standard_normal((4, *shape)).astype(np.float32) for _ in range(4)]
+        x = rng.standard_normal((6, *shape)).astype(np.float32)
+    model = _quantize(make(), calib, tmp_path, getattr(quantization.QuantType, acts))
+    return model, x, kinds
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ort_qdq_model_folds_and_matches_onnxruntime(name, tmp_path, fold_on_cpu):
+    model, x, kinds = _case(name, tmp_path)
+    ref = _ort_codes(model, x)
+    net = kiln.onnx.parse(model)
+    codes = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for c in codes:
+        net.mark_output(net.tensors[c])
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    found = [layer["kind"] for layer in engine.layers]
+    assert {k: found.count(k) for k in kinds} == kinds
+    assert not {"Convolution", "FullyConnected", "MatMul", "Gemm"} & set(found)
+    assert {layer["precision"] for layer in engine.layers if layer["kind"] in kinds} == {"int8"}
+    ours = engine.context().run({"x": x})
+    for c in codes:
+        _assert_codes_match(ours[c], ref[c], c)
+    exact = np.all([(ours[c] == ref[c]).reshape(len(x), -1).all(1) for c in codes], axis=0)
+    assert exact.sum() >= len(x) // 2
+    y = model.graph.output[0].name
+    np.testing.assert_array_equal(ours[y][exact], ref[y][exact])     # the same codes dequantize the same
+    path = tmp_path / "m.kiln"
+    engine.save(path)
+    again = kiln.load(path).context().run({"x": x})
+    np.testing.assert_array_equal(again[y], ours[y])
+
+
+@pytest.mark.skipif(not HAS_TRITON or not interpreting(), reason="runs the Triton kernels in TRITON_INTERPRET mode")
+@pytest.mark.parametrize("name", ["cnn-uint8", "mlp-int8"])
+def test_triton_kernels_match_onnxruntime_layer_by_layer(name, tmp_path, fold_on_cpu):
+    """Each 8-bit layer's Triton kernel, given ONNX Runtime's input codes, writes ONNX Runtime's output codes
+    (within one step), as the reference tactic does."""
+    model, x, kinds = _case(name, tmp_path)
+    x = x[:4]
+    ref = _ort_codes(model, x)
+    prepared = build_module.prepare(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    layers = [layer for layer in prepared.net.layers if layer.kind in kinds]
+    assert len(layers) == sum(kinds.values())
+    for layer in layers:
+        ins = [torch.from_numpy(np.asarray(t.value)) if t.is_constant else torch.from_numpy(ref[t.name])
+               for t in layer.inputs]
+        out = layer.outputs[0].name
+        ctx = KernelContext(device="cpu", input_dtypes=tuple(t.dtype for t in layer.inputs))
+        for tactic in ("triton_int8", "reference"):
+            got = get_tactic(layer.kind, tactic).make(layer.attrs, ctx)(*ins)[0]
+            assert got.dtype == torch_dtype(layer.outputs[0].dtype)
+            _assert_codes_match(got.contiguous().numpy(), ref[out], f"{layer.name} {tactic}")
+
+
+def test_cpu_builds_do_not_fold(tmp_path):
+    model, x, _ = _case("cnn-int8", tmp_path)
+    engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    kinds = {layer["kind"] for layer in engine.layers}
+    assert "Convolution" in kinds and not {"QConvolution", "QFullyConnected"} & kinds
+    y = model.graph.output[0].name
+    ref = _ort_codes(model, x)[y]
+    got = engine.context().run({"x": x})[y]
+    step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "y_scale")))
+    assert np.abs(got - ref).max() <= step * 1.001 and np.mean(got == ref) > 0.95
+
+
+def _unfoldable() -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv with a float (unquantized) weight -> y: the activation is quantized, the weight is
+    not, so no 8-bit kernel applies."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.2
+    inits = [numpy_helper.from_array(np.asarray(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.asarray(0, np.int8), "z"), numpy_helper.from_array(w, "w")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="quant"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dequant"),
+             helper.make_node("Conv", ["xd", "w"], ["y"], name="float_weight_conv", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_unfoldable_pattern_warns_naming_the_node_and_stays_correct(fold_on_cpu):
+    model = _unfoldable()
+    x = np.random.default_rng(4).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    with pytest.warns(QuantizationWarning, match=r"'float_weight_conv'.*its weight is not a constant quantized"):
+        engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu"))
+    assert "Convolution" in {layer["kind"] for layer in engine.layers}
+    ref = _ort_codes(model, x)
+    got = engine.context().run({"x": x})["y"]
+    # the same dequantized inputs and float weights: float32 sums of 36 terms apart
+    np.testing.assert_allclose(got, ref["y"], rtol=1e-5, atol=1e-5 * np.abs(ref["y"]).max())
+    np.testing.assert_array_equal(engine.context().run({"x": x})["y"], got)
