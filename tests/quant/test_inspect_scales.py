@@ -1,0 +1,107 @@
+"""kiln inspect on an INT8 engine: each quantized layer's activation scale equals the calibration cache's amax / 127
+and its weight's per-channel scales (count, min, max) equal numpy's max|w| / 127 per output channel of the ONNX
+weights; the Q/DQ layers show the scale stored in the engine; a damaged quantization record is ignored with a
+line saying why, never trusted."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from kiln.builder.quant.record import engine_notes
+from kiln.engine import read_engine, write_engine
+
+from _quant_models import cnn
+
+WEIGHTS = {"conv1": ("w1", (1, 2, 3)), "conv2": ("w2", (1, 2, 3)), "fc": ("wf", (1,))}   # output channels on axis 0
+ACTS = {"conv1": "x", "conv2": "r1", "fc": "f"}
+NUM = r"([-+0-9.e]+)"
+
+
+def _kiln(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inspect")
+    model = cnn(seed=3)
+    onnx.save(model, d / "cnn.onnx")
+    np.save(d / "calib.npy", np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    r = _kiln("build", "cnn.onnx", "--int8", "--calib", "calib.npy", "--calib-cache", "c.json", "--device", "cpu",
+              "--shapes", "x:4x3x8x8", "-o", "cnn.kiln", "-q", cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    amax = json.loads((d / "c.json").read_text())["amax"]
+    inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    return d, amax, inits
+
+
+def _close(text: str, want: float) -> None:
+    """A value printed with 6 significant digits."""
+    assert abs(float(text) - want) <= 1e-5 * abs(want), (text, want)
+
+
+def test_inspect_prints_the_calibration_scales(built):
+    d, amax, inits = built
+    r = _kiln("inspect", "cnn.kiln", cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    for layer, (w, axes) in WEIGHTS.items():
+        i = next(k for k, ln in enumerate(lines) if re.match(rf"\s+\d+ {layer} ", ln))
+        note = next(ln for ln in lines[i + 1:i + 6] if "int8:" in ln)
+        m = re.search(rf"int8: input '{ACTS[layer]}' scale {NUM}; weight '[^']+' (\d+) per-channel scales \(axis 0\) "
+                      rf"min {NUM} max {NUM}", note)
+        assert m, note
+        _close(m.group(1), float(np.float32(amax[ACTS[layer]] / 127.0)))
+        per_channel = np.abs(inits[w]).max(axis=axes) / 127.0
+        assert int(m.group(2)) == per_channel.size
+        _close(m.group(3), per_channel.min())
+        _close(m.group(4), per_channel.max())
+    # each QuantizeLinear shows the scale the engine stores, the cache's amax / 127 again
+    qs = [k for k, ln in enumerate(lines) if "[QuantizeLinear]" in ln]
+    assert len(qs) == 3
+    for k in qs:
+        tensor = re.search(r"in:  ([^:]+):", lines[k + 1]).group(1)
+        _close(re.search(rf"^\s+scale {NUM}$", lines[k + 4]).group(1), float(np.float32(amax[tensor] / 127.0)))
+    r = _kiln("inspect", "cnn.kiln", "--json", cwd=d)
+    layers = {layer["name"]: layer for layer in json.loads(r.stdout)["layers"]}
+    assert layers["fc"]["scales"].startswith("int8: input 'f' scale ")
+
+
+def test_damaged_record_is_ignored_with_a_reason(built, tmp_path):
+    """A record that breaks its schema (a negative weight scale, a string where a scale goes) is not shown as
+    scales; the Q/DQ layers' own scales still are."""
+    d, amax, _ = built
+    header, weights = read_engine(str(d / "cnn.kiln"))
+    for bad in ({"weight": {"min": -1.0}}, {"inputs": {"x": "1e-3; rm -rf /"}}):
+        h = json.loads(json.dumps(header))
+        for key, value in bad.items():
+            h["build"]["quantization"]["layers"]["conv1"][key].update(value)
+        h.pop("weights")
+        write_engine(str(tmp_path / "bad.kiln"), h, dict(weights))
+        r = _kiln("inspect", "bad.kiln", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "quantization record ignored: quantized layer 'conv1' has malformed" in r.stdout
+        assert "int8:" not in r.stdout and "rm -rf" not in r.stdout
+        assert sum(bool(re.match(r"^\s+scale [0-9.e-]+$", ln)) for ln in r.stdout.splitlines()) == 6
+
+
+def test_folded_layer_scales_from_attrs():
+    """An 8-bit layer folded from Q/DQ carries its scales as (schema-checked) attributes."""
+    header = {"precision": "fp16", "build": {}, "plan": {"weights": {}},
+              "tensors": {"xq": {"dtype": "int8"}},
+              "layers": [{"name": "c", "kind": "QConvolution", "inputs": ["xq", "w", "b"], "outputs": ["y"],
+                          "attrs": {"x_scale": 0.5, "out_scale": None,
+                                    "w_scale": {"__array__": {"dtype": "float32", "shape": [3],
+                                                              "data": [0.25, 0.125, 1.0]}}}}]}
+    notes, summary = engine_notes(header, {})
+    assert summary is None
+    assert notes == ["int8: input scale 0.5; weight 3 per-channel scales min 0.125 max 1"]
