@@ -189,3 +189,18 @@ def test_unfoldable_pattern_warns_naming_the_node_and_stays_correct(fold_on_cpu)
     # the same dequantized inputs and float weights: float32 sums of 36 terms apart
     np.testing.assert_allclose(got, ref["y"], rtol=1e-5, atol=1e-5 * np.abs(ref["y"]).max())
     np.testing.assert_array_equal(engine.context().run({"x": x})["y"], got)
+
+
+def test_8bit_layers_are_timed_on_8bit_codes(tmp_path, fold_on_cpu):
+    """The builder times an 8-bit layer's tactics on random 8-bit codes (int8/uint8 activations), as any layer's
+    on random floats, and both tactics of a QFullyConnected agree closely enough to be candidates."""
+    import json
+    model, x, _ = _case("mlp-int8", tmp_path)
+    cache = tmp_path / "t.timing"
+    kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", profiles={"x": x.shape},
+                                                        timing_cache=str(cache)))
+    entries = json.loads(cache.read_text())["entries"]
+    timed = [times for key, times in entries.items() if "|QFullyConnected|" in key]
+    assert len(timed) == 2
+    for times in timed:
+        assert set(times) == {"reference", "int_mm"} and all(np.isfinite(list(times.values())))

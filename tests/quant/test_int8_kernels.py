@@ -103,25 +103,26 @@ def test_int8_conv_matches_float64(tactic, xdt, xz, stride, pads, act, out):
         _check_codes(got, y64, scale, 3, lo if out == xdt else -128, hi if out == xdt else 127)
 
 
-@pytest.mark.parametrize("tactic", ["reference", pytest.param("triton_int8", marks=needs_triton)])
-def test_int8_fully_connected_matches_float64(tactic):
+@pytest.mark.parametrize("tactic", ["reference", "int_mm", pytest.param("triton_int8", marks=needs_triton)])
+@pytest.mark.parametrize("xdt,xz", [("int8", -7), ("uint8", 140)])
+def test_int8_fully_connected_matches_float64(tactic, xdt, xz):
     rng = np.random.default_rng(1)
-    x = rng.integers(-128, 128, (3, 5, 40)).astype(np.int8)       # K = 40: a partial K slice
+    x = (rng.integers(-128, 128, (3, 5, 40)) + xz + 7).astype(xdt)      # K = 40: a partial K slice
     w = rng.integers(-127, 128, (19, 40)).astype(np.int8)         # N = 19: a partial N tile
     ws = (rng.uniform(0.5, 2.0, 19) * 1e-2).astype(np.float32)
     bias = rng.integers(-3000, 3000, 19).astype(np.int32)
-    y64 = _ref64(x, 0.02, -7, w, ws, bias, None, "relu")
+    y64 = _ref64(x, 0.02, xz, w, ws, bias, None, "relu")
     scale = float(np.float32(y64.max() / 300))
-    attrs = _attrs(ws, _kind="QFullyConnected", x_scale=0.02, x_zero_point=-7, to="int8", activation="relu",
+    attrs = _attrs(ws, _kind="QFullyConnected", x_scale=0.02, x_zero_point=xz, to="int8", activation="relu",
                    out_scale=scale, out_zero_point=-100)
     got = _run(tactic, attrs, [torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias)],
-               ("int8", "int8", "int32")).numpy()
+               (xdt, "int8", "int32")).numpy()
     assert got.shape == (3, 5, 19)
     _check_codes(got, y64, scale, -100, -128, 127)
     assert (got == 127).any() and (got == -100).any()      # saturation and the ReLU floor were exercised
 
 
-@pytest.mark.parametrize("tactic", ["reference", pytest.param("triton_fp8", marks=needs_triton)])
+@pytest.mark.parametrize("tactic", ["reference", "scaled_mm", pytest.param("triton_fp8", marks=needs_triton)])
 @pytest.mark.parametrize("out", ["float8_e4m3fn", "float16"])
 def test_fp8_fully_connected_matches_float64(tactic, out):
     rng = np.random.default_rng(2)

@@ -195,6 +195,9 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
     return Selection(chosen, by_point)
 
 
+_CODES = {torch.int8: (-128, 128), torch.uint8: (0, 256)}      # integer activations tactics are timed on
+
+
 def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, cache: TimingCache,
                  reps: int) -> dict[str, float] | None:
     """Milliseconds per candidate on the layer's input shapes in ``vals`` (from the cache where it has
@@ -211,9 +214,12 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
             ins.append(tt.to(device))
             continue
         v = vals.get(t.name, UNKNOWN)
-        if v is UNKNOWN or not v.dtype.is_floating_point:
+        if v is UNKNOWN or not (v.dtype.is_floating_point or v.dtype in _CODES):
             return None
-        a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
+        if v.dtype in _CODES:       # 8-bit activation codes (kiln/passes/fold_qdq.py)
+            a = torch.randint(*_CODES[v.dtype], tuple(v.shape), dtype=v.dtype, device=device)
+        else:
+            a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
         if _channels_last_at_runtime(t, a):
             a = a.contiguous(memory_format=torch.channels_last)
         ins.append(a)

@@ -177,15 +177,32 @@ def _channel_scales(attrs, device: torch.device, cache: dict) -> torch.Tensor:
     return cache[key]
 
 
-def _make_quantized_reference(attrs, ctx):
-    """Dequantize the codes, run the float32 torch op with the dequantized bias, add the residual, apply the
-    activation, and requantize (or cast to the float ``to``)."""
-    conv = "stride" in attrs
-    prod = _product({**attrs, "op": "conv"}) if conv else None
+def layer_epilogue(attrs):
+    """The tail every torch tactic of an 8-bit layer shares: float32 ``y`` (bias included) -> the residual added
+    before or after the activation -> requantized to the 8-bit ``to``, or cast to the float ``to``."""
     act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
     after = bool(attrs.get("residual_after_activation"))
-    x_scale, x_zp = float(attrs["x_scale"]), int(attrs.get("x_zero_point", 0))
     out, out_scale, out_zp = attrs["to"], attrs.get("out_scale"), int(attrs.get("out_zero_point", 0))
+
+    def finish(y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None and not after:
+            y = y + residual.to(torch.float32)
+        if act is not None:
+            y = act(y)
+        if residual is not None and after:
+            y = y + residual.to(torch.float32)
+        if out_scale is None:
+            return y.to(torch_dtype(out))
+        return quantize_values(y, out_scale, out_zp, out)
+    return finish
+
+
+def _make_quantized_reference(attrs, ctx):
+    """Dequantize the codes, run the float32 torch op with the dequantized bias, then ``layer_epilogue``."""
+    conv = "stride" in attrs
+    prod = _product({**attrs, "op": "conv"}) if conv else None
+    finish = layer_epilogue(attrs)
+    x_scale, x_zp = float(attrs["x_scale"]), int(attrs.get("x_zero_point", 0))
     scales: dict = {}
 
     def run(x, w, bias, residual=None):
@@ -194,15 +211,7 @@ def _make_quantized_reference(attrs, ctx):
         wf = w.to(torch.float32) * ws.reshape([-1] + [1] * (w.dim() - 1))
         bf = bias.to(torch.float32) * (x_scale * ws)
         y = prod(xf, wf) + bf.reshape(1, -1, 1, 1) if conv else F.linear(xf, wf, bf)
-        if residual is not None and not after:
-            y = y + residual.to(torch.float32)
-        if act is not None:
-            y = act(y)
-        if residual is not None and after:
-            y = y + residual.to(torch.float32)
-        if out_scale is None:
-            return (y.to(torch_dtype(out)),)
-        return (quantize_values(y, out_scale, out_zp, out),)
+        return (finish(y, residual),)
     return run
 
 
