@@ -20,7 +20,9 @@ def _pct(a, q: float) -> float:
 
 def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int = 20, iterations: int = 200,
           duration: float | None = None, transfers: bool = True, cuda_graph: bool = True,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, context=None) -> dict[str, Any]:
+    """Measure ``engine`` at ``shapes`` (each input's opt shape where not given). ``context``: an
+    ExecutionContext of the engine to run in (a sweep over shapes reuses one); default a new one."""
     import numpy as np
     import torch
 
@@ -36,7 +38,7 @@ def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int 
     for spec in engine.inputs:
         shape = shapes[spec["name"]] if spec["name"] in shapes else default_shape(engine, spec)
         host.append(from_numpy(random_input(rng, spec["dtype"], shape)))         # 0-d stays 0-d
-    ctx = engine.context(cuda_graph=cuda_graph)
+    ctx = context if context is not None else engine.context(cuda_graph=cuda_graph)
     for spec, a in zip(engine.inputs, host):
         ctx._check(spec["name"], a)
     cuda = engine.device == "cuda"

@@ -1,4 +1,11 @@
-"""`kiln bench`: trtexec's measurements for a Kiln engine (the measuring is kiln.bench.bench)."""
+"""`kiln bench`: trtexec's measurements for a Kiln engine (the measuring is kiln.bench.bench).
+
+Several shape sets sweep the engine's range in one run, one row each: ``--shapes x:1x3x224x224
+--shapes x:8x3x224x224`` or ``--shapes 'x:1x3x224x224;x:8x3x224x224'``. A ``;`` starts a new set, and so
+does a ``--shapes`` that names an input the current set already has; one that names only new inputs
+joins it (``--shapes a:1x8 --shapes b:2x4`` is one set, as in every command). Inputs a set leaves out
+run at their profile's opt shape. All sets run in one execution context, as a server would.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +13,10 @@ import json
 from typing import Any
 
 from kiln.cli.base import Json, Plugins, Shapes, Threads, Tool, register
-from kiln.cli.base.args import check_output_file, number
+from kiln.cli.base.args import check_output_file, number, parse_shapes
+from kiln.errors import KilnError
+
+ShapeSet = dict[str, tuple[int, ...]]
 
 
 @register
@@ -15,8 +25,9 @@ class Bench(Tool):
     help = "measure an engine's latency and throughput (trtexec-style)"
     description = ("Benchmark ENGINE: warm-up, then timed iterations; latency min/mean/median/p90/p95/p99, "
                    "throughput, and host-to-device / compute / device-to-host split.")
-    groups = (Shapes("input shapes (default: each profile's opt shape)"), Json("print the summary as JSON"), Plugins(),
-              Threads())
+    groups = (Shapes("input shapes (default: each profile's opt shape); several sets sweep the range, one row "
+                     "each: ';' or a --shapes naming an input again starts a new set"),
+              Json("print the summary as JSON"), Plugins(), Threads())
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         p = parser
@@ -32,7 +43,10 @@ class Bench(Tool):
         p.add_argument("--export-profile", metavar="FILE.json", help="write per-layer times as JSON (for kiln view)")
 
     def run(self, args: argparse.Namespace) -> int:
-        shapes = Shapes.static(args)
+        sets = shape_sets(args.shapes)
+        if len(sets) > 1 and (args.profile or args.export_profile):
+            raise KilnError(f"--profile and --export-profile measure one shape set, but --shapes gives {len(sets)}; "
+                            f"give one set, or drop --profile/--export-profile.")
         if args.export_profile:
             check_output_file(args.export_profile, "--export-profile", keep=[args.engine])
         Plugins.load(args)
@@ -40,12 +54,23 @@ class Bench(Tool):
         import kiln
         from kiln.bench import bench
         engine = kiln.load(args.engine)
-        res = bench(engine, shapes, args.warmup, args.iterations, args.duration,
-                    not args.no_data_transfers, not args.no_cuda_graph, progress=True)
-        ctx, inputs = res.pop("_ctx"), res.pop("_inputs")
-        if engine.device == "cpu":
-            from kiln.kernels.cpu_threads import default_threads
-            res["threads"] = ctx.threads or default_threads()
+        ctx = engine.context(cuda_graph=not args.no_cuda_graph)
+        sweep = []
+        for shapes in sets:
+            res = bench(engine, shapes, args.warmup, args.iterations, args.duration,
+                        not args.no_data_transfers, not args.no_cuda_graph, progress=True, context=ctx)
+            inputs = res.pop("_inputs")
+            res.pop("_ctx")
+            if engine.device == "cpu":
+                from kiln.kernels.cpu_threads import default_threads
+                res["threads"] = ctx.threads or default_threads()
+            sweep.append(res)
+        if len(sweep) > 1:
+            if args.json:
+                print(json.dumps({"engine": args.engine, "sweep": sweep}, indent=1))
+            else:
+                _print_sweep(args.engine, sweep)
+            return 0
         rows = None
         if args.profile or args.export_profile:
             rows = ctx.profile(inputs)
@@ -62,16 +87,50 @@ class Bench(Tool):
         return 0
 
 
-def _print_summary(engine: str, res: dict[str, Any], rows: list[dict[str, Any]] | None) -> None:
-    """The measurements as text; ``rows``: per-layer times to list too."""
-    lat = res["latency_ms"]
-    print(f"Engine: {engine} on {res['device']} ({res['precision']}), shapes "
-          + ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in res["shapes"].items()))
+def shape_sets(specs: list[str] | None) -> list[ShapeSet]:
+    """The --shapes values as shape sets (see the module docstring); one empty set when none is given."""
+    sets: list[ShapeSet] = []
+    for spec in specs or ():
+        for i, part in enumerate(spec.split(";")):
+            shapes = parse_shapes(part, "--shapes")
+            if not shapes:
+                continue
+            if sets and i == 0 and not set(shapes) & set(sets[-1]):
+                sets[-1].update(shapes)
+            else:
+                sets.append(dict(shapes))
+    return sets or [{}]
+
+
+def _fmt_shapes(shapes: dict[str, list[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v)) or 'scalar'}" for k, v in shapes.items())
+
+
+def _print_mode(engine: str, res: dict[str, Any], shapes: bool) -> None:
+    print(f"Engine: {engine} on {res['device']} ({res['precision']})"
+          + (f", shapes {_fmt_shapes(res['shapes'])}" if shapes else ""))
     mode = "CUDA graph replay" if res["cuda_graph"] else "eager"
     if "threads" in res:
         mode += f" on {res['threads']} CPU threads"
-    print(f"Mode: {mode}, {res['iterations']} iterations, "
+    print(f"Mode: {mode}, {res['iterations']} iterations{'' if shapes else ' per shape set'}, "
           f"{'with' if res['transfers'] else 'without'} host/device transfers")
+
+
+def _print_sweep(engine: str, sweep: list[dict[str, Any]]) -> None:
+    """One row per shape set: latency median and p90, throughput in items/s."""
+    _print_mode(engine, sweep[0], shapes=False)
+    names = [_fmt_shapes(res["shapes"]) for res in sweep]
+    width = max(len("shapes"), *map(len, names))
+    print(f"{'shapes':<{width}}  {'median ms':>10}  {'p90 ms':>10}  {'items/s':>12}")
+    for name, res in zip(names, sweep):
+        lat = res["latency_ms"]
+        print(f"{name:<{width}}  {lat['median']:10.4f}  {lat['p90']:10.4f}  {res['throughput_items_per_s']:12.1f}")
+
+
+def _print_summary(engine: str, res: dict[str, Any], rows: list[dict[str, Any]] | None) -> None:
+    """The measurements as text; ``rows``: per-layer times to list too."""
+    lat = res["latency_ms"]
+    _print_mode(engine, res, shapes=True)
     print(f"Latency (ms): min {lat['min']:.4f}  mean {lat['mean']:.4f}  median {lat['median']:.4f}  "
           f"p90 {lat['p90']:.4f}  p95 {lat['p95']:.4f}  p99 {lat['p99']:.4f}  max {lat['max']:.4f}")
     print(f"Throughput: {res['throughput_qps']:.1f} qps, {res['throughput_items_per_s']:.1f} items/s")
