@@ -270,3 +270,30 @@ def test_top1_needs_classes():
     # a non-finite value where FP32 is finite: an infinite error, a disagreeing row
     got, ref = [[np.array([[np.nan, 1.0], [0.0, 1.0]])]], [[np.array([[2.0, 1.0], [0.0, 1.0]])]]
     assert measure("rel_l2", got, ref) == math.inf and measure("top1_agree", got, ref) == 0.5
+
+
+def test_reference_recomputed_beyond_its_budget():
+    """Batches whose FP32 outputs are not kept (over the memory budget) measure the same as kept ones."""
+    from kiln.builder.quant import evaluator, plan
+    calib = calib_data()
+    config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib[:32]}, {"x": calib[32:]}],
+                              calibrator="max")
+    net = kiln.onnx.parse(sensitive_mlp())
+    planned = plan(net, config, need_batches=True)
+    kept, recomputed = evaluator(net, planned, config), evaluator(net, planned, config)
+    recomputed.REFERENCE_BYTES = 0
+    for layers in (LAYERS, ("fc1", "fc3")):
+        a, b = kept("rel_l2", layers), recomputed("rel_l2", layers)
+        assert a == b and a > 0
+    assert len(kept._ref) == 2 and not recomputed._ref
+
+
+def test_accuracy_needs_calibration_data_with_a_cache(tmp_path):
+    """Ranges from a cache, but --accuracy measures on the data: without --calib, one line saying so."""
+    calib = calib_data()
+    base = {"device": "cpu", "quantize": "int8", "calibrator": "max", "profiles": {"x": calib.shape},
+            "calib_cache": str(tmp_path / "c.json")}
+    kiln.build(kiln.onnx.parse(sensitive_mlp()), kiln.BuildConfig(calibration=[{"x": calib}], **base))
+    with pytest.raises(BuildError) as e:
+        kiln.build(kiln.onnx.parse(sensitive_mlp()), kiln.BuildConfig(accuracy="rel_l2<=0.05", **base))
+    assert "\n" not in str(e.value) and "calibration data to measure --accuracy on" in str(e.value)

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from kiln.builder.quant.record import engine_notes
+from kiln.engine.quant_record import engine_notes
 from kiln.engine import read_engine, write_engine
 
 from _quant_models import cnn

@@ -71,6 +71,6 @@ class Build(Tool):
               f"{engine.header['device']['name']} ({engine.device}), {time.perf_counter() - progress.t0:.1f} s")
         accuracy = engine.header["build"].get("quantization", {}).get("accuracy")
         if accuracy:
-            from kiln.builder.quant.record import accuracy_text
+            from kiln.engine.quant_record import accuracy_text
             print(accuracy_text(accuracy, precision))
         return 0

@@ -40,9 +40,9 @@ class Inspect(Tool):
 
 
 def _quant_notes(path: str, header: dict[str, Any]) -> tuple[list[str | None], str | None]:
-    """Each layer's 8-bit scales (kiln.builder.quant.record); the engine's weights are read only when it has
+    """Each layer's 8-bit scales (kiln.engine.quant_record); the engine's weights are read only when it has
     Q/DQ layers."""
-    from kiln.builder.quant.record import engine_notes
+    from kiln.engine.quant_record import engine_notes
     weights = {}
     if any(layer["kind"] in ("QuantizeLinear", "DequantizeLinear") for layer in header["layers"]):
         from kiln.engine import read_engine

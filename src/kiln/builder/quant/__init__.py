@@ -3,7 +3,8 @@ quantized one (Q/DQ layers around convolutions and GEMMs), which the builder the
 
 ``quantize(network, config)`` is the builder's hook for ``BuildConfig(quantize="int8", calibration=...)``;
 calibrators.py holds the range algorithms, calibrate.py the data and the FP32 runs, insert.py the rewrite,
-cache.py the calibration cache.
+cache.py the calibration cache, accuracy.py the ``accuracy=`` target and sensitivity search
+(kiln.engine.quant_record reads back what the engine header records of it).
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
     ``plan``); with ``config.accuracy``, the fewest layers the target needs stay unquantized (accuracy.search),
     and ``metadata["quantization"]["accuracy"]`` says which and what was measured."""
     from kiln.builder.quant.accuracy import parse_target, samples, search
-    from kiln.builder.quant.record import finite_or_none
+    from kiln.engine.quant_record import finite_or_none
     say = progress or (lambda stage, frac: None)
     accuracy = config.accuracy
     p = planned or plan(network, config, say, need_batches=bool(accuracy))

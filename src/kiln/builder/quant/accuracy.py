@@ -6,9 +6,10 @@ A target is one of ``rel_l2<=X`` (relative L2 error of every float output, the w
 whose argmax over the last axis of the first output agrees with FP32; X in [0, 1], or a percentage like 99%).
 Errors are measured against the FP32 network, run by Kiln on the build's device, on the calibration batches.
 
-Sensitivity is measured as NVIDIA's pytorch-quantization and TensorRT's QAT tutorials do: starting from the
-fully quantized network, one layer's quantization is removed at a time; the layer whose removal lowers the error
-most is the most sensitive. The search keeps layers in that order until the target holds, then drops again any
+Sensitivity is measured as NVIDIA's YOLOv7 QAT example (yolo_deepstream, ``cmd_sensitive_analysis``, on
+pytorch-quantization) does: starting from the fully quantized network, one layer's quantization is removed at a
+time; the layer whose removal lowers the error most is the most sensitive. (YOLOv6's partial quantization
+measures each layer quantized alone; ``kiln compare --per-layer`` reports both.) The search keeps layers in that order until the target holds, then drops again any
 kept layer the target does not need (least sensitive first), so no kept layer can be given back alone.
 Kept layers run in the build's float precision (FP16 with ``--fp16``, else FP32).
 """
@@ -21,10 +22,10 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from kiln.engine.quant_record import ACCURACY_METRICS as METRICS
 from kiln.errors import BuildError
 from kiln.ir.network import Network
 
-METRICS = {"rel_l2": "<=", "max_abs": "<=", "top1_agree": ">="}
 _GRAMMAR = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>|=)\s*([^\s%]+)\s*(%?)\s*$")
 Batch = dict[str, np.ndarray]
 
@@ -72,39 +73,52 @@ def parse_target(text: str) -> AccuracyTarget:
     return AccuracyTarget(metric, bound, text)
 
 
-def measure(metric: str, got: Sequence[Sequence[np.ndarray]], ref: Sequence[Sequence[np.ndarray]]) -> float:
-    """``metric`` of outputs ``got`` against ``ref`` (each: per batch, the network's outputs in order); a
-    non-finite value where FP32 is finite makes an error metric infinite and the row disagree."""
-    if metric == "top1_agree":
-        agree = total = 0
-        for g, r in zip(got, ref):
-            a, b = _f64(g[0]), _f64(r[0])
+class Meter:
+    """``metric`` accumulated batch by batch: ``add`` one batch's outputs (in order) and FP32's, ``value`` at the
+    end. A non-finite value where FP32 is finite makes an error metric infinite and its row disagree."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.agree = self.rows = 0
+        self.diff2: dict[int, float] = {}
+        self.norm2: dict[int, float] = {}
+        self.big: dict[int, float] = {}
+
+    def add(self, got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> None:
+        if self.metric == "top1_agree":
+            a, b = _f64(got[0]), _f64(ref[0])
             if a.ndim == 0 or a.shape[-1] < 2:
                 raise BuildError(f"--accuracy top1_agree needs a first output with at least 2 classes along its last "
                                  f"axis; it has shape {list(a.shape)}. Use rel_l2 or max_abs.")
             a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-            ok = np.isfinite(a).all(axis=1)
-            agree += int(np.sum(ok & (a.argmax(axis=1) == b.argmax(axis=1))))
-            total += len(a)
-        return agree / total if total else math.nan
-    worst = 0.0
-    for k in range(len(ref[0]) if ref else 0):
-        if not np.issubdtype(np.asarray(ref[0][k]).dtype, np.floating):
-            continue
-        diff2 = norm2 = 0.0
-        big = 0.0
-        for g, r in zip(got, ref):
-            a, b = _f64(g[k]).ravel(), _f64(r[k]).ravel()
+            self.agree += int(np.sum(np.isfinite(a).all(axis=1) & (a.argmax(axis=1) == b.argmax(axis=1))))
+            self.rows += len(a)
+            return
+        for k, (g, r) in enumerate(zip(got, ref)):
+            if not np.issubdtype(np.asarray(r).dtype, np.floating):
+                continue
+            a, b = _f64(g).ravel(), _f64(r).ravel()
             fin = np.isfinite(b)
-            if np.any(fin & ~np.isfinite(a)):
-                return math.inf
             d = np.abs(a[fin] - b[fin])
-            diff2 += float(np.dot(d, d))
-            norm2 += float(np.dot(b[fin], b[fin]))
-            big = max(big, float(d.max()) if d.size else 0.0)
-        value = big if metric == "max_abs" else math.sqrt(diff2) / max(math.sqrt(norm2), 1e-30)
-        worst = max(worst, value)
-    return worst
+            lost = bool(np.any(fin & ~np.isfinite(a)))
+            self.diff2[k] = math.inf if lost else self.diff2.get(k, 0.0) + float(np.dot(d, d))
+            self.norm2[k] = self.norm2.get(k, 0.0) + float(np.dot(b[fin], b[fin]))
+            self.big[k] = math.inf if lost else max(self.big.get(k, 0.0), float(d.max()) if d.size else 0.0)
+
+    def value(self) -> float:
+        if self.metric == "top1_agree":
+            return self.agree / self.rows if self.rows else math.nan
+        if self.metric == "max_abs":
+            return max(self.big.values(), default=0.0)
+        return max((math.sqrt(self.diff2[k]) / max(math.sqrt(self.norm2[k]), 1e-30) for k in self.diff2), default=0.0)
+
+
+def measure(metric: str, got: Sequence[Sequence[np.ndarray]], ref: Sequence[Sequence[np.ndarray]]) -> float:
+    """``metric`` of outputs ``got`` against ``ref`` (each: per batch, the network's outputs in order)."""
+    meter = Meter(metric)
+    for g, r in zip(got, ref):
+        meter.add(g, r)
+    return meter.value()
 
 
 def _f64(v: np.ndarray) -> np.ndarray:
@@ -112,27 +126,41 @@ def _f64(v: np.ndarray) -> np.ndarray:
 
 
 class Evaluator:
-    """Runs ``network`` with a chosen set of its quantizable layers quantized (``make(names)`` builds that
-    network) on the calibration ``batches`` and measures it against the FP32 outputs; results are kept by
-    layer set."""
+    """Measures ``network`` with a chosen set of its quantizable layers quantized (``make(names)`` builds that
+    network) on the calibration ``batches`` against the FP32 network, batch by batch; FP32's outputs are kept up
+    to ``REFERENCE_BYTES`` (recomputed per batch beyond), and every measured value by metric and layer set."""
+
+    REFERENCE_BYTES = 1 << 28
 
     def __init__(self, network: Network, make: Callable[[frozenset[str]], Network], batches: list[Batch],
                  device: str, precision: str = "fp32", fp32_layers: Sequence[str] = ()) -> None:
         self.network, self.make, self.batches, self.device = network, make, batches, device
         self.precision, self.fp32_layers = precision, tuple(fp32_layers)
-        self.ref = run_outputs(network, batches, device)
-        self._seen: dict[frozenset[str], list[list[np.ndarray]]] = {}
+        self._ref_ctx = _context(network, batches, device)
+        self._ref: dict[int, list[np.ndarray]] = {}
+        self._ref_bytes = 0
+        self._seen: dict[tuple[str, frozenset[str]], float] = {}
 
-    def outputs(self, quantized: Iterable[str]) -> list[list[np.ndarray]]:
-        """The outputs, per batch, with exactly the layers ``quantized`` quantized."""
-        key = frozenset(quantized)
-        if key not in self._seen:
-            net = self.make(key) if key else self.network
-            self._seen[key] = run_outputs(net, self.batches, self.device, self.precision, self.fp32_layers)
-        return self._seen[key]
+    def _reference(self, i: int) -> list[np.ndarray]:
+        if i in self._ref:
+            return self._ref[i]
+        out = _outputs(self._ref_ctx, self.network, self.batches[i])
+        size = sum(a.nbytes for a in out)
+        if self._ref_bytes + size <= self.REFERENCE_BYTES:
+            self._ref[i], self._ref_bytes = out, self._ref_bytes + size
+        return out
 
     def __call__(self, metric: str, quantized: Iterable[str]) -> float:
-        return measure(metric, self.outputs(quantized), self.ref)
+        """``metric`` with exactly the layers ``quantized`` quantized."""
+        key = (metric, frozenset(quantized))
+        if key not in self._seen:
+            net = self.make(key[1]) if key[1] else self.network
+            ctx = _context(net, self.batches, self.device, self.precision, self.fp32_layers)
+            meter = Meter(metric)
+            for i, b in enumerate(self.batches):
+                meter.add(_outputs(ctx, net, b), self._reference(i))
+            self._seen[key] = meter.value()
+        return self._seen[key]
 
 
 class Sensitivity(NamedTuple):
@@ -198,7 +226,7 @@ def search(evaluate: Evaluator, layers: Sequence[str], target: AccuracyTarget, f
     if not target.met(none):
         raise BuildError(f"--accuracy {target} cannot be met on the calibration data: even with no layer quantized "
                          f"({float_name}) {target.metric} is {none:.4g} (every layer quantized: {full:.4g}); loosen "
-                         f"the target, or build without --int8.")
+                         f"the target, or build without quantization.")
     ranked = [s.layer for s in sensitivity(evaluate, layers, target.metric,
                                            progress=(lambda f: progress(0.8 * f)) if progress else None)]
     kept: list[str] = []
@@ -220,15 +248,13 @@ def samples(batches: Sequence[Batch]) -> int:
     return int(sum(len(next(iter(b.values()))) for b in batches))
 
 
-def run_outputs(net: Network, batches: list[Batch], device: str, precision: str = "fp32",
-                fp32_layers: Sequence[str] = ()) -> list[list[np.ndarray]]:
-    """``net``'s outputs (in order) on each batch, built with untimed tactics in ``precision``."""
+def _context(net: Network, batches: list[Batch], device: str, precision: str = "fp32",
+             fp32_layers: Sequence[str] = ()):
     from kiln.builder.quant.calibrate import engine_for
-    ctx = engine_for(net, batches, device, precision, fp32_layers).context()
-    names = [t.name for t in net.outputs]
-    out = []
-    for b in batches:
-        values = ctx.run(b)
-        out.append([np.array(values[n], copy=True) for n in names])
-    return out
+    return engine_for(net, batches, device, precision, fp32_layers).context()
 
+
+def _outputs(ctx, net: Network, batch: Batch) -> list[np.ndarray]:
+    """``net``'s outputs (in order) on one batch, copied out of the engine's buffers."""
+    values = ctx.run(batch)
+    return [np.array(values[t.name], copy=True) for t in net.outputs]

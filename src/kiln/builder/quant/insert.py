@@ -87,7 +87,7 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int, qmax: float) ->
 def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8") -> dict[str, dict]:
     """Rewrite ``net`` in place: each target reads its weight dequantized from int8 and its activations
     through a shared Q/DQ pair with the scale ``amax[name] / 127``. Returns each target's scales by layer name
-    (record.py's layer record)."""
+    (the layer record of kiln.engine.quant_record)."""
     dtype, qmax = TYPES[mode]
     pairs: dict[str, object] = {}
     scales: dict[str, dict] = {}
