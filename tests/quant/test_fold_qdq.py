@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -67,7 +68,9 @@ def _ort_codes(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    fp8 = {o.name for o in m.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT8E4M3FN}
+    return {o.name: v.view(ml_dtypes.float8_e4m3fn) if o.name in fp8 else v       # FP8 comes back as its bits
+            for o, v in zip(sess.get_outputs(), sess.run(None, {"x": x}))}
 
 
 def _assert_codes_match(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
@@ -204,3 +207,68 @@ def test_8bit_layers_are_timed_on_8bit_codes(tmp_path, fold_on_cpu):
     assert len(timed) == 2
     for times in timed:
         assert set(times) == {"reference", "int_mm"} and all(np.isfinite(list(times.values())))
+
+
+def _fp8_mlp() -> onnx.ModelProto:
+    """x -> Q/DQ (FP8 E4M3, per tensor) -> MatMul with an FP8 weight per output channel -> + b -> ReLU -> Q/DQ:
+    the explicit FP8 quantization NVIDIA's ModelOpt writes (opset 21)."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((32, 24)).astype(np.float32)
+    ws = (np.abs(w).max(0) / 448).astype(np.float32)
+
+    def fp8(name: str, v: np.ndarray) -> onnx.TensorProto:
+        return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, v.shape,
+                                  np.asarray(v).astype(ml_dtypes.float8_e4m3fn).view(np.uint8).tobytes(), raw=True)
+    inits = [numpy_helper.from_array(np.asarray(0.01, np.float32), "xs"), fp8("xz", np.zeros(())),
+             fp8("wq", w / ws), numpy_helper.from_array(ws, "ws"), fp8("wz", np.zeros(24)),
+             numpy_helper.from_array(np.asarray(0.05, np.float32), "ys"), fp8("yz", np.zeros(())),
+             numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="add"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["yq"], name="qy"),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dqy")]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    return m
+
+
+def _assert_fp8_match(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
+    """FP8 codes: nearly all equal, the rest one E4M3 step apart (at most 1/8 of the value, or a subnormal step)."""
+    a, b = ours.astype(np.float64), ref.astype(np.float64)
+    assert np.mean(a == b) > 0.95, name
+    assert np.all(np.abs(a - b) <= np.maximum(np.abs(b) / 8, 2.0 ** -9) * 1.0001), name
+    assert np.unique(b).size > 20, name
+
+
+def test_fp8_qdq_model_folds_and_matches_onnxruntime(fold_on_cpu):
+    """MatMul + bias (which epilogue fusion makes a FullyConnected with the transposed weight) still folds into
+    an FP8 QFullyConnected; its reference tactic, the scaled_mm GEMM and the Triton FP8 kernel (interpreted)
+    write ONNX Runtime's FP8 codes."""
+    model = _fp8_mlp()
+    x = (np.random.default_rng(6).standard_normal((16, 32)) * 2).astype(np.float32)
+    ref = _ort_codes(model, x)
+    net = kiln.onnx.parse(model)
+    net.mark_output(net.tensors["yq"])
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    assert [(layer["kind"], layer["precision"]) for layer in engine.layers if layer["kind"].startswith("Q")] == \
+        [("QuantizeLinear", "fp32"), ("QFullyConnected", "fp8")]
+    ours = engine.context().run({"x": x})
+    _assert_fp8_match(ours["yq"], ref["yq"], "engine")
+    layer = next(layer for layer in build_module.prepare(kiln.onnx.parse(model), kiln.BuildConfig(
+        device="cpu", profiles={"x": x.shape})).net.layers if layer.kind == "QFullyConnected")
+    xq = torch.from_numpy(ref["xq"].view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    ins = [xq] + [torch.from_numpy(np.asarray(t.value).view(np.uint8)).view(torch.float8_e4m3fn)
+                  if t.dtype == "float8_e4m3fn" else torch.from_numpy(np.asarray(t.value)) for t in layer.inputs[1:]]
+    ctx = KernelContext(device="cpu", input_dtypes=tuple(t.dtype for t in layer.inputs))
+    tactics = ["reference", "scaled_mm"] + (["triton_fp8"] if HAS_TRITON and interpreting() else [])
+    for tactic in tactics:
+        got = get_tactic("QFullyConnected", tactic).make(layer.attrs, ctx)(*ins)[0]
+        assert got.dtype == torch.float8_e4m3fn
+        _assert_fp8_match(got.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), ref["yq"], tactic)

@@ -17,6 +17,7 @@ import torch
 
 from kiln.builder.shapes import UNKNOWN, evaluate
 from kiln.builder.timing_cache import TimingCache
+from kiln.ir.dtypes import from_numpy
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network
 from kiln.kernels import KernelContext, tactics_for
@@ -208,10 +209,7 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
             ins.append(None)
             continue
         if t.is_constant:
-            arr = t.value
-            tt = torch.from_numpy(np.require(arr, requirements="C").view(np.int16)).view(torch.bfloat16) \
-                if arr.dtype.name == "bfloat16" else torch.from_numpy(np.require(arr, requirements="C"))
-            ins.append(tt.to(device))
+            ins.append(from_numpy(np.require(t.value, requirements="C")).to(device))      # bfloat16, float8 too
             continue
         v = vals.get(t.name, UNKNOWN)
         if v is UNKNOWN or not (v.dtype.is_floating_point or v.dtype in _CODES):

@@ -18,22 +18,24 @@ units of x_scale * w_scale, as ONNX Runtime stores it (a float bias is rounded t
 
 Constant folding (a default pass) turns each weight's DequantizeLinear into a float constant; the
 ``RecordQuantizedConstants`` pass runs first, makes those constants itself and keeps their codes and scales in
-the network's metadata. The fold takes a weight's codes back only while its float value is still exactly
-their dequantization: a weight another pass rewrote (BN folding) is no longer 8-bit, and stays float.
+the network's metadata, found by the float value's content (and its transpose's, which epilogue fusion makes
+of a MatMul weight). The fold takes a weight's codes back only when its float value is exactly their
+dequantization: a weight another pass rescaled (BN folding) is no longer 8-bit, and stays float.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 
-from kiln.ir.network import Layer, Network
+from kiln.ir.network import Layer, Network, Tensor
 from kiln.passes._match import scalar, substitute
 from kiln.passes.base import Pass, PassResult, Stats
 from kiln.passes.rewrite import ANY, Match, Op, Rule, Var, rewrite
 
-RECORDS = "quantized_constants"       # network metadata: constant name -> Record
+RECORDS = "quantized_constants"       # network metadata: digest of a float constant's content -> Record
 CODES = ("int8", "uint8", "float8_e4m3fn")
 FLOAT_OUT = ("float32", "float16", "bfloat16")
 GEMMS = ("Convolution", "FullyConnected", "MatMul", "Gemm")
@@ -63,6 +65,18 @@ def _dequantized(codes: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     return (codes.astype(np.float32) * s.reshape(s.shape if s.size > 1 else ())).astype(np.float32)
 
 
+def _digest(value: np.ndarray) -> str:
+    return hashlib.sha1(value.dtype.str.encode() + np.ascontiguousarray(value).tobytes()).hexdigest()
+
+
+def _find(t: Tensor | None, records: dict[str, Record]) -> Record | None:
+    """The record whose dequantization ``t``'s value exactly is, if any."""
+    if t is None or not t.is_constant or t.dtype != "float32":
+        return None
+    rec = records.get(_digest(np.asarray(t.value)))
+    return rec if rec is not None and np.array_equal(t.value, _dequantized(*rec)) else None
+
+
 class RecordQuantizedConstants(Pass):
     """Each DequantizeLinear of constant int8/int32/FP8 codes with zero points 0 and a float32 result becomes
     that float constant, its codes and scales kept in ``network.metadata[RECORDS]`` (runs before constant
@@ -82,7 +96,10 @@ class RecordQuantizedConstants(Pass):
             c = net.add_constant(value, name=net.unique_name(f"{out.name}_dequantized"))
             net.replace_all_uses(out, c)
             net.remove_layer(dq)
-            records[c.name] = Record(*found)
+            codes, scale, axis = found
+            records[_digest(value)] = Record(codes, scale, axis)
+            if value.ndim == 2:
+                records[_digest(value.T)] = Record(codes.T, scale, 1 - axis)
             changed = True
         net.remove_unused_constants()
         return PassResult(net, changed)
@@ -131,9 +148,8 @@ def _activation(dq: Layer) -> tuple[float, int, str] | str:
 
 def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.ndarray] | str:
     """The weight codes as [N, ...] (output channel first) and a float32 scale per output channel."""
-    w = layer.inputs[1] if len(layer.inputs) > 1 else None
-    rec = records.get(w.name) if w is not None and w.is_constant else None
-    if rec is None or not np.array_equal(w.value, _dequantized(*rec), equal_nan=True):
+    rec = _find(layer.inputs[1] if len(layer.inputs) > 1 else None, records)
+    if rec is None:
         return "its weight is not a constant quantized with DequantizeLinear (zero points 0), or a pass rewrote it"
     codes, scale, axis = rec
     if codes.dtype.name not in ("int8", "float8_e4m3fn"):
@@ -162,9 +178,9 @@ def _bias(layer: Layer, records: dict[str, Record], mult: np.ndarray) -> np.ndar
     if not b.is_constant or b.value.size not in (1, n) or (b.value.size == n and b.value.ndim > 1
                                                             and b.value.shape[-1] != n):
         return "its bias is not a constant with one value per output channel"
-    rec = records.get(b.name)
+    rec = _find(b, records)
     if rec is not None and rec.codes.dtype == np.int32 and rec.codes.size == n and np.array_equal(
-            np.broadcast_to(rec.scale, (n,)), mult) and np.array_equal(b.value, _dequantized(*rec)):
+            np.broadcast_to(rec.scale, (n,)), mult):
         return rec.codes.reshape(n).astype(np.int32)
     q = np.rint(np.broadcast_to(np.asarray(b.value, np.float64).reshape(-1), (n,)) / mult.astype(np.float64))
     if not np.all(np.isfinite(q)) or q.min(initial=0) < INT32[0] or q.max(initial=0) > INT32[1]:

@@ -2,8 +2,8 @@
 QLinearMatMul/QLinearConv and MatMulInteger/ConvInteger.
 
 Version differences are attributes with defaults (axis from 13, saturate from 19, block_size and
-output_dtype from 21), so one converter per op reads them all. Float8, 4-bit and 2-bit types are
-refused by the parser's type check before a converter runs.
+output_dtype from 21), so one converter per op reads them all. Of the float8 types, E4M3 (FP8 engines'
+type) quantizes and dequantizes; the other float8, 4-bit and 2-bit types are refused.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kiln.onnx.ops._common import spatial_pads
 from kiln.onnx.parser import onnx_dtype
 from kiln.onnx.registry import converter
 
-_QUANT_TYPES = ("uint8", "int8", "uint16", "int16")
+_QUANT_TYPES = ("uint8", "int8", "uint16", "int16", "float8_e4m3fn")
 
 
 @converter("QuantizeLinear", since=10)
@@ -26,7 +26,7 @@ def quantize_linear(ctx, node):
         out = "uint8"
     if out not in _QUANT_TYPES:
         raise ParseError(f"Node {node.name!r} (QuantizeLinear) quantizes to {out}; Kiln supports "
-                         f"{', '.join(_QUANT_TYPES)} (float8 and 4/2-bit types are not supported yet).")
+                         f"{', '.join(_QUANT_TYPES)} (other float8 and 4/2-bit types are not supported yet).")
     return ctx.add1("QuantizeLinear", [x, scale, zp], {"axis": node.attr("axis", 1), "to": out,
                                                        "block_size": node.attr("block_size", 0),
                                                        "saturate": node.attr("saturate", 1)}, dtype=out)
@@ -37,7 +37,8 @@ def dequantize_linear(ctx, node):
     x, scale, zp = node.input(0), node.input(1), node.input(2)
     if x.dtype not in _QUANT_TYPES + ("int32",):
         raise ParseError(f"Node {node.name!r} (DequantizeLinear) reads {x.dtype}; Kiln dequantizes "
-                         f"{', '.join(_QUANT_TYPES + ('int32',))} (float8 and 4/2-bit types are not supported yet).")
+                         f"{', '.join(_QUANT_TYPES + ('int32',))} (other float8 and 4/2-bit types are not supported "
+                         f"yet).")
     out = onnx_dtype(node.attr("output_dtype"), f"Node {node.name!r} ") if node.attr("output_dtype") else scale.dtype
     y = ctx.add1("DequantizeLinear", [x, scale, zp], {"axis": node.attr("axis", 1), "to": out,
                                                       "block_size": node.attr("block_size", 0)}, dtype=out)
