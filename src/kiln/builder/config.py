@@ -60,14 +60,23 @@ class Profile:
                         f"{list(max(d, 1) for d in dims)}.")
             if not (len(mn) == len(opt) == len(mx)):
                 raise BuildError(f"Profile for input {name!r} has min/opt/max of different ranks: {mn}, {opt}, {mx}.")
-            if not all(a <= b <= c for a, b, c in zip(mn, opt, mx)):
-                raise BuildError(f"Profile for input {name!r} needs min <= opt <= max in every dim; got min {list(mn)}, "
-                                 f"opt {list(opt)}, max {list(mx)}.")
+            _check_order(name, mn, opt, mx)
             shapes[name] = (mn, opt, mx)
         return cls(shapes)
 
     def to_json(self) -> dict[str, dict[str, list[int]]]:
         return {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in self.shapes.items()}
+
+
+def _check_order(name: str, mn: tuple[int, ...], opt: tuple[int, ...], mx: tuple[int, ...]) -> None:
+    """Refuse, naming the first offending dim and its three values, a profile without min <= opt <= max."""
+    for i, (a, b, c) in enumerate(zip(mn, opt, mx)):
+        if a > c:
+            raise BuildError(f"Profile for input {name!r} has min {a} > max {c} in dim {i} (min {a}, opt {b}, max {c}); "
+                             f"give min <= opt <= max in every dim.")
+        if not a <= b <= c:
+            raise BuildError(f"Profile for input {name!r} has opt {b} outside [min {a}, max {c}] in dim {i} (min {a}, "
+                             f"opt {b}, max {c}); give an opt shape between min and max.")
 
 
 def _dims(name: str, shape: Any) -> tuple[int, ...]:
@@ -126,6 +135,7 @@ class BuildConfig:
             raise BuildError(f"Device {self.device!r} is not supported; use 'cpu' or 'cuda'.")
         if not _is_int(self.optimization_level) or not 0 <= self.optimization_level <= 5:
             raise BuildError(f"optimization_level must be an integer 0..5, got {self.optimization_level!r}.")
+        self.profile_list()                 # a malformed profile is refused before any work
         if self.workspace is not None and (not _is_int(self.workspace) or self.workspace <= 0):
             raise BuildError(f"workspace is a memory limit in bytes and must be a positive integer, got "
                              f"{self.workspace!r}; leave it None for no limit.")
