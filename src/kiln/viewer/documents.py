@@ -94,7 +94,9 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
                    profile: str | os.PathLike | None = None, errors: str | os.PathLike | None = None,
                    rankdir: str = "TB", server: bool = False) -> Document:
     """Read everything and lay it out; raises ViewerError with one clear line when something cannot be read.
-    For the server (``server=True``) clusters hidden in the first view are laid out when they open.
+    For the server (``server=True``) clusters hidden in the first view are laid out when they open, and a
+    model whose reader has a slow second step (ONNX shape inference) is shown as the file states it first: the
+    Document's ``complete`` then builds the final one (kiln.viewer.server.Source runs it in the background).
     ``errors`` (from ``kiln compare --per-layer``) colours the ONNX model's nodes by their accuracy error,
     and an engine pane's layers where they compute the same named tensors."""
     if rankdir not in ("TB", "LR"):
@@ -105,15 +107,33 @@ def build_document(model: Any, *, engine: str | os.PathLike | None = None,
                               "--errors go with one model.")
         from kiln.viewer.diff_page import build_diff_document
         return build_diff_document(*model, rankdir=rankdir, server=server)
-    vm = open_view_model(model)
+    complete = None
+    if server and isinstance(model, (str, os.PathLike)):
+        from kiln.viewer.formats import open_model_first
+        vm, complete = open_model_first(model)
+    else:
+        vm = open_view_model(model)
     prof = read_profile(profile) if profile else None
     report = accuracy.read_errors(errors) if errors else None
-    summary = None
+    ev = None
     if engine is not None:
         ev = open_view_model(engine)
         if ev.format != "Kiln engine":
             raise ViewerError(f"--engine expects a Kiln engine (.kiln), but {pathlib.Path(engine).name!r} is "
                               f"{ev.format}.")
+    parts = dict(ev=ev, engine=engine, prof=prof, profile=profile, report=report, errors=errors, rankdir=rankdir,
+                 server=server)
+    doc = _document(vm, **parts)
+    if complete is not None:
+        doc.complete = lambda: _document(complete(), **dict(parts, ev=ev and open_view_model(engine)))
+    return doc
+
+
+def _document(vm: ViewModel, *, ev: ViewModel | None, engine: Any, prof: dict | None, profile: Any,
+              report: dict | None, errors: Any, rankdir: str, server: bool) -> Document:
+    """The page of one model (and the engine beside it)."""
+    summary = None
+    if ev is not None:
         if prof:
             summary = apply_profile(ev, prof, os.path.basename(os.fspath(profile)))
         panes = [build_pane(ev, title=f"Engine · {pathlib.Path(engine).name}", lazy=server),

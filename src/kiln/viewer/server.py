@@ -5,6 +5,9 @@ joined to a folder, so ``/../etc/passwd`` and friends get a 404; requests with
 a Host header other than this server's own (DNS rebinding) get a 403. It binds
 127.0.0.1 unless told otherwise. When the model file changes on disk the next
 page load reads it again; a file that no longer reads shows the error page.
+A Document with a ``complete`` step (an ONNX model shown before its shapes are inferred) is served at once
+and replaced when that step, run in a background thread, returns; the page asks ``/api/model?after=N`` for
+the document that follows revision N.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ class Document:
     page: dict | None = None
     panes: list[pagemod.Pane] = field(default_factory=list)
     error: str | None = None
+    complete: Callable[[], "Document"] | None = field(default=None, repr=False)   # builds the final Document
+    revision: int = 0
     _body: bytes | None = field(default=None, repr=False)
 
     @property
@@ -50,8 +55,10 @@ class Source:
         self.build = build
         self.paths = paths or []
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.stamp: tuple | None = None
         self.doc: Document | None = None
+        self.revision = 0
 
     def _stamp(self) -> tuple:
         import os
@@ -69,15 +76,45 @@ class Source:
             stamp = self._stamp()
             if self.doc is None or stamp != self.stamp:
                 try:
-                    self.doc = self.build()
+                    doc = self.build()
                 except ViewerError as exc:
-                    self.doc = Document(error=str(exc))
+                    doc = Document(error=str(exc))
                 except Exception as exc:      # a reader bug: still an error page, never a traceback
-                    self.doc = Document(error=f"Kiln could not read the file ({type(exc).__name__}: {exc}).")
-                self.stamp = stamp
+                    doc = Document(error=f"Kiln could not read the file ({type(exc).__name__}: {exc}).")
+                self._install(doc, stamp)
             return self.doc
 
+    def after(self, revision: int, timeout: float) -> Document:
+        """The document once it is newer than ``revision`` or final (waits at most ``timeout`` seconds)."""
+        self.get()
+        with self.changed:
+            self.changed.wait_for(lambda: self.doc.revision > revision or self.doc.complete is None, timeout)
+            return self.doc
 
+    def _install(self, doc: Document, stamp: tuple | None) -> None:
+        """Make ``doc`` current (the lock is held) and start its completion, if it has one."""
+        self.revision += 1
+        doc.revision = self.revision
+        if doc.page is not None:
+            doc.page["revision"], doc.page["pending"] = doc.revision, doc.complete is not None
+        self.doc, self.stamp = doc, stamp
+        self.changed.notify_all()
+        if doc.complete is not None:
+            threading.Thread(target=self._complete, args=(doc,), name="kiln-view-complete", daemon=True).start()
+
+    def _complete(self, first: Document) -> None:
+        try:
+            final = first.complete()
+        except Exception as exc:              # the first document stays, final
+            sys.stderr.write(f"kiln view: the model's shapes could not be completed ({type(exc).__name__}: "
+                             f"{exc})\n")
+            final = Document(page=dict(first.page or {}), panes=first.panes)
+        with self.lock:
+            if self.doc is first:             # not replaced meanwhile (the file changed on disk)
+                self._install(final, self.stamp)
+
+
+_LONG_POLL_S = 20.0
 _NOT_FOUND = ("<!doctype html><meta charset=utf-8><title>Not found</title>"
               "<p style=\"font-family:sans-serif\">Not found. This server only shows the model it was started "
               "with.</p>")
@@ -131,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
                 name = route[len("/static/"):]
                 return self._send(200, static_bytes(name), STATIC[name])
             if route == "/api/model":
-                return self._send(200, self.server.source.get().body(), "application/json")
+                return self._model(query)
             if route in ("/api/weight", "/api/weight.npy"):
                 return self._weight(route.endswith(".npy"), query)
             if route == "/api/clusters":
@@ -150,6 +187,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(405, b"Method not allowed.", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"})
 
     do_PUT = do_DELETE = do_PATCH = do_POST
+
+    def _model(self, query: dict) -> None:
+        """The page data; with ``after=N``, the document that follows revision N (a long poll)."""
+        source = self.server.source
+        if "after" not in query:
+            return self._send(200, source.get().body(), "application/json")
+        try:
+            revision = int(query["after"][0])
+        except ValueError:
+            return self._send(404, _NOT_FOUND.encode("utf-8"), "text/html; charset=utf-8")
+        return self._send(200, source.after(revision, _LONG_POLL_S).body(), "application/json")
 
     def _clusters(self, query: dict) -> None:
         """Layout structures of clusters that were not part of the first view: {"id": structure}."""
@@ -202,6 +250,11 @@ class ViewerServer(ThreadingHTTPServer):
             raise ViewerError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port.") \
                 from None
         self.thread: threading.Thread | None = None
+
+    def handle_error(self, request, client_address) -> None:
+        """A browser that drops a connection is not an error worth a traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:

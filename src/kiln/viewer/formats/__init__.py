@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import pathlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from kiln.errors import ViewerError
 
@@ -99,9 +99,23 @@ def _close(handle: Any) -> None:
 
 def open_model(path: str | pathlib.Path):
     """Detect the format and read the file into a ViewModel, reusing what detection parsed."""
+    return _open(path, lambda reader, p, handle: reader.read(p, handle))
+
+
+def open_model_first(path: str | pathlib.Path) -> tuple[Any, Callable[[], Any] | None]:
+    """For a page that draws at once: the ViewModel as far as it reads quickly, and None or a function that
+    returns the complete one (a reader with a slow second step defines ``read_first``; ONNX: inferred shapes)."""
+    def first(reader, p: pathlib.Path, handle: Any):
+        if hasattr(reader, "read_first"):
+            return reader.read_first(p, handle)
+        return reader.read(p, handle), None
+    return _open(path, first)
+
+
+def _open(path: str | pathlib.Path, read: Callable[[Any, pathlib.Path, Any], Any]) -> Any:
     fmt, handle = match(path)
     try:
-        return _reader(fmt).read(pathlib.Path(path), handle)
+        return read(_reader(fmt), pathlib.Path(path), handle)
     except ViewerError:
         raise
     except Exception as exc:  # a reader's parse failure becomes one clear line

@@ -22,6 +22,7 @@ from kiln.errors import ViewerError
 # A schema is {field_number: (name, type)}; type is a scalar kind below, a
 # message name in the registry, "map:<keytype>:<valuetype>", or "raw:<dtype>"
 # (a packed numeric array kept as raw little-endian bytes, read with np.frombuffer).
+# Strings: "string" replaces invalid UTF-8, "text" keeps such bytes visible as \x escapes.
 Schema = dict[int, tuple[str, str]]
 
 _VARINT = {"int", "uint", "sint", "bool", "enum", "int32", "uint32", "sint32"}
@@ -124,10 +125,10 @@ def _scalar(kind: str, wt: int, value: Any) -> list:
         if wt == 2 and len(value) % size == 0:
             return list(struct.unpack(f"<{len(value) // size}{fmt[1]}", value))
         raise ProtoError(f"wire type {wt} for a {kind} field")
-    if kind == "string":
+    if kind in ("string", "text"):
         if wt != 2:
             raise ProtoError(f"wire type {wt} for a string field")
-        return [bytes(value).decode("utf-8", "replace")]
+        return [bytes(value).decode("utf-8", "replace" if kind == "string" else "backslashreplace")]
     if kind == "bytes":
         if wt != 2:
             raise ProtoError(f"wire type {wt} for a bytes field")
@@ -135,34 +136,107 @@ def _scalar(kind: str, wt: int, value: Any) -> list:
     raise ProtoError(f"unknown field kind {kind!r} in schema")
 
 
+_MSG, _MAP, _RAW, _TEXT, _SIGNED, _OTHER = range(6)
+_PLANS: dict[int, tuple[dict, dict]] = {}
+
+
+def _plan(registry: dict[str, Schema], type_name: str) -> dict[int, tuple[str, int, Any]]:
+    """The schema of ``type_name`` as field -> (name, how to decode, argument), made once per registry."""
+    entry = _PLANS.get(id(registry))
+    if entry is None or entry[0] is not registry:
+        entry = _PLANS[id(registry)] = (registry, {})
+    plans = entry[1]
+    plan = plans.get(type_name)
+    if plan is None:
+        plan = {}
+        for field, (name, kind) in registry[type_name].items():
+            if kind in registry:
+                plan[field] = (name, _MSG, kind)
+            elif kind.startswith("map:"):
+                plan[field] = (name, _MAP, tuple(kind.split(":")[1:]))
+            elif kind.startswith("raw:"):
+                plan[field] = (name, _RAW, wire_types(kind, registry))
+            elif kind == "text":
+                plan[field] = (name, _TEXT, kind)
+            elif kind in ("int", "enum", "int32"):
+                plan[field] = (name, _SIGNED, kind)
+            else:
+                plan[field] = (name, _OTHER, kind)
+        plans[type_name] = plan
+    return plan
+
+
 def decode(buf: bytes | memoryview, type_name: str, registry: dict[str, Schema], _depth: int = 0) -> Message:
     """Decode ``buf`` as message ``type_name``; unknown fields are skipped."""
     if _depth > _MAX_DEPTH:
         raise ProtoError("messages nested too deeply")
     mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-    schema = registry[type_name]
+    plan = _plan(registry, type_name)
     msg = Message()
-    for field, wt, value, _ in iter_fields(mv):
-        spec = schema.get(field)
+    pos, end = 0, len(mv)
+    while pos < end:                     # iter_fields, inlined: one-byte varints (most tags) read directly
+        tag = mv[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(mv, pos, end)
+        field, wt = tag >> 3, tag & 7
+        if field == 0:
+            raise ProtoError(f"field number 0 at byte {pos}")
+        if wt == 0:
+            if pos < end and mv[pos] < 0x80:
+                value = mv[pos]
+                pos += 1
+            else:
+                value, pos = _varint(mv, pos, end)
+        elif wt == 2:
+            if pos < end and mv[pos] < 0x80:
+                n = mv[pos]
+                pos += 1
+            else:
+                n, pos = _varint(mv, pos, end)
+            if n > end - pos:
+                raise ProtoError(f"field {field} claims {n} bytes but only {end - pos} remain")
+            value = mv[pos:pos + n]
+            pos += n
+        elif wt == 5 or wt == 1:
+            size = 4 if wt == 5 else 8
+            if pos + size > end:
+                raise ProtoError(f"{size}-byte field {field} runs past the end")
+            value = mv[pos:pos + size]
+            pos += size
+        else:
+            raise ProtoError(f"unsupported wire type {wt} for field {field}")
+        spec = plan.get(field)
         if spec is None:
             continue
-        name, kind = spec
-        if kind in registry:
+        name, how, arg = spec
+        if how == _MSG:
             if wt != 2:
                 raise ProtoError(f"wire type {wt} for message field {type_name}.{name}")
-            msg.setdefault(name, []).append(decode(value, kind, registry, _depth + 1))
-        elif kind.startswith("map:"):
+            item = decode(value, arg, registry, _depth + 1)
+        elif how == _TEXT and wt == 2:
+            item = str(value, "utf-8", "backslashreplace")
+        elif how == _SIGNED and wt == 0:
+            item = value if value < 1 << 63 else _signed(value)
+        elif how == _RAW:
+            if wt not in arg:
+                raise ProtoError(f"wire type {wt} for numeric field {type_name}.{name}")
+            item = value                 # keep bytes; see raw_array()
+        elif how == _MAP:
             if wt != 2:
                 raise ProtoError(f"wire type {wt} for map field {type_name}.{name}")
-            _, ktype, vtype = kind.split(":")
-            key, val = _map_entry(value, ktype, vtype, registry, _depth)
+            key, val = _map_entry(value, arg[0], arg[1], registry, _depth)
             msg.setdefault(name, {})[key] = val
-        elif kind.startswith("raw:"):
-            if wt not in wire_types(kind, registry):
-                raise ProtoError(f"wire type {wt} for numeric field {type_name}.{name}")
-            msg.setdefault(name, []).append(value)   # keep bytes; see raw_array()
+            continue
         else:
-            msg.setdefault(name, []).extend(_scalar(kind, wt, value))
+            msg.setdefault(name, []).extend(_scalar(arg, wt, value))
+            continue
+        values = msg.get(name)
+        if values is None:
+            msg[name] = [item]
+        else:
+            values.append(item)
     return msg
 
 
@@ -186,14 +260,18 @@ def raw_array(chunks: list, kind: str, dtype: str) -> np.ndarray:
     if kind in ("float", "double", "fixed32", "fixed64", "sfixed32", "sfixed64"):
         return np.frombuffer(b"".join(bytes(c) for c in chunks) if len(chunks) > 1 else chunks[0], dtype=dtype).copy()
     vals: list[int] = []
+    unsigned = kind in ("uint", "uint32")
     for c in chunks:   # a packed chunk, or one unpacked varint
-        vals.extend([_signed(c)] if isinstance(c, int) else _scalar("int", 2, c))
+        if isinstance(c, int):
+            vals.append(c if unsigned else _signed(c))
+        else:
+            vals.extend(_scalar("uint" if unsigned else "int", 2, c))
     return np.asarray(vals, dtype=dtype)
 
 
 def wire_types(kind: str, registry: dict[str, Schema]) -> set[int]:
     """The wire types a field of this kind may legally use."""
-    if kind in registry or kind.startswith("map:") or kind in ("string", "bytes"):
+    if kind in registry or kind.startswith("map:") or kind in ("string", "text", "bytes"):
         return {2}
     base = kind[4:].split(":")[0] if kind.startswith("raw:") else kind
     if base in _VARINT:
@@ -237,7 +315,7 @@ def conforming_fields(buf: bytes | memoryview, type_name: str, registry: dict[st
                 n, pos = _varint(mv, pos, end)
                 chunk = mv[pos:min(end, pos + n)]
                 truncated = pos + n > end
-                if kind == "string" and not truncated:
+                if kind in ("string", "text") and not truncated:
                     try:
                         bytes(chunk).decode("utf-8")
                     except UnicodeDecodeError:

@@ -1,24 +1,28 @@
 """ONNX reader: ModelProto (binary ``.onnx``/``.pb`` or text ``.onnxtxt``) → ViewModel.
 
-Weights stay in the file: initializers become lazy ViewWeights and external
-data is read only when a weight is opened, from a file inside the model's
-folder (``kiln.paths.resolve_inside``). Shapes of intermediate values come
-from ONNX shape inference run on a copy without the large initializers.
-Protobuf hands string fields holding invalid UTF-8 over as ``bytes``; every
-string read here goes through :func:`_text`, which keeps such bytes visible as
-``\\x`` escapes.
+The ModelProto is decoded by the viewer's own protobuf reader (``_onnx_proto``: the messages of
+onnx.proto by field number), so reading a binary file does not import onnx; every string and number
+comes out typed, invalid UTF-8 kept visible as ``\\x`` escapes. Weights stay in the file: initializers
+become lazy ViewWeights and external data is read only when a weight is opened, from a file inside the
+model's folder (``kiln.paths.resolve_inside``). Shapes of intermediate values and the ops' documentation
+and argument names come from onnx (shape inference on a copy without the large initializers, op schemas:
+``_onnx_infer``): in this process for :func:`read`, in a child process for the second step of
+:func:`read_first`, which the served page uses to draw before onnx is imported.
 """
 from __future__ import annotations
 
-import functools
+import json
 import math
 import pathlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.paths import PathEscapeError, resolve_inside
+from kiln.viewer.formats import _onnx_proto as P
+from kiln.viewer.formats import _protobuf as pb
 from kiln.viewer.formats._common import refused
 from kiln.viewer.graph import ViewArgument, ViewGraph, ViewModel, ViewNode, ViewTensor, ViewWeight
 
@@ -52,16 +56,7 @@ _CATEGORY_TABLE = {
 }
 CATEGORY = {op: cat for cat, ops in _CATEGORY_TABLE.items() for op in ops.split()}
 _KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
-_MAX_INLINE_BYTES = 1024          # initializers up to this size stay in the shape-inference copy
-
-
-def _text(value: str | bytes) -> str:
-    """A protobuf string field as text (invalid UTF-8 arrives as bytes)."""
-    return value if type(value) is str else bytes(value).decode("utf-8", "backslashreplace")
-
-
-def _texts(values) -> list[str]:
-    return [_text(v) for v in values]
+_INFER_TIMEOUT_S = 600
 
 
 def category(op_type: str, domain: str = "") -> str:
@@ -129,27 +124,59 @@ def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
 
 
 def read(path: pathlib.Path, handle: Any = None) -> ViewModel:
-    """Read an ONNX file without loading external weights."""
+    """Read an ONNX file completely (shapes of intermediate values by ONNX shape inference, op documentation),
+    without loading external weights. Imports onnx; :func:`read_first` does not."""
     from kiln.viewer.page import no_gc
+    path = pathlib.Path(path)
     with no_gc():            # many small long-lived objects: collections would cost more than the parse
-        return _read(pathlib.Path(path), handle)
+        data, model = _load(path, handle)
+        inferred, entries = _complete_here(data)
+        return _view_model(model, path, len(data), inferred, entries)
 
 
-def _read(path: pathlib.Path, kind: Any) -> ViewModel:
-    import onnx
-    if kind not in ("text", "binary"):
-        with open(path, "rb") as f:
-            kind = "text" if f.read(64).lstrip().startswith(b"<") else "binary"
-    if kind == "text":
-        import onnx.parser
-        model = onnx.parser.parse_model(path.read_text())
-    else:
+def read_first(path: pathlib.Path, handle: Any = None) -> tuple[ViewModel, Callable[[], ViewModel] | None]:
+    """The model as the file states it (shapes of graph inputs, outputs and value_info only; positional argument
+    names; no op documentation) read without importing onnx, and a function that returns the complete model
+    (what :func:`read` gives), computed in a child process. Text files are read completely at once."""
+    from kiln.viewer.page import no_gc
+    path = pathlib.Path(path)
+    if _kind(path, handle) == "text":
+        return read(path, "text"), None
+    with no_gc():
+        data, model = _load(path, "binary")
+        first = _view_model(model, path, len(data), None, None)
+
+    def complete() -> ViewModel:
         try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:
-            raise ViewerError(f"{path.name!r} is not a valid ONNX file ({type(exc).__name__}: {exc}); "
-                              f"re-export the model.") from None
-    return read_proto(model, path)
+            inferred, entries = _complete_apart(data)
+        except ViewerError as exc:
+            vm = _view_model(model, path, len(data), None, None)
+            vm.warnings.append(str(exc))
+            return vm
+        with no_gc():
+            return _view_model(model, path, len(data), inferred, entries)
+    return first, complete
+
+
+def _kind(path: pathlib.Path, kind: Any) -> str:
+    if kind in ("text", "binary"):
+        return kind
+    with open(path, "rb") as f:
+        return "text" if f.read(64).lstrip().startswith(b"<") else "binary"
+
+
+def _load(path: pathlib.Path, kind: Any) -> tuple[bytes, pb.Message]:
+    """The serialized ModelProto and its decoded message (a text file is parsed by onnx.parser first)."""
+    if _kind(path, kind) == "text":
+        import onnx.parser
+        data = onnx.parser.parse_model(path.read_text()).SerializeToString()
+    else:
+        data = path.read_bytes()
+    try:
+        return data, P.parse_model(data)
+    except pb.ProtoError as exc:
+        raise ViewerError(f"{path.name!r} is not a valid ONNX file (ProtoError: {exc}); re-export the model.") \
+            from None
 
 
 def read_proto(model: Any, path: pathlib.Path | None = None) -> ViewModel:
@@ -157,143 +184,191 @@ def read_proto(model: Any, path: pathlib.Path | None = None) -> ViewModel:
     import onnx
     if not isinstance(model, onnx.ModelProto):
         raise ViewerError(f"expected an onnx.ModelProto, got {type(model).__name__}.")
-    if not model.HasField("graph"):
+    data = model.SerializeToString()
+    inferred, entries = _complete_here(data)
+    return _view_model(P.parse_model(data), path, None, inferred, entries)
+
+
+def _complete_here(data: bytes) -> tuple[bytes, list]:
+    import onnx
+    from kiln.viewer.formats._onnx_infer import complete
+    return complete(onnx.ModelProto.FromString(data))
+
+
+def _complete_apart(data: bytes) -> tuple[bytes, list]:
+    """:func:`_onnx_infer.complete` in a child process; a failure is a ViewerError naming it."""
+    import subprocess
+    import sys
+    lead = "Shapes of intermediate values and operator documentation are not shown"
+    try:
+        run = subprocess.run([sys.executable, "-m", "kiln.viewer.formats._onnx_infer"], input=data,
+                             capture_output=True, timeout=_INFER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ViewerError(f"{lead}: ONNX shape inference took over {_INFER_TIMEOUT_S} s.") from None
+    except OSError as exc:
+        raise ViewerError(f"{lead}: {exc}.") from None
+    if run.returncode != 0:
+        last = (run.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+        if "No module named 'onnx'" in last:
+            last = "the onnx package is not installed (pip install onnx)"
+        raise ViewerError(f"{lead}: {last[:300]}.")
+    head, sep, inferred = run.stdout.partition(b"\n")
+    try:
+        entries = json.loads(head) if sep else None
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list):
+        raise ViewerError(f"{lead}: the shape-inference process answered something unexpected.")
+    return inferred, entries
+
+
+def _op_table(entries: list) -> dict[tuple[str, str], OpSchema]:
+    """Validated schema entries by (domain, op type); malformed entries are left out."""
+    table = {}
+    for e in entries:
+        if not (isinstance(e, list) and len(e) == 6 and isinstance(e[0], str) and isinstance(e[1], str)
+                and type(e[2]) is int and isinstance(e[5], str)
+                and all(isinstance(fs, list) and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                                                     and isinstance(f[1], bool) for f in fs) for fs in e[3:5])):
+            continue
+        table[(e[0], e[1])] = OpSchema(e[2], [(f[0], f[1]) for f in e[3]], [(f[0], f[1]) for f in e[4]], e[5])
+    return table
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    """What the page shows of an op's ONNX schema."""
+
+    since_version: int
+    inputs: list[tuple[str, bool]]      # (formal name, variadic)
+    outputs: list[tuple[str, bool]]
+    doc: str
+
+
+def _view_model(model: pb.Message, path: pathlib.Path | None, size: int | None, inferred: bytes | None,
+                entries: list | None) -> ViewModel:
+    graph_msg = model.one("graph")
+    if graph_msg is None:
         raise ViewerError("the ONNX model has no graph; re-export it.")
-    opsets = {_text(o.domain) or "": o.version for o in model.opset_import}
+    opsets = {o.one("domain", "") or "": o.one("version", 0) for o in model.all("opset_import")}
     base = path.parent if path else None
-    inferred = _infer(model)
-    reader = _GraphReader(opsets, base, {(_text(f.domain), _text(f.name)): f for f in model.functions})
-    graph = reader.graph(inferred.graph, _initializers(model.graph))
-    producer = " ".join(_text(p) for p in (model.producer_name, model.producer_version) if p) or None
-    props: dict[str, Any] = {"IR version": model.ir_version}
+    functions = {(f.one("domain", ""), f.one("name", "")): f for f in model.all("functions")}
+    reader = _GraphReader(_op_table(entries or []), base, functions)
+    declared = None
+    if inferred:
+        try:
+            declared = P.parse_shapes(inferred).one("graph")
+        except pb.ProtoError:
+            declared = None
+    graph = reader.graph(graph_msg, _initializers(graph_msg), declared=declared)
+    producer = " ".join(p for p in (model.one("producer_name", ""), model.one("producer_version", "")) if p) or None
+    props: dict[str, Any] = {"IR version": model.one("ir_version", 0)}
     props["Imports"] = ", ".join(f"{d or 'ai.onnx'} v{v}" for d, v in opsets.items())
-    if model.domain:
-        props["Domain"] = _text(model.domain)
-    if model.model_version:
-        props["Model version"] = model.model_version
-    if model.doc_string:
-        props["Description"] = _text(model.doc_string)
-    for kv in model.metadata_props:
-        props[_text(kv.key)] = _text(kv.value)
+    if model.one("domain", ""):
+        props["Domain"] = model.one("domain")
+    if model.one("model_version", 0):
+        props["Model version"] = model.one("model_version")
+    if model.one("doc_string", ""):
+        props["Description"] = model.one("doc_string")
+    for kv in model.all("metadata_props"):
+        props[kv.one("key", "")] = kv.one("value", "")
+    if size is None:
+        size = path.stat().st_size if path else len(inferred or b"")
     return ViewModel(format="ONNX", path=str(path) if path else None, producer=producer,
                      version=f"opset {opsets.get('', opsets.get('ai.onnx', '?'))}", properties=props,
-                     graphs=[graph], file_size=path.stat().st_size if path else model.ByteSize(),
-                     warnings=reader.warnings)
+                     graphs=[graph], file_size=size, warnings=reader.warnings)
 
 
-def _initializers(graph) -> dict[str, Any]:
-    return {_text(t.name): t for t in graph.initializer}
+def _initializers(graph: pb.Message) -> dict[str, pb.Message]:
+    return {t.one("name", ""): t for t in graph.all("initializer")}
 
 
-def _infer(model):
-    """Shape-infer a light copy: large initializers become typed graph inputs instead of data.
-
-    Returns the model itself when no copy can be made (protobuf refuses to set names that are not UTF-8)."""
-    import onnx
-    from onnx import helper
-    light = onnx.ModelProto()
-    try:
-        light.ir_version = model.ir_version
-        light.opset_import.extend(model.opset_import)
-        light.functions.extend(model.functions)
-        g = light.graph
-        g.name = model.graph.name
-        g.node.extend(model.graph.node)
-        g.output.extend(model.graph.output)
-        g.value_info.extend(model.graph.value_info)
-        names = {t.name for t in model.graph.initializer}
-        g.input.extend(i for i in model.graph.input if i.name not in names)
-        for t in model.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) + 8 * len(t.int64_data) \
-                    + 4 * len(t.float_data) + 4 * len(t.int32_data) <= _MAX_INLINE_BYTES:
-                g.initializer.append(t)
-            else:
-                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    except (UnicodeDecodeError, ValueError, TypeError):
-        return model
-    try:
-        return onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception:
-        return light
-
-
-def _dims(type_proto) -> tuple[list[int | str | None] | None, str | None]:
-    which = type_proto.WhichOneof("value")
+def _dims(type_proto: pb.Message | None) -> tuple[list[int | str | None] | None, str | None]:
+    which = next((w for w in P.TYPE_ONEOF if w in type_proto), None) if type_proto is not None else None
     if which == "tensor_type":
-        t = type_proto.tensor_type
-        dtype = _dtype_name(t.elem_type) if t.elem_type else None
-        if not t.HasField("shape"):
+        t = type_proto.one("tensor_type")
+        elem = t.one("elem_type", 0)
+        dtype = P.dtype_name(elem) if elem else None
+        shape = t.one("shape")
+        if shape is None:
             return None, dtype
-        return [d.dim_value if d.HasField("dim_value") else (_text(d.dim_param) or None) for d in t.shape.dim], dtype
-    if which == "sequence_type":
-        shape, dtype = _dims(type_proto.sequence_type.elem_type)
-        return shape, f"sequence<{dtype}>"
-    if which == "optional_type":
-        shape, dtype = _dims(type_proto.optional_type.elem_type)
-        return shape, f"optional<{dtype}>"
+        return [d.one("dim_value") if "dim_value" in d else (d.one("dim_param", "") or None)
+                for d in shape.all("dim")], dtype
+    if which in ("sequence_type", "optional_type"):
+        shape, dtype = _dims(type_proto.one(which).one("elem_type"))
+        return shape, f"{which.split('_')[0]}<{dtype}>"
     return None, which
 
 
 class _GraphReader:
     """Converts graphs (and If/Loop/Scan bodies and local functions) keeping node ids unique."""
 
-    def __init__(self, opsets: dict[str, int], base: pathlib.Path | None, functions: dict) -> None:
-        self.opsets = opsets
+    def __init__(self, ops: dict[tuple[str, str], OpSchema], base: pathlib.Path | None, functions: dict) -> None:
+        self.ops = ops
         self.base = base
         self.functions = functions
         self.count = 0
-        self.docs: dict[tuple[str, str], str | None] = {}
         self.warnings: list[str] = []
 
-    def graph(self, g, inits: dict[str, Any], name: str | None = None,
-              outer: dict[str, ViewTensor] | None = None) -> ViewGraph:
-        view = ViewGraph(name=name or _text(g.name) or "graph")
+    def graph(self, g: pb.Message, inits: dict[str, pb.Message], name: str | None = None,
+              outer: dict[str, ViewTensor] | None = None, declared: pb.Message | None = None) -> ViewGraph:
+        """``declared``: the same graph after shape inference (its values and bodies only), or None."""
+        view = ViewGraph(name=name or g.one("name", "") or "graph")
         outer = outer or {}
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
-            shape, dtype = _dims(vi.type)
-            vname = _text(vi.name)
-            view.tensors[vname] = ViewTensor(vname, shape, dtype, doc=_text(vi.doc_string) or None)
+        nodes = g.all("node")
+        if declared is None or len(declared.all("node")) != len(nodes):
+            declared = g
+        for vi in declared.all("input") + declared.all("output") + declared.all("value_info"):
+            shape, dtype = _dims(vi.one("type"))
+            vname = vi.one("name", "")
+            view.tensors[vname] = ViewTensor(vname, shape, dtype, doc=vi.one("doc_string", "") or None)
         local = dict(inits)
         local.update(_initializers(g))
         for tname, t in local.items():
             view.weights[tname] = self.weight(tname, t)
-            view.tensors[tname] = ViewTensor(tname, list(t.dims), _dtype_name(t.data_type))
-        view.inputs = [view.tensors[n] for n in _texts(i.name for i in g.input) if n not in local]
-        view.outputs = [view.tensors[n] for n in _texts(o.name for o in g.output)]
-        for node in g.node:
-            view.nodes.append(self.node(node, view, outer))
+            view.tensors[tname] = ViewTensor(tname, [int(d) for d in t.all("dims")], P.dtype_name(t.one("data_type", 0)))
+        view.inputs = [view.tensors[n] for n in (i.one("name", "") for i in declared.all("input")) if n not in local]
+        view.outputs = [view.tensors[o.one("name", "")] for o in declared.all("output")]
+        for node, twin in zip(nodes, declared.all("node")):
+            view.nodes.append(self.node(node, view, outer, twin))
         return view
 
-    def node(self, node, view: ViewGraph, outer: dict[str, ViewTensor]) -> ViewNode:
-        import onnx
+    def node(self, node: pb.Message, view: ViewGraph, outer: dict[str, ViewTensor],
+             twin: pb.Message | None = None) -> ViewNode:
+        """``twin``: the node in the shape-inferred graph, whose bodies carry inferred shapes."""
         self.count += 1
-        domain, op_type, name = _text(node.domain) or "", _text(node.op_type), _text(node.name)
-        schema = self.schema(op_type, domain)
+        domain, op_type, name = node.one("domain", "") or "", node.one("op_type", ""), node.one("name", "")
+        schema = self.ops.get((domain, op_type))
         vn = ViewNode(id=f"n{self.count}", name=name, op_type=op_type, category=category(op_type, domain),
-                      group=group_path(name), doc=self.doc(op_type, domain, schema))
+                      group=group_path(name), doc=schema.doc if schema else None)
         if domain:
             vn.properties["domain"] = domain
         if schema is not None:
             vn.properties["since opset"] = schema.since_version
-        if node.doc_string:
-            vn.properties["description"] = _text(node.doc_string)
-        inputs, outputs = _texts(node.input), _texts(node.output)
+        if node.one("doc_string", ""):
+            vn.properties["description"] = node.one("doc_string")
+        inputs, outputs = node.all("input"), node.all("output")
         vn.inputs = _arguments(inputs, schema.inputs if schema else [], "input")
         vn.outputs = _arguments(outputs, schema.outputs if schema else [], "output")
         for t in inputs + outputs:
             if t and t not in view.tensors:
                 view.tensors[t] = outer.get(t) or ViewTensor(t)
-        for attr in node.attribute:
-            aname = _text(attr.name)
-            if attr.type == onnx.AttributeProto.GRAPH:
-                vn.subgraphs[aname] = self.graph(attr.g, {}, aname, {**outer, **view.tensors})
-                vn.attributes[aname] = f"graph {_text(attr.g.name) or aname}"
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for i, sub in enumerate(attr.graphs):
-                    vn.subgraphs[f"{aname}[{i}]"] = self.graph(sub, {}, f"{aname}[{i}]", {**outer, **view.tensors})
-                vn.attributes[aname] = f"{len(attr.graphs)} graphs"
+        bodies = {a.one("name", ""): a for a in twin.all("attribute")} if twin is not None and twin is not node else {}
+        for attr in node.all("attribute"):
+            aname, kind = attr.one("name", ""), P.attribute_type(attr)
+            if kind == P.GRAPH:
+                g = attr.one("g") or pb.Message()
+                vn.subgraphs[aname] = self.graph(g, {}, aname, {**outer, **view.tensors},
+                                                 (bodies.get(aname) or pb.Message()).one("g"))
+                vn.attributes[aname] = f"graph {g.one('name', '') or aname}"
+            elif kind == P.GRAPHS:
+                twins = (bodies.get(aname) or pb.Message()).all("graphs")
+                for i, sub in enumerate(attr.all("graphs")):
+                    vn.subgraphs[f"{aname}[{i}]"] = self.graph(sub, {}, f"{aname}[{i}]", {**outer, **view.tensors},
+                                                               twins[i] if i < len(twins) else None)
+                vn.attributes[aname] = f"{len(attr.all('graphs'))} graphs"
             else:
-                vn.attributes[aname] = _attribute(attr)
+                vn.attributes[aname] = _attribute(attr, kind)
         fn = self.functions.get((domain, op_type))
         if fn is not None:
             vn.subgraphs["function"] = self.function(fn)
@@ -301,108 +376,70 @@ class _GraphReader:
         _implicit_inputs(vn, view)
         return vn
 
-    def function(self, fn) -> ViewGraph:
-        domain, name, inputs, outputs = _text(fn.domain), _text(fn.name), _texts(fn.input), _texts(fn.output)
+    def function(self, fn: pb.Message) -> ViewGraph:
+        domain, name, inputs, outputs = fn.one("domain", ""), fn.one("name", ""), fn.all("input"), fn.all("output")
         view = ViewGraph(name=f"{domain}.{name}" if domain else name)
         for n in inputs + outputs:
             view.tensors[n] = ViewTensor(n)
         view.inputs = [view.tensors[n] for n in inputs]
         view.outputs = [view.tensors[n] for n in outputs]
-        for node in fn.node:
+        for node in fn.all("node"):
             view.nodes.append(self.node(node, view, {}))
         return view
 
-    def schema(self, op_type: str, domain: str):
-        from onnx import defs
-        try:
-            return defs.get_schema(op_type, self.opsets.get(domain, self.opsets.get("ai.onnx", 1 << 30)), domain)
-        except Exception:
-            return None
-
-    def doc(self, op_type: str, domain: str, schema) -> str | None:
-        key = (domain, op_type)
-        if key not in self.docs:
-            self.docs[key] = _schema_doc(schema) if schema is not None else None
-        return self.docs[key]
-
-    def weight(self, name: str, t) -> ViewWeight:
-        import onnx
-        itemsize = _itemsize(t.data_type)
-        load = lambda t=t: self.load(t)      # noqa: E731
-        if t.data_location == onnx.TensorProto.EXTERNAL:
+    def weight(self, name: str, t: pb.Message) -> ViewWeight:
+        elem = t.one("data_type", 0)
+        size = P.itemsize(elem)
+        dims = [int(d) for d in t.all("dims")]
+        load = lambda t=t: P.to_array(t)      # noqa: E731
+        if t.one("data_location", 0) == P.EXTERNAL:
             load = self.external(name, t)
-        return ViewWeight(name, list(t.dims), _dtype_name(t.data_type), load=load,
-                          nbytes=math.prod(t.dims) * itemsize if itemsize else None)
+        return ViewWeight(name, dims, P.dtype_name(elem), load=load, nbytes=math.prod(dims) * size if size else None)
 
-    def external(self, name: str, t):
+    def external(self, name: str, t: pb.Message) -> Callable[[], np.ndarray]:
         """The loader of a weight kept in an external file; a location outside the folder is refused now."""
-        info = {_text(kv.key): _text(kv.value) for kv in t.external_data}
+        info = {kv.one("key", ""): kv.one("value", "") for kv in t.all("external_data")}
         location = info.get("location", "")
         if self.base is None:
             return refused(f"weight {name!r} is stored in an external file but the model was given without a "
-                            f"path; open the .onnx file instead.")
+                           f"path; open the .onnx file instead.")
         try:
             file = resolve_inside(self.base, location, f"the external data location of weight {name!r}")
         except PathEscapeError as exc:
             self.warnings.append(f"{exc} Its values are not shown.")
             return refused(f"Values not read: {exc}")
-        return lambda: self.load(t, file, info)
-
-    def load(self, t, file: pathlib.Path | None = None, info: dict[str, str] | None = None) -> np.ndarray:
-        """Read one initializer, from the protobuf or from its external ``file``."""
-        import onnx
-        from onnx import numpy_helper
-        if file is None:
-            return numpy_helper.to_array(t)
-        name = _text(t.name)
-        if not file.is_file():
-            raise ViewerError(f"weight {name!r} is stored in {info.get('location')!r}, which is missing next to "
-                              f"the model.")
-        try:
-            offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else None
-        except ValueError:
-            raise ViewerError(f"weight {name!r} has a malformed external data offset or length; the model file is "
-                              f"damaged.") from None
-        size = file.stat().st_size
-        if offset < 0 or (length is not None and (length < 0 or offset + length > size)) or offset > size:
-            raise ViewerError(f"weight {name!r} lies outside its external file {info.get('location')!r} "
-                              f"({size} bytes); the file is truncated or the model damaged.")
-        with open(file, "rb") as f:
-            f.seek(offset)
-            data = f.read(-1 if length is None else length)
-        copy = onnx.TensorProto()
-        copy.CopyFrom(t)
-        del copy.external_data[:]
-        copy.data_location = onnx.TensorProto.DEFAULT
-        copy.raw_data = data
-        return numpy_helper.to_array(copy)
+        return lambda: _load_external(name, t, file, info)
 
 
-@functools.lru_cache(maxsize=None)
-def _itemsize(elem_type: int) -> int | None:
-    from onnx import helper
+def _load_external(name: str, t: pb.Message, file: pathlib.Path, info: dict[str, str]) -> np.ndarray:
+    """Read one initializer's values from its external ``file`` (offset and length checked against its size)."""
+    if not file.is_file():
+        raise ViewerError(f"weight {name!r} is stored in {info.get('location')!r}, which is missing next to "
+                          f"the model.")
     try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
-    except Exception:
-        return None
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ViewerError(f"weight {name!r} has a malformed external data offset or length; the model file is "
+                          f"damaged.") from None
+    size = file.stat().st_size
+    if offset < 0 or (length is not None and (length < 0 or offset + length > size)) or offset > size:
+        raise ViewerError(f"weight {name!r} lies outside its external file {info.get('location')!r} "
+                          f"({size} bytes); the file is truncated or the model damaged.")
+    with open(file, "rb") as f:
+        f.seek(offset)
+        data = f.read(-1 if length is None else length)
+    return P.to_array(t, data)
 
 
-@functools.lru_cache(maxsize=None)
-def _dtype_name(elem_type: int) -> str:
-    import onnx
-    return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
-
-
-def _arguments(values: list[str], formals, kind: str) -> list[ViewArgument]:
+def _arguments(values: list[str], formals: list[tuple[str, bool]], kind: str) -> list[ViewArgument]:
     args: list[ViewArgument] = []
     i = 0
-    for k, formal in enumerate(formals):
-        variadic = formal.option.name == "Variadic"
+    for k, (formal, variadic) in enumerate(formals):
         take = values[i:] if variadic else values[i:i + 1]
         i += len(take)
         if take or k < len(values):
-            args.append(ViewArgument(formal.name, [v for v in take if v]))
+            args.append(ViewArgument(formal, [v for v in take if v]))
         if variadic:
             break
     for j, v in enumerate(values[i:], start=i):      # unknown op: positional names
@@ -436,57 +473,45 @@ def _free_values(g: ViewGraph) -> list[str]:
     return free
 
 
-def _attribute(attr) -> Any:
-    import onnx
-    from onnx import helper, numpy_helper
-    if attr.type == onnx.AttributeProto.TENSOR:
-        t = attr.t
+def _tensor_summary(t: pb.Message, sparse: bool = False) -> str:
+    return f"{'sparse tensor' if sparse else 'tensor'} {P.dtype_name(t.one('data_type', 0))}{[int(d) for d in t.all('dims')]}"
+
+
+def _attribute(attr: pb.Message, kind: int) -> Any:
+    """An attribute's value as the page shows it (tensors: dtype, shape and up to 16 values)."""
+    if kind == P.TENSOR:
+        t = attr.one("t") or pb.Message()
         try:
-            arr = numpy_helper.to_array(t)
-        except Exception:
-            return f"tensor {_dtype_name(t.data_type)}{list(t.dims)}"
+            arr = P.to_array(t)
+        except (ViewerError, ValueError, pb.ProtoError):
+            return _tensor_summary(t)
         if arr.size <= 16:
-            return {"tensor": _dtype_name(t.data_type), "shape": list(arr.shape), "value": arr.tolist()}
-        return {"tensor": _dtype_name(t.data_type), "shape": list(arr.shape),
+            return {"tensor": P.dtype_name(t.one("data_type", 0)), "shape": list(arr.shape), "value": arr.tolist()}
+        return {"tensor": P.dtype_name(t.one("data_type", 0)), "shape": list(arr.shape),
                 "value": arr.reshape(-1)[:16].tolist(), "truncated": True}
-    value = helper.get_attribute_value(attr)
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, list):
-        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v if isinstance(v, (int, float, str))
-                else str(v) for v in value]
-    if isinstance(value, (int, float, str)):
-        if attr.type == onnx.AttributeProto.INT and attr.name == "to":
-            try:
-                return _dtype_name(value)
-            except Exception:
-                return value
-        return value
-    return str(value)
-
-
-def _schema_doc(schema) -> str:
-    """Op documentation as light Markdown: summary, then inputs, outputs, attributes, type constraints."""
-    lines = [(schema.doc or "").strip(), ""]
-    if schema.inputs:
-        lines.append("### Inputs")
-        lines += [f"- **{p.name}**{_opt(p)} ({p.type_str}): {' '.join(p.description.split())}" for p in schema.inputs]
-    if schema.outputs:
-        lines.append("### Outputs")
-        lines += [f"- **{p.name}**{_opt(p)} ({p.type_str}): {' '.join(p.description.split())}"
-                  for p in schema.outputs]
-    if schema.attributes:
-        lines.append("### Attributes")
-        for a in sorted(schema.attributes.values(), key=lambda a: a.name):
-            req = " (required)" if a.required else ""
-            lines.append(f"- **{a.name}**{req}: {' '.join(a.description.split())}")
-    if schema.type_constraints:
-        lines.append("### Type constraints")
-        for tc in schema.type_constraints:
-            lines.append(f"- **{tc.type_param_str}**: {', '.join(tc.allowed_type_strs)}")
-    lines.append(f"\n_{schema.domain or 'ai.onnx'} · {schema.name}-{schema.since_version}_")
-    return "\n".join(lines)
-
-
-def _opt(p) -> str:
-    return {"Optional": " (optional)", "Variadic": " (variadic)"}.get(p.option.name, "")
+    if kind == P.FLOAT:
+        return attr.one("f", 0.0)
+    if kind == P.INT:
+        value = attr.one("i", 0)
+        return P.dtype_name(value) if attr.one("name", "") == "to" and value in P._DTYPES else value
+    if kind == P.STRING:
+        return bytes(attr.one("s", b"")).decode("utf-8", "replace")
+    if kind == P.FLOATS:
+        return list(attr.all("floats"))
+    if kind == P.INTS:
+        return list(attr.all("ints"))
+    if kind == P.STRINGS:
+        return [bytes(v).decode("utf-8", "replace") for v in attr.all("strings")]
+    if kind == P.TENSORS:
+        return [_tensor_summary(t) for t in attr.all("tensors")]
+    if kind == P.SPARSE_TENSOR:
+        return _tensor_summary((attr.one("sparse_tensor") or pb.Message()).one("values") or pb.Message(), True)
+    if kind == P.SPARSE_TENSORS:
+        return [_tensor_summary(s.one("values") or pb.Message(), True) for s in attr.all("sparse_tensors")]
+    if kind == P.TYPE_PROTO:
+        return P.type_text(attr.one("tp") or pb.Message())
+    if kind == P.TYPE_PROTOS:
+        return [P.type_text(tp) for tp in attr.all("type_protos")]
+    if attr.one("ref_attr_name", ""):
+        return f"@{attr.one('ref_attr_name')}"
+    return None

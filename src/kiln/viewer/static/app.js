@@ -557,8 +557,41 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const first = data.errors && data.errors.first;
     if (first && first.node != null && !data.headless) await goToNode(data.errors.pane, first.node);   // open on the first failing node
     status();
+    document.body.dataset.drawn = "1";
+    if (data.pending) await completion(data.revision);
     app.ready = true;
     document.body.dataset.ready = "1";
+  }
+
+  /** The server sent the model as its file states it and is completing it (ONNX: inferred shapes, op
+   * documentation): wait for the final data and draw it in place, keeping the view and the selection. */
+  async function completion(revision) {
+    for (let tries = 0; tries < 90; tries++) {
+      let next;
+      try { next = await (await fetch(`api/model?after=${revision}`, { cache: "no-store" })).json(); }
+      catch (err) { return; }
+      if (next.error) return showError(next.error);
+      if (next.revision > revision) { await swap(next); revision = next.revision; }
+      if (!next.pending) return;
+    }
+  }
+
+  async function swap(data) {
+    const same = data.panes.length === app.panes.length &&
+      data.panes.every((p, i) => p.nodes.length === app.panes[i].pane.nodes.length && p.clusters.length === app.panes[i].pane.clusters.length);
+    if (!same) { location.reload(); return new Promise(() => {}); }   // another model now: start over
+    const warned = (d) => JSON.stringify(d.panes.map((p) => (p.model && p.model.warnings) || []));
+    if (warned(data) !== warned(app.data)) showWarnings(data);
+    app.data = data;
+    app.panes.forEach((ps, i) => {
+      ps.pane = ps.view.pane = data.panes[i];
+      Object.assign(ps, indexPane(ps.pane));
+    });
+    const keep = app.panes.map((ps) => [ps.view.tx, ps.view.ty, ps.view.k]);
+    await relayoutAll();
+    app.panes.forEach((ps, i) => { [ps.view.tx, ps.view.ty, ps.view.k] = keep[i]; ps.view.apply(); ps.view.renderNow(); });
+    if (app.selection && !$("side").hidden) select(app.selection.pane, app.selection, { keepSide: true });
+    status();
   }
 
   // window.kilnApp: the page's state (data, panes: {pane, expanded, opened, scene, view}, toggles, rankdir,
