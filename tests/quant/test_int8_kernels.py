@@ -3,6 +3,12 @@ reference tactic of the 8-bit layers, against an independent float64 evaluation 
 replace: dequantize, float op, bias, residual, activation, quantize (round half to even, saturate)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -14,8 +20,6 @@ from kiln.triton_support import HAS_TRITON, interpreting
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON or not interpreting(),
                                   reason="runs the Triton kernels in TRITON_INTERPRET mode")
-TINY = None     # set below once Triton is known to import
-
 
 def _ref64(x, xs, xz, w, ws, bias, conv, act=None, residual=None, after=False):
     """float64 y of the dequantized layer (before requantization)."""
@@ -149,3 +153,42 @@ def test_fp8_fully_connected_matches_float64(tactic, out):
     got_pos = np.searchsorted(grid, got.astype(np.float64))
     assert np.isin(got.astype(np.float64), grid).all()
     assert np.abs(got_pos - pos).max() <= 1 and np.mean(got_pos == pos) > 0.95
+
+
+_SM90_PROBE = """
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from sm90_compile import Recorder, compile_sm90
+import kiln.kernels.int8_gemm as ig
+
+log = []
+ig._qgemm_kernel = Recorder(ig._qgemm_kernel, log)
+ep = lambda n: ig.Epilogue(torch.zeros(n, dtype=torch.int32), torch.ones(n), 0)
+x = torch.zeros(8, 64, 56, 56, dtype=torch.uint8)
+ig.qgemm(x, torch.zeros(64, 9 * 64, dtype=torch.int8), ep(64), torch.uint8, 0.1, 3, act="relu",
+         geometry=ig.Geometry(3, 3, (1, 1), (1, 1, 1, 1), (1, 1)))
+x = torch.zeros(256, 768, dtype=torch.float8_e4m3fn)
+ig.qgemm(x, torch.zeros(3072, 768, dtype=torch.float8_e4m3fn), ep(3072), torch.float8_e4m3fn, 0.1)
+out = {}
+for name, (fn, grid, args, kwargs) in zip(["conv3x3_uint8", "fc_fp8"], log):
+    k = compile_sm90(fn, args, kwargs)
+    out[name] = [bool(k.asm["cubin"])] + sorted(set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.][a-z0-9]+[.]"
+                                                                 r"([a-z0-9]+[.][a-z0-9]+[.][a-z0-9]+)", k.asm["ptx"])))
+print(json.dumps(out))
+"""
+
+
+def test_8bit_kernels_compile_to_hopper_8bit_tensor_core_instructions():
+    """Compiled for sm_90 (no GPU needed), the int8 kernel's products are int8 wgmma instructions with int32
+    accumulation and the FP8 kernel's E4M3 wgmma with FP32 accumulation: the interpreter cannot show that."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    helpers = str(Path(__file__).resolve().parents[1] / "plugins")
+    res = subprocess.run([sys.executable, "-c", _SM90_PROBE, helpers], capture_output=True, text=True, env=env,
+                         timeout=600)
+    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
+        pytest.skip("Triton's bundled ptxas is unavailable here")
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"conv3x3_uint8": [True, "s32.s8.s8"], "fc_fp8": [True, "f32.e4m3.e4m3"]}
