@@ -108,12 +108,21 @@ def test_profile_and_run_all_use_the_bucket_too(forced, saved) -> None:
     assert forced == [("onednn", 2)]
 
 
+def test_warm_up_runs_every_bucket_once(forced, saved) -> None:
+    ctx = kiln.load(saved[1]).context()
+    forced.clear()
+    assert ctx.warm_up() == len(POINTS)
+    assert forced == [("onednn" if n <= SMALL_UP_TO else "torch", n) for n in POINTS]
+
+
 def test_a_static_build_has_no_bucket_table(forced, tmp_path: Path) -> None:
     engine = kiln.build(kiln.onnx.parse(_model(tmp_path / "fc.onnx")),
                         kiln.BuildConfig(device="cpu", profiles={"x": (32, 16)}))
     assert "buckets" not in engine.header
     assert all("bucket_tactics" not in layer for layer in engine.layers)
     assert [layer["tactic"] for layer in engine.layers if layer["kind"] == "FullyConnected"] == ["torch"]
+    forced.clear()
+    assert engine.context().warm_up() == 1 and forced == [("torch", 32)]
 
 
 def test_a_warm_timing_cache_times_nothing(forced, tmp_path: Path, monkeypatch) -> None:

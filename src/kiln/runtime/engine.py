@@ -3,7 +3,11 @@
 Shapes. An engine runs any input shapes within its optimization profiles. A range engine may
 carry a tactic per shape bucket (kiln.builder.buckets): each run's bucket is picked from the
 input shapes alone (host-side ints, no device sync; kiln.runtime.buckets) and its layers run
-that bucket's tactics, all of which were made when the context was created.
+that bucket's tactics, all of which were made when the context was created. Triton kernels compile
+at their first launch with a new set of compile-time constants (tile sizes some tactics choose by
+size); the build's timing at every bucket point launched them, so on the build machine Triton's
+on-disk cache holds them, and ``ExecutionContext.warm_up()`` launches each bucket once so that no
+later run compiles or loads one.
 
 CUDA graphs. On a GPU a context records one graph per input-shape signature at the first run of
 that shape and replays it after (kiln.runtime.graphs). It keeps at most ``graph_cache`` graphs
@@ -171,6 +175,29 @@ class ExecutionContext:
             from kiln.runtime.graphs import GraphRunner
             runner = GraphRunner(self.program, self.graph_cache)
             self.graphs = runner if runner.capturable else None
+
+    def warm_up(self) -> int:
+        """Run once, eagerly, on seeded random data at each bucket's point (for an engine without buckets:
+        each profile's opt and max shapes), so that the kernels later runs use are compiled, or loaded from
+        Triton's cache, now and not at a first run. Returns how many runs it made (0 for an engine with
+        sequence inputs, which it leaves alone)."""
+        from kiln.runtime.inputs import default_shape, random_input
+        if any(is_container(s["dtype"]) for s in self.engine.inputs):
+            return 0
+        if self.buckets is not None:
+            points = [b["shapes"] for b in self.engine.header["buckets"]]
+        else:
+            points = [{n: r[k] for n, r in p.items()} for p in self.engine.profiles for k in ("opt", "max")]
+        points = [p for i, p in enumerate(points) if p not in points[:i]] or [{}]
+        rng = np.random.default_rng(0)
+        for shapes in points:
+            tensors = [_np_to_torch(random_input(rng, s["dtype"], tuple(shapes[s["name"]]) if s["name"] in shapes
+                                                 else default_shape(self.engine, s))).to(self.engine.device)
+                       for s in self.engine.inputs]
+            with self._lock, torch.inference_mode():
+                self._prepare(tensors)
+                self.program.run_env({}, tensors)
+        return len(points)
 
     def _prepare(self, tensors: Sequence[Any]) -> None:
         """Before a run: the thread count, and the shape bucket's tactics."""
