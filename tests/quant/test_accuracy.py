@@ -297,3 +297,15 @@ def test_accuracy_needs_calibration_data_with_a_cache(tmp_path):
     with pytest.raises(BuildError) as e:
         kiln.build(kiln.onnx.parse(sensitive_mlp()), kiln.BuildConfig(accuracy="rel_l2<=0.05", **base))
     assert "\n" not in str(e.value) and "calibration data to measure --accuracy on" in str(e.value)
+
+
+def test_cli_compare_checks_the_engine_the_search_builds(files):
+    """kiln compare --int8 --accuracy compares the searched engine (fc2 kept) and says what was kept; the same
+    comparison of the fully quantized engine fails at these tolerances."""
+    args = ["compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--device", "cpu",
+            "--shapes", "x:4x16", "--no-histogram", "--atol", "0.05", "--rtol", "0"]
+    r = _kiln(*args, "--accuracy", "rel_l2<=0.05", cwd=files)
+    assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "--accuracy rel_l2<=0.05: kept 1 layer unquantized (fp32): fc2;" in r.stdout
+    r = _kiln(*args, cwd=files)
+    assert r.returncode == 1 and "FAILED" in r.stdout, r.stdout[-2000:]

@@ -96,7 +96,8 @@ QUANT_TOL = 5e-2     # default atol and rtol against the FP32 reference for --in
 def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, shapes: dict, quant: dict,
                      per_layer: bool = False) -> tuple[Any, dict, str | None]:
     """The --int8/--fp8 engine of args.model, built for the inputs the comparison feeds (returned with it), and
-    with ``per_layer`` each quantized layer's error on the calibration data (the text of the report)."""
+    the text to print after the comparison: with ``per_layer`` each quantized layer's error on the calibration
+    data, with --accuracy what the search kept."""
     from kiln.errors import KilnError
     if args.engine:
         raise KilnError("--engine is compared as it was built; drop --int8/--fp8 (or --engine to build one here).")
@@ -114,19 +115,22 @@ def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, sha
     config = kiln.BuildConfig(precision=precision, device=args.device, fp32_layers=args.fp32_layers or (),
                               profiles=profiles, **quant)
     network = kiln.onnx.parse(proto)
-    if not per_layer:
-        return kiln.build(network, config), feeds, None
     from kiln.builder.quant import evaluator, plan, quantize
     from kiln.builder.quant.accuracy import parse_target, samples, sensitivity, sensitivity_report
-    planned = plan(network, config, need_batches=True)
-    metric = parse_target(config.accuracy).metric if config.accuracy else "rel_l2"
-    report = sensitivity_report(sensitivity(evaluator(network, planned, config), planned.layers, metric, alone=True),
-                                metric, config.quantize, samples(planned.batches))
+    from kiln.engine.quant_record import accuracy_text
+    planned = plan(network, config, need_batches=per_layer or bool(config.accuracy))
+    lines = []
+    if per_layer:
+        metric = parse_target(config.accuracy).metric if config.accuracy else "rel_l2"
+        lines.append(sensitivity_report(sensitivity(evaluator(network, planned, config), planned.layers, metric,
+                                                    alone=True), metric, config.quantize, samples(planned.batches)))
+    qnet = quantize(network, config, planned=planned)
+    if config.accuracy:
+        lines.append(accuracy_text(qnet.metadata["quantization"]["accuracy"], precision))
     low = precision in ("fp16", "bf16")
-    engine = kiln.build(quantize(network, config, planned=planned),
-                        kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles,
-                                         fp32_layers=(args.fp32_layers or ()) if low else ()))
-    return engine, feeds, report
+    engine = kiln.build(qnet, kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles,
+                                               fp32_layers=(args.fp32_layers or ()) if low else ()))
+    return engine, feeds, "\n".join(lines) or None
 
 
 def reproduce_command(args: argparse.Namespace, result: Any) -> str:
