@@ -9,8 +9,11 @@ Errors are measured against the FP32 network, run by Kiln on the build's device,
 Sensitivity is measured as NVIDIA's YOLOv7 QAT example (yolo_deepstream, ``cmd_sensitive_analysis``, on
 pytorch-quantization) does: starting from the fully quantized network, one layer's quantization is removed at a
 time; the layer whose removal lowers the error most is the most sensitive. (YOLOv6's partial quantization
-measures each layer quantized alone; ``kiln compare --per-layer`` reports both.) The search keeps layers in that order until the target holds, then drops again any
-kept layer the target does not need (least sensitive first), so no kept layer can be given back alone.
+measures each layer quantized alone; ``kiln compare --per-layer`` reports both.)
+
+The search keeps layers in that order until the target holds, then quantizes again each kept layer but the
+last whose quantization the target tolerates (least sensitive first). In the result no single kept layer can
+be quantized with the target still met (given that quantizing more layers never lowers the error).
 Kept layers run in the build's float precision (FP16 with ``--fp16``, else FP32).
 """
 from __future__ import annotations
