@@ -272,3 +272,77 @@ def test_fp8_qdq_model_folds_and_matches_onnxruntime(fold_on_cpu):
         got = get_tactic("QFullyConnected", tactic).make(layer.attrs, ctx)(*ins)[0]
         assert got.dtype == torch.float8_e4m3fn
         _assert_fp8_match(got.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), ref["yq"], tactic)
+
+
+def _residual_cnn() -> onnx.ModelProto:
+    """x[N,8,6,6] -> conv3x3 -> relu -> conv3x3 -> + x -> relu -> conv1x1(16) -> global pool -> Gemm -> y[N,5]:
+    a ResNet basic block, whose second convolution takes the shortcut as its fused residual."""
+    rng = np.random.default_rng(11)
+
+    def w(*s: int) -> np.ndarray:
+        return (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)
+    inits = {"w1": w(8, 8, 3, 3), "b1": w(8, 1)[:, 0], "w2": w(8, 8, 3, 3), "b2": w(8, 1)[:, 0],
+             "w3": w(16, 8, 1, 1), "b3": w(16, 1)[:, 0], "wf": w(5, 16), "bf": w(5, 1)[:, 0]}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "x"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3"),
+             helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
+    """Kiln's own --int8 quantization (Q/DQ on the inputs of convolutions and GEMMs) folds: the block's second
+    convolution with its residual, layers whose float output feeds a pool or is the network's. Against the same
+    network run dequantized: the 8-bit codes agree within one step, and where they all agree the output differs
+    by at most the bias's rounding to int32 codes (half of x_scale * w_scale) plus float32 rounding."""
+    from kiln.builder.quant import quantize
+    rng = np.random.default_rng(12)
+    calib = rng.standard_normal((16, 8, 6, 6)).astype(np.float32)
+    x = rng.standard_normal((8, 8, 6, 6)).astype(np.float32)
+    net = kiln.onnx.parse(_residual_cnn())
+    qnet = quantize(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
+                                          calibrator="max", profiles={"x": x.shape}))
+    codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
+    for c in codes:
+        qnet.mark_output(qnet.tensors[c])
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
+    ref = kiln.build(qnet, config).context().run({"x": x})
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    engine = kiln.build(qnet, config)
+    layers = {layer["name"]: layer for layer in engine.layers}
+    assert [layers[n]["kind"] for n in ("conv1", "conv2", "conv3")] == ["QConvolution"] * 3
+    assert len(layers["conv2"]["inputs"]) == 4                    # the shortcut, read as float
+    assert [layers[n]["attrs"]["to"] for n in ("conv1", "conv2", "conv3")] == ["int8", "int8", "float32"]
+    fc = next(layer for layer in engine.layers if layer["kind"] == "QFullyConnected")
+    ours = engine.context().run({"x": x})
+    for c in codes:
+        _assert_codes_match(ours[c], ref[c], c)
+    same = np.all([(ours[c] == ref[c]).reshape(len(x), -1).all(1) for c in codes], axis=0)
+    assert same.sum() >= len(x) // 2
+    ws = np.asarray(fc["attrs"]["w_scale"]["__array__"]["data"])
+    bound = 0.5 * fc["attrs"]["x_scale"] * ws + 1e-5 * np.abs(ref["y"]).max()
+    assert np.all(np.abs(ours["y"][same] - ref["y"][same]) <= bound)
+    half = kiln.build(qnet, kiln.BuildConfig(device="cpu", precision="fp16", profiles={"x": x.shape}))
+    halves = {layer["name"]: layer for layer in half.layers}
+    assert [halves[n]["attrs"]["to"] for n in ("conv1", "conv2", "conv3")] == ["int8", "int8", "float16"]
+    y16 = half.context().run({"x": x})["y"]
+    assert y16.dtype == np.float32
+    assert np.linalg.norm(y16 - ours["y"]) <= 1e-2 * np.linalg.norm(ours["y"])
+    if HAS_TRITON and interpreting():       # the residual convolution's Triton kernel on the same codes
+        conv2 = next(layer for layer in build_module.prepare(qnet, config).net.layers if layer.name == "conv2")
+        feeds = {**ours, "x": x}
+        ins = [torch.from_numpy(np.asarray(t.value)) if t.is_constant else torch.from_numpy(feeds[t.name])
+               for t in conv2.inputs]
+        ctx = KernelContext(device="cpu", input_dtypes=tuple(t.dtype for t in conv2.inputs))
+        got = get_tactic("QConvolution", "triton_int8").make(conv2.attrs, ctx)(*ins)[0]
+        _assert_codes_match(got.contiguous().numpy(), ours[conv2.outputs[0].name], "conv2 triton_int8")
