@@ -236,3 +236,45 @@ def test_next_change_opens_the_body_it_is_in(page, tmp_path):
         assert page.locator(".kg .node.df-removed").count() == 1 and page.locator(".kg .node.df-added").count() == 1
     finally:
         s.stop()
+
+
+def _constant_model(value: float) -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Constant", [], ["k"], name="/blk/two", value=helper.make_tensor("v", TensorProto.FLOAT,
+                                                                                                 [], [value])),
+             helper.make_node("Add", ["x", "k"], ["s"], name="/blk/add"),
+             helper.make_node("Relu", ["s"], ["y"], name="/blk/relu")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_changed_constant_with_compact_on_is_one_row_marked_changed(page, tmp_path):
+    onnx.save(_constant_model(2.0), tmp_path / "a.onnx")
+    onnx.save(_constant_model(3.0), tmp_path / "b.onnx")
+    s = open_diff(page, tmp_path / "a.onnx", tmp_path / "b.onnx")
+    try:
+        nodes = page.evaluate("kilnApp.panes[0].pane.nodes")
+        const = next(i for i, n in enumerate(nodes) if n["name"] == "/blk/two")
+        add = next(i for i, n in enumerate(nodes) if n["name"] == "/blk/add")
+        assert nodes[const]["df"] == "changed" and nodes[const]["fold"] == add and nodes[add]["kdf"] == ["changed"]
+        draw = "kilnApp.panes[0].view.fit(); kilnApp.panes[0].view.renderNow()"
+        page.evaluate(draw)                               # a diff opens with Compact off: the constant is a box
+        assert page.locator(f".kg .node[data-node='{const}'].df-changed").count() == 1
+        assert page.locator(".kg .row.df-changed").count() == 0
+        page.click("#t-compact")
+        settle(page)
+        page.evaluate(draw)
+        assert page.locator(f".kg .node[data-node='{const}']").count() == 0        # no box of its own ...
+        rows = page.locator(f".kg .node[data-node='{add}'] .row.df-changed")
+        assert rows.count() == 1 and rows.text_content().startswith("B = ")        # ... one row, marked
+        assert page.evaluate("getComputedStyle(document.querySelector('.kg .row.df-changed')).fill") == AMBER
+        assert page.locator(".kg .node.df-changed").count() == 0
+        page.evaluate("document.activeElement.blur()")    # keys typed into the checkbox do not navigate
+        page.keyboard.press("n")                          # next change: the reader, with the constant's change
+        settle(page)
+        assert selected(page)["name"] == "/blk/add"
+        side = page.inner_text("#side-body")
+        assert "changed /blk/two (Constant)\nattribute value\t2.0\t3.0" in side
+    finally:
+        s.stop()

@@ -4,7 +4,8 @@ with its diff status.
 Every pane node gets ``df`` (its status: added, removed, changed, unchanged; for
 a model beside its engine: kept, fused, plugin, folded, inserted; ``io`` for an
 unchanged graph input or output) and every cluster the roll-up of its members
-(``mixed`` when they differ in a build view). ``page["diff"]`` holds the counts,
+(``mixed`` when they differ in a build view); a node with constants folded into
+it (``kin``) gets their statuses as ``kdf``, for its rows. ``page["diff"]`` holds the counts,
 the model-level differences and the list of changes in graph order, each with
 the pane nodes it is drawn at (``at``: [pane, node] pairs) and its before/after
 rows as text made by :mod:`kiln.viewer.diff_report` (the page formats nothing
@@ -87,6 +88,9 @@ def _mark(pane: Pane, model: ViewModel, status: dict[int, str], io: dict[tuple[s
             c = nodes[cl["owner"]]["c"] if cl["kind"] == "body" else cl["parent"]
     for c, s in zip(clusters, members):
         c["df"] = (rollup(s) if quiet == "unchanged" else next(iter(s)) if len(s) == 1 else "mixed") if s else quiet
+    for entry in nodes:                # with Compact on, a folded constant's status shows on its row in the reader
+        if "kin" in entry:
+            entry["kdf"] = [nodes[k]["df"] for k in entry["kin"]]
     return index
 
 

@@ -72,14 +72,19 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return `<div class="diff-status">${chip(c.s)}<b>${esc(WORDS[c.s] || c.s)}</b> ${esc(c.title)}</div>${where}${rowsHtml(c.rows)}`;
   }
 
-  /** The diff section at the top of a node's sidebar. */
+  /** The diff section at the top of a node's sidebar; with Compact on, also the changes of the constants
+   * drawn as its rows. */
   function nodeSection(pi, idx) {
     const node = diff.app.panes[pi].pane.nodes[idx];
     if (!node || !node.df || node.df === "io") return "";
     const k = diff.at[pi].get(idx);
     if (k !== undefined) { diff.cursor = k; position(); }
-    const body = k !== undefined ? changeHtml(diff.info.changes[k]) :
+    let body = k !== undefined ? changeHtml(diff.info.changes[k]) :
       `<div class="diff-status">${chip(node.df)}<b>${esc(WORDS[node.df] || node.df)}</b></div>`;
+    if (diff.app.toggles.compact) for (const i of node.kin || []) {
+      const kk = diff.at[pi].get(i);
+      if (kk !== undefined) body += changeHtml(diff.info.changes[kk]);
+    }
     return `<h3>Diff</h3>${body}`;
   }
 

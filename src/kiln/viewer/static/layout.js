@@ -61,7 +61,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
     const rows = [];
     if (toggles.names && node.name) rows.push(["name", clip(node.name, 34)]);
     if (toggles.weights !== false) for (const r of node.wrow || []) rows.push(["weight", r]);
-    if (toggles.compact) for (const r of node.krow || []) rows.push(["weight", r]);
+    if (toggles.compact) (node.krow || []).forEach((r, i) => rows.push([quiet(node.kdf && node.kdf[i]) ? "weight" : "weight df-" + node.kdf[i], r]));
     if (toggles.attributes) for (const r of node.arow || []) rows.push(["attr", r]);
     for (const r of node.erow || []) rows.push(["engine", r]);
     if (node.trow) rows.push(["ms", node.trow]);
@@ -111,10 +111,13 @@ var Kiln = window.Kiln || (window.Kiln = {});
     return out;
   }
 
-  /** Whether a node is drawn: with the Compact toggle on, constants folded into their reader are not, unless a
-   * model diff marks them (static/diff.js: node.df). */
+  /** A model diff's status that draws no attention (or none: not a diff). */
+  function quiet(df) { return df == null || df === "unchanged" || df === "kept"; }
+
+  /** Whether a node is drawn: with the Compact toggle on, constants folded into their reader are not; in a model
+   * diff their row in the reader carries their status (node.kdf, from kiln/viewer/diff_page.py). */
   function shown(node, toggles) {
-    return !(toggles.compact && node.fold != null && (node.df == null || node.df === "unchanged" || node.df === "kept"));
+    return !(toggles.compact && node.fold != null);
   }
 
   /** The cluster's layout structure without the entries of folded constants (their item, the dummies of
@@ -413,5 +416,5 @@ var Kiln = window.Kiln || (window.Kiln = {});
 
   Kiln.Placer = Placer;
   Kiln.metrics = M;
-  Kiln.layout = { shown, textWidth, labelWidth, labelText, boxContent, nodeSize, groupSize, clip };
+  Kiln.layout = { shown, quiet, textWidth, labelWidth, labelText, boxContent, nodeSize, groupSize, clip };
 })();

@@ -27,7 +27,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   function rowText(kind, text) {
-    if (kind === "weight" || kind === "attr") {
+    if (kind.startsWith("weight") || kind === "attr") {
       for (const sep of [" = ", " ⟨"]) {
         const k = text.indexOf(sep);
         if (k > 0) return `<tspan class="k">${esc(text.slice(0, k))}</tspan>${esc(text.slice(k))}`;
