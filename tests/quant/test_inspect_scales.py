@@ -105,3 +105,30 @@ def test_folded_layer_scales_from_attrs():
     notes, summary = engine_notes(header, {})
     assert summary is None
     assert notes == ["int8: input scale 0.5; weight 3 per-channel scales min 0.125 max 1"]
+
+
+def test_record_schema_is_closed():
+    """Every field of the record is typed: a bool or NaN for a number, an unknown or missing key, a kept layer
+    that is not a name, an unknown metric: each is a problem that names where it is."""
+    from kiln.engine.quant_record import record_problem
+    good_layer = {"type": "int8", "inputs": {"x": 0.01},
+                  "weight": {"tensor": "w", "axis": 0, "count": 4, "min": 0.001, "max": 0.002}}
+    good_acc = {"target": "rel_l2<=0.1", "metric": "rel_l2", "achieved": 0.05, "all_quantized": None, "kept": ["a"],
+                "quantized": 3, "samples": 8}
+    assert record_problem({"mode": "int8", "layers": {"c": good_layer}, "accuracy": good_acc}) is None
+
+    def layer(**change):
+        rec = json.loads(json.dumps(good_layer))
+        for k, v in change.items():
+            (rec["weight"] if k in good_layer["weight"] else rec)[k] = v
+        return {"layers": {"c": rec}}
+
+    def acc(**change):
+        return {"accuracy": {**good_acc, **change}}
+    bad = [layer(type="int4"), layer(inputs={"x": True}), layer(inputs={"x": float("nan")}), layer(inputs={"x": 0.0}),
+           layer(count=0), layer(axis=-1), layer(min=0.003), layer(max=float("inf")), layer(tensor=3),
+           {"layers": {"c": {**good_layer, "extra": 1}}}, {"layers": []}, [],
+           acc(metric="rmse"), acc(kept=[1]), acc(achieved="0.1"), acc(samples=-1), {"accuracy": {"target": "x"}}]
+    for q in bad:
+        why = record_problem(q)
+        assert why and "\n" not in why, q
