@@ -28,7 +28,7 @@ def test_the_flagged_kinds() -> None:
     assert having(lambda s: s.host == "always") == {"Shape", "Size"}
     assert having(lambda s: s.host == "capable") == {
         "ElementWise", "Unary", "Gather", "Concatenation", "Slice", "Squeeze", "Unsqueeze", "Shuffle", "Cast",
-        "Reduce", "Identity", "Where", "Range", "Flatten", "ArgReduce"}
+        "Reduce", "Identity", "Where", "Range", "Flatten", "ArgReduce", "Select"}
     assert having(lambda s: s.channels_last) == {"Convolution", "Pooling", "Conv1x1Chain", "Conv1x1Sum", "QConvolution"}
     assert having(lambda s: s.fp32_internal) == {"SoftMax", "Normalization", "Reduce", "LRN"}
     assert {k for k, s in LAYER_KINDS.items() if s.host not in ("device", "capable", "always")} == set()
@@ -51,6 +51,24 @@ def test_placement_reads_the_host_flag(flip) -> None:
     assert host_layers(net) == {id(shape)}
     flip("Shape", host="capable")          # its one input is a device tensor: not on the host any more
     assert host_layers(net) == set()
+
+
+def test_shape_arithmetic_of_a_range_engine_stays_on_the_host() -> None:
+    """Shape -> Gather(constant index) -> Unsqueeze -> Concat -> Reshape, as exporters write a dynamic batch: CSE
+    turns the Gather into a Select, and every shape layer must stay on the host, or the Reshape reads a device
+    tensor (a sync each run, and no CUDA graph: a BERT range engine ran 20x slower at batch 1)."""
+    import numpy as np
+
+    from kiln.builder.placement import host_layers
+    net = kiln.Network("range")
+    x = net.add_input("x", "float32", ("batch", 8))
+    shape = net.add_layer("Shape", [x])
+    batch = net.add_layer("Select", [shape.outputs[0]], {"axis": 0, "index": 0})
+    dim = net.add_layer("Unsqueeze", [batch.outputs[0]], {"axes": [0]})
+    dims = net.add_layer("Concatenation", [dim.outputs[0], net.add_constant(np.array([2, 4], np.int64))], {"axis": 0})
+    reshape = net.add_layer("Shuffle", [x, dims.outputs[0]])
+    net.mark_output(reshape.outputs[0], "y")
+    assert host_layers(net) == {id(shape), id(batch), id(dim), id(dims)}
 
 
 def test_precision_reads_the_fp32_internal_flag(flip) -> None:

@@ -585,7 +585,7 @@ define_layer("QLinearOp", 8, 9, "quantized matmul/conv with requantization: a, a
              "saturate", attrs=_INTEGER, optional_inputs=(2, 5, 7))
 define_layer("IntegerOp", 2, 4, "integer matmul/conv: a, b, a_zero_point?, b_zero_point? → int32", attrs=_INTEGER)
 define_layer("Select", 1, 1, "x indexed at one constant position along axis; a view, no copy",
-             attrs={**_AXIS, "index": attr("int")})
+             attrs={**_AXIS, "index": attr("int")}, host="capable")
 define_layer("LinearAttention", 3, 6, "ONNX LinearAttention (opset 27): query, key, value, past_state?, decay?, beta?; "
              "outputs output, present_state", attrs={
                  "update_rule": attr("str", "gated_delta", choices=("linear", "gated", "delta", "gated_delta")),
