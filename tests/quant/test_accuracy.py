@@ -6,9 +6,6 @@ models whose scales this test computes with numpy (max calibration), and errors 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -19,6 +16,8 @@ import kiln
 import kiln.onnx
 from kiln.builder.quant.accuracy import parse_target
 from kiln.errors import BuildError, KilnError
+
+from _cli import kiln_cli
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -187,11 +186,6 @@ def test_grammar_accepts():
         kiln.BuildConfig(device="cpu", accuracy="rel_l2<=0.1")        # no --int8
 
 
-def _kiln(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("acc")
@@ -201,7 +195,7 @@ def files(tmp_path_factory):
 
 
 def test_cli_build_accuracy_prints_kept_layers(files):
-    r = _kiln("build", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--accuracy",
+    r = kiln_cli("build", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--accuracy",
               "rel_l2<=0.05", "--device", "cpu", "--shapes", "x:8x16", "-o", "mlp.kiln", "-q", cwd=files)
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("--accuracy"))
@@ -216,7 +210,7 @@ def test_cli_unreachable_and_bad_targets_exit_2(files):
              (["--int8", "--calib", "calib.npy", "--accuracy", "rel_l2=0.1"], ["rel_l2 takes <="]),
              (["--accuracy", "rel_l2<=0.1"], ["--accuracy belongs to a quantized build"])]
     for flags, words in cases:
-        r = _kiln("build", "mlp.onnx", *flags, "--device", "cpu", "--shapes", "x:8x16",
+        r = kiln_cli("build", "mlp.onnx", *flags, "--device", "cpu", "--shapes", "x:8x16",
                   "-o", "bad.kiln", "-q", cwd=files)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, (flags, r.stderr[-2000:])
@@ -228,7 +222,7 @@ def test_cli_unreachable_and_bad_targets_exit_2(files):
 def test_cli_compare_per_layer_ranks_the_sensitive_layer_first(files, independent):
     """kiln compare --int8 --per-layer: fc2 first, each layer's 'alone' and 'others' errors as ONNX Runtime gives
     them for the same layers quantized."""
-    r = _kiln("compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--per-layer",
+    r = kiln_cli("compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--per-layer",
               "--device", "cpu", "--shapes", "x:4x16", "--no-histogram", "--save-errors", "e.json", cwd=files)
     assert r.returncode in (0, 1), r.stderr[-2000:]
     lines = r.stdout.splitlines()
@@ -304,8 +298,8 @@ def test_cli_compare_checks_the_engine_the_search_builds(files):
     comparison of the fully quantized engine fails at these tolerances."""
     args = ["compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--device", "cpu",
             "--shapes", "x:4x16", "--no-histogram", "--atol", "0.05", "--rtol", "0"]
-    r = _kiln(*args, "--accuracy", "rel_l2<=0.05", cwd=files)
+    r = kiln_cli(*args, "--accuracy", "rel_l2<=0.05", cwd=files)
     assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert "--accuracy rel_l2<=0.05: kept 1 layer unquantized (fp32): fc2;" in r.stdout
-    r = _kiln(*args, cwd=files)
+    r = kiln_cli(*args, cwd=files)
     assert r.returncode == 1 and "FAILED" in r.stdout, r.stdout[-2000:]

@@ -5,10 +5,7 @@ line saying why, never trusted."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -18,16 +15,12 @@ from onnx import numpy_helper
 from kiln.engine.quant_record import engine_notes
 from kiln.engine import read_engine, write_engine
 
+from _cli import kiln_cli
 from _quant_models import cnn
 
 WEIGHTS = {"conv1": ("w1", (1, 2, 3)), "conv2": ("w2", (1, 2, 3)), "fc": ("wf", (1,))}   # output channels on axis 0
 ACTS = {"conv1": "x", "conv2": "r1", "fc": "f"}
 NUM = r"([-+0-9.e]+)"
-
-
-def _kiln(*args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def built(tmp_path_factory):
     model = cnn(seed=3)
     onnx.save(model, d / "cnn.onnx")
     np.save(d / "calib.npy", np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32))
-    r = _kiln("build", "cnn.onnx", "--int8", "--calib", "calib.npy", "--calib-cache", "c.json", "--device", "cpu",
+    r = kiln_cli("build", "cnn.onnx", "--int8", "--calib", "calib.npy", "--calib-cache", "c.json", "--device", "cpu",
               "--shapes", "x:4x3x8x8", "-o", "cnn.kiln", "-q", cwd=d)
     assert r.returncode == 0, r.stderr[-2000:]
     amax = json.loads((d / "c.json").read_text())["amax"]
@@ -51,7 +44,7 @@ def _close(text: str, want: float) -> None:
 
 def test_inspect_prints_the_calibration_scales(built):
     d, amax, inits = built
-    r = _kiln("inspect", "cnn.kiln", cwd=d)
+    r = kiln_cli("inspect", "cnn.kiln", cwd=d)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     for layer, (w, axes) in WEIGHTS.items():
@@ -71,7 +64,7 @@ def test_inspect_prints_the_calibration_scales(built):
     for k in qs:
         tensor = re.search(r"in:  ([^:]+):", lines[k + 1]).group(1)
         _close(re.search(rf"^\s+scale {NUM}$", lines[k + 4]).group(1), float(np.float32(amax[tensor] / 127.0)))
-    r = _kiln("inspect", "cnn.kiln", "--json", cwd=d)
+    r = kiln_cli("inspect", "cnn.kiln", "--json", cwd=d)
     layers = {layer["name"]: layer for layer in json.loads(r.stdout)["layers"]}
     assert layers["fc"]["scales"].startswith("int8: input 'f' scale ")
 
@@ -87,7 +80,7 @@ def test_damaged_record_is_ignored_with_a_reason(built, tmp_path):
             h["build"]["quantization"]["layers"]["conv1"][key].update(value)
         h.pop("weights")
         write_engine(str(tmp_path / "bad.kiln"), h, dict(weights))
-        r = _kiln("inspect", "bad.kiln", cwd=tmp_path)
+        r = kiln_cli("inspect", "bad.kiln", cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
         assert "quantization record ignored: quantized layer 'conv1' has malformed" in r.stdout
         assert "int8:" not in r.stdout and "rm -rf" not in r.stdout
