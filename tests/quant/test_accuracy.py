@@ -290,7 +290,7 @@ def test_accuracy_needs_calibration_data_with_a_cache(tmp_path):
     kiln.build(kiln.onnx.parse(sensitive_mlp()), kiln.BuildConfig(calibration=[{"x": calib}], **base))
     with pytest.raises(BuildError) as e:
         kiln.build(kiln.onnx.parse(sensitive_mlp()), kiln.BuildConfig(accuracy="rel_l2<=0.05", **base))
-    assert "\n" not in str(e.value) and "calibration data to measure --accuracy on" in str(e.value)
+    assert "\n" not in str(e.value) and "calibration data to measure the error on" in str(e.value)
 
 
 def test_cli_compare_checks_the_engine_the_search_builds(files):

@@ -83,7 +83,8 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     batches = None
     if amax is None or need_batches:
         if config.calibration is None:
-            why = "calibration data" if amax is None else "calibration data to measure --accuracy on"
+            why = ("calibration data" if amax is None else
+                   "calibration data to measure the error on (--accuracy, compare --per-layer)")
             raise BuildError(f"--{mode} needs {why}: give --calib DIR|FILE.npz|FILE.npy"
                              f"{' (or an existing --calib-cache)' if amax is None else ''}.")
         batches = load_batches(config.calibration, network, config.calib_preprocess)
