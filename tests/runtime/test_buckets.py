@@ -1,8 +1,8 @@
 """Range engines: a tactic per shape bucket, timed at build, stored in the engine file, picked at run time.
 
-The fastest FullyConnected tactic is forced to differ by batch (a timer that calls ``onednn`` fastest
-up to batch 8 and ``torch`` above), so the engine must hold both and run each in its bucket; outputs
-are checked against ONNX Runtime.
+The fastest FullyConnected tactic is forced to differ by batch (two test tactics, ``small`` and
+``large``, and a timer that calls ``small`` fastest up to batch 8 and ``large`` above), so the engine
+must hold both and run each in its bucket; outputs are checked against ONNX Runtime.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
@@ -26,7 +27,7 @@ from _models import assert_close_fp32, ort_run
 
 PROFILE = {"x": ((1, 16), (4, 16), (64, 16))}
 POINTS = [1, 2, 4, 8, 32, 64]       # min 1, opt 4, max 64 and three of the doublings 2, 8, 16, 32
-SMALL_UP_TO = 8                     # the forced timer's onednn/torch boundary
+SMALL_UP_TO = 8                     # the forced timer's small/large boundary
 
 
 def _model(path: Path) -> Path:
@@ -43,29 +44,32 @@ def _model(path: Path) -> Path:
 
 @pytest.fixture
 def forced(monkeypatch) -> list[tuple[str, int]]:
-    """FullyConnected's CPU tactics, each call recorded as (tactic, batch); the build's timer finds
-    ``onednn`` fastest up to batch SMALL_UP_TO and ``torch`` above."""
+    """Two test tactics for FullyConnected, ``small`` and ``large`` (torch's maker under other names), each
+    call of any FullyConnected tactic recorded as (tactic, batch); the build's timer finds ``small`` fastest
+    up to batch SMALL_UP_TO, ``large`` above, and the registry's own tactics slower than both."""
     tactics_for("FullyConnected", {}, KernelContext())          # loads the registry
     ran: list[tuple[str, int]] = []
+    torch_fc = next(t for t in TACTICS["FullyConnected"] if t.name == "torch")
 
-    def tagged(t):
+    def tagged(t, name):
         def make(attrs, ctx):
             fn = t.make(attrs, ctx)
 
             def run(*args, **kw):
-                ran.append((t.name, args[0].shape[0]))
+                ran.append((name, args[0].shape[0]))
                 return fn(*args, **kw)
-            run.tactic = t.name
+            run.tactic = name
             return run
-        return dataclasses.replace(t, make=make)
+        return dataclasses.replace(t, name=name, make=make, priority=100 if name in ("small", "large") else t.priority)
 
     def timer(fn, args, reps):
         small = args[0].shape[0] <= SMALL_UP_TO
-        return 1.0 if (fn.tactic == "onednn") == small else 2.0
+        return {"small": 1.0 if small else 2.0, "large": 2.0 if small else 1.0}.get(fn.tactic, 3.0)
 
-    assert {"onednn", "torch"} <= {t.name for t in TACTICS["FullyConnected"] if "cpu" in t.devices}
-    monkeypatch.setitem(TACTICS, "FullyConnected", [tagged(t) for t in TACTICS["FullyConnected"]])
+    monkeypatch.setitem(TACTICS, "FullyConnected", [tagged(t, t.name) for t in TACTICS["FullyConnected"]]
+                        + [tagged(torch_fc, "small"), tagged(torch_fc, "large")])
     monkeypatch.setattr(tactics_mod, "_time_cpu", timer)
+    monkeypatch.setattr(tactics_mod, "_time", timer)
     return ran
 
 
@@ -83,13 +87,13 @@ def test_engine_holds_a_tactic_per_bucket_and_runs_each(forced, saved) -> None:
     assert [b["shapes"]["x"] for b in header["buckets"]] == [[n, 16] for n in POINTS]
     assert all(b["profile"] == 0 for b in header["buckets"])
     (fc,) = [layer for layer in header["plan"]["layers"] if layer["kind"] == "FullyConnected"]
-    assert fc["tactic"] == "onednn"                                  # the opt point, batch 4
-    assert fc["bucket_tactics"] == ["onednn" if n <= SMALL_UP_TO else "torch" for n in POINTS]
+    assert fc["tactic"] == "small"                                  # the opt point, batch 4
+    assert fc["bucket_tactics"] == ["small" if n <= SMALL_UP_TO else "large" for n in POINTS]
     assert all("bucket_tactics" not in layer for layer in header["plan"]["layers"] if layer is not fc)
 
     ctx = kiln.load(path).context()
     rng = np.random.default_rng(1)
-    for batch, want in ((3, "onednn"), (40, "torch"), (8, "onednn"), (9, "torch"), (1, "onednn"), (64, "torch")):
+    for batch, want in ((3, "small"), (40, "large"), (8, "small"), (9, "large"), (1, "small"), (64, "large")):
         forced.clear()
         x = rng.standard_normal((batch, 16)).astype(np.float32)
         got = ctx.run({"x": x})["y"]
@@ -97,22 +101,41 @@ def test_engine_holds_a_tactic_per_bucket_and_runs_each(forced, saved) -> None:
         assert_close_fp32(got, ort_run(onnx_path, {"x": x})["y"], f"batch {batch}")
 
 
+@pytest.mark.gpu
+def test_each_bucket_is_recorded_in_its_own_cuda_graph(forced, tmp_path: Path) -> None:
+    """On the GPU: the first run at a shape records a graph with its bucket's tactic (the only time Python
+    calls it), later runs replay it; results match ONNX Runtime."""
+    onnx_path = _model(tmp_path / "fc.onnx")
+    kiln.build(kiln.onnx.parse(onnx_path), kiln.BuildConfig(device="cuda", profiles=PROFILE)).save(tmp_path / "g.kiln")
+    engine = kiln.load(tmp_path / "g.kiln")
+    assert _fc(engine.header)["bucket_tactics"] == ["small" if n <= SMALL_UP_TO else "large" for n in POINTS]
+    ctx = engine.context()
+    rng = np.random.default_rng(2)
+    for batch, want, first in ((3, "small", True), (40, "large", True), (3, "small", False), (64, "large", True)):
+        x = rng.standard_normal((batch, 16)).astype(np.float32)
+        forced.clear()
+        got = ctx.run({"x": x})["y"]
+        assert {name for name, _ in forced} == ({want} if first else set()), (batch, forced)
+        assert_close_fp32(got, ort_run(onnx_path, {"x": x})["y"], f"batch {batch}")
+    assert ctx.graphs is not None and ctx.graph_error is None and len(ctx.graphs.graphs) == 3
+
+
 def test_profile_and_run_all_use_the_bucket_too(forced, saved) -> None:
     _, path = saved
     ctx = kiln.load(path).context()
     x = np.ones((20, 16), np.float32)
-    rows = ctx.profile([__import__("torch").from_numpy(x)], runs=1)
-    assert [r["tactic"] for r in rows if r["kind"] == "FullyConnected"] == ["torch"]
+    rows = ctx.profile([torch.from_numpy(x)], runs=1)
+    assert [r["tactic"] for r in rows if r["kind"] == "FullyConnected"] == ["large"]
     forced.clear()
     ctx.run_all({"x": np.ones((2, 16), np.float32)})
-    assert forced == [("onednn", 2)]
+    assert forced == [("small", 2)]
 
 
 def test_warm_up_runs_every_bucket_once(forced, saved) -> None:
     ctx = kiln.load(saved[1]).context()
     forced.clear()
     assert ctx.warm_up() == len(POINTS)
-    assert forced == [("onednn" if n <= SMALL_UP_TO else "torch", n) for n in POINTS]
+    assert forced == [("small" if n <= SMALL_UP_TO else "large", n) for n in POINTS]
 
 
 def test_a_static_build_has_no_bucket_table(forced, tmp_path: Path) -> None:
@@ -120,9 +143,9 @@ def test_a_static_build_has_no_bucket_table(forced, tmp_path: Path) -> None:
                         kiln.BuildConfig(device="cpu", profiles={"x": (32, 16)}))
     assert "buckets" not in engine.header
     assert all("bucket_tactics" not in layer for layer in engine.layers)
-    assert [layer["tactic"] for layer in engine.layers if layer["kind"] == "FullyConnected"] == ["torch"]
+    assert [layer["tactic"] for layer in engine.layers if layer["kind"] == "FullyConnected"] == ["large"]
     forced.clear()
-    assert engine.context().warm_up() == 1 and forced == [("torch", 32)]
+    assert engine.context().warm_up() == 1 and forced == [("large", 32)]
 
 
 def test_a_warm_timing_cache_times_nothing(forced, tmp_path: Path, monkeypatch) -> None:
