@@ -335,6 +335,10 @@ def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
     half = kiln.build(qnet, kiln.BuildConfig(device="cpu", precision="fp16", profiles={"x": x.shape}))
     halves = {layer["name"]: layer for layer in half.layers}
     assert [halves[n]["attrs"]["to"] for n in ("conv1", "conv2", "conv3")] == ["int8", "int8", "float16"]
+    tensors = half.header["plan"]["tensors"]
+    assert sorted(tensors[layer["inputs"][0]]["dtype"] for layer in half.layers if layer["kind"] == "QuantizeLinear") \
+        == ["float16", "float32"]           # the pool's FP16 output is quantized as it is, the FP32 input x too
+    assert [layer["attrs"]["to"] for layer in half.layers if layer["kind"] == "Cast"] == ["float16", "float32"]
     y16 = half.context().run({"x": x})["y"]
     assert y16.dtype == np.float32
     assert np.linalg.norm(y16 - ours["y"]) <= 1e-2 * np.linalg.norm(ours["y"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kiln.ir.dtypes import torch_dtype
 from kiln.kernels import KernelContext, get_tactic
 from kiln.triton_support import HAS_TRITON, interpreting
 
@@ -161,17 +162,21 @@ sys.path.insert(0, sys.argv[1])
 import torch
 from sm90_compile import Recorder, compile_sm90
 import kiln.kernels.int8_gemm as ig
+import kiln.kernels.int8_quantize as iq
 
 log = []
 ig._qgemm_kernel = Recorder(ig._qgemm_kernel, log)
+iq._quantize_kernel = Recorder(iq._quantize_kernel, log)
 ep = lambda n: ig.Epilogue(torch.zeros(n, dtype=torch.int32), torch.ones(n), 0)
 x = torch.zeros(8, 64, 56, 56, dtype=torch.uint8)
 ig.qgemm(x, torch.zeros(64, 9 * 64, dtype=torch.int8), ep(64), torch.uint8, 0.1, 3, act="relu",
          geometry=ig.Geometry(3, 3, (1, 1), (1, 1, 1, 1), (1, 1)))
 x = torch.zeros(256, 768, dtype=torch.float8_e4m3fn)
 ig.qgemm(x, torch.zeros(3072, 768, dtype=torch.float8_e4m3fn), ep(3072), torch.float8_e4m3fn, 0.1)
+iq.quantize_per_tensor(torch.zeros(8, 64, 56, 56, dtype=torch.float16), torch.ones(1), torch.zeros(1, dtype=torch.int8),
+                       "int8")
 out = {}
-for name, (fn, grid, args, kwargs) in zip(["conv3x3_uint8", "fc_fp8"], log):
+for name, (fn, grid, args, kwargs) in zip(["conv3x3_uint8", "fc_fp8", "quantize"], log):
     k = compile_sm90(fn, args, kwargs)
     out[name] = [bool(k.asm["cubin"])] + sorted(set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.][a-z0-9]+[.]"
                                                                  r"([a-z0-9]+[.][a-z0-9]+[.][a-z0-9]+)", k.asm["ptx"])))
@@ -181,7 +186,8 @@ print(json.dumps(out))
 
 def test_8bit_kernels_compile_to_hopper_8bit_tensor_core_instructions():
     """Compiled for sm_90 (no GPU needed), the int8 kernel's products are int8 wgmma instructions with int32
-    accumulation and the FP8 kernel's E4M3 wgmma with FP32 accumulation: the interpreter cannot show that."""
+    accumulation and the FP8 kernel's E4M3 wgmma with FP32 accumulation (the interpreter cannot show that); the
+    one-pass quantize kernel compiles too."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     helpers = str(Path(__file__).resolve().parents[1] / "plugins")
@@ -191,4 +197,29 @@ def test_8bit_kernels_compile_to_hopper_8bit_tensor_core_instructions():
         pytest.skip("Triton's bundled ptxas is unavailable here")
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out == {"conv3x3_uint8": [True, "s32.s8.s8"], "fc_fp8": [True, "f32.e4m3.e4m3"]}
+    assert out == {"conv3x3_uint8": [True, "s32.s8.s8"], "fc_fp8": [True, "f32.e4m3.e4m3"], "quantize": [True]}
+
+
+@needs_triton
+@pytest.mark.parametrize("xdt", [torch.float32, torch.float16])
+@pytest.mark.parametrize("out,zp", [("int8", -3), ("uint8", 128), ("float8_e4m3fn", None)])
+def test_triton_quantize_matches_the_torch_tactic(xdt, out, zp):
+    """One-pass QuantizeLinear (int8_quantize.py): the torch tactic's codes exactly (both divide in FP32 and
+    round half to even; ties and saturation included), in the input's memory layout."""
+    rng = np.random.default_rng(3)
+    scale = torch.tensor(0.0625 if out != "float8_e4m3fn" else 0.01)
+    x = torch.from_numpy(rng.standard_normal((2, 8, 5, 6)).astype(np.float32) * 6)
+    x.view(-1)[:40] = torch.arange(-20, 20) * 0.5 * 0.0625          # exact ties: x / scale = k + 0.5
+    x = x.to(xdt).contiguous(memory_format=torch.channels_last)
+    zpt = None if zp is None else torch.tensor(zp, dtype=torch_dtype(out))
+    attrs = {"axis": 1, "to": out, "block_size": 0, "saturate": 1}
+    ctx = KernelContext(device="cpu", input_dtypes=(str(xdt).removeprefix("torch."), "float32", out))
+    want = get_tactic("QuantizeLinear", "torch").make(attrs, ctx)(x, scale, zpt)[0]
+    got = get_tactic("QuantizeLinear", "triton").make(attrs, ctx)(x, scale, zpt)[0]
+    assert got.dtype == want.dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    codes = got.float()
+    assert codes.min() == (-448 if out.startswith("float8") else torch.iinfo(got.dtype).min)     # saturated
+    ref = np.clip(np.rint(x.float().numpy() / scale.item()) + (zp or 0), -128, 255)      # ties to even
+    if out != "float8_e4m3fn":
+        np.testing.assert_array_equal(codes.numpy(), np.clip(ref, *((-128, 127) if out == "int8" else (0, 255))))

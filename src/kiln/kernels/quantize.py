@@ -42,7 +42,10 @@ FP8_MAX = {"float8_e4m3fn": 448.0}
 
 def quantize_values(v: torch.Tensor, scale, zero_point, out: str, saturate: bool = True) -> torch.Tensor:
     """ONNX QuantizeLinear of float ``v``: round(v / scale) + zero_point, saturated to ``out`` (an integer type,
-    or FP8 E4M3 whose zero point is 0); ``scale``/``zero_point`` are numbers or tensors broadcast to ``v``."""
+    or FP8 E4M3 whose zero point is 0); ``scale``/``zero_point`` are numbers or tensors broadcast to ``v``.
+    FP16/BF16 values are divided in FP32 (as ONNX Runtime does), not in their own type."""
+    if v.dtype in (torch.float16, torch.bfloat16):
+        v = v.to(torch.float32)
     if out in FP8_MAX:
         q = v / scale
         if saturate:

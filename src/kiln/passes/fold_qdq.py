@@ -322,8 +322,9 @@ def _reads_dequantized(layer: Layer) -> bool:
 
 
 def label_quantized(net: Network, precision: str) -> None:
-    """After precision assignment: the 8-bit layers' precision is "int8" or "fp8", and in an FP16/BF16 build a
-    float output that is not a network output has the low precision's type."""
+    """After precision assignment: the 8-bit layers' precision is "int8" or "fp8"; in an FP16/BF16 build a float
+    output that is not a network output has the low precision's type, and a QuantizeLinear reads a low-precision
+    input as it is, without the Cast to FP32 put before it (its division runs in FP32 either way)."""
     low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
     for layer in net.layers:
         if layer.kind not in QUANTIZED_KINDS:
@@ -332,3 +333,13 @@ def label_quantized(net: Network, precision: str) -> None:
         out = layer.outputs[0]
         if low and layer.attrs["to"] == "float32" and out not in net.outputs:
             layer.attrs["to"] = out.dtype = low
+    if low:
+        for cast in [layer for layer in net.layers if layer.kind == "Cast" and layer.attrs["to"] == "float32"]:
+            y, p = cast.outputs[0], cast.inputs[0].producer
+            made_low = p is not None and ((p.precision or "").split()[0] == precision if p.kind not in QUANTIZED_KINDS
+                                          else p.attrs["to"] == low)
+            if made_low and y.uses and y not in net.outputs and all(
+                    u.kind == "QuantizeLinear" and i == 0 for u, i in y.uses):
+                for u, i in list(y.uses):
+                    u.set_input(i, cast.inputs[0])
+                net.remove_layer(cast)
