@@ -120,3 +120,17 @@ def remove_dead(net: Network, layers: list[Layer], edits: LayerEdits | None = No
         else:
             net.remove_layer(layer)
         work.extend(p for p in feeds if id(p) in pending)
+
+
+def remove_computation(net: Network, t: Tensor) -> None:
+    """Remove the layers computing ``t`` that nothing else reads, up to the Shape layers it starts from
+    (shape arithmetic a rewrite no longer needs)."""
+    layers, stack = [], [t]
+    while stack:
+        p = stack.pop().producer
+        if p is None or p in layers:
+            continue
+        layers.append(p)
+        if p.kind != "Shape":
+            stack.extend(x for x in p.inputs if x is not None)
+    remove_dead(net, layers)

@@ -1,4 +1,4 @@
-"""The index map of a static chain of view layers, and its canonical form (for the shuffle passes).
+"""The index map of a chain of view layers, and its canonical form (for the shuffle passes).
 
 A chain of reshapes, transposes, squeezes and selects reads its source through one index map.
 ``ViewMap`` follows the chain on *atoms*: each source dim is factored into atoms (major first),
@@ -12,12 +12,18 @@ where the split and the permute are views of any input, the selects are views, a
 view wherever the merged atoms are adjacent in memory (always for a contiguous source). The chain
 itself may have merged dims that the final shape splits again, which forces a copy; the canonical
 form merges only what the output needs.
+
+Dims are symbolic where the network's are (passes/symbolic.py): an atom of size ``S`` or ``B·S``
+splits only into factors that divide it as monomials, so a chain that collapses does so for every
+shape of the profile, and the canonical form is written with 0 (copy the input's dim) and -1.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from kiln.ir.network import Layer, Network, Tensor
+from kiln.passes.symbolic import Dim, Sym, concrete, ir_dim, nontrivial, quotient, reshape_attr, sample_binding, \
+    sym_shape
 
 VIEW_KINDS = ("Shuffle", "Squeeze", "Unsqueeze", "Flatten", "Select", "Identity")
 
@@ -29,14 +35,13 @@ class NotAView(Exception):
 class _Atom:
     __slots__ = ("size",)
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: Dim) -> None:
         self.size = size
 
 
-def static_shape(t: Tensor | None) -> tuple[int, ...] | None:
-    if t is None or t.shape is None or not all(isinstance(d, int) and d > 0 for d in t.shape):
-        return None
-    return tuple(t.shape)
+def static_shape(t: Tensor | None) -> tuple[Dim, ...] | None:
+    """``t``'s dims (ints and symbolic monomials) when all are known, else None."""
+    return sym_shape(t)
 
 
 def view_steps(layer: Layer) -> list[tuple] | None:
@@ -51,6 +56,8 @@ def view_steps(layer: Layer) -> list[tuple] | None:
     if layer.kind == "Select":
         axis = a.get("axis", 0) % len(src)
         index = int(a["index"])
+        if index < 0 and not isinstance(src[axis], int):
+            return None
         return [("select", axis, index + src[axis] if index < 0 else index)]
     if layer.kind != "Shuffle":
         return [("reshape", out)]
@@ -75,13 +82,13 @@ def is_view(layer: Layer | None) -> bool:
 class ViewMap:
     """The composite of view steps over a source of a given static shape, on atoms."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.src: list[list[_Atom]] = [[_Atom(d)] if d > 1 else [] for d in shape]
+    def __init__(self, shape: tuple[Dim, ...]) -> None:
+        self.src: list[list[_Atom]] = [[_Atom(d)] if nontrivial(d) else [] for d in shape]
         self.dims: list[list[_Atom]] = [list(g) for g in self.src]
         self.fixed: dict[_Atom, int] = {}
 
     @classmethod
-    def of(cls, shape: tuple[int, ...], layers: list[Layer]) -> ViewMap:
+    def of(cls, shape: tuple[Dim, ...], layers: list[Layer]) -> ViewMap:
         m = cls(shape)
         for layer in layers:
             for step in view_steps(layer) or ():
@@ -97,13 +104,19 @@ class ViewMap:
             self._reshape(step[1])
         else:
             _, axis, index = step
+            if len(self.dims[axis]) > 1 and any(isinstance(a.size, Sym) for a in self.dims[axis]):
+                raise NotAView(f"select from a dim of symbolic atoms {[a.size for a in self.dims[axis]]}")
             for atom in reversed(self.dims[axis]):
+                if isinstance(atom.size, Sym):
+                    self.fixed[atom] = index
+                    index = 0
+                    continue
                 self.fixed[atom] = index % atom.size
                 index //= atom.size
             del self.dims[axis]
 
-    def _split(self, atom: _Atom, major: int) -> tuple[_Atom, _Atom]:
-        a, b = _Atom(major), _Atom(atom.size // major)
+    def _split(self, atom: _Atom, major: Dim) -> tuple[_Atom, _Atom]:
+        a, b = _Atom(major), _Atom(quotient(atom.size, major))
         for groups in (self.src, self.dims):
             for g in groups:
                 if atom in g:
@@ -111,22 +124,23 @@ class ViewMap:
                     g[i:i + 1] = [a, b]
         return a, b
 
-    def _reshape(self, shape: tuple[int, ...]) -> None:
+    def _reshape(self, shape: tuple[Dim, ...]) -> None:
         flat = [a for g in self.dims for a in g]
         new: list[list[_Atom]] = []
         i = 0
         for d in shape:
             group: list[_Atom] = []
             need = d
-            while need > 1:
+            while nontrivial(need):
                 if i >= len(flat):
                     raise NotAView(f"reshape to {shape} runs out of elements")
                 atom = flat[i]
-                if need % atom.size == 0:
+                rest = quotient(need, atom.size)
+                if rest is not None:
                     group.append(atom)
-                    need //= atom.size
+                    need = rest
                     i += 1
-                elif atom.size % need == 0:
+                elif quotient(atom.size, need) is not None:
                     a, b = self._split(atom, need)
                     flat[i:i + 1] = [a, b]
                     group.append(a)
@@ -140,7 +154,7 @@ class ViewMap:
         self.dims = new
 
     # ---- the canonical form ------------------------------------------------------------------
-    def canonical(self, out_shape: tuple[int, ...], sizes: dict[_Atom, int] | None = None) -> dict[str, Any]:
+    def canonical(self, out_shape: tuple[Dim, ...], sizes: dict[_Atom, Dim] | None = None) -> dict[str, Any]:
         """split (source atom sizes), perm, selects (indices, each on axis 0) and merge (the final
         shape, or None when the selects already leave it); ``sizes`` overrides atom sizes."""
         size = (lambda a: sizes.get(a, a.size)) if sizes else (lambda a: a.size)
@@ -170,7 +184,7 @@ def layer_steps(layers: list[Layer]) -> list[tuple]:
     return [step for layer in layers for step in view_steps(layer) or ()]
 
 
-def form_steps(form: dict[str, Any], shape: tuple[int, ...]) -> list[tuple]:
+def form_steps(form: dict[str, Any], shape: tuple[Dim, ...]) -> list[tuple]:
     """The canonical form as view steps from a source of ``shape`` (what ``emit`` builds)."""
     steps: list[tuple] = []
     if list(form["split"]) != list(shape):
@@ -183,11 +197,13 @@ def form_steps(form: dict[str, Any], shape: tuple[int, ...]) -> list[tuple]:
     return steps
 
 
-def predicted_copies(shape: tuple[int, ...], steps: list[tuple]) -> int:
-    """How many reshapes among ``steps`` copy when the source is contiguous (run on the meta device).
+def predicted_copies(shape: tuple[Dim, ...], steps: list[tuple]) -> int:
+    """How many reshapes among ``steps`` copy when the source is contiguous (run on the meta device,
+    symbolic dims at a generic binding: no size-1 dims, which only ever make more reshapes views).
     A Shuffle holds one reshape at most, so this counts copying layers."""
     import torch
-    x = torch.empty(shape, device="meta")
+    b = sample_binding([*shape, *(d for st in steps if st[0] == "reshape" for d in st[1])])
+    x = torch.empty([concrete(d, b) for d in shape], device="meta")
     copies = 0
     for step in steps:
         if step[0] == "perm":
@@ -195,13 +211,13 @@ def predicted_copies(shape: tuple[int, ...], steps: list[tuple]) -> int:
         elif step[0] == "select":
             x = x.select(step[1], step[2])
         else:
-            y = x.reshape(step[1])
+            y = x.reshape([concrete(d, b) for d in step[1]])
             copies += not y._is_view() and y.numel() > 1
             x = y
     return copies
 
 
-def collapsed_copies(shape: tuple[int, ...], steps: list[tuple], out_shape: tuple[int, ...]) -> int:
+def collapsed_copies(shape: tuple[Dim, ...], steps: list[tuple], out_shape: tuple[Dim, ...]) -> int:
     """Copies left once ``steps`` from a source of ``shape`` are collapsed to their canonical form."""
     try:
         m = ViewMap(shape)
@@ -221,7 +237,7 @@ def chain_to(t: Tensor) -> tuple[Tensor, list[Layer]]:
     return t, chain
 
 
-def emit(net: Network, src: Tensor, form: dict[str, Any], out_shape: tuple[int, ...], name: str, origin: list[str],
+def emit(net: Network, src: Tensor, form: dict[str, Any], out_shape: tuple[Dim, ...], name: str, origin: list[str],
          before: Layer, cache: dict | None = None) -> tuple[Tensor, list[Layer]]:
     """Add the layers of a canonical form reading ``src`` right before ``before``; returns the
     final tensor and the new layers. ``cache`` shares identical leading layers (q, k and v of one
@@ -229,18 +245,30 @@ def emit(net: Network, src: Tensor, form: dict[str, Any], out_shape: tuple[int, 
     split, perm, selects, merge = form["split"], form["perm"], form["selects"], form["merge"]
     made: list[Layer] = []
     cur = src
-    cur_shape = list(src.shape)
+    cur_shape = list(static_shape(src) or ())
 
-    def add(kind: str, attrs: dict, shape: list[int], key) -> None:
+    def drop_made() -> None:
+        for layer in reversed(made):
+            if not layer.outputs[0].uses:
+                net.remove_layer(layer)
+
+    def add(kind: str, attrs: dict, shape: list[Dim], key) -> None:
         nonlocal cur, cur_shape
         hit = cache.get(key) if cache is not None else None
         if hit is not None and hit.producer is not None and hit.producer in net.layers and hit.producer.inputs[0] is cur:
             cur, cur_shape = hit, shape
             return
+        if attrs.get("reshape") is not None:        # the target as static dims, 0 (copied) and -1
+            p1 = attrs["first_transpose"]
+            seen = [cur_shape[p] for p in p1] if p1 is not None else cur_shape
+            attrs["reshape"] = reshape_attr(tuple(seen), tuple(attrs["reshape"]))
+            if attrs["reshape"] is None:
+                drop_made()
+                raise NotAView(f"reshape of {seen} to {shape} cannot be written for every shape")
         layer = net.add_layer(kind, [cur], attrs, name=net.unique_name(f"{name}/{kind.lower()}"), origin=origin)
         net.layers.remove(layer)
         net.layers.insert(net.layers.index(before), layer)
-        layer.outputs[0].shape, layer.outputs[0].dtype = tuple(shape), src.dtype
+        layer.outputs[0].shape, layer.outputs[0].dtype = tuple(ir_dim(d) for d in shape), src.dtype
         made.append(layer)
         if cache is not None:
             cache[key] = layer.outputs[0]
@@ -266,8 +294,6 @@ def emit(net: Network, src: Tensor, form: dict[str, Any], out_shape: tuple[int, 
     if merge is not None and list(merge) != cur_shape:
         add("Shuffle", shuffle(None, list(merge), None), list(merge), (id(cur), "m", tuple(merge)))
     if list(cur_shape) != list(out_shape):        # not expected: the form is built to end there
-        for layer in reversed(made):
-            if not layer.outputs[0].uses:
-                net.remove_layer(layer)
+        drop_made()
         raise NotAView(f"canonical form ends at {cur_shape}, expected {list(out_shape)}")
     return cur, made

@@ -1,7 +1,7 @@
 """View-chain collapse: a static chain of reshapes, transposes, squeezes and selects becomes its
 canonical form (see passes/_views.py), which torch runs as views where the chain would copy.
 
-Cases (shapes static; the chain ends where a non-view layer or a network output reads it):
+Cases (shapes static or symbolic: passes/_views.py; the chain ends where a non-view layer or a network output reads it):
 - Reshape → Transpose → Reshape (attention heads, ``[S, B·H, hd] → [B·H, S, hd] → [B, H, S, hd]``)
   → one Shuffle: split-reshape + permute (+ merge-reshape);
 - chains through Unsqueeze/Squeeze/Select (nn.MultiheadAttention's packed QKV:
@@ -13,7 +13,7 @@ A chain is replaced when its canonical form has fewer copying steps (each layer 
 contiguous source of the chain's shape, on torch's meta device) or, at equal copies, fewer layers.
 Chains whose index map is not a split/permute/select/merge of the source (a reshape that regroups
 elements across dims of unrelated sizes), chains over integer tensors (shape arithmetic, placed on
-the host) and chains with dynamic dims are left alone.
+the host) and chains through a dim that is not a monomial of the input symbols are left alone.
 """
 from __future__ import annotations
 

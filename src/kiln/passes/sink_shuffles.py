@@ -3,8 +3,8 @@ a layer acting on the last axis, so it can move to the side where it meets the o
 (and passes/collapse_views.py makes the two one view).
 
 The linear layer is a FullyConnected, a Gemm with constant B and a bias over its columns, or a
-MatMul with a constant 2-D weight (the last two become FullyConnected when they move). Cases,
-shapes static:
+MatMul with a constant 2-D weight (the last two become FullyConnected when they move). Cases, for
+static or symbolic shapes (passes/_views.py):
 - x → [views moving leading dims only] → FC → [view layers only] ⇒ x → FC → [the same views, over
   N] → [view layers]: nn.MultiheadAttention's ``LN → Transpose[1,0,2] → in-projection → Reshape…``
   (the projection then reads the LayerNorm output in place and q, k, v come out as views in
@@ -36,6 +36,7 @@ from kiln.passes._views import (
     static_shape,
 )
 from kiln.passes.base import Pass, PassResult
+from kiln.passes.symbolic import Dim, ir_dim
 
 LINEAR = ("FullyConnected", "Gemm", "MatMul")
 
@@ -77,14 +78,14 @@ def _weights(net: Network, layer: Layer):
     return make
 
 
-def _fc(net: Network, layer: Layer, x: Tensor, make, shape: tuple[int, ...], dtype: str, origin: list[str],
+def _fc(net: Network, layer: Layer, x: Tensor, make, shape: tuple[Dim, ...], dtype: str, origin: list[str],
         where: int) -> Layer:
     w, b, attrs = make()
     fc = net.add_layer("FullyConnected", [x, w] + ([b] if b is not None else []), attrs,
                        name=net.unique_name(layer.name + "/moved"), origin=origin)
     net.layers.remove(fc)
     net.layers.insert(where, fc)
-    fc.outputs[0].shape, fc.outputs[0].dtype = shape, dtype
+    fc.outputs[0].shape, fc.outputs[0].dtype = tuple(ir_dim(d) for d in shape), dtype
     return fc
 
 
