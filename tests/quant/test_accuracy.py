@@ -200,6 +200,8 @@ def test_cli_build_accuracy_prints_kept_layers(files):
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("--accuracy"))
     assert "kept 1 layer unquantized (fp32): fc2;" in line and "on 64 calibration samples" in line, line
+    r = kiln_cli("inspect", "mlp.kiln", cwd=files)
+    assert r.returncode == 0 and line in r.stdout.splitlines(), r.stdout[:2000]      # the engine records it
 
 
 def test_cli_unreachable_and_bad_targets_exit_2(files):
