@@ -36,7 +36,9 @@ def _make(fp8: bool):
             if x.dtype == torch.uint8:
                 rows = (rows.to(torch.int16) - 128).to(torch.int8)
             if fp8:
-                one = ones.setdefault(str(x.device), torch.ones((), dtype=torch.float32, device=x.device))
+                one = ones.get(x.device)
+                if one is None:
+                    one = ones[x.device] = torch.ones((), dtype=torch.float32, device=x.device)
                 acc = torch._scaled_mm(rows.contiguous(), w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
                 y = (acc + ep.ibias.to(torch.float32)) * ep.mult
             else:

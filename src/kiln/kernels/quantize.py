@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kiln.errors import BuildError
 from kiln.ir.dtypes import torch_dtype
-from kiln.kernels._util import norm_axis
+from kiln.kernels._util import norm_axis, per_tensor
 from kiln.kernels.pointwise import act_params, activation_fn
 from kiln.kernels.registry import tactic
 
@@ -201,18 +201,22 @@ def layer_epilogue(attrs):
 
 
 def _make_quantized_reference(attrs, ctx):
-    """Dequantize the codes, run the float32 torch op with the dequantized bias, then ``layer_epilogue``."""
+    """Dequantize the codes (the weight and bias once per weight tensor), run the float32 torch op with the
+    dequantized bias, then ``layer_epilogue``."""
     conv = "stride" in attrs
     prod = _product({**attrs, "op": "conv"}) if conv else None
     finish = layer_epilogue(attrs)
     x_scale, x_zp = float(attrs["x_scale"]), int(attrs.get("x_zero_point", 0))
     scales: dict = {}
+    weights: dict = {}
+
+    def dequantized(w, bias):
+        ws = _channel_scales(attrs, w.device, scales)
+        return w.to(torch.float32) * ws.reshape([-1] + [1] * (w.dim() - 1)), bias.to(torch.float32) * (x_scale * ws)
 
     def run(x, w, bias, residual=None):
-        ws = _channel_scales(attrs, x.device, scales)
+        wf, bf = dequantized(w, bias) if x.is_meta else per_tensor(weights, w, lambda: dequantized(w, bias))
         xf = (x.to(torch.float32) - x_zp) * x_scale
-        wf = w.to(torch.float32) * ws.reshape([-1] + [1] * (w.dim() - 1))
-        bf = bias.to(torch.float32) * (x_scale * ws)
         y = prod(xf, wf) + bf.reshape(1, -1, 1, 1) if conv else F.linear(xf, wf, bf)
         return (finish(y, residual),)
     return run
