@@ -184,7 +184,8 @@ def _unfoldable() -> onnx.ModelProto:
 def test_unfoldable_pattern_warns_naming_the_node_and_stays_correct(fold_on_cpu):
     model = _unfoldable()
     x = np.random.default_rng(4).standard_normal((2, 4, 6, 6)).astype(np.float32)
-    with pytest.warns(QuantizationWarning, match=r"'float_weight_conv'.*its weight is not a constant quantized"):
+    with pytest.warns(QuantizationWarning, match=r"1 layer\(s\) .* because its weight is not a constant quantized.*"
+                                                 r": 'float_weight_conv' \(Convolution; ONNX float_weight_conv\)\.$"):
         engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu"))
     assert "Convolution" in {layer["kind"] for layer in engine.layers}
     ref = _ort_codes(model, x)

@@ -162,7 +162,9 @@ def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.nd
     else:
         trans = a.get("transpose_b") if layer.kind == "MatMul" else a.get("trans_b")
         out_axis, nd = (0 if trans else 1), 2
-    if codes.ndim != nd or (scale.size > 1 and axis != out_axis):
+    if codes.ndim != nd:
+        return f"its weight is {codes.ndim}-D, not {nd}-D"
+    if scale.size > 1 and axis != out_axis:
         return "its weight is not quantized per output channel or per tensor"
     n = codes.shape[out_axis]
     ws = np.broadcast_to(scale.reshape(-1), (n,)).astype(np.float32)
@@ -300,14 +302,18 @@ class FoldQDQ(Pass):
         if changed:
             net.toposort()
             return PassResult(net, True)
+        left: dict[str, list[str]] = {}
         for layer in net.layers:
             if layer.kind in GEMMS and layer.name not in self.warned and _reads_dequantized(layer):
                 why = plan(layer)
                 if isinstance(why, str):
                     self.warned.add(layer.name)
-                    nodes = ", ".join(layer.origin) or layer.name
-                    warnings.warn(f"Layer {layer.name!r} ({layer.kind}; ONNX {nodes}) runs dequantized, without "
-                                  f"8-bit kernels: {why}.", QuantizationWarning, stacklevel=2)
+                    left.setdefault(why, []).append(f"{layer.name!r} ({layer.kind}; ONNX "
+                                                    f"{', '.join(layer.origin) or layer.name})")
+        for why, names in left.items():          # one line per reason
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            warnings.warn(f"{len(names)} layer(s) read a dequantized input but run dequantized, without 8-bit "
+                          f"kernels, because {why}: {', '.join(names[:8])}{more}.", QuantizationWarning, stacklevel=2)
         net.metadata.pop(RECORDS, None)
         return PassResult(net, False)
 
