@@ -351,3 +351,54 @@ def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
         ctx = KernelContext(device="cpu", input_dtypes=tuple(t.dtype for t in conv2.inputs))
         got = get_tactic("QConvolution", "triton_int8").make(conv2.attrs, ctx)(*ins)[0]
         _assert_codes_match(got.contiguous().numpy(), ours[conv2.outputs[0].name], "conv2 triton_int8")
+
+
+def _shortcut_block() -> onnx.ModelProto:
+    """x -> Q/DQ -> conv3x3 (weight Q/DQ per channel) -> + DQ(x codes) -> ReLU -> Q/DQ -> y: the residual add's
+    shortcut dequantized from 8-bit codes, where TensorRT's Q/DQ placement puts it."""
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.15
+    ws = (np.abs(w).reshape(8, -1).max(1) / 127).astype(np.float32)
+    inits = [numpy_helper.from_array(np.asarray(0.03, np.float32), "xs"),
+             numpy_helper.from_array(np.asarray(0, np.int8), "xz"),
+             numpy_helper.from_array(np.clip(np.rint(w / ws[:, None, None, None]), -127, 127).astype(np.int8), "wq"),
+             numpy_helper.from_array(ws, "ws"), numpy_helper.from_array(np.zeros(8, np.int8), "wz"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b"),
+             numpy_helper.from_array(np.asarray(0.02, np.float32), "ys"),
+             numpy_helper.from_array(np.asarray(-128, np.int8), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw", axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "xd"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r"], name="relu"),
+             helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["yq"], name="qy"),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dqy")]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 7, 7])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 7, 7])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_dequantized_shortcut_is_read_as_codes(fold_on_cpu):
+    """conv + DQ(shortcut codes) + ReLU -> Q folds into one QConvolution reading the shortcut's int8 codes (no
+    float copy of it); the reference tactic and the Triton kernel write ONNX Runtime's codes."""
+    model = _shortcut_block()
+    x = (np.random.default_rng(22).standard_normal((2, 8, 7, 7)) * 1.5).astype(np.float32)
+    ref = _ort_codes(model, x)
+    net = kiln.onnx.parse(model)
+    net.mark_output(net.tensors["yq"])
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    assert [layer["kind"] for layer in engine.layers] == ["QuantizeLinear", "QConvolution", "DequantizeLinear"]
+    conv = engine.layers[1]
+    assert conv["inputs"][0] == conv["inputs"][3] == "xq" and conv["attrs"]["residual_scale"] == np.float32(0.03)
+    _assert_codes_match(engine.context().run({"x": x})["yq"], ref["yq"], "engine")
+    layer = next(layer for layer in build_module.prepare(kiln.onnx.parse(model), kiln.BuildConfig(
+        device="cpu", profiles={"x": x.shape})).net.layers if layer.kind == "QConvolution")
+    ins = [torch.from_numpy(np.asarray(t.value)) if t.is_constant else torch.from_numpy(ref[t.name])
+           for t in layer.inputs]
+    ctx = KernelContext(device="cpu", input_dtypes=tuple(t.dtype for t in layer.inputs))
+    for tactic in ["reference"] + (["triton_int8"] if HAS_TRITON and interpreting() else []):
+        got = get_tactic("QConvolution", tactic).make(layer.attrs, ctx)(*ins)[0]
+        _assert_codes_match(got.contiguous().numpy(), ref["yq"], tactic)

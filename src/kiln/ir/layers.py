@@ -522,8 +522,10 @@ _QUANTIZED = {"x_scale": attr("float", lo=0.0, doc="scale of the input codes"),
               "out_scale": attr("float", None, lo=0.0, doc="scale of 8-bit output codes (None: float output)"),
               "out_zero_point": attr("int", 0), **_TO, **_EPILOGUE, **_flags("residual_after_activation")}
 define_layer("QConvolution", 3, 4, "8-bit 2-D convolution: x codes [N, Cin, H, W], weight codes [Cout, Cin/g, kh, kw], "
-             "bias int32 [Cout] in units of x_scale * w_scale, residual? (float, like the output)",
-             attrs={**_CONV, **_QUANTIZED}, channels_last=True)
+             "bias int32 [Cout] in units of x_scale * w_scale, residual? (like the output: float, or 8-bit codes "
+             "with residual_scale)", attrs={
+                 **_CONV, **_QUANTIZED, "residual_scale": attr("float", None, lo=0.0, doc="None: a float residual"),
+                 "residual_zero_point": attr("int", 0)}, channels_last=True)
 define_layer("QFullyConnected", 3, 3, "8-bit y = x @ weight.T + bias over the last axis: x codes [..., K], weight "
              "codes [N, K], bias int32 [N] in units of x_scale * w_scale", attrs=_QUANTIZED)
 

@@ -76,7 +76,7 @@ def _to_e4m3_grid(v):
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
 def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, x_zp, out_scale, out_zp,
-                  alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                  r_scale, r_zp, alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
                   SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   POINTWISE: tl.constexpr, IDX64: tl.constexpr, MODE: tl.constexpr, OUT: tl.constexpr,
                   LO: tl.constexpr, HI: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
@@ -142,11 +142,13 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, M, H, W, OH, OW,
     v = v * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     offs = offs_m[:, None] * Cout + offs_n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:     # float, or 8-bit codes dequantized with r_scale and r_zp (1 and 0 for a float residual)
+        r = (tl.load(r_ptr + offs, mask=ok, other=0).to(tl.float32) - r_zp) * r_scale
     if HAS_RES and not RES_AFTER:
-        v += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        v += r
     v = apply_act(v, alpha, beta, ACT)
     if HAS_RES and RES_AFTER:
-        v += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        v += r
     if OUT == 1:
         q = _round_half_even(tl.math.div_rn(v, out_scale)) + out_zp
         v = tl.minimum(tl.maximum(q, LO), HI)
@@ -209,10 +211,11 @@ class Geometry(NamedTuple):
 def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out_dtype: torch.dtype, out_scale: float = 1.0,
           out_zp: int = 0, residual: torch.Tensor | None = None, act: str = "none", alpha: float = 0.0,
           beta: float = 0.0, residual_after: bool = False, geometry: Geometry | None = None,
-          config: QGemmConfig | None = None) -> torch.Tensor:
+          config: QGemmConfig | None = None, residual_scale: float = 1.0, residual_zp: int = 0) -> torch.Tensor:
     """The fused 8-bit layer. With ``geometry``: ``x`` is [N, Cin, H, W] codes (made channels-last), ``wk`` the
     K-major weight [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without:
-    ``x`` is [..., K] codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result."""
+    ``x`` is [..., K] codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result: float,
+    or 8-bit codes that ``residual_scale`` and ``residual_zp`` dequantize."""
     mode = MODES.get(x.dtype)
     if mode is None or (wk.dtype == torch.float8_e4m3fn) != (mode == 2):
         raise BuildError(f"The 8-bit GEMM takes int8/uint8 codes with int8 weights or FP8 E4M3 codes with FP8 "
@@ -250,7 +253,8 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out_dtype: torch.dtyp
     big = max(x.numel(), y.numel()) >= 2 ** 31
     grid = (cdiv(m, bm) * cdiv(cout, bn),)
     _qgemm_kernel[grid](rows, wk, ep.ibias, ep.mult, residual if residual is not None else y, y, m, h, w, oh, ow,
-                        cout, ep.x_zp, float(out_scale), float(out_zp), float(alpha), float(beta), CIN=cin, KH=g.kh,
+                        cout, ep.x_zp, float(out_scale), float(out_zp), float(residual_scale), float(residual_zp),
+                        float(alpha), float(beta), CIN=cin, KH=g.kh,
                         KW=g.kw, SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0],
                         DW=g.dilation[1], POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=out, LO=lo, HI=hi,
                         ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after),
@@ -281,6 +285,8 @@ def _make(attrs, ctx):
     out_zp = int(attrs.get("out_zero_point", 0))
     to = torch_dtype(attrs["to"])
     conv = "stride" in attrs
+    r_scale = attrs.get("residual_scale")
+    r_scale, r_zp = (1.0, 0) if r_scale is None else (r_scale, int(attrs.get("residual_zero_point", 0)))
     cache: dict = {}
 
     def run(x, w, bias, residual=None):
@@ -288,7 +294,7 @@ def _make(attrs, ctx):
         g = Geometry(w.shape[2], w.shape[3], tuple(attrs["stride"]), tuple(attrs["pads"]),
                      tuple(attrs["dilation"])) if conv else None
         return (qgemm(x, wk, ep, to, out_scale if out_scale is not None else 1.0, out_zp, residual, act, alpha, beta,
-                      after, g),)
+                      after, g, residual_scale=r_scale, residual_zp=r_zp),)
     return run
 
 

@@ -181,19 +181,23 @@ def _channel_scales(attrs, device: torch.device, cache: dict) -> torch.Tensor:
 
 
 def layer_epilogue(attrs):
-    """The tail every torch tactic of an 8-bit layer shares: float32 ``y`` (bias included) -> the residual added
-    before or after the activation -> requantized to the 8-bit ``to``, or cast to the float ``to``."""
+    """The tail every torch tactic of an 8-bit layer shares: float32 ``y`` (bias included) -> the residual (float,
+    or codes dequantized with residual_scale) added before or after the activation -> requantized to the 8-bit
+    ``to``, or cast to the float ``to``."""
     act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
     after = bool(attrs.get("residual_after_activation"))
     out, out_scale, out_zp = attrs["to"], attrs.get("out_scale"), int(attrs.get("out_zero_point", 0))
+    r_scale, r_zp = attrs.get("residual_scale"), int(attrs.get("residual_zero_point", 0))
 
     def finish(y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:        # float, or 8-bit codes with their scale
+            residual = residual.to(torch.float32) if r_scale is None else (residual.to(torch.float32) - r_zp) * r_scale
         if residual is not None and not after:
-            y = y + residual.to(torch.float32)
+            y = y + residual
         if act is not None:
             y = act(y)
         if residual is not None and after:
-            y = y + residual.to(torch.float32)
+            y = y + residual
         if out_scale is None:
             return y.to(torch_dtype(out))
         return quantize_values(y, out_scale, out_zp, out)

@@ -3,7 +3,8 @@
 
 Cases:
 - Q(conv(DQ(x), W, b?, r?)) with a 2-D convolution (its fused activation and residual included), the conv
-  output read only by Q -> QConvolution writing Q's codes: the requantization runs in its epilogue;
+  output read only by Q -> QConvolution writing Q's codes: the requantization runs in its epilogue; a residual
+  r = DQ(codes) (TensorRT's placement on a residual add's shortcut) is read as its codes;
 - Q(gemm(DQ(x), W, b?)) for FullyConnected, MatMul (constant 2-D B, A not transposed) and Gemm (constant 2-D
   B, alpha = beta = 1, A 2-D and not transposed, C absent, scalar or one per column) -> QFullyConnected
   writing Q's codes;
@@ -123,12 +124,14 @@ def _constant_codes(dq: Layer) -> tuple[np.ndarray, np.ndarray, int] | None:
 
 
 class Plan(NamedTuple):
-    """What the fold of one layer makes: the new kind, its weight and bias codes and its attributes."""
+    """What the fold of one layer makes: the new kind, its weight and bias codes, its attributes and the
+    residual it reads (a float tensor or 8-bit codes)."""
 
     kind: str
     weight: np.ndarray
     bias: np.ndarray
     attrs: dict
+    residual: Tensor | None = None
 
 
 def _activation(dq: Layer) -> tuple[float, int, str] | str:
@@ -240,7 +243,13 @@ def plan(layer: Layer, q: Layer | None = None) -> Plan | str:
         return f"its output is {out.dtype}"
     if layer.kind == "Convolution":
         attrs.update({k: layer.attrs[k] for k in ("stride", "pads", "dilation")}, groups=layer.attrs.get("groups", 1))
-        return Plan("QConvolution", codes, bias, attrs)
+        residual = layer.inputs[3] if len(layer.inputs) > 3 else None
+        rdq = residual.producer if residual is not None else None
+        found = _activation(rdq) if rdq is not None and rdq.kind == "DequantizeLinear" else None
+        if isinstance(found, tuple):        # a dequantized residual: its codes, dequantized in the epilogue
+            residual = rdq.inputs[0]
+            attrs.update(residual_scale=found[0], residual_zero_point=found[1])
+        return Plan("QConvolution", codes, bias, attrs, residual)
     return Plan("QFullyConnected", codes, bias, attrs)
 
 
@@ -267,15 +276,15 @@ def _fits(m: Match) -> str | None:
 def _fold(m: Match) -> None:
     net, layer, q, p = m.net, m["gemm"], m.get("q"), m["plan"]
     dq = layer.inputs[0].producer
-    residual = layer.inputs[3] if layer.kind == "Convolution" and len(layer.inputs) > 3 else None
+    rdq = layer.inputs[3].producer if p.residual is not None and p.residual is not layer.inputs[3] else None
     w = net.add_constant(p.weight, name=net.unique_name(f"{layer.inputs[1].name}_codes"))
     b = net.add_constant(p.bias, name=net.unique_name(f"{layer.name}_bias_codes"))
-    ins = [dq.inputs[0], w, b] + ([residual] if residual is not None else [])
-    fused = [dq] if len(dq.outputs[0].uses) == 1 else []
+    ins = [dq.inputs[0], w, b] + ([p.residual] if p.residual is not None else [])
+    fused = [d for d in dict.fromkeys([dq, rdq]) if d is not None and all(u is layer for u, _ in d.outputs[0].uses)]
     origin = list(dict.fromkeys([o for x in [*fused, layer, *([q] if q else [])] for o in x.origin]))
     new = net.add_layer(p.kind, ins, p.attrs, name=net.unique_layer_name(p.kind, layer.name), origin=origin)
     last = q if q is not None else layer
-    substitute(net, new, layer, [last.outputs[0]], [last, layer, dq])
+    substitute(net, new, layer, [last.outputs[0]], [last, layer, dq, *([rdq] if rdq is not None else [])])
     new.name = layer.name
     net.remove_unused_constants()
 
