@@ -72,8 +72,8 @@ def _check_order(name: str, mn: tuple[int, ...], opt: tuple[int, ...], mx: tuple
     """Refuse, naming the first offending dim and its three values, a profile without min <= opt <= max."""
     for i, (a, b, c) in enumerate(zip(mn, opt, mx)):
         if a > c:
-            raise BuildError(f"Profile for input {name!r} has min {a} > max {c} in dim {i} (min {a}, opt {b}, max {c}); "
-                             f"give min <= opt <= max in every dim.")
+            raise BuildError(f"Profile for input {name!r} has min {a} > max {c} in dim {i} (min {a}, opt {b}, "
+                             f"max {c}); give min <= opt <= max in every dim.")
         if not a <= b <= c:
             raise BuildError(f"Profile for input {name!r} has opt {b} outside [min {a}, max {c}] in dim {i} (min {a}, "
                              f"opt {b}, max {c}); give an opt shape between min and max.")

@@ -117,7 +117,7 @@ class Program:
         differs from the layers' own tactics, and the concatenation buffers of that choice."""
         layers = plan["layers"]
         multi = [i for i, layer in enumerate(layers) if layer.get("bucket_tactics")]
-        made: dict[tuple[int, str], Step] = {(i, self.steps[i].tactic): None for i in multi}
+        made: dict[tuple[int, str], Step | None] = {(i, self.steps[i].tactic): None for i in multi}   # None: own
         self._base = base = [(s.fn, s.tactic) for s in self.steps]
         own = tuple(base[i][1] for i in multi)
         keys: dict[tuple, int] = {own: 0}
