@@ -6,7 +6,10 @@ The steps, each deterministic:
    breaking cycles at the smallest remaining item); edges against it are flipped;
 2. layering — longest path from the sources, then nodes that feed more edges
    than they take sink down to just above their first consumer (constants,
-   graph inputs), so few edges are long;
+   graph inputs), so few edges are long; a run of ranks wider than ``WRAP``
+   items (hundreds of parallel branches, a SavedModel's variables) is folded
+   into bands of ``WRAP`` items each, stacked, each band keeping its branches
+   whole, so the picture grows down instead of thousands of pixels wide;
 3. dummy nodes — a value is a hyperedge: its consumers share one trunk of
    dummies, so a mask read by 300 layers costs one dummy per rank, not 300;
 4. crossing reduction — DFS initial order, then median sweeps down and up
@@ -21,6 +24,7 @@ import heapq
 from dataclasses import dataclass, field
 
 SMALL = 3000          # entries up to which crossings are counted and the best order is kept
+WRAP = 24             # items in a rank beyond which a run of wide ranks is folded into bands
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Structure:
     layers: list[list[int]]
     rank: list[int]
     edges: list[Hyperedge] = field(default_factory=list)
+    wrapped: bool = False                        # wide ranks were folded into bands (see _wrap)
 
     def neighbours(self) -> tuple[list[list[int]], list[list[int]]]:
         """Up and down neighbour lists per entry, one per drawn segment."""
@@ -57,8 +62,11 @@ class Structure:
         return up, down
 
     def to_json(self) -> dict:
-        return {"n": self.n, "layers": self.layers,
-                "edges": [[h.src, h.tensor, h.trunk, [list(d) for d in h.dsts], int(h.flip)] for h in self.edges]}
+        out = {"n": self.n, "layers": self.layers,
+               "edges": [[h.src, h.tensor, h.trunk, [list(d) for d in h.dsts], int(h.flip)] for h in self.edges]}
+        if self.wrapped:
+            out["wrapped"] = 1
+        return out
 
 
 def build(n: int, edges: list[tuple[int, int, str]], top: set[int] | None = None,
@@ -68,8 +76,10 @@ def build(n: int, edges: list[tuple[int, int, str]], top: set[int] | None = None
     top = top or set()
     bottom = bottom or set()
     order = _topological(n, edges)
-    rank = _ranks(n, edges, order, top, bottom)
-    s = Structure(n, [], rank)
+    pred, succ = _oriented(n, edges, order, top, bottom)
+    layered = _ranks(n, pred, succ, order, top, bottom)
+    rank = _wrap(layered, pred, order, top | bottom)
+    s = Structure(n, [], rank, wrapped=rank is not layered)
     _dummies(s, edges, order)
     _order(s, sweeps)
     return s
@@ -107,7 +117,8 @@ def _topological(n: int, edges) -> list[int]:
     return pos
 
 
-def _ranks(n: int, edges, order: list[int], top: set[int], bottom: set[int]) -> list[int]:
+def _oriented(n: int, edges, order: list[int], top: set[int], bottom: set[int]) -> tuple[list[list[int]], ...]:
+    """Predecessor and successor lists along the topological order (ports' edges left out)."""
     pred: list[list[int]] = [[] for _ in range(n)]
     succ: list[list[int]] = [[] for _ in range(n)]
     for a, b, _ in edges:
@@ -117,6 +128,11 @@ def _ranks(n: int, edges, order: list[int], top: set[int], bottom: set[int]) -> 
             a, b = b, a
         pred[b].append(a)
         succ[a].append(b)
+    return pred, succ
+
+
+def _ranks(n: int, pred: list[list[int]], succ: list[list[int]], order: list[int], top: set[int],
+           bottom: set[int]) -> list[int]:
     seq = sorted(range(n), key=order.__getitem__)
     rank = [0] * n
     for v in seq:
@@ -132,6 +148,60 @@ def _ranks(n: int, edges, order: list[int], top: set[int], bottom: set[int]) -> 
         for i in bottom:
             rank[i] = last
     return rank
+
+
+def _wrap(rank: list[int], pred: list[list[int]], order: list[int], ports: set[int]) -> list[int]:
+    """Fold each run of consecutive ranks holding more than WRAP items into stacked bands of WRAP items.
+
+    In a run, items are sorted rank by rank after their predecessor's place in the rank above (so the
+    nodes of one branch share a place) and cut into bands; band j of a run of L ranks takes the L ranks
+    after band j - 1. Then every item moves below its predecessors where a band put it above them, and
+    empty ranks close up.
+    """
+    width: dict[int, int] = {}
+    for i, r in enumerate(rank):
+        if i not in ports:
+            width[r] = width.get(r, 0) + 1
+    if max(width.values(), default=0) <= WRAP:
+        return rank
+    last = max(rank)
+    members: list[list[int]] = [[] for _ in range(last + 1)]
+    for i in sorted(range(len(rank)), key=order.__getitem__):
+        members[rank[i]].append(i)
+    new = list(rank)
+    shift = 0
+    r = 0
+    while r <= last:
+        if width.get(r, 0) <= WRAP or any(i in ports for i in members[r]):
+            for i in members[r]:
+                new[i] = r + shift
+            r += 1
+            continue
+        end = r
+        while end + 1 <= last and width.get(end + 1, 0) > WRAP and not any(i in ports for i in members[end + 1]):
+            end += 1
+        run = end - r + 1
+        place: dict[int, int] = {}
+        bands = 1
+        for k in range(r, end + 1):
+            items = sorted(members[k], key=lambda i: (min((place[u] for u in pred[i] if u in place),
+                                                          default=len(rank)), order[i]))
+            for j, i in enumerate(items):
+                place[i] = j
+                new[i] = r + shift + (j // WRAP) * run + (k - r)
+            bands = max(bands, -(-len(items) // WRAP))
+        shift += run * (bands - 1)
+        r = end + 1
+    for i in sorted(range(len(rank)), key=order.__getitem__):     # keep every edge pointing down
+        if pred[i]:
+            new[i] = max(new[i], max(new[u] + 1 for u in pred[i]))
+    bottom = [i for i in ports if rank[i] == last and last > 0]
+    if bottom:
+        below = max((r for i, r in enumerate(new) if i not in ports), default=-1) + 1
+        for i in bottom:
+            new[i] = below
+    used = {v: k for k, v in enumerate(sorted(set(new)))}        # close empty ranks
+    return [used[v] for v in new]
 
 
 def _dummies(s: Structure, edges, order: list[int]) -> None:

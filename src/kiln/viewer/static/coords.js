@@ -9,10 +9,11 @@
 var Kiln = window.Kiln || (window.Kiln = {});
 
 (function () {
-  function assign(layers, n, br, up, down, nodeSep, edgeSep) {
+  function assign(layers, n, br, up, down, nodeSep, edgeSep, loose) {
     const total = br.length, pos = new Int32Array(total);
     for (const layer of layers) layer.forEach((e, i) => { pos[e] = i; });
     const marked = type1(layers, n, up, pos);
+    if (loose) for (const k of loose) marked.add(k);          // segments never aligned ("u,v")
     const results = [];
     for (const vertical of ["down", "up"]) {
       for (const horizontal of ["left", "right"]) {

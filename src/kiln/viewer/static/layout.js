@@ -83,9 +83,9 @@ var Kiln = window.Kiln || (window.Kiln = {});
   }
 
   /** `need[r]`: room the labels of edges entering rank r ask for before it (left → right only). */
-  function assign(struct, br, th, up, down, rankSep, need) {
+  function assign(struct, br, th, up, down, rankSep, need, loose) {
     const layers = struct.layers;
-    const x = Kiln.coords.assign(layers, struct.n, br, up, down, M.nodeSep, M.edgeSep);
+    const x = Kiln.coords.assign(layers, struct.n, br, up, down, M.nodeSep, M.edgeSep, loose);
     let left = Infinity, right = -Infinity;
     for (const layer of layers) for (const e of layer) {
       left = Math.min(left, x[e] - br[e] / 2); right = Math.max(right, x[e] + br[e] / 2);
@@ -133,7 +133,7 @@ var Kiln = window.Kiln || (window.Kiln = {});
       edges.push(h);
     }
     const layers = s.layers.map((l) => l.filter((e) => !hidden.has(e))).filter((l) => l.length);
-    return { n: s.n, layers, edges };
+    return { n: s.n, layers, edges, wrapped: s.wrapped };
   }
 
   class Placer {
@@ -200,7 +200,10 @@ var Kiln = window.Kiln || (window.Kiln = {});
         up[b].push([a, 0, w]); down[a].push([b, 0, w]);
       }
       const need = this.lr ? this.labelRoom(c, s, segs, n) : null;
-      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, this.lr ? M.rankSepLR : M.rankSep, need);
+      // Folded wide ranks (layout.py _wrap): an edge leaving a box for a long run of dummies bends at once, so
+      // the runs passing the bands below pack side by side instead of each keeping its box's breadth.
+      const loose = s.wrapped ? new Set(segs.filter(([a, b]) => a < n && b >= n).map(([a, b]) => a + "," + b)) : null;
+      const [x, starts, thick, width, depth] = assign(s, br, th, up, down, this.lr ? M.rankSepLR : M.rankSep, need, loose);
       const pos = new Array(total), band = new Array(total);
       s.layers.forEach((layer, r) => {
         const mid = starts[r] + thick[r] / 2;
