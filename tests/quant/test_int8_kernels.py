@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ir.dtypes import torch_dtype
-from kiln.kernels import KernelContext, get_tactic
+from kiln.kernels import KernelContext, get_tactic, tactics_for
 from kiln.triton_support import HAS_TRITON, interpreting
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON or not interpreting(),
@@ -223,3 +223,25 @@ def test_triton_quantize_matches_the_torch_tactic(xdt, out, zp):
     ref = np.clip(np.rint(x.float().numpy() / scale.item()) + (zp or 0), -128, 255)      # ties to even
     if out != "float8_e4m3fn":
         np.testing.assert_array_equal(codes.numpy(), np.clip(ref, *((-128, 127) if out == "int8" else (0, 255))))
+
+
+def test_grouped_conv_runs_the_reference_tactic():
+    """A depthwise/grouped 8-bit convolution (MobileNet's) has no Triton kernel; the reference tactic computes it
+    (GPU and CPU) and matches the float64 evaluation."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, (2, 6, 5, 5)).astype(np.int8)
+    w = rng.integers(-127, 128, (6, 1, 3, 3)).astype(np.int8)
+    ws = (rng.uniform(0.5, 2.0, 6) * 1e-2).astype(np.float32)
+    bias = rng.integers(-500, 500, 6).astype(np.int32)
+    attrs = _attrs(ws, stride=[1, 1], pads=[1, 1, 1, 1], dilation=[1, 1], groups=6, to="float32")
+    for device in ("cpu", "cuda"):
+        names = [t.name for t in tactics_for("QConvolution", attrs, KernelContext(device=device,
+                                                                                   input_dtypes=("int8",)))]
+        assert names == ["reference"], device
+    got = _run("reference", attrs, [torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(bias)],
+               ("int8", "int8", "int32")).numpy()
+    xf = x.astype(np.float64) * 0.05
+    wf = w.astype(np.float64) * ws[:, None, None, None]
+    want = F.conv2d(torch.from_numpy(xf), torch.from_numpy(wf), torch.from_numpy(bias * (0.05 * ws.astype(np.float64))),
+                    padding=1, groups=6).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
