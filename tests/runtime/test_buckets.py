@@ -131,6 +131,22 @@ def test_profile_and_run_all_use_the_bucket_too(forced, saved) -> None:
     assert forced == [("small", 2)]
 
 
+def test_two_profiles_each_have_their_buckets(forced, tmp_path: Path) -> None:
+    onnx_path = _model(tmp_path / "fc.onnx")
+    profiles = [{"x": ((1, 16), (2, 16), (8, 16))}, {"x": ((16, 16), (32, 16), (64, 16))}]
+    kiln.build(kiln.onnx.parse(onnx_path), kiln.BuildConfig(device="cpu", profiles=profiles)).save(tmp_path / "p.kiln")
+    engine = kiln.load(tmp_path / "p.kiln")
+    assert [(b["profile"], b["shapes"]["x"][0]) for b in engine.header["buckets"]] == \
+        [(0, 1), (0, 2), (0, 4), (0, 8), (1, 16), (1, 32), (1, 64)]
+    assert _fc(engine.header)["tactic"] == "small"                   # profile 0's opt point
+    ctx = engine.context()
+    for batch, want in ((5, "small"), (20, "large"), (64, "large"), (8, "small")):
+        forced.clear()
+        x = np.full((batch, 16), 0.5, np.float32)
+        assert_close_fp32(ctx.run({"x": x})["y"], ort_run(onnx_path, {"x": x})["y"], f"batch {batch}")
+        assert forced == [(want, batch)]
+
+
 def test_warm_up_runs_every_bucket_once(forced, saved) -> None:
     ctx = kiln.load(saved[1]).context()
     forced.clear()
