@@ -68,3 +68,17 @@ def test_same_input_buffers_are_bound_without_a_copy():
     other = torch.randn(4, 8, device="cuda")
     torch.testing.assert_close(ctx.execute([other], copy=True)[0], want(other))
     torch.testing.assert_close(ctx.execute([buf], copy=True)[0], want(buf))
+
+
+def test_shape_of_a_device_tensor_copies_nothing() -> None:
+    """A Shape layer runs on the host but reads only its input's dims: the device tensor stays where it is. A
+    copy to the host there is a device-to-host transfer each run, and CUDA graph capture refuses it, so every
+    range engine with a Shape of a device value (a dynamic-batch BERT) ran without graphs."""
+    from kiln.runtime.program import Program
+    plan = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["b", 3]}],
+            "outputs": [{"name": "s", "dtype": "int64", "shape": [2]}],
+            "tensors": {"s": {"dtype": "int64", "shape": [2], "host": True}},
+            "layers": [{"name": "shape", "kind": "Shape", "inputs": ["x"], "outputs": ["s"], "attrs": {},
+                        "tactic": "torch", "host": True}]}
+    step = Program(plan, {}, "cuda").steps[0]          # setting the plan up touches no GPU
+    assert step.targets == [None]

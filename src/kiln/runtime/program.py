@@ -169,8 +169,9 @@ class Program:
         fn = tac.make(attrs, ctx)
         host_pos = set(LAYER_KINDS[kind].host_inputs)
         targets = []
+        reads_metadata = LAYER_KINDS[kind].host == "always"     # Shape, Size: only the input's shape is read
         for i, n in enumerate(layer["inputs"]):
-            if n is None or device == "cpu":
+            if n is None or device == "cpu" or reads_metadata:
                 targets.append(None)
             elif layer.get("host") or i in host_pos:
                 targets.append("cpu")
