@@ -279,6 +279,65 @@ def engine_bench(path: Path, rows: list[dict], dims: dict[str, list[int]], secon
               f"median {res['latency_ms']['median']:.3f} ms); p99 {r.get('p99_ms', float('nan')):.2f} ms", flush=True)
 
 
+# ---- transport ceiling ------------------------------------------------------------------------
+def cmd_echo(args: argparse.Namespace) -> int:
+    """A grpc.aio server of the v2 protocol that answers ModelInfer without reading the tensors or running
+    anything: what the Python gRPC transport alone allows (a child process of `ceiling`)."""
+    import asyncio
+
+    import grpc
+
+    from kiln.serve.proto import grpc_predict_v2_pb2 as pb
+    from kiln.serve.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    dims = [int(d) for d in args.dims.split("x")]
+
+    class Echo(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request, context):
+            r = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+            r.outputs.add(name="y", datatype="FP32", shape=[1])
+            r.raw_output_contents.append(bytes(4))
+            return r
+
+        async def ModelMetadata(self, request, context):
+            meta = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(name="echo", versions=["1"], platform="echo",
+                                            inputs=[meta(name="x", datatype="FP32", shape=[-1, *dims[1:]])],
+                                            outputs=[meta(name="y", datatype="FP32", shape=[1])])
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1)])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+        server.add_insecure_port(f"127.0.0.1:{args.port}")
+        await server.start()
+        await server.wait_for_termination()
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_ceiling(args: argparse.Namespace) -> int:
+    """tritonclient gRPC load against the do-nothing server: the ceiling any Python gRPC front end meets."""
+    port = 18000 + os.getpid() % 1000
+    proc = subprocess.Popen([sys.executable, __file__, "echo", "--port", str(port), "--dims", args.dims])
+    try:
+        at = f"127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                import socket
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        dims = [int(d) for d in args.dims.split("x")]
+        for c in (int(v) for v in args.concurrency.split(",")):
+            r = run_load("grpc", at, "echo", c, args.seconds, {"x": dims}, args.processes)
+            print(f"echo grpc c={c:3} {r['infer_per_s']:9.1f} infer/s  p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms"
+                  f"  errors {r['errors']}  ({np.prod(dims) * 4 / 1e3:.0f} KB per request)", flush=True)
+    finally:
+        proc.kill()
+    return 0
+
+
 # ---- soak -----------------------------------------------------------------------------------
 def _bad_bodies(x: np.ndarray) -> list[tuple[str, str, dict, bytes]]:
     """(what, path, headers, body) of each malformed request kind."""
@@ -419,6 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--rss-limit-mb", type=float, default=50.0)
     k.add_argument("--server-flag", action="append")
     k.add_argument("--json")
+    c = sub.add_parser("ceiling", help="the same load against a gRPC server that does no work")
+    c.add_argument("--dims", default="1x3x224x224", help="the FP32 input each request carries")
+    c.add_argument("--concurrency", default="1,16,64")
+    c.add_argument("--seconds", type=float, default=4.0)
+    c.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    e = sub.add_parser("echo", help=argparse.SUPPRESS)
+    e.add_argument("--port", type=int, required=True)
+    e.add_argument("--dims", required=True)
     g = sub.add_parser("models")
     g.add_argument("--out", required=True)
     g.add_argument("--names", default="resnet50,bert_base")
@@ -426,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="cuda")
     g.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
-    return {"sweep": cmd_sweep, "soak": cmd_soak, "models": cmd_models}[args.cmd](args)
+    return {"sweep": cmd_sweep, "soak": cmd_soak, "models": cmd_models, "ceiling": cmd_ceiling,
+            "echo": cmd_echo}[args.cmd](args)
 
 
 if __name__ == "__main__":
