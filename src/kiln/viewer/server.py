@@ -6,8 +6,9 @@ a Host header other than this server's own (DNS rebinding) get a 403. It binds
 127.0.0.1 unless told otherwise. When the model file changes on disk the next
 page load reads it again; a file that no longer reads shows the error page.
 A Document with a ``complete`` step (an ONNX model shown before its shapes are inferred) is served at once
-and replaced when that step, run in a background thread, returns; the page asks ``/api/model?after=N`` for
-the document that follows revision N.
+and replaced when that step returns. The step runs in a background thread started by the page's first
+``/api/model?after=N`` (the request for the document that follows revision N, sent once the page has drawn),
+so it does not compete with the first paint for the CPU.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Source:
         self.stamp: tuple | None = None
         self.doc: Document | None = None
         self.revision = 0
+        self.completing: Document | None = None         # the document whose completion has started
 
     def _stamp(self) -> tuple:
         import os
@@ -85,22 +87,25 @@ class Source:
             return self.doc
 
     def after(self, revision: int, timeout: float) -> Document:
-        """The document once it is newer than ``revision`` or final (waits at most ``timeout`` seconds)."""
+        """The document once it is newer than ``revision`` or final (waits at most ``timeout`` seconds);
+        starts the current document's completion."""
         self.get()
         with self.changed:
+            if self.doc.complete is not None and self.completing is not self.doc:
+                self.completing = self.doc
+                threading.Thread(target=self._complete, args=(self.doc,), name="kiln-view-complete",
+                                 daemon=True).start()
             self.changed.wait_for(lambda: self.doc.revision > revision or self.doc.complete is None, timeout)
             return self.doc
 
     def _install(self, doc: Document, stamp: tuple | None) -> None:
-        """Make ``doc`` current (the lock is held) and start its completion, if it has one."""
+        """Make ``doc`` current (the lock is held)."""
         self.revision += 1
         doc.revision = self.revision
         if doc.page is not None:
             doc.page["revision"], doc.page["pending"] = doc.revision, doc.complete is not None
         self.doc, self.stamp = doc, stamp
         self.changed.notify_all()
-        if doc.complete is not None:
-            threading.Thread(target=self._complete, args=(doc,), name="kiln-view-complete", daemon=True).start()
 
     def _complete(self, first: Document) -> None:
         try:
