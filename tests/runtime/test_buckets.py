@@ -21,7 +21,7 @@ from kiln.builder.buckets import MAX_POINTS, profile_points, timing_points
 from kiln.builder.config import Profile
 from kiln.engine import read_engine, write_engine
 from kiln.errors import EngineFormatError
-from kiln.kernels.registry import TACTICS, tactics_for, KernelContext
+from kiln.kernels.registry import TACTICS, get_tactic
 from kiln.runtime.buckets import BucketTable
 from _models import assert_close_fp32, ort_run
 
@@ -42,35 +42,48 @@ def _model(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def forced(monkeypatch) -> list[tuple[str, int]]:
-    """Two test tactics for FullyConnected, ``small`` and ``large`` (torch's maker under other names), each
-    call of any FullyConnected tactic recorded as (tactic, batch); the build's timer finds ``small`` fastest
-    up to batch SMALL_UP_TO, ``large`` above, and the registry's own tactics slower than both."""
-    tactics_for("FullyConnected", {}, KernelContext())          # loads the registry
+def _force(monkeypatch, kind: str, wrote: list | None = None) -> list[tuple[str, int]]:
+    """Two test tactics for ``kind``, ``small`` and ``large`` (its torch maker under other names), each call of
+    any ``kind`` tactic recorded as (tactic, batch) in the list returned; the build's timer finds ``small``
+    fastest up to batch SMALL_UP_TO, ``large`` above, and the registry's own tactics slower than both.
+    With ``wrote``, ``small`` may write into a buffer it is given (``writes_into``), noting each batch it does."""
+    get_tactic(kind, "torch")                       # loads the registry
     ran: list[tuple[str, int]] = []
-    torch_fc = next(t for t in TACTICS["FullyConnected"] if t.name == "torch")
+    own = next(t for t in TACTICS[kind] if t.name == "torch")
 
     def tagged(t, name):
         def make(attrs, ctx):
             fn = t.make(attrs, ctx)
 
-            def run(*args, **kw):
+            def run(*args, out=None):
                 ran.append((name, args[0].shape[0]))
-                return fn(*args, **kw)
+                ys = fn(*args)
+                if out is None:
+                    return ys
+                wrote.append(args[0].shape[0])
+                buf = out(tuple(ys[0].shape), ys[0].dtype, ys[0].device)
+                buf.copy_(ys[0])
+                return (buf,)
             run.tactic = name
             return run
-        return dataclasses.replace(t, name=name, make=make, priority=100 if name in ("small", "large") else t.priority)
+        return dataclasses.replace(t, name=name, make=make, priority=100 if name in ("small", "large") else t.priority,
+                                   writes_into=name == "small" and wrote is not None)
 
     def timer(fn, args, reps):
         small = args[0].shape[0] <= SMALL_UP_TO
-        return {"small": 1.0 if small else 2.0, "large": 2.0 if small else 1.0}.get(fn.tactic, 3.0)
+        return {"small": 1.0 if small else 2.0, "large": 2.0 if small else 1.0}.get(getattr(fn, "tactic", ""), 3.0)
 
-    monkeypatch.setitem(TACTICS, "FullyConnected", [tagged(t, t.name) for t in TACTICS["FullyConnected"]]
-                        + [tagged(torch_fc, "small"), tagged(torch_fc, "large")])
+    monkeypatch.setitem(TACTICS, kind, [tagged(t, t.name) for t in TACTICS[kind]]
+                        + [tagged(own, "small"), tagged(own, "large")])
     monkeypatch.setattr(tactics_mod, "_time_cpu", timer)
     monkeypatch.setattr(tactics_mod, "_time", timer)
     return ran
+
+
+@pytest.fixture
+def forced(monkeypatch) -> list[tuple[str, int]]:
+    """FullyConnected's choice forced by batch (see _force)."""
+    return _force(monkeypatch, "FullyConnected")
 
 
 @pytest.fixture
@@ -145,6 +158,48 @@ def test_two_profiles_each_have_their_buckets(forced, tmp_path: Path) -> None:
         x = np.full((batch, 16), 0.5, np.float32)
         assert_close_fp32(ctx.run({"x": x})["y"], ort_run(onnx_path, {"x": x})["y"], f"batch {batch}")
         assert forced == [(want, batch)]
+
+
+def _concat_model(path: Path) -> Path:
+    """y = concat(conv(x), conv(relu(x))) over channels: both convolutions may write into y's buffer."""
+    r = np.random.default_rng(3)
+    w1, w2 = r.standard_normal((4, 3, 3, 3)).astype(np.float32), r.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["x"], ["rx"]),
+             helper.make_node("Conv", ["rx", "W2"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["y"], axis=1)]
+    g = helper.make_graph(nodes, "cat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 9, 6, 6])],
+                          [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize("opt", [2, 16])     # the layers' own tactic: small (writes in place) or large (cannot)
+def test_concatenation_writes_in_place_in_the_buckets_whose_tactics_can(monkeypatch, tmp_path: Path, opt) -> None:
+    """Concatenation elision is planned per bucket: ``small`` convolutions write into the concatenation's
+    buffer, ``large`` ones cannot and are copied; switching buckets back and forth keeps every result right.
+    (The elision runs on the GPU only; here it is planned as there, over CPU tensors.)"""
+    from kiln.runtime import concat_elision, program
+    monkeypatch.setattr(program, "elide_concats", lambda prog, plan, device: concat_elision.elide_concats(prog, plan,
+                                                                                                           "cuda"))
+    wrote: list[int] = []
+    ran = _force(monkeypatch, "Convolution", wrote)
+    onnx_path = _concat_model(tmp_path / "cat.onnx")
+    engine = kiln.build(kiln.onnx.parse(onnx_path),
+                        kiln.BuildConfig(device="cpu", profiles={"x": ((1, 3, 6, 6), (opt, 3, 6, 6), (16, 3, 6, 6))}))
+    convs = [layer for layer in engine.layers if layer["kind"] == "Convolution"]
+    assert {c["tactic"] for c in convs} == {"small" if opt <= SMALL_UP_TO else "large"}
+    assert len(convs) == 2 and all(c["bucket_tactics"] == ["small"] * 4 + ["large"] for c in convs)   # 1 2 4 8 | 16
+    ctx = engine.context()
+    rng = np.random.default_rng(4)
+    for batch in (2, 12, 3, 16, 1):
+        ran.clear()
+        wrote.clear()
+        x = rng.standard_normal((batch, 3, 6, 6)).astype(np.float32)
+        assert_close_fp32(ctx.run({"x": x})["y"], ort_run(onnx_path, {"x": x})["y"], f"batch {batch}")
+        small = batch <= SMALL_UP_TO
+        assert ran == [("small" if small else "large", batch)] * 2, (batch, ran)
+        assert wrote == ([batch] * 2 if small else []), (batch, wrote)
 
 
 def test_warm_up_runs_every_bucket_once(forced, saved) -> None:
