@@ -108,7 +108,8 @@ def test_int8_conv_matches_float64(tactic, xdt, xz, stride, pads, act, out):
         _check_codes(got, y64, scale, 3, lo if out == xdt else -128, hi if out == xdt else 127)
 
 
-@pytest.mark.parametrize("tactic", ["reference", "int_mm", pytest.param("triton_int8", marks=needs_triton)])
+@pytest.mark.parametrize("tactic", ["reference", "int_mm", pytest.param("triton_int8", marks=needs_triton),
+                                    pytest.param("triton_int8_small", marks=needs_triton)])
 @pytest.mark.parametrize("xdt,xz", [("int8", -7), ("uint8", 140)])
 def test_int8_fully_connected_matches_float64(tactic, xdt, xz):
     rng = np.random.default_rng(1)

@@ -16,7 +16,7 @@ so a quantized network keeps its activations as 8-bit codes between such layers.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +52,17 @@ def default_config(m: int, n: int, cin: int) -> QGemmConfig:
     bm = 64 if m <= 64 else 128
     bk = min(128, max(32, next_pow2(cin)))
     return QGemmConfig(bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4, 4 if bk <= 64 else 3)
+
+
+def wide_config(m: int, n: int, cin: int) -> QGemmConfig:
+    """128x256 tiles where N > 128 (256x128 otherwise): fewer re-reads of A and B per output for big layers."""
+    bk = min(128, max(32, next_pow2(cin)))
+    return QGemmConfig(128, 256, bk, 8, 3) if n > 128 else QGemmConfig(256, 128 if n > 64 else 64, bk, 8, 3)
+
+
+def small_config(m: int, n: int, cin: int) -> QGemmConfig:
+    """64x64 tiles and a deeper pipeline, for layers too small to fill the GPU with big tiles."""
+    return QGemmConfig(64, 64, min(128, max(32, next_pow2(cin))), 4, 4)
 
 
 @triton.jit
@@ -211,7 +222,8 @@ class Geometry(NamedTuple):
 def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out_dtype: torch.dtype, out_scale: float = 1.0,
           out_zp: int = 0, residual: torch.Tensor | None = None, act: str = "none", alpha: float = 0.0,
           beta: float = 0.0, residual_after: bool = False, geometry: Geometry | None = None,
-          config: QGemmConfig | None = None, residual_scale: float = 1.0, residual_zp: int = 0) -> torch.Tensor:
+          config: QGemmConfig | Callable[[int, int, int], QGemmConfig] = default_config,
+          residual_scale: float = 1.0, residual_zp: int = 0) -> torch.Tensor:
     """The fused 8-bit layer. With ``geometry``: ``x`` is [N, Cin, H, W] codes (made channels-last), ``wk`` the
     K-major weight [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without:
     ``x`` is [..., K] codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result: float,
@@ -248,7 +260,7 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out_dtype: torch.dtyp
     if x.is_meta or y.numel() == 0:
         return y
     rows = rows.contiguous() if geometry is None else rows
-    bm, bn, bk, warps, stages, group_m = config or default_config(m, cout, cin)
+    bm, bn, bk, warps, stages, group_m = config(m, cout, cin) if callable(config) else config
     pointwise = (g.kh, g.kw) == (1, 1) and g.stride == (1, 1) and not any(g.pads)
     big = max(x.numel(), y.numel()) >= 2 ** 31
     grid = (cdiv(m, bm) * cdiv(cout, bn),)
@@ -278,26 +290,34 @@ def _supports(fp8: bool):
     return ok
 
 
-def _make(attrs, ctx):
-    act, alpha, beta = epilogue_params(attrs)
-    after = bool(attrs.get("residual_after_activation"))
-    out_scale = attrs.get("out_scale")
-    out_zp = int(attrs.get("out_zero_point", 0))
-    to = torch_dtype(attrs["to"])
-    conv = "stride" in attrs
-    r_scale = attrs.get("residual_scale")
-    r_scale, r_zp = (1.0, 0) if r_scale is None else (r_scale, int(attrs.get("residual_zero_point", 0)))
-    cache: dict = {}
+def _make(choose: Callable[[int, int, int], QGemmConfig]):
+    def make(attrs, ctx):
+        act, alpha, beta = epilogue_params(attrs)
+        after = bool(attrs.get("residual_after_activation"))
+        out_scale = attrs.get("out_scale")
+        out_zp = int(attrs.get("out_zero_point", 0))
+        to = torch_dtype(attrs["to"])
+        conv = "stride" in attrs
+        r_scale = attrs.get("residual_scale")
+        r_scale, r_zp = (1.0, 0) if r_scale is None else (r_scale, int(attrs.get("residual_zero_point", 0)))
+        cache: dict = {}
 
-    def run(x, w, bias, residual=None):
-        wk, ep = per_tensor(cache, w, lambda: (k_major(w), epilogue_terms(attrs, w, bias, x.dtype)))
-        g = Geometry(w.shape[2], w.shape[3], tuple(attrs["stride"]), tuple(attrs["pads"]),
-                     tuple(attrs["dilation"])) if conv else None
-        return (qgemm(x, wk, ep, to, out_scale if out_scale is not None else 1.0, out_zp, residual, act, alpha, beta,
-                      after, g, residual_scale=r_scale, residual_zp=r_zp),)
-    return run
+        def run(x, w, bias, residual=None):
+            wk, ep = per_tensor(cache, w, lambda: (k_major(w), epilogue_terms(attrs, w, bias, x.dtype)))
+            g = Geometry(w.shape[2], w.shape[3], tuple(attrs["stride"]), tuple(attrs["pads"]),
+                         tuple(attrs["dilation"])) if conv else None
+            return (qgemm(x, wk, ep, to, out_scale if out_scale is not None else 1.0, out_zp, residual, act, alpha,
+                          beta, after, g, choose, r_scale, r_zp),)
+        return run
+    return make
 
 
+# the default tile table, and two more the builder times at optimization levels 4-5 (a compile per layer shape each)
 for _kind in ("QConvolution", "QFullyConnected"):
-    tactic(_kind, "triton_int8", devices=("cuda",), supports=_supports(False), priority=-1)(_make)
-    tactic(_kind, "triton_fp8", devices=("cuda",), supports=_supports(True), priority=-1)(_make)
+    for _codes, _fp8 in (("int8", False), ("fp8", True)):
+        tactic(_kind, f"triton_{_codes}", devices=("cuda",), supports=_supports(_fp8), priority=-1)(
+            _make(default_config))
+        tactic(_kind, f"triton_{_codes}_wide", devices=("cuda",), supports=_supports(_fp8), priority=-1,
+               min_level=4)(_make(wide_config))
+        tactic(_kind, f"triton_{_codes}_small", devices=("cuda",), supports=_supports(_fp8), priority=-1,
+               min_level=4)(_make(small_config))
