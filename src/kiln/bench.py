@@ -33,6 +33,11 @@ def bench(engine, shapes: dict[str, tuple[int, ...]] | None = None, warmup: int 
     if iterations < 1 or warmup < 0:
         raise KilnError(f"iterations must be at least 1 and warmup at least 0; got {iterations}, {warmup}.")
     shapes = shapes or {}
+    names = [spec["name"] for spec in engine.inputs]
+    unknown = [n for n in shapes if n not in names]
+    if unknown:
+        raise KilnError(f"A shape is given for {unknown[0]!r}, which is not an input of this engine; its inputs are "
+                        f"{names}.")
     rng = np.random.default_rng(0)
     host = []
     for spec in engine.inputs:

@@ -50,3 +50,5 @@ def test_sweep_refusals_are_one_line(engine):
     assert_user_error(kiln("bench", engine, "--shapes", "a:1x8;a:2x8", "--profile"), "--profile", "2")
     assert_user_error(kiln("bench", engine, "--shapes", "a:1x8;a:9x8", "--iterations", "1"), "'a'", "(9, 8)",
                       "profile")
+    assert_user_error(kiln("bench", engine, "--shapes", "a:1x8;c:2x8", "--iterations", "1"), "'c'",
+                      "not an input", "['a', 'b']")
