@@ -122,3 +122,19 @@ def test_clusters_are_laid_out_on_request(big_path):
             assert get(s, f"/api/clusters?{bad}")[0] == 404
     finally:
         s.stop()
+
+
+def test_a_client_that_resets_its_connection_prints_no_traceback(server, capfd):
+    import socket
+    import struct
+    import time
+    host, port = server.server_address[:2]
+    for _ in range(3):
+        sock = socket.create_connection((host, port), timeout=5)
+        sock.sendall(b"GET / HTT")                                    # half a request line, then a reset
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    time.sleep(0.5)
+    assert get(server, "/")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err
