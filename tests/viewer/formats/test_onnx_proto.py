@@ -244,3 +244,13 @@ def test_completion_that_fails_leaves_the_first_read_with_one_warning(yolo_path,
     assert len(done.graph.nodes) == len(vm.graph.nodes)
     assert done.warnings == ["Shapes of intermediate values and operator documentation are not shown: the onnx "
                              "package is not installed (pip install onnx)."]
+
+
+def test_in_process_completion_that_fails_is_a_warning_too(yolo_path, monkeypatch):
+    def refuse(data):
+        raise ValueError("no")
+    monkeypatch.setattr(onnx.ModelProto, "FromString", staticmethod(refuse))
+    vm = reader.read(yolo_path)
+    assert vm.warnings == ["Shapes of intermediate values and operator documentation are not shown: onnx cannot "
+                           "parse the model (ValueError)."]
+    assert vm.graph.inputs[0].shape == [1, 3, 640, 640] and vm.graph.nodes[0].doc is None

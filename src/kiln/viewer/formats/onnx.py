@@ -130,8 +130,7 @@ def read(path: pathlib.Path, handle: Any = None) -> ViewModel:
     path = pathlib.Path(path)
     with no_gc():            # many small long-lived objects: collections would cost more than the parse
         data, model = _load(path, handle)
-        inferred, entries = _complete_here(data)
-        return _view_model(model, path, len(data), inferred, entries)
+        return _completed(model, path, len(data), lambda: _complete_here(data))
 
 
 def read_first(path: pathlib.Path, handle: Any = None) -> tuple[ViewModel, Callable[[], ViewModel] | None]:
@@ -147,15 +146,22 @@ def read_first(path: pathlib.Path, handle: Any = None) -> tuple[ViewModel, Calla
         first = _view_model(model, path, len(data), None, None)
 
     def complete() -> ViewModel:
-        try:
-            inferred, entries = _complete_apart(data)
-        except ViewerError as exc:
-            vm = _view_model(model, path, len(data), None, None)
-            vm.warnings.append(str(exc))
-            return vm
         with no_gc():
-            return _view_model(model, path, len(data), inferred, entries)
+            return _completed(model, path, len(data), lambda: _complete_apart(data))
     return first, complete
+
+
+def _completed(model: pb.Message, path: pathlib.Path | None, size: int | None,
+               step: Callable[[], tuple[bytes, list]]) -> ViewModel:
+    """The model with what ``step`` adds (inferred model, schema entries), or as the file states it with a
+    warning saying why not."""
+    try:
+        inferred, entries = step()
+    except ViewerError as exc:
+        vm = _view_model(model, path, size, None, None)
+        vm.warnings.append(str(exc))
+        return vm
+    return _view_model(model, path, size, inferred, entries)
 
 
 def _kind(path: pathlib.Path, kind: Any) -> str:
@@ -185,40 +191,49 @@ def read_proto(model: Any, path: pathlib.Path | None = None) -> ViewModel:
     if not isinstance(model, onnx.ModelProto):
         raise ViewerError(f"expected an onnx.ModelProto, got {type(model).__name__}.")
     data = model.SerializeToString()
-    inferred, entries = _complete_here(data)
-    return _view_model(P.parse_model(data), path, None, inferred, entries)
+    return _completed(P.parse_model(data), path, None, lambda: _complete_here(data))
+
+
+_LEAD = "Shapes of intermediate values and operator documentation are not shown"
 
 
 def _complete_here(data: bytes) -> tuple[bytes, list]:
-    import onnx
-    from kiln.viewer.formats._onnx_infer import complete
-    return complete(onnx.ModelProto.FromString(data))
+    """:func:`_onnx_infer.complete` in this process; a failure is a ViewerError naming it."""
+    try:
+        import onnx
+        from kiln.viewer.formats._onnx_infer import complete
+    except ImportError:
+        raise ViewerError(f"{_LEAD}: the onnx package is not installed (pip install onnx).") from None
+    try:
+        model = onnx.ModelProto.FromString(data)
+    except Exception as exc:
+        raise ViewerError(f"{_LEAD}: onnx cannot parse the model ({type(exc).__name__}).") from None
+    return complete(model)
 
 
 def _complete_apart(data: bytes) -> tuple[bytes, list]:
     """:func:`_onnx_infer.complete` in a child process; a failure is a ViewerError naming it."""
     import subprocess
     import sys
-    lead = "Shapes of intermediate values and operator documentation are not shown"
     try:
         run = subprocess.run([sys.executable, "-m", "kiln.viewer.formats._onnx_infer"], input=data,
                              capture_output=True, timeout=_INFER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise ViewerError(f"{lead}: ONNX shape inference took over {_INFER_TIMEOUT_S} s.") from None
+        raise ViewerError(f"{_LEAD}: ONNX shape inference took over {_INFER_TIMEOUT_S} s.") from None
     except OSError as exc:
-        raise ViewerError(f"{lead}: {exc}.") from None
+        raise ViewerError(f"{_LEAD}: {exc}.") from None
     if run.returncode != 0:
         last = (run.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {run.returncode}"])[-1]
         if "No module named 'onnx'" in last:
             last = "the onnx package is not installed (pip install onnx)"
-        raise ViewerError(f"{lead}: {last[:300]}.")
+        raise ViewerError(f"{_LEAD}: {last[:300]}.")
     head, sep, inferred = run.stdout.partition(b"\n")
     try:
         entries = json.loads(head) if sep else None
     except ValueError:
         entries = None
     if not isinstance(entries, list):
-        raise ViewerError(f"{lead}: the shape-inference process answered something unexpected.")
+        raise ViewerError(f"{_LEAD}: the shape-inference process answered something unexpected.")
     return inferred, entries
 
 
