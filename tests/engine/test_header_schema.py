@@ -113,7 +113,7 @@ CASES = [
     ("layer-key", _set(["plan", CONV, "eval"], "x"), ["unknown key 'eval'"]),
     ("input-empty", _set(["plan", CONV, "inputs", 1], None), ["input 1 is empty"]),
     ("input-extra", lambda h: layer(h, "Flatten")["inputs"].append("input"), ["inputs"]),
-    ("layer-precision", _set(["plan", CONV, "precision"], "fp8"), ["precision"]),
+    ("layer-precision", _set(["plan", CONV, "precision"], "fp6"), ["precision"]),
     ("layer-tactic", _set(["plan", CONV, "tactic"], 7), ["'tactic'"]),
     ("device-no-name", _set(["device", "name"], _DELETE), ["device", "'name'"]),
     ("device-name-int", _set(["device", "name"], 5), ["device", "'name'"]),
