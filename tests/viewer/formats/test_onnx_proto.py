@@ -201,6 +201,29 @@ def test_real_onnx_files_read_as_onnx_reads_them():
     assert count > 300
 
 
+def _corpus_lib():
+    """tests/corpus/corpus_lib.py (the model corpus: its manifest and where it is fetched to)."""
+    import importlib.util
+    from pathlib import Path
+    file = Path(__file__).resolve().parents[2] / "corpus" / "corpus_lib.py"
+    spec = importlib.util.spec_from_file_location("kiln_tests_corpus_lib", file)
+    module = sys.modules.get(spec.name)
+    if module is None:                   # registered before it runs: its dataclasses look themselves up there
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_corpus_models_read_as_onnx_reads_them():
+    """Every ONNX model of the test corpus that is fetched (python scripts/fetch_corpus.py)."""
+    lib = _corpus_lib()
+    root = lib.corpus_dir()
+    paths = [p for m in lib.load_manifest().models if (p := lib.model_path(root, m)).is_file()]
+    if not paths:
+        pytest.skip(f"the model corpus is not in {root}; fetch it with: python scripts/fetch_corpus.py")
+    assert sum(_compare_with_onnx(p) for p in paths) > 0
+
+
 def test_sample_models_read_as_onnx_reads_them(yolo_path, control_flow_path, tmp_path):
     assert _compare_with_onnx(yolo_path) == 215
     assert _compare_with_onnx(control_flow_path) > 4           # If and Loop bodies included
