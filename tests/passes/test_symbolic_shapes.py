@@ -251,6 +251,44 @@ def test_a_reshape_that_regroups_keeps_its_computed_target():
     assert reshapes == [(2, None), (1, [-1, 8]), (2, None)]
 
 
+def _positions_model(rows: int) -> bytes:
+    """ids [B, S] → word embeddings + position embeddings gathered by ``arange(16)[:, :S]`` (an
+    exported ``position_ids`` buffer) from a table of ``rows`` rows."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Shape", ["ids"], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["s"], axis=0),
+             helper.make_node("Unsqueeze", ["s", "zero"], ["end"]),
+             helper.make_node("Slice", ["positions", "zero", "end", "one1", "one1"], ["pos"]),
+             helper.make_node("Gather", ["words", "ids"], ["w"], axis=0),
+             helper.make_node("Gather", ["table", "pos"], ["p"], axis=0),
+             helper.make_node("Add", ["w", "p"], ["y"])]
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in (
+        ("one", np.int64(1)), ("zero", np.asarray([0], np.int64)), ("one1", np.asarray([1], np.int64)),
+        ("positions", np.arange(16, dtype=np.int64)[None]),
+        ("words", rng.standard_normal((10, 4)).astype(np.float32)),
+        ("table", rng.standard_normal((rows, 4)).astype(np.float32)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 4])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m.SerializeToString()
+
+
+@pytest.mark.parametrize("rows", [16, 20])
+def test_positions_are_rows_of_the_table(rows):
+    """Gather(table, arange(16)[:, :S]) is table[:S] (a view) when the table has the arange's 16 rows;
+    with 20 rows a slice clamped at 16 and one clamped at 20 could differ, and the Gather stays."""
+    model = _positions_model(rows)
+    ranged = _build(model, {"ids": ((1, 1), (2, 8), (3, 16))})
+    for b, s in ((1, 1), (2, 8), (3, 16), (2, 11)):
+        ids = np.random.default_rng(s).integers(0, 10, (b, s))
+        _check(model, ranged, {"ids": ids}, tol=0.0)
+    gathers = [layer["inputs"][0] for layer in ranged.layers if layer["kind"] == "Gather"]
+    assert gathers == (["words"] if rows == 16 else ["words", "table"])
+
+
 # ---- the monomial algebra ----------------------------------------------------------------------
 B, S = Sym(1, ("B",)), Sym(1, ("S",))
 

@@ -7,7 +7,9 @@ Cases:
 - a Shuffle whose reshape target is computed on the host (``Shape → Gather → Concat``) → a static
   ``reshape`` attribute holding the same target at every shape: static dims, 0 for a dim copied from
   the input at its position, -1 for the one dim left;
-- an Expand whose target is its input's shape (or broadcasts nothing) at every shape → removed.
+- an Expand whose target is its input's shape (or broadcasts nothing) at every shape → removed;
+- a Gather of a table's rows by positions sliced from a constant ``arange`` as long as the table
+  (BERT's ``position_ids[:, :S]``, which a static build folds) → a Slice of the table, a view.
 The arithmetic nothing reads any more goes with them.
 """
 from __future__ import annotations
@@ -97,6 +99,44 @@ def _drop_expand(m: Match) -> None:
     remove_computation(m.net, m.root.outputs[0])
 
 
+def _arange_rows(m: Match) -> str | None:
+    gather, sl = m.root, m["idx"]
+    table, ids = m["table"], sl.inputs[0]
+    if gather.attrs.get("axis", 0) != 0 or not ids.is_constant or table.shape is None or not table.shape:
+        return "not a gather along axis 0 of positions sliced from a constant"
+    v = np.asarray(ids.value)
+    if v.ndim not in (1, 2) or v.ndim == 2 and v.shape[0] != 1 or v.dtype.kind not in "iu" \
+            or not np.array_equal(v.reshape(-1), np.arange(v.size)) or table.shape[0] != v.size:
+        return "the positions are not an arange as long as the table"
+    axes, steps = (sl.inputs[i] if len(sl.inputs) > i else None for i in (3, 4))
+    if axes is not None and not (axes.is_constant and np.asarray(axes.value).reshape(-1).tolist() in ([v.ndim - 1], [-1])):
+        return "the slice is not along the positions"
+    if steps is not None and not (steps.is_constant and np.asarray(steps.value).reshape(-1).tolist() == [1]):
+        return "the slice steps over positions"
+    if sl.outputs[0].shape is None or m.root.outputs[0].shape is None:
+        return "the shapes are not known"
+    return None
+
+
+def _slice_rows(m: Match) -> None:
+    net, gather, sl = m.net, m.root, m["idx"]
+    out = gather.outputs[0]
+    axes = net.add_constant(np.asarray([0], np.int64), name=net.unique_name(sl.name + "_rows"))
+    rows = net.add_layer("Slice", [m["table"], sl.inputs[1], sl.inputs[2], axes], name=net.unique_name(gather.name + "/rows"),
+                         origin=gather.origin + sl.origin)
+    rows.outputs[0].shape, rows.outputs[0].dtype = out.shape[-len(m["table"].shape):], out.dtype
+    last = rows
+    if sl.inputs[0].value.ndim == 2:
+        last = net.add_layer("Unsqueeze", [rows.outputs[0]], {"axes": [0]}, name=net.unique_name(gather.name + "/batch"),
+                             origin=gather.origin)
+        last.outputs[0].shape, last.outputs[0].dtype = out.shape, out.dtype
+    for layer in (rows, last) if last is not rows else (rows,):
+        net.layers.remove(layer)
+        net.layers.insert(net.layers.index(gather), layer)
+    replace_output(net, out, last.outputs[0])
+    remove_computation(net, out)
+
+
 class FoldShapeValues(RulePass):
     name = "shape-value folding"
     rules = [
@@ -105,4 +145,6 @@ class FoldShapeValues(RulePass):
         Rule("reshape(x, shape arithmetic) -> reshape(x, [0|-1|n, ...])", Op("Shuffle", Var("x"), Var("shape")),
              _symbolic_target, _static_target),
         Rule("expand(x, shape of x) -> x", Op("Expand", Var("x"), Var("shape")), _noop_expand, _drop_expand),
+        Rule("gather(T, arange[start:end]) -> T[start:end]", Op("Gather", Var("table"), Op("Slice", ..., name="idx")),
+             _arange_rows, _slice_rows),
     ]
