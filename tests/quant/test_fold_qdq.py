@@ -402,3 +402,74 @@ def test_dequantized_shortcut_is_read_as_codes(fold_on_cpu):
     for tactic in ["reference"] + (["triton_int8"] if HAS_TRITON and interpreting() else []):
         got = get_tactic("QConvolution", tactic).make(layer.attrs, ctx)(*ins)[0]
         _assert_codes_match(got.contiguous().numpy(), ref["yq"], tactic)
+
+
+def _shared_output_block() -> onnx.ModelProto:
+    """x -> conv_a -> relu = t; t -> conv_b -> + t -> relu -> y: t is both conv_b's input and its shortcut."""
+    rng = np.random.default_rng(31)
+    wa = rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3
+    wb = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.15
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "wa": wa, "ba": rng.standard_normal(8).astype(np.float32) * 0.1,
+        "wb": wb, "bb": rng.standard_normal(8).astype(np.float32) * 0.1}.items()]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ca"], ["t"], name="relu_a"),
+             helper.make_node("Conv", ["t", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["cb", "t"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["y"], name="relu_b")]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_float_output_also_quantized_is_a_second_output(monkeypatch):
+    """A float output that a QuantizeLinear reads besides other layers (conv_a's: conv_b's quantized input and its
+    float shortcut) becomes conv_a's second output: its codes, from the float value as stored. The same codes
+    as the separate QuantizeLinear (within one step, nearly all equal), in FP32 and FP16 builds; the Triton
+    kernel writes both outputs too."""
+    from kiln.builder.quant import quantize
+    rng = np.random.default_rng(32)
+    x = rng.standard_normal((4, 4, 6, 6)).astype(np.float32)
+    qnet = quantize(kiln.onnx.parse(_shared_output_block()), kiln.BuildConfig(
+        device="cpu", quantize="int8", calibration=[{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)}],
+        calibrator="max", profiles={"x": x.shape}))
+    t_codes = next(layer.outputs[0].name for layer in qnet.layers
+                   if layer.kind == "QuantizeLinear" and layer.inputs[0].name == "t")
+    qnet.mark_output(qnet.tensors[t_codes])
+    qnet.mark_output(qnet.tensors["t"])
+    for precision in ("fp32", "fp16"):
+        config = kiln.BuildConfig(device="cpu", precision=precision, profiles={"x": x.shape})
+        monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: False)
+        ref = kiln.build(qnet, config).context().run({"x": x})
+        monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+        engine = kiln.build(qnet, config)
+        conv_a = next(layer for layer in engine.layers if layer["name"] == "conv_a")
+        assert conv_a["kind"] == "QConvolution" and conv_a["outputs"][1] == t_codes     # (FP16: t is cast up after)
+        assert "QuantizeLinear" not in {layer["kind"] for layer in engine.layers[1:]}    # only x's remains
+        ours = engine.context().run({"x": x})
+        _assert_codes_match(ours[t_codes], ref[t_codes], f"{precision} codes")
+        # y: within 2% of its range (int32 bias codes, and in FP16 the rounding of t and y)
+        np.testing.assert_allclose(ours["y"], ref["y"], rtol=0, atol=0.02 * np.abs(ref["y"]).max())
+    if HAS_TRITON and interpreting():
+        layer = next(layer for layer in build_module.prepare(qnet, kiln.BuildConfig(
+            device="cpu", profiles={"x": x.shape})).net.layers if layer.name == "conv_a")
+        codes_in = next(layer.outputs[0].name for layer in qnet.layers
+                        if layer.kind == "QuantizeLinear" and layer.inputs[0].name == "x")
+        feeds = {codes_in: _quantize_input(qnet, codes_in, x)}
+        ins = [torch.from_numpy(np.asarray(t.value)) if t.is_constant else torch.from_numpy(feeds[t.name])
+               for t in layer.inputs]
+        ctx = KernelContext(device="cpu", input_dtypes=tuple(t.dtype for t in layer.inputs))
+        want = get_tactic("QConvolution", "reference").make(layer.attrs, ctx)(*ins)
+        got = get_tactic("QConvolution", "triton_int8").make(layer.attrs, ctx)(*ins)
+        assert len(got) == 2
+        np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-5, atol=1e-5)
+        _assert_codes_match(got[1].contiguous().numpy(), want[1].numpy(), "triton second output")
+
+
+def _quantize_input(qnet, codes: str, x: np.ndarray) -> np.ndarray:
+    """The codes the network's QuantizeLinear named ``codes`` makes of ``x`` (numpy: round half to even)."""
+    q = qnet.tensors[codes].producer
+    s = float(np.asarray(q.inputs[1].value))
+    return np.clip(np.rint(x / np.float32(s)), -128, 127).astype(np.int8)

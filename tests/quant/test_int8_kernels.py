@@ -170,10 +170,10 @@ ig._qgemm_kernel = Recorder(ig._qgemm_kernel, log)
 iq._quantize_kernel = Recorder(iq._quantize_kernel, log)
 ep = lambda n: ig.Epilogue(torch.zeros(n, dtype=torch.int32), torch.ones(n), 0)
 x = torch.zeros(8, 64, 56, 56, dtype=torch.uint8)
-ig.qgemm(x, torch.zeros(64, 9 * 64, dtype=torch.int8), ep(64), torch.uint8, 0.1, 3, act="relu",
+ig.qgemm(x, torch.zeros(64, 9 * 64, dtype=torch.int8), ep(64), ig.Codes(torch.uint8, 0.1, 3), act="relu",
          geometry=ig.Geometry(3, 3, (1, 1), (1, 1, 1, 1), (1, 1)))
 x = torch.zeros(256, 768, dtype=torch.float8_e4m3fn)
-ig.qgemm(x, torch.zeros(3072, 768, dtype=torch.float8_e4m3fn), ep(3072), torch.float8_e4m3fn, 0.1)
+ig.qgemm(x, torch.zeros(3072, 768, dtype=torch.float8_e4m3fn), ep(3072), ig.Codes(torch.float8_e4m3fn, 0.1))
 iq.quantize_per_tensor(torch.zeros(8, 64, 56, 56, dtype=torch.float16), torch.ones(1), torch.zeros(1, dtype=torch.int8),
                        "int8")
 out = {}

@@ -515,12 +515,16 @@ define_layer("DynamicQuantizeLinear", 1, 1, "uint8 quantization with scale/zero 
              "outputs y, scale, zero_point")
 # 8-bit layers folded from DequantizeLinear -> conv/GEMM -> QuantizeLinear (passes/fold_qdq.py): the product runs on
 # the 8-bit codes (int32 or FP32 accumulation); the epilogue dequantizes, adds the bias, the residual and the
-# activation, and requantizes to ``to`` with out_scale (an 8-bit ``to``) or stores a float ``to``.
+# activation, and requantizes to ``to`` with out_scale (an 8-bit ``to``) or stores a float ``to``, and then, with
+# codes_scale, also that float output's 8-bit codes as a second output.
 _QUANTIZED = {"x_scale": attr("float", lo=0.0, doc="scale of the input codes"),
               "x_zero_point": attr("int", 0, doc="zero point of the input codes"),
               "w_scale": attr("array", doc="float32 weight scale per output channel"),
               "out_scale": attr("float", None, lo=0.0, doc="scale of 8-bit output codes (None: float output)"),
-              "out_zero_point": attr("int", 0), **_TO, **_EPILOGUE, **_flags("residual_after_activation")}
+              "out_zero_point": attr("int", 0), **_TO, **_EPILOGUE, **_flags("residual_after_activation"),
+              "codes_scale": attr("float", None, lo=0.0, doc="a float output's second output: its codes at this "
+                                  "scale (None: no second output)"),
+              "codes_zero_point": attr("int", 0), "codes_to": attr("dtype", None, doc="the codes' 8-bit type")}
 define_layer("QConvolution", 3, 4, "8-bit 2-D convolution: x codes [N, Cin, H, W], weight codes [Cout, Cin/g, kh, kw], "
              "bias int32 [Cout] in units of x_scale * w_scale, residual? (like the output: float, or 8-bit codes "
              "with residual_scale)", attrs={

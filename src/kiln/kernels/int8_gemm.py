@@ -86,11 +86,12 @@ def _to_e4m3_grid(v):
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
-def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, x_zp, out_scale, out_zp,
-                  r_scale, r_zp, alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, OH, OW, Cout, x_zp, out_scale,
+                  out_zp, q_scale, q_zp, r_scale, r_zp, alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
                   SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   POINTWISE: tl.constexpr, IDX64: tl.constexpr, MODE: tl.constexpr, OUT: tl.constexpr,
-                  LO: tl.constexpr, HI: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  LO: tl.constexpr, HI: tl.constexpr, QOUT: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr,
                   RES_AFTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     offs_m, offs_n = tile_offsets(M, Cout, IDX64, BLOCK_M, BLOCK_N, GROUP_M)
@@ -160,12 +161,21 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, M, H, W, OH, OW,
     v = apply_act(v, alpha, beta, ACT)
     if HAS_RES and RES_AFTER:
         v += r
+    y = _requantize(v, out_scale, out_zp, OUT, LO, HI).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y, mask=ok)
+    if QOUT != 0:       # the float output's codes too, from the value as stored
+        q = _requantize(y.to(tl.float32), q_scale, q_zp, QOUT, QLO, QHI)
+        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _requantize(v, scale, zp, OUT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
+    """FP32 v as OUT says: 0 as it is, 1 integer codes (round half to even, saturated to LO..HI), 2 FP8 codes."""
     if OUT == 1:
-        q = _round_half_even(tl.math.div_rn(v, out_scale)) + out_zp
-        v = tl.minimum(tl.maximum(q, LO), HI)
+        v = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)) + zp, LO), HI)
     elif OUT == 2:
-        v = _to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(v, out_scale), -448.0), 448.0))
-    tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
+        v = _to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0))
+    return v
 
 
 class Epilogue(NamedTuple):
@@ -219,59 +229,75 @@ class Geometry(NamedTuple):
     dilation: tuple[int, int] = (1, 1)
 
 
-def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out_dtype: torch.dtype, out_scale: float = 1.0,
-          out_zp: int = 0, residual: torch.Tensor | None = None, act: str = "none", alpha: float = 0.0,
-          beta: float = 0.0, residual_after: bool = False, geometry: Geometry | None = None,
-          config: QGemmConfig | Callable[[int, int, int], QGemmConfig] = default_config,
-          residual_scale: float = 1.0, residual_zp: int = 0) -> torch.Tensor:
-    """The fused 8-bit layer. With ``geometry``: ``x`` is [N, Cin, H, W] codes (made channels-last), ``wk`` the
-    K-major weight [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without:
-    ``x`` is [..., K] codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result: float,
-    or 8-bit codes that ``residual_scale`` and ``residual_zp`` dequantize."""
+class Codes(NamedTuple):
+    """An output's type and, for 8-bit codes, their scale and zero point (a residual's: how to dequantize it)."""
+
+    dtype: torch.dtype
+    scale: float = 1.0
+    zero_point: int = 0
+
+
+def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual: torch.Tensor | None = None,
+          act: str = "none", alpha: float = 0.0, beta: float = 0.0, residual_after: bool = False,
+          geometry: Geometry | None = None, config: QGemmConfig | Callable[[int, int, int], QGemmConfig] =
+          default_config, residual_codes: Codes | None = None, codes: Codes | None = None):
+    """The fused 8-bit layer, writing ``out`` (and, with ``codes``, the float output's codes as well: then a pair
+    is returned). With ``geometry``: ``x`` is [N, Cin, H, W] codes (made channels-last), ``wk`` the K-major weight
+    [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without: ``x`` is [..., K]
+    codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result: float, or the 8-bit
+    codes ``residual_codes`` dequantizes."""
     mode = MODES.get(x.dtype)
     if mode is None or (wk.dtype == torch.float8_e4m3fn) != (mode == 2):
         raise BuildError(f"The 8-bit GEMM takes int8/uint8 codes with int8 weights or FP8 E4M3 codes with FP8 "
                          f"weights, got {x.dtype} and {wk.dtype}.")
-    out, lo, hi = _out_type(out_dtype)
+    kind, lo, hi = _out_type(out.dtype)
+    qkind, qlo, qhi = _out_type(codes.dtype) if codes is not None else (0, 0, 0)
+    if codes is not None and (kind != 0 or qkind == 0):
+        raise BuildError("The 8-bit GEMM writes a second output only as codes of a float output.")
     cout = wk.shape[0]
+    g = geometry or Geometry()
     if geometry is None:
         cin = x.shape[-1]
         lead = tuple(x.shape[:-1])
         m = int(np.prod(lead, dtype=np.int64))
-        y = torch.empty((*lead, cout), dtype=out_dtype, device=x.device)
         h = w = oh = ow = 1
-        g = Geometry()
-        rows = x.reshape(m, cin)
+        rows = x.reshape(m, cin).contiguous()
         if residual is not None:
             residual = residual.reshape(m, cout).contiguous()
+
+        def result(dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty((*lead, cout), dtype=dtype, device=x.device)
     else:
         n, cin, h, w = x.shape
-        g = geometry
         oh = out_size(h, g.kh, g.stride[0], g.pads[0], g.pads[2], g.dilation[0])
         ow = out_size(w, g.kw, g.stride[1], g.pads[1], g.pads[3], g.dilation[1])
-        y = nhwc_output(None, (n, cout, oh, ow), out_dtype, x.device, x.is_meta)
         m = n * oh * ow
         rows = x.contiguous(memory_format=torch.channels_last)
         if residual is not None:
             residual = residual.contiguous(memory_format=torch.channels_last)
+
+        def result(dtype: torch.dtype) -> torch.Tensor:
+            return nhwc_output(None, (n, cout, oh, ow), dtype, x.device, x.is_meta)
     if wk.shape[1] != g.kh * g.kw * cin:
         raise BuildError(f"The 8-bit GEMM's input has {cin} channels but its weight expects "
                          f"{wk.shape[1] // (g.kh * g.kw)}.")
-    if x.is_meta or y.numel() == 0:
-        return y
-    rows = rows.contiguous() if geometry is None else rows
-    bm, bn, bk, warps, stages, group_m = config(m, cout, cin) if callable(config) else config
-    pointwise = (g.kh, g.kw) == (1, 1) and g.stride == (1, 1) and not any(g.pads)
-    big = max(x.numel(), y.numel()) >= 2 ** 31
-    grid = (cdiv(m, bm) * cdiv(cout, bn),)
-    _qgemm_kernel[grid](rows, wk, ep.ibias, ep.mult, residual if residual is not None else y, y, m, h, w, oh, ow,
-                        cout, ep.x_zp, float(out_scale), float(out_zp), float(residual_scale), float(residual_zp),
-                        float(alpha), float(beta), CIN=cin, KH=g.kh,
-                        KW=g.kw, SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0],
-                        DW=g.dilation[1], POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=out, LO=lo, HI=hi,
-                        ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after),
-                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
-    return y
+    y = result(out.dtype)
+    q = result(codes.dtype) if codes is not None else None
+    if not x.is_meta and y.numel():
+        rc = residual_codes or Codes(torch.float32)
+        qc = codes or Codes(torch.int8)
+        bm, bn, bk, warps, stages, group_m = config(m, cout, cin) if callable(config) else config
+        pointwise = (g.kh, g.kw) == (1, 1) and g.stride == (1, 1) and not any(g.pads)
+        big = max(x.numel(), y.numel()) >= 2 ** 31
+        _qgemm_kernel[(cdiv(m, bm) * cdiv(cout, bn),)](
+            rows, wk, ep.ibias, ep.mult, residual if residual is not None else y, y, q if q is not None else y, m, h,
+            w, oh, ow, cout, ep.x_zp, float(out.scale), float(out.zero_point), float(qc.scale), float(qc.zero_point),
+            float(rc.scale), float(rc.zero_point), float(alpha), float(beta), CIN=cin, KH=g.kh, KW=g.kw,
+            SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0], DW=g.dilation[1],
+            POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=kind, LO=lo, HI=hi, QOUT=qkind, QLO=qlo, QHI=qhi,
+            ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after), BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+    return y if q is None else (y, q)
 
 
 def k_major(w: torch.Tensor) -> torch.Tensor:
@@ -290,24 +316,31 @@ def _supports(fp8: bool):
     return ok
 
 
+def layer_outputs(attrs) -> tuple[Codes, Codes | None, Codes | None]:
+    """An 8-bit layer's output, its second output (codes of a float output) and its residual's codes, from its
+    attrs."""
+    def codes(dtype, scale, zp) -> Codes | None:
+        return None if scale is None else Codes(torch_dtype(dtype), scale, int(zp))
+    out = codes(attrs["to"], attrs.get("out_scale"), attrs.get("out_zero_point", 0)) or Codes(torch_dtype(attrs["to"]))
+    second = codes(attrs.get("codes_to"), attrs.get("codes_scale"), attrs.get("codes_zero_point", 0))
+    residual = codes("float32", attrs.get("residual_scale"), attrs.get("residual_zero_point", 0))
+    return out, second, residual
+
+
 def _make(choose: Callable[[int, int, int], QGemmConfig]):
     def make(attrs, ctx):
         act, alpha, beta = epilogue_params(attrs)
         after = bool(attrs.get("residual_after_activation"))
-        out_scale = attrs.get("out_scale")
-        out_zp = int(attrs.get("out_zero_point", 0))
-        to = torch_dtype(attrs["to"])
+        out, second, rcodes = layer_outputs(attrs)
         conv = "stride" in attrs
-        r_scale = attrs.get("residual_scale")
-        r_scale, r_zp = (1.0, 0) if r_scale is None else (r_scale, int(attrs.get("residual_zero_point", 0)))
         cache: dict = {}
 
         def run(x, w, bias, residual=None):
             wk, ep = per_tensor(cache, w, lambda: (k_major(w), epilogue_terms(attrs, w, bias, x.dtype)))
             g = Geometry(w.shape[2], w.shape[3], tuple(attrs["stride"]), tuple(attrs["pads"]),
                          tuple(attrs["dilation"])) if conv else None
-            return (qgemm(x, wk, ep, to, out_scale if out_scale is not None else 1.0, out_zp, residual, act, alpha,
-                          beta, after, g, choose, r_scale, r_zp),)
+            y = qgemm(x, wk, ep, out, residual, act, alpha, beta, after, g, choose, rcodes, second)
+            return y if second is not None else (y,)
         return run
     return make
 

@@ -43,7 +43,7 @@ def _make(fp8: bool):
                 y = (acc + ep.ibias.to(torch.float32)) * ep.mult
             else:
                 y = (torch._int_mm(rows.contiguous(), w.t()) + ep.ibias).to(torch.float32) * ep.mult
-            return (finish(y.reshape(*x.shape[:-1], w.shape[0])),)
+            return finish(y.reshape(*x.shape[:-1], w.shape[0]))
         return run
     return make
 

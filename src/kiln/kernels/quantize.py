@@ -183,13 +183,15 @@ def _channel_scales(attrs, device: torch.device, cache: dict) -> torch.Tensor:
 def layer_epilogue(attrs):
     """The tail every torch tactic of an 8-bit layer shares: float32 ``y`` (bias included) -> the residual (float,
     or codes dequantized with residual_scale) added before or after the activation -> requantized to the 8-bit
-    ``to``, or cast to the float ``to``."""
+    ``to``, or cast to the float ``to`` (and, with codes_scale, that float output's codes as a second output):
+    the layer's outputs, a tuple."""
     act = activation_fn(attrs["activation"], *act_params(attrs)) if attrs.get("activation") else None
     after = bool(attrs.get("residual_after_activation"))
     out, out_scale, out_zp = attrs["to"], attrs.get("out_scale"), int(attrs.get("out_zero_point", 0))
     r_scale, r_zp = attrs.get("residual_scale"), int(attrs.get("residual_zero_point", 0))
+    q_scale = attrs.get("codes_scale")
 
-    def finish(y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def finish(y: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if residual is not None:        # float, or 8-bit codes with their scale
             residual = residual.to(torch.float32) if r_scale is None else (residual.to(torch.float32) - r_zp) * r_scale
         if residual is not None and not after:
@@ -198,9 +200,12 @@ def layer_epilogue(attrs):
             y = act(y)
         if residual is not None and after:
             y = y + residual
-        if out_scale is None:
-            return y.to(torch_dtype(out))
-        return quantize_values(y, out_scale, out_zp, out)
+        if out_scale is not None:
+            return (quantize_values(y, out_scale, out_zp, out),)
+        y = y.to(torch_dtype(out))
+        if q_scale is None:
+            return (y,)
+        return y, quantize_values(y, q_scale, int(attrs.get("codes_zero_point", 0)), attrs["codes_to"])
     return finish
 
 
@@ -222,7 +227,7 @@ def _make_quantized_reference(attrs, ctx):
         wf, bf = dequantized(w, bias) if x.is_meta else per_tensor(weights, w, lambda: dequantized(w, bias))
         xf = (x.to(torch.float32) - x_zp) * x_scale
         y = prod(xf, wf) + bf.reshape(1, -1, 1, 1) if conv else F.linear(xf, wf, bf)
-        return (finish(y, residual),)
+        return finish(y, residual)
     return run
 
 

@@ -10,6 +10,8 @@ Cases:
   writing Q's codes;
 - the same without the QuantizeLinear (the float output is read elsewhere, or is a network output) -> the
   8-bit layer writing float;
+- Q(y) of such a float output y (a ResNet block's output: the next block's input and its shortcut) -> the
+  layer's second output, the codes computed from y as stored: no separate pass over y;
 - a convolution or GEMM reading a dequantized activation that none of these fits stays dequantized (float
   arithmetic on 8-bit-rounded values, the same numbers), and the build warns once naming it and why.
 The activation's DequantizeLinear is per tensor (int8, uint8 or FP8 E4M3 codes; an integer zero point, 0 for
@@ -292,6 +294,28 @@ def _fold(m: Match) -> None:
 _GEMM = Op(GEMMS, Op("DequantizeLinear", Var("x"), ANY, ..., name="dq", shared=True), ..., name="gemm")
 
 
+def _second_fits(m: Match) -> str | None:
+    layer = m["layer"]
+    if len(layer.outputs) != 1 or layer.attrs.get("out_scale") is not None:
+        return f"{layer.name!r} already writes codes"
+    found = _output(m["q"])
+    if isinstance(found, str):
+        return found
+    m["codes"] = {"codes_scale": found["out_scale"], "codes_zero_point": found["out_zero_point"],
+                  "codes_to": found["to"]}
+    return None
+
+
+def _second_output(m: Match) -> None:
+    net, layer, q = m.net, m["layer"], m["q"]
+    y = layer.outputs[0]
+    new = net.add_layer(layer.kind, list(layer.inputs), {**layer.attrs, **m["codes"]}, num_outputs=2,
+                        name=net.unique_layer_name(layer.kind, layer.name),
+                        origin=list(dict.fromkeys(layer.origin + q.origin)), output_dtypes=[y.dtype, q.attrs["to"]])
+    substitute(net, new, layer, [y, q.outputs[0]], [q, layer])
+    new.name = layer.name
+
+
 class FoldQDQ(Pass):
     """The rules in the module docstring; then a warning for each layer left reading a dequantized
     activation. Forgets the records once nothing more folds."""
@@ -301,6 +325,9 @@ class FoldQDQ(Pass):
         Rule("Q(gemm(DQ(x))) -> 8-bit layer writing codes", Op("QuantizeLinear", _GEMM, ANY, ..., name="q"),
              _fits, _fold),
         Rule("gemm(DQ(x)) -> 8-bit layer writing float", _GEMM, _fits, _fold),
+        Rule("Q(8-bit layer's float output) -> its second output",
+             Op("QuantizeLinear", Op(QUANTIZED_KINDS, ..., name="layer", shared=True), ANY, ..., name="q"),
+             _second_fits, _second_output),
     ]
 
     def __init__(self) -> None:
