@@ -13,7 +13,8 @@ Cases:
 - Q(y) of such a float output y (a ResNet block's output: the next block's input and its shortcut) -> the
   layer's second output, the codes computed from y as stored: no separate pass over y;
 - a convolution or GEMM reading a dequantized activation that none of these fits stays dequantized (float
-  arithmetic on 8-bit-rounded values, the same numbers), and the build warns once naming it and why.
+  arithmetic on 8-bit-rounded values, the same numbers), and the build warns once naming it and why; so do
+  other layers between DequantizeLinear and QuantizeLinear (ONNX Runtime's quantized Add, pooling).
 The activation's DequantizeLinear is per tensor (int8, uint8 or FP8 E4M3 codes; an integer zero point, 0 for
 FP8); the weight is quantized symmetrically per output channel or per tensor (int8 or FP8 E4M3), as ONNX
 Runtime's quantize_static, NVIDIA's ModelOpt and Kiln's own PTQ write them. The bias becomes int32 codes in
@@ -43,6 +44,7 @@ CODES = ("int8", "uint8", "float8_e4m3fn")
 FLOAT_OUT = ("float32", "float16", "bfloat16")
 GEMMS = ("Convolution", "FullyConnected", "MatMul", "Gemm")
 QUANTIZED_KINDS = ("QConvolution", "QFullyConnected")
+UNQUANTIZED = ("QuantizeLinear", "DequantizeLinear", *QUANTIZED_KINDS)     # never warned about
 INT32 = (-(2 ** 31), 2 ** 31 - 1)
 
 
@@ -317,8 +319,8 @@ def _second_output(m: Match) -> None:
 
 
 class FoldQDQ(Pass):
-    """The rules in the module docstring; then a warning for each layer left reading a dequantized
-    activation. Forgets the records once nothing more folds."""
+    """The rules in the module docstring; then one warning line per reason naming the layers left dequantized.
+    Forgets the records once nothing more folds."""
 
     name = "fold Q/DQ into 8-bit layers"
     rules = [
@@ -340,12 +342,18 @@ class FoldQDQ(Pass):
             return PassResult(net, True)
         left: dict[str, list[str]] = {}
         for layer in net.layers:
-            if layer.kind in GEMMS and layer.name not in self.warned and _reads_dequantized(layer):
+            if layer.name in self.warned or layer.kind in UNQUANTIZED or not _reads_dequantized(layer):
+                continue
+            if layer.kind in GEMMS:
                 why = plan(layer)
-                if isinstance(why, str):
-                    self.warned.add(layer.name)
-                    left.setdefault(why, []).append(f"{layer.name!r} ({layer.kind}; ONNX "
-                                                    f"{', '.join(layer.origin) or layer.name})")
+            elif any(u.kind == "QuantizeLinear" for o in layer.outputs for u, _ in o.uses):
+                why = f"Kiln has no 8-bit kernel for {layer.kind} layers between DequantizeLinear and QuantizeLinear"
+            else:
+                continue
+            if isinstance(why, str):
+                self.warned.add(layer.name)
+                left.setdefault(why, []).append(f"{layer.name!r} ({layer.kind}; ONNX "
+                                                f"{', '.join(layer.origin) or layer.name})")
         for why, names in left.items():          # one line per reason
             more = f" and {len(names) - 8} more" if len(names) > 8 else ""
             warnings.warn(f"{len(names)} layer(s) read a dequantized input but run dequantized, without 8-bit "
@@ -358,9 +366,11 @@ class FoldQDQ(Pass):
 
 
 def _reads_dequantized(layer: Layer) -> bool:
-    x = layer.inputs[0] if layer.inputs else None
-    p = x.producer if x is not None else None
-    return p is not None and p.kind == "DequantizeLinear" and p.inputs[0] is not None and not p.inputs[0].is_constant
+    """Whether ``layer`` reads an activation through DequantizeLinear (its first input for a GEMM, any input
+    otherwise)."""
+    ins = layer.inputs[:1] if layer.kind in GEMMS else layer.inputs
+    return any(t is not None and t.producer is not None and t.producer.kind == "DequantizeLinear"
+               and t.producer.inputs[0] is not None and not t.producer.inputs[0].is_constant for t in ins)
 
 
 def label_quantized(net: Network, precision: str) -> None:
