@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections import Counter
 
 import numpy as np
 import onnxruntime as ort

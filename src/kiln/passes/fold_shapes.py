@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.passes._match import remove_computation, replace_output
+from kiln.passes._match import remove_computation, remove_dead, replace_output
 from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
 from kiln.passes.symbolic import reshape_attr, reshape_target, shape_value, sym_shape
 
@@ -96,7 +96,8 @@ def _noop_expand(m: Match) -> str | None:
 
 def _drop_expand(m: Match) -> None:
     replace_output(m.net, m.root.outputs[0], m["x"])
-    remove_computation(m.net, m.root.outputs[0])
+    remove_dead(m.net, [m.root])
+    remove_computation(m.net, m["shape"])
 
 
 def _arange_rows(m: Match) -> str | None:
@@ -109,7 +110,8 @@ def _arange_rows(m: Match) -> str | None:
             or not np.array_equal(v.reshape(-1), np.arange(v.size)) or table.shape[0] != v.size:
         return "the positions are not an arange as long as the table"
     axes, steps = (sl.inputs[i] if len(sl.inputs) > i else None for i in (3, 4))
-    if axes is not None and not (axes.is_constant and np.asarray(axes.value).reshape(-1).tolist() in ([v.ndim - 1], [-1])):
+    along = np.asarray(axes.value).reshape(-1).tolist() if axes is not None and axes.is_constant else None
+    if axes is not None and along not in ([v.ndim - 1], [-1]):
         return "the slice is not along the positions"
     if steps is not None and not (steps.is_constant and np.asarray(steps.value).reshape(-1).tolist() == [1]):
         return "the slice steps over positions"
@@ -122,19 +124,20 @@ def _slice_rows(m: Match) -> None:
     net, gather, sl = m.net, m.root, m["idx"]
     out = gather.outputs[0]
     axes = net.add_constant(np.asarray([0], np.int64), name=net.unique_name(sl.name + "_rows"))
-    rows = net.add_layer("Slice", [m["table"], sl.inputs[1], sl.inputs[2], axes], name=net.unique_name(gather.name + "/rows"),
-                         origin=gather.origin + sl.origin)
+    rows = net.add_layer("Slice", [m["table"], sl.inputs[1], sl.inputs[2], axes],
+                         name=net.unique_name(gather.name + "/rows"), origin=gather.origin + sl.origin)
     rows.outputs[0].shape, rows.outputs[0].dtype = out.shape[-len(m["table"].shape):], out.dtype
     last = rows
     if sl.inputs[0].value.ndim == 2:
-        last = net.add_layer("Unsqueeze", [rows.outputs[0]], {"axes": [0]}, name=net.unique_name(gather.name + "/batch"),
-                             origin=gather.origin)
+        last = net.add_layer("Unsqueeze", [rows.outputs[0]], {"axes": [0]},
+                             name=net.unique_name(gather.name + "/batch"), origin=gather.origin)
         last.outputs[0].shape, last.outputs[0].dtype = out.shape, out.dtype
     for layer in (rows, last) if last is not rows else (rows,):
         net.layers.remove(layer)
         net.layers.insert(net.layers.index(gather), layer)
     replace_output(net, out, last.outputs[0])
-    remove_computation(net, out)
+    remove_dead(net, [gather])
+    remove_computation(net, m["idx"].outputs[0])
 
 
 class FoldShapeValues(RulePass):

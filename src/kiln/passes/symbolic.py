@@ -80,7 +80,8 @@ def sym_shape(t: Tensor | None, depth: int = 0) -> tuple[Dim, ...] | None:
     if any(d is None for d in dims):
         derived = _derived_shape(t.producer, depth + 1) \
             if t.producer is not None and len(t.producer.outputs) == 1 and depth < MAX_DEPTH else None
-        if derived is not None and len(derived) == len(dims) and all(d is None or d == e for d, e in zip(dims, derived)):
+        if derived is not None and len(derived) == len(dims) \
+                and all(d is None or d == e for d, e in zip(dims, derived)):
             dims = derived
         else:
             dims = tuple(Sym(1, (f"{OPAQUE}{t.name}:{i}",)) if d is None else d for i, d in enumerate(dims))
