@@ -17,7 +17,7 @@ import kiln.onnx
 from kiln.builder.quant.accuracy import parse_target
 from kiln.errors import BuildError, KilnError
 
-from _cli import kiln_cli
+from _quant_cli import kiln_cli
 
 ort = pytest.importorskip("onnxruntime")
 

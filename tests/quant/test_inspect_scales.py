@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from kiln.engine.quant_record import engine_notes
 from kiln.engine import read_engine, write_engine
 
-from _cli import kiln_cli
+from _quant_cli import kiln_cli
 from _quant_models import cnn
 
 WEIGHTS = {"conv1": ("w1", (1, 2, 3)), "conv2": ("w2", (1, 2, 3)), "fc": ("wf", (1,))}   # output channels on axis 0
