@@ -53,11 +53,13 @@ class QuantizationWarning(UserWarning):
 
 
 class Record(NamedTuple):
-    """A constant that was DequantizeLinear(codes, scale) with zero points 0: ``scale`` along ``axis``."""
+    """A constant that was DequantizeLinear(codes, scale) with zero points 0: ``scale`` along ``axis``; ``name``
+    is the codes' constant's (an 8-bit layer's weight takes it back)."""
 
     codes: np.ndarray
     scale: np.ndarray
     axis: int
+    name: str
 
 
 def _dequantized(codes: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
@@ -79,7 +81,7 @@ def _find(t: Tensor | None, records: dict[str, Record]) -> Record | None:
     if t is None or not t.is_constant or t.dtype != "float32":
         return None
     rec = records.get(_digest(np.asarray(t.value)))
-    return rec if rec is not None and np.array_equal(t.value, _dequantized(*rec)) else None
+    return rec if rec is not None and np.array_equal(t.value, _dequantized(*rec[:3])) else None
 
 
 class RecordQuantizedConstants(Pass):
@@ -99,12 +101,13 @@ class RecordQuantizedConstants(Pass):
                 continue
             value = _dequantized(*found)
             c = net.add_constant(value, name=net.unique_name(f"{out.name}_dequantized"))
+            codes, scale, axis = found
+            name = dq.inputs[0].name
             net.replace_all_uses(out, c)
             net.remove_layer(dq)
-            codes, scale, axis = found
-            records[_digest(value)] = Record(codes, scale, axis)
+            records[_digest(value)] = Record(codes, scale, axis, name)
             if value.ndim == 2:
-                records[_digest(value.T)] = Record(codes.T, scale, 1 - axis)
+                records[_digest(value.T)] = Record(codes.T, scale, 1 - axis, name)
             changed = True
         net.remove_unused_constants()
         return PassResult(net, changed)
@@ -133,6 +136,7 @@ class Plan(NamedTuple):
 
     kind: str
     weight: np.ndarray
+    weight_name: str
     bias: np.ndarray
     attrs: dict
     residual: Tensor | None = None
@@ -153,12 +157,13 @@ def _activation(dq: Layer) -> tuple[float, int, str] | str:
     return float(np.float32(s)), int(z), codes.dtype
 
 
-def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.ndarray] | str:
-    """The weight codes as [N, ...] (output channel first) and a float32 scale per output channel."""
+def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.ndarray, str] | str:
+    """The weight codes as [N, ...] (output channel first), a float32 scale per output channel, and the name the
+    codes had."""
     rec = _find(layer.inputs[1] if len(layer.inputs) > 1 else None, records)
     if rec is None:
         return "its weight is not a constant quantized with DequantizeLinear (zero points 0), or a pass rewrote it"
-    codes, scale, axis = rec
+    codes, scale, axis, name = rec
     if codes.dtype.name not in ("int8", "float8_e4m3fn"):
         return f"its weight codes are {codes.dtype.name}, not int8 or FP8 E4M3"
     a = layer.attrs
@@ -175,7 +180,7 @@ def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.nd
         return "its weight is not quantized per output channel or per tensor"
     n = codes.shape[out_axis]
     ws = np.broadcast_to(scale.reshape(-1), (n,)).astype(np.float32)
-    return (np.ascontiguousarray(codes if out_axis == 0 else codes.T)), ws
+    return np.ascontiguousarray(codes if out_axis == 0 else codes.T), ws, name
 
 
 def _bias(layer: Layer, records: dict[str, Record], mult: np.ndarray) -> np.ndarray | str:
@@ -226,7 +231,7 @@ def plan(layer: Layer, q: Layer | None = None) -> Plan | str:
     w = _weight(layer, records)
     if isinstance(w, str):
         return w
-    codes, ws = w
+    codes, ws, wname = w
     if (codes.dtype.name == "float8_e4m3fn") != (xdt == "float8_e4m3fn"):
         return f"its weight codes ({codes.dtype.name}) and input codes ({xdt}) are not both int8 or both FP8"
     mult = (np.float32(xs) * ws).astype(np.float32)
@@ -253,8 +258,8 @@ def plan(layer: Layer, q: Layer | None = None) -> Plan | str:
         if isinstance(found, tuple):        # a dequantized residual: its codes, dequantized in the epilogue
             residual = rdq.inputs[0]
             attrs.update(residual_scale=found[0], residual_zero_point=found[1])
-        return Plan("QConvolution", codes, bias, attrs, residual)
-    return Plan("QFullyConnected", codes, bias, attrs)
+        return Plan("QConvolution", codes, wname, bias, attrs, residual)
+    return Plan("QFullyConnected", codes, wname, bias, attrs)
 
 
 def _output(q: Layer) -> dict | str:
@@ -281,7 +286,7 @@ def _fold(m: Match) -> None:
     net, layer, q, p = m.net, m["gemm"], m.get("q"), m["plan"]
     dq = layer.inputs[0].producer
     rdq = layer.inputs[3].producer if p.residual is not None and p.residual is not layer.inputs[3] else None
-    w = net.add_constant(p.weight, name=net.unique_name(f"{layer.inputs[1].name}_codes"))
+    w = net.add_constant(p.weight, name=net.unique_name(p.weight_name))
     b = net.add_constant(p.bias, name=net.unique_name(f"{layer.name}_bias_codes"))
     ins = [dq.inputs[0], w, b] + ([p.residual] if p.residual is not None else [])
     fused = [d for d in dict.fromkeys([dq, rdq]) if d is not None and all(u is layer for u, _ in d.outputs[0].uses)]
