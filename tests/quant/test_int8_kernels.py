@@ -246,3 +246,16 @@ def test_grouped_conv_runs_the_reference_tactic():
     want = F.conv2d(torch.from_numpy(xf), torch.from_numpy(wf), torch.from_numpy(bias * (0.05 * ws.astype(np.float64))),
                     padding=1, groups=6).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("tactic", ["reference", "int_mm", pytest.param("triton_int8", marks=needs_triton)])
+def test_mismatched_weight_scales_are_refused_in_one_line(tactic):
+    """Weight scales (attrs) and weight/bias (weights) that disagree on the output channels — a damaged engine or a
+    hand-made layer — are a ShapeError naming the layer, not a broadcast error or wrong numbers."""
+    from kiln.errors import ShapeError
+    attrs = _attrs(np.ones(5, np.float32), _kind="QFullyConnected", to="float32")
+    ctx = KernelContext(device="cpu", layer_name="fc7", input_dtypes=("int8", "int8", "int32"))
+    run = get_tactic("QFullyConnected", tactic).make({k: v for k, v in attrs.items() if k != "_kind"}, ctx)
+    with pytest.raises(ShapeError, match=r"^8-bit layer 'fc7' has 5 weight scales and 6 bias codes for a weight "
+                                         r"of 6 output channels; .* rebuild it from the model\.$"):
+        run(torch.zeros(2, 32, dtype=torch.int8), torch.zeros(6, 32, dtype=torch.int8), torch.zeros(6, dtype=torch.int32))

@@ -26,7 +26,7 @@ from kiln.ir.dtypes import torch_dtype
 from kiln.kernels._util import per_tensor
 from kiln.kernels.conv_triton import out_size, tile_offsets
 from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
-from kiln.kernels.quantize import RANGES
+from kiln.kernels.quantize import RANGES, weight_scales
 from kiln.kernels.registry import tactic
 from kiln.triton_support import HAS_TRITON, cdiv, next_pow2, tl, triton
 
@@ -186,9 +186,10 @@ class Epilogue(NamedTuple):
     x_zp: int                    # the zero point padding taps load (a uint8 code for uint8 inputs)
 
 
-def epilogue_terms(attrs, w: torch.Tensor, bias: torch.Tensor, x_dtype: torch.dtype) -> Epilogue:
+def epilogue_terms(attrs, w: torch.Tensor, bias: torch.Tensor, x_dtype: torch.dtype, layer: str = "") -> Epilogue:
     """The per-output-channel epilogue terms of a QConvolution/QFullyConnected layer with weight codes ``w``
     ([N, ...]) and int32 bias codes ``bias``; refuses a layer whose sums could overflow int32."""
+    ws = weight_scales(attrs, w, bias, layer)
     zp = int(attrs.get("x_zero_point", 0))
     shift = zp - 128 if x_dtype == torch.uint8 else zp        # the zero point once uint8 codes are shifted
     wc = w.reshape(w.shape[0], -1)
@@ -201,7 +202,6 @@ def epilogue_terms(attrs, w: torch.Tensor, bias: torch.Tensor, x_dtype: torch.dt
         if worst >= 2 ** 31:
             raise BuildError(f"The int8 kernel's int32 sums could overflow for a {tuple(w.shape)} weight; the "
                              f"reference tactic runs this layer.")
-    ws = torch.as_tensor(np.asarray(attrs["w_scale"], np.float32).reshape(-1))
     mult = (torch.tensor(float(np.float32(attrs["x_scale"])), dtype=torch.float32) * ws).to(w.device)
     return Epilogue(ib.to(torch.int32).to(w.device), mult, zp)
 
@@ -336,7 +336,8 @@ def _make(choose: Callable[[int, int, int], QGemmConfig]):
         cache: dict = {}
 
         def run(x, w, bias, residual=None):
-            wk, ep = per_tensor(cache, w, lambda: (k_major(w), epilogue_terms(attrs, w, bias, x.dtype)))
+            wk, ep = per_tensor(cache, w, lambda: (k_major(w), epilogue_terms(attrs, w, bias, x.dtype,
+                                                                              ctx.layer_name)))
             g = Geometry(w.shape[2], w.shape[3], tuple(attrs["stride"]), tuple(attrs["pads"]),
                          tuple(attrs["dilation"])) if conv else None
             y = qgemm(x, wk, ep, out, residual, act, alpha, beta, after, g, choose, rcodes, second)

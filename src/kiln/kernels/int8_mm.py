@@ -31,7 +31,7 @@ def _make(fp8: bool):
         ones: dict = {}
 
         def run(x, w, bias):
-            ep = per_tensor(cache, w, lambda: epilogue_terms(attrs, w, bias, x.dtype))
+            ep = per_tensor(cache, w, lambda: epilogue_terms(attrs, w, bias, x.dtype, ctx.layer_name))
             rows = x.reshape(-1, x.shape[-1])
             if x.dtype == torch.uint8:
                 rows = (rows.to(torch.int16) - 128).to(torch.int8)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.errors import BuildError
+from kiln.errors import BuildError, ShapeError
 from kiln.ir.dtypes import torch_dtype
 from kiln.kernels._util import norm_axis, per_tensor
 from kiln.kernels.pointwise import act_params, activation_fn
@@ -171,13 +171,16 @@ def make_qlinear_op(attrs, ctx):
     return run
 
 
-def _channel_scales(attrs, device: torch.device, cache: dict) -> torch.Tensor:
-    """The layer's per-output-channel weight scales as a float32 tensor on ``device`` (made once per device)."""
-    key = str(device)
-    if key not in cache:
-        import numpy as np
-        cache[key] = torch.as_tensor(np.asarray(attrs["w_scale"], np.float32).reshape(-1)).to(device)
-    return cache[key]
+def weight_scales(attrs, w: torch.Tensor, bias: torch.Tensor, layer: str) -> torch.Tensor:
+    """An 8-bit layer's float32 weight scale per output channel (on the CPU), refused unless the weight ``w`` and
+    the bias codes have that many output channels."""
+    import numpy as np
+    ws = torch.as_tensor(np.asarray(attrs["w_scale"], np.float32).reshape(-1))
+    if not ws.numel() == bias.numel() == w.shape[0]:
+        raise ShapeError(f"8-bit layer {layer!r} has {ws.numel()} weight scales and {bias.numel()} bias codes for a "
+                         f"weight of {w.shape[0]} output channels; the network or engine is damaged: rebuild it "
+                         f"from the model.")
+    return ws
 
 
 def layer_epilogue(attrs):
@@ -216,11 +219,10 @@ def _make_quantized_reference(attrs, ctx):
     prod = _product({**attrs, "op": "conv"}) if conv else None
     finish = layer_epilogue(attrs)
     x_scale, x_zp = float(attrs["x_scale"]), int(attrs.get("x_zero_point", 0))
-    scales: dict = {}
     weights: dict = {}
 
     def dequantized(w, bias):
-        ws = _channel_scales(attrs, w.device, scales)
+        ws = weight_scales(attrs, w, bias, ctx.layer_name).to(w.device)
         return w.to(torch.float32) * ws.reshape([-1] + [1] * (w.dim() - 1)), bias.to(torch.float32) * (x_scale * ws)
 
     def run(x, w, bias, residual=None):
