@@ -153,20 +153,37 @@ def _unpack(data: np.ndarray, bits: int, count: int, signed: bool) -> np.ndarray
     return out
 
 
-def _typed(t: pb.Message, elem: int, field: str) -> np.ndarray:
-    chunks = t.all(field)
+# Element types whose values are bit patterns to decode (float16, bfloat16, float8 kinds): the code's type.
+_CODES = {10: "<u2", 16: "<u2", 17: "u1", 18: "u1", 19: "u1", 20: "u1", 24: "u1"}
+# typed fields: how _protobuf keeps them, the numpy type they are read as
+_FIELDS = {"float_data": ("float", "<f4"), "double_data": ("double", "<f8"), "int64_data": ("int", "<i8"),
+           "uint64_data": ("uint", "<u8"), "int32_data": ("int", "<i8")}
+
+
+def _typed(t: pb.Message, elem: int) -> np.ndarray:
+    """The stored values of a tensor without raw_data, from its typed field (codes and packed bytes undecoded)."""
+    field = _DTYPES[elem][2]
     if field == "string_data":
         return np.array([bytes(s).decode("utf-8", "backslashreplace") for s in t.all(field)], dtype=object)
-    kind = {"float_data": "float", "double_data": "double", "int64_data": "int", "uint64_data": "uint",
-            "int32_data": "int"}[field]
-    store = {"float_data": "<f4", "double_data": "<f8", "int64_data": "<i8", "uint64_data": "<u8",
-             "int32_data": "<i8"}[field]
-    vals = pb.raw_array(chunks, kind, store)
+    vals = pb.raw_array(t.all(field), *_FIELDS[field])
     if elem in (14, 15):
-        return vals.view(_DTYPES[elem][1])
-    if field == "int32_data" and (elem in (10, 16) or elem in _FLOAT_CODES or elem in _PACKED_BITS or elem == 24):
-        return vals.astype(np.uint32).astype(np.uint16 if elem in (10, 16) else np.uint8)
-    return vals
+        return vals.view(_DTYPES[elem][1])           # (real, imaginary) pairs
+    if elem in _PACKED_BITS:
+        return vals.astype(np.uint8)                 # one byte of packed values per entry
+    return vals.astype(_CODES.get(elem, _DTYPES[elem][1]))
+
+
+def _decoded(codes: np.ndarray, elem: int) -> np.ndarray:
+    """Values from bit patterns (float16, bfloat16, float8, float4 codes); other types as they are."""
+    if elem == 10:
+        return codes.view("<f2")
+    if elem == 16:
+        return bf16_to_f32(codes)
+    if elem == 24:
+        return _e8m0(codes)
+    if elem in _FLOAT_CODES:
+        return _minifloat(*_FLOAT_CODES[elem])[codes]
+    return codes
 
 
 def to_array(t: pb.Message, raw: bytes | memoryview | None = None) -> np.ndarray:
@@ -182,37 +199,23 @@ def to_array(t: pb.Message, raw: bytes | memoryview | None = None) -> np.ndarray
     if raw is None and "raw_data" in t and elem != 8:
         raw = t.one("raw_data")
     if raw is not None:
-        if elem in _PACKED_BITS:
-            data = np.frombuffer(raw, dtype=np.uint8)
-            per = 8 // _PACKED_BITS[elem]
-            if data.size * per < count:
-                raise ViewerError(f"tensor {name!r} holds {data.size * per} values but its shape {dims} needs "
-                                  f"{count}; the file is damaged.")
-            arr = _unpack(data, _PACKED_BITS[elem], count, elem in _SIGNED_PACKED)
-        else:
-            store = _DTYPES[elem][1]
-            arr = np.frombuffer(raw, dtype=store) if len(raw) % np.dtype(store).itemsize == 0 else None
-            if arr is None:
-                raise ViewerError(f"tensor {name!r} has {len(raw)} bytes, not a whole number of "
-                                  f"{dtype_name(elem)} values; the file is damaged.")
+        store = np.dtype("u1" if elem in _PACKED_BITS else _CODES.get(elem, _DTYPES[elem][1]))
+        if len(raw) % store.itemsize:
+            raise ViewerError(f"tensor {name!r} has {len(raw)} bytes, not a whole number of "
+                              f"{dtype_name(elem)} values; the file is damaged.")
+        arr = np.frombuffer(raw, dtype=store)
     else:
-        arr = _typed(t, elem, _DTYPES[elem][2])
-        if elem in _PACKED_BITS:
-            arr = _unpack(arr.astype(np.uint8), _PACKED_BITS[elem], count, elem in _SIGNED_PACKED)
-        elif elem not in (10, 16, 14, 15) and elem not in _FLOAT_CODES and elem != 24 and elem != 8:
-            arr = arr.astype(_DTYPES[elem][1])
-        elif elem == 10:
-            arr = arr.view("<f2")
+        arr = _typed(t, elem)
+    if elem in _PACKED_BITS:
+        per = 8 // _PACKED_BITS[elem]
+        if arr.size != -(-count // per):
+            raise ViewerError(f"tensor {name!r} holds {arr.size * per} values but its shape {dims} needs "
+                              f"{count}; the file is damaged.")
+        arr = _unpack(arr, _PACKED_BITS[elem], count, elem in _SIGNED_PACKED)
     if arr.size != count:
         raise ViewerError(f"tensor {name!r} holds {arr.size} values but its shape {dims} needs {count}; "
                           f"the file is damaged.")
-    if elem == 16:
-        arr = bf16_to_f32(arr)
-    elif elem == 24:
-        arr = _e8m0(arr)
-    elif elem in _FLOAT_CODES:
-        arr = _minifloat(*_FLOAT_CODES[elem])[arr]
-    return arr.reshape(dims)
+    return _decoded(arr, elem).reshape(dims)
 
 
 def type_text(tp: pb.Message) -> str:
