@@ -301,6 +301,7 @@ def test_reshape_targets_hold_for_every_shape():
     assert reshape_attr((B, 0), (B, 0)) is None                  # a 0 would read as "copy"
     assert reshape_target((B, S, 4, 16), [0, 0, -1], False) == (B, S, 64)
     assert reshape_target((B, S, 64), [0, -1, 3], False) is None  # 64·S / 3 is no monomial
+    assert reshape_target((B, S), [Sym(-1, ("B",)), Sym(-1, ("S",))], False) is None   # -B·-S: no shape
     assert quotient(Sym(64, ("B", "S")), Sym(4, ("S",))) == Sym(16, ("B",))
     assert quotient(S, 2) is None
 

@@ -246,7 +246,7 @@ def reshape_target(src: tuple[Dim, ...], spec: list[Dim], allowzero: bool) -> tu
             dims.append(src[i])
         elif d == -1:
             dims.append(None)
-        elif isinstance(d, int) and d < 0:
+        elif isinstance(d, int) and d < 0 or isinstance(d, Sym) and d.coef <= 0:
             return None
         else:
             dims.append(d)
