@@ -316,3 +316,11 @@ def test_bucket_rule_against_brute_force() -> None:
                     break
             assert table.pick([(n, s)]) == want, (n, s)
     assert table.pick([(3, 3)]) == 2 and table.pick([(1, 5)]) == 1 and table.pick([(10, 3)]) == 4
+
+
+def test_inspect_shows_each_buckets_tactic(forced, saved, capsys) -> None:
+    from kiln.cli import main
+    _, path = saved
+    assert main(["inspect", str(path)]) == 0
+    want = ", ".join("small" if n <= SMALL_UP_TO else "large" for n in POINTS)
+    assert f"tactic small (per bucket: {want})" in capsys.readouterr().out

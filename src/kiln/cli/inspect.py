@@ -105,6 +105,9 @@ def _tactic_name(layer: dict[str, Any]) -> str:
         return f"{rec.get('name', 'plugin')}:{chosen or 'default'}"
     if layer["kind"] == "OrtIsland":      # nodes that fall back to ONNX Runtime (--fallback onnxruntime)
         return f"onnxruntime ({', '.join(dict.fromkeys(layer['attrs']['ops']))})"
+    per_bucket = layer.get("bucket_tactics")
+    if per_bucket:           # a range engine: the tactic of each shape bucket, in the header's bucket order
+        return f"{layer.get('tactic') or '-'} (per bucket: {', '.join(per_bucket)})"
     return layer.get("tactic") or "-"
 
 
