@@ -60,7 +60,7 @@ class Source:
         self.stamp: tuple | None = None
         self.doc: Document | None = None
         self.revision = 0
-        self.completing: Document | None = None         # the document whose completion has started
+        self.completing = 0                             # revision of the document whose completion has started
 
     def _stamp(self) -> tuple:
         import os
@@ -91,8 +91,8 @@ class Source:
         starts the current document's completion."""
         self.get()
         with self.changed:
-            if self.doc.complete is not None and self.completing is not self.doc:
-                self.completing = self.doc
+            if self.doc.complete is not None and self.completing != self.doc.revision:
+                self.completing = self.doc.revision
                 threading.Thread(target=self._complete, args=(self.doc,), name="kiln-view-complete",
                                  daemon=True).start()
             self.changed.wait_for(lambda: self.doc.revision > revision or self.doc.complete is None, timeout)
