@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.viewer import samples
 from kiln.viewer.formats import _onnx_proto as P
 from kiln.viewer.formats import _protobuf as pb
 from kiln.viewer.formats import onnx as reader
