@@ -223,7 +223,7 @@ def test_corpus_models_read_as_onnx_reads_them():
     assert sum(_compare_with_onnx(p) for p in paths) > 0
 
 
-def test_sample_models_read_as_onnx_reads_them(yolo_path, control_flow_path, tmp_path):
+def test_sample_models_read_as_onnx_reads_them(yolo_path, control_flow_path):
     assert _compare_with_onnx(yolo_path) == 215
     assert _compare_with_onnx(control_flow_path) > 4           # If and Loop bodies included
 
