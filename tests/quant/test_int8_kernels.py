@@ -168,6 +168,7 @@ import kiln.kernels.int8_quantize as iq
 log = []
 ig._qgemm_kernel = Recorder(ig._qgemm_kernel, log)
 iq._quantize_kernel = Recorder(iq._quantize_kernel, log)
+iq._dequantize_kernel = Recorder(iq._dequantize_kernel, log)
 ep = lambda n: ig.Epilogue(torch.zeros(n, dtype=torch.int32), torch.ones(n), 0)
 x = torch.zeros(8, 64, 56, 56, dtype=torch.uint8)
 ig.qgemm(x, torch.zeros(64, 9 * 64, dtype=torch.int8), ep(64), ig.Codes(torch.uint8, 0.1, 3), act="relu",
@@ -176,8 +177,9 @@ x = torch.zeros(256, 768, dtype=torch.float8_e4m3fn)
 ig.qgemm(x, torch.zeros(3072, 768, dtype=torch.float8_e4m3fn), ep(3072), ig.Codes(torch.float8_e4m3fn, 0.1))
 iq.quantize_per_tensor(torch.zeros(8, 64, 56, 56, dtype=torch.float16), torch.ones(1), torch.zeros(1, dtype=torch.int8),
                        "int8")
+iq.dequantize_per_tensor(torch.zeros(8, 64, 56, 56, dtype=torch.float8_e4m3fn), torch.ones(1), None, torch.float16)
 out = {}
-for name, (fn, grid, args, kwargs) in zip(["conv3x3_uint8", "fc_fp8", "quantize"], log):
+for name, (fn, grid, args, kwargs) in zip(["conv3x3_uint8", "fc_fp8", "quantize", "dequantize"], log):
     k = compile_sm90(fn, args, kwargs)
     out[name] = [bool(k.asm["cubin"])] + sorted(set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.][a-z0-9]+[.]"
                                                                  r"([a-z0-9]+[.][a-z0-9]+[.][a-z0-9]+)", k.asm["ptx"])))
@@ -188,7 +190,7 @@ print(json.dumps(out))
 def test_8bit_kernels_compile_to_hopper_8bit_tensor_core_instructions():
     """Compiled for sm_90 (no GPU needed), the int8 kernel's products are int8 wgmma instructions with int32
     accumulation and the FP8 kernel's E4M3 wgmma with FP32 accumulation (the interpreter cannot show that); the
-    one-pass quantize kernel compiles too."""
+    one-pass quantize and dequantize kernels compile too."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     helpers = str(Path(__file__).resolve().parents[1] / "plugins")
@@ -198,7 +200,8 @@ def test_8bit_kernels_compile_to_hopper_8bit_tensor_core_instructions():
         pytest.skip("Triton's bundled ptxas is unavailable here")
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out == {"conv3x3_uint8": [True, "s32.s8.s8"], "fc_fp8": [True, "f32.e4m3.e4m3"], "quantize": [True]}
+    assert out == {"conv3x3_uint8": [True, "s32.s8.s8"], "fc_fp8": [True, "f32.e4m3.e4m3"], "quantize": [True],
+                   "dequantize": [True]}
 
 
 @needs_triton
@@ -259,3 +262,26 @@ def test_mismatched_weight_scales_are_refused_in_one_line(tactic):
     with pytest.raises(ShapeError, match=r"^8-bit layer 'fc7' has 5 weight scales and 6 bias codes for a weight "
                                          r"of 6 output channels; .* rebuild it from the model\.$"):
         run(torch.zeros(2, 32, dtype=torch.int8), torch.zeros(6, 32, dtype=torch.int8), torch.zeros(6, dtype=torch.int32))
+
+
+@needs_triton
+@pytest.mark.parametrize("codes,zp", [("int8", -3), ("uint8", 128), ("float8_e4m3fn", None)])
+@pytest.mark.parametrize("out", ["float32", "float16"])
+def test_triton_dequantize_matches_the_torch_tactic(codes, zp, out):
+    """One-pass DequantizeLinear: the torch tactic's values exactly ((codes - zero point) * scale in FP32), in the
+    input's memory layout."""
+    rng = np.random.default_rng(4)
+    bits = torch.from_numpy(rng.integers(0, 256, (2, 6, 5, 4)).astype(np.uint8))
+    if codes == "float8_e4m3fn":
+        bits[(bits & 0x7F) == 0x7F] = 0         # no NaN codes
+    x = bits.view(torch_dtype(codes)).contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor(0.0371)
+    zpt = None if zp is None else torch.tensor(zp, dtype=torch_dtype(codes))
+    attrs = {"axis": 1, "to": out, "block_size": 0}
+    ctx = KernelContext(device="cpu", input_dtypes=(codes, "float32", codes))
+    want = get_tactic("DequantizeLinear", "torch").make(attrs, ctx)(x, scale, zpt)[0]
+    got = get_tactic("DequantizeLinear", "triton").make(attrs, ctx)(x, scale, zpt)[0]
+    assert got.dtype == want.dtype == torch_dtype(out) and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)
+    ref = (x.float().numpy().astype(np.float64) - (zp or 0)) * np.float64(np.float32(0.0371))
+    np.testing.assert_allclose(got.float().numpy(), ref, rtol=1e-3 if out == "float16" else 1e-6)
