@@ -8,11 +8,13 @@ the sum ``zp * sum(w)`` each output channel then carries is taken out of the bia
 epilogue computes
 
     v = (acc + ibias[n]) * mult[n]            mult = x_scale * w_scale[n]  (the dequantized product plus bias)
-    v = act(v + r)   or   act(v) + r          (residual r, float)
+    v = act(v + r)   or   act(v) + r          (residual r: float, or codes dequantized as they load)
     y = saturate(round_half_even(v / out_scale) + out_zero_point)   or   v as float
+    [q = the codes of y as stored]            (a second output: a float y that is also quantized)
 
 so a quantized network keeps its activations as 8-bit codes between such layers. The weight is stored K-major
-([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose.
+([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose. Tile tables:
+``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (timed at levels 4-5).
 """
 from __future__ import annotations
 
@@ -33,7 +35,6 @@ from kiln.triton_support import HAS_TRITON, cdiv, next_pow2, tl, triton
 # input code type -> the kernel's MODE; output type -> OUT (0: float, 1: integer codes, 2: FP8 codes)
 MODES = {torch.int8: 0, torch.uint8: 1, torch.float8_e4m3fn: 2}
 FLOAT_OUT = (torch.float32, torch.float16, torch.bfloat16)
-FP8_MAX = 448.0
 
 
 class QGemmConfig(NamedTuple):
