@@ -16,9 +16,9 @@ Cases:
   arithmetic on 8-bit-rounded values, the same numbers), and the build warns once naming it and why; so do
   other layers between DequantizeLinear and QuantizeLinear (ONNX Runtime's quantized Add, pooling).
 The activation's DequantizeLinear is per tensor (int8, uint8 or FP8 E4M3 codes; an integer zero point, 0 for
-FP8); the weight is quantized symmetrically per output channel or per tensor (int8 or FP8 E4M3), as ONNX
-Runtime's quantize_static, NVIDIA's ModelOpt and Kiln's own PTQ write them. The bias becomes int32 codes in
-units of x_scale * w_scale, as ONNX Runtime stores it (a float bias is rounded to them).
+FP8); the weight is quantized symmetrically per output channel or per tensor (int8 or FP8 E4M3): TensorRT's
+explicit quantization, as ONNX Runtime's quantize_static (QDQ) and Kiln's own PTQ write it. The bias becomes
+int32 codes in units of x_scale * w_scale, as ONNX Runtime stores it (a float bias is rounded to them).
 
 Constant folding (a default pass) turns each weight's DequantizeLinear into a float constant; the
 ``RecordQuantizedConstants`` pass runs first, makes those constants itself and keeps their codes and scales in
