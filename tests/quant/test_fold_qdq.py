@@ -478,3 +478,53 @@ def _quantize_input(qnet, codes: str, x: np.ndarray) -> np.ndarray:
     q = qnet.tensors[codes].producer
     s = float(np.asarray(q.inputs[1].value))
     return np.clip(np.rint(x / np.float32(s)), -128, 127).astype(np.int8)
+
+
+def _conv_bn() -> onnx.ModelProto:
+    """x -> conv3x3 -> BatchNormalization (one channel's gamma negative) -> relu -> conv1x1 -> y: a model exported
+    with its batch norms, which the build folds into the convolutions after quantization put Q/DQ on them."""
+    rng = np.random.default_rng(41)
+    inits = {"w1": rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.3,
+             "g": np.r_[-0.7, rng.uniform(0.5, 1.5, 7)].astype(np.float32),
+             "beta": rng.standard_normal(8).astype(np.float32) * 0.1,
+             "mean": rng.standard_normal(8).astype(np.float32) * 0.1,
+             "var": rng.uniform(0.5, 2.0, 8).astype(np.float32),
+             "w2": rng.standard_normal((6, 8, 1, 1)).astype(np.float32) * 0.3}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["bn"], name="bn1"),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 6, 6])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_batch_norm_folded_into_a_quantized_conv_still_folds(monkeypatch):
+    """Batch normalization folded into a convolution whose weight is quantized rescales each output channel: the
+    weight is still the same codes, with scales gamma / sigma times theirs (a negative gamma too), so the layer
+    folds; the same codes and outputs as the network run dequantized."""
+    import warnings
+    from kiln.builder.quant import quantize
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((4, 4, 6, 6)).astype(np.float32)
+    qnet = quantize(kiln.onnx.parse(_conv_bn()), kiln.BuildConfig(
+        device="cpu", quantize="int8", calibration=[{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)}],
+        calibrator="max", profiles={"x": x.shape}))
+    codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
+    for c in codes:
+        qnet.mark_output(qnet.tensors[c])
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
+    ref = kiln.build(qnet, config).context().run({"x": x})
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizationWarning)
+        engine = kiln.build(qnet, config)
+    conv1 = next(layer for layer in engine.layers if layer["name"] == "conv1")
+    assert conv1["kind"] == "QConvolution" and min(conv1["attrs"]["w_scale"]["__array__"]["data"]) < 0
+    ours = engine.context().run({"x": x})
+    for c in codes:
+        _assert_codes_match(ours[c], ref[c], c)
+    np.testing.assert_allclose(ours["y"], ref["y"], rtol=0, atol=0.02 * np.abs(ref["y"]).max())

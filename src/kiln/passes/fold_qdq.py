@@ -23,8 +23,9 @@ int32 codes in units of x_scale * w_scale, as ONNX Runtime stores it (a float bi
 Constant folding (a default pass) turns each weight's DequantizeLinear into a float constant; the
 ``RecordQuantizedConstants`` pass runs first, makes those constants itself and keeps their codes and scales in
 the network's metadata, found by the float value's content (and its transpose's, which epilogue fusion makes
-of a MatMul weight). The fold takes a weight's codes back only when its float value is exactly their
-dequantization: a weight another pass rescaled (BN folding) is no longer 8-bit, and stays float.
+of a MatMul weight). The fold takes a weight's codes back when its float value is exactly their
+dequantization, or, channel by channel, a multiple of it (batch normalization folded into the convolution:
+new scales); a weight another pass changed otherwise is no longer 8-bit, and stays float.
 """
 from __future__ import annotations
 
@@ -160,12 +161,6 @@ def _activation(dq: Layer) -> tuple[float, int, str] | str:
 def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.ndarray, str] | str:
     """The weight codes as [N, ...] (output channel first), a float32 scale per output channel, and the name the
     codes had."""
-    rec = _find(layer.inputs[1] if len(layer.inputs) > 1 else None, records)
-    if rec is None:
-        return "its weight is not a constant quantized with DequantizeLinear (zero points 0), or a pass rewrote it"
-    codes, scale, axis, name = rec
-    if codes.dtype.name not in ("int8", "float8_e4m3fn"):
-        return f"its weight codes are {codes.dtype.name}, not int8 or FP8 E4M3"
     a = layer.attrs
     if layer.kind == "Convolution":
         out_axis, nd = 0, 4
@@ -174,6 +169,13 @@ def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.nd
     else:
         trans = a.get("transpose_b") if layer.kind == "MatMul" else a.get("trans_b")
         out_axis, nd = (0 if trans else 1), 2
+    w = layer.inputs[1] if len(layer.inputs) > 1 else None
+    rec = _find(w, records) or _rescaled(w, records, out_axis)
+    if rec is None:
+        return "its weight is not a constant quantized with DequantizeLinear (zero points 0), or a pass rewrote it"
+    codes, scale, axis, name = rec
+    if codes.dtype.name not in ("int8", "float8_e4m3fn"):
+        return f"its weight codes are {codes.dtype.name}, not int8 or FP8 E4M3"
     if codes.ndim != nd:
         return f"its weight is {codes.ndim}-D, not {nd}-D"
     if scale.size > 1 and axis != out_axis:
@@ -181,6 +183,26 @@ def _weight(layer: Layer, records: dict[str, Record]) -> tuple[np.ndarray, np.nd
     n = codes.shape[out_axis]
     ws = np.broadcast_to(scale.reshape(-1), (n,)).astype(np.float32)
     return np.ascontiguousarray(codes if out_axis == 0 else codes.T), ws, name
+
+
+def _rescaled(t: Tensor | None, records: dict[str, Record], axis: int) -> Record | None:
+    """A record of a quantized weight that ``t``'s value is, output channel by output channel (along ``axis``),
+    a multiple of: batch normalization folded into a quantized convolution scales each channel by gamma / sigma.
+    The record is returned with those channels' scales (least squares, float32), when every channel is within
+    1e-6 of its largest magnitude of codes * scale (float rounding of the folding: the same weight)."""
+    if t is None or not t.is_constant or t.dtype != "float32" or not 0 <= axis < t.value.ndim:
+        return None
+    w = np.moveaxis(np.asarray(t.value, np.float64), axis, 0).reshape(t.value.shape[axis], -1)
+    for rec in {id(r): r for r in records.values()}.values():
+        if rec.codes.shape != t.value.shape or rec.codes.dtype.name not in ("int8", "float8_e4m3fn"):
+            continue
+        c = np.moveaxis(rec.codes.astype(np.float64), axis, 0).reshape(w.shape)
+        cc = (c * c).sum(1)
+        s = np.where(cc > 0, (w * c).sum(1) / np.where(cc > 0, cc, 1.0), 0.0).astype(np.float32)
+        err = np.abs(c * s.astype(np.float64)[:, None] - w).max(1, initial=0.0)
+        if np.all(err <= 1e-6 * np.abs(w).max(1, initial=0.0)):
+            return Record(rec.codes, s, axis, rec.name)
+    return None
 
 
 def _bias(layer: Layer, records: dict[str, Record], mult: np.ndarray) -> np.ndarray | str:
