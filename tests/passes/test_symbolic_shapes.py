@@ -288,6 +288,48 @@ def test_positions_are_rows_of_the_table(rows):
     assert gathers == (["words"] if rows == 16 else ["words", "table"])
 
 
+class _Bottlenecks(torch.nn.Module):
+    """A ResNet stem (7×7/2 conv, 3×3/2 max pool) and two bottleneck blocks, identity and projection
+    shortcuts: past the stride-2 layers the spatial dims are no monomial of H and W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+
+        def cbn(cin: int, cout: int, k: int = 1, s: int = 1) -> list:
+            return [nn.Conv2d(cin, cout, k, s, k // 2, bias=False), nn.BatchNorm2d(cout)]
+        self.stem = nn.Sequential(*cbn(3, 8, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.body1 = nn.Sequential(*cbn(8, 4), nn.ReLU(), *cbn(4, 4, 3), nn.ReLU(), *cbn(4, 8))
+        self.body2 = nn.Sequential(*cbn(8, 8), nn.ReLU(), *cbn(8, 8, 3, 2), nn.ReLU(), *cbn(8, 16))
+        self.short2 = nn.Sequential(*cbn(8, 16, 1, 2))
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):       # statistics and affine parameters that are not 0 and 1
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.body1(x) + x)
+        return torch.relu(self.body2(x) + self.short2(x))
+
+
+def test_strided_conv_range_engine_has_the_static_engines_layers():
+    """Batch, height and width dynamic: the residual adds still fold into their convolutions (the
+    block's output dims are the same formula of H and W as its shortcut's), so the 1×1 chains and
+    projection sums form as in the static engine."""
+    torch.manual_seed(0)
+    model = _export(_Bottlenecks(), (torch.randn(2, 3, 32, 32),), ["x"], ["y"], {"x": {0: "B", 2: "H", 3: "W"}})
+    ranged = _build(model, {"x": ((1, 3, 16, 16), (2, 3, 32, 32), (3, 3, 64, 64))})
+    _same_layers(ranged, _build(model, {"x": (2, 3, 32, 32)}))
+    assert "Pointwise" not in [layer["kind"] for layer in ranged.layers]
+    for shape in ((1, 3, 16, 16), (2, 3, 32, 32), (3, 3, 64, 64), (2, 3, 37, 45)):
+        x = np.random.default_rng(shape[2]).standard_normal(shape).astype(np.float32)
+        # sums of at most 147 products of O(1) values through six layers: float32 rounding stays below 1e-4
+        _check(model, ranged, {"x": x}, tol=1e-4)
+
+
 # ---- the monomial algebra ----------------------------------------------------------------------
 B, S = Sym(1, ("B",)), Sym(1, ("S",))
 
@@ -338,3 +380,23 @@ def test_derived_dims_agree_with_torch(kind, attrs, torch_op):
     got = sym_shape(y)
     assert tuple(concrete(d, {"B": 3, "S": 5}) for d in got) == want
     assert not any(isinstance(d, Sym) and d.syms[0].startswith("?") for d in got)
+
+
+def test_window_dims_are_the_same_formula_of_the_same_dim():
+    """A stride-1 'same' convolution keeps its input's dims; two stride-2 convolutions of one input
+    have equal dims, and a stride-2 one with other padding does not."""
+    from kiln.ir.network import Network
+    from kiln.passes.symbolic import sym_shape
+    net = Network("t")
+    x = net.add_input("x", "float32", ("B", 4, "H", "W"))
+    w3 = net.add_constant(np.zeros((4, 4, 3, 3), np.float32))
+
+    def conv(src, stride, pad):
+        y = net.add_layer("Convolution", [src, w3], {"stride": [stride] * 2, "pads": [pad] * 4, "dilation": [1, 1],
+                                                     "groups": 1}).outputs[0]
+        y.shape = ("B", 4, None, None)
+        return y
+    same, a, b, other = conv(x, 1, 1), conv(x, 2, 1), conv(x, 2, 1), conv(x, 2, 0)
+    assert sym_shape(same) == sym_shape(x)
+    assert sym_shape(a) == sym_shape(b) != sym_shape(other)
+    assert sym_shape(conv(a, 1, 1)) == sym_shape(b)

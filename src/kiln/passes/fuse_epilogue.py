@@ -20,6 +20,7 @@ import numpy as np
 
 from kiln.passes._match import remove_dead, replace_output, substitute
 from kiln.passes.rewrite import ConstTensor, Match, Op, Rule, RulePass, Var
+from kiln.passes.symbolic import sym_shape
 
 FUSABLE = {"relu", "silu", "sigmoid", "tanh", "clip", "gelu", "gelu_tanh", "leaky_relu", "hard_swish",
            "hard_sigmoid"}
@@ -79,7 +80,7 @@ def _residual_fits(m: Match) -> str | None:
         return f"{conv.name!r} is pooled or already has a residual"
     if len(conv.inputs[1].shape or ()) != 4:
         return "not a 2-D convolution"
-    if r.shape is None or y.shape is None or tuple(r.shape) != tuple(y.shape) or None in y.shape:
+    if sym_shape(r) is None or sym_shape(r) != sym_shape(y):       # equal at every shape of the profile
         return "the residual's shape is not the convolution's (broadcast or unknown)"
     if r.producer is not None and net.layers.index(r.producer) > net.layers.index(conv):
         return "the residual is computed after the convolution"

@@ -70,16 +70,30 @@ def ir_dim(d: Dim) -> int | str | None:
 OPAQUE = "?"        # opaque symbols: "?<tensor name>:<axis>"
 
 
-def sym_shape(t: Tensor | None, depth: int = 0) -> tuple[Dim, ...] | None:
+def sym_shape(t: Tensor | None) -> tuple[Dim, ...] | None:
     """``t``'s shape as Dims when every dim is known and positive, else None. A dim the IR leaves
-    unknown (a product such as ``B·S``) is derived through the layers that produce ``t`` (up to
-    MAX_DEPTH of them), else opaque."""
+    unknown (a product such as ``B·S``, a convolution's output size) is derived through the layers
+    that produce ``t``, else opaque."""
+    memo: dict[int, tuple[Dim, ...] | None] = {}
+    chain, cur = [], t          # derive the first-input ancestors first, so no derivation recurses deep
+    while cur is not None and cur.shape is not None and None in cur.shape and cur.producer is not None \
+            and cur.producer.inputs and len(chain) < 100_000:
+        chain.append(cur)
+        cur = cur.producer.inputs[0]
+    for c in reversed(chain[1:]):
+        memo[id(c)] = _sym_shape(c, memo)
+    return _sym_shape(t, memo)
+
+
+def _sym_shape(t: Tensor | None, memo: dict) -> tuple[Dim, ...] | None:
     if t is None or t.shape is None:
         return None
+    if id(t) in memo:
+        return memo[id(t)]
     dims = tuple(dim(d) for d in t.shape)
     if any(d is None for d in dims):
-        derived = _derived_shape(t.producer, depth + 1) \
-            if t.producer is not None and len(t.producer.outputs) == 1 and depth < MAX_DEPTH else None
+        derived = _derived_shape(t.producer, memo) \
+            if t.producer is not None and len(t.producer.outputs) == 1 else None
         if derived is not None and len(derived) == len(dims) \
                 and all(d is None or d == e for d, e in zip(dims, derived)):
             dims = derived
@@ -90,34 +104,73 @@ def sym_shape(t: Tensor | None, depth: int = 0) -> tuple[Dim, ...] | None:
     return dims
 
 
-MAX_DEPTH = 32
 SAME_SHAPE = ("Activation", "Unary", "Normalization", "SoftMax", "Cast")
 
 
-def _derived_shape(layer: Layer, depth: int) -> tuple[Dim, ...] | None:
+def _derived_shape(layer: Layer, memo: dict) -> tuple[Dim, ...] | None:
     """The output shape of a layer whose output dims follow from its input's: view layers, linear
-    layers over the last axis, layers that keep their input's shape."""
+    layers over the last axis, convolutions and pooling, layers that keep their input's shape."""
     if layer.kind in ("FullyConnected", "MatMul"):
-        x, w = (sym_shape(t, depth) for t in layer.inputs[:2])
+        x, w = (_sym_shape(t, memo) for t in layer.inputs[:2])
         a = layer.attrs
         if x is None or w is None or len(w) != 2 or a.get("transpose_a"):
             return None
         n = w[0] if layer.kind == "FullyConnected" or a.get("transpose_b") else w[1]
         return x[:-1] + (n,)
     if layer.kind == "Gemm":
-        x, w = (sym_shape(t, depth) for t in layer.inputs[:2])
+        x, w = (_sym_shape(t, memo) for t in layer.inputs[:2])
         a = layer.attrs
         if x is None or w is None or len(x) != 2 or len(w) != 2:
             return None
         return x[1] if a.get("trans_a") else x[0], w[0] if a.get("trans_b") else w[1]
+    if layer.kind in ("Convolution", "Pooling"):
+        return _window_shape(layer, _sym_shape(layer.inputs[0], memo))
     if layer.kind in SAME_SHAPE and layer.inputs:     # (a Normalization with a residual has two outputs)
-        return sym_shape(layer.inputs[0], depth)
-    return _view_shape(layer, depth)
+        return _sym_shape(layer.inputs[0], memo)
+    return _view_shape(layer, memo)
 
 
-def _view_shape(layer: Layer, depth: int) -> tuple[Dim, ...] | None:
+def _window_shape(layer: Layer, x: tuple[Dim, ...] | None) -> tuple[Dim, ...] | None:
+    """A convolution's or pooling's output dims (NCHW); a fused stem pool (attr ``pool``) too."""
+    a = layer.attrs
+    if x is None or len(x) < 3 or a.get("auto_pad"):
+        return None
+    n = len(x) - 2
+    if layer.kind == "Convolution":
+        w = layer.inputs[1].shape
+        if w is None or len(w) != len(x) or not all(isinstance(d, int) for d in w):
+            return None
+        kernel, channels = list(w[2:]), w[0]
+    else:
+        kernel, channels = a.get("kernel"), x[1]
+        if kernel is None:                          # global pooling
+            return x[:2] + (1,) * n
+    if a.get("ceil_mode") or len(kernel) != n:
+        return None
+    dims = [_window(x[2 + i], kernel[i], (a.get("stride") or [1] * n)[i], (a.get("pads") or [0] * 2 * n)[i]
+                    + (a.get("pads") or [0] * 2 * n)[i + n], (a.get("dilation") or [1] * n)[i]) for i in range(n)]
+    pool = a.get("pool") if layer.kind == "Convolution" else None
+    if pool:
+        p = pool.get("pads") or [0] * 2 * n
+        dims = [_window(d, pool["kernel"][i], pool.get("stride", pool["kernel"])[i], p[i] + p[i + n], 1)
+                for i, d in enumerate(dims)]
+    return (x[0], channels, *dims)
+
+
+def _window(d: Dim, k: int, s: int, pad: int, dil: int) -> Dim:
+    """``(d + pad - dil·(k - 1) - 1) // s + 1``: an int, ``d`` itself, or a symbol named after the formula
+    and ``d`` (the same formula of the same dim is the same symbol)."""
+    c = pad - dil * (k - 1) - 1
+    if isinstance(d, int):
+        return (d + c) // s + 1
+    if s == 1 and c == -1:
+        return d
+    return Sym(1, (f"{OPAQUE}({d!r}{c:+d})//{s}+1",))
+
+
+def _view_shape(layer: Layer, memo: dict) -> tuple[Dim, ...] | None:
     """The output shape of a view layer from its input's, or None."""
-    src = sym_shape(layer.inputs[0], depth) if layer.inputs else None
+    src = _sym_shape(layer.inputs[0], memo) if layer.inputs else None
     if src is None:
         return None
     a, r = layer.attrs, len(src)
