@@ -528,3 +528,25 @@ def test_batch_norm_folded_into_a_quantized_conv_still_folds(monkeypatch):
     for c in codes:
         _assert_codes_match(ours[c], ref[c], c)
     np.testing.assert_allclose(ours["y"], ref["y"], rtol=0, atol=0.02 * np.abs(ref["y"]).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gpu_build_folds_and_matches_onnxruntime(name, precision, tmp_path):
+    """On the GPU the build folds by itself, times the 8-bit tactics and runs them; the codes stay within one step
+    of ONNX Runtime's."""
+    model, x, kinds = _case(name, tmp_path)
+    ref = _ort_codes(model, x)
+    net = kiln.onnx.parse(model)
+    codes = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for c in codes:
+        net.mark_output(net.tensors[c])
+    with pytest.warns(QuantizationWarning):
+        engine = kiln.build(net, kiln.BuildConfig(device="cuda", precision=precision, profiles={"x": x.shape}))
+    found = [layer["kind"] for layer in engine.layers]
+    assert {k: found.count(k) for k in kinds} == kinds
+    ours = engine.context().run({"x": x})
+    for c in codes:
+        a, b = ours[c].astype(np.int32), ref[c].astype(np.int32)
+        assert np.abs(a - b).max() <= 1 and np.mean(a == b) > (0.99 if precision == "fp32" else 0.95), c

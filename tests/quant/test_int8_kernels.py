@@ -285,3 +285,104 @@ def test_triton_dequantize_matches_the_torch_tactic(codes, zp, out):
     assert torch.equal(got, want)
     ref = (x.float().numpy().astype(np.float64) - (zp or 0)) * np.float64(np.float32(0.0371))
     np.testing.assert_allclose(got.float().numpy(), ref, rtol=1e-3 if out == "float16" else 1e-6)
+
+
+# ---- on the GPU: every tactic of the 8-bit layers against the reference tactic, at real layer shapes -------------
+
+GPU = "cuda"
+GPU_CASES = {   # (x codes, N, Cin, H, W, Cout, kernel, stride, pads, activation, output)
+    "resnet_stem": ("uint8", 8, 3, 224, 224, 64, 7, 2, 3, "relu", "int8"),
+    "resnet_3x3": ("int8", 32, 64, 56, 56, 64, 3, 1, 1, "relu", "int8"),
+    "resnet_1x1_up": ("int8", 32, 64, 56, 56, 256, 1, 1, 0, None, "float16"),
+    "resnet_3x3_s2": ("int8", 32, 256, 28, 28, 256, 3, 2, 1, "relu", "int8"),
+    "bert_fc_gelu": ("int8", 32 * 128, 768, 1, 1, 3072, 0, 1, 0, "gelu", "int8"),
+}
+
+
+def _exact_fp32(monkeypatch) -> None:
+    """The reference tactic's float32 convolution and GEMM without TF32 (as an FP32 engine runs them)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_8bit_tactics_match_the_reference(case, monkeypatch):
+    _exact_fp32(monkeypatch)
+    xdt, n, cin, h, w, cout, k, stride, pad, act, out = GPU_CASES[case]
+    dev = GPU
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lo, hi = (0, 256) if xdt == "uint8" else (-128, 128)
+    fc = k == 0
+    x = torch.randint(lo, hi, (n, cin) if fc else (n, cin, h, w), generator=g, dtype=torch_dtype(xdt)).to(dev)
+    if not fc:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wq = torch.randint(-127, 128, (cout, cin) if fc else (cout, cin, k, k), generator=g, dtype=torch.int8).to(dev)
+    bias = torch.randint(-5000, 5000, (cout,), generator=g, dtype=torch.int32).to(dev)
+    ws = (np.random.default_rng(1).uniform(0.5, 2.0, cout) * 1e-3 / np.sqrt(cin * max(k, 1) ** 2)).astype(np.float32)
+    kind = "QFullyConnected" if fc else "QConvolution"
+    attrs = _attrs(ws, x_zero_point=131 if xdt == "uint8" else 0, to=out, activation=act,
+                   **({} if out == "float16" else {"out_scale": 0.02, "out_zero_point": 0}),
+                   **({} if fc else {"stride": [stride] * 2, "pads": [pad] * 4, "dilation": [1, 1], "groups": 1}))
+    ctx = KernelContext(device=dev, layer_name=case, input_dtypes=(xdt, "int8", "int32"))
+    names = [t.name for t in tactics_for(kind, attrs, ctx)]
+    assert "reference" in names and "triton_int8" in names
+    with torch.inference_mode():
+        want = get_tactic(kind, "reference").make(attrs, ctx)(x, wq, bias)[0].float()
+        assert want.abs().max() > 10 * (0.02 if out != "float16" else 1e-3)      # not all saturated or zero
+        for name in names:
+            got = get_tactic(kind, name).make(attrs, ctx)(x, wq, bias)[0].float()
+            if out == "float16":
+                assert float((got - want).norm() / want.norm()) < 2e-3, name
+            else:
+                d = (got - want).abs()
+                assert float(d.max()) <= 1 and float((d == 0).float().mean()) > 0.99, name
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_tactics_match_the_reference(monkeypatch):
+    _exact_fp32(monkeypatch)
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9 or later")
+    dev = GPU
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = (torch.randn(4096, 768, generator=g) * 30).to(torch.float8_e4m3fn).to(dev)
+    wq = (torch.randn(3072, 768, generator=g) * 100).to(torch.float8_e4m3fn).to(dev)
+    bias = torch.randint(-50000, 50000, (3072,), generator=g, dtype=torch.int32).to(dev)
+    ws = np.full(3072, 1e-4, np.float32)
+    for out, scale in (("float8_e4m3fn", 0.05), ("float16", None)):
+        attrs = _attrs(ws, _kind="QFullyConnected", x_scale=0.01, to=out,
+                       **({"out_scale": scale} if scale else {}))
+        attrs.pop("_kind")
+        ctx = KernelContext(device=dev, layer_name="fc", input_dtypes=("float8_e4m3fn", "float8_e4m3fn", "int32"))
+        names = [t.name for t in tactics_for("QFullyConnected", attrs, ctx)]
+        assert {"reference", "triton_fp8", "scaled_mm"} <= set(names)
+        with torch.inference_mode():
+            want = get_tactic("QFullyConnected", "reference").make(attrs, ctx)(x, wq, bias)[0].float()
+            for name in names:
+                got = get_tactic("QFullyConnected", name).make(attrs, ctx)(x, wq, bias)[0].float()
+                if out == "float16":
+                    assert float((got - want).norm() / want.norm()) < 2e-3, name
+                else:        # one E4M3 step at most (1/8 of the value, or a subnormal step), nearly all equal
+                    d = (got - want).abs()
+                    assert bool((d <= torch.clamp(want.abs() / 8, min=2.0 ** -9) * 1.0001).all()), name
+                    assert float((d == 0).float().mean()) > 0.95, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out", ["int8", "uint8", "float8_e4m3fn"])
+def test_gpu_quantize_dequantize_match_the_torch_tactics(out):
+    x = (torch.randn(32, 64, 56, 56, device="cuda") * 4).half().contiguous(memory_format=torch.channels_last)
+    scale = torch.tensor(0.03, device="cuda")
+    zp = None if out == "float8_e4m3fn" else torch.tensor(3, dtype=torch_dtype(out), device="cuda")
+    ctx = KernelContext(device="cuda", input_dtypes=("float16", "float32", out))
+    q = {"axis": 1, "to": out, "block_size": 0, "saturate": 1}
+    with torch.inference_mode():
+        want = get_tactic("QuantizeLinear", "torch").make(q, ctx)(x, scale, zp)[0]
+        got = get_tactic("QuantizeLinear", "triton").make(q, ctx)(x, scale, zp)[0]
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        dq = {"axis": 1, "to": "float16", "block_size": 0}
+        ctx = KernelContext(device="cuda", input_dtypes=(out, "float32", out))
+        assert torch.equal(get_tactic("DequantizeLinear", "triton").make(dq, ctx)(got, scale, zp)[0],
+                           get_tactic("DequantizeLinear", "torch").make(dq, ctx)(got, scale, zp)[0])
