@@ -235,6 +235,29 @@ def _swap_model() -> bytes:
     return m.SerializeToString()
 
 
+def test_a_reshape_to_its_own_shape_goes():
+    """x.view(B, S, 8) of an x of shape [B, S, 8]: [0, 0, 8], a no-op at every shape, removed as a
+    static build removes it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Slice", ["shape", "zero", "two"], ["bs"]),
+             helper.make_node("Concat", ["bs", "eight"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["r"]),
+             helper.make_node("Relu", ["r"], ["y"])]
+    inits = [numpy_helper.from_array(np.asarray(v, np.int64), n)
+             for n, v in (("zero", [0]), ("two", [2]), ("eight", [8]))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    model = model.SerializeToString()
+    ranged = _build(model, {"x": ((1, 1, 8), (2, 3, 8), (5, 7, 8))})
+    assert [layer["kind"] for layer in ranged.layers] == ["Activation"]
+    x = np.random.default_rng(0).standard_normal((4, 6, 8)).astype(np.float32)
+    _check(model, ranged, {"x": x}, tol=0.0)
+
+
 def test_a_reshape_that_regroups_keeps_its_computed_target():
     """(S, B, 8) from [B, S, 8] copies neither dim in place, and (B, S, 8) from the Relu's (S, B, 8)
     neither: no attribute states them for every shape, so both keep their computed targets (a

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 from kiln.passes._match import remove_dead, replace_output
 from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
+from kiln.passes.symbolic import sym_shape
 
 FLOATS = ("float32", "float16", "bfloat16")
 
 
-def _static_equal(*shapes) -> bool:
-    first = shapes[0]
-    return first is not None and None not in first and all(s == first for s in shapes)
+def _static_equal(*tensors) -> bool:
+    """The tensors' shapes are known and equal at every shape of the profile (passes/symbolic.py)."""
+    first = sym_shape(tensors[0])
+    return first is not None and all(sym_shape(t) == first for t in tensors[1:])
 
 
 def _fits(m: Match) -> str | None:
@@ -36,7 +38,7 @@ def _fits(m: Match) -> str | None:
         return "the norm is not over the last axis"
     if a.is_constant or b.is_constant:
         return "an operand of the sum is a constant (a bias)"
-    if not _static_equal(a.shape, b.shape, x.shape) or not (a.dtype == b.dtype == x.dtype) or x.dtype not in FLOATS:
+    if not _static_equal(a, b, x) or not (a.dtype == b.dtype == x.dtype) or x.dtype not in FLOATS:
         return "the operands' shapes differ (a broadcast) or are not static, or they are not floating point"
     where = net.layers.index(add)
     params = list(norm.inputs[1:3])

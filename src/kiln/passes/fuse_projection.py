@@ -21,6 +21,7 @@ import numpy as np
 
 from kiln.passes._match import substitute
 from kiln.passes.rewrite import ANY, Match, Op, Rule, RulePass
+from kiln.passes.symbolic import sym_shape
 
 
 def _pointwise(conv) -> bool:
@@ -43,8 +44,8 @@ def _fits(m: Match) -> str | None:
         return "A is not a 1x1 convolution adding its residual before the activation"
     if not _pointwise(b) or (len(b.inputs) > 3 and b.inputs[3] is not None) or b.attrs.get("activation"):
         return "B is not a plain 1x1 convolution"
-    if b.inputs[1].value.shape[0] != a.inputs[1].value.shape[0] or r.shape is None \
-            or list(r.shape) != list(a.outputs[0].shape or []):
+    if b.inputs[1].value.shape[0] != a.inputs[1].value.shape[0] or sym_shape(r) is None \
+            or sym_shape(r) != sym_shape(a.outputs[0]):         # equal at every shape, unknown dims included
         return "B's output is not of A's shape"
     return None
 

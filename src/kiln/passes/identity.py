@@ -4,7 +4,7 @@ Cases:
 - Identity layer → its input used directly (`x -> x`);
 - Cast to the dtype the input already has → removed;
 - Shuffle whose transposes are identities and whose reshape keeps the (known) shape → removed;
-- Squeeze/Unsqueeze/Flatten whose output shape equals the (static) input shape → removed.
+- Squeeze/Unsqueeze/Flatten whose output shape equals the input shape (at every shape of the profile) → removed.
 A layer whose output is a network output is kept when its input is also a network
 input or another output (outputs must stay distinct tensors).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kiln.ir.network import Layer
 from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
+from kiln.passes.symbolic import sym_shape
 
 KINDS = ("Identity", "Cast", "Shuffle", "Squeeze", "Unsqueeze", "Flatten")
 
@@ -25,8 +26,7 @@ def _is_noop(layer: Layer) -> bool:
         return True
     if layer.kind == "Cast":
         return layer.attrs.get("to") == x.dtype
-    static = x.shape is not None and out.shape is not None and all(isinstance(d, int) for d in x.shape) \
-        and tuple(x.shape) == tuple(out.shape)
+    static = sym_shape(x) is not None and sym_shape(x) == sym_shape(out)     # at every shape of the profile
     if layer.kind == "Shuffle":
         p1, p2 = layer.attrs.get("first_transpose"), layer.attrs.get("second_transpose")
         ident = all(p is None or list(p) == list(range(len(p))) for p in (p1, p2))
