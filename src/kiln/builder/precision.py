@@ -58,8 +58,9 @@ def quantized_layers(g: Network) -> set[int]:
     """ids of the layers of ``g`` that a low-precision build keeps in FP32 because they belong to the model's
     quantization: the quantizers themselves; an integer op's int32 result cast to float and what combines
     that cast with its scales (int32 sums overflow FP16); and a layer between DequantizeLinear and
-    QuantizeLinear (its FP16 rounding would move values across quantization steps). Until Kiln has 8-bit
-    kernels these layers compute what ONNX Runtime computes for them, in FP32."""
+    QuantizeLinear (its FP16 rounding would move values across quantization steps). These layers compute what
+    ONNX Runtime computes for them, in FP32: on CPU all of them, on CUDA those the 8-bit fold
+    (passes/fold_qdq.py) leaves."""
     keep = {id(layer) for layer in g.layers if layer.kind in QUANTIZERS}
 
     def made_by(t, kinds) -> bool:

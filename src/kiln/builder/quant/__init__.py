@@ -25,13 +25,17 @@ def dequantized_note(layers: list[dict[str, Any]], device: str) -> str | None:
     an engine without them."""
     if not any(layer.get("kind") in ("QuantizeLinear", "DequantizeLinear") for layer in layers):
         return None
+    if device == "cuda":
+        return ("the engine's remaining Q/DQ layers (those the 8-bit fold left, named in its warnings) run "
+                "dequantized: float arithmetic on 8-bit-rounded values.")
     return ("the engine's Q/DQ layers run dequantized (float arithmetic on 8-bit-rounded values): 8-bit kernels "
-            "are GPU-only" + (", and not in Kiln yet." if device == "cuda" else "."))
+            "are GPU-only.")
 
 
 def check_device(mode: str, device: str, capability: tuple[int, int] | None = None) -> None:
     """Refuse a quantization mode the device cannot run: FP8 needs FP8 tensor cores (compute capability 8.9
-    or later), and Kiln has no FP8 Q/DQ layers yet."""
+    or later), and FP8 post-training quantization is not in Kiln yet (models that already hold FP8 Q/DQ
+    pairs build and fold)."""
     if mode not in MODES:
         raise BuildError(f"Quantization {mode!r} is not one of {', '.join(MODES)}.")
     if mode != "fp8":
@@ -45,7 +49,8 @@ def check_device(mode: str, device: str, capability: tuple[int, int] | None = No
     if tuple(capability) < (8, 9):
         raise BuildError(f"--fp8 needs FP8 tensor cores (compute capability 8.9 or later); this GPU is "
                          f"{capability[0]}.{capability[1]}. Use --int8.")
-    raise BuildError("--fp8: Kiln has no FP8 (E4M3) Q/DQ layers yet; build with --int8.")
+    raise BuildError("--fp8: post-training quantization to FP8 (E4M3) is not in Kiln yet; build with --int8, or "
+                     "build a model already quantized to FP8 Q/DQ (e.g. by NVIDIA ModelOpt) without --fp8.")
 
 
 class QuantPlan(NamedTuple):
