@@ -9,9 +9,10 @@ is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from kiln.cli.base.args import Parser
 from kiln.cli.base.progress import Progress
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         try:
-            code = int(args.func(args) or 0)
+            with _kiln_warnings_as_lines():
+                code = int(args.func(args) or 0)
         except KilnError as exc:
             if Progress.open_line:
                 sys.stderr.write("\n")
@@ -76,6 +78,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:              # the reader went away (`kiln plugins | head -1`): stop quietly
         _stdout_to_devnull()
         return 1
+
+
+@contextlib.contextmanager
+def _kiln_warnings_as_lines() -> Iterator[None]:
+    """Warnings Kiln itself raises (a warning class of kiln's, or a warning issued from kiln's code) print as
+    one ``kiln: warning:`` line, like the commands' own; other libraries' warnings keep Python's format."""
+    import warnings
+
+    from kiln.cli.base.args import warn
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        ours = category.__module__.split(".")[0] == "kiln" or os.sep + "kiln" + os.sep in str(filename)
+        if ours:
+            if Progress.open_line:
+                sys.stderr.write("\n")
+                Progress.open_line = False
+            warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _stdout_to_devnull() -> None:
