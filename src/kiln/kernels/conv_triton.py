@@ -95,6 +95,29 @@ def tile_offsets(M, N, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
 # Sizes that change with the batch or the image stay unspecialized (one compile serves them
 # all). CIN is a compile-time constant: the K loop then has a fixed trip count (Triton's
 # interpreter cannot loop over a runtime count) and the compiler knows how far rows are aligned.
+@triton.jit
+def igemm_origin(offs_m, OH, OW, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
+    """Implicit GEMM over an NHWC convolution: the image and the top-left input position (padding
+    included) of each output row ``offs_m``."""
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    return offs_m // (OW * OH), oh * SH - PH, ow * SW - PW
+
+
+@triton.jit
+def igemm_tap(i, chunks: tl.constexpr, offs_k, m_ok, img, ih0, iw0, H, W, CIN: tl.constexpr, KW: tl.constexpr,
+              DH: tl.constexpr, DW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``i`` of the reduction (filter tap by input-channel chunk): the tap, the chunk's channels, which
+    rows read inside the image, and each row's input offset."""
+    tap = i // chunks
+    c = (i - tap * chunks) * BLOCK_K + offs_k
+    kh = tap // KW
+    ih = ih0 + kh * DH
+    iw = iw0 + (tap - kh * KW) * DW
+    a_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tap, c, a_ok, ((img * H + ih) * W + iw) * CIN
+
+
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
 def _conv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, YS, alpha, beta, CIN: tl.constexpr,
                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -111,11 +134,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, YS, a
         a_row = offs_m * CIN
     else:
         steps: tl.constexpr = KH * KW * chunks
-        ow = offs_m % OW
-        oh = (offs_m // OW) % OH
-        img = offs_m // (OW * OH)
-        ih0 = oh * SH - PH
-        iw0 = ow * SW - PW
+        img, ih0, iw0 = igemm_origin(offs_m, OH, OW, SH, SW, PH, PW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(steps):
         if POINTWISE:
@@ -123,13 +142,7 @@ def _conv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, M, H, W, OH, OW, Cout, YS, a
             c = i * BLOCK_K + offs_k
             a_ok = m_ok
         else:
-            tap = i // chunks
-            c = (i - tap * chunks) * BLOCK_K + offs_k
-            kh = tap // KW
-            ih = ih0 + kh * DH
-            iw = iw0 + (tap - kh * KW) * DW
-            a_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_row = ((img * H + ih) * W + iw) * CIN
+            tap, c, a_ok, a_row = igemm_tap(i, chunks, offs_k, m_ok, img, ih0, iw0, H, W, CIN, KW, DH, DW, BLOCK_K)
         a_ptrs = x_ptr + a_row[:, None] + c[None, :]
         b_ptrs = w_ptr + (tap * CIN + c)[:, None] * Cout + offs_n[None, :]
         if CIN % BLOCK_K == 0:

@@ -26,7 +26,7 @@ import torch
 from kiln.errors import BuildError
 from kiln.ir.dtypes import torch_dtype
 from kiln.kernels._util import per_tensor
-from kiln.kernels.conv_triton import out_size, tile_offsets
+from kiln.kernels.conv_triton import igemm_origin, igemm_tap, out_size, tile_offsets
 from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.quantize import RANGES, weight_scales
 from kiln.kernels.registry import tactic
@@ -106,11 +106,7 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
         a_row = offs_m * CIN
     else:
         steps: tl.constexpr = KH * KW * chunks
-        ow = offs_m % OW
-        oh = (offs_m // OW) % OH
-        img = offs_m // (OW * OH)
-        ih0 = oh * SH - PH
-        iw0 = ow * SW - PW
+        img, ih0, iw0 = igemm_origin(offs_m, OH, OW, SH, SW, PH, PW)
     if MODE == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
@@ -121,13 +117,7 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
             c = i * BLOCK_K + offs_k
             a_ok = m_ok
         else:
-            tap = i // chunks
-            c = (i - tap * chunks) * BLOCK_K + offs_k
-            kh = tap // KW
-            ih = ih0 + kh * DH
-            iw = iw0 + (tap - kh * KW) * DW
-            a_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_row = ((img * H + ih) * W + iw) * CIN
+            tap, c, a_ok, a_row = igemm_tap(i, chunks, offs_k, m_ok, img, ih0, iw0, H, W, CIN, KW, DH, DW, BLOCK_K)
         k_ok = c < CIN
         # a tap in the padding reads the zero point (its code for 0.0); the bias takes zp * sum(w) out again
         a_ptrs = x_ptr + a_row[:, None] + c[None, :]
