@@ -15,16 +15,20 @@ import torch
 import kiln
 
 
-def _export(model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str]) -> bytes:
+def export(model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str],
+           axes: dict | None = None) -> bytes:
+    """``model`` as ONNX bytes (opset 17, TorchScript exporter); ``axes``: torch.onnx's dynamic_axes."""
     f = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), args, f, input_names=names, output_names=outputs, opset_version=17,
-                          dynamo=False)
+                          dynamo=False, dynamic_axes=axes)
     return f.getvalue()
 
 
-def bert(batch: int = 2, seq: int = 16, layers: int = 2) -> tuple[bytes, dict[str, np.ndarray]]:
+def bert_module(layers: int = 2) -> tuple[torch.nn.Module, object]:
+    """A seeded BertModel (hidden 64, 4 heads, random norm weights and biases) taking (ids, mask) and
+    returning the last hidden state; and its config."""
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
     cfg = BertConfig(num_hidden_layers=layers, hidden_size=64, num_attention_heads=4, intermediate_size=128,
@@ -42,12 +46,16 @@ def bert(batch: int = 2, seq: int = 16, layers: int = 2) -> tuple[bytes, dict[st
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+    return Bert(), cfg
 
+
+def bert(batch: int = 2, seq: int = 16, layers: int = 2) -> tuple[bytes, dict[str, np.ndarray]]:
+    module, cfg = bert_module(layers)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (batch, seq))
     mask = np.ones((batch, seq), np.int64)
     mask[:, seq - seq // 4:] = 0
-    model = _export(Bert(), (torch.from_numpy(ids), torch.from_numpy(mask)), ["input_ids", "attention_mask"],
+    model = export(module, (torch.from_numpy(ids), torch.from_numpy(mask)), ["input_ids", "attention_mask"],
                     ["hidden"])
     return model, {"input_ids": ids, "attention_mask": mask}
 
@@ -87,7 +95,7 @@ def mha(batch: int = 2, seq: int = 10, d: int = 64, heads: int = 4, blocks: int 
     torch.backends.mha.set_fastpath_enabled(False)      # the fused fast path has no ONNX export
     try:
         x = np.random.default_rng(0).standard_normal((batch, seq, d)).astype(np.float32)
-        model = _export(Encoder(d, heads, blocks), (torch.from_numpy(x),), ["x"], ["y"])
+        model = export(Encoder(d, heads, blocks), (torch.from_numpy(x),), ["x"], ["y"])
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
     return model, {"x": x}

@@ -40,7 +40,7 @@ class _Heads(torch.nn.Module):
 
 def test_merges_what_shares_a_gemm_and_keeps_outputs():
     x = np.random.default_rng(1).standard_normal((3, 5, 16)).astype(np.float32)
-    model = mt._export(_Heads(), (torch.from_numpy(x),), ["x"], ["a", "b", "c", "d"])
+    model = mt.export(_Heads(), (torch.from_numpy(x),), ["x"], ["a", "b", "c", "d"])
     engine = mt.build(model, {"x": x})
     fcs = _kinds(engine, "FullyConnected")
     assert len(fcs) == 2

@@ -8,8 +8,6 @@ engine must compute those at run time, as host shape arithmetic, so they are cou
 """
 from __future__ import annotations
 
-import io
-import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -17,42 +15,17 @@ import pytest
 import torch
 
 import kiln
+import mini_transformers as mt
 from kiln.passes.symbolic import Sym, quotient, reshape_attr, reshape_target
 
 SHAPE_ONLY = ("Shape", "Size")
 
 
-def _export(model: torch.nn.Module, args: tuple, names: list[str], outputs: list[str], axes: dict) -> bytes:
-    f = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), args, f, input_names=names, output_names=outputs, opset_version=17,
-                          dynamo=False, dynamic_axes=axes)
-    return f.getvalue()
-
-
 def _bert() -> bytes:
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(0)
-    cfg = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                     vocab_size=1000, attn_implementation="eager")
-
-    class Bert(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = BertModel(cfg, add_pooling_layer=False)
-            for name, p in self.m.named_parameters():     # random norm weights and biases, not 1 and 0
-                if name.endswith("LayerNorm.weight"):
-                    p.data.uniform_(0.5, 1.5)
-                elif p.dim() == 1:
-                    p.data.normal_(0.0, 0.2)
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
+    module, _ = mt.bert_module()
     ids, mask = torch.zeros(2, 16, dtype=torch.int64), torch.ones(2, 16, dtype=torch.int64)
     axes = {"input_ids": {0: "B", 1: "S"}, "attention_mask": {0: "B", 1: "S"}, "hidden": {0: "B", 1: "S"}}
-    return _export(Bert(), (ids, mask), ["input_ids", "attention_mask"], ["hidden"], axes)
+    return mt.export(module, (ids, mask), ["input_ids", "attention_mask"], ["hidden"], axes)
 
 
 class _ConvTokens(torch.nn.Module):
@@ -76,7 +49,7 @@ class _ConvTokens(torch.nn.Module):
 
 def _cnn() -> bytes:
     torch.manual_seed(0)
-    return _export(_ConvTokens(), (torch.randn(2, 3, 8, 12),), ["x"], ["y", "z"],
+    return mt.export(_ConvTokens(), (torch.randn(2, 3, 8, 12),), ["x"], ["y", "z"],
                    {"x": {0: "B", 2: "H", 3: "W"}})
 
 
@@ -190,7 +163,7 @@ def _mha() -> bytes:
     fast = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)      # the fused fast path has no ONNX export
     try:
-        return _export(mt.Encoder(64, 4, 2), (torch.randn(2, 10, 64),), ["x"], ["y"], {"x": {0: "B"}})
+        return mt.export(mt.Encoder(64, 4, 2), (torch.randn(2, 10, 64),), ["x"], ["y"], {"x": {0: "B"}})
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
 
@@ -343,7 +316,7 @@ def test_strided_conv_range_engine_has_the_static_engines_layers():
     block's output dims are the same formula of H and W as its shortcut's), so the 1×1 chains and
     projection sums form as in the static engine."""
     torch.manual_seed(0)
-    model = _export(_Bottlenecks(), (torch.randn(2, 3, 32, 32),), ["x"], ["y"], {"x": {0: "B", 2: "H", 3: "W"}})
+    model = mt.export(_Bottlenecks(), (torch.randn(2, 3, 32, 32),), ["x"], ["y"], {"x": {0: "B", 2: "H", 3: "W"}})
     ranged = _build(model, {"x": ((1, 3, 16, 16), (2, 3, 32, 32), (3, 3, 64, 64))})
     _same_layers(ranged, _build(model, {"x": (2, 3, 32, 32)}))
     assert "Pointwise" not in [layer["kind"] for layer in ranged.layers]
