@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kiln.errors import BuildError
 from kiln.kernels._util import per_tensor, zero_bias
 from kiln.kernels.conv import _epilogue, pool_after
-from kiln.kernels.pointwise import act_params
+from kiln.kernels.pointwise import act_params, add_around_act
 from kiln.kernels.registry import tactic
 from kiln.triton_support import HAS_TRITON, cdiv, tl, triton
 
@@ -152,13 +152,7 @@ def make_conv_space_to_depth(attrs, ctx):
                 dest = None
             return (pool_after(apply_epilogue(y, b, r, act_name or "none", alpha, beta, residual_after=after,
                                               out=dest), attrs),)
-        if residual is not None and not after:
-            y = y + residual
-        if act is not None:
-            y = act(y)
-        if residual is not None and after:
-            y = y + residual
-        return (pool_after(y, attrs),)
+        return (pool_after(add_around_act(y, residual, act, after), attrs),)
     return run
 
 

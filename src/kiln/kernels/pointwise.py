@@ -50,6 +50,16 @@ def _clip(x, lo, hi):
     return torch.clamp(x, lo, hi)
 
 
+def add_around_act(y: torch.Tensor, residual: torch.Tensor | None, act, after: bool) -> torch.Tensor:
+    """A fused epilogue's residual and activation: act(y + residual), or act(y) + residual with ``after``
+    (``act`` None: no activation)."""
+    if residual is not None and not after:
+        y = y + residual
+    if act is not None:
+        y = act(y)
+    return y + residual if residual is not None and after else y
+
+
 def act_params(attrs) -> tuple[Any, Any]:
     """(alpha, beta) of an Activation layer or a fused epilogue, with the schema's defaults."""
     return attrs.get("alpha", _ALPHA), attrs.get("beta", _BETA)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from kiln.errors import BuildError, ShapeError
 from kiln.ir.dtypes import torch_dtype
 from kiln.kernels._util import norm_axis, per_tensor
-from kiln.kernels.pointwise import act_params, activation_fn
+from kiln.kernels.pointwise import act_params, activation_fn, add_around_act
 from kiln.kernels.registry import tactic
 
 RANGES = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767),
@@ -197,12 +197,7 @@ def layer_epilogue(attrs):
     def finish(y: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         if residual is not None:        # float, or 8-bit codes with their scale
             residual = residual.to(torch.float32) if r_scale is None else (residual.to(torch.float32) - r_zp) * r_scale
-        if residual is not None and not after:
-            y = y + residual
-        if act is not None:
-            y = act(y)
-        if residual is not None and after:
-            y = y + residual
+        y = add_around_act(y, residual, act, after)
         if out_scale is not None:
             return (quantize_values(y, out_scale, out_zp, out),)
         y = y.to(torch_dtype(out))
