@@ -30,6 +30,15 @@ quantization = pytest.importorskip("onnxruntime.quantization")
 build_module = importlib.import_module("kiln.builder.build")
 
 
+def _model(nodes: list, inits: list, x_shape: list, y_shape: list) -> onnx.ModelProto:
+    """An opset-17 model of ``nodes`` from float input x to float output y."""
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 @pytest.fixture
 def fold_on_cpu(monkeypatch):
     monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: config.optimization_level > 0)
@@ -179,11 +188,7 @@ def _unfoldable() -> onnx.ModelProto:
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="quant"),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dequant"),
              helper.make_node("Conv", ["xd", "w"], ["y"], name="float_weight_conv", pads=[1, 1, 1, 1])]
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 6, 6])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _model(nodes, inits, [2, 4, 6, 6], [2, 8, 6, 6])
 
 
 def test_unfoldable_pattern_warns_naming_the_node_and_stays_correct(fold_on_cpu):
@@ -298,12 +303,7 @@ def _residual_cnn() -> onnx.ModelProto:
              helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="gap"),
              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _model(nodes, [numpy_helper.from_array(v, k) for k, v in inits.items()], ["N", 8, 6, 6], ["N", 5])
 
 
 def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
@@ -379,11 +379,7 @@ def _shortcut_block() -> onnx.ModelProto:
              helper.make_node("Relu", ["s"], ["r"], name="relu"),
              helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["yq"], name="qy"),
              helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dqy")]
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 7, 7])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 7, 7])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _model(nodes, inits, ["N", 8, 7, 7], ["N", 8, 7, 7])
 
 
 def test_dequantized_shortcut_is_read_as_codes(fold_on_cpu):
@@ -422,11 +418,7 @@ def _shared_output_block() -> onnx.ModelProto:
              helper.make_node("Conv", ["t", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
              helper.make_node("Add", ["cb", "t"], ["s"], name="add"),
              helper.make_node("Relu", ["s"], ["y"], name="relu_b")]
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 6, 6])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _model(nodes, inits, ["N", 4, 6, 6], ["N", 8, 6, 6])
 
 
 def test_float_output_also_quantized_is_a_second_output(monkeypatch):
@@ -494,12 +486,7 @@ def _conv_bn() -> onnx.ModelProto:
              helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["bn"], name="bn1"),
              helper.make_node("Relu", ["bn"], ["r"], name="relu1"),
              helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
-    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 6, 6])],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _model(nodes, [numpy_helper.from_array(v, k) for k, v in inits.items()], ["N", 4, 6, 6], ["N", 6, 6, 6])
 
 
 def test_batch_norm_folded_into_a_quantized_conv_still_folds(monkeypatch):
