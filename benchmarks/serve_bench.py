@@ -307,8 +307,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
     async def serve() -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
-        server.add_insecure_port(f"127.0.0.1:{args.port}")
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        print(f"echo on 127.0.0.1:{port}", flush=True)
         await server.wait_for_termination()
     asyncio.run(serve())
     return 0
@@ -316,18 +317,9 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_ceiling(args: argparse.Namespace) -> int:
     """tritonclient gRPC load against the do-nothing server: the ceiling any Python gRPC front end meets."""
-    port = 18000 + os.getpid() % 1000
-    proc = subprocess.Popen([sys.executable, __file__, "echo", "--port", str(port), "--dims", args.dims])
+    proc = subprocess.Popen([sys.executable, __file__, "echo", "--dims", args.dims], stdout=subprocess.PIPE)
     try:
-        at = f"127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                import socket
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        at = proc.stdout.readline().decode().split()[-1]        # "echo on HOST:PORT" once it serves
         dims = [int(d) for d in args.dims.split("x")]
         for c in (int(v) for v in args.concurrency.split(",")):
             r = run_load("grpc", at, "echo", c, args.seconds, {"x": dims}, args.processes)
@@ -484,7 +476,6 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seconds", type=float, default=4.0)
     c.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     e = sub.add_parser("echo", help=argparse.SUPPRESS)
-    e.add_argument("--port", type=int, required=True)
     e.add_argument("--dims", required=True)
     g = sub.add_parser("models")
     g.add_argument("--out", required=True)
