@@ -102,11 +102,12 @@ def qdq_export(model: onnx.ModelProto, qnet) -> onnx.ModelProto:
             continue
         x = layer.inputs[0].name
         s = const(f"{x}__s", np.asarray(layer.inputs[1].value, np.float32))
-        zp = const(f"{x}__zp", np.zeros((), np.int8))
+        zp = const(f"{x}__zp", np.zeros((), layer.inputs[2].value.dtype))
         q = layer.outputs[0].name
         new_nodes += [helper.make_node("QuantizeLinear", [x, s, zp], [q]),
                       helper.make_node("DequantizeLinear", [q, s, zp], [f"{x}__dq"])]
-        codes.append(helper.make_tensor_value_info(q, TensorProto.INT8, [f"{q}_{i}" for i in range(rank[x])]))
+        code_type = numpy_helper.from_array(np.zeros((), layer.inputs[2].value.dtype)).data_type
+        codes.append(helper.make_tensor_value_info(q, code_type, [f"{q}_{i}" for i in range(rank[x])]))
         for reader, i in layer.outputs[0].uses[0][0].outputs[0].uses:
             for origin in reader.origin:
                 node = by_name[origin]
@@ -118,7 +119,7 @@ def qdq_export(model: onnx.ModelProto, qnet) -> onnx.ModelProto:
         node = by_name[reader.origin[0]]
         w = node.input[1]
         s = const(f"{w}__s", layer.inputs[1].value)
-        zp = const(f"{w}__zp", np.zeros(layer.inputs[1].value.shape, np.int8))
+        zp = const(f"{w}__zp", np.zeros(layer.inputs[1].value.shape, layer.inputs[2].value.dtype))
         axis = layer.attrs["axis"]
         new_nodes += [helper.make_node("QuantizeLinear", [w, s, zp], [f"{w}__q"], axis=axis),
                       helper.make_node("DequantizeLinear", [f"{w}__q", s, zp], [f"{w}__dq"], axis=axis)]
@@ -128,6 +129,10 @@ def qdq_export(model: onnx.ModelProto, qnet) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(_toposort(nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
     g.output.extend(codes)
+    if any(c.type.tensor_type.elem_type == TensorProto.FLOAT8E4M3FN for c in codes):
+        del m.opset_import[:]                          # FP8 Q/DQ is opset 19+
+        m.opset_import.append(helper.make_opsetid("", 21))
+        m.ir_version = 10
     onnx.checker.check_model(m)
     return m
 

@@ -3,13 +3,14 @@ Runtime running the same Q/DQ model (Kiln's scales exported into ONNX QuantizeLi
 weights quantized by ONNX Runtime itself), and a trained classifier's top-1 agreement with FP32."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 
 import kiln
 import kiln.onnx
-from kiln.builder.quant import dequantized_note, quantize
+from kiln.builder.quant import dequantized_note, plan, quantize, quantized
 
 from _quant_models import blobs, cnn, qdq_export, trained_mlp
 
@@ -24,15 +25,31 @@ def _ort(model: onnx.ModelProto, feeds: dict) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
-def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray, calibrator: str) -> None:
-    """Kiln's INT8 engine vs ONNX Runtime on the exported Q/DQ model. The 8-bit codes of every quantized
+def _codes(v: np.ndarray) -> np.ndarray:
+    """8-bit codes as float64 values (FP8 codes may come back as their bits)."""
+    if v.dtype == np.uint8 or v.dtype.name == "float8_e4m3fn":
+        return v.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return v.astype(np.float64)
+
+
+def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray, calibrator: str,
+                       mode: str = "int8") -> None:
+    """Kiln's 8-bit engine vs ONNX Runtime on the exported Q/DQ model. The 8-bit codes of every quantized
     activation agree within one step (a value within float rounding of a rounding boundary may go either way
     after the two runtimes' differently ordered float sums); a sample whose codes all agree has the same
-    output to float32 rounding."""
+    output to float32 rounding. FP8 post-training quantization is GPU-only, so its network is made here with
+    the same plan and rewrite the build uses, then run dequantized on the CPU."""
     net = kiln.onnx.parse(model)
     config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator=calibrator,
                               profiles={"x": x.shape})
-    qnet = quantize(net, config)
+    if mode == "int8":
+        qnet = quantize(net, config)
+    else:
+        p = plan(net, config)
+        qnet = quantized(net, p.layers, p.amax, mode)
+        assert all(layer.attrs["to"] == "float8_e4m3fn" for layer in qnet.layers if layer.kind == "QuantizeLinear")
+        assert {layer.inputs[0].value.dtype.name for layer in qnet.layers
+                if layer.kind == "DequantizeLinear" and layer.inputs[0].is_constant} == {"float8_e4m3fn"}
     codes = [layer.outputs[0] for layer in qnet.layers if layer.kind == "QuantizeLinear"]
     assert len(codes) >= 2
     for t in codes:
@@ -45,11 +62,12 @@ def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray,
     ref = _ort(qdq_export(model, qnet), {"x": x})
     same = np.ones(len(x), bool)
     for t in codes:
-        a, b = ours[t.name].astype(np.int32), ref[t.name].astype(np.int32)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert np.abs(a - b).max() <= 1, t.name
+        a, b = _codes(ours[t.name]), _codes(ref[t.name])
+        assert a.shape == b.shape
+        step = 1.0 if mode == "int8" else np.maximum(np.abs(b) / 8, 2.0 ** -9) * 1.0001    # one code apart
+        assert np.all(np.abs(a - b) <= step), t.name
         assert np.mean(a == b) > 0.995, t.name
-        assert np.abs(b).max() > 60, t.name           # the scale uses the int8 range, not a sliver of it
+        assert np.abs(b).max() > (60 if mode == "int8" else 200), t.name   # the scale uses the 8-bit range
         same &= (a == b).reshape(len(x), -1).all(axis=1)
     assert same.sum() >= len(x) // 2
     y, y_ref = ours["y"][same].astype(np.float64), ref["y"][same].astype(np.float64)
@@ -61,6 +79,20 @@ def test_cnn_int8_matches_onnxruntime_qdq(calibrator):
     rng = np.random.default_rng(3)
     calib = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
     _check_against_ort(cnn(seed=1), calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), calibrator)
+
+
+@pytest.mark.parametrize("calibrator", ["max", "entropy"])
+def test_cnn_fp8_rewrite_matches_onnxruntime_qdq(calibrator):
+    rng = np.random.default_rng(4)
+    calib = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    _check_against_ort(cnn(seed=2), calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), calibrator, "fp8")
+
+
+def test_fp8_defaults_to_the_max_calibrator():
+    assert kiln.BuildConfig(device="cuda", quantize="fp8", calibration=[{}]).calibrator == "max"
+    assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}]).calibrator == "entropy"
+    assert kiln.BuildConfig(device="cuda", quantize="fp8", calibration=[{}], calibrator="entropy").calibrator == \
+        "entropy"
 
 
 def test_mlp_int8_matches_onnxruntime_qdq():
@@ -104,3 +136,29 @@ def test_excluded_layers_stay_float(classifier):
     quantized = {u.name for layer in qnet.layers if layer.kind == "DequantizeLinear"
                  for u, _ in layer.outputs[0].uses}
     assert quantized == {"mm1", "mm2"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_gpu_ptq_build_runs_8bit_layers_and_matches_the_dequantized_network(mode):
+    """``--int8``/``--fp8`` on the GPU: the convolutions become 8-bit layers, and the engine's output stays
+    within a few percent of the same quantized network run dequantized in FP32 on the CPU, and near FP32."""
+    rng = np.random.default_rng(6)
+    model = cnn(seed=3)
+    calib = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    net = kiln.onnx.parse(model)
+    config = kiln.BuildConfig(device="cuda", precision="fp16", quantize=mode, calibration=[{"x": calib}],
+                              profiles={"x": x.shape})
+    engine = kiln.build(net, config)
+    precisions = [layer.get("precision") for layer in engine.layers if layer["kind"] in ("QConvolution",
+                                                                                          "QFullyConnected")]
+    assert precisions and set(precisions) == {mode}
+    ours = engine.context().run({"x": x})["y"]
+    p = plan(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
+                                   calibrator=config.calibrator))
+    deq = kiln.build(quantized(net, p.layers, p.amax, mode), kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    ref_q = deq.context().run({"x": x})["y"]
+    ref32 = _ort(model, {"x": x})["y"]
+    assert np.linalg.norm(ours - ref_q) / np.linalg.norm(ref_q) < 0.05
+    assert np.linalg.norm(ours - ref32) / np.linalg.norm(ref32) < 0.15

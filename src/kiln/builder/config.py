@@ -117,7 +117,7 @@ class BuildConfig:
     fallback: str | None = None        # "onnxruntime": build the network's ONNX Runtime islands (kiln.onnx.fallback)
     quantize: str | None = None        # "int8" / "fp8": post-training quantization (kiln.builder.quant)
     calibration: Any = None            # .npy/.npz file, folder of them, or a list of {input: array} batches
-    calibrator: str = "entropy"        # "max", "percentile" or "entropy" (kiln.builder.quant.calibrators)
+    calibrator: str | None = None      # "max", "percentile", "entropy"; None: entropy for int8, max for fp8
     percentile: float = 99.99          # the percentile calibrator's percent
     calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
     fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized
@@ -166,9 +166,11 @@ class BuildConfig:
             from kiln.builder.quant.accuracy import parse_target
             parse_target(self.accuracy)
         from kiln.builder.quant import MODES
-        from kiln.builder.quant.calibrators import check_calibrator
+        from kiln.builder.quant.calibrators import check_calibrator, default_calibrator
         if self.quantize not in MODES:
             raise BuildError(f"quantize {self.quantize!r} is not one of {', '.join(MODES)}.")
+        if self.calibrator is None:
+            self.calibrator = default_calibrator(self.quantize)
         check_calibrator(self.calibrator, self.percentile)
         if self.calib_cache is not None:
             self.calib_cache = os.fspath(self.calib_cache)

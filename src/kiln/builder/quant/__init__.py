@@ -34,8 +34,7 @@ def dequantized_note(layers: list[dict[str, Any]], device: str) -> str | None:
 
 def check_device(mode: str, device: str, capability: tuple[int, int] | None = None) -> None:
     """Refuse a quantization mode the device cannot run: FP8 needs FP8 tensor cores (compute capability 8.9
-    or later), and FP8 post-training quantization is not in Kiln yet (models that already hold FP8 Q/DQ
-    pairs build and fold)."""
+    or later)."""
     if mode not in MODES:
         raise BuildError(f"Quantization {mode!r} is not one of {', '.join(MODES)}.")
     if mode != "fp8":
@@ -49,8 +48,6 @@ def check_device(mode: str, device: str, capability: tuple[int, int] | None = No
     if tuple(capability) < (8, 9):
         raise BuildError(f"--fp8 needs FP8 tensor cores (compute capability 8.9 or later); this GPU is "
                          f"{capability[0]}.{capability[1]}. Use --int8.")
-    raise BuildError("--fp8: post-training quantization to FP8 (E4M3) is not in Kiln yet; build with --int8, or "
-                     "build a model already quantized to FP8 Q/DQ (e.g. by NVIDIA ModelOpt) without --fp8.")
 
 
 class QuantPlan(NamedTuple):

@@ -91,6 +91,12 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
+def default_calibrator(mode: str) -> str:
+    """The calibrator a quantization mode uses unless told: entropy for int8, whose 255 uniform steps gain from
+    clipping outliers; max for fp8, whose E4M3 steps grow with magnitude so outliers cost little precision."""
+    return "max" if mode == "fp8" else "entropy"
+
+
 def check_calibrator(name: str, percentile: float) -> None:
     """Refuse an unknown calibrator or a percentile outside (0, 100]."""
     if name not in CALIBRATORS:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kiln.errors import BuildError
+from kiln.ir.dtypes import np_dtype
 from kiln.ir.network import Layer, Network
 
 # the 8-bit types: (Kiln dtype, largest magnitude a symmetric scale maps amax to)
@@ -76,17 +77,21 @@ def act_scale(amax: float, qmax: float) -> np.float32:
     return np.float32(amax / qmax if amax > 0 and np.isfinite(amax) else 1.0)
 
 
-def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int, qmax: float) -> np.ndarray:
-    """round-half-even(w / scale) clamped to ±qmax, as int8 (ONNX QuantizeLinear in float32)."""
+def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int, qmax: float, dtype: str = "int8") -> np.ndarray:
+    """``w / scale`` as ``dtype`` codes, as ONNX QuantizeLinear computes them in float32: int8 rounds half to
+    even and clamps to ±qmax; float8_e4m3fn saturates to ±448 and rounds to the nearest E4M3 value."""
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.rint(w.astype(np.float32) / scale.reshape(shape))
-    return np.clip(q, -qmax, qmax).astype(np.int8)
+    x = w.astype(np.float32) / scale.reshape(shape)
+    if dtype == "int8":
+        return np.clip(np.rint(x), -qmax, qmax).astype(np.int8)
+    return np.clip(x, -qmax, qmax).astype(np_dtype(dtype))
 
 
 def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8") -> dict[str, dict]:
-    """Rewrite ``net`` in place: each target reads its weight dequantized from int8 and its activations
-    through a shared Q/DQ pair with the scale ``amax[name] / 127``. Returns each target's scales by layer name
+    """Rewrite ``net`` in place: each target reads its weight dequantized from 8-bit codes of ``mode`` and its
+    activations through a shared Q/DQ pair with the scale ``amax[name] / qmax`` (127 for int8, 448 for fp8).
+    Returns each target's scales by layer name
     (the layer record of kiln.engine.quant_record)."""
     dtype, qmax = TYPES[mode]
     pairs: dict[str, object] = {}
@@ -105,9 +110,9 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
         scales[layer.name] = {"type": dtype, "inputs": acts, "weight": {"tensor": w.name, "axis": t.axis,
                                                                           "count": int(s.size), "min": float(s.min()),
                                                                           "max": float(s.max())}}
-        q = net.add_constant(quantize_weight(w.value, s, t.axis, qmax), name=net.unique_name(f"{w.name}_{dtype}"))
+        q = net.add_constant(quantize_weight(w.value, s, t.axis, qmax, dtype), name=net.unique_name(f"{w.name}_{dtype}"))
         dq = net.add_layer("DequantizeLinear", [q, net.add_constant(s, name=net.unique_name(f"{w.name}_scale")),
-                                                net.add_constant(np.zeros(s.shape, np.int8),
+                                                net.add_constant(np.zeros(s.shape, np_dtype(dtype)),
                                                                  name=net.unique_name(f"{w.name}_zero_point"))],
                            {"axis": t.axis, "to": "float32", "block_size": 0},
                            name=net.unique_layer_name("DequantizeLinear", f"{layer.name}/weight_dequantize"),
@@ -122,7 +127,7 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
 def _qdq(net: Network, x, scale: np.float32, dtype: str):
     """QuantizeLinear → DequantizeLinear of activation ``x`` with one scale and a zero zero point."""
     s = net.add_constant(np.asarray(scale, np.float32), name=net.unique_name(f"{x.name}_scale"))
-    zp = net.add_constant(np.zeros((), np.int8), name=net.unique_name(f"{x.name}_zero_point"))
+    zp = net.add_constant(np.zeros((), np_dtype(dtype)), name=net.unique_name(f"{x.name}_zero_point"))
     q = net.add_layer("QuantizeLinear", [x, s, zp], {"axis": 1, "to": dtype, "block_size": 0, "saturate": 1},
                       name=net.unique_layer_name("QuantizeLinear", f"{x.name}/quantize"), output_dtypes=[dtype])
     dq = net.add_layer("DequantizeLinear", [q.outputs[0], s, zp], {"axis": 1, "to": "float32", "block_size": 0},
