@@ -88,6 +88,19 @@ def test_cnn_fp8_rewrite_matches_onnxruntime_qdq(calibrator):
     _check_against_ort(cnn(seed=2), calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), calibrator, "fp8")
 
 
+def test_depthwise_convolutions_stay_float():
+    """PTQ leaves grouped convolutions in the float precision (no 8-bit kernel); the layers around them are
+    quantized and the engine still matches ONNX Runtime on the exported Q/DQ model."""
+    rng = np.random.default_rng(8)
+    model = cnn(seed=4, depthwise=True)
+    calib = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    qnet = quantize(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", quantize="int8",
+                                                             calibration=[{"x": calib}], calibrator="max"))
+    readers = {u.name for layer in qnet.layers if layer.kind == "DequantizeLinear" for u, _ in layer.outputs[0].uses}
+    assert readers == {"conv1", "conv2", "fc"}
+    _check_against_ort(model, calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), "max")
+
+
 def test_fp8_defaults_to_the_max_calibrator():
     assert kiln.BuildConfig(device="cuda", quantize="fp8", calibration=[{}]).calibrator == "max"
     assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}]).calibrator == "entropy"

@@ -1,7 +1,7 @@
 """Which layers a post-training quantization quantizes, and the Q/DQ layers put around them.
 
 As TensorRT does by default: convolutions, fully-connected layers, and GEMMs/matmuls whose second operand is
-a constant weight. Each such layer reads its weight as an 8-bit constant with per-output-channel symmetric
+a constant weight; grouped (depthwise) convolutions stay in the build's float precision. Each such layer reads its weight as an 8-bit constant with per-output-channel symmetric
 scales through DequantizeLinear, and its float activation through a QuantizeLinear/DequantizeLinear pair with
 one per-tensor scale (shared by every quantized reader of that tensor). The result is an explicitly quantized
 network, which any build runs (dequantized where no 8-bit kernel exists).
@@ -42,6 +42,8 @@ def _target(layer: Layer) -> Target | None:
     if not (act(0) and const_float(1)):
         return None
     k, a = layer.kind, layer.attrs
+    if k == "Convolution" and a.get("groups", 1) > 1:
+        return None      # grouped/depthwise: no 8-bit kernel, and FP16 costs a memory-bound conv little
     if k in ("Convolution", "FullyConnected") and len(ins) <= 3:      # no fused residual input
         return Target(layer, (0,), 1, 0)
     if k == "MatMul" and ins[1].value.ndim >= 2:
