@@ -85,6 +85,12 @@ def _set_up(make, layer: Any) -> Step:
                                 f"kiln build.") from None
 
 
+def layer_failure(step: Step, args: list, exc: Exception) -> ShapeError:
+    """The one-line error for a step whose function raised ``exc`` on ``args``."""
+    shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a if a is None else type(a).__name__ for a in args]
+    return ShapeError(f"Layer {step.name!r} ({step.kind}) failed on inputs {shapes}: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+
+
 class Program:
     """Executable form of a plan (the top-level network or a subgraph body)."""
 
@@ -220,11 +226,20 @@ class Program:
                 return dev
         raise RuntimeError(f"a host value of shape {tuple(v.shape)} changed between warm-up and capture")
 
+    _slot_plan = None       # a CPU program's SlotPlan, made at its first run
+
     def output_dtype(self, index: int) -> torch.dtype:
         return torch_dtype(self._out_dtypes[index])
 
     def run_env(self, env: dict[str, torch.Tensor], inputs: list[torch.Tensor], timer=None) -> list[torch.Tensor]:
-        """Run every step; ``timer`` (optional) wraps each step: timer(step, thunk) -> outputs."""
+        """Run every step; ``timer`` (optional) wraps each step: timer(step, thunk) -> outputs. A CPU program
+        without a timer runs its slot plan (kiln.runtime.slots)."""
+        if timer is None and self.device == "cpu":
+            plan = self._slot_plan
+            if plan is None:
+                from kiln.runtime.slots import SlotPlan
+                plan = self._slot_plan = SlotPlan(self)
+            return plan.run(env, inputs)
         values = dict(env)
         for buf in self._concat_buffers:
             buf.current = None
@@ -252,9 +267,7 @@ class Program:
             except (ShapeError, RuntimeError, IndexError, ValueError) as exc:
                 if isinstance(exc, ShapeError):
                     raise
-                raise ShapeError(f"Layer {step.name!r} ({step.kind}) failed on inputs "
-                                 f"{[tuple(a.shape) if isinstance(a, torch.Tensor) else a if a is None else type(a).__name__ for a in args]}: "
-                                 f"{str(exc).splitlines()[0]}") from exc
+                raise layer_failure(step, args, exc) from exc
             for n, v in zip(step.outs, outs):
                 values[n] = v
             for n in step.frees:

@@ -1,0 +1,113 @@
+"""A program's steps over numbered slots: how a CPU program runs, with no per-step lookups or checks.
+
+Every value a program touches (its inputs, the outer values a subgraph body reads, its constants and
+each step's outputs) has one index into a list. Constant inputs sit in a template list, placed once; a
+run copies the template, puts the inputs in, and calls each step's function (read from the step, as
+``Program.select`` may swap it) on arguments fetched by precomputed indices (``operator.itemgetter``).
+A value is dropped, by index, after its last reader, as ``Program`` plans it. A CPU program needs no
+device moves and no concatenation buffers, so nothing is checked per step; a subgraph body (Loop, If,
+Scan) keeps its plan across iterations and runs.
+"""
+from __future__ import annotations
+
+from operator import itemgetter
+from typing import Any, Callable
+
+from kiln.errors import EngineFormatError, ShapeError
+
+_NONE = 0          # the slot that always holds None: an absent optional input
+
+
+def _no_args(slots: list) -> tuple:
+    return ()
+
+
+class SlotPlan:
+    """The steps of a ``Program`` compiled to slot indices; ``run`` executes them."""
+
+    __slots__ = ("template", "input_slots", "outer", "output_getter", "n_outputs", "steps")
+
+    def __init__(self, program: Any) -> None:
+        index: dict[str, int] = {}
+        template: list[Any] = [None]
+        fixed_slot: dict[int, int] = {}
+
+        def named(name: str) -> int:
+            if name not in index:
+                index[name] = len(template)
+                template.append(program.constants.get(name) if name in program.outputs else None)
+            return index[name]
+
+        def constant(value: Any) -> int:
+            if id(value) not in fixed_slot:
+                fixed_slot[id(value)] = len(template)
+                template.append(value)
+            return fixed_slot[id(value)]
+
+        self.input_slots = tuple(named(n) for n in program.inputs)
+        known = set(program.inputs)
+        outer: dict[str, int] = {}          # names read before anything here defines them: the caller's values
+        steps = []
+        for step in program.steps:
+            ins = []
+            for i, n in enumerate(step.ins):
+                if n is None:
+                    ins.append(_NONE)
+                elif i in step.fixed:
+                    ins.append(constant(step.fixed[i]))
+                else:
+                    if n not in known:
+                        outer[n] = named(n)
+                        known.add(n)
+                    ins.append(named(n))
+            outs = tuple(named(n) for n in step.outs)
+            known.update(step.outs)
+            get: Callable[[list], tuple] | None
+            get = _no_args if not ins else None if len(ins) == 1 else itemgetter(*ins)
+            one = ins[0] if len(ins) == 1 else _NONE
+            frees = tuple(index[n] for n in step.frees if n in index)
+            steps.append((step, get, one, outs[0] if len(outs) == 1 else -1, outs, frees))
+        for n in program.outputs:
+            if n not in known and n not in program.constants:
+                outer[n] = named(n)
+        self.outer = tuple(outer.items())
+        self.template = template
+        self.steps = tuple(steps)
+        out_slots = [named(n) for n in program.outputs]
+        self.n_outputs = len(out_slots)
+        self.output_getter = itemgetter(*out_slots) if out_slots else _no_args
+
+    def run(self, env: dict[str, Any], inputs: list[Any]) -> list[Any]:
+        """The program's outputs for ``inputs``; ``env`` holds the outer values a subgraph body reads."""
+        slots = self.template.copy()
+        if self.outer:
+            try:
+                for name, i in self.outer:
+                    slots[i] = env[name]
+            except KeyError as exc:
+                raise EngineFormatError(f"The engine's plan reads value {str(exc.args[0])[:80]!r}, which no layer, "
+                                        f"input or weight defines; the file is damaged. Rebuild it with "
+                                        f"kiln build.") from None
+        for i, v in zip(self.input_slots, inputs):
+            slots[i] = v
+        current = None
+        try:
+            for current in self.steps:
+                step, get, one, out, outs, frees = current
+                r = step.fn(slots[one]) if get is None else step.fn(*get(slots))
+                if out >= 0:
+                    slots[out] = r[0]
+                else:
+                    for i, v in zip(outs, r):
+                        slots[i] = v
+                for i in frees:
+                    slots[i] = None
+        except (ShapeError, RuntimeError, IndexError, ValueError) as exc:
+            if isinstance(exc, ShapeError) or current is None:
+                raise
+            from kiln.runtime.program import layer_failure
+            step, get, one = current[:3]
+            args = [slots[one]] if get is None else list(get(slots))
+            raise layer_failure(step, args, exc) from exc
+        got = self.output_getter(slots)
+        return [got] if self.n_outputs == 1 else list(got)
