@@ -1,10 +1,20 @@
 """ONNX front end: parse models into Networks; the converter registry; support checks."""
 from __future__ import annotations
 
-from kiln.onnx.parser import parse
-from kiln.onnx.registry import converter, lookup, supported_ops
+from typing import Any
 
 __all__ = ["parse", "converter", "lookup", "supported_ops", "check"]
+
+
+def __getattr__(name: str) -> Any:
+    # the parser and the registry load on first use: kiln.onnx.proto (the viewer's ONNX reader too) needs neither
+    if name == "parse":
+        from kiln.onnx.parser import parse
+        return parse
+    if name in ("converter", "lookup", "supported_ops"):
+        from kiln.onnx import registry
+        return getattr(registry, name)
+    raise AttributeError(f"module 'kiln.onnx' has no attribute {name!r}")
 
 
 def check(model, plugins=(), fallback=None, shapes=None, device="cpu"):

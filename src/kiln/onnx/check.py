@@ -45,7 +45,7 @@ def check(model: Any, plugins: Sequence[str] = (), limits: bool = False, fallbac
     from kiln.onnx.registry import supported_ops
     from kiln.onnx.support import _load
     from kiln.onnx.support import check as find_unsupported
-    proto = _load(model)
+    proto = _load(model, fallback)
     known = supported_ops()
     support = support_data()
     findings = find_unsupported(proto, plugins=plugins)

@@ -13,6 +13,8 @@ import numpy as np
 
 from kiln.errors import KilnError, ParseError, PluginError, UnsupportedOperatorError
 from kiln.ir.network import Layer, Network, Tensor, gc_paused
+from kiln.onnx import proto as P
+from kiln.onnx import reader
 from kiln.onnx.registry import lookup, stale_reason
 from kiln.onnx.validate import check_node, dense, first_line, onnx_dtype, schema_of, tensor_value, text
 
@@ -48,29 +50,28 @@ class Node:
 
 
 def _attr_value(a, where: str) -> Any:
-    from onnx import AttributeProto
     t = a.type
-    if t == AttributeProto.FLOAT:
+    if t == P.FLOAT:
         return float(a.f)
-    if t == AttributeProto.INT:
+    if t == P.INT:
         return int(a.i)
-    if t == AttributeProto.STRING:
+    if t == P.STRING:
         return a.s.decode("utf-8", "replace")
-    if t == AttributeProto.TENSOR:
+    if t == P.TENSOR:
         return tensor_value(a.t, where)
-    if t == AttributeProto.GRAPH:
+    if t == P.GRAPH:
         return a.g
-    if t == AttributeProto.FLOATS:
+    if t == P.FLOATS:
         return [float(v) for v in a.floats]
-    if t == AttributeProto.INTS:
+    if t == P.INTS:
         return [int(v) for v in a.ints]
-    if t == AttributeProto.STRINGS:
+    if t == P.STRINGS:
         return [s.decode("utf-8", "replace") for s in a.strings]
-    if t == AttributeProto.TENSORS:
+    if t == P.TENSORS:
         return [tensor_value(x, where) for x in a.tensors]
-    if t == AttributeProto.GRAPHS:
+    if t == P.GRAPHS:
         return list(a.graphs)
-    if t == AttributeProto.SPARSE_TENSOR:
+    if t == P.SPARSE_TENSOR:
         return dense(a.sparse_tensor, where)
     return None
 
@@ -164,9 +165,8 @@ class ConvertContext:
 
 def parse(model: Any, *, plugins: Sequence[str] = (), fallback: str | None = None) -> Network:
     """Parse an ONNX model (path, bytes or ModelProto) into a Network. ``fallback="onnxruntime"``: nodes
-    with no converter or plugin become ONNX Runtime islands (kiln.onnx.fallback) instead of an error."""
-    import onnx
-
+    with no converter or plugin become ONNX Runtime islands (kiln.onnx.fallback) instead of an error.
+    Files are read by ``kiln.onnx.reader`` (onnx only where the file needs it, and for islands)."""
     from kiln.onnx import fallback as islands
     from kiln.plugins import load as load_plugins
     from kiln.plugins import load_builtins
@@ -180,13 +180,13 @@ def parse(model: Any, *, plugins: Sequence[str] = (), fallback: str | None = Non
         if not os.path.exists(source):
             raise ParseError(f"{source!r} does not exist; check the path.")
         try:
-            proto = onnx.load(source)
+            proto = load_model(source, fallback)
         except Exception as exc:
             raise ParseError(f"{source!r} is not a readable ONNX model ({first_line(exc)}); check that the file is a "
                              f"complete .onnx ModelProto and that external data files sit beside it.") from None
     elif isinstance(model, (bytes, bytearray)):
         try:
-            proto = onnx.load_from_string(bytes(model))
+            proto = load_model(bytes(model), fallback)
         except Exception as exc:
             raise ParseError(f"The bytes given are not an ONNX model ({first_line(exc)}).") from None
     else:
@@ -207,6 +207,17 @@ def parse(model: Any, *, plugins: Sequence[str] = (), fallback: str | None = Non
     if fallback:
         islands.prune(net)
     return net
+
+
+def load_model(model: str | bytes, fallback: str | None = None, load_external_data: bool = True) -> Any:
+    """A model file or serialized model as a ModelProto: read by ``kiln.onnx.reader``, or by onnx when
+    ``fallback`` is on (islands embed onnx's messages). Raises what the reader raises."""
+    if fallback:
+        import onnx
+        if isinstance(model, bytes):
+            return onnx.load_from_string(model)
+        return onnx.load(model, load_external_data=load_external_data)
+    return reader.load(model, load_external_data=load_external_data)
 
 
 def _type_name(tp, where: str) -> str:

@@ -4,9 +4,9 @@
 lookups pick the newest version not above the model's opset for that domain, as
 tinygrad's and onnx2torch's frontends do. Registering a key twice is an error.
 
-The ONNX schema in force at the model's opset comes from ``onnx.defs`` (as onnx2torch resolves
-versions). A converter covers ONNX's versions of its op up to CHECKED_OPSET, the newest opset the
-converters were written against; an op that ONNX changed later, in a version newer than its
+The ONNX schema in force at the model's opset comes from ``kiln.onnx.schemas`` (onnx.defs' table, as
+onnx2torch resolves versions). A converter covers ONNX's versions of its op up to CHECKED_OPSET, the
+newest opset the converters were written against; an op that ONNX changed later, in a version newer than its
 converter's ``since``, is not handed to that converter: it is unsupported, and ``stale_reason``
 says why.
 """
@@ -16,6 +16,7 @@ import functools
 from typing import Callable
 
 from kiln.errors import ParseError
+from kiln.onnx import schemas
 
 Converter = Callable[..., list]
 CONVERTERS: dict[tuple[str, str], dict[int, Converter]] = {}
@@ -57,18 +58,15 @@ def stale_reason(op_type: str, opset: int, domain: str = "") -> str | None:
 
 
 def schema_since(op_type: str, opset: int, domain: str = "") -> int | None:
-    """The since-version of the ONNX schema in force for ``op_type`` at ``opset`` (onnx.defs), or None
+    """The since-version of the ONNX schema in force for ``op_type`` at ``opset`` (kiln.onnx.schemas), or None
     for ops onnx does not define (contrib and custom domains)."""
     return _schema_since(op_type, opset, _norm_domain(domain))
 
 
 @functools.lru_cache(maxsize=4096)
 def _schema_since(op_type: str, opset: int, domain: str) -> int | None:
-    import onnx.defs
-    try:
-        return int(onnx.defs.get_schema(op_type, opset, domain).since_version)
-    except Exception:           # onnx.defs.SchemaError: no such op in that domain at that opset
-        return None
+    schema = schemas.get(op_type, opset, domain)
+    return schema.since if schema is not None else None
 
 
 def _since(op_type: str, opset: int, domain: str) -> int | None:

@@ -4,13 +4,15 @@ attributes of the right type). Each refusal is one ParseError naming the tensor 
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from kiln.errors import ParseError
 from kiln.ir.verify import fmt_bytes, host_memory, nbytes
+from kiln.onnx import proto, schemas
+from kiln.onnx.reader import tensor_array
+from kiln.onnx.schemas import Schema
 
 if TYPE_CHECKING:
     from kiln.onnx.parser import Node
@@ -58,27 +60,18 @@ def _check_dims(dims: Sequence[int], itemsize: int, where: str) -> None:
                          f"{fmt_bytes(free)} this machine has free; the file is damaged or the tensor too large.")
 
 
-@lru_cache(maxsize=64)
-def _itemsize_of(code: int) -> int:
-    from onnx import helper
-    try:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(code)).itemsize
-    except Exception:
-        return 1
-
-
 def _itemsize(code: int, where: str) -> int:
     """Bytes per element of an ONNX data type Kiln supports (refused in one line otherwise)."""
     onnx_dtype(code, f"{where} ")
-    return _itemsize_of(int(code))
+    return proto.itemsize(int(code)) or 1
 
 
 def tensor_value(tp, where: str) -> np.ndarray:
-    """A TensorProto's value, its dims checked first (a negative dim is not read as a size)."""
-    from onnx import numpy_helper
+    """A TensorProto's value (onnx's message or kiln.onnx.reader's view), its dims checked first (a negative
+    dim is not read as a size)."""
     _check_dims(tp.dims, _itemsize(tp.data_type, where), where)
     try:
-        arr = numpy_helper.to_array(tp)
+        arr = tensor_array(tp)
     except Exception as exc:
         raise ParseError(f"{where} cannot be read ({first_line(exc)}); if the model uses external data, keep the "
                          f"data files beside the .onnx file.") from None
@@ -114,35 +107,12 @@ def dense(sp, where: str) -> np.ndarray:
                      f"[{n}, {len(dims)}] (coordinates).")
 
 
-class Rules(NamedTuple):
-    """What check_node needs of an op's ONNX schema, read out once per op and opset."""
-
-    min_inputs: int
-    max_inputs: int
-    required: tuple[tuple[int, str], ...]        # (position, name) of single (not optional) inputs
-    required_attrs: tuple[str, ...]
-    typed_attrs: dict[str, int]                  # graph/tensor attributes: their AttributeProto type
-
-
-def schema_of(op_type: str, opset: int, domain: str) -> Rules | None:
+def schema_of(op_type: str, opset: int, domain: str) -> Schema | None:
     """The rules of the op's ONNX schema at the model's opset, or None (contrib and custom ops have none here)."""
-    import onnx.defs
-    from onnx.defs import OpSchema
-    try:
-        schema = onnx.defs.get_schema(op_type, opset, domain)
-    except Exception:
-        return None
-    single = OpSchema.FormalParameterOption.Single
-    structural = {OpSchema.AttrType.GRAPH, OpSchema.AttrType.GRAPHS, OpSchema.AttrType.TENSOR,
-                  OpSchema.AttrType.SPARSE_TENSOR}
-    attrs = schema.attributes
-    return Rules(schema.min_input, schema.max_input,
-                 tuple((i, p.name) for i, p in enumerate(schema.inputs) if p.option == single),
-                 tuple(n for n, a in attrs.items() if a.required),
-                 {n: int(a.type) for n, a in attrs.items() if a.type in structural})
+    return schemas.get(op_type, opset, domain)
 
 
-def check_node(node: Node, rules: Rules, opset: int) -> None:
+def check_node(node: Node, rules: Schema, opset: int) -> None:
     """Refuse a node whose inputs or graph/tensor attributes break the op's ONNX schema, naming what is
     wrong (before a converter trips over it)."""
     n = len(node.proto.input)
@@ -172,9 +142,10 @@ def _where(node: Node, opset: int) -> str:
     return f"Node {node.name!r} ({node.op_type}, opset {opset})"
 
 
+# AttributeProto.AttributeType's names, by value
+ATTRIBUTE_TYPES = ("UNDEFINED", "FLOAT", "INT", "STRING", "TENSOR", "GRAPH", "FLOATS", "INTS", "STRINGS", "TENSORS",
+                   "GRAPHS", "SPARSE_TENSOR", "SPARSE_TENSORS", "TYPE_PROTO", "TYPE_PROTOS")
+
+
 def _attr_type(t) -> str:
-    from onnx import AttributeProto
-    try:
-        return AttributeProto.AttributeType.Name(int(t))
-    except ValueError:
-        return str(int(t))
+    return ATTRIBUTE_TYPES[int(t)] if 0 <= int(t) < len(ATTRIBUTE_TYPES) else str(int(t))

@@ -60,12 +60,11 @@ def linear_attention(ctx, node):
 def _inline_graph(ctx, graph, inputs: list) -> list:
     """Convert a GraphProto's nodes into the current network with its inputs bound to ``inputs``
     (FlexAttention's score/prob modifiers are functions of one tensor, not control flow)."""
-    from onnx import numpy_helper
-
     from kiln.onnx.parser import ConvertContext, Node, _convert_node
+    from kiln.onnx.validate import tensor_value
     values = {vi.name: t for vi, t in zip(graph.input, inputs)}
     for init in graph.initializer:
-        values[init.name] = ctx.const(numpy_helper.to_array(init))
+        values[init.name] = ctx.const(tensor_value(init, f"Initializer {init.name!r}"))
     sub = ConvertContext(ctx.net, ctx.opsets, values, parent=ctx)
     sub.counter = 1000 * (ctx.counter + 1)
     for proto in graph.node:
