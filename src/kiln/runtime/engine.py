@@ -152,7 +152,7 @@ class ExecutionContext:
 
     def __init__(self, engine: Engine, cuda_graph: bool | None = None, threads: int | None = None,
                  graph_cache: int | None = None) -> None:
-        from kiln.kernels.cpu_threads import check_threads
+        from kiln.kernels.cpu_threads import check_threads, default_threads, use_threads
         from kiln.plugins import registry
         from kiln.runtime.buckets import BucketTable
         from kiln.runtime.graphs import graph_cache_size
@@ -165,6 +165,14 @@ class ExecutionContext:
         weights = engine._weights_on_device()
         self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
         self._inputs = {t["name"]: t for t in engine.inputs}
+        self._input_names = list(self._inputs)
+        self._out_names = [t["name"] for t in engine.outputs]
+        self._dtypes: dict[str, torch.dtype] = {}         # each input's torch dtype, found at its first check
+        self._ranges = {n: [(p[n]["min"], p[n]["max"]) for p in engine.profiles if n in p] for n in self._inputs}
+        self._sets_threads = engine.device == "cpu" or self.threads is not None
+        self._default_threads, self._apply_threads = default_threads, use_threads
+        self._no_grad = torch.inference_mode()          # entered by one run at a time (under the lock)
+        self._device = torch.device(engine.device)
         self.buckets = BucketTable(engine.header, list(self._inputs)) if "buckets" in engine.header else None
         self._weight_ptrs = {t.untyped_storage().data_ptr() for t in self.program.constants.values()}
         if cuda_graph is None:
@@ -208,13 +216,15 @@ class ExecutionContext:
 
     def _use_threads(self) -> None:
         """CPU engines (and any context given ``threads``) run on their thread count."""
-        if self.engine.device == "cpu" or self.threads is not None:
-            from kiln.kernels.cpu_threads import default_threads, use_threads
-            use_threads(self.threads or default_threads())
+        if self._sets_threads:
+            self._apply_threads(self.threads or self._default_threads())
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         spec = self._inputs[name]
-        if t.dtype != torch_dtype(spec["dtype"]):
+        want = self._dtypes.get(name)
+        if want is None:
+            want = self._dtypes[name] = torch_dtype(spec["dtype"])
+        if t.dtype != want:
             raise ShapeError(f"Input {name!r} must be {spec['dtype']}, got {str(t.dtype).replace('torch.', '')}; "
                              f"convert it first (e.g. x.astype(np.{spec['dtype']})).")
         dims = spec["shape"]
@@ -224,12 +234,12 @@ class ExecutionContext:
             for i, d in enumerate(dims):
                 if isinstance(d, int) and t.shape[i] != d:
                     raise ShapeError(f"Input {name!r} must have {d} at dim {i} (shape {dims}), got {tuple(t.shape)}.")
-        profiles = [p for p in self.engine.profiles if name in p]
-        if profiles and not any(all(lo <= s <= hi for lo, s, hi in zip(p[name]["min"], t.shape, p[name]["max"]))
-                                for p in profiles):
-            ranges = "; ".join(f"profile {i}: min {tuple(p[name]['min'])} max {tuple(p[name]['max'])}"
-                               for i, p in enumerate(profiles))
-            raise ShapeError(f"Input {name!r} shape {tuple(t.shape)} is outside every optimization profile ({ranges}); "
+        ranges = self._ranges[name]
+        if ranges and not any(all(lo <= s <= hi for lo, s, hi in zip(low, t.shape, high)) for low, high in ranges):
+            profiles = [p for p in self.engine.profiles if name in p]
+            text = "; ".join(f"profile {i}: min {tuple(p[name]['min'])} max {tuple(p[name]['max'])}"
+                             for i, p in enumerate(profiles))
+            raise ShapeError(f"Input {name!r} shape {tuple(t.shape)} is outside every optimization profile ({text}); "
                              f"rebuild with a wider range (--min-shapes/--max-shapes).")
 
     def execute(self, tensors: list[torch.Tensor], copy: bool = False) -> list[torch.Tensor]:
@@ -237,7 +247,7 @@ class ExecutionContext:
         (and, under CUDA-graph replay, are the context's static buffers: copy them before the next run).
         Passing the same input tensors again (refilled in place) binds them: the graph then reads them
         where they are instead of copying them in (runtime/graphs.py)."""
-        with self._lock, torch.inference_mode():
+        with self._lock, self._no_grad:
             self._prepare(tensors)
             if self.engine.device == "cuda":
                 prec = self.engine.precision
@@ -333,8 +343,8 @@ class ExecutionContext:
                              f"{[{n: (tuple(r['min']), tuple(r['max'])) for n, r in p.items()} for p in profiles]}).")
 
     def run(self, feeds: Mapping[str, Any] | Sequence[Any], outputs: Sequence[str] | None = None) -> dict[str, Any]:
-        names = [t["name"] for t in self.engine.inputs]
-        if not isinstance(feeds, Mapping):
+        names = self._input_names
+        if type(feeds) is not dict and not isinstance(feeds, Mapping):
             feeds = dict(zip(names, feeds))
         unknown = [k for k in feeds if k not in self._inputs]
         if unknown:
@@ -343,7 +353,7 @@ class ExecutionContext:
         if missing:
             raise KilnError(f"Input {missing[0]!r} is missing; this engine needs {names}.")
         as_numpy = True
-        device = torch.device(self.engine.device if self.engine.device != "cuda" else "cuda")
+        device = self._device
         out_device = None
         tensors = []
         for n in names:
@@ -360,7 +370,7 @@ class ExecutionContext:
                 arr = np.asarray(v) if isinstance(v, np.ndarray) else _typed_array(v, self._inputs[n]["dtype"])
                 if arr.dtype == object or arr.dtype.kind in "US":
                     raise ShapeError(f"Input {n!r} holds strings; Kiln engines take numeric tensors only.")
-                t = _np_to_torch(np.require(arr, requirements="C"))   # keeps 0-d arrays 0-d
+                t = _host_tensor(arr)   # keeps 0-d arrays 0-d
             elif hasattr(v, "__dlpack__"):
                 as_numpy = False
                 t = torch.from_dlpack(v)
@@ -373,7 +383,7 @@ class ExecutionContext:
                 t = t.to(device, non_blocking=False)
             tensors.append(t)
         self._check_one_profile(dict(zip(names, tensors)))
-        out_names = [t["name"] for t in self.engine.outputs]
+        out_names = self._out_names
         want = list(outputs) if outputs is not None else out_names
         wrong = [n for n in want if n not in out_names]
         if wrong:
@@ -381,17 +391,19 @@ class ExecutionContext:
         results = self.execute(tensors, copy=True)
         # an output that is an input or a weight (pass-through, view, folded constant) is returned as a copy:
         # writing to it must not change the caller's input or the engine's later results
-        shared = self._weight_ptrs | {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        given = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
         res = {}
         for n, v in zip(out_names, results):
             if n not in want:
                 continue
-            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() in shared:
-                v = v.clone()
+            if isinstance(v, torch.Tensor):
+                ptr = v.untyped_storage().data_ptr()
+                if ptr in given or ptr in self._weight_ptrs:
+                    v = v.clone()
             if not isinstance(v, torch.Tensor):      # a sequence (list) or an empty optional (None)
                 res[n] = _container_out(v, as_numpy, out_device)
             elif as_numpy:
-                res[n] = _torch_to_np(v)
+                res[n] = _host_array(v)
             else:
                 res[n] = v.to(out_device) if out_device is not None and v.device != out_device else v
         return res
@@ -399,6 +411,27 @@ class ExecutionContext:
     __call__ = run
 
 
+# numpy and torch dtypes that torch.from_numpy / Tensor.numpy map one to one
+_PLAIN_NP = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int64, np.int32, np.int16,
+                                            np.int8, np.uint8, np.bool_))
+_PLAIN_TORCH = frozenset((torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
+                          torch.int8, torch.uint8, torch.bool))
+
+
+def _host_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A numpy input as a C-ordered tensor: the array itself where torch can share it (a plain dtype, C-ordered,
+    writeable), else through kiln.ir.dtypes.from_numpy."""
+    if arr.dtype in _PLAIN_NP and arr.flags.c_contiguous and arr.flags.writeable:
+        return torch.from_numpy(arr)
+    return _np_to_torch(np.require(arr, requirements="C"))
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """An output as numpy: shared where it is a contiguous host tensor of a plain dtype, else through
+    kiln.ir.dtypes.to_numpy."""
+    if t.dtype in _PLAIN_TORCH and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t.numpy()
+    return _torch_to_np(t)
 
 
 def _holds_torch(v: Any) -> bool:
