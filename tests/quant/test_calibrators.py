@@ -33,7 +33,9 @@ def test_percentile_vs_numpy(dist, pct):
 
 
 def _entropy_reference(counts: np.ndarray, edges: np.ndarray, levels: int) -> float:
-    """TensorRT's entropy calibration, written as plainly as possible: loops over candidates and bins."""
+    """TensorRT's entropy calibration, written as plainly as possible: loops over candidates and bins (bin 0 counted
+    as bin 1, as pytorch-quantization's _compute_amax_entropy does)."""
+    counts = np.concatenate([counts[1:2], counts[1:]])
     n = len(counts)
     best, best_kl = None, None
     for i in range(levels, n + 1):
@@ -79,6 +81,16 @@ def test_entropy_properties():
     h = Histogram(100.0)
     h.add(RNG.uniform(0, 3, 1000))                   # every value in the first 62 of 2048 bins
     assert entropy_amax(h) == pytest.approx(h.edges[np.flatnonzero(h.counts)[-1] + 1])
+
+
+def test_entropy_keeps_the_range_of_relu_outputs():
+    """A ReLU's output, mostly exact zeros: the zeros do not pull the threshold down into the nonzero values (it
+    fell to 0.27 of a range of 4.3 when the zero bin counted in full)."""
+    for zeros in (0.5, 0.9):
+        x = np.where(RNG.random(200_000) < zeros, 0.0, np.abs(RNG.standard_normal(200_000)))
+        h = Histogram(x.max())
+        h.add(x)
+        assert entropy_amax(h) > np.percentile(x[x > 0], 99), zeros
 
 
 def test_max_calibration_on_a_network():

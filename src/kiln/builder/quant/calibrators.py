@@ -54,9 +54,13 @@ def entropy_amax(hist: Histogram, levels: int = 128) -> float:
     """TensorRT's entropy calibration: for each candidate threshold i (in bins, from ``levels`` up), P is the
     histogram cut at i with the cut-off counts added to its last bin, Q is P's first i bins merged into
     ``levels`` groups and spread back evenly over each group's nonzero bins; the threshold is the upper edge of
-    the i that minimizes KL(P || Q)."""
+    the i that minimizes KL(P || Q). Bin 0 is given bin 1's count first, as NVIDIA's pytorch-quantization does:
+    the exact zeros of a ReLU's output (often most of its values) would otherwise rule the search and clip the
+    nonzero values to a sliver of their range."""
     counts = hist.counts.astype(np.float64)
     n = len(counts)
+    if n > 1:
+        counts[0] = counts[1]
     if counts.sum() == 0 or hist.amax <= 0:
         return 0.0
     nonzero = np.flatnonzero(counts)
