@@ -19,6 +19,10 @@ from kiln.ir.verify import fmt_bytes, host_memory, nbytes
 from kiln.passes.constant_fold import predicted_elements
 
 
+# Sizes up to this many bytes fit on any machine that runs Kiln: the checks ask the device only above it.
+DEVICE_QUERY_BYTES = 1 << 30
+
+
 def available(device: str) -> int:
     """Bytes free on ``device`` ("cpu" or "cuda") for this build's engine."""
     if device == "cuda" and torch.cuda.is_available():
@@ -55,7 +59,7 @@ def check_inputs(net: Network, shapes: dict[str, tuple[int, ...]], device: str) 
         if dims is None or t.dtype.startswith(("sequence(", "optional(")):
             continue
         size = nbytes(dims, _itemsize(t.dtype))
-        if size <= (1 << 30):
+        if size <= DEVICE_QUERY_BYTES:
             continue
         free = available(device) if free is None else free
         if size > free:
@@ -107,7 +111,7 @@ def check_fits(net: Network, shapes: dict[str, tuple[int, ...]], device: str, we
     cannot fit in the memory ``device`` has free."""
     act = activations(net, shapes)
     need = act.peak + (weights if device == "cuda" else 0)
-    if need <= (1 << 30):
+    if need <= DEVICE_QUERY_BYTES:
         return act.peak            # no machine that runs Kiln lacks a gigabyte: skip asking the device
     free = available(device)
     if need > free:
@@ -131,7 +135,7 @@ def check_host_output(layer: Layer, args: list) -> None:
     if n is None:
         return
     size = n * _itemsize(layer.outputs[0].dtype if layer.outputs else "float32")
-    if size <= (1 << 30):
+    if size <= DEVICE_QUERY_BYTES:
         return
     free = host_memory()
     if size > free:

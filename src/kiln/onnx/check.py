@@ -66,16 +66,65 @@ def check(model: Any, plugins: Sequence[str] = (), limits: bool = False, fallbac
 def build_problems(proto, plugins: Sequence[str] = (), shapes: Any = None, fallback: str | None = None,
                    device: str | None = "cpu") -> list[dict[str, Any]]:
     """What ``kiln build`` would refuse on this model at ``shapes``, found by running the build up to
-    tactic timing: one finding naming the node where the refusal names one."""
-    from kiln.builder.build import prepare
-    from kiln.builder.config import BuildConfig
+    tactic timing: one finding naming the node where the refusal names one. A network that
+    ``_nothing_to_refuse`` clears is not run through the build (nor torch imported)."""
     from kiln.errors import KilnError
     from kiln.onnx.parser import parse
     try:
-        prepare(parse(proto, plugins=plugins), BuildConfig(device=device, profiles=shapes, fallback=fallback))
+        net = parse(proto, plugins=plugins)
+        if shapes is None and fallback is None and device in (None, "cpu") and _nothing_to_refuse(net):
+            return []
+        from kiln.builder.build import prepare
+        from kiln.builder.config import BuildConfig
+        prepare(net, BuildConfig(device=device, profiles=shapes, fallback=fallback))
     except KilnError as exc:
         return [_build_finding(proto, exc)]
     return []
+
+
+_NO_REFUSAL_BYTES = 1 << 30      # kiln.builder.memory.DEVICE_QUERY_BYTES (importing the builder imports torch)
+
+
+def _nothing_to_refuse(net) -> bool:
+    """Whether ``kiln.builder.build.prepare`` provably refuses nothing on ``net`` at its own static input
+    shapes on the CPU (or a GPU): every layer keeps its first input's shape or broadcasts its inputs,
+    so there is no padding to resolve, no output sized by values and no subgraph, and all tensors
+    together, at 16 bytes an element, stay under the size above which the build asks the device for
+    memory. A kind's shape rule is kiln.passes.symbolic's SAME_SHAPE list, Identity's y = x, and
+    ElementWise's broadcasting. Verification, which needs no shapes, runs here as in the build."""
+    import math
+
+    import numpy as np
+
+    from kiln.ir.network import subgraphs
+    from kiln.ir.verify import verify
+    from kiln.passes.symbolic import SAME_SHAPE
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in net.inputs:
+        if t.shape is None or not all(isinstance(d, int) for d in t.shape):
+            return False
+        shapes[t.name] = tuple(t.shape)
+    for t in net.constants():
+        shapes[t.name] = tuple(t.value.shape)
+    for layer in net.layers:
+        ins = [shapes.get(t.name) for t in layer.inputs if t is not None]
+        if not ins or None in ins or "auto_pad" in layer.attrs or any(subgraphs(layer)):
+            return False
+        if layer.kind in SAME_SHAPE or layer.kind == "Identity":
+            out = ins[0]
+        elif layer.kind == "ElementWise":
+            try:
+                out = tuple(np.broadcast_shapes(*ins))
+            except ValueError:
+                return False
+        else:
+            return False
+        for o in layer.outputs:
+            shapes[o.name] = out
+    if sum(math.prod(s) for s in shapes.values()) * 16 > _NO_REFUSAL_BYTES:
+        return False
+    verify(net)
+    return True
 
 
 def _build_finding(proto, exc: Exception) -> dict[str, Any]:
