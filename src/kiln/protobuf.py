@@ -1,4 +1,5 @@
-"""A minimal protobuf reader shared by the protobuf-based model formats.
+"""A minimal protobuf reader shared by the protobuf-based model formats (the viewer's readers, and
+``kiln.onnx``, which reads ONNX files with it instead of importing onnx).
 
 Readers describe only the messages they need, by field number, from each
 format's published ``.proto`` schema; nothing here depends on generated

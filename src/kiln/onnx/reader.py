@@ -46,6 +46,8 @@ class Proto:
         self._type = type_name
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):            # not a field (copy and pickle probe dunder names on bare instances)
+            raise AttributeError(name)
         kind = _KINDS[self._type].get(name)
         if kind is None:
             raise AttributeError(f"{self._type} has no field {name!r}")
