@@ -159,6 +159,7 @@ class Program:
             steps[j].fn, steps[j].tactic = fn, tac
         self._concat_buffers = self._variants[v][1]
         self._variant = v
+        self._slot_plan = None
 
     def _step(self, layer: dict, weights, device: str, plugin_factory, tensors: dict, moved: dict) -> Step:
         kind = layer["kind"]
@@ -226,7 +227,7 @@ class Program:
                 return dev
         raise RuntimeError(f"a host value of shape {tuple(v.shape)} changed between warm-up and capture")
 
-    _slot_plan = None       # a CPU program's SlotPlan, made at its first run
+    _slot_plan = None       # a CPU program's SlotPlan, made at its first run (again after select())
 
     def output_dtype(self, index: int) -> torch.dtype:
         return torch_dtype(self._out_dtypes[index])

@@ -2,9 +2,10 @@
 
 Every value a program touches (its inputs, the outer values a subgraph body reads, its constants and
 each step's outputs) has one index into a list. Constant inputs sit in a template list, placed once; a
-run copies the template, puts the inputs in, and calls each step's function (read from the step, as
-``Program.select`` may swap it) on arguments fetched by precomputed indices (``operator.itemgetter``).
-A value is dropped, by index, after its last reader, as ``Program`` plans it. A CPU program needs no
+run copies the template, puts the inputs in, and calls each step's function on arguments fetched by
+precomputed indices. The plan holds the functions the steps had when it was
+made (``Program.select`` makes a new one). A value is dropped, by index, after its last reader, as
+``Program`` plans it. A CPU program needs no
 device moves and no concatenation buffers, so nothing is checked per step; a subgraph body (Loop, If,
 Scan) keeps its plan across iterations and runs.
 """
@@ -62,11 +63,12 @@ class SlotPlan:
                     ins.append(named(n))
             outs = tuple(named(n) for n in step.outs)
             known.update(step.outs)
-            get: Callable[[list], tuple] | None
-            get = _no_args if not ins else None if len(ins) == 1 else itemgetter(*ins)
-            one = ins[0] if len(ins) == 1 else _NONE
+            n_in = len(ins)
+            get: Callable[[list], tuple] = _no_args if not ins else itemgetter(*ins) if n_in > 1 else \
+                (lambda slots, i=ins[0]: (slots[i],))
+            a, b = (ins + [_NONE, _NONE])[:2]
             frees = tuple(index[n] for n in step.frees if n in index)
-            steps.append((step, get, one, outs[0] if len(outs) == 1 else -1, outs, frees))
+            steps.append((step.fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step))
         for n in program.outputs:
             if n not in known and n not in program.constants:
                 outer[n] = named(n)
@@ -90,11 +92,15 @@ class SlotPlan:
                                         f"kiln build.") from None
         for i, v in zip(self.input_slots, inputs):
             slots[i] = v
-        current = None
+        step = get = None
         try:
-            for current in self.steps:
-                step, get, one, out, outs, frees = current
-                r = step.fn(slots[one]) if get is None else step.fn(*get(slots))
+            for fn, n_in, a, b, get, out, outs, frees, step in self.steps:
+                if n_in == 1:
+                    r = fn(slots[a])
+                elif n_in == 2:
+                    r = fn(slots[a], slots[b])
+                else:
+                    r = fn(*get(slots))
                 if out >= 0:
                     slots[out] = r[0]
                 else:
@@ -103,11 +109,9 @@ class SlotPlan:
                 for i in frees:
                     slots[i] = None
         except (ShapeError, RuntimeError, IndexError, ValueError) as exc:
-            if isinstance(exc, ShapeError) or current is None:
+            if isinstance(exc, ShapeError) or step is None:
                 raise
             from kiln.runtime.program import layer_failure
-            step, get, one = current[:3]
-            args = [slots[one]] if get is None else list(get(slots))
-            raise layer_failure(step, args, exc) from exc
+            raise layer_failure(step, list(get(slots)), exc) from exc
         got = self.output_getter(slots)
         return [got] if self.n_outputs == 1 else list(got)
