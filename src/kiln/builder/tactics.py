@@ -131,6 +131,8 @@ def at_level(cands: list, level: int) -> list:
 # A point of a range profile runs another tactic than the layer's own (the default point's) only when
 # that one is at least this much faster there.
 SWITCH_MARGIN = 1.05
+# Candidates within this factor of the fastest count as tied; the first registered of them wins.
+TIE_MARGIN = 1.02
 
 
 class Selection(NamedTuple):
@@ -179,8 +181,7 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
     inf = float("inf")
     for layer, cands in timed:
         per_point = measured[id(layer)]
-        names = [min(cands, key=lambda c: t.get(c.name, inf)).name if min(t.values(), default=inf) < inf else None
-                 for t in per_point]
+        names = [_fastest(cands, t) for t in per_point]
         if layer.kind == "Plugin":
             if names[default] is not None:
                 layer.attrs["plugin_tactic"] = names[default]      # the plugin's own implementation choice
@@ -194,6 +195,15 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
             chosen[id(layer)] = own
             by_point[id(layer)] = names
     return Selection(chosen, by_point)
+
+
+def _fastest(cands: list, times: dict[str, float]) -> str | None:
+    """The first candidate (in registration order) within TIE_MARGIN of the fastest time, so that two tactics
+    of equal speed do not trade places from build to build on timing noise; None when none was timed."""
+    best = min(times.values(), default=float("inf"))
+    if best == float("inf"):
+        return None
+    return next(c.name for c in cands if times.get(c.name, float("inf")) <= TIE_MARGIN * best)
 
 
 _CODES = {torch.int8: (-128, 128), torch.uint8: (0, 256)}      # integer activations tactics are timed on
