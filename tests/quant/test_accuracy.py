@@ -237,6 +237,18 @@ def test_cli_compare_per_layer_ranks_the_sensitive_layer_first(files, independen
         want_others = independent[frozenset(LAYERS) - {name}]["rel_l2"]
         assert math.isclose(float(alone), want_alone, rel_tol=0.05), (name, alone, want_alone)
         assert math.isclose(float(others), want_others, rel_tol=0.05), (name, others, want_others)
+    # the same numbers as a kiln view --errors report: the layers of the model coloured by their error alone
+    from kiln.viewer import accuracy, documents
+    assert f"--errors e.sensitivity.json" in r.stdout
+    report = accuracy.read_errors(files / "e.sensitivity.json")
+    assert report["metric"] == "sensitivity" and report["sensitivity_of"] == "rel_l2"
+    alone = {row[0]: float(row[2]) for row in rows}
+    assert {rec["node"]: rec["sensitivity"] for rec in report["tensors"]} == pytest.approx(alone, rel=1e-3)
+    doc = documents.build_document(str(files / "mlp.onnx"), errors=str(files / "e.sensitivity.json"))
+    nodes = {n.get("name"): n for n in doc.panes[0].data["nodes"]}
+    shown = {name: nodes[name]["err"]["value"] for name in LAYERS}
+    assert shown == pytest.approx(alone, rel=1e-3)
+    assert nodes["fc2"]["err"]["t"] == max(nodes[name]["err"]["t"] for name in LAYERS)
 
 
 @pytest.mark.parametrize("metric", ["rel_l2", "top1_agree"])

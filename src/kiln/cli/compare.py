@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any
@@ -53,6 +54,8 @@ class Compare(Tool):
         errors_out = args.save_errors or os.path.splitext(os.path.basename(args.model))[0] + ".errors.json"
         if per_layer:
             check_output_file(errors_out, "--save-errors", keep=[args.model])
+            if Quantize.config(args):
+                check_output_file(sensitivity_path(errors_out), "--save-errors", keep=[args.model])
         if args.reduce and args.reduce_output:
             check_output_file(args.reduce_output, "--reduce-output", keep=[args.model])
         Plugins.load(args)
@@ -60,9 +63,10 @@ class Compare(Tool):
         progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
         engine = args.engine
         quant = Quantize.config(args)
-        sensitivity = None
+        sensitivity = sens_errors = None
         if quant:
-            engine, inputs, sensitivity = quantized_engine(args, precision, inputs, shapes, quant, per_layer)
+            engine, inputs, sensitivity, sens_errors = quantized_engine(args, precision, inputs, shapes, quant,
+                                                                       per_layer)
             args.atol = QUANT_TOL if args.atol is None else args.atol
             args.rtol = QUANT_TOL if args.rtol is None else args.rtol
         result = compare(args.model, precision=precision, device=args.device, engine=engine, inputs=inputs,
@@ -85,6 +89,12 @@ class Compare(Tool):
             result.save_errors(errors_out)
             print(f"wrote per-layer errors to {errors_out}; see them on the graph: kiln view {quote(args.model)} "
                   f"--errors {quote(errors_out)}")
+        if sens_errors is not None:
+            sens_out = sensitivity_path(errors_out)
+            with open(sens_out, "w") as f:
+                json.dump(sens_errors, f, indent=1)
+            print(f"wrote each quantized layer's error alone to {sens_out}; see them on the graph: kiln view "
+                  f"{quote(args.model)} --errors {quote(sens_out)}")
         if result.reduced is not None:
             print("reproduce: " + reproduce_command(args, result))
         return 0 if result.passed else 1
@@ -93,11 +103,18 @@ class Compare(Tool):
 QUANT_TOL = 5e-2     # default atol and rtol against the FP32 reference for --int8/--fp8
 
 
+def sensitivity_path(errors_out: str) -> str:
+    """Where --per-layer writes the sensitivity report beside the per-tensor errors file."""
+    stem = errors_out[:-len(".errors.json")] if errors_out.endswith(".errors.json") else os.path.splitext(errors_out)[0]
+    return stem + ".sensitivity.json"
+
+
 def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, shapes: dict, quant: dict,
-                     per_layer: bool = False) -> tuple[Any, dict, str | None]:
-    """The --int8/--fp8 engine of args.model, built for the inputs the comparison feeds (returned with it), and
-    the text to print after the comparison: with ``per_layer`` each quantized layer's error on the calibration
-    data, with --accuracy what the search kept."""
+                     per_layer: bool = False) -> tuple[Any, dict, str | None, dict | None]:
+    """The --int8/--fp8 engine of args.model, built for the inputs the comparison feeds (returned with it), the
+    text to print after the comparison (with ``per_layer`` each quantized layer's error on the calibration
+    data, with --accuracy what the search kept) and, with ``per_layer``, that per-layer error as a
+    ``kiln view --errors`` report."""
     from kiln.errors import KilnError
     if args.engine:
         raise KilnError("--engine is compared as it was built; drop --int8/--fp8 (or --engine to build one here).")
@@ -116,21 +133,24 @@ def quantized_engine(args: argparse.Namespace, precision: str, inputs: dict, sha
                               profiles=profiles, **quant)
     network = kiln.onnx.parse(proto)
     from kiln.builder.quant import evaluator, plan, quantize
-    from kiln.builder.quant.accuracy import parse_target, samples, sensitivity, sensitivity_report
+    from kiln.builder.quant.accuracy import (parse_target, samples, sensitivity, sensitivity_errors,
+                                             sensitivity_report)
     from kiln.engine.quant_record import accuracy_text
     planned = plan(network, config, need_batches=per_layer or bool(config.accuracy))
     lines = []
+    report = None
     if per_layer:
         metric = parse_target(config.accuracy).metric if config.accuracy else "rel_l2"
-        lines.append(sensitivity_report(sensitivity(evaluator(network, planned, config), planned.layers, metric,
-                                                    alone=True), metric, config.quantize, samples(planned.batches)))
+        sens = sensitivity(evaluator(network, planned, config), planned.layers, metric, alone=True)
+        lines.append(sensitivity_report(sens, metric, config.quantize, samples(planned.batches)))
+        report = sensitivity_errors(sens, metric, config.quantize, args.model, samples(planned.batches))
     qnet = quantize(network, config, planned=planned)
     if config.accuracy:
         lines.append(accuracy_text(qnet.metadata["quantization"]["accuracy"], precision))
     low = precision in ("fp16", "bf16")
     engine = kiln.build(qnet, kiln.BuildConfig(precision=precision, device=args.device, profiles=profiles,
                                                fp32_layers=(args.fp32_layers or ()) if low else ()))
-    return engine, feeds, "\n".join(lines) or None
+    return engine, feeds, "\n".join(lines) or None, report
 
 
 def reproduce_command(args: argparse.Namespace, result: Any) -> str:

@@ -203,6 +203,22 @@ def sensitivity_report(sens: Sequence[Sensitivity], metric: str, mode: str, samp
     return "\n".join(lines)
 
 
+def sensitivity_errors(sens: Sequence[Sensitivity], metric: str, mode: str, model: str, samples: int) -> dict:
+    """The per-layer sensitivity as a ``kiln view --errors`` report (kiln.viewer.accuracy's format): one record
+    per quantized layer, by node name, valued by its error alone (``sensitivity``) under ``metric``; an
+    agreement metric (higher is better) is shown as its shortfall, 1 - agreement, so red is always worse."""
+    lower_better = METRICS[metric] == "<="
+
+    def shown(v: float | None) -> float | None:
+        if v is None or lower_better:
+            return v
+        return 1.0 - v
+    return {"format": "kiln-compare-errors", "version": 1, "model": model, "metric": "sensitivity",
+            "sensitivity_of": metric if lower_better else f"1 - {metric}", "quantize": mode, "samples": samples,
+            "tensors": [{"node": s.layer, "op": f"{mode} layer", "sensitivity": shown(s.alone),
+                         "others": shown(s.without)} for s in sens]}
+
+
 def _num(v: float | None) -> str:
     return "-" if v is None else "inf" if v == math.inf else f"{v:.3e}"
 
