@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import kiln.onnx
 from kiln.errors import ParseError
-from kiln.ir.network import Network
 from kiln.onnx import proto as P
 from kiln.onnx import reader, schemas
 from kiln.onnx.validate import ATTRIBUTE_TYPES
+from _networks import network_signature
 
 
 def _descriptor(name: str):
@@ -148,24 +148,6 @@ def test_an_opset_newer_than_the_table_reads_onnx_defs(monkeypatch):
     assert schemas.get("Relu", newest).since == onnx.defs.get_schema("Relu", newest).since_version
 
 
-def _signature(net: Network) -> list:
-    """Everything a parse decides, comparable across two parses of one model."""
-    def value(v):
-        if isinstance(v, Network):
-            return _signature(v)
-        if isinstance(v, np.ndarray):
-            return (v.dtype.str, v.shape, v.tolist() if v.dtype == object else v.tobytes())
-        if isinstance(v, (list, tuple)):
-            return [value(x) for x in v]
-        return repr(v)
-    out: list = [("in", t.name, t.dtype, t.shape) for t in net.inputs]
-    out += [("const", t.name, t.dtype, value(t.value)) for t in net.constants()]
-    out += [(layer.name, layer.kind, [t.name if t is not None else None for t in layer.inputs],
-             [(o.name, o.dtype, o.shape) for o in layer.outputs], sorted((k, value(v)) for k, v in layer.attrs.items()),
-             layer.origin) for layer in net.layers]
-    return out + [("out", t.name, t.dtype, t.shape) for t in net.outputs]
-
-
 def _model() -> onnx.ModelProto:
     """Attributes of every kind the parser reads (float, int, string, tensor, graph, lists, sparse), bfloat16 and
     int4 values, a sparse initializer, an If with subgraphs, an Optional typed by its ``type`` attribute."""
@@ -210,8 +192,8 @@ def test_a_model_parses_as_through_onnx_load(tmp_path: Path):
     onnx.save(_model(), str(path))
     ours = kiln.onnx.parse(str(path))
     ref = kiln.onnx.parse(onnx.load(str(path)))
-    assert _signature(ours) == _signature(ref)
-    assert _signature(kiln.onnx.parse(path.read_bytes())) == _signature(ref)
+    assert network_signature(ours) == network_signature(ref)
+    assert network_signature(kiln.onnx.parse(path.read_bytes())) == network_signature(ref)
     assert {layer.kind for layer in ours.layers} >= {"If", "Activation", "Cast", "Resize"}
     assert ours.metadata == dict(ref.metadata, source=str(path))
 
