@@ -8,7 +8,9 @@ the CPU at optimization level 0 so that every node stays a layer. "bare torch" r
 in a plain Python loop; Kiln's overhead per layer is (Kiln's time per call - bare time per call) / N. The
 Loop is an ONNX Loop of T iterations whose body adds a constant and applies Relu; its overhead is per
 iteration against the same two torch calls. Corpus models (tests/corpus, fetched by
-scripts/fetch_corpus.py, or $KILN_CORPUS_DIR) give Kiln's and ONNX Runtime's time per call.
+scripts/fetch_corpus.py, or $KILN_CORPUS_DIR) give Kiln's and ONNX Runtime's time per call, and where
+Kiln's time goes: the median wall time inside the layers of each kind and tactic (``ctx.profile``;
+a subgraph body counts in its If/Loop layer).
 
 All at one thread. Times are CPU time of this process (``time.process_time``), per call, as the median
 (and the minimum) over ``--repeats`` repeats of ``--calls`` calls, so a busy machine inflates them less
@@ -177,7 +179,19 @@ def measure_corpus(name: str, calls: int, repeats: int) -> dict[str, Any]:
                       "onnxruntime": lambda: sess.run(None, feeds)}, calls, repeats)
     row = {k: _stats(v) for k, v in t.items()}
     row["layers"] = len(engine.layers)
+    row["inside_layers_us"] = _by_kind(ctx.profile(tensors, runs=max(5, calls)))
     return row
+
+
+def _by_kind(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Microseconds per run inside the layers of each (kind, tactic), largest first, and their total."""
+    total: dict[str, float] = {}
+    for r in rows:
+        key = f"{r['kind']}/{r['tactic']}"
+        total[key] = total.get(key, 0.0) + r["ms"] * 1e3
+    out = {k: round(v, 1) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
+    out["all layers"] = round(sum(total.values()), 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
