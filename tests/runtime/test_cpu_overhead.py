@@ -168,6 +168,13 @@ def test_a_value_nothing_defines_is_one_line_error() -> None:
     assert "'nowhere'" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_fewer_inputs_than_the_plan_takes_is_one_line_error() -> None:
+    program = Program(_plan([_relu("r", "b", "y")], ["a", "b"], ["y"]), {}, "cpu")
+    with pytest.raises(EngineFormatError) as err:
+        program.run_env({}, [torch.zeros(2)])
+    assert "takes 2 inputs" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_failing_layer_is_named_in_one_line() -> None:
     add = {"name": "the_add", "kind": "ElementWise", "inputs": ["a", "b"], "outputs": ["y"], "attrs": {"op": "sum"},
            "tactic": "torch"}

@@ -90,6 +90,9 @@ class SlotPlan:
                 raise EngineFormatError(f"The engine's plan reads value {str(exc.args[0])[:80]!r}, which no layer, "
                                         f"input or weight defines; the file is damaged. Rebuild it with "
                                         f"kiln build.") from None
+        if len(inputs) < len(self.input_slots):
+            raise EngineFormatError(f"The engine's plan takes {len(self.input_slots)} inputs here but was given "
+                                    f"{len(inputs)}; the file is damaged. Rebuild it with kiln build.")
         for i, v in zip(self.input_slots, inputs):
             slots[i] = v
         step = get = None
