@@ -1,4 +1,5 @@
-"""CLI tests run `kiln` as a user does (a subprocess) and check exit codes, stderr and the files left behind."""
+"""CLI tests run `kiln` as a user types it (in-process through kiln.cli.main; as a subprocess where start-up or
+a closed pipe is tested) and check exit codes, stderr and the files left behind."""
 from __future__ import annotations
 
 from pathlib import Path
