@@ -346,12 +346,13 @@ class ExecutionContext:
         names = self._input_names
         if type(feeds) is not dict and not isinstance(feeds, Mapping):
             feeds = dict(zip(names, feeds))
-        unknown = [k for k in feeds if k not in self._inputs]
-        if unknown:
-            raise KilnError(f"{unknown[0]!r} is not an input of this engine; its inputs are {names}.")
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise KilnError(f"Input {missing[0]!r} is missing; this engine needs {names}.")
+        if feeds.keys() != self._inputs.keys():
+            unknown = [k for k in feeds if k not in self._inputs]
+            if unknown:
+                raise KilnError(f"{unknown[0]!r} is not an input of this engine; its inputs are {names}.")
+            missing = [n for n in names if n not in feeds]
+            if missing:
+                raise KilnError(f"Input {missing[0]!r} is missing; this engine needs {names}.")
         as_numpy = True
         device = self._device
         out_device = None
@@ -382,12 +383,15 @@ class ExecutionContext:
             if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"):
                 t = t.to(device, non_blocking=False)
             tensors.append(t)
-        self._check_one_profile(dict(zip(names, tensors)))
+        if len(self.engine.profiles) > 1:
+            self._check_one_profile(dict(zip(names, tensors)))
         out_names = self._out_names
-        want = list(outputs) if outputs is not None else out_names
-        wrong = [n for n in want if n not in out_names]
-        if wrong:
-            raise KilnError(f"{wrong[0]!r} is not an output of this engine; its outputs are {out_names}.")
+        want = out_names
+        if outputs is not None:
+            want = list(outputs)
+            wrong = [n for n in want if n not in out_names]
+            if wrong:
+                raise KilnError(f"{wrong[0]!r} is not an output of this engine; its outputs are {out_names}.")
         results = self.execute(tensors, copy=True)
         # an output that is an input or a weight (pass-through, view, folded constant) is returned as a copy:
         # writing to it must not change the caller's input or the engine's later results
