@@ -226,3 +226,23 @@ def test_per_layer_overhead_is_small_against_the_layer_functions(tmp_path) -> No
     # per-step device checks took 1.6-1.8x. The whole (layer functions included) against bare torch calls: ~1.6x.
     assert r["kiln"] < 1.4, r
     assert r["kiln"] / r["bare"] < 3.0, r
+
+
+def test_numpy_inputs_of_any_layout_and_results_that_outlive_the_next_run(tmp_path) -> None:
+    """run() shares plain C-ordered writeable arrays with torch and converts the rest; its numpy outputs
+    share the output tensors' memory, so a later run must not change an earlier result."""
+    model = _bench().chain_model(6)
+    engine = _bench().build_cpu(model, tmp_path / "m.onnx")
+    ctx = engine.context(threads=1)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = engine.outputs[0]["name"]
+    strided = np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32)[:, ::2]
+    readonly = strided.copy() * 2
+    readonly.flags.writeable = False
+    layouts = {"c": strided.copy(), "strided": strided, "readonly": readonly, "big-endian": (-strided).astype(">f4")}
+    kept = {}
+    for name, x in layouts.items():
+        kept[name] = (ctx.run({"x": x})[out], x.copy())
+    for name, (got, x) in kept.items():
+        np.testing.assert_array_equal(got, sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0],
+                                      err_msg=name)

@@ -424,9 +424,11 @@ _PLAIN_TORCH = frozenset((torch.float32, torch.float64, torch.float16, torch.int
 
 def _host_tensor(arr: np.ndarray) -> torch.Tensor:
     """A numpy input as a C-ordered tensor: the array itself where torch can share it (a plain dtype, C-ordered,
-    writeable), else through kiln.ir.dtypes.from_numpy."""
+    writeable), else through kiln.ir.dtypes.from_numpy (in native byte order, which torch requires)."""
     if arr.dtype in _PLAIN_NP and arr.flags.c_contiguous and arr.flags.writeable:
         return torch.from_numpy(arr)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return _np_to_torch(np.require(arr, requirements="C"))
 
 
