@@ -273,7 +273,7 @@ class ExecutionContext:
         tensors = []
         for spec in self.engine.inputs:
             v = feeds[spec["name"]]
-            t = v if isinstance(v, torch.Tensor) else _np_to_torch(np.ascontiguousarray(np.asarray(v)))
+            t = v if isinstance(v, torch.Tensor) else _host_tensor(np.asarray(v))
             tensors.append(t.to(self.engine.device))
 
         def timer(step, thunk):
@@ -458,7 +458,7 @@ def _container_in(name: str, v: Any, kind: str, device: torch.device) -> Any:
         if not isinstance(v, (list, tuple)):
             raise KilnError(f"Input {name!r} is a {inner}; pass a list of arrays, got {type(v).__name__}.")
         return [_container_in(f"{name}[{i}]", x, element_type(inner), device) for i, x in enumerate(v)]
-    t = v if isinstance(v, torch.Tensor) else _np_to_torch(np.require(np.asarray(v), requirements="C"))
+    t = v if isinstance(v, torch.Tensor) else _host_tensor(np.asarray(v))
     return t.to(device) if t.device != device else t
 
 
