@@ -3,7 +3,8 @@
 ``Program`` is what the runtime executes. It is built from the plan an engine
 stores (layers with their chosen tactic) by calling each tactic's maker once.
 Values that die after a step are dropped at once, so peak memory follows
-liveness even without an arena.
+liveness even without an arena. A CPU program runs as a slot plan
+(kiln.runtime.slots): the same steps over list indices fixed when it is made.
 
 A range engine's layers may name a tactic per shape bucket (``bucket_tactics``).
 Every bucket's tactics are made when the program is built, so a run at a new
@@ -88,7 +89,8 @@ def _set_up(make, layer: Any) -> Step:
 def layer_failure(step: Step, args: list, exc: Exception) -> ShapeError:
     """The one-line error for a step whose function raised ``exc`` on ``args``."""
     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else a if a is None else type(a).__name__ for a in args]
-    return ShapeError(f"Layer {step.name!r} ({step.kind}) failed on inputs {shapes}: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+    why = (str(exc).splitlines() or [type(exc).__name__])[0]
+    return ShapeError(f"Layer {step.name!r} ({step.kind}) failed on inputs {shapes}: {why}")
 
 
 class Program:
