@@ -4,6 +4,7 @@ values dropped after their last reader, one-line errors, and Kiln's own per-laye
 the layer functions it calls (CPU time, so other load on the machine moves both sides alike)."""
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -246,3 +247,12 @@ def test_numpy_inputs_of_any_layout_and_results_that_outlive_the_next_run(tmp_pa
     for name, (got, x) in kept.items():
         np.testing.assert_array_equal(got, sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0],
                                       err_msg=name)
+
+
+def test_the_overhead_benchmark_runs(tmp_path) -> None:
+    out = tmp_path / "rows.json"
+    assert _bench().main(["--layers", "6", "--trips", "3", "--calls", "10", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows["chain"]["layers"] == 6 and rows["loop"]["trips"] == 3
+    for row in (rows["chain"], rows["loop"]):
+        assert row["execute"]["median_us"] > 0 and row["bare"]["median_us"] > 0
