@@ -77,7 +77,7 @@ EXTERNAL = 1                     # TensorProto.DataLocation
 
 # TensorProto.DataType: name, numpy dtype of the values as stored in raw_data (None: packed or not stored
 # that way), the typed field holding them otherwise, itemsize as onnx reports it.
-_DTYPES: dict[int, tuple[str, str | None, str, int]] = {
+DTYPES: dict[int, tuple[str, str | None, str, int]] = {
     1: ("float", "<f4", "float_data", 4), 2: ("uint8", "u1", "int32_data", 1), 3: ("int8", "i1", "int32_data", 1),
     4: ("uint16", "<u2", "int32_data", 2), 5: ("int16", "<i2", "int32_data", 2),
     6: ("int32", "<i4", "int32_data", 4), 7: ("int64", "<i8", "int64_data", 8),
@@ -109,12 +109,12 @@ def parse_shapes(data: bytes | memoryview) -> pb.Message:
 
 def dtype_name(elem_type: int) -> str:
     """The element type's name as ONNX spells it, lower case (``float``, ``bfloat16``)."""
-    entry = _DTYPES.get(elem_type)
+    entry = DTYPES.get(elem_type)
     return entry[0] if entry else "undefined" if elem_type == 0 else f"type {elem_type}"
 
 
 def itemsize(elem_type: int) -> int | None:
-    entry = _DTYPES.get(elem_type)
+    entry = DTYPES.get(elem_type)
     return entry[3] if entry else None
 
 
@@ -164,15 +164,15 @@ _FIELDS = {"float_data": ("float", "<f4"), "double_data": ("double", "<f8"), "in
 
 def _typed(t: pb.Message, elem: int) -> np.ndarray:
     """The stored values of a tensor without raw_data, from its typed field (codes and packed bytes undecoded)."""
-    field = _DTYPES[elem][2]
+    field = DTYPES[elem][2]
     if field == "string_data":
         return np.array([bytes(s).decode("utf-8", "backslashreplace") for s in t.all(field)], dtype=object)
     vals = pb.raw_array(t.all(field), *_FIELDS[field])
     if elem in (14, 15):
-        return vals.view(_DTYPES[elem][1])           # (real, imaginary) pairs
+        return vals.view(DTYPES[elem][1])           # (real, imaginary) pairs
     if elem in _PACKED_BITS:
         return vals.astype(np.uint8)                 # one byte of packed values per entry
-    return vals.astype(_CODES.get(elem, _DTYPES[elem][1]))
+    return vals.astype(_CODES.get(elem, DTYPES[elem][1]))
 
 
 def _decoded(codes: np.ndarray, elem: int) -> np.ndarray:
@@ -196,14 +196,14 @@ def _codes(t: pb.Message, raw: bytes | memoryview | None, signed: bool) -> np.nd
     elem = t.one("data_type", 0)
     if t.get("segment"):
         raise ViewerError(f"tensor {name!r} is stored in segments, which Kiln does not read.")
-    if elem not in _DTYPES or elem in (27, 28):
+    if elem not in DTYPES or elem in (27, 28):
         raise ViewerError(f"tensor {name!r} has element type {dtype_name(elem)}, whose values Kiln does not read.")
     dims = [int(d) for d in t.all("dims")]
     count = math.prod(dims)
     if raw is None and "raw_data" in t and elem != 8:
         raw = t.one("raw_data")
     if raw is not None:
-        store = np.dtype("u1" if elem in _PACKED_BITS else _CODES.get(elem, _DTYPES[elem][1]))
+        store = np.dtype("u1" if elem in _PACKED_BITS else _CODES.get(elem, DTYPES[elem][1]))
         if len(raw) % store.itemsize:
             raise ViewerError(f"tensor {name!r} has {len(raw)} bytes, not a whole number of "
                               f"{dtype_name(elem)} values; the file is damaged.")

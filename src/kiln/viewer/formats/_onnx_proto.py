@@ -2,4 +2,4 @@
 from __future__ import annotations
 
 from kiln.onnx.proto import *  # noqa: F401,F403
-from kiln.onnx.proto import _DTYPES  # noqa: F401
+from kiln.onnx.proto import DTYPES as _DTYPES  # noqa: F401  (the viewer's name for the element-type table)
