@@ -5,7 +5,7 @@ import os
 import subprocess
 
 import pytest
-from _cli import KILN
+from _kiln_cli import KILN
 
 
 def _into_closed_pipe(*args: object) -> subprocess.CompletedProcess:

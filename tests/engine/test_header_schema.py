@@ -10,14 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
+from _kiln_cli import run_cli
 
 import kiln
 import kiln.onnx
@@ -157,10 +156,6 @@ def test_json_too_deep_for_the_parser_is_refused_in_one_line(conv, tmp_path: Pat
     assert "nests deeper than" in msg, msg
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("case", CLI_CASES + ["json-too-deep"])
 def test_cli_refuses_forged_headers_with_one_line_and_exit_2(conv, tmp_path: Path, case: str) -> None:
     if case == "json-too-deep":
@@ -170,7 +165,7 @@ def test_cli_refuses_forged_headers_with_one_line_and_exit_2(conv, tmp_path: Pat
     else:
         bad = forge(conv[0], tmp_path / "bad.kiln", next(c[1] for c in CASES if c[0] == case))
     for cmd in (["run", str(bad)], ["inspect", str(bad)], ["bench", str(bad), "--iterations", "1"]):
-        proc = _cli(*cmd)
+        proc = run_cli(*cmd)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, (cmd, proc.stderr[-2000:])
         assert "damaged" in lines[0], lines[0]
@@ -340,7 +335,7 @@ def test_pointwise_program_is_checked_by_the_schema(tmp_path: Path) -> None:
     bad = forge(src, tmp_path / "bad.kiln", lambda h: layer(h, "Pointwise")["attrs"]["program"][1].update(
         op={"__graph__": None}))
     assert "program" in refused(bad)
-    proc = _cli("inspect", str(bad))
+    proc = run_cli("inspect", str(bad))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "program" in lines[0], proc.stderr
 

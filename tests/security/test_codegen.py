@@ -13,13 +13,12 @@ import copy
 import hashlib
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _kiln_cli import run_cli
 
 import kiln
 from kiln import codecache
@@ -79,18 +78,11 @@ def test_clean_engine_runs(engine_path: Path) -> None:
     np.testing.assert_array_equal(got, -x * 2)
 
 
-def _kiln_run(engine: Path, cwd: Path) -> subprocess.CompletedProcess:
-    """``kiln run ENGINE`` in a fresh process with its own kernel cache."""
-    env = {**os.environ, "KILN_CACHE_DIR": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", "kiln.cli", "run", str(engine)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
-
-
 @pytest.mark.parametrize("tactic", ["triton", "torch"])
 def test_kiln_run_refuses_forged_program(tactic: str, engine_path: Path, tmp_path: Path) -> None:
     canary = tmp_path / "CANARY"
     bad = _forge(engine_path, tmp_path / "bad.kiln", [{"op": "neg", "args": [_escape(canary)]}], tactic=tactic)
-    proc = _kiln_run(bad, tmp_path)
+    proc = run_cli("run", bad, cwd=tmp_path)      # the test's own kernel cache and table (_private_cache)
     assert not canary.exists()
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("kiln: error:"), proc.stderr
