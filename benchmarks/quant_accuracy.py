@@ -211,13 +211,19 @@ def matched(ref: list[tuple[np.ndarray, int]], got: list[tuple[np.ndarray, int]]
 
 
 def detection_agreement(got: list[list[np.ndarray]], ref: list[list[np.ndarray]]) -> dict[str, Any]:
+    """Detections matched, and the relative L2 of the box rows and of the class-score rows of the output apart
+    (the boxes, in pixels, outweigh the scores in the whole output's)."""
     n_ref = n_got = n_match = 0
     for g, r in zip(got, ref):
         for a, b in zip(g[0], r[0]):
             dg, dr = yolo_detections(a), yolo_detections(b)
             n_ref, n_got, n_match = n_ref + len(dr), n_got + len(dg), n_match + matched(dr, dg)
+
+    def part(rows: slice) -> float:
+        return rel_l2([[o[0][:, rows]] for o in got], [[o[0][:, rows]] for o in ref])
     return {"matched": n_match / n_ref if n_ref else float("nan"), "fp32_detections": n_ref,
-            "int8_detections": n_got, "matched_count": n_match}
+            "int8_detections": n_got, "matched_count": n_match, "box_rel_l2": part(slice(0, 4)),
+            "score_rel_l2": part(slice(4, None))}
 
 
 def viterbi(emissions: np.ndarray, crf: dict[str, np.ndarray]) -> np.ndarray:
