@@ -239,7 +239,7 @@ def test_cli_compare_per_layer_ranks_the_sensitive_layer_first(files, independen
         assert math.isclose(float(others), want_others, rel_tol=0.05), (name, others, want_others)
     # the same numbers as a kiln view --errors report: the layers of the model coloured by their error alone
     from kiln.viewer import accuracy, documents
-    assert f"--errors e.sensitivity.json" in r.stdout
+    assert "--errors e.sensitivity.json" in r.stdout
     report = accuracy.read_errors(files / "e.sensitivity.json")
     assert report["metric"] == "sensitivity" and report["sensitivity_of"] == "rel_l2"
     alone = {row[0]: float(row[2]) for row in rows}

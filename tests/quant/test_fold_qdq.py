@@ -537,3 +537,48 @@ def test_gpu_build_folds_and_matches_onnxruntime(name, precision, tmp_path):
     for c in codes:
         a, b = ours[c].astype(np.int32), ref[c].astype(np.int32)
         assert np.abs(a - b).max() <= 1 and np.mean(a == b) > (0.99 if precision == "fp32" else 0.95), c
+
+
+def _bottleneck_and_parallel() -> onnx.ModelProto:
+    """x[16ch] -> 1x1 conv_a + ReLU = t; y1 = ReLU(conv_b(t) + downsample(x)) (a projection shortcut, which
+    passes/fuse_projection.py merges into Conv1x1Sum); three MatMuls read the pooled p (parallel linear layers,
+    which passes/fuse_parallel_linear.py merges); y = their sum."""
+    rng = np.random.default_rng(51)
+
+    def w(*s: int) -> np.ndarray:
+        return (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)
+    inits = {"wa": w(16, 16, 1, 1), "ba": w(16, 1)[:, 0], "wb": w(32, 16, 1, 1), "bb": w(32, 1)[:, 0],
+             "wd": w(32, 16, 1, 1), "bd": w(32, 1)[:, 0], "m1": w(32, 24), "m2": w(32, 24), "m3": w(32, 24)}
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ca"], name="conv_a"),
+             helper.make_node("Relu", ["ca"], ["t"], name="relu_a"),
+             helper.make_node("Conv", ["t", "wb", "bb"], ["cb"], name="conv_b"),
+             helper.make_node("Conv", ["x", "wd", "bd"], ["cd"], name="downsample"),
+             helper.make_node("Add", ["cb", "cd"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["y1"], name="relu_b"),
+             helper.make_node("GlobalAveragePool", ["y1"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["p"], name="flat"),
+             *[helper.make_node("MatMul", ["p", f"m{i}"], [f"q{i}"], name=f"mm{i}") for i in (1, 2, 3)],
+             helper.make_node("Sum", ["q1", "q2", "q3"], ["y"], name="sum")]
+    return _model(nodes, [numpy_helper.from_array(v, k) for k, v in inits.items()], ["N", 16, 6, 6], ["N", 24])
+
+
+def test_fusions_leave_quantized_layers_to_the_fold(fold_on_cpu):
+    """The fusions that merge convolutions (projection shortcut, 1x1 chains) or GEMMs reading one input leave the
+    layers that read a dequantized activation alone, so the fold makes each an 8-bit layer instead of a float
+    fused one reading dequantized values; the float build still fuses them; outputs as the dequantized network."""
+    from kiln.builder.quant import quantize
+    rng = np.random.default_rng(52)
+    x = rng.standard_normal((4, 16, 6, 6)).astype(np.float32)
+    model = _bottleneck_and_parallel()
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
+    float_kinds = [layer["kind"] for layer in kiln.build(kiln.onnx.parse(model), config).layers]
+    assert "Conv1x1Sum" in float_kinds and float_kinds.count("FullyConnected") == 1      # fused when float
+    qnet = quantize(kiln.onnx.parse(model), kiln.BuildConfig(
+        device="cpu", quantize="int8", calibration=[{"x": rng.standard_normal((8, 16, 6, 6)).astype(np.float32)}],
+        calibrator="max", profiles={"x": x.shape}))
+    engine = kiln.build(qnet, config)
+    kinds = [layer["kind"] for layer in engine.layers]
+    assert "Conv1x1Sum" not in kinds and kinds.count("QConvolution") == 3 and kinds.count("QFullyConnected") == 3
+    ref = kiln.build(qnet, kiln.BuildConfig(device="cpu", profiles={"x": x.shape}, optimization_level=0))
+    want = ref.context().run({"x": x})["y"]
+    np.testing.assert_allclose(engine.context().run({"x": x})["y"], want, rtol=0, atol=0.02 * np.abs(want).max())

@@ -18,8 +18,9 @@ from kiln.engine import read_engine, write_engine
 from _quant_cli import kiln_cli
 from _quant_models import cnn
 
-WEIGHTS = {"conv1": ("w1", (1, 2, 3)), "conv2": ("w2", (1, 2, 3)), "fc": ("wf", (1,))}   # output channels on axis 0
-ACTS = {"conv1": "x", "conv2": "r1", "fc": "f"}
+# the quantized layers (conv1 reads the 3 image channels: a stem, left float), output channels on axis 0
+WEIGHTS = {"conv2": ("w2", (1, 2, 3)), "fc": ("wf", (1,))}
+ACTS = {"conv2": "r1", "fc": "f"}
 NUM = r"([-+0-9.e]+)"
 
 
@@ -60,7 +61,7 @@ def test_inspect_prints_the_calibration_scales(built):
         _close(m.group(4), per_channel.max())
     # each QuantizeLinear shows the scale the engine stores, the cache's amax / 127 again
     qs = [k for k, ln in enumerate(lines) if "[QuantizeLinear]" in ln]
-    assert len(qs) == 3
+    assert len(qs) == len(ACTS)
     for k in qs:
         tensor = re.search(r"in:  ([^:]+):", lines[k + 1]).group(1)
         _close(re.search(rf"^\s+scale {NUM}$", lines[k + 4]).group(1), float(np.float32(amax[tensor] / 127.0)))
@@ -74,17 +75,17 @@ def test_damaged_record_is_ignored_with_a_reason(built, tmp_path):
     scales; the Q/DQ layers' own scales still are."""
     d, amax, _ = built
     header, weights = read_engine(str(d / "cnn.kiln"))
-    for bad in ({"weight": {"min": -1.0}}, {"inputs": {"x": "1e-3; rm -rf /"}}):
+    for bad in ({"weight": {"min": -1.0}}, {"inputs": {"r1": "1e-3; rm -rf /"}}):
         h = json.loads(json.dumps(header))
         for key, value in bad.items():
-            h["build"]["quantization"]["layers"]["conv1"][key].update(value)
+            h["build"]["quantization"]["layers"]["conv2"][key].update(value)
         h.pop("weights")
         write_engine(str(tmp_path / "bad.kiln"), h, dict(weights))
         r = kiln_cli("inspect", "bad.kiln", cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert "quantization record ignored: quantized layer 'conv1' has malformed" in r.stdout
+        assert "quantization record ignored: quantized layer 'conv2' has malformed" in r.stdout
         assert "int8:" not in r.stdout and "rm -rf" not in r.stdout
-        assert sum(bool(re.match(r"^\s+scale [0-9.e-]+$", ln)) for ln in r.stdout.splitlines()) == 6
+        assert sum(bool(re.match(r"^\s+scale [0-9.e-]+$", ln)) for ln in r.stdout.splitlines()) == 2 * len(ACTS)
 
 
 def test_folded_layer_scales_from_attrs():

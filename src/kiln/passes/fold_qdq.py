@@ -369,7 +369,7 @@ class FoldQDQ(Pass):
             return PassResult(net, True)
         left: dict[str, list[str]] = {}
         for layer in net.layers:
-            if layer.name in self.warned or layer.kind in UNQUANTIZED or not _reads_dequantized(layer):
+            if layer.name in self.warned or layer.kind in UNQUANTIZED or not reads_dequantized(layer):
                 continue
             if layer.kind in GEMMS:
                 why = plan(layer)
@@ -392,7 +392,7 @@ class FoldQDQ(Pass):
         return self(net)
 
 
-def _reads_dequantized(layer: Layer) -> bool:
+def reads_dequantized(layer: Layer) -> bool:
     """Whether ``layer`` reads an activation through DequantizeLinear (its first input for a GEMM, any input
     otherwise)."""
     ins = layer.inputs[:1] if layer.kind in GEMMS else layer.inputs

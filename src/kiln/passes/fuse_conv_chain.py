@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from kiln.kernels.conv_chain import MAX_CN, MAX_SUM_IN
 from kiln.passes._match import substitute
+from kiln.passes.fold_qdq import reads_dequantized
 from kiln.passes.rewrite import Match, Op, Rule, RulePass
 
 ACTS = (None, "relu")
@@ -30,7 +31,7 @@ def _pow2(n: int) -> bool:
 
 
 def _pointwise(conv, residual: bool) -> bool:
-    if conv.kind != "Convolution" or len(conv.inputs) < 3:
+    if conv.kind != "Convolution" or len(conv.inputs) < 3 or reads_dequantized(conv):    # fold_qdq's to take
         return False
     a = conv.attrs
     ins = conv.inputs

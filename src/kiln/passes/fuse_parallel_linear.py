@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.passes._match import remove_dead, replace_output
+from kiln.passes.fold_qdq import reads_dequantized
 from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
 
 
@@ -27,8 +28,8 @@ def _weight(layer):
 
 
 def _qualifies(layer, x) -> bool:
-    if not layer.inputs or layer.inputs[0] is not x or len(layer.outputs) != 1:
-        return False
+    if not layer.inputs or layer.inputs[0] is not x or len(layer.outputs) != 1 or reads_dequantized(layer):
+        return False          # a GEMM reading a dequantized activation is fold_qdq's to make 8-bit
     if layer.kind == "MatMul":           # x @ W with a constant 2-D W: a FullyConnected without bias
         w = layer.inputs[1]
         return (len(layer.inputs) == 2 and w is not None and w.is_constant and np.ndim(w.value) == 2

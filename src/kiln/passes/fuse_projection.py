@@ -20,12 +20,13 @@ from __future__ import annotations
 import numpy as np
 
 from kiln.passes._match import substitute
+from kiln.passes.fold_qdq import reads_dequantized
 from kiln.passes.rewrite import ANY, Match, Op, Rule, RulePass
 from kiln.passes.symbolic import sym_shape
 
 
 def _pointwise(conv) -> bool:
-    if conv.kind != "Convolution" or len(conv.inputs) < 2:
+    if conv.kind != "Convolution" or len(conv.inputs) < 2 or reads_dequantized(conv):    # fold_qdq's to take
         return False
     a = conv.attrs
     w = conv.inputs[1]

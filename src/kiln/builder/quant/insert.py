@@ -1,7 +1,8 @@
 """Which layers a post-training quantization quantizes, and the Q/DQ layers put around them.
 
 As TensorRT does by default: convolutions, fully-connected layers, and GEMMs/matmuls whose second operand is
-a constant weight; grouped (depthwise) convolutions stay in the build's float precision. Each such layer reads its weight as an 8-bit constant with per-output-channel symmetric
+a constant weight; grouped (depthwise) convolutions and stems over at most 3 input channels (image channels) stay in
+the build's float precision. Each such layer reads its weight as an 8-bit constant with per-output-channel symmetric
 scales through DequantizeLinear, and its float activation through a QuantizeLinear/DequantizeLinear pair with
 one per-tensor scale (shared by every quantized reader of that tensor). The result is an explicitly quantized
 network, which any build runs (dequantized where no 8-bit kernel exists).
@@ -18,6 +19,7 @@ from kiln.ir.network import Layer, Network
 
 # the 8-bit types: (Kiln dtype, largest magnitude a symmetric scale maps amax to)
 TYPES = {"int8": ("int8", 127.0), "fp8": ("float8_e4m3fn", 448.0)}
+STEM_CHANNELS = 3          # convolutions over at most this many input channels (an image stem) stay float
 QDQ = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "IntegerOp")
 
 
@@ -44,6 +46,8 @@ def _target(layer: Layer) -> Target | None:
     k, a = layer.kind, layer.attrs
     if k == "Convolution" and a.get("groups", 1) > 1:
         return None      # grouped/depthwise: no 8-bit kernel, and FP16 costs a memory-bound conv little
+    if k == "Convolution" and ins[1].value.ndim > 1 and ins[1].value.shape[1] <= STEM_CHANNELS:
+        return None      # a stem over image channels: the 8-bit kernel would pad them to a tensor-core tile
     if k in ("Convolution", "FullyConnected") and len(ins) <= 3:      # no fused residual input
         return Target(layer, (0,), 1, 0)
     if k == "MatMul" and ins[1].value.ndim >= 2:
