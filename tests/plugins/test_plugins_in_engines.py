@@ -6,6 +6,7 @@ with the plugin unregistered must fail with an error naming it.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,25 +78,38 @@ def _cases():
 CASES = list(_cases())
 
 
-def _child(engine: Path, feeds: dict, out: Path, unregister: tuple | None = None, plugin_module: str | None = None):
-    np.savez(out.with_suffix(".in.npz"), **feeds)
+def _child(engine: Path, feeds: dict, steps: list[tuple[str, object]]) -> list[dict]:
+    """In one new interpreter with the built-in plugins loaded, take ``steps`` in order: ("run", out.npz) loads and
+    runs ``engine`` on ``feeds`` (outputs saved to out.npz), ("unregister", (name, namespace, version)) drops a
+    plugin from the registry, ("import", module) imports a module of the example. One result per run:
+    {"ran": True} or {"error": KilnError class name, "message": its text}."""
+    np.savez(engine.with_suffix(".in.npz"), **feeds)
     code = textwrap.dedent(f"""
-        import sys, numpy as np
+        import json, sys, numpy as np
         sys.path.insert(0, {str(EXAMPLE)!r})
-        {f'import {plugin_module}' if plugin_module else ''}
         import kiln, kiln.plugins as P
         P.load_builtins()
-        {f'P.registry.unregister(*{unregister!r})' if unregister else ''}
-        feeds = dict(np.load({str(out.with_suffix('.in.npz'))!r}))
-        try:
-            y = kiln.load({str(engine)!r}).context().run(feeds)
-        except kiln.KilnError as e:
-            print("KILNERROR", type(e).__name__, e)
-            sys.exit(3)
-        np.savez({str(out)!r}, **y)
+        feeds = dict(np.load({str(engine.with_suffix('.in.npz'))!r}))
+        for step, arg in {[(k, str(v) if isinstance(v, Path) else v) for k, v in steps]!r}:
+            if step == "unregister":
+                P.registry.unregister(*arg)
+            elif step == "import":
+                __import__(arg)
+            else:
+                try:
+                    y = kiln.load({str(engine)!r}).context().run(feeds)
+                except kiln.KilnError as e:
+                    print(json.dumps({{"error": type(e).__name__, "message": str(e)}}))
+                    continue
+                np.savez(arg, **y)
+                print(json.dumps({{"ran": True}}))
     """)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == sum(step == "run" for step, _ in steps), r.stdout + r.stderr
+    return results
 
 
 @pytest.mark.parametrize("op,model,feeds", CASES, ids=[c[0] for c in CASES])
@@ -108,16 +122,18 @@ def test_builtin_plugin_engine_round_trip(tmp_path, op, model, feeds):
     here = engine.context().run(feeds)
     path = tmp_path / "e.kiln"
     engine.save(str(path))
-    r = _child(path, feeds, tmp_path / "out.npz")
-    assert r.returncode == 0, r.stdout + r.stderr
+    rec = [p for p in engine.header["plugins"]][0]
+    ran, unregistered = _child(path, feeds, [("run", tmp_path / "out.npz"),
+                                             ("unregister", (rec["name"], rec["namespace"], rec["version"])),
+                                             ("run", tmp_path / "out2.npz")])
+    assert ran == {"ran": True}, ran
     there = dict(np.load(tmp_path / "out.npz"))
     for k, v in here.items():
         np.testing.assert_array_equal(there[k], v)
-    rec = [p for p in engine.header["plugins"]][0]
-    r = _child(path, feeds, tmp_path / "out2.npz", unregister=(rec["name"], rec["namespace"], rec["version"]))
-    assert r.returncode == 3, r.stdout + r.stderr
-    assert "PluginError" in r.stdout and f"{rec['namespace']}::{rec['name']} v{rec['version']}" in r.stdout
-    assert "register" in r.stdout
+    assert unregistered["error"] == "PluginError", unregistered
+    assert f"{rec['namespace']}::{rec['name']} v{rec['version']}" in unregistered["message"]
+    assert "register" in unregistered["message"]
+    assert not (tmp_path / "out2.npz").exists()
 
 
 def test_user_plugin_example_runs(tmp_path):
@@ -126,12 +142,13 @@ def test_user_plugin_example_runs(tmp_path):
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "max abs error vs numpy" in r.stdout
-    # without importing the plugin, the engine is refused with a message naming it
+    # without importing the plugin, the engine is refused with a message naming it; importing it, the engine runs
     feeds = {"x": np.zeros((2, 3, 16, 16), np.float32)}
-    r = _child(tmp_path / "swish.kiln", feeds, tmp_path / "o.npz")
-    assert r.returncode == 3 and "example::SwishBeta v1" in r.stdout and "register" in r.stdout
-    r = _child(tmp_path / "swish.kiln", feeds, tmp_path / "o.npz", plugin_module="swish_plugin")
-    assert r.returncode == 0, r.stdout + r.stderr
+    refused, ran = _child(tmp_path / "swish.kiln", feeds, [("run", tmp_path / "o.npz"), ("import", "swish_plugin"),
+                                                           ("run", tmp_path / "o.npz")])
+    assert refused["error"] == "PluginError" and "example::SwishBeta v1" in refused["message"], refused
+    assert "register" in refused["message"]
+    assert ran == {"ran": True}, ran
 
 
 def test_user_plugin_triton_tactic_matches_torch(monkeypatch):
