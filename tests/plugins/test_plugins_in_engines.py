@@ -78,62 +78,79 @@ def _cases():
 CASES = list(_cases())
 
 
-def _child(engine: Path, feeds: dict, steps: list[tuple[str, object]]) -> list[dict]:
-    """In one new interpreter with the built-in plugins loaded, take ``steps`` in order: ("run", out.npz) loads and
-    runs ``engine`` on ``feeds`` (outputs saved to out.npz), ("unregister", (name, namespace, version)) drops a
-    plugin from the registry, ("import", module) imports a module of the example. One result per run:
-    {"ran": True} or {"error": KilnError class name, "message": its text}."""
-    np.savez(engine.with_suffix(".in.npz"), **feeds)
+def _child(feeds: dict, steps: list[tuple]) -> list[dict]:
+    """In one new interpreter with the built-in plugins loaded, take ``steps`` in order: ("run", engine, out.npz)
+    loads and runs ``engine`` on ``feeds[engine]`` (outputs saved to out.npz), ("unregister", name, namespace,
+    version) drops a plugin from the registry, ("import", module) imports a module of the example. One result
+    per run: {"ran": True} or {"error": KilnError class name, "message": its text}."""
+    steps = [tuple(str(v) if isinstance(v, Path) else v for v in step) for step in steps]
+    inputs = {}
+    for i, (engine, f) in enumerate(feeds.items()):
+        inputs[str(engine)] = str(Path(engine).with_suffix(f".in{i}.npz"))
+        np.savez(inputs[str(engine)], **f)
     code = textwrap.dedent(f"""
         import json, sys, numpy as np
         sys.path.insert(0, {str(EXAMPLE)!r})
         import kiln, kiln.plugins as P
         P.load_builtins()
-        feeds = dict(np.load({str(engine.with_suffix('.in.npz'))!r}))
-        for step, arg in {[(k, str(v) if isinstance(v, Path) else v) for k, v in steps]!r}:
+        inputs = {inputs!r}
+        for step, *args in {steps!r}:
             if step == "unregister":
-                P.registry.unregister(*arg)
+                P.registry.unregister(*args)
             elif step == "import":
-                __import__(arg)
+                __import__(args[0])
             else:
+                engine, out = args
                 try:
-                    y = kiln.load({str(engine)!r}).context().run(feeds)
+                    y = kiln.load(engine).context().run(dict(np.load(inputs[engine])))
                 except kiln.KilnError as e:
                     print(json.dumps({{"error": type(e).__name__, "message": str(e)}}))
                     continue
-                np.savez(arg, **y)
+                np.savez(out, **y)
                 print(json.dumps({{"ran": True}}))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout + r.stderr
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == sum(step == "run" for step, _ in steps), r.stdout + r.stderr
+    assert len(results) == sum(step[0] == "run" for step in steps), r.stdout + r.stderr
     return results
 
 
-@pytest.mark.parametrize("op,model,feeds", CASES, ids=[c[0] for c in CASES])
-def test_builtin_plugin_engine_round_trip(tmp_path, op, model, feeds):
-    onnx.checker.check_model(model)
-    net = kiln.onnx.parse(model)
-    assert any(layer.kind == "Plugin" for layer in net.layers)
-    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={n: v.shape for n, v in feeds.items()
-                                                                      if op != "NonMaxSuppression"} or None))
-    here = engine.context().run(feeds)
-    path = tmp_path / "e.kiln"
-    engine.save(str(path))
-    rec = [p for p in engine.header["plugins"]][0]
-    ran, unregistered = _child(path, feeds, [("run", tmp_path / "out.npz"),
-                                             ("unregister", (rec["name"], rec["namespace"], rec["version"])),
-                                             ("run", tmp_path / "out2.npz")])
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory) -> dict[str, tuple]:
+    """Each case built here and run (``here``), saved, then in ONE new process (the cases use different plugins):
+    loaded and run, its plugin unregistered, loaded again. op → (here, plugin record, folder, run results)."""
+    built, feeds, steps = {}, {}, []
+    for op, model, case_feeds in CASES:
+        onnx.checker.check_model(model)
+        net = kiln.onnx.parse(model)
+        assert any(layer.kind == "Plugin" for layer in net.layers)
+        engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={n: v.shape for n, v in case_feeds.items()
+                                                                          if op != "NonMaxSuppression"} or None))
+        folder = tmp_path_factory.mktemp(op)
+        engine.save(str(folder / "e.kiln"))
+        rec = [p for p in engine.header["plugins"]][0]
+        built[op] = (engine.context().run(case_feeds), rec, folder)
+        feeds[folder / "e.kiln"] = case_feeds
+        steps += [("run", folder / "e.kiln", folder / "out.npz"),
+                  ("unregister", rec["name"], rec["namespace"], rec["version"]),
+                  ("run", folder / "e.kiln", folder / "out2.npz")]
+    results = iter(_child(feeds, steps))
+    return {op: (*built[op], (next(results), next(results))) for op, _, _ in CASES}
+
+
+@pytest.mark.parametrize("op", [c[0] for c in CASES])
+def test_builtin_plugin_engine_round_trip(round_trips, op):
+    here, rec, folder, (ran, unregistered) = round_trips[op]
     assert ran == {"ran": True}, ran
-    there = dict(np.load(tmp_path / "out.npz"))
+    there = dict(np.load(folder / "out.npz"))
     for k, v in here.items():
         np.testing.assert_array_equal(there[k], v)
     assert unregistered["error"] == "PluginError", unregistered
     assert f"{rec['namespace']}::{rec['name']} v{rec['version']}" in unregistered["message"]
     assert "register" in unregistered["message"]
-    assert not (tmp_path / "out2.npz").exists()
+    assert not (folder / "out2.npz").exists()
 
 
 def test_user_plugin_example_runs(tmp_path):
@@ -143,9 +160,10 @@ def test_user_plugin_example_runs(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "max abs error vs numpy" in r.stdout
     # without importing the plugin, the engine is refused with a message naming it; importing it, the engine runs
-    feeds = {"x": np.zeros((2, 3, 16, 16), np.float32)}
-    refused, ran = _child(tmp_path / "swish.kiln", feeds, [("run", tmp_path / "o.npz"), ("import", "swish_plugin"),
-                                                           ("run", tmp_path / "o.npz")])
+    engine = tmp_path / "swish.kiln"
+    refused, ran = _child({engine: {"x": np.zeros((2, 3, 16, 16), np.float32)}},
+                          [("run", engine, tmp_path / "o.npz"), ("import", "swish_plugin"),
+                           ("run", engine, tmp_path / "o.npz")])
     assert refused["error"] == "PluginError" and "example::SwishBeta v1" in refused["message"], refused
     assert "register" in refused["message"]
     assert ran == {"ran": True}, ran
