@@ -71,7 +71,7 @@ def profile(ctx, inputs, top: int = 10) -> dict[str, float]:
 def run_model(name: str, batches: list[int], modes: list[str], args) -> dict[str, Any]:
     import kiln
     model, make_inputs, in_names, out_names, channels_last, ex, onnx_path, _ = harness.export_model(name, args.workdir)
-    torch.manual_seed(1)
+    torch.manual_seed(1)    # each call exports anew (BatchNorm statistics differ), so its calibration cache is its own
     calib = [feeds_of(in_names, make_inputs(args.calib_size)) for _ in range(args.calib_batches)]
     res: dict[str, Any] = {"model": name, "rows": []}
     model = model.cuda()
@@ -87,7 +87,7 @@ def run_model(name: str, batches: list[int], modes: list[str], args) -> dict[str
             cfg: dict[str, Any] = {"precision": "fp16", "device": "cuda", "profiles": shapes, "timing_cache": cache}
             if mode != "fp16":
                 cfg.update(quantize=mode, calibration=calib,
-                           calib_cache=os.path.join(args.workdir, f"{name}.{mode}.calib.json"))
+                           calib_cache=os.path.join(args.workdir, f"{name}.{batches[0]}.{mode}.calib.json"))
             t0 = time.perf_counter()
             try:
                 engine = kiln.build(kiln.onnx.parse(onnx_path), kiln.BuildConfig(**cfg))

@@ -246,12 +246,16 @@ ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 1
 
 
 class AnchorDetect(nn.Module):
-    """YOLOv5 v6 Detect in export mode: sigmoid, split, xy=(2s+grid-0.5)·stride, wh=(2s)²·anchor, → [B, N, 5+nc]."""
+    """YOLOv5 v6 Detect in export mode: sigmoid, split, xy=(2s+grid-0.5)·stride, wh=(2s)²·anchor, → [B, N, 5+nc].
+    The grids are buffers for ``image`` (valid at that size only), or with ``dynamic`` made from each feature
+    map's shape in forward, as YOLOv5's ``export --dynamic`` does (the ONNX holds Range ops over Shape)."""
 
     def __init__(self, nc: int, ch: tuple[int, ...], strides: tuple[int, ...], image: int,
-                 anchors: tuple[tuple[int, ...], ...] = ANCHORS):
+                 anchors: tuple[tuple[int, ...], ...] = ANCHORS, dynamic: bool = False):
         super().__init__()
         self.nc, self.no, self.na = nc, nc + 5, len(anchors[0]) // 2
+        self.dynamic = dynamic
+        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(len(anchors), self.na, 2))
         self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
         self.stride = strides
         for i, s in enumerate(strides):
@@ -271,16 +275,24 @@ class AnchorDetect(nn.Module):
             bs, _, ny, nx = x.shape
             x = x.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             xy, wh, conf = x.sigmoid().split((2, 2, self.nc + 1), 4)
-            xy = (xy * 2 + getattr(self, f"grid{i}")) * self.stride[i]
-            wh = (wh * 2) ** 2 * getattr(self, f"anchor_grid{i}")
+            grid, anchor_grid = self._grid(i, ny, nx) if self.dynamic else (getattr(self, f"grid{i}"),
+                                                                             getattr(self, f"anchor_grid{i}"))
+            xy = (xy * 2 + grid) * self.stride[i]
+            wh = (wh * 2) ** 2 * anchor_grid
             z.append(torch.cat((xy, wh, conf), 4).view(bs, self.na * nx * ny, self.no))
         return torch.cat(z, 1)
+
+    def _grid(self, i: int, ny, nx) -> tuple[torch.Tensor, torch.Tensor]:
+        yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32),
+                                indexing="ij")
+        grid = torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2) - 0.5
+        return grid, self.anchors[i].view(1, self.na, 1, 1, 2).expand(1, self.na, ny, nx, 2)
 
 
 class YOLOv5(nn.Module):
     """yolov5{n,s,m,l,x}.yaml of v6.0+: depth/width multiples scale the same graph."""
 
-    def __init__(self, depth: float = 1.0, width: float = 1.0, nc: int = 80, image: int = 640):
+    def __init__(self, depth: float = 1.0, width: float = 1.0, nc: int = 80, image: int = 640, dynamic: bool = False):
         super().__init__()
         ch = lambda c: max(8, int(math.ceil(c * width / 8) * 8))     # noqa: E731
         n = lambda k: max(round(k * depth), 1)                        # noqa: E731
@@ -303,7 +315,7 @@ class YOLOv5(nn.Module):
         self.h20 = C3(ch(512), ch(512), n(3), False)
         self.h21 = Conv(ch(512), ch(512), 3, 2)
         self.h23 = C3(ch(1024), ch(1024), n(3), False)
-        self.detect = AnchorDetect(nc, (ch(256), ch(512), ch(1024)), (8, 16, 32), image)
+        self.detect = AnchorDetect(nc, (ch(256), ch(512), ch(1024)), (8, 16, 32), image, dynamic=dynamic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p3 = self.b4(self.b3(self.b2(self.b1(self.b0(x)))))
