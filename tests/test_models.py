@@ -31,11 +31,22 @@ def _shape_variants(case: ModelCase) -> list[dict[str, int]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def cpu_engine(model_case):
+    """``cpu_engine(name)`` → that model's FP32 CPU engine, built once for this module (tests only read it)."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = _engine(model_case(name), "cpu")
+        return built[name]
+    return get
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_cpu_fp32_matches_onnxruntime(name: str, model_case) -> None:
+def test_cpu_fp32_matches_onnxruntime(name: str, model_case, cpu_engine) -> None:
     case = model_case(name)
-    engine = _engine(case, "cpu")
-    ctx = engine.context()
+    ctx = cpu_engine(name).context()
     for i, sizes in enumerate(_shape_variants(case)):
         batch = sizes.pop("B")
         feeds = case.feeds(batch, seed=i, **sizes)
@@ -63,12 +74,12 @@ def test_cpu_low_precision_within_tolerance(name: str, precision: str, model_cas
 
 
 @pytest.mark.parametrize("name", BN_MODELS)
-def test_batchnorm_is_folded_in_engine(name: str, model_case) -> None:
+def test_batchnorm_is_folded_in_engine(name: str, model_case, cpu_engine) -> None:
     """The exported graphs keep BatchNormalization nodes; the engine must not run any."""
     import onnx
     case = model_case(name)
     assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(case.path)).graph.node)
-    engine = _engine(case, "cpu")
+    engine = cpu_engine(name)
     left = [l["name"] for l in engine.layers if l["kind"] == "Normalization" and l["attrs"].get("type") == "batch"]
     assert not left, f"{name}: BatchNorm layers survived the build: {left}"
 
