@@ -58,3 +58,23 @@ def test_gpu_weights_are_one_flat_buffer(cell):
     want = get_tactic("RNN", f"fused_{cell}").make(attrs, KernelContext())(*[t.cpu() for t in (X, W, R, B)])
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_weights_computed_per_run_are_not_kept(cell):
+    """Weights that are new tensors on every run (computed inside the model, as in an If branch) are repacked
+    each run and not kept: the tactic holds no reference to an earlier run's weights, so memory does not grow;
+    the same weight tensors run after run still give the same results."""
+    import gc
+    import weakref
+    (X, W, R, B), H = _inputs(cell, 1)
+    run = get_tactic("RNN", f"fused_{cell}").make(_attrs(cell, "forward", H), KernelContext(device="cpu"))
+    first = run(X, W, R, B)[0]
+    refs = []
+    for k in range(5):
+        w, r, b = W.clone(), R.clone(), B.clone()
+        refs.append(weakref.ref(w))
+        torch.testing.assert_close(run(X, w, r, b)[0], first, rtol=0, atol=0)
+        del w, r, b
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) <= 1      # at most the last run's weights are held

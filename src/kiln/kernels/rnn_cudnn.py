@@ -32,13 +32,13 @@ def _make(attrs, ctx, cell):
     reverse = attrs.get("direction", "forward") == "reverse"
     order = (0, 2, 3, 1) if cell == "lstm" else (1, 0, 2)
     gates = 4 if cell == "lstm" else 3
-    cache: dict = {}
+    cache: dict = {}          # one entry: the last weights' repacking (constant weights hit it every run)
 
     def weights(W, R, B):
         key = (id(W), id(R), id(B))
         hit = cache.get(key)
-        if hit is not None and hit[0] is W:
-            return hit[1]
+        if hit is not None and hit[0] is W and hit[1] is R and hit[2] is B:
+            return hit[3]
         dirs = W.shape[0]
         flat = []
         for d in range(dirs):
@@ -53,7 +53,8 @@ def _make(attrs, ctx, cell):
             with torch.no_grad():
                 torch._cudnn_rnn_flatten_weight(flat, 4, W.shape[2], cudnn_rnn.get_cudnn_mode(cell.upper()), H, 0, 1,
                                                 False, bidir)
-        cache[key] = (W, flat)
+        cache.clear()             # weights computed at run time are new tensors each run: keep none of theirs
+        cache[key] = (W, R, B, flat)
         return flat
 
     def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
