@@ -54,45 +54,43 @@ def entropy_amax(hist: Histogram, levels: int = 128) -> float:
     """TensorRT's entropy calibration: for each candidate threshold i (in bins, from ``levels`` up), P is the
     histogram cut at i with the cut-off counts added to its last bin, Q is P's first i bins merged into
     ``levels`` groups and spread back evenly over each group's nonzero bins; the threshold is the upper edge of
-    the i that minimizes KL(P || Q). Bin 0 is given bin 1's count first, as NVIDIA's pytorch-quantization does:
-    the exact zeros of a ReLU's output (often most of its values) would otherwise rule the search and clip the
-    nonzero values to a sliver of their range."""
+    the first i that minimizes KL(P || Q) (infinite where P has mass and Q none). Bin 0 is given bin 1's count
+    first, as NVIDIA's pytorch-quantization does: the exact zeros of a ReLU's output (often most of its values)
+    would otherwise rule the search and clip the nonzero values to a sliver of their range.
+
+    Every candidate at once, from prefix sums: Q's total is P's first i bins' count, so KL(P || Q) =
+    (sum p log p - sum p log q) / |P| + log(|Q| / |P|), where sum p log q is each group's count times the log of
+    its average, plus the cut-off counts times the log of the last bin's q."""
     counts = hist.counts.astype(np.float64)
     n = len(counts)
     if n > 1:
         counts[0] = counts[1]
-    if counts.sum() == 0 or hist.amax <= 0:
+    total = counts.sum()
+    if total == 0 or hist.amax <= 0:
         return 0.0
     nonzero = np.flatnonzero(counts)
     if nonzero[-1] < levels:                   # every value fits the finest grid; nothing to clip
         return float(hist.edges[nonzero[-1] + 1])
-    best_i, best_kl = n, np.inf
-    tail = np.cumsum(counts[::-1])[::-1]       # tail[i] = counts[i:].sum()
-    for i in range(levels, n + 1):
-        p = counts[:i].copy()
-        if i < n:
-            p[i - 1] += tail[i]
-        group = (np.arange(i) * levels) // i   # which of the ``levels`` groups each bin merges into
-        used = counts[:i] > 0
-        sums = np.bincount(group, weights=counts[:i], minlength=levels)
-        spread = np.bincount(group, weights=used.astype(np.float64), minlength=levels)
-        q = np.where(used, sums[group] / np.maximum(spread[group], 1), 0.0)
-        kl = _kl(p, q)
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return float(hist.edges[best_i])
+    used = counts > 0
+    first = np.concatenate([[0.0], np.cumsum(counts)])                     # first[k] = counts[:k].sum()
+    spread_first = np.concatenate([[0.0], np.cumsum(used)])                 # nonzero bins among the first k
+    plogp_first = np.concatenate([[0.0], np.cumsum(counts * _log(counts))])
+    i = np.arange(levels, n + 1)                                            # the candidates
+    starts = (np.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels   # group g: bins starts[g]..
+    sums = first[starts[:, 1:]] - first[starts[:, :-1]]
+    avg = sums / np.maximum(spread_first[starts[:, 1:]] - spread_first[starts[:, :-1]], 1.0)
+    last, cut = counts[i - 1], total - first[i]
+    plogp = plogp_first[i - 1] + (last + cut) * _log(last + cut)
+    plogq = np.sum(sums * _log(avg), axis=1) + cut * _log(np.where(last > 0, avg[:, -1], 0.0))
+    with np.errstate(divide="ignore"):
+        kl = (plogp - plogq) / total + np.log(first[i] / total)
+    kl[((last == 0) & (cut > 0)) | (first[i] <= 0)] = np.inf
+    return float(hist.edges[i[int(np.argmin(kl))]])
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    """KL(P || Q) of two unnormalized histograms; a bin where P has mass and Q none costs infinity."""
-    if q.sum() <= 0:
-        return float("inf")
-    p = p / p.sum()
-    q = q / q.sum()
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        return float("inf")
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+def _log(x: np.ndarray) -> np.ndarray:
+    """log x where x > 0, else 0 (so that 0 log 0 is 0)."""
+    return np.log(np.where(x > 0, x, 1.0))
 
 
 def default_calibrator(mode: str) -> str:
