@@ -23,7 +23,6 @@ import argparse
 import csv
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 _REPO = Path(__file__).resolve().parents[2]
 ENV_DIR = "KILN_QUANT_DATA"
 FETCH = "python tests/quant/real_data.py"
-SPLITS = ("calib", "heldout")
 
 
 @dataclass(frozen=True)
@@ -178,18 +176,10 @@ def problem(root: Path) -> str | None:
     return None
 
 
-def _fetch_corpus():
-    """scripts/fetch_corpus.py as a module: its checked download and extraction are used as they are."""
-    sys.path.insert(0, str(_REPO / "tests" / "corpus"))
-    spec = importlib.util.spec_from_file_location("fetch_corpus", _REPO / "scripts" / "fetch_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def fetch(root: Path, log=print) -> None:
     """Download each source once and extract the listed files (already present and intact: left alone)."""
-    fc = _fetch_corpus()
+    sys.path.insert(0, str(_REPO / "scripts"))
+    import fetch_corpus as fc          # its checked download and extraction, as they are (it imports corpus_lib)
     import corpus_lib as cl
     problem.cache_clear()
     for sid, src in SOURCES.items():
