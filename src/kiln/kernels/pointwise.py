@@ -93,11 +93,20 @@ def make_unary(attrs, ctx):
         raise BuildError(f"Unknown unary op {op!r}; known: {', '.join(sorted(_UNARY))}, isinf.")
     if op in ("ceil", "floor", "round") :
         return lambda x: (fn(x) if x.dtype.is_floating_point else x.clone(),)
+    if not _may_widen(ctx):
+        return lambda x: (fn(x),)
     return lambda x: (_widened(fn, x),)
 
 
 _WIDE_UNSIGNED = tuple(d for d in (getattr(torch, "uint16", None), getattr(torch, "uint32", None),
                                    getattr(torch, "uint64", None)) if d is not None)
+
+
+def _may_widen(ctx) -> bool:
+    """Whether a layer may meet uint16/32/64 inputs: unknown input dtypes, or one of those (decided once, when
+    the layer is made, so a layer over other dtypes calls torch directly)."""
+    dtypes = getattr(ctx, "input_dtypes", None)
+    return not dtypes or any(d in ("uint16", "uint32", "uint64") for d in dtypes)
 
 
 def _widened(fn, *xs):
@@ -158,13 +167,17 @@ def make_elementwise(attrs, ctx):
     if fn is None:
         raise BuildError(f"Unknown element-wise op {op!r}; known: {', '.join(sorted(_BINARY))}.")
 
+    widen = _may_widen(ctx)
+
     def run(*xs):
         out = xs[0]
         for x in xs[1:]:
-            out = _widened(fn, out, x)
+            out = _widened(fn, out, x) if widen else fn(out, x)
         if len(xs) == 1 and op in ("sum", "max", "min"):
             out = out.clone() if not out.is_meta else out
         return (out,)
+    if not widen and len(ctx.input_dtypes) == 2:
+        return lambda a, b: (fn(a, b),)
     return run
 
 
