@@ -145,3 +145,34 @@ def test_residual_after_activation_fuses_and_matches():
     assert convs[1]["attrs"].get("residual_after_activation") is True and len(convs[1]["inputs"]) == 4
     assert not convs[0]["attrs"].get("residual")
     _check(b, engine, {"x": x.numpy()})
+
+
+class _TanhGelu(torch.nn.Module):
+    """Linear → GELU written in the tanh form three ways (torch's export of approximate="tanh": (x·½)·(1+tanh(
+    √(2/π)·(x+κ·x³))) with a Pow; jax2tf's x·(½·(1+tanh(..))) with κ·x·x·x; ((1+tanh)·x)·½ with κ·(x·x·x))."""
+
+    def __init__(self, form: int, d: int = 16):
+        super().__init__()
+        self.form, self.fc = form, torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        y = self.fc(x)
+        c = math.sqrt(2 / math.pi)
+        if self.form == 0:
+            return torch.nn.functional.gelu(y, approximate="tanh")
+        if self.form == 1:
+            return y * (0.5 * (1.0 + torch.tanh(c * (y + 0.044715 * y * y * y))))
+        return (1.0 + torch.tanh(c * (y + 0.044715 * (y * y * y)))) * y * 0.5
+
+
+@pytest.mark.parametrize("form", [0, 1, 2])
+def test_tanh_gelu_fuses_to_one_activation(form):
+    torch.manual_seed(form)
+    x = torch.randn(3, 5, 16) * 2
+    b = _export(_TanhGelu(form), (x,), ["x"], opset=17)
+    engine = _build(b, {"x": (3, 5, 16)})
+    acts = [layer["attrs"].get("type") or layer["attrs"].get("activation") for layer in engine.layers]
+    assert "gelu_tanh" in acts, [layer["kind"] for layer in engine.layers]
+    assert not any(layer["kind"] in ("ElementWise", "Pointwise", "Activation") and
+                   (layer["attrs"].get("type") == "tanh") for layer in engine.layers)
+    _check(b, engine, {"x": x.numpy()})

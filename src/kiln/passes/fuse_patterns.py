@@ -4,6 +4,8 @@ Cases:
 - SiLU: ``x · σ(x)`` → Activation(silu)  (YOLO exports);
 - GELU: ``x · ½ · (1 + erf(x / √2))`` in its exported groupings (the √2 a Div or a Mul by 1/√2;
   ``(x·½)·(1+erf)``, ``((1+erf)·x)·½`` or ``((1+erf)·½)·x``) → Activation(gelu);
+- GELU, tanh form: ``x · ½ · (1 + tanh(√(2/π) · (x + 0.044715 · x³)))`` (torch's ``approximate="tanh"``
+  export, jax2tf's ``x · (½ · (1 + tanh))``; the cube a Pow or a product chain) → Activation(gelu_tanh);
 - LayerNorm: ``(x − mean(x)) / √(mean((x − mean(x))²) + ε)`` over trailing axes (the square a Pow
   by 2 or a product with itself), then the optional ``· γ + β`` → Normalization(layer) with
   statistics in FP32  (opset < 17 exports).
@@ -69,6 +71,35 @@ GELU = [
     Rule("gelu: ((1+erf(x/√2))·½)·x", Mul(Mul(_ONE_PLUS_ERF, Const(0.5), name="m1"), x, name="m2"), None, _gelu),
 ]
 
+# tanh form: x · ½ · (1 + tanh(√(2/π) · (x + 0.044715 · x³))), the cube a Pow by 3 or a product chain
+KAPPA = Const(0.044715, tol=1e-5)
+_CUBE = OneOf(Mul(KAPPA, Op("ElementWise", x, Const(3.0), op="pow", name="c2"), name="c3"),
+              Mul(Mul(Mul(KAPPA, x, name="c1"), x, name="c2"), x, name="c3"),
+              Mul(KAPPA, Mul(Mul(x, x, name="c1"), x, name="c2"), name="c3"))
+_ONE_PLUS_TANH = Add(Const(1.0), Act("tanh", Mul(Const(math.sqrt(2 / math.pi), tol=1e-5),
+                                                  Add(x, _CUBE, name="a1"), name="s1"), name="tanh"), name="one")
+GELU_TANH_ORDER = ("c1", "c2", "c3", "a1", "s1", "tanh", "one", "half", "m1", "m2")
+
+
+def _gelu_tanh(m: Match) -> None:
+    net = m.net
+    chain = [m[k] for k in GELU_TANH_ORDER if k in m]
+    last = chain[-1]
+    act = net.add_layer("Activation", [m["x"]], {"type": "gelu_tanh", "alpha": 0.0, "beta": 0.0},
+                        name=net.unique_name(last.name + "/gelu_tanh"),
+                        origin=[o for layer in chain for o in layer.origin])
+    substitute(net, act, last, last.outputs, chain)
+
+
+GELU_TANH = [
+    Rule("gelu_tanh: (x·½)·(1+tanh(..))", Mul(Mul(x, Const(0.5), name="half"), _ONE_PLUS_TANH, name="m1"), None,
+         _gelu_tanh),
+    Rule("gelu_tanh: x·(½·(1+tanh(..)))", Mul(x, Mul(Const(0.5), _ONE_PLUS_TANH, name="half"), name="m1"), None,
+         _gelu_tanh),
+    Rule("gelu_tanh: ((1+tanh(..))·x)·½", Mul(Mul(_ONE_PLUS_TANH, x, name="m1"), Const(0.5), name="m2"), None,
+         _gelu_tanh),
+]
+
 
 # ---- LayerNorm -----------------------------------------------------------------------------------
 # x − mean(x): read by the square and the division
@@ -122,5 +153,5 @@ LAYERNORM = [
 
 class FusePatterns(RulePass):
     name = "pattern fusion (SiLU, GELU, LayerNorm)"
-    rules = [SILU, *GELU, *LAYERNORM]
+    rules = [SILU, *GELU, *GELU_TANH, *LAYERNORM]
     reverse = True
