@@ -36,3 +36,20 @@ def model_case(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], obje
             cache[name] = _models.BUILDERS[name](d)
         return cache[name]
     return get
+
+
+@pytest.fixture(scope="session")
+def cpu_engine(model_case: Callable[[str], object]) -> Callable[[str], object]:
+    """``cpu_engine("mini_yolo")`` → that model's FP32 CPU engine over its profile, built once per session
+    (tests read, save and run it; none changes it)."""
+    import kiln
+    import kiln.onnx
+    cache: dict[str, object] = {}
+
+    def get(name: str) -> object:
+        if name not in cache:
+            case = model_case(name)
+            config = kiln.BuildConfig(device="cpu", profiles=case.profiles())
+            cache[name] = kiln.build(kiln.onnx.parse(case.path), config)
+        return cache[name]
+    return get

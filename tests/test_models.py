@@ -31,18 +31,6 @@ def _shape_variants(case: ModelCase) -> list[dict[str, int]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def cpu_engine(model_case):
-    """``cpu_engine(name)`` → that model's FP32 CPU engine, built once for this module (tests only read it)."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = _engine(model_case(name), "cpu")
-        return built[name]
-    return get
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_cpu_fp32_matches_onnxruntime(name: str, model_case, cpu_engine) -> None:
     case = model_case(name)

@@ -65,10 +65,11 @@ def refusal(path: Path, kind: type[KilnError] | tuple[type[KilnError], ...] = En
 
 
 @pytest.fixture(scope="module")
-def built(model_case, tmp_path_factory) -> tuple[ModelCase, Path, dict[str, np.ndarray], dict[str, np.ndarray]]:
+def built(model_case, cpu_engine, tmp_path_factory) -> tuple[ModelCase, Path, dict[str, np.ndarray],
+                                                               dict[str, np.ndarray]]:
     """conv_bn built for the CPU and saved: (case, engine path, inputs, outputs of the in-memory engine)."""
     case = model_case("conv_bn")
-    engine = kiln.build(kiln.onnx.parse(case.path), kiln.BuildConfig(device="cpu", profiles=case.profiles()))
+    engine = cpu_engine("conv_bn")
     path = tmp_path_factory.mktemp("engine") / "conv_bn.kiln"
     engine.save(path)
     feeds = case.feeds(3, seed=5)
@@ -106,10 +107,10 @@ def test_round_trip_in_a_fresh_process(built, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["mini_bert", "lstm", "mini_yolo"])
-def test_round_trip_other_models(name: str, model_case, tmp_path: Path) -> None:
+def test_round_trip_other_models(name: str, model_case, cpu_engine, tmp_path: Path) -> None:
     """Multiple outputs, int64 inputs, a second symbolic axis, RNN weights, host shape arithmetic."""
     case = model_case(name)
-    engine = kiln.build(kiln.onnx.parse(case.path), kiln.BuildConfig(device="cpu", profiles=case.profiles()))
+    engine = cpu_engine(name)
     engine.save(tmp_path / f"{name}.kiln")
     feeds = case.feeds(2, seed=1)
     got = _run_fresh_process(tmp_path / f"{name}.kiln", feeds, tmp_path)

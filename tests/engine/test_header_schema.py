@@ -29,10 +29,10 @@ PRELUDE = struct.Struct("<8sII QQQ II 16s")
 
 
 @pytest.fixture(scope="module")
-def conv(model_case, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+def conv(model_case, cpu_engine, tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     """conv_bn built for the CPU and saved: (engine path, feeds)."""
     case = model_case("conv_bn")
-    engine = kiln.build(kiln.onnx.parse(case.path), kiln.BuildConfig(device="cpu", profiles=case.profiles()))
+    engine = cpu_engine("conv_bn")
     path = tmp_path_factory.mktemp("schema") / "conv_bn.kiln"
     engine.save(path)
     return path, case.feeds(2, seed=3)
@@ -225,12 +225,10 @@ def _hand_built() -> kiln.Network:
     return net
 
 
-def _engines(model_case, tmp: Path) -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
+def _engines(model_case, cpu_engine, tmp: Path) -> dict[str, tuple[Any, dict[str, np.ndarray]]]:
     out = {}
     for name in ("conv_bn", "mini_bert"):
-        case = model_case(name)
-        out[name] = (kiln.build(kiln.onnx.parse(case.path), kiln.BuildConfig(device="cpu", profiles=case.profiles())),
-                     case.feeds(2, seed=4))
+        out[name] = (cpu_engine(name), model_case(name).feeds(2, seed=4))
     cf = _control_flow_model(tmp / "control.onnx")
     rng = np.random.default_rng(1)
     out["control_flow"] = (kiln.build(kiln.onnx.parse(cf), kiln.BuildConfig(device="cpu",
@@ -242,8 +240,8 @@ def _engines(model_case, tmp: Path) -> dict[str, tuple[Any, dict[str, np.ndarray
 
 
 @pytest.fixture(scope="module")
-def engines(model_case, tmp_path_factory):
-    return _engines(model_case, tmp_path_factory.mktemp("valid"))
+def engines(model_case, cpu_engine, tmp_path_factory):
+    return _engines(model_case, cpu_engine, tmp_path_factory.mktemp("valid"))
 
 
 def _layers(plan: dict[str, Any]):
