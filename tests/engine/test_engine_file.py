@@ -76,29 +76,48 @@ def built(model_case, cpu_engine, tmp_path_factory) -> tuple[ModelCase, Path, di
     return case, path, feeds, engine.context().run(feeds)
 
 
-def _run_fresh_process(engine: Path, feeds: dict[str, np.ndarray], out_dir: Path) -> dict[str, np.ndarray]:
-    """Load and run ``engine`` in a new interpreter; its outputs come back as .npy files."""
+def _run_fresh_process(runs: list[tuple[Path, dict[str, np.ndarray]]], out_dir: Path) -> list[dict[str, np.ndarray]]:
+    """Load and run each (engine, feeds) of ``runs`` in one new interpreter; their outputs come back as .npz files."""
     out_dir.mkdir(exist_ok=True)
-    np.savez(out_dir / "in.npz", **feeds)
+    jobs = []
+    for i, (engine, feeds) in enumerate(runs):
+        np.savez(out_dir / f"in{i}.npz", **feeds)
+        jobs.append((str(engine), str(out_dir / f"in{i}.npz"), str(out_dir / f"out{i}.npz")))
     code = textwrap.dedent(f"""
         import sys, numpy as np, kiln
         assert "kiln.onnx" not in sys.modules and "onnx" not in sys.modules
-        feeds = dict(np.load({str(out_dir / 'in.npz')!r}))
-        out = kiln.load({str(engine)!r}).context().run(feeds)
-        np.savez({str(out_dir / 'out.npz')!r}, **out)
-        print("ran", sorted(out))
+        for engine, feeds, out in {jobs!r}:
+            np.savez(out, **kiln.load(engine).context().run(dict(np.load(feeds))))
+        assert "kiln.onnx" not in sys.modules and "onnx" not in sys.modules
+        print("ran", len({jobs!r}))
     """)
     env = dict(os.environ, PYTHONPATH=REPO_SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(out_dir / "out.npz"))
+    return [dict(np.load(out)) for _, _, out in jobs]
+
+
+ROUND_TRIP_MODELS = ["mini_bert", "lstm", "mini_yolo"]
+
+
+@pytest.fixture(scope="module")
+def fresh(built, model_case, cpu_engine, tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """conv_bn and ROUND_TRIP_MODELS saved, then loaded and run in ONE new interpreter (that never imports
+    kiln.onnx or onnx): name → (feeds, outputs there)."""
+    folder = tmp_path_factory.mktemp("fresh")
+    runs = {"conv_bn": (built[1], built[2])}
+    for name in ROUND_TRIP_MODELS:
+        cpu_engine(name).save(folder / f"{name}.kiln")
+        runs[name] = (folder / f"{name}.kiln", model_case(name).feeds(2, seed=1))
+    outs = _run_fresh_process(list(runs.values()), folder)
+    return {name: (feeds, out) for (name, (_, feeds)), out in zip(runs.items(), outs)}
 
 
 # ---- round trips ----------------------------------------------------------------------------
 
-def test_round_trip_in_a_fresh_process(built, tmp_path: Path) -> None:
+def test_round_trip_in_a_fresh_process(built, fresh) -> None:
     case, path, feeds, expected = built
-    got = _run_fresh_process(path, feeds, tmp_path)
+    got = fresh["conv_bn"][1]
     assert sorted(got) == sorted(expected)
     ref = ort_run(case.path, feeds)
     for name in expected:
@@ -106,14 +125,11 @@ def test_round_trip_in_a_fresh_process(built, tmp_path: Path) -> None:
         assert_close_fp32(got[name], ref[name], name)
 
 
-@pytest.mark.parametrize("name", ["mini_bert", "lstm", "mini_yolo"])
-def test_round_trip_other_models(name: str, model_case, cpu_engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ROUND_TRIP_MODELS)
+def test_round_trip_other_models(name: str, model_case, fresh) -> None:
     """Multiple outputs, int64 inputs, a second symbolic axis, RNN weights, host shape arithmetic."""
     case = model_case(name)
-    engine = cpu_engine(name)
-    engine.save(tmp_path / f"{name}.kiln")
-    feeds = case.feeds(2, seed=1)
-    got = _run_fresh_process(tmp_path / f"{name}.kiln", feeds, tmp_path)
+    feeds, got = fresh[name]
     ref = ort_run(case.path, feeds)
     for out in ref:
         assert_close_fp32(got[out], ref[out], f"{name} {out}")
@@ -155,11 +171,11 @@ def test_round_trip_control_flow_and_plugin(tmp_path: Path) -> None:
     assert {"If", "Loop", "Plugin"} <= {l["kind"] for l in engine.layers}
     engine.save(tmp_path / "control.kiln")
     rng = np.random.default_rng(0)
-    for sign in (1, -1):                      # both branches of the If
-        feeds = {"x": sign * np.abs(rng.standard_normal((2, 3))).astype(np.float32),
-                 "img": rng.standard_normal((1, 2, 8, 8)).astype(np.float32),
-                 "rois": np.array([[0, 0, 4, 4], [1, 2, 7, 6]], np.float32)}
-        got = _run_fresh_process(tmp_path / "control.kiln", feeds, tmp_path / f"run{sign}")
+    runs = [(tmp_path / "control.kiln",
+             {"x": sign * np.abs(rng.standard_normal((2, 3))).astype(np.float32),      # both branches of the If
+              "img": rng.standard_normal((1, 2, 8, 8)).astype(np.float32),
+              "rois": np.array([[0, 0, 4, 4], [1, 2, 7, 6]], np.float32)}) for sign in (1, -1)]
+    for (_, feeds), got in zip(runs, _run_fresh_process(runs, tmp_path / "runs")):
         ref = ort_run(path, feeds)
         for k in ref:
             assert_close_fp32(got[k], ref[k], k)
