@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import onnx
 import pytest
+from _kiln_cli import run_cli
 from onnx import TensorProto, helper
 
 import kiln
@@ -134,7 +134,6 @@ def test_different_classes_with_one_key_are_still_refused(plugin_file):
 
 
 def test_cli_loads_a_plugin_file_twice(plugin_file, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kiln.cli", "plugins", "--plugins", str(plugin_file), "--plugins",
-                        str(plugin_file)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = run_cli("plugins", "--plugins", plugin_file, "--plugins", plugin_file, cwd=tmp_path)   # plugin_file undoes it
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("test.lifecycle::AddTable v1") == 1
