@@ -31,6 +31,7 @@ def make_if(attrs, ctx):
 
 
 DEFAULT_MAX_LOOP_ITERATIONS = 100_000
+NUMBERS = 1024           # iteration numbers a Loop run makes up front
 
 
 def max_loop_iterations() -> int:
@@ -65,12 +66,16 @@ def make_loop(attrs, ctx):
             raise _too_many(ctx.layer_name, limit, trip_max)
         scans: list[list[torch.Tensor]] = []
         i = 0
+        # the body's iteration number and incoming condition (always true inside the loop), made once per run:
+        # the first numbers from one arange (each a 0-d view), the condition one tensor
+        numbers = torch.arange(max(0, min(trip_max if trip_max is not None else NUMBERS, limit, NUMBERS)),
+                               dtype=torch.int64)
+        true_t = torch.tensor(True)
         while keep and (trip_max is None or i < trip_max):
             if i >= limit:
                 raise _too_many(ctx.layer_name, limit, trip_max)
-            iter_t = torch.tensor(i, dtype=torch.int64)
-            cond_t = torch.tensor(keep)
-            outs = body.run_env(env, [iter_t, cond_t] + carried)
+            iter_t = numbers[i] if i < len(numbers) else torch.tensor(i, dtype=torch.int64)
+            outs = body.run_env(env, [iter_t, true_t] + carried)
             keep = bool(outs[0].reshape(-1)[0].item())
             carried = list(outs[1:1 + n_carried])
             sc = outs[1 + n_carried:]
