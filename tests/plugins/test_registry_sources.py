@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from _kiln_cli import run_cli
 from onnx import TensorProto, helper
 
 import kiln
@@ -101,5 +102,5 @@ def test_cli_build_with_plugin_file_and_missing_file(tmp_path):
     assert r.returncode == 2 and "SwishBeta" in r.stderr and "plugin" in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("kiln: error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr
-    r = _kiln("plugins", "--plugins", str(tmp_path / "nope.py"))
+    r = run_cli("plugins", "--plugins", tmp_path / "nope.py")        # refused before anything registers
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
