@@ -1,12 +1,12 @@
-"""Running the kiln command line in a subprocess, for the quantization tests."""
+"""Running the kiln command line for the quantization tests: in this process (tests/_kiln_cli.py), with what a
+subprocess would give back."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
+
+from _kiln_cli import run_cli
 
 
 def kiln_cli(*args: object, cwd: object) -> subprocess.CompletedProcess:
     """``kiln ARGS`` run in ``cwd``: its exit code, stdout and stderr."""
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_cli(*args, cwd=cwd)
