@@ -3,8 +3,6 @@ matched layers keep FP32 weights and FP32 inputs, casts sit only where precision
 agree with ONNX Runtime. Runs on the CPU: the precision rewrite is the same on CUDA."""
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +12,7 @@ import torch
 import kiln
 from kiln.errors import BuildError
 
+from _kiln_cli import run_cli
 from _models import onnx_bytes
 
 
@@ -106,20 +105,16 @@ def test_cli_build_and_round_trip(model, tmp_path):
     src = tmp_path / "net.onnx"
     src.write_bytes(data)
     out = tmp_path / "net.kiln"
-    run = subprocess.run([sys.executable, "-c", "import sys, kiln.cli; sys.exit(kiln.cli.main(sys.argv[1:]))",
-                          "build", str(src), "-o", str(out), "--device", "cpu", "--fp16", "--fp32-layers",
-                          "/conv1/*,/fc/*", "-q"], capture_output=True, text=True, timeout=300)
+    run = run_cli("build", src, "-o", out, "--device", "cpu", "--fp16", "--fp32-layers", "/conv1/*,/fc/*", "-q")
     assert run.returncode == 0, run.stderr[-2000:]
     engine = kiln.load(out)
     assert engine.header["build"]["fp32_layers"] == ["/conv1/*", "/fc/*"]
     assert _layer(engine, "/conv1/")["precision"] == "fp32" and _layer(engine, "/fc/")["precision"] == "fp32"
     assert _rel(next(iter(engine.context().run({"x": x}).values())), ref) < 2e-2
-    shown = subprocess.run([sys.executable, "-c", "import sys, kiln.cli; sys.exit(kiln.cli.main(sys.argv[1:]))",
-                            "inspect", str(out)], capture_output=True, text=True, timeout=120)
+    shown = run_cli("inspect", out)
     assert "FP32 layers (--fp32-layers): /conv1/*, /fc/*" in shown.stdout
-    bad = subprocess.run([sys.executable, "-c", "import sys, kiln.cli; sys.exit(kiln.cli.main(sys.argv[1:]))",
-                          "build", str(src), "-o", str(tmp_path / "b.kiln"), "--device", "cpu", "--fp16",
-                          "--fp32-layers", "/nope/*", "-q"], capture_output=True, text=True, timeout=300)
+    bad = run_cli("build", src, "-o", tmp_path / "b.kiln", "--device", "cpu", "--fp16", "--fp32-layers", "/nope/*",
+                  "-q")
     assert bad.returncode != 0 and "matches no layer" in bad.stderr
     assert not (tmp_path / "b.kiln").exists()
 
