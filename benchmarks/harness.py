@@ -401,6 +401,35 @@ def write_report(paths: list[str], out_md: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
+def new_results(out_dir: str, prefix: str) -> tuple[dict[str, Any], str]:
+    """A results record headed by this machine's and Kiln's versions (printed), and the JSON path in ``out_dir``
+    (made) it is written to: ``PREFIX-YYYYmmdd-HHMMSS.json``."""
+    import kiln
+    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
+    meta = {"device": props.name if props else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "kiln": kiln.__version__,
+            "date": datetime.date.today().isoformat()}
+    print(json.dumps(meta), flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    return {"meta": meta, "models": []}, os.path.join(out_dir, f"{prefix}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+
+
+def run_each(results: dict[str, Any], path: str, jobs: list[tuple[str, Callable[[], dict[str, Any]]]]) -> None:
+    """Each (model, job): its result appended to ``results["models"]`` (a failure as the model with its error,
+    traceback printed), the whole record rewritten to ``path`` after each, so a run cut short keeps what it
+    measured."""
+    for name, job in jobs:
+        try:
+            results["models"].append(job())
+        except Exception as exc:
+            import traceback
+            traceback.print_exc()
+            results["models"].append({"model": name, "rows": [], "error": f"{type(exc).__name__}: {exc}"[:500]})
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(TABLE))
@@ -416,17 +445,8 @@ def main() -> int:
     if args.report is not None:
         write_report(args.report, os.path.join(os.path.dirname(HERE), "BENCHMARKS.md"))
         return 0
-    import kiln
     args.workdir = tempfile.mkdtemp(prefix="kiln-bench-")
-    props = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-    meta = {"device": props.name if props else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "kiln": kiln.__version__,
-            "date": datetime.date.today().isoformat()}
-    print(json.dumps(meta))
-    results = {"meta": meta, "models": []}
-    os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(args.out, f"bench-{stamp}.json")
+    results, path = new_results(args.out, "bench")
     if args.cpu:
         results["cpu"] = []
         for name in args.models.split(","):
@@ -438,17 +458,9 @@ def main() -> int:
                 json.dump(results, f, indent=1, default=str)
         print(f"wrote {path}")
         return 0
-    for name in args.models.split(","):
-        batches = [int(b) for b in args.batches.split(",")] if args.batches else TABLE[name]
-        try:
-            results["models"].append(run_model(name, batches, args))
-        except Exception as exc:
-            import traceback
-            traceback.print_exc()
-            results["models"].append({"model": name, "rows": [], "error": f"{type(exc).__name__}: {exc}"[:500]})
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-    print(f"wrote {path}")
+    batches = lambda name: [int(b) for b in args.batches.split(",")] if args.batches else TABLE[name]   # noqa: E731
+    run_each(results, path, [(name, lambda name=name: run_model(name, batches(name), args))
+                             for name in args.models.split(",")])
     return 0
 
 

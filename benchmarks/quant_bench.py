@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import json
 import os
 import sys
 import tempfile
@@ -144,27 +142,13 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="print each 8-bit engine's slowest layers")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     args = ap.parse_args()
-    import kiln
     args.workdir = tempfile.mkdtemp(prefix="kiln-quant-")
-    props = torch.cuda.get_device_properties(0)
-    results: dict[str, Any] = {"meta": {"device": props.name, "torch": torch.__version__, "kiln": kiln.__version__,
-                                        "date": datetime.date.today().isoformat()}, "models": []}
-    print(json.dumps(results["meta"]), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"quant-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    results, path = harness.new_results(args.out, "quant")
     modes = [m for m in args.modes.split(",") if m]
     if args.calib500:
         results["calib500_s"] = calib500(args)
-    for name, batches in parse_rows(args.rows):
-        try:
-            results["models"].append(run_model(name, batches, modes, args))
-        except Exception as exc:
-            import traceback
-            traceback.print_exc()
-            results["models"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-    print(f"wrote {path}")
+    harness.run_each(results, path, [(name, lambda name=name, batches=batches: run_model(name, batches, modes, args))
+                                     for name, batches in parse_rows(args.rows)])
     return 0
 
 

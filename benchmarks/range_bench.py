@@ -12,8 +12,6 @@ of two series, as harness.py). ``--quick`` measures three shapes per model.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import tempfile
@@ -152,24 +150,10 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(dynamic=True)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     args = ap.parse_args()
-    import kiln
     args.workdir = tempfile.mkdtemp(prefix="kiln-range-")
-    props = torch.cuda.get_device_properties(0)
-    results: dict[str, Any] = {"meta": {"device": props.name, "torch": torch.__version__, "kiln": kiln.__version__,
-                                        "date": datetime.date.today().isoformat()}, "models": []}
-    print(json.dumps(results["meta"]), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"range-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
-    for name in args.models.split(","):
-        try:
-            results["models"].append(run_model(name, args))
-        except Exception as exc:
-            import traceback
-            traceback.print_exc()
-            results["models"].append({"model": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-    print(f"wrote {path}")
+    results, path = harness.new_results(args.out, "range")
+    harness.run_each(results, path, [(name, lambda name=name: run_model(name, args))
+                                     for name in args.models.split(",")])
     return 0
 
 

@@ -306,23 +306,28 @@ def _residual_cnn() -> onnx.ModelProto:
     return _model(nodes, [numpy_helper.from_array(v, k) for k, v in inits.items()], ["N", 8, 6, 6], ["N", 5])
 
 
+def _ptq_with_codes(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray):
+    """Kiln's --int8 (max calibrator) of ``model`` with its QuantizeLinear codes marked as outputs: (the network,
+    the code tensors' names, a CPU build config for ``x``, the network run dequantized on ``x``)."""
+    from kiln.builder.quant import quantize
+    qnet = quantize(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
+                                                             calibrator="max", profiles={"x": x.shape}))
+    codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
+    for c in codes:
+        qnet.mark_output(qnet.tensors[c])
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
+    return qnet, codes, config, kiln.build(qnet, config).context().run({"x": x})
+
+
 def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
     """Kiln's own --int8 quantization (Q/DQ on the inputs of convolutions and GEMMs) folds: the block's second
     convolution with its residual, layers whose float output feeds a pool or is the network's. Against the same
     network run dequantized: the 8-bit codes agree within one step, and where they all agree the output differs
     by at most the bias's rounding to int32 codes (half of x_scale * w_scale) plus float32 rounding."""
-    from kiln.builder.quant import quantize
     rng = np.random.default_rng(12)
     calib = rng.standard_normal((16, 8, 6, 6)).astype(np.float32)
     x = rng.standard_normal((8, 8, 6, 6)).astype(np.float32)
-    net = kiln.onnx.parse(_residual_cnn())
-    qnet = quantize(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
-                                          calibrator="max", profiles={"x": x.shape}))
-    codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
-    for c in codes:
-        qnet.mark_output(qnet.tensors[c])
-    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
-    ref = kiln.build(qnet, config).context().run({"x": x})
+    qnet, codes, config, ref = _ptq_with_codes(_residual_cnn(), calib, x)
     monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
     engine = kiln.build(qnet, config)
     layers = {layer["name"]: layer for layer in engine.layers}
@@ -494,17 +499,9 @@ def test_batch_norm_folded_into_a_quantized_conv_still_folds(monkeypatch):
     weight is still the same codes, with scales gamma / sigma times theirs (a negative gamma too), so the layer
     folds; the same codes and outputs as the network run dequantized."""
     import warnings
-    from kiln.builder.quant import quantize
     rng = np.random.default_rng(42)
     x = rng.standard_normal((4, 4, 6, 6)).astype(np.float32)
-    qnet = quantize(kiln.onnx.parse(_conv_bn()), kiln.BuildConfig(
-        device="cpu", quantize="int8", calibration=[{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)}],
-        calibrator="max", profiles={"x": x.shape}))
-    codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
-    for c in codes:
-        qnet.mark_output(qnet.tensors[c])
-    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
-    ref = kiln.build(qnet, config).context().run({"x": x})
+    qnet, codes, config, ref = _ptq_with_codes(_conv_bn(), rng.standard_normal((8, 4, 6, 6)).astype(np.float32), x)
     monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", QuantizationWarning)
