@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -186,17 +185,10 @@ def test_a_failing_layer_is_named_in_one_line() -> None:
 
 
 def _cpu_ratios(fns: dict, base: str, calls: int, repeats: int) -> dict[str, float]:
-    """Each contender's least CPU time over the repeats ÷ ``base``'s (contenders alternate; the least time is
-    the one other jobs on the machine disturbed least: their cache traffic only ever adds)."""
-    for fn in fns.values():
-        fn()
-    took: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.thread_time()
-            for _ in range(calls):
-                fn()
-            took[name].append(time.thread_time() - t0)
+    """Each contender's least CPU time over the repeats ÷ ``base``'s (contenders alternate, as the benchmark's
+    cpu_per_call times them; the least time is the one other jobs on the machine disturbed least: their cache
+    traffic only ever adds)."""
+    took = _bench().cpu_per_call(fns, calls, repeats)
     return {k: min(v) / min(took[base]) for k, v in took.items()}
 
 
