@@ -54,15 +54,15 @@ class Compare(Tool):
         errors_out = args.save_errors or os.path.splitext(os.path.basename(args.model))[0] + ".errors.json"
         if per_layer:
             check_output_file(errors_out, "--save-errors", keep=[args.model])
-            if Quantize.config(args):
-                check_output_file(sensitivity_path(errors_out), "--save-errors", keep=[args.model])
+        quant = Quantize.config(args)
+        if per_layer and quant:
+            check_output_file(sensitivity_path(errors_out), "--save-errors", keep=[args.model])
         if args.reduce and args.reduce_output:
             check_output_file(args.reduce_output, "--reduce-output", keep=[args.model])
         Plugins.load(args)
         Threads.apply(args)
         progress = (lambda msg: print(f"  reduce: {msg}", file=sys.stderr)) if args.verbose else None
         engine = args.engine
-        quant = Quantize.config(args)
         sensitivity = sens_errors = None
         if quant:
             engine, inputs, sensitivity, sens_errors = quantized_engine(args, precision, inputs, shapes, quant,
