@@ -56,13 +56,21 @@ _ONE_PLUS_ERF = Add(Const(1.0), Unary("erf", OneOf(Div(x, Const(SQRT2), name="sc
 GELU_ORDER = ("half", "scale", "erf", "one", "m1", "m2")
 
 
-def _gelu(m: Match) -> None:
-    net = m.net
-    chain = [m[k] for k in GELU_ORDER if k in m]
-    last = chain[-1]
-    act = net.add_layer("Activation", [m["x"]], {"type": "gelu", "alpha": 0.0, "beta": 0.0},
-                        name=net.unique_name(last.name + "/gelu"), origin=[o for layer in chain for o in layer.origin])
-    substitute(net, act, last, last.outputs, chain)
+def _activation_of(kind: str, order: tuple[str, ...]):
+    """The rewrite replacing a matched chain (its layers named in ``order``, the last one's output the result)
+    by one Activation(``kind``) of x."""
+    def rewrite(m: Match) -> None:
+        net = m.net
+        chain = [m[k] for k in order if k in m]
+        last = chain[-1]
+        act = net.add_layer("Activation", [m["x"]], {"type": kind, "alpha": 0.0, "beta": 0.0},
+                            name=net.unique_name(f"{last.name}/{kind}"),
+                            origin=[o for layer in chain for o in layer.origin])
+        substitute(net, act, last, last.outputs, chain)
+    return rewrite
+
+
+_gelu = _activation_of("gelu", GELU_ORDER)
 
 
 GELU = [
@@ -81,14 +89,7 @@ _ONE_PLUS_TANH = Add(Const(1.0), Act("tanh", Mul(Const(math.sqrt(2 / math.pi), t
 GELU_TANH_ORDER = ("c1", "c2", "c3", "a1", "s1", "tanh", "one", "half", "m1", "m2")
 
 
-def _gelu_tanh(m: Match) -> None:
-    net = m.net
-    chain = [m[k] for k in GELU_TANH_ORDER if k in m]
-    last = chain[-1]
-    act = net.add_layer("Activation", [m["x"]], {"type": "gelu_tanh", "alpha": 0.0, "beta": 0.0},
-                        name=net.unique_name(last.name + "/gelu_tanh"),
-                        origin=[o for layer in chain for o in layer.origin])
-    substitute(net, act, last, last.outputs, chain)
+_gelu_tanh = _activation_of("gelu_tanh", GELU_TANH_ORDER)
 
 
 GELU_TANH = [
