@@ -9,10 +9,13 @@ epilogue computes
 
     v = (acc + ibias[n]) * mult[n]            mult = x_scale * w_scale[n]  (the dequantized product plus bias)
     v = act(v + r)   or   act(v) + r          (residual r: float, or codes dequantized as they load)
-    y = saturate(round_half_even(v / out_scale) + out_zero_point)   or   v as float
+    y = saturate(round_half_even(v * (1 / out_scale)) + out_zero_point)   or   v as float
     [q = the codes of y as stored]            (a second output: a float y that is also quantized)
 
-so a quantized network keeps its activations as 8-bit codes between such layers. The weight is stored K-major
+so a quantized network keeps its activations as 8-bit codes between such layers. The epilogue multiplies by the
+FP32 reciprocal of the output scale where ONNX divides by it (an exact division is a called subroutine that
+spills the accumulator tile): a code can then differ by one from ONNX's where the quotient lies within an ulp of
+a half. The weight is stored K-major
 ([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose. Tile tables:
 ``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (timed at levels 4-5).
 """
@@ -68,27 +71,26 @@ def small_config(m: int, n: int, cin: int) -> QGemmConfig:
 
 @triton.jit
 def _round_half_even(v):
-    """v rounded to the nearest integer, ties to even (ONNX QuantizeLinear), on FP32 values."""
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    """v (|v| < 2**22) rounded to the nearest integer, ties to even (ONNX QuantizeLinear), on FP32 values: adding
+    and taking away 1.5 * 2**23 leaves no fraction bits, and FP32 addition rounds half to even."""
+    return (v + 12582912.0) - 12582912.0
 
 
 @triton.jit
 def _to_e4m3_grid(v):
     """v (already within +-448) rounded half to even onto the FP8 E4M3 grid, still FP32: the conversion that
-    follows is then exact on every backend. The grid step is 2**(e - 3) for exponent e >= -6, 2**-9 below."""
+    follows is then exact on every backend. The grid step is 2**(e - 3) for exponent e >= -6, 2**-9 below; v is
+    scaled by the step's exact inverse, so nothing divides."""
     bits = v.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127
-    e = tl.maximum(e, -6)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(v / step) * step
+    inv = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(v * inv) * step
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
-def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, OH, OW, Cout, x_zp, out_scale,
-                  out_zp, q_scale, q_zp, r_scale, r_zp, alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, OH, OW, Cout, x_zp, out_inv,
+                  out_zp, q_inv, q_zp, r_scale, r_zp, alpha, beta, CIN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
                   SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   POINTWISE: tl.constexpr, IDX64: tl.constexpr, MODE: tl.constexpr, OUT: tl.constexpr,
                   LO: tl.constexpr, HI: tl.constexpr, QOUT: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
@@ -118,12 +120,16 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
             a_ok = m_ok
         else:
             tap, c, a_ok, a_row = igemm_tap(i, chunks, offs_k, m_ok, img, ih0, iw0, H, W, CIN, KW, DH, DW, BLOCK_K)
-        k_ok = c < CIN
         # a tap in the padding reads the zero point (its code for 0.0); the bias takes zp * sum(w) out again
         a_ptrs = x_ptr + a_row[:, None] + c[None, :]
-        a_mask = a_ok[:, None] & k_ok[None, :]
         b_ptrs = w_ptr + offs_n[None, :] * KTOT + (tap * CIN + c)[:, None]
-        b_mask = k_ok[:, None] & n_ok[None, :]
+        if CIN % BLOCK_K == 0:          # every K slice full: masks constant along K, so loads stay vectorized
+            a_mask = a_ok[:, None]
+            b_mask = n_ok[None, :]
+        else:
+            k_ok = c < CIN
+            a_mask = a_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
         if MODE == 2:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             b = tl.load(b_ptrs, mask=b_mask, other=0.0)
@@ -152,20 +158,22 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
     v = apply_act(v, alpha, beta, ACT)
     if HAS_RES and RES_AFTER:
         v += r
-    y = _requantize(v, out_scale, out_zp, OUT, LO, HI).to(y_ptr.dtype.element_ty)
+    y = _requantize(v, out_inv, out_zp, OUT, LO, HI).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs, y, mask=ok)
     if QOUT != 0:       # the float output's codes too, from the value as stored
-        q = _requantize(y.to(tl.float32), q_scale, q_zp, QOUT, QLO, QHI)
+        q = _requantize(y.to(tl.float32), q_inv, q_zp, QOUT, QLO, QHI)
         tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _requantize(v, scale, zp, OUT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
-    """FP32 v as OUT says: 0 as it is, 1 integer codes (round half to even, saturated to LO..HI), 2 FP8 codes."""
+def _requantize(v, inv_scale, zp, OUT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
+    """FP32 v as OUT says: 0 as it is, 1 integer codes (round half to even, saturated to LO..HI), 2 FP8 codes; v is
+    scaled by the FP32 reciprocal of the scale (see qgemm)."""
     if OUT == 1:
-        v = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(v, scale)) + zp, LO), HI)
+        t = tl.minimum(tl.maximum(v * inv_scale, -4194304.0), 4194304.0)
+        v = tl.minimum(tl.maximum(_round_half_even(t) + zp, LO), HI)
     elif OUT == 2:
-        v = _to_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0))
+        v = _to_e4m3_grid(tl.minimum(tl.maximum(v * inv_scale, -448.0), 448.0))
     return v
 
 
@@ -282,13 +290,18 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual:
         big = max(x.numel(), y.numel()) >= 2 ** 31
         _qgemm_kernel[(cdiv(m, bm) * cdiv(cout, bn),)](
             rows, wk, ep.ibias, ep.mult, residual if residual is not None else y, y, q if q is not None else y, m, h,
-            w, oh, ow, cout, ep.x_zp, float(out.scale), float(out.zero_point), float(qc.scale), float(qc.zero_point),
+            w, oh, ow, cout, ep.x_zp, _reciprocal(out.scale), float(out.zero_point), _reciprocal(qc.scale), float(qc.zero_point),
             float(rc.scale), float(rc.zero_point), float(alpha), float(beta), CIN=cin, KH=g.kh, KW=g.kw,
             SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0], DW=g.dilation[1],
             POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=kind, LO=lo, HI=hi, QOUT=qkind, QLO=qlo, QHI=qhi,
             ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after), BLOCK_M=bm,
             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
     return y if q is None else (y, q)
+
+
+def _reciprocal(scale: float) -> float:
+    """1 / scale as FP32 arithmetic gives it (the kernel multiplies by it where ONNX divides by the scale)."""
+    return float(np.float32(1.0) / np.float32(scale))
 
 
 def k_major(w: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _quantize_kernel(x_ptr, s_ptr, zp_ptr, y_ptr, n, FP8: tl.constexpr, HAS_ZP: 
     if FP8:
         q = _to_e4m3_grid(tl.minimum(tl.maximum(v, -448.0), 448.0))
     else:
-        q = _round_half_even(v)
+        q = _round_half_even(tl.minimum(tl.maximum(v, -4194304.0), 4194304.0))
         if HAS_ZP:
             q += tl.load(zp_ptr).to(tl.float32)
         q = tl.minimum(tl.maximum(q, LO), HI)
