@@ -94,7 +94,7 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
                   SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                   POINTWISE: tl.constexpr, IDX64: tl.constexpr, MODE: tl.constexpr, OUT: tl.constexpr,
                   LO: tl.constexpr, HI: tl.constexpr, QOUT: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr,
-                  ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  ACT: tl.constexpr, HAS_RES: tl.constexpr, ZP_PAD: tl.constexpr,
                   RES_AFTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     offs_m, offs_n = tile_offsets(M, Cout, IDX64, BLOCK_M, BLOCK_N, GROUP_M)
@@ -133,8 +133,11 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
         if MODE == 2:
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        else:
+        elif ZP_PAD:        # padding taps read a nonzero zero point: a select after the load (not pipelined)
             a = tl.load(a_ptrs, mask=a_mask, other=x_zp)
+            b = tl.load(b_ptrs, mask=b_mask, other=0)
+        else:               # zero-filled masked loads, which the compiler pipelines (rows past M are dropped)
+            a = tl.load(a_ptrs, mask=a_mask, other=0)
             b = tl.load(b_ptrs, mask=b_mask, other=0)
         if MODE == 1:
             a = (a.to(tl.int16) - 128).to(tl.int8)
@@ -294,7 +297,8 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual:
             float(rc.scale), float(rc.zero_point), float(alpha), float(beta), CIN=cin, KH=g.kh, KW=g.kw,
             SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0], DW=g.dilation[1],
             POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=kind, LO=lo, HI=hi, QOUT=qkind, QLO=qlo, QHI=qhi,
-            ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after), BLOCK_M=bm,
+            ACT=ACTS.index(act), HAS_RES=residual is not None, ZP_PAD=not pointwise and ep.x_zp != 0,
+            RES_AFTER=bool(residual_after), BLOCK_M=bm,
             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
     return y if q is None else (y, q)
 
