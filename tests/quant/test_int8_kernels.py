@@ -214,6 +214,7 @@ def test_triton_quantize_matches_the_torch_tactic(xdt, out, zp):
     scale = torch.tensor(0.0625 if out != "float8_e4m3fn" else 0.01)
     x = torch.from_numpy(rng.standard_normal((2, 8, 5, 6)).astype(np.float32) * 6)
     x.view(-1)[:40] = torch.arange(-20, 20) * 0.5 * 0.0625          # exact ties: x / scale = k + 0.5
+    x.view(-1)[40:44] = torch.tensor([-1e-7, -0.0, 1e-7, -2e-7])      # FP8: negatives rounding to zero give -0.0
     x = x.to(xdt).contiguous(memory_format=torch.channels_last)
     zpt = None if zp is None else torch.tensor(zp, dtype=torch_dtype(out))
     attrs = {"axis": 1, "to": out, "block_size": 0, "saturate": 1}
@@ -365,7 +366,9 @@ def test_gpu_fp8_tactics_match_the_reference(monkeypatch):
                     assert float((got - want).norm() / want.norm()) < 2e-3, name
                 else:        # one E4M3 step at most (1/8 of the value, or a subnormal step), nearly all equal
                     d = (got - want).abs()
-                    assert bool((d <= torch.clamp(want.abs() / 8, min=2.0 ** -9) * 1.0001).all()), name
+                    bad = d > torch.clamp(want.abs() / 8, min=2.0 ** -9) * 1.0001
+                    worst = [(float(got[i, j]), float(want[i, j])) for i, j in bad.nonzero()[:5].tolist()]
+                    assert not bool(bad.any()), f"{name}: {int(bad.sum())} codes beyond one step, e.g. {worst}"
                     assert float((d == 0).float().mean()) > 0.95, name
 
 

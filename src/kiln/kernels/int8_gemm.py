@@ -80,12 +80,14 @@ def _round_half_even(v):
 def _to_e4m3_grid(v):
     """v (already within +-448) rounded half to even onto the FP8 E4M3 grid, still FP32: the conversion that
     follows is then exact on every backend. The grid step is 2**(e - 3) for exponent e >= -6, 2**-9 below; v is
-    scaled by the step's exact inverse, so nothing divides."""
+    scaled by the step's exact inverse, so nothing divides. The sign survives rounding to zero, as in ONNX."""
     bits = v.to(tl.int32, bitcast=True)
     e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inv = ((127 - (e - 3)) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(v * inv) * step
+    r = _round_half_even(v * inv) * step
+    # v's sign bit put back: a negative value that rounds to zero stays -0.0 (Triton's -x is 0 - x)
+    return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["M", "H", "W", "OH", "OW"])
