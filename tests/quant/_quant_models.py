@@ -17,9 +17,12 @@ def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
     return m
 
 
-def cnn(seed: int = 0, classes: int = 10, depthwise: bool = False) -> onnx.ModelProto:
+def cnn(seed: int = 0, classes: int = 10, depthwise: bool = False, residual: bool = False) -> onnx.ModelProto:
     """x[N,3,8,8] → conv3x3(8) → relu → conv3x3/2(16) → relu → global pool → flatten → Gemm(transB) → y[N,10];
-    ``depthwise``: the second conv is a 3x3/2 depthwise conv (8 groups) followed by a 1x1 conv to 16."""
+    ``depthwise``: the second conv is a 3x3/2 depthwise conv (8 groups) followed by a 1x1 conv to 16;
+    ``residual``: a residual block instead, relu(conv3x3(8)(r1) + r1), pooled to 8 features."""
+    if residual:
+        return _residual_cnn(seed, classes)
     rng = np.random.default_rng(seed)
 
     def w(*s: int) -> np.ndarray:
@@ -36,6 +39,25 @@ def cnn(seed: int = 0, classes: int = 10, depthwise: bool = False) -> onnx.Model
                 helper.make_node("Conv", ["d", "wp", "b2"], ["c2"], name="conv2")] if depthwise else
                [helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2])]),
              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, ["N", 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", F, ["N", classes])], inits)
+
+
+def _residual_cnn(seed: int, classes: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+
+    def w(*s: int) -> np.ndarray:
+        return (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)
+    inits = {"w1": w(8, 3, 3, 3), "b1": w(8, 1)[:, 0], "w2": w(8, 8, 3, 3), "b2": w(8, 1)[:, 0],
+             "wf": w(classes, 8), "bf": w(classes, 1)[:, 0]}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
              helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
              helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]

@@ -102,6 +102,23 @@ def test_depthwise_convolutions_stay_float():
     _check_against_ort(model, calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), "max")
 
 
+def test_residual_add_reads_its_shortcut_through_the_shortcut_q_dq_pair():
+    """A residual add after a quantized conv reads its shortcut through the Q/DQ pair the shortcut already has for
+    the conv (one scale, no new range; the build then reads it as 8-bit codes in the conv's epilogue); the engine
+    matches ONNX Runtime on the exported Q/DQ model with that placement."""
+    rng = np.random.default_rng(9)
+    model = cnn(seed=5, residual=True)
+    calib = rng.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    qnet = quantize(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", quantize="int8",
+                                                             calibration=[{"x": calib}], calibrator="max"))
+    add = next(layer for layer in qnet.layers if layer.kind == "ElementWise" and layer.attrs["op"] == "sum")
+    shortcut = add.inputs[1].producer
+    assert shortcut.kind == "DequantizeLinear" and shortcut.inputs[0].producer.inputs[0].name == "r1"
+    assert {u.name for u, _ in shortcut.outputs[0].uses} == {"conv2", add.name}
+    assert add.inputs[0].producer.name == "conv2"
+    _check_against_ort(model, calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), "max")
+
+
 def test_fp8_defaults_to_the_max_calibrator():
     assert kiln.BuildConfig(device="cuda", quantize="fp8", calibration=[{}]).calibrator == "max"
     assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}]).calibrator == "entropy"

@@ -4,7 +4,8 @@ As TensorRT does by default: convolutions, fully-connected layers, and GEMMs/mat
 a constant weight; grouped (depthwise) convolutions and stems over at most 3 input channels (image channels) stay in
 the build's float precision. Each such layer reads its weight as an 8-bit constant with per-output-channel symmetric
 scales through DequantizeLinear, and its float activation through a QuantizeLinear/DequantizeLinear pair with
-one per-tensor scale (shared by every quantized reader of that tensor). The result is an explicitly quantized
+one per-tensor scale (shared by every quantized reader of that tensor); a residual add after a quantized layer
+reads its shortcut through the shortcut's pair too, where it has one. The result is an explicitly quantized
 network, which any build runs (dequantized where no 8-bit kernel exists).
 """
 from __future__ import annotations
@@ -125,9 +126,34 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
                            output_dtypes=["float32"])
         dq.outputs[0].shape = w.shape
         layer.set_input(t.weight, dq.outputs[0])
+    _quantized_shortcuts(net, chosen, pairs)
     net.remove_unused_constants()
     net.toposort()
     return scales
+
+
+def _quantized_shortcuts(net: Network, chosen: list[Target], pairs: dict[str, object]) -> None:
+    """A residual add of a quantized layer's output (through batch norms) and a shortcut that is already quantized
+    for another reader reads the shortcut through that same Q/DQ pair, as TensorRT places Q/DQ on a residual
+    add: the build then fuses the add into the layer's epilogue reading the shortcut as 8-bit codes, and the
+    shortcut tensor is stored once, as codes (no float copy for the add). No new range is needed: the scale is
+    the one the shortcut's other readers use."""
+    quantized = {id(t.layer) for t in chosen}
+
+    def from_quantized(x) -> bool:
+        while x is not None and x.producer is not None and x.producer.kind == "Normalization" \
+                and x.producer.attrs.get("type") == "batch":
+            x = x.producer.inputs[0]
+        return x is not None and x.producer is not None and id(x.producer) in quantized
+
+    for layer in list(net.layers):
+        if layer.kind != "ElementWise" or layer.attrs.get("op") != "sum" or len(layer.inputs) != 2:
+            continue
+        for i in (0, 1):
+            y, r = layer.inputs[i], layer.inputs[1 - i]
+            if r is not None and r.name in pairs and from_quantized(y):
+                layer.set_input(1 - i, pairs[r.name])
+                break
 
 
 def _qdq(net: Network, x, scale: np.float32, dtype: str):
