@@ -88,7 +88,7 @@ def _assert_codes_match(ours: np.ndarray, ref: np.ndarray, name: str) -> None:
     a, b = ours.astype(np.int32), ref.astype(np.int32)
     assert a.shape == b.shape, name
     assert np.abs(a - b).max() <= 1, name
-    assert np.mean(a == b) > 0.99, name
+    assert np.mean(a == b) > 0.99 or np.sum(a != b) <= 2, name     # a small (pooled) tensor: two flips at most
     assert np.unique(b).size > min(10, b.size // 3), name      # a real spread of codes was compared
 
 
@@ -321,7 +321,8 @@ def _ptq_with_codes(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray):
 
 def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
     """Kiln's own --int8 quantization (Q/DQ on the inputs of convolutions and GEMMs) folds: the block's second
-    convolution with its residual, layers whose float output feeds a pool or is the network's. Against the same
+    convolution with its residual (the shortcut x read as the codes conv1 reads), layers whose float output feeds
+    a pool or is the network's. Against the same
     network run dequantized: the 8-bit codes agree within one step, and where they all agree the output differs
     by at most the bias's rounding to int32 codes (half of x_scale * w_scale) plus float32 rounding."""
     rng = np.random.default_rng(12)
@@ -332,7 +333,8 @@ def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
     engine = kiln.build(qnet, config)
     layers = {layer["name"]: layer for layer in engine.layers}
     assert [layers[n]["kind"] for n in ("conv1", "conv2", "conv3")] == ["QConvolution"] * 3
-    assert len(layers["conv2"]["inputs"]) == 4                    # the shortcut, read as float
+    assert len(layers["conv2"]["inputs"]) == 4                    # the shortcut, read as its codes
+    assert layers["conv2"]["attrs"]["residual_scale"] == layers["conv1"]["attrs"]["x_scale"]
     assert [layers[n]["attrs"]["to"] for n in ("conv1", "conv2", "conv3")] == ["int8", "int8", "float32"]
     fc = next(layer for layer in engine.layers if layer["kind"] == "QFullyConnected")
     ours = engine.context().run({"x": x})
@@ -349,7 +351,8 @@ def test_kiln_ptq_network_folds_with_residual_and_float_outputs(monkeypatch):
     tensors = half.header["plan"]["tensors"]
     assert sorted(tensors[layer["inputs"][0]]["dtype"] for layer in half.layers if layer["kind"] == "QuantizeLinear") \
         == ["float16", "float32"]           # the pool's FP16 output is quantized as it is, the FP32 input x too
-    assert [layer["attrs"]["to"] for layer in half.layers if layer["kind"] == "Cast"] == ["float16", "float32"]
+    # one Cast, of the FP16 output: the shortcut x reaches conv2 as codes, not as a float cast to FP16
+    assert [layer["attrs"]["to"] for layer in half.layers if layer["kind"] == "Cast"] == ["float32"]
     y16 = half.context().run({"x": x})["y"]
     assert y16.dtype == np.float32
     assert np.linalg.norm(y16 - ours["y"]) <= 1e-2 * np.linalg.norm(ours["y"])
