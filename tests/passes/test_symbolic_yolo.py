@@ -48,7 +48,5 @@ def test_yolo_range_engine_matches_onnxruntime(yolo, engine, shape):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
-@pytest.mark.xfail(strict=True, reason="the grids built from Shape/Range stay per-run shape-only layers, and the "
-                   "Detect arithmetic reading them is not fused into Pointwise as the static engine's is")
 def test_yolo_range_engine_has_the_static_engines_layers(yolo, engine):
     _same_layers(engine, _build(yolo, {"images": (2, 3, 96, 96)}))

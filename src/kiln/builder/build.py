@@ -18,7 +18,7 @@ from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.memory import check_fits, check_inputs
 from kiln.builder.placement import host_layers, is_host_constant
 from kiln.builder.precision import absorb_input_casts, assign_precision
-from kiln.builder.shapes import infer_shapes
+from kiln.builder.shapes import SYMBOL_RANGES, infer_shapes
 from kiln.builder.tactics import TimingCache, select_tactics
 from kiln.errors import BuildError
 from kiln.ir.layers import LAYER_KINDS, VARIADIC
@@ -161,6 +161,8 @@ def _apply_profiles(net: Network, profiles: list[Profile]) -> None:
                 lo = {r[0][i] for r in ranges} | {r[2][i] for r in ranges}
                 if len(lo) == 1:
                     dims[i] = lo.pop()
+                elif isinstance(dims[i], str):
+                    net.metadata.setdefault(SYMBOL_RANGES, {}).setdefault(dims[i], [ranges[0][0][i], ranges[0][2][i]])
             t.shape = tuple(dims)
         elif dynamic:
             raise BuildError(

@@ -187,18 +187,51 @@ def _to_meta(a: torch.Tensor) -> torch.Tensor:
     return a if a.is_meta else torch.empty(a.shape, dtype=a.dtype, device="meta")
 
 
-def infer_shapes(net: Network, bindings: list[Binding] | None = None) -> None:
-    """Fill every tensor's shape (symbolic where dynamic) and dtype in place."""
-    symbols = sorted({d for t in net.inputs for d in (t.shape or ()) if isinstance(d, str)})
-    if bindings is None and not symbols:
-        bindings = [{}]
-    if bindings is None:
-        bindings = [{s: 7 + 2 * i for i, s in enumerate(symbols)}, {s: 11 + 2 * i for i, s in enumerate(symbols)}]
+SYMBOL_RANGES = "symbol_ranges"      # Network.metadata: {symbol: [lo, hi]} of a range build's profile
+
+
+def profile_bindings(ranges: dict[str, list[int]], symbols: list[str]) -> list[Binding] | None:
+    """Bindings at the corners of the symbols' profile ranges: all low, all high, and mixed corners so that
+    no two symbols take the same values at every binding; None when the ranges cannot tell them apart."""
+    if not symbols or any(s not in ranges or ranges[s][0] == ranges[s][1] for s in symbols):
+        return None
+    bits = max(1, (len(symbols) - 1).bit_length())
+    out = [{s: ranges[s][0] for s in symbols}, {s: ranges[s][1] for s in symbols}]
+    out += [{s: ranges[s][0 if (i >> j) & 1 else 1] for i, s in enumerate(symbols)} for j in range(bits)]
+    seen = {tuple(b[s] for b in out) for s in symbols}
+    return out if len(seen) == len(symbols) else None
+
+
+def _runs(net: Network, bindings: list[Binding]) -> list[dict[str, Any]]:
     runs = []
     for b in bindings:
         shapes = {t.name: tuple(b.get(d, 1) if isinstance(d, str) else (1 if d is None else d)
                                 for d in (t.shape or ())) for t in net.inputs}
         runs.append(evaluate(net, shapes))
+    return runs
+
+
+def _unknowns(net: Network, runs: list[dict[str, Any]]) -> int:
+    """Layer outputs whose shape some run could not find."""
+    return sum(any(not isinstance(r.get(o.name, UNKNOWN), torch.Tensor) for r in runs)
+               for layer in net.layers for o in layer.outputs)
+
+
+def infer_shapes(net: Network, bindings: list[Binding] | None = None) -> None:
+    """Fill every tensor's shape (symbolic where dynamic) and dtype in place."""
+    symbols = sorted({d for t in net.inputs for d in (t.shape or ()) if isinstance(d, str)})
+    if bindings is None and not symbols:
+        bindings = [{}]
+    fallback = None
+    if bindings is None:
+        bindings = [{s: 7 + 2 * i for i, s in enumerate(symbols)}, {s: 11 + 2 * i for i, s in enumerate(symbols)}]
+        fallback = profile_bindings(net.metadata.get(SYMBOL_RANGES) or {}, symbols)
+    runs = _runs(net, bindings)
+    if fallback is not None and _unknowns(net, runs):
+        # a network that cannot run at the generic sizes (strides that need multiples of 32): the profile's corners
+        alt = _runs(net, fallback)
+        if _unknowns(net, alt) < _unknowns(net, runs):
+            bindings, runs = fallback, alt
     sym_vals = {s: tuple(b[s] for b in bindings) for s in symbols}
     by_vals = {v: s for s, v in sym_vals.items()}
     for layer in net.layers:
