@@ -144,7 +144,7 @@ def test_pt2_export_against_torch(made, name):
 
 def test_gguf_written_by_the_gguf_library(tmp_path):
     """CREPE's weights as llama.cpp's writer stores them (F32, F16 and one Q8_0 tensor): names, shapes, types and
-    bytes as the gguf library's reader sees them."""
+    values as the gguf library's reader and dequantizer see them."""
     gguf = pytest.importorskip("gguf")
     from gguf.quants import quantize
 
@@ -176,6 +176,11 @@ def test_gguf_written_by_the_gguf_library(tmp_path):
         w = shown[t.name]
         kinds[t.tensor_type.name] += 1
         assert w.shape == list(reversed(t.shape.tolist())), t.name            # GGUF stores dims innermost first
-        np.testing.assert_array_equal(w.load().reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8),
-                                      err_msg=t.name)
+        got = w.load()
+        if t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            np.testing.assert_array_equal(got, gguf.quants.dequantize(t.data, t.tensor_type))
+            original = state[t.name].numpy()       # half a step d = max|block|/127, plus 127 * d's FP16 rounding
+            assert np.abs(got - original).max() <= np.abs(original).max() / 127 * (0.5 + 127 * 2.0 ** -11)
+        else:
+            np.testing.assert_array_equal(got, np.asarray(t.data).reshape(w.shape), err_msg=t.name)
     assert kinds == {"F32": 31, "F16": 6, "Q8_0": 1}

@@ -16,6 +16,7 @@ import numpy as np
 
 from kiln.errors import ViewerError
 from kiln.viewer.formats._common import weights_graph
+from kiln.viewer.formats._ggml import dequantize
 from kiln.viewer.graph import ViewModel
 
 _FMT = "GGUF"
@@ -85,13 +86,18 @@ class _Cursor:
         raise ViewerError(f"{self.name!r} is not a readable {_FMT} file: unknown metadata value type {vtype}.")
 
 
-def _loader(path: Path, offset: int, nbytes: int, npdtype: str | None, shape: list[int], tname: str):
+def _loader(path: Path, offset: int, nbytes: int, npdtype: str | None, shape: list[int], tname: str,
+            block_bytes: int):
     def load() -> np.ndarray:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(nbytes)
-        if npdtype is None:
-            return np.frombuffer(data, dtype=np.uint8)   # quantized blocks, shown raw
+        if npdtype is None:                               # quantized blocks, decoded to float32
+            values = dequantize(tname, data, block_bytes)
+            if values is None:
+                raise ViewerError(f"{path.name!r}: {_FMT} tensors of type {tname} are shown with their shape "
+                                  "only; Kiln does not decode that quantization.")
+            return values.reshape(shape)
         arr = np.frombuffer(data, dtype=npdtype)
         if tname == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
@@ -149,7 +155,7 @@ def _read(path: Path, buf: Any, size: int) -> ViewModel:
             raise ViewerError(f"{path.name!r} is not a readable {_FMT} file: tensor {name!r} ({tname}) lies past "
                               "the end of the file; it is truncated or damaged.")
         shape = list(reversed(ne))   # GGUF lists the innermost dimension first
-        load = _loader(path, data_start + offset, nbytes, npdtype, shape, tname)
+        load = _loader(path, data_start + offset, nbytes, npdtype, shape, tname, block_bytes)
         entries.append((name, shape, tname.lower() if npdtype else tname, load, nbytes))
     graph = weights_graph(str(meta.get("general.name") or path.stem), entries)
     arch = meta.get("general.architecture")
