@@ -41,7 +41,7 @@ def test_every_message_and_call_matches_tritonclients_definition(tmp_path):
     tc.DESCRIPTOR.CopyToProto(theirs)
     assert ours.package == theirs.package == "inference"
     mine, ref = _messages("", ours.message_type), _messages("", theirs.message_type)
-    assert len(mine) >= 15
+    assert len(mine) >= 22
     for name, fields in mine.items():
         assert name in ref, name
         for field, spec in fields.items():
@@ -49,7 +49,8 @@ def test_every_message_and_call_matches_tritonclients_definition(tmp_path):
     service = {m.name: (m.input_type, m.output_type) for m in ours.service[0].method}
     their_service = {m.name: (m.input_type, m.output_type) for m in theirs.service[0].method}
     assert ours.service[0].name == theirs.service[0].name == "GRPCInferenceService"
-    assert set(service) == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"}
+    assert set(service) == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+                            "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister"}
     for call, types in service.items():
         assert their_service[call] == types
 

@@ -5,6 +5,7 @@ the same merge key (the same shape past the batch axis) while the rows fit one p
 merge limit; it runs at once when the batch reaches the limit or a preferred size, else waits up
 to the queue delay (counted from the oldest request's arrival) for more. Outputs are split back
 by rows. A merged batch that fails is re-run one request at a time, so a request's error is its own.
+An input held in system shared memory is read once, on the worker thread, straight into its batch.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kiln.errors import KilnError
 from kiln.serve.errors import BadRequest, DeadlineExceeded, InternalError, ServeError, Unavailable
 from kiln.serve.metrics import ModelStats
 from kiln.serve.model import ServedModel
+from kiln.serve.shm import gather, materialize
 
 log = logging.getLogger("kiln.serve")
 
@@ -34,7 +36,7 @@ class Instance(Protocol):
 
 @dataclass(eq=False)
 class _Pending:
-    feeds: dict[str, np.ndarray]
+    feeds: dict[str, Any]               # arrays, or ShmTensor inputs read when the batch runs
     rows: int
     key: tuple
     future: asyncio.Future
@@ -63,7 +65,7 @@ class Batcher:
         return len(self._queue)
 
     # ---- the caller's side -------------------------------------------------------------------
-    async def infer(self, feeds: dict[str, np.ndarray], rows: int, key: tuple,
+    async def infer(self, feeds: dict[str, Any], rows: int, key: tuple,
                     timeout_s: float | None) -> dict[str, np.ndarray]:
         """The outputs for one checked request; raises Unavailable when the queue is full or closed."""
         name = self.model.name
@@ -199,8 +201,8 @@ class Batcher:
             return []
         if len(batch) > 1:
             names = list(batch[0].feeds)
-            merged = {n: np.concatenate([p.feeds[n] for p in batch]) for n in names}
             try:
+                merged = {n: gather([p.feeds[n] for p in batch]) for n in names}
                 outs = instance.run(merged)
                 total = sum(p.rows for p in batch)
                 if all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == total for v in outs.values()):
@@ -218,7 +220,7 @@ class Batcher:
 
     def _one(self, instance: Instance, p: _Pending) -> Any:
         try:
-            return instance.run(p.feeds)
+            return instance.run(materialize(p.feeds))
         except ServeError as exc:
             return exc
         except KilnError as exc:

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--max-request-mb", type=_mb, default=64.0, metavar="MB",
                      help="largest request body accepted, in MiB (default 64); larger ones get 413 / "
                           "RESOURCE_EXHAUSTED")
+    net.add_argument("--system-shm", choices=("local", "any", "off"), default="local",
+                     help="who may pass tensors in POSIX shared memory (the system shared-memory extension): "
+                          "clients on loopback addresses (local, the default), any client, or none")
     b = parser.add_argument_group("dynamic batching")
     b.add_argument("--max-batch", type=_positive_int, metavar="N",
                    help="most rows per merged batch (default: the engine's largest profile batch)")
@@ -120,7 +123,7 @@ def config_from_args(args: argparse.Namespace):
                            max_queue=args.max_queue, timeout_ms=float(args.timeout_ms),
                            warmup=args.warmup, buckets=args.batch_buckets)
     return ServeConfig(path=args.path, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                       max_request_mb=args.max_request_mb, model=options)
+                       max_request_mb=args.max_request_mb, system_shm=args.system_shm, model=options)
 
 
 def run(args: argparse.Namespace) -> int:

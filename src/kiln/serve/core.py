@@ -13,17 +13,19 @@ from kiln.serve.metrics import Metrics
 from kiln.serve.model import ServedModel
 from kiln.serve.protocol import InferRequest
 from kiln.serve.repository import Loaded, ModelRepository
+from kiln.serve.shm import ShmRegistry
 
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "system_shared_memory"]
 access_log = logging.getLogger("kiln.serve.access")
 
 
 class ServerCore:
     """The server's state, independent of the wire protocol."""
 
-    def __init__(self, repository: ModelRepository, metrics: Metrics) -> None:
+    def __init__(self, repository: ModelRepository, metrics: Metrics, system_shm: str = "local") -> None:
         self.repository = repository
         self.metrics = metrics
+        self.shm = ShmRegistry(system_shm)
         self.draining = False
 
     @property
@@ -32,7 +34,8 @@ class ServerCore:
 
     def server_metadata(self) -> dict[str, Any]:
         import kiln
-        return {"name": "kiln", "version": getattr(kiln, "__version__", "0"), "extensions": list(EXTENSIONS)}
+        extensions = [e for e in EXTENSIONS if e != "system_shared_memory" or self.shm.mode != "off"]
+        return {"name": "kiln", "version": getattr(kiln, "__version__", "0"), "extensions": extensions}
 
     def model_ready(self, name: str, version: str | None) -> bool:
         try:

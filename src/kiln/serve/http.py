@@ -1,4 +1,5 @@
-"""The KServe v2 REST front end (aiohttp): health, metadata, infer, the repository extension, /metrics."""
+"""The KServe v2 REST front end (aiohttp): health, metadata, infer, the repository and system
+shared-memory extensions, /metrics."""
 from __future__ import annotations
 
 import json
@@ -94,7 +95,8 @@ async def infer(request: web.Request) -> web.Response:
     entry = core.lookup(request.match_info["model"], _version(request), "http")   # before the body is read
     body = await _body(request)
     header_length = request.headers.get(HEADER_LENGTH)
-    req, results = await core.infer(entry, "http", lambda model: decode_http(model, body, header_length))
+    req, results = await core.infer(entry, "http",
+                                    lambda model: decode_http(model, body, header_length, core.shm, request.remote))
     payload, json_len = encode_http(req, results)
     if json_len is None:
         return web.Response(body=payload, content_type="application/json")
@@ -131,6 +133,22 @@ async def repository_unload(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def shm_status(request: web.Request) -> web.Response:
+    return _json(request.app[CORE].shm.status(request.match_info.get("region"), request.remote))
+
+
+async def shm_register(request: web.Request) -> web.Response:
+    body = parse_json(await _body(request))
+    request.app[CORE].shm.register(request.match_info["region"], body.get("key"), body.get("offset", 0),
+                                   body.get("byte_size"), request.remote)
+    return web.Response(status=200)
+
+
+async def shm_unregister(request: web.Request) -> web.Response:
+    request.app[CORE].shm.unregister(request.match_info.get("region"), request.remote)
+    return web.Response(status=200)
+
+
 async def metrics(request: web.Request) -> web.Response:
     core = request.app[CORE]
     for name, entry in core.repository.loaded.items():
@@ -159,6 +177,12 @@ def make_app(core: ServerCore, max_request_bytes: int) -> web.Application:
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{model}/load", repository_load)
     app.router.add_post("/v2/repository/models/{model}/unload", repository_unload)
+    shm, region = "/v2/systemsharedmemory", "/v2/systemsharedmemory/region/{region}"
+    app.router.add_get(shm + "/status", shm_status)
+    app.router.add_get(region + "/status", shm_status)
+    app.router.add_post(region + "/register", shm_register)
+    app.router.add_post(shm + "/unregister", shm_unregister)
+    app.router.add_post(region + "/unregister", shm_unregister)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app

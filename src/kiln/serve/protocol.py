@@ -1,7 +1,8 @@
 """KServe v2 request and response bodies: JSON tensors and the binary tensor extension.
 
 A tensor arrives as JSON values (``data``), as raw little-endian bytes (the binary extension's
-``binary_data_size`` over HTTP, ``raw_input_contents`` over gRPC), or as typed gRPC contents.
+``binary_data_size`` over HTTP, ``raw_input_contents`` over gRPC), as typed gRPC contents, or in a
+registered system shared-memory region (``shared_memory_region``; read when its batch is formed).
 Each is checked against the model's input (name, datatype, rank, fixed dims, element count)
 before any array is made; a request whose check fails never reaches a batch.
 """
@@ -16,6 +17,7 @@ import numpy as np
 
 from kiln.serve.errors import BadRequest
 from kiln.serve.model import ServedModel, TensorMeta
+from kiln.serve.shm import OutputSlot, ShmRegistry, ShmTensor, shm_input, shm_output
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 KINDS = {"BOOL": "b", "FP16": "biuf", "BF16": "biuf", "FP32": "biuf", "FP64": "biuf"}   # JSON kinds taken
@@ -27,17 +29,27 @@ class InferRequest:
 
     model: ServedModel
     id: str | None
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray | ShmTensor]
     outputs: list[str]
     binary: set[str] = field(default_factory=set)      # outputs to answer as binary (HTTP)
     timeout_s: float | None = None                     # what the request asked for, if anything
     rows: int = 0
     key: tuple = ()
+    shm_outputs: dict[str, OutputSlot] = field(default_factory=dict)   # outputs written into shared memory
+
+    def write_shm_outputs(self, results: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+        """Writes the outputs placed in shared memory; returns each one's parameters for the response."""
+        return {n: slot.write(n, np.asarray(results[n])) for n, slot in self.shm_outputs.items()}
+
+
+def wire_dtype(meta: TensorMeta) -> np.dtype:
+    """The input's dtype as the protocol carries it: little-endian."""
+    return meta.np_dtype.newbyteorder("<") if meta.np_dtype.byteorder not in "|" else meta.np_dtype
 
 
 def array_from_bytes(meta: TensorMeta, shape: tuple[int, ...], raw: bytes | memoryview) -> np.ndarray:
     """The tensor held by ``raw`` (row-major, little-endian), whose length must match the shape."""
-    dt = meta.np_dtype.newbyteorder("<") if meta.np_dtype.byteorder not in "|" else meta.np_dtype
+    dt = wire_dtype(meta)
     want = math.prod(shape) * dt.itemsize
     if len(raw) != want:
         raise BadRequest(f"Input {meta.name!r} ({meta.datatype} {list(shape)}) needs {want} bytes of data, got "
@@ -88,15 +100,16 @@ def timeout_param(params: dict[str, Any]) -> float | None:
     return t / 1e6
 
 
-def finish(model: ServedModel, req_id: Any, arrays: dict[str, np.ndarray], outputs: list[Any],
-           timeout_s: float | None, binary: set[str] | None = None) -> InferRequest:
+def finish(model: ServedModel, req_id: Any, arrays: dict[str, np.ndarray | ShmTensor], outputs: list[Any],
+           timeout_s: float | None, binary: set[str] | None = None,
+           shm_outputs: dict[str, OutputSlot] | None = None) -> InferRequest:
     """Checks the whole request against the model and returns it ready for the batcher."""
     if req_id is not None and not isinstance(req_id, str):
         raise BadRequest(f"The request id is a string, got {type(req_id).__name__}.")
     out = model.check_outputs(outputs)
     rows, key = model.check_request(arrays)
     arrays = {t.name: arrays[t.name] for t in model.inputs}
-    return InferRequest(model, req_id, arrays, out, binary or set(), timeout_s, rows, key)
+    return InferRequest(model, req_id, arrays, out, binary or set(), timeout_s, rows, key, shm_outputs or {})
 
 
 # ---- HTTP/REST ----------------------------------------------------------------------------------
@@ -111,8 +124,10 @@ def parse_json(text: bytes | memoryview) -> dict[str, Any]:
     return obj
 
 
-def decode_http(model: ServedModel, body: bytes, header_length: str | None) -> InferRequest:
-    """A v2 infer request body: JSON, then (binary extension) the binary tensors in input order."""
+def decode_http(model: ServedModel, body: bytes, header_length: str | None, shm: ShmRegistry | None = None,
+                peer: str | None = None) -> InferRequest:
+    """A v2 infer request body: JSON, then (binary extension) the binary tensors in input order; tensors
+    in shared memory name a region of ``shm`` (refused without one)."""
     if header_length is None:
         head, rest = body, memoryview(b"")
     else:
@@ -141,8 +156,14 @@ def decode_http(model: ServedModel, body: bytes, header_length: str | None) -> I
             raise BadRequest(f"Input {meta.name!r} of model {model.name!r} is {meta.datatype}, got datatype "
                              f"{entry.get('datatype')!r}.")
         shape = model.check_shape(meta, entry.get("shape"))
-        size = _params(entry, f"input {meta.name!r}").get("binary_data_size")
-        if size is not None:
+        params = _params(entry, f"input {meta.name!r}")
+        size = params.get("binary_data_size")
+        in_shm = shm_input(shm, peer, params, f"Input {meta.name!r}", shape, wire_dtype(meta))
+        if in_shm is not None:
+            if size is not None or "data" in entry:
+                raise BadRequest(f"Input {meta.name!r} is in shared memory and also carries data; send it one way.")
+            arrays[meta.name] = in_shm
+        elif size is not None:
             if type(size) is not int or size < 0:
                 raise BadRequest(f"binary_data_size of input {meta.name!r} is a byte count, got {size!r}.")
             if offset + size > len(rest):
@@ -159,7 +180,7 @@ def decode_http(model: ServedModel, body: bytes, header_length: str | None) -> I
                          f"declare each with binary_data_size.")
     params = _params(obj, "the request")
     all_binary = params.get("binary_data_output") is True
-    outputs, binary = [], set()
+    outputs, binary, slots = [], set(), {}
     requested = obj.get("outputs", [])
     if not isinstance(requested, list):
         raise BadRequest("\"outputs\" is a list of {\"name\": ...} objects.")
@@ -170,9 +191,12 @@ def decode_http(model: ServedModel, body: bytes, header_length: str | None) -> I
         if p.get("classification"):
             raise BadRequest("The classification extension is not supported; request the output tensor itself.")
         outputs.append(entry["name"])
-        if p.get("binary_data", all_binary) is True:
+        slot = shm_output(shm, peer, p, f"Output {entry['name']!r}")
+        if slot is not None:
+            slots[entry["name"]] = slot
+        elif p.get("binary_data", all_binary) is True:
             binary.add(entry["name"])
-    req = finish(model, obj.get("id"), arrays, outputs, timeout_param(params), binary)
+    req = finish(model, obj.get("id"), arrays, outputs, timeout_param(params), binary, slots)
     if all_binary and not requested:
         req.binary = set(req.outputs)
     return req
@@ -181,12 +205,15 @@ def decode_http(model: ServedModel, body: bytes, header_length: str | None) -> I
 def encode_http(req: InferRequest, results: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
     """The response body and, when binary tensors follow the JSON, the JSON part's length."""
     out_json, chunks = [], []
+    in_shm = req.write_shm_outputs(results)
     for meta in req.model.outputs:
         if meta.name not in req.outputs:
             continue
         arr = np.asarray(results[meta.name])
         entry: dict[str, Any] = {"name": meta.name, "datatype": meta.datatype, "shape": list(arr.shape)}
-        if meta.name in req.binary:
+        if meta.name in in_shm:
+            entry["parameters"] = in_shm[meta.name]
+        elif meta.name in req.binary:
             raw = np.ascontiguousarray(arr).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

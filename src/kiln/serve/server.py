@@ -25,6 +25,7 @@ class ServeConfig:
     grpc_port: int | None = 8001
     max_request_mb: float = 64.0
     drain_seconds: float = 30.0
+    system_shm: str = "local"             # who may use the system shared-memory extension (shm.MODES)
     model: ModelOptions = field(default_factory=ModelOptions)
 
     @property
@@ -64,7 +65,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
         except KilnError as exc:
             await repo.close()
             raise KilnError(str(exc)) from None
-    core = ServerCore(repo, repo.metrics)
+    core = ServerCore(repo, repo.metrics, config.system_shm)
     runner = grpc_server = None
     http_at = grpc_at = None
     try:

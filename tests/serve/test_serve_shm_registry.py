@@ -1,0 +1,150 @@
+"""The shared-memory registry in-process: keys, object kinds, peers, lifetimes, and reading into a batch."""
+from __future__ import annotations
+
+import os
+import uuid
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+
+from kiln.serve.errors import BadRequest
+from kiln.serve.shm import SHM_DIR, ShmRegistry, gather, grpc_peer_host, materialize, object_path
+
+if not os.path.isdir(SHM_DIR):
+    pytest.skip("needs POSIX shared memory (/dev/shm)", allow_module_level=True)
+LOCAL = "127.0.0.1"
+
+
+@pytest.fixture
+def obj():
+    o = shared_memory.SharedMemory(f"kiln-unit-{uuid.uuid4().hex[:12]}", create=True, size=256)
+    yield o
+    o.close()
+    o.unlink()
+
+
+@pytest.mark.parametrize("key", ["/a/b", "a/b", "/..", "..", "/.", "/", "/x\0y", "//x", "/" + "n" * 256])
+def test_keys_naming_anything_but_one_object_are_refused(key):
+    with pytest.raises(BadRequest, match="not one POSIX shared-memory object name"):
+        object_path(key)
+
+
+def test_keys_map_into_dev_shm():
+    assert object_path("/input0") == object_path("input0") == os.path.join(SHM_DIR, "input0")
+
+
+def test_fifos_and_links_are_refused_without_blocking():
+    """Opening a FIFO for reading would block the event loop forever; a link could lead out of /dev/shm."""
+    base = os.path.join(SHM_DIR, f"kiln-unit-{uuid.uuid4().hex[:12]}")
+    os.mkfifo(base + "-fifo")
+    os.symlink("/etc/hostname", base + "-link")
+    try:
+        reg = ShmRegistry()
+        with pytest.raises(BadRequest, match="is not a shared-memory object"):
+            reg.register("f", "/" + os.path.basename(base) + "-fifo", 0, 8, LOCAL)
+        with pytest.raises(BadRequest, match="Cannot open shared-memory object"):
+            reg.register("l", "/" + os.path.basename(base) + "-link", 0, 8, LOCAL)
+        assert reg.regions == {}
+    finally:
+        os.unlink(base + "-fifo")
+        os.unlink(base + "-link")
+
+
+@pytest.mark.parametrize("mode, peer, ok", [
+    ("local", "127.0.0.1", True), ("local", "::1", True), ("local", "::ffff:127.0.0.1", True),
+    ("local", "10.1.2.3", False), ("local", None, False), ("local", "not-an-address", False),
+    ("any", "10.1.2.3", True), ("off", "127.0.0.1", False),
+])
+def test_who_may_use_the_extension(obj, mode, peer, ok):
+    reg = ShmRegistry(mode)
+    if ok:
+        reg.register("r", "/" + obj.name, 0, 64, peer)
+        assert reg.status(None, peer) == [{"name": "r", "key": "/" + obj.name, "offset": 0, "byte_size": 64}]
+    else:
+        with pytest.raises(BadRequest, match="--system-shm"):
+            reg.register("r", "/" + obj.name, 0, 64, peer)
+        assert reg.regions == {}
+
+
+def test_grpc_peer_addresses():
+    assert grpc_peer_host("ipv4:127.0.0.1:5001") == "127.0.0.1"
+    assert grpc_peer_host("ipv6:[::1]:5001") == "::1"
+    assert grpc_peer_host("unix:/tmp/sock") is None
+
+
+def test_bad_offsets_and_sizes(obj):
+    reg = ShmRegistry()
+    for offset, size, words in [(-1, 8, "offset is a whole number"), (0, True, "byte_size is a whole number"),
+                                (0, 0, "byte_size 0"), (200, 57, "which has 256"), (0, 1.5, "byte_size is a whole")]:
+        with pytest.raises(BadRequest, match=words):
+            reg.register("r", "/" + obj.name, offset, size, LOCAL)
+    reg.register("r", "/" + obj.name, 200, 56, LOCAL)
+    params = {"shared_memory_region": "r", "shared_memory_byte_size": 8, "shared_memory_offset": 52}
+    with pytest.raises(BadRequest, match="lie outside shared-memory region 'r'"):
+        reg.input(params, "Input 'x'", (2,), np.dtype("<f4"), LOCAL)
+    with pytest.raises(BadRequest, match="give both"):
+        reg.input({"shared_memory_region": "r"}, "Input 'x'", (2,), np.dtype("<f4"), LOCAL)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_unregistered_region_lives_until_its_request_is_done(obj):
+    """A queued request holds its regions: unregistering them (even all of them) leaves the request's reads and
+    writes working, and the descriptor closes once the request lets go."""
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.ndarray(x.shape, x.dtype, buffer=obj.buf, offset=16)[...] = x
+    fds = _fds()
+    reg = ShmRegistry()
+    reg.register("in", "/" + obj.name, 16, 48, LOCAL)
+    reg.register("out", "/" + obj.name, 128, 128, LOCAL)
+    params = {"shared_memory_region": "in", "shared_memory_byte_size": 48}
+    tensor = reg.input(params, "Input 'x'", (3, 4), np.dtype("<f4"), LOCAL)
+    slot = reg.output({"shared_memory_region": "out", "shared_memory_byte_size": 128}, "Output 'y'", LOCAL)
+    assert _fds() == fds + 2
+    reg.unregister(None, LOCAL)
+    assert reg.regions == {}
+    np.testing.assert_array_equal(tensor.array(), x)
+    assert slot.write("y", x * 2) == {"shared_memory_region": "out", "shared_memory_byte_size": 48}
+    np.testing.assert_array_equal(np.ndarray((3, 4), np.float32, buffer=obj.buf, offset=128), x * 2)
+    del tensor, slot
+    assert _fds() == fds
+
+
+def test_gather_reads_each_part_once_into_the_batch(obj):
+    """Arrays and shared-memory inputs of one dtype concatenate along rows, as np.concatenate would."""
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.standard_normal((n, 3)).astype(np.float32) for n in (2, 1, 3))
+    np.ndarray(b.shape, b.dtype, buffer=obj.buf, offset=0)[...] = b
+    np.ndarray(c.shape, c.dtype, buffer=obj.buf, offset=100)[...] = c
+    reg = ShmRegistry()
+    reg.register("r", "/" + obj.name, 0, 256, LOCAL)
+    tb = reg.input({"shared_memory_region": "r", "shared_memory_byte_size": 12}, "b", (1, 3), np.dtype("<f4"), LOCAL)
+    tc = reg.input({"shared_memory_region": "r", "shared_memory_byte_size": 36, "shared_memory_offset": 100}, "c",
+                   (3, 3), np.dtype("<f4"), LOCAL)
+    np.testing.assert_array_equal(gather([a, tb, tc]), np.concatenate([a, b, c]))
+    feeds = materialize({"x": tc, "k": a})
+    np.testing.assert_array_equal(feeds["x"], c)
+    assert feeds["k"] is a
+
+
+def test_without_a_registry_shared_memory_is_refused(repo):
+    """The Ray Serve deployment decodes with no registry: a region name is an error, not ignored."""
+    import json
+
+    import kiln
+    from kiln.serve.model import ModelOptions, ServedModel
+    from kiln.serve.protocol import decode_http
+    model = ServedModel("mlp", kiln.load(str(repo[0] / "mlp.kiln")), ModelOptions())
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "parameters": {
+        "shared_memory_region": "r", "shared_memory_byte_size": 32}}]}).encode()
+    with pytest.raises(BadRequest, match="has no system shared memory"):
+        decode_http(model, body, None)
+
+
+@pytest.mark.parametrize("mode, advertised", [("local", True), ("any", True), ("off", False)])
+def test_extension_advertised_unless_off(mode, advertised):
+    from kiln.serve.core import ServerCore
+    assert ("system_shared_memory" in ServerCore(None, None, mode).server_metadata()["extensions"]) == advertised
