@@ -1,7 +1,8 @@
 """Load benchmark and soak for `kiln serve`, with NVIDIA's tritonclient as the client.
 
     python benchmarks/serve_bench.py sweep [--repo DIR --model NAME] [--protocols http,grpc]
-        [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--warmup 1] [--batching on,off] [--shape NAME:DIMS ...]
+        [--concurrency 1,2,4,8,16,32,64] [--seconds 5] [--warmup 1] [--batching on,off] [--shm off,on]
+        [--shape NAME:DIMS ...]
         [--server-flag=--instances=2 ...] [--engine-bench] [--json out.json]
     python benchmarks/serve_bench.py models --out DIR [--names resnet50,bert_base] [--precision fp16] [--max-batch 64]
     python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
@@ -13,6 +14,8 @@ concurrency C runs C closed-loop clients (threads spread over processes) sending
 with binary tensors (HTTP binary extension, gRPC raw contents) for --seconds after a warm-up. Prints
 throughput (inferences/s), p50/p90/p99 latency and the mean batch the server formed (from /metrics).
 Inputs are random, shaped from the model's metadata: -1 dims are 1 unless --shape gives them.
+--shm on: each client thread puts its inputs and outputs in POSIX shared memory (the system
+shared-memory extension: one object per thread, registered with the server) instead of the request.
 --engine-bench then times the engine itself (kiln.bench, as `kiln bench`) at the batch each point formed,
 and prints the server's throughput as a share of it, beside that batch's median engine latency.
 
@@ -141,8 +144,41 @@ def _inputs(meta: dict, shapes: dict[str, list[int]], rng: np.random.Generator) 
     return out
 
 
+class _ShmTensors:
+    """One client thread's inputs and outputs in a POSIX shared-memory object registered with the server."""
+
+    def __init__(self, client, tc, model: str, inputs: list, feeds: dict[str, np.ndarray], tag: str) -> None:
+        from multiprocessing import shared_memory
+        first = client.infer(model, inputs)                     # the output sizes, from one request in the body
+        outs = first.get_response()["outputs"] if isinstance(first.get_response(), dict) else [
+            {"name": o.name} for o in first.get_response().outputs]
+        sizes = {o["name"]: first.as_numpy(o["name"]).nbytes for o in outs}
+        total = sum(a.nbytes for a in feeds.values()) + sum(sizes.values())
+        self.client, self.name = client, tag
+        self.obj = shared_memory.SharedMemory(f"kiln-bench-{tag}", create=True, size=total)
+        client.register_system_shared_memory(tag, "/" + self.obj.name, total)
+        self.inputs, self.outputs, offset = [], [], 0
+        for t in inputs:
+            a = feeds[t.name()]
+            np.ndarray(a.shape, a.dtype, buffer=self.obj.buf, offset=offset)[...] = a
+            i = tc.InferInput(t.name(), list(a.shape), t.datatype())
+            i.set_shared_memory(tag, a.nbytes, offset)
+            self.inputs.append(i)
+            offset += a.nbytes
+        for name, n in sizes.items():
+            o = tc.InferRequestedOutput(name)
+            o.set_shared_memory(tag, n, offset)
+            self.outputs.append(o)
+            offset += n
+
+    def close(self) -> None:
+        self.client.unregister_system_shared_memory(self.name)
+        self.obj.close()
+        self.obj.unlink()
+
+
 def _client_process(protocol: str, at: str, model: str, threads: int, seconds: float, warmup: float,
-                    shapes: dict, queue) -> None:
+                    shapes: dict, queue, shm: bool = False) -> None:
     """Closed-loop clients on threads; puts the latencies (s) of requests that finished after the warm-up."""
     if protocol == "http":
         import tritonclient.http as tc
@@ -168,6 +204,9 @@ def _client_process(protocol: str, at: str, model: str, threads: int, seconds: f
             inputs.append(i)
         outputs = ([tc.InferRequestedOutput(t["name"], binary_data=True) for t in meta["outputs"]]
                    if protocol == "http" else None)
+        placed = _ShmTensors(client, tc, model, inputs, feeds, f"{os.getpid()}-{k}") if shm else None
+        if placed is not None:
+            inputs, outputs = placed.inputs, placed.outputs
         mine = []
         while True:
             t0 = time.perf_counter()
@@ -184,6 +223,8 @@ def _client_process(protocol: str, at: str, model: str, threads: int, seconds: f
                 mine.append(t1 - t0)
         with lock:
             lat.extend(mine)
+        if placed is not None:
+            placed.close()
         client.close()
     ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
     for t in ts:
@@ -194,12 +235,12 @@ def _client_process(protocol: str, at: str, model: str, threads: int, seconds: f
 
 
 def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: float, shapes: dict,
-             processes: int, warmup: float = 1.0, rows: int = 1) -> dict:
+             processes: int, warmup: float = 1.0, rows: int = 1, shm: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = min(processes, concurrency)
     split = [concurrency // procs + (1 if k < concurrency % procs else 0) for k in range(procs)]
-    ps = [ctx.Process(target=_client_process, args=(protocol, at, model, n, seconds, warmup, shapes, q))
+    ps = [ctx.Process(target=_client_process, args=(protocol, at, model, n, seconds, warmup, shapes, q, shm))
           for n in split]
     for p in ps:
         p.start()
@@ -211,7 +252,7 @@ def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: floa
     for p in ps:
         p.join()
     a = np.asarray(lat) * 1e3
-    return {"protocol": protocol, "concurrency": concurrency, "requests": len(lat), "errors": errors,
+    return {"protocol": protocol, "concurrency": concurrency, "shm": shm, "requests": len(lat), "errors": errors,
             "infer_per_s": len(lat) * rows / seconds,
             **({f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)} if len(a) else {})}
 
@@ -236,21 +277,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 dims = {t["name"]: shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
                         for t in meta["inputs"]}
                 per_request = next(iter(dims.values()))[0] if next(iter(dims.values())) else 1
-                for protocol in args.protocols.split(","):
-                    for c in (int(x) for x in args.concurrency.split(",")):
-                        before = server.metrics()
-                        r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,
-                                     args.seconds, shapes, args.processes, args.warmup, per_request)
-                        after = server.metrics()
-                        m = f'kiln_batch_size_{{}}{{{{model="{model}"'
-                        n = _metric(after, m.format("count")) - _metric(before, m.format("count"))
-                        rs = _metric(after, m.format("sum")) - _metric(before, m.format("sum"))
-                        r.update(batching=batching, mean_batch=rs / n if n else float("nan"))
-                        rows.append(r)
-                        print(f"{protocol:4} batching {batching:3} c={c:3}  {r['infer_per_s']:9.1f} infer/s  "
-                              f"p50 {r.get('p50_ms', float('nan')):7.2f}  p90 {r.get('p90_ms', float('nan')):7.2f}  "
-                              f"p99 {r.get('p99_ms', float('nan')):7.2f} ms  mean batch {r['mean_batch']:5.1f}  "
-                              f"errors {r['errors']}", flush=True)
+                points = [(protocol, shm, int(c)) for protocol in args.protocols.split(",")
+                          for shm in args.shm.split(",") for c in args.concurrency.split(",")]
+                for protocol, shm, c in points:
+                    before = server.metrics()
+                    r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,
+                                 args.seconds, shapes, args.processes, args.warmup, per_request, shm == "on")
+                    after = server.metrics()
+                    m = f'kiln_batch_size_{{}}{{{{model="{model}"'
+                    n = _metric(after, m.format("count")) - _metric(before, m.format("count"))
+                    rs = _metric(after, m.format("sum")) - _metric(before, m.format("sum"))
+                    r.update(batching=batching, mean_batch=rs / n if n else float("nan"))
+                    rows.append(r)
+                    print(f"{protocol:4} shm {shm:3} batching {batching:3} c={c:3}  {r['infer_per_s']:9.1f} infer/s  "
+                          f"p50 {r.get('p50_ms', float('nan')):7.2f}  p90 {r.get('p90_ms', float('nan')):7.2f}  "
+                          f"p99 {r.get('p99_ms', float('nan')):7.2f} ms  mean batch {r['mean_batch']:5.1f}  "
+                          f"errors {r['errors']}", flush=True)
             finally:
                 server.stop()
         if args.engine_bench:
@@ -274,7 +316,7 @@ def engine_bench(path: Path, rows: list[dict], dims: dict[str, list[int]], secon
         res = done[b]
         r.update(engine_batch=b, engine_items_per_s=res["throughput_items_per_s"],
                  engine_median_ms=res["latency_ms"]["median"], vs_engine=r["infer_per_s"] / res["throughput_items_per_s"])
-        print(f"{r['protocol']:4} batching {r['batching']:3} c={r['concurrency']:3}  {r['infer_per_s']:9.1f} infer/s = "
+        print(f"{r['protocol']:4} shm {'on' if r['shm'] else 'off':3} batching {r['batching']:3} c={r['concurrency']:3}  {r['infer_per_s']:9.1f} infer/s = "
               f"{100 * r['vs_engine']:5.1f}% of the engine at batch {b} ({res['throughput_items_per_s']:.1f}/s, "
               f"median {res['latency_ms']['median']:.3f} ms); p99 {r.get('p99_ms', float('nan')):.2f} ms", flush=True)
 
@@ -457,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seconds", type=float, default=5.0)
     s.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring, per point")
     s.add_argument("--batching", default="on,off")
+    s.add_argument("--shm", default="off", help="off, on or off,on: clients put tensors in system shared memory")
     s.add_argument("--shape", action="append", help="NAME:DIMS (e.g. input_ids:1x128) for an input's -1 dims")
     s.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     s.add_argument("--server-flag", action="append", help="extra kiln serve flag, e.g. --server-flag=--instances=2")
