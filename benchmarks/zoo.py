@@ -283,8 +283,9 @@ class AnchorDetect(nn.Module):
         return torch.cat(z, 1)
 
     def _grid(self, i: int, ny, nx) -> tuple[torch.Tensor, torch.Tensor]:
-        yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32), torch.arange(nx, dtype=torch.float32),
-                                indexing="ij")
+        dev = self.anchors.device          # the model's device (a grid made on the CPU breaks a CUDA run)
+        yv, xv = torch.meshgrid(torch.arange(ny, dtype=torch.float32, device=dev),
+                                torch.arange(nx, dtype=torch.float32, device=dev), indexing="ij")
         grid = torch.stack((xv, yv), 2).expand(1, self.na, ny, nx, 2) - 0.5
         return grid, self.anchors[i].view(1, self.na, 1, 1, 2).expand(1, self.na, ny, nx, 2)
 
