@@ -1,6 +1,8 @@
 """A YOLOv5 detector exported with dynamic image size (its Detect grids made from each feature map's shape, as
 YOLOv5's ``export --dynamic`` writes them): one range engine over batch and image size runs at sizes across the
-range and matches ONNX Runtime there. It does not yet have the static engine's layers (the xfail below)."""
+range and matches ONNX Runtime there. It has the static engine's layers: each head's grids, which depend on the
+image size, are one ShapeConstant layer computed once per input shape, and the box arithmetic reading them is
+fused into Pointwise layers as in the static engine."""
 from __future__ import annotations
 
 import io
@@ -50,3 +52,21 @@ def test_yolo_range_engine_matches_onnxruntime(yolo, engine, shape):
 
 def test_yolo_range_engine_has_the_static_engines_layers(yolo, engine):
     _same_layers(engine, _build(yolo, {"images": (2, 3, 96, 96)}))
+
+
+def test_yolo_grids_are_computed_once_per_image_size(engine):
+    ctx = engine.context()
+    steps = [s for s in ctx.program.steps if s.kind == "ShapeConstant"]
+    assert len(steps) == 3                              # one per Detect head
+    calls = []
+    for step in steps:
+        def counted(*xs, body=step.fn.fn, name=step.name):
+            calls.append((name, tuple(xs[0].shape[2:])))
+            return body(*xs)
+        step.fn.fn = counted
+    small, wide = np.zeros((1, 3, 64, 64), np.float32), np.zeros((2, 3, 96, 128), np.float32)
+    for x in (small, small, wide, wide, small):
+        ctx.run({"images": x})
+    # each head's feature map at stride 8, 16, 32: computed at the first run of each size only
+    assert sorted(calls) == sorted((s.name, (h // k, w // k)) for s, k in zip(steps, (8, 16, 32))
+                                   for h, w in ((64, 64), (96, 128)))

@@ -69,6 +69,9 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
             if v is UNKNOWN:
                 break
             args.append(v)
+        if layer.kind == "ShapeConstant" and len(args) == len(layer.inputs):
+            _shape_constant(layer, args, vals, strict)
+            continue
         if len(args) < len(layer.inputs) or LAYER_KINDS[layer.kind].control_flow or any(subgraphs(layer)):
             for o in layer.outputs:
                 vals[o.name] = UNKNOWN
@@ -119,6 +122,15 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
         for o, v in zip(layer.outputs, outs):
             vals[o.name] = v
     return vals
+
+
+def _shape_constant(layer, args: list, vals: dict[str, Any], strict: bool) -> None:
+    """A ShapeConstant's outputs: its body evaluated at its inputs' shapes (all the body reads of them)."""
+    body = layer.attrs["body"]
+    sub = _evaluate(body, {t.name: tuple(a.shape) for t, a in zip(body.inputs, args)}, strict,
+                    {t.name: vals.get(t.name, UNKNOWN) for t in outer_reads(body)})
+    for o, b in zip(layer.outputs, body.outputs):
+        vals[o.name] = sub.get(b.name, UNKNOWN)
 
 
 # Output shapes of device layers, keyed by kind, attributes and input shapes: on meta tensors a layer's

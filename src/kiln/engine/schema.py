@@ -244,7 +244,7 @@ def _io(entries: Any, what: str) -> dict[str, Any]:
 
 
 def _body_arity(kind: str, attrs: dict, layer: dict) -> str | None:
-    """How a control-flow layer's bodies disagree with its own inputs and outputs (a phrase), or None."""
+    """How a layer's bodies (control flow, ShapeConstant) disagree with its own inputs and outputs (a phrase), or None."""
     def io(name: str) -> tuple[int, int]:
         plan = attrs[name]["__graph__"]
         return len(plan["inputs"]), len(plan["outputs"])
@@ -262,6 +262,10 @@ def _body_arity(kind: str, attrs: dict, layer: dict) -> str | None:
                     f"and {n_out} layer outputs")
     elif kind == "Scan" and "body" in attrs and io("body")[1] != n_out:
         return f"body gives {io('body')[1]} outputs; the layer has {n_out}"
+    elif kind == "ShapeConstant" and "body" in attrs \
+            and io("body") != (attrs.get("num_inputs", len(layer["inputs"])), n_out):
+        return (f"body takes {io('body')[0]} inputs and gives {io('body')[1]} outputs; the layer has "
+                f"{attrs.get('num_inputs', len(layer['inputs']))} and {n_out}")
     return None
 
 

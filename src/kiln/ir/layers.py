@@ -454,6 +454,9 @@ define_layer("Cast", 1, 1, "convert to another data type", attrs={
 define_layer("Shape", 1, 1, "the input's shape as int64 (host)",
              attrs={"start": attr("int", 0), "end": attr("int", None)}, host="always")
 define_layer("Size", 1, 1, "element count as int64 scalar (host)", host="always")
+define_layer("ShapeConstant", 1, VARIADIC, "tensors that are functions of the inputs' shapes alone (body: a Network "
+             "over inputs of those shapes that reads only their shapes); the runtime computes them once per input "
+             "shape and keeps them", attrs={"body": attr("graph"), **_SUBGRAPH}, host="always")
 define_layer("TopK", 2, 2, "x, k; outputs values, indices", host_inputs=(1,), attrs={
     "axis": attr("int", -1), "largest": attr("bool", True), "sorted": attr("bool", True)})
 define_layer("If", 1, 1, "cond; then_branch, else_branch (Networks); a constant cond is folded at build", attrs={

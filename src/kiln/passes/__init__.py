@@ -30,8 +30,9 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_projection import FuseProjectionShortcuts
     from kiln.passes.fuse_shuffles import FuseShuffles
     from kiln.passes.fuse_stem_pool import FuseStemPool
+    from kiln.passes.shape_constants import FoldShapeConstants
     from kiln.passes.sink_shuffles import SinkShuffles
-    return [EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
+    return [FoldShapeConstants(), EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
             SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear(),
             FuseProjectionShortcuts(), FuseConvChains()]
 

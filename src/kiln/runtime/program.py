@@ -23,6 +23,7 @@ from kiln.ir.dtypes import np_dtype, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, Tactic, get_tactic
 from kiln.runtime.concat_elision import elide_concats
+from kiln.runtime.shape_cache import cached_per_shape
 
 
 class Step:
@@ -175,7 +176,7 @@ class Program:
         in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
         ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
                             input_dtypes=in_dtypes, output_dtypes=out_dtypes)
-        fn = tac.make(attrs, ctx)
+        fn = cached_per_shape(kind, tac.make(attrs, ctx), self)
         host_pos = set(LAYER_KINDS[kind].host_inputs)
         targets = []
         reads_metadata = LAYER_KINDS[kind].host == "always"     # Shape, Size: only the input's shape is read

@@ -1,0 +1,54 @@
+"""Shape-derived constants at run time: a ShapeConstant step's outputs, kept per input shape.
+
+A ShapeConstant layer (passes/shape_constants.py) computes tensors from its inputs' shapes alone: a
+detector's grids built with Range over a feature map's size, positions ``0..S``, reshape targets. Its
+step runs the layer's body at the first run of an input shape and, at later runs of that shape, returns
+the outputs it kept: a lookup keyed by the inputs' shapes (host ints; no device sync, no kernel).
+
+The cache follows the CUDA-graph cache's policy (runtime/graphs.py): at most ``graph_cache_size()``
+input shapes per step ($KILN_GRAPH_CACHE, else 16), the least recently run shape dropped first. A CUDA
+graph recorded at a shape reads the kept tensors where they are: while a graph is recorded
+(``Program.move_mode == "replay"``) the step adds the outputs it returns to the program's move cache,
+which the graph's cache entry keeps alive, so they stay valid for as long as that graph is cached, even
+once this cache has dropped them. Readers must not write into them (no kernel writes into its inputs).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from kiln.runtime.graphs import graph_cache_size
+
+KIND = "ShapeConstant"
+PINNED = "shape constants"      # the move-cache key under which a recorded graph keeps what it reads
+
+
+class ShapeCache:
+    """A step function that computes ``fn`` once per input-shape key and returns the kept outputs after.
+    ``computed`` counts the computations (cache misses)."""
+
+    __slots__ = ("fn", "program", "size", "entries", "computed")
+
+    def __init__(self, fn: Callable[..., tuple], program: Any, size: int | None = None) -> None:
+        self.fn, self.program = fn, program
+        self.size = graph_cache_size(size)
+        self.entries: dict[tuple, tuple] = {}       # least recently run first
+        self.computed = 0
+
+    def __call__(self, *xs: Any) -> tuple:
+        key = tuple(x.shape for x in xs)
+        entries = self.entries
+        outs = entries.pop(key, None)
+        if outs is None:
+            outs = tuple(self.fn(*xs))
+            self.computed += 1
+            while len(entries) >= self.size:
+                del entries[next(iter(entries))]
+        entries[key] = outs
+        if self.program.move_mode == "replay":
+            self.program.move_cache.setdefault(PINNED, []).append(outs)
+        return outs
+
+
+def cached_per_shape(kind: str, fn: Callable[..., tuple], program: Any) -> Callable[..., tuple]:
+    """``fn`` wrapped in a ShapeCache for a ShapeConstant step; any other step's ``fn`` as it is."""
+    return ShapeCache(fn, program) if kind == KIND else fn

@@ -1,0 +1,144 @@
+"""Shape-derived constants (passes/shape_constants.py, runtime/shape_cache.py): in a range engine the layers
+that compute from shapes alone (a grid made with Range over a feature map's size) become one ShapeConstant
+layer, computed once per input shape; the arithmetic reading it fuses as in the static engine, and the
+outputs match numpy across the range. The engine file keeps the layer kind (schema-checked)."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.errors import EngineFormatError
+from kiln.passes.shape_constants import FoldShapeConstants
+from test_symbolic_shapes import _build, _same_layers
+
+RANGE = {"x": ((1, 2, 3, 3), (2, 2, 5, 7), (2, 2, 9, 9))}
+SHAPES = [(1, 2, 3, 3), (2, 2, 5, 7), (1, 2, 9, 4), (2, 2, 9, 9)]
+
+
+class _Grid(torch.nn.Module):
+    """YOLO's box decode on a grid made from the input's own size: ``(2·sigmoid(x) + grid - 0.5)·4``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        yv, xv = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        grid = torch.stack((xv, yv), 0).unsqueeze(0) - 0.5
+        return (x.sigmoid() * 2 + grid) * 4
+
+
+def _reference(x: np.ndarray) -> np.ndarray:
+    """numpy, in float64: the grid from np.indices."""
+    iy, ix = np.indices(x.shape[2:], dtype=np.float64)
+    grid = np.stack((ix, iy))[None] - 0.5
+    return (2 / (1 + np.exp(-x.astype(np.float64))) + grid) * 4
+
+
+@pytest.fixture(scope="module")
+def model() -> bytes:
+    f = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Grid(), (torch.randn(1, 2, 5, 7),), f, input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False, dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    return f.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return _build(model, RANGE)
+
+
+def _shape_steps(ctx) -> list:
+    return [s for s in ctx.program.steps if s.kind == "ShapeConstant"]
+
+
+def test_the_grid_is_one_shape_constant_read_by_the_fused_decode(model, engine):
+    kinds = [layer["kind"] for layer in engine.layers]
+    assert kinds.count("ShapeConstant") == 1 and not {"Shape", "Range", "Expand", "Concatenation"} & set(kinds)
+    grid = next(layer for layer in engine.layers if layer["kind"] == "ShapeConstant")["outputs"]
+    fused = [layer for layer in engine.layers if layer["kind"] == "Pointwise"]
+    assert len(fused) == 1 and set(grid) <= set(fused[0]["inputs"])
+    _same_layers(engine, _build(model, {"x": (2, 2, 5, 7)}))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_numpy_across_the_range(engine, shape):
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    got = engine.context().run({"x": x})["y"]
+    # |y| <= 4·(2 + 9) = 44; float32 rounding of sigmoid, one add and one multiply stays far below 1e-5 of it
+    np.testing.assert_allclose(got, _reference(x), rtol=0, atol=44 * 1e-6)
+
+
+def test_computed_once_per_shape(engine):
+    ctx = engine.context()
+    (step,) = _shape_steps(ctx)
+    calls = []
+    body = step.fn.fn
+
+    def counted(*xs):
+        calls.append(tuple(xs[0].shape))       # the input whose shape it reads (the constants it reads follow)
+        return body(*xs)
+    step.fn.fn = counted
+    a, b = (np.ones(s, np.float32) for s in ((1, 2, 3, 3), (2, 2, 5, 7)))
+    first = ctx.run({"x": a})["y"]
+    for _ in range(3):
+        np.testing.assert_array_equal(ctx.run({"x": a})["y"], first)
+    assert len(calls) == 1
+    ctx.run({"x": b})
+    ctx.run({"x": b * 0})       # the same shape, other values: nothing to compute
+    assert calls == [(1, 2, 3, 3), (2, 2, 5, 7)]
+    np.testing.assert_array_equal(ctx.run({"x": a})["y"], first)
+    assert len(calls) == 2
+
+
+def test_the_engine_file_keeps_the_layer(engine, tmp_path):
+    path = tmp_path / "grid.kiln"
+    engine.save(path)
+    loaded = kiln.load(path)
+    assert [layer["kind"] for layer in loaded.layers] == [layer["kind"] for layer in engine.layers]
+    for shape in SHAPES[1:3]:
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(loaded.context().run({"x": x})["y"], engine.context().run({"x": x})["y"])
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda sc: sc["attrs"]["body"]["__graph__"]["outputs"].pop(), "body takes 1 inputs and gives 0 outputs"),
+    (lambda sc: sc["attrs"].update(shapes=[1]), "unknown attribute 'shapes'"),
+    (lambda sc: sc["attrs"]["body"]["__graph__"]["layers"][0].update(kind="Bogus"), "unknown kind 'Bogus'"),
+])
+def test_a_forged_shape_constant_is_refused(engine, tmp_path, edit, why):
+    from kiln.engine.format import read_engine, write_engine
+    engine.save(tmp_path / "ok.kiln")
+    header, weights = read_engine(str(tmp_path / "ok.kiln"))
+    header = {k: v for k, v in header.items() if k != "weights"}
+    edit(next(layer for layer in header["plan"]["layers"] if layer["kind"] == "ShapeConstant"))
+    write_engine(str(tmp_path / "bad.kiln"), header, weights)
+    with pytest.raises(EngineFormatError) as info:
+        kiln.load(tmp_path / "bad.kiln")
+    msg = str(info.value)
+    assert "\n" not in msg and why in msg and "kiln build" in msg, msg
+
+
+def test_a_group_that_would_close_a_cycle_stays():
+    """``r = Range(dim 0 of x)`` is read by ``y = x + r``, and ``Concat(Shape(x), Shape(y))`` links both shapes
+    into one group: one layer for it would have to run both before and after ``y``."""
+    net = kiln.Network("cycle")
+    x = net.add_input("x", "float32", ("n",))
+    shape_x = net.add_layer("Shape", [x], output_dtypes=["int64"])
+    n = net.add_layer("Cast", [shape_x.outputs[0]], {"to": "float32"}, output_dtypes=["float32"])
+    r = net.add_layer("Range", [net.add_constant(np.float32(0)), net.add_layer(
+        "Squeeze", [n.outputs[0]], {"axes": [0]}).outputs[0], net.add_constant(np.float32(1))])
+    y = net.add_layer("ElementWise", [x, r.outputs[0]], {"op": "sum"})
+    shape_y = net.add_layer("Shape", [y.outputs[0]], output_dtypes=["int64"])
+    both = net.add_layer("Concatenation", [shape_x.outputs[0], shape_y.outputs[0]], {"axis": 0},
+                         output_dtypes=["int64"])
+    z = net.add_layer("Expand", [y.outputs[0], both.outputs[0]])
+    net.mark_output(z.outputs[0], "z")
+    before = [layer.kind for layer in net.layers]
+    assert not FoldShapeConstants()(net).modified
+    assert [layer.kind for layer in net.layers] == before
