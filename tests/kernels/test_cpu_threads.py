@@ -92,6 +92,7 @@ def _engine(path: Path):
     onnx_path = path / "mm.onnx"
     onnx_path.write_bytes(model.SerializeToString())
     engine = kiln.build(kiln.onnx.parse(str(onnx_path)), kiln.BuildConfig(device="cpu"))
+    engine.header["build"].pop("cpu_threads", None)     # the build's own choice is tested on its own below
     ref = np.maximum(np.ones((4, 16), np.float32) @ numpy_helper.to_array(w), 0)
     return engine, ref
 
@@ -119,6 +120,25 @@ def test_context_runs_on_its_thread_count(tmp_path, restore_threads):
     assert torch.get_num_threads() == 2
     with pytest.raises(KilnError, match="at least 1"):
         engine.context(threads=0)
+
+
+def test_context_runs_on_the_thread_count_its_build_chose(tmp_path, restore_threads):
+    """An engine whose build chose a thread count (``build.cpu_threads``) runs on it by default; a context's
+    ``threads`` and the process default (``--threads``) still win; the choice is capped at the usable cores."""
+    engine, ref = _engine(tmp_path)
+    x = {"x": np.ones((4, 16), np.float32)}
+    engine.header["build"]["cpu_threads"] = 1
+    torch.set_num_threads(3)
+    ctx = engine.context()
+    np.testing.assert_allclose(ctx.run(x)["y"], ref, rtol=1e-5, atol=1e-5)
+    assert ctx.run_threads == torch.get_num_threads() == 1
+    assert engine.context(threads=2).run_threads == 2
+    engine.header["build"]["cpu_threads"] = 4096
+    assert engine.context().run_threads == usable_cores()
+    set_default_threads(2)
+    engine.header["build"]["cpu_threads"] = 1
+    engine.context().run(x)
+    assert torch.get_num_threads() == 2
 
 
 def test_cli_threads(tmp_path):

@@ -139,7 +139,14 @@ def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
                                        **network.metadata.get("quantization", {})}} if config.quantize else {})},
         "plan": plan,
     }
-    return Engine(header, weights)
+    engine = Engine(header, weights)
+    if device == "cpu":
+        from kiln.builder.threads import choose_threads
+        from kiln.kernels.cpu_threads import threads_overridden, usable_cores
+        choice = None if threads_overridden() else choose_threads(engine, usable_cores())
+        if choice is not None:
+            engine.header["build"]["cpu_threads"] = choice
+    return engine
 
 
 def _apply_profiles(net: Network, profiles: list[Profile]) -> None:

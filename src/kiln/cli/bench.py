@@ -62,8 +62,7 @@ class Bench(Tool):
             inputs = res.pop("_inputs")
             res.pop("_ctx")
             if engine.device == "cpu":
-                from kiln.kernels.cpu_threads import default_threads
-                res["threads"] = ctx.threads or default_threads()
+                res["threads"] = ctx.run_threads
             sweep.append(res)
         if len(sweep) > 1:
             if args.json:

@@ -149,6 +149,8 @@ def _build(b: Any) -> None:
     _opt(b, "seconds", (int, float), "build section")
     _opt(b, "optimization_level", (int,), "build section")
     _opt(b, "cuda_graph", (bool,), "build section")
+    _need("cpu_threads" not in b or (_is_int(b["cpu_threads"], 1) and b["cpu_threads"] <= 4096),
+          "build section 'cpu_threads' must be an int from 1 to 4096")
     for key in ("source", "command"):
         _opt(b, key, (str, type(None)), "build section")
     if "fp32_layers" in b:

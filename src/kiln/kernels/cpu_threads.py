@@ -87,9 +87,17 @@ def _detected() -> int:
     return usable_cores()
 
 
-def default_threads() -> int:
-    """The thread count CPU engines use when none is given: set_default_threads's, else usable_cores()."""
-    return _override if _override is not None else _detected()
+def default_threads(engine_choice: int | None = None) -> int:
+    """The thread count CPU engines use when none is given: set_default_threads's, else the engine's own
+    (``engine_choice``, chosen at its build; at most usable_cores()), else usable_cores()."""
+    if _override is not None:
+        return _override
+    return min(engine_choice, _detected()) if engine_choice else _detected()
+
+
+def threads_overridden() -> bool:
+    """Whether set_default_threads fixed the thread count for this process (``--threads``)."""
+    return _override is not None
 
 
 def set_default_threads(n: int | None) -> None:

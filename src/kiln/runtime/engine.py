@@ -113,7 +113,7 @@ class Engine:
                 graph_cache: int | None = None) -> "ExecutionContext":
         """A new execution context (its own activations). Contexts are thread-safe; one per thread
         runs in parallel. ``cuda_graph=False`` runs eagerly, layer by layer (for debugging).
-        ``threads``: CPU threads its runs use (default: kiln.kernels.cpu_threads.default_threads()).
+        ``threads``: CPU threads its runs use (default: ``ExecutionContext.run_threads``).
         ``graph_cache``: how many input shapes keep a recorded CUDA graph (see the module docstring)."""
         return ExecutionContext(self, cuda_graph=cuda_graph, threads=threads, graph_cache=graph_cache)
 
@@ -171,6 +171,7 @@ class ExecutionContext:
         self._ranges = {n: [(p[n]["min"], p[n]["max"]) for p in engine.profiles if n in p] for n in self._inputs}
         self._sets_threads = engine.device == "cpu" or self.threads is not None
         self._default_threads, self._apply_threads = default_threads, use_threads
+        self._engine_threads = engine.header.get("build", {}).get("cpu_threads")     # chosen at build
         self._no_grad = torch.inference_mode()          # entered by one run at a time (under the lock)
         self._device = torch.device(engine.device)
         self.buckets = BucketTable(engine.header, list(self._inputs)) if "buckets" in engine.header else None
@@ -214,10 +215,16 @@ class ExecutionContext:
                                                    for t in tensors]))
         self._use_threads()
 
+    @property
+    def run_threads(self) -> int:
+        """The CPU thread count this context's runs use: its ``threads``, else ``--threads``'s process default,
+        else the count the engine's build chose, else the usable cores."""
+        return self.threads or self._default_threads(self._engine_threads)
+
     def _use_threads(self) -> None:
         """CPU engines (and any context given ``threads``) run on their thread count."""
         if self._sets_threads:
-            self._apply_threads(self.threads or self._default_threads())
+            self._apply_threads(self.run_threads)
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         spec = self._inputs[name]
