@@ -277,8 +277,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 dims = {t["name"]: shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
                         for t in meta["inputs"]}
                 per_request = next(iter(dims.values()))[0] if next(iter(dims.values())) else 1
-                points = [(protocol, shm, int(c)) for protocol in args.protocols.split(",")
-                          for shm in args.shm.split(",") for c in args.concurrency.split(",")]
+                points = [(protocol, shm, int(c)) for protocol in args.protocols.split(",")    # shm off/on side by side
+                          for c in args.concurrency.split(",") for shm in args.shm.split(",")]
                 for protocol, shm, c in points:
                     before = server.metrics()
                     r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,

@@ -70,6 +70,13 @@ def objects():
         made.destroy(key)
 
 
+@pytest.fixture(scope="module")
+def mlp_context(repo):
+    """An execution context of the served mlp.kiln, in this process."""
+    import kiln
+    return kiln.load(str(repo[0] / "mlp.kiln")).context()
+
+
 def _in(module, name: str, x: np.ndarray, region: str, offset: int = 0, nbytes: int | None = None):
     i = module.InferInput(name, list(x.shape), {np.float32: "FP32", np.int64: "INT64"}[x.dtype.type])
     i.set_shared_memory(region, x.nbytes if nbytes is None else nbytes, offset)
@@ -91,7 +98,7 @@ def _error(call) -> str:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_register_infer_status_unregister(protocol, http, grpc_, repo, objects):
+def test_register_infer_status_unregister(protocol, http, grpc_, repo, objects, mlp_context):
     client, module = (http, httpclient) if protocol == "http" else (grpc_, grpcclient)
     x = np.random.default_rng(31).standard_normal((3, 8)).astype(np.float32)
     in_key, in_handle = objects.make("in", 256)
@@ -106,6 +113,7 @@ def test_register_infer_status_unregister(protocol, http, grpc_, repo, objects):
         repo[1].check(x, y)
         plain = client.infer("mlp", [module.InferInput("x", [3, 8], "FP32").set_data_from_numpy(x)])
         np.testing.assert_array_equal(y, plain.as_numpy("y"))         # the same engine run as the body path
+        np.testing.assert_array_equal(y, mlp_context.run({"x": x})["y"])   # and as the engine run here
         out = r.get_output("y")
         shape = out["shape"] if protocol == "http" else list(out.shape)
         assert shape == [3, 4]

@@ -148,3 +148,16 @@ def test_without_a_registry_shared_memory_is_refused(repo):
 def test_extension_advertised_unless_off(mode, advertised):
     from kiln.serve.core import ServerCore
     assert ("system_shared_memory" in ServerCore(None, None, mode).server_metadata()["extensions"]) == advertised
+
+
+def test_region_count_is_bounded(obj, monkeypatch):
+    import kiln.serve.shm as shm_mod
+    monkeypatch.setattr(shm_mod, "MAX_REGIONS", 2)
+    reg = ShmRegistry()
+    reg.register("a", "/" + obj.name, 0, 8, LOCAL)
+    reg.register("b", "/" + obj.name, 8, 8, LOCAL)
+    with pytest.raises(BadRequest, match="2 shared-memory regions are registered"):
+        reg.register("c", "/" + obj.name, 16, 8, LOCAL)
+    reg.unregister("a", LOCAL)
+    reg.register("c", "/" + obj.name, 16, 8, LOCAL)
+    assert sorted(reg.regions) == ["b", "c"]

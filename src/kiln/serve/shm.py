@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.serve.errors import BadRequest, TooLarge
+from kiln.serve.errors import BadRequest
 
 SHM_DIR = "/dev/shm"
 MAX_REGIONS = 1024                      # registered at once (each holds one file descriptor)
@@ -197,7 +197,7 @@ class ShmRegistry:
             raise BadRequest(f"Shared-memory region {name!r} is already registered; unregister it first or pick "
                              f"another name.")
         if len(self.regions) >= MAX_REGIONS:
-            raise TooLarge(f"{MAX_REGIONS} shared-memory regions are registered, the most this server holds; "
+            raise BadRequest(f"{MAX_REGIONS} shared-memory regions are registered, the most this server holds; "
                            f"unregister some first.")
         offset, byte_size = _whole(offset, "offset"), _whole(byte_size, "byte_size")
         if byte_size == 0:
