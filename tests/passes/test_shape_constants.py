@@ -124,6 +124,23 @@ def test_a_forged_shape_constant_is_refused(engine, tmp_path, edit, why):
     assert "\n" not in msg and why in msg and "kiln build" in msg, msg
 
 
+def test_a_static_network_is_left_as_it_is():
+    """With static inputs, a shape still computed at run time is a data-dependent one (here NonZero's)."""
+    net = kiln.Network("static")
+    x = net.add_input("x", "float32", (4,))
+    nz = net.add_layer("NonZero", [x], output_dtypes=["int64"])
+    shape = net.add_layer("Shape", [nz.outputs[0]], {"start": 1}, output_dtypes=["int64"])
+    ramp = net.add_layer("Range", [net.add_constant(np.int64(0)), net.add_layer(
+        "Squeeze", [shape.outputs[0]], {"axes": [0]}, output_dtypes=["int64"]).outputs[0], net.add_constant(np.int64(1))],
+        output_dtypes=["int64"])
+    y = net.add_layer("ElementWise", [nz.outputs[0], ramp.outputs[0]], {"op": "sum"}, output_dtypes=["int64"])
+    net.mark_output(y.outputs[0], "y")
+    assert not FoldShapeConstants()(net).modified
+    x.shape = ("n",)
+    assert FoldShapeConstants()(net).modified        # the same layers in a range build
+    assert [layer.kind for layer in net.layers] == ["NonZero", "ShapeConstant", "ElementWise"]
+
+
 def test_a_group_that_would_close_a_cycle_stays():
     """``r = Range(dim 0 of x)`` is read by ``y = x + r``, and ``Concat(Shape(x), Shape(y))`` links both shapes
     into one group: one layer for it would have to run both before and after ``y``."""

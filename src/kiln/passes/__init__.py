@@ -32,7 +32,7 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_stem_pool import FuseStemPool
     from kiln.passes.shape_constants import FoldShapeConstants
     from kiln.passes.sink_shuffles import SinkShuffles
-    return [FoldShapeConstants(), EliminateCommonSubexpressions(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
+    return [EliminateCommonSubexpressions(), FoldShapeConstants(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
             SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear(),
             FuseProjectionShortcuts(), FuseConvChains()]
 

@@ -11,9 +11,11 @@ Cases:
   expanded to ``[1, A, ny, nx, 2]`` and shifted by 0.5; an attention mask or positions built from
   ``Range(S)``) → one ShapeConstant layer, placed before the first layer that reads it, whose body holds
   the group; its inputs are the tensors whose shapes the group's Shape/Size layers read.
-Left as they are: groups of Shape/Size layers alone (looking them up would cost what they cost), groups
-that make a network output (a caller could write into a kept tensor), and groups whose outputs are read
-on the way to a tensor whose shape they read (one layer for them would close a cycle).
+Left as they are: everything in a network without dynamic input dims (a static build folded what depends
+on shapes alone; what it left depends on data), groups of Shape/Size layers alone (looking them up would
+cost what they cost), groups that make a network output (a caller could write into a kept tensor), and
+groups whose outputs are read on the way to a tensor whose shape they read (one layer for them would
+close a cycle).
 """
 from __future__ import annotations
 
@@ -146,6 +148,8 @@ class FoldShapeConstants(Pass):
     name = "shape constants"
 
     def call(self, net: Network) -> PassResult:
+        if all(t.shape is not None and all(isinstance(d, int) for d in t.shape) for t in net.inputs):
+            return PassResult(net, False)       # a static build: what it did not fold depends on data
         layers, made = _shape_derived(net)
         modified = False
         for group in _groups(layers, made):
