@@ -94,6 +94,15 @@ class Region:
         return self.offset + offset
 
 
+def _io(region: Region, what: str, call: Any, *args: Any) -> int:
+    """An os.pread/pwrite-style call on the region's descriptor; an OSError is the request's error."""
+    try:
+        return call(*args)
+    except OSError as exc:
+        raise BadRequest(f"Shared-memory region {region.name!r} failed while {what} ({exc.strerror or exc}); "
+                         f"check its object {region.key!r}.") from None
+
+
 class ShmTensor:
     """An input tensor held in a registered region: its shape and dtype, read when the batch is formed."""
 
@@ -107,7 +116,7 @@ class ShmTensor:
         view = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < self.nbytes:
-            n = os.preadv(self.region.fd, [view[done:]], at + done)
+            n = _io(self.region, "reading an input", os.preadv, self.region.fd, [view[done:]], at + done)
             if n <= 0:
                 raise BadRequest(f"Shared-memory region {self.region.name!r} ended while reading an input; keep "
                                  f"the object's size while requests use it.")
@@ -159,7 +168,7 @@ class OutputSlot:
         view = memoryview(arr.reshape(-1).view(np.uint8))
         done = 0
         while done < arr.nbytes:
-            done += os.pwrite(self.region.fd, view[done:], at + done)
+            done += _io(self.region, f"writing output {name!r}", os.pwrite, self.region.fd, view[done:], at + done)
         return {"shared_memory_region": self.region.name, "shared_memory_byte_size": arr.nbytes,
                 **({"shared_memory_offset": self.offset} if self.offset else {})}
 
