@@ -1,6 +1,6 @@
-"""The CPU convolution tactics of kernels/cpu_conv.py (oneDNN with fused post-ops, and one GEMM on
-channels-last memory): each epilogue and geometry against an FP64 torch reference, and whole
-models built with them against ONNX Runtime."""
+"""The CPU convolution tactics of kernels/cpu_conv.py (oneDNN with fused post-ops, one GEMM on
+channels-last memory, one GEMM for 1-D convolutions): each epilogue and geometry against an FP64 torch
+reference, and whole models built with them against ONNX Runtime."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import kiln
 import kiln.onnx
 from kiln.kernels import cpu_conv
-from kiln.kernels.cpu_conv import make_convolution_gemm_cpu, make_convolution_onednn, onednn_available
+from kiln.kernels.cpu_conv import (make_convolution_gemm1d_cpu, make_convolution_gemm_cpu, make_convolution_onednn,
+                                   onednn_available)
 from kiln.kernels.registry import TACTICS, KernelContext, tactics_for
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN fused convolution")
@@ -176,7 +177,8 @@ def test_offered_only_for_fp32_2d_cpu(monkeypatch):
     assert names(_attrs(groups=2), CPU) == ["torch", "onednn"]
     assert names(_attrs(), KernelContext(device="cpu", precision="fp16")) == ["torch"]
     assert names(_attrs(), KernelContext(device="cpu", input_dtypes=("float64",))) == ["torch"]
-    assert names({**_attrs(), "stride": [1], "pads": [0, 0], "dilation": [1]}, CPU) == ["torch"]
+    assert names({**_attrs(), "stride": [1], "pads": [0, 0], "dilation": [1]}, CPU) == ["torch", "gemm1d"]
+    assert names({**_attrs(groups=2), "stride": [1], "pads": [0, 0], "dilation": [1]}, CPU) == ["torch"]
     monkeypatch.setattr("kiln.kernels.cpu_conv.onednn_available", lambda: False)
     assert names(_attrs(), CPU) == ["torch", "gemm"]
 
@@ -241,6 +243,67 @@ def test_model_matches_onnxruntime(monkeypatch, forced):
     ctx = engine.context()
     for n in (1, 3):
         x = np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)
+        ref = sess.run(None, {"x": x})[0]
+        got = next(iter(ctx.run({"x": x}).values()))
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+# (batch, Cin, Cout, kernel, stride, dilation, length, pads): silero VAD's short-window convolutions, its STFT
+# (one input channel, a 256-tap window every 128 samples), a dilated asymmetric one, a 1x1 head
+CONV1D = [(1, 129, 128, 3, 1, 1, 4, (1, 1)), (1, 1, 258, 256, 128, 1, 832, (0, 0)), (2, 6, 5, 5, 2, 2, 23, (2, 3)),
+          (3, 16, 1, 1, 1, 1, 1, (0, 0))]
+
+
+@pytest.mark.parametrize("case", CONV1D)
+@pytest.mark.parametrize("act,residual,after", [(None, False, False), ("relu", False, False),
+                                                ("sigmoid", True, False), ("silu", True, True)])
+def test_gemm1d_matches_fp64(case, act, residual, after):
+    n, cin, cout, k, stride, dil, length, pads = case
+    g = torch.Generator().manual_seed(k + length)
+    x = torch.randn(n, cin, length, generator=g)
+    w = torch.randn(cout, cin, k, generator=g) / (cin * k) ** 0.5
+    b = torch.randn(cout, generator=g)
+    attrs = {"stride": [stride], "pads": list(pads), "dilation": [dil], "groups": 1, "activation": act,
+             **({"residual_after_activation": True} if after else {})}
+    y = F.conv1d(F.pad(x.double(), pads), w.double(), b.double(), stride, 0, dil)
+    r = torch.randn(y.shape, generator=g) if residual else None
+    ref = (REF_ACT[act](y) + r.double()) if after else REF_ACT[act](y + (r.double() if residual else 0))
+    got = make_convolution_gemm1d_cpu(attrs, CPU)(x, w, b, r)[0]
+    assert got.is_contiguous()
+    _check(got, ref)
+    assert make_convolution_gemm1d_cpu(attrs, CPU)(x.to("meta"), w, b, r)[0].shape == ref.shape
+
+
+def test_1d_model_on_gemm1d_matches_onnxruntime(monkeypatch):
+    """An audio-style stack of 1-D convolutions (strided, padded, ReLU, a residual) with every convolution on
+    the 1-D GEMM tactic, against ONNX Runtime, at two lengths of one dynamic-length engine."""
+    import onnxruntime as ort
+
+    class Audio(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stft = nn.Conv1d(1, 16, 32, 16)
+            self.c1 = nn.Conv1d(16, 16, 3, 1, 1)
+            self.c2 = nn.Conv1d(16, 8, 3, 2, 1)
+
+        def forward(self, x):
+            s = torch.relu(self.stft(x))
+            return self.c2(torch.relu(self.c1(s)) + s)
+    torch.manual_seed(1)
+    f = io.BytesIO()
+    torch.onnx.export(Audio().eval(), (torch.randn(1, 1, 256),), f, input_names=["x"], opset_version=17,
+                      dynamic_axes={"x": {2: "t"}}, dynamo=False)
+    data = f.getvalue()
+    tactics_for("Convolution", _attrs(), CPU)
+    _force(monkeypatch, "gemm1d")
+    engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={
+        "x": ((1, 1, 64), (1, 1, 256), (1, 1, 512))}))
+    assert [layer["tactic"] for layer in engine.layers if layer["kind"] == "Convolution"] == ["gemm1d"] * 3
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    ctx = engine.context()
+    for t in (96, 512):
+        x = np.random.default_rng(t).standard_normal((1, 1, t)).astype(np.float32)
         ref = sess.run(None, {"x": x})[0]
         got = next(iter(ctx.run({"x": x}).values()))
         assert got.shape == ref.shape

@@ -227,3 +227,42 @@ def _gemm(patches: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: 
             torch.mm(cols, wt, out=dest)
         else:
             torch.addmm(b, cols, wt, out=dest)
+
+
+def _gemm1d_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
+    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and len(attrs["stride"]) == 1
+            and attrs.get("groups", 1) == 1 and not attrs.get("pool"))
+
+
+@tactic("Convolution", "gemm1d", devices=("cpu",), supports=_gemm1d_ok, priority=2)
+def make_convolution_gemm1d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """1-D conv as one GEMM: the padded input's [N·Lo, Cin·k] patches (a strided view, copied once) times the
+    weight [Cout, Cin·k] read transposed (its own memory, no copy), bias in the GEMM, the epilogue in place on
+    the [N·Lo, Cout] product, which is then laid out as [N, Cout, Lo]. Small audio convolutions (a few
+    output positions) skip oneDNN's per-call setup this way; the builder times it against the others."""
+    stride, dil = attrs["stride"][0], attrs["dilation"][0]
+    pads = (attrs["pads"][0], attrs["pads"][1])
+    after = bool(attrs.get("residual_after_activation"))
+    act = _act_after(attrs)
+
+    def run(x, w, b=None, residual=None):
+        x = match_weight(x, w)
+        cout, cin, k = w.shape
+        if x.is_meta:
+            return (F.conv1d(F.pad(x, pads), w, b, stride, 0, dil),)
+        xp = F.pad(x, pads) if any(pads) else x
+        n, _, length = xp.shape
+        lo = (length - dil * (k - 1) - 1) // stride + 1
+        cols = xp.as_strided((n, lo, cin, k), (xp.stride(0), stride * xp.stride(2), xp.stride(1),
+                                               dil * xp.stride(2))).reshape(n * lo, cin * k)
+        wt = w.reshape(cout, cin * k).t()
+        y = (torch.mm(cols, wt) if b is None else torch.addmm(b, cols, wt)).view(n, lo, cout)
+        r = residual.transpose(1, 2) if residual is not None else None
+        if r is not None and not after:
+            y = y.add_(r)
+        y = act(y) if act is not None else y
+        if r is not None and after:
+            y = y.add_(r)
+        return (y.transpose(1, 2).contiguous(),)
+    return run
