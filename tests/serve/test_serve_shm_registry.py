@@ -161,3 +161,48 @@ def test_region_count_is_bounded(obj, monkeypatch):
     reg.unregister("a", LOCAL)
     reg.register("c", "/" + obj.name, 16, 8, LOCAL)
     assert sorted(reg.regions) == ["b", "c"]
+
+
+def test_batcher_reads_queued_inputs_after_their_region_is_unregistered(obj):
+    """Requests queued behind a running batch hold their region: unregistering every region meanwhile leaves
+    their inputs readable, and the batcher merges them straight from shared memory."""
+    import asyncio
+
+    from test_serve_batcher import FakeEngine, FakeInstance, expected
+
+    from kiln.serve.batcher import Batcher
+    from kiln.serve.metrics import ModelStats
+    from kiln.serve.model import ModelOptions, ServedModel
+    rng = np.random.default_rng(8)
+    xs = [rng.standard_normal((n, 4)).astype(np.float32) for n in (2, 3, 1)]
+    for i, x in enumerate(xs):
+        np.ndarray(x.shape, x.dtype, buffer=obj.buf, offset=64 * i)[...] = x
+    fds = _fds()
+    reg = ShmRegistry()
+    reg.register("r", "/" + obj.name, 0, 256, LOCAL)
+    tensors = [reg.input({"shared_memory_region": "r", "shared_memory_byte_size": x.nbytes,
+                          "shared_memory_offset": 64 * i}, "x", x.shape, np.dtype("<f4"), LOCAL)
+               for i, x in enumerate(xs)]
+    model = ServedModel("fake", FakeEngine(), ModelOptions())
+    inst = FakeInstance(delay=0.3)
+
+    async def main():
+        batcher = Batcher(model, [inst], ModelStats())
+        submit = [lambda t=t: batcher.infer({"x": t}, *model.check_request({"x": t})[:2], None) for t in tensors]
+        first = asyncio.create_task(submit[0]())
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(s()) for s in submit[1:]]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        depth = batcher.depth
+        reg.unregister(None, LOCAL)
+        out = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return depth, out
+    depth, out = asyncio.run(asyncio.wait_for(main(), 60))
+    assert depth >= 2 and reg.regions == {}
+    for x, r in zip(xs, out):
+        np.testing.assert_array_equal(r["y"], expected(x))
+    assert sum(inst.batches) == 6 and len(inst.batches) < 3, inst.batches      # the queued two ran merged
+    del tensors, out
+    assert _fds() == fds
