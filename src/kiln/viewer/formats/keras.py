@@ -27,7 +27,7 @@ _VARS = {
     "SeparableConv1D": ["depthwise_kernel", "pointwise_kernel", "bias"],
     "SeparableConv2D": ["depthwise_kernel", "pointwise_kernel", "bias"], "PReLU": ["alpha"],
     "LSTM": ["kernel", "recurrent_kernel", "bias"], "GRU": ["kernel", "recurrent_kernel", "bias"],
-    "SimpleRNN": ["kernel", "recurrent_kernel", "bias"],
+    "SimpleRNN": ["kernel", "recurrent_kernel", "bias"], "Normalization": ["mean", "variance", "count"],
 }
 
 
