@@ -81,3 +81,23 @@ def test_undecoded_type_says_so_in_one_line(tmp_path):
     with pytest.raises(ViewerError, match="IQ4_NL") as err:
         load(w)
     assert "\n" not in str(err.value) and "iq.gguf" in str(err.value)
+
+
+def test_rows_of_partial_blocks_are_refused(tmp_path):
+    """ggml stores whole blocks per row: a Q8_0 tensor whose rows are 48 elements long is damaged."""
+    path = tmp_path / "bad.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("q.weight", np.zeros((3, 34), np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    at = data.index(b"q.weight") + len(b"q.weight")
+    assert int.from_bytes(data[at + 4:at + 12], "little") == 32          # n_dims (4 bytes), then ne[0]
+    data[at + 4:at + 12] = (48).to_bytes(8, "little")
+    data[at + 12:at + 20] = (2).to_bytes(8, "little")                   # 2 rows of 48: 96 values, 3 blocks
+    path.write_bytes(bytes(data))
+    with pytest.raises(ViewerError, match="rows of 48 elements, not whole blocks of 32") as err:
+        open_model(path)
+    assert "\n" not in str(err.value)

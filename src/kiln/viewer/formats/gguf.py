@@ -150,6 +150,9 @@ def _read(path: Path, buf: Any, size: int) -> ViewModel:
         n = 1
         for d in ne:
             n *= d
+        if block > 1 and ne and ne[0] % block:
+            raise ViewerError(f"{path.name!r} is not a readable {_FMT} file: tensor {name!r} ({tname}) has rows of "
+                              f"{ne[0]} elements, not whole blocks of {block}; it is damaged.")
         nbytes = n // block * block_bytes if block else None
         if nbytes is None or data_start + offset + nbytes > size or n > size * 8:
             raise ViewerError(f"{path.name!r} is not a readable {_FMT} file: tensor {name!r} ({tname}) lies past "
