@@ -56,6 +56,9 @@ def test_nothing_is_chosen_for_one_core_long_runs_or_runs_that_fail_on_zeros():
     assert threads.choose_threads(_Timed({1: 0.001}), 1) is None
     assert threads.choose_threads(_Timed({1: 0.06, 2: 0.06}), 2) is None
     assert threads.choose_threads(_Timed({1: 0.001, 2: 0.001}, fail=True), 2) is None
+    sequence = _Timed({1: 0.001, 2: 0.003})
+    sequence.inputs[1]["dtype"] = "sequence(float32)"
+    assert threads.choose_threads(sequence, 2) is None and sequence.fed == []
 
 
 def _model(tmp_path, n: int = 16):

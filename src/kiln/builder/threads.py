@@ -25,17 +25,19 @@ MIN_SAVING_S = 20e-6        # and save at least this much per run (timing noise 
 def _zeros(engine: Any) -> dict[str, np.ndarray] | None:
     """Zero inputs at the first profile's opt shapes (static inputs at their shapes); None for inputs
     that zeros cannot stand for (strings, sequences)."""
-    from kiln.ir.dtypes import np_dtype
+    from kiln.errors import KilnError
+    from kiln.ir.dtypes import is_container, np_dtype
     profile = engine.profiles[0] if engine.profiles else {}
     feeds = {}
     for spec in engine.inputs:
-        name, shape = spec["name"], spec.get("shape") or []
+        name, shape, dtype = spec["name"], spec.get("shape") or [], spec.get("dtype")
         dims = profile[name]["opt"] if name in profile else shape
-        if any(not isinstance(d, int) for d in dims):
+        if dtype == "string" or not isinstance(dtype, str) or is_container(dtype) or \
+                any(not isinstance(d, int) for d in dims):
             return None
         try:
-            feeds[name] = np.zeros(dims, np_dtype(spec["dtype"]))
-        except (KeyError, TypeError, ValueError):
+            feeds[name] = np.zeros(dims, np_dtype(dtype))
+        except (KilnError, KeyError, TypeError, ValueError):
             return None
     return feeds
 
