@@ -159,3 +159,21 @@ def test_a_group_that_would_close_a_cycle_stays():
     before = [layer.kind for layer in net.layers]
     assert not FoldShapeConstants()(net).modified
     assert [layer.kind for layer in net.layers] == before
+
+
+@pytest.mark.gpu
+def test_recorded_graphs_read_the_kept_grids_after_the_cache_drops_them(model):
+    """On the GPU each shape's run is recorded once and replayed: the grid is computed at the recording and
+    the graph reads it where it is, also after the shape cache (bounded at 1 here) has dropped it."""
+    engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cuda", profiles=RANGE))
+    ctx = engine.context()
+    (step,) = _shape_steps(ctx)
+    step.fn.size = 1
+    rng = np.random.default_rng(0)
+    for shape in [(1, 2, 3, 3), (2, 2, 5, 7), (1, 2, 3, 3), (2, 2, 5, 7), (1, 2, 9, 4)] * 2:
+        x = rng.standard_normal(shape).astype(np.float32)
+        torch.cuda.empty_cache()
+        junk = torch.full((1 << 20,), 1e9, device="cuda")     # reuses freed memory a graph might still read
+        np.testing.assert_allclose(ctx.run({"x": x})["y"], _reference(x), rtol=0, atol=44 * 1e-6)
+        del junk
+    assert ctx.graphs is not None and ctx.graph_error is None and len(ctx.graphs.graphs) == 3
