@@ -141,21 +141,41 @@ def test_a_static_network_is_left_as_it_is():
     assert [layer.kind for layer in net.layers] == ["NonZero", "ShapeConstant", "ElementWise"]
 
 
-def test_a_group_that_would_close_a_cycle_stays():
-    """``r = Range(dim 0 of x)`` is read by ``y = x + r``, and ``Concat(Shape(x), Shape(y))`` links both shapes
-    into one group: one layer for it would have to run both before and after ``y``."""
-    net = kiln.Network("cycle")
+def _ramp_net(later: bool) -> tuple[kiln.Network, object]:
+    """``y = x + arange(n)`` and ``z = expand(b, [n, len(b)])``: one group reads the shapes of ``x`` and of
+    ``b``; with ``later``, ``b = relu(x)`` is made after ``y``, the group's first reader, else ``b = relu(y)``
+    (read on the way to ``b``: no one layer can hold the group)."""
+    net = kiln.Network("ramp")
     x = net.add_input("x", "float32", ("n",))
     shape_x = net.add_layer("Shape", [x], output_dtypes=["int64"])
     n = net.add_layer("Cast", [shape_x.outputs[0]], {"to": "float32"}, output_dtypes=["float32"])
     r = net.add_layer("Range", [net.add_constant(np.float32(0)), net.add_layer(
         "Squeeze", [n.outputs[0]], {"axes": [0]}).outputs[0], net.add_constant(np.float32(1))])
     y = net.add_layer("ElementWise", [x, r.outputs[0]], {"op": "sum"})
-    shape_y = net.add_layer("Shape", [y.outputs[0]], output_dtypes=["int64"])
-    both = net.add_layer("Concatenation", [shape_x.outputs[0], shape_y.outputs[0]], {"axis": 0},
+    b = net.add_layer("Activation", [x if later else y.outputs[0]], {"type": "relu"})
+    shape_b = net.add_layer("Shape", [b.outputs[0]], output_dtypes=["int64"])
+    both = net.add_layer("Concatenation", [shape_x.outputs[0], shape_b.outputs[0]], {"axis": 0},
                          output_dtypes=["int64"])
-    z = net.add_layer("Expand", [y.outputs[0], both.outputs[0]])
+    z = net.add_layer("Expand", [b.outputs[0], both.outputs[0]])
+    net.mark_output(y.outputs[0], "y")
     net.mark_output(z.outputs[0], "z")
+    return net, x
+
+
+def test_a_group_reading_a_shape_made_after_its_first_reader():
+    net, _ = _ramp_net(later=True)
+    assert FoldShapeConstants()(net).modified
+    assert [layer.kind for layer in net.layers] == ["Activation", "ShapeConstant", "ElementWise", "Expand"]
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": ((1,), (4,), (8,))}))
+    for size in (1, 3, 8):
+        x = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+        out = engine.context().run({"x": x})
+        np.testing.assert_array_equal(out["y"], x + np.arange(size, dtype=np.float32))
+        np.testing.assert_array_equal(out["z"], np.broadcast_to(np.maximum(x, 0), (size, size)))
+
+
+def test_a_group_that_would_close_a_cycle_stays():
+    net, _ = _ramp_net(later=False)
     before = [layer.kind for layer in net.layers]
     assert not FoldShapeConstants()(net).modified
     assert [layer.kind for layer in net.layers] == before

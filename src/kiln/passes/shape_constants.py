@@ -13,9 +13,9 @@ Cases:
   the group; its inputs are the tensors whose shapes the group's Shape/Size layers read.
 Left as they are: everything in a network without dynamic input dims (a static build folded what depends
 on shapes alone; what it left depends on data), groups of Shape/Size layers alone (looking them up would
-cost what they cost), groups that make a network output (a caller could write into a kept tensor), and
-groups whose outputs are read on the way to a tensor whose shape they read (one layer for them would
-close a cycle).
+cost what they cost), groups that make a network output (a caller could write into a kept tensor),
+groups whose outputs are read inside a subgraph, and groups whose outputs are read on the way to a tensor
+whose shape they read (one layer for them would close a cycle).
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def _fold(net: Network, group: list[Layer]) -> bool:
     if not outputs or any(o in net.outputs for o in outputs):
         return False
     readers = [u for o in outputs for u, _ in o.uses if id(u) not in inside]
-    if _closes_cycle(sources, readers):
+    if any(u.network is not net for u in readers) or _closes_cycle(sources, readers):
         return False
     body = _body(net, group, sources, outputs)
     layer = net.add_layer(KIND, sources, {"body": body}, num_outputs=len(outputs),
@@ -154,4 +154,6 @@ class FoldShapeConstants(Pass):
         modified = False
         for group in _groups(layers, made):
             modified = _fold(net, group) or modified
+        if modified:
+            net.toposort()      # a layer reading several tensors' shapes may need one made after its first reader
         return PassResult(net, modified)
