@@ -243,6 +243,13 @@ SOURCES: dict[str, Source] = {
                  "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8"),
                 ("selfie_segmentation/selfie_segmentation.tflite",
                  "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c")))),
+    "pesto": Source(         # PESTO's pitch estimators as PyTorch Lightning checkpoints (state dict, loops, hparams)
+        "pesto-pitch", "2.0.1", "pesto_pitch-2.0.1-py3-none-any.whl",
+        "2eb1e5ac1c2f78f7563f4800cccd73daf04d52717ff0d95ea30257a56f3f9d37", 627938, members=(
+            ("pesto/weights/mir-1k.ckpt", "mir-1k.ckpt",
+             "f48c355153fc2fce13393a216ff1629cdfe776b527ce11c8e879df9165e1fb3d"),
+            ("pesto/weights/mir-1k_g7.ckpt", "mir-1k_g7.ckpt",      # its hparams pickle omegaconf objects
+             "16c32e06ddd950e3e4866dfa3c7f8a87c4988f8adf43e57977b189f031f26f3e"))),
     "caffe2-squeezenet": Source(   # Caffe2's SqueezeNet predict net (no init net), from the Caffe2 source tree it vendors
         "react-native-caffe2", "0.2.1", "react-native-caffe2-0.2.1.tgz",
         "f00b012dc9d2be127de9dfeeff24d68a6180d55eaa03467fb3d53264b6f4000e", 149387062,

