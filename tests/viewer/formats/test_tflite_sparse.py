@@ -38,7 +38,7 @@ def test_two_by_two_blocks():
 
 @pytest.mark.parametrize("sp, why", [
     (Sparsity([0, 1], [], [dense(3), csr([0, 2], [1, 3])]), "shorter than the level above"),
-    (Sparsity([0, 1], [], [dense(3), csr([0, 2, 2, 9], [1, 3, 0])]), "past array_indices"),
+    (Sparsity([0, 1], [], [dense(3), csr([0, 2, 2, 3], [1, 3])]), "past array_indices"),
     (Sparsity([0, 1], [], [dense(3), csr([0, 2, 2, 3], [1, 9, 0])]), "leave dimension 1"),
     (Sparsity([0, 0], [], [dense(3), dense(4)]), "do not describe its shape"),
     (Sparsity([0, 1], [], [dense(3), csr([0, 2, 1, 3], [1, 3, 0])]), "not ascending"),
@@ -52,3 +52,6 @@ def test_expansion_is_bounded():
     sp = Sparsity([0], [], [dense(1 << 20)])
     with pytest.raises(ValueError, match="cannot fill"):
         densify(np.array([1.0], np.float32), [1 << 20], sp)
+    huge = Sparsity([0, 1], [], [dense(1 << 40), dense(1)])          # refused before any index is made
+    with pytest.raises(ValueError, match="more than the 3 stored values"):
+        densify(np.array([5.0, 6.0, 7.0], np.float32), [3, 1], huge)

@@ -29,12 +29,15 @@ class Sparsity:
     levels: list[Level]
 
 
-def _children(level: Level, prev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(positions, index values, children per parent) of one level below the parents ``prev``."""
+def _children(level: Level, prev: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, index values, children per parent) of one level below the parents ``prev``; more than
+    ``limit`` children is an error, raised before they are made."""
     if not level.csr:
         size = level.dense_size
         if size < 0:
             raise ValueError(f"a dense level has size {size}")
+        if len(prev) * size > limit:
+            raise ValueError(f"its sparsity walk reaches more than the {limit} stored values")
         counts = np.full(len(prev), size, np.int64)
         pos = (prev[:, None] * size + np.arange(size)).reshape(-1)
         return pos, np.tile(np.arange(size, dtype=np.int64), len(prev)), counts
@@ -44,6 +47,8 @@ def _children(level: Level, prev: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     starts, counts = seg[prev], seg[prev + 1] - seg[prev]
     if (counts < 0).any() or (starts < 0).any():
         raise ValueError("array_segments is not ascending")
+    if int(counts.sum()) > limit:
+        raise ValueError(f"its sparsity walk reaches more than the {limit} stored values")
     pos = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()), dtype=np.int64)
     if len(pos) and int(pos.max()) >= len(level.indices):
         raise ValueError("array_segments points past array_indices")
@@ -61,9 +66,7 @@ def densify(values: np.ndarray, shape: list[int], sp: Sparsity) -> np.ndarray:
         raise ValueError(f"{values.size} stored values cannot fill {total} elements")
     prev, cols = np.zeros(1, np.int64), []
     for level in sp.levels:
-        prev, col, counts = _children(level, prev)
-        if len(prev) > values.size:
-            raise ValueError(f"its sparsity walk reaches more than the {values.size} stored values")
+        prev, col, counts = _children(level, prev, values.size)
         cols = [np.repeat(c, counts) for c in cols] + [col]
     if len(prev) != values.size:
         raise ValueError(f"its sparsity walk reaches {len(prev)} positions for {values.size} stored values")
