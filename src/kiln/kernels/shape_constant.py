@@ -11,10 +11,8 @@ from kiln.kernels.registry import tactic
 
 @tactic("ShapeConstant")
 def make_shape_constant(attrs, ctx):
-    body, outer = attrs["body"], attrs.get("outer") or []
-    n_in = attrs.get("num_inputs")
+    body, outer, n_in = attrs["body"], attrs.get("outer") or [], attrs.get("num_inputs")   # None: no outer values
 
     def run(*xs):
-        own = xs[:n_in] if outer else xs
-        return tuple(body.run_env(dict(zip(outer, xs[n_in:])) if outer else {}, list(own)))
+        return tuple(body.run_env(dict(zip(outer, xs[n_in:])), list(xs[:n_in])))
     return run

@@ -95,7 +95,7 @@ def _closes_cycle(sources: list[Tensor], readers: list[Layer]) -> bool:
 
 def _body(net: Network, group: list[Layer], sources: list[Tensor], outputs: list[Tensor]) -> Network:
     """A Network holding copies of ``group``: inputs standing for ``sources`` (only their shapes are read),
-    ``outputs`` as its outputs; the constants it reads it reads from ``net`` (the build passes them in)."""
+    ``outputs`` as its outputs. Constants stay in ``net``; the body reads them as outer values."""
     body = Network(f"{group[0].name}/body")
     body.outer = net
     mapped: dict[int, Tensor] = {id(s): body.add_input(s.name, s.dtype, s.shape) for s in sources}
