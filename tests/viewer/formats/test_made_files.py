@@ -170,6 +170,28 @@ def test_keras3_applications(tmp_path, app):
                                       err_msg=v.path)
 
 
+def test_keras3_weights_share_one_handle(tmp_path, monkeypatch):
+    """All of a .keras file's weights are read through one HDF5 handle on its zip member, opened at the first load."""
+    import os
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    h5py = pytest.importorskip("h5py")
+    inp = keras.Input((4,))
+    net = keras.Model(inp, keras.layers.Dense(2, name="b")(keras.layers.Dense(3, name="a")(inp)), name="two")
+    net.save(tmp_path / "two.keras")
+    weights = open_model(tmp_path / "two.keras").graph.weights
+    opened = []
+    real_file = h5py.File
+
+    def counting(*a, **k):
+        opened.append(a[0] if a else k)
+        return real_file(*a, **k)
+    monkeypatch.setattr(h5py, "File", counting)
+    for v in net.weights:
+        np.testing.assert_array_equal(weights[v.path].load(), keras.ops.convert_to_numpy(v))
+    assert len(net.weights) == 4 and len(opened) == 1
+
+
 def test_keras3_normalization_layer(tmp_path):
     """A Normalization layer (EfficientNet's first layer) stores mean, variance and count by index only."""
     import os

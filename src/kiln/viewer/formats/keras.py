@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -96,7 +97,7 @@ def _read_h5(path: Path, h5py: Any, size: int) -> ViewModel:
         attrs = {k: _text(v) for k, v in f.attrs.items() if k in ("model_config", "keras_version", "backend")}
         weights = _legacy_weights(path, f)
         if "model_config" not in attrs and not weights:
-            weights = _v3_weights(path, f, lambda: h5py.File(path, "r"))
+            weights = _v3_weights(path, f, _shared(lambda: h5py.File(path, "r")))
             if not weights:
                 raise _err(path, "it is an HDF5 file without a Keras model_config or layer weights")
     version = attrs.get("keras_version")
@@ -119,7 +120,7 @@ def _read_zip(path: Path, h5py: Any, size: int, handle: Any) -> ViewModel:
                 zz = zipfile.ZipFile(path)
                 return h5py.File(zz.open("model.weights.h5"), "r")
             with z.open("model.weights.h5") as member, h5py.File(member, "r") as f:
-                weights = _v3_weights(path, f, opener)
+                weights = _v3_weights(path, f, _shared(opener))
     return _model(path, config, weights, size, meta.get("keras_version"), None)
 
 
@@ -171,11 +172,31 @@ def _natural(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+_SHARED_READ = threading.Lock()
+
+
+def _shared(opener: Callable[[], Any]) -> Callable[[], Any]:
+    """One HDF5 handle for all of a model's weights, opened at the first load and kept while the model is
+    (reopening the zip member for each of hundreds of weights costs 20 times more)."""
+    handle: list = []
+
+    def get() -> Any:
+        with _SHARED_READ:
+            if not handle:
+                handle.append(opener())
+            return handle[0]
+    return get
+
+
 def _h5_loader(path: Path, dataset: str, opener: Callable[[], Any] | None) -> Callable[[], Any]:
+    """Reads one dataset: through the model's shared handle, or from a file opened for this read."""
     def load() -> Any:
+        if opener is not None:
+            f = opener()
+            with _SHARED_READ:
+                return f[dataset][()]
         import h5py
-        f = opener() if opener else h5py.File(path, "r")
-        with f:
+        with h5py.File(path, "r") as f:
             return f[dataset][()]
     return load
 
