@@ -1,7 +1,8 @@
 """Real files of the claimed formats, from pinned packages (real_files.py), open and agree with references.
 
 References are independent of Kiln's readers: the ONNX library, coremltools' protobuf classes, h5py,
-safetensors, torch.jit, the weights manifests' own JSON and bytes, and the same network exported to
+safetensors, torch.jit and torch.load, Google's protobuf runtime (Caffe2), the gguf library, the weights
+manifests' own JSON and bytes, and the same network exported to
 other formats (basic-pitch ships one model as SavedModel, TFLite, ONNX and Core ML: each has 32
 convolutions). Without the files the tests skip, naming the command that fetches them.
 """
