@@ -96,6 +96,16 @@ def test_computed_once_per_shape(engine):
     assert len(calls) == 2
 
 
+def test_the_context_bounds_the_kept_shapes(engine):
+    ctx = engine.context(graph_cache=2)
+    (step,) = _shape_steps(ctx)
+    for shape in [(1, 2, 3, 3), (1, 2, 4, 4), (1, 2, 5, 5), (1, 2, 5, 5), (1, 2, 3, 3)]:
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(ctx.run({"x": x})["y"], _reference(x), rtol=0, atol=44 * 1e-6)
+        assert len(step.fn.entries) <= 2
+    assert step.fn.computed == 4          # 3x3 again after 4x4 and 5x5 pushed it out
+
+
 def test_the_engine_file_keeps_the_layer(engine, tmp_path):
     path = tmp_path / "grid.kiln"
     engine.save(path)

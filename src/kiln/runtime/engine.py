@@ -13,7 +13,8 @@ CUDA graphs. On a GPU a context records one graph per input-shape signature at t
 that shape and replays it after (kiln.runtime.graphs). It keeps at most ``graph_cache`` graphs
 (the context option, else the ``KILN_GRAPH_CACHE`` environment variable, else 16): when a new
 shape would exceed that, the least recently run shape's graph and its memory are released, and
-that shape is recorded again if it comes back.
+that shape is recorded again if it comes back. Tensors computed from shapes alone (ShapeConstant layers)
+are kept for as many input shapes (kiln.runtime.shape_cache).
 """
 from __future__ import annotations
 
@@ -157,6 +158,7 @@ class ExecutionContext:
         from kiln.runtime.buckets import BucketTable
         from kiln.runtime.graphs import graph_cache_size
         from kiln.runtime.program import Program
+        from kiln.runtime.shape_cache import bound_shape_caches
         self.threads = None if threads is None else check_threads(threads)
         self.graph_cache = graph_cache_size(graph_cache)
         engine.check_plugins()
@@ -164,6 +166,7 @@ class ExecutionContext:
         self._lock = threading.Lock()
         weights = engine._weights_on_device()
         self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
+        bound_shape_caches(self.program, self.graph_cache)
         self._inputs = {t["name"]: t for t in engine.inputs}
         self._input_names = list(self._inputs)
         self._out_names = [t["name"] for t in engine.outputs]

@@ -5,8 +5,9 @@ detector's grids built with Range over a feature map's size, positions ``0..S``,
 step runs the layer's body at the first run of an input shape and, at later runs of that shape, returns
 the outputs it kept: a lookup keyed by the inputs' shapes (host ints; no device sync, no kernel).
 
-The cache follows the CUDA-graph cache's policy (runtime/graphs.py): at most ``graph_cache_size()``
-input shapes per step ($KILN_GRAPH_CACHE, else 16), the least recently run shape dropped first. A CUDA
+The cache follows the CUDA-graph cache's policy (runtime/graphs.py): each step keeps as many input shapes
+as the context keeps graphs (its ``graph_cache`` option, else $KILN_GRAPH_CACHE, else 16), the least
+recently run shape dropped first. A CUDA
 graph recorded at a shape reads the kept tensors where they are: while a graph is recorded
 (``Program.move_mode == "replay"``) the step adds the outputs it returns to the program's move cache,
 which the graph's cache entry keeps alive, so they stay valid for as long as that graph is cached, even
@@ -47,6 +48,13 @@ class ShapeCache:
         if self.program.move_mode == "replay":
             self.program.move_cache.setdefault(PINNED, []).append(outs)
         return outs
+
+
+def bound_shape_caches(program: Any, size: int) -> None:
+    """Keep at most ``size`` input shapes in each ShapeConstant step of ``program``."""
+    for step in program.steps:
+        if isinstance(step.fn, ShapeCache):
+            step.fn.size = size
 
 
 def cached_per_shape(kind: str, fn: Callable[..., tuple], program: Any) -> Callable[..., tuple]:
