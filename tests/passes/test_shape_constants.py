@@ -207,3 +207,39 @@ def test_recorded_graphs_read_the_kept_grids_after_the_cache_drops_them(model):
         np.testing.assert_allclose(ctx.run({"x": x})["y"], _reference(x), rtol=0, atol=44 * 1e-6)
         del junk
     assert ctx.graphs is not None and ctx.graph_error is None and len(ctx.graphs.graphs) == 3
+
+
+def test_profile_corners_tell_the_symbols_apart():
+    from kiln.builder.shapes import profile_bindings
+    ranges = {"b": [1, 2], "h": [64, 128], "w": [64, 128], "s": [8, 512]}
+    bindings = profile_bindings(ranges, sorted(ranges))
+    columns = {s: tuple(b[s] for b in bindings) for s in ranges}
+    assert len(set(columns.values())) == 4
+    assert all(set(col) == set(ranges[s]) for s, col in columns.items())       # only the profile's own ends
+    assert profile_bindings({"h": [64, 64], "w": [8, 16]}, ["h", "w"]) is None      # h is no symbol there
+
+
+class _Stride4(torch.nn.Module):
+    """A map downsampled by 4, upsampled back and joined with the input: it runs only at multiples of 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.interpolate(self.conv(x), scale_factor=4.0, mode="nearest")
+        return torch.cat([x, y], 1) * 2 + 1
+
+
+def test_shapes_are_inferred_at_the_profile_corners_where_generic_sizes_fail():
+    from kiln.builder.build import prepare
+    torch.manual_seed(0)
+    f = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Stride4(), (torch.randn(1, 2, 8, 8),), f, input_names=["x"], output_names=["y"],
+                          opset_version=17, dynamo=False, dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+    profile = {"x": ((1, 2, 8, 8), (2, 2, 16, 12), (2, 2, 32, 32))}
+    net = prepare(kiln.onnx.parse(f.getvalue()), kiln.BuildConfig(device="cpu", profiles=profile)).net
+    assert [(layer.kind, o.shape) for layer in net.layers for o in layer.outputs if o.shape is None] == []
+    assert net.outputs[0].shape == ("b", 4, "h", "w")
