@@ -38,11 +38,12 @@ def fusion_passes() -> list[Pass]:
 
 
 def quantization_passes() -> list[Pass]:
-    """Explicit quantization folded into 8-bit layers; run after the fusion passes, in CUDA builds only (their
-    8-bit kernels are GPU kernels). RecordQuantizedConstants (passes/fold_qdq.py) must run before the default
-    passes."""
+    """Explicit quantization folded into 8-bit layers, then parallel 8-bit GEMMs over one input merged; run after
+    the fusion passes, in CUDA builds only (their 8-bit kernels are GPU kernels). RecordQuantizedConstants
+    (passes/fold_qdq.py) must run before the default passes."""
     from kiln.passes.fold_qdq import FoldQDQ
-    return [FoldQDQ()]
+    from kiln.passes.fuse_parallel_qlinear import FuseParallelQLinear
+    return [FoldQDQ(), FuseParallelQLinear()]
 
 
 __all__ = ["Pass", "PassManager", "PassResult", "RewriteError", "Rule", "RulePass", "default_passes", "fusion_passes",
