@@ -1,6 +1,7 @@
 """The per-shape cache of ShapeConstant steps (kiln.runtime.shape_cache): one computation per input shape, a
-bound that follows the CUDA-graph cache's policy, and the outputs a recorded graph reads kept alive by the
-graph's cache entry (the program's move cache) after the cache drops them."""
+bound that follows the CUDA-graph cache's policy, outputs read on the device kept there, and the outputs a
+recorded graph reads kept alive by the graph's cache entry (the program's move cache) after the cache drops
+them."""
 from __future__ import annotations
 
 import gc
@@ -11,13 +12,20 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.runtime.graphs import GRAPH_CACHE_ENV
-from kiln.runtime.shape_cache import PINNED, ShapeCache, cached_per_shape
+from kiln.runtime.shape_cache import PINNED, ShapeCache, cached_per_shape, set_up_shape_caches
 
 
 class _Program:
-    """What the cache reads of its program: the graph recorder's move mode and move cache."""
+    """What the cache reads of its program: the graph recorder's move mode and move cache, its device and steps."""
     move_mode = None
     move_cache = None
+    device = "cpu"
+    steps: list = []
+
+
+class _Step:
+    def __init__(self, fn, ins: list, targets: list, outs: list) -> None:
+        self.fn, self.ins, self.targets, self.outs = fn, ins, targets, outs
 
 
 def _grid(x: torch.Tensor) -> tuple[torch.Tensor]:
@@ -74,3 +82,19 @@ def test_only_shape_constant_steps_are_cached():
     fn = _grid
     assert cached_per_shape("Range", fn, _Program()) is fn
     assert isinstance(cached_per_shape("ShapeConstant", fn, _Program()), ShapeCache)
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_outputs_every_reader_reads_on_the_device_are_kept_there(device):
+    """("meta" stands for the GPU here.) ``grid`` is read on the device only: moved once and kept there;
+    ``target`` is read on the host, ``both`` on the host and on the device: they stay where the body made them."""
+    program = _Program()
+    program.device = device
+    cache = ShapeCache(lambda x: (torch.arange(3.0), torch.tensor([2, 3]), torch.zeros(2)), program)
+    program.steps = [_Step(cache, ["x"], [None], ["grid", "target", "both"]),
+                     _Step(_grid, ["grid", "target", "both"], [device, "cpu", device], ["y"]),
+                     _Step(_grid, ["both"], ["cpu"], ["z"])]
+    set_up_shape_caches(program, 4)
+    grid, target, both = cache(torch.zeros(5))
+    assert (grid.device.type, target.device.type, both.device.type) == (device, "cpu", "cpu")
+    assert cache.size == 4 and cache(torch.zeros(5))[0] is grid

@@ -158,7 +158,7 @@ class ExecutionContext:
         from kiln.runtime.buckets import BucketTable
         from kiln.runtime.graphs import graph_cache_size
         from kiln.runtime.program import Program
-        from kiln.runtime.shape_cache import bound_shape_caches
+        from kiln.runtime.shape_cache import set_up_shape_caches
         self.threads = None if threads is None else check_threads(threads)
         self.graph_cache = graph_cache_size(graph_cache)
         engine.check_plugins()
@@ -166,7 +166,7 @@ class ExecutionContext:
         self._lock = threading.Lock()
         weights = engine._weights_on_device()
         self.program = Program(engine.plan, weights, engine.device, plugin_factory=registry.create)
-        bound_shape_caches(self.program, self.graph_cache)
+        set_up_shape_caches(self.program, self.graph_cache)
         self._inputs = {t["name"]: t for t in engine.inputs}
         self._input_names = list(self._inputs)
         self._out_names = [t["name"] for t in engine.outputs]
