@@ -371,3 +371,17 @@ def test_inputs_must_share_one_profile(onnx_path: Path) -> None:
         engine.context().run({"x": x, "ids": ids})
     msg = str(info.value)
     assert "no single profile" in msg and "(2, 8)" in msg and "(20,)" in msg, msg
+
+
+def test_profile_takes_the_inputs_by_name_as_run_does(engine) -> None:
+    """``profile`` accepts {name: array} like ``run`` (and a list of tensors in input order): one row per layer with a
+    positive time; a mapping that is not the engine's inputs is one line."""
+    x, ids = _inputs(2)
+    ctx = engine.context()
+    by_name = ctx.profile({"x": x, "ids": ids}, runs=2)
+    in_order = ctx.profile([torch.from_numpy(x), torch.from_numpy(ids)], runs=2)
+    assert [r["name"] for r in by_name] == [r["name"] for r in in_order] == [layer["name"] for layer in engine.layers]
+    assert all(r["ms"] > 0 for r in by_name)
+    with pytest.raises(KilnError, match="exactly this engine's inputs") as info:
+        ctx.profile({"x": x})
+    assert "\n" not in str(info.value)

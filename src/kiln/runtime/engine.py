@@ -297,9 +297,17 @@ class ExecutionContext:
             self.program.run_env({}, tensors, timer=timer)
         return seen
 
-    def profile(self, tensors: list[torch.Tensor], runs: int = 10) -> list[dict[str, Any]]:
-        """Per-layer times (median over ``runs`` eager passes): name, kind, tactic, precision, ms, percent."""
+    def profile(self, tensors: Sequence[torch.Tensor] | Mapping[str, Any], runs: int = 10) -> list[dict[str, Any]]:
+        """Per-layer times (median over ``runs`` eager passes): name, kind, tactic, precision, ms, percent.
+        ``tensors``: the inputs in order as tensors on the engine's device, or a mapping {input name: array or
+        tensor} as ``run`` takes."""
         import time as _time
+        if isinstance(tensors, Mapping):
+            missing = [n for n in self._input_names if n not in tensors]
+            if missing or len(tensors) != len(self._input_names):
+                raise KilnError(f"profile needs exactly this engine's inputs {self._input_names}; got "
+                                f"{list(tensors)}.")
+            tensors = [torch.as_tensor(tensors[n]).to(self._device) for n in self._input_names]
         cuda = self.engine.device == "cuda"
         samples: dict[str, list[float]] = {}
         meta = {}
