@@ -3,6 +3,8 @@
 # ONNX Runtime, FP16 engines vs ONNX Runtime running onnxconverter-common's FP16 model), and a speed check
 # of ResNet-50 and BERT against BENCHMARKS.md. Run from the repository root on the GPU machine; results in $OUT.
 # CORPUS: a copied corpus folder (scripts/fetch_corpus.py layout); WHEELS: extra wheels to install first.
+# QUANT="model:batches;...": the FP16/INT8/FP8 rows; RANGE=models: range engines; SHM=1: kiln serve with and
+# without system shared memory (each section only when its variable is set).
 set -u
 OUT=${OUT:-/tmp/kiln-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/tests/corpus:$PWD/benchmarks:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -25,4 +27,18 @@ if [ "${SPEED:-0}" = 1 ]; then
   echo "== speed (Kiln and eager peers, no torch.compile)"
   timeout "${T3:-240}" python benchmarks/harness.py --models "${MODELS:-resnet50}" --batches "${BATCHES:-256}" --no-compile --out "$OUT" \
     2>&1 | grep -vi warn | tail -25
+fi
+if [ -n "${QUANT:-}" ]; then       # e.g. QUANT="bert_base:1,32;resnet50:256"
+  echo "== 8-bit rows (FP16 baseline in the same run)"
+  timeout "${T4:-400}" python benchmarks/quant_bench.py --rows "$QUANT" --profile --out "$OUT" 2>&1 | grep -vi warn | cut -c1-200
+fi
+if [ -n "${RANGE:-}" ]; then       # e.g. RANGE=yolov5l,bert_base,resnet50
+  echo "== range engines vs static vs torch.compile(dynamic=True)"
+  timeout "${T5:-500}" python benchmarks/range_bench.py --models "$RANGE" --out "$OUT" 2>&1 | grep -vi warn | tail -40
+fi
+if [ "${SHM:-0}" = 1 ]; then
+  echo "== kiln serve, ResNet-50 FP16 over gRPC, system shared memory off/on"
+  python benchmarks/serve_bench.py models --out /tmp/serve-models --names resnet50 2>&1 | tail -3
+  timeout "${T6:-400}" python benchmarks/serve_bench.py sweep --repo /tmp/serve-models --model resnet50 --protocols grpc \
+    --shm off,on --server-flag=--warmup --server-flag=--instances=2 --engine-bench 2>&1 | tail -30
 fi
