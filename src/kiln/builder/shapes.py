@@ -1,6 +1,7 @@
 """Shape and dtype inference by abstract evaluation.
 
-Device layers run on torch's ``meta`` device (shapes without data); host layers
+Device layers run on torch's ``meta`` device (shapes without data), or through a closed-form rule of
+``kiln.builder.shape_rules`` for the common kinds; host layers
 (shape arithmetic) run for real on tiny CPU tensors, so Reshape targets computed
 from ``Shape`` are known. Symbolic dimensions are recovered by evaluating at two
 bindings of the input symbols: a dim that moves with a symbol is that symbol, a
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.builder import shape_rules
 from kiln.builder.autopad import padded_attrs
 from kiln.builder.lazy_dynamo import dynamo_deferred
 from kiln.builder.memory import check_host_output
@@ -107,7 +109,10 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
             tac = tactics_for(layer.kind, attrs, ctx)
             if not tac:
                 raise RuntimeError(f"no tactic for {layer.kind}")
-            outs = tac[0].make(attrs, ctx)(*args)
+            run = tac[0].make(attrs, ctx)            # refuses attributes the kernel does not know
+            outs = shape_rules.outputs(layer.kind, attrs, args) if tac[0].name == "torch" else None
+            if outs is None:
+                outs = run(*args)
         except Exception as exc:   # data-dependent or not meta-capable: shape unknown here
             if strict:
                 raise ShapeError(f"Layer {layer.name!r} ({layer.kind}) cannot take its inputs "
