@@ -99,6 +99,9 @@ CASES = {
     "global-lp": _case((2, 3, 5, 5), lambda n, x, d: n.add_layer("Pooling", [x], {"type": "lp", "kernel": None, "p": 1})),
     "pool-indices": _case((1, 2, 4, 4), lambda n, x, d: n.add_layer("Pooling", [x], {
         "type": "max", "kernel": [2, 2], "stride": [2, 2], "return_indices": True}, num_outputs=2), fires=False),
+    "softmax": _case((2, 3, 4), lambda n, x, d: n.add_softmax(x, 1)),
+    "logsoftmax-f16": _case((2, 5), lambda n, x, d: n.add_softmax(x, -1, log=True), F16),
+    "softmax-bad-axis": _case((2, 5), lambda n, x, d: n.add_softmax(x, 2), fires=False),
     "concat": _case((2, 3, 4), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((2, 5, 4), d)), x], 1)),
     "concat-neg-axis": _case((2, 3), lambda n, x, d: n.add_concatenation([x, x], -1)),
     "concat-bad": _case((2, 3), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((3, 3), d))], 1),

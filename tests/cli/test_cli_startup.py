@@ -100,6 +100,35 @@ def test_check_of_a_static_pointwise_model_imports_neither_torch_nor_onnx(tmp_pa
     assert code == 0 and "torch" in mods and "onnx" not in mods, mods
 
 
+def _matmul_relu(path: Path) -> Path:
+    """x[1,4] → MatMul (a [4,4] constant) → Relu."""
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                          "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                          [numpy_helper.from_array(np.ones((4, 4), np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+_BUILDS = ("import sys, io, contextlib, json, kiln.cli\n"
+           "codes = []\n"
+           "for model in sys.argv[1:]:\n"
+           "    with contextlib.redirect_stdout(io.StringIO()):\n"
+           "        codes.append(kiln.cli.main(['build', model, '-o', model + '.kiln', '--device', 'cpu', '-q']))\n"
+           "print(json.dumps([codes, sorted(m for m in ('torch', 'sympy', 'torch.fx.experimental.symbolic_shapes', "
+           "'torch._dynamo') if m in sys.modules)]))\n")
+
+
+def test_small_cpu_builds_do_not_import_sympy(tmp_path: Path) -> None:
+    """Shape inference answers the common kinds in closed form (kiln/builder/shape_rules.py): torch's meta
+    kernels would import torch.fx.experimental.symbolic_shapes and sympy through torch._check."""
+    models = [_matmul_relu(tmp_path / "mm.onnx"), _small_cnn(tmp_path / "cnn.onnx")]
+    r = subprocess.run([sys.executable, "-c", _BUILDS, *map(str, models)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [[0, 0], ["torch"]], r.stdout
+    assert all(Path(f"{m}.kiln").stat().st_size > 0 for m in models)
+
+
 def test_a_tiny_cpu_build_imports_neither_onnx_nor_ml_dtypes(tmp_path: Path) -> None:
     model = _pointwise(tmp_path / "pw.onnx")
     code, mods = _imported("build", model, "-o", tmp_path / "pw.kiln", "--device", "cpu", "-q")

@@ -208,6 +208,12 @@ def _pooling(attrs, shapes):
     return None if min(spatial) < 1 else [x[:2] + spatial]
 
 
+@rule("SoftMax")
+def _softmax(attrs, shapes):
+    (x,) = shapes
+    return [x] if x and -len(x) <= attrs.get("axis", -1) < len(x) else None
+
+
 @rule("Concatenation")
 def _concatenation(attrs, shapes):
     xs = [s for s in shapes if s is not None]
