@@ -9,6 +9,7 @@ dim that moves otherwise is unknown (None), a dim that stays is static.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,25 @@ UNKNOWN = _Unknown()
 def evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bool = False,
              env: dict[str, Any] | None = None) -> dict[str, Any]:
     """Abstractly run ``net``; returns tensor name → meta/host torch tensor, or UNKNOWN."""
-    with dynamo_deferred():
-        return _evaluate(net, input_shapes, strict, env)
+    with contextlib.ExitStack() as stack:
+        return _evaluate(net, input_shapes, strict, env, _Deferral(stack))
+
+
+class _Deferral:
+    """Enters ``dynamo_deferred`` the first time a layer runs its kernel; layers a shape rule or the memo
+    answers need no torch kernel, and setting the deferral up walks torch's functions."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack, self.entered = stack, False
+
+    def __call__(self) -> None:
+        if not self.entered:
+            self.stack.enter_context(dynamo_deferred())
+            self.entered = True
 
 
 def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bool,
-              env: dict[str, Any] | None) -> dict[str, Any]:
+              env: dict[str, Any] | None, defer: _Deferral) -> dict[str, Any]:
     hosts = host_layers(net)
     vals: dict[str, Any] = dict(env or {})
     metas: dict[str, torch.Tensor] = {}          # meta copies of host values that device layers read
@@ -72,7 +86,7 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
                 break
             args.append(v)
         if layer.kind == "ShapeConstant" and len(args) == len(layer.inputs):
-            _shape_constant(layer, args, vals, strict)
+            _shape_constant(layer, args, vals, strict, defer)
             continue
         if len(args) < len(layer.inputs) or LAYER_KINDS[layer.kind].control_flow or any(subgraphs(layer)):
             for o in layer.outputs:
@@ -112,6 +126,7 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
             run = tac[0].make(attrs, ctx)            # refuses attributes the kernel does not know
             outs = shape_rules.outputs(layer.kind, attrs, args) if tac[0].name == "torch" else None
             if outs is None:
+                defer()
                 outs = run(*args)
         except Exception as exc:   # data-dependent or not meta-capable: shape unknown here
             if strict:
@@ -129,11 +144,11 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
     return vals
 
 
-def _shape_constant(layer, args: list, vals: dict[str, Any], strict: bool) -> None:
+def _shape_constant(layer, args: list, vals: dict[str, Any], strict: bool, defer: _Deferral) -> None:
     """A ShapeConstant's outputs: its body evaluated at its inputs' shapes (all the body reads of them)."""
     body = layer.attrs["body"]
     sub = _evaluate(body, {t.name: tuple(a.shape) for t, a in zip(body.inputs, args)}, strict,
-                    {t.name: vals.get(t.name, UNKNOWN) for t in outer_reads(body)})
+                    {t.name: vals.get(t.name, UNKNOWN) for t in outer_reads(body)}, defer)
     for o, b in zip(layer.outputs, body.outputs):
         vals[o.name] = sub.get(b.name, UNKNOWN)
 
