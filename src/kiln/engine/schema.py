@@ -20,7 +20,7 @@ import math
 from typing import Any, Iterable, Mapping
 
 from kiln.ir.dtypes import ALL_TYPES, LAYER_PRECISIONS, PRECISIONS, is_type_name, np_dtype
-from kiln.ir.layers import INT64, LAYER_KINDS, attrs_problem, plugin_record_problem
+from kiln.ir.layers import INT64, LAYER_KINDS, attrs_problem, outputs_problem, plugin_record_problem
 
 MAX_DEPTH = 100     # JSON nesting levels: five per subgraph level, so ~19 levels of nested control flow
 _PLAN_KEYS = {"inputs", "outputs", "layers", "tensors", "weights", "outer"}
@@ -341,7 +341,7 @@ def _layer(layer: Any, defined: set[str], weight_keys: set[str], buckets: int) -
     why = attrs_problem(kind, attrs, encoded=True, subplan=subplan)
     if why is not None:
         raise _Bad(f"{what} {why}")
-    why = _body_arity(kind, attrs, layer)
+    why = _body_arity(kind, attrs, layer) or outputs_problem(kind, attrs, len(layer["outputs"]))
     if why is not None:
         raise _Bad(f"{what} {why}")
     ins = layer["inputs"]

@@ -49,6 +49,7 @@ class Attr:
     optional: bool = False
     lo: float | None = None            # smallest number allowed (numbers and their lists)
     doc: str = ""
+    hi: float | None = None            # largest number allowed
 
     @property
     def required(self) -> bool:
@@ -56,12 +57,13 @@ class Attr:
 
 
 def attr(type_: str, default: Any = REQUIRED, *, choices: tuple | None = None, optional: bool = False,
-         lo: float | None = None, doc: str = "") -> Attr:
+         lo: float | None = None, doc: str = "", hi: float | None = None) -> Attr:
     """Declare an attribute: ``attr("ints", lo=1)``, ``attr("str", "DCR", choices=("DCR", "CRD"))``."""
     bad = [t for t in type_.split("|") if t not in ATTR_TYPES]
     if bad:
         raise NetworkError(f"Attribute type {bad[0]!r} is not one of {', '.join(ATTR_TYPES)}.")
-    spec = Attr(type_, default, tuple(choices) if choices is not None else None, optional or default is None, lo, doc)
+    spec = Attr(type_, default, tuple(choices) if choices is not None else None, optional or default is None, lo, doc,
+                hi)
     if not spec.required and (why := value_problem(spec, default, encoded=False)):
         raise NetworkError(f"Attribute default {default!r} does not fit its declaration: it {why}.")
     return spec
@@ -80,6 +82,7 @@ class LayerKind:
     host: str = "device"                 # "device"; "capable": may run on the host; "always": runs there
     channels_last: bool = False          # may produce a channels-last (NHWC) output
     fp32_internal: bool = False          # accumulates/normalizes in FP32 in a low-precision build
+    outputs: Callable[[Mapping[str, Any]], "int | str"] | None = None   # output count from attrs, or why they clash
 
 
 LAYER_KINDS: dict[str, LayerKind] = {}
@@ -115,6 +118,16 @@ def check_layer(layer, num_inputs: int) -> None:
     why = attrs_problem(layer.kind, layer.attrs, encoded=False)
     if why:
         raise NetworkError(f"Layer {layer.name!r} ({layer.kind}) {why}; see kiln.ir.layers for its attributes.")
+
+
+def outputs_problem(kind: str, attrs: Mapping[str, Any], n_outputs: int) -> str | None:
+    """How ``n_outputs`` disagrees with the output count a layer of ``kind`` with ``attrs`` (already checked against
+    the schema) has (a phrase), or None; kinds whose count their attrs do not fix always agree."""
+    count = LAYER_KINDS[kind].outputs
+    want = count(attrs) if count is not None else n_outputs
+    if isinstance(want, str):
+        return want
+    return None if want == n_outputs else f"has {n_outputs} outputs where its attributes give {want}"
 
 
 # ---- attribute validation ---------------------------------------------------------------------
@@ -231,7 +244,9 @@ def _scalar(a: Attr, v: Any, encoded: bool, subplan=None) -> str | None:
 
 
 def _bound(a: Attr, n: float) -> str | None:
-    return f"must be at least {a.lo}, got {n}" if a.lo is not None and not n >= a.lo else None
+    if a.lo is not None and not n >= a.lo:
+        return f"must be at least {a.lo}, got {n}"
+    return f"must be at most {a.hi}, got {n}" if a.hi is not None and not n <= a.hi else None
 
 
 def _str(a: Attr, v: Any, encoded: bool, subplan=None) -> str | None:
@@ -443,11 +458,36 @@ define_layer("Resize", 1, 4, "x, roi?, scales?, sizes?", host_inputs=(1, 2, 3), 
     "cubic_coeff_a": attr("float", -0.75), **_flags("exclude_outside", "antialias"),
     "extrapolation_value": attr("float", 0.0), "axes": attr("ints", None),
     "keep_aspect_ratio_policy": attr("str", "stretch", choices=("stretch", "not_larger", "not_smaller"))})
+# An 8-bit type's codes of a float output, written beside it (QuantizeLinear folded in: passes/fold_qdq.py), as
+# saturate(round(y / codes_scale) + codes_zero_point) from y as stored; codes_scale None: no codes output.
+CODE_TYPES = ("int8", "uint8", "float8_e4m3fn")
+_F32 = np.finfo(np.float32)
+_CODES = {"codes_scale": attr("float", None, lo=float(_F32.tiny), hi=float(_F32.max), doc="a float output's codes "
+                              "at this scale, a normal float32 (None: no codes output)"),
+          "codes_zero_point": attr("int", 0, lo=-128, hi=255, doc="0 for FP8 codes"),
+          "codes_to": attr("str", None, choices=CODE_TYPES, doc="the codes' 8-bit type (set with codes_scale)")}
+
+
+def _flag(v: Any) -> bool:
+    """A checked bool attribute's value, as a Network or a plan (a 0-d record) holds it."""
+    return bool(_number(v, isinstance(v, dict), "biu"))
+
+
+def _with_codes(first: int, attrs: Mapping[str, Any]) -> int | str:
+    """``first`` outputs, then the codes when codes_scale is set (with codes_to)."""
+    codes = attrs.get("codes_scale") is not None
+    if codes != (attrs.get("codes_to") is not None):
+        return "sets only one of codes_scale and codes_to"
+    return first + codes
+
+
 define_layer("Normalization", 1, 6, "x, scale?, bias?, (mean, var for batch), residual?; statistics in FP32. With a "
-             "residual (layer/rms only) the layer normalizes x + residual; sum_output adds a second output, the sum",
+             "residual (layer/rms only) the layer normalizes x + residual. Outputs: y; then the sum x + residual "
+             "with sum_output; then y's 8-bit codes with codes_scale",
              attrs={"type": attr("str", "layer", choices=("layer", "instance", "group", "batch", "rms")),
                     "axis": attr("int", -1), "epsilon": attr("float", 1e-5), "num_groups": attr("int", 1, lo=1),
-                    **_flags("sum_output")}, fp32_internal=True)
+                    **_flags("sum_output"), **_CODES}, fp32_internal=True,
+             outputs=lambda a: _with_codes(1 + _flag(a.get("sum_output")), a))
 define_layer("Cast", 1, 1, "convert to another data type", attrs={
     **_TO, "saturate": attr("bool", True), "round_mode": attr("str", "up", choices=("up", "down", "nearest"))},
     host="capable")
@@ -525,16 +565,15 @@ _QUANTIZED = {"x_scale": attr("float", lo=0.0, doc="scale of the input codes"),
               "w_scale": attr("array", doc="float32 weight scale per output channel"),
               "out_scale": attr("float", None, lo=0.0, doc="scale of 8-bit output codes (None: float output)"),
               "out_zero_point": attr("int", 0), **_TO, **_EPILOGUE, **_flags("residual_after_activation"),
-              "codes_scale": attr("float", None, lo=0.0, doc="a float output's second output: its codes at this "
-                                  "scale (None: no second output)"),
-              "codes_zero_point": attr("int", 0), "codes_to": attr("dtype", None, doc="the codes' 8-bit type")}
+              **_CODES}
 define_layer("QConvolution", 3, 4, "8-bit 2-D convolution: x codes [N, Cin, H, W], weight codes [Cout, Cin/g, kh, kw], "
              "bias int32 [Cout] in units of x_scale * w_scale, residual? (like the output: float, or 8-bit codes "
              "with residual_scale)", attrs={
                  **_CONV, **_QUANTIZED, "residual_scale": attr("float", None, lo=0.0, doc="None: a float residual"),
-                 "residual_zero_point": attr("int", 0)}, channels_last=True)
+                 "residual_zero_point": attr("int", 0)}, channels_last=True, outputs=lambda a: _with_codes(1, a))
 define_layer("QFullyConnected", 3, 3, "8-bit y = x @ weight.T + bias over the last axis: x codes [..., K], weight "
-             "codes [N, K], bias int32 [N] in units of x_scale * w_scale", attrs=_QUANTIZED)
+             "codes [N, K], bias int32 [N] in units of x_scale * w_scale", attrs=_QUANTIZED,
+             outputs=lambda a: _with_codes(1, a))
 
 # ---- signal processing ------------------------------------------------------------------------
 define_layer("DFT", 1, 3, "x [..., n, 1 or 2], dft_length?, axis? → complex as a trailing 2", host_inputs=(1, 2),

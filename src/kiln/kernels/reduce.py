@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kiln.errors import BuildError
 from kiln.kernels._util import ints, norm_axis
+from kiln.kernels.quantize import quantize_values
 from kiln.kernels.registry import tactic
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -131,11 +133,14 @@ def cached_cast():
 
 @tactic("Normalization")
 def make_normalization(attrs, ctx):
+    """Outputs: y, then the sum x + residual (sum_output), then y's 8-bit codes (codes_scale): QuantizeLinear of
+    y as stored (in the input's dtype), divided in FP32."""
     kind = attrs.get("type", "layer")
     eps = float(attrs.get("epsilon", 1e-5))
     axis = attrs.get("axis", -1)
     groups = attrs.get("num_groups", 1)
     sum_output = bool(attrs.get("sum_output", False))
+    codes = codes_of(attrs)
     cast = cached_cast()
 
     def affine(y, scale, bias, shape):
@@ -157,7 +162,7 @@ def make_normalization(attrs, ctx):
                 w, b = cast(0, scale, x.dtype), cast(1, bias, x.dtype)
                 if kind == "layer":
                     return F.layer_norm(x, shape, w, b, eps)
-                if hasattr(F, "rms_norm"):
+                if hasattr(F, "rms_norm") and b is None:      # (torch's RMS norm takes no bias)
                     return F.rms_norm(x, shape, w, eps)
             xf = _acc(x)
             if kind == "layer":
@@ -199,8 +204,19 @@ def make_normalization(attrs, ctx):
         if residual is not None:        # fused residual add (passes/fuse_add_norm.py): normalize x + residual
             x = x + residual
         y = normalize(x, scale, bias, mean, var)
-        return (y, x) if sum_output else (y,)
+        outs = (y, x) if sum_output else (y,)
+        return outs if codes is None else (*outs, codes(y))
     return run
+
+
+def codes_of(attrs) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The layer's codes output as a function of its float output y as stored (``quantize_values``), or None
+    without codes_scale."""
+    scale = attrs.get("codes_scale")
+    if scale is None:
+        return None
+    zp, to = int(attrs.get("codes_zero_point", 0)), attrs["codes_to"]
+    return lambda y: quantize_values(y, float(scale), zp, to)
 
 
 @tactic("TopK")

@@ -12,6 +12,9 @@ Cases:
   8-bit layer writing float;
 - Q(y) of such a float output y (a ResNet block's output: the next block's input and its shortcut) -> the
   layer's second output, the codes computed from y as stored: no separate pass over y;
+- Q(y) of a layer or RMS normalization's output y (a transformer block's LayerNorm: the next GEMMs' quantized
+  input and the next residual add's float operand) -> the Normalization's codes output (attrs codes_scale,
+  codes_zero_point, codes_to; after y and its sum output), computed from y as stored in the same pass;
 - a convolution or GEMM reading a dequantized activation that none of these fits stays dequantized (float
   arithmetic on 8-bit-rounded values, the same numbers), and the build warns once naming it and why; so do
   other layers between DequantizeLinear and QuantizeLinear (ONNX Runtime's quantized Add, pooling).
@@ -324,10 +327,15 @@ _GEMM = Op(GEMMS, Op("DequantizeLinear", Var("x"), ANY, ..., name="dq", shared=T
 
 
 def _second_fits(m: Match) -> str | None:
-    layer = m["layer"]
-    if len(layer.outputs) != 1 or layer.attrs.get("out_scale") is not None:
+    layer, q = m["layer"], m["q"]
+    if q.inputs[0] is not layer.outputs[0]:
+        return "the QuantizeLinear reads another output than the layer's first"
+    if layer.attrs.get("codes_scale") is not None or layer.attrs.get("out_scale") is not None:
         return f"{layer.name!r} already writes codes"
-    found = _output(m["q"])
+    if layer.kind == "Normalization" and (layer.attrs.get("type", "layer") not in ("layer", "rms")
+                                          or layer.outputs[0].dtype not in FLOAT_OUT):
+        return "it is not a layer or RMS norm with a float output"
+    found = _output(q)
     if isinstance(found, str):
         return found
     m["codes"] = {"codes_scale": found["out_scale"], "codes_zero_point": found["out_zero_point"],
@@ -336,12 +344,14 @@ def _second_fits(m: Match) -> str | None:
 
 
 def _second_output(m: Match) -> None:
+    """The layer again, with the codes as one more output after its others."""
     net, layer, q = m.net, m["layer"], m["q"]
-    y = layer.outputs[0]
-    new = net.add_layer(layer.kind, list(layer.inputs), {**layer.attrs, **m["codes"]}, num_outputs=2,
+    outs = list(layer.outputs)
+    new = net.add_layer(layer.kind, list(layer.inputs), {**layer.attrs, **m["codes"]}, num_outputs=len(outs) + 1,
                         name=net.unique_layer_name(layer.kind, layer.name),
-                        origin=list(dict.fromkeys(layer.origin + q.origin)), output_dtypes=[y.dtype, q.attrs["to"]])
-    substitute(net, new, layer, [y, q.outputs[0]], [q, layer])
+                        origin=list(dict.fromkeys(layer.origin + q.origin)),
+                        output_dtypes=[o.dtype for o in outs] + [q.attrs["to"]])
+    substitute(net, new, layer, [*outs, q.outputs[0]], [q, layer])
     new.name = layer.name
 
 
@@ -356,6 +366,9 @@ class FoldQDQ(Pass):
         Rule("gemm(DQ(x)) -> 8-bit layer writing float", _GEMM, _fits, _fold),
         Rule("Q(8-bit layer's float output) -> its second output",
              Op("QuantizeLinear", Op(QUANTIZED_KINDS, ..., name="layer", shared=True), ANY, ..., name="q"),
+             _second_fits, _second_output),
+        Rule("Q(layer/RMS norm's output) -> its codes output",
+             Op("QuantizeLinear", Op("Normalization", ..., name="layer", shared=True), ANY, ..., name="q"),
              _second_fits, _second_output),
     ]
 

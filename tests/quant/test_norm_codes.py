@@ -1,0 +1,270 @@
+"""A LayerNorm/RMSNorm writes the 8-bit codes its quantized readers need (passes/fold_qdq.py's rule
+"Q(layer/RMS norm's output) -> its codes output"): the Triton add+norm kernel (TRITON_INTERPRET on the CPU)
+against the torch tactic, the fold on a post-LN transformer block quantized by Kiln's own PTQ (forced on for a
+CPU build) against the same network run dequantized, and the engine schema of the new attributes."""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import kiln
+import kiln.onnx
+from kiln.engine.format import read_engine, write_engine
+from kiln.errors import EngineFormatError
+from kiln.kernels import KernelContext, get_tactic
+from kiln.kernels.quantize import quantize_values
+from kiln.triton_support import HAS_TRITON, interpreting
+
+build_module = importlib.import_module("kiln.builder.build")
+CODE_TYPES = {"int8": (torch.int8, 3), "uint8": (torch.uint8, 128), "float8_e4m3fn": (torch.float8_e4m3fn, 0)}
+
+
+def _ordinal(codes: torch.Tensor) -> np.ndarray:
+    """Each code as its position among its type's codes, so neighbouring codes differ by one: the integer itself,
+    or for FP8 E4M3 the signed rank of the magnitude's bit pattern (monotonic in the value; -0 and +0 are 0)."""
+    if codes.dtype != torch.float8_e4m3fn:
+        return codes.to(torch.int32).numpy()
+    bits = codes.view(torch.uint8).to(torch.int32).numpy()
+    return np.where(bits & 0x80, -(bits & 0x7F), bits & 0x7F)
+
+
+def _assert_codes_close(ours: torch.Tensor, ref: torch.Tensor, what: str, equal: float = 0.99) -> None:
+    """8-bit codes: within one code step everywhere (a value within float rounding of a rounding boundary may go
+    either way), at least ``equal`` of them equal, and a real spread of codes compared."""
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape, what
+    a, b = _ordinal(ours.cpu()), _ordinal(ref.cpu())
+    assert np.abs(a - b).max() <= 1, what
+    assert np.mean(a == b) >= equal, what
+    assert np.unique(b).size > 20, what
+
+
+def _attrs(kind: str, codes_to: str, scale: float, residual: bool, sum_output: bool) -> dict:
+    return {"type": kind, "axis": -1, "epsilon": 1e-5, "sum_output": sum_output and residual,
+            "codes_scale": scale, "codes_zero_point": CODE_TYPES[codes_to][1], "codes_to": codes_to}
+
+
+# (norm type, input dtype, residual, sum output): plain, with a residual, pre-LN with the sum read again; RMS; FP16
+KERNEL_CASES = [("layer", torch.float32, False, False), ("layer", torch.float32, True, False),
+                ("layer", torch.float32, True, True), ("rms", torch.float32, True, False),
+                ("layer", torch.float16, True, True)]
+
+
+@pytest.mark.skipif(not HAS_TRITON or not interpreting(), reason="runs the Triton kernel in TRITON_INTERPRET mode")
+@pytest.mark.parametrize("codes_to", list(CODE_TYPES))
+@pytest.mark.parametrize("kind,dtype,residual,sum_output", KERNEL_CASES)
+def test_triton_kernel_writes_the_torch_tactics_codes(codes_to, kind, dtype, residual, sum_output):
+    """The Triton kernel's codes (one pass with y) against the torch tactic's QuantizeLinear of its own y: within one
+    code step, nearly all equal; y and the sum as the torch tactic's; the codes are those of the kernel's y as stored
+    (rounded to its dtype), so an FP16 y gives the codes of FP16 values. The scales saturate the tails."""
+    from kiln.kernels.int8_gemm import Codes
+    from kiln.kernels.norm_triton import add_norm
+    g = torch.Generator().manual_seed(len(codes_to) + 7 * residual + 3 * sum_output)
+    x = (torch.randn(6, 48, generator=g) * 2).to(dtype)             # 48: not a power of two (a masked tail)
+    r = torch.randn(6, 48, generator=g).to(dtype) if residual else None
+    w, b = (torch.rand(48, generator=g) + 0.5).to(dtype), (torch.randn(48, generator=g) * 0.3).to(dtype)
+    scale = 0.02 if codes_to != "float8_e4m3fn" else 0.006        # |y| up to ~4: int8 saturates past 2.5
+    attrs = _attrs(kind, codes_to, scale, residual, sum_output)
+    want = get_tactic("Normalization", "torch").make(attrs, KernelContext(device="cpu"))(x, w, b, None, None, r)
+    assert len(want) == 2 + attrs["sum_output"]
+    torch_dt, zp = CODE_TYPES[codes_to]
+    got = add_norm(x, r, w, b, 1e-5, attrs["sum_output"], kind == "rms", None, Codes(torch_dt, scale, zp))
+    y, s, q = got
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 4e-3}
+    torch.testing.assert_close(y.float(), want[0].float(), **tol)
+    if attrs["sum_output"]:
+        torch.testing.assert_close(s, want[1])
+    else:
+        assert s is None
+    # FP16: the two y may differ by an FP16 ulp (at most 1/10 of a code step at these scales) on any element
+    _assert_codes_close(q, want[-1], f"{kind} {dtype} {codes_to}", 0.99 if dtype == torch.float32 else 0.9)
+    # the kernel quantizes its own y as stored: the FP32 reciprocal of the scale where ONNX divides (see int8_gemm)
+    _assert_codes_close(q, quantize_values(y, scale, zp, codes_to), "codes of y as stored")
+    if codes_to != "float8_e4m3fn":
+        info = torch.iinfo(torch_dt)
+        assert int(q.min()) == info.min or int(q.max()) == info.max        # saturated, not wrapped
+
+
+def test_codes_output_arity_and_dtypes_on_meta():
+    """The torch tactic's outputs, as shape inference sees them on meta tensors: y, the sum (sum_output), the
+    codes (codes_scale) in their 8-bit type; none without codes_scale."""
+    make = get_tactic("Normalization", "torch").make
+    x = torch.empty(2, 3, 16, device="meta", dtype=torch.float16)
+    for sum_output in (False, True):
+        for codes_to, (dt, _) in CODE_TYPES.items():
+            outs = make(_attrs("layer", codes_to, 0.1, True, sum_output), KernelContext(device="cpu"))(
+                x, None, None, None, None, x)
+            assert [o.dtype for o in outs] == [torch.float16] * (1 + sum_output) + [dt]
+            assert all(o.shape == x.shape for o in outs)
+        plain = make({"type": "layer", "sum_output": sum_output}, KernelContext(device="cpu"))(x, None, None, None,
+                                                                                                None, x)
+        assert len(plain) == 1 + sum_output
+
+
+def _post_ln_block(hidden: int = 16, ffn: int = 32) -> onnx.ModelProto:
+    """x[N, S, H] -> LayerNorm = h0 -> Q/K/V MatMuls (+ bias) -> single-head attention -> output MatMul + h0 ->
+    LayerNorm = h1 -> FFN (MatMul, ReLU, MatMul) + h1 -> LayerNorm -> y: a post-LN (BERT) block after an embedding
+    LayerNorm; h0 and h1 feed both quantized GEMMs and a residual add."""
+    rng = np.random.default_rng(61)
+
+    def w(*s: int) -> np.ndarray:
+        return (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+    inits = {f"w{n}": w(hidden, hidden) for n in "qkvo"}
+    inits.update({f"b{n}": (rng.standard_normal(hidden) * 0.1).astype(np.float32) for n in "qkvo"})
+    inits.update(w1=w(hidden, ffn), b1=(rng.standard_normal(ffn) * 0.1).astype(np.float32), w2=w(ffn, hidden),
+                 b2=(rng.standard_normal(hidden) * 0.1).astype(np.float32),
+                 scale=np.asarray(1 / math.sqrt(hidden), np.float32))
+    for i in range(3):
+        inits[f"g{i}"] = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+        inits[f"be{i}"] = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+
+    def ln(i: int, x: str, y: str) -> onnx.NodeProto:
+        return helper.make_node("LayerNormalization", [x, f"g{i}", f"be{i}"], [y], name=f"ln{i}", axis=-1,
+                                epsilon=1e-5)
+    nodes = [ln(0, "x", "h0")]
+    for n in "qkv":
+        nodes += [helper.make_node("MatMul", ["h0", f"w{n}"], [f"{n}0"], name=f"mm_{n}"),
+                  helper.make_node("Add", [f"{n}0", f"b{n}"], [n], name=f"add_{n}")]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["q", "kt"], ["s0"], name="scores"),
+              helper.make_node("Mul", ["s0", "scale"], ["s"], name="scaled"),
+              helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["p", "v"], ["c"], name="context"),
+              helper.make_node("MatMul", ["c", "wo"], ["o0"], name="mm_o"),
+              helper.make_node("Add", ["o0", "bo"], ["o"], name="add_o"),
+              helper.make_node("Add", ["o", "h0"], ["a"], name="residual1"), ln(1, "a", "h1"),
+              helper.make_node("MatMul", ["h1", "w1"], ["f0"], name="ffn1"),
+              helper.make_node("Add", ["f0", "b1"], ["f1"], name="add_f1"),
+              helper.make_node("Relu", ["f1"], ["f"], name="relu"),
+              helper.make_node("MatMul", ["f", "w2"], ["e0"], name="ffn2"),
+              helper.make_node("Add", ["e0", "b2"], ["e"], name="add_f2"),
+              helper.make_node("Add", ["e", "h1"], ["a2"], name="residual2"), ln(2, "a2", "y")]
+    shape = ["N", 8, hidden]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _ptq_block(x: np.ndarray):
+    """Kiln's --int8 (max calibrator) of the post-LN block, every QuantizeLinear's codes marked as an output."""
+    from kiln.builder.quant import quantize
+    calib = np.random.default_rng(62).standard_normal((8, *x.shape[1:])).astype(np.float32)
+    qnet = quantize(kiln.onnx.parse(_post_ln_block()), kiln.BuildConfig(
+        device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max", profiles={"x": x.shape}))
+    codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
+    for c in codes:
+        qnet.mark_output(qnet.tensors[c])
+    return qnet, codes
+
+
+def _fold_engine(monkeypatch, precision: str = "fp32"):
+    """(engine with the fold forced on, the same network built without it, input, code tensor names)."""
+    x = np.random.default_rng(63).standard_normal((4, 8, 16)).astype(np.float32)
+    qnet, codes = _ptq_block(x)
+    config = kiln.BuildConfig(device="cpu", precision=precision, profiles={"x": x.shape})
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: False)
+    ref = kiln.build(qnet, config)
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    return kiln.build(qnet, config), ref, x, codes
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_post_ln_block_norms_write_the_codes(monkeypatch, precision):
+    """In the quantized post-LN block, no QuantizeLinear reads a Normalization any more: the embedding LayerNorm
+    and the fused add+LayerNorm write the codes the Q/K/V and FFN1 GEMMs read, beside the float output the next
+    residual add reads. The codes and the output match the network run dequantized (a CPU build without the fold):
+    codes within one step, nearly all equal; y within 2% of its range (int32 bias codes; in FP16 the rounding of
+    the activations)."""
+    engine, ref, x, codes = _fold_engine(monkeypatch, precision)
+    made = {o: layer for layer in engine.layers for o in layer["outputs"]}
+    norms = [layer for layer in engine.layers if layer["kind"] == "Normalization"]
+    assert [layer["name"] for layer in norms if "codes_scale" in layer["attrs"]] == ["ln0", "ln1/add"]
+    for layer in engine.layers:
+        if layer["kind"] == "QuantizeLinear":
+            assert made[layer["inputs"][0]]["kind"] != "Normalization", layer["name"]
+    for norm in norms[:2]:
+        a = norm["attrs"]
+        assert norm["outputs"][-1] in codes and len(norm["outputs"]) == 2 and a["codes_to"] == "int8"
+        readers = [layer for layer in engine.layers if norm["outputs"][-1] in layer["inputs"]]
+        assert readers and {layer["kind"] for layer in readers} == {"QFullyConnected"}
+        floats = [layer for layer in engine.layers if norm["outputs"][0] in layer["inputs"]]
+        assert floats and all(layer["kind"] != "QuantizeLinear" for layer in floats)     # the residual add's
+    assert {n["precision"] for n in norms} == {"fp32" if precision == "fp32" else "fp16 (fp32 accum)"}
+    ours, want = engine.context().run({"x": x}), ref.context().run({"x": x})
+    for c in codes:     # (FP16: the 8-bit GEMMs' FP16 outputs round apart from the float GEMMs' on dequantized values)
+        _assert_codes_close(torch.from_numpy(ours[c]), torch.from_numpy(want[c]), c,
+                            0.98 if precision == "fp32" else 0.95)
+    if precision == "fp32":     # the embedding LayerNorm reads x itself: the same y, the same codes
+        np.testing.assert_array_equal(ours[norms[0]["outputs"][-1]], want[norms[0]["outputs"][-1]])
+    np.testing.assert_allclose(ours["y"], want["y"], rtol=0, atol=0.02 * np.abs(want["y"]).max())
+
+
+def _saved(monkeypatch, tmp_path):
+    engine, _, x, codes = _fold_engine(monkeypatch)
+    path = tmp_path / "block.kiln"
+    engine.save(path)
+    return engine, path, x
+
+
+def test_engine_with_norm_codes_round_trips(monkeypatch, tmp_path):
+    """Saved and loaded, the Normalization layers keep their codes attributes and outputs and run the same."""
+    engine, path, x = _saved(monkeypatch, tmp_path)
+    again = kiln.load(path)
+    norms = [(layer["attrs"], layer["outputs"]) for layer in engine.layers if layer["kind"] == "Normalization"]
+    assert [(layer["attrs"], layer["outputs"]) for layer in again.layers if layer["kind"] == "Normalization"] == norms
+    ours, back = engine.context().run({"x": x}), again.context().run({"x": x})
+    assert ours.keys() == back.keys()
+    for k in ours:
+        np.testing.assert_array_equal(back[k], ours[k])
+
+
+def _norm(h: dict, name: str) -> dict:
+    return next(layer for layer in h["plan"]["layers"] if layer["name"] == name)
+
+
+FORGED = {
+    "zero scale": (lambda h: _norm(h, "ln0")["attrs"].update(codes_scale=0.0), "codes_scale"),
+    "negative scale": (lambda h: _norm(h, "ln0")["attrs"].update(codes_scale=-0.5), "codes_scale"),
+    "infinite scale": (lambda h: _norm(h, "ln0")["attrs"].update(codes_scale=float("inf")), "codes_scale"),
+    "nan scale": (lambda h: _norm(h, "ln0")["attrs"].update(codes_scale=float("nan")), "codes_scale"),
+    "subnormal scale": (lambda h: _norm(h, "ln0")["attrs"].update(codes_scale=1e-40), "codes_scale"),
+    "int32 codes": (lambda h: _norm(h, "ln0")["attrs"].update(codes_to="int32"), "codes_to"),
+    "float16 codes": (lambda h: _norm(h, "ln1/add")["attrs"].update(codes_to="float16"), "codes_to"),
+    "unknown type": (lambda h: _norm(h, "ln0")["attrs"].update(codes_to="int4x"), "codes_to"),
+    "zero point": (lambda h: _norm(h, "ln0")["attrs"].update(codes_zero_point=300), "codes_zero_point"),
+    "scale without type": (lambda h: _norm(h, "ln0")["attrs"].pop("codes_to"), "only one of"),
+    "codes attrs, no codes output": (lambda h: _norm(h, "ln2/add")["attrs"].update(
+        codes_scale=0.1, codes_to="int8"), "1 outputs where its attributes give 2"),
+    "codes output, no codes attrs": (lambda h: [_norm(h, "ln0")["attrs"].pop(k) for k in ("codes_scale", "codes_to")],
+                                     "2 outputs where its attributes give 1"),
+    "one output too many": (lambda h: _norm(h, "ln1/add")["outputs"].append("extra"), "3 outputs"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_forged_norm_codes_are_refused_in_one_line(monkeypatch, tmp_path, case):
+    """An engine whose Normalization codes attributes are out of their schema (a scale that is not a positive
+    normal float32, a type other than int8/uint8/FP8 E4M3, a zero point outside 8 bits) or disagree with its
+    outputs is refused at load as damaged, in one line naming the attribute, through load and read_header."""
+    edit, named = FORGED[case]
+    _, path, _ = _saved(monkeypatch, tmp_path)
+    header, weights = read_engine(str(path))
+    h = copy.deepcopy({k: v for k, v in header.items() if k != "weights"})
+    edit(h)
+    forged = tmp_path / "forged.kiln"
+    write_engine(str(forged), h, weights)
+    for read in (kiln.load, kiln.engine.read_header):
+        with pytest.raises(EngineFormatError) as info:
+            read(forged)
+        msg = str(info.value)
+        assert "\n" not in msg and "damaged" in msg and named in msg, msg
