@@ -96,11 +96,12 @@ class PackedWeight:
 
 
 _IN_PLACE = {"relu": torch.relu_, "sigmoid": torch.sigmoid_, "tanh": torch.tanh_,
-             "silu": lambda y: F.silu(y, inplace=True), "hard_swish": lambda y: F.hardswish(y, inplace=True)}
+             "silu": lambda y: F.silu(y, inplace=True), "hard_swish": lambda y: F.hardswish(y, inplace=True),
+             "gelu": lambda y: torch.ops.aten.gelu_(y), "gelu_tanh": lambda y: torch.ops.aten.gelu_(y, approximate="tanh")}
 
 
-def _act_after(attrs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The layer's activation for a fresh output tensor: in place where torch has it so."""
+def activation_in_place(attrs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The layer's activation for a fresh output tensor: in place where torch has it so; None without one."""
     act = attrs.get("activation")
     if not act:
         return None
@@ -117,7 +118,7 @@ def make_convolution_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callab
     pre_pad = [begins[1], ends[1], begins[0], ends[0]]
     after = bool(attrs.get("residual_after_activation"))
     unary = unary_post_op(attrs)
-    act = _act_after(attrs)
+    act = activation_in_place(attrs)
     packs = PackedWeight(lambda w, shape: torch.ops.mkldnn._reorder_convolution_weight(
         w, pads, stride, dil, groups, list(shape)))
     conv = torch.ops.mkldnn._convolution_pointwise
@@ -176,7 +177,7 @@ def make_convolution_gemm_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Call
     begins, ends = list(attrs["pads"][:2]), list(attrs["pads"][2:4])
     nhwc_pad = [0, 0, begins[1], ends[1], begins[0], ends[0]]
     after = bool(attrs.get("residual_after_activation"))
-    act = _act_after(attrs)
+    act = activation_in_place(attrs)
     cache: dict[str, Any] = {"w": None}
 
     def weight(w: torch.Tensor) -> torch.Tensor:
@@ -244,7 +245,7 @@ def make_convolution_gemm1d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Ca
     stride, dil = attrs["stride"][0], attrs["dilation"][0]
     pads = (attrs["pads"][0], attrs["pads"][1])
     after = bool(attrs.get("residual_after_activation"))
-    act = _act_after(attrs)
+    act = activation_in_place(attrs)
 
     def run(x, w, b=None, residual=None):
         x = match_weight(x, w)
