@@ -117,7 +117,7 @@ class BuildConfig:
     fallback: str | None = None        # "onnxruntime": build the network's ONNX Runtime islands (kiln.onnx.fallback)
     quantize: str | None = None        # "int8" / "fp8": post-training quantization (kiln.builder.quant)
     calibration: Any = None            # .npy/.npz file, folder of them, or a list of {input: array} batches
-    calibrator: str | None = None      # "max", "percentile", "entropy"; None: entropy for int8, max for fp8
+    calibrator: str | None = None      # "max", "percentile", "entropy"; None: max (default_calibrator)
     percentile: float = 99.99          # the percentile calibrator's percent
     calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
     fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized

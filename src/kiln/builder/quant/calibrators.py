@@ -94,9 +94,11 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def default_calibrator(mode: str) -> str:
-    """The calibrator a quantization mode uses unless told: entropy for int8, whose 255 uniform steps gain from
-    clipping outliers; max for fp8, whose E4M3 steps grow with magnitude so outliers cost little precision."""
-    return "max" if mode == "fp8" else "entropy"
+    """The calibrator a quantization mode uses unless told: max, for int8 and fp8. On the real trained models and
+    held-out inputs of docs/quantization.md, max kept task agreement with FP32 at or near the best calibrator's on
+    every model, while entropy lost a fifth of a detector's detections; FP8's E4M3 steps grow with magnitude, so
+    outliers cost it little precision anyway."""
+    return "max"
 
 
 def check_calibrator(name: str, percentile: float) -> None:

@@ -115,8 +115,8 @@ class Quantize(ArgGroup):
                             help="calibration inputs: a .npy (one input), an .npz (one array per input name) or a "
                                  "folder of them; samples along the first axis, preprocessed as the model expects")
         parser.add_argument("--calibrator", choices=("max", "percentile", "entropy"),
-                            help="how activation ranges are found (default: entropy, TensorRT's KL calibrator, "
-                                 "for --int8; max for --fp8)")
+                            help="how activation ranges are found (default: max, the largest magnitude seen; "
+                                 "entropy is TensorRT's KL calibrator; see docs/quantization.md)")
         parser.add_argument("--percentile", type=number(float, 0, 100, above=True), default=99.99, metavar="P",
                             help="the percentile calibrator's percent (default 99.99)")
         parser.add_argument("--calib-cache", metavar="FILE",
