@@ -91,6 +91,17 @@ def test_triton_kernel_writes_the_torch_tactics_codes(codes_to, kind, dtype, res
         assert int(q.min()) == info.min or int(q.max()) == info.max        # saturated, not wrapped
 
 
+def test_torch_rms_norm_keeps_its_bias():
+    """The torch tactic's RMS norm with a bias (as the Triton kernel computes it) against numpy in float64."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 24, generator=g), torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
+    (y,) = get_tactic("Normalization", "torch").make({"type": "rms", "epsilon": 1e-6}, KernelContext(device="cpu"))(
+        x, w, b)
+    xd = x.double().numpy()
+    want = xd / np.sqrt((xd * xd).mean(-1, keepdims=True) + 1e-6) * w.double().numpy() + b.double().numpy()
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_codes_output_arity_and_dtypes_on_meta():
     """The torch tactic's outputs, as shape inference sees them on meta tensors: y, the sum (sum_output), the
     codes (codes_scale) in their 8-bit type; none without codes_scale."""
@@ -248,6 +259,11 @@ FORGED = {
     "codes output, no codes attrs": (lambda h: [_norm(h, "ln0")["attrs"].pop(k) for k in ("codes_scale", "codes_to")],
                                      "2 outputs where its attributes give 1"),
     "one output too many": (lambda h: _norm(h, "ln1/add")["outputs"].append("extra"), "3 outputs"),
+    # the 8-bit layers' codes output has the same declaration and the same count check
+    "8-bit layer codes attrs, no codes output": (lambda h: _norm(h, "ffn2/fc")["attrs"].update(
+        codes_scale=0.1, codes_to="int8"), "1 outputs where its attributes give 2"),
+    "8-bit layer infinite scale": (lambda h: _norm(h, "ffn2/fc")["attrs"].update(
+        codes_scale=float("inf"), codes_to="int8"), "codes_scale"),
 }
 
 
