@@ -220,16 +220,19 @@ def test_post_ln_block_norms_write_the_codes(monkeypatch, precision):
     np.testing.assert_allclose(ours["y"], want["y"], rtol=0, atol=0.02 * np.abs(want["y"]).max())
 
 
-def _saved(monkeypatch, tmp_path):
-    engine, _, x, codes = _fold_engine(monkeypatch)
-    path = tmp_path / "block.kiln"
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The folded block's engine, saved: (engine, path, input)."""
+    with pytest.MonkeyPatch.context() as mp:
+        engine, _, x, codes = _fold_engine(mp)
+    path = tmp_path_factory.mktemp("norm_codes") / "block.kiln"
     engine.save(path)
     return engine, path, x
 
 
-def test_engine_with_norm_codes_round_trips(monkeypatch, tmp_path):
+def test_engine_with_norm_codes_round_trips(saved):
     """Saved and loaded, the Normalization layers keep their codes attributes and outputs and run the same."""
-    engine, path, x = _saved(monkeypatch, tmp_path)
+    engine, path, x = saved
     again = kiln.load(path)
     norms = [(layer["attrs"], layer["outputs"]) for layer in engine.layers if layer["kind"] == "Normalization"]
     assert [(layer["attrs"], layer["outputs"]) for layer in again.layers if layer["kind"] == "Normalization"] == norms
@@ -268,12 +271,12 @@ FORGED = {
 
 
 @pytest.mark.parametrize("case", list(FORGED))
-def test_forged_norm_codes_are_refused_in_one_line(monkeypatch, tmp_path, case):
+def test_forged_norm_codes_are_refused_in_one_line(saved, tmp_path, case):
     """An engine whose Normalization codes attributes are out of their schema (a scale that is not a positive
     normal float32, a type other than int8/uint8/FP8 E4M3, a zero point outside 8 bits) or disagree with its
     outputs is refused at load as damaged, in one line naming the attribute, through load and read_header."""
     edit, named = FORGED[case]
-    _, path, _ = _saved(monkeypatch, tmp_path)
+    _, path, _ = saved
     header, weights = read_engine(str(path))
     h = copy.deepcopy({k: v for k, v in header.items() if k != "weights"})
     edit(h)
