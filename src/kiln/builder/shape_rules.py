@@ -5,7 +5,7 @@ kernels for most ops check their arguments with ``torch._check`` and friends, wh
 ``torch.fx.experimental.symbolic_shapes`` and sympy (most of a second). For the kinds below, whose output
 shape follows from a short formula, a rule gives the outputs directly: empty contiguous meta tensors of the
 shape and dtype the tactic returns. A rule answers only where it is sure: all inputs are contiguous meta
-tensors of one floating dtype and the attributes are ones it knows; anything else (a shape the tactic
+tensors (matrix products: any layout for A and B) of one floating dtype and the attributes are ones it knows; anything else (a shape the tactic
 would refuse, integer or mixed dtypes, fused extras) returns None and the layer is evaluated on meta as
 before, so results and errors stay the tactic's own.
 """
@@ -29,6 +29,9 @@ _FLOAT_UNARY = frozenset({"exp", "log", "sqrt", "recip", "abs", "neg", "sin", "c
                           "asin", "acos", "atan", "asinh", "acosh", "atanh", "ceil", "floor", "round", "erf",
                           "sign", "identity"})
 _BOOL_UNARY = frozenset({"isnan", "isinf"})
+# kinds whose torch kernels return a fresh contiguous tensor whatever the layout of their first inputs
+# (matrix products copy or fold them): how many leading inputs may be any layout (a transposed view)
+_ANY_LAYOUT = {"MatMul": 2, "FullyConnected": 2, "Gemm": 2}
 enabled = True          # tests switch the rules off to compare with evaluation on meta tensors
 
 
@@ -46,7 +49,10 @@ def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch
     if fn is None:
         return None
     tensors = [a for a in args if a is not None]
-    if not tensors or any(not isinstance(a, torch.Tensor) or not a.is_meta or not a.is_contiguous() for a in tensors):
+    if not tensors or any(not isinstance(a, torch.Tensor) or not a.is_meta for a in tensors):
+        return None
+    loose = _ANY_LAYOUT.get(kind, 0)
+    if any(a is not None and not a.is_contiguous() for a in args[loose:]):
         return None
     dtype = tensors[0].dtype
     if dtype not in _FLOATS or any(a.dtype != dtype for a in tensors):
@@ -253,7 +259,7 @@ def _normalization(attrs, shapes):
     x = shapes[0]
     scale, bias, mean, var, residual = (list(shapes[1:]) + [None] * 5)[:5]
     kind, r = attrs.get("type", "layer"), len(x) if x is not None else 0
-    if x is None or r < 2 or residual not in (None, x):
+    if x is None or r < 2 or residual not in (None, x) or attrs.get("codes_scale") is not None:    # (8-bit codes)
         return None
     if kind in ("layer", "rms"):
         a = attrs.get("axis", -1)
