@@ -287,3 +287,22 @@ def test_forged_norm_codes_are_refused_in_one_line(saved, tmp_path, case):
             read(forged)
         msg = str(info.value)
         assert "\n" not in msg and "damaged" in msg and named in msg, msg
+
+
+def test_shape_inference_gives_every_tensor_after_the_fold(monkeypatch):
+    """Shape inference (strict) of the folded block gives each tensor its shape and type, the norms' codes
+    outputs (int8, shaped like y) and the 8-bit GEMMs that read them included."""
+    from kiln.builder.shapes import UNKNOWN, evaluate
+    x = np.zeros((4, 8, 16), np.float32)
+    qnet, _ = _ptq_block(x)
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    net = build_module.prepare(qnet, kiln.BuildConfig(device="cpu", profiles={"x": x.shape})).net
+    vals = evaluate(net, {"x": x.shape}, strict=True)
+    for layer in net.layers:
+        for o in layer.outputs:
+            assert vals.get(o.name, UNKNOWN) is not UNKNOWN, (layer.name, o.name)
+    norms = [layer for layer in net.layers if layer.kind == "Normalization" and "codes_scale" in layer.attrs]
+    assert len(norms) == 2
+    for norm in norms:
+        codes = vals[norm.outputs[-1].name]
+        assert codes.dtype == torch.int8 and tuple(codes.shape) == x.shape
