@@ -306,3 +306,19 @@ def test_shape_inference_gives_every_tensor_after_the_fold(monkeypatch):
     for norm in norms:
         codes = vals[norm.outputs[-1].name]
         assert codes.dtype == torch.int8 and tuple(codes.shape) == x.shape
+
+
+def test_tactic_choice_accepts_codes_a_step_apart_in_an_fp32_layer():
+    """The builder's agreement check between a candidate tactic and the reference judges a codes output of a float
+    layer (an FP32 norm's) as 8-bit layers' codes are judged: a few codes one step apart (the Triton kernel's y and
+    torch's differ by float rounding) pass; codes off by one everywhere, or a float output off by 1e-4, do not."""
+    from kiln.builder.tactics import _agree
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(64, 768, generator=g)
+    q = torch.clamp(torch.round(y / 0.03), -128, 127)
+    near = q.clone()
+    near.view(-1)[::997] += 1                          # 50 of 49152 codes one step up
+    assert _agree([y, near], [y, q], "fp32", [False, True])
+    assert not _agree([y, q + 1], [y, q], "fp32", [False, True])
+    assert not _agree([y * (1 + 1e-4), near], [y, q], "fp32", [False, True])
+    assert not _agree([y, near], [y, q], "fp32")       # unmarked, they are floats at FP32's tolerance
