@@ -322,3 +322,82 @@ def test_tactic_choice_accepts_codes_a_step_apart_in_an_fp32_layer():
     assert not _agree([y, q + 1], [y, q], "fp32", [False, True])
     assert not _agree([y * (1 + 1e-4), near], [y, q], "fp32", [False, True])
     assert not _agree([y, near], [y, q], "fp32")       # unmarked, they are floats at FP32's tolerance
+
+
+def _qdq_ln_block(codes_to: str) -> onnx.ModelProto:
+    """x[N, 32] -> LayerNorm = h -> QuantizeLinear/DequantizeLinear (per tensor, ``codes_to``) -> MatMul with a
+    weight quantized per output channel (int8, or FP8 for FP8 codes) -> + b -> + h -> y: explicit quantization of a
+    GEMM after a LayerNorm whose float output also feeds a residual add (opset 21)."""
+    import ml_dtypes
+    rng = np.random.default_rng(71)
+    w = rng.standard_normal((32, 24)).astype(np.float32) / 6
+    fp8 = codes_to == "float8_e4m3fn"
+    ws = (np.abs(w).max(0) / (448 if fp8 else 127)).astype(np.float32)
+    xs, (elem, zp) = np.float32(0.02 if not fp8 else 0.006), {
+        "int8": (TensorProto.INT8, np.int8(0)), "uint8": (TensorProto.UINT8, np.uint8(128)),
+        "float8_e4m3fn": (TensorProto.FLOAT8E4M3FN, 0.0)}[codes_to]
+
+    def codes(name: str, v: np.ndarray, t: int) -> onnx.TensorProto:
+        raw = np.asarray(v).astype(ml_dtypes.float8_e4m3fn).view(np.uint8) if t == TensorProto.FLOAT8E4M3FN else \
+            np.asarray(v).astype({TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}[t])
+        return helper.make_tensor(name, t, raw.shape, raw.tobytes(), raw=True)
+    wt = TensorProto.FLOAT8E4M3FN if fp8 else TensorProto.INT8
+    wq = w / ws if fp8 else np.clip(np.rint(w / ws), -127, 127)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, 32).astype(np.float32), "g"),
+             numpy_helper.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "be"),
+             numpy_helper.from_array(np.asarray(xs, np.float32), "xs"), codes("xz", np.asarray(zp), elem),
+             codes("wq", wq, wt), numpy_helper.from_array(ws, "ws"), codes("wz", np.zeros(24), wt),
+             numpy_helper.from_array((rng.standard_normal(24) * 0.1).astype(np.float32), "b")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "be"], ["h"], name="ln", axis=-1, epsilon=1e-5),
+             helper.make_node("QuantizeLinear", ["h", "xs", "xz"], ["hq"], name="qh"),
+             helper.make_node("DequantizeLinear", ["hq", "xs", "xz"], ["hd"], name="dqh"),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw", axis=1),
+             helper.make_node("MatMul", ["hd", "wd"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["mb"], name="bias"),
+             helper.make_node("Slice", ["h", "zero", "n24", "one"], ["h24"], name="first24"),
+             helper.make_node("Add", ["mb", "h24"], ["y"], name="residual")]
+    inits += [numpy_helper.from_array(np.asarray([v], np.int64), k) for k, v in (("zero", 0), ("n24", 24),
+                                                                                  ("one", 1))]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24]),
+                           helper.make_tensor_value_info("hq", elem, ["N", 32])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("codes_to", list(CODE_TYPES))
+def test_explicit_qdq_after_layer_norm_matches_onnxruntime(monkeypatch, codes_to):
+    """A QDQ model's LayerNorm whose output is quantized (int8, uint8 with zero point 128, FP8 E4M3) and also read as
+    a float: with the fold forced on, the LayerNorm writes the codes the 8-bit GEMM reads; the codes are ONNX
+    Runtime's (within one code step, nearly all equal), and y is ONNX Runtime's within the bias's rounding to int32
+    codes and float rounding where a row's codes are all equal."""
+    import ml_dtypes
+    ort = pytest.importorskip("onnxruntime")
+    model = _qdq_ln_block(codes_to)
+    x = (np.random.default_rng(72).standard_normal((64, 32)) * 3).astype(np.float32)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    want_y, want_q = sess.run(None, {"x": x})
+    if codes_to == "float8_e4m3fn":
+        want_q = want_q.view(ml_dtypes.float8_e4m3fn)
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    kinds = [layer["kind"] for layer in engine.layers]
+    assert kinds[:2] == ["Normalization", "QFullyConnected"] and "QuantizeLinear" not in kinds
+    ln = engine.layers[0]
+    assert ln["outputs"][1] == "hq" and ln["attrs"]["codes_to"] == codes_to
+    got = engine.context().run({"x": x})
+    ours = torch.from_numpy(got["hq"].view(np.uint8)).view(torch.float8_e4m3fn) if codes_to == "float8_e4m3fn" \
+        else torch.from_numpy(got["hq"])
+    ref = torch.from_numpy(want_q.view(np.uint8)).view(torch.float8_e4m3fn) if codes_to == "float8_e4m3fn" \
+        else torch.from_numpy(want_q)
+    _assert_codes_close(ours, ref, codes_to)
+    same = (_ordinal(ours) == _ordinal(ref)).all(1)
+    assert same.sum() >= len(x) // 2
+    # the bias becomes int32 codes in units of x_scale * w_scale (half a unit of rounding), then float32 sums
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in ("xs", "ws")}
+    bound = 0.5 * inits["xs"] * inits["ws"] + 1e-5 * np.abs(want_y).max()
+    assert np.all(np.abs(got["y"][same] - want_y[same]) <= bound)
