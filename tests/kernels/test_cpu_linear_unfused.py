@@ -1,7 +1,7 @@
 """The CPU FullyConnected tactic ``onednn_unfused`` (kernels/cpu_linear.py): oneDNN GEMM on a prepacked
 weight, the activation by torch in place afterwards. Each activation, input rank, bias or none, changing row
-counts, against an FP64 torch reference; offered only for FP32 CPU layers with an activation; an MLP built
-with it against ONNX Runtime."""
+counts, against FP64 formulas; offered only for FP32 CPU layers with an activation; an MLP built with it
+(and saved and loaded) against ONNX Runtime."""
 from __future__ import annotations
 
 import dataclasses
@@ -99,7 +99,7 @@ class _MLP(nn.Module):
         return self.c(torch.tanh(self.b(F.gelu(self.a(x)))))
 
 
-def test_mlp_matches_onnxruntime(monkeypatch):
+def test_mlp_matches_onnxruntime(monkeypatch, tmp_path):
     import onnxruntime as ort
     torch.manual_seed(0)
     f = io.BytesIO()
@@ -114,6 +114,10 @@ def test_mlp_matches_onnxruntime(monkeypatch):
     assert [layer["tactic"] for layer in fcs] == ["onednn_unfused", "onednn_unfused", "torch"]
     x = np.random.default_rng(0).standard_normal((2, 7, 12)).astype(np.float32)
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    got = next(iter(engine.context().run({"x": x}).values()))
-    assert got.shape == ref.shape
-    assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+    engine.save(str(tmp_path / "mlp.kiln"))
+    loaded = kiln.load(str(tmp_path / "mlp.kiln"))
+    assert [layer["tactic"] for layer in loaded.layers if layer["kind"] == "FullyConnected"][0] == "onednn_unfused"
+    for e in (engine, loaded):
+        got = next(iter(e.context().run({"x": x}).values()))
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

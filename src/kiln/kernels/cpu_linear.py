@@ -5,9 +5,9 @@ linear (``torch.ops.mkldnn._linear_pointwise``) on the weight reordered once int
 for the row count it meets; activations without a oneDNN post-op run after it on its fresh output.
 
 Tactic ``onednn_unfused`` runs the same GEMM with its bias and leaves the activation to torch, in place
-on the fresh output. oneDNN's GEMM applies an eltwise post-op block by block, which on some CPUs costs
-more than one vectorized pass over the output (GELU, tanh, SiLU after a [128, 768] x [768, 3072] GEMM,
-AVX2); the builder times both where the layer has an activation and keeps the faster.
+on the fresh output. oneDNN's GEMM applies an eltwise post-op block by block, which on some CPUs and
+thread counts costs more than one vectorized pass over the output (docs/cpu.md); the builder times both
+where the layer has an activation and keeps the faster.
 """
 from __future__ import annotations
 
