@@ -52,6 +52,21 @@ CASES = {
     "greater": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), d), "greater")),
     "max-3": _case((2, 3), lambda n, x, d: n.add_layer("ElementWise", [x, x, x], {"op": "max"})),
     "sum-1": _case((2, 3), lambda n, x, d: n.add_layer("ElementWise", [x], {"op": "sum"})),
+    "add-int64": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), d), "sum"), np.int64),
+    "div-int32": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((2, 1), d) + 7, "div"), np.int32),
+    "pow-int64": _case((4,), lambda n, x, d: n.add_elementwise(x, np.asarray(2, d), "pow"), np.int64),
+    "less-int64": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((1, 3), d), "less"), np.int64),
+    "shift-uint8": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), d), "bitshift_left"), np.uint8),
+    "and-bool": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), d), "and"), np.bool_),
+    "xor-int64": _case((2, 3), lambda n, x, d: n.add_elementwise(x, x, "xor"), np.int64),
+    "sum-bool": _case((2, 3), lambda n, x, d: n.add_elementwise(x, x, "sum"), np.bool_, fires=False),
+    "prelu-int64": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), d), "prelu"), np.int64, fires=False),
+    "relu-int64": _case((2, 3), lambda n, x, d: n.add_activation(x, "relu"), np.int64, fires=False),
+    "where": _case((2, 1, 4), lambda n, x, d: n.add_where(n.add_constant(_w((3, 1), np.bool_)), x, _w((4,), d))),
+    "where-int64": _case((3,), lambda n, x, d: n.add_where(n.add_constant(_w((2, 1), np.bool_)), x, x), np.int64),
+    "where-float-cond": _case((3,), lambda n, x, d: n.add_where(x, x, x), fires=False),
+    "where-mixed": _case((3,), lambda n, x, d: n.add_where(n.add_constant(_w((3,), np.bool_)), x, _w((3,), F16)),
+                         fires=False),
     "add-mismatch": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((4,), d), "sum"), fires=False),
     "add-mixed-dtype": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), np.float64), "sum"), fires=False),
     "and-float": _case((2, 3), lambda n, x, d: n.add_elementwise(x, x, "and"), fires=False),
@@ -93,6 +108,16 @@ CASES = {
          "residual": True})),
     "conv-too-small": _case((1, 3, 2, 2), lambda n, x, d: n.add_convolution(x, _w((4, 3, 3, 3), d)), fires=False),
     "conv-groups-bad": _case((1, 3, 5, 5), lambda n, x, d: n.add_convolution(x, _w((4, 2, 3, 3), d)), fires=False),
+    "deconv": _case((2, 4, 5, 5), lambda n, x, d: n.add_deconvolution(x, _w((4, 3, 3, 3), d), _w((3,), d),
+                                                                      stride=[2, 2], pads=[1, 0, 1, 2])),
+    "deconv-outpad-groups": _case((1, 4, 5, 6), lambda n, x, d: n.add_deconvolution(
+        x, _w((4, 2, 2, 3), d), stride=[2, 3], dilation=[2, 1], output_padding=[1, 2], groups=2)),
+    "deconv-1d-f16": _case((1, 2, 7), lambda n, x, d: n.add_deconvolution(x, _w((2, 3, 4), d), _w((3,), d),
+                                                                          stride=[3], pads=[1, 1]), F16),
+    "deconv-crop-view": _case((1, 2, 5, 5), lambda n, x, d: n.add_deconvolution(x, _w((2, 3, 3, 3), d),
+                                                                                pads=[1, 1, 1, 1]), fires=False),
+    "deconv-bad-channels": _case((1, 3, 5, 5), lambda n, x, d: n.add_deconvolution(x, _w((2, 3, 3, 3), d)),
+                                 fires=False),
     "maxpool": _case((2, 3, 9, 9), lambda n, x, d: n.add_pooling(x, "max", [3, 3], stride=[2, 2], pads=[1] * 4)),
     "maxpool-ceil-asym": _case((1, 2, 10, 7), lambda n, x, d: n.add_pooling(
         x, "max", [3, 2], stride=[2, 2], pads=[0, 1, 1, 0], ceil_mode=True)),
@@ -149,7 +174,7 @@ CASES = {
 
 def _net(shape, build, dtype):
     net = Network("case")
-    x = net.add_input("x", {F32: "float32", F16: "float16"}[dtype], list(shape))
+    x = net.add_input("x", np.dtype(dtype).name, list(shape))
     layer = build(net, x, dtype)
     return net, layer
 

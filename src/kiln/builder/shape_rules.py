@@ -5,8 +5,9 @@ kernels for most ops check their arguments with ``torch._check`` and friends, wh
 ``torch.fx.experimental.symbolic_shapes`` and sympy (most of a second). For the kinds below, whose output
 shape follows from a short formula, a rule gives the outputs directly: empty contiguous meta tensors of the
 shape and dtype the tactic returns. A rule answers only where it is sure: all inputs are contiguous meta
-tensors (matrix products: any layout for A and B) of one floating dtype and the attributes are ones it knows; anything else (a shape the tactic
-would refuse, integer or mixed dtypes, fused extras) returns None and the layer is evaluated on meta as
+tensors (matrix products: any layout for A and B) of one floating dtype (element-wise ops and Where:
+integer and boolean ones too) and the attributes are ones it knows; anything else (a shape the tactic
+would refuse, other or mixed dtypes, fused extras) returns None and the layer is evaluated on meta as
 before, so results and errors stay the tactic's own.
 """
 from __future__ import annotations
@@ -25,6 +26,15 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _RULES: dict[str, Rule] = {}
 _SHAPE_OPS = frozenset({"sum", "sub", "prod", "div", "max", "min", "pow", "mod", "fmod", "floor_div", "prelu"})
 _COMPARE_OPS = frozenset({"equal", "greater", "less", "greater_equal", "less_equal"})
+_LOGICAL_OPS = frozenset({"and", "or", "xor"})
+# element-wise ops by input dtype (all inputs of one dtype): each keeps it, but comparisons and logical ops
+_ELEMENTWISE_OPS = {
+    **{d: _SHAPE_OPS | _COMPARE_OPS for d in _FLOATS},
+    **{d: (_SHAPE_OPS - {"prelu"}) | _COMPARE_OPS | _LOGICAL_OPS | {"bitwise_and", "bitwise_or", "bitwise_xor",
+                                                                  "bitshift_left", "bitshift_right"}
+       for d in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)},
+    torch.bool: _LOGICAL_OPS | {"equal"},
+}
 _FLOAT_UNARY = frozenset({"exp", "log", "sqrt", "recip", "abs", "neg", "sin", "cos", "tan", "sinh", "cosh",
                           "asin", "acos", "atan", "asinh", "acosh", "atanh", "ceil", "floor", "round", "erf",
                           "sign", "identity"})
@@ -54,8 +64,8 @@ def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch
     loose = _ANY_LAYOUT.get(kind, 0)
     if any(a is not None and not a.is_contiguous() for a in args[loose:]):
         return None
-    dtype = tensors[0].dtype
-    if dtype not in _FLOATS or any(a.dtype != dtype for a in tensors):
+    out_dtype = _out_dtype(kind, attrs, tensors)
+    if out_dtype is None:
         return None
     try:
         shapes = fn(attrs, [None if a is None else tuple(a.shape) for a in args])
@@ -63,9 +73,25 @@ def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch
         return None
     if shapes is None:
         return None
-    out_dtype = torch.bool if kind == "ElementWise" and attrs.get("op") in _COMPARE_OPS or \
-        kind == "Unary" and attrs.get("op") in _BOOL_UNARY else dtype
     return [torch.empty(s, dtype=out_dtype, device="meta") for s in shapes]
+
+
+def _out_dtype(kind: str, attrs: dict[str, Any], tensors: list[torch.Tensor]) -> torch.dtype | None:
+    """The dtype of the outputs, or None where the rules do not answer for these input dtypes."""
+    if kind == "Where":                 # a boolean condition choosing between values of one dtype
+        ok = len(tensors) == 3 and tensors[0].dtype == torch.bool and tensors[1].dtype == tensors[2].dtype
+        return tensors[1].dtype if ok and tensors[1].dtype in _ELEMENTWISE_OPS else None
+    dtype = tensors[0].dtype
+    if any(a.dtype != dtype for a in tensors):
+        return None
+    if kind == "ElementWise":
+        op = attrs.get("op")
+        if op not in _ELEMENTWISE_OPS.get(dtype, ()):
+            return None
+        return torch.bool if op in _COMPARE_OPS | _LOGICAL_OPS else dtype
+    if dtype not in _FLOATS:
+        return None
+    return torch.bool if kind == "Unary" and attrs.get("op") in _BOOL_UNARY else dtype
 
 
 def broadcast(*shapes: Shape | None) -> Shape | None:
@@ -110,10 +136,14 @@ def _unary(attrs, shapes):
 
 @rule("ElementWise")
 def _elementwise(attrs, shapes):
-    if attrs.get("op") not in _SHAPE_OPS | _COMPARE_OPS or any(s is None for s in shapes):
+    if any(s is None for s in shapes) or len(shapes) != 2 and attrs["op"] in _COMPARE_OPS | {"prelu"}:
         return None
-    if len(shapes) != 2 and attrs["op"] in _COMPARE_OPS | {"prelu"}:
-        return None
+    out = broadcast(*shapes)
+    return None if out is None else [out]
+
+
+@rule("Where")
+def _where(attrs, shapes):
     out = broadcast(*shapes)
     return None if out is None else [out]
 
@@ -192,6 +222,27 @@ def _convolution(attrs, shapes):
         return None
     out = broadcast((x[0], w[0]) + spatial, residual)
     return None if out is None else [out]
+
+
+@rule("Deconvolution")
+def _deconvolution(attrs, shapes):
+    x, w = shapes[0], shapes[1]
+    b = shapes[2] if len(shapes) > 2 else None
+    stride, dil, pads = list(attrs["stride"]), list(attrs["dilation"]), list(attrs["pads"])
+    groups = attrs.get("groups", 1)
+    nd = len(stride)
+    out_pad = list(attrs.get("output_padding") or [0] * nd)
+    if nd not in (1, 2, 3) or x is None or w is None or len(x) != nd + 2 or len(w) != nd + 2 or len(dil) != nd \
+            or len(pads) != 2 * nd or len(out_pad) != nd or min(pads + out_pad) < 0 or min(stride + dil) < 1:
+        return None
+    cout = w[1] * groups
+    if groups < 1 or x[1] != w[0] or w[0] % groups or cout == 0 or b not in (None, (cout,)):
+        return None
+    if b is None and any(pads):          # the kernel's crop is then a strided view: its layout is the kernel's
+        return None
+    spatial = tuple((x[2 + i] - 1) * stride[i] + dil[i] * (w[2 + i] - 1) + 1 + out_pad[i] - pads[i] - pads[nd + i]
+                    for i in range(nd))
+    return None if min(spatial) < 1 else [(x[0], cout) + spatial]
 
 
 @rule("Pooling")
