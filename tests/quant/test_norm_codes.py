@@ -431,3 +431,27 @@ def test_gpu_build_times_the_fused_norm_with_codes(precision, tmp_path, monkeypa
     first = norms[0]["outputs"][-1]
     for c in codes:
         _assert_codes_close(torch.from_numpy(ours[c]), torch.from_numpy(want[c]), c, 0.99 if c == first else 0.9)
+
+
+def test_rms_norm_writes_the_codes_too(monkeypatch):
+    """The same block with RMS norms: the fold gives them the codes outputs; the codes are those of the network
+    run dequantized (the first norm's all equal: it reads x itself)."""
+    x = np.random.default_rng(65).standard_normal((4, 8, 16)).astype(np.float32)
+    qnet, codes = _ptq_block(x)
+    for layer in qnet.layers:
+        if layer.kind == "Normalization":
+            layer.attrs["type"] = "rms"
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: False)
+    want = kiln.build(qnet, config).context().run({"x": x})
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    engine = kiln.build(qnet, config)
+    norms = [layer for layer in engine.layers if layer["kind"] == "Normalization"]
+    assert [n["attrs"]["type"] for n in norms] == ["rms"] * 3
+    assert [len(n["outputs"]) for n in norms] == [2, 2, 1]
+    outs = {o for n in norms for o in n["outputs"]}
+    assert not [q for q in engine.layers if q["kind"] == "QuantizeLinear" and q["inputs"][0] in outs]
+    ours = engine.context().run({"x": x})
+    np.testing.assert_array_equal(ours[norms[0]["outputs"][1]], want[norms[0]["outputs"][1]])
+    for c in codes:
+        _assert_codes_close(torch.from_numpy(ours[c]), torch.from_numpy(want[c]), c, 0.98)
