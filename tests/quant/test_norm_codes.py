@@ -455,3 +455,57 @@ def test_rms_norm_writes_the_codes_too(monkeypatch):
     np.testing.assert_array_equal(ours[norms[0]["outputs"][1]], want[norms[0]["outputs"][1]])
     for c in codes:
         _assert_codes_close(torch.from_numpy(ours[c]), torch.from_numpy(want[c]), c, 0.98)
+
+
+def _pre_ln_block(hidden: int = 16) -> onnx.ModelProto:
+    """x -> MatMul -> + x = s -> LayerNorm -> MatMul -> + s -> y: a pre-LN residual stream, whose sum s the fused
+    add+norm writes as its second output (read again by the last add)."""
+    rng = np.random.default_rng(81)
+    inits = {"wa": (rng.standard_normal((hidden, hidden)) / 4).astype(np.float32),
+             "wb": (rng.standard_normal((hidden, hidden)) / 4).astype(np.float32),
+             "g": rng.uniform(0.5, 1.5, hidden).astype(np.float32),
+             "be": (rng.standard_normal(hidden) * 0.1).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["t"], name="mm_a"),
+             helper.make_node("Add", ["t", "x"], ["s"], name="stream"),
+             helper.make_node("LayerNormalization", ["s", "g", "be"], ["h"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["h", "wb"], ["f"], name="mm_b"),
+             helper.make_node("Add", ["f", "s"], ["y"], name="stream2")]
+    shape = ["N", hidden]
+    g = helper.make_graph(nodes, "pre_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_pre_ln_norm_writes_sum_then_codes(monkeypatch, tmp_path):
+    """A fused add+norm that also writes the sum (pre-LN) gets the codes as its third output: y, sum, codes, each
+    read where it should be; saved and loaded it runs the same; the codes and y match the network run dequantized."""
+    from kiln.builder.quant import quantize
+    rng = np.random.default_rng(82)
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    qnet = quantize(kiln.onnx.parse(_pre_ln_block()), kiln.BuildConfig(
+        device="cpu", quantize="int8", calibration=[{"x": rng.standard_normal((64, 16)).astype(np.float32)}],
+        calibrator="max", profiles={"x": x.shape}))
+    h_codes = next(layer.outputs[0].name for layer in qnet.layers
+                   if layer.kind == "QuantizeLinear" and layer.inputs[0].name == "h")
+    qnet.mark_output(qnet.tensors[h_codes])
+    config = kiln.BuildConfig(device="cpu", profiles={"x": x.shape})
+    want = kiln.build(qnet, config).context().run({"x": x})
+    monkeypatch.setattr(build_module, "folds_quantization", lambda device, config: True)
+    engine = kiln.build(qnet, config)
+    (norm,) = [layer for layer in engine.layers if layer["kind"] == "Normalization"]
+    assert norm["attrs"]["sum_output"] and norm["outputs"][2] == h_codes
+    y, s = norm["outputs"][:2]
+    readers = {name: [layer["kind"] for layer in engine.layers if name in layer["inputs"]] for name in norm["outputs"]}
+    assert readers[y] == [] and readers[h_codes] == ["QFullyConnected"]       # y is read as its codes only
+    assert readers[s] == ["ElementWise"]                                     # the stream's next add
+    path = tmp_path / "pre_ln.kiln"
+    engine.save(path)
+    ours, again = engine.context().run({"x": x}), kiln.load(path).context().run({"x": x})
+    for k in ours:
+        np.testing.assert_array_equal(again[k], ours[k])
+    _assert_codes_close(torch.from_numpy(ours[h_codes]), torch.from_numpy(want[h_codes]), h_codes)
+    np.testing.assert_allclose(ours["y"], want["y"], rtol=0, atol=0.02 * np.abs(want["y"]).max())
