@@ -106,6 +106,7 @@ CASES = {
         "Convolution", [x, n.add_constant(_w((3, 3, 3, 3), d)), None, x],
         {"stride": [1, 1], "pads": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1, "activation": "silu",
          "residual": True})),
+    "conv-on-1x1-maps": _case((2, 3, 1, 1), lambda n, x, d: n.add_convolution(x, _w((4, 3, 1, 1), d))),
     "conv-too-small": _case((1, 3, 2, 2), lambda n, x, d: n.add_convolution(x, _w((4, 3, 3, 3), d)), fires=False),
     "conv-groups-bad": _case((1, 3, 5, 5), lambda n, x, d: n.add_convolution(x, _w((4, 2, 3, 3), d)), fires=False),
     "deconv": _case((2, 4, 5, 5), lambda n, x, d: n.add_deconvolution(x, _w((4, 3, 3, 3), d), _w((3,), d),
@@ -141,6 +142,7 @@ CASES = {
     "logsoftmax-f16": _case((2, 5), lambda n, x, d: n.add_softmax(x, -1, log=True), F16),
     "softmax-bad-axis": _case((2, 5), lambda n, x, d: n.add_softmax(x, 2), fires=False),
     "concat": _case((2, 3, 4), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((2, 5, 4), d)), x], 1)),
+    "concat-1x1-maps": _case((2, 3, 1, 1), lambda n, x, d: n.add_concatenation([x, x], 1)),   # channels-last too
     "concat-neg-axis": _case((2, 3), lambda n, x, d: n.add_concatenation([x, x], -1)),
     "concat-bad": _case((2, 3), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((3, 3), d))], 1),
                         fires=False),
