@@ -106,10 +106,15 @@ def _agree(outs, ref, precision: str, codes: list[bool] | None = None) -> bool:
 
 
 def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
-    """Whether the engine will hand this input over in channels-last memory: 4-D FP16/BF16 outputs of
-    the kinds flagged ``channels_last`` in kiln.ir.layers make on the GPU are, so tactics are timed on that layout."""
-    return (a.is_cuda and a.dim() == 4 and a.dtype in (torch.float16, torch.bfloat16)
-            and t.producer is not None and LAYER_KINDS[t.producer.kind].channels_last)
+    """Whether the engine will hand this input over in channels-last memory: 4-D outputs of the kinds flagged
+    ``channels_last`` in kiln.ir.layers are, FP16/BF16 on the GPU and FP32 on the CPU (oneDNN and the GEMM
+    convolution write NHWC, and torch's convolution keeps an NHWC input's layout), so tactics are timed on that
+    layout."""
+    if a.dim() != 4 or t.producer is None or not LAYER_KINDS[t.producer.kind].channels_last:
+        return False
+    if a.is_cuda:
+        return a.dtype in (torch.float16, torch.bfloat16)
+    return a.device.type == "cpu" and a.dtype == torch.float32
 
 
 class _PluginTactic:
