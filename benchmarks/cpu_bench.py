@@ -76,12 +76,15 @@ def _torch_conv_only():
 
 def _kiln(path: Path, feeds: dict[str, np.ndarray], threads: int, baseline: bool):
     import kiln.onnx
-    from kiln.kernels.cpu_threads import use_threads
-    use_threads(threads)            # the build times its tactics on the thread count the row runs on
-    config = kiln.BuildConfig(device="cpu", profiles={n: a.shape for n, a in feeds.items()})
+    from kiln.kernels.cpu_threads import set_default_threads
+    set_default_threads(threads)    # the build times its tactics on the thread count the row runs on (the build
+    config = kiln.BuildConfig(device="cpu", profiles={n: a.shape for n, a in feeds.items()})    # re-applies it)
     t0 = time.perf_counter()
-    with _torch_conv_only() if baseline else contextlib.nullcontext():
-        engine = kiln.build(kiln.onnx.parse(str(path)), config)
+    try:
+        with _torch_conv_only() if baseline else contextlib.nullcontext():
+            engine = kiln.build(kiln.onnx.parse(str(path)), config)
+    finally:
+        set_default_threads(None)
     build_s = time.perf_counter() - t0
     ctx = engine.context(threads=threads)
     tactics: dict[str, int] = {}
