@@ -77,8 +77,9 @@ def _torch_conv_only():
 def _kiln(path: Path, feeds: dict[str, np.ndarray], threads: int, baseline: bool):
     import kiln.onnx
     from kiln.kernels.cpu_threads import set_default_threads
-    set_default_threads(threads)    # the build times its tactics on the thread count the row runs on (the build
-    config = kiln.BuildConfig(device="cpu", profiles={n: a.shape for n, a in feeds.items()})    # re-applies it)
+    # the build times its tactics on the process default, which it re-applies: make it the row's thread count
+    set_default_threads(threads)
+    config = kiln.BuildConfig(device="cpu", profiles={n: a.shape for n, a in feeds.items()})
     t0 = time.perf_counter()
     try:
         with _torch_conv_only() if baseline else contextlib.nullcontext():
