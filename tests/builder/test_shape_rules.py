@@ -25,6 +25,11 @@ def _t(net: Network, x, perm):
     return net.add_shuffle(x, first_transpose=perm).output
 
 
+def _s(net: Network, x, starts, ends, axes, steps=None):
+    """x sliced by a Slice layer: a strided view on meta tensors."""
+    return net.add_slice(x, starts, ends, axes, steps).output
+
+
 def _case(shape, build: Callable[[Network, Any, Any], Any], dtype=F32, fires: bool = True):
     return (tuple(shape), build, dtype, fires)
 
@@ -38,6 +43,14 @@ CASES = {
     "clip-f16": _case((4, 7), lambda n, x, d: n.add_activation(x, "clip", 0.0, 6.0), F16),
     "gelu-rank0": _case((), lambda n, x, d: n.add_activation(x, "gelu")),
     "selu-empty": _case((0, 3), lambda n, x, d: n.add_activation(x, "selu", 1.6, 1.05)),
+    "sigmoid-slice": _case((2, 6, 4), lambda n, x, d: n.add_activation(_s(n, x, [0], [3], [1]), "sigmoid")),
+    "clip-slice": _case((2, 6), lambda n, x, d: n.add_activation(_s(n, x, [1], [4], [1]), "clip", 0.0, 1.0)),
+    "clip-unbounded-slice": _case((2, 6), lambda n, x, d: n.add_activation(_s(n, x, [1], [4], [1]), "clip", None,
+                                                                           None), fires=False),
+    "relu-transposed": _case((2, 3), lambda n, x, d: n.add_activation(_t(n, x, [1, 0]), "relu"), fires=False),
+    "pointwise-slices": _case((2, 6, 4), lambda n, x, d: n.add_layer(
+        "Pointwise", [_s(n, x, [0], [3], [1]), _s(n, x, [3], [4], [1])],
+        {"program": [{"op": "sub", "args": [1.0, "i0"]}] + _PROGRAM[1:]})),
     "exp": _case((3, 4), lambda n, x, d: n.add_unary(x, "exp")),
     "isnan": _case((3, 4), lambda n, x, d: n.add_unary(x, "isnan")),
     "isinf-pos": _case((3, 4), lambda n, x, d: n.add_layer("Unary", [x], {"op": "isinf", "detect_negative": False})),
@@ -67,6 +80,18 @@ CASES = {
     "where-float-cond": _case((3,), lambda n, x, d: n.add_where(x, x, x), fires=False),
     "where-mixed": _case((3,), lambda n, x, d: n.add_where(n.add_constant(_w((3,), np.bool_)), x, _w((3,), F16)),
                          fires=False),
+    "add-slices": _case((2, 6, 4), lambda n, x, d: n.add_elementwise(_s(n, x, [0], [3], [1]),
+                                                                     _s(n, x, [3], [6], [1]), "sum")),
+    "prod-slice-bcast": _case((2, 6, 4), lambda n, x, d: n.add_elementwise(_s(n, x, [1], [4], [2], [2]),
+                                                                           _w((6, 1), d), "prod")),
+    "sub-expanded": _case((2, 1, 4), lambda n, x, d: n.add_elementwise(
+        n.add_layer("Expand", [x, n.add_constant(np.array([2, 3, 4]))]).output, _w((3, 1), d), "sub")),
+    "less-int-slice": _case((2, 6), lambda n, x, d: n.add_elementwise(_s(n, x, [2], [5], [1]), _w((3,), d), "less"),
+                            np.int64),
+    "min-1-slice": _case((2, 6), lambda n, x, d: n.add_layer("ElementWise", [_s(n, x, [2], [5], [1])],
+                                                             {"op": "div"}), fires=False),
+    "add-transposed-both": _case((2, 3), lambda n, x, d: n.add_elementwise(_t(n, x, [1, 0]), _t(n, x, [1, 0]),
+                                                                           "sum"), fires=False),
     "add-mismatch": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((4,), d), "sum"), fires=False),
     "add-mixed-dtype": _case((2, 3), lambda n, x, d: n.add_elementwise(x, _w((3,), np.float64), "sum"), fires=False),
     "and-float": _case((2, 3), lambda n, x, d: n.add_elementwise(x, x, "and"), fires=False),
@@ -107,6 +132,12 @@ CASES = {
         {"stride": [1, 1], "pads": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1, "activation": "silu",
          "residual": True})),
     "conv-on-1x1-maps": _case((2, 3, 1, 1), lambda n, x, d: n.add_convolution(x, _w((4, 3, 1, 1), d))),
+    "conv-on-channel-slice": _case((2, 6, 5, 5), lambda n, x, d: n.add_convolution(
+        _s(n, x, [1], [4], [1]), _w((4, 3, 3, 3), d), pads=[1, 0, 1, 0])),
+    "conv-on-strided-slice": _case((2, 3, 5, 9), lambda n, x, d: n.add_convolution(
+        _s(n, x, [1], [9], [3], [2]), _w((4, 3, 3, 3), d))),
+    "conv-on-transposed": _case((2, 5, 5, 3), lambda n, x, d: n.add_convolution(
+        _t(n, x, [0, 3, 1, 2]), _w((4, 3, 3, 3), d)), fires=False),
     "conv-too-small": _case((1, 3, 2, 2), lambda n, x, d: n.add_convolution(x, _w((4, 3, 3, 3), d)), fires=False),
     "conv-groups-bad": _case((1, 3, 5, 5), lambda n, x, d: n.add_convolution(x, _w((4, 2, 3, 3), d)), fires=False),
     "deconv": _case((2, 4, 5, 5), lambda n, x, d: n.add_deconvolution(x, _w((4, 3, 3, 3), d), _w((3,), d),
@@ -143,6 +174,17 @@ CASES = {
     "softmax-bad-axis": _case((2, 5), lambda n, x, d: n.add_softmax(x, 2), fires=False),
     "concat": _case((2, 3, 4), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((2, 5, 4), d)), x], 1)),
     "concat-1x1-maps": _case((2, 3, 1, 1), lambda n, x, d: n.add_concatenation([x, x], 1)),   # channels-last too
+    "concat-slices": _case((2, 6, 4, 4), lambda n, x, d: n.add_concatenation(
+        [_s(n, x, [0], [2], [1]), _s(n, x, [3], [6], [1]), x], 1)),
+    "concat-expanded": _case((2, 1, 4), lambda n, x, d: n.add_concatenation(
+        [n.add_layer("Expand", [x, n.add_constant(np.array([2, 3, 4]))]).output] * 2, 1)),
+    "concat-transposed": _case((2, 3, 3), lambda n, x, d: n.add_concatenation([_t(n, x, [0, 2, 1]), x], 2)),
+    "concat-int64": _case((2, 3), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((2, 1), d))], 1),
+                          np.int64),
+    "concat-transposed-3d": _case((2, 4, 3), lambda n, x, d: n.add_concatenation(
+        [_t(n, x, [0, 2, 1]), n.add_constant(_w((2, 1, 4), d))], 1)),
+    "concat-permuted-4d": _case((2, 4, 5, 3), lambda n, x, d: n.add_concatenation([_t(n, x, [0, 3, 1, 2])] * 2, 1),
+                                fires=False),
     "concat-neg-axis": _case((2, 3), lambda n, x, d: n.add_concatenation([x, x], -1)),
     "concat-bad": _case((2, 3), lambda n, x, d: n.add_concatenation([x, n.add_constant(_w((3, 3), d))], 1),
                         fires=False),

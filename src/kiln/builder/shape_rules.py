@@ -5,8 +5,8 @@ kernels for most ops check their arguments with ``torch._check`` and friends, wh
 ``torch.fx.experimental.symbolic_shapes`` and sympy (most of a second). For the kinds below, whose output
 shape follows from a short formula, a rule gives the outputs directly: empty contiguous meta tensors of the
 shape and dtype the tactic returns. A rule answers only where it is sure: all inputs are contiguous meta
-tensors (matrix products: any layout for A and B) of one floating dtype (element-wise ops and Where:
-integer and boolean ones too) and the attributes are ones it knows; anything else (a shape the tactic
+tensors (a few kinds: views, see _LAYOUTS) of one floating dtype (element-wise ops, Where and
+Concatenation: integer and boolean ones too) and the attributes are ones it knows; anything else (a shape the tactic
 would refuse, other or mixed dtypes, fused extras) returns None and the layer is evaluated on meta as
 before, so results and errors stay the tactic's own.
 """
@@ -39,9 +39,14 @@ _FLOAT_UNARY = frozenset({"exp", "log", "sqrt", "recip", "abs", "neg", "sin", "c
                           "asin", "acos", "atan", "asinh", "acosh", "atanh", "ceil", "floor", "round", "erf",
                           "sign", "identity"})
 _BOOL_UNARY = frozenset({"isnan", "isinf"})
-# kinds whose torch kernels return a fresh contiguous tensor whatever the layout of their first inputs
-# (matrix products copy or fold them): how many leading inputs may be any layout (a transposed view)
-_ANY_LAYOUT = {"MatMul": 2, "FullyConnected": 2, "Gemm": 2}
+# kinds whose torch kernels return a fresh contiguous tensor for inputs that are not contiguous: how many
+# leading inputs (None: all) may be so, and of which layout: "any" (matrix products copy or fold a
+# transposed view), "sliced" (strides in the dims' order: a slice or broadcast of a contiguous tensor) or
+# "cat" (sliced, or any layout below rank 4, where torch.cat has no channels-last output)
+_LAYOUTS: dict[str, tuple[int | None, str]] = {
+    "MatMul": (2, "any"), "FullyConnected": (2, "any"), "Gemm": (2, "any"), "Convolution": (1, "sliced"),
+    "Concatenation": (None, "cat"), "ElementWise": (None, "sliced"), "Activation": (None, "sliced"),
+    "Pointwise": (None, "sliced")}
 enabled = True          # tests switch the rules off to compare with evaluation on meta tensors
 
 
@@ -61,8 +66,9 @@ def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch
     tensors = [a for a in args if a is not None]
     if not tensors or any(not isinstance(a, torch.Tensor) or not a.is_meta for a in tensors):
         return None
-    loose = _ANY_LAYOUT.get(kind, 0)
-    if any(a is not None and not a.is_contiguous() for a in args[loose:]):
+    if not all(_layout_ok(kind, i, a) for i, a in enumerate(args)):
+        return None
+    if _may_return_input(kind, attrs, args) and not args[0].is_contiguous():     # then its layout is the input's
         return None
     out_dtype = _out_dtype(kind, attrs, tensors)
     if out_dtype is None:
@@ -76,6 +82,27 @@ def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch
     return [torch.empty(s, dtype=out_dtype, device="meta") for s in shapes]
 
 
+def _layout_ok(kind: str, i: int, a: torch.Tensor | None) -> bool:
+    if a is None or a.is_contiguous():
+        return True
+    n, layout = _LAYOUTS.get(kind, (0, ""))
+    if n is not None and i >= n:
+        return False
+    if layout == "any" or layout == "cat" and a.dim() not in (4, 5):
+        return True
+    strides = [s for s in a.stride() if s != 0]
+    return all(x >= y for x, y in zip(strides, strides[1:]))
+
+
+def _may_return_input(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> bool:
+    """Whether the kernel may return its input tensor itself: a one-input element-wise layer, a clip
+    without bounds."""
+    if kind == "ElementWise":
+        return len(args) == 1
+    return kind == "Activation" and attrs.get("type") == "clip" and attrs.get("alpha") is None \
+        and attrs.get("beta") is None
+
+
 def _out_dtype(kind: str, attrs: dict[str, Any], tensors: list[torch.Tensor]) -> torch.dtype | None:
     """The dtype of the outputs, or None where the rules do not answer for these input dtypes."""
     if kind == "Where":                 # a boolean condition choosing between values of one dtype
@@ -84,6 +111,8 @@ def _out_dtype(kind: str, attrs: dict[str, Any], tensors: list[torch.Tensor]) ->
     dtype = tensors[0].dtype
     if any(a.dtype != dtype for a in tensors):
         return None
+    if kind == "Concatenation":
+        return dtype if dtype in _ELEMENTWISE_OPS else None
     if kind == "ElementWise":
         op = attrs.get("op")
         if op not in _ELEMENTWISE_OPS.get(dtype, ()):
