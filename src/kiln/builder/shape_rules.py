@@ -5,10 +5,10 @@ kernels for most ops check their arguments with ``torch._check`` and friends, wh
 ``torch.fx.experimental.symbolic_shapes`` and sympy (most of a second). For the kinds below, whose output
 shape follows from a short formula, a rule gives the outputs directly: empty contiguous meta tensors of the
 shape and dtype the tactic returns. A rule answers only where it is sure: all inputs are contiguous meta
-tensors (a few kinds: views, see _LAYOUTS) of one floating dtype (element-wise ops, Where and
-Concatenation: integer and boolean ones too) and the attributes are ones it knows; anything else (a shape the tactic
-would refuse, other or mixed dtypes, fused extras) returns None and the layer is evaluated on meta as
-before, so results and errors stay the tactic's own.
+tensors (a few kinds also take views, see ``_LAYOUTS``) of one floating dtype (element-wise ops, Where and
+Concatenation: integer and boolean ones too), and the attributes are ones it knows. Anything else (a shape
+the tactic would refuse, other or mixed dtypes, fused extras) returns None and the layer is evaluated on
+meta as before, so results and errors stay the tactic's own.
 """
 from __future__ import annotations
 
