@@ -206,6 +206,9 @@ CASES = {
                                                                       num_groups=3)),
     "batchnorm": _case((2, 3, 4), lambda n, x, d: n.add_layer("Normalization", [x] + [
         n.add_constant(_w((3,), d)) for _ in range(4)], {"type": "batch"})),
+    "layernorm-codes": _case((2, 8), lambda n, x, d: n.add_layer(      # 8-bit codes as a second output
+        "Normalization", [x, n.add_constant(_w((8,), d))], {"type": "layer", "codes_scale": 0.05, "codes_to": "int8"},
+        num_outputs=2), fires=False),
     "layernorm-odd-scale": _case((2, 5, 8), lambda n, x, d: n.add_normalization(x, _w((1, 8), d)), fires=False),
     "reduce-mean": _case((2, 3, 4), lambda n, x, d: n.add_reduce(x, "mean", [1])),
     "reduce-sum-nokeep": _case((2, 3, 4), lambda n, x, d: n.add_reduce(x, "sum", [0, -1], keepdims=False), F16),

@@ -61,7 +61,7 @@ def rule(*kinds: str) -> Callable[[Rule], Rule]:
 def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch.Tensor] | None:
     """The layer's outputs as empty meta tensors, or None where no rule answers for these inputs."""
     fn = _RULES.get(kind) if enabled else None
-    if fn is None:
+    if fn is None or attrs.get("codes_scale") is not None:       # a layer that also writes 8-bit codes
         return None
     tensors = [a for a in args if a is not None]
     if not tensors or any(not isinstance(a, torch.Tensor) or not a.is_meta for a in tensors):
@@ -339,7 +339,7 @@ def _normalization(attrs, shapes):
     x = shapes[0]
     scale, bias, mean, var, residual = (list(shapes[1:]) + [None] * 5)[:5]
     kind, r = attrs.get("type", "layer"), len(x) if x is not None else 0
-    if x is None or r < 2 or residual not in (None, x) or attrs.get("codes_scale") is not None:    # (8-bit codes)
+    if x is None or r < 2 or residual not in (None, x):
         return None
     if kind in ("layer", "rms"):
         a = attrs.get("axis", -1)

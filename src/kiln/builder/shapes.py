@@ -125,7 +125,7 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
                 raise RuntimeError(f"no tactic for {layer.kind}")
             run = tac[0].make(attrs, ctx)            # refuses attributes the kernel does not know
             outs = shape_rules.outputs(layer.kind, attrs, args) if tac[0].name == "torch" else None
-            if outs is None:
+            if outs is None or len(outs) != len(layer.outputs):
                 defer()
                 outs = run(*args)
         except Exception as exc:   # data-dependent or not meta-capable: shape unknown here
