@@ -267,6 +267,20 @@ def test_strict_errors_are_the_tactics_own(name, monkeypatch):
     assert messages[0] == messages[1] and layer.name in messages[0]
 
 
+def test_each_rule_was_written_for_its_kinds_attributes():
+    """A new attribute of a ruled kind (a fused extra that may change the outputs) needs its rule looked at."""
+    from kiln.ir.layers import LAYER_KINDS
+    assert {k: set(v) for k, v in shape_rules._KNOWS.items()} == \
+        {k: set(LAYER_KINDS[k].attrs) for k in shape_rules._KNOWS}
+
+
+def test_a_layer_with_an_attribute_its_rule_does_not_know_goes_to_meta_evaluation():
+    x = torch.empty(2, 3, device="meta")
+    assert shape_rules.outputs("Activation", {"type": "relu"}, [x]) is not None
+    assert shape_rules.outputs("Activation", {"type": "relu", "fused_extra": 1}, [x]) is None
+    assert shape_rules.outputs("Activation", {"type": "relu", "fused_extra": None}, [x]) is not None
+
+
 def _symbolic_net() -> Network:
     """x[N, 3, H, W] through the ruled kinds, with a transposed branch that stays on meta evaluation."""
     net = Network("sym")

@@ -50,10 +50,14 @@ _LAYOUTS: dict[str, tuple[int | None, str]] = {
 enabled = True          # tests switch the rules off to compare with evaluation on meta tensors
 
 
-def rule(*kinds: str) -> Callable[[Rule], Rule]:
+_KNOWS: dict[str, frozenset[str]] = {}    # the attributes each kind's rule reads or knows to leave alone
+
+
+def rule(kind: str, knows: str = "") -> Callable[[Rule], Rule]:
+    """Register the rule of ``kind``; ``knows``: the kind's attributes it was written for (a layer with any
+    other attribute set goes to meta evaluation)."""
     def deco(fn: Rule) -> Rule:
-        for k in kinds:
-            _RULES[k] = fn
+        _RULES[kind], _KNOWS[kind] = fn, frozenset(knows.split())
         return fn
     return deco
 
@@ -62,6 +66,8 @@ def outputs(kind: str, attrs: dict[str, Any], args: Sequence[Any]) -> list[torch
     """The layer's outputs as empty meta tensors, or None where no rule answers for these inputs."""
     fn = _RULES.get(kind) if enabled else None
     if fn is None or attrs.get("codes_scale") is not None:       # a layer that also writes 8-bit codes
+        return None
+    if any(v is not None and v is not False and k not in _KNOWS[kind] for k, v in attrs.items()):
         return None
     tensors = [a for a in args if a is not None]
     if not tensors or any(not isinstance(a, torch.Tensor) or not a.is_meta for a in tensors):
@@ -153,17 +159,17 @@ def _pool_out(size: int, k: int, s: int, pb: int, pe: int, d: int, ceil: bool) -
     return out
 
 
-@rule("Activation")
+@rule("Activation", "type alpha beta")
 def _activation(attrs, shapes):
     return [shapes[0]] if _act_ok(attrs, "type") and attrs.get("type") is not None else None
 
 
-@rule("Unary")
+@rule("Unary", "op detect_positive detect_negative")
 def _unary(attrs, shapes):
     return [shapes[0]] if attrs.get("op") in _FLOAT_UNARY | _BOOL_UNARY else None
 
 
-@rule("ElementWise")
+@rule("ElementWise", "op")
 def _elementwise(attrs, shapes):
     if any(s is None for s in shapes) or len(shapes) != 2 and attrs["op"] in _COMPARE_OPS | {"prelu"}:
         return None
@@ -177,7 +183,7 @@ def _where(attrs, shapes):
     return None if out is None else [out]
 
 
-@rule("Pointwise")
+@rule("Pointwise", "program")
 def _pointwise(attrs, shapes):
     if any(s is None for s in shapes):
         return None
@@ -193,7 +199,7 @@ def _pointwise(attrs, shapes):
     return [vals[-1]]
 
 
-@rule("MatMul")
+@rule("MatMul", "transpose_a transpose_b activation alpha beta")
 def _matmul(attrs, shapes):
     a, b = shapes[0], shapes[1]
     bias = shapes[2] if len(shapes) > 2 else None
@@ -210,7 +216,7 @@ def _matmul(attrs, shapes):
     return None if out is None else [out]
 
 
-@rule("FullyConnected")
+@rule("FullyConnected", "activation alpha beta")
 def _fully_connected(attrs, shapes):
     x, w = shapes[0], shapes[1]
     b = shapes[2] if len(shapes) > 2 else None
@@ -220,7 +226,7 @@ def _fully_connected(attrs, shapes):
     return [x[:-1] + (w[0],)]
 
 
-@rule("Gemm")
+@rule("Gemm", "alpha beta trans_a trans_b")
 def _gemm(attrs, shapes):
     a, b = shapes[0], shapes[1]
     c = shapes[2] if len(shapes) > 2 else None
@@ -233,7 +239,8 @@ def _gemm(attrs, shapes):
     return [(m, n)]
 
 
-@rule("Convolution")
+@rule("Convolution", "stride pads dilation groups auto_pad activation alpha beta residual "
+      "residual_after_activation pool")
 def _convolution(attrs, shapes):
     x, w = shapes[0], shapes[1]
     b = shapes[2] if len(shapes) > 2 else None
@@ -253,7 +260,7 @@ def _convolution(attrs, shapes):
     return None if out is None else [out]
 
 
-@rule("Deconvolution")
+@rule("Deconvolution", "stride pads dilation groups output_padding")
 def _deconvolution(attrs, shapes):
     x, w = shapes[0], shapes[1]
     b = shapes[2] if len(shapes) > 2 else None
@@ -274,7 +281,8 @@ def _deconvolution(attrs, shapes):
     return None if min(spatial) < 1 else [(x[0], cout) + spatial]
 
 
-@rule("Pooling")
+@rule("Pooling", "type kernel stride pads dilation auto_pad ceil_mode count_include_pad "
+      "return_indices storage_order p")
 def _pooling(attrs, shapes):
     (x,) = shapes
     kernel = attrs.get("kernel")
@@ -294,13 +302,13 @@ def _pooling(attrs, shapes):
     return None if min(spatial) < 1 else [x[:2] + spatial]
 
 
-@rule("SoftMax")
+@rule("SoftMax", "axis log")
 def _softmax(attrs, shapes):
     (x,) = shapes
     return [x] if x and -len(x) <= attrs.get("axis", -1) < len(x) else None
 
 
-@rule("Concatenation")
+@rule("Concatenation", "axis")
 def _concatenation(attrs, shapes):
     xs = [s for s in shapes if s is not None]
     if shapes[0] is None:
@@ -314,7 +322,7 @@ def _concatenation(attrs, shapes):
     return [xs[0][:axis] + (sum(s[axis] for s in xs),) + xs[0][axis + 1:]]
 
 
-@rule("Scale")
+@rule("Scale", "mode channel_axis")
 def _scale(attrs, shapes):
     x = shapes[0]
     mode, axis = attrs.get("mode", "channel"), attrs.get("channel_axis", 1)
@@ -334,7 +342,8 @@ def _scale(attrs, shapes):
     return None if out is None else [out]
 
 
-@rule("Normalization")
+@rule("Normalization", "type axis epsilon num_groups sum_output codes_scale codes_zero_point "
+      "codes_to")
 def _normalization(attrs, shapes):
     x = shapes[0]
     scale, bias, mean, var, residual = (list(shapes[1:]) + [None] * 5)[:5]
@@ -358,7 +367,7 @@ def _normalization(attrs, shapes):
     return [x, x] if attrs.get("sum_output") else [x]
 
 
-@rule("Reduce")
+@rule("Reduce", "op axes keepdims noop_with_empty_axes")
 def _reduce(attrs, shapes):
     x = shapes[0]
     if len(shapes) > 1 and shapes[1] is not None or x is None or not x or attrs.get("op") not in REDUCE_OPS:
