@@ -75,22 +75,28 @@ def _merge(m: Match) -> None:
         attrs = next((dict(fc.attrs) for fc in fcs if fc.kind == "FullyConnected"), {})
         merged = net.add_layer("FullyConnected", ins, attrs,
                                name=net.unique_name(fcs[0].name + "/merged"), origin=origin)
-        sizes = [int(w.shape[0]) for w in ws]
-        split = net.add_layer("Split", [merged.outputs[0]], {"axis": -1, "split": sizes},
-                              num_outputs=len(fcs), name=net.unique_name(fcs[0].name + "/split"), origin=origin)
-        first = net.layers.index(fcs[0])
-        for layer in (split, merged):
-            net.layers.remove(layer)
-            net.layers.insert(first, layer)
-        y0 = fcs[0].outputs[0]
-        merged.outputs[0].dtype = y0.dtype
-        if y0.shape is not None:
-            merged.outputs[0].shape = (*y0.shape[:-1], sum(sizes))
-        for fc, out in zip(fcs, split.outputs):
-            y = fc.outputs[0]
-            out.shape, out.dtype = y.shape, y.dtype
-            replace_output(net, y, out)
-        remove_dead(net, fcs)
+        split_merged(net, fcs, merged, [int(w.shape[0]) for w in ws], origin)
+
+
+def split_merged(net, fcs: list, merged, sizes: list[int], origin: list[str]) -> None:
+    """Replace the parallel layers ``fcs`` by ``merged`` (their GEMM over the concatenated weights, whose last axis
+    holds their outputs side by side, ``sizes`` wide) and a Split of it: placed where the first of them was, each
+    Split output taking over that layer's output tensor (its name, shape and dtype)."""
+    split = net.add_layer("Split", [merged.outputs[0]], {"axis": -1, "split": sizes}, num_outputs=len(fcs),
+                          name=net.unique_name(fcs[0].name + "/split"), origin=origin)
+    first = net.layers.index(fcs[0])
+    for layer in (split, merged):
+        net.layers.remove(layer)
+        net.layers.insert(first, layer)
+    y0 = fcs[0].outputs[0]
+    merged.outputs[0].dtype = y0.dtype
+    if y0.shape is not None:
+        merged.outputs[0].shape = (*y0.shape[:-1], sum(sizes))
+    for fc, out in zip(fcs, split.outputs):
+        y = fc.outputs[0]
+        out.shape, out.dtype = y.shape, y.dtype
+        replace_output(net, y, out)
+    remove_dead(net, fcs)
 
 
 class FuseParallelLinear(RulePass):

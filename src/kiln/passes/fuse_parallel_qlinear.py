@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.passes._match import remove_dead, replace_output
+from kiln.passes.fuse_parallel_linear import split_merged
 from kiln.passes.rewrite import Match, Op, Rule, RulePass, Var
 
 
@@ -59,22 +59,7 @@ def _merge(m: Match) -> None:
         origin = list(dict.fromkeys(o for fc in fcs for o in fc.origin))
         merged = net.add_layer("QFullyConnected", [x, w_all, b_all], attrs,
                                name=net.unique_name(fcs[0].name + "/merged"), origin=origin)
-        sizes = [int(w.shape[0]) for w in ws]
-        split = net.add_layer("Split", [merged.outputs[0]], {"axis": -1, "split": sizes}, num_outputs=len(fcs),
-                              name=net.unique_name(fcs[0].name + "/split"), origin=origin)
-        first = net.layers.index(fcs[0])
-        for layer in (split, merged):
-            net.layers.remove(layer)
-            net.layers.insert(first, layer)
-        y0 = fcs[0].outputs[0]
-        merged.outputs[0].dtype = y0.dtype
-        if y0.shape is not None:
-            merged.outputs[0].shape = (*y0.shape[:-1], sum(sizes))
-        for fc, out in zip(fcs, split.outputs):
-            y = fc.outputs[0]
-            out.shape, out.dtype = y.shape, y.dtype
-            replace_output(net, y, out)
-        remove_dead(net, fcs)
+        split_merged(net, fcs, merged, [int(w.shape[0]) for w in ws], origin)
     net.remove_unused_constants()
 
 
