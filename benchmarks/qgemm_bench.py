@@ -78,6 +78,15 @@ def main() -> None:
                     best = ms if best is None else min(best, ms)
         return best
 
+    def torch_product(shape, a8, w8, fp8: bool):
+        """torch's own 8-bit GEMM on the same codes, the product alone (no epilogue)."""
+        if fp8:
+            one = torch.ones((), device=dev)
+            record(shape, "fp8 torch._scaled_mm (product)", lambda: torch._scaled_mm(
+                a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16))
+        else:
+            record(shape, "int8 torch._int_mm (product)", lambda: torch._int_mm(a8, w8.t()))
+
     def to8(t, fp8):
         return (t * 8).clamp(-448, 448).to(torch.float8_e4m3fn) if fp8 else (t * 30).round().clamp(-128, 127).to(torch.int8)
 
@@ -103,14 +112,7 @@ def main() -> None:
                 x8 = to8(x, fp8).contiguous(memory_format=torch.channels_last)
                 bests.append(eight_bit(name, x8, to8(w, fp8), cout, r, g, fp8))
                 if k == 1 and s == 1:
-                    rows2 = x8.permute(0, 2, 3, 1).reshape(-1, cin)
-                    w8 = to8(w, fp8).reshape(cout, cin)
-                    if fp8:
-                        one = torch.ones((), device=dev)
-                        record(name, "fp8 torch._scaled_mm (product)", lambda: torch._scaled_mm(
-                            rows2, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16))
-                    else:
-                        record(name, "int8 torch._int_mm (product)", lambda: torch._int_mm(rows2, w8.t()))
+                    torch_product(name, x8.permute(0, 2, 3, 1).reshape(-1, cin), to8(w, fp8).reshape(cout, cin), fp8)
             summary.append((name, fp16, *bests))
     if "bert" in args.cases:
         for name, m, kdim, n in BERT:
@@ -122,12 +124,7 @@ def main() -> None:
             for fp8 in (False, True):
                 x8, w8 = to8(x, fp8), to8(w, fp8)
                 bests.append(eight_bit(name, x8, w8, n, None, None, fp8))
-                if fp8:
-                    one = torch.ones((), device=dev)
-                    record(name, "fp8 torch._scaled_mm (product)", lambda: torch._scaled_mm(
-                        x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16))
-                else:
-                    record(name, "int8 torch._int_mm (product)", lambda: torch._int_mm(x8, w8.t()))
+                torch_product(name, x8, w8, fp8)
             summary.append((name, fp16, *bests))
     print(f"\n{'shape':24s} {'fp16 ms':>9s} {'int8 ms':>9s} {'fp8 ms':>9s}  (best tile table, 8-bit codes out)")
     for name, fp16, i8, f8 in summary:
