@@ -211,7 +211,9 @@ def test_per_layer_overhead_is_small_against_the_layer_functions(tmp_path) -> No
     torch.testing.assert_close(ctx.execute([x])[0], bare(x), rtol=0, atol=0)
     with torch.inference_mode():
         r = _cpu_ratios({"direct": direct, "bare": lambda: bare(x), "kiln": lambda: ctx.execute([x])},
-                        "direct", calls=20, repeats=15)
+                        "direct", calls=20, repeats=40)
+    # 40 repeats: the least of 15 was once 1.47x in a full suite run where it is 1.15x alone (the suite's own
+    # garbage and other jobs only ever add time; more repeats give the undisturbed one more chances).
     # The runtime around the layer functions: about 1.1x them on a loaded 2-core VM, where a dict of names with
     # per-step device checks took 1.6-1.8x. The whole (layer functions included) against bare torch calls: ~1.6x.
     assert r["kiln"] < 1.4, r
