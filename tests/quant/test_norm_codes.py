@@ -22,6 +22,8 @@ from kiln.kernels import KernelContext, get_tactic
 from kiln.kernels.quantize import quantize_values
 from kiln.triton_support import HAS_TRITON, interpreting
 
+from _quant_models import _model
+
 build_module = importlib.import_module("kiln.builder.build")
 CODE_TYPES = {"int8": (torch.int8, 3), "uint8": (torch.uint8, 128), "float8_e4m3fn": (torch.float8_e4m3fn, 0)}
 
@@ -159,13 +161,8 @@ def _post_ln_block(hidden: int = 16, ffn: int = 32) -> onnx.ModelProto:
               helper.make_node("Add", ["e0", "b2"], ["e"], name="add_f2"),
               helper.make_node("Add", ["e", "h1"], ["a2"], name="residual2"), ln(2, "a2", "y")]
     shape = ["N", "S", hidden]
-    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
 
 
 def _ptq_block(x: np.ndarray):
@@ -473,13 +470,8 @@ def _pre_ln_block(hidden: int = 16) -> onnx.ModelProto:
              helper.make_node("MatMul", ["h", "wb"], ["f"], name="mm_b"),
              helper.make_node("Add", ["f", "s"], ["y"], name="stream2")]
     shape = ["N", hidden]
-    g = helper.make_graph(nodes, "pre_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], inits)
 
 
 def test_pre_ln_norm_writes_sum_then_codes(monkeypatch, tmp_path):

@@ -7,11 +7,13 @@ import importlib
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import kiln
 import kiln.onnx
 from kiln.builder.quant import quantize
+
+from _quant_models import _model
 
 build_module = importlib.import_module("kiln.builder.build")
 
@@ -29,11 +31,7 @@ def _projections(seed: int = 0, d: int = 16, mixed: bool = False) -> onnx.ModelP
              *([helper.make_node("Relu", ["av"], ["v"])] if mixed else []),
              *([helper.make_node("MatMul", ["k", "Wo"], ["o"])] if mixed else [])]
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4, d]) for n in ("qkvo" if mixed else "qkv")]
-    g = helper.make_graph(nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, d])], outs,
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, d])], outs, inits)
 
 
 def test_qkv_projections_merge_and_match_the_dequantized_network(monkeypatch):
