@@ -57,12 +57,12 @@ def choose_threads(engine: Any, cores: int) -> int | None:
     times: dict[int, list[float]] = {1: [], cores: []}
     before = torch.get_num_threads()
     try:
-        for n in (cores, 1):                    # one warm run each (first-run allocations)
+        contexts = {n: engine.context(threads=n) for n in times}
+        for ctx in contexts.values():           # one warm run each (first-run allocations)
             start = time.perf_counter()
-            engine.context(threads=n).run(feeds)
+            ctx.run(feeds)
             if time.perf_counter() - start > LONG_RUN_S:
                 return None
-        contexts = {n: engine.context(threads=n) for n in times}
         deadline = time.perf_counter() + BUDGET_S
         for r in range(ROUNDS):         # blocks of runs, alternating: a thread-count switch per block only
             if r and time.perf_counter() > deadline:
