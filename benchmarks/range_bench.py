@@ -113,6 +113,8 @@ def run_model(name: str, args) -> dict[str, Any]:
         torch.cuda.synchronize()
         row["first_run_ms"] = (time.perf_counter() - t0) * 1e3
         row["graph"] = ctx.graphs is not None
+        if ctx.graphs is not None:
+            row["first_run_phases_ms"] = dict(ctx.graphs.last_record)     # eager warm-up, then recording
         runs = 50 if point[0] >= 64 else 60
         row["range"] = harness.twice(lambda: ctx.execute(feeds), runs)["median_ms"]
         ctx = None
@@ -137,7 +139,8 @@ def run_model(name: str, args) -> dict[str, Any]:
         tc = row.get("torch_compile_dynamic")
         print(f"{name:<10} {'x'.join(map(str, point)):<12} range {row['range']:8.3f} ms  static {row['static']:8.3f} "
               f"(x{row['range'] / row['static']:.2f})  compile(dynamic) {tc if tc is None else f'{tc:8.3f}'}  "
-              f"first run {row['first_run_ms']:.1f} ms graph {row['graph']}", flush=True)
+              f"first run {row['first_run_ms']:.1f} ms {row.get('first_run_phases_ms', {})} graph {row['graph']}",
+              flush=True)
         res["rows"].append(row)
         torch.cuda.empty_cache()
     return res

@@ -1,7 +1,7 @@
 """Whole-engine CUDA graphs: record the engine's launches once per input shape, replay after.
 
 Inputs are copied into static buffers, the plan runs once eagerly (warm-up:
-cuDNN/cuBLAS handles, lazy module loads), then once under capture into a private
+cuDNN/cuBLAS handles, lazy module loads, and the host values it moves to the device), then once under capture into a private
 memory pool — torch's graph pool reuses activation blocks by liveness, so the pool
 is the engine's planned activation arena for that shape. Replays copy new inputs
 in and return the static outputs. Engines with data-dependent layers (If/Loop,
@@ -21,6 +21,7 @@ its outputs, their memory pool); that shape is recorded again if it returns.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class GraphRunner:
         self.max_graphs = graph_cache_size(max_graphs)
         self.evictions = 0
         self.capturable = not any(s.dynamic for s in program.steps)
+        self.last_record: dict[str, float] = {}
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if not all(isinstance(t, torch.Tensor) for t in tensors):
@@ -95,22 +97,27 @@ class GraphRunner:
                 from exc
 
     def _record(self, tensors: list[torch.Tensor], pool, bind: bool) -> dict[str, Any]:
-        """Warm up and record the plan on ``tensors``, into ``pool`` (None: a new memory pool)."""
+        """Run the plan once eagerly, then record it on ``tensors`` into ``pool`` (None: a new memory pool).
+
+        The eager run is the warm-up (handles, lazy module loads, shape-only layers) and also collects the
+        host values the plan moves to the device, which the recording then reads from that cache. Wall times
+        of the two phases go to ``last_record`` (ms)."""
         pool = torch.cuda.graph_pool_handle() if pool is None else pool
         static_in = list(tensors) if bind else [t.clone() for t in tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         cache: dict = {}
         self.program.move_cache = cache
+        t0 = time.perf_counter()
         try:
+            self.program.move_mode = "collect"
             with torch.cuda.stream(stream):
                 warm = self.program.run_env({}, static_in)      # warm-up outside the capture
                 if not all(isinstance(t, torch.Tensor) for t in warm):
                     raise CaptureError("sequence or optional outputs are not captured")
-                self.program.move_mode = "collect"
-                self.program.run_env({}, static_in)
             torch.cuda.current_stream().wait_stream(stream)
             torch.cuda.synchronize()
+            t1 = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
             self.program.move_mode = "replay"
             with torch.cuda.graph(graph, pool=pool):
@@ -118,6 +125,7 @@ class GraphRunner:
         finally:
             self.program.move_mode = None
             self.program.move_cache = None
+        self.last_record = {"eager_ms": (t1 - t0) * 1e3, "record_ms": (time.perf_counter() - t1) * 1e3}
         return {"graph": graph, "inputs": [] if bind else static_in, "outputs": static_out, "keepalive": cache,
                 "pool": pool}
 
