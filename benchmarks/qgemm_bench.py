@@ -1,14 +1,22 @@
 """The 8-bit Triton convolution/GEMM (kernels/int8_gemm.py) against FP16 cuDNN/cuBLAS and torch's 8-bit GEMMs.
 
-    PYTHONPATH=src:benchmarks python benchmarks/qgemm_bench.py [--cases resnet,bert] [--sweep]
+    PYTHONPATH=src:benchmarks python benchmarks/qgemm_bench.py [--cases resnet,bert] [--json]
+    PYTHONPATH=src:benchmarks python benchmarks/qgemm_bench.py --sweep [--jobs 16] [--budget-s 330] [--json]
 
 Per layer shape (ResNet-50's at batch 256, BERT-base's GEMMs at 32x128 tokens): the FP16 layer as the FP16
 engine runs it (cuDNN channels-last conv + bias + ReLU, or a cuBLAS linear), then the 8-bit kernel with int8
 and FP8 codes, writing 8-bit codes, FP16 or FP32 (with a float residual where the layer has one), with its
 three tile tables, plus ``torch._int_mm`` / ``torch._scaled_mm`` on the GEMM (the product alone) where the
-shape is a GEMM. With ``--sweep``, a grid of tiles for the int8 code path. Times are kernel milliseconds per
-call (20 calls in one CUDA graph, median of 7 replays), the same as conv_triton_bench. The table ends with
-each shape's best 8-bit time over FP16's.
+shape is a GEMM. Times are kernel milliseconds per call (20 calls in one CUDA graph, median of 7 replays), the
+same as conv_triton_bench. The table ends with each shape's best 8-bit time over FP16's.
+
+``--sweep`` times, per shape and code type (int8, FP8; 8-bit codes out, ReLU), a grid of tile configs
+(``sweep_configs``: BLOCK_M/N in 64-256, BLOCK_K 64/128, 4 or 8 warps, 3-5 stages, none over the shared
+memory limit), then the best one's GROUP_M variants, and prints per shape the best config, its time, TOPS and
+share of the 8-bit dense peak beside FP16 and the default tile table. The configs are first compiled (and run
+once) in ``--jobs`` worker processes, filling Triton's on-disk cache, so the timing process only loads them;
+configs still untimed when ``--budget-s`` has passed are counted as skipped. ``--json`` prints the results as
+one JSON line at the end; they also go to $OUT/qgemm_bench.json (else benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -16,7 +24,9 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,6 +35,215 @@ RESNET = [("r50 1x1 64>256 +res", 256, 64, 256, 1, 1, 56, True), ("r50 1x1 256>6
           ("r50 3x3 64>64", 256, 64, 64, 3, 1, 56, False), ("r50 3x3 128>128", 256, 128, 128, 3, 1, 28, False),
           ("r50 1x1 1024>256", 256, 1024, 256, 1, 1, 14, False), ("r50 3x3 512>512", 256, 512, 512, 3, 1, 7, False)]
 BERT = [("bert qkv", 4096, 768, 768), ("bert ffn1", 4096, 768, 3072), ("bert ffn2", 4096, 3072, 768)]
+PEAK_TOPS = 1979.0          # H100 SXM dense INT8/FP8 tensor-core peak
+SMEM = 232448               # H100 shared memory per block (227 KB)
+GROUPS = (1, 4, 16)         # GROUP_M variants tried on each shape's best config (8 in the grid)
+
+
+class Shape(NamedTuple):
+    """One layer: the GEMM it is (M x N x K) and, for a convolution, its window."""
+
+    name: str
+    m: int
+    n: int
+    k: int                  # the GEMM's depth: Cin * kh * kw
+    cin: int
+    batch: int = 0          # 0: a plain GEMM
+    kernel: int = 1
+    stride: int = 1
+    hw: int = 1
+    residual: bool = False
+
+    @property
+    def out_hw(self) -> int:
+        """The convolution's output height (= width)."""
+        return (self.hw + 2 * (self.kernel // 2) - self.kernel) // self.stride + 1
+
+    @property
+    def gemm(self) -> bool:
+        """Whether the layer is a plain [M, K] x [K, N] GEMM (an FC, or a 1x1 stride-1 convolution in NHWC)."""
+        return self.kernel == 1 and self.stride == 1
+
+
+def shapes(cases: str) -> list[Shape]:
+    out = []
+    if "resnet" in cases:
+        for name, n, cin, cout, k, s, hw, res in RESNET:
+            s1 = Shape(name, 0, cout, cin * k * k, cin, n, k, s, hw, res)
+            out.append(s1._replace(m=n * s1.out_hw ** 2))
+    if "bert" in cases:
+        out += [Shape(name, m, n, kdim, kdim) for name, m, kdim, n in BERT]
+    return out
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, v - 1).bit_length()
+
+
+def sweep_configs(s: Shape) -> list:
+    """The tile grid of the implicit-GEMM kernel for shape ``s``: BLOCK_M x BLOCK_N from 64x64 to 128x256 and
+    256x128 (256x64 for N <= 64; no N tile wider than the layer, none under 128x128 where 128x128 tiles alone
+    fill the GPU four times), BLOCK_K 64/128 (at most Cin rounded up), 4 warps below 128x128 tiles, 4 or 8 at
+    128x128, 8 above, 3-5 stages within the shared memory, GROUP_M 8."""
+    from kiln.kernels.int8_gemm import QGemmConfig
+
+    big = -(-s.m // 128) * -(-s.n // 128) >= 4 * 132
+    tiles = [(64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128)] + [(256, 64)] * (s.n <= 64)
+    out = []
+    for bm, bn in tiles:
+        if bn > max(64, _pow2(s.n)) or (big and bm * bn < 128 * 128 and s.n > 64):
+            continue
+        for bk in sorted({min(b, max(32, _pow2(s.cin))) for b in (64, 128)}):
+            for warps in ((4,) if bm * bn < 128 * 128 else (4, 8) if bm * bn == 128 * 128 else (8,)):
+                for stages in (3, 4, 5):
+                    if stages * (bm + bn) * bk <= SMEM:
+                        out.append(QGemmConfig(bm, bn, bk, warps, stages))
+    return out
+
+
+def label(cfg) -> str:
+    """A tile config in a few characters: BMxBNxBK, warps, stages, GROUP_M."""
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
+
+
+def to8(t, fp8: bool):
+    import torch
+    return (t * 8).clamp(-448, 448).to(torch.float8_e4m3fn) if fp8 else (t * 30).round().clamp(-128, 127).to(torch.int8)
+
+
+class Inputs(NamedTuple):
+    x8: Any                 # the input codes as the layer reads them (NCHW channels-last, or [M, K])
+    wk: Any                 # K-major weight codes [N, K]
+    ep: Any                 # epilogue terms
+    geometry: Any           # the convolution's window (None for a GEMM)
+
+
+def make_inputs(s: Shape, fp8: bool, dev: str = "cuda") -> Inputs:
+    """Random codes of shape ``s`` (the same in every process: seeded)."""
+    import torch
+
+    from kiln.kernels import int8_gemm as q
+    torch.manual_seed(0)
+    if s.batch:
+        x = torch.randn(s.batch, s.cin, s.hw, s.hw, device=dev)
+        w = torch.randn(s.n, s.cin, s.kernel, s.kernel, device=dev) / s.k ** 0.5
+        x8 = to8(x, fp8).contiguous(memory_format=torch.channels_last)
+        geometry = q.Geometry(s.kernel, s.kernel, (s.stride,) * 2, (s.kernel // 2,) * 4, (1, 1))
+    else:
+        x8, w = to8(torch.randn(s.m, s.k, device=dev), fp8), torch.randn(s.n, s.k, device=dev) / s.k ** 0.5
+        geometry = None
+    ep = q.Epilogue(torch.zeros(s.n, dtype=torch.int32, device=dev), torch.full((s.n,), 1e-3, device=dev), 0)
+    return Inputs(x8, q.k_major(to8(w, fp8)), ep, geometry)
+
+
+def runner(inp: Inputs, fp8: bool, kernel: str, cfg) -> Callable[[], Any]:
+    """One call of ``kernel`` with tile config ``cfg`` on ``inp``, writing 8-bit codes with a ReLU."""
+    import torch
+
+    from kiln.kernels import int8_gemm as q
+    out = q.Codes(torch.float8_e4m3fn if fp8 else torch.int8, 0.05, 0)
+    return lambda: q.qgemm(inp.x8, inp.wk, inp.ep, out, None, "relu", geometry=inp.geometry, config=cfg)
+
+
+_WORKER: dict = {}
+
+
+def _precompile(job: tuple) -> str | None:
+    """Worker process: compile and run one sweep job once (Triton caches the kernel on disk); the error if any."""
+    s, fp8, kernel, cfg = job
+    try:
+        import torch
+        if _WORKER.get("key") != (s, fp8):
+            _WORKER.clear()
+            _WORKER.update(key=(s, fp8), inputs=make_inputs(s, fp8))
+        runner(_WORKER["inputs"], fp8, kernel, cfg)()
+        torch.cuda.synchronize()
+        return None
+    except Exception as e:          # a config the GPU cannot run (shared memory, registers): reported, skipped
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def precompile(jobs: list[tuple], procs: int) -> dict[tuple, str]:
+    """Compile ``jobs`` in ``procs`` spawned processes; the jobs that failed, with their error."""
+    if procs <= 0 or not jobs:
+        return {}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        errors = list(pool.map(_precompile, jobs, chunksize=max(1, len(jobs) // (4 * procs))))
+    return {job: e for job, e in zip(jobs, errors) if e is not None}
+
+
+def tops(s: Shape, ms: float | None) -> float | None:
+    return None if ms is None else 2.0 * s.m * s.n * s.k / (ms * 1e-3) / 1e12
+
+
+def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> list[dict]:
+    """The tile sweep (module docstring); one summary dict per shape and code type."""
+    from kiln.kernels import int8_gemm as q
+
+    todo = [(s, fp8) for s in shapes(args.cases) for fp8 in (False, True)]
+    grids = {(s, fp8): [("igemm", c) for c in sweep_configs(s)] for s, fp8 in todo}
+    t0 = time.perf_counter()
+    total = sum(len(g) for g in grids.values())
+    print(f"sweep: {total} configs over {len(todo)} shape x code pairs, compiled in {args.jobs} processes, "
+          f"then timed (budget {args.budget_s:.0f} s)", flush=True)
+    failed = precompile([(s, fp8, k, c) for (s, fp8), g in grids.items() for k, c in g], args.jobs)
+    print(f"  compiled in {time.perf_counter() - t0:.0f} s ({len(failed)} failed)", flush=True)
+    deadline = t0 + args.budget_s
+    results, skipped = {}, 0
+    for s, fp8 in todo:
+        inp = make_inputs(s, fp8)
+        tag = "fp8" if fp8 else "int8"
+        times = {}
+        for kernel, cfg in grids[(s, fp8)]:
+            if (s, fp8, kernel, cfg) in failed:
+                continue
+            if time.perf_counter() > deadline:
+                skipped += 1
+                continue
+            times[(kernel, cfg)] = record(s.name, f"{tag} {kernel} {label(cfg)}", runner(inp, fp8, kernel, cfg))
+        results[(s, fp8)] = (inp, {k: v for k, v in times.items() if v is not None})
+    # the best config's GROUP_M variants, compiled together
+    variants = {}
+    for pair, (_, times) in results.items():
+        if times:
+            kernel, cfg = min(times, key=times.get)
+            variants[pair] = [(kernel, cfg._replace(group_m=g)) for g in GROUPS]
+    failed = precompile([(s, fp8, k, c) for (s, fp8), v in variants.items() for k, c in v], args.jobs)
+    for (s, fp8), v in variants.items():
+        inp, times = results[(s, fp8)]
+        for kernel, cfg in v:
+            if (s, fp8, kernel, cfg) in failed or time.perf_counter() > deadline:
+                skipped += (s, fp8, kernel, cfg) not in failed
+                continue
+            ms = record(s.name, f"{'fp8' if fp8 else 'int8'} {kernel} {label(cfg)}", runner(inp, fp8, kernel, cfg))
+            if ms is not None:
+                times[(kernel, cfg)] = ms
+    summary = []
+    for s in shapes(args.cases):
+        base = fp16_ms(s)
+        for fp8 in (False, True):
+            inp, times = results[(s, fp8)]
+            dflt = record(s.name, f"{'fp8' if fp8 else 'int8'} default table",
+                          runner(inp, fp8, "igemm", q.default_config(s.m, s.n, s.cin)))
+            best = min(times, key=times.get) if times else None
+            ms = times[best] if best else None
+            summary.append({"shape": s.name, "codes": "fp8" if fp8 else "int8", "M": s.m, "N": s.n, "K": s.k,
+                            "fp16_ms": base, "fp16_tops": tops(s, base), "default_ms": dflt, "best_ms": ms,
+                            "best_tops": tops(s, ms), "best_pct_peak": None if ms is None else
+                            100 * tops(s, ms) / PEAK_TOPS, "best": None if best is None else
+                            f"{best[0]} {label(best[1])}", "configs_timed": len(times)})
+    print(f"\nsweep done in {time.perf_counter() - t0:.0f} s; {skipped} configs skipped at the budget")
+    cell = lambda v, f="9.4f": f"{v:{f}}" if v is not None else f"{'-':>9s}"     # noqa: E731
+    print(f"\n{'shape':22s} {'codes':5s} {'fp16 ms':>9s} {'default':>9s} {'best ms':>9s} {'TOPS':>6s} "
+          f"{'% peak':>6s} {'x fp16':>6s}  best config")
+    for r in summary:
+        gain = r["fp16_ms"] / r["best_ms"] if r["fp16_ms"] and r["best_ms"] else None
+        print(f"{r['shape']:22s} {r['codes']:5s} {cell(r['fp16_ms'])} {cell(r['default_ms'])} "
+              f"{cell(r['best_ms'])} {cell(r['best_tops'], '6.0f')} {cell(r['best_pct_peak'], '5.1f')}% "
+              f"{cell(gain, '6.2f')}  {r['best'] or '-'}")
+    return summary
 
 
 def main() -> None:
@@ -36,7 +255,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="resnet,bert")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of tile configs per shape")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                    help="processes compiling the sweep's configs (0: compile in the timing process)")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="the sweep's time limit, compiles included")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
     args = ap.parse_args()
     dev = "cuda"
     torch.manual_seed(0)
@@ -47,93 +270,77 @@ def main() -> None:
             fn()
             ms = time_ms(fn)
         except Exception as e:                  # a tile table the GPU cannot run: say so, go on
-            print(f"  {shape:24s} {path:34s} {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
+            print(f"  {shape:24s} {path:40s} {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
             return None
         rows.append({"shape": shape, "path": path, "ms": ms})
-        print(f"  {shape:24s} {path:34s} {ms:8.4f} ms", flush=True)
+        print(f"  {shape:24s} {path:40s} {ms:8.4f} ms", flush=True)
         return ms
 
-    def eight_bit(shape, x8, w8, n, residual, geometry, fp8: bool):
-        codes = torch.float8_e4m3fn if fp8 else torch.int8
-        ep = q.Epilogue(torch.zeros(n, dtype=torch.int32, device=dev), torch.full((n,), 1e-3, device=dev), 0)
-        wk = q.k_major(w8)
-        outs = [("codes", q.Codes(codes, 0.05, 0)), ("fp16", q.Codes(torch.float16)), ("fp32", q.Codes(torch.float32))]
-        tables = [("default", q.default_config), ("wide", q.wide_config), ("small", q.small_config)]
-        if args.sweep and not fp8:
-            tables += [(f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}", c) for c in
-                       (q.QGemmConfig(bm, bn, bk, w, s) for bm in (64, 128, 256) for bn in (64, 128, 256)
-                        for bk in (64, 128) for w in (4, 8) for s in (2, 3, 4)
-                        if bm * bn <= 128 * 256 and not (w == 4 and bm * bn > 128 * 128))]
+    def fp16_ms(s: Shape) -> float | None:
+        """The FP16 layer as the FP16 engine runs it (cuDNN conv + bias + ReLU [+ residual], cuBLAS linear)."""
+        torch.manual_seed(0)
+        if not s.batch:
+            xh, wh = torch.randn(s.m, s.k, device=dev).half(), (torch.randn(s.n, s.k, device=dev) / s.k ** 0.5).half()
+            bh = torch.zeros(s.n, device=dev, dtype=torch.float16)
+            return record(s.name, "fp16 F.linear", lambda: F.linear(xh, wh, bh))
+        pad, oh = s.kernel // 2, s.out_hw
+        cl = torch.channels_last
+        xh = torch.randn(s.batch, s.cin, s.hw, s.hw, device=dev).half().contiguous(memory_format=cl)
+        wh = (torch.randn(s.n, s.cin, s.kernel, s.kernel, device=dev) / s.k ** 0.5).half().contiguous(memory_format=cl)
+        b = torch.zeros(s.n, device=dev, dtype=torch.float16)
+        st = (s.stride, s.stride)
+        if s.residual:
+            r = torch.randn(s.batch, s.n, oh, oh, device=dev).half().contiguous(memory_format=cl)
+            return record(s.name, "fp16 cudnn add_relu", lambda: torch.cudnn_convolution_add_relu(
+                xh, wh, r, 1.0, b, st, (pad, pad), (1, 1), 1))
+        return record(s.name, "fp16 cudnn relu", lambda: torch.cudnn_convolution_relu(
+            xh, wh, b, st, (pad, pad), (1, 1), 1))
+
+    def eight_bit(s: Shape, fp8: bool) -> float | None:
+        """The kernel's three tile tables writing codes, then FP16 and FP32 out (with the residual where the
+        layer has one) on the default table; the best time writing codes."""
+        inp = make_inputs(s, fp8)
         tag = "fp8" if fp8 else "int8"
         best = None
-        for oname, out in outs:
+        for tname, table in (("default", q.default_config), ("wide", q.wide_config), ("small", q.small_config)):
+            ms = record(s.name, f"{tag} out=codes {tname}", runner(inp, fp8, "igemm", table(s.m, s.n, s.cin)))
+            best = ms if best is None or (ms is not None and ms < best) else best
+        for dtype in (torch.float16, torch.float32):
             r = None
-            if residual is not None and oname != "codes":
-                r = residual.to(out.dtype)
-            for tname, table in (tables if oname == "codes" else tables[:1]):
-                ms = record(shape, f"{tag} out={oname}{' +res' if r is not None else ''} {tname}",
-                            lambda out=out, r=r, table=table: q.qgemm(x8, wk, ep, out, r, "relu", geometry=geometry,
-                                                                       config=table))
-                if ms is not None and oname == "codes":
-                    best = ms if best is None else min(best, ms)
+            if s.residual:
+                r = torch.randn(s.batch, s.n, s.out_hw, s.out_hw, device=dev).to(dtype).contiguous(
+                    memory_format=torch.channels_last)
+            record(s.name, f"{tag} out={str(dtype)[6:]}{' +res' if r is not None else ''} default",
+                   lambda dtype=dtype, r=r: q.qgemm(inp.x8, inp.wk, inp.ep, q.Codes(dtype), r, "relu",
+                                                    geometry=inp.geometry))
+        if s.gemm:          # torch's own 8-bit GEMM on the same codes, the product alone (no epilogue)
+            rows8 = inp.x8.permute(0, 2, 3, 1).reshape(-1, s.cin) if s.batch else inp.x8
+            if fp8:
+                one = torch.ones((), device=dev)
+                record(s.name, "fp8 torch._scaled_mm (product)", lambda: torch._scaled_mm(
+                    rows8, inp.wk.t(), scale_a=one, scale_b=one, out_dtype=torch.float16))
+            else:
+                record(s.name, "int8 torch._int_mm (product)", lambda: torch._int_mm(rows8, inp.wk.t()))
         return best
 
-    def torch_product(shape, a8, w8, fp8: bool):
-        """torch's own 8-bit GEMM on the same codes, the product alone (no epilogue)."""
-        if fp8:
-            one = torch.ones((), device=dev)
-            record(shape, "fp8 torch._scaled_mm (product)", lambda: torch._scaled_mm(
-                a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float16))
-        else:
-            record(shape, "int8 torch._int_mm (product)", lambda: torch._int_mm(a8, w8.t()))
-
-    def to8(t, fp8):
-        return (t * 8).clamp(-448, 448).to(torch.float8_e4m3fn) if fp8 else (t * 30).round().clamp(-128, 127).to(torch.int8)
-
-    summary = []
-    if "resnet" in args.cases:
-        for name, n, cin, cout, k, s, hw, res in RESNET:
-            pad = k // 2
-            oh = (hw + 2 * pad - k) // s + 1
-            x = torch.randn(n, cin, hw, hw, device=dev).contiguous(memory_format=torch.channels_last)
-            w = torch.randn(cout, cin, k, k, device=dev) / (cin * k * k) ** 0.5
-            xh, wh = x.half(), w.half().contiguous(memory_format=torch.channels_last)
-            b = torch.zeros(cout, device=dev, dtype=torch.float16)
-            r = torch.randn(n, cout, oh, oh, device=dev).half().contiguous(memory_format=torch.channels_last) if res else None
-            if r is not None:
-                fp16 = record(name, "fp16 cudnn add_relu", lambda: torch.cudnn_convolution_add_relu(
-                    xh, wh, r, 1.0, b, (s, s), (pad, pad), (1, 1), 1))
-            else:
-                fp16 = record(name, "fp16 cudnn relu", lambda: torch.cudnn_convolution_relu(
-                    xh, wh, b, (s, s), (pad, pad), (1, 1), 1))
-            g = q.Geometry(k, k, (s, s), (pad,) * 4, (1, 1))
-            bests = []
-            for fp8 in (False, True):
-                x8 = to8(x, fp8).contiguous(memory_format=torch.channels_last)
-                bests.append(eight_bit(name, x8, to8(w, fp8), cout, r, g, fp8))
-                if k == 1 and s == 1:
-                    torch_product(name, x8.permute(0, 2, 3, 1).reshape(-1, cin), to8(w, fp8).reshape(cout, cin), fp8)
-            summary.append((name, fp16, *bests))
-    if "bert" in args.cases:
-        for name, m, kdim, n in BERT:
-            x = torch.randn(m, kdim, device=dev)
-            w = torch.randn(n, kdim, device=dev) / kdim ** 0.5
-            xh, wh, bh = x.half(), w.half(), torch.zeros(n, device=dev, dtype=torch.float16)
-            fp16 = record(name, "fp16 F.linear", lambda: F.linear(xh, wh, bh))
-            bests = []
-            for fp8 in (False, True):
-                x8, w8 = to8(x, fp8), to8(w, fp8)
-                bests.append(eight_bit(name, x8, w8, n, None, None, fp8))
-                torch_product(name, x8, w8, fp8)
-            summary.append((name, fp16, *bests))
-    print(f"\n{'shape':24s} {'fp16 ms':>9s} {'int8 ms':>9s} {'fp8 ms':>9s}  (best tile table, 8-bit codes out)")
-    for name, fp16, i8, f8 in summary:
-        cell = lambda v: f"{v:9.4f}" if v is not None else f"{'-':>9s}"     # noqa: E731
-        print(f"{name:24s} {cell(fp16)} {cell(i8)} {cell(f8)}")
+    if args.sweep:
+        summary = sweep(args, record, fp16_ms)
+    else:
+        summary = []
+        for s in shapes(args.cases):
+            base = fp16_ms(s)
+            i8, f8 = eight_bit(s, False), eight_bit(s, True)
+            summary.append({"shape": s.name, "fp16_ms": base, "int8_ms": i8, "fp8_ms": f8})
+        print(f"\n{'shape':24s} {'fp16 ms':>9s} {'int8 ms':>9s} {'fp8 ms':>9s}  (best tile table, 8-bit codes out)")
+        for r in summary:
+            cell = lambda v: f"{v:9.4f}" if v is not None else f"{'-':>9s}"     # noqa: E731
+            print(f"{r['shape']:24s} {cell(r['fp16_ms'])} {cell(r['int8_ms'])} {cell(r['fp8_ms'])}")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "summary": summary, "rows": rows}
     out = Path(os.environ.get("OUT", "benchmarks/results")) / "qgemm_bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
-                              indent=1))
+    out.write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
