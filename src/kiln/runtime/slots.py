@@ -8,19 +8,59 @@ made (``Program.select`` makes a new one). A value is dropped, by index, after i
 ``Program`` plans it. A CPU program needs no
 device moves and no concatenation buffers, so nothing is checked per step; a subgraph body (Loop, If,
 Scan) keeps its plan across iterations and runs.
+
+A step that only re-views its input (Slice, Shuffle, Squeeze, Unsqueeze, Flatten with every other input a
+constant) replays the view it made for the input's layout: its first run at a (shape, strides, dtype) runs
+the layer and, where the result shares the input's storage, keeps the view's sizes, strides and offset from
+the input's; later runs at that layout make the view with one ``as_strided``. A result that is a copy (a
+reversed slice, a reshape of non-viewable strides) keeps the layout running the layer.
 """
 from __future__ import annotations
 
 from operator import itemgetter
 from typing import Any, Callable
 
+import torch
+
 from kiln.errors import EngineFormatError, ShapeError
 
 _NONE = 0          # the slot that always holds None: an absent optional input
 
+# Layer kinds whose "torch" tactic returns a view of input 0 decided by its layout and the other inputs alone.
+VIEW_KINDS = frozenset(("Slice", "Shuffle", "Squeeze", "Unsqueeze", "Flatten"))
+MAX_VIEW_LAYOUTS = 16       # input layouts a view step remembers (then it starts afresh)
+
 
 def _no_args(slots: list) -> tuple:
     return ()
+
+
+def view_replay(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+    """``fn`` (a view layer's step) replaying, per input layout, the view it returned; see the module docstring."""
+    views: dict[tuple, tuple | None] = {}
+
+    def run(x, *rest):
+        key = (x.shape, x.stride(), x.dtype)
+        hit = views.get(key, False)
+        if hit:
+            return (x.as_strided(hit[0], hit[1], x.storage_offset() + hit[2]),)
+        if hit is None:
+            return fn(x, *rest)
+        outs = fn(x, *rest)
+        y = outs[0]
+        same = (len(outs) == 1 and isinstance(y, torch.Tensor) and x.numel() > 0 and y.dtype == x.dtype
+                and y.device == x.device and y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr())
+        if len(views) >= MAX_VIEW_LAYOUTS:
+            views.clear()
+        views[key] = (tuple(y.shape), y.stride(), y.storage_offset() - x.storage_offset()) if same else None
+        return outs
+    return run
+
+
+def _replays_view(step: Any) -> bool:
+    """A view kind's own tactic whose inputs past the first are constants or absent."""
+    return (step.kind in VIEW_KINDS and step.tactic == "torch" and 0 not in step.fixed
+            and all(n is None or i in step.fixed for i, n in enumerate(step.ins) if i > 0))
 
 
 class SlotPlan:
@@ -68,7 +108,8 @@ class SlotPlan:
                 (lambda slots, i=ins[0]: (slots[i],))
             a, b = (ins + [_NONE, _NONE])[:2]
             frees = tuple(index[n] for n in step.frees if n in index)
-            steps.append((step.fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step))
+            fn = view_replay(step.fn) if _replays_view(step) else step.fn
+            steps.append((fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step))
         for n in program.outputs:
             if n not in known and n not in program.constants:
                 outer[n] = named(n)
