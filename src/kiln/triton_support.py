@@ -1,33 +1,140 @@
-"""Optional Triton, and the integer helpers its launches need; shared by kernels and plugins.
+"""Optional, deferred Triton, and the integer helpers its launches need; shared by kernels and plugins.
 
-Modules that define Triton kernels at import time take ``triton``/``tl`` from here: with Triton
-missing they get stand-ins whose ``jit`` leaves the function alone, so the module still imports
-and only its Triton tactic fails, with a sentence. Triton decides interpreted (TRITON_INTERPRET)
-versus compiled when a kernel is defined, i.e. when the module that defines it is imported.
-NOTE: this module must not import torch (``kiln --help`` and the viewer import it indirectly).
+Modules that define Triton kernels take ``triton``/``tl`` from here and decorate with ``@triton.jit``.
+Triton itself is imported only when a kernel is first used (launched, or any attribute read): a CPU
+build or run that never launches one does not import it. Until then ``@triton.jit`` keeps the function
+in a ``DeferredKernel``; the first use imports Triton, turns every deferred function into Triton's own
+(``triton.jit``, which decides interpreted versus compiled from TRITON_INTERPRET at that moment) and
+rebinds, in each defining module, ``triton``/``tl`` to the real modules and each deferred kernel to its
+Triton function, as if Triton had been imported with the module. With Triton missing, ``jit`` leaves
+the function alone, so the module still imports and only its Triton tactic fails, with a sentence.
+NOTE: this module must not import torch (``kiln --help`` and the viewer import it indirectly), nor
+Triton at import time.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
-from typing import Any
+import threading
+from typing import Any, Callable
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:  # Triton is optional: without it only the torch tactics exist.
-    HAS_TRITON = False
+__all__ = ["HAS_TRITON", "DeferredKernel", "cdiv", "interpreting", "load_triton", "next_pow2", "tl", "triton"]
 
-    class _Stub:
-        constexpr = None
 
-        @staticmethod
-        def jit(fn: Any = None, **kwargs: Any) -> Any:
-            return fn if fn is not None else (lambda f: f)
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):      # a broken or blocked (sys.modules["triton"] = None) package
+        return False
 
-    triton = tl = _Stub()  # type: ignore[assignment]
 
-__all__ = ["HAS_TRITON", "cdiv", "interpreting", "next_pow2", "tl", "triton"]
+HAS_TRITON = _installed()      # Triton is optional: without it only the torch tactics exist
+
+_lock = threading.RLock()
+_deferred: list[DeferredKernel] = []
+_loaded = False
+
+
+class _Module:
+    """Stands in for ``triton`` or ``triton.language`` until Triton is loaded; reading an attribute
+    loads it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        load_triton()
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<deferred module {self._name!r}>"
+
+
+class _Triton(_Module):
+    @staticmethod
+    def jit(fn: Callable | None = None, **options: Any) -> Any:
+        """``@triton.jit`` or ``@triton.jit(**options)``: a ``DeferredKernel`` until Triton is loaded."""
+        def deco(f: Callable) -> Any:
+            if not HAS_TRITON:
+                return f
+            with _lock:
+                if not _loaded:
+                    kernel = DeferredKernel(f, options)
+                    _deferred.append(kernel)
+                    return kernel
+            import triton as real
+            _rebind(f.__globals__)
+            return real.jit(f, **options)
+        return deco(fn) if fn is not None else deco
+
+
+triton: Any = _Triton("triton")
+tl: Any = _Module("triton.language")
+
+
+class DeferredKernel:
+    """A ``@triton.jit`` function before Triton is loaded. Launching it (``kernel[grid](...)``), calling
+    it or reading any other attribute loads Triton and forwards to Triton's function."""
+
+    def __init__(self, fn: Callable, options: dict[str, Any]) -> None:
+        self.fn, self.options = fn, options
+        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        self.__module__, self.__globals__ = fn.__module__, fn.__globals__
+        self.kernel: Any = None
+
+    def _real(self) -> Any:
+        if self.kernel is None:
+            load_triton()
+        return self.kernel
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self._real()[grid]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._real()(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr == "kernel":
+            raise AttributeError(attr)
+        return getattr(self._real(), attr)
+
+    def __repr__(self) -> str:
+        return f"<deferred Triton kernel {self.__module__}.{self.__qualname__}>"
+
+
+def load_triton() -> None:
+    """Import Triton and turn every deferred kernel into Triton's function (once; no-op afterwards).
+    Raises ImportError where Triton is not installed."""
+    global _loaded
+    with _lock:
+        if _loaded:
+            return
+        import triton as real
+        scopes = {}
+        for k in _deferred:
+            k.kernel = real.jit(k.fn, **k.options)
+            scopes[id(k.__globals__)] = k.__globals__
+        for scope in scopes.values():
+            _rebind(scope)
+        _deferred.clear()
+        _loaded = True
+
+
+def _rebind(scope: dict[str, Any]) -> None:
+    """In a module's globals, the stand-ins become the real modules and deferred kernels Triton's functions
+    (Triton reads a kernel's globals when it compiles or interprets it)."""
+    import triton as real
+    import triton.language as real_tl
+    for name, value in list(scope.items()):
+        if value is triton:
+            scope[name] = real
+        elif value is tl:
+            scope[name] = real_tl
+        elif isinstance(value, DeferredKernel) and value.kernel is not None:
+            scope[name] = value.kernel
 
 
 def interpreting() -> bool:

@@ -77,7 +77,10 @@ def record(module: str, run: Callable[[], None]) -> list:
     """Swap the module's ``_*_kernel`` globals for recorders while ``run`` launches them."""
     from triton.runtime.jit import JITFunction
 
+    from kiln.triton_support import load_triton
+
     mod = importlib.import_module(f"kiln.plugins.builtin.{module}")
+    load_triton()               # the module's deferred kernels become Triton's JITFunctions
     kernels = {k: v for k, v in vars(mod).items() if k.endswith("_kernel") and isinstance(v, JITFunction)}
     log: list = []
     try:
