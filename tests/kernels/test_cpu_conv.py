@@ -269,9 +269,12 @@ def test_gemm1d_matches_fp64(case, act, residual, after):
     y = F.conv1d(F.pad(x.double(), pads), w.double(), b.double(), stride, 0, dil)
     r = torch.randn(y.shape, generator=g) if residual else None
     ref = (REF_ACT[act](y) + r.double()) if after else REF_ACT[act](y + (r.double() if residual else 0))
-    got = make_convolution_gemm1d_cpu(attrs, CPU)(x, w, b, r)[0]
-    assert got.is_contiguous()
+    run = make_convolution_gemm1d_cpu(attrs, CPU)
+    got = run(x, w, b, r)[0]
+    assert got.transpose(1, 2).is_contiguous()          # [N, Cout, Lo] over channels-last memory
     _check(got, ref)
+    _check(run(got.new_tensor(x), w, b, r)[0], ref)    # a second call reuses the kept buffers
+    _check(run(x.transpose(1, 2).contiguous().transpose(1, 2), w, b, r)[0], ref)   # a channels-last input
     assert make_convolution_gemm1d_cpu(attrs, CPU)(x.to("meta"), w, b, r)[0].shape == ref.shape
 
 
@@ -308,3 +311,25 @@ def test_1d_model_on_gemm1d_matches_onnxruntime(monkeypatch):
         got = next(iter(ctx.run({"x": x}).values()))
         assert got.shape == ref.shape
         assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_gemm1d_kept_buffers_follow_shape_and_weight_changes():
+    """The patch and padded-input buffers are kept per input shape (the bias column of ones and the zero borders
+    stay intact across calls), and a new weight or bias tensor is laid out afresh."""
+    attrs = {"stride": [1], "pads": [2, 1], "dilation": [2], "groups": 1, "activation": "relu"}
+    run = make_convolution_gemm1d_cpu(attrs, CPU)
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(6, 4, 3, generator=g), torch.randn(6, generator=g)
+    w2, b2 = torch.randn(6, 4, 3, generator=g), torch.randn(6, generator=g)
+
+    def ref(x, w, b):
+        return F.relu(F.conv1d(F.pad(x.double(), [2, 1]), w.double(), b.double(), 1, 0, 2))
+    for length, weight, bias in [(7, w, b), (11, w, b), (7, w, b), (7, w2, b), (7, w2, b2), (11, w, None),
+                                 (7 + 2 * cpu_conv.MAX_PACKED_SHAPES, w, b), (7, w, b)]:
+        x = torch.randn(2, 4, length, generator=g) * 100      # large values: a stale border or bias column shows
+        if bias is None:
+            got = run(x, weight)[0]
+            want = F.relu(F.conv1d(F.pad(x.double(), [2, 1]), weight.double(), None, 1, 0, 2))
+        else:
+            got, want = run(x, weight, bias)[0], ref(x, weight, bias)
+        _check(got, want)

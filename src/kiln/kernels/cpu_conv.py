@@ -238,32 +238,68 @@ def _gemm1d_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
 
 @tactic("Convolution", "gemm1d", devices=("cpu",), supports=_gemm1d_ok, priority=2)
 def make_convolution_gemm1d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
-    """1-D conv as one GEMM: the padded input's [N·Lo, Cin·k] patches (a strided view, copied once) times the
-    weight [Cout, Cin·k] read transposed (its own memory, no copy), bias in the GEMM, the epilogue in place on
-    the [N·Lo, Cout] product, which is then laid out as [N, Cout, Lo]. Small audio convolutions (a few
-    output positions) skip oneDNN's per-call setup this way; the builder times it against the others."""
+    """1-D conv as one GEMM: the input's [N·Lo, k·Cin] patches copied into a buffer kept per input shape
+    (which ends in a column of ones where there is a bias), times the weight laid out once as [k·Cin (+1),
+    Cout] (the bias as its last row), the epilogue in place on the [N·Lo, Cout] product, returned as its
+    [N, Cout, Lo] view (channels-last memory, which the next 1-D GEMM reads in runs of Cin). A padded
+    convolution copies its input into the middle of a zero-bordered buffer kept per shape. Small audio
+    convolutions (a few output positions) skip oneDNN's per-call setup this way and run four torch ops;
+    the builder times it against the others."""
     stride, dil = attrs["stride"][0], attrs["dilation"][0]
     pads = (attrs["pads"][0], attrs["pads"][1])
     after = bool(attrs.get("residual_after_activation"))
     act = activation_in_place(attrs)
+    weights: dict[str, Any] = {"w": None, "b": None}
+    buffers: OrderedDict[tuple, tuple] = OrderedDict()      # per input shape: (padded input, patch matrix)
+
+    def weight(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if weights["w"] is not w or weights["b"] is not b:
+            wt = w.permute(2, 1, 0).reshape(-1, w.shape[0])                       # [k·Cin, Cout]
+            weights["wt"] = (wt if b is None else torch.cat([wt, b.reshape(1, -1).to(wt.dtype)])).contiguous()
+            weights["w"], weights["b"] = w, b
+        return weights["wt"]
+
+    def scratch(x: torch.Tensor, k: int, lo: int, bias: bool) -> tuple:
+        """(the padded buffer's middle or None, its patches or None, the patch matrix, where patches go in it)"""
+        key = (tuple(x.shape), x.dtype, bias)
+        hit = buffers.get(key)
+        if hit is None:
+            n, c, length = x.shape
+            cols = x.new_empty(n * lo, k * c + bias)
+            if bias:
+                cols[:, -1] = 1
+            middle = patches = None
+            if any(pads):
+                xp = x.new_zeros(n, length + pads[0] + pads[1], c)                 # N, L, C: zero borders
+                middle = xp[:, pads[0]:pads[0] + length]
+                patches = xp.as_strided((n, lo, k, c), (xp.stride(0), stride * c, dil * c, 1))
+            hit = buffers[key] = (middle, patches, cols, cols[:, :k * c].view(n, lo, k, c))
+            if len(buffers) > MAX_PACKED_SHAPES:
+                buffers.popitem(last=False)
+        return hit
 
     def run(x, w, b=None, residual=None):
         x = match_weight(x, w)
         cout, cin, k = w.shape
         if x.is_meta:
             return (F.conv1d(F.pad(x, pads), w, b, stride, 0, dil),)
-        xp = F.pad(x, pads) if any(pads) else x
-        n, _, length = xp.shape
-        lo = (length - dil * (k - 1) - 1) // stride + 1
-        cols = xp.as_strided((n, lo, cin, k), (xp.stride(0), stride * xp.stride(2), xp.stride(1),
-                                               dil * xp.stride(2))).reshape(n * lo, cin * k)
-        wt = w.reshape(cout, cin * k).t()
-        y = (torch.mm(cols, wt) if b is None else torch.addmm(b, cols, wt)).view(n, lo, cout)
+        n, _, length = x.shape
+        lo = (length + pads[0] + pads[1] - dil * (k - 1) - 1) // stride + 1
+        middle, patches, cols, into = scratch(x, k, lo, b is not None)
+        if middle is not None:
+            middle.copy_(x.transpose(1, 2))
+        else:
+            sn, sc, sl = x.stride()
+            patches = x.as_strided((n, lo, k, cin), (sn, stride * sl, dil * sl, sc), x.storage_offset())
+        into.copy_(patches)
+        y = torch.mm(cols, weight(w, b))                                              # [N·Lo, Cout]
+        y3 = y.view(n, lo, cout)
         r = residual.transpose(1, 2) if residual is not None else None
         if r is not None and not after:
-            y = y.add_(r)
-        y = act(y) if act is not None else y
+            y3.add_(r)
+        if act is not None:
+            y3 = act(y3)
         if r is not None and after:
-            y = y.add_(r)
-        return (y.transpose(1, 2).contiguous(),)
+            y3 = y3.add_(r)
+        return (y3.transpose(1, 2),)
     return run
