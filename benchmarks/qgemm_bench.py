@@ -6,14 +6,17 @@
 Per layer shape (ResNet-50's at batch 256, BERT-base's GEMMs at 32x128 tokens): the FP16 layer as the FP16
 engine runs it (cuDNN channels-last conv + bias + ReLU, or a cuBLAS linear), then the 8-bit kernel with int8
 and FP8 codes, writing 8-bit codes, FP16 or FP32 (with a float residual where the layer has one), with its
-three tile tables, plus ``torch._int_mm`` / ``torch._scaled_mm`` on the GEMM (the product alone) where the
-shape is a GEMM. Times are kernel milliseconds per call (20 calls in one CUDA graph, median of 7 replays), the
-same as conv_triton_bench. The table ends with each shape's best 8-bit time over FP16's.
+three tile tables (and, on plain GEMMs, the TMA kernel's two: int8_tma.py), plus ``torch._int_mm`` /
+``torch._scaled_mm`` on the GEMM (the product alone) where the shape is a GEMM. Times are kernel milliseconds
+per call (20 calls in one CUDA graph, median of 7 replays), the same as conv_triton_bench. The table ends with
+each shape's best 8-bit time over FP16's.
 
-``--sweep`` times, per shape and code type (int8, FP8; 8-bit codes out, ReLU), a grid of tile configs
-(``sweep_configs``: BLOCK_M/N in 64-256, BLOCK_K 64/128, 4 or 8 warps, 3-5 stages, none over the shared
-memory limit), then the best one's GROUP_M variants, and prints per shape the best config, its time, TOPS and
-share of the 8-bit dense peak beside FP16 and the default tile table. The configs are first compiled (and run
+``--sweep`` times, per shape and code type (int8, FP8; 8-bit codes out, ReLU), a grid of tile configs of the
+implicit-GEMM kernel (``sweep_configs``: BLOCK_M/N in 64-256, BLOCK_K 64/128, 4 or 8 warps, 3-5 stages, none
+over the shared memory limit) and, for plain GEMMs, of the TMA kernel (``tma_sweep_configs``, int8_tma.py:
+plain and persistent), then the best one's GROUP_M variants (and warp specialization for a persistent one),
+and prints per shape the best config, its time, TOPS and share of the 8-bit dense peak beside FP16 and the
+default tile table. The configs are first compiled (and run
 once) in ``--jobs`` worker processes, filling Triton's on-disk cache, so the timing process only loads them;
 configs still untimed when ``--budget-s`` has passed are counted as skipped. ``--json`` prints the results as
 one JSON line at the end; they also go to $OUT/qgemm_bench.json (else benchmarks/results/).
@@ -101,9 +104,35 @@ def sweep_configs(s: Shape) -> list:
     return out
 
 
+def tma_sweep_configs(s: Shape) -> list:
+    """The TMA kernel's grid for a plain-GEMM shape (none for others): 128x64 (N <= 64), 128x128, 128x256 and
+    256x128 tiles, 8 warps (4 at 128x64), BLOCK_K 64/128, 3-5 stages within the shared memory, the epilogue in
+    halves for 256-wide tiles, plain and persistent."""
+    from kiln.kernels.int8_tma import SMEM as TMA_SMEM
+    from kiln.kernels.int8_tma import TmaConfig, smem_bytes
+
+    if not s.gemm:
+        return []
+    tiles = [(128, 64)] if s.n <= 64 else [(128, 128), (128, 256), (256, 128)]
+    out = []
+    for bm, bn in tiles:
+        for bk in sorted({min(b, max(32, _pow2(s.cin))) for b in (64, 128)}):
+            for stages in (3, 4, 5):
+                for persistent in (False, True):
+                    cfg = TmaConfig(bm, bn, bk, 4 if bm * bn < 128 * 128 else 8, stages, split=2 if bn == 256 else 1,
+                                    persistent=persistent)
+                    if smem_bytes(cfg) <= TMA_SMEM:
+                        out.append(cfg)
+    return out
+
+
 def label(cfg) -> str:
-    """A tile config in a few characters: BMxBNxBK, warps, stages, GROUP_M."""
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
+    """A tile config in a few characters: BMxBNxBK, warps, stages, GROUP_M (and the TMA kernel's options)."""
+    text = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} g{cfg.group_m}"
+    for flag, on in (("split2", getattr(cfg, "split", 1) == 2), ("persistent", getattr(cfg, "persistent", False)),
+                     ("ws", getattr(cfg, "warp_specialize", False))):
+        text += f" {flag}" if on else ""
+    return text
 
 
 def to8(t, fp8: bool):
@@ -137,7 +166,8 @@ def make_inputs(s: Shape, fp8: bool, dev: str = "cuda") -> Inputs:
 
 
 def runner(inp: Inputs, fp8: bool, kernel: str, cfg) -> Callable[[], Any]:
-    """One call of ``kernel`` with tile config ``cfg`` on ``inp``, writing 8-bit codes with a ReLU."""
+    """One call of the kernel with tile config ``cfg`` on ``inp``, writing 8-bit codes with a ReLU (``kernel``
+    names it in the tables; the config's type picks the pointer or the TMA kernel)."""
     import torch
 
     from kiln.kernels import int8_gemm as q
@@ -164,14 +194,31 @@ def _precompile(job: tuple) -> str | None:
 
 
 def precompile(jobs: list[tuple], procs: int) -> dict[tuple, str]:
-    """Compile ``jobs`` in ``procs`` spawned processes; the jobs that failed, with their error."""
-    if procs <= 0 or not jobs:
-        return {}
+    """Compile ``jobs`` in ``procs`` spawned processes; the jobs that failed, with their error. A job that kills
+    its worker (a compiler crash) breaks the pool: the jobs it took down run once more in a fresh one, and those
+    lost again count as failed, so the timing process never compiles them."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        errors = list(pool.map(_precompile, jobs, chunksize=max(1, len(jobs) // (4 * procs))))
-    return {job: e for job, e in zip(jobs, errors) if e is not None}
+    from concurrent.futures.process import BrokenProcessPool
+
+    failed: dict[tuple, str] = {}
+    for _ in range(2):
+        if procs <= 0 or not jobs:
+            break
+        lost = []
+        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [(job, pool.submit(_precompile, job)) for job in jobs]
+            for job, fut in futures:
+                try:
+                    err = fut.result()
+                except BrokenProcessPool:
+                    lost.append(job)
+                    continue
+                if err is not None:
+                    failed[job] = err
+        jobs = lost
+    failed.update({job: "the compiling process died" for job in jobs})
+    return failed
 
 
 def tops(s: Shape, ms: float | None) -> float | None:
@@ -183,23 +230,25 @@ def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> l
     from kiln.kernels import int8_gemm as q
 
     todo = [(s, fp8) for s in shapes(args.cases) for fp8 in (False, True)]
-    grids = {(s, fp8): [("igemm", c) for c in sweep_configs(s)] for s, fp8 in todo}
+    grids = {(s, fp8): [("igemm", c) for c in sweep_configs(s)] + [("tma", c) for c in tma_sweep_configs(s)]
+             for s, fp8 in todo}
     t0 = time.perf_counter()
     total = sum(len(g) for g in grids.values())
     print(f"sweep: {total} configs over {len(todo)} shape x code pairs, compiled in {args.jobs} processes, "
           f"then timed (budget {args.budget_s:.0f} s)", flush=True)
     failed = precompile([(s, fp8, k, c) for (s, fp8), g in grids.items() for k, c in g], args.jobs)
     print(f"  compiled in {time.perf_counter() - t0:.0f} s ({len(failed)} failed)", flush=True)
-    deadline = t0 + args.budget_s
+    deadline = t0 + 0.85 * args.budget_s          # the rest for the GROUP_M variants
     results, skipped = {}, 0
-    for s, fp8 in todo:
+    for i, (s, fp8) in enumerate(todo):
         inp = make_inputs(s, fp8)
         tag = "fp8" if fp8 else "int8"
         times = {}
+        until = time.perf_counter() + (deadline - time.perf_counter()) / (len(todo) - i)    # this pair's share
         for kernel, cfg in grids[(s, fp8)]:
             if (s, fp8, kernel, cfg) in failed:
                 continue
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > until:
                 skipped += 1
                 continue
             times[(kernel, cfg)] = record(s.name, f"{tag} {kernel} {label(cfg)}", runner(inp, fp8, kernel, cfg))
@@ -210,7 +259,10 @@ def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> l
         if times:
             kernel, cfg = min(times, key=times.get)
             variants[pair] = [(kernel, cfg._replace(group_m=g)) for g in GROUPS]
+            if kernel == "tma" and cfg.persistent:       # Triton's warp specialization (may not compile on sm_90)
+                variants[pair].append((kernel, cfg._replace(warp_specialize=True)))
     failed = precompile([(s, fp8, k, c) for (s, fp8), v in variants.items() for k, c in v], args.jobs)
+    deadline = t0 + args.budget_s
     for (s, fp8), v in variants.items():
         inp, times = results[(s, fp8)]
         for kernel, cfg in v:
@@ -227,22 +279,26 @@ def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> l
             inp, times = results[(s, fp8)]
             dflt = record(s.name, f"{'fp8' if fp8 else 'int8'} default table",
                           runner(inp, fp8, "igemm", q.default_config(s.m, s.n, s.cin)))
+            best_of = {k: min((v for (kk, _), v in times.items() if kk == k), default=None)
+                       for k in ("igemm", "tma")}
             best = min(times, key=times.get) if times else None
             ms = times[best] if best else None
             summary.append({"shape": s.name, "codes": "fp8" if fp8 else "int8", "M": s.m, "N": s.n, "K": s.k,
                             "fp16_ms": base, "fp16_tops": tops(s, base), "default_ms": dflt, "best_ms": ms,
                             "best_tops": tops(s, ms), "best_pct_peak": None if ms is None else
                             100 * tops(s, ms) / PEAK_TOPS, "best": None if best is None else
-                            f"{best[0]} {label(best[1])}", "configs_timed": len(times)})
+                            f"{best[0]} {label(best[1])}", "best_igemm_ms": best_of["igemm"],
+                            "best_tma_ms": best_of["tma"], "configs_timed": len(times)})
     print(f"\nsweep done in {time.perf_counter() - t0:.0f} s; {skipped} configs skipped at the budget")
     cell = lambda v, f="9.4f": f"{v:{f}}" if v is not None else f"{'-':>9s}"     # noqa: E731
-    print(f"\n{'shape':22s} {'codes':5s} {'fp16 ms':>9s} {'default':>9s} {'best ms':>9s} {'TOPS':>6s} "
-          f"{'% peak':>6s} {'x fp16':>6s}  best config")
+    print(f"\n{'shape':22s} {'codes':5s} {'fp16 ms':>9s} {'default':>9s} {'igemm':>9s} {'tma':>9s} {'best ms':>9s} "
+          f"{'TOPS':>6s} {'% peak':>6s} {'x fp16':>6s}  best config")
     for r in summary:
         gain = r["fp16_ms"] / r["best_ms"] if r["fp16_ms"] and r["best_ms"] else None
         print(f"{r['shape']:22s} {r['codes']:5s} {cell(r['fp16_ms'])} {cell(r['default_ms'])} "
-              f"{cell(r['best_ms'])} {cell(r['best_tops'], '6.0f')} {cell(r['best_pct_peak'], '5.1f')}% "
-              f"{cell(gain, '6.2f')}  {r['best'] or '-'}")
+              f"{cell(r['best_igemm_ms'])} {cell(r['best_tma_ms'])} {cell(r['best_ms'])} "
+              f"{cell(r['best_tops'], '6.0f')} {cell(r['best_pct_peak'], '5.1f')}% {cell(gain, '6.2f')}  "
+              f"{r['best'] or '-'}")
     return summary
 
 
@@ -302,7 +358,11 @@ def main() -> None:
         inp = make_inputs(s, fp8)
         tag = "fp8" if fp8 else "int8"
         best = None
-        for tname, table in (("default", q.default_config), ("wide", q.wide_config), ("small", q.small_config)):
+        tables = [("default", q.default_config), ("wide", q.wide_config), ("small", q.small_config)]
+        if s.gemm:
+            from kiln.kernels import int8_tma
+            tables += [("tma", int8_tma.tma_config), ("tma persistent", int8_tma.persistent_config)]
+        for tname, table in tables:
             ms = record(s.name, f"{tag} out=codes {tname}", runner(inp, fp8, "igemm", table(s.m, s.n, s.cin)))
             best = ms if best is None or (ms is not None and ms < best) else best
         for dtype in (torch.float16, torch.float32):

@@ -162,6 +162,8 @@ import json, re, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 from sm90_compile import Recorder, compile_sm90
+from kiln.triton_support import load_triton
+load_triton()               # the kernels as Triton's JITFunctions, which the recorders wrap
 import kiln.kernels.int8_gemm as ig
 import kiln.kernels.int8_quantize as iq
 

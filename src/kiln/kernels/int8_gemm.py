@@ -17,7 +17,9 @@ FP32 reciprocal of the output scale where ONNX divides by it (an exact division 
 spills the accumulator tile): a code can then differ by one from ONNX's where the quotient lies within an ulp of
 a half. The weight is stored K-major
 ([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose. Tile tables:
-``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (timed at levels 4-5).
+``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (timed at levels 4-5). The
+epilogue is one function (``epilogue_tile``) that int8_tma.py's kernel shares: ``qgemm`` given a ``TmaConfig``
+runs a plain GEMM on that kernel.
 """
 from __future__ import annotations
 
@@ -148,26 +150,43 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
+    offs = offs_m[:, None] * Cout + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    r = tl.load(r_ptr + offs, mask=ok, other=0) if HAS_RES else 0
+    y, q = epilogue_tile(acc, r, offs_n, n_ok, ib_ptr, mult_ptr, out_inv, out_zp, q_inv, q_zp, r_scale, r_zp, alpha,
+                         beta, MODE, OUT, LO, HI, QOUT, QLO, QHI, ACT, HAS_RES, RES_AFTER, y_ptr.dtype.element_ty,
+                         q_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs, y, mask=ok)
+    if QOUT != 0:
+        tl.store(q_ptr + offs, q, mask=ok)
+
+
+@triton.jit
+def epilogue_tile(acc, r, offs_n, n_ok, ib_ptr, mult_ptr, out_inv, out_zp, q_inv, q_zp, r_scale, r_zp, alpha, beta,
+                  MODE: tl.constexpr, OUT: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, QOUT: tl.constexpr,
+                  QLO: tl.constexpr, QHI: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                  RES_AFTER: tl.constexpr, Y_TY: tl.constexpr, Q_TY: tl.constexpr):
+    """The epilogue (module docstring) of one output tile: the accumulator ``acc`` of output channels
+    ``offs_n`` and, with HAS_RES, the residual tile ``r`` as stored -> (y in Y_TY, and with QOUT y's codes in
+    Q_TY, else y again), for the caller to store."""
     ib = tl.load(ib_ptr + offs_n, mask=n_ok, other=0)
     if MODE == 2:
         v = (acc + ib.to(tl.float32)[None, :])
     else:
         v = (acc + ib[None, :]).to(tl.float32)
     v = v * tl.load(mult_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-    offs = offs_m[:, None] * Cout + offs_n[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:     # float, or 8-bit codes dequantized with r_scale and r_zp (1 and 0 for a float residual)
-        r = (tl.load(r_ptr + offs, mask=ok, other=0).to(tl.float32) - r_zp) * r_scale
+        r = (r.to(tl.float32) - r_zp) * r_scale
     if HAS_RES and not RES_AFTER:
         v += r
     v = apply_act(v, alpha, beta, ACT)
     if HAS_RES and RES_AFTER:
         v += r
-    y = _requantize(v, out_inv, out_zp, OUT, LO, HI).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs, y, mask=ok)
+    y = _requantize(v, out_inv, out_zp, OUT, LO, HI).to(Y_TY)
+    q = y
     if QOUT != 0:       # the float output's codes too, from the value as stored
-        q = _requantize(y.to(tl.float32), q_inv, q_zp, QOUT, QLO, QHI)
-        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=ok)
+        q = _requantize(y.to(tl.float32), q_inv, q_zp, QOUT, QLO, QHI).to(Q_TY)
+    return y, q
 
 
 @triton.jit
@@ -249,7 +268,8 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual:
     is returned). With ``geometry``: ``x`` is [N, Cin, H, W] codes (made channels-last), ``wk`` the K-major weight
     [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without: ``x`` is [..., K]
     codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result: float, or the 8-bit
-    codes ``residual_codes`` dequantizes."""
+    codes ``residual_codes`` dequantizes. ``config`` (or what it returns for (M, N, Cin)) is a ``QGemmConfig``, or
+    a ``TmaConfig`` for int8_tma.py's kernel (fully connected layers and 1x1, stride-1, unpadded convolutions)."""
     mode = MODES.get(x.dtype)
     if mode is None or (wk.dtype == torch.float8_e4m3fn) != (mode == 2):
         raise BuildError(f"The 8-bit GEMM takes int8/uint8 codes with int8 weights or FP8 E4M3 codes with FP8 "
@@ -290,19 +310,38 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual:
     if not x.is_meta and y.numel():
         rc = residual_codes or Codes(torch.float32)
         qc = codes or Codes(torch.int8)
-        bm, bn, bk, warps, stages, group_m = config(m, cout, cin) if callable(config) else config
+        cfg = config(m, cout, cin) if callable(config) else config
         pointwise = (g.kh, g.kw) == (1, 1) and g.stride == (1, 1) and not any(g.pads)
+        epilogue = dict(out_inv=_reciprocal(out.scale), out_zp=float(out.zero_point), q_inv=_reciprocal(qc.scale),
+                        q_zp=float(qc.zero_point), r_scale=float(rc.scale), r_zp=float(rc.zero_point),
+                        alpha=float(alpha), beta=float(beta), MODE=mode, OUT=kind, LO=lo, HI=hi, QOUT=qkind, QLO=qlo,
+                        QHI=qhi, ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after))
+        if not isinstance(cfg, QGemmConfig):        # a TMA tile config (int8_tma.py), for plain GEMMs
+            from kiln.kernels.int8_tma import launch_tma
+            if not pointwise:
+                raise BuildError("The TMA 8-bit GEMM runs fully connected layers and 1x1, stride-1, unpadded "
+                                 "convolutions only.")
+            if launch_tma(_matrix(rows, m), wk, _matrix(y, m), _matrix(q, m), _matrix(residual, m), ep, cfg, epilogue):
+                return y if q is None else (y, q)
+            cfg = default_config(m, cout, cin)      # a tensor TMA cannot address (unaligned view)
+        bm, bn, bk, warps, stages, group_m = cfg
         big = max(x.numel(), y.numel()) >= 2 ** 31
         _qgemm_kernel[(cdiv(m, bm) * cdiv(cout, bn),)](
             rows, wk, ep.ibias, ep.mult, residual if residual is not None else y, y, q if q is not None else y, m, h,
-            w, oh, ow, cout, ep.x_zp, _reciprocal(out.scale), float(out.zero_point), _reciprocal(qc.scale), float(qc.zero_point),
-            float(rc.scale), float(rc.zero_point), float(alpha), float(beta), CIN=cin, KH=g.kh, KW=g.kw,
-            SH=g.stride[0], SW=g.stride[1], PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0], DW=g.dilation[1],
-            POINTWISE=pointwise, IDX64=big, MODE=mode, OUT=kind, LO=lo, HI=hi, QOUT=qkind, QLO=qlo, QHI=qhi,
-            ACT=ACTS.index(act), HAS_RES=residual is not None, ZP_PAD=not pointwise and ep.x_zp != 0,
-            RES_AFTER=bool(residual_after), BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+            w, oh, ow, cout, ep.x_zp, CIN=cin, KH=g.kh, KW=g.kw, SH=g.stride[0], SW=g.stride[1], PH=g.pads[0],
+            PW=g.pads[1], DH=g.dilation[0], DW=g.dilation[1], POINTWISE=pointwise, IDX64=big,
+            ZP_PAD=not pointwise and ep.x_zp != 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+            num_warps=warps, num_stages=stages, **epilogue)
     return y if q is None else (y, q)
+
+
+def _matrix(t: torch.Tensor | None, m: int) -> torch.Tensor | None:
+    """A layer tensor as the [M, C] matrix of its rows (a view for channels-last 4-D and contiguous tensors)."""
+    if t is None:
+        return None
+    if t.dim() == 4:
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(m, t.shape[-1])
 
 
 def _reciprocal(scale: float) -> float:
