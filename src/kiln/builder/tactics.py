@@ -140,6 +140,22 @@ def at_level(cands: list, level: int) -> list:
     return [c for c in cands if c.min_level <= level]
 
 
+# 8-bit layers time their alternative tile tables and the TMA kernel (the tactics of min_level 4) from the
+# default level, where the default table takes at least EIGHT_BIT_EXTRA_MS: the tile choice moves an 8-bit
+# layer's time by up to 2x, and each alternative costs a compile per layer shape, which small layers skip.
+EIGHT_BIT_KINDS = ("QConvolution", "QFullyConnected")
+EIGHT_BIT_LEVEL = 3
+EIGHT_BIT_EXTRA_MS = 0.02
+
+
+def candidates(kind: str, cands: list, level: int) -> tuple[list, list]:
+    """(the candidates timed at ``level``, the extras timed after them where the layer is slow enough)."""
+    timed = at_level(cands, level)
+    if kind not in EIGHT_BIT_KINDS or level < EIGHT_BIT_LEVEL:
+        return timed, []
+    return timed, [c for c in at_level(cands, 5) if c not in timed]
+
+
 # A point of a range profile runs another tactic than the layer's own (the default point's) only when
 # that one is at least this much faster there.
 SWITCH_MARGIN = 1.05
@@ -170,12 +186,13 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
         ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
                             input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs))
         cands = tactics_for(layer.kind, layer.attrs, ctx)
+        extras: list = []
         if layer.kind == "Plugin":
             cands = _plugin_candidates(layer, device)
         else:
-            cands = at_level(cands, level)
-        if len(cands) > 1:
-            timed.append((layer, cands))
+            cands, extras = candidates(layer.kind, cands, level)
+        if len(cands) + len(extras) > 1:
+            timed.append((layer, cands, extras))
     if not timed:
         return Selection(chosen, by_point)
     if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count engines run on
@@ -183,15 +200,16 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
         use_threads(default_threads())
         device_name = f"{device_name}/{default_threads()} threads"
     reps = 10 if level <= 3 else 30
-    measured: dict[int, list[dict[str, float]]] = {id(layer): [] for layer, _ in timed}
+    measured: dict[int, list[dict[str, float]]] = {id(layer): [] for layer, _, _ in timed}
     for i, shapes in enumerate(points):
         vals = evaluate(net, shapes)
-        for layer, cands in timed:
+        for layer, cands, extras in timed:
             skip = layer.kind == "Plugin" and i != default
             measured[id(layer)].append({} if skip else _layer_times(layer, cands, vals, device, device_name,
-                                                                     cache, reps) or {})
+                                                                     cache, reps, extras) or {})
     inf = float("inf")
-    for layer, cands in timed:
+    for layer, cands, extras in timed:
+        cands = cands + extras
         per_point = measured[id(layer)]
         names = [_fastest(cands, t) for t in per_point]
         if layer.kind == "Plugin":
@@ -222,9 +240,10 @@ _CODES = {torch.int8: (-128, 128), torch.uint8: (0, 256)}      # integer activat
 
 
 def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, cache: TimingCache,
-                 reps: int) -> dict[str, float] | None:
+                 reps: int, extras: list = ()) -> dict[str, float] | None:
     """Milliseconds per candidate on the layer's input shapes in ``vals`` (from the cache where it has
-    them); None where the shapes are not known."""
+    them), and per extra (``candidates``) where the fastest candidate takes at least EIGHT_BIT_EXTRA_MS; None
+    where the shapes are not known. Every candidate is checked against the first one's outputs."""
     ins = []
     for t in layer.inputs:
         if t is None:
@@ -246,28 +265,48 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
     key = "|".join([device_name, layer.kind, _sig(layer.attrs),
                     ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + (":cl" if a.dim() == 4 and
                              not a.is_contiguous() else "") for a in ins)])
-    times = cache.get(key)
-    if times is not None and all(c.name in times for c in cands):
-        return times
-    times = dict(times or {})
-    reference = None
-    for cand in cands:
-        if cand.name in times:
-            continue
-        ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
-                            output_dtypes=tuple(o.dtype for o in layer.outputs))
+    times = dict(cache.get(key) or {})
+    ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
+                        output_dtypes=tuple(o.dtype for o in layer.outputs))
+    ref: list = []
+
+    def run(cand) -> tuple | None:
+        """(the candidate, its run function, its outputs as float tensors, which of them are codes); None where
+        it cannot run on these shapes."""
         try:
             with torch.inference_mode():
                 fn = cand.make(layer.attrs, ctx)
                 got = fn(*[a.clone() if a is not None else None for a in ins])
-                outs = [o.float() for o in got]
-                if reference is None:
-                    reference = outs
-                elif not _agree(outs, reference, layer.precision or "fp32", [o.dtype in _CODE_OUTPUTS for o in got]):
-                    times[cand.name] = float("inf")      # a fast wrong kernel is no tactic
-                    continue
-                times[cand.name] = (_time if device == "cuda" else _time_cpu)(fn, ins, reps)
+                return cand, fn, [o.float() for o in got], [o.dtype in _CODE_OUTPUTS for o in got]
         except Exception:
-            times[cand.name] = float("inf")      # not valid on these shapes
-    cache.put(key, times)
+            return None
+
+    def reference() -> tuple | None:
+        """The first candidate that runs: its outputs judge the others (it runs even where its time is cached)."""
+        if not ref:
+            ref.append(next((r for r in map(run, cands) if r is not None), None))
+        return ref[0]
+
+    def measure(todo: list) -> None:
+        for cand in todo:
+            if cand.name in times:
+                continue
+            judge = reference()
+            mine = judge if judge is not None and judge[0] is cand else run(cand)
+            if mine is None or judge is None or (mine is not judge and not _agree(
+                    mine[2], judge[2], layer.precision or "fp32", mine[3])):
+                times[cand.name] = float("inf")      # not valid on these shapes, or a fast wrong kernel
+                continue
+            try:
+                with torch.inference_mode():
+                    times[cand.name] = (_time if device == "cuda" else _time_cpu)(mine[1], ins, reps)
+            except Exception:
+                times[cand.name] = float("inf")
+
+    before = dict(times)
+    measure(cands)
+    if extras and min((times[c.name] for c in cands), default=0.0) >= EIGHT_BIT_EXTRA_MS:
+        measure(extras)
+    if times != before:
+        cache.put(key, times)
     return times

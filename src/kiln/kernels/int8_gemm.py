@@ -17,7 +17,8 @@ FP32 reciprocal of the output scale where ONNX divides by it (an exact division 
 spills the accumulator tile): a code can then differ by one from ONNX's where the quotient lies within an ulp of
 a half. The weight is stored K-major
 ([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose. Tile tables:
-``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (timed at levels 4-5). The
+``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (min_level 4; the builder
+times them from the default level for 8-bit layers slow enough to pay their compiles: builder/tactics.py). The
 epilogue is one function (``epilogue_tile``) that int8_tma.py's kernel shares: ``qgemm`` given a ``TmaConfig``
 runs a plain GEMM on that kernel.
 """
@@ -395,7 +396,8 @@ def _make(choose: Callable[[int, int, int], QGemmConfig]):
     return make
 
 
-# the default tile table, and two more the builder times at optimization levels 4-5 (a compile per layer shape each)
+# the default tile table, and two more (a compile per layer shape each) for levels 4-5 and slow 8-bit layers
+# (builder/tactics.py: candidates)
 for _kind in ("QConvolution", "QFullyConnected"):
     for _codes, _fp8 in (("int8", False), ("fp8", True)):
         tactic(_kind, f"triton_{_codes}", devices=("cuda",), supports=_supports(_fp8), priority=-1)(

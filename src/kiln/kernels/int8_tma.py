@@ -218,7 +218,7 @@ def _supports_tma(fp8: bool):
     return ok
 
 
-# timed where the alternative tile tables of the pointer kernel are (builder/tactics.py: at_level)
+# timed where the pointer kernel's alternative tile tables are (builder/tactics.py: candidates)
 for _kind in ("QConvolution", "QFullyConnected"):
     for _codes, _fp8 in (("int8", False), ("fp8", True)):
         tactic(_kind, f"triton_{_codes}_tma", devices=("cuda",), supports=_supports_tma(_fp8), min_level=4)(
