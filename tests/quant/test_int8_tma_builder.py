@@ -99,3 +99,28 @@ def test_extras_are_timed_where_the_layer_is_slow_and_judged_by_the_first_candid
     partial, fakes = times(0.003, cache)
     assert [f.makes for f in fakes] == [1, 0, 1, 1, 1]
     assert partial["wrong"] == float("inf") and np.isfinite(partial["good"])
+
+
+@pytest.mark.gpu
+def test_gpu_default_level_times_every_8bit_table_of_a_large_layer():
+    """BERT's FFN1 as an int8 QFullyConnected at the default level on the GPU: the default candidates, then (the
+    layer takes well over the threshold) the wide and small tables and, on Hopper, both TMA tactics; each agrees
+    with the first candidate (finite time)."""
+    import torch
+    ws = np.full(3072, 2e-4, np.float32)
+    attrs = _attrs(ws, to="int8", out_scale=0.02, activation="relu")
+    rng = np.random.default_rng(0)
+    w = SimpleNamespace(name="w", is_constant=True, value=rng.integers(-127, 128, (3072, 768)).astype(np.int8))
+    b = SimpleNamespace(name="b", is_constant=True, value=rng.integers(-5000, 5000, 3072).astype(np.int32))
+    x = SimpleNamespace(name="x", is_constant=False, producer=None)
+    layer = SimpleNamespace(kind="QFullyConnected", attrs=attrs, precision="fp16", name="ffn1", inputs=[x, w, b],
+                            outputs=[SimpleNamespace(dtype="int8")])
+    ctx = KernelContext(device="cuda", input_dtypes=("int8", "int8", "int32"))
+    cands, extras = bt.candidates("QFullyConnected", tactics_for("QFullyConnected", attrs, ctx), 3)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert {"triton_int8_wide", "triton_int8_small"} <= {c.name for c in extras}
+    assert ("triton_int8_tma" in {c.name for c in extras}) == hopper
+    vals = {"x": torch.empty((4096, 768), dtype=torch.int8, device="meta")}
+    times = bt._layer_times(layer, cands, vals, "cuda", "gpu", TimingCache(), 10, extras)
+    assert set(times) == {c.name for c in cands + extras}
+    assert all(np.isfinite(t) for t in times.values()), times
