@@ -1,11 +1,11 @@
 """Start-up: commands that only read files or list things do not import torch (seconds of start-up);
-`kiln inspect` reads an engine header with the standard library and numpy; `kiln plugins` imports the
-built-in plugins but neither Triton (their kernels are deferred until a launch: kiln.triton_support) nor numpy.
-ONNX files are read without the onnx package (its ml_dtypes extension alone costs a second or more), by
-`kiln check` and by `kiln build`. `kiln check` of a static model whose layers keep or broadcast their input
-shapes does not import torch either (nothing in the build's steps could refuse it). Shape inference on meta
-tensors does not import torch._dynamo (seconds of CPU), in `kiln check` of a model with static shapes (which
-runs the build's steps) or in a small CPU build."""
+`kiln inspect` reads an engine header or an ONNX model's graph with the standard library and numpy;
+`kiln plugins` imports the built-in plugins but neither Triton (their kernels are deferred until a launch:
+kiln.triton_support) nor numpy. ONNX files are read without the onnx package (its ml_dtypes extension alone
+costs a second or more), by `kiln inspect`, `kiln check` and `kiln build`. `kiln check` of a static model
+whose layers keep or broadcast their input shapes does not import torch either (nothing in the build's steps
+could refuse it). Shape inference on meta tensors does not import torch._dynamo (seconds of CPU), in `kiln check`
+of a model with static shapes (which runs the build's steps) or in a small CPU build."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,8 @@ def _imported(*args: object) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize("command,allowed", [(["inspect", "ENGINE"], {"numpy"}), (["inspect", "ENGINE", "--json"],
-                                             {"numpy"}), (["plugins"], set()), (["check", "MODEL"], {"numpy"})],
+                                             {"numpy"}), (["plugins"], set()), (["check", "MODEL"], {"numpy"}),
+                                             (["inspect", "MODEL"], {"numpy"})],
                          ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_reading_commands_do_not_import_torch(command, allowed, engine, models):
     code, mods = _imported(*[{"ENGINE": engine, "MODEL": models("two")}.get(a, a) for a in command])

@@ -124,12 +124,13 @@ def _as_text(v: Any) -> Any:
 
 def inspect_onnx(path: str, as_json: bool) -> int:
     """An ONNX model's inputs, outputs and every node (name, op, inputs → outputs): the names that
-    ``--fp32-layers`` patterns and ``kiln compare --per-layer`` refer to."""
-    import onnx
-
+    ``--fp32-layers`` patterns and ``kiln compare --per-layer`` refer to. The file is read by
+    kiln.onnx.reader (onnx is imported only where that needs it), its tensors' values not at all."""
     from kiln.errors import ParseError
+    from kiln.onnx.reader import load
+    from kiln.onnx.validate import onnx_dtype
     try:
-        proto = onnx.load(path, load_external_data=False)
+        proto = load(path, load_external_data=False)
     except Exception as exc:
         raise ParseError(f"{path!r} is neither a Kiln engine nor a readable ONNX model "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from None
@@ -138,8 +139,8 @@ def inspect_onnx(path: str, as_json: bool) -> int:
         t = v.type.tensor_type
         dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
         try:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
-        except (KeyError, ValueError):      # a type number ONNX does not define: shown, not trusted
+            dtype = onnx_dtype(t.elem_type) if t.elem_type else "?"
+        except ParseError:                  # a type number Kiln does not know: shown, not trusted
             dtype = f"unknown type {t.elem_type}"
         return {"name": v.name, "dtype": dtype, "shape": dims}
     inits = {i.name for i in proto.graph.initializer}
