@@ -171,12 +171,15 @@ class ExecutionContext:
         self._input_names = list(self._inputs)
         self._out_names = [t["name"] for t in engine.outputs]
         self._dtypes: dict[str, torch.dtype] = {}         # each input's torch dtype, found at its first check
+        self._containers = {n: is_container(t["dtype"]) for n, t in self._inputs.items()}
+        self._accepted: dict[str, set] = {n: set() for n in self._inputs}    # (dtype, shape) that passed _check
         self._ranges = {n: [(p[n]["min"], p[n]["max"]) for p in engine.profiles if n in p] for n in self._inputs}
         self._sets_threads = engine.device == "cpu" or self.threads is not None
         self._default_threads, self._apply_threads = default_threads, use_threads
         self._engine_threads = engine.header.get("build", {}).get("cpu_threads")     # chosen at build
         self._no_grad = torch.inference_mode()          # entered by one run at a time (under the lock)
         self._device = torch.device(engine.device)
+        self._on_cpu = self._device.type == "cpu"
         self.buckets = BucketTable(engine.header, list(self._inputs)) if "buckets" in engine.header else None
         self._weight_ptrs = {t.untyped_storage().data_ptr() for t in self.program.constants.values()}
         if cuda_graph is None:
@@ -377,11 +380,14 @@ class ExecutionContext:
         tensors = []
         for n in names:
             v = feeds[n]
-            if is_container(self._inputs[n]["dtype"]):
+            if self._containers[n]:
                 tensors.append(_container_in(n, v, self._inputs[n]["dtype"], device))
                 as_numpy = as_numpy and not _holds_torch(v)
                 continue
-            if isinstance(v, torch.Tensor):
+            on_host = False
+            if type(v) is np.ndarray and v.dtype in _PLAIN_NP:
+                t, on_host = _host_tensor(v), True
+            elif isinstance(v, torch.Tensor):
                 as_numpy = False
                 out_device = out_device or v.device
                 t = v
@@ -397,8 +403,14 @@ class ExecutionContext:
             else:
                 raise KilnError(f"Input {n!r} is a {type(v).__name__}; pass a numpy array, a torch tensor or a "
                                 f"DLPack-capable array.")
-            self._check(n, t)
-            if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"):
+            accepted = self._accepted[n]
+            if (t.dtype, t.shape) not in accepted:      # _check depends on the dtype and shape alone
+                self._check(n, t)
+                if len(accepted) >= MAX_ACCEPTED_SHAPES:
+                    accepted.clear()
+                accepted.add((t.dtype, t.shape))
+            if not (on_host and self._on_cpu) and t.device != device and \
+                    not (device.type == "cuda" and t.device.type == "cuda"):
                 t = t.to(device, non_blocking=False)
             tensors.append(t)
         if len(self.engine.profiles) > 1:
@@ -425,13 +437,16 @@ class ExecutionContext:
             if not isinstance(v, torch.Tensor):      # a sequence (list) or an empty optional (None)
                 res[n] = _container_out(v, as_numpy, out_device)
             elif as_numpy:
-                res[n] = _host_array(v)
+                res[n] = _host_array(v, self._on_cpu)
             else:
                 res[n] = v.to(out_device) if out_device is not None and v.device != out_device else v
         return res
 
     __call__ = run
 
+
+# (dtype, shape) signatures per input that a context remembers as checked (then it starts afresh)
+MAX_ACCEPTED_SHAPES = 64
 
 # numpy and torch dtypes that torch.from_numpy / Tensor.numpy map one to one
 _PLAIN_NP = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.float16, np.int64, np.int32, np.int16,
@@ -450,10 +465,10 @@ def _host_tensor(arr: np.ndarray) -> torch.Tensor:
     return _np_to_torch(np.require(arr, requirements="C"))
 
 
-def _host_array(t: torch.Tensor) -> np.ndarray:
+def _host_array(t: torch.Tensor, on_cpu: bool = False) -> np.ndarray:
     """An output as numpy: shared where it is a contiguous host tensor of a plain dtype, else through
-    kiln.ir.dtypes.to_numpy."""
-    if t.dtype in _PLAIN_TORCH and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+    kiln.ir.dtypes.to_numpy. ``on_cpu``: the caller knows ``t`` is a host tensor."""
+    if t.dtype in _PLAIN_TORCH and (on_cpu or t.device.type == "cpu") and t.is_contiguous() and not t.requires_grad:
         return t.numpy()
     return _torch_to_np(t)
 
