@@ -1,11 +1,12 @@
-"""LSTM for short sequences: one GEMM per time step over [x_t, h] and the concatenated weights [W; R].
+"""LSTM for short sequences: one ``torch.lstm_cell`` call per time step, on weights reordered once.
 
 A streaming model (a voice-activity detector fed one frame at a time) runs its LSTM over one or a few steps
-per call: torch's fused ``lstm`` then costs more in per-call setup than in arithmetic, and the general loop
-(rnn.py) multiplies x and h by W and R separately. Here each step is ``addmm(b_W + b_R, [x_t, h], [W; R]^T)``
-on weights concatenated once per weight tensor, one sigmoid over the i, o, f gates (ONNX's order puts them
-first) and one tanh over the cell gate. ONNX semantics: default activations, no clip, no peepholes, no
-sequence lengths, layout 0, input_forget 0; forward, reverse or bidirectional.
+per call: torch's fused ``lstm`` then costs more in per-call setup than in arithmetic, and a step written as
+separate torch ops (GEMM, gate slices, sigmoid, tanh, products) pays torch's per-op cost a dozen times. Here
+each step is one ``torch.lstm_cell`` (its GEMMs and gate arithmetic inside ATen) on W, R and the biases
+reordered once per weight tensor from ONNX's gate order (i, o, f, c) to torch's (i, f, c, o). ONNX semantics:
+default activations, no clip, no peepholes, no sequence lengths, layout 0, input_forget 0; forward, reverse or
+bidirectional.
 """
 from __future__ import annotations
 
@@ -21,12 +22,18 @@ def _ok(attrs, ctx) -> bool:
             and ins[7] is None)
 
 
+def _torch_gate_order(m: torch.Tensor) -> torch.Tensor:
+    """Rows (or entries) in ONNX's gate order i, o, f, c as torch's i, f, c, o."""
+    i, o, f, c = m.chunk(4, 0)
+    return torch.cat([i, f, c, o], 0).contiguous()
+
+
 @tactic("RNN", "lstm_steps", supports=_ok, priority=1)
 def make_lstm_steps(attrs, ctx):
     H = attrs["hidden_size"]
     direction = attrs.get("direction", "forward")
     dirs = 2 if direction == "bidirectional" else 1
-    cache: dict = {}          # one entry: the last weights' concatenation (constant weights hit it every run)
+    cache: dict = {}          # one entry: the last weights, reordered (constant weights hit it every run)
 
     def packed(W, R, B):
         hit = cache.get("w")
@@ -34,10 +41,9 @@ def make_lstm_steps(attrs, ctx):
             return hit[3]
         out = []
         for d in range(W.shape[0]):
-            wr = torch.cat([W[d], R[d]], 1).t().contiguous()                  # [I + H, 4H]
-            b = (B[d][:4 * H] + B[d][4 * H:]) if B is not None else torch.zeros(4 * H, dtype=W.dtype,
-                                                                                 device=W.device)
-            out.append((wr, b.contiguous()))
+            biases = (None, None) if B is None else (_torch_gate_order(B[d][:4 * H]),
+                                                     _torch_gate_order(B[d][4 * H:]))
+            out.append((_torch_gate_order(W[d]), _torch_gate_order(R[d])) + biases)
         cache["w"] = (W, R, B, out)
         return out
 
@@ -51,19 +57,18 @@ def make_lstm_steps(attrs, ctx):
         weights = packed(W, R, B)
         ys, hs, cs = [], [], []
         for d in range(dirs):
-            wr, b = weights[d]
+            w, r, bw, br = weights[d]
             h = h0[d] if h0 is not None else X.new_zeros(N, H)
             c = c0[d] if c0 is not None else X.new_zeros(N, H)
             steps = range(T - 1, -1, -1) if (direction == "reverse" or d == 1) else range(T)
             out = [None] * T
             for t in steps:
-                g = torch.addmm(b, torch.cat([X[t], h], 1), wr)
-                s = torch.sigmoid(g[:, :3 * H])
-                c = torch.addcmul(s[:, 2 * H:] * c, s[:, :H], torch.tanh(g[:, 3 * H:]))
-                h = s[:, H:2 * H] * torch.tanh(c)
+                h, c = torch.lstm_cell(X[t], (h, c), w, r, bw, br)
                 out[t] = h
             ys.append(torch.stack(out) if T else X.new_zeros(0, N, H))
             hs.append(h)
             cs.append(c)
+        if dirs == 1:
+            return ys[0].unsqueeze(1), hs[0].unsqueeze(0), cs[0].unsqueeze(0)
         return torch.stack(ys, 1), torch.stack(hs, 0), torch.stack(cs, 0)
     return run
