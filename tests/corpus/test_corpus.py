@@ -87,7 +87,13 @@ def test_make_feeds_is_seeded_and_in_range() -> None:
     assert not np.array_equal(cl.make_feeds(m, seed=0)["x"], cl.make_feeds(m, seed=1)["x"])
 
 
-@pytest.mark.parametrize("model", [pytest.param(m, id=m.id) for m in MANIFEST.models if not m.known_failure])
+# the layout detector's per-layer comparison takes 20-40 s on 2 cores: it runs with -m slow (its outputs are
+# still compared with ONNX Runtime in the quick suite)
+_PER_LAYER_SLOW = {"layout_cdla"}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.id, marks=pytest.mark.slow if m.id in _PER_LAYER_SLOW else ())
+                                   for m in MANIFEST.models if not m.known_failure])
 def test_per_layer_compare_names_no_layer_when_outputs_pass(model: cl.Model) -> None:
     """`kiln compare --per-layer` on a real model: where every output passes, no layer is named (no false blame
     from fused layers compared under another tensor's name)."""

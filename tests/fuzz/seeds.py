@@ -243,6 +243,16 @@ def _pt2(d: Path) -> Path:
     return _fixed_zip(d / "net.pt2")
 
 
+def _torchscript(d: Path) -> list[Path]:
+    """A traced TorchScript module and a torch.save zip checkpoint (the reader replays their pickles as data)."""
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 5))
+    torch.jit.trace(net.eval(), torch.randn(1, 3, 8, 8)).save(str(d / "traced.jit"))
+    torch.save({"w": torch.arange(6.0).reshape(2, 3).t(), "h": torch.ones(3, dtype=torch.float16)}, str(d / "ckpt.pt"))
+    return [_fixed_zip(d / "traced.jit"), _fixed_zip(d / "ckpt.pt")]
+
+
 def _safetensors(d: Path) -> Path:
     from safetensors.numpy import save_file
     save_file({"layer.0.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "head.bias": np.ones(3, np.float16)},
@@ -273,6 +283,7 @@ def _tflite(d: Path) -> Path:
 VIEWER_WRITERS: dict[str, Callable[[Path], Path | list[Path]]] = {
     "caffe": _caffe, "caffe2": _caffe2, "coreml": _coreml, "gguf": _gguf, "keras": _keras, "mxnet": _mxnet,
     "pt2": _pt2, "safetensors": _safetensors, "tf": _tf, "tfjs": _tfjs, "tflite": _tflite,
+    "torchscript": _torchscript,
 }
 # formats fuzzed through their own targets ("onnx" models, "engine" files), not as viewer-only formats
 OWN_TARGETS = {"onnx": "onnx", "kiln_engine": "engine"}
