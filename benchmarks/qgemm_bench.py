@@ -6,20 +6,21 @@
 Per layer shape (ResNet-50's at batch 256, BERT-base's GEMMs at 32x128 tokens): the FP16 layer as the FP16
 engine runs it (cuDNN channels-last conv + bias + ReLU, or a cuBLAS linear), then the 8-bit kernel with int8
 and FP8 codes, writing 8-bit codes, FP16 or FP32 (with a float residual where the layer has one), with its
-three tile tables (and, on plain GEMMs, the TMA kernel's two: int8_tma.py), plus ``torch._int_mm`` /
+three tile tables (and, on stride-1 layers, the TMA kernels': int8_tma.py), plus ``torch._int_mm`` /
 ``torch._scaled_mm`` on the GEMM (the product alone) where the shape is a GEMM. Times are kernel milliseconds
 per call (20 calls in one CUDA graph, median of 7 replays), the same as conv_triton_bench. The table ends with
 each shape's best 8-bit time over FP16's.
 
 ``--sweep`` times, per shape and code type (int8, FP8; 8-bit codes out, ReLU), a grid of tile configs of the
 implicit-GEMM kernel (``sweep_configs``: BLOCK_M/N in 64-256, BLOCK_K 64/128, 4 or 8 warps, 3-5 stages, none
-over the shared memory limit) and, for plain GEMMs, of the TMA kernel (``tma_sweep_configs``, int8_tma.py:
-plain and persistent), then the best one's GROUP_M variants (and warp specialization for a persistent one),
-and prints per shape the best config, its time, TOPS and share of the 8-bit dense peak beside FP16 and the
-default tile table. The configs are first compiled (and run
-once) in ``--jobs`` worker processes, filling Triton's on-disk cache, so the timing process only loads them;
-configs still untimed when ``--budget-s`` has passed are counted as skipped. ``--json`` prints the summary as
-one JSON line at the end; it and every timed row go to $OUT/qgemm_bench.json (else benchmarks/results/).
+over the shared memory limit) and, for stride-1 layers, of the TMA kernels (``tma_sweep_configs``,
+int8_tma.py: plain and persistent GEMMs, the 3x3 implicit GEMM), then the best one's GROUP_M variants (and warp
+specialization for a persistent one), each checked against the default table's codes, and prints per shape the
+best config, its time, TOPS and share of the 8-bit dense peak beside FP16 and the default tile table. The
+configs are first compiled (and run once) in ``--jobs`` worker processes, filling Triton's on-disk cache, so the
+timing process only loads them; configs still untimed when ``--budget-s`` has passed are counted as skipped.
+``--json`` prints the summary as one JSON line at the end; it and every timed row go to $OUT/qgemm_bench.json
+(else benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -105,20 +106,24 @@ def sweep_configs(s: Shape) -> list:
 
 
 def tma_sweep_configs(s: Shape) -> list:
-    """The TMA kernel's grid for a plain-GEMM shape (none for others): 128x64 (N <= 64), 128x128, 128x256 and
-    256x128 tiles, 8 warps (4 at 128x64), BLOCK_K 64/128, 3-5 stages within the shared memory, the epilogue in
-    halves for 256-wide tiles, plain and persistent."""
+    """The TMA kernels' grid for a stride-1 shape: for a plain GEMM 128x64 (N <= 64), 128x128, 128x256 and
+    256x128 tiles, plain and persistent; for a convolution blocks of 64 or 128 pixels by 64-256 channels; 8 warps
+    (4 under 128x128), BLOCK_K 64/128, 3-5 stages within the shared memory, the epilogue in halves for 256-wide
+    tiles."""
     from kiln.kernels.int8_tma import SMEM as TMA_SMEM
     from kiln.kernels.int8_tma import TmaConfig, smem_bytes
 
-    if not s.gemm:
+    if s.stride != 1:
         return []
-    tiles = [(128, 64)] if s.n <= 64 else [(128, 128), (128, 256), (256, 128)]
+    if s.gemm:
+        tiles = [(128, 64)] if s.n <= 64 else [(128, 128), (128, 256), (256, 128)]
+    else:               # the implicit GEMM's pixel blocks: 64 or 128 pixels
+        tiles = [(bm, bn) for bm in (64, 128) for bn in (64, 128, 256) if bn <= max(64, _pow2(s.n))]
     out = []
     for bm, bn in tiles:
         for bk in sorted({min(b, max(32, _pow2(s.cin))) for b in (64, 128)}):
             for stages in (3, 4, 5):
-                for persistent in (False, True):
+                for persistent in (False, True) if s.gemm else (False,):
                     cfg = TmaConfig(bm, bn, bk, 4 if bm * bn < 128 * 128 else 8, stages, split=2 if bn == 256 else 1,
                                     persistent=persistent)
                     if smem_bytes(cfg) <= TMA_SMEM:
@@ -379,9 +384,9 @@ def main() -> None:
         tag = "fp8" if fp8 else "int8"
         best = None
         tables = [("default", q.default_config), ("wide", q.wide_config), ("small", q.small_config)]
-        if s.gemm:
+        if s.stride == 1:
             from kiln.kernels import int8_tma
-            tables += [("tma", int8_tma.tma_config), ("tma persistent", int8_tma.persistent_config)]
+            tables += [("tma", int8_tma.tma_config)] + [("tma persistent", int8_tma.persistent_config)] * s.gemm
         for tname, table in tables:
             ms = record(s.name, f"{tag} out=codes {tname}", runner(inp, fp8, "igemm", table(s.m, s.n, s.cin)))
             best = ms if best is None or (ms is not None and ms < best) else best

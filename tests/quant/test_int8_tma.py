@@ -27,11 +27,12 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON or not interpreting(),
 
 @pytest.fixture
 def tma_launches(monkeypatch) -> list[bool]:
-    """What each launch_tma call returned (False: it left the layer to the pointer kernel)."""
+    """What each launch_tma or launch_tma_conv call returned (False: it left the layer to the pointer kernel)."""
     import kiln.kernels.int8_tma as it
     calls: list[bool] = []
-    launch = it.launch_tma
-    monkeypatch.setattr(it, "launch_tma", lambda *a, **k: calls.append(launch(*a, **k)) or calls[-1])
+    for name in ("launch_tma", "launch_tma_conv"):
+        launch = getattr(it, name)
+        monkeypatch.setattr(it, name, lambda *a, launch=launch, **k: calls.append(launch(*a, **k)) or calls[-1])
     return calls
 
 
@@ -123,6 +124,67 @@ def test_tma_fp8_fully_connected_writes_fp8_codes(tma_launches):
     assert np.mean(got == want) > 0.95
 
 
+CONV3_CASES = [  # (x codes, x zero point, Cin, pads, dilation, tile config)
+    ("int8", 0, 32, (1, 1, 1, 1), (1, 1), None),
+    ("int8", 0, 32, (2, 1, 2, 1), (2, 1), (16, 32, 32, 4, 2, 0, 2, False, False, 4)),
+    ("uint8", 0, 48, (1, 1, 1, 1), (1, 1), (16, 32, 32, 4, 2, 8, 1, False, False, 8)),   # a partial K slice
+    ("int8", -5, 32, (0, 0, 0, 0), (1, 1), (16, 32, 32, 4, 2)),        # unpadded: any zero point
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("xdt,xz,cin,pads,dil,cfg", CONV3_CASES)
+def test_tma_3x3_conv_matches_float64_and_the_pointer_kernel(xdt, xz, cin, pads, dil, cfg, tma_launches):
+    """A stride-1 3x3 convolution on 4-D descriptors: the tap-shifted input boxes zero-filled at the borders are the
+    padding (zero point 0), pixel tiles run past the 5x6 map's edges (the stores clip them), a K slice past Cin
+    reads the next tap's weights against zero-filled channels (uint8 codes: zeroed after their shift)."""
+    from kiln.kernels.int8_tma import TmaConfig
+    rng = np.random.default_rng(4)
+    lo, hi = (0, 255) if xdt == "uint8" else (-128, 127)
+    x = rng.integers(lo, hi + 1, (2, cin, 5, 6)).astype(xdt)
+    w = rng.integers(-127, 128, (32, cin, 3, 3)).astype(np.int8)
+    ws = (rng.uniform(0.5, 2.0, 32) * 1e-3).astype(np.float32)
+    bias = rng.integers(-20000, 20000, 32).astype(np.int32)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])),
+                    constant_values=xz)
+    y64 = _ref64(padded, 0.05, xz, w, ws, bias, {"stride": (1, 1), "padding": 0, "dilation": dil}, "relu")
+    scale = float(np.float32(np.abs(y64).max() / 100))
+    attrs = _attrs(ws, x_zero_point=xz, to="int8", activation="relu", out_scale=scale, out_zero_point=3,
+                   stride=[1, 1], pads=list(pads), dilation=list(dil), groups=1)
+    ins = [torch.from_numpy(x).contiguous(memory_format=torch.channels_last), torch.from_numpy(w),
+           torch.from_numpy(bias)]
+    dt = (xdt, "int8", "int32")
+    if cfg is None:
+        got = _run("QConvolution", "triton_int8_tma", attrs, ins, dt)[0]
+    else:
+        out, _, _ = ig.layer_outputs(attrs)
+        got = ig.qgemm(ins[0], ig.k_major(ins[1]), ig.epilogue_terms(attrs, ins[1], ins[2], ins[0].dtype), out,
+                       act="relu", geometry=ig.Geometry(3, 3, (1, 1), pads, dil), config=TmaConfig(*cfg))
+    assert tma_launches == [True] and got.shape == y64.shape
+    _check_codes(got.numpy(), y64, scale, 3, -128, 127)
+    assert torch.equal(got, _run("QConvolution", "triton_int8", attrs, ins, dt)[0])
+
+
+@needs_triton
+def test_tma_conv_refuses_strides_padding_with_a_zero_point_and_the_persistent_kernel():
+    from kiln.kernels.int8_tma import TmaConfig, persistent_config, pixel_tile
+    x = torch.zeros(1, 16, 6, 6, dtype=torch.int8).contiguous(memory_format=torch.channels_last)
+    w = torch.zeros(16, 9 * 16, dtype=torch.int8)
+    cfg = TmaConfig(16, 16, 16, 4, 2)
+    for zp, stride, pads, config, why in (
+            (0, (2, 2), (1,) * 4, cfg, "it is strided"),
+            (3, (1, 1), (1,) * 4, cfg, "its padding must read the input's nonzero zero point"),
+            (0, (1, 1), (0,) * 4, persistent_config, "the persistent kernel runs plain GEMMs only")):
+        ep = ig.Epilogue(torch.zeros(16, dtype=torch.int32), torch.ones(16), zp)
+        with pytest.raises(BuildError, match=f"^The TMA 8-bit convolution cannot run this layer: {why}; the pointer "
+                                             f"kernel runs it\\.$"):
+            ig.qgemm(x, w, ep, ig.Codes(torch.int8, 0.1), geometry=ig.Geometry(3, 3, stride, pads, (1, 1)),
+                     config=config)
+    # the pixel block that wastes least: 56 = 28 x 2 rows by one 64-wide column (as little as any), 7 x 7 in 8 x 8
+    assert [(pixel_tile(hw, hw, px), px // pixel_tile(hw, hw, px)) for hw, px in ((56, 128), (28, 128), (7, 64))] == \
+        [(64, 2), (32, 4), (8, 8)]
+
+
 @needs_triton
 def test_unaligned_shapes_are_refused_and_unaligned_views_run_the_pointer_kernel(tma_launches):
     """K = 40 codes (rows of 40 bytes) cannot be addressed by TMA: a BuildError, which the builder's timing turns
@@ -151,10 +213,11 @@ def test_unaligned_shapes_are_refused_and_unaligned_views_run_the_pointer_kernel
     assert torch.equal(got.long(), want.long())
 
 
-def test_tma_tactics_are_offered_on_hopper_for_plain_gemms_only(monkeypatch):
+def test_tma_tactics_are_offered_on_hopper_for_gemms_and_stride1_convolutions(monkeypatch):
     """Offered (at the levels that time the alternative tile tables) on a CUDA device of compute capability 9.0
-    or later, for fully connected layers and unpadded stride-1 convolutions of the matching code type; not on
-    older GPUs, the CPU, padded or strided convolutions."""
+    or later, for fully connected layers and stride-1 convolutions of the matching code type (padded ones where
+    the input's zero point is 0, and not to the persistent kernel); not on older GPUs, the CPU, strided or
+    grouped convolutions."""
     import kiln.kernels.int8_tma as it
     ws = np.ones(4, np.float32)
     fc = _attrs(ws, to="int8", out_scale=0.1)
@@ -171,7 +234,9 @@ def test_tma_tactics_are_offered_on_hopper_for_plain_gemms_only(monkeypatch):
         assert names("QFullyConnected", fc, codes="uint8") == tma
         assert names("QFullyConnected", fc, codes="float8_e4m3fn") == {"triton_fp8_tma", "triton_fp8_tma_persistent"}
     assert names("QConvolution", {**conv, "stride": [2, 2]}) == set()
-    assert names("QConvolution", {**conv, "pads": [1, 1, 1, 1]}) == set()
+    if HAS_TRITON:      # padded: the implicit GEMM where padding reads zero codes, never the persistent GEMM
+        assert names("QConvolution", {**conv, "pads": [1, 1, 1, 1]}) == {"triton_int8_tma"}
+    assert names("QConvolution", {**conv, "pads": [1, 1, 1, 1], "x_zero_point": 3}) == set()
     assert names("QConvolution", {**conv, "groups": 2}) == set()
     assert names("QFullyConnected", fc, device="cpu") == set()
     monkeypatch.setattr(it, "hopper", lambda: False)
@@ -212,12 +277,17 @@ ig.qgemm(torch.zeros(8, 64, 56, 56, dtype=torch.uint8).contiguous(memory_format=
          torch.zeros(8, 256, 56, 56, dtype=torch.int8).contiguous(memory_format=cl), "relu", geometry=ig.Geometry(),
          config=it.persistent_config, residual_codes=ig.Codes(torch.float32, 0.1, 2),
          codes=ig.Codes(torch.int8, 0.2, 1))
+it._qconv_tma_kernel = Recorder(it._qconv_tma_kernel, log)
+ig.qgemm(torch.zeros(32, 64, 56, 56, dtype=torch.int8).contiguous(memory_format=cl),
+         torch.zeros(64, 9 * 64, dtype=torch.int8), ep(64), ig.Codes(torch.int8, 0.1), act="relu",
+         geometry=ig.Geometry(3, 3, (1, 1), (1, 1, 1, 1), (1, 1)), config=it.tma_config)
 out = {}
-for name, (fn, grid, args, kwargs) in zip(["fc_int8", "fc_fp8_persistent", "conv1x1_uint8_persistent"], log):
+for name, (fn, grid, args, kwargs) in zip(["fc_int8", "fc_fp8_persistent", "conv1x1_uint8_persistent",
+                                           "conv3x3_int8"], log):
     k = compile_sm90(fn, args, kwargs)
     ptx = k.asm["ptx"]
     out[name] = [bool(k.asm["cubin"]), k.metadata.shared <= 232448, "st.global" in ptx,
-                 sorted(set(re.findall(r"cp[.]async[.]bulk[.]tensor[.]2d[.]([a-z:]+[.][a-z:]+)", ptx))),
+                 sorted(set(re.findall(r"cp[.]async[.]bulk[.]tensor[.]([24]d[.][a-z:]+[.][a-z:]+)", ptx))),
                  sorted(set(re.findall(r"wgmma[.]mma_async[.]sync[.]aligned[.][a-z0-9]+[.]"
                                        r"([a-z0-9]+[.][a-z0-9]+[.][a-z0-9]+)", ptx)))]
 print(json.dumps(out))
@@ -227,8 +297,8 @@ print(json.dumps(out))
 def test_tma_kernels_compile_to_hopper_bulk_copies_and_8bit_wgmma():
     """Compiled for sm_90 (no GPU needed): every A/B slice is a TMA load (global -> shared), every output and
     codes store a TMA store (shared -> global, no per-thread global stores), the products 8-bit wgmma (int32 or
-    FP32 accumulation), within Hopper's shared memory; plain, persistent, and with the residual and a second
-    codes output."""
+    FP32 accumulation), within Hopper's shared memory; plain, persistent, with the residual and a second codes
+    output, and the 3x3 convolution's 4-D input and output boxes."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     helpers = str(Path(__file__).resolve().parents[1] / "plugins")
@@ -238,10 +308,12 @@ def test_tma_kernels_compile_to_hopper_bulk_copies_and_8bit_wgmma():
         pytest.skip("Triton's bundled ptxas is unavailable here")
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    copies = ["global.shared::cta", "shared::cluster.global"]
+    copies = ["2d.global.shared::cta", "2d.shared::cluster.global"]      # stores (shared -> global), loads
+    conv = ["2d.shared::cluster.global", "4d.global.shared::cta", "4d.shared::cluster.global"]     # NHWC boxes
     assert out == {"fc_int8": [True, True, False, copies, ["s32.s8.s8"]],
                    "fc_fp8_persistent": [True, True, False, copies, ["f32.e4m3.e4m3"]],
-                   "conv1x1_uint8_persistent": [True, True, False, copies, ["s32.s8.s8"]]}
+                   "conv1x1_uint8_persistent": [True, True, False, copies, ["s32.s8.s8"]],
+                   "conv3x3_int8": [True, True, False, conv, ["s32.s8.s8"]]}
 
 
 # ---- on the GPU: both TMA tactics against the reference tactic at real layer shapes ------------------------------
@@ -250,8 +322,8 @@ def test_tma_kernels_compile_to_hopper_bulk_copies_and_8bit_wgmma():
 @pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
 @pytest.mark.parametrize("tactic", ["tma", "tma_persistent"])
 def test_gpu_tma_tactics_match_the_reference(codes, tactic, monkeypatch):
-    """BERT's FFN1 (4096 x 768 -> 3072, GELU, codes out) and ResNet's expanding 1x1 (codes residual, float16 out
-    with its codes), the persistent kernel walking several tiles per SM."""
+    """BERT's FFN1 (4096 x 768 -> 3072, GELU, codes out), ResNet's expanding 1x1 (codes residual, float16 out
+    with its codes) and (not persistent) a padded 3x3, the persistent kernel walking several tiles per SM."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     if torch.cuda.get_device_capability() < (9, 0):
@@ -271,6 +343,11 @@ def test_gpu_tma_tactics_match_the_reference(codes, tactic, monkeypatch):
               codes_of((32, 256, 56, 56), 30).contiguous(memory_format=torch.channels_last),
               _attrs(np.full(256, 4e-4, np.float32), to="float16", activation="relu", residual_scale=0.05,
                      codes_to=codes, codes_scale=0.02, stride=[1, 1], pads=[0, 0, 0, 0], dilation=[1, 1], groups=1))]
+    if tactic == "tma":         # ResNet's 3x3 64 -> 64 at 56x56, padded
+        cases.append(("QConvolution", codes_of((32, 64, 56, 56), 30).contiguous(memory_format=torch.channels_last),
+                      codes_of((64, 64, 3, 3), 40), None,
+                      _attrs(np.full(64, 2e-4, np.float32), to=codes, out_scale=0.02, activation="relu",
+                             stride=[1, 1], pads=[1, 1, 1, 1], dilation=[1, 1], groups=1)))
     for kind, x, w, r, attrs in cases:
         bias = torch.randint(-5000, 5000, (w.shape[0],), generator=g, dtype=torch.int32).to("cuda")
         ctx = KernelContext(device="cuda", layer_name=kind, input_dtypes=(codes, codes, "int32"))

@@ -38,7 +38,7 @@ def test_8bit_layers_offer_their_tile_tables_and_the_tma_kernel_from_the_default
     assert fp8 == (["triton_fp8", "reference", "scaled_mm"],
                    ["triton_fp8_wide", "triton_fp8_small", "triton_fp8_tma", "triton_fp8_tma_persistent"])
     conv3 = {**fc, "stride": [1, 1], "pads": [1, 1, 1, 1], "dilation": [1, 1], "groups": 1}
-    assert _offered("QConvolution", conv3, 3) == (["triton_int8", "reference"], extra[:2])    # not a plain GEMM
+    assert _offered("QConvolution", conv3, 3) == (["triton_int8", "reference"], extra[:3])    # not persistent
     monkeypatch.setattr(it, "hopper", lambda: False)
     assert _offered("QFullyConnected", fc, 3) == (base, extra[:2])     # no TMA before compute capability 9.0
     # float layers keep their alternative tables for levels 4-5

@@ -270,7 +270,7 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual:
     [Cout, KH·KW·Cin] (``k_major``), and the result a channels-last [N, Cout, OH, OW]. Without: ``x`` is [..., K]
     codes, ``wk`` [N, K], and the result [..., N]. ``residual`` is shaped like the result: float, or the 8-bit
     codes ``residual_codes`` dequantizes. ``config`` (or what it returns for (M, N, Cin)) is a ``QGemmConfig``, or
-    a ``TmaConfig`` for int8_tma.py's kernel (fully connected layers and 1x1, stride-1, unpadded convolutions)."""
+    a ``TmaConfig`` for int8_tma.py's kernels (fully connected layers and stride-1 convolutions)."""
     mode = MODES.get(x.dtype)
     if mode is None or (wk.dtype == torch.float8_e4m3fn) != (mode == 2):
         raise BuildError(f"The 8-bit GEMM takes int8/uint8 codes with int8 weights or FP8 E4M3 codes with FP8 "
@@ -317,12 +317,15 @@ def qgemm(x: torch.Tensor, wk: torch.Tensor, ep: Epilogue, out: Codes, residual:
                         q_zp=float(qc.zero_point), r_scale=float(rc.scale), r_zp=float(rc.zero_point),
                         alpha=float(alpha), beta=float(beta), MODE=mode, OUT=kind, LO=lo, HI=hi, QOUT=qkind, QLO=qlo,
                         QHI=qhi, ACT=ACTS.index(act), HAS_RES=residual is not None, RES_AFTER=bool(residual_after))
-        if not isinstance(cfg, QGemmConfig):        # a TMA tile config (int8_tma.py), for plain GEMMs
-            from kiln.kernels.int8_tma import launch_tma
-            if not pointwise:
-                raise BuildError("The TMA 8-bit GEMM runs fully connected layers and 1x1, stride-1, unpadded "
-                                 "convolutions only.")
-            if launch_tma(_matrix(rows, m), wk, _matrix(y, m), _matrix(q, m), _matrix(residual, m), ep, cfg, epilogue):
+        if not isinstance(cfg, QGemmConfig):        # a TMA tile config (int8_tma.py)
+            from kiln.kernels.int8_tma import launch_tma, launch_tma_conv
+            if pointwise:
+                done = launch_tma(_matrix(rows, m), wk, _matrix(y, m), _matrix(q, m), _matrix(residual, m), ep, cfg,
+                                  epilogue)
+            else:
+                nhwc = [None if t is None else t.permute(0, 2, 3, 1) for t in (rows, y, q, residual)]
+                done = launch_tma_conv(nhwc[0], wk, *nhwc[1:], ep, g, cfg, epilogue)
+            if done:
                 return y if q is None else (y, q)
             cfg = default_config(m, cout, cin)      # a tensor TMA cannot address (unaligned view)
         bm, bn, bk, warps, stages, group_m = cfg
