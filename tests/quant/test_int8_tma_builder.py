@@ -103,9 +103,9 @@ def test_extras_are_timed_where_the_layer_is_slow_and_judged_by_the_first_candid
 
 @pytest.mark.gpu
 def test_gpu_default_level_times_every_8bit_table_of_a_large_layer():
-    """BERT's FFN1 as an int8 QFullyConnected at the default level on the GPU: the default candidates, then (the
-    layer takes well over the threshold) the wide and small tables and, on Hopper, both TMA tactics; each agrees
-    with the first candidate (finite time)."""
+    """BERT's FFN1 (16384 tokens) as an int8 QFullyConnected at the default level on the GPU: the default
+    candidates, then (the layer takes well over the threshold) the wide and small tables and, on Hopper, both
+    TMA tactics; each agrees with the first candidate (finite time)."""
     import torch
     ws = np.full(3072, 2e-4, np.float32)
     attrs = _attrs(ws, to="int8", out_scale=0.02, activation="relu")
@@ -120,7 +120,7 @@ def test_gpu_default_level_times_every_8bit_table_of_a_large_layer():
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     assert {"triton_int8_wide", "triton_int8_small"} <= {c.name for c in extras}
     assert ("triton_int8_tma" in {c.name for c in extras}) == hopper
-    vals = {"x": torch.empty((4096, 768), dtype=torch.int8, device="meta")}
+    vals = {"x": torch.empty((16384, 768), dtype=torch.int8, device="meta")}       # 128 sequences of 128
     times = bt._layer_times(layer, cands, vals, "cuda", "gpu", TimingCache(), 10, extras)
     assert set(times) == {c.name for c in cands + extras}
     assert all(np.isfinite(t) for t in times.values()), times
