@@ -157,6 +157,31 @@ def test_fp8_fully_connected_matches_float64(tactic, out):
     assert np.abs(got_pos - pos).max() <= 1 and np.mean(got_pos == pos) > 0.95
 
 
+@pytest.mark.parametrize("tactic", ["reference", pytest.param("triton_fp8", marks=needs_triton)])
+def test_fp8_conv_adds_an_fp8_codes_residual(tactic):
+    """An FP8 1x1 convolution whose residual arrives as FP8 codes (PTQ gives a residual add the shortcut's codes):
+    dequantized with its scale and added before the ReLU, a float32 output, against float64."""
+    rng = np.random.default_rng(6)
+    e4m3 = ml_dtypes.float8_e4m3fn
+    x = (rng.standard_normal((2, 32, 5, 6)) * 30).astype(e4m3)
+    w = (rng.standard_normal((48, 32, 1, 1)) * 40).astype(e4m3)
+    r = (rng.standard_normal((2, 48, 5, 6)) * 60).astype(e4m3)
+    ws = (rng.uniform(0.5, 2.0, 48) * 1e-3).astype(np.float32)
+    bias = rng.integers(-50000, 50000, 48).astype(np.int32)
+    y64 = _ref64(x.astype(np.float64), 0.01, 0, w.astype(np.float64), ws, bias, {"stride": (1, 1), "padding": 0},
+                 "relu", r.astype(np.float64) * np.float64(np.float32(0.05)))
+    attrs = _attrs(ws, x_scale=0.01, to="float32", activation="relu", residual_scale=0.05, stride=[1, 1],
+                   pads=[0, 0, 0, 0], dilation=[1, 1], groups=1)
+
+    def fp8(a):
+        return torch.from_numpy(a.view(np.uint8)).view(torch.float8_e4m3fn)
+    ins = [fp8(x).contiguous(memory_format=torch.channels_last), fp8(w), torch.from_numpy(bias),
+           fp8(r).contiguous(memory_format=torch.channels_last)]
+    got = _run(tactic, attrs, ins, ("float8_e4m3fn", "float8_e4m3fn", "int32", "float8_e4m3fn")).numpy()
+    assert (y64 > 0).mean() > 0.3 and (y64 == 0).mean() > 0.1        # the ReLU kept and cut values
+    np.testing.assert_allclose(got, y64, rtol=1e-5, atol=1e-5 * np.abs(y64).max())
+
+
 _SM90_PROBE = """
 import json, re, sys
 sys.path.insert(0, sys.argv[1])

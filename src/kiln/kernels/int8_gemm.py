@@ -153,7 +153,7 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
 
     offs = offs_m[:, None] * Cout + offs_n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
-    r = tl.load(r_ptr + offs, mask=ok, other=0) if HAS_RES else 0
+    r = tl.load(r_ptr + offs, mask=ok) if HAS_RES else 0      # lanes outside the tile are never stored
     y, q = epilogue_tile(acc, r, offs_n, n_ok, ib_ptr, mult_ptr, out_inv, out_zp, q_inv, q_zp, r_scale, r_zp, alpha,
                          beta, MODE, OUT, LO, HI, QOUT, QLO, QHI, ACT, HAS_RES, RES_AFTER, y_ptr.dtype.element_ty,
                          q_ptr.dtype.element_ty)
