@@ -101,6 +101,43 @@ def test_tma_1x1_conv_with_codes_residual_and_a_second_codes_output(split, tma_l
 
 
 @needs_triton
+@pytest.mark.parametrize("codes", ["int8", "float8_e4m3fn"])
+def test_tma_persistent_kernel_walks_every_tile(codes, monkeypatch):
+    """The persistent kernel on 3 programs over 12 and 14 tiles (grouped order, the epilogue whole or in halves,
+    codes residual): the pointer kernel's codes exactly. Its tile loop runs a runtime trip count: Triton's
+    interpreter turns a scalar argument into a one-element array, which ``range`` cannot take under NumPy 2, so
+    the test lets the interpreter's tensors index as their single element."""
+    import triton.runtime.interpreter as interp
+
+    import kiln.kernels.int8_tma as it
+    patch = getattr(interp, "_patch_lang_tensor", None)
+    if patch is None:
+        pytest.skip("this Triton's interpreter has no _patch_lang_tensor to extend")
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    monkeypatch.setattr(it, "_sm_count", lambda device: 3)
+    g = torch.Generator().manual_seed(5)
+    if codes == "int8":
+        x = torch.randint(-128, 128, (100, 64), generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (96, 64), generator=g, dtype=torch.int8)
+    else:
+        x = (torch.randn(100, 64, generator=g) * 20).to(torch.float8_e4m3fn)
+        w = (torch.randn(96, 64, generator=g) * 20).to(torch.float8_e4m3fn)
+    ep = ig.Epilogue(torch.randint(-1000, 1000, (96,), generator=g, dtype=torch.int32), torch.rand(96, generator=g)
+                     * 1e-3, 0)
+    r = torch.randint(-128, 128, (100, 96), generator=g, dtype=torch.int8)
+    out, rc = ig.Codes(torch.int8, 0.05, 3), ig.Codes(torch.float32, 0.1, 1)
+    want = ig.qgemm(x, w, ep, out, r, "relu", config=ig.QGemmConfig(32, 32, 32, 4, 2), residual_codes=rc)
+    assert np.unique(want.numpy()).size > 50
+    for cfg in (it.TmaConfig(32, 32, 32, 4, 2, group_m=2, persistent=True),
+                it.TmaConfig(16, 64, 32, 4, 2, split=2, persistent=True)):
+        assert torch.equal(ig.qgemm(x, w, ep, out, r, "relu", config=cfg, residual_codes=rc), want), cfg
+
+
+@needs_triton
 def test_tma_fp8_fully_connected_writes_fp8_codes(tma_launches):
     rng = np.random.default_rng(3)
     e4m3 = ml_dtypes.float8_e4m3fn

@@ -9,7 +9,7 @@ second codes output and the residual move through descriptors too: TMA bulk stor
 the pointer kernel stores 8-bit codes per thread from the MMA layout. Options per tile config: the epilogue in
 two halves along N (``split``: half the registers and staging memory), and ``persistent``: one program per SM
 walking the tiles, the tile loop flattened with the K loop so the next tile's loads overlap this tile's
-epilogue (its tile loop runs a runtime trip count, which Triton's interpreter cannot: GPU only).
+epilogue (its tile loop runs a runtime trip count: under Triton's interpreter only where the test lets it).
 
 Other stride-1 convolutions run as an implicit GEMM over 4-D descriptors of the NHWC input and output: a tile
 is a block of output pixels (``pixel_tile``: block_m pixels, the shape that wastes least on the map) and
