@@ -9,7 +9,8 @@ second codes output and the residual move through descriptors too: TMA bulk stor
 the pointer kernel stores 8-bit codes per thread from the MMA layout. Options per tile config: the epilogue in
 two halves along N (``split``: half the registers and staging memory), and ``persistent``: one program per SM
 walking the tiles, the tile loop flattened with the K loop so the next tile's loads overlap this tile's
-epilogue (its tile loop runs a runtime trip count: under Triton's interpreter only where the test lets it).
+epilogue (its tile loop has a runtime trip count, which Triton's interpreter bounds only with the help its
+test gives it).
 
 Other stride-1 convolutions run as an implicit GEMM over 4-D descriptors of the NHWC input and output: a tile
 is a block of output pixels (``pixel_tile``: block_m pixels, the shape that wastes least on the map) and
@@ -98,18 +99,22 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, q: torch.Tenso
         return False
     from triton.tools.tensor_descriptor import TensorDescriptor
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    out = [bm, bn // cfg.split]
-    desc = {name: TensorDescriptor.from_tensor(t, out) if t is not None else None
-            for name, t in (("y", y), ("q", q), ("r", r))}
     tiles = cdiv(m, bm) * cdiv(n, bn)
     sms = _sm_count(a.device.index or 0) if cfg.persistent else 1
     grid = min(tiles, sms) if cfg.persistent else tiles
     _qgemm_tma_kernel[(grid,)](
-        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]), desc["y"],
-        desc["q"] or desc["y"], desc["r"] or desc["y"], ep.ibias, ep.mult, m, n, K=k, BLOCK_M=bm, BLOCK_N=bn,
+        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+        *_output_descriptors([bm, bn // cfg.split], y, q, r), ep.ibias, ep.mult, m, n, K=k, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=bk, GROUP_M=cfg.group_m, SPLIT=cfg.split, PERSISTENT=cfg.persistent, NUM_SMS=sms,
         WARP_SPEC=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **epilogue)
     return True
+
+
+def _output_descriptors(block: list[int], y: torch.Tensor, q: torch.Tensor | None, r: torch.Tensor | None) -> list:
+    """Descriptors of the output, its codes and the residual (the output's standing in for those absent)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    yd = TensorDescriptor.from_tensor(y, block)
+    return [yd] + [yd if t is None else TensorDescriptor.from_tensor(t, block) for t in (q, r)]
 
 
 def pixel_tile(oh: int, ow: int, pixels: int) -> int:
@@ -144,13 +149,10 @@ def launch_tma_conv(x: torch.Tensor, wk: torch.Tensor, y: torch.Tensor, q: torch
     (n, _, _, cin), (oh, ow), cout = x.shape, y.shape[1:3], wk.shape[0]
     tw = cfg.tile_w or pixel_tile(oh, ow, cfg.block_m)
     th, bn, bk = cfg.block_m // tw, cfg.block_n, cfg.block_k
-    out = [1, th, tw, bn // cfg.split]
-    desc = {name: TensorDescriptor.from_tensor(t, out) if t is not None else None
-            for name, t in (("y", y), ("q", q), ("r", r))}
     grid = n * cdiv(oh, th) * cdiv(ow, tw) * cdiv(cout, bn)
     _qconv_tma_kernel[(grid,)](
-        TensorDescriptor.from_tensor(x, [1, th, tw, bk]), TensorDescriptor.from_tensor(wk, [bn, bk]), desc["y"],
-        desc["q"] or desc["y"], desc["r"] or desc["y"], ep.ibias, ep.mult, oh, ow, cout, CIN=cin, KH=g.kh,
+        TensorDescriptor.from_tensor(x, [1, th, tw, bk]), TensorDescriptor.from_tensor(wk, [bn, bk]),
+        *_output_descriptors([1, th, tw, bn // cfg.split], y, q, r), ep.ibias, ep.mult, oh, ow, cout, CIN=cin, KH=g.kh,
         KW=g.kw, PH=g.pads[0], PW=g.pads[1], DH=g.dilation[0], DW=g.dilation[1], TH=th, TW=tw, BLOCK_N=bn,
         BLOCK_K=bk, SPLIT=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **epilogue)
     return True
