@@ -109,7 +109,20 @@ def set_default_threads(n: int | None) -> None:
 
 
 def use_threads(n: int) -> None:
-    """Run torch's CPU kernels (oneDNN, MKL, ATen) on ``n`` threads from now on."""
+    """Run torch's CPU kernels (oneDNN, MKL, ATen) on ``n`` threads from now on (and, once per process,
+    keep freed host memory for reuse: kiln.kernels.cpu_memory)."""
     import torch
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    if not _memory_kept:
+        _keep_memory()
+
+
+_memory_kept = False
+
+
+def _keep_memory() -> None:
+    global _memory_kept
+    from kiln.kernels.cpu_memory import keep_freed_memory
+    keep_freed_memory()
+    _memory_kept = True
