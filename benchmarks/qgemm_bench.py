@@ -198,12 +198,14 @@ def _precompile(job: tuple) -> str | None:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
-def precompile(jobs: list[tuple], procs: int) -> dict[tuple, str]:
+def precompile(jobs: list[tuple], procs: int, deadline: float) -> dict[tuple, str]:
     """Compile ``jobs`` in ``procs`` spawned processes; the jobs that failed, with their error. A job that kills
     its worker (a compiler crash) breaks the pool: the jobs it took down run once more in a fresh one, and those
-    lost again count as failed, so the timing process never compiles them."""
+    lost again count as failed, so the timing process never compiles them; so do jobs not started by
+    ``deadline`` (perf_counter seconds)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import TimeoutError as Late
     from concurrent.futures.process import BrokenProcessPool
 
     failed: dict[tuple, str] = {}
@@ -211,16 +213,20 @@ def precompile(jobs: list[tuple], procs: int) -> dict[tuple, str]:
         if procs <= 0 or not jobs:
             break
         lost = []
-        with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [(job, pool.submit(_precompile, job)) for job in jobs]
-            for job, fut in futures:
-                try:
-                    err = fut.result()
-                except BrokenProcessPool:
-                    lost.append(job)
-                    continue
-                if err is not None:
-                    failed[job] = err
+        pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn"))
+        futures = [(job, pool.submit(_precompile, job)) for job in jobs]
+        for job, fut in futures:
+            try:
+                err = fut.result(timeout=max(0.0, deadline - time.perf_counter()))
+            except BrokenProcessPool:
+                lost.append(job)
+                continue
+            except Late:
+                err = "not compiled within the budget"
+                fut.cancel()
+            if err is not None:
+                failed[job] = err
+        pool.shutdown(wait=True, cancel_futures=True)
         jobs = lost
     failed.update({job: "the compiling process died" for job in jobs})
     return failed
@@ -255,9 +261,10 @@ def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> l
     total = sum(len(g) for g in grids.values())
     print(f"sweep: {total} configs over {len(todo)} shape x code pairs, compiled in {args.jobs} processes, "
           f"then timed (budget {args.budget_s:.0f} s)", flush=True)
-    failed = precompile([(s, fp8, k, c) for (s, fp8), g in grids.items() for k, c in g], args.jobs)
-    print(f"  compiled in {time.perf_counter() - t0:.0f} s ({len(failed)} failed)", flush=True)
     deadline = t0 + 0.85 * args.budget_s          # the rest for the GROUP_M variants
+    failed = precompile([(s, fp8, k, c) for (s, fp8), g in grids.items() for k, c in g], args.jobs,
+                        t0 + 0.6 * args.budget_s)
+    print(f"  compiled in {time.perf_counter() - t0:.0f} s ({len(failed)} failed or late)", flush=True)
     results, skipped = {}, 0
     for i, (s, fp8) in enumerate(todo):
         inp = make_inputs(s, fp8)
@@ -282,8 +289,9 @@ def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> l
             variants[pair] = [(kernel, cfg._replace(group_m=g)) for g in GROUPS]
             if kernel == "tma" and cfg.persistent:       # Triton's warp specialization (may not compile on sm_90)
                 variants[pair].append((kernel, cfg._replace(warp_specialize=True)))
-    failed = precompile([(s, fp8, k, c) for (s, fp8), v in variants.items() for k, c in v], args.jobs)
     deadline = t0 + args.budget_s
+    failed = precompile([(s, fp8, k, c) for (s, fp8), v in variants.items() for k, c in v], args.jobs,
+                        deadline - 10)
     for (s, fp8), v in variants.items():
         inp, times, check = results[(s, fp8)]
         for kernel, cfg in v:
