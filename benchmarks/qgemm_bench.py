@@ -262,8 +262,10 @@ def sweep(args, record: Callable, fp16_ms: Callable[[Shape], float | None]) -> l
     print(f"sweep: {total} configs over {len(todo)} shape x code pairs, compiled in {args.jobs} processes, "
           f"then timed (budget {args.budget_s:.0f} s)", flush=True)
     deadline = t0 + 0.85 * args.budget_s          # the rest for the GROUP_M variants
-    failed = precompile([(s, fp8, k, c) for (s, fp8), g in grids.items() for k, c in g], args.jobs,
-                        t0 + 0.6 * args.budget_s)
+    # round robin over the shapes, so a budget cut leaves every shape some configs
+    jobs = sorted(((i, (s, fp8, k, c)) for (s, fp8), g in grids.items() for i, (k, c) in enumerate(g)),
+                  key=lambda job: job[0])
+    failed = precompile([job for _, job in jobs], args.jobs, t0 + 0.6 * args.budget_s)
     print(f"  compiled in {time.perf_counter() - t0:.0f} s ({len(failed)} failed or late)", flush=True)
     results, skipped = {}, 0
     for i, (s, fp8) in enumerate(todo):
