@@ -1,7 +1,8 @@
-"""The TMA-fed 8-bit GEMM (kiln/kernels/int8_tma.py): its numerics under TRITON_INTERPRET (which runs tensor
-descriptors) against the float64 evaluation of the Q/DQ arithmetic and against the pointer kernel, the shapes
-and devices its tactics are offered for, its sm_90 code (TMA copies and 8-bit wgmma, compiled without a GPU) and,
-on a GPU, its persistent form at real layer shapes."""
+"""The TMA-fed 8-bit GEMM and convolution (kiln/kernels/int8_tma.py): their numerics under TRITON_INTERPRET
+(which runs tensor descriptors) against the float64 evaluation of the Q/DQ arithmetic and against the pointer
+kernel (plain, persistent, 3x3 with padding), what they refuse, the layers and devices their tactics are
+offered for, their sm_90 code (TMA copies and 8-bit wgmma, compiled without a GPU) and, on a GPU, the tactics
+at real layer shapes."""
 from __future__ import annotations
 
 import json
