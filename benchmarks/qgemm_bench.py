@@ -388,8 +388,8 @@ def main() -> None:
             xh, wh, b, st, (pad, pad), (1, 1), 1))
 
     def eight_bit(s: Shape, fp8: bool) -> float | None:
-        """The kernel's three tile tables writing codes, then FP16 and FP32 out (with the residual where the
-        layer has one) on the default table; the best time writing codes."""
+        """The kernel's tile tables writing codes, then FP16 and FP32 out (with the residual where the layer has
+        one) on the default table and the TMA kernel's; the best time writing codes."""
         inp = make_inputs(s, fp8)
         tag = "fp8" if fp8 else "int8"
         best = None
@@ -405,9 +405,10 @@ def main() -> None:
             if s.residual:
                 r = torch.randn(s.batch, s.n, s.out_hw, s.out_hw, device=dev).to(dtype).contiguous(
                     memory_format=torch.channels_last)
-            record(s.name, f"{tag} out={str(dtype)[6:]}{' +res' if r is not None else ''} default",
-                   lambda dtype=dtype, r=r: q.qgemm(inp.x8, inp.wk, inp.ep, q.Codes(dtype), r, "relu",
-                                                    geometry=inp.geometry))
+            for tname, table in tables[:1] + [t for t in tables if t[0] == "tma"]:
+                record(s.name, f"{tag} out={str(dtype)[6:]}{' +res' if r is not None else ''} {tname}",
+                       lambda dtype=dtype, r=r, table=table: q.qgemm(inp.x8, inp.wk, inp.ep, q.Codes(dtype), r,
+                                                                     "relu", geometry=inp.geometry, config=table))
         if s.gemm:          # torch's own 8-bit GEMM on the same codes, the product alone (no epilogue)
             rows8 = inp.x8.permute(0, 2, 3, 1).reshape(-1, s.cin) if s.batch else inp.x8
             if fp8:
