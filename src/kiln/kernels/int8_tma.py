@@ -58,11 +58,17 @@ def smem_bytes(cfg: TmaConfig, out_size: int = 1) -> int:
 
 def tma_config(m: int, n: int, k: int) -> TmaConfig:
     """128x256 tiles (the epilogue in halves) where N > 128, 128x128 or 128x64 otherwise; K slices of up to 128
-    codes; as many pipeline stages (3-4) as fit with a float32 staging tile."""
+    codes; 4 pipeline stages (fewer where the output's staging tile leaves no room: ``fitted``)."""
     bn = 256 if n > 128 else 128 if n > 64 else 64
-    bk = min(128, max(32, next_pow2(k)))
-    cfg = TmaConfig(128, bn, bk, 8, 4, split=2 if bn == 256 else 1)
-    return cfg if smem_bytes(cfg, 4) <= SMEM else cfg._replace(num_stages=3)
+    return TmaConfig(128, bn, min(128, max(32, next_pow2(k))), 8, 4, split=2 if bn == 256 else 1)
+
+
+def fitted(cfg: TmaConfig, out_size: int) -> TmaConfig:
+    """``cfg`` with as many of its pipeline stages (2 at least) as fit in shared memory beside a staging tile of
+    ``out_size``-byte elements."""
+    while cfg.num_stages > 2 and smem_bytes(cfg, out_size) > SMEM:
+        cfg = cfg._replace(num_stages=cfg.num_stages - 1)
+    return cfg
 
 
 def persistent_config(m: int, n: int, k: int) -> TmaConfig:
@@ -98,6 +104,7 @@ def launch_tma(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, q: torch.Tenso
     if any(t.data_ptr() % 16 or t.stride(-1) != 1 or t.stride(0) != t.shape[1] for t in mats):
         return False
     from triton.tools.tensor_descriptor import TensorDescriptor
+    cfg = fitted(cfg, max(t.element_size() for t in mats))
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     tiles = cdiv(m, bm) * cdiv(n, bn)
     sms = _sm_count(a.device.index or 0) if cfg.persistent else 1
@@ -146,6 +153,7 @@ def launch_tma_conv(x: torch.Tensor, wk: torch.Tensor, y: torch.Tensor, q: torch
         return False
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    cfg = fitted(cfg, max(t.element_size() for t in mats))
     (n, _, _, cin), (oh, ow), cout = x.shape, y.shape[1:3], wk.shape[0]
     tw = cfg.tile_w or pixel_tile(oh, ow, cfg.block_m)
     th, bn, bk = cfg.block_m // tw, cfg.block_n, cfg.block_k
