@@ -19,8 +19,8 @@ a half. The weight is stored K-major
 ([Cout, KH, KW, Cin]), the layout 8-bit tensor-core instructions read without a transpose. Tile tables:
 ``default_config`` (one tactic per code type), ``wide_config`` and ``small_config`` (min_level 4; the builder
 times them from the default level for 8-bit layers slow enough to pay their compiles: builder/tactics.py). The
-epilogue is one function (``epilogue_tile``) that int8_tma.py's kernel shares: ``qgemm`` given a ``TmaConfig``
-runs a plain GEMM on that kernel.
+epilogue is one function (``epilogue_tile``) that int8_tma.py's kernels share: ``qgemm`` given their
+``TmaConfig`` runs a fully connected layer or stride-1 convolution on them.
 """
 from __future__ import annotations
 
@@ -380,7 +380,8 @@ def layer_outputs(attrs) -> tuple[Codes, Codes | None, Codes | None]:
     return out, second, residual
 
 
-def _make(choose: Callable[[int, int, int], QGemmConfig]):
+def _make(choose: Callable[[int, int, int], NamedTuple]):
+    """The maker of a tactic running ``qgemm`` with the tile config ``choose`` gives for (M, N, Cin)."""
     def make(attrs, ctx):
         act, alpha, beta = epilogue_params(attrs)
         after = bool(attrs.get("residual_after_activation"))
