@@ -1,7 +1,10 @@
 """Calibrators against numpy on known distributions: max exact, percentile against numpy.percentile,
-entropy against an independent loop-by-loop KL search written here and against known properties; weight
-scales and rounding against numpy."""
+entropy against an independent loop-by-loop KL search written here and against known properties, mse against a
+brute-force search over the raw samples and the Gaussian's known optimal clipping; weight scales and rounding
+against numpy."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from onnx import numpy_helper
 import kiln.onnx
 from kiln.errors import BuildError
 from kiln.builder.quant.calibrate import calibrate, load_batches
-from kiln.builder.quant.calibrators import Histogram, check_calibrator, entropy_amax, percentile_amax
+from kiln.builder.quant.calibrators import Histogram, check_calibrator, entropy_amax, mse_amax, percentile_amax
 from kiln.builder.quant.insert import act_scale, quantize_weight, weight_scales
 
 from _quant_models import blobs, trained_mlp
@@ -91,6 +94,85 @@ def test_entropy_keeps_the_range_of_relu_outputs():
         h = Histogram(x.max())
         h.add(x)
         assert entropy_amax(h) > np.percentile(x[x > 0], 99), zeros
+
+
+def _sample_mse(x: np.ndarray, amax: np.ndarray, mode: str) -> np.ndarray:
+    """Mean squared error of quantizing the samples ``x`` with each threshold of ``amax``, computed on the samples
+    themselves: int8 by numpy rounding, fp8 by torch's E4M3 cast."""
+    out = []
+    for a in amax:
+        if mode == "int8":
+            q = np.clip(np.rint(x / a * 127), -127, 127) * a / 127
+        else:
+            import torch
+            t = torch.from_numpy(np.clip(x / a * 448, -448, 448).astype(np.float32))
+            q = t.to(torch.float8_e4m3fn).to(torch.float64).numpy() * a / 448
+        out.append(np.mean((q - x) ** 2))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("dist", sorted(DISTRIBUTIONS))
+def test_mse_vs_brute_force_on_the_samples(dist, mode):
+    """The histogram's threshold (bin centres stand for their values) is within 1% of the best error a search over
+    the raw samples finds among the same candidates."""
+    x = DISTRIBUTIONS[dist](20_000)
+    h = Histogram(np.abs(x).max())
+    for part in np.array_split(x, 3):
+        h.add(part)
+    got = mse_amax(h, mode)
+    candidates = h.edges[128:]
+    errors = _sample_mse(x, candidates, mode)
+    assert got in candidates
+    assert _sample_mse(x, [got], mode)[0] <= errors.min() * 1.01, (got, candidates[errors.argmin()])
+    if dist == "uniform" and mode == "int8":
+        assert got >= 0.97 * h.amax                     # nothing to gain from clipping a flat distribution
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace"])
+def test_mse_matches_the_known_optimum(dist):
+    """For N(0, 1) and Laplace(0, 1) with 127 steps a side the error is the clipped tails' plus the rounding
+    noise's, step**2 / 12 over the kept range (Banner et al., ACIQ), in closed form: its minimum (near 3.9 and 9.9)
+    is the histogram's threshold to a few percent."""
+    a = np.linspace(2.0, 14.0, 12001)
+    if dist == "normal":
+        tail = np.array([math.erfc(v / math.sqrt(2)) for v in a])            # P(|x| > a)
+        clipped = (1 + a ** 2) * tail - 2 * a * np.exp(-a ** 2 / 2) / math.sqrt(2 * math.pi)
+    else:
+        tail = np.exp(-a)
+        clipped = 2 * np.exp(-a)
+    best = a[int(np.argmin(clipped + (a / 127) ** 2 / 12 * (1 - tail)))]
+    assert (3.8 < best < 4.0) if dist == "normal" else (9.6 < best < 10.2)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(2_000_000) if dist == "normal" else rng.laplace(0, 1, 2_000_000)
+    h = Histogram(np.abs(x).max())
+    h.add(x)
+    assert mse_amax(h) == pytest.approx(best, rel=0.03)
+    assert mse_amax(h) < 0.8 * h.amax or dist == "normal"
+
+
+def test_mse_edge_cases():
+    """An all-zero tensor has range 0; values below the smallest candidate keep their whole range."""
+    h = Histogram(0.0)
+    h.add(np.zeros(10))
+    assert mse_amax(h) == 0.0
+    h = Histogram(100.0)
+    h.add(RNG.uniform(0, 3, 1000))                   # every value in the first 62 of 2048 bins
+    assert mse_amax(h) == pytest.approx(h.edges[np.flatnonzero(h.counts)[-1] + 1])
+
+
+def test_mse_calibration_on_a_network():
+    """The mse calibrator through Kiln's FP32 engine: the hidden activation's threshold is the one the same
+    histogram of numpy's values (float64) gives, to a bin."""
+    model = trained_mlp(steps=5)
+    net = kiln.onnx.parse(model)
+    x, _ = blobs(70, seed=3)
+    inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    h = np.maximum(x.astype(np.float64) @ inits["w1"] + inits["b1"], 0)
+    hist = Histogram(h.max())
+    hist.add(h)
+    amax = calibrate(net, ["h"], load_batches([{"x": x}], net), "cpu", "mse", 99.99)
+    assert amax["h"] == pytest.approx(mse_amax(hist), abs=2 * hist.amax / len(hist.counts))
 
 
 def test_max_calibration_on_a_network():

@@ -38,10 +38,11 @@ def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray,
     activation agree within one step (a value within float rounding of a rounding boundary may go either way
     after the two runtimes' differently ordered float sums); a sample whose codes all agree has the same
     output to float32 rounding. FP8 post-training quantization is GPU-only, so its network is made here with
-    the same plan and rewrite the build uses, then run dequantized on the CPU."""
+    the same plan and rewrite the build uses, then run dequantized on the CPU. Bias correction is off: the
+    exported model keeps the original biases (test_calib_bias_correction.py checks the corrected ones)."""
     net = kiln.onnx.parse(model)
     config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator=calibrator,
-                              profiles={"x": x.shape})
+                              profiles={"x": x.shape}, bias_correction=False)
     if mode == "int8":
         qnet = quantize(net, config)
     else:
@@ -190,7 +191,8 @@ def test_gpu_ptq_build_runs_8bit_layers_and_matches_the_dequantized_network(mode
     ours = engine.context().run({"x": x})["y"]
     p = plan(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
                                    calibrator=config.calibrator))
-    deq = kiln.build(quantized(net, p.layers, p.amax, mode), kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
+    deq = kiln.build(quantized(net, p.layers, p.amax, mode, p.means),
+                     kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
     ref_q = deq.context().run({"x": x})["y"]
     ref32 = _ort(model, {"x": x})["y"]
     assert np.linalg.norm(ours - ref_q) / np.linalg.norm(ref_q) < 0.05

@@ -117,12 +117,13 @@ class BuildConfig:
     fallback: str | None = None        # "onnxruntime": build the network's ONNX Runtime islands (kiln.onnx.fallback)
     quantize: str | None = None        # "int8" / "fp8": post-training quantization (kiln.builder.quant)
     calibration: Any = None            # .npy/.npz file, folder of them, or a list of {input: array} batches
-    calibrator: str | None = None      # "max", "percentile", "entropy"; None: max (default_calibrator)
+    calibrator: str | None = None      # "max", "percentile", "entropy", "mse"; None: default_calibrator
     percentile: float = 99.99          # the percentile calibrator's percent
     calib_cache: str | None = None     # JSON calibration cache: read when it exists, else written
     fp16_layers: tuple[str, ...] = ()  # fnmatch patterns of layers a quantized build leaves unquantized
     calib_preprocess: Any = None       # kiln.builder.quant.images.Preprocess for calibration images
     accuracy: str | None = None        # "rel_l2<=X", "max_abs<=X", "top1_agree>=X": kiln.builder.quant.accuracy
+    bias_correction: bool = True       # PTQ corrects conv/FC biases for quantization's mean shift (quant.insert)
 
 
     def __post_init__(self) -> None:

@@ -52,11 +52,14 @@ def check_device(mode: str, device: str, capability: tuple[int, int] | None = No
 
 class QuantPlan(NamedTuple):
     """What a post-training quantization of a network quantizes: the layers (by name, in network order), the
-    amax of every activation they read, and the calibration batches (None when the ranges came from a cache)."""
+    amax of every activation they read, the calibration batches (None when the ranges came from a cache) and, for
+    bias correction, the float and quantized channel means of the activations that convolutions and
+    fully-connected layers read (empty without it)."""
 
     layers: list[str]
     amax: dict[str, float]
     batches: list | None
+    means: dict[str, tuple] = {}
 
 
 def plan(network: Network, config: Any, progress: Callable[[str, float], None] | None = None,
@@ -66,8 +69,8 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     ``need_batches``)."""
     from kiln.builder.precision import fp32_matches
     from kiln.builder.quant import cache
-    from kiln.builder.quant.calibrate import calibrate, load_batches
-    from kiln.builder.quant.insert import refuse_quantized, targets
+    from kiln.builder.quant.calibrate import calibrate, channel_means, load_batches
+    from kiln.builder.quant.insert import channel_axis, refuse_quantized, targets
     mode = config.quantize
     device = config.resolved_device()
     check_device(mode, device)
@@ -79,9 +82,12 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
         raise BuildError(f"--{mode} found no convolution, fully-connected layer or GEMM/matmul with a constant "
                          f"weight to quantize in {network.name!r}; build it without --{mode}.")
     names = list(dict.fromkeys(t.layer.inputs[i].name for t in chosen for i in t.acts))
+    correct = bool(getattr(config, "bias_correction", True))
+    axes = {t.layer.inputs[t.acts[0]].name: a for t in chosen if correct and (a := channel_axis(t)) is not None}
     model = cache.fingerprint(network)
-    how = cache.settings(config.calibrator, config.percentile)
-    amax = cache.load(config.calib_cache, model, how, names) if config.calib_cache else None
+    how = cache.settings(config.calibrator, config.percentile, mode, correct)
+    found = cache.load(config.calib_cache, model, how, names, list(axes)) if config.calib_cache else None
+    amax, means = found if found is not None else (None, {})
     batches = None
     if amax is None or need_batches:
         if config.calibration is None:
@@ -92,20 +98,23 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
         batches = load_batches(config.calibration, network, config.calib_preprocess)
     if amax is None:
         (progress or (lambda stage, frac: None))("calibrate", 0.0)
-        amax = calibrate(network, names, batches, device, config.calibrator, config.percentile)
+        amax = calibrate(network, names, batches, device, config.calibrator, config.percentile, mode=mode)
+        means = channel_means(network, axes, amax, batches, device, mode) if axes else {}
         if config.calib_cache:
-            cache.save(config.calib_cache, model, how, amax)
-    return QuantPlan([t.layer.name for t in chosen], amax, batches)
+            cache.save(config.calib_cache, model, how, amax, means)
+    return QuantPlan([t.layer.name for t in chosen], amax, batches, means)
 
 
-def quantized(network: Network, layers: Iterable[str], amax: dict[str, float], mode: str) -> Network:
-    """A copy of ``network`` with Q/DQ layers around the ``layers`` named (scales from ``amax``); its
-    ``metadata["quantization"]["layers"]`` records each quantized layer's scales."""
+def quantized(network: Network, layers: Iterable[str], amax: dict[str, float], mode: str,
+              means: dict[str, tuple] | None = None) -> Network:
+    """A copy of ``network`` with Q/DQ layers around the ``layers`` named (scales from ``amax``; bias correction
+    from ``means``, see insert.insert); its ``metadata["quantization"]["layers"]`` records each quantized layer's
+    scales."""
     from kiln.builder.quant.insert import insert, targets
     names = set(layers)
     net = copy.deepcopy(network)
     chosen = [t for t in targets(net, set()) if t.layer.name in names]
-    net.metadata["quantization"] = {"layers": insert(net, chosen, amax, mode)}
+    net.metadata["quantization"] = {"layers": insert(net, chosen, amax, mode, means)}
     return net
 
 
@@ -113,7 +122,7 @@ def evaluator(network: Network, p: QuantPlan, config: Any):
     """An accuracy.Evaluator of ``network`` quantized as ``p`` says, on its calibration batches, built as
     ``config`` builds (device, float precision, FP32 layers)."""
     from kiln.builder.quant.accuracy import Evaluator
-    return Evaluator(network, lambda names: quantized(network, names, p.amax, config.quantize), p.batches,
+    return Evaluator(network, lambda names: quantized(network, names, p.amax, config.quantize, p.means), p.batches,
                      config.resolved_device(), config.precision, config.fp32_layers)
 
 
@@ -138,7 +147,7 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
         record = {"target": str(target), "metric": target.metric, "achieved": finite_or_none(found.achieved),
                   "all_quantized": finite_or_none(found.quantized_metric), "kept": found.kept, "quantized": len(layers),
                   "samples": samples(p.batches)}
-    net = quantized(network, layers, p.amax, config.quantize)
+    net = quantized(network, layers, p.amax, config.quantize, p.means)
     if record is not None:
         net.metadata["quantization"]["accuracy"] = record
     return net

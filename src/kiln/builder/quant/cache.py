@@ -1,5 +1,6 @@
 """The calibration cache: a JSON file holding the model's fingerprint, the calibrator and the amax of each
-calibrated tensor, so a rebuild skips calibration. A cache is data: it is validated before use, and one made
+calibrated tensor (with bias correction, also the float and quantized channel means of the tensors it needs), so a
+rebuild skips calibration. A cache is data: it is validated before use, and one made
 for another model, another calibrator or another set of tensors is refused in one line, never overwritten."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from kiln.ir.network import Network
 
 FORMAT = "kiln-calibration-cache"
 VERSION = 1
+SETTINGS = ("calibrator", "percentile", "quantize", "bias_correction")    # what settings() may record
 
 
 def fingerprint(net: Network) -> str:
@@ -35,14 +37,24 @@ def fingerprint(net: Network) -> str:
     return h.hexdigest()
 
 
-def settings(calibrator: str, percentile: float) -> dict[str, Any]:
-    """What a cache records about how its ranges were found."""
-    return {"calibrator": calibrator, **({"percentile": float(percentile)} if calibrator == "percentile" else {})}
+def settings(calibrator: str, percentile: float, mode: str = "int8", bias_correction: bool = False
+             ) -> dict[str, Any]:
+    """What a cache records about how its ranges were found: the calibrator (and percentile), the 8-bit type
+    where the values depend on it (mse, bias correction) and whether it holds bias correction's means."""
+    how: dict[str, Any] = {"calibrator": calibrator}
+    if calibrator == "percentile":
+        how["percentile"] = float(percentile)
+    if calibrator == "mse" or bias_correction:
+        how["quantize"] = mode
+    if bias_correction:
+        how["bias_correction"] = True
+    return how
 
 
-def load(path: str, model: str, how: dict[str, Any], names: list[str]) -> dict[str, float] | None:
-    """The amax table cached in ``path`` for this model (``model``: its fingerprint) and calibration ``how``;
-    None when the file does not exist yet."""
+def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_names: list[str] = ()
+         ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]] | None:
+    """The amax table cached in ``path`` for this model (``model``: its fingerprint) and calibration ``how``, and
+    the channel means of ``mean_names``; None when the file does not exist yet."""
     if not os.path.exists(path):
         return None
     try:
@@ -58,8 +70,8 @@ def load(path: str, model: str, how: dict[str, Any], names: list[str]) -> dict[s
         raise BuildError(f"Calibration cache {path!r} was made for another model (fingerprint "
                          f"{str(doc.get('model'))[:12]}..., this model {model[:12]}...); give a new --calib-cache "
                          f"path or delete that file to calibrate again.")
-    made = {k: doc.get(k) for k in how}
-    if made != how:
+    if {k: doc.get(k) for k in how} != how:
+        made = {k: doc[k] for k in SETTINGS if k in doc}
         raise BuildError(f"Calibration cache {path!r} was made with {_fmt(made)}, not {_fmt(how)}; pass those "
                          f"settings, or a new --calib-cache path to calibrate again.")
     amax = doc.get("amax")
@@ -72,12 +84,33 @@ def load(path: str, model: str, how: dict[str, Any], names: list[str]) -> dict[s
     if missing:
         raise BuildError(f"Calibration cache {path!r} has no range for tensor {missing[0]!r} (it was made with other "
                          f"layers quantized); give a new --calib-cache path to calibrate again.")
-    return {n: float(amax[n]) for n in names}
+    return {n: float(amax[n]) for n in names}, _means(path, doc.get("means", {}), mean_names)
 
 
-def save(path: str, model: str, how: dict[str, Any], amax: dict[str, float]) -> None:
+def _means(path: str, means: Any, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The cache's channel means of ``names``, checked: two equally long lists of finite numbers per tensor."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                           and math.isfinite(x) for x in v)
+    if not isinstance(means, dict) or not all(
+            isinstance(m, dict) and ok(m.get("float")) and ok(m.get("quantized"))
+            and len(m["float"]) == len(m["quantized"]) for m in means.values()):
+        raise BuildError(f"Calibration cache {path!r} is damaged: 'means' must map tensor names to equally long "
+                         f"'float' and 'quantized' lists of finite numbers; delete it to calibrate again.")
+    missing = [n for n in names if n not in means]
+    if missing:
+        raise BuildError(f"Calibration cache {path!r} has no channel means for tensor {missing[0]!r} (it was made "
+                         f"with other layers quantized); give a new --calib-cache path to calibrate again.")
+    return {n: (np.array(means[n]["float"], np.float64), np.array(means[n]["quantized"], np.float64)) for n in names}
+
+
+def save(path: str, model: str, how: dict[str, Any], amax: dict[str, float],
+         means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
     """Write the cache (to a temporary file first, so a failed write leaves no half file)."""
     doc = {"format": FORMAT, "version": VERSION, "model": model, **how, "amax": dict(sorted(amax.items()))}
+    if means:
+        doc["means"] = {n: {"float": [float(v) for v in a], "quantized": [float(v) for v in b]}
+                        for n, (a, b) in sorted(means.items())}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

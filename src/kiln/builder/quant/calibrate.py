@@ -19,7 +19,7 @@ import numpy as np
 from kiln.errors import BuildError
 from kiln.ir.dtypes import np_dtype
 from kiln.ir.network import Network
-from kiln.builder.quant.calibrators import Histogram, entropy_amax, percentile_amax
+from kiln.builder.quant.calibrators import Histogram, entropy_amax, fake_quantize, mse_amax, percentile_amax
 from kiln.builder.quant.images import IMAGE_EXTENSIONS, Preprocess, read_images
 
 CALIB_BATCH = 32
@@ -158,9 +158,9 @@ def engine_for(net: Network, batches: list[Batch], device: str, precision: str =
 
 
 def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: str, calibrator: str,
-              percentile: float, levels: int = 128) -> dict[str, float]:
+              percentile: float, levels: int = 128, mode: str = "int8") -> dict[str, float]:
     """amax per tensor of ``names`` over the calibration batches, by ``calibrator`` (see calibrators.py);
-    ``levels`` is the number of magnitude steps of the 8-bit type (entropy)."""
+    ``levels`` is the number of magnitude steps of the 8-bit type (entropy), ``mode`` the 8-bit type (mse)."""
     amax = {n: 0.0 for n in names}
 
     def take_max(values: dict[str, np.ndarray]) -> None:
@@ -176,4 +176,27 @@ def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: 
     observe(net, names, batches, device, lambda values: [hists[n].add(v) for n, v in values.items()])
     if calibrator == "percentile":
         return {n: percentile_amax(h, percentile) for n, h in hists.items()}
+    if calibrator == "mse":
+        return {n: mse_amax(h, mode) for n, h in hists.items()}
     return {n: entropy_amax(h, levels) for n, h in hists.items()}
+
+
+def channel_means(net: Network, axes: Mapping[str, int], amax: Mapping[str, float], batches: list[Batch],
+                  device: str, mode: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per tensor of ``axes`` (its name → its channel axis), the mean of each channel over the calibration
+    batches, in float and after symmetric quantization to ``mode`` with range ``amax[name]`` (what bias correction
+    needs: insert.corrected_bias)."""
+    from kiln.builder.quant.insert import TYPES, act_scale
+    qmax = TYPES[mode][1]
+    sums: dict[str, list] = {n: [0.0, 0.0, 0] for n in axes}
+
+    def add(values: dict[str, np.ndarray]) -> None:
+        for n, v in values.items():
+            v = np.nan_to_num(np.moveaxis(np.asarray(v, np.float64), axes[n], -1), nan=0.0, posinf=0.0, neginf=0.0)
+            v = v.reshape(-1, v.shape[-1])
+            scale = float(act_scale(amax[n], qmax)) * qmax
+            q = fake_quantize(v / scale, mode) * scale
+            acc = sums[n]
+            acc[0], acc[1], acc[2] = acc[0] + v.sum(0), acc[1] + q.sum(0), acc[2] + len(v)
+    observe(net, list(axes), batches, device, add)
+    return {n: (np.asarray(a / max(k, 1)), np.asarray(b / max(k, 1))) for n, (a, b, k) in sums.items()}

@@ -1,9 +1,11 @@
 """Calibrators: from the values a tensor took on the calibration data to the range (amax) its scale covers.
 
-``max`` takes the largest magnitude seen. ``percentile`` and ``entropy`` read a histogram of magnitudes over
-[0, amax] (``Histogram``, filled in a second pass once amax is known): ``percentile`` takes the magnitude below
+``max`` takes the largest magnitude seen. ``percentile``, ``entropy`` and ``mse`` read a histogram of magnitudes
+over [0, amax] (``Histogram``, filled in a second pass once amax is known): ``percentile`` takes the magnitude below
 which that percent of the values lie; ``entropy`` is TensorRT's entropy calibrator 2: the threshold whose
-clipped-and-quantized histogram is closest, by KL divergence, to the clipped original.
+clipped-and-quantized histogram is closest, by KL divergence, to the clipped original; ``mse`` is the threshold whose
+quantization (rounding and clipping) has the least mean squared error over the histogram, as NVIDIA
+pytorch-quantization's and ModelOpt's "mse" calibrators choose it.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from kiln.errors import BuildError
 
-CALIBRATORS = ("max", "percentile", "entropy")
+CALIBRATORS = ("max", "percentile", "entropy", "mse")
 HIST_BINS = 2048           # TensorRT's entropy calibrator histogram size
 
 
@@ -86,6 +88,42 @@ def entropy_amax(hist: Histogram, levels: int = 128) -> float:
         kl = (plogp - plogq) / total + np.log(first[i] / total)
     kl[((last == 0) & (cut > 0)) | (first[i] <= 0)] = np.inf
     return float(hist.edges[i[int(np.argmin(kl))]])
+
+
+def mse_amax(hist: Histogram, mode: str = "int8", start: int = 128) -> float:
+    """The candidate threshold (the upper edge of bin i, for every i from ``start``) whose symmetric quantization
+    to ``mode`` (int8: 127 steps each side; fp8: E4M3 values, saturating at 448) has the least mean squared error
+    over the histogram, each bin's values taken at its centre: values past the threshold saturate, values below it
+    round to the nearest code. Ties go to the smallest threshold."""
+    counts = hist.counts.astype(np.float64)
+    n = len(counts)
+    if counts.sum() == 0 or hist.amax <= 0:
+        return 0.0
+    nonzero = np.flatnonzero(counts)
+    start = min(start, n)
+    if nonzero[-1] < start:                    # every value below the smallest candidate: keep the whole range
+        return float(hist.edges[nonzero[-1] + 1])
+    edges = hist.edges
+    centres = (edges[nonzero] + edges[nonzero + 1]) / 2
+    weights = counts[nonzero]
+    best, best_err = n, np.inf
+    for chunk in np.array_split(np.arange(start, n + 1), max(1, (n + 1 - start) // 128)):
+        amax = edges[chunk][:, None]
+        err = ((fake_quantize(centres[None, :] / amax, mode) * amax - centres[None, :]) ** 2) @ weights
+        i = int(np.argmin(err))
+        if err[i] < best_err:
+            best, best_err = int(chunk[i]), float(err[i])
+    return float(edges[best])
+
+
+def fake_quantize(x: np.ndarray, mode: str) -> np.ndarray:
+    """``x`` (a fraction of the range, so amax is 1) quantized to ``mode``'s symmetric grid and back: int8 rounds
+    half to even over 127 steps each side; fp8 rounds to the nearest E4M3 value of ``x * 448``; both saturate."""
+    if mode == "int8":
+        return np.clip(np.rint(x * 127.0), -127.0, 127.0) / 127.0
+    import torch
+    t = torch.from_numpy(np.clip(np.asarray(x, np.float64) * 448.0, -448.0, 448.0).astype(np.float32))
+    return t.to(torch.float8_e4m3fn).to(torch.float64).numpy() / 448.0
 
 
 def _log(x: np.ndarray) -> np.ndarray:

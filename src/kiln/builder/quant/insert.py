@@ -10,7 +10,7 @@ network, which any build runs (dequantized where no 8-bit kernel exists).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -58,6 +58,13 @@ def _target(layer: Layer) -> Target | None:
     return None
 
 
+def channel_axis(t: Target) -> int | None:
+    """The channel axis of the activation a bias-corrected target reads (1 for a convolution, the last for a
+    fully-connected layer); None for layers bias correction leaves alone (matmuls and GEMMs: no bias input of
+    their own)."""
+    return {"Convolution": 1, "FullyConnected": -1}.get(t.layer.kind)
+
+
 def targets(net: Network, exclude: set[int]) -> list[Target]:
     """The layers of ``net`` (top level) to quantize, leaving out the ids in ``exclude``."""
     return [t for layer in net.layers if id(layer) not in exclude and (t := _target(layer)) is not None]
@@ -95,16 +102,19 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int, qmax: float, dt
     return np.clip(x, -qmax, qmax).astype(np_dtype(dtype))
 
 
-def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8") -> dict[str, dict]:
+def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str = "int8",
+           means: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, dict]:
     """Rewrite ``net`` in place: each target reads its weight dequantized from 8-bit codes of ``mode`` and its
     activations through a shared Q/DQ pair with the scale ``amax[name] / qmax`` (127 for int8, 448 for fp8).
-    Returns each target's scales by layer name
+    With ``means`` (per activation: its channels' float and quantized means), each convolution and
+    fully-connected layer gets bias correction (``corrected_bias``). Returns each target's scales by layer name
     (the layer record of kiln.engine.quant_record)."""
     dtype, qmax = TYPES[mode]
     pairs: dict[str, object] = {}
     scales: dict[str, dict] = {}
     for t in chosen:
         layer = t.layer
+        read = layer.inputs[t.acts[0]].name
         acts = {}
         for i in t.acts:
             x = layer.inputs[i]
@@ -117,7 +127,10 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
         scales[layer.name] = {"type": dtype, "inputs": acts, "weight": {"tensor": w.name, "axis": t.axis,
                                                                           "count": int(s.size), "min": float(s.min()),
                                                                           "max": float(s.max())}}
-        q = net.add_constant(quantize_weight(w.value, s, t.axis, qmax, dtype), name=net.unique_name(f"{w.name}_{dtype}"))
+        codes = quantize_weight(w.value, s, t.axis, qmax, dtype)
+        if means and channel_axis(t) is not None and read in means:
+            _correct_bias(net, layer, corrected_bias(layer, w.value, dequantize(codes, s, t.axis), *means[read]))
+        q = net.add_constant(codes, name=net.unique_name(f"{w.name}_{dtype}"))
         dq = net.add_layer("DequantizeLinear", [q, net.add_constant(s, name=net.unique_name(f"{w.name}_scale")),
                                                 net.add_constant(np.zeros(s.shape, np_dtype(dtype)),
                                                                  name=net.unique_name(f"{w.name}_zero_point"))],
@@ -130,6 +143,43 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
     net.remove_unused_constants()
     net.toposort()
     return scales
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """8-bit weight ``codes`` times their per-channel ``scale`` along ``axis``, in float64."""
+    shape = [1] * codes.ndim
+    shape[axis] = -1
+    return codes.astype(np.float64) * scale.astype(np.float64).reshape(shape)
+
+
+def corrected_bias(layer: Layer, w: np.ndarray, wq: np.ndarray, mean: np.ndarray, qmean: np.ndarray
+                   ) -> np.ndarray | None:
+    """Bias correction (Nagel et al., "Data-Free Quantization", 2019; NNCF's and Sony MCT's PTQ do it by default):
+    the bias of a convolution or fully-connected ``layer`` (weight ``w`` [out, in, ...], quantized ``wq``) less the
+    shift quantization adds to each output channel's mean, ``wq · E[Q(x)] - w · E[x]`` over input channels (each
+    weight's kernel window summed), from the input's channel means in float (``mean``) and quantized (``qmean``).
+    Output positions whose window reaches into padding are counted as if it did not. None for a layer whose bias
+    is not a constant."""
+    b = layer.inputs[2] if len(layer.inputs) > 2 else None
+    if b is not None and not b.is_constant:
+        return None
+    if mean.shape != (w.shape[1],) or qmean.shape != mean.shape:
+        raise BuildError(f"Layer {layer.name!r} reads {w.shape[1]} input channels but its calibration statistics "
+                         f"hold {mean.shape[0] if mean.ndim else 1}; give a new --calib-cache path to calibrate "
+                         f"again.")
+    per_in = lambda a: a.astype(np.float64).reshape(a.shape[0], a.shape[1], -1).sum(-1)  # noqa: E731
+    shift = per_in(wq) @ qmean.astype(np.float64) - per_in(w) @ mean.astype(np.float64)
+    bias = b.value.astype(np.float64) if b is not None else np.zeros(w.shape[0])
+    return (bias - shift).astype(np.float32)
+
+
+def _correct_bias(net: Network, layer: Layer, bias: np.ndarray | None) -> None:
+    """Give ``layer`` (a convolution or fully-connected layer) the constant ``bias`` as its bias input."""
+    if bias is None:
+        return
+    while len(layer.inputs) < 3:
+        layer.inputs.append(None)
+    layer.set_input(2, net.add_constant(bias, name=net.unique_name(f"{layer.name}_bias_corrected")))
 
 
 def _quantized_shortcuts(net: Network, chosen: list[Target], pairs: dict[str, object]) -> None:
