@@ -321,26 +321,33 @@ def test_caffe_resnet50_with_fields_outside_the_schema():
 
 
 def test_caffe2_squeezenet_against_protobuf():
-    """Caffe2's own SqueezeNet 1.1 predict net: its operators in order with their integer arguments, read by
-    Google's protobuf runtime from caffe2.proto's field numbers; the blobs no operator makes are the inputs."""
+    """Caffe2's own SqueezeNet 1.1 predict net: its operators in order with every argument (integer, float32,
+    string), read by Google's protobuf runtime from caffe2.proto's field numbers; the blobs no operator makes
+    are the inputs."""
     from ._pbref import messages, parse
     c2 = messages("caffe2", {
         "NetDef": [("op", 2, "OperatorDef", True), ("external_input", 7, "string", True),
                    ("external_output", 8, "string", True)],
         "OperatorDef": [("input", 1, "string", True), ("output", 2, "string", True), ("type", 4, "string", False),
                         ("arg", 5, "Argument", True)],
-        "Argument": [("name", 1, "string", False), ("i", 3, "int64", False)]})
+        "Argument": [("name", 1, "string", False), ("f", 2, "float", False), ("i", 3, "int64", False),
+                     ("s", 4, "bytes", False)]})
     path = real("caffe2-squeezenet", "squeeze_predict_net.pb")
     net = parse(c2["NetDef"], path.read_bytes())
     g = open_model(path).graph
     assert [n.op_type for n in g.nodes] == [op.type for op in net.op]
     assert _ops(g)["Conv"] == 26 and _ops(g)["Concat"] == 8                  # conv1, 8 fire modules, conv10
+    kinds = Counter()
     for n, op in zip(g.nodes, net.op):
-        for a in op.arg:
-            if a.HasField("i"):
-                assert n.attributes[a.name] == a.i, (n.name, a.name)
+        want = {}
+        for a in op.arg:                                                      # exactly one value field each here
+            kind = next(k for k in ("i", "f", "s") if a.HasField(k))
+            kinds[kind] += 1
+            want[a.name] = a.s.decode() if kind == "s" else getattr(a, kind)  # "f": the stored float32, widened
+        assert n.attributes == want, n.name
         shown = [v for arg in n.inputs for v in arg.values]                   # in-place results are "blob:1"
         assert [re.sub(r":\d+$", "", v) for v in shown] == list(op.input)
+    assert kinds == {"i": 96, "s": 12, "f": 1}      # kernel/stride/pad..., order "NCHW", Dropout's ratio 0.5
     assert [t.name for t in g.inputs] == list(net.external_input) and len(g.inputs) == 1 + 26 * 2
     assert [t.name for t in g.outputs] == list(net.external_output) == ["softmaxout"]
 
