@@ -21,6 +21,7 @@ from kiln.viewer.graph import ViewModel
 _FMT = "MXNet"
 _LIST_MAGIC = 0x112
 _V1, _V2, _V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
+_MAX_OUTPUTS = 1 << 16     # outputs of one operator; more is a damaged or hostile file
 _DTYPES = {0: "float32", 1: "float64", 2: "float16", 3: "uint8", 4: "int32", 5: "int8", 6: "int64", 7: "bool",
            8: "int16", 9: "uint16", 10: "uint32", 11: "uint64", 12: "bfloat16"}
 _NUMPY = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "uint8": "u1", "int32": "<i4", "int8": "i1",
@@ -58,7 +59,7 @@ def glob_escape(s: str) -> str:
 def read_params(path: Path) -> dict[str, tuple[list[int], str, int]]:
     """Name -> (shape, dtype, byte offset) for every NDArray in a ``.params`` file."""
     size = path.stat().st_size
-    out: list[tuple[list[int], str, int]] = []
+    out: list[tuple[list[int], str, int] | None] = []
     with open(path, "rb") as f:
         def take(fmt: str) -> Any:
             n = struct.calcsize(fmt)
@@ -78,19 +79,14 @@ def read_params(path: Path) -> dict[str, tuple[list[int], str, int]]:
             if magic in (_V2, _V3):
                 if take("<i") != 0:
                     raise _err(path, "sparse NDArrays are not supported")
-            if magic in (_V1, _V2, _V3):
-                ndim = take("<I")
-                if ndim > 32:
-                    raise _err(path, f"an array claims {ndim} dimensions")
-                shape = [take("<q") for _ in range(ndim)]
-            else:   # legacy: the magic word was the rank, dims are uint32
-                ndim = magic
-                if ndim > 32:
-                    raise _err(path, f"an array claims {ndim} dimensions")
-                shape = [take("<I") for _ in range(ndim)]
-            if not shape:
-                out.append(([], "float32", f.tell()))
-                continue
+            # V1-V3: int32 rank (-1: no array), int64 dims; before V1 the magic word was the rank, dims uint32
+            ndim = take("<i") if magic in (_V1, _V2, _V3) else magic
+            if ndim > 32 or ndim < -1:
+                raise _err(path, f"an array claims {ndim} dimensions")
+            shape = [take("<q" if magic in (_V1, _V2, _V3) else "<I") for _ in range(max(ndim, 0))]
+            if ndim == -1 or (ndim == 0 and magic != _V3) or min(shape, default=0) < 0:
+                out.append(None)   # an empty NDArray (unknown shape): no context, type or data follow; with V3's
+                continue           # numpy shapes rank 0 is a scalar with data
             take("<i"), take("<i")   # context: device type and id
             dtype = _DTYPES.get(take("<i"))
             if dtype is None:
@@ -113,7 +109,7 @@ def read_params(path: Path) -> dict[str, tuple[list[int], str, int]]:
     if names and len(names) != len(out):
         raise _err(path, f"it has {len(out)} arrays but {len(names)} names")
     names = names or [f"array{i}" for i in range(len(out))]
-    return {name.split(":", 1)[-1]: entry for name, entry in zip(names, out)}
+    return {name.split(":", 1)[-1]: entry for name, entry in zip(names, out) if entry is not None}
 
 
 def read(path: Path, handle: Any = None) -> ViewModel:
@@ -151,6 +147,7 @@ def _graph(sym: dict, nodes: list, params: dict, params_path: Path | None, name:
         n = nodes[i]["name"]
         return n if k == 0 else f"{n}:{k}"
 
+    used = _outputs_used(sym, nodes)
     inputs = []
     for i, node in enumerate(nodes):
         op, nname = node.get("op", "null"), str(node.get("name", f"node{i}"))
@@ -172,10 +169,25 @@ def _graph(sym: dict, nodes: list, params: dict, params_path: Path | None, name:
             ins.append((label, [tname]))
         attrs = node.get("attrs") or node.get("attr") or node.get("param") or {}
         n_out = int(attrs.get("num_outputs", 1)) if str(attrs.get("num_outputs", "1")).isdigit() else 1
-        outs = [("output" if k == 0 else f"output{k}", [out_name(i, k)]) for k in range(max(1, n_out))]
+        n_out = max(1, n_out, used.get(i, 0))        # topk, RNN, BatchNorm... have more outputs than they declare
+        if n_out > _MAX_OUTPUTS:
+            raise ValueError(f"node {nname!r} claims {n_out} outputs")
+        outs = [("output" if k == 0 else f"output{k}", [out_name(i, k)]) for k in range(n_out)]
         b.node(nname, str(op), ins, outs, {k: _value(v) for k, v in attrs.items()})
     heads = [out_name(int(h[0]), int(h[1])) for h in sym.get("heads", []) if 0 <= int(h[0]) < len(nodes)]
     return b.finish(inputs=inputs, outputs=heads or None)
+
+
+def _outputs_used(sym: dict, nodes: list) -> dict[int, int]:
+    """Node index -> how many outputs its consumers and the graph's heads refer to (highest index + 1)."""
+    used: dict[int, int] = {}
+    entries = [e for node in nodes for e in node.get("inputs", [])] + list(sym.get("heads", []))
+    for entry in entries:
+        src, idx = int(entry[0]), int(entry[1])
+        if idx < 0:
+            raise ValueError(f"an input refers to output {idx} of node {src}")
+        used[src] = max(used.get(src, 0), idx + 1)
+    return used
 
 
 def _value(v: Any) -> Any:
