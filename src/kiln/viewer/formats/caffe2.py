@@ -71,17 +71,38 @@ def _load(path: Path) -> pb.Message:
         raise _err(path, f"{exc}; it is truncated or damaged") from None
 
 
-def read(path: Path, handle: Any = None) -> ViewModel:
+def _pair(path: Path, warnings: list[str]) -> tuple[Path, Path | None]:
+    """(predict net, init net or None) for whichever of the two was opened, the other from inside its folder.
+
+    Caffe2's model zoo names them ``predict_net.pb`` / ``init_net.pb``; Detectron and detectron2 write
+    ``<name>.pb`` (or ``.pbtxt``) with the weights in ``<name>_init.pb``.
+    """
     name = path.name.lower()
-    predict_path, init_path = path, None
-    warnings: list[str] = []
     for a, b_ in (("predict_net", "init_net"), ("init_net", "predict_net")):
         if a in name:
             sibling = inside(path.parent, path.name.replace(a, b_).replace(a.upper(), b_.upper()),
                              f"the {b_} beside {path.name!r}", warnings)
+            if sibling is None:
+                return path, None
+            return (path, sibling) if a == "predict_net" else (sibling, path)
+    if path.stem.endswith("_init"):
+        for suffix in dict.fromkeys((path.suffix, ".pb", ".pbtxt")):
+            sibling = inside(path.parent, path.stem[:-5] + suffix, f"the predict net beside {path.name!r}", warnings)
             if sibling is not None:
-                predict_path, init_path = (path, sibling) if a == "predict_net" else (sibling, path)
-            break
+                with open(sibling, "rb") as f:
+                    if sniff(sibling, f.read(4096)):   # a NetDef, not another format's <name>.pb
+                        return sibling, path
+        return path, None
+    for suffix in dict.fromkeys((path.suffix, ".pb")):
+        sibling = inside(path.parent, f"{path.stem}_init{suffix}", f"the init net beside {path.name!r}", warnings)
+        if sibling is not None:
+            return path, sibling
+    return path, None
+
+
+def read(path: Path, handle: Any = None) -> ViewModel:
+    warnings: list[str] = []
+    predict_path, init_path = _pair(path, warnings)
     net = _load(predict_path)
     if not net.all("op"):
         raise _err(predict_path, "it holds no operators")
