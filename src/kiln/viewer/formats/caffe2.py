@@ -133,7 +133,7 @@ def _arg_value(a: pb.Message) -> Any:
         return (pb.raw_array(vals, "float", "<f4") if not isinstance(vals[0], float) else np.asarray(vals)).tolist()
     if "ints" in a:
         vals = a.all("ints")
-        return [int(v) for v in vals] if isinstance(vals[0], int) else pb.raw_array(vals, "int", "<i8").tolist()
+        return pb.raw_array(vals, "int", "<i8").tolist()   # int64, unpacked (as Caffe2 writes it) or packed
     if "strings" in a:
         return [bytes(s).decode("utf-8", "replace") if not isinstance(s, str) else s for s in a.all("strings")]
     return None
