@@ -271,7 +271,7 @@ def make_convolution_gemm1d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Ca
             middle = patches = None
             if any(pads):
                 xp = x.new_zeros(n, length + pads[0] + pads[1], c)                 # N, L, C: zero borders
-                middle = xp[:, pads[0]:pads[0] + length]
+                middle = xp[:, pads[0]:pads[0] + length].transpose(1, 2)           # N, C, L view
                 patches = xp.as_strided((n, lo, k, c), (xp.stride(0), stride * c, dil * c, 1))
             hit = buffers[key] = (middle, patches, cols, cols[:, :k * c].view(n, lo, k, c))
             if len(buffers) > MAX_PACKED_SHAPES:
@@ -287,19 +287,22 @@ def make_convolution_gemm1d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Ca
         lo = (length + pads[0] + pads[1] - dil * (k - 1) - 1) // stride + 1
         middle, patches, cols, into = scratch(x, k, lo, b is not None)
         if middle is not None:
-            middle.copy_(x.transpose(1, 2))
+            middle.copy_(x)
         else:
             sn, sc, sl = x.stride()
             patches = x.as_strided((n, lo, k, cin), (sn, stride * sl, dil * sl, sc), x.storage_offset())
         into.copy_(patches)
         y = torch.mm(cols, weight(w, b))                                              # [N·Lo, Cout]
-        y3 = y.view(n, lo, cout)
-        r = residual.transpose(1, 2) if residual is not None else None
-        if r is not None and not after:
+        if residual is None:
+            if act is not None:
+                y = act(y)
+            return (y.as_strided((n, cout, lo), (lo * cout, 1, cout)),)
+        y3, r = y.view(n, lo, cout), residual.transpose(1, 2)
+        if not after:
             y3.add_(r)
         if act is not None:
             y3 = act(y3)
-        if r is not None and after:
+        if after:
             y3 = y3.add_(r)
         return (y3.transpose(1, 2),)
     return run
