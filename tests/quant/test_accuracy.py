@@ -137,7 +137,7 @@ def test_accuracy_keeps_exactly_the_sensitive_layer(metric, independent):
     model, calib = sensitive_mlp(), calib_data()
     engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(
         device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max", accuracy=target,
-        profiles={"x": calib.shape}))
+        profiles={"x": calib.shape}, bias_correction=False))
     rec = engine.header["build"]["quantization"]["accuracy"]
     assert rec["kept"] == ["fc2"] and rec["quantized"] == 2 and rec["samples"] == len(calib)
     assert rec["metric"] == metric and rec["target"] == target
@@ -225,7 +225,8 @@ def test_cli_compare_per_layer_ranks_the_sensitive_layer_first(files, independen
     """kiln compare --int8 --per-layer: fc2 first, each layer's 'alone' and 'others' errors as ONNX Runtime gives
     them for the same layers quantized."""
     r = kiln_cli("compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--per-layer",
-              "--device", "cpu", "--shapes", "x:4x16", "--no-histogram", "--save-errors", "e.json", cwd=files)
+              "--no-bias-correction", "--device", "cpu", "--shapes", "x:4x16", "--no-histogram", "--save-errors",
+              "e.json", cwd=files)
     assert r.returncode in (0, 1), r.stderr[-2000:]
     lines = r.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("per quantized layer (int8, rel_l2"))
@@ -258,7 +259,8 @@ def test_sensitivity_ranks_the_layer_whose_removal_helps_most_first(metric, inde
     from kiln.builder.quant import evaluator, plan
     from kiln.builder.quant.accuracy import sensitivity
     calib = calib_data()
-    config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max")
+    config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max",
+                              bias_correction=False)
     net = kiln.onnx.parse(sensitive_mlp())
     planned = plan(net, config, need_batches=True)
     assert planned.layers == list(LAYERS)

@@ -154,7 +154,7 @@ def test_cli_build_int8_and_foreign_cache(tmp_path):
     assert "int8" in r.stdout and (tmp_path / "c.json").exists()
     engine = kiln.load(str(tmp_path / "cnn.kiln"))
     q = engine.header["build"]["quantization"]
-    assert {k: q[k] for k in ("mode", "calibrator", "fp16_layers")} == {"mode": "int8", "calibrator": "max",
+    assert {k: q[k] for k in ("mode", "calibrator", "fp16_layers")} == {"mode": "int8", "calibrator": "mse",
                                                                          "fp16_layers": []}
     assert sorted(q["layers"]) == ["conv2", "fc"] and "accuracy" not in q        # conv1: a 3-channel stem
     assert sum(layer["kind"] == "QuantizeLinear" for layer in engine.layers) == 2

@@ -120,9 +120,10 @@ def test_residual_add_reads_its_shortcut_through_the_shortcut_q_dq_pair():
     _check_against_ort(model, calib, rng.standard_normal((8, 3, 8, 8)).astype(np.float32), "max")
 
 
-def test_int8_and_fp8_default_to_the_max_calibrator():
+def test_int8_defaults_to_the_mse_calibrator_and_fp8_to_max_with_bias_correction():
     assert kiln.BuildConfig(device="cuda", quantize="fp8", calibration=[{}]).calibrator == "max"
-    assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}]).calibrator == "max"
+    assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}]).calibrator == "mse"
+    assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}]).bias_correction is True
     assert kiln.BuildConfig(device="cuda", quantize="int8", calibration=[{}], calibrator="entropy").calibrator == \
         "entropy"
     assert kiln.BuildConfig(device="cuda", quantize="fp8", calibration=[{}], calibrator="entropy").calibrator == \

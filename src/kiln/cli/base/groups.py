@@ -114,9 +114,13 @@ class Quantize(ArgGroup):
         parser.add_argument("--calib", metavar="DIR|FILE.npz|FILE.npy",
                             help="calibration inputs: a .npy (one input), an .npz (one array per input name) or a "
                                  "folder of them; samples along the first axis, preprocessed as the model expects")
-        parser.add_argument("--calibrator", choices=("max", "percentile", "entropy"),
-                            help="how activation ranges are found (default: max, the largest magnitude seen; "
-                                 "entropy is TensorRT's KL calibrator; see docs/quantization.md)")
+        parser.add_argument("--calibrator", choices=("max", "percentile", "entropy", "mse"),
+                            help="how activation ranges are found (default: mse for --int8, the least squared "
+                                 "quantization error; max for --fp8, the largest magnitude seen; entropy is "
+                                 "TensorRT's KL calibrator; see docs/quantization.md)")
+        parser.add_argument("--no-bias-correction", action="store_true",
+                            help="keep the float biases (default: correct conv/FC biases for the mean shift "
+                                 "quantization adds, from the calibration data)")
         parser.add_argument("--percentile", type=number(float, 0, 100, above=True), default=99.99, metavar="P",
                             help="the percentile calibrator's percent (default 99.99)")
         parser.add_argument("--calib-cache", metavar="FILE",
@@ -160,7 +164,7 @@ class Quantize(ArgGroup):
                           std=_floats(args.calib_std, "--calib-std"), scale=args.calib_scale, layout=args.calib_layout)
         return {"quantize": mode, "calibration": args.calib, "calibrator": args.calibrator,
                 "percentile": args.percentile, "calib_cache": args.calib_cache, "fp16_layers": args.fp16_layers or (),
-                "calib_preprocess": prep, "accuracy": args.accuracy}
+                "calib_preprocess": prep, "accuracy": args.accuracy, "bias_correction": not args.no_bias_correction}
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
