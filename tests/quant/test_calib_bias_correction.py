@@ -1,7 +1,8 @@
 """Bias correction in post-training quantization: the corrected bias against the mean output shift computed
 independently (torch convolutions and numpy matmuls of the float and quantized inputs and weights), end to end
 against ONNX Runtime's FP32 outputs (on the calibration data a 1x1 convolution's per-channel mean error is zero),
-and the calibration cache's channel means (round trip, damaged entries, caches made without them)."""
+calibrate.window_means against torch's unfold (padding, auto_pad SAME, strides, dilation), and the calibration
+cache's means (round trip, damaged entries, caches made without them)."""
 from __future__ import annotations
 
 import json
@@ -43,29 +44,69 @@ def _fake(x: np.ndarray, scale: float) -> np.ndarray:
     return np.clip(np.rint(x / scale), -127, 127) * scale
 
 
-@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 2)])
-def test_corrected_bias_cancels_the_mean_shift_of_a_convolution(kernel, stride):
-    """The shift is E[conv(Q(x), Wq)] - E[conv(x, W)] per output channel, from torch. With a 1x1 kernel the
-    channel means give it exactly; a 3x3 'valid' one reads every input position but the border's, so its
-    inputs here are constant per channel (then each window's mean is the channel's)."""
+def _window_means(x: np.ndarray, kernel: int, stride: int, padding: int) -> np.ndarray:
+    """The mean input each weight position [C, k, k] reads over samples and output positions, by torch's unfold."""
+    cols = torch.nn.functional.unfold(torch.from_numpy(x), kernel, padding=padding, stride=stride)   # [N, C*k*k, L]
+    return cols.mean(dim=(0, 2)).numpy().reshape(x.shape[1], kernel, kernel)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 2, 1), (3, 1, 1)])
+def test_corrected_bias_cancels_the_mean_shift_of_a_convolution(kernel, stride, padding):
+    """The shift is E[conv(Q(x), Wq)] - E[conv(x, W)] per output channel, from torch; given the mean input of each
+    weight position (torch's unfold, zero padding included), the corrected bias cancels it exactly."""
     c_in, c_out = 6, 5
     w = RNG.standard_normal((c_out, c_in, kernel, kernel)).astype(np.float32)
     b = RNG.standard_normal(c_out).astype(np.float32)
-    offsets = RNG.uniform(-2, 4, c_in)
-    if kernel == 1:
-        x = offsets[None, :, None, None] + RNG.standard_normal((4, c_in, 7, 7))
-    else:
-        x = np.broadcast_to(offsets[None, :, None, None], (4, c_in, 7, 7)).copy()
+    x = RNG.uniform(-2, 4, c_in)[None, :, None, None] + RNG.standard_normal((4, c_in, 7, 7))
     scale = np.abs(x).max() / 127 * 0.8                    # clips a little, so E[Q(x)] != E[x]
     wq, xq = _quantized(w), _fake(x, scale)
     conv = lambda a, k: torch.nn.functional.conv2d(torch.from_numpy(a), torch.from_numpy(k),  # noqa: E731
-                                                   stride=stride).numpy()
+                                                   stride=stride, padding=padding).numpy()
     shift = (conv(xq, wq) - conv(x, w.astype(np.float64))).mean(axis=(0, 2, 3))
-    got = corrected_bias(_Layer(b), w, wq, x.mean(axis=(0, 2, 3)), xq.mean(axis=(0, 2, 3)))
+    means = _window_means(x, kernel, stride, padding), _window_means(xq, kernel, stride, padding)
+    got = corrected_bias(_Layer(b), w, wq, *means)
     np.testing.assert_allclose(got, b - shift, rtol=0, atol=1e-5 * np.abs(shift).max() + 1e-6)
     assert np.abs(shift).max() > 1e-3                     # there was a shift to correct
-    none = corrected_bias(_Layer(None), w, wq, x.mean(axis=(0, 2, 3)), xq.mean(axis=(0, 2, 3)))
+    none = corrected_bias(_Layer(None), w, wq, *means)
     np.testing.assert_allclose(none, -shift, rtol=0, atol=1e-5 * np.abs(shift).max() + 1e-6)
+
+
+@pytest.mark.parametrize("attrs", [{"pads": [1, 0, 2, 1], "strides": [2, 1]}, {"auto_pad": "SAME_UPPER",
+                                                                               "strides": [2, 2]},
+                                   {"auto_pad": "SAME_LOWER", "strides": [2, 2], "dilations": [2, 1]}])
+def test_window_means_of_a_convolution_against_torch(attrs):
+    """calibrate.window_means of a convolution (explicit pads, ONNX auto_pad SAME, dilation) against torch's
+    unfold of the same zero-padded input, in float and fake-quantized with the input's range."""
+    from kiln.builder.quant.calibrate import load_batches, window_means
+    from kiln.builder.quant.insert import targets
+    w = RNG.standard_normal((4, 5, 3, 3)).astype(np.float32)          # 5 channels: not an image stem
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)
+    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, 9, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, None, None])], {"w": w})
+    net = kiln.onnx.parse(model)
+    x = (RNG.standard_normal((6, 5, 9, 8)) + 1).astype(np.float32)
+    amax = float(np.abs(x).max()) * 0.7
+    got = window_means(net, [t.layer for t in targets(net, set())], {"x": amax}, load_batches([{"x": x}], net),
+                       "cpu", "int8")["conv"]
+    ref = onnx_reference_pads(attrs, x.shape[2:], (3, 3))
+    d = attrs.get("dilations", [1, 1])
+    for value, mean in zip((x.astype(np.float64), _fake(x.astype(np.float64), np.float32(amax / 127))), got):
+        padded = np.pad(value, [(0, 0), (0, 0), (ref[0], ref[2]), (ref[1], ref[3])])
+        cols = torch.nn.functional.unfold(torch.from_numpy(padded), 3, dilation=d, stride=attrs["strides"])
+        np.testing.assert_allclose(mean, cols.mean(dim=(0, 2)).numpy().reshape(5, 3, 3), rtol=1e-12, atol=1e-12)
+
+
+def onnx_reference_pads(attrs: dict, size: tuple, kernel: tuple) -> list[int]:
+    """Begins then ends of the ONNX Conv's padding, as the ONNX spec defines auto_pad SAME."""
+    if "pads" in attrs:
+        return attrs["pads"]
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, attrs["strides"], attrs.get("dilations", [1, 1])):
+        total = max((int(np.ceil(n / s)) - 1) * s + (k - 1) * d + 1 - n, 0)
+        lower = total - total // 2 if attrs["auto_pad"] == "SAME_LOWER" else total // 2
+        begins.append(lower)
+        ends.append(total - lower)
+    return begins + ends
 
 
 def test_corrected_bias_of_a_fully_connected_layer_and_bad_statistics():
@@ -76,7 +117,7 @@ def test_corrected_bias_of_a_fully_connected_layer_and_bad_statistics():
     shift = (xq @ wq.T - x @ w.T).mean(0)
     np.testing.assert_allclose(corrected_bias(_Layer(np.zeros(4, np.float32)), w, wq, x.mean(0), xq.mean(0)),
                                -shift, rtol=0, atol=1e-6)
-    with pytest.raises(BuildError, match="reads 9 input channels but its calibration statistics hold 5"):
+    with pytest.raises(BuildError, match="has 9 weights per output channel but its calibration statistics hold 5"):
         corrected_bias(_Layer(None), w, wq, np.zeros(5), np.zeros(5))
 
 
@@ -121,13 +162,14 @@ def test_cache_holds_the_channel_means(tmp_path):
     model = _conv_model(True)
     calib = (RNG.standard_normal((16, 8, 5, 5)) + 2).astype(np.float32)
     path = tmp_path / "c.json"
-    cfg = dict(device="cpu", quantize="int8", calibration=[{"x": calib}], calib_cache=str(path))
+    cfg = dict(device="cpu", quantize="int8", calibration=[{"x": calib}], calib_cache=str(path), calibrator="max")
     first = plan(kiln.onnx.parse(model), kiln.BuildConfig(**cfg))
     again = plan(kiln.onnx.parse(model), kiln.BuildConfig(**{**cfg, "calibration": None}))
-    assert again.amax == first.amax and list(first.means) == ["x"] and list(again.means) == ["x"]
-    for a, b in zip(first.means["x"], again.means["x"]):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(first.means["x"][0], calib.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-12)
+    assert again.amax == first.amax and list(first.means) == ["conv"] and list(again.means) == ["conv"]
+    for a, b in zip(first.means["conv"], again.means["conv"]):
+        np.testing.assert_array_equal(a.ravel(), b)
+    np.testing.assert_allclose(first.means["conv"][0].ravel(), calib.astype(np.float64).mean(axis=(0, 2, 3)),
+                               rtol=1e-12)
     plain = plan(kiln.onnx.parse(model), kiln.BuildConfig(**cfg, bias_correction=False))
     assert plain.amax == first.amax and plain.means == {}
     old = dict(cfg, calib_cache=str(tmp_path / "old.json"))
@@ -136,7 +178,7 @@ def test_cache_holds_the_channel_means(tmp_path):
                                          "bias_correction True"):
         plan(kiln.onnx.parse(model), kiln.BuildConfig(**{**old, "calibration": None}))
     doc = json.loads(path.read_text())
-    doc["means"]["x"]["quantized"] = doc["means"]["x"]["quantized"][:-1]
+    doc["means"]["conv"]["quantized"] = doc["means"]["conv"]["quantized"][:-1]
     path.write_text(json.dumps(doc))
     before = path.read_bytes()
     with pytest.raises(BuildError, match="is damaged: 'means'"):

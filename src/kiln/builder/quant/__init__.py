@@ -53,8 +53,8 @@ def check_device(mode: str, device: str, capability: tuple[int, int] | None = No
 class QuantPlan(NamedTuple):
     """What a post-training quantization of a network quantizes: the layers (by name, in network order), the
     amax of every activation they read, the calibration batches (None when the ranges came from a cache) and, for
-    bias correction, the float and quantized channel means of the activations that convolutions and
-    fully-connected layers read (empty without it)."""
+    bias correction, the float and quantized mean input of each weight position of its convolutions and
+    fully-connected layers, by layer name (empty without it; calibrate.window_means)."""
 
     layers: list[str]
     amax: dict[str, float]
@@ -69,8 +69,8 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     ``need_batches``)."""
     from kiln.builder.precision import fp32_matches
     from kiln.builder.quant import cache
-    from kiln.builder.quant.calibrate import calibrate, channel_means, load_batches
-    from kiln.builder.quant.insert import channel_axis, refuse_quantized, targets
+    from kiln.builder.quant.calibrate import calibrate, load_batches, window_means
+    from kiln.builder.quant.insert import corrects_bias, refuse_quantized, targets
     mode = config.quantize
     device = config.resolved_device()
     check_device(mode, device)
@@ -83,10 +83,11 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
                          f"weight to quantize in {network.name!r}; build it without --{mode}.")
     names = list(dict.fromkeys(t.layer.inputs[i].name for t in chosen for i in t.acts))
     correct = bool(getattr(config, "bias_correction", True))
-    axes = {t.layer.inputs[t.acts[0]].name: a for t in chosen if correct and (a := channel_axis(t)) is not None}
+    corrected = [t.layer for t in chosen if correct and corrects_bias(t)]
     model = cache.fingerprint(network)
     how = cache.settings(config.calibrator, config.percentile, mode, correct)
-    found = cache.load(config.calib_cache, model, how, names, list(axes)) if config.calib_cache else None
+    found = cache.load(config.calib_cache, model, how, names, [layer.name for layer in corrected]) \
+        if config.calib_cache else None
     amax, means = found if found is not None else (None, {})
     batches = None
     if amax is None or need_batches:
@@ -99,7 +100,7 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     if amax is None:
         (progress or (lambda stage, frac: None))("calibrate", 0.0)
         amax = calibrate(network, names, batches, device, config.calibrator, config.percentile, mode=mode)
-        means = channel_means(network, axes, amax, batches, device, mode) if axes else {}
+        means = window_means(network, corrected, amax, batches, device, mode) if corrected else {}
         if config.calib_cache:
             cache.save(config.calib_cache, model, how, amax, means)
     return QuantPlan([t.layer.name for t in chosen], amax, batches, means)

@@ -1,5 +1,5 @@
 """The calibration cache: a JSON file holding the model's fingerprint, the calibrator and the amax of each
-calibrated tensor (with bias correction, also the float and quantized channel means of the tensors it needs), so a
+calibrated tensor (with bias correction, also the float and quantized mean inputs of each corrected layer), so a
 rebuild skips calibration. A cache is data: it is validated before use, and one made
 for another model, another calibrator or another set of tensors is refused in one line, never overwritten."""
 from __future__ import annotations
@@ -54,7 +54,7 @@ def settings(calibrator: str, percentile: float, mode: str = "int8", bias_correc
 def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_names: list[str] = ()
          ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]] | None:
     """The amax table cached in ``path`` for this model (``model``: its fingerprint) and calibration ``how``, and
-    the channel means of ``mean_names``; None when the file does not exist yet."""
+    the mean inputs of layers ``mean_names`` (bias correction); None when the file does not exist yet."""
     if not os.path.exists(path):
         return None
     try:
@@ -88,18 +88,18 @@ def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_name
 
 
 def _means(path: str, means: Any, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The cache's channel means of ``names``, checked: two equally long lists of finite numbers per tensor."""
+    """The cache's mean inputs of layers ``names``, checked: two equally long lists of finite numbers per layer."""
     def ok(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                            and math.isfinite(x) for x in v)
     if not isinstance(means, dict) or not all(
             isinstance(m, dict) and ok(m.get("float")) and ok(m.get("quantized"))
             and len(m["float"]) == len(m["quantized"]) for m in means.values()):
-        raise BuildError(f"Calibration cache {path!r} is damaged: 'means' must map tensor names to equally long "
+        raise BuildError(f"Calibration cache {path!r} is damaged: 'means' must map layer names to equally long "
                          f"'float' and 'quantized' lists of finite numbers; delete it to calibrate again.")
     missing = [n for n in names if n not in means]
     if missing:
-        raise BuildError(f"Calibration cache {path!r} has no channel means for tensor {missing[0]!r} (it was made "
+        raise BuildError(f"Calibration cache {path!r} has no mean inputs for layer {missing[0]!r} (it was made "
                          f"with other layers quantized); give a new --calib-cache path to calibrate again.")
     return {n: (np.array(means[n]["float"], np.float64), np.array(means[n]["quantized"], np.float64)) for n in names}
 
@@ -109,7 +109,7 @@ def save(path: str, model: str, how: dict[str, Any], amax: dict[str, float],
     """Write the cache (to a temporary file first, so a failed write leaves no half file)."""
     doc = {"format": FORMAT, "version": VERSION, "model": model, **how, "amax": dict(sorted(amax.items()))}
     if means:
-        doc["means"] = {n: {"float": [float(v) for v in a], "quantized": [float(v) for v in b]}
+        doc["means"] = {n: {"float": [float(v) for v in a.ravel()], "quantized": [float(v) for v in b.ravel()]}
                         for n, (a, b) in sorted(means.items())}
     tmp = f"{path}.tmp{os.getpid()}"
     try:

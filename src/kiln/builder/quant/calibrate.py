@@ -11,6 +11,7 @@ batch dim is dynamic at most ``CALIB_BATCH``.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from kiln.errors import BuildError
 from kiln.ir.dtypes import np_dtype
-from kiln.ir.network import Network
+from kiln.ir.network import Layer, Network
 from kiln.builder.quant.calibrators import Histogram, entropy_amax, fake_quantize, mse_amax, percentile_amax
 from kiln.builder.quant.images import IMAGE_EXTENSIONS, Preprocess, read_images
 
@@ -181,22 +182,57 @@ def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: 
     return {n: entropy_amax(h, levels) for n, h in hists.items()}
 
 
-def channel_means(net: Network, axes: Mapping[str, int], amax: Mapping[str, float], batches: list[Batch],
-                  device: str, mode: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per tensor of ``axes`` (its name → its channel axis), the mean of each channel over the calibration
-    batches, in float and after symmetric quantization to ``mode`` with range ``amax[name]`` (what bias correction
-    needs: insert.corrected_bias)."""
+def window_means(net: Network, layers: Sequence[Layer], amax: Mapping[str, float], batches: list[Batch],
+                 device: str, mode: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per convolution or fully-connected layer of ``layers`` (by name), the mean input each weight position
+    reads over the calibration batches and the layer's output positions (zero where its window reaches into
+    padding; [C_in, *kernel], or [K] for a fully-connected layer), in float and after symmetric quantization to
+    ``mode`` with the range ``amax`` of the input: what bias correction needs (insert.corrected_bias)."""
     from kiln.builder.quant.insert import TYPES, act_scale
     qmax = TYPES[mode][1]
-    sums: dict[str, list] = {n: [0.0, 0.0, 0] for n in axes}
+    readers: dict[str, list[Layer]] = {}
+    for layer in layers:
+        readers.setdefault(layer.inputs[0].name, []).append(layer)
+    sums: dict[str, list] = {layer.name: [0.0, 0.0, 0] for layer in layers}
 
     def add(values: dict[str, np.ndarray]) -> None:
         for n, v in values.items():
-            v = np.nan_to_num(np.moveaxis(np.asarray(v, np.float64), axes[n], -1), nan=0.0, posinf=0.0, neginf=0.0)
-            v = v.reshape(-1, v.shape[-1])
+            v = np.nan_to_num(np.asarray(v, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
             scale = float(act_scale(amax[n], qmax)) * qmax
             q = fake_quantize(v / scale, mode) * scale
-            acc = sums[n]
-            acc[0], acc[1], acc[2] = acc[0] + v.sum(0), acc[1] + q.sum(0), acc[2] + len(v)
-    observe(net, list(axes), batches, device, add)
+            for layer in readers[n]:
+                acc = sums[layer.name]
+                (a, k), (b, _) = _window_sums(v, layer), _window_sums(q, layer)
+                acc[0], acc[1], acc[2] = acc[0] + a, acc[1] + b, acc[2] + k
+    observe(net, list(readers), batches, device, add)
     return {n: (np.asarray(a / max(k, 1)), np.asarray(b / max(k, 1))) for n, (a, b, k) in sums.items()}
+
+
+def _window_sums(x: np.ndarray, layer: Layer) -> tuple[np.ndarray, int]:
+    """The sum, over samples and ``layer``'s output positions, of the input each weight position reads (a
+    convolution's zero padding reads 0), and the number of output positions summed."""
+    if layer.kind != "Convolution":
+        v = x.reshape(-1, x.shape[-1])
+        return v.sum(0), len(v)
+    kernel = layer.inputs[1].value.shape[2:]
+    nd, a = len(kernel), layer.attrs
+    stride, dilation = list(a.get("stride") or [1] * nd), list(a.get("dilation") or [1] * nd)
+    pads = list(a.get("pads") or [0] * (2 * nd))
+    if a.get("auto_pad"):
+        pads = _same_pads(x.shape[2:], kernel, stride, dilation, a["auto_pad"])
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    out = [(xp.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    sums = np.zeros((x.shape[1], *kernel))
+    for at in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(at, dilation, stride, out))
+        sums[(slice(None), *at)] = xp[(slice(None), slice(None), *window)].sum(axis=(0, *range(2, 2 + nd)))
+    return sums, x.shape[0] * int(np.prod(out))
+
+
+def _same_pads(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+               mode: str) -> list[int]:
+    """ONNX auto_pad SAME_UPPER/SAME_LOWER: begins then ends, so that each output size is ceil(size / stride)."""
+    total = [max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0) for n, k, s, d in zip(size, kernel, stride, dilation)]
+    small = [t // 2 for t in total]
+    begin = small if mode == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+    return begin + [t - b for t, b in zip(total, begin)]

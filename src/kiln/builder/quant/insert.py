@@ -58,11 +58,10 @@ def _target(layer: Layer) -> Target | None:
     return None
 
 
-def channel_axis(t: Target) -> int | None:
-    """The channel axis of the activation a bias-corrected target reads (1 for a convolution, the last for a
-    fully-connected layer); None for layers bias correction leaves alone (matmuls and GEMMs: no bias input of
-    their own)."""
-    return {"Convolution": 1, "FullyConnected": -1}.get(t.layer.kind)
+def corrects_bias(t: Target) -> bool:
+    """Whether bias correction covers the target: convolutions and fully-connected layers (matmuls and GEMMs have
+    no bias input of their own)."""
+    return t.layer.kind in ("Convolution", "FullyConnected")
 
 
 def targets(net: Network, exclude: set[int]) -> list[Target]:
@@ -106,15 +105,15 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
            means: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, dict]:
     """Rewrite ``net`` in place: each target reads its weight dequantized from 8-bit codes of ``mode`` and its
     activations through a shared Q/DQ pair with the scale ``amax[name] / qmax`` (127 for int8, 448 for fp8).
-    With ``means`` (per activation: its channels' float and quantized means), each convolution and
-    fully-connected layer gets bias correction (``corrected_bias``). Returns each target's scales by layer name
+    With ``means`` (per layer name: the float and quantized mean input of each weight position, from
+    calibrate.window_means), each convolution and fully-connected layer named there gets bias correction
+    (``corrected_bias``). Returns each target's scales by layer name
     (the layer record of kiln.engine.quant_record)."""
     dtype, qmax = TYPES[mode]
     pairs: dict[str, object] = {}
     scales: dict[str, dict] = {}
     for t in chosen:
         layer = t.layer
-        read = layer.inputs[t.acts[0]].name
         acts = {}
         for i in t.acts:
             x = layer.inputs[i]
@@ -128,8 +127,8 @@ def insert(net: Network, chosen: list[Target], amax: dict[str, float], mode: str
                                                                           "count": int(s.size), "min": float(s.min()),
                                                                           "max": float(s.max())}}
         codes = quantize_weight(w.value, s, t.axis, qmax, dtype)
-        if means and channel_axis(t) is not None and read in means:
-            _correct_bias(net, layer, corrected_bias(layer, w.value, dequantize(codes, s, t.axis), *means[read]))
+        if means and layer.name in means:
+            _correct_bias(net, layer, corrected_bias(layer, w.value, dequantize(codes, s, t.axis), *means[layer.name]))
         q = net.add_constant(codes, name=net.unique_name(f"{w.name}_{dtype}"))
         dq = net.add_layer("DequantizeLinear", [q, net.add_constant(s, name=net.unique_name(f"{w.name}_scale")),
                                                 net.add_constant(np.zeros(s.shape, np_dtype(dtype)),
@@ -155,20 +154,18 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
 def corrected_bias(layer: Layer, w: np.ndarray, wq: np.ndarray, mean: np.ndarray, qmean: np.ndarray
                    ) -> np.ndarray | None:
     """Bias correction (Nagel et al., "Data-Free Quantization", 2019; NNCF's and Sony MCT's PTQ do it by default):
-    the bias of a convolution or fully-connected ``layer`` (weight ``w`` [out, in, ...], quantized ``wq``) less the
-    shift quantization adds to each output channel's mean, ``wq · E[Q(x)] - w · E[x]`` over input channels (each
-    weight's kernel window summed), from the input's channel means in float (``mean``) and quantized (``qmean``).
-    Output positions whose window reaches into padding are counted as if it did not. None for a layer whose bias
-    is not a constant."""
+    the bias of a convolution or fully-connected ``layer`` (weight ``w`` [out, in, *kernel], quantized ``wq``) less
+    the shift quantization adds to each output channel's mean, ``sum(wq * E[Q(x)]) - sum(w * E[x])`` over each
+    weight position, from the mean input each weight position reads in float (``mean``) and quantized (``qmean``),
+    shaped ``w.shape[1:]`` (or flat). None for a layer whose bias is not a constant."""
     b = layer.inputs[2] if len(layer.inputs) > 2 else None
     if b is not None and not b.is_constant:
         return None
-    if mean.shape != (w.shape[1],) or qmean.shape != mean.shape:
-        raise BuildError(f"Layer {layer.name!r} reads {w.shape[1]} input channels but its calibration statistics "
-                         f"hold {mean.shape[0] if mean.ndim else 1}; give a new --calib-cache path to calibrate "
-                         f"again.")
-    per_in = lambda a: a.astype(np.float64).reshape(a.shape[0], a.shape[1], -1).sum(-1)  # noqa: E731
-    shift = per_in(wq) @ qmean.astype(np.float64) - per_in(w) @ mean.astype(np.float64)
+    if mean.size != qmean.size or mean.size != int(np.prod(w.shape[1:])):
+        raise BuildError(f"Layer {layer.name!r} has {int(np.prod(w.shape[1:]))} weights per output channel but its "
+                         f"calibration statistics hold {mean.size}; give a new --calib-cache path to calibrate again.")
+    flat = lambda a: a.astype(np.float64).reshape(a.shape[0], -1)  # noqa: E731
+    shift = flat(wq) @ qmean.astype(np.float64).ravel() - flat(w) @ mean.astype(np.float64).ravel()
     bias = b.value.astype(np.float64) if b is not None else np.zeros(w.shape[0])
     return (bias - shift).astype(np.float32)
 
