@@ -49,7 +49,8 @@ def layer_summary(engine) -> dict[str, Any]:
     eight = [layer for layer in engine.layers if layer["kind"] in EIGHT_BIT]
     return {"layers": len(engine.layers), "eight_bit": len(eight),
             "tactics": dict(collections.Counter(f"{layer['kind']}:{layer['tactic']}" for layer in eight)),
-            "qdq_left": sum(layer["kind"] in ("QuantizeLinear", "DequantizeLinear") for layer in engine.layers)}
+            "qdq_left": sum(layer["kind"] in ("QuantizeLinear", "DequantizeLinear") for layer in engine.layers),
+            "all_tactics": dict(collections.Counter(f"{layer['kind']}:{layer['tactic']}" for layer in engine.layers))}
 
 
 def profile(ctx, inputs, top: int = 10) -> dict[str, float]:
