@@ -91,11 +91,29 @@ def _feeds(name: str) -> list[dict[str, np.ndarray]]:
 
 
 def _step_by_step(ctx, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The program run step by step (the path a timer takes: the runtime before slot plans)."""
-    tensors = [torch.from_numpy(feeds[spec["name"]]) for spec in ctx.engine.inputs]
+    """The program's steps called one by one over a dict of names (the runtime before slot plans)."""
+    program = ctx.program
+    values = {**program.constants, **{spec["name"]: torch.from_numpy(feeds[spec["name"]])
+                                      for spec in ctx.engine.inputs}}
     with torch.inference_mode():
-        outs = ctx.program.run_env({}, tensors, timer=lambda step, thunk: thunk())
-    return [o.numpy() for o in outs]
+        for step in program.steps:
+            args = [None if n is None else step.fixed[i] if i in step.fixed else values[n] for i, n in enumerate(step.ins)]
+            values.update(zip(step.outs, step.fn(*args)))
+    return [values[n].numpy() for n in program.outputs]
+
+
+def test_a_timed_cpu_run_runs_the_slot_plan(tmp_path) -> None:
+    """ctx.profile and ctx.run_all time and read the path a run takes (the slot plan), with its results."""
+    model = _bench().chain_model(8)
+    engine = _bench().build_cpu(model, tmp_path / "m.onnx")
+    ctx = engine.context(threads=1)
+    x = np.random.default_rng(5).standard_normal((1, 8)).astype(np.float32)
+    rows = ctx.profile({"x": x}, runs=2)
+    assert ctx.program._slot_plan is not None and len(rows) == 8
+    seen = ctx.run_all({"x": x})
+    out = engine.outputs[0]["name"]
+    np.testing.assert_array_equal(seen[out], _step_by_step(ctx, {"x": x})[0])
+    assert len(seen) == 8
 
 
 @pytest.mark.parametrize("name", ["chain", "if", "loop", "scan"])

@@ -237,13 +237,13 @@ class Program:
 
     def run_env(self, env: dict[str, torch.Tensor], inputs: list[torch.Tensor], timer=None) -> list[torch.Tensor]:
         """Run every step; ``timer`` (optional) wraps each step: timer(step, thunk) -> outputs. A CPU program
-        without a timer runs its slot plan (kiln.runtime.slots)."""
-        if timer is None and self.device == "cpu":
+        runs its slot plan (kiln.runtime.slots), timed or not, so a profile times what a run runs."""
+        if self.device == "cpu":
             plan = self._slot_plan
             if plan is None:
                 from kiln.runtime.slots import SlotPlan
                 plan = self._slot_plan = SlotPlan(self)
-            return plan.run(env, inputs)
+            return plan.run(env, inputs, timer)
         values = dict(env)
         for buf in self._concat_buffers:
             buf.current = None

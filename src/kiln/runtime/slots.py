@@ -120,8 +120,9 @@ class SlotPlan:
         self.n_outputs = len(out_slots)
         self.output_getter = itemgetter(*out_slots) if out_slots else _no_args
 
-    def run(self, env: dict[str, Any], inputs: list[Any]) -> list[Any]:
-        """The program's outputs for ``inputs``; ``env`` holds the outer values a subgraph body reads."""
+    def run(self, env: dict[str, Any], inputs: list[Any], timer: Callable | None = None) -> list[Any]:
+        """The program's outputs for ``inputs``; ``env`` holds the outer values a subgraph body reads; ``timer``
+        (optional) wraps each step: timer(step, thunk) -> outputs."""
         slots = self.template.copy()
         if self.outer:
             try:
@@ -138,7 +139,17 @@ class SlotPlan:
             slots[i] = v
         step = get = None
         try:
-            for fn, n_in, a, b, get, out, outs, frees, step in self.steps:
+            if timer is not None:
+                for fn, _, _, _, get, _, outs, frees, step in self.steps:
+                    args = get(slots)
+                    for i, v in zip(outs, timer(step, lambda: fn(*args))):
+                        slots[i] = v
+                    for i in frees:
+                        slots[i] = None
+                steps: tuple = ()
+            else:
+                steps = self.steps
+            for fn, n_in, a, b, get, out, outs, frees, step in steps:
                 if n_in == 1:
                     r = fn(slots[a])
                 elif n_in == 2:
