@@ -333,3 +333,14 @@ def test_gemm1d_kept_buffers_follow_shape_and_weight_changes():
         else:
             got, want = run(x, weight, bias)[0], ref(x, weight, bias)
         _check(got, want)
+
+
+def test_gemm1d_a_weight_of_another_kernel_size_at_the_same_input_shape():
+    """A weight computed at run time may change its kernel size while the input shape stays: the kept buffers
+    follow it."""
+    run = make_convolution_gemm1d_cpu({"stride": [1], "pads": [1, 1], "dilation": [1], "groups": 1}, CPU)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 3, 10, generator=g)
+    for k in (3, 5, 3):
+        w, b = torch.randn(4, 3, k, generator=g), torch.randn(4, generator=g)
+        _check(run(x, w, b)[0], F.conv1d(F.pad(x.double(), [1, 1]), w.double(), b.double()))

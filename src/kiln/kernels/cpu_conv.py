@@ -261,7 +261,7 @@ def make_convolution_gemm1d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> Ca
 
     def scratch(x: torch.Tensor, k: int, lo: int, bias: bool) -> tuple:
         """(the padded buffer's middle or None, its patches or None, the patch matrix, where patches go in it)"""
-        key = (tuple(x.shape), x.dtype, bias)
+        key = (tuple(x.shape), x.dtype, k, lo, bias)
         hit = buffers.get(key)
         if hit is None:
             n, c, length = x.shape
