@@ -36,6 +36,10 @@ def compile_sm90(fn: Any, args: tuple, kwargs: dict) -> Any:
     from triton.compiler import ASTSource
     from triton.runtime.jit import native_specialize_impl
 
+    from kiln.triton_support import DeferredKernel, load_triton
+    load_triton()
+    if isinstance(fn, DeferredKernel):      # taken from its module before Triton was loaded
+        fn = fn.kernel
     names = [p.name for p in fn.params]
     bound = dict(zip(names, args))
     bound.update({k: v for k, v in kwargs.items() if k in names})

@@ -76,20 +76,25 @@ def small_config(m: int, cout: int, cin: int, sms: int = 132) -> ConvConfig:
 
 
 @triton.jit
-def tile_offsets(M, N, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output rows and columns of an [M, N] GEMM, programs ordered GROUP_M row-tiles at
-    a time (neighbours share their B columns and A rows in L2); rows in int64 with IDX64."""
-    pid = tl.program_id(0)
+def tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The first row and column of output tile ``tile`` of an [M, N] GEMM, tiles ordered GROUP_M row-tiles at a
+    time (neighbours share their B columns and A rows in L2)."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // in_group) * GROUP_M
+    first_m = (tile // in_group) * GROUP_M
     rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % rows
-    pid_n = (pid % in_group) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (first_m + (tile % in_group) % rows) * BLOCK_M, ((tile % in_group) // rows) * BLOCK_N
+
+
+@triton.jit
+def tile_offsets(M, N, IDX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output rows and columns of an [M, N] GEMM (``tile_origin``'s order); rows in int64 with
+    IDX64."""
+    first_m, first_n = tile_origin(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = first_m + tl.arange(0, BLOCK_M)
     if IDX64:
         offs_m = offs_m.to(tl.int64)
-    return offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, first_n + tl.arange(0, BLOCK_N)
 
 
 # Sizes that change with the batch or the image stay unspecialized (one compile serves them

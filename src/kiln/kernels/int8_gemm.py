@@ -32,7 +32,7 @@ import torch
 from kiln.errors import BuildError
 from kiln.ir.dtypes import torch_dtype
 from kiln.kernels._util import per_tensor
-from kiln.kernels.conv_triton import igemm_origin, igemm_tap, out_size, tile_offsets
+from kiln.kernels.conv_triton import ConvConfig, igemm_origin, igemm_tap, out_size, tile_offsets
 from kiln.kernels.epilogue_triton import ACTS, apply_act, epilogue_params, nhwc_output
 from kiln.kernels.quantize import RANGES, weight_scales
 from kiln.kernels.registry import tactic
@@ -43,13 +43,7 @@ MODES = {torch.int8: 0, torch.uint8: 1, torch.float8_e4m3fn: 2}
 FLOAT_OUT = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class QGemmConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    group_m: int = 8
+QGemmConfig = ConvConfig       # the same tile parameters as the float implicit-GEMM kernel
 
 
 def default_config(m: int, n: int, cin: int) -> QGemmConfig:

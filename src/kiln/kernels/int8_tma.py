@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from kiln.errors import BuildError
+from kiln.kernels.conv_triton import tile_origin
 from kiln.kernels.int8_gemm import _make, _supports, epilogue_tile
 from kiln.kernels.registry import tactic
 from kiln.triton_support import cdiv, next_pow2, tl, triton
@@ -167,17 +168,6 @@ def launch_tma_conv(x: torch.Tensor, wk: torch.Tensor, y: torch.Tensor, q: torch
 
 
 @triton.jit
-def _tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The first row and column of output tile ``tile``, tiles ordered GROUP_M row-tiles at a time (neighbours
-    share their B columns and A rows in L2)."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (tile // in_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    return (first_m + (tile % in_group) % rows) * BLOCK_M, ((tile % in_group) // rows) * BLOCK_N
-
-
-@triton.jit
 def _tile_product(a_desc, b_desc, off_m, off_n, K: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] accumulator of one output tile: int32 (int8 and uint8 codes, the latter shifted by
@@ -264,15 +254,15 @@ def _qgemm_tma_kernel(a_desc, b_desc, y_desc, q_desc, r_desc, ib_ptr, mult_ptr, 
         # the epilogue's tile counter is a second one, so the flattened loop's prologue does not carry it
         done = tl.program_id(0) - NUM_SMS
         for tile in tl.range(tl.program_id(0), tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPEC):
-            off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            off_m, off_n = tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             acc = _tile_product(a_desc, b_desc, off_m, off_n, K, MODE, BLOCK_M, BLOCK_N, BLOCK_K)
             done += NUM_SMS
-            out_m, out_n = _tile_origin(done, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            out_m, out_n = tile_origin(done, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             _finish_tile(acc, out_m, out_n, 0, 0, 0, y_desc, q_desc, r_desc, ib_ptr, mult_ptr, N, out_inv, out_zp,
                          q_inv, q_zp, r_scale, r_zp, alpha, beta, MODE, OUT, LO, HI, QOUT, QLO, QHI, ACT, HAS_RES,
                          RES_AFTER, BLOCK_M, BLOCK_N, SPLIT, 0, 0)
     else:
-        off_m, off_n = _tile_origin(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m, off_n = tile_origin(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _tile_product(a_desc, b_desc, off_m, off_n, K, MODE, BLOCK_M, BLOCK_N, BLOCK_K)
         _finish_tile(acc, off_m, off_n, 0, 0, 0, y_desc, q_desc, r_desc, ib_ptr, mult_ptr, N, out_inv, out_zp, q_inv,
                      q_zp, r_scale, r_zp, alpha, beta, MODE, OUT, LO, HI, QOUT, QLO, QHI, ACT, HAS_RES, RES_AFTER,
