@@ -3,9 +3,10 @@
 `kiln plugins` imports the built-in plugins but neither Triton (their kernels are deferred until a launch:
 kiln.triton_support) nor numpy. ONNX files are read without the onnx package (its ml_dtypes extension alone
 costs a second or more), by `kiln inspect`, `kiln check` and `kiln build`. `kiln check` of a static model
-whose layers keep or broadcast their input shapes does not import torch either (nothing in the build's steps
-could refuse it). Shape inference on meta tensors does not import torch._dynamo (seconds of CPU), in `kiln check`
-of a model with static shapes (which runs the build's steps) or in a small CPU build."""
+whose layers' shapes follow in closed form (convolutions, pooling, matrix products, normalization,
+element-wise layers, views with constant targets) does not import torch either (nothing in the build's steps
+could refuse it). Shape inference on meta tensors does not import torch._dynamo (seconds of CPU), in `kiln
+check` with a profile (which runs the build's steps) or in a small CPU build."""
 from __future__ import annotations
 
 import json
@@ -50,7 +51,8 @@ def test_parser_imports_nothing_heavy():
 
 _CHECK_THEN_BUILD = ("import sys, io, contextlib, kiln.cli\n"
                      "model, out = sys.argv[1:]\n"
-                     "for args in (['check', model], ['build', model, '-o', out, '--device', 'cpu', '-q']):\n"
+                     "for args in (['check', model, '--shapes', 'x:1x3x8x8'],\n"
+                     "             ['build', model, '-o', out, '--device', 'cpu', '-q']):\n"
                      "    with contextlib.redirect_stdout(io.StringIO()):\n"
                      "        code = kiln.cli.main(args)\n"
                      "    print(args[0], code, 'torch._dynamo' in sys.modules)\n")
@@ -109,6 +111,12 @@ def _matmul_relu(path: Path) -> Path:
                           [numpy_helper.from_array(np.ones((4, 4), np.float32), "w")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
+
+
+def test_check_of_a_static_conv_gemm_matmul_model_imports_neither_torch_nor_onnx(tmp_path: Path) -> None:
+    """Conv, MaxPool, GlobalAveragePool, Flatten, Gemm (the small CNN) and MatMul: shapes from kiln.ir.shape_rules."""
+    for model in (_small_cnn(tmp_path / "cnn.onnx"), _matmul_relu(tmp_path / "mm.onnx")):
+        assert _imported("check", model) == (0, ["numpy"]), model.name
 
 
 _BUILDS = ("import sys, io, contextlib, json, kiln.cli\n"

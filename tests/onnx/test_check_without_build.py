@@ -1,5 +1,5 @@
 """`kiln check` skips the build's steps (and torch) only where they provably refuse nothing: the networks it
-clears pass ``prepare`` on the CPU, and every network outside the rule still goes through ``prepare``."""
+clears pass ``prepare`` on the CPU, and every network outside the closed form still goes through ``prepare``."""
 from __future__ import annotations
 
 import importlib
@@ -33,6 +33,13 @@ _CLEARED = {
                         [("x", [3, 1]), ("z", [1, 4])], [("c", np.float32(0.5))]),
     "layernorm": _model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1)], [("x", [2, 8])],
                         [("g", np.ones(8, np.float32)), ("b", np.zeros(8, np.float32))]),
+    "conv": _model([helper.make_node("Conv", ["x", "w"], ["y"])], [("x", [1, 1, 4, 4])],
+                   [("w", np.ones((1, 1, 3, 3), np.float32))]),
+    "auto_pad": _model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], auto_pad="SAME_UPPER")],
+                       [("x", [1, 1, 4, 4])]),       # static shapes: the parser resolves the padding
+    "flatten_gemm": _model([helper.make_node("Flatten", ["x"], ["f"]),
+                            helper.make_node("Gemm", ["f", "w"], ["y"], transB=1)], [("x", [2, 3, 2])],
+                           [("w", np.ones((5, 6), np.float32))]),
 }
 
 
@@ -47,11 +54,11 @@ def test_what_the_rule_clears_passes_the_builds_steps(name):
 _BIG = 1 << 14          # [1, 2^14] + [2^14, 1] broadcasts to 2^28 elements: over the bound at 16 bytes each
 _OUTSIDE = {
     "dynamic": _model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 4])]),
-    "auto_pad": _model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], auto_pad="SAME_UPPER")],
-                       [("x", [1, 1, 4, 4])]),
     "tile": _model([helper.make_node("Tile", ["x", "r"], ["y"])], [("x", [1, 4])], [("r", np.array([2, 2]))]),
-    "conv": _model([helper.make_node("Conv", ["x", "w"], ["y"])], [("x", [1, 1, 4, 4])],
-                   [("w", np.ones((1, 1, 3, 3), np.float32))]),
+    "shape": _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
+                    [("x", [1, 4])]),
+    "resize": _model([helper.make_node("Resize", ["x", "", "sc"], ["y"], mode="nearest")], [("x", [1, 1, 4, 4])],
+                     [("sc", np.array([1, 1, 2, 2], np.float32))]),
     "large": _model([helper.make_node("Add", ["x", "z"], ["y"])], [("x", [1, _BIG]), ("z", [_BIG, 1])]),
 }
 

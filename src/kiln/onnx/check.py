@@ -87,44 +87,70 @@ _NO_REFUSAL_BYTES = 1 << 30      # kiln.builder.memory.DEVICE_QUERY_BYTES (impor
 
 def _nothing_to_refuse(net) -> bool:
     """Whether ``kiln.builder.build.prepare`` provably refuses nothing on ``net`` at its own static input
-    shapes on the CPU (or a GPU): every layer keeps its first input's shape or broadcasts its inputs,
-    so there is no padding to resolve, no output sized by values and no subgraph, and all tensors
-    together, at 16 bytes an element, stay under the size above which the build asks the device for
-    memory. A kind's shape rule is kiln.passes.symbolic's SAME_SHAPE list, Identity's y = x, and
-    ElementWise's broadcasting. Verification, which needs no shapes, runs here as in the build."""
+    shapes on the CPU (or a GPU): every layer's output shapes follow from its inputs' in closed form
+    (``_static_outputs``), there is no padding to resolve, no output sized by values and no subgraph, and
+    all tensors together, at 16 bytes an element, stay under the size above which the build asks the
+    device for memory. Verification, which needs no shapes, runs here as in the build."""
     import math
-
-    import numpy as np
 
     from kiln.ir.network import subgraphs
     from kiln.ir.verify import verify
-    from kiln.passes.symbolic import SAME_SHAPE
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str | None] = {}
     for t in net.inputs:
         if t.shape is None or not all(isinstance(d, int) for d in t.shape):
             return False
-        shapes[t.name] = tuple(t.shape)
+        shapes[t.name], dtypes[t.name] = tuple(t.shape), t.dtype
     for t in net.constants():
-        shapes[t.name] = tuple(t.value.shape)
+        shapes[t.name], dtypes[t.name] = tuple(t.value.shape), t.dtype
     for layer in net.layers:
-        ins = [shapes.get(t.name) for t in layer.inputs if t is not None]
-        if not ins or None in ins or "auto_pad" in layer.attrs or any(subgraphs(layer)):
+        names = [None if t is None else t.name for t in layer.inputs]
+        if not any(names) or any(n is not None and n not in shapes for n in names) or "auto_pad" in layer.attrs \
+                or any(subgraphs(layer)):
             return False
-        if layer.kind in SAME_SHAPE or layer.kind == "Identity":
-            out = ins[0]
-        elif layer.kind == "ElementWise":
-            try:
-                out = tuple(np.broadcast_shapes(*ins))
-            except ValueError:
-                return False
-        else:
+        out = _static_outputs(layer, [None if n is None else shapes[n] for n in names],
+                              [None if n is None else dtypes[n] for n in names])
+        if out is None or len(out[0]) != len(layer.outputs):
             return False
-        for o in layer.outputs:
-            shapes[o.name] = out
+        for o, s in zip(layer.outputs, out[0]):
+            shapes[o.name], dtypes[o.name] = tuple(s), out[1]
     if sum(math.prod(s) for s in shapes.values()) * 16 > _NO_REFUSAL_BYTES:
         return False
     verify(net)
     return True
+
+
+_VIEWS = ("Identity", "Flatten", "Squeeze", "Unsqueeze", "Shuffle")
+
+
+def _static_outputs(layer, shapes: list, dtypes: list) -> tuple[list[tuple[int, ...]], str | None] | None:
+    """A layer's output shapes and dtype (None where not followed) from its input shapes, or None where they
+    do not follow in closed form: a rule of ``kiln.ir.shape_rules``; a kind that keeps its first input's shape
+    (``kiln.passes.symbolic.SAME_SHAPE``) or broadcasts its inputs (ElementWise); a view whose target is an
+    attribute or a constant (``kiln.passes.symbolic.view_shape``)."""
+    from kiln.ir import shape_rules
+    from kiln.passes.symbolic import SAME_SHAPE, view_shape
+    kind, attrs = layer.kind, layer.attrs
+    got = shape_rules.answer(kind, attrs, shapes, dtypes)
+    if got is not None:
+        return got
+    x, dtype = shapes[0], dtypes[0]
+    if kind in SAME_SHAPE:
+        if kind == "Cast":
+            dtype = attrs.get("to")
+        elif kind == "Unary" and attrs.get("op") in ("isnan", "isinf"):
+            dtype = "bool"
+        return ([x] * len(layer.outputs), dtype) if x is not None else None
+    if kind == "ElementWise":
+        out = None if None in shapes else shape_rules.broadcast(*shapes)
+        return None if out is None else ([out], None)
+    if kind in _VIEWS and x is not None and all(t is None or t.is_constant for t in layer.inputs[1:]):
+        try:
+            out = view_shape(layer, x)
+        except Exception:       # a target or axes of a form view_shape does not take: not sure
+            return None
+        return None if out is None or not all(isinstance(d, int) and d >= 0 for d in out) else ([out], dtype)
+    return None
 
 
 def _build_finding(proto, exc: Exception) -> dict[str, Any]:

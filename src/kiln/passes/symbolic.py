@@ -171,8 +171,12 @@ def _window(d: Dim, k: int, s: int, pad: int, dil: int) -> Dim:
 def _view_shape(layer: Layer, memo: dict) -> tuple[Dim, ...] | None:
     """The output shape of a view layer from its input's, or None."""
     src = _sym_shape(layer.inputs[0], memo) if layer.inputs else None
-    if src is None:
-        return None
+    return None if src is None else view_shape(layer, src)
+
+
+def view_shape(layer: Layer, src: tuple[Dim, ...]) -> tuple[Dim, ...] | None:
+    """The output shape of a view layer (Identity, Select, Flatten, Squeeze, Unsqueeze, Shuffle) whose
+    input has shape ``src``, or None."""
     a, r = layer.attrs, len(src)
     if layer.kind == "Identity":
         return src
