@@ -82,7 +82,7 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
         raise BuildError(f"--{mode} found no convolution, fully-connected layer or GEMM/matmul with a constant "
                          f"weight to quantize in {network.name!r}; build it without --{mode}.")
     names = list(dict.fromkeys(t.layer.inputs[i].name for t in chosen for i in t.acts))
-    correct = bool(getattr(config, "bias_correction", True))
+    correct = bool(config.bias_correction)
     corrected = [t.layer for t in chosen if correct and corrects_bias(t)]
     model = cache.fingerprint(network)
     how = cache.settings(config.calibrator, config.percentile, mode, correct)
