@@ -1,7 +1,8 @@
 """`kiln check` of a static model answers from closed-form shape rules (kiln.ir.shape_rules, the view shapes
-of kiln.passes.symbolic) where they follow every layer, without the build's steps: its verdict is the one the
-build's steps give (the same check with the closed-form path switched off, so ``prepare`` runs), on models
-that it clears and on models whose shapes are refused or that it leaves to the build's steps."""
+and host shape arithmetic of kiln.passes.symbolic) where they follow every layer, without the build's steps:
+its verdict is the one the build's steps give (the same check with the closed-form path switched off, so
+``prepare`` runs), on models that it clears and on models whose shapes are refused or that it leaves to the
+build's steps."""
 from __future__ import annotations
 
 import importlib
@@ -70,6 +71,16 @@ def decoder() -> onnx.ModelProto:
                    ("sq", np.array([3], np.int64))], opset=18)
 
 
+def flatten_by_shape() -> onnx.ModelProto:
+    """A torch export's flatten: Shape → Gather → Unsqueeze, Concat with -1 → Reshape → Gemm."""
+    n = helper.make_node
+    return _model([n("Relu", ["x"], ["r"]), n("Shape", ["r"], ["s"]), n("Gather", ["s", "zero"], ["b"], axis=0),
+                   n("Unsqueeze", ["b", "ax"], ["bu"]), n("Concat", ["bu", "minus1"], ["target"], axis=0),
+                   n("Reshape", ["r", "target"], ["f"]), n("Gemm", ["f", "w"], ["y"], transB=1)],
+                  [("x", [2, 3, 4, 4])], [("zero", np.array(0, np.int64)), ("ax", np.array([0], np.int64)),
+                                          ("minus1", np.array([-1], np.int64)), ("w", (5, 48))])
+
+
 def k_mismatch() -> onnx.ModelProto:
     """A MatMul whose inner dims differ (6 vs 5): no rule answers, the build's steps decide."""
     return _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 6])], [("w", (5, 3))])
@@ -86,7 +97,8 @@ def resize() -> onnx.ModelProto:
                   [("sc", np.array([1, 1, 2, 2], np.float32))])
 
 
-CLEARED = {"conv_gemm_matmul": conv_gemm_matmul, "attention_block": attention_block, "decoder": decoder}
+CLEARED = {"conv_gemm_matmul": conv_gemm_matmul, "attention_block": attention_block, "decoder": decoder,
+           "flatten_by_shape": flatten_by_shape}
 LEFT_TO_THE_BUILD = {"k_mismatch": k_mismatch, "too_large": too_large, "resize": resize}
 
 
@@ -136,3 +148,13 @@ def test_test_models_at_a_static_batch(name, model_case, tmp_path, monkeypatch):
     onnx.save(model, str(path))
     assert check_module._nothing_to_refuse(kiln.onnx.parse(model))
     assert _verdict(path, monkeypatch, True) == _verdict(path, monkeypatch, False)
+
+
+@pytest.mark.parametrize("name", ["flatten_by_shape", "too_large"])
+def test_the_network_keeps_its_shapes(name):
+    """The closed form writes the shapes it follows into the tensors and puts the parsed ones back (the build's
+    steps, which run on the same network where it declines, see what the parser gave)."""
+    net = kiln.onnx.parse({**CLEARED, **LEFT_TO_THE_BUILD}[name]())
+    before = {t.name: t.shape for t in net.tensors.values()}
+    check_module._nothing_to_refuse(net)
+    assert {t.name: t.shape for t in net.tensors.values()} == before

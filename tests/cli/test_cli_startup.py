@@ -4,9 +4,9 @@
 kiln.triton_support) nor numpy. ONNX files are read without the onnx package (its ml_dtypes extension alone
 costs a second or more), by `kiln inspect`, `kiln check` and `kiln build`. `kiln check` of a static model
 whose layers' shapes follow in closed form (convolutions, pooling, matrix products, normalization,
-element-wise layers, views with constant targets) does not import torch either (nothing in the build's steps
-could refuse it). Shape inference on meta tensors does not import torch._dynamo (seconds of CPU), in `kiln
-check` with a profile (which runs the build's steps) or in a small CPU build."""
+element-wise layers, views, shape arithmetic on static shapes) does not import torch either (nothing in the
+build's steps could refuse it). Shape inference on meta tensors does not import torch._dynamo (seconds of
+CPU), in `kiln check` with a profile (which runs the build's steps) or in a small CPU build."""
 from __future__ import annotations
 
 import json

@@ -55,8 +55,8 @@ _BIG = 1 << 14          # [1, 2^14] + [2^14, 1] broadcasts to 2^28 elements: ove
 _OUTSIDE = {
     "dynamic": _model([helper.make_node("Relu", ["x"], ["y"])], [("x", ["N", 4])]),
     "tile": _model([helper.make_node("Tile", ["x", "r"], ["y"])], [("x", [1, 4])], [("r", np.array([2, 2]))]),
-    "shape": _model([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
-                    [("x", [1, 4])]),
+    "constant_of_shape": _model([helper.make_node("Shape", ["x"], ["s"]),
+                                 helper.make_node("ConstantOfShape", ["s"], ["y"])], [("x", [1, 4])]),
     "resize": _model([helper.make_node("Resize", ["x", "", "sc"], ["y"], mode="nearest")], [("x", [1, 1, 4, 4])],
                      [("sc", np.array([1, 1, 2, 2], np.float32))]),
     "large": _model([helper.make_node("Add", ["x", "z"], ["y"])], [("x", [1, _BIG]), ("z", [_BIG, 1])]),

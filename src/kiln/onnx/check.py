@@ -91,6 +91,17 @@ def _nothing_to_refuse(net) -> bool:
     (``_static_outputs``), there is no padding to resolve, no output sized by values and no subgraph, and
     all tensors together, at 16 bytes an element, stay under the size above which the build asks the
     device for memory. Verification, which needs no shapes, runs here as in the build."""
+    saved = [(t, t.shape) for t in net.tensors.values()]
+    try:
+        return _follow(net)
+    finally:
+        for t, shape in saved:
+            t.shape = shape
+
+
+def _follow(net) -> bool:
+    """``_nothing_to_refuse`` on ``net``, writing each shape it follows into the tensor (the host shape
+    arithmetic of ``kiln.passes.symbolic`` reads them there)."""
     import math
 
     from kiln.ir.network import subgraphs
@@ -114,6 +125,7 @@ def _nothing_to_refuse(net) -> bool:
             return False
         for o, s in zip(layer.outputs, out[0]):
             shapes[o.name], dtypes[o.name] = tuple(s), out[1]
+            o.shape = tuple(s)
     if sum(math.prod(s) for s in shapes.values()) * 16 > _NO_REFUSAL_BYTES:
         return False
     verify(net)
@@ -127,7 +139,8 @@ def _static_outputs(layer, shapes: list, dtypes: list) -> tuple[list[tuple[int, 
     """A layer's output shapes and dtype (None where not followed) from its input shapes, or None where they
     do not follow in closed form: a rule of ``kiln.ir.shape_rules``; a kind that keeps its first input's shape
     (``kiln.passes.symbolic.SAME_SHAPE``) or broadcasts its inputs (ElementWise); a view whose target is an
-    attribute or a constant (``kiln.passes.symbolic.view_shape``)."""
+    attribute, a constant or a followed shape value (``kiln.passes.symbolic.view_shape``); Shape, Gather,
+    Select and Slice of shape values (``_value``)."""
     from kiln.ir import shape_rules
     from kiln.passes.symbolic import SAME_SHAPE, view_shape
     kind, attrs = layer.kind, layer.attrs
@@ -144,13 +157,28 @@ def _static_outputs(layer, shapes: list, dtypes: list) -> tuple[list[tuple[int, 
     if kind == "ElementWise":
         out = None if None in shapes else shape_rules.broadcast(*shapes)
         return None if out is None else ([out], None)
-    if kind in _VIEWS and x is not None and all(t is None or t.is_constant for t in layer.inputs[1:]):
+    if kind in _VIEWS and x is not None and all(t is None or t.is_constant or _value(t) is not None
+                                                for t in layer.inputs[1:]):
         try:
             out = view_shape(layer, x)
         except Exception:       # a target or axes of a form view_shape does not take: not sure
             return None
         return None if out is None or not all(isinstance(d, int) and d >= 0 for d in out) else ([out], dtype)
+    if kind in _SHAPE_ARITHMETIC and len(layer.outputs) == 1:
+        v = _value(layer.outputs[0])
+        return None if v is None else ([() if v[1] else (len(v[0]),)], "int64" if kind == "Shape" else dtype)
     return None
+
+
+_SHAPE_ARITHMETIC = ("Shape", "Gather", "Select", "Slice")
+
+
+def _value(t) -> tuple | None:
+    """``t``'s value where ``kiln.passes.symbolic.shape_value`` follows it to integers (shape arithmetic on
+    the static shapes written into the tensors), else None."""
+    from kiln.passes.symbolic import shape_value
+    v = shape_value(t)
+    return v if v is not None and all(isinstance(d, int) for d in v[0]) else None
 
 
 def _build_finding(proto, exc: Exception) -> dict[str, Any]:
