@@ -145,6 +145,7 @@ def test_int8_build_has_no_mean_error_on_its_calibration_data(bias):
         engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(
             device="cpu", profiles={"x": calib.shape}, quantize="int8", calibration=[{"x": calib}],
             bias_correction=correct))
+        assert engine.header["build"]["quantization"]["bias_correction"] is correct
         for name, x in (("calib", calib), ("held", held)):
             got = engine.context().run({"x": x})["y"].astype(np.float64)
             ref = sess.run(None, {"x": x})[0].astype(np.float64)

@@ -131,7 +131,8 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
              planned: QuantPlan | None = None) -> Network:
     """A copy of ``network`` with Q/DQ layers around the layers ``config`` quantizes (``planned``, or see
     ``plan``); with ``config.accuracy``, the fewest layers the target needs stay unquantized (accuracy.search),
-    and ``metadata["quantization"]["accuracy"]`` says which and what was measured."""
+    and ``metadata["quantization"]["accuracy"]`` says which and what was measured; ``["bias_correction"]`` says
+    whether biases were corrected."""
     from kiln.builder.quant.accuracy import parse_target, samples, search
     from kiln.engine.quant_record import finite_or_none
     say = progress or (lambda stage, frac: None)
@@ -149,6 +150,7 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
                   "all_quantized": finite_or_none(found.quantized_metric), "kept": found.kept, "quantized": len(layers),
                   "samples": samples(p.batches)}
     net = quantized(network, layers, p.amax, config.quantize, p.means)
+    net.metadata["quantization"]["bias_correction"] = bool(config.bias_correction)
     if record is not None:
         net.metadata["quantization"]["accuracy"] = record
     return net
