@@ -177,7 +177,10 @@ def _value(t) -> tuple | None:
     """``t``'s value where ``kiln.passes.symbolic.shape_value`` follows it to integers (shape arithmetic on
     the static shapes written into the tensors), else None."""
     from kiln.passes.symbolic import shape_value
-    v = shape_value(t)
+    try:
+        v = shape_value(t)
+    except Exception:           # values of a form the arithmetic does not take: not followed
+        return None
     return v if v is not None and all(isinstance(d, int) for d in v[0]) else None
 
 
