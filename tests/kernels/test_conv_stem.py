@@ -4,12 +4,11 @@ the CPU (compiled on a GPU), against torch's conv2d + activation + max_pool2d in
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from _sm90_probe import run_probe
 import torch
 import torch.nn.functional as F
 
@@ -152,15 +151,7 @@ _SM90_PROBE = textwrap.dedent("""
 
 
 def test_kernels_compile_for_sm90_with_wgmma():
-    import json
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    plugins = str(Path(__file__).resolve().parents[1] / "plugins")
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE, plugins], capture_output=True, text=True, env=env,
-                         timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
-        pytest.skip("Triton's bundled ptxas is unavailable here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_probe(_SM90_PROBE)
     # the padded input's kernel-row runs load as 16-byte vectors (the point of the padded copy)
     assert len(out) == 8 and all(o["st"] for o in out), out
     assert [o["wgmma"] for o in out] == [False, True] * 4 and all(o["v16"] for o in out[1::2]), out

@@ -6,14 +6,12 @@ compile check and the GPU tests only.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from _sm90_probe import run_probe
 import torch
 import torch.nn.functional as F
 
@@ -199,14 +197,7 @@ _SM90_PROBE = textwrap.dedent("""
 def test_kernel_compiles_for_sm90_with_wgmma():
     """Compiled for an H100 without one (FP16 and BF16; 1×1 and k×k; each tile table): the tiles
     stream through cp.async into shared memory and multiply on Hopper's wgmma tensor cores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    plugins = str(Path(__file__).resolve().parents[1] / "plugins")
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE, plugins], capture_output=True, text=True, env=env,
-                         timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
-        pytest.skip("Triton's bundled ptxas is unavailable here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_probe(_SM90_PROBE)
     assert len(out) == 12, out
     for name, info in out.items():
         assert info["wgmma"] and info["cp_async"], (name, info)

@@ -3,14 +3,11 @@ writing into a concatenation slice) compile for Hopper (sm_90) without a GPU: th
 forgives what the compiler rejects, so each goes through Triton's real pipeline to a cubin."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from _sm90_probe import run_probe
 
 _PROBE = textwrap.dedent("""
     import json, sys
@@ -45,11 +42,5 @@ _PROBE = textwrap.dedent("""
 
 def test_layout_kernels_compile_for_sm90():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    plugins = str(Path(__file__).resolve().parents[1] / "plugins")
-    res = subprocess.run([sys.executable, "-c", _PROBE, plugins], capture_output=True, text=True, env=env, timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
-        pytest.skip("Triton's bundled ptxas is unavailable here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_probe(_PROBE)
     assert len(out) == 9 and all(out.values()), out

@@ -3,15 +3,12 @@ reference tactic of the 8-bit layers, against an independent float64 evaluation 
 replace: dequantize, float op, bias, residual, activation, quantize (round half to even, saturate)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+
+from _sm90_probe import run_probe
 import torch
 import torch.nn.functional as F
 
@@ -219,14 +216,7 @@ def test_8bit_kernels_compile_to_hopper_8bit_tensor_core_instructions():
     accumulation and the FP8 kernel's E4M3 wgmma with FP32 accumulation (the interpreter cannot show that); the
     one-pass quantize and dequantize kernels compile too."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    helpers = str(Path(__file__).resolve().parents[1] / "plugins")
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE, helpers], capture_output=True, text=True, env=env,
-                         timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
-        pytest.skip("Triton's bundled ptxas is unavailable here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_probe(_SM90_PROBE)
     assert out == {"conv3x3_uint8": [True, "s32.s8.s8"], "fc_fp8": [True, "f32.e4m3.e4m3"], "quantize": [True],
                    "dequantize": [True]}
 

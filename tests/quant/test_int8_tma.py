@@ -5,15 +5,12 @@ offered for, their sm_90 code (TMA copies and 8-bit wgmma, compiled without a GP
 at real layer shapes."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+
+from _sm90_probe import run_probe
 import torch
 from test_int8_kernels import _attrs, _check_codes, _ref64
 
@@ -338,14 +335,7 @@ def test_tma_kernels_compile_to_hopper_bulk_copies_and_8bit_wgmma():
     FP32 accumulation), within Hopper's shared memory; plain, persistent, with the residual and a second codes
     output, and the 3x3 convolution's 4-D input and output boxes."""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    helpers = str(Path(__file__).resolve().parents[1] / "plugins")
-    res = subprocess.run([sys.executable, "-c", _SM90_PROBE, helpers], capture_output=True, text=True, env=env,
-                         timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr and "No such file" in res.stderr:
-        pytest.skip("Triton's bundled ptxas is unavailable here")
-    assert res.returncode == 0, res.stderr[-4000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out = run_probe(_SM90_PROBE)
     copies = ["2d.global.shared::cta", "2d.shared::cluster.global"]      # stores (shared -> global), loads
     conv = ["2d.shared::cluster.global", "4d.global.shared::cta", "4d.shared::cluster.global"]     # NHWC boxes
     assert out == {"fc_int8": [True, True, False, copies, ["s32.s8.s8"]],
