@@ -34,16 +34,43 @@ def _sig(attrs: dict[str, Any]) -> str:
     return json.dumps(clean(attrs), sort_keys=True)
 
 
+# The quantile of a CPU candidate's per-call times that stands for its speed: a low one, because load from
+# elsewhere on the machine only ever adds time to a call.
+CPU_QUANTILE = 0.2
+
+
 def _time_cpu(fn, args, reps: int) -> float:
-    """Median wall-clock milliseconds of one call of ``fn`` on the CPU, after two warm-up calls."""
-    for _ in range(2):
-        fn(*args)
-    times = []
+    """Wall-clock milliseconds of the fastest of ``reps`` back-to-back calls of ``fn`` on the CPU."""
+    best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         fn(*args)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
+    """Milliseconds per call of each of ``fns`` on the CPU: two warm-up calls each, then ``reps`` rounds that
+    time one call of every candidate, the order rotating, so that a load spike falls on all candidates alike;
+    each gets the CPU_QUANTILE of its round times. A candidate that raises gets infinity."""
+    samples: list[list[float] | None] = []
+    for fn in fns:
+        try:
+            fn(*args)
+            fn(*args)
+            samples.append([])
+        except Exception:
+            samples.append(None)
+    live = [i for i, s in enumerate(samples) if s is not None]
+    for r in range(reps if live else 0):
+        for i in live[r % len(live):] + live[:r % len(live)]:
+            if samples[i] is None:
+                continue
+            try:
+                samples[i].append(_time_cpu(fns[i], args, 1))
+            except Exception:
+                samples[i] = None
+    return [float(np.quantile(s, CPU_QUANTILE)) if s else float("inf") for s in samples]
 
 
 def _time(fn, args, reps: int) -> float:
@@ -288,6 +315,7 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
         return ref[0]
 
     def measure(todo: list) -> None:
+        valid = []                                   # (candidate, run function) of those that agree
         for cand in todo:
             if cand.name in times:
                 continue
@@ -297,11 +325,16 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
                     mine[2], judge[2], layer.precision or "fp32", mine[3])):
                 times[cand.name] = float("inf")      # not valid on these shapes, or a fast wrong kernel
                 continue
-            try:
-                with torch.inference_mode():
-                    times[cand.name] = (_time if device == "cuda" else _time_cpu)(mine[1], ins, reps)
-            except Exception:
-                times[cand.name] = float("inf")
+            valid.append(mine[:2])
+        with torch.inference_mode():
+            if device != "cuda":
+                times.update(zip([c.name for c, _ in valid], _time_cpu_interleaved([f for _, f in valid], ins, reps)))
+                return
+            for cand, fn in valid:
+                try:
+                    times[cand.name] = _time(fn, ins, reps)
+                except Exception:
+                    times[cand.name] = float("inf")
 
     before = dict(times)
     measure(cands)
