@@ -4,7 +4,8 @@ Only layers with more than one valid tactic are timed, on their real shapes (eac
 each profile: kiln.builder.buckets), their real weights and random activations. A layer
 whose fastest tactic differs between points keeps one per point (its bucket tactics).
 On the CPU a layer's candidates are timed in interleaved rounds and judged by a low quantile of
-their call times, so load from elsewhere on the machine does not pick the tactic. Results go to a timing cache keyed by device, layer signature, shapes and dtypes, so a
+their call times, so load from elsewhere on the machine does not pick the tactic.
+Results go to a timing cache keyed by device, layer signature, shapes and dtypes, so a
 rebuild skips every layer and shape it has already measured.
 """
 from __future__ import annotations
