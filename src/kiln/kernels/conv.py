@@ -359,36 +359,56 @@ def _avg_dilated(kernel, stride, dil, begins, ends, ceil, include_pad):
     return run
 
 
+MAX_PAD_PLANS = 16      # (input shape, pads, axes) geometries a Padding layer keeps; then it starts afresh
+
+
 @tactic("Padding")
 def make_padding(attrs, ctx):
     mode = attrs.get("mode", "constant")
     tmode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
     if tmode is None:
         raise BuildError(f"Unknown padding mode {mode!r}; use constant, reflect, edge or wrap.")
-    static = attrs.get("pads")
+    static = tuple(attrs["pads"]) if attrs.get("pads") is not None else None
+    plans: dict[tuple, tuple] = {}
 
-    def run(x, pads=None, value=None, axes=None):
-        p = ints(pads) if pads is not None else list(static)
-        r = x.dim()
-        ax = [a + r if a < 0 else a for a in ints(axes)] if axes is not None else list(range(r))
+    def plan(shape: tuple[int, ...], p: tuple[int, ...], axes_key: tuple[int, ...] | None) -> tuple:
+        """(crop of the negative pads or None, begins, ends, first padded axis, F.pad's list) for one input shape,
+        pads and axes."""
+        r = len(shape)
+        ax = [a + r if a < 0 else a for a in axes_key] if axes_key is not None else list(range(r))
         n = len(ax)
         begins = [0] * r
         ends = [0] * r
         for i, a in enumerate(ax):
             begins[a], ends[a] = p[i], p[i + n]
-        val = attrs.get("value", 0.0)
-        if value is not None and value.numel():
-            val = value.reshape(-1)[0].item()
         # torch pads only trailing dims for non-constant modes; crop negatives ourselves
-        crop = [slice(max(0, -b), x.shape[i] - max(0, -e)) for i, (b, e) in enumerate(zip(begins, ends))]
-        x = x[tuple(crop)]
+        crop = tuple(slice(max(0, -b), shape[i] - max(0, -e)) for i, (b, e) in enumerate(zip(begins, ends)))
+        cropped = any(b < 0 or e < 0 for b, e in zip(begins, ends))
         begins = [max(0, b) for b in begins]
         ends = [max(0, e) for e in ends]
         first = next((i for i in range(r) if begins[i] or ends[i]), r)
+        return crop if cropped else None, begins, ends, first, _torch_pad(begins, ends)
+
+    def run(x, pads=None, value=None, axes=None):
+        p = tuple(ints(pads)) if pads is not None else static
+        axes_key = tuple(ints(axes)) if axes is not None else None
+        key = (tuple(x.shape), p, axes_key)
+        hit = plans.get(key)
+        if hit is None:
+            if len(plans) >= MAX_PAD_PLANS:
+                plans.clear()
+            hit = plans[key] = plan(key[0], p, axes_key)
+        crop, begins, ends, first, torch_pads = hit
+        val = attrs.get("value", 0.0)
+        if value is not None and value.numel():
+            val = (value if value.numel() == 1 else value.reshape(-1)[0]).item()
+        if crop is not None:
+            x = x[crop]
+        r = len(begins)
         if first == r:
             return (x.clone() if not x.is_meta else x,)
         if tmode == "constant":
-            return (F.pad(x, _torch_pad(begins, ends), value=val),)
+            return (F.pad(x, torch_pads, value=val),)
         if tmode == "circular":
             return (_wrap_pad(x, begins, ends),)
         # reflect/replicate: torch handles up to 3 trailing dims on batched input
