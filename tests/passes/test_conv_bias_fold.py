@@ -33,12 +33,11 @@ def _gelu_tanh(x: str, out: str) -> list:
     c = {"k3": 0.044715, "s": float(np.sqrt(2 / np.pi)), "one": 1.0, "half": 0.5}
     consts = [helper.make_node("Constant", [], [f"{x}_{k}"], value=numpy_helper.from_array(np.float32(v)))
               for k, v in c.items()]
-    return consts + [
-        helper.make_node("Mul", [x, x], [f"{x}_sq"]), helper.make_node("Mul", [f"{x}_sq", x], [f"{x}_cube"]),
-        helper.make_node("Mul", [f"{x}_k3", f"{x}_cube"], [f"{x}_kc"]), helper.make_node("Add", [x, f"{x}_kc"], [f"{x}_in"]),
-        helper.make_node("Mul", [f"{x}_s", f"{x}_in"], [f"{x}_sin"]), helper.make_node("Tanh", [f"{x}_sin"], [f"{x}_t"]),
-        helper.make_node("Add", [f"{x}_one", f"{x}_t"], [f"{x}_1t"]), helper.make_node("Mul", [f"{x}_half", f"{x}_1t"],
-                                                                                      [f"{x}_h"]),
+    steps = [("Mul", [x, x], "sq"), ("Mul", ["sq", x], "cube"), ("Mul", ["k3", "cube"], "kc"),
+             ("Add", [x, "kc"], "in"), ("Mul", ["s", "in"], "sin"), ("Tanh", ["sin"], "t"), ("Add", ["one", "t"], "1t"),
+             ("Mul", ["half", "1t"], "h")]
+    local = lambda n: n if n == x else f"{x}_{n}"      # noqa: E731
+    return consts + [helper.make_node(op, [local(i) for i in ins], [local(o)]) for op, ins, o in steps] + [
         helper.make_node("Mul", [x, f"{x}_h"], [out])]
 
 
@@ -86,7 +85,8 @@ def _optimized(data: bytes):
 
 
 def _bias_add_left(net) -> bool:
-    return any("bias_add" in layer.origin and layer.kind != "Convolution" for layer in net.layers)
+    return any("bias_add" in layer.origin and layer.kind not in ("Convolution", "FullyConnected")
+               for layer in net.layers)
 
 
 def _check_engine(data: bytes, folded: bool) -> None:
@@ -162,3 +162,31 @@ def test_magika_conv_carries_its_bias():
     assert not [layer.kind for layer in net.layers if add in layer.origin and layer is not conv]
     (gelu,) = [layer for layer in net.layers if "ApplyActivation_1/Mul_5" in " ".join(layer.origin)]
     assert (gelu.kind, gelu.attrs.get("type")) == ("Activation", "gelu_tanh")
+
+
+@pytest.mark.parametrize("bias_shape, folds", [((1, 1, 3), True), ((1, 3), True), ((3,), True),
+                                               ((1, 1, 1, 3), False), ((2, 1, 3), False)],
+                         ids=["leading_ones", "one_leading_one", "vector", "adds_an_axis", "broadcasts_rows"])
+def test_matmul_bias_with_leading_ones_becomes_fully_connected(bias_shape, folds):
+    """x [2, 5, 4] @ W [4, 3] + b → FullyConnected carrying b (then the tanh-GELU as its epilogue) where b's other
+    axes are 1 and it adds no axis; against ONNX Runtime either way."""
+    w = RNG.standard_normal((4, 3)).astype(np.float32)
+    b = RNG.standard_normal(bias_shape).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["biased"],
+                                                                             name="bias_add")]
+    nodes += _gelu_tanh("biased", "y")
+    graph = helper.make_graph(nodes, "mm_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    net = _optimized(data)
+    fcs = [layer for layer in net.layers if layer.kind == "FullyConnected"]
+    assert bool(fcs) == folds and _bias_add_left(net) != folds
+    if folds:
+        assert fcs[0].attrs.get("activation") == "gelu_tanh"
+        np.testing.assert_array_equal(fcs[0].inputs[2].value, b.reshape(-1))
+    x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
+    got = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu")).context().run({"x": x})["y"]
+    ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert np.abs(np.asarray(got, np.float64) - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()

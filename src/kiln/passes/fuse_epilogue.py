@@ -9,7 +9,8 @@ Cases:
   bottleneck: x + SiLU(conv(...))) → Convolution with ``residual_after_activation``:
   y = act(conv(x) + b) + r;
 - MatMul(x, W) with a constant 2-D W, then ElementWise sum with a constant bias of W's
-  column count → FullyConnected(x, Wᵀ, b): the bias rides in the GEMM;
+  column count (its other axes 1, no more of them than the product has) → FullyConnected(x, Wᵀ, b): the bias
+  rides in the GEMM;
 - FullyConnected / MatMul → Activation → the GEMM with attrs activation;
 - Convolution (no activation, residual or pool; constant bias or none) → [Squeeze/Unsqueeze of axes past the
   channels, Slice that keeps every channel in place]… → ElementWise sum with a constant that broadcasts over the
@@ -64,8 +65,11 @@ def _bias_fits(m: Match) -> str | None:
         return "the weight is transposed or not 2-D"
     if not w.dtype.startswith("float") and w.dtype != "bfloat16":
         return f"the weight is {w.dtype}, not floating point"
-    if b.value.size != w.value.shape[1] or b.value.ndim > 1 or b.dtype != w.dtype:
-        return "the bias is not one value per output column of the weight's dtype"
+    out = mm.outputs[0].shape
+    lead_ones = b.value.ndim <= 1 or (out is not None and b.value.ndim <= len(out)
+                                      and all(d == 1 for d in b.value.shape[:-1]))
+    if b.value.size != w.value.shape[1] or not lead_ones or b.dtype != w.dtype:
+        return "the bias is not one value per output column of the weight's dtype (leading axes of 1 at most)"
     return None
 
 
