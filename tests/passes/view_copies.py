@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kiln.runtime import slots
+
 VIEW_KINDS = {"Shuffle", "Squeeze", "Unsqueeze", "Select", "Flatten", "Identity", "Slice", "Expand"}
 _ALWAYS_COPY = {"clone", "copy_", "_to_copy"}
 _MAYBE_VIEW = {"reshape", "contiguous", "flatten", "to", "unflatten", "view_as", "reshape_as"}
@@ -84,6 +86,10 @@ def count_copies(engine, feeds: dict[str, np.ndarray], kernels: bool = False) ->
 
     device = torch.device(engine.device if engine.device != "cuda" else "cuda")
     tensors = [torch.from_numpy(np.ascontiguousarray(feeds[spec["name"]])).to(device) for spec in engine.inputs]
+    # a CPU run replays a view layer's earlier view without calling the layer (kiln.runtime.slots): here every
+    # run calls every layer, so that each one's copies are seen
+    replays, slots._replays_view = slots._replays_view, lambda step: False
+    program._slot_plan = None
     try:
         for step in program.steps:
             step.fn = wrap(step, step.fn)
@@ -93,6 +99,8 @@ def count_copies(engine, feeds: dict[str, np.ndarray], kernels: bool = False) ->
             else:
                 program.run_env({}, tensors)
     finally:
+        slots._replays_view = replays
+        program._slot_plan = None
         for step, fn in zip(program.steps, originals):
             step.fn = fn
     return rows
