@@ -17,10 +17,10 @@ import kiln
 import kiln.onnx
 from kiln.kernels.cpu_linear import make_fc_onednn_unfused, onednn_linear_available
 from kiln.kernels.registry import TACTICS, KernelContext, get_tactic, tactics_for
+from test_cpu_linear import CPU, _check      # FP32 products over K <= 24 terms: rounding is far below its bound
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch has no oneDNN fused linear")
 
-CPU = KernelContext(device="cpu", precision="fp32", layer_name="fc")
 REF_ACT = {       # independent FP64 formulas
     "relu": lambda t: t.clamp(min=0),
     "gelu": lambda t: 0.5 * t * (1 + torch.erf(t / 2 ** 0.5)),
@@ -39,14 +39,6 @@ PARAMS = {"clip": (0.0, 6.0), "leaky_relu": (0.1, None), "elu": (0.7, None)}
 def _attrs(act):
     alpha, beta = PARAMS.get(act, (None, None))
     return {"activation": act, "alpha": alpha, "beta": beta}
-
-
-def _check(got, ref):
-    # FP32 products over K <= 24 terms of unit size: rounding is orders below this bound.
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    err = float((got.double() - ref).abs().max())
-    bound = 1e-5 + 1e-4 * float(ref.abs().max())
-    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("act", list(REF_ACT))

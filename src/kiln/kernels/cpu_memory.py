@@ -3,11 +3,11 @@
 Each layer of a CPU engine allocates its output afresh. glibc serves an allocation above its mmap threshold
 (128 KB at start, raised as such blocks are freed) with a new mapping and returns freed memory at the heap's
 top to the system past its trim threshold, so a run's large activations touch fresh pages, and every first
-touch of a page is a page fault (costly in a VM: a [1, 512, 508] FP32 add + GELU took 2.8 ms this way and
-1.2 ms on reused memory). ``keep_freed_memory()`` sets the mmap threshold to glibc's largest (32 MB) and the
-trim threshold to 1 GB with ``mallopt``: blocks below 32 MB come from the heap, and freed memory is kept for
-the next run, so a process's resident memory stays near its peak. It runs once per process, when CPU work
-first sets its thread count (kiln.kernels.cpu_threads.use_threads: builds and runs). It changes nothing
+touch of a page is a page fault (costly in a VM; docs/cpu.md has the measurement). ``keep_freed_memory()``
+sets the mmap threshold to glibc's largest (32 MB) and the trim threshold to 1 GB with ``mallopt``: blocks
+below 32 MB come from the heap, and freed memory is kept for the next run, so a process's resident memory
+stays near its peak. It runs once per process, when CPU work first sets its thread count
+(kiln.kernels.cpu_threads.use_threads: builds and runs). It changes nothing
 where libc has no ``mallopt`` (not glibc), where the process set either threshold itself through glibc's
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables, or with
 ``KILN_CPU_KEEP_MEMORY=0``.

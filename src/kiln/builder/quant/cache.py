@@ -80,10 +80,7 @@ def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_name
             for v in amax.values()):
         raise BuildError(f"Calibration cache {path!r} is damaged: 'amax' must map tensor names to finite numbers "
                          f">= 0; delete it to calibrate again.")
-    missing = [n for n in names if n not in amax]
-    if missing:
-        raise BuildError(f"Calibration cache {path!r} has no range for tensor {missing[0]!r} (it was made with other "
-                         f"layers quantized); give a new --calib-cache path to calibrate again.")
+    _require(path, amax, names, "range for tensor")
     return {n: float(amax[n]) for n in names}, _means(path, doc.get("means", {}), mean_names)
 
 
@@ -97,10 +94,7 @@ def _means(path: str, means: Any, names: list[str]) -> dict[str, tuple[np.ndarra
             and len(m["float"]) == len(m["quantized"]) for m in means.values()):
         raise BuildError(f"Calibration cache {path!r} is damaged: 'means' must map layer names to equally long "
                          f"'float' and 'quantized' lists of finite numbers; delete it to calibrate again.")
-    missing = [n for n in names if n not in means]
-    if missing:
-        raise BuildError(f"Calibration cache {path!r} has no mean inputs for layer {missing[0]!r} (it was made "
-                         f"with other layers quantized); give a new --calib-cache path to calibrate again.")
+    _require(path, means, names, "mean inputs for layer")
     return {n: (np.array(means[n]["float"], np.float64), np.array(means[n]["quantized"], np.float64)) for n in names}
 
 
@@ -125,3 +119,11 @@ def save(path: str, model: str, how: dict[str, Any], amax: dict[str, float],
 
 def _fmt(how: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in how.items())
+
+
+def _require(path: str, table: dict, names: list[str], what: str) -> None:
+    """Refuse a cache whose ``table`` lacks one of ``names`` (it was made with other layers quantized)."""
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise BuildError(f"Calibration cache {path!r} has no {what} {missing[0]!r} (it was made with other "
+                         f"layers quantized); give a new --calib-cache path to calibrate again.")
