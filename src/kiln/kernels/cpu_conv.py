@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.conv import match_weight, pool_after
-from kiln.kernels.pointwise import act_params, activation_fn
+from kiln.kernels.pointwise import act_params, activation_fn, gelu_tanh
 from kiln.kernels.registry import KernelContext, tactic
 
 # Packed weights kept per layer, one per input shape met (dynamic shapes): the oldest goes first.
@@ -97,7 +97,7 @@ class PackedWeight:
 
 _IN_PLACE = {"relu": torch.relu_, "sigmoid": torch.sigmoid_, "tanh": torch.tanh_,
              "silu": lambda y: F.silu(y, inplace=True), "hard_swish": lambda y: F.hardswish(y, inplace=True),
-             "gelu": lambda y: torch.ops.aten.gelu_(y), "gelu_tanh": lambda y: torch.ops.aten.gelu_(y, approximate="tanh")}
+             "gelu": lambda y: torch.ops.aten.gelu_(y), "gelu_tanh": lambda y: gelu_tanh(y, inplace=True)}
 
 
 def activation_in_place(attrs: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:

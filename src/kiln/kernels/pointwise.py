@@ -1,6 +1,7 @@
 """Activation, Unary and ElementWise layers on torch (CPU and CUDA)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ def activation_fn(kind: str, alpha: float = 0.0, beta: float = 0.0):
         "clip": lambda x: _clip(x, a, b),
         "hard_sigmoid": lambda x: torch.clamp(a * x + b, 0, 1),
         "gelu": lambda x: F.gelu(x),
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_tanh": gelu_tanh,
         "silu": F.silu,
         "swish": lambda x: x * torch.sigmoid(a * x),
         "mish": lambda x: x * torch.tanh(F.softplus(x)),
@@ -42,6 +43,41 @@ def activation_fn(kind: str, alpha: float = 0.0, beta: float = 0.0):
     if fn is None:
         raise BuildError(f"Unknown activation type {kind!r}; known: {', '.join(sorted(table))}.")
     return fn
+
+
+# tanh-GELU on the CPU: ½x(1 + tanh u) with u = √(2/π)(x + 0.044715x³) is exactly x·σ(2u), and torch's
+# vectorized sigmoid is cheaper than its tanh, so from GELU_SIGMOID_MIN FP32 elements on the CPU computes
+# 2u = x·(c1 + c3·x²) and x·σ(2u) in four passes (docs/cpu.md has the timings). Past GELU_SIGMOID_CHUNK·4
+# elements a contiguous tensor goes in slices of GELU_SIGMOID_CHUNK, so the passes stay in cache; a larger
+# non-contiguous one, and anything else, runs torch's own.
+GELU_SIGMOID_MIN = 1 << 12
+GELU_SIGMOID_CHUNK = 1 << 18
+_GELU_C1 = 2 * math.sqrt(2 / math.pi)
+_GELU_C3 = _GELU_C1 * 0.044715
+_GELU_C1_T = torch.tensor(_GELU_C1, dtype=torch.float32)
+
+
+def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """torch's ``gelu(x, approximate="tanh")``; with ``inplace`` written into ``x``. FP32 CPU tensors from
+    GELU_SIGMOID_MIN elements on are computed as x·σ(2u) (the note above)."""
+    n = x.numel()
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or n < GELU_SIGMOID_MIN
+            or (n > 4 * GELU_SIGMOID_CHUNK and not x.is_contiguous())):
+        return torch.ops.aten.gelu_(x, approximate="tanh") if inplace else F.gelu(x, approximate="tanh")
+    if n <= 4 * GELU_SIGMOID_CHUNK:
+        return _gelu_sigmoid(x, x if inplace else None)
+    out = x if inplace else torch.empty_like(x)
+    flat_x, flat_out = x.view(-1), out.view(-1)
+    for s in range(0, n, GELU_SIGMOID_CHUNK):
+        _gelu_sigmoid(flat_x[s:s + GELU_SIGMOID_CHUNK], flat_out[s:s + GELU_SIGMOID_CHUNK])
+    return out
+
+
+def _gelu_sigmoid(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """x·σ(x·(c1 + c3·x²)) into ``out`` (None: a fresh tensor)."""
+    t = torch.addcmul(_GELU_C1_T, x, x, value=_GELU_C3)
+    t.mul_(x).sigmoid_()
+    return t.mul_(x) if out is None else torch.mul(x, t, out=out)
 
 
 def _clip(x, lo, hi):
