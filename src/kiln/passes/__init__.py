@@ -13,7 +13,8 @@ def default_passes() -> list[Pass]:
     from kiln.passes.dead_layers import RemoveDeadLayers
     from kiln.passes.fold_shapes import FoldShapeValues
     from kiln.passes.identity import RemoveIdentities
-    return [ConstantFold(), FoldShapeValues(), RemoveIdentities(), FoldBatchNorm(), RemoveDeadLayers()]
+    from kiln.passes.onehot_gather import OneHotGather
+    return [ConstantFold(), FoldShapeValues(), RemoveIdentities(), FoldBatchNorm(), OneHotGather(), RemoveDeadLayers()]
 
 
 def fusion_passes() -> list[Pass]:
