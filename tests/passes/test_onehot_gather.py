@@ -190,3 +190,25 @@ def test_magika_dense_is_one_gather():
         got = np.asarray(next(iter(ctx.run({"bytes": x}).values())), np.float64)
         ref = session.run(None, {"bytes": x})[0]
         assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+
+
+def test_long_chain_reading_its_value_twice_folds_in_time():
+    """40 layers t + t after the gather: each reads one tensor twice, so following tables back to their constants
+    must visit each layer once (a walk that does not remember what it saw takes 2^depth steps)."""
+    net = kiln.Network()
+    x = net.add_input("idx", "int64", (K + 1, 1))          # K + 1 rows in the table: as many as the indices
+    eq = net.add_layer("ElementWise", [x, net.add_constant(np.arange(K, dtype=np.int64))], {"op": "equal"},
+                       output_dtypes=["bool"])
+    cast = net.add_layer("Cast", [eq.outputs[0]], {"to": "float32"})
+    t = net.add_layer("MatMul", [cast.outputs[0], net.add_constant(W)], {}).outputs[0]
+    for _ in range(40):
+        t = net.add_layer("ElementWise", [t, t], {"op": "sum"}).outputs[0]
+    net.mark_output(t, "out")
+    engine = kiln.build(net, kiln.BuildConfig(device="cpu"))
+    assert _kinds(engine).count("Gather") == 1 and "Pointwise" not in _kinds(engine)
+    assert [layer["attrs"]["op"] for layer in engine.layers if layer["kind"] == "ElementWise"] == ["max", "min"]
+    idx = np.asarray([[0], [3], [K - 1], [1], [K], [-1], [-K], [2 ** 40]], np.int64)
+    got = np.asarray(engine.context().run({"idx": idx})["out"])
+    want = np.zeros((K + 1, N), np.float32)
+    want[:4] = W[[0, 3, K - 1, 1]] * np.float32(2.0 ** 40)
+    np.testing.assert_array_equal(got, want)

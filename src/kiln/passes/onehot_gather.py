@@ -117,14 +117,23 @@ ONEHOT = Rule("cast(i == arange(K)) @ W -> gather(W + zero row, clamp(i))",
 
 
 # ---- op(T[i], c) → op(T, c)[i] ----------------------------------------------------------------------
-def _from_constants(t: Tensor | None, depth: int = 0) -> bool:
-    """``t`` is a constant or computed by element-wise layers from constants alone (folded later)."""
-    if t is None or t.is_constant:
-        return t is not None
-    p = t.producer
-    if p is None or depth >= MAX_DEPTH or p.kind not in ELEMENTWISE:
-        return False
-    return all(_from_constants(x, depth + 1) for x in p.inputs)
+def _from_constants(t: Tensor | None) -> bool:
+    """``t`` is a constant or computed by element-wise layers from constants alone (folded later), at most
+    MAX_DEPTH layers back."""
+    seen: set[int] = set()
+    work = [(t, 0)]
+    while work:
+        x, depth = work.pop()
+        if x is None:
+            return False
+        if x.is_constant or id(x) in seen:
+            continue
+        seen.add(id(x))
+        p = x.producer
+        if p is None or depth >= MAX_DEPTH or p.kind not in ELEMENTWISE:
+            return False
+        work.extend((i, depth + 1) for i in p.inputs)
+    return True
 
 
 def _gathered(t: Tensor) -> Layer | None:
