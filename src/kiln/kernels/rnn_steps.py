@@ -1,15 +1,23 @@
-"""LSTM for short sequences: one input GEMM for all steps, then one GEMM and five gate ops per step.
+"""LSTM and GRU for short sequences: one input GEMM for all steps, then one GEMM and five gate ops per step.
 
-A streaming model (a voice-activity detector fed one frame at a time) runs its LSTM over one or a few steps
+A streaming model (a voice-activity detector fed one frame at a time) runs its RNN over one or a few steps
 per call, so the count of torch ops decides its time, not the arithmetic. Per direction, the input
-projection of every step is one ``addmm`` against W laid out once as [I, 4H] (contiguous rows, the layout a
-one-row GEMM reads fastest) with both biases folded into one vector, written into a gates buffer kept per
-input shape. Each step then adds ``h @ R`` into its rows of that buffer in place (``addmm_`` on R laid out
-once as [H, 4H]), applies sigmoid to the i, o, f gates and tanh to the cell gate in place (ONNX's gate order
-i, o, f, c keeps the three sigmoid gates contiguous), and makes ``c = f*c + i*g`` and ``h = o*tanh(c)`` in
-three more ops. A zero initial state (no h0 or c0 input) skips the step's recurrent GEMM or ``f*c``.
-ONNX semantics: default activations, no clip, no peepholes, no sequence lengths, layout 0, input_forget 0;
-forward, reverse or bidirectional.
+projection of every step is one ``addmm`` against W laid out once as [I, G·H] (contiguous rows, the layout a
+one-row GEMM reads fastest), written into a gates buffer kept per input shape; the views each step works on
+are made with that buffer. Every op of a step works in place on those views or writes a fresh result.
+
+- LSTM (``lstm_steps``): both biases folded into the input GEMM; per step ``h @ R`` added in place into the
+  step's gate rows (``addmm_`` on R laid out once as [H, 4H]), sigmoid over the i, o, f gates and tanh over
+  the cell gate in place (ONNX's gate order i, o, f, c keeps the sigmoid gates contiguous), then
+  ``c = f*c + i*g`` and ``h = o*tanh(c)`` in four ops. A zero initial state (no h0 or c0 input) skips the
+  first step's recurrent GEMM or ``f*c``.
+- GRU (``gru_steps``, linear_before_reset=1, torch's and cuDNN's form): per step ``h @ R + Rb`` into a
+  scratch row, added into the z, r gates and sigmoid in place, ``n = tanh(xh + r*(h @ Rh + Rbh))`` in two
+  ops and ``h = n + z*(h - n)`` (ONNX's ``(1 - z)*n + z*h``) as one ``lerp``.
+
+The hidden states go into a per-shape [T, dirs, N, H] buffer; outputs are fresh copies of it, so a later
+call never writes into an earlier call's results. ONNX semantics: default activations, no clip, no
+sequence lengths, layout 0; LSTM without peepholes or input_forget; forward, reverse or bidirectional.
 """
 from __future__ import annotations
 
@@ -20,101 +28,153 @@ import torch
 
 from kiln.kernels.registry import KernelContext, tactic
 
-_MAX_SHAPES = 8         # gates buffers kept per layer (one per input shape met), oldest dropped first
+_MAX_SHAPES = 8         # buffers kept per layer (one set per input shape met), oldest dropped first
+_GATES = {"lstm": 4, "gru": 3}
 
 
-def _ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+def _plain(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> bool:
+    """Default activations, no clip, layout 0, no sequence lengths (input 4) nor peepholes (input 7)."""
     ins = tuple(ctx.input_dtypes) + (None,) * 8
-    return (attrs.get("cell") == "lstm" and not attrs.get("activations") and not attrs.get("clip")
-            and not attrs.get("layout", 0) and not attrs.get("input_forget", 0) and ins[4] is None
-            and ins[7] is None)
+    return (attrs.get("cell") == cell and not attrs.get("activations") and not attrs.get("clip")
+            and not attrs.get("layout", 0) and ins[4] is None and ins[7] is None)
 
 
-def pack_lstm_weights(W: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None) -> list[tuple]:
-    """Per direction: (W as [I, 4H], R as [H, 4H], Wb + Rb or None), contiguous, in ONNX's gate order."""
+def _lstm_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    return _plain(attrs, ctx, "lstm") and not attrs.get("input_forget", 0)
+
+
+def _gru_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    return _plain(attrs, ctx, "gru") and attrs.get("linear_before_reset", 0) == 1
+
+
+def pack_rnn_weights(W: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None, fold_bias: bool) -> list[tuple]:
+    """Per direction: (W as [I, G·H], R as [H, G·H], the input GEMM's bias, the recurrent bias), contiguous,
+    in ONNX's gate order. ``fold_bias``: the input bias is Wb + Rb and the recurrent one None (LSTM); else
+    Wb and Rb (GRU). Biases are None without B."""
     out = []
     for d in range(W.shape[0]):
-        bias = None
+        wb = rb = None
         if B is not None:
             half = B.shape[1] // 2
-            bias = (B[d, :half] + B[d, half:]).contiguous()
-        out.append((W[d].t().contiguous(), R[d].t().contiguous(), bias))
+            wb, rb = B[d, :half].contiguous(), B[d, half:].contiguous()
+            if fold_bias:
+                wb, rb = wb + rb, None
+        out.append((W[d].t().contiguous(), R[d].t().contiguous(), wb, rb))
     return out
 
 
-class _Scratch:
-    """Per input shape: a [dirs, T·N, 4H] gates buffer and a [T, dirs, N, H] hidden-state buffer, with the
-    views each (direction, step) works on made once."""
+def _lstm_views(g: torch.Tensor, H: int) -> tuple:
+    """A step's LSTM gate rows [N, 4H]: (all, the sigmoid gates i|o|f, then the cell gate, i, o, f as
+    [1, N, H])."""
+    g3 = g.unsqueeze(0)
+    return g, g[:, :3 * H], g3[..., 3 * H:], g3[..., :H], g3[..., H:2 * H], g3[..., 2 * H:3 * H]
 
-    def __init__(self, x: torch.Tensor, dirs: int, hidden: int, reverse: bool) -> None:
+
+def _gru_views(g: torch.Tensor, H: int) -> tuple:
+    """A step's GRU gate rows [N, 3H]: (z|r, z, r, the input part of the new gate)."""
+    return g[:, :2 * H], g[:, :H], g[:, H:2 * H], g[:, 2 * H:]
+
+
+class _Scratch:
+    """Per input shape: a [dirs, T·N, G·H] gates buffer, a [T, dirs, N, H] hidden-state buffer, [1, N, H] and
+    [N, G·H] scratch rows, and per (direction, step in the order run) the views of its gate rows with the
+    step's hidden state as [N, H] (the next GEMM's operand) and [1, N, H]."""
+
+    def __init__(self, x: torch.Tensor, dirs: int, hidden: int, cell: str, reverse: bool) -> None:
         T, N, _ = x.shape
-        H = hidden
-        gates = x.new_empty(dirs, T * N, 4 * H)
+        H, gates = hidden, _GATES[cell]
+        views = _lstm_views if cell == "lstm" else _gru_views
+        buf = x.new_empty(dirs, T * N, gates * H)
         self.hidden = x.new_empty(T, dirs, N, H)
-        self.rows = [gates[d] for d in range(dirs)]
-        self.tanh_c = x.new_empty(1, N, H)
+        self.rows = [buf[d] for d in range(dirs)]
+        self.tmp = x.new_empty(1, N, H)
+        self.tmp2 = self.tmp[0]
+        self.rec = x.new_empty(N, gates * H)
+        self.rec_zr, self.rec_h = self.rec[:, :2 * H], self.rec[:, 2 * H:]
         self.steps = []
         for d in range(dirs):
             order = range(T - 1, -1, -1) if (reverse or d == 1) else range(T)
-            self.steps.append([self._views(gates[d, t * N:(t + 1) * N], self.hidden[t, d], H) for t in order])
+            self.steps.append([views(buf[d, t * N:(t + 1) * N], H) + (self.hidden[t, d],
+                                                                        self.hidden[t, d].unsqueeze(0))
+                               for t in order])
         # the hidden state each direction ends on: Y_h's [1, N, H] for one direction, else its [N, H] parts
         ends = [0 if (reverse or d == 1) else T - 1 for d in range(dirs)]
         self.last = [self.hidden[ends[0]]] if dirs == 1 else [self.hidden[t, d] for d, t in enumerate(ends)]
 
-    @staticmethod
-    def _views(g: torch.Tensor, h: torch.Tensor, H: int) -> tuple:
-        """One step's views: its [N, 4H] gate rows, the sigmoid gates i|o|f, then the cell gate, i, o and f
-        as [1, N, H], and its hidden state as [N, H] (the next GEMM's operand) and [1, N, H]."""
-        g3 = g.unsqueeze(0)
-        return (g, g[:, :3 * H], g3[..., 3 * H:], g3[..., :H], g3[..., H:2 * H], g3[..., 2 * H:3 * H],
-                h, h.unsqueeze(0))
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Y [T, dirs, N, H] and Y_h [dirs, N, H], fresh."""
+        if len(self.last) == 1:
+            return self.hidden.clone(), self.last[0].clone()
+        return self.hidden.clone(), torch.stack(self.last)
 
 
-@tactic("RNN", "lstm_steps", supports=_ok, priority=1)
-def make_lstm_steps(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
-    """LSTM as per-step in-place gate ops on per-shape buffers (see the module docstring)."""
-    H = attrs["hidden_size"]
-    direction = attrs.get("direction", "forward")
-    dirs = 2 if direction == "bidirectional" else 1
-    reverse = direction == "reverse"
-    packed: dict[str, Any] = {}                 # the last weights and their packing (constants hit it every run)
-    buffers: OrderedDict[tuple, _Scratch] = OrderedDict()
+class _Layer:
+    """One layer's packed weights (the last W, R, B seen; constants hit every run) and per-shape buffers."""
 
-    def weights(W, R, B) -> list[tuple]:
-        hit = packed.get("w")
+    def __init__(self, attrs: dict[str, Any]) -> None:
+        self.cell = attrs["cell"]
+        self.hidden = attrs["hidden_size"]
+        direction = attrs.get("direction", "forward")
+        self.dirs = 2 if direction == "bidirectional" else 1
+        self.reverse = direction == "reverse"
+        self.packed: tuple | None = None
+        self.buffers: OrderedDict[tuple, _Scratch] = OrderedDict()
+
+    def weights(self, W: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None) -> list[tuple]:
+        hit = self.packed
         if hit is None or hit[0] is not W or hit[1] is not R or hit[2] is not B:
-            hit = packed["w"] = (W, R, B, pack_lstm_weights(W, R, B))
+            hit = self.packed = (W, R, B, pack_rnn_weights(W, R, B, fold_bias=self.cell == "lstm"))
         return hit[3]
 
-    def scratch(x: torch.Tensor) -> _Scratch:
+    def scratch(self, x: torch.Tensor) -> _Scratch:
         key = (tuple(x.shape), x.dtype, x.device)
-        hit = buffers.get(key)
+        hit = self.buffers.get(key)
         if hit is None:
-            hit = buffers[key] = _Scratch(x, dirs, H, reverse)
-            if len(buffers) > _MAX_SHAPES:
-                buffers.popitem(last=False)
+            hit = self.buffers[key] = _Scratch(x, self.dirs, self.hidden, self.cell, self.reverse)
+            if len(self.buffers) > _MAX_SHAPES:
+                self.buffers.popitem(last=False)
         return hit
 
-    def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
-        if seq_lens is not None or P is not None:
-            raise RuntimeError("lstm_steps: sequence lengths and peepholes need the loop tactic")
+    def start(self, X: torch.Tensor, W, R, B) -> tuple[list[tuple], _Scratch]:
+        """The packed weights and this shape's buffers, each direction's input projection written."""
+        packs, buf = self.weights(W, R, B), self.scratch(X)
         T, N, I = X.shape
-        if X.is_meta or T == 0:
-            e = lambda state: X.new_zeros(dirs, N, H) if state is None or X.is_meta else state.clone()  # noqa: E731
-            return X.new_zeros(T, dirs, N, H), e(h0), e(c0)
-        packs = weights(W, R, B)
-        buf = scratch(X)
         x2 = X.reshape(T * N, I)
-        cs = []
-        for d in range(dirs):
-            wt, rt, bias = packs[d]
-            if bias is None:
+        for d, (wt, _, wb, _) in enumerate(packs):
+            if wb is None:
                 torch.mm(x2, wt, out=buf.rows[d])
             else:
-                torch.addmm(bias, x2, wt, out=buf.rows[d])
+                torch.addmm(wb, x2, wt, out=buf.rows[d])
+        return packs, buf
+
+    def empty(self, X: torch.Tensor, *states: torch.Tensor | None) -> tuple:
+        """Outputs on meta tensors or for a zero-length sequence: Y empty, the states as given (or zeros)."""
+        N, shape = X.shape[1], (self.dirs, X.shape[1], self.hidden)
+        keep = lambda s: X.new_zeros(shape) if s is None or X.is_meta else s.clone()     # noqa: E731
+        return (X.new_zeros(X.shape[0], self.dirs, N, self.hidden),) + tuple(keep(s) for s in states)
+
+
+def _no_lengths(seq_lens, P, name: str) -> None:
+    if seq_lens is not None or P is not None:
+        raise RuntimeError(f"{name}: sequence lengths and peepholes need the loop tactic")
+
+
+@tactic("RNN", "lstm_steps", supports=_lstm_ok, priority=1)
+def make_lstm_steps(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """LSTM as per-step in-place gate ops on per-shape buffers (see the module docstring)."""
+    layer = _Layer(attrs)
+    dirs = layer.dirs
+
+    def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
+        _no_lengths(seq_lens, P, "lstm_steps")
+        if X.is_meta or X.shape[0] == 0:
+            return layer.empty(X, h0, c0)
+        packs, buf = layer.start(X, W, R, B)
+        cs = []
+        for d in range(dirs):
+            rt = packs[d][1]
             h = h0[d] if h0 is not None else None
             c = None if c0 is None else c0 if dirs == 1 else c0[d:d + 1]
-            tanh_c = buf.tanh_c
             for g, sig, cell, i, o, f, h2, h3 in buf.steps[d]:
                 if h is not None:
                     g.addmm_(h, rt)
@@ -125,10 +185,35 @@ def make_lstm_steps(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., 
                 else:
                     c = torch.mul(f, c)
                     c.addcmul_(i, cell)
-                torch.mul(o, torch.tanh(c, out=tanh_c), out=h3)
+                torch.mul(o, torch.tanh(c, out=buf.tmp), out=h3)
                 h = h2
             cs.append(c)
-        if dirs == 1:
-            return buf.hidden.clone(), buf.last[0].clone(), cs[0]
-        return buf.hidden.clone(), torch.stack(buf.last), torch.cat(cs)
+        return buf.outputs() + (cs[0] if dirs == 1 else torch.cat(cs),)
+    return run
+
+
+@tactic("RNN", "gru_steps", supports=_gru_ok, priority=1)
+def make_gru_steps(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """GRU (linear_before_reset=1) as per-step in-place gate ops on per-shape buffers (module docstring)."""
+    layer = _Layer(attrs)
+    H, dirs = layer.hidden, layer.dirs
+
+    def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
+        _no_lengths(seq_lens, P, "gru_steps")
+        if X.is_meta or X.shape[0] == 0:
+            return layer.empty(X, h0)
+        packs, buf = layer.start(X, W, R, B)
+        rec, rec_zr, rec_h, n = buf.rec, buf.rec_zr, buf.rec_h, buf.tmp2
+        for d in range(dirs):
+            rt, rb = packs[d][1], packs[d][3]
+            h = h0[d] if h0 is not None else X.new_zeros(X.shape[1], H)
+            for zr, z, r, xh, h2, _ in buf.steps[d]:
+                if rb is None:
+                    torch.mm(h, rt, out=rec)
+                else:
+                    torch.addmm(rb, h, rt, out=rec)
+                zr.add_(rec_zr).sigmoid_()
+                torch.addcmul(xh, r, rec_h, out=n).tanh_()
+                h = torch.lerp(n, h, z, out=h2)
+        return buf.outputs()
     return run
