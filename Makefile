@@ -3,6 +3,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
+# Files holding tests marked `serial` (timing-sensitive): run alone after the parallel run, collected on their own
+SERIAL_TESTS = tests/runtime/test_cpu_overhead.py
 
 .PHONY: demo test setup test-setup clean
 
@@ -10,7 +12,8 @@ demo: setup
 	$(BIN)/kiln demo --output-dir out/demo
 
 test: test-setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile -m 'not slow and not serial'
+	$(BIN)/python -m pytest -q -m 'serial and not slow' $(SERIAL_TESTS)
 
 setup: $(VENV)/.kiln-installed
 test-setup: $(VENV)/.kiln-test-installed

@@ -26,3 +26,11 @@ def test_a_clearly_faster_candidate_wins():
 def test_nothing_timed_gives_none():
     assert _fastest(_cands("a", "b"), {}) is None
     assert _fastest(_cands("a"), {"a": float("inf")}) is None
+
+
+def test_a_cached_time_of_a_tactic_no_longer_offered_is_ignored():
+    """The timing cache may hold a faster tactic this build does not offer (another device, a tactic switched off):
+    the choice is among the candidates, not a StopIteration."""
+    cands = _cands("a", "b")
+    assert _fastest(cands, {"gone": 0.01, "a": 0.2, "b": 0.1}) == "b"
+    assert _fastest(cands, {"gone": 0.01}) is None

@@ -386,8 +386,12 @@ def test_gpu_tma_tactics_match_the_reference(codes, tactic, monkeypatch):
             got = get_tactic(kind, name).make(attrs, ctx)(*ins)
             ptr = get_tactic(kind, f"triton_{'fp8' if fp8 else 'int8'}").make(attrs, ctx)(*ins)
         for a, b, p in zip(got, want, ptr):
-            if not fp8:             # the same int32 sums and epilogue as the pointer kernel: the same bits
+            if not fp8 and not a.dtype.is_floating_point:   # the same int32 sums and rounding: the same codes
                 assert torch.equal(a, p), name
+            elif not fp8:           # float16 out: the compiler may contract the epilogue's multiply-adds differently
+                step = p.float().abs().clamp_min(2.0 ** -14) * 2.0 ** -10
+                off = (a.float() - p.float()).abs() > step
+                assert not bool(off.any()), f"{name}: {int(off.sum())} float16 values beyond one step of the pointer kernel's"
             is_codes = not a.dtype.is_floating_point or a.dtype == torch.float8_e4m3fn
             a, b = a.float(), b.float()
             rel = float((a - b).norm() / b.norm())

@@ -216,6 +216,7 @@ def _cpu_ratios(fns: dict, base: str, calls: int, repeats: int) -> dict[str, flo
     return {k: min(v) / min(took[base]) for k, v in took.items()}
 
 
+@pytest.mark.serial
 @pytest.mark.skipif(sys.gettrace() is not None, reason="a tracer (coverage, debugger) slows Python, not torch")
 def test_per_layer_overhead_is_small_against_the_layer_functions(tmp_path) -> None:
     bench = _bench()

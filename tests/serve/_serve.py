@@ -1,6 +1,7 @@
 """Helpers for the serving tests: tiny CPU engines with numpy references, and `kiln serve` as a subprocess."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+def run_async(coro, timeout: float = 60):
+    """``coro``'s result, run to completion within ``timeout`` seconds on a new event loop in its own thread (the
+    test process may already run a loop in this thread: Playwright's session-wide sync API does)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, asyncio.wait_for(coro, timeout)).result()
 
 
 @dataclass

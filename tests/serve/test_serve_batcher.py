@@ -14,6 +14,8 @@ from kiln.serve.errors import BadRequest, DeadlineExceeded, Unavailable
 from kiln.serve.metrics import ModelStats
 from kiln.serve.model import ModelOptions, ServedModel
 
+from _serve import run_async
+
 
 class FakeEngine:
     """x [N, L] float32 -> y [N, L]; a profile of N 1..8, L 1..16."""
@@ -57,7 +59,7 @@ async def submit(batcher: Batcher, model: ServedModel, x: np.ndarray, timeout: f
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    return run_async(coro)
 
 
 def test_merges_same_shapes_up_to_max_batch_and_splits_rows_back():

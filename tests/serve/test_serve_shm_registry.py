@@ -11,6 +11,8 @@ import pytest
 from kiln.serve.errors import BadRequest
 from kiln.serve.shm import SHM_DIR, ShmRegistry, gather, grpc_peer_host, materialize, object_path
 
+from _serve import run_async
+
 if not os.path.isdir(SHM_DIR):
     pytest.skip("needs POSIX shared memory (/dev/shm)", allow_module_level=True)
 LOCAL = "127.0.0.1"
@@ -199,7 +201,7 @@ def test_batcher_reads_queued_inputs_after_their_region_is_unregistered(obj):
         out = await asyncio.gather(first, *rest)
         await batcher.close()
         return depth, out
-    depth, out = asyncio.run(asyncio.wait_for(main(), 60))
+    depth, out = run_async(main())
     assert depth >= 2 and reg.regions == {}
     for x, r in zip(xs, out):
         np.testing.assert_array_equal(r["y"], expected(x))

@@ -11,6 +11,7 @@ rebuild skips every layer and shape it has already measured.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, NamedTuple
 
@@ -23,6 +24,8 @@ from kiln.ir.dtypes import from_numpy
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network
 from kiln.kernels import KernelContext, tactics_for
+
+log = logging.getLogger("kiln.tactics")     # DEBUG: why a candidate was not timed (its error, its disagreement)
 
 def _sig(attrs: dict[str, Any]) -> str:
     def clean(v):
@@ -120,16 +123,19 @@ CODES_TOL = 1e-2
 _CODE_OUTPUTS = (torch.int8, torch.uint8, torch.float8_e4m3fn)
 
 
-def _agree(outs, ref, precision: str, codes: list[bool] | None = None) -> bool:
+def _agree(outs, ref, precision: str, codes: list[bool] | None = None, who: str = "") -> bool:
     """Whether outputs ``outs`` (float) are within the precision's relative L2 of ``ref``; ``codes`` marks the
-    outputs that are 8-bit codes."""
-    tol = AGREE_TOL.get(precision.split()[0], 1e-2)
+    outputs that are 8-bit codes. A disagreement is logged (``kiln.tactics``, DEBUG) with ``who``."""
+    tol = AGREE_TOL.get((precision.split() or ["fp32"])[0], 1e-2)
     for i, (a, b) in enumerate(zip(outs, ref)):
         if a.shape != b.shape:
+            log.debug("%s: output %d has shape %s, the reference %s", who, i, tuple(a.shape), tuple(b.shape))
             return False
         den = float(b.norm()) or 1.0
         bound = max(tol, CODES_TOL) if codes and codes[i] else tol
-        if not float((a - b).norm()) <= bound * den + 1e-6:
+        err = float((a - b).norm())
+        if not err <= bound * den + 1e-6:
+            log.debug("%s: output %d relative L2 %.3g from the reference, over %.3g", who, i, err / den, bound)
             return False
     return True
 
@@ -259,7 +265,7 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
 def _fastest(cands: list, times: dict[str, float]) -> str | None:
     """The first candidate (in registration order) within TIE_MARGIN of the fastest time, so that two tactics
     of equal speed do not trade places from build to build on timing noise; None when none was timed."""
-    best = min(times.values(), default=float("inf"))
+    best = min((times.get(c.name, float("inf")) for c in cands), default=float("inf"))
     if best == float("inf"):
         return None
     return next(c.name for c in cands if times.get(c.name, float("inf")) <= TIE_MARGIN * best)
@@ -307,7 +313,9 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
                 fn = cand.make(layer.attrs, ctx)
                 got = fn(*[a.clone() if a is not None else None for a in ins])
                 return cand, fn, [o.float() for o in got], [o.dtype in _CODE_OUTPUTS for o in got]
-        except Exception:
+        except Exception as exc:
+            log.debug("%s %s: %s cannot run: %s: %s", layer.kind, layer.name, cand.name, type(exc).__name__, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             return None
 
     def reference() -> tuple | None:
@@ -324,7 +332,8 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
             judge = reference()
             mine = judge if judge is not None and judge[0] is cand else run(cand)
             if mine is None or judge is None or (mine is not judge and not _agree(
-                    mine[2], judge[2], layer.precision or "fp32", mine[3])):
+                    mine[2], judge[2], layer.precision or "fp32", mine[3],
+                    f"{layer.kind} {layer.name}: {cand.name} against {judge[0].name}")):
                 times[cand.name] = float("inf")      # not valid on these shapes, or a fast wrong kernel
                 continue
             valid.append(mine[:2])

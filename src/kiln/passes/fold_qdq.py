@@ -428,7 +428,7 @@ def label_quantized(net: Network, precision: str) -> None:
     if low:
         for cast in [layer for layer in net.layers if layer.kind == "Cast" and layer.attrs["to"] == "float32"]:
             y, p = cast.outputs[0], cast.inputs[0].producer
-            made_low = p is not None and ((p.precision or "").split()[0] == precision if p.kind not in QUANTIZED_KINDS
+            made_low = p is not None and ((p.precision or "").split()[:1] == [precision] if p.kind not in QUANTIZED_KINDS
                                           else p.attrs["to"] == low)
             if made_low and y.uses and y not in net.outputs and all(
                     u.kind == "QuantizeLinear" and i == 0 for u, i in y.uses):
