@@ -67,6 +67,19 @@ def test_residual_and_weight_view_kept():
     ref, bound = _reference(x, w, b, attrs, residual=r)
     assert ((first.double() - ref).abs() <= bound).all()
     assert torch.equal(run(x, w, b, r)[0], first)
+    assert torch.equal(run(x, w.clone(), b, r)[0], first)     # a new weight tensor: its own view and packing
+
+
+@pytest.mark.parametrize("r_shape", [(28, 1), (1, 8, 1, 1), (1, 8, 28, 1)], ids=["rank2", "per_channel", "full"])
+def test_broadcast_residuals(r_shape):
+    """A residual of lower rank runs the plain path; 4-D ones (full or broadcasting) are turned with the output."""
+    g = torch.Generator().manual_seed(6)
+    attrs = _attrs()
+    x, w, b = torch.randn(1, 8, 30, 1, generator=g), torch.randn(8, 8, 3, 1, generator=g), torch.randn(8, generator=g)
+    r = torch.randn(*r_shape, generator=g)
+    (y,) = make_convolution_onednn_wide(attrs, CPU)(x, w, b, r)
+    ref, bound = _reference(x, w, b, attrs, residual=r)
+    assert y.shape == ref.shape and ((y.double() - ref).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("x_shape, w_shape", [((1, 8, 12, 10), (16, 8, 3, 3)), ((1, 8, 1, 1), (16, 8, 1, 1)),

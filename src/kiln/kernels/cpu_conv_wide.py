@@ -40,11 +40,12 @@ def make_convolution_onednn_wide(attrs: dict[str, Any], ctx: KernelContext) -> C
     kept: dict[str, Any] = {"w": None, "view": None}
 
     def run(x, w, b=None, residual=None):
-        if x.dim() != 4 or x.shape[3] != 1 or w.shape[3] != 1 or x.shape[2] == 1:
+        if (x.dim() != 4 or x.shape[3] != 1 or w.shape[3] != 1 or x.shape[2] == 1
+                or (residual is not None and residual.dim() != 4)):
             return plain(x, w, b, residual)
         if kept["w"] is not w:
             kept["w"], kept["view"] = w, w.transpose(2, 3)
-        r = residual.transpose(2, 3) if residual is not None and residual.dim() == 4 else residual
+        r = residual.transpose(2, 3) if residual is not None else None
         (y,) = turned(x.transpose(2, 3), kept["view"], b, r)
         return (y.transpose(2, 3),)
     return run
