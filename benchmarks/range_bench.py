@@ -4,8 +4,9 @@ shapes of its range beside a static Kiln engine built for exactly that shape and
     python benchmarks/range_bench.py [--models bert_base,resnet50,yolov5l] [--quick] [--no-compile] [--out DIR]
 
 Per model: export ONNX with the range's dims dynamic (harness models: seeded random weights, calibrated
-BatchNorm), build the range engine (cold, then again with the warm timing cache), then per shape: the
-first run at that shape on a fresh context (graph capture included, CUDA-synchronized wall time), the
+BatchNorm), build the range engine (cold, then again with the warm timing cache), warm it up once as a
+server does at load (``ExecutionContext.warm_up()``: the profile's min, opt and max; ``--no-warm-up`` skips it),
+then per shape: the first run at that shape on a fresh context (graph capture included, CUDA-synchronized wall time), the
 range engine's median, the static engine's median and torch.compile(dynamic=True)'s (CUDA events, median
 of two series, as harness.py). ``--quick`` measures three shapes per model.
 """
@@ -96,6 +97,12 @@ def run_model(name: str, args) -> dict[str, Any]:
     res["layers"] = len(engine.layers)
     print(f"{name}: range engine {len(engine.layers)} layers, build cold {res['build_cold_s']:.1f} s, "
           f"warm cache {res['build_warm_s']:.1f} s", flush=True)
+    if not args.no_warm_up:     # as a server does at load: the profile's corners once, eagerly (kernels, modules)
+        t0 = time.perf_counter()
+        res["warm_up_runs"] = engine.context().warm_up()
+        torch.cuda.synchronize()
+        res["warm_up_ms"] = (time.perf_counter() - t0) * 1e3
+        print(f"{name}: warm_up() at load, {res['warm_up_runs']} runs, {res['warm_up_ms']:.0f} ms", flush=True)
     half = model.cuda().half()
     compiled = None
     if not args.no_compile:
@@ -105,7 +112,8 @@ def run_model(name: str, args) -> dict[str, Any]:
     for point in points:
         shapes = shapes_at(point)
         feeds = [make_feed(n, shapes[n], examples[n]) for n in in_names]
-        row: dict[str, Any] = {"shape": list(point)}
+        row: dict[str, Any] = {"shape": list(point),
+                               "seen_in_warm_up": not args.no_warm_up and point in (spec["min"], spec["opt"], spec["max"])}
         ctx = engine.context()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -139,7 +147,8 @@ def run_model(name: str, args) -> dict[str, Any]:
         tc = row.get("torch_compile_dynamic")
         print(f"{name:<10} {'x'.join(map(str, point)):<12} range {row['range']:8.3f} ms  static {row['static']:8.3f} "
               f"(x{row['range'] / row['static']:.2f})  compile(dynamic) {tc if tc is None else f'{tc:8.3f}'}  "
-              f"first run {row['first_run_ms']:.1f} ms {row.get('first_run_phases_ms', {})} graph {row['graph']}",
+              f"first run {row['first_run_ms']:.1f} ms{' (a warm-up shape)' if row['seen_in_warm_up'] else ''} "
+              f"{row.get('first_run_phases_ms', {})} graph {row['graph']}",
               flush=True)
         res["rows"].append(row)
         torch.cuda.empty_cache()
@@ -151,6 +160,7 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(RANGES))
     ap.add_argument("--quick", action="store_true", help="three shapes per model")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(dynamic=True)")
+    ap.add_argument("--no-warm-up", action="store_true", help="no ExecutionContext.warm_up() after the build")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(HERE, "results"))
     args = ap.parse_args()
     args.workdir = tempfile.mkdtemp(prefix="kiln-range-")

@@ -6,8 +6,8 @@ input shapes alone (host-side ints, no device sync; kiln.runtime.buckets) and it
 that bucket's tactics, all of which were made when the context was created. Triton kernels compile
 at their first launch with a new set of compile-time constants (tile sizes some tactics choose by
 size); the build's timing at every bucket point launched them, so on the build machine Triton's
-on-disk cache holds them, and ``ExecutionContext.warm_up()`` launches each bucket once so that no
-later run compiles or loads one.
+on-disk cache holds them, and ``ExecutionContext.warm_up()`` runs each profile's corners and each
+bucket once so that no later run compiles or loads one.
 
 CUDA graphs. On a GPU a context records one graph per input-shape signature at the first run of
 that shape and replays it after (kiln.runtime.graphs). It keeps at most ``graph_cache`` graphs
@@ -192,17 +192,17 @@ class ExecutionContext:
             self.graphs = runner if runner.capturable else None
 
     def warm_up(self) -> int:
-        """Run once, eagerly, on seeded random data at each bucket's point (for an engine without buckets:
-        each profile's opt and max shapes), so that the kernels later runs use are compiled, or loaded from
-        Triton's cache, now and not at a first run. Returns how many runs it made (0 for an engine with
-        sequence inputs, which it leaves alone)."""
+        """Run once, eagerly, on seeded random data at each profile's min, opt and max shapes and at each
+        bucket's point, so that the kernels later runs use are compiled, or loaded from Triton's cache, and
+        the CUDA modules of the library kernels (cuBLAS, torch's) that small and large shapes pick are loaded
+        now and not at a first run. Returns how many runs it made (0 for an engine with sequence inputs, which
+        it leaves alone)."""
         from kiln.runtime.inputs import default_shape, random_input
         if any(is_container(s["dtype"]) for s in self.engine.inputs):
             return 0
+        points = [{n: r[k] for n, r in p.items()} for p in self.engine.profiles for k in ("min", "opt", "max")]
         if self.buckets is not None:
-            points = [b["shapes"] for b in self.engine.header["buckets"]]
-        else:
-            points = [{n: r[k] for n, r in p.items()} for p in self.engine.profiles for k in ("opt", "max")]
+            points += [b["shapes"] for b in self.engine.header["buckets"]]
         points = [p for i, p in enumerate(points) if p not in points[:i]] or [{}]
         rng = np.random.default_rng(0)
         for shapes in points:
