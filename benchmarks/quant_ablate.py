@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from quant_bench import feeds_of, layer_summary  # noqa: E402
+from quant_bench import feeds_of, layer_summary, profile  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--model", default="bert_base")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--variants", default="all,no_tma,no_merge,no_normcodes,none")
+    ap.add_argument("--profile", action="store_true", help="each engine's slowest layers and time by layer kind")
     args = ap.parse_args()
     import kiln
     work = tempfile.mkdtemp(prefix="kiln-ablate-")
@@ -80,6 +81,8 @@ def main() -> int:
         print(f"{args.model} b={args.batch} {variant:<13} {t['median_ms']:7.3f} ms  graph {ctx.graphs is not None}  "
               f"build {build_s:5.1f} s  layers {s['layers']} 8-bit {s['eight_bit']} qdq left {s['qdq_left']}  "
               f"{s['tactics']}  kinds {kinds}", flush=True)
+        if args.profile:
+            profile(ctx, inputs, top=6)
         ctx = engine = None
         torch.cuda.empty_cache()
     return 0
