@@ -81,8 +81,9 @@ class _Scratch:
     step's hidden state as [N, H] (the next GEMM's operand) and [1, N, H]."""
 
     def __init__(self, x: torch.Tensor, dirs: int, hidden: int, cell: str, reverse: bool) -> None:
-        T, N, _ = x.shape
+        T, N, I = x.shape
         H, gates = hidden, _GATES[cell]
+        self.flat = (T * N, I)
         views = _lstm_views if cell == "lstm" else _gru_views
         buf = x.new_empty(dirs, T * N, gates * H)
         self.hidden = x.new_empty(T, dirs, N, H)
@@ -127,7 +128,7 @@ class _Layer:
         return hit[3]
 
     def scratch(self, x: torch.Tensor) -> _Scratch:
-        key = (tuple(x.shape), x.dtype, x.device)
+        key = (x.shape, x.dtype, x.device)
         hit = self.buffers.get(key)
         if hit is None:
             hit = self.buffers[key] = _Scratch(x, self.dirs, self.hidden, self.cell, self.reverse)
@@ -138,13 +139,12 @@ class _Layer:
     def start(self, X: torch.Tensor, W, R, B) -> tuple[list[tuple], _Scratch]:
         """The packed weights and this shape's buffers, each direction's input projection written."""
         packs, buf = self.weights(W, R, B), self.scratch(X)
-        T, N, I = X.shape
-        x2 = X.reshape(T * N, I)
-        for d, (wt, _, wb, _) in enumerate(packs):
+        x2 = X.reshape(*buf.flat)
+        for (wt, _, wb, _), rows in zip(packs, buf.rows):
             if wb is None:
-                torch.mm(x2, wt, out=buf.rows[d])
+                torch.mm(x2, wt, out=rows)
             else:
-                torch.addmm(wb, x2, wt, out=buf.rows[d])
+                torch.addmm(wb, x2, wt, out=rows)
         return packs, buf
 
     def empty(self, X: torch.Tensor, *states: torch.Tensor | None) -> tuple:
