@@ -122,6 +122,23 @@ def test_steps_keep_one_buffer_per_shape_and_leave_earlier_outputs_alone(cell, d
         assert torch.equal(o, k)
 
 
+def test_steps_keep_buffers_within_their_shape_and_byte_bounds(monkeypatch):
+    from kiln.kernels import rnn_steps
+    monkeypatch.setattr(rnn_steps, "MAX_KEPT_BYTES", 40_000)
+    layer = rnn_steps._Layer({"cell": "lstm", "hidden_size": 4})
+    for T in range(1, 30):
+        newest = layer.scratch(torch.zeros(T, 3, 5))
+        kept = list(layer.buffers.values())
+        assert kept[-1] is newest and layer.kept_bytes == sum(b.nbytes for b in kept)
+        assert len(kept) <= rnn_steps.MAX_SHAPES and layer.kept_bytes <= 40_000
+    big = layer.scratch(torch.zeros(2000, 3, 5))            # over the bound alone: kept, and alone
+    assert big.nbytes > 40_000 and list(layer.buffers.values()) == [big]
+    fn = _kernel("lstm", 4, "bidirectional")                # results right while buffers come and go
+    for T in (40, 3, 40, 3):
+        case = _case("lstm", T, 3, 5, 4, 2, seed=T)
+        _check("lstm", _run(fn, case), case, "bidirectional")
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_steps_leave_their_inputs_alone(cell):
     case = _case(cell, 3, 2, 5, 4, 1)

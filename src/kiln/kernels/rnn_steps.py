@@ -16,7 +16,8 @@ are made with that buffer. Every op of a step works in place on those views or w
   ops and ``h = n + z*(h - n)`` (ONNX's ``(1 - z)*n + z*h``) as one ``lerp``.
 
 The hidden states go into a per-shape [T, dirs, N, H] buffer; outputs are fresh copies of it, so a later
-call never writes into an earlier call's results. ONNX semantics: default activations, no clip, no
+call never writes into an earlier call's results. A layer keeps the buffers of its last 8 input shapes, fewer
+where they would hold more than 64 MB (the newest is always kept). ONNX semantics: default activations, no clip, no
 sequence lengths, layout 0; LSTM without peepholes or input_forget; forward, reverse or bidirectional.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 
 from kiln.kernels.registry import KernelContext, tactic
 
-_MAX_SHAPES = 8         # buffers kept per layer (one set per input shape met), oldest dropped first
+MAX_SHAPES = 8              # buffer sets kept per layer (one per input shape met), oldest dropped first ...
+MAX_KEPT_BYTES = 64 << 20   # ... and while they hold more than this, except the newest
 _GATES = {"lstm": 4, "gru": 3}
 
 
@@ -92,6 +94,7 @@ class _Scratch:
         self.tmp2 = self.tmp[0]
         self.rec = x.new_empty(N, gates * H)
         self.rec_zr, self.rec_h = self.rec[:, :2 * H], self.rec[:, 2 * H:]
+        self.nbytes = sum(t.numel() * t.element_size() for t in (buf, self.hidden, self.tmp, self.rec))
         self.steps = []
         for d in range(dirs):
             order = range(T - 1, -1, -1) if (reverse or d == 1) else range(T)
@@ -120,6 +123,7 @@ class _Layer:
         self.reverse = direction == "reverse"
         self.packed: tuple | None = None
         self.buffers: OrderedDict[tuple, _Scratch] = OrderedDict()
+        self.kept_bytes = 0
 
     def weights(self, W: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None) -> list[tuple]:
         hit = self.packed
@@ -132,8 +136,9 @@ class _Layer:
         hit = self.buffers.get(key)
         if hit is None:
             hit = self.buffers[key] = _Scratch(x, self.dirs, self.hidden, self.cell, self.reverse)
-            if len(self.buffers) > _MAX_SHAPES:
-                self.buffers.popitem(last=False)
+            self.kept_bytes += hit.nbytes
+            while len(self.buffers) > 1 and (len(self.buffers) > MAX_SHAPES or self.kept_bytes > MAX_KEPT_BYTES):
+                self.kept_bytes -= self.buffers.popitem(last=False)[1].nbytes
         return hit
 
     def start(self, X: torch.Tensor, W, R, B) -> tuple[list[tuple], _Scratch]:
