@@ -158,6 +158,20 @@ def test_steps_with_a_zero_length_sequence_return_the_initial_state(cell):
         assert np.array_equal(got[2], case["c0"])
 
 
+@pytest.mark.parametrize("cell,tactic", [("lstm", "lstm_steps"), ("gru", "gru_steps"), ("lstm", "torch"),
+                                         ("gru", "torch")])
+def test_an_input_that_is_not_3d_is_refused_in_one_line(cell, tactic):
+    from kiln.errors import ShapeError
+    case = _case(cell, 2, 1, 5, 4, 1)
+    fn = get_tactic("RNN", tactic).make({"cell": cell, "hidden_size": 4, "linear_before_reset": 1},
+                                        KernelContext(device="cpu"))
+    args = list(_args(case))
+    args[0] = args[0].reshape(1, 2, 1, 5)
+    with pytest.raises(ShapeError, match=r"^The (LSTM|GRU) input X has shape \[1, 2, 1, 5\]; it must be 3-D, "
+                                         r"\[seq_length, batch_size, input_size\]\.$"):
+        fn(*args)
+
+
 def test_gru_steps_is_offered_only_for_the_linear_before_reset_form():
     ctx = KernelContext(device="cpu", input_dtypes=("float32",) * 3)
     names = lambda **attrs: [t.name for t in tactics_for("RNN", {"cell": "gru", "hidden_size": 5, **attrs}, ctx)]  # noqa: E731

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.errors import BuildError
+from kiln.errors import BuildError, ShapeError
 from kiln.kernels.pointwise import activation_fn
 from kiln.kernels.registry import tactic
 
@@ -38,6 +38,13 @@ def _acts(attrs, cell, num_dirs):
     return [fns[d * per:(d + 1) * per] for d in range(num_dirs)]
 
 
+def check_rnn_input(X: torch.Tensor, cell: str, layout: int = 0) -> None:
+    """Refuse an X that is not 3-D, naming the shape ONNX's RNN/GRU/LSTM takes."""
+    if X.dim() != 3:
+        want = "[batch_size, seq_length, input_size]" if layout else "[seq_length, batch_size, input_size]"
+        raise ShapeError(f"The {cell.upper()} input X has shape {list(X.shape)}; it must be 3-D, {want}.")
+
+
 @tactic("RNN")
 def make_rnn(attrs, ctx):
     cell = attrs["cell"]
@@ -54,6 +61,7 @@ def make_rnn(attrs, ctx):
     gates = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
 
     def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
+        check_rnn_input(X, cell, layout)
         if layout:
             X = X.transpose(0, 1)
             h0 = h0.transpose(0, 1) if h0 is not None else None

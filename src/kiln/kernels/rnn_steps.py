@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from kiln.kernels.registry import KernelContext, tactic
+from kiln.kernels.rnn import check_rnn_input
 
 MAX_SHAPES = 8              # buffer sets kept per layer (one per input shape met), oldest dropped first ...
 MAX_KEPT_BYTES = 64 << 20   # ... and while they hold more than this, except the newest
@@ -172,6 +173,7 @@ def make_lstm_steps(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., 
 
     def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
         _no_lengths(seq_lens, P, "lstm_steps")
+        check_rnn_input(X, "lstm")
         if X.is_meta or X.shape[0] == 0:
             return layer.empty(X, h0, c0)
         packs, buf = layer.start(X, W, R, B)
@@ -205,6 +207,7 @@ def make_gru_steps(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., t
 
     def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
         _no_lengths(seq_lens, P, "gru_steps")
+        check_rnn_input(X, "gru")
         if X.is_meta or X.shape[0] == 0:
             return layer.empty(X, h0)
         packs, buf = layer.start(X, W, R, B)
