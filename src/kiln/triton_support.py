@@ -6,7 +6,8 @@ build or run that never launches one does not import it. Until then ``@triton.ji
 in a ``DeferredKernel``; the first use imports Triton, turns every deferred function into Triton's own
 (``triton.jit``, which decides interpreted versus compiled from TRITON_INTERPRET at that moment) and
 rebinds, in each defining module, ``triton``/``tl`` to the real modules and each deferred kernel to its
-Triton function, as if Triton had been imported with the module. With Triton missing, ``jit`` leaves
+Triton function, as if Triton had been imported with the module; a module that imported a deferred kernel
+by name (a ``@triton.jit`` helper another module's kernel calls) gets Triton's function too. With Triton missing, ``jit`` leaves
 the function alone, so the module still imports and only its Triton tactic fails, with a sentence.
 NOTE: this module must not import torch (``kiln --help`` and the viewer import it indirectly), nor
 Triton at import time.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -117,6 +119,11 @@ def load_triton() -> None:
         for k in _deferred:
             k.kernel = real.jit(k.fn, **k.options)
             scopes[id(k.__globals__)] = k.__globals__
+        for module in list(sys.modules.values()):     # modules that imported a deferred kernel by name
+            scope = getattr(module, "__dict__", None)
+            if isinstance(scope, dict) and id(scope) not in scopes and any(
+                    type(v) is DeferredKernel for v in list(scope.values())):
+                scopes[id(scope)] = scope
         for scope in scopes.values():
             _rebind(scope)
         _deferred.clear()

@@ -135,3 +135,23 @@ def test_without_triton_jit_leaves_the_function_alone() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["False", "True", "True", "False", "2"]
+
+
+_BY_NAME = textwrap.dedent("""
+    import sys, json
+    import kiln.kernels.norm_triton as nt           # imports int8_gemm's @triton.jit _requantize by name
+    import kiln.triton_support as ts
+    before = type(nt._requantize).__name__
+    nt._kernel()                                    # its kernel is made with Triton's own jit, and loads Triton
+    print(json.dumps([before, type(nt._requantize).__name__ == "DeferredKernel"]))
+""")
+
+
+def test_a_helper_imported_by_name_becomes_tritons_function() -> None:
+    """A module whose own kernel calls another module's deferred helper, imported by name, holds Triton's function
+    once Triton is loaded (compiled kernels cannot call a DeferredKernel: Triton refuses the global)."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", _BY_NAME], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ["DeferredKernel", False]

@@ -327,3 +327,32 @@ def test_inspect_shows_each_buckets_tactic(forced, saved, capsys) -> None:
     assert main(["inspect", str(path)]) == 0
     want = ", ".join("small" if n <= SMALL_UP_TO else "large" for n in POINTS)
     assert f"tactic small (per bucket: {want})" in capsys.readouterr().out
+
+
+def test_a_tactic_that_sets_up_per_shape_is_left_to_static_builds(monkeypatch, tmp_path: Path) -> None:
+    """A tactic flagged shape_setup (cuDNN attention plans per shape) and fastest everywhere is chosen by a static
+    build and never by a range build, whose first run at a new shape would pay its set-up."""
+    get_tactic("FullyConnected", "torch")
+    own = next(t for t in TACTICS["FullyConnected"] if t.name == "torch")
+
+    def named(name):
+        def make(attrs, ctx):
+            fn = own.make(attrs, ctx)
+
+            def run(*args):
+                return fn(*args)
+            run.tactic = name
+            return run
+        return dataclasses.replace(own, name=name, make=make, shape_setup=name == "planned", priority=100)
+
+    monkeypatch.setitem(TACTICS, "FullyConnected", [own, named("planned"), named("planless")])
+    times = {"planned": 1.0, "planless": 2.0}
+    monkeypatch.setattr(tactics_mod, "_time_cpu", lambda fn, args, reps: times.get(getattr(fn, "tactic", ""), 3.0))
+    monkeypatch.setattr(tactics_mod, "_time_cpu_interleaved",
+                        lambda fns, args, reps: [times.get(getattr(f, "tactic", ""), 3.0) for f in fns])
+    net = kiln.onnx.parse(_model(tmp_path / "fc.onnx"))
+    static = kiln.build(net, kiln.BuildConfig(device="cpu", profiles={"x": (4, 16)}))
+    ranged = kiln.build(net, kiln.BuildConfig(device="cpu", profiles=PROFILE))
+    fc = [(s["tactic"], r["tactic"], r.get("bucket_tactics")) for s, r in zip(static.layers, ranged.layers)
+          if s["kind"] == "FullyConnected"]
+    assert fc and all(st == "planned" and rt == "planless" and set(bt or [rt]) == {"planless"} for st, rt, bt in fc)

@@ -209,7 +209,8 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
                    cache: TimingCache, device_name: str, hosts: set[int], default: int = 0) -> Selection:
     """Choose a tactic per layer by timing its candidates at each of ``points`` (input shapes; see
     kiln.builder.buckets); ``points[default]`` gives the layer's own tactic. A plugin's implementation
-    is chosen at the default point only."""
+    is chosen at the default point only. Over several points (a range engine), tactics that set themselves
+    up per input shape (``shape_setup``) are not candidates: a first run at a new shape would pay that."""
     chosen: dict[int, str] = {}
     by_point: dict[int, list[str]] = {}
     if level == 0:
@@ -221,6 +222,8 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
         ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
                             input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs))
         cands = tactics_for(layer.kind, layer.attrs, ctx)
+        if len(points) > 1:
+            cands = [c for c in cands if not c.shape_setup] or cands
         extras: list = []
         if layer.kind == "Plugin":
             cands = _plugin_candidates(layer, device)

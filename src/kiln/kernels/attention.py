@@ -1,7 +1,9 @@
 """The fused ``Attention`` layer (made by passes/fuse_attention.py) on torch's SDPA.
 
-``scaled_dot_product_attention`` picks flash / cuDNN / memory-efficient kernels
-on the GPU and never materializes the S×S scores; on the CPU it is the math path.
+``scaled_dot_product_attention`` picks flash / memory-efficient kernels on the GPU and never
+materializes the S×S scores; on the CPU it is the math path. cuDNN's attention builds an execution
+plan at its first call with each new input shape (milliseconds per layer), so tactic ``sdpa`` leaves
+it out on the GPU, and ``sdpa_cudnn`` offers it to static builds only (``shape_setup``).
 
 q, k and v arrive as strided views (passes/collapse_views.py makes them selects of a permuted
 packed projection, e.g. [B, H, S, hd] with strides of a [B, S, 3, H, hd] tensor): every SDPA
@@ -29,24 +31,37 @@ def make_sdpa(attrs, ctx):
     scale = attrs.get("scale", _SCALE)
     causal = bool(attrs.get("causal", False))
 
-    def run(q, k, v, mask=None):
+    def attend(q, k, v, mask=None):
         if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            scale=float(scale) if scale is not None else None)
         return (y,)
+
+    if ctx.device != "cuda":
+        return attend
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    planless = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def run(q, k, v, mask=None):
+        if q.is_meta or not q.is_cuda:
+            return attend(q, k, v, mask)
+        with sdpa_kernel(planless):
+            return attend(q, k, v, mask)
+    run.attend = attend
     return run
 
 
-def _backend_tactic(name: str, backend_attr: str, needs_no_mask: bool = False):
+def _backend_tactic(name: str, backend_attr: str, needs_no_mask: bool = False, shape_setup: bool = False):
     def supports(attrs, ctx):
         return True
 
-    @tactic("Attention", name, devices=("cuda",), supports=supports)
+    @tactic("Attention", name, devices=("cuda",), supports=supports, shape_setup=shape_setup)
     def make(attrs, ctx):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         backend = getattr(SDPBackend, backend_attr)
-        base = make_sdpa(attrs, ctx)
+        made = make_sdpa(attrs, ctx)
+        base = getattr(made, "attend", made)         # SDPA under this backend alone, not the planless list
 
         def run(q, k, v, mask=None):
             if q.is_meta or not q.is_cuda:
@@ -59,9 +74,10 @@ def _backend_tactic(name: str, backend_attr: str, needs_no_mask: bool = False):
     return make
 
 
-for _name, _attr, _nomask in (("sdpa_flash", "FLASH_ATTENTION", True), ("sdpa_efficient", "EFFICIENT_ATTENTION", False),
-                              ("sdpa_cudnn", "CUDNN_ATTENTION", False)):
-    _backend_tactic(_name, _attr, _nomask)
+for _name, _attr, _nomask, _setup in (("sdpa_flash", "FLASH_ATTENTION", True, False),
+                                      ("sdpa_efficient", "EFFICIENT_ATTENTION", False, False),
+                                      ("sdpa_cudnn", "CUDNN_ATTENTION", False, True)):
+    _backend_tactic(_name, _attr, _nomask, _setup)
 
 
 @tactic("Attention", "matmul_softmax", devices=("cuda",))

@@ -23,7 +23,7 @@ from kiln.kernels._util import norm_axis
 from kiln.kernels.int8_gemm import Codes, _out_type, _reciprocal, _requantize
 from kiln.kernels.reduce import make_normalization
 from kiln.kernels.registry import tactic
-from kiln.triton_support import next_pow2
+from kiln.triton_support import load_triton, next_pow2
 
 MAX_HIDDEN = 8192
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,6 +31,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @functools.cache
 def _kernel():
+    load_triton()           # int8_gemm's deferred _requantize becomes Triton's function here too
     import triton
     import triton.language as tl
 

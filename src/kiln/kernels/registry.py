@@ -47,6 +47,9 @@ class Tactic:
     # Timed only at optimization levels ≥ this (alternative tile tables of a generated kernel: each
     # costs a compile per layer shape, so the default level times the main table only).
     min_level: int = 0
+    # Sets itself up per input shape at its first call there (cuDNN's attention builds an execution plan):
+    # not timed for range engines, whose first run at a new shape would pay it.
+    shape_setup: bool = False
 
 
 TACTICS: dict[str, list[Tactic]] = {}
@@ -55,13 +58,14 @@ TACTICS: dict[str, list[Tactic]] = {}
 def tactic(kind: str, name: str = "torch", devices: tuple[str, ...] = ("cpu", "cuda"),
            supports: Callable[[dict[str, Any], KernelContext], bool] | None = None,
            dynamic: bool = False, priority: int = 0, writes_into: bool = False,
-           min_level: int = 0) -> Callable[[Maker], Maker]:
+           min_level: int = 0, shape_setup: bool = False) -> Callable[[Maker], Maker]:
     """Register ``make`` as tactic ``name`` of layer ``kind``; a duplicate is an error."""
     def deco(make: Maker) -> Maker:
         entries = TACTICS.setdefault(kind, [])
         if any(t.name == name for t in entries):
             raise BuildError(f"Tactic {name!r} for layer kind {kind!r} is registered twice.")
-        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic, priority, writes_into, min_level))
+        entries.append(Tactic(kind, name, make, tuple(devices), supports, dynamic, priority, writes_into, min_level,
+                              shape_setup))
         return make
     return deco
 
