@@ -1,4 +1,4 @@
-"""LSTM and GRU for short sequences: one input GEMM for all steps, then one GEMM and five gate ops per step.
+"""LSTM and GRU for short sequences: one input GEMM for all steps, then per step one GEMM and 5-6 gate ops.
 
 A streaming model (a voice-activity detector fed one frame at a time) runs its RNN over one or a few steps
 per call, so the count of torch ops decides its time, not the arithmetic. Per direction, the input
@@ -17,8 +17,8 @@ are made with that buffer. Every op of a step works in place on those views or w
 
 The hidden states go into a per-shape [T, dirs, N, H] buffer; outputs are fresh copies of it, so a later
 call never writes into an earlier call's results. A layer keeps the buffers of its last 8 input shapes, fewer
-where they would hold more than 64 MB (the newest is always kept). ONNX semantics: default activations, no clip, no
-sequence lengths, layout 0; LSTM without peepholes or input_forget; forward, reverse or bidirectional.
+where they would hold more than 64 MB (the newest is always kept). ONNX semantics: default activations, no
+clip, no sequence lengths, layout 0; LSTM without peepholes or input_forget; forward, reverse or bidirectional.
 """
 from __future__ import annotations
 
