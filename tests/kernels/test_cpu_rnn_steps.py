@@ -174,7 +174,9 @@ def test_an_input_that_is_not_3d_is_refused_in_one_line(cell, tactic):
 
 def test_gru_steps_is_offered_only_for_the_linear_before_reset_form():
     ctx = KernelContext(device="cpu", input_dtypes=("float32",) * 3)
-    names = lambda **attrs: [t.name for t in tactics_for("RNN", {"cell": "gru", "hidden_size": 5, **attrs}, ctx)]  # noqa: E731
+
+    def names(**attrs) -> list[str]:
+        return [t.name for t in tactics_for("RNN", {"cell": "gru", "hidden_size": 5, **attrs}, ctx)]
     assert "gru_steps" in names(linear_before_reset=1)
     assert "gru_steps" not in names(linear_before_reset=0)
     assert "gru_steps" not in names(linear_before_reset=1, clip=1.0)
