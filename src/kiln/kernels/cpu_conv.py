@@ -121,7 +121,8 @@ def make_convolution_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callab
     act = activation_in_place(attrs)
     packs = PackedWeight(lambda w, shape: torch.ops.mkldnn._reorder_convolution_weight(
         w, pads, stride, dil, groups, list(shape)))
-    conv = torch.ops.mkldnn._convolution_pointwise
+    # the resolved overloads: calling the packet matches each call's arguments against its schemas in turn
+    conv, conv_add = torch.ops.mkldnn._convolution_pointwise.default, torch.ops.mkldnn._convolution_pointwise.binary
 
     def reference(x, w, b, residual):
         y = F.conv2d(x if symmetric else F.pad(x, pre_pad), w, b, stride, pads, dil, groups)
@@ -142,7 +143,7 @@ def make_convolution_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callab
                     and tuple(residual.shape) == (x.shape[0], w.shape[0], *_out_hw(x, w, pads, stride, dil)))
         if fuse_add:
             relu = attrs.get("activation") == "relu"
-            y = conv(x, residual, wp, b, pads, stride, dil, groups, "add", 1.0, "relu" if relu else None, [], None)
+            y = conv_add(x, residual, wp, b, pads, stride, dil, groups, "add", 1.0, "relu" if relu else None, [], None)
             if act is not None and not relu:
                 y = act(y)
         elif residual is not None and not after:
