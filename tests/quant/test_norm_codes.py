@@ -37,12 +37,14 @@ def _ordinal(codes: torch.Tensor) -> np.ndarray:
     return np.where(bits & 0x80, -(bits & 0x7F), bits & 0x7F)
 
 
-def _assert_codes_close(ours: torch.Tensor, ref: torch.Tensor, what: str, equal: float = 0.99) -> None:
-    """8-bit codes: within one code step everywhere (a value within float rounding of a rounding boundary may go
-    either way), at least ``equal`` of them equal, and a real spread of codes compared."""
+def _assert_codes_close(ours: torch.Tensor, ref: torch.Tensor, what: str, equal: float = 0.99,
+                        steps: int = 1) -> None:
+    """8-bit codes: within ``steps`` code steps everywhere (a value within float rounding of a rounding boundary
+    may go either way: one step; codes computed from codes that already differ by a step: more), at least
+    ``equal`` of them equal, and a real spread of codes compared."""
     assert ours.dtype == ref.dtype and ours.shape == ref.shape, what
     a, b = _ordinal(ours.cpu()), _ordinal(ref.cpu())
-    assert np.abs(a - b).max() <= 1, what
+    assert np.abs(a - b).max() <= steps, what
     assert np.mean(a == b) >= equal, what
     assert np.unique(b).size > 20, what
 
@@ -408,8 +410,8 @@ def test_explicit_qdq_after_layer_norm_matches_onnxruntime(monkeypatch, codes_to
 def test_gpu_build_times_the_fused_norm_with_codes(precision, tmp_path, monkeypatch):
     """On the GPU the build folds by itself; the Triton add+norm kernels writing codes agree with the torch tactic
     closely enough to be candidates (finite times in the timing cache, FP32 builds included: on a BERT-sized hidden
-    dimension some codes are one step from the torch tactic's). Against the same GPU build without the fold: every
-    code within one step; the embedding LayerNorm's (it reads x itself) nearly all equal, the others mostly (the
+    dimension some codes are one step from the torch tactic's). Against the same GPU build without the fold: the
+    norms' codes within one step, the codes of GEMMs reading them within two; the embedding LayerNorm's (it reads x itself) nearly all equal, the others mostly (the
     8-bit GEMMs' outputs round apart from the float GEMMs' on dequantized values)."""
     import json
     x = np.random.default_rng(64).standard_normal((16, 64, 256)).astype(np.float32)
@@ -428,8 +430,10 @@ def test_gpu_build_times_the_fused_norm_with_codes(precision, tmp_path, monkeypa
     assert {made[c] for c in codes} == {"QuantizeLinear"}           # unfolded: separate QuantizeLinear layers
     ours, want = engine.context().run({"x": x}), ref.context().run({"x": x})
     first = norms[0]["outputs"][-1]
-    for c in codes:
-        _assert_codes_close(torch.from_numpy(ours[c]), torch.from_numpy(want[c]), c, 0.99 if c == first else 0.9)
+    from_norms = {n["outputs"][-1] for n in norms}
+    for c in codes:         # a GEMM's codes downstream of norm codes one step apart may be two steps apart
+        _assert_codes_close(torch.from_numpy(ours[c]), torch.from_numpy(want[c]), c, 0.99 if c == first else 0.9,
+                            1 if c in from_norms else 2)
 
 
 def test_rms_norm_writes_the_codes_too(monkeypatch):
