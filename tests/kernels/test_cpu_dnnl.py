@@ -85,14 +85,41 @@ def test_activation_and_geometry_match_fp64(act, geometry):
 
 @pytest.mark.parametrize("act", [None, "relu", "silu"])
 @pytest.mark.parametrize("after", [False, True])
-def test_residual_matches_fp64_and_is_not_written(act, after):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])     # added after / fused
+def test_residual_matches_fp64_and_is_not_written(act, after, layout):
     x, w, b = _operands()
-    r = torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(5))
+    r = torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=layout)
     kept = r.clone()
     attrs = _attrs(act, residual=True, residual_after_activation=after)
     y, = make_convolution_onednn_cached(attrs, CPU)(x, w, b, r)
     _check(y, _reference(x, w, b, attrs, r))
     assert torch.equal(r, kept)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_residual_is_a_post_op_in_the_layers_order(monkeypatch, after):
+    """A channels-last residual of the output's shape is fused (binary add post-op) in the layer's order; a
+    broadcast one, or one in NCHW memory, is added after the primitive."""
+    made = []
+    real = cpu_dnnl.Primitive
+
+    def recording(*args):
+        made.append(args[-1])
+        return real(*args)
+    monkeypatch.setattr(cpu_dnnl, "Primitive", recording)
+    x, w, b = _operands()
+    attrs = _attrs("silu", residual=True, residual_after_activation=after)
+    fn = make_convolution_onednn_cached(attrs, CPU)
+    r = torch.randn(2, 16, 9, 11, generator=torch.Generator().manual_seed(6))
+    r = r.contiguous(memory_format=torch.channels_last)
+    _check(fn(x, w, b, r)[0], _reference(x, w, b, attrs, r))
+    act = ("eltwise", *cpu_dnnl._ELTWISE["silu"])
+    assert made == [(act, ("add",)) if after else (("add",), act)]
+    rb = torch.randn(1, 16, 1, 1, generator=torch.Generator().manual_seed(7))
+    _check(fn(x, w, b, rb)[0], _reference(x, w, b, attrs, rb))
+    assert made[1] == ((act,) if after else ())
+    _check(fn(x, w, b, r.contiguous())[0], _reference(x, w, b, attrs, r))
+    assert len(made) == 2
 
 
 def test_without_bias_and_one_by_one():

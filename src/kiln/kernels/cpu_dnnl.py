@@ -5,9 +5,10 @@ Tactic ``onednn_cached`` calls oneDNN's C API (``ctypes``) in a ``libdnnl`` of i
 mkldnn op builds the primitive descriptor, attributes, memory descriptors and scratchpad on every call; here they
 are made on the first call for an input shape, with the weight reordered once into the layout the primitive
 chose, and a call only points the source and destination memories at the tensors and executes. The layer runs
-NHWC in and out (channels-last tensors), bias and activation (relu, sigmoid, tanh, silu, hard_swish) as one
-primitive with an eltwise post-op; a residual is added in place after it (before the activation where the
-layer says so, the activation then applied in place). Without the library the tactic is not offered.
+NHWC in and out (channels-last tensors); bias, the activation (relu, sigmoid, tanh, silu, hard_swish: an eltwise
+post-op) and a channels-last residual of the output's shape (a binary add post-op, before or after the activation
+as the layer says) run as one primitive; a residual of another shape or layout is added in place after it.
+Without the library the tactic is not offered.
 """
 from __future__ import annotations
 
@@ -26,12 +27,14 @@ from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place
 from kiln.kernels.registry import KernelContext, tactic
 
 LIBRARY_ENV = "KILN_ONEDNN_LIBRARY"
+CL = torch.channels_last
 
 # oneDNN v3 C API values (oneapi/dnnl/dnnl_types.h; the same in 3.2 and 3.12)
 _CPU, _STREAM_DEFAULT, _F32, _ANY, _A, _OIHW, _NHWC = 1, 1, 3, 1, 2, 5, 22
 _FORWARD_INFERENCE, _CONVOLUTION_DIRECT, _SCRATCHPAD_USER = 96, 1, 1
 _QUERY_WEIGHTS_MD, _QUERY_SCRATCHPAD_MD = 131, 136
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS, _ARG_SCRATCHPAD = 1, 17, 33, 41, 80
+_ARG_SRC_1, _ARG_POST_OP_BASE, _BINARY_ADD = 2, 32768, 131056     # a post-op's operand: BASE * (index + 1) | SRC_1
 _ALLOCATE = ctypes.c_void_p(-1 & (2 ** 64 - 1))
 # activation -> (eltwise algorithm, alpha, beta)
 _ELTWISE = {"relu": (32, 0.0, 0.0), "tanh": (33, 0.0, 0.0), "sigmoid": (41, 0.0, 0.0), "silu": (44, 1.0, 0.0),
@@ -115,19 +118,26 @@ def _md(lib: _Dnnl, dims: list[int], tag: int) -> _P:
     return md
 
 
+def out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: list[int], dilation: list[int],
+              pads: list[int]) -> tuple[int, int, int, int]:
+    """[N, Cout, Ho, Wo] of a 2-D convolution with pads [top, left, bottom, right]."""
+    n, _, h, wd = x_shape
+    oc, _, kh, kw = w_shape
+    return (n, oc, (h + pads[0] + pads[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1,
+            (wd + pads[1] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1)
+
+
 class Primitive:
     """One convolution primitive for one input shape: weights reordered into its layout, its own bias and
-    scratchpad; ``run(src, dst)`` executes it on NHWC buffers."""
+    scratchpad; ``posts`` its post-ops in order: ("eltwise", alg, alpha, beta) or ("add",), the residual added
+    as a [N, Cout, Ho, Wo] NHWC operand. ``run(src, dst, residual)`` executes it on NHWC buffers."""
 
     def __init__(self, lib: _Dnnl, x_shape: tuple[int, ...], w: torch.Tensor, b: torch.Tensor | None,
-                 stride: list[int], dilation: list[int], pads: list[int],
-                 eltwise: tuple[int, float, float] | None) -> None:
+                 stride: list[int], dilation: list[int], pads: list[int], posts: tuple[tuple, ...]) -> None:
         self.lib, d = lib, lib.lib
         n, c, h, wd = x_shape
         oc, _, kh, kw = w.shape
-        ho = (h + pads[0] + pads[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (wd + pads[1] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        self.out_shape = (n, oc, ho, wo)
+        self.out_shape = (n, oc, ho, wo) = out_shape(x_shape, w.shape, stride, dilation, pads)
         self.handles: list[tuple[str, _P]] = []
         src, dst = _md(lib, [n, c, h, wd], _NHWC), _md(lib, [n, oc, ho, wo], _NHWC)
         wany, bias, wuser = _md(lib, [oc, c, kh, kw], _ANY), _md(lib, [oc], _A), _md(lib, [oc, c, kh, kw], _OIHW)
@@ -136,12 +146,17 @@ class Primitive:
         lib.check(d.dnnl_primitive_attr_create(ctypes.byref(attr)), "attributes")
         self.handles.append(("primitive_attr", attr))
         lib.check(d.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "scratchpad mode")
-        if eltwise is not None:
+        operands = []
+        if posts:
             lib.check(d.dnnl_post_ops_create(ctypes.byref(post)), "post-ops")
             self.handles.append(("post_ops", post))
-            alg, alpha, beta = eltwise
-            lib.check(d.dnnl_post_ops_append_eltwise(post, alg, ctypes.c_float(alpha), ctypes.c_float(beta)),
-                      "eltwise post-op")
+            for i, op in enumerate(posts):
+                if op[0] == "add":
+                    lib.check(d.dnnl_post_ops_append_binary(post, _BINARY_ADD, dst), "residual post-op")
+                    operands.append(_ARG_POST_OP_BASE * (i + 1) | _ARG_SRC_1)
+                else:
+                    lib.check(d.dnnl_post_ops_append_eltwise(post, op[1], ctypes.c_float(op[2]), ctypes.c_float(op[3])),
+                              "eltwise post-op")
             lib.check(d.dnnl_primitive_attr_set_post_ops(attr, post), "post-ops")
         pd = _P()
         lib.check(d.dnnl_convolution_forward_primitive_desc_create(
@@ -161,9 +176,11 @@ class Primitive:
         d.dnnl_memory_get_data_handle(self.bias, ctypes.byref(bptr))
         bias_values = b.detach().float().contiguous() if b is not None else torch.zeros(oc)    # alive for the copy
         ctypes.memmove(bptr, bias_values.data_ptr(), 4 * oc)
-        self.args = (_ExecArg * 5)(*(_ExecArg(a, m) for a, m in (
-            (_ARG_SRC, self.src), (_ARG_WEIGHTS, self.weights), (_ARG_BIAS, self.bias), (_ARG_DST, self.dst),
-            (_ARG_SCRATCHPAD, self.scratch))))
+        self.residual = self._memory(dst, None) if operands else None
+        bound = [(_ARG_SRC, self.src), (_ARG_WEIGHTS, self.weights), (_ARG_BIAS, self.bias), (_ARG_DST, self.dst),
+                 (_ARG_SCRATCHPAD, self.scratch)] + [(a, self.residual) for a in operands]
+        self.nargs = len(bound)
+        self.args = (_ExecArg * self.nargs)(*(_ExecArg(a, m) for a, m in bound))
         self._set, self._exec, self._wait = d.dnnl_memory_set_data_handle, d.dnnl_primitive_execute, d.dnnl_stream_wait
 
     def _primitive(self, pd: _P) -> _P:
@@ -189,11 +206,13 @@ class Primitive:
         self.lib.check(d.dnnl_primitive_execute(prim, stream, 2, args), "weight reorder run")
         d.dnnl_stream_wait(stream)
 
-    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def run(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> None:
         stream = self.lib.stream()
         self._set(self.src, x.data_ptr())
         self._set(self.dst, y.data_ptr())
-        self._exec(self.prim, stream, 5, self.args)
+        if self.residual is not None:
+            self._set(self.residual, residual.data_ptr())
+        self._exec(self.prim, stream, self.nargs, self.args)
         self._wait(stream)
 
     def __del__(self) -> None:
@@ -212,22 +231,24 @@ def _cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
 
 @tactic("Convolution", "onednn_cached", devices=("cpu",), supports=_cached_ok, priority=1)
 def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
-    """conv + bias + activation as one oneDNN primitive made once per input shape, NHWC in and out."""
+    """conv + bias (+ residual) + activation as one oneDNN primitive made once per input shape, NHWC in and out."""
     stride, dil, pads = list(attrs["stride"]), list(attrs["dilation"]), list(attrs["pads"])
     after = bool(attrs.get("residual_after_activation"))
-    eltwise = _ELTWISE.get(attrs.get("activation"))
+    act_op = (("eltwise", *_ELTWISE[attrs["activation"]]),) if attrs.get("activation") else ()
+    # post-ops per mode: "act" the activation; "add" the residual too, in the layer's order; "none" nothing
+    modes = {"act": act_op, "add": act_op + (("add",),) if after else (("add",),) + act_op, "none": ()}
     act = activation_in_place(attrs)
     kept: dict[str, Any] = {"w": None, "b": None}
     prims: OrderedDict[tuple, Primitive] = OrderedDict()
 
-    def primitive(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, fused: bool) -> Primitive:
+    def primitive(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> Primitive:
         if kept["w"] is not w or kept["b"] is not b:
             kept["w"], kept["b"] = w, b
             prims.clear()
-        key = (tuple(x.shape), fused)
+        key = (tuple(x.shape), mode)
         hit = prims.get(key)
         if hit is None:
-            hit = prims[key] = Primitive(library(), key[0], w, b, stride, dil, pads, eltwise if fused else None)
+            hit = prims[key] = Primitive(library(), key[0], w, b, stride, dil, pads, modes[mode])
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
         return hit
@@ -240,16 +261,22 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
                 y = y + residual
             y = act(y) if act is not None else y
             return (y + residual if residual is not None and after else y,)
-        x = x.contiguous(memory_format=torch.channels_last)
-        fused = residual is None or after
-        p = primitive(x, w, b, fused)
+        x = x.contiguous(memory_format=CL)
+        if residual is None:
+            mode = "act"
+        elif (residual.dtype == torch.float32 and residual.dim() == 4 and residual.is_contiguous(memory_format=CL)
+              and tuple(residual.shape) == out_shape(x.shape, w.shape, stride, dil, pads)):
+            mode = "add"            # other layouts (a Split's channel slice) are added in place: no copy first
+        else:
+            mode = "act" if after else "none"
+        p = primitive(x, w, b, mode)
         y = torch.empty(p.out_shape, dtype=torch.float32, memory_format=torch.channels_last)
-        p.run(x, y)
-        if residual is not None and not after:
+        p.run(x, y, residual)
+        if mode == "none":
             y = y.add_(residual)
             if act is not None:
                 y = act(y)
-        elif residual is not None:
+        elif mode == "act" and residual is not None:
             y = y.add_(residual)
         return (y,)
     return run
