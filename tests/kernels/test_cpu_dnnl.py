@@ -172,6 +172,8 @@ def test_meta_tensors_give_the_output_shape():
     x, w, b = _operands()
     y, = make_convolution_onednn_cached(_attrs("relu", stride=(2, 2), pads=(1, 1, 0, 0)), CPU)(x.to("meta"), w, b)
     assert y.is_meta and tuple(y.shape) == (2, 16, 4, 5)
+    y, = make_convolution_onednn_cached(_attrs("relu"), CPU)(x[:0], w, b)    # an empty batch
+    assert tuple(y.shape) == (0, 16, 9, 11)
 
 
 def test_offered_where_it_runs(monkeypatch):

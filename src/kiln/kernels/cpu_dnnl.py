@@ -217,9 +217,12 @@ class Primitive:
 
     def __del__(self) -> None:
         d = getattr(getattr(self, "lib", None), "lib", None)
-        for kind, h in reversed(getattr(self, "handles", [])):
-            if d is not None and h:
-                getattr(d, f"dnnl_{kind}_destroy")(h)
+        try:
+            for kind, h in reversed(getattr(self, "handles", [])):
+                if d is not None and h:
+                    getattr(d, f"dnnl_{kind}_destroy")(h)
+        except (AttributeError, TypeError):       # at interpreter exit, ctypes may be gone before us
+            pass
 
 
 def _cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
@@ -255,7 +258,7 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
 
     def run(x, w, b=None, residual=None):
         x = match_weight(x, w)
-        if x.is_meta or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
+        if x.is_meta or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0:
             y = F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), w, b, stride, 0, dil)
             if residual is not None and not after:
                 y = y + residual
