@@ -217,9 +217,8 @@ class _Block(nn.Module):
         return self.head(self.pw(y).mean((2, 3)))
 
 
-def test_model_matches_onnxruntime(monkeypatch):
-    """A small CNN with every convolution on this tactic, against ONNX Runtime; batch 1 and 3."""
-    import onnxruntime as ort
+def _forced_engine(monkeypatch) -> tuple[bytes, kiln.Engine]:
+    """The small CNN's ONNX bytes and its CPU engine with every convolution on this tactic."""
     torch.manual_seed(0)
     f = io.BytesIO()
     torch.onnx.export(_Block().eval(), (torch.randn(1, 3, 16, 16),), f, input_names=["x"], opset_version=17,
@@ -229,9 +228,27 @@ def test_model_matches_onnxruntime(monkeypatch):
     mine = next(t for t in TACTICS["Convolution"] if t.name == "onednn_cached")
     torch_t = next(t for t in TACTICS["Convolution"] if t.name == "torch")
     rest = dataclasses.replace(torch_t, supports=lambda attrs, ctx: not mine.supports(attrs, ctx))
-    monkeypatch.setitem(TACTICS, "Convolution", [mine, rest])
-    engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": (
-        (1, 3, 16, 16), (2, 3, 16, 16), (3, 3, 16, 16))}))
+    with monkeypatch.context() as m:
+        m.setitem(TACTICS, "Convolution", [mine, rest])
+        engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": (
+            (1, 3, 16, 16), (2, 3, 16, 16), (3, 3, 16, 16))}))
+    return data, engine
+
+
+def test_an_engine_loaded_without_the_library_is_refused_in_one_line(monkeypatch, tmp_path):
+    _, engine = _forced_engine(monkeypatch)
+    engine.save(str(tmp_path / "m.kiln"))
+    monkeypatch.setattr(cpu_dnnl, "library", lambda: None)
+    with pytest.raises(kiln.KilnError) as err:
+        kiln.load(str(tmp_path / "m.kiln")).context()
+    msg = str(err.value)
+    assert "\n" not in msg and "onednn_cached" in msg and "kiln[cpu-onednn]" in msg
+
+
+def test_model_matches_onnxruntime(monkeypatch):
+    """A small CNN with every convolution on this tactic, against ONNX Runtime; batch 1 and 3."""
+    import onnxruntime as ort
+    data, engine = _forced_engine(monkeypatch)
     convs = [layer["tactic"] for layer in engine.layers if layer["kind"] == "Convolution"]
     assert convs == ["onednn_cached"] * 4
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

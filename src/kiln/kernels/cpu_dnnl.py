@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from kiln.errors import IncompatibleEngineError
 from kiln.kernels.conv import match_weight
 from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place
 from kiln.kernels.registry import KernelContext, tactic
@@ -235,6 +236,11 @@ def _cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
 @tactic("Convolution", "onednn_cached", devices=("cpu",), supports=_cached_ok, priority=1)
 def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """conv + bias (+ residual) + activation as one oneDNN primitive made once per input shape, NHWC in and out."""
+    lib = library()
+    if lib is None:
+        raise IncompatibleEngineError(
+            f"Layer {ctx.layer_name[:60]!r} runs tactic onednn_cached, which needs oneDNN's library: pip install "
+            f"'kiln[cpu-onednn]' (or set {LIBRARY_ENV}), or rebuild the engine here with kiln build.")
     stride, dil, pads = list(attrs["stride"]), list(attrs["dilation"]), list(attrs["pads"])
     after = bool(attrs.get("residual_after_activation"))
     act_op = (("eltwise", *_ELTWISE[attrs["activation"]]),) if attrs.get("activation") else ()
@@ -251,7 +257,7 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
         key = (tuple(x.shape), mode)
         hit = prims.get(key)
         if hit is None:
-            hit = prims[key] = Primitive(library(), key[0], w, b, stride, dil, pads, modes[mode])
+            hit = prims[key] = Primitive(lib, key[0], w, b, stride, dil, pads, modes[mode])
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
         return hit
