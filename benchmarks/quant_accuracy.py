@@ -14,7 +14,8 @@ YOLOv8n) on the same photos, its output decoded as NudeNet decodes it (score >= 
 names from Cambodia's gazetteer) through its own character table, tags decoded with its own CRF (Viterbi).
 
 For each model and calibrator: Kiln builds an FP32 engine and an INT8 engine (PTQ, calibrated on the calibration
-split, the calibration timed alone; bias correction on unless ``--no-bias-correction``), runs both on the held-out split and reports the task agreement with FP32
+split, the calibration timed alone; bias correction and smoothing on unless ``--no-bias-correction`` or
+``--no-smoothing``), runs both on the held-out split and reports the task agreement with FP32
 (top-1 agreement; detections of FP32 matched by an INT8 detection of the same class at IoU >= 0.5; identical
 segmentations and per-character tags) and the relative L2 of the raw outputs (worst output). Then it builds with
 ``accuracy=TARGET`` (the search measures on the calibration split, for the detector and the transformer on 64
@@ -319,7 +320,7 @@ def measure(model: str, spec: Spec, path: Path, data: Path, args: argparse.Names
         cache = work / f"{model}.{calibrator}.calib.json"
         cfg = kiln.BuildConfig(device=args.device, precision=args.float_precision, profiles=prof, quantize="int8",
                                calibration=calib, calibrator=calibrator, calib_cache=str(cache),
-                               bias_correction=not args.no_bias_correction)
+                               bias_correction=not args.no_bias_correction, smoothing=not args.no_smoothing)
         t = time.perf_counter()
         quant_plan = plan(parse(), cfg)
         calib_s = time.perf_counter() - t
@@ -328,8 +329,9 @@ def measure(model: str, spec: Spec, path: Path, data: Path, args: argparse.Names
         build_s = time.perf_counter() - t
         got = run(int8, held)
         row = {"model": model, "kind": spec.kind, "calibrator": calibrator,
-               "bias_correction": not args.no_bias_correction, **about,
-               "quantized_layers": len(quant_plan.layers), "calibration_s": calib_s, "int8_build_s": build_s,
+               "bias_correction": not args.no_bias_correction, "smoothing": not args.no_smoothing, **about,
+               "quantized_layers": len(quant_plan.layers), "smoothed_tensors": len(quant_plan.smooth),
+               "calibration_s": calib_s, "int8_build_s": build_s,
                "fp32_build_s": fp32_build, "fp32_vs_onnxruntime_rel_l2": vs_ort,
                **task_metric(spec.kind, got, ref, crf), "rel_l2": rel_l2(got, ref)}
         if args.ort_ptq and ort_ref is not None:
@@ -341,7 +343,7 @@ def measure(model: str, spec: Spec, path: Path, data: Path, args: argparse.Names
             acc = kiln.build(parse(), kiln.BuildConfig(
                 device=args.device, precision=args.float_precision, profiles=prof, quantize="int8", calibration=search,
                 calibrator=calibrator, calib_cache=str(cache), accuracy=spec.target,
-                bias_correction=not args.no_bias_correction))
+                bias_correction=not args.no_bias_correction, smoothing=not args.no_smoothing))
             record = acc.header.get("build", {}).get("quantization", {}).get("accuracy", {})
             value = _target_value(target, run(acc, held), ref)
             row["accuracy"] = {"target": str(target), "search_samples": int(sum(len(next(iter(b.values())))
@@ -369,7 +371,8 @@ def _line(row: dict) -> str:
                                  f"({'met' if a['heldout_met'] else 'MISSED'})")
     line = (f"{row['model']:<18} {row['calibrator']:<10} {row['calib_samples']:>5} {row['heldout_samples']:>5} "
             f"{row['calibration_s']:>7.1f} {_task(row['kind'], row):<44} {row['rel_l2']:>8.4f}  {acc}"
-            f"{'' if row['bias_correction'] else '  (no bias correction)'}")
+            f"{'' if row['bias_correction'] else '  (no bias correction)'}"
+            f"{'' if row['smoothing'] else '  (no smoothing)'}")
     if peer:
         line += (f"\n{'  ONNX Runtime PTQ':<35} {peer['calibration_s']:>7.1f} {_task(row['kind'], peer):<44} "
                  f"{peer['rel_l2']:>8.4f}")
@@ -386,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, of: " + ", ".join(MODELS))
     ap.add_argument("--calibrators", default="entropy", help="comma-separated: entropy, max, percentile, mse")
     ap.add_argument("--no-bias-correction", action="store_true", help="build without PTQ's bias correction")
+    ap.add_argument("--no-smoothing", action="store_true", help="build without PTQ's activation smoothing")
     ap.add_argument("--float-precision", default=None, help="the INT8 engines' unquantized layers (default: fp16 "
                     "on cuda, as TensorRT INT8 builds enable FP16; fp32 on cpu)")
     ap.add_argument("--calib-limit", type=int, default=None, help="at most this many calibration samples")

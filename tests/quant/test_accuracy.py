@@ -137,7 +137,7 @@ def test_accuracy_keeps_exactly_the_sensitive_layer(metric, independent):
     model, calib = sensitive_mlp(), calib_data()
     engine = kiln.build(kiln.onnx.parse(model), kiln.BuildConfig(
         device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max", accuracy=target,
-        profiles={"x": calib.shape}, bias_correction=False))
+        profiles={"x": calib.shape}, bias_correction=False, smoothing=False))
     rec = engine.header["build"]["quantization"]["accuracy"]
     assert rec["kept"] == ["fc2"] and rec["quantized"] == 2 and rec["samples"] == len(calib)
     assert rec["metric"] == metric and rec["target"] == target
@@ -196,7 +196,8 @@ def files(tmp_path_factory):
 
 def test_cli_build_accuracy_prints_kept_layers(files):
     r = kiln_cli("build", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--accuracy",
-              "rel_l2<=0.05", "--device", "cpu", "--shapes", "x:8x16", "-o", "mlp.kiln", "-q", cwd=files)
+              "rel_l2<=0.05", "--no-smoothing", "--device", "cpu", "--shapes", "x:8x16", "-o", "mlp.kiln", "-q",
+              cwd=files)
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("--accuracy"))
     assert "kept 1 layer unquantized (fp32): fc2;" in line and "on 64 calibration samples" in line, line
@@ -225,8 +226,8 @@ def test_cli_compare_per_layer_ranks_the_sensitive_layer_first(files, independen
     """kiln compare --int8 --per-layer: fc2 first, each layer's 'alone' and 'others' errors as ONNX Runtime gives
     them for the same layers quantized."""
     r = kiln_cli("compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--per-layer",
-              "--no-bias-correction", "--device", "cpu", "--shapes", "x:4x16", "--no-histogram", "--save-errors",
-              "e.json", cwd=files)
+              "--no-bias-correction", "--no-smoothing", "--device", "cpu", "--shapes", "x:4x16", "--no-histogram",
+              "--save-errors", "e.json", cwd=files)
     assert r.returncode in (0, 1), r.stderr[-2000:]
     lines = r.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("per quantized layer (int8, rel_l2"))
@@ -260,7 +261,7 @@ def test_sensitivity_ranks_the_layer_whose_removal_helps_most_first(metric, inde
     from kiln.builder.quant.accuracy import sensitivity
     calib = calib_data()
     config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max",
-                              bias_correction=False)
+                              bias_correction=False, smoothing=False)
     net = kiln.onnx.parse(sensitive_mlp())
     planned = plan(net, config, need_batches=True)
     assert planned.layers == list(LAYERS)
@@ -312,7 +313,8 @@ def test_accuracy_needs_calibration_data_with_a_cache(tmp_path):
 def test_cli_compare_checks_the_engine_the_search_builds(files):
     """kiln compare --int8 --accuracy compares the searched engine (fc2 kept) and says what was kept; the same
     comparison of the fully quantized engine fails at these tolerances."""
-    args = ["compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--device", "cpu",
+    args = ["compare", "mlp.onnx", "--int8", "--calib", "calib.npy", "--calibrator", "max", "--no-smoothing",
+            "--device", "cpu",
             "--shapes", "x:4x16", "--no-histogram", "--atol", "0.05", "--rtol", "0"]
     r = kiln_cli(*args, "--accuracy", "rel_l2<=0.05", cwd=files)
     assert r.returncode == 0 and "PASSED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -38,11 +38,12 @@ def _check_against_ort(model: onnx.ModelProto, calib: np.ndarray, x: np.ndarray,
     activation agree within one step (a value within float rounding of a rounding boundary may go either way
     after the two runtimes' differently ordered float sums); a sample whose codes all agree has the same
     output to float32 rounding. FP8 post-training quantization is GPU-only, so its network is made here with
-    the same plan and rewrite the build uses, then run dequantized on the CPU. Bias correction is off: the
-    exported model keeps the original biases (test_calib_bias_correction.py checks the corrected ones)."""
+    the same plan and rewrite the build uses, then run dequantized on the CPU. Bias correction and smoothing are
+    off: the exported model keeps the original weights and biases (test_calib_bias_correction.py checks the
+    corrected biases, test_smooth.py the smoothed network)."""
     net = kiln.onnx.parse(model)
     config = kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator=calibrator,
-                              profiles={"x": x.shape}, bias_correction=False)
+                              profiles={"x": x.shape}, bias_correction=False, smoothing=False)
     if mode == "int8":
         qnet = quantize(net, config)
     else:

@@ -2,13 +2,13 @@
 quantized one (Q/DQ layers around convolutions and GEMMs), which the builder then builds like any other.
 
 ``quantize(network, config)`` is the builder's hook for ``BuildConfig(quantize="int8", calibration=...)``;
-calibrators.py holds the range algorithms, calibrate.py the data and the FP32 runs, insert.py the rewrite,
+calibrators.py holds the range algorithms, calibrate.py the data and the FP32 runs, smooth.py the activation
+smoothing folded into the float network first, insert.py the rewrite,
 cache.py the calibration cache, accuracy.py the ``accuracy=`` target and sensitivity search
 (kiln.engine.quant_record reads back what the engine header records of it).
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable, NamedTuple
 
 from kiln.errors import BuildError
@@ -54,12 +54,15 @@ class QuantPlan(NamedTuple):
     """What a post-training quantization of a network quantizes: the layers (by name, in network order), the
     amax of every activation they read, the calibration batches (None when the ranges came from a cache) and, for
     bias correction, the float and quantized mean input of each weight position of its convolutions and
-    fully-connected layers, by layer name (empty without it; calibrate.window_means)."""
+    fully-connected layers, by layer name (empty without it; calibrate.window_means); and the smoothing factors by
+    activation tensor (empty without smoothing; smooth.py). The ranges and means are those of the smoothed
+    network."""
 
     layers: list[str]
     amax: dict[str, float]
     batches: list | None
     means: dict[str, tuple] = {}
+    smooth: dict[str, Any] = {}
 
 
 def plan(network: Network, config: Any, progress: Callable[[str, float], None] | None = None,
@@ -69,6 +72,7 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     ``need_batches``)."""
     from kiln.builder.precision import fp32_matches
     from kiln.builder.quant import cache
+    from kiln.builder.quant import smooth
     from kiln.builder.quant.calibrate import calibrate, load_batches, window_means
     from kiln.builder.quant.insert import corrects_bias, refuse_quantized, targets
     mode = config.quantize
@@ -84,11 +88,12 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     names = list(dict.fromkeys(t.layer.inputs[i].name for t in chosen for i in t.acts))
     correct = bool(config.bias_correction)
     corrected = [t.layer for t in chosen if correct and corrects_bias(t)]
+    sites = smooth.sites(network, chosen) if config.smoothing else []
     model = cache.fingerprint(network)
-    how = cache.settings(config.calibrator, config.percentile, mode, correct)
-    found = cache.load(config.calib_cache, model, how, names, [layer.name for layer in corrected]) \
-        if config.calib_cache else None
-    amax, means = found if found is not None else (None, {})
+    how = cache.settings(config.calibrator, config.percentile, mode, correct, smooth.ALPHA if sites else None)
+    found = cache.load(config.calib_cache, model, how, names, [layer.name for layer in corrected],
+                       {s.tensor: s.channels for s in sites}) if config.calib_cache else None
+    amax, means, factors = found if found is not None else (None, {}, {})
     batches = None
     if amax is None or need_batches:
         if config.calibration is None:
@@ -99,21 +104,24 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
         batches = load_batches(config.calibration, network, config.calib_preprocess)
     if amax is None:
         (progress or (lambda stage, frac: None))("calibrate", 0.0)
-        amax = calibrate(network, names, batches, device, config.calibrator, config.percentile, mode=mode)
-        means = window_means(network, corrected, amax, batches, device, mode) if corrected else {}
+        maxima, factors = smooth.calibrate(network, sites, names, batches, device) if sites else (None, {})
+        net = smooth.smoothed(network, factors)
+        amax = calibrate(net, names, batches, device, config.calibrator, config.percentile, mode=mode, maxima=maxima)
+        means = window_means(net, corrected, amax, batches, device, mode) if corrected else {}
         if config.calib_cache:
-            cache.save(config.calib_cache, model, how, amax, means)
-    return QuantPlan([t.layer.name for t in chosen], amax, batches, means)
+            cache.save(config.calib_cache, model, how, amax, means, factors)
+    return QuantPlan([t.layer.name for t in chosen], amax, batches, means, factors)
 
 
 def quantized(network: Network, layers: Iterable[str], amax: dict[str, float], mode: str,
-              means: dict[str, tuple] | None = None) -> Network:
-    """A copy of ``network`` with Q/DQ layers around the ``layers`` named (scales from ``amax``; bias correction
-    from ``means``, see insert.insert); its ``metadata["quantization"]["layers"]`` records each quantized layer's
-    scales."""
+              means: dict[str, tuple] | None = None, factors: dict[str, Any] | None = None) -> Network:
+    """A copy of ``network``, smoothed by ``factors`` (smooth.smoothed), with Q/DQ layers around the ``layers``
+    named (scales from ``amax``; bias correction from ``means``, see insert.insert); its
+    ``metadata["quantization"]["layers"]`` records each quantized layer's scales."""
     from kiln.builder.quant.insert import insert, targets
+    from kiln.builder.quant.smooth import smoothed
     names = set(layers)
-    net = copy.deepcopy(network)
+    net = smoothed(network, factors or {})
     chosen = [t for t in targets(net, set()) if t.layer.name in names]
     net.metadata["quantization"] = {"layers": insert(net, chosen, amax, mode, means)}
     return net
@@ -123,7 +131,8 @@ def evaluator(network: Network, p: QuantPlan, config: Any):
     """An accuracy.Evaluator of ``network`` quantized as ``p`` says, on its calibration batches, built as
     ``config`` builds (device, float precision, FP32 layers)."""
     from kiln.builder.quant.accuracy import Evaluator
-    return Evaluator(network, lambda names: quantized(network, names, p.amax, config.quantize, p.means), p.batches,
+    return Evaluator(network, lambda names: quantized(network, names, p.amax, config.quantize, p.means,
+                                                                p.smooth), p.batches,
                      config.resolved_device(), config.precision, config.fp32_layers)
 
 
@@ -149,7 +158,7 @@ def quantize(network: Network, config: Any, progress: Callable[[str, float], Non
         record = {"target": str(target), "metric": target.metric, "achieved": finite_or_none(found.achieved),
                   "all_quantized": finite_or_none(found.quantized_metric), "kept": found.kept, "quantized": len(layers),
                   "samples": samples(p.batches)}
-    net = quantized(network, layers, p.amax, config.quantize, p.means)
+    net = quantized(network, layers, p.amax, config.quantize, p.means, p.smooth)
     net.metadata["quantization"]["bias_correction"] = bool(config.bias_correction)
     if record is not None:
         net.metadata["quantization"]["accuracy"] = record

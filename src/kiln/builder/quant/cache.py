@@ -1,7 +1,8 @@
 """The calibration cache: a JSON file holding the model's fingerprint, the calibrator and the amax of each
-calibrated tensor (with bias correction, also the float and quantized mean inputs of each corrected layer), so a
-rebuild skips calibration. A cache is data: it is validated before use, and one made
-for another model, another calibrator or another set of tensors is refused in one line, never overwritten."""
+calibrated tensor (with bias correction, also the float and quantized mean inputs of each corrected layer; with
+smoothing, the factors of each smoothed activation), so a rebuild skips calibration. A cache is data: it is
+validated before use, and one made for another model, another calibrator or another set of tensors is refused in
+one line, never overwritten."""
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from kiln.ir.network import Network
 
 FORMAT = "kiln-calibration-cache"
 VERSION = 1
-SETTINGS = ("calibrator", "percentile", "quantize", "bias_correction")    # what settings() may record
+SETTINGS = ("calibrator", "percentile", "quantize", "bias_correction", "smoothing")    # what settings() may record
 
 
 def fingerprint(net: Network) -> str:
@@ -37,10 +38,11 @@ def fingerprint(net: Network) -> str:
     return h.hexdigest()
 
 
-def settings(calibrator: str, percentile: float, mode: str = "int8", bias_correction: bool = False
-             ) -> dict[str, Any]:
+def settings(calibrator: str, percentile: float, mode: str = "int8", bias_correction: bool = False,
+             smoothing: float | None = None) -> dict[str, Any]:
     """What a cache records about how its ranges were found: the calibrator (and percentile), the 8-bit type
-    where the values depend on it (mse, bias correction) and whether it holds bias correction's means."""
+    where the values depend on it (mse, bias correction), whether it holds bias correction's means, and the
+    smoothing strength when activations were smoothed (their ranges are the smoothed network's)."""
     how: dict[str, Any] = {"calibrator": calibrator}
     if calibrator == "percentile":
         how["percentile"] = float(percentile)
@@ -48,13 +50,17 @@ def settings(calibrator: str, percentile: float, mode: str = "int8", bias_correc
         how["quantize"] = mode
     if bias_correction:
         how["bias_correction"] = True
+    if smoothing is not None:
+        how["smoothing"] = float(smoothing)
     return how
 
 
-def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_names: list[str] = ()
-         ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]]] | None:
-    """The amax table cached in ``path`` for this model (``model``: its fingerprint) and calibration ``how``, and
-    the mean inputs of layers ``mean_names`` (bias correction); None when the file does not exist yet."""
+def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_names: list[str] = (),
+         smooth_channels: dict[str, int] | None = None
+         ) -> tuple[dict[str, float], dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]] | None:
+    """The amax table cached in ``path`` for this model (``model``: its fingerprint) and calibration ``how``, the
+    mean inputs of layers ``mean_names`` (bias correction) and the smoothing factors of the activations in
+    ``smooth_channels`` (by name: their channel counts); None when the file does not exist yet."""
     if not os.path.exists(path):
         return None
     try:
@@ -70,7 +76,7 @@ def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_name
         raise BuildError(f"Calibration cache {path!r} was made for another model (fingerprint "
                          f"{str(doc.get('model'))[:12]}..., this model {model[:12]}...); give a new --calib-cache "
                          f"path or delete that file to calibrate again.")
-    if {k: doc.get(k) for k in how} != how:
+    if {k: doc.get(k) for k in how} != how or doc.get("smoothing") != how.get("smoothing"):
         made = {k: doc[k] for k in SETTINGS if k in doc}
         raise BuildError(f"Calibration cache {path!r} was made with {_fmt(made)}, not {_fmt(how)}; pass those "
                          f"settings, or a new --calib-cache path to calibrate again.")
@@ -81,7 +87,25 @@ def load(path: str, model: str, how: dict[str, Any], names: list[str], mean_name
         raise BuildError(f"Calibration cache {path!r} is damaged: 'amax' must map tensor names to finite numbers "
                          f">= 0; delete it to calibrate again.")
     _require(path, amax, names, "range for tensor")
-    return {n: float(amax[n]) for n in names}, _means(path, doc.get("means", {}), mean_names)
+    return ({n: float(amax[n]) for n in names}, _means(path, doc.get("means", {}), mean_names),
+            _factors(path, doc.get("smooth", {}), smooth_channels or {}))
+
+
+def _factors(path: str, table: Any, channels: dict[str, int]) -> dict[str, np.ndarray]:
+    """The cache's smoothing factors of the activations ``channels`` names, checked: one finite positive number
+    per channel."""
+    if not isinstance(table, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                        and x > 0 for x in v) for v in table.values()):
+        raise BuildError(f"Calibration cache {path!r} is damaged: 'smooth' must map tensor names to lists of finite "
+                         f"numbers > 0; delete it to calibrate again.")
+    _require(path, table, list(channels), "smoothing factors for tensor")
+    bad = [n for n, c in channels.items() if len(table[n]) != c]
+    if bad:
+        raise BuildError(f"Calibration cache {path!r} has {len(table[bad[0]])} smoothing factors for tensor "
+                         f"{bad[0]!r}, which has {channels[bad[0]]} channels; give a new --calib-cache path to "
+                         f"calibrate again.")
+    return {n: np.array(table[n], np.float64) for n in channels}
 
 
 def _means(path: str, means: Any, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -99,12 +123,15 @@ def _means(path: str, means: Any, names: list[str]) -> dict[str, tuple[np.ndarra
 
 
 def save(path: str, model: str, how: dict[str, Any], amax: dict[str, float],
-         means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+         means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, factors: dict[str, np.ndarray] | None = None
+         ) -> None:
     """Write the cache (to a temporary file first, so a failed write leaves no half file)."""
     doc = {"format": FORMAT, "version": VERSION, "model": model, **how, "amax": dict(sorted(amax.items()))}
     if means:
         doc["means"] = {n: {"float": [float(v) for v in a.ravel()], "quantized": [float(v) for v in b.ravel()]}
                         for n, (a, b) in sorted(means.items())}
+    if factors:
+        doc["smooth"] = {n: [float(v) for v in np.ravel(f)] for n, f in sorted(factors.items())}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:

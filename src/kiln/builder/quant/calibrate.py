@@ -159,10 +159,12 @@ def engine_for(net: Network, batches: list[Batch], device: str, precision: str =
 
 
 def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: str, calibrator: str,
-              percentile: float, levels: int = 128, mode: str = "int8") -> dict[str, float]:
+              percentile: float, levels: int = 128, mode: str = "int8",
+              maxima: Mapping[str, float] | None = None) -> dict[str, float]:
     """amax per tensor of ``names`` over the calibration batches, by ``calibrator`` (see calibrators.py);
-    ``levels`` is the number of magnitude steps of the 8-bit type (entropy), ``mode`` the 8-bit type (mse)."""
-    amax = {n: 0.0 for n in names}
+    ``levels`` is the number of magnitude steps of the 8-bit type (entropy), ``mode`` the 8-bit type (mse);
+    ``maxima``: each tensor's largest magnitude when already measured (no run for it then)."""
+    amax = {n: float(maxima[n]) for n in names} if maxima is not None else {n: 0.0 for n in names}
 
     def take_max(values: dict[str, np.ndarray]) -> None:
         for n, v in values.items():
@@ -170,7 +172,8 @@ def calibrate(net: Network, names: Sequence[str], batches: list[Batch], device: 
             v = v[np.isfinite(v)]
             if v.size:
                 amax[n] = max(amax[n], float(v.max()))
-    observe(net, names, batches, device, take_max)
+    if maxima is None:
+        observe(net, names, batches, device, take_max)
     if calibrator == "max":
         return amax
     hists = {n: Histogram(amax[n]) for n in names}

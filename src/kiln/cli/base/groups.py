@@ -121,6 +121,9 @@ class Quantize(ArgGroup):
         parser.add_argument("--no-bias-correction", action="store_true",
                             help="keep the float biases (default: correct conv/FC biases for the mean shift "
                                  "quantization adds, from the calibration data)")
+        parser.add_argument("--no-smoothing", action="store_true",
+                            help="keep the activations' channels as they are (default: fold SmoothQuant factors "
+                                 "into ReLU chains before calibrating; see docs/quantization.md)")
         parser.add_argument("--percentile", type=number(float, 0, 100, above=True), default=99.99, metavar="P",
                             help="the percentile calibrator's percent (default 99.99)")
         parser.add_argument("--calib-cache", metavar="FILE",
@@ -164,7 +167,8 @@ class Quantize(ArgGroup):
                           std=_floats(args.calib_std, "--calib-std"), scale=args.calib_scale, layout=args.calib_layout)
         return {"quantize": mode, "calibration": args.calib, "calibrator": args.calibrator,
                 "percentile": args.percentile, "calib_cache": args.calib_cache, "fp16_layers": args.fp16_layers or (),
-                "calib_preprocess": prep, "accuracy": args.accuracy, "bias_correction": not args.no_bias_correction}
+                "calib_preprocess": prep, "accuracy": args.accuracy, "bias_correction": not args.no_bias_correction,
+                "smoothing": not args.no_smoothing}
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
