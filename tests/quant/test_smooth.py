@@ -196,3 +196,19 @@ def test_ranges_are_the_smoothed_networks():
     plain = kiln.onnx.parse(model)
     raw = _outputs(plain, {"x": calib}, ("r1",))["r1"]
     assert np.abs(raw).max() > 5 * p.amax["r1"]          # the widest channel no longer sets the range
+
+
+
+def test_fp8_is_not_smoothed(monkeypatch):
+    """Smoothing is an INT8 measure: an FP8 plan of the same network (its device check lifted, so it plans on the
+    CPU) has no factors."""
+    import kiln.builder.quant as quant
+    net = kiln.onnx.parse(_unbalanced())
+    calib = RNG.standard_normal((4, 3, 8, 8)).astype(np.float32)
+
+    def planned(mode: str) -> dict:
+        return quant.plan(net, kiln.BuildConfig(device="cpu", quantize=mode, calibration=[{"x": calib}],
+                                                profiles={"x": calib.shape})).smooth
+    assert list(planned("int8")) == ["r1"]
+    monkeypatch.setattr(quant, "check_device", lambda *args: None)
+    assert planned("fp8") == {}

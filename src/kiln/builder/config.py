@@ -124,7 +124,7 @@ class BuildConfig:
     calib_preprocess: Any = None       # kiln.builder.quant.images.Preprocess for calibration images
     accuracy: str | None = None        # "rel_l2<=X", "max_abs<=X", "top1_agree>=X": kiln.builder.quant.accuracy
     bias_correction: bool = True       # PTQ corrects conv/FC biases for quantization's mean shift (quant.insert)
-    smoothing: bool = True             # PTQ folds SmoothQuant factors into homogeneous layer chains (quant.smooth)
+    smoothing: bool = True             # INT8 PTQ folds SmoothQuant factors into ReLU-like layer chains (quant.smooth)
 
 
     def __post_init__(self) -> None:

@@ -88,7 +88,7 @@ def plan(network: Network, config: Any, progress: Callable[[str, float], None] |
     names = list(dict.fromkeys(t.layer.inputs[i].name for t in chosen for i in t.acts))
     correct = bool(config.bias_correction)
     corrected = [t.layer for t in chosen if correct and corrects_bias(t)]
-    sites = smooth.sites(network, chosen) if config.smoothing else []
+    sites = smooth.sites(network, chosen) if config.smoothing and mode == "int8" else []
     model = cache.fingerprint(network)
     how = cache.settings(config.calibrator, config.percentile, mode, correct, smooth.ALPHA if sites else None)
     found = cache.load(config.calib_cache, model, how, names, [layer.name for layer in corrected],
