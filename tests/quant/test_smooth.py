@@ -33,6 +33,22 @@ def _act_chain(act: str) -> object:
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 6, 6])], {"w1": w1, "w2": w2})
 
 
+def _bn_chain() -> object:
+    """x[N,4,6,6] → conv3x3(6) → batch norm → relu → max pool 2x2 → conv1x1(5) → y."""
+    w1 = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w2 = RNG.standard_normal((5, 6, 1, 1)).astype(np.float32)
+    bn = {"g": RNG.uniform(0.5, 2, 6), "b": RNG.standard_normal(6), "m": RNG.standard_normal(6),
+          "v": RNG.uniform(0.5, 2, 6)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"], name="bn"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2"], ["y"], name="conv2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 3, 3])],
+                  {"w1": w1, "w2": w2, **{k: v.astype(np.float32) for k, v in bn.items()}})
+
+
 def _mlp() -> object:
     return mlp(RNG.standard_normal((8, 12)), RNG.standard_normal(12), RNG.standard_normal((12, 3)),
                RNG.standard_normal(3))
@@ -49,13 +65,14 @@ def _describe(found) -> dict[str, tuple]:
 
 
 def test_sites_are_homogeneous_chains_read_only_by_quantized_layers():
-    """conv → relu → conv (axis 1); conv → relu → global pool → flatten → Gemm (the last axis); MatMul → bias
-    add → relu → MatMul; not through a residual add (a second, float reader), hard-swish or a sigmoid."""
+    """conv → relu → conv (axis 1); conv → batch norm → relu → max pool → conv; conv → relu → global pool →
+    flatten → Gemm (the last axis); MatMul → bias add → relu → MatMul; not through a residual add (a second, float reader), hard-swish or a sigmoid."""
     assert _describe(_sites(cnn())[1]) == {
         "r1": ("conv1", ["relu1"], ["conv2"], 1), "f": ("conv2", ["relu2", "gap", "flat"], ["fc"], -1)}
     assert _describe(_sites(_mlp())[1]) == {"h": ("mm1", ["add1", "relu"], ["mm2"], -1)}
     assert _sites(cnn(residual=True))[1] == []
     assert _describe(_sites(_act_chain("Relu"))[1]) == {"a": ("conv1", ["act"], ["conv2"], 1)}
+    assert _describe(_sites(_bn_chain())[1]) == {"p1": ("conv1", ["bn", "relu", "pool"], ["conv2"], 1)}
     assert _sites(_act_chain("HardSwish"))[1] == []
     assert _sites(_act_chain("Sigmoid"))[1] == []
 
@@ -68,7 +85,7 @@ def _outputs(net, feed: dict[str, np.ndarray], extra: tuple[str, ...] = ()) -> d
     return {k: np.array(v, np.float64) for k, v in engine.context().run(feed).items()}
 
 
-@pytest.mark.parametrize("make,shape", [(cnn, (3, 3, 8, 8)), (_mlp, (5, 8)),
+@pytest.mark.parametrize("make,shape", [(cnn, (3, 3, 8, 8)), (_mlp, (5, 8)), (_bn_chain, (2, 4, 6, 6)),
                                         (lambda: _act_chain("LeakyRelu"), (2, 4, 6, 6))])
 def test_smoothing_keeps_the_function(make, shape):
     """Factors spread over four decades: the smoothed network's output is ONNX Runtime's on the original model

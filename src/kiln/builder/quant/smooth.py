@@ -170,8 +170,9 @@ def factors(site: Site, amax: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
 
 def apply(net: Network, found: Sequence[Site], scale: Mapping[str, np.ndarray]) -> None:
     """Rescale ``net`` in place (its function unchanged up to float rounding): each site's producer's output
-    channels divided by ``scale[site.tensor]``, its chain's bias constants too, its readers' weight input
-    channels multiplied. New constants are made, so a weight shared with another layer is left as it is."""
+    channels divided by ``scale[site.tensor]``, its chain's bias constants and batch-norm means and biases too, its
+    readers' weight input channels multiplied. New constants are made, so a weight shared with another layer is
+    left as it is."""
     for site in found:
         if site.tensor not in scale:
             continue
@@ -184,8 +185,8 @@ def apply(net: Network, found: Sequence[Site], scale: Mapping[str, np.ndarray]) 
             if layer.kind == "ElementWise":
                 at = _bias_axis(layer, p, site.channel_axis, False)
                 _set(net, layer, 1, _along(layer.inputs[1].value, s, at, divide=True))
-            elif layer.kind == "Normalization":
-                for i in (1, 2):
+            elif layer.kind == "Normalization":      # reads x / s: its mean and bias take 1 / s too
+                for i in (2, 3):
                     _set(net, layer, i, _along(layer.inputs[i].value, s, 0, divide=True))
         for layer, ax in site.readers:
             w = layer.inputs[1].value
