@@ -74,7 +74,7 @@ def _torch_conv_only():
     from kiln.kernels.registry import TACTICS, get_tactic
     get_tactic("Convolution", "torch")          # every kernel module loaded
     saved = TACTICS["Convolution"]
-    TACTICS["Convolution"] = [t for t in saved if t.name not in ("onednn", "gemm")]
+    TACTICS["Convolution"] = [t for t in saved if t.name == "torch"]
     try:
         yield
     finally:

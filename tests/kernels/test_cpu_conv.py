@@ -172,6 +172,7 @@ def test_meta_tensors_give_the_output_shape(tactic):
 
 
 def test_offered_only_for_fp32_2d_cpu(monkeypatch):
+    monkeypatch.setattr("kiln.kernels.cpu_dnnl.library", lambda: None)      # onednn_cached: tests/kernels/test_cpu_dnnl.py
     names = lambda attrs, ctx: [t.name for t in tactics_for("Convolution", attrs, ctx)]  # noqa: E731
     assert names(_attrs(), CPU) == ["torch", "onednn", "gemm"]
     assert names(_attrs(groups=2), CPU) == ["torch", "onednn"]
