@@ -144,12 +144,25 @@ def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
     """Whether the engine will hand this input over in channels-last memory: 4-D outputs of the kinds flagged
     ``channels_last`` in kiln.ir.layers are, FP16/BF16 on the GPU and FP32 on the CPU (oneDNN and the GEMM
     convolution write NHWC, and torch's convolution keeps an NHWC input's layout), so tactics are timed on that
-    layout."""
-    if a.dim() != 4 or t.producer is None or not LAYER_KINDS[t.producer.kind].channels_last:
+    layout. On the CPU a Concatenation of such outputs is too (torch.cat keeps its inputs' common layout)."""
+    if a.dim() != 4 or t.producer is None:
         return False
     if a.is_cuda:
-        return a.dtype in (torch.float16, torch.bfloat16)
-    return a.device.type == "cpu" and a.dtype == torch.float32
+        return LAYER_KINDS[t.producer.kind].channels_last and a.dtype in (torch.float16, torch.bfloat16)
+    return a.device.type == "cpu" and a.dtype == torch.float32 and _nhwc_on_cpu(t, 8)
+
+
+def _nhwc_on_cpu(t, depth: int) -> bool:
+    """Whether an FP32 CPU tensor comes out of a channels-last kind, or a Concatenation (``depth`` levels deep)
+    of such tensors only."""
+    p = t.producer
+    if p is None:
+        return False
+    if LAYER_KINDS[p.kind].channels_last:
+        return True
+    ins = [i for i in p.inputs if i is not None]
+    return (p.kind == "Concatenation" and depth > 0 and bool(ins)
+            and all(i.shape is not None and len(i.shape) == 4 and _nhwc_on_cpu(i, depth - 1) for i in ins))
 
 
 class _PluginTactic:
