@@ -168,12 +168,13 @@ def _post_ln_block(hidden: int = 16, ffn: int = 32) -> onnx.ModelProto:
 
 
 def _ptq_block(x: np.ndarray):
-    """Kiln's --int8 (max calibrator) of the post-LN block of x's hidden size, every QuantizeLinear's codes marked
-    as an output."""
+    """Kiln's --int8 (max calibrator, no smoothing) of the post-LN block of x's hidden size, every QuantizeLinear's
+    codes marked as an output."""
     from kiln.builder.quant import quantize
     calib = np.random.default_rng(62).standard_normal((8, *x.shape[1:])).astype(np.float32)
     qnet = quantize(kiln.onnx.parse(_post_ln_block(x.shape[-1], 2 * x.shape[-1])), kiln.BuildConfig(
-        device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max", profiles={"x": x.shape}))
+        device="cpu", quantize="int8", calibration=[{"x": calib}], calibrator="max", profiles={"x": x.shape},
+        smoothing=False))
     codes = [layer.outputs[0].name for layer in qnet.layers if layer.kind == "QuantizeLinear"]
     for c in codes:
         qnet.mark_output(qnet.tensors[c])
