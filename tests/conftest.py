@@ -1,4 +1,5 @@
-"""Suite-wide test setup: skip GPU tests where torch sees no CUDA device; shared model cache."""
+"""Suite-wide test setup: skip GPU tests where torch sees no CUDA device; tests marked serial only in the
+Makefile's SERIAL_TESTS files; shared model cache."""
 from __future__ import annotations
 
 import sys
@@ -10,7 +11,22 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))      # tests/_models.py for every test directory
 
 
+def _serial_files() -> set[str]:
+    """The test files the Makefile runs alone after the parallel run (its SERIAL_TESTS line)."""
+    makefile = Path(__file__).parent.parent / "Makefile"
+    for line in makefile.read_text().splitlines() if makefile.is_file() else []:
+        if line.startswith("SERIAL_TESTS"):
+            return set(line.split("=", 1)[1].split())
+    return set()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent.parent
+    listed = _serial_files()
+    stray = sorted({str(Path(item.fspath).relative_to(root)) for item in items if "serial" in item.keywords
+                    and Path(item.fspath).is_relative_to(root)} - listed) if listed else []
+    if stray:       # `make test` would deselect them in the parallel run and never collect them in the serial one
+        raise pytest.UsageError(f"tests marked serial in {', '.join(stray)}: add the file to SERIAL_TESTS in the Makefile")
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
