@@ -470,3 +470,19 @@ def assert_close_fp32(got: np.ndarray, ref: np.ndarray, what: str = "", rtol: fl
     assert np.isfinite(ref).all(), f"{what}: reference has non-finite values"
     scale = max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
     np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def corpus_model(model_id: str):
+    """(tests/corpus's corpus_lib module, the manifest entry, the model file) of a real-model corpus model; skips
+    the calling test where the model is not fetched or does not match its checksum."""
+    import pytest
+    sys.path.insert(0, str(Path(__file__).parent / "corpus"))
+    try:
+        import corpus_lib as cl
+    finally:
+        sys.path.pop(0)
+    model = cl.load_manifest().model(model_id)
+    path = cl.model_path(cl.corpus_dir(), model)
+    if cl.model_problem(cl.corpus_dir(), model):
+        pytest.skip(f"corpus model {path} not fetched (scripts/fetch_corpus.py)")
+    return cl, model, path

@@ -3,23 +3,15 @@ Runtime's than the FP32 bound: the contender against the model in FP64, beside O
 PyTorch as yardsticks; and the row line that reports it."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from test_cpu_bench import _bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        import cpu_bench
-    finally:
-        sys.path.remove(str(BENCH_DIR))
-    return cpu_bench
+    return _bench_module()
 
 
 def _off(ref: np.ndarray, at: int, by: float) -> list[np.ndarray]:

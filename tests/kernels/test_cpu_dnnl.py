@@ -19,21 +19,15 @@ import kiln.onnx
 from kiln.kernels import cpu_dnnl
 from kiln.kernels.cpu_dnnl import make_convolution_onednn_cached
 from kiln.kernels.registry import TACTICS, KernelContext, tactics_for
+from test_cpu_conv import _check, _reference     # FP64 convolution with the layer's epilogue; the FP32 bound
 
 pytestmark = pytest.mark.skipif(cpu_dnnl.library() is None,
                                 reason="no oneDNN library (pip install onednn-cpu-gomp, or KILN_ONEDNN_LIBRARY)")
 
 CPU = KernelContext(device="cpu", precision="fp32", layer_name="conv")
 
-# FP64 references of the activations, written out
-REF_ACT = {
-    None: lambda t: t,
-    "relu": lambda t: t.clamp(min=0),
-    "sigmoid": lambda t: 1 / (1 + torch.exp(-t)),
-    "tanh": torch.tanh,
-    "silu": lambda t: t / (1 + torch.exp(-t)),
-    "hard_swish": lambda t: t * (t + 3).clamp(0, 6) / 6,
-}
+# the activations the tactic fuses as oneDNN eltwise post-ops (test_cpu_conv's FP64 references check them)
+ACTS = [None, "relu", "sigmoid", "tanh", "silu", "hard_swish"]
 
 
 def _attrs(act=None, stride=(1, 1), pads=(1, 1, 1, 1), dilation=(1, 1), **extra):
@@ -49,26 +43,7 @@ def _operands(n=2, cin=8, cout=16, size=9, k=3, seed=0):
     return x, w, b
 
 
-def _reference(x, w, b, attrs, residual=None):
-    (bh, bw, eh, ew), act = attrs["pads"], REF_ACT[attrs.get("activation")]
-    y = F.conv2d(F.pad(x.double(), [bw, ew, bh, eh]), w.double(), None if b is None else b.double(),
-                 attrs["stride"], 0, attrs["dilation"])
-    if residual is None:
-        return act(y)
-    if attrs.get("residual_after_activation"):
-        return act(y) + residual.double()
-    return act(y + residual.double())
-
-
-def _check(got, ref):
-    """FP32 agreement: max abs error <= 1e-5 + 1e-4 * max|ref|."""
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    err = float((got.double() - ref).abs().max())
-    bound = 1e-5 + 1e-4 * float(ref.abs().max())
-    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
-
-
-@pytest.mark.parametrize("act", list(REF_ACT))
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("geometry", [
     {},
     {"stride": (2, 2)},

@@ -3,9 +3,6 @@ which graphs fold it into the convolution's bias, through which views, and the C
 computes on the original model either way."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,6 +14,7 @@ import kiln.onnx
 from kiln.builder.build import prepare
 from kiln.builder.shapes import infer_shapes
 from kiln.passes import PassManager, default_passes, fusion_passes
+from _models import corpus_model
 
 C, CIN, L = 6, 4, 19
 RNG = np.random.default_rng(7)
@@ -146,15 +144,7 @@ def test_left_alone(kw, bias_shape):
 def test_magika_conv_carries_its_bias():
     """magika (jax2tf: Conv → Slice → Squeeze → Add bias → tanh-GELU): the Add is folded into the convolution and
     the GELU reads the convolution's views directly (its match with ONNX Runtime: tests/corpus/test_corpus.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
-    try:
-        import corpus_lib as cl
-    finally:
-        sys.path.pop(0)
-    model = cl.load_manifest().model("magika")
-    path = cl.model_path(cl.corpus_dir(), model)
-    if cl.model_problem(cl.corpus_dir(), model):
-        pytest.skip(f"corpus model {path} not fetched (scripts/fetch_corpus.py)")
+    _, model, path = corpus_model("magika")
     net = prepare(kiln.onnx.parse(str(path)), kiln.BuildConfig(device="cpu", profiles=model.shapes())).net
     add = "jax2tf_get_logits_/pjit_get_logits_/MagikaV2/Conv_0/AddV2"
     (conv,) = [layer for layer in net.layers if layer.kind == "Convolution"]

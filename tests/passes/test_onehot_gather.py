@@ -3,17 +3,14 @@ one-hot's zero row, element-wise work after the gather moves onto the table, and
 Runtime computes on the original model either way."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
 import kiln.onnx
+from _models import corpus_model
 
 K, N, L = 7, 5, 9
 RNG = np.random.default_rng(11)
@@ -169,15 +166,7 @@ def test_constant_along_the_index_axes_stays_after_the_gather():
 def test_magika_dense_is_one_gather():
     """magika (jax2tf one_hot over 257 byte values, Dense_0, bias, tanh-GELU): one Gather of a 258-row table;
     against ONNX Runtime with bytes inside and outside 0..256."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "corpus"))
-    try:
-        import corpus_lib as cl
-    finally:
-        sys.path.pop(0)
-    model = cl.load_manifest().model("magika")
-    path = cl.model_path(cl.corpus_dir(), model)
-    if cl.model_problem(cl.corpus_dir(), model):
-        pytest.skip(f"corpus model {path} not fetched (scripts/fetch_corpus.py)")
+    cl, model, path = corpus_model("magika")
     engine = cl.build_engine(path, model)
     dense0 = [layer for layer in engine.layers if any("Dense_0" in o or "ApplyActivation_0" in o or "one_hot" in o
                                                       for o in layer.get("origin") or ())]

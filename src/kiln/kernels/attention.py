@@ -26,8 +26,8 @@ from kiln.kernels.registry import tactic
 _SCALE = attr_default("Attention", "scale")      # None: 1/sqrt(head size), as SDPA's own default
 
 
-@tactic("Attention", "sdpa")
-def make_sdpa(attrs, ctx):
+def _attend(attrs):
+    """SDPA with the layer's scale and causality, on whichever backend torch picks."""
     scale = attrs.get("scale", _SCALE)
     causal = bool(attrs.get("causal", False))
 
@@ -37,19 +37,30 @@ def make_sdpa(attrs, ctx):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            scale=float(scale) if scale is not None else None)
         return (y,)
+    return attend
 
-    if ctx.device != "cuda":
-        return attend
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    planless = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+def _on_backends(attend, backends: list, no_mask: str | None = None):
+    """``attend`` restricted to ``backends`` on CUDA tensors; ``no_mask``: the tactic name a mask is refused with."""
+    from torch.nn.attention import sdpa_kernel
 
     def run(q, k, v, mask=None):
         if q.is_meta or not q.is_cuda:
             return attend(q, k, v, mask)
-        with sdpa_kernel(planless):
+        if no_mask and mask is not None:
+            raise RuntimeError(f"{no_mask} takes no attention mask")
+        with sdpa_kernel(backends):
             return attend(q, k, v, mask)
-    run.attend = attend
     return run
+
+
+@tactic("Attention", "sdpa")
+def make_sdpa(attrs, ctx):
+    attend = _attend(attrs)
+    if ctx.device != "cuda":
+        return attend
+    from torch.nn.attention import SDPBackend
+    return _on_backends(attend, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _backend_tactic(name: str, backend_attr: str, needs_no_mask: bool = False, shape_setup: bool = False):
@@ -58,19 +69,8 @@ def _backend_tactic(name: str, backend_attr: str, needs_no_mask: bool = False, s
 
     @tactic("Attention", name, devices=("cuda",), supports=supports, shape_setup=shape_setup)
     def make(attrs, ctx):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        backend = getattr(SDPBackend, backend_attr)
-        made = make_sdpa(attrs, ctx)
-        base = getattr(made, "attend", made)         # SDPA under this backend alone, not the planless list
-
-        def run(q, k, v, mask=None):
-            if q.is_meta or not q.is_cuda:
-                return base(q, k, v, mask)
-            if needs_no_mask and mask is not None:
-                raise RuntimeError(f"{name} takes no attention mask")
-            with sdpa_kernel([backend]):
-                return base(q, k, v, mask)
-        return run
+        from torch.nn.attention import SDPBackend
+        return _on_backends(_attend(attrs), [getattr(SDPBackend, backend_attr)], name if needs_no_mask else None)
     return make
 
 
@@ -87,9 +87,11 @@ def make_attention_unfused(attrs, ctx):
     scale = attrs.get("scale", _SCALE)
     causal = bool(attrs.get("causal", False))
 
+    fused = make_sdpa(attrs, ctx)
+
     def run(q, k, v, mask=None):
         if q.is_meta or causal:
-            return make_sdpa(attrs, ctx)(q, k, v, mask)
+            return fused(q, k, v, mask)
         s = torch.matmul(q, k.transpose(-1, -2))
         factor = float(scale) if scale is not None else q.shape[-1] ** -0.5
         if factor != 1.0:

@@ -61,10 +61,14 @@ def unary_post_op(attrs: dict[str, Any]) -> tuple[str, list, str | None] | None:
     return None
 
 
-def _onednn_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+def fp32_2d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    """A 2-D convolution of FP32 input on the CPU in an FP32 layer: what every oneDNN tactic needs first."""
     fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in
-            and len(attrs["stride"]) == 2 and onednn_available())
+    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and len(attrs["stride"]) == 2
+
+
+def _onednn_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
+    return fp32_2d_cpu(attrs, ctx) and onednn_available()
 
 
 def _out_hw(x: torch.Tensor, w: torch.Tensor, pads: list[int], stride: list[int], dil: list[int]) -> tuple[int, int]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
-
 from kiln.kernels import cpu_conv
 from kiln.kernels.registry import KernelContext, tactic
 
@@ -25,11 +23,8 @@ def _turned(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wide_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    if not (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and len(attrs["stride"]) == 2):
-        return False
-    return (attrs["stride"][1] == 1 and attrs["dilation"][1] == 1 and attrs["pads"][1] == attrs["pads"][3] == 0
-            and not attrs.get("pool") and cpu_conv.onednn_available())
+    return (cpu_conv.fp32_2d_cpu(attrs, ctx) and attrs["stride"][1] == 1 and attrs["dilation"][1] == 1
+            and attrs["pads"][1] == attrs["pads"][3] == 0 and not attrs.get("pool") and cpu_conv.onednn_available())
 
 
 @tactic("Convolution", "onednn_wide", devices=("cpu",), supports=_wide_ok, priority=1)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kiln.errors import IncompatibleEngineError
 from kiln.kernels.conv import match_weight
-from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place
+from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place, fp32_2d_cpu
 from kiln.kernels.registry import KernelContext, tactic
 
 LIBRARY_ENV = "KILN_ONEDNN_LIBRARY"
@@ -227,9 +227,7 @@ class Primitive:
 
 
 def _cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and len(attrs["stride"]) == 2
-            and attrs.get("groups", 1) == 1 and not attrs.get("pool")
+    return (fp32_2d_cpu(attrs, ctx) and attrs.get("groups", 1) == 1 and not attrs.get("pool")
             and attrs.get("activation") in (None, *_ELTWISE) and library() is not None)
 
 
