@@ -78,7 +78,8 @@ def test_precision_reads_the_fp32_internal_flag(flip) -> None:
         net = kiln.Network("p")
         x = net.add_input("x", "float32", (2, 4))
         sm = net.add_softmax(x, -1)
-        net.mark_output(sm.output, "y")
+        flat = net.add_layer("Flatten", [sm.output], {"axis": 1})    # a network output's maker would run in FP32
+        net.mark_output(flat.outputs[0], "y")
         assign_precision(net, "fp16")
         return sm.precision
     assert softmax_precision() == "fp16 (fp32 accum)"

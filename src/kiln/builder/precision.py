@@ -5,7 +5,11 @@ float constants read by device layers are stored in the low precision, inside If
 Loop/Scan bodies too, and layers whose float output type is an attribute (Cast, DequantizeLinear,
 Window, MelWeightMatrix) produce the low precision; kernels for
 SoftMax, normalization and reductions accumulate in FP32 whatever the layer precision.
-Layers the user names (``BuildConfig.fp32_layers``) and plugins without a low-precision
+A layer that computes a float32 network output from one float activation, element-wise or as a
+statistic (activations, element-wise arithmetic, SoftMax, normalizations, reductions), runs in FP32
+from its low-precision input, so the output is not rounded to FP16/BF16 and then widened back (as a reformat-free FP32
+output binding does in TensorRT); so does a recurrent layer that outputs its state (a streaming model
+feeds it back on the next call, where rounding it each call would compound). Layers the user names (``BuildConfig.fp32_layers``) and plugins without a low-precision
 implementation run in FP32 between casts: their weights stay FP32, an FP32 network input reaches
 them unrounded, and neighbouring FP32 layers pass FP32 tensors to each other.
 """
@@ -76,13 +80,37 @@ def quantized_layers(g: Network) -> set[int]:
     return keep
 
 
+# kinds whose work per output element is cheap element-wise math or an FP32 statistic: computing a network
+# output in FP32 there costs a cast of the inputs instead of one of the output, and saves the output's rounding;
+# and recurrent layers: a state they output is what a streaming caller feeds back on its next call, so FP16
+# rounding there would compound from call to call
+OUTPUT_FP32_KINDS = ("Activation", "Unary", "ElementWise", "Pointwise", "Scale", "SoftMax", "Normalization", "Reduce",
+                     "RNN")
+
+
+def output_layers(net: Network) -> set[int]:
+    """ids of the top-level layers of ``OUTPUT_FP32_KINDS`` that make a float32 network output and read one
+    float activation (the output's cast moves to that input; a residual sum's two inputs would need two)."""
+    found = set()
+    for t in net.outputs:
+        layer = t.producer
+        if t.dtype != "float32" or layer is None or layer.kind not in OUTPUT_FP32_KINDS:
+            continue
+        acts = {id(x) for x in layer.inputs if x is not None and not x.is_constant and x.dtype in FLOATS
+                and not (x in net.inputs and x.dtype == "float32")}       # FP32 network inputs need no cast
+        if len(acts) == 1 or layer.kind == "RNN":
+            found.add(id(layer))
+    return found
+
+
 def assign_precision(net: Network, precision: str, fp32_layers=()) -> None:
     """Label every layer (subgraph layers included) with its precision; for FP16/BF16, narrow what
     low-precision layers read and make, and place the casts at the network's edges."""
     low = {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
     nets = _networks(net)
     hosts = set().union(*(host_layers(g) for g in nets))
-    keep = (fp32_matches(net, fp32_layers) | set().union(*(quantized_layers(g) for g in nets))) if low else set()
+    keep = (fp32_matches(net, fp32_layers) | set().union(*(quantized_layers(g) for g in nets))
+            | output_layers(net)) if low else set()
     for g in nets:
         for layer in g.layers:
             if id(layer) in hosts or id(layer) in keep:
