@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The real-model corpus table: each model built by Kiln and compared with ONNX Runtime.
 
-    python scripts/corpus_table.py [--corpus DIR] [--out docs/real-models.md] [--only ID,..] [--no-gpu]
+    python scripts/corpus_table.py [--corpus DIR] [--out docs/real-models.md] [--only ID,..] [--no-gpu|--no-cpu]
 
 CPU columns always: FP32 engine vs ONNX Runtime on the CPU (max abs <= 1e-5 + 1e-4 * max|ref| per
 output; models that quantize activations use the pinned reference of tests/corpus/corpus_lib.py).
@@ -191,7 +191,7 @@ def fp16_row(model: cl.Model, path: Path, sets: list[tuple[dict, dict]], device:
     return row
 
 
-def measure(model: cl.Model, manifest: cl.Manifest, root: Path, gpu: bool) -> dict[str, Any]:
+def measure(model: cl.Model, manifest: cl.Manifest, root: Path, gpu: bool, cpu: bool = True) -> dict[str, Any]:
     """One table row: where the model comes from, its ops, and each column's result."""
     src = manifest.source(model)
     pkg = manifest.packages[src.package]
@@ -205,7 +205,8 @@ def measure(model: cl.Model, manifest: cl.Manifest, root: Path, gpu: bool) -> di
     path = cl.model_path(root, model)
     row["op_types"], row["nodes"] = _op_types(path)
     feeds = cl.make_feeds(model)
-    row.update(_cpu_row(model, path, feeds))
+    if cpu:
+        row.update(_cpu_row(model, path, feeds))
     if gpu:
         row.update(_gpu_row(model, path, feeds))
     return row
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "real-models.md"), help="markdown output (JSON beside it)")
     ap.add_argument("--only", help="comma-separated model ids")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU columns even where CUDA is present")
+    ap.add_argument("--no-cpu", action="store_true",
+                    help="skip the CPU columns (a GPU machine's run, merged later with --gpu-results)")
     ap.add_argument("--gpu-results", nargs="*", default=[], metavar="JSON",
                     help="take the GPU columns from these JSON files of a run on a GPU machine (rows it measured)")
     args = ap.parse_args(argv)
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     out = Path(args.out)
     for m in models:
-        row = measure(m, manifest, root, gpu)
+        row = measure(m, manifest, root, gpu, cpu=not args.no_cpu)
         rows.append(row)
         print(f"{m.id:28s} cpu {'ok' if row.get('cpu_ok') else 'NO'}  {row.get('cpu_note', '')}"
               + (f"  gpu {row.get('gpu_fp32_ok')} fp16 {_cell_fp16(row, m)}" if gpu else ""), flush=True)
