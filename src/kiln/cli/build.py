@@ -47,6 +47,8 @@ class Build(Tool):
         Plugins.load(args)
         progress = Progress(not args.quiet)
         progress("parse", 0.0)
+        import gc
+        gc.freeze()     # this process's imports (torch's millions of objects) leave the collector's scans
         network = kiln.onnx.parse(args.model, fallback=args.fallback)
         engine = kiln.build(network, config, progress=progress)
         progress("serialize", 0.0)
