@@ -39,8 +39,9 @@ class Tactic:
     supports: Callable[[dict[str, Any], KernelContext], bool] | None = None
     # Data-dependent output shapes (NonZero, NMS): not capturable in a CUDA graph.
     dynamic: bool = False
-    # Lower runs first where nothing is timed (CPU builds, optimization level 0).
-    priority: int = 0
+    # Lower runs first where nothing is timed (optimization level 0, layers whose shapes the build cannot know):
+    # one number for every device, or (device, number) pairs where the order differs by device.
+    priority: int | tuple[tuple[str, int], ...] = 0
     # run(..., out=alloc) may write its output into alloc(shape, dtype, device), a channel slice of a
     # concatenation's buffer (runtime/concat_elision.py), and return that view.
     writes_into: bool = False
@@ -51,15 +52,26 @@ class Tactic:
     # not timed for range engines, whose first run at a new shape would pay it.
     shape_setup: bool = False
 
+    def priority_on(self, device: str) -> int:
+        """This tactic's priority on ``device`` (lower runs first where nothing is timed)."""
+        return self.priority if isinstance(self.priority, int) else dict(self.priority)[device]
+
 
 TACTICS: dict[str, list[Tactic]] = {}
 
 
 def tactic(kind: str, name: str = "torch", devices: tuple[str, ...] = ("cpu", "cuda"),
            supports: Callable[[dict[str, Any], KernelContext], bool] | None = None,
-           dynamic: bool = False, priority: int = 0, writes_into: bool = False,
+           dynamic: bool = False, priority: int | dict[str, int] = 0, writes_into: bool = False,
            min_level: int = 0, shape_setup: bool = False) -> Callable[[Maker], Maker]:
-    """Register ``make`` as tactic ``name`` of layer ``kind``; a duplicate is an error."""
+    """Register ``make`` as tactic ``name`` of layer ``kind``; a duplicate is an error. ``priority``: an int, or
+    {device: int} for every device in ``devices``."""
+    if isinstance(priority, dict):
+        if set(priority) != set(devices):
+            raise BuildError(f"Tactic {name!r} for layer kind {kind!r} gives priorities for {sorted(priority)}, "
+                             f"not for its devices {sorted(devices)}.")
+        priority = tuple(sorted(priority.items()))
+
     def deco(make: Maker) -> Maker:
         entries = TACTICS.setdefault(kind, [])
         if any(t.name == name for t in entries):
@@ -74,7 +86,7 @@ def tactics_for(kind: str, attrs: dict[str, Any], ctx: KernelContext) -> list[Ta
     """Valid tactics for this layer on this device, in preference order."""
     _load_all()
     found = [t for t in TACTICS.get(kind, []) if ctx.device in t.devices and (t.supports is None or t.supports(attrs, ctx))]
-    return sorted(found, key=lambda t: t.priority)
+    return sorted(found, key=lambda t: t.priority_on(ctx.device))
 
 
 def get_tactic(kind: str, name: str) -> Tactic:
