@@ -45,7 +45,10 @@ def view_replay(fn: Callable[..., tuple]) -> Callable[..., tuple]:
         key = (x.shape, x.stride(), x.dtype)
         hit = views.get(key, False)
         if hit:
-            return (x.as_strided(hit[0], hit[1], x.storage_offset() + hit[2]),)
+            size, stride, offset = hit
+            if not offset:          # as_strided keeps the input's storage offset
+                return (x.as_strided(size, stride),)
+            return (x.as_strided(size, stride, x.storage_offset() + offset),)
         if hit is None:
             return fn(x, *rest)
         outs = fn(x, *rest)
