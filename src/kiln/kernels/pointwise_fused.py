@@ -65,13 +65,62 @@ def _torch_step(op: str, args: list, alpha: float, beta: float):
     return activation_fn(op, alpha, beta)(a)
 
 
+_FLOATS = frozenset(("float32", "float64", "float16", "bfloat16"))
+
+
+def _hypots(steps: tuple[ProgramStep, ...]) -> dict[int, tuple[Ref, Ref]]:
+    """``sqrt(a*a + b*b)`` (each square as ``pow(x, 2)`` or ``x*x``) whose squares and sum feed nothing else:
+    {index of the sqrt step: (a, b)}, for one ``torch.hypot``."""
+    uses: dict[int, int] = {}
+    for s in steps:
+        for a in s.args:
+            if isinstance(a, Ref) and a.kind == "v":
+                uses[a.index] = uses.get(a.index, 0) + 1
+
+    def once(a) -> ProgramStep | None:          # the step behind ``a`` if nothing else reads it
+        return steps[a.index] if isinstance(a, Ref) and a.kind == "v" and uses.get(a.index) == 1 else None
+
+    def root(a) -> Ref | None:                  # x where ``a`` is x*x or pow(x, 2) read only here
+        s = once(a)
+        if s is None or not isinstance(s.args[0], Ref):
+            return None
+        if s.op == "pow" and not isinstance(s.args[1], Ref) and float(s.args[1]) == 2.0:
+            return s.args[0]
+        return s.args[0] if s.op == "prod" and s.args[1] == s.args[0] else None
+    found = {}
+    for k, s in enumerate(steps):
+        total = once(s.args[0]) if s.op == "sqrt" else None
+        if total is not None and total.op == "sum":
+            a, b = root(total.args[0]), root(total.args[1])
+            if a is not None and b is not None:
+                found[k] = (a, b)
+    return found
+
+
 @tactic("Pointwise")
 def make_pointwise_torch(attrs, ctx):
+    """The steps in order, one torch op each; with floating inputs of one dtype, ``sqrt(a*a + b*b)`` is one
+    ``torch.hypot`` (its squares and sum are skipped): equal within rounding, and with no overflow of the
+    squares."""
     steps = validate_program(attrs.get("program"), _n_inputs(ctx))
+    dtypes = set(ctx.input_dtypes)
+    hypots = _hypots(steps) if dtypes and dtypes <= _FLOATS and len(dtypes) == 1 else {}
+    skipped = {r.index for k in hypots for r in (steps[k].args[0], *steps[steps[k].args[0].index].args)}
+    if len(skipped) == len(steps) - 1 and len(steps) - 1 in hypots:      # the program is one hypot
+        i, j = (r.index for r in hypots[len(steps) - 1])
+        if all(r.kind == "i" for r in hypots[len(steps) - 1]):
+            return lambda *xs: (torch.hypot(xs[i], xs[j]),)
 
     def run(*xs):
         vals = []
-        for s in steps:
+        for k, s in enumerate(steps):
+            if k in skipped:
+                vals.append(None)
+                continue
+            pair = hypots.get(k)
+            if pair is not None:
+                vals.append(torch.hypot(*[(xs if r.kind == "i" else vals)[r.index] for r in pair]))
+                continue
             args = [(xs if a.kind == "i" else vals)[a.index] if isinstance(a, Ref) else a for a in s.args]
             vals.append(_torch_step(s.op, args, s.alpha, s.beta))
         return (vals[-1],)
