@@ -3,7 +3,8 @@
 Hyper-threads share one core's vector units, and threads beyond the cores a process may use (its
 CPU affinity, a container's CPU quota) make every parallel region wait for descheduled threads.
 The default counts distinct physical cores among the CPUs in the affinity mask, capped by a
-cgroup CPU quota.
+cgroup CPU quota. Whatever the count, small GEMM-like layers run on one thread (``layer_threads``; the runtime
+switches around them, kiln.runtime.slots).
 """
 from __future__ import annotations
 
@@ -106,6 +107,49 @@ def set_default_threads(n: int | None) -> None:
     global _override
     _override = None if n is None else check_threads(n)
     use_threads(default_threads())
+
+
+# A convolution, matrix product or RNN of fewer FLOPs than this runs on one thread whatever the engine's count:
+# MKL and oneDNN split even one-row GEMMs, and the split costs more than it saves at this size.
+SMALL_LAYER_FLOPS = 1 << 20
+# Simple layers (element-wise, views, data movement) whose outputs each hold fewer elements than this are not
+# split by ATen (its grain size), so they run alike on any count.
+SERIAL_ELEMENTS = 32768
+
+ONE, ANY, ALL = "one", "any", "all"      # layer_threads: one thread, any count, the engine's count
+
+_GEMM_LIKE = frozenset(("Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm", "RNN"))
+_SIMPLE = frozenset(("Activation", "ElementWise", "Unary", "Pointwise", "Cast", "Scale", "Shuffle", "Slice",
+                     "Squeeze", "Unsqueeze", "Flatten", "Identity", "Concatenation", "Padding", "Gather", "Shape",
+                     "Size", "Select", "Where", "Expand", "Split", "SoftMax", "Reduce", "ShapeConstant", "Tile"))
+
+
+def layer_flops(kind: str, ins: list[tuple[int, ...] | None], outs: list[tuple[int, ...]]) -> int | None:
+    """Multiply-adds ×2 of a GEMM-like layer from its static input and output shapes (None: another kind)."""
+    size = lambda shape: math.prod(shape) if shape is not None else 0      # noqa: E731
+    if kind not in _GEMM_LIKE or len(ins) < 2 or ins[0] is None or ins[1] is None or not outs:
+        return None
+    x, w = ins[0], ins[1]
+    if kind == "Convolution":
+        return 2 * size(outs[0]) * size(w[1:])                    # w: [Cout, Cin/groups, *kernel]
+    if kind == "Deconvolution":
+        return 2 * size(x) * size(w[1:])                          # w: [Cin, Cout/groups, *kernel]
+    if kind == "RNN":
+        steps = x[0] * x[1] if len(x) == 3 else size(x)           # X: [T, N, I]
+        return 2 * steps * (size(w) + (size(ins[2]) if len(ins) > 2 else 0))
+    out = size(outs[0])                                           # M·N; the inner size K from M·K · K·N / M·N
+    return 2 * out * math.isqrt(size(x) * size(w) // out) if out else 0
+
+
+def layer_threads(kind: str, ins: list[tuple[int, ...] | None], outs: list[tuple[int, ...]]) -> str:
+    """How many threads a CPU layer with these static shapes (None: an absent input) should run on: ONE (a
+    GEMM-like layer under SMALL_LAYER_FLOPS), ANY (a simple layer under SERIAL_ELEMENTS per output), else ALL."""
+    flops = layer_flops(kind, ins, outs)
+    if flops is not None:
+        return ONE if flops < SMALL_LAYER_FLOPS else ALL
+    if kind in _SIMPLE and all(math.prod(o) < SERIAL_ELEMENTS for o in outs):
+        return ANY
+    return ALL
 
 
 def use_threads(n: int) -> None:

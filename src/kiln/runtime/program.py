@@ -27,7 +27,8 @@ from kiln.runtime.shape_cache import cached_per_shape
 
 
 class Step:
-    __slots__ = ("name", "kind", "fn", "ins", "outs", "targets", "frees", "dynamic", "tactic", "precision", "fixed")
+    __slots__ = ("name", "kind", "fn", "ins", "outs", "targets", "frees", "dynamic", "tactic", "precision", "fixed",
+                 "threads")
 
     def __init__(self, name, kind, fn, ins, outs, targets, dynamic, tactic, precision):
         self.name, self.kind, self.fn, self.ins, self.outs = name, kind, fn, ins, outs
@@ -37,6 +38,7 @@ class Step:
         self.tactic = tactic
         self.precision = precision
         self.fixed: dict[int, torch.Tensor] = {}    # constant inputs, already on the device they are read on
+        self.threads = "all"            # a CPU step's thread choice (kernels/cpu_threads.py layer_threads)
 
 
 def decode_attr(value: Any, weights: dict[str, torch.Tensor], device: str, plugin_factory) -> Any:
@@ -197,7 +199,24 @@ class Program:
                 if (n, want) not in moved:
                     moved[(n, want)] = self.constants[n].to(want)
                 step.fixed[i] = moved[(n, want)]
+        if device == "cpu":
+            step.threads = self._thread_choice(kind, layer, tensors)
         return step
+
+    def _thread_choice(self, kind: str, layer: dict, tensors: dict) -> str:
+        """``layer_threads`` from the plan's static shapes (the engine's count where any is not static)."""
+        from kiln.kernels.cpu_threads import ALL, layer_threads
+
+        def shape(name: str) -> tuple[int, ...] | None:
+            dims = tuple(self.constants[name].shape) if name in self.constants else \
+                tensors.get(name, {}).get("shape") if isinstance(tensors.get(name), dict) else None
+            ok = isinstance(dims, (list, tuple)) and all(type(d) is int and 0 <= d for d in dims)
+            return tuple(dims) if ok else None
+        ins = [shape(n) if n else None for n in layer["inputs"]]
+        outs = [shape(n) for n in layer["outputs"]]
+        if any(s is None for s in outs) or any(s is None for s, n in zip(ins, layer["inputs"]) if n):
+            return ALL
+        return layer_threads(kind, ins, outs)
 
     def _plan_liveness(self) -> None:
         keep = set(self.outputs)

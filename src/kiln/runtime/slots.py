@@ -14,6 +14,11 @@ constant) replays the view it made for the input's layout: its first run at a (s
 the layer and, where the result shares the input's storage, keeps the view's sizes, strides and offset from
 the input's; later runs at that layout make the view with one ``as_strided``. A result that is a copy (a
 reversed slice, a reshape of non-viewable strides) keeps the layout running the layer.
+
+Small layers run on one thread whatever the run's count (kiln.kernels.cpu_threads ``layer_threads``): each
+stretch of steps from a small GEMM-like step to the last one before a step that wants the run's count (small
+simple steps run on either) is one region; on more than one thread, a run drops to one thread at a region's
+first step and comes back after its last (one switch per region, not per layer).
 """
 from __future__ import annotations
 
@@ -68,10 +73,38 @@ def _replays_view(step: Any) -> bool:
             and all(n is None or i in step.fixed for i, n in enumerate(step.ins) if i > 0))
 
 
+def one_thread_regions(choices: list[str]) -> tuple[tuple[int, int], ...]:
+    """(first, last) step indices of each stretch that runs on one thread: it starts and ends at a step that
+    wants one thread and holds no step that wants the run's count ("all"); "any" steps run on either."""
+    regions = []
+    first = last = None
+    for i, choice in enumerate(choices + ["all"]):
+        if choice == "one":
+            first = i if first is None else first
+            last = i
+        elif choice != "any" and first is not None:
+            regions.append((first, last))
+            first = None
+    return tuple(regions)
+
+
+def _switching(fn: Callable[..., tuple], plan: "SlotPlan", enter: bool, leave: bool) -> Callable[..., tuple]:
+    """``fn`` dropping to one thread before it (``enter``) and back to the run's count after it (``leave``)."""
+    def run(*args):
+        n = plan.threads_now
+        if n > 1 and enter:
+            torch.set_num_threads(1)
+        out = fn(*args)
+        if n > 1 and leave:
+            torch.set_num_threads(n)
+        return out
+    return run
+
+
 class SlotPlan:
     """The steps of a ``Program`` compiled to slot indices; ``run`` executes them."""
 
-    __slots__ = ("template", "input_slots", "outer", "output_getter", "n_outputs", "steps")
+    __slots__ = ("template", "input_slots", "outer", "output_getter", "n_outputs", "steps", "regions", "threads_now")
 
     def __init__(self, program: Any) -> None:
         index: dict[str, int] = {}
@@ -114,13 +147,19 @@ class SlotPlan:
             a, b = (ins + [_NONE, _NONE])[:2]
             frees = tuple(index[n] for n in step.frees if n in index)
             fn = view_replay(step.fn) if _replays_view(step) else step.fn
-            steps.append((fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step))
+            steps.append([fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step])
+        self.threads_now = 1
+        self.regions = one_thread_regions([step.threads for step in program.steps])
+        for first, last in self.regions:
+            steps[first][0] = _switching(steps[first][0], self, True, first == last)
+            if last != first:
+                steps[last][0] = _switching(steps[last][0], self, False, True)
         for n in program.outputs:
             if n not in known and n not in program.constants:
                 outer[n] = named(n)
         self.outer = tuple(outer.items())
         self.template = template
-        self.steps = tuple(steps)
+        self.steps = tuple(tuple(s) for s in steps)
         out_slots = [named(n) for n in program.outputs]
         self.n_outputs = len(out_slots)
         self.output_getter = itemgetter(*out_slots) if out_slots else _no_args
@@ -143,6 +182,7 @@ class SlotPlan:
         for i, v in zip(self.input_slots, inputs):
             slots[i] = v
         step = get = None
+        n = self.threads_now = torch.get_num_threads() if self.regions else 1
         try:
             if timer is not None:
                 for fn, _, _, _, get, _, outs, frees, step in self.steps:
@@ -173,5 +213,8 @@ class SlotPlan:
                 raise
             from kiln.runtime.program import layer_failure
             raise layer_failure(step, list(get(slots)), exc) from exc
+        finally:
+            if n > 1 and torch.get_num_threads() != n:      # a step failed inside a one-thread region
+                torch.set_num_threads(n)
         got = self.output_getter(slots)
         return [got] if self.n_outputs == 1 else list(got)
