@@ -110,8 +110,9 @@ def set_default_threads(n: int | None) -> None:
 
 
 # A convolution, matrix product or RNN of fewer FLOPs than this runs on one thread whatever the engine's count:
-# MKL and oneDNN split even one-row GEMMs, and the split costs more than it saves at this size.
-SMALL_LAYER_FLOPS = 1 << 20
+# MKL and oneDNN split even one-row GEMMs; at this size a second thread saves nothing on an idle core and
+# costs a wait for a descheduled thread on a busy machine.
+SMALL_LAYER_FLOPS = 1 << 21
 # Simple layers (element-wise, views, data movement) whose outputs each hold fewer elements than this are not
 # split by ATen (its grain size), so they run alike on any count.
 SERIAL_ELEMENTS = 32768
