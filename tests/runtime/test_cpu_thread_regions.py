@@ -1,7 +1,8 @@
 """Small layers on one thread: a CPU step whose static shapes make it a GEMM-like layer under SMALL_LAYER_FLOPS
 runs on one thread whatever the run's count; small simple steps run on either, so a stretch of them is one
-region with one switch down and one back. Checked against FLOPs written out from the shapes, the thread count
-each layer sees, the count after a run (also after a failing layer), and ONNX Runtime's outputs."""
+region with one switch down and one back; a GEMM-like step without static shapes chooses per input shape at run
+time. Checked against FLOPs written out from the shapes, the thread count each layer sees, the count after a run
+(also after a failing layer), and ONNX Runtime's outputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 import kiln
 import kiln.onnx
 from kiln.errors import ShapeError
-from kiln.kernels.cpu_threads import ALL, ANY, ONE, SMALL_LAYER_FLOPS, layer_flops, layer_threads
+from kiln.kernels.cpu_threads import ALL, ANY, ONE, SHAPE, SMALL_LAYER_FLOPS, layer_flops, layer_threads
 from kiln.runtime.slots import one_thread_regions
 
 ort = pytest.importorskip("onnxruntime")
@@ -139,15 +140,32 @@ def test_a_failing_layer_inside_a_region_leaves_the_run_count():
     assert torch.get_num_threads() == 2
 
 
-def test_dynamic_shapes_keep_the_run_count():
-    data = _model()
+def test_gemm_like_layers_without_static_shapes_choose_per_input_shape(monkeypatch):
+    """A dynamic batch: no static shapes, so no regions; each MatMul decides at its first run at a shape (on the
+    run's count) and then runs on one thread where it is small, switching around itself alone."""
     import onnx
-    m = onnx.load_from_string(data)
+    m = onnx.load_from_string(_model())
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
     m.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "n"
-    engine = kiln.build(kiln.onnx.parse(m.SerializeToString()),
-                        kiln.BuildConfig(device="cpu", optimization_level=0, profiles={"x": [(1, 16), (2, 16), (4, 16)]}))
+    data = m.SerializeToString()
+    engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", optimization_level=0,
+                                                                profiles={"x": [(1, 16), (2, 16), (4, 16)]}))
     ctx = engine.context(threads=2)
-    assert {s.threads for s in ctx.program.steps if s.kind == "MatMul"} == {ALL}
-    ctx.run({"x": np.ones((2, 16), np.float32)})
+    assert {s.threads for s in ctx.program.steps if s.kind == "MatMul"} == {SHAPE}
+    seen = _seen_threads(ctx)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal((2, 16)).astype(np.float32)
+    ctx.run({"x": x})
     assert ctx.program._slot_plan.regions == ()
+    assert [n for kind, _, n in seen if kind == "MatMul"] == [2, 2, 2, 2]        # first run at the shape
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    seen.clear()
+    got = ctx.run({"x": x})["y"]
+    ref = sess.run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() <= 1e-5 + 1e-4 * np.abs(ref).max()
+    # batch 2: the last product is 2·16384·128 multiply-adds (8.4 MFLOP), the others small
+    assert [n for kind, _, n in seen if kind == "MatMul"] == [1, 1, 1, 2]
+    assert calls == [1, 2] * 3
+    assert torch.get_num_threads() == 2

@@ -118,6 +118,7 @@ SMALL_LAYER_FLOPS = 1 << 21
 SERIAL_ELEMENTS = 32768
 
 ONE, ANY, ALL = "one", "any", "all"      # layer_threads: one thread, any count, the engine's count
+SHAPE = "shape"         # a GEMM-like layer without static shapes: layer_threads on each new input shape at run time
 
 _GEMM_LIKE = frozenset(("Convolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm", "RNN"))
 _SIMPLE = frozenset(("Activation", "ElementWise", "Unary", "Pointwise", "Cast", "Scale", "Shuffle", "Slice",
@@ -140,6 +141,11 @@ def layer_flops(kind: str, ins: list[tuple[int, ...] | None], outs: list[tuple[i
         return 2 * steps * (size(w) + (size(ins[2]) if len(ins) > 2 else 0))
     out = size(outs[0])                                           # M·N; the inner size K from M·K · K·N / M·N
     return 2 * out * math.isqrt(size(x) * size(w) // out) if out else 0
+
+
+def gemm_like(kind: str) -> bool:
+    """Whether ``layer_flops`` counts this layer kind."""
+    return kind in _GEMM_LIKE
 
 
 def layer_threads(kind: str, ins: list[tuple[int, ...] | None], outs: list[tuple[int, ...]]) -> str:

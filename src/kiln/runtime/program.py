@@ -204,8 +204,9 @@ class Program:
         return step
 
     def _thread_choice(self, kind: str, layer: dict, tensors: dict) -> str:
-        """``layer_threads`` from the plan's static shapes (the engine's count where any is not static)."""
-        from kiln.kernels.cpu_threads import ALL, layer_threads
+        """``layer_threads`` from the plan's static shapes; where one is not static, SHAPE for a GEMM-like layer
+        (chosen per input shape at run time), else the engine's count."""
+        from kiln.kernels.cpu_threads import ALL, SHAPE, gemm_like, layer_threads
 
         def shape(name: str) -> tuple[int, ...] | None:
             dims = tuple(self.constants[name].shape) if name in self.constants else \
@@ -215,7 +216,7 @@ class Program:
         ins = [shape(n) if n else None for n in layer["inputs"]]
         outs = [shape(n) for n in layer["outputs"]]
         if any(s is None for s in outs) or any(s is None for s, n in zip(ins, layer["inputs"]) if n):
-            return ALL
+            return SHAPE if gemm_like(kind) else ALL
         return layer_threads(kind, ins, outs)
 
     def _plan_liveness(self) -> None:

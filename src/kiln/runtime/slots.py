@@ -18,7 +18,9 @@ reversed slice, a reshape of non-viewable strides) keeps the layout running the 
 Small layers run on one thread whatever the run's count (kiln.kernels.cpu_threads ``layer_threads``): each
 stretch of steps from a small GEMM-like step to the last one before a step that wants the run's count (small
 simple steps run on either) is one region; on more than one thread, a run drops to one thread at a region's
-first step and comes back after its last (one switch per region, not per layer).
+first step and comes back after its last (one switch per region, not per layer). A GEMM-like step whose shapes
+the plan does not fix makes that choice at run time, per input shape (after its first run there), and switches
+around itself alone.
 """
 from __future__ import annotations
 
@@ -101,10 +103,42 @@ def _switching(fn: Callable[..., tuple], plan: "SlotPlan", enter: bool, leave: b
     return run
 
 
+MAX_SHAPE_CHOICES = 16     # input shapes a step choosing its threads at run time remembers (then it starts afresh)
+
+
+def _by_shape(fn: Callable[..., tuple], kind: str, plan: "SlotPlan") -> Callable[..., tuple]:
+    """``fn`` on one thread where ``layer_threads`` says so for the shapes it is given (decided after its first
+    call at those shapes, which runs on the run's count)."""
+    from kiln.kernels.cpu_threads import ONE, layer_threads
+    choices: dict[tuple, bool] = {}
+
+    def run(*args):
+        n = plan.threads_now
+        if n <= 1:
+            return fn(*args)
+        key = tuple([a.shape if isinstance(a, torch.Tensor) else None for a in args])
+        one = choices.get(key)
+        if one is None:
+            out = fn(*args)
+            if len(choices) >= MAX_SHAPE_CHOICES:
+                choices.clear()
+            choices[key] = layer_threads(kind, [None if s is None else tuple(s) for s in key],
+                                         [tuple(o.shape) for o in out if isinstance(o, torch.Tensor)]) == ONE
+            return out
+        if not one:
+            return fn(*args)
+        torch.set_num_threads(1)
+        out = fn(*args)
+        torch.set_num_threads(n)
+        return out
+    return run
+
+
 class SlotPlan:
     """The steps of a ``Program`` compiled to slot indices; ``run`` executes them."""
 
-    __slots__ = ("template", "input_slots", "outer", "output_getter", "n_outputs", "steps", "regions", "threads_now")
+    __slots__ = ("template", "input_slots", "outer", "output_getter", "n_outputs", "steps", "regions", "switches",
+                 "threads_now")
 
     def __init__(self, program: Any) -> None:
         index: dict[str, int] = {}
@@ -150,6 +184,10 @@ class SlotPlan:
             steps.append([fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step])
         self.threads_now = 1
         self.regions = one_thread_regions([step.threads for step in program.steps])
+        shaped = [i for i, step in enumerate(program.steps) if step.threads == "shape"]
+        for i in shaped:
+            steps[i][0] = _by_shape(steps[i][0], program.steps[i].kind, self)
+        self.switches = bool(self.regions or shaped)
         for first, last in self.regions:
             steps[first][0] = _switching(steps[first][0], self, True, first == last)
             if last != first:
@@ -182,7 +220,7 @@ class SlotPlan:
         for i, v in zip(self.input_slots, inputs):
             slots[i] = v
         step = get = None
-        n = self.threads_now = torch.get_num_threads() if self.regions else 1
+        n = self.threads_now = torch.get_num_threads() if self.switches else 1
         try:
             if timer is not None:
                 for fn, _, _, _, get, _, outs, frees, step in self.steps:
@@ -214,7 +252,7 @@ class SlotPlan:
             from kiln.runtime.program import layer_failure
             raise layer_failure(step, list(get(slots)), exc) from exc
         finally:
-            if n > 1 and torch.get_num_threads() != n:      # a step failed inside a one-thread region
+            if n > 1 and torch.get_num_threads() != n:      # a step failed on one thread
                 torch.set_num_threads(n)
         got = self.output_getter(slots)
         return [got] if self.n_outputs == 1 else list(got)
