@@ -37,7 +37,7 @@ def heap():
             return tuple(int(v, 16) for v in line.split()[0].split("-"))
     return (0, 0)
 faults(5)
-big = torch.empty(6 << 20)                  # 24 MB
+big = torch.zeros(6 << 20)                  # 24 MB, touched: runs reusing it must not fault on its fresh pages
 lo, hi = heap()
 in_heap = lo <= big.data_ptr() < hi
 del big
