@@ -22,6 +22,7 @@ from kiln.errors import EngineFormatError, KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import np_dtype, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, Tactic, get_tactic
+from kiln.kernels.cpu_threads import ALL, SHAPE, gemm_like, layer_threads
 from kiln.runtime.concat_elision import elide_concats
 from kiln.runtime.shape_cache import cached_per_shape
 
@@ -38,7 +39,7 @@ class Step:
         self.tactic = tactic
         self.precision = precision
         self.fixed: dict[int, torch.Tensor] = {}    # constant inputs, already on the device they are read on
-        self.threads = "all"            # a CPU step's thread choice (kernels/cpu_threads.py layer_threads)
+        self.threads = ALL              # a CPU step's thread choice (kernels/cpu_threads.py layer_threads)
 
 
 def decode_attr(value: Any, weights: dict[str, torch.Tensor], device: str, plugin_factory) -> Any:
@@ -206,8 +207,6 @@ class Program:
     def _thread_choice(self, kind: str, layer: dict, tensors: dict) -> str:
         """``layer_threads`` from the plan's static shapes; where one is not static, SHAPE for a GEMM-like layer
         (chosen per input shape at run time), else the engine's count."""
-        from kiln.kernels.cpu_threads import ALL, SHAPE, gemm_like, layer_threads
-
         def shape(name: str) -> tuple[int, ...] | None:
             dims = tuple(self.constants[name].shape) if name in self.constants else \
                 tensors.get(name, {}).get("shape") if isinstance(tensors.get(name), dict) else None

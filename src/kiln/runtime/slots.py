@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from kiln.errors import EngineFormatError, ShapeError
+from kiln.kernels.cpu_threads import ALL, ANY, ONE, SHAPE, layer_threads
 
 _NONE = 0          # the slot that always holds None: an absent optional input
 
@@ -77,14 +78,14 @@ def _replays_view(step: Any) -> bool:
 
 def one_thread_regions(choices: list[str]) -> tuple[tuple[int, int], ...]:
     """(first, last) step indices of each stretch that runs on one thread: it starts and ends at a step that
-    wants one thread and holds no step that wants the run's count ("all"); "any" steps run on either."""
+    wants one thread (ONE) and holds no step that wants the run's count (ALL, SHAPE); ANY steps run on either."""
     regions = []
     first = last = None
-    for i, choice in enumerate(choices + ["all"]):
-        if choice == "one":
+    for i, choice in enumerate(choices + [ALL]):
+        if choice == ONE:
             first = i if first is None else first
             last = i
-        elif choice != "any" and first is not None:
+        elif choice != ANY and first is not None:
             regions.append((first, last))
             first = None
     return tuple(regions)
@@ -109,7 +110,6 @@ MAX_SHAPE_CHOICES = 16     # input shapes a step choosing its threads at run tim
 def _by_shape(fn: Callable[..., tuple], kind: str, plan: "SlotPlan") -> Callable[..., tuple]:
     """``fn`` on one thread where ``layer_threads`` says so for the shapes it is given (decided after its first
     call at those shapes, which runs on the run's count)."""
-    from kiln.kernels.cpu_threads import ONE, layer_threads
     choices: dict[tuple, bool] = {}
 
     def run(*args):
@@ -184,7 +184,7 @@ class SlotPlan:
             steps.append([fn, n_in, a, b, get, outs[0] if len(outs) == 1 else -1, outs, frees, step])
         self.threads_now = 1
         self.regions = one_thread_regions([step.threads for step in program.steps])
-        shaped = [i for i, step in enumerate(program.steps) if step.threads == "shape"]
+        shaped = [i for i, step in enumerate(program.steps) if step.threads == SHAPE]
         for i in shaped:
             steps[i][0] = _by_shape(steps[i][0], program.steps[i].kind, self)
         self.switches = bool(self.regions or shaped)
