@@ -133,13 +133,14 @@ def _peer_fp16(path: Path, sets: list[tuple[dict, dict]]) -> float | str:
 def pooled_rel_l2(outs: list[dict], refs: list[dict]) -> float:
     """Per output, the relative L2 error over all input sets together (sqrt of summed squared errors over
     summed squared reference values); the worst output counts. One input set alone is a noisy measure
-    for outputs of a few values (a 4-value box regression)."""
+    for outputs of a few values (a 4-value box regression). An output whose reference is exactly zero on
+    every set (a text detector's probability map on inputs without text) counts the L2 norm of its error."""
     worst = 0.0
     for name in refs[0]:
         err = sum(float(np.sum((np.asarray(o[name], np.float64) - np.asarray(r[name], np.float64)) ** 2))
                   for o, r in zip(outs, refs))
         norm = sum(float(np.sum(np.asarray(r[name], np.float64) ** 2)) for r in refs)
-        worst = max(worst, float(np.sqrt(err / max(norm, 1e-60))))
+        worst = max(worst, float(np.sqrt(err / (norm if norm > 0 else 1.0))))
     return worst
 
 
@@ -245,7 +246,8 @@ def markdown(rows: list[dict], env: dict, models: dict[str, cl.Model] | None = N
         "  engine against the FP32 reference, next to that of onnxconverter-common's FP16 conversion",
         f"  (keep_io_types=True) run by ONNX Runtime; ok when Kiln's is at most {FP16_FACTOR}x the peer's. Both",
         f"  are pooled over {FP16_SEEDS} seeded input sets (per output, summed squared error over summed squared",
-        "  reference; the worst output counts). Where ONNX Runtime has only its CPU provider, the peer is",
+        "  reference; the worst output counts; an output whose reference is all zero on every set counts",
+        "  the L2 norm of its error). Where ONNX Runtime has only its CPU provider, the peer is",
         "  not an FP16 execution: for each op without an FP16 CPU kernel (Conv, Gemm, PRelu, Softmax,",
         "  LSTM/GRU, ...) it inserts casts and computes in FP32, and drops back-to-back casts, so only the",
         "  weights are rounded to FP16; Kiln's FP16 engine also stores activations in FP16.",
