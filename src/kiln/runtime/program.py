@@ -179,7 +179,7 @@ class Program:
         in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
         ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
                             input_dtypes=in_dtypes, output_dtypes=out_dtypes)
-        fn = cached_per_shape(kind, tac.make(attrs, ctx), self)
+        fn = cached_per_shape(kind, tac.make(attrs, ctx), self, any(n in self.outputs for n in layer["outputs"]))
         host_pos = set(LAYER_KINDS[kind].host_inputs)
         targets = []
         reads_metadata = LAYER_KINDS[kind].host == "always"     # Shape, Size: only the input's shape is read

@@ -14,6 +14,9 @@ while a graph is recorded (``Program.move_mode == "replay"``) the step adds the 
 program's move cache, which the graph's cache entry keeps alive, so they stay valid for as long as that
 graph is cached, even once this cache has dropped them. Readers must not write into them (no kernel
 writes into its inputs).
+
+A CPU program keeps Shape and Size steps the same way (their outputs are their input's shape or element
+count), except where such an output is one of the program's outputs, which a caller may write into.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Any, Callable
 from kiln.runtime.graphs import graph_cache_size
 
 KIND = "ShapeConstant"
+SHAPE_ONLY = frozenset(("Shape", "Size"))     # kinds a CPU program keeps per input shape too
 PINNED = "shape constants"      # the move-cache key under which a recorded graph keeps what it reads
 
 
@@ -71,6 +75,9 @@ def set_up_shape_caches(program: Any, size: int) -> None:
                              if program.device != "cpu" and wants.get(name) == {program.device}}
 
 
-def cached_per_shape(kind: str, fn: Callable[..., tuple], program: Any) -> Callable[..., tuple]:
-    """``fn`` wrapped in a ShapeCache for a ShapeConstant step; any other step's ``fn`` as it is."""
-    return ShapeCache(fn, program) if kind == KIND else fn
+def cached_per_shape(kind: str, fn: Callable[..., tuple], program: Any, returned: bool = False) -> Callable[..., tuple]:
+    """``fn`` wrapped in a ShapeCache for a ShapeConstant step, and for a Shape or Size step of a CPU program
+    unless one of its outputs is ``returned`` as a program output; any other step's ``fn`` as it is."""
+    if kind == KIND or (kind in SHAPE_ONLY and program.device == "cpu" and not returned):
+        return ShapeCache(fn, program)
+    return fn
