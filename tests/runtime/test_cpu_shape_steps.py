@@ -1,5 +1,6 @@
-"""A CPU program keeps Shape and Size steps' outputs per input shape (they depend on nothing else), except a Shape
-or Size output the engine returns, which the caller may write into. Results against ONNX Runtime over shapes."""
+"""A CPU program keeps Shape and Size steps' outputs per input shape (they depend on nothing else) where only steps
+that make fresh tensors read them and none is returned (a caller may write into what the engine returns).
+Results against ONNX Runtime over shapes."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,3 +68,21 @@ def test_a_returned_shape_is_computed_each_run_and_the_caller_may_write_into_it(
     second = ctx.run({"x": x})
     np.testing.assert_array_equal(second["s"], [2, 3, 4])
     np.testing.assert_array_equal(second["y"], np.full((6, 4), 2.0, np.float32))
+
+
+def test_a_shape_read_through_a_view_is_computed_each_run():
+    """head = Shape(x)[0:2] (a Slice, a view of the shape tensor) is returned: writing into it must not change the
+    next run, so this Shape is not kept."""
+    i64 = TensorProto.INT64
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "b", "e"], ["head"])]
+    inits = [helper.make_tensor("b", i64, [1], [0]), helper.make_tensor("e", i64, [1], [2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", "b", "c"])],
+                              [helper.make_tensor_value_info("head", i64, [2])], inits)
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    ctx = _engine(data).context(threads=1)
+    assert [isinstance(s.fn, ShapeCache) for s in ctx.program.steps if s.kind == "Shape"] == [False]
+    x = np.ones((2, 3, 4), np.float32)
+    first = ctx.run({"x": x})["head"]
+    np.testing.assert_array_equal(first, [2, 3])
+    first[:] = 9
+    np.testing.assert_array_equal(ctx.run({"x": x})["head"], [2, 3])

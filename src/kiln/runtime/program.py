@@ -24,7 +24,7 @@ from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, Tactic, get_tactic
 from kiln.kernels.cpu_threads import ALL, SHAPE, gemm_like, layer_threads
 from kiln.runtime.concat_elision import elide_concats
-from kiln.runtime.shape_cache import cached_per_shape
+from kiln.runtime.shape_cache import cached_per_shape, keep_shape_steps
 
 
 class Step:
@@ -116,6 +116,7 @@ class Program:
         make = (lambda layer: self._step(layer, weights, device, plugin_factory, tensors, moved))
         self.steps: list[Step] = [_set_up(make, layer) for layer in plan["layers"]]
         self._plan_liveness()
+        keep_shape_steps(self)
         raw = [(s.fn, s.tactic) for s in self.steps]
         self._concat_buffers = elide_concats(self, plan, device)
         self._variants: list[tuple[list[tuple[int, Any, str]], list]] = [([], self._concat_buffers)]
@@ -179,7 +180,7 @@ class Program:
         in_dtypes = tuple(tensors.get(n, {}).get("dtype") if n else None for n in layer["inputs"])
         ctx = KernelContext(device=run_on, precision=layer.get("precision") or "fp32", layer_name=layer["name"],
                             input_dtypes=in_dtypes, output_dtypes=out_dtypes)
-        fn = cached_per_shape(kind, tac.make(attrs, ctx), self, any(n in self.outputs for n in layer["outputs"]))
+        fn = cached_per_shape(kind, tac.make(attrs, ctx), self)
         host_pos = set(LAYER_KINDS[kind].host_inputs)
         targets = []
         reads_metadata = LAYER_KINDS[kind].host == "always"     # Shape, Size: only the input's shape is read

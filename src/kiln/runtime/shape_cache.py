@@ -16,7 +16,8 @@ graph is cached, even once this cache has dropped them. Readers must not write i
 writes into its inputs).
 
 A CPU program keeps Shape and Size steps the same way (their outputs are their input's shape or element
-count), except where such an output is one of the program's outputs, which a caller may write into.
+count) where every reader of their outputs is a step that always makes a fresh tensor (``FRESH_READERS``) and
+none is a program output: nothing downstream can then hand the kept tensor to a caller, who may write into it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Any, Callable
 from kiln.runtime.graphs import graph_cache_size
 
 KIND = "ShapeConstant"
-SHAPE_ONLY = frozenset(("Shape", "Size"))     # kinds a CPU program keeps per input shape too
+SHAPE_ONLY = frozenset(("Shape", "Size"))     # kinds a CPU program keeps per input shape too ...
+FRESH_READERS = frozenset(("Gather", "ElementWise", "Concatenation", "Unary", "Shape", "Size"))   # ... read by these
 PINNED = "shape constants"      # the move-cache key under which a recorded graph keeps what it reads
 
 
@@ -75,9 +77,22 @@ def set_up_shape_caches(program: Any, size: int) -> None:
                              if program.device != "cpu" and wants.get(name) == {program.device}}
 
 
-def cached_per_shape(kind: str, fn: Callable[..., tuple], program: Any, returned: bool = False) -> Callable[..., tuple]:
-    """``fn`` wrapped in a ShapeCache for a ShapeConstant step, and for a Shape or Size step of a CPU program
-    unless one of its outputs is ``returned`` as a program output; any other step's ``fn`` as it is."""
-    if kind == KIND or (kind in SHAPE_ONLY and program.device == "cpu" and not returned):
-        return ShapeCache(fn, program)
-    return fn
+def cached_per_shape(kind: str, fn: Callable[..., tuple], program: Any) -> Callable[..., tuple]:
+    """``fn`` wrapped in a ShapeCache for a ShapeConstant step; any other step's ``fn`` as it is."""
+    return ShapeCache(fn, program) if kind == KIND else fn
+
+
+def keep_shape_steps(program: Any) -> None:
+    """A CPU program's Shape and Size steps in ShapeCaches where the module docstring allows it."""
+    if program.device != "cpu":
+        return
+    readers: dict[str, set] = {}
+    for step in program.steps:
+        for name in step.ins:
+            if name is not None:
+                readers.setdefault(name, set()).add(step.kind)
+    returned = set(program.outputs)
+    for step in program.steps:
+        if step.kind in SHAPE_ONLY and not isinstance(step.fn, ShapeCache) and all(
+                n not in returned and readers.get(n, set()) <= FRESH_READERS for n in step.outs):
+            step.fn = ShapeCache(step.fn, program)
