@@ -6,8 +6,10 @@ OpenVINO (CPU plugin, FP32 inference precision), the same thread count for all, 
     python benchmarks/cpu_bench.py --baseline --out cpu.json        # also Kiln without the oneDNN tactic
 
 Each model runs in a process of its own (no allocator, thread-pool or cache state carried over).
-For each batch and thread count the contenders run in alternating rounds (one call each per round,
-the order rotating), so load from elsewhere on the machine hits them alike; each gets a median and a
+For each batch and thread count the contenders run in alternating rounds (one timed call each per round,
+the order rotating, after untimed calls for 100 ms that let the previous contender's spinning threads go
+idle),
+so load from elsewhere on the machine hits them alike; each gets a median and a
 p90 over the rounds. The ratio is peer median / Kiln median (above 1: Kiln is faster). Outputs are
 checked against ONNX Runtime: max abs error <= 1e-5 + 1e-4 * max|ref|. Where a zoo row fails that check,
 the zoo's torch module runs on the same inputs in FP64 (the truth) and in FP32 (PyTorch eager, a second FP32
@@ -132,9 +134,13 @@ def _openvino(path: Path, feeds: dict[str, np.ndarray], threads: int):
     return (lambda: req.infer(feeds)), outs, {"version": ov.__version__}
 
 
-def _alternate(runs: dict[str, Callable[[], Any]], rounds: int, budget_s: float, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds per call, contenders alternating call by call in rotating order; stops after
-    ``rounds`` rounds or ``budget_s`` seconds (at least 5 rounds)."""
+def _alternate(runs: dict[str, Callable[[], Any]], rounds: int, budget_s: float, warmup: int,
+               settle_ms: float = 100.0) -> dict[str, list[float]]:
+    """Milliseconds per call, contenders alternating in rotating order, one timed call each per round;
+    stops after ``rounds`` rounds or ``budget_s`` seconds (at least 5 rounds). Each turn starts with
+    untimed calls for at least ``settle_ms`` (at least one call): ONNX Runtime's worker threads spin after a
+    run by default (OpenVINO's TBB workers too), and would otherwise take the cores from the next
+    contender's first calls."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -143,6 +149,10 @@ def _alternate(runs: dict[str, Callable[[], Any]], rounds: int, budget_s: float,
     t_start = time.perf_counter()
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
+            t_settle = time.perf_counter()
+            runs[n]()
+            while (time.perf_counter() - t_settle) * 1e3 < settle_ms:
+                runs[n]()
             t0 = time.perf_counter()
             runs[n]()
             times[n].append((time.perf_counter() - t0) * 1e3)
@@ -228,7 +238,8 @@ def run_one(kind: str, name: str, args) -> list[dict[str, Any]]:
                     if not ok and run_fp64 is not None:
                         truth = truth or run_fp64(feeds)
                         row["contenders"][n].update(judge_fp64(got, ref, truth[1], truth[0]))
-                times = _alternate({n: m[0] for n, m in made.items()}, args.rounds, args.budget, args.warmup)
+                times = _alternate({n: m[0] for n, m in made.items()}, args.rounds, args.budget, args.warmup,
+                                   args.settle_ms)
                 for n, ts in times.items():
                     row["contenders"][n].update(median_ms=float(np.median(ts)), p90_ms=float(np.percentile(ts, 90)),
                                                 runs=len(ts))
@@ -286,6 +297,9 @@ def main() -> int:
     ap.add_argument("--threads", default="1,0", help="thread counts; 0 = the physical cores this process may use")
     ap.add_argument("--small", action="store_true", help="the zoo's small sizes (smoke runs)")
     ap.add_argument("--rounds", type=int, default=50, help="alternating rounds per row (default 50)")
+    ap.add_argument("--settle-ms", type=float, default=100.0,
+                    help="untimed calls for at least this long (and at least one) at the start of each contender's "
+                         "turn, so a peer's spinning threads have gone idle (default 100)")
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per row before stopping early (default 60)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
     ap.add_argument("--baseline", action="store_true",
