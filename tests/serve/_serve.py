@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import re
 import signal
@@ -15,9 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+def triton_client(module: str):
+    """``tritonclient.http`` or ``tritonclient.grpc``, or skip the calling test module where it cannot load
+    (tritonclient's HTTP package raises RuntimeError, not ImportError, without its geventhttpclient extra)."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, RuntimeError) as e:
+        extra = module.rsplit(".", 1)[-1]
+        pytest.skip(f"needs tritonclient[{extra}] ({str(e).splitlines()[0][:120]})", allow_module_level=True)
 
 
 def run_async(coro, timeout: float = 60):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+from _serve import triton_client  # noqa: E402
+grpcclient = triton_client("tritonclient.grpc")
 import grpc  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402

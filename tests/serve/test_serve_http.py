@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
+from _serve import triton_client  # noqa: E402
+httpclient = triton_client("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 

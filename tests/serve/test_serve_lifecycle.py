@@ -10,10 +10,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from _serve import ServerProcess
+from _serve import ServerProcess, triton_client
 
-httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+httpclient = triton_client("tritonclient.http")
+grpcclient = triton_client("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 

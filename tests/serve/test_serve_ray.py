@@ -11,7 +11,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="needs Ray Serve: pip install 'kiln[ray]' (ray[serve])")
 serve = pytest.importorskip("ray.serve", reason="needs Ray Serve: pip install 'kiln[ray]' (ray[serve])")
-httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
+from _serve import triton_client  # noqa: E402
+httpclient = triton_client("tritonclient.http")
 
 
 def _free_port() -> int:

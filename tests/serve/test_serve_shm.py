@@ -14,8 +14,9 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
-httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
-grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]")
+from _serve import triton_client  # noqa: E402
+httpclient = triton_client("tritonclient.http")
+grpcclient = triton_client("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 if not os.path.isdir("/dev/shm"):

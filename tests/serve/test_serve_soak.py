@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]")
+from _serve import triton_client  # noqa: E402
+triton_client("tritonclient.http")
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_bench.py"
 
 
