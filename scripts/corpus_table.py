@@ -288,6 +288,8 @@ def markdown(rows: list[dict], env: dict, models: dict[str, cl.Model] | None = N
               "# a GPU machine without network: copy the corpus folder there, then",
               "python scripts/fetch_corpus.py --verify --dir DIR",
               "python scripts/corpus_table.py --corpus DIR --out OUT.md   # needs onnxconverter-common for the peer",
+              "python scripts/corpus_table.py --corpus DIR --no-cpu --only ID,.. --out OUT.md   # GPU columns only",
+              "python scripts/corpus_table.py --gpu-results OUT.json ..   # here: CPU columns, GPU ones from those runs",
               "```"]
     return "\n".join(lines) + "\n"
 
