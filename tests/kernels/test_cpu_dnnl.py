@@ -106,6 +106,17 @@ def test_without_bias_and_one_by_one():
     _check(y, _reference(x, w, None, attrs))
 
 
+def test_operands_that_disagree_are_refused_before_onednn():
+    """A weight with fewer input channels than x, or a short bias (a damaged engine), never reaches the
+    primitive, which would read past them: torch's convolution refuses them."""
+    x, w, b = _operands()
+    fn = make_convolution_onednn_cached(_attrs("relu"), CPU)
+    with pytest.raises(RuntimeError, match="channels"):
+        fn(x, w[:, :4].contiguous(), b)
+    with pytest.raises(RuntimeError):
+        fn(x, w, b[:3].contiguous())
+
+
 def test_shapes_and_weights_change():
     """A primitive per input shape (the first one again after another), a new one for a new weight tensor."""
     attrs = _attrs("relu", stride=(2, 2))

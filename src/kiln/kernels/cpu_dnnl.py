@@ -262,7 +262,10 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
 
     def run(x, w, b=None, residual=None):
         x = match_weight(x, w)
-        if x.is_meta or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0:
+        # the primitive reads x's channel count of weights and oc biases: operands that disagree (a damaged
+        # engine) take torch's path, whose check names the mismatch, and never reach oneDNN
+        if x.is_meta or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0 \
+                or w.dim() != 4 or x.shape[1] != w.shape[1] or (b is not None and b.numel() != w.shape[0]):
             y = F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), w, b, stride, 0, dil)
             if residual is not None and not after:
                 y = y + residual
