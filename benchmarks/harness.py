@@ -43,16 +43,12 @@ TABLE = {
 # ---- models ---------------------------------------------------------------------------------
 def build_model(name: str):
     """(module, make_inputs(batch) -> tuple of tensors, input names, output names, channels_last)."""
-    if name == "resnet50":
-        import torchvision
-        return torchvision.models.resnet50(), _image(224), ["input"], ["logits"], True
-    if name == "mobilenet_v3_large":
-        import torchvision
-        return torchvision.models.mobilenet_v3_large(), _image(224), ["input"], ["logits"], True
+    from vision import torchvision_or_own              # benchmarks/vision.py where torchvision cannot load
+    if name in ("resnet50", "mobilenet_v3_large"):
+        return torchvision_or_own(name)[0], _image(224), ["input"], ["logits"], True
     if name == "vit_b_16":
-        import torchvision
         torch.backends.mha.set_fastpath_enabled(False)     # the fused fast path has no ONNX export
-        vit = torchvision.models.vit_b_16()
+        vit = torchvision_or_own(name)[0]
         torch.nn.init.normal_(vit.heads.head.weight, std=0.02)   # torchvision zero-initializes the head
         return vit, _image(224), ["input"], ["logits"], False
     if name == "bert_base":

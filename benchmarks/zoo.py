@@ -445,9 +445,9 @@ class UNet(nn.Module):
 
 def _torchvision(name: str) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
-        import torchvision
+        from vision import torchvision_or_own              # benchmarks/vision.py where torchvision cannot load
         torch.backends.mha.set_fastpath_enabled(False)      # ViT's fused MHA fast path has no ONNX export
-        model = getattr(torchvision.models, name)(weights=None)
+        model, _ = torchvision_or_own(name)
         if name.startswith("vit"):
             nn.init.normal_(model.heads.head.weight, std=0.02)     # torchvision zero-initializes the head
         return model
