@@ -4,7 +4,6 @@ MobileNetV3 (depthwise convolutions, squeeze-excitation, hard-swish) builds on t
 Runtime."""
 from __future__ import annotations
 
-import io
 import sys
 import warnings
 from pathlib import Path
