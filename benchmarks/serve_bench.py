@@ -359,16 +359,220 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_ceiling(args: argparse.Namespace) -> int:
     """tritonclient gRPC load against the do-nothing server: the ceiling any Python gRPC front end meets."""
-    proc = subprocess.Popen([sys.executable, __file__, "echo", "--dims", args.dims], stdout=subprocess.PIPE)
+    echo = _Echo(args.dims)
+    at = echo.at
     try:
-        at = proc.stdout.readline().decode().split()[-1]        # "echo on HOST:PORT" once it serves
         dims = [int(d) for d in args.dims.split("x")]
         for c in (int(v) for v in args.concurrency.split(",")):
             r = run_load("grpc", at, "echo", c, args.seconds, {"x": dims}, args.processes)
             print(f"echo grpc c={c:3} {r['infer_per_s']:9.1f} infer/s  p50 {r['p50_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms"
                   f"  errors {r['errors']}  ({np.prod(dims) * 4 / 1e3:.0f} KB per request)", flush=True)
     finally:
-        proc.kill()
+        echo.stop()
+    return 0
+
+
+# ---- latency at concurrency 1 ----------------------------------------------------------------
+STAGES = ("decode", "to_run", "run", "back", "encode", "other")
+
+
+def cmd_trace_serve(args: argparse.Namespace) -> int:
+    """`kiln serve` in this process with each request's stages timed (a child process of `latency`); prints the
+    listening line, and on SIGINT one JSON line of per-stage medians in microseconds. Times are taken at
+    the stage functions' boundaries: decode and encode (the protocol module's functions), to_run (queued
+    until the batch's run starts), run (the run, wherever it runs), back (the run's end until the caller
+    resumes), other (the rest of the infer handler: lookup, checks, the access log, the protocol layer)."""
+    import asyncio
+
+    from kiln.serve import batcher, cli, grpc_service, http
+    now, last, rows = time.perf_counter, {}, []
+
+    def timed(module, name: str, stage: str) -> None:
+        fn = getattr(module, name)
+
+        def wrapper(*a, **k):
+            t0 = now()
+            try:
+                return fn(*a, **k)
+            finally:
+                last[stage] = now() - t0
+        setattr(module, name, wrapper)
+    for module, name, stage in ((grpc_service, "decode_grpc", "decode"), (grpc_service, "encode_grpc", "encode"),
+                                (http, "decode_http", "decode"), (http, "encode_http", "encode")):
+        timed(module, name, stage)
+    compute, infer = batcher.Batcher._compute, batcher.Batcher.infer
+
+    def traced_compute(self, instance, batch):
+        last["run0"] = now()
+        try:
+            return compute(self, instance, batch)
+        finally:
+            last["run1"] = now()
+
+    async def traced_infer(self, *a, **k):
+        last["queued"] = now()
+        out = await infer(self, *a, **k)
+        last["resumed"] = now()
+        return out
+    batcher.Batcher._compute, batcher.Batcher.infer = traced_compute, traced_infer
+
+    def handler(fn):
+        async def wrapper(*a, **k):
+            last.clear()
+            t0 = now()
+            out = await fn(*a, **k)
+            total = now() - t0
+            if {"decode", "encode", "run0", "queued"} <= last.keys():
+                row = {"decode": last["decode"], "to_run": last["run0"] - last["queued"],
+                       "run": last["run1"] - last["run0"], "back": last["resumed"] - last["run1"],
+                       "encode": last["encode"]}
+                rows.append({**row, "other": total - sum(row.values())})
+            return out
+        return wrapper
+    grpc_service.InferenceService.ModelInfer = handler(grpc_service.InferenceService.ModelInfer)
+    http.infer = handler(http.infer)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    code = cli.run(parser.parse_args(args.serve_args))
+    skip = len(rows) // 10                      # the warm-up's requests
+    print(json.dumps({k: float(np.median([r[k] for r in rows[skip:]]) * 1e6) if rows[skip:] else float("nan")
+                      for k in STAGES}), flush=True)
+    return code
+
+
+def _client_cost(protocol: str, at: str, model: str, shapes: dict, queue) -> None:
+    """tritonclient's own work per request, without the network: building the request (as infer does) and
+    reading the answer (deserializing it, InferResult, as_numpy); puts the medians in microseconds."""
+    if protocol == "http":
+        import tritonclient.http as tc
+        from tritonclient.http._utils import _get_inference_request
+        client = tc.InferenceServerClient(at)
+        meta = client.get_model_metadata(model)
+    else:
+        import tritonclient.grpc as tc
+        from tritonclient.grpc import service_pb2
+        from tritonclient.grpc._utils import _get_inference_request
+        client = tc.InferenceServerClient(at)
+        meta = client.get_model_metadata(model, as_json=True)
+    feeds = _inputs(meta, shapes, np.random.default_rng(0))
+    inputs = []
+    for t in meta["inputs"]:
+        i = tc.InferInput(t["name"], list(feeds[t["name"]].shape), t["datatype"])
+        i.set_data_from_numpy(feeds[t["name"]], **({"binary_data": True} if protocol == "http" else {}))
+        inputs.append(i)
+    outputs = [tc.InferRequestedOutput(t["name"], **({"binary_data": True} if protocol == "http" else {}))
+               for t in meta["outputs"]]
+    if protocol == "http":
+        build = lambda: _get_inference_request(inputs, "", outputs, 0, False, False, 0, None, None)
+        body, json_size = build()
+        headers = {} if json_size is None else {"Inference-Header-Content-Length": str(json_size)}
+        host, port = at.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", f"/v2/models/{model}/infer", body=body, headers=headers)
+        r = conn.getresponse()
+        answer, length = r.read(), r.getheader("Inference-Header-Content-Length")
+        conn.close()
+        parse = lambda: [tc.InferResult.from_response_body(answer, False, int(length) if length else None).as_numpy(
+            t["name"]) for t in meta["outputs"]]
+    else:
+        build = lambda: _get_inference_request(model, inputs, "", "", outputs, 0, False, False, 0, None,
+                                               None).SerializeToString()
+        answer = client.infer(model, inputs, outputs=outputs).get_response().SerializeToString()
+        parse = lambda: [tc.InferResult(service_pb2.ModelInferResponse.FromString(answer)).as_numpy(t["name"])
+                         for t in meta["outputs"]]
+    out = {}
+    for what, fn in (("build", build), ("parse", parse)):
+        for _ in range(200):
+            fn()
+        ts = []
+        for _ in range(2000):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        out[what] = float(np.median(ts) * 1e6)
+    client.close()
+    queue.put(out)
+
+
+def _in_child(target, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    out = q.get(timeout=300)
+    p.join()
+    return out
+
+
+class _Echo:
+    """The do-nothing gRPC server (`echo`) in a child process, for requests carrying an FP32 input of ``dims``."""
+
+    def __init__(self, dims: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "echo", "--dims", dims], stdout=subprocess.PIPE)
+        self.at = self.proc.stdout.readline().decode().split()[-1]   # "echo on HOST:PORT" once it serves
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    """Where one request's time goes at concurrency 1: end to end (tritonclient, closed loop), the client's own
+    work, each server stage (from `_trace-serve`), the engine alone, and the same client against `echo`."""
+    shapes = {}
+    for s in args.shape or []:
+        name, dims = s.split(":")
+        shapes[name] = [int(d) for d in dims.split("x")]
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(args.repo) if args.repo else Path(tmp)
+        widths = tuple(int(w) for w in args.widths.split(","))
+        model = args.model or f"mlp{widths[0]}"
+        if not args.repo:
+            build_mlp(repo, model, widths, 64)
+        rows, dims = [], {}
+        for batching in args.batching.split(","):
+            for protocol in args.protocols.split(","):      # one server per point: its stages are that point's
+                flags = [*(args.server_flag or []), *([] if batching == "on" else ["--no-batching"])]
+                proc = subprocess.Popen([sys.executable, __file__, "_trace-serve", str(repo), "--http-port", "0",
+                                         "--grpc-port", "0", *flags], stdout=subprocess.PIPE,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                try:
+                    m = LINE.search(proc.stdout.readline().decode())
+                    if not m:
+                        raise SystemExit("kiln serve (traced) did not start")
+                    meta = json.loads(_get(m.group("http"), f"/v2/models/{model}")[1])
+                    dims = {t["name"]: shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
+                            for t in meta["inputs"]}
+                    r = run_load(protocol, m.group(protocol), model, 1, args.seconds, shapes, 1, args.warmup)
+                    r.update(batching=batching, client_us=_in_child(_client_cost, protocol, m.group(protocol),
+                                                                      model, shapes))
+                finally:
+                    proc.send_signal(signal.SIGINT)
+                    out, _ = proc.communicate(timeout=120)
+                r["server_us"] = json.loads(out.decode().strip().splitlines()[-1])
+                rows.append(r)
+        echo = _Echo("x".join(str(d) for d in next(iter(dims.values()))))
+        try:
+            ceiling = run_load("grpc", echo.at, "echo", 1, args.seconds, {"x": next(iter(dims.values()))}, 1,
+                               args.warmup)
+        finally:
+            echo.stop()
+        import kiln
+        from kiln.bench import bench
+        engine = bench(kiln.load(str(repo / f"{model}.kiln")), shapes={n: tuple(d) for n, d in dims.items()},
+                       duration=args.seconds)["latency_ms"]["median"] * 1e3
+    print(f"engine alone (kiln bench, median): {engine:.0f} us; echo gRPC server (no work) at c=1: "
+          f"p50 {ceiling['p50_ms'] * 1e3:.0f} us, p99 {ceiling['p99_ms'] * 1e3:.0f} us")
+    print("protocol batching |  p50 e2e  p99 e2e | client build parse | server " + " ".join(f"{s:>6}" for s in STAGES)
+          + " | unaccounted (us)")
+    for r in rows:
+        c, sv = r["client_us"], r["server_us"]
+        rest = r["p50_ms"] * 1e3 - c["build"] - c["parse"] - sum(sv.values())
+        print(f"{r['protocol']:8} {r['batching']:8} | {r['p50_ms'] * 1e3:8.0f} {r['p99_ms'] * 1e3:8.0f} | "
+              f"{c['build']:12.0f} {c['parse']:5.0f} |        " + " ".join(f"{sv[s]:6.0f}" for s in STAGES)
+              + f" | {rest:8.0f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"engine_us": engine, "echo": ceiling, "rows": rows}, indent=1))
     return 0
 
 
@@ -518,6 +722,19 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--concurrency", default="1,16,64")
     c.add_argument("--seconds", type=float, default=4.0)
     c.add_argument("--processes", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    lt = sub.add_parser("latency", help="where one request's time goes at concurrency 1")
+    lt.add_argument("--repo")
+    lt.add_argument("--model")
+    lt.add_argument("--widths", default="256,256,64", help="layer widths of the CPU MLP built when no --repo")
+    lt.add_argument("--protocols", default="grpc,http")
+    lt.add_argument("--batching", default="on,off")
+    lt.add_argument("--seconds", type=float, default=4.0)
+    lt.add_argument("--warmup", type=float, default=1.0)
+    lt.add_argument("--shape", action="append", help="NAME:DIMS (e.g. input_ids:1x128) for an input's -1 dims")
+    lt.add_argument("--server-flag", action="append", help="extra kiln serve flag, e.g. --server-flag=--warmup")
+    lt.add_argument("--json")
+    t = sub.add_parser("_trace-serve", help=argparse.SUPPRESS)
+    t.add_argument("serve_args", nargs=argparse.REMAINDER)
     e = sub.add_parser("echo", help=argparse.SUPPRESS)
     e.add_argument("--dims", required=True)
     g = sub.add_parser("models")
@@ -528,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--max-batch", type=int, default=64)
     args = p.parse_args(argv)
     return {"sweep": cmd_sweep, "soak": cmd_soak, "models": cmd_models, "ceiling": cmd_ceiling,
-            "echo": cmd_echo}[args.cmd](args)
+            "echo": cmd_echo, "latency": cmd_latency, "_trace-serve": cmd_trace_serve}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ merge limit; it runs at once when the batch reaches the limit or a preferred siz
 to the queue delay (counted from the oldest request's arrival) for more. Outputs are split back
 by rows. A merged batch that fails is re-run one request at a time, so a request's error is its own.
 An input held in system shared memory is read once, on the worker thread, straight into its batch.
+
+A batch runs on the model's thread pool, except on a CPU engine when it is the only work the
+batcher has (one request, nothing queued, no other batch running) and runs of its shape took
+under ``INLINE_MAX_S``: then it runs on the event loop itself, which saves the two thread
+hand-offs (into the pool, and back through ``call_soon_threadsafe``) that would cost more than
+the run. A GPU engine always runs on its thread (a first run at a shape records a CUDA graph).
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from kiln.serve.model import ServedModel
 from kiln.serve.shm import gather, materialize
 
 log = logging.getLogger("kiln.serve")
-
+INLINE_MAX_S = 0.0005          # longest recent run (per shape) that may block the event loop
+RUN_TIMES = 64                 # shapes whose recent run time is remembered
 
 
 class Instance(Protocol):
@@ -57,6 +64,9 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._form_lock = asyncio.Lock()
         self._closed = False
+        self._running = 0                           # batches being computed now
+        self._inline = getattr(model.engine, "device", "cpu") != "cuda"
+        self._run_s: dict[tuple, float] = {}        # (rows, merge key) -> recent run time, seconds
         self._executor = ThreadPoolExecutor(len(instances), thread_name_prefix=f"kiln-serve-{model.name}")
         self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in instances]
 
@@ -118,12 +128,23 @@ class Batcher:
             started = time.monotonic()
             for p in batch:
                 self.stats.queue_seconds.observe(started - p.arrived)
+            shape = (batch[0].rows, batch[0].key) if len(batch) == 1 else None
+            inline = (self._inline and shape is not None and not self._queue and not self._running
+                      and self._run_s.get(shape, INLINE_MAX_S) < INLINE_MAX_S)
+            self._running += 1
             try:
-                results = await loop.run_in_executor(self._executor, self._compute, instance, batch)
+                if inline:
+                    results, ran = self._timed(instance, batch)
+                else:
+                    results, ran = await loop.run_in_executor(self._executor, self._timed, instance, batch)
+                if shape is not None:
+                    self._note_run(shape, ran)
             except Exception as exc:           # noqa: BLE001 - never leave a request waiting
                 log.exception("model %s: batch failed", self.model.name)
                 results = [InternalError(f"Model {self.model.name!r} failed on a batch ({type(exc).__name__}); "
                                          f"please report it.")] * len(batch)
+            finally:
+                self._running -= 1
             self.stats.compute_seconds.observe(time.monotonic() - started)
             self.stats.batch_size.observe(sum(max(p.rows, 1) for p in batch))
             for p, r in zip(batch, results):
@@ -133,6 +154,13 @@ class Batcher:
                     p.future.set_exception(r)
                 else:
                     p.future.set_result(r)
+
+    def _note_run(self, shape: tuple, seconds: float) -> None:
+        """Remembers how long a one-request run of this shape took (an average weighted to recent runs)."""
+        if shape not in self._run_s and len(self._run_s) >= RUN_TIMES:
+            self._run_s.clear()
+        before = self._run_s.get(shape)
+        self._run_s[shape] = seconds if before is None else 0.75 * before + 0.25 * seconds
 
     async def _next_batch(self) -> list[_Pending] | None:
         while True:
@@ -194,6 +222,12 @@ class Batcher:
             log.debug("model %s: batch of %d requests, %d rows, %d queued", self.model.name, len(live),
                       sum(p.rows for p in live), len(self._queue))
         return live
+
+    def _timed(self, instance: Instance, batch: list[_Pending]) -> tuple[list[Any], float]:
+        """The batch's results and the seconds its run took where it ran (no thread hand-off counted)."""
+        t0 = time.perf_counter()
+        results = self._compute(instance, batch)
+        return results, time.perf_counter() - t0
 
     def _compute(self, instance: Instance, batch: list[_Pending]) -> list[Any]:
         """Runs on a worker thread: one merged run, split by rows; one run per request if that fails."""

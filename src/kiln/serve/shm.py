@@ -129,8 +129,11 @@ class ShmTensor:
 
 
 def materialize(feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The feeds with every shared-memory input read into an array of its own."""
-    return {n: v.array() if isinstance(v, ShmTensor) else v for n, v in feeds.items()}
+    """The feeds as writable arrays: a shared-memory input read into an array of its own, an array over a
+    request's immutable bytes copied (the engine shares writable host arrays; a read-only one would take its
+    slower converting copy instead)."""
+    return {n: v.array() if isinstance(v, ShmTensor) else v if v.flags.writeable else v.copy()
+            for n, v in feeds.items()}
 
 
 def gather(parts: list[Any]) -> np.ndarray:
