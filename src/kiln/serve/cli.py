@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--system-shm", choices=("local", "any", "off"), default="local",
                      help="who may pass tensors in POSIX shared memory (the system shared-memory extension): "
                           "clients on loopback addresses (local, the default), any client, or none")
+    net.add_argument("--frontends", type=_positive_int, default=1, metavar="N",
+                     help="processes that accept HTTP and gRPC on the same ports (SO_REUSEPORT) and do the protocol "
+                          "work, passing tensors to the one engine process through shared memory (default 1: "
+                          "one process does everything)")
     b = parser.add_argument_group("dynamic batching")
     b.add_argument("--max-batch", type=_positive_int, metavar="N",
                    help="most rows per merged batch (default: the engine's largest profile batch)")
@@ -91,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "unless --access-log)")
 
 
-def _logging(args: argparse.Namespace) -> None:
+def setup_logging(args: argparse.Namespace) -> None:
+    """The kiln.serve loggers as --verbose and --access-log ask (``args`` needs those two attributes)."""
     base = logging.getLogger("kiln.serve")
     base.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
@@ -123,7 +128,8 @@ def config_from_args(args: argparse.Namespace):
                            max_queue=args.max_queue, timeout_ms=float(args.timeout_ms),
                            warmup=args.warmup, buckets=args.batch_buckets)
     return ServeConfig(path=args.path, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                       max_request_mb=args.max_request_mb, system_shm=args.system_shm, model=options)
+                       max_request_mb=args.max_request_mb, system_shm=args.system_shm, model=options,
+                       frontends=args.frontends, access_log=args.access_log, verbose=args.verbose)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         except ImportError:
             raise KilnError(f"kiln serve needs {module} for {what}: pip install 'kiln[serve]'.") from None
     config = config_from_args(args)
-    _logging(args)
+    setup_logging(args)
 
     async def main() -> None:
         from kiln.serve.server import serve

@@ -44,6 +44,21 @@ class ServerCore:
             return False
         return not self.draining
 
+    async def render_metrics(self) -> str:
+        """The Prometheus text of /metrics."""
+        for name, entry in self.repository.loaded.items():
+            self.metrics.model(name).queue_depth = entry.batcher.depth
+        return self.metrics.render()
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        return self.repository.index()
+
+    async def shm_register(self, name: Any, key: Any, offset: Any, byte_size: Any, peer: str | None) -> None:
+        self.shm.register(name, key, offset, byte_size, peer)
+
+    async def shm_unregister(self, name: str | None, peer: str | None) -> None:
+        self.shm.unregister(name, peer)
+
     def lookup(self, name: str, version: str | None, protocol: str) -> Loaded:
         """The loaded model for an infer request (a miss is counted without the name as a label)."""
         try:

@@ -5,6 +5,7 @@ module only in a process that does not also import ``tritonclient.grpc``.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Any
@@ -150,18 +151,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryStatusResponse(regions={r["name"]: status(**r) for r in rows})
 
     async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
-        await self._shm(context, "SystemSharedMemoryRegister", self.core.shm.register, request.name, request.key,
+        await self._shm(context, "SystemSharedMemoryRegister", self.core.shm_register, request.name, request.key,
                         request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        await self._shm(context, "SystemSharedMemoryUnregister", self.core.shm.unregister, request.name or None)
+        await self._shm(context, "SystemSharedMemoryUnregister", self.core.shm_unregister, request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def _shm(self, context: Any, call: str, method: Any, *args: Any) -> Any:
         """Runs a registry call for this peer; a refusal becomes the call's status code."""
         try:
             out = method(*args, grpc_peer_host(context.peer()))
+            if inspect.isawaitable(out):
+                out = await out
         except ServeError as exc:
             await _abort(context, exc, call, "", 0.0)
         log_access(protocol="grpc", peer=context.peer(), call=call, status="OK", error=None)
@@ -174,10 +177,11 @@ async def _abort(context: Any, exc: ServeError, call: str, model: str, t0: float
     await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
 
 
-def make_server(core: ServerCore, max_request_bytes: int) -> Any:
-    """A grpc.aio server with the inference service added (ports are bound by the caller)."""
+def make_server(core: ServerCore, max_request_bytes: int, reuse_port: bool = False) -> Any:
+    """A grpc.aio server with the inference service added (ports are bound by the caller). Without
+    ``reuse_port`` a port in use is refused, not shared; with it, front-end processes share one port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_request_bytes),
                                       ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", 0)])      # a port in use is refused, not shared
+                                      ("grpc.so_reuseport", int(reuse_port))])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(core), server)
     return server

@@ -107,7 +107,7 @@ async def infer(request: web.Request) -> web.Response:
 async def repository_index(request: web.Request) -> web.Response:
     body = await _body(request)
     ready_only = bool(body.strip()) and parse_json(body).get("ready") is True
-    rows = request.app[CORE].repository.index()
+    rows = await request.app[CORE].repository_index()
     return _json([r for r in rows if not ready_only or r["state"] == "READY"])
 
 
@@ -139,21 +139,18 @@ async def shm_status(request: web.Request) -> web.Response:
 
 async def shm_register(request: web.Request) -> web.Response:
     body = parse_json(await _body(request))
-    request.app[CORE].shm.register(request.match_info["region"], body.get("key"), body.get("offset", 0),
-                                   body.get("byte_size"), request.remote)
+    await request.app[CORE].shm_register(request.match_info["region"], body.get("key"), body.get("offset", 0),
+                                         body.get("byte_size"), request.remote)
     return web.Response(status=200)
 
 
 async def shm_unregister(request: web.Request) -> web.Response:
-    request.app[CORE].shm.unregister(request.match_info.get("region"), request.remote)
+    await request.app[CORE].shm_unregister(request.match_info.get("region"), request.remote)
     return web.Response(status=200)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    core = request.app[CORE]
-    for name, entry in core.repository.loaded.items():
-        core.metrics.model(name).queue_depth = entry.batcher.depth
-    return web.Response(text=core.metrics.render(), content_type="text/plain",
+    return web.Response(text=await request.app[CORE].render_metrics(), content_type="text/plain",
                         headers={"X-Content-Type-Options": "nosniff"})
 
 

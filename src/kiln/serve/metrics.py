@@ -81,6 +81,35 @@ class Metrics:
             self.models[name] = ModelStats()
         return self.models[name]
 
+    def snapshot(self) -> dict:
+        """Every counter and histogram as JSON-able data (what ``add`` takes from another process)."""
+        hist = ("queue_seconds", "compute_seconds", "batch_size")
+        return {"unknown": dict(self.unknown_model_failures), "models": {
+            name: {"requests": dict(s.requests), "failures": dict(s.failures), "inferences": s.inferences,
+                   "queue_depth": s.queue_depth,
+                   **{h: [getattr(s, h).counts, getattr(s, h).total, getattr(s, h).count] for h in hist}}
+            for name, s in self.models.items()}}
+
+    def add(self, snap: dict) -> None:
+        """Adds another process's ``snapshot``: counters and histograms sum (their buckets are this module's)."""
+        for proto, n in snap.get("unknown", {}).items():
+            self.unknown_model_failures[str(proto)] += int(n)
+        for name, m in snap.get("models", {}).items():
+            s = self.model(str(name))
+            for field_, counter in (("requests", s.requests), ("failures", s.failures)):
+                for k, n in m.get(field_, {}).items():
+                    counter[str(k)] += int(n)
+            s.inferences += int(m.get("inferences", 0))
+            s.queue_depth += int(m.get("queue_depth", 0))
+            for h in ("queue_seconds", "compute_seconds", "batch_size"):
+                counts, total, count = m[h]
+                mine = getattr(s, h)
+                if len(counts) != len(mine.counts):
+                    raise ValueError(f"histogram {h} has {len(counts)} buckets, not {len(mine.counts)}")
+                mine.counts = [a + int(b) for a, b in zip(mine.counts, counts)]
+                mine.total += float(total)
+                mine.count += int(count)
+
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
         rows: dict[str, list[str]] = {name: [] for name, _, _ in _HELP}

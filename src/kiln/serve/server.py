@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from kiln.errors import KilnError
 from kiln.serve.core import ServerCore
@@ -26,6 +26,9 @@ class ServeConfig:
     max_request_mb: float = 64.0
     drain_seconds: float = 30.0
     system_shm: str = "local"             # who may use the system shared-memory extension (shm.MODES)
+    frontends: int = 1                    # processes that accept requests (kiln.serve.frontends when > 1)
+    access_log: str | None = None         # what --access-log / --verbose asked for (front-end processes reopen it)
+    verbose: bool = False
     model: ModelOptions = field(default_factory=ModelOptions)
 
     @property
@@ -54,6 +57,30 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
     for port, what in ((config.http_port, "HTTP"), (config.grpc_port, "gRPC")):
         if port is not None:
             _check_free(config.host, port, what)        # before the (slow) loads
+    repo = await load_repository(config)
+    if config.frontends > 1:
+        from kiln.serve.frontends import serve_frontends
+        await serve_frontends(config, repo, stop, on_listening)
+        return
+    core = ServerCore(repo, repo.metrics, config.system_shm)
+    listening = None
+    try:
+        listening = await listen(core, config)
+        if on_listening is not None:
+            on_listening(Listening(listening.http, listening.grpc, sorted(repo.loaded)))
+        await stop.wait()
+        log.info("draining: no new requests; finishing those in flight")
+    finally:
+        core.draining = True
+        for entry in repo.loaded.values():
+            entry.batcher.hurry()
+        if listening is not None:
+            await listening.close(config.drain_seconds)
+        await repo.close()
+
+
+async def load_repository(config: ServeConfig) -> ModelRepository:
+    """The repository with every engine in it loaded (a one-line error if one fails)."""
     repo = ModelRepository(config.path, config.model, Metrics())
     names = sorted(repo.available())
     if not names:
@@ -65,49 +92,63 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
         except KilnError as exc:
             await repo.close()
             raise KilnError(str(exc)) from None
-    core = ServerCore(repo, repo.metrics, config.system_shm)
-    runner = grpc_server = None
-    http_at = grpc_at = None
+    return repo
+
+
+@dataclass
+class Front:
+    """The HTTP and gRPC servers of one process, and where they listen."""
+
+    runner: Any = None
+    grpc_server: Any = None
+    http: str | None = None
+    grpc: str | None = None
+
+    async def close(self, drain_seconds: float) -> None:
+        """Stops listening and waits (up to ``drain_seconds``) for the requests already taken."""
+        pending = []
+        if self.grpc_server is not None:
+            pending.append(self.grpc_server.stop(drain_seconds))
+        if self.runner is not None:
+            pending.append(self.runner.cleanup())
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def listen(core: ServerCore, config: ServeConfig, reuse_port: bool = False) -> Front:
+    """Starts HTTP and gRPC for ``core`` on the configured ports (shared with other processes that also
+    set ``reuse_port``)."""
+    front = Front()
     try:
         if config.http_port is not None:
             from aiohttp import web
 
             from kiln.serve.http import make_app
-            runner = web.AppRunner(make_app(core, config.max_request_bytes), access_log=None,
-                                   handle_signals=False)
-            await runner.setup()
-            site = web.TCPSite(runner, config.host, config.http_port, shutdown_timeout=config.drain_seconds)
+            front.runner = web.AppRunner(make_app(core, config.max_request_bytes), access_log=None,
+                                         handle_signals=False)
+            await front.runner.setup()
+            site = web.TCPSite(front.runner, config.host, config.http_port, shutdown_timeout=config.drain_seconds,
+                               reuse_port=reuse_port or None)
             await _bind(site.start(), "HTTP", config.host, config.http_port)
-            host, port = runner.addresses[0][:2]
-            http_at = f"{_host(host)}:{port}"
+            host, port = front.runner.addresses[0][:2]
+            front.http = f"{_host(host)}:{port}"
         if config.grpc_port is not None:
             from kiln.serve.grpc_service import make_server
-            _check_free(config.host, config.grpc_port, "gRPC")   # grpc's own bind failure also logs from C
-            grpc_server = make_server(core, config.max_request_bytes)
+            if not reuse_port:
+                _check_free(config.host, config.grpc_port, "gRPC")   # grpc's own bind failure also logs from C
+            front.grpc_server = make_server(core, config.max_request_bytes, reuse_port)
             try:
-                port = grpc_server.add_insecure_port(f"{_host(config.host)}:{config.grpc_port}")
+                port = front.grpc_server.add_insecure_port(f"{_host(config.host)}:{config.grpc_port}")
             except RuntimeError:
                 port = 0
             if not port:
                 raise KilnError(f"Cannot listen for gRPC on {config.host}:{config.grpc_port} (in use or not an "
                                 f"address of this machine); pick another --grpc-port or --host.")
-            await grpc_server.start()
-            grpc_at = f"{_host(config.host)}:{port}"
-        if on_listening is not None:
-            on_listening(Listening(http_at, grpc_at, sorted(repo.loaded)))
-        await stop.wait()
-        log.info("draining: no new requests; finishing those in flight")
-    finally:
-        core.draining = True
-        for entry in repo.loaded.values():
-            entry.batcher.hurry()
-        pending = []
-        if grpc_server is not None:
-            pending.append(grpc_server.stop(config.drain_seconds))
-        if runner is not None:
-            pending.append(runner.cleanup())
-        await asyncio.gather(*pending, return_exceptions=True)
-        await repo.close()
+            await front.grpc_server.start()
+            front.grpc = f"{_host(config.host)}:{port}"
+    except BaseException:
+        await front.close(0)
+        raise
+    return front
 
 
 async def _bind(start, what: str, host: str, port: int) -> None:

@@ -1,0 +1,244 @@
+"""A front-end process of ``kiln serve --frontends N`` (started by kiln.serve.frontends, never by hand).
+
+It runs the same HTTP and gRPC front ends as a one-process server, on ports it shares with its
+siblings, over a ServerCore whose models live in the engine process: requests are decoded, checked
+and answered here, and their tensors go through this process's slab (kiln.serve.ipc). It loads no
+engine (no torch). SIGTERM drains it; SIGINT is left to the engine process, which forwards the stop.
+If the engine process goes away, this process exits at once.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import numpy as np
+
+from kiln.serve import ipc
+from kiln.serve.core import ServerCore
+from kiln.serve.errors import InternalError, ServeError, Unavailable
+from kiln.serve.metrics import Metrics
+from kiln.serve.model import ModelOptions, ServedModel
+from kiln.serve.repository import Loaded, ModelRepository
+from kiln.serve.server import ServeConfig, listen
+from kiln.serve.shm import Region, ShmTensor
+
+log = logging.getLogger("kiln.serve")
+
+
+class EngineSpec:
+    """A model's inputs, outputs, profiles and device as the engine process described them."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.inputs, self.outputs = spec["inputs"], spec["outputs"]
+        self.profiles, self.device = spec["profiles"], spec["device"]
+
+
+class EngineLink:
+    """This process's socket to the engine process, its slab, and the calls in flight."""
+
+    def __init__(self, reader: Any, writer: Any, slab: ipc.Slab) -> None:
+        self.reader, self.writer, self.slab = reader, writer, slab
+        self.calls: dict[int, tuple[asyncio.Future, int | None, ServedModel | None]] = {}
+        self.ids = itertools.count()
+        self.closed = False
+
+    async def call(self, msg: dict[str, Any], payload: bytes = b"", slot: int | None = None,
+                   model: ServedModel | None = None) -> Any:
+        """Sends a call; returns its answer (for an infer, the outputs). A slot is released when the answer comes,
+        even if the caller has gone (the engine may still read it until then)."""
+        if self.closed:
+            raise Unavailable("The server is shutting down; retry on another server.")
+        n = next(self.ids)
+        fut = asyncio.get_running_loop().create_future()
+        self.calls[n] = (fut, slot, model)
+        try:
+            await ipc.send(self.writer, {**msg, "id": n}, payload)
+            return await fut
+        except asyncio.CancelledError:
+            if msg.get("op") == "infer" and not self.closed:
+                asyncio.ensure_future(ipc.send(self.writer, {"op": "cancel", "id": n}))
+            raise
+
+    def answered(self, msg: dict[str, Any], payload: bytes) -> None:
+        fut, slot, model = self.calls.pop(msg.get("re"), (None, None, None))
+        try:
+            if fut is None or fut.done():
+                return
+            if "error" in msg:
+                fut.set_exception(ipc.error_from(msg["error"]))
+            elif model is not None:
+                fut.set_result(ipc.unpack(msg.get("outputs"), {t.name: t.np_dtype for t in model.outputs},
+                                          None if slot is None else self.slab.slot(slot), payload, copy=True))
+            else:
+                fut.set_result(msg)
+        except (ConnectionError, ValueError) as exc:
+            fut.set_exception(InternalError(f"The engine process answered badly ({exc}); please report it."))
+        finally:
+            if slot is not None:
+                self.slab.free.append(slot)
+
+    def fail_all(self) -> None:
+        self.closed = True
+        for fut, _, _ in self.calls.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("The engine process stopped; retry on another server."))
+
+
+class RemoteBatcher:
+    """A model's batcher as a front end sees it: requests go to the engine process."""
+
+    def __init__(self, link: EngineLink, model: ServedModel) -> None:
+        self.link, self.model = link, model
+
+    depth = 0
+
+    async def infer(self, feeds: dict[str, Any], rows: int, key: tuple,
+                    timeout_s: float | None) -> dict[str, np.ndarray]:
+        arrays = {n: v.array() if isinstance(v, ShmTensor) else v for n, v in feeds.items()}
+        total = sum(a.nbytes for a in arrays.values())
+        free = self.link.slab.free
+        slot = free.pop() if free and total <= self.link.slab.slot_bytes else None
+        try:
+            descs, payload = ipc.pack(arrays, None if slot is None else self.link.slab.slot(slot), list(arrays))
+        except BaseException:
+            if slot is not None:
+                free.append(slot)
+            raise
+        return await self.link.call({"op": "infer", "model": self.model.name, "timeout": timeout_s, "slot": slot,
+                                     "inputs": descs}, payload, slot, self.model)
+
+
+class RemoteRepository:
+    """The engine process's model table (pushed to this process); load and unload go to the engine."""
+
+    get = ModelRepository.get
+
+    def __init__(self, link: EngineLink, options: ModelOptions) -> None:
+        self.link, self.options = link, options
+        self.loaded: dict[str, Loaded] = {}
+        self.reasons: dict[str, str] = {}
+
+    def update(self, msg: dict[str, Any]) -> None:
+        loaded = {}
+        for name, spec in msg["models"].items():
+            old = self.loaded.get(name)
+            model = ServedModel(name, EngineSpec(spec), self.options)
+            loaded[name] = old if old is not None and old.model.metadata() == model.metadata() else \
+                Loaded(model, RemoteBatcher(self.link, model))
+        self.loaded, self.reasons = loaded, dict(msg.get("reasons", {}))
+
+    async def load(self, name: str) -> None:
+        await self.link.call({"op": "load", "model": name})
+
+    async def unload(self, name: str) -> None:
+        await self.link.call({"op": "unload", "model": name})
+
+
+class FrontendCore(ServerCore):
+    """A ServerCore whose metrics, repository index and shared-memory registrations span every process."""
+
+    def __init__(self, repository: RemoteRepository, metrics: Metrics, system_shm: str) -> None:
+        super().__init__(repository, metrics, system_shm)    # type: ignore[arg-type]
+        self.link = repository.link
+
+    async def render_metrics(self) -> str:
+        return (await self.link.call({"op": "metrics"}))["text"]
+
+    async def repository_index(self) -> list[dict[str, Any]]:
+        return (await self.link.call({"op": "index"}))["rows"]
+
+    async def shm_register(self, name: Any, key: Any, offset: Any, byte_size: Any, peer: str | None) -> None:
+        self.shm.register(name, key, offset, byte_size, peer)
+        await self.link.call({"op": "shm", "args": ["register", name, key, offset, byte_size]})
+
+    async def shm_unregister(self, name: str | None, peer: str | None) -> None:
+        self.shm.unregister(name, peer)
+        await self.link.call({"op": "shm", "args": ["unregister", name]})
+
+    def apply_shm(self, args: Any) -> None:
+        """A registration or unregistration made through another front end, which checked it and its peer."""
+        if not isinstance(args, list) or not args or not (args[1] is None or isinstance(args[1], str)):
+            return
+        try:
+            if args[0] == "register" and len(args) == 5 and args[1]:
+                self.shm.regions[args[1]] = Region(*args[1:])
+            elif args[0] == "unregister" and len(args) == 2:
+                self.shm.regions.pop(args[1], None) if args[1] else self.shm.regions.clear()
+        except ServeError as exc:
+            log.warning("shared-memory region %r could not be registered here too: %s", args[1], exc)
+
+
+async def _read(link: EngineLink, repo: RemoteRepository, core: list[FrontendCore], ready: asyncio.Event) -> None:
+    """Dispatches the engine process's messages until its socket closes, then ends this process."""
+    while True:
+        frame = await ipc.receive(link.reader)
+        if frame is None:
+            break
+        msg, payload = frame
+        op = msg.get("op")
+        if "re" in msg:
+            link.answered(msg, payload)
+        elif op == "models":
+            repo.update(msg)
+            ready.set()
+        elif op == "snapshot" and core:
+            await ipc.send(link.writer, {"re": msg.get("id"), "metrics": core[0].metrics.snapshot()})
+        elif op == "shm" and core:
+            core[0].apply_shm(msg.get("args"))
+            await ipc.send(link.writer, {"re": msg.get("id")})
+    link.fail_all()
+    print("kiln serve: front end: the engine process is gone; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+async def run(spec: dict[str, Any]) -> None:
+    model_fields = dict(spec["model"])
+    model_fields["preferred_batch_sizes"] = tuple(model_fields.get("preferred_batch_sizes", ()))
+    options = ModelOptions(**model_fields)
+    config = ServeConfig(path="", host=spec["host"], http_port=spec["http_port"], grpc_port=spec["grpc_port"],
+                         max_request_mb=spec["max_request_mb"], drain_seconds=spec["drain_seconds"],
+                         system_shm=spec["system_shm"], model=options)
+    sock = socket.socket(fileno=spec["socket_fd"])
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
+    link = EngineLink(reader, writer, ipc.Slab(spec["slab_fd"], spec["slots"], spec["slot_bytes"]))
+    repo = RemoteRepository(link, options)
+    holder: list[FrontendCore] = []
+    ready = asyncio.Event()
+    reading = asyncio.create_task(_read(link, repo, holder, ready))
+    await ready.wait()
+    core = FrontendCore(repo, Metrics(), config.system_shm)
+    holder.append(core)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    front = await listen(core, config, reuse_port=True)
+    await ipc.send(writer, {"op": "listening", "http": front.http, "grpc": front.grpc})
+    await stop.wait()
+    core.draining = True
+    await front.close(config.drain_seconds)
+    reading.cancel()
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the engine process decides when to stop
+    spec = json.loads(argv[0])
+    from kiln.serve.cli import setup_logging
+    setup_logging(argparse.Namespace(access_log=spec["access_log"], verbose=spec["verbose"]))
+    try:
+        asyncio.run(run(spec))
+    except Exception as exc:                            # noqa: BLE001 - one line, then the engine stops the server
+        print(f"kiln serve: front end {spec.get('index')}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
