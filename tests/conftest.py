@@ -69,3 +69,14 @@ def cpu_engine(model_case: Callable[[str], object]) -> Callable[[str], object]:
             cache[name] = kiln.build(kiln.onnx.parse(case.path), config)
         return cache[name]
     return get
+
+
+@pytest.fixture
+def gpu_fusions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU builds in this test run the fusions made for GPU kernels too (1×1 chains, projection sums, stem pooling:
+    ``Pass.devices``), so that their rules, their layers' reference tactics and the engine file are tested here."""
+    import importlib
+
+    from kiln.passes import fusion_passes
+    build = importlib.import_module("kiln.builder.build")      # the module: kiln.builder.build is also the function
+    monkeypatch.setattr(build, "fusion_passes", lambda device=None: fusion_passes())

@@ -224,6 +224,7 @@ def test_engine_tensor_names_hold_those_onnx_values(name) -> None:
      ["/v/Add_output_0", "/MatMul_1_output_0", "/ln1/Add_1_output_0", "/Mul_1_output_0", "y"]),
     ("bert", {"Attention", "Normalization", "Split"}, ["hidden"]),
 ])
+@pytest.mark.usefixtures("gpu_fusions")         # the GPU's 1×1 chains and projection sums: two-output layers
 def test_passing_fused_model_names_no_layer(name, fusions, compared) -> None:
     model, feeds = MODELS[name]()
     engine = _engine(model, feeds)

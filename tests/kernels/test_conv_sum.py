@@ -26,6 +26,9 @@ from kiln.kernels.registry import KernelContext, get_tactic  # noqa: E402
 
 from _models import onnx_bytes  # noqa: E402
 
+# CPU builds here make the GPU fusion (Pass.devices) too: its rule, its reference tactic, the engine file
+pytestmark = pytest.mark.usefixtures("gpu_fusions")
+
 CL = torch.channels_last
 TINY = ConvConfig(16, 16, 16, 4, 2)
 

@@ -65,9 +65,14 @@ def fingerprint(net) -> list[str]:
 def _prepared(path: Path | bytes, profiles: dict) -> list[str]:
     import kiln
     import kiln.onnx
+    from unittest import mock
+
     from kiln.builder.build import prepare
+    from kiln.passes import fusion_passes
     net = kiln.onnx.parse(path if isinstance(path, bytes) else str(path))
-    return fingerprint(prepare(net, kiln.BuildConfig(device="cpu", profiles=profiles)).net)
+    # every fusion rule, the GPU-only ones too (Pass.devices), so that the fingerprints cover them on a CPU
+    with mock.patch("kiln.builder.build.fusion_passes", lambda device=None: fusion_passes()):
+        return fingerprint(prepare(net, kiln.BuildConfig(device="cpu", profiles=profiles)).net)
 
 
 def cases() -> dict[str, Callable[[Path], list[str]]]:

@@ -57,7 +57,8 @@ def test_pool_fuses_into_stem_and_matches(act):
     assert not any(layer.kind == "Pooling" for layer in net.layers)
     assert conv.attrs.get("activation") == ("relu" if act else None)
     engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu"))
-    assert [layer["kind"] for layer in engine.layers].count("Pooling") == 0
+    # the fusion is for the GPU's stem kernel: a CPU engine keeps the pool apart, its convolution on oneDNN
+    assert [layer["kind"] for layer in engine.layers].count("Pooling") == 1
     got = list(engine.context().run({"x": x}).values())[0]
     ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

@@ -46,7 +46,7 @@ def test_the_exported_chain_copies_without_the_view_rewrites(monkeypatch):
     from kiln.passes import fusion_passes
     build = importlib.import_module("kiln.builder.build")
     keep = [p for p in fusion_passes() if p.name not in ("shuffles through linear layers", "view-chain collapse")]
-    monkeypatch.setattr(build, "fusion_passes", lambda: keep)
+    monkeypatch.setattr(build, "fusion_passes", lambda device=None: keep)
     model, feeds = mt.mha(blocks=2)
     engine = mt.build(model, feeds)
     rows = [r for r in count_copies(engine, feeds) if r.copies]

@@ -562,6 +562,7 @@ def _bottleneck_and_parallel() -> onnx.ModelProto:
     return _model(nodes, [numpy_helper.from_array(v, k) for k, v in inits.items()], ["N", 16, 6, 6], ["N", 24])
 
 
+@pytest.mark.usefixtures("gpu_fusions")       # the float build makes the GPU's projection sum too
 def test_fusions_leave_quantized_layers_to_the_fold(fold_on_cpu):
     """The fusions that merge convolutions (projection shortcut, 1x1 chains) or GEMMs reading one input leave the
     layers that read a dequantized activation alone, so the fold makes each an 8-bit layer instead of a float

@@ -66,7 +66,7 @@ def prepare(network: Network, config: BuildConfig, progress: Progress | None = N
     net.toposort()
     infer_shapes(net)
     if config.optimization_level > 0:
-        PassManager(fusion_passes(), on_pass=lambda name: say("passes", 0.7))(net)
+        PassManager(fusion_passes(device), on_pass=lambda name: say("passes", 0.7))(net)
         net.toposort()
         infer_shapes(net)
     if fold:

@@ -17,8 +17,10 @@ def default_passes() -> list[Pass]:
     return [ConstantFold(), FoldShapeValues(), RemoveIdentities(), FoldBatchNorm(), OneHotGather(), RemoveDeadLayers()]
 
 
-def fusion_passes() -> list[Pass]:
-    """Rewrites that merge layers; run after the cleanup passes have settled."""
+def fusion_passes(device: str | None = None) -> list[Pass]:
+    """Rewrites that merge layers; run after the cleanup passes have settled. With ``device``, only the passes
+    whose merged layers have a kernel there that pays (``Pass.devices``): a fusion made for a GPU kernel would
+    leave a CPU engine a merged layer that runs its parts one by one, without their fused epilogues."""
     from kiln.passes.collapse_views import CollapseViews
     from kiln.passes.cse import EliminateCommonSubexpressions
     from kiln.passes.fuse_add_norm import FuseAddNorm
@@ -33,9 +35,10 @@ def fusion_passes() -> list[Pass]:
     from kiln.passes.fuse_stem_pool import FuseStemPool
     from kiln.passes.shape_constants import FoldShapeConstants
     from kiln.passes.sink_shuffles import SinkShuffles
-    return [EliminateCommonSubexpressions(), FoldShapeConstants(), FusePatterns(), FuseAttention(), FuseEpilogues(), FuseStemPool(), FuseShuffles(),
-            SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(), FuseParallelLinear(),
-            FuseProjectionShortcuts(), FuseConvChains()]
+    passes = [EliminateCommonSubexpressions(), FoldShapeConstants(), FusePatterns(), FuseAttention(), FuseEpilogues(),
+              FuseStemPool(), FuseShuffles(), SinkShuffles(), CollapseViews(), FuseAddNorm(), FusePointwise(),
+              FuseParallelLinear(), FuseProjectionShortcuts(), FuseConvChains()]
+    return [p for p in passes if device is None or p.devices is None or device in p.devices]
 
 
 def quantization_passes() -> list[Pass]:

@@ -85,6 +85,7 @@ class Pass:
     rules reports them into the ``stats`` it is given."""
 
     name = "pass"
+    devices: tuple[str, ...] | None = None      # where the layers it makes have kernels that pay; None: everywhere
 
     def call(self, net: Network) -> PassResult:
         raise NotImplementedError

@@ -87,5 +87,6 @@ def _fuse(m: Match) -> None:
 
 class FuseConvChains(RulePass):
     name = "1x1 chain fusion"
+    devices = ("cuda",)                # its fused kernels are GPU kernels
     rules = [Rule("conv1x1(conv1x1(x) + r) -> Conv1x1Chain",      # y = A's output, still read by others
                   Op("Convolution", Op(("Convolution", "Conv1x1Sum"), ..., name="a", shared=True), ...), _fits, _fuse)]

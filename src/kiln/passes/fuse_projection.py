@@ -78,5 +78,6 @@ def _fuse(m: Match) -> None:
 
 class FuseProjectionShortcuts(RulePass):
     name = "projection shortcut fusion"
+    devices = ("cuda",)                # its fused kernels are GPU kernels
     rules = [Rule("conv1x1(x1) + conv1x1(x2) -> Conv1x1Sum",
                   Op("Convolution", ANY, ANY, ANY, Op("Convolution", ..., name="b"), ...), _fits, _fuse)]

@@ -53,5 +53,6 @@ def _fuse(m: Match) -> None:
 
 class FuseStemPool(RulePass):
     name = "stem pooling"
+    devices = ("cuda",)                # its fused kernels are GPU kernels
     rules = [Rule("maxpool(stem conv(x)) -> conv with pool", Op("Pooling", Op("Convolution", ..., name="conv")),
                   _fits, _fuse)]
