@@ -106,6 +106,18 @@ class Server:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the server process ("engine") and of its child processes
+        ("frontends", with --frontends N)."""
+        def used(pid: int) -> float:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return 0.0
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kids = [int(k) for k in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+        return {"engine": used(self.proc.pid), "frontends": sum(used(k) for k in kids)}
+
     def metrics(self) -> str:
         return _get(self.http, "/metrics")[1].decode()
 
@@ -280,19 +292,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 points = [(protocol, shm, int(c)) for protocol in args.protocols.split(",")    # shm off/on side by side
                           for c in args.concurrency.split(",") for shm in args.shm.split(",")]
                 for protocol, shm, c in points:
-                    before = server.metrics()
+                    before, cpu0 = server.metrics(), server.cpu_seconds()
                     r = run_load(protocol, server.http if protocol == "http" else server.grpc, model, c,
                                  args.seconds, shapes, args.processes, args.warmup, per_request, shm == "on")
-                    after = server.metrics()
+                    after, cpu1 = server.metrics(), server.cpu_seconds()
                     m = f'kiln_batch_size_{{}}{{{{model="{model}"'
                     n = _metric(after, m.format("count")) - _metric(before, m.format("count"))
                     rs = _metric(after, m.format("sum")) - _metric(before, m.format("sum"))
-                    r.update(batching=batching, mean_batch=rs / n if n else float("nan"))
+                    served = max(1, _metric(after, "kiln_requests_total") - _metric(before, "kiln_requests_total"))
+                    r.update(batching=batching, mean_batch=rs / n if n else float("nan"),
+                             **{f"{k}_cpu_us": (cpu1[k] - cpu0[k]) / served * 1e6 for k in cpu1})
                     rows.append(r)
                     print(f"{protocol:4} shm {shm:3} batching {batching:3} c={c:3}  {r['infer_per_s']:9.1f} infer/s  "
                           f"p50 {r.get('p50_ms', float('nan')):7.2f}  p90 {r.get('p90_ms', float('nan')):7.2f}  "
                           f"p99 {r.get('p99_ms', float('nan')):7.2f} ms  mean batch {r['mean_batch']:5.1f}  "
-                          f"errors {r['errors']}", flush=True)
+                          f"server CPU per request {r['engine_cpu_us']:4.0f} + {r['frontends_cpu_us']:4.0f} us "
+                          f"(engine process + front ends)  errors {r['errors']}", flush=True)
             finally:
                 server.stop()
         if args.engine_bench:
