@@ -98,8 +98,6 @@ class RemoteBatcher:
     def __init__(self, link: EngineLink, model: ServedModel) -> None:
         self.link, self.model = link, model
 
-    depth = 0
-
     async def infer(self, feeds: dict[str, Any], rows: int, key: tuple,
                     timeout_s: float | None) -> dict[str, np.ndarray]:
         arrays = {n: v.array() if isinstance(v, ShmTensor) else v for n, v in feeds.items()}
