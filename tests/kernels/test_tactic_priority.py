@@ -34,7 +34,8 @@ def test_a_priority_per_device_must_name_every_device_of_the_tactic(monkeypatch)
 
 
 @pytest.mark.parametrize("cell,steps,fused", [("lstm", "lstm_steps", "fused_lstm"), ("gru", "gru_steps", "fused_gru")])
-def test_step_loop_rnns_come_first_on_the_cpu_and_fused_ones_on_cuda(cell, steps, fused):
+def test_step_loop_rnns_come_first_on_the_cpu_and_fused_ones_on_cuda(monkeypatch, cell, steps, fused):
+    monkeypatch.setattr("kiln.kernels.cpu_dnnl_rnn.library", lambda: None)   # else oneDNN's: test_cpu_onednn_rnn
     attrs = {"cell": cell, "hidden_size": 8, **({"linear_before_reset": 1} if cell == "gru" else {})}
 
     def first(device: str) -> str:
@@ -81,7 +82,8 @@ def _rnn_tactics(plan: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("cell,steps", [("lstm", "lstm_steps"), ("gru", "gru_steps")])
-def test_an_rnn_in_an_if_branch_runs_the_step_loop_on_the_cpu_and_matches_onnxruntime(cell, steps):
+def test_an_rnn_in_an_if_branch_runs_the_step_loop_on_the_cpu_and_matches_onnxruntime(monkeypatch, cell, steps):
+    monkeypatch.setattr("kiln.kernels.cpu_dnnl_rnn.library", lambda: None)   # else oneDNN's: test_cpu_onednn_rnn
     data, feeds = _rnn_in_if(cell, T=2, N=1, I=16, H=8)
     engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": [(1, 1, 16), (2, 1, 16),
                                                                                           (4, 1, 16)]}))

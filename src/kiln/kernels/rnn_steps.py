@@ -21,8 +21,8 @@ where they would hold more than 64 MB (the newest is always kept). ONNX semantic
 clip, no sequence lengths, layout 0; LSTM without peepholes or input_forget; forward, reverse or bidirectional.
 
 Where the build times nothing (optimization level 0, an RNN in an If branch whose input shapes it cannot know),
-these tactics come first on the CPU, where they beat torch's fused RNN at short sequences, and after the fused
-tactics (cuDNN) on CUDA.
+these tactics come first on the CPU after the oneDNN RNN tactics (kernels/cpu_dnnl_rnn.py, where that library
+is installed), as they beat torch's fused RNN at short sequences, and after the fused tactics (cuDNN) on CUDA.
 """
 from __future__ import annotations
 
