@@ -5,14 +5,16 @@ Tactic ``onednn_cached`` calls oneDNN's C API (``ctypes``) in a ``libdnnl`` of i
 mkldnn op builds the primitive descriptor, attributes, memory descriptors and scratchpad on every call; here they
 are made on the first call for an input shape, with the weight reordered once into the layout the primitive
 chose, and a call only points the source and destination memories at the tensors and executes. The layer runs
-NHWC in and out (channels-last tensors); bias, the activation (relu, sigmoid, tanh, silu, hard_swish: an eltwise
-post-op) and a channels-last residual of the output's shape (a binary add post-op, before or after the activation
+NHWC in and out (channels-last tensors), any groups (depthwise too); bias, the activation (relu, leaky_relu,
+sigmoid, tanh, silu, hard_swish, hard_sigmoid, clip, gelu, gelu_tanh: an eltwise post-op whose alpha and beta are
+the layer's, checked to be finite numbers) and a channels-last residual of the output's shape (a binary add post-op, before or after the activation
 as the layer says) run as one primitive; a residual of another shape or layout is added in place after it.
 Without the library the tactic is not offered.
 """
 from __future__ import annotations
 
 import ctypes
+import math
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -25,6 +27,7 @@ from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place, fp32_2
 from kiln.kernels.dnnl_api import (ALLOCATE, ANY, ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_SRC_1,
                                    ARG_WEIGHTS, FORWARD_INFERENCE, LIBRARY_ENV, QUERY_SCRATCHPAD_MD,
                                    QUERY_WEIGHTS_MD, Dims, Dnnl, P, PrimitiveBase, _loaded, library)
+from kiln.kernels.pointwise import act_params
 from kiln.kernels.registry import KernelContext, tactic
 
 __all__ = ["LIBRARY_ENV", "Primitive", "_loaded", "library", "make_convolution_onednn_cached", "out_shape"]
@@ -32,11 +35,31 @@ __all__ = ["LIBRARY_ENV", "Primitive", "_loaded", "library", "make_convolution_o
 CL = torch.channels_last
 
 # oneDNN v3 C API values for convolutions (oneapi/dnnl/dnnl_types.h; the same in 3.2 and 3.12)
-_A, _OIHW, _NHWC, _CONVOLUTION_DIRECT = 2, 5, 22, 1
+_A, _OIHW, _GOIHW, _NHWC, _CONVOLUTION_DIRECT = 2, 5, 6, 22, 1
 _ARG_POST_OP_BASE, _BINARY_ADD = 32768, 131056     # a post-op's operand: BASE * (index + 1) | SRC_1
-# activation -> (eltwise algorithm, alpha, beta)
+# activation -> (eltwise algorithm, alpha, beta), each oneDNN's formula for Kiln's (kernels/pointwise.py); None:
+# the layer's alpha or beta (relu with alpha is leaky relu; hardsigmoid clamp(alpha·x + beta, 0, 1); clip
+# min(max(x, alpha), beta))
 _ELTWISE = {"relu": (32, 0.0, 0.0), "tanh": (33, 0.0, 0.0), "sigmoid": (41, 0.0, 0.0), "silu": (44, 1.0, 0.0),
-            "hard_swish": (52, 1 / 6, 0.5)}
+            "hard_swish": (52, 1 / 6, 0.5), "gelu": (49, 0.0, 0.0), "gelu_tanh": (43, 0.0, 0.0),
+            "leaky_relu": (32, None, 0.0), "hard_sigmoid": (40, None, None), "clip": (46, None, None)}
+
+
+def eltwise_post_op(attrs: dict[str, Any]) -> tuple[int, float, float] | None:
+    """The oneDNN eltwise post-op (algorithm, alpha, beta) computing the layer's activation; None where it has
+    none or the layer's alpha/beta are not finite numbers (a clip also needs alpha <= beta)."""
+    act = attrs.get("activation")
+    if act not in _ELTWISE:
+        return None
+    alg, a, b = _ELTWISE[act]
+    alpha, beta = act_params(attrs)
+    try:
+        a, b = (float(alpha) if a is None else a), (float(beta) if b is None else b)
+    except (TypeError, ValueError):
+        return None
+    if not (math.isfinite(a) and math.isfinite(b)) or (act == "clip" and a > b):
+        return None
+    return alg, a, b
 
 
 def out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: list[int], dilation: list[int],
@@ -51,17 +74,21 @@ def out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: list[i
 class Primitive(PrimitiveBase):
     """One convolution primitive for one input shape: weights reordered into its layout, its own bias and
     scratchpad; ``posts`` its post-ops in order: ("eltwise", alg, alpha, beta) or ("add",), the residual added
-    as a [N, Cout, Ho, Wo] NHWC operand. ``run(src, dst, residual)`` executes it on NHWC buffers."""
+    as a [N, Cout, Ho, Wo] NHWC operand. ``groups`` > 1 reads the [Cout, Cin/groups, kh, kw] weight as oneDNN's
+    [groups, Cout/groups, Cin/groups, kh, kw] (the same memory). ``run(src, dst, residual)`` executes it on NHWC
+    buffers."""
 
     def __init__(self, lib: Dnnl, x_shape: tuple[int, ...], w: torch.Tensor, b: torch.Tensor | None,
-                 stride: list[int], dilation: list[int], pads: list[int], posts: tuple[tuple, ...]) -> None:
+                 stride: list[int], dilation: list[int], pads: list[int], groups: int, posts: tuple[tuple, ...]
+                 ) -> None:
         super().__init__(lib)
         d = lib.lib
         n, c, h, wd = x_shape
-        oc, _, kh, kw = w.shape
+        oc, icg, kh, kw = w.shape
         self.out_shape = (n, oc, ho, wo) = out_shape(x_shape, w.shape, stride, dilation, pads)
         src, dst = self._md([n, c, h, wd], _NHWC), self._md([n, oc, ho, wo], _NHWC)
-        wany, bias, wuser = self._md([oc, c, kh, kw], ANY), self._md([oc], _A), self._md([oc, c, kh, kw], _OIHW)
+        wdims, wtag = ([oc, icg, kh, kw], _OIHW) if groups == 1 else ([groups, oc // groups, icg, kh, kw], _GOIHW)
+        wany, bias, wuser = self._md(wdims, ANY), self._md([oc], _A), self._md(wdims, wtag)
         attr, post = self._attr_user_scratchpad(), P()
         operands = []
         if posts:
@@ -103,8 +130,8 @@ class Primitive(PrimitiveBase):
 
 
 def _cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    return (fp32_2d_cpu(attrs, ctx) and attrs.get("groups", 1) == 1 and not attrs.get("pool")
-            and attrs.get("activation") in (None, *_ELTWISE) and library() is not None)
+    return (fp32_2d_cpu(attrs, ctx) and not attrs.get("pool")
+            and (not attrs.get("activation") or eltwise_post_op(attrs) is not None) and library() is not None)
 
 
 @tactic("Convolution", "onednn_cached", devices=("cpu",), supports=_cached_ok, priority=1)
@@ -116,8 +143,9 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
             f"Layer {ctx.layer_name[:60]!r} runs tactic onednn_cached, which needs oneDNN's library: pip install "
             f"'kiln[cpu-onednn]' (or set {LIBRARY_ENV}), or rebuild the engine here with kiln build.")
     stride, dil, pads = list(attrs["stride"]), list(attrs["dilation"]), list(attrs["pads"])
+    groups = int(attrs.get("groups", 1))
     after = bool(attrs.get("residual_after_activation"))
-    act_op = (("eltwise", *_ELTWISE[attrs["activation"]]),) if attrs.get("activation") else ()
+    act_op = (("eltwise", *eltwise_post_op(attrs)),) if attrs.get("activation") else ()
     # post-ops per mode: "act" the activation; "add" the residual too, in the layer's order; "none" nothing
     modes = {"act": act_op, "add": act_op + (("add",),) if after else (("add",),) + act_op, "none": ()}
     act = activation_in_place(attrs)
@@ -131,18 +159,19 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
         key = (tuple(x.shape), mode)
         hit = prims.get(key)
         if hit is None:
-            hit = prims[key] = Primitive(lib, key[0], w, b, stride, dil, pads, modes[mode])
+            hit = prims[key] = Primitive(lib, key[0], w, b, stride, dil, pads, groups, modes[mode])
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
         return hit
 
     def run(x, w, b=None, residual=None):
         x = match_weight(x, w)
-        # the primitive reads x's channel count of weights and oc biases: operands that disagree (a damaged
-        # engine) take torch's path, whose check names the mismatch, and never reach oneDNN
+        # the primitive reads x's channel count of weights (per group) and oc biases: operands that disagree (a
+        # damaged engine) take torch's path, whose check names the mismatch, and never reach oneDNN
         if x.is_meta or x.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 or x.numel() == 0 \
-                or w.dim() != 4 or x.shape[1] != w.shape[1] or (b is not None and b.numel() != w.shape[0]):
-            y = F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), w, b, stride, 0, dil)
+                or w.dim() != 4 or x.shape[1] != w.shape[1] * groups or w.shape[0] % groups \
+                or (b is not None and b.numel() != w.shape[0]):
+            y = F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), w, b, stride, 0, dil, groups)
             if residual is not None and not after:
                 y = y + residual
             y = act(y) if act is not None else y
