@@ -176,13 +176,13 @@ def test_offered_where_it_runs(monkeypatch):
         _kernel("gru", 1, 4)
 
 
-def _onnx_rnn(cell, lbr, case, direction, states: str, outs: list[str]):
+def _onnx_rnn(cell, lbr, case, direction, states: str, outs: list[str], seq_dim: str | None = None):
     """An ONNX LSTM/GRU node on ``case``'s arrays; ``states`` names which of h0 / c0 are graph inputs, ``outs``
-    which of Y, Y_h, Y_c the graph returns."""
+    which of Y, Y_h, Y_c the graph returns; ``seq_dim`` names X's sequence length (else it is fixed)."""
     x = case["x"]
     H = case["R"].shape[2]
     inits = [numpy_helper.from_array(case[n], n) for n in ("W", "R", "B") if case[n] is not None]
-    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq_dim or x.shape[0], *x.shape[1:]])]
     feeds = {"x": x}
     for n in ("h0", "c0"):
         if n[0] in states:
@@ -247,3 +247,27 @@ def test_first_on_the_cpu_where_nothing_is_timed(cell, lbr):
         ref = sess.run(None, run)[0]
         got = ctx.run(run)["h"]
         assert got.shape == ref.shape and np.abs(got - ref).max() <= steps._bound(ref)
+
+
+def test_timed_for_one_shape_point_not_for_a_range_engine():
+    """A range engine's first run at a new shape would make a primitive, so it does not time these tactics; a
+    build at one shape times them against the others."""
+    case = steps._case("lstm", 3, 1, 6, 5, 1, seed=3)
+    data, feeds = _onnx_rnn("lstm", 0, case, "forward", "", ["y"], seq_dim="T")
+    timed = []
+    with pytest.MonkeyPatch.context() as m:
+        import kiln.builder.tactics as builder_tactics
+        real = builder_tactics._layer_times
+        m.setattr(builder_tactics, "_layer_times", lambda layer, cands, *a: timed.append([c.name for c in cands])
+                  or real(layer, cands, *a))
+        ranged = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": [(1, 1, 6), (3, 1, 6),
+                                                                                               (40, 1, 6)]}))
+        assert timed and all("onednn_lstm" not in names and "lstm_steps" in names for names in timed)
+        timed.clear()
+        kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": (3, 1, 6)}))
+        assert timed and all("onednn_lstm" in names for names in timed)
+    ctx = ranged.context()
+    for T in (1, 3, 40):
+        run = {"x": np.resize(feeds["x"], (T, 1, 6))}
+        ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, run)[0]
+        assert np.abs(ctx.run(run)["y"] - ref).max() <= steps._bound(ref)

@@ -12,6 +12,10 @@ four rows Wb_z + Rb_z, Wb_r + Rb_r, Wb_h, Rb_h. Directions: forward, reverse (ri
 (concatenated; Y is returned as ONNX's [T, dirs, N, H], a view of oneDNN's [T, N, dirs·H]). Outputs are new
 tensors each call. ONNX semantics covered: default activations, no clip, layout 0, no sequence lengths; LSTM
 without peepholes or input_forget. Without the library the tactics are not offered.
+
+Making a primitive costs as much as many calls, so a range engine (several shape points) does not time these
+tactics (``shape_setup``); a layer keeps the primitives of its last ``MAX_PACKED_SHAPES`` input shapes. Where
+nothing is timed (an RNN in an If branch, optimization level 0) they come first on the CPU.
 """
 from __future__ import annotations
 
@@ -202,13 +206,15 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
     return run
 
 
-@tactic("RNN", "onednn_lstm", devices=("cpu",), supports=_lstm_ok, priority=-3)
+@tactic("RNN", "onednn_lstm", devices=("cpu",), supports=_lstm_ok, priority=-3,
+        shape_setup=True)
 def make_lstm_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """LSTM as one oneDNN primitive execution per call (module docstring)."""
     return _make(attrs, ctx, "lstm")
 
 
-@tactic("RNN", "onednn_gru", devices=("cpu",), supports=_gru_ok, priority=-3)
+@tactic("RNN", "onednn_gru", devices=("cpu",), supports=_gru_ok, priority=-3,
+        shape_setup=True)
 def make_gru_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """GRU (either linear_before_reset) as one oneDNN primitive execution per call (module docstring)."""
     return _make(attrs, ctx, "gru")
