@@ -117,3 +117,21 @@ def test_an_input_over_immutable_bytes_reaches_the_engine_writable_with_its_valu
     assert inst.writable == [True, True]
     for out in outs:
         np.testing.assert_array_equal(out["y"], 3 * x + 1)
+
+
+def test_with_inline_batches_a_short_merged_batch_runs_on_the_loop_too():
+    async def go(inline_batches: bool):
+        model = ServedModel("m", CpuEngine(), ModelOptions(max_queue_delay_us=50_000))
+        inst = ThreadRecorder()
+        b = Batcher(model, [inst], ModelStats(), inline_batches=inline_batches)
+        xs = [np.full((1, 4), i, np.float32) for i in range(3)]
+        for _ in range(2):                    # the first merged run of 3 rows is timed on the pool
+            outs = await asyncio.gather(*(b.infer({"x": x}, *model.check_request({"x": x}), 10.0) for x in xs))
+            for x, out in zip(xs, outs):
+                np.testing.assert_array_equal(out["y"], 3 * x + 1)
+        await b.close()
+        return inst, threading.current_thread()
+    inst, loop_thread = run_async(go(True))
+    assert len(inst.threads) == 2 and inst.threads[0] is not loop_thread and inst.threads[1] is loop_thread
+    inst, loop_thread = run_async(go(False))
+    assert len(inst.threads) == 2 and not any(t is loop_thread for t in inst.threads)

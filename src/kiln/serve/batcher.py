@@ -8,10 +8,12 @@ by rows. A merged batch that fails is re-run one request at a time, so a request
 An input held in system shared memory is read once, on the worker thread, straight into its batch.
 
 A batch runs on the model's thread pool, except on a CPU engine when it is the only work the
-batcher has (one request, nothing queued, no other batch running) and runs of its shape took
-under ``INLINE_MAX_S``: then it runs on the event loop itself, which saves the two thread
-hand-offs (into the pool, and back through ``call_soon_threadsafe``) that would cost more than
-the run. A GPU engine always runs on its thread (a first run at a shape records a CUDA graph).
+batcher has (one request, nothing queued, no other batch running) and runs of its shape (rows
+and merge key) took under ``INLINE_MAX_S``: then it runs on the event loop itself, which saves
+the two thread hand-offs (into the pool, and back through ``call_soon_threadsafe``) that would
+cost more than the run. With ``inline_batches`` (the engine process of ``--frontends``, whose
+loop has no protocol work to overlap with a run) any such short batch runs there while no other
+batch runs. A GPU engine always runs on its thread (a first run at a shape records a CUDA graph).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class _Pending:
 class Batcher:
     """Queues requests for one model and runs them, merged, on the model's execution contexts."""
 
-    def __init__(self, model: ServedModel, instances: list[Instance], stats: ModelStats) -> None:
+    def __init__(self, model: ServedModel, instances: list[Instance], stats: ModelStats,
+                 inline_batches: bool = False) -> None:
         self.model = model
         self.stats = stats
         opts = model.options
@@ -66,6 +69,7 @@ class Batcher:
         self._closed = False
         self._running = 0                           # batches being computed now
         self._inline = getattr(model.engine, "device", "cpu") != "cuda"
+        self.inline_batches = inline_batches        # any short batch, not only a lone request, may run inline
         self._run_s: dict[tuple, float] = {}        # (rows, merge key) -> recent run time, seconds
         self._executor = ThreadPoolExecutor(len(instances), thread_name_prefix=f"kiln-serve-{model.name}")
         self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in instances]
@@ -128,8 +132,9 @@ class Batcher:
             started = time.monotonic()
             for p in batch:
                 self.stats.queue_seconds.observe(started - p.arrived)
-            shape = (batch[0].rows, batch[0].key) if len(batch) == 1 else None
-            inline = (self._inline and shape is not None and not self._queue and not self._running
+            shape = (sum(p.rows for p in batch), batch[0].key)
+            alone = len(batch) == 1 and not self._queue
+            inline = (self._inline and not self._running and (alone or self.inline_batches)
                       and self._run_s.get(shape, INLINE_MAX_S) < INLINE_MAX_S)
             self._running += 1
             try:
@@ -137,8 +142,7 @@ class Batcher:
                     results, ran = self._timed(instance, batch)
                 else:
                     results, ran = await loop.run_in_executor(self._executor, self._timed, instance, batch)
-                if shape is not None:
-                    self._note_run(shape, ran)
+                self._note_run(shape, ran)
             except Exception as exc:           # noqa: BLE001 - never leave a request waiting
                 log.exception("model %s: batch failed", self.model.name)
                 results = [InternalError(f"Model {self.model.name!r} failed on a batch ({type(exc).__name__}); "

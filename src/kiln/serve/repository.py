@@ -49,6 +49,7 @@ class ModelRepository:
         self.metrics = metrics
         self.loaded: dict[str, Loaded] = {}
         self.reasons: dict[str, str] = {}
+        self.inline_batches = False             # Batcher's option: set in the engine process of --frontends
         self._busy: dict[str, asyncio.Lock] = {}
 
     def available(self) -> dict[str, str]:
@@ -105,7 +106,8 @@ class ModelRepository:
                 self.reasons[name] = why
                 raise BadRequest(f"Model {name!r} failed to load: {why}") from None
             old = self.loaded.get(name)
-            self.loaded[name] = Loaded(model, Batcher(model, instances, self.metrics.model(name)))
+            self.loaded[name] = Loaded(model, Batcher(model, instances, self.metrics.model(name),
+                                                      self.inline_batches))
             self.reasons.pop(name, None)
             if old is not None:
                 await old.batcher.close()

@@ -82,6 +82,7 @@ async def serve(config: ServeConfig, stop: asyncio.Event,
 async def load_repository(config: ServeConfig) -> ModelRepository:
     """The repository with every engine in it loaded (a one-line error if one fails)."""
     repo = ModelRepository(config.path, config.model, Metrics())
+    repo.inline_batches = config.frontends > 1
     names = sorted(repo.available())
     if not names:
         raise KilnError(f"No engines in {repo.folder!r}: serve a folder of MODEL.kiln files (kiln build -o) or "
