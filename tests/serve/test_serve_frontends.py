@@ -198,3 +198,40 @@ def test_a_frontend_that_dies_stops_the_server_with_one_line(repo):
     assert "Traceback" not in err
     time.sleep(0.5)
     assert not Path(f"/proc/{kids[0]}").exists()
+
+
+def test_tensors_larger_than_a_slot_travel_in_the_message(tmp_path):
+    """out = 2x for x [N, 80000] float32: 8 rows are 2.56 MB, more than a slab slot, both ways."""
+    import onnx
+    from _serve import build
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.serve import ipc
+    g = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["out"])], "wide",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 80000])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 80000])],
+                          initializer=[numpy_helper.from_array(np.array(2, np.float32), "two")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "wide.onnx"))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    build(tmp_path / "wide.onnx", folder / "wide.kiln", {"x": ((1, 80000), (4, 80000), (8, 80000))})
+    server = ServerProcess(folder, "--frontends", "2")
+    try:
+        x = np.random.default_rng(3).standard_normal((8, 80000)).astype(np.float32)
+        assert x.nbytes > ipc.SLOT_BYTES
+        for k in range(4):
+            if k % 2:
+                c = grpcclient.InferenceServerClient(server.grpc)
+                got = c.infer("wide", [grpc_x(x)]).as_numpy("out")
+            else:
+                c = httpclient.InferenceServerClient(server.http)
+                got = c.infer("wide", [http_x(x, True)],
+                              outputs=[httpclient.InferRequestedOutput("out", binary_data=True)]).as_numpy("out")
+            c.close()
+            np.testing.assert_array_equal(got, 2 * x)                 # doubling is exact in float32
+            small = x[:1]
+            c = grpcclient.InferenceServerClient(server.grpc)
+            np.testing.assert_array_equal(c.infer("wide", [grpc_x(small)]).as_numpy("out"), 2 * small)
+            c.close()
+    finally:
+        assert server.stop() == 0, server.stderr()[-2000:]
