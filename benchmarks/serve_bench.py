@@ -534,6 +534,8 @@ class _Echo:
 def cmd_latency(args: argparse.Namespace) -> int:
     """Where one request's time goes at concurrency 1: end to end (tritonclient, closed loop), the client's own
     work, each server stage (from `_trace-serve`), the engine alone, and the same client against `echo`."""
+    if any(f.startswith("--frontends") for f in args.server_flag or []):
+        raise SystemExit("latency times the stages inside one server process; run it without --frontends.")
     shapes = {}
     for s in args.shape or []:
         name, dims = s.split(":")

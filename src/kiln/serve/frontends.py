@@ -82,6 +82,7 @@ async def serve_frontends(config: ServeConfig, repo: ModelRepository, stop: asyn
         await asyncio.gather(*(ipc.send(link.writer, table) for link in links))
         first = asyncio.ensure_future(asyncio.wait([link.listening for link in links], timeout=START_SECONDS))
         await asyncio.wait([first, died], return_when=asyncio.FIRST_COMPLETED)
+        first.cancel()
         if died.done() or not all(link.listening.done() for link in links):
             raise KilnError(died.result() if died.done() else
                             f"The front-end processes did not start listening within {START_SECONDS:.0f} s.")
