@@ -174,7 +174,7 @@ class FrontendCore(ServerCore):
             log.warning("shared-memory region %r could not be registered here too: %s", args[1], exc)
 
 
-async def _read(link: EngineLink, repo: RemoteRepository, core: list[FrontendCore], ready: asyncio.Event) -> None:
+async def _read(link: EngineLink, core: FrontendCore, ready: asyncio.Event) -> None:
     """Dispatches the engine process's messages until its socket closes, then ends this process."""
     while True:
         frame = await ipc.receive(link.reader)
@@ -185,12 +185,12 @@ async def _read(link: EngineLink, repo: RemoteRepository, core: list[FrontendCor
         if "re" in msg:
             link.answered(msg, payload)
         elif op == "models":
-            repo.update(msg)
+            core.repository.update(msg)
             ready.set()
-        elif op == "snapshot" and core:
-            await ipc.send(link.writer, {"re": msg.get("id"), "metrics": core[0].metrics.snapshot()})
-        elif op == "shm" and core:
-            core[0].apply_shm(msg.get("args"))
+        elif op == "snapshot":
+            await ipc.send(link.writer, {"re": msg.get("id"), "metrics": core.metrics.snapshot()})
+        elif op == "shm":
+            core.apply_shm(msg.get("args"))
             await ipc.send(link.writer, {"re": msg.get("id")})
     link.fail_all()
     print("kiln serve: front end: the engine process is gone; exiting", file=sys.stderr, flush=True)
@@ -207,13 +207,10 @@ async def run(spec: dict[str, Any]) -> None:
     sock = socket.socket(fileno=spec["socket_fd"])
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
     link = EngineLink(reader, writer, ipc.Slab(spec["slab_fd"], spec["slots"], spec["slot_bytes"]))
-    repo = RemoteRepository(link, options)
-    holder: list[FrontendCore] = []
+    core = FrontendCore(RemoteRepository(link, options), Metrics(), config.system_shm)
     ready = asyncio.Event()
-    reading = asyncio.create_task(_read(link, repo, holder, ready))
-    await ready.wait()
-    core = FrontendCore(repo, Metrics(), config.system_shm)
-    holder.append(core)
+    reading = asyncio.create_task(_read(link, core, ready))
+    await ready.wait()                                  # the first model table
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     front = await listen(core, config, reuse_port=True)
