@@ -397,8 +397,6 @@ def cmd_trace_serve(args: argparse.Namespace) -> int:
     the stage functions' boundaries: decode and encode (the protocol module's functions), to_run (queued
     until the batch's run starts), run (the run, wherever it runs), back (the run's end until the caller
     resumes), other (the rest of the infer handler: lookup, checks, the access log, the protocol layer)."""
-    import asyncio
-
     from kiln.serve import batcher, cli, grpc_service, http
     now, last, rows = time.perf_counter, {}, []
 
