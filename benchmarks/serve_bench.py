@@ -393,7 +393,7 @@ STAGES = ("decode", "to_run", "run", "back", "encode", "other")
 
 def cmd_trace_serve(args: argparse.Namespace) -> int:
     """`kiln serve` in this process with each request's stages timed (a child process of `latency`); prints the
-    listening line, and on SIGINT one JSON line of per-stage medians in microseconds. Times are taken at
+    listening line, and on SIGINT one JSON line of per-stage p50 and p99 in microseconds. Times are taken at
     the stage functions' boundaries: decode and encode (the protocol module's functions), to_run (queued
     until the batch's run starts), run (the run, wherever it runs), back (the run's end until the caller
     resumes), other (the rest of the infer handler: lookup, checks, the access log, the protocol layer)."""
@@ -448,8 +448,8 @@ def cmd_trace_serve(args: argparse.Namespace) -> int:
     cli.add_arguments(parser)
     code = cli.run(parser.parse_args(args.serve_args))
     skip = len(rows) // 10                      # the warm-up's requests
-    print(json.dumps({k: float(np.median([r[k] for r in rows[skip:]]) * 1e6) if rows[skip:] else float("nan")
-                      for k in STAGES}), flush=True)
+    print(json.dumps({f"p{q}": {k: float(np.percentile([r[k] for r in rows[skip:]], q) * 1e6) if rows[skip:]
+                                 else float("nan") for k in STAGES} for q in (50, 99)}), flush=True)
     return code
 
 
@@ -545,27 +545,29 @@ def cmd_latency(args: argparse.Namespace) -> int:
         if not args.repo:
             build_mlp(repo, model, widths, 64)
         rows, dims = [], {}
-        for batching in args.batching.split(","):
-            for protocol in args.protocols.split(","):      # one server per point: its stages are that point's
-                flags = [*(args.server_flag or []), *([] if batching == "on" else ["--no-batching"])]
-                proc = subprocess.Popen([sys.executable, __file__, "_trace-serve", str(repo), "--http-port", "0",
-                                         "--grpc-port", "0", *flags], stdout=subprocess.PIPE,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                try:
-                    m = LINE.search(proc.stdout.readline().decode())
-                    if not m:
-                        raise SystemExit("kiln serve (traced) did not start")
-                    meta = json.loads(_get(m.group("http"), f"/v2/models/{model}")[1])
-                    dims = {t["name"]: shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
-                            for t in meta["inputs"]}
-                    r = run_load(protocol, m.group(protocol), model, 1, args.seconds, shapes, 1, args.warmup)
-                    r.update(batching=batching, client_us=_in_child(_client_cost, protocol, m.group(protocol),
-                                                                      model, shapes))
-                finally:
-                    proc.send_signal(signal.SIGINT)
-                    out, _ = proc.communicate(timeout=120)
-                r["server_us"] = json.loads(out.decode().strip().splitlines()[-1])
-                rows.append(r)
+        points = [(b, p, shm) for b in args.batching.split(",") for p in args.protocols.split(",")
+                  for shm in args.shm.split(",")]
+        for batching, protocol, shm in points:               # one server per point: its stages are that point's
+            flags = [*(args.server_flag or []), *([] if batching == "on" else ["--no-batching"])]
+            proc = subprocess.Popen([sys.executable, __file__, "_trace-serve", str(repo), "--http-port", "0",
+                                     "--grpc-port", "0", *flags], stdout=subprocess.PIPE,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                m = LINE.search(proc.stdout.readline().decode())
+                if not m:
+                    raise SystemExit("kiln serve (traced) did not start")
+                meta = json.loads(_get(m.group("http"), f"/v2/models/{model}")[1])
+                dims = {t["name"]: shapes.get(t["name"]) or [1 if int(d) < 0 else int(d) for d in t["shape"]]
+                        for t in meta["inputs"]}
+                r = run_load(protocol, m.group(protocol), model, 1, args.seconds, shapes, 1, args.warmup,
+                             shm=shm == "on")
+                r.update(batching=batching, client_us=_in_child(_client_cost, protocol, m.group(protocol),
+                                                                  model, shapes))
+            finally:
+                proc.send_signal(signal.SIGINT)
+                out, _ = proc.communicate(timeout=120)
+            r["server_us"] = json.loads(out.decode().strip().splitlines()[-1])
+            rows.append(r)
         echo = _Echo("x".join(str(d) for d in next(iter(dims.values()))))
         try:
             ceiling = run_load("grpc", echo.at, "echo", 1, args.seconds, {"x": next(iter(dims.values()))}, 1,
@@ -578,14 +580,17 @@ def cmd_latency(args: argparse.Namespace) -> int:
                        duration=args.seconds)["latency_ms"]["median"] * 1e3
     print(f"engine alone (kiln bench, median): {engine:.0f} us; echo gRPC server (no work) at c=1: "
           f"p50 {ceiling['p50_ms'] * 1e3:.0f} us, p99 {ceiling['p99_ms'] * 1e3:.0f} us")
-    print("protocol batching |  p50 e2e  p99 e2e | client build parse | server " + " ".join(f"{s:>6}" for s in STAGES)
-          + " | unaccounted (us)")
+    print("protocol batching shm |  p50 e2e  p99 e2e | client build parse | server    " +
+          " ".join(f"{s:>6}" for s in STAGES) + " | unaccounted at p50 (us)")
     for r in rows:
         c, sv = r["client_us"], r["server_us"]
-        rest = r["p50_ms"] * 1e3 - c["build"] - c["parse"] - sum(sv.values())
-        print(f"{r['protocol']:8} {r['batching']:8} | {r['p50_ms'] * 1e3:8.0f} {r['p99_ms'] * 1e3:8.0f} | "
-              f"{c['build']:12.0f} {c['parse']:5.0f} |        " + " ".join(f"{sv[s]:6.0f}" for s in STAGES)
-              + f" | {rest:8.0f}", flush=True)
+        rest = r["p50_ms"] * 1e3 - c["build"] - c["parse"] - sum(sv["p50"].values())
+        for q in ("p50", "p99"):
+            head = (f"{r['protocol']:8} {r['batching']:8} {'on' if r['shm'] else 'off':3} | {r['p50_ms'] * 1e3:8.0f} "
+                    f"{r['p99_ms'] * 1e3:8.0f} | {c['build']:12.0f} {c['parse']:5.0f} |" if q == "p50" else
+                    " " * 22 + "|" + " " * 19 + "|" + " " * 20 + "|")
+            print(f"{head} {q:>8} " + " ".join(f"{sv[q][s]:6.0f}" for s in STAGES)
+                  + (f" | {rest:8.0f}" if q == "p50" else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"engine_us": engine, "echo": ceiling, "rows": rows}, indent=1))
     return 0
@@ -743,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     lt.add_argument("--widths", default="256,256,64", help="layer widths of the CPU MLP built when no --repo")
     lt.add_argument("--protocols", default="grpc,http")
     lt.add_argument("--batching", default="on,off")
+    lt.add_argument("--shm", default="off", help="off, on or off,on: the client's tensors in system shared memory")
     lt.add_argument("--seconds", type=float, default=4.0)
     lt.add_argument("--warmup", type=float, default=1.0)
     lt.add_argument("--shape", action="append", help="NAME:DIMS (e.g. input_ids:1x128) for an input's -1 dims")
