@@ -100,11 +100,18 @@ class Server:
             raise SystemExit(f"kiln serve did not start: {line!r} {self.err.read()[-2000:]!r}")
         self.http, self.grpc = m.group("http"), m.group("grpc")
 
+    def children(self) -> list[int]:
+        """The server's child processes (its front ends, with --frontends N)."""
+        return [int(k) for k in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
+
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the server process and its front ends together."""
+        total = 0.0
+        for pid in (self.proc.pid, *self.children()):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) so far of the server process ("engine") and of its child processes
@@ -115,8 +122,7 @@ class Server:
             except OSError:
                 return 0.0
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        kids = [int(k) for k in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()]
-        return {"engine": used(self.proc.pid), "frontends": sum(used(k) for k in kids)}
+        return {"engine": used(self.proc.pid), "frontends": sum(used(k) for k in self.children())}
 
     def metrics(self) -> str:
         return _get(self.http, "/metrics")[1].decode()
