@@ -271,3 +271,38 @@ def test_timed_for_one_shape_point_not_for_a_range_engine():
         run = {"x": np.resize(feeds["x"], (T, 1, 6))}
         ref = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, run)[0]
         assert np.abs(ctx.run(run)["y"] - ref).max() <= steps._bound(ref)
+
+
+@pytest.mark.parametrize("cell,lbr", FORMS)
+@pytest.mark.parametrize("H", [4, 128])
+def test_primitives_of_one_layer_share_their_reordered_weights(monkeypatch, cell, lbr, H):
+    """Primitives of one layer whose chosen weight layouts are equal read one reordered copy: W and R are
+    reordered once per distinct layout, not per input shape (the same shape with and without initial states
+    surely shares); new weights are reordered again."""
+    reorders, made = [], []
+    real_reorder, real_init = cpu_dnnl_rnn.RnnPrimitive._reordered, cpu_dnnl_rnn.RnnPrimitive.__init__
+    monkeypatch.setattr(cpu_dnnl_rnn.RnnPrimitive, "_reordered",
+                        lambda self, *a: reorders.append(1) or real_reorder(self, *a))
+    monkeypatch.setattr(cpu_dnnl_rnn.RnnPrimitive, "__init__",
+                        lambda self, *a: made.append(self) or real_init(self, *a))      # all kept alive here
+    fn = _kernel(cell, lbr, H, "bidirectional")
+    cases = [steps._case(cell, T, N, 3, H, 2, h0=h0, c0=h0, seed=T * 10 + N)
+             for T, N in [(2, 3), (1, 1), (5, 2), (3, 1), (4, 4)] for h0 in (True, False)]
+    weights = steps._args(cases[0])[1:4]                # one layer: the same weight tensors every call
+    for case in cases:
+        case.update(W=cases[0]["W"], R=cases[0]["R"], B=cases[0]["B"])
+        args = steps._args(case)
+        _check(fn(args[0], *weights, *args[4:]), _ref(cell, lbr, case, "bidirectional"))
+    equal = cpu_dnnl_rnn.library().lib.dnnl_memory_desc_equal
+    distinct = 0
+    for arg, mem in ((cpu_dnnl_rnn.ARG_WEIGHTS, "weights_layer"), (cpu_dnnl_rnn.ARG_WEIGHTS_1, "weights_iter")):
+        reps: list = []
+        for p in made:
+            same = [q for q in reps if equal(p.layouts[arg], q.layouts[arg])]
+            assert all(getattr(p, mem).value == getattr(q, mem).value for q in same)
+            reps += [] if same else [p]
+        distinct += len(reps)
+    assert len(reorders) == distinct < 2 * len(made)
+    changed = dict(cases[0], W=cases[0]["W"] * 0.5)
+    _check(fn(*steps._args(changed)), _ref(cell, lbr, changed, "bidirectional"))
+    assert len(reorders) == distinct + 2

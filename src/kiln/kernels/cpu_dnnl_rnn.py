@@ -14,12 +14,14 @@ tensors each call. ONNX semantics covered: default activations, no clip, layout 
 without peepholes or input_forget. Without the library the tactics are not offered.
 
 Making a primitive costs as much as many calls, so a range engine (several shape points) does not time these
-tactics (``shape_setup``); a layer keeps the primitives of its last ``MAX_PACKED_SHAPES`` input shapes. Where
+tactics (``shape_setup``); a layer keeps the primitives of its last ``MAX_PACKED_SHAPES`` input shapes, which
+share one reordered weight where they chose equal layouts. Where
 nothing is timed (an RNN in an If branch, optimization level 0) they come first on the CPU.
 """
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -72,12 +74,15 @@ def _onednn_weights(W: torch.Tensor, R: torch.Tensor, B: torch.Tensor | None, ce
 
 class RnnPrimitive(PrimitiveBase):
     """One RNN primitive for one input shape [T, N, I], with or without initial states: its weights reordered
-    into the layout it chose, its bias and scratchpad. ``run(x, h0, c0, y, hn, cn)`` executes it; the states
-    may be None (zeros), ``cn`` is the LSTM's alone."""
+    into the layout it chose (or another primitive's of the layer holding them in an equal layout: ``shared``),
+    its bias and scratchpad. ``run(x, h0, c0, y, hn, cn)`` executes it; the states may be None (zeros), ``cn`` is
+    the LSTM's alone."""
 
     def __init__(self, lib: Dnnl, cell: str, direction: str, shape: tuple[int, int, int], states: bool,
-                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor], shared: list) -> None:
         super().__init__(lib)
+        self.keep: list[RnnPrimitive] = []                  # the primitives whose weights this one reads
+        self.layouts: dict[int, P] = {}                     # weight argument -> the layout the primitive chose
         d = lib.lib
         T, N, I = shape
         w, r, b = weights
@@ -101,8 +106,8 @@ class RnnPrimitive(PrimitiveBase):
         lib.check(status, f"{cell} primitive")
         self.handles.append(("primitive_desc", pd))
         self.prim = self._primitive(pd)
-        self.weights_layer = self._reordered(w, wl_user, self._query(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS))
-        self.weights_iter = self._reordered(r, wi_user, self._query(pd, QUERY_EXEC_ARG_MD, ARG_WEIGHTS_1))
+        self.weights_layer = self._packed(w, wl_user, pd, ARG_WEIGHTS, shared)
+        self.weights_iter = self._packed(r, wi_user, pd, ARG_WEIGHTS_1, shared)
         self.bias_values = b                                # the bias memory reads it in place
         self.scratch = self._memory(self._query(pd, QUERY_SCRATCHPAD_MD, 0), ALLOCATE)
         self.src, self.dst = self._memory(src, None), self._memory(dst, None)
@@ -122,6 +127,19 @@ class RnnPrimitive(PrimitiveBase):
                 self.c0 = self._memory(state, None)
                 bound.append((ARG_SRC_2, self.c0))
         self._bind(bound)
+
+    def _packed(self, values: torch.Tensor, user_md: P, pd: P, arg: int, shared: list) -> P:
+        """The weight ``arg`` in the layout the primitive chose: from a live primitive in ``shared`` (entries
+        (weak reference, arg, layout, memory)) that holds it in an equal layout, else reordered now and added."""
+        md = self.layouts[arg] = self._query(pd, QUERY_EXEC_ARG_MD, arg)
+        shared[:] = [e for e in shared if e[0]() is not None]
+        for ref, a, other_md, mem in shared:
+            if a == arg and self.lib.lib.dnnl_memory_desc_equal(md, other_md):
+                self.keep.append(ref())
+                return mem
+        mem = self._reordered(values, user_md, md)
+        shared.append((weakref.ref(self), arg, md, mem))
+        return mem
 
     def run(self, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None, y: torch.Tensor,
             hn: torch.Tensor, cn: torch.Tensor | None) -> None:
@@ -165,11 +183,13 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
     name = f"Layer {ctx.layer_name[:60]!r} ({tactic_name})"
     kept: dict[str, Any] = {"key": None}
     prims: OrderedDict[tuple, RnnPrimitive] = OrderedDict()
+    shared: list = []               # reordered weights of the layer's live primitives, by layout
 
     def primitive(X: torch.Tensor, W, R, B, h0, c0) -> RnnPrimitive:
         if kept["key"] is None or any(a is not b for a, b in zip(kept["key"], (W, R, B))):
             kept["key"], kept["weights"] = None, None
             prims.clear()
+            shared.clear()
         # every operand's shape and dtype is in the key: a new one is checked once, before oneDNN reads it
         key = (X.shape, X.dtype, None if h0 is None else (h0.shape, h0.dtype),
                None if c0 is None else (c0.shape, c0.dtype))
@@ -179,7 +199,8 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
             if kept["key"] is None:
                 kept["key"], kept["weights"] = (W, R, B), _onednn_weights(W, R, B, kind)
             states = h0 is not None or c0 is not None
-            hit = prims[key] = RnnPrimitive(lib, kind, direction, tuple(X.shape), states, kept["weights"])
+            hit = prims[key] = RnnPrimitive(lib, kind, direction, tuple(X.shape), states, kept["weights"],
+                                                shared)
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
         return hit
