@@ -207,7 +207,10 @@ class _Block(nn.Module):
 
 
 def _force(monkeypatch, name):
-    """Only tactic ``name`` for the convolutions it supports; torch for the others."""
+    """Only tactic ``name`` for the convolutions it supports; torch for the others. ``onednn`` is offered where
+    ``onednn_cached`` is not: forced, it stands in for a machine without oneDNN's library."""
+    if name == "onednn":
+        monkeypatch.setattr("kiln.kernels.cpu_dnnl.library", lambda: None)
     mine = next(t for t in TACTICS["Convolution"] if t.name == name)
     torch_t = next(t for t in TACTICS["Convolution"] if t.name == "torch")
     rest = dataclasses.replace(torch_t, supports=lambda attrs, ctx: not mine.supports(attrs, ctx))

@@ -162,6 +162,62 @@ def test_depthwise_shapes_and_weights_change():
     _check(fn(x1, w2, None)[0], _reference(x1, w2, None, attrs, ref))
 
 
+def test_repeated_input_layouts_take_the_checked_path_only_when_they_match():
+    """After a channels-last FP32 input has been checked, calls with the same shape but other strides, dtype,
+    weights, bias or a residual still give the right result (they are checked again, not sent to the kept
+    primitive)."""
+    attrs = _attrs("relu", groups=2, residual=True)
+    ref_act = ACTS["relu"][2]
+    fn = make_convolution_onednn_cached(attrs, CPU)
+    x, w, b = _operands(groups=2)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        _check(fn(xc, w, b)[0], _reference(xc, w, b, attrs, ref_act))
+    _check(fn(x, w, b)[0], _reference(x, w, b, attrs, ref_act))                        # NCHW strides
+    x64 = xc.double().contiguous(memory_format=torch.channels_last)
+    _check(fn(x64, w, b)[0], _reference(xc, w, b, attrs, ref_act))                     # cast to the weight's
+    w2, b2 = w * 0.5, b - 1.0
+    _check(fn(xc, w2, b)[0], _reference(xc, w2, b, attrs, ref_act))
+    _check(fn(xc, w2, b2)[0], _reference(xc, w2, b2, attrs, ref_act))
+    r = torch.randn(2, 16, 9, 11).contiguous(memory_format=torch.channels_last)
+    _check(fn(xc, w2, b2, r)[0], _reference(xc, w2, b2, attrs, ref_act, r))
+    _check(fn(xc, w2, b2)[0], _reference(xc, w2, b2, attrs, ref_act))
+    with pytest.raises(RuntimeError):
+        fn(xc, w2[:, :2].contiguous(), b2)          # a weight that disagrees with x after x was checked
+
+
+def test_torchs_onednn_is_offered_only_where_this_tactic_is_not():
+    """``onednn`` (torch's op: the same oneDNN convolution with per-call setup) is left out of the timed
+    candidates where ``onednn_cached`` runs the layer, and offered where it does not (a fused pool, an
+    activation without an exact post-op, no library)."""
+    names = lambda attrs: [t.name for t in tactics_for("Convolution", attrs, CPU)]  # noqa: E731
+    for attrs in (_attrs("relu"), _attrs("hard_sigmoid", groups=8), _attrs(None, groups=1)):
+        got = names(attrs)
+        assert "onednn_cached" in got and "onednn" not in got
+    for attrs in (_attrs("relu", groups=1, pool={"kernel": [2, 2]}), _attrs("mish", groups=1)):
+        got = names(attrs)
+        assert "onednn" in got and "onednn_cached" not in got
+
+
+def test_one_column_wide_tactic_runs_on_cached_primitives(monkeypatch):
+    """``onednn_wide`` turns a one-column image on its side and runs it through this tactic's primitives."""
+    from kiln.kernels.cpu_conv_wide import make_convolution_onednn_wide
+    made = []
+    real = cpu_dnnl.Primitive
+
+    def recording(lib, shape, *rest):
+        made.append(shape)
+        return real(lib, shape, *rest)
+    monkeypatch.setattr(cpu_dnnl, "Primitive", recording)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 41, 1, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 8, 5, 1, generator=g) / 40 ** 0.5, torch.randn(16, generator=g)
+    attrs = _attrs("hard_swish", groups=1, stride=(2, 1), pads=(2, 0, 1, 0))
+    y, = make_convolution_onednn_wide(attrs, CPU)(x, w, b)
+    _check(y, _reference(x, w, b, attrs, ACTS["hard_swish"][2]))
+    assert made == [(2, 8, 1, 41)]
+
+
 class _SE(nn.Module):
     """MobileNetV3's inverted residual with squeeze-excitation, then a grouped convolution with LeakyRelu and a
     residual, and a gate convolution whose HardSigmoid is given other parameters than torch's after export."""

@@ -10,7 +10,7 @@ channels-last, so consecutive convolutions pass NHWC tensors without reorders.
 Epilogue parts oneDNN cannot fuse (other activations, an activation after a residual add other
 than ReLU, a residual added after the activation) run as in-place torch ops on the fresh output.
 Where torch lacks the ops (a build without mkldnn) the tactic is not offered and the ``torch``
-tactic runs the layer.
+tactic runs the layer; where ``onednn_cached`` (kernels/cpu_dnnl.py) runs the layer it is not offered either.
 """
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ def fp32_2d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> bool:
 
 
 def _onednn_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    return fp32_2d_cpu(attrs, ctx) and onednn_available()
+    """Offered where ``onednn_cached`` (kernels/cpu_dnnl.py) does not run the layer: that tactic runs the same
+    oneDNN convolutions without torch's per-call setup, so timing both only lets load noise pick the slower."""
+    from kiln.kernels import cpu_dnnl       # imports this module
+    return fp32_2d_cpu(attrs, ctx) and onednn_available() and not cpu_dnnl.cached_ok(attrs, ctx)
 
 
 def _out_hw(x: torch.Tensor, w: torch.Tensor, pads: list[int], stride: list[int], dil: list[int]) -> tuple[int, int]:

@@ -4,14 +4,15 @@ Tactic ``onednn_wide`` runs a convolution of an [N, C, H, 1] input with an [kh, 
 written as 2-D, as jax2tf/tf2onnx export Conv1D) as the same oneDNN convolution of the [N, C, 1, H] view with
 the [1, kh] kernel, and turns the result back: the views share memory, so no data moves, and oneDNN's direct
 kernels block along the width, where a height-only problem leaves them a single column per step. The weight's
-view is made once per weight tensor, so the ``onednn`` tactic's packed copy is kept. Any other input shape
-runs the ``onednn`` tactic as it is; the builder times both.
+view is made once per weight tensor, so the inner tactic's packed weights are kept. The inner tactic is
+``onednn_cached`` where it runs the layer (kernels/cpu_dnnl.py), else ``onednn``; any other input shape runs it
+as it is; the builder times both.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from kiln.kernels import cpu_conv
+from kiln.kernels import cpu_conv, cpu_dnnl
 from kiln.kernels.registry import KernelContext, tactic
 
 
@@ -29,9 +30,10 @@ def _wide_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
 
 @tactic("Convolution", "onednn_wide", devices=("cpu",), supports=_wide_ok, priority=1)
 def make_convolution_onednn_wide(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
-    """The ``onednn`` convolution of the H↔W-transposed views where the input and kernel are one column wide."""
-    plain = cpu_conv.make_convolution_onednn(attrs, ctx)
-    turned = cpu_conv.make_convolution_onednn(_turned(attrs), ctx)
+    """The oneDNN convolution of the H↔W-transposed views where the input and kernel are one column wide."""
+    make = (cpu_dnnl.make_convolution_onednn_cached if cpu_dnnl.cached_ok(attrs, ctx)
+            else cpu_conv.make_convolution_onednn)
+    plain, turned = make(attrs, ctx), make(_turned(attrs), ctx)
     kept: dict[str, Any] = {"w": None, "view": None}
 
     def run(x, w, b=None, residual=None):
