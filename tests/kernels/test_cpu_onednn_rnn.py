@@ -306,3 +306,19 @@ def test_primitives_of_one_layer_share_their_reordered_weights(monkeypatch, cell
     changed = dict(cases[0], W=cases[0]["W"] * 0.5)
     _check(fn(*steps._args(changed)), _ref(cell, lbr, changed, "bidirectional"))
     assert len(reorders) == distinct + 2
+
+
+def test_a_saved_engine_runs_after_loading_and_is_refused_in_one_line_without_the_library(monkeypatch, tmp_path):
+    case = steps._case("lstm", 2, 1, 6, 5, 1, seed=4)
+    data, feeds = _onnx_rnn("lstm", 0, case, "forward", "hc", ["y", "yh", "yc"])
+    with monkeypatch.context() as m:
+        m.setitem(TACTICS, "RNN", [t for t in TACTICS["RNN"] if t.name == "onednn_lstm"])
+        kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu")).save(str(tmp_path / "m.kiln"))
+    got = kiln.load(str(tmp_path / "m.kiln")).context().run(feeds)
+    for name, r in zip(["y", "yh", "yc"], ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, feeds)):
+        assert np.abs(got[name] - r).max() <= steps._bound(r), name
+    monkeypatch.setattr(cpu_dnnl_rnn, "library", lambda: None)
+    with pytest.raises(kiln.KilnError) as err:
+        kiln.load(str(tmp_path / "m.kiln")).context()
+    msg = str(err.value)
+    assert "\n" not in msg and "onednn_lstm" in msg and "kiln[cpu-onednn]" in msg
