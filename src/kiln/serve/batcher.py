@@ -89,22 +89,31 @@ class Batcher:
         if len(self._queue) >= self.model.options.max_queue:
             raise Unavailable(f"Model {name!r} has {len(self._queue)} requests queued, its limit (--max-queue); "
                               f"retry later, or serve it with more --instances or a larger --max-queue.")
-        pending = _Pending(feeds, rows, key, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        pending = _Pending(feeds, rows, key, loop.create_future())
         self._queue.append(pending)
         self.stats.queue_depth = len(self._queue)
         self._arrived.set()
+        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
         try:
-            return await asyncio.wait_for(pending.future, timeout_s)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"The request to model {name!r} did not finish within {timeout_s * 1e3:.0f} ms; "
-                                   f"give it a longer timeout or lower the load.") from None
+            return await pending.future
         finally:
+            if timer is not None:
+                timer.cancel()
             if not pending.future.done():
                 pending.future.cancel()
             if pending in self._queue:          # timed out or the client went away while queued
                 self._queue.remove(pending)
                 self.stats.queue_depth = len(self._queue)
                 self._arrived.set()              # a batch being formed around it looks again
+
+    def _expire(self, pending: _Pending, timeout_s: float) -> None:
+        """The request's time is up: it fails (its queue slot is freed by its caller; a run it is part of
+        finishes without it)."""
+        if not pending.future.done():
+            pending.future.set_exception(DeadlineExceeded(
+                f"The request to model {self.model.name!r} did not finish within {timeout_s * 1e3:.0f} ms; give it a "
+                f"longer timeout or lower the load."))
 
     def hurry(self) -> None:
         """Queued requests stop waiting for company: each runs with what is queued now (shutdown)."""
