@@ -11,8 +11,11 @@ itself, after the descriptor.
 Why this design: the bytes of a tensor cross between the processes once, through memory both map,
 instead of twice through the kernel; the socket carries only descriptors, and its end-of-file tells
 either side at once that the other died. The slab has no name in /dev/shm, so nothing is left
-behind however a process ends. A slot belongs to one request until its answer (or the answer to
-its cancellation) arrives, so the engine never reads a slot being refilled.
+behind however a process ends. A slot belongs to one request until the engine process has answered
+for it (also when the client went away). A request that timed out or was cancelled is answered at
+once, even while a batch holding it still runs; that run may then read the slot's next contents
+into that request's rows only, whose results are discarded (outputs are written into a slot only
+for a request that is answered with them).
 
 Frames are ``!II`` (JSON length, payload length), the JSON, then the payload. Everything read from
 the other side is checked: a descriptor's dtype must be the model's, and its bytes inside the slot
