@@ -15,8 +15,8 @@ without peepholes or input_forget. Without the library the tactics are not offer
 
 Making a primitive costs as much as many calls, so a range engine (several shape points) does not time these
 tactics (``shape_setup``); a layer keeps the primitives of its last ``MAX_PACKED_SHAPES`` input shapes, which
-share one reordered weight where they chose equal layouts. Where
-nothing is timed (an RNN in an If branch, optimization level 0) they come first on the CPU.
+share one reordered copy of W and R where they chose equal layouts. Where nothing is timed (an RNN in an If
+branch, optimization level 0) they come first on the CPU.
 """
 from __future__ import annotations
 
@@ -199,8 +199,7 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
             if kept["key"] is None:
                 kept["key"], kept["weights"] = (W, R, B), _onednn_weights(W, R, B, kind)
             states = h0 is not None or c0 is not None
-            hit = prims[key] = RnnPrimitive(lib, kind, direction, tuple(X.shape), states, kept["weights"],
-                                                shared)
+            hit = prims[key] = RnnPrimitive(lib, kind, direction, tuple(X.shape), states, kept["weights"], shared)
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
         return hit
