@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.errors import EngineFormatError, KilnError, PluginError, ShapeError
+from kiln.errors import EngineFormatError, IncompatibleEngineError, KilnError, PluginError, ShapeError
 from kiln.ir.dtypes import np_dtype, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, Tactic, get_tactic
@@ -81,8 +81,8 @@ def _set_up(make, layer: Any) -> Step:
     """``make(layer)``, with any failure but Kiln's own refusals as one line naming the layer."""
     try:
         return make(layer)
-    except (EngineFormatError, PluginError, ShapeError):
-        raise
+    except (EngineFormatError, IncompatibleEngineError, PluginError, ShapeError):
+        raise                       # Kiln's own line: e.g. a tactic whose library is not installed here
     except Exception as exc:        # a forged or foreign plan: never a traceback
         name = layer.get("name", "?") if isinstance(layer, dict) else "?"
         raise EngineFormatError(f"The engine's layer {name!r} cannot be set up ({type(exc).__name__}: "
