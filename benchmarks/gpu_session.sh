@@ -4,7 +4,8 @@
 # of ResNet-50 and BERT against BENCHMARKS.md. Run from the repository root on the GPU machine; results in $OUT.
 # CORPUS: a copied corpus folder (scripts/fetch_corpus.py layout); WHEELS: extra wheels to install first.
 # QUANT="model:batches;...": the FP16/INT8/FP8 rows; RANGE=models: range engines; SHM=1: kiln serve with and
-# without system shared memory (each section only when its variable is set).
+# without system shared memory; FRONTENDS=N: also where one request's time goes at concurrency 1 and the sweep
+# with N front-end processes (each section only when its variable is set).
 set -u
 OUT=${OUT:-/tmp/kiln-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/tests/corpus:$PWD/benchmarks:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -41,4 +42,13 @@ if [ "${SHM:-0}" = 1 ]; then
   python benchmarks/serve_bench.py models --out /tmp/serve-models --names resnet50 2>&1 | tail -3
   timeout "${T6:-400}" python benchmarks/serve_bench.py sweep --repo /tmp/serve-models --model resnet50 --protocols grpc \
     --shm off,on --server-flag=--warmup --server-flag=--instances=2 --engine-bench 2>&1 | tail -30
+fi
+if [ -n "${FRONTENDS:-}" ]; then
+  echo "== kiln serve: one request's stages at concurrency 1, then the sweep with $FRONTENDS front ends"
+  [ -d /tmp/serve-models ] || python benchmarks/serve_bench.py models --out /tmp/serve-models --names resnet50 2>&1 | tail -3
+  timeout "${T7:-120}" python benchmarks/serve_bench.py latency --repo /tmp/serve-models --model resnet50 --protocols grpc \
+    --shm off,on --server-flag=--warmup --server-flag=--instances=2 2>&1 | tail -20
+  timeout "${T8:-300}" python benchmarks/serve_bench.py sweep --repo /tmp/serve-models --model resnet50 --protocols grpc \
+    --shm on --server-flag=--warmup --server-flag=--instances=2 --server-flag=--frontends="$FRONTENDS" --engine-bench \
+    2>&1 | tail -30
 fi
