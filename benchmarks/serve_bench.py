@@ -696,6 +696,135 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if verdict["passed"] else 1
 
 
+# ---- engine-load: the engine process of --frontends, fed straight through kiln.serve.ipc --------------
+def cmd_engine_load(args: argparse.Namespace) -> int:
+    """Engine-process CPU per request at each --batches size (see the module docstring)."""
+    import asyncio
+    widths = tuple(int(w) for w in args.widths.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    folder = Path(tempfile.mkdtemp(prefix="kiln-engine-load-"))
+    layers = build_mlp(folder, "m", widths, max(batches))
+    x = np.random.default_rng(0).random((1, widths[0]), dtype=np.float32)
+    ref, err, mag = x.astype(np.float64), np.zeros((1, widths[0])), np.abs(x.astype(np.float64))
+    for W, b in layers:                                     # float64 reference and a float32 rounding bound
+        err = err @ np.abs(W) + 4 * (W.shape[0] + 2) * EPS32 * (mag @ np.abs(W) + np.abs(b))
+        ref, mag = np.maximum(ref @ W + b, 0), mag @ np.abs(W) + np.abs(b)
+    check = {"x": x.tolist(), "ref": ref.tolist(), "bound": (err + 1e-30).tolist()}
+    rows = []
+    for r in range(args.rounds):
+        for b in batches:
+            row = asyncio.run(_engine_point(folder, b, check, args))
+            rows.append(row)
+            print(f"round {r + 1} batch {b:>3}: {row['cpu_us']:7.1f} us engine CPU per request, "
+                  f"{row['rps']:8.0f} requests/s, mean batch {row['mean_batch']:.1f}, "
+                  f"{row['inflight']} in flight", flush=True)
+    for b in batches:
+        us = sorted(row["cpu_us"] for row in rows if row["batch"] == b)
+        print(f"batch {b:>3}: median {us[len(us) // 2]:.1f} us engine CPU per request over {len(us)} rounds")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Namespace) -> dict:
+    """One measurement: this process is the engine process (kiln.serve.frontends' own loop over one link),
+    a child process (``_engine-feed``) is a front end sending one-row requests through the real
+    kiln.serve.frontend link code. CPU is this process's (all threads) between the child's two marks."""
+    import asyncio
+    import cProfile
+    import pstats
+    import socket
+    from kiln.serve import frontends, ipc
+    from kiln.serve.model import ModelOptions
+    from kiln.serve.server import ServeConfig, load_repository
+    opts = ModelOptions(batching=batch > 1, max_batch=batch, preferred_batch_sizes=(batch,) if batch > 1 else (),
+                        max_queue_delay_us=args.delay_us if batch > 1 else 0)
+    repo = await load_repository(ServeConfig(path=str(folder), frontends=2, model=opts))
+    inflight = args.inflight or max(16, 2 * batch)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    slab = ipc.Slab()
+    marks_r, marks_w = os.pipe()
+    spec = {**check, "inflight": inflight, "requests": args.requests, "warmup": args.warmup_requests,
+            "slots": slab.slots, "slot_bytes": slab.slot_bytes}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_engine-feed", str(theirs.fileno()),
+                             str(slab.fd), str(marks_w), json.dumps(spec)],
+                            pass_fds=(theirs.fileno(), slab.fd, marks_w), stdout=subprocess.PIPE)
+    theirs.close()
+    os.close(marks_w)
+    loop = asyncio.get_running_loop()
+    link = frontends.Link(0, proc, slab, repo, [])
+    link.links.append(link)
+    link.stopping = True                                   # its exit at the end is expected
+    await link.open(ours)
+    prof = cProfile.Profile() if args.profile else None
+    marks: dict[str, tuple[float, float]] = {}
+
+    def watch() -> None:                                    # the child's "s" and "e": CPU and wall clock now
+        for tag in "se":
+            if os.read(marks_r, 1) != tag.encode():
+                return
+            marks[tag] = (time.process_time(), time.perf_counter())
+            if prof is not None:
+                loop.call_soon_threadsafe(prof.enable if tag == "s" else prof.disable)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    link.channel.send_json(frontends.model_table(repo))
+    await frontends._serve(link, loop.create_future())
+    out = (await asyncio.to_thread(proc.communicate))[0].decode()
+    await asyncio.to_thread(watcher.join)
+    os.close(marks_r)
+    stats = repo.metrics.model("m").batch_size
+    await repo.close()
+    slab.close()
+    if proc.returncode or set(marks) != {"s", "e"}:
+        raise SystemExit(f"the stand-in front end failed (exit {proc.returncode}): {out[-2000:]}")
+    cpu, wall = (marks["e"][0] - marks["s"][0]), (marks["e"][1] - marks["s"][1])
+    if prof is not None:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+    return {"batch": batch, "inflight": inflight, "requests": args.requests, "cpu_us": cpu / args.requests * 1e6,
+            "rps": args.requests / wall, "mean_batch": stats.total / max(stats.count, 1)}
+
+
+def cmd_engine_feed(args: argparse.Namespace) -> int:
+    """The stand-in front end of engine-load: ``inflight`` coroutines each sending one-row requests through
+    kiln.serve.frontend's RemoteBatcher, every answer checked against a float64 reference."""
+    import asyncio
+    import socket
+    from kiln.serve import frontend, ipc
+    from kiln.serve.metrics import Metrics
+    from kiln.serve.model import ModelOptions
+    spec = json.loads(args.spec)
+
+    async def feed() -> None:
+        link = frontend.EngineLink(ipc.Slab(args.slab, spec["slots"], spec["slot_bytes"]))
+        core = frontend.FrontendCore(frontend.RemoteRepository(link, ModelOptions()), Metrics(), "off")
+        ready = asyncio.Event()
+        link.on_message = frontend._handler(link, core, ready)
+        await link.open(socket.socket(fileno=args.sock))
+        await ready.wait()
+        entry = core.repository.get("m", None)
+        x, ref, bound = (np.array(spec[k], np.float32 if k == "x" else np.float64) for k in ("x", "ref", "bound"))
+        rows, key = entry.model.check_request({"x": x})
+
+        async def worker(left: list[int]) -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                y = (await entry.batcher.infer({"x": x}, rows, key, 60.0))["y"]
+                if y.shape != ref.shape or not np.all(np.abs(y - ref) <= bound):
+                    raise SystemExit(f"a wrong answer: {y} (float64 reference {ref})")
+
+        for tag, n in (("", spec["warmup"]), ("s", spec["requests"])):
+            if tag:
+                os.write(args.marks, tag.encode())
+            left = [n]
+            await asyncio.gather(*(worker(left) for _ in range(spec["inflight"])))
+        os.write(args.marks, b"e")
+
+    asyncio.run(feed())
+    return 0
+
+
 # ---- GPU models ------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
     """The zoo's ResNet-50 / BERT-base (benchmarks/harness.py: seeded random weights) as engines with a
@@ -770,9 +899,25 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--precision", default="fp16")
     g.add_argument("--device", default="cuda")
     g.add_argument("--max-batch", type=int, default=64)
+    el = sub.add_parser("engine-load", help="engine-process CPU per request, fed through the IPC protocol")
+    el.add_argument("--widths", default="8,4", help="layer widths of the CPU MLP built here")
+    el.add_argument("--batches", default="1,8,32", help="batch sizes for the batcher to form")
+    el.add_argument("--requests", type=int, default=5000)
+    el.add_argument("--warmup-requests", type=int, default=500)
+    el.add_argument("--inflight", type=int, default=0, help="requests in flight (default: max(16, 2 x batch))")
+    el.add_argument("--delay-us", type=int, default=20000, help="--max-queue-delay-us for batches above 1")
+    el.add_argument("--rounds", type=int, default=1)
+    el.add_argument("--profile", type=int, default=0, help="cProfile the engine process: print this many rows")
+    el.add_argument("--json")
+    ef = sub.add_parser("_engine-feed", help=argparse.SUPPRESS)
+    ef.add_argument("sock", type=int)
+    ef.add_argument("slab", type=int)
+    ef.add_argument("marks", type=int)
+    ef.add_argument("spec")
     args = p.parse_args(argv)
     return {"sweep": cmd_sweep, "soak": cmd_soak, "models": cmd_models, "ceiling": cmd_ceiling,
-            "echo": cmd_echo, "latency": cmd_latency, "_trace-serve": cmd_trace_serve}[args.cmd](args)
+            "echo": cmd_echo, "latency": cmd_latency, "_trace-serve": cmd_trace_serve,
+            "engine-load": cmd_engine_load, "_engine-feed": cmd_engine_feed}[args.cmd](args)
 
 
 if __name__ == "__main__":

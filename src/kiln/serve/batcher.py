@@ -14,6 +14,10 @@ the two thread hand-offs (into the pool, and back through ``call_soon_threadsafe
 cost more than the run. With ``inline_batches`` (the engine process of ``--frontends``, whose
 loop has no protocol work to overlap with a run) any such short batch runs there while no other
 batch runs. A GPU engine always runs on its thread (a first run at a shape records a CUDA graph).
+
+A request is queued with ``submit`` and a callback that gets its outputs or its error once, on the
+event loop (the engine process of ``--frontends`` answers from it, with no task per request);
+``infer`` is the same as a coroutine.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -43,13 +48,36 @@ class Instance(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-@dataclass(eq=False)
-class _Pending:
+@dataclass(eq=False, slots=True)
+class Pending:
+    """A queued request; ``done`` gets its outputs (a dict) or its error (a ServeError), once."""
+
     feeds: dict[str, Any]               # arrays, or ShmTensor inputs read when the batch runs
     rows: int
     key: tuple
-    future: asyncio.Future
+    done: Callable[[Any], None]
     arrived: float = field(default_factory=time.monotonic)
+    finished: bool = False
+    queued: bool = True
+    timer: asyncio.TimerHandle | None = None
+
+    def finish(self, result: Any) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.timer is not None:
+                self.timer.cancel()
+            try:
+                self.done(result)
+            except Exception:                  # noqa: BLE001 - a bug in the caller's callback: not the batcher's
+                log.exception("a request's answer callback failed")
+
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class Batcher:
@@ -63,7 +91,7 @@ class Batcher:
         self._merge = model.batch_axis and opts.batching and model.max_batch > 1
         self._delay = opts.max_queue_delay_us / 1e6
         self._preferred = sorted({p for p in opts.preferred_batch_sizes if p <= model.max_batch})
-        self._queue: list[_Pending] = []
+        self._queue: list[Pending] = []
         self._arrived = asyncio.Event()
         self._form_lock = asyncio.Lock()
         self._closed = False
@@ -82,6 +110,17 @@ class Batcher:
     async def infer(self, feeds: dict[str, Any], rows: int, key: tuple,
                     timeout_s: float | None) -> dict[str, np.ndarray]:
         """The outputs for one checked request; raises Unavailable when the queue is full or closed."""
+        future = asyncio.get_running_loop().create_future()
+        pending = self.submit(feeds, rows, key, timeout_s, partial(_settle, future))
+        try:
+            return await future
+        finally:
+            self.withdraw(pending)              # the caller went away: its queue slot is freed
+
+    def submit(self, feeds: dict[str, Any], rows: int, key: tuple, timeout_s: float | None,
+               done: Callable[[Any], None]) -> Pending:
+        """Queues one checked request; ``done`` is called on the event loop with its outputs or error. Raises
+        Unavailable when the queue is full or closed."""
         name = self.model.name
         if self._closed:
             raise Unavailable(f"Model {name!r} is unloading or the server is shutting down; retry on another "
@@ -89,31 +128,35 @@ class Batcher:
         if len(self._queue) >= self.model.options.max_queue:
             raise Unavailable(f"Model {name!r} has {len(self._queue)} requests queued, its limit (--max-queue); "
                               f"retry later, or serve it with more --instances or a larger --max-queue.")
-        loop = asyncio.get_running_loop()
-        pending = _Pending(feeds, rows, key, loop.create_future())
+        pending = Pending(feeds, rows, key, done)
         self._queue.append(pending)
         self.stats.queue_depth = len(self._queue)
         self._arrived.set()
-        timer = loop.call_later(timeout_s, self._expire, pending, timeout_s) if timeout_s is not None else None
-        try:
-            return await pending.future
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if not pending.future.done():
-                pending.future.cancel()
-            if pending in self._queue:          # timed out or the client went away while queued
-                self._queue.remove(pending)
-                self.stats.queue_depth = len(self._queue)
-                self._arrived.set()              # a batch being formed around it looks again
+        if timeout_s is not None:
+            pending.timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, pending, timeout_s)
+        return pending
 
-    def _expire(self, pending: _Pending, timeout_s: float) -> None:
-        """The request's time is up: it fails (its queue slot is freed by its caller; a run it is part of
-        finishes without it)."""
-        if not pending.future.done():
-            pending.future.set_exception(DeadlineExceeded(
-                f"The request to model {self.model.name!r} did not finish within {timeout_s * 1e3:.0f} ms; give it a "
-                f"longer timeout or lower the load."))
+    def cancel(self, pending: Pending, exc: BaseException) -> None:
+        """Fails a request now (its queue slot is freed; a run it is part of finishes without it)."""
+        pending.finish(exc)
+        self.withdraw(pending)
+
+    def withdraw(self, pending: Pending) -> None:
+        """Drops a request without answering it (its caller went away), freeing its queue slot."""
+        pending.finished = True
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if pending.queued:
+            pending.queued = False
+            self._queue.remove(pending)
+            self.stats.queue_depth = len(self._queue)
+            self._arrived.set()                  # a batch being formed around it looks again
+
+    def _expire(self, pending: Pending, timeout_s: float) -> None:
+        """The request's time is up: it fails."""
+        self.cancel(pending, DeadlineExceeded(
+            f"The request to model {self.model.name!r} did not finish within {timeout_s * 1e3:.0f} ms; give it a "
+            f"longer timeout or lower the load."))
 
     def hurry(self) -> None:
         """Queued requests stop waiting for company: each runs with what is queued now (shutdown)."""
@@ -161,12 +204,7 @@ class Batcher:
             self.stats.compute_seconds.observe(time.monotonic() - started)
             self.stats.batch_size.observe(sum(max(p.rows, 1) for p in batch))
             for p, r in zip(batch, results):
-                if p.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    p.future.set_exception(r)
-                else:
-                    p.future.set_result(r)
+                p.finish(r)
 
     def _note_run(self, shape: tuple, seconds: float) -> None:
         """Remembers how long a one-request run of this shape took (an average weighted to recent runs)."""
@@ -175,9 +213,8 @@ class Batcher:
         before = self._run_s.get(shape)
         self._run_s[shape] = seconds if before is None else 0.75 * before + 0.25 * seconds
 
-    async def _next_batch(self) -> list[_Pending] | None:
+    async def _next_batch(self) -> list[Pending] | None:
         while True:
-            self._queue = [p for p in self._queue if not p.future.done()]
             if not self._queue:
                 if self._closed:
                     return None
@@ -187,7 +224,7 @@ class Batcher:
             head = self._queue[0]
             if not self._merge:
                 return self._take([head])
-            while not head.future.done():
+            while not head.finished:
                 group, ready = self._group(head)
                 wait = head.arrived + self._delay - time.monotonic()
                 if ready or wait <= 0 or self._closed:
@@ -198,14 +235,14 @@ class Batcher:
                 except asyncio.TimeoutError:
                     pass
 
-    def _group(self, head: _Pending) -> tuple[list[_Pending], bool]:
+    def _group(self, head: Pending) -> tuple[list[Pending], bool]:
         """Compatible queued requests from ``head`` on, and whether they should run now (the merge limit
         or a preferred size reached)."""
         group, rows, sizes = [head], head.rows, [head.rows]
         if rows >= self.model.max_batch:
             return group, True
         for p in self._queue[1:]:
-            if p.key == head.key and not p.future.done() and self.model.merged_fits(rows + p.rows, head.key):
+            if p.key == head.key and self.model.merged_fits(rows + p.rows, head.key):
                 group.append(p)
                 rows += p.rows
                 sizes.append(rows)
@@ -216,7 +253,7 @@ class Batcher:
                 return group[:sizes.index(size) + 1], True
         return group, False
 
-    def _bucket(self, group: list[_Pending]) -> list[_Pending]:
+    def _bucket(self, group: list[Pending]) -> list[Pending]:
         """The longest prefix whose rows are one of the model's bucket sizes (the head alone if none is)."""
         if not self.model.buckets:
             return group
@@ -227,22 +264,23 @@ class Batcher:
                 best = i + 1
         return group[:best]
 
-    def _take(self, group: list[_Pending]) -> list[_Pending]:
-        ids = {id(p) for p in group}
-        self._queue = [p for p in self._queue if id(p) not in ids]
-        live = [p for p in group if not p.future.done()]
+    def _take(self, group: list[Pending]) -> list[Pending]:
+        for p in group:
+            p.queued = False
+        self._queue = [p for p in self._queue if p.queued] if len(group) < len(self._queue) else []
+        live = [p for p in group if not p.finished]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("model %s: batch of %d requests, %d rows, %d queued", self.model.name, len(live),
                       sum(p.rows for p in live), len(self._queue))
         return live
 
-    def _timed(self, instance: Instance, batch: list[_Pending]) -> tuple[list[Any], float]:
+    def _timed(self, instance: Instance, batch: list[Pending]) -> tuple[list[Any], float]:
         """The batch's results and the seconds its run took where it ran (no thread hand-off counted)."""
         t0 = time.perf_counter()
         results = self._compute(instance, batch)
         return results, time.perf_counter() - t0
 
-    def _compute(self, instance: Instance, batch: list[_Pending]) -> list[Any]:
+    def _compute(self, instance: Instance, batch: list[Pending]) -> list[Any]:
         """Runs on a worker thread: one merged run, split by rows; one run per request if that fails."""
         if not batch:
             return []
@@ -265,7 +303,7 @@ class Batcher:
                           self.model.name, exc)
         return [self._one(instance, p) for p in batch]
 
-    def _one(self, instance: Instance, p: _Pending) -> Any:
+    def _one(self, instance: Instance, p: Pending) -> Any:
         try:
             return instance.run(materialize(p.feeds))
         except ServeError as exc:

@@ -42,52 +42,96 @@ class EngineSpec:
 
 
 class EngineLink:
-    """This process's socket to the engine process, its slab, and the calls in flight."""
+    """This process's channel to the engine process, its slab, and the calls in flight."""
 
-    def __init__(self, reader: Any, writer: Any, slab: ipc.Slab) -> None:
-        self.reader, self.writer, self.slab = reader, writer, slab
-        self.calls: dict[int, tuple[asyncio.Future, int | None, ServedModel | None]] = {}
+    def __init__(self, slab: ipc.Slab) -> None:
+        self.slab = slab
+        self.channel: ipc.Channel = None            # type: ignore[assignment] - set by open()
+        self.calls: dict[int, asyncio.Future] = {}
+        self.infers: dict[int, tuple[asyncio.Future, int | None, ServedModel]] = {}
         self.ids = itertools.count()
         self.closed = False
+        self.on_message: Any = None                 # the engine process's own messages (model table, calls)
 
-    async def call(self, msg: dict[str, Any], payload: bytes = b"", slot: int | None = None,
-                   model: ServedModel | None = None) -> Any:
-        """Sends a call; returns its answer (for an infer, the outputs). A slot is released when the answer comes,
-        even if the caller has gone (the engine may still read it until then)."""
+    async def open(self, sock: socket.socket) -> None:
+        self.channel = await ipc.Channel.open(sock, self.on_json, self.on_records)
+
+    async def call(self, msg: dict[str, Any]) -> Any:
+        """Sends a control call; returns its answer."""
         if self.closed:
             raise Unavailable("The server is shutting down; retry on another server.")
         n = next(self.ids)
-        fut = asyncio.get_running_loop().create_future()
-        self.calls[n] = (fut, slot, model)
+        fut = self.calls[n] = asyncio.get_running_loop().create_future()
+        self.channel.send_json({**msg, "id": n})
+        answer = await fut
+        if "error" in answer:
+            raise ipc.error_from(answer["error"])
+        return answer
+
+    async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray],
+                    timeout_s: float | None) -> dict[str, np.ndarray]:
+        """Sends an infer request (its tensors through a free slot when they fit one) and returns its outputs.
+        The slot is released when the answer comes, even if the caller has gone (the engine may read it
+        until then)."""
+        if self.closed:
+            raise Unavailable("The server is shutting down; retry on another server.")
+        free = self.slab.free
+        total = sum(a.nbytes for a in arrays.values())
+        slot = free.pop() if free and total <= self.slab.slot_bytes else None
+        n = next(self.ids)
         try:
-            await ipc.send(self.writer, {**msg, "id": n}, payload)
+            record = ipc.request_record(n, model.name, timeout_s, slot,
+                                        arrays, None if slot is None else self.slab.slot(slot))
+        except BaseException:
+            if slot is not None:
+                free.append(slot)
+            raise
+        fut = asyncio.get_running_loop().create_future()
+        self.infers[n] = (fut, slot, model)
+        self.channel.add(record)
+        try:
             return await fut
         except asyncio.CancelledError:
-            if msg.get("op") == "infer" and not self.closed:
-                asyncio.ensure_future(ipc.send(self.writer, {"op": "cancel", "id": n}))
+            if not self.closed:
+                try:
+                    self.channel.send_json({"op": "cancel", "id": n})
+                except ConnectionError:
+                    pass
             raise
 
-    def answered(self, msg: dict[str, Any], payload: bytes) -> None:
-        fut, slot, model = self.calls.pop(msg.get("re"), (None, None, None))
+    def on_records(self, body: bytearray) -> None:
+        for rec in ipc.records(body, ipc.ANSWER):
+            self.answered(ipc.Answer(rec))
+
+    def answered(self, answer: ipc.Answer) -> None:
+        fut, slot, model = self.infers.pop(answer.id, (None, None, None))
+        if fut is None:
+            return
         try:
-            if fut is None or fut.done():
+            if fut.done():
                 return
-            if "error" in msg:
-                fut.set_exception(ipc.error_from(msg["error"]))
-            elif model is not None:
-                fut.set_result(ipc.unpack(msg.get("outputs"), {t.name: t.np_dtype for t in model.outputs},
-                                          None if slot is None else self.slab.slot(slot), payload, copy=True))
+            err = answer.error()
+            if err is not None:
+                fut.set_exception(err)
             else:
-                fut.set_result(msg)
+                fut.set_result(answer.arrays(model.output_dtypes, None if slot is None else self.slab.slot(slot)))
         except (ConnectionError, ValueError) as exc:
             fut.set_exception(InternalError(f"The engine process answered badly ({exc}); please report it."))
         finally:
             if slot is not None:
                 self.slab.free.append(slot)
 
+    def on_json(self, msg: dict[str, Any]) -> None:
+        if "re" in msg:
+            fut = self.calls.pop(msg["re"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif self.on_message is not None:
+            self.on_message(msg)
+
     def fail_all(self) -> None:
         self.closed = True
-        for fut, _, _ in self.calls.values():
+        for fut in [*self.calls.values(), *(f for f, _, _ in self.infers.values())]:
             if not fut.done():
                 fut.set_exception(Unavailable("The engine process stopped; retry on another server."))
 
@@ -101,17 +145,7 @@ class RemoteBatcher:
     async def infer(self, feeds: dict[str, Any], rows: int, key: tuple,
                     timeout_s: float | None) -> dict[str, np.ndarray]:
         arrays = {n: v.array() if isinstance(v, ShmTensor) else v for n, v in feeds.items()}
-        total = sum(a.nbytes for a in arrays.values())
-        free = self.link.slab.free
-        slot = free.pop() if free and total <= self.link.slab.slot_bytes else None
-        try:
-            descs, payload = ipc.pack(arrays, None if slot is None else self.link.slab.slot(slot), list(arrays))
-        except BaseException:
-            if slot is not None:
-                free.append(slot)
-            raise
-        return await self.link.call({"op": "infer", "model": self.model.name, "timeout": timeout_s, "slot": slot,
-                                     "inputs": descs}, payload, slot, self.model)
+        return await self.link.infer(self.model, arrays, timeout_s)
 
 
 class RemoteRepository:
@@ -174,24 +208,27 @@ class FrontendCore(ServerCore):
             log.warning("shared-memory region %r could not be registered here too: %s", args[1], exc)
 
 
-async def _read(link: EngineLink, core: FrontendCore, ready: asyncio.Event) -> None:
-    """Dispatches the engine process's messages until its socket closes, then ends this process."""
-    while True:
-        frame = await ipc.receive(link.reader)
-        if frame is None:
-            break
-        msg, payload = frame
+def _handler(link: EngineLink, core: FrontendCore, ready: asyncio.Event) -> Any:
+    """What this process does with the engine process's own messages: the model table and its calls."""
+    def on_message(msg: dict[str, Any]) -> None:
         op = msg.get("op")
-        if "re" in msg:
-            link.answered(msg, payload)
-        elif op == "models":
-            core.repository.update(msg)
-            ready.set()
-        elif op == "snapshot":
-            await ipc.send(link.writer, {"re": msg.get("id"), "metrics": core.metrics.snapshot()})
-        elif op == "shm":
-            core.apply_shm(msg.get("args"))
-            await ipc.send(link.writer, {"re": msg.get("id")})
+        try:
+            if op == "models":
+                core.repository.update(msg)
+                ready.set()
+            elif op == "snapshot":
+                link.channel.send_json({"re": msg.get("id"), "metrics": core.metrics.snapshot()})
+            elif op == "shm":
+                core.apply_shm(msg.get("args"))
+                link.channel.send_json({"re": msg.get("id")})
+        except ConnectionError:
+            pass                                        # the engine process is gone: _watch ends this one
+    return on_message
+
+
+async def _watch(link: EngineLink) -> None:
+    """Ends this process once the engine process's socket closes."""
+    await link.channel.closed
     link.fail_all()
     print("kiln serve: front end: the engine process is gone; exiting", file=sys.stderr, flush=True)
     os._exit(1)
@@ -204,21 +241,21 @@ async def run(spec: dict[str, Any]) -> None:
     config = ServeConfig(path="", host=spec["host"], http_port=spec["http_port"], grpc_port=spec["grpc_port"],
                          max_request_mb=spec["max_request_mb"], drain_seconds=spec["drain_seconds"],
                          system_shm=spec["system_shm"], model=options)
-    sock = socket.socket(fileno=spec["socket_fd"])
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    link = EngineLink(reader, writer, ipc.Slab(spec["slab_fd"], spec["slots"], spec["slot_bytes"]))
+    link = EngineLink(ipc.Slab(spec["slab_fd"], spec["slots"], spec["slot_bytes"]))
     core = FrontendCore(RemoteRepository(link, options), Metrics(), config.system_shm)
     ready = asyncio.Event()
-    reading = asyncio.create_task(_read(link, core, ready))
+    link.on_message = _handler(link, core, ready)
+    await link.open(socket.socket(fileno=spec["socket_fd"]))
+    watching = asyncio.create_task(_watch(link))
     await ready.wait()                                  # the first model table
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     front = await listen(core, config, reuse_port=True)
-    await ipc.send(writer, {"op": "listening", "http": front.http, "grpc": front.grpc})
+    link.channel.send_json({"op": "listening", "http": front.http, "grpc": front.grpc})
     await stop.wait()
     core.draining = True
     await front.close(config.drain_seconds)
-    reading.cancel()
+    watching.cancel()
 
 
 def main(argv: list[str]) -> int:

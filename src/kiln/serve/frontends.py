@@ -20,15 +20,17 @@ import socket
 import subprocess
 import sys
 from dataclasses import asdict
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 
 from kiln.errors import KilnError
 from kiln.serve import ipc
-from kiln.serve.errors import InternalError, ServeError
+from kiln.serve.batcher import Batcher, Pending
+from kiln.serve.errors import InternalError, ServeError, Unavailable
 from kiln.serve.metrics import Metrics
-from kiln.serve.protocol import wire_dtype
+from kiln.serve.model import ServedModel
 from kiln.serve.repository import ModelRepository
 from kiln.serve.server import Listening, ServeConfig
 
@@ -37,22 +39,96 @@ START_SECONDS = 120.0                   # the longest a front end may take to li
 
 
 class Link:
-    """One front-end process: its child process, socket, slab, and this side's calls to it."""
+    """One front-end process: its child process, channel, slab, its requests in the batchers, and this side's
+    calls to it."""
 
-    def __init__(self, index: int, proc: subprocess.Popen, reader: Any, writer: Any, slab: ipc.Slab) -> None:
-        self.index, self.proc, self.reader, self.writer, self.slab = index, proc, reader, writer, slab
+    def __init__(self, index: int, proc: subprocess.Popen, slab: ipc.Slab, repo: ModelRepository,
+                 links: list[Link]) -> None:
+        self.index, self.proc, self.slab, self.repo, self.links = index, proc, slab, repo, links
+        self.channel: ipc.Channel = None            # type: ignore[assignment] - set by open()
         self.calls: dict[int, asyncio.Future] = {}
-        self.tasks: dict[int, asyncio.Task] = {}
+        self.requests: dict[int, tuple[Batcher, Pending]] = {}
+        self.tasks: set[asyncio.Task] = set()
         self.listening: asyncio.Future = asyncio.get_running_loop().create_future()
         self.ids = itertools.count()
         self.stopping = False                   # asked to drain: its exit is expected
+
+    async def open(self, sock: socket.socket) -> None:
+        self.channel = await ipc.Channel.open(sock, self.on_json, self.on_records)
 
     async def call(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Sends a request to the front end and returns its answer."""
         n = next(self.ids)
         fut = self.calls[n] = asyncio.get_running_loop().create_future()
-        await ipc.send(self.writer, {**msg, "id": n})
+        self.channel.send_json({**msg, "id": n})
         return await asyncio.wait_for(fut, 30)
+
+    def on_json(self, msg: dict[str, Any]) -> None:
+        if "re" in msg:
+            fut = self.calls.pop(msg["re"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif msg.get("op") == "listening":
+            if not self.listening.done():
+                self.listening.set_result(msg)
+        elif msg.get("op") == "cancel":
+            held = self.requests.get(msg.get("id"))            # type: ignore[arg-type]
+            if held is not None:
+                held[0].cancel(held[1], Unavailable("cancelled"))
+        else:
+            task = asyncio.create_task(_answer(self, msg))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def on_records(self, body: bytearray) -> None:
+        for rec in ipc.records(body, ipc.REQUEST):
+            self.request(rec)
+
+    def request(self, rec: memoryview) -> None:
+        """Queues one forwarded infer request; its answer goes out when its batch is done (``answered``)."""
+        n = ipc.REQUEST.unpack_from(rec)[1]
+        try:
+            req = ipc.Request(rec)
+            entry = self.repo.get(req.model, None)
+            model = entry.model
+            arrays = req.arrays(model.input_dtypes, self.slab)
+            rows, key = model.check_request(arrays)
+            slot = self.slab.checked_slot(req.slot)
+            pending = entry.batcher.submit(arrays, rows, key, req.timeout_s, partial(self.answered, n, slot, model))
+            self.requests[n] = (entry.batcher, pending)
+        except ServeError as exc:
+            self.channel.add(ipc.error_record(n, exc))
+        except ConnectionError as exc:
+            log.error("front end %d sent a malformed request: %s", self.index, exc)
+            self.channel.add(ipc.error_record(n, InternalError(
+                f"The front end sent a malformed request ({exc}); please report it.")))
+        except Exception as exc:               # noqa: BLE001 - a bug: this request fails, the server stays up
+            log.exception("front end %d: a forwarded request failed", self.index)
+            self.channel.add(ipc.error_record(n, InternalError(
+                f"The server failed on this request ({type(exc).__name__}); please report it.")))
+
+    def answered(self, n: int, slot: memoryview | None, model: ServedModel, result: Any) -> None:
+        """Answers request ``n``: its outputs into its slot when they fit, else in the record; or its error."""
+        self.requests.pop(n, None)
+        try:
+            if isinstance(result, BaseException):
+                err = result if isinstance(result, ServeError) else InternalError(
+                    f"The server failed on this request ({type(result).__name__}); please report it.")
+                record = ipc.error_record(n, err)
+            else:
+                record = ipc.answer_record(n, {t.name: np.asarray(result[t.name], t.np_dtype)
+                                               for t in model.outputs}, slot)
+        except Exception as exc:               # noqa: BLE001 - a bug: this request fails, the server stays up
+            log.exception("front end %d: a forwarded request's answer failed", self.index)
+            record = ipc.error_record(n, InternalError(
+                f"The server failed on this request's answer ({type(exc).__name__}); please report it."))
+        self.channel.add(record)
+
+    def forget(self) -> None:
+        """The front end is gone: its queued requests are dropped."""
+        for batcher, pending in list(self.requests.values()):
+            batcher.withdraw(pending)
+        self.requests.clear()
 
 
 def model_table(repo: ModelRepository) -> dict[str, Any]:
@@ -76,10 +152,11 @@ async def serve_frontends(config: ServeConfig, repo: ModelRepository, stop: asyn
     tasks = []
     try:
         for k in range(config.frontends):
-            links.append(await _start(k, config, ports))
-        tasks = [asyncio.create_task(_serve(link, links, repo, died)) for link in links]
+            links.append(await _start(k, config, ports, repo, links))
+        tasks = [asyncio.create_task(_serve(link, died)) for link in links]
         table = model_table(repo)
-        await asyncio.gather(*(ipc.send(link.writer, table) for link in links))
+        for link in links:
+            link.channel.send_json(table)
         first = asyncio.ensure_future(asyncio.wait([link.listening for link in links], timeout=START_SECONDS))
         await asyncio.wait([first, died], return_when=asyncio.FIRST_COMPLETED)
         first.cancel()
@@ -126,7 +203,8 @@ def _reserve_ports(config: ServeConfig) -> tuple[list[socket.socket], dict[str, 
     return held, ports
 
 
-async def _start(k: int, config: ServeConfig, ports: dict[str, int | None]) -> Link:
+async def _start(k: int, config: ServeConfig, ports: dict[str, int | None], repo: ModelRepository,
+                 links: list[Link]) -> Link:
     """Starts front end ``k`` with its end of a socketpair and its slab."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     slab = ipc.Slab()
@@ -138,8 +216,9 @@ async def _start(k: int, config: ServeConfig, ports: dict[str, int | None]) -> L
     proc = subprocess.Popen([sys.executable, "-m", "kiln.serve.frontend", json.dumps(spec)],
                             pass_fds=(theirs.fileno(), slab.fd), stdin=subprocess.DEVNULL)
     theirs.close()
-    reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
-    return Link(k, proc, reader, writer, slab)
+    link = Link(k, proc, slab, repo, links)
+    await link.open(ours)
+    return link
 
 
 async def _stop(links: list[Link], drain_seconds: float) -> None:
@@ -154,75 +233,22 @@ async def _stop(links: list[Link], drain_seconds: float) -> None:
         except subprocess.TimeoutExpired:
             link.proc.kill()
             await asyncio.to_thread(link.proc.wait)
-        link.writer.close()
+        link.channel.close()
 
 
-async def _serve(link: Link, links: list[Link], repo: ModelRepository, died: asyncio.Future) -> None:
-    """Reads one front end's messages until its socket closes."""
-    while True:
-        frame = await ipc.receive(link.reader)
-        if frame is None:
-            break
-        msg, payload = frame
-        if "re" in msg:
-            fut = link.calls.pop(msg["re"], None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-        elif msg.get("op") == "listening":
-            if not link.listening.done():
-                link.listening.set_result(msg)
-        elif msg.get("op") == "cancel":
-            task = link.tasks.get(msg.get("id"))
-            if task is not None:
-                task.cancel()
-        elif msg.get("op") == "infer":
-            link.tasks[msg.get("id")] = asyncio.create_task(_infer(link, repo, msg, payload))
-        else:
-            asyncio.create_task(_answer(link, links, repo, msg))
+async def _serve(link: Link, died: asyncio.Future) -> None:
+    """Waits for one front end's socket to close (its messages are handled as they arrive, by ``Link``)."""
+    await link.channel.closed
+    link.forget()
     code = await asyncio.to_thread(link.proc.wait)
     if not died.done() and not link.stopping:
         died.set_result(f"Front end {link.index} (pid {link.proc.pid}) exited with code {code} while serving; "
                         f"the server stopped.")
 
 
-async def _infer(link: Link, repo: ModelRepository, msg: dict[str, Any], payload: bytes) -> None:
-    """Runs one forwarded infer request and answers it (outputs in its slot when they fit, else in the message)."""
-    n, slot_no = msg.get("id"), msg.get("slot")
-    try:
-        slot = None
-        if slot_no is not None:
-            if type(slot_no) is not int or not 0 <= slot_no < link.slab.slots:
-                raise ConnectionError(f"slot {slot_no!r}")
-            slot = link.slab.slot(slot_no)
-        entry = repo.get(msg.get("model"), msg.get("version"))
-        model = entry.model
-        arrays = ipc.unpack(msg.get("inputs"), {t.name: wire_dtype(t) for t in model.inputs}, slot, payload)
-        rows, key = model.check_request(arrays)
-        timeout = msg.get("timeout")
-        results = await entry.batcher.infer(arrays, rows, key, float(timeout) if timeout else None)
-        outs = {t.name: np.asarray(results[t.name], t.np_dtype) for t in model.outputs}
-        total = sum(a.nbytes for a in outs.values())
-        descs, data = ipc.pack(outs, slot if slot is not None and total <= len(slot) else None, list(outs))
-        answer: dict[str, Any] = {"re": n, "outputs": descs}
-    except asyncio.CancelledError:
-        answer, data = {"re": n, "error": {"type": "Unavailable", "message": "cancelled"}}, b""
-    except ServeError as exc:
-        answer, data = {"re": n, "error": ipc.error_message(exc)}, b""
-    except Exception as exc:                   # noqa: BLE001 - a bug: this request fails, the server stays up
-        log.exception("front end %d: a forwarded request failed", link.index)
-        err = InternalError(f"The server failed on this request ({type(exc).__name__}); please report it.")
-        answer, data = {"re": n, "error": ipc.error_message(err)}, b""
-    finally:
-        link.tasks.pop(n, None)
-    try:
-        await ipc.send(link.writer, answer, data)
-    except ConnectionError:
-        pass                                   # the front end is gone; its exit is reported by _serve
-
-
-async def _answer(link: Link, links: list[Link], repo: ModelRepository, msg: dict[str, Any]) -> None:
+async def _answer(link: Link, msg: dict[str, Any]) -> None:
     """Answers a front end's repository, metrics or shared-memory call."""
-    op, name = msg.get("op"), msg.get("model")
+    op, name, repo, links = msg.get("op"), msg.get("model"), link.repo, link.links
     answer: dict[str, Any] = {"re": msg.get("id")}
     try:
         if op == "index":
@@ -230,7 +256,8 @@ async def _answer(link: Link, links: list[Link], repo: ModelRepository, msg: dic
         elif op in ("load", "unload"):
             await (repo.load(name) if op == "load" else repo.unload(name))
             table = model_table(repo)
-            await asyncio.gather(*(ipc.send(other.writer, table) for other in links))
+            for other in links:
+                _send(other, table)
         elif op == "metrics":
             answer["text"] = await _metrics(links, repo)
         elif op == "shm":
@@ -244,10 +271,14 @@ async def _answer(link: Link, links: list[Link], repo: ModelRepository, msg: dic
         log.exception("front end %d: call %r failed", link.index, op)
         answer = {"re": msg.get("id"), "error": ipc.error_message(InternalError(
             f"The server failed on this call ({type(exc).__name__}); please report it."))}
+    _send(link, answer)
+
+
+def _send(link: Link, msg: dict[str, Any]) -> None:
     try:
-        await ipc.send(link.writer, answer)
+        link.channel.send_json(msg)
     except ConnectionError:
-        pass
+        pass                                   # the front end is gone; its exit is reported by _serve
 
 
 async def _metrics(links: list[Link], repo: ModelRepository) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -58,9 +59,15 @@ class TensorMeta:
     datatype: str                   # v2 datatype
     shape: tuple[int, ...]
 
-    @property
+    @cached_property
     def np_dtype(self) -> np.dtype:
         return np_dtype(self.dtype)
+
+    @cached_property
+    def wire_dtype(self) -> np.dtype:
+        """The dtype as the protocol carries it: little-endian."""
+        dt = self.np_dtype
+        return dt.newbyteorder("<") if dt.byteorder not in "|" else dt
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -93,6 +100,10 @@ class ServedModel:
         self.outputs = [_meta(name, s, "output") for s in engine.outputs]
         self._by_name = {t.name: t for t in self.inputs}
         self.output_names = [t.name for t in self.outputs]
+        self.input_dtypes = {t.name: t.wire_dtype for t in self.inputs}
+        self.output_dtypes = {t.name: t.np_dtype for t in self.outputs}
+        self._checked: dict[tuple, tuple[int, tuple]] = {}     # input shapes -> check_request's answer
+        self._merged: dict[tuple, bool] = {}                   # (rows, merge key) -> merged_fits
         self._profiles = [p for p in engine.profiles if p]
         firsts = {(s["shape"] or [None])[0] for s in [*engine.inputs, *engine.outputs]}
         self.batch_axis = len(firsts) == 1 and isinstance(next(iter(firsts)), str) and all(
@@ -161,6 +172,19 @@ class ServedModel:
     def check_request(self, arrays: dict[str, np.ndarray]) -> tuple[int, tuple]:
         """Checks a whole request: every input given, shapes in one profile. Returns (rows, merge key):
         requests with equal keys may be concatenated along the batch axis."""
+        try:
+            seen = tuple(arrays[t.name].shape for t in self.inputs)
+        except KeyError:
+            seen = None
+        hit = self._checked.get(seen) if seen is not None else None
+        if hit is not None:
+            return hit
+        answer = self._check_request(arrays)
+        if seen is not None:
+            _remember(self._checked, seen, answer)
+        return answer
+
+    def _check_request(self, arrays: dict[str, np.ndarray]) -> tuple[int, tuple]:
         missing = [t.name for t in self.inputs if t.name not in arrays]
         if missing:
             raise BadRequest(f"Input {missing[0]!r} is missing; model {self.name!r} takes "
@@ -193,4 +217,17 @@ class ServedModel:
 
     def merged_fits(self, rows: int, key: tuple) -> bool:
         """Whether ``rows`` rows of requests with merge key ``key`` still make one valid batch."""
-        return rows <= self.max_batch and self.fits({t.name: (rows, *rest) for t, rest in zip(self.inputs, key)})
+        if rows > self.max_batch:
+            return False
+        hit = self._merged.get((rows, key))
+        if hit is None:
+            hit = self.fits({t.name: (rows, *rest) for t, rest in zip(self.inputs, key)})
+            _remember(self._merged, (rows, key), hit)
+        return hit
+
+
+def _remember(cache: dict, key: Any, value: Any, most: int = 1024) -> None:
+    """Keeps ``value`` under ``key``; a full cache starts over (request shapes are few in practice)."""
+    if len(cache) >= most:
+        cache.clear()
+    cache[key] = value

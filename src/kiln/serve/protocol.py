@@ -44,7 +44,7 @@ class InferRequest:
 
 def wire_dtype(meta: TensorMeta) -> np.dtype:
     """The input's dtype as the protocol carries it: little-endian."""
-    return meta.np_dtype.newbyteorder("<") if meta.np_dtype.byteorder not in "|" else meta.np_dtype
+    return meta.wire_dtype
 
 
 def array_from_bytes(meta: TensorMeta, shape: tuple[int, ...], raw: bytes | memoryview) -> np.ndarray:
