@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kiln.errors import ShapeError
+from kiln.serve import batcher
 from kiln.serve.batcher import Batcher
 from kiln.serve.errors import BadRequest, DeadlineExceeded, Unavailable
 from kiln.serve.metrics import ModelStats
@@ -150,6 +151,40 @@ def test_full_queue_answers_unavailable_and_a_timeout_frees_its_slot():
     out, batches = run(go())
     np.testing.assert_array_equal(out["y"], expected(np.ones((1, 2), np.float32)))
     assert batches == [1]                     # the timed-out request never ran
+
+
+def test_each_request_fails_at_its_own_deadline_whatever_the_order_they_came_in():
+    async def go():
+        model, insts, stats = make(ModelOptions(max_queue_delay_us=3_000_000))
+        b = Batcher(model, insts, stats)
+        loop = asyncio.get_running_loop()
+        t0, ended = loop.time(), {}
+
+        async def one(t):
+            with pytest.raises(DeadlineExceeded, match=f"{t * 1e3:.0f} ms"):
+                await submit(b, model, np.ones((1, 2), np.float32), timeout=t)
+            ended[t] = loop.time() - t0
+        await asyncio.gather(*(one(t) for t in (0.4, 0.1, 0.25)))
+        depth = b.depth
+        await b.close()
+        return ended, depth, insts[0].batches
+    ended, depth, batches = run(go())
+    assert sorted(ended, key=ended.get) == [0.1, 0.25, 0.4]
+    assert all(t - 0.001 <= ended[t] < t + 2.0 for t in ended), ended
+    assert depth == 0 and batches == []               # none ran; the queue is empty
+
+
+def test_deadlines_of_answered_requests_do_not_pile_up():
+    async def go():
+        model, insts, stats = make(ModelOptions(batching=False))
+        b = Batcher(model, insts, stats)
+        x = np.ones((1, 2), np.float32)
+        for _ in range(2 * batcher.COMPACT_AT + 10):
+            np.testing.assert_array_equal((await submit(b, model, x, timeout=60))["y"], expected(x))
+        held = len(b._deadlines)
+        await b.close()
+        return held
+    assert run(go()) <= batcher.COMPACT_AT
 
 
 def test_close_finishes_queued_requests_then_refuses_new_ones():

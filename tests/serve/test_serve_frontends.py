@@ -172,6 +172,52 @@ def test_unload_and_load_are_seen_by_every_frontend(fe_server, repo):
         c.close()
 
 
+def test_many_concurrent_requests_and_timed_out_ones_each_get_their_own_answer(fe_server, repo):
+    """Requests from 16 clients at once share frames between a front end and the engine process; each answer is
+    its own request's. gRPC calls that time out (client deadline 1 ms, server queue delay 20 ms) free their slots:
+    more of them than a front end has slots, then every request still answered."""
+    from kiln.serve import ipc
+    server, _, _ = fe_server
+    _, mlp = repo
+
+    def one(k: int) -> int:
+        rng = np.random.default_rng(100 + k)
+        grpc_c = grpcclient.InferenceServerClient(server.grpc)
+        http_c = httpclient.InferenceServerClient(server.http)
+        try:
+            for i in range(6):
+                x = rng.standard_normal((1 + (k + i) % 4, 8)).astype(np.float32)
+                if (k + i) % 2:
+                    y = grpc_c.infer("mlp", [grpc_x(x)]).as_numpy("y")
+                else:
+                    y = http_c.infer("mlp", [http_x(x, True)],
+                                     outputs=[httpclient.InferRequestedOutput("y", binary_data=True)]).as_numpy("y")
+                mlp.check(x, y)
+            return 6
+        finally:
+            grpc_c.close()
+            http_c.close()
+
+    def late(k: int) -> str:
+        c = grpcclient.InferenceServerClient(server.grpc)
+        try:
+            c.infer("mlp", [grpc_x(np.ones((1, 8), np.float32))], client_timeout=0.001)
+            return "answered"
+        except InferenceServerException as exc:
+            return str(exc.status())
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sum(pool.map(one, range(16))) == 96
+        outcomes = list(pool.map(late, range(ipc.SLOTS + 16)))
+        assert set(outcomes) <= {"StatusCode.DEADLINE_EXCEEDED", "answered"}, set(outcomes)
+        assert sum(pool.map(one, range(16))) == 96
+    import urllib.request
+    metrics = urllib.request.urlopen(f"http://{server.http}/metrics", timeout=30).read().decode()
+    assert 'kiln_queue_depth{model="mlp"} 0' in metrics
+
+
 def test_ctrl_c_stops_every_process_and_leaves_no_shared_memory(fe_server):
     server, kids, before = fe_server
     assert server.stop() == 0, server.stderr()[-2000:]

@@ -85,8 +85,22 @@ def test_tensors_too_large_for_a_slot_travel_in_the_record(slab):
     (raw_request([(b"a", [2], 0)], extra=b"junk"), "end at"),
 ])
 def test_tensor_descriptors_are_checked_against_the_buffer(slab, rec, why):
-    with pytest.raises(ConnectionError, match=why):
-        ipc.Request(rec).arrays(DTYPES, slab)
+    for layouts in (None, {}):
+        with pytest.raises(ConnectionError, match=why):
+            ipc.Request(rec).arrays(DTYPES, slab, layouts)
+        assert not layouts or why == "outside its buffer"   # only descriptors that passed are kept
+
+
+def test_checked_descriptors_are_kept_but_every_buffer_is_still_checked(slab):
+    layouts: dict = {}
+    got = ipc.Request(raw_request([(b"a", [2], 4)])).arrays(DTYPES, slab, layouts)
+    assert got["a"].shape == (2,) and len(layouts) == 1
+    slab.slot(0)[4:12] = np.array([1.5, -2], np.float32).tobytes()
+    np.testing.assert_array_equal(ipc.Request(raw_request([(b"a", [2], 4)])).arrays(DTYPES, slab, layouts)["a"],
+                                  [1.5, -2])
+    with pytest.raises(ConnectionError, match="outside its buffer"):   # the same descriptors, a shorter buffer
+        ipc.Request(raw_request([(b"a", [2], 4)], slot=-1, payload=bytes(8))).arrays(DTYPES, slab, layouts)
+    assert len(layouts) == 1
 
 
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0])

@@ -22,8 +22,12 @@ event loop (the engine process of ``--frontends`` answers from it, with no task 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +44,7 @@ from kiln.serve.shm import gather, materialize
 log = logging.getLogger("kiln.serve")
 INLINE_MAX_S = 0.0005          # longest recent run (per shape) that may block the event loop
 RUN_TIMES = 64                 # shapes whose recent run time is remembered
+COMPACT_AT = 1024              # deadline entries kept before those of finished requests are dropped
 
 
 class Instance(Protocol):
@@ -48,7 +53,7 @@ class Instance(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Pending:
     """A queued request; ``done`` gets its outputs (a dict) or its error (a ServeError), once."""
 
@@ -59,13 +64,11 @@ class Pending:
     arrived: float = field(default_factory=time.monotonic)
     finished: bool = False
     queued: bool = True
-    timer: asyncio.TimerHandle | None = None
+    timeout_s: float | None = None
 
     def finish(self, result: Any) -> None:
         if not self.finished:
             self.finished = True
-            if self.timer is not None:
-                self.timer.cancel()
             try:
                 self.done(result)
             except Exception:                  # noqa: BLE001 - a bug in the caller's callback: not the batcher's
@@ -99,6 +102,12 @@ class Batcher:
         self._inline = getattr(model.engine, "device", "cpu") != "cuda"
         self.inline_batches = inline_batches        # any short batch, not only a lone request, may run inline
         self._run_s: dict[tuple, float] = {}        # (rows, merge key) -> recent run time, seconds
+        # requests' deadlines: a heap of (deadline, sequence number, weak reference), one loop timer at the earliest
+        self._deadlines: list[tuple[float, int, weakref.ref]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._compact_at = COMPACT_AT
+        self._seq = itertools.count()
         self._executor = ThreadPoolExecutor(len(instances), thread_name_prefix=f"kiln-serve-{model.name}")
         self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in instances]
 
@@ -133,8 +142,41 @@ class Batcher:
         self.stats.queue_depth = len(self._queue)
         self._arrived.set()
         if timeout_s is not None:
-            pending.timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, pending, timeout_s)
+            self._watch(pending, timeout_s)
         return pending
+
+    def _watch(self, pending: Pending, timeout_s: float) -> None:
+        """Fails ``pending`` at its deadline unless it has finished by then."""
+        loop = asyncio.get_running_loop()
+        pending.timeout_s = timeout_s
+        deadline = loop.time() + timeout_s
+        heap = self._deadlines
+        if len(heap) >= self._compact_at:        # entries of finished requests go; amortized O(1) per request
+            heap[:] = [e for e in heap if (p := e[2]()) is not None and not p.finished]
+            heapq.heapify(heap)
+            self._compact_at = max(COMPACT_AT, 2 * len(heap))
+        heapq.heappush(heap, (deadline, next(self._seq), weakref.ref(pending)))
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = asyncio.get_running_loop().call_at(at, self._sweep), at
+
+    def _sweep(self) -> None:
+        """Fails every request whose deadline has passed; sets the timer for the next one."""
+        self._timer, self._timer_at = None, math.inf
+        heap, now = self._deadlines, asyncio.get_running_loop().time()
+        while heap:
+            deadline, _, ref = heap[0]
+            p = ref()
+            if p is not None and not p.finished:
+                if deadline > now:
+                    self._arm(deadline)
+                    return
+                self._expire(p, p.timeout_s or 0.0)
+            heapq.heappop(heap)
 
     def cancel(self, pending: Pending, exc: BaseException) -> None:
         """Fails a request now (its queue slot is freed; a run it is part of finishes without it)."""
@@ -144,8 +186,6 @@ class Batcher:
     def withdraw(self, pending: Pending) -> None:
         """Drops a request without answering it (its caller went away), freeing its queue slot."""
         pending.finished = True
-        if pending.timer is not None:
-            pending.timer.cancel()
         if pending.queued:
             pending.queued = False
             self._queue.remove(pending)
@@ -168,6 +208,8 @@ class Batcher:
         self._closed = True
         self._arrived.set()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         self._executor.shutdown(wait=True)
 
     # ---- the workers' side -------------------------------------------------------------------

@@ -114,7 +114,8 @@ class EngineLink:
             if err is not None:
                 fut.set_exception(err)
             else:
-                fut.set_result(answer.arrays(model.output_dtypes, None if slot is None else self.slab.slot(slot)))
+                fut.set_result(answer.arrays(model.output_dtypes, None if slot is None else self.slab.slot(slot),
+                                             model.output_layouts))
         except (ConnectionError, ValueError) as exc:
             fut.set_exception(InternalError(f"The engine process answered badly ({exc}); please report it."))
         finally:

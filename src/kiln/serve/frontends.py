@@ -91,7 +91,7 @@ class Link:
             req = ipc.Request(rec)
             entry = self.repo.get(req.model, None)
             model = entry.model
-            arrays = req.arrays(model.input_dtypes, self.slab)
+            arrays = req.arrays(model.input_dtypes, self.slab, model.input_layouts)
             rows, key = model.check_request(arrays)
             slot = self.slab.checked_slot(req.slot)
             pending = entry.batcher.submit(arrays, rows, key, req.timeout_s, partial(self.answered, n, slot, model))

@@ -58,6 +58,7 @@ SLOTS = 64                              # slots per front end
 SLOT_BYTES = 2 << 20                    # bytes per slot; larger requests travel in the record
 MAX_FRAME = (1 << 32) - 1               # the most a frame's length field may say
 FLUSH_BYTES = 1 << 20                   # records waiting beyond this go out at once, not at the pass's end
+LAYOUTS = 256                           # checked tensor descriptors kept per model and direction
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.NotFound, errors.TooLarge, errors.Unavailable,
                                   errors.DeadlineExceeded, errors.InternalError)}
 
@@ -162,11 +163,12 @@ class Request:
         self.timeout_s = timeout or None
         self.rec, self.pos, self.end = rec, pos, len(rec) - payload_len
 
-    def arrays(self, dtypes: dict[str, np.dtype], slab: Slab) -> dict[str, np.ndarray]:
+    def arrays(self, dtypes: dict[str, np.dtype], slab: Slab, layouts: dict | None = None) -> dict[str, np.ndarray]:
         """The request's tensors, each checked and viewed where it lies (a payload is copied out of the frame)."""
         slot = slab.checked_slot(self.slot)
         payload = bytearray(self.rec[self.end:]) if self.end < len(self.rec) else None
-        return place(self.rec, self.pos, self.end, self.count, dtypes, payload if payload is not None else slot)
+        return place(self.rec, self.pos, self.end, self.count, dtypes, payload if payload is not None else slot,
+                     layouts)
 
 
 class Answer:
@@ -186,20 +188,41 @@ class Answer:
         except ValueError:
             return errors.InternalError("The engine process answered with a malformed error; please report it.")
 
-    def arrays(self, dtypes: dict[str, np.dtype], slot: memoryview | None) -> dict[str, np.ndarray]:
+    def arrays(self, dtypes: dict[str, np.dtype], slot: memoryview | None,
+               layouts: dict | None = None) -> dict[str, np.ndarray]:
         """The outputs, checked and copied (the slot is reused once the answer is read)."""
         buf = self.rec[self.end:] if self.end < len(self.rec) else slot
-        got = place(self.rec, ANSWER.size, self.end, self.count, dtypes, buf)
+        got = place(self.rec, ANSWER.size, self.end, self.count, dtypes, buf, layouts)
         return {n: a.copy() for n, a in got.items()}
 
 
-def place(rec: memoryview, pos: int, end: int, count: int, dtypes: dict[str, np.dtype],
-          buf: Any) -> dict[str, np.ndarray]:
+def place(rec: memoryview, pos: int, end: int, count: int, dtypes: dict[str, np.dtype], buf: Any,
+          layouts: dict | None = None) -> dict[str, np.ndarray]:
     """The ``count`` tensors described in ``rec[pos:end]`` as arrays over ``buf``, each checked: a known name
-    given once, with the dtype ``dtypes`` gives it, whole-number dims, its bytes inside ``buf``."""
-    out: dict[str, np.ndarray] = {}
+    given once, with the dtype ``dtypes`` gives it, whole-number dims, its bytes inside ``buf``. ``layouts``
+    (one dict per ``dtypes``) keeps descriptors already checked, by their bytes."""
+    if layouts is None:
+        tensors = _layout(rec, pos, end, count, dtypes)
+    else:
+        key = (count, bytes(rec[pos:end]))
+        tensors = layouts.get(key)
+        if tensors is None:
+            tensors = _layout(rec, pos, end, count, dtypes)
+            if len(layouts) >= LAYOUTS:
+                layouts.clear()
+            layouts[key] = tensors
     buf = b"" if buf is None else buf
-    size = len(buf)
+    size, out = len(buf), {}
+    for name, dt, n, offset, shape, stop in tensors:
+        if stop > size:
+            raise ConnectionError(f"tensor {name!r} lies outside its buffer")
+        out[name] = np.frombuffer(buf, dt, n, offset).reshape(shape)
+    return out
+
+
+def _layout(rec: memoryview, pos: int, end: int, count: int, dtypes: dict[str, np.dtype]) -> list[tuple]:
+    """(name, dtype, elements, offset, shape, end offset) of each described tensor, checked but for its buffer."""
+    out: list[tuple] = []
     try:
         for _ in range(count):
             name_len, rank, offset = TENSOR.unpack_from(rec, pos)
@@ -209,14 +232,12 @@ def place(rec: memoryview, pos: int, end: int, count: int, dtypes: dict[str, np.
             shape = struct.unpack_from(f"<{rank}q", rec, pos)
             pos += rank * DIM.size
             dt = dtypes.get(name)
-            if dt is None or name in out:
+            if dt is None or any(t[0] == name for t in out):
                 raise ConnectionError(f"a tensor descriptor for an unknown or repeated tensor {name[:100]!r}")
             if min(shape, default=0) < 0:
                 raise ConnectionError(f"tensor {name!r} has shape {list(shape)}")
-            nbytes = math.prod(shape) * dt.itemsize
-            if offset + nbytes > size:
-                raise ConnectionError(f"tensor {name!r} lies outside its buffer")
-            out[name] = np.frombuffer(buf, dt, nbytes // dt.itemsize, offset).reshape(shape)
+            n = math.prod(shape)
+            out.append((name, dt, n, offset, shape, offset + n * dt.itemsize))
     except struct.error:
         raise ConnectionError("a record shorter than its tensor descriptors") from None
     if pos != end:

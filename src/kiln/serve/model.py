@@ -102,6 +102,8 @@ class ServedModel:
         self.output_names = [t.name for t in self.outputs]
         self.input_dtypes = {t.name: t.wire_dtype for t in self.inputs}
         self.output_dtypes = {t.name: t.np_dtype for t in self.outputs}
+        self.input_layouts: dict = {}                          # kiln.serve.ipc's checked descriptors, by bytes
+        self.output_layouts: dict = {}
         self._checked: dict[tuple, tuple[int, tuple]] = {}     # input shapes -> check_request's answer
         self._merged: dict[tuple, bool] = {}                   # (rows, merge key) -> merged_fits
         self._profiles = [p for p in engine.profiles if p]
