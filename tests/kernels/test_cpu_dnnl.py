@@ -78,9 +78,9 @@ def test_residual_is_a_post_op_in_the_layers_order(monkeypatch, after):
     made = []
     real = cpu_dnnl.Primitive
 
-    def recording(*args):
+    def recording(*args, **kwargs):
         made.append(args[-1])
-        return real(*args)
+        return real(*args, **kwargs)
     monkeypatch.setattr(cpu_dnnl, "Primitive", recording)
     x, w, b = _operands()
     attrs = _attrs("silu", residual=True, residual_after_activation=after)

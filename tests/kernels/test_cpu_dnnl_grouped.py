@@ -202,20 +202,64 @@ def test_torchs_onednn_is_offered_only_where_this_tactic_is_not():
 def test_one_column_wide_tactic_runs_on_cached_primitives(monkeypatch):
     """``onednn_wide`` turns a one-column image on its side and runs it through this tactic's primitives."""
     from kiln.kernels.cpu_conv_wide import make_convolution_onednn_wide
-    made = []
-    real = cpu_dnnl.Primitive
-
-    def recording(lib, shape, *rest):
-        made.append(shape)
-        return real(lib, shape, *rest)
-    monkeypatch.setattr(cpu_dnnl, "Primitive", recording)
+    made = _recording(monkeypatch)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 8, 41, 1, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(16, 8, 5, 1, generator=g) / 40 ** 0.5, torch.randn(16, generator=g)
     attrs = _attrs("hard_swish", groups=1, stride=(2, 1), pads=(2, 0, 1, 0))
     y, = make_convolution_onednn_wide(attrs, CPU)(x, w, b)
     _check(y, _reference(x, w, b, attrs, ACTS["hard_swish"][2]))
-    assert made == [(2, 8, 1, 41)]
+    assert made == [((2, 8, 1, 41), False)]
+
+
+def _recording(monkeypatch) -> list:
+    """Each primitive made from now on, as (input shape, nchw)."""
+    made, real = [], cpu_dnnl.Primitive
+
+    def recording(lib, shape, *rest, nchw=False):
+        made.append((shape, nchw))
+        return real(lib, shape, *rest, nchw=nchw)
+    monkeypatch.setattr(cpu_dnnl, "Primitive", recording)
+    return made
+
+
+@pytest.mark.parametrize("geometry", [{"stride": (2, 2)}, {"groups": 3, "cin": 3, "cout": 6, "pads": (0, 1, 2, 1)}])
+def test_an_nchw_image_is_read_as_it_is(monkeypatch, geometry):
+    """An NCHW input of fewer than FIRST_CONV_CHANNELS channels (the stem) goes into the primitive as it is and its
+    output is reordered into NHWC; channels-last or wider inputs, and calls with a residual, take the NHWC path."""
+    made = _recording(monkeypatch)
+    geometry = {"groups": 1, "cin": 3, "cout": 16, **geometry}
+    cin, cout, groups = geometry.pop("cin"), geometry.pop("cout"), geometry["groups"]
+    x, w, b = _operands(cin=cin, cout=cout, groups=groups)
+    attrs = _attrs("hard_swish", **geometry, residual=True)
+    ref = _reference(x, w, b, attrs, ACTS["hard_swish"][2])
+    fn = make_convolution_onednn_cached(attrs, CPU)
+    for _ in range(2):
+        y, = fn(x, w, b)
+        _check(y, ref)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert made == [((2, cin, 9, 11), True)]
+    _check(fn(x.contiguous(memory_format=torch.channels_last), w, b)[0], ref)
+    assert made[1:] == [((2, cin, 9, 11), False)]
+    r = torch.randn(ref.shape).float().contiguous(memory_format=torch.channels_last)
+    _check(fn(x, w, b, r)[0], _reference(x, w, b, attrs, ACTS["hard_swish"][2], r))
+    assert made[2][1] is False
+    wide = _operands(cin=8 * groups, cout=cout, groups=groups)
+    _check(fn(*wide)[0], _reference(*wide, attrs, ACTS["hard_swish"][2]))
+    assert made[-1] == ((2, 8 * groups, 9, 11), False)
+
+
+def test_an_nchw_input_with_only_a_reference_kernel_takes_the_nhwc_path(monkeypatch):
+    """Where oneDNN would run its reference convolution on the NCHW input (here: the implementation's name cannot
+    be read, which counts as that), the input is made channels-last instead, once decided per shape."""
+    made = _recording(monkeypatch)
+    monkeypatch.setattr(cpu_dnnl, "_QUERY_IMPL_INFO_STR", 0)
+    x, w, b = _operands(cin=3, cout=16, groups=1)
+    attrs = _attrs("relu", groups=1)
+    fn = make_convolution_onednn_cached(attrs, CPU)
+    for _ in range(2):
+        _check(fn(x, w, b)[0], _reference(x, w, b, attrs, ACTS["relu"][2]))
+    assert made == [((2, 3, 9, 11), True), ((2, 3, 9, 11), False)]
 
 
 class _SE(nn.Module):

@@ -26,7 +26,7 @@ from kiln.kernels.conv import match_weight
 from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place, fp32_2d_cpu
 from kiln.kernels.dnnl_api import (ALLOCATE, ANY, ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_SRC_1,
                                    ARG_WEIGHTS, FORWARD_INFERENCE, LIBRARY_ENV, QUERY_SCRATCHPAD_MD,
-                                   QUERY_WEIGHTS_MD, Dims, Dnnl, P, PrimitiveBase, _loaded, library)
+                                   QUERY_WEIGHTS_MD, Dims, Dnnl, ExecArg, P, PrimitiveBase, _loaded, library)
 from kiln.kernels.pointwise import act_params
 from kiln.kernels.registry import KernelContext, tactic
 
@@ -37,6 +37,11 @@ CL = torch.channels_last
 
 # oneDNN v3 C API values for convolutions (oneapi/dnnl/dnnl_types.h; the same in 3.2 and 3.12)
 _A, _OIHW, _GOIHW, _NHWC, _CONVOLUTION_DIRECT = 2, 5, 6, 22, 1
+_NCHW = _OIHW                                       # both abcd
+_QUERY_IMPL_INFO_STR, _QUERY_DST_MD = 8, 133
+# an NCHW input with fewer channels (an image) is read as it is, into the blocked output oneDNN picks for a first
+# convolution, reordered into NHWC after: cheaper than making the input NHWC first
+FIRST_CONV_CHANNELS = 8
 _ARG_POST_OP_BASE, _BINARY_ADD = 32768, 131056     # a post-op's operand: BASE * (index + 1) | SRC_1
 # activation -> (eltwise algorithm, alpha, beta), each oneDNN's formula for Kiln's (kernels/pointwise.py); None:
 # the layer's alpha or beta (relu with alpha is leaky relu; hardsigmoid clamp(alpha·x + beta, 0, 1); clip
@@ -76,18 +81,20 @@ class Primitive(PrimitiveBase):
     """One convolution primitive for one input shape: weights reordered into its layout, its own bias and
     scratchpad; ``posts`` its post-ops in order: ("eltwise", alg, alpha, beta) or ("add",), the residual added
     as a [N, Cout, Ho, Wo] NHWC operand. ``groups`` > 1 reads the [Cout, Cin/groups, kh, kw] weight as oneDNN's
-    [groups, Cout/groups, Cin/groups, kh, kw] (the same memory). ``run(src, dst, residual)`` executes it on NHWC
-    buffers."""
+    [groups, Cout/groups, Cin/groups, kh, kw] (the same memory). With ``nchw`` the source is read NCHW into the
+    output layout the primitive picks, then reordered into the NHWC destination (eltwise post-ops only); a
+    primitive that would be oneDNN's reference implementation there raises NotImplementedError.
+    ``run(src, dst, residual)`` executes it."""
 
     def __init__(self, lib: Dnnl, x_shape: tuple[int, ...], w: torch.Tensor, b: torch.Tensor | None,
-                 stride: list[int], dilation: list[int], pads: list[int], groups: int, posts: tuple[tuple, ...]
-                 ) -> None:
+                 stride: list[int], dilation: list[int], pads: list[int], groups: int, posts: tuple[tuple, ...],
+                 nchw: bool = False) -> None:
         super().__init__(lib)
         d = lib.lib
         n, c, h, wd = x_shape
         oc, icg, kh, kw = w.shape
         self.out_shape = (n, oc, ho, wo) = out_shape(x_shape, w.shape, stride, dilation, pads)
-        src, dst = self._md([n, c, h, wd], _NHWC), self._md([n, oc, ho, wo], _NHWC)
+        src, dst = self._md([n, c, h, wd], _NCHW if nchw else _NHWC), self._md([n, oc, ho, wo], ANY if nchw else _NHWC)
         wdims, wtag = ([oc, icg, kh, kw], _OIHW) if groups == 1 else ([groups, oc // groups, icg, kh, kw], _GOIHW)
         wany, bias, wuser = self._md(wdims, ANY), self._md([oc], _A), self._md(wdims, wtag)
         attr, post = self._attr_user_scratchpad(), P()
@@ -109,9 +116,23 @@ class Primitive(PrimitiveBase):
             Dims(*stride), Dims(*(k - 1 for k in dilation)), Dims(pads[0], pads[1]), Dims(pads[2], pads[3]), attr),
             "convolution")
         self.handles.append(("primitive_desc", pd))
+        if nchw:
+            info = ctypes.c_char_p()
+            d.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO_STR, 0, ctypes.byref(info))
+            if (info.value or b"ref").startswith(b"ref"):
+                raise NotImplementedError("oneDNN has only its reference convolution for this NCHW input")
+            dst = self._query(pd, _QUERY_DST_MD, 0)
         wmd, smd = self._query(pd, QUERY_WEIGHTS_MD, 0), self._query(pd, QUERY_SCRATCHPAD_MD, 0)
         self.prim = self._primitive(pd)
-        self.src, self.dst = self._memory(src, None), self._memory(dst, None)
+        self.src, self.dst = self._memory(src, None), self._memory(dst, ALLOCATE if nchw else None)
+        self.reorder = None
+        if nchw:                        # the primitive's own output, reordered into the caller's NHWC tensor
+            user, rpd = self._md([n, oc, ho, wo], _NHWC), P()
+            lib.check(d.dnnl_reorder_primitive_desc_create(ctypes.byref(rpd), dst, lib.engine, user, lib.engine, None),
+                      "output reorder")
+            self.handles.append(("primitive_desc", rpd))
+            self.out = self._memory(user, None)
+            self.reorder = (self._primitive(rpd), (ExecArg * 2)(ExecArg(ARG_SRC, self.dst), ExecArg(ARG_DST, self.out)))
         self.weights = self._reordered(w.detach().contiguous(), wuser, wmd)
         self.bias, self.scratch = self._memory(bias, ALLOCATE), self._memory(smd, ALLOCATE)
         bptr = P()
@@ -124,6 +145,13 @@ class Primitive(PrimitiveBase):
 
     def run(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> None:
         self._set(self.src, x.data_ptr())
+        if self.reorder is not None:
+            self._set(self.out, y.data_ptr())
+            stream = self.lib.stream()
+            self._exec(self.prim, stream, self.nargs, self.args)
+            self._exec(self.reorder[0], stream, 2, self.reorder[1])
+            self._wait(stream)
+            return
         self._set(self.dst, y.data_ptr())
         if self.residual is not None:
             self._set(self.residual, residual.data_ptr())
@@ -150,15 +178,17 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
     after = bool(attrs.get("residual_after_activation"))
     act_op = (("eltwise", *eltwise_post_op(attrs)),) if attrs.get("activation") else ()
     # post-ops per mode: "act" the activation; "add" the residual too, in the layer's order; "none" nothing
-    modes = {"act": act_op, "add": act_op + (("add",),) if after else (("add",),) + act_op, "none": ()}
+    modes = {"act": act_op, "add": act_op + (("add",),) if after else (("add",),) + act_op, "none": (),
+             "nchw": act_op}
     act = activation_in_place(attrs)
     kept: dict[str, Any] = {"w": None, "b": None}
     prims: OrderedDict[tuple, Primitive] = OrderedDict()
     # (shape, strides) of channels-last FP32 inputs already checked against the kept weights -> their "act"
     # primitive: a call without a residual on such an input goes straight to it
     checked: dict[tuple, Primitive] = {}
+    reference_only: set[tuple] = set()      # NCHW input shapes oneDNN has no fast kernel for
 
-    def primitive(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> Primitive:
+    def primitive(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> Primitive | None:
         if kept["w"] is not w or kept["b"] is not b:
             kept["w"], kept["b"] = w, b
             prims.clear()
@@ -166,7 +196,12 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
         key = (tuple(x.shape), mode)
         hit = prims.get(key)
         if hit is None:
-            hit = prims[key] = Primitive(lib, key[0], w, b, stride, dil, pads, groups, modes[mode])
+            try:
+                hit = Primitive(lib, key[0], w, b, stride, dil, pads, groups, modes[mode], nchw=mode == "nchw")
+            except NotImplementedError:
+                reference_only.add(key[0])
+                return None
+            prims[key] = hit
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
                 checked.clear()
@@ -190,6 +225,14 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
                 y = y + residual
             y = act(y) if act is not None else y
             return (y + residual if residual is not None and after else y,)
+        if residual is None and x.shape[1] < FIRST_CONV_CHANNELS and x.is_contiguous() \
+                and not x.is_contiguous(memory_format=CL) and tuple(x.shape) not in reference_only:
+            p = primitive(x, w, b, "nchw")
+            if p is not None:
+                checked[(x.shape, x.stride())] = p
+                y = torch.empty(p.out_shape, dtype=torch.float32, memory_format=CL)
+                p.run(x, y)
+                return (y,)
         as_is = x.is_contiguous(memory_format=CL)
         x = x.contiguous(memory_format=CL)
         if residual is None:
