@@ -7,9 +7,10 @@ are made on the first call for an input shape, with the weight reordered once in
 chose, and a call only points the source and destination memories at the tensors and executes. The layer runs
 NHWC in and out (channels-last tensors), any groups (depthwise too); bias, the activation (relu, leaky_relu,
 sigmoid, tanh, silu, hard_swish, hard_sigmoid, clip, gelu, gelu_tanh: an eltwise post-op whose alpha and beta are
-the layer's, checked to be finite numbers) and a channels-last residual of the output's shape (a binary add post-op, before or after the activation
-as the layer says) run as one primitive; a residual of another shape or layout is added in place after it.
-Without the library the tactic is not offered.
+the layer's, checked to be finite numbers) and a channels-last residual of the output's shape (a binary add
+post-op, before or after the activation as the layer says) run as one primitive; a residual of another shape or
+layout is added in place after it. An NCHW input of fewer than FIRST_CONV_CHANNELS channels (an image) is read
+as it is, its output reordered into NHWC. Without the library the tactic is not offered.
 """
 from __future__ import annotations
 
