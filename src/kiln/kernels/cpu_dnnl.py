@@ -184,8 +184,8 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
     act = activation_in_place(attrs)
     kept: dict[str, Any] = {"w": None, "b": None}
     prims: OrderedDict[tuple, Primitive] = OrderedDict()
-    # (shape, strides) of channels-last FP32 inputs already checked against the kept weights -> their "act"
-    # primitive: a call without a residual on such an input goes straight to it
+    # (shape, strides) of FP32 inputs (channels-last, or an NCHW image) already checked against the kept weights ->
+    # the primitive that reads them as they are: a call without a residual on such an input goes straight to it
     checked: dict[tuple, Primitive] = {}
     reference_only: set[tuple] = set()      # NCHW input shapes oneDNN has no fast kernel for
 
