@@ -7,6 +7,8 @@
     python benchmarks/serve_bench.py models --out DIR [--names resnet50,bert_base] [--precision fp16] [--max-batch 64]
     python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
         [--rss-limit-mb 50] [--json out.json]
+    python benchmarks/serve_bench.py engine-load [--widths 8,4] [--batches 1,8,32] [--requests 5000]
+        [--inflight N] [--delay-us 20000] [--rounds 1] [--profile ROWS] [--json out.json]
 
 sweep: starts `python -m kiln.serve` on the repository (default: a CPU MLP built here, x [N,256] ->
 256 -> 64, N 1..64; --widths 8,4 measures the server's own overhead), once with dynamic batching and once with --no-batching, and for each protocol and
@@ -18,6 +20,16 @@ Inputs are random, shaped from the model's metadata: -1 dims are 1 unless --shap
 shared-memory extension: one object per thread, registered with the server) instead of the request.
 --engine-bench then times the engine itself (kiln.bench, as `kiln bench`) at the batch each point formed,
 and prints the server's throughput as a share of it, beside that batch's median engine latency.
+
+engine-load: the engine process of `--frontends` alone, without HTTP or gRPC: this process loads a CPU MLP
+(x [N, widths[0]] -> ... , built here) and runs kiln.serve.frontends' side of one front-end link; a child
+process stands in for the front end, sending one-row requests through kiln.serve.frontend's own link code
+(slab slots, request records) from --inflight coroutines (default max(16, 2 x batch)), every answer checked
+against a float64 reference. For each --batches size B the model is served with --max-batch B, preferred
+size B and --delay-us of queue delay (B 1: no batching), so the batcher forms batches of B. Prints the engine
+process's CPU time (all its threads) per request between the child's start and end marks, requests/s and the
+mean batch formed; --profile N prints the N most expensive functions of the engine process (cProfile: the
+loop thread only, and slower while profiled).
 
 models: exports the harness's ResNet-50 and BERT-base (seeded random weights) and builds GPU engines with
 a dynamic batch 1..--max-batch into DIR (served as resnet50 and bert_base).

@@ -100,17 +100,33 @@ def tensors(arrays: dict[str, np.ndarray], order: list[str], slot: memoryview | 
     """The tensor descriptors of ``arrays`` (in ``order``) and the payload: empty when they were copied into
     ``slot`` (given and large enough), else their bytes."""
     flat = [np.ascontiguousarray(arrays[n]) for n in order]
-    into_slot = slot is not None and sum(a.nbytes for a in flat) <= len(slot)
-    descs, chunks, offset = [], [], 0
-    for n, a in zip(order, flat):
+    key = (*order, *[a.shape for a in flat], *[a.itemsize for a in flat])
+    known = _DESCRIPTORS.get(key)
+    if known is None:
+        known = _descriptors([(n, a.shape, a.itemsize) for n, a in zip(order, flat)])
+        if len(_DESCRIPTORS) >= LAYOUTS:
+            _DESCRIPTORS.clear()
+        _DESCRIPTORS[key] = known
+    descs, offsets, total = known
+    if slot is not None and total <= len(slot):
+        for a, offset in zip(flat, offsets):
+            slot[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+        return descs, b""
+    return descs, b"".join(a.tobytes() for a in flat)
+
+
+_DESCRIPTORS: dict[tuple, tuple[bytes, list[int], int]] = {}
+
+
+def _descriptors(tensors: list[tuple[str, tuple[int, ...], int]]) -> tuple[bytes, list[int], int]:
+    """The descriptor bytes, offsets and total bytes of tensors laid end to end, from (name, shape, itemsize)."""
+    descs, offsets, offset = [], [], 0
+    for n, shape, itemsize in tensors:
         name = n.encode()
-        descs.append(TENSOR.pack(len(name), a.ndim, offset) + name + struct.pack(f"<{a.ndim}q", *a.shape))
-        if into_slot:
-            np.frombuffer(slot, np.uint8, a.nbytes, offset)[...] = a.reshape(-1).view(np.uint8)
-        else:
-            chunks.append(a.tobytes())
-        offset += a.nbytes
-    return b"".join(descs), b"".join(chunks)
+        descs.append(TENSOR.pack(len(name), len(shape), offset) + name + struct.pack(f"<{len(shape)}q", *shape))
+        offsets.append(offset)
+        offset += math.prod(shape) * itemsize
+    return b"".join(descs), offsets, offset
 
 
 def request_record(n: int, model: str, timeout_s: float | None, slot_no: int | None,
