@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from viewer_testing import get, wait_ready
 
 from kiln.viewer import serve
-from kiln.viewer.server import Document, Source
+from kiln.viewer.server import _LONG_POLL_S, Document, Source
 
 HEAVY = ("onnx", "ml_dtypes", "torch")
 
@@ -99,7 +99,8 @@ def test_served_document_is_completed_in_the_background(yolo_path):
         for _ in range(60):
             if not final["pending"]:
                 break
-            status, _, body = get(server, f"/api/model?after={final['revision']}")
+            # a long poll: the server answers within its own limit (_LONG_POLL_S), so the client waits longer
+            status, _, body = get(server, f"/api/model?after={final['revision']}", timeout=_LONG_POLL_S + 10)
             assert status == 200
             final = json.loads(body)
         assert final["pending"] is False and final["revision"] >= first["revision"]

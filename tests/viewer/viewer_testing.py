@@ -63,10 +63,10 @@ def overlaps(boxes: list[dict]) -> list[tuple[int, int]]:
     return out
 
 
-def get(server, path: str, host: str | None = None, method: str = "GET"):
+def get(server, path: str, host: str | None = None, method: str = "GET", timeout: float = 10.0):
     """A raw request: the path goes out exactly as given (no client-side normalisation)."""
     h, port = server.server_address[:2]
-    conn = http.client.HTTPConnection(h, port, timeout=10)
+    conn = http.client.HTTPConnection(h, port, timeout=timeout)
     conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
     conn.putheader("Host", host or f"127.0.0.1:{port}")
     conn.endheaders()
