@@ -13,6 +13,7 @@ import pytest
 from _serve import run_async
 
 from kiln.serve import frontends, ipc
+from kiln.serve.errors import InternalError
 from kiln.serve.model import ModelOptions
 from kiln.serve.server import ServeConfig, load_repository
 
@@ -131,3 +132,23 @@ def test_a_timeout_and_a_cancel_are_answered_at_once_and_the_slot_stays_untouche
     assert before == (x.tobytes() + bytes(32), x.tobytes() + bytes(32))   # no outputs written for them
     mlp.check(x, y)
     assert depth == 0
+
+
+def test_answers_for_a_front_end_that_has_gone_are_dropped_quietly(repo):
+    folder, _ = repo
+    x = np.ones((1, 8), np.float32)
+
+    async def body(peer, repo_, link):
+        loop, failures = asyncio.get_running_loop(), []
+        loop.set_exception_handler(lambda _, context: failures.append(context))
+        peer.send(ipc.RECORDS, request(1, x, 0, peer.slab))
+        await peer.answers(1)
+        peer.writer.close()
+        await asyncio.wait_for(link.channel.closed, 30)
+        link.channel.add(ipc.error_record(2, InternalError("late")))     # as a batch finishing now would
+        await asyncio.sleep(0.05)
+        with pytest.raises(ConnectionError):
+            link.channel.send_json({"op": "models"})                      # a control call is told at once
+        return failures
+
+    assert run_async(with_link(folder, body)) == []

@@ -318,11 +318,13 @@ class Channel(asyncio.Protocol):
             self.flush()
 
     def flush(self) -> None:
+        """Sends the records queued so far (dropped once the other process is gone: no one is left to read them)."""
         if self._out:
             body = b"".join(self._out)
             self._out.clear()
             self._out_bytes = 0
-            self._write(HEAD.pack(RECORDS, len(body)) + body)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(HEAD.pack(RECORDS, len(body)) + body)
 
     def _write(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
