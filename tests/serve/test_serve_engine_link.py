@@ -99,6 +99,7 @@ def test_a_frame_of_several_requests_is_answered_request_by_request(repo):
     ipc.HEAD.pack(ipc.JSON, 2) + b"[]",                                          # not an object
     ipc.HEAD.pack(ipc.JSON, 3) + b"{x:",                                         # not JSON
     ipc.HEAD.pack(7, 0),                                                         # an unknown kind
+    ipc.HEAD.pack(7, 1 << 31),                             # an unknown kind: refused before its body comes
     ipc.HEAD.pack(ipc.RECORDS, 8) + struct.pack("<I", 500) + bytes(4),           # a record past its frame
 ])
 def test_a_broken_frame_closes_the_connection(repo, frame):

@@ -56,7 +56,6 @@ DIM = struct.Struct("<q")
 OK, ERROR = 0, 1
 SLOTS = 64                              # slots per front end
 SLOT_BYTES = 2 << 20                    # bytes per slot; larger requests travel in the record
-MAX_FRAME = (1 << 32) - 1               # the most a frame's length field may say
 FLUSH_BYTES = 1 << 20                   # records waiting beyond this go out at once, not at the pass's end
 LAYOUTS = 256                           # checked tensor descriptors kept per model and direction
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.NotFound, errors.TooLarge, errors.Unavailable,
@@ -351,19 +350,19 @@ class Channel(asyncio.Protocol):
         try:
             while len(buf) - pos >= HEAD.size:
                 kind, n = HEAD.unpack_from(buf, pos)
+                if kind != JSON and kind != RECORDS:
+                    raise ConnectionError(f"a frame of unknown kind {kind}")
                 start = pos + HEAD.size
                 if len(buf) - start < n:
                     break
                 body, pos = buf[start:start + n], start + n
-                if kind == JSON:
-                    msg = json.loads(body)
-                    if not isinstance(msg, dict):
-                        raise ConnectionError("a JSON frame that is not an object")
-                    self.on_json(msg)
-                elif kind == RECORDS:
+                if kind == RECORDS:
                     self.on_records(body)
-                else:
-                    raise ConnectionError(f"a frame of unknown kind {kind}")
+                    continue
+                msg = json.loads(body)
+                if not isinstance(msg, dict):
+                    raise ConnectionError("a JSON frame that is not an object")
+                self.on_json(msg)
         except (ConnectionError, ValueError) as exc:
             log.error("kiln serve: the other process sent a broken frame (%s); closing its connection", exc)
             buf.clear()
