@@ -153,16 +153,24 @@ def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
 
 
 def _nhwc_on_cpu(t, depth: int) -> bool:
-    """Whether an FP32 CPU tensor comes out of a channels-last kind, or a Concatenation (``depth`` levels deep)
-    of such tensors only."""
+    """Whether an FP32 CPU tensor comes out of a channels-last kind, or (``depth`` levels deep) a Concatenation of
+    such tensors only, or an element-wise layer (ElementWise, Activation, Pointwise) one of whose inputs has the
+    output's full shape and is such a tensor (torch's element-wise ops give their output the layout of a full-shape
+    input: the squeeze-excitation Mul of an NHWC map by a [N, C, 1, 1] gate is NHWC)."""
     p = t.producer
     if p is None:
         return False
     if LAYER_KINDS[p.kind].channels_last:
         return True
     ins = [i for i in p.inputs if i is not None]
-    return (p.kind == "Concatenation" and depth > 0 and bool(ins)
-            and all(i.shape is not None and len(i.shape) == 4 and _nhwc_on_cpu(i, depth - 1) for i in ins))
+    if depth <= 0 or not ins:
+        return False
+    if p.kind == "Concatenation":
+        return all(i.shape is not None and len(i.shape) == 4 and _nhwc_on_cpu(i, depth - 1) for i in ins)
+    if p.kind in ("ElementWise", "Activation", "Pointwise") and t.shape is not None:
+        full = [i for i in ins if i.shape is not None and tuple(i.shape) == tuple(t.shape)]
+        return bool(full) and _nhwc_on_cpu(full[0], depth - 1)
+    return False
 
 
 class _PluginTactic:
