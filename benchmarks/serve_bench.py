@@ -44,6 +44,7 @@ SIGINT and exit 0. Prints a JSON verdict; exits 1 if any check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import multiprocessing as mp
@@ -287,7 +288,10 @@ def run_load(protocol: str, at: str, model: str, concurrency: int, seconds: floa
             **({f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)} if len(a) else {})}
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _model_repo(args: argparse.Namespace):
+    """(repository folder, model name, {input: dims} from --shape): --repo's, else a CPU MLP of --widths built
+    in a temporary folder for the command's duration."""
     shapes = {}
     for s in args.shape or []:
         name, dims = s.split(":")
@@ -298,6 +302,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         model = args.model or f"mlp{widths[0]}"
         if not args.repo:
             build_mlp(repo, model, widths, 64)
+        yield repo, model, shapes
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    with _model_repo(args) as (repo, model, shapes):
         rows, dims = [], {}
         for batching in args.batching.split(","):
             flags = list(args.server_flag or []) + ([] if batching == "on" else ["--no-batching"])
@@ -552,16 +561,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     work, each server stage (from `_trace-serve`), the engine alone, and the same client against `echo`."""
     if any(f.startswith("--frontends") for f in args.server_flag or []):
         raise SystemExit("latency times the stages inside one server process; run it without --frontends.")
-    shapes = {}
-    for s in args.shape or []:
-        name, dims = s.split(":")
-        shapes[name] = [int(d) for d in dims.split("x")]
-    with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(args.repo) if args.repo else Path(tmp)
-        widths = tuple(int(w) for w in args.widths.split(","))
-        model = args.model or f"mlp{widths[0]}"
-        if not args.repo:
-            build_mlp(repo, model, widths, 64)
+    with _model_repo(args) as (repo, model, shapes):
         rows, dims = [], {}
         points = [(b, p, shm) for b in args.batching.split(",") for p in args.protocols.split(",")
                   for shm in args.shm.split(",")]

@@ -5,7 +5,7 @@
 # Serve (kiln.serve.ray on a local cluster) and grpcio-tools (the committed gRPC code is checked against
 # protoc's output), and Debian's Chromium
 # for the viewer's real-browser tests (Playwright drives it; no browser download). oneDNN's own library
-# (onednn-cpu-gomp, kiln[cpu-onednn]) lets the onednn_cached convolution tactic's tests run.
+# (onednn-cpu-gomp, kiln[cpu-onednn]) lets the oneDNN CPU tactics' tests run (convolution, LSTM/GRU, GEMM).
 set -euo pipefail
 BIN="${1:-.venv/bin}"
 "$BIN/pip" install -q -e '.[test,serve,ray,viewer,quant]' 'tritonclient[http,grpc]' grpcio-tools triton==3.6.0 onednn-cpu-gomp==2023.2.0 pytest playwright h5py flatbuffers safetensors keras gguf coremltools "transformers==5.24.0" onnx-ir ai-edge-litert
