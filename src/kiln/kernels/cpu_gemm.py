@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kiln.errors import IncompatibleEngineError
 from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place
 from kiln.kernels.cpu_dnnl import eltwise_post_op
+from kiln.kernels.cpu_linear import as_rows
 from kiln.kernels.dnnl_api import (ALLOCATE, ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, F32,
                                    LIBRARY_ENV, QUERY_SCRATCHPAD_MD, Dims, Dnnl, P, PrimitiveBase, library)
 from kiln.kernels.pointwise import act_params, activation_fn
@@ -138,10 +139,7 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, name: str, fuse: bool) -> C
                 or (b is not None and (b.dtype != torch.float32 or b.numel() != w.shape[0]))):
             y = F.linear(x, w, b)
             return (ref_act(y) if ref_act is not None else y,)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        lead, x2 = as_rows(x)
         p = primitive(x2.shape[0], w, b)
         y = torch.empty(x2.shape[0], w.shape[0], dtype=torch.float32)
         p.run(x2, y)

@@ -37,6 +37,12 @@ def _unfused_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
     return bool(attrs.get("activation")) and _ok(attrs, ctx)
 
 
+def as_rows(x: torch.Tensor) -> tuple[torch.Size, torch.Tensor]:
+    """x's leading dims and x as a contiguous [rows, features] matrix (a view where x allows)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x.shape[:-1], x2 if x2.is_contiguous() else x2.contiguous()
+
+
 def _make(attrs: dict[str, Any], fuse: bool) -> Callable[..., tuple]:
     """x @ W.T + b on a prepacked weight; the activation as a oneDNN post-op where ``fuse`` and oneDNN
     has it, else by torch on the GEMM's fresh output."""
@@ -51,10 +57,7 @@ def _make(attrs: dict[str, Any], fuse: bool) -> Callable[..., tuple]:
         if x.is_meta or x.dim() == 0:
             y = F.linear(x, w, b)
             return (ref_act(y) if ref_act is not None else y,)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        lead, x2 = as_rows(x)
         y = linear(x2, packs.get(w, x2), b, *(unary or plain))
         if after is not None:
             y = after(y)
