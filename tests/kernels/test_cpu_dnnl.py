@@ -210,15 +210,20 @@ def _forced_engine(monkeypatch) -> tuple[bytes, kiln.Engine]:
     torch.onnx.export(_Block().eval(), (torch.randn(1, 3, 16, 16),), f, input_names=["x"], opset_version=17,
                       dynamic_axes={"x": {0: "batch"}}, dynamo=False)
     data = f.getvalue()
+    return data, cached_engine(monkeypatch, data, (3, 16, 16))
+
+
+def cached_engine(monkeypatch, data: bytes, chw: tuple[int, int, int]) -> kiln.Engine:
+    """The CPU engine of ``data`` (input x, batch 1..3 of ``chw``) with every convolution onednn_cached can run on
+    it, and torch's tactic for the rest."""
     tactics_for("Convolution", _attrs(), CPU)       # load every kernel module before narrowing the table
     mine = next(t for t in TACTICS["Convolution"] if t.name == "onednn_cached")
     torch_t = next(t for t in TACTICS["Convolution"] if t.name == "torch")
     rest = dataclasses.replace(torch_t, supports=lambda attrs, ctx: not mine.supports(attrs, ctx))
     with monkeypatch.context() as m:
         m.setitem(TACTICS, "Convolution", [mine, rest])
-        engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": (
-            (1, 3, 16, 16), (2, 3, 16, 16), (3, 3, 16, 16))}))
-    return data, engine
+        return kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": (
+            (1, *chw), (2, *chw), (3, *chw))}))
 
 
 def test_an_engine_loaded_without_the_library_is_refused_in_one_line(monkeypatch, tmp_path):

@@ -5,7 +5,6 @@ none (gelu, gelu_tanh): against FP64 torch references written out here, and a sm
 Skipped where no oneDNN library is installed (pip install onednn-cpu-gomp, or KILN_ONEDNN_LIBRARY)."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 
@@ -16,11 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kiln
-import kiln.onnx
 from kiln.kernels import cpu_dnnl
 from kiln.kernels.cpu_dnnl import eltwise_post_op, make_convolution_onednn_cached
-from kiln.kernels.registry import TACTICS, KernelContext, tactics_for
+from kiln.kernels.registry import KernelContext, tactics_for
+from test_cpu_dnnl import cached_engine
 from test_cpu_conv import _check     # the FP32 bound: max abs error <= 1e-5 + 1e-4 * max|ref|
 
 pytestmark = pytest.mark.skipif(cpu_dnnl.library() is None,
@@ -298,14 +296,7 @@ def test_se_network_matches_onnxruntime(monkeypatch):
     del gate.attribute[:]
     gate.attribute.extend([onnx.helper.make_attribute("alpha", 0.2), onnx.helper.make_attribute("beta", 0.4)])
     data = model.SerializeToString()
-    tactics_for("Convolution", _attrs(), CPU)       # load every kernel module before narrowing the table
-    mine = next(t for t in TACTICS["Convolution"] if t.name == "onednn_cached")
-    torch_t = next(t for t in TACTICS["Convolution"] if t.name == "torch")
-    rest = dataclasses.replace(torch_t, supports=lambda attrs, ctx: not mine.supports(attrs, ctx))
-    with monkeypatch.context() as m:
-        m.setitem(TACTICS, "Convolution", [mine, rest])
-        engine = kiln.build(kiln.onnx.parse(data), kiln.BuildConfig(device="cpu", profiles={"x": (
-            (1, 8, 16, 16), (2, 8, 16, 16), (3, 8, 16, 16))}))
+    engine = cached_engine(monkeypatch, data, (8, 16, 16))
     convs = {layer["name"]: layer["tactic"] for layer in engine.layers if layer["kind"] == "Convolution"}
     assert len(convs) == 7 and set(convs.values()) == {"onednn_cached"}, convs
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
