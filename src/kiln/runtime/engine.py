@@ -31,6 +31,9 @@ from kiln.ir.dtypes import to_numpy as _torch_to_np
 from kiln.ir.dtypes import torch_dtype
 from kiln.plugins.registry import plugin_records
 
+# inference mode as the C++ guard that torch.inference_mode() enters (without its Python wrapper's per-run cost)
+_inference_mode = torch._C._InferenceMode
+
 
 class Engine:
     """A built engine: the plan, its weights, the device it is for. Make contexts to run it."""
@@ -177,7 +180,6 @@ class ExecutionContext:
         self._sets_threads = engine.device == "cpu" or self.threads is not None
         self._default_threads, self._apply_threads = default_threads, use_threads
         self._engine_threads = engine.header.get("build", {}).get("cpu_threads")     # chosen at build
-        self._no_grad = torch.inference_mode()          # entered by one run at a time (under the lock)
         self._device = torch.device(engine.device)
         self._on_cpu = self._device.type == "cpu"
         self._is_cuda = engine.device == "cuda"
@@ -221,22 +223,19 @@ class ExecutionContext:
         return len(points)
 
     def _prepare(self, tensors: Sequence[Any]) -> None:
-        """Before a run: the thread count, and the shape bucket's tactics."""
+        """Before a run: the shape bucket's tactics, and the thread count (``run_threads``) for CPU engines and any
+        context given ``threads``."""
         if self.buckets is not None:
             self.program.select(self.buckets.pick([tuple(t.shape) if isinstance(t, torch.Tensor) else None
                                                    for t in tensors]))
-        self._use_threads()
+        if self._sets_threads:
+            self._apply_threads(self.threads or self._default_threads(self._engine_threads))
 
     @property
     def run_threads(self) -> int:
         """The CPU thread count this context's runs use: its ``threads``, else ``--threads``'s process default,
         else the count the engine's build chose, else the usable cores."""
         return self.threads or self._default_threads(self._engine_threads)
-
-    def _use_threads(self) -> None:
-        """CPU engines (and any context given ``threads``) run on their thread count."""
-        if self._sets_threads:
-            self._apply_threads(self.run_threads)
 
     def _check(self, name: str, t: torch.Tensor) -> None:
         spec = self._inputs[name]
@@ -266,7 +265,7 @@ class ExecutionContext:
         (and, under CUDA-graph replay, are the context's static buffers: copy them before the next run).
         Passing the same input tensors again (refilled in place) binds them: the graph then reads them
         where they are instead of copying them in (runtime/graphs.py)."""
-        with self._lock, self._no_grad:
+        with self._lock, _inference_mode(True):
             self._prepare(tensors)
             if self._is_cuda:
                 prec = self.engine.precision
@@ -469,19 +468,20 @@ class ExecutionContext:
         """``run``'s result: the outputs in ``want`` (None: all), as numpy or on the inputs' device."""
         # an output that is an input or a weight (pass-through, view, folded constant) is returned as a copy:
         # writing to it must not change the caller's input or the engine's later results
-        given = {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+        given = [t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)]
+        weights, on_cpu = self._weight_ptrs, self._on_cpu
         res = {}
         for n, v in zip(self._out_names, results):
             if want is not None and n not in want:
                 continue
-            if isinstance(v, torch.Tensor):
-                ptr = v.untyped_storage().data_ptr()
-                if ptr in given or ptr in self._weight_ptrs:
-                    v = v.clone()
             if not isinstance(v, torch.Tensor):      # a sequence (list) or an empty optional (None)
                 res[n] = _container_out(v, as_numpy, out_device)
-            elif as_numpy:
-                res[n] = _host_array(v, self._on_cpu)
+                continue
+            ptr = v.untyped_storage().data_ptr()
+            if ptr in weights or ptr in given:
+                v = v.detach().clone()      # no autograd graph back to an input that requires grad
+            if as_numpy:
+                res[n] = _host_array(v, on_cpu)
             else:
                 res[n] = v.to(out_device) if out_device is not None and v.device != out_device else v
         return res
