@@ -62,7 +62,7 @@ def _storages(values) -> set[int]:
 
 
 def count_copies(engine, feeds: dict[str, np.ndarray], kernels: bool = False) -> list[StepCopies]:
-    """Run ``engine`` once on ``feeds`` (eagerly, no CUDA graph) and report every step."""
+    """Run ``engine`` on ``feeds`` (eagerly, no CUDA graph) once untimed, then once more reporting every step."""
     ctx = engine.context(cuda_graph=False)
     program = ctx.program
     rows: list[StepCopies] = []
@@ -86,6 +86,8 @@ def count_copies(engine, feeds: dict[str, np.ndarray], kernels: bool = False) ->
 
     device = torch.device(engine.device if engine.device != "cuda" else "cuda")
     tensors = [torch.from_numpy(np.ascontiguousarray(feeds[spec["name"]])).to(device) for spec in engine.inputs]
+    with torch.no_grad():       # one run first: a tactic's one-time preparation (a weight laid out) is not a run's copy
+        program.run_env({}, tensors)
     # a CPU run replays a view layer's earlier view without calling the layer (kiln.runtime.slots): here every
     # run calls every layer, so that each one's copies are seen
     replays, slots._replays_view = slots._replays_view, lambda step: False
