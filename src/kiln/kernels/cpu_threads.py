@@ -162,14 +162,23 @@ def layer_threads(kind: str, ins: list[tuple[int, ...] | None], outs: list[tuple
 def use_threads(n: int) -> None:
     """Run torch's CPU kernels (oneDNN, MKL, ATen) on ``n`` threads from now on (and, once per process,
     keep freed host memory for reuse: kiln.kernels.cpu_memory)."""
-    import torch
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    if _threads is None:
+        _bind_torch()
+    get, set_ = _threads
+    if get() != n:
+        set_(n)
     if not _memory_kept:
         _keep_memory()
 
 
 _memory_kept = False
+_threads = None         # torch's (get_num_threads, set_num_threads), bound at the first use_threads (torch loads lazily)
+
+
+def _bind_torch() -> None:
+    global _threads
+    import torch
+    _threads = (torch.get_num_threads, torch.set_num_threads)
 
 
 def _keep_memory() -> None:
