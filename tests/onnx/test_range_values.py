@@ -3,7 +3,6 @@ for a zero or non-finite delta (instead of a ZeroDivisionError from the kernel).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper

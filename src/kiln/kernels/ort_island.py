@@ -17,13 +17,16 @@ from __future__ import annotations
 import hashlib
 import weakref
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from kiln.errors import BuildError, EngineFormatError
 from kiln.ir.dtypes import np_dtype
 from kiln.kernels.registry import tactic
+
+if TYPE_CHECKING:
+    import torch
 
 # NOTE: torch is imported where a tactic runs: `kiln check --fallback` reads this module's tables without it.
 
