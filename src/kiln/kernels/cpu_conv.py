@@ -61,10 +61,15 @@ def unary_post_op(attrs: dict[str, Any]) -> tuple[str, list, str | None] | None:
     return None
 
 
+def fp32_cpu(ctx: KernelContext) -> bool:
+    """An FP32 layer on the CPU whose first input is FP32 (or of unknown dtype): what every CPU GEMM tactic needs."""
+    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
+    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in
+
+
 def fp32_2d_cpu(attrs: dict[str, Any], ctx: KernelContext) -> bool:
     """A 2-D convolution of FP32 input on the CPU in an FP32 layer: what every oneDNN tactic needs first."""
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and len(attrs["stride"]) == 2
+    return fp32_cpu(ctx) and len(attrs["stride"]) == 2
 
 
 def _onednn_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
@@ -171,9 +176,7 @@ IM2COL_BYTES = 64 << 20
 
 
 def _gemm_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in
-            and len(attrs["stride"]) == 2 and attrs.get("groups", 1) == 1)
+    return fp32_2d_cpu(attrs, ctx) and attrs.get("groups", 1) == 1
 
 
 @tactic("Convolution", "gemm", devices=("cpu",), supports=_gemm_ok, priority=2)
@@ -239,9 +242,8 @@ def _gemm(patches: torch.Tensor, wt: torch.Tensor, b: torch.Tensor | None, out: 
 
 
 def _gemm1d_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return (ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and len(attrs["stride"]) == 1
-            and attrs.get("groups", 1) == 1 and not attrs.get("pool"))
+    return (fp32_cpu(ctx) and len(attrs["stride"]) == 1 and attrs.get("groups", 1) == 1
+            and not attrs.get("pool"))
 
 
 @tactic("Convolution", "gemm1d", devices=("cpu",), supports=_gemm1d_ok, priority=2)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from kiln.errors import IncompatibleEngineError, ShapeError
-from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES
+from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, fp32_cpu
 from kiln.kernels.dnnl_api import (ALLOCATE, ANY, ARG_BIAS, ARG_DST, ARG_DST_1, ARG_DST_2, ARG_SCRATCHPAD, ARG_SRC,
                                    ARG_SRC_1, ARG_SRC_2, ARG_WEIGHTS, ARG_WEIGHTS_1, FORWARD_INFERENCE, LIBRARY_ENV,
                                    QUERY_EXEC_ARG_MD, QUERY_SCRATCHPAD_MD, Dnnl, P, PrimitiveBase, library)
@@ -44,8 +44,7 @@ _CELLS = {"lstm": ((0, 2, 3, 1), 4, 4), "gru": ((0, 1, 2), 3, 3), "lbr_gru": ((0
 
 
 def _fp32_cpu(ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and library() is not None
+    return fp32_cpu(ctx) and library() is not None
 
 
 def _lstm_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:

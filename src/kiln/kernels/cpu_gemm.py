@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.errors import IncompatibleEngineError
-from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place
+from kiln.kernels.cpu_conv import MAX_PACKED_SHAPES, activation_in_place, fp32_cpu
 from kiln.kernels.cpu_dnnl import eltwise_post_op
 from kiln.kernels.cpu_linear import as_rows
 from kiln.kernels.dnnl_api import (ALLOCATE, ARG_BIAS, ARG_DST, ARG_SCRATCHPAD, ARG_SRC, ARG_WEIGHTS, F32,
@@ -92,8 +92,7 @@ class Matmul(_Handles):
 
 
 def _ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and library() is not None
+    return fp32_cpu(ctx) and library() is not None
 
 
 def _fused_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.cpu_conv import PackedWeight, activation_in_place, unary_post_op
+from kiln.kernels.cpu_conv import PackedWeight, activation_in_place, fp32_cpu, unary_post_op
 from kiln.kernels.pointwise import act_params, activation_fn
 from kiln.kernels.registry import KernelContext, tactic
 
@@ -29,8 +29,7 @@ def onednn_linear_available() -> bool:
 
 
 def _ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
-    fp32_in = not ctx.input_dtypes or ctx.input_dtypes[0] in (None, "float32")
-    return ctx.device == "cpu" and ctx.precision.split()[0] == "fp32" and fp32_in and onednn_linear_available()
+    return fp32_cpu(ctx) and onednn_linear_available()
 
 
 def _unfused_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
