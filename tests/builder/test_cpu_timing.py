@@ -1,7 +1,8 @@
 """CPU tactic timing on a loaded machine: candidates are timed in interleaved rounds and judged by a low
 quantile of their per-call times, so a load spike that lasts a while falls on every candidate alike instead
-of on one candidate's block of repeats. Time comes from a fake clock that each fake candidate advances by
-its own cost, times the machine's load at that call."""
+of on one candidate's block of repeats; a close call gets more rounds, and a tie within CPU_TIE_MARGIN goes to
+the first registered. Time comes from a fake clock that each fake candidate advances by its own cost, times the
+machine's load at that call."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -20,14 +21,14 @@ class Machine:
     """A fake clock and a load schedule: call number ``i`` (counted over all candidates) takes its
     candidate's cost times ``load(i)`` milliseconds."""
 
-    def __init__(self, load) -> None:
-        self.now_ms, self.calls, self.load, self.log = 0.0, 0, load, []
+    def __init__(self, load, by_name=None) -> None:
+        self.now_ms, self.calls, self.load, self.by_name, self.log = 0.0, 0, load, by_name, []
 
     def perf_counter(self) -> float:
         return self.now_ms / 1e3
 
     def call(self, name: str, cost_ms: float) -> None:
-        self.now_ms += cost_ms * self.load(self.calls)
+        self.now_ms += cost_ms * (self.by_name(self.calls, name) if self.by_name else self.load(self.calls))
         self.calls += 1
         self.log.append(name)
 
@@ -54,13 +55,14 @@ def _layer():
                            outputs=[SimpleNamespace(dtype="float32")])
 
 
-def _choose(monkeypatch, load, costs: dict[str, float], **fail_at) -> tuple[str | None, dict[str, float], Machine]:
+def _choose(monkeypatch, load, costs: dict[str, float], by_name=None,
+            **fail_at) -> tuple[str | None, dict[str, float], Machine]:
     """(the tactic a CPU build picks among ``costs``' candidates, in registration order, their times, the machine)."""
-    machine = Machine(load)
+    machine = Machine(load, by_name)
     monkeypatch.setattr(bt, "time", SimpleNamespace(perf_counter=machine.perf_counter))
     cands = [Fake(machine, n, c, fail_at.get(n)) for n, c in costs.items()]
     times = bt._layer_times(_layer(), cands, {}, "cpu", "cpu0/2 threads", TimingCache(), REPS)
-    return bt._fastest(cands, times), times, machine
+    return bt._fastest(cands, times, bt.CPU_TIE_MARGIN), times, machine
 
 
 def _spike_in_first_half(n_cands: int):
@@ -76,7 +78,8 @@ def test_a_load_spike_over_one_candidates_block_does_not_pick_the_other(monkeypa
     name, times, machine = _choose(monkeypatch, _spike_in_first_half(2), costs)
     assert name == "onednn"
     assert times == pytest.approx(costs)
-    assert machine.calls == 2 * CALLS_EACH       # as many calls as timing each in its own block: same build time
+    extra = machine.calls - 2 * CALLS_EACH       # a close call (within CLOSE_MARGIN): rounds again, within budget
+    assert 0 < extra <= 2 * bt.CLOSE_ROUNDS * REPS
 
 
 def test_the_clearly_faster_candidate_wins_under_scattered_spikes(monkeypatch):
@@ -86,6 +89,48 @@ def test_the_clearly_faster_candidate_wins_under_scattered_spikes(monkeypatch):
     costs = {"torch": 1.3, "onednn": 1.0, "gemm": 1.12}
     name, times, _ = _choose(monkeypatch, lambda i: slow.get(i, 1.0), costs)
     assert name == "onednn" and times == pytest.approx(costs)
+
+
+def test_a_clear_winner_gets_no_extra_rounds(monkeypatch):
+    _, _, machine = _choose(monkeypatch, lambda i: 1.0, {"torch": 1.0, "onednn": bt.CLOSE_MARGIN * 1.01})
+    assert machine.calls == 2 * CALLS_EACH       # as many calls as timing each in its own block: same build time
+
+
+def test_close_call_set():
+    assert bt._close_call([1.0, 1.2, 2.0, float("inf")]) == [0, 1]
+    assert bt._close_call([2.0, 1.0, bt.CLOSE_MARGIN]) == [1, 2]
+    assert bt._close_call([1.0, 1.3 * bt.CLOSE_MARGIN]) == []       # a clear winner
+    assert bt._close_call([1.0]) == [] and bt._close_call([]) == []
+    assert bt._close_call([float("inf"), float("inf")]) == []
+    assert bt.close_call_rounds(REPS, 0.001) == (bt.CLOSE_ROUNDS * REPS, bt.CLOSE_MIN_S)
+    assert bt.close_call_rounds(REPS, 5.0) == (bt.CLOSE_ROUNDS * REPS, 5.0)
+
+
+def test_a_close_call_misjudged_in_the_first_rounds_is_decided_on_all_of_them(monkeypatch):
+    """'onednn' is 10% faster, but every one of its calls in the first rounds is slowed 1.3x (load that happens
+    to line up with it): on those rounds alone 'torch' wins; the close call's extra rounds give 'onednn' back."""
+    first = 2 * CALLS_EACH
+
+    def unlucky(i: int, name: str) -> float:
+        return 1.3 if i < first and name == "onednn" else 1.0
+    name, times, machine = _choose(monkeypatch, lambda i: 1.0, {"torch": 1.0, "onednn": 0.9}, by_name=unlucky)
+    assert machine.calls > first
+    assert name == "onednn" and times["onednn"] == pytest.approx(0.9)
+
+
+def test_extra_rounds_stop_at_their_budget(monkeypatch):
+    """Slow candidates (20 ms a call): the extra rounds may take about as long as the first rounds, not 3x."""
+    _, _, machine = _choose(monkeypatch, lambda i: 1.0, {"torch": 20.0, "onednn": 20.0})
+    assert machine.calls - 2 * CALLS_EACH <= 2 * (REPS + 1)
+
+
+@pytest.mark.parametrize("times,want", [({"torch": 1.0, "onednn": 1.0}, "torch"),
+                                        ({"torch": 1.04, "onednn": 1.0}, "torch"),      # within noise: the first
+                                        ({"torch": 1.06, "onednn": 1.0}, "onednn")])
+def test_a_cpu_tie_within_its_margin_goes_to_the_first_registered(times, want):
+    cands = [SimpleNamespace(name="torch"), SimpleNamespace(name="onednn")]
+    assert bt.CPU_TIE_MARGIN == pytest.approx(1.05)
+    assert bt._fastest(cands, times, bt.CPU_TIE_MARGIN) == want
 
 
 def test_rounds_time_one_call_of_each_candidate_in_rotating_order(monkeypatch):
@@ -105,3 +150,56 @@ def test_a_candidate_that_fails_while_timed_is_no_tactic(monkeypatch):
 def test_a_candidate_that_fails_its_warm_up_is_no_tactic(monkeypatch):
     name, times, _ = _choose(monkeypatch, lambda i: 1.0, {"torch": 1.5, "gemm": 1.0}, gemm=2)
     assert name == "torch" and times == {"torch": pytest.approx(1.5), "gemm": float("inf")}
+
+
+def _two_fc_model(path) -> str:
+    """x [4, 8] -> FC 8x8 + ReLU (256 FLOPs·2) and y [64, 256] -> FC 256x256 + ReLU (8.4 MFLOP)."""
+    from onnx import TensorProto, helper, numpy_helper, save
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 8)), ("b1", (8,)), ("w2", (256, 256)), ("b2", (256,)))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("Gemm", ["y", "w2", "b2"], ["k"], transB=1), helper.make_node("Relu", ["k"], ["b"])]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "two_fc", [vi("x", TensorProto.FLOAT, [4, 8]), vi("y", TensorProto.FLOAT, [64, 256])],
+                              [vi("a", TensorProto.FLOAT, [4, 8]), vi("b", TensorProto.FLOAT, [64, 256])], inits)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_a_small_layer_is_timed_on_the_one_thread_it_runs_on(monkeypatch, tmp_path):
+    """On 2 threads, the runtime runs a GEMM-like layer under SMALL_LAYER_FLOPS on one thread
+    (kiln.kernels.cpu_threads.layer_threads), so its tactics are timed there and cached under one thread; a large
+    one is timed on the build's 2. The thread count is the build's again afterwards."""
+    import json
+
+    import torch
+
+    import kiln
+    import kiln.onnx
+    from kiln.kernels.cpu_threads import SMALL_LAYER_FLOPS, layer_flops, set_default_threads
+    assert layer_flops("FullyConnected", [(4, 8), (8, 8)], [(4, 8)]) < SMALL_LAYER_FLOPS
+    assert layer_flops("FullyConnected", [(64, 256), (256, 256)], [(64, 256)]) > SMALL_LAYER_FLOPS
+    seen: dict[tuple, int] = {}
+
+    def fake_interleaved(fns, args, reps):
+        seen[tuple(args[0].shape)] = torch.get_num_threads()
+        return [1.0] * len(fns)
+    monkeypatch.setattr(bt, "_time_cpu_interleaved", fake_interleaved)
+    before = torch.get_num_threads()
+    set_default_threads(2)
+    try:
+        cache = tmp_path / "t.cache"
+        kiln.build(kiln.onnx.parse(_two_fc_model(tmp_path / "m.onnx")),
+                   kiln.BuildConfig(device="cpu", timing_cache=str(cache)))
+        assert torch.get_num_threads() == 2
+    finally:
+        set_default_threads(None)
+        torch.set_num_threads(before)
+    if (4, 8) not in seen or (64, 256) not in seen:
+        pytest.skip("this torch offers one FullyConnected tactic on the CPU: nothing is timed")
+    assert seen == {(4, 8): 1, (64, 256): 2}
+    entries = json.loads(cache.read_text())
+    keys = [k for k in entries.get("entries", entries) if "|FullyConnected|" in k]
+    assert sorted(k.split("|")[0].split("/")[-1] for k in keys) == ["1 threads", "2 threads"]
+    assert any("(4, 8)" in k and "/1 threads|" in k for k in keys)

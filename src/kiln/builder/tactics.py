@@ -4,7 +4,9 @@ Only layers with more than one valid tactic are timed, on their real shapes (eac
 each profile: kiln.builder.buckets), their real weights and random activations. A layer
 whose fastest tactic differs between points keeps one per point (its bucket tactics).
 On the CPU a layer's candidates are timed in interleaved rounds and judged by a low quantile of
-their call times, so load from elsewhere on the machine does not pick the tactic.
+their call times, so load from elsewhere on the machine does not pick the tactic; candidates within
+CLOSE_MARGIN of the fastest get more rounds, a tie within CPU_TIE_MARGIN goes to the first registered, and a
+small GEMM-like layer is timed on the one thread the runtime runs it on (``run_threads``).
 Results go to a timing cache keyed by device, layer signature, shapes and dtypes, so a
 rebuild skips every layer and shape it has already measured.
 """
@@ -57,7 +59,9 @@ def _time_cpu(fn, args, reps: int) -> float:
 def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
     """Milliseconds per call of each of ``fns`` on the CPU: two warm-up calls each, then ``reps`` rounds that
     time one call of every candidate, the order rotating, so that a load spike falls on all candidates alike;
-    each gets the CPU_QUANTILE of its round times. A candidate that raises gets infinity."""
+    each gets the CPU_QUANTILE of its round times. Where several come within CLOSE_MARGIN of the fastest, those
+    are timed again (``close_call_rounds``) and judged on all their rounds. A candidate that raises gets
+    infinity."""
     samples: list[list[float] | None] = []
     for fn in fns:
         try:
@@ -66,8 +70,26 @@ def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
             samples.append([])
         except Exception:
             samples.append(None)
-    live = [i for i, s in enumerate(samples) if s is not None]
+    start = time.perf_counter()
+    _rounds(fns, args, samples, [i for i, s in enumerate(samples) if s is not None], reps)
+    quantiles = [_quantile(s) for s in samples]
+    close = _close_call(quantiles)
+    if close:
+        _rounds(fns, args, samples, close, *close_call_rounds(reps, time.perf_counter() - start))
+    return [_quantile(s) for s in samples]
+
+
+def _quantile(s: list[float] | None) -> float:
+    return float(np.quantile(s, CPU_QUANTILE)) if s else float("inf")
+
+
+def _rounds(fns: list, args, samples: list, live: list[int], reps: int, budget_s: float = float("inf")) -> None:
+    """``reps`` rounds (fewer once ``budget_s`` seconds have gone) that time one call of each of ``live`` in
+    rotating order into ``samples``; a candidate that raises drops out (its samples become None)."""
+    start = time.perf_counter()
     for r in range(reps if live else 0):
+        if r and time.perf_counter() - start > budget_s:
+            break
         for i in live[r % len(live):] + live[:r % len(live)]:
             if samples[i] is None:
                 continue
@@ -75,7 +97,28 @@ def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
                 samples[i].append(_time_cpu(fns[i], args, 1))
             except Exception:
                 samples[i] = None
-    return [float(np.quantile(s, CPU_QUANTILE)) if s else float("inf") for s in samples]
+
+
+# After the first rounds, candidates within CLOSE_MARGIN of the fastest (by CPU_QUANTILE) are a close call: they
+# get CLOSE_ROUNDS times as many rounds again, for at most the first rounds' own time or CLOSE_MIN_S, whichever is
+# longer (a tiny layer's extra rounds cost microseconds; a large one's at most doubles its timing).
+CLOSE_MARGIN = 1.25
+CLOSE_ROUNDS = 3
+CLOSE_MIN_S = 0.02
+
+
+def _close_call(quantiles: list[float]) -> list[int]:
+    """The candidates (indices) within CLOSE_MARGIN of the fastest, where there are at least two; else none."""
+    best = min(quantiles, default=float("inf"))
+    if best == float("inf"):
+        return []
+    close = [i for i, q in enumerate(quantiles) if q <= CLOSE_MARGIN * best]
+    return close if len(close) > 1 else []
+
+
+def close_call_rounds(reps: int, first_s: float) -> tuple[int, float]:
+    """(extra rounds, their time budget in seconds) for a close call whose first ``reps`` rounds took ``first_s``."""
+    return CLOSE_ROUNDS * reps, max(first_s, CLOSE_MIN_S)
 
 
 def _time(fn, args, reps: int) -> float:
@@ -215,8 +258,10 @@ def candidates(kind: str, cands: list, level: int) -> tuple[list, list]:
 # A point of a range profile runs another tactic than the layer's own (the default point's) only when
 # that one is at least this much faster there.
 SWITCH_MARGIN = 1.05
-# Candidates within this factor of the fastest count as tied; the first registered of them wins.
+# Candidates within this factor of the fastest count as tied; the first registered of them wins. On the CPU,
+# where other processes' load moves a low quantile by a few percent, CPU_TIE_MARGIN.
 TIE_MARGIN = 1.02
+CPU_TIE_MARGIN = 1.05
 
 
 class Selection(NamedTuple):
@@ -254,23 +299,33 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
             timed.append((layer, cands, extras))
     if not timed:
         return Selection(chosen, by_point)
-    if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count engines run on
+    threads = 0
+    if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count the layer runs on
         from kiln.kernels.cpu_threads import default_threads, use_threads
-        use_threads(default_threads())
-        device_name = f"{device_name}/{default_threads()} threads"
+        threads = default_threads()
     reps = 10 if level <= 3 else 30
     measured: dict[int, list[dict[str, float]]] = {id(layer): [] for layer, _, _ in timed}
-    for i, shapes in enumerate(points):
-        vals = evaluate(net, shapes)
-        for layer, cands, extras in timed:
-            skip = layer.kind == "Plugin" and i != default
-            measured[id(layer)].append({} if skip else _layer_times(layer, cands, vals, device, device_name,
-                                                                     cache, reps, extras) or {})
+    try:
+        for i, shapes in enumerate(points):
+            vals = evaluate(net, shapes)
+            for layer, cands, extras in timed:
+                skip = layer.kind == "Plugin" and i != default
+                where = device_name
+                if threads and not skip:
+                    n = run_threads(layer, vals, threads)
+                    use_threads(n)
+                    where = f"{device_name}/{n} threads"
+                measured[id(layer)].append({} if skip else _layer_times(layer, cands, vals, device, where,
+                                                                         cache, reps, extras) or {})
+    finally:
+        if threads:
+            use_threads(threads)
     inf = float("inf")
+    margin = CPU_TIE_MARGIN if device == "cpu" else TIE_MARGIN
     for layer, cands, extras in timed:
         cands = cands + extras
         per_point = measured[id(layer)]
-        names = [_fastest(cands, t) for t in per_point]
+        names = [_fastest(cands, t, margin) for t in per_point]
         if layer.kind == "Plugin":
             if names[default] is not None:
                 layer.attrs["plugin_tactic"] = names[default]      # the plugin's own implementation choice
@@ -286,13 +341,33 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
     return Selection(chosen, by_point)
 
 
-def _fastest(cands: list, times: dict[str, float]) -> str | None:
-    """The first candidate (in registration order) within TIE_MARGIN of the fastest time, so that two tactics
+def run_threads(layer, vals: dict, threads: int) -> int:
+    """The thread count a CPU layer runs on at the shapes in ``vals`` in an engine run on ``threads``: one where
+    kiln.kernels.cpu_threads.layer_threads says so (a small GEMM-like layer; the runtime runs it on one thread
+    whatever the engine's count), else ``threads``. Its tactics are timed on that count."""
+    if threads <= 1:
+        return threads
+    from kiln.kernels.cpu_threads import ONE, layer_threads
+
+    def shape(t) -> tuple[int, ...] | None:
+        if t.is_constant:
+            return tuple(np.shape(t.value))
+        v = vals.get(t.name, UNKNOWN)
+        return None if v is UNKNOWN else tuple(v.shape)
+    ins = [None if t is None else shape(t) for t in layer.inputs]
+    outs = [shape(t) for t in layer.outputs]
+    if any(s is None for s in outs) or any(s is None for s, t in zip(ins, layer.inputs) if t is not None):
+        return threads
+    return 1 if layer_threads(layer.kind, ins, outs) == ONE else threads
+
+
+def _fastest(cands: list, times: dict[str, float], margin: float = TIE_MARGIN) -> str | None:
+    """The first candidate (in registration order) within ``margin`` of the fastest time, so that two tactics
     of equal speed do not trade places from build to build on timing noise; None when none was timed."""
     best = min((times.get(c.name, float("inf")) for c in cands), default=float("inf"))
     if best == float("inf"):
         return None
-    return next(c.name for c in cands if times.get(c.name, float("inf")) <= TIE_MARGIN * best)
+    return next(c.name for c in cands if times.get(c.name, float("inf")) <= margin * best)
 
 
 _CODES = {torch.int8: (-128, 128), torch.uint8: (0, 256)}      # integer activations tactics are timed on
