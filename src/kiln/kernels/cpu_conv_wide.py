@@ -6,7 +6,7 @@ the [1, kh] kernel, and turns the result back: the views share memory, so no dat
 kernels block along the width, where a height-only problem leaves them a single column per step. The weight's
 view is made once per weight tensor, so the inner tactic's packed weights are kept. The inner tactic is
 ``onednn_cached`` where it runs the layer (kernels/cpu_dnnl.py), else ``onednn``; any other input shape runs it
-as it is; the builder times both.
+as it is (``into`` passed on where it takes it: runtime/residual_in_place.py); the builder times both.
 """
 from __future__ import annotations
 
@@ -36,13 +36,14 @@ def make_convolution_onednn_wide(attrs: dict[str, Any], ctx: KernelContext) -> C
     plain, turned = make(attrs, ctx), make(_turned(attrs), ctx)
     kept: dict[str, Any] = {"w": None, "view": None}
 
-    def run(x, w, b=None, residual=None):
+    def run(x, w, b=None, residual=None, into=False):
         if (x.dim() != 4 or x.shape[3] != 1 or w.shape[3] != 1 or x.shape[2] == 1
                 or (residual is not None and residual.dim() != 4)):
-            return plain(x, w, b, residual)
+            return plain(x, w, b, residual, into=True) if into else plain(x, w, b, residual)
         if kept["w"] is not w:
             kept["w"], kept["view"] = w, w.transpose(2, 3)
         r = residual.transpose(2, 3) if residual is not None else None
         (y,) = turned(x.transpose(2, 3), kept["view"], b, r)
         return (y.transpose(2, 3),)
+    run.sums_into_residual = getattr(plain, "sums_into_residual", False)       # type: ignore[attr-defined]
     return run

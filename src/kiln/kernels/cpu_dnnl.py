@@ -9,8 +9,10 @@ NHWC in and out (channels-last tensors), any groups (depthwise too); bias, the a
 sigmoid, tanh, silu, hard_swish, hard_sigmoid, clip, gelu, gelu_tanh: an eltwise post-op whose alpha and beta are
 the layer's, checked to be finite numbers) and a channels-last residual of the output's shape (a binary add
 post-op, before or after the activation as the layer says) run as one primitive; a residual of another shape or
-layout is added in place after it. An NCHW input of fewer than FIRST_CONV_CHANNELS channels (an image) is read
-as it is, its output reordered into NHWC. Without the library the tactic is not offered.
+layout is added in place after it. Called with ``into=True`` (runtime/residual_in_place.py: the residual dies at
+this layer), a channels-last residual that shares its memory with no other tensor is the destination itself,
+added by a sum post-op (the output is that tensor). An NCHW input of fewer than FIRST_CONV_CHANNELS channels (an
+image) is read as it is, its output reordered into NHWC. Without the library the tactic is not offered.
 """
 from __future__ import annotations
 
@@ -80,8 +82,8 @@ def out_shape(x_shape: tuple[int, ...], w_shape: tuple[int, ...], stride: list[i
 
 class Primitive(PrimitiveBase):
     """One convolution primitive for one input shape: weights reordered into its layout, its own bias and
-    scratchpad; ``posts`` its post-ops in order: ("eltwise", alg, alpha, beta) or ("add",), the residual added
-    as a [N, Cout, Ho, Wo] NHWC operand. ``groups`` > 1 reads the [Cout, Cin/groups, kh, kw] weight as oneDNN's
+    scratchpad; ``posts`` its post-ops in order: ("eltwise", alg, alpha, beta), ("add",), the residual added
+    as a [N, Cout, Ho, Wo] NHWC operand, or ("sum",), what the destination holds before the call added. ``groups`` > 1 reads the [Cout, Cin/groups, kh, kw] weight as oneDNN's
     [groups, Cout/groups, Cin/groups, kh, kw] (the same memory). With ``nchw`` the source is read NCHW into the
     output layout the primitive picks, then reordered into the NHWC destination (eltwise post-ops only); a
     primitive that would be oneDNN's reference implementation there raises NotImplementedError.
@@ -104,7 +106,9 @@ class Primitive(PrimitiveBase):
             lib.check(d.dnnl_post_ops_create(ctypes.byref(post)), "post-ops")
             self.handles.append(("post_ops", post))
             for i, op in enumerate(posts):
-                if op[0] == "add":
+                if op[0] == "sum":
+                    lib.check(d.dnnl_post_ops_append_sum(post, ctypes.c_float(1.0), 0, 0), "sum post-op")
+                elif op[0] == "add":
                     lib.check(d.dnnl_post_ops_append_binary(post, _BINARY_ADD, dst), "residual post-op")
                     operands.append(_ARG_POST_OP_BASE * (i + 1) | ARG_SRC_1)
                 else:
@@ -159,6 +163,34 @@ class Primitive(PrimitiveBase):
         self._execute()
 
 
+def _storage_users() -> Callable[[torch.Tensor], int] | None:
+    """tensor -> how many tensors share its memory, counted so that 1 is the tensor alone; None where this torch
+    has no such count or it does not tell a tensor from one with a view alive (checked here, once)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        with torch.inference_mode():
+            t = torch.empty(4)
+            alone = count(t.untyped_storage()._cdata)
+            view = t[1:]
+            shared = count(t.untyped_storage()._cdata)
+            del view
+            if shared != alone + 1 or count(t.untyped_storage()._cdata) != alone:
+                return None
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return lambda x: count(x.untyped_storage()._cdata) - alone + 1
+
+
+_USERS = _storage_users()
+
+
+def sole_owner(x: torch.Tensor) -> bool:
+    """Whether no other tensor (a view, a reshape) shares ``x``'s memory; False where that cannot be told."""
+    return _USERS is not None and _USERS(x) == 1
+
+
 def cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
     """Whether ``onednn_cached`` runs this convolution here: 2-D FP32 on the CPU, no fused pool, an activation
     with an exact eltwise post-op (or none), and the library loaded."""
@@ -179,8 +211,9 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
     after = bool(attrs.get("residual_after_activation"))
     act_op = (("eltwise", *eltwise_post_op(attrs)),) if attrs.get("activation") else ()
     # post-ops per mode: "act" the activation; "add" the residual too, in the layer's order; "none" nothing
+    # "sum": the residual is the destination, added by a sum post-op in the layer's order
     modes = {"act": act_op, "add": act_op + (("add",),) if after else (("add",),) + act_op, "none": (),
-             "nchw": act_op}
+             "nchw": act_op, "sum": act_op + (("sum",),) if after else (("sum",),) + act_op}
     act = activation_in_place(attrs)
     kept: dict[str, Any] = {"w": None, "b": None}
     prims: OrderedDict[tuple, Primitive] = OrderedDict()
@@ -188,6 +221,7 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
     # the primitive that reads them as they are: a call without a residual on such an input goes straight to it
     checked: dict[tuple, Primitive] = {}
     reference_only: set[tuple] = set()      # NCHW input shapes oneDNN has no fast kernel for
+    no_sum: set[tuple] = set()              # input shapes whose primitive oneDNN would not make with a sum post-op
 
     def primitive(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, mode: str) -> Primitive | None:
         if kept["w"] is not w or kept["b"] is not b:
@@ -202,13 +236,18 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
             except NotImplementedError:
                 reference_only.add(key[0])
                 return None
+            except RuntimeError:
+                if mode != "sum":
+                    raise
+                no_sum.add(key[0])
+                return None
             prims[key] = hit
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
                 checked.clear()
         return hit
 
-    def run(x, w, b=None, residual=None):
+    def run(x, w, b=None, residual=None, into=False):
         if residual is None and w is kept["w"] and b is kept["b"] and x.dtype == torch.float32 and not x.is_meta:
             p = checked.get((x.shape, x.stride()))
             if p is not None:
@@ -236,6 +275,13 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
                 return (y,)
         as_is = x.is_contiguous(memory_format=CL)
         x = x.contiguous(memory_format=CL)
+        if into and residual is not None and residual.dtype == torch.float32 and residual.dim() == 4 \
+                and residual.is_contiguous(memory_format=CL) and tuple(x.shape) not in no_sum \
+                and tuple(residual.shape) == out_shape(x.shape, w.shape, stride, dil, pads) and sole_owner(residual):
+            p = primitive(x, w, b, "sum")
+            if p is not None:
+                p.run(x, residual)
+                return (residual,)
         if residual is None:
             mode = "act"
         elif (residual.dtype == torch.float32 and residual.dim() == 4 and residual.is_contiguous(memory_format=CL)
@@ -255,4 +301,5 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
         elif mode == "act" and residual is not None:
             y = y.add_(residual)
         return (y,)
+    run.sums_into_residual = True       # type: ignore[attr-defined]
     return run

@@ -24,6 +24,7 @@ from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, Tactic, get_tactic
 from kiln.kernels.cpu_threads import ALL, SHAPE, gemm_like, layer_threads
 from kiln.runtime.concat_elision import elide_concats
+from kiln.runtime.residual_in_place import sum_into_residuals
 from kiln.runtime.shape_cache import cached_per_shape, keep_shape_steps
 
 
@@ -117,6 +118,7 @@ class Program:
         self.steps: list[Step] = [_set_up(make, layer) for layer in plan["layers"]]
         self._plan_liveness()
         keep_shape_steps(self)
+        sum_into_residuals(self)
         raw = [(s.fn, s.tactic) for s in self.steps]
         self._concat_buffers = elide_concats(self, plan, device)
         self._variants: list[tuple[list[tuple[int, Any, str]], list]] = [([], self._concat_buffers)]
