@@ -115,6 +115,7 @@ class RnnPrimitive(PrimitiveBase):
                  (ARG_BIAS, self._memory(bias, ctypes.c_void_p(b.data_ptr()))), (ARG_DST, self.dst),
                  (ARG_SCRATCHPAD, self.scratch)]
         self.hn = self._memory(state, None)
+        self.ptrs: list[int | None] = [None] * 6         # the address each of src, dst, hn, h0, cn, c0 points at
         bound.append((ARG_DST_1, self.hn))
         if states:
             self.h0 = self._memory(state, None)
@@ -142,16 +143,36 @@ class RnnPrimitive(PrimitiveBase):
 
     def run(self, x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None, y: torch.Tensor,
             hn: torch.Tensor, cn: torch.Tensor | None) -> None:
-        s = self._set
-        s(self.src, x.data_ptr())
-        s(self.dst, y.data_ptr())
-        s(self.hn, hn.data_ptr())
+        """Point the memories at the tensors (only those whose address changed since the last call: the
+        allocator mostly hands a layer the same addresses run after run) and execute."""
+        s, last = self._set, self.ptrs
+        p = x.data_ptr()
+        if p != last[0]:
+            s(self.src, p)
+            last[0] = p
+        p = y.data_ptr()
+        if p != last[1]:
+            s(self.dst, p)
+            last[1] = p
+        p = hn.data_ptr()
+        if p != last[2]:
+            s(self.hn, p)
+            last[2] = p
         if self.h0 is not None:
-            s(self.h0, h0.data_ptr())
+            p = h0.data_ptr()
+            if p != last[3]:
+                s(self.h0, p)
+                last[3] = p
         if self.cn is not None:
-            s(self.cn, cn.data_ptr())
+            p = cn.data_ptr()
+            if p != last[4]:
+                s(self.cn, p)
+                last[4] = p
             if self.c0 is not None:
-                s(self.c0, c0.data_ptr())
+                p = c0.data_ptr()
+                if p != last[5]:
+                    s(self.c0, p)
+                    last[5] = p
         self._execute()
 
 
@@ -185,7 +206,8 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
     shared: list = []               # reordered weights of the layer's live primitives, by layout
 
     def primitive(X: torch.Tensor, W, R, B, h0, c0) -> RnnPrimitive:
-        if kept["key"] is None or any(a is not b for a, b in zip(kept["key"], (W, R, B))):
+        k = kept["key"]
+        if k is None or k[0] is not W or k[1] is not R or k[2] is not B:
             kept["key"], kept["weights"] = None, None
             prims.clear()
             shared.clear()
@@ -217,10 +239,11 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
             zeros = torch.zeros(dirs, N, H)
             h0 = zeros if h0 is None else h0.contiguous()
             c0 = zeros if c0 is None else c0.contiguous()
-        y, hn = torch.empty(T, N, dirs * H), torch.empty(dirs, N, H)
+        # oneDNN's [T, N, dirs·H]: for one direction, the same memory as ONNX's [T, 1, N, H]
+        y, hn = torch.empty(T, 1, N, H) if dirs == 1 else torch.empty(T, N, dirs * H), torch.empty(dirs, N, H)
         cn = torch.empty(dirs, N, H) if lstm else None
         p.run(X.contiguous(), h0, c0, y, hn, cn)
-        Y = y.view(T, 1, N, H) if dirs == 1 else y.view(T, N, 2, H).permute(0, 2, 1, 3)
+        Y = y if dirs == 1 else y.view(T, N, 2, H).permute(0, 2, 1, 3)
         return (Y, hn, cn) if lstm else (Y, hn)
     return run
 
