@@ -187,7 +187,9 @@ def _channels_last_at_runtime(t, a: torch.Tensor) -> bool:
     """Whether the engine will hand this input over in channels-last memory: 4-D outputs of the kinds flagged
     ``channels_last`` in kiln.ir.layers are, FP16/BF16 on the GPU and FP32 on the CPU (oneDNN and the GEMM
     convolution write NHWC, and torch's convolution keeps an NHWC input's layout), so tactics are timed on that
-    layout. On the CPU a Concatenation of such outputs is too (torch.cat keeps its inputs' common layout)."""
+    layout. On the CPU a Concatenation of such outputs is too (torch.cat keeps its inputs' common layout), and
+    so is a Resize's integer nearest upsampling of one; a channel Split's outputs are channel slices of one
+    (``_nhwc_slice``)."""
     if a.dim() != 4 or t.producer is None:
         return False
     if a.is_cuda:
@@ -208,12 +210,70 @@ def _nhwc_on_cpu(t, depth: int) -> bool:
     ins = [i for i in p.inputs if i is not None]
     if depth <= 0 or not ins:
         return False
-    if p.kind == "Concatenation":
-        return all(i.shape is not None and len(i.shape) == 4 and _nhwc_on_cpu(i, depth - 1) for i in ins)
+    if p.kind == "Concatenation":       # of NHWC maps or channel slices of them: NHWC
+        return all(i.shape is not None and len(i.shape) == 4
+                   and (_nhwc_on_cpu(i, depth - 1) or _nhwc_slice(i, depth - 1) is not None) for i in ins)
+    if p.kind == "Resize":              # its integer nearest upsampling is torch's, which keeps an NHWC layout
+        return _integer_nearest(p, ins[0], t) and _nhwc_on_cpu(ins[0], depth - 1)
     if p.kind in ("ElementWise", "Activation", "Pointwise") and t.shape is not None:
         full = [i for i in ins if i.shape is not None and tuple(i.shape) == tuple(t.shape)]
         return bool(full) and _nhwc_on_cpu(full[0], depth - 1)
     return False
+
+
+def _integer_nearest(p, x, y) -> bool:
+    """Whether Resize layer ``p`` takes the Resize tactic's F.interpolate path from 4-D ``x`` to ``y``: nearest,
+    asymmetric, floor, N and C kept, H and W whole multiples (kernels/resize.py)."""
+    a = p.attrs
+    if (a.get("mode", "nearest") != "nearest" or a.get("coordinate_transformation_mode", "half_pixel") != "asymmetric"
+            or a.get("nearest_mode", "round_prefer_floor") != "floor" or x.shape is None or y.shape is None
+            or len(x.shape) != 4 or len(y.shape) != 4 or not all(isinstance(d, int) for d in (*x.shape, *y.shape))):
+        return False
+    return tuple(x.shape[:2]) == tuple(y.shape[:2]) and all(
+        x.shape[i] > 0 and y.shape[i] % x.shape[i] == 0 for i in (2, 3))
+
+
+def as_at_runtime(t, a: torch.Tensor) -> torch.Tensor:
+    """``a`` (values for tensor ``t``, contiguous) in the memory layout the engine hands ``t`` over in at run time:
+    channels-last (``_channels_last_at_runtime``), a channel slice of an NHWC map (``_nhwc_slice``), or as it is."""
+    cut = _nhwc_slice(t) if a.device.type == "cpu" and a.dtype == torch.float32 and a.dim() == 4 else None
+    if cut is not None:
+        n, c, h, w = a.shape
+        whole = torch.empty(n, h, w, cut[0], dtype=a.dtype, device=a.device).permute(0, 3, 1, 2)
+        view = whole[:, cut[1]:cut[1] + c]
+        view.copy_(a)
+        return view
+    return a.contiguous(memory_format=torch.channels_last) if _channels_last_at_runtime(t, a) else a
+
+
+def _layout_key(a: torch.Tensor) -> str:
+    """The timing cache key's part for a tensor's layout: none for contiguous, ":cl" for channels-last memory,
+    its strides for anything else (a channel slice)."""
+    if a.dim() != 4 or a.is_contiguous():
+        return ""
+    return ":cl" if a.is_contiguous(memory_format=torch.channels_last) else f":s{tuple(a.stride())}"
+
+
+def _nhwc_slice(t, depth: int = 8) -> tuple[int, int] | None:
+    """(channels of the whole map, first channel) where the FP32 CPU tensor ``t`` is an output of a channel Split
+    of an NHWC map (a slice of its memory, as torch.split leaves it); None otherwise."""
+    p = t.producer
+    if p is None or p.kind != "Split" or not p.inputs or p.inputs[0] is None or t.shape is None or len(t.shape) != 4:
+        return None
+    src = p.inputs[0]
+    if src.shape is None or len(src.shape) != 4 or p.attrs.get("axis") not in (1, -3) or not _nhwc_on_cpu(src, depth):
+        return None
+    first = 0
+    for o in p.outputs:
+        if o is t:
+            break
+        if o is None or o.shape is None or len(o.shape) != 4 or not isinstance(o.shape[1], int):
+            return None
+        first += o.shape[1]
+    total = src.shape[1]
+    if not isinstance(total, int) or not isinstance(t.shape[1], int) or first + t.shape[1] > total:
+        return None
+    return total, first
 
 
 class _PluginTactic:
@@ -393,12 +453,9 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
             a = torch.randint(*_CODES[v.dtype], tuple(v.shape), dtype=v.dtype, device=device)
         else:
             a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
-        if _channels_last_at_runtime(t, a):
-            a = a.contiguous(memory_format=torch.channels_last)
-        ins.append(a)
+        ins.append(as_at_runtime(t, a))
     key = "|".join([device_name, layer.kind, _sig(layer.attrs),
-                    ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + (":cl" if a.dim() == 4 and
-                             not a.is_contiguous() else "") for a in ins)])
+                    ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + _layout_key(a) for a in ins)])
     times = dict(cache.get(key) or {})
     ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
                         output_dtypes=tuple(o.dtype for o in layer.outputs))
