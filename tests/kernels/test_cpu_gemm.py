@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import kiln
 import kiln.onnx
+from kiln.builder.tactics import CPU_TIE_MARGIN, _fastest
 from kiln.errors import IncompatibleEngineError
 from kiln.kernels.cpu_gemm import PAD, PaddedWeight, make_fc_onednn_gemm, make_fc_onednn_gemm_unfused
 from kiln.kernels.dnnl_api import P, library
@@ -99,6 +100,17 @@ def test_meta_mismatch_and_when_offered(monkeypatch):
     assert not {"onednn_gemm", "onednn_gemm_unfused"} & set(names(_attrs("gelu"), CPU))
     with pytest.raises(IncompatibleEngineError, match="onednn_gemm_unfused.*kiln\\[cpu-onednn\\]"):
         make_fc_onednn_gemm_unfused(_attrs("gelu"), CPU)
+
+
+def test_a_tie_with_the_prepacked_tactics_keeps_the_padded_gemm():
+    """The padded-weight tactics come before cpu_linear's prepacked ones in preference order, so a time within the
+    CPU tie margin of theirs keeps the padded GEMM; one clearly slower does not."""
+    for act, ours, theirs in ((None, "onednn_gemm", "onednn"), ("gelu", "onednn_gemm_unfused", "onednn_unfused")):
+        cands = tactics_for("FullyConnected", _attrs(act), CPU)
+        order = [t.name for t in cands]
+        assert order.index(ours) < order.index(theirs) and order.index("onednn_gemm") < order.index("onednn")
+        assert _fastest(cands, {theirs: 1.0, ours: 1.0 * (CPU_TIE_MARGIN - 0.01)}, CPU_TIE_MARGIN) == ours
+        assert _fastest(cands, {theirs: 1.0, ours: 1.0 * (CPU_TIE_MARGIN + 0.01)}, CPU_TIE_MARGIN) == theirs
 
 
 class _MLP(nn.Module):

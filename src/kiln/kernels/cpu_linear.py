@@ -8,6 +8,9 @@ Tactic ``onednn_unfused`` runs the same GEMM with its bias and leaves the activa
 on the fresh output. oneDNN's GEMM applies an eltwise post-op block by block, which on some CPUs and
 thread counts costs more than one vectorized pass over the output (docs/cpu.md); the builder times both
 where the layer has an activation and keeps the faster.
+
+Both come after kernels/cpu_gemm.py's padded-weight tactics in preference order (priority 2), so where the
+builder finds them tied with those it keeps the padded GEMM.
 """
 from __future__ import annotations
 
@@ -64,13 +67,13 @@ def _make(attrs: dict[str, Any], fuse: bool) -> Callable[..., tuple]:
     return run
 
 
-@tactic("FullyConnected", "onednn", devices=("cpu",), supports=_ok, priority=1)
+@tactic("FullyConnected", "onednn", devices=("cpu",), supports=_ok, priority=2)
 def make_fc_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """x @ W.T + b with the activation as a oneDNN post-op, on a prepacked weight."""
     return _make(attrs, fuse=True)
 
 
-@tactic("FullyConnected", "onednn_unfused", devices=("cpu",), supports=_unfused_ok, priority=1)
+@tactic("FullyConnected", "onednn_unfused", devices=("cpu",), supports=_unfused_ok, priority=2)
 def make_fc_onednn_unfused(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """x @ W.T + b on a prepacked weight (oneDNN), then the activation in place by torch."""
     return _make(attrs, fuse=False)
