@@ -192,8 +192,8 @@ def test_gpu_ptq_build_runs_8bit_layers_and_matches_the_dequantized_network(mode
     assert precisions and set(precisions) == {mode}
     ours = engine.context().run({"x": x})["y"]
     p = plan(net, kiln.BuildConfig(device="cpu", quantize="int8", calibration=[{"x": calib}],
-                                   calibrator=config.calibrator))
-    deq = kiln.build(quantized(net, p.layers, p.amax, mode, p.means),
+                                   calibrator=config.calibrator, smoothing=config.smoothing and mode == "int8"))
+    deq = kiln.build(quantized(net, p.layers, p.amax, mode, p.means, p.smooth),
                      kiln.BuildConfig(device="cpu", profiles={"x": x.shape}))
     ref_q = deq.context().run({"x": x})["y"]
     ref32 = _ort(model, {"x": x})["y"]

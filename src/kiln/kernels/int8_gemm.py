@@ -3,9 +3,10 @@
 One kernel serves QConvolution (2-D, groups 1, as an implicit GEMM on channels-last codes, conv_triton.py's
 scheme) and QFullyConnected (a plain GEMM: a 1x1 convolution over [M, K] rows). The product runs on the codes:
 int8 x int8 -> int32 (``tl.dot`` with int32 accumulation; uint8 inputs are shifted by -128 as they load) or
-FP8 E4M3 x E4M3 -> FP32. Zero points never enter the inner loop: padding taps load the input's zero point, and
-the sum ``zp * sum(w)`` each output channel then carries is taken out of the bias once (``epilogue_terms``). The
-epilogue computes
+FP8 E4M3 x E4M3 -> FP32 (each BLOCK_K slice's tensor-core sum added to the FP32 accumulator: Triton's sm_90
+default keeps the whole K loop in the tensor core's narrower fast-accumulation sum). Zero points never enter the
+inner loop: padding taps load the input's zero point, and the sum ``zp * sum(w)`` each output channel then carries
+is taken out of the bias once (``epilogue_terms``). The epilogue computes
 
     v = (acc + ibias[n]) * mult[n]            mult = x_scale * w_scale[n]  (the dequantized product plus bias)
     v = act(v + r)   or   act(v) + r          (residual r: float, or codes dequantized as they load)
@@ -141,7 +142,7 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
         if MODE == 1:
             a = (a.to(tl.int16) - 128).to(tl.int8)
         if MODE == 2:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)     # FP32 sum per K slice
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
