@@ -266,7 +266,9 @@ def markdown(rows: list[dict], env: dict, models: dict[str, cl.Model] | None = N
     for r in rows:
         pkg = r["package"] + (f" (derived from `{r['derived_from']}`)" if r["derived_from"] else "")
         ops = f"{r['op_types']} ({r['nodes']})" if "op_types" in r else "?"
-        if r.get("cpu_ok"):
+        if "cpu_note" not in r:           # a --no-cpu run (a GPU machine's)
+            cpu = "not measured"
+        elif r.get("cpu_ok"):
             cpu = f"ok ({r['cpu_note']})"
         else:
             cpu = f"**no**: {r['cpu_note']}" + (f"; {r['fallback']}" if r.get("fallback") else "")
