@@ -5,7 +5,8 @@ each profile: kiln.builder.buckets), their real weights and random activations. 
 whose fastest tactic differs between points keeps one per point (its bucket tactics).
 On the CPU a layer's candidates are timed in interleaved rounds and judged by a low quantile of
 their call times, so load from elsewhere on the machine does not pick the tactic; candidates within
-CLOSE_MARGIN of the fastest get more rounds, a tie within CPU_TIE_MARGIN goes to the first registered, and a
+CLOSE_MARGIN of the fastest get more rounds and a later one must win clearly more of them than an earlier one
+(a sign test), a tie within CPU_TIE_MARGIN goes to the first registered, and a
 small GEMM-like layer is timed on the one thread the runtime runs it on (``run_threads``).
 Results go to a timing cache keyed by device, layer signature, shapes and dtypes, so a
 rebuild skips every layer and shape it has already measured.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -60,8 +62,9 @@ def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
     """Milliseconds per call of each of ``fns`` on the CPU: two warm-up calls each, then ``reps`` rounds that
     time one call of every candidate, the order rotating, so that a load spike falls on all candidates alike;
     each gets the CPU_QUANTILE of its round times. Where several come within CLOSE_MARGIN of the fastest, those
-    are timed again (``close_call_rounds``) and judged on all their rounds. A candidate that raises gets
-    infinity."""
+    are timed again (``close_call_rounds``), judged on all their rounds, and a faster one that is not faster in
+    clearly more of their shared rounds than an earlier one is reported no faster than it (``within_noise``). A
+    candidate that raises gets infinity."""
     samples: list[list[float] | None] = []
     for fn in fns:
         try:
@@ -76,6 +79,7 @@ def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
     close = _close_call(quantiles)
     if close:
         _rounds(fns, args, samples, close, *close_call_rounds(reps, time.perf_counter() - start))
+        return within_noise(samples, [i for i in close if samples[i] is not None])
     return [_quantile(s) for s in samples]
 
 
@@ -114,6 +118,33 @@ def _close_call(quantiles: list[float]) -> list[int]:
         return []
     close = [i for i, q in enumerate(quantiles) if q <= CLOSE_MARGIN * best]
     return close if len(close) > 1 else []
+
+
+# A later candidate beats an earlier one only where it was faster in at least half their shared rounds plus
+# SIGN_Z standard deviations of a fair coin's count (a sign test; 2.0: about 2% one-sided): rounds time the
+# candidates next to each other, so each round compares them under the same load.
+SIGN_Z = 2.0
+
+
+def clearly_faster(fast: list[float], slow: list[float]) -> bool:
+    """Whether ``fast`` beats ``slow`` in clearly more than half of their rounds (the two lists' i-th entries are
+    one round's times)."""
+    n = min(len(fast), len(slow))
+    wins = sum(f < s for f, s in zip(fast, slow))
+    return n > 0 and wins >= n / 2 + SIGN_Z * math.sqrt(n) / 2
+
+
+def within_noise(samples: list, close: list[int]) -> list[float]:
+    """Each candidate's CPU_QUANTILE time; a close candidate (``close``: indices in registration order) whose time
+    is below an earlier close one's without being ``clearly_faster`` than it gets the first such one's time, so
+    the tie rule keeps the earlier (preferred) tactic where load hides the difference."""
+    times = [_quantile(s) for s in samples]
+    for j, b in enumerate(close):
+        for a in close[:j]:
+            if times[b] < times[a] and not clearly_faster(samples[b], samples[a]):
+                times[b] = times[a]
+                break
+    return times
 
 
 def close_call_rounds(reps: int, first_s: float) -> tuple[int, float]:
