@@ -120,10 +120,12 @@ def _close_call(quantiles: list[float]) -> list[int]:
     return close if len(close) > 1 else []
 
 
-# A later candidate beats an earlier one only where it was faster in at least half their shared rounds plus
-# SIGN_Z standard deviations of a fair coin's count (a sign test; 2.0: about 2% one-sided): rounds time the
-# candidates next to each other, so each round compares them under the same load.
+# A later candidate less than NOISE_MARGIN faster (by CPU_QUANTILE) than an earlier one beats it only where it was
+# also faster in at least half their shared rounds plus SIGN_Z standard deviations of a fair coin's count (a sign
+# test; 2.0: about 2% one-sided): rounds time the candidates next to each other, so each round compares them under
+# the same load. A larger lead stands on the quantiles alone, so noise costs a layer at most that margin.
 SIGN_Z = 2.0
+NOISE_MARGIN = 1.10
 
 
 def clearly_faster(fast: list[float], slow: list[float]) -> bool:
@@ -136,12 +138,12 @@ def clearly_faster(fast: list[float], slow: list[float]) -> bool:
 
 def within_noise(samples: list, close: list[int]) -> list[float]:
     """Each candidate's CPU_QUANTILE time; a close candidate (``close``: indices in registration order) whose time
-    is below an earlier close one's without being ``clearly_faster`` than it gets the first such one's time, so
-    the tie rule keeps the earlier (preferred) tactic where load hides the difference."""
+    is below an earlier close one's, by less than NOISE_MARGIN, without being ``clearly_faster`` than it gets the
+    first such one's time, so the tie rule keeps the earlier (preferred) tactic where load hides the difference."""
     times = [_quantile(s) for s in samples]
     for j, b in enumerate(close):
         for a in close[:j]:
-            if times[b] < times[a] and not clearly_faster(samples[b], samples[a]):
+            if times[b] < times[a] <= NOISE_MARGIN * times[b] and not clearly_faster(samples[b], samples[a]):
                 times[b] = times[a]
                 break
     return times
