@@ -135,17 +135,19 @@ def _openvino(path: Path, feeds: dict[str, np.ndarray], threads: int):
 
 
 def _alternate(runs: dict[str, Callable[[], Any]], rounds: int, budget_s: float, warmup: int,
-               settle_ms: float = 100.0) -> dict[str, list[float]]:
-    """Milliseconds per call, contenders alternating in rotating order, one timed call each per round;
-    stops after ``rounds`` rounds or ``budget_s`` seconds (at least 5 rounds). Each turn starts with
+               settle_ms: float = 100.0) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall, process CPU) milliseconds per call, contenders alternating in rotating order, one timed call each
+    per round; stops after ``rounds`` rounds or ``budget_s`` seconds (at least 5 rounds). Each turn starts with
     untimed calls for at least ``settle_ms`` (at least one call): ONNX Runtime's worker threads spin after a
     run by default (OpenVINO's TBB workers too), and would otherwise take the cores from the next
-    contender's first calls."""
+    contender's first calls. The CPU time is the whole process's (every thread), so at one thread it is the
+    call's own work, which other processes' load barely moves."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     t_start = time.perf_counter()
     for r in range(rounds):
         for n in names[r % len(names):] + names[:r % len(names)]:
@@ -153,12 +155,13 @@ def _alternate(runs: dict[str, Callable[[], Any]], rounds: int, budget_s: float,
             runs[n]()
             while (time.perf_counter() - t_settle) * 1e3 < settle_ms:
                 runs[n]()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             runs[n]()
             times[n].append((time.perf_counter() - t0) * 1e3)
+            cpu[n].append((time.process_time() - c0) * 1e3)
         if r >= 4 and time.perf_counter() - t_start > budget_s:
             break
-    return times
+    return times, cpu
 
 
 FP64_FACTOR = 2.0     # max abs error against FP64 allowed, in multiples of the FP32 yardsticks' (docs/cpu.md)
@@ -238,22 +241,22 @@ def run_one(kind: str, name: str, args) -> list[dict[str, Any]]:
                     if not ok and run_fp64 is not None:
                         truth = truth or run_fp64(feeds)
                         row["contenders"][n].update(judge_fp64(got, ref, truth[1], truth[0]))
-                times = _alternate({n: m[0] for n, m in made.items()}, args.rounds, args.budget, args.warmup,
-                                   args.settle_ms)
+                times, cpu = _alternate({n: m[0] for n, m in made.items()}, args.rounds, args.budget, args.warmup,
+                                        args.settle_ms)
                 for n, ts in times.items():
                     row["contenders"][n].update(median_ms=float(np.median(ts)), p90_ms=float(np.percentile(ts, 90)),
-                                                runs=len(ts))
+                                                cpu_median_ms=float(np.median(cpu[n])), runs=len(ts))
                 rows.append(row)
                 print(_line(row), file=sys.stderr, flush=True)
     return rows
 
 
 # ---- report -----------------------------------------------------------------------------------
-def _ratio(row: dict[str, Any], peer: str) -> float | None:
+def _ratio(row: dict[str, Any], peer: str, key: str = "median_ms") -> float | None:
     c = row["contenders"]
-    if peer not in c or "kiln" not in c:
+    if peer not in c or "kiln" not in c or key not in c[peer] or key not in c["kiln"]:
         return None
-    return c[peer]["median_ms"] / c["kiln"]["median_ms"]
+    return c[peer][key] / c["kiln"][key]
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -266,6 +269,9 @@ def _line(row: dict[str, Any]) -> str:
         r = _ratio(row, peer)
         if r is not None:
             parts.append(f"vs {peer} {r:.2f}x")
+    if row["threads"] == 1:         # one thread: the CPU-time ratio, which load from other processes barely moves
+        ratios = [(p, _ratio(row, p, "cpu_median_ms")) for p in ("onnxruntime", "openvino")]
+        parts += [f"CPU time vs {p} {r:.2f}x" for p, r in ratios if r is not None]
     k = c.get("kiln", {})
     err = f"err {k.get('max_abs_vs_ort', float('nan')):.1e}"
     if "within_fp64_judgement" in k:
@@ -286,6 +292,10 @@ def report(rows: list[dict[str, Any]]) -> str:
             gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
             lines.append(f"geometric mean Kiln speed-up over {peer}: {gm:.2f}x over {len(ratios)} rows "
                          f"(min {min(ratios):.2f}x)")
+        cpu = [x for x in (_ratio(r, peer, "cpu_median_ms") for r in rows if r["threads"] == 1) if x]
+        if cpu:
+            gm = math.exp(sum(math.log(x) for x in cpu) / len(cpu))
+            lines.append(f"  in CPU time, 1-thread rows: {gm:.2f}x over {len(cpu)} rows (min {min(cpu):.2f}x)")
     return "\n".join(lines)
 
 

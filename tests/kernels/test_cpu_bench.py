@@ -1,5 +1,6 @@
 """benchmarks/cpu_bench.py runs: one small zoo model in a child process gives a row with Kiln and ONNX
-Runtime timed, Kiln's output checked against ONNX Runtime, and the report's ratio from the medians."""
+Runtime timed, Kiln's output checked against ONNX Runtime, and the report's ratios from the medians (wall time,
+and process CPU time on 1-thread rows)."""
 from __future__ import annotations
 
 import json
@@ -36,20 +37,26 @@ def test_one_model_row():
     assert (row["model"], row["batch"], row["threads"]) == ("lstm_2x_bidirectional", 2, 1)
     assert set(row["contenders"]) == {"kiln", "kiln_torch_conv", "onnxruntime"}
     for c in row["contenders"].values():
-        assert c["runs"] == 5 and 0 < c["median_ms"] <= c["p90_ms"]
+        assert c["runs"] == 5 and 0 < c["median_ms"] <= c["p90_ms"] and c["cpu_median_ms"] > 0
     assert row["contenders"]["kiln"]["within_fp32_tol"]
     text = _bench_module().report(rows)
     kiln, ort = row["contenders"]["kiln"]["median_ms"], row["contenders"]["onnxruntime"]["median_ms"]
     assert f"vs onnxruntime {ort / kiln:.2f}x" in text
+    kiln, ort = row["contenders"]["kiln"]["cpu_median_ms"], row["contenders"]["onnxruntime"]["cpu_median_ms"]
+    assert f"CPU time vs onnxruntime {ort / kiln:.2f}x" in text
 
 
 def test_report_and_command_line_helpers():
     bench = _bench_module()
-    rows = [{"model": m, "batch": 1, "threads": 1, "contenders": {
-        "kiln": {"median_ms": k, "p90_ms": k, "max_abs_vs_ort": 0.0, "within_fp32_tol": True},
-        "onnxruntime": {"median_ms": o, "p90_ms": o}}} for m, k, o in (("a", 1.0, 2.0), ("b", 4.0, 2.0))]
+    rows = [{"model": m, "batch": 1, "threads": t, "contenders": {
+        "kiln": {"median_ms": k, "p90_ms": k, "cpu_median_ms": k / 2, "max_abs_vs_ort": 0.0, "within_fp32_tol": True},
+        "onnxruntime": {"median_ms": o, "p90_ms": o, "cpu_median_ms": c}}}
+        for m, t, k, o, c in (("a", 1, 1.0, 2.0, 1.5), ("b", 2, 4.0, 2.0, 1.0), ("c", 1, 4.0, 2.0, 1.0))]
     text = bench.report(rows)
-    assert "geometric mean Kiln speed-up over onnxruntime: 1.00x over 2 rows (min 0.50x)" in text
+    assert "geometric mean Kiln speed-up over onnxruntime: 0.79x over 3 rows (min 0.50x)" in text
+    # CPU time ratios only for the 1-thread rows a and c: 1.5 / 0.5 and 1.0 / 2.0
+    assert "in CPU time, 1-thread rows: 1.22x over 2 rows (min 0.50x)" in text
+    assert "CPU time vs onnxruntime 3.00x" in text and text.count("CPU time vs") == 2
     assert bench._without_out(["--out", "x.json", "--small", "--out=y.json", "--threads", "1"]) == \
         ["--small", "--threads", "1"]
     import numpy as np
