@@ -120,7 +120,9 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
         try:
             if any(a is not None and a.is_meta for i, a in enumerate(args) if i in host_pos):
                 raise RuntimeError("host value unknown")
-            tac = tactics_for(layer.kind, attrs, ctx)
+            # torch's tactic where offered (the plain implementation, which the shape rules describe), else the
+            # first in preference order
+            tac = sorted(tactics_for(layer.kind, attrs, ctx), key=lambda t: t.name != "torch")
             if not tac:
                 raise RuntimeError(f"no tactic for {layer.kind}")
             run = tac[0].make(attrs, ctx)            # refuses attributes the kernel does not know

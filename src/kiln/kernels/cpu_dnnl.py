@@ -12,7 +12,9 @@ post-op, before or after the activation as the layer says) run as one primitive;
 layout is added in place after it. Called with ``into=True`` (runtime/residual_in_place.py: the residual dies at
 this layer), a channels-last residual that shares its memory with no other tensor is the destination itself,
 added by a sum post-op (the output is that tensor). An NCHW input of fewer than FIRST_CONV_CHANNELS channels (an
-image) is read as it is, its output reordered into NHWC. Without the library the tactic is not offered.
+image) is read as it is, its output reordered into NHWC. Without the library the tactic is not offered. It comes
+first in the CPU's preference order (priority -1), so a build that finds it tied with ``torch`` (the same oneDNN
+kernels behind torch's per-call setup and weight re-pack) keeps it, and so does a build that times nothing.
 """
 from __future__ import annotations
 
@@ -198,7 +200,7 @@ def cached_ok(attrs: dict[str, Any], ctx: KernelContext) -> bool:
             and (not attrs.get("activation") or eltwise_post_op(attrs) is not None) and library() is not None)
 
 
-@tactic("Convolution", "onednn_cached", devices=("cpu",), supports=cached_ok, priority=1)
+@tactic("Convolution", "onednn_cached", devices=("cpu",), supports=cached_ok, priority=-1)
 def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """conv + bias (+ residual) + activation as one oneDNN primitive made once per input shape, NHWC in and out."""
     lib = library()

@@ -75,7 +75,8 @@ class ConstantFold(Pass):
             ctx = KernelContext(device="cpu", layer_name=layer.name,
                                 input_dtypes=tuple(t.dtype if t is not None else None for t in ins),
                                 output_dtypes=tuple(o.dtype for o in layer.outputs))
-            tac = tactics_for(layer.kind, layer.attrs, ctx)
+            # torch's tactic where offered (the plain implementation), else the first in preference order
+            tac = sorted(tactics_for(layer.kind, layer.attrs, ctx), key=lambda t: t.name != "torch")
             if not tac or tac[0].dynamic and layer.kind not in ("NonZero",):
                 continue
             if any(_static_elements(o.shape) > self.max_elements for o in layer.outputs):
