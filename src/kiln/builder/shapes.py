@@ -24,7 +24,7 @@ from kiln.errors import ShapeError
 from kiln.ir.dtypes import dtype_name, from_numpy, is_container, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network, outer_reads, subgraphs
-from kiln.kernels import KernelContext, tactics_for
+from kiln.kernels import KernelContext, plain_first, tactics_for
 
 Binding = dict[str, int]
 
@@ -120,9 +120,7 @@ def _evaluate(net: Network, input_shapes: dict[str, tuple[int, ...]], strict: bo
         try:
             if any(a is not None and a.is_meta for i, a in enumerate(args) if i in host_pos):
                 raise RuntimeError("host value unknown")
-            # torch's tactic where offered (the plain implementation, which the shape rules describe), else the
-            # first in preference order
-            tac = sorted(tactics_for(layer.kind, attrs, ctx), key=lambda t: t.name != "torch")
+            tac = plain_first(tactics_for(layer.kind, attrs, ctx))
             if not tac:
                 raise RuntimeError(f"no tactic for {layer.kind}")
             run = tac[0].make(attrs, ctx)            # refuses attributes the kernel does not know

@@ -27,7 +27,7 @@ from kiln.builder.timing_cache import TimingCache
 from kiln.ir.dtypes import from_numpy
 from kiln.ir.layers import LAYER_KINDS
 from kiln.ir.network import Network
-from kiln.kernels import KernelContext, tactics_for
+from kiln.kernels import KernelContext, plain_first, tactics_for
 
 log = logging.getLogger("kiln.tactics")     # DEBUG: why a candidate was not timed (its error, its disagreement)
 
@@ -80,7 +80,7 @@ def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
     if close:
         _rounds(fns, args, samples, close, *close_call_rounds(reps, time.perf_counter() - start))
         return within_noise(samples, [i for i in close if samples[i] is not None])
-    return [_quantile(s) for s in samples]
+    return quantiles
 
 
 def _quantile(s: list[float] | None) -> float:
@@ -512,8 +512,7 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
         preference order), else the first candidate that runs: its outputs judge the others (it runs even where
         its time is cached)."""
         if not ref:
-            judges = sorted(cands, key=lambda c: c.name != "torch")
-            ref.append(next((r for r in map(run, judges) if r is not None), None))
+            ref.append(next((r for r in map(run, plain_first(cands)) if r is not None), None))
         return ref[0]
 
     def measure(todo: list) -> None:

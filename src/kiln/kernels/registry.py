@@ -89,6 +89,12 @@ def tactics_for(kind: str, attrs: dict[str, Any], ctx: KernelContext) -> list[Ta
     return sorted(found, key=lambda t: t.priority_on(ctx.device))
 
 
+def plain_first(tactics: list) -> list:
+    """``tactics`` with ``torch``'s first where it is one of them (the plain implementation: the one shape
+    evaluation and constant folding run and the builder checks the others against), the rest in their order."""
+    return sorted(tactics, key=lambda t: t.name != "torch")
+
+
 def get_tactic(kind: str, name: str) -> Tactic:
     _load_all()
     for t in TACTICS.get(kind, []):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kiln.ir.network import Network, subgraphs
-from kiln.kernels import KernelContext, tactics_for
+from kiln.kernels import KernelContext, plain_first, tactics_for
 from kiln.ir.dtypes import from_numpy, to_numpy
 from kiln.passes.base import Pass, PassResult
 
@@ -75,8 +75,7 @@ class ConstantFold(Pass):
             ctx = KernelContext(device="cpu", layer_name=layer.name,
                                 input_dtypes=tuple(t.dtype if t is not None else None for t in ins),
                                 output_dtypes=tuple(o.dtype for o in layer.outputs))
-            # torch's tactic where offered (the plain implementation), else the first in preference order
-            tac = sorted(tactics_for(layer.kind, layer.attrs, ctx), key=lambda t: t.name != "torch")
+            tac = plain_first(tactics_for(layer.kind, layer.attrs, ctx))
             if not tac or tac[0].dynamic and layer.kind not in ("NonZero",):
                 continue
             if any(_static_elements(o.shape) > self.max_elements for o in layer.outputs):
