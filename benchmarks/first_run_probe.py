@@ -5,7 +5,10 @@ the same shape for comparison (warm process caches).
     PYTHONPATH=src:benchmarks python benchmarks/first_run_probe.py [--model bert_base] [--top 25]
 
 Prints per shape: first and second first-run wall times, the graph recorder's phases, the number and time of
-Triton compilations (calls into triton.compiler's compile) and the functions with the most own time.
+Triton compilations (calls into triton.compiler's compile), each Triton kernel that missed the process's kernel
+cache (Triton's jit_cache_hook: a new specialization, compiled or loaded from the disk cache) and the functions
+with the most own time. ``--fresh-cache`` points Triton's disk cache at an empty folder before the build, as on a
+machine that never ran Kiln: the build's compilations are then all the run can find.
 """
 from __future__ import annotations
 
@@ -37,6 +40,14 @@ def first_run(engine, feeds) -> tuple[float, dict, pstats.Stats]:
     return ms, phases, pstats.Stats(prof)
 
 
+MISSES: list[str] = []
+
+
+def _on_miss(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+    MISSES.append(repr.split("[", 1)[0] + "(" + repr.split("](", 1)[-1][:160])
+    return None
+
+
 def compile_calls(stats: pstats.Stats) -> tuple[int, float]:
     """Calls into triton.compiler's ``compile`` and their cumulative seconds."""
     n, t = 0, 0.0
@@ -52,7 +63,12 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prewarm", action="store_true", help="first run once at the profile's min, opt and max shapes")
     ap.add_argument("--shapes", type=int, default=5, help="how many of range_bench's shapes to probe")
+    ap.add_argument("--fresh-cache", action="store_true", help="Triton's disk cache in a new empty folder")
     args = ap.parse_args()
+    if args.fresh_cache:
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-triton-cache-")
+    import triton
+    triton.knobs.runtime.jit_cache_hook = _on_miss
     import kiln
     spec = range_bench.RANGES[args.model]
     work = tempfile.mkdtemp(prefix="kiln-first-")
@@ -75,11 +91,16 @@ def main() -> int:
     for point in spec["shapes"][:args.shapes]:
         shapes = shapes_at(point)
         feeds = [range_bench.make_feed(n, shapes[n], examples[n]) for n in in_names]
+        MISSES.clear()
         ms, phases, stats = first_run(engine, feeds)
+        misses = list(MISSES)
         ms2, phases2, _ = first_run(engine, feeds)
         n, t = compile_calls(stats)
         print(f"\n== {'x'.join(map(str, point))}: first run {ms:.1f} ms {phases}; again on a new context "
               f"{ms2:.1f} ms {phases2}; Triton compiles {n} ({t * 1e3:.1f} ms)", flush=True)
+        print(f"kernel-cache misses at the first run: {len(misses)}")
+        for m in sorted(set(misses)):
+            print(f"  {misses.count(m)} x {m}")
         stats.sort_stats("tottime").print_stats(args.top)
         stats.sort_stats("cumulative").print_stats(args.top)
     return 0

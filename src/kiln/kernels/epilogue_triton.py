@@ -51,22 +51,46 @@ def apply_act(v, alpha, beta, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, mask, MASKED: tl.constexpr):
+    """``ptr``'s values as FP32, masked (zeros outside ``mask``) only where MASKED."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr).to(tl.float32)
+
+
+@triton.jit
+def _epilogue_block(y_ptr, b_ptr, r_ptr, o_ptr, offs, mask, C, OS, alpha, beta, ACT: tl.constexpr,
+                    HAS_RES: tl.constexpr, RES_AFTER: tl.constexpr, STRIDED: tl.constexpr, MASKED: tl.constexpr):
+    v = _load(y_ptr + offs, mask, MASKED)
+    v += _load(b_ptr + offs % C, mask, MASKED)
+    if HAS_RES and not RES_AFTER:
+        v += _load(r_ptr + offs, mask, MASKED)
+    v = apply_act(v, alpha, beta, ACT)
+    if HAS_RES and RES_AFTER:
+        v += _load(r_ptr + offs, mask, MASKED)
+    if STRIDED:     # into a concatenation's channel slice: OS elements from one pixel to the next
+        dst = o_ptr + (offs // C) * OS + offs % C
+    else:
+        dst = o_ptr + offs
+    if MASKED:
+        tl.store(dst, v.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(dst, v.to(o_ptr.dtype.element_ty))
+
+
+# ``n`` (the element count) is not specialized: a new input shape of a range engine reuses the compiled
+# kernel. Every block but the last is then unmasked, so its loads and stores stay vectorized whatever ``n``.
+@triton.jit(do_not_specialize=["n"])
 def _epilogue_kernel(y_ptr, b_ptr, r_ptr, o_ptr, n, C, OS, alpha, beta, ACT: tl.constexpr, HAS_RES: tl.constexpr,
                      RES_AFTER: tl.constexpr, STRIDED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    v = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v += tl.load(b_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RES and not RES_AFTER:
-        v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = apply_act(v, alpha, beta, ACT)
-    if HAS_RES and RES_AFTER:
-        v += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if STRIDED:     # into a concatenation's channel slice: OS elements from one pixel to the next
-        tl.store(o_ptr + (offs // C) * OS + offs % C, v.to(o_ptr.dtype.element_ty), mask=mask)
+    if (pid + 1) * BLOCK <= n:
+        _epilogue_block(y_ptr, b_ptr, r_ptr, o_ptr, offs, offs, C, OS, alpha, beta, ACT, HAS_RES, RES_AFTER,
+                        STRIDED, False)
     else:
-        tl.store(o_ptr + offs, v.to(o_ptr.dtype.element_ty), mask=mask)
+        _epilogue_block(y_ptr, b_ptr, r_ptr, o_ptr, offs, offs < n, C, OS, alpha, beta, ACT, HAS_RES, RES_AFTER,
+                        STRIDED, True)
 
 
 def epilogue_params(attrs) -> tuple[str, float, float]:

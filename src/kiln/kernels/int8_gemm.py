@@ -142,7 +142,7 @@ def _qgemm_kernel(x_ptr, w_ptr, ib_ptr, mult_ptr, r_ptr, y_ptr, q_ptr, M, H, W, 
         if MODE == 1:
             a = (a.to(tl.int16) - 128).to(tl.int8)
         if MODE == 2:
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)     # FP32 sum per K slice
+            acc += tl.dot(a, b)     # each K slice summed on its own, then added in FP32
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 

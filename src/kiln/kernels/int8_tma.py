@@ -182,7 +182,7 @@ def _tile_product(a_desc, b_desc, off_m, off_n, K: tl.constexpr, MODE: tl.conste
         if MODE == 1:
             a = (a.to(tl.int16) - 128).to(tl.int8)
         if MODE == 2:
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)     # FP32 sum per K slice
+            acc += tl.dot(a, b.T)     # each K slice summed on its own, then added in FP32
         else:
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     return acc
@@ -305,7 +305,7 @@ def _qconv_tma_kernel(x_desc, w_desc, y_desc, q_desc, r_desc, ib_ptr, mult_ptr, 
             if CIN % BLOCK_K != 0:      # shifted, the zero-filled channels would be -128: zero them again
                 a = tl.where((c + tl.arange(0, BLOCK_K) < CIN)[None, :], a, 0)
         if MODE == 2:
-            acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)     # FP32 sum per K slice
+            acc += tl.dot(a, b.T)     # each K slice summed on its own, then added in FP32
         else:
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     _finish_tile(acc, 0, off_n, img, oh0, ow0, y_desc, q_desc, r_desc, ib_ptr, mult_ptr, N, out_inv, out_zp, q_inv,

@@ -159,10 +159,13 @@ def _source(steps: tuple[ProgramStep, ...], n_in: int, rank: int) -> str:
     sizes = ", ".join(f"D{d}" for d in range(rank))
     strides = ", ".join(f"S{i}_{d}" for i in range(n_in) for d in range(rank))
     ins = ", ".join(f"in{i}" for i in range(n_in))
+    # the element count, the sizes and the outer strides change with the input shape: not specialized, so a range
+    # engine's new shape reuses the compiled kernel (the innermost strides, 1, 0 or a channel count, do not change)
+    generic = ["n"] + [f"D{d}" for d in range(rank)] + [f"S{i}_{d}" for i in range(n_in) for d in range(rank - 1)]
     lines = ["import triton", "import triton.language as tl", "", "",
              "@triton.jit", "def _tanh(x):", "    e = tl.exp(-2.0 * tl.abs(x))", "    t = (1.0 - e) / (1.0 + e)",
              "    return tl.where(x >= 0, t, -t)", "", "",
-             "@triton.jit",
+             f"@triton.jit(do_not_specialize={generic!r})",
              f"def kernel(out_ptr, {ins}, n, {sizes}, {strides}, BLOCK: tl.constexpr):",
              "    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
              "    mask = offs < n",

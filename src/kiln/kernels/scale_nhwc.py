@@ -25,7 +25,7 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["total", "HWC"])     # shape-dependent: one compile serves every input shape
     def scale_nhwc(x_ptr, s_ptr, y_ptr, total, C, HWC, s_batch, OP: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
