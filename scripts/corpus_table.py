@@ -119,7 +119,10 @@ def _peer_fp16(path: Path, sets: list[tuple[dict, dict]]) -> float | str:
     except ImportError:
         return "onnxconverter-common not installed"
     import onnxruntime as ort
-    half = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    try:
+        half = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+    except ValueError as e:        # e.g. a model that already holds FP16 tensors, which the converter refuses
+        return f"onnxconverter-common cannot convert it: {cl.first_line(e)[:120]}"
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     try:
         sess = cl.ort_session(half.SerializeToString(), providers)
