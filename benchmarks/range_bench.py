@@ -6,7 +6,8 @@ shapes of its range beside a static Kiln engine built for exactly that shape and
 Per model: export ONNX with the range's dims dynamic (harness models: seeded random weights, calibrated
 BatchNorm), build the range engine (cold, then again with the warm timing cache), warm it up once as a
 server does at load (``ExecutionContext.warm_up()``: the profile's min, opt and max; ``--no-warm-up`` skips it),
-then per shape: the first run at that shape on a fresh context (graph capture included, CUDA-synchronized wall time), the
+then per shape: the first run at that shape on a fresh context (the eager warm-up run) and the second (the graph's
+recording and first replay), each CUDA-synchronized wall time, the
 range engine's median, the static engine's median and torch.compile(dynamic=True)'s (CUDA events, median
 of two series, as harness.py). ``--quick`` measures three shapes per model.
 """
@@ -122,7 +123,11 @@ def run_model(name: str, args) -> dict[str, Any]:
         row["first_run_ms"] = (time.perf_counter() - t0) * 1e3
         row["graph"] = ctx.graphs is not None
         if ctx.graphs is not None:
-            row["first_run_phases_ms"] = dict(ctx.graphs.last_record)     # eager warm-up, then recording
+            row["first_run_phases_ms"] = dict(ctx.graphs.last_record)     # the eager warm-up run
+        t0 = time.perf_counter()
+        ctx.execute(feeds)
+        torch.cuda.synchronize()
+        row["second_run_ms"] = (time.perf_counter() - t0) * 1e3           # the recording, then a replay
         runs = 50 if point[0] >= 64 else 60
         row["range"] = harness.twice(lambda: ctx.execute(feeds), runs)["median_ms"]
         ctx = None
@@ -148,7 +153,7 @@ def run_model(name: str, args) -> dict[str, Any]:
         print(f"{name:<10} {'x'.join(map(str, point)):<12} range {row['range']:8.3f} ms  static {row['static']:8.3f} "
               f"(x{row['range'] / row['static']:.2f})  compile(dynamic) {tc if tc is None else f'{tc:8.3f}'}  "
               f"first run {row['first_run_ms']:.1f} ms{' (a warm-up shape)' if row['seen_in_warm_up'] else ''} "
-              f"{row.get('first_run_phases_ms', {})} graph {row['graph']}",
+              f"{row.get('first_run_phases_ms', {})}, second run {row['second_run_ms']:.1f} ms, graph {row['graph']}",
               flush=True)
         res["rows"].append(row)
         torch.cuda.empty_cache()

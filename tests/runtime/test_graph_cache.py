@@ -30,13 +30,19 @@ class _Graph:
 
 @pytest.fixture
 def runner(monkeypatch):
-    """A GraphRunner bounded at 2 shapes whose recording is faked (no GPU here): it logs what it records."""
+    """A GraphRunner bounded at 2 shapes whose warm-up runs and recordings are faked (no GPU here): it logs them."""
     log: list = []
 
-    def record(self, tensors, pool, bind):
-        shape = tuple(tensors[0].shape)
+    def warm(self, tensors):
+        log.append(("warm", tuple(tensors[0].shape)))
+        return {"inputs": [t.clone() for t in tensors], "keepalive": {}, "pool": None}, []
+
+    def record(self, entry, bind):
+        shape = tuple(entry["inputs"][0].shape)
         log.append(("record", shape))
-        return {"graph": _Graph(log, shape), "inputs": [t.clone() for t in tensors], "outputs": [], "pool": pool}
+        out = {"graph": _Graph(log, shape), "outputs": []}
+        return out if bind else {**out, "inputs": entry["inputs"]}
+    monkeypatch.setattr(GraphRunner, "_warm", warm)
     monkeypatch.setattr(GraphRunner, "_record", record)
     r = GraphRunner(_engine().context().program, max_graphs=2)
     r.log = log
@@ -49,16 +55,24 @@ def _run(runner, batch: int) -> None:
     runner.run([runner.keep[-1]])
 
 
+def test_first_run_warms_up_second_records_then_replays(runner) -> None:
+    for _ in range(3):
+        _run(runner, 4)
+    assert runner.log == [("warm", (4, 8)), ("record", (4, 8)), ("replay", (4, 8)), ("replay", (4, 8))]
+
+
 def test_least_recently_run_shape_is_evicted(runner) -> None:
     for b in (1, 2, 1, 3):          # 2 was run longer ago than 1 when 3 arrives
         _run(runner, b)
     assert [k[0][0][0] for k in runner.graphs] == [1, 3]
     assert runner.evictions == 1
-    assert [e for e in runner.log if e[0] == "record"] == [("record", (1, 8)), ("record", (2, 8)), ("record", (3, 8))]
+    assert runner.log == [("warm", (1, 8)), ("warm", (2, 8)), ("record", (1, 8)), ("replay", (1, 8)),
+                          ("warm", (3, 8))]
     runner.log.clear()
-    _run(runner, 3)                 # cached: replayed, nothing recorded
-    _run(runner, 2)                 # evicted before: recorded again, and 1 (least recent) goes
-    assert runner.log == [("replay", (3, 8)), ("record", (2, 8)), ("replay", (2, 8))]
+    _run(runner, 3)                 # warmed up before: recorded and replayed
+    _run(runner, 3)                 # recorded: replayed only
+    _run(runner, 2)                 # evicted before: warmed up again, and 1 (least recent) goes
+    assert runner.log == [("record", (3, 8)), ("replay", (3, 8)), ("replay", (3, 8)), ("warm", (2, 8))]
     assert [k[0][0][0] for k in runner.graphs] == [3, 2] and runner.evictions == 2
 
 

@@ -39,9 +39,11 @@ def test_replay_matches_eager_and_outputs_are_copied():
     a = torch.randn(4, 8, device="cuda")
     y1 = ctx.run({"x": a})["y"]
     assert ctx.graphs is not None and ctx.graph_error is None
-    y2 = ctx.run({"x": a * 2})["y"]
+    y2 = ctx.run({"x": a * 2})["y"]            # the first run was the eager warm-up; this one records
+    y3 = ctx.run({"x": a * 3})["y"]            # and this one replays
     torch.testing.assert_close(y1, eager.run({"x": a})["y"])
     torch.testing.assert_close(y2, eager.run({"x": a * 2})["y"])
+    torch.testing.assert_close(y3, eager.run({"x": a * 3})["y"])
 
 
 @pytest.mark.gpu

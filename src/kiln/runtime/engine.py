@@ -9,8 +9,8 @@ size); the build's timing at every bucket point launched them, so on the build m
 on-disk cache holds them, and ``ExecutionContext.warm_up()`` runs each profile's corners and each
 bucket once so that no later run compiles or loads one.
 
-CUDA graphs. On a GPU a context records one graph per input-shape signature at the first run of
-that shape and replays it after (kiln.runtime.graphs). It keeps at most ``graph_cache`` graphs
+CUDA graphs. On a GPU a context runs the first run of an input-shape signature eagerly (the warm-up),
+records that shape's graph at its second run and replays it after (kiln.runtime.graphs). It keeps at most ``graph_cache`` graphs
 (the context option, else the ``KILN_GRAPH_CACHE`` environment variable, else 16): when a new
 shape would exceed that, the least recently run shape's graph and its memory are released, and
 that shape is recorded again if it comes back. Tensors computed from shapes alone (ShapeConstant layers)

@@ -1,11 +1,12 @@
 """Whole-engine CUDA graphs: record the engine's launches once per input shape, replay after.
 
-Inputs are copied into static buffers, the plan runs once eagerly (warm-up:
-cuDNN/cuBLAS handles, lazy module loads, and the host values it moves to the device), then once under capture into a private
-memory pool — torch's graph pool reuses activation blocks by liveness, so the pool
-is the engine's planned activation arena for that shape. Replays copy new inputs
-in and return the static outputs. Engines with data-dependent layers (If/Loop,
-NonZero, NMS with dynamic outputs) stay eager.
+The first run at a new input shape runs the plan eagerly and returns that run's outputs: it is the warm-up
+(cuDNN/cuBLAS plans and handles, lazy module loads, and the host values the plan moves to the device, which it
+collects). The second run at that shape records the plan under capture into a private memory pool — torch's
+graph pool reuses activation blocks by liveness, so the pool is the engine's planned activation arena for that
+shape — and replays it; later runs copy new inputs in, replay, and return the static outputs. A shape run once
+thus never pays for both the warm-up and the capture. Engines with data-dependent layers (If/Loop, NonZero, NMS
+with dynamic outputs) stay eager.
 
 Input binding: a caller that passes the same device buffers on consecutive runs (a serving
 loop that refills its input tensor, as TensorRT users bind addresses once) gets a second graph,
@@ -61,50 +62,61 @@ class GraphRunner:
         self.evictions = 0
         self.capturable = not any(s.dynamic for s in program.steps)
         self.last_record: dict[str, float] = {}
+        self._stream: torch.cuda.Stream | None = None      # the warm-up runs' stream
 
     def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise CaptureError("sequence or optional inputs are not captured")
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        where = tuple((t.data_ptr(), t.stride(), t.device) for t in tensors)
         entry = self.graphs.pop(key, None)
         if entry is None:
             while len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
                 self.evictions += 1
-            entry = self._capture(tensors, None)
-        self.graphs[key] = entry                # now the most recently run
-        where = tuple((t.data_ptr(), t.stride(), t.device) for t in tensors)
+            entry, outputs = self._guard(self._warm, tensors)
+            entry["last"] = where
+            self.graphs[key] = entry            # now the most recently run
+            return outputs
+        self.graphs[key] = entry
         bound = entry.get("bound")
         if bound is not None and bound["where"] == where:
             bound["graph"].replay()
             return bound["outputs"]
         if entry.get("last") == where:
             # the same input buffers twice in a row: record a graph that reads them where they are
-            entry["bound"] = {**self._capture(tensors, entry["pool"], bind=True), "where": where}
+            entry["bound"] = {**self._guard(self._record, {**entry, "inputs": list(tensors)}, True), "where": where}
             entry["bound"]["graph"].replay()
             return entry["bound"]["outputs"]
         entry["last"] = where
         for buf, t in zip(entry["inputs"], tensors):
             buf.copy_(t, non_blocking=True)
+        if "graph" not in entry:                # warmed up by the first run at this shape: record now
+            entry.update(self._guard(self._record, entry, False))
         entry["graph"].replay()
         return entry["outputs"]
 
-    def _capture(self, tensors: list[torch.Tensor], pool, bind: bool = False) -> dict[str, Any]:
+    @staticmethod
+    def _guard(fn, *args):
         try:
-            return self._record(tensors, pool, bind)
+            return fn(*args)
+        except CaptureError:
+            raise
         except Exception as exc:
             raise CaptureError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") \
                 from exc
 
-    def _record(self, tensors: list[torch.Tensor], pool, bind: bool) -> dict[str, Any]:
-        """Run the plan once eagerly, then record it on ``tensors`` into ``pool`` (None: a new memory pool).
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
 
-        The eager run is the warm-up (handles, lazy module loads, shape-only layers) and also collects the
-        host values the plan moves to the device, which the recording then reads from that cache. Wall times
-        of the two phases go to ``last_record`` (ms)."""
-        pool = torch.cuda.graph_pool_handle() if pool is None else pool
-        static_in = list(tensors) if bind else [t.clone() for t in tensors]
-        stream = torch.cuda.Stream()
+    def _warm(self, tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Run the plan once eagerly on copies of ``tensors`` (which become the graph's static inputs), collecting
+        the host values it moves to the device; returns the shape's unrecorded entry and the run's outputs. Its
+        wall time goes to ``last_record`` (ms)."""
+        static_in = [t.clone() for t in tensors]
+        stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         cache: dict = {}
         self.program.move_cache = cache
@@ -112,22 +124,36 @@ class GraphRunner:
         try:
             self.program.move_mode = "collect"
             with torch.cuda.stream(stream):
-                warm = self.program.run_env({}, static_in)      # warm-up outside the capture
-                if not all(isinstance(t, torch.Tensor) for t in warm):
+                outputs = self.program.run_env({}, static_in)
+                if not all(isinstance(t, torch.Tensor) for t in outputs):
                     raise CaptureError("sequence or optional outputs are not captured")
             torch.cuda.current_stream().wait_stream(stream)
             torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            self.program.move_mode = "replay"
-            with torch.cuda.graph(graph, pool=pool):
-                static_out = self.program.run_env({}, static_in)
         finally:
             self.program.move_mode = None
             self.program.move_cache = None
-        self.last_record = {"eager_ms": (t1 - t0) * 1e3, "record_ms": (time.perf_counter() - t1) * 1e3}
-        return {"graph": graph, "inputs": [] if bind else static_in, "outputs": static_out, "keepalive": cache,
-                "pool": pool}
+        self.last_record = {"eager_ms": (time.perf_counter() - t0) * 1e3}
+        entry = {"inputs": static_in, "keepalive": cache, "pool": torch.cuda.graph_pool_handle()}
+        return entry, list(outputs)
+
+    def _record(self, entry: dict[str, Any], bind: bool) -> dict[str, Any]:
+        """Record the plan on ``entry``'s inputs into its memory pool, reading the host values its warm-up run
+        collected. Returns the graph and its outputs (with the inputs it reads unless ``bind``); its wall time
+        goes to ``last_record`` (ms)."""
+        cache = entry["keepalive"]
+        self.program.move_cache = cache
+        t0 = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            self.program.move_mode = "replay"
+            with torch.cuda.graph(graph, pool=entry["pool"]):
+                static_out = self.program.run_env({}, entry["inputs"])
+        finally:
+            self.program.move_mode = None
+            self.program.move_cache = None
+        self.last_record = {"record_ms": (time.perf_counter() - t0) * 1e3}
+        out = {"graph": graph, "outputs": static_out}
+        return out if bind else {**out, "inputs": entry["inputs"]}
 
     def nbytes(self) -> int:
         return 0
