@@ -31,6 +31,7 @@ class FakeInstance:
 
     def __init__(self, delay: float = 0.0) -> None:
         self.batches: list[int] = []
+        self.seen: list[np.ndarray] = []
         self.delay = delay
         self.lock = threading.Lock()
 
@@ -38,6 +39,7 @@ class FakeInstance:
         x = feeds["x"]
         with self.lock:
             self.batches.append(x.shape[0])
+            self.seen.append(x.copy())
         time.sleep(self.delay)
         if np.any(x == -1):
             raise ShapeError("row holds -1")
@@ -228,19 +230,22 @@ def test_warmup_feeds_cover_every_batch_size_inside_the_profile():
     assert ServedModel("free", NoProfile(), ModelOptions()).warmup_feeds() == []    # dynamic dims, no sizes known
 
 
-def test_buckets_take_power_of_two_prefixes():
-    async def go():
+def test_buckets_pad_a_nearly_full_batch_with_zero_rows_and_split_a_sparse_one():
+    async def go(n: int):
         model, insts, stats = make(ModelOptions(max_queue_delay_us=100_000, buckets="on"))
         b = Batcher(model, insts, stats)
-        xs = [np.full((1, 2), i, np.float32) for i in range(7)]
+        xs = [np.full((1, 2), i + 1, np.float32) for i in range(n)]
         outs = await asyncio.gather(*(submit(b, model, x) for x in xs))
         await b.close()
-        return model, xs, outs, insts[0].batches
-    model, xs, outs, batches = run(go())
-    assert model.buckets == (1, 2, 4, 8)
-    assert batches == [4, 2, 1]                               # 7 queued rows: the largest bucket first
-    for x, out in zip(xs, outs):
-        np.testing.assert_array_equal(out["y"], expected(x))
+        return model, xs, outs, insts[0]
+    for n, want in ((7, [8]), (6, [8]), (3, [4]), (5, [4, 1])):       # padded when >= 3/4 of the bucket is real
+        model, xs, outs, inst = run(go(n))
+        assert model.buckets == (1, 2, 4, 8)
+        assert inst.batches == want, n
+        for x, out in zip(xs, outs):
+            np.testing.assert_array_equal(out["y"], expected(x))
+        seen = inst.seen[0]
+        assert (seen[min(n, want[0]):] == 0).all() and (seen[:min(n, want[0])] > 0).all()   # pad rows are zeros
     assert ServedModel("fake", FakeEngine(), ModelOptions()).buckets == ()          # auto: off on the CPU
     gpu = type("GpuEngine", (FakeEngine,), {"device": "cuda"})()
     assert ServedModel("gpu", gpu, ModelOptions(max_batch=6)).buckets == (1, 2, 4, 6)

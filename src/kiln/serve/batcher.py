@@ -5,9 +5,17 @@ the same merge key (the same shape past the batch axis) while the rows fit one p
 merge limit; it runs at once when the batch reaches the limit or a preferred size, else waits up
 to the queue delay (counted from the oldest request's arrival) for more. Outputs are split back
 by rows. A merged batch that fails is re-run one request at a time, so a request's error is its own.
-An input held in system shared memory is read once, on the worker thread, straight into its batch.
+Each request's inputs are copied once, straight into the instance's reusable batch buffer for that
+batch shape (kiln.serve.instance); an input held in system shared memory is read once, on the worker
+thread, straight into it. A lone request on a CPU instance runs where its arrays lie, without a copy.
 
-A batch runs on the model's thread pool, except on a CPU engine when it is the only work the
+With batch buckets (GPU engines), the batch a free instance takes at the delay's end is every compatible
+queued request, run padded with zero rows up to the next bucket size when at least 3/4 of that size is
+real rows (``PAD_FILL``); otherwise the longest prefix whose rows are a bucket size runs and the rest
+wait for the next free instance. Padded rows never reach an answer.
+
+A batch runs on its instance's own thread (one per execution context: the batch goes over in one
+queue put, its results come back in one loop callback), except on a CPU engine when it is the only work the
 batcher has (one request, nothing queued, no other batch running) and runs of its shape (rows
 and merge key) took under ``INLINE_MAX_S``: then it runs on the event loop itself, which saves
 the two thread hand-offs (into the pool, and back through ``call_soon_threadsafe``) that would
@@ -17,7 +25,9 @@ batch runs. A GPU engine always runs on its thread (a first run at a shape recor
 
 A request is queued with ``submit`` and a callback that gets its outputs or its error once, on the
 event loop (the engine process of ``--frontends`` answers from it, with no task per request);
-``infer`` is the same as a coroutine.
+``infer`` is the same as a coroutine. A callback submitted with ``borrow=True`` must copy what it keeps
+before it returns: it may get views of an instance's output buffers, which the instance's next batch
+overwrites; every other request gets outputs of its own.
 """
 from __future__ import annotations
 
@@ -26,9 +36,10 @@ import heapq
 import itertools
 import logging
 import math
+import queue
+import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Protocol
@@ -39,12 +50,13 @@ from kiln.errors import KilnError
 from kiln.serve.errors import BadRequest, DeadlineExceeded, InternalError, ServeError, Unavailable
 from kiln.serve.metrics import ModelStats
 from kiln.serve.model import ServedModel
-from kiln.serve.shm import gather, materialize
+from kiln.serve.shm import gather_into, materialize
 
 log = logging.getLogger("kiln.serve")
 INLINE_MAX_S = 0.0005          # longest recent run (per shape) that may block the event loop
 RUN_TIMES = 64                 # shapes whose recent run time is remembered
 COMPACT_AT = 1024              # deadline entries kept before those of finished requests are dropped
+PAD_FILL = 0.75                # least share of real rows in a batch padded up to a bucket size
 
 
 class Instance(Protocol):
@@ -65,6 +77,7 @@ class Pending:
     finished: bool = False
     queued: bool = True
     timeout_s: float | None = None
+    borrows: bool = False               # ``done`` copies what it keeps before returning (see the module docstring)
 
     def finish(self, result: Any) -> None:
         if not self.finished:
@@ -73,6 +86,41 @@ class Pending:
                 self.done(result)
             except Exception:                  # noqa: BLE001 - a bug in the caller's callback: not the batcher's
                 log.exception("a request's answer callback failed")
+
+
+class _Runner:
+    """One instance's own thread: runs the calls handed to it in order, each result posted back to the loop."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """``fn(*args)`` on the thread; the future gets its result or its exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._calls.put((loop, future, fn, args))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            loop, future, fn, args = item
+            try:
+                result = fn(*args)
+            except BaseException as exc:       # noqa: BLE001 - handed to the waiting coroutine
+                result = exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result)
+            except RuntimeError:               # the loop is closed: no one is waiting
+                pass
+
+    def close(self) -> None:
+        self._calls.put(None)
+        self._thread.join()
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:
@@ -108,8 +156,9 @@ class Batcher:
         self._timer_at = math.inf
         self._compact_at = COMPACT_AT
         self._seq = itertools.count()
-        self._executor = ThreadPoolExecutor(len(instances), thread_name_prefix=f"kiln-serve-{model.name}")
-        self._workers = [asyncio.get_running_loop().create_task(self._worker(i)) for i in instances]
+        self._runners = [_Runner(f"kiln-serve-{model.name}-{k}") for k in range(len(instances))]
+        self._workers = [asyncio.get_running_loop().create_task(self._worker(i, r))
+                         for i, r in zip(instances, self._runners)]
 
     @property
     def depth(self) -> int:
@@ -127,9 +176,9 @@ class Batcher:
             self.withdraw(pending)              # the caller went away: its queue slot is freed
 
     def submit(self, feeds: dict[str, Any], rows: int, key: tuple, timeout_s: float | None,
-               done: Callable[[Any], None]) -> Pending:
-        """Queues one checked request; ``done`` is called on the event loop with its outputs or error. Raises
-        Unavailable when the queue is full or closed."""
+               done: Callable[[Any], None], borrow: bool = False) -> Pending:
+        """Queues one checked request; ``done`` is called on the event loop with its outputs or error (with
+        ``borrow``, outputs it must copy before returning). Raises Unavailable when the queue is full or closed."""
         name = self.model.name
         if self._closed:
             raise Unavailable(f"Model {name!r} is unloading or the server is shutting down; retry on another "
@@ -137,7 +186,7 @@ class Batcher:
         if len(self._queue) >= self.model.options.max_queue:
             raise Unavailable(f"Model {name!r} has {len(self._queue)} requests queued, its limit (--max-queue); "
                               f"retry later, or serve it with more --instances or a larger --max-queue.")
-        pending = Pending(feeds, rows, key, done)
+        pending = Pending(feeds, rows, key, done, borrows=borrow)
         self._queue.append(pending)
         self.stats.queue_depth = len(self._queue)
         self._arrived.set()
@@ -210,11 +259,11 @@ class Batcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
-        self._executor.shutdown(wait=True)
+        for runner in self._runners:
+            runner.close()
 
     # ---- the workers' side -------------------------------------------------------------------
-    async def _worker(self, instance: Instance) -> None:
-        loop = asyncio.get_running_loop()
+    async def _worker(self, instance: Instance, runner: _Runner) -> None:
         while True:
             async with self._form_lock:
                 batch = await self._next_batch()
@@ -226,16 +275,17 @@ class Batcher:
             started = time.monotonic()
             for p in batch:
                 self.stats.queue_seconds.observe(started - p.arrived)
-            shape = (sum(p.rows for p in batch), batch[0].key)
+            size = self._padded(sum(p.rows for p in batch), batch[0].key)
+            shape = (size, batch[0].key)
             alone = len(batch) == 1 and not self._queue
             inline = (self._inline and not self._running and (alone or self.inline_batches)
                       and self._run_s.get(shape, INLINE_MAX_S) < INLINE_MAX_S)
             self._running += 1
             try:
                 if inline:
-                    results, ran = self._timed(instance, batch)
+                    results, ran = self._timed(instance, batch, size)
                 else:
-                    results, ran = await loop.run_in_executor(self._executor, self._timed, instance, batch)
+                    results, ran = await runner.call(self._timed, instance, batch, size)
                 self._note_run(shape, ran)
             except Exception as exc:           # noqa: BLE001 - never leave a request waiting
                 log.exception("model %s: batch failed", self.model.name)
@@ -296,8 +346,12 @@ class Batcher:
         return group, False
 
     def _bucket(self, group: list[Pending]) -> list[Pending]:
-        """The longest prefix whose rows are one of the model's bucket sizes (the head alone if none is)."""
+        """The whole group when its rows fill at least ``PAD_FILL`` of the bucket size it is padded to, else the
+        longest prefix whose rows are one of the model's bucket sizes (the head alone if none is)."""
         if not self.model.buckets:
+            return group
+        total = sum(p.rows for p in group)
+        if total >= PAD_FILL * self._padded(total, group[0].key):
             return group
         rows, best = 0, 1
         for i, p in enumerate(group):
@@ -316,27 +370,40 @@ class Batcher:
                       sum(p.rows for p in live), len(self._queue))
         return live
 
-    def _timed(self, instance: Instance, batch: list[Pending]) -> tuple[list[Any], float]:
+    def _padded(self, rows: int, key: tuple) -> int:
+        """The rows a batch of ``rows`` real rows runs with: the smallest bucket size that holds them (and fits a
+        profile), else ``rows``."""
+        for size in self.model.buckets:
+            if size >= rows:
+                return size if size == rows or self.model.merged_fits(size, key) else rows
+        return rows
+
+    def _timed(self, instance: Instance, batch: list[Pending], size: int) -> tuple[list[Any], float]:
         """The batch's results and the seconds its run took where it ran (no thread hand-off counted)."""
         t0 = time.perf_counter()
-        results = self._compute(instance, batch)
+        results = self._compute(instance, batch, size)
         return results, time.perf_counter() - t0
 
-    def _compute(self, instance: Instance, batch: list[Pending]) -> list[Any]:
-        """Runs on a worker thread: one merged run, split by rows; one run per request if that fails."""
+    def _compute(self, instance: Instance, batch: list[Pending], size: int) -> list[Any]:
+        """Runs on a worker thread: one run of the batch copied into its buffer (``size`` rows, zero rows past
+        the requests'), split by rows; one run per request if that fails. A lone request on an instance that
+        is not staged runs on its own arrays."""
         if not batch:
             return []
-        if len(batch) > 1:
-            names = list(batch[0].feeds)
+        staged = getattr(instance, "staged", False)
+        if len(batch) > 1 or staged or size != batch[0].rows:
             try:
-                merged = {n: gather([p.feeds[n] for p in batch]) for n in names}
-                outs = instance.run(merged)
-                total = sum(p.rows for p in batch)
-                if all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == total for v in outs.values()):
+                outs = self._run_merged(instance, batch, size)
+                lent = getattr(instance, "reuses_outputs", False)
+                if not self.model.batch_axis:          # one request (nothing merges): its outputs whole
+                    return [{n: v if batch[0].borrows or not lent else np.array(v) for n, v in outs.items()}]
+                if all(isinstance(v, np.ndarray) and v.ndim and v.shape[0] == size for v in outs.values()):
                     results, start = [], 0
                     for p in batch:
-                        results.append({n: v[start:start + p.rows] for n, v in outs.items()})
-                        start += p.rows
+                        stop = start + p.rows
+                        results.append({n: v[start:stop] if p.borrows or not lent else v[start:stop].copy()
+                                        for n, v in outs.items()})
+                        start = stop
                     return results
                 log.warning("model %s: an output's first dimension is not the batch; running requests one by one",
                             self.model.name)
@@ -344,6 +411,26 @@ class Batcher:
                 log.debug("model %s: merged batch failed (%s); running its requests one by one",
                           self.model.name, exc)
         return [self._one(instance, p) for p in batch]
+
+    def _run_merged(self, instance: Instance, batch: list[Pending], size: int) -> dict[str, Any]:
+        """Copies the batch's inputs into the instance's buffer for this batch shape (a fresh one when the
+        instance keeps none), zeroes the rows past the requests', and runs it."""
+        first = batch[0].feeds
+        shapes = tuple((n, (size, *v.shape[1:]) if self.model.batch_axis else tuple(v.shape), v.dtype)
+                       for n, v in first.items())
+        take = getattr(instance, "buffers", None)
+        held = take(shapes) if take is not None else None
+        host = held.host if held is not None else {n: np.empty(s, d) for n, s, d in shapes}
+        filled = held.filled if held is not None else size
+        rows = 0
+        for n, buf in host.items():
+            rows = gather_into([p.feeds[n] for p in batch], buf)
+            if filled > rows:
+                buf[rows:filled] = 0
+        if held is not None:
+            held.filled = rows
+            return instance.run_batch(held)
+        return instance.run(host)
 
     def _one(self, instance: Instance, p: Pending) -> Any:
         try:

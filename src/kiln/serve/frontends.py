@@ -94,7 +94,8 @@ class Link:
             arrays = req.arrays(model.input_dtypes, self.slab, model.input_layouts)
             rows, key = model.check_request(arrays)
             slot = self.slab.checked_slot(req.slot)
-            pending = entry.batcher.submit(arrays, rows, key, req.timeout_s, partial(self.answered, n, slot, model))
+            pending = entry.batcher.submit(arrays, rows, key, req.timeout_s, partial(self.answered, n, slot, model),
+                                           borrow=True)
             self.requests[n] = (entry.batcher, pending)
         except ServeError as exc:
             self.channel.add(ipc.error_record(n, exc))
@@ -108,7 +109,8 @@ class Link:
                 f"The server failed on this request ({type(exc).__name__}); please report it.")))
 
     def answered(self, n: int, slot: memoryview | None, model: ServedModel, result: Any) -> None:
-        """Answers request ``n``: its outputs into its slot when they fit, else in the record; or its error."""
+        """Answers request ``n``: its outputs into its slot when they fit, else in the record; or its error. The
+        outputs are copied before it returns (they may be views of an instance's reused output buffers)."""
         self.requests.pop(n, None)
         try:
             if isinstance(result, BaseException):

@@ -141,6 +141,21 @@ def gather(parts: list[Any]) -> np.ndarray:
     copied once, straight into the result."""
     first = parts[0]
     out = np.empty((sum(p.shape[0] for p in parts), *first.shape[1:]), first.dtype)
+    gather_into(parts, out)
+    return out
+
+
+def gather_into(parts: list[Any], out: np.ndarray) -> int:
+    """Copies the parts (arrays or shared-memory inputs) one after another along the first axis into the
+    first rows of ``out`` (C-contiguous), each once; returns the rows filled. A single part of ``out``'s
+    whole shape (a model without a batch axis) fills all of it."""
+    if len(parts) == 1 and parts[0].shape == out.shape:
+        p = parts[0]
+        if isinstance(p, ShmTensor):
+            p.read_into(out)
+        else:
+            out[...] = p
+        return out.shape[0] if out.ndim else 0
     start = 0
     for p in parts:
         stop = start + p.shape[0]
@@ -149,7 +164,7 @@ def gather(parts: list[Any]) -> np.ndarray:
         else:
             out[start:stop] = p
         start = stop
-    return out
+    return start
 
 
 class OutputSlot:
