@@ -198,7 +198,7 @@ def test_cpu_tactics_are_timed_and_cached_per_thread_count(tmp_path, restore_thr
         kiln.build(kiln.onnx.parse(model.SerializeToString()), kiln.BuildConfig(device="cpu",
                                                                                  timing_cache=str(cache)))
         assert torch.get_num_threads() == n
-        seen.append(set(TimingCache(str(cache)).entries))
+        seen.append({k for k in TimingCache(str(cache)).entries if "|threads:" not in k})    # tactic times only
     assert len(seen[0]) == 1 and len(seen[1]) == 2
     assert [k for k in seen[0]][0].split("|")[0].endswith("/1 threads")
     assert [k for k in seen[1] - seen[0]][0].split("|")[0].endswith("/2 threads")

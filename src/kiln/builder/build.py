@@ -121,7 +121,8 @@ def _build(network: Network, config: BuildConfig, say: Progress, t0: float):
                          f"{fp['name']}/{fp.get('compute_capability')}", host_layers(net), default)
     cache.save()
     weights: dict[str, np.ndarray] = {}
-    plan = _plan(net, device, config, weights, counter=[0], chosen=sel.chosen, by_point=sel.by_point)
+    plan = _plan(net, device, config, weights, counter=[0], chosen=sel.chosen, by_point=sel.by_point,
+                 threads=sel.threads)
     say("tactics", 1.0)
     header = {
         "name": network.name,
@@ -208,7 +209,7 @@ def _fmt_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.ndarray], counter: list[int],
           outer: list[str] | None = None, chosen: dict[int, str] | None = None,
-          by_point: dict[int, list[str]] | None = None) -> dict[str, Any]:
+          by_point: dict[int, list[str]] | None = None, threads: dict[int, str] | None = None) -> dict[str, Any]:
     hosts = host_layers(net) if device != "cpu" else set()
     layers = []
     plan_weights: dict[str, str] = {}
@@ -257,7 +258,8 @@ def _plan(net: Network, device: str, config: BuildConfig, weights: dict[str, np.
         layers.append({"name": layer.name, "kind": layer.kind, "inputs": ins + extra_ins,
                        "outputs": [t.name for t in layer.outputs], "attrs": attrs, "origin": layer.origin,
                        "precision": layer.precision, "tactic": layer.tactic, "host": on_host,
-                       **({"bucket_tactics": by_point[id(layer)]} if id(layer) in (by_point or {}) else {})})
+                       **({"bucket_tactics": by_point[id(layer)]} if id(layer) in (by_point or {}) else {}),
+                       **({"threads": threads[id(layer)]} if id(layer) in (threads or {}) else {})})
         for t in layer.outputs:
             tensors[t.name] = {"shape": _jdims(t.shape), "dtype": t.dtype, "host": on_host}
     for t in net.outputs:

@@ -7,7 +7,9 @@ On the CPU a layer's candidates are timed in interleaved rounds and judged by a 
 their call times, so load from elsewhere on the machine does not pick the tactic; candidates within
 CLOSE_MARGIN of the fastest get more rounds and a later one must win clearly more of them than an earlier one
 (a sign test), a tie within CPU_TIE_MARGIN goes to the first registered, and a
-small GEMM-like layer is timed on the one thread the runtime runs it on (``run_threads``).
+small GEMM-like layer is timed on the one thread the runtime runs it on (``run_threads``). On more than one
+thread, every layer's chosen tactic is then timed on one thread and on the engine's count, and the layer runs on
+one thread unless that count is clearly faster (``select_threads``; a single-point build only).
 Results go to a timing cache keyed by device, layer signature, shapes and dtypes, so a
 rebuild skips every layer and shape it has already measured.
 """
@@ -17,7 +19,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +61,11 @@ def _time_cpu(fn, args, reps: int) -> float:
 
 
 def _time_cpu_interleaved(fns: list, args, reps: int) -> list[float]:
+    """Milliseconds per call of each of ``fns`` (a layer's candidate tactics) on the CPU: ``interleaved_ms``."""
+    return interleaved_ms(fns, args, reps)
+
+
+def interleaved_ms(fns: list, args, reps: int) -> list[float]:
     """Milliseconds per call of each of ``fns`` on the CPU: two warm-up calls each, then ``reps`` rounds that
     time one call of every candidate, the order rotating, so that a load spike falls on all candidates alike;
     each gets the CPU_QUANTILE of its round times. Where several come within CLOSE_MARGIN of the fastest, those
@@ -358,10 +365,12 @@ CPU_TIE_MARGIN = 1.05
 
 
 class Selection(NamedTuple):
-    """The timed choices: a tactic per layer at the default point, and per point where they differ."""
+    """The timed choices: a tactic per layer at the default point, and per point where they differ; on the CPU
+    at more than one thread, the thread choice (ONE or ALL) of each layer it timed on both (``select_threads``)."""
 
     chosen: dict[int, str]                  # id(layer) -> tactic at the default point
     by_point: dict[int, list[str]]          # id(layer) -> tactic per point, for layers whose choice differs
+    threads: dict[int, str] = {}            # id(layer) -> kiln.kernels.cpu_threads ONE or ALL
 
 
 def select_tactics(net: Network, device: str, level: int, points: list[dict[str, tuple[int, ...]]],
@@ -369,11 +378,17 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
     """Choose a tactic per layer by timing its candidates at each of ``points`` (input shapes; see
     kiln.builder.buckets); ``points[default]`` gives the layer's own tactic. A plugin's implementation
     is chosen at the default point only. Over several points (a range engine), tactics that set themselves
-    up per input shape (``shape_setup``) are not candidates: a first run at a new shape would pay that."""
+    up per input shape (``shape_setup``) are not candidates: a first run at a new shape would pay that. On the
+    CPU at more than one thread and one point, each layer's thread choice too (``select_threads``)."""
     chosen: dict[int, str] = {}
     by_point: dict[int, list[str]] = {}
     if level == 0:
         return Selection(chosen, by_point)
+    threads = 0
+    if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count the layer runs on
+        from kiln.kernels.cpu_threads import default_threads, use_threads
+        threads = default_threads()
+    per_layer = threads > 1 and len(points) == 1        # each layer's thread count, measured (select_threads)
     timed = []
     for layer in net.layers:
         if id(layer) in hosts:
@@ -390,17 +405,16 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
             cands, extras = candidates(layer.kind, cands, level)
         if len(cands) + len(extras) > 1:
             timed.append((layer, cands, extras))
-    if not timed:
+    if not timed and not per_layer:
         return Selection(chosen, by_point)
-    threads = 0
-    if device == "cpu":       # CPU tactics are timed, and their times cached, per thread count the layer runs on
-        from kiln.kernels.cpu_threads import default_threads, use_threads
-        threads = default_threads()
     reps = 10 if level <= 3 else 30
     measured: dict[int, list[dict[str, float]]] = {id(layer): [] for layer, _, _ in timed}
+    at_default: dict = {}
     try:
         for i, shapes in enumerate(points):
             vals = evaluate(net, shapes)
+            if i == default and per_layer:
+                at_default = vals
             for layer, cands, extras in timed:
                 skip = layer.kind == "Plugin" and i != default
                 where = device_name
@@ -410,11 +424,18 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
                     where = f"{device_name}/{n} threads"
                 measured[id(layer)].append({} if skip else _layer_times(layer, cands, vals, device, where,
                                                                          cache, reps, extras) or {})
+        _choose(timed, measured, default, CPU_TIE_MARGIN if device == "cpu" else TIE_MARGIN, chosen, by_point)
+        on = select_threads(net, chosen, hosts, at_default, device_name, cache, threads, reps) if per_layer else {}
     finally:
         if threads:
             use_threads(threads)
+    return Selection(chosen, by_point, on)
+
+
+def _choose(timed: list, measured: dict[int, list[dict[str, float]]], default: int, margin: float,
+            chosen: dict[int, str], by_point: dict[int, list[str]]) -> None:
+    """Fill ``chosen`` and ``by_point`` from each timed layer's times per point (see ``select_tactics``)."""
     inf = float("inf")
-    margin = CPU_TIE_MARGIN if device == "cpu" else TIE_MARGIN
     for layer, cands, extras in timed:
         cands = cands + extras
         per_point = measured[id(layer)]
@@ -431,7 +452,6 @@ def select_tactics(net: Network, device: str, level: int, points: list[dict[str,
         if len(set(names)) > 1:
             chosen[id(layer)] = own
             by_point[id(layer)] = names
-    return Selection(chosen, by_point)
 
 
 def run_threads(layer, vals: dict, threads: int) -> int:
@@ -441,17 +461,111 @@ def run_threads(layer, vals: dict, threads: int) -> int:
     if threads <= 1:
         return threads
     from kiln.kernels.cpu_threads import ONE, layer_threads
+    shapes = _static_shapes(layer, vals)
+    return 1 if shapes is not None and layer_threads(layer.kind, *shapes) == ONE else threads
 
+
+def _static_shapes(layer, vals: dict) -> tuple[list, list] | None:
+    """(input shapes, None for an absent input; output shapes) of ``layer`` at the values in ``vals``; None where
+    one is not known or not a tensor (a sequence)."""
     def shape(t) -> tuple[int, ...] | None:
         if t.is_constant:
             return tuple(np.shape(t.value))
         v = vals.get(t.name, UNKNOWN)
-        return None if v is UNKNOWN else tuple(v.shape)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
     ins = [None if t is None else shape(t) for t in layer.inputs]
     outs = [shape(t) for t in layer.outputs]
     if any(s is None for s in outs) or any(s is None for s, t in zip(ins, layer.inputs) if t is not None):
-        return threads
-    return 1 if layer_threads(layer.kind, ins, outs) == ONE else threads
+        return None
+    return ins, outs
+
+
+# On more than one thread, a CPU layer runs on the engine's count only where that count is faster than one thread
+# by more than this factor: each parallel region wakes the sleeping OpenMP workers (OMP_WAIT_POLICY=PASSIVE), tens
+# of microseconds on a VM (docs/cpu.md), which a short layer does not earn back.
+THREADS_MARGIN = 1.05
+# A layer whose call on the engine's count takes at least this long keeps that count without a one-thread timing:
+# a wake-up is a small part of it, and timing large layers on one thread too would add seconds to a big build.
+# Not so for kinds that run step by step (STEPWISE_KINDS): a call is a chain of short regions, each woken anew.
+LONG_LAYER_MS = 2.0
+STEPWISE_KINDS = frozenset(("RNN",))
+
+
+def select_threads(net: Network, chosen: dict[int, str], hosts: set[int], vals: dict, device_name: str,
+                   cache: TimingCache, threads: int, reps: int) -> dict[int, str]:
+    """kiln.kernels.cpu_threads ONE or ALL per top-level CPU layer of ``net``: its chosen tactic (``chosen``, else
+    its first candidate) timed at the shapes in ``vals`` on one thread and on ``threads`` (``thread_times``, cached
+    under ``device_name``, the thread count and the tactic), ALL where ``threads`` beat one thread by more than
+    THREADS_MARGIN, else ONE. Left out (the runtime's rule, ``layer_threads``, decides them): control flow (its
+    bodies' layers), plugins, host layers, layers that rule runs on either count (ANY: no parallel region), and
+    layers that cannot be timed (unknown shapes, inputs neither floating point nor codes, a tactic that fails)."""
+    from kiln.kernels.cpu_threads import ANY, layer_threads
+    out: dict[int, str] = {}
+    for layer in net.layers:
+        spec = LAYER_KINDS.get(layer.kind)
+        if id(layer) in hosts or layer.kind == "Plugin" or spec is None or spec.control_flow:
+            continue
+        shapes = _static_shapes(layer, vals)
+        if shapes is None or layer_threads(layer.kind, *shapes) == ANY:
+            continue
+        ins = _timing_inputs(layer, vals, "cpu")
+        if ins is None:
+            continue
+        ctx = KernelContext(device="cpu", precision=layer.precision or "fp32", layer_name=layer.name,
+                            input_dtypes=tuple(t.dtype if t is not None else None for t in layer.inputs),
+                            output_dtypes=tuple(o.dtype for o in layer.outputs))
+        cands = tactics_for(layer.kind, layer.attrs, ctx)
+        name = chosen.get(id(layer)) or (cands[0].name if cands else None)
+        tactic = next((c for c in cands if c.name == name), None)
+        if tactic is None:
+            continue
+        key = _timing_key(f"{device_name}/{threads} threads|threads:{name}", layer, ins)
+        times = cache.get(key)
+        if times is None:
+            try:
+                times = thread_times(lambda: tactic.make(layer.attrs, ctx), ins, threads, reps,
+                                     layer.kind not in STEPWISE_KINDS)
+            except Exception as exc:       # noqa: BLE001 - a tactic that fails here keeps the runtime's rule
+                log.debug("%s %s: %s not timed on 1 and %d threads: %s: %s", layer.kind, layer.name, name, threads,
+                          type(exc).__name__, exc)
+                continue
+            cache.put(key, times)
+        choice = thread_choice(times, threads)
+        if choice is not None:
+            out[id(layer)] = choice
+    return out
+
+
+def thread_times(make: Callable[[], Callable], ins: list, threads: int, reps: int,
+                 long_alone: bool = True) -> dict[str, float]:
+    """Milliseconds per call of a layer's tactic on one thread (key "1") and on ``threads`` (its number as a
+    string), in interleaved rounds (``interleaved_ms``, one thread first: ``threads`` must be clearly faster), so
+    that each call on ``threads`` follows one on one thread, whose workers have slept meanwhile, as after a
+    one-thread stretch at run time. Each count gets a function of its own from ``make``, made and first called on
+    that count (a oneDNN primitive keeps the thread count it was made at). With ``long_alone``, a first call on
+    ``threads`` of at least LONG_LAYER_MS stands alone. Leaves torch on ``threads``."""
+    fns = []
+    for n in (1, threads):
+        torch.set_num_threads(n)
+        fn = make()
+        fns.append(lambda *a, fn=fn, n=n: (torch.set_num_threads(n), fn(*a))[1])
+    with torch.inference_mode():
+        fns[1](*ins)
+        first = _time_cpu(fns[1], ins, 1)
+        if long_alone and first >= LONG_LAYER_MS:
+            return {str(threads): first}
+        one, many = interleaved_ms(fns, ins, reps)
+    return {"1": one, str(threads): many}
+
+
+def thread_choice(times: dict[str, float], threads: int) -> str | None:
+    """ONE or ALL from ``thread_times``' times (ALL where ``threads`` beat one thread by more than THREADS_MARGIN,
+    or there is no one-thread time: a long layer); None where the ``threads`` time is missing or infinite."""
+    from kiln.kernels.cpu_threads import ALL, ONE
+    one, many = times.get("1", math.inf), times.get(str(threads), math.inf)
+    if not math.isfinite(many):
+        return None
+    return ALL if many * THREADS_MARGIN < one else ONE
 
 
 def _fastest(cands: list, times: dict[str, float], margin: float = TIE_MARGIN) -> str | None:
@@ -466,11 +580,10 @@ def _fastest(cands: list, times: dict[str, float], margin: float = TIE_MARGIN) -
 _CODES = {torch.int8: (-128, 128), torch.uint8: (0, 256)}      # integer activations tactics are timed on
 
 
-def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, cache: TimingCache,
-                 reps: int, extras: list = ()) -> dict[str, float] | None:
-    """Milliseconds per candidate on the layer's input shapes in ``vals`` (from the cache where it has
-    them), and per extra (``candidates``) where the fastest candidate takes at least EIGHT_BIT_EXTRA_MS; None
-    where the shapes are not known. Every candidate is checked against the first one's outputs."""
+def _timing_inputs(layer, vals: dict, device: str) -> list | None:
+    """The layer's inputs to time it on: its constants, and random values of the shapes and dtypes in ``vals`` in
+    the layout the engine hands them over in (``as_at_runtime``); None where a shape is not known or an input is
+    neither floating point nor 8-bit codes."""
     ins = []
     for t in layer.inputs:
         if t is None:
@@ -487,8 +600,24 @@ def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, 
         else:
             a = torch.randn(tuple(v.shape), dtype=torch.float32, device=device).to(v.dtype)
         ins.append(as_at_runtime(t, a))
-    key = "|".join([device_name, layer.kind, _sig(layer.attrs),
-                    ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + _layout_key(a) for a in ins)])
+    return ins
+
+
+def _timing_key(where: str, layer, ins: list) -> str:
+    """The timing cache key of ``layer`` on inputs ``ins`` timed at ``where`` (device, thread count)."""
+    return "|".join([where, layer.kind, _sig(layer.attrs),
+                     ",".join("-" if a is None else f"{tuple(a.shape)}:{a.dtype}" + _layout_key(a) for a in ins)])
+
+
+def _layer_times(layer, cands: list, vals: dict, device: str, device_name: str, cache: TimingCache,
+                 reps: int, extras: list = ()) -> dict[str, float] | None:
+    """Milliseconds per candidate on the layer's input shapes in ``vals`` (from the cache where it has
+    them), and per extra (``candidates``) where the fastest candidate takes at least EIGHT_BIT_EXTRA_MS; None
+    where the shapes are not known. Every candidate is checked against the first one's outputs."""
+    ins = _timing_inputs(layer, vals, device)
+    if ins is None:
+        return None
+    key = _timing_key(device_name, layer, ins)
     times = dict(cache.get(key) or {})
     ctx = KernelContext(device=device, precision=layer.precision or "fp32", layer_name=layer.name,
                         output_dtypes=tuple(o.dtype for o in layer.outputs))

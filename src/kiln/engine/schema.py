@@ -12,7 +12,8 @@ A range engine may carry a bucket table, ``buckets: [{"profile": i, "shapes": {i
 its profiles (ints within the profile, every profile's max among them), and top-level layers whose tactic
 differs between buckets name one per bucket in ``bucket_tactics``. Tactic names here are checked for form
 (lower-case names); the runtime checks each against the tactic registry of the layer's kind when it loads
-the engine (``kiln.runtime.engine``), before anything runs.
+the engine (``kiln.runtime.engine``), before anything runs. A CPU layer may carry ``threads``, "one" or "all":
+the thread count its build measured it faster on (kiln.builder.tactics.select_threads).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from kiln.ir.layers import INT64, LAYER_KINDS, attrs_problem, outputs_problem, p
 MAX_DEPTH = 100     # JSON nesting levels: five per subgraph level, so ~19 levels of nested control flow
 _PLAN_KEYS = {"inputs", "outputs", "layers", "tensors", "weights", "outer"}
 _LAYER_KEYS = {"name", "kind", "inputs", "outputs", "attrs", "origin", "precision", "tactic", "host",
-               "bucket_tactics"}
+               "bucket_tactics", "threads"}
+LAYER_THREADS = ("one", "all")      # a CPU layer's thread count measured at build (kiln.builder.tactics.select_threads)
 MAX_BUCKETS = 16    # points per profile in a bucket table
 
 
@@ -322,6 +324,9 @@ def _layer(layer: Any, defined: set[str], weight_keys: set[str], buckets: int) -
     _opt(layer, "host", (bool,), what)
     if "bucket_tactics" in layer:
         _tactic_names(layer["bucket_tactics"], buckets, what)
+    if "threads" in layer and layer["threads"] not in LAYER_THREADS:
+        raise _Bad(f"{what} 'threads' must be one of {', '.join(map(repr, LAYER_THREADS))}, got "
+                   f"{str(layer['threads'])[:20]!r}")
     if "origin" in layer:
         _strs(layer["origin"], f"{what} origin")
     attrs = layer.get("attrs", {})

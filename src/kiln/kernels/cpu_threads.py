@@ -3,8 +3,9 @@
 Hyper-threads share one core's vector units, and threads beyond the cores a process may use (its
 CPU affinity, a container's CPU quota) make every parallel region wait for descheduled threads.
 The default counts distinct physical cores among the CPUs in the affinity mask, capped by a
-cgroup CPU quota. Whatever the count, small GEMM-like layers run on one thread (``layer_threads``; the runtime
-switches around them, kiln.runtime.slots).
+cgroup CPU quota. Whatever the count, layers that are not faster on it run on one thread: a build on more than one
+thread measures that per layer (kiln.builder.tactics.select_threads); otherwise small GEMM-like layers do
+(``layer_threads``). The runtime switches around them (kiln.runtime.slots).
 """
 from __future__ import annotations
 

@@ -96,9 +96,12 @@ def library() -> Dnnl | None:
 
 class PrimitiveBase:
     """The handles one primitive owns (destroyed with it, newest first) and the calls every primitive makes:
-    memory descriptors and memories, a reorder run once, and execution with bound arguments."""
+    memory descriptors and memories, a reorder run once, and execution with bound arguments. A primitive is made
+    for torch's thread count at its making and runs on that count whatever the count when it executes (oneDNN
+    splits the work when it makes the primitive)."""
 
     def __init__(self, lib: Dnnl) -> None:
+        lib.stream()        # libdnnl's OpenMP thread count set to torch's now: a primitive keeps the count it is made at
         self.lib, d = lib, lib.lib
         self.handles: list[tuple[str, P]] = []
         self.nargs, self.args = 0, None

@@ -22,10 +22,13 @@ from kiln.errors import EngineFormatError, IncompatibleEngineError, KilnError, P
 from kiln.ir.dtypes import np_dtype, torch_dtype
 from kiln.ir.layers import LAYER_KINDS
 from kiln.kernels import KernelContext, Tactic, get_tactic
-from kiln.kernels.cpu_threads import ALL, SHAPE, gemm_like, layer_threads
+from kiln.kernels.cpu_threads import ALL, ONE, SHAPE, gemm_like, layer_threads
 from kiln.runtime.concat_elision import elide_concats
 from kiln.runtime.residual_in_place import sum_into_residuals
 from kiln.runtime.shape_cache import cached_per_shape, keep_shape_steps
+
+
+_MEASURED = {"one": ONE, "all": ALL}     # a layer's ``threads`` (engine/schema.py LAYER_THREADS): its thread choice
 
 
 class Step:
@@ -204,11 +207,12 @@ class Program:
                     moved[(n, want)] = self.constants[n].to(want)
                 step.fixed[i] = moved[(n, want)]
         if device == "cpu":
-            step.threads = self._thread_choice(kind, layer, tensors)
+            step.threads = _MEASURED.get(layer.get("threads")) or self._thread_choice(kind, layer, tensors)
         return step
 
     def _thread_choice(self, kind: str, layer: dict, tensors: dict) -> str:
-        """``layer_threads`` from the plan's static shapes; where one is not static, SHAPE for a GEMM-like layer
+        """For a layer without a measured ``threads`` (an engine built on one thread or before Kiln measured them):
+        ``layer_threads`` from the plan's static shapes; where one is not static, SHAPE for a GEMM-like layer
         (chosen per input shape at run time), else the engine's count."""
         def shape(name: str) -> tuple[int, ...] | None:
             dims = tuple(self.constants[name].shape) if name in self.constants else \

@@ -15,9 +15,10 @@ the layer and, where the result shares the input's storage, keeps the view's siz
 the input's; later runs at that layout make the view with one ``as_strided``. A result that is a copy (a
 reversed slice, a reshape of non-viewable strides) keeps the layout running the layer.
 
-Small layers run on one thread whatever the run's count (kiln.kernels.cpu_threads ``layer_threads``): each
-stretch of steps from a small GEMM-like step to the last one before a step that wants the run's count (small
-simple steps run on either) is one region; on more than one thread, a run drops to one thread at a region's
+Layers that are not faster on the run's count run on one thread whatever that count: those the build measured so
+(a layer's ``threads``, kiln.builder.tactics.select_threads), else, in engines without it, small layers
+(kiln.kernels.cpu_threads ``layer_threads``). Each stretch of steps from a one-thread step to the last one before a
+step that wants the run's count (small simple steps run on either) is one region; on more than one thread, a run drops to one thread at a region's
 first step and comes back after its last (one switch per region, not per layer). A GEMM-like step whose shapes
 the plan does not fix makes that choice at run time, per input shape (after its first run there), and switches
 around itself alone.
