@@ -55,13 +55,13 @@ def fp32_matches(net: Network, patterns) -> set[int]:
     return keep
 
 
-QUANTIZERS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "IntegerOp")
+QUANTIZERS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "IntegerOp", "DynamicQuantizeLSTM")
 
 
 def quantized_layers(g: Network) -> set[int]:
     """ids of the layers of ``g`` that a low-precision build keeps in FP32 because they belong to the model's
-    quantization: the quantizers themselves; an integer op's int32 result cast to float and what combines
-    that cast with its scales (int32 sums overflow FP16); and a layer between DequantizeLinear and
+    quantization: the quantizers themselves (DynamicQuantizeLSTM too: it quantizes its activations); an integer
+    op's int32 result cast to float and what combines that cast with its scales (int32 sums overflow FP16); and a layer between DequantizeLinear and
     QuantizeLinear (its FP16 rounding would move values across quantization steps). These layers compute what
     ONNX Runtime computes for them, in FP32: on CPU all of them, on CUDA those the 8-bit fold
     (passes/fold_qdq.py) leaves."""

@@ -405,6 +405,16 @@ define_layer("RNN", 3, 8, "ONNX-style RNN/GRU/LSTM: X, W, R, B?, sequence_lens?,
     "hidden_size": attr("int", lo=1), "activations": attr("strs", None, doc="ONNX activation names per gate"),
     "activation_alpha": attr("floats", None), "activation_beta": attr("floats", None), "clip": attr("float", None),
     **_flags("linear_before_reset", "input_forget"), "layout": attr("int", 0)})
+define_layer("DynamicQuantizeLSTM", 12, 12, "ONNX Runtime's DynamicQuantizeLSTM: X, W codes [dirs, input, 4H], R codes "
+             "[dirs, H, 4H], B?, sequence_lens?, initial_h?, initial_c?, P?, W_scale, W_zero_point, R_scale, "
+             "R_zero_point (scales per direction or per column); products on activations quantized to uint8 per call "
+             "(kernels/rnn_quant.py); outputs Y, Y_h, Y_c", optional_inputs=(3, 4, 5, 6, 7), attrs={
+                 "direction": attr("str", "forward", choices=("forward", "reverse", "bidirectional")),
+                 "hidden_size": attr("int", lo=1), "activations": attr("strs", None, doc="ONNX activation names"),
+                 "activation_alpha": attr("floats", None), "activation_beta": attr("floats", None),
+                 "clip": attr("float", None), **_flags("input_forget"),
+                 "sequence_output": attr("bool", True, doc="the node has a Y output (else finished rows hold their "
+                                                           "state in the recurrent product's operand)")})
 define_layer("Scale", 1, 4, "y = (x * scale + shift) ** power; x, scale?, shift?, power?", attrs={
     "mode": attr("str", "channel", choices=("uniform", "channel", "elementwise")), "channel_axis": attr("int", 1)})
 define_layer("Shuffle", 1, 2, "transpose → reshape (0 copies a dim, -1 infers) → transpose; x, shape?",

@@ -1,6 +1,6 @@
 """ONNX Runtime's quantized contrib ops (com.microsoft): QLinearConv (channels-last too), QLinearAdd,
 QLinearMul, QLinearSigmoid, QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearConcat, QGemm,
-MatMulIntegerToFloat, DynamicQuantizeMatMul and MatMulNBits.
+MatMulIntegerToFloat, DynamicQuantizeMatMul, MatMulNBits and DynamicQuantizeLSTM (kernels/rnn_quant.py).
 
 Element-wise ops are computed as ONNX Runtime's CPU kernels define them: zero-point-corrected
 inputs scaled by float32 scale ratios, then rounded half to even and saturated (within one
@@ -264,3 +264,80 @@ def matmul_nbits(ctx, node):
     if bias is not None:
         ins.append(bias)
     return ctx.add1("FullyConnected", ins, {}, dtype=a.dtype)
+
+
+# ---- DynamicQuantizeLSTM -----------------------------------------------------------------------
+
+_LSTM_ACTS = ("relu", "tanh", "sigmoid", "affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu",
+              "softsign", "softplus")
+
+
+def _lstm_quant_params(node, dirs: int, hidden: int, weight, scale, zp, name: str) -> None:
+    """Refuse a missing, mistyped or misshapen scale or zero point of W or R (``name``), or zero points that
+    ONNX Runtime's kernel does not accept (per column: all zero for int8 codes, one value per direction)."""
+    if scale is None or zp is None:
+        missing = f"{name}_scale" if scale is None else f"{name}_zero_point"
+        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has no {missing} input; the op needs "
+                         f"{name}_scale and {name}_zero_point (inputs 8-11): quantize the model again with ONNX "
+                         f"Runtime's quantizer.")
+    if scale.dtype != "float32" or zp.dtype != weight.dtype:
+        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has {name}_scale of type {scale.dtype} and "
+                         f"{name}_zero_point of type {zp.dtype}; they must be float32 and {weight.dtype} (like {name}).")
+    for t, what in ((scale, "scale"), (zp, "zero_point")):
+        if t.shape is not None and tuple(t.shape) not in ((dirs,), (dirs, 4 * hidden)):
+            raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has {name}_{what} of shape {list(t.shape)}; it "
+                             f"must be [{dirs}] (per direction) or [{dirs}, {4 * hidden}] (per column).")
+    z = const_value(zp)
+    if z is None:
+        raise refuse(node, f"a {name}_zero_point computed at run time", "store it as an initializer")
+    z = np.asarray(z).reshape(dirs, -1)
+    if (z != z[:, :1]).any() or (z.shape[1] > 1 and weight.dtype == "int8" and z.any()):
+        raise refuse(node, f"per-column {name} zero points that vary within a direction (or are not 0 for int8 codes)",
+                     "quantize the weights with one zero point per direction, as ONNX Runtime requires")
+
+
+@converter("DynamicQuantizeLSTM", since=1, domain=MS)
+def dynamic_quantize_lstm(ctx, node):
+    """ONNX's LSTM with 8-bit W [dirs, input, 4H] and R [dirs, H, 4H] (transposed relative to ONNX's LSTM),
+    their scales and zero points; both products run on activations quantized to uint8 per call, as ONNX
+    Runtime computes them (kernels/rnn_quant.py)."""
+    ins = [node.input(i) for i in range(12)]
+    x, w, r = ins[:3]
+    direction = node.attr("direction", "forward")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has direction {direction!r}; use forward, "
+                         f"reverse or bidirectional.")
+    if node.attr("hidden_size") is None or int(node.attr("hidden_size")) < 1:
+        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) needs a positive hidden_size attribute.")
+    if node.attr("layout", 0):
+        raise refuse(node, f"layout={node.attr('layout')}", "use layout 0 ([seq_length, batch_size, input_size])")
+    dirs, hidden = (2 if direction == "bidirectional" else 1), int(node.attr("hidden_size"))
+    if x is None or w is None or r is None:
+        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) needs the inputs X, W and R.")
+    if x.dtype != "float32":
+        raise refuse(node, f"a {x.dtype} X", "run it in float32 (ONNX Runtime's kernel takes float32 only)")
+    for t, name, k in ((w, "W", None), (r, "R", hidden)):
+        if t.dtype not in _RANGES:
+            raise refuse(node, f"{name} of type {t.dtype}", f"give {name} as int8 or uint8 codes")
+        if t.shape is not None and (len(t.shape) != 3 or t.shape[0] != dirs or t.shape[2] != 4 * hidden
+                                    or (k is not None and t.shape[1] != k)):
+            size = "input_size" if k is None else str(k)
+            raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has {name} of shape {list(t.shape)}; it must be "
+                             f"[{dirs}, {size}, {4 * hidden}] (num_directions, {'input' if k is None else 'hidden'}"
+                             f"_size, 4*hidden_size: transposed relative to ONNX's LSTM).")
+    if ins[4] is not None and ins[4].dtype != "int32":
+        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has sequence_lens of type {ins[4].dtype}; it "
+                         f"must be int32.")
+    _lstm_quant_params(node, dirs, hidden, w, ins[8], ins[9], "W")
+    _lstm_quant_params(node, dirs, hidden, r, ins[10], ins[11], "R")
+    acts = node.attr("activations")
+    if acts is not None:
+        bad = [a for a in acts if a.lower() not in _LSTM_ACTS]
+        if len(acts) != 3 * dirs or bad:
+            raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has activations {list(acts)}; give "
+                             f"{3 * dirs} of {', '.join(_LSTM_ACTS)} (f, g, h per direction).")
+    attrs = {"hidden_size": hidden, "direction": direction, "activations": acts,
+             "activation_alpha": node.attr("activation_alpha"), "activation_beta": node.attr("activation_beta"),
+             "clip": node.attr("clip"), "input_forget": bool(node.attr("input_forget", 0)),
+             "sequence_output": bool(node.output_names and node.output_names[0])}
+    return ctx.add("DynamicQuantizeLSTM", ins, attrs, num_outputs=3, output_dtypes=["float32"] * 3).outputs
