@@ -509,6 +509,89 @@ def test_matmul_nbits(bits, k, zp_kind, with_bias) -> None:
     check([node("MatMulNBits", ins, K=k, N=n, bits=bits, block_size=block)], {"a": rand(2, 3, k)}, inits)
 
 
+# ---- DynamicQuantizeLSTM -------------------------------------------------------------------------
+
+def _qlstm_inits(d: int, i: int, h: int, codes=np.int8, per_column: bool = False, peepholes: bool = False) -> dict:
+    """W [d, i, 4h] and R [d, h, 4h] codes, a bias, per-direction (or per-column) scales and zero points. int8
+    codes stay within ±64: ONNX Runtime's AVX2 u8s8 kernel (without VNNI) saturates pairs of larger products."""
+    lo, hi = (-64, 65) if codes == np.int8 else (0, 256)
+    shape = (d, 4 * h) if per_column else (d,)
+    zp = np.zeros(shape, codes) if codes == np.int8 else np.full(shape, 128, codes)
+    inits = {"W": RNG.integers(lo, hi, (d, i, 4 * h)).astype(codes), "R": RNG.integers(lo, hi, (d, h, 4 * h)).astype(codes),
+             "B": rand(d, 8 * h, scale=0.1), "ws": (RNG.random(shape) * 0.02 + 0.005).astype(np.float32), "wz": zp,
+             "rs": (RNG.random(shape) * 0.02 + 0.005).astype(np.float32), "rz": zp.copy()}
+    if peepholes:
+        inits["P"] = rand(d, 3 * h, scale=0.1)
+    return inits
+
+
+# (direction, batch, input size, initial states, sequence_lens, codes, per-column scales, peepholes, outputs, attrs)
+_QLSTM = {
+    "forward": ("forward", 3, 6, False, None, np.int8, False, False, ("y", "yh", "yc"), {}),
+    "reverse_states_lengths": ("reverse", 2, 6, True, [3, 5], np.int8, False, False, ("y", "yh", "yc"), {}),
+    "bidirectional_uint8_per_column_peepholes": ("bidirectional", 2, 6, False, [0, 4], np.uint8, True, True,
+                                                 ("y", "yh", "yc"), {}),
+    "bidirectional_states_clip_input_forget": ("bidirectional", 2, 6, True, None, np.int8, True, False,
+                                               ("y", "yh", "yc"), {"clip": 0.8, "input_forget": 1}),
+    "no_y_output_lengths": ("bidirectional", 3, 6, True, [2, 5, 1], np.int8, False, False, ("", "yh", "yc"), {}),
+    "other_activations": ("forward", 2, 6, False, [4, 2], np.int8, False, False, ("y", "yh", "yc"),
+                          {"activations": ["HardSigmoid", "Softsign", "Tanh"], "activation_alpha": [0.3],
+                           "activation_beta": [0.4]}),
+    "float64_products": ("reverse", 1, 600, False, None, np.uint8, False, False, ("y", "yh", "yc"), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_QLSTM))
+def test_dynamic_quantize_lstm(case) -> None:
+    """Against ONNX Runtime: X and each step's hidden state quantized per product, every direction, with and
+    without initial states and sequence_lens; float64_products has an input long enough that float32 products
+    of the codes could round (the kernel switches to float64)."""
+    direction, n, i, states, lengths, codes, per_column, peepholes, outs, attrs = _QLSTM[case]
+    d, t, h = (2 if direction == "bidirectional" else 1), 5, 4
+    inits = _qlstm_inits(d, i, h, codes, per_column, peepholes)
+    if case == "float64_products":      # codes 0 or 255 around 128: column sums of |w - 128| pass 2**24 / 255
+        inits["W"] = (RNG.integers(0, 2, inits["W"].shape) * 255).astype(np.uint8)
+        inits["ws"] = inits["ws"] * 0.01
+    feeds = {"x": rand(t, n, i)}
+    ins = ["x", "W", "R", "B", "", "", "", "P" if peepholes else "", "ws", "wz", "rs", "rz"]
+    if lengths is not None:
+        feeds["sl"], ins[4] = np.asarray(lengths, np.int32), "sl"
+    if states:
+        feeds["h0"], feeds["c0"], ins[5], ins[6] = rand(d, n, h, scale=0.5), rand(d, n, h, scale=0.5), "h0", "c0"
+    check([node("DynamicQuantizeLSTM", ins, outs, direction=direction, hidden_size=h, **attrs)], feeds, inits,
+          outputs=tuple(o for o in outs if o))
+
+
+def test_dynamic_quantize_lstm_gate_functions_are_onnx_runtimes() -> None:
+    """The kernel's sigmoid and tanh against ONNX Runtime's Sigmoid and Tanh (the MLAS routines its LSTM calls):
+    identical where ONNX Runtime runs its FMA3 kernels (AVX2 CPUs), within 2 units in the last place elsewhere.
+    torch's own functions differ in about half of these values, and one differing hidden state can move a
+    quantized code in a long sequence."""
+    import torch
+    from kiln.kernels.rnn_quant import ort_logistic, ort_tanh
+    x = np.concatenate([RNG.standard_normal(20000) * 4, RNG.uniform(-25, 25, 2000), [0.0, -0.0, 9.0, -18.0, 30.0]]
+                       ).astype(np.float32)
+    feeds = {"x": x}
+    ref = ort(_model([helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Tanh", ["x"], ["t"])], feeds, {},
+                     ["s", "t"]), feeds)
+    exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    for fn, want in ((ort_logistic, ref["s"]), (ort_tanh, ref["t"])):
+        got = fn(torch.from_numpy(x)).numpy()
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+        assert ulps.max() <= (0 if exact else 2), f"{fn.__name__}: {int((ulps > 0).sum())} values differ"
+
+
+def test_dynamic_quantize_lstm_float64_switch() -> None:
+    """The codes' products run in float32 only where no partial sum can pass 2**24."""
+    from kiln.kernels.rnn_quant import centered_weights
+    import torch
+    zp = torch.zeros(1, dtype=torch.int8)
+    assert centered_weights(torch.full((1, 514, 8), -128, dtype=torch.int8), zp).dtype == torch.float32
+    assert centered_weights(torch.full((1, 515, 8), -128, dtype=torch.int8), zp).dtype == torch.float64
+    assert centered_weights(torch.full((1, 600, 8), 3, dtype=torch.uint8), torch.full((1,), 3, dtype=torch.uint8)
+                            ).dtype == torch.float32
+
+
 # ---- what Kiln refuses, in one line ---------------------------------------------------------------
 
 _REFUSED = {
@@ -530,6 +613,23 @@ _REFUSED = {
     "nbits_runtime_weights": ([node("MatMulNBits", ["a", "b", "s"], K=16, N=2, bits=4, block_size=16)],
                               {"a": rand(1, 16), "b": np.zeros((2, 1, 8), np.uint8)}, {"s": rand(2, 1)},
                               "run time"),
+    "qlstm_onnx_weight_layout": ([node("DynamicQuantizeLSTM", ["x", "w", "r", "", "", "", "", "", "s", "z", "s", "z"],
+                                       hidden_size=4)], {"x": rand(2, 1, 6)},
+                                 {"w": np.zeros((1, 16, 6), np.int8), "r": np.zeros((1, 4, 16), np.int8),
+                                  "s": np.ones(1, np.float32), "z": np.zeros(1, np.int8)}, "transposed"),
+    "qlstm_missing_scale": ([node("DynamicQuantizeLSTM", ["x", "w", "r", "", "", "", "", "", "", "z", "s", "z"],
+                                  hidden_size=4)], {"x": rand(2, 1, 6)},
+                            {"w": np.zeros((1, 6, 16), np.int8), "r": np.zeros((1, 4, 16), np.int8),
+                             "s": np.ones(1, np.float32), "z": np.zeros(1, np.int8)}, "no W_scale"),
+    "qlstm_float_weights": ([node("DynamicQuantizeLSTM", ["x", "w", "r", "", "", "", "", "", "s", "z", "s", "z"],
+                                  hidden_size=4)], {"x": rand(2, 1, 6)},
+                            {"w": np.zeros((1, 6, 16), np.float32), "r": np.zeros((1, 4, 16), np.int8),
+                             "s": np.ones(1, np.float32), "z": np.zeros(1, np.int8)}, "W of type float32"),
+    "qlstm_varying_zero_points": ([node("DynamicQuantizeLSTM", ["x", "w", "r", "", "", "", "", "", "s", "z", "s", "z"],
+                                        hidden_size=4)], {"x": rand(2, 1, 6)},
+                                  {"w": np.zeros((1, 6, 16), np.uint8), "r": np.zeros((1, 4, 16), np.uint8),
+                                   "s": np.ones((1, 16), np.float32), "z": np.arange(16, dtype=np.uint8).reshape(1, 16)},
+                                  "zero points"),
     "qlinear_add_uint16": ([node("QLinearAdd", ["a", "s", "", "b", "s", "", "s"])],
                            {"a": np.zeros((2,), np.uint16), "b": np.zeros((2,), np.uint16)},
                            {"s": np.float32(1.0)}, "uint16"),

@@ -272,21 +272,24 @@ _LSTM_ACTS = ("relu", "tanh", "sigmoid", "affine", "leakyrelu", "thresholdedrelu
               "softsign", "softplus")
 
 
+def _lstm_error(node, text: str) -> ParseError:
+    return ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM, domain {MS}) {text}")
+
+
 def _lstm_quant_params(node, dirs: int, hidden: int, weight, scale, zp, name: str) -> None:
     """Refuse a missing, mistyped or misshapen scale or zero point of W or R (``name``), or zero points that
     ONNX Runtime's kernel does not accept (per column: all zero for int8 codes, one value per direction)."""
     if scale is None or zp is None:
         missing = f"{name}_scale" if scale is None else f"{name}_zero_point"
-        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has no {missing} input; the op needs "
-                         f"{name}_scale and {name}_zero_point (inputs 8-11): quantize the model again with ONNX "
-                         f"Runtime's quantizer.")
+        raise _lstm_error(node, f"has no {missing} input; the op needs {name}_scale and {name}_zero_point "
+                                f"(inputs 8-11): quantize the model again with ONNX Runtime's quantizer.")
     if scale.dtype != "float32" or zp.dtype != weight.dtype:
-        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has {name}_scale of type {scale.dtype} and "
-                         f"{name}_zero_point of type {zp.dtype}; they must be float32 and {weight.dtype} (like {name}).")
+        raise _lstm_error(node, f"has {name}_scale of type {scale.dtype} and {name}_zero_point of type {zp.dtype}; "
+                                f"they must be float32 and {weight.dtype} (like {name}).")
     for t, what in ((scale, "scale"), (zp, "zero_point")):
         if t.shape is not None and tuple(t.shape) not in ((dirs,), (dirs, 4 * hidden)):
-            raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has {name}_{what} of shape {list(t.shape)}; it "
-                             f"must be [{dirs}] (per direction) or [{dirs}, {4 * hidden}] (per column).")
+            raise _lstm_error(node, f"has {name}_{what} of shape {list(t.shape)}; it must be [{dirs}] (per "
+                                    f"direction) or [{dirs}, {4 * hidden}] (per column).")
     z = const_value(zp)
     if z is None:
         raise refuse(node, f"a {name}_zero_point computed at run time", "store it as an initializer")
@@ -305,15 +308,14 @@ def dynamic_quantize_lstm(ctx, node):
     x, w, r = ins[:3]
     direction = node.attr("direction", "forward")
     if direction not in ("forward", "reverse", "bidirectional"):
-        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has direction {direction!r}; use forward, "
-                         f"reverse or bidirectional.")
+        raise _lstm_error(node, f"has direction {direction!r}; use forward, reverse or bidirectional.")
     if node.attr("hidden_size") is None or int(node.attr("hidden_size")) < 1:
-        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) needs a positive hidden_size attribute.")
+        raise _lstm_error(node, "needs a positive hidden_size attribute.")
     if node.attr("layout", 0):
         raise refuse(node, f"layout={node.attr('layout')}", "use layout 0 ([seq_length, batch_size, input_size])")
     dirs, hidden = (2 if direction == "bidirectional" else 1), int(node.attr("hidden_size"))
     if x is None or w is None or r is None:
-        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) needs the inputs X, W and R.")
+        raise _lstm_error(node, "needs the inputs X, W and R.")
     if x.dtype != "float32":
         raise refuse(node, f"a {x.dtype} X", "run it in float32 (ONNX Runtime's kernel takes float32 only)")
     for t, name, k in ((w, "W", None), (r, "R", hidden)):
@@ -322,20 +324,19 @@ def dynamic_quantize_lstm(ctx, node):
         if t.shape is not None and (len(t.shape) != 3 or t.shape[0] != dirs or t.shape[2] != 4 * hidden
                                     or (k is not None and t.shape[1] != k)):
             size = "input_size" if k is None else str(k)
-            raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has {name} of shape {list(t.shape)}; it must be "
-                             f"[{dirs}, {size}, {4 * hidden}] (num_directions, {'input' if k is None else 'hidden'}"
-                             f"_size, 4*hidden_size: transposed relative to ONNX's LSTM).")
+            raise _lstm_error(node, f"has {name} of shape {list(t.shape)}; it must be [{dirs}, {size}, {4 * hidden}] "
+                                    f"(num_directions, {'input' if k is None else 'hidden'}_size, 4*hidden_size: "
+                                    f"transposed relative to ONNX's LSTM).")
     if ins[4] is not None and ins[4].dtype != "int32":
-        raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has sequence_lens of type {ins[4].dtype}; it "
-                         f"must be int32.")
+        raise _lstm_error(node, f"has sequence_lens of type {ins[4].dtype}; it must be int32.")
     _lstm_quant_params(node, dirs, hidden, w, ins[8], ins[9], "W")
     _lstm_quant_params(node, dirs, hidden, r, ins[10], ins[11], "R")
     acts = node.attr("activations")
     if acts is not None:
         bad = [a for a in acts if a.lower() not in _LSTM_ACTS]
         if len(acts) != 3 * dirs or bad:
-            raise ParseError(f"Node {node.name!r} (DynamicQuantizeLSTM) has activations {list(acts)}; give "
-                             f"{3 * dirs} of {', '.join(_LSTM_ACTS)} (f, g, h per direction).")
+            raise _lstm_error(node, f"has activations {list(acts)}; give {3 * dirs} of {', '.join(_LSTM_ACTS)} "
+                                    f"(f, g, h per direction).")
     attrs = {"hidden_size": hidden, "direction": direction, "activations": acts,
              "activation_alpha": node.attr("activation_alpha"), "activation_beta": node.attr("activation_beta"),
              "clip": node.attr("clip"), "input_forget": bool(node.attr("input_forget", 0)),
