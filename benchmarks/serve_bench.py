@@ -8,7 +8,8 @@
     python benchmarks/serve_bench.py soak [--requests 50000] [--bad-fraction 0.1] [--concurrency 8]
         [--rss-limit-mb 50] [--json out.json]
     python benchmarks/serve_bench.py engine-load [--widths 8,4] [--batches 1,8,32] [--requests 5000]
-        [--inflight N] [--delay-us 20000] [--rounds 1] [--profile ROWS] [--json out.json]
+        [--inflight N] [--delay-us 20000] [--preferred on|off] [--buckets auto|on|off] [--instances 1]
+        [--rounds 1] [--profile ROWS] [--json out.json]
 
 sweep: starts `python -m kiln.serve` on the repository (default: a CPU MLP built here, x [N,256] ->
 256 -> 64, N 1..64; --widths 8,4 measures the server's own overhead), once with dynamic batching and once with --no-batching, and for each protocol and
@@ -26,7 +27,9 @@ engine-load: the engine process of `--frontends` alone, without HTTP or gRPC: th
 process stands in for the front end, sending one-row requests through kiln.serve.frontend's own link code
 (slab slots, request records) from --inflight coroutines (default max(16, 2 x batch)), every answer checked
 against a float64 reference. For each --batches size B the model is served with --max-batch B, preferred
-size B and --delay-us of queue delay (B 1: no batching), so the batcher forms batches of B. Prints the engine
+size B and --delay-us of queue delay (B 1: no batching), so the batcher forms batches of B; with
+--preferred off --delay-us 0 it forms them from whatever is queued when an instance is free (B is then
+the limit), with --buckets and --instances as `kiln serve` takes them. Prints the engine
 process's CPU time (all its threads) per request between the child's start and end marks, requests/s and the
 mean batch formed; --profile N prints the N most expensive functions of the engine process (cProfile: the
 loop thread only, and slower while profiled).
@@ -749,8 +752,10 @@ async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Na
     from kiln.serve import frontends, ipc
     from kiln.serve.model import ModelOptions
     from kiln.serve.server import ServeConfig, load_repository
-    opts = ModelOptions(batching=batch > 1, max_batch=batch, preferred_batch_sizes=(batch,) if batch > 1 else (),
-                        max_queue_delay_us=args.delay_us if batch > 1 else 0)
+    preferred = (batch,) if batch > 1 and args.preferred == "on" else ()
+    opts = ModelOptions(batching=batch > 1, max_batch=batch, preferred_batch_sizes=preferred,
+                        max_queue_delay_us=args.delay_us if batch > 1 else 0, instances=args.instances,
+                        buckets=args.buckets)
     repo = await load_repository(ServeConfig(path=str(folder), frontends=2, model=opts))
     inflight = args.inflight or max(16, 2 * batch)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -918,6 +923,11 @@ def main(argv: list[str] | None = None) -> int:
     el.add_argument("--warmup-requests", type=int, default=500)
     el.add_argument("--inflight", type=int, default=0, help="requests in flight (default: max(16, 2 x batch))")
     el.add_argument("--delay-us", type=int, default=20000, help="--max-queue-delay-us for batches above 1")
+    el.add_argument("--preferred", choices=("on", "off"), default="on",
+                    help="off: no preferred batch size, so batches form from what is queued (with --delay-us 0: "
+                         "whatever is queued when an instance is free)")
+    el.add_argument("--buckets", choices=("auto", "on", "off"), default="auto", help="--batch-buckets")
+    el.add_argument("--instances", type=int, default=1, help="--instances")
     el.add_argument("--rounds", type=int, default=1)
     el.add_argument("--profile", type=int, default=0, help="cProfile the engine process: print this many rows")
     el.add_argument("--json")
