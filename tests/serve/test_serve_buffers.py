@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kiln.serve import instance as inst_mod
+from kiln.serve import ipc
 from kiln.serve.batcher import Batcher
 from kiln.serve.instance import EngineInstance
 from kiln.serve.metrics import ModelStats
@@ -149,3 +150,35 @@ def test_warm_runs_through_the_buffers_and_a_batch_after_it_is_right(repo, stage
     x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
     held.host["x"][...] = x
     mlp.check(x, instance.run_batch(held)["y"])
+
+
+def test_the_engine_link_answers_from_staged_instances_each_request_its_own_rows(repo, monkeypatch):
+    """The engine process of --frontends with staged instances (as on a GPU): answers are copied out of the lent
+    output buffers into each request's slot or record before the next batch overwrites them."""
+    from kiln.serve import repository
+    from test_serve_engine_link import request, with_link
+    folder, mlp = repo
+    made: list[EngineInstance] = []
+
+    def staged(engine):
+        made.append(EngineInstance(engine, staged=True))
+        return made[-1]
+    monkeypatch.setattr(repository, "EngineInstance", staged)
+    rng = np.random.default_rng(2)
+    frames = [[rng.standard_normal((rows, 8)).astype(np.float32) for rows in (1, 2, 3)] for _ in range(4)]
+
+    async def body(peer, repo_, link):
+        got = []
+        for f, xs in enumerate(frames):
+            ids = [100 * f + k for k in range(len(xs))]
+            slots = [0, None, 2]                                   # in slots and in the record
+            peer.send(ipc.RECORDS, b"".join(request(n, x, s, peer.slab) for n, x, s in zip(ids, xs, slots)))
+            answers = await peer.answers(len(xs))
+            got.append([peer.outputs(answers[n], s) for n, s in zip(ids, slots)])
+        return got
+    got = run_async(with_link(folder, body, max_queue_delay_us=20000, buckets="on", instances=2))
+    assert made and all(i.staged and i.reuses_outputs for i in made)
+    assert any(held.out is not None for i in made for held in i._buffers.values())   # outputs went through them
+    for xs, ys in zip(frames, got):
+        for x, y in zip(xs, ys):
+            mlp.check(x, y)
