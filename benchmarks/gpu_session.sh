@@ -5,7 +5,10 @@
 # CORPUS: a copied corpus folder (scripts/fetch_corpus.py layout); WHEELS: extra wheels to install first.
 # QUANT="model:batches;...": the FP16/INT8/FP8 rows; RANGE=models: range engines; SHM=1: kiln serve with and
 # without system shared memory; FRONTENDS=N: also where one request's time goes at concurrency 1 and the sweep
-# with N front-end processes (each section only when its variable is set).
+# with N front-end processes; PROBE=models: first_run_probe.py --fresh-cache per model (Triton kernel-cache misses
+# and the first and second run at new shapes); CPU16=1: cpu_bench.py's zoo and corpus rows on all the host's cores
+# and on 1 (WHEELS must then hold onednn-cpu-gomp's wheel, or Kiln's oneDNN tactics are missing there)
+# (each section only when its variable is set).
 set -u
 OUT=${OUT:-/tmp/kiln-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src:$PWD/tests:$PWD/tests/corpus:$PWD/benchmarks:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -51,4 +54,16 @@ if [ -n "${FRONTENDS:-}" ]; then
   timeout "${T8:-300}" python benchmarks/serve_bench.py sweep --repo /tmp/serve-models --model resnet50 --protocols grpc \
     --shm on --server-flag=--warmup --server-flag=--instances=2 --server-flag=--frontends="$FRONTENDS" --engine-bench \
     2>&1 | tail -30
+fi
+if [ -n "${PROBE:-}" ]; then
+  for m in ${PROBE//,/ }; do
+    echo "== first runs at new shapes: $m (fresh Triton cache)"
+    timeout "${T9:-200}" python benchmarks/first_run_probe.py --model "$m" --shapes 4 --top 8 --fresh-cache 2>&1 \
+      | grep -E "^build|^== |^second|misses|^  [0-9]+ x" | cut -c1-240
+  done
+fi
+if [ "${CPU16:-0}" = 1 ]; then
+  echo "== CPU engines on this host's cores (oneDNN: $(python -c 'import kiln.kernels.dnnl_api as d; print(d.library() is not None)' 2>&1 | tail -1))"
+  timeout "${T10:-500}" python benchmarks/cpu_bench.py --batches 1 --threads 0,1 --rounds 15 --budget 15 --no-openvino \
+    --out "$OUT/cpu16.json" 2>&1 | grep -E " t[0-9]+ |geometric" | cut -c1-200
 fi
