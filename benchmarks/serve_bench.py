@@ -9,7 +9,7 @@
         [--rss-limit-mb 50] [--json out.json]
     python benchmarks/serve_bench.py engine-load [--widths 8,4] [--batches 1,8,32] [--requests 5000]
         [--inflight N] [--delay-us 20000] [--preferred on|off] [--buckets auto|on|off] [--instances 1]
-        [--rounds 1] [--profile ROWS] [--json out.json]
+        [--device cpu|cuda] [--staged auto|on|off] [--rounds 1] [--profile ROWS] [--json out.json]
 
 sweep: starts `python -m kiln.serve` on the repository (default: a CPU MLP built here, x [N,256] ->
 256 -> 64, N 1..64; --widths 8,4 measures the server's own overhead), once with dynamic batching and once with --no-batching, and for each protocol and
@@ -29,7 +29,9 @@ process stands in for the front end, sending one-row requests through kiln.serve
 against a float64 reference. For each --batches size B the model is served with --max-batch B, preferred
 size B and --delay-us of queue delay (B 1: no batching), so the batcher forms batches of B; with
 --preferred off --delay-us 0 it forms them from whatever is queued when an instance is free (B is then
-the limit), with --buckets and --instances as `kiln serve` takes them. Prints the engine
+the limit), with --buckets and --instances as `kiln serve` takes them. --device cuda builds the MLP for the
+GPU; --staged on|off runs it through the instance's staged batch buffers or not (an A/B of that path in one
+session). Prints the engine
 process's CPU time (all its threads) per request between the child's start and end marks, requests/s and the
 mean batch formed; --profile N prints the N most expensive functions of the engine process (cProfile: the
 loop thread only, and slower while profiled).
@@ -73,8 +75,9 @@ V2_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": 
 
 
 # ---- models and the server ---------------------------------------------------------------------
-def build_mlp(folder: Path, name: str, widths: tuple[int, ...], max_batch: int, seed: int = 0) -> list:
-    """relu(x @ W1 + b1) -> ... as ONNX, built for the CPU into folder/name.kiln; returns [(W, b), ...]."""
+def build_mlp(folder: Path, name: str, widths: tuple[int, ...], max_batch: int, seed: int = 0,
+              device: str = "cpu") -> list:
+    """relu(x @ W1 + b1) -> ... as ONNX, built for ``device`` into folder/name.kiln; returns [(W, b), ...]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -95,7 +98,7 @@ def build_mlp(folder: Path, name: str, widths: tuple[int, ...], max_batch: int, 
     onnx_path = folder / f"{name}.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(onnx_path))
     profile = {"x": ((1, widths[0]), (max(1, max_batch // 2), widths[0]), (max_batch, widths[0]))}
-    kiln.build(kiln.onnx.parse(str(onnx_path)), kiln.BuildConfig(device="cpu", profiles=profile)).save(
+    kiln.build(kiln.onnx.parse(str(onnx_path)), kiln.BuildConfig(device=device, profiles=profile)).save(
         str(folder / f"{name}.kiln"))
     onnx_path.unlink()
     return layers
@@ -718,7 +721,7 @@ def cmd_engine_load(args: argparse.Namespace) -> int:
     widths = tuple(int(w) for w in args.widths.split(","))
     batches = [int(b) for b in args.batches.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="kiln-engine-load-"))
-    layers = build_mlp(folder, "m", widths, max(batches))
+    layers = build_mlp(folder, "m", widths, max(batches), device=args.device)
     x = np.random.default_rng(0).random((1, widths[0]), dtype=np.float32)
     ref, err, mag = x.astype(np.float64), np.zeros((1, widths[0])), np.abs(x.astype(np.float64))
     for W, b in layers:                                     # float64 reference and a float32 rounding bound
@@ -756,6 +759,9 @@ async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Na
     opts = ModelOptions(batching=batch > 1, max_batch=batch, preferred_batch_sizes=preferred,
                         max_queue_delay_us=args.delay_us if batch > 1 else 0, instances=args.instances,
                         buckets=args.buckets)
+    from kiln.serve import instance, repository
+    staged = {"auto": None, "on": True, "off": False}[args.staged]
+    repository.EngineInstance = lambda engine: instance.EngineInstance(engine, staged=staged)
     repo = await load_repository(ServeConfig(path=str(folder), frontends=2, model=opts))
     inflight = args.inflight or max(16, 2 * batch)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -763,8 +769,10 @@ async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Na
     marks_r, marks_w = os.pipe()
     spec = {**check, "inflight": inflight, "requests": args.requests, "warmup": args.warmup_requests,
             "slots": slab.slots, "slot_bytes": slab.slot_bytes}
+    spec_path = folder / "feed.json"                       # a file: a wide input is too long for a command line
+    spec_path.write_text(json.dumps(spec))
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_engine-feed", str(theirs.fileno()),
-                             str(slab.fd), str(marks_w), json.dumps(spec)],
+                             str(slab.fd), str(marks_w), str(spec_path)],
                             pass_fds=(theirs.fileno(), slab.fd, marks_w), stdout=subprocess.PIPE)
     theirs.close()
     os.close(marks_w)
@@ -811,7 +819,7 @@ def cmd_engine_feed(args: argparse.Namespace) -> int:
     from kiln.serve import frontend, ipc
     from kiln.serve.metrics import Metrics
     from kiln.serve.model import ModelOptions
-    spec = json.loads(args.spec)
+    spec = json.loads(Path(args.spec).read_text())
 
     async def feed() -> None:
         link = frontend.EngineLink(ipc.Slab(args.slab, spec["slots"], spec["slot_bytes"]))
@@ -928,6 +936,10 @@ def main(argv: list[str] | None = None) -> int:
                          "whatever is queued when an instance is free)")
     el.add_argument("--buckets", choices=("auto", "on", "off"), default="auto", help="--batch-buckets")
     el.add_argument("--instances", type=int, default=1, help="--instances")
+    el.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the device the MLP is built for")
+    el.add_argument("--staged", choices=("auto", "on", "off"), default="auto",
+                    help="batch buffers: on = pinned host and fixed device buffers (kiln.serve.instance's staged "
+                         "path), off = host buffers and ExecutionContext.run; auto = on for a CUDA engine")
     el.add_argument("--rounds", type=int, default=1)
     el.add_argument("--profile", type=int, default=0, help="cProfile the engine process: print this many rows")
     el.add_argument("--json")
@@ -935,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     ef.add_argument("sock", type=int)
     ef.add_argument("slab", type=int)
     ef.add_argument("marks", type=int)
-    ef.add_argument("spec")
+    ef.add_argument("spec", help="a JSON file: the reference check and the load to send")
     args = p.parse_args(argv)
     return {"sweep": cmd_sweep, "soak": cmd_soak, "models": cmd_models, "ceiling": cmd_ceiling,
             "echo": cmd_echo, "latency": cmd_latency, "_trace-serve": cmd_trace_serve,
