@@ -46,6 +46,9 @@ def test_may_record_until_the_bound_graph_exists():
     assert may_record(runner, shapes)                                   # the bound graph is still to come
     runner.graphs[(((4, 3, 8, 8), "float16"),)]["bound"] = {"graph": 2}
     assert not may_record(runner, shapes)                               # replays only
+    runner.graphs[(((4, 3, 8, 8), "float16"),)]["bound"]["where"] = ("here",)
+    assert not may_record(runner, shapes, ("here",))                    # bound to these buffers: replays
+    assert may_record(runner, shapes, ("elsewhere",))                   # other buffers: may bind anew
     assert may_record(runner, ((2, 3, 8, 8),))
     assert not may_record(None, shapes)                                 # eager context: never records
     assert may_record(SimpleNamespace(graphs=None), shapes)             # unknown layout: assume it may

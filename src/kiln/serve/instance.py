@@ -68,15 +68,17 @@ class SharedExclusiveLock:
 CAPTURE = SharedExclusiveLock()
 
 
-def may_record(graphs: Any, shapes: tuple[tuple[int, ...], ...]) -> bool:
+def may_record(graphs: Any, shapes: tuple[tuple[int, ...], ...], where: tuple | None = None) -> bool:
     """Whether running these input shapes on a context with CUDA graph runner ``graphs`` can record a graph:
-    no graph for them yet, or its input-bound graph not recorded yet."""
+    no graph for them yet, or its input-bound graph not recorded yet, or (``where``: the device inputs'
+    addresses as the runner keys them) bound to other addresses than these."""
     if graphs is None:
         return False
     try:
         for key, entry in list(graphs.graphs.items()):
             if tuple(tuple(s) for s, _ in key) == shapes:
-                return entry.get("bound") is None
+                bound = entry.get("bound")
+                return bound is None or (where is not None and bound.get("where") != where)
     except (AttributeError, TypeError, ValueError):   # a runner laid out otherwise: assume it may record
         return True
     return True
@@ -163,7 +165,8 @@ class EngineInstance:
             return self.run(held.host)
         import torch
         shapes = tuple(tuple(t.shape) for t in held.device)
-        lock = CAPTURE.exclusive() if may_record(self.ctx.graphs, shapes) else CAPTURE.shared()
+        where = tuple((t.data_ptr(), t.stride(), t.device) for t in held.device)     # as the graph runner keys them
+        lock = CAPTURE.exclusive() if may_record(self.ctx.graphs, shapes, where) else CAPTURE.shared()
         with lock, (torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()):
             for dev, host in zip(held.device, held.host_t):
                 dev.copy_(host, non_blocking=True)
