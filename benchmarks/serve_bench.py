@@ -9,7 +9,7 @@
         [--rss-limit-mb 50] [--json out.json]
     python benchmarks/serve_bench.py engine-load [--widths 8,4] [--batches 1,8,32] [--requests 5000]
         [--inflight N] [--delay-us 20000] [--preferred on|off] [--buckets auto|on|off] [--instances 1]
-        [--device cpu|cuda] [--staged auto|on|off] [--rounds 1] [--profile ROWS] [--json out.json]
+        [--device cpu|cuda] [--staged auto|on|off[,...]] [--rounds 1] [--profile ROWS] [--json out.json]
 
 sweep: starts `python -m kiln.serve` on the repository (default: a CPU MLP built here, x [N,256] ->
 256 -> 64, N 1..64; --widths 8,4 measures the server's own overhead), once with dynamic batching and once with --no-batching, and for each protocol and
@@ -30,8 +30,8 @@ against a float64 reference. For each --batches size B the model is served with 
 size B and --delay-us of queue delay (B 1: no batching), so the batcher forms batches of B; with
 --preferred off --delay-us 0 it forms them from whatever is queued when an instance is free (B is then
 the limit), with --buckets and --instances as `kiln serve` takes them. --device cuda builds the MLP for the
-GPU; --staged on|off runs it through the instance's staged batch buffers or not (an A/B of that path in one
-session). Prints the engine
+GPU; --staged on,off runs each point through the instance's staged batch buffers and then without them
+(an A/B of that path in one process). Prints the engine
 process's CPU time (all its threads) per request between the child's start and end marks, requests/s and the
 mean batch formed; --profile N prints the N most expensive functions of the engine process (cProfile: the
 loop thread only, and slower while profiled).
@@ -729,22 +729,28 @@ def cmd_engine_load(args: argparse.Namespace) -> int:
         ref, mag = np.maximum(ref @ W + b, 0), mag @ np.abs(W) + np.abs(b)
     check = {"x": x.tolist(), "ref": ref.tolist(), "bound": (err + 1e-30).tolist()}
     rows = []
+    stagings = args.staged.split(",")
+    if not set(stagings) <= {"auto", "on", "off"}:
+        raise SystemExit(f"--staged takes auto, on and off (comma-separated), got {args.staged!r}.")
     for r in range(args.rounds):
         for b in batches:
-            row = asyncio.run(_engine_point(folder, b, check, args))
-            rows.append(row)
-            print(f"round {r + 1} batch {b:>3}: {row['cpu_us']:7.1f} us engine CPU per request, "
-                  f"{row['rps']:8.0f} requests/s, mean batch {row['mean_batch']:.1f}, "
-                  f"{row['inflight']} in flight", flush=True)
+            for staged in stagings:                         # side by side: old path and new in one process
+                row = asyncio.run(_engine_point(folder, b, check, args, staged))
+                rows.append(row)
+                print(f"round {r + 1} batch {b:>3} staged {staged:4}: {row['cpu_us']:7.1f} us engine CPU per "
+                      f"request, {row['rps']:8.0f} requests/s, mean batch {row['mean_batch']:.1f}, "
+                      f"{row['inflight']} in flight", flush=True)
     for b in batches:
-        us = sorted(row["cpu_us"] for row in rows if row["batch"] == b)
-        print(f"batch {b:>3}: median {us[len(us) // 2]:.1f} us engine CPU per request over {len(us)} rounds")
+        for staged in stagings:
+            us = sorted(row["cpu_us"] for row in rows if row["batch"] == b and row["staged"] == staged)
+            print(f"batch {b:>3} staged {staged:4}: median {us[len(us) // 2]:.1f} us engine CPU per request over "
+                  f"{len(us)} rounds")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
-async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Namespace) -> dict:
+async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Namespace, staged: str = "auto") -> dict:
     """One measurement: this process is the engine process (kiln.serve.frontends' own loop over one link),
     a child process (``_engine-feed``) is a front end sending one-row requests through the real
     kiln.serve.frontend link code. CPU is this process's (all threads) between the child's two marks."""
@@ -760,8 +766,8 @@ async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Na
                         max_queue_delay_us=args.delay_us if batch > 1 else 0, instances=args.instances,
                         buckets=args.buckets)
     from kiln.serve import instance, repository
-    staged = {"auto": None, "on": True, "off": False}[args.staged]
-    repository.EngineInstance = lambda engine: instance.EngineInstance(engine, staged=staged)
+    flag = {"auto": None, "on": True, "off": False}[staged]
+    repository.EngineInstance = lambda engine: instance.EngineInstance(engine, staged=flag)
     repo = await load_repository(ServeConfig(path=str(folder), frontends=2, model=opts))
     inflight = args.inflight or max(16, 2 * batch)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -807,7 +813,8 @@ async def _engine_point(folder: Path, batch: int, check: dict, args: argparse.Na
     cpu, wall = (marks["e"][0] - marks["s"][0]), (marks["e"][1] - marks["s"][1])
     if prof is not None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
-    return {"batch": batch, "inflight": inflight, "requests": args.requests, "cpu_us": cpu / args.requests * 1e6,
+    return {"batch": batch, "staged": staged, "inflight": inflight, "requests": args.requests,
+            "cpu_us": cpu / args.requests * 1e6,
             "rps": args.requests / wall, "mean_batch": stats.total / max(stats.count, 1)}
 
 
@@ -937,9 +944,10 @@ def main(argv: list[str] | None = None) -> int:
     el.add_argument("--buckets", choices=("auto", "on", "off"), default="auto", help="--batch-buckets")
     el.add_argument("--instances", type=int, default=1, help="--instances")
     el.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="the device the MLP is built for")
-    el.add_argument("--staged", choices=("auto", "on", "off"), default="auto",
+    el.add_argument("--staged", default="auto",
                     help="batch buffers: on = pinned host and fixed device buffers (kiln.serve.instance's staged "
-                         "path), off = host buffers and ExecutionContext.run; auto = on for a CUDA engine")
+                         "path), off = host buffers and ExecutionContext.run, auto = on for a CUDA engine; "
+                         "several (on,off) run side by side at each point")
     el.add_argument("--rounds", type=int, default=1)
     el.add_argument("--profile", type=int, default=0, help="cProfile the engine process: print this many rows")
     el.add_argument("--json")
