@@ -581,6 +581,42 @@ def test_dynamic_quantize_lstm_gate_functions_are_onnx_runtimes() -> None:
         assert ulps.max() <= (0 if exact else 2), f"{fn.__name__}: {int((ulps > 0).sum())} values differ"
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_matmul_integer_products_stay_exact(wide) -> None:
+    """MatMulInteger against numpy's int64 product: wide=False runs in float32 (a 700-long sum of small codes),
+    wide=True sums products near 255·255 past 2**24 (where float32 would round them), so float64."""
+    from kiln.kernels.quantize import float32_exact
+    import torch
+    k, (az, bz) = 700, ((0, 0) if wide else (131, 128))
+    a = RNG.integers(250 if wide else 0, 256, (3, k)).astype(np.uint8)
+    b = (RNG.integers(0, 2, (k, 5)) * 255).astype(np.uint8) if wide else RNG.integers(100, 157, (k, 5)).astype(np.uint8)
+    assert float32_exact(torch.from_numpy(b.astype(np.float64) - bz)) is not wide
+    ref = check([helper.make_node("MatMulInteger", ["a", "b", "az", "bz"], ["y"])], {"a": a},
+                {"b": b, "az": np.uint8(az), "bz": np.uint8(bz)})
+    want = (a.astype(np.int64) - az) @ (b.astype(np.int64) - bz)
+    np.testing.assert_array_equal(ref["y"], want)
+    if wide:        # float32 products would not do here
+        assert (((a.astype(np.float32) - az) @ (b.astype(np.float32) - bz)).astype(np.int64) != want).any()
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_conv_integer_products_stay_exact(wide) -> None:
+    """ConvInteger (grouped, strided, padded) against ONNX Runtime: float32 on the CPU where the weights allow it;
+    wide=True sums products near 255·255 over 64 channels·3·3 past 2**24, so float64."""
+    from kiln.kernels.quantize import float32_exact
+    import torch
+    if wide:
+        x, xz = RNG.integers(250, 256, (1, 64, 5, 5)).astype(np.uint8), np.uint8(0)
+        w, wz, attrs = (RNG.integers(0, 2, (3, 64, 3, 3)) * 255).astype(np.uint8), np.uint8(0), {}
+    else:
+        x, xz = RNG.integers(0, 256, (1, 4, 7, 7)).astype(np.uint8), np.uint8(119)
+        w, wz = RNG.integers(-64, 65, (6, 2, 3, 3)).astype(np.int8), np.int8(3)
+        attrs = {"group": 2, "pads": [1, 0, 2, 1], "strides": [2, 1]}
+    assert float32_exact(torch.from_numpy(w.astype(np.float64) - wz), conv=True) is not wide
+    check([helper.make_node("ConvInteger", ["x", "w", "xz", "wz"], ["y"], **attrs)], {"x": x},
+          {"w": w, "xz": xz, "wz": wz})
+
+
 def test_dynamic_quantize_lstm_float64_switch() -> None:
     """The codes' products run in float32 only where no partial sum can pass 2**24."""
     from kiln.kernels.rnn_quant import centered_weights

@@ -2,7 +2,10 @@
 
 Integer products are computed in float64: exact for every int8/uint8/int16 product sum a
 model can hold (< 2**53), and float64 matmul/convolution exist on CPU and CUDA where
-integer ones do not. Rounding is half to even (torch.round), as ONNX specifies; FP8 E4M3
+integer ones do not. IntegerOp's matrix products of 8-bit codes (and its convolutions on the CPU)
+run in float32 instead where no partial sum can pass 2**24 (``float32_exact``: 255 times the
+largest sum of |weight - zero point| over one output), which holds for the weights of common
+quantized models; the centered weight is kept while the same weight (a constant) comes back. Rounding is half to even (torch.round), as ONNX specifies; FP8 E4M3
 codes round half to even too (torch's conversion), clamped to +-448 when saturating.
 
 The 8-bit layers QConvolution and QFullyConnected (passes/fold_qdq.py) have a reference tactic here
@@ -121,8 +124,25 @@ def _product(attrs):
     return conv
 
 
-def _centered(v: torch.Tensor, zp: torch.Tensor | None, axis_len_dim: int | None) -> torch.Tensor:
-    """``v - zp`` in float64; a 1-D zero point lies along ``axis_len_dim`` (rows of A, output channels of W)."""
+EXACT_F32 = float(1 << 24)     # float32 holds every integer up to this exactly
+_CODES8 = (torch.uint8, torch.int8)
+
+
+def float32_exact(centered: torch.Tensor, conv: bool = False) -> bool:
+    """Whether a product of 8-bit codes minus their zero points (each within ±255) with ``centered`` keeps every
+    partial sum below 2**24, so float32 computes it exactly: 255 times the largest sum of |centered| over one
+    output (a column of a matmul's [.., K, N]; a convolution weight's output channel, [Cout, Cin/g, k...]) is
+    below 2**24."""
+    if not centered.numel():
+        return True
+    sums = centered.abs().flatten(1).sum(dim=1) if conv else centered.abs().sum(dim=-2)
+    return 255.0 * float(sums.max()) < EXACT_F32
+
+
+def _centered(v: torch.Tensor, zp: torch.Tensor | None, axis_len_dim: int | None,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``v - zp`` in float64 (or ``dtype``); a 1-D zero point lies along ``axis_len_dim`` (rows of A, output
+    channels of W)."""
     out = v.to(torch.float64)
     if zp is None:
         return out
@@ -133,19 +153,30 @@ def _centered(v: torch.Tensor, zp: torch.Tensor | None, axis_len_dim: int | None
         z = z.reshape(shape)
     elif z.numel() == 1:
         z = z.reshape(())
-    return out - z
+    return (out - z).to(dtype)
 
 
 @tactic("IntegerOp")
 def make_integer_op(attrs, ctx):
     prod = _product(attrs)
     is_conv = attrs["op"] == "conv"
+    last: list = [None]      # (b, b_zp, a's dtype, centered b) of the last call
+
+    def centered_b(a, b, b_zp) -> torch.Tensor:
+        hit = last[0]
+        if hit is None or hit[0] is not b or hit[1] is not b_zp or hit[2] != a.dtype:
+            bc = _centered(b, b_zp, 0 if is_conv else b.dim() - 1)
+            # float32 convolutions only on the CPU: cuDNN may pick Winograd or FFT algorithms, which round
+            if a.dtype in _CODES8 and b.dtype in _CODES8 and (not is_conv or b.device.type == "cpu") \
+                    and float32_exact(bc, is_conv):
+                bc = bc.to(torch.float32)
+            hit = last[0] = (b, b_zp, a.dtype, bc)
+        return hit[3]
 
     def run(a, b, a_zp=None, b_zp=None):
         # per-row zero point of A [.., M, K] (dim -2); per-column of B [.., K, N] (dim -1); per-channel of W (dim 0)
-        ac = _centered(a, a_zp, None if is_conv else a.dim() - 2)
-        bc = _centered(b, b_zp, 0 if is_conv else b.dim() - 1)
-        return (prod(ac, bc).to(torch.int32),)
+        bc = centered_b(a, b, b_zp)
+        return (prod(_centered(a, a_zp, None if is_conv else a.dim() - 2, bc.dtype), bc).to(torch.int32),)
     return run
 
 

@@ -25,12 +25,9 @@ from typing import Any, Callable
 import torch
 
 from kiln.errors import ShapeError
-from kiln.kernels._util import per_tensor
+from kiln.kernels.quantize import float32_exact
 from kiln.kernels.registry import tactic
 from kiln.kernels.rnn import _acts, check_rnn_input
-
-EXACT_F32 = float(1 << 24)     # float32 holds every integer up to this exactly
-
 
 def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per leading index of ``a`` [D, ...] (float32): the uint8 codes minus their zero point (float32) and the
@@ -38,62 +35,127 @@ def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = a.reshape(a.shape[0], -1)
     if flat.shape[1]:
         lo, hi = torch.aminmax(flat, dim=1)
-        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)
     else:
         lo = hi = flat.new_zeros(flat.shape[0])
-    scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 255.0)
-    zp = torch.round(torch.clamp((0.0 - lo) / scale, 0.0, 255.0))
+    scale = torch.sub(hi, lo).div_(255.0).masked_fill_(hi == lo, 1.0)
     shape = (-1,) + (1,) * (a.dim() - 1)
-    s, z = scale.reshape(shape), zp.reshape(shape)
-    centered = torch.clamp(torch.round(a / s), -z, 255.0 - z)
-    return centered, scale
+    s = scale.reshape(shape)
+    z = torch.div(lo, scale).neg_().clamp_(0.0, 255.0).round_().reshape(shape)
+    q = torch.div(a, s).round_().add_(z).clamp_(0.0, 255.0)
+    return q.sub_(z), scale
 
 
 def centered_weights(w: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
     """W's codes minus their zero point (one per direction), as float32 where every partial sum of a product
-    with codes in [-255, 255] stays exact in float32, else float64."""
+    with codes in [-255, 255] stays exact in float32 (``float32_exact``), else float64."""
     z = zp.reshape(zp.shape[0], -1)[:, :1].to(torch.float64).unsqueeze(-1)       # [D, 1, 1]
     wc = w.to(torch.float64) - z
-    worst = 255.0 * float(wc.abs().sum(dim=1).max()) if wc.numel() else 0.0
-    return wc.to(torch.float32) if worst < EXACT_F32 else wc
+    return wc.to(torch.float32) if float32_exact(wc) else wc
 
 
-# ONNX Runtime's logistic and tanh (MLAS, x86-64 FMA3 kernels): odd rational polynomials on a clamped input,
-# Horner steps as fused multiply-adds (emulated in float64: each product of two float32 values is exact there)
-_LOGISTIC_P = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
-               2.48287947061529e-01)
-_LOGISTIC_Q = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
-               1.16817656904453e-01, 9.93151921023180e-01)
-_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
-           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
-_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+# ONNX Runtime's logistic and tanh (MLAS, x86-64 FMA3 kernels): odd rational polynomials on a clamped input whose
+# Horner steps are fused multiply-adds. Per kind: clamp bound, P and Q coefficients (highest power first), the
+# constant added to x·P/Q (-0.0: x + -0.0 is x, signed zeros too) and the floor applied after it.
+_KINDS = {
+    "logistic": (18.0, (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+                        2.48287947061529e-01),
+                 (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
+                  1.16817656904453e-01, 9.93151921023180e-01), 0.5, 0.0),
+    "tanh": (9.0, (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+                   1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03),
+             (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03), -0.0,
+             float("-inf")),
+}
+_FUSED: dict[str, bool] = {}
 
 
-def _horner(x2: torch.Tensor, coefs: tuple[float, ...]) -> torch.Tensor:
-    """c0·x2^n + ... + cn in float32, each step fma(x2, acc, c) rounded once to float32."""
-    f32 = torch.float32
-    x2d = x2.to(torch.float64)
-    acc = torch.full_like(x2, float(torch.tensor(coefs[0], dtype=f32)))
-    for c in coefs[1:]:
-        acc = torch.addcmul(x2d.new_tensor(float(torch.tensor(c, dtype=f32))), x2d, acc.to(torch.float64)).to(f32)
-    return acc
+def addcmul_is_fma(device: torch.device) -> bool:
+    """Whether float32 ``torch.addcmul(c, a, b)`` on contiguous same-shape operands rounds a·b + c once (a fused
+    multiply-add) on ``device``'s type, checked once on 4099 values (separate rounding differs on about a
+    quarter of them)."""
+    key = device.type
+    if key not in _FUSED:
+        g = torch.Generator().manual_seed(0)
+        a, b, c = (torch.randn(4099, generator=g).to(device) for _ in range(3))
+        exact = (a.double() * b.double() + c.double()).float()
+        _FUSED[key] = bool(torch.equal(torch.addcmul(c, a, b), exact))
+    return _FUSED[key]
 
 
-def _rational(x: torch.Tensor, bound: float, p: tuple[float, ...], q: tuple[float, ...]) -> torch.Tensor:
-    """(x·P(x²)) / Q(x²) with x clamped to ±bound, float32."""
-    x = x.clamp(-bound, bound)
-    x2 = x * x
-    return (x * _horner(x2, p)) / _horner(x2, q)
+class OrtRational:
+    """ONNX Runtime's sigmoid ("logistic") or tanh over segments of the last axis, bit for bit: ``segments`` is
+    [(kind, width), ...] (width None: the rest of the axis). Both kinds pad their polynomials with leading zero
+    coefficients to one length (fma(x², 0, c) = c exactly), so a mixed axis (an LSTM's i, o, f and cell gates)
+    takes one pass. Horner steps are float32 ``addcmul`` where that is a fused multiply-add on the device
+    (``addcmul_is_fma``), else computed in float64 (a product of two float32 values is exact there) and rounded to
+    float32 after each step. Per-column constants are kept for the last few input shapes."""
+
+    def __init__(self, segments: list[tuple[str, int | None]]) -> None:
+        self.segments = segments
+        self.kept: dict[tuple, tuple] = {}
+
+    def _rows(self, width: int) -> tuple[list[list[float]], ...]:
+        kinds: list[str] = []
+        for kind, n in self.segments:
+            kinds += [kind] * (width - len(kinds) if n is None else n)
+        if len(kinds) != width:
+            raise ShapeError(f"An activation over {width} columns was set up for {len(kinds)}.")
+        specs = [_KINDS[k] for k in kinds]
+        n_p, n_q = (max(len(sp[i]) for sp in specs) for i in (1, 2))
+        pad = lambda c, n: (0.0,) * (n - len(c)) + c       # noqa: E731
+        p = [[pad(sp[1], n_p)[j] for sp in specs] for j in range(n_p)]
+        q = [[pad(sp[2], n_q)[j] for sp in specs] for j in range(n_q)]
+        return [sp[0] for sp in specs], p, q, [sp[3] for sp in specs], [sp[4] for sp in specs]
+
+    def _consts(self, x: torch.Tensor) -> tuple:
+        key = (tuple(x.shape), x.device)
+        hit = self.kept.get(key)
+        if hit is None:
+            if len(self.kept) >= 4:
+                self.kept.clear()
+            bound, p, q, offset, floor = self._rows(x.shape[-1])
+            row = lambda v, dt=torch.float32: torch.tensor(v, dtype=torch.float32).to(dt).to(x.device)  # noqa: E731
+            fused = addcmul_is_fma(x.device)
+            if fused:       # addcmul fuses only on contiguous operands of one shape
+                coefs = lambda rows: [row(r).expand(x.shape).contiguous() for r in rows]   # noqa: E731
+            else:
+                coefs = lambda rows: [row(r, torch.float64) for r in rows]                # noqa: E731
+            hit = self.kept[key] = (fused, row(bound), coefs(p), coefs(q), row(offset), row(floor))
+        return hit
+
+    @staticmethod
+    def _horner(x2: torch.Tensor, coefs: list[torch.Tensor], fused: bool) -> torch.Tensor:
+        if fused:
+            acc = torch.addcmul(coefs[1], x2, coefs[0])
+            for c in coefs[2:]:
+                acc = torch.addcmul(c, x2, acc)
+            return acc
+        x2d = x2.double()
+        acc = coefs[0].float()
+        for c in coefs[1:]:
+            acc = (x2d * acc.double() + c).float()
+        return acc
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fused, bound, p, q, offset, floor = self._consts(x)
+        x = torch.clamp(x, -bound, bound)
+        x2 = x * x
+        y = torch.div(x * self._horner(x2, p, fused), self._horner(x2, q, fused))
+        return torch.maximum(y + offset, floor)
+
+
+_LOGISTIC, _TANH = OrtRational([("logistic", None)]), OrtRational([("tanh", None)])
 
 
 def ort_logistic(x: torch.Tensor) -> torch.Tensor:
     """ONNX Runtime's sigmoid: max(0, x·P(x²)/Q(x²) + 0.5) on x clamped to ±18."""
-    return (_rational(x, 18.0, _LOGISTIC_P, _LOGISTIC_Q) + 0.5).clamp(min=0.0)
+    return _LOGISTIC(x)
 
 
 def ort_tanh(x: torch.Tensor) -> torch.Tensor:
     """ONNX Runtime's tanh: x·P(x²)/Q(x²) on x clamped to ±9."""
-    return _rational(x, 9.0, _TANH_P, _TANH_Q)
+    return _TANH(x)
 
 
 def _gate_fns(attrs: dict[str, Any], dirs: int) -> list[list[Callable]]:
@@ -132,13 +194,46 @@ def make_dynamic_quantize_lstm(attrs: dict[str, Any], ctx) -> Callable[..., tupl
     f_act, g_act, h_act = ([a[k] for a in acts] for k in range(3))
     same = all(f is f_act[0] for f in f_act) and all(g is g_act[0] for g in g_act) and \
         all(h is h_act[0] for h in h_act)
-    cache: dict = {}
+    last: list = [None]     # (W, W zero point, R, R zero point, centered W, centered R) of the last call
+
+    def weights(W, w_zp, R, r_zp) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = last[0]
+        if hit is None or any(x is not y for x, y in zip(hit, (W, w_zp, R, r_zp))):
+            hit = last[0] = (W, w_zp, R, r_zp, centered_weights(W, w_zp), centered_weights(R, r_zp))
+        return hit[4], hit[5]
 
     def per_dir(fns, v: torch.Tensor) -> torch.Tensor:
         """fns[d](v[d]) for each direction (one call where every direction has the same function)."""
         if same or dirs == 1:
             return fns[0](v)
         return torch.stack([fns[d](v[d]) for d in range(dirs)])
+
+    # default activations without input_forget: the gates take one OrtRational pass (peepholes decided at run time)
+    plain = not attrs.get("activations") and not input_forget
+    gates = OrtRational([("logistic", 3 * H), ("tanh", None)]) if plain else None
+
+    def general_step(pre, c, pi, po, pf, bias):
+        """One step's new cell and hidden state from the products' sum ``pre``: peepholes, per-gate bias and clip
+        in ONNX Runtime's order, any activations, input_forget."""
+        gi, go, gf, gc = pre.split(H, -1)
+        if pi is not None:
+            gi = gi + pi * c
+            gf = gf + pf * c
+        if bias is not None:
+            bi, bo, bf, bc = bias.split(H, -1)
+            gi, gf, gc = gi + bi, gf + bf, gc + bc
+        if clip:
+            gi, gf, gc = gi.clamp(-clip, clip), gf.clamp(-clip, clip), gc.clamp(-clip, clip)
+        ig = per_dir(f_act, gi)
+        fg = 1.0 - ig if input_forget else per_dir(f_act, gf)
+        cn = c * fg + ig * per_dir(g_act, gc)
+        if pi is not None:
+            go = go + po * cn
+        if bias is not None:
+            go = go + bo
+        if clip:
+            go = go.clamp(-clip, clip)
+        return cn, per_dir(h_act, cn) * per_dir(f_act, go)
 
     def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None, w_scale=None, w_zp=None, r_scale=None,
             r_zp=None):
@@ -153,8 +248,7 @@ def make_dynamic_quantize_lstm(attrs: dict[str, Any], ctx) -> Callable[..., tupl
                              f"[{dirs}, {H}, {4 * H}] for X {list(X.shape)}; got {list(W.shape)} and {list(R.shape)}.")
         dev, f32 = X.device, torch.float32
         x = X.to(f32)
-        wc = per_tensor(cache, W, lambda: centered_weights(W, w_zp))
-        rc = per_tensor(cache, R, lambda: centered_weights(R, r_zp))
+        wc, rc = weights(W, w_zp, R, r_zp)
         ws, rs = _scales(w_scale, dirs), _scales(r_scale, dirs)
         bias = None
         if B is not None:
@@ -187,28 +281,20 @@ def make_dynamic_quantize_lstm(attrs: dict[str, Any], ctx) -> Callable[..., tupl
         ys = x.new_zeros(L, dirs, N, H)
         last_h = h.clone() if lens is not None else None
         a = h
+        fast = gates is not None and P is None
         for s in range(L):
             aq, a_s = quantize_rows(a)
             pre = xw[:, s] + _product(aq, rc) * (a_s.reshape(dirs, 1, 1) * rs)
-            gi, go, gf, gc = pre.split(H, -1)
-            if pi is not None:
-                gi = gi + pi * c
-                gf = gf + pf * c
-            if bias is not None:
-                bi, bo, bf, bc = bias.split(H, -1)
-                gi, gf, gc = gi + bi, gf + bf, gc + bc
-            if clip:
-                gi, gf, gc = gi.clamp(-clip, clip), gf.clamp(-clip, clip), gc.clamp(-clip, clip)
-            ig = per_dir(f_act, gi)
-            fg = 1.0 - ig if input_forget else per_dir(f_act, gf)
-            cn = c * fg + ig * per_dir(g_act, gc)
-            if pi is not None:
-                go = go + po * cn
-            if bias is not None:
-                go = go + bo
-            if clip:
-                go = go.clamp(-clip, clip)
-            hn = per_dir(h_act, cn) * per_dir(f_act, go)
+            if fast:        # every gate's pre-activation at once, the four activations in one pass
+                if bias is not None:
+                    pre += bias
+                if clip:
+                    pre.clamp_(-clip, clip)
+                ig, og, fg, gg = gates(pre).split(H, -1)
+                cn = (c * fg).add_(ig * gg)
+                hn = _TANH(cn).mul_(og)
+            else:
+                cn, hn = general_step(pre, c, pi, po, pf, bias)
             if lens is None:
                 c, a = cn, hn
                 ys[s] = hn
