@@ -5,7 +5,8 @@
 # CORPUS: a copied corpus folder (scripts/fetch_corpus.py layout); WHEELS: extra wheels to install first.
 # QUANT="model:batches;...": the FP16/INT8/FP8 rows; RANGE=models: range engines; SHM=1: kiln serve with and
 # without system shared memory; FRONTENDS=N: also where one request's time goes at concurrency 1 and the sweep
-# with N front-end processes; PROBE=models: first_run_probe.py --fresh-cache per model (Triton kernel-cache misses
+# with N front-end processes; ENGINE_LOAD=1: the engine process alone on a CUDA MLP, staged batch buffers on and
+# off; PROBE=models: first_run_probe.py --fresh-cache per model (Triton kernel-cache misses
 # and the first and second run at new shapes); CPU16=1: cpu_bench.py's zoo and corpus rows on all the host's cores
 # and on 1 (WHEELS must then hold onednn-cpu-gomp's wheel, or Kiln's oneDNN tactics are missing there)
 # (each section only when its variable is set).
@@ -54,6 +55,11 @@ if [ -n "${FRONTENDS:-}" ]; then
   timeout "${T8:-300}" python benchmarks/serve_bench.py sweep --repo /tmp/serve-models --model resnet50 --protocols grpc \
     --shm on --server-flag=--warmup --server-flag=--instances=2 --server-flag=--frontends="$FRONTENDS" --engine-bench \
     2>&1 | tail -30
+fi
+if [ "${ENGINE_LOAD:-0}" = 1 ]; then
+  echo "== kiln serve's engine process alone, a CUDA MLP with ResNet-50's input size: staged batch buffers on vs off"
+  timeout "${T9:-400}" python benchmarks/serve_bench.py engine-load --device cuda --widths 150528,1000 --batches 1,4,16 \
+    --staged on,off --instances 2 --rounds 3 2>&1 | grep -vi warn | tail -24
 fi
 if [ -n "${PROBE:-}" ]; then
   for m in ${PROBE//,/ }; do
