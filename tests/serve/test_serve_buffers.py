@@ -34,6 +34,7 @@ class Slow:
 
     def __init__(self, instances: list[EngineInstance], seconds: float) -> None:
         self.shapes: list[tuple] = []
+        self.dtypes: list[tuple] = []
         self.active = self.peak = 0
         self.lock = threading.Lock()
         for inst in instances:
@@ -45,6 +46,7 @@ class Slow:
                 self.active += 1
                 self.peak = max(self.peak, self.active)
                 self.shapes.append(tuple(tuple(t.shape) for t in tensors))
+                self.dtypes.append(tuple(str(t.dtype) for t in tensors))
             try:
                 time.sleep(seconds)
                 return execute(tensors, copy)
@@ -72,8 +74,9 @@ def test_two_instances_with_batches_in_flight_at_once_answer_every_request_from_
 
         async def one(x, k):
             await asyncio.sleep(0.002 * rng.random())
-            rows, key = model.check_request({"x": x, "k": k})
-            return await b.infer({"x": x, "k": k}, rows, key, None)
+            feeds = {"x": x, "k": k} if rng.random() < 0.5 else {"k": k, "x": x}     # either order
+            rows, key = model.check_request(feeds)
+            return await b.infer(feeds, rows, key, None)
         outs = await asyncio.gather(*(one(x, k) for x, k in reqs))
         await b.close()
         return model, outs
@@ -84,6 +87,7 @@ def test_two_instances_with_batches_in_flight_at_once_answer_every_request_from_
     for xs, ks in slow.shapes:
         assert xs == ks and xs[0] in model.buckets and xs[1] in (3, 5)   # one width per batch, a bucket's rows
     assert any(s[0][0] > 2 for s in slow.shapes)                          # and requests were merged
+    assert set(slow.dtypes) == {("torch.float32", "torch.int64")}         # the engine's input order, always
     mine = [[a for held in i._buffers.values() for a in held.host.values()] for i in instances]
     assert not any(np.shares_memory(a, b) for a in mine[0] for b in mine[1])
 

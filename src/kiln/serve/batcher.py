@@ -18,7 +18,7 @@ A batch runs on its instance's own thread (one per execution context: the batch 
 queue put, its results come back in one loop callback), except on a CPU engine when it is the only work the
 batcher has (one request, nothing queued, no other batch running) and runs of its shape (rows
 and merge key) took under ``INLINE_MAX_S``: then it runs on the event loop itself, which saves
-the two thread hand-offs (into the pool, and back through ``call_soon_threadsafe``) that would
+the two thread hand-offs (to the instance's thread, and back through ``call_soon_threadsafe``) that would
 cost more than the run. With ``inline_batches`` (the engine process of ``--frontends``, whose
 loop has no protocol work to overlap with a run) any such short batch runs there while no other
 batch runs. A GPU engine always runs on its thread (a first run at a shape records a CUDA graph).
@@ -415,9 +415,9 @@ class Batcher:
     def _run_merged(self, instance: Instance, batch: list[Pending], size: int) -> dict[str, Any]:
         """Copies the batch's inputs into the instance's buffer for this batch shape (a fresh one when the
         instance keeps none), zeroes the rows past the requests', and runs it."""
-        first = batch[0].feeds
-        shapes = tuple((n, (size, *v.shape[1:]) if self.model.batch_axis else tuple(v.shape), v.dtype)
-                       for n, v in first.items())
+        first = batch[0].feeds                 # in the engine's input order, whatever order the request gave
+        shapes = tuple((n, (size, *first[n].shape[1:]) if self.model.batch_axis else tuple(first[n].shape),
+                        first[n].dtype) for n in self.model.input_names)
         take = getattr(instance, "buffers", None)
         held = take(shapes) if take is not None else None
         host = held.host if held is not None else {n: np.empty(s, d) for n, s, d in shapes}

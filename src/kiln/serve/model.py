@@ -99,6 +99,7 @@ class ServedModel:
         self.inputs = [_meta(name, s, "input") for s in engine.inputs]
         self.outputs = [_meta(name, s, "output") for s in engine.outputs]
         self._by_name = {t.name: t for t in self.inputs}
+        self.input_names = [t.name for t in self.inputs]         # the engine's input order
         self.output_names = [t.name for t in self.outputs]
         self.input_dtypes = {t.name: t.wire_dtype for t in self.inputs}
         self.output_dtypes = {t.name: t.np_dtype for t in self.outputs}
