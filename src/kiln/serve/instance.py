@@ -86,7 +86,7 @@ def may_record(graphs: Any, shapes: tuple[tuple[int, ...], ...], where: tuple | 
 
 class Buffers:
     """One batch shape's buffers on one instance: ``host`` (name -> array) is what a batch is copied into;
-    ``filled`` counts the rows past which ``host`` holds zeros."""
+    ``filled`` counts the rows past which ``host`` holds zeros; ``nbytes`` counts host inputs and outputs."""
 
     __slots__ = ("host", "filled", "nbytes", "host_t", "device", "out", "out_t")
 
@@ -172,10 +172,12 @@ class EngineInstance:
                 dev.copy_(host, non_blocking=True)
             outs = self.ctx.execute(held.device)
             if held.out_t is None or any(h.shape != o.shape or h.dtype != o.dtype for h, o in zip(held.out_t, outs)):
-                self._bytes -= sum(a.nbytes for a in (held.out or {}).values())
+                before = sum(a.nbytes for a in (held.out or {}).values())
                 held.out_t = [torch.empty(o.shape, dtype=o.dtype, pin_memory=self.cuda) for o in outs]
                 held.out = {n: t.numpy() for n, t in zip(self.out_names, held.out_t)}
-                self._bytes += sum(a.nbytes for a in held.out.values())
+                grown = sum(a.nbytes for a in held.out.values()) - before
+                held.nbytes += grown
+                self._bytes += grown
             for host, out in zip(held.out_t, outs):
                 host.copy_(out, non_blocking=True)
             if self._done is not None:
