@@ -14,9 +14,12 @@ minus their zero points exactly, and scales the integer sums by float32(operand 
 
 Integer sums are computed as a float product of the zero-point-corrected codes: in float32 when no partial sum
 of a weight column can exceed 2**24 (exact), else in float64. The float steps keep ONNX Runtime's order of
-operations (``((x·W + h·R) + peephole·c) + bias``, ``c = c·f + i·g``, ``h = tanh(c)·o``). Both directions run
-in the same step loop, batched along the direction axis. The layer computes in float32 whatever its inputs'
-float type, and returns that type.
+operations (``((x·W + h·R) + peephole·c) + bias``, ``c = c·f + i·g``, ``h = tanh(c)·o``), and sigmoid and tanh
+are ONNX Runtime's own rational approximations (``OrtRational``), so a hidden state matches bit for bit and
+its codes never round differently (one code off changes that step's gates by up to 1e-3, which then compounds).
+Both directions run in the same step loop, batched along the direction axis; with the default activations and
+no peepholes the four gates' bias, clip and activations take one pass. The layer computes in float32 whatever
+its inputs' float type, and returns that type.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ class OrtRational:
     """ONNX Runtime's sigmoid ("logistic") or tanh over segments of the last axis, bit for bit: ``segments`` is
     [(kind, width), ...] (width None: the rest of the axis). Both kinds pad their polynomials with leading zero
     coefficients to one length (fma(x², 0, c) = c exactly), so a mixed axis (an LSTM's i, o, f and cell gates)
-    takes one pass. Horner steps are float32 ``addcmul`` where that is a fused multiply-add on the device
+    takes one pass, and P and Q run their Horner steps side by side on a stacked [2, ...] tensor. Horner steps are float32 ``addcmul`` where that is a fused multiply-add on the device
     (``addcmul_is_fma``), else computed in float64 (a product of two float32 values is exact there) and rounded to
     float32 after each step. Per-column constants are kept for the last few input shapes."""
 
@@ -95,18 +98,19 @@ class OrtRational:
         self.segments = segments
         self.kept: dict[tuple, tuple] = {}
 
-    def _rows(self, width: int) -> tuple[list[list[float]], ...]:
+    def _rows(self, width: int) -> tuple[list, ...]:
+        """Per column: the clamp bound, the P and Q coefficients (both padded to one length, highest power first),
+        the offset and the floor."""
         kinds: list[str] = []
         for kind, n in self.segments:
             kinds += [kind] * (width - len(kinds) if n is None else n)
         if len(kinds) != width:
             raise ShapeError(f"An activation over {width} columns was set up for {len(kinds)}.")
         specs = [_KINDS[k] for k in kinds]
-        n_p, n_q = (max(len(sp[i]) for sp in specs) for i in (1, 2))
-        pad = lambda c, n: (0.0,) * (n - len(c)) + c       # noqa: E731
-        p = [[pad(sp[1], n_p)[j] for sp in specs] for j in range(n_p)]
-        q = [[pad(sp[2], n_q)[j] for sp in specs] for j in range(n_q)]
-        return [sp[0] for sp in specs], p, q, [sp[3] for sp in specs], [sp[4] for sp in specs]
+        n = max(len(sp[i]) for sp in specs for i in (1, 2))
+        pad = lambda c: (0.0,) * (n - len(c)) + c       # noqa: E731
+        coefs = [[[pad(sp[i])[j] for sp in specs] for i in (1, 2)] for j in range(n)]
+        return [sp[0] for sp in specs], coefs, [sp[3] for sp in specs], [sp[4] for sp in specs]
 
     def _consts(self, x: torch.Tensor) -> tuple:
         key = (tuple(x.shape), x.device)
@@ -114,35 +118,34 @@ class OrtRational:
         if hit is None:
             if len(self.kept) >= 4:
                 self.kept.clear()
-            bound, p, q, offset, floor = self._rows(x.shape[-1])
+            bound, coefs, offset, floor = self._rows(x.shape[-1])
             row = lambda v, dt=torch.float32: torch.tensor(v, dtype=torch.float32).to(dt).to(x.device)  # noqa: E731
             fused = addcmul_is_fma(x.device)
-            if fused:       # addcmul fuses only on contiguous operands of one shape
-                coefs = lambda rows: [row(r).expand(x.shape).contiguous() for r in rows]   # noqa: E731
+            pq = (2,) + (1,) * (x.dim() - 1) + (x.shape[-1],)       # P's row and Q's row for every column
+            if fused:       # addcmul fuses only on contiguous operands of one shape: [2, *x.shape]
+                stacked = [row(c).reshape(pq).expand((2,) + tuple(x.shape)).contiguous() for c in coefs]
             else:
-                coefs = lambda rows: [row(r, torch.float64) for r in rows]                # noqa: E731
-            hit = self.kept[key] = (fused, row(bound), coefs(p), coefs(q), row(offset), row(floor))
+                stacked = [row(c, torch.float64).reshape(pq) for c in coefs]
+            tanh_only = all(kind == "tanh" for kind, _ in self.segments)
+            hit = self.kept[key] = (fused, row(bound), stacked, None if tanh_only else (row(offset), row(floor)))
         return hit
 
-    @staticmethod
-    def _horner(x2: torch.Tensor, coefs: list[torch.Tensor], fused: bool) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fused, bound, coefs, tail = self._consts(x)
+        x = torch.clamp(x, -bound, bound)
+        xs = x.expand((2,) + tuple(x.shape))
+        x2 = xs * xs            # [2, *x.shape]: P and Q run their Horner steps side by side
         if fused:
             acc = torch.addcmul(coefs[1], x2, coefs[0])
             for c in coefs[2:]:
                 acc = torch.addcmul(c, x2, acc)
-            return acc
-        x2d = x2.double()
-        acc = coefs[0].float()
-        for c in coefs[1:]:
-            acc = (x2d * acc.double() + c).float()
-        return acc
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        fused, bound, p, q, offset, floor = self._consts(x)
-        x = torch.clamp(x, -bound, bound)
-        x2 = x * x
-        y = torch.div(x * self._horner(x2, p, fused), self._horner(x2, q, fused))
-        return torch.maximum(y + offset, floor)
+        else:
+            x2d = x2.double()
+            acc = coefs[0].float().expand_as(x2)
+            for c in coefs[1:]:
+                acc = (x2d * acc.double() + c).float()
+        y = torch.div(x * acc[0], acc[1])
+        return y if tail is None else torch.maximum(y + tail[0], tail[1])
 
 
 _LOGISTIC, _TANH = OrtRational([("logistic", None)]), OrtRational([("tanh", None)])
@@ -254,9 +257,11 @@ def make_dynamic_quantize_lstm(attrs: dict[str, Any], ctx) -> Callable[..., tupl
         if B is not None:
             bias = (B[:, :4 * H].to(f32) + B[:, 4 * H:].to(f32)).unsqueeze(1)        # [D, 1, 4H]
         lens = seq_lens.to(torch.int64).to(dev) if seq_lens is not None else None
-        if lens is not None and N and (lens.min() < 0 or lens.max() > T):
+        if lens is not None and N and dev.type == "cpu" and (lens.min() < 0 or lens.max() > T):
             raise ShapeError(f"DynamicQuantizeLSTM sequence_lens must lie in [0, {T}]; got {lens.tolist()}.")
-        L = int(lens.max()) if lens is not None and N else T
+        # every step runs (no read of the lengths on the host: a CUDA graph can hold the loop); steps past a row's
+        # length leave its state alone and write zeros, as ONNX Runtime does
+        L = T
         steps = torch.arange(L, device=dev)
         # time index each (direction, step, row) reads and writes: ONNX Runtime's reversed sequences
         tidx = steps.reshape(1, L, 1).expand(dirs, L, N).clone()
@@ -267,8 +272,11 @@ def make_dynamic_quantize_lstm(attrs: dict[str, Any], ctx) -> Callable[..., tupl
                 else:
                     back = lens.reshape(1, N) - 1 - steps.reshape(L, 1)
                     tidx[d] = torch.where(back >= 0, back, steps.reshape(L, 1))
-        # input product over X[:L], quantized once (the same values feed both directions)
-        xq, xs = quantize_rows(x[:L].reshape(1, L * N, I))
+        # input product, quantized once over X's first max(sequence_lens) steps (rows past it count as zeros, which
+        # the range holds anyway; no live step reads them); the same values feed both directions
+        if lens is not None and N:
+            x = torch.where((steps < lens.max()).reshape(L, 1, 1), x, 0.0)
+        xq, xs = quantize_rows(x.reshape(1, L * N, I))
         xw = _product(xq.expand(dirs, -1, -1), wc) * (xs.reshape(1, 1, 1) * ws)      # [D, L*N, 4H]
         xw = xw.reshape(dirs, L, N, 4 * H)
         gidx = tidx.reshape(dirs, L, N, 1).expand(dirs, L, N, 4 * H)
