@@ -140,17 +140,21 @@ class EngineInstance:
         return held
 
     def _new(self, shapes: tuple[tuple[str, tuple[int, ...], np.dtype], ...]) -> Buffers:
+        """New buffers for these inputs, after dropping the least recently used sets over the limits. On a GPU
+        this holds the capture lock shared: allocating and freeing device or pinned memory while another
+        thread records a graph would break that recording."""
         want = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in shapes)
-        while self._buffers and (len(self._buffers) >= BUFFER_SHAPES or self._bytes + want > BUFFER_BYTES):
-            self._drop(next(iter(self._buffers)))
-        if not self.staged:
-            held = Buffers({n: np.zeros(s, d) for n, s, d in shapes})
-        else:
-            import torch
-            host_t = [torch.zeros(s, dtype=_torch_dtype(d), pin_memory=self.cuda) for _, s, d in shapes]
-            device = [torch.empty(s, dtype=t.dtype, device=self.ctx.engine.device) for (_, s, _), t
-                      in zip(shapes, host_t)]
-            held = Buffers({n: t.numpy() for (n, _, _), t in zip(shapes, host_t)}, host_t, device)
+        with CAPTURE.shared() if self.cuda else nullcontext():
+            while self._buffers and (len(self._buffers) >= BUFFER_SHAPES or self._bytes + want > BUFFER_BYTES):
+                self._drop(next(iter(self._buffers)))
+            if not self.staged:
+                held = Buffers({n: np.zeros(s, d) for n, s, d in shapes})
+            else:
+                import torch
+                host_t = [torch.zeros(s, dtype=_torch_dtype(d), pin_memory=self.cuda) for _, s, d in shapes]
+                device = [torch.empty(s, dtype=t.dtype, device=self.ctx.engine.device) for (_, s, _), t
+                          in zip(shapes, host_t)]
+                held = Buffers({n: t.numpy() for (n, _, _), t in zip(shapes, host_t)}, host_t, device)
         self._bytes += held.nbytes
         return held
 
