@@ -189,15 +189,15 @@ _INT_MM: list = []
 
 def int8_products_exact() -> bool:
     """Whether ``torch._int_mm`` on the CPU returns exact int32 sums for int8 operands at their extremes (a kernel
-    built on 16-bit pair sums without VNNI could saturate), checked once for one row and for 33."""
+    built on 16-bit pair sums without VNNI could saturate), checked once on [1 or 33, 512] x [512, 128]."""
     if not _INT_MM:
         ok = hasattr(torch, "_int_mm")
         if ok:
             try:
                 g = torch.Generator().manual_seed(0)
-                b = (torch.randint(0, 2, (64, 16), generator=g) * 255 - 128).to(torch.int8)
+                b = (torch.randint(0, 2, (512, 128), generator=g) * 255 - 128).to(torch.int8)
                 for m in (1, 33):
-                    a = (torch.randint(0, 2, (m, 64), generator=g) * 255 - 128).to(torch.int8)
+                    a = (torch.randint(0, 2, (m, 512), generator=g) * 255 - 128).to(torch.int8)
                     ok = ok and torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
             except RuntimeError:
                 ok = False
