@@ -154,7 +154,7 @@ class Primitive(PrimitiveBase):
         self._set(self.src, x.data_ptr())
         if self.reorder is not None:
             self._set(self.out, y.data_ptr())
-            stream = self.lib.stream()
+            stream = self.lib.stream(self.threads)
             self._exec(self.prim, stream, self.nargs, self.args)
             self._exec(self.reorder[0], stream, 2, self.reorder[1])
             self._wait(stream)

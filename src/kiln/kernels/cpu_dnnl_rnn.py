@@ -13,6 +13,11 @@ four rows Wb_z + Rb_z, Wb_r + Rb_r, Wb_h, Rb_h. Directions: forward, reverse (ri
 tensors each call. ONNX semantics covered: default activations, no clip, layout 0, no sequence lengths; LSTM
 without peepholes or input_forget. Without the library the tactics are not offered.
 
+Tactics ``onednn_lstm_dirs`` and ``onednn_gru_dirs`` (bidirectional layers only) run each direction as its own
+primitive made for one thread; with torch on two threads or more the reverse direction runs on a helper thread
+while the forward one runs on the caller's (``_make_dirs``): one wake-up of a second thread per call, where the one
+primitive on two OpenMP threads has a parallel region, and so a wake-up of a sleeping worker, per time step.
+
 Making a primitive costs as much as many calls, so a range engine (several shape points) does not time these
 tactics (``shape_setup``); a layer keeps the primitives of its last ``MAX_PACKED_SHAPES`` input shapes, which
 share one reordered copy of W and R where they chose equal layouts. Where nothing is timed (an RNN in an If
@@ -21,6 +26,7 @@ branch, optimization level 0) they come first on the CPU.
 from __future__ import annotations
 
 import ctypes
+import os
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable
@@ -78,8 +84,9 @@ class RnnPrimitive(PrimitiveBase):
     the LSTM's alone."""
 
     def __init__(self, lib: Dnnl, cell: str, direction: str, shape: tuple[int, int, int], states: bool,
-                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor], shared: list) -> None:
-        super().__init__(lib)
+                 weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor], shared: list,
+                 threads: int | None = None) -> None:
+        super().__init__(lib, threads)
         self.keep: list[RnnPrimitive] = []                  # the primitives whose weights this one reads
         self.layouts: dict[int, P] = {}                     # weight argument -> the layout the primitive chose
         d = lib.lib
@@ -188,9 +195,11 @@ def _check_operands(name: str, X: torch.Tensor, W, R, B, h0, c0, dirs: int, G: i
                              f"rebuild the engine from the model with kiln build.")
 
 
-def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[..., tuple]:
+def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str, threads: int | None = None,
+          tactic_name: str | None = None) -> Callable[..., tuple]:
+    """The layer as one primitive per input shape, made for ``threads`` (None: torch's count at its making)."""
     lib = library()
-    tactic_name = "onednn_lstm" if cell == "lstm" else "onednn_gru"
+    tactic_name = tactic_name or ("onednn_lstm" if cell == "lstm" else "onednn_gru")
     if lib is None:
         raise IncompatibleEngineError(
             f"Layer {ctx.layer_name[:60]!r} runs tactic {tactic_name}, which needs oneDNN's library: pip install "
@@ -220,7 +229,8 @@ def _make(attrs: dict[str, Any], ctx: KernelContext, cell: str) -> Callable[...,
             if kept["key"] is None:
                 kept["key"], kept["weights"] = (W, R, B), _onednn_weights(W, R, B, kind)
             states = h0 is not None or c0 is not None
-            hit = prims[key] = RnnPrimitive(lib, kind, direction, tuple(X.shape), states, kept["weights"], shared)
+            hit = prims[key] = RnnPrimitive(lib, kind, direction, tuple(X.shape), states, kept["weights"], shared,
+                                            threads)
             if len(prims) > MAX_PACKED_SHAPES:
                 prims.popitem(last=False)
         return hit
@@ -260,3 +270,70 @@ def make_lstm_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[...,
 def make_gru_onednn(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
     """GRU (either linear_before_reset) as one oneDNN primitive execution per call (module docstring)."""
     return _make(attrs, ctx, "gru")
+
+
+def _bidirectional(attrs: dict[str, Any]) -> bool:
+    return attrs.get("direction", "forward") == "bidirectional"
+
+
+_helper: dict[int, Any] = {}    # process id -> the one thread that runs the second direction of ``*_dirs`` layers
+
+
+def _second_thread():
+    """This process's helper thread (an executor of one), made at first use (again in a forked child)."""
+    pid = os.getpid()
+    pool = _helper.get(pid)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _helper.clear()
+        pool = _helper[pid] = ThreadPoolExecutor(1, thread_name_prefix="kiln-rnn-direction")
+    return pool
+
+
+def _make_dirs(attrs: dict[str, Any], ctx: KernelContext, cell: str, name: str) -> Callable[..., tuple]:
+    """A bidirectional layer as two one-direction layers, each one primitive made for one thread: with torch on
+    two threads or more the reverse direction runs on a second thread (``_second_thread``) while the forward one
+    runs on the caller's, so a call wakes a second thread once instead of in every time step's parallel region;
+    on one thread they run one after the other. Outputs as ONNX's: Y [T, 2, N, H], Y_h (and Y_c) [2, N, H]."""
+    lstm = cell == "lstm"
+    runs = [_make({**attrs, "direction": d}, ctx, cell, threads=1, tactic_name=name) for d in ("forward", "reverse")]
+    halves: dict[str, Any] = {"key": None}
+
+    def half(t: torch.Tensor | None, d: int) -> torch.Tensor | None:
+        return None if t is None else t[d:d + 1]
+
+    def run(X, W, R, B=None, seq_lens=None, h0=None, c0=None, P=None):
+        if seq_lens is not None or P is not None:
+            raise RuntimeError(f"{name}: sequence lengths and peepholes need the loop tactic")
+        if halves["key"] is None or halves["key"][0] is not W or halves["key"][1] is not R or \
+                halves["key"][2] is not B:      # each direction's weights as the same tensors every call
+            halves["key"] = (W, R, B)
+            halves["w"] = [(half(W, d), half(R, d), half(B, d)) for d in (0, 1)]
+        (wf, rf, bf), (wr, rr, br) = halves["w"]
+        c0 = c0 if lstm else None
+        args_r = (X, wr, rr, br, None, half(h0, 1), half(c0, 1))
+        if torch.get_num_threads() > 1:
+            pending = _second_thread().submit(runs[1], *args_r)
+            try:
+                fwd = runs[0](X, wf, rf, bf, None, half(h0, 0), half(c0, 0))
+            finally:
+                rev = pending.result()          # never leave the other direction running past this call
+        else:
+            fwd = runs[0](X, wf, rf, bf, None, half(h0, 0), half(c0, 0))
+            rev = runs[1](*args_r)
+        return tuple(torch.cat([f, r], 1 if i == 0 else 0) for i, (f, r) in enumerate(zip(fwd, rev)))
+    return run
+
+
+@tactic("RNN", "onednn_lstm_dirs", devices=("cpu",), supports=lambda a, c: _lstm_ok(a, c) and _bidirectional(a),
+        priority=-3, shape_setup=True)
+def make_lstm_onednn_dirs(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """A bidirectional LSTM's directions as two one-thread primitives, side by side on two threads (_make_dirs)."""
+    return _make_dirs(attrs, ctx, "lstm", "onednn_lstm_dirs")
+
+
+@tactic("RNN", "onednn_gru_dirs", devices=("cpu",), supports=lambda a, c: _gru_ok(a, c) and _bidirectional(a),
+        priority=-3, shape_setup=True)
+def make_gru_onednn_dirs(attrs: dict[str, Any], ctx: KernelContext) -> Callable[..., tuple]:
+    """A bidirectional GRU's directions as two one-thread primitives, side by side on two threads (_make_dirs)."""
+    return _make_dirs(attrs, ctx, "gru", "onednn_gru_dirs")

@@ -65,15 +65,16 @@ class Dnnl:
         if status != 0:
             raise RuntimeError(f"oneDNN could not create the {what} (status {status})")
 
-    def stream(self) -> P:
-        """This thread's stream, its OpenMP thread count set to torch's."""
+    def stream(self, threads: int | None = None) -> P:
+        """This thread's stream, its OpenMP thread count (libdnnl's own, per calling thread) set to ``threads``,
+        else torch's."""
         local = self.local
         s = getattr(local, "stream", None)
         if s is None:
             s = local.stream = P()
             self.check(self.lib.dnnl_stream_create(ctypes.byref(s), self.engine, STREAM_DEFAULT), "stream")
             local.threads = None
-        n = torch.get_num_threads()
+        n = threads or torch.get_num_threads()
         if local.threads != n:
             self.set_threads(n)
             local.threads = n
@@ -97,11 +98,12 @@ def library() -> Dnnl | None:
 class PrimitiveBase:
     """The handles one primitive owns (destroyed with it, newest first) and the calls every primitive makes:
     memory descriptors and memories, a reorder run once, and execution with bound arguments. A primitive is made
-    for torch's thread count at its making and runs on that count whatever the count when it executes (oneDNN
-    splits the work when it makes the primitive)."""
+    for ``threads`` (None: torch's thread count at its making) and runs on that count whatever the count when it
+    executes (oneDNN splits the work when it makes the primitive)."""
 
-    def __init__(self, lib: Dnnl) -> None:
-        lib.stream()        # libdnnl's OpenMP thread count set to torch's now: a primitive keeps the count it is made at
+    def __init__(self, lib: Dnnl, threads: int | None = None) -> None:
+        self.threads = threads
+        lib.stream(threads)     # libdnnl's OpenMP thread count set now: a primitive keeps the count it is made at
         self.lib, d = lib, lib.lib
         self.handles: list[tuple[str, P]] = []
         self.nargs, self.args = 0, None
@@ -144,7 +146,7 @@ class PrimitiveBase:
         self.handles.append(("primitive_desc", pd))
         prim = self._primitive(pd)
         args = (ExecArg * 2)(ExecArg(ARG_SRC, src), ExecArg(ARG_DST, dst))
-        stream = self.lib.stream()
+        stream = self.lib.stream(self.threads)
         self.lib.check(d.dnnl_primitive_execute(prim, stream, 2, args), "weight reorder run")
         d.dnnl_stream_wait(stream)
 
@@ -160,7 +162,7 @@ class PrimitiveBase:
         self.args = (ExecArg * self.nargs)(*(ExecArg(a, m) for a, m in bound))
 
     def _execute(self) -> None:
-        stream = self.lib.stream()
+        stream = self.lib.stream(self.threads)
         self._exec(self.prim, stream, self.nargs, self.args)
         self._wait(stream)
 
