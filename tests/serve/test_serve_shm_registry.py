@@ -132,6 +132,53 @@ def test_gather_reads_each_part_once_into_the_batch(obj):
     assert feeds["k"] is a
 
 
+def test_shared_memory_inputs_are_read_straight_into_a_slab_slot(obj):
+    """A front end puts a shared-memory input into its slab slot with one read (no array of its own first); the
+    engine process's view of the slot, or of the record when no slot is free, holds the region's bytes, beside an
+    ordinary array; a region shrunk under the request is the request's error, and the front end's slot is free
+    again."""
+    from kiln.serve import ipc
+    from kiln.serve.frontend import EngineLink
+    from kiln.serve.model import ModelOptions, ServedModel
+
+    rng = np.random.default_rng(7)
+    x, k = rng.standard_normal((2, 5)).astype(np.float32), np.array([[3], [-4]], np.int64)
+    np.ndarray(x.shape, x.dtype, buffer=obj.buf, offset=24)[...] = x
+    reg = ShmRegistry()
+    reg.register("in", "/" + obj.name, 24, 40, LOCAL)
+    tensor = reg.input({"shared_memory_region": "in", "shared_memory_byte_size": 40}, "x", (2, 5), np.dtype("<f4"),
+                       LOCAL)
+    dtypes = {"x": np.dtype("<f4"), "k": np.dtype("<i8")}
+    slab = ipc.Slab(slots=2, slot_bytes=128)
+    try:
+        slab.slot(1)[:] = b"\xff" * 128
+        for slot_no in (1, None):                       # through the slot; in the record (no free slot)
+            rec = ipc.Request(memoryview(ipc.request_record(9, "m", None, slot_no, {"x": tensor, "k": k},
+                                                            None if slot_no is None else slab.slot(slot_no))))
+            assert rec.slot == (-1 if slot_no is None else slot_no)
+            got = rec.arrays(dtypes, slab)
+            np.testing.assert_array_equal(got["x"], x)
+            np.testing.assert_array_equal(got["k"], k)
+            del got
+
+        class Channel:                                  # nothing may be sent for a request that failed
+            def add(self, record):
+                raise AssertionError("a request whose input could not be read was sent")
+
+        spec = type("Spec", (), {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 5]}],
+                                 "outputs": [{"name": "y", "dtype": "float32", "shape": [-1, 5]}],
+                                 "profiles": [], "device": "cpu"})()
+        link = EngineLink(slab)
+        link.channel = Channel()
+        os.truncate(os.path.join(SHM_DIR, obj.name), 32)   # the client shrinks its object under the request
+        with pytest.raises(BadRequest, match="which has 32"):
+            run_async(link.infer(ServedModel("m", spec, ModelOptions()), {"x": tensor}, None))
+        assert sorted(slab.free) == [0, 1] and link.infers == {}
+    finally:
+        del tensor
+        slab.close()
+
+
 def test_without_a_registry_shared_memory_is_refused(repo):
     """The Ray Serve deployment decodes with no registry: a region name is an error, not ignored."""
     import json

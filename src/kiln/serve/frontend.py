@@ -68,11 +68,11 @@ class EngineLink:
             raise ipc.error_from(answer["error"])
         return answer
 
-    async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray],
+    async def infer(self, model: ServedModel, arrays: dict[str, np.ndarray | ShmTensor],
                     timeout_s: float | None) -> dict[str, np.ndarray]:
-        """Sends an infer request (its tensors through a free slot when they fit one) and returns its outputs.
-        The slot is released when the answer comes, even if the caller has gone (the engine may read it
-        until then)."""
+        """Sends an infer request (its tensors through a free slot when they fit one; a shared-memory input is
+        read from its region straight into the slot) and returns its outputs. The slot is released when the
+        answer comes, even if the caller has gone (the engine may read it until then)."""
         if self.closed:
             raise Unavailable("The server is shutting down; retry on another server.")
         free = self.slab.free
@@ -145,8 +145,7 @@ class RemoteBatcher:
 
     async def infer(self, feeds: dict[str, Any], rows: int, key: tuple,
                     timeout_s: float | None) -> dict[str, np.ndarray]:
-        arrays = {n: v.array() if isinstance(v, ShmTensor) else v for n, v in feeds.items()}
-        return await self.link.infer(self.model, arrays, timeout_s)
+        return await self.link.infer(self.model, feeds, timeout_s)
 
 
 class RemoteRepository:

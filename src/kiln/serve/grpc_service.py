@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kiln.serve.core import ServerCore, log_access
+from kiln.serve.core import ServerCore, access_log, log_access
 from kiln.serve.errors import BadRequest, InternalError, ServeError
 from kiln.serve.model import VERSION, ServedModel
 from kiln.serve.protocol import InferRequest, array_from_bytes, array_from_values, finish, wire_dtype
@@ -141,8 +141,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("gRPC ModelInfer failed")
             await _abort(context, InternalError(f"The server failed on this request ({type(exc).__name__}); "
                                                 f"please report it."), "ModelInfer", request.model_name, t0)
-        log_access(protocol="grpc", peer=context.peer(), call="ModelInfer", model=request.model_name, status="OK",
-                   ms=round((time.perf_counter() - t0) * 1e3, 3), bytes_in=request.ByteSize(), error=None)
+        if access_log.isEnabledFor(logging.INFO):
+            log_access(protocol="grpc", peer=context.peer(), call="ModelInfer", model=request.model_name,
+                       status="OK", ms=round((time.perf_counter() - t0) * 1e3, 3), bytes_in=request.ByteSize(),
+                       error=None)
         return response
 
     async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:

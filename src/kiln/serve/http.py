@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import ClientPayloadError, web
 
-from kiln.serve.core import ServerCore, log_access
+from kiln.serve.core import ServerCore, access_log, log_access
 from kiln.serve.errors import BadRequest, InternalError, NotFound, ServeError, TooLarge
 from kiln.serve.protocol import HEADER_LENGTH, decode_http, encode_http, parse_json
 
@@ -49,10 +49,11 @@ async def _errors_and_log(request: web.Request, handler: Handler) -> web.StreamR
         log.exception("HTTP %s %s failed", request.method, request.path)
         err = InternalError(f"The server failed on this request ({type(exc).__name__}); please report it.")
         response, error = _error(err), str(err)
-    log_access(protocol="http", peer=request.remote, method=request.method, path=request.path,
-               model=request.match_info.get("model"), status=response.status,
-               ms=round((time.perf_counter() - t0) * 1e3, 3), bytes_in=request.content_length,
-               bytes_out=response.content_length, error=error)
+    if access_log.isEnabledFor(logging.INFO):
+        log_access(protocol="http", peer=request.remote, method=request.method, path=request.path,
+                   model=request.match_info.get("model"), status=response.status,
+                   ms=round((time.perf_counter() - t0) * 1e3, 3), bytes_in=request.content_length,
+                   bytes_out=response.content_length, error=error)
     return response
 
 

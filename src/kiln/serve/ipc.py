@@ -95,23 +95,28 @@ class Slab:
 
 
 # ---- records --------------------------------------------------------------------------------------------
-def tensors(arrays: dict[str, np.ndarray], order: list[str], slot: memoryview | None) -> tuple[bytes, bytes]:
+def tensors(arrays: dict[str, Any], order: list[str], slot: memoryview | None) -> tuple[bytes, bytes]:
     """The tensor descriptors of ``arrays`` (in ``order``) and the payload: empty when they were copied into
-    ``slot`` (given and large enough), else their bytes."""
-    flat = [np.ascontiguousarray(arrays[n]) for n in order]
-    key = (*order, *[a.shape for a in flat], *[a.itemsize for a in flat])
+    ``slot`` (given and large enough), else their bytes. A value may also be a tensor that reads itself
+    (``shape``, ``dtype``, ``read_into``, ``array``: a system shared-memory input), read straight into the slot."""
+    flat = [a if type(a) is not np.ndarray and hasattr(a, "read_into") else np.ascontiguousarray(a)
+            for a in (arrays[n] for n in order)]
+    key = (*order, *[a.shape for a in flat], *[a.dtype.itemsize for a in flat])
     known = _DESCRIPTORS.get(key)
     if known is None:
-        known = _descriptors([(n, a.shape, a.itemsize) for n, a in zip(order, flat)])
+        known = _descriptors([(n, a.shape, a.dtype.itemsize) for n, a in zip(order, flat)])
         if len(_DESCRIPTORS) >= LAYOUTS:
             _DESCRIPTORS.clear()
         _DESCRIPTORS[key] = known
     descs, offsets, total = known
     if slot is not None and total <= len(slot):
         for a, offset in zip(flat, offsets):
-            slot[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+            if type(a) is np.ndarray:
+                slot[offset:offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+            else:
+                a.read_into(np.frombuffer(slot, a.dtype, math.prod(a.shape), offset).reshape(a.shape))
         return descs, b""
-    return descs, b"".join(a.tobytes() for a in flat)
+    return descs, b"".join((a if type(a) is np.ndarray else a.array()).tobytes() for a in flat)
 
 
 _DESCRIPTORS: dict[tuple, tuple[bytes, list[int], int]] = {}

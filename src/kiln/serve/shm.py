@@ -11,6 +11,7 @@ finishes, so unregistering a region in use never pulls it from under a batch.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -204,15 +205,8 @@ class ShmRegistry:
         """Refuses peers the mode excludes: everyone when off; under ``local`` all but loopback addresses."""
         if self.mode == "any":
             return
-        if self.mode == "local":
-            try:
-                addr = ipaddress.ip_address(peer.strip("[]")) if peer else None
-            except ValueError:
-                addr = None
-            if addr is not None and getattr(addr, "ipv4_mapped", None):
-                addr = addr.ipv4_mapped
-            if addr is not None and addr.is_loopback:
-                return
+        if self.mode == "local" and is_loopback(peer):
+            return
         raise BadRequest(f"System shared memory is {'off' if self.mode == 'off' else 'for clients on this machine'} "
                          f"here (kiln serve --system-shm {self.mode}); send tensors in the request instead.")
 
@@ -282,6 +276,20 @@ class ShmRegistry:
     def output(self, params: dict[str, Any], where: str, peer: str | None) -> OutputSlot | None:
         found = self.tensor_params(params, where, peer)
         return None if found is None else OutputSlot(*found)
+
+
+@functools.lru_cache(maxsize=1024)
+def is_loopback(peer: str | None) -> bool:
+    """Whether a peer address (``127.0.0.1``, ``[::1]``, ``::ffff:127.0.0.1``) is a loopback address; None or
+    anything that is not an address is not (answers are kept per address: the parse costs more than a request's
+    other checks)."""
+    try:
+        addr = ipaddress.ip_address(peer.strip("[]")) if peer else None
+    except ValueError:
+        return False
+    if addr is not None and getattr(addr, "ipv4_mapped", None):
+        addr = addr.ipv4_mapped
+    return addr is not None and addr.is_loopback
 
 
 def grpc_peer_host(peer: str) -> str | None:
