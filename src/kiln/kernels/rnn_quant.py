@@ -12,6 +12,11 @@ minus their zero points exactly, and scales the integer sums by float32(operand 
   into the step's input product; then the folded bias (Wb + Rb), the peepholes, clip and the gate activations
   of ONNX's LSTM (gate order i, o, f, c).
 
+The hidden state is quantized over all batch rows at once, as ONNX Runtime does with one intra-op thread or one
+batch row. With more threads and a batch of 5 or more (2 or more where H <= 256) ONNX Runtime quantizes each
+thread's share of the rows separately, so its own result depends on its thread count (batch 6, H=4: 2.3e-3
+between 1 and 2 threads).
+
 Integer sums are computed as a float product of the zero-point-corrected codes: in float32 when no partial sum
 of a weight column can exceed 2**24 (exact), else in float64. The float steps keep ONNX Runtime's order of
 operations (``((x·W + h·R) + peephole·c) + bias``, ``c = c·f + i·g``, ``h = tanh(c)·o``), and sigmoid and tanh
