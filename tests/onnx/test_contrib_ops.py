@@ -538,6 +538,9 @@ _QLSTM = {
                           {"activations": ["HardSigmoid", "Softsign", "Tanh"], "activation_alpha": [0.3],
                            "activation_beta": [0.4]}),
     "float64_products": ("reverse", 1, 600, False, None, np.uint8, False, False, ("y", "yh", "yc"), {}),
+    "bidirectional_mixed_activations": ("bidirectional", 2, 6, True, [5, 3], np.int8, False, True, ("y", "yh", "yc"),
+                                        {"activations": ["Sigmoid", "Tanh", "Tanh", "HardSigmoid", "Relu", "Softsign"],
+                                         "clip": 2.0}),
 }
 
 
