@@ -131,6 +131,41 @@ def test_shapes_and_weights_change():
     _check(fn(x1, w2, b2)[0], _reference(x1, w2, b2, attrs))
 
 
+@pytest.mark.parametrize("mode", ["act", "add", "sum", "nchw"])
+def test_operands_at_new_and_reused_addresses(mode):
+    """One primitive fed the same input tensor refilled in place, new input tensors, outputs kept alive (so the
+    next output lands elsewhere) or dropped (so it may land at the same address), and residuals at new and reused
+    addresses (added as a post-op, or summed into in place): every call reads and writes the operands it is given
+    (fails where a changed address is not passed on to oneDNN)."""
+    g = torch.Generator().manual_seed(11)
+    nchw = mode == "nchw"
+    cin = 3 if nchw else 8
+    attrs = _attrs("relu", residual=mode in ("add", "sum"))
+    fn = make_convolution_onednn_cached(attrs, CPU)
+    _, w, b = _operands(cin=cin, seed=3)
+
+    def fresh(shape):
+        t = torch.randn(shape, generator=g)
+        return t if nchw else t.contiguous(memory_format=torch.channels_last)
+    x = fresh((2, cin, 9, 11))
+    kept = []
+    for i in range(8):
+        if i in (2, 5):
+            x.copy_(torch.randn(x.shape, generator=g))      # the same address, new values
+        elif i % 2:
+            x = fresh((2, cin, 9, 11))
+        r = fresh((2, 16, 9, 11)).contiguous(memory_format=torch.channels_last) if attrs["residual"] else None
+        want = _reference(x, w, b, attrs, r)
+        if mode == "sum":
+            y, = fn(x, w, b, r, into=True)
+            assert y is r                                   # summed into the residual tensor itself
+        else:
+            y, = fn(x, w, b, r)
+        _check(y, want)
+        if i % 3 == 0:
+            kept.append(y)
+
+
 def test_inputs_in_other_layouts():
     """NCHW input, a channel slice of an NHWC tensor (a Split output) and a transposed view all read right."""
     x, w, b = _operands(cin=8)

@@ -147,21 +147,35 @@ class Primitive(PrimitiveBase):
         bias_values = b.detach().float().contiguous() if b is not None else torch.zeros(oc)    # alive for the copy
         ctypes.memmove(bptr, bias_values.data_ptr(), 4 * oc)
         self.residual = self._memory(dst, None) if operands else None
+        self.ptrs = [-1, -1, -1]        # the addresses src, dst (or out) and residual point at now
+        n_, oc_, ho_, wo_ = self.out_shape
+        self.out_strides = (oc_ * ho_ * wo_, 1, wo_ * oc_, oc_)     # NHWC
         self._bind([(ARG_SRC, self.src), (ARG_WEIGHTS, self.weights), (ARG_BIAS, self.bias), (ARG_DST, self.dst),
                     (ARG_SCRATCHPAD, self.scratch)] + [(a, self.residual) for a in operands])
 
     def run(self, x: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None = None) -> None:
-        self._set(self.src, x.data_ptr())
+        # oneDNN's memories are pointed at an operand only where its address changed since the last call (the
+        # allocator mostly hands a layer the same addresses run after run; each pointing is a ctypes call)
+        ptrs = self.ptrs
+        p = x.data_ptr()
+        if p != ptrs[0]:
+            self._set(self.src, p)
+            ptrs[0] = p
+        p = y.data_ptr()
+        if p != ptrs[1]:
+            self._set(self.dst if self.reorder is None else self.out, p)
+            ptrs[1] = p
         if self.reorder is not None:
-            self._set(self.out, y.data_ptr())
             stream = self.lib.stream(self.threads)
             self._exec(self.prim, stream, self.nargs, self.args)
             self._exec(self.reorder[0], stream, 2, self.reorder[1])
             self._wait(stream)
             return
-        self._set(self.dst, y.data_ptr())
         if self.residual is not None:
-            self._set(self.residual, residual.data_ptr())
+            p = residual.data_ptr()
+            if p != ptrs[2]:
+                self._set(self.residual, p)
+                ptrs[2] = p
         self._execute()
 
 
@@ -253,7 +267,7 @@ def make_convolution_onednn_cached(attrs: dict[str, Any], ctx: KernelContext) ->
         if residual is None and w is kept["w"] and b is kept["b"] and x.dtype == torch.float32 and not x.is_meta:
             p = checked.get((x.shape, x.stride()))
             if p is not None:
-                y = torch.empty(p.out_shape, dtype=torch.float32, memory_format=CL)
+                y = torch.empty_strided(p.out_shape, p.out_strides, dtype=torch.float32)     # NHWC
                 p.run(x, y)
                 return (y,)
         x = match_weight(x, w)
