@@ -255,7 +255,7 @@ def make_dynamic_quantize_lstm(attrs: dict[str, Any], ctx) -> Callable[..., tupl
     f_act, g_act, h_act = ([a[k] for a in acts] for k in range(3))
     same = all(f is f_act[0] for f in f_act) and all(g is g_act[0] for g in g_act) and \
         all(h is h_act[0] for h in h_act)
-    last: list = [None]     # (W, W zero point, R, R zero point, centered W, centered R) of the last call
+    last: list = [None]     # (W, W zero point, R, R zero point, their _Weights) of the last call
 
     def weights(W, w_zp, R, r_zp) -> tuple["_Weights", "_Weights"]:
         hit = last[0]
