@@ -50,7 +50,9 @@ def quantize_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     scale = torch.sub(hi, lo).div_(255.0).masked_fill_(hi == lo, 1.0)
     shape = (-1,) + (1,) * (a.dim() - 1)
     s = scale.reshape(shape)
-    z = torch.div(lo, scale).neg_().clamp_(0.0, 255.0).round_().reshape(shape)
+    # ORT's round-half-even(clamp(-lo / scale, 0, 255)): -lo / scale lies in [0, 255] up to rounding, which the
+    # rounding to an integer absorbs, and round(-v) = -round(v)
+    z = torch.div(lo, scale).round_().neg_().reshape(shape)
     q = torch.div(a, s).round_().add_(z).clamp_(0.0, 255.0)
     return q.sub_(z), scale, z
 
