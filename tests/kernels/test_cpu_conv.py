@@ -339,6 +339,37 @@ def test_gemm1d_kept_buffers_follow_shape_and_weight_changes():
         _check(got, want)
 
 
+@pytest.mark.parametrize("pads", [(0, 0), (1, 2)])
+def test_gemm1d_repeated_calls_follow_layout_weight_bias_and_buffers(pads):
+    """Calls at an input (shape, strides) already run take a shorter path: it must follow a second layout of the
+    same shape, a new weight or bias tensor (or none), residual calls in between, and kept buffers dropped and
+    made again (MAX_PACKED_SHAPES other shapes in between)."""
+    attrs = {"stride": [2], "pads": list(pads), "dilation": [1], "groups": 1, "activation": "relu"}
+    run = make_convolution_gemm1d_cpu(attrs, CPU)
+    g = torch.Generator().manual_seed(8)
+    w, b = torch.randn(6, 4, 3, generator=g), torch.randn(6, generator=g)
+    w2, b2 = torch.randn(6, 4, 3, generator=g), torch.randn(6, generator=g)
+
+    def ref(x, w, b, r=None):
+        y = F.conv1d(F.pad(x.double(), list(pads)), w.double(), None if b is None else b.double(), 2)
+        return F.relu(y + (0 if r is None else r.double()))
+
+    def new(length, channels_last=False):
+        x = torch.randn(2, 4, length, generator=g) * 10
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else x
+    steps = [(new(9), w, b), (new(9), w, b), (new(9, True), w, b), (new(9), w, b), (new(9), w2, b), (new(9), w2, b),
+             (new(9, True), w2, b), (new(9), w2, b2), (new(9, True), w2, b2), (new(9), w2, None),
+             (new(9, True), w2, None), (new(9), w2, b2), ("residual", w2, b2), (new(9), w2, b2)]
+    steps += [(new(11 + i), w2, b2) for i in range(cpu_conv.MAX_PACKED_SHAPES + 1)] + [(new(9), w2, b2)] * 2
+    for x, weight, bias in steps:
+        if isinstance(x, str):
+            x = new(9)
+            r = torch.randn(ref(x, weight, bias).shape, generator=g)
+            _check(run(x, weight, bias, r)[0], ref(x, weight, bias, r))
+            continue
+        _check(run(x, weight, bias)[0], ref(x, weight, bias))
+
+
 def test_gemm1d_a_weight_of_another_kernel_size_at_the_same_input_shape():
     """A weight computed at run time may change its kernel size while the input shape stays: the kept buffers
     follow it."""
