@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
 import sys
 
 from kiln.errors import KilnError
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")    # --event-loop: the front-end processes' event loop
 
 
 def _whole(low: int):
@@ -69,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="processes that accept HTTP and gRPC on the same ports (SO_REUSEPORT) and do the protocol "
                           "work, passing tensors to the one engine process through shared memory (default 1: "
                           "one process does everything)")
+    net.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                     help="the front-end processes' event loop with --frontends N: uvloop where it is installed "
+                          "(auto, the default), asyncio's own, or uvloop (refused when not installed)")
     b = parser.add_argument_group("dynamic batching")
     b.add_argument("--max-batch", type=_positive_int, metavar="N",
                    help="most rows per merged batch (default: the engine's largest profile batch)")
@@ -129,7 +135,8 @@ def config_from_args(args: argparse.Namespace):
                            warmup=args.warmup, buckets=args.batch_buckets)
     return ServeConfig(path=args.path, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                        max_request_mb=args.max_request_mb, system_shm=args.system_shm, model=options,
-                       frontends=args.frontends, access_log=args.access_log, verbose=args.verbose)
+                       frontends=args.frontends, access_log=args.access_log, verbose=args.verbose,
+                       event_loop=args.event_loop)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
             __import__(module)
         except ImportError:
             raise KilnError(f"kiln serve needs {module} for {what}: pip install 'kiln[serve]'.") from None
+    if args.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise KilnError("--event-loop uvloop needs the uvloop package: pip install uvloop, or use --event-loop "
+                        "asyncio.")
     config = config_from_args(args)
     setup_logging(args)
 

@@ -17,11 +17,12 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 import numpy as np
 
 from kiln.serve import ipc
+from kiln.serve.cli import EVENT_LOOPS
 from kiln.serve.core import ServerCore
 from kiln.serve.errors import InternalError, ServeError, Unavailable
 from kiln.serve.metrics import Metrics
@@ -258,13 +259,29 @@ async def run(spec: dict[str, Any]) -> None:
     watching.cancel()
 
 
+def loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """What runs this process's event loop: uvloop's (``uvloop``, or ``auto`` where uvloop is installed), else
+    asyncio's own."""
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"the event loop is one of {EVENT_LOOPS}, got {choice!r}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            return uvloop.run
+    return asyncio.run
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the engine process decides when to stop
     spec = json.loads(argv[0])
     from kiln.serve.cli import setup_logging
     setup_logging(argparse.Namespace(access_log=spec["access_log"], verbose=spec["verbose"]))
     try:
-        asyncio.run(run(spec))
+        loop_runner(spec.get("event_loop", "auto"))(run(spec))
     except Exception as exc:                            # noqa: BLE001 - one line, then the engine stops the server
         print(f"kiln serve: front end {spec.get('index')}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
               file=sys.stderr, flush=True)

@@ -214,7 +214,7 @@ async def _start(k: int, config: ServeConfig, ports: dict[str, int | None], repo
             "max_request_mb": config.max_request_mb, "drain_seconds": config.drain_seconds,
             "system_shm": config.system_shm, "model": asdict(config.model), "access_log": config.access_log,
             "verbose": config.verbose, "socket_fd": theirs.fileno(), "slab_fd": slab.fd, "slots": slab.slots,
-            "slot_bytes": slab.slot_bytes}
+            "slot_bytes": slab.slot_bytes, "event_loop": config.event_loop}
     proc = subprocess.Popen([sys.executable, "-m", "kiln.serve.frontend", json.dumps(spec)],
                             pass_fds=(theirs.fileno(), slab.fd), stdin=subprocess.DEVNULL)
     theirs.close()

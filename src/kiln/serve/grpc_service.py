@@ -30,11 +30,12 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
 
 
 def _param(p: Any) -> Any:
-    return getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
 
 
 def _params(parameters: Any) -> dict[str, Any]:
-    return {k: _param(v) for k, v in parameters.items()}
+    return {k: _param(v) for k, v in parameters.items()} if parameters else {}
 
 
 def decode_grpc(model: ServedModel, request: Any, shm: ShmRegistry | None = None,

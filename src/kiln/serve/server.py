@@ -29,6 +29,7 @@ class ServeConfig:
     frontends: int = 1                    # processes that accept requests (kiln.serve.frontends when > 1)
     access_log: str | None = None         # what --access-log / --verbose asked for (front-end processes reopen it)
     verbose: bool = False
+    event_loop: str = "auto"              # the front-end processes' loop: uvloop where installed (auto), asyncio, uvloop
     model: ModelOptions = field(default_factory=ModelOptions)
 
     @property
