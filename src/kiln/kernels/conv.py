@@ -217,6 +217,17 @@ def _pool_out(size, k, s, pb, pe, d, ceil):
     return out
 
 
+_SPATIAL = {3: (2,), 4: (2, 3), 5: (2, 3, 4)}     # the spatial dims of an N, C, ... tensor by rank
+
+
+def _global_average(x):
+    """mean over the spatial dims, keeping them; FP16/BF16 averaged in FP32."""
+    dims = _SPATIAL.get(x.dim()) or tuple(range(2, x.dim()))
+    if x.dtype is torch.float32:
+        return (torch.mean(x, dims, keepdim=True),)
+    return (torch.mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dims, keepdim=True).to(x.dtype),)
+
+
 @tactic("Pooling")
 def make_pooling(attrs, ctx):
     ptype = attrs["type"]
@@ -225,8 +236,7 @@ def make_pooling(attrs, ctx):
         if ptype == "max":
             return lambda x: (torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True),)
         if ptype == "average":
-            return lambda x: (torch.mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
-                                         dim=tuple(range(2, x.dim())), keepdim=True).to(x.dtype),)
+            return _global_average
         p = attrs.get("p", 2)
         return lambda x: (torch.sum(x.abs() ** p, dim=tuple(range(2, x.dim())), keepdim=True) ** (1.0 / p),)
     nd = len(kernel)
