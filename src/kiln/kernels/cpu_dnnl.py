@@ -176,7 +176,9 @@ class Primitive(PrimitiveBase):
             if p != ptrs[2]:
                 self._set(self.residual, p)
                 ptrs[2] = p
-        self._execute()
+        # libdnnl's OpenMP runtime (dnnl_api checks it at load) runs a primitive to completion within the execute
+        # call, so there is nothing for a stream wait to wait for
+        self._exec(self.prim, self.lib.stream(self.threads), self.nargs, self.args)
 
 
 def _storage_users() -> Callable[[torch.Tensor], int] | None:
