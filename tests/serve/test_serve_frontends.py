@@ -225,7 +225,8 @@ def test_ctrl_c_stops_every_process_and_leaves_no_shared_memory(fe_server):
     while any(Path(f"/proc/{k}").exists() for k in kids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{k}").exists() for k in kids)
-    assert not {n for n in shm_names() - before if "kiln" in n}
+    # (test_serve_shm's own regions, "kiln-test-*", may come and go meanwhile in a parallel worker)
+    assert not {n for n in shm_names() - before if "kiln" in n and not n.startswith("kiln-test-")}
     assert "Traceback" not in server.stderr()
 
 
