@@ -9,6 +9,7 @@ import pytest
 from _cli import assert_user_error, kiln, snapshot
 
 from kiln.builder.timing_cache import FORMAT, VERSION, TimingCache
+from kiln.kernels.cpu_threads import usable_cores
 from kiln.kernels.dnnl_api import library
 from kiln.errors import BuildError
 
@@ -24,23 +25,25 @@ def test_a_file_that_is_no_cache_is_refused_and_kept(models, tmp_path):
 
 
 def test_cpu_builds_remember_timings(models, tmp_path):
-    """First build: the LSTM's three CPU tactics are timed and written with the format marker. Second
-    build: every timed layer is a cache hit."""
+    """First build: the LSTM's three CPU tactics are timed and written with the format marker (and, on more than
+    one thread, its chosen tactic on 1 and on all threads: builder/tactics.py select_threads). Second build: every
+    timed layer is a cache hit."""
     cache = tmp_path / "lstm.timing"
     cache.write_bytes(b"")                                   # an empty file is a new cache
     r = kiln("build", models("lstm"), "-o", tmp_path / "a.kiln", "--device", "cpu", "-q", "--timing-cache", cache)
     assert r.returncode == 0, r.stderr
     assert cache.read_bytes().startswith(b'{"format": "kiln-timing-cache", "version": 2')
     entries = json.loads(cache.read_text())["entries"]
-    assert len(entries) == 1
-    (times,) = entries.values()
+    threads = [k for k in entries if "|threads:" in k]
+    assert len(threads) == (1 if usable_cores() > 1 else 0)
+    (times,) = [v for k, v in entries.items() if k not in threads]
     onednn = {"onednn_lstm"} if library() is not None else set()          # kernels/cpu_dnnl_rnn.py, where installed
     assert set(times) == {"torch", "fused_lstm", "lstm_steps"} | onednn and all(0 < ms < float("inf") for ms in
                                                                                 times.values())
     r = kiln("build", models("lstm"), "-o", tmp_path / "b.kiln", "--device", "cpu", "-q", "--timing-cache", cache)
     assert r.returncode == 0, r.stderr
     header = json.loads(kiln("inspect", tmp_path / "b.kiln", "--json").stdout)
-    assert header["build"]["timing_cache"] == {"hits": 1, "misses": 0}
+    assert header["build"]["timing_cache"] == {"hits": 1 + len(threads), "misses": 0}
     assert sorted(os.listdir(tmp_path)) == ["a.kiln", "b.kiln", "lstm.timing"]       # no temporary files left
 
 
