@@ -485,9 +485,11 @@ def _static_shapes(layer, vals: dict) -> tuple[list, list] | None:
 # of microseconds on a VM (docs/cpu.md), which a short layer does not earn back.
 THREADS_MARGIN = 1.05
 # A layer whose call on the engine's count takes at least this long keeps that count without a one-thread timing:
-# a wake-up is a small part of it, and timing large layers on one thread too would add seconds to a big build.
-# Not so for kinds that run step by step (STEPWISE_KINDS): a call is a chain of short regions, each woken anew.
-LONG_LAYER_MS = 2.0
+# a region's wake-ups (0.1-0.2 ms on a VM) are a small part of it; timing large layers on one thread too would add
+# seconds to a big build, and under load from other processes their N-thread time reads slow, which would put
+# layers that scale on one thread for good. Not so for kinds that run step by step (STEPWISE_KINDS): a call is a
+# chain of short regions, each woken anew.
+LONG_LAYER_MS = 0.5
 STEPWISE_KINDS = frozenset(("RNN",))
 
 
